@@ -1,0 +1,110 @@
+"""Satchel: stateless-first, client-held chat context for Flask.
+
+The context is serialized (msgpack), compressed (zstd with a trained dictionary),
+versioned (migrations run on read) and signed (HMAC) or sealed (AEAD) into a token
+the client carries. Only sessions that outgrow their byte budget spill their oldest
+turns into an overflow tier.
+
+Quick start::
+
+    from satchel import Codec, Context, Keyring
+
+    codec = Codec(Keyring.generate())          # sealed by default
+    ctx = Context.new()
+    ctx.add_turn("user", "Hello!")
+    token = codec.seal(ctx)                    # a URL-safe str
+    assert codec.open(token).turns[0].content == "Hello!"
+"""
+
+from __future__ import annotations
+
+from .codec import Codec, Opened, peek, token_digest
+from .context import (
+    Context,
+    Lifecycle,
+    LifecycleAction,
+    OpaqueBlock,
+    Pinned,
+    SegmentRef,
+    ToolCall,
+    Turn,
+)
+from .errors import (
+    BadSignature,
+    BadToken,
+    BudgetExceeded,
+    ContextErased,
+    InvalidContext,
+    MalformedToken,
+    MigrationFailed,
+    SatchelError,
+    StaleContext,
+    TierError,
+    TierFull,
+    TierUnavailable,
+    TokenExpired,
+    TokenTooLarge,
+    UnknownKeyId,
+    UnsupportedVersion,
+    WrongMode,
+    WrongUser,
+)
+from .keys import Key, Keyring
+from .limits import Limits
+from .schema import CURRENT_VERSION as SCHEMA_VERSION
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The Flask pieces import Flask; keep ``import satchel`` light for pure codec users.
+    if name == "Satchel":
+        from .flask_ext import Satchel
+
+        return Satchel
+    if name == "SatchelSessionInterface":
+        from .flask_ext.session import SatchelSessionInterface
+
+        return SatchelSessionInterface
+    raise AttributeError(f"module 'satchel' has no attribute {name!r}")
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BadSignature",
+    "BadToken",
+    "BudgetExceeded",
+    "Codec",
+    "Context",
+    "ContextErased",
+    "InvalidContext",
+    "Key",
+    "Keyring",
+    "Lifecycle",
+    "LifecycleAction",
+    "Limits",
+    "MalformedToken",
+    "MigrationFailed",
+    "OpaqueBlock",
+    "Opened",
+    "Pinned",
+    "Satchel",
+    "SatchelError",
+    "SatchelSessionInterface",
+    "SegmentRef",
+    "StaleContext",
+    "TierError",
+    "TierFull",
+    "TierUnavailable",
+    "TokenExpired",
+    "TokenTooLarge",
+    "ToolCall",
+    "Turn",
+    "UnknownKeyId",
+    "UnsupportedVersion",
+    "WrongMode",
+    "WrongUser",
+    "__version__",
+    "peek",
+    "token_digest",
+]

@@ -1,0 +1,197 @@
+"""Codec.seal and Codec.open: the one place that runs the token steps in order.
+
+Opening, every step bounded, in this order and no other:
+
+1. length cap on the raw token            (envelope.parse)
+2. envelope parse                          (envelope.parse)
+3. verify the MAC or decrypt the AEAD      (protect)
+4. expiry, with a small clock-skew allowance
+5. decompress with a hard output cap       (compress)
+6. msgpack unpack with limits              (serialize)
+7. schema migration and validation         (schema)
+
+No byte that was not authenticated reaches the decompressor or msgpack.
+
+Sealing runs the same steps backwards. The sequence number is incremented on every
+seal and the digest of the previous token is recorded as the parent, so a fork (two
+tokens made from one) can be detected later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import envelope, schema, serialize
+from .compress import Compressor
+from .context import Context
+from .envelope import FLAG_COMPRESSED, Envelope, Header
+from .errors import TokenExpired, WrongMode
+from .keys import Keyring
+from .limits import DEFAULT_LIMITS, Limits
+from .protect import Protector, RandomBytes, make_protector
+
+Clock = Callable[[], float]
+DIGEST_SIZE = 12
+_UINT32_MAX = 2**32 - 1
+
+
+def token_digest(raw: bytes) -> bytes:
+    """A short, collision-resistant name for a token (12 bytes of BLAKE2b)."""
+    return hashlib.blake2b(raw, digest_size=DIGEST_SIZE).digest()
+
+
+@dataclass(slots=True)
+class Opened:
+    """A verified token: its header, its digest and the context inside."""
+
+    header: Header
+    digest: bytes
+    context: Context
+    #: phase timings in seconds, for Server-Timing and metrics
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Codec:
+    """Turns a :class:`Context` into a token and back.
+
+    ``mode`` is ``"sealed"`` (AEAD, default: the client can neither read nor change
+    the context) or ``"signed"`` (HMAC: readable, not changeable). ``purpose`` scopes
+    the derived keys, so tokens of one app or use are refused by another. ``ttl`` is
+    the default token lifetime in seconds (None for no expiry); ``clock`` and
+    ``random_bytes`` are passed in so tests control time and nonces.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        mode: str = "sealed",
+        *,
+        purpose: str = "satchel",
+        ttl: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        dictionary_id: int | None = None,
+        level: int = 3,
+        algorithm: str = "aes-256-gcm",
+        clock: Clock = time.time,
+        random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        self.keyring = keyring
+        self.mode = mode
+        self.purpose = purpose
+        self.ttl = ttl
+        self.limits = limits
+        self.clock = clock
+        self.protector: Protector = make_protector(
+            mode, keyring, purpose, algorithm=algorithm, random_bytes=random_bytes
+        )
+        self.compressor = Compressor(
+            dictionary_id, level=level, max_decompressed=limits.max_decompressed_bytes
+        )
+
+    def __repr__(self) -> str:
+        return f"Codec(mode={self.mode!r}, purpose={self.purpose!r}, keyring={self.keyring!r})"
+
+    # -- seal -------------------------------------------------------------------------
+
+    def seal(self, ctx: Context, *, expires_at: float | None = None) -> str:
+        """Seal ``ctx`` into a token, incrementing its sequence number.
+
+        ``expires_at`` (Unix seconds) overrides the codec's ``ttl``.
+        """
+        now = self.clock()
+        if expires_at is None and self.ttl is not None:
+            expires_at = now + self.ttl
+        ctx.seq += 1
+        payload = serialize.pack(schema.to_wire(ctx))
+        token, raw = self.seal_payload(payload, now=now, expires_at=expires_at)
+        ctx.parent = token_digest(raw)
+        ctx.opened_kid = self.keyring.current.kid
+        return token
+
+    def seal_payload(
+        self, payload: bytes, *, now: float | None = None, expires_at: float | None = None
+    ) -> tuple[str, bytes]:
+        """Compress, protect and encode raw payload bytes. Returns the token and its raw bytes."""
+        now = self.clock() if now is None else now
+        packed = self.compressor.compress(payload)
+        header = Header(
+            version=envelope.FORMAT_VERSION,
+            flags=self.protector.flags | (FLAG_COMPRESSED if packed.compressed else 0),
+            dictionary_id=packed.dictionary_id,
+            kid=self.keyring.current.kid,
+            issued_at=min(int(now), _UINT32_MAX),
+            expires_at=0 if expires_at is None else max(1, min(int(expires_at), _UINT32_MAX)),
+        )
+        header_bytes = envelope.authenticated_header(header)
+        body = self.protector.protect(header.kid, header_bytes, packed.data)
+        token = envelope.build(header, body)
+        return token, header.pack() + body
+
+    # -- open -------------------------------------------------------------------------
+
+    def open(self, token: str | bytes, *, now: float | None = None) -> Context:
+        """Verify and open ``token``; raises a :class:`~satchel.BadToken` subclass."""
+        return self.open_verbose(token, now=now).context
+
+    def open_verbose(self, token: str | bytes, *, now: float | None = None) -> Opened:
+        """Like :meth:`open`, also returning the header, digest and step timings."""
+        timer = time.perf_counter
+        t0 = timer()
+        env, payload = self.open_payload(token, now=now)
+        t1 = timer()
+        obj = serialize.unpack(payload, self.limits)
+        t2 = timer()
+        ctx = schema.from_wire(obj)
+        t3 = timer()
+        digest = token_digest(env.raw)
+        ctx.parent = digest
+        ctx.opened_kid = env.header.kid
+        return Opened(
+            env.header,
+            digest,
+            ctx,
+            {"verify": t1 - t0, "unpack": t2 - t1, "migrate": t3 - t2},
+        )
+
+    def open_payload(
+        self, token: str | bytes, *, now: float | None = None
+    ) -> tuple[Envelope, bytes]:
+        """Steps 1-5: length cap, parse, verify, expiry, bounded decompress."""
+        env = envelope.parse(token, self.limits.max_token_bytes)
+        header = env.header
+        if (header.flags & 0x05) != self.protector.flags:
+            raise WrongMode(
+                f"token is {header.mode} ({header.algorithm}); this codec expects "
+                f"{self.mode}",
+                token_mode=header.mode,
+            )
+        self.keyring.get(header.kid)  # unknown key id -> UnknownKeyId, before any crypto
+        payload = self.protector.unprotect(header.kid, env.header_bytes, env.body)
+        # Authenticated from here on.
+        if header.expires_at:
+            now = self.clock() if now is None else now
+            if now > header.expires_at + self.limits.clock_skew:
+                raise TokenExpired(
+                    "token has expired",
+                    expired_at=header.expires_at,
+                    now=int(now),
+                )
+        if header.compressed:
+            payload = self.compressor.decompress(payload, header.dictionary_id)
+        return env, payload
+
+    def needs_reseal(self, ctx: Context) -> bool:
+        """True when ``ctx`` was opened with a key other than the current one."""
+        return ctx.opened_kid is not None and ctx.opened_kid != self.keyring.current.kid
+
+
+def peek(token: str | bytes, max_token_bytes: int = DEFAULT_LIMITS.max_token_bytes) -> Header:
+    """The token's header, unverified: for diagnostics only (``satchel inspect --no-verify``)."""
+    return envelope.parse(token, max_token_bytes).header
+
+
+__all__ = ["Codec", "Opened", "peek", "token_digest"]

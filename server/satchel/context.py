@@ -1,0 +1,303 @@
+"""The conversation context: plain typed data, no I/O.
+
+A :class:`Context` is what a view reads and changes; the codec turns it into a token
+and back. Everything here is in memory and deterministic given the clock passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """A model's request to call a tool. ``arguments`` is kept as the provider sent it."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class OpaqueBlock:
+    """A provider block carried byte-exact (signed thinking, encrypted reasoning...).
+
+    Satchel never looks inside ``data``; trimming moves or drops the turn that holds it
+    as a whole and never edits it.
+    """
+
+    type: str
+    data: bytes
+    provider: str = ""
+
+
+@dataclass(slots=True)
+class Turn:
+    """One message of the conversation.
+
+    ``tool_calls`` are on assistant turns; ``tool_call_id`` names the call a ``tool``
+    turn answers. ``blocks`` are opaque provider blocks. ``ts`` is Unix seconds
+    (whole seconds by default: they cost 5 bytes in the token instead of 9).
+    """
+
+    role: Role
+    content: str
+    ts: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    blocks: tuple[OpaqueBlock, ...] = ()
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content, "ts": self.ts}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.blocks:
+            out["blocks"] = [
+                {"type": b.type, "provider": b.provider, "bytes": len(b.data)} for b in self.blocks
+            ]
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+@dataclass(slots=True)
+class Pinned:
+    """What trimming never drops: the system prompt and pinned facts."""
+
+    system: str = ""
+    facts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "facts": list(self.facts)}
+
+
+@dataclass(slots=True)
+class SegmentRef:
+    """A reference to turns moved to the overflow tier.
+
+    The storage key is not stored: it is a keyed MAC of the session id and ``digest``,
+    so a client cannot point a token at another session's segment. ``seq`` is the
+    context sequence number at which the segment was written.
+    """
+
+    digest: bytes
+    turns: int
+    size: int
+    seq: int = 0
+    ts: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest.hex(),
+            "turns": self.turns,
+            "size": self.size,
+            "seq": self.seq,
+            "ts": self.ts,
+        }
+
+
+@dataclass(slots=True)
+class LifecycleAction:
+    """One thing a lifecycle policy did, for example ``window`` dropping 3 turns."""
+
+    policy: str
+    action: str
+    turns: int = 0
+    ts: float = 0.0
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "action": self.action,
+            "turns": self.turns,
+            "ts": self.ts,
+            "detail": self.detail,
+        }
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """What the lifecycle policies did: running totals and the most recent actions."""
+
+    #: turns removed from the token so far, by reason (window, token_budget, ...)
+    dropped: dict[str, int] = field(default_factory=dict)
+    #: turns summarized into the running summary so far
+    summarized: int = 0
+    #: turns lost without a copy anywhere (reported as data loss when it happens)
+    lost: int = 0
+    #: the last few actions, newest last (bounded, so the token stays small)
+    recent: list[LifecycleAction] = field(default_factory=list)
+
+    MAX_RECENT = 6
+
+    def record(self, action: LifecycleAction) -> None:
+        if action.action in ("dropped", "overflowed", "lost") and action.turns:
+            self.dropped[action.policy] = self.dropped.get(action.policy, 0) + action.turns
+        self.recent.append(action)
+        del self.recent[: -self.MAX_RECENT]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dropped": dict(self.dropped),
+            "summarized": self.summarized,
+            "lost": self.lost,
+            "recent": [a.to_dict() for a in self.recent],
+        }
+
+
+def new_session_id() -> bytes:
+    return os.urandom(16)
+
+
+@dataclass(slots=True, eq=False)
+class Context:
+    """A conversation's state: turns, running summary, pinned items, app metadata.
+
+    ``seq`` counts seals; ``parent`` is the digest of the token this context was last
+    opened from or sealed to, so forks (two children of one token) are detectable.
+    """
+
+    session_id: bytes = field(default_factory=new_session_id)
+    seq: int = 0
+    parent: bytes | None = None
+    created_at: float = 0.0
+    last_active: float = 0.0
+    schema_version: int = 0  # set by the schema module; the current version after a read
+    turns: list[Turn] = field(default_factory=list)
+    summary: str = ""
+    pinned: Pinned = field(default_factory=Pinned)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    overflow: list[SegmentRef] = field(default_factory=list)
+    #: keyed hash of the user id this context is bound to, if any
+    bound_user: bytes | None = None
+
+    # Request-scoped facts, never serialized.
+    #: key id the token was opened with (a different one than the current means reseal)
+    opened_kid: str | None = field(default=None, repr=False)
+    #: schema version the token had before migrations ran
+    opened_version: int | None = field(default=None, repr=False)
+    #: reasons this request was served degraded (tier down, segment missing, ...)
+    degraded: list[str] = field(default_factory=list, repr=False)
+    #: turns rehydrated from the overflow tier this request (not part of ``turns``)
+    rehydrated: list[Turn] = field(default_factory=list, repr=False)
+    #: notices for the app (fresh context started and why, migrations, forks)
+    notices: list[str] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def new(cls, *, now: float | None = None, session_id: bytes | None = None) -> Context:
+        """A fresh, empty context."""
+        from .schema import CURRENT_VERSION  # schema depends on context, not the reverse
+
+        ts = int(time.time()) if now is None else now
+        return cls(
+            session_id=session_id or new_session_id(),
+            created_at=ts,
+            last_active=ts,
+            schema_version=CURRENT_VERSION,
+        )
+
+    @property
+    def session(self) -> str:
+        """The session id as 32 hex characters."""
+        return self.session_id.hex()
+
+    def add_turn(
+        self,
+        role: Role,
+        content: str,
+        *,
+        ts: float | None = None,
+        tool_calls: Iterable[ToolCall] = (),
+        tool_call_id: str | None = None,
+        blocks: Iterable[OpaqueBlock] = (),
+        name: str | None = None,
+    ) -> Turn:
+        """Append a turn and return it."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if not isinstance(content, str):
+            raise TypeError("turn content must be a str")
+        turn = Turn(
+            role=role,
+            content=content,
+            ts=int(time.time()) if ts is None else ts,
+            tool_calls=tuple(tool_calls),
+            tool_call_id=tool_call_id,
+            blocks=tuple(blocks),
+            name=name,
+        )
+        self.turns.append(turn)
+        self.last_active = max(self.last_active, turn.ts)
+        return turn
+
+    def all_turns(self) -> list[Turn]:
+        """Rehydrated overflow turns followed by the turns held in the token."""
+        return [*self.rehydrated, *self.turns] if self.rehydrated else list(self.turns)
+
+    def __iter__(self) -> Iterator[Turn]:
+        return iter(self.turns)
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    @property
+    def overflowed_turns(self) -> int:
+        return sum(ref.turns for ref in self.overflow)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view for apps and ``satchel inspect`` (opaque bytes as sizes)."""
+        return {
+            "session_id": self.session,
+            "seq": self.seq,
+            "parent": self.parent.hex() if self.parent else None,
+            "created_at": self.created_at,
+            "last_active": self.last_active,
+            "schema_version": self.schema_version,
+            "turns": [t.to_dict() for t in self.turns],
+            "summary": self.summary,
+            "pinned": self.pinned.to_dict(),
+            "metadata": _jsonable(self.metadata),
+            "lifecycle": self.lifecycle.to_dict(),
+            "overflow": [r.to_dict() for r in self.overflow],
+            "overflowed_turns": self.overflowed_turns,
+            "rehydrated_turns": len(self.rehydrated),
+            "degraded": list(self.degraded),
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+__all__ = [
+    "ROLES",
+    "Context",
+    "Lifecycle",
+    "LifecycleAction",
+    "OpaqueBlock",
+    "Pinned",
+    "Role",
+    "SegmentRef",
+    "ToolCall",
+    "Turn",
+]

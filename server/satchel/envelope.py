@@ -1,0 +1,189 @@
+"""The token's byte layout: prefix, header, body; parse and build, no crypto.
+
+A token is ASCII: ``s1.`` followed by the unpadded base64url of::
+
+    offset  size  field
+    0       1     format version (1)
+    1       1     flags: bit 0 sealed, bit 1 compressed, bit 2 ChaCha20-Poly1305
+    2       1     zstd dictionary id (0 when none)
+    3       1     key id length L (1..16)
+    4       L     key id, ASCII
+    4+L     4     issued-at, uint32 big-endian, Unix seconds
+    8+L     4     expires-at, uint32 big-endian, Unix seconds (0 = no expiry)
+    12+L    ...   body: signed  -> payload || HMAC-SHA256 (32 bytes)
+                        sealed  -> nonce (12) || ciphertext || tag (16)
+
+The header (prefix included) is authenticated in both modes: it is covered by the MAC,
+or it is the AEAD's associated data. See docs/token-format.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+from dataclasses import dataclass
+
+from .errors import MalformedToken, TokenTooLarge, UnsupportedVersion
+
+PREFIX = "s1."
+FORMAT_VERSION = 1
+KNOWN_PREFIXES = {"s1.": 1}
+
+FLAG_SEALED = 0x01
+FLAG_COMPRESSED = 0x02
+FLAG_CHACHA = 0x04
+_KNOWN_FLAGS = FLAG_SEALED | FLAG_COMPRESSED | FLAG_CHACHA
+
+_TIMES = struct.Struct(">II")
+MIN_HEADER = 4 + 1 + 8
+MAX_KID = 16
+DEFAULT_MAX_TOKEN_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What a token says about itself before it is verified. Trust none of it until then."""
+
+    version: int
+    flags: int
+    dictionary_id: int
+    kid: str
+    issued_at: int
+    expires_at: int
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.flags & FLAG_SEALED)
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.flags & FLAG_COMPRESSED)
+
+    @property
+    def mode(self) -> str:
+        return "sealed" if self.sealed else "signed"
+
+    @property
+    def algorithm(self) -> str:
+        if not self.sealed:
+            return "hmac-sha256"
+        return "chacha20-poly1305" if self.flags & FLAG_CHACHA else "aes-256-gcm"
+
+    def pack(self) -> bytes:
+        kid = self.kid.encode("ascii")
+        return (
+            bytes((self.version, self.flags, self.dictionary_id, len(kid)))
+            + kid
+            + _TIMES.pack(self.issued_at, self.expires_at)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed token: the header, its exact bytes (to authenticate), and the body."""
+
+    header: Header
+    header_bytes: bytes  # prefix + packed header: exactly what the MAC / AAD covers
+    body: bytes
+    raw: bytes  # the whole decoded token, for digests
+
+
+def build(header: Header, body: bytes) -> str:
+    """Join an already-protected body to its header and encode the token."""
+    raw = header.pack() + body
+    return PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def authenticated_header(header: Header) -> bytes:
+    """The bytes the MAC or AEAD must cover for ``header``: the prefix and the header."""
+    return PREFIX.encode("ascii") + header.pack()
+
+
+def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> Envelope:
+    """Check the length cap, then decode and split the token. No crypto, no trust."""
+    if isinstance(token, bytes):
+        if len(token) > max_token_bytes:
+            raise TokenTooLarge(
+                f"token is {len(token)} bytes; the limit is {max_token_bytes}",
+                size=len(token),
+                limit=max_token_bytes,
+            )
+        try:
+            token = token.decode("ascii")
+        except UnicodeDecodeError:
+            raise MalformedToken("token is not ASCII") from None
+    if not isinstance(token, str):
+        raise MalformedToken("token must be a string")
+    # The cap comes first: nothing else may cost work proportional to an unbounded input.
+    if len(token) > max_token_bytes:
+        raise TokenTooLarge(
+            f"token is {len(token)} bytes; the limit is {max_token_bytes}",
+            size=len(token),
+            limit=max_token_bytes,
+        )
+    prefix, dot, data = token.partition(".")
+    if not dot:
+        raise MalformedToken("token has no format prefix")
+    if prefix + "." not in KNOWN_PREFIXES:
+        if prefix[:1] == "s" and prefix[1:].isdigit():
+            raise UnsupportedVersion(
+                f"token format {prefix!r} is not supported by this release", format=prefix
+            )
+        raise MalformedToken("token has an unknown prefix")
+    if not data.isascii() or len(data) % 4 == 1:
+        raise MalformedToken("token body is not base64url")
+    try:
+        raw = base64.b64decode(
+            data.translate(_FROM_URLSAFE) + "=" * (-len(data) % 4), validate=True
+        )
+    except (binascii.Error, ValueError):
+        raise MalformedToken("token body is not base64url") from None
+    # Only the canonical encoding is accepted, so one token has exactly one spelling and
+    # a changed character can never decode to the same bytes.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != data:
+        raise MalformedToken("token body is not canonical base64url")
+    if len(raw) < MIN_HEADER:
+        raise MalformedToken("token is too short to hold a header")
+    version, flags, dictionary_id, kid_len = raw[0], raw[1], raw[2], raw[3]
+    if version != KNOWN_PREFIXES[prefix + "."]:
+        raise UnsupportedVersion(
+            f"token format version {version} is not supported", format_version=version
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise MalformedToken("token has unknown flags set")
+    if not 1 <= kid_len <= MAX_KID or len(raw) < MIN_HEADER + kid_len - 1 + 1:
+        raise MalformedToken("token key id length is invalid")
+    end = 4 + kid_len
+    try:
+        kid = raw[4:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise MalformedToken("token key id is not ASCII") from None
+    if len(raw) < end + 8:
+        raise MalformedToken("token is too short to hold a header")
+    issued_at, expires_at = _TIMES.unpack_from(raw, end)
+    header = Header(version, flags, dictionary_id, kid, issued_at, expires_at)
+    header_end = end + 8
+    return Envelope(
+        header=header,
+        header_bytes=prefix.encode("ascii") + b"." + raw[:header_end],
+        body=raw[header_end:],
+        raw=raw,
+    )
+
+
+_FROM_URLSAFE = str.maketrans("-_", "+/")
+
+__all__ = [
+    "DEFAULT_MAX_TOKEN_BYTES",
+    "FLAG_CHACHA",
+    "FLAG_COMPRESSED",
+    "FLAG_SEALED",
+    "FORMAT_VERSION",
+    "PREFIX",
+    "Envelope",
+    "Header",
+    "authenticated_header",
+    "build",
+    "parse",
+]

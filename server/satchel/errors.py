@@ -1,0 +1,177 @@
+"""One exception hierarchy for everything that can go wrong with a token or a tier.
+
+Every error carries a stable machine-readable ``code`` (used verbatim in the JSON
+error body at the HTTP edge) and an HTTP ``status``. The HTTP layer maps errors to
+responses with one table (:data:`satchel.flask_ext.errors`), never by ``isinstance``
+chains scattered across views.
+
+Messages never contain key material or token contents: only facts such as sizes,
+key ids, versions and times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SatchelError(Exception):
+    """Root of every error Satchel raises on purpose."""
+
+    code: str = "satchel_error"
+    status: int = 500
+
+    def __init__(self, message: str | None = None, **facts: Any) -> None:
+        self.message = message or self.__class__.__doc__ or self.code
+        #: What went wrong, as plain data (sizes, key ids, versions, times).
+        self.facts: dict[str, Any] = facts
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error body: ``{"code": ..., "message": ...}``."""
+        return {"code": self.code, "message": self.message}
+
+
+class BadToken(SatchelError):
+    """The token cannot be used."""
+
+    code = "token_invalid"
+    status = 400
+
+
+class MalformedToken(BadToken):
+    """The token is not a well-formed Satchel token."""
+
+    code = "token_malformed"
+
+
+class TokenTooLarge(BadToken):
+    """The token, or what it decompresses or unpacks to, is larger than allowed."""
+
+    code = "token_too_large"
+    status = 413
+
+
+class BadSignature(BadToken):
+    """The token failed verification: it was altered or minted with another key."""
+
+    code = "token_bad_signature"
+
+
+class UnknownKeyId(BadToken):
+    """The token names a key id that is not in the key ring."""
+
+    code = "token_unknown_key"
+
+
+class WrongMode(BadToken):
+    """The token was minted in another protection mode (signed versus sealed)."""
+
+    code = "token_wrong_mode"
+
+
+class TokenExpired(BadToken):
+    """The token is past its expiry, idle timeout or maximum age."""
+
+    code = "token_expired"
+    status = 401
+
+
+class UnsupportedVersion(BadToken):
+    """The token's format or schema version is unknown to this release."""
+
+    code = "token_unsupported_version"
+
+
+class MigrationFailed(BadToken):
+    """A schema migration could not upgrade the token's context."""
+
+    code = "token_migration_failed"
+
+
+class InvalidContext(BadToken):
+    """The token verified, but its content does not describe a valid context."""
+
+    code = "token_invalid_context"
+
+
+class WrongUser(BadToken):
+    """The token is bound to another user than the one making the request."""
+
+    code = "token_wrong_user"
+    status = 403
+
+
+class StaleContext(SatchelError):
+    """The token is older than the newest one the server has seen for this session."""
+
+    code = "stale_context"
+    status = 409
+
+
+class ContextErased(BadToken):
+    """The session this token belongs to was erased."""
+
+    code = "token_erased"
+    status = 410
+
+
+class TierError(SatchelError):
+    """The overflow tier or server-side store failed (timeout, connection, full)."""
+
+    code = "tier_unavailable"
+    status = 503
+
+
+class TierUnavailable(TierError):
+    """The tier did not answer in time, refused the connection, or the breaker is open."""
+
+
+class TierFull(TierError):
+    """The tier refused a write because it is out of memory or space."""
+
+    code = "tier_full"
+
+
+class BudgetExceeded(SatchelError):
+    """The context cannot fit its byte budget even after every allowed trim."""
+
+    code = "budget_exceeded"
+    status = 413
+
+
+class InvalidRequest(SatchelError):
+    """The request body or parameters are not what the endpoint expects."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class ConfigurationError(SatchelError):
+    """Satchel is configured in a way that cannot work (for example, no keys)."""
+
+    code = "configuration_error"
+    status = 500
+
+
+__all__ = [
+    "BadSignature",
+    "BadToken",
+    "BudgetExceeded",
+    "ConfigurationError",
+    "ContextErased",
+    "InvalidContext",
+    "InvalidRequest",
+    "MalformedToken",
+    "MigrationFailed",
+    "SatchelError",
+    "StaleContext",
+    "TierError",
+    "TierFull",
+    "TierUnavailable",
+    "TokenExpired",
+    "TokenTooLarge",
+    "UnknownKeyId",
+    "UnsupportedVersion",
+    "WrongMode",
+    "WrongUser",
+]

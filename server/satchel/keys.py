@@ -1,0 +1,189 @@
+"""The key ring: named keys, the newest seals, every listed key opens.
+
+Keys are never used directly. Each purpose (an app, a use such as ``mac`` or
+``aead`` or ``segment``) gets its own subkey through HKDF-SHA256, so a token minted
+for one app or purpose cannot be opened by another that shares the master key.
+
+``SATCHEL_KEYS`` holds a comma-separated list of ``kid:secret`` pairs, newest first,
+the secret in unpadded base64url (``satchel keygen`` prints one)::
+
+    SATCHEL_KEYS="k2611:Zm9v...,k2605:YmFy..."
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import ConfigurationError, UnknownKeyId
+
+_KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_HKDF_SALT = b"satchel/v1"
+MIN_SECRET_BYTES = 16
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One master key. ``kid`` is public (it travels in every token); ``secret`` is not."""
+
+    kid: str
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not _KID_RE.match(self.kid):
+            raise ConfigurationError(
+                "a key id is 1-16 characters of A-Z, a-z, 0-9, '_' or '-'", kid=self.kid
+            )
+        if len(self.secret) < MIN_SECRET_BYTES:
+            raise ConfigurationError(
+                f"key {self.kid!r} is too short: at least {MIN_SECRET_BYTES} bytes",
+                kid=self.kid,
+            )
+
+    def to_string(self) -> str:
+        """The ``kid:secret`` form used by ``SATCHEL_KEYS``."""
+        return f"{self.kid}:{b64url_encode(self.secret)}"
+
+
+class Keyring:
+    """An ordered set of keys; the first is the current (sealing) key.
+
+    Derived subkeys are cached per ``(kid, purpose, use)``; HKDF is not free and
+    runs at most once per key and purpose for the life of the ring.
+    """
+
+    __slots__ = ("_by_kid", "_derived", "keys")
+
+    def __init__(self, keys: Iterable[Key]) -> None:
+        self.keys: tuple[Key, ...] = tuple(keys)
+        if not self.keys:
+            raise ConfigurationError("the key ring is empty: configure at least one key")
+        self._by_kid = {}
+        for key in self.keys:
+            if key.kid in self._by_kid:
+                raise ConfigurationError(f"duplicate key id {key.kid!r}", kid=key.kid)
+            self._by_kid[key.kid] = key
+        self._derived: dict[tuple[str, str, str], bytes] = {}
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"Keyring(kids={[k.kid for k in self.keys]!r})"
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def current(self) -> Key:
+        """The key that seals new tokens."""
+        return self.keys[0]
+
+    @property
+    def kids(self) -> list[str]:
+        return [k.kid for k in self.keys]
+
+    def get(self, kid: str) -> Key:
+        try:
+            return self._by_kid[kid]
+        except KeyError:
+            raise UnknownKeyId(
+                f"the token names key id {kid!r}, which is not in the key ring", kid=kid
+            ) from None
+
+    def derive(self, kid: str, purpose: str, use: str, length: int = 32) -> bytes:
+        """The subkey of ``kid`` for ``purpose`` (the app) and ``use`` (mac, aead, ...)."""
+        cache_key = (kid, purpose, use)
+        derived = self._derived.get(cache_key)
+        if derived is None:
+            hkdf = HKDF(
+                algorithm=hashes.SHA256(),
+                length=length,
+                salt=_HKDF_SALT,
+                info=f"{purpose}\x00{use}".encode(),
+            )
+            derived = hkdf.derive(self.get(kid).secret)
+            self._derived[cache_key] = derived
+        return derived
+
+    # -- constructors -------------------------------------------------------------
+
+    @classmethod
+    def generate(cls, kid: str | None = None) -> Keyring:
+        """A ring with one fresh random 256-bit key."""
+        return cls([generate_key(kid)])
+
+    @classmethod
+    def from_string(cls, text: str) -> Keyring:
+        """Parse ``kid:secret[,kid:secret...]``, newest first."""
+        keys = []
+        for raw_item in text.split(","):
+            item = raw_item.strip()
+            if not item:
+                continue
+            kid, sep, secret = item.partition(":")
+            if not sep:
+                raise ConfigurationError("each key is written 'kid:base64url-secret'")
+            try:
+                raw = b64url_decode(secret.strip())
+            except (ValueError, TypeError):
+                raise ConfigurationError(f"key {kid!r} is not valid base64url") from None
+            keys.append(Key(kid.strip(), raw))
+        return cls(keys)
+
+    @classmethod
+    def from_env(cls, var: str = "SATCHEL_KEYS") -> Keyring:
+        value = os.environ.get(var, "")
+        if not value.strip():
+            raise ConfigurationError(f"{var} is not set")
+        return cls.from_string(value)
+
+    @classmethod
+    def from_secrets(cls, secrets_: Sequence[str | bytes]) -> Keyring:
+        """A ring from plain secrets such as Flask's SECRET_KEY and SECRET_KEY_FALLBACKS.
+
+        Key ids are a short hash of each secret so that the right one is tried first;
+        16 bits of a SHA-256 reveal nothing useful about a secret.
+        """
+        keys = []
+        for secret in secrets_:
+            raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+            if len(raw) < MIN_SECRET_BYTES:
+                # Flask accepts short secrets; stretch them so the ring still works.
+                raw = hashlib.sha256(b"satchel-short-secret" + raw).digest()
+            kid = "f" + hashlib.sha256(b"satchel-kid" + raw).hexdigest()[:6]
+            if any(k.kid == kid for k in keys):
+                continue
+            keys.append(Key(kid, raw))
+        return cls(keys)
+
+    def to_string(self) -> str:
+        return ",".join(k.to_string() for k in self.keys)
+
+    def rotated(self, new_key: Key | None = None, keep: int | None = None) -> Keyring:
+        """A new ring with ``new_key`` (or a fresh one) in front; optionally keep N keys."""
+        keys = [new_key or generate_key(), *self.keys]
+        return Keyring(keys[:keep] if keep else keys)
+
+
+def generate_key(kid: str | None = None) -> Key:
+    """A fresh 256-bit key; the default id is short (it travels in every token)."""
+    if kid is None:
+        kid = "k" + secrets.token_hex(2)
+    return Key(kid, secrets.token_bytes(32))
+
+
+__all__ = ["Key", "Keyring", "b64url_decode", "b64url_encode", "generate_key"]
