@@ -1,0 +1,90 @@
+"""The overflow tier interface.
+
+A tier stores opaque, immutable byte strings under keys that Satchel derives, with a
+TTL. It is also where the small per-session records of the stricter consistency
+levels live (the high-water mark of ``monotonic``, erasure tombstones) and, in
+``server`` mode, the whole context.
+
+Every method may raise :class:`~satchel.errors.TierError` (or a subclass); nothing
+else may escape. Callers never talk to a tier directly: they go through
+:class:`~satchel.tiers.guard.GuardedTier`, which adds the circuit breaker and the
+segment cache and turns every failure into a degraded result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+
+class Tier(ABC):
+    """Key-value storage for segments and per-session records."""
+
+    #: short name for metrics and logs: "redis", "sqlite", "memory", "none"
+    name: str = "tier"
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values for ``keys`` in order (None where missing), in one round trip."""
+
+    @abstractmethod
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (overwrites)."""
+
+    @abstractmethod
+    def delete(self, keys: Sequence[str]) -> int:
+        """Delete ``keys``; returns how many existed."""
+
+    @abstractmethod
+    def delete_session(self, session_tag: str) -> int:
+        """Delete everything stored for one session (keys containing ``{session_tag}``)."""
+
+    @abstractmethod
+    def compare_and_set_mark(
+        self, key: str, expected: bytes | None, new: bytes, ttl: float
+    ) -> bytes | None:
+        """Atomically set ``key`` to ``new`` if its value is ``expected`` (None: absent).
+
+        Returns None on success, else the current value (the caller lost the race).
+        Used for the ``monotonic`` high-water mark.
+        """
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise TierError unless the tier answers."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class NoTier(Tier):
+    """No overflow tier: sessions over budget are trimmed and summarized only."""
+
+    name = "none"
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [None] * len(keys)
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        from ..errors import TierUnavailable
+
+        raise TierUnavailable("no overflow tier is configured")
+
+    def delete(self, keys: Sequence[str]) -> int:
+        return 0
+
+    def delete_session(self, session_tag: str) -> int:
+        return 0
+
+    def compare_and_set_mark(
+        self, key: str, expected: bytes | None, new: bytes, ttl: float
+    ) -> bytes | None:
+        from ..errors import TierUnavailable
+
+        raise TierUnavailable("no tier is configured to hold consistency marks")
+
+    def ping(self) -> None:
+        return None
+
+
+__all__ = ["NoTier", "Tier"]
