@@ -1,0 +1,144 @@
+"""Lifecycle policies applied before every seal: pure functions of a Context.
+
+``LifecyclePolicy`` is the configuration; :func:`apply_policies` runs the per-turn
+cap, the rolling window and the LLM-token budget, and returns what each did. The byte
+budget needs the codec (to measure) and maybe the overflow tier, so it lives in the
+request pipeline (satchel.pipeline), which calls these first.
+
+Every removal goes through :func:`drop_oldest`, which never splits a tool call from
+its results, never edits an opaque block, never touches pinned items, and always
+hands the removed turns to the summarizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..context import Context, LifecycleAction, Turn
+from ..errors import TokenExpired
+from .groups import oldest_groups_covering, turn_groups
+from .summarize import ExtractiveSummarizer, Summarizer
+from .tokens import TokenCounter, default_counter, turn_tokens
+
+DAY = 86400.0
+TRUNCATION_MARK = "\n[… truncated by Satchel: {n} characters removed]"
+
+
+@dataclass(slots=True)
+class LifecyclePolicy:
+    """What to keep in the token. ``None`` disables a limit.
+
+    The byte budget default (3,800 bytes) keeps the token inside a 4 KB cookie with
+    room for the cookie's name and attributes.
+    """
+
+    #: keep at most this many turns in the token (rolling window)
+    max_turns: int | None = 40
+    #: keep the token's turns within this many LLM tokens (tiktoken or estimate)
+    max_llm_tokens: int | None = None
+    #: soft byte budget of the final token; over it, turns overflow or are trimmed
+    max_token_bytes: int | None = 3800
+    #: hard cap used while the overflow tier cannot take writes
+    hard_max_token_bytes: int | None = 16 * 1024
+    #: the longest a single turn's text may be, in characters (longer is truncated)
+    max_turn_chars: int | None = 32_000
+    #: a token not used for this long expires (seconds)
+    idle_ttl: float | None = 7 * DAY
+    #: a context older than this expires whatever its activity (seconds)
+    max_age: float | None = 30 * DAY
+    summarizer: Summarizer = field(default_factory=ExtractiveSummarizer)
+    token_counter: TokenCounter | None = None
+
+    def counter(self) -> TokenCounter:
+        return self.token_counter or default_counter()
+
+
+def drop_oldest(
+    ctx: Context, count: int, *, policy: str, summarizer: Summarizer | None, now: float
+) -> list[Turn]:
+    """Remove at least ``count`` oldest turns (whole groups) and summarize them."""
+    n = oldest_groups_covering(ctx.turns, count)
+    if n == 0:
+        return []
+    dropped = ctx.turns[:n]
+    del ctx.turns[:n]
+    if summarizer is not None:
+        ctx.summary = summarizer(dropped, ctx.summary)
+        ctx.lifecycle.summarized += len(dropped)
+    ctx.lifecycle.record(LifecycleAction(policy, "dropped", len(dropped), now))
+    return dropped
+
+
+def cap_turn_sizes(ctx: Context, max_chars: int, now: float) -> int:
+    """Truncate turn texts longer than ``max_chars``; opaque blocks are never touched."""
+    truncated = 0
+    for turn in ctx.turns:
+        if len(turn.content) > max_chars:
+            removed = len(turn.content) - max_chars
+            turn.content = turn.content[:max_chars] + TRUNCATION_MARK.format(n=removed)
+            truncated += 1
+    if truncated:
+        ctx.lifecycle.record(
+            LifecycleAction("turn_cap", "truncated", truncated, now, f"max {max_chars} chars")
+        )
+    return truncated
+
+
+def apply_policies(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Turn]:
+    """Per-turn cap, window, then LLM-token budget. Returns the turns dropped."""
+    dropped: list[Turn] = []
+    if policy.max_turn_chars is not None:
+        cap_turn_sizes(ctx, policy.max_turn_chars, now)
+    if policy.max_turns is not None and len(ctx.turns) > policy.max_turns:
+        dropped += drop_oldest(
+            ctx,
+            len(ctx.turns) - policy.max_turns,
+            policy="window",
+            summarizer=policy.summarizer,
+            now=now,
+        )
+    if policy.max_llm_tokens is not None:
+        counter = policy.counter()
+        sizes = [turn_tokens(t, counter) for t in ctx.turns]
+        total = sum(sizes)
+        if total > policy.max_llm_tokens:
+            excess, count = total - policy.max_llm_tokens, 0
+            for size in sizes:
+                if excess <= 0:
+                    break
+                excess -= size
+                count += 1
+            dropped += drop_oldest(
+                ctx, count, policy="token_budget", summarizer=policy.summarizer, now=now
+            )
+    return dropped
+
+
+def expires_at(ctx: Context, policy: LifecyclePolicy, now: float) -> float | None:
+    """The token's expiry: idle TTL from now, never past the context's maximum age."""
+    candidates = []
+    if policy.idle_ttl is not None:
+        candidates.append(now + policy.idle_ttl)
+    if policy.max_age is not None:
+        candidates.append(ctx.created_at + policy.max_age)
+    return min(candidates) if candidates else None
+
+
+def check_age(ctx: Context, policy: LifecyclePolicy, now: float, skew: float = 30) -> None:
+    """Refuse a context past its idle TTL or maximum age (the envelope expiry is the
+    first line; this also covers tokens minted without one)."""
+    if policy.max_age is not None and now > ctx.created_at + policy.max_age + skew:
+        raise TokenExpired("context is older than its maximum age", reason="max_age")
+    if policy.idle_ttl is not None and now > ctx.last_active + policy.idle_ttl + skew:
+        raise TokenExpired("context has been idle longer than its TTL", reason="idle")
+
+
+__all__ = [
+    "LifecyclePolicy",
+    "apply_policies",
+    "cap_turn_sizes",
+    "check_age",
+    "drop_oldest",
+    "expires_at",
+    "turn_groups",
+]

@@ -1,0 +1,67 @@
+"""Summarizers: fold turns that leave the token into the running summary.
+
+A summarizer is any callable ``(dropped_turns, previous_summary) -> new_summary``.
+The default, :class:`ExtractiveSummarizer`, is deterministic and offline: it keeps
+the first sentence of each dropped turn, newest last, within a character budget.
+examples/chat/llm_summarizer.py shows one backed by an LLM.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from ..context import Turn
+
+Summarizer = Callable[[Sequence[Turn], str], str]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_HEADER = re.compile(r"^\((\d+) earlier turns? summarized\)\n?")
+
+
+def first_sentence(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    match = _SENTENCE_END.search(text)
+    sentence = text[: match.start()] if match else text
+    if len(sentence) > limit:
+        sentence = sentence[: limit - 1].rstrip() + "…"
+    return sentence
+
+
+class ExtractiveSummarizer:
+    """Keep one line per dropped turn (``role: first sentence``) within ``max_chars``.
+
+    When the summary outgrows ``max_chars`` its oldest lines go first, and a header
+    keeps count of how many turns the summary stands for, so it always says how much
+    left the token even when it can no longer say what.
+    """
+
+    def __init__(self, max_chars: int = 800, line_chars: int = 120) -> None:
+        self.max_chars = max_chars
+        self.line_chars = line_chars
+
+    def __call__(self, dropped: Sequence[Turn], previous: str) -> str:
+        covered = 0
+        match = _HEADER.match(previous)
+        body = previous[match.end() :] if match else previous
+        if match:
+            covered = int(match.group(1))
+        lines = [line for line in body.splitlines() if line]
+        if previous and not match:
+            covered += len(lines)  # a summary written by another summarizer
+        for turn in dropped:
+            if turn.role == "tool":
+                text = f"tool result ({len(turn.content)} chars)"
+            elif turn.tool_calls and not turn.content:
+                text = "called " + ", ".join(c.name for c in turn.tool_calls)
+            else:
+                text = first_sentence(turn.content, self.line_chars)
+            lines.append(f"- {turn.role}: {text}")
+        covered += len(dropped)
+        header = f"({covered} earlier turn{'s' if covered != 1 else ''} summarized)\n"
+        while lines and len(header) + sum(len(line) + 1 for line in lines) > self.max_chars:
+            lines.pop(0)
+        return header + "\n".join(lines)
+
+
+__all__ = ["ExtractiveSummarizer", "Summarizer", "first_sentence"]
