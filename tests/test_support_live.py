@@ -1,0 +1,54 @@
+"""LiveServer runs a WSGI app factory in a subprocess (werkzeug and gunicorn)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import LiveServer, LiveServerError
+from tests.support.procs import proc_state
+
+APP = "tests.support._demo_app:create_app"
+
+
+def test_werkzeug_serves_factory_with_env(live_server_factory) -> None:
+    srv = live_server_factory(APP, env={"SUPPORT_DEMO_VALUE": "from-env"})
+    assert srv.health_status == 200
+    assert srv.get("/healthz").json() == {"ok": True}
+    info = srv.get("/info").json()
+    assert info["env"] == "from-env"
+    assert info["greeting"] is None
+    assert srv.get("/missing").status == 404
+    assert srv.url == f"http://127.0.0.1:{srv.port}"
+
+
+def test_factory_call_with_literal_args(live_server_factory) -> None:
+    srv = live_server_factory(APP.replace("create_app", "create_app('hi')"))
+    assert srv.get("/info").json()["greeting"] == "hi"
+
+
+def test_gunicorn_workers_and_stop(live_server_factory) -> None:
+    srv = live_server_factory(APP, server="gunicorn", workers=2)
+    pids = {srv.get("/info").json()["pid"] for _ in range(20)}
+    assert srv.pid not in pids  # answered by forked workers
+    master = srv.pid
+    srv.stop()
+    assert proc_state(master) is None
+    for pid in pids:
+        assert proc_state(pid) in (None, "Z")
+
+
+def test_restart_keeps_port_and_updates_env(live_server_factory) -> None:
+    srv = live_server_factory(APP, env={"SUPPORT_DEMO_VALUE": "one"})
+    port = srv.port
+    srv.restart(env={"SUPPORT_DEMO_VALUE": "two"})
+    assert srv.port == port
+    assert srv.get("/info").json()["env"] == "two"
+
+
+def test_broken_app_reports_logs() -> None:
+    srv = LiveServer("tests.support.no_such_module:create_app", startup_timeout=15)
+    try:
+        with pytest.raises(LiveServerError, match="no_such_module"):
+            srv.start()
+    finally:
+        srv.cleanup()
