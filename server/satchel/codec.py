@@ -139,34 +139,36 @@ class Codec:
 
     def open_verbose(self, token: str | bytes, *, now: float | None = None) -> Opened:
         """Like :meth:`open`, also returning the header, digest and step timings."""
+        timings: dict[str, float] = {}
+        env, payload = self.open_payload(token, now=now, timings=timings)
         timer = time.perf_counter
         t0 = timer()
-        env, payload = self.open_payload(token, now=now)
-        t1 = timer()
         obj = serialize.unpack(payload, self.limits)
-        t2 = timer()
+        t1 = timer()
         ctx = schema.from_wire(obj)
-        t3 = timer()
+        t2 = timer()
+        timings["unpack"] = t1 - t0
+        timings["migrate"] = t2 - t1
         digest = token_digest(env.raw)
         ctx.parent = digest
         ctx.opened_kid = env.header.kid
-        return Opened(
-            env.header,
-            digest,
-            ctx,
-            {"verify": t1 - t0, "unpack": t2 - t1, "migrate": t3 - t2},
-        )
+        return Opened(env.header, digest, ctx, timings)
 
     def open_payload(
-        self, token: str | bytes, *, now: float | None = None
+        self,
+        token: str | bytes,
+        *,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
     ) -> tuple[Envelope, bytes]:
         """Steps 1-5: length cap, parse, verify, expiry, bounded decompress."""
+        timer = time.perf_counter
+        t0 = timer()
         env = envelope.parse(token, self.limits.max_token_bytes)
         header = env.header
         if (header.flags & 0x05) != self.protector.flags:
             raise WrongMode(
-                f"token is {header.mode} ({header.algorithm}); this codec expects "
-                f"{self.mode}",
+                f"token is {header.mode} ({header.algorithm}); this codec expects {self.mode}",
                 token_mode=header.mode,
             )
         self.keyring.get(header.kid)  # unknown key id -> UnknownKeyId, before any crypto
@@ -180,9 +182,22 @@ class Codec:
                     expired_at=header.expires_at,
                     now=int(now),
                 )
+        t1 = timer()
         if header.compressed:
             payload = self.compressor.decompress(payload, header.dictionary_id)
+        if timings is not None:
+            timings["verify"] = t1 - t0
+            timings["decompress"] = timer() - t1
         return env, payload
+
+    def measure(self, ctx: Context) -> int:
+        """The length the token for ``ctx`` would have if sealed now, without sealing."""
+        payload = serialize.pack(schema.to_wire(ctx))
+        packed = self.compressor.compress(payload)
+        kid_len = len(self.keyring.current.kid)
+        overhead = 32 if self.mode == "signed" else 28
+        raw = 12 + kid_len + len(packed.data) + overhead
+        return len(envelope.PREFIX) + (raw * 4 + 2) // 3
 
     def needs_reseal(self, ctx: Context) -> bool:
         """True when ``ctx`` was opened with a key other than the current one."""

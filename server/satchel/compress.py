@@ -161,9 +161,7 @@ class Compressor:
         except zstandard.ZstdError:
             raise MalformedToken("compressed payload is corrupt") from None
         if len(out) > cap:
-            raise TokenTooLarge(
-                f"payload decompresses past the limit of {cap} bytes", limit=cap
-            )
+            raise TokenTooLarge(f"payload decompresses past the limit of {cap} bytes", limit=cap)
         return bytes(out)
 
 

@@ -1,0 +1,66 @@
+"""Observation hooks: metrics and audit events, called from the steps, never the reverse.
+
+The pipeline and the Flask extension report through an :class:`Observer`. The
+default does nothing; :mod:`satchel.metrics` provides one backed by prometheus_client
+and :mod:`satchel.audit` one that writes structured audit events through logging.
+Observers must never raise into the request path and must never receive key material
+or message content: events carry a short keyed session tag, counts, sizes and codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class Observer:
+    """Receives events and step timings. Subclass and override what you need."""
+
+    def event(self, name: str, /, **fields: Any) -> None:
+        """An audit-worthy event: issued, opened, migrated, trimmed, summarized,
+        overflowed, rehydrated, expired, refused, degraded, data_loss, fork_detected,
+        stale_refused, resealed, session_started, breaker_opened, breaker_closed,
+        breaker_half_open, erased."""
+
+    def timing(self, step: str, seconds: float) -> None:
+        """Time spent in one step: open, verify, decompress, unpack, migrate,
+        rehydrate, trim, summarize, overflow, seal."""
+
+    def token(self, *, size: int, raw_size: int, turns: int) -> None:
+        """Facts about a token just issued: its length, payload length, turns held."""
+
+
+class MultiObserver(Observer):
+    """Fans out to several observers; one failing never stops the others or the request."""
+
+    def __init__(self, observers: Iterable[Observer] = ()) -> None:
+        self.observers = list(observers)
+
+    def add(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def event(self, name: str, /, **fields: Any) -> None:
+        for obs in self.observers:
+            try:
+                obs.event(name, **fields)
+            except Exception:  # noqa: S112 - observation must never break a request
+                continue
+
+    def timing(self, step: str, seconds: float) -> None:
+        for obs in self.observers:
+            try:
+                obs.timing(step, seconds)
+            except Exception:  # noqa: S112
+                continue
+
+    def token(self, *, size: int, raw_size: int, turns: int) -> None:
+        for obs in self.observers:
+            try:
+                obs.token(size=size, raw_size=raw_size, turns=turns)
+            except Exception:  # noqa: S112
+                continue
+
+
+NULL_OBSERVER = Observer()
+
+__all__ = ["NULL_OBSERVER", "MultiObserver", "Observer"]

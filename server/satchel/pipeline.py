@@ -1,0 +1,286 @@
+"""The path of one request, as pure-ish steps around the codec and the overflow tier.
+
+``load``: open (length cap, verify, expiry, bounded decompress, bounded unpack,
+migrate), check the age policies, rehydrate overflowed turns.
+``save``: apply lifecycle policies (turn cap, window, LLM-token budget), fit the byte
+budget by overflowing (or, without a tier, trimming and summarizing), seal.
+
+The Flask extension calls these two around the view; the benchmarks and non-Flask
+callers can call them directly. Nothing here raises for a tier failure: it records a
+degraded reason on the context and reports it to the observer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .codec import Codec
+from .context import Context, LifecycleAction
+from .errors import BadToken, TierError
+from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
+from .lifecycle.groups import turn_groups
+from .observe import NULL_OBSERVER, Observer
+
+if TYPE_CHECKING:
+    from .segments import SegmentStore
+
+Clock = Callable[[], float]
+
+#: After an overflow the token is brought down to this share of the soft budget, so a
+#: long conversation spills a chunk every few requests instead of a turn every request.
+SPILL_TARGET = 0.7
+MAX_FIT_ROUNDS = 12
+
+
+@dataclass(slots=True)
+class SaveResult:
+    token: str
+    size: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Runs the steps of one request around a view."""
+
+    def __init__(
+        self,
+        codec: Codec,
+        policy: LifecyclePolicy | None = None,
+        *,
+        segments: SegmentStore | None = None,
+        observer: Observer = NULL_OBSERVER,
+        clock: Clock = time.time,
+    ) -> None:
+        self.codec = codec
+        self.policy = policy or LifecyclePolicy()
+        self.segments = segments
+        self.observer = observer
+        self.clock = clock
+
+    # -- naming sessions in logs without revealing them ---------------------------
+
+    def session_tag(self, session_id: bytes) -> str:
+        """A short keyed hash naming a session in logs and metrics exemplars."""
+        if self.segments is not None:
+            return self.segments.session_tag(session_id)
+        key = self.codec.keyring.derive(self.codec.keyring.keys[-1].kid, self.codec.purpose, "tag")
+        return hmac.new(key, session_id, hashlib.sha256).hexdigest()[:16]
+
+    # -- load -----------------------------------------------------------------------
+
+    def new_context(self, now: float | None = None) -> Context:
+        now = self.clock() if now is None else now
+        ctx = Context.new(now=int(now))
+        self.observer.event("session_started", session=self.session_tag(ctx.session_id))
+        return ctx
+
+    def load(
+        self,
+        token: str | None,
+        *,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Context:
+        """Open ``token`` (or start a fresh context when there is none).
+
+        Raises a :class:`~satchel.BadToken` subclass for a token that cannot be used.
+        """
+        now = self.clock() if now is None else now
+        timings = {} if timings is None else timings
+        if not token:
+            return self.new_context(now)
+        t0 = time.perf_counter()
+        try:
+            opened = self.codec.open_verbose(token, now=now)
+            check_age(opened.context, self.policy, now, self.codec.limits.clock_skew)
+        except BadToken as exc:
+            self.observer.event("refused", reason=exc.code)
+            if exc.code == "token_expired":
+                self.observer.event("expired", reason=exc.facts.get("reason", "token"))
+            raise
+        timings.update(opened.timings)
+        timings["open"] = time.perf_counter() - t0
+        ctx = opened.context
+        tag = self.session_tag(ctx.session_id)
+        self.observer.event(
+            "opened", session=tag, seq=ctx.seq, kid=opened.header.kid, mode=opened.header.mode
+        )
+        if ctx.opened_version != ctx.schema_version:
+            self.observer.event(
+                "migrated",
+                session=tag,
+                from_version=ctx.opened_version,
+                to_version=ctx.schema_version,
+            )
+        if ctx.overflow:
+            self.rehydrate(ctx, timings)
+        for step in ("open", "verify", "decompress", "unpack", "migrate", "rehydrate"):
+            if step in timings:
+                self.observer.timing(step, timings[step])
+        return ctx
+
+    def rehydrate(self, ctx: Context, timings: dict[str, float]) -> None:
+        """Fetch overflowed turns in one round trip; on failure, flag and carry on.
+
+        References stay in the token either way, so turns come back if the tier
+        recovers before they expire.
+        """
+        tag = self.session_tag(ctx.session_id)
+        t0 = time.perf_counter()
+        if self.segments is None:
+            ctx.degraded.append("tier_unavailable")
+            self.observer.event("degraded", session=tag, reason="tier_unavailable")
+            return
+        result = self.segments.read(ctx)
+        timings["rehydrate"] = time.perf_counter() - t0
+        ctx.rehydrated = list(result.turns)
+        if result.turns:
+            self.observer.event(
+                "rehydrated", session=tag, turns=len(result.turns), from_cache=result.from_cache
+            )
+        for reason in dict.fromkeys(reason for _ref, reason in result.missing):
+            missing = sum(ref.turns for ref, r in result.missing if r == reason)
+            ctx.degraded.append(reason)
+            self.observer.event("degraded", session=tag, reason=reason, turns=missing)
+
+    # -- save -----------------------------------------------------------------------
+
+    def save(
+        self, ctx: Context, *, now: float | None = None, timings: dict[str, float] | None = None
+    ) -> SaveResult:
+        """Apply lifecycle policies, fit the byte budget, and seal."""
+        now = self.clock() if now is None else now
+        timings = {} if timings is None else timings
+        tag = self.session_tag(ctx.session_id)
+        ctx.last_active = max(ctx.last_active, int(now))
+        timer = time.perf_counter
+
+        t0 = timer()
+        summarized_before = ctx.lifecycle.summarized
+        dropped = apply_policies(ctx, self.policy, now)
+        timings["trim"] = timer() - t0
+        if dropped:
+            for action in ctx.lifecycle.recent:
+                if action.ts == now and action.action == "dropped":
+                    self.observer.event(
+                        "trimmed", session=tag, reason=action.policy, turns=action.turns
+                    )
+
+        t1 = timer()
+        self.fit_budget(ctx, now, tag)
+        timings["overflow"] = timer() - t1
+        if ctx.lifecycle.summarized > summarized_before:
+            self.observer.event(
+                "summarized", session=tag, turns=ctx.lifecycle.summarized - summarized_before
+            )
+
+        t2 = timer()
+        token = self.codec.seal(ctx, expires_at=expires_at(ctx, self.policy, now))
+        timings["seal"] = timer() - t2
+        self.observer.token(size=len(token), raw_size=0, turns=len(ctx.turns))
+        self.observer.event(
+            "issued", session=tag, seq=ctx.seq, bytes=len(token), turns=len(ctx.turns)
+        )
+        for step in ("trim", "overflow", "seal"):
+            self.observer.timing(step, timings[step])
+        return SaveResult(token, len(token), timings)
+
+    def fit_budget(self, ctx: Context, now: float, tag: str) -> None:
+        """Bring the token under the soft byte budget: overflow, else trim and summarize.
+
+        With a tier: the oldest whole groups move to a segment. If the write fails they
+        stay inline up to the hard cap; past it the oldest are summarized and dropped,
+        and that is reported as data loss with the count.
+        Without a tier: the oldest groups are summarized and dropped (a policy, not a loss).
+        """
+        soft = self.policy.max_token_bytes
+        if soft is None:
+            return
+        size = self.codec.measure(ctx)
+        if size <= soft:
+            return
+        if self.segments is not None:
+            target = int(soft * SPILL_TARGET)
+            count = self._turns_to_remove(ctx, size, target)
+            if count:
+                spill = ctx.turns[:count]
+                ttl = self._remaining_lifetime(ctx, now)
+                try:
+                    ref = self.segments.write(ctx, spill, ttl, now=now)
+                except TierError as exc:
+                    ctx.degraded.append("tier_write_failed")
+                    self.observer.event(
+                        "degraded", session=tag, reason="tier_write_failed", error=exc.code
+                    )
+                else:
+                    del ctx.turns[:count]
+                    ctx.overflow.append(ref)
+                    # The running summary always covers what left the token.
+                    ctx.summary = self.policy.summarizer(spill, ctx.summary)
+                    ctx.lifecycle.summarized += len(spill)
+                    ctx.lifecycle.record(
+                        LifecycleAction("byte_budget", "overflowed", len(spill), now)
+                    )
+                    self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
+                    size = self.codec.measure(ctx)
+                    if size <= soft:
+                        return
+            hard = self.policy.hard_max_token_bytes or soft
+            if size <= hard and "tier_write_failed" in ctx.degraded:
+                return  # held inline until the tier takes writes again
+            lost = self._drop_to(
+                ctx, hard if "tier_write_failed" in ctx.degraded else soft, now, "data_loss"
+            )
+            if lost:
+                ctx.lifecycle.lost += lost
+                ctx.degraded.append("data_loss")
+                self.observer.event("data_loss", session=tag, turns=lost)
+                self.observer.event("degraded", session=tag, reason="data_loss", turns=lost)
+            return
+        removed = self._drop_to(ctx, soft, now, "byte_budget")
+        if removed:
+            self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+
+    def _drop_to(self, ctx: Context, budget: int, now: float, reason: str) -> int:
+        removed = 0
+        for _ in range(MAX_FIT_ROUNDS):
+            size = self.codec.measure(ctx)
+            if size <= budget or len(turn_groups(ctx.turns)) <= 1:
+                break
+            count = self._turns_to_remove(ctx, size, budget)
+            removed += len(
+                drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
+            )
+        return removed
+
+    @staticmethod
+    def _turns_to_remove(ctx: Context, size: int, target: int) -> int:
+        """Estimate how many oldest turns to remove to get from ``size`` to ``target``,
+        weighting turns by their text length; always leaves the newest group."""
+        groups = turn_groups(ctx.turns)
+        if len(groups) <= 1:
+            return 0
+        weights = [len(t.content) + 16 for t in ctx.turns]
+        total = sum(weights)
+        excess = (size - target) / size * total
+        removed = 0.0
+        count = 0
+        last_start = groups[-1][0]
+        for _start, end in groups:
+            if removed >= excess or end > last_start:
+                break
+            removed += sum(weights[_start:end])
+            count = end
+        return count
+
+    def _remaining_lifetime(self, ctx: Context, now: float) -> float:
+        exp = expires_at(ctx, self.policy, now)
+        return max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
+
+
+__all__ = ["Pipeline", "SaveResult"]
