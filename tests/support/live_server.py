@@ -31,6 +31,7 @@ from .env import LOOPBACK, REPO_ROOT, SERVER_DIR, free_port, tail, wait_until
 __all__ = ["HttpResponse", "LiveServer", "LiveServerError", "http_request"]
 
 RUNNER = Path(__file__).with_name("_wsgi_runner.py")
+GUNICORN_CONF = Path(__file__).with_name("_gunicorn_conf.py")
 FACTORY_PREFIXES = ("create_", "make_")
 
 
@@ -123,6 +124,8 @@ class LiveServer:
         health_path: polled until ANY HTTP response arrives (404 means the app has no
             such route but is serving, which also counts).
         extra_args: appended to the gunicorn command line (e.g. ``["--threads", "4"]``).
+        gunicorn_config: ``-c`` file for gunicorn; the default one only makes workers
+            die with their master. Pass your own (or None) to replace it.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class LiveServer:
         startup_timeout: float = 30.0,
         extra_args: Iterable[str] = (),
         cwd: Path | str = REPO_ROOT,
+        gunicorn_config: Path | str | None = GUNICORN_CONF,
     ) -> None:
         if server not in ("werkzeug", "gunicorn"):
             raise ValueError(f"server must be 'werkzeug' or 'gunicorn', not {server!r}")
@@ -154,6 +158,7 @@ class LiveServer:
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args)
         self.cwd = Path(cwd)
+        self.gunicorn_config = gunicorn_config
         self._tmp = Path(tempfile.mkdtemp(prefix="satchel-live-"))
         self.log_path = self._tmp / f"{server}.log"
         self.proc: subprocess.Popen | None = None
@@ -219,8 +224,9 @@ class LiveServer:
             attr = attr or "create_app"
             if "(" not in attr and self._is_factory():
                 attr += "()"
+            conf = ["-c", str(self.gunicorn_config)] if self.gunicorn_config else []
             return [
-                sys.executable, "-m", "gunicorn",
+                sys.executable, "-m", "gunicorn", *conf,
                 "-w", str(self.workers),
                 "-b", f"{self.host}:{self.port}",
                 "--access-logfile", "-",
