@@ -144,6 +144,7 @@ class Lifecycle:
     MAX_RECENT = 6
 
     def record(self, action: LifecycleAction) -> None:
+        action.ts = int(action.ts)  # whole seconds: 5 bytes in the token, not 9
         if action.action in ("dropped", "overflowed", "lost") and action.turns:
             self.dropped[action.policy] = self.dropped.get(action.policy, 0) + action.turns
         self.recent.append(action)

@@ -1,0 +1,102 @@
+"""A minimal chat API on Satchel: the context lives in the token the client carries.
+
+Run it::
+
+    SATCHEL_KEYS=$(satchel keygen) flask --app examples.minimal_chat.app run
+
+    curl -si -X POST localhost:5000/api/chat -H 'Content-Type: application/json' \
+         -d '{"message": "Hello"}'            # note the Satchel-Context header
+    curl -s localhost:5000/api/context -H "Satchel-Context: <that token>"
+
+Without SATCHEL_KEYS it generates a development key in ``instance/satchel-dev-key``
+and warns. ``SATCHEL_OVERFLOW_URL`` (``sqlite:///path``, ``redis://...`` or empty) and
+``SATCHEL_MAX_TOKEN_BYTES`` configure the overflow tier and the byte budget.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, request
+
+from satchel import Satchel
+from satchel.errors import InvalidRequest
+from satchel.flask_ext import json_errors_for
+
+MAX_MESSAGE_CHARS = 8000
+
+#: Environment variables the example apps read into their config.
+ENV_KEYS = (
+    "SATCHEL_KEYS",
+    "SATCHEL_OVERFLOW_URL",
+    "SATCHEL_MAX_TOKEN_BYTES",
+    "SATCHEL_HARD_MAX_TOKEN_BYTES",
+    "SATCHEL_MAX_TURNS",
+    "SATCHEL_TOKEN_MODE",
+    "SATCHEL_CONSISTENCY",
+    "SATCHEL_MODE",
+    "SATCHEL_ON_BAD_TOKEN",
+    "SATCHEL_TIER_DOWN_POLICY",
+)
+
+
+def offline_reply(message: str, turn_number: int, summary: str) -> str:
+    """A deterministic stand-in for a model, so the example runs anywhere."""
+    words = message.split()
+    topic = " ".join(words[:6]) if words else "that"
+    more = "…" if len(words) > 6 else ""
+    remembered = " I also remember what we discussed earlier." if summary else ""
+    return (
+        f'(turn {turn_number}) You said: "{topic}{more}". Here is a thoughtful, '
+        f"deterministic reply about it, with a few details so the conversation has "
+        f"some weight.{remembered}"
+    )
+
+
+def env_config() -> dict[str, Any]:
+    """SATCHEL_* settings taken from the environment, as the example apps document."""
+    return {key: os.environ[key] for key in ENV_KEYS if key in os.environ}
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, instance_path=str(Path(__file__).parent / "instance"))
+    app.config.update(
+        SATCHEL_DEV_KEY_FILE=os.path.join(app.instance_path, "satchel-dev-key"),
+        SATCHEL_METRICS_ROUTE="/metrics",
+        SATCHEL_HEALTH_ROUTES=True,
+    )
+    app.config.update(env_config())
+    app.config.update(config or {})
+    satchel = Satchel(app)
+    json_errors_for(app, "/api/")
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+            raise InvalidRequest('send JSON {"message": "..."}')
+        message = body["message"].strip()
+        if not message:
+            raise InvalidRequest("message is empty")
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise InvalidRequest(f"message is longer than {MAX_MESSAGE_CHARS} characters")
+        ctx = satchel.context
+        ctx.add_turn("user", message)
+        reply = offline_reply(message, len(ctx.all_turns()) // 2 + 1, ctx.summary)
+        ctx.add_turn("assistant", reply)
+        return {"reply": reply, "turns": len(ctx.turns), "degraded": ctx.degraded}
+
+    @app.get("/api/context")
+    def context() -> Any:
+        ctx = satchel.context
+        data = ctx.to_dict()
+        data["all_turns"] = [t.to_dict() for t in ctx.all_turns()]
+        return data
+
+    return app
+
+
+if __name__ == "__main__":  # pragma: no cover - manual runs
+    create_app().run(port=int(os.environ.get("PORT", "5000")))

@@ -1,0 +1,169 @@
+"""``SATCHEL_*`` configuration keys, read once in ``init_app``.
+
+=============================== ============== ==============================================
+key                             default        meaning
+=============================== ============== ==============================================
+SATCHEL_KEYS                    env            ``kid:secret,...`` (newest first) or a Keyring;
+                                               falls back to the SATCHEL_KEYS env variable
+SATCHEL_DEV_KEY_FILE            None           when no keys are set: generate and keep a
+                                               development key in this file (with a warning)
+SATCHEL_TOKEN_MODE              "sealed"       "sealed" (AEAD) or "signed" (HMAC)
+SATCHEL_AEAD                    "aes-256-gcm"  or "chacha20-poly1305"
+SATCHEL_PURPOSE                 "satchel"      scopes derived keys: tokens of another purpose
+                                               are refused
+SATCHEL_HEADER                  Satchel-Context request and response header
+SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
+SATCHEL_COOKIE_SECURE           True
+SATCHEL_COOKIE_SAMESITE         "Lax"
+SATCHEL_COOKIE_PATH             "/"
+SATCHEL_JSON_FIELD              None           also read the token from this JSON body field
+SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (new context,
+                                               ``Satchel-Reset`` header says why)
+SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first
+SATCHEL_MAX_TOKEN_BYTES         3800           soft byte budget (fits a 4 KB cookie)
+SATCHEL_HARD_MAX_TOKEN_BYTES    16384          hard cap while the tier refuses writes
+SATCHEL_MAX_TURNS               40             rolling window (None: off)
+SATCHEL_MAX_LLM_TOKENS          None           LLM-token budget (None: off)
+SATCHEL_MAX_TURN_CHARS          32000          per-turn text cap
+SATCHEL_IDLE_TTL                604800         seconds without use before a token expires
+SATCHEL_MAX_AGE                 2592000        absolute context lifetime, seconds
+SATCHEL_SUMMARIZER              extractive     callable (dropped_turns, summary) -> summary
+SATCHEL_OVERFLOW_URL            None           redis://, rediss://, redis+sentinel://,
+                                               redis+cluster://, sqlite:///path, memory://
+=============================== ============== ==============================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from ..errors import ConfigurationError
+from ..keys import Keyring, generate_key
+from ..lifecycle import ExtractiveSummarizer, LifecyclePolicy
+
+log = logging.getLogger("satchel")
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None or value == "" or str(value).lower() == "none":
+        return None
+    return int(value)
+
+
+@dataclass(slots=True)
+class SatchelConfig:
+    token_mode: str = "sealed"
+    aead: str = "aes-256-gcm"
+    purpose: str = "satchel"
+    header: str = "Satchel-Context"
+    cookie_name: str | None = None
+    cookie_secure: bool = True
+    cookie_samesite: str = "Lax"
+    cookie_path: str = "/"
+    cookie_max_age: int | None = None
+    json_field: str | None = None
+    on_bad_token: str = "error"
+    token_limit: int = 64 * 1024
+    max_token_bytes: int | None = 3800
+    hard_max_token_bytes: int | None = 16 * 1024
+    max_turns: int | None = 40
+    max_llm_tokens: int | None = None
+    max_turn_chars: int | None = 32_000
+    idle_ttl: int | None = 7 * 86400
+    max_age: int | None = 30 * 86400
+    summarizer: Any = None
+    overflow_url: str | None = None
+    consistency: str = "client"
+    tier_down_policy: str = "fail_open"
+    mode: str = "client"
+    metrics_route: str | None = None
+    health_routes: bool = False
+    user_binding: Any = None
+
+    @classmethod
+    def from_app(cls, app: Flask) -> SatchelConfig:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = "SATCHEL_" + f.name.upper()
+            if key in app.config:
+                values[f.name] = app.config[key]
+        for name in (
+            "max_token_bytes",
+            "hard_max_token_bytes",
+            "max_turns",
+            "max_llm_tokens",
+            "max_turn_chars",
+            "idle_ttl",
+            "max_age",
+            "cookie_max_age",
+        ):
+            if name in values:
+                values[name] = _optional_int(values[name])
+        if "token_limit" in values:
+            values["token_limit"] = int(values["token_limit"])
+        config = cls(**values)
+        if config.token_mode not in ("sealed", "signed"):
+            raise ConfigurationError("SATCHEL_TOKEN_MODE must be 'sealed' or 'signed'")
+        if config.on_bad_token not in ("error", "fresh"):
+            raise ConfigurationError("SATCHEL_ON_BAD_TOKEN must be 'error' or 'fresh'")
+        if config.consistency not in ("client", "monotonic", "server"):
+            raise ConfigurationError(
+                "SATCHEL_CONSISTENCY must be 'client', 'monotonic' or 'server'"
+            )
+        if config.mode not in ("client", "server", "memory"):
+            raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
+        return config
+
+    def lifecycle_policy(self) -> LifecyclePolicy:
+        return LifecyclePolicy(
+            max_turns=self.max_turns,
+            max_llm_tokens=self.max_llm_tokens,
+            max_token_bytes=self.max_token_bytes,
+            hard_max_token_bytes=self.hard_max_token_bytes,
+            max_turn_chars=self.max_turn_chars,
+            idle_ttl=self.idle_ttl,
+            max_age=self.max_age,
+            summarizer=self.summarizer or ExtractiveSummarizer(),
+        )
+
+
+def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyring:
+    """Keys from ``SATCHEL_KEYS`` (config, then environment), else a dev key file."""
+    value = app.config.get("SATCHEL_KEYS") or os.environ.get("SATCHEL_KEYS")
+    if isinstance(value, Keyring):
+        return value
+    if value:
+        return Keyring.from_string(str(value))
+    dev_file = app.config.get("SATCHEL_DEV_KEY_FILE")
+    if dev_file:
+        return dev_keyring(Path(dev_file))
+    raise ConfigurationError(
+        "no Satchel keys: set SATCHEL_KEYS (run `satchel keygen` to make one) "
+        "or SATCHEL_DEV_KEY_FILE for local development"
+    )
+
+
+def dev_keyring(path: Path) -> Keyring:
+    """A development key kept in ``path`` (created on first use, mode 0600)."""
+    if path.exists():
+        return Keyring.from_string(path.read_text().strip())
+    log.warning(
+        "SATCHEL_KEYS is not set: generated a development key in %s. "
+        "Set SATCHEL_KEYS in production (see `satchel keygen`).",
+        path,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ring = Keyring([generate_key("dev")])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(ring.to_string() + "\n")
+    return ring
+
+
+__all__ = ["SatchelConfig", "dev_keyring", "keyring_from_config"]

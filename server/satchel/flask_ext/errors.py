@@ -1,0 +1,56 @@
+"""Errors to JSON at the HTTP edge: one table, one shape.
+
+Every error response is ``{"error": {"code": ..., "message": ...}}`` with the status
+the error class names. Nothing Satchel raises on purpose becomes a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from ..errors import SatchelError
+
+#: HTTP status codes that Satchel error codes map to, for reference and docs.
+STATUS_BY_CODE: dict[str, int] = {
+    "token_malformed": 400,
+    "token_invalid": 400,
+    "token_bad_signature": 400,
+    "token_unknown_key": 400,
+    "token_wrong_mode": 400,
+    "token_unsupported_version": 400,
+    "token_migration_failed": 400,
+    "token_invalid_context": 400,
+    "token_too_large": 413,
+    "token_expired": 401,
+    "token_wrong_user": 403,
+    "token_erased": 410,
+    "stale_context": 409,
+    "tier_unavailable": 503,
+    "tier_full": 503,
+    "budget_exceeded": 413,
+    "invalid_request": 400,
+}
+
+
+def error_response(code: str, message: str, status: int, **extra: Any) -> Response:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def satchel_error_response(exc: SatchelError) -> Response:
+    return error_response(exc.code, exc.message, STATUS_BY_CODE.get(exc.code, exc.status))
+
+
+def http_error_response(exc: HTTPException) -> Response:
+    """JSON for werkzeug's HTTP errors (bad JSON body, 404, 405...) on Satchel routes."""
+    code = (exc.name or "http_error").lower().replace(" ", "_")
+    return error_response(code, exc.description or exc.name or "error", exc.code or 500)
+
+
+__all__ = ["STATUS_BY_CODE", "error_response", "http_error_response", "satchel_error_response"]
