@@ -185,7 +185,10 @@ def _turn_from_wire(w: list[Any]) -> Turn:
 
 def from_wire(wire: Any) -> Context:
     """A Context from a wire map of any supported version (migrations run first)."""
-    wire, original = migrate(wire)
+    if type(wire) is dict and wire.get("v") == CURRENT_VERSION:
+        original = CURRENT_VERSION  # the common case: nothing to migrate
+    else:
+        wire, original = migrate(wire)
     try:
         ctx = Context(
             session_id=bytes(wire["i"]),
@@ -224,3 +227,9 @@ def from_wire(wire: Any) -> Context:
 
 
 __all__ = ["CURRENT_VERSION", "MIGRATIONS", "from_wire", "migrate", "migration", "to_wire"]
+
+
+# Public names for the turn wire helpers (the overflow segment store packs turns the
+# same way the token does).
+turn_to_wire = _turn_to_wire
+turn_from_wire = _turn_from_wire

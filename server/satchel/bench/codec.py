@@ -1,0 +1,320 @@
+"""``satchel bench codec``: seal and open, side by side with Flask and the raw floor.
+
+For contexts of 4, 20, 50 and 200 turns of held-out English chat text (conversations
+the dictionary was not trained on), one run measures:
+
+* Satchel ``Codec.seal`` / ``Codec.open``, signed and sealed;
+* Flask's default session serializer (itsdangerous URLSafeTimedSerializer with
+  Flask's tagged JSON, as ``SecureCookieSessionInterface`` builds it) on the same data;
+* the primitive floor: msgpack + zstd (same dictionary and level) + HMAC-SHA256 +
+  base64url chained by hand, with no framework around them.
+
+The three are measured interleaved, round by round, and medians are reported, so a
+noisy neighbour hurts all of them alike. Targets (issue 2) are checked and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hmac
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zstandard
+
+from ..codec import Codec
+from ..compress import Compressor
+from ..context import Context
+from ..keys import Keyring
+
+SIZES = (4, 20, 50, 200)
+TARGET_FLOOR_RATIO = 1.3
+TARGET_FLASK_SPEEDUP = 2.5
+TARGET_BYTES = {4: 0.6, 20: 0.8}
+
+
+def load_conversations(path: str | None = None) -> tuple[list[list[dict[str, str]]], str]:
+    """Held-out conversations: --corpus, else tools/corpus/heldout*.jsonl, else packaged."""
+    candidates = [Path(path)] if path else []
+    candidates += [
+        Path("tools/corpus/heldout_handwritten.jsonl"),
+        Path("tools/corpus/heldout.jsonl"),
+    ]
+    convs: list[list[dict[str, str]]] = []
+    used = []
+    for candidate in candidates:
+        if candidate.is_file():
+            for line in candidate.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    convs.append(json.loads(line)["turns"])
+            used.append(str(candidate))
+            if path:
+                break
+    if not convs:
+        text = resources.files("satchel.bench").joinpath("heldout_sample.jsonl").read_text()
+        convs = [json.loads(line)["turns"] for line in text.splitlines() if line.strip()]
+        used.append("packaged heldout_sample.jsonl")
+    return convs, ", ".join(used)
+
+
+def conversation_of(convs: list[list[dict[str, str]]], turns: int, offset: int = 0) -> list[dict]:
+    """``turns`` consecutive turns, joining held-out conversations as needed."""
+    out: list[dict[str, str]] = []
+    i = offset
+    while len(out) < turns:
+        out.extend(convs[i % len(convs)])
+        i += 1
+    return out[:turns]
+
+
+def build_context(turns: list[dict[str, str]], now: int) -> Context:
+    ctx = Context.new(now=now)
+    for i, t in enumerate(turns):
+        ctx.add_turn(t["role"], t["content"], ts=now - (len(turns) - i) * 30)  # type: ignore[arg-type]
+    return ctx
+
+
+def as_plain(turns: list[dict[str, str]], now: int) -> dict[str, Any]:
+    """The same conversation as a developer would put it in a Flask session."""
+    return {
+        "turns": [
+            {"role": t["role"], "content": t["content"], "ts": now - (len(turns) - i) * 30}
+            for i, t in enumerate(turns)
+        ],
+        "summary": "",
+    }
+
+
+class Floor:
+    """msgpack + zstd + HMAC + base64, by hand: what no framework can beat."""
+
+    def __init__(self, key: bytes, compressor: Compressor) -> None:
+        self.key = key
+        self.dict_id = compressor.dictionary_id
+        d = compressor._compressor()  # same dictionary, level and frame format
+        self.cctx = d
+        self.dctx = compressor._decompressor(compressor.dictionary_id)
+
+    def seal(self, obj: Any) -> str:
+        data = self.cctx.compress(msgpack.packb(obj))
+        mac = hmac.digest(self.key, data, "sha256")
+        return base64.urlsafe_b64encode(data + mac).rstrip(b"=").decode()
+
+    def open(self, token: str) -> Any:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data, mac = raw[:-32], raw[-32:]
+        if not hmac.compare_digest(mac, hmac.digest(self.key, data, "sha256")):
+            raise ValueError("bad mac")
+        return msgpack.unpackb(self.dctx.decompress(data))
+
+
+def flask_serializer() -> Any:
+    from flask import Flask
+    from flask.sessions import SecureCookieSessionInterface
+
+    app = Flask("bench")
+    app.secret_key = "bench-secret-key-bench-secret-key"
+    return SecureCookieSessionInterface().get_signing_serializer(app)
+
+
+def per_op(fn: Callable[[], Any], number: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
+def measure(cases: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each case, interleaved round by round."""
+    numbers = {}
+    for name, fn in cases.items():  # calibrate: aim for budget_s per case per round
+        one = per_op(fn, 3)
+        numbers[name] = max(1, int(budget_s / max(one, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(per_op(fn, numbers[name]))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run(sizes: tuple[int, ...], rounds: int, budget_s: float, corpus: str | None) -> dict:
+    convs, source = load_conversations(corpus)
+    now = int(time.time())
+    keyring = Keyring.generate("bench")
+    signed = Codec(keyring, mode="signed")
+    sealed = Codec(keyring, mode="sealed")
+    floor = Floor(keyring.derive("bench", "floor", "mac"), signed.compressor)
+    flask_s = flask_serializer()
+    rows = []
+    for n in sizes:
+        turns = conversation_of(convs, n)
+        ctx = build_context(turns, now)
+        plain = as_plain(turns, now)
+        tok_signed = signed.seal(ctx)
+        tok_sealed = sealed.seal(ctx)
+        tok_floor = floor.seal(plain)
+        tok_flask = flask_s.dumps(plain)
+        assert signed.open(tok_signed).turns[-1].content == turns[-1]["content"]
+        assert flask_s.loads(tok_flask)["turns"][-1]["content"] == turns[-1]["content"]
+        timings = measure(
+            {
+                "signed_seal": lambda c=ctx: signed.seal(c),
+                "signed_open": lambda t=tok_signed: signed.open(t),
+                "sealed_seal": lambda c=ctx: sealed.seal(c),
+                "sealed_open": lambda t=tok_sealed: sealed.open(t),
+                "floor_seal": lambda p=plain: floor.seal(p),
+                "floor_open": lambda t=tok_floor: floor.open(t),
+                "flask_seal": lambda p=plain: flask_s.dumps(p),
+                "flask_open": lambda t=tok_flask: flask_s.loads(t),
+            },
+            rounds,
+            budget_s,
+        )
+        us = {k: v * 1e6 for k, v in timings.items()}
+        signed_rt = us["signed_seal"] + us["signed_open"]
+        sealed_rt = us["sealed_seal"] + us["sealed_open"]
+        floor_rt = us["floor_seal"] + us["floor_open"]
+        flask_rt = us["flask_seal"] + us["flask_open"]
+        text_bytes = sum(len(t["content"].encode()) for t in turns)
+        rows.append(
+            {
+                "turns": n,
+                "text_bytes": text_bytes,
+                "us": us,
+                "signed_roundtrip_us": signed_rt,
+                "sealed_roundtrip_us": sealed_rt,
+                "floor_roundtrip_us": floor_rt,
+                "flask_roundtrip_us": flask_rt,
+                "signed_vs_floor": signed_rt / floor_rt,
+                "flask_vs_signed": flask_rt / signed_rt,
+                "flask_vs_sealed": flask_rt / sealed_rt,
+                "bytes": {
+                    "signed": len(tok_signed),
+                    "sealed": len(tok_sealed),
+                    "floor": len(tok_floor),
+                    "flask": len(tok_flask),
+                },
+                "sealed_vs_flask_bytes": len(tok_sealed) / len(tok_flask),
+                "signed_vs_flask_bytes": len(tok_signed) / len(tok_flask),
+            }
+        )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine_facts(),
+        "corpus": source,
+        "dictionary_id": signed.compressor.dictionary_id,
+        "rounds": rounds,
+        "rows": rows,
+    }
+
+
+def machine_facts() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"zstandard {zstandard.__version__}, msgpack {'.'.join(map(str, msgpack.version))}"
+    )
+
+
+def check_targets(result: dict) -> list[tuple[str, bool, str]]:
+    checks = []
+    for row in result["rows"]:
+        n = row["turns"]
+        r = row["signed_vs_floor"]
+        checks.append(
+            (
+                f"{n} turns: signed seal+open within {TARGET_FLOOR_RATIO}x of floor",
+                r <= TARGET_FLOOR_RATIO,
+                f"{r:.2f}x",
+            )
+        )
+        if n >= 20:
+            s = row["flask_vs_signed"]
+            checks.append(
+                (
+                    f"{n} turns: >= {TARGET_FLASK_SPEEDUP}x faster than Flask (signed)",
+                    s >= TARGET_FLASK_SPEEDUP,
+                    f"{s:.2f}x",
+                )
+            )
+        if n in TARGET_BYTES:
+            b = row["sealed_vs_flask_bytes"]
+            checks.append(
+                (
+                    f"{n} turns: token <= {TARGET_BYTES[n]}x Flask cookie bytes (sealed)",
+                    b <= TARGET_BYTES[n],
+                    f"{b:.2f}x",
+                )
+            )
+    return checks
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"satchel bench codec - {result['date']}",
+        f"machine: {result['machine']}",
+        f"corpus (held out): {result['corpus']}; dictionary id {result['dictionary_id']}; "
+        f"median of {result['rounds']} interleaved rounds",
+        "",
+        "turns | signed seal  open | sealed seal  open | floor seal  open | flask seal  open"
+        " | signed/floor | flask/signed | flask/sealed",
+    ]
+    for row in result["rows"]:
+        u = row["us"]
+        lines.append(
+            f"{row['turns']:>5} | {u['signed_seal']:>10.1f} {u['signed_open']:>5.1f}"
+            f" | {u['sealed_seal']:>11.1f} {u['sealed_open']:>5.1f}"
+            f" | {u['floor_seal']:>10.1f} {u['floor_open']:>5.1f}"
+            f" | {u['flask_seal']:>10.1f} {u['flask_open']:>5.1f}"
+            f" | {row['signed_vs_floor']:>11.2f}x | {row['flask_vs_signed']:>11.2f}x"
+            f" | {row['flask_vs_sealed']:>11.2f}x"
+        )
+    lines += [
+        "",
+        "(microseconds per operation, medians)",
+        "",
+        "turns | text bytes | signed | sealed | floor | flask | sealed/flask | signed/flask",
+    ]
+    for row in result["rows"]:
+        b = row["bytes"]
+        lines.append(
+            f"{row['turns']:>5} | {row['text_bytes']:>10} | {b['signed']:>6} | {b['sealed']:>6}"
+            f" | {b['floor']:>5} | {b['flask']:>5} | {row['sealed_vs_flask_bytes']:>11.2f}x"
+            f" | {row['signed_vs_flask_bytes']:>11.2f}x"
+        )
+    lines += ["", "targets:"]
+    for name, ok, figure in check_targets(result):
+        lines.append(f"  [{'met' if ok else 'MISSED'}] {name}: {figure}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    sizes = tuple(int(s) for s in str(args.turns).split(",") if s.strip())
+    rounds, budget = (5, 0.01) if args.quick else (15, 0.04)
+    result = run(sizes, rounds, budget, getattr(args, "corpus", None))
+    print(render(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    if args.check and not all(ok for _n, ok, _f in check_targets(result)):
+        return 1
+    return 0
+
+
+__all__ = ["main", "run"]

@@ -1,0 +1,168 @@
+"""``satchel``: keygen | inspect | erase | bench codec | bench chaos | compare.
+
+Exit codes: 0 success, 1 the token was refused (inspect) or a target was missed
+(bench with --check), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .codec import Codec, peek
+from .errors import BadToken, ConfigurationError, SatchelError
+from .keys import Keyring, generate_key
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key = generate_key(args.kid)
+    if args.append:
+        current = os.environ.get("SATCHEL_KEYS", "").strip()
+        print(key.to_string() + ("," + current if current else ""))
+    else:
+        print(key.to_string())
+    return 0
+
+
+def _header_dict(token: str) -> dict[str, Any]:
+    header = peek(token)
+    return {
+        "format_version": header.version,
+        "mode": header.mode,
+        "algorithm": header.algorithm,
+        "compressed": header.compressed,
+        "dictionary_id": header.dictionary_id,
+        "kid": header.kid,
+        "issued_at": header.issued_at,
+        "expires_at": header.expires_at or None,
+        "length": len(token),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    token = args.token
+    if token == "-":
+        token = sys.stdin.read()
+    token = token.strip()
+    try:
+        header = _header_dict(token)
+        if args.no_verify:
+            _print({"verified": False, "header": header})
+            return 0
+        keyring = Keyring.from_env()
+        header_obj = peek(token)
+        algorithm = header_obj.algorithm if header_obj.sealed else "aes-256-gcm"
+        codec = Codec(keyring, mode=header_obj.mode, purpose=args.purpose, algorithm=algorithm)
+        opened = codec.open_verbose(token)
+    except ConfigurationError as exc:
+        print(f"satchel inspect: {exc.message}", file=sys.stderr)
+        return 2
+    except BadToken as exc:
+        _print({"verified": False, "error": {"code": exc.code, "message": exc.message}})
+        return 1
+    ctx = opened.context
+    _print(
+        {
+            "verified": True,
+            "header": header,
+            "digest": opened.digest.hex(),
+            "migrated_from": ctx.opened_version,
+            "context": ctx.to_dict(),
+        }
+    )
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .erase import erase_session
+
+    try:
+        result = erase_session(
+            args.session_id, overflow_url=args.overflow_url, purpose=args.purpose
+        )
+    except SatchelError as exc:
+        print(f"satchel erase: {exc.message}", file=sys.stderr)
+        return 2
+    _print(result)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "codec":
+        from .bench.codec import main as bench_codec
+
+        return bench_codec(args)
+    from .bench.chaos import main as bench_chaos
+
+    return bench_chaos(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .bench.compare import main as compare_main
+
+    return compare_main(args)
+
+
+def _print(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="satchel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="print a new key as kid:secret")
+    p.add_argument("--kid", help="key id (default: k + 4 random hex digits)")
+    p.add_argument(
+        "--append", action="store_true", help="print it in front of $SATCHEL_KEYS (rotation)"
+    )
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("inspect", help="verify and print a token (keys from SATCHEL_KEYS)")
+    p.add_argument("token", help="the token, or - to read it from stdin")
+    p.add_argument("--no-verify", action="store_true", help="print only what the header says")
+    p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("erase", help="erase a session's server-side data")
+    p.add_argument("session_id", help="the session id (32 hex characters)")
+    p.add_argument("--overflow-url", default=os.environ.get("SATCHEL_OVERFLOW_URL", ""))
+    p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("bench", help="benchmarks: codec | chaos")
+    p.add_argument("what", choices=["codec", "chaos"])
+    p.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    p.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--turns", default="4,20,50,200", help="context sizes (codec)")
+    p.add_argument("--corpus", help="JSONL of held-out conversations (codec)")
+    p.add_argument("--conversations", type=int, default=8, help="concurrent chats (chaos)")
+    p.add_argument("--requests", type=int, default=40, help="turns per chat (chaos)")
+    p.add_argument("--server", choices=["embedded", "gunicorn"], default="embedded")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="client-held vs server-side modes, side by side")
+    p.add_argument("--quick", action="store_true", help="smoke run, under two minutes")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="docs", help="where comparison.md and plots go")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigurationError as exc:
+        print(f"satchel: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
