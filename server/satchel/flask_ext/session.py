@@ -1,0 +1,441 @@
+"""``flask.session`` kept client-side in a Satchel token.
+
+:class:`SatchelSessionInterface` is a drop-in for ``app.session_interface``::
+
+    from satchel.flask_ext.session import SatchelSessionInterface
+
+    app.session_interface = SatchelSessionInterface()
+
+It behaves like Flask's default :class:`~flask.sessions.SecureCookieSessionInterface`
+(the same ``SESSION_COOKIE_*`` settings, ``permanent``, ``modified``, ``accessed``,
+``Vary: Cookie``, ``SESSION_REFRESH_EACH_REQUEST``, the same value types through
+Flask's tagged JSON), but the cookie is a Satchel token:
+
+* sealed (AEAD, the default) or signed (HMAC), with keys derived per purpose
+  (``"flask-session"``), so a session cookie is never accepted as a chat token or
+  the other way round;
+* compressed with zstd (with the Satchel dictionary when it is installed);
+* key-rotating: the newest key seals, every listed key opens, and a cookie sealed
+  with an older key is re-issued with the newest one on the next response, even when
+  the session was not modified, so a rotation never logs anyone out;
+* versioned: the payload is the msgpack map ``{"v": 1, "k": "flask-session",
+  "d": <tagged JSON bytes>}``;
+* bounded: a cookie past ``MAX_COOKIE_SIZE`` raises :class:`SessionTooLarge` instead
+  of being silently dropped by the browser.
+
+Keys, read on every request so that a change applies at once:
+
+1. ``app.extensions["satchel"].keyring`` when the Satchel extension is installed;
+2. else ``app.config["SATCHEL_KEYS"]`` (``"kid:secret,..."``, newest first, or a
+   :class:`~satchel.keys.Keyring`);
+3. else ``SECRET_KEY`` (sealing) and ``SECRET_KEY_FALLBACKS`` (opening only);
+4. else no session: Flask's null session, which refuses writes.
+
+See docs/flask-session.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from flask.sessions import SecureCookieSession, SessionInterface, session_json_serializer
+from werkzeug.http import dump_cookie
+
+from .. import serialize
+from ..codec import Codec
+from ..envelope import Header
+from ..errors import (
+    ConfigurationError,
+    InvalidContext,
+    SatchelError,
+    TokenExpired,
+    UnsupportedVersion,
+    WrongMode,
+)
+from ..keys import Keyring
+from ..limits import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flask import Flask
+    from flask.sessions import SessionMixin
+    from flask.wrappers import Request, Response
+
+__all__ = [
+    "DEFAULT_MODE",
+    "DEFAULT_PURPOSE",
+    "PAYLOAD_KIND",
+    "PAYLOAD_VERSION",
+    "SatchelSession",
+    "SatchelSessionInterface",
+    "SessionTooLarge",
+]
+
+log = logging.getLogger("satchel.session")
+
+#: The payload format version written into every session token (``"v"``).
+PAYLOAD_VERSION = 1
+#: What the payload is (``"k"``): a Flask session, not a chat context.
+PAYLOAD_KIND = "flask-session"
+#: Key-derivation purpose; ``SATCHEL_SESSION_PURPOSE`` overrides it.
+DEFAULT_PURPOSE = "flask-session"
+#: ``"sealed"`` (AEAD: unreadable and unchangeable by the client) or ``"signed"``.
+DEFAULT_MODE = "sealed"
+_MODES = ("sealed", "signed")
+_UINT32_MAX = 2**32 - 1
+_CACHE_SIZE = 16
+
+#: ``overflow(app, session, value, size, limit) -> str | None``: see
+#: :attr:`SatchelSessionInterface.overflow`.
+OverflowHook = Callable[["Flask", "SatchelSession", str, int, int], "str | None"]
+
+
+class SessionTooLarge(SatchelError):
+    """The session cookie would be larger than browsers accept."""
+
+    code = "session_too_large"
+    status = 500
+
+
+class SatchelSession(SecureCookieSession):
+    """Flask's cookie session (``modified``/``accessed`` tracking) plus what the token said.
+
+    The extra attributes are informational; only :attr:`reissue` changes behaviour.
+    """
+
+    #: True when no readable cookie came with the request.
+    new = False
+    #: Re-issue the cookie even if unmodified: it was sealed with an older key or in the
+    #: other mode.
+    reissue = False
+    #: The key id the incoming cookie was sealed with, or None.
+    kid: str | None = None
+    #: The incoming token's expiry (Unix seconds), kept when a cookie is only re-issued.
+    token_expires_at: int | None = None
+    #: Why the incoming cookie was refused (a :class:`SatchelError` code), or None.
+    rejected: str | None = None
+
+
+class _LRU:
+    """A small thread-safe LRU map; key material lives only in this process's memory."""
+
+    def __init__(self, size: int = _CACHE_SIZE) -> None:
+        self.size = size
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = make()  # outside the lock: HKDF and dictionary loading are not free
+        with self._lock:
+            value = self._data.setdefault(key, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+            return value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class SatchelSessionInterface(SessionInterface):
+    """Keeps ``flask.session`` in a compressed, sealed (or signed) Satchel token.
+
+    All arguments are optional; the ``SATCHEL_SESSION_*`` config keys win over them
+    when set. ``clock`` returns Unix seconds and exists so tests control time.
+    """
+
+    session_class = SatchelSession
+    #: The same tagged JSON as Flask's default interface (tuple, bytes, Markup, UUID,
+    #: datetime, ...); register extra tags on it exactly as with Flask's.
+    serializer = session_json_serializer
+    pickle_based = False
+
+    def __init__(
+        self,
+        *,
+        mode: str | None = None,
+        purpose: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        dictionary_id: int | None = None,
+        overflow: OverflowHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if mode is not None and mode not in _MODES:
+            raise ConfigurationError(f"session mode must be 'sealed' or 'signed', not {mode!r}")
+        self.mode = mode
+        self.purpose = purpose
+        self.limits = limits
+        self.dictionary_id = dictionary_id
+        #: Called when the ``Set-Cookie`` header would exceed ``MAX_COOKIE_SIZE``, as
+        #: ``overflow(app, session, value, size, limit)``. Return a shorter cookie value
+        #: (a reference into a server-side tier, say) to send instead, or None to raise
+        #: :class:`SessionTooLarge`. If the hook also has ``resolve(app, value)``, it is
+        #: asked first on every request to map a cookie value back to the full token
+        #: (returning None for values that are not its references).
+        self.overflow: OverflowHook | None = overflow
+        self.clock = clock
+        self._rings = _LRU()
+        self._codecs = _LRU()
+
+    # -- configuration -------------------------------------------------------------
+
+    def get_mode(self, app: Flask) -> str:
+        mode = app.config.get("SATCHEL_SESSION_MODE") or self.mode or DEFAULT_MODE
+        if mode not in _MODES:
+            raise ConfigurationError(
+                f"SATCHEL_SESSION_MODE must be 'sealed' or 'signed', not {mode!r}"
+            )
+        return mode
+
+    def get_purpose(self, app: Flask) -> str:
+        return app.config.get("SATCHEL_SESSION_PURPOSE") or self.purpose or DEFAULT_PURPOSE
+
+    def get_keyring(self, app: Flask) -> Keyring | None:
+        """The ring for this request, or None when no key is configured at all."""
+        ring = self._extension_keyring(app)
+        if ring is not None:
+            return ring
+        configured = app.config.get("SATCHEL_KEYS")
+        if isinstance(configured, Keyring):
+            return configured
+        if isinstance(configured, str) and configured.strip():
+            text = configured.strip()
+            return self._rings.get_or_make(("keys", text), lambda: Keyring.from_string(text))
+        if configured:
+            raise ConfigurationError("SATCHEL_KEYS must be a 'kid:secret,...' string or a Keyring")
+        if not app.secret_key:
+            return None
+        fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or ()
+        # Flask lists fallbacks oldest first; the ring wants the current key first.
+        secrets = (app.secret_key, *reversed(list(fallbacks)))
+        return self._rings.get_or_make(("secrets", secrets), lambda: Keyring.from_secrets(secrets))
+
+    @staticmethod
+    def _extension_keyring(app: Flask) -> Keyring | None:
+        """The Satchel extension's ring: ``.keyring``, else ``.codec.keyring``, else None."""
+        ext = app.extensions.get("satchel")
+        if ext is None:
+            return None
+        ring = getattr(ext, "keyring", None)
+        if ring is None:
+            ring = getattr(getattr(ext, "codec", None), "keyring", None)
+        if ring is not None and not isinstance(ring, Keyring):
+            raise ConfigurationError("app.extensions['satchel'] holds no satchel Keyring")
+        return ring
+
+    def get_codec(self, app: Flask, mode: str | None = None) -> Codec | None:
+        """The codec for this request's keys, mode and purpose (cached), or None."""
+        ring = self.get_keyring(app)
+        if ring is None:
+            return None
+        mode = mode or self.get_mode(app)
+        purpose = self.get_purpose(app)
+
+        def make() -> tuple[Keyring, Codec]:
+            codec = Codec(
+                ring,
+                mode,
+                purpose=purpose,
+                limits=self.limits,
+                dictionary_id=self.dictionary_id,
+                clock=self.clock,
+            )
+            return ring, codec
+
+        # Keyed by the ring's identity: rings built from SATCHEL_KEYS or the secrets are
+        # cached above, so one configuration maps to one ring. Each entry holds its ring,
+        # so the id cannot be reused by another ring while the entry exists.
+        _ring, codec = self._codecs.get_or_make((id(ring), mode, purpose), make)
+        return codec
+
+    # -- payload -------------------------------------------------------------------
+
+    def dumps(self, data: Mapping[str, Any]) -> bytes:
+        """The session dict as the versioned msgpack payload."""
+        inner = self.serializer.dumps(dict(data)).encode("utf-8")
+        return serialize.pack({"v": PAYLOAD_VERSION, "k": PAYLOAD_KIND, "d": inner})
+
+    def loads(self, payload: bytes) -> dict[str, Any]:
+        """The inverse of :meth:`dumps`; raises :class:`~satchel.BadToken` subclasses."""
+        obj = serialize.unpack(payload, self.limits)
+        if not isinstance(obj, dict) or obj.get("k") != PAYLOAD_KIND:
+            raise InvalidContext("the token does not hold a Flask session")
+        version = obj.get("v")
+        if type(version) is not int or version != PAYLOAD_VERSION:
+            raise UnsupportedVersion(
+                f"session payload version {version!r} is not supported",
+                payload_version=version,
+            )
+        inner = obj.get("d")
+        if not isinstance(inner, bytes):
+            raise InvalidContext("the session payload has no data")
+        try:
+            data = self.serializer.loads(inner)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidContext(
+                f"the session data is not tagged JSON: {type(exc).__name__}"
+            ) from None
+        if not isinstance(data, dict):
+            raise InvalidContext("the session data is not a mapping")
+        return data
+
+    # -- open ----------------------------------------------------------------------
+
+    def open_session(self, app: Flask, request: Request) -> SatchelSession | None:
+        codec = self.get_codec(app)
+        if codec is None:
+            return None  # Flask substitutes its null session, which refuses writes
+        value = request.cookies.get(self.get_cookie_name(app))
+        if value and self.overflow is not None and hasattr(self.overflow, "resolve"):
+            value = self.overflow.resolve(app, value) or value
+        if not value:
+            return self._new_session()
+        try:
+            return self._open(app, codec, value)
+        except SatchelError as exc:
+            log.debug("session cookie refused: %s", exc.code)
+            return self._new_session(rejected=exc.code)
+
+    def _new_session(self, rejected: str | None = None) -> SatchelSession:
+        session = self.session_class()
+        session.new = True
+        session.rejected = rejected
+        return session
+
+    def _open(self, app: Flask, codec: Codec, value: str) -> SatchelSession:
+        now = self.clock()
+        reissue = False
+        try:
+            env, payload = codec.open_payload(value, now=now)
+        except WrongMode:
+            # The mode was switched: accept the other mode's (equally authenticated)
+            # tokens and re-issue them in the configured one.
+            other = "signed" if codec.mode == "sealed" else "sealed"
+            other_codec = self.get_codec(app, other)
+            assert other_codec is not None  # same keys as ``codec``
+            env, payload = other_codec.open_payload(value, now=now)
+            reissue = True
+        header: Header = env.header
+        # Like Flask's max_age check: a lowered PERMANENT_SESSION_LIFETIME applies at once.
+        lifetime = app.permanent_session_lifetime.total_seconds()
+        if now - header.issued_at > lifetime + self.limits.clock_skew:
+            raise TokenExpired(
+                "session is older than PERMANENT_SESSION_LIFETIME",
+                expired_at=int(header.issued_at + lifetime),
+                now=int(now),
+            )
+        session = self.session_class(self.loads(payload))
+        session.kid = header.kid
+        session.token_expires_at = header.expires_at or None
+        session.reissue = reissue or header.kid != codec.keyring.current.kid
+        return session
+
+    # -- save ----------------------------------------------------------------------
+
+    def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
+        return super().should_set_cookie(app, session) or bool(getattr(session, "reissue", False))
+
+    def get_expiration_time(self, app: Flask, session: SessionMixin) -> datetime | None:
+        if session.permanent:
+            return datetime.fromtimestamp(self._expires_at(app, self.clock()), UTC)
+        return None
+
+    def _expires_at(self, app: Flask, now: float) -> int:
+        lifetime = app.permanent_session_lifetime.total_seconds()
+        return max(1, min(int(now + lifetime), _UINT32_MAX))
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        name = self.get_cookie_name(app)
+        domain = self.get_cookie_domain(app)
+        path = self.get_cookie_path(app)
+        secure = self.get_cookie_secure(app)
+        partitioned = self.get_cookie_partitioned(app)
+        samesite = self.get_cookie_samesite(app)
+        httponly = self.get_cookie_httponly(app)
+
+        if session.accessed:
+            response.vary.add("Cookie")
+
+        # Emptied: remove the cookie. Empty and untouched: nothing to send.
+        if not session:
+            if session.modified:
+                response.delete_cookie(
+                    name,
+                    domain=domain,
+                    path=path,
+                    secure=secure,
+                    partitioned=partitioned,
+                    samesite=samesite,
+                    httponly=httponly,
+                )
+                response.vary.add("Cookie")
+            return
+
+        if not self.should_set_cookie(app, session):
+            return
+
+        codec = self.get_codec(app)
+        if codec is None:
+            raise ConfigurationError(
+                "cannot save the session: no SATCHEL_KEYS, Satchel extension keyring or "
+                "SECRET_KEY is configured"
+            )
+        now = self.clock()
+        refreshed = session.modified or (
+            session.permanent and app.config["SESSION_REFRESH_EACH_REQUEST"]
+        )
+        kept = getattr(session, "token_expires_at", None)
+        # A cookie re-issued only for a new key keeps the expiry it had.
+        expires_at = kept if kept and not refreshed else self._expires_at(app, now)
+        value, _raw = codec.seal_payload(self.dumps(session), now=now, expires_at=expires_at)
+        expires = datetime.fromtimestamp(expires_at, UTC) if session.permanent else None
+
+        def header_for(cookie_value: str) -> str:
+            return dump_cookie(
+                name,
+                cookie_value,
+                expires=expires,
+                path=path,
+                domain=domain,
+                secure=secure,
+                httponly=httponly,
+                samesite=samesite,
+                partitioned=partitioned,
+                max_size=0,  # checked below, as an error rather than a warning
+            )
+
+        header = header_for(value)
+        limit = response.max_cookie_size
+        if limit and len(header) > limit:
+            size = len(header)
+            replacement = None
+            if self.overflow is not None:
+                replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
+            if replacement is None:
+                raise SessionTooLarge(
+                    f"the session cookie {name!r} would be {size} bytes (a {len(value)}-byte "
+                    f"token plus attributes); the limit is {limit} bytes (MAX_COOKIE_SIZE). "
+                    "Browsers drop larger cookies, so store less in flask.session.",
+                    size=size,
+                    limit=limit,
+                    token_size=len(value),
+                )
+            header = header_for(replacement)
+            if len(header) > limit:
+                raise SessionTooLarge(
+                    f"the overflow hook's session cookie {name!r} is still {len(header)} "
+                    f"bytes; the limit is {limit} bytes (MAX_COOKIE_SIZE)",
+                    size=len(header),
+                    limit=limit,
+                )
+        response.headers.add("Set-Cookie", header)
+        response.vary.add("Cookie")
