@@ -93,6 +93,21 @@ class Keyring:
         return self.keys[0]
 
     @property
+    def anchor(self) -> Key:
+        """The oldest key: it anchors names that must survive rotation.
+
+        Session tags, segment keys and consistency marks are keyed hashes; keyed with
+        the current key they would change at every rotation and strand the data they
+        name. They are keyed with the oldest key instead, so adding keys changes
+        nothing, and only retiring the oldest key re-anchors them (docs/operations.md).
+        """
+        return self.keys[-1]
+
+    def anchored(self, purpose: str, use: str) -> bytes:
+        """The subkey of the anchor key for ``purpose`` and ``use``."""
+        return self.derive(self.anchor.kid, purpose, use)
+
+    @property
     def kids(self) -> list[str]:
         return [k.kid for k in self.keys]
 

@@ -66,10 +66,7 @@ class Pipeline:
 
     def session_tag(self, session_id: bytes) -> str:
         """A short keyed hash naming a session in logs and metrics exemplars."""
-        if self.segments is not None:
-            return self.segments.session_tag(session_id)
-        key = self.codec.keyring.derive(self.codec.keyring.keys[-1].kid, self.codec.purpose, "tag")
-        return hmac.new(key, session_id, hashlib.sha256).hexdigest()[:16]
+        return session_tag(self.codec, session_id)
 
     # -- load -----------------------------------------------------------------------
 
@@ -283,4 +280,12 @@ class Pipeline:
         return max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
 
 
-__all__ = ["Pipeline", "SaveResult"]
+def session_tag(codec: Codec, session_id: bytes) -> str:
+    """16 hex characters of HMAC-SHA256 under the anchor key: names a session in logs,
+    tier keys (as a Redis Cluster hash tag) and consistency marks, stable across key
+    rotation, and meaningless to anyone without the key."""
+    key = codec.keyring.anchored(codec.purpose, "session-tag")
+    return hmac.new(key, session_id, hashlib.sha256).hexdigest()[:16]
+
+
+__all__ = ["Pipeline", "SaveResult", "session_tag"]

@@ -21,19 +21,23 @@ with ``SATCHEL_ON_BAD_TOKEN = "fresh"``, a fresh context and a ``Satchel-Reset``
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import hmac
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
 from ..codec import Codec
+from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, stricter
 from ..context import Context
-from ..errors import BadToken, ConfigurationError, SatchelError
+from ..errors import BadToken, ConfigurationError, SatchelError, WrongUser
 from ..keys import Keyring
 from ..lifecycle import LifecyclePolicy
 from ..limits import Limits
@@ -69,6 +73,8 @@ class RequestState:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     consistency: str | None = None
+    mark: MarkState | None = None
+    opened_digest: bytes | None = None
 
 
 class Satchel:
@@ -104,39 +110,68 @@ class Satchel:
             algorithm=config.aead,
         )
         policy = self._policy or config.lifecycle_policy()
-        segments, tier = self._build_tier(app, config, codec)
-        pipeline = Pipeline(codec, policy, segments=segments, observer=self.observer)
-        app.extensions["satchel"] = _AppState(self, config, codec, pipeline, tier, segments)
+        tier = self._build_tier(config)
+        segments = None
+        if config.mode == "client":
+            if tier is not None:
+                from ..segments import SegmentStore
+
+                segments = SegmentStore(tier, codec)
+            pipeline: Pipeline = Pipeline(codec, policy, segments=segments, observer=self.observer)
+        else:
+            from ..server_mode import ServerSidePipeline
+
+            if tier is None:
+                raise ConfigurationError(
+                    "SATCHEL_MODE='server' needs SATCHEL_STORE_URL or SATCHEL_OVERFLOW_URL "
+                    "(for example redis://127.0.0.1:6379/0)"
+                )
+            policy.max_token_bytes = None  # no client-side budget: nothing travels
+            pipeline = ServerSidePipeline(
+                codec, policy, store=tier, mode=config.mode, observer=self.observer
+            )
+        guard = None
+        if tier is not None and config.mode == "client":
+            guard = MonotonicGuard(
+                tier, tier_down_policy=config.tier_down_policy, observer=self.observer
+            )
+        elif config.consistency == "monotonic" and config.mode == "client":
+            raise ConfigurationError(
+                "SATCHEL_CONSISTENCY='monotonic' needs a tier for its marks: set "
+                "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
+            )
+        app.extensions["satchel"] = _AppState(
+            self, config, codec, pipeline, tier, segments, guard, ForkDetector()
+        )
 
         app.before_request(self._before_request)
         app.after_request(self._after_request)
         app.register_error_handler(SatchelError, self._handle_error)
-        self._register_extras(app)
+        self._register_extras(app, config)
 
-    def _build_tier(self, app: Flask, config: SatchelConfig, codec: Codec) -> tuple[Any, Any]:
-        tier = self._tier
-        if tier is None and config.overflow_url:
-            from ..tiers import tier_from_url
-
-            tier = tier_from_url(config.overflow_url)
-        if tier is None:
-            return None, None
-        from ..segments import SegmentStore
+    def _build_tier(self, config: SatchelConfig) -> Any:
         from ..tiers.guard import GuardedTier
 
-        guarded = (
-            tier if isinstance(tier, GuardedTier) else GuardedTier(tier, on_event=self._tier_event)
-        )
-        return SegmentStore(guarded, codec), guarded
+        tier = self._tier
+        url = config.store_url or config.overflow_url
+        if config.mode == "memory" and tier is None:
+            url = "memory://"
+        if tier is None and url:
+            from ..tiers import tier_from_url
+
+            tier = tier_from_url(url)
+        if tier is None:
+            return None
+        if isinstance(tier, GuardedTier):
+            tier.on_event = self._tier_event
+            return tier
+        return GuardedTier(tier, on_event=self._tier_event)
 
     def _tier_event(self, name: str, **fields: Any) -> None:
         self.observer.event(name, **fields)
 
-    def _register_extras(self, app: Flask) -> None:
-        """Optional routes (metrics, health) are added by their modules when enabled."""
-        hooks: Iterable[Callable[[Flask, Satchel], None]] = getattr(self, "_extra_hooks", ())
-        for hook in hooks:
-            hook(app, self)
+    def _register_extras(self, app: Flask, config: SatchelConfig) -> None:
+        """Metrics and audit observers, and the optional /metrics and health routes."""
 
     # -- per-app state --------------------------------------------------------------------
 
@@ -192,20 +227,86 @@ class Satchel:
     def get_context(self) -> Context:
         rs = self._request_state()
         if rs.context is None:
-            app_state = self.state()
-            token = self.read_token()
-            rs.token = token
-            try:
-                rs.context = app_state.pipeline.load(token, timings=rs.timings)
-            except BadToken as exc:
-                if app_state.config.on_bad_token != "fresh":
-                    log.info("satchel refused token: %s", exc.code)
-                    raise
-                log.info("satchel started a fresh context: %s", exc.code)
-                rs.reset = exc.code
-                rs.context = app_state.pipeline.new_context()
-                rs.context.notices.append(f"reset:{exc.code}")
+            rs.context = self._open_context(rs)
         return rs.context
+
+    def _open_context(self, rs: RequestState) -> Context:
+        app_state = self.state()
+        config = app_state.config
+        pipeline = app_state.pipeline
+        token = self.read_token()
+        rs.token = token
+        try:
+            ctx = pipeline.load(token, timings=rs.timings)
+        except BadToken as exc:
+            if config.on_bad_token != "fresh":
+                log.info("satchel refused a token: %s", exc.code)
+                raise
+            log.info("satchel started a fresh context instead of a bad token: %s", exc.code)
+            rs.reset = exc.code
+            ctx = pipeline.new_context()
+            ctx.notices.append(f"reset:{exc.code}")
+            token = None
+        for notice in ctx.notices:
+            if notice.startswith("reset:") and rs.reset is None:
+                rs.reset = notice.split(":", 1)[1]
+        rs.opened_digest = ctx.parent if token else None
+        self._check_binding(ctx, config, pipeline)
+        if config.mode == "client":
+            tag = pipeline.session_tag(ctx.session_id)
+            if token:
+                fork = app_state.forks.check(ctx)
+                if fork:
+                    rs.fork = fork
+                    self.observer.event("fork_detected", session=tag, detail=fork)
+            level = stricter(config.consistency, rs.consistency)
+            if level == "monotonic":
+                if app_state.guard is None:
+                    raise ConfigurationError("monotonic consistency needs a tier")
+                rs.mark = app_state.guard.before(ctx, tag, fresh=not token)
+        return ctx
+
+    def _check_binding(self, ctx: Context, config: SatchelConfig, pipeline: Pipeline) -> None:
+        """Tie the context to the authenticated user, if the app gave a hook."""
+        if config.user_binding is None:
+            return
+        user_id = config.user_binding()
+        if user_id is None:
+            return
+        key = pipeline.codec.keyring.anchored(pipeline.codec.purpose, "user-binding")
+        bound = hmac.new(key, str(user_id).encode(), hashlib.sha256).digest()[:16]
+        if ctx.bound_user is None:
+            ctx.bound_user = bound
+        elif not hmac.compare_digest(ctx.bound_user, bound):
+            self.observer.event("refused", reason="token_wrong_user")
+            raise WrongUser("this conversation belongs to another user")
+
+    def consistency(self, level: str) -> Callable[[F], F]:
+        """Demand a stricter consistency level for one route::
+
+        @app.post("/api/spend")
+        @satchel.consistency("monotonic")
+        def spend(): ...
+        """
+        if level not in LEVELS:
+            raise ValueError(f"consistency level must be one of {LEVELS}")
+
+        def decorate(view: F) -> F:
+            @functools.wraps(view)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                rs = self._request_state()
+                rs.consistency = stricter(level, rs.consistency)
+                return view(*args, **kwargs)
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+    def erase(self, session_id: str | bytes) -> dict[str, Any]:
+        """Delete a session's server-side data and, with a tier, refuse its tokens."""
+        from ..erase import erase_with_state
+
+        return erase_with_state(self.state(), session_id)
 
     def discard(self) -> None:
         """Do not issue a new token for this request (for read-only routes)."""
@@ -241,7 +342,18 @@ class Satchel:
         app_state = self.state()
         ctx = rs.context
         assert ctx is not None
-        result = app_state.pipeline.save(ctx, timings=rs.timings)
+        pipeline = app_state.pipeline
+        if pipeline.codec.needs_reseal(ctx):
+            self.observer.event(
+                "resealed",
+                session=pipeline.session_tag(ctx.session_id),
+                kid=pipeline.codec.keyring.current.kid,
+            )
+        result = pipeline.save(ctx, timings=rs.timings)
+        if rs.mark is not None and app_state.guard is not None:
+            app_state.guard.after(ctx, pipeline.session_tag(ctx.session_id), rs.mark)
+        if app_state.config.mode == "client":
+            app_state.forks.record(ctx, rs.opened_digest)
         headers = {
             HEADER_CONTEXT: result.token,
             "Satchel-Seq": str(ctx.seq),
@@ -333,6 +445,11 @@ class _AppState:
     pipeline: Pipeline
     tier: Any
     segments: Any
+    guard: MonotonicGuard | None
+    forks: ForkDetector
+
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def sse(event: str, data: dict[str, Any]) -> str:

@@ -30,6 +30,15 @@ SATCHEL_MAX_AGE                 2592000        absolute context lifetime, second
 SATCHEL_SUMMARIZER              extractive     callable (dropped_turns, summary) -> summary
 SATCHEL_OVERFLOW_URL            None           redis://, rediss://, redis+sentinel://,
                                                redis+cluster://, sqlite:///path, memory://
+SATCHEL_MODE                    "client"       "client" (token), "server" (context in the
+                                               store, signed id travels), "memory"
+SATCHEL_STORE_URL               overflow URL   where "server" mode keeps contexts
+SATCHEL_CONSISTENCY             "client"       "client", "monotonic" (needs a tier), "server"
+SATCHEL_TIER_DOWN_POLICY        "fail_open"    monotonic with the tier down: "fail_open"
+                                               (accept, flag) or "fail_closed" (503)
+SATCHEL_USER_BINDING            None           callable returning the user id, or None
+SATCHEL_METRICS_ROUTE           None           e.g. "/metrics" (Prometheus text format)
+SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz
 =============================== ============== ==============================================
 """
 
@@ -79,6 +88,7 @@ class SatchelConfig:
     max_age: int | None = 30 * 86400
     summarizer: Any = None
     overflow_url: str | None = None
+    store_url: str | None = None
     consistency: str = "client"
     tier_down_policy: str = "fail_open"
     mode: str = "client"
@@ -116,6 +126,8 @@ class SatchelConfig:
             raise ConfigurationError(
                 "SATCHEL_CONSISTENCY must be 'client', 'monotonic' or 'server'"
             )
+        if config.consistency == "server" and config.mode == "client":
+            config.mode = "server"  # the strictest level is the server-side mode
         if config.mode not in ("client", "server", "memory"):
             raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
         return config

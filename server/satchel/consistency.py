@@ -1,0 +1,200 @@
+"""Consistency levels: what happens when two tokens of one conversation disagree.
+
+* ``client`` (default): the token is the truth and the last writer wins. Forks (two
+  tokens made from one parent, or a token older than one already issued) are detected
+  from the sequence number and parent digest, reported, never merged. Detection here
+  is in-process and free: it sees forks within one server process.
+* ``monotonic``: a tiny high-water mark per session (sequence number and digest of
+  the newest token) lives in the tier. A token older than the mark, or a sibling of
+  it, is refused with 409 ``stale_context``, so values such as credits, quotas or
+  consent cannot be rolled back by replaying an old token. The mark moves with an
+  atomic compare-and-set when the next token is issued, so of two concurrent requests
+  carrying one token exactly one succeeds. When the tier is down, ``fail_open``
+  accepts and flags the response; ``fail_closed`` answers 503 ``tier_unavailable``.
+* ``server``: the whole context lives server-side (``SATCHEL_MODE = "server"``).
+
+See docs/consistency.md.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .context import Context
+from .errors import ContextErased, StaleContext, TierError, TierUnavailable
+from .observe import NULL_OBSERVER, Observer
+
+LEVELS = ("client", "monotonic", "server")
+STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
+ERASED = b"\x00erased"
+#: marks outlive every token they guard (maximum context age plus a margin)
+DEFAULT_MARK_TTL = 31 * 86400.0
+
+
+def stricter(a: str, b: str | None) -> str:
+    """The stricter of two levels (a route may demand more than the app default)."""
+    if b is None:
+        return a
+    return a if STRICTNESS[a] >= STRICTNESS[b] else b
+
+
+def mark_key(tag: str, prefix: str = "satchel") -> str:
+    return f"{prefix}:{{{tag}}}:hwm"
+
+
+def encode_mark(seq: int, digest: bytes) -> bytes:
+    return msgpack.packb([seq, digest], use_bin_type=True)
+
+
+def decode_mark(raw: bytes) -> tuple[int, bytes] | None:
+    if raw == ERASED:
+        return None
+    try:
+        seq, digest = msgpack.unpackb(raw, raw=False)
+        return int(seq), bytes(digest)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None  # unreadable mark: treat as absent rather than lock a user out
+
+
+class ForkDetector:
+    """In-process memory of the newest token issued per session (bounded LRU).
+
+    A request whose token is older than one this process already issued for the same
+    session, or a sibling of it, is a fork: reported, not refused (``client`` level).
+    """
+
+    def __init__(self, max_sessions: int = 50_000) -> None:
+        self.max_sessions = max_sessions
+        self._lock = threading.Lock()
+        self._issued: OrderedDict[bytes, tuple[int, bytes, bytes | None]] = OrderedDict()
+
+    def check(self, ctx: Context) -> str | None:
+        """A short description of the fork, or None. Call right after opening."""
+        with self._lock:
+            seen = self._issued.get(ctx.session_id)
+        if seen is None or ctx.parent is None:
+            return None
+        seq, digest, _parent = seen
+        if seq > ctx.seq:
+            return f"behind={seq - ctx.seq}"
+        if seq == ctx.seq and digest != ctx.parent:
+            return "sibling"
+        return None
+
+    def record(self, ctx: Context, previous_digest: bytes | None) -> None:
+        """Remember the token just issued for ``ctx`` (seq and digest are the new ones)."""
+        if ctx.parent is None:
+            return
+        with self._lock:
+            self._issued[ctx.session_id] = (ctx.seq, ctx.parent, previous_digest)
+            self._issued.move_to_end(ctx.session_id)
+            while len(self._issued) > self.max_sessions:
+                self._issued.popitem(last=False)
+
+
+@dataclass(slots=True)
+class MarkState:
+    """What ``before`` saw, so ``after`` can compare-and-set against it."""
+
+    key: str
+    expected: bytes | None
+    checked: bool = True
+
+
+class MonotonicGuard:
+    """Reads and moves the per-session high-water mark in the tier."""
+
+    def __init__(
+        self,
+        tier: Any,
+        *,
+        tier_down_policy: str = "fail_open",
+        observer: Observer = NULL_OBSERVER,
+        mark_ttl: float = DEFAULT_MARK_TTL,
+    ) -> None:
+        if tier_down_policy not in ("fail_open", "fail_closed"):
+            raise ValueError("tier_down_policy must be 'fail_open' or 'fail_closed'")
+        self.tier = tier
+        self.tier_down_policy = tier_down_policy
+        self.observer = observer
+        self.mark_ttl = mark_ttl
+
+    def _tier_down(self, ctx: Context, tag: str, exc: TierError) -> None:
+        self.observer.event("degraded", session=tag, reason="consistency_unchecked")
+        if self.tier_down_policy == "fail_closed":
+            raise TierUnavailable(
+                "the consistency store is unavailable and this app fails closed; retry shortly",
+                reason=exc.code,
+            ) from None
+        ctx.degraded.append("consistency_unchecked")
+
+    def before(self, ctx: Context, tag: str, *, fresh: bool) -> MarkState:
+        """Refuse a stale, replayed or rolled-back token. ``fresh``: no token was sent."""
+        key = mark_key(tag)
+        fetched = self.tier.get_many([key], cache=False)
+        if fetched.reason(key) == "tier_unavailable":
+            self._tier_down(ctx, tag, fetched.error or TierUnavailable())
+            return MarkState(key, None, checked=False)
+        raw = fetched.get(key)
+        if raw == ERASED:
+            self.observer.event("refused", session=tag, reason="token_erased")
+            raise ContextErased("this conversation was erased")
+        if raw is not None and not fresh:
+            mark = decode_mark(raw)
+            if mark is not None:
+                seq, digest = mark
+                if seq > ctx.seq or (seq == ctx.seq and digest != ctx.parent):
+                    self.observer.event(
+                        "stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}"
+                    )
+                    raise StaleContext(
+                        f"this token (seq {ctx.seq}) is older than the newest one the "
+                        f"server has seen (seq {seq}); use the newest token",
+                        seq=ctx.seq,
+                        newest_seq=seq,
+                    )
+        return MarkState(key, raw)
+
+    def after(self, ctx: Context, tag: str, state: MarkState) -> None:
+        """Move the mark to the token just issued; lose the race -> StaleContext."""
+        if not state.checked:
+            return
+        assert ctx.parent is not None
+        try:
+            current = self.tier.compare_and_set_mark(
+                state.key, state.expected, encode_mark(ctx.seq, ctx.parent), self.mark_ttl
+            )
+        except TierError as exc:
+            self._tier_down(ctx, tag, exc)
+            return
+        if current is not None:
+            self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
+            raise StaleContext(
+                "another request with the same token finished first; use the newest token"
+            )
+
+    def erase(self, tag: str) -> None:
+        """Refuse this session's tokens from now on (a tombstone in place of the mark)."""
+        key = mark_key(tag)
+        fetched = self.tier.get_many([key], cache=False)
+        if fetched.error is not None:
+            raise fetched.error
+        self.tier.compare_and_set_mark(key, fetched.get(key), ERASED, self.mark_ttl)
+
+
+__all__ = [
+    "ERASED",
+    "LEVELS",
+    "ForkDetector",
+    "MarkState",
+    "MonotonicGuard",
+    "decode_mark",
+    "encode_mark",
+    "mark_key",
+    "stricter",
+]

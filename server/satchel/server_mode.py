@@ -1,0 +1,147 @@
+"""Server-side modes behind the same API: ``server`` (Redis) and ``memory`` (in-process).
+
+The context lives in a tier under a random session id; the client carries only that
+id, signed with itsdangerous (``sv1.<id>.<signature>``) in the same header or cookie a
+token would use. The stored bytes are the same sealed token the client mode would
+send, so lifecycle, migrations and expiry work unchanged.
+
+This is how server-side session stores (Flask-Session and friends) behave, including
+their weak spot: when the store is down, the conversation is unavailable. Satchel
+answers 503 ``tier_unavailable`` quickly (timeouts and the breaker) instead of a 500
+or a hang. ``memory`` keeps contexts in one process only: a second worker or a
+restart does not see them (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from itsdangerous import BadSignature as ItsBadSignature
+from itsdangerous import Signer
+
+from .codec import Codec
+from .context import Context
+from .errors import BadToken, MalformedToken, TierError, TierUnavailable
+from .lifecycle import LifecyclePolicy, apply_policies, check_age, expires_at
+from .observe import NULL_OBSERVER, Observer
+from .pipeline import Clock, Pipeline, SaveResult, session_tag
+
+CARRIER_PREFIX = "sv1."
+
+
+class ServerSidePipeline(Pipeline):
+    """``load`` and ``save`` for contexts stored server-side, keyed by a signed id."""
+
+    def __init__(
+        self,
+        codec: Codec,
+        policy: LifecyclePolicy | None = None,
+        *,
+        store: object,
+        mode: str = "server",
+        observer: Observer = NULL_OBSERVER,
+        clock: Clock = time.time,
+        prefix: str = "satchel",
+    ) -> None:
+        super().__init__(codec, policy, segments=None, observer=observer, clock=clock)
+        self.store = store  # a GuardedTier
+        self.mode = mode
+        self.prefix = prefix
+        keyring = codec.keyring
+        # itsdangerous tries every key, newest last; subkeys keep purposes apart.
+        secrets = [keyring.derive(k.kid, codec.purpose, "server-session-id") for k in keyring.keys]
+        self.signer = Signer(
+            list(reversed(secrets)),
+            salt="satchel.server-session",
+            digest_method=hashlib.sha256,
+        )
+
+    def key_for(self, session_id: bytes) -> str:
+        return f"{self.prefix}:{{{session_tag(self.codec, session_id)}}}:ctx"
+
+    def carrier(self, session_id: bytes) -> str:
+        return CARRIER_PREFIX + self.signer.sign(session_id.hex().encode()).decode()
+
+    def session_id_of(self, carrier: str) -> bytes:
+        if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
+            raise MalformedToken("not a server-side session id")
+        try:
+            raw = self.signer.unsign(carrier[len(CARRIER_PREFIX) :].encode())
+            session_id = bytes.fromhex(raw.decode("ascii"))
+        except (ItsBadSignature, ValueError, UnicodeDecodeError):
+            raise MalformedToken("the session id is not valid") from None
+        if len(session_id) != 16:
+            raise MalformedToken("the session id is not valid")
+        return session_id
+
+    def load(
+        self,
+        token: str | None,
+        *,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Context:
+        now = self.clock() if now is None else now
+        timings = {} if timings is None else timings
+        if not token:
+            return self.new_context(now)
+        t0 = time.perf_counter()
+        try:
+            session_id = self.session_id_of(token)
+        except BadToken as exc:
+            self.observer.event("refused", reason=exc.code)
+            raise
+        key = self.key_for(session_id)
+        fetched = self.store.get_many([key], cache=False)
+        if fetched.reason(key) == "tier_unavailable":
+            self.observer.event("degraded", reason="tier_unavailable", mode=self.mode)
+            raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
+        stored = fetched.get(key)
+        if stored is None:
+            # Expired or evicted server-side: start over under the same id.
+            ctx = self.new_context(now)
+            ctx.session_id = session_id
+            ctx.notices.append("reset:session_not_found")
+            return ctx
+        opened = self.codec.open_verbose(stored.decode("ascii"), now=now)
+        check_age(opened.context, self.policy, now, self.codec.limits.clock_skew)
+        timings.update(opened.timings)
+        timings["open"] = time.perf_counter() - t0
+        self.observer.timing("open", timings["open"])
+        return opened.context
+
+    def save(
+        self,
+        ctx: Context,
+        *,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> SaveResult:
+        now = self.clock() if now is None else now
+        timings = {} if timings is None else timings
+        ctx.last_active = max(ctx.last_active, int(now))
+        t0 = time.perf_counter()
+        apply_policies(ctx, self.policy, now)
+        t1 = time.perf_counter()
+        exp = expires_at(ctx, self.policy, now)
+        token = self.codec.seal(ctx, expires_at=exp)
+        ttl = max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
+        try:
+            self.store.put(self.key_for(ctx.session_id), token.encode("ascii"), ttl, cache=False)
+        except TierError as exc:
+            self.observer.event("degraded", reason="tier_write_failed", mode=self.mode)
+            raise TierUnavailable(
+                "the session store did not take the write; retry shortly", mode=self.mode
+            ) from exc
+        timings["trim"] = t1 - t0
+        timings["seal"] = time.perf_counter() - t1
+        carrier = self.carrier(ctx.session_id)
+        self.observer.event("issued", session=self.session_tag(ctx.session_id), seq=ctx.seq)
+        return SaveResult(carrier, len(token), timings)
+
+    def erase(self, session_id: bytes) -> int:
+        return self.store.delete([self.key_for(session_id)])
+
+
+__all__ = ["CARRIER_PREFIX", "ServerSidePipeline"]
