@@ -68,9 +68,9 @@ class Keyring:
     runs at most once per key and purpose for the life of the ring.
     """
 
-    __slots__ = ("_by_kid", "_derived", "keys")
+    __slots__ = ("_anchor_kid", "_by_kid", "_derived", "keys")
 
-    def __init__(self, keys: Iterable[Key]) -> None:
+    def __init__(self, keys: Iterable[Key], *, anchor_kid: str | None = None) -> None:
         self.keys: tuple[Key, ...] = tuple(keys)
         if not self.keys:
             raise ConfigurationError("the key ring is empty: configure at least one key")
@@ -80,6 +80,9 @@ class Keyring:
                 raise ConfigurationError(f"duplicate key id {key.kid!r}", kid=key.kid)
             self._by_kid[key.kid] = key
         self._derived: dict[tuple[str, str, str], bytes] = {}
+        if anchor_kid is not None and anchor_kid not in self._by_kid:
+            raise ConfigurationError(f"anchor key id {anchor_kid!r} is not in the key ring")
+        self._anchor_kid = anchor_kid
 
     def __repr__(self) -> str:  # never print secrets
         return f"Keyring(kids={[k.kid for k in self.keys]!r})"
@@ -98,9 +101,13 @@ class Keyring:
 
         Session tags, segment keys and consistency marks are keyed hashes; keyed with
         the current key they would change at every rotation and strand the data they
-        name. They are keyed with the oldest key instead, so adding keys changes
-        nothing, and only retiring the oldest key re-anchors them (docs/operations.md).
+        name. They are keyed with the anchor instead: the key named by ``anchor_kid``
+        (``SATCHEL_ANCHOR_KID``), else the last (oldest) key of the ring. Promoting a new
+        key to the front changes nothing; only retiring the anchor re-anchors them
+        (docs/operations.md, "Key rotation").
         """
+        if self._anchor_kid is not None:
+            return self._by_kid[self._anchor_kid]
         return self.keys[-1]
 
     def anchored(self, purpose: str, use: str) -> bytes:
@@ -142,7 +149,7 @@ class Keyring:
         return cls([generate_key(kid)])
 
     @classmethod
-    def from_string(cls, text: str) -> Keyring:
+    def from_string(cls, text: str, *, anchor_kid: str | None = None) -> Keyring:
         """Parse ``kid:secret[,kid:secret...]``, newest first."""
         keys = []
         for raw_item in text.split(","):
@@ -157,14 +164,14 @@ class Keyring:
             except (ValueError, TypeError):
                 raise ConfigurationError(f"key {kid!r} is not valid base64url") from None
             keys.append(Key(kid.strip(), raw))
-        return cls(keys)
+        return cls(keys, anchor_kid=anchor_kid)
 
     @classmethod
     def from_env(cls, var: str = "SATCHEL_KEYS") -> Keyring:
         value = os.environ.get(var, "")
         if not value.strip():
             raise ConfigurationError(f"{var} is not set")
-        return cls.from_string(value)
+        return cls.from_string(value, anchor_kid=os.environ.get("SATCHEL_ANCHOR_KID") or None)
 
     @classmethod
     def from_secrets(cls, secrets_: Sequence[str | bytes]) -> Keyring:

@@ -5,6 +5,8 @@ key                             default        meaning
 =============================== ============== ==============================================
 SATCHEL_KEYS                    env            ``kid:secret,...`` (newest first) or a Keyring;
                                                falls back to the SATCHEL_KEYS env variable
+SATCHEL_ANCHOR_KID              last key       the key that names sessions (tags, segment
+                                               keys, marks); see docs/operations.md
 SATCHEL_DEV_KEY_FILE            None           when no keys are set: generate and keep a
                                                development key in this file (with a warning)
 SATCHEL_TOKEN_MODE              "sealed"       "sealed" (AEAD) or "signed" (HMAC)
@@ -151,7 +153,8 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
     if isinstance(value, Keyring):
         return value
     if value:
-        return Keyring.from_string(str(value))
+        anchor = app.config.get("SATCHEL_ANCHOR_KID") or os.environ.get("SATCHEL_ANCHOR_KID")
+        return Keyring.from_string(str(value), anchor_kid=anchor or None)
     dev_file = app.config.get("SATCHEL_DEV_KEY_FILE")
     if dev_file:
         return dev_keyring(Path(dev_file))
