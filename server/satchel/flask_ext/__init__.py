@@ -150,7 +150,8 @@ class Satchel:
         self._register_extras(app, config)
 
     def _build_tier(self, config: SatchelConfig) -> Any:
-        from ..tiers.guard import GuardedTier
+        from ..tiers.base import Timeouts
+        from ..tiers.guard import BreakerPolicy, GuardedTier, SegmentCache
 
         tier = self._tier
         url = config.store_url or config.overflow_url
@@ -159,13 +160,23 @@ class Satchel:
         if tier is None and url:
             from ..tiers import tier_from_url
 
-            tier = tier_from_url(url)
-        if tier is None:
+            options: dict[str, Any] = {}
+            if url.startswith(("redis://", "rediss://", "redis+")):
+                options["timeouts"] = Timeouts(
+                    read=config.tier_read_timeout, connect=config.tier_connect_timeout
+                )
+            tier = tier_from_url(url, **options)
+        if tier is None or getattr(tier, "name", "") == "none":
             return None
         if isinstance(tier, GuardedTier):
             tier.on_event = self._tier_event
             return tier
-        return GuardedTier(tier, on_event=self._tier_event)
+        return GuardedTier(
+            tier,
+            breaker=BreakerPolicy(config.breaker_fail_max, config.breaker_reset_timeout),
+            cache=SegmentCache(config.segment_cache_bytes),
+            on_event=self._tier_event,
+        )
 
     def _tier_event(self, name: str, **fields: Any) -> None:
         self.observer.event(name, **fields)

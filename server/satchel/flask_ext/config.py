@@ -35,6 +35,11 @@ SATCHEL_OVERFLOW_URL            None           redis://, rediss://, redis+sentin
 SATCHEL_MODE                    "client"       "client" (token), "server" (context in the
                                                store, signed id travels), "memory"
 SATCHEL_STORE_URL               overflow URL   where "server" mode keeps contexts
+SATCHEL_TIER_READ_TIMEOUT       0.05           seconds per tier reply (Redis socket_timeout)
+SATCHEL_TIER_CONNECT_TIMEOUT    0.1            seconds per new tier connection
+SATCHEL_BREAKER_FAIL_MAX        5              consecutive failures that open the breaker
+SATCHEL_BREAKER_RESET_TIMEOUT   10.0           seconds open before one trial call
+SATCHEL_SEGMENT_CACHE_BYTES     8 MiB          in-process cache of recently read segments
 SATCHEL_CONSISTENCY             "client"       "client", "monotonic" (needs a tier), "server"
 SATCHEL_TIER_DOWN_POLICY        "fail_open"    monotonic with the tier down: "fail_open"
                                                (accept, flag) or "fail_closed" (503)
@@ -91,6 +96,11 @@ class SatchelConfig:
     summarizer: Any = None
     overflow_url: str | None = None
     store_url: str | None = None
+    tier_read_timeout: float = 0.05
+    tier_connect_timeout: float = 0.1
+    breaker_fail_max: int = 5
+    breaker_reset_timeout: float = 10.0
+    segment_cache_bytes: int = 8 * 1024 * 1024
     consistency: str = "client"
     tier_down_policy: str = "fail_open"
     mode: str = "client"
@@ -117,8 +127,12 @@ class SatchelConfig:
         ):
             if name in values:
                 values[name] = _optional_int(values[name])
-        if "token_limit" in values:
-            values["token_limit"] = int(values["token_limit"])
+        for name in ("token_limit", "breaker_fail_max", "segment_cache_bytes"):
+            if name in values:
+                values[name] = int(values[name])
+        for name in ("tier_read_timeout", "tier_connect_timeout", "breaker_reset_timeout"):
+            if name in values:
+                values[name] = float(values[name])
         config = cls(**values)
         if config.token_mode not in ("sealed", "signed"):
             raise ConfigurationError("SATCHEL_TOKEN_MODE must be 'sealed' or 'signed'")

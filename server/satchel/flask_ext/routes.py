@@ -1,0 +1,148 @@
+"""Operational routes: ``/metrics`` (Prometheus), ``/healthz`` (liveness), ``/readyz``.
+
+None of them reads, opens, creates or seals a context: they never touch
+``satchel.context``, so the extension issues no token on them, and a
+``Satchel-Context`` header sent to them is ignored.
+
+``/readyz``::
+
+    {"status": "ready" | "degraded" | "not_ready",
+     "mode": "client",
+     "keyring": {"loaded": true, "kids": 2},
+     "tier": {"name": "redis", "reachable": true, "breaker": "closed"} | null}
+
+* ``ready`` (200): the key ring is loaded and the tier (if any) answers a ping with
+  its breaker closed.
+* ``degraded`` (200): the tier does not answer or its breaker is not closed. The app
+  still serves: overflowed turns are missing (the summary stands in for them) and
+  responses say so in ``Satchel-Degraded``. Taking every replica out of the load
+  balancer because a shared dependency is down would turn a degraded service into
+  an outage, so this stays 200.
+* ``not_ready`` (503): there is no usable key ring, so no token can be opened or
+  sealed.
+
+The ping goes through the tier's circuit breaker: while it is open the answer is
+immediate (no socket is touched), and a probe never waits longer than the tier's
+own timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify
+
+from ..errors import SatchelError, TierError
+
+log = logging.getLogger("satchel")
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+def register_routes(app: Flask, ext: Any, *, metrics_route: str | None, health: bool) -> None:
+    """Add ``metrics_route`` (when set) and ``/healthz`` + ``/readyz`` (when ``health``).
+
+    ``ext`` is the :class:`~satchel.flask_ext.Satchel` extension: ``ext.state(app)``
+    gives the key ring and the tier, ``ext.metrics`` the
+    :class:`~satchel.metrics.PrometheusObserver` (looked up on each scrape, so it may
+    be set after the routes are registered).
+    """
+    if metrics_route:
+
+        def satchel_metrics() -> Response:
+            from ..metrics import metrics_response
+
+            observer = getattr(ext, "metrics", None)
+            registry = getattr(observer, "registry", None)
+            if registry is None:
+                return _json(
+                    {"error": {"code": "metrics_disabled", "message": "no metrics observer"}},
+                    404,
+                )
+            watch = getattr(observer, "watch_tier", None)
+            if watch is not None:
+                watch(_tier(app, ext))
+            return metrics_response(registry)
+
+        app.add_url_rule(
+            metrics_route, endpoint="satchel_metrics", view_func=satchel_metrics, methods=["GET"]
+        )
+
+    if health:
+
+        def satchel_healthz() -> Response:
+            return _json({"status": "ok"}, 200)
+
+        def satchel_readyz() -> Response:
+            body, status = readiness(app, ext)
+            return _json(body, status)
+
+        app.add_url_rule("/healthz", endpoint="satchel_healthz", view_func=satchel_healthz)
+        app.add_url_rule("/readyz", endpoint="satchel_readyz", view_func=satchel_readyz)
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(NO_STORE)
+    return response
+
+
+def _state(app: Flask, ext: Any) -> Any:
+    try:
+        return ext.state(app)
+    except SatchelError:
+        return None
+
+
+def _tier(app: Flask, ext: Any) -> Any:
+    state = _state(app, ext)
+    return getattr(state, "tier", None) if state is not None else None
+
+
+def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
+    """The ``/readyz`` body and status (see the module docstring)."""
+    state = _state(app, ext)
+    codec = getattr(state, "codec", None)
+    keyring = getattr(codec, "keyring", None)
+    try:
+        kids = len(keyring) if keyring is not None else 0
+    except Exception:
+        kids = 0
+    body: dict[str, Any] = {
+        "status": "ready",
+        "mode": getattr(getattr(state, "config", None), "mode", None),
+        "keyring": {"loaded": kids > 0, "kids": kids},
+        "tier": None,
+    }
+    tier = getattr(state, "tier", None)
+    if tier is not None:
+        body["tier"] = tier_status(tier)
+        if not body["tier"]["reachable"] or body["tier"]["breaker"] != "closed":
+            body["status"] = "degraded"
+    if kids == 0:
+        body["status"] = "not_ready"
+        return body, 503
+    return body, 200
+
+
+def tier_status(tier: Any) -> dict[str, Any]:
+    """``{"name", "reachable", "breaker"}`` for ``tier``, pinging it once."""
+    name = str(getattr(tier, "name", None) or type(tier).__name__)
+    reachable = True
+    try:
+        tier.ping()
+    except TierError as exc:
+        reachable = False
+        log.info("satchel readiness: the %s tier is unreachable: %s", name, exc.code)
+    except Exception as exc:  # a probe never fails with a 500
+        reachable = False
+        log.warning("satchel readiness: pinging the %s tier raised %s", name, type(exc).__name__)
+    breaker = getattr(tier, "breaker_state", None)
+    if breaker not in ("closed", "open", "half_open"):
+        breaker = "closed" if reachable else "open"
+    return {"name": name, "reachable": reachable, "breaker": breaker}
+
+
+__all__ = ["readiness", "register_routes", "tier_status"]
