@@ -1,0 +1,218 @@
+"""Consistency levels: client (forks reported), monotonic (stale refused), tier-down
+policies, per-route levels, user binding and erasure, through real Flask requests."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, request
+
+from satchel import Keyring, Satchel
+from satchel.consistency import ForkDetector, decode_mark, encode_mark
+
+KEYS = Keyring.generate("k1").to_string()
+
+
+def make_app(tmp_path: Path, **config: Any) -> tuple[Flask, Satchel]:
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, TESTING=True)
+    app.config.update(config)
+    satchel = Satchel(app)
+    app.extensions["barrier"] = None
+
+    @app.post("/chat")
+    def chat() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+        barrier = app.extensions["barrier"]
+        if barrier is not None:
+            barrier.wait(timeout=5)  # both requests have opened before either seals
+        return {"turns": len(ctx.turns), "degraded": ctx.degraded}
+
+    @app.post("/spend")
+    @satchel.consistency("monotonic")
+    def spend() -> Any:
+        ctx = satchel.context
+        credits = ctx.metadata.get("credits", 10) - 1
+        ctx.metadata["credits"] = credits
+        return {"credits": credits}
+
+    return app, satchel
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tier.sqlite3'}"
+
+
+def post(client: Any, path: str, token: str | None, message: str = "hi") -> Any:
+    headers = {"Satchel-Context": token} if token else {}
+    return client.post(path, json={"message": message}, headers=headers)
+
+
+# -- client level ---------------------------------------------------------------------
+
+
+def test_client_level_reports_fork_and_lets_last_writer_win(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path)
+    client = app.test_client()
+    first = post(client, "/chat", None)
+    token = first.headers["Satchel-Context"]
+    a = post(client, "/chat", token, "from tab A")
+    assert a.status_code == 200 and "Satchel-Fork" not in a.headers
+    b = post(client, "/chat", token, "from tab B")  # same parent as A: a fork
+    assert b.status_code == 200
+    assert b.headers["Satchel-Fork"].startswith("behind=")
+    assert b.headers["Satchel-Seq"] == a.headers["Satchel-Seq"]
+
+
+def test_fork_detector_sibling_and_behind() -> None:
+    from satchel import Context
+
+    detector = ForkDetector(max_sessions=2)
+    ctx = Context.new()
+    ctx.seq, ctx.parent = 3, b"a" * 12
+    assert detector.check(ctx) is None
+    detector.record(ctx, None)
+    older = Context.new(session_id=ctx.session_id)
+    older.seq, older.parent = 2, b"b" * 12
+    assert detector.check(older) == "behind=1"
+    sibling = Context.new(session_id=ctx.session_id)
+    sibling.seq, sibling.parent = 3, b"c" * 12
+    assert detector.check(sibling) == "sibling"
+    for _ in range(3):  # bounded: the oldest session is forgotten
+        other = Context.new()
+        other.seq, other.parent = 1, b"d" * 12
+        detector.record(other, None)
+    assert detector.check(older) is None
+
+
+def test_mark_round_trip() -> None:
+    assert decode_mark(encode_mark(7, b"x" * 12)) == (7, b"x" * 12)
+    assert decode_mark(b"garbage\xff") is None
+
+
+# -- monotonic ------------------------------------------------------------------------
+
+
+def test_monotonic_refuses_replay_of_an_old_token(tmp_path: Path) -> None:
+    app, _ = make_app(
+        tmp_path, SATCHEL_CONSISTENCY="monotonic", SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path)
+    )
+    client = app.test_client()
+    t1 = post(client, "/chat", None).headers["Satchel-Context"]
+    t2 = post(client, "/chat", t1).headers["Satchel-Context"]
+    replay = post(client, "/chat", t1)
+    assert replay.status_code == 409
+    assert replay.get_json()["error"]["code"] == "stale_context"
+    assert "Satchel-Context" not in replay.headers
+    assert post(client, "/chat", t2).status_code == 200
+
+
+def test_monotonic_two_concurrent_requests_with_one_token(tmp_path: Path) -> None:
+    app, _ = make_app(
+        tmp_path, SATCHEL_CONSISTENCY="monotonic", SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path)
+    )
+    token = post(app.test_client(), "/chat", None).headers["Satchel-Context"]
+    app.extensions["barrier"] = threading.Barrier(2)
+    results: list[Any] = []
+
+    def send(msg: str) -> None:
+        results.append(post(app.test_client(), "/chat", token, msg))
+
+    threads = [threading.Thread(target=send, args=(m,)) for m in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200, 409]
+    loser = next(r for r in results if r.status_code == 409)
+    assert loser.get_json()["error"]["code"] == "stale_context"
+
+
+def test_per_route_monotonic_protects_credits_from_rollback(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)
+    assert spent.get_json() == {"credits": 9}
+    # Replaying the pre-spend token on the credits route is refused...
+    assert post(client, "/spend", t0).status_code == 409
+    # ...while the app-wide client level still serves it, flagged as a fork.
+    chat = post(client, "/chat", t0)
+    assert chat.status_code == 200 and "Satchel-Fork" in chat.headers
+    # The newest token keeps spending.
+    again = post(client, "/spend", spent.headers["Satchel-Context"])
+    assert again.get_json() == {"credits": 8}
+
+
+def test_monotonic_needs_a_tier(tmp_path: Path) -> None:
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        make_app(tmp_path, SATCHEL_CONSISTENCY="monotonic")
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy: str) -> None:
+    app, _ = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY=policy,
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    redis_server.kill()
+    response = post(client, "/chat", token)
+    if policy == "fail_open":
+        assert response.status_code == 200
+        assert "consistency_unchecked" in response.headers["Satchel-Degraded"]
+        assert "consistency_unchecked" in response.get_json()["degraded"]
+    else:
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "tier_unavailable"
+
+
+# -- binding and erasure ----------------------------------------------------------------
+
+
+def test_user_binding_refuses_a_token_copied_to_another_account(tmp_path: Path) -> None:
+    current = {"user": "alice"}
+    app, _ = make_app(tmp_path, SATCHEL_USER_BINDING=lambda: current["user"])
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    assert post(client, "/chat", token).status_code == 200
+    current["user"] = "mallory"
+    refused = post(client, "/chat", token)
+    assert refused.status_code == 403
+    assert refused.get_json()["error"]["code"] == "token_wrong_user"
+
+
+def test_erase_deletes_tier_data_and_refuses_tokens_in_monotonic(tmp_path: Path) -> None:
+    app, satchel = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+        SATCHEL_MAX_TOKEN_BYTES=600,
+    )
+    client = app.test_client()
+    token = None
+    for i in range(12):
+        noise = hashlib.sha256(str(i).encode()).hexdigest()  # text that does not compress
+        r = post(client, "/chat", token, f"message {i} {noise} {noise[::-1]}")
+        assert r.status_code == 200
+        token = r.headers["Satchel-Context"]
+    with app.app_context():
+        ctx = satchel.codec.open(token)
+        assert ctx.overflow, "the budget should have made the session overflow"
+        result = satchel.erase(ctx.session)
+    assert result["deleted_keys"] >= len(ctx.overflow)
+    assert result["tokens_refused"] is True
+    refused = post(client, "/chat", token)
+    assert refused.status_code == 410
+    assert refused.get_json()["error"]["code"] == "token_erased"
