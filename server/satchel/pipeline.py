@@ -35,6 +35,7 @@ Clock = Callable[[], float]
 #: long conversation spills a chunk every few requests instead of a turn every request.
 SPILL_TARGET = 0.7
 MAX_FIT_ROUNDS = 12
+MAX_SPILL_ROUNDS = 4
 
 
 @dataclass(slots=True)
@@ -203,36 +204,39 @@ class Pipeline:
             return
         if self.segments is not None:
             target = int(soft * SPILL_TARGET)
-            count = self._turns_to_remove(ctx, size, target)
-            if count:
+            write_failed = False
+            for _ in range(MAX_SPILL_ROUNDS):
+                if size <= soft:
+                    return
+                count = self._turns_to_remove(ctx, size, target)
+                if not count:
+                    break  # only the newest group is left: nothing more can move
                 spill = ctx.turns[:count]
-                ttl = self._remaining_lifetime(ctx, now)
                 try:
-                    ref = self.segments.write(ctx, spill, ttl, now=now)
+                    ref = self.segments.write(
+                        ctx, spill, self._remaining_lifetime(ctx, now), now=now
+                    )
                 except TierError as exc:
+                    write_failed = True
                     ctx.degraded.append("tier_write_failed")
                     self.observer.event(
                         "degraded", session=tag, reason="tier_write_failed", error=exc.code
                     )
-                else:
-                    del ctx.turns[:count]
-                    ctx.overflow.append(ref)
-                    # The running summary always covers what left the token.
-                    ctx.summary = self.policy.summarizer(spill, ctx.summary)
-                    ctx.lifecycle.summarized += len(spill)
-                    ctx.lifecycle.record(
-                        LifecycleAction("byte_budget", "overflowed", len(spill), now)
-                    )
-                    self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
-                    size = self.codec.measure(ctx)
-                    if size <= soft:
-                        return
+                    break
+                del ctx.turns[:count]
+                ctx.overflow.append(ref)
+                # The running summary always covers what left the token.
+                ctx.summary = self.policy.summarizer(spill, ctx.summary)
+                ctx.lifecycle.summarized += len(spill)
+                ctx.lifecycle.record(LifecycleAction("byte_budget", "overflowed", len(spill), now))
+                self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
+                size = self.codec.measure(ctx)
+            if size <= soft or not write_failed:
+                return
             hard = self.policy.hard_max_token_bytes or soft
-            if size <= hard and "tier_write_failed" in ctx.degraded:
+            if size <= hard:
                 return  # held inline until the tier takes writes again
-            lost = self._drop_to(
-                ctx, hard if "tier_write_failed" in ctx.degraded else soft, now, "data_loss"
-            )
+            lost = self._drop_to(ctx, hard, now, "data_loss")
             if lost:
                 ctx.lifecycle.lost += lost
                 ctx.degraded.append("data_loss")
