@@ -1,0 +1,465 @@
+/**
+ * @satchel/client — browser client for Satchel, the client-held chat context.
+ *
+ * Holds one opaque context token per conversation, sends it with every
+ * request (`Satchel-Context` header), adopts the next one the server returns,
+ * and coordinates tabs of the same origin (Web Locks + BroadcastChannel).
+ *
+ * @packageDocumentation
+ */
+
+/** Package version. */
+export declare const VERSION: string;
+/** Default request/response header carrying the token: `"Satchel-Context"`. */
+export declare const DEFAULT_HEADER: string;
+/** Default storage key prefix: `"satchel:"`. */
+export declare const DEFAULT_PREFIX: string;
+
+/* ------------------------------------------------------------------------ */
+/* Errors                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/** Options shared by the error constructors. */
+export interface SatchelErrorOptions {
+  /** Machine-readable code, e.g. `"token_expired"`. */
+  code?: string;
+  /** HTTP status, or null for errors that arrived inside a 200 event stream. */
+  status?: number | null;
+  /** The response the error came from, if any. */
+  response?: Response | null;
+  /** Underlying error. */
+  cause?: unknown;
+}
+
+/**
+ * Base class of every error the client throws on purpose.
+ * Network failures and aborts are not wrapped: they keep their platform
+ * types (`TypeError`, `DOMException` named `AbortError`).
+ */
+export declare class SatchelError extends Error {
+  constructor(message: string, options?: SatchelErrorOptions);
+  /**
+   * Server error code from `{"error": {"code": ...}}`, or one of the client's
+   * own: `http_<status>`, `service_unavailable`, `stream_incomplete`,
+   * `stream_protocol`, `stream_cancelled`.
+   */
+  code: string;
+  /** HTTP status; null for errors delivered inside a successful stream. */
+  status: number | null;
+  /** The Response. Its body is unread (the client parsed a clone). */
+  response: Response | null;
+}
+
+/**
+ * The server could not use the token (code starts with `token_`: malformed,
+ * too_large, bad_signature, unknown_key, expired, unsupported_version,
+ * migration_failed, wrong_user, wrong_purpose). The client has already
+ * dropped the token; it is thrown only when the one fresh retry was not
+ * possible or failed too.
+ */
+export declare class TokenError extends SatchelError {}
+
+/** 409 `stale_context`: another tab or request moved the conversation ahead. */
+export declare class StaleContextError extends SatchelError {}
+
+/** 503, or code `tier_unavailable`: the server cannot serve the context now. */
+export declare class ServiceUnavailableError extends SatchelError {
+  /** `Retry-After` in seconds, when the server sent the delta-seconds form. */
+  retryAfter: number | null;
+}
+
+/** Any other non-2xx response. */
+export declare class HTTPError extends SatchelError {}
+
+/**
+ * Map a server error code to the matching error class.
+ * `inStream: true` marks errors from an `event: error` inside a 200 stream:
+ * unknown codes then become a plain {@link SatchelError}, not an HTTPError.
+ */
+export declare function createError(
+  code: string | null | undefined,
+  message?: string,
+  options?: { status?: number | null; response?: Response | null; inStream?: boolean },
+): SatchelError;
+
+/* ------------------------------------------------------------------------ */
+/* Storage                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * Where tokens are kept. Methods may be synchronous or return promises
+ * (e.g. an IndexedDB wrapper). Values are strings.
+ */
+export interface StorageAdapter {
+  get(key: string): string | null | Promise<string | null>;
+  set(key: string, value: string): void | Promise<void>;
+  remove(key: string): void | Promise<void>;
+  /** Optional: all keys, used by {@link listConversations}. */
+  keys?(): string[] | Promise<string[]>;
+  /**
+   * Set by the built-in adapters: `"local"`, `"session"` or `"memory"`.
+   * A Web Storage adapter that had to fall back reports `"memory"`.
+   */
+  readonly kind?: 'local' | 'session' | 'memory' | string;
+  /** Set when a built-in Web Storage adapter fell back to memory. */
+  readonly fallbackFrom?: 'local' | 'session';
+}
+
+/** Built-in storage names accepted by the `storage` option. */
+export type StorageKind = 'local' | 'session' | 'memory';
+
+/** A fresh, private in-memory adapter (handy for tests). */
+export declare function memoryStorage(initial?: Record<string, string>): StorageAdapter & { kind: 'memory'; keys(): string[] };
+
+/**
+ * localStorage adapter. Falls back to the page-wide memory store when
+ * localStorage is missing or unusable (blocked, zero quota in private mode);
+ * if a write fails later (quota full) that key is kept in memory instead.
+ */
+export declare function localStorageAdapter(): StorageAdapter;
+
+/** sessionStorage adapter, with the same fallbacks as {@link localStorageAdapter}. */
+export declare function sessionStorageAdapter(): StorageAdapter;
+
+/**
+ * Resolve the `storage` option into an adapter.
+ * `"memory"` is one page-wide store shared by every client on the page.
+ * @throws TypeError for unknown names or adapters without get/set/remove.
+ */
+export declare function resolveStorage(spec?: StorageKind | StorageAdapter): StorageAdapter;
+
+/**
+ * Conversation ids that have a stored token under `prefix`.
+ * Returns `[]` for adapters without `keys()`.
+ */
+export declare function listConversations(
+  storage?: StorageKind | StorageAdapter,
+  prefix?: string,
+): Promise<string[]>;
+
+/* ------------------------------------------------------------------------ */
+/* SSE                                                                       */
+/* ------------------------------------------------------------------------ */
+
+/** One dispatched Server-Sent Event. */
+export interface SSEEvent {
+  /** `event:` field, or `"message"` when absent. */
+  event: string;
+  /** `data:` lines joined with `"\n"`. */
+  data: string;
+  /** Last `id:` seen (empty string if none). */
+  id: string;
+}
+
+/**
+ * Incremental WHATWG-compliant text/event-stream parser: CRLF/LF/CR line
+ * endings (also split across chunks), comments, multi-line data, BOM, and
+ * UTF-8 characters split across chunks.
+ */
+export declare class SSEParser {
+  constructor();
+  /** Last `retry:` value seen, in milliseconds, or null. */
+  retry: number | null;
+  /** Feed bytes or text; returns the events this chunk completed. */
+  feed(chunk: Uint8Array | string): SSEEvent[];
+  /** End of stream: flushes the decoder; an unterminated event is discarded. */
+  end(): SSEEvent[];
+}
+
+/**
+ * Iterate the events of a response body. Leaving the loop early cancels the
+ * stream.
+ */
+export declare function parseSSE(
+  source: ReadableStream<Uint8Array> | AsyncIterable<Uint8Array | string>,
+): AsyncGenerator<SSEEvent, void, undefined>;
+
+/* ------------------------------------------------------------------------ */
+/* Client                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/** The part of the Web Locks API the client uses (`navigator.locks`). */
+export interface LockManagerLike {
+  request(
+    name: string,
+    options: { signal?: AbortSignal },
+    callback: (lock: unknown) => Promise<unknown>,
+  ): Promise<unknown>;
+}
+
+/** The part of BroadcastChannel the client uses. */
+export interface BroadcastChannelLike {
+  postMessage(message: unknown): void;
+  addEventListener?(type: 'message', listener: (event: { data: unknown }) => void): void;
+  onmessage?: ((event: { data: unknown }) => void) | null;
+  close(): void;
+}
+
+export interface SatchelClientOptions {
+  /** Conversation id; one token is stored per id. Default `"default"`. */
+  conversation?: string;
+  /**
+   * Where tokens live: `"local"` (default), `"session"`, `"memory"`, or a
+   * custom {@link StorageAdapter}. Web Storage falls back to memory when it
+   * is missing or throws.
+   */
+  storage?: StorageKind | StorageAdapter;
+  /** Storage key prefix. Default `"satchel:"`; key = prefix + conversation. */
+  prefix?: string;
+  /** fetch implementation. Default: `globalThis.fetch`, looked up at call time. */
+  fetch?: (input: RequestInfo | URL, init?: RequestInit) => Promise<Response>;
+  /** Header carrying the token, in both directions. Default `"Satchel-Context"`. */
+  headerName?: string;
+  /**
+   * Serialize requests of one conversation across tabs with the Web Locks
+   * API (lock name `"satchel:<conversation>"`). `true` (default) uses
+   * `navigator.locks` when present (secure contexts only) and otherwise an
+   * in-page queue; `false` always uses the in-page queue; or pass a
+   * LockManager-like object.
+   */
+  locks?: boolean | LockManagerLike;
+  /**
+   * Announce new tokens to other tabs on BroadcastChannel
+   * `"satchel:<prefix>"`. Default: on, except for `storage: "session"`
+   * (per-tab by design). Without BroadcastChannel, localStorage users get
+   * the `storage` event instead. A constructor may be passed (tests).
+   */
+  broadcast?: boolean | (new (name: string) => BroadcastChannelLike);
+}
+
+/** Where a token change came from. */
+export type TokenSource = 'response' | 'stream' | 'broadcast' | 'storage' | 'import' | 'reset' | 'dropped';
+
+export interface TokenEventDetail {
+  conversation: string;
+  /** The token now held, or null after a reset / drop. */
+  token: string | null;
+  seq: number | null;
+  session: string | null;
+  source: TokenSource;
+}
+
+export interface DegradedEventDetail {
+  conversation: string;
+  /** E.g. `tier_unavailable`, `segment_missing`, `tier_write_failed`, `data_loss`. */
+  reasons: string[];
+  /** `"response"` (headers) or `"stream"` (final SSE event). */
+  source: 'response' | 'stream';
+}
+
+export interface ResetEventDetail {
+  conversation: string;
+  /** Why: a `token_*` code, or the server's `Satchel-Reset` value. */
+  code: string;
+  message?: string;
+  /**
+   * `"server"`: the server started a fresh context itself (Satchel-Reset).
+   * `"client"`: the server refused the token and the client dropped it.
+   */
+  source: 'server' | 'client';
+  /** Whether the request is being retried with a fresh context. */
+  retrying: boolean;
+}
+
+export interface ForkEventDetail {
+  conversation: string;
+  /**
+   * `"server"`: the server saw two requests with the same parent token
+   * (`detail` is its Satchel-Fork value). `"client"`: a response arrived that
+   * was not ahead of the token another tab had stored meanwhile; the stored
+   * one was kept.
+   */
+  source: 'server' | 'client';
+  detail: string;
+  /** Client-side forks only: what storage held. */
+  held?: { seq: number | null; session: string | null };
+  /** Client-side forks only: what the response carried. */
+  incoming?: { seq: number | null; session: string | null };
+}
+
+export interface StaleEventDetail {
+  conversation: string;
+  code: string;
+  message: string;
+  /** True when a newer token was found in storage and the request is resent. */
+  retrying: boolean;
+}
+
+export interface ErrorEventDetail {
+  conversation: string;
+  error: unknown;
+}
+
+/** Event names and their `detail` types. */
+export interface SatchelEventMap {
+  token: TokenEventDetail;
+  degraded: DegradedEventDetail;
+  reset: ResetEventDetail;
+  fork: ForkEventDetail;
+  stale: StaleEventDetail;
+  error: ErrorEventDetail;
+}
+
+/** Final metadata of a streamed reply. */
+export interface StreamResult {
+  /** All deltas concatenated. */
+  text: string;
+  token: string | null;
+  seq: number | null;
+  session: string | null;
+  degraded: string[];
+  reset: string | null;
+  fork: string | null;
+}
+
+/**
+ * What {@link SatchelClient.stream} returns: iterate it for text deltas; its
+ * return value and `result` are the final metadata.
+ */
+export interface SatchelStream extends AsyncGenerator<string, StreamResult, undefined> {
+  /**
+   * Settles when the stream is finished: resolves with the metadata, rejects
+   * with the stream's error, or with `code: "stream_cancelled"` if the loop
+   * was left early. Never reported as an unhandled rejection.
+   */
+  result: Promise<StreamResult>;
+}
+
+/**
+ * Token holder for one conversation. An EventTarget: use
+ * {@link SatchelClient.on} or `addEventListener(name, (e: CustomEvent) => ...)`.
+ */
+export declare class SatchelClient extends EventTarget {
+  constructor(options?: SatchelClientOptions);
+
+  /** Conversation id. */
+  readonly conversation: string;
+  /** Storage key used (prefix + conversation). */
+  readonly storageKey: string;
+  /** Header carrying the token. */
+  readonly headerName: string;
+  /** Storage adapter in use; `.kind === "memory"` reveals a fallback. */
+  readonly storage: StorageAdapter;
+  /** Token currently held, or null. Synchronous. */
+  readonly token: string | null;
+  /** Sequence number of the held token, or null if unknown. */
+  readonly seq: number | null;
+  /** Session tag of the held token, or null. */
+  readonly session: string | null;
+  /** `"web-locks"` across tabs, or `"page-queue"` within this page only. */
+  readonly lockMode: 'web-locks' | 'page-queue';
+  /** How other tabs learn about new tokens. */
+  readonly syncMode: 'broadcast-channel' | 'storage-event' | 'none';
+  /** Resolves once the stored token has been loaded (matters for async adapters). */
+  readonly ready: Promise<void>;
+
+  /**
+   * Subscribe to an event. The listener receives the detail object (and the
+   * CustomEvent). Returns an unsubscribe function.
+   */
+  on<K extends keyof SatchelEventMap>(
+    name: K,
+    listener: (detail: SatchelEventMap[K], event: CustomEvent<SatchelEventMap[K]>) => void,
+  ): () => void;
+
+  /**
+   * fetch() with the conversation's token. Runs under the conversation lock
+   * and reads the token from storage inside it. Resolves with the Response
+   * when `ok` (after adopting the next token); otherwise throws a
+   * {@link SatchelError} subclass. Retries at most once: with no token after
+   * a `token_*` error (emitting `reset`), or with the newer stored token after
+   * `stale_context` (emitting `stale`).
+   *
+   * For `text/event-stream` responses the returned Response wraps the body:
+   * bytes pass through unchanged while the final `satchel` event (or an AI
+   * SDK `data-satchel` part) is adopted, and the lock is held until then or
+   * until the body ends or is cancelled. Always read or cancel such bodies.
+   */
+  fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
+
+  /**
+   * POST `body` as JSON and stream the reply's text deltas
+   * (`event: delta`, `data: {"text": ...}`). The final `event: satchel`
+   * is adopted like response headers. The lock is held until that event, so
+   * do not await another request for the same conversation inside the loop.
+   * A `token_*` error is retried once only if no delta had been yielded.
+   */
+  stream(url: RequestInfo | URL, body?: unknown, init?: RequestInit): SatchelStream;
+
+  /** Forget this conversation's token (under the lock); the next request starts fresh. */
+  reset(): Promise<void>;
+
+  /** The token held, for backup or transfer. */
+  exportToken(): string | null;
+
+  /**
+   * Store a token (under the lock), e.g. restoring an export. Without a
+   * `seq`, the next response's token is adopted unconditionally.
+   */
+  importToken(
+    token: string,
+    meta?: { seq?: number | string | null; session?: string | null; signal?: AbortSignal },
+  ): Promise<void>;
+
+  /** A client for another conversation with the same options and storage. */
+  withConversation(conversation: string, overrides?: SatchelClientOptions): SatchelClient;
+
+  /** Stop listening to other tabs (BroadcastChannel / storage event). */
+  close(): void;
+}
+
+/** Create a client for one conversation. */
+export declare function createClient(options?: SatchelClientOptions): SatchelClient;
+
+/* ------------------------------------------------------------------------ */
+/* Vercel AI SDK                                                             */
+/* ------------------------------------------------------------------------ */
+
+/** Minimal shape of an AI SDK UI message (v5 `parts`, or v4 `content`). */
+export interface UIMessageLike {
+  role?: string;
+  /** AI SDK 5+: only parts with `type: "text"` contribute. */
+  parts?: ReadonlyArray<{ type: string; text?: string }>;
+  /** AI SDK 4 and earlier. */
+  content?: string;
+}
+
+/** Text of a UI message: its text parts joined, or v4 `content`. */
+export declare function messageText(message: UIMessageLike | null | undefined): string;
+
+/** Options the AI SDK passes to `prepareSendMessagesRequest`. */
+export interface PrepareSendMessagesRequestOptions {
+  id: string;
+  messages: UIMessageLike[];
+  body?: Record<string, unknown>;
+  headers?: HeadersInit;
+  credentials?: RequestCredentials;
+  api?: string;
+  trigger?: 'submit-message' | 'regenerate-message';
+  messageId?: string;
+  requestMetadata?: unknown;
+}
+
+export interface SatchelAISDKAdapter {
+  /**
+   * Sends only the newest message: body `{...body, message, id}`; headers are
+   * the transport's plus the token header (they replace the transport's own,
+   * so they are copied through).
+   */
+  prepareSendMessagesRequest(options: PrepareSendMessagesRequestOptions): {
+    body: { message: string; id: string; [key: string]: unknown };
+    headers: Record<string, string>;
+  };
+  /**
+   * Pass as the transport's `fetch`: serializes under the conversation lock,
+   * re-reads the newest token, adopts the next one from response headers or
+   * a `data-satchel` stream part, and throws typed errors.
+   */
+  fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
+}
+
+/**
+ * Adapter for AI SDK 5+ `DefaultChatTransport`:
+ * `new DefaultChatTransport({ api, ...satchelAISDK(client) })`.
+ */
+export declare function satchelAISDK(client: SatchelClient): SatchelAISDKAdapter;

@@ -1,0 +1,1276 @@
+/**
+ * @satchel/client — browser client for Satchel, the client-held chat context.
+ *
+ * The server keeps no conversation state of its own: the whole context travels
+ * as an opaque token. This module's job is to hold that token for each
+ * conversation, send it with every request, adopt the next one the server
+ * returns, and keep several tabs of the same origin from trampling on each
+ * other's tokens.
+ *
+ * Deliberately a single dependency-free ES module (no imports) so it can be
+ * served as-is and loaded with `<script type="module">`, no build step.
+ *
+ * HTTP contract (see docs/client-js.md):
+ *   request   Satchel-Context: <token>         (omitted when we hold none)
+ *   response  Satchel-Context / Satchel-Seq / Satchel-Session /
+ *             Satchel-Degraded / Satchel-Reset / Satchel-Fork
+ *   errors    {"error": {"code": "...", "message": "..."}} with 4xx/5xx
+ *   stream    text/event-stream: delta* , satchel, done | error
+ */
+
+export const VERSION = '0.1.0';
+export const DEFAULT_HEADER = 'Satchel-Context';
+export const DEFAULT_PREFIX = 'satchel:';
+
+const H_SEQ = 'Satchel-Seq';
+const H_SESSION = 'Satchel-Session';
+const H_DEGRADED = 'Satchel-Degraded';
+const H_RESET = 'Satchel-Reset';
+const H_FORK = 'Satchel-Fork';
+
+/* ------------------------------------------------------------------------ */
+/* Errors                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * Base class of every error this client throws on purpose, so callers can
+ * write one `instanceof SatchelError` check. Network failures and aborts are
+ * *not* wrapped: they keep their platform type (TypeError / AbortError), the
+ * same convention as ky and fetch itself.
+ */
+export class SatchelError extends Error {
+  constructor(message, { code = 'satchel_error', status = null, response = null, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = 'SatchelError';
+    /** Machine-readable code from the server's error body (or ours). */
+    this.code = code;
+    /** HTTP status, or null for errors that arrived inside a 200 stream. */
+    this.status = status;
+    /** The Response (body unread: we parsed a clone), or null. */
+    this.response = response;
+  }
+}
+
+/** The token was unusable (code starts with `token_`). */
+export class TokenError extends SatchelError {
+  constructor(message, opts) {
+    super(message, opts);
+    this.name = 'TokenError';
+  }
+}
+
+/** 409 `stale_context`: another tab or request moved the conversation ahead. */
+export class StaleContextError extends SatchelError {
+  constructor(message, opts) {
+    super(message, opts);
+    this.name = 'StaleContextError';
+  }
+}
+
+/** 503 / `tier_unavailable`: try again later. `retryAfter` is in seconds. */
+export class ServiceUnavailableError extends SatchelError {
+  constructor(message, opts = {}) {
+    super(message, opts);
+    this.name = 'ServiceUnavailableError';
+    this.retryAfter = parseRetryAfter(opts.response);
+  }
+}
+
+/** Any other non-2xx response. */
+export class HTTPError extends SatchelError {
+  constructor(message, opts) {
+    super(message, opts);
+    this.name = 'HTTPError';
+  }
+}
+
+function parseRetryAfter(response) {
+  const v = response && response.headers && response.headers.get('Retry-After');
+  if (!v) return null;
+  // Only the delta-seconds form is useful to a UI countdown; HTTP-dates are rare here.
+  return /^\s*\d+\s*$/.test(v) ? Number(v) : null;
+}
+
+/**
+ * Build the right error subclass from a server error code.
+ * `inStream` errors came inside a 200 event stream, so they are not HTTP
+ * errors: unknown codes become a plain SatchelError rather than HTTPError.
+ */
+export function createError(code, message, { status = null, response = null, inStream = false } = {}) {
+  const c = typeof code === 'string' && code ? code : status ? `http_${status}` : 'satchel_error';
+  const msg = message || c;
+  const opts = { code: c, status, response };
+  if (c.startsWith('token_')) return new TokenError(msg, opts);
+  if (c === 'stale_context') return new StaleContextError(msg, opts);
+  if (c === 'tier_unavailable' || status === 503) return new ServiceUnavailableError(msg, opts);
+  if (inStream || status == null) return new SatchelError(msg, opts);
+  return new HTTPError(msg, opts);
+}
+
+async function errorFromResponse(response) {
+  let payload = null;
+  try {
+    // Parse a clone so the caller still gets an unread body on error.response.
+    payload = JSON.parse(await response.clone().text());
+  } catch {
+    /* not JSON: fall back to the status line */
+  }
+  const e = payload && typeof payload === 'object' ? payload.error : null;
+  const code = e && typeof e.code === 'string' ? e.code : null;
+  const message =
+    (e && typeof e.message === 'string' && e.message) ||
+    `${response.status} ${response.statusText || ''}`.trim();
+  return createError(code || (response.status === 503 ? 'service_unavailable' : null), message, {
+    status: response.status,
+    response,
+  });
+}
+
+function isAbort(err) {
+  return !!err && (err.name === 'AbortError' || err.name === 'TimeoutError');
+}
+
+/* ------------------------------------------------------------------------ */
+/* Storage adapters                                                          */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * In-memory adapter. Each call returns an isolated store; use it in tests or
+ * when nothing should outlive the page.
+ */
+export function memoryStorage(initial) {
+  const map = new Map(initial ? Object.entries(initial) : []);
+  return {
+    kind: 'memory',
+    get: (key) => (map.has(key) ? map.get(key) : null),
+    set: (key, value) => void map.set(key, String(value)),
+    remove: (key) => void map.delete(key),
+    keys: () => [...map.keys()],
+  };
+}
+
+// `storage: "memory"` (and the fallback for a broken Web Storage) share one
+// page-wide store, so several clients on the page see each other's
+// conversations exactly as they would with localStorage.
+let pageMemory = null;
+function sharedMemory() {
+  return (pageMemory ||= memoryStorage());
+}
+
+/**
+ * Wrap localStorage / sessionStorage. Falls back to the page memory store when
+ * the API is missing, or throws on access (Safari with storage blocked throws
+ * SecurityError on the *property read*) or on a probe write (private-mode
+ * quota of 0). Writes that fail later (quota filled up) are kept in a
+ * per-key memory overlay so the conversation keeps working for this page.
+ */
+function webStorage(kind) {
+  let area = null;
+  try {
+    area = globalThis[`${kind}Storage`] || null;
+    if (area) {
+      const probe = '__satchel_probe__';
+      area.setItem(probe, probe);
+      area.removeItem(probe);
+    }
+  } catch {
+    area = null;
+  }
+  if (!area) {
+    const mem = sharedMemory();
+    return { ...mem, kind: 'memory', fallbackFrom: kind };
+  }
+  const overlay = new Map();
+  return {
+    kind,
+    get(key) {
+      if (overlay.has(key)) return overlay.get(key);
+      try {
+        return area.getItem(key);
+      } catch {
+        return null;
+      }
+    },
+    set(key, value) {
+      try {
+        area.setItem(key, value);
+        overlay.delete(key);
+      } catch {
+        overlay.set(key, String(value));
+      }
+    },
+    remove(key) {
+      overlay.delete(key);
+      try {
+        area.removeItem(key);
+      } catch {
+        /* nothing stored there anyway */
+      }
+    },
+    keys() {
+      const out = new Set(overlay.keys());
+      try {
+        for (let i = 0; i < area.length; i++) {
+          const k = area.key(i);
+          if (k != null) out.add(k);
+        }
+      } catch {
+        /* unreadable area: overlay only */
+      }
+      return [...out];
+    },
+  };
+}
+
+/** localStorage adapter (falls back to memory, see webStorage). */
+export function localStorageAdapter() {
+  return webStorage('local');
+}
+
+/** sessionStorage adapter (falls back to memory, see webStorage). */
+export function sessionStorageAdapter() {
+  return webStorage('session');
+}
+
+/** Turn the `storage` option into an adapter. */
+export function resolveStorage(spec = 'local') {
+  if (spec && typeof spec === 'object' && typeof spec.get === 'function') {
+    if (typeof spec.set !== 'function' || typeof spec.remove !== 'function') {
+      throw new TypeError('Satchel storage adapter needs get(), set() and remove()');
+    }
+    return spec;
+  }
+  if (spec === 'local') return webStorage('local');
+  if (spec === 'session') return webStorage('session');
+  if (spec === 'memory') return { ...sharedMemory(), kind: 'memory' };
+  throw new TypeError(`Unknown Satchel storage: ${String(spec)}`);
+}
+
+/**
+ * List the conversation ids that have a stored token under `prefix`.
+ * Needs an adapter with `keys()`; returns [] for adapters without it.
+ */
+export async function listConversations(storage = 'local', prefix = DEFAULT_PREFIX) {
+  const adapter = resolveStorage(storage);
+  if (typeof adapter.keys !== 'function') return [];
+  const keys = await adapter.keys();
+  return keys.filter((k) => k.startsWith(prefix)).map((k) => k.slice(prefix.length));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stored record                                                             */
+/* ------------------------------------------------------------------------ */
+
+// We store {token, seq, session} as JSON under one key rather than three keys:
+// one setItem is atomic, so another tab can never read a token with the seq
+// of its predecessor. A bare (non-JSON) string is accepted as a token too, so
+// hand-written values and older formats still load.
+
+function parseSeq(v) {
+  if (typeof v === 'number') return Number.isSafeInteger(v) && v >= 0 ? v : null;
+  if (typeof v === 'string' && /^\s*\d+\s*$/.test(v)) {
+    // Compare as integers, never as strings ("10" < "9" lexically).
+    const n = Number(v.trim());
+    return Number.isSafeInteger(n) ? n : null;
+  }
+  return null;
+}
+
+function parseRecord(value) {
+  if (value == null || value === '') return null;
+  if (typeof value === 'object') {
+    return typeof value.token === 'string' && value.token ? normRecord(value) : null;
+  }
+  const s = String(value);
+  if (s[0] === '{') {
+    try {
+      const obj = JSON.parse(s);
+      if (obj && typeof obj.token === 'string' && obj.token) return normRecord(obj);
+    } catch {
+      /* not our JSON: treat as a raw token below */
+    }
+  }
+  return { token: s, seq: null, session: null };
+}
+
+function normRecord(o) {
+  return {
+    token: o.token,
+    seq: parseSeq(o.seq),
+    session: typeof o.session === 'string' && o.session ? o.session : null,
+  };
+}
+
+function serializeRecord(rec) {
+  return JSON.stringify({ token: rec.token, seq: rec.seq, session: rec.session });
+}
+
+const tokenOf = (rec) => (rec ? rec.token : null);
+
+/**
+ * Monotonic rule used for tokens that arrive from *other* tabs: only move
+ * forward. Seqs order tokens within one server session; a different session
+ * means the conversation was restarted elsewhere, and a missing seq gives us
+ * nothing to compare, so in those two cases the newer message wins.
+ */
+function isNewer(incoming, held) {
+  if (!held) return true;
+  if (incoming.token === held.token) return false;
+  if (incoming.seq == null || held.seq == null) return true;
+  if (incoming.session && held.session && incoming.session !== held.session) return true;
+  return incoming.seq > held.seq;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Response metadata                                                         */
+/* ------------------------------------------------------------------------ */
+
+function splitList(v) {
+  if (Array.isArray(v)) return v.map(String).map((s) => s.trim()).filter(Boolean);
+  if (typeof v === 'string') return v.split(',').map((s) => s.trim()).filter(Boolean);
+  return [];
+}
+
+function nonEmpty(v) {
+  return typeof v === 'string' && v ? v : null;
+}
+
+function metaFromHeaders(headers, headerName) {
+  return {
+    token: nonEmpty(headers.get(headerName)),
+    seq: parseSeq(headers.get(H_SEQ)),
+    session: nonEmpty(headers.get(H_SESSION)),
+    degraded: splitList(headers.get(H_DEGRADED)),
+    reset: nonEmpty(headers.get(H_RESET)),
+    fork: nonEmpty(headers.get(H_FORK)),
+  };
+}
+
+function metaFromEvent(obj) {
+  const o = obj && typeof obj === 'object' ? obj : {};
+  return {
+    token: nonEmpty(o.token),
+    seq: parseSeq(o.seq),
+    session: nonEmpty(o.session),
+    degraded: splitList(o.degraded),
+    // reset/fork may be a code string or a small object; keep a string for events.
+    reset: o.reset == null || o.reset === false ? null : typeof o.reset === 'string' ? o.reset : JSON.stringify(o.reset),
+    fork: o.fork == null || o.fork === false ? null : typeof o.fork === 'string' ? o.fork : JSON.stringify(o.fork),
+  };
+}
+
+/* ------------------------------------------------------------------------ */
+/* Server-Sent Events parser                                                 */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * Incremental text/event-stream parser following the WHATWG algorithm:
+ * CRLF, LF or lone CR end a line (a CR at the very end of one chunk and an LF
+ * at the start of the next count as a single line break); lines starting with
+ * ":" are comments; `data` lines accumulate with "\n"; a blank line
+ * dispatches; an event with no data is dropped; a leading BOM is ignored; an
+ * unterminated event at end of stream is discarded. Bytes are decoded with a
+ * streaming TextDecoder so a multi-byte UTF-8 character split across chunks
+ * survives.
+ *
+ * We parse the fetch body ourselves instead of using EventSource because
+ * EventSource can only GET and cannot send our request header.
+ */
+export class SSEParser {
+  constructor() {
+    this._decoder = new TextDecoder('utf-8');
+    this._line = '';
+    this._afterCR = false;
+    this._started = false;
+    this._type = '';
+    this._data = '';
+    this._id = '';
+    /** Last `retry:` value seen (ms), informational only. */
+    this.retry = null;
+  }
+
+  /** Feed a Uint8Array or string chunk; returns the events it completed. */
+  feed(chunk) {
+    const text = typeof chunk === 'string' ? chunk : this._decoder.decode(chunk, { stream: true });
+    const out = [];
+    this._process(text, out);
+    return out;
+  }
+
+  /** Signal end of stream. Returns [] (incomplete events are discarded). */
+  end() {
+    const out = [];
+    this._process(this._decoder.decode(), out);
+    this._line = '';
+    this._type = '';
+    this._data = '';
+    return out;
+  }
+
+  _process(text, out) {
+    if (!text) return;
+    let i = 0;
+    if (!this._started) {
+      this._started = true;
+      if (text.charCodeAt(0) === 0xfeff) i = 1;
+    }
+    if (this._afterCR) {
+      this._afterCR = false;
+      if (text.charCodeAt(i) === 10) i += 1;
+    }
+    let start = i;
+    for (; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (c !== 10 && c !== 13) continue;
+      this._handleLine(this._line + text.slice(start, i), out);
+      this._line = '';
+      if (c === 13) {
+        if (i + 1 < text.length) {
+          if (text.charCodeAt(i + 1) === 10) i += 1;
+        } else {
+          // Can't know yet whether an LF follows in the next chunk.
+          this._afterCR = true;
+        }
+      }
+      start = i + 1;
+    }
+    this._line += text.slice(start);
+  }
+
+  _handleLine(line, out) {
+    if (line === '') {
+      if (this._data === '') {
+        this._type = '';
+        return;
+      }
+      const data = this._data.endsWith('\n') ? this._data.slice(0, -1) : this._data;
+      out.push({ event: this._type || 'message', data, id: this._id });
+      this._type = '';
+      this._data = '';
+      return;
+    }
+    if (line.charCodeAt(0) === 58 /* ":" */) return;
+    const idx = line.indexOf(':');
+    let field = line;
+    let value = '';
+    if (idx !== -1) {
+      field = line.slice(0, idx);
+      value = line.slice(idx + 1);
+      if (value.charCodeAt(0) === 32) value = value.slice(1);
+    }
+    if (field === 'event') this._type = value;
+    else if (field === 'data') this._data += `${value}\n`;
+    else if (field === 'id') {
+      if (!value.includes('\u0000')) this._id = value;
+    } else if (field === 'retry') {
+      if (/^\d+$/.test(value)) this.retry = Number(value);
+    }
+  }
+}
+
+/**
+ * Async-iterate the events of a ReadableStream (or any async iterable of
+ * Uint8Array/string chunks). Uses getReader() rather than `for await` on the
+ * stream because Safari's ReadableStream was long not async-iterable.
+ * Breaking out of the loop cancels the underlying stream.
+ */
+export async function* parseSSE(source) {
+  const parser = new SSEParser();
+  if (source && typeof source.getReader === 'function') {
+    const reader = source.getReader();
+    let finished = false;
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) {
+          finished = true;
+          break;
+        }
+        yield* parser.feed(value);
+      }
+      yield* parser.end();
+    } finally {
+      if (finished) reader.releaseLock();
+      else reader.cancel().catch(() => {});
+    }
+    return;
+  }
+  for await (const chunk of source) yield* parser.feed(chunk);
+  yield* parser.end();
+}
+
+/* ------------------------------------------------------------------------ */
+/* Locks                                                                     */
+/* ------------------------------------------------------------------------ */
+
+// Every acquire resolves to an idempotent release function, so one request can
+// hold the lock across awaits and yields (a stream) and let go exactly once,
+// whichever of success / error / early release / cancel happens first.
+function once(fn) {
+  let called = false;
+  return () => {
+    if (called) return;
+    called = true;
+    fn();
+  };
+}
+
+// In-page fallback: a promise chain per lock name, shared by all clients on the
+// page. Serializes within this tab only; other tabs are not excluded.
+const pageQueues = new Map();
+
+function queueLock(name, signal) {
+  const prev = pageQueues.get(name) || Promise.resolve();
+  let release;
+  const held = new Promise((r) => (release = r));
+  const tail = prev.then(() => held);
+  pageQueues.set(name, tail);
+  tail.then(() => {
+    if (pageQueues.get(name) === tail) pageQueues.delete(name);
+  });
+  return new Promise((resolve, reject) => {
+    let aborted = false;
+    const onAbort = () => {
+      aborted = true;
+      reject(signal.reason);
+    };
+    if (signal) {
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    }
+    prev.then(() => {
+      if (signal) signal.removeEventListener('abort', onAbort);
+      // An aborted waiter still owns its slot in the chain: pass it on at once.
+      if (aborted) release();
+      else resolve(once(release));
+    });
+  });
+}
+
+function webLock(locks, name, signal) {
+  return new Promise((resolve, reject) => {
+    // The lock is held until the promise returned by the callback settles,
+    // i.e. until the caller invokes the release function we hand out.
+    locks
+      .request(name, signal ? { signal } : {}, () => new Promise((release) => resolve(once(release))))
+      .catch(reject);
+  });
+}
+
+function pickLocks(opt) {
+  if (opt && typeof opt === 'object' && typeof opt.request === 'function') return opt;
+  if (opt === false) return null;
+  const nav = typeof navigator !== 'undefined' ? navigator : null;
+  // navigator.locks only exists in secure contexts (https, localhost).
+  return nav && nav.locks && typeof nav.locks.request === 'function' ? nav.locks : null;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Requests                                                                  */
+/* ------------------------------------------------------------------------ */
+
+const isRequest = (x) => typeof Request !== 'undefined' && x instanceof Request;
+
+function isReplayable(input, init) {
+  const b = init && init.body;
+  // No body of our own: either none at all, or a Request's, which is cloned
+  // before each attempt.
+  if (b == null || typeof b === 'string') return true;
+  if (typeof ReadableStream !== 'undefined' && b instanceof ReadableStream) return false;
+  // Blob, FormData, URLSearchParams, ArrayBuffer(View) can all be sent twice.
+  return typeof b.getReader !== 'function';
+}
+
+function prepare(input, init, headerName, token) {
+  const headers = new Headers(isRequest(input) ? input.headers : undefined);
+  if (init && init.headers) new Headers(init.headers).forEach((v, k) => headers.set(k, v));
+  // Always overwrite: a header set by the caller (e.g. from a cached token in
+  // the AI SDK adapter) must not beat the token read under the lock, and a
+  // fresh-context retry must really carry no token.
+  if (token) headers.set(headerName, token);
+  else headers.delete(headerName);
+  return [isRequest(input) ? input.clone() : input, { ...init, headers }];
+}
+
+const isEventStream = (res) =>
+  (res.headers.get('content-type') || '').toLowerCase().includes('text/event-stream');
+
+function safeJSON(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+function makeEvent(name, detail) {
+  if (typeof CustomEvent === 'function') return new CustomEvent(name, { detail });
+  const ev = new Event(name);
+  Object.defineProperty(ev, 'detail', { value: detail });
+  return ev;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Client                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * One conversation's token holder. It is an EventTarget, so both
+ * `client.on('token', fn)` and `client.addEventListener('token', e => ...)`
+ * work (the latter gets a CustomEvent with `.detail`).
+ */
+export class SatchelClient extends EventTarget {
+  constructor(options = {}) {
+    super();
+    this._options = { ...options };
+    this._conversation = String(options.conversation ?? 'default');
+    this._prefix = options.prefix ?? DEFAULT_PREFIX;
+    this._key = `${this._prefix}${this._conversation}`;
+    this._headerName = options.headerName || DEFAULT_HEADER;
+    this._storage = resolveStorage(options.storage ?? 'local');
+    // Resolve fetch lazily on every call: polyfills and test doubles may
+    // patch globalThis.fetch after we are created, and calling an unbound
+    // window.fetch throws "Illegal invocation".
+    const f = options.fetch;
+    this._fetch = typeof f === 'function' ? f : (input, init) => globalThis.fetch(input, init);
+    this._locks = pickLocks(options.locks);
+    this._lockName = `satchel:${this._conversation}`;
+    this._cache = undefined;
+    this._closed = false;
+    this._loadInitial();
+    this._setupSync(options.broadcast);
+  }
+
+  /** Conversation id this client manages. */
+  get conversation() {
+    return this._conversation;
+  }
+  /** Storage key of this conversation (prefix + id). */
+  get storageKey() {
+    return this._key;
+  }
+  /** Request/response header carrying the token. */
+  get headerName() {
+    return this._headerName;
+  }
+  /** The storage adapter in use (check `.kind` to see a memory fallback). */
+  get storage() {
+    return this._storage;
+  }
+  /** Currently held token, or null. Synchronous: reflects the last read/write. */
+  get token() {
+    return this._cache ? this._cache.token : null;
+  }
+  /** Sequence number of the held token, or null when unknown. */
+  get seq() {
+    return this._cache ? this._cache.seq : null;
+  }
+  /** Server session tag of the held token, or null. */
+  get session() {
+    return this._cache ? this._cache.session : null;
+  }
+  /** How cross-tab serialization is done: "web-locks" or "page-queue". */
+  get lockMode() {
+    return this._locks ? 'web-locks' : 'page-queue';
+  }
+  /** How new tokens reach other tabs: "broadcast-channel", "storage-event" or "none". */
+  get syncMode() {
+    return this._syncMode;
+  }
+
+  /** Subscribe to an event; `fn(detail, event)`. Returns an unsubscribe function. */
+  on(name, fn) {
+    const listener = (ev) => fn(ev.detail, ev);
+    this.addEventListener(name, listener);
+    return () => this.removeEventListener(name, listener);
+  }
+
+  /** A client for another conversation sharing this one's options and storage. */
+  withConversation(conversation, overrides = {}) {
+    return new SatchelClient({ ...this._options, storage: this._storage, ...overrides, conversation });
+  }
+
+  /** Stop listening to other tabs. The client still works for requests. */
+  close() {
+    this._closed = true;
+    if (this._channel) {
+      try {
+        this._channel.close();
+      } catch {
+        /* already closed */
+      }
+      this._channel = null;
+    }
+    if (this._onStorageEvent) {
+      globalThis.removeEventListener('storage', this._onStorageEvent);
+      this._onStorageEvent = null;
+    }
+  }
+
+  /* ---- token management ------------------------------------------------ */
+
+  /** The held token (for backup / moving a conversation elsewhere), or null. */
+  exportToken() {
+    return this.token;
+  }
+
+  /**
+   * Replace the conversation's token, e.g. restoring an export. Runs under the
+   * conversation lock so it cannot interleave with an in-flight request.
+   * Pass `{seq, session}` if known; without a seq the next response is adopted
+   * unconditionally.
+   */
+  async importToken(token, meta = {}) {
+    if (typeof token !== 'string' || !token) throw new TypeError('importToken() needs a non-empty string');
+    const release = await this._lock(meta.signal);
+    try {
+      await this._write(
+        { token, seq: parseSeq(meta.seq), session: nonEmpty(meta.session) },
+        'import',
+      );
+    } finally {
+      release();
+    }
+  }
+
+  /** Forget this conversation's token: the next request starts a fresh context. */
+  async reset() {
+    const release = await this._lock();
+    try {
+      const current = await this._readRecord();
+      await this._clear(current, 'reset');
+    } finally {
+      release();
+    }
+  }
+
+  /* ---- fetch ------------------------------------------------------------ */
+
+  /**
+   * fetch() with the conversation token attached. Resolves to the Response
+   * when it is ok, after adopting the next token from its headers; throws a
+   * SatchelError subclass otherwise. Recovers once from an unusable token
+   * (fresh context) or a stale one (newest token from storage).
+   *
+   * If the response is text/event-stream, the body is passed through
+   * untouched while we watch it for the final `satchel` event (or an AI SDK
+   * `data-satchel` part), and the conversation lock stays held until that
+   * metadata arrives or the body ends/is cancelled: read or cancel the body.
+   */
+  async fetch(input, init = {}) {
+    let release;
+    try {
+      release = await this._lock(init.signal);
+    } catch (err) {
+      this._reportError(err);
+      throw err;
+    }
+    let handedOff = false;
+    try {
+      const { response, sent } = await this._exchange(input, init, { retried: false, fresh: false });
+      if (response.body && isEventStream(response)) {
+        handedOff = true;
+        return this._watchStream(response, sent, release);
+      }
+      return response;
+    } catch (err) {
+      this._reportError(err);
+      throw err;
+    } finally {
+      if (!handedOff) release();
+    }
+  }
+
+  /**
+   * POST `body` as JSON and stream the reply: an async generator of text
+   * deltas. The generator's return value, and the `result` promise attached
+   * to it, is the final StreamResult ({text, token, seq, session, degraded,
+   * reset, fork}). The lock is held until the final `satchel` event, so do
+   * not await another request for this conversation inside the loop.
+   */
+  stream(url, body, init = {}) {
+    let settle;
+    const result = new Promise((resolve, reject) => (settle = { resolve, reject }));
+    // Nobody is obliged to look at .result; don't turn its rejection into an
+    // unhandled-rejection warning.
+    result.catch(() => {});
+    const gen = this._streamGen(url, body, init, settle);
+    gen.result = result;
+    return gen;
+  }
+
+  async *_streamGen(url, body, init, settle) {
+    let release = () => {};
+    let outcome = null;
+    try {
+      release = await this._lock(init.signal);
+      const headers = new Headers(init.headers);
+      if (!headers.has('content-type')) headers.set('content-type', 'application/json');
+      if (!headers.has('accept')) headers.set('accept', 'text/event-stream');
+      const reqInit = {
+        ...init,
+        method: init.method || 'POST',
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      };
+      const state = { retried: false, fresh: false };
+      attempts: for (;;) {
+        const { response, sent } = await this._exchange(url, reqInit, state);
+        const fromHeaders = metaFromHeaders(response.headers, this._headerName);
+        let meta = fromHeaders.token ? fromHeaders : null;
+        let text = '';
+        let yielded = false;
+        if (response.body) {
+          for await (const ev of parseSSE(response.body)) {
+            if (ev.event === 'delta') {
+              const d = safeJSON(ev.data);
+              if (!d || typeof d !== 'object') {
+                throw new SatchelError('Malformed delta event', { code: 'stream_protocol', response });
+              }
+              const piece = typeof d.text === 'string' ? d.text : '';
+              if (piece) {
+                text += piece;
+                yielded = true;
+                yield piece;
+              }
+            } else if (ev.event === 'satchel') {
+              meta = metaFromEvent(safeJSON(ev.data));
+              await this._applyMeta(meta, sent, 'stream');
+              // The context has advanced: other requests may go now, even
+              // while the caller is still draining the last bytes.
+              release();
+            } else if (ev.event === 'error') {
+              const err = this._streamError(ev.data, response);
+              // Retrying after text was shown would duplicate it on screen,
+              // so in-stream token errors are only retried before any delta.
+              if (!yielded && (await this._recover(err, sent, state, true))) continue attempts;
+              throw err;
+            } else if (ev.event === 'done') {
+              break;
+            }
+            // Unknown event types are ignored for forward compatibility.
+          }
+        }
+        if (!meta) {
+          throw new SatchelError('Stream ended before the satchel event; this turn may not be in the context', {
+            code: 'stream_incomplete',
+            response,
+          });
+        }
+        outcome = {
+          text,
+          token: meta.token,
+          seq: meta.seq,
+          session: meta.session,
+          degraded: meta.degraded,
+          reset: meta.reset,
+          fork: meta.fork,
+        };
+        settle.resolve(outcome);
+        return outcome;
+      }
+    } catch (err) {
+      this._reportError(err);
+      settle.reject(err);
+      throw err;
+    } finally {
+      release();
+      if (!outcome) {
+        // Consumer broke out of the loop early (generator.return()).
+        settle.reject(new SatchelError('Stream was cancelled', { code: 'stream_cancelled' }));
+      }
+    }
+  }
+
+  _streamError(data, response) {
+    const d = safeJSON(data);
+    const e = d && typeof d === 'object' ? (d.error && typeof d.error === 'object' ? d.error : d) : {};
+    // status stays null: the HTTP exchange itself succeeded (200).
+    return createError(e.code, e.message, { status: null, response, inStream: true });
+  }
+
+  /**
+   * Send one request (with at most one recovery retry), under a lock the
+   * caller already holds. Each attempt reads the token from storage *now*:
+   * that is what makes the lock meaningful, since the previous holder (maybe
+   * another tab) has just written its successor token there.
+   */
+  async _exchange(input, init, state) {
+    const replayable = isReplayable(input, init);
+    for (;;) {
+      const sent = state.fresh ? null : await this._readRecord();
+      const [req, reqInit] = prepare(input, init, this._headerName, tokenOf(sent));
+      const response = await this._fetch(req, reqInit);
+      // Error responses may still carry metadata (e.g. degraded) or even a
+      // token; absent a token we simply keep the old one.
+      await this._applyMeta(metaFromHeaders(response.headers, this._headerName), sent, 'response');
+      if (response.ok) return { response, sent };
+      const err = await errorFromResponse(response);
+      if (await this._recover(err, sent, state, replayable)) continue;
+      throw err;
+    }
+  }
+
+  /**
+   * Decide whether an error is worth the single retry. Returns true to retry.
+   * Exactly one retry per call, whatever the reason: a server that keeps
+   * rejecting must not make us loop.
+   */
+  async _recover(err, sent, state, replayable) {
+    const canRetry = !state.retried && replayable;
+    if (err instanceof TokenError) {
+      // A token the server can't use will never become usable: drop it, or
+      // every future request would fail the same way.
+      if (!sent) return false; // we sent no token; nothing to drop, nothing to retry
+      const current = await this._readRecord();
+      if (current && current.token !== sent.token) {
+        // Someone (another tab without a shared lock) already replaced the bad
+        // token: resending with theirs keeps the context instead of losing it.
+        if (!canRetry) return false;
+        state.retried = true;
+        state.fresh = false;
+        return true;
+      }
+      if (current) await this._clear(current, 'dropped');
+      this._emit('reset', {
+        conversation: this._conversation,
+        code: err.code,
+        message: err.message,
+        source: 'client',
+        retrying: canRetry,
+      });
+      if (!canRetry) return false;
+      state.retried = true;
+      state.fresh = true;
+      return true;
+    }
+    if (err instanceof StaleContextError) {
+      // Another tab/request got there first. If it left a newer token in
+      // storage, resend with that one; otherwise there is nothing better to try.
+      const newest = await this._readRecord();
+      const retrying = canRetry && tokenOf(newest) !== tokenOf(sent);
+      this._emit('stale', {
+        conversation: this._conversation,
+        code: err.code,
+        message: err.message,
+        retrying,
+      });
+      if (!retrying) return false;
+      state.retried = true;
+      state.fresh = false;
+      return true;
+    }
+    return false;
+  }
+
+  /** Emit events for response metadata and adopt its token. */
+  async _applyMeta(meta, sent, source) {
+    if (meta.token) await this._adopt(meta, sent, source);
+    const base = { conversation: this._conversation };
+    if (meta.reset) this._emit('reset', { ...base, code: meta.reset, source: 'server', retrying: false });
+    if (meta.fork) this._emit('fork', { ...base, detail: meta.fork, source: 'server' });
+    if (meta.degraded.length) this._emit('degraded', { ...base, reasons: meta.degraded, source });
+  }
+
+  /**
+   * Adopt the token a response carried. Normally storage still holds what we
+   * sent, and the response is its direct successor: take it even if its seq
+   * is lower (a server reset starts a new session). If storage moved while we
+   * were waiting, someone else (another tab without a shared lock) advanced
+   * the conversation: keep whichever is newer, and report a fork when ours
+   * is not ahead, since two branches now exist.
+   */
+  async _adopt(meta, sent, source) {
+    const incoming = { token: meta.token, seq: meta.seq, session: meta.session };
+    const current = parseRecord(await this._storage.get(this._key));
+    if (current && current.token === incoming.token) {
+      this._setCache(current, source);
+      return true;
+    }
+    if (!current || tokenOf(current) === tokenOf(sent)) {
+      await this._write(incoming, source);
+      return true;
+    }
+    const sameSession = !incoming.session || !current.session || incoming.session === current.session;
+    const comparable = sameSession && incoming.seq != null && current.seq != null;
+    if (comparable && incoming.seq > current.seq) {
+      await this._write(incoming, source);
+      return true;
+    }
+    this._setCache(current, 'storage');
+    this._emit('fork', {
+      conversation: this._conversation,
+      source: 'client',
+      detail: comparable ? 'seq_not_ahead' : 'concurrent_update',
+      held: { seq: current.seq, session: current.session },
+      incoming: { seq: incoming.seq, session: incoming.session },
+    });
+    return false;
+  }
+
+  /* ---- storage plumbing ------------------------------------------------- */
+
+  _loadInitial() {
+    let v = null;
+    try {
+      v = this._storage.get(this._key);
+    } catch {
+      v = null;
+    }
+    if (v && typeof v.then === 'function') {
+      // Async adapter: `token` stays null until this resolves; await `ready`.
+      this.ready = Promise.resolve(v).then(
+        (val) => {
+          if (this._cache === undefined) this._cache = parseRecord(val);
+        },
+        () => {},
+      );
+    } else {
+      this._cache = parseRecord(v);
+      this.ready = Promise.resolve();
+    }
+  }
+
+  async _readRecord() {
+    const rec = parseRecord(await this._storage.get(this._key));
+    this._setCache(rec, 'storage');
+    return rec;
+  }
+
+  async _write(rec, source) {
+    await this._storage.set(this._key, serializeRecord(rec));
+    this._setCache(rec, source);
+    this._post({ type: 'token', token: rec.token, seq: rec.seq, session: rec.session });
+  }
+
+  async _clear(previous, source) {
+    await this._storage.remove(this._key);
+    this._setCache(null, source);
+    // Carry the token we cleared so a tab holding something newer ignores us.
+    this._post({ type: 'clear', token: tokenOf(previous) });
+  }
+
+  _setCache(rec, source) {
+    const before = this._cache === undefined ? null : tokenOf(this._cache);
+    this._cache = rec;
+    if (before !== tokenOf(rec)) {
+      this._emit('token', {
+        conversation: this._conversation,
+        token: tokenOf(rec),
+        seq: rec ? rec.seq : null,
+        session: rec ? rec.session : null,
+        source,
+      });
+    }
+  }
+
+  _emit(name, detail) {
+    this.dispatchEvent(makeEvent(name, detail));
+  }
+
+  _reportError(err) {
+    if (isAbort(err)) return; // the caller asked for it; not worth an event
+    this._emit('error', { conversation: this._conversation, error: err });
+  }
+
+  _lock(signal) {
+    return this._locks ? webLock(this._locks, this._lockName, signal) : queueLock(this._lockName, signal);
+  }
+
+  /* ---- cross-tab sync --------------------------------------------------- */
+
+  _setupSync(opt) {
+    this._syncMode = 'none';
+    // sessionStorage is per tab by design; announcing its tokens to other tabs
+    // would merge conversations the user meant to keep apart.
+    const enabled = opt === undefined ? this._storage.kind !== 'session' : !!opt;
+    if (!enabled) return;
+    const BC = typeof opt === 'function' ? opt : globalThis.BroadcastChannel;
+    if (typeof BC === 'function') {
+      try {
+        const ch = new BC(`satchel:${this._prefix}`);
+        // Node keeps the process alive while a channel is open; browsers have no unref.
+        if (typeof ch.unref === 'function') ch.unref();
+        const onMessage = (ev) => {
+          this._onBroadcast(ev && ev.data).catch(() => {});
+        };
+        if (typeof ch.addEventListener === 'function') ch.addEventListener('message', onMessage);
+        else ch.onmessage = onMessage;
+        this._channel = ch;
+        this._syncMode = 'broadcast-channel';
+        return;
+      } catch {
+        /* fall through to the storage event */
+      }
+    }
+    // Fallback: the `storage` event fires in *other* tabs when localStorage
+    // changes, which is all we need to keep `client.token` current there.
+    if (this._storage.kind === 'local' && typeof globalThis.addEventListener === 'function') {
+      this._onStorageEvent = (e) => {
+        if (e.key !== null && e.key !== this._key) return;
+        this._setCache(e.key === null ? null : parseRecord(e.newValue), 'storage');
+      };
+      globalThis.addEventListener('storage', this._onStorageEvent);
+      this._syncMode = 'storage-event';
+    }
+  }
+
+  _post(msg) {
+    if (!this._channel) return;
+    try {
+      this._channel.postMessage({ v: 1, conversation: this._conversation, ...msg });
+    } catch {
+      /* closed channel: other tabs will read storage under the lock anyway */
+    }
+  }
+
+  async _onBroadcast(msg) {
+    if (this._closed || !msg || msg.v !== 1 || msg.conversation !== this._conversation) return;
+    const stored = parseRecord(await this._storage.get(this._key));
+    if (msg.type === 'token') {
+      const incoming = parseRecord(msg);
+      if (!incoming) return;
+      // With localStorage the sender already wrote it: just mirror.
+      if (stored && stored.token === incoming.token) {
+        this._setCache(stored, 'broadcast');
+        return;
+      }
+      // Per-tab storage (memory, custom): copy it in, but only forward.
+      if (!isNewer(incoming, stored)) return;
+      await this._storage.set(this._key, serializeRecord(incoming));
+      this._setCache(incoming, 'broadcast');
+    } else if (msg.type === 'clear') {
+      if (!stored) {
+        this._setCache(null, 'broadcast');
+      } else if (stored.token === msg.token) {
+        await this._storage.remove(this._key);
+        this._setCache(null, 'broadcast');
+      }
+    }
+  }
+
+  /* ---- AI SDK helpers (used by satchelAISDK) ---------------------------- */
+
+  /**
+   * Pass-through of an event-stream body that adopts the Satchel metadata it
+   * carries, and releases the lock once that is done or the body ends.
+   * Events are handled *before* their bytes are handed on, so by the time the
+   * consumer sees the end of the reply, `client.token` is already the new one.
+   */
+  _watchStream(response, sent, release) {
+    const reader = response.body.getReader();
+    const parser = new SSEParser();
+    const handle = async (events) => {
+      for (const ev of events) {
+        let meta = null;
+        if (ev.event === 'satchel') {
+          meta = metaFromEvent(safeJSON(ev.data));
+        } else if (ev.event === 'message' && ev.data.includes('"data-satchel"')) {
+          // AI SDK UI message stream: {"type":"data-satchel","data":{...}}
+          const part = safeJSON(ev.data);
+          if (part && part.type === 'data-satchel') meta = metaFromEvent(part.data);
+        } else if (ev.event === 'error') {
+          // The caller consumes the body and sees the error itself; we only
+          // keep our own state straight and tell listeners.
+          const err = this._streamError(ev.data, response);
+          if (err instanceof TokenError && sent) {
+            const current = await this._readRecord();
+            if (tokenOf(current) === sent.token) await this._clear(current, 'dropped');
+            this._emit('reset', { conversation: this._conversation, code: err.code, message: err.message, source: 'client', retrying: false });
+          }
+          this._reportError(err);
+        }
+        if (meta) {
+          await this._applyMeta(meta, sent, 'stream');
+          release();
+        }
+      }
+    };
+    const body = new ReadableStream({
+      pull: async (controller) => {
+        try {
+          const { done, value } = await reader.read();
+          if (done) {
+            await handle(parser.end());
+            release();
+            controller.close();
+            return;
+          }
+          await handle(parser.feed(value));
+          controller.enqueue(value);
+        } catch (err) {
+          release();
+          controller.error(err);
+        }
+      },
+      cancel: (reason) => {
+        release();
+        return reader.cancel(reason);
+      },
+    }, { highWaterMark: 0 }); // no read-ahead: we read exactly when the consumer does
+    return new Response(body, {
+      status: response.status,
+      statusText: response.statusText,
+      headers: response.headers,
+    });
+  }
+}
+
+/** Create a client for one conversation. See SatchelClientOptions. */
+export function createClient(options = {}) {
+  return new SatchelClient(options);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Vercel AI SDK adapter                                                     */
+/* ------------------------------------------------------------------------ */
+
+/** Concatenated text of a UI message (AI SDK 5 `parts`, or v4 `content`). */
+export function messageText(message) {
+  if (!message) return '';
+  if (Array.isArray(message.parts)) {
+    return message.parts
+      .filter((p) => p && p.type === 'text' && typeof p.text === 'string')
+      .map((p) => p.text)
+      .join('');
+  }
+  return typeof message.content === 'string' ? message.content : '';
+}
+
+function headersToObject(h) {
+  if (!h) return {};
+  if (typeof Headers !== 'undefined' && h instanceof Headers) return Object.fromEntries(h.entries());
+  if (Array.isArray(h)) return Object.fromEntries(h);
+  return { ...h };
+}
+
+/**
+ * Glue for `useChat` / `DefaultChatTransport` (AI SDK 5+):
+ *
+ *   const satchel = satchelAISDK(client);
+ *   new DefaultChatTransport({ api: '/chat', ...satchel });
+ *
+ * `prepareSendMessagesRequest` sends only the newest message (the server
+ * already holds the rest in the token) and attaches the token header;
+ * `fetch` serializes the request under the conversation lock, re-reads the
+ * newest token, and adopts the next one from the headers or from a
+ * `data-satchel` part in the UI message stream.
+ */
+export function satchelAISDK(client) {
+  return {
+    prepareSendMessagesRequest(options = {}) {
+      const { messages = [], id, body, headers } = options;
+      // The transport *replaces* its headers with ours, so keep what it passed.
+      const h = headersToObject(headers);
+      for (const k of Object.keys(h)) {
+        if (k.toLowerCase() === client.headerName.toLowerCase()) delete h[k];
+      }
+      if (client.token) h[client.headerName] = client.token;
+      return {
+        body: { ...(body || {}), message: messageText(messages[messages.length - 1]), id },
+        headers: h,
+      };
+    },
+    fetch: (input, init) => client.fetch(input, init),
+  };
+}

@@ -1,0 +1,292 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  HTTPError,
+  SatchelError,
+  ServiceUnavailableError,
+  StaleContextError,
+  TokenError,
+  memoryStorage,
+} from '../src/satchel.js';
+import { errorReply, fakeFetch, record, reply, testClient } from '../test-support/fakes.js';
+
+test('first request carries no token; the response token is adopted and sent next time', async () => {
+  const fetch = fakeFetch((call, i) =>
+    reply({ json: { ok: i }, satchel: { token: `tok${i + 1}`, seq: i + 1, session: 's1' } }),
+  );
+  const storage = memoryStorage();
+  const client = testClient({ fetch, storage, conversation: 'c1' });
+  const events = record(client, ['token']);
+
+  const res = await client.fetch('/chat', { method: 'POST', body: '{}' });
+  assert.equal(res.status, 200);
+  assert.deepEqual(await res.json(), { ok: 0 }); // body left for the caller
+  assert.equal(fetch.calls[0].token, null);
+  assert.equal(fetch.calls[0].headers.has('Satchel-Context'), false);
+  assert.equal(client.token, 'tok1');
+  assert.equal(client.seq, 1);
+  assert.equal(client.session, 's1');
+  assert.deepEqual(JSON.parse(storage.get('satchel:c1')), { token: 'tok1', seq: 1, session: 's1' });
+
+  await client.fetch('/chat', { method: 'POST', body: '{}', headers: { 'X-Other': 'kept' } });
+  assert.equal(fetch.calls[1].token, 'tok1');
+  assert.equal(fetch.calls[1].headers.get('X-Other'), 'kept');
+  assert.equal(client.token, 'tok2');
+  assert.deepEqual(
+    events.map((e) => [e.detail.token, e.detail.seq, e.detail.source]),
+    [
+      ['tok1', 1, 'response'],
+      ['tok2', 2, 'response'],
+    ],
+  );
+});
+
+test('a response without Satchel-Context keeps the old token', async () => {
+  const storage = memoryStorage({ 'satchel:default': JSON.stringify({ token: 'old', seq: 3, session: 's' }) });
+  const fetch = fakeFetch(() => reply({ json: {} }));
+  const client = testClient({ fetch, storage });
+  assert.equal(client.token, 'old'); // loaded synchronously at creation
+  await client.fetch('/x');
+  assert.equal(fetch.calls[0].token, 'old');
+  assert.equal(client.token, 'old');
+});
+
+test('custom headerName is used for both request and response', async () => {
+  const fetch = fakeFetch(() => reply({ headers: { 'X-Ctx': 'n1' } }));
+  const client = testClient({ fetch, headerName: 'X-Ctx' });
+  await client.importToken('held');
+  await client.fetch('/x');
+  assert.equal(fetch.calls[0].headers.get('X-Ctx'), 'held');
+  assert.equal(client.token, 'n1');
+});
+
+test('Request objects are accepted and keep their own headers', async () => {
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'n', seq: 1 } }));
+  const client = testClient({ fetch });
+  await client.importToken('held');
+  const req = new Request('http://x.test/chat', { method: 'POST', body: 'hi', headers: { 'X-A': '1' } });
+  await client.fetch(req);
+  assert.equal(fetch.calls[0].token, 'held');
+  assert.equal(fetch.calls[0].headers.get('X-A'), '1');
+  assert.equal(req.bodyUsed, false); // we send clones, so a retry stays possible
+});
+
+test('token_* error: drop token, emit reset, retry once without token', async () => {
+  const fetch = fakeFetch((call) =>
+    call.token
+      ? errorReply(401, 'token_expired', 'expired')
+      : reply({ json: { fresh: true }, satchel: { token: 'fresh1', seq: 1, session: 's2' } }),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('stale-token', { seq: 9, session: 's1' });
+  const events = record(client, ['reset', 'token', 'error']);
+
+  const res = await client.fetch('/chat', { method: 'POST', body: '{"m":1}' });
+  assert.deepEqual(await res.json(), { fresh: true });
+  assert.equal(fetch.calls.length, 2);
+  assert.equal(fetch.calls[0].token, 'stale-token');
+  assert.equal(fetch.calls[1].token, null);
+  assert.equal(fetch.calls[1].body, '{"m":1}'); // same request replayed
+  assert.equal(client.token, 'fresh1');
+  assert.deepEqual(
+    events.map((e) => e.name),
+    ['token', 'reset', 'token'], // dropped -> reset -> fresh token adopted
+  );
+  const reset = events.find((e) => e.name === 'reset').detail;
+  assert.equal(reset.code, 'token_expired');
+  assert.equal(reset.source, 'client');
+  assert.equal(reset.retrying, true);
+});
+
+test('token_* errors never loop: at most one retry, then TokenError', async () => {
+  const fetch = fakeFetch(() => errorReply(400, 'token_bad_signature', 'bad sig'));
+  const client = testClient({ fetch });
+  await client.importToken('t');
+  const errors = record(client, ['error']);
+  await assert.rejects(client.fetch('/chat', { method: 'POST', body: 'x' }), (err) => {
+    assert.ok(err instanceof TokenError);
+    assert.ok(err instanceof SatchelError);
+    assert.equal(err.code, 'token_bad_signature');
+    assert.equal(err.status, 400);
+    return true;
+  });
+  assert.equal(fetch.calls.length, 2);
+  assert.equal(client.token, null);
+  assert.equal(errors.length, 1);
+
+  // With no token held there is nothing to drop and no retry at all.
+  await assert.rejects(client.fetch('/chat'), TokenError);
+  assert.equal(fetch.calls.length, 3);
+});
+
+test('token_* with a non-replayable (stream) body: token dropped, no retry', async () => {
+  const fetch = fakeFetch(() => errorReply(401, 'token_wrong_user'));
+  const client = testClient({ fetch });
+  await client.importToken('t');
+  const resets = record(client, ['reset']);
+  const body = new ReadableStream({ start: (c) => c.close() });
+  await assert.rejects(client.fetch('/x', { method: 'POST', body, duplex: 'half' }), TokenError);
+  assert.equal(fetch.calls.length, 1);
+  assert.equal(client.token, null);
+  assert.equal(resets[0].detail.retrying, false);
+});
+
+test('typed errors: 503 tier_unavailable, other codes, non-JSON bodies', async () => {
+  const responses = [
+    errorReply(503, 'tier_unavailable', 'overflow tier down', { headers: { 'Retry-After': '5' } }),
+    errorReply(422, 'message_too_long', 'too long'),
+    reply({ status: 500, body: '<html>oops</html>' }),
+    reply({ status: 503, body: '' }),
+  ];
+  const fetch = fakeFetch((call, i) => responses[i]);
+  const client = testClient({ fetch });
+
+  const e1 = await client.fetch('/x').catch((e) => e);
+  assert.ok(e1 instanceof ServiceUnavailableError);
+  assert.equal(e1.code, 'tier_unavailable');
+  assert.equal(e1.status, 503);
+  assert.equal(e1.message, 'overflow tier down');
+  assert.equal(e1.retryAfter, 5);
+  assert.ok(e1.response instanceof Response);
+  assert.deepEqual(await e1.response.json(), { error: { code: 'tier_unavailable', message: 'overflow tier down' } });
+
+  const e2 = await client.fetch('/x').catch((e) => e);
+  assert.ok(e2 instanceof HTTPError);
+  assert.ok(e2 instanceof SatchelError);
+  assert.equal(e2.code, 'message_too_long');
+  assert.equal(e2.status, 422);
+
+  const e3 = await client.fetch('/x').catch((e) => e);
+  assert.ok(e3 instanceof HTTPError);
+  assert.equal(e3.code, 'http_500');
+
+  const e4 = await client.fetch('/x').catch((e) => e);
+  assert.ok(e4 instanceof ServiceUnavailableError);
+  assert.equal(e4.code, 'service_unavailable');
+  assert.equal(fetch.calls.length, 4); // none of these are retried
+});
+
+test('stale_context: picks up the newer token from storage and retries once', async () => {
+  const storage = memoryStorage();
+  const fetch = fakeFetch((call) => {
+    if (call.token === 'A5') {
+      // Meanwhile another tab advanced the conversation and stored A6.
+      storage.set('satchel:default', JSON.stringify({ token: 'A6', seq: 6, session: 'A' }));
+      return errorReply(409, 'stale_context', 'moved ahead');
+    }
+    return reply({ satchel: { token: 'A7', seq: 7, session: 'A' } });
+  });
+  const client = testClient({ fetch, storage });
+  await client.importToken('A5', { seq: 5, session: 'A' });
+  const stale = record(client, ['stale']);
+  await client.fetch('/chat', { method: 'POST', body: 'm' });
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['A5', 'A6']);
+  assert.equal(client.token, 'A7');
+  assert.equal(stale.length, 1);
+  assert.equal(stale[0].detail.retrying, true);
+});
+
+test('stale_context with nothing newer in storage: StaleContextError, no retry', async () => {
+  const fetch = fakeFetch(() => errorReply(409, 'stale_context', 'moved ahead'));
+  const client = testClient({ fetch });
+  await client.importToken('A5');
+  const stale = record(client, ['stale']);
+  await assert.rejects(client.fetch('/x'), StaleContextError);
+  assert.equal(fetch.calls.length, 1);
+  assert.equal(client.token, 'A5'); // a stale token is still the best we have
+  assert.equal(stale[0].detail.retrying, false);
+});
+
+test('only one retry per call even when stale is followed by a token error', async () => {
+  const storage = memoryStorage();
+  const fetch = fakeFetch((call, i) => {
+    if (i === 0) {
+      storage.set('satchel:default', JSON.stringify({ token: 'B', seq: 2 }));
+      return errorReply(409, 'stale_context');
+    }
+    return errorReply(401, 'token_expired');
+  });
+  const client = testClient({ fetch, storage });
+  await client.importToken('A', { seq: 1 });
+  await assert.rejects(client.fetch('/x'), TokenError);
+  assert.equal(fetch.calls.length, 2);
+});
+
+test('degraded, reset and fork headers become events', async () => {
+  const fetch = fakeFetch(() =>
+    reply({
+      satchel: {
+        token: 'n1',
+        seq: 1,
+        session: 'new',
+        degraded: 'tier_unavailable, segment_missing,data_loss',
+        reset: 'token_expired',
+        fork: 'parent=abc',
+      },
+    }),
+  );
+  const client = testClient({ fetch });
+  const events = record(client);
+  await client.fetch('/x');
+  const byName = Object.fromEntries(events.map((e) => [e.name, e.detail]));
+  assert.deepEqual(byName.degraded.reasons, ['tier_unavailable', 'segment_missing', 'data_loss']);
+  assert.equal(byName.reset.code, 'token_expired');
+  assert.equal(byName.reset.source, 'server');
+  assert.equal(byName.fork.detail, 'parent=abc');
+  assert.equal(byName.fork.source, 'server');
+  // The token is adopted before the other events fire, so handlers see it.
+  assert.equal(events[0].name, 'token');
+});
+
+test('degraded header on an error response is still reported', async () => {
+  const fetch = fakeFetch(() => errorReply(503, 'tier_unavailable', 'down', { satchel: { degraded: 'tier_unavailable' } }));
+  const client = testClient({ fetch });
+  const events = record(client, ['degraded', 'error']);
+  await assert.rejects(client.fetch('/x'), ServiceUnavailableError);
+  assert.deepEqual(events.map((e) => e.name), ['degraded', 'error']);
+});
+
+test('on() returns an unsubscribe function; EventTarget listeners get CustomEvents', async () => {
+  const fetch = fakeFetch((c, i) => reply({ satchel: { token: `t${i}`, seq: i } }));
+  const client = testClient({ fetch });
+  const seen = [];
+  const off = client.on('token', (d) => seen.push(d.token));
+  const viaTarget = [];
+  client.addEventListener('token', (e) => viaTarget.push(e.detail.token));
+  await client.fetch('/x');
+  off();
+  await client.fetch('/x');
+  assert.deepEqual(seen, ['t0']);
+  assert.deepEqual(viaTarget, ['t0', 't1']);
+});
+
+test('network errors propagate unchanged, with an error event; aborts emit nothing', async () => {
+  const boom = new TypeError('Failed to fetch');
+  const client = testClient({ fetch: async () => { throw boom; } });
+  const errors = record(client, ['error']);
+  await assert.rejects(client.fetch('/x'), (e) => e === boom);
+  assert.equal(errors.length, 1);
+
+  const ac = new AbortController();
+  ac.abort();
+  const aborting = testClient({
+    fetch: async (input, init) => {
+      init.signal.throwIfAborted();
+    },
+  });
+  const none = record(aborting, ['error']);
+  await assert.rejects(aborting.fetch('/x', { signal: ac.signal }), { name: 'AbortError' });
+  assert.equal(none.length, 0);
+});
+
+test('seq headers are compared as integers, non-integers are ignored', async () => {
+  const fetch = fakeFetch((c, i) => reply({ headers: { 'Satchel-Context': `t${i}`, 'Satchel-Seq': ['10', ' 7 ', '1.5'][i] } }));
+  const client = testClient({ fetch });
+  await client.fetch('/x');
+  assert.equal(client.seq, 10);
+  await client.fetch('/x'); // direct successor: adopted even though 7 < 10 (server's call)
+  assert.equal(client.seq, 7);
+  await client.fetch('/x');
+  assert.equal(client.seq, null);
+  assert.equal(client.token, 't2');
+});

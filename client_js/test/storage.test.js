@@ -1,0 +1,211 @@
+import { test, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  createClient,
+  listConversations,
+  localStorageAdapter,
+  memoryStorage,
+  resolveStorage,
+  sessionStorageAdapter,
+} from '../src/satchel.js';
+import { fakeFetch, reply, testClient } from '../test-support/fakes.js';
+
+/** Minimal Web Storage double; `failAfter` makes setItem throw from the Nth call on. */
+class FakeWebStorage {
+  constructor({ failAfter = Infinity } = {}) {
+    this.map = new Map();
+    this.sets = 0;
+    this.failAfter = failAfter;
+  }
+  get length() {
+    return this.map.size;
+  }
+  key(i) {
+    return [...this.map.keys()][i] ?? null;
+  }
+  getItem(k) {
+    return this.map.has(k) ? this.map.get(k) : null;
+  }
+  setItem(k, v) {
+    if (++this.sets > this.failAfter) {
+      const e = new Error('quota');
+      e.name = 'QuotaExceededError';
+      throw e;
+    }
+    this.map.set(k, String(v));
+  }
+  removeItem(k) {
+    this.map.delete(k);
+  }
+}
+
+function installGlobal(name, value) {
+  Object.defineProperty(globalThis, name, { configurable: true, enumerable: true, ...value });
+}
+
+afterEach(() => {
+  delete globalThis.localStorage;
+  delete globalThis.sessionStorage;
+});
+
+test('conversations are isolated: each keeps and sends its own token', async () => {
+  const storage = memoryStorage();
+  const fetch = fakeFetch((call) => {
+    const conv = new URL(call.url).searchParams.get('c');
+    const n = fetch.calls.filter((c) => c.url === call.url).length;
+    return reply({ satchel: { token: `${conv}-${n}`, seq: n } });
+  });
+  const a = testClient({ fetch, storage, conversation: 'a' });
+  const b = a.withConversation('b'); // shares storage and fetch
+
+  await a.fetch('http://x.test/?c=a');
+  await b.fetch('http://x.test/?c=b');
+  await a.fetch('http://x.test/?c=a');
+  await b.fetch('http://x.test/?c=b');
+
+  assert.deepEqual(fetch.calls.map((c) => c.token), [null, null, 'a-1', 'b-1']);
+  assert.equal(a.token, 'a-2');
+  assert.equal(b.token, 'b-2');
+  assert.equal(b.storage, storage);
+  assert.deepEqual((await listConversations(storage)).sort(), ['a', 'b']);
+
+  await a.reset();
+  assert.equal(a.token, null);
+  assert.equal(b.token, 'b-2');
+  assert.deepEqual(await listConversations(storage), ['b']);
+});
+
+test('listConversations honours the prefix and ignores other keys', async () => {
+  const storage = memoryStorage({ 'satchel:x': 't', 'app:y': 't', 'other': 'z' });
+  const client = testClient({ storage, prefix: 'app:', conversation: 'z' });
+  await client.importToken('tz');
+  assert.equal(client.storageKey, 'app:z');
+  assert.deepEqual((await listConversations(storage, 'app:')).sort(), ['y', 'z']);
+  assert.deepEqual(await listConversations(storage), ['x']);
+  assert.deepEqual(await listConversations({ get() {}, set() {}, remove() {} }), []);
+});
+
+test('storage fallback: missing localStorage -> memory', () => {
+  const client = createClient({ conversation: 'fb1', broadcast: false });
+  assert.equal(client.storage.kind, 'memory');
+  assert.equal(client.storage.fallbackFrom, 'local');
+});
+
+test('storage fallback: localStorage access throws (blocked storage) -> memory', () => {
+  installGlobal('localStorage', {
+    get() {
+      throw new DOMException('denied', 'SecurityError');
+    },
+  });
+  const adapter = localStorageAdapter();
+  assert.equal(adapter.kind, 'memory');
+  adapter.set('k', 'v');
+  assert.equal(adapter.get('k'), 'v');
+  adapter.remove('k');
+});
+
+test('storage fallback: zero quota (private mode) -> memory, and the client works', async () => {
+  installGlobal('localStorage', { value: new FakeWebStorage({ failAfter: 0 }) });
+  const fetch = fakeFetch((c, i) => reply({ satchel: { token: `t${i}`, seq: i } }));
+  const client = createClient({ fetch, conversation: 'fb2', broadcast: false, locks: false });
+  assert.equal(client.storage.kind, 'memory');
+  await client.fetch('/x');
+  await client.fetch('/x');
+  assert.equal(fetch.calls[1].token, 't0');
+});
+
+test('quota filled later: writes fall back to a memory overlay per key', async () => {
+  const area = new FakeWebStorage({ failAfter: 3 }); // probe set + 2 writes succeed
+  installGlobal('localStorage', { value: area });
+  const adapter = localStorageAdapter();
+  assert.equal(adapter.kind, 'local');
+  adapter.set('satchel:q', 'v1');
+  adapter.set('satchel:q', 'v2');
+  adapter.set('satchel:q', 'v3'); // throws inside; kept in memory
+  assert.equal(area.getItem('satchel:q'), 'v2');
+  assert.equal(adapter.get('satchel:q'), 'v3');
+  assert.deepEqual(adapter.keys(), ['satchel:q']);
+  adapter.remove('satchel:q');
+  assert.equal(adapter.get('satchel:q'), null);
+});
+
+test('localStorage and sessionStorage adapters use the real areas when they work', () => {
+  const local = new FakeWebStorage();
+  const session = new FakeWebStorage();
+  installGlobal('localStorage', { value: local });
+  installGlobal('sessionStorage', { value: session });
+  const client = createClient({ conversation: 'ls', broadcast: false });
+  assert.equal(client.storage.kind, 'local');
+  const s = sessionStorageAdapter();
+  s.set('a', '1');
+  assert.equal(session.getItem('a'), '1');
+  assert.equal(local.getItem('a'), null);
+  // Session storage is per tab, so it does not announce tokens to other tabs by default.
+  const perTab = createClient({ storage: 'session', conversation: 'ss' });
+  assert.equal(perTab.storage.kind, 'session');
+  assert.equal(perTab.syncMode, 'none');
+});
+
+test('"memory" is one page-wide store; memoryStorage() gives private ones', async () => {
+  const a = createClient({ storage: 'memory', conversation: 'pw', broadcast: false, locks: false });
+  await a.importToken('shared-token');
+  const b = createClient({ storage: 'memory', conversation: 'pw', broadcast: false, locks: false });
+  assert.equal(b.token, 'shared-token');
+  await a.reset();
+  const c = testClient({ conversation: 'pw' });
+  assert.equal(c.token, null);
+});
+
+test('async custom adapter: token becomes available after `ready`', async () => {
+  const backing = new Map([['satchel:async', JSON.stringify({ token: 'from-idb', seq: 4, session: 's' })]]);
+  const adapter = {
+    get: async (k) => backing.get(k) ?? null,
+    set: async (k, v) => void backing.set(k, v),
+    remove: async (k) => void backing.delete(k),
+    keys: async () => [...backing.keys()],
+  };
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'next', seq: 5, session: 's' } }));
+  const client = testClient({ storage: adapter, fetch, conversation: 'async' });
+  assert.equal(client.token, null);
+  await client.ready;
+  assert.equal(client.token, 'from-idb');
+  assert.equal(client.seq, 4);
+  await client.fetch('/x');
+  assert.equal(fetch.calls[0].token, 'from-idb');
+  assert.equal(JSON.parse(backing.get('satchel:async')).token, 'next');
+  assert.deepEqual(await listConversations(adapter), ['async']);
+});
+
+test('exportToken / importToken / reset', async () => {
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'after', seq: 11, session: 'S' } }));
+  const storage = memoryStorage();
+  const client = testClient({ fetch, storage });
+  assert.equal(client.exportToken(), null);
+  await client.importToken('restored', { seq: '10', session: 'S' });
+  assert.equal(client.exportToken(), 'restored');
+  assert.equal(client.seq, 10);
+  await client.fetch('/x');
+  assert.equal(fetch.calls[0].token, 'restored');
+  assert.equal(client.exportToken(), 'after');
+  await client.reset();
+  assert.equal(client.token, null);
+  assert.equal(storage.get('satchel:default'), null);
+  await client.fetch('/x');
+  assert.equal(fetch.calls[1].token, null);
+  await assert.rejects(client.importToken(''), TypeError);
+});
+
+test('a bare token string in storage (not our JSON record) is accepted', async () => {
+  const storage = memoryStorage({ 'satchel:raw': 'v1.abc.def' });
+  const fetch = fakeFetch(() => reply({}));
+  const client = testClient({ storage, fetch, conversation: 'raw' });
+  assert.equal(client.token, 'v1.abc.def');
+  assert.equal(client.seq, null);
+  await client.fetch('/x');
+  assert.equal(fetch.calls[0].token, 'v1.abc.def');
+});
+
+test('resolveStorage rejects incomplete adapters and unknown names', () => {
+  assert.throws(() => resolveStorage({ get() {} }), TypeError);
+  assert.throws(() => resolveStorage('indexeddb'), TypeError);
+});

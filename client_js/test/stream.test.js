@@ -1,0 +1,231 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SatchelError, ServiceUnavailableError, TokenError, memoryStorage } from '../src/satchel.js';
+import { errorReply, fakeFetch, flush, record, sse, sseReply, testClient } from '../test-support/fakes.js';
+
+const FINAL = { token: 'tok8', seq: 8, session: 'S', degraded: [], reset: null, fork: null };
+
+function chatStream({ deltas = ['Hel', 'lo'], final = FINAL, done = true } = {}) {
+  const events = deltas.map((text) => ({ event: 'delta', data: { text } }));
+  if (final) events.push({ event: 'satchel', data: final });
+  if (done) events.push({ event: 'done', data: {} });
+  return sse(events);
+}
+
+// Cut a string into 3-character chunks so events straddle chunk borders.
+const smallChunks = (text) => text.match(/[\s\S]{1,3}/g);
+
+test('stream(): POSTs JSON with the token, yields deltas, adopts the final token', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream(), { chunks: smallChunks }));
+  const storage = memoryStorage();
+  const client = testClient({ fetch, storage, conversation: 'c' });
+  await client.importToken('tok7', { seq: 7, session: 'S' });
+
+  const s = client.stream('/chat/stream', { message: 'hi' });
+  const got = [];
+  for await (const piece of s) got.push(piece);
+  assert.deepEqual(got, ['Hel', 'lo']);
+
+  const call = fetch.calls[0];
+  assert.equal(call.method, 'POST');
+  assert.equal(call.token, 'tok7');
+  assert.equal(call.headers.get('content-type'), 'application/json');
+  assert.equal(call.headers.get('accept'), 'text/event-stream');
+  assert.equal(call.body, '{"message":"hi"}');
+
+  assert.equal(client.token, 'tok8');
+  assert.equal(JSON.parse(storage.get('satchel:c')).seq, 8);
+  const result = await s.result;
+  assert.equal(result.text, 'Hello');
+  assert.equal(result.token, 'tok8');
+  assert.equal(result.seq, 8);
+});
+
+test('stream(): manual next() returns the metadata as the generator return value', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream({ deltas: ['x'] })));
+  const client = testClient({ fetch });
+  const s = client.stream('/s', {});
+  assert.deepEqual(await s.next(), { value: 'x', done: false });
+  const end = await s.next();
+  assert.equal(end.done, true);
+  assert.equal(end.value.token, 'tok8');
+});
+
+test('stream(): degraded / reset / fork from the final SSE event become events', async () => {
+  const final = { ...FINAL, degraded: ['tier_write_failed', 'data_loss'], reset: 'token_expired', fork: 'two children of seq 7' };
+  const fetch = fakeFetch(() => sseReply(chatStream({ final })));
+  const client = testClient({ fetch });
+  const events = record(client);
+  for await (const _ of client.stream('/s', {})) void _;
+  const byName = Object.fromEntries(events.map((e) => [e.name, e.detail]));
+  assert.deepEqual(byName.degraded.reasons, ['tier_write_failed', 'data_loss']);
+  assert.equal(byName.degraded.source, 'stream');
+  assert.equal(byName.reset.code, 'token_expired');
+  assert.equal(byName.fork.detail, 'two children of seq 7');
+  assert.equal(byName.token.token, 'tok8');
+});
+
+test('stream(): degraded header on the streaming response is reported too', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream(), { headers: { 'Satchel-Degraded': 'segment_missing' } }));
+  const client = testClient({ fetch });
+  const events = record(client, ['degraded']);
+  for await (const _ of client.stream('/s', {})) void _;
+  assert.deepEqual(events.map((e) => e.detail.reasons), [['segment_missing']]);
+});
+
+test('stream(): event: error becomes a typed error', async () => {
+  const body = sse([
+    { event: 'delta', data: { text: 'partial' } },
+    { event: 'error', data: { code: 'tier_unavailable', message: 'tier down' } },
+  ]);
+  const fetch = fakeFetch(() => sseReply(body));
+  const client = testClient({ fetch });
+  const errors = record(client, ['error']);
+  const got = [];
+  await assert.rejects(
+    (async () => {
+      for await (const p of client.stream('/s', {})) got.push(p);
+    })(),
+    (err) => err instanceof ServiceUnavailableError && err.code === 'tier_unavailable' && err.status === null,
+  );
+  assert.deepEqual(got, ['partial']);
+  assert.equal(errors.length, 1);
+
+  const fetch2 = fakeFetch(() => sseReply(sse([{ event: 'error', data: { code: 'model_failed', message: 'nope' } }])));
+  const c2 = testClient({ fetch: fetch2 });
+  const err = await (async () => {
+    for await (const _ of c2.stream('/s', {})) void _;
+  })().catch((e) => e);
+  assert.equal(err.constructor, SatchelError);
+  assert.equal(err.code, 'model_failed');
+});
+
+test('stream(): HTTP token error before streaming -> reset + fresh retry', async () => {
+  const fetch = fakeFetch((call) =>
+    call.token ? errorReply(401, 'token_unknown_key', 'rotated') : sseReply(chatStream({ final: { ...FINAL, token: 'fresh', seq: 1 } })),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('old');
+  const resets = record(client, ['reset']);
+  const got = [];
+  for await (const p of client.stream('/s', { message: 'q' })) got.push(p);
+  assert.deepEqual(got, ['Hel', 'lo']);
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['old', null]);
+  assert.equal(fetch.calls[1].body, '{"message":"q"}');
+  assert.equal(client.token, 'fresh');
+  assert.equal(resets[0].detail.code, 'token_unknown_key');
+});
+
+test('stream(): in-stream token error before any delta is retried once; after a delta it is not', async () => {
+  const early = fakeFetch((call) =>
+    call.token
+      ? sseReply(sse([{ event: 'error', data: { code: 'token_migration_failed', message: 'm' } }]))
+      : sseReply(chatStream({ final: { ...FINAL, token: 'fresh' } })),
+  );
+  const c1 = testClient({ fetch: early });
+  await c1.importToken('old');
+  for await (const _ of c1.stream('/s', {})) void _;
+  assert.equal(early.calls.length, 2);
+  assert.equal(c1.token, 'fresh');
+
+  const late = fakeFetch(() =>
+    sseReply(sse([
+      { event: 'delta', data: { text: 'shown' } },
+      { event: 'error', data: { error: { code: 'token_migration_failed', message: 'm' } } },
+    ])),
+  );
+  const c2 = testClient({ fetch: late });
+  await c2.importToken('old');
+  await assert.rejects(
+    (async () => {
+      for await (const _ of c2.stream('/s', {})) void _;
+    })(),
+    TokenError,
+  );
+  assert.equal(late.calls.length, 1); // retrying would repeat text already shown
+});
+
+test('stream(): ending without the satchel event is an error (turn may be lost)', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream({ final: null, done: false })));
+  const client = testClient({ fetch });
+  await client.importToken('keep');
+  const s = client.stream('/s', {});
+  await assert.rejects(
+    (async () => {
+      for await (const _ of s) void _;
+    })(),
+    (e) => e instanceof SatchelError && e.code === 'stream_incomplete',
+  );
+  await assert.rejects(s.result, { code: 'stream_incomplete' });
+  assert.equal(client.token, 'keep');
+});
+
+test('stream(): satchel event without a trailing done is fine', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream({ done: false })));
+  const client = testClient({ fetch });
+  for await (const _ of client.stream('/s', {})) void _;
+  assert.equal(client.token, 'tok8');
+});
+
+test('stream(): breaking out early cancels the body and releases the lock', async () => {
+  let cancelled = false;
+  const enc = new TextEncoder();
+  const fetch = fakeFetch((call, i) => {
+    if (i > 0) return sseReply(chatStream());
+    return new Response(
+      new ReadableStream({
+        start(c) {
+          c.enqueue(enc.encode(sse([{ event: 'delta', data: { text: 'a' } }])));
+          // never closes: a server still generating
+        },
+        cancel() {
+          cancelled = true;
+        },
+      }),
+      { headers: { 'content-type': 'text/event-stream' } },
+    );
+  });
+  const client = testClient({ fetch });
+  const s = client.stream('/s', {});
+  for await (const _ of s) break;
+  assert.equal(cancelled, true);
+  await assert.rejects(s.result, { code: 'stream_cancelled' });
+  // The next request for the conversation is not stuck behind the lock.
+  for await (const _ of client.stream('/s', {})) void _;
+  assert.equal(client.token, 'tok8');
+});
+
+test('stream(): the lock is released at the satchel event, before the stream ends', async () => {
+  const enc = new TextEncoder();
+  let finish;
+  const fetch = fakeFetch((call, i) => {
+    if (i > 0) return sseReply(chatStream());
+    return new Response(
+      new ReadableStream({
+        start(c) {
+          c.enqueue(enc.encode(chatStream({ done: false })));
+          // `done` only arrives when the test says so: the server is still busy.
+          finish = () => {
+            c.enqueue(enc.encode(sse([{ event: 'done', data: {} }])));
+            c.close();
+          };
+        },
+      }),
+      { headers: { 'content-type': 'text/event-stream' } },
+    );
+  });
+  const client = testClient({ fetch });
+  const first = client.stream('/s', {});
+  assert.equal((await first.next()).value, 'Hel');
+  assert.equal((await first.next()).value, 'lo');
+  const pending = first.next(); // processes the satchel event, then waits for more bytes
+  await flush();
+  assert.equal(client.token, 'tok8');
+  const second = client.fetch('/other');
+  await flush();
+  assert.equal(fetch.calls.length, 2, 'second request ran while the first stream is still open');
+  assert.equal(fetch.calls[1].token, 'tok8');
+  finish();
+  assert.equal((await pending).done, true);
+  await second;
+});

@@ -1,0 +1,230 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createClient, memoryStorage } from '../src/satchel.js';
+import {
+  channelHub,
+  deferred,
+  fakeFetch,
+  fakeLocks,
+  flush,
+  record,
+  reply,
+  testClient,
+} from '../test-support/fakes.js';
+
+test('lock fallback: two concurrent requests run one after the other; the second carries the first response token', async () => {
+  const gates = [deferred(), deferred()];
+  const fetch = fakeFetch((call, i) => gates[i].promise);
+  const client = testClient({ fetch, conversation: 'serial' });
+  assert.equal(client.lockMode, 'page-queue');
+
+  const p1 = client.fetch('/chat', { method: 'POST', body: 'one' });
+  const p2 = client.fetch('/chat', { method: 'POST', body: 'two' });
+  await flush();
+  assert.equal(fetch.calls.length, 1, 'second request waits for the first');
+  assert.equal(fetch.calls[0].body, 'one');
+
+  gates[0].resolve(reply({ satchel: { token: 'after-one', seq: 1, session: 's' } }));
+  await p1;
+  await flush();
+  assert.equal(fetch.calls.length, 2);
+  assert.equal(fetch.calls[1].body, 'two');
+  assert.equal(fetch.calls[1].token, 'after-one');
+
+  gates[1].resolve(reply({ satchel: { token: 'after-two', seq: 2, session: 's' } }));
+  await p2;
+  assert.equal(client.token, 'after-two');
+});
+
+test('lock fallback: the queue is per conversation and survives a failed request', async () => {
+  const gate = deferred();
+  const fetch = fakeFetch((call) => (call.url === '/slow' ? gate.promise : reply({})));
+  const a = testClient({ fetch, conversation: 'q-a' });
+  const b = a.withConversation('q-b');
+  const slow = a.fetch('/slow');
+  await b.fetch('/fast'); // other conversation: not blocked
+  const queued = a.fetch('/fast');
+  await flush();
+  assert.deepEqual(fetch.calls.map((c) => c.url), ['/slow', '/fast']);
+  gate.reject(new TypeError('network down'));
+  await assert.rejects(slow, TypeError);
+  await queued; // lock was released despite the failure
+  assert.equal(fetch.calls.length, 3);
+});
+
+test('lock fallback: aborting while queued rejects without blocking the queue', async () => {
+  const gate = deferred();
+  const fetch = fakeFetch((call, i) => (i === 0 ? gate.promise : reply({})));
+  const client = testClient({ fetch, conversation: 'abort-q' });
+  const first = client.fetch('/1');
+  const ac = new AbortController();
+  const second = client.fetch('/2', { signal: ac.signal });
+  const third = client.fetch('/3');
+  ac.abort();
+  await assert.rejects(second, { name: 'AbortError' });
+  gate.resolve(reply({}));
+  await first;
+  await third;
+  assert.deepEqual(fetch.calls.map((c) => c.url), ['/1', '/3']);
+});
+
+test('Web Locks: lock "satchel:<conversation>", token read inside the lock (two tabs, shared storage)', async () => {
+  const locks = fakeLocks(); // stands in for navigator.locks, shared by both "tabs"
+  const shared = memoryStorage(); // stands in for localStorage, shared by both tabs
+  const gate = deferred();
+  const fetchA = fakeFetch(() => gate.promise);
+  const fetchB = fakeFetch(() => reply({ satchel: { token: 'b-next', seq: 2, session: 's' } }));
+  const tabA = testClient({ storage: shared, locks, fetch: fetchA, conversation: 'wl' });
+  const tabB = testClient({ storage: shared, locks, fetch: fetchB, conversation: 'wl' });
+  assert.equal(tabA.lockMode, 'web-locks');
+
+  const pa = tabA.fetch('/chat');
+  await flush();
+  // Tab B created its request while A held the lock and before A had its token.
+  const pb = tabB.fetch('/chat');
+  await flush();
+  assert.equal(fetchB.calls.length, 0);
+
+  gate.resolve(reply({ satchel: { token: 'a-next', seq: 1, session: 's' } }));
+  await pa;
+  await pb;
+  assert.equal(fetchB.calls[0].token, 'a-next', 'B read the token A wrote, not what it held when it queued');
+  assert.equal(tabB.token, 'b-next');
+  await flush(); // the lock manager logs the release a few microtasks later
+  assert.deepEqual(locks.log, ['acquire satchel:wl', 'release satchel:wl', 'acquire satchel:wl', 'release satchel:wl']);
+});
+
+test('Web Locks are picked up from navigator.locks when present; locks:false opts out', () => {
+  const locks = fakeLocks();
+  Object.defineProperty(globalThis, 'navigator', { value: { locks }, configurable: true });
+  try {
+    assert.equal(createClient({ storage: memoryStorage(), broadcast: false }).lockMode, 'web-locks');
+    assert.equal(createClient({ storage: memoryStorage(), broadcast: false, locks: false }).lockMode, 'page-queue');
+  } finally {
+    delete globalThis.navigator;
+  }
+});
+
+test('BroadcastChannel: new tokens are announced and adopted by the other tab', async () => {
+  const hub = channelHub();
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'n1', seq: 1, session: 's' } }));
+  // Separate per-tab storages, so the broadcast is the only way B can learn.
+  const tabA = testClient({ fetch, broadcast: hub.FakeChannel, conversation: 'bc' });
+  const tabB = testClient({ broadcast: hub.FakeChannel, conversation: 'bc' });
+  const other = testClient({ broadcast: hub.FakeChannel, conversation: 'unrelated' });
+  assert.equal(tabA.syncMode, 'broadcast-channel');
+  const seenB = record(tabB, ['token']);
+
+  await tabA.fetch('/x');
+  await flush();
+  assert.equal(hub.sent[0].name, 'satchel:satchel:');
+  assert.deepEqual(hub.sent[0].data, { v: 1, conversation: 'bc', type: 'token', token: 'n1', seq: 1, session: 's' });
+  assert.equal(tabB.token, 'n1');
+  assert.equal(JSON.parse(tabB.storage.get('satchel:bc')).token, 'n1');
+  assert.equal(seenB[0].detail.source, 'broadcast');
+  assert.equal(other.token, null);
+
+  await tabA.reset();
+  await flush();
+  assert.equal(tabB.token, null, 'a reset is announced too');
+
+  tabB.close();
+  await tabA.importToken('after-close');
+  await flush();
+  assert.equal(tabB.token, null);
+});
+
+test('monotonic adoption: only a greater seq (compared as integers) replaces the held token', async () => {
+  const hub = channelHub();
+  const tab = testClient({ broadcast: hub.FakeChannel, conversation: 'mono' });
+  const sender = new hub.FakeChannel('satchel:satchel:');
+  const announce = (token, seq, session = 'S') =>
+    sender.postMessage({ v: 1, conversation: 'mono', type: 'token', token, seq, session });
+
+  announce('t10', 10);
+  await flush();
+  assert.equal(tab.token, 't10');
+  announce('t9', '9'); // "9" > "10" as strings, not as integers
+  await flush();
+  assert.equal(tab.token, 't10');
+  announce('t10b', 10); // equal is not greater
+  await flush();
+  assert.equal(tab.token, 't10');
+  announce('t11', 11);
+  await flush();
+  assert.equal(tab.token, 't11');
+  announce('new-session', 1, 'S2'); // another tab restarted the conversation
+  await flush();
+  assert.equal(tab.token, 'new-session');
+
+  // A clear for a token we no longer hold is ignored.
+  sender.postMessage({ v: 1, conversation: 'mono', type: 'clear', token: 't11' });
+  await flush();
+  assert.equal(tab.token, 'new-session');
+});
+
+test('client-side fork: a response not ahead of what another tab already stored', async () => {
+  // Two tabs without a shared lock (each has its own lock manager), one storage.
+  const shared = memoryStorage();
+  const gates = { a: deferred(), b: deferred() };
+  const tabA = testClient({ storage: shared, locks: fakeLocks(), fetch: fakeFetch(() => gates.a.promise), conversation: 'fork' });
+  const tabB = testClient({ storage: shared, locks: fakeLocks(), fetch: fakeFetch(() => gates.b.promise), conversation: 'fork' });
+  await tabA.importToken('p5', { seq: 5, session: 'S' });
+  const forksA = record(tabA, ['fork']);
+
+  const pa = tabA.fetch('/chat');
+  const pb = tabB.fetch('/chat');
+  await flush();
+  gates.b.resolve(reply({ satchel: { token: 'b6', seq: 6, session: 'S' } }));
+  await pb;
+  gates.a.resolve(reply({ satchel: { token: 'a6', seq: 6, session: 'S' } }));
+  await pa;
+
+  assert.equal(shared.get('satchel:fork') && JSON.parse(shared.get('satchel:fork')).token, 'b6');
+  assert.equal(tabA.token, 'b6', 'first writer kept; the sibling is not adopted');
+  assert.equal(forksA.length, 1);
+  assert.equal(forksA[0].detail.source, 'client');
+  assert.deepEqual(forksA[0].detail.held, { seq: 6, session: 'S' });
+  assert.deepEqual(forksA[0].detail.incoming, { seq: 6, session: 'S' });
+});
+
+test('storage-event fallback when BroadcastChannel is missing (localStorage only)', async () => {
+  const target = new EventTarget();
+  const saved = globalThis.BroadcastChannel;
+  const map = new Map();
+  const area = {
+    get length() {
+      return map.size;
+    },
+    key: (i) => [...map.keys()][i] ?? null,
+    getItem: (k) => (map.has(k) ? map.get(k) : null),
+    setItem: (k, v) => void map.set(k, String(v)),
+    removeItem: (k) => void map.delete(k),
+  };
+  globalThis.localStorage = area;
+  globalThis.addEventListener = target.addEventListener.bind(target);
+  globalThis.removeEventListener = target.removeEventListener.bind(target);
+  delete globalThis.BroadcastChannel;
+  try {
+    const client = createClient({ conversation: 'se', locks: false });
+    assert.equal(client.syncMode, 'storage-event');
+    const fire = (key, newValue) => target.dispatchEvent(Object.assign(new Event('storage'), { key, newValue }));
+
+    // Another tab wrote localStorage; the browser tells us via `storage`.
+    area.setItem('satchel:se', JSON.stringify({ token: 'other-tab', seq: 3, session: 's' }));
+    fire('satchel:se', area.getItem('satchel:se'));
+    assert.equal(client.token, 'other-tab');
+    fire('satchel:unrelated', 'x');
+    assert.equal(client.token, 'other-tab');
+    fire(null, null); // localStorage.clear()
+    assert.equal(client.token, null);
+    client.close();
+    fire('satchel:se', 'late');
+    assert.equal(client.token, null);
+  } finally {
+    globalThis.BroadcastChannel = saved;
+    delete globalThis.localStorage;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
+});
