@@ -399,51 +399,81 @@ class Satchel:
         deltas: Iterable[str],
         *,
         on_complete: Callable[[str], None] | None = None,
+        protocol: str = "satchel",
     ) -> Response:
-        """A server-sent-events response: ``delta`` events, then the next token.
+        """A server-sent-events response: text deltas, then the next token.
 
         ``deltas`` yields text pieces; when it is exhausted, ``on_complete`` receives the
         whole text (typically to add the assistant turn), the context is sealed, and a
-        final ``satchel`` event carries the token so streamed replies keep the context.
+        final event carries the token so streamed replies keep the context.
+
+        ``protocol="satchel"`` sends ``delta`` events, a ``satchel`` event and ``done``
+        (what ``client.stream()`` reads). ``protocol="ai-sdk"`` speaks the Vercel AI
+        SDK's UI message stream (``text-delta`` chunks) and carries the token in a
+        transient ``data-satchel`` part, for ``useChat`` frontends (docs/client-js.md).
         """
+        if protocol not in ("satchel", "ai-sdk"):
+            raise ValueError("protocol must be 'satchel' or 'ai-sdk'")
         rs = self._request_state()
         self.get_context()
         rs.streaming = True
+        ai_sdk = protocol == "ai-sdk"
+
+        def finish_metadata() -> dict[str, Any]:
+            headers = self.finish(rs)
+            return {
+                "token": headers[HEADER_CONTEXT],
+                "seq": int(headers["Satchel-Seq"]),
+                "session": headers["Satchel-Session"],
+                "degraded": _split(headers.get("Satchel-Degraded")),
+                "reset": headers.get("Satchel-Reset"),
+                "fork": headers.get("Satchel-Fork"),
+                "timing": headers["Server-Timing"],
+            }
 
         def events() -> Iterator[str]:
             parts: list[str] = []
+            if ai_sdk:
+                yield ai_chunk({"type": "start"})
+                yield ai_chunk({"type": "text-start", "id": "t0"})
             try:
                 for delta in deltas:
                     if delta:
                         parts.append(delta)
-                        yield sse("delta", {"text": delta})
+                        if ai_sdk:
+                            yield ai_chunk({"type": "text-delta", "id": "t0", "delta": delta})
+                        else:
+                            yield sse("delta", {"text": delta})
                 if on_complete is not None:
                     on_complete("".join(parts))
-                headers = self.finish(rs)
+                metadata = finish_metadata()
             except SatchelError as exc:
-                yield sse("error", exc.to_dict())
+                if ai_sdk:
+                    yield ai_chunk({"type": "error", "errorText": f"{exc.code}: {exc.message}"})
+                else:
+                    yield sse("error", exc.to_dict())
                 return
             except Exception:
                 log.exception("satchel stream failed")
-                yield sse("error", {"code": "stream_failed", "message": "the reply failed"})
+                if ai_sdk:
+                    yield ai_chunk({"type": "error", "errorText": "stream_failed"})
+                else:
+                    yield sse("error", {"code": "stream_failed", "message": "the reply failed"})
                 return
-            yield sse(
-                "satchel",
-                {
-                    "token": headers[HEADER_CONTEXT],
-                    "seq": int(headers["Satchel-Seq"]),
-                    "session": headers["Satchel-Session"],
-                    "degraded": _split(headers.get("Satchel-Degraded")),
-                    "reset": headers.get("Satchel-Reset"),
-                    "fork": headers.get("Satchel-Fork"),
-                    "timing": headers["Server-Timing"],
-                },
-            )
-            yield sse("done", {})
+            if ai_sdk:
+                yield ai_chunk({"type": "text-end", "id": "t0"})
+                yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
+                yield ai_chunk({"type": "finish"})
+                yield "data: [DONE]\n\n"
+            else:
+                yield sse("satchel", metadata)
+                yield sse("done", {})
 
         response = Response(stream_with_context(events()), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"
+        if ai_sdk:
+            response.headers["x-vercel-ai-ui-message-stream"] = "v1"
         self._expose_headers(response)
         return response
 
@@ -465,6 +495,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def ai_chunk(chunk: dict[str, Any]) -> str:
+    """One chunk of the AI SDK's UI message stream (a bare ``data:`` line)."""
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
 def _split(value: str | None) -> list[str]:
