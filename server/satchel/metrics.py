@@ -1,0 +1,450 @@
+"""Prometheus metrics for Satchel, as an :class:`~satchel.observe.Observer`.
+
+::
+
+    from satchel.metrics import PrometheusObserver, metrics_response
+
+    obs = PrometheusObserver()              # its own CollectorRegistry
+    satchel = Satchel(app, observer=obs)
+
+    @app.get("/metrics")
+    def metrics():
+        return metrics_response(obs.registry)
+
+Every metric is named ``<namespace>_...`` (``satchel_`` by default) and every label
+takes a small, code-defined set of values: a step, a reason code, a schema version,
+a key id, a tier name. A session id or session tag is never a label. Label values
+that do not look like a code are reported as ``"other"``, and each label of each
+metric holds at most :data:`MAX_LABEL_VALUES` distinct values (later ones become
+``"other"``), so a bug or a hostile input cannot blow up the series count.
+
+Metrics (labels in braces; the event or call that moves them after the colon):
+
+* ``satchel_step_seconds{step}`` histogram: ``timing(step, seconds)`` for open, verify,
+  decompress, unpack, migrate, rehydrate, trim, summarize, overflow, seal
+* ``satchel_token_bytes`` histogram: ``token(size=)``
+* ``satchel_token_compression_ratio`` histogram: ``token()``, raw_size / size when
+  raw_size > 0
+* ``satchel_token_turns`` histogram: ``token(turns=)``
+* ``satchel_tokens_issued_total``: issued
+* ``satchel_tokens_opened_total{mode,kid}``: opened
+* ``satchel_tokens_refused_total{reason}``: refused (reason = the error code)
+* ``satchel_tokens_expired_total{reason}``: expired (token, idle, max_age)
+* ``satchel_tokens_resealed_total``: resealed
+* ``satchel_sessions_started_total``: session_started
+* ``satchel_migrations_total{from_version}``: migrated
+* ``satchel_trims_total{reason}`` and ``satchel_trimmed_turns_total{reason}``: trimmed
+* ``satchel_summarized_turns_total``: summarized
+* ``satchel_overflow_writes_total``, ``satchel_overflow_write_bytes_total``: overflowed
+* ``satchel_overflow_reads_total``, ``satchel_overflow_read_turns_total``: rehydrated
+* ``satchel_overflow_misses_total{reason}``: degraded with reason segment_missing,
+  segment_corrupt, segment_foreign or tier_unavailable
+* ``satchel_degraded_total{reason}``: degraded
+* ``satchel_data_loss_total``, ``satchel_data_loss_turns_total``: data_loss
+* ``satchel_forks_total``: fork_detected
+* ``satchel_stale_refused_total``: stale_refused
+* ``satchel_erased_total``: erased
+* ``satchel_breaker_state{tier}`` gauge (0 closed, 1 half-open, 2 open) and
+  ``satchel_breaker_transitions_total{tier,state}``: breaker_opened, breaker_half_open,
+  breaker_closed
+* ``satchel_segment_cache_{hits,misses,evictions}_total{tier}`` and
+  ``satchel_segment_cache_{bytes,entries}{tier}``: read from the tier's segment cache
+  at scrape time, once :meth:`PrometheusObserver.watch_tier` was given the tier (the
+  ``/metrics`` route of :mod:`satchel.flask_ext.routes` does that)
+
+With several gunicorn workers each process has its own registry; set
+``PROMETHEUS_MULTIPROC_DIR`` (before the app starts) and :func:`metrics_response`
+aggregates every worker's values (prometheus_client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import prometheus_client
+from flask import Response, has_request_context, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from .observe import Observer
+
+log = logging.getLogger("satchel.metrics")
+
+#: The steps of one request, as reported through ``Observer.timing``.
+STEPS = (
+    "open",
+    "verify",
+    "decompress",
+    "unpack",
+    "migrate",
+    "rehydrate",
+    "trim",
+    "summarize",
+    "overflow",
+    "seal",
+)
+
+#: Step latency buckets, seconds: most steps take tens to hundreds of microseconds.
+STEP_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+TOKEN_BYTES_BUCKETS = (256, 512, 1024, 2048, 3072, 3800, 4096, 6144, 8192, 16384, 32768, 65536)
+RATIO_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+TURN_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 64, 128, 256)
+
+#: breaker state -> gauge value
+BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+_BREAKER_EVENTS = {
+    "breaker_closed": "closed",
+    "breaker_half_open": "half_open",
+    "breaker_opened": "open",
+}
+#: degraded reasons that mean an overflowed segment could not be read
+OVERFLOW_MISS_REASONS = frozenset(
+    {"segment_missing", "segment_corrupt", "segment_foreign", "tier_unavailable"}
+)
+
+MAX_LABEL_VALUES = 64
+OTHER = "other"
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,47}$")
+
+
+class _TierCacheCollector:
+    """Reads the segment cache counters of watched tiers at scrape time."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.tiers: dict[str, Any] = {}
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self.tiers)
+
+    def _families(self, tiers: dict[str, Any] | None = None) -> Iterator[Metric]:
+        p = self.prefix
+        hits = CounterMetricFamily(
+            f"{p}_segment_cache_hits",
+            "Segment lookups served by the in-process cache",
+            labels=["tier"],
+        )
+        misses = CounterMetricFamily(
+            f"{p}_segment_cache_misses",
+            "Segment lookups the in-process cache could not serve",
+            labels=["tier"],
+        )
+        evictions = CounterMetricFamily(
+            f"{p}_segment_cache_evictions",
+            "Segments pushed out of the in-process cache by its byte bound",
+            labels=["tier"],
+        )
+        size = GaugeMetricFamily(
+            f"{p}_segment_cache_bytes",
+            "Bytes held by the in-process segment cache",
+            labels=["tier"],
+        )
+        entries = GaugeMetricFamily(
+            f"{p}_segment_cache_entries",
+            "Segments held by the in-process segment cache",
+            labels=["tier"],
+        )
+        for name, tier in (tiers or {}).items():
+            cache = getattr(tier, "cache", None)
+            stats = getattr(cache, "stats", None)
+            if stats is None:
+                continue
+            try:
+                s = stats()
+            except Exception:  # a scrape must never fail because of one tier
+                log.debug("segment cache stats failed for %s", name, exc_info=True)
+                continue
+            hits.add_metric([name], s.get("hits", 0))
+            misses.add_metric([name], s.get("misses", 0))
+            evictions.add_metric([name], s.get("evictions", 0))
+            size.add_metric([name], s.get("bytes", 0))
+            entries.add_metric([name], s.get("entries", 0))
+        yield from (hits, misses, evictions, size, entries)
+
+
+class PrometheusObserver(Observer):
+    """Turns Satchel's events, step timings and token facts into Prometheus metrics.
+
+    ``registry``: where the metrics are registered; a new
+    :class:`~prometheus_client.CollectorRegistry` per instance when None, so several
+    apps in one process never clash. ``namespace`` prefixes every metric name.
+    Never raises into the request path.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        namespace: str = "satchel",
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], set[str]] = {}
+        ns, reg = namespace, self.registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, namespace=ns, registry=reg)
+
+        self.step_seconds = Histogram(
+            "step_seconds",
+            "Time spent in one step of the request pipeline",
+            ["step"],
+            namespace=ns,
+            registry=reg,
+            buckets=STEP_BUCKETS,
+        )
+        self.token_bytes = Histogram(
+            "token_bytes",
+            "Length of issued tokens, bytes",
+            namespace=ns,
+            registry=reg,
+            buckets=TOKEN_BYTES_BUCKETS,
+        )
+        self.compression_ratio = Histogram(
+            "token_compression_ratio",
+            "Payload bytes before compression / token bytes, for issued tokens",
+            namespace=ns,
+            registry=reg,
+            buckets=RATIO_BUCKETS,
+        )
+        self.token_turns = Histogram(
+            "token_turns",
+            "Turns held inline by issued tokens",
+            namespace=ns,
+            registry=reg,
+            buckets=TURN_BUCKETS,
+        )
+        self.issued = counter("tokens_issued", "Tokens issued")
+        self.opened = counter("tokens_opened", "Tokens opened and verified", ("mode", "kid"))
+        self.refused = counter("tokens_refused", "Tokens refused, by error code", ("reason",))
+        self.expired = counter("tokens_expired", "Tokens refused as expired, by cause", ("reason",))
+        self.resealed = counter("tokens_resealed", "Tokens resealed (key rotation or upgrade)")
+        self.sessions_started = counter("sessions_started", "Fresh contexts started")
+        self.migrations = counter(
+            "migrations", "Contexts migrated from an older schema version", ("from_version",)
+        )
+        self.trims = counter("trims", "Lifecycle trims, by policy", ("reason",))
+        self.trimmed_turns = counter("trimmed_turns", "Turns dropped by trims", ("reason",))
+        self.summarized_turns = counter("summarized_turns", "Turns folded into the summary")
+        self.overflow_writes = counter("overflow_writes", "Segments written to the overflow tier")
+        self.overflow_write_bytes = counter(
+            "overflow_write_bytes", "Bytes written to the overflow tier"
+        )
+        self.overflow_reads = counter(
+            "overflow_reads", "Rehydrations that read overflowed turns back"
+        )
+        self.overflow_read_turns = counter(
+            "overflow_read_turns", "Turns read back from the overflow tier"
+        )
+        self.overflow_misses = counter(
+            "overflow_misses", "Overflowed segments that could not be read, by reason", ("reason",)
+        )
+        self.degraded = counter("degraded", "Degraded responses, by reason", ("reason",))
+        self.data_loss = counter("data_loss", "Events where turns were lost without a summary")
+        self.data_loss_turns = counter("data_loss_turns", "Turns lost (tier refused the overflow)")
+        self.forks = counter(
+            "forks", "Forked contexts detected (a token replayed after a newer one)"
+        )
+        self.stale_refused = counter(
+            "stale_refused", "Stale tokens refused (monotonic consistency)"
+        )
+        self.erased = counter("erased", "Sessions erased")
+        self.breaker_state = Gauge(
+            "breaker_state",
+            "Overflow tier circuit breaker: 0 closed, 1 half-open, 2 open",
+            ["tier"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.breaker_transitions = counter(
+            "breaker_transitions", "Circuit breaker state changes", ("tier", "state")
+        )
+        self._cache_collector = _TierCacheCollector(namespace)
+        self.registry.register(self._cache_collector)
+        for step in STEPS:  # every step's series exists from the start (zero counts)
+            self.step_seconds.labels(self._label("step", "step", step))
+
+    def __repr__(self) -> str:
+        return f"PrometheusObserver(namespace={self.namespace!r})"
+
+    # -- labels ---------------------------------------------------------------------------
+
+    def _label(self, metric: str, label: str, value: Any) -> str:
+        """A safe label value: a short code, else "other"; bounded per metric and label."""
+        text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+        if not _LABEL_RE.match(text):
+            return OTHER
+        key = (metric, label)
+        seen = self._seen.get(key)
+        if seen is not None and text in seen:
+            return text
+        with self._lock:
+            seen = self._seen.setdefault(key, set())
+            if text in seen:
+                return text
+            if len(seen) >= MAX_LABEL_VALUES:
+                return OTHER
+            seen.add(text)
+            return text
+
+    @staticmethod
+    def _count(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return 0
+        return max(0, int(value))
+
+    # -- Observer -------------------------------------------------------------------------
+
+    def timing(self, step: str, seconds: float) -> None:
+        try:
+            if seconds < 0:
+                return
+            self.step_seconds.labels(self._label("step", "step", step)).observe(seconds)
+        except Exception:
+            log.debug("satchel metrics: timing(%r) failed", step, exc_info=True)
+
+    def token(self, *, size: int, raw_size: int, turns: int) -> None:
+        try:
+            self.token_bytes.observe(size)
+            self.token_turns.observe(turns)
+            if raw_size > 0 and size > 0:
+                self.compression_ratio.observe(raw_size / size)
+        except Exception:
+            log.debug("satchel metrics: token() failed", exc_info=True)
+
+    def event(self, name: str, /, **fields: Any) -> None:
+        try:
+            self._event(name, fields)
+        except Exception:
+            log.debug("satchel metrics: event(%r) failed", name, exc_info=True)
+
+    def _event(self, name: str, fields: dict[str, Any]) -> None:
+        reason = fields.get("reason")
+        if name == "issued":
+            self.issued.inc()
+        elif name == "opened":
+            self.opened.labels(
+                self._label("opened", "mode", fields.get("mode")),
+                self._label("opened", "kid", fields.get("kid")),
+            ).inc()
+        elif name == "refused":
+            self.refused.labels(self._label("refused", "reason", reason)).inc()
+        elif name == "expired":
+            self.expired.labels(self._label("expired", "reason", reason)).inc()
+        elif name == "resealed":
+            self.resealed.inc()
+        elif name == "session_started":
+            self.sessions_started.inc()
+        elif name == "migrated":
+            self.migrations.labels(
+                self._label("migrated", "from_version", fields.get("from_version"))
+            ).inc()
+        elif name == "trimmed":
+            label = self._label("trimmed", "reason", reason)
+            self.trims.labels(label).inc()
+            self.trimmed_turns.labels(label).inc(self._count(fields.get("turns")))
+        elif name == "summarized":
+            self.summarized_turns.inc(self._count(fields.get("turns")))
+        elif name == "overflowed":
+            self.overflow_writes.inc()
+            self.overflow_write_bytes.inc(self._count(fields.get("bytes")))
+        elif name == "rehydrated":
+            self.overflow_reads.inc()
+            self.overflow_read_turns.inc(self._count(fields.get("turns")))
+        elif name == "degraded":
+            label = self._label("degraded", "reason", reason)
+            self.degraded.labels(label).inc()
+            if reason in OVERFLOW_MISS_REASONS:
+                self.overflow_misses.labels(label).inc()
+        elif name == "data_loss":
+            self.data_loss.inc()
+            self.data_loss_turns.inc(self._count(fields.get("turns")))
+        elif name == "fork_detected":
+            self.forks.inc()
+        elif name == "stale_refused":
+            self.stale_refused.inc()
+        elif name == "erased":
+            self.erased.inc()
+        elif name in _BREAKER_EVENTS:
+            state = _BREAKER_EVENTS[name]
+            tier = self._label("breaker", "tier", fields.get("tier") or "tier")
+            self.breaker_state.labels(tier).set(BREAKER_VALUES[state])
+            self.breaker_transitions.labels(tier, state).inc()
+
+    # -- tiers ----------------------------------------------------------------------------
+
+    def watch_tier(self, tier: Any) -> None:
+        """Export ``tier``'s segment cache counters (read at scrape time) and set the
+        breaker gauge to its current state. Idempotent; ``None`` is ignored.
+
+        ``tier`` is a :class:`~satchel.tiers.guard.GuardedTier` (anything with
+        ``.name``, ``.cache.stats()`` and ``.breaker_state`` works).
+        """
+        if tier is None:
+            return
+        try:
+            name = self._label("breaker", "tier", getattr(tier, "name", None) or "tier")
+            self._cache_collector.tiers[name] = tier
+            state = getattr(tier, "breaker_state", None)
+            if state in BREAKER_VALUES:
+                self.breaker_state.labels(name).set(BREAKER_VALUES[state])
+        except Exception:
+            log.debug("satchel metrics: watch_tier failed", exc_info=True)
+
+
+def metrics_response(registry: CollectorRegistry) -> Response:
+    """The Prometheus exposition of ``registry`` as a Flask response.
+
+    Honours the scraper's ``Accept`` header (Prometheus text or OpenMetrics). With
+    ``PROMETHEUS_MULTIPROC_DIR`` set, reports the values of every worker process
+    instead (prometheus_client multiprocess mode).
+    """
+    accept = request.headers.get("Accept") if has_request_context() else None
+    encoder, content_type = choose_encoder(accept)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    response = Response(encoder(registry), status=200)
+    response.headers["Content-Type"] = content_type
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+
+__all__ = [
+    "BREAKER_VALUES",
+    "CONTENT_TYPE",
+    "STEPS",
+    "STEP_BUCKETS",
+    "PrometheusObserver",
+    "metrics_response",
+]

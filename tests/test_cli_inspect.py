@@ -1,0 +1,152 @@
+"""``satchel inspect TOKEN``, run as the installed console script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from satchel.codec import Codec
+from satchel.context import Context
+from satchel.keys import Keyring
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+KEYS = Keyring.generate("cli1")
+
+
+def satchel_command() -> list[str]:
+    script = Path(sys.executable).with_name("satchel")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("satchel")
+    return [found] if found else [sys.executable, "-m", "satchel.cli"]
+
+
+def run(*args: str, keys: str | None = None, stdin: str | None = None) -> tuple[int, Any, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
+    if keys is not None:
+        env["SATCHEL_KEYS"] = keys
+    proc = subprocess.run(
+        [*satchel_command(), "inspect", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    out = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, out, proc.stderr
+
+
+def mint(mode: str = "sealed", *, keys: Keyring = KEYS, expires_at: float | None = None) -> str:
+    ctx = Context.new(now=time.time())
+    ctx.add_turn("user", "What are the shop hours?")
+    ctx.add_turn("assistant", "Nine to six, Monday to Saturday.")
+    return Codec(keys, mode=mode).seal(ctx, expires_at=expires_at)
+
+
+def tamper(token: str) -> str:
+    i = len(token) // 2
+    return token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+
+
+@pytest.mark.parametrize("mode", ["sealed", "signed"])
+def test_prints_header_and_context(mode: str) -> None:
+    token = mint(mode)
+    code, out, err = run(token, keys=KEYS.to_string())
+    assert code == 0, err
+    assert out["verified"] is True
+    header = out["header"]
+    assert header["kid"] == "cli1"
+    assert header["mode"] == mode
+    assert header["length"] == len(token)
+    assert header["expires_at"] is None
+    assert [t["content"] for t in out["context"]["turns"]] == [
+        "What are the shop hours?",
+        "Nine to six, Monday to Saturday.",
+    ]
+    assert out["context"]["seq"] == 1
+    assert len(bytes.fromhex(out["digest"])) > 0
+
+
+def test_reads_the_token_from_stdin() -> None:
+    code, out, _ = run("-", keys=KEYS.to_string(), stdin=mint() + "\n")
+    assert code == 0 and out["verified"] is True
+
+
+def test_golden_tokens_of_older_releases_open_and_report_the_migration() -> None:
+    keys = ",".join(
+        line.strip()
+        for line in (FIXTURES / "keys.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    for name in ("schema1-s1-signed", "schema2-s1-sealed-chacha"):
+        token = (FIXTURES / f"{name}.token").read_text().strip()
+        expected = json.loads((FIXTURES / f"{name}.json").read_text())
+        code, out, err = run(token, keys=keys)
+        assert code == 0, (name, err)
+        assert out["header"]["kid"] == expected["kid"]
+        assert out["header"]["algorithm"] == expected["algorithm"]
+        assert out["migrated_from"] == expected["schema_version"]
+        assert out["context"]["session_id"] == expected["content"]["session_id"]
+
+
+def test_tampered_token_exits_1_with_bad_signature() -> None:
+    code, out, _ = run(tamper(mint()), keys=KEYS.to_string())
+    assert code == 1
+    assert out["verified"] is False
+    assert out["error"]["code"] == "token_bad_signature"
+    assert "context" not in out
+
+
+def test_expired_token_exits_1_with_token_expired() -> None:
+    code, out, _ = run(mint(expires_at=time.time() - 3600), keys=KEYS.to_string())
+    assert code == 1
+    assert out["error"]["code"] == "token_expired"
+
+
+def test_wrong_keys_exit_1_with_unknown_key() -> None:
+    code, out, _ = run(mint(), keys=Keyring.generate("other").to_string())
+    assert code == 1
+    assert out["error"]["code"] == "token_unknown_key"
+
+
+def test_same_kid_other_secret_is_a_bad_signature() -> None:
+    code, out, _ = run(mint(), keys=Keyring.generate("cli1").to_string())
+    assert code == 1
+    assert out["error"]["code"] == "token_bad_signature"
+
+
+def test_no_verify_prints_only_the_header_without_keys() -> None:
+    token = mint(expires_at=time.time() + 600)
+    code, out, _ = run("--no-verify", token)
+    assert code == 0
+    assert out["verified"] is False
+    assert set(out) == {"verified", "header"}
+    assert out["header"]["kid"] == "cli1"
+    assert out["header"]["mode"] == "sealed"
+    assert out["header"]["expires_at"] > time.time()
+    # a sealed token's content is not in the output, even its plain words
+    assert "shop hours" not in json.dumps(out)
+
+
+def test_no_keys_exits_2() -> None:
+    code, out, err = run(mint())
+    assert code == 2
+    assert out is None
+    assert "SATCHEL_KEYS" in err
+
+
+def test_malformed_token_exits_1() -> None:
+    code, out, _ = run("not-a-token", keys=KEYS.to_string())
+    assert code == 1
+    assert out["error"]["code"] == "token_malformed"

@@ -1,0 +1,188 @@
+"""/healthz and /readyz, including a real redis tier that goes down and comes back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from satchel import Satchel
+from satchel.errors import TierUnavailable
+from satchel.flask_ext.routes import register_routes, tier_status
+from satchel.keys import Keyring, generate_key
+from satchel.observe import Observer
+from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier
+from tests.support import LiveServer, RedisServer
+
+KEYS = Keyring.generate("old").rotated(generate_key("new"))  # two keys, newest first
+
+
+class Events(Observer):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def event(self, name: str, /, **fields: Any) -> None:
+        self.names.append(name)
+
+
+def make_app(*, tier: Any = None, observer: Observer | None = None, **config: Any) -> Flask:
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, **config)
+    ext = Satchel(app, observer=observer, tier=tier)
+    ext.metrics = None
+    register_routes(app, ext, metrics_route=None, health=True)
+
+    @app.post("/chat")
+    def chat() -> Any:
+        ctx = ext.context
+        ctx.add_turn("user", os.urandom(200).hex())
+        return {"degraded": ctx.degraded}
+
+    return app
+
+
+def test_healthz_is_a_plain_liveness_check() -> None:
+    app = make_app()
+    resp = app.test_client().get("/healthz")
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "ok"}
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_ready_without_a_tier() -> None:
+    resp = make_app().test_client().get("/readyz")
+    assert resp.status_code == 200
+    assert resp.get_json() == {
+        "status": "ready",
+        "mode": "client",
+        "keyring": {"loaded": True, "kids": 2},
+        "tier": None,
+    }
+
+
+def test_health_routes_never_open_create_or_seal_a_context() -> None:
+    events = Events()
+    app = make_app(observer=events, tier=MemoryTier())
+    client = app.test_client()
+    for path in ("/healthz", "/readyz"):
+        for headers in ({}, {"Satchel-Context": "s1.garbage"}):
+            resp = client.get(path, headers=headers)
+            assert resp.status_code == 200, (path, headers)
+            assert "Satchel-Context" not in resp.headers
+            assert "Satchel-Reset" not in resp.headers
+    assert events.names == []
+    # the app itself still issues tokens
+    assert "Satchel-Context" in client.post("/chat").headers
+    assert "session_started" in events.names
+
+
+def test_not_ready_without_a_key_ring() -> None:
+    app = Flask(__name__)
+    ext = Satchel()  # registered on an app it was never initialised on: no key ring
+    register_routes(app, ext, metrics_route=None, health=True)
+    client = app.test_client()
+    resp = client.get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_json() == {
+        "status": "not_ready",
+        "mode": None,
+        "keyring": {"loaded": False, "kids": 0},
+        "tier": None,
+    }
+    assert client.get("/healthz").status_code == 200  # alive, just not ready
+
+
+def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> None:
+    app = make_app(SATCHEL_OVERFLOW_URL=redis_server.url, SATCHEL_MAX_TOKEN_BYTES=600)
+    client = app.test_client()
+    resp = client.get("/readyz")
+    assert resp.status_code == 200
+    assert resp.get_json()["status"] == "ready"
+    assert resp.get_json()["tier"] == {"name": "redis", "reachable": True, "breaker": "closed"}
+
+    token = None
+    for _ in range(4):  # overflow into redis
+        resp = client.post("/chat", headers={"Satchel-Context": token} if token else {})
+        token = resp.headers["Satchel-Context"]
+    assert redis_server.client().dbsize() > 0
+
+    redis_server.kill()
+    resp = client.get("/readyz")
+    assert resp.status_code == 200  # client mode still serves
+    body = resp.get_json()
+    assert body["status"] == "degraded"
+    assert body["keyring"] == {"loaded": True, "kids": 2}
+    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "closed"}
+
+    # chat keeps working, degraded; the probes and requests open the breaker
+    resp = client.post("/chat", headers={"Satchel-Context": token})
+    assert resp.status_code == 200
+    assert resp.headers["Satchel-Degraded"]
+    for _ in range(5):
+        body = client.get("/readyz").get_json()
+    assert body["status"] == "degraded"
+    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open"}
+
+
+def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None:
+    from satchel.tiers import RedisTier
+
+    now = [0.0]
+    tier = GuardedTier(
+        RedisTier(redis_server.url),
+        breaker=BreakerPolicy(fail_max=1, reset_timeout=5),
+        clock=lambda: now[0],
+    )
+    client = make_app(tier=tier).test_client()
+    redis_server.kill()
+    assert client.get("/readyz").get_json()["tier"]["breaker"] == "open"
+    redis_server.restart()
+    # still open: the probe does not touch redis until the reset timeout passes
+    body = client.get("/readyz").get_json()
+    assert body["status"] == "degraded"
+    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open"}
+    now[0] += 6
+    resp = client.get("/readyz")
+    assert resp.status_code == 200
+    assert resp.get_json()["status"] == "ready"
+    assert resp.get_json()["tier"] == {"name": "redis", "reachable": True, "breaker": "closed"}
+
+
+def test_tier_status_never_raises() -> None:
+    class Bare:  # no breaker_state, a bug in ping
+        name = "custom"
+
+        def ping(self) -> None:
+            raise RuntimeError("bug")
+
+    assert tier_status(Bare()) == {"name": "custom", "reachable": False, "breaker": "open"}
+
+    class Down(MemoryTier):
+        def ping(self) -> None:
+            raise TierUnavailable("down")
+
+    status = tier_status(GuardedTier(Down()))
+    assert status == {"name": "memory", "reachable": False, "breaker": "closed"}
+
+
+# ------------------------------------------------------------------ over real HTTP
+
+
+def create_live_app() -> Flask:
+    return make_app(SATCHEL_OVERFLOW_URL=os.environ["SATCHEL_OVERFLOW_URL"])
+
+
+def test_readyz_over_http_with_redis_killed(redis_server: RedisServer) -> None:
+    with LiveServer(
+        "tests.test_health:create_live_app",
+        env={"SATCHEL_OVERFLOW_URL": redis_server.url},
+    ) as server:
+        assert server.get("/healthz").json() == {"status": "ok"}
+        assert server.get("/readyz").json()["status"] == "ready"
+        redis_server.kill()
+        resp = server.get("/readyz")
+        assert resp.status == 200
+        assert resp.json()["status"] == "degraded"
+        assert resp.json()["tier"]["reachable"] is False
+        assert server.get("/healthz").status == 200
