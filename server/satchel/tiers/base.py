@@ -15,6 +15,37 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long a tier may take, in seconds, passed in like redis-py's socket options.
+
+    ``read`` bounds each reply (``socket_timeout``), ``connect`` each new connection
+    (``socket_connect_timeout``). The defaults suit a same-datacenter Redis: a request
+    never waits more than a few tens of milliseconds for context it can live without.
+    """
+
+    read: float = 0.05
+    connect: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (self.read > 0 and self.connect > 0):
+            raise ValueError("tier timeouts must be positive numbers of seconds")
+
+
+def hash_tag(key: str) -> str | None:
+    """The Redis Cluster hash tag of ``key`` (the text between the first ``{`` and the
+    next ``}``), or None when it has none. Every key of one session carries the session
+    tag, so all of them live in one cluster slot and can be read with one MGET."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
 
 
 class Tier(ABC):
@@ -45,8 +76,11 @@ class Tier(ABC):
     ) -> bytes | None:
         """Atomically set ``key`` to ``new`` if its value is ``expected`` (None: absent).
 
-        Returns None on success, else the current value (the caller lost the race).
-        Used for the ``monotonic`` high-water mark.
+        Returns None on success, else the current value (the caller lost the race);
+        when ``expected`` was a value but the key is absent (expired or deleted) the
+        current value is returned as ``b""``, so None always means success. Used for
+        the ``monotonic`` high-water mark. Marks whose key carries a session tag are
+        removed by :meth:`delete_session` like every other key of the session.
         """
 
     @abstractmethod
@@ -87,4 +121,4 @@ class NoTier(Tier):
         return None
 
 
-__all__ = ["NoTier", "Tier"]
+__all__ = ["NoTier", "Tier", "Timeouts", "hash_tag"]

@@ -1,0 +1,251 @@
+"""The segment store: turns moved out of an oversized token into the overflow tier.
+
+A segment is a list of turns, packed like the token's turns, compressed and
+MAC'd or sealed with the same :class:`~satchel.codec.Codec` (so it is as private and
+tamper-proof as the token), and stored under a key the server derives::
+
+    <prefix>:{<tag>}:seg:<mac>
+
+* ``tag`` = first 16 hex chars of HMAC-SHA256(derive(kid, purpose, "session-tag"),
+  session_id). A Redis Cluster hash tag: every key of a session is in one slot, so all
+  of a context's segments are read with one MGET. Also the session's name in logs.
+* ``mac`` = base64url of the first 16 bytes of HMAC-SHA256(derive(kid, purpose,
+  "segment-key"), session_id || digest), where ``digest`` is the BLAKE2b-128 of the
+  stored bytes (kept in the token's :class:`~satchel.context.SegmentRef`).
+
+The token holds only the digest; the key is recomputed from the session id inside the
+(authenticated) token, so a client cannot name another session's segment, and a
+changed digest names a key that does not exist. On read, each value is checked against
+its digest, opened by the codec, and its embedded session id compared with the
+context's, so a foreign or damaged value is reported, never used.
+
+Keys are derived with the current key id on write; reads try every key id in the
+ring (all candidates share one slot per key id and go in the same single tier call),
+so segments survive a key rotation for as long as the old key stays in the ring.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from . import serialize
+from .codec import Codec
+from .context import Context, SegmentRef, Turn
+from .errors import BadToken, BudgetExceeded, SatchelError, TierError, TokenExpired
+from .keys import b64url_encode
+from .schema import CURRENT_VERSION, turn_from_wire, turn_to_wire
+from .tiers.base import Tier
+from .tiers.guard import GuardedTier
+
+SEGMENT_DIGEST_SIZE: Final = 16
+TAG_HEX_CHARS: Final = 16
+
+#: why a referenced segment could not be used
+TIER_UNAVAILABLE: Final = "tier_unavailable"  # the tier failed or its breaker is open
+SEGMENT_MISSING: Final = "segment_missing"  # expired, evicted, erased, or never existed
+SEGMENT_CORRUPT: Final = "segment_corrupt"  # bytes do not match the digest or do not open
+SEGMENT_FOREIGN: Final = "segment_foreign"  # opened fine but belongs to another session
+REASONS: Final = (TIER_UNAVAILABLE, SEGMENT_MISSING, SEGMENT_CORRUPT, SEGMENT_FOREIGN)
+
+
+def segment_digest(stored: bytes) -> bytes:
+    """The digest a SegmentRef records: BLAKE2b-128 of the stored bytes."""
+    return hashlib.blake2b(stored, digest_size=SEGMENT_DIGEST_SIZE).digest()
+
+
+@dataclass(slots=True)
+class SegmentRead:
+    """The outcome of :meth:`SegmentStore.read`.
+
+    ``turns``: the turns of every segment that was read and verified, in reference
+    order. ``missing``: ``(ref, reason)`` for every other reference, ``reason`` one of
+    :data:`REASONS`. ``from_cache``: how many segments came from the in-process cache.
+    ``error``: the tier failure behind any ``tier_unavailable``.
+    """
+
+    turns: list[Turn] = field(default_factory=list)
+    missing: list[tuple[SegmentRef, str]] = field(default_factory=list)
+    from_cache: int = 0
+    error: TierError | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def reasons(self) -> list[str]:
+        """The distinct reasons, in first-seen order (for ``ctx.degraded``)."""
+        return list(dict.fromkeys(reason for _, reason in self.missing))
+
+    @property
+    def lost_turns(self) -> int:
+        return sum(ref.turns for ref, _ in self.missing)
+
+
+class SegmentStore:
+    """Writes and reads a session's overflow segments through a :class:`GuardedTier`."""
+
+    def __init__(self, tier: GuardedTier | Tier, codec: Codec, *, prefix: str = "satchel") -> None:
+        if not isinstance(tier, GuardedTier):
+            tier = GuardedTier(tier)
+        if not prefix or any(c in prefix for c in "{}"):
+            raise ValueError("the segment key prefix must be non-empty and hold no braces")
+        self.tier = tier
+        self.codec = codec
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"SegmentStore(prefix={self.prefix!r}, tier={self.tier!r})"
+
+    @property
+    def max_segment_bytes(self) -> int:
+        """The largest stored segment that is opened (larger ones are corrupt)."""
+        return self.codec.limits.max_decompressed_bytes + 1024
+
+    def _opener(self) -> Codec:
+        """The codec with its own limits except the token length cap: a segment may be
+        as large as what it decompresses to (plus base64 and header). Rebuilt per read
+        (a shallow copy), so a codec whose key ring is swapped at run time is followed."""
+        opener = copy.copy(self.codec)
+        limits = self.codec.limits
+        opener.limits = replace(
+            limits,
+            max_token_bytes=max(limits.max_token_bytes, 4 * self.max_segment_bytes // 3 + 64),
+        )
+        return opener
+
+    # -- names ---------------------------------------------------------------------------
+
+    def _derived(self, kid: str, use: str) -> bytes:
+        return self.codec.keyring.derive(kid, self.codec.purpose, use)
+
+    def session_tag(self, session_id: bytes, *, kid: str | None = None) -> str:
+        """16 hex chars naming the session: a keyed hash of its id (hash tag and log id)."""
+        key = self._derived(kid or self.codec.keyring.current.kid, "session-tag")
+        return hmac.digest(key, session_id, "sha256").hex()[:TAG_HEX_CHARS]
+
+    def session_tags(self, session_id: bytes) -> list[str]:
+        """The session's tag under every key id of the ring, current first."""
+        return list(dict.fromkeys(self.session_tag(session_id, kid=k) for k in self._kids()))
+
+    def key_for(self, session_id: bytes, digest: bytes, *, kid: str | None = None) -> str:
+        """The tier key of the segment with ``digest`` in session ``session_id``."""
+        kid = kid or self.codec.keyring.current.kid
+        mac = hmac.digest(self._derived(kid, "segment-key"), session_id + digest, "sha256")
+        tag = self.session_tag(session_id, kid=kid)
+        return f"{self.prefix}:{{{tag}}}:seg:{b64url_encode(mac[:16])}"
+
+    def _kids(self) -> list[str]:
+        return self.codec.keyring.kids
+
+    # -- write ---------------------------------------------------------------------------
+
+    def write(self, ctx: Context, turns: list[Turn], ttl: float, *, now: float) -> SegmentRef:
+        """Store ``turns`` as one segment of ``ctx``'s session for ``ttl`` seconds.
+
+        Returns the reference to keep in the token. Raises TierError (tier down or
+        breaker open: TierUnavailable; out of memory: TierFull) and BudgetExceeded when
+        the turns are too large to ever be opened again.
+        """
+        payload = serialize.pack(
+            {"v": CURRENT_VERSION, "i": ctx.session_id, "t": [turn_to_wire(t) for t in turns]}
+        )
+        if len(payload) > self.codec.limits.max_decompressed_bytes:
+            raise BudgetExceeded(
+                "the turns are too large for one overflow segment",
+                size=len(payload),
+                limit=self.codec.limits.max_decompressed_bytes,
+            )
+        _, stored = self.codec.seal_payload(payload, now=now, expires_at=now + ttl)
+        digest = segment_digest(stored)
+        self.tier.put(self.key_for(ctx.session_id, digest), stored, ttl)
+        return SegmentRef(digest=digest, turns=len(turns), size=len(stored), seq=ctx.seq, ts=now)
+
+    # -- read ----------------------------------------------------------------------------
+
+    def read(self, ctx: Context) -> SegmentRead:
+        """Fetch every segment ``ctx.overflow`` names in one tier call, verify, decode.
+
+        Never raises for tier or segment problems: they are reported in ``missing``.
+        """
+        refs = list(ctx.overflow)
+        if not refs:
+            return SegmentRead()
+        kids = self._kids()
+        candidates = [
+            [self.key_for(ctx.session_id, ref.digest, kid=kid) for kid in kids] for ref in refs
+        ]
+        fetched = self.tier.get_many([k for keys in candidates for k in keys])
+        result = SegmentRead(error=fetched.error)
+        opener = self._opener()
+        counted: set[str] = set()
+        for ref, keys in zip(refs, candidates, strict=True):
+            key = next((k for k in keys if k in fetched.values), None)
+            if key is None:
+                reasons = {fetched.reason(k) for k in keys}
+                result.missing.append(
+                    (ref, TIER_UNAVAILABLE if TIER_UNAVAILABLE in reasons else SEGMENT_MISSING)
+                )
+                continue
+            if key in fetched.cached and key not in counted:
+                counted.add(key)
+                result.from_cache += 1
+            turns, reason = self._decode(opener, ctx, ref, fetched.values[key])
+            if reason is not None:
+                if key in fetched.cached:
+                    self.tier.cache.discard((key,))
+                result.missing.append((ref, reason))
+            else:
+                result.turns.extend(turns)
+        return result
+
+    def _decode(
+        self, opener: Codec, ctx: Context, ref: SegmentRef, stored: bytes
+    ) -> tuple[list[Turn], str | None]:
+        if len(stored) > self.max_segment_bytes or segment_digest(stored) != ref.digest:
+            return [], SEGMENT_CORRUPT
+        try:
+            token = "s1." + b64url_encode(stored)
+            _, payload = opener.open_payload(token)
+            wire = serialize.unpack(payload, self.codec.limits)
+        except TokenExpired:
+            return [], SEGMENT_MISSING
+        except BadToken:
+            return [], SEGMENT_CORRUPT
+        if not isinstance(wire, dict) or wire.get("v") != CURRENT_VERSION:
+            return [], SEGMENT_CORRUPT
+        if wire.get("i") != ctx.session_id:
+            return [], SEGMENT_FOREIGN
+        try:
+            turns = [turn_from_wire(w) for w in wire["t"]]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, SatchelError):
+            return [], SEGMENT_CORRUPT
+        if len(turns) != ref.turns:
+            return [], SEGMENT_CORRUPT
+        return turns, None
+
+    # -- erase ---------------------------------------------------------------------------
+
+    def erase(self, session_id: bytes) -> int:
+        """Delete every key of the session (under every key id's tag); returns how many.
+
+        Raises TierError when the tier cannot be reached (the caller must retry or
+        record the erasure elsewhere).
+        """
+        return sum(self.tier.delete_session(tag) for tag in self.session_tags(session_id))
+
+
+__all__ = [
+    "REASONS",
+    "SEGMENT_CORRUPT",
+    "SEGMENT_FOREIGN",
+    "SEGMENT_MISSING",
+    "TIER_UNAVAILABLE",
+    "SegmentRead",
+    "SegmentStore",
+    "segment_digest",
+]

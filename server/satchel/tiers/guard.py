@@ -1,0 +1,450 @@
+"""The circuit breaker and the segment cache in front of a tier.
+
+Callers never talk to a tier directly; they go through :class:`GuardedTier`:
+
+* **Breaker** (`pybreaker <https://github.com/danielfm/pybreaker>`_): after
+  ``fail_max`` consecutive failures the breaker opens and every call fails at once
+  with ``TierUnavailable("breaker open")``: no socket is touched and no timeout is
+  paid. After ``reset_timeout`` seconds one trial call is let through (half-open); its
+  success closes the breaker, its failure opens it again. State changes are reported
+  through ``on_event("breaker_opened" | "breaker_half_open" | "breaker_closed",
+  tier=name)``. ``TierFull`` does not count as a failure: the tier answered.
+
+  pybreaker keeps the state, the counters and the listeners. The tier call itself
+  runs outside pybreaker's lock (which would otherwise serialize every tier call of
+  the process) and its outcome is then recorded through the breaker; the open ->
+  half-open decision uses the ``clock`` passed in, so tests control it.
+
+* **Cache** (:class:`SegmentCache`): an in-process LRU bounded by total bytes. Reads
+  are served from it first and only the rest is asked of the tier; values written
+  with ``put`` go into it too. Segments are immutable (their key is a MAC of their
+  digest), so a cached copy is never stale; it is dropped on ``delete`` /
+  ``delete_session`` / ``compare_and_set_mark`` of its key and at its TTL.
+
+* **Partial results**: :meth:`GuardedTier.get_many` never raises. It returns a
+  :class:`Fetched` with the values it has (cached ones even when the tier is down) and,
+  for every other key, why it is missing: ``"missing"`` (the tier answered: no such
+  key) or ``"tier_unavailable"`` (the tier failed or the breaker is open).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import pybreaker
+
+from ..errors import TierError, TierFull, TierUnavailable
+from .base import Tier, hash_tag
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+EventHook = Callable[..., Any]
+
+log = logging.getLogger("satchel.tiers")
+
+MISSING: Final = "missing"
+TIER_UNAVAILABLE: Final = "tier_unavailable"
+MiB = 1024 * 1024
+
+_STATE_NAMES = {
+    pybreaker.STATE_CLOSED: "closed",
+    pybreaker.STATE_OPEN: "open",
+    pybreaker.STATE_HALF_OPEN: "half_open",
+}
+_STATE_EVENTS = {
+    pybreaker.STATE_CLOSED: "breaker_closed",
+    pybreaker.STATE_OPEN: "breaker_opened",
+    pybreaker.STATE_HALF_OPEN: "breaker_half_open",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """When the breaker opens (``fail_max`` consecutive failures) and for how long
+    (``reset_timeout`` seconds before one trial call is let through)."""
+
+    fail_max: int = 5
+    reset_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.fail_max < 1 or self.reset_timeout < 0:
+            raise ValueError("fail_max must be >= 1 and reset_timeout >= 0")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class SegmentCache:
+    """Thread-safe LRU of ``key -> bytes`` bounded by the total size of keys and values.
+
+    ``max_age`` caps how long an entry is kept (seconds, also for entries whose TTL is
+    unknown because they were read, not written, here). ``hits`` and ``misses`` count
+    lookups; ``evictions`` counts entries pushed out by the byte bound.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int = 8 * MiB,
+        *,
+        max_age: float | None = 300.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0 (0 disables the cache)")
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.clock = clock
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentCache(entries={len(self._data)}, bytes={self._bytes}/{self.max_bytes}, "
+            f"hits={self.hits}, misses={self.misses})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    @property
+    def size(self) -> int:
+        """Bytes held (keys and values)."""
+        return self._bytes
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "entries": len(self._data),
+            "bytes": self._bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+        }
+
+    def _pop(self, key: str) -> None:
+        item = self._data.pop(key, None)
+        if item is not None:
+            self._bytes -= len(key) + len(item[0])
+
+    def get(self, key: str) -> bytes | None:
+        """The cached value (counted as a hit) or None (a miss)."""
+        with self._lock:
+            item = self._data.get(key)
+            if item is not None and item[1] <= self.clock():
+                self._pop(key)
+                item = None
+            if item is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        """Cache ``value``; False when it is larger than the whole cache (not cached)."""
+        size = len(key) + len(value)
+        ages = [a for a in (ttl, self.max_age) if a is not None]
+        if size > self.max_bytes or (ages and min(ages) <= 0):
+            return False
+        expires_at = self.clock() + min(ages) if ages else float("inf")
+        with self._lock:
+            self._pop(key)
+            while self._data and self._bytes + size > self.max_bytes:
+                self._pop(next(iter(self._data)))
+                self.evictions += 1
+            self._data[key] = (bytes(value), expires_at)
+            self._bytes += size
+            return True
+
+    def discard(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._pop(key)
+
+    def discard_tag(self, session_tag: str) -> int:
+        """Drop every entry of one session (keys whose hash tag is ``session_tag``)."""
+        with self._lock:
+            doomed = [k for k in self._data if hash_tag(k) == session_tag]
+            for key in doomed:
+                self._pop(key)
+            return len(doomed)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+
+# ------------------------------------------------------------------------ result type
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """What :meth:`GuardedTier.get_many` found, and why the rest is missing.
+
+    ``values`` holds every key that was found (from the cache or the tier);
+    ``missing`` maps each other key to ``"missing"`` (the tier answered: no such key,
+    expired or evicted) or ``"tier_unavailable"`` (the tier failed, timed out or the
+    breaker is open: the value may well exist). ``cached`` are the keys served from the
+    cache; ``error`` is the tier's failure, if there was one.
+    """
+
+    keys: tuple[str, ...]
+    values: dict[str, bytes] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    cached: frozenset[str] = frozenset()
+    error: TierError | None = None
+
+    def get(self, key: str) -> bytes | None:
+        return self.values.get(key)
+
+    def reason(self, key: str) -> str | None:
+        """None when ``key`` was found, else ``"missing"`` or ``"tier_unavailable"``."""
+        return self.missing.get(key)
+
+    def ordered(self) -> list[bytes | None]:
+        """Values in the order of ``keys`` (None where missing), like ``Tier.get_many``."""
+        return [self.values.get(k) for k in self.keys]
+
+    @property
+    def complete(self) -> bool:
+        """Every key was found."""
+        return not self.missing
+
+    @property
+    def degraded(self) -> bool:
+        """Some key could not be looked up because the tier failed."""
+        return self.error is not None
+
+    @property
+    def from_cache(self) -> int:
+        return len(self.cached)
+
+
+# --------------------------------------------------------------------------- breaker
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, guard: GuardedTier) -> None:
+        self.guard = guard
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        # Called with pybreaker's lock held: never take the guard's lock here.
+        if new_state.name == pybreaker.STATE_OPEN:
+            self.guard._opened_at = self.guard.clock()
+        event = _STATE_EVENTS.get(new_state.name)
+        if event:
+            self.guard._emit(event)
+
+
+class GuardedTier:
+    """A tier behind a circuit breaker and an in-process segment cache.
+
+    Same method names as :class:`~satchel.tiers.base.Tier`; ``get_many`` returns a
+    :class:`Fetched` (never raises), the other methods raise
+    :class:`~satchel.errors.TierError` only (``TierUnavailable("breaker open")`` at
+    once while the breaker is open). ``on_event(event, **fields)`` is called on every
+    breaker state change with ``tier=<name>``.
+    """
+
+    def __init__(
+        self,
+        tier: Tier,
+        breaker: BreakerPolicy | None = None,
+        cache: SegmentCache | None = None,
+        clock: Clock = time.monotonic,
+        on_event: EventHook | None = None,
+    ) -> None:
+        self.tier = tier
+        self.policy = breaker or BreakerPolicy()
+        self.cache = cache if cache is not None else SegmentCache(clock=clock)
+        self.clock = clock
+        self.on_event = on_event
+        self._lock = threading.Lock()
+        self._trial = False  # a half-open trial call is in flight
+        self._opened_at = 0.0
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=self.policy.fail_max,
+            reset_timeout=self.policy.reset_timeout,
+            exclude=[TierFull],
+            listeners=[_Listener(self)],
+            name=f"satchel-{tier.name}",
+            throw_new_error_on_trip=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"GuardedTier({self.tier!r}, breaker={self.breaker_state!r}, cache={self.cache!r})"
+
+    @property
+    def name(self) -> str:
+        return self.tier.name
+
+    @property
+    def breaker_state(self) -> str:
+        """``"closed"``, ``"open"`` or ``"half_open"``."""
+        return _STATE_NAMES.get(self.breaker.current_state, self.breaker.current_state)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event, tier=self.name, **fields)
+        except Exception:  # an observer must never break a request
+            log.exception("satchel tier event hook failed for %s", event)
+
+    # -- breaker mechanics -------------------------------------------------------------
+
+    def _admit(self, op: str) -> bool:
+        """Let a call through, or fail fast. Returns True for a half-open trial call."""
+        state = self.breaker.current_state
+        if state == pybreaker.STATE_CLOSED:
+            return False
+        with self._lock:
+            state = self.breaker.current_state
+            if state == pybreaker.STATE_CLOSED:
+                return False
+            waited = self.clock() - self._opened_at
+            if self._trial or (
+                state == pybreaker.STATE_OPEN and waited < self.policy.reset_timeout
+            ):
+                raise TierUnavailable(
+                    "breaker open",
+                    tier=self.name,
+                    op=op,
+                    breaker=self.breaker_state,
+                    retry_in=max(0.0, self.policy.reset_timeout - waited),
+                )
+            self._trial = True
+        if state == pybreaker.STATE_OPEN:
+            self.breaker.half_open()
+        return True
+
+    def _record(self, outcome: TierError | None) -> None:
+        def replay() -> None:
+            if outcome is not None:
+                raise outcome
+
+        try:
+            self.breaker.call(replay)
+        except (TierError, pybreaker.CircuitBreakerError):
+            pass
+
+    def _call(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        trial = self._admit(op)
+        try:
+            outcome: TierError | None = None
+            try:
+                result = fn(*args)
+            except TierError as exc:
+                outcome = exc
+            except Exception as exc:  # a tier bug: still only TierError leaves the guard
+                log.exception("satchel %s tier raised %s in %s", self.name, type(exc).__name__, op)
+                outcome = TierUnavailable(
+                    f"the {self.name} tier failed ({op}): {type(exc).__name__}",
+                    tier=self.name,
+                    op=op,
+                    error=type(exc).__name__,
+                )
+            self._record(outcome)
+        finally:
+            if trial:
+                with self._lock:
+                    self._trial = False
+        if outcome is not None:
+            raise outcome
+        return result
+
+    # -- Tier-like API -----------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[str], *, cache: bool = True) -> Fetched:
+        """Cached values first, the rest in one tier call; never raises.
+
+        ``cache=False`` bypasses the cache both ways (for mutable records).
+        """
+        unique = list(dict.fromkeys(keys))
+        values: dict[str, bytes] = {}
+        cached: set[str] = set()
+        if cache and self.cache.max_bytes:
+            for key in unique:
+                value = self.cache.get(key)
+                if value is not None:
+                    values[key] = value
+                    cached.add(key)
+        rest = [k for k in unique if k not in values]
+        missing: dict[str, str] = {}
+        error: TierError | None = None
+        if rest:
+            try:
+                found = self._call("get_many", self.tier.get_many, rest)
+                if len(found) != len(rest):
+                    raise TierUnavailable(
+                        "the tier returned the wrong number of values", tier=self.name
+                    )
+            except TierError as exc:
+                error = exc
+                missing = dict.fromkeys(rest, TIER_UNAVAILABLE)
+            else:
+                for key, value in zip(rest, found, strict=True):
+                    if value is None:
+                        missing[key] = MISSING
+                    else:
+                        values[key] = value
+                        if cache:
+                            self.cache.put(key, value)
+        return Fetched(tuple(keys), values, missing, frozenset(cached), error)
+
+    def put(self, key: str, value: bytes, ttl: float, *, cache: bool = True) -> None:
+        """Store ``value`` (and cache it once the tier has it). Raises TierError."""
+        self._call("put", self.tier.put, key, value, ttl)
+        if cache:
+            self.cache.put(key, value, ttl)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        self.cache.discard(keys)
+        return self._call("delete", self.tier.delete, keys)
+
+    def delete_session(self, session_tag: str) -> int:
+        self.cache.discard_tag(session_tag)
+        return self._call("delete_session", self.tier.delete_session, session_tag)
+
+    def compare_and_set_mark(
+        self, key: str, expected: bytes | None, new: bytes, ttl: float
+    ) -> bytes | None:
+        self.cache.discard((key,))
+        return self._call(
+            "compare_and_set_mark", self.tier.compare_and_set_mark, key, expected, new, ttl
+        )
+
+    def ping(self) -> None:
+        self._call("ping", self.tier.ping)
+
+    def close(self) -> None:
+        self.tier.close()
+
+
+__all__ = [
+    "MISSING",
+    "TIER_UNAVAILABLE",
+    "BreakerPolicy",
+    "Fetched",
+    "GuardedTier",
+    "SegmentCache",
+]

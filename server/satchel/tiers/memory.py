@@ -1,0 +1,147 @@
+"""An in-process tier: a dict with TTLs and a byte bound.
+
+For tests and for the single-process ``memory`` mode. Nothing survives a restart and
+nothing is shared between worker processes, so it is no overflow tier for a
+multi-worker deployment (use SQLite on one machine, Redis beyond).
+
+The bound counts key and value bytes. When a write would exceed it, expired entries
+are purged first; if that is not enough the write fails with
+:class:`~satchel.errors.TierFull` (like Redis' ``noeviction``), or, with
+``evict=True``, the least recently used entries are dropped (like ``allkeys-lru``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from ..errors import TierFull
+from .base import Tier, hash_tag
+
+Clock = Callable[[], float]
+
+
+class MemoryTier(Tier):
+    """Thread-safe in-process key-value store with TTLs and a total-bytes bound."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        max_bytes: int = 64 * 1024 * 1024,
+        *,
+        evict: bool = False,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self.evict = evict
+        self.clock = clock
+        self._lock = threading.Lock()
+        #: key -> (value, expires_at); ordered oldest use first
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._bytes = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryTier(max_bytes={self.max_bytes}, entries={len(self._data)})"
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    # -- internals (lock held) ---------------------------------------------------------
+
+    def _live(self, key: str, now: float) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        value, expires_at = item
+        if expires_at <= now:
+            self._remove(key)
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def _remove(self, key: str) -> bool:
+        item = self._data.pop(key, None)
+        if item is None:
+            return False
+        self._bytes -= len(key) + len(item[0])
+        return True
+
+    def _purge_expired(self, now: float) -> None:
+        for key in [k for k, (_, exp) in self._data.items() if exp <= now]:
+            self._remove(key)
+
+    def _store(self, key: str, value: bytes, ttl: float, now: float) -> None:
+        size = len(key) + len(value)
+        old = self._data.get(key)
+        freed = len(key) + len(old[0]) if old is not None else 0
+        if self._bytes - freed + size > self.max_bytes:
+            self._purge_expired(now)
+            freed = len(key) + len(self._data[key][0]) if key in self._data else 0
+        if self._bytes - freed + size > self.max_bytes and self.evict:
+            self._remove(key)
+            while self._data and self._bytes + size > self.max_bytes:
+                self._remove(next(iter(self._data)))
+        if self._bytes - freed + size > self.max_bytes or size > self.max_bytes:
+            raise TierFull(
+                "the memory tier is full",
+                tier=self.name,
+                used=self._bytes,
+                size=size,
+                max_bytes=self.max_bytes,
+            )
+        self._remove(key)
+        self._data[key] = (bytes(value), now + max(ttl, 0.001))
+        self._bytes += size
+
+    # -- Tier --------------------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            now = self.clock()
+            return [self._live(k, now) for k in keys]
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        with self._lock:
+            self._store(key, value, ttl, self.clock())
+
+    def delete(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            now = self.clock()
+            return sum(1 for k in set(keys) if self._live(k, now) is not None and self._remove(k))
+
+    def delete_session(self, session_tag: str) -> int:
+        with self._lock:
+            now = self.clock()
+            doomed = [k for k in self._data if hash_tag(k) == session_tag]
+            return sum(1 for k in doomed if self._live(k, now) is not None and self._remove(k))
+
+    def compare_and_set_mark(
+        self, key: str, expected: bytes | None, new: bytes, ttl: float
+    ) -> bytes | None:
+        with self._lock:
+            now = self.clock()
+            current = self._live(key, now)
+            if current != expected:
+                return b"" if current is None else current
+            self._store(key, new, ttl, now)
+            return None
+
+    def ping(self) -> None:
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+
+
+__all__ = ["MemoryTier"]

@@ -1,0 +1,85 @@
+"""Fixtures for the overflow tier tests: a controllable clock, a codec, contexts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from satchel import Codec, Context, Keyring
+from satchel.tiers import BreakerPolicy, GuardedTier, SegmentCache, Tier
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+class Events:
+    """Collects ``on_event`` calls of a GuardedTier."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict]] = []
+
+    def __call__(self, event: str, **fields: object) -> None:
+        self.seen.append((event, fields))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.seen]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture(scope="session")
+def keyring() -> Keyring:
+    return Keyring.generate("k1")
+
+
+@pytest.fixture
+def codec(keyring: Keyring) -> Codec:
+    return Codec(keyring)
+
+
+def make_ctx(turns: int = 6, *, now: float | None = None) -> Context:
+    now = int(time.time()) if now is None else now
+    ctx = Context.new(now=now)
+    for i in range(turns):
+        ctx.add_turn("user" if i % 2 == 0 else "assistant", f"turn {i}: " + "lorem " * 20, ts=now)
+    return ctx
+
+
+@pytest.fixture
+def guard_factory(clock: FakeClock, events: Events) -> Callable[..., GuardedTier]:
+    def make(
+        tier: Tier, *, fail_max: int = 3, reset_timeout: float = 10.0, cache_bytes: int = 1 << 20
+    ) -> GuardedTier:
+        return GuardedTier(
+            tier,
+            breaker=BreakerPolicy(fail_max=fail_max, reset_timeout=reset_timeout),
+            cache=SegmentCache(max_bytes=cache_bytes, clock=clock),
+            clock=clock,
+            on_event=events,
+        )
+
+    return make

@@ -1,0 +1,109 @@
+"""RedisTier on a real 3-master Redis Cluster: one slot per session, one MGET per read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from satchel.errors import TierUnavailable
+from satchel.segments import SEGMENT_MISSING, SegmentStore
+from satchel.tiers import GuardedTier, RedisTier, SegmentCache, Timeouts, tier_from_url
+from tests.support import RedisCluster
+
+from .conftest import make_ctx
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def cluster(redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
+    redis_cluster.flushall()
+    yield redis_cluster
+
+
+@pytest.fixture
+def tier(cluster: RedisCluster) -> Iterator[RedisTier]:
+    nodes = ",".join(f"{h}:{p}" for h, p in cluster.addresses)
+    t = tier_from_url(f"redis+cluster://{nodes}", timeouts=Timeouts(read=1, connect=1))
+    yield t
+    t.close()
+
+
+def mget_calls(cluster: RedisCluster) -> list[int]:
+    out = []
+    for node in cluster.nodes:
+        stats = node.client().info("commandstats")
+        out.append(int(stats.get("cmdstat_mget", {}).get("calls", 0)))
+    return out
+
+
+def test_a_sessions_segments_share_one_slot_and_one_mget(cluster, tier, codec) -> None:
+    store = SegmentStore(GuardedTier(tier, cache=SegmentCache(max_bytes=0)), codec)
+    ctx = make_ctx(10)
+    turns = list(ctx.turns)
+    for n in (2, 3, 1, 2):
+        moved, ctx.turns = ctx.turns[:n], ctx.turns[n:]
+        ctx.overflow.append(store.write(ctx, moved, 60, now=time.time()))
+    tag = store.session_tag(ctx.session_id)
+    client = cluster.client()
+    keys = [store.key_for(ctx.session_id, r.digest) for r in ctx.overflow]
+    slots = {client.keyslot(k) for k in [*keys, f"satchel:{{{tag}}}:idx"]}
+    assert len(slots) == 1
+
+    store.read(ctx)  # warm up
+    before = mget_calls(cluster)
+    got = store.read(ctx)
+    after = mget_calls(cluster)
+    assert got.complete and got.turns == turns[:8]
+    assert sum(after) - sum(before) == 1  # one MGET on one node
+
+    assert store.erase(ctx.session_id) == 4
+    assert [r for _, r in store.read(ctx).missing] == [SEGMENT_MISSING] * 4
+    assert client.exists(*keys, f"satchel:{{{tag}}}:idx") == 0
+
+
+def test_compare_and_set_and_keys_of_several_sessions(tier) -> None:
+    key = "satchel:{sess-a}:hwm"
+    assert tier.compare_and_set_mark(key, None, b"1", 60) is None
+    assert tier.compare_and_set_mark(key, None, b"2", 60) == b"1"
+    assert tier.compare_and_set_mark(key, b"1", b"2", 60) is None
+    assert tier.compare_and_set_mark("satchel:{sess-b}:hwm", b"x", b"y", 60) == b""
+    # keys of many sessions (many slots) still come back in order
+    keys = [f"satchel:{{s{i}}}:seg" for i in range(12)]
+    for i, k in enumerate(keys):
+        tier.put(k, b"%d" % i, 60)
+    assert tier.get_many([*keys, "satchel:{none}:x"]) == [*(b"%d" % i for i in range(12)), None]
+    assert tier.delete(keys) == 12
+    assert tier.delete_session("sess-a") == 1
+
+
+def test_unreachable_cluster_is_tier_unavailable() -> None:
+    from tests.support import free_port
+
+    t = RedisTier(
+        f"redis+cluster://127.0.0.1:{free_port()}", timeouts=Timeouts(read=0.05, connect=0.1)
+    )
+    started = time.perf_counter()
+    with pytest.raises(TierUnavailable):
+        t.get_many(["satchel:{s}:a"])
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_dead_master_makes_its_slots_unavailable_fast() -> None:
+    with RedisCluster() as own:  # its own cluster: the shared one stays healthy
+        nodes = ",".join(f"{h}:{p}" for h, p in own.addresses)
+        t = RedisTier(f"redis+cluster://{nodes}", timeouts=Timeouts(read=0.05, connect=0.1))
+        key = "satchel:{s}:a"
+        t.put(key, b"1", 60)
+        client = own.client()
+        owner = client.nodes_manager.get_node_from_slot(client.keyslot(key))
+        next(n for n in own.nodes if n.port == owner.port).kill()
+        for _ in range(3):
+            started = time.perf_counter()
+            with pytest.raises(TierUnavailable) as info:
+                t.get_many([key])
+            assert time.perf_counter() - started < 0.5
+            assert info.value.facts["mode"] == "cluster"
+        t.close()

@@ -1,0 +1,157 @@
+"""The Tier contract, run against every backend: memory, SQLite and a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from satchel.errors import ConfigurationError, TierFull
+from satchel.tiers import MemoryTier, NoTier, SQLiteTier, Tier, Timeouts, hash_tag, tier_from_url
+
+
+@pytest.fixture(
+    params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
+)
+def tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tier]:
+    if request.param == "memory":
+        t: Tier = MemoryTier()
+    elif request.param == "sqlite":
+        t = SQLiteTier(tmp_path / "tier.db")
+    else:
+        server = request.getfixturevalue("redis_server")
+        t = tier_from_url(server.url, timeouts=Timeouts(read=0.5, connect=0.5))
+    yield t
+    t.close()
+
+
+def test_put_get_many_delete(tier: Tier) -> None:
+    assert tier.get_many([]) == []
+    tier.put("s:{a}:1", b"one", 60)
+    tier.put("s:{a}:2", b"\x00two\xff", 60)
+    tier.put("s:{a}:1", b"uno", 60)  # overwrite
+    assert tier.get_many(["s:{a}:1", "nope", "s:{a}:2", "s:{a}:1"]) == [
+        b"uno",
+        None,
+        b"\x00two\xff",
+        b"uno",
+    ]
+    assert tier.delete(["s:{a}:1", "nope"]) == 1
+    assert tier.get_many(["s:{a}:1"]) == [None]
+    tier.ping()
+
+
+def test_delete_session_removes_every_key_of_the_session_only(tier: Tier) -> None:
+    for i in range(5):
+        tier.put(f"satchel:{{sess1}}:seg:{i}", b"x" * i, 60)
+    tier.put("satchel:{sess2}:seg:0", b"y", 60)
+    assert tier.compare_and_set_mark("satchel:{sess1}:mark", None, b"7", 60) is None
+    assert tier.delete_session("sess1") == 6
+    assert tier.get_many([f"satchel:{{sess1}}:seg:{i}" for i in range(5)]) == [None] * 5
+    assert tier.get_many(["satchel:{sess1}:mark", "satchel:{sess2}:seg:0"]) == [None, b"y"]
+    assert tier.delete_session("sess1") == 0
+
+
+def test_compare_and_set_mark(tier: Tier) -> None:
+    key = "satchel:{s}:hwm"
+    assert tier.compare_and_set_mark(key, b"1", b"2", 60) == b""  # expected a value, absent
+    assert tier.compare_and_set_mark(key, None, b"1", 60) is None
+    assert tier.compare_and_set_mark(key, None, b"9", 60) == b"1"
+    assert tier.compare_and_set_mark(key, b"0", b"9", 60) == b"1"
+    assert tier.compare_and_set_mark(key, b"1", b"2", 60) is None
+    assert tier.get_many([key]) == [b"2"]
+
+
+def test_compare_and_set_is_atomic_under_threads(tier: Tier) -> None:
+    key = "satchel:{s}:counter"
+    assert tier.compare_and_set_mark(key, None, b"0", 60) is None
+
+    def bump(times: int) -> None:
+        for _ in range(times):
+            current = tier.get_many([key])[0]
+            while lost := tier.compare_and_set_mark(key, current, b"%d" % (int(current) + 1), 60):
+                current = lost
+
+    threads = [threading.Thread(target=bump, args=(25,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert tier.get_many([key]) == [b"100"]
+
+
+def test_hash_tag() -> None:
+    assert hash_tag("satchel:{abc}:seg:x") == "abc"
+    assert hash_tag("a{}b{c}") is None  # Redis: the first {...} must be non-empty
+    assert hash_tag("plain") is None
+    assert hash_tag("x{y") is None
+
+
+def test_tier_from_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(tier_from_url(None), NoTier)
+    assert isinstance(tier_from_url("  "), NoTier)
+    assert isinstance(tier_from_url("memory://"), MemoryTier)
+    absolute = tier_from_url(f"sqlite:///{tmp_path}/abs.db?busy_timeout=0.25")
+    assert isinstance(absolute, SQLiteTier) and absolute.path == tmp_path / "abs.db"
+    assert absolute.busy_timeout == 0.25
+    monkeypatch.chdir(tmp_path)
+    relative = tier_from_url("sqlite:///rel/tier.db")
+    assert isinstance(relative, SQLiteTier) and relative.path == tmp_path / "rel" / "tier.db"
+    relative.put("k", b"v", 5)
+    assert (tmp_path / "rel" / "tier.db").exists()
+    for bad in ("sqlite:///:memory:", "sqlite://x.db", "ftp://x", "redis+cluster://"):
+        with pytest.raises(ConfigurationError):
+            tier_from_url(bad)
+
+
+def test_redis_urls_parse_without_connecting() -> None:
+    from redis.sentinel import SentinelConnectionPool
+
+    from satchel.tiers import RedisTier, default_retry
+
+    timeouts = Timeouts(read=0.2, connect=0.3)
+    single = tier_from_url("rediss://u:secret@h:6380/3", timeouts=timeouts)
+    assert isinstance(single, RedisTier) and single.mode == "single"
+    kwargs = single.client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("h", 6380, 3)
+    assert kwargs["socket_timeout"] == 0.2 and kwargs["socket_connect_timeout"] == 0.3
+    assert kwargs["retry"].get_retries() == 1
+    assert "secret" not in repr(single)
+
+    sentinel = RedisTier(
+        "redis+sentinel://s1:26379,[::1]:26380/mymaster?db=2", retry=default_retry(0)
+    )
+    assert sentinel.mode == "sentinel"
+    pool = sentinel.client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
+    assert pool.connection_kwargs["db"] == 2
+    assert [s.connection_pool.connection_kwargs["host"] for s in sentinel._sentinel.sentinels] == [
+        "s1",
+        "::1",
+    ]
+    cluster = RedisTier("redis+cluster://h1:7000,h2:7001")
+    assert cluster.mode == "cluster" and cluster._client is None  # built on first use
+    with pytest.raises(ConfigurationError):
+        RedisTier("redis+sentinel://s1:26379/")
+
+
+def test_memory_tier_bound(clock) -> None:
+    full = MemoryTier(max_bytes=100, clock=clock)
+    full.put("a", b"x" * 40, 10)
+    full.put("b", b"x" * 40, 100)
+    with pytest.raises(TierFull):
+        full.put("c", b"x" * 40, 10)
+    with pytest.raises(TierFull):
+        full.put("a", b"x" * 80, 10)  # a failed overwrite keeps the old value
+    assert full.get_many(["a"]) == [b"x" * 40]
+    clock.advance(10)  # "a" expired: its room is reclaimed
+    full.put("c", b"x" * 40, 10)
+    assert full.used_bytes == 82
+    lru = MemoryTier(max_bytes=100, evict=True, clock=clock)
+    for key in "abc":
+        lru.put(key, b"x" * 40, 100)
+    assert lru.get_many(["a", "b", "c"]) == [None, b"x" * 40, b"x" * 40]
+    with pytest.raises(TierFull):
+        lru.put("huge", b"x" * 200, 100)

@@ -1,0 +1,266 @@
+"""GuardedTier: the pybreaker state machine, fail-fast, events, and the segment cache.
+
+The tier under the guard here is an in-process MemoryTier with a switch that makes it
+fail; the same behaviour against real redis-server processes is in test_redis.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from satchel.errors import TierError, TierFull, TierUnavailable
+from satchel.tiers import MISSING, TIER_UNAVAILABLE, Fetched, MemoryTier, SegmentCache
+
+from .conftest import FakeClock
+
+
+class SwitchTier(MemoryTier):
+    """A MemoryTier that fails every call while ``down`` is set, and counts calls."""
+
+    def __init__(self) -> None:
+        super().__init__(max_bytes=1 << 20)
+        self.down: type[TierError] | None = None
+        self.calls = 0
+        self.gate: threading.Event | None = None
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.down is not None:
+            raise self.down("switched off", tier=self.name)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        self._check()
+        return super().get_many(keys)
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        self._check()
+        super().put(key, value, ttl)
+
+    def ping(self) -> None:
+        self._check()
+
+
+class BuggyTier(MemoryTier):
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        raise KeyError("a bug, not a tier error")
+
+
+def test_breaker_opens_after_fail_max_and_fails_fast(guard_factory, clock, events) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=3)
+    assert guard.breaker_state == "closed"
+    tier.down = TierUnavailable
+    for _ in range(3):
+        with pytest.raises(TierUnavailable, match="switched off"):
+            guard.put("k", b"v", 10)
+    assert guard.breaker_state == "open"
+    assert events.seen == [("breaker_opened", {"tier": "memory"})]
+
+    calls = tier.calls
+    started = time.perf_counter()
+    for _ in range(100):
+        with pytest.raises(TierUnavailable, match="breaker open") as info:
+            guard.put("k", b"v", 10)
+    assert (time.perf_counter() - started) / 100 < 0.005
+    assert tier.calls == calls  # the tier was not touched
+    assert info.value.facts["breaker"] == "open"
+    # reads degrade instead of raising
+    fetched = guard.get_many(["a", "b"])
+    assert fetched.missing == {"a": TIER_UNAVAILABLE, "b": TIER_UNAVAILABLE}
+    assert str(fetched.error) == "breaker open"
+
+
+def test_half_open_trial_closes_or_reopens(guard_factory, clock, events) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=2, reset_timeout=10.0)
+    tier.down = TierUnavailable
+    for _ in range(2):
+        with pytest.raises(TierUnavailable):
+            guard.ping()
+    clock.advance(9.9)
+    with pytest.raises(TierUnavailable, match="breaker open"):
+        guard.ping()
+
+    clock.advance(0.2)  # reset timeout elapsed: one trial call, which fails -> open again
+    with pytest.raises(TierUnavailable, match="switched off"):
+        guard.ping()
+    assert guard.breaker_state == "open"
+    with pytest.raises(TierUnavailable, match="breaker open"):
+        guard.ping()
+
+    tier.down = None
+    clock.advance(10.1)
+    guard.put("k", b"v", 10)  # the trial succeeds -> closed
+    assert guard.breaker_state == "closed"
+    assert events.names == [
+        "breaker_opened",
+        "breaker_half_open",
+        "breaker_opened",
+        "breaker_half_open",
+        "breaker_closed",
+    ]
+    assert all(fields == {"tier": "memory"} for _, fields in events.seen)
+
+
+def test_only_one_trial_call_while_half_open(guard_factory, clock) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=1)
+    tier.down = TierUnavailable
+    with pytest.raises(TierUnavailable):
+        guard.ping()
+    tier.down = None
+    clock.advance(11)
+    tier.gate = threading.Event()  # hold the trial call inside the tier
+    outcome: list[object] = []
+    trial = threading.Thread(target=lambda: outcome.append(guard.ping()))
+    trial.start()
+    deadline = time.monotonic() + 5
+    while guard.breaker_state != "half_open" and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert guard.breaker_state == "half_open"
+    with pytest.raises(TierUnavailable, match="breaker open"):
+        guard.ping()  # a second caller does not pile onto the trial
+    tier.gate.set()
+    trial.join(5)
+    assert outcome == [None]
+    assert guard.breaker_state == "closed"
+
+
+def test_tier_full_does_not_trip_the_breaker(guard_factory) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=2)
+    tier.down = TierFull
+    for _ in range(5):
+        with pytest.raises(TierFull):
+            guard.put("k", b"v", 10)
+    assert guard.breaker_state == "closed"
+
+
+def test_unexpected_exception_becomes_tier_unavailable(guard_factory) -> None:
+    guard = guard_factory(BuggyTier(), fail_max=2)
+    fetched = guard.get_many(["a"])
+    assert fetched.missing == {"a": TIER_UNAVAILABLE}
+    assert isinstance(fetched.error, TierUnavailable)
+    assert fetched.error.facts["error"] == "KeyError"
+
+
+def test_event_hook_errors_are_swallowed(guard_factory, clock) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=1)
+    guard.on_event = lambda event, **fields: 1 / 0
+    tier.down = TierUnavailable
+    with pytest.raises(TierUnavailable):
+        guard.ping()
+    assert guard.breaker_state == "open"
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_cache_serves_first_and_reports_partial_results(guard_factory) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier)
+    guard.put("s:{t}:a", b"A", 60)  # written values are cached
+    tier.put("s:{t}:b", b"B", 60)  # behind the guard's back: not cached
+    got = guard.get_many(["s:{t}:a", "s:{t}:b", "s:{t}:c"])
+    assert got.values == {"s:{t}:a": b"A", "s:{t}:b": b"B"}
+    assert got.missing == {"s:{t}:c": MISSING}
+    assert got.cached == {"s:{t}:a"} and got.from_cache == 1
+    assert got.ordered() == [b"A", b"B", None]
+    assert guard.cache.hits == 1 and guard.cache.misses == 2
+
+    tier.down = TierUnavailable
+    got = guard.get_many(["s:{t}:a", "s:{t}:b", "s:{t}:c"])
+    assert got.values == {"s:{t}:a": b"A", "s:{t}:b": b"B"}  # b was cached by the read
+    assert got.missing == {"s:{t}:c": TIER_UNAVAILABLE}
+    assert got.degraded and not got.complete
+    assert isinstance(got.error, TierUnavailable)
+
+
+def test_cache_is_bypassed_for_mutable_records(guard_factory) -> None:
+    tier = SwitchTier()
+    guard = guard_factory(tier)
+    guard.put("m", b"1", 60, cache=False)
+    assert "m" not in guard.cache
+    assert guard.get_many(["m"], cache=False).values == {"m": b"1"}
+    assert "m" not in guard.cache
+    guard.put("s:{t}:seg", b"x", 60)
+    assert guard.compare_and_set_mark("s:{t}:seg", b"x", b"y", 60) is None
+    assert "s:{t}:seg" not in guard.cache
+
+
+def test_delete_session_drops_cached_entries(guard_factory) -> None:
+    guard = guard_factory(SwitchTier())
+    guard.put("s:{one}:a", b"A", 60)
+    guard.put("s:{one}:b", b"B", 60)
+    guard.put("s:{two}:a", b"C", 60)
+    assert guard.delete_session("one") == 2
+    assert "s:{one}:a" not in guard.cache and "s:{two}:a" in guard.cache
+    assert guard.get_many(["s:{one}:a"]).missing == {"s:{one}:a": MISSING}
+
+
+def test_cache_lru_and_ttl() -> None:
+    clock = FakeClock()
+    cache = SegmentCache(max_bytes=30, max_age=100, clock=clock)
+    assert cache.put("a", b"x" * 9)  # 10 bytes with the key
+    assert cache.put("b", b"x" * 9)
+    assert cache.get("a") is not None  # a is now the most recent
+    assert cache.put("c", b"x" * 9)
+    assert cache.put("d", b"x" * 9)  # evicts b, the least recently used
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert cache.evictions == 1 and cache.size == 30
+    assert not cache.put("big", b"x" * 40)  # larger than the whole cache
+    cache.put("short", b"", ttl=5)
+    clock.advance(5)
+    assert cache.get("short") is None
+    clock.advance(95)
+    assert cache.get("a") is None  # max_age
+    assert cache.stats()["hits"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "get", "discard"]),
+            st.sampled_from([f"s:{{t{i % 3}}}:{i}" for i in range(8)]),
+            st.integers(min_value=0, max_value=60),
+        ),
+        max_size=60,
+    ),
+    max_bytes=st.integers(min_value=0, max_value=200),
+)
+def test_cache_byte_bound_invariant(ops, max_bytes) -> None:
+    cache = SegmentCache(max_bytes=max_bytes, clock=FakeClock())
+    model: dict[str, bytes] = {}
+    for op, key, size in ops:
+        if op == "put":
+            value = bytes([size % 256]) * size
+            if cache.put(key, value):
+                model[key] = value
+            else:
+                model.pop(key, None)
+                cache.discard([key])
+        elif op == "get":
+            got = cache.get(key)
+            assert got is None or got == model.get(key)
+        else:
+            cache.discard([key])
+            model.pop(key, None)
+        assert 0 <= cache.size <= max_bytes
+        assert cache.size == sum(len(k) + len(v) for k, (v, _) in cache._data.items())
+    assert cache.hits + cache.misses == sum(1 for op, _, _ in ops if op == "get")
+
+
+def test_fetched_is_plain_data() -> None:
+    f = Fetched(("a", "b"), {"a": b"1"}, {"b": MISSING})
+    assert f.get("a") == b"1" and f.reason("b") == MISSING and f.reason("a") is None
+    assert not f.degraded and not f.complete and f.from_cache == 0

@@ -1,0 +1,327 @@
+"""RedisTier, GuardedTier and SegmentStore against real redis-server processes:
+round trips, TTLs, kill -9, SIGSTOP, restart, the breaker, maxmemory, the cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from satchel import Codec
+from satchel.errors import TierFull, TierUnavailable
+from satchel.segments import SEGMENT_MISSING, TIER_UNAVAILABLE, SegmentStore
+from satchel.tiers import (
+    BreakerPolicy,
+    GuardedTier,
+    RedisTier,
+    SegmentCache,
+    Timeouts,
+    default_retry,
+    tier_from_url,
+)
+from tests.support import RedisServer, wait_until
+
+from .conftest import Events, FakeClock, make_ctx
+
+pytestmark = pytest.mark.redis
+
+FAST = Timeouts(read=0.05, connect=0.1)
+
+
+def command_calls(side) -> dict[str, int]:
+    """``{command: calls}`` from INFO commandstats, read on a side connection."""
+    stats = side.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def calls_during(server: RedisServer, fn: Callable[[], object]) -> dict[str, int]:
+    """The commands the server ran while ``fn`` ran (the side connection is set up first)."""
+    side = server.client()
+    before = command_calls(side)
+    fn()
+    after = command_calls(side)
+    side.close()
+    delta = {k: n - before.get(k, 0) for k, n in after.items()}
+    return {k: n for k, n in delta.items() if n and k != "info"}
+
+
+def spill(store: SegmentStore, ctx, n: int, ttl: float = 600) -> None:
+    moved, ctx.turns = ctx.turns[:n], ctx.turns[n:]
+    ctx.overflow.append(store.write(ctx, moved, ttl, now=time.time()))
+
+
+def make_store(
+    server: RedisServer,
+    codec: Codec,
+    *,
+    cache_bytes: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+    events: Events | None = None,
+    fail_max: int = 3,
+    timeouts: Timeouts = FAST,
+) -> SegmentStore:
+    tier = tier_from_url(server.url, timeouts=timeouts)
+    guard = GuardedTier(
+        tier,
+        breaker=BreakerPolicy(fail_max=fail_max, reset_timeout=10.0),
+        cache=SegmentCache(max_bytes=cache_bytes, clock=clock),
+        clock=clock,
+        on_event=events,
+    )
+    return SegmentStore(guard, codec)
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, BaseException | None]:
+    started = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:
+        return time.perf_counter() - started, exc
+    return time.perf_counter() - started, None
+
+
+# ------------------------------------------------------------------------ round trips
+
+
+def test_all_segments_of_a_context_in_one_mget(redis_server: RedisServer, codec) -> None:
+    store = make_store(redis_server, codec, timeouts=Timeouts(read=1, connect=1))
+    ctx = make_ctx(10)
+    turns = list(ctx.turns)
+    spill(store, ctx, 3)
+    spill(store, ctx, 2)
+    spill(store, ctx, 2)
+    store.read(ctx)  # warm the connection pool
+    got = None
+
+    def read() -> None:
+        nonlocal got
+        got = store.read(ctx)
+
+    assert calls_during(redis_server, read) == {"mget": 1}
+    assert got.complete and got.turns == turns[:7]
+    # a write is one script call (SET + index update, atomically); commandstats also
+    # counts the commands the script runs inside the server
+    during = calls_during(redis_server, lambda: spill(store, ctx, 1))
+    assert during.pop("evalsha") == 1
+    assert set(during) <= {"set", "sadd", "pttl", "pexpire"} and during["set"] == 1
+
+
+def test_ttl_is_applied_to_segments_and_the_session_index(redis_server: RedisServer, codec):
+    store = make_store(redis_server, codec, timeouts=Timeouts(read=1, connect=1))
+    ctx = make_ctx(4)
+    spill(store, ctx, 1, ttl=30)
+    spill(store, ctx, 1, ttl=300)
+    spill(store, ctx, 1, ttl=60)  # a shorter TTL never shortens the index's
+    client = redis_server.client()
+    keys = [store.key_for(ctx.session_id, r.digest) for r in ctx.overflow]
+    ttls = [client.pttl(k) for k in keys]
+    assert 29_000 < ttls[0] <= 30_000 and 299_000 < ttls[1] <= 300_000
+    assert 59_000 < ttls[2] <= 60_000
+    index = f"satchel:{{{store.session_tag(ctx.session_id)}}}:idx"
+    assert 299_000 < client.pttl(index) <= 300_000
+    assert client.smembers(index) == {k.encode() for k in keys}
+    assert store.erase(ctx.session_id) == 3
+    assert client.keys("*") == []
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_killed_server_fails_fast(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, timeouts=FAST)
+    tier.put("satchel:{s}:a", b"v", 60)  # a pooled connection now exists
+    redis_server.kill()
+    for call in (
+        lambda: tier.get_many(["satchel:{s}:a"]),
+        lambda: tier.put("satchel:{s}:a", b"v", 60),
+        lambda: tier.compare_and_set_mark("satchel:{s}:m", None, b"1", 60),
+        lambda: tier.delete_session("s"),
+        tier.ping,
+    ):
+        elapsed, exc = timed(call)
+        assert isinstance(exc, TierUnavailable), exc
+        assert elapsed < 0.5
+        assert exc.facts["tier"] == "redis" and exc.facts["error"] == "ConnectionError"
+
+
+def test_paused_server_hits_the_read_timeout(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, timeouts=FAST, retry=default_retry(0))
+    tier.ping()
+    redis_server.pause()
+    try:
+        elapsed, exc = timed(lambda: tier.get_many(["k"]))
+        assert isinstance(exc, TierUnavailable) and exc.facts["error"] == "TimeoutError"
+        assert 0.04 < elapsed < 0.5
+        retried = RedisTier(redis_server.url, timeouts=FAST)  # one retry: twice the budget
+        elapsed, exc = timed(lambda: retried.put("k", b"v", 5))
+        assert isinstance(exc, TierUnavailable) and elapsed < 0.5
+    finally:
+        redis_server.resume()
+    assert tier.get_many(["k"]) == [None]  # the stale connection was dropped
+
+
+def test_restart_recovers_including_scripts(redis_server: RedisServer) -> None:
+    tier = RedisTier(redis_server.url, timeouts=FAST)
+    tier.put("satchel:{s}:a", b"1", 60)
+    assert tier.compare_and_set_mark("satchel:{s}:m", None, b"1", 60) is None
+    redis_server.restart()  # new process: empty, no scripts loaded, pooled sockets dead
+    tier.put("satchel:{s}:a", b"2", 60)  # the retry replaces the dead connection
+    assert tier.get_many(["satchel:{s}:a"]) == [b"2"]
+    assert tier.compare_and_set_mark("satchel:{s}:m", None, b"1", 60) is None
+    assert tier.delete_session("s") == 2
+
+
+def test_breaker_opens_fails_fast_then_recovers(redis_server: RedisServer, codec) -> None:
+    clock, events = FakeClock(), Events()
+    store = make_store(redis_server, codec, clock=clock, events=events, fail_max=3)
+    guard = store.tier
+    ctx = make_ctx(4)
+    spill(store, ctx, 2)
+    redis_server.pause()
+    try:
+        for _ in range(3):
+            assert store.read(ctx).missing[0][1] == TIER_UNAVAILABLE
+        assert guard.breaker_state == "open"
+        assert events.seen == [("breaker_opened", {"tier": "redis"})]
+        for _ in range(20):
+            elapsed, exc = timed(lambda: guard.put("satchel:{x}:k", b"v", 5))
+            assert isinstance(exc, TierUnavailable) and str(exc) == "breaker open"
+            assert elapsed < 0.005
+            started = time.perf_counter()
+            got = store.read(ctx)
+            assert time.perf_counter() - started < 0.005
+            assert got.missing[0][1] == TIER_UNAVAILABLE and str(got.error) == "breaker open"
+    finally:
+        redis_server.resume()
+    # still open (the clock has not moved), although the server is back
+    assert calls_during(redis_server, lambda: store.read(ctx)) == {}
+    clock.advance(10.5)
+    got = store.read(ctx)  # the half-open trial succeeds
+    assert got.complete and len(got.turns) == 2
+    assert guard.breaker_state == "closed"
+    assert events.names == ["breaker_opened", "breaker_half_open", "breaker_closed"]
+
+
+def test_breaker_trial_fails_while_server_is_still_down(redis_server: RedisServer) -> None:
+    clock = FakeClock()
+    guard = GuardedTier(
+        RedisTier(redis_server.url, timeouts=FAST),
+        breaker=BreakerPolicy(fail_max=2, reset_timeout=5),
+        clock=clock,
+    )
+    redis_server.kill()
+    for _ in range(2):
+        with pytest.raises(TierUnavailable):
+            guard.ping()
+    clock.advance(6)
+    with pytest.raises(TierUnavailable) as info:
+        guard.ping()  # the trial touches the network and fails
+    assert str(info.value) != "breaker open"
+    assert guard.breaker_state == "open"
+    redis_server.restart()
+    clock.advance(6)
+    guard.ping()
+    assert guard.breaker_state == "closed"
+
+
+def test_noeviction_out_of_memory_is_tier_full(redis_server: RedisServer, codec) -> None:
+    store = make_store(redis_server, codec, timeouts=Timeouts(read=1, connect=1))
+    used = int(redis_server.client().info("memory")["used_memory"])
+    redis_server.config_set({"maxmemory": used + 256 * 1024, "maxmemory-policy": "noeviction"})
+    ctx = make_ctx(0)
+    import os
+
+    with pytest.raises(TierFull) as info:
+        for _ in range(100):
+            ctx.add_turn("user", os.urandom(16 * 1024).hex())
+            spill(store, ctx, 1)
+    assert info.value.code == "tier_full" and info.value.facts["op"] == "put"
+    assert store.tier.breaker_state == "closed"  # a full tier is not a down tier
+    got = store.read(ctx)  # what was written is still readable
+    assert got.complete and len(got.turns) == len(ctx.overflow)
+
+
+def test_allkeys_lru_evictions_are_segment_missing(redis_server: RedisServer, codec) -> None:
+    store = make_store(redis_server, codec, timeouts=Timeouts(read=1, connect=1))
+    used = int(redis_server.client().info("memory")["used_memory"])
+    redis_server.config_set({"maxmemory": used + 512 * 1024, "maxmemory-policy": "allkeys-lru"})
+    ctx = make_ctx(0)
+    import os
+
+    for _ in range(60):  # ~2 MiB of incompressible segments into 512 KiB
+        ctx.add_turn("user", os.urandom(16 * 1024).hex())
+        spill(store, ctx, 1)
+    got = store.read(ctx)
+    reasons = {reason for _, reason in got.missing}
+    assert reasons == {SEGMENT_MISSING}
+    assert 0 < len(got.missing) < len(ctx.overflow)
+    assert len(got.turns) + len(got.missing) == len(ctx.overflow)
+    assert int(redis_server.client().info("stats")["evicted_keys"]) > 0
+
+
+def test_cache_serves_reads_while_redis_is_stopped(redis_server: RedisServer, codec) -> None:
+    store = make_store(redis_server, codec, cache_bytes=1 << 20)
+    cache = store.tier.cache
+    ctx = make_ctx(8)
+    turns = list(ctx.turns)
+    for _ in range(3):
+        spill(store, ctx, 2)
+    # one segment is not in this process's cache (as if written by another worker)
+    uncached = store.key_for(ctx.session_id, ctx.overflow[2].digest)
+    cache.discard([uncached])
+    redis_server.pause()
+    try:
+        started = time.perf_counter()
+        got = store.read(ctx)
+        assert time.perf_counter() - started < 0.5
+        assert got.from_cache == 2 and got.turns == turns[:4]
+        assert got.missing == [(ctx.overflow[2], TIER_UNAVAILABLE)]
+        assert cache.hits == 2 and cache.misses == 1
+        ctx.overflow = ctx.overflow[:2]
+        got = store.read(ctx)  # fully cached: the tier is not asked at all
+        assert got.complete and got.error is None and got.from_cache == 2
+        assert cache.hits == 4 and cache.misses == 1
+    finally:
+        redis_server.resume()
+
+
+def test_tampered_and_foreign_references_on_redis(redis_server: RedisServer, codec) -> None:
+    import dataclasses
+
+    store = make_store(redis_server, codec)
+    alice, bob = make_ctx(4), make_ctx(4)
+    spill(store, alice, 2)
+    spill(store, bob, 2)
+    tampered = dataclasses.replace(alice.overflow[0], digest=bytes(16))
+    alice.overflow.append(tampered)
+    got = store.read(alice)
+    assert len(got.turns) == 2 and got.missing == [(tampered, SEGMENT_MISSING)]
+    bob.overflow = list(alice.overflow[:1])  # Bob points his token at Alice's segment
+    assert store.read(bob).missing == [(alice.overflow[0], SEGMENT_MISSING)]
+
+
+def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
+    """redis+sentinel:// finds the master through a real Sentinel process."""
+    from tests.support import free_port, procs, require_binary
+
+    binary = require_binary("redis-server")
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor svc 127.0.0.1 {redis_server.port} 1\n"
+    )
+    proc = procs.spawn([binary, str(conf), "--sentinel"], log_path=tmp_path / "sentinel.log")
+    try:
+        probe = RedisServer(port=port)  # only used to PING the sentinel
+        wait_until(lambda: probe.ping(), timeout=10, message="sentinel to answer PING")
+        tier = tier_from_url(
+            f"redis+sentinel://127.0.0.1:{port}/svc?db=3", timeouts=Timeouts(read=1, connect=1)
+        )
+        tier.put("satchel:{s}:a", b"via sentinel", 60)
+        assert tier.get_many(["satchel:{s}:a"]) == [b"via sentinel"]
+        assert redis_server.client(db=3).get("satchel:{s}:a") == b"via sentinel"
+        tier.close()
+    finally:
+        procs.kill(proc)

@@ -1,0 +1,269 @@
+"""SegmentStore on an in-process tier: round trips, keys, tampering, foreign segments,
+key rotation and erasure. (The same against real Redis is in test_redis.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from satchel import Codec, Keyring
+from satchel.context import OpaqueBlock, ToolCall, Turn
+from satchel.errors import BudgetExceeded, TierUnavailable
+from satchel.keys import generate_key
+from satchel.limits import Limits
+from satchel.segments import (
+    SEGMENT_CORRUPT,
+    SEGMENT_FOREIGN,
+    SEGMENT_MISSING,
+    TIER_UNAVAILABLE,
+    SegmentStore,
+    segment_digest,
+)
+from satchel.tiers import GuardedTier, MemoryTier, NoTier, SegmentCache
+
+from .conftest import make_ctx
+
+NOW = float(int(time.time()))  # segments carry an expiry checked against the real clock
+
+
+def store_on(tier, codec: Codec, cache_bytes: int = 1 << 20) -> SegmentStore:
+    return SegmentStore(GuardedTier(tier, cache=SegmentCache(max_bytes=cache_bytes)), codec)
+
+
+def spill(store: SegmentStore, ctx, n: int, ttl: float = 600) -> None:
+    """Move the oldest ``n`` turns of ``ctx`` into one segment."""
+    moved, ctx.turns = ctx.turns[:n], ctx.turns[n:]
+    ctx.overflow.append(store.write(ctx, moved, ttl, now=NOW))
+
+
+def test_round_trip_keeps_order_and_reports_cache_use(codec) -> None:
+    store = store_on(MemoryTier(), codec)
+    ctx = make_ctx(9, now=NOW)
+    original = list(ctx.turns)
+    spill(store, ctx, 3)
+    spill(store, ctx, 2)
+    ref = ctx.overflow[0]
+    assert ref.turns == 3 and ref.seq == ctx.seq and ref.ts == NOW
+    assert len(ref.digest) == 16 and ref.size > 0
+
+    got = store.read(ctx)
+    assert got.complete and got.missing == [] and got.error is None
+    assert got.turns == original[:5]
+    assert got.from_cache == 2  # write() cached both
+
+    store.tier.cache.clear()
+    got = store.read(ctx)
+    assert got.turns == original[:5] and got.from_cache == 0
+
+
+def test_session_tag_and_key_shape(codec) -> None:
+    store = SegmentStore(GuardedTier(MemoryTier()), codec, prefix="app")
+    ctx = make_ctx(1)
+    tag = store.session_tag(ctx.session_id)
+    assert re.fullmatch(r"[0-9a-f]{16}", tag)
+    key = store.key_for(ctx.session_id, b"\x01" * 16)
+    assert re.fullmatch(rf"app:\{{{tag}\}}:seg:[A-Za-z0-9_-]{{22}}", key)
+    # keyed: another key ring gives other names for the same session and digest
+    other = SegmentStore(GuardedTier(MemoryTier()), Codec(Keyring.generate()), prefix="app")
+    assert other.session_tag(ctx.session_id) != tag
+    assert other.key_for(ctx.session_id, b"\x01" * 16) != key
+    # and another purpose too
+    scoped = SegmentStore(GuardedTier(MemoryTier()), Codec(codec.keyring, purpose="other"))
+    assert scoped.session_tag(ctx.session_id) != tag
+
+
+def test_tampered_reference_is_missing_not_a_crash(codec) -> None:
+    store = store_on(MemoryTier(), codec)
+    ctx = make_ctx(6, now=NOW)
+    spill(store, ctx, 2)
+    spill(store, ctx, 2)
+    good = ctx.overflow[1]
+    bad = dataclasses.replace(ctx.overflow[0], digest=bytes(16))
+    ctx.overflow = [bad, good]
+    got = store.read(ctx)
+    assert got.missing == [(bad, SEGMENT_MISSING)]
+    assert len(got.turns) == 2  # the intact segment is still used
+    assert got.lost_turns == 2 and got.reasons == [SEGMENT_MISSING]
+
+
+def test_damaged_bytes_are_corrupt(codec) -> None:
+    tier = MemoryTier()
+    store = store_on(tier, codec, cache_bytes=0)
+    ctx = make_ctx(4, now=NOW)
+    spill(store, ctx, 2)
+    key = store.key_for(ctx.session_id, ctx.overflow[0].digest)
+    stored = tier.get_many([key])[0]
+    tier.put(key, stored[:-1] + bytes([stored[-1] ^ 1]), 60)
+    assert store.read(ctx).missing == [(ctx.overflow[0], SEGMENT_CORRUPT)]
+
+
+def test_bytes_that_match_the_digest_but_not_the_codec_are_corrupt(codec) -> None:
+    """Someone with write access to the tier stores junk and a ref to it cannot be forged
+    without the codec key; junk under a matching digest still never opens."""
+    tier = MemoryTier()
+    store = store_on(tier, codec, cache_bytes=0)
+    ctx = make_ctx(2, now=NOW)
+    junk = b"\x01\x01\x00\x02k1" + bytes(40)
+    ref = dataclasses.replace(store.write(ctx, ctx.turns, 60, now=NOW), digest=segment_digest(junk))
+    tier.put(store.key_for(ctx.session_id, ref.digest), junk, 60)
+    ctx.overflow = [ref]
+    assert store.read(ctx).missing == [(ref, SEGMENT_CORRUPT)]
+
+
+def test_another_sessions_segment_cannot_be_read(codec) -> None:
+    tier = MemoryTier()
+    store = store_on(tier, codec, cache_bytes=0)
+    alice, mallory = make_ctx(4, now=NOW), make_ctx(4, now=NOW)
+    spill(store, alice, 2)
+    # Mallory copies Alice's reference into her own context: the key is derived from
+    # Mallory's session id, so it names nothing.
+    mallory.overflow = list(alice.overflow)
+    got = store.read(mallory)
+    assert got.turns == [] and got.missing == [(alice.overflow[0], SEGMENT_MISSING)]
+    # Even if Alice's bytes were copied under Mallory's key (tier write access), the
+    # session id sealed inside the segment gives it away.
+    alice_key = store.key_for(alice.session_id, alice.overflow[0].digest)
+    tier.put(
+        store.key_for(mallory.session_id, alice.overflow[0].digest),
+        tier.get_many([alice_key])[0],
+        60,
+    )
+    assert store.read(mallory).missing == [(alice.overflow[0], SEGMENT_FOREIGN)]
+
+
+def test_signed_mode_segments_round_trip(keyring) -> None:
+    store = store_on(MemoryTier(), Codec(keyring, mode="signed"))
+    ctx = make_ctx(4, now=NOW)
+    turns = list(ctx.turns)
+    spill(store, ctx, 3)
+    assert store.read(ctx).turns == turns[:3]
+
+
+def test_segments_survive_key_rotation_while_the_old_key_is_in_the_ring() -> None:
+    tier = MemoryTier()
+    old_ring = Keyring.generate("old")
+    ctx = make_ctx(4, now=NOW)
+    turns = list(ctx.turns)
+    spill(store_on(tier, Codec(old_ring), cache_bytes=0), ctx, 2)
+
+    rotated = old_ring.rotated(generate_key("new"))
+    store = store_on(tier, Codec(rotated), cache_bytes=0)
+    spill(store, ctx, 1)  # written under the new key
+    got = store.read(ctx)
+    assert got.complete and got.turns == turns[:3]
+    assert len(store.session_tags(ctx.session_id)) == 2
+    # erase covers both key ids
+    assert store.erase(ctx.session_id) == 2
+    assert [r for _, r in store.read(ctx).missing] == [SEGMENT_MISSING] * 2
+
+    spill(store_on(tier, Codec(old_ring), cache_bytes=0), ctx, 1)
+    retired = Keyring([rotated.current])
+    assert store_on(tier, Codec(retired)).read(ctx).missing[0][1] == SEGMENT_MISSING
+
+
+def test_expired_and_erased_segments_are_missing(codec, clock) -> None:
+    tier = MemoryTier(clock=clock)
+    store = SegmentStore(GuardedTier(tier, cache=SegmentCache(max_bytes=0)), codec)
+    ctx = make_ctx(4, now=NOW)
+    spill(store, ctx, 1, ttl=10)
+    spill(store, ctx, 1, ttl=100)
+    clock.advance(11)
+    assert [r for _, r in store.read(ctx).missing] == [SEGMENT_MISSING]
+    assert store.erase(ctx.session_id) == 1
+    assert [r for _, r in store.read(ctx).missing] == [SEGMENT_MISSING] * 2
+
+
+def test_tier_down_is_reported_and_write_raises(codec) -> None:
+    store = SegmentStore(GuardedTier(NoTier()), codec)
+    ctx = make_ctx(2, now=NOW)
+    with pytest.raises(TierUnavailable):
+        store.write(ctx, ctx.turns, 60, now=NOW)
+    assert store.read(make_ctx(0)).complete  # nothing referenced: no tier call at all
+
+
+def test_too_large_segment_is_refused(keyring) -> None:
+    codec = Codec(keyring, limits=Limits(max_decompressed_bytes=4096))
+    store = store_on(MemoryTier(), codec)
+    ctx = make_ctx(0)
+    ctx.add_turn("user", "x" * 5000)
+    with pytest.raises(BudgetExceeded):
+        store.write(ctx, ctx.turns, 60, now=NOW)
+
+
+def test_a_segment_larger_than_the_token_cap_still_opens(keyring) -> None:
+    codec = Codec(keyring, limits=Limits(max_token_bytes=1024), level=1)
+    store = store_on(MemoryTier(), codec, cache_bytes=0)
+    ctx = make_ctx(0, now=NOW)
+    ctx.add_turn("user", os.urandom(3000).hex(), ts=NOW)  # incompressible-ish, > 1 KiB
+    turns = list(ctx.turns)
+    spill(store, ctx, 1)
+    assert ctx.overflow[0].size > 1024
+    assert store.read(ctx).turns == turns
+
+
+texts = st.text(max_size=80)
+turn_strategy = st.builds(
+    Turn,
+    role=st.sampled_from(["system", "user", "assistant", "tool"]),
+    content=texts,
+    ts=st.integers(min_value=0, max_value=2**32 - 1).map(float),
+    tool_calls=st.lists(st.builds(ToolCall, id=texts, name=texts, arguments=texts), max_size=2).map(
+        tuple
+    ),
+    tool_call_id=st.none() | texts,
+    blocks=st.lists(
+        st.builds(OpaqueBlock, type=texts, data=st.binary(max_size=40), provider=texts), max_size=2
+    ).map(tuple),
+    name=st.none() | texts,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(chunks=st.lists(st.lists(turn_strategy, min_size=1, max_size=4), max_size=4))
+def test_any_turns_round_trip(codec, chunks) -> None:
+    store = store_on(MemoryTier(), codec, cache_bytes=0)
+    ctx = make_ctx(0, now=NOW)
+    for chunk in chunks:
+        ctx.overflow.append(store.write(ctx, chunk, 60, now=NOW))
+    got = store.read(ctx)
+    assert got.complete
+    assert got.turns == [t for chunk in chunks for t in chunk]
+
+
+def test_reasons_for_a_tier_that_is_down_with_partial_cache(codec) -> None:
+    tier = MemoryTier()
+    guard = GuardedTier(tier)
+    store = SegmentStore(guard, codec)
+    ctx = make_ctx(6, now=NOW)
+    spill(store, ctx, 2)
+    spill(store, ctx, 2)
+    guard.cache.discard([store.key_for(ctx.session_id, ctx.overflow[1].digest)])
+    guard.tier = NoTier()  # the tier "goes away"; NoTier answers "missing" for everything
+    got = store.read(ctx)
+    assert got.from_cache == 1 and len(got.turns) == 2
+    assert got.missing == [(ctx.overflow[1], SEGMENT_MISSING)]
+
+    class Down(MemoryTier):
+        def get_many(self, keys):
+            raise TierUnavailable("down")
+
+    guard.tier = Down()
+    got = store.read(ctx)
+    assert got.missing == [(ctx.overflow[1], TIER_UNAVAILABLE)]
+    assert isinstance(got.error, TierUnavailable) and got.from_cache == 1
+
+
+def test_segment_past_its_sealed_expiry_is_missing_even_if_the_tier_kept_it(codec) -> None:
+    store = store_on(MemoryTier(), codec, cache_bytes=0)
+    ctx = make_ctx(2, now=NOW)
+    # written "long ago" with a short TTL, but the tier's own TTL has not run out yet
+    ctx.overflow.append(store.write(ctx, ctx.turns, 60, now=NOW - 3600))
+    assert store.read(ctx).missing == [(ctx.overflow[0], SEGMENT_MISSING)]

@@ -1,0 +1,177 @@
+"""SQLiteTier: shared by processes, fork-safe, lazy expiry purge, errors mapped."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from satchel.errors import TierFull, TierUnavailable
+from satchel.tiers import SQLiteTier
+
+from .conftest import FakeClock
+
+SERVER = str(Path(__file__).resolve().parents[2] / "server")
+
+
+def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SERVER + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+def rows(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT count(*) FROM satchel_kv").fetchone()[0]
+
+
+def test_written_in_another_process_read_in_this_one(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    tier = SQLiteTier(path)
+    tier.put("satchel:{s}:seg:mine", b"from parent", 60)  # this process holds a connection
+    done = run_python(
+        f"""
+        from satchel.tiers import SQLiteTier
+        t = SQLiteTier({str(path)!r})
+        t.put("satchel:{{s}}:seg:a", bytes(range(256)), 60)
+        assert t.get_many(["satchel:{{s}}:seg:mine"]) == [b"from parent"]
+        for i in range(50):  # contend with the parent for the write lock
+            assert t.compare_and_set_mark("satchel:{{s}}:n", None if i == 0 else b"%d" % i,
+                                          b"%d" % (i + 1), 60) is None
+        print("ok")
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert tier.get_many(["satchel:{s}:seg:a"]) == [bytes(range(256))]
+    assert tier.get_many(["satchel:{s}:n"]) == [b"50"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_concurrent_processes_compare_and_set(tmp_path: Path) -> None:
+    path = tmp_path / "cas.db"
+    SQLiteTier(path).compare_and_set_mark("satchel:{s}:n", None, b"0", 60)
+    code = f"""
+        from satchel.tiers import SQLiteTier
+        t = SQLiteTier({str(path)!r}, busy_timeout=5)
+        k = "satchel:{{s}}:n"
+        for _ in range(40):
+            cur = t.get_many([k])[0]
+            while lost := t.compare_and_set_mark(k, cur, b"%d" % (int(cur) + 1), 60):
+                cur = lost
+        """
+    env = dict(os.environ, PYTHONPATH=SERVER)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)], env=env, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    assert SQLiteTier(path).get_many(["satchel:{s}:n"]) == [b"120"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    tier = SQLiteTier(tmp_path / "fork.db")
+    tier.put("before", b"fork", 60)
+    parent_conn = tier._conn()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must not reuse the parent's connection
+        status = 1
+        try:
+            ok = tier._conn() is not parent_conn and tier.get_many(["before"]) == [b"fork"]
+            tier.put("child", b"was here", 60)
+            os.write(write_fd, b"1" if ok else b"0")
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.read(read_fd, 1) == b"1"
+    os.close(read_fd)
+    assert tier._conn() is parent_conn
+    assert tier.get_many(["child"]) == [b"was here"]
+
+
+def test_expiry_and_lazy_purge(tmp_path: Path) -> None:
+    clock = FakeClock(start=1_000_000.0)
+    path = tmp_path / "ttl.db"
+    tier = SQLiteTier(path, purge_every=4, clock=clock)
+    tier.put("short", b"1", 10)
+    tier.put("long", b"2", 100)
+    clock.advance(10)
+    assert tier.get_many(["short", "long"]) == [None, b"2"]  # expired rows are invisible
+    assert tier.delete(["short"]) == 0  # and do not count as existing
+    tier.put("short2", b"3", 5)
+    assert rows(path) == 2  # expired, not yet purged
+    clock.advance(6)
+    tier.put("x", b"4", 100)  # 4th write: the purge runs
+    assert rows(path) == 2  # "long" and "x"
+    clock.advance(1000)
+    assert tier.purge_expired() == 2
+    assert tier.compare_and_set_mark("long", b"2", b"3", 5) == b""  # expired = absent
+
+
+def test_thread_connections_are_separate(tmp_path: Path) -> None:
+    import threading
+
+    tier = SQLiteTier(tmp_path / "threads.db")
+    conns: list[object] = []
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            conns.append(tier._conn())
+            for j in range(20):
+                tier.put(f"satchel:{{t{i}}}:{j}", b"v", 60)
+            assert tier.delete_session(f"t{i}") == 20
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert len({id(c) for c in conns}) == 4
+    tier.close()
+    tier.put("after-close", b"v", 60)  # reconnects
+
+
+def test_full_database_is_tier_full(tmp_path: Path) -> None:
+    tier = SQLiteTier(tmp_path / "small.db", max_bytes=64 * 1024)
+    with pytest.raises(TierFull) as info:
+        for i in range(200):
+            tier.put(f"k{i}", os.urandom(4096), 60)
+    assert info.value.facts["op"] == "put"
+    assert tier.get_many(["k0"])[0] is not None  # reads still work
+
+
+def test_broken_file_is_tier_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "broken.db"
+    path.write_bytes(b"this is not a database" * 100)
+    tier = SQLiteTier(path)
+    for call in (lambda: tier.get_many(["k"]), lambda: tier.put("k", b"v", 1), tier.ping):
+        with pytest.raises(TierUnavailable):
+            call()
+    blocked = SQLiteTier(tmp_path / "file-not-dir" / "x.db")
+    (tmp_path / "file-not-dir").write_text("a file where a directory should be")
+    with pytest.raises(TierUnavailable):
+        blocked.get_many(["k"])
