@@ -6,10 +6,11 @@ tamper-proof as the token), and stored under a key the server derives::
 
     <prefix>:{<tag>}:seg:<mac>
 
-* ``tag`` = first 16 hex chars of HMAC-SHA256(derive(kid, purpose, "session-tag"),
-  session_id). A Redis Cluster hash tag: every key of a session is in one slot, so all
+* ``tag`` = first 16 hex chars of HMAC-SHA256(derive(anchor, purpose, "session-tag"),
+  session_id), ``anchor`` being the key ring's anchor key (``Keyring.anchor``).
+  A Redis Cluster hash tag: every key of a session is in one slot, so all
   of a context's segments are read with one MGET. Also the session's name in logs.
-* ``mac`` = base64url of the first 16 bytes of HMAC-SHA256(derive(kid, purpose,
+* ``mac`` = base64url of the first 16 bytes of HMAC-SHA256(derive(anchor, purpose,
   "segment-key"), session_id || digest), where ``digest`` is the BLAKE2b-128 of the
   stored bytes (kept in the token's :class:`~satchel.context.SegmentRef`).
 
@@ -19,9 +20,10 @@ changed digest names a key that does not exist. On read, each value is checked a
 its digest, opened by the codec, and its embedded session id compared with the
 context's, so a foreign or damaged value is reported, never used.
 
-Keys are derived with the current key id on write; reads try every key id in the
-ring (all candidates share one slot per key id and go in the same single tier call),
-so segments survive a key rotation for as long as the old key stays in the ring.
+Names are keyed with the ring's anchor key, not the current one, so promoting a new
+key changes no name: segments survive rotation, every key of a session stays in one
+Redis Cluster slot, and reads are one MGET. Only retiring the anchor re-anchors names
+(its segments then read as missing, covered by the summary; docs/operations.md).
 """
 
 from __future__ import annotations
@@ -125,22 +127,22 @@ class SegmentStore:
 
     def session_tag(self, session_id: bytes, *, kid: str | None = None) -> str:
         """16 hex chars naming the session: a keyed hash of its id (hash tag and log id)."""
-        key = self._derived(kid or self.codec.keyring.current.kid, "session-tag")
+        key = self._derived(kid or self.codec.keyring.anchor.kid, "session-tag")
         return hmac.digest(key, session_id, "sha256").hex()[:TAG_HEX_CHARS]
 
     def session_tags(self, session_id: bytes) -> list[str]:
-        """The session's tag under every key id of the ring, current first."""
+        """The session's tags (one: under the anchor key)."""
         return list(dict.fromkeys(self.session_tag(session_id, kid=k) for k in self._kids()))
 
     def key_for(self, session_id: bytes, digest: bytes, *, kid: str | None = None) -> str:
         """The tier key of the segment with ``digest`` in session ``session_id``."""
-        kid = kid or self.codec.keyring.current.kid
+        kid = kid or self.codec.keyring.anchor.kid
         mac = hmac.digest(self._derived(kid, "segment-key"), session_id + digest, "sha256")
         tag = self.session_tag(session_id, kid=kid)
         return f"{self.prefix}:{{{tag}}}:seg:{b64url_encode(mac[:16])}"
 
     def _kids(self) -> list[str]:
-        return self.codec.keyring.kids
+        return [self.codec.keyring.anchor.kid]
 
     # -- write ---------------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ def test_signed_mode_segments_round_trip(keyring) -> None:
     assert store.read(ctx).turns == turns[:3]
 
 
-def test_segments_survive_key_rotation_while_the_old_key_is_in_the_ring() -> None:
+def test_segments_survive_key_rotation_while_the_anchor_is_in_the_ring() -> None:
     tier = MemoryTier()
     old_ring = Keyring.generate("old")
     ctx = make_ctx(4, now=NOW)
@@ -154,16 +154,18 @@ def test_segments_survive_key_rotation_while_the_old_key_is_in_the_ring() -> Non
 
     rotated = old_ring.rotated(generate_key("new"))
     store = store_on(tier, Codec(rotated), cache_bytes=0)
-    spill(store, ctx, 1)  # written under the new key
+    spill(store, ctx, 1)  # written while the new key seals
     got = store.read(ctx)
     assert got.complete and got.turns == turns[:3]
-    assert len(store.session_tags(ctx.session_id)) == 2
-    # erase covers both key ids
+    # Names are keyed by the anchor (the oldest key): one tag, one cluster slot.
+    assert store.session_tags(ctx.session_id) == store_on(tier, Codec(old_ring)).session_tags(
+        ctx.session_id
+    )
     assert store.erase(ctx.session_id) == 2
     assert [r for _, r in store.read(ctx).missing] == [SEGMENT_MISSING] * 2
 
     spill(store_on(tier, Codec(old_ring), cache_bytes=0), ctx, 1)
-    retired = Keyring([rotated.current])
+    retired = Keyring([rotated.current])  # retiring the anchor re-anchors every name
     assert store_on(tier, Codec(retired)).read(ctx).missing[0][1] == SEGMENT_MISSING
 
 
