@@ -6,6 +6,7 @@ Values are read two ways: from the observer's registry and from an HTTP GET of t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -439,3 +440,30 @@ def test_gunicorn_workers_aggregate_in_multiprocess_mode(tmp_path: Path) -> None
             issued = re.search(r"^satchel_tokens_issued_total (\S+)$", resp.text, re.M)
             assert issued and float(issued.group(1)) == len(pids)
     assert any(multiproc.iterdir())
+
+
+# ------------------------------------------------------------------------------- docs
+
+
+def exported_names(obs: PrometheusObserver) -> set[str]:
+    names: set[str] = set()
+    for family in obs.registry.collect():
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + s for s in ("_bucket", "_sum", "_count"))
+    return names
+
+
+@pytest.mark.parametrize("doc", ["docs/operations.md", "docs/grafana-dashboard.json"])
+def test_docs_and_dashboard_only_use_real_metric_names(doc: str) -> None:
+    path = Path(__file__).resolve().parents[1] / doc
+    text = path.read_text()
+    if doc.endswith(".json"):
+        dashboard = json.loads(text)
+        assert dashboard["panels"] and dashboard["title"] == "Satchel"
+    used = set(re.findall(r"\bsatchel_[a-z0-9_]*[a-z0-9]\b", text)) - {"satchel_event"}
+    assert used, doc
+    unknown = used - exported_names(PrometheusObserver())
+    assert not unknown, f"{doc} names metrics that do not exist: {sorted(unknown)}"
