@@ -161,12 +161,6 @@ def test_byte_budget_trims_are_counted_without_a_tier() -> None:
     assert samples[("satchel_trims_total", (("reason", "byte_budget"),))] == trims
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pipeline.save matches lifecycle actions with `action.ts == now`, but "
-    "Lifecycle.record stores int(ts) while now is a float: window/token_budget trims "
-    "are never reported (fix: compare with int(now))",
-)
 def test_window_trims_are_counted() -> None:
     obs = PrometheusObserver()
     app, _ = make_app(obs, SATCHEL_MAX_TURNS=4)

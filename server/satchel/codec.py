@@ -106,6 +106,10 @@ class Codec:
 
         ``expires_at`` (Unix seconds) overrides the codec's ``ttl``.
         """
+        return self.seal_verbose(ctx, expires_at=expires_at)[0]
+
+    def seal_verbose(self, ctx: Context, *, expires_at: float | None = None) -> tuple[str, int]:
+        """Like :meth:`seal`, also returning the payload size before compression."""
         now = self.clock()
         if expires_at is None and self.ttl is not None:
             expires_at = now + self.ttl
@@ -114,7 +118,7 @@ class Codec:
         token, raw = self.seal_payload(payload, now=now, expires_at=expires_at)
         ctx.parent = token_digest(raw)
         ctx.opened_kid = self.keyring.current.kid
-        return token
+        return token, len(payload)
 
     def seal_payload(
         self, payload: bytes, *, now: float | None = None, expires_at: float | None = None
@@ -196,7 +200,9 @@ class Codec:
 
     def measure(self, ctx: Context) -> int:
         """The length the token for ``ctx`` would have if sealed now, without sealing."""
-        payload = serialize.pack(schema.to_wire(ctx))
+        wire = schema.to_wire(ctx)
+        wire["q"] = ctx.seq + 1  # seal() increments seq first; it can grow the msgpack int
+        payload = serialize.pack(wire)
         packed = self.compressor.compress(payload)
         kid_len = len(self.keyring.current.kid)
         overhead = 32 if self.mode == "signed" else 28

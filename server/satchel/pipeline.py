@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from .codec import Codec
 from .context import Context, LifecycleAction
-from .errors import BadToken, TierError
+from .errors import BadToken, BudgetExceeded, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import turn_groups
 from .observe import NULL_OBSERVER, Observer
@@ -36,6 +36,10 @@ Clock = Callable[[], float]
 SPILL_TARGET = 0.7
 MAX_FIT_ROUNDS = 12
 MAX_SPILL_ROUNDS = 4
+#: Past this many segment references, the next spill merges them all into one segment,
+#: so references cannot grow the token without bound in a very long conversation.
+MAX_SEGMENT_REFS = 6
+DEFAULT_SEGMENT_TTL = 30 * 86400.0
 
 
 @dataclass(slots=True)
@@ -160,14 +164,13 @@ class Pipeline:
 
         t0 = timer()
         summarized_before = ctx.lifecycle.summarized
-        dropped = apply_policies(ctx, self.policy, now)
+        dropped_before = dict(ctx.lifecycle.dropped)
+        apply_policies(ctx, self.policy, now)
         timings["trim"] = timer() - t0
-        if dropped:
-            for action in ctx.lifecycle.recent:
-                if action.ts == now and action.action == "dropped":
-                    self.observer.event(
-                        "trimmed", session=tag, reason=action.policy, turns=action.turns
-                    )
+        for reason, total in ctx.lifecycle.dropped.items():
+            turns = total - dropped_before.get(reason, 0)
+            if turns:
+                self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
 
         t1 = timer()
         self.fit_budget(ctx, now, tag)
@@ -178,9 +181,9 @@ class Pipeline:
             )
 
         t2 = timer()
-        token = self.codec.seal(ctx, expires_at=expires_at(ctx, self.policy, now))
+        token, raw_size = self.codec.seal_verbose(ctx, expires_at=expires_at(ctx, self.policy, now))
         timings["seal"] = timer() - t2
-        self.observer.token(size=len(token), raw_size=0, turns=len(ctx.turns))
+        self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
         self.observer.event(
             "issued", session=tag, seq=ctx.seq, bytes=len(token), turns=len(ctx.turns)
         )
@@ -212,10 +215,25 @@ class Pipeline:
                 if not count:
                     break  # only the newest group is left: nothing more can move
                 spill = ctx.turns[:count]
+                merged = self._can_compact(ctx)
+                to_write = [*ctx.rehydrated, *spill] if merged else spill
                 try:
                     ref = self.segments.write(
-                        ctx, spill, self._remaining_lifetime(ctx, now), now=now
+                        ctx, to_write, self._remaining_lifetime(ctx, now), now=now
                     )
+                except BudgetExceeded:
+                    merged = False  # too large to merge: append one more reference
+                    try:
+                        ref = self.segments.write(
+                            ctx, spill, self._remaining_lifetime(ctx, now), now=now
+                        )
+                    except TierError as exc:
+                        write_failed = True
+                        ctx.degraded.append("tier_write_failed")
+                        self.observer.event(
+                            "degraded", session=tag, reason="tier_write_failed", error=exc.code
+                        )
+                        break
                 except TierError as exc:
                     write_failed = True
                     ctx.degraded.append("tier_write_failed")
@@ -224,7 +242,13 @@ class Pipeline:
                     )
                     break
                 del ctx.turns[:count]
-                ctx.overflow.append(ref)
+                if merged:
+                    # One segment now holds every overflowed turn; the old ones expire.
+                    ctx.rehydrated = to_write
+                    ctx.overflow = [ref]
+                else:
+                    ctx.rehydrated.extend(spill)
+                    ctx.overflow.append(ref)
                 # The running summary always covers what left the token.
                 ctx.summary = self.policy.summarizer(spill, ctx.summary)
                 ctx.lifecycle.summarized += len(spill)
@@ -246,6 +270,15 @@ class Pipeline:
         removed = self._drop_to(ctx, soft, now, "byte_budget")
         if removed:
             self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+
+    @staticmethod
+    def _can_compact(ctx: Context) -> bool:
+        """Merge when references pile up and every overflowed turn is in hand."""
+        return (
+            len(ctx.overflow) >= MAX_SEGMENT_REFS
+            and len(ctx.rehydrated) == ctx.overflowed_turns
+            and not any(r.startswith(("segment_", "tier_")) for r in ctx.degraded)
+        )
 
     def _drop_to(self, ctx: Context, budget: int, now: float, reason: str) -> int:
         removed = 0
@@ -280,8 +313,14 @@ class Pipeline:
         return count
 
     def _remaining_lifetime(self, ctx: Context, now: float) -> float:
-        exp = expires_at(ctx, self.policy, now)
-        return max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
+        """How long a segment must live: as long as the session can, however active.
+
+        The idle TTL moves with every request, so it cannot bound a segment written
+        now; the maximum age can. Without one, segments live ``DEFAULT_SEGMENT_TTL``.
+        """
+        if self.policy.max_age is not None:
+            return max(60.0, ctx.created_at + self.policy.max_age - now)
+        return DEFAULT_SEGMENT_TTL
 
 
 def session_tag(codec: Codec, session_id: bytes) -> str:

@@ -93,6 +93,12 @@ class Satchel:
         self._policy = policy
         self._tier = tier
         self.observer = MultiObserver([observer] if observer else [])
+        #: the Prometheus observer (its ``.registry`` is what /metrics serves)
+        self.metrics: Any = None
+        from ..metrics import PrometheusObserver
+
+        if isinstance(observer, PrometheusObserver):
+            self.metrics = observer
         if app is not None:
             self.init_app(app)
 
@@ -183,6 +189,18 @@ class Satchel:
 
     def _register_extras(self, app: Flask, config: SatchelConfig) -> None:
         """Metrics and audit observers, and the optional /metrics and health routes."""
+        from ..audit import AuditObserver
+        from ..metrics import PrometheusObserver
+        from .routes import register_routes
+
+        if self.metrics is None:
+            self.metrics = PrometheusObserver()
+            self.observer.add(self.metrics)
+        if not any(isinstance(o, AuditObserver) for o in self.observer.observers):
+            self.observer.add(AuditObserver())
+        register_routes(
+            app, self, metrics_route=config.metrics_route, health=bool(config.health_routes)
+        )
 
     # -- per-app state --------------------------------------------------------------------
 
