@@ -1,0 +1,38 @@
+"""``python -m examples.chat``: serve the chat example on 127.0.0.1:$PORT (default 8000).
+
+Uses werkzeug's threaded server (several tabs can stream at once). ``HOST`` overrides
+the interface; the demo is meant for loopback only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from werkzeug.serving import make_server
+
+from .app import create_app
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    host = os.environ.get("HOST", "127.0.0.1")
+    port = int(os.environ.get("PORT", "8000"))
+    app = create_app()
+    server = make_server(host, port, app, threaded=True)
+    model = app.config["CHAT_MODEL"]
+    tier = app.config.get("SATCHEL_OVERFLOW_URL") or "none"
+    print(f"Satchel chat: http://{host}:{server.port}/", flush=True)
+    print(f"  model: {model.name}   overflow tier: {tier.split('://')[0]}", flush=True)
+    print("  Ctrl-C to stop", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nbye", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

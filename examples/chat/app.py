@@ -1,0 +1,270 @@
+"""A complete chat web app on Satchel: the browser carries each conversation's context.
+
+Run it with ``make demo`` (or ``python -m examples.chat``) and open the printed URL.
+
+Routes:
+
+=========================== ==========================================================
+``GET  /``                  the chat page (conversation list, thread, composer, status)
+``POST /api/chat``          ``{"message": ...}`` -> ``{"reply": ..., ...}`` (JSON)
+``POST /api/chat/stream``   the same, as server-sent events (``satchel.stream``): ``delta``
+                            events, then ``satchel`` (the next token), then ``done``
+``GET  /api/context``       the context as JSON: every turn (overflowed ones read back
+                            from the tier), summary, counts, token size; issues no token
+``GET  /static/satchel/*``  the browser client (``client_js/src``), served as-is
+``GET  /assets/*``          the page's own script and stylesheet
+=========================== ==========================================================
+
+Configuration comes from the environment (see docs/chat-example.md): ``SATCHEL_KEYS``
+(else a development key in ``examples/chat/instance/``), ``SATCHEL_OVERFLOW_URL``
+(default: a SQLite file in the instance folder; empty for none),
+``SATCHEL_MAX_TOKEN_BYTES``, ``SATCHEL_MODE``, ``SATCHEL_CONSISTENCY``... and the model
+from ``SATCHEL_MODEL_BASE_URL`` / ``SATCHEL_MODEL_API_KEY`` / ``SATCHEL_MODEL_NAME``
+(default: the offline model). ``create_app(config)`` overrides any of them; ``CHAT_MODEL``
+takes a model object (see ``models.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import mimetypes
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, abort, render_template, request, send_from_directory
+
+from satchel import Satchel
+from satchel.errors import InvalidRequest, SatchelError
+from satchel.flask_ext import json_errors_for
+
+from .llm_summarizer import LLMSummarizer
+from .models import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChatModel,
+    ModelError,
+    OfflineModel,
+    build_messages,
+    model_from_env,
+)
+
+log = logging.getLogger("satchel.examples.chat")
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+#: The browser client's sources, served as-is at /static/satchel/ (no build step).
+CLIENT_JS_DIR = REPO_ROOT / "client_js" / "src"
+MAX_MESSAGE_CHARS = 8000
+
+#: Environment variables read into the Flask config, as in examples/minimal_chat.
+ENV_KEYS = (
+    "SATCHEL_KEYS",
+    "SATCHEL_OVERFLOW_URL",
+    "SATCHEL_MAX_TOKEN_BYTES",
+    "SATCHEL_HARD_MAX_TOKEN_BYTES",
+    "SATCHEL_MAX_TURNS",
+    "SATCHEL_TOKEN_MODE",
+    "SATCHEL_CONSISTENCY",
+    "SATCHEL_MODE",
+    "SATCHEL_ON_BAD_TOKEN",
+    "SATCHEL_TIER_DOWN_POLICY",
+    "SATCHEL_METRICS_ROUTE",
+    "SATCHEL_HEALTH_ROUTES",
+)
+
+#: Everything the page loads comes from this app: no CDN, no web font, no inline script.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'; object-src 'none'"
+)
+
+
+class ModelUnavailable(SatchelError):
+    """The model backend failed; the conversation is unchanged, try again."""
+
+    code = "model_unavailable"
+    status = 502
+
+
+def env_config() -> dict[str, Any]:
+    """SATCHEL_* settings taken from the environment."""
+    return {key: os.environ[key] for key in ENV_KEYS if key in os.environ}
+
+
+def sqlite_tier_available() -> bool:
+    """Whether ``satchel.tiers.sqlite`` (the embedded overflow tier) can be imported."""
+    try:
+        return importlib.util.find_spec("satchel.tiers.sqlite") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_overflow_url(instance_path: str) -> str:
+    """``sqlite:///<instance>/overflow.sqlite3`` when the SQLite tier exists, else none."""
+    if not sqlite_tier_available():
+        log.warning("satchel.tiers.sqlite is not available: running without an overflow tier")
+        return ""
+    return "sqlite:///" + os.path.join(instance_path, "overflow.sqlite3")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """The chat app. ``config`` overrides the environment (``SATCHEL_*``, ``CHAT_*``)."""
+    app = Flask(
+        __name__,
+        instance_path=str(HERE / "instance"),
+        static_folder="static",
+        static_url_path="/assets",
+    )
+    app.config.update(
+        SATCHEL_DEV_KEY_FILE=os.path.join(app.instance_path, "satchel-dev-key"),
+        SATCHEL_METRICS_ROUTE="/metrics",
+        SATCHEL_HEALTH_ROUTES=True,
+        CHAT_SYSTEM_PROMPT=DEFAULT_SYSTEM_PROMPT,
+        CHAT_CLIENT_JS_DIR=str(CLIENT_JS_DIR),
+        CHAT_MAX_MESSAGE_CHARS=MAX_MESSAGE_CHARS,
+        CHAT_LLM_SUMMARIZER=os.environ.get("SATCHEL_LLM_SUMMARIZER", "") not in ("", "0"),
+    )
+    app.config.update(env_config())
+    app.config.update(config or {})
+    if "SATCHEL_OVERFLOW_URL" not in app.config:
+        url = default_overflow_url(app.instance_path)
+        if url:
+            os.makedirs(app.instance_path, exist_ok=True)
+        app.config["SATCHEL_OVERFLOW_URL"] = url or None
+    if isinstance(app.config.get("SATCHEL_HEALTH_ROUTES"), str):
+        app.config["SATCHEL_HEALTH_ROUTES"] = app.config["SATCHEL_HEALTH_ROUTES"].lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
+
+    model: ChatModel = app.config.get("CHAT_MODEL") or model_from_env()
+    app.config["CHAT_MODEL"] = model
+    if app.config["CHAT_LLM_SUMMARIZER"] and "SATCHEL_SUMMARIZER" not in app.config:
+        if isinstance(model, OfflineModel):
+            log.warning("SATCHEL_LLM_SUMMARIZER is set but the model is offline: ignored")
+        else:
+            app.config["SATCHEL_SUMMARIZER"] = LLMSummarizer(model)
+
+    satchel = Satchel(app)
+    json_errors_for(app, "/api/")
+    system_prompt: str = app.config["CHAT_SYSTEM_PROMPT"]
+    max_chars = int(app.config["CHAT_MAX_MESSAGE_CHARS"])
+
+    def read_message() -> str:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+            raise InvalidRequest('send JSON {"message": "..."}')
+        message = body["message"].strip()
+        if not message:
+            raise InvalidRequest("message is empty")
+        if len(message) > max_chars:
+            raise InvalidRequest(f"message is longer than {max_chars} characters")
+        return message
+
+    # -- the page ----------------------------------------------------------------------
+
+    @app.get("/")
+    def index() -> Response:
+        html = render_template(
+            "index.html",
+            model_name=model.name,
+            max_chars=max_chars,
+        )
+        response = Response(html, mimetype="text/html")
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.get("/static/satchel/<path:filename>")
+    def client_js(filename: str) -> Response:
+        """The browser client's files, read from client_js/src on each request."""
+        directory = app.config["CHAT_CLIENT_JS_DIR"]
+        if not filename.endswith((".js", ".d.ts")):
+            abort(404)
+        mimetype = "text/javascript" if filename.endswith(".js") else "text/plain"
+        response = send_from_directory(directory, filename, mimetype=mimetype, max_age=0)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    # -- the API -----------------------------------------------------------------------
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        message = read_message()
+        ctx = satchel.context
+        ctx.add_turn("user", message)
+        try:
+            reply = model.complete(build_messages(ctx, default_prompt=system_prompt))
+        except ModelError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        if reply:
+            ctx.add_turn("assistant", reply)
+        return {
+            "reply": reply,
+            "turns": len(ctx.turns),
+            "overflowed_turns": ctx.overflowed_turns,
+            "degraded": ctx.degraded,
+        }
+
+    @app.post("/api/chat/stream")
+    def chat_stream() -> Response:
+        message = read_message()
+        ctx = satchel.context
+        ctx.add_turn("user", message)
+        messages = build_messages(ctx, default_prompt=system_prompt)
+
+        def deltas() -> Any:
+            try:
+                yield from model.stream(messages)
+            except ModelError as exc:
+                # Becomes an `error` event; no token is issued, the client keeps its own.
+                raise ModelUnavailable(str(exc)) from None
+
+        def on_complete(text: str) -> None:
+            if text:
+                ctx.add_turn("assistant", text)
+
+        return satchel.stream(deltas(), on_complete=on_complete)
+
+    @app.get("/api/context")
+    def context() -> Any:
+        ctx = satchel.context
+        satchel.discard()  # reading issues no new token: the client keeps the one it sent
+        token = satchel.read_token() or ""
+        state = Satchel.state()
+        removed = sum(ctx.lifecycle.dropped.values())
+        data = ctx.to_dict()
+        data.update(
+            all_turns=[t.to_dict() for t in ctx.all_turns()],
+            held_turns=len(ctx.turns),
+            rehydrated_turns=len(ctx.rehydrated),
+            summarized_only_turns=max(0, removed - ctx.overflowed_turns),
+            token_bytes=len(token.encode()),
+            max_token_bytes=state.config.max_token_bytes,
+            overflow_tier=_scheme(state.config.overflow_url),
+            model=model.name,
+        )
+        return data
+
+    return app
+
+
+def _scheme(url: str | None) -> str | None:
+    """The tier kind only: a Redis URL may carry a password."""
+    if not url:
+        return None
+    return urlsplit(url).scheme or None
+
+
+mimetypes.add_type("text/javascript", ".js")  # some systems map .js to text/plain
+
+
+__all__ = ["ENV_KEYS", "ModelUnavailable", "create_app", "env_config"]

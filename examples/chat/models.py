@@ -1,0 +1,346 @@
+"""Model backends for the chat example, behind one small interface.
+
+A backend is anything with::
+
+    name: str
+    def stream(self, messages: list[Message]) -> Iterator[str]   # text pieces
+    def complete(self, messages: list[Message]) -> str            # the whole reply
+
+where a ``Message`` is ``{"role": "system" | "user" | "assistant", "content": str}``
+(the OpenAI chat-completions shape, which most providers and local servers accept).
+
+* :class:`OfflineModel` (the default): deterministic, no network, streams word by word;
+  ``delay`` adds a pause between words for demos.
+* :class:`OpenAICompatibleModel`: any OpenAI-compatible ``/chat/completions`` endpoint
+  (OpenAI, Azure-style gateways, vLLM, llama.cpp server, Ollama's ``/v1``, LM Studio...)
+  using only the standard library, with ``stream: true`` parsed as server-sent events.
+
+:func:`model_from_env` picks one from ``SATCHEL_MODEL_BASE_URL``, ``SATCHEL_MODEL_API_KEY``
+and ``SATCHEL_MODEL_NAME``; :func:`build_messages` turns a Satchel context into messages
+(the pinned system prompt, pinned facts and running summary as one system message, then
+the turns held in the token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol, TypedDict, runtime_checkable
+
+from satchel import Context, Turn
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a concise, friendly assistant in the Satchel chat demo. Answer in plain text."
+)
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+class ModelError(RuntimeError):
+    """The model backend failed (network, HTTP status, malformed reply)."""
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """What the chat app and the LLM summarizer need from a model."""
+
+    name: str
+
+    def stream(self, messages: list[Message]) -> Iterator[str]: ...
+
+    def complete(self, messages: list[Message]) -> str: ...
+
+
+# --------------------------------------------------------------------- messages
+
+
+def system_message(ctx: Context, default_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The pinned system prompt (or the app default), pinned facts and the summary."""
+    parts = [ctx.pinned.system or default_prompt]
+    if ctx.pinned.facts:
+        parts.append("Facts to keep in mind:\n" + "\n".join(f"- {f}" for f in ctx.pinned.facts))
+    if ctx.summary:
+        parts.append("Summary of the earlier conversation:\n" + ctx.summary)
+    return "\n\n".join(p for p in parts if p)
+
+
+def build_messages(
+    ctx: Context,
+    *,
+    default_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    include_rehydrated: bool = False,
+) -> list[Message]:
+    """Messages for a model: one system message, then the conversation's turns.
+
+    By default only the turns held in the token are sent: the running summary stands in
+    for the ones that overflowed, which keeps the prompt bounded however long the chat
+    gets. ``include_rehydrated=True`` also sends the overflowed turns read back from the
+    tier (when they could be read).
+    """
+    turns: Iterable[Turn] = ctx.all_turns() if include_rehydrated else ctx.turns
+    messages: list[Message] = [{"role": "system", "content": system_message(ctx, default_prompt)}]
+    for turn in turns:
+        if turn.role in ("user", "assistant") and turn.content:
+            messages.append({"role": turn.role, "content": turn.content})
+    return messages
+
+
+def _last_user(messages: list[Message]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return ""
+
+
+# ---------------------------------------------------------------------- offline
+
+_OPENERS = (
+    "Good question.",
+    "Here is how I see it.",
+    "Let me think about that.",
+    "Thanks for asking.",
+)
+_CLOSERS = (
+    "Tell me more if you want to go deeper.",
+    "Happy to expand on any part of this.",
+    "Ask away if something is unclear.",
+)
+
+
+class OfflineModel:
+    """A deterministic stand-in for a model: no network, same input, same reply.
+
+    The reply quotes the user's message, counts the turns it can see and says when a
+    summary of earlier turns was in its system message, so the demo shows what the model
+    would receive. ``delay`` (seconds) pauses between streamed words, for demos only.
+    """
+
+    name = "offline"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = max(0.0, float(delay))
+
+    def reply(self, messages: list[Message]) -> str:
+        message = " ".join(_last_user(messages).split())
+        words = message.split()
+        quoted = " ".join(words[:12]) + ("…" if len(words) > 12 else "")
+        seed = int.from_bytes(hashlib.sha256(message.encode()).digest()[:4], "big")
+        turn = sum(1 for m in messages if m["role"] == "user")
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        memory = (
+            " I can also see a summary of our earlier conversation."
+            if "Summary of the earlier conversation" in system
+            else ""
+        )
+        if not words:
+            quoted = "nothing"
+        return (
+            f"{_OPENERS[seed % len(_OPENERS)]} You said: “{quoted}”. "
+            f"This is reply {turn} in the turns I can see, written offline and "
+            f"deterministically, so the demo runs anywhere without a network.{memory} "
+            f"{_CLOSERS[(seed // 7) % len(_CLOSERS)]}"
+        )
+
+    def stream(self, messages: list[Message]) -> Iterator[str]:
+        words = self.reply(messages).split(" ")
+        for i, word in enumerate(words):
+            if self.delay and i:
+                time.sleep(self.delay)
+            yield word if i == len(words) - 1 else word + " "
+
+    def complete(self, messages: list[Message]) -> str:
+        return self.reply(messages)
+
+
+# ------------------------------------------------------------ OpenAI-compatible
+
+
+class OpenAICompatibleModel:
+    """Any OpenAI-compatible chat-completions endpoint, with the standard library only.
+
+    ``base_url`` is the API root that ``/chat/completions`` is appended to, e.g.
+    ``https://api.openai.com/v1`` or ``http://127.0.0.1:11434/v1`` (Ollama).
+    ``api_key`` may be empty for local servers. ``options`` are extra request fields
+    (``temperature``, ``max_tokens``...).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"the model base URL must be http(s)://..., not {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key or None
+        self.timeout = timeout
+        self.options = dict(options or {})
+        self.name = f"openai-compatible:{model}"
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAICompatibleModel({self.base_url!r}, {self.model!r})"
+
+    @property
+    def url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+    def _request(self, messages: list[Message], *, stream: bool) -> urllib.request.Request:
+        body = {**self.options, "model": self.model, "messages": messages, "stream": stream}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+            "User-Agent": "satchel-chat-example",
+        }
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return urllib.request.Request(  # noqa: S310 - the scheme is checked in __init__
+            self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+
+    def _open(self, req: urllib.request.Request) -> Any:
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310
+        except urllib.error.HTTPError as err:
+            with err:
+                detail = err.read(2000).decode("utf-8", "replace")
+            raise ModelError(f"model endpoint answered {err.code}: {_error_text(detail)}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ModelError(f"model endpoint unreachable: {reason}") from None
+
+    def stream(self, messages: list[Message]) -> Iterator[str]:
+        with self._open(self._request(messages, stream=True)) as resp:
+            content_type = resp.headers.get("Content-Type", "")
+            if "text/event-stream" not in content_type:
+                # Some servers ignore stream=true: take the whole reply at once.
+                text = _completion_text(_json(resp.read()))
+                if text:
+                    yield text
+                return
+            try:
+                for data in iter_sse_data(resp):
+                    if data == "[DONE]":
+                        return
+                    chunk = _json(data.encode())
+                    if isinstance(chunk, dict) and chunk.get("error"):
+                        raise ModelError(f"model stream error: {_error_text(json.dumps(chunk))}")
+                    piece = _delta_text(chunk)
+                    if piece:
+                        yield piece
+            except OSError as err:
+                raise ModelError(f"model stream broke off: {err}") from None
+
+    def complete(self, messages: list[Message]) -> str:
+        with self._open(self._request(messages, stream=False)) as resp:
+            try:
+                raw = resp.read()
+            except OSError as err:
+                raise ModelError(f"model reply broke off: {err}") from None
+        return _completion_text(_json(raw))
+
+
+def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
+    """The ``data`` of each server-sent event in a byte-line iterable (a response)."""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ModelError(f"model endpoint sent invalid JSON: {raw[:200]!r}") from None
+
+
+def _delta_text(chunk: Any) -> str:
+    try:
+        delta = chunk["choices"][0].get("delta") or {}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return ""
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def _completion_text(body: Any) -> str:
+    try:
+        content = body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ModelError("model reply has no choices[0].message.content") from None
+    return content if isinstance(content, str) else ""
+
+
+def _error_text(detail: str) -> str:
+    try:
+        body = json.loads(detail)
+        err = body.get("error", body)
+        message = err.get("message") if isinstance(err, dict) else err
+        return str(message)[:300]
+    except (ValueError, AttributeError):
+        return detail.strip()[:300] or "(empty body)"
+
+
+# ------------------------------------------------------------------ from config
+
+
+def model_from_env(env: Mapping[str, str] | None = None) -> ChatModel:
+    """:class:`OpenAICompatibleModel` when ``SATCHEL_MODEL_BASE_URL`` is set, else offline.
+
+    ``SATCHEL_MODEL_NAME`` (default ``gpt-4o-mini``), ``SATCHEL_MODEL_API_KEY`` (optional
+    for local servers), ``SATCHEL_MODEL_TIMEOUT`` (seconds, default 60) and
+    ``SATCHEL_MODEL_TEMPERATURE`` tune the remote model; ``SATCHEL_MODEL_DELAY`` (seconds
+    between words) slows the offline one down for demos.
+    """
+    env = os.environ if env is None else env
+    base_url = env.get("SATCHEL_MODEL_BASE_URL", "").strip()
+    if not base_url:
+        return OfflineModel(delay=float(env.get("SATCHEL_MODEL_DELAY") or 0))
+    options: dict[str, Any] = {}
+    if env.get("SATCHEL_MODEL_TEMPERATURE"):
+        options["temperature"] = float(env["SATCHEL_MODEL_TEMPERATURE"])
+    return OpenAICompatibleModel(
+        base_url,
+        env.get("SATCHEL_MODEL_NAME") or "gpt-4o-mini",
+        api_key=env.get("SATCHEL_MODEL_API_KEY") or None,
+        timeout=float(env.get("SATCHEL_MODEL_TIMEOUT") or 60),
+        options=options,
+    )
+
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "ChatModel",
+    "Message",
+    "ModelError",
+    "OfflineModel",
+    "OpenAICompatibleModel",
+    "build_messages",
+    "iter_sse_data",
+    "model_from_env",
+    "system_message",
+]

@@ -1,0 +1,542 @@
+"""The chat example (examples/chat) at the HTTP level: Flask test client, a fake
+OpenAI-compatible endpoint on loopback, and one LiveServer over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from examples.chat import app as chat_app
+from examples.chat.llm_summarizer import LLMSummarizer
+from examples.chat.models import (
+    ChatModel,
+    ModelError,
+    OfflineModel,
+    OpenAICompatibleModel,
+    build_messages,
+    iter_sse_data,
+    model_from_env,
+)
+from satchel import Context, Keyring, Satchel
+
+APP = "examples.chat.app:create_app"
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def make_app(tmp_path: Path, **config: Any) -> Any:
+    base = {
+        "TESTING": True,
+        "SATCHEL_KEYS": Keyring.generate().to_string(),
+        "SATCHEL_OVERFLOW_URL": f"sqlite:///{tmp_path / 'overflow.sqlite3'}",
+        "CHAT_MODEL": OfflineModel(),
+    }
+    base.update(config)
+    return chat_app.create_app(base)
+
+
+def parse_sse(text: str) -> list[tuple[str, Any]]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        name, data = "message", []
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip())
+        events.append((name, json.loads("\n".join(data)) if data else None))
+    return events
+
+
+def words(n: int) -> str:
+    """Distinct text, so tokens do not compress away and the byte budget is reached."""
+    return " ".join(secrets.token_hex(4) for _ in range(n))
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app reads SATCHEL_* from the environment: start every test from none."""
+    for key in (*chat_app.ENV_KEYS, "SATCHEL_LLM_SUMMARIZER"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("BASE_URL", "API_KEY", "NAME", "DELAY", "TIMEOUT", "TEMPERATURE"):
+        monkeypatch.delenv(f"SATCHEL_MODEL_{key}", raising=False)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Any:
+    return make_app(tmp_path)
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+def chat(client: Any, message: str, token: str | None = None) -> Any:
+    headers = {"Satchel-Context": token} if token else {}
+    return client.post("/api/chat", json={"message": message}, headers=headers)
+
+
+# ------------------------------------------------------------------- the page
+
+
+def test_page_is_self_contained_and_accessible(client: Any) -> None:
+    resp = client.get("/")
+    assert resp.status_code == 200
+    html = resp.get_data(as_text=True)
+    csp = resp.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp
+    assert '<label for="message">' in html
+    assert 'role="log"' in html and 'role="status"' in html
+    assert 'id="new-chat"' in html
+    # Nothing from another origin: no CDN, no web font.
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    assert 'src="/assets/chat.js"' in html
+    assert 'data-client-url="/static/satchel/satchel.js"' in html
+
+
+def test_client_module_and_assets_are_served(client: Any) -> None:
+    js = client.get("/static/satchel/satchel.js")
+    assert js.status_code == 200
+    assert js.mimetype == "text/javascript"
+    assert "export function createClient" in js.get_data(as_text=True)
+    assert client.get("/static/satchel/satchel.d.ts").status_code in (200, 404)
+    for path in ("/assets/chat.js", "/assets/chat.css"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/static/satchel/../../pyproject.toml").status_code == 404
+    assert client.get("/static/satchel/package.json").status_code == 404
+    assert client.get("/static/satchel/nope.js").status_code == 404
+
+
+# ------------------------------------------------------------------- the API
+
+
+def test_chat_round_trip(client: Any) -> None:
+    first = chat(client, "Hello, Satchel")
+    assert first.status_code == 200
+    body = first.get_json()
+    assert "Hello, Satchel" in body["reply"]
+    assert body["turns"] == 2 and body["degraded"] == []
+    token = first.headers["Satchel-Context"]
+    assert first.headers["Satchel-Seq"] == "1"
+
+    second = chat(client, "And a second message", token)
+    assert second.status_code == 200
+    assert second.headers["Satchel-Seq"] == "2"
+    ctx = client.get("/api/context", headers={"Satchel-Context": second.headers["Satchel-Context"]})
+    contents = [(t["role"], t["content"]) for t in ctx.get_json()["all_turns"]]
+    assert [r for r, _ in contents] == ["user", "assistant", "user", "assistant"]
+    assert contents[0][1] == "Hello, Satchel"
+    assert contents[2][1] == "And a second message"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, 'send JSON {"message": "..."}'),
+        ({"message": 3}, 'send JSON {"message": "..."}'),
+        ({"message": "   "}, "message is empty"),
+        ({"message": "x" * 8001}, "longer than 8000"),
+    ],
+)
+def test_bad_messages_are_json_400(client: Any, body: dict, message: str) -> None:
+    for path in ("/api/chat", "/api/chat/stream"):
+        resp = client.post(path, json=body)
+        assert resp.status_code == 400, path
+        error = resp.get_json()["error"]
+        assert error["code"] == "invalid_request"
+        assert message in error["message"]
+        assert "Satchel-Context" not in resp.headers
+
+
+def test_stream_sse_format(app: Any, client: Any) -> None:
+    resp = client.post("/api/chat/stream", json={"message": "Stream me a reply"})
+    assert resp.status_code == 200
+    assert resp.mimetype == "text/event-stream"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "Satchel-Context" not in resp.headers  # the token travels in the stream
+    events = parse_sse(resp.get_data(as_text=True))
+    names = [name for name, _ in events]
+    assert names[-2:] == ["satchel", "done"]
+    assert set(names[:-2]) == {"delta"} and len(names) > 5  # word by word
+    text = "".join(data["text"] for name, data in events if name == "delta")
+    assert text == OfflineModel().reply([{"role": "user", "content": "Stream me a reply"}])
+    final = events[-2][1]
+    assert final["seq"] == 1 and final["degraded"] == [] and final["session"]
+
+    ctx = Satchel.state(app).codec.open(final["token"])
+    assert [(t.role, t.content) for t in ctx.turns] == [
+        ("user", "Stream me a reply"),
+        ("assistant", text),
+    ]
+
+    # The streamed token carries the conversation on.
+    nxt = client.post(
+        "/api/chat/stream",
+        json={"message": "And again"},
+        headers={"Satchel-Context": final["token"]},
+    )
+    final2 = parse_sse(nxt.get_data(as_text=True))[-2][1]
+    assert final2["seq"] == 2
+    assert len(Satchel.state(app).codec.open(final2["token"]).turns) == 4
+
+
+def test_context_endpoint(client: Any) -> None:
+    empty = client.get("/api/context")
+    assert empty.status_code == 200
+    data = empty.get_json()
+    assert data["all_turns"] == [] and data["token_bytes"] == 0
+    assert data["overflow_tier"] == "sqlite" and data["model"] == "offline"
+    assert "Satchel-Context" not in empty.headers  # reading issues no token
+
+    token = chat(client, "remember this").headers["Satchel-Context"]
+    resp = client.get("/api/context", headers={"Satchel-Context": token})
+    data = resp.get_json()
+    assert "Satchel-Context" not in resp.headers
+    assert data["token_bytes"] == len(token)
+    assert data["held_turns"] == 2 and data["overflowed_turns"] == 0
+    assert data["summary"] == "" and data["degraded"] == []
+    assert data["all_turns"][0]["content"] == "remember this"
+    assert data["max_token_bytes"] == 3800
+
+
+def test_context_rehydrates_overflowed_turns(tmp_path: Path) -> None:
+    app = make_app(tmp_path, SATCHEL_MAX_TOKEN_BYTES=1200)
+    client = app.test_client()
+    token = None
+    sent = []
+    for i in range(10):
+        sent.append(f"message {i}: {words(25)}")
+        resp = chat(client, sent[-1], token)
+        assert resp.status_code == 200
+        token = resp.headers["Satchel-Context"]
+    data = client.get("/api/context", headers={"Satchel-Context": token}).get_json()
+    assert data["overflowed_turns"] > 0
+    assert data["held_turns"] < len(data["all_turns"])
+    assert data["rehydrated_turns"] == data["overflowed_turns"]
+    assert data["summary"].startswith("(")  # the extractive summary's header
+    user_turns = [t["content"] for t in data["all_turns"] if t["role"] == "user"]
+    assert user_turns == sent  # nothing lost, in order
+    assert data["token_bytes"] == len(token) <= 1200 * 1.5
+
+
+def test_bad_token_is_a_json_error(client: Any) -> None:
+    resp = client.get("/api/context", headers={"Satchel-Context": "s1.not-a-token"})
+    assert 400 <= resp.status_code < 500
+    assert resp.get_json()["error"]["code"].startswith("token_")
+    resp = client.post(
+        "/api/chat/stream", json={"message": "hi"}, headers={"Satchel-Context": "garbage"}
+    )
+    assert resp.get_json()["error"]["code"].startswith("token_")
+
+
+class FailingModel:
+    name = "failing"
+
+    def stream(self, messages: list) -> Iterator[str]:
+        yield "partial "
+        raise ModelError("upstream went away")
+
+    def complete(self, messages: list) -> str:
+        raise ModelError("upstream went away")
+
+
+def test_model_failure_keeps_the_clients_token(tmp_path: Path) -> None:
+    app = make_app(tmp_path, CHAT_MODEL=FailingModel())
+    client = app.test_client()
+    resp = chat(client, "hi")
+    assert resp.status_code == 502
+    assert resp.get_json()["error"] == {
+        "code": "model_unavailable",
+        "message": "upstream went away",
+    }
+    assert "Satchel-Context" not in resp.headers
+
+    events = parse_sse(client.post("/api/chat/stream", json={"message": "hi"}).get_data(True))
+    assert [n for n, _ in events] == ["delta", "error"]
+    assert events[-1][1]["code"] == "model_unavailable"
+
+
+def test_default_overflow_is_sqlite_in_the_instance_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert chat_app.default_overflow_url(str(tmp_path)) == (
+        f"sqlite:///{tmp_path}/overflow.sqlite3"
+    )
+    assert chat_app.default_overflow_url(str(tmp_path)).startswith("sqlite:////")
+    monkeypatch.setenv("SATCHEL_MAX_TOKEN_BYTES", "2000")
+    monkeypatch.delenv("SATCHEL_OVERFLOW_URL", raising=False)
+    app = chat_app.create_app(
+        {"SATCHEL_KEYS": Keyring.generate().to_string(), "CHAT_MODEL": OfflineModel()}
+    )
+    assert app.config["SATCHEL_MAX_TOKEN_BYTES"] == "2000"
+    assert app.config["SATCHEL_OVERFLOW_URL"] == (
+        f"sqlite:///{Path(app.instance_path) / 'overflow.sqlite3'}"
+    )
+    assert app.config["SATCHEL_METRICS_ROUTE"] == "/metrics"
+    assert app.config["SATCHEL_HEALTH_ROUTES"] is True
+    monkeypatch.setenv("SATCHEL_OVERFLOW_URL", "")
+    app = chat_app.create_app(
+        {"SATCHEL_KEYS": Keyring.generate().to_string(), "CHAT_MODEL": OfflineModel()}
+    )
+    data = app.test_client().get("/api/context").get_json()
+    assert data["overflow_tier"] is None
+
+
+# --------------------------------------------------------------------- models
+
+
+def test_build_messages_sends_summary_and_pinned_prompt_as_system() -> None:
+    ctx = Context.new()
+    ctx.summary = "(2 earlier turns summarized)\n- user: my name is Ada"
+    ctx.pinned.facts.append("The user prefers metric units.")
+    ctx.add_turn("user", "What is my name?")
+    messages = build_messages(ctx, default_prompt="Be brief.")
+    assert messages[0]["role"] == "system"
+    system = messages[0]["content"]
+    assert system.startswith("Be brief.")
+    assert "my name is Ada" in system and "metric units" in system
+    assert messages[1:] == [{"role": "user", "content": "What is my name?"}]
+    ctx.pinned.system = "You are a pirate."
+    assert build_messages(ctx)[0]["content"].startswith("You are a pirate.")
+
+
+def test_offline_model_is_deterministic() -> None:
+    model = OfflineModel()
+    messages = [{"role": "user", "content": "Same input"}]
+    assert model.complete(messages) == "".join(model.stream(messages))
+    assert model.complete(messages) == OfflineModel().complete(messages)
+    assert isinstance(model, ChatModel)
+    with_summary = [{"role": "system", "content": "Summary of the earlier conversation:\nx"}]
+    assert "summary" in model.complete([*with_summary, *messages])
+
+
+def test_model_from_env() -> None:
+    assert isinstance(model_from_env({}), OfflineModel)
+    assert model_from_env({"SATCHEL_MODEL_DELAY": "0.01"}).delay == 0.01
+    model = model_from_env(
+        {
+            "SATCHEL_MODEL_BASE_URL": "http://127.0.0.1:9/v1/",
+            "SATCHEL_MODEL_API_KEY": "sk-test",
+            "SATCHEL_MODEL_NAME": "tiny",
+            "SATCHEL_MODEL_TEMPERATURE": "0.2",
+        }
+    )
+    assert isinstance(model, OpenAICompatibleModel)
+    assert model.url == "http://127.0.0.1:9/v1/chat/completions"
+    assert model.model == "tiny" and model.options == {"temperature": 0.2}
+    assert "sk-test" not in repr(model)
+
+
+def test_iter_sse_data() -> None:
+    lines = [b": comment\n", b"data: one\r\n", b"\n", b"event: x\n", b"data: a\n", b"data: b\n"]
+    assert list(iter_sse_data(lines)) == ["one", "a\nb"]
+
+
+class FakeOpenAI:
+    """A loopback OpenAI-compatible endpoint that records what it was sent."""
+
+    def __init__(self, pieces: list[str], status: int = 200) -> None:
+        self.pieces = pieces
+        self.status = status
+        self.requests: list[dict[str, Any]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                body = json.loads(self.rfile.read(length))
+                fake.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "body": body}
+                )
+                if fake.status != 200:
+                    payload = json.dumps({"error": {"message": "no such model"}}).encode()
+                    self.send_response(fake.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    first = {"choices": [{"delta": {"role": "assistant"}}]}
+                    self.wfile.write(f"data: {json.dumps(first)}\n\n".encode())
+                    for piece in fake.pieces:
+                        chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    return
+                payload = json.dumps(
+                    {
+                        "choices": [
+                            {"message": {"role": "assistant", "content": "".join(fake.pieces)}}
+                        ]
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_openai_compatible_model_streams_over_sse() -> None:
+    with FakeOpenAI(["Hel", "lo", " there"]) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", api_key="sk-test", timeout=5)
+        messages = [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "hi"},
+        ]
+        assert list(model.stream(messages)) == ["Hel", "lo", " there"]
+        assert model.complete(messages) == "Hello there"
+    streamed, completed = fake.requests
+    assert streamed["path"] == "/v1/chat/completions"
+    assert streamed["headers"]["Authorization"] == "Bearer sk-test"
+    assert streamed["body"] == {"model": "tiny", "messages": messages, "stream": True}
+    assert completed["body"]["stream"] is False
+
+
+def test_openai_compatible_model_errors() -> None:
+    with FakeOpenAI([], status=404) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "nope", timeout=5)
+        with pytest.raises(ModelError, match="404: no such model"):
+            list(model.stream([{"role": "user", "content": "hi"}]))
+        assert "Authorization" not in fake.requests[0]["headers"]
+    with pytest.raises(ModelError, match="unreachable"):
+        OpenAICompatibleModel(fake.base_url, "x", timeout=2).complete([])
+    with pytest.raises(ValueError):
+        OpenAICompatibleModel("file:///etc/passwd", "x")
+
+
+def test_chat_app_with_an_openai_compatible_model(tmp_path: Path) -> None:
+    with FakeOpenAI(["Ahoy", ", ", "Ada!"]) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        client = make_app(tmp_path, CHAT_MODEL=model, CHAT_SYSTEM_PROMPT="Talk like a pirate.")
+        client = client.test_client()
+        token = chat(client, "My name is Ada").headers["Satchel-Context"]
+        resp = client.post(
+            "/api/chat/stream", json={"message": "Who am I?"}, headers={"Satchel-Context": token}
+        )
+        events = parse_sse(resp.get_data(as_text=True))
+        assert "".join(d["text"] for n, d in events if n == "delta") == "Ahoy, Ada!"
+        assert events[-2][0] == "satchel"
+    sent = fake.requests[-1]["body"]["messages"]
+    assert sent[0] == {"role": "system", "content": "Talk like a pirate."}
+    assert [m["role"] for m in sent[1:]] == ["user", "assistant", "user"]
+    assert sent[1]["content"] == "My name is Ada" and sent[-1]["content"] == "Who am I?"
+
+
+# ----------------------------------------------------------------- summarizer
+
+
+class ScriptedModel:
+    name = "scripted"
+
+    def __init__(self, reply: str | Exception) -> None:
+        self.reply = reply
+        self.calls: list[list] = []
+
+    def stream(self, messages: list) -> Iterator[str]:
+        yield self.complete(messages)
+
+    def complete(self, messages: list) -> str:
+        self.calls.append(messages)
+        if isinstance(self.reply, Exception):
+            raise self.reply
+        return self.reply
+
+
+def test_llm_summarizer_and_its_fallback() -> None:
+    ctx = Context.new()
+    ctx.add_turn("user", "My name is Ada. I like tea.")
+    ctx.add_turn("assistant", "Nice to meet you, Ada.")
+    good = LLMSummarizer(ScriptedModel("  Ada likes\n tea.  "))
+    assert good(ctx.turns, "earlier") == "Ada likes tea."
+    prompt = good.model.calls[0][1]["content"]
+    assert "earlier" in prompt and "user: My name is Ada. I like tea." in prompt
+
+    failing = LLMSummarizer(ScriptedModel(ModelError("down")))
+    summary = failing(ctx.turns, "")
+    assert failing.fallbacks == 1
+    assert summary.startswith("(2 earlier turns summarized)") and "Ada" in summary
+    assert LLMSummarizer(ScriptedModel(""))(ctx.turns, "").startswith("(2 earlier")
+
+    long = LLMSummarizer(ScriptedModel("x" * 5000), max_chars=100)
+    assert len(long(ctx.turns, "")) == 100
+
+
+def test_llm_summarizer_in_the_app(tmp_path: Path) -> None:
+    summarizer = LLMSummarizer(ScriptedModel("The user sent many hex words."))
+    app = make_app(tmp_path, SATCHEL_MAX_TOKEN_BYTES=1200, SATCHEL_SUMMARIZER=summarizer)
+    client = app.test_client()
+    token = None
+    for i in range(8):
+        token = chat(client, f"{i} {words(25)}", token).headers["Satchel-Context"]
+    data = client.get("/api/context", headers={"Satchel-Context": token}).get_json()
+    assert data["overflowed_turns"] > 0
+    assert data["summary"] == "The user sent many hex words."
+
+
+# ---------------------------------------------------------------- real HTTP
+
+
+def test_live_server_round_trip(live_server_factory: Any, tmp_path: Path) -> None:
+    srv = live_server_factory(
+        APP,
+        env={
+            "SATCHEL_KEYS": Keyring.generate().to_string(),
+            "SATCHEL_OVERFLOW_URL": f"sqlite:///{tmp_path / 'o.sqlite3'}",
+            "SATCHEL_MODEL_BASE_URL": "",
+        },
+    )
+    page = srv.get("/")
+    assert page.status == 200 and "Satchel chat" in page.text
+    assert (
+        srv.get("/static/satchel/satchel.js").headers["Content-Type"].startswith("text/javascript")
+    )
+
+    resp = srv.post("/api/chat/stream", json_body={"message": "over real HTTP"})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = parse_sse(resp.text)
+    assert [n for n, _ in events][-2:] == ["satchel", "done"]
+    token = events[-2][1]["token"]
+
+    resp = srv.post(
+        "/api/chat", json_body={"message": "and JSON"}, headers={"Satchel-Context": token}
+    )
+    assert resp.status == 200 and resp.headers["Satchel-Seq"] == "2"
+    ctx = srv.get("/api/context", headers={"Satchel-Context": resp.headers["Satchel-Context"]})
+    turns = [t["content"] for t in ctx.json()["all_turns"] if t["role"] == "user"]
+    assert turns == ["over real HTTP", "and JSON"]
