@@ -343,7 +343,13 @@ class Satchel:
 
     def _after_request(self, response: Response) -> Response:
         rs: RequestState | None = g.get("_satchel")
-        if rs is None or rs.context is None or rs.streaming or rs.discard:
+        if rs is None or rs.context is None or rs.streaming:
+            return response
+        if rs.discard:
+            # No new token, but a degraded read is still said in the headers.
+            if rs.context.degraded:
+                response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
+                self._expose_headers(response)
             return response
         if response.status_code >= 500:
             return response  # a failed view issues no token: the client keeps its own

@@ -1,8 +1,9 @@
 """Atomic groups of turns: what trimming may drop or move together, and nothing less.
 
-A tool call and the tool results that answer it form one group, so no trim can leave
-a result without its call (providers reject such histories) or a call without its
-results.
+A group is one exchange: a user turn and everything that answers it (assistant turns,
+tool calls and their results) up to the next user turn. Trimming by exchange means
+no trim leaves a tool result without its call (providers reject such histories), a
+call without its results, or an answer without the question it answers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,22 @@ from ..context import Turn
 
 
 def turn_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
-    """Half-open index ranges ``[start, end)`` covering ``turns``, oldest first."""
+    """Half-open index ranges ``[start, end)`` covering ``turns``, oldest first.
+
+    Exchanges (a user turn and its answers), widened where a tool call's results come
+    after the next user turn, so a call and its results always share a group.
+    """
+    groups: list[tuple[int, int]] = []
+    for start, end in _tool_groups(turns):
+        if groups and turns[start].role != "user":
+            groups[-1] = (groups[-1][0], end)  # an answer joins the exchange it answers
+        else:
+            groups.append((start, end))
+    return groups
+
+
+def _tool_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
+    """Ranges where each tool call sits with every result that answers it."""
     groups: list[tuple[int, int]] = []
     i, n = 0, len(turns)
     while i < n:
