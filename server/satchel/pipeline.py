@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .codec import Codec
-from .context import Context, LifecycleAction
+from .context import Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import turn_groups
@@ -215,36 +215,15 @@ class Pipeline:
                 if not count:
                     break  # only the newest group is left: nothing more can move
                 spill = ctx.turns[:count]
-                merged = self._can_compact(ctx)
-                to_write = [*ctx.rehydrated, *spill] if merged else spill
-                try:
-                    ref = self.segments.write(
-                        ctx, to_write, self._remaining_lifetime(ctx, now), now=now
-                    )
-                except BudgetExceeded:
-                    merged = False  # too large to merge: append one more reference
-                    try:
-                        ref = self.segments.write(
-                            ctx, spill, self._remaining_lifetime(ctx, now), now=now
-                        )
-                    except TierError as exc:
-                        write_failed = True
-                        ctx.degraded.append("tier_write_failed")
-                        self.observer.event(
-                            "degraded", session=tag, reason="tier_write_failed", error=exc.code
-                        )
-                        break
-                except TierError as exc:
+                written = self._write_segment(ctx, spill, now, tag)
+                if written is None:
                     write_failed = True
-                    ctx.degraded.append("tier_write_failed")
-                    self.observer.event(
-                        "degraded", session=tag, reason="tier_write_failed", error=exc.code
-                    )
                     break
+                ref, merged = written
                 del ctx.turns[:count]
                 if merged:
                     # One segment now holds every overflowed turn; the old ones expire.
-                    ctx.rehydrated = to_write
+                    ctx.rehydrated = [*ctx.rehydrated, *spill]
                     ctx.overflow = [ref]
                 else:
                     ctx.rehydrated.extend(spill)
@@ -270,6 +249,28 @@ class Pipeline:
         removed = self._drop_to(ctx, soft, now, "byte_budget")
         if removed:
             self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+
+    def _write_segment(
+        self, ctx: Context, spill: list[Turn], now: float, tag: str
+    ) -> tuple[SegmentRef, bool] | None:
+        """Write ``spill`` (merged with every overflowed turn when references pile up).
+
+        Returns the reference and whether it replaces all others, or None when the tier
+        refused the write (flagged and reported here).
+        """
+        assert self.segments is not None
+        ttl = self._remaining_lifetime(ctx, now)
+        try:
+            if self._can_compact(ctx):
+                try:
+                    return self.segments.write(ctx, [*ctx.rehydrated, *spill], ttl, now=now), True
+                except BudgetExceeded:
+                    pass  # too large to merge: append one more reference instead
+            return self.segments.write(ctx, spill, ttl, now=now), False
+        except TierError as exc:
+            ctx.degraded.append("tier_write_failed")
+            self.observer.event("degraded", session=tag, reason="tier_write_failed", error=exc.code)
+            return None
 
     @staticmethod
     def _can_compact(ctx: Context) -> bool:
