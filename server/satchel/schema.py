@@ -165,21 +165,46 @@ def to_wire(ctx: Context) -> dict[str, Any]:
     return wire
 
 
+def _bin(value: Any) -> bytes:
+    # Never bytes(value): bytes(10**12) would allocate a terabyte.
+    if type(value) is not bytes:
+        raise TypeError("expected a msgpack bin")
+    return value
+
+
+def _num(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise TypeError("expected a number")
+    return value
+
+
+def _seq(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise TypeError("expected a sequence number")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is not None and type(value) is not str:
+        raise TypeError("expected a str or nil")
+    return value
+
+
 def _turn_from_wire(w: list[Any]) -> Turn:
     content = w[1]
     if type(content) is not str:
         raise TypeError("turn content")
     if len(w) == 3:
-        return Turn(_ROLE_OF[w[0]], content, w[2])
+        return Turn(_ROLE_OF[w[0]], content, _num(w[2]))
     extra = w[3]
     return Turn(
         _ROLE_OF[w[0]],
         content,
-        w[2],
+        _num(w[2]),
         tool_calls=tuple(ToolCall(str(i), str(n), str(a)) for i, n, a in extra.get("c", ())),
-        tool_call_id=extra.get("i"),
-        blocks=tuple(OpaqueBlock(str(t), bytes(d), str(p)) for t, d, p in extra.get("b", ())),
-        name=extra.get("n"),
+        tool_call_id=_opt_str(extra.get("i")),
+        blocks=tuple(OpaqueBlock(str(t), _bin(d), str(p)) for t, d, p in extra.get("b", ())),
+        name=_opt_str(extra.get("n")),
     )
 
 
@@ -191,11 +216,11 @@ def from_wire(wire: Any) -> Context:
         wire, original = migrate(wire)
     try:
         ctx = Context(
-            session_id=bytes(wire["i"]),
-            seq=int(wire["q"]),
+            session_id=_bin(wire["i"]),
+            seq=_seq(wire["q"]),
             parent=wire.get("p"),
-            created_at=wire["c"],
-            last_active=wire["a"],
+            created_at=_num(wire["c"]),
+            last_active=_num(wire["a"]),
             schema_version=CURRENT_VERSION,
             turns=[_turn_from_wire(w) for w in wire["t"]],
             summary=wire.get("s", ""),
@@ -214,11 +239,12 @@ def from_wire(wire: Any) -> Context:
             )
         if "o" in wire:
             ctx.overflow = [
-                SegmentRef(bytes(d), int(n), int(s), int(q), ts) for d, n, s, q, ts in wire["o"]
+                SegmentRef(_bin(d), int(n), int(s), int(q), _num(ts))
+                for d, n, s, q, ts in wire["o"]
             ]
         if "u" in wire:
-            ctx.bound_user = bytes(wire["u"])
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            ctx.bound_user = _bin(wire["u"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise InvalidContext(f"payload is not a valid context: {type(exc).__name__}") from None
     if len(ctx.session_id) != 16 or not isinstance(ctx.summary, str):
         raise InvalidContext("payload is not a valid context")

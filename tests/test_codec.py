@@ -1,0 +1,599 @@
+"""Codec.seal / Codec.open: round trips, refusals, limits, expiry, rotation, tampering."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+import tracemalloc
+
+import msgpack
+import pytest
+import zstandard
+
+from satchel import (
+    Codec,
+    Context,
+    Key,
+    Keyring,
+    OpaqueBlock,
+    SegmentRef,
+    ToolCall,
+    envelope,
+    peek,
+    schema,
+    serialize,
+    token_digest,
+)
+from satchel.envelope import FLAG_COMPRESSED, Header
+from satchel.errors import (
+    BadSignature,
+    BadToken,
+    InvalidContext,
+    MalformedToken,
+    TokenExpired,
+    TokenTooLarge,
+    UnknownKeyId,
+    UnsupportedVersion,
+    WrongMode,
+)
+from satchel.limits import Limits
+
+NOW = 1_767_225_600
+K1 = Key("k1", bytes(range(32)))
+K2 = Key("k2", bytes(range(32, 64)))
+RING = Keyring([K1])
+B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+ODD_CHARS = ".=+/ \x00\n\t~é\u2028"
+MODES = [("signed", "aes-256-gcm"), ("sealed", "aes-256-gcm"), ("sealed", "chacha20-poly1305")]
+
+
+def make_codec(
+    mode: str = "sealed",
+    algorithm: str = "aes-256-gcm",
+    ring: Keyring = RING,
+    *,
+    now: float = NOW,
+    **kwargs: object,
+) -> Codec:
+    return Codec(ring, mode, algorithm=algorithm, clock=lambda: now, **kwargs)  # type: ignore[arg-type]
+
+
+def rich_context() -> Context:
+    ctx = Context.new(now=NOW - 100, session_id=bytes(range(16)))
+    ctx.pinned.system = "You are helpful."
+    ctx.pinned.facts.append("The user's name is Ada.")
+    ctx.summary = "(2 earlier turns summarized)\n- user: hi\n- assistant: hello"
+    ctx.metadata = {"plan": "pro", "credits": 12, "flags": [True, None, 1.5], "raw": b"\x00"}
+    ctx.add_turn("system", "Be brief.", ts=NOW - 90)
+    ctx.add_turn("user", "Weather in Paris?", ts=NOW - 80)
+    ctx.add_turn(
+        "assistant",
+        "",
+        ts=NOW - 79,
+        tool_calls=[ToolCall("c1", "weather", '{"city":"Paris"}')],
+        blocks=[OpaqueBlock("thinking", bytes(range(256)), "anthropic")],
+    )
+    ctx.add_turn("tool", '{"temp": 18}', ts=NOW - 78, tool_call_id="c1", name="weather")
+    ctx.add_turn("assistant", "18°C and sunny.", ts=NOW - 77)
+    ctx.overflow.append(SegmentRef(b"d" * 12, 4, 900, 3, NOW - 500))
+    ctx.bound_user = b"u" * 16
+    return ctx
+
+
+def assert_same_context(a: Context, b: Context) -> None:
+    for name in (
+        "session_id",
+        "seq",
+        "created_at",
+        "last_active",
+        "schema_version",
+        "turns",
+        "summary",
+        "pinned",
+        "metadata",
+        "lifecycle",
+        "overflow",
+        "bound_user",
+    ):
+        assert getattr(a, name) == getattr(b, name), name
+
+
+def refused(codec: Codec, token: str | bytes) -> BadToken:
+    """Open ``token`` and return the BadToken it raised; anything else fails the test."""
+    try:
+        codec.open(token)
+    except BadToken as exc:
+        assert exc.code.startswith("token_")
+        assert 400 <= exc.status < 500
+        return exc
+    pytest.fail(f"token was accepted: {token!r}")
+
+
+def raw_of(token: str) -> bytes:
+    return envelope.parse(token).raw
+
+
+def encode_raw(raw: bytes) -> str:
+    return "s1." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def protect_payload(codec: Codec, data: bytes, *, compressed: bool, dictionary_id: int = 0) -> str:
+    """A correctly authenticated token around arbitrary (already compressed) bytes."""
+    header = Header(
+        1,
+        codec.protector.flags | (FLAG_COMPRESSED if compressed else 0),
+        dictionary_id,
+        codec.keyring.current.kid,
+        NOW,
+        0,
+    )
+    body = codec.protector.protect(header.kid, envelope.authenticated_header(header), data)
+    return envelope.build(header, body)
+
+
+# -- round trips ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "algorithm"), MODES)
+def test_round_trip_keeps_every_field(mode: str, algorithm: str) -> None:
+    codec = make_codec(mode, algorithm)
+    ctx = rich_context()
+    token = codec.seal(ctx)
+    assert ctx.seq == 1
+    opened = codec.open(token)
+    assert_same_context(opened, ctx)
+    assert opened.turns[2].blocks[0].data == bytes(range(256))
+    assert opened.opened_kid == "k1"
+    assert opened.opened_version == 2
+    assert opened.parent == token_digest(raw_of(token)) == ctx.parent
+    header = peek(token)
+    assert (header.mode, header.algorithm) == (
+        mode,
+        algorithm if mode == "sealed" else "hmac-sha256",
+    )
+    assert header.kid == "k1" and header.issued_at == NOW and header.expires_at == 0
+
+
+def test_seal_counts_and_chains_parents() -> None:
+    codec = make_codec()
+    ctx = Context.new(now=NOW)
+    first = codec.seal(ctx)
+    opened = codec.open(first)
+    second = codec.seal(opened)
+    again = codec.open(second)
+    assert again.seq == 2
+    # The second token's payload names the first as its parent.
+    assert codec.open_verbose(second).context.seq == 2
+    assert token_digest(raw_of(first)) != token_digest(raw_of(second))
+    assert again.parent == token_digest(raw_of(second))
+
+
+def test_open_verbose_reports_header_digest_and_timings() -> None:
+    codec = make_codec()
+    token = codec.seal(rich_context())
+    opened = codec.open_verbose(token)
+    assert opened.header.kid == "k1"
+    assert opened.digest == token_digest(raw_of(token))
+    assert set(opened.timings) >= {"verify", "decompress", "unpack", "migrate"}
+    assert all(v >= 0 for v in opened.timings.values())
+
+
+def test_bytes_tokens_open_like_str() -> None:
+    codec = make_codec()
+    token = codec.seal(rich_context())
+    assert codec.open(token.encode()).turns == codec.open(token).turns
+
+
+@pytest.mark.parametrize(("mode", "algorithm"), MODES)
+def test_measure_is_exact_even_where_the_seq_grows_a_byte(mode: str, algorithm: str) -> None:
+    codec = make_codec(mode, algorithm)
+    for seq in (0, 126, 127, 128, 254, 255, 256, 65534, 65535, 65536, 2**32 - 1):
+        ctx = rich_context()
+        ctx.seq = seq
+        predicted = codec.measure(ctx)
+        assert len(codec.seal(ctx)) == predicted, seq
+
+
+# -- the wrong key, purpose or mode ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "algorithm"), MODES)
+def test_another_key_with_the_same_kid_is_refused(mode: str, algorithm: str) -> None:
+    token = make_codec(mode, algorithm).seal(rich_context())
+    other = make_codec(mode, algorithm, Keyring([Key("k1", b"x" * 32)]))
+    assert isinstance(refused(other, token), BadSignature)
+
+
+@pytest.mark.parametrize(("mode", "algorithm"), MODES)
+def test_another_purpose_is_refused(mode: str, algorithm: str) -> None:
+    token = make_codec(mode, algorithm, purpose="app-a").seal(rich_context())
+    exc = refused(make_codec(mode, algorithm, purpose="app-b"), token)
+    assert isinstance(exc, BadSignature)
+    assert make_codec(mode, algorithm, purpose="app-a").open(token).seq == 1
+
+
+def test_unknown_kid_is_refused_before_any_crypto() -> None:
+    token = make_codec(ring=Keyring([K2])).seal(rich_context())
+    exc = refused(make_codec(), token)
+    assert isinstance(exc, UnknownKeyId)
+    assert exc.code == "token_unknown_key"
+    assert exc.facts["kid"] == "k2"
+
+
+@pytest.mark.parametrize(("mint", "check"), [(a, b) for a in MODES for b in MODES if a != b])
+def test_mode_or_algorithm_mismatch_is_refused(
+    mint: tuple[str, str], check: tuple[str, str]
+) -> None:
+    token = make_codec(*mint).seal(rich_context())
+    exc = refused(make_codec(*check), token)
+    assert isinstance(exc, WrongMode)
+    assert exc.code == "token_wrong_mode"
+
+
+def test_rotation_old_tokens_open_and_need_reseal() -> None:
+    old_codec = make_codec(ring=Keyring([K1]))
+    token = old_codec.seal(rich_context())
+    rotated = make_codec(ring=Keyring([K2, K1]))
+    ctx = rotated.open(token)
+    assert ctx.opened_kid == "k1"
+    assert rotated.needs_reseal(ctx)
+    resealed = rotated.seal(ctx)
+    assert peek(resealed).kid == "k2"
+    assert not rotated.needs_reseal(rotated.open(resealed))
+    assert not old_codec.needs_reseal(old_codec.open(token))
+    # Once the old key is retired, its tokens are refused.
+    assert isinstance(refused(make_codec(ring=Keyring([K2])), token), UnknownKeyId)
+    # A fresh context was never opened: nothing to reseal.
+    assert not rotated.needs_reseal(Context.new(now=NOW))
+
+
+# -- what each mode reveals ---------------------------------------------------------
+
+MARKER = "PLAINTEXT-MARKER-7c1e"
+
+
+def test_sealed_payload_is_not_readable_in_the_token() -> None:
+    for algorithm in ("aes-256-gcm", "chacha20-poly1305"):
+        codec = make_codec("sealed", algorithm, dictionary_id=0, level=1)
+        ctx = Context.new(now=NOW)
+        ctx.add_turn("user", MARKER * 3, ts=NOW)
+        ctx.pinned.system = MARKER
+        codec.compressor.min_size = 10**9  # store uncompressed: only the AEAD may hide it
+        token = codec.seal(ctx)
+        raw = raw_of(token)
+        assert not peek(token).compressed
+        assert MARKER.encode() not in raw
+        assert MARKER[:8].encode() not in raw
+        assert codec.open(token).turns[0].content == MARKER * 3
+
+
+def test_signed_payload_is_readable_but_not_changeable() -> None:
+    codec = make_codec("signed")
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", MARKER, ts=NOW)
+    ctx.metadata["credits"] = 5
+    token = codec.seal(ctx)
+    env = envelope.parse(token)
+    payload, mac = env.body[:-32], env.body[-32:]
+    if env.header.compressed:
+        payload = codec.compressor.decompress(payload, env.header.dictionary_id)
+    wire = msgpack.unpackb(payload, raw=False)
+    assert wire["t"][0][1] == MARKER  # anyone can read a signed token
+    assert wire["m"] == {"credits": 5}
+
+    # Change the content, keep the header and the MAC: refused.
+    wire["m"]["credits"] = 5000
+    forged = serialize.pack(wire)
+    if env.header.compressed:
+        forged = codec.compressor.compress(forged).data
+    header_raw = env.raw[: len(env.raw) - len(env.body)]
+    assert isinstance(refused(codec, encode_raw(header_raw + forged + mac)), BadSignature)
+    # Re-sign with a key of one's own under the same kid: refused.
+    attacker = make_codec("signed", ring=Keyring([Key("k1", b"evil" * 8)]))
+    token2, _ = attacker.seal_payload(forged)
+    assert isinstance(refused(codec, token2), BadSignature)
+
+
+# -- expiry --------------------------------------------------------------------------
+
+
+def test_ttl_expiry_with_injected_clock_and_skew_allowance() -> None:
+    codec = make_codec(ttl=3600)
+    token = codec.seal(rich_context())
+    assert peek(token).expires_at == NOW + 3600
+    skew = codec.limits.clock_skew
+    assert skew == 30
+    assert codec.open(token, now=NOW + 3600).seq == 1
+    assert codec.open(token, now=NOW + 3600 + skew).seq == 1  # inside the skew allowance
+    with pytest.raises(TokenExpired) as info:
+        codec.open(token, now=NOW + 3600 + skew + 1)
+    exc = info.value
+    assert exc.code == "token_expired" and exc.status == 401
+    assert exc.facts["expired_at"] == NOW + 3600
+    # The codec's own clock is used when no time is passed.
+    late = make_codec(now=NOW + 3600 + skew + 1)
+    assert isinstance(refused(late, token), TokenExpired)
+    assert make_codec(now=NOW + 3600 + skew).open(token).seq == 1
+
+
+def test_skew_is_configurable_and_explicit_expiry_overrides_ttl() -> None:
+    codec = make_codec(ttl=3600, limits=Limits(clock_skew=0))
+    token = codec.seal(rich_context(), expires_at=NOW + 10)
+    assert peek(token).expires_at == NOW + 10
+    assert codec.open(token, now=NOW + 10).seq == 1
+    with pytest.raises(TokenExpired):
+        codec.open(token, now=NOW + 11)
+
+
+def test_no_ttl_means_no_expiry() -> None:
+    codec = make_codec()
+    token = codec.seal(rich_context())
+    assert peek(token).expires_at == 0
+    assert codec.open(token, now=2**32 - 1).seq == 1
+
+
+def test_expiry_is_checked_only_after_authentication() -> None:
+    # An attacker cannot learn anything from, or extend, the expiry: it is authenticated.
+    codec = make_codec(ttl=60)
+    raw = bytearray(raw_of(codec.seal(rich_context())))
+    kid_len = raw[3]
+    raw[4 + kid_len + 4 : 4 + kid_len + 8] = (2**32 - 1).to_bytes(4, "big")
+    assert isinstance(refused(codec, encode_raw(bytes(raw))), BadSignature)
+
+
+# -- tampering: every position -------------------------------------------------------
+
+
+def _tokens_to_tamper() -> list[tuple[Codec, str]]:
+    small = Context.new(now=NOW, session_id=b"\x01" * 16)
+    small.add_turn("user", "hi", ts=NOW)
+    out = []
+    for mode, algorithm in MODES:
+        codec = make_codec(mode, algorithm, ttl=600)
+        out.append((codec, codec.seal(small)))
+    chacha = make_codec("sealed", "chacha20-poly1305")
+    out.append((chacha, chacha.seal(rich_context())))  # compressed
+    return out
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_every_single_character_change_is_refused(index: int) -> None:
+    codec, token = _tokens_to_tamper()[index]
+    assert codec.open(token).turns
+    kinds: set[type] = set()
+    for i in range(len(token)):
+        for c in B64_ALPHABET + ODD_CHARS:
+            if c != token[i]:
+                kinds.add(type(refused(codec, token[:i] + c + token[i + 1 :])))
+    assert kinds <= {
+        MalformedToken,
+        UnsupportedVersion,
+        BadSignature,
+        UnknownKeyId,
+        WrongMode,
+    }
+    assert BadSignature in kinds and MalformedToken in kinds
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_every_truncation_and_extension_is_refused(index: int) -> None:
+    codec, token = _tokens_to_tamper()[index]
+    for n in range(len(token)):
+        refused(codec, token[:n])
+    for tail in [*B64_ALPHABET, "AA", "AAA", "AAAA", "=", "==", ".", " ", "\n", token[3:]]:
+        refused(codec, token + tail)
+        refused(codec, tail + token)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_every_decoded_byte_change_is_refused(index: int) -> None:
+    codec, token = _tokens_to_tamper()[index]
+    raw = raw_of(token)
+    for i in range(len(raw)):
+        for mask in (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF):
+            changed = bytearray(raw)
+            changed[i] ^= mask
+            refused(codec, encode_raw(bytes(changed)))
+        for value in (0x00, 0xFF):
+            if raw[i] != value:
+                changed = bytearray(raw)
+                changed[i] = value
+                refused(codec, encode_raw(bytes(changed)))
+    for n in range(len(raw)):
+        refused(codec, encode_raw(raw[:n]))
+    for extra in (b"\x00", b"\xff", b"\x00" * 16, raw):
+        refused(codec, encode_raw(raw + extra))
+        refused(codec, encode_raw(extra + raw))
+
+
+def test_swapping_header_and_body_between_tokens_is_refused() -> None:
+    codec = make_codec("signed")
+    a = raw_of(codec.seal(rich_context()))
+    b = raw_of(codec.seal(Context.new(now=NOW)))
+    header_len = 12 + 2
+    refused(codec, encode_raw(a[:header_len] + b[header_len:]))
+    refused(codec, encode_raw(b[:header_len] + a[header_len:]))
+
+
+# -- decompression bombs ---------------------------------------------------------------
+
+BOMB_SIZE = 50 * 1024 * 1024
+
+
+def _bomb(with_content_size: bool) -> bytes:
+    params = zstandard.ZstdCompressionParameters.from_level(
+        19,
+        format=zstandard.FORMAT_ZSTD1_MAGICLESS,
+        write_checksum=0,
+        write_dict_id=0,
+        write_content_size=int(with_content_size),
+    )
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    if with_content_size:
+        return cctx.compress(b"\0" * BOMB_SIZE)
+    out = io.BytesIO()
+    chunk = b"\0" * (1024 * 1024)
+    with cctx.stream_writer(out, closefd=False) as writer:  # streaming: size unknown
+        for _ in range(BOMB_SIZE // len(chunk)):
+            writer.write(chunk)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[bool, bytes]:
+    return {declared: _bomb(declared) for declared in (True, False)}
+
+
+@pytest.mark.parametrize("declared", [True, False])
+@pytest.mark.parametrize(("mode", "algorithm"), MODES)
+def test_decompression_bomb_is_refused_fast_with_bounded_memory(
+    bombs: dict[bool, bytes], declared: bool, mode: str, algorithm: str
+) -> None:
+    data = bombs[declared]
+    params = zstandard.get_frame_parameters(data, format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+    if declared:
+        assert params.content_size == BOMB_SIZE
+    else:
+        assert params.content_size == zstandard.CONTENTSIZE_UNKNOWN
+    codec = make_codec(mode, algorithm, dictionary_id=0)
+    token = protect_payload(codec, data, compressed=True)
+    assert len(token) < codec.limits.max_token_bytes  # a legitimate, small token
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(TokenTooLarge) as info:
+            codec.open(token)
+        elapsed = time.perf_counter() - t0
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.5
+    assert peak < 4 * codec.limits.max_decompressed_bytes  # never near the 50 MB
+    assert info.value.code == "token_too_large"
+    assert info.value.facts["limit"] == codec.limits.max_decompressed_bytes
+
+
+def test_payload_just_over_a_small_cap_is_refused_and_at_the_cap_opens() -> None:
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "x" * 5000, ts=NOW)
+    size = len(serialize.pack(schema.to_wire(ctx)))
+    big = make_codec(limits=Limits(max_decompressed_bytes=100_000))
+    token = big.seal(ctx)
+    assert peek(token).compressed
+    exact = len(big.open_payload(token)[1])
+    assert abs(exact - size) <= 3
+    assert make_codec(limits=Limits(max_decompressed_bytes=exact)).open(token).turns
+    with pytest.raises(TokenTooLarge):
+        make_codec(limits=Limits(max_decompressed_bytes=exact - 1)).open(token)
+
+
+def test_corrupt_but_authenticated_frames_are_malformed() -> None:
+    codec = make_codec("signed")
+    for data in (b"", b"\x00", b"\xff" * 40, b"not a zstd frame at all"):
+        exc = refused(codec, protect_payload(codec, data, compressed=True))
+        assert isinstance(exc, MalformedToken | InvalidContext | TokenTooLarge)
+
+
+def test_unknown_dictionary_id_is_unsupported() -> None:
+    codec = make_codec("signed")
+    data = zstandard.ZstdCompressor(
+        compression_params=zstandard.ZstdCompressionParameters.from_level(
+            3, format=zstandard.FORMAT_ZSTD1_MAGICLESS
+        )
+    ).compress(serialize.pack({"v": 2}) * 10)
+    exc = refused(codec, protect_payload(codec, data, compressed=True, dictionary_id=250))
+    assert isinstance(exc, UnsupportedVersion)
+
+
+# -- msgpack limits, with legitimately signed payloads ---------------------------------
+
+
+def _signed_payload_token(codec: Codec, payload: bytes) -> str:
+    token, _ = codec.seal_payload(payload)
+    return token
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+@pytest.mark.parametrize(
+    ("label", "payload"),
+    [
+        ("array header claiming 4G elements", b"\xdd" + _u32(2**32 - 1)),
+        ("map header claiming 4G entries", b"\xdf" + _u32(2**32 - 1)),
+        ("str header claiming 4 GB", b"\xdb" + _u32(2**32 - 1) + b"abc"),
+        ("bin header claiming 4 GB", b"\xc6" + _u32(2**32 - 1) + b"abc"),
+        ("array of 20001 nils", b"\xdd" + _u32(20_001) + b"\xc0" * 20_001),
+        ("map of 2001 entries", serialize.pack({f"k{i}": 0 for i in range(2001)})),
+        ("fixext 1", b"\xd4\x05\x00"),
+        ("timestamp ext", b"\xd6\xff" + _u32(NOW)),
+        ("ext inside the context map", b"\x81\xa1m" + b"\xd5\x01\x00\x00"),
+        ("ext 8 with a large body", b"\xc7\xff\x01" + b"\x00" * 255),
+        ("deep nesting", b"\x91" * 100_000 + b"\xc0"),
+        ("non-string map key", b"\x81\x01\x02"),
+        ("trailing data", serialize.pack({"v": 2}) + b"\xc0"),
+        ("truncated", serialize.pack({"v": 2, "t": "x" * 40})[:-3]),
+        ("reserved byte", b"\xc1"),
+        ("not a map", serialize.pack([2, "context"])),
+        ("no version", serialize.pack({"t": []})),
+        ("bool version", serialize.pack({"v": True})),
+        ("empty", b""),
+    ],
+)
+def test_msgpack_limits_and_junk_are_invalid_context(label: str, payload: bytes) -> None:
+    codec = make_codec("signed", limits=Limits(max_decompressed_bytes=200_000))
+    token = _signed_payload_token(codec, payload)
+    t0 = time.perf_counter()
+    exc = refused(codec, token)
+    assert time.perf_counter() - t0 < 0.5, label
+    assert isinstance(exc, InvalidContext), (label, exc)
+    assert exc.code == "token_invalid_context"
+
+
+def test_string_limit_applies_inside_the_payload() -> None:
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "y" * 2000, ts=NOW)
+    token = make_codec().seal(ctx)
+    with pytest.raises(InvalidContext):
+        make_codec(limits=Limits(max_str_bytes=1000)).open(token)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"v": 2},
+        {"v": 2, "i": b"short", "q": 1, "c": 0, "a": 0, "t": []},
+        {"v": 2, "i": b"\x00" * 16, "q": "one", "c": 0, "a": 0, "t": []},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [[9, "x", 0]]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [[1, b"bytes", 0]]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [[1]]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [[1, "x", 0, 5]]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [], "m": [1]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [], "s": 5},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [], "P": ["x"]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [], "l": [1, 2]},
+        {"v": 2, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": [], "o": [[1]]},
+    ],
+)
+def test_well_formed_msgpack_that_is_not_a_context_is_invalid(wire: dict) -> None:
+    codec = make_codec("sealed")
+    exc = refused(codec, _signed_payload_token(codec, serialize.pack(wire)))
+    assert isinstance(exc, InvalidContext)
+
+
+def test_future_schema_version_is_unsupported() -> None:
+    codec = make_codec()
+    wire = {"v": 99, "i": b"\x00" * 16, "q": 1, "c": 0, "a": 0, "t": []}
+    exc = refused(codec, _signed_payload_token(codec, serialize.pack(wire)))
+    assert isinstance(exc, UnsupportedVersion)
+    assert exc.code == "token_unsupported_version"
+    assert exc.facts["schema_version"] == 99
+
+
+def test_peek_reads_an_unverified_header_but_respects_the_cap() -> None:
+    token = make_codec().seal(rich_context())
+    assert peek(token).kid == "k1"
+    with pytest.raises(TokenTooLarge):
+        peek("s1." + "A" * 70_000)

@@ -1,0 +1,122 @@
+"""zstd: magicless frames without checksum or dictionary id, bounded decompression."""
+
+from __future__ import annotations
+
+import io
+import time
+import tracemalloc
+
+import pytest
+import zstandard
+
+from satchel.compress import (
+    DICTIONARY_FILES,
+    Compressor,
+    available_dictionary_id,
+    load_dictionary,
+)
+from satchel.errors import MalformedToken, TokenTooLarge, UnsupportedVersion
+
+MAGIC = b"\x28\xb5\x2f\xfd"
+FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
+TEXT = b"The quick brown fox jumps over the lazy dog. " * 40
+
+
+def test_round_trip_and_frame_shape() -> None:
+    comp = Compressor(dictionary_id=0)
+    packed = comp.compress(TEXT)
+    assert packed.compressed and packed.dictionary_id == 0
+    assert len(packed.data) < len(TEXT)
+    assert not packed.data.startswith(MAGIC)  # magicless
+    params = zstandard.get_frame_parameters(packed.data, format=FORMAT)
+    assert params.content_size == len(TEXT)  # content size is written ...
+    assert params.has_checksum is False  # ... the checksum is not (the MAC covers it)
+    assert params.dict_id == 0  # nor the dictionary id (the header names it)
+    assert comp.decompress(packed.data, 0) == TEXT
+    # A standard zstd decoder reads it once the 4-byte magic is put back.
+    assert zstandard.ZstdDecompressor().decompress(MAGIC + packed.data) == TEXT
+
+
+def test_small_or_incompressible_payloads_are_stored_as_is() -> None:
+    comp = Compressor(dictionary_id=0)
+    for payload in (b"", b"tiny", b"x" * 31, bytes(range(256))):
+        packed = comp.compress(payload)
+        assert not packed.compressed
+        assert packed.dictionary_id == 0
+        assert packed.data == payload
+
+
+def test_compression_is_deterministic() -> None:
+    assert Compressor(0).compress(TEXT).data == Compressor(0).compress(TEXT).data
+
+
+def test_dictionary_ids() -> None:
+    assert load_dictionary(0) is None
+    assert 1 in DICTIONARY_FILES  # reserved for chat-v1.zdict, never reused
+    with pytest.raises(UnsupportedVersion):
+        load_dictionary(200)
+    with pytest.raises(UnsupportedVersion):
+        Compressor(0).decompress(Compressor(0).compress(TEXT).data, 200)
+    # The default is the trained dictionary when it is installed, else plain zstd.
+    assert available_dictionary_id() in (0, 1)
+    assert Compressor().dictionary_id == available_dictionary_id()
+
+
+def _frame(size: int, *, declared: bool) -> bytes:
+    params = zstandard.ZstdCompressionParameters.from_level(
+        19, format=FORMAT, write_checksum=0, write_dict_id=0, write_content_size=int(declared)
+    )
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    if declared:
+        return cctx.compress(b"\0" * size)
+    out = io.BytesIO()
+    with cctx.stream_writer(out, closefd=False) as writer:
+        remaining = size
+        while remaining:
+            n = min(remaining, 1 << 20)
+            writer.write(b"\0" * n)
+            remaining -= n
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_cap_is_exact(declared: bool) -> None:
+    comp = Compressor(0, max_decompressed=10_000)
+    assert comp.decompress(_frame(10_000, declared=declared), 0) == b"\0" * 10_000
+    with pytest.raises(TokenTooLarge):
+        comp.decompress(_frame(10_001, declared=declared), 0)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_bomb_is_refused_fast_with_bounded_memory(declared: bool) -> None:
+    bomb = _frame(50 * 1024 * 1024, declared=declared)
+    assert len(bomb) < 4096
+    comp = Compressor(0)  # 1 MiB cap
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(TokenTooLarge):
+            comp.decompress(bomb, 0)
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.5
+    assert peak < 4 * comp.max_decompressed
+
+
+def test_corrupt_frames_are_malformed() -> None:
+    comp = Compressor(0)
+    good = comp.compress(TEXT).data
+    for bad in (b"", b"\xff" * 8, good[:5], good[:-4], MAGIC + good):
+        with pytest.raises((MalformedToken, TokenTooLarge)):
+            comp.decompress(bad, 0)
+
+
+def test_empty_frame_with_declared_size_zero() -> None:
+    cctx = zstandard.ZstdCompressor(
+        compression_params=zstandard.ZstdCompressionParameters.from_level(
+            3, format=FORMAT, write_content_size=1
+        )
+    )
+    assert Compressor(0).decompress(cctx.compress(b""), 0) == b""

@@ -1,0 +1,143 @@
+"""Keyring: parsing, rotation order, per-purpose HKDF derivation, no secrets in reprs."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+
+from satchel import Codec, Context, Key, Keyring
+from satchel.errors import BadSignature, ConfigurationError, UnknownKeyId
+from satchel.keys import b64url_decode, b64url_encode, generate_key
+
+SECRET = bytes(range(32))
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 written out, to check the derivation independently of `cryptography`."""
+    prk = hmac.digest(salt, ikm, "sha256")
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def test_derivation_is_hkdf_sha256_with_documented_salt_and_info() -> None:
+    ring = Keyring([Key("tv", SECRET)])
+    for use in ("mac", "aes-256-gcm", "chacha20-poly1305"):
+        expected = hkdf_sha256(SECRET, b"satchel/v1", b"satchel\x00" + use.encode())
+        assert ring.derive("tv", "satchel", use) == expected
+
+
+def test_subkeys_differ_per_purpose_use_and_key() -> None:
+    ring = Keyring([Key("a", SECRET), Key("b", SECRET[::-1])])
+    derived = {
+        ring.derive(kid, purpose, use)
+        for kid in ("a", "b")
+        for purpose in ("satchel", "other-app")
+        for use in ("mac", "aes-256-gcm", "chacha20-poly1305")
+    }
+    assert len(derived) == 12
+    assert SECRET not in derived and SECRET[::-1] not in derived
+
+
+def test_purpose_and_use_cannot_be_confused_by_concatenation() -> None:
+    # info = purpose NUL use: ("ab", "c") and ("a", "bc") must not share a subkey.
+    ring = Keyring([Key("k", SECRET)])
+    assert ring.derive("k", "ab", "c") != ring.derive("k", "a", "bc")
+
+
+def test_current_key_is_first_and_every_key_opens() -> None:
+    old, new = Key("old", b"o" * 32), Key("new", b"n" * 32)
+    ring = Keyring([new, old])
+    assert ring.current is new
+    assert ring.kids == ["new", "old"]
+    assert ring.get("old") is old
+    assert len(ring) == 2
+
+
+def test_unknown_kid_raises_bad_token_subclass() -> None:
+    ring = Keyring([Key("k1", SECRET)])
+    with pytest.raises(UnknownKeyId) as info:
+        ring.get("k9")
+    assert info.value.code == "token_unknown_key"
+    assert info.value.facts == {"kid": "k9"}
+
+
+def test_from_string_round_trip_and_whitespace() -> None:
+    ring = Keyring([Key("k2", b"2" * 32), Key("k1", b"1" * 32)])
+    text = ring.to_string()
+    assert text == f"k2:{b64url_encode(b'2' * 32)},k1:{b64url_encode(b'1' * 32)}"
+    again = Keyring.from_string(" " + text.replace(",", " , ") + ", ")
+    assert again.kids == ["k2", "k1"]
+    assert again.get("k1").secret == b"1" * 32
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",  # empty ring
+        "nosecret",  # no colon
+        "k1:" + b64url_encode(b"short"),  # under 16 bytes
+        "bad kid!:" + b64url_encode(b"x" * 32),  # kid alphabet
+        "k" * 17 + ":" + b64url_encode(b"x" * 32),  # kid too long
+        "k1:" + b64url_encode(b"x" * 32) + ",k1:" + b64url_encode(b"y" * 32),  # duplicate
+        "k1:a",  # not valid base64url
+    ],
+)
+def test_bad_key_strings_are_configuration_errors(text: str) -> None:
+    with pytest.raises(ConfigurationError):
+        Keyring.from_string(text)
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SATCHEL_KEYS", "k1:" + b64url_encode(SECRET))
+    assert Keyring.from_env().current.secret == SECRET
+    monkeypatch.setenv("SATCHEL_KEYS", "  ")
+    with pytest.raises(ConfigurationError):
+        Keyring.from_env()
+
+
+def test_secrets_never_appear_in_repr_or_str() -> None:
+    key = Key("k1", SECRET)
+    ring = Keyring([key])
+    for text in (repr(key), str(key), repr(ring), str(ring), repr(Codec(ring))):
+        assert SECRET.hex() not in text
+        assert b64url_encode(SECRET) not in text
+        assert repr(SECRET) not in text
+
+
+def test_generate_and_rotate() -> None:
+    ring = Keyring.generate()
+    assert len(ring.current.secret) == 32
+    assert Keyring.generate().current.secret != ring.current.secret
+    rotated = ring.rotated(generate_key("k2new"))
+    assert rotated.current.kid == "k2new"
+    assert rotated.kids[1:] == ring.kids
+    assert len(rotated.rotated(keep=2)) == 2
+
+
+def test_from_secrets_stretches_short_secrets_and_ids_are_stable() -> None:
+    ring = Keyring.from_secrets(["dev", "a-long-enough-flask-secret-key"])
+    assert len(ring) == 2
+    assert ring.current.secret == hashlib.sha256(b"satchel-short-secret" + b"dev").digest()
+    assert Keyring.from_secrets(["dev"]).kids[0] == ring.kids[0]
+    assert all(kid.startswith("f") and len(kid) == 7 for kid in ring.kids)
+
+
+def test_b64url_helpers_round_trip() -> None:
+    for n in range(0, 40):
+        data = bytes(range(n))
+        text = b64url_encode(data)
+        assert "=" not in text and "+" not in text and "/" not in text
+        assert b64url_decode(text) == data
+
+
+def test_same_kid_different_secret_is_a_bad_signature() -> None:
+    ctx = Context.new(now=1000)
+    token = Codec(Keyring([Key("k1", b"a" * 32)])).seal(ctx)
+    with pytest.raises(BadSignature):
+        Codec(Keyring([Key("k1", b"b" * 32)])).open(token)

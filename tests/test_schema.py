@@ -1,0 +1,288 @@
+"""Schema: the wire map field by field, migrations, validation, bounded msgpack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from satchel import Context, OpaqueBlock, SegmentRef, ToolCall, schema, serialize
+from satchel.errors import InvalidContext, MigrationFailed, TokenTooLarge, UnsupportedVersion
+from satchel.limits import Limits
+
+SID = bytes(range(16))
+NOW = 1_767_225_600
+
+
+def base_wire(**extra: Any) -> dict[str, Any]:
+    return {"v": 2, "i": SID, "q": 1, "c": NOW, "a": NOW, "t": [], **extra}
+
+
+def v1_wire(**extra: Any) -> dict[str, Any]:
+    return {"version": 1, "session_id": SID.hex(), **extra}
+
+
+# -- schema 2, the current layout ---------------------------------------------------------
+
+
+def test_empty_context_writes_only_the_required_short_keys() -> None:
+    ctx = Context.new(now=NOW, session_id=SID)
+    assert schema.to_wire(ctx) == {"v": 2, "i": SID, "q": 0, "c": NOW, "a": NOW, "t": []}
+    assert schema.CURRENT_VERSION == 2
+
+
+def test_every_field_has_its_documented_key_and_shape() -> None:
+    ctx = Context.new(now=NOW, session_id=SID)
+    ctx.parent = b"p" * 12
+    ctx.summary = "sum"
+    ctx.pinned.system = "sys"
+    ctx.pinned.facts = ["f1"]
+    ctx.metadata = {"k": 1}
+    ctx.overflow = [SegmentRef(b"d" * 12, 3, 100, 2, NOW)]
+    ctx.bound_user = b"u" * 16
+    ctx.add_turn("user", "plain", ts=NOW)
+    ctx.add_turn(
+        "assistant",
+        "",
+        ts=NOW + 1,
+        tool_calls=[ToolCall("c1", "fn", "{}")],
+        blocks=[OpaqueBlock("thinking", b"\x00\xff", "anthropic")],
+    )
+    ctx.add_turn("tool", "42", ts=NOW + 2, tool_call_id="c1", name="fn")
+    from satchel import LifecycleAction
+
+    ctx.lifecycle.record(LifecycleAction("window", "dropped", 2, NOW + 0.7, "x"))
+    ctx.lifecycle.summarized = 2
+    wire = schema.to_wire(ctx)
+    assert wire == {
+        "v": 2,
+        "i": SID,
+        "q": 0,
+        "c": NOW,
+        "a": NOW + 2,
+        "t": [
+            [1, "plain", NOW],
+            [
+                2,
+                "",
+                NOW + 1,
+                {"c": [["c1", "fn", "{}"]], "b": [["thinking", b"\x00\xff", "anthropic"]]},
+            ],
+            [3, "42", NOW + 2, {"i": "c1", "n": "fn"}],
+        ],
+        "p": b"p" * 12,
+        "s": "sum",
+        "P": ["sys", ["f1"]],
+        "m": {"k": 1},
+        "l": [{"window": 2}, 2, 0, [["window", "dropped", 2, NOW, "x"]]],
+        "o": [[b"d" * 12, 3, 100, 2, NOW]],
+        "u": b"u" * 16,
+    }
+    back = schema.from_wire(serialize.unpack(serialize.pack(wire)))
+    assert back.turns == ctx.turns
+    assert back.pinned == ctx.pinned
+    assert back.lifecycle == ctx.lifecycle
+    assert back.overflow == ctx.overflow
+    assert back.bound_user == ctx.bound_user
+    assert back.opened_version == 2
+
+
+def test_role_indexes() -> None:
+    for index, role in enumerate(("system", "user", "assistant", "tool")):
+        assert schema.from_wire(base_wire(t=[[index, "x", 0]])).turns[0].role == role
+
+
+# -- schema 1, the 0.0 preview --------------------------------------------------------------
+
+
+def test_v1_migrates_field_by_field() -> None:
+    old = v1_wire(
+        seq=4,
+        created=NOW - 10,
+        updated=NOW,
+        system_prompt="Be nice.",
+        summary="earlier",
+        metadata={"a": 1},
+        turns=[
+            {"role": "user", "content": "hi", "ts": NOW - 5},
+            {"role": "assistant", "content": "hello"},
+        ],
+    )
+    ctx = schema.from_wire(old)
+    assert ctx.opened_version == 1
+    assert ctx.schema_version == 2
+    assert ctx.session_id == SID
+    assert (ctx.seq, ctx.created_at, ctx.last_active) == (4, NOW - 10, NOW)
+    assert ctx.pinned.system == "Be nice." and ctx.pinned.facts == []
+    assert ctx.summary == "earlier"
+    assert ctx.metadata == {"a": 1}
+    assert [(t.role, t.content, t.ts) for t in ctx.turns] == [
+        ("user", "hi", NOW - 5),
+        ("assistant", "hello", 0),
+    ]
+
+
+def test_v1_defaults() -> None:
+    ctx = schema.from_wire(v1_wire(created=NOW))
+    assert (ctx.seq, ctx.created_at, ctx.last_active, ctx.turns) == (0, NOW, NOW, [])
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        {"version": 1},  # no session id
+        v1_wire(session_id="not hex"),
+        v1_wire(session_id=12),
+        v1_wire(turns=[{"content": "no role"}]),
+        v1_wire(turns=[{"role": "user"}]),  # no content
+        v1_wire(turns=[{"role": "wizard", "content": "x"}]),
+        v1_wire(turns=["not a map"]),
+        v1_wire(turns=5),
+    ],
+)
+def test_v1_missing_or_broken_required_fields_fail_migration(old: dict[str, Any]) -> None:
+    with pytest.raises(MigrationFailed) as info:
+        schema.from_wire(old)
+    assert info.value.code == "token_migration_failed"
+    assert info.value.facts["from_version"] == 1
+
+
+@pytest.mark.parametrize("version", [0, -1, 3, 99, 2**40])
+def test_unknown_versions_are_unsupported(version: int) -> None:
+    with pytest.raises(UnsupportedVersion) as info:
+        schema.from_wire(base_wire(v=version))
+    assert info.value.code == "token_unsupported_version"
+
+
+@pytest.mark.parametrize("wire", [[], "v2", {"v": "2"}, {"v": True}, {"t": []}, {"v": None}])
+def test_no_usable_version_is_invalid_context(wire: Any) -> None:
+    with pytest.raises(InvalidContext):
+        schema.from_wire(wire)
+
+
+def test_migration_chain_runs_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding schema 3 is one function registered for version 2; older tokens chain."""
+    seen: list[int] = []
+    original = schema.MIGRATIONS[1]
+
+    def one_to_two(w: dict[str, Any]) -> dict[str, Any]:
+        seen.append(1)
+        return original(w)
+
+    def two_to_three(w: dict[str, Any]) -> dict[str, Any]:
+        seen.append(2)
+        return {**w, "v": 3, "new": True}
+
+    monkeypatch.setattr(schema, "CURRENT_VERSION", 3)
+    monkeypatch.setitem(schema.MIGRATIONS, 1, one_to_two)
+    monkeypatch.setitem(schema.MIGRATIONS, 2, two_to_three)
+    wire, original_version = schema.migrate(v1_wire())
+    assert original_version == 1
+    assert seen == [1, 2]
+    assert wire["v"] == 3 and wire["new"] is True
+
+
+def test_a_migration_that_skips_a_version_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(schema.MIGRATIONS, 1, lambda w: {"v": 7})
+    with pytest.raises(MigrationFailed):
+        schema.migrate(v1_wire())
+    monkeypatch.delitem(schema.MIGRATIONS, 1)
+    with pytest.raises(MigrationFailed):
+        schema.migrate(v1_wire())
+
+
+def test_registering_a_version_twice_is_an_error() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        schema.migration(from_version=1)(lambda w: w)
+
+
+# -- validation of authenticated payloads ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("label", "wire"),
+    [
+        ("session id as a huge int", base_wire(i=10**15)),
+        ("session id as int 16", base_wire(i=16)),
+        ("session id as a list", base_wire(i=list(range(16)))),
+        ("session id too short", base_wire(i=b"x")),
+        ("seq as infinity", base_wire(q=float("inf"))),
+        ("seq as a huge float", base_wire(q=1e300)),
+        ("seq as a string", base_wire(q="1")),
+        ("seq out of range", base_wire(q=2**64 - 1)),
+        ("negative seq", base_wire(q=-1)),
+        ("created as a string", base_wire(c="yesterday")),
+        ("last active as nil", base_wire(a=None)),
+        ("turn ts as a map", base_wire(t=[[1, "x", {}]])),
+        ("tool call id as a list", base_wire(t=[[3, "x", 0, {"i": [1]}]])),
+        ("name as a map", base_wire(t=[[3, "x", 0, {"n": {}}]])),
+        ("block data as a huge int", base_wire(t=[[2, "x", 0, {"b": [["t", 10**15, "p"]]}]])),
+        ("block data as a str", base_wire(t=[[2, "x", 0, {"b": [["t", "text", "p"]]}]])),
+        ("overflow digest as int", base_wire(o=[[10**15, 1, 1, 1, 0]])),
+        ("overflow ts as str", base_wire(o=[[b"d" * 12, 1, 1, 1, "now"]])),
+        ("overflow count as infinity", base_wire(o=[[b"d" * 12, float("inf"), 1, 1, 0]])),
+        ("bound user as int", base_wire(u=10**15)),
+        ("summary as bytes", base_wire(s=b"x")),
+        ("metadata as list", base_wire(m=[1])),
+        ("lifecycle counters as infinity", base_wire(l=[{}, float("inf"), 0, []])),
+        ("turns as a map", base_wire(t={"a": 1})),
+        ("turn content as bytes", base_wire(t=[[1, b"x", 0]])),
+    ],
+)
+def test_authenticated_but_invalid_payloads_are_invalid_context(
+    label: str, wire: dict[str, Any]
+) -> None:
+    # Without these checks, bytes(10**15) tries to allocate a petabyte and int(inf)
+    # raises OverflowError: a 500, not a 4xx.
+    with pytest.raises(InvalidContext):
+        schema.from_wire(serialize.unpack(serialize.pack(wire)))
+
+
+# -- serialize: msgpack with limits ------------------------------------------------------
+
+
+def test_pack_keeps_bytes_and_str_apart_and_writes_no_ext() -> None:
+    packed = serialize.pack({"s": "text", "b": b"bin"})
+    assert serialize.unpack(packed) == {"s": "text", "b": b"bin"}
+    assert b"\xc4\x03bin" in packed  # bin 8
+    assert b"\xa4text" in packed  # fixstr
+
+
+def _limits() -> Limits:
+    return Limits(max_str_bytes=100, max_array_len=10, max_map_len=5)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        serialize.pack("x" * 101),
+        serialize.pack(b"x" * 101),
+        serialize.pack(list(range(11))),
+        serialize.pack({str(i): i for i in range(6)}),
+        b"\xdd\xff\xff\xff\xff",  # array header claiming 4G elements, no body
+        b"\xdf\xff\xff\xff\xff",
+        b"\xd6\xff\x00\x00\x00\x00",  # timestamp extension
+        b"\xd4\x01\x00",  # application extension
+        msgpack.packb({1: 2}),  # non-str key
+        msgpack.packb(1) + msgpack.packb(2),  # trailing data
+        b"\x91" * 5000 + b"\xc0",  # nesting depth
+        b"\xc1",  # never used byte
+        b"",
+    ],
+)
+def test_unpack_refuses_what_the_limits_forbid(data: bytes) -> None:
+    with pytest.raises(InvalidContext):
+        serialize.unpack(data, _limits())
+
+
+def test_unpack_refuses_input_larger_than_the_decompressed_cap() -> None:
+    with pytest.raises(TokenTooLarge):
+        serialize.unpack(b"\xc0" * 11, Limits(max_decompressed_bytes=10))
+
+
+def test_unpack_at_the_limits_succeeds() -> None:
+    limits = _limits()
+    assert serialize.unpack(serialize.pack("x" * 100), limits) == "x" * 100
+    assert serialize.unpack(serialize.pack(list(range(10))), limits) == list(range(10))
+    assert len(serialize.unpack(serialize.pack({str(i): i for i in range(5)}), limits)) == 5
