@@ -169,10 +169,13 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
     )
 
 
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+# URL-safe to standard alphabet; "+", "/" and "=" become "!" so the strict decoder
+# refuses them (they are not base64url, and padding is never sent).
+_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/!!!")
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # Bits of the last character that carry no data, by input length mod 4.
 _UNUSED_BITS_MASK = {2: 0x0F, 3: 0x03}
+_PADDING = (b"", b"", b"==", b"=")
 
 
 def _b64url_decode_canonical(data: bytes) -> bytes:
@@ -183,7 +186,7 @@ def _b64url_decode_canonical(data: bytes) -> bytes:
     changed character can decode to the same bytes.
     """
     remainder = len(data) % 4
-    if remainder == 1 or b"+" in data or b"/" in data or b"=" in data:
+    if remainder == 1:
         raise MalformedToken("token body is not base64url")
     if remainder:
         index = _ALPHABET.find(data[-1:])
@@ -191,7 +194,7 @@ def _b64url_decode_canonical(data: bytes) -> bytes:
             raise MalformedToken("token body is not canonical base64url")
     try:
         return binascii.a2b_base64(
-            data.translate(_FROM_URLSAFE) + b"=" * (-len(data) % 4), strict_mode=True
+            data.translate(_FROM_URLSAFE) + _PADDING[remainder], strict_mode=True
         )
     except binascii.Error:
         raise MalformedToken("token body is not base64url") from None

@@ -46,9 +46,13 @@ class Signer:
     def __init__(self, keyring: Keyring, purpose: str) -> None:
         self.keyring = keyring
         self.purpose = purpose
+        self._keys: dict[str, bytes] = {}
 
     def _key(self, kid: str) -> bytes:
-        return self.keyring.derive(kid, self.purpose, "mac")
+        key = self._keys.get(kid)
+        if key is None:
+            key = self._keys[kid] = self.keyring.derive(kid, self.purpose, "mac")
+        return key
 
     def protect(self, kid: str, header: bytes, payload: bytes) -> bytes:
         return payload + hmac.digest(self._key(kid), header + payload, "sha256")

@@ -139,7 +139,12 @@ def to_wire(ctx: Context) -> dict[str, Any]:
         "q": ctx.seq,
         "c": ctx.created_at,
         "a": ctx.last_active,
-        "t": [_turn_to_wire(t) for t in ctx.turns],
+        "t": [
+            [_ROLE_INDEX[t.role], t.content, t.ts]
+            if not (t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None)
+            else _turn_to_wire(t)
+            for t in ctx.turns
+        ],
     }
     if ctx.parent is not None:
         wire["p"] = ctx.parent
