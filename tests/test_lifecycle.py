@@ -1,0 +1,395 @@
+"""Lifecycle policies: window, LLM-token budget, turn cap, TTL, grouping, summarizers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from satchel import Context, LifecycleAction, OpaqueBlock, ToolCall, Turn
+from satchel.errors import TokenExpired
+from satchel.lifecycle import (
+    ExtractiveSummarizer,
+    LifecyclePolicy,
+    apply_policies,
+    cap_turn_sizes,
+    check_age,
+    default_counter,
+    drop_oldest,
+    estimate_tokens,
+    expires_at,
+    oldest_groups_covering,
+    turn_groups,
+)
+from satchel.lifecycle.policy import DAY, TRUNCATION_MARK
+from satchel.lifecycle.summarize import first_sentence
+from satchel.lifecycle.tokens import MESSAGE_OVERHEAD, turn_tokens
+
+NOW = 1_767_225_600
+
+
+def chat(exchanges: int, *, text: str = "message number {i}. More words follow here.") -> Context:
+    ctx = Context.new(now=NOW, session_id=b"\x05" * 16)
+    for i in range(exchanges):
+        ctx.add_turn("user", "Q" + text.format(i=i), ts=NOW + i)
+        ctx.add_turn("assistant", "A" + text.format(i=i), ts=NOW + i)
+    return ctx
+
+
+class Recorder:
+    """A summarizer hook that records what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Turn], str]] = []
+
+    def __call__(self, dropped: Sequence[Turn], previous: str) -> str:
+        self.calls.append((list(dropped), previous))
+        return f"{previous}+{len(dropped)}"
+
+
+def policy(**kwargs: object) -> LifecyclePolicy:
+    defaults: dict[str, object] = {
+        "max_turns": None,
+        "max_llm_tokens": None,
+        "max_token_bytes": None,
+        "max_turn_chars": None,
+        "token_counter": estimate_tokens,
+    }
+    defaults.update(kwargs)
+    return LifecyclePolicy(**defaults)  # type: ignore[arg-type]
+
+
+# -- grouping ------------------------------------------------------------------------------
+
+
+def test_groups_are_exchanges() -> None:
+    ctx = chat(3)
+    assert turn_groups(ctx.turns) == [(0, 2), (2, 4), (4, 6)]
+    assert oldest_groups_covering(ctx.turns, 1) == 2  # never half an exchange
+    assert oldest_groups_covering(ctx.turns, 2) == 2
+    assert oldest_groups_covering(ctx.turns, 3) == 4
+    assert oldest_groups_covering(ctx.turns, 0) == 0
+    assert oldest_groups_covering(ctx.turns, 99) == 6
+
+
+def test_a_tool_result_after_the_next_question_widens_the_group() -> None:
+    turns = [
+        Turn("user", "q1"),
+        Turn("assistant", "", tool_calls=(ToolCall("c1", "slow"),)),
+        Turn("user", "q2 while waiting"),
+        Turn("tool", "r1", tool_call_id="c1"),
+        Turn("assistant", "a2"),
+        Turn("user", "q3"),
+        Turn("assistant", "a3"),
+    ]
+    assert turn_groups(turns) == [(0, 5), (5, 7)]
+
+
+def test_leading_system_turns_form_their_own_group() -> None:
+    turns = [Turn("system", "s"), Turn("user", "q"), Turn("assistant", "a"), Turn("system", "x")]
+    assert turn_groups(turns) == [(0, 1), (1, 4)]
+
+
+# -- window --------------------------------------------------------------------------------
+
+
+def test_window_keeps_the_newest_turns_and_records_why() -> None:
+    ctx = chat(10)
+    oldest = ctx.turns[:14]
+    rec = Recorder()
+    dropped = apply_policies(ctx, policy(max_turns=6, summarizer=rec), NOW + 100)
+    assert len(ctx.turns) == 6
+    assert dropped == oldest
+    assert [t.content for t in ctx.turns] == [t.content for t in chat(10).turns[14:]]
+    assert ctx.lifecycle.dropped == {"window": 14}
+    assert ctx.lifecycle.summarized == 14
+    assert ctx.lifecycle.recent[-1] == LifecycleAction("window", "dropped", 14, NOW + 100, "")
+    assert ctx.lifecycle.to_dict()["dropped"] == {"window": 14}
+    assert len(rec.calls) == 1 and rec.calls[0] == (oldest, "")
+
+
+def test_window_rounds_up_to_whole_exchanges() -> None:
+    ctx = chat(10)
+    apply_policies(ctx, policy(max_turns=5), NOW)
+    assert len(ctx.turns) == 4  # 15 must go: 8 exchanges (16 turns) do
+    assert ctx.turns[0].role == "user"
+
+
+def test_window_under_the_limit_does_nothing() -> None:
+    ctx = chat(3)
+    assert apply_policies(ctx, policy(max_turns=6), NOW) == []
+    assert len(ctx.turns) == 6 and ctx.lifecycle.recent == [] and ctx.summary == ""
+
+
+# -- LLM-token budget ----------------------------------------------------------------------
+
+
+def test_token_budget_keeps_the_newest_turns_within_budget() -> None:
+    ctx = chat(20)
+    counter = estimate_tokens
+    per_turn = [turn_tokens(t, counter) for t in ctx.turns]
+    assert per_turn[0] == estimate_tokens(ctx.turns[0].content) + MESSAGE_OVERHEAD
+    budget = sum(per_turn) // 3
+    apply_policies(ctx, policy(max_llm_tokens=budget), NOW)
+    remaining = sum(turn_tokens(t, counter) for t in ctx.turns)
+    assert 0 < remaining <= budget
+    assert ctx.lifecycle.dropped["token_budget"] == 40 - len(ctx.turns)
+    assert ctx.turns[-1].content == chat(20).turns[-1].content
+
+
+def test_token_budget_counts_tool_calls_and_uses_the_injected_counter() -> None:
+    seen: list[str] = []
+
+    def counter(text: str) -> int:
+        seen.append(text)
+        return len(text)
+
+    turn = Turn("assistant", "abc", tool_calls=(ToolCall("c", "fname", "{args}"),))
+    assert turn_tokens(turn, counter) == 3 + MESSAGE_OVERHEAD + 5 + 6
+    assert seen == ["abc", "fname", "{args}"]
+
+
+def test_default_counter_is_cached_and_counts() -> None:
+    counter = default_counter()
+    assert counter is default_counter()
+    assert counter("") == 0
+    assert counter("hello world " * 10) > 0
+    assert estimate_tokens("abcd") == 1 and estimate_tokens("abcde") == 2
+
+
+# -- per-turn cap --------------------------------------------------------------------------
+
+
+def test_turn_cap_truncates_text_and_never_touches_blocks() -> None:
+    ctx = Context.new(now=NOW)
+    block = OpaqueBlock("thinking", bytes(range(256)) * 100, "anthropic")
+    ctx.add_turn("assistant", "x" * 500, ts=NOW, blocks=[block])
+    ctx.add_turn("user", "short", ts=NOW)
+    assert cap_turn_sizes(ctx, 100, NOW) == 1
+    assert ctx.turns[0].content == "x" * 100 + TRUNCATION_MARK.format(n=400)
+    assert ctx.turns[0].blocks[0].data == bytes(range(256)) * 100
+    assert ctx.turns[1].content == "short"
+    assert ctx.lifecycle.recent[-1].policy == "turn_cap"
+    assert ctx.lifecycle.recent[-1].action == "truncated"
+    assert ctx.lifecycle.dropped == {}  # truncation is not a drop
+    assert cap_turn_sizes(ctx, 10_000, NOW) == 0
+
+
+# -- TTL and maximum age -------------------------------------------------------------------
+
+
+def test_expiry_is_idle_ttl_capped_by_max_age() -> None:
+    ctx = Context.new(now=NOW)
+    pol = policy(idle_ttl=7 * DAY, max_age=30 * DAY)
+    assert expires_at(ctx, pol, NOW) == NOW + 7 * DAY
+    assert expires_at(ctx, pol, NOW + 28 * DAY) == NOW + 30 * DAY
+    assert expires_at(ctx, policy(idle_ttl=None, max_age=None), NOW) is None
+    assert expires_at(ctx, policy(idle_ttl=60, max_age=None), NOW + 5) == NOW + 65
+
+
+def test_check_age_with_injected_clock_and_skew() -> None:
+    ctx = Context.new(now=NOW)
+    pol = policy(idle_ttl=3600, max_age=86400)
+    check_age(ctx, pol, NOW + 3600 + 30)  # idle, but within the 30 s skew
+    with pytest.raises(TokenExpired) as info:
+        check_age(ctx, pol, NOW + 3600 + 31)
+    assert info.value.facts["reason"] == "idle"
+    ctx.last_active = NOW + 86000  # active, but too old
+    check_age(ctx, pol, NOW + 86400 + 30)
+    with pytest.raises(TokenExpired) as info:
+        check_age(ctx, pol, NOW + 86400 + 31)
+    assert info.value.facts["reason"] == "max_age"
+    check_age(ctx, pol, NOW + 86400 + 100, skew=100)
+    check_age(ctx, policy(idle_ttl=None, max_age=None), NOW + 10**9)
+
+
+# -- summarizer hook -----------------------------------------------------------------------
+
+
+def test_summarizer_receives_dropped_turns_and_previous_summary() -> None:
+    ctx = chat(6)
+    ctx.summary = "previous"
+    rec = Recorder()
+    first = ctx.turns[:4]
+    assert drop_oldest(ctx, 3, policy="window", summarizer=rec, now=NOW) == first
+    assert rec.calls == [(first, "previous")]
+    assert ctx.summary == "previous+4"
+    second = ctx.turns[:2]
+    drop_oldest(ctx, 1, policy="token_budget", summarizer=rec, now=NOW + 1)
+    assert rec.calls[1] == (second, "previous+4")
+    assert ctx.summary == "previous+4+2"
+    assert ctx.lifecycle.summarized == 6
+    assert ctx.lifecycle.dropped == {"window": 4, "token_budget": 2}
+    assert [(a.policy, a.turns) for a in ctx.lifecycle.recent] == [
+        ("window", 4),
+        ("token_budget", 2),
+    ]
+
+
+def test_without_a_summarizer_turns_are_dropped_and_recorded() -> None:
+    ctx = chat(3)
+    drop_oldest(ctx, 2, policy="window", summarizer=None, now=NOW)
+    assert ctx.summary == "" and ctx.lifecycle.summarized == 0
+    assert ctx.lifecycle.dropped == {"window": 2}
+    assert drop_oldest(ctx, 0, policy="window", summarizer=None, now=NOW) == []
+
+
+def test_lifecycle_record_is_bounded_and_uses_whole_seconds() -> None:
+    ctx = Context.new(now=NOW)
+    for i in range(10):
+        ctx.lifecycle.record(LifecycleAction("window", "dropped", 1, NOW + i + 0.9))
+    assert len(ctx.lifecycle.recent) == ctx.lifecycle.MAX_RECENT == 6
+    assert [a.ts for a in ctx.lifecycle.recent] == [NOW + i for i in range(4, 10)]
+    assert ctx.lifecycle.dropped == {"window": 10}  # totals outlive the recent list
+    ctx.lifecycle.record(LifecycleAction("turn_cap", "truncated", 3, NOW))
+    assert "turn_cap" not in ctx.lifecycle.dropped
+
+
+# -- extractive summarizer -----------------------------------------------------------------
+
+
+def test_extractive_summary_lines() -> None:
+    summarize = ExtractiveSummarizer()
+    turns = [
+        Turn("user", "What is the capital of France? Also, Spain?"),
+        Turn("assistant", "", tool_calls=(ToolCall("c", "lookup"), ToolCall("d", "geo"))),
+        Turn("tool", "x" * 123, tool_call_id="c"),
+        Turn("assistant", "Paris.   Madrid is Spain's."),
+    ]
+    out = summarize(turns, "")
+    assert out == (
+        "(4 earlier turns summarized)\n"
+        "- user: What is the capital of France?\n"
+        "- assistant: called lookup, geo\n"
+        "- tool: tool result (123 chars)\n"
+        "- assistant: Paris."
+    )
+    again = summarize([Turn("user", "Next one")], out)
+    assert again.startswith("(5 earlier turns summarized)\n- user: What is")
+    assert again.endswith("- user: Next one")
+    # A summary written by someone else counts one turn per line.
+    assert summarize([Turn("user", "x")], "a\nb").startswith("(3 earlier turns summarized)")
+
+
+def test_first_sentence_is_bounded() -> None:
+    assert first_sentence("One. Two.", 50) == "One."
+    assert first_sentence("  spaced\n\nout  text ", 50) == "spaced out text"
+    long = first_sentence("word " * 100, 20)
+    assert len(long) <= 20 and long.endswith("…")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.builds(
+                Turn,
+                role=st.sampled_from(["system", "user", "assistant", "tool"]),
+                content=st.text(max_size=300),
+            ),
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(60, 2000),
+)
+def test_extractive_summarizer_is_deterministic_and_bounded(
+    batches: list[list[Turn]], max_chars: int
+) -> None:
+    summarize = ExtractiveSummarizer(max_chars=max_chars, line_chars=40)
+    summary, replay = "", ""
+    covered = 0
+    for batch in batches:
+        summary = summarize(batch, summary)
+        replay = ExtractiveSummarizer(max_chars=max_chars, line_chars=40)(batch, replay)
+        covered += len(batch)
+        assert summary == replay  # deterministic
+        assert len(summary) <= max_chars  # bounded
+        s = "s" if covered != 1 else ""
+        assert summary.startswith(f"({covered} earlier turn{s} summarized)")
+
+
+# -- trimming invariants over random histories ---------------------------------------------
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[Turn]:
+    """Conversations with tool calls whose results may come late (after other turns)."""
+    turns: list[Turn] = []
+    pending: list[str] = []
+    n_calls = 0
+    for _ in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["user", "assistant", "system", "call", "result", "result"]))
+        text = draw(st.text(max_size=60))
+        if kind == "call":
+            ids = []
+            for _ in range(draw(st.integers(1, 3))):
+                n_calls += 1
+                ids.append(f"c{n_calls}")
+            pending += ids
+            block = OpaqueBlock("sig", draw(st.binary(max_size=40)), "p")
+            turns.append(
+                Turn(
+                    "assistant",
+                    text,
+                    tool_calls=tuple(ToolCall(i, "fn", "{}") for i in ids),
+                    blocks=(block,),
+                )
+            )
+        elif kind == "result":
+            if pending:
+                call_id = pending.pop(draw(st.integers(0, len(pending) - 1)))
+                turns.append(Turn("tool", text, tool_call_id=call_id))
+        else:
+            turns.append(Turn(kind, text))
+    return turns
+
+
+def assert_trim_invariants(original: list[Turn], ctx: Context, pinned: tuple) -> None:
+    kept = ctx.turns
+    # A suffix of the original, same objects: nothing edited, reordered or invented.
+    assert kept == original[len(original) - len(kept) :]
+    assert all(a is b for a, b in zip(kept, original[len(original) - len(kept) :], strict=True))
+    kept_calls = {c.id for t in kept for c in t.tool_calls}
+    kept_results = {t.tool_call_id for t in kept if t.role == "tool"}
+    all_results = {t.tool_call_id for t in original if t.role == "tool"}
+    # No result without its call, and no call without the results it got.
+    assert kept_results <= kept_calls
+    assert kept_calls & all_results <= kept_results
+    assert (ctx.pinned.system, tuple(ctx.pinned.facts)) == pinned
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    histories(),
+    st.one_of(st.none(), st.integers(0, 30)),
+    st.one_of(st.none(), st.integers(0, 400)),
+    st.integers(0, 45),
+)
+def test_trimming_never_splits_tool_calls_edits_blocks_or_drops_pinned(
+    history: list[Turn], max_turns: int | None, max_llm_tokens: int | None, extra_drop: int
+) -> None:
+    blocks_before = [(id(b), b.data) for t in history for b in t.blocks]
+    ctx = Context.new(now=NOW)
+    ctx.pinned.system = "system prompt"
+    ctx.pinned.facts = ["fact one", "fact two"]
+    ctx.turns = list(history)
+    pinned = ("system prompt", ("fact one", "fact two"))
+    rec = Recorder()
+    pol = policy(max_turns=max_turns, max_llm_tokens=max_llm_tokens, summarizer=rec)
+    dropped = apply_policies(ctx, pol, NOW)
+    assert dropped == history[: len(dropped)]
+    assert_trim_invariants(history, ctx, pinned)
+    if max_turns is not None:
+        assert len(ctx.turns) <= max_turns
+    if max_llm_tokens is not None:
+        assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= max_llm_tokens
+    assert [t for call in rec.calls for t in call[0]] == dropped
+    drop_oldest(ctx, extra_drop, policy="window", summarizer=rec, now=NOW)
+    assert_trim_invariants(history, ctx, pinned)
+    # Opaque blocks: same objects, same bytes, whether kept or dropped.
+    assert [(id(b), b.data) for t in history for b in t.blocks] == blocks_before
+    assert sum(ctx.lifecycle.dropped.values()) == len(history) - len(ctx.turns)

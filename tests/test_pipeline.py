@@ -1,0 +1,336 @@
+"""The request pipeline: load (open, age, migrate, rehydrate) and save (trim, budget, seal)."""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from satchel import Codec, Context, Key, Keyring, OpaqueBlock, SegmentRef, ToolCall, peek
+from satchel.errors import BadSignature, TokenExpired
+from satchel.lifecycle import LifecyclePolicy
+from satchel.observe import Observer
+from satchel.pipeline import Pipeline
+from satchel.segments import SegmentStore
+from satchel.tiers import MemoryTier
+from tests.fixtures import make_fixtures
+
+NOW = 1_767_225_600
+RING = Keyring([Key("kp", bytes(range(64, 96)))])
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.timings: list[str] = []
+        self.tokens: list[dict[str, int]] = []
+
+    def event(self, name: str, /, **fields: Any) -> None:
+        self.events.append((name, fields))
+
+    def timing(self, step: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.timings.append(step)
+
+    def token(self, *, size: int, raw_size: int, turns: int) -> None:
+        self.tokens.append({"size": size, "raw_size": raw_size, "turns": turns})
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.events]
+
+    def fields(self, name: str) -> dict[str, Any]:
+        return next(f for n, f in self.events if n == name)
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    *, mode: str = "sealed", ring: Keyring = RING, clock: Clock | None = None, **policy: Any
+) -> tuple[Pipeline, Recorder, Clock]:
+    clock = clock or Clock()
+    rec = Recorder()
+    codec = Codec(ring, mode, clock=clock)
+    settings_: dict[str, Any] = {"max_turns": None, "max_token_bytes": None}
+    settings_.update(policy)
+    return Pipeline(codec, LifecyclePolicy(**settings_), observer=rec, clock=clock), rec, clock
+
+
+def noise(i: int, n: int = 3) -> str:
+    """Text that does not compress away (the trained dictionary is good at chat)."""
+    return " ".join(hashlib.sha256(f"{i}:{k}".encode()).hexdigest()[:20] for k in range(n))
+
+
+def talk(pipe: Pipeline, token: str | None, text: str, *, reply: str | None = None) -> str:
+    ctx = pipe.load(token)
+    ctx.add_turn("user", text, ts=pipe.clock())
+    ctx.add_turn("assistant", reply or f"Answer to: {text}", ts=pipe.clock())
+    return pipe.save(ctx).token
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+def test_no_token_starts_a_fresh_context() -> None:
+    pipe, rec, _ = make()
+    ctx = pipe.load(None)
+    assert ctx.turns == [] and ctx.seq == 0 and ctx.created_at == NOW
+    assert rec.names() == ["session_started"]
+    assert len(rec.fields("session_started")["session"]) == 16
+    assert pipe.load("").seq == 0
+
+
+def test_round_trip_over_many_requests() -> None:
+    pipe, rec, clock = make()
+    token = None
+    for i in range(25):
+        clock.now = NOW + i * 60
+        token = talk(pipe, token, f"message {i}")
+    ctx = pipe.load(token)
+    assert ctx.seq == 25 and len(ctx.turns) == 50
+    assert ctx.last_active == NOW + 24 * 60
+    assert ctx.turns[-2].content == "message 24"
+    assert {"opened", "issued"} <= set(rec.names())
+    assert {"open", "verify", "decompress", "unpack", "migrate", "trim", "seal"} <= set(rec.timings)
+    issued = [f for n, f in rec.events if n == "issued"]
+    assert [f["seq"] for f in issued] == list(range(1, 26))
+    assert rec.tokens[-1]["size"] == len(token) and rec.tokens[-1]["turns"] == 50
+
+
+def test_save_sets_the_envelope_expiry_from_the_policy() -> None:
+    pipe, _, clock = make(idle_ttl=3600, max_age=86400)
+    token = talk(pipe, None, "hi")
+    assert peek(token).expires_at == NOW + 3600  # idle TTL from now
+    clock.now = NOW + 3000
+    token = talk(pipe, token, "again")
+    assert peek(token).expires_at == NOW + 3000 + 3600  # moves with activity
+    ctx = pipe.load(token)
+    late = pipe.save(ctx, now=NOW + 86000).token  # near the maximum age: capped by it
+    assert peek(late).expires_at == NOW + 86400
+
+
+def test_expired_tokens_are_refused_with_an_injected_clock() -> None:
+    pipe, rec, clock = make(idle_ttl=3600, max_age=30 * 86400)
+    token = talk(pipe, None, "hi")
+    clock.now = NOW + 3600 + 30  # inside the skew allowance
+    assert pipe.load(token).seq == 1
+    clock.now = NOW + 3600 + 31
+    with pytest.raises(TokenExpired):
+        pipe.load(token)
+    assert ("refused", {"reason": "token_expired"}) in rec.events
+    assert rec.names()[-1] == "expired"
+
+
+def test_age_policies_apply_to_tokens_without_an_envelope_expiry() -> None:
+    minted, _, _ = make(idle_ttl=None, max_age=None)
+    token = talk(minted, None, "hi")
+    assert peek(token).expires_at == 0
+    strict, rec, clock = make(idle_ttl=600, max_age=None)
+    clock.now = NOW + 600 + 31
+    with pytest.raises(TokenExpired) as info:
+        strict.load(token)
+    assert info.value.facts["reason"] == "idle"
+    assert rec.fields("expired") == {"reason": "idle"}
+    aged, _, clock = make(idle_ttl=None, max_age=3600)
+    clock.now = NOW + 3600 + 31
+    with pytest.raises(TokenExpired) as info:
+        aged.load(token)
+    assert info.value.facts["reason"] == "max_age"
+
+
+def test_refusals_are_reported_and_raised() -> None:
+    pipe, rec, _ = make()
+    other, _, _ = make(ring=Keyring([Key("kp", b"another key entirely!!" * 2)]))
+    with pytest.raises(BadSignature):
+        pipe.load(talk(other, None, "hi"))
+    assert rec.events[-1] == ("refused", {"reason": "token_bad_signature"})
+
+
+def test_old_schema_tokens_are_migrated_and_reported() -> None:
+    record = FIXTURES / "schema1-s1-signed.token"
+    rec = Recorder()
+    pipe = Pipeline(
+        Codec(make_fixtures.load_keyring(), "signed"),
+        LifecyclePolicy(idle_ttl=None, max_age=None, max_turns=None, max_token_bytes=None),
+        observer=rec,
+        clock=lambda: NOW,
+    )
+    ctx = pipe.load(record.read_text().strip())
+    assert ctx.opened_version == 1
+    assert rec.fields("migrated")["from_version"] == 1
+    assert rec.fields("migrated")["to_version"] == 2
+    assert rec.fields("opened")["kid"] == "fx1"
+    token = pipe.save(ctx).token
+    assert peek(token).kid == "fx2"  # rotation: resealed under the newest key
+    assert pipe.load(token).opened_version == 2
+
+
+def test_overflow_references_without_a_tier_degrade_instead_of_failing() -> None:
+    pipe, rec, _ = make()
+    ctx = pipe.load(None)
+    ctx.overflow.append(SegmentRef(b"d" * 12, 4, 100, 1, NOW))
+    token = pipe.save(ctx).token
+    opened = pipe.load(token)
+    assert opened.degraded == ["tier_unavailable"]
+    assert opened.overflow == ctx.overflow  # the reference survives for when it returns
+    assert (
+        "degraded",
+        {"session": rec.fields("opened")["session"], "reason": "tier_unavailable"},
+    ) in rec.events
+
+
+# -- save: lifecycle and the byte budget ---------------------------------------------------
+
+
+def test_window_runs_before_sealing_and_is_reported() -> None:
+    pipe, rec, _ = make(max_turns=6)
+    token = None
+    for i in range(5):
+        token = talk(pipe, token, f"message {i}")
+    ctx = pipe.load(token)
+    assert len(ctx.turns) == 6
+    assert ctx.lifecycle.dropped == {"window": 4}
+    assert ctx.summary.startswith("(4 earlier turns summarized)")
+    trimmed = [f for n, f in rec.events if n == "trimmed"]
+    assert [(f["reason"], f["turns"]) for f in trimmed] == [("window", 2), ("window", 2)]
+    assert "summarized" in rec.names()
+
+
+def test_byte_budget_without_a_tier_trims_and_summarizes() -> None:
+    pipe, rec, _ = make(max_token_bytes=1200)
+    token = None
+    for i in range(30):
+        token = talk(pipe, token, f"Question {i}: {noise(i)}")
+        assert len(token) <= 1200
+    ctx = pipe.load(token)
+    assert ctx.lifecycle.dropped["byte_budget"] > 0
+    assert ctx.lifecycle.summarized == ctx.lifecycle.dropped["byte_budget"]
+    assert ctx.summary.startswith(f"({ctx.lifecycle.summarized} earlier turns summarized)")
+    assert ctx.turns[-2].content.startswith("Question 29")
+    assert ("trimmed", "byte_budget") in {(n, f.get("reason")) for n, f in rec.events}
+
+
+@pytest.mark.parametrize("seq", [126, 127, 128, 254, 255, 256, 65534, 65535])
+def test_byte_budget_holds_where_the_sequence_number_grows(seq: int) -> None:
+    """The budget check must measure the token as sealed, with its incremented seq."""
+    for mode in ("signed", "sealed"):
+        pipe, _, _ = make(mode=mode)
+        ctx = pipe.load(None)
+        for i in range(6):
+            ctx.add_turn("user", f"question {i} " * 8, ts=NOW)
+            ctx.add_turn("assistant", f"answer {i} " * 8, ts=NOW)
+        ctx.seq = seq
+        probe = Context(**{f: getattr(ctx, f) for f in ("session_id", "seq", "created_at")})
+        probe.turns, probe.last_active = list(ctx.turns), ctx.last_active
+        budget = len(pipe.codec.seal(probe)) - 1  # one byte short of what it needs
+        pipe.policy.max_token_bytes = budget
+        token = pipe.save(ctx).token
+        assert len(token) <= budget, (mode, seq)
+
+
+def test_pinned_and_the_newest_exchange_survive_an_impossible_budget() -> None:
+    pipe, _, _ = make(max_token_bytes=200)
+    ctx = pipe.load(None)
+    ctx.pinned.system = "Always answer in French."
+    ctx.pinned.facts = ["User is called Ada."]
+    for i in range(5):
+        ctx.add_turn("user", f"q{i} " * 30, ts=NOW)
+        ctx.add_turn("assistant", f"a{i} " * 30, ts=NOW)
+    token = pipe.save(ctx).token
+    opened = pipe.load(token)
+    assert opened.pinned.system == "Always answer in French."
+    assert opened.pinned.facts == ["User is called Ada."]
+    assert [t.content[:3] for t in opened.turns] == ["q4 ", "a4 "]  # the soft budget bends
+
+
+# Printable ASCII drawn at random barely compresses, so the budget really binds; the
+# newest exchange plus a full summary (800 chars) always fits the smallest budget.
+ASCII = string.ascii_letters + string.digits + string.punctuation + " "
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[list[tuple[str, str, bool, bytes]]]:
+    return draw(
+        st.lists(
+            st.tuples(
+                st.text(alphabet=ASCII, min_size=60, max_size=200),
+                st.text(alphabet=ASCII, min_size=60, max_size=300),
+                st.booleans(),
+                st.binary(max_size=40),
+            ),
+            min_size=8,
+            max_size=25,
+        ).map(lambda xs: [xs])
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations(), st.integers(2500, 4000), st.sampled_from(["signed", "sealed"]))
+def test_byte_budget_holds_over_random_conversations(
+    batches: list[list[tuple[str, str, bool, bytes]]], budget: int, mode: str
+) -> None:
+    pipe, _, _ = make(mode=mode, max_token_bytes=budget, max_turns=None)
+    token = None
+    n = 0
+    for question, answer, tool, blob in batches[0]:
+        ctx = pipe.load(token)
+        ctx.add_turn("user", question, ts=NOW)
+        if tool:
+            n += 1
+            ctx.add_turn(
+                "assistant",
+                "",
+                ts=NOW,
+                tool_calls=[ToolCall(f"c{n}", "fn", "{}")],
+                blocks=[OpaqueBlock("sig", blob, "p")],
+            )
+            ctx.add_turn("tool", answer[:50], ts=NOW, tool_call_id=f"c{n}")
+        ctx.add_turn("assistant", answer, ts=NOW)
+        token = pipe.save(ctx).token
+        assert len(token) <= budget
+        kept = pipe.load(token)
+        calls = {c.id for t in kept.turns for c in t.tool_calls}
+        assert {t.tool_call_id for t in kept.turns if t.role == "tool"} <= calls
+        assert kept.turns[-1].content == answer  # the newest exchange is always kept
+
+
+# -- the byte budget with an overflow tier -------------------------------------------------
+
+
+def test_overflow_moves_old_turns_to_the_tier_and_brings_them_back() -> None:
+    clock = Clock()
+    codec = Codec(RING, "sealed", clock=clock)
+    store = SegmentStore(MemoryTier(), codec)
+    rec = Recorder()
+    pipe = Pipeline(
+        codec,
+        LifecyclePolicy(max_turns=None, max_token_bytes=1500),
+        segments=store,
+        observer=rec,
+        clock=clock,
+    )
+    token = None
+    for i in range(30):
+        token = talk(pipe, token, f"Question {i}: {noise(i)}")
+        assert len(token) <= 1500
+    ctx = pipe.load(token)
+    assert ctx.overflow, "old turns moved to the tier"
+    assert ctx.degraded == []
+    everything = ctx.all_turns()
+    assert len(everything) == 60  # nothing lost: token turns + rehydrated turns
+    assert [t.content for t in everything[::2]] == [f"Question {i}: {noise(i)}" for i in range(30)]
+    assert ctx.overflowed_turns == len(ctx.rehydrated)
+    assert ctx.lifecycle.dropped.get("byte_budget", 0) >= ctx.overflowed_turns
+    assert ctx.summary.startswith("(")  # the summary covers what left the token
+    assert "overflowed" in rec.names() and "rehydrated" in rec.names()
