@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
-from satchel import Codec, Key, Keyring, envelope, schema, serialize
+from satchel import Codec, Key, Keyring, envelope, keys, protect, schema, serialize
+from satchel.codec import DIGEST_SIZE
 from satchel.errors import BadSignature, MigrationFailed, UnsupportedVersion
 from satchel.keys import b64url_encode
+from satchel.limits import Limits
 from tests.fixtures import make_fixtures
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -276,3 +278,31 @@ def test_doc_vector_key_is_not_a_fixture_key() -> None:
     (block,) = doc_blocks("subkeys")
     secret = bytes.fromhex(block["key"].partition(":")[2])
     assert b64url_encode(secret) not in (FIXTURES / "keys.txt").read_text()
+
+
+def test_doc_limits_table_matches_the_defaults() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)`\s*\|\s*([\d ]+?)(?: s)?\s*\|", text, re.M))
+    defaults = Limits()
+    documented = {name: int(value.replace(" ", "")) for name, value in rows.items()}
+    assert documented == {
+        name: getattr(defaults, name)
+        for name in (
+            "max_token_bytes",
+            "max_decompressed_bytes",
+            "max_str_bytes",
+            "max_array_len",
+            "max_map_len",
+            "clock_skew",
+        )
+    }
+
+
+def test_doc_derivation_constants_match_the_code() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert f'salt = "{keys._HKDF_SALT.decode()}"' in text
+    assert "info = purpose || 0x00 || use" in text
+    assert f"({protect.MAC_SIZE}-byte tag" in text
+    assert f"nonce ({protect.NONCE_SIZE} bytes)" in text
+    assert f"tag ({protect.TAG_SIZE} bytes)" in text
+    assert f"last {DIGEST_SIZE} bytes of its raw form" in text
