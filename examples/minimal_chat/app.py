@@ -11,6 +11,10 @@ Run it::
 Without SATCHEL_KEYS it generates a development key in ``instance/satchel-dev-key``
 and warns. ``SATCHEL_OVERFLOW_URL`` (``sqlite:///path``, ``redis://...`` or empty) and
 ``SATCHEL_MAX_TOKEN_BYTES`` configure the overflow tier and the byte budget.
+
+``SATCHEL_BASELINE=1`` serves the same routes with no context handling at all (no
+Satchel extension; each reply is computed from the current message only): the
+baseline that ``satchel compare`` measures the modes against.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 from flask import Flask, request
 
 from satchel import Satchel
-from satchel.errors import InvalidRequest
+from satchel.errors import InvalidRequest, SatchelError
 from satchel.flask_ext import json_errors_for
+from satchel.flask_ext.errors import satchel_error_response
 
 MAX_MESSAGE_CHARS = 8000
 
@@ -69,19 +74,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(env_config())
     app.config.update(config or {})
+    if os.environ.get("SATCHEL_BASELINE") == "1":
+        return _baseline(app)
     satchel = Satchel(app)
     json_errors_for(app, "/api/")
 
     @app.post("/api/chat")
     def chat() -> Any:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("message"), str):
-            raise InvalidRequest('send JSON {"message": "..."}')
-        message = body["message"].strip()
-        if not message:
-            raise InvalidRequest("message is empty")
-        if len(message) > MAX_MESSAGE_CHARS:
-            raise InvalidRequest(f"message is longer than {MAX_MESSAGE_CHARS} characters")
+        message = read_message()
         ctx = satchel.context
         ctx.add_turn("user", message)
         reply = offline_reply(message, len(ctx.all_turns()) // 2 + 1, ctx.summary)
@@ -94,6 +94,39 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         data = ctx.to_dict()
         data["all_turns"] = [t.to_dict() for t in ctx.all_turns()]
         return data
+
+    return app
+
+
+def read_message() -> str:
+    """The request's ``{"message": "..."}``, checked."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+        raise InvalidRequest('send JSON {"message": "..."}')
+    message = body["message"].strip()
+    if not message:
+        raise InvalidRequest("message is empty")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise InvalidRequest(f"message is longer than {MAX_MESSAGE_CHARS} characters")
+    return message
+
+
+def _baseline(app: Flask) -> Flask:
+    """The same routes with no context handling (``SATCHEL_BASELINE=1``)."""
+    app.register_error_handler(SatchelError, satchel_error_response)
+    json_errors_for(app, "/api/")
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        message = read_message()
+        turns = [message]  # only the current message: nothing is remembered
+        reply = offline_reply(message, len(turns) // 2 + 1, "")
+        turns.append(reply)
+        return {"reply": reply, "turns": len(turns), "degraded": []}
+
+    @app.get("/api/context")
+    def context() -> Any:
+        return {"turns": [], "all_turns": [], "summary": ""}
 
     return app
 

@@ -1,0 +1,81 @@
+"""``satchel compare --quick``: the whole harness end to end, within two minutes.
+
+It starts its own redis-server and gunicorn servers, drives them from a separate load
+process, kills Redis mid-run, and writes the report and its plots to a temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO_ROOT, SERVER_DIR, require_binary
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+LIMIT = 120.0
+PLOTS = (
+    "latency_vs_context.png",
+    "bytes_vs_context.png",
+    "throughput_cpu_vs_context.png",
+    "memory_vs_sessions.png",
+    "outage_timeline.png",
+)
+
+
+def test_compare_quick_writes_the_report_within_two_minutes(tmp_path: Path) -> None:
+    require_binary("redis-server")
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("matplotlib")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(SERVER_DIR), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    out = tmp_path / "report"
+
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "satchel.cli", "compare", "--quick", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT + 60,
+        check=False,
+    )
+    elapsed = time.monotonic() - t0
+    log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+    assert proc.returncode == 0, log
+    assert elapsed < LIMIT, f"satchel compare --quick took {elapsed:.0f}s\n{log}"
+
+    report = out / "comparison.md"
+    text = report.read_text(encoding="utf-8")
+    for name in PLOTS:
+        png = out / "img" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert png.stat().st_size > 5000, name
+        assert f"(img/{name})" in text, name
+    for heading in ("## Targets", "## Redis outage", "## Where client-held context loses"):
+        assert heading in text
+
+    match = re.search(r"<!-- satchel-compare-data: (.*) -->", text)
+    assert match, "the report carries its figures for machines"
+    data = json.loads(match.group(1))
+    assert data["quick"] is True
+    statuses = data["statuses"]
+    for mode in ("client", "fault: client"):
+        assert statuses[mode], mode
+        server_errors = {code: n for code, n in statuses[mode].items() if code.startswith("5")}
+        assert not server_errors, f"{mode}: {server_errors}"
+        assert set(statuses[mode]) == {"200"}, f"{mode}: {statuses[mode]}"
+    # Server mode failed during the outage, and only with 503s: no 500s, no hangs.
+    assert set(statuses["fault: server"]) <= {"200", "503"}, statuses["fault: server"]
+    assert "targets:" in proc.stdout

@@ -1,0 +1,233 @@
+"""The server-side modes behind the same API: ``client``, ``server`` (Redis), ``memory``.
+
+The example app's view code runs unchanged in every mode; only ``SATCHEL_MODE`` (and
+the store URL) differ. Server mode on a real redis-server: a killed or SIGSTOPped
+Redis gives a fast JSON 503 ``tier_unavailable`` (never a 500 or a hang), the carrier
+is signed, and the store also runs on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from examples.minimal_chat.app import create_app
+from satchel.flask_ext import Satchel
+from satchel.keys import generate_key
+from satchel.server_mode import CARRIER_PREFIX
+
+KEYS = generate_key("t1").to_string()
+HEADER = "Satchel-Context"
+FAST = 1.0  # seconds: an outage must be answered faster than this
+
+
+def make_app(mode: str, **config: Any) -> Flask:
+    return create_app({"SATCHEL_KEYS": KEYS, "SATCHEL_MODE": mode, "TESTING": True, **config})
+
+
+def chat(client: FlaskClient, message: str, token: str | None) -> Any:
+    headers = {HEADER: token} if token else {}
+    return client.post("/api/chat", json={"message": message}, headers=headers)
+
+
+def converse(client: FlaskClient, messages: list[str], token: str | None = None) -> list[Any]:
+    responses = []
+    for message in messages:
+        resp = chat(client, message, token)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        token = resp.headers[HEADER]
+        responses.append(resp)
+    return responses
+
+
+def turn_number(resp: Any) -> int:
+    match = re.match(r"\(turn (\d+)\)", resp.get_json()["reply"])
+    assert match, resp.get_json()
+    return int(match.group(1))
+
+
+def assert_tier_unavailable(resp: Any, elapsed: float) -> None:
+    assert resp.status_code == 503, resp.get_data(as_text=True)
+    assert resp.mimetype == "application/json"
+    body = resp.get_json()
+    assert body["error"]["code"] == "tier_unavailable"
+    assert body["error"]["message"]
+    assert elapsed < FAST, f"took {elapsed:.2f}s"
+
+
+@pytest.fixture(params=["client", "server", "memory"])
+def mode_app(request: pytest.FixtureRequest) -> tuple[str, Flask, Any]:
+    mode = request.param
+    redis = None
+    config: dict[str, Any] = {}
+    if mode == "server":
+        redis = request.getfixturevalue("redis_server")
+        config["SATCHEL_STORE_URL"] = redis.url
+    return mode, make_app(mode, **config), redis
+
+
+# ------------------------------------------------------------------ same code, each mode
+
+
+def test_the_same_view_code_runs_in_every_mode(mode_app: tuple[str, Flask, Any]) -> None:
+    mode, app, redis = mode_app
+    client = app.test_client()
+    messages = ["Plan a three day trip to Lisbon", "Add a day in Sintra", "What about food?"]
+    responses = converse(client, messages)
+
+    assert [turn_number(r) for r in responses] == [1, 2, 3]
+    assert [r.get_json()["turns"] for r in responses] == [2, 4, 6]
+    tokens = [r.headers[HEADER] for r in responses]
+    if mode == "client":
+        assert not tokens[0].startswith(CARRIER_PREFIX)
+        assert len(set(tokens)) == 3  # a new token per turn: the context travels
+    else:
+        assert tokens[0].startswith(CARRIER_PREFIX)
+        assert len(set(tokens)) == 1  # the signed session id stays; the context does not
+        assert len(tokens[0]) < 120
+
+    ctx = client.get("/api/context", headers={HEADER: tokens[-1]}).get_json()
+    texts = [t["content"] for t in ctx["all_turns"]]
+    assert texts[0::2] == messages
+    assert all(
+        r.headers["Satchel-Session"] == responses[0].headers["Satchel-Session"] for r in responses
+    )
+
+    if redis is not None:
+        pipeline = Satchel.state(app).pipeline
+        key = pipeline.key_for(pipeline.session_id_of(tokens[0]))
+        assert redis.client().exists(key) == 1
+
+
+def test_server_and_memory_modes_refuse_a_client_token() -> None:
+    token = converse(make_app("client").test_client(), ["hello"])[0].headers[HEADER]
+    resp = chat(make_app("memory").test_client(), "again", token)
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["code"] == "token_malformed"
+
+
+# ------------------------------------------------------------------------ signed carrier
+
+
+def _tampered(carrier: str) -> list[str]:
+    body = carrier[len(CARRIER_PREFIX) :]
+    session_hex, _, signature = body.partition(".")
+    flip = "0" if session_hex[0] != "0" else "1"
+    sig_flip = "A" if signature[-1] != "A" else "B"
+    return [
+        CARRIER_PREFIX + flip + session_hex[1:] + "." + signature,  # another session id
+        CARRIER_PREFIX + session_hex + "." + signature[:-1] + sig_flip,  # bad signature
+        CARRIER_PREFIX + session_hex,  # no signature
+        CARRIER_PREFIX + session_hex + "." + signature + "x" * 300,  # oversized
+    ]
+
+
+@pytest.mark.parametrize("mode", ["server", "memory"])
+def test_a_tampered_carrier_is_refused(mode: str, request: pytest.FixtureRequest) -> None:
+    config = {}
+    if mode == "server":
+        config["SATCHEL_STORE_URL"] = request.getfixturevalue("redis_server").url
+    client = make_app(mode, **config).test_client()
+    carrier = converse(client, ["remember the number 42"])[0].headers[HEADER]
+    for bad in _tampered(carrier):
+        resp = chat(client, "what was the number?", bad)
+        assert resp.status_code == 400, bad
+        assert resp.get_json()["error"]["code"] == "token_malformed"
+    other = create_app(
+        {"SATCHEL_KEYS": generate_key("t9").to_string(), "SATCHEL_MODE": mode, **config}
+    ).test_client()
+    resp = chat(other, "a different key ring", carrier)
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["code"] == "token_malformed"
+    assert chat(client, "still fine", carrier).status_code == 200
+
+
+# ------------------------------------------------------------------------------ outages
+
+
+def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) -> None:
+    app = make_app("server", SATCHEL_STORE_URL=redis_server.url)
+    client = app.test_client()
+    carrier = converse(client, ["one", "two"])[0].headers[HEADER]
+
+    redis_server.kill()
+    for request in (
+        lambda: chat(client, "three", carrier),  # load fails
+        lambda: chat(client, "a new conversation", None),  # save fails
+        lambda: client.get("/api/context", headers={HEADER: carrier}),
+    ):
+        t0 = time.perf_counter()
+        resp = request()
+        assert_tier_unavailable(resp, time.perf_counter() - t0)
+
+    # Back, but empty (no persistence): the conversation starts over, and says so.
+    redis_server.restart()
+    resp = chat(client, "four", carrier)
+    assert resp.status_code == 200
+    assert resp.headers["Satchel-Reset"] == "session_not_found"
+    assert turn_number(resp) == 1
+    assert resp.headers[HEADER] == carrier  # the same session id, a fresh context
+
+
+def test_server_mode_answers_503_fast_when_redis_is_paused(redis_server: Any) -> None:
+    app = make_app("server", SATCHEL_STORE_URL=redis_server.url)
+    client = app.test_client()
+    carrier = converse(client, ["one", "two"])[0].headers[HEADER]
+
+    redis_server.pause()  # SIGSTOP: connections hang, replies never come
+    try:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            resp = chat(client, "three", carrier)
+            assert_tier_unavailable(resp, time.perf_counter() - t0)
+    finally:
+        redis_server.resume()
+
+    resp = chat(client, "three", carrier)  # nothing was lost: the turn continues
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert "Satchel-Reset" not in resp.headers
+    assert turn_number(resp) == 3
+
+
+def test_client_mode_never_needs_redis_under_budget(redis_server: Any) -> None:
+    """The same outage, client mode with the overflow tier configured: no effect."""
+    client = make_app("client", SATCHEL_OVERFLOW_URL=redis_server.url).test_client()
+    token = converse(client, ["one", "two"])[-1].headers[HEADER]
+    redis_server.kill()
+    responses = converse(client, ["three", "four"], token)
+    assert [turn_number(r) for r in responses] == [3, 4]
+    assert all("Satchel-Degraded" not in r.headers for r in responses)
+
+
+# ------------------------------------------------------------------------------ cluster
+
+
+def test_server_mode_on_redis_cluster(redis_cluster: Any) -> None:
+    redis_cluster.flushall()
+    host, port = redis_cluster.addresses[0]
+    app = make_app("server", SATCHEL_STORE_URL=f"redis+cluster://{host}:{port}")
+    client = app.test_client()
+    carriers: list[str] = []
+    for n in range(10):  # several sessions: their keys spread over the masters
+        responses = converse(client, [f"conversation {n}, first", f"conversation {n}, second"])
+        assert turn_number(responses[-1]) == 2
+        carriers.append(responses[0].headers[HEADER])
+    ctx = client.get("/api/context", headers={HEADER: carriers[0]}).get_json()
+    assert [t["content"] for t in ctx["all_turns"]][0::2] == [
+        "conversation 0, first",
+        "conversation 0, second",
+    ]
+    pipeline = Satchel.state(app).pipeline
+    cluster = redis_cluster.client()
+    try:
+        keys = [pipeline.key_for(pipeline.session_id_of(c)) for c in carriers]
+        assert all(cluster.exists(k) == 1 for k in keys)
+        nodes = {cluster.get_node_from_key(k).port for k in keys}
+        assert len(nodes) >= 2, nodes
+    finally:
+        cluster.close()
