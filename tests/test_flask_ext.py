@@ -266,10 +266,6 @@ def test_cookie_carrier() -> None:
     assert [t["content"] for t in data["turns"] if t["role"] == "user"] == ["other"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flask_ext/config.py documents SATCHEL_COOKIE but reads SATCHEL_COOKIE_NAME",
-)
 def test_documented_cookie_setting() -> None:
     response = chat(make_app(SATCHEL_COOKIE="satchel").test_client(), "hi")
     assert response.headers.getlist("Set-Cookie")

@@ -115,6 +115,8 @@ class SatchelConfig:
             key = "SATCHEL_" + f.name.upper()
             if key in app.config:
                 values[f.name] = app.config[key]
+        if app.config.get("SATCHEL_COOKIE") and "cookie_name" not in values:
+            values["cookie_name"] = app.config["SATCHEL_COOKIE"]  # the documented short name
         for name in (
             "max_token_bytes",
             "hard_max_token_bytes",
@@ -168,7 +170,18 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
         return value
     if value:
         anchor = app.config.get("SATCHEL_ANCHOR_KID") or os.environ.get("SATCHEL_ANCHOR_KID")
-        return Keyring.from_string(str(value), anchor_kid=anchor or None)
+        ring = Keyring.from_string(str(value), anchor_kid=anchor or None)
+        if len(ring) > 1 and not anchor:
+            log.warning(
+                "SATCHEL_KEYS holds %d keys and SATCHEL_ANCHOR_KID is not set: session names "
+                "(overflow segments, server-mode sessions, consistency marks) are keyed by "
+                "the last key, %r. Set SATCHEL_ANCHOR_KID=%s so adding or reordering keys "
+                "never renames them (docs/operations.md, Key rotation).",
+                len(ring),
+                ring.anchor.kid,
+                ring.anchor.kid,
+            )
+        return ring
     dev_file = app.config.get("SATCHEL_DEV_KEY_FILE")
     if dev_file:
         return dev_keyring(Path(dev_file))
