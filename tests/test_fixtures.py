@@ -17,6 +17,7 @@ import pytest
 
 from satchel import Codec, Key, Keyring, envelope, keys, protect, schema, serialize
 from satchel.codec import DIGEST_SIZE
+from satchel.compress import DICTIONARY_FILES
 from satchel.errors import BadSignature, MigrationFailed, UnsupportedVersion
 from satchel.keys import b64url_encode
 from satchel.limits import Limits
@@ -63,6 +64,8 @@ def test_every_released_version_has_a_fixture() -> None:
         "chacha20-poly1305",
     }
     assert {r["compressed"] for r in records} == {True, False}
+    # Every zstd dictionary id ever shipped has a token: its bytes may never change.
+    assert {r["dictionary_id"] for r in records} == {0, *DICTIONARY_FILES}
 
 
 def test_make_fixtures_regenerates_identical_files() -> None:
