@@ -17,6 +17,10 @@ for _p in (ROOT / "server", ROOT):  # `satchel`, `examples.*` and `tests.support
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+# Property tests run beside real servers on 2 cores: timing is not what they test, so no
+# per-example deadline (a busy machine would otherwise fail them as "too slow").
+from hypothesis import HealthCheck, settings  # noqa: E402
+
 from tests.support import (  # noqa: E402
     ARTIFACTS_DIR,
     LiveServer,
@@ -29,6 +33,11 @@ from tests.support import (  # noqa: E402
 from tests.support import chromium_path as _find_chromium  # noqa: E402
 from tests.support import free_port as _free_port  # noqa: E402
 from tests.support.env import safe_filename, skip_or_fail  # noqa: E402
+
+settings.register_profile(
+    "satchel", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("satchel")
 
 REDIS_FIXTURES = {"redis_server", "redis_factory", "redis_cluster"}
 BROWSER_FIXTURES = {"chromium_path", "browser", "page", "screenshot"}

@@ -207,6 +207,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             raise ModelUnavailable(str(exc)) from None
         if reply:
             ctx.add_turn("assistant", reply)
+        satchel.commit()  # seal now, so the body reports what saving found
         return {
             "reply": reply,
             "turns": len(ctx.turns),

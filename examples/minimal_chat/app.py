@@ -54,6 +54,7 @@ ENV_KEYS = (
     "SATCHEL_TIER_CONNECT_TIMEOUT",
     "SATCHEL_BREAKER_FAIL_MAX",
     "SATCHEL_BREAKER_RESET_TIMEOUT",
+    "SATCHEL_SEGMENT_CACHE_BYTES",
 )
 
 
@@ -96,11 +97,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ctx.add_turn("user", message)
         reply = offline_reply(message, len(ctx.all_turns()) // 2 + 1, ctx.summary)
         ctx.add_turn("assistant", reply)
+        # Seal now, so the body reports what saving found (overflow, degraded reasons).
+        satchel.commit()
         return {"reply": reply, "turns": len(ctx.turns), "degraded": ctx.degraded}
 
     @app.get("/api/context")
     def context() -> Any:
         ctx = satchel.context
+        satchel.discard()  # reading issues no new token: the client keeps the one it sent
         data = ctx.to_dict()
         data["all_turns"] = [t.to_dict() for t in ctx.all_turns()]
         return data

@@ -197,6 +197,8 @@ class Context:
     rehydrated: list[Turn] = field(default_factory=list, repr=False)
     #: notices for the app (fresh context started and why, migrations, forks)
     notices: list[str] = field(default_factory=list, repr=False)
+    #: overflow references that could not be read this request, with the reason
+    unreadable: list[tuple[SegmentRef, str]] = field(default_factory=list, repr=False)
 
     @classmethod
     def new(cls, *, now: float | None = None, session_id: bytes | None = None) -> Context:

@@ -16,14 +16,14 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .codec import Codec
 from .context import Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
-from .lifecycle.groups import turn_groups
+from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .observe import NULL_OBSERVER, Observer
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class Pipeline:
         result = self.segments.read(ctx)
         timings["rehydrate"] = time.perf_counter() - t0
         ctx.rehydrated = list(result.turns)
+        ctx.unreadable = list(result.missing)
         if result.turns:
             self.observer.event(
                 "rehydrated", session=tag, turns=len(result.turns), from_cache=result.from_cache
@@ -165,7 +166,10 @@ class Pipeline:
         t0 = timer()
         summarized_before = ctx.lifecycle.summarized
         dropped_before = dict(ctx.lifecycle.dropped)
-        apply_policies(ctx, self.policy, now)
+        # With a tier, turns past the window move to it like turns past the budget: a
+        # window must not silently drop what the tier could keep.
+        policy = replace(self.policy, max_turns=None) if self.segments else self.policy
+        apply_policies(ctx, policy, now)
         timings["trim"] = timer() - t0
         for reason, total in ctx.lifecycle.dropped.items():
             turns = total - dropped_before.get(reason, 0)
@@ -192,7 +196,7 @@ class Pipeline:
         return SaveResult(token, len(token), timings)
 
     def fit_budget(self, ctx: Context, now: float, tag: str) -> None:
-        """Bring the token under the soft byte budget: overflow, else trim and summarize.
+        """Bring the token under the soft byte budget (and, with a tier, the window).
 
         With a tier: the oldest whole groups move to a segment. If the write fails they
         stay inline up to the hard cap; past it the oldest are summarized and dropped,
@@ -200,55 +204,89 @@ class Pipeline:
         Without a tier: the oldest groups are summarized and dropped (a policy, not a loss).
         """
         soft = self.policy.max_token_bytes
-        if soft is None:
+        if self.segments is None:
+            if soft is not None and self.codec.measure(ctx) > soft:
+                removed = self._drop_to(ctx, soft, now, "byte_budget")
+                if removed:
+                    self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
             return
-        size = self.codec.measure(ctx)
-        if size <= soft:
-            return
-        if self.segments is not None:
-            target = int(soft * SPILL_TARGET)
-            write_failed = False
-            for _ in range(MAX_SPILL_ROUNDS):
-                if size <= soft:
-                    return
-                count = self._turns_to_remove(ctx, size, target)
-                if not count:
-                    break  # only the newest group is left: nothing more can move
-                spill = ctx.turns[:count]
-                written = self._write_segment(ctx, spill, now, tag)
-                if written is None:
-                    write_failed = True
-                    break
-                ref, merged = written
-                del ctx.turns[:count]
-                if merged:
-                    # One segment now holds every overflowed turn; the old ones expire.
-                    ctx.rehydrated = [*ctx.rehydrated, *spill]
-                    ctx.overflow = [ref]
-                else:
-                    ctx.rehydrated.extend(spill)
-                    ctx.overflow.append(ref)
-                # The running summary always covers what left the token.
-                ctx.summary = self.policy.summarizer(spill, ctx.summary)
-                ctx.lifecycle.summarized += len(spill)
-                ctx.lifecycle.record(LifecycleAction("byte_budget", "overflowed", len(spill), now))
-                self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
-                size = self.codec.measure(ctx)
-            if size <= soft or not write_failed:
+        self._forget_lost_segments(ctx, now, tag)
+        window = self.policy.max_turns
+        size = self.codec.measure(ctx) if soft is not None else 0
+        target = int(soft * SPILL_TARGET) if soft is not None else 0
+        write_failed = False
+        for _ in range(MAX_SPILL_ROUNDS):
+            over_budget = soft is not None and size > soft
+            over_window = window is not None and len(ctx.turns) > window
+            if not (over_budget or over_window):
                 return
-            hard = self.policy.hard_max_token_bytes or soft
-            if size <= hard:
-                return  # held inline until the tier takes writes again
-            lost = self._drop_to(ctx, hard, now, "data_loss")
-            if lost:
-                ctx.lifecycle.lost += lost
-                ctx.degraded.append("data_loss")
-                self.observer.event("data_loss", session=tag, turns=lost)
-                self.observer.event("degraded", session=tag, reason="data_loss", turns=lost)
+            count = max(
+                self._turns_to_remove(ctx, size, target) if over_budget else 0,
+                oldest_groups_covering(ctx.turns, len(ctx.turns) - window) if over_window else 0,
+            )
+            groups = turn_groups(ctx.turns)
+            count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
+            if not count:
+                break  # only the newest group is left: nothing more can move
+            spill = ctx.turns[:count]
+            written = self._write_segment(ctx, spill, now, tag)
+            if written is None:
+                write_failed = True
+                break
+            ref, merged = written
+            del ctx.turns[:count]
+            if merged:
+                # One segment now holds every overflowed turn: the old ones go.
+                replaced = list(ctx.overflow)
+                ctx.rehydrated = [*ctx.rehydrated, *spill]
+                ctx.overflow = [ref]
+                self.segments.discard(ctx, replaced)
+            else:
+                ctx.rehydrated.extend(spill)
+                ctx.overflow.append(ref)
+            # The running summary always covers what left the token.
+            ctx.summary = self.policy.summarizer(spill, ctx.summary)
+            ctx.lifecycle.summarized += len(spill)
+            ctx.lifecycle.record(LifecycleAction("byte_budget", "overflowed", len(spill), now))
+            self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
+            if soft is not None:
+                size = self.codec.measure(ctx)
+        if not write_failed or soft is None:
             return
-        removed = self._drop_to(ctx, soft, now, "byte_budget")
-        if removed:
-            self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+        # The tier refused the write: hold turns inline up to the hard cap, then report.
+        hard = self.policy.hard_max_token_bytes or soft
+        if size <= hard:
+            return
+        lost = self._drop_to(ctx, hard, now, "data_loss")
+        if lost:
+            self._report_loss(ctx, lost, tag)
+
+    def _report_loss(self, ctx: Context, lost: int, tag: str) -> None:
+        ctx.lifecycle.lost += lost
+        if "data_loss" not in ctx.degraded:
+            ctx.degraded.append("data_loss")
+        self.observer.event("data_loss", session=tag, turns=lost)
+        self.observer.event("degraded", session=tag, reason="data_loss", turns=lost)
+
+    def _forget_lost_segments(self, ctx: Context, now: float, tag: str) -> None:
+        """Drop references the tier answered for and does not have (or holds damaged).
+
+        A reference is kept while the tier is unreachable, so its turns come back when
+        it does. Once references pile up, those the tier definitely lost (missing,
+        corrupt, foreign) are dropped and their turns counted and reported as lost,
+        so a lost segment cannot grow the token without bound.
+        """
+        if len(ctx.overflow) < MAX_SEGMENT_REFS or not ctx.unreadable:
+            return
+        gone = [ref for ref, reason in ctx.unreadable if reason != "tier_unavailable"]
+        if not gone:
+            return
+        ids = {id(ref) for ref in gone}
+        ctx.overflow = [ref for ref in ctx.overflow if id(ref) not in ids]
+        ctx.unreadable = [(r, why) for r, why in ctx.unreadable if id(r) not in ids]
+        lost = sum(ref.turns for ref in gone)
+        ctx.lifecycle.record(LifecycleAction("segment_lost", "lost", lost, now))
+        self._report_loss(ctx, lost, tag)
 
     def _write_segment(
         self, ctx: Context, spill: list[Turn], now: float, tag: str
@@ -268,7 +306,8 @@ class Pipeline:
                     pass  # too large to merge: append one more reference instead
             return self.segments.write(ctx, spill, ttl, now=now), False
         except TierError as exc:
-            ctx.degraded.append("tier_write_failed")
+            if "tier_write_failed" not in ctx.degraded:
+                ctx.degraded.append("tier_write_failed")
             self.observer.event("degraded", session=tag, reason="tier_write_failed", error=exc.code)
             return None
 
@@ -277,8 +316,8 @@ class Pipeline:
         """Merge when references pile up and every overflowed turn is in hand."""
         return (
             len(ctx.overflow) >= MAX_SEGMENT_REFS
+            and not ctx.unreadable
             and len(ctx.rehydrated) == ctx.overflowed_turns
-            and not any(r.startswith(("segment_", "tier_")) for r in ctx.degraded)
         )
 
     def _drop_to(self, ctx: Context, budget: int, now: float, reason: str) -> int:

@@ -230,6 +230,17 @@ class SegmentStore:
             return [], SEGMENT_CORRUPT
         return turns, None
 
+    def discard(self, ctx: Context, refs: list[SegmentRef]) -> None:
+        """Best-effort delete of segments a merged one replaced (they would otherwise
+        live until their TTL, multiplying storage). A failure only delays cleanup."""
+        keys = [self.key_for(ctx.session_id, ref.digest) for ref in refs]
+        if not keys:
+            return
+        try:
+            self.tier.delete(keys)
+        except TierError:
+            pass  # they expire at their TTL
+
     # -- erase ---------------------------------------------------------------------------
 
     def erase(self, session_id: bytes) -> int:

@@ -365,7 +365,8 @@ class Load:
         if status == 200:
             if new_token:
                 self._tokens[conv] = new_token
-            else:
+            elif method != "GET":
+                # Reads (GET /api/context) issue no token; every chat turn must.
                 error = "200 without a Satchel-Context token"
         sample = Sample(
             conv,

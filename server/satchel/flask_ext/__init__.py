@@ -73,6 +73,7 @@ class RequestState:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     consistency: str | None = None
+    committed: dict[str, str] | None = None
     mark: MarkState | None = None
     opened_digest: bytes | None = None
 
@@ -171,6 +172,9 @@ class Satchel:
                 options["timeouts"] = Timeouts(
                     read=config.tier_read_timeout, connect=config.tier_connect_timeout
                 )
+            elif url.startswith("sqlite:") and "busy_timeout" not in url:
+                # A write-locked file must not hold a request for SQLite's default 1 s.
+                options["busy_timeout"] = max(0.05, 4 * config.tier_read_timeout)
             tier = tier_from_url(url, **options)
         if tier is None or getattr(tier, "name", "") == "none":
             return None
@@ -337,6 +341,20 @@ class Satchel:
 
         return erase_with_state(self.state(), session_id)
 
+    def commit(self) -> dict[str, str]:
+        """Run the save now (trim, overflow, seal) instead of after the view.
+
+        A view that reports the context's final state in its body (``degraded``
+        reasons found while saving, the token size, what overflowed) calls this before
+        building its response; the headers are then written from the same result. Do
+        not change the context after committing: the token is already sealed.
+        """
+        rs = self._request_state()
+        self.get_context()
+        if rs.committed is None:
+            rs.committed = self.finish(rs)
+        return rs.committed
+
     def discard(self) -> None:
         """Do not issue a new token for this request (for read-only routes)."""
         self._request_state().discard = True
@@ -354,7 +372,7 @@ class Satchel:
         if response.status_code >= 500:
             return response  # a failed view issues no token: the client keeps its own
         try:
-            headers = self.finish(rs)
+            headers = rs.committed if rs.committed is not None else self.finish(rs)
         except SatchelError as exc:
             return satchel_error_response(exc)
         response.headers.extend(headers)

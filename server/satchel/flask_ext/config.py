@@ -35,10 +35,12 @@ SATCHEL_OVERFLOW_URL            None           redis://, rediss://, redis+sentin
 SATCHEL_MODE                    "client"       "client" (token), "server" (context in the
                                                store, signed id travels), "memory"
 SATCHEL_STORE_URL               overflow URL   where "server" mode keeps contexts
-SATCHEL_TIER_READ_TIMEOUT       0.05           seconds per tier reply (Redis socket_timeout)
+SATCHEL_TIER_READ_TIMEOUT       0.05           seconds per tier reply (Redis socket_timeout;
+                                               SQLite waits 4x this for a locked file)
 SATCHEL_TIER_CONNECT_TIMEOUT    0.1            seconds per new tier connection
 SATCHEL_BREAKER_FAIL_MAX        5              consecutive failures that open the breaker
-SATCHEL_BREAKER_RESET_TIMEOUT   10.0           seconds open before one trial call
+SATCHEL_BREAKER_RESET_TIMEOUT   2.0            seconds open before one trial call (a short
+                                               blip must not refuse writes for long)
 SATCHEL_SEGMENT_CACHE_BYTES     8 MiB          in-process cache of recently read segments
 SATCHEL_CONSISTENCY             "client"       "client", "monotonic" (needs a tier), "server"
 SATCHEL_TIER_DOWN_POLICY        "fail_open"    monotonic with the tier down: "fail_open"
@@ -99,7 +101,7 @@ class SatchelConfig:
     tier_read_timeout: float = 0.05
     tier_connect_timeout: float = 0.1
     breaker_fail_max: int = 5
-    breaker_reset_timeout: float = 10.0
+    breaker_reset_timeout: float = 2.0
     segment_cache_bytes: int = 8 * 1024 * 1024
     consistency: str = "client"
     tier_down_policy: str = "fail_open"

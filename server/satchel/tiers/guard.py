@@ -70,7 +70,7 @@ class BreakerPolicy:
     (``reset_timeout`` seconds before one trial call is let through)."""
 
     fail_max: int = 5
-    reset_timeout: float = 10.0
+    reset_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if self.fail_max < 1 or self.reset_timeout < 0:
