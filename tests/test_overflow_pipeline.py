@@ -127,3 +127,16 @@ def test_without_a_tier_the_budget_trims_and_summarizes(budget: int) -> None:
     ctx = codec.open(token, now=NOW)
     assert ctx.lifecycle.dropped.get("byte_budget", 0) + len(ctx.turns) == 80
     assert ctx.lifecycle.lost == 0  # trimming by policy is not a loss
+
+
+def test_a_failing_summarizer_falls_back_instead_of_failing_the_request() -> None:
+    def broken(dropped: object, previous: str) -> str:
+        raise TimeoutError("the LLM did not answer")
+
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    policy = LifecyclePolicy(max_turns=4, summarizer=broken)
+    token = converse(Pipeline(codec, policy), range(5))
+    assert token is not None
+    ctx = codec.open(token, now=NOW)
+    assert len(ctx.turns) == 4
+    assert ctx.summary.startswith("(6 earlier turns summarized)")

@@ -24,6 +24,7 @@ from .context import Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
+from .lifecycle.summarize import summarize
 from .observe import NULL_OBSERVER, Observer
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ class Pipeline:
                 ctx.rehydrated.extend(spill)
                 ctx.overflow.append(ref)
             # The running summary always covers what left the token.
-            ctx.summary = self.policy.summarizer(spill, ctx.summary)
+            ctx.summary = summarize(self.policy.summarizer, spill, ctx.summary)
             ctx.lifecycle.summarized += len(spill)
             ctx.lifecycle.record(LifecycleAction("byte_budget", "overflowed", len(spill), now))
             self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)

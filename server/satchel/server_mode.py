@@ -15,10 +15,12 @@ restart does not see them (docs/scaling.md).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 
 from itsdangerous import BadSignature as ItsBadSignature
 from itsdangerous import Signer
+from itsdangerous.encoding import base64_decode, base64_encode
 
 from .codec import Codec
 from .context import Context
@@ -67,10 +69,16 @@ class ServerSidePipeline(Pipeline):
         if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
             raise MalformedToken("not a server-side session id")
         try:
-            raw = self.signer.unsign(carrier[len(CARRIER_PREFIX) :].encode())
+            signed = carrier[len(CARRIER_PREFIX) :].encode("ascii")
+            raw = self.signer.unsign(signed)
             session_id = bytes.fromhex(raw.decode("ascii"))
-        except (ItsBadSignature, ValueError, UnicodeDecodeError):
+        except (ItsBadSignature, ValueError, UnicodeError):
             raise MalformedToken("the session id is not valid") from None
+        # itsdangerous decodes base64 leniently: a changed last character can decode to
+        # the same signature. Only the one canonical spelling is accepted.
+        signature = signed.rpartition(b".")[2]
+        if not hmac.compare_digest(base64_encode(base64_decode(signature)), signature):
+            raise MalformedToken("the session id is not valid")
         if len(session_id) != 16:
             raise MalformedToken("the session id is not valid")
         return session_id

@@ -29,7 +29,14 @@ from satchel.tiers import GuardedTier, MemoryTier, NoTier, SegmentCache
 
 from .conftest import make_ctx
 
-NOW = float(int(time.time()))  # segments carry an expiry checked against the real clock
+NOW = float(int(time.time()))  # segments carry an expiry, checked by the codec's clock
+
+
+@pytest.fixture
+def codec(keyring: Keyring) -> Codec:
+    """The codec on this module's clock: NOW is taken at import, and a full suite may
+    reach these tests minutes later, past the 60 s TTLs they write."""
+    return Codec(keyring, clock=lambda: NOW)
 
 
 def store_on(tier, codec: Codec, cache_bytes: int = 1 << 20) -> SegmentStore:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..context import Context, LifecycleAction, Turn
 from ..errors import TokenExpired
 from .groups import oldest_groups_covering, turn_groups
-from .summarize import ExtractiveSummarizer, Summarizer
+from .summarize import ExtractiveSummarizer, Summarizer, summarize
 from .tokens import TokenCounter, default_counter, turn_tokens
 
 DAY = 86400.0
@@ -63,7 +63,7 @@ def drop_oldest(
     dropped = ctx.turns[:n]
     del ctx.turns[:n]
     if summarizer is not None:
-        ctx.summary = summarizer(dropped, ctx.summary)
+        ctx.summary = summarize(summarizer, dropped, ctx.summary)
         ctx.lifecycle.summarized += len(dropped)
     ctx.lifecycle.record(LifecycleAction(policy, "dropped", len(dropped), now))
     return dropped

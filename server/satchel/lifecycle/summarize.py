@@ -8,12 +8,14 @@ examples/chat/llm_summarizer.py shows one backed by an LLM.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 
 from ..context import Turn
 
 Summarizer = Callable[[Sequence[Turn], str], str]
+log = logging.getLogger("satchel")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 _HEADER = re.compile(r"^\((\d+) earlier turns? summarized\)\n?")
@@ -64,4 +66,21 @@ class ExtractiveSummarizer:
         return header + "\n".join(lines)
 
 
-__all__ = ["ExtractiveSummarizer", "Summarizer", "first_sentence"]
+_FALLBACK = ExtractiveSummarizer()
+
+
+def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) -> str:
+    """Run ``summarizer``; if it fails (an LLM timing out, say), fall back to the
+    extractive one, so a summarizer's failure never fails the request or loses the
+    record of what left the token."""
+    try:
+        summary = summarizer(dropped, previous)
+        if not isinstance(summary, str):
+            raise TypeError("a summarizer must return a str")
+        return summary
+    except Exception:
+        log.warning("satchel summarizer failed; used the extractive fallback", exc_info=True)
+        return _FALLBACK(dropped, previous)
+
+
+__all__ = ["ExtractiveSummarizer", "Summarizer", "first_sentence", "summarize"]
