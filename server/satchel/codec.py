@@ -132,16 +132,15 @@ class Codec:
             packed = measured[1]  # measure() just compressed these exact bytes
         else:
             packed = self.compressor.compress(payload)
-        header = Header(
-            version=envelope.FORMAT_VERSION,
-            flags=self.protector.flags | (FLAG_COMPRESSED if packed.compressed else 0),
-            dictionary_id=packed.dictionary_id,
-            kid=self.keyring.current.kid,
-            issued_at=min(int(now), _UINT32_MAX),
-            expires_at=0 if expires_at is None else max(1, min(int(expires_at), _UINT32_MAX)),
+        kid = self.keyring.current.kid
+        packed_header = envelope.pack_header(
+            self.protector.flags | (FLAG_COMPRESSED if packed.compressed else 0),
+            packed.dictionary_id,
+            kid,
+            min(int(now), _UINT32_MAX),
+            0 if expires_at is None else max(1, min(int(expires_at), _UINT32_MAX)),
         )
-        packed_header = header.pack()
-        body = self.protector.protect(header.kid, _PREFIX_BYTES + packed_header, packed.data)
+        body = self.protector.protect(kid, _PREFIX_BYTES + packed_header, packed.data)
         raw = packed_header + body
         return envelope.encode(raw), raw
 
