@@ -149,7 +149,7 @@ def test_missing_turns_are_accounted_by_flagged_segments_loss_and_policy() -> No
         overflowed=10,
         rehydrated=4,
         lost=4,
-        dropped={"byte_budget": 10, "data_loss": 4, "window": 2},
+        dropped={"overflow": 10, "data_loss": 4, "window": 2},
     )
     loss = Sample(0, 3, "/api/chat", 1.5, 0.003, 200, ("tier_write_failed", "data_loss"), ())
     load = load_with(data, readback_header=("segment_missing",), samples=[loss])

@@ -18,7 +18,7 @@ carry the save-time reasons ``tier_write_failed`` / ``data_loss``: see
 ``all_turns`` or accounted for: in a referenced segment that could not be read
 (``overflowed_turns - rehydrated_turns``, with a segment reason flagged), in
 ``lifecycle.lost`` (with ``data_loss`` flagged on some response), or in a policy drop
-(``lifecycle.dropped``, other than ``byte_budget`` = overflowed and ``data_loss``).
+(``lifecycle.dropped``, other than ``data_loss``; overflowed turns are not dropped).
 
 Timing: the breaker reset is shortened to :data:`RESET` seconds through
 ``SATCHEL_BREAKER_RESET_TIMEOUT`` (passed to ``create_app``); every wait polls with a
@@ -184,7 +184,7 @@ class Chat:
         if lifecycle["lost"]:
             assert self.data_loss_flagged, f"{self.name}: lost turns never flagged data_loss"
         assert lifecycle["lost"] == dropped.get("data_loss", 0)
-        policy = sum(v for k, v in dropped.items() if k not in ("byte_budget", "data_loss"))
+        policy = sum(v for k, v in dropped.items() if k not in ("data_loss", "overflow"))
         account = Account(len(expected), len(found), gap, lifecycle["lost"], policy, flagged)
         assert account.unaccounted == 0, f"{self.name}: {account}"
         return account

@@ -331,6 +331,6 @@ def test_overflow_moves_old_turns_to_the_tier_and_brings_them_back() -> None:
     assert len(everything) == 60  # nothing lost: token turns + rehydrated turns
     assert [t.content for t in everything[::2]] == [f"Question {i}: {noise(i)}" for i in range(30)]
     assert ctx.overflowed_turns == len(ctx.rehydrated)
-    assert ctx.lifecycle.dropped.get("byte_budget", 0) >= ctx.overflowed_turns
+    assert ctx.lifecycle.overflowed >= ctx.overflowed_turns
     assert ctx.summary.startswith("(")  # the summary covers what left the token
     assert "overflowed" in rec.names() and "rehydrated" in rec.names()

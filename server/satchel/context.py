@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
+#: the lifecycle "policy" name under which turns moved to the overflow tier are counted
+OVERFLOW_POLICY = "overflow"
 
 
 @dataclass(slots=True)
@@ -146,13 +148,20 @@ class Lifecycle:
     def record(self, action: LifecycleAction) -> None:
         action.ts = int(action.ts)  # whole seconds: 5 bytes in the token, not 9
         if action.action in ("dropped", "overflowed", "lost") and action.turns:
+            # Overflowed turns are kept under the "overflow" key: moved, not dropped.
             self.dropped[action.policy] = self.dropped.get(action.policy, 0) + action.turns
         self.recent.append(action)
         del self.recent[: -self.MAX_RECENT]
 
+    @property
+    def overflowed(self) -> int:
+        """Turns moved to the overflow tier so far (kept there, not dropped)."""
+        return self.dropped.get(OVERFLOW_POLICY, 0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "dropped": dict(self.dropped),
+            "dropped": {k: v for k, v in self.dropped.items() if k != OVERFLOW_POLICY},
+            "overflowed": self.overflowed,
             "summarized": self.summarized,
             "lost": self.lost,
             "recent": [a.to_dict() for a in self.recent],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .codec import Codec
-from .context import Context, LifecycleAction, SegmentRef, Turn
+from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
@@ -248,7 +248,7 @@ class Pipeline:
             # The running summary always covers what left the token.
             ctx.summary = summarize(self.policy.summarizer, spill, ctx.summary)
             ctx.lifecycle.summarized += len(spill)
-            ctx.lifecycle.record(LifecycleAction("byte_budget", "overflowed", len(spill), now))
+            ctx.lifecycle.record(LifecycleAction(OVERFLOW_POLICY, "overflowed", len(spill), now))
             self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
             if soft is not None:
                 size = self.codec.measure(ctx)
@@ -286,7 +286,7 @@ class Pipeline:
         ctx.overflow = [ref for ref in ctx.overflow if id(ref) not in ids]
         ctx.unreadable = [(r, why) for r, why in ctx.unreadable if id(r) not in ids]
         lost = sum(ref.turns for ref in gone)
-        ctx.lifecycle.record(LifecycleAction("segment_lost", "lost", lost, now))
+        ctx.lifecycle.record(LifecycleAction("data_loss", "lost", lost, now, "segment lost"))
         self._report_loss(ctx, lost, tag)
 
     def _write_segment(

@@ -50,9 +50,9 @@ that returned 200, since only then did the client adopt the new token):
 * ``data_loss``: ``lifecycle.lost`` (turns the hard cap forced out while the tier
   refused writes); counted only if at least one response of that conversation was
   flagged ``data_loss``, else *unreported*;
-* ``policy drops``: ``lifecycle.dropped`` of every policy other than ``byte_budget``
-  (which counts overflowed turns, already covered above) and ``data_loss`` (the same
-  turns as ``lifecycle.lost``), e.g. ``window`` (``SATCHEL_MAX_TURNS``). Counted, but
+* ``policy drops``: ``lifecycle.dropped`` of every policy other than ``data_loss`` (the
+  same turns as ``lifecycle.lost``); overflowed turns are not dropped and are counted
+  apart (``lifecycle.overflowed``). For example ``turn_cap`` or ``token_budget``. Counted, but
   such responses are *not* flagged degraded, so they are listed separately.
 
 ``unaccounted = sent - present - (in missing segments + data_loss + policy drops)``
@@ -610,7 +610,7 @@ def account(conv: int, result: ConvResult, samples: Sequence[Sample], label: str
     dropped = dict(lifecycle.get("dropped") or {})
     lost = int(lifecycle.get("lost") or 0)
     gap = int(data.get("overflowed_turns") or 0) - int(data.get("rehydrated_turns") or 0)
-    policy = {k: int(v) for k, v in dropped.items() if k not in ("byte_budget", "data_loss")}
+    policy = {k: int(v) for k, v in dropped.items() if k not in ("data_loss", "overflow")}
     unreported = 0
     if gap and not set(rb.header) & SEGMENT_REASONS:
         unreported += gap
