@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"satchel: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `satchel inspect ... | head`: the reader left early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
