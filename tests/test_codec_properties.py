@@ -12,7 +12,7 @@ import string
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from satchel import (
@@ -261,10 +261,10 @@ def test_any_change_to_the_decoded_bytes_is_refused(
     codec = CODECS[mode]
     raw = bytearray(envelope.parse(codec.seal(ctx)).raw)
     changed = bytearray(raw)
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(raw) - 1))
-        changed[i] = data.draw(st.integers(0, 255))
-    assume(changed != raw)
+    # Distinct positions, each moved by 1..255: always a change. (Sealed tokens differ
+    # run to run, so the drawn data must not depend on their bytes, as assume() would.)
+    for i in data.draw(st.sets(st.integers(0, len(raw) - 1), min_size=1, max_size=4)):
+        changed[i] = (changed[i] + data.draw(st.integers(1, 255))) % 256
     refused(codec, encode_raw(bytes(changed)))
     cut = data.draw(st.integers(0, len(raw) - 1))
     refused(codec, encode_raw(bytes(raw[:cut])))
