@@ -20,13 +20,13 @@ What it runs (all on 127.0.0.1, in a temporary directory):
   the first seconds (so every conversation has overflowed before the first fault),
   the rest paced evenly over the schedule;
 * the schedule (times from the start of the load; ``R`` is the breaker's reset
-  timeout, ``SATCHEL_BREAKER_RESET_TIMEOUT``, default 10 s)::
+  timeout, ``SATCHEL_BREAKER_RESET_TIMEOUT``, default 2 s)::
 
       quick:  kill -9 @2.5s, restart @4.5s, SIGSTOP @2.5+R+2, SIGCONT 2 s later,
-              end R+2 s after the SIGSTOP                           (26.5 s with R=10)
+              end R+2 s after the SIGSTOP                           (10.5 s with R=2)
       full:   kill -9 @5s, restart @11s, SIGSTOP @max(11, 5+R)+4, SIGCONT 4 s later,
               blip (kill -9, restart 0.5 s later) at SIGSTOP+R+4, end R+4 s after
-              the blip                                              (47 s with R=10)
+              the blip                                              (27 s with R=2)
 
   Faults are spaced R plus a margin apart, so the breaker has normally closed again
   before the next one (the recovery figures say whether it had).
@@ -48,11 +48,12 @@ that returned 200, since only then did the client adopt the new token):
   (``segment_missing`` / ``segment_corrupt`` / ``segment_foreign`` /
   ``tier_unavailable``), else they are *unreported*;
 * ``data_loss``: ``lifecycle.lost`` (turns the hard cap forced out while the tier
-  refused writes); counted only if at least one response of that conversation was
+  refused writes, and turns of segments the tier lost whose references were dropped);
+  counted only if at least one response of that conversation was
   flagged ``data_loss``, else *unreported*;
 * ``policy drops``: ``lifecycle.dropped`` of every policy other than ``data_loss`` (the
   same turns as ``lifecycle.lost``); overflowed turns are not dropped and are counted
-  apart (``lifecycle.overflowed``). For example ``turn_cap`` or ``token_budget``. Counted, but
+  apart (``lifecycle.overflowed``). For example ``token_budget``. Counted, but
   such responses are *not* flagged degraded, so they are listed separately.
 
 ``unaccounted = sent - present - (in missing segments + data_loss + policy drops)``
