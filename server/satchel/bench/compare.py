@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..flask_ext.config import SatchelConfig
+
 LOOPBACK = "127.0.0.1"
 APP_SPEC = "examples.minimal_chat.app:create_app()"
 MODES = ("baseline", "client", "server", "memory")
@@ -70,6 +72,8 @@ BENCH_KEYS = "bench:" + base64.urlsafe_b64encode(
 HEADER_FIELD_LIMIT = 65536
 TARGET_LATENCY_OVERHEAD = 0.15
 TARGET_SIZE = 20
+#: the breaker every mode runs with (the extension's defaults: the harness sets none)
+BREAKER = SatchelConfig()
 
 
 # -------------------------------------------------------------------------------- plan
@@ -820,6 +824,11 @@ class Harness:
         self.redis.flushall()
         env = mode_env(mode, self.redis)
         env["SATCHEL_MAX_TURNS"] = str(plan.session_turns)  # a window: contexts stay at ~20
+        if mode == "client":
+            # With a tier, turns past the window move to it: "client" would overflow like
+            # "client, overflowing". Without one the window drops them and Redis is never
+            # touched, which is what this mode stands for.
+            env.pop("SATCHEL_OVERFLOW_URL", None)
         self.log(f"fault: {mode}, Redis killed for {plan.fault_down_for:.1f}s")
         with self.serving(f"fault-{mode}", env, self.workers) as app:
             load = LoadProcess(self.repo, app.port)
@@ -1248,7 +1257,8 @@ def render_report(res: Results, plots: list[str]) -> str:
         "reply computed from the current message only); **client** (context in the sealed "
         "token; `SATCHEL_OVERFLOW_URL` points at the benchmark Redis, but with "
         "`SATCHEL_MAX_TOKEN_BYTES=60000` and `SATCHEL_MAX_TURNS=400` every session stays "
-        "under budget, so Redis is never touched); **server** (`SATCHEL_MODE=server`, "
+        "under budget, so Redis is never touched; the outage phase runs it without the "
+        "tier, see there); **server** (`SATCHEL_MODE=server`, "
         "context in Redis, a signed id travels); **memory** (`SATCHEL_MODE=memory`)."
     )
     add(
@@ -1362,9 +1372,9 @@ def render_report(res: Results, plots: list[str]) -> str:
             add(
                 f"In client mode the budget check costs {_ms(check)} ms against "
                 f"{_ms(seal)} ms for sealing, although nothing overflows: it packs and "
-                "compresses the whole context to learn the token's size, and sealing then "
-                "packs and compresses it again. Reusing the compressed payload would save "
-                "most of it."
+                "compresses the whole context to learn the token's size. Sealing reuses "
+                "those compressed bytes when the payload is unchanged, so it only packs, "
+                "protects and encodes."
             )
     add("")
     add("## Memory vs number of sessions")
@@ -1397,8 +1407,10 @@ def render_report(res: Results, plots: list[str]) -> str:
         f"{plan.fault_duration:.0f} s with {plan.threads} requests in flight. Redis is "
         f"SIGKILLed {plan.fault_kill_at:.1f} s in and started again (empty: no persistence) "
         f"{plan.fault_down_for:.1f} s later. Every request is bucketed by when it was sent "
-        "(250 ms buckets). *client, overflowing* (full runs only) is client mode with a "
-        "1200-byte budget, so older turns live in the Redis overflow tier."
+        "(250 ms buckets). In this phase *client* runs without an overflow tier: with one, "
+        "turns past the window move to the tier instead of being dropped, which is what "
+        "*client, overflowing* (full runs only) measures: client mode with the Redis tier "
+        "and a 1200-byte budget, so older turns live in Redis."
     )
     add("")
     add(
@@ -1514,25 +1526,31 @@ def _fault_text(res: Results) -> str:
     o = res.fault.get("client, overflowing")
     if c:
         out.append(
-            f"**Client mode** (sessions under budget) answered {c['requests']} requests "
-            f"with {c['errors']} errors: its requests never touch Redis, so the outage is "
-            "invisible to them."
+            f"**Client mode** (sessions within the byte budget and the window, no overflow "
+            f"tier) answered {c['requests']} requests with {c['errors']} errors and "
+            f"{c['degraded']} degraded answers: its requests never touch Redis, so the "
+            "outage is invisible to them."
         )
     if s:
         w = s["windows"]
         rec = w["after"].get("recovered_at")
         kinds = ", ".join(f"{k}: {v}" for k, v in s["error_kinds"].items()) or "none"
+        fail_max, reset = BREAKER.breaker_fail_max, BREAKER.breaker_reset_timeout
         txt = (
             f"**Server mode** failed {_pct(w['outage']['error_rate'])} of requests while "
             f"Redis was down and {_pct(w['after']['error_rate'])} after it was back "
             f"(errors by kind: {kinds}; {s['no_answer']} requests got no HTTP answer). "
             f"Every failure is a fast JSON 503 `tier_unavailable` (max latency "
-            f"{_ms(s['max_ms'])} ms): the breaker opens after 5 consecutive failures and "
-            "stays open for `SATCHEL_BREAKER_RESET_TIMEOUT` (10 s), so requests keep "
-            "failing fast for up to 10 s after Redis is back"
+            f"{_ms(s['max_ms'])} ms): each worker's breaker opens after {fail_max} "
+            "consecutive failures and stays open for `SATCHEL_BREAKER_RESET_TIMEOUT` "
+            f"({reset:g} s, the default) before one trial call, so requests keep failing "
+            f"fast for up to about {reset:g} s after Redis is back"
         )
         if rec is not None:
-            txt += f" (first error-free bucket after the restart: {rec:.2f} s into the phase)"
+            txt += (
+                f" (first error-free bucket after the restart: {rec:.2f} s into the phase, "
+                f"{rec - s['back_at']:.2f} s after Redis answered again)"
+            )
         else:
             txt += " (the run ended before the breaker's trial call)"
         txt += (
