@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, render_template, request, send_from_directory
 
+from examples._config import COMMON_ENV_KEYS
+from examples._config import env_config as read_env
 from satchel import Satchel
 from satchel.errors import InvalidRequest, SatchelError
 from satchel.flask_ext import json_errors_for
@@ -58,21 +60,8 @@ REPO_ROOT = HERE.parents[1]
 CLIENT_JS_DIR = REPO_ROOT / "client_js" / "src"
 MAX_MESSAGE_CHARS = 8000
 
-#: Environment variables read into the Flask config, as in examples/minimal_chat.
-ENV_KEYS = (
-    "SATCHEL_KEYS",
-    "SATCHEL_OVERFLOW_URL",
-    "SATCHEL_MAX_TOKEN_BYTES",
-    "SATCHEL_HARD_MAX_TOKEN_BYTES",
-    "SATCHEL_MAX_TURNS",
-    "SATCHEL_TOKEN_MODE",
-    "SATCHEL_CONSISTENCY",
-    "SATCHEL_MODE",
-    "SATCHEL_ON_BAD_TOKEN",
-    "SATCHEL_TIER_DOWN_POLICY",
-    "SATCHEL_METRICS_ROUTE",
-    "SATCHEL_HEALTH_ROUTES",
-)
+#: Environment variables read into the Flask config (see docs/chat-example.md).
+ENV_KEYS = (*COMMON_ENV_KEYS, "SATCHEL_METRICS_ROUTE", "SATCHEL_HEALTH_ROUTES")
 
 #: Everything the page loads comes from this app: no CDN, no web font, no inline script.
 CONTENT_SECURITY_POLICY = (
@@ -91,7 +80,7 @@ class ModelUnavailable(SatchelError):
 
 def env_config() -> dict[str, Any]:
     """SATCHEL_* settings taken from the environment."""
-    return {key: os.environ[key] for key in ENV_KEYS if key in os.environ}
+    return read_env(ENV_KEYS)
 
 
 def sqlite_tier_available() -> bool:

@@ -25,6 +25,8 @@ from typing import Any
 
 from flask import Flask, request
 
+from examples._config import COMMON_ENV_KEYS
+from examples._config import env_config as read_env
 from satchel import Satchel
 from satchel.errors import InvalidRequest, SatchelError
 from satchel.flask_ext import json_errors_for
@@ -32,18 +34,9 @@ from satchel.flask_ext.errors import satchel_error_response
 
 MAX_MESSAGE_CHARS = 8000
 
-#: Environment variables the example apps read into their config.
+#: Environment variables this app reads into its config.
 ENV_KEYS = (
-    "SATCHEL_KEYS",
-    "SATCHEL_OVERFLOW_URL",
-    "SATCHEL_MAX_TOKEN_BYTES",
-    "SATCHEL_HARD_MAX_TOKEN_BYTES",
-    "SATCHEL_MAX_TURNS",
-    "SATCHEL_TOKEN_MODE",
-    "SATCHEL_CONSISTENCY",
-    "SATCHEL_MODE",
-    "SATCHEL_ON_BAD_TOKEN",
-    "SATCHEL_TIER_DOWN_POLICY",
+    *COMMON_ENV_KEYS,
     "SATCHEL_STORE_URL",
     "SATCHEL_ANCHOR_KID",
     "SATCHEL_PURPOSE",
@@ -73,7 +66,7 @@ def offline_reply(message: str, turn_number: int, summary: str) -> str:
 
 def env_config() -> dict[str, Any]:
     """SATCHEL_* settings taken from the environment, as the example apps document."""
-    return {key: os.environ[key] for key in ENV_KEYS if key in os.environ}
+    return read_env(ENV_KEYS)
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

@@ -1,4 +1,5 @@
-"""Child processes for ``satchel bench chaos``: a private redis-server and the app server.
+"""Child processes for ``satchel bench chaos`` and ``satchel compare``: a private
+redis-server, the app server, and the helpers both use.
 
 Small on purpose (the test suite has fuller helpers in ``tests/support``, which the
 package must not import). Every child runs in its own session / process group, gets
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import importlib
 import os
 import shutil
@@ -67,10 +69,12 @@ def wait_until(
         interval = min(interval * 2, 0.1)
 
 
-def _pdeathsig() -> list[str]:
+@functools.cache
+def _pdeathsig() -> tuple[str, ...]:
+    """``setpriv --pdeathsig KILL --`` when available: children die with this process."""
     setpriv = shutil.which("setpriv")
     if not setpriv:
-        return []
+        return ()
     try:
         probe = subprocess.run(
             [setpriv, "--pdeathsig", "KILL", "--", "true"],
@@ -81,8 +85,17 @@ def _pdeathsig() -> list[str]:
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return []
-    return [setpriv, "--pdeathsig", "KILL", "--"] if probe.returncode == 0 else []
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--") if probe.returncode == 0 else ()
+
+
+def start_child(argv: Sequence[str], **popen: Any) -> subprocess.Popen:
+    """Start ``argv`` in a new process group, registered for cleanup; ``popen`` goes to
+    :class:`subprocess.Popen` (pipes, ``env``, ``cwd``...; stdin is /dev/null unless set)."""
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.Popen([*_pdeathsig(), *argv], start_new_session=True, close_fds=True, **popen)
+    _LIVE.add(proc)
+    return proc
 
 
 def spawn(
@@ -94,18 +107,13 @@ def spawn(
 ) -> subprocess.Popen:
     """Start ``argv`` in a new process group, stdout and stderr appended to ``log_path``."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*_pdeathsig(), *argv],
-            stdin=subprocess.DEVNULL,
+        return start_child(
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd else None,
-            start_new_session=True,
-            close_fds=True,
         )
-    _LIVE.add(proc)
-    return proc
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -133,6 +141,13 @@ def terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     kill(proc)
+
+
+def terminate_all(grace: float = 2.0) -> None:
+    """SIGTERM every child still registered, SIGKILL what is left after ``grace``."""
+    for proc in list(_LIVE):
+        with contextlib.suppress(Exception):
+            terminate(proc, grace)
 
 
 @atexit.register
@@ -250,7 +265,7 @@ class RedisProcess:
             return None
 
     def start(self, *, same_port: bool = False) -> RedisProcess:
-        for _attempt in range(1 if same_port else 5):
+        for _attempt in range(5):
             if not same_port:
                 self.port = free_port()
             self.proc = spawn(self._argv(), log_path=self.log_path, cwd=self.dir)
@@ -267,8 +282,10 @@ class RedisProcess:
             if self.proc.poll() is None:
                 return self
             kill(self.proc)
-            if same_port or "in use" not in tail(self.log_path).lower():
+            if "in use" not in tail(self.log_path).lower():
                 break
+            if same_port:
+                time.sleep(0.2)  # the killed server's socket may linger for a moment
         raise ProcError(f"redis-server did not start on port {self.port}:\n{tail(self.log_path)}")
 
     def kill(self) -> None:

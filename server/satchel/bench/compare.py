@@ -40,21 +40,30 @@ import os
 import platform
 import queue
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..flask_ext.config import SatchelConfig
+from . import _procs
+from ._procs import (
+    LOOPBACK,
+    free_port,
+    resp_command,
+    spawn,
+    start_child,
+    tail,
+    terminate,
+    terminate_all,
+    wait_until,
+)
 
-LOOPBACK = "127.0.0.1"
 APP_SPEC = "examples.minimal_chat.app:create_app()"
 MODES = ("baseline", "client", "server", "memory")
 MODE_COLORS = {
@@ -140,81 +149,6 @@ QUICK = Plan(
 # ------------------------------------------------------------------------- processes
 
 
-@functools.cache
-def _pdeathsig_prefix() -> tuple[str, ...]:
-    """``setpriv --pdeathsig KILL --`` when available: children die with the harness."""
-    setpriv = shutil.which("setpriv")
-    if not setpriv:
-        return ()
-    try:
-        ok = subprocess.run(
-            [setpriv, "--pdeathsig", "KILL", "--", "true"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=5,
-            check=False,
-        ).returncode
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return (setpriv, "--pdeathsig", "KILL", "--") if ok == 0 else ()
-
-
-_LIVE: set[subprocess.Popen] = set()
-
-
-def _spawn(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-    kwargs.setdefault("stdin", subprocess.DEVNULL)
-    proc = subprocess.Popen(
-        [*_pdeathsig_prefix(), *argv], start_new_session=True, close_fds=True, **kwargs
-    )
-    _LIVE.add(proc)
-    return proc
-
-
-def _stop(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
-    """SIGTERM the process group, SIGKILL after ``grace`` s (and any stragglers)."""
-    if proc is None:
-        return
-
-    def signal_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-    if proc.poll() is None:
-        signal_group(signal.SIGTERM)
-        signal_group(signal.SIGCONT)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            signal_group(signal.SIGKILL)
-            proc.wait(timeout=10)
-    signal_group(signal.SIGKILL)
-    _LIVE.discard(proc)
-
-
-def _stop_all() -> None:
-    for proc in list(_LIVE):
-        with contextlib.suppress(Exception):
-            _stop(proc, grace=2)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -258,83 +192,15 @@ def children(pid: int) -> list[int]:
 # ------------------------------------------------------------------------------ redis
 
 
-def _resp(host: str, port: int, *args: str, timeout: float = 2.0) -> Any:
-    """One command over a fresh socket (RESP2); error replies raise RuntimeError."""
-    parts = [str(a).encode() for a in args]
-    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(payload)
-        reader = sock.makefile("rb")
-        return _read_reply(reader)
-
-
-def _read_reply(reader: Any) -> Any:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed mid-reply")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else reader.read(n + 2)[:-2].decode("utf-8", "replace")
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_reply(reader) for _ in range(n)]
-    raise ConnectionError(f"unexpected reply {line!r}")
-
-
-class RedisProcess:
-    """A private redis-server on 127.0.0.1 (no persistence), killable and restartable."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if not binary:
-            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-        self.binary = binary
-        self.dir = workdir
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log = workdir / "redis.log"
+class RedisProcess(_procs.RedisProcess):
+    """The private redis-server of :mod:`._procs` (127.0.0.1, no persistence, killable
+    and restartable), with what the report reads from it."""
 
     def url_for(self, db: int = 0) -> str:
         return f"redis://{LOOPBACK}:{self.port}/{db}"
 
-    def start(self, same_port: bool = False) -> RedisProcess:
-        for _ in range(5):
-            if not same_port:
-                self.port = free_port()
-            argv = [
-                self.binary, "--port", str(self.port), "--bind", LOOPBACK,
-                "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-                "--daemonize", "no",
-            ]  # fmt: skip
-            with open(self.log, "ab") as log:
-                self.proc = _spawn(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
-            try:
-                _wait(lambda: self.proc.poll() is not None or self.ping(), 10, "redis-server")
-            except RuntimeError:
-                _stop(self.proc)
-                raise
-            if self.proc.poll() is None:
-                return self
-            if same_port:
-                time.sleep(0.2)  # the old socket may linger for a moment
-        raise RuntimeError(f"redis-server would not start:\n{_tail(self.log)}")
-
-    def ping(self) -> bool:
-        try:
-            return self.command("PING", timeout=0.5) == "PONG"
-        except (OSError, RuntimeError):
-            return False
-
     def command(self, *args: str, timeout: float = 2.0) -> Any:
-        return _resp(LOOPBACK, self.port, *args, timeout=timeout)
+        return resp_command(self.port, *args, timeout=timeout)
 
     def used_memory(self) -> int:
         text = self.command("INFO", "memory")
@@ -355,35 +221,8 @@ class RedisProcess:
     def flushall(self) -> None:
         self.command("FLUSHALL")
 
-    def version(self) -> str:
-        for line in str(self.command("INFO", "server")).splitlines():
-            if line.startswith("redis_version:"):
-                return line.split(":", 1)[1].strip()
-        return "?"
-
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid) if self.proc else 0.0
-
-    def kill(self) -> None:
-        """SIGKILL: the process dies at once, its data with it (no persistence)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        _LIVE.discard(self.proc)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start(same_port=True)
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_bytes()[-chars:].decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 # --------------------------------------------------------------------------- the app
@@ -430,21 +269,18 @@ class AppServer:
         for _ in range(3):
             self.port = free_port()
             offset = self.log.stat().st_size if self.log.exists() else 0
-            with open(self.log, "ab") as log:
-                self.proc = _spawn(
-                    self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=self.repo, env=env
-                )
+            self.proc = spawn(self.argv(), log_path=self.log, env=env, cwd=self.repo)
             try:
-                _wait(self._ready, 30, "gunicorn to answer")
+                wait_until(self._ready, timeout=30, what="gunicorn to answer")
             except RuntimeError:
-                _stop(self.proc)
-                raise RuntimeError(f"gunicorn did not answer:\n{_tail(self.log)}") from None
+                terminate(self.proc)
+                raise RuntimeError(f"gunicorn did not answer:\n{tail(self.log)}") from None
             if self.proc.poll() is None:
                 return self
             fresh = self.log.read_bytes()[offset:].decode("utf-8", "replace")
             if "in use" not in fresh:
                 break
-        raise RuntimeError(f"gunicorn exited at startup:\n{_tail(self.log)}")
+        raise RuntimeError(f"gunicorn exited at startup:\n{tail(self.log)}")
 
     def _ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
@@ -472,7 +308,8 @@ class AppServer:
         return sum(rss_bytes(p) for p in self.pids())
 
     def stop(self) -> None:
-        _stop(self.proc)
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 class LoadProcess:
@@ -484,7 +321,7 @@ class LoadProcess:
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        self.proc = _spawn(
+        self.proc = start_child(
             [sys.executable, "-m", "satchel.bench._load", "--port", str(port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -534,7 +371,7 @@ class LoadProcess:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-        _stop(self.proc, grace=1)
+        terminate(self.proc, grace=1)
 
 
 # ---------------------------------------------------------------------------- results
@@ -629,7 +466,7 @@ class Harness:
             for mode in self.plan.fault_modes:
                 self.run_fault(mode)
         finally:
-            self.redis.stop()
+            self.redis.close()
         with contextlib.suppress(OSError):
             load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
             self.results.machine["loadavg_end"] = load
@@ -1738,7 +1575,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"satchel compare: {exc}", file=sys.stderr)
         return 1
     finally:
-        _stop_all()
+        terminate_all(grace=2)
     results.targets = check_targets(results)
     out.mkdir(parents=True, exist_ok=True)
     plots = make_plots(results, out / "img")

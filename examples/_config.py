@@ -1,0 +1,30 @@
+"""Configuration from the environment, shared by the example apps.
+
+Each app reads a fixed list of ``SATCHEL_*`` variables into its Flask config (a value
+passed to ``create_app(config)`` wins over the environment).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+#: Read by every example app.
+COMMON_ENV_KEYS = (
+    "SATCHEL_KEYS",
+    "SATCHEL_OVERFLOW_URL",
+    "SATCHEL_MAX_TOKEN_BYTES",
+    "SATCHEL_HARD_MAX_TOKEN_BYTES",
+    "SATCHEL_MAX_TURNS",
+    "SATCHEL_TOKEN_MODE",
+    "SATCHEL_CONSISTENCY",
+    "SATCHEL_MODE",
+    "SATCHEL_ON_BAD_TOKEN",
+    "SATCHEL_TIER_DOWN_POLICY",
+)
+
+
+def env_config(keys: Iterable[str]) -> dict[str, Any]:
+    """The ``keys`` that are set in the environment, with their values."""
+    return {key: os.environ[key] for key in keys if key in os.environ}
