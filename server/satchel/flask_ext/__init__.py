@@ -362,6 +362,10 @@ class Satchel:
     def _after_request(self, response: Response) -> Response:
         rs: RequestState | None = g.get("_satchel")
         if rs is None or rs.context is None or rs.streaming:
+            if rs is not None and "Server-Timing" not in response.headers:
+                # Every response says how long the app took, context or not.
+                total = (time.perf_counter() - rs.started) * 1000
+                response.headers["Server-Timing"] = f"app;dur={total:.3f}"
             return response
         if rs.discard:
             # No new token, but a degraded read is still said in the headers.
