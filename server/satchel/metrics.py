@@ -287,8 +287,10 @@ class PrometheusObserver(Observer):
         )
         self._cache_collector = _TierCacheCollector(namespace)
         self.registry.register(self._cache_collector)
+        # Labelled children, looked up once: labels() costs more than observe() itself.
+        self._step_children: dict[str, Any] = {}
         for step in STEPS:  # every step's series exists from the start (zero counts)
-            self.step_seconds.labels(self._label("step", "step", step))
+            self._step_children[step] = self.step_seconds.labels(self._label("step", "step", step))
 
     def __repr__(self) -> str:
         return f"PrometheusObserver(namespace={self.namespace!r})"
@@ -325,7 +327,10 @@ class PrometheusObserver(Observer):
         try:
             if seconds < 0:
                 return
-            self.step_seconds.labels(self._label("step", "step", step)).observe(seconds)
+            child = self._step_children.get(step)
+            if child is None:
+                child = self.step_seconds.labels(self._label("step", "step", step))
+            child.observe(seconds)
         except Exception:
             log.debug("satchel metrics: timing(%r) failed", step, exc_info=True)
 

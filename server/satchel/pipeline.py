@@ -37,6 +37,7 @@ Clock = Callable[[], float]
 SPILL_TARGET = 0.7
 MAX_FIT_ROUNDS = 12
 MAX_SPILL_ROUNDS = 4
+TAG_CACHE_SIZE = 4096
 #: Past this many segment references, the next spill merges them all into one segment,
 #: so references cannot grow the token without bound in a very long conversation.
 MAX_SEGMENT_REFS = 6
@@ -67,12 +68,18 @@ class Pipeline:
         self.segments = segments
         self.observer = observer
         self.clock = clock
+        self._tags: dict[bytes, str] = {}
 
     # -- naming sessions in logs without revealing them ---------------------------
 
     def session_tag(self, session_id: bytes) -> str:
         """A short keyed hash naming a session in logs and metrics exemplars."""
-        return session_tag(self.codec, session_id)
+        tag = self._tags.get(session_id)
+        if tag is None:
+            if len(self._tags) >= TAG_CACHE_SIZE:
+                self._tags.clear()  # a bounded memo; recomputing a tag is cheap
+            tag = self._tags[session_id] = session_tag(self.codec, session_id)
+        return tag
 
     # -- load -----------------------------------------------------------------------
 
