@@ -18,6 +18,8 @@ Quick start::
 
 from __future__ import annotations
 
+import logging
+
 from .codec import Codec, Opened, peek, token_digest
 from .context import (
     Context,
@@ -54,6 +56,10 @@ from .limits import Limits
 from .schema import CURRENT_VERSION as SCHEMA_VERSION
 
 __version__ = "0.1.0"
+
+# A library logs through its own loggers and lets the app decide where records go:
+# without this, Python's last-resort handler would print WARNING events to stderr.
+logging.getLogger("satchel").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> object:
