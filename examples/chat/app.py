@@ -61,7 +61,7 @@ CLIENT_JS_DIR = REPO_ROOT / "client_js" / "src"
 MAX_MESSAGE_CHARS = 8000
 
 #: Environment variables read into the Flask config (see docs/chat-example.md).
-ENV_KEYS = (*COMMON_ENV_KEYS, "SATCHEL_METRICS_ROUTE", "SATCHEL_HEALTH_ROUTES")
+ENV_KEYS = COMMON_ENV_KEYS
 
 #: Everything the page loads comes from this app: no CDN, no web font, no inline script.
 CONTENT_SECURITY_POLICY = (
@@ -230,13 +230,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         satchel.discard()  # reading issues no new token: the client keeps the one it sent
         token = satchel.read_token() or ""
         state = Satchel.state()
-        removed = sum(ctx.lifecycle.dropped.values())
+        # Turns that left the token without a copy in the tier: only the summary has them.
+        removed = sum(n for policy, n in ctx.lifecycle.dropped.items() if policy != "overflow")
         data = ctx.to_dict()
         data.update(
             all_turns=[t.to_dict() for t in ctx.all_turns()],
             held_turns=len(ctx.turns),
             rehydrated_turns=len(ctx.rehydrated),
-            summarized_only_turns=max(0, removed - ctx.overflowed_turns),
+            summarized_only_turns=removed,
             token_bytes=len(token.encode()),
             max_token_bytes=state.config.max_token_bytes,
             overflow_tier=_scheme(state.config.overflow_url),

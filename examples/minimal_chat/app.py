@@ -35,20 +35,7 @@ from satchel.flask_ext.errors import satchel_error_response
 MAX_MESSAGE_CHARS = 8000
 
 #: Environment variables this app reads into its config.
-ENV_KEYS = (
-    *COMMON_ENV_KEYS,
-    "SATCHEL_STORE_URL",
-    "SATCHEL_ANCHOR_KID",
-    "SATCHEL_PURPOSE",
-    "SATCHEL_MAX_LLM_TOKENS",
-    "SATCHEL_IDLE_TTL",
-    "SATCHEL_MAX_AGE",
-    "SATCHEL_TIER_READ_TIMEOUT",
-    "SATCHEL_TIER_CONNECT_TIMEOUT",
-    "SATCHEL_BREAKER_FAIL_MAX",
-    "SATCHEL_BREAKER_RESET_TIMEOUT",
-    "SATCHEL_SEGMENT_CACHE_BYTES",
-)
+ENV_KEYS = COMMON_ENV_KEYS
 
 
 def offline_reply(message: str, turn_number: int, summary: str) -> str:

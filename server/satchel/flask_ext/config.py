@@ -68,6 +68,13 @@ from ..lifecycle import ExtractiveSummarizer, LifecyclePolicy
 log = logging.getLogger("satchel")
 
 
+def _flag(value: Any) -> bool:
+    """A boolean from config or the environment ("0", "false", "no", "" are false)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
 def _optional_int(value: Any) -> int | None:
     if value is None or value == "" or str(value).lower() == "none":
         return None
@@ -131,6 +138,10 @@ class SatchelConfig:
         ):
             if name in values:
                 values[name] = _optional_int(values[name])
+        if "health_routes" in values:
+            values["health_routes"] = _flag(values["health_routes"])
+        if "metrics_route" in values and not values["metrics_route"]:
+            values["metrics_route"] = None
         for name in ("token_limit", "breaker_fail_max", "segment_cache_bytes"):
             if name in values:
                 values[name] = int(values[name])
