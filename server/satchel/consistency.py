@@ -18,6 +18,7 @@ See docs/consistency.md.
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class ForkDetector:
         seq, digest, _parent = seen
         if seq > ctx.seq:
             return f"behind={seq - ctx.seq}"
-        if seq == ctx.seq and digest != ctx.parent:
+        if seq == ctx.seq and not hmac.compare_digest(digest, ctx.parent):
             return "sibling"
         return None
 
@@ -148,7 +149,8 @@ class MonotonicGuard:
             mark = decode_mark(raw)
             if mark is not None:
                 seq, digest = mark
-                if seq > ctx.seq or (seq == ctx.seq and digest != ctx.parent):
+                same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
+                if seq > ctx.seq or (seq == ctx.seq and not same):
                     self.observer.event(
                         "stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}"
                     )
