@@ -1,4 +1,4 @@
-"""Configuration from the environment, shared by the example apps.
+"""What the example apps share: configuration from the environment, request parsing.
 
 Each app reads a fixed list of ``SATCHEL_*`` variables into its Flask config (a value
 passed to ``create_app(config)`` wins over the environment).
@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from typing import Any
+
+from flask import request
+
+from satchel.errors import InvalidRequest
 
 #: Read by every example app.
 COMMON_ENV_KEYS = (
@@ -36,6 +40,19 @@ COMMON_ENV_KEYS = (
     "SATCHEL_METRICS_ROUTE",
     "SATCHEL_HEALTH_ROUTES",
 )
+
+
+def read_message(max_chars: int) -> str:
+    """The request's ``{"message": "..."}``, checked; bad input is a JSON 400."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
+        raise InvalidRequest('send JSON {"message": "..."}')
+    message = body["message"].strip()
+    if not message:
+        raise InvalidRequest("message is empty")
+    if len(message) > max_chars:
+        raise InvalidRequest(f"message is longer than {max_chars} characters")
+    return message
 
 
 def env_config(keys: Iterable[str]) -> dict[str, Any]:

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, render_template, request, send_from_directory
+from flask import Flask, Response, abort, render_template, send_from_directory
 
 from examples._config import COMMON_ENV_KEYS
 from examples._config import env_config as read_env
+from examples._config import read_message as read_checked_message
 from satchel import Satchel
-from satchel.errors import InvalidRequest, SatchelError
+from satchel.errors import SatchelError
 from satchel.flask_ext import json_errors_for
 
 from .llm_summarizer import LLMSummarizer
@@ -145,15 +146,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     max_chars = int(app.config["CHAT_MAX_MESSAGE_CHARS"])
 
     def read_message() -> str:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("message"), str):
-            raise InvalidRequest('send JSON {"message": "..."}')
-        message = body["message"].strip()
-        if not message:
-            raise InvalidRequest("message is empty")
-        if len(message) > max_chars:
-            raise InvalidRequest(f"message is longer than {max_chars} characters")
-        return message
+        return read_checked_message(max_chars)
 
     # -- the page ----------------------------------------------------------------------
 

@@ -23,12 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask
 
 from examples._config import COMMON_ENV_KEYS
 from examples._config import env_config as read_env
+from examples._config import read_message as read_checked_message
 from satchel import Satchel
-from satchel.errors import InvalidRequest, SatchelError
+from satchel.errors import SatchelError
 from satchel.flask_ext import json_errors_for
 from satchel.flask_ext.errors import satchel_error_response
 
@@ -94,15 +95,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 def read_message() -> str:
     """The request's ``{"message": "..."}``, checked."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("message"), str):
-        raise InvalidRequest('send JSON {"message": "..."}')
-    message = body["message"].strip()
-    if not message:
-        raise InvalidRequest("message is empty")
-    if len(message) > MAX_MESSAGE_CHARS:
-        raise InvalidRequest(f"message is longer than {MAX_MESSAGE_CHARS} characters")
-    return message
+    return read_checked_message(MAX_MESSAGE_CHARS)
 
 
 def _baseline(app: Flask) -> Flask:
