@@ -267,10 +267,11 @@ class Pipeline:
             return
         lost = self._drop_to(ctx, hard, now, "data_loss")
         if lost:
-            self._report_loss(ctx, lost, tag)
+            self._report_loss(ctx, lost, tag, counted=True)
 
-    def _report_loss(self, ctx: Context, lost: int, tag: str) -> None:
-        ctx.lifecycle.lost += lost
+    def _report_loss(self, ctx: Context, lost: int, tag: str, *, counted: bool = False) -> None:
+        if not counted:
+            ctx.lifecycle.lost += lost
         if "data_loss" not in ctx.degraded:
             ctx.degraded.append("data_loss")
         self.observer.event("data_loss", session=tag, turns=lost)
@@ -335,9 +336,14 @@ class Pipeline:
             if size <= budget or len(turn_groups(ctx.turns)) <= 1:
                 break
             count = self._turns_to_remove(ctx, size, budget)
-            removed += len(
+            dropped = len(
                 drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
             )
+            removed += dropped
+            if reason == "data_loss":
+                # Counted before the next measure: the count is in the token too, and a
+                # bigger number can make it a byte longer.
+                ctx.lifecycle.lost += dropped
         return removed
 
     @staticmethod
