@@ -27,6 +27,7 @@ from typing import NamedTuple
 from .errors import MalformedToken, TokenTooLarge, UnsupportedVersion
 
 PREFIX = "s1."
+_PREFIX_BYTES = PREFIX.encode("ascii")
 FORMAT_VERSION = 1
 KNOWN_PREFIXES = {"s1.": 1}
 
@@ -114,6 +115,13 @@ def authenticated_header(header: Header) -> bytes:
 
 def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> Envelope:
     """Check the length cap, then decode and split the token. No crypto, no trust."""
+    if type(token) is str and len(token) <= max_token_bytes and token.startswith(PREFIX):
+        # The common case, with the same checks in fewer steps: a current-format str.
+        try:
+            raw = _b64url_decode_canonical(token[3:].encode("ascii"))
+        except UnicodeEncodeError:
+            raise MalformedToken("token body is not base64url") from None
+        return _split(raw, _PREFIX_BYTES, FORMAT_VERSION)
     if isinstance(token, bytes):
         if len(token) > max_token_bytes:
             raise TokenTooLarge(
@@ -148,32 +156,34 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
     except UnicodeEncodeError:
         raise MalformedToken("token body is not base64url") from None
     raw = _b64url_decode_canonical(ascii_data)
+    return _split(raw, prefix.encode("ascii") + b".", KNOWN_PREFIXES[prefix + "."])
+
+
+def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
+    """Check and split the decoded bytes into header and body."""
     if len(raw) < MIN_HEADER:
         raise MalformedToken("token is too short to hold a header")
     version, flags, dictionary_id, kid_len = raw[0], raw[1], raw[2], raw[3]
-    if version != KNOWN_PREFIXES[prefix + "."]:
+    if version != format_version:
         raise UnsupportedVersion(
             f"token format version {version} is not supported", format_version=version
         )
     if flags & ~_KNOWN_FLAGS:
         raise MalformedToken("token has unknown flags set")
-    if not 1 <= kid_len <= MAX_KID or len(raw) < MIN_HEADER + kid_len - 1 + 1:
-        raise MalformedToken("token key id length is invalid")
     end = 4 + kid_len
+    if not 1 <= kid_len <= MAX_KID or len(raw) < end + 8:
+        raise MalformedToken("token key id length is invalid")
     try:
         kid = raw[4:end].decode("ascii")
     except UnicodeDecodeError:
         raise MalformedToken("token key id is not ASCII") from None
-    if len(raw) < end + 8:
-        raise MalformedToken("token is too short to hold a header")
     issued_at, expires_at = _TIMES.unpack_from(raw, end)
-    header = Header(version, flags, dictionary_id, kid, issued_at, expires_at)
     header_end = end + 8
     return Envelope(
-        header=header,
-        header_bytes=prefix.encode("ascii") + b"." + raw[:header_end],
-        body=raw[header_end:],
-        raw=raw,
+        Header(version, flags, dictionary_id, kid, issued_at, expires_at),
+        prefix + raw[:header_end],
+        raw[header_end:],
+        raw,
     )
 
 
