@@ -393,3 +393,17 @@ def test_without_keys_a_dev_key_file_is_created_with_a_warning(
         again = minimal.create_app({"SATCHEL_DEV_KEY_FILE": str(key_file), "TESTING": True})
     assert not [r for r in caplog.records if "SATCHEL_KEYS is not set" in r.getMessage()]
     assert chat(again.test_client(), "again", token).get_json()["turns"] == 4
+
+
+def test_unserializable_metadata_is_a_json_error_not_a_crash() -> None:
+    app = make_app()
+
+    @app.post("/api/bad")
+    def bad() -> dict[str, str]:
+        satchel = app.extensions["satchel"].extension
+        satchel.context.metadata["tags"] = {"a", "b"}  # a set: msgpack cannot carry it
+        return {"ok": "yes"}
+
+    response = app.test_client().post("/api/bad")
+    assert response.status_code == 500
+    assert response.get_json()["error"]["code"] == "context_not_serializable"

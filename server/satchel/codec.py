@@ -29,7 +29,7 @@ from . import envelope, schema, serialize
 from .compress import Compressor
 from .context import Context
 from .envelope import FLAG_COMPRESSED, Envelope, Header
-from .errors import TokenExpired, WrongMode
+from .errors import ContextNotSerializable, TokenExpired, WrongMode
 from .keys import Keyring
 from .limits import DEFAULT_LIMITS, Limits
 from .protect import Protector, RandomBytes, make_protector
@@ -116,7 +116,13 @@ class Codec:
         if expires_at is None and self.ttl is not None:
             expires_at = now + self.ttl
         ctx.seq += 1
-        payload = serialize.pack(schema.to_wire(ctx))
+        try:
+            payload = serialize.pack(schema.to_wire(ctx))
+        except (TypeError, ValueError, OverflowError) as exc:
+            ctx.seq -= 1
+            raise ContextNotSerializable(
+                f"the context cannot be sealed: {exc} (metadata takes msgpack-native values)"
+            ) from None
         token, raw = self.seal_payload(payload, now=now, expires_at=expires_at)
         ctx.parent = token_digest(raw)
         ctx.opened_kid = self.keyring.current.kid
@@ -217,7 +223,12 @@ class Codec:
         """The length the token for ``ctx`` would have if sealed now, without sealing."""
         wire = schema.to_wire(ctx)
         wire["q"] = ctx.seq + 1  # seal() increments seq first; it can grow the msgpack int
-        payload = serialize.pack(wire)
+        try:
+            payload = serialize.pack(wire)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ContextNotSerializable(
+                f"the context cannot be sealed: {exc} (metadata takes msgpack-native values)"
+            ) from None
         packed = self.compressor.compress(payload)
         # The budget check is usually followed by a seal of the very same payload: keep
         # the compressed bytes (per thread) so the seal does not compress twice.

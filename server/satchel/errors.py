@@ -146,6 +146,17 @@ class InvalidRequest(SatchelError):
     status = 400
 
 
+class ContextNotSerializable(SatchelError):
+    """The context holds a value msgpack cannot carry (a set, a datetime, an object).
+
+    A programming error in the app, not bad input: metadata takes str, int, float,
+    bool, None, bytes, and lists and str-keyed maps of those.
+    """
+
+    code = "context_not_serializable"
+    status = 500
+
+
 class ConfigurationError(SatchelError):
     """Satchel is configured in a way that cannot work (for example, no keys)."""
 
@@ -159,6 +170,7 @@ __all__ = [
     "BudgetExceeded",
     "ConfigurationError",
     "ContextErased",
+    "ContextNotSerializable",
     "InvalidContext",
     "InvalidRequest",
     "MalformedToken",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -9,10 +10,22 @@ import msgpack
 from .errors import InvalidContext, TokenTooLarge
 from .limits import DEFAULT_LIMITS, Limits
 
+_local = threading.local()
+
 
 def pack(obj: Any) -> bytes:
-    """msgpack with the bin type, so bytes stay bytes and str stays str."""
-    return msgpack.packb(obj, use_bin_type=True, datetime=False)
+    """msgpack with the bin type, so bytes stay bytes and str stays str.
+
+    One Packer per thread: ``msgpack.packb`` builds a new one on every call.
+    """
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    try:
+        return packer.pack(obj)
+    except BaseException:
+        _local.packer = None  # a failed pack may leave the buffer dirty: start afresh
+        raise
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
