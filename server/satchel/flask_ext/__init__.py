@@ -21,6 +21,7 @@ with ``SATCHEL_ON_BAD_TOKEN = "fresh"``, a fresh context and a ``Satchel-Reset``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -133,7 +134,9 @@ class Satchel:
                     "SATCHEL_MODE='server' needs SATCHEL_STORE_URL or SATCHEL_OVERFLOW_URL "
                     "(for example redis://127.0.0.1:6379/0)"
                 )
-            policy.max_token_bytes = None  # no client-side budget: nothing travels
+            # No byte budget server-side: nothing travels. A copy: the caller's policy
+            # object may serve other apps.
+            policy = dataclasses.replace(policy, max_token_bytes=None)
             pipeline = ServerSidePipeline(
                 codec, policy, store=tier, mode=config.mode, observer=self.observer
             )
