@@ -376,8 +376,10 @@ class Satchel:
                 response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
                 self._expose_headers(response)
             return response
-        if response.status_code >= 500:
-            return response  # a failed view issues no token: the client keeps its own
+        if response.status_code >= 400:
+            # A failed request issues no token: half-made changes are not sealed, and
+            # the client keeps the token it sent.
+            return response
         try:
             headers = rs.committed if rs.committed is not None else self.finish(rs)
         except SatchelError as exc:
