@@ -1257,10 +1257,8 @@ def test_extension_state_with_codec_keyring_is_used(app, client):
 
 
 def test_real_satchel_extension_shares_keys_not_tokens(app, client):
-    try:
-        from satchel.flask_ext import Satchel
-    except ImportError:  # pragma: no cover - the extension ships separately
-        pytest.skip("satchel.flask_ext.Satchel is not available")
+    from satchel.flask_ext import Satchel
+
     app.config["SATCHEL_KEYS"] = Keyring([generate_key("kx")]).to_string()
     Satchel(app)
 

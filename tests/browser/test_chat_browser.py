@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Page, expect
 
 from satchel import Keyring
-
-pytest.importorskip("playwright")
-from playwright.sync_api import Page, expect
 
 APP = "examples.chat.app:create_app"
 SECRET_KEYS = Keyring.generate().to_string()
