@@ -407,3 +407,27 @@ def test_unserializable_metadata_is_a_json_error_not_a_crash() -> None:
     response = app.test_client().post("/api/bad")
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "context_not_serializable"
+
+
+def test_a_committed_token_goes_out_even_when_the_view_then_fails() -> None:
+    app = make_app()
+    ext = app.extensions["satchel"].extension
+
+    @app.post("/api/commit-then-fail")
+    def commit_then_fail() -> tuple[dict[str, str], int]:
+        ext.context.add_turn("user", "kept")
+        ext.commit()  # sealed: the client must get this token, or it holds a stale one
+        return {"error": "later failure"}, 422
+
+    @app.post("/api/fail")
+    def fail() -> tuple[dict[str, str], int]:
+        ext.context.add_turn("user", "not kept")
+        return {"error": "failure"}, 422
+
+    client = app.test_client()
+    committed = client.post("/api/commit-then-fail")
+    assert committed.status_code == 422
+    with app.app_context():
+        assert ext.codec.open(committed.headers[HEADER_CONTEXT]).turns[-1].content == "kept"
+    failed = client.post("/api/fail")
+    assert failed.status_code == 422 and HEADER_CONTEXT not in failed.headers

@@ -159,6 +159,11 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
     return _split(raw, prefix.encode("ascii") + b".", KNOWN_PREFIXES[prefix + "."])
 
 
+def parse_raw(raw: bytes) -> Envelope:
+    """Split the decoded bytes of a current-format token (a stored overflow segment)."""
+    return _split(raw, _PREFIX_BYTES, FORMAT_VERSION)
+
+
 def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
     """Check and split the decoded bytes into header and body."""
     if len(raw) < MIN_HEADER:
@@ -230,4 +235,5 @@ __all__ = [
     "authenticated_header",
     "build",
     "parse",
+    "parse_raw",
 ]

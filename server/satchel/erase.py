@@ -16,7 +16,6 @@ from .codec import Codec
 from .consistency import MonotonicGuard
 from .errors import ConfigurationError, InvalidRequest
 from .keys import Keyring
-from .pipeline import session_tag
 
 
 def parse_session_id(session_id: str | bytes) -> bytes:
@@ -31,19 +30,26 @@ def parse_session_id(session_id: str | bytes) -> bytes:
     return raw
 
 
+def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: bool) -> dict:
+    """Delete every tier key of the session; with ``refuse``, leave a tombstone that
+    monotonic routes answer with 410 ``token_erased``. The tombstone is written after
+    the delete, which would otherwise remove it with the rest of the session."""
+    tag = codec.session_tag(parse_session_id(session_id))
+    deleted = tier.delete_session(tag)
+    if refuse:
+        MonotonicGuard(tier).erase(tag)
+    return {"session": tag, "deleted_keys": deleted, "tokens_refused": refuse}
+
+
 def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
     """Erase using a Flask app's Satchel state (tier, segments, guard, pipeline)."""
-    sid = parse_session_id(session_id)
-    tag = session_tag(state.codec, sid)
-    deleted = 0
-    tombstone = False
-    if state.tier is not None:
-        deleted += state.tier.delete_session(tag)
-        if state.guard is not None:
-            state.guard.erase(tag)
-            tombstone = True
-    state.pipeline.observer.event("erased", session=tag, count=deleted)
-    return {"session": tag, "deleted_keys": deleted, "tokens_refused": tombstone}
+    if state.tier is None:
+        tag = state.codec.session_tag(parse_session_id(session_id))
+        result = {"session": tag, "deleted_keys": 0, "tokens_refused": False}
+    else:
+        result = erase_in_tier(state.codec, state.tier, session_id, refuse=state.guard is not None)
+    state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
+    return result
 
 
 def erase_session(
@@ -60,13 +66,9 @@ def erase_session(
     codec = Codec(Keyring.from_env(), purpose=purpose)
     tier = GuardedTier(tier_from_url(overflow_url))
     try:
-        sid = parse_session_id(session_id)
-        tag = session_tag(codec, sid)
-        deleted = tier.delete_session(tag)
-        MonotonicGuard(tier).erase(tag)
+        return erase_in_tier(codec, tier, session_id, refuse=True)
     finally:
         tier.close()
-    return {"session": tag, "deleted_keys": deleted, "tokens_refused": True}
 
 
-__all__ = ["erase_session", "erase_with_state", "parse_session_id"]
+__all__ = ["erase_in_tier", "erase_session", "erase_with_state", "parse_session_id"]

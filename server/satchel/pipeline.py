@@ -12,8 +12,6 @@ degraded reason on the context and reports it to the observer.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -69,6 +67,9 @@ class Pipeline:
         self.observer = observer
         self.clock = clock
         self._tags: dict[bytes, str] = {}
+        # With a tier, turns past the window move to it like turns past the budget (in
+        # fit_budget): a window must not silently drop what the tier could keep.
+        self._trim_policy = replace(self.policy, max_turns=None) if segments else self.policy
 
     # -- naming sessions in logs without revealing them ---------------------------
 
@@ -78,7 +79,7 @@ class Pipeline:
         if tag is None:
             if len(self._tags) >= TAG_CACHE_SIZE:
                 self._tags.clear()  # a bounded memo; recomputing a tag is cheap
-            tag = self._tags[session_id] = session_tag(self.codec, session_id)
+            tag = self._tags[session_id] = self.codec.session_tag(session_id)
         return tag
 
     # -- load -----------------------------------------------------------------------
@@ -104,6 +105,13 @@ class Pipeline:
         timings = {} if timings is None else timings
         if not token:
             return self.new_context(now)
+        ctx = self.open_token(token, now=now, timings=timings)
+        if ctx.overflow:
+            self.rehydrate(ctx, timings)
+        return ctx
+
+    def open_token(self, token: str, *, now: float, timings: dict[str, float]) -> Context:
+        """Open and age-check one token, reporting what happened (both modes use it)."""
         t0 = time.perf_counter()
         try:
             opened = self.codec.open_verbose(token, now=now)
@@ -127,11 +135,8 @@ class Pipeline:
                 from_version=ctx.opened_version,
                 to_version=ctx.schema_version,
             )
-        if ctx.overflow:
-            self.rehydrate(ctx, timings)
-        for step in ("open", "verify", "decompress", "unpack", "migrate", "rehydrate"):
-            if step in timings:
-                self.observer.timing(step, timings[step])
+        for step in ("open", "verify", "decompress", "unpack", "migrate"):
+            self.observer.timing(step, timings[step])
         return ctx
 
     def rehydrate(self, ctx: Context, timings: dict[str, float]) -> None:
@@ -148,6 +153,7 @@ class Pipeline:
             return
         result = self.segments.read(ctx)
         timings["rehydrate"] = time.perf_counter() - t0
+        self.observer.timing("rehydrate", timings["rehydrate"])
         ctx.rehydrated = list(result.turns)
         ctx.unreadable = list(result.missing)
         if result.turns:
@@ -174,10 +180,7 @@ class Pipeline:
         t0 = timer()
         summarized_before = ctx.lifecycle.summarized
         dropped_before = dict(ctx.lifecycle.dropped)
-        # With a tier, turns past the window move to it like turns past the budget: a
-        # window must not silently drop what the tier could keep.
-        policy = replace(self.policy, max_turns=None) if self.segments else self.policy
-        apply_policies(ctx, policy, now)
+        apply_policies(ctx, self._trim_policy, now)
         timings["trim"] = timer() - t0
         for reason, total in ctx.lifecycle.dropped.items():
             turns = total - dropped_before.get(reason, 0)
@@ -228,11 +231,11 @@ class Pipeline:
             over_window = window is not None and len(ctx.turns) > window
             if not (over_budget or over_window):
                 return
+            groups = turn_groups(ctx.turns)
             count = max(
-                self._turns_to_remove(ctx, size, target) if over_budget else 0,
+                self._turns_to_remove(ctx, groups, size, target) if over_budget else 0,
                 oldest_groups_covering(ctx.turns, len(ctx.turns) - window) if over_window else 0,
             )
-            groups = turn_groups(ctx.turns)
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
             if not count:
                 break  # only the newest group is left: nothing more can move
@@ -333,9 +336,10 @@ class Pipeline:
         removed = 0
         for _ in range(MAX_FIT_ROUNDS):
             size = self.codec.measure(ctx)
-            if size <= budget or len(turn_groups(ctx.turns)) <= 1:
+            groups = turn_groups(ctx.turns)
+            if size <= budget or len(groups) <= 1:
                 break
-            count = self._turns_to_remove(ctx, size, budget)
+            count = self._turns_to_remove(ctx, groups, size, budget)
             dropped = len(
                 drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
             )
@@ -347,10 +351,11 @@ class Pipeline:
         return removed
 
     @staticmethod
-    def _turns_to_remove(ctx: Context, size: int, target: int) -> int:
+    def _turns_to_remove(
+        ctx: Context, groups: list[tuple[int, int]], size: int, target: int
+    ) -> int:
         """Estimate how many oldest turns to remove to get from ``size`` to ``target``,
         weighting turns by their text length; always leaves the newest group."""
-        groups = turn_groups(ctx.turns)
         if len(groups) <= 1:
             return 0
         weights = [len(t.content) + 16 for t in ctx.turns]
@@ -377,12 +382,4 @@ class Pipeline:
         return DEFAULT_SEGMENT_TTL
 
 
-def session_tag(codec: Codec, session_id: bytes) -> str:
-    """16 hex characters of HMAC-SHA256 under the anchor key: names a session in logs,
-    tier keys (as a Redis Cluster hash tag) and consistency marks, stable across key
-    rotation, and meaningless to anyone without the key."""
-    key = codec.keyring.anchored(codec.purpose, "session-tag")
-    return hmac.new(key, session_id, hashlib.sha256).hexdigest()[:16]
-
-
-__all__ = ["Pipeline", "SaveResult", "session_tag"]
+__all__ = ["Pipeline", "SaveResult"]

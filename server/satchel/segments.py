@@ -28,13 +28,12 @@ Redis Cluster slot, and reads are one MGET. Only retiring the anchor re-anchors 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import hmac
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Final
 
-from . import serialize
+from . import envelope, serialize
 from .codec import Codec
 from .context import Context, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, SatchelError, TierError, TokenExpired
@@ -44,7 +43,6 @@ from .tiers.base import Tier
 from .tiers.guard import GuardedTier
 
 SEGMENT_DIGEST_SIZE: Final = 16
-TAG_HEX_CHARS: Final = 16
 
 #: why a referenced segment could not be used
 TIER_UNAVAILABLE: Final = "tier_unavailable"  # the tier failed or its breaker is open
@@ -108,41 +106,18 @@ class SegmentStore:
         """The largest stored segment that is opened (larger ones are corrupt)."""
         return self.codec.limits.max_decompressed_bytes + 1024
 
-    def _opener(self) -> Codec:
-        """The codec with its own limits except the token length cap: a segment may be
-        as large as what it decompresses to (plus base64 and header). Rebuilt per read
-        (a shallow copy), so a codec whose key ring is swapped at run time is followed."""
-        opener = copy.copy(self.codec)
-        limits = self.codec.limits
-        opener.limits = replace(
-            limits,
-            max_token_bytes=max(limits.max_token_bytes, 4 * self.max_segment_bytes // 3 + 64),
-        )
-        return opener
-
     # -- names ---------------------------------------------------------------------------
 
-    def _derived(self, kid: str, use: str) -> bytes:
-        return self.codec.keyring.derive(kid, self.codec.purpose, use)
+    def session_tag(self, session_id: bytes) -> str:
+        """The session's tag: its hash tag in tier keys and its name in logs."""
+        return self.codec.session_tag(session_id)
 
-    def session_tag(self, session_id: bytes, *, kid: str | None = None) -> str:
-        """16 hex chars naming the session: a keyed hash of its id (hash tag and log id)."""
-        key = self._derived(kid or self.codec.keyring.anchor.kid, "session-tag")
-        return hmac.digest(key, session_id, "sha256").hex()[:TAG_HEX_CHARS]
-
-    def session_tags(self, session_id: bytes) -> list[str]:
-        """The session's tags (one: under the anchor key)."""
-        return list(dict.fromkeys(self.session_tag(session_id, kid=k) for k in self._kids()))
-
-    def key_for(self, session_id: bytes, digest: bytes, *, kid: str | None = None) -> str:
+    def key_for(self, session_id: bytes, digest: bytes) -> str:
         """The tier key of the segment with ``digest`` in session ``session_id``."""
-        kid = kid or self.codec.keyring.anchor.kid
-        mac = hmac.digest(self._derived(kid, "segment-key"), session_id + digest, "sha256")
-        tag = self.session_tag(session_id, kid=kid)
+        key = self.codec.keyring.anchored(self.codec.purpose, "segment-key")
+        mac = hmac.digest(key, session_id + digest, "sha256")
+        tag = self.session_tag(session_id)
         return f"{self.prefix}:{{{tag}}}:seg:{b64url_encode(mac[:16])}"
-
-    def _kids(self) -> list[str]:
-        return [self.codec.keyring.anchor.kid]
 
     # -- write ---------------------------------------------------------------------------
 
@@ -177,26 +152,20 @@ class SegmentStore:
         refs = list(ctx.overflow)
         if not refs:
             return SegmentRead()
-        kids = self._kids()
-        candidates = [
-            [self.key_for(ctx.session_id, ref.digest, kid=kid) for kid in kids] for ref in refs
-        ]
-        fetched = self.tier.get_many([k for keys in candidates for k in keys])
+        keys = [self.key_for(ctx.session_id, ref.digest) for ref in refs]
+        fetched = self.tier.get_many(keys)
         result = SegmentRead(error=fetched.error)
-        opener = self._opener()
-        counted: set[str] = set()
-        for ref, keys in zip(refs, candidates, strict=True):
-            key = next((k for k in keys if k in fetched.values), None)
-            if key is None:
-                reasons = {fetched.reason(k) for k in keys}
+        for ref, key in zip(refs, keys, strict=True):
+            stored = fetched.get(key)
+            if stored is None:
+                reason = fetched.reason(key)
                 result.missing.append(
-                    (ref, TIER_UNAVAILABLE if TIER_UNAVAILABLE in reasons else SEGMENT_MISSING)
+                    (ref, TIER_UNAVAILABLE if reason == TIER_UNAVAILABLE else SEGMENT_MISSING)
                 )
                 continue
-            if key in fetched.cached and key not in counted:
-                counted.add(key)
+            if key in fetched.cached:
                 result.from_cache += 1
-            turns, reason = self._decode(opener, ctx, ref, fetched.values[key])
+            turns, reason = self._decode(ctx, ref, stored)
             if reason is not None:
                 if key in fetched.cached:
                     self.tier.cache.discard((key,))
@@ -206,13 +175,13 @@ class SegmentStore:
         return result
 
     def _decode(
-        self, opener: Codec, ctx: Context, ref: SegmentRef, stored: bytes
+        self, ctx: Context, ref: SegmentRef, stored: bytes
     ) -> tuple[list[Turn], str | None]:
+        # The size and digest checks come first: only bytes this session wrote go on.
         if len(stored) > self.max_segment_bytes or segment_digest(stored) != ref.digest:
             return [], SEGMENT_CORRUPT
         try:
-            token = "s1." + b64url_encode(stored)
-            _, payload = opener.open_payload(token)
+            payload = self.codec.open_envelope(envelope.parse_raw(stored))
             wire = serialize.unpack(payload, self.codec.limits)
         except TokenExpired:
             return [], SEGMENT_MISSING
@@ -244,12 +213,12 @@ class SegmentStore:
     # -- erase ---------------------------------------------------------------------------
 
     def erase(self, session_id: bytes) -> int:
-        """Delete every key of the session (under every key id's tag); returns how many.
+        """Delete every key of the session; returns how many.
 
         Raises TierError when the tier cannot be reached (the caller must retry or
         record the erasure elsewhere).
         """
-        return sum(self.tier.delete_session(tag) for tag in self.session_tags(session_id))
+        return self.tier.delete_session(self.session_tag(session_id))
 
 
 __all__ = [

@@ -165,7 +165,7 @@ def test_segments_survive_key_rotation_while_the_anchor_is_in_the_ring() -> None
     got = store.read(ctx)
     assert got.complete and got.turns == turns[:3]
     # Names are keyed by the anchor (the oldest key): one tag, one cluster slot.
-    assert store.session_tags(ctx.session_id) == store_on(tier, Codec(old_ring)).session_tags(
+    assert store.session_tag(ctx.session_id) == store_on(tier, Codec(old_ring)).session_tag(
         ctx.session_id
     )
     assert store.erase(ctx.session_id) == 2

@@ -376,14 +376,19 @@ class Satchel:
                 response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
                 self._expose_headers(response)
             return response
-        if response.status_code >= 400:
+        if rs.committed is not None:
+            # Sealed by commit(): the tier already holds what this token references (and
+            # a monotonic mark names it), so it goes out whatever the status.
+            headers = rs.committed
+        elif response.status_code >= 400:
             # A failed request issues no token: half-made changes are not sealed, and
             # the client keeps the token it sent.
             return response
-        try:
-            headers = rs.committed if rs.committed is not None else self.finish(rs)
-        except SatchelError as exc:
-            return satchel_error_response(exc)
+        else:
+            try:
+                headers = self.finish(rs)
+            except SatchelError as exc:
+                return satchel_error_response(exc)
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
