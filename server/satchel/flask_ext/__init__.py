@@ -247,8 +247,8 @@ class Satchel:
         """The token the client sent: header first, then cookie, then JSON field."""
         config = self.state().config
         token = request.headers.get(config.header)
-        if not token and config.cookie_name:
-            token = request.cookies.get(config.cookie_name)
+        if not token and config.cookie:
+            token = request.cookies.get(config.cookie)
         if not token and config.json_field and request.is_json:
             body = request.get_json(silent=True)
             if isinstance(body, dict) and isinstance(body.get(config.json_field), str):
@@ -392,9 +392,9 @@ class Satchel:
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
-        if config.cookie_name:
+        if config.cookie:
             response.set_cookie(
-                config.cookie_name,
+                config.cookie,
                 headers[HEADER_CONTEXT],
                 max_age=config.cookie_max_age,
                 secure=config.cookie_secure,

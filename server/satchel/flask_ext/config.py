@@ -87,7 +87,7 @@ class SatchelConfig:
     aead: str = "aes-256-gcm"
     purpose: str = "satchel"
     header: str = "Satchel-Context"
-    cookie_name: str | None = None
+    cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
     cookie_samesite: str = "Lax"
     cookie_path: str = "/"
@@ -124,8 +124,6 @@ class SatchelConfig:
             key = "SATCHEL_" + f.name.upper()
             if key in app.config:
                 values[f.name] = app.config[key]
-        if app.config.get("SATCHEL_COOKIE") and "cookie_name" not in values:
-            values["cookie_name"] = app.config["SATCHEL_COOKIE"]  # the documented short name
         for name in (
             "max_token_bytes",
             "hard_max_token_bytes",
