@@ -101,9 +101,9 @@ def start_child(argv: Sequence[str], **popen: Any) -> subprocess.Popen:
 def spawn(
     argv: Sequence[str],
     *,
-    log_path: Path,
+    log_path: Path | str,
     env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
+    cwd: Path | str | None = None,
 ) -> subprocess.Popen:
     """Start ``argv`` in a new process group, stdout and stderr appended to ``log_path``."""
     with open(log_path, "ab") as log:
@@ -131,8 +131,10 @@ def kill(proc: subprocess.Popen) -> None:
     _LIVE.discard(proc)
 
 
-def terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM (and SIGCONT, for a stopped process) the group, SIGKILL after ``grace``."""
+def terminate(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
+    """SIGTERM (and SIGCONT, for a stopped process) the group, SIGKILL after ``grace``.
+
+    Returns the exit status (negative: killed by that signal)."""
     if proc.poll() is None:
         _signal_group(proc, signal.SIGTERM)
         _signal_group(proc, signal.SIGCONT)
@@ -140,7 +142,8 @@ def terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-    kill(proc)
+    kill(proc)  # stragglers in the group too (gunicorn workers)
+    return proc.returncode
 
 
 def terminate_all(grace: float = 2.0) -> None:
