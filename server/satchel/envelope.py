@@ -37,6 +37,7 @@ FLAG_CHACHA = 0x04
 _KNOWN_FLAGS = FLAG_SEALED | FLAG_COMPRESSED | FLAG_CHACHA
 
 _TIMES = struct.Struct(">II")
+_tuple_new = tuple.__new__
 MIN_HEADER = 4 + 1 + 8
 MAX_KID = 16
 DEFAULT_MAX_TOKEN_BYTES = 64 * 1024
@@ -184,12 +185,10 @@ def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
         raise MalformedToken("token key id is not ASCII") from None
     issued_at, expires_at = _TIMES.unpack_from(raw, end)
     header_end = end + 8
-    return Envelope(
-        Header(version, flags, dictionary_id, kid, issued_at, expires_at),
-        prefix + raw[:header_end],
-        raw[header_end:],
-        raw,
-    )
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level wrapper, and
+    # this runs on every open.
+    header = _tuple_new(Header, (version, flags, dictionary_id, kid, issued_at, expires_at))
+    return _tuple_new(Envelope, (header, prefix + raw[:header_end], raw[header_end:], raw))
 
 
 # URL-safe to standard alphabet; "+", "/" and "=" become "!" so the strict decoder

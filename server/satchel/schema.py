@@ -195,6 +195,23 @@ def _opt_str(value: Any) -> str | None:
     return value
 
 
+_NUMBER_TYPES = (int, float)
+
+
+def turns_from_wire(wires: list[Any]) -> list[Turn]:
+    """Turns from their wire arrays, checked like :func:`_turn_from_wire`.
+
+    Most turns are plain ``[role, content, ts]``; they are built inline, without a
+    call per turn, because opening a token builds every turn it holds.
+    """
+    return [
+        Turn(_ROLE_OF[w[0]], w[1], w[2])
+        if len(w) == 3 and type(w[1]) is str and type(w[2]) in _NUMBER_TYPES
+        else _turn_from_wire(w)
+        for w in wires
+    ]
+
+
 def _turn_from_wire(w: list[Any]) -> Turn:
     content = w[1]
     if type(content) is not str:
@@ -227,7 +244,7 @@ def from_wire(wire: Any) -> Context:
             created_at=_num(wire["c"]),
             last_active=_num(wire["a"]),
             schema_version=CURRENT_VERSION,
-            turns=[_turn_from_wire(w) for w in wire["t"]],
+            turns=turns_from_wire(wire["t"]),
             summary=wire.get("s", ""),
         )
         if "P" in wire:

@@ -38,7 +38,7 @@ from .codec import Codec
 from .context import Context, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, SatchelError, TierError, TokenExpired
 from .keys import b64url_encode
-from .schema import CURRENT_VERSION, turn_from_wire, turn_to_wire
+from .schema import CURRENT_VERSION, turn_to_wire, turns_from_wire
 from .tiers.base import Tier
 from .tiers.guard import GuardedTier
 
@@ -192,7 +192,7 @@ class SegmentStore:
         if wire.get("i") != ctx.session_id:
             return [], SEGMENT_FOREIGN
         try:
-            turns = [turn_from_wire(w) for w in wire["t"]]
+            turns = turns_from_wire(wire["t"])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, SatchelError):
             return [], SEGMENT_CORRUPT
         if len(turns) != ref.turns:
