@@ -74,7 +74,7 @@ class Keyring:
         self.keys: tuple[Key, ...] = tuple(keys)
         if not self.keys:
             raise ConfigurationError("the key ring is empty: configure at least one key")
-        self._by_kid = {}
+        self._by_kid: dict[str, Key] = {}
         for key in self.keys:
             if key.kid in self._by_kid:
                 raise ConfigurationError(f"duplicate key id {key.kid!r}", kid=key.kid)
@@ -180,7 +180,7 @@ class Keyring:
         Key ids are a short hash of each secret so that the right one is tried first;
         16 bits of a SHA-256 reveal nothing useful about a secret.
         """
-        keys = []
+        keys: list[Key] = []
         for secret in secrets_:
             raw = secret.encode() if isinstance(secret, str) else bytes(secret)
             if len(raw) < MIN_SECRET_BYTES:

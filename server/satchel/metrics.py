@@ -431,7 +431,7 @@ def metrics_response(registry: CollectorRegistry) -> Response:
     instead (prometheus_client multiprocess mode).
     """
     accept = request.headers.get("Accept") if has_request_context() else None
-    encoder, content_type = choose_encoder(accept)
+    encoder, content_type = choose_encoder(accept or "")
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
         from prometheus_client import multiprocess
 

@@ -228,13 +228,13 @@ class Pipeline:
         write_failed = False
         for _ in range(MAX_SPILL_ROUNDS):
             over_budget = soft is not None and size > soft
-            over_window = window is not None and len(ctx.turns) > window
-            if not (over_budget or over_window):
+            past_window = len(ctx.turns) - window if window is not None else 0
+            if not (over_budget or past_window > 0):
                 return
             groups = turn_groups(ctx.turns)
             count = max(
                 self._turns_to_remove(ctx, groups, size, target) if over_budget else 0,
-                oldest_groups_covering(ctx.turns, len(ctx.turns) - window) if over_window else 0,
+                oldest_groups_covering(ctx.turns, past_window) if past_window > 0 else 0,
             )
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
             if not count:

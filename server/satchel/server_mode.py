@@ -28,6 +28,7 @@ from .errors import BadToken, MalformedToken, TierError, TierUnavailable
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .observe import NULL_OBSERVER, Observer
 from .pipeline import Clock, Pipeline, SaveResult
+from .tiers.guard import GuardedTier
 
 CARRIER_PREFIX = "sv1."
 
@@ -40,14 +41,14 @@ class ServerSidePipeline(Pipeline):
         codec: Codec,
         policy: LifecyclePolicy | None = None,
         *,
-        store: object,
+        store: GuardedTier,
         mode: str = "server",
         observer: Observer = NULL_OBSERVER,
         clock: Clock = time.time,
         prefix: str = "satchel",
     ) -> None:
         super().__init__(codec, policy, segments=None, observer=observer, clock=clock)
-        self.store = store  # a GuardedTier
+        self.store = store
         self.mode = mode
         self.prefix = prefix
         keyring = codec.keyring

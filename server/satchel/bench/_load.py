@@ -121,7 +121,7 @@ class _CountingResponse(http.client.HTTPResponse):
     def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
         self.counter = _CountingReader(self.fp)
-        self.fp = self.counter
+        self.fp = self.counter  # type: ignore[assignment]  # counts, then reads through
 
 
 class CountingConnection(http.client.HTTPConnection):
@@ -201,7 +201,7 @@ def chat(conn: CountingConnection, conv: Conversation) -> Sample:
         latency,
         resp.status,
         req_bytes=conn.sent,
-        resp_bytes=resp.counter.count,
+        resp_bytes=resp.counter.count,  # type: ignore[attr-defined]
         token_bytes=len(conv.token or ""),
         turns=conv.turns,
         timing=parse_server_timing(resp.getheader("Server-Timing")),
@@ -278,7 +278,7 @@ class Driver:
         rounds = max(0, math.ceil(turns / 2))
 
         def work(conn: CountingConnection, mine: list[Conversation], expired: Callable) -> list:
-            out = []
+            out: list[Any] = []
             for conv in mine:
                 for _ in range(rounds):
                     if expired():
@@ -313,7 +313,7 @@ class Driver:
         shares = self._shares(self.groups[group][index::parts], threads)
 
         def work(conn: CountingConnection, mine: list[Conversation], expired: Callable) -> list:
-            out = []
+            out: list[Any] = []
             for _ in range(per_conv):
                 for conv in mine:
                     if expired():
@@ -335,7 +335,7 @@ class Driver:
         t0 = time.monotonic()
 
         def work(conn: CountingConnection, mine: list[Conversation], expired: Callable) -> list:
-            out = []
+            out: list[Any] = []
             while mine:
                 for conv in mine:
                     if expired():

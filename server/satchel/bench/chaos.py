@@ -1013,7 +1013,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = max(1, int(getattr(args, "requests", 40) or 40))
     kind = getattr(args, "server", "embedded") or "embedded"
     knobs = tuning_from_env()
-    settings = SatchelConfig(**{k.removeprefix("SATCHEL_").lower(): v for k, v in knobs.items()})
+    overrides: dict[str, Any] = {k.removeprefix("SATCHEL_").lower(): v for k, v in knobs.items()}
+    settings = SatchelConfig(**overrides)
     reset, fail_max = settings.breaker_reset_timeout, settings.breaker_fail_max
     faults, duration = build_schedule(quick, reset)
     work = Workdir(keep=bool(os.environ.get("SATCHEL_CHAOS_KEEP")))

@@ -185,7 +185,7 @@ def run(sizes: tuple[int, ...], rounds: int, budget_s: float, corpus: str | None
         floor_rt = us["floor_seal"] + us["floor_open"]
         flask_rt = us["flask_seal"] + us["flask_open"]
         text_bytes = sum(len(t["content"].encode()) for t in turns)
-        sizes = mean_sizes(convs, n, now, signed, sealed, floor, flask_s)
+        lengths = mean_sizes(convs, n, now, signed, sealed, floor, flask_s)
         rows.append(
             {
                 "turns": n,
@@ -198,9 +198,9 @@ def run(sizes: tuple[int, ...], rounds: int, budget_s: float, corpus: str | None
                 "signed_vs_floor": signed_rt / floor_rt,
                 "flask_vs_signed": flask_rt / signed_rt,
                 "flask_vs_sealed": flask_rt / sealed_rt,
-                "bytes": sizes,
-                "sealed_vs_flask_bytes": sizes["sealed"] / sizes["flask"],
-                "signed_vs_flask_bytes": sizes["signed"] / sizes["flask"],
+                "bytes": lengths,
+                "sealed_vs_flask_bytes": lengths["sealed"] / lengths["flask"],
+                "signed_vs_flask_bytes": lengths["signed"] / lengths["flask"],
             }
         )
     return {

@@ -598,7 +598,7 @@ class Harness:
         for r in range(plan.rounds):
             for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
                 app, load = apps[mode], loads[mode]
-                before = (app.cpu(), self.redis.cpu(), load.cpu())
+                cpu_before = (app.cpu(), self.redis.cpu(), load.cpu())
                 load.call(
                     {
                         "cmd": "measure",
@@ -609,9 +609,9 @@ class Harness:
                         "deadline": plan.phase_deadline,
                     }
                 )
-                after = (app.cpu(), self.redis.cpu(), load.cpu())
+                cpu_after = (app.cpu(), self.redis.cpu(), load.cpu())
                 for i in range(3):
-                    cpu[mode][i] += after[i] - before[i]
+                    cpu[mode][i] += cpu_after[i] - cpu_before[i]
         for r in range(plan.rounds):
             for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
                 loads[mode].call(

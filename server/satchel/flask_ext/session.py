@@ -279,7 +279,7 @@ class SatchelSessionInterface(SessionInterface):
         if not isinstance(inner, bytes):
             raise InvalidContext("the session payload has no data")
         try:
-            data = self.serializer.loads(inner)
+            data = self.serializer.loads(inner.decode("utf-8"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InvalidContext(
                 f"the session data is not tagged JSON: {type(exc).__name__}"
