@@ -289,6 +289,7 @@ class PrometheusObserver(Observer):
         self.registry.register(self._cache_collector)
         # Labelled children, looked up once: labels() costs more than observe() itself.
         self._step_children: dict[str, Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         for step in STEPS:  # every step's series exists from the start (zero counts)
             self._step_children[step] = self.step_seconds.labels(self._label("step", "step", step))
 
@@ -300,12 +301,12 @@ class PrometheusObserver(Observer):
     def _label(self, metric: str, label: str, value: Any) -> str:
         """A safe label value: a short code, else "other"; bounded per metric and label."""
         text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
-        if not _LABEL_RE.match(text):
-            return OTHER
         key = (metric, label)
         seen = self._seen.get(key)
-        if seen is not None and text in seen:
+        if seen is not None and text in seen:  # checked when it was first seen
             return text
+        if not _LABEL_RE.match(text):
+            return OTHER
         with self._lock:
             seen = self._seen.setdefault(key, set())
             if text in seen:
@@ -314,6 +315,16 @@ class PrometheusObserver(Observer):
                 return OTHER
             seen.add(text)
             return text
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: label values are already bounded by
+        :meth:`_label`, and prometheus_client's ``labels()`` locks and validates on
+        every call."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     @staticmethod
     def _count(value: Any) -> int:
@@ -354,26 +365,27 @@ class PrometheusObserver(Observer):
         if name == "issued":
             self.issued.inc()
         elif name == "opened":
-            self.opened.labels(
+            self._child(
+                self.opened,
                 self._label("opened", "mode", fields.get("mode")),
                 self._label("opened", "kid", fields.get("kid")),
             ).inc()
         elif name == "refused":
-            self.refused.labels(self._label("refused", "reason", reason)).inc()
+            self._child(self.refused, self._label("refused", "reason", reason)).inc()
         elif name == "expired":
-            self.expired.labels(self._label("expired", "reason", reason)).inc()
+            self._child(self.expired, self._label("expired", "reason", reason)).inc()
         elif name == "resealed":
             self.resealed.inc()
         elif name == "session_started":
             self.sessions_started.inc()
         elif name == "migrated":
-            self.migrations.labels(
-                self._label("migrated", "from_version", fields.get("from_version"))
+            self._child(
+                self.migrations, self._label("migrated", "from_version", fields.get("from_version"))
             ).inc()
         elif name == "trimmed":
             label = self._label("trimmed", "reason", reason)
-            self.trims.labels(label).inc()
-            self.trimmed_turns.labels(label).inc(self._count(fields.get("turns")))
+            self._child(self.trims, label).inc()
+            self._child(self.trimmed_turns, label).inc(self._count(fields.get("turns")))
         elif name == "summarized":
             self.summarized_turns.inc(self._count(fields.get("turns")))
         elif name == "overflowed":
@@ -384,9 +396,9 @@ class PrometheusObserver(Observer):
             self.overflow_read_turns.inc(self._count(fields.get("turns")))
         elif name == "degraded":
             label = self._label("degraded", "reason", reason)
-            self.degraded.labels(label).inc()
+            self._child(self.degraded, label).inc()
             if reason in OVERFLOW_MISS_REASONS:
-                self.overflow_misses.labels(label).inc()
+                self._child(self.overflow_misses, label).inc()
         elif name == "data_loss":
             self.data_loss.inc()
             self.data_loss_turns.inc(self._count(fields.get("turns")))
@@ -399,8 +411,8 @@ class PrometheusObserver(Observer):
         elif name in _BREAKER_EVENTS:
             state = _BREAKER_EVENTS[name]
             tier = self._label("breaker", "tier", fields.get("tier") or "tier")
-            self.breaker_state.labels(tier).set(BREAKER_VALUES[state])
-            self.breaker_transitions.labels(tier, state).inc()
+            self._child(self.breaker_state, tier).set(BREAKER_VALUES[state])
+            self._child(self.breaker_transitions, tier, state).inc()
 
     # -- tiers ----------------------------------------------------------------------------
 
