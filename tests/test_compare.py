@@ -77,3 +77,7 @@ def test_compare_quick_writes_the_report_within_two_minutes(tmp_path: Path) -> N
     # Server mode failed during the outage, and only with 503s: no 500s, no hangs.
     assert set(statuses["fault: server"]) <= {"200", "503"}, statuses["fault: server"]
     assert "targets:" in proc.stdout
+    # The codec's own cost was measured on a context the client mode really carried.
+    cost = data["codec_cost"]
+    assert cost["turns"] >= 20, cost
+    assert 0 < cost["floor_us"] < cost["satchel_us"] * 3, cost

@@ -326,6 +326,11 @@ class Driver:
         self.taken[group] = (kept + samples, spent + elapsed)
         return {"group": group, "threads": len(shares), **summarize(samples, elapsed)}
 
+    def tokens(self, group: str, limit: int) -> dict:
+        """Up to ``limit`` tokens the group's conversations hold now (for codec costs)."""
+        held = [conv.token for conv in self.groups.get(group, []) if conv.token]
+        return {"group": group, "tokens": held[: max(0, limit)]}
+
     def summary(self, group: str) -> dict:
         samples, elapsed = self.taken.get(group, ([], 0.0))
         return {"group": group, **summarize(samples, elapsed)}
@@ -447,6 +452,8 @@ def handle(driver: Driver, cmd: dict[str, Any]) -> dict[str, Any]:
         )
     if name == "summary":
         return driver.summary(cmd["group"])
+    if name == "tokens":
+        return driver.tokens(cmd["group"], int(cmd.get("limit", 10)))
     if name == "timed":
         return driver.timed(
             cmd["group"], float(cmd["duration"]), threads, float(cmd.get("bucket", 0.25))

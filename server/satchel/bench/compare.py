@@ -392,11 +392,53 @@ class Results:
     redis_keys_after: dict[str, int] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: seal + open of this run's own client contexts: Satchel's codec and the floor
+    codec_cost: dict[str, Any] = field(default_factory=dict)
 
 
 #: Redis databases: client-mode overflow and server-mode contexts are kept apart, so
 #: the keys each mode writes can be counted while both are served.
 _MODE_DB = {"client": 1, "client, overflowing": 1, "server": 0}
+
+
+def codec_cost(tokens: list[str], *, quick: bool = False) -> dict[str, Any]:
+    """Seal + open, in this process, of a context this run's client mode really carried.
+
+    The token of median length is opened with the benchmark's keys; its context is then
+    sealed and opened by Satchel's codec (sealed mode, as the app runs) and by the
+    primitive floor of ``satchel bench codec`` (msgpack + zstd + HMAC + base64 chained
+    by hand) on the same turns, interleaved round by round. Empty if no token came back.
+    """
+    from ..codec import Codec
+    from ..keys import Keyring
+    from .codec import Floor, as_plain, measure
+
+    if not tokens:
+        return {}
+    keyring = Keyring.from_string(BENCH_KEYS)
+    codec = Codec(keyring)
+    token = sorted(tokens, key=len)[len(tokens) // 2]
+    ctx = codec.open(token)
+    now = int(time.time())
+    plain = as_plain([{"role": t.role, "content": t.content} for t in ctx.turns], now)
+    floor = Floor(keyring.derive(keyring.current.kid, "bench", "floor"), codec.compressor)
+    floor_token = floor.seal(plain)
+    medians = measure(
+        {
+            "satchel_seal": lambda: codec.seal(ctx),
+            "satchel_open": lambda: codec.open(token),
+            "floor_seal": lambda: floor.seal(plain),
+            "floor_open": lambda: floor.open(floor_token),
+        },
+        rounds=5 if quick else 11,
+        budget_s=0.01 if quick else 0.03,
+    )
+    return {
+        "turns": len(ctx.turns),
+        "token_bytes": len(token),
+        "satchel_us": (medians["satchel_seal"] + medians["satchel_open"]) * 1e6,
+        "floor_us": (medians["floor_seal"] + medians["floor_open"]) * 1e6,
+    }
 
 
 def mode_env(mode: str, redis: RedisProcess) -> dict[str, str]:
@@ -624,6 +666,9 @@ class Harness:
                         "deadline": plan.phase_deadline,
                     }
                 )
+        if size == TARGET_SIZE:
+            held = loads["client"].call({"cmd": "tokens", "group": f"lat-{size}", "limit": 15})
+            self.results.codec_cost = codec_cost(held["tokens"], quick=self.plan.quick)
         for mode in MODES:
             loaded = loads[mode].call({"cmd": "summary", "group": f"load-{size}"})
             single = loads[mode].call({"cmd": "summary", "group": f"lat-{size}"})
@@ -1285,6 +1330,7 @@ def render_report(res: Results, plots: list[str]) -> str:
         "workers": res.workers,
         "statuses": client_statuses(res),
         "targets": [{"name": t["name"], "met": t["met"]} for t in res.targets],
+        "codec_cost": {k: round(v, 1) for k, v in res.codec_cost.items()},
     }
     add(f"<!-- satchel-compare-data: {json.dumps(data, sort_keys=True)} -->")
     return "\n".join(lines) + "\n"
@@ -1316,6 +1362,22 @@ def _target_notes(res: Results) -> str:
         f"baseline. In absolute terms one request in flight takes {added:+.2f} ms; next to "
         f"a model reply that takes 500 ms to generate that is {added / 500:.2%}. Under "
         "load the same CPU cost also shows up as queueing (the loaded p50)."
+    ) + _floor_text(res, base["single"]["p50_ms"])
+
+
+def _floor_text(res: Results, base_p50_ms: float) -> str:
+    cost = res.codec_cost
+    if not cost or base_p50_ms <= 0:
+        return ""
+    budget_us = base_p50_ms * 1000 * TARGET_LATENCY_OVERHEAD
+    return (
+        f" How little room +15% leaves: sealing and opening one of this run's own "
+        f"{cost['turns']}-turn client contexts ({cost['token_bytes']:,}-byte token) takes "
+        f"{cost['satchel_us']:.0f} us with Satchel's codec, and {cost['floor_us']:.0f} us "
+        f"for the primitive floor alone (msgpack + zstd + HMAC + base64 chained by hand, "
+        f"measured on the same turns). +15% of the baseline's {_ms(base_p50_ms)} ms is "
+        f"{budget_us:.0f} us: the floor takes {cost['floor_us'] / budget_us:.0%} of it "
+        "before a header is read, a turn is trimmed or the byte budget is checked."
     )
 
 
