@@ -231,3 +231,45 @@ def test_server_mode_on_redis_cluster(redis_cluster: Any) -> None:
         assert len(nodes) >= 2, nodes
     finally:
         cluster.close()
+
+
+# ------------------------------------------------------------- the mode as an argument
+
+
+def _app_with_extension(**kwargs: Any) -> tuple[Flask, Satchel]:
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, TESTING=True)
+    satchel = Satchel(app, **kwargs)
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", "hello")
+        return {"turns": len(ctx.turns)}
+
+    return app, satchel
+
+
+@pytest.mark.parametrize("mode", ["client", "memory"])
+def test_mode_keyword_selects_where_the_context_lives(mode: str) -> None:
+    app, _ = _app_with_extension(mode=mode)
+    client = app.test_client()
+    token = None
+    for expected in (1, 2, 3):
+        resp = client.post("/chat", headers={HEADER: token} if token else {})
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        assert resp.get_json()["turns"] == expected
+        token = resp.headers[HEADER]
+        # memory mode sends only a signed session id; client mode the whole context
+        assert token.startswith(CARRIER_PREFIX) == (mode == "memory"), token
+
+
+def test_mode_keyword_wins_over_config_and_is_checked() -> None:
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="client")
+    Satchel(app, mode="memory")
+    assert app.extensions["satchel"].config.mode == "memory"
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="SATCHEL_MODE"):
+        Satchel(Flask(__name__), mode="disk")

@@ -80,17 +80,26 @@ class RequestState:
 
 
 class Satchel:
-    """Client-held chat context for a Flask app (``init_app`` and ``SATCHEL_*`` config)."""
+    """Client-held chat context for a Flask app (``init_app`` and ``SATCHEL_*`` config).
+
+    ``mode`` is where the context lives: ``"client"`` (default: in the token the client
+    carries), ``"server"`` (in the store at ``SATCHEL_STORE_URL``; a signed session id
+    travels) or ``"memory"`` (in this process; one process only). Given here it wins
+    over ``SATCHEL_MODE``. The view code is the same in every mode. ``keyring``,
+    ``policy``, ``observer`` and ``tier`` likewise replace what the config would build.
+    """
 
     def __init__(
         self,
         app: Flask | None = None,
         *,
+        mode: str | None = None,
         keyring: Keyring | None = None,
         policy: LifecyclePolicy | None = None,
         observer: Observer | None = None,
         tier: Any = None,
     ) -> None:
+        self._mode = mode
         self._keyring = keyring
         self._policy = policy
         self._tier = tier
@@ -107,7 +116,7 @@ class Satchel:
     # -- setup --------------------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
-        config = SatchelConfig.from_app(app)
+        config = SatchelConfig.from_app(app, mode=self._mode)
         keyring = self._keyring or keyring_from_config(app, config)
         limits = Limits(max_token_bytes=config.token_limit)
         codec = Codec(

@@ -118,12 +118,15 @@ class SatchelConfig:
     user_binding: Any = None
 
     @classmethod
-    def from_app(cls, app: Flask) -> SatchelConfig:
+    def from_app(cls, app: Flask, **overrides: Any) -> SatchelConfig:
+        """The app's ``SATCHEL_*`` keys, checked; ``overrides`` (field names, for example
+        ``mode="memory"`` from ``Satchel(app, mode=...)``) win over the config."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = "SATCHEL_" + f.name.upper()
             if key in app.config:
                 values[f.name] = app.config[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
         for name in (
             "max_token_bytes",
             "hard_max_token_bytes",
