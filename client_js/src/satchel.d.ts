@@ -362,6 +362,28 @@ export declare class SatchelClient extends EventTarget {
     listener: (detail: SatchelEventMap[K], event: CustomEvent<SatchelEventMap[K]>) => void,
   ): () => void;
 
+  /** The EventTarget way: Satchel's events arrive as typed CustomEvents. */
+  addEventListener<K extends keyof SatchelEventMap>(
+    type: K,
+    listener: (event: CustomEvent<SatchelEventMap[K]>) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  removeEventListener<K extends keyof SatchelEventMap>(
+    type: K,
+    listener: (event: CustomEvent<SatchelEventMap[K]>) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | EventListenerOptions,
+  ): void;
+
   /**
    * fetch() with the conversation's token. Runs under the conversation lock
    * and reads the token from storage inside it. Resolves with the Response

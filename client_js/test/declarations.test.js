@@ -1,0 +1,30 @@
+// The TypeScript declarations describe exactly what the module exports, and the
+// package.json entry points name files that exist.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync, existsSync } from 'node:fs';
+import * as satchel from '../src/satchel.js';
+
+const here = new URL('..', import.meta.url);
+const dts = readFileSync(new URL('src/satchel.d.ts', here), 'utf8');
+const pkg = JSON.parse(readFileSync(new URL('package.json', here), 'utf8'));
+
+test('every runtime export is declared, and every declared value exists', () => {
+  const declaredValues = [...dts.matchAll(/^export declare (?:const|function|class) (\w+)/gm)].map((m) => m[1]);
+  assert.deepEqual([...declaredValues].sort(), Object.keys(satchel).sort());
+});
+
+test('declared classes are classes and declared functions are functions', () => {
+  for (const [, kind, name] of dts.matchAll(/^export declare (const|function|class) (\w+)/gm)) {
+    const value = satchel[name];
+    if (kind === 'const') assert.notEqual(typeof value, 'function', name);
+    else assert.equal(typeof value, 'function', name);
+  }
+});
+
+test('package.json points at the module and its declarations', () => {
+  for (const path of [pkg.main, pkg.types, pkg.exports['.'].default, pkg.exports['.'].types]) {
+    assert.ok(existsSync(new URL(path, here)), path);
+  }
+  assert.equal(pkg.exports['.'].types, pkg.types);
+});
