@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass
 from importlib import resources
+from typing import NamedTuple
 
 import zstandard
 
@@ -29,11 +29,16 @@ DEFAULT_MAX_DECOMPRESSED = 1024 * 1024
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 
 
-@dataclass(frozen=True, slots=True)
-class Compressed:
+class Compressed(NamedTuple):  # a tuple: one is built on every seal, it must be cheap
+    """A payload as it goes into the token body, and how it was made."""
+
     dictionary_id: int  # 0 when no dictionary was used
     compressed: bool  # False when the payload did not shrink and is stored as is
     data: bytes
+
+
+# tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level wrapper.
+_tuple_new = tuple.__new__
 
 
 _dictionaries: dict[int, zstandard.ZstdCompressionDict | None] = {}
@@ -130,8 +135,8 @@ class Compressor:
         if len(payload) >= self.min_size:
             data = self._compressor().compress(payload)
             if len(data) < len(payload):
-                return Compressed(self.dictionary_id, True, data)
-        return Compressed(0, False, payload)
+                return _tuple_new(Compressed, (self.dictionary_id, True, data))
+        return _tuple_new(Compressed, (0, False, payload))
 
     def decompress(self, data: bytes, dictionary_id: int) -> bytes:
         """Decompress at most ``max_decompressed`` bytes; more is refused, not produced."""
