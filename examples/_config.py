@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import request
 
+from satchel.context import check_text
 from satchel.errors import InvalidRequest
 
 #: Read by every example app.
@@ -48,6 +49,7 @@ def read_message(max_chars: int) -> str:
     if not isinstance(body, dict) or not isinstance(body.get("message"), str):
         raise InvalidRequest('send JSON {"message": "..."}')
     message = body["message"].strip()
+    check_text(message, "message")  # an unpaired surrogate: JSON 400 invalid_text
     if not message:
         raise InvalidRequest("message is empty")
     if len(message) > max_chars:

@@ -150,12 +150,21 @@ def test_chat_round_trip(client: Any) -> None:
     ],
 )
 def test_bad_messages_are_json_400(client: Any, body: dict, message: str) -> None:
+    """Each is refused before any context work, by both endpoints."""
     for path in ("/api/chat", "/api/chat/stream"):
         resp = client.post(path, json=body)
         assert resp.status_code == 400, path
         error = resp.get_json()["error"]
         assert error["code"] == "invalid_request"
         assert message in error["message"]
+        assert "Satchel-Context" not in resp.headers
+
+
+def test_unpaired_surrogate_in_message_is_invalid_text(client: Any) -> None:
+    for path in ("/api/chat", "/api/chat/stream"):
+        resp = client.post(path, data='{"message": "cut \\udc00"}', content_type="application/json")
+        assert resp.status_code == 400, path
+        assert resp.get_json()["error"]["code"] == "invalid_text"
         assert "Satchel-Context" not in resp.headers
 
 

@@ -30,7 +30,9 @@ from satchel.errors import (
     BadSignature,
     BadToken,
     InvalidContext,
+    InvalidText,
     MalformedToken,
+    SatchelError,
     TokenExpired,
     TokenTooLarge,
     UnknownKeyId,
@@ -167,6 +169,21 @@ def test_seal_counts_and_chains_parents() -> None:
     assert codec.open_verbose(second).context.seq == 2
     assert token_digest(raw_of(first)) != token_digest(raw_of(second))
     assert again.parent == token_digest(raw_of(second))
+
+
+def test_add_turn_refuses_text_that_cannot_be_sealed_and_keeps_any_real_unicode() -> None:
+    codec = make_codec()
+    ctx = Context.new(now=NOW)
+    text = "héllo 😀 日本語 \u200d\ufeff"  # accents, an astral emoji, CJK, ZWJ, BOM
+    ctx.add_turn("user", text, ts=NOW)
+    for broken in ("\ud83d", "tail \ude00", "\udcff in the middle"):
+        with pytest.raises(InvalidText) as info:
+            ctx.add_turn("user", broken, ts=NOW)
+        error = info.value
+        assert isinstance(error, ValueError) and isinstance(error, SatchelError)
+        assert error.code == "invalid_text" and error.status == 400
+        assert "unpaired surrogate" in str(error)
+    assert [t.content for t in codec.open(codec.seal(ctx)).turns] == [text]
 
 
 def test_open_verbose_reports_header_digest_and_timings() -> None:

@@ -217,6 +217,30 @@ def test_invalid_requests_are_json_400() -> None:
     assert_json_error(client.get("/api/nope"))
 
 
+def test_unpaired_surrogate_is_a_json_400_even_in_a_view_that_does_not_check() -> None:
+    """JSON may carry "\\ud800" (half an emoji); a view written like the README's
+    quickstart, which hands the message straight to add_turn, answers 400, not 500."""
+    app = Flask("quickstart")
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), TESTING=True)
+    satchel = Satchel(app)
+
+    @app.post("/api/chat")
+    def chat_view() -> Any:
+        from flask import request
+
+        satchel.context.add_turn("user", request.json["message"])  # type: ignore[index]
+        return {"ok": True}
+
+    client = app.test_client()
+    body = '{"message": "half an emoji: \\ud83d"}'
+    response = client.post("/api/chat", data=body, content_type="application/json")
+    error = assert_json_error(response, "invalid_text")
+    assert "unpaired surrogate" in error["message"] and response.status_code == 400
+    whole = '{"message": "a whole emoji: \\ud83d\\ude00"}'
+    response = client.post("/api/chat", data=whole, content_type="application/json")
+    assert response.status_code == 200 and HEADER_CONTEXT in response.headers
+
+
 # -- rotation ------------------------------------------------------------------------------
 
 

@@ -85,6 +85,8 @@ def test_bad_tokens_are_json_errors_over_real_http(server: LiveServer) -> None:
     expired = Codec(RING, clock=lambda: past, ttl=60).seal(Context.new(now=past))
     assert_json_error(post_chat(server, "x", expired), "token_expired", status=401)
     assert_json_error(server.post("/api/chat", json_body={}), "invalid_request")
+    # json.dumps sends the lone surrogate as the escape "\\ud800": valid JSON, not text
+    assert_json_error(post_chat(server, "\ud800 broken"), "invalid_text")
 
 
 def test_fresh_mode_over_real_http(fresh_server: LiveServer) -> None:

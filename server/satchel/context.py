@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import InvalidText
+
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 #: the lifecycle "policy" name under which turns moved to the overflow tier are counted
@@ -238,11 +240,18 @@ class Context:
         blocks: Iterable[OpaqueBlock] = (),
         name: str | None = None,
     ) -> Turn:
-        """Append a turn and return it."""
+        """Append a turn and return it.
+
+        Raises ValueError for an unknown role and :class:`~satchel.errors.InvalidText`
+        (a ValueError, and a JSON 400 ``invalid_text`` at the HTTP edge) for content
+        that is not valid Unicode.
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         if not isinstance(content, str):
             raise TypeError("turn content must be a str")
+        if not content.isascii():
+            check_text(content, "turn content")
         turn = Turn(
             role=role,
             content=content,
@@ -291,6 +300,25 @@ class Context:
         }
 
 
+def check_text(text: str, what: str = "text") -> None:
+    """Raise :class:`~satchel.errors.InvalidText` if ``text`` cannot be encoded as UTF-8.
+
+    A JSON body may carry an unpaired surrogate (``"\\ud800"``, for example half an
+    emoji cut by a client-side slice); Python decodes it into a str that no token,
+    log line or model API can encode. Refusing it where it enters the context names
+    the real cause (a JSON 400 ``invalid_text`` at the HTTP edge), instead of failing
+    later when the context is sealed.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidText(
+            f"{what} is not valid Unicode text: it holds an unpaired surrogate "
+            f"at position {exc.start}",
+            position=exc.start,
+        ) from None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -312,4 +340,5 @@ __all__ = [
     "SegmentRef",
     "ToolCall",
     "Turn",
+    "check_text",
 ]

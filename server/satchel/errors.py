@@ -146,6 +146,15 @@ class InvalidRequest(SatchelError):
     status = 400
 
 
+class InvalidText(InvalidRequest, ValueError):
+    """Text cannot enter the context: it is not valid Unicode (an unpaired surrogate).
+
+    A ValueError too, so code that validates its own input can catch it as one.
+    """
+
+    code = "invalid_text"
+
+
 class ContextNotSerializable(SatchelError):
     """The context holds a value msgpack cannot carry (a set, a datetime, an object).
 
@@ -173,6 +182,7 @@ __all__ = [
     "ContextNotSerializable",
     "InvalidContext",
     "InvalidRequest",
+    "InvalidText",
     "MalformedToken",
     "MigrationFailed",
     "SatchelError",

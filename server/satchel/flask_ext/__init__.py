@@ -588,9 +588,15 @@ def json_errors_for(app: Flask, prefix: str = "/api/") -> None:
         return exc
 
 
+# The drop-in flask.session interface lives beside the extension: importable from here too.
+from .session import SatchelSession, SatchelSessionInterface, SessionTooLarge  # noqa: E402
+
 __all__ = [
     "HEADER_CONTEXT",
     "Satchel",
+    "SatchelSession",
+    "SatchelSessionInterface",
+    "SessionTooLarge",
     "error_response",
     "json_errors_for",
     "server_timing",

@@ -32,6 +32,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "tier_full": 503,
     "budget_exceeded": 413,
     "invalid_request": 400,
+    "invalid_text": 400,
 }
 
 
