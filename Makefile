@@ -2,8 +2,8 @@
 #
 #   make venv         create .venv (python3 >= 3.11) and `pip install -e '.[dev]'`
 #   make deps-system  make sure redis-server, redis-cli and Debian chromium exist
-#   make test         venv + deps-system, then ruff, node tests (if any), pytest
-#   make lint         ruff check .
+#   make test         venv + deps-system, then ruff, mypy, node tests (if any), pytest
+#   make lint         ruff check . and mypy (the package is typed)
 #   make demo         run the example chat app (PORT=8000 by default)
 #   make bench        satchel bench codec
 #   make clean        remove caches and build/test artifacts (keeps .venv)
@@ -76,6 +76,7 @@ deps-system:
 
 test: venv deps-system
 	$(VENV)/bin/ruff check .
+	$(VPY) -m mypy
 	@if [ -d client_js/test ] && command -v node >/dev/null 2>&1; then \
 	  echo "node --test client_js/test/"; node --test client_js/test/; \
 	elif [ -d client_js/test ]; then \
@@ -86,6 +87,7 @@ test: venv deps-system
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VPY) -m mypy
 
 # ------------------------------------------------------------------------- demo
 

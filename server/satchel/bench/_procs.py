@@ -69,6 +69,11 @@ def wait_until(
         interval = min(interval * 2, 0.1)
 
 
+def _exited_or(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> bool:
+    """For :func:`wait_until`: stop waiting once the process is ready, or has died."""
+    return proc.poll() is not None or ready()
+
+
 @functools.cache
 def _pdeathsig() -> tuple[str, ...]:
     """``setpriv --pdeathsig KILL --`` when available: children die with this process."""
@@ -275,7 +280,7 @@ class RedisProcess:
             proc = self.proc
             try:
                 wait_until(
-                    lambda p=proc: p.poll() is not None or self.ping(),
+                    functools.partial(_exited_or, proc, self.ping),
                     timeout=10,
                     what=f"redis-server on port {self.port}",
                 )
@@ -422,7 +427,7 @@ class AppProcess:
             proc = self.proc
             try:
                 wait_until(
-                    lambda p=proc: p.poll() is not None or self._answers(),
+                    functools.partial(_exited_or, proc, self._answers),
                     timeout=timeout,
                     what=f"the {self.kind} app server to answer HTTP",
                 )
