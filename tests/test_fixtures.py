@@ -64,6 +64,7 @@ def test_every_released_version_has_a_fixture() -> None:
         "chacha20-poly1305",
     }
     assert {r["compressed"] for r in records} == {True, False}
+    assert {r["padded"] for r in records} == {True, False}
     # Every zstd dictionary id ever shipped has a token: its bytes may never change.
     assert {r["dictionary_id"] for r in records} == {0, *DICTIONARY_FILES}
 
@@ -101,6 +102,9 @@ def test_fixture_opens_with_expected_content(record_path: Path) -> None:
     assert header.algorithm == record["algorithm"]
     assert header.compressed == record["compressed"]
     assert header.dictionary_id == record["dictionary_id"]
+    assert header.padded == record["padded"]
+    if header.padded:
+        assert len(envelope.parse(token).raw) % 256 == 0
     assert (header.issued_at, header.expires_at) == (record["issued_at"], record["expires_at"])
     ctx = opened.context
     assert ctx.opened_version == record["schema_version"]

@@ -35,6 +35,7 @@ def _header_dict(token: str) -> dict[str, Any]:
         "mode": header.mode,
         "algorithm": header.algorithm,
         "compressed": header.compressed,
+        "padded": header.padded,
         "dictionary_id": header.dictionary_id,
         "kid": header.kid,
         "issued_at": header.issued_at,

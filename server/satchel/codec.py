@@ -6,7 +6,8 @@ Opening, every step bounded, in this order and no other:
 2. envelope parse                          (envelope.parse)
 3. verify the MAC or decrypt the AEAD      (protect)
 4. expiry, with a small clock-skew allowance
-5. decompress with a hard output cap       (compress)
+5. padding removed, if the token is padded (padding)
+   decompress with a hard output cap       (compress)
 6. msgpack unpack with limits              (serialize)
 7. schema migration and validation         (schema)
 
@@ -26,10 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import envelope, schema, serialize
+from . import envelope, padding, schema, serialize
 from .compress import Compressor
 from .context import Context
-from .envelope import FLAG_COMPRESSED, Envelope, Header
+from .envelope import FLAG_COMPRESSED, FLAG_PADDED, Envelope, Header
 from .errors import ContextNotSerializable, TokenExpired, WrongMode
 from .keys import Keyring
 from .limits import DEFAULT_LIMITS, Limits
@@ -67,8 +68,11 @@ class Codec:
     ``mode`` is ``"sealed"`` (AEAD, default: the client can neither read nor change
     the context) or ``"signed"`` (HMAC: readable, not changeable). ``purpose`` scopes
     the derived keys, so tokens of one app or use are refused by another. ``ttl`` is
-    the default token lifetime in seconds (None for no expiry); ``clock`` and
-    ``random_bytes`` are passed in so tests control time and nonces.
+    the default token lifetime in seconds (None for no expiry); ``pad_to`` rounds
+    every token's raw length up to a multiple of that many bytes, so the length of a
+    sealed token does not tell how well its content compressed (padding.py; None for
+    no padding; tokens open whatever this setting). ``clock`` and ``random_bytes`` are
+    passed in so tests control time and nonces.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Codec:
         dictionary_id: int | None = None,
         level: int = 3,
         algorithm: str = "aes-256-gcm",
+        pad_to: int | None = None,
         clock: Clock = time.time,
         random_bytes: RandomBytes = os.urandom,
     ) -> None:
@@ -90,6 +95,7 @@ class Codec:
         self.purpose = purpose
         self.ttl = ttl
         self.limits = limits
+        self.pad_to = padding.check_pad_to(pad_to)
         self.clock = clock
         self.protector: Protector = make_protector(
             mode, keyring, purpose, algorithm=algorithm, random_bytes=random_bytes
@@ -100,7 +106,10 @@ class Codec:
         self._last_measured = threading.local()
 
     def __repr__(self) -> str:
-        return f"Codec(mode={self.mode!r}, purpose={self.purpose!r}, keyring={self.keyring!r})"
+        padded = f", pad_to={self.pad_to}" if self.pad_to else ""
+        return (
+            f"Codec(mode={self.mode!r}, purpose={self.purpose!r}{padded}, keyring={self.keyring!r})"
+        )
 
     # -- seal -------------------------------------------------------------------------
 
@@ -140,14 +149,21 @@ class Codec:
         else:
             packed = self.compressor.compress(payload)
         kid = self.keyring.current.kid
+        flags = self.protector.flags | (FLAG_COMPRESSED if packed.compressed else 0)
+        if self.pad_to:
+            flags |= FLAG_PADDED
         packed_header = envelope.pack_header(
-            self.protector.flags | (FLAG_COMPRESSED if packed.compressed else 0),
+            flags,
             packed.dictionary_id,
             kid,
             min(int(now), _UINT32_MAX),
             0 if expires_at is None else max(1, min(int(expires_at), _UINT32_MAX)),
         )
-        body = self.protector.protect(kid, _PREFIX_BYTES + packed_header, packed.data)
+        data = packed.data
+        if self.pad_to:
+            unpadded = len(packed_header) + len(data) + self.protector.overhead
+            data = padding.pad(data, unpadded, self.pad_to)
+        body = self.protector.protect(kid, _PREFIX_BYTES + packed_header, data)
         raw = packed_header + body
         return envelope.encode(raw), raw
 
@@ -231,6 +247,8 @@ class Codec:
         if timings is not None:
             verified = time.perf_counter()
             timings["verify"] = verified - started
+        if header.flags & FLAG_PADDED:
+            payload = padding.unpad(payload)
         if header.compressed:
             payload = self.compressor.decompress(payload, header.dictionary_id)
         if timings is not None:
@@ -261,8 +279,9 @@ class Codec:
         # the compressed bytes (per thread) so the seal does not compress twice.
         self._last_measured.value = (payload, packed)
         kid_len = len(self.keyring.current.kid)
-        overhead = 32 if self.mode == "signed" else 28
-        raw = 12 + kid_len + len(packed.data) + overhead
+        raw = 12 + kid_len + len(packed.data) + self.protector.overhead
+        if self.pad_to:
+            raw = padding.padded_length(raw, self.pad_to)
         return len(envelope.PREFIX) + (raw * 4 + 2) // 3
 
     def needs_reseal(self, ctx: Context) -> bool:

@@ -4,7 +4,8 @@ A token is ASCII: ``s1.`` followed by the unpadded base64url of::
 
     offset  size  field
     0       1     format version (1)
-    1       1     flags: bit 0 sealed, bit 1 compressed, bit 2 ChaCha20-Poly1305
+    1       1     flags: bit 0 sealed, bit 1 compressed, bit 2 ChaCha20-Poly1305,
+                  bit 3 padded (see padding.py)
     2       1     zstd dictionary id (0 when none)
     3       1     key id length L (1..16)
     4       L     key id, ASCII
@@ -33,7 +34,8 @@ KNOWN_PREFIXES = {"s1.": 1}
 FLAG_SEALED = 0x01
 FLAG_COMPRESSED = 0x02
 FLAG_CHACHA = 0x04
-_KNOWN_FLAGS = FLAG_SEALED | FLAG_COMPRESSED | FLAG_CHACHA
+FLAG_PADDED = 0x08
+_KNOWN_FLAGS = FLAG_SEALED | FLAG_COMPRESSED | FLAG_CHACHA | FLAG_PADDED
 
 _TIMES = struct.Struct(">II")
 _tuple_new = tuple.__new__
@@ -59,6 +61,10 @@ class Header(NamedTuple):  # a tuple: built on every open and seal, it must be c
     @property
     def compressed(self) -> bool:
         return bool(self.flags & FLAG_COMPRESSED)
+
+    @property
+    def padded(self) -> bool:
+        return bool(self.flags & FLAG_PADDED)
 
     @property
     def mode(self) -> str:
@@ -228,6 +234,7 @@ __all__ = [
     "DEFAULT_MAX_TOKEN_BYTES",
     "FLAG_CHACHA",
     "FLAG_COMPRESSED",
+    "FLAG_PADDED",
     "FLAG_SEALED",
     "FORMAT_VERSION",
     "PREFIX",

@@ -31,6 +31,8 @@ class Protector(Protocol):
     #: Header flag bits this protector sets (and requires when opening).
     flags: int
     mode: str
+    #: Bytes the body adds around the payload (MAC, or nonce and tag).
+    overhead: int
 
     def protect(self, kid: str, header: bytes, payload: bytes) -> bytes: ...
 
@@ -42,6 +44,7 @@ class Signer:
 
     flags = 0
     mode = "signed"
+    overhead = MAC_SIZE
 
     def __init__(self, keyring: Keyring, purpose: str) -> None:
         self.keyring = keyring
@@ -77,6 +80,7 @@ class Sealer:
     """
 
     mode = "sealed"
+    overhead = NONCE_SIZE + TAG_SIZE
 
     def __init__(
         self,

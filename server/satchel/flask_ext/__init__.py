@@ -125,6 +125,7 @@ class Satchel:
             purpose=config.purpose,
             limits=limits,
             algorithm=config.aead,
+            pad_to=config.pad_to,
         )
         policy = self._policy or config.lifecycle_policy()
         tier = self._build_tier(config)

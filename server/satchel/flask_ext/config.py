@@ -13,6 +13,9 @@ SATCHEL_TOKEN_MODE              "sealed"       "sealed" (AEAD) or "signed" (HMAC
 SATCHEL_AEAD                    "aes-256-gcm"  or "chacha20-poly1305"
 SATCHEL_PURPOSE                 "satchel"      scopes derived keys: tokens of another purpose
                                                are refused
+SATCHEL_PAD_TO                  None           round every token up to a multiple of this
+                                               many bytes (16..16384), so a sealed token's
+                                               length hides how well it compressed
 SATCHEL_HEADER                  Satchel-Context request and response header
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
 SATCHEL_COOKIE_SECURE           True
@@ -64,6 +67,7 @@ from flask import Flask
 from ..errors import ConfigurationError
 from ..keys import Keyring, generate_key
 from ..lifecycle import ExtractiveSummarizer, LifecyclePolicy
+from ..padding import check_pad_to
 
 log = logging.getLogger("satchel")
 
@@ -86,6 +90,7 @@ class SatchelConfig:
     token_mode: str = "sealed"
     aead: str = "aes-256-gcm"
     purpose: str = "satchel"
+    pad_to: int | None = None
     header: str = "Satchel-Context"
     cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
@@ -136,6 +141,7 @@ class SatchelConfig:
             "idle_ttl",
             "max_age",
             "cookie_max_age",
+            "pad_to",
         ):
             if name in values:
                 values[name] = _optional_int(values[name])
@@ -152,6 +158,10 @@ class SatchelConfig:
         config = cls(**values)
         if config.token_mode not in ("sealed", "signed"):
             raise ConfigurationError("SATCHEL_TOKEN_MODE must be 'sealed' or 'signed'")
+        try:
+            config.pad_to = check_pad_to(config.pad_to)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"SATCHEL_PAD_TO: {exc}") from None
         if config.on_bad_token not in ("error", "fresh"):
             raise ConfigurationError("SATCHEL_ON_BAD_TOKEN must be 'error' or 'fresh'")
         if config.consistency not in ("client", "monotonic", "server"):
