@@ -7,12 +7,14 @@ import hashlib
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from satchel import Codec, Keyring
 from satchel.errors import TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import MAX_SEGMENT_REFS, Pipeline
-from satchel.segments import SegmentStore
+from satchel.segments import SegmentStore, merge_start
 from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
 
 NOW = 1_795_000_000.0
@@ -77,6 +79,56 @@ def test_long_conversation_stays_in_budget_and_comes_back_whole() -> None:
     assert [t.content for t in every[::2]] == [message(i) for i in range(150)]
     # The running summary covers what left the token.
     assert ctx.summary.startswith(f"({ctx.overflowed_turns} earlier turns summarized)")
+
+
+class CountingTier(MemoryTier):
+    """Counts the bytes written, to measure how often overflowed turns are rewritten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes_written = 0
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        self.bytes_written += len(value)
+        super().put(key, value, ttl)
+
+
+def test_merges_rewrite_old_turns_a_few_times_not_on_every_merge() -> None:
+    """Size-tiered merging: 400 exchanges spill about 70 times; merging every
+    reference whenever they pile up would write the history about 9 times over."""
+    tier = CountingTier()
+    pipeline = make(tier, budget=1500)
+    token = converse(pipeline, range(400))
+    ctx = pipeline.load(token, now=NOW)
+    assert len(ctx.all_turns()) == 800 and not ctx.degraded
+    assert 1 <= len(ctx.overflow) <= MAX_SEGMENT_REFS
+    kept = sum(ref.size for ref in ctx.overflow)
+    assert tier.bytes_written < 6 * kept, (tier.bytes_written, kept)
+    # Replaced segments were deleted: the tier holds exactly what the token references.
+    assert len(tier) == len(ctx.overflow)
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=10_000), min_size=1, max_size=12),
+    spill=st.integers(min_value=1, max_value=500),
+    max_refs=st.integers(min_value=2, max_value=8),
+)
+@settings(max_examples=300, deadline=None)
+def test_merge_start_keeps_references_within_the_cap(
+    sizes: list[int], spill: int, max_refs: int
+) -> None:
+    start = merge_start(sizes, spill, max_refs)
+    assert 0 <= start <= len(sizes)
+    assert start + 1 <= max_refs  # the kept references and the new one fit the cap
+    if len(sizes) >= max_refs:
+        assert start < len(sizes)  # a full set of references always merges
+
+
+def test_merge_start_merges_small_recent_segments_and_leaves_large_old_ones() -> None:
+    # Steeply shrinking segments: the small recent ones merge, the big old ones stay.
+    assert merge_start([5000, 600, 80, 10, 4, 2], 2, 6) == 2
+    # Equal small segments early in a conversation merge into one.
+    assert merge_start([2, 2, 2, 2, 2, 2], 2, 6) == 0
 
 
 def test_a_question_stays_with_its_answer_when_turns_move() -> None:

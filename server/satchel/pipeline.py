@@ -24,6 +24,7 @@ from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, 
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.summarize import summarize
 from .observe import NULL_OBSERVER, Observer
+from .segments import merge_start
 
 if TYPE_CHECKING:
     from .segments import SegmentStore
@@ -36,8 +37,8 @@ SPILL_TARGET = 0.7
 MAX_FIT_ROUNDS = 12
 MAX_SPILL_ROUNDS = 4
 TAG_CACHE_SIZE = 4096
-#: Past this many segment references, the next spill merges them all into one segment,
-#: so references cannot grow the token without bound in a very long conversation.
+#: At most this many segment references in a token: spills merge with recent segments
+#: (segments.merge_start), so references cannot grow the token in a long conversation.
 MAX_SEGMENT_REFS = 6
 DEFAULT_SEGMENT_TTL = 30 * 86400.0
 
@@ -244,17 +245,15 @@ class Pipeline:
             if written is None:
                 write_failed = True
                 break
-            ref, merged = written
+            ref, start = written
             del ctx.turns[:count]
-            if merged:
-                # One segment now holds every overflowed turn: the old ones go.
-                replaced = list(ctx.overflow)
-                ctx.rehydrated = [*ctx.rehydrated, *spill]
-                ctx.overflow = [ref]
+            # The new segment holds the turns of the references from ``start`` on, then
+            # the spill: it replaces them, and their stored copies go.
+            replaced = ctx.overflow[start:]
+            ctx.overflow = [*ctx.overflow[:start], ref]
+            ctx.rehydrated = [*ctx.rehydrated, *spill]
+            if replaced:
                 self.segments.discard(ctx, replaced)
-            else:
-                ctx.rehydrated.extend(spill)
-                ctx.overflow.append(ref)
             # The running summary always covers what left the token.
             ctx.summary = summarize(self.policy.summarizer, spill, ctx.summary)
             ctx.lifecycle.summarized += len(spill)
@@ -302,21 +301,27 @@ class Pipeline:
 
     def _write_segment(
         self, ctx: Context, spill: list[Turn], now: float, tag: str
-    ) -> tuple[SegmentRef, bool] | None:
-        """Write ``spill`` (merged with every overflowed turn when references pile up).
+    ) -> tuple[SegmentRef, int] | None:
+        """Write ``spill``, merged with the most recent segments when that is due.
 
-        Returns the reference and whether it replaces all others, or None when the tier
+        Returns the new reference and the index of the first existing reference it
+        replaces (``len(ctx.overflow)`` when it replaces none), or None when the tier
         refused the write (flagged and reported here).
         """
         assert self.segments is not None
         ttl = self._remaining_lifetime(ctx, now)
+        kept = len(ctx.overflow)
         try:
-            if self._can_compact(ctx):
-                try:
-                    return self.segments.write(ctx, [*ctx.rehydrated, *spill], ttl, now=now), True
-                except BudgetExceeded:
-                    pass  # too large to merge: append one more reference instead
-            return self.segments.write(ctx, spill, ttl, now=now), False
+            if self._can_merge(ctx):
+                start = merge_start([r.turns for r in ctx.overflow], len(spill), MAX_SEGMENT_REFS)
+                if start < kept:
+                    offset = sum(r.turns for r in ctx.overflow[:start])
+                    try:
+                        merged = [*ctx.rehydrated[offset:], *spill]
+                        return self.segments.write(ctx, merged, ttl, now=now), start
+                    except BudgetExceeded:
+                        pass  # too large to merge: append one more reference instead
+            return self.segments.write(ctx, spill, ttl, now=now), kept
         except TierError as exc:
             if "tier_write_failed" not in ctx.degraded:
                 ctx.degraded.append("tier_write_failed")
@@ -324,8 +329,9 @@ class Pipeline:
             return None
 
     @staticmethod
-    def _can_compact(ctx: Context) -> bool:
-        """Merge when references pile up and every overflowed turn is in hand."""
+    def _can_merge(ctx: Context) -> bool:
+        """Merge when references have piled up and every overflowed turn is in hand
+        (merging rewrites some of them). Until then each spill is its own segment."""
         return (
             len(ctx.overflow) >= MAX_SEGMENT_REFS
             and not ctx.unreadable

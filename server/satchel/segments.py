@@ -52,6 +52,36 @@ SEGMENT_FOREIGN: Final = "segment_foreign"  # opened fine but belongs to another
 REASONS: Final = (TIER_UNAVAILABLE, SEGMENT_MISSING, SEGMENT_CORRUPT, SEGMENT_FOREIGN)
 
 
+def merge_start(sizes: list[int], spill: int, max_refs: int) -> int:
+    """Which references a new spill of ``spill`` turns should be merged with.
+
+    Called when the token already holds ``max_refs`` references (before that, each
+    spill is written on its own). ``sizes`` are the turns of the references, oldest
+    first. Returns the index of the first one to merge: the new segment replaces
+    ``sizes[start:]`` and holds their turns followed by the spill; the result never
+    holds more than ``max_refs`` references.
+
+    Size-tiered, like an LSM tree's compaction: references stay roughly geometrically
+    decreasing from oldest to newest, so a merge rewrites mostly small, recent
+    segments and an old turn is rewritten a few times over the whole conversation,
+    not on every merge. The ratio grows with the history (``(total / spill) ** (1 /
+    (max_refs - 1))``, at least 1), which is what lets ``max_refs`` references cover
+    any length. Merging everything whenever references pile up would rewrite the whole
+    history each time: bytes written quadratic in the length of the conversation.
+    """
+    if max_refs < 2:
+        return 0
+    total = sum(sizes) + spill
+    ratio = max(1.0, (total / max(spill, 1)) ** (1.0 / (max_refs - 1)))
+    start, merged = len(sizes), spill
+    # Merge while the next older segment is not much larger than what is being
+    # written, and always enough that the references stay within max_refs.
+    while start > 0 and (sizes[start - 1] <= ratio * merged or start > max_refs - 1):
+        start -= 1
+        merged += sizes[start]
+    return start
+
+
 def segment_digest(stored: bytes) -> bytes:
     """The digest a SegmentRef records: BLAKE2b-128 of the stored bytes."""
     return hashlib.blake2b(stored, digest_size=SEGMENT_DIGEST_SIZE).digest()
@@ -229,5 +259,6 @@ __all__ = [
     "TIER_UNAVAILABLE",
     "SegmentRead",
     "SegmentStore",
+    "merge_start",
     "segment_digest",
 ]
