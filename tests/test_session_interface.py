@@ -1296,6 +1296,34 @@ def test_mode_switch_accepts_and_reissues(app, client):
     assert peek(set_cookie_value(rv)).mode == "sealed"
 
 
+def test_pad_to_setting_rounds_the_cookie_and_old_cookies_still_open(app, client):
+    from satchel import envelope
+
+    @app.route("/set/<int:n>")
+    def set_n(n):
+        flask.session["blob"] = "x" * n
+        return ""
+
+    @app.route("/")
+    def index():
+        return str(len(flask.session.get("blob", "")))
+
+    client.get("/set/10")
+    unpadded = session_cookie(client)
+    assert not peek(unpadded).padded
+    app.config["SATCHEL_SESSION_PAD_TO"] = "256"
+    for n in (1, 300, 2000):
+        client.get(f"/set/{n}")
+        cookie = session_cookie(client)
+        assert peek(cookie).padded and len(envelope.parse(cookie).raw) % 256 == 0
+        assert client.get("/").text == str(n)
+    app.config["SATCHEL_SESSION_PAD_TO"] = None  # turning it off logs no one out
+    assert client.get("/").text == "2000"
+    app.config["SATCHEL_SESSION_PAD_TO"] = 3
+    with pytest.raises(ConfigurationError, match="SATCHEL_SESSION_PAD_TO"):
+        client.get("/")
+
+
 def test_cookie_name_setting(app, client):
     app.config["SESSION_COOKIE_NAME"] = "__Host-sid"
     app.config["SESSION_COOKIE_SECURE"] = True

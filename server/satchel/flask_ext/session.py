@@ -60,6 +60,7 @@ from ..errors import (
 )
 from ..keys import Keyring
 from ..limits import DEFAULT_LIMITS, Limits
+from ..padding import check_pad_to
 
 if TYPE_CHECKING:  # pragma: no cover
     from flask import Flask
@@ -166,6 +167,7 @@ class SatchelSessionInterface(SessionInterface):
         purpose: str | None = None,
         limits: Limits = DEFAULT_LIMITS,
         dictionary_id: int | None = None,
+        pad_to: int | None = None,
         overflow: OverflowHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -175,6 +177,7 @@ class SatchelSessionInterface(SessionInterface):
         self.purpose = purpose
         self.limits = limits
         self.dictionary_id = dictionary_id
+        self.pad_to = check_pad_to(pad_to)
         #: Called when the ``Set-Cookie`` header would exceed ``MAX_COOKIE_SIZE``, as
         #: ``overflow(app, session, value, size, limit)``. Return a shorter cookie value
         #: (a reference into a server-side tier, say) to send instead, or None to raise
@@ -232,13 +235,21 @@ class SatchelSessionInterface(SessionInterface):
             raise ConfigurationError("app.extensions['satchel'] holds no satchel Keyring")
         return ring
 
+    def get_pad_to(self, app: Flask) -> int | None:
+        value = app.config.get("SATCHEL_SESSION_PAD_TO", self.pad_to)
+        try:
+            return check_pad_to(int(value) if isinstance(value, str) else value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"SATCHEL_SESSION_PAD_TO: {exc}") from None
+
     def get_codec(self, app: Flask, mode: str | None = None) -> Codec | None:
-        """The codec for this request's keys, mode and purpose (cached), or None."""
+        """The codec for this request's keys, mode, purpose and padding (cached), or None."""
         ring = self.get_keyring(app)
         if ring is None:
             return None
         mode = mode or self.get_mode(app)
         purpose = self.get_purpose(app)
+        pad_to = self.get_pad_to(app)
 
         def make() -> tuple[Keyring, Codec]:
             codec = Codec(
@@ -247,6 +258,7 @@ class SatchelSessionInterface(SessionInterface):
                 purpose=purpose,
                 limits=self.limits,
                 dictionary_id=self.dictionary_id,
+                pad_to=pad_to,
                 clock=self.clock,
             )
             return ring, codec
@@ -254,7 +266,7 @@ class SatchelSessionInterface(SessionInterface):
         # Keyed by the ring's identity: rings built from SATCHEL_KEYS or the secrets are
         # cached above, so one configuration maps to one ring. Each entry holds its ring,
         # so the id cannot be reused by another ring while the entry exists.
-        _ring, codec = self._codecs.get_or_make((id(ring), mode, purpose), make)
+        _ring, codec = self._codecs.get_or_make((id(ring), mode, purpose, pad_to), make)
         return codec
 
     # -- payload -------------------------------------------------------------------
