@@ -19,6 +19,9 @@ Usage::
 
     .venv/bin/python tools/train_dictionary.py            # train, write .zdict + README
     .venv/bin/python tools/train_dictionary.py --select   # parameter search only
+    # an app's own dictionary, from its own transcripts (ids 128-255):
+    .venv/bin/python tools/train_dictionary.py --corpus chats.jsonl --dict-id 200 \
+        --out instance/chat-app.zdict
 
 ``--select`` trains candidates (dict size x k x d) on conversations made only of 4/5 of
 the training topics and scores them on conversations made of the other 1/5, so the
@@ -52,7 +55,13 @@ except ImportError:  # not installed: use the source tree (same as PYTHONPATH=se
     sys.path.insert(0, str(ROOT / "server"))
 
 from satchel.codec import DIGEST_SIZE, Codec  # noqa: E402
-from satchel.compress import DEFAULT_LEVEL, DICTIONARY_FILES, Compressor  # noqa: E402
+from satchel.compress import (  # noqa: E402
+    DEFAULT_LEVEL,
+    DICTIONARY_FILES,
+    FIRST_APP_DICTIONARY_ID,
+    Compressor,
+    load_dictionary,
+)
 from satchel.context import Context, LifecycleAction, SegmentRef  # noqa: E402
 from satchel.keys import Keyring  # noqa: E402
 from satchel.lifecycle.policy import LifecyclePolicy, apply_policies  # noqa: E402
@@ -257,10 +266,54 @@ def make_compress(dictionary: zstandard.ZstdCompressionDict | None) -> Callable[
     return size
 
 
-def train(samples: list[bytes], size: int, k: int, d: int) -> zstandard.ZstdCompressionDict:
+def train(
+    samples: list[bytes], size: int, k: int, d: int, dict_id: int = DICT_ID
+) -> zstandard.ZstdCompressionDict:
     return zstandard.train_dictionary(
-        size, samples, k=k, d=d, dict_id=DICT_ID, level=DEFAULT_LEVEL, split_point=1.0
+        size, samples, k=k, d=d, dict_id=dict_id, level=DEFAULT_LEVEL, split_point=1.0
     )
+
+
+def train_app_dictionary(corpus: Path, out: Path, dict_id: int, size: int) -> int:
+    """Train an app's own dictionary on its own transcripts (``--corpus``).
+
+    Every fifth conversation is held back and used only to report the gain, so the
+    figures printed are for conversations the dictionary did not see.
+    """
+    if not FIRST_APP_DICTIONARY_ID <= dict_id <= 255:
+        print(f"--dict-id must be {FIRST_APP_DICTIONARY_ID}-255 (lower ids are Satchel's)")
+        return 2
+    convs = load_jsonl(corpus)
+    fit = [c for i, c in enumerate(convs) if i % 5]
+    held = [c for i, c in enumerate(convs) if not i % 5]
+    samples = training_payloads(fit, SAMPLE_SEED)
+    if len(fit) < 20 or len(held) < 5:
+        print(f"{corpus}: {len(convs)} conversations; at least 25 are needed")
+        return 2
+    try:
+        dictionary = train(samples, size, K, D, dict_id)
+    except zstandard.ZstdError as exc:
+        print(f"training failed ({exc}): more or longer conversations are needed")
+        return 2
+    out.write_bytes(dictionary.as_bytes())
+    print(f"trained on {len(fit)} conversations ({len(samples)} samples); wrote {out}")
+    print(f"mean compressed payload on {len(held)} held-back conversations:")
+    shipped = make_compress(load_dictionary(DICT_ID))
+    own = make_compress(dictionary)
+    plain = make_compress(None)
+    for n in (4, 20):
+        payloads = first_turns(held, n, 11)
+        if payloads:
+            sizes = [mean([f(p) for p in payloads]) for f in (plain, shipped, own)]
+            print(
+                f"  {n:>2} turns ({len(payloads)}): plain zstd {sizes[0]:.0f}, "
+                f"chat-v1 {sizes[1]:.0f}, this dictionary {sizes[2]:.0f} bytes"
+            )
+    print(
+        f"use it: SATCHEL_DICTIONARIES={{{dict_id}: '{out}'}} and "
+        f"SATCHEL_DICTIONARY_ID={dict_id} (every process that opens tokens needs it)"
+    )
+    return 0
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -531,7 +584,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="16,24,32,48", help="KiB sizes for --select")
     ap.add_argument("--ks", default="64,128,256,512,1024,2048", help="k values for --select")
     ap.add_argument("--ds", default="6,8", help="d values for --select")
+    ap.add_argument(
+        "--corpus",
+        type=Path,
+        help="train an app dictionary on this JSONL of conversations instead "
+        '({"turns": [{"role": ..., "content": ...}, ...]} per line)',
+    )
+    ap.add_argument("--out", type=Path, help="with --corpus: where to write the .zdict")
+    ap.add_argument("--dict-id", type=int, default=200, help="with --corpus: 128-255")
+    ap.add_argument("--size", type=int, default=DICT_SIZE, help="with --corpus: bytes")
     args = ap.parse_args(argv)
+
+    if args.corpus:
+        if not args.out:
+            ap.error("--corpus needs --out")
+        return train_app_dictionary(args.corpus, args.out, args.dict_id, args.size)
 
     if args.select:
         select(

@@ -22,7 +22,12 @@ import zstandard
 from .errors import MalformedToken, TokenTooLarge, UnsupportedVersion
 
 #: Dictionary ids in use. Never reuse an id for different bytes: old tokens name them.
+#: Ids 1-127 are Satchel's, shipped in the package; 128-255 are for an app's own
+#: dictionaries (:func:`register_dictionary`).
 DICTIONARY_FILES: dict[int, str] = {1: "chat-v1.zdict"}
+FIRST_APP_DICTIONARY_ID = 128
+LAST_DICTIONARY_ID = 255
+_ZSTD_DICT_MAGIC = b"\x37\xa4\x30\xec"
 DEFAULT_DICTIONARY_ID = 1
 DEFAULT_LEVEL = 3
 DEFAULT_MAX_DECOMPRESSED = 1024 * 1024
@@ -42,7 +47,47 @@ _tuple_new = tuple.__new__
 
 
 _dictionaries: dict[int, zstandard.ZstdCompressionDict | None] = {}
+_registered: dict[int, bytes] = {}
 _dict_lock = threading.Lock()
+
+
+def register_dictionary(dictionary_id: int, data: bytes) -> None:
+    """Make an app's own trained zstd dictionary available under ``dictionary_id``.
+
+    ``dictionary_id`` is 128-255 (1-127 are Satchel's). Register it in every process
+    that opens tokens (``SATCHEL_DICTIONARIES`` does it in ``init_app``), then seal
+    with ``Codec(dictionary_id=...)`` / ``SATCHEL_DICTIONARY_ID``. As with shipped
+    dictionaries, an id names one dictionary forever: tokens carry only the id, so
+    registering other bytes under an id already in use raises ValueError, while
+    registering the same bytes again does nothing. Train one with
+    ``tools/train_dictionary.py --corpus your.jsonl --dict-id N --out your.zdict``.
+    """
+    if isinstance(dictionary_id, bool) or not isinstance(dictionary_id, int):
+        raise TypeError("dictionary_id must be an int")
+    if not FIRST_APP_DICTIONARY_ID <= dictionary_id <= LAST_DICTIONARY_ID:
+        raise ValueError(
+            f"app dictionary ids are {FIRST_APP_DICTIONARY_ID}-{LAST_DICTIONARY_ID}; "
+            f"1-{FIRST_APP_DICTIONARY_ID - 1} are Satchel's own"
+        )
+    data = bytes(data)
+    if not data.startswith(_ZSTD_DICT_MAGIC) or len(data) < 64:
+        raise ValueError("not a trained zstd dictionary (no dictionary magic number)")
+    with _dict_lock:
+        known = _registered.get(dictionary_id)
+        if known is not None:
+            if known != data:
+                raise ValueError(
+                    f"zstd dictionary {dictionary_id} is already registered with other bytes; "
+                    "give a new dictionary a new id"
+                )
+            return
+        dictionary = zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_FULLDICT)
+        try:
+            dictionary.precompute_compress(level=DEFAULT_LEVEL)  # refuses a corrupt one
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"not a usable zstd dictionary: {exc}") from None
+        _registered[dictionary_id] = data
+        _dictionaries[dictionary_id] = dictionary
 
 
 def load_dictionary(dictionary_id: int) -> zstandard.ZstdCompressionDict | None:
@@ -53,8 +98,11 @@ def load_dictionary(dictionary_id: int) -> zstandard.ZstdCompressionDict | None:
         return _dictionaries[dictionary_id]
     name = DICTIONARY_FILES.get(dictionary_id)
     if name is None:
+        whose = (
+            "registered" if dictionary_id >= FIRST_APP_DICTIONARY_ID else "known to this release"
+        )
         raise UnsupportedVersion(
-            f"token needs zstd dictionary {dictionary_id}, unknown to this release",
+            f"token needs zstd dictionary {dictionary_id}, not {whose}",
             dictionary_id=dictionary_id,
         )
     with _dict_lock:
@@ -174,8 +222,10 @@ __all__ = [
     "DEFAULT_DICTIONARY_ID",
     "DEFAULT_MAX_DECOMPRESSED",
     "DICTIONARY_FILES",
+    "FIRST_APP_DICTIONARY_ID",
     "Compressed",
     "Compressor",
     "available_dictionary_id",
     "load_dictionary",
+    "register_dictionary",
 ]

@@ -119,6 +119,7 @@ class Satchel:
         config = SatchelConfig.from_app(app, mode=self._mode)
         keyring = self._keyring or keyring_from_config(app, config)
         limits = Limits(max_token_bytes=config.token_limit)
+        config.register_dictionaries()  # before the codec: it may write with one of them
         codec = Codec(
             keyring,
             mode=config.token_mode,
@@ -126,6 +127,7 @@ class Satchel:
             limits=limits,
             algorithm=config.aead,
             pad_to=config.pad_to,
+            dictionary_id=config.dictionary_id,
         )
         policy = self._policy or config.lifecycle_policy()
         tier = self._build_tier(config)

@@ -13,6 +13,10 @@ SATCHEL_TOKEN_MODE              "sealed"       "sealed" (AEAD) or "signed" (HMAC
 SATCHEL_AEAD                    "aes-256-gcm"  or "chacha20-poly1305"
 SATCHEL_PURPOSE                 "satchel"      scopes derived keys: tokens of another purpose
                                                are refused
+SATCHEL_DICTIONARIES            None           the app's own zstd dictionaries, {id: path
+                                               or bytes} with ids 128-255, registered in
+                                               init_app (compress.register_dictionary)
+SATCHEL_DICTIONARY_ID           shipped (1)    dictionary new tokens are compressed with
 SATCHEL_PAD_TO                  None           round every token up to a multiple of this
                                                many bytes (16..16384), so a sealed token's
                                                length hides how well it compressed
@@ -58,13 +62,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from flask import Flask
 
-from ..errors import ConfigurationError
+from ..compress import load_dictionary, register_dictionary
+from ..errors import ConfigurationError, UnsupportedVersion
 from ..keys import Keyring, generate_key
 from ..lifecycle import ExtractiveSummarizer, LifecyclePolicy
 from ..padding import check_pad_to
@@ -91,6 +97,8 @@ class SatchelConfig:
     aead: str = "aes-256-gcm"
     purpose: str = "satchel"
     pad_to: int | None = None
+    dictionaries: Any = None
+    dictionary_id: int | None = None
     header: str = "Satchel-Context"
     cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
@@ -142,6 +150,7 @@ class SatchelConfig:
             "max_age",
             "cookie_max_age",
             "pad_to",
+            "dictionary_id",
         ):
             if name in values:
                 values[name] = _optional_int(values[name])
@@ -173,6 +182,28 @@ class SatchelConfig:
         if config.mode not in ("client", "server", "memory"):
             raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
         return config
+
+    def register_dictionaries(self) -> None:
+        """Register ``SATCHEL_DICTIONARIES`` ({id: path or bytes}) with the compressor,
+        and check that ``SATCHEL_DICTIONARY_ID`` names a dictionary that exists."""
+        self._register_app_dictionaries()
+        if self.dictionary_id is not None:
+            try:
+                load_dictionary(self.dictionary_id)
+            except UnsupportedVersion as exc:
+                raise ConfigurationError(f"SATCHEL_DICTIONARY_ID: {exc}") from None
+
+    def _register_app_dictionaries(self) -> None:
+        if not self.dictionaries:
+            return
+        if not isinstance(self.dictionaries, Mapping):
+            raise ConfigurationError("SATCHEL_DICTIONARIES must map ids to paths or bytes")
+        for key, source in self.dictionaries.items():
+            try:
+                data = source if isinstance(source, bytes) else Path(source).read_bytes()
+                register_dictionary(int(key), data)
+            except (OSError, TypeError, ValueError) as exc:
+                raise ConfigurationError(f"SATCHEL_DICTIONARIES[{key!r}]: {exc}") from None
 
     def lifecycle_policy(self) -> LifecyclePolicy:
         return LifecyclePolicy(
