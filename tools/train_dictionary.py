@@ -573,9 +573,24 @@ equivalent (it would carry the whole conversation), hence n/a.
 All sizes are means, in bytes (tokens and cookies in characters).
 
 {table}
-""",
+"""
+        + kept_tail(),
         encoding="utf-8",
     )
+
+
+#: Everything in README.md from this line on is written by hand and kept on retraining.
+HAND_WRITTEN_MARKER = "<!-- hand-written from here on: tools/train_dictionary.py keeps it -->"
+
+
+def kept_tail() -> str:
+    """The hand-written end of the current README (from the marker), if any."""
+    try:
+        text = README_PATH.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    index = text.find(HAND_WRITTEN_MARKER)
+    return "" if index < 0 else "\n" + text[index:]
 
 
 def main(argv: list[str] | None = None) -> int:
