@@ -150,3 +150,21 @@ def test_malformed_token_exits_1() -> None:
     code, out, _ = run("not-a-token", keys=KEYS.to_string())
     assert code == 1
     assert out["error"]["code"] == "token_malformed"
+
+
+def test_inspect_opens_tokens_of_an_app_dictionary_given_with_dictionary(tmp_path: Path) -> None:
+    from satchel.compress import register_dictionary
+    from tests.test_dictionaries import chat, trained
+
+    data = trained(210)
+    register_dictionary(210, data)
+    path = tmp_path / "app.zdict"
+    path.write_bytes(data)
+    token = Codec(KEYS, dictionary_id=210).seal(chat())
+    code, out, _ = run(token, keys=KEYS.to_string())
+    assert code == 1 and out["error"]["code"] == "token_unsupported_version"
+    code, out, _ = run(token, "--dictionary", f"210={path}", keys=KEYS.to_string())
+    assert code == 0 and out["verified"] and out["header"]["dictionary_id"] == 210
+    assert len(out["context"]["turns"]) == 4
+    code, _, err = run(token, "--dictionary", f"210={tmp_path / 'missing'}", keys=KEYS.to_string())
+    assert code == 2 and "--dictionary" in err

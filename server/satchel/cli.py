@@ -44,7 +44,23 @@ def _header_dict(token: str) -> dict[str, Any]:
     }
 
 
+def register_cli_dictionaries(values: Sequence[str] | None) -> None:
+    """``--dictionary ID=PATH`` (repeatable): an app's own zstd dictionaries."""
+    from .compress import register_dictionary
+
+    for value in values or ():
+        ident, sep, path = value.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected ID=PATH")
+            with open(path, "rb") as fh:
+                register_dictionary(int(ident), fh.read())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"--dictionary {value}: {exc}") from None
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    register_cli_dictionaries(args.dictionary)
     token = args.token
     if token == "-":
         token = sys.stdin.read()
@@ -93,6 +109,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    register_cli_dictionaries(args.dictionary)
+    if args.dictionary_id is not None:
+        from .compress import load_dictionary
+
+        try:
+            load_dictionary(args.dictionary_id)
+        except BadToken as exc:  # UnsupportedVersion: no such dictionary here
+            raise ConfigurationError(f"--dictionary-id: {exc.message}") from None
     if args.what == "codec":
         from .bench.codec import main as bench_codec
 
@@ -127,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", help="the token, or - to read it from stdin")
     p.add_argument("--no-verify", action="store_true", help="print only what the header says")
     p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
+    p.add_argument(
+        "--dictionary",
+        action="append",
+        metavar="ID=PATH",
+        help="register an app's own zstd dictionary (repeatable)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("erase", help="erase a session's server-side data")
@@ -142,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--turns", default="4,20,50,200", help="context sizes (codec)")
     p.add_argument("--corpus", help="JSONL of held-out conversations (codec)")
+    p.add_argument(
+        "--dictionary",
+        action="append",
+        metavar="ID=PATH",
+        help="register an app's own zstd dictionary (repeatable)",
+    )
+    p.add_argument(
+        "--dictionary-id", type=int, help="compress with this dictionary (codec; default: 1)"
+    )
     p.add_argument("--conversations", type=int, default=8, help="concurrent chats (chaos)")
     p.add_argument("--requests", type=int, default=40, help="turns per chat (chaos)")
     p.add_argument("--server", choices=["embedded", "gunicorn"], default="embedded")

@@ -147,12 +147,18 @@ def measure(cases: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def run(sizes: tuple[int, ...], rounds: int, budget_s: float, corpus: str | None) -> dict:
+def run(
+    sizes: tuple[int, ...],
+    rounds: int,
+    budget_s: float,
+    corpus: str | None,
+    dictionary_id: int | None = None,
+) -> dict:
     convs, source = load_conversations(corpus)
     now = int(time.time())
     keyring = Keyring.generate("bench")
-    signed = Codec(keyring, mode="signed")
-    sealed = Codec(keyring, mode="sealed")
+    signed = Codec(keyring, mode="signed", dictionary_id=dictionary_id)
+    sealed = Codec(keyring, mode="sealed", dictionary_id=dictionary_id)
     floor = Floor(keyring.derive("bench", "floor", "mac"), signed.compressor)
     flask_s = flask_serializer()
     rows = []
@@ -335,7 +341,8 @@ def render(result: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     sizes = tuple(int(s) for s in str(args.turns).split(",") if s.strip())
     rounds, budget = (5, 0.01) if args.quick else (15, 0.04)
-    result = run(sizes, rounds, budget, getattr(args, "corpus", None))
+    dictionary_id = getattr(args, "dictionary_id", None)
+    result = run(sizes, rounds, budget, getattr(args, "corpus", None), dictionary_id)
     print(render(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
