@@ -106,7 +106,7 @@ bench: venv
 # ------------------------------------------------------------------------ clean
 
 clean:
-	rm -rf build dist test-artifacts .pytest_cache .ruff_cache .hypothesis
+	rm -rf build dist test-artifacts .pytest_cache .ruff_cache .mypy_cache .hypothesis
 	find . -path ./$(VENV) -prune -o -name '*.egg-info' -prune -exec rm -rf {} + 2>/dev/null || true
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
 
