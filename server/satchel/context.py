@@ -192,6 +192,8 @@ class Context:
     summary: str = ""
     pinned: Pinned = field(default_factory=Pinned)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: version of the shape of ``metadata`` (the app's; see satchel.app_schema)
+    metadata_version: int = 0
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
     overflow: list[SegmentRef] = field(default_factory=list)
     #: keyed hash of the user id this context is bound to, if any
@@ -292,6 +294,7 @@ class Context:
             "summary": self.summary,
             "pinned": self.pinned.to_dict(),
             "metadata": _jsonable(self.metadata),
+            "metadata_version": self.metadata_version,
             "lifecycle": self.lifecycle.to_dict(),
             "overflow": [r.to_dict() for r in self.overflow],
             "overflowed_turns": self.overflowed_turns,

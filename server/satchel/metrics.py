@@ -33,6 +33,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_tokens_resealed_total``: resealed
 * ``satchel_sessions_started_total``: session_started
 * ``satchel_migrations_total{from_version}``: migrated
+* ``satchel_metadata_migrations_total{from_version}``: metadata_migrated (the app's
+  ``ctx.metadata``, satchel.app_schema)
 * ``satchel_trims_total{reason}`` and ``satchel_trimmed_turns_total{reason}``: trimmed
 * ``satchel_summarized_turns_total``: summarized
 * ``satchel_overflow_writes_total``, ``satchel_overflow_write_bytes_total``: overflowed
@@ -248,6 +250,11 @@ class PrometheusObserver(Observer):
         self.migrations = counter(
             "migrations", "Contexts migrated from an older schema version", ("from_version",)
         )
+        self.metadata_migrations = counter(
+            "metadata_migrations",
+            "Contexts whose app metadata was migrated on read, by version",
+            ("from_version",),
+        )
         self.trims = counter("trims", "Lifecycle trims, by policy", ("reason",))
         self.trimmed_turns = counter("trimmed_turns", "Turns dropped by trims", ("reason",))
         self.summarized_turns = counter("summarized_turns", "Turns folded into the summary")
@@ -378,6 +385,11 @@ class PrometheusObserver(Observer):
             self.resealed.inc()
         elif name == "session_started":
             self.sessions_started.inc()
+        elif name == "metadata_migrated":
+            self._child(
+                self.metadata_migrations,
+                self._label("metadata_migrated", "from_version", fields.get("from_version")),
+            ).inc()
         elif name == "migrated":
             self._child(
                 self.migrations, self._label("migrated", "from_version", fields.get("from_version"))

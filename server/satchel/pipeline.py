@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from .app_schema import MetadataSchema
 from .codec import Codec
 from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, TierError
@@ -61,10 +62,13 @@ class Pipeline:
         segments: SegmentStore | None = None,
         observer: Observer = NULL_OBSERVER,
         clock: Clock = time.time,
+        metadata_schema: MetadataSchema | None = None,
     ) -> None:
         self.codec = codec
         self.policy = policy or LifecyclePolicy()
         self.segments = segments
+        #: the app's metadata version and migrations (satchel.app_schema)
+        self.metadata_schema = metadata_schema or MetadataSchema()
         self.observer = observer
         self.clock = clock
         self._tags: dict[bytes, str] = {}
@@ -88,6 +92,7 @@ class Pipeline:
     def new_context(self, now: float | None = None) -> Context:
         now = self.clock() if now is None else now
         ctx = Context.new(now=int(now))
+        ctx.metadata_version = self.metadata_schema.version
         self.observer.event("session_started", session=self.session_tag(ctx.session_id))
         return ctx
 
@@ -117,6 +122,11 @@ class Pipeline:
         try:
             opened = self.codec.open_verbose(token, now=now)
             check_age(opened.context, self.policy, now, self.codec.limits.clock_skew)
+            t1 = time.perf_counter()
+            metadata_from = self.metadata_schema.upgrade(opened.context)
+            opened.timings["migrate"] = opened.timings.get("migrate", 0.0) + (
+                time.perf_counter() - t1
+            )
         except BadToken as exc:
             self.observer.event("refused", reason=exc.code)
             if exc.code == "token_expired":
@@ -135,6 +145,13 @@ class Pipeline:
                 session=tag,
                 from_version=ctx.opened_version,
                 to_version=ctx.schema_version,
+            )
+        if metadata_from is not None:
+            self.observer.event(
+                "metadata_migrated",
+                session=tag,
+                from_version=metadata_from,
+                to_version=ctx.metadata_version,
             )
         for step in ("open", "verify", "decompress", "unpack", "migrate"):
             self.observer.timing(step, timings[step])

@@ -11,7 +11,9 @@ History:
 
 * 1 (0.0 preview): long field names, turns as maps, ``system_prompt`` string.
 * 2 (0.1): short keys, turns as arrays, tool calls, opaque blocks, pinned facts,
-  lifecycle record, overflow references, user binding.
+  lifecycle record, overflow references, user binding; later, the optional ``mv``
+  (the app's metadata version, satchel.app_schema: absent means 0, so earlier
+  version 2 payloads read unchanged).
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def to_wire(ctx: Context) -> dict[str, Any]:
         wire["P"] = [pinned.system, list(pinned.facts)]
     if ctx.metadata:
         wire["m"] = ctx.metadata
+    if ctx.metadata_version:
+        wire["mv"] = ctx.metadata_version
     lc = ctx.lifecycle
     if lc.dropped or lc.summarized or lc.lost or lc.recent:
         wire["l"] = [
@@ -186,6 +190,12 @@ def _num(value: Any) -> float:
 def _seq(value: Any) -> int:
     if type(value) is not int or not 0 <= value < 2**63:
         raise TypeError("expected a sequence number")
+    return value
+
+
+def _metadata_version(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < 2**31:
+        raise TypeError("expected a metadata version")
     return value
 
 
@@ -254,6 +264,8 @@ def from_wire(wire: Any) -> Context:
             if not isinstance(wire["m"], dict):
                 raise TypeError("metadata")
             ctx.metadata = wire["m"]
+        if "mv" in wire:
+            ctx.metadata_version = _metadata_version(wire["mv"])
         if "l" in wire:
             dropped, summarized, lost, recent = wire["l"]
             ctx.lifecycle = Lifecycle(

@@ -22,6 +22,7 @@ from itsdangerous import BadSignature as ItsBadSignature
 from itsdangerous import Signer
 from itsdangerous.encoding import base64_decode, base64_encode
 
+from .app_schema import MetadataSchema
 from .codec import Codec
 from .context import Context
 from .errors import BadToken, MalformedToken, TierError, TierUnavailable
@@ -46,8 +47,16 @@ class ServerSidePipeline(Pipeline):
         observer: Observer = NULL_OBSERVER,
         clock: Clock = time.time,
         prefix: str = "satchel",
+        metadata_schema: MetadataSchema | None = None,
     ) -> None:
-        super().__init__(codec, policy, segments=None, observer=observer, clock=clock)
+        super().__init__(
+            codec,
+            policy,
+            segments=None,
+            observer=observer,
+            clock=clock,
+            metadata_schema=metadata_schema,
+        )
         self.store = store
         self.mode = mode
         self.prefix = prefix

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from flask import Flask, Response, current_app, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
+from ..app_schema import MetadataMigration, MetadataSchema
 from ..codec import Codec
 from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, stricter
 from ..context import Context
@@ -87,6 +88,9 @@ class Satchel:
     travels) or ``"memory"`` (in this process; one process only). Given here it wins
     over ``SATCHEL_MODE``. The view code is the same in every mode. ``keyring``,
     ``policy``, ``observer`` and ``tier`` likewise replace what the config would build.
+
+    The app's own state in ``ctx.metadata`` is versioned by ``SATCHEL_METADATA_VERSION``;
+    register its migrations with :meth:`metadata_migration` (satchel.app_schema).
     """
 
     def __init__(
@@ -104,6 +108,8 @@ class Satchel:
         self._policy = policy
         self._tier = tier
         self.observer = MultiObserver([observer] if observer else [])
+        #: migrations of the app's ``ctx.metadata`` (see :meth:`metadata_migration`)
+        self.metadata = MetadataSchema()
         #: the Prometheus observer (its ``.registry`` is what /metrics serves)
         self.metrics: Any = None
         from ..metrics import PrometheusObserver
@@ -130,6 +136,12 @@ class Satchel:
             dictionary_id=config.dictionary_id,
         )
         policy = self._policy or config.lifecycle_policy()
+        metadata_schema = self.metadata
+        if config.metadata_version is not None:
+            try:
+                metadata_schema = self.metadata.with_version(config.metadata_version)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"SATCHEL_METADATA_VERSION: {exc}") from None
         tier = self._build_tier(config)
         segments = None
         if config.mode == "client":
@@ -137,7 +149,13 @@ class Satchel:
                 from ..segments import SegmentStore
 
                 segments = SegmentStore(tier, codec)
-            pipeline: Pipeline = Pipeline(codec, policy, segments=segments, observer=self.observer)
+            pipeline: Pipeline = Pipeline(
+                codec,
+                policy,
+                segments=segments,
+                observer=self.observer,
+                metadata_schema=metadata_schema,
+            )
         else:
             from ..server_mode import ServerSidePipeline
 
@@ -150,7 +168,12 @@ class Satchel:
             # object may serve other apps.
             policy = dataclasses.replace(policy, max_token_bytes=None)
             pipeline = ServerSidePipeline(
-                codec, policy, store=tier, mode=config.mode, observer=self.observer
+                codec,
+                policy,
+                store=tier,
+                mode=config.mode,
+                observer=self.observer,
+                metadata_schema=metadata_schema,
             )
         guard = None
         if tier is not None and config.mode == "client":
@@ -328,6 +351,21 @@ class Satchel:
         elif not hmac.compare_digest(ctx.bound_user, bound):
             self.observer.event("refused", reason="token_wrong_user")
             raise WrongUser("this conversation belongs to another user")
+
+    def metadata_migration(
+        self, from_version: int
+    ) -> Callable[[MetadataMigration], MetadataMigration]:
+        """Register a migration of the app's ``ctx.metadata`` from ``from_version`` to
+        the next, run when a token with that version is opened::
+
+            @satchel.metadata_migration(from_version=0)    # SATCHEL_METADATA_VERSION = 1
+            def tone_becomes_a_preference(meta: dict) -> dict:
+                meta["prefs"] = {"tone": meta.pop("tone", "neutral")}
+                return meta
+
+        Works before or after ``init_app``. See :mod:`satchel.app_schema`.
+        """
+        return self.metadata.migration(from_version)
 
     def consistency(self, level: str) -> Callable[[F], F]:
         """Demand a stricter consistency level for one route::

@@ -17,6 +17,9 @@ SATCHEL_DICTIONARIES            None           the app's own zstd dictionaries, 
                                                or bytes} with ids 128-255, registered in
                                                init_app (compress.register_dictionary)
 SATCHEL_DICTIONARY_ID           shipped (1)    dictionary new tokens are compressed with
+SATCHEL_METADATA_VERSION        0              version of the shape of ctx.metadata; tokens
+                                               with an older one are migrated on read
+                                               (Satchel.metadata_migration)
 SATCHEL_PAD_TO                  None           round every token up to a multiple of this
                                                many bytes (16..16384), so a sealed token's
                                                length hides how well it compressed
@@ -99,6 +102,7 @@ class SatchelConfig:
     pad_to: int | None = None
     dictionaries: Any = None
     dictionary_id: int | None = None
+    metadata_version: int | None = None
     header: str = "Satchel-Context"
     cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
@@ -151,6 +155,7 @@ class SatchelConfig:
             "cookie_max_age",
             "pad_to",
             "dictionary_id",
+            "metadata_version",
         ):
             if name in values:
                 values[name] = _optional_int(values[name])

@@ -1,0 +1,224 @@
+"""The app's own metadata, versioned: migrations on read (satchel.app_schema)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from satchel import Codec, Context, Keyring, Satchel, schema, serialize
+from satchel.app_schema import MetadataSchema
+from satchel.errors import (
+    ConfigurationError,
+    InvalidContext,
+    MigrationFailed,
+    UnsupportedVersion,
+)
+from satchel.lifecycle import LifecyclePolicy
+from satchel.server_mode import ServerSidePipeline
+from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+
+NOW = 1_800_000_000
+RING = Keyring.generate("k1")
+
+
+def tone_to_prefs(meta: dict[str, Any]) -> dict[str, Any]:
+    meta["prefs"] = {"tone": meta.pop("tone", "neutral")}
+    return meta
+
+
+def prefs_to_list(meta: dict[str, Any]) -> dict[str, Any]:
+    return {**meta, "prefs": sorted(meta["prefs"].items())}
+
+
+def schema_v2() -> MetadataSchema:
+    s = MetadataSchema(2)
+    s.migration(from_version=0)(tone_to_prefs)
+    s.migration(from_version=1)(prefs_to_list)
+    return s
+
+
+def context(version: int = 0, **metadata: Any) -> Context:
+    ctx = Context.new(now=NOW)
+    ctx.metadata = dict(metadata)
+    ctx.metadata_version = version
+    return ctx
+
+
+# -- the registry -------------------------------------------------------------------------
+
+
+def test_migrations_run_in_order_up_to_the_current_version() -> None:
+    ctx = context(tone="formal", plan="pro")
+    assert schema_v2().upgrade(ctx) == 0
+    assert ctx.metadata == {"plan": "pro", "prefs": [("tone", "formal")]}
+    assert ctx.metadata_version == 2
+    assert schema_v2().upgrade(ctx) is None  # already current: nothing runs
+    halfway = context(1, prefs={"tone": "casual"})
+    assert schema_v2().upgrade(halfway) == 1
+    assert halfway.metadata == {"prefs": [("tone", "casual")]}
+
+
+def test_unversioned_apps_are_untouched() -> None:
+    ctx = context(anything={"goes": [1, 2]})
+    assert MetadataSchema().upgrade(ctx) is None
+    assert ctx.metadata == {"anything": {"goes": [1, 2]}}
+
+
+def test_newer_metadata_than_the_deployment_knows_is_refused() -> None:
+    with pytest.raises(UnsupportedVersion) as info:
+        schema_v2().upgrade(context(3))
+    assert info.value.code == "token_unsupported_version"
+    assert info.value.facts["metadata_version"] == 3
+
+
+def test_missing_failing_or_bad_migrations_are_migration_failed() -> None:
+    gap = MetadataSchema(2)
+    gap.migration(from_version=1)(prefs_to_list)
+    with pytest.raises(MigrationFailed, match="no metadata migration from version 0"):
+        gap.upgrade(context())
+    with pytest.raises(MigrationFailed, match="1 -> 2 failed: KeyError") as info:
+        schema_v2().upgrade(context(1, unrelated=True))  # v1 step needs "prefs"
+    assert info.value.code == "token_migration_failed"
+    not_a_dict = MetadataSchema(1)
+    not_a_dict.migration(from_version=0)(lambda meta: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(MigrationFailed, match="not a dict"):
+        not_a_dict.upgrade(context())
+
+
+def test_registry_rules() -> None:
+    s = schema_v2()
+    with pytest.raises(ValueError, match="already registered"):
+        s.migration(from_version=0)(tone_to_prefs)
+    later = s.with_version(1)  # the same migrations, another current version
+    ctx = context(tone="dry")
+    assert later.upgrade(ctx) == 0 and ctx.metadata == {"prefs": {"tone": "dry"}}
+    for bad in (-1, 2**31, True, "2", 1.5):
+        with pytest.raises((TypeError, ValueError)):
+            MetadataSchema(bad)  # type: ignore[arg-type]
+
+
+# -- in the token -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sealed", "signed"])
+def test_metadata_version_travels_in_the_token(mode: str) -> None:
+    codec = Codec(RING, mode)
+    assert "mv" not in schema.to_wire(context())  # 0 is not written: old payloads read alike
+    ctx = codec.open(codec.seal(context(7, tone="x")))
+    assert ctx.metadata_version == 7 and ctx.metadata == {"tone": "x"}
+    assert ctx.to_dict()["metadata_version"] == 7
+
+
+@pytest.mark.parametrize("bad", [-1, 2**31, "1", 1.0, True, None])
+def test_a_malformed_metadata_version_is_an_invalid_context(bad: Any) -> None:
+    codec = Codec(RING)
+    wire = schema.to_wire(context())
+    wire["mv"] = bad
+    token, _ = codec.seal_payload(serialize.pack(wire))
+    with pytest.raises(InvalidContext):
+        codec.open(token)
+
+
+# -- through the Flask extension ----------------------------------------------------------
+
+
+def chat_app(version: int | None, *, fresh: bool = False, failing: bool = False) -> Flask:
+    app = Flask(f"chat-v{version}")
+    app.config.update(SATCHEL_KEYS=RING, TESTING=True)
+    if version is not None:
+        app.config["SATCHEL_METADATA_VERSION"] = version
+    if fresh:
+        app.config["SATCHEL_ON_BAD_TOKEN"] = "fresh"
+    satchel = Satchel()
+
+    @satchel.metadata_migration(from_version=0)
+    def _tone(meta: dict[str, Any]) -> dict[str, Any]:
+        if failing:
+            raise KeyError("tone")
+        return tone_to_prefs(meta)
+
+    satchel.metadata_migration(from_version=1)(prefs_to_list)
+    satchel.init_app(app)
+
+    @app.post("/tone/<tone>")
+    def set_tone(tone: str) -> dict[str, Any]:
+        ctx = satchel.context
+        if ctx.metadata_version == 0:
+            ctx.metadata["tone"] = tone
+        ctx.add_turn("user", f"be {tone}")
+        return {"metadata": ctx.metadata, "version": ctx.metadata_version}
+
+    @app.get("/meta")
+    def meta() -> dict[str, Any]:
+        ctx = satchel.context
+        return {"metadata": ctx.metadata, "version": ctx.metadata_version}
+
+    return app
+
+
+def test_a_deploy_that_changes_the_metadata_shape_keeps_old_sessions() -> None:
+    old = chat_app(None).test_client()
+    token = old.post("/tone/formal").headers["Satchel-Context"]
+    assert Codec(RING).open(token).metadata == {"tone": "formal"}
+
+    new = chat_app(2).test_client()
+    response = new.get("/meta", headers={"Satchel-Context": token})
+    assert response.status_code == 200
+    assert response.json == {"metadata": {"prefs": [["tone", "formal"]]}, "version": 2}
+    # The next token is written in the new shape, and is not migrated again.
+    token2 = new.post("/tone/ignored", headers={"Satchel-Context": token}).headers[
+        "Satchel-Context"
+    ]
+    reopened = Codec(RING).open(token2)
+    assert reopened.metadata_version == 2 and reopened.metadata == {"prefs": [["tone", "formal"]]}
+    assert new.get("/meta", headers={"Satchel-Context": token2}).json["version"] == 2
+    # A fresh session starts at the current version.
+    fresh = new.post("/tone/any").headers["Satchel-Context"]
+    assert Codec(RING).open(fresh).metadata_version == 2
+
+
+def test_migration_failures_and_rollbacks_are_json_4xx_or_a_fresh_start() -> None:
+    v0_token = chat_app(None).test_client().post("/tone/warm").headers["Satchel-Context"]
+    failing = chat_app(1, failing=True).test_client()
+    response = failing.get("/meta", headers={"Satchel-Context": v0_token})
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "token_migration_failed"
+
+    v2_token = chat_app(2).test_client().post("/tone/x").headers["Satchel-Context"]
+    rolled_back = chat_app(1).test_client()
+    response = rolled_back.get("/meta", headers={"Satchel-Context": v2_token})
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "token_unsupported_version"
+    forgiving = chat_app(1, fresh=True).test_client()
+    response = forgiving.post("/tone/x", headers={"Satchel-Context": v2_token})
+    assert response.status_code == 200
+    assert response.headers["Satchel-Reset"] == "token_unsupported_version"
+    assert response.json["version"] == 1
+
+
+def test_bad_metadata_version_config_is_refused() -> None:
+    app = Flask("bad")
+    app.config.update(SATCHEL_KEYS=RING, SATCHEL_METADATA_VERSION=-2)
+    with pytest.raises(ConfigurationError, match="SATCHEL_METADATA_VERSION"):
+        Satchel(app)
+
+
+# -- server-side modes run the same migrations ---------------------------------------------
+
+
+def test_server_mode_migrates_stored_contexts_on_read() -> None:
+    store = GuardedTier(MemoryTier(), BreakerPolicy(), cache=SegmentCache(0))
+    codec = Codec(RING)
+    before = ServerSidePipeline(codec, LifecyclePolicy(), store=store, clock=lambda: NOW)
+    ctx = before.load(None, now=NOW)
+    ctx.metadata["tone"] = "curt"
+    handle = before.save(ctx, now=NOW).token
+
+    after = ServerSidePipeline(
+        codec, LifecyclePolicy(), store=store, clock=lambda: NOW, metadata_schema=schema_v2()
+    )
+    reopened = after.load(handle, now=NOW)
+    assert reopened.metadata == {"prefs": [("tone", "curt")]}
+    assert reopened.metadata_version == 2
