@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from satchel import Codec, Keyring
+from satchel import Codec, Keyring, schema
 from satchel.errors import TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import MAX_SEGMENT_REFS, Pipeline
@@ -129,6 +129,26 @@ def test_merge_start_merges_small_recent_segments_and_leaves_large_old_ones() ->
     assert merge_start([5000, 600, 80, 10, 4, 2], 2, 6) == 2
     # Equal small segments early in a conversation merge into one.
     assert merge_start([2, 2, 2, 2, 2, 2], 2, 6) == 0
+
+
+@pytest.mark.parametrize("setup", ["no tier", "tier", "tier refusing writes"])
+def test_the_token_holds_exactly_the_context_that_was_measured(setup: str) -> None:
+    """The seal reuses the bytes the byte budget measured (Codec.prepare): whatever path
+    the budget took (drops, spills, refused writes, data loss), the token opens to
+    exactly the context as it stood when sealed."""
+    tier = FlakyTier()
+    pipeline = make(tier, budget=900, hard=1400)
+    if setup == "no tier":
+        pipeline = Pipeline(pipeline.codec, pipeline.policy, clock=lambda: NOW)
+    token = None
+    for i in range(60):
+        tier.refuse_writes = setup == "tier refusing writes" and i >= 4
+        ctx = pipeline.load(token, now=NOW)
+        ctx.add_turn("user", message(i) * (1 + i % 3), ts=NOW)
+        ctx.add_turn("assistant", message(i + 1000), ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+        opened = pipeline.codec.open(token, now=NOW)
+        assert schema.to_wire(opened) == schema.to_wire(ctx), i
 
 
 def test_a_question_stays_with_its_answer_when_turns_move() -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hmac
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import envelope, padding, schema, serialize
-from .compress import Compressor
+from .compress import Compressed, Compressor
 from .context import Context
 from .envelope import FLAG_COMPRESSED, FLAG_PADDED, Envelope, Header
 from .errors import ContextNotSerializable, TokenExpired, WrongMode
@@ -40,6 +40,7 @@ Clock = Callable[[], float]
 DIGEST_SIZE = 12
 _PREFIX_BYTES = envelope.PREFIX.encode("ascii")
 _UINT32_MAX = 2**32 - 1
+_tuple_new = tuple.__new__  # NamedTuple's own __new__ is a Python-level wrapper
 
 
 def token_digest(raw: bytes) -> bytes:
@@ -49,6 +50,22 @@ def token_digest(raw: bytes) -> bytes:
     not have, so it names the token as well as a separate hash would, for free.
     """
     return raw[-DIGEST_SIZE:]
+
+
+class Prepared(NamedTuple):  # a tuple: one is made on every seal, it must be cheap
+    """A context packed and compressed for its next seal (:meth:`Codec.prepare`).
+
+    ``size`` is the exact length the token will have. Passing it to
+    :meth:`Codec.seal_verbose` seals these bytes instead of packing and compressing the
+    context again: valid only while the context is unchanged since ``prepare``. The
+    pipeline measures the token against its byte budget this way, and seals what it
+    measured.
+    """
+
+    payload: bytes  # msgpack of the context as it will be sealed (sequence number + 1)
+    packed: Compressed
+    size: int
+    seq: int  # the sequence number the payload carries
 
 
 @dataclass(slots=True)
@@ -103,7 +120,6 @@ class Codec:
         self.compressor = Compressor(
             dictionary_id, level=level, max_decompressed=limits.max_decompressed_bytes
         )
-        self._last_measured = threading.local()
 
     def __repr__(self) -> str:
         padded = f", pad_to={self.pad_to}" if self.pad_to else ""
@@ -120,33 +136,75 @@ class Codec:
         """
         return self.seal_verbose(ctx, expires_at=expires_at)[0]
 
-    def seal_verbose(self, ctx: Context, *, expires_at: float | None = None) -> tuple[str, int]:
-        """Like :meth:`seal`, also returning the payload size before compression."""
+    def seal_verbose(
+        self,
+        ctx: Context,
+        *,
+        expires_at: float | None = None,
+        prepared: Prepared | None = None,
+    ) -> tuple[str, int]:
+        """Like :meth:`seal`, also returning the payload size before compression.
+
+        ``prepared``: what :meth:`prepare` made of ``ctx``, with no change to ``ctx``
+        since; its bytes are sealed as they are.
+        """
         now = self.clock()
         if expires_at is None and self.ttl is not None:
             expires_at = now + self.ttl
-        ctx.seq += 1
+        if prepared is None or prepared.seq != ctx.seq + 1:
+            prepared = self.prepare(ctx)
+        ctx.seq = prepared.seq
+        token, raw = self.seal_payload(
+            prepared.payload, now=now, expires_at=expires_at, packed=prepared.packed
+        )
+        ctx.parent = token_digest(raw)
+        ctx.opened_kid = self.keyring.current.kid
+        return token, len(prepared.payload)
+
+    def prepare(self, ctx: Context) -> Prepared:
+        """Pack and compress ``ctx`` as its next seal will, without sealing it.
+
+        Raises :class:`~satchel.errors.ContextNotSerializable` for values msgpack
+        cannot carry.
+        """
+        seq = ctx.seq + 1  # sealing increments the sequence number first
+        wire = schema.to_wire(ctx)
+        wire["q"] = seq
         try:
-            payload = serialize.pack(schema.to_wire(ctx))
+            payload = serialize.pack(wire)
         except (TypeError, ValueError, OverflowError) as exc:
-            ctx.seq -= 1
             raise ContextNotSerializable(
                 f"the context cannot be sealed: {exc} (metadata takes msgpack-native values)"
             ) from None
-        token, raw = self.seal_payload(payload, now=now, expires_at=expires_at)
-        ctx.parent = token_digest(raw)
-        ctx.opened_kid = self.keyring.current.kid
-        return token, len(payload)
+        packed = self.compressor.compress(payload)
+        size = self._token_length(len(packed.data))
+        return _tuple_new(Prepared, (payload, packed, size, seq))
+
+    def measure(self, ctx: Context) -> int:
+        """The length the token for ``ctx`` would have if sealed now, without sealing."""
+        return self.prepare(ctx).size
+
+    def _token_length(self, stored: int) -> int:
+        """Token length for ``stored`` bytes of (compressed) payload."""
+        raw = 12 + len(self.keyring.current.kid) + stored + self.protector.overhead
+        if self.pad_to:
+            raw = padding.padded_length(raw, self.pad_to)
+        return len(envelope.PREFIX) + (raw * 4 + 2) // 3
 
     def seal_payload(
-        self, payload: bytes, *, now: float | None = None, expires_at: float | None = None
+        self,
+        payload: bytes,
+        *,
+        now: float | None = None,
+        expires_at: float | None = None,
+        packed: Compressed | None = None,
     ) -> tuple[str, bytes]:
-        """Compress, protect and encode raw payload bytes. Returns the token and its raw bytes."""
+        """Compress, protect and encode raw payload bytes. Returns the token and its raw bytes.
+
+        ``packed`` is ``payload`` already compressed (by :meth:`prepare`).
+        """
         now = self.clock() if now is None else now
-        measured = self._last_measured.__dict__.pop("value", None)
-        if measured is not None and measured[0] == payload:
-            packed = measured[1]  # measure() just compressed these exact bytes
-        else:
+        if packed is None:
             packed = self.compressor.compress(payload)
         kid = self.keyring.current.kid
         flags = self.protector.flags | (FLAG_COMPRESSED if packed.compressed else 0)
@@ -264,26 +322,6 @@ class Codec:
         key = self.keyring.anchored(self.purpose, "session-tag")
         return hmac.digest(key, session_id, "sha256").hex()[:16]
 
-    def measure(self, ctx: Context) -> int:
-        """The length the token for ``ctx`` would have if sealed now, without sealing."""
-        wire = schema.to_wire(ctx)
-        wire["q"] = ctx.seq + 1  # seal() increments seq first; it can grow the msgpack int
-        try:
-            payload = serialize.pack(wire)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ContextNotSerializable(
-                f"the context cannot be sealed: {exc} (metadata takes msgpack-native values)"
-            ) from None
-        packed = self.compressor.compress(payload)
-        # The budget check is usually followed by a seal of the very same payload: keep
-        # the compressed bytes (per thread) so the seal does not compress twice.
-        self._last_measured.value = (payload, packed)
-        kid_len = len(self.keyring.current.kid)
-        raw = 12 + kid_len + len(packed.data) + self.protector.overhead
-        if self.pad_to:
-            raw = padding.padded_length(raw, self.pad_to)
-        return len(envelope.PREFIX) + (raw * 4 + 2) // 3
-
     def needs_reseal(self, ctx: Context) -> bool:
         """True when ``ctx`` was opened with a key other than the current one."""
         return ctx.opened_kid is not None and ctx.opened_kid != self.keyring.current.kid
@@ -294,4 +332,4 @@ def peek(token: str | bytes, max_token_bytes: int = DEFAULT_LIMITS.max_token_byt
     return envelope.parse(token, max_token_bytes).header
 
 
-__all__ = ["Codec", "Opened", "peek", "token_digest"]
+__all__ = ["Codec", "Opened", "Prepared", "peek", "token_digest"]

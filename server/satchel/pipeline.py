@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .app_schema import MetadataSchema
-from .codec import Codec
+from .codec import Codec, Prepared
 from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
@@ -206,7 +206,7 @@ class Pipeline:
                 self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
 
         t1 = timer()
-        self.fit_budget(ctx, now, tag)
+        prepared = self.fit_budget(ctx, now, tag)
         timings["overflow"] = timer() - t1
         if ctx.lifecycle.summarized > summarized_before:
             self.observer.event(
@@ -214,7 +214,9 @@ class Pipeline:
             )
 
         t2 = timer()
-        token, raw_size = self.codec.seal_verbose(ctx, expires_at=expires_at(ctx, self.policy, now))
+        token, raw_size = self.codec.seal_verbose(
+            ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
+        )
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
         self.observer.event(
@@ -224,31 +226,39 @@ class Pipeline:
             self.observer.timing(step, timings[step])
         return SaveResult(token, len(token), timings)
 
-    def fit_budget(self, ctx: Context, now: float, tag: str) -> None:
+    def fit_budget(self, ctx: Context, now: float, tag: str) -> Prepared | None:
         """Bring the token under the soft byte budget (and, with a tier, the window).
 
         With a tier: the oldest whole groups move to a segment. If the write fails they
         stay inline up to the hard cap; past it the oldest are summarized and dropped,
         and that is reported as data loss with the count.
         Without a tier: the oldest groups are summarized and dropped (a policy, not a loss).
+
+        Returns the last measurement (:meth:`Codec.prepare`) when nothing changed the
+        context after it, so the seal uses the bytes that were measured; else None.
         """
         soft = self.policy.max_token_bytes
         if self.segments is None:
-            if soft is not None and self.codec.measure(ctx) > soft:
-                removed = self._drop_to(ctx, soft, now, "byte_budget")
-                if removed:
-                    self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
-            return
+            if soft is None:
+                return None
+            first = self.codec.prepare(ctx)
+            if first.size <= soft:
+                return first
+            removed, prepared = self._drop_to(ctx, soft, now, "byte_budget", first)
+            if removed:
+                self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+            return prepared
         self._forget_lost_segments(ctx, now, tag)
         window = self.policy.max_turns
-        size = self.codec.measure(ctx) if soft is not None else 0
+        measured = self.codec.prepare(ctx) if soft is not None else None
+        size = measured.size if measured is not None else 0
         target = int(soft * SPILL_TARGET) if soft is not None else 0
         write_failed = False
         for _ in range(MAX_SPILL_ROUNDS):
             over_budget = soft is not None and size > soft
             past_window = len(ctx.turns) - window if window is not None else 0
             if not (over_budget or past_window > 0):
-                return
+                return measured
             groups = turn_groups(ctx.turns)
             count = max(
                 self._turns_to_remove(ctx, groups, size, target) if over_budget else 0,
@@ -276,17 +286,18 @@ class Pipeline:
             ctx.lifecycle.summarized += len(spill)
             ctx.lifecycle.record(LifecycleAction(OVERFLOW_POLICY, "overflowed", len(spill), now))
             self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
-            if soft is not None:
-                size = self.codec.measure(ctx)
+            measured = self.codec.prepare(ctx) if soft is not None else None
+            size = measured.size if measured is not None else 0
         if not write_failed or soft is None:
-            return
+            return measured
         # The tier refused the write: hold turns inline up to the hard cap, then report.
         hard = self.policy.hard_max_token_bytes or soft
         if size <= hard:
-            return
-        lost = self._drop_to(ctx, hard, now, "data_loss")
+            return measured
+        lost, measured = self._drop_to(ctx, hard, now, "data_loss", measured)
         if lost:
-            self._report_loss(ctx, lost, tag, counted=True)
+            self._report_loss(ctx, lost, tag, counted=True)  # changes no sealed field
+        return measured
 
     def _report_loss(self, ctx: Context, lost: int, tag: str, *, counted: bool = False) -> None:
         if not counted:
@@ -355,23 +366,37 @@ class Pipeline:
             and len(ctx.rehydrated) == ctx.overflowed_turns
         )
 
-    def _drop_to(self, ctx: Context, budget: int, now: float, reason: str) -> int:
+    def _drop_to(
+        self,
+        ctx: Context,
+        budget: int,
+        now: float,
+        reason: str,
+        prepared: Prepared | None = None,
+    ) -> tuple[int, Prepared | None]:
+        """Summarize and drop the oldest groups until the token fits ``budget``.
+
+        ``prepared`` is a measurement of ``ctx`` as it is now, if the caller has one.
+        Returns the turns removed and the last measurement, if still valid.
+        """
         removed = 0
         for _ in range(MAX_FIT_ROUNDS):
-            size = self.codec.measure(ctx)
+            prepared = prepared or self.codec.prepare(ctx)
+            size = prepared.size
             groups = turn_groups(ctx.turns)
             if size <= budget or len(groups) <= 1:
-                break
+                return removed, prepared
             count = self._turns_to_remove(ctx, groups, size, budget)
             dropped = len(
                 drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
             )
+            prepared = None  # the context changed
             removed += dropped
             if reason == "data_loss":
                 # Counted before the next measure: the count is in the token too, and a
                 # bigger number can make it a byte longer.
                 ctx.lifecycle.lost += dropped
-        return removed
+        return removed, None  # rounds ran out after a change: measure again when sealing
 
     @staticmethod
     def _turns_to_remove(

@@ -1254,9 +1254,9 @@ def render_report(res: Results, plots: list[str]) -> str:
             add(
                 f"In client mode the budget check costs {_ms(check)} ms against "
                 f"{_ms(seal)} ms for sealing, although nothing overflows: it packs and "
-                "compresses the whole context to learn the token's size. Sealing reuses "
-                "those compressed bytes when the payload is unchanged, so it only packs, "
-                "protects and encodes."
+                "compresses the whole context to learn the token's size. Sealing then "
+                "seals exactly those bytes (`Codec.prepare`), so it only protects and "
+                "encodes."
             )
     add("")
     add("## Memory vs number of sessions")
