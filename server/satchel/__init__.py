@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from .codec import Codec, Opened, peek, token_digest
+from .codec import Codec, Opened, Prepared, peek, token_digest
 from .context import (
     Context,
     Lifecycle,
@@ -96,6 +96,7 @@ __all__ = [
     "OpaqueBlock",
     "Opened",
     "Pinned",
+    "Prepared",
     "Satchel",
     "SatchelError",
     "SatchelSessionInterface",
