@@ -212,3 +212,35 @@ def test_a_failing_summarizer_falls_back_instead_of_failing_the_request() -> Non
     ctx = codec.open(token, now=NOW)
     assert len(ctx.turns) == 4
     assert ctx.summary.startswith("(6 earlier turns summarized)")
+
+
+def test_segments_a_tier_lost_in_an_outage_are_written_back_by_the_process_caching_them() -> None:
+    """Redis restarts empty after an outage: the process that still caches the
+    conversation's segments writes them back on its next request, so a process that
+    never saw them (another worker, a new deploy) reads the whole conversation."""
+    tier = FlakyTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+
+    def pipeline(cache_bytes: int) -> Pipeline:
+        guarded = GuardedTier(
+            tier, BreakerPolicy(fail_max=1, reset_timeout=0.0), cache=SegmentCache(cache_bytes)
+        )
+        policy = LifecyclePolicy(max_turns=None, max_token_bytes=1200, hard_max_token_bytes=3000)
+        return Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
+
+    warm = pipeline(1 << 20)
+    token = converse(warm, range(30))
+    assert len(warm.codec.open(token, now=NOW).overflow) >= 2
+
+    tier.refuse_writes = True  # the outage: a write fails and the breaker opens
+    failed = converse(warm, [30], token)
+    tier.refuse_writes = False
+    tier._data.clear()  # and Redis comes back empty
+    cold = pipeline(0)
+    assert "segment_missing" in cold.load(failed, now=NOW).degraded
+
+    ctx = warm.load(failed, now=NOW)  # served from the cache, and written back
+    assert not ctx.degraded
+    ctx = cold.load(failed, now=NOW)
+    assert not ctx.degraded
+    assert [t.content for t in ctx.all_turns()[::2]] == [message(i) for i in range(31)]

@@ -41,6 +41,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_overflow_reads_total``, ``satchel_overflow_read_turns_total``: rehydrated
 * ``satchel_overflow_misses_total{reason}``: degraded with reason segment_missing,
   segment_corrupt, segment_foreign or tier_unavailable
+* ``satchel_segments_restored_total``: segments_restored (cached segments written back
+  to a tier that may have lost them in an outage)
 * ``satchel_degraded_total{reason}``: degraded
 * ``satchel_data_loss_total``, ``satchel_data_loss_turns_total``: data_loss
 * ``satchel_forks_total``: fork_detected
@@ -272,6 +274,9 @@ class PrometheusObserver(Observer):
             "overflow_misses", "Overflowed segments that could not be read, by reason", ("reason",)
         )
         self.degraded = counter("degraded", "Degraded responses, by reason", ("reason",))
+        self.segments_restored = counter(
+            "segments_restored", "Cached segments written back to the tier after an outage"
+        )
         self.data_loss = counter("data_loss", "Events where turns were lost without a summary")
         self.data_loss_turns = counter("data_loss_turns", "Turns lost (tier refused the overflow)")
         self.forks = counter(
@@ -411,6 +416,8 @@ class PrometheusObserver(Observer):
             self._child(self.degraded, label).inc()
             if reason in OVERFLOW_MISS_REASONS:
                 self._child(self.overflow_misses, label).inc()
+        elif name == "segments_restored":
+            self.segments_restored.inc(self._count(fields.get("count")))
         elif name == "data_loss":
             self.data_loss.inc()
             self.data_loss_turns.inc(self._count(fields.get("turns")))

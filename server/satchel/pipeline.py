@@ -174,6 +174,14 @@ class Pipeline:
         self.observer.timing("rehydrate", timings["rehydrate"])
         ctx.rehydrated = list(result.turns)
         ctx.unreadable = list(result.missing)
+        if result.unconfirmed:
+            # The tier failed since these were cached and may have come back without
+            # them: write them back, so every process (not only this one) has them.
+            restored = self.segments.restore(
+                result.unconfirmed, self._remaining_lifetime(ctx, self.clock())
+            )
+            if restored:
+                self.observer.event("segments_restored", session=tag, count=restored)
         if result.turns:
             self.observer.event(
                 "rehydrated", session=tag, turns=len(result.turns), from_cache=result.from_cache

@@ -94,6 +94,8 @@ class SegmentRead:
     ``turns``: the turns of every segment that was read and verified, in reference
     order. ``missing``: ``(ref, reason)`` for every other reference, ``reason`` one of
     :data:`REASONS`. ``from_cache``: how many segments came from the in-process cache.
+    ``unconfirmed``: ``(key, stored bytes)`` of verified segments served from the cache
+    that the tier may have lost in an outage since (:meth:`SegmentStore.restore`).
     ``error``: the tier failure behind any ``tier_unavailable``.
     """
 
@@ -101,6 +103,7 @@ class SegmentRead:
     missing: list[tuple[SegmentRef, str]] = field(default_factory=list)
     from_cache: int = 0
     error: TierError | None = None
+    unconfirmed: list[tuple[str, bytes]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -202,7 +205,16 @@ class SegmentStore:
                 result.missing.append((ref, reason))
             else:
                 result.turns.extend(turns)
+                if key in fetched.unconfirmed:
+                    result.unconfirmed.append((key, stored))
         return result
+
+    def restore(self, unconfirmed: list[tuple[str, bytes]], ttl: float) -> int:
+        """Write segments this process still caches back to a tier that may have lost
+        them in an outage (best effort); returns how many were written."""
+        if not unconfirmed or not isinstance(self.tier, GuardedTier):
+            return 0
+        return self.tier.restore(unconfirmed, ttl)
 
     def _decode(
         self, ctx: Context, ref: SegmentRef, stored: bytes

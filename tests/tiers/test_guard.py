@@ -256,7 +256,7 @@ def test_cache_byte_bound_invariant(ops, max_bytes) -> None:
             cache.discard([key])
             model.pop(key, None)
         assert 0 <= cache.size <= max_bytes
-        assert cache.size == sum(len(k) + len(v) for k, (v, _) in cache._data.items())
+        assert cache.size == sum(len(k) + len(entry[0]) for k, entry in cache._data.items())
     assert cache.hits + cache.misses == sum(1 for op, _, _ in ops if op == "get")
 
 
@@ -264,3 +264,37 @@ def test_fetched_is_plain_data() -> None:
     f = Fetched(("a", "b"), {"a": b"1"}, {"b": MISSING})
     assert f.get("a") == b"1" and f.reason("b") == MISSING and f.reason("a") is None
     assert not f.degraded and not f.complete and f.from_cache == 0
+
+
+def test_values_cached_before_an_outage_are_unconfirmed_and_can_be_restored(
+    guard_factory, clock
+) -> None:
+    """A tier that fails may come back empty (a Redis restart without persistence):
+    what this process cached before is served, marked unconfirmed, and restore()
+    writes it back so that every process has it again."""
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=2, reset_timeout=1.0)
+    guard.put("seg", b"turns", 60)
+    assert guard.get_many(["seg"]).unconfirmed == frozenset()  # no outage yet
+
+    tier.down = TierUnavailable
+    for _ in range(2):
+        with pytest.raises(TierUnavailable):
+            guard.ping()
+    assert guard.breaker_state == "open" and guard.epoch == 1
+    tier.down = None
+    tier._data.clear()  # it restarted with nothing
+    clock.advance(1.1)
+    guard.ping()  # the trial call succeeds: closed again
+    assert guard.breaker_state == "closed"
+
+    fetched = guard.get_many(["seg"])
+    assert fetched.get("seg") == b"turns" and fetched.unconfirmed == {"seg"}
+    assert tier.get_many(["seg"]) == [None]  # the tier really lost it
+    assert guard.restore([("seg", b"turns")], 60) == 1
+    assert tier.get_many(["seg"]) == [b"turns"]
+    assert guard.get_many(["seg"]).unconfirmed == frozenset()  # confirmed again
+
+    # A restore that meets a failing tier stops and leaves the value unconfirmed.
+    tier.down = TierUnavailable
+    assert guard.restore([("a", b"1"), ("b", b"2")], 60) == 0

@@ -105,7 +105,8 @@ class SegmentCache:
         self.evictions = 0
         self._bytes = 0
         self._lock = threading.Lock()
-        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # key -> (value, expires_at, epoch in which the tier was known to hold it)
+        self._data: OrderedDict[str, tuple[bytes, float, int]] = OrderedDict()
 
     def __repr__(self) -> str:
         return (
@@ -141,6 +142,11 @@ class SegmentCache:
 
     def get(self, key: str) -> bytes | None:
         """The cached value (counted as a hit) or None (a miss)."""
+        entry = self.lookup(key)
+        return None if entry is None else entry[0]
+
+    def lookup(self, key: str) -> tuple[bytes, int] | None:
+        """The cached value and the epoch it was cached in (a hit), or None (a miss)."""
         with self._lock:
             item = self._data.get(key)
             if item is not None and item[1] <= self.clock():
@@ -151,10 +157,14 @@ class SegmentCache:
                 return None
             self._data.move_to_end(key)
             self.hits += 1
-            return item[0]
+            return item[0], item[2]
 
-    def put(self, key: str, value: bytes, ttl: float | None = None) -> bool:
-        """Cache ``value``; False when it is larger than the whole cache (not cached)."""
+    def put(self, key: str, value: bytes, ttl: float | None = None, *, epoch: int = 0) -> bool:
+        """Cache ``value``; False when it is larger than the whole cache (not cached).
+
+        ``epoch``: the tier's outage count when it was known to hold the value
+        (:attr:`GuardedTier.epoch`).
+        """
         size = len(key) + len(value)
         ages = [a for a in (ttl, self.max_age) if a is not None]
         if size > self.max_bytes or (ages and min(ages) <= 0):
@@ -165,7 +175,7 @@ class SegmentCache:
             while self._data and self._bytes + size > self.max_bytes:
                 self._pop(next(iter(self._data)))
                 self.evictions += 1
-            self._data[key] = (bytes(value), expires_at)
+            self._data[key] = (bytes(value), expires_at, epoch)
             self._bytes += size
             return True
 
@@ -199,7 +209,9 @@ class Fetched:
     ``missing`` maps each other key to ``"missing"`` (the tier answered: no such key,
     expired or evicted) or ``"tier_unavailable"`` (the tier failed, timed out or the
     breaker is open: the value may well exist). ``cached`` are the keys served from the
-    cache; ``error`` is the tier's failure, if there was one.
+    cache; ``unconfirmed`` those of them cached before the tier's last outage, which the
+    tier may have lost since (a restart without persistence): see
+    :meth:`GuardedTier.restore`. ``error`` is the tier's failure, if there was one.
     """
 
     keys: tuple[str, ...]
@@ -207,6 +219,7 @@ class Fetched:
     missing: dict[str, str] = field(default_factory=dict)
     cached: frozenset[str] = frozenset()
     error: TierError | None = None
+    unconfirmed: frozenset[str] = frozenset()
 
     def get(self, key: str) -> bytes | None:
         return self.values.get(key)
@@ -250,6 +263,9 @@ class _Listener(pybreaker.CircuitBreakerListener):
         # Called with pybreaker's lock held: never take the guard's lock here.
         if new_state.name == pybreaker.STATE_OPEN:
             self.guard._opened_at = self.guard.clock()
+            # The tier failed: it may come back without what it held (a restart with no
+            # persistence). Values cached before now are unconfirmed from here on.
+            self.guard.epoch += 1
         event = _STATE_EVENTS.get(new_state.name)
         if event:
             self.guard._emit(event)
@@ -281,6 +297,9 @@ class GuardedTier:
         self._lock = threading.Lock()
         self._trial = False  # a half-open trial call is in flight
         self._opened_at = 0.0
+        #: how many times the breaker has opened (an outage); cache entries older than
+        #: the current epoch are "unconfirmed" (Fetched.unconfirmed)
+        self.epoch = 0
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=self.policy.fail_max,
             reset_timeout=self.policy.reset_timeout,
@@ -382,12 +401,16 @@ class GuardedTier:
         unique = list(dict.fromkeys(keys))
         values: dict[str, bytes] = {}
         cached: set[str] = set()
+        unconfirmed: set[str] = set()
+        epoch = self.epoch
         if cache and self.cache.max_bytes:
             for key in unique:
-                value = self.cache.get(key)
-                if value is not None:
-                    values[key] = value
+                entry = self.cache.lookup(key)
+                if entry is not None:
+                    values[key] = entry[0]
                     cached.add(key)
+                    if entry[1] < epoch:
+                        unconfirmed.add(key)
         rest = [k for k in unique if k not in values]
         missing: dict[str, str] = {}
         error: TierError | None = None
@@ -408,14 +431,34 @@ class GuardedTier:
                     else:
                         values[key] = value
                         if cache:
-                            self.cache.put(key, value)
-        return Fetched(tuple(keys), values, missing, frozenset(cached), error)
+                            self.cache.put(key, value, epoch=epoch)
+        return Fetched(
+            tuple(keys), values, missing, frozenset(cached), error, frozenset(unconfirmed)
+        )
 
     def put(self, key: str, value: bytes, ttl: float, *, cache: bool = True) -> None:
         """Store ``value`` (and cache it once the tier has it). Raises TierError."""
+        epoch = self.epoch
         self._call("put", self.tier.put, key, value, ttl)
         if cache:
-            self.cache.put(key, value, ttl)
+            self.cache.put(key, value, ttl, epoch=epoch)
+
+    def restore(self, items: Sequence[tuple[str, bytes]], ttl: float) -> int:
+        """Write cached values the tier may have lost back to it (best effort).
+
+        After an outage the tier may have come back empty; this process still holds
+        what it cached, and writing it back keeps it for every process, not only this
+        one. Returns how many were written; stops at the first failure (they stay
+        unconfirmed and are tried again on a later read).
+        """
+        written = 0
+        for key, value in items:
+            try:
+                self.put(key, value, ttl)
+            except TierError:
+                break
+            written += 1
+        return written
 
     def delete(self, keys: Sequence[str]) -> int:
         self.cache.discard(keys)
