@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from satchel.bench._procs import RedisReplyError, resp_command
 
 from . import procs
 from .env import LOOPBACK, free_port, require_binary, tail, wait_until
@@ -38,44 +39,11 @@ class RedisError(RuntimeError):
 def raw_command(host: str, port: int, *args: str | bytes | int, timeout: float = 0.5) -> Any:
     """Send one command over a fresh socket, return the decoded reply.
 
-    Minimal RESP2 parser (simple strings, errors, integers, bulk strings, arrays);
-    used for readiness probes so they do not depend on redis-py's retry behaviour.
-    Error replies are returned as ``RedisReplyError`` instances, not raised.
+    The bench's minimal RESP2 reader (:func:`satchel.bench._procs.resp_command`), used
+    for readiness probes so they do not depend on redis-py's retry behaviour. Error
+    replies are returned as ``RedisReplyError`` instances, not raised.
     """
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(payload)
-        reader = sock.makefile("rb")
-        return _read_reply(reader)
-
-
-class RedisReplyError(str):
-    """An error reply (``-ERR ...``) returned by :func:`raw_command`."""
-
-
-def _read_reply(reader: Any) -> Any:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed mid-reply")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        return RedisReplyError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = reader.read(n + 2)
-        return data[:-2].decode("utf-8", "replace")
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_reply(reader) for _ in range(n)]
-    raise ConnectionError(f"unexpected RESP reply {line!r}")
+    return resp_command(port, *args, timeout=timeout, host=host, raise_errors=False)
 
 
 @functools.cache

@@ -185,19 +185,30 @@ def proc_state(pid: int) -> str | None:
 # -------------------------------------------------------------------------- redis
 
 
-def resp_command(port: int, *args: str, timeout: float = 0.5) -> Any:
-    """One command on a fresh loopback connection; a tiny RESP2 reader (no redis-py,
-    so probes are independent of the client under test). Error replies raise."""
-    payload = b"*%d\r\n" % len(args) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
-    )
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+class RedisReplyError(str):
+    """An error reply (``-ERR ...``), returned instead of raised on request."""
+
+
+def resp_command(
+    port: int,
+    *args: str | bytes | int,
+    timeout: float = 0.5,
+    host: str = LOOPBACK,
+    raise_errors: bool = True,
+) -> Any:
+    """One command on a fresh connection; a tiny RESP2 reader (no redis-py, so probes
+    are independent of the client under test). Error replies raise ConnectionError,
+    or with ``raise_errors=False`` come back as :class:`RedisReplyError` strings."""
+    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.settimeout(timeout)
         sock.sendall(payload)
-        return _reply(sock.makefile("rb"))
+        return read_reply(sock.makefile("rb"), raise_errors=raise_errors)
 
 
-def _reply(reader: Any) -> Any:
+def read_reply(reader: Any, *, raise_errors: bool = True) -> Any:
+    """One RESP2 reply (simple string, error, integer, bulk string, array)."""
     line = reader.readline()
     if not line.endswith(b"\r\n"):
         raise ConnectionError("connection closed mid-reply")
@@ -205,7 +216,9 @@ def _reply(reader: Any) -> Any:
     if kind == b"+":
         return rest.decode()
     if kind == b"-":
-        raise ConnectionError(rest.decode())
+        if raise_errors:
+            raise ConnectionError(rest.decode())
+        return RedisReplyError(rest.decode())
     if kind == b":":
         return int(rest)
     if kind == b"$":
@@ -213,7 +226,7 @@ def _reply(reader: Any) -> Any:
         return None if n < 0 else reader.read(n + 2)[:-2].decode("utf-8", "replace")
     if kind == b"*":
         n = int(rest)
-        return None if n < 0 else [_reply(reader) for _ in range(n)]
+        return None if n < 0 else [read_reply(reader, raise_errors=raise_errors) for _ in range(n)]
     raise ConnectionError(f"unexpected RESP reply {line!r}")
 
 
