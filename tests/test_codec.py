@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import time
 import tracemalloc
@@ -25,6 +26,7 @@ from satchel import (
     serialize,
     token_digest,
 )
+from satchel.context import REQUEST_FIELDS, SEALED_FIELDS
 from satchel.envelope import FLAG_COMPRESSED, Header
 from satchel.errors import (
     BadSignature,
@@ -67,6 +69,7 @@ def rich_context() -> Context:
     ctx.pinned.facts.append("The user's name is Ada.")
     ctx.summary = "(2 earlier turns summarized)\n- user: hi\n- assistant: hello"
     ctx.metadata = {"plan": "pro", "credits": 12, "flags": [True, None, 1.5], "raw": b"\x00"}
+    ctx.metadata_version = 3
     ctx.add_turn("system", "Be brief.", ts=NOW - 90)
     ctx.add_turn("user", "Weather in Paris?", ts=NOW - 80)
     ctx.add_turn(
@@ -84,21 +87,17 @@ def rich_context() -> Context:
 
 
 def assert_same_context(a: Context, b: Context) -> None:
-    for name in (
-        "session_id",
-        "seq",
-        "created_at",
-        "last_active",
-        "schema_version",
-        "turns",
-        "summary",
-        "pinned",
-        "metadata",
-        "lifecycle",
-        "overflow",
-        "bound_user",
-    ):
-        assert getattr(a, name) == getattr(b, name), name
+    for name in SEALED_FIELDS:
+        if name != "parent":  # the digest of the token each was last opened from
+            assert getattr(a, name) == getattr(b, name), name
+
+
+def test_every_context_field_is_either_sealed_or_request_scoped() -> None:
+    """A new Context field must be carried by the token (to_wire/from_wire and the
+    round-trip tests) or be declared a fact of one request: never silently dropped."""
+    names = [f.name for f in dataclasses.fields(Context)]
+    assert sorted(names) == sorted(SEALED_FIELDS + REQUEST_FIELDS)
+    assert not set(SEALED_FIELDS) & set(REQUEST_FIELDS)
 
 
 def refused(codec: Codec, token: str | bytes) -> BadToken:

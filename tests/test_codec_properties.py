@@ -31,6 +31,7 @@ from satchel import (
     peek,
     serialize,
 )
+from satchel.context import SEALED_FIELDS
 from satchel.errors import BadToken
 
 NOW = 1_767_225_600
@@ -160,6 +161,7 @@ def contexts(draw: st.DrawFn) -> Context:
         summary=draw(texts),
         pinned=Pinned(draw(texts), draw(st.lists(texts, max_size=4))),
         metadata=draw(st.dictionaries(short_texts, msgpack_values, max_size=6)),
+        metadata_version=draw(st.integers(min_value=0, max_value=2**31 - 1)),
         lifecycle=draw(lifecycles),
         overflow=draw(st.lists(segment_refs, max_size=3)),
         bound_user=draw(st.none() | st.binary(min_size=16, max_size=16)),
@@ -167,19 +169,9 @@ def contexts(draw: st.DrawFn) -> Context:
     return ctx
 
 
-FIELDS = (
-    "session_id",
-    "created_at",
-    "last_active",
-    "schema_version",
-    "turns",
-    "summary",
-    "pinned",
-    "metadata",
-    "lifecycle",
-    "overflow",
-    "bound_user",
-)
+# What the token carries, less what sealing itself changes (the sequence number and
+# the parent digest).
+FIELDS = tuple(f for f in SEALED_FIELDS if f not in ("seq", "parent"))
 
 
 def refused(codec: Codec, token: str | bytes) -> BadToken:

@@ -303,6 +303,34 @@ class Context:
         }
 
 
+#: The fields of a :class:`Context` that its token carries (``schema.to_wire``) ...
+SEALED_FIELDS: tuple[str, ...] = (
+    "session_id",
+    "seq",
+    "parent",
+    "created_at",
+    "last_active",
+    "schema_version",
+    "turns",
+    "summary",
+    "pinned",
+    "metadata",
+    "metadata_version",
+    "lifecycle",
+    "overflow",
+    "bound_user",
+)
+#: ... and those that are facts of one request only, never sealed.
+REQUEST_FIELDS: tuple[str, ...] = (
+    "opened_kid",
+    "opened_version",
+    "degraded",
+    "rehydrated",
+    "notices",
+    "unreadable",
+)
+
+
 def check_text(text: str, what: str = "text") -> None:
     """Raise :class:`~satchel.errors.InvalidText` if ``text`` cannot be encoded as UTF-8.
 
@@ -333,7 +361,9 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
+    "REQUEST_FIELDS",
     "ROLES",
+    "SEALED_FIELDS",
     "Context",
     "Lifecycle",
     "LifecycleAction",
