@@ -160,6 +160,16 @@ def test_bad_messages_are_json_400(client: Any, body: dict, message: str) -> Non
         assert "Satchel-Context" not in resp.headers
 
 
+def test_a_huge_body_is_refused_before_it_is_read(client: Any) -> None:
+    from examples.chat.app import MAX_BODY_BYTES
+
+    huge = json.dumps({"message": "x" * (MAX_BODY_BYTES + 1)})
+    for path in ("/api/chat", "/api/chat/stream"):
+        resp = client.post(path, data=huge, content_type="application/json")
+        assert resp.status_code == 413, path
+        assert resp.get_json()["error"]["code"] == "request_entity_too_large"
+
+
 def test_unpaired_surrogate_in_message_is_invalid_text(client: Any) -> None:
     for path in ("/api/chat", "/api/chat/stream"):
         resp = client.post(path, data='{"message": "cut \\udc00"}', content_type="application/json")

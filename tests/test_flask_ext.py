@@ -215,6 +215,11 @@ def test_invalid_requests_are_json_400() -> None:
     response = client.post("/api/chat", data="{not json", content_type="application/json")
     assert_json_error(response)
     assert_json_error(client.get("/api/nope"))
+    # A body far beyond any message is refused before it is read: a JSON 413.
+    huge = json.dumps({"message": "x" * (minimal.MAX_BODY_BYTES + 1)})
+    response = client.post("/api/chat", data=huge, content_type="application/json")
+    assert response.status_code == 413
+    assert_json_error(response, "request_entity_too_large")
 
 
 def test_unpaired_surrogate_is_a_json_400_even_in_a_view_that_does_not_check() -> None:

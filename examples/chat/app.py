@@ -60,6 +60,9 @@ REPO_ROOT = HERE.parents[1]
 #: The browser client's sources, served as-is at /static/satchel/ (no build step).
 CLIENT_JS_DIR = REPO_ROOT / "client_js" / "src"
 MAX_MESSAGE_CHARS = 8000
+#: Largest request body accepted: a message of MAX_MESSAGE_CHARS characters (up to 4
+#: UTF-8 bytes, or 6 as a JSON escape) plus a token in a JSON field, with room to spare.
+MAX_BODY_BYTES = 256 * 1024
 
 #: Environment variables read into the Flask config (see docs/chat-example.md).
 ENV_KEYS = COMMON_ENV_KEYS
@@ -115,6 +118,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         CHAT_SYSTEM_PROMPT=DEFAULT_SYSTEM_PROMPT,
         CHAT_CLIENT_JS_DIR=str(CLIENT_JS_DIR),
         CHAT_MAX_MESSAGE_CHARS=MAX_MESSAGE_CHARS,
+        # A chat message is a few KiB: refuse huge bodies before they are read (a JSON
+        # 413 on /api/ routes), instead of parsing megabytes to refuse them after.
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         CHAT_LLM_SUMMARIZER=os.environ.get("SATCHEL_LLM_SUMMARIZER", "") not in ("", "0"),
     )
     app.config.update(env_config())

@@ -34,6 +34,9 @@ from satchel.flask_ext import json_errors_for
 from satchel.flask_ext.errors import satchel_error_response
 
 MAX_MESSAGE_CHARS = 8000
+#: Largest request body accepted: a message of MAX_MESSAGE_CHARS characters (up to 4
+#: UTF-8 bytes, or 6 as a JSON escape) plus a token in a JSON field, with room to spare.
+MAX_BODY_BYTES = 256 * 1024
 
 #: Environment variables this app reads into its config.
 ENV_KEYS = COMMON_ENV_KEYS
@@ -63,6 +66,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         SATCHEL_DEV_KEY_FILE=os.path.join(app.instance_path, "satchel-dev-key"),
         SATCHEL_METRICS_ROUTE="/metrics",
         SATCHEL_HEALTH_ROUTES=True,
+        # Refuse huge bodies before they are read (a JSON 413), not after parsing them.
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
     app.config.update(env_config())
     app.config.update(config or {})
