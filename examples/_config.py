@@ -15,6 +15,11 @@ from flask import request
 from satchel.context import check_text
 from satchel.errors import InvalidRequest
 
+#: Largest request body the example apps accept (Flask's MAX_CONTENT_LENGTH): a
+#: maximal message (8000 characters, up to 6 bytes each as a JSON escape) plus a token
+#: in a JSON field, with room to spare. Larger bodies are a JSON 413 before being read.
+MAX_BODY_BYTES = 256 * 1024
+
 #: Read by every example app.
 COMMON_ENV_KEYS = (
     "SATCHEL_KEYS",

@@ -235,7 +235,7 @@ def test_segments_a_tier_lost_in_an_outage_are_written_back_by_the_process_cachi
     tier.refuse_writes = True  # the outage: a write fails and the breaker opens
     failed = converse(warm, [30], token)
     tier.refuse_writes = False
-    tier._data.clear()  # and Redis comes back empty
+    tier.clear()  # and Redis comes back empty
     cold = pipeline(0)
     assert "segment_missing" in cold.load(failed, now=NOW).degraded
 

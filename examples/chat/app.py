@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, render_template, send_from_directory
 
-from examples._config import COMMON_ENV_KEYS
+from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES
 from examples._config import env_config as read_env
 from examples._config import read_message as read_checked_message
 from satchel import Satchel
@@ -60,9 +60,6 @@ REPO_ROOT = HERE.parents[1]
 #: The browser client's sources, served as-is at /static/satchel/ (no build step).
 CLIENT_JS_DIR = REPO_ROOT / "client_js" / "src"
 MAX_MESSAGE_CHARS = 8000
-#: Largest request body accepted: a message of MAX_MESSAGE_CHARS characters (up to 4
-#: UTF-8 bytes, or 6 as a JSON escape) plus a token in a JSON field, with room to spare.
-MAX_BODY_BYTES = 256 * 1024
 
 #: Environment variables read into the Flask config (see docs/chat-example.md).
 ENV_KEYS = COMMON_ENV_KEYS

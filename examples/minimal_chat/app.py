@@ -25,7 +25,7 @@ from typing import Any
 
 from flask import Flask
 
-from examples._config import COMMON_ENV_KEYS
+from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES
 from examples._config import env_config as read_env
 from examples._config import read_message as read_checked_message
 from satchel import Satchel
@@ -34,9 +34,6 @@ from satchel.flask_ext import json_errors_for
 from satchel.flask_ext.errors import satchel_error_response
 
 MAX_MESSAGE_CHARS = 8000
-#: Largest request body accepted: a message of MAX_MESSAGE_CHARS characters (up to 4
-#: UTF-8 bytes, or 6 as a JSON escape) plus a token in a JSON field, with room to spare.
-MAX_BODY_BYTES = 256 * 1024
 
 #: Environment variables this app reads into its config.
 ENV_KEYS = COMMON_ENV_KEYS

@@ -113,6 +113,8 @@ class MetadataSchema:
 
 
 def check_version(version: int) -> int:
+    """``version`` if it is a valid metadata version (an int, 0..2**31-1); else raise
+    TypeError or ValueError. Also the check applied to ``mv`` when a token is read."""
     if isinstance(version, bool) or not isinstance(version, int):
         raise TypeError("a metadata version is an int")
     if not 0 <= version <= MAX_METADATA_VERSION:
@@ -120,4 +122,4 @@ def check_version(version: int) -> int:
     return version
 
 
-__all__ = ["MAX_METADATA_VERSION", "MetadataMigration", "MetadataSchema"]
+__all__ = ["MAX_METADATA_VERSION", "MetadataMigration", "MetadataSchema", "check_version"]

@@ -46,17 +46,27 @@ def _header_dict(token: str) -> dict[str, Any]:
 
 def register_cli_dictionaries(values: Sequence[str] | None) -> None:
     """``--dictionary ID=PATH`` (repeatable): an app's own zstd dictionaries."""
-    from .compress import register_dictionary
+    from .compress import register_dictionaries
 
+    sources: dict[str, str] = {}
     for value in values or ():
         ident, sep, path = value.partition("=")
-        try:
-            if not sep:
-                raise ValueError("expected ID=PATH")
-            with open(path, "rb") as fh:
-                register_dictionary(int(ident), fh.read())
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"--dictionary {value}: {exc}") from None
+        if not sep:
+            raise ConfigurationError(f"--dictionary {value}: expected ID=PATH")
+        sources[ident] = path
+    try:
+        register_dictionaries(sources)
+    except ValueError as exc:
+        raise ConfigurationError(f"--dictionary: {exc}") from None
+
+
+def _add_dictionary_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dictionary",
+        action="append",
+        metavar="ID=PATH",
+        help="register an app's own zstd dictionary (repeatable)",
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -151,12 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", help="the token, or - to read it from stdin")
     p.add_argument("--no-verify", action="store_true", help="print only what the header says")
     p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
-    p.add_argument(
-        "--dictionary",
-        action="append",
-        metavar="ID=PATH",
-        help="register an app's own zstd dictionary (repeatable)",
-    )
+    _add_dictionary_option(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("erase", help="erase a session's server-side data")
@@ -172,12 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--turns", default="4,20,50,200", help="context sizes (codec)")
     p.add_argument("--corpus", help="JSONL of held-out conversations (codec)")
-    p.add_argument(
-        "--dictionary",
-        action="append",
-        metavar="ID=PATH",
-        help="register an app's own zstd dictionary (repeatable)",
-    )
+    _add_dictionary_option(p)
     p.add_argument(
         "--dictionary-id", type=int, help="compress with this dictionary (codec; default: 1)"
     )

@@ -186,10 +186,10 @@ class Codec:
 
     def _token_length(self, stored: int) -> int:
         """Token length for ``stored`` bytes of (compressed) payload."""
-        raw = 12 + len(self.keyring.current.kid) + stored + self.protector.overhead
+        raw = envelope.header_size(self.keyring.current.kid) + stored + self.protector.overhead
         if self.pad_to:
             raw = padding.padded_length(raw, self.pad_to)
-        return len(envelope.PREFIX) + (raw * 4 + 2) // 3
+        return envelope.encoded_length(raw)
 
     def seal_payload(
         self,

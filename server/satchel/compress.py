@@ -13,9 +13,12 @@ reader that stops at the cap. Only authenticated bytes ever reach this module.
 from __future__ import annotations
 
 import io
+import os
 import threading
+from collections.abc import Mapping
 from importlib import resources
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import zstandard
 
@@ -69,6 +72,8 @@ def register_dictionary(dictionary_id: int, data: bytes) -> None:
             f"app dictionary ids are {FIRST_APP_DICTIONARY_ID}-{LAST_DICTIONARY_ID}; "
             f"1-{FIRST_APP_DICTIONARY_ID - 1} are Satchel's own"
         )
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError("a dictionary is bytes")  # never bytes(n): that allocates n bytes
     data = bytes(data)
     if not data.startswith(_ZSTD_DICT_MAGIC) or len(data) < 64:
         raise ValueError("not a trained zstd dictionary (no dictionary magic number)")
@@ -88,6 +93,17 @@ def register_dictionary(dictionary_id: int, data: bytes) -> None:
             raise ValueError(f"not a usable zstd dictionary: {exc}") from None
         _registered[dictionary_id] = data
         _dictionaries[dictionary_id] = dictionary
+
+
+def register_dictionaries(sources: Mapping[Any, str | os.PathLike[str] | bytes]) -> None:
+    """:func:`register_dictionary` for each ``{id: path or bytes}``; ids may be strings
+    (config files, the command line). Raises ValueError naming the id that failed."""
+    for key, source in sources.items():
+        try:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            register_dictionary(int(key), data)
+        except (OSError, TypeError, ValueError) as exc:
+            raise ValueError(f"zstd dictionary {key!r}: {exc}") from None
 
 
 def load_dictionary(dictionary_id: int) -> zstandard.ZstdCompressionDict | None:
@@ -227,5 +243,6 @@ __all__ = [
     "Compressor",
     "available_dictionary_id",
     "load_dictionary",
+    "register_dictionaries",
     "register_dictionary",
 ]

@@ -104,6 +104,17 @@ def pack_header(flags: int, dictionary_id: int, kid: str, issued_at: int, expire
     )
 
 
+def header_size(kid: str) -> int:
+    """Bytes of a packed header naming key id ``kid`` (version, flags, dictionary id,
+    key id length, key id, issued-at, expires-at)."""
+    return 4 + len(kid) + _TIMES.size
+
+
+def encoded_length(raw_size: int) -> int:
+    """Characters of the token for ``raw_size`` bytes of envelope (prefix included)."""
+    return len(PREFIX) + (raw_size * 4 + 2) // 3
+
+
 def build(header: Header, body: bytes) -> str:
     """Join an already-protected body to its header and encode the token."""
     return encode(header.pack() + body)
@@ -242,6 +253,8 @@ __all__ = [
     "Header",
     "authenticated_header",
     "build",
+    "encoded_length",
+    "header_size",
     "parse",
     "parse_raw",
 ]

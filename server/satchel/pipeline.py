@@ -258,6 +258,7 @@ class Pipeline:
             return prepared
         self._forget_lost_segments(ctx, now, tag)
         window = self.policy.max_turns
+        # Without a soft budget only the window moves turns: no need to measure.
         measured = self.codec.prepare(ctx) if soft is not None else None
         size = measured.size if measured is not None else 0
         target = int(soft * SPILL_TARGET) if soft is not None else 0
@@ -389,7 +390,8 @@ class Pipeline:
         """
         removed = 0
         for _ in range(MAX_FIT_ROUNDS):
-            prepared = prepared or self.codec.prepare(ctx)
+            if prepared is None:
+                prepared = self.codec.prepare(ctx)
             size = prepared.size
             groups = turn_groups(ctx.turns)
             if size <= budget or len(groups) <= 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .app_schema import check_version
 from .context import (
     ROLES,
     Context,
@@ -193,12 +194,6 @@ def _seq(value: Any) -> int:
     return value
 
 
-def _metadata_version(value: Any) -> int:
-    if type(value) is not int or not 0 <= value < 2**31:
-        raise TypeError("expected a metadata version")
-    return value
-
-
 def _opt_str(value: Any) -> str | None:
     if value is not None and type(value) is not str:
         raise TypeError("expected a str or nil")
@@ -265,7 +260,7 @@ def from_wire(wire: Any) -> Context:
                 raise TypeError("metadata")
             ctx.metadata = wire["m"]
         if "mv" in wire:
-            ctx.metadata_version = _metadata_version(wire["mv"])
+            ctx.metadata_version = check_version(wire["mv"])
         if "l" in wire:
             dropped, summarized, lost, recent = wire["l"]
             ctx.lifecycle = Lifecycle(

@@ -212,8 +212,6 @@ class SegmentStore:
     def restore(self, unconfirmed: list[tuple[str, bytes]], ttl: float) -> int:
         """Write segments this process still caches back to a tier that may have lost
         them in an outage (best effort); returns how many were written."""
-        if not unconfirmed or not isinstance(self.tier, GuardedTier):
-            return 0
         return self.tier.restore(unconfirmed, ttl)
 
     def _decode(

@@ -283,7 +283,7 @@ def test_values_cached_before_an_outage_are_unconfirmed_and_can_be_restored(
             guard.ping()
     assert guard.breaker_state == "open" and guard.epoch == 1
     tier.down = None
-    tier._data.clear()  # it restarted with nothing
+    tier.clear()  # it restarted with nothing
     clock.advance(1.1)
     guard.ping()  # the trial call succeeds: closed again
     assert guard.breaker_state == "closed"

@@ -286,6 +286,37 @@ def test_cache_serves_reads_while_redis_is_stopped(redis_server: RedisServer, co
         redis_server.resume()
 
 
+def test_segments_redis_lost_in_a_restart_are_restored_from_the_cache(
+    redis_server: RedisServer, codec
+) -> None:
+    """Redis is killed and restarted empty: the breaker opens, the segments this
+    process cached come back as unconfirmed, and restore() puts them back into the new
+    Redis, where a process without the cache finds them."""
+    clock = FakeClock()
+    store = make_store(redis_server, codec, cache_bytes=1 << 20, clock=clock, fail_max=2)
+    ctx = make_ctx(6)
+    turns = list(ctx.turns)
+    spill(store, ctx, 2)
+    spill(store, ctx, 2)
+    redis_server.kill()
+    for _ in range(2):
+        with pytest.raises(TierUnavailable):
+            store.tier.ping()
+    assert store.tier.breaker_state == "open"
+    redis_server.restart()  # empty: no persistence
+    clock.advance(10.5)
+    store.tier.ping()  # the half-open trial succeeds
+    assert redis_server.client().dbsize() == 0
+
+    got = store.read(ctx)
+    assert got.complete and got.turns == turns[:4] and len(got.unconfirmed) == 2
+    cold = make_store(redis_server, codec)  # another process: no cache
+    assert [reason for _, reason in cold.read(ctx).missing] == [SEGMENT_MISSING] * 2
+    assert store.restore(got.unconfirmed, ttl=600) == 2
+    assert cold.read(ctx).turns == turns[:4]
+    assert store.read(ctx).unconfirmed == []  # confirmed again
+
+
 def test_tampered_and_foreign_references_on_redis(redis_server: RedisServer, codec) -> None:
     import dataclasses
 

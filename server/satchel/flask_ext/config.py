@@ -72,7 +72,7 @@ from typing import Any
 
 from flask import Flask
 
-from ..compress import load_dictionary, register_dictionary
+from ..compress import load_dictionary, register_dictionaries
 from ..errors import ConfigurationError, UnsupportedVersion
 from ..keys import Keyring, generate_key
 from ..lifecycle import ExtractiveSummarizer, LifecyclePolicy
@@ -203,12 +203,10 @@ class SatchelConfig:
             return
         if not isinstance(self.dictionaries, Mapping):
             raise ConfigurationError("SATCHEL_DICTIONARIES must map ids to paths or bytes")
-        for key, source in self.dictionaries.items():
-            try:
-                data = source if isinstance(source, bytes) else Path(source).read_bytes()
-                register_dictionary(int(key), data)
-            except (OSError, TypeError, ValueError) as exc:
-                raise ConfigurationError(f"SATCHEL_DICTIONARIES[{key!r}]: {exc}") from None
+        try:
+            register_dictionaries(self.dictionaries)
+        except ValueError as exc:
+            raise ConfigurationError(f"SATCHEL_DICTIONARIES: {exc}") from None
 
     def lifecycle_policy(self) -> LifecyclePolicy:
         return LifecyclePolicy(
