@@ -455,3 +455,59 @@ def test_a_committed_token_goes_out_even_when_the_view_then_fails() -> None:
         assert ext.codec.open(committed.headers[HEADER_CONTEXT]).turns[-1].content == "kept"
     failed = client.post("/api/fail")
     assert failed.status_code == 422 and HEADER_CONTEXT not in failed.headers
+
+
+# -- the hard cap agrees with the budget and with what carries the token ------------------
+
+
+def policy_of(app: Flask) -> Any:
+    return Satchel.state(app).pipeline.policy
+
+
+def test_the_hard_cap_defaults_to_what_8_kb_header_limits_accept() -> None:
+    policy = policy_of(make_app())
+    assert (policy.max_token_bytes, policy.hard_max_token_bytes) == (3800, 8000)
+
+
+def test_a_larger_budget_raises_an_unset_hard_cap_with_it() -> None:
+    policy = policy_of(make_app(SATCHEL_MAX_TOKEN_BYTES=20000))
+    assert (policy.max_token_bytes, policy.hard_max_token_bytes) == (20000, 20000)
+
+
+def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="SATCHEL_HARD_MAX_TOKEN_BYTES"):
+        make_app(SATCHEL_MAX_TOKEN_BYTES=9000, SATCHEL_HARD_MAX_TOKEN_BYTES=8000)
+
+
+def test_a_cookie_caps_both_limits_at_what_a_browser_keeps(caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        policy = policy_of(
+            make_app(
+                SATCHEL_COOKIE="chat",
+                SATCHEL_MAX_TOKEN_BYTES=6000,
+                SATCHEL_HARD_MAX_TOKEN_BYTES=16000,
+            )
+        )
+    assert policy.max_token_bytes == policy.hard_max_token_bytes == 4096 - len("chat=")
+    assert "does not fit a cookie" in caplog.text
+    # The defaults fit already: the hard cap comes down without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        policy = policy_of(make_app(SATCHEL_COOKIE="chat"))
+    assert (policy.max_token_bytes, policy.hard_max_token_bytes) == (3800, 4091)
+    assert "cookie" not in caplog.text
+
+
+def test_a_cookie_carried_token_never_outgrows_the_cookie() -> None:
+    """A browser drops a cookie over 4096 bytes without an error, and the next request
+    would carry the previous token: a silent rollback. The cap prevents it."""
+    app = make_app(SATCHEL_COOKIE="chat", SATCHEL_COOKIE_SECURE=False)
+    client = app.test_client()
+    blob = hashlib.sha512(b"x").hexdigest() * 110  # 14,080 characters that do not shrink
+    response = chat(client, blob[:7900])
+    assert response.status_code == 200
+    cookie = client.get_cookie("chat")
+    assert cookie is not None and len("chat=" + cookie.value) <= 4096
+    assert response.headers[HEADER_CONTEXT] == cookie.value

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -98,3 +100,45 @@ def test_fresh_mode_over_real_http(fresh_server: LiveServer) -> None:
     follow = post_chat(fresh_server, "again", token)
     assert follow.status == 200 and follow.headers.get("Satchel-Reset") is None
     assert follow.json()["turns"] == 4
+
+
+def pasted_blob(n: int) -> str:
+    """``n`` characters that do not compress: a pasted key, hex dump or minified file."""
+    out = ""
+    while len(out) < n:
+        out += base64.b64encode(hashlib.sha512(str(len(out)).encode()).digest()).decode()
+    return out[:n]
+
+
+@pytest.mark.parametrize("tier", ["none", "sqlite"])
+def test_one_huge_message_does_not_break_the_conversation_behind_gunicorn(
+    tier: str, tmp_path: Any
+) -> None:
+    """gunicorn with its default limits refuses a header field over 8190 bytes with an
+    HTML 431, before the app sees it. A message the example accepts (8,000 characters
+    that do not compress) used to make a token that large, so the conversation's next
+    request failed outside Satchel's reach. The hard cap (8,000 by default) keeps every
+    token under that limit: the exchange goes to the tier, or into the summary."""
+    env = {"SATCHEL_KEYS": RING.to_string()}
+    if tier == "sqlite":
+        env["SATCHEL_OVERFLOW_URL"] = f"sqlite:///{tmp_path / 'overflow.db'}"
+    with LiveServer(APP, server="gunicorn", env=env) as server:
+        first = post_chat(server, "Please keep this key for later.")
+        assert first.status == 200, first.text
+        blob = pasted_blob(7990)
+        big = post_chat(server, blob, first.headers[HEADER])
+        assert big.status == 200, big.text
+        assert len(big.headers[HEADER]) <= 8000
+        after = post_chat(server, "What did I paste?", big.headers[HEADER])
+        assert after.status == 200, after.text
+        assert after.headers["Content-Type"].startswith("application/json")
+        data = server.get("/api/context", headers={HEADER: after.headers[HEADER]}).json()
+        contents = [t["content"] for t in data["all_turns"]]
+        if tier == "sqlite":  # moved to the tier whole, and read back whole
+            assert contents[2] == blob and data["degraded"] == []
+            assert data["lifecycle"]["overflowed"] >= 4
+        else:  # summarized: the policy says so, nothing is silently gone
+            assert blob not in contents
+            assert blob[:40] in data["summary"]
+            assert data["lifecycle"]["dropped"]["byte_budget"] >= 2
+        assert contents[-2] == "What did I paste?"

@@ -3,15 +3,17 @@ and the write-failure path (inline to the hard cap, then reported data loss)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from satchel import Codec, Keyring, schema
-from satchel.errors import TierUnavailable
+from satchel import Codec, Context, Keyring, schema
+from satchel.errors import BudgetExceeded, TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import MAX_SEGMENT_REFS, Pipeline
 from satchel.segments import SegmentStore, merge_start
@@ -244,3 +246,135 @@ def test_segments_a_tier_lost_in_an_outage_are_written_back_by_the_process_cachi
     ctx = cold.load(failed, now=NOW)
     assert not ctx.degraded
     assert [t.content for t in ctx.all_turns()[::2]] == [message(i) for i in range(31)]
+
+
+# -- the hard cap: no token is longer, whatever the newest exchange holds ---------------
+
+
+def pasted_blob(n: int, seed: int = 0) -> str:
+    """``n`` characters that do not compress (a pasted key, image or minified file)."""
+    out = ""
+    while len(out) < n:
+        out += base64.b64encode(hashlib.sha512(f"{seed}:{len(out)}".encode()).digest()).decode()
+    return out[:n]
+
+
+def no_tier_pipeline(budget: int = 1500, hard: int = 3000) -> Pipeline:
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=budget, hard_max_token_bytes=hard)
+    return Pipeline(codec, policy, clock=lambda: NOW)
+
+
+class Pasted(NamedTuple):
+    token: str
+    context: Context
+
+
+def two_exchanges_then_a_paste(pipeline: Pipeline, tier: FlakyTier | None = None) -> Pasted:
+    """Two ordinary exchanges, then one whose 6,000 characters alone pass a 3,000-byte
+    hard cap. With ``tier``, the tier refuses writes from the paste on."""
+    token = converse(pipeline, range(2))
+    if tier is not None:
+        tier.refuse_writes = True
+    ctx = pipeline.load(token, now=NOW)
+    ctx.add_turn("user", pasted_blob(6000), ts=NOW)
+    ctx.add_turn("assistant", "That looks like a hex dump.", ts=NOW)
+    return Pasted(pipeline.save(ctx, now=NOW).token, ctx)
+
+
+def test_without_a_tier_an_exchange_over_the_hard_cap_is_summarized_not_issued() -> None:
+    """One exchange alone longer than the hard cap used to stay whole in the token (the
+    newest group always stays), making a token the next proxy refuses. Now it goes,
+    as the byte budget would take any other: summarized and recorded."""
+    pipeline = no_tier_pipeline(budget=1500, hard=3000)
+    token = two_exchanges_then_a_paste(pipeline).token
+    assert len(token) <= 3000
+    opened = pipeline.load(token, now=NOW)
+    assert opened.turns == []
+    assert opened.lifecycle.dropped["byte_budget"] == 6  # the two older exchanges and it
+    assert opened.lifecycle.lost == 0 and not opened.degraded  # a policy, not a loss
+    assert pasted_blob(6000)[:40] in opened.summary  # the summary says what left
+    # The conversation goes on from there.
+    token = converse(pipeline, [7], token)
+    assert [t.content for t in pipeline.load(token, now=NOW).turns] == [
+        message(7),
+        message(1007),
+    ]
+
+
+def test_with_a_tier_an_exchange_over_the_hard_cap_moves_to_the_tier_whole() -> None:
+    tier = FlakyTier()
+    pipeline = make(tier, budget=1500, hard=3000)
+    token = two_exchanges_then_a_paste(pipeline).token
+    assert len(token) <= 3000
+    opened = pipeline.load(token, now=NOW)
+    assert opened.turns == [] and not opened.degraded
+    every = opened.all_turns()
+    assert [t.content for t in every] == [
+        message(0),
+        message(1000),
+        message(1),
+        message(1001),
+        pasted_blob(6000),
+        "That looks like a hex dump.",
+    ]
+    assert opened.lifecycle.lost == 0
+
+
+def test_with_the_tier_refusing_writes_an_exchange_over_the_hard_cap_is_reported_lost() -> None:
+    tier = FlakyTier()
+    pipeline = make(tier, budget=1500, hard=3000)
+    result = two_exchanges_then_a_paste(pipeline, tier)
+    ctx = result.context
+    assert len(result.token) <= 3000
+    assert "tier_write_failed" in ctx.degraded and "data_loss" in ctx.degraded
+    opened = pipeline.load(result.token, now=NOW)
+    assert opened.turns == []
+    assert opened.lifecycle.lost == 6  # every turn that left is counted: nothing silent
+
+
+def test_state_that_no_trim_can_fit_under_the_hard_cap_is_refused() -> None:
+    pipeline = no_tier_pipeline(budget=1500, hard=3000)
+    ctx = pipeline.new_context(now=NOW)
+    ctx.metadata["notes"] = pasted_blob(5000)
+    ctx.add_turn("user", "hello", ts=NOW)
+    with pytest.raises(BudgetExceeded) as info:
+        pipeline.save(ctx, now=NOW)
+    assert info.value.facts["limit"] == 3000 and info.value.code == "budget_exceeded"
+
+
+@given(
+    exchanges=st.lists(
+        st.tuples(st.integers(0, 9000), st.integers(0, 3000), st.booleans()),
+        min_size=1,
+        max_size=6,
+    ),
+    setup=st.sampled_from(["no tier", "tier", "tier refusing writes"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_no_token_is_ever_longer_than_the_hard_cap(
+    exchanges: list[tuple[int, int, bool]], setup: str
+) -> None:
+    tier = FlakyTier()
+    tier.refuse_writes = setup == "tier refusing writes"
+    pipeline = no_tier_pipeline(1200, 2500) if setup == "no tier" else make(tier, 1200, 2500)
+    token = None
+    for i, (asked, answered, compressible) in enumerate(exchanges):
+        ctx = pipeline.load(token, now=NOW)
+        text = (message(i) * 200)[:asked] if compressible else pasted_blob(asked, i)
+        ctx.add_turn("user", text, ts=NOW)
+        ctx.add_turn("assistant", pasted_blob(answered, -i), ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+        assert len(token) <= 2500
+        opened = pipeline.load(token, now=NOW)
+        if setup == "tier":
+            assert opened.lifecycle.lost == 0 and not opened.degraded
+        elif setup == "no tier":
+            assert opened.lifecycle.lost == 0
+
+
+def test_the_byte_budget_may_not_exceed_the_hard_cap() -> None:
+    with pytest.raises(ValueError, match="hard cap"):
+        LifecyclePolicy(max_token_bytes=9000, hard_max_token_bytes=8000)
+    assert LifecyclePolicy().hard_max_token_bytes == 8000
+    assert LifecyclePolicy(max_token_bytes=9000, hard_max_token_bytes=None).max_token_bytes == 9000

@@ -235,12 +235,15 @@ class Pipeline:
         return SaveResult(token, len(token), timings)
 
     def fit_budget(self, ctx: Context, now: float, tag: str) -> Prepared | None:
-        """Bring the token under the soft byte budget (and, with a tier, the window).
+        """Bring the token under the soft byte budget (and, with a tier, the window),
+        then make sure it is never longer than the hard cap.
 
         With a tier: the oldest whole groups move to a segment. If the write fails they
         stay inline up to the hard cap; past it the oldest are summarized and dropped,
         and that is reported as data loss with the count.
         Without a tier: the oldest groups are summarized and dropped (a policy, not a loss).
+        Both keep the newest group in the token; only the hard cap can move it
+        (:meth:`_enforce_ceiling`).
 
         Returns the last measurement (:meth:`Codec.prepare`) when nothing changed the
         context after it, so the seal uses the bytes that were measured; else None.
@@ -248,14 +251,14 @@ class Pipeline:
         soft = self.policy.max_token_bytes
         if self.segments is None:
             if soft is None:
-                return None
-            first = self.codec.prepare(ctx)
-            if first.size <= soft:
-                return first
-            removed, prepared = self._drop_to(ctx, soft, now, "byte_budget", first)
-            if removed:
-                self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
-            return prepared
+                return self._enforce_ceiling(ctx, None, now, tag, write_failed=False)
+            measured: Prepared | None = self.codec.prepare(ctx)
+            assert measured is not None
+            if measured.size > soft:
+                removed, measured = self._drop_to(ctx, soft, now, "byte_budget", measured)
+                if removed:
+                    self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+            return self._enforce_ceiling(ctx, measured, now, tag, write_failed=False)
         self._forget_lost_segments(ctx, now, tag)
         window = self.policy.max_turns
         # Without a soft budget only the window moves turns: no need to measure.
@@ -267,7 +270,7 @@ class Pipeline:
             over_budget = soft is not None and size > soft
             past_window = len(ctx.turns) - window if window is not None else 0
             if not (over_budget or past_window > 0):
-                return measured
+                break
             groups = turn_groups(ctx.turns)
             count = max(
                 self._turns_to_remove(ctx, groups, size, target) if over_budget else 0,
@@ -276,37 +279,91 @@ class Pipeline:
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
             if not count:
                 break  # only the newest group is left: nothing more can move
-            spill = ctx.turns[:count]
-            written = self._write_segment(ctx, spill, now, tag)
-            if written is None:
+            if not self._spill(ctx, count, now, tag):
                 write_failed = True
                 break
-            ref, start = written
-            del ctx.turns[:count]
-            # The new segment holds the turns of the references from ``start`` on, then
-            # the spill: it replaces them, and their stored copies go.
-            replaced = ctx.overflow[start:]
-            ctx.overflow = [*ctx.overflow[:start], ref]
-            ctx.rehydrated = [*ctx.rehydrated, *spill]
-            if replaced:
-                self.segments.discard(ctx, replaced)
-            # The running summary always covers what left the token.
-            ctx.summary = summarize(self.policy.summarizer, spill, ctx.summary)
-            ctx.lifecycle.summarized += len(spill)
-            ctx.lifecycle.record(LifecycleAction(OVERFLOW_POLICY, "overflowed", len(spill), now))
-            self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
             measured = self.codec.prepare(ctx) if soft is not None else None
             size = measured.size if measured is not None else 0
-        if not write_failed or soft is None:
+        if write_failed and soft is not None:
+            # The tier refused the write: hold turns inline up to the hard cap, then report.
+            hold = self.policy.hard_max_token_bytes or soft
+            if size > hold:
+                lost, measured = self._drop_to(ctx, hold, now, "data_loss", measured)
+                if lost:
+                    self._report_loss(ctx, lost, tag, counted=True)  # changes no sealed field
+        return self._enforce_ceiling(ctx, measured, now, tag, write_failed=write_failed)
+
+    def _spill(self, ctx: Context, count: int, now: float, tag: str) -> bool:
+        """Move the oldest ``count`` turns to a segment; False if the tier refused."""
+        assert self.segments is not None
+        spill = ctx.turns[:count]
+        written = self._write_segment(ctx, spill, now, tag)
+        if written is None:
+            return False
+        ref, start = written
+        del ctx.turns[:count]
+        # The new segment holds the turns of the references from ``start`` on, then the
+        # spill: it replaces them, and their stored copies go.
+        replaced = ctx.overflow[start:]
+        ctx.overflow = [*ctx.overflow[:start], ref]
+        ctx.rehydrated = [*ctx.rehydrated, *spill]
+        if replaced:
+            self.segments.discard(ctx, replaced)
+        # The running summary always covers what left the token.
+        ctx.summary = summarize(self.policy.summarizer, spill, ctx.summary)
+        ctx.lifecycle.summarized += len(spill)
+        ctx.lifecycle.record(LifecycleAction(OVERFLOW_POLICY, "overflowed", len(spill), now))
+        self.observer.event("overflowed", session=tag, turns=len(spill), bytes=ref.size)
+        return True
+
+    def _enforce_ceiling(
+        self, ctx: Context, measured: Prepared | None, now: float, tag: str, *, write_failed: bool
+    ) -> Prepared | None:
+        """No token longer than the hard cap leaves here, whatever the newest exchange holds.
+
+        The budgets above keep the newest group in the token, so one very large exchange
+        (a pasted file, a long tool result) could make a token that no proxy or browser
+        on the way carries: gunicorn refuses header fields over 8190 bytes and nginx
+        over 8 KB before the app sees them, and a browser silently drops a cookie over
+        4096. The next request would then fail outside Satchel's reach. Here the newest
+        group moves too: to the tier when it takes the write (nothing is lost, the next
+        request rehydrates it); otherwise it is summarized and dropped, as the byte
+        budget (no tier) or as reported data loss (tier refusing writes). If the summary,
+        pinned items and metadata alone are over the cap, BudgetExceeded: that is the
+        app's state, not something a trim can fix.
+        """
+        hard = self.policy.hard_max_token_bytes
+        if hard is None:
             return measured
-        # The tier refused the write: hold turns inline up to the hard cap, then report.
-        hard = self.policy.hard_max_token_bytes or soft
-        if size <= hard:
+        if measured is None:
+            measured = self.codec.prepare(ctx)
+        if measured.size <= hard:
             return measured
-        lost, measured = self._drop_to(ctx, hard, now, "data_loss", measured)
-        if lost:
-            self._report_loss(ctx, lost, tag, counted=True)  # changes no sealed field
-        return measured
+        if self.segments is not None and not write_failed and ctx.turns:
+            if self._spill(ctx, len(ctx.turns), now, tag):
+                measured = self.codec.prepare(ctx)
+                if measured.size <= hard:
+                    return measured
+            else:
+                write_failed = True
+        reason = "data_loss" if write_failed else "byte_budget"
+        removed, prepared = self._drop_to(ctx, hard, now, reason, measured, keep_newest=False)
+        if removed:
+            if write_failed:
+                self._report_loss(ctx, removed, tag, counted=True)
+            else:
+                self.observer.event("trimmed", session=tag, reason=reason, turns=removed)
+        if prepared is None:
+            prepared = self.codec.prepare(ctx)
+        if prepared.size > hard:
+            raise BudgetExceeded(
+                f"the context is {prepared.size} bytes with no turns left to move: its "
+                f"summary, pinned items and metadata alone exceed the hard cap of {hard} "
+                "bytes (SATCHEL_HARD_MAX_TOKEN_BYTES)",
+                size=prepared.size,
+                limit=hard,
+            )
+        return prepared
 
     def _report_loss(self, ctx: Context, lost: int, tag: str, *, counted: bool = False) -> None:
         if not counted:
@@ -382,10 +439,13 @@ class Pipeline:
         now: float,
         reason: str,
         prepared: Prepared | None = None,
+        *,
+        keep_newest: bool = True,
     ) -> tuple[int, Prepared | None]:
         """Summarize and drop the oldest groups until the token fits ``budget``.
 
         ``prepared`` is a measurement of ``ctx`` as it is now, if the caller has one.
+        The newest group stays unless ``keep_newest`` is False (the hard cap).
         Returns the turns removed and the last measurement, if still valid.
         """
         removed = 0
@@ -394,9 +454,10 @@ class Pipeline:
                 prepared = self.codec.prepare(ctx)
             size = prepared.size
             groups = turn_groups(ctx.turns)
-            if size <= budget or len(groups) <= 1:
+            if size <= budget or len(groups) <= (1 if keep_newest else 0):
                 return removed, prepared
-            count = self._turns_to_remove(ctx, groups, size, budget)
+            # Only the newest group left: it goes whole (never part of a group).
+            count = self._turns_to_remove(ctx, groups, size, budget) or len(ctx.turns)
             dropped = len(
                 drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
             )

@@ -33,7 +33,9 @@ SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (ne
                                                ``Satchel-Reset`` header says why)
 SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first
 SATCHEL_MAX_TOKEN_BYTES         3800           soft byte budget (fits a 4 KB cookie)
-SATCHEL_HARD_MAX_TOKEN_BYTES    16384          hard cap while the tier refuses writes
+SATCHEL_HARD_MAX_TOKEN_BYTES    8000           no token is longer (fits 8 KB header limits;
+                                               the budget, if larger, when unset); with
+                                               SATCHEL_COOKIE, at most what a cookie holds
 SATCHEL_MAX_TURNS               40             rolling window (None: off)
 SATCHEL_MAX_LLM_TOKENS          None           LLM-token budget (None: off)
 SATCHEL_MAX_TURN_CHARS          32000          per-turn text cap
@@ -75,10 +77,14 @@ from flask import Flask
 from ..compress import load_dictionary, register_dictionaries
 from ..errors import ConfigurationError, UnsupportedVersion
 from ..keys import Keyring, generate_key
-from ..lifecycle import ExtractiveSummarizer, LifecyclePolicy
+from ..lifecycle import DEFAULT_HARD_MAX_TOKEN_BYTES, ExtractiveSummarizer, LifecyclePolicy
 from ..padding import check_pad_to
 
 log = logging.getLogger("satchel")
+
+#: Browsers keep a cookie only while its name, "=" and value fit in this many bytes;
+#: a larger one is dropped without an error, on either side.
+COOKIE_MAX_BYTES = 4096
 
 
 def _flag(value: Any) -> bool:
@@ -113,7 +119,7 @@ class SatchelConfig:
     on_bad_token: str = "error"
     token_limit: int = 64 * 1024
     max_token_bytes: int | None = 3800
-    hard_max_token_bytes: int | None = 16 * 1024
+    hard_max_token_bytes: int | None = DEFAULT_HARD_MAX_TOKEN_BYTES
     max_turns: int | None = 40
     max_llm_tokens: int | None = None
     max_turn_chars: int | None = 32_000
@@ -186,7 +192,47 @@ class SatchelConfig:
             config.mode = "server"  # the strictest level is the server-side mode
         if config.mode not in ("client", "server", "memory"):
             raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
+        config._fit_token_caps(hard_set="hard_max_token_bytes" in values)
         return config
+
+    def _fit_token_caps(self, *, hard_set: bool) -> None:
+        """Make the byte budget and the hard cap agree with each other and the carrier.
+
+        An unset hard cap follows a larger budget (whoever raised the budget raised the
+        header limits on the way too). With SATCHEL_COOKIE, the cookie carries the token
+        and a browser drops one over 4096 bytes silently: both caps are held under that.
+        """
+        soft, hard = self.max_token_bytes, self.hard_max_token_bytes
+        if not hard_set and soft is not None and hard is not None and soft > hard:
+            hard = soft
+        if self.cookie and self.mode == "client":
+            cookie_limit = COOKIE_MAX_BYTES - len(self.cookie) - 1
+            if soft is not None and soft > cookie_limit:
+                log.warning(
+                    "SATCHEL_MAX_TOKEN_BYTES=%d does not fit a cookie: SATCHEL_COOKIE=%r "
+                    "holds at most %d bytes of token, so the budget is %d",
+                    soft,
+                    self.cookie,
+                    cookie_limit,
+                    cookie_limit,
+                )
+                soft = cookie_limit
+            if hard is None or hard > cookie_limit:
+                if hard_set:
+                    log.warning(
+                        "SATCHEL_HARD_MAX_TOKEN_BYTES=%s does not fit a cookie: "
+                        "SATCHEL_COOKIE=%r caps it at %d",
+                        hard,
+                        self.cookie,
+                        cookie_limit,
+                    )
+                hard = cookie_limit
+        if soft is not None and hard is not None and soft > hard:
+            raise ConfigurationError(
+                f"SATCHEL_MAX_TOKEN_BYTES ({soft}) must not exceed "
+                f"SATCHEL_HARD_MAX_TOKEN_BYTES ({hard})"
+            )
+        self.max_token_bytes, self.hard_max_token_bytes = soft, hard
 
     def register_dictionaries(self) -> None:
         """Register ``SATCHEL_DICTIONARIES`` ({id: path or bytes}) with the compressor,

@@ -2,6 +2,7 @@
 
 from .groups import oldest_groups_covering, turn_groups
 from .policy import (
+    DEFAULT_HARD_MAX_TOKEN_BYTES,
     LifecyclePolicy,
     apply_policies,
     cap_turn_sizes,
@@ -13,6 +14,7 @@ from .summarize import ExtractiveSummarizer, Summarizer
 from .tokens import TokenCounter, default_counter, estimate_tokens
 
 __all__ = [
+    "DEFAULT_HARD_MAX_TOKEN_BYTES",
     "ExtractiveSummarizer",
     "LifecyclePolicy",
     "Summarizer",

@@ -21,6 +21,10 @@ from .summarize import ExtractiveSummarizer, Summarizer, summarize
 from .tokens import TokenCounter, default_counter, turn_tokens
 
 DAY = 86400.0
+#: The default hard cap: a token this long still passes the common header limits on
+#: the way (gunicorn refuses a header field over 8190 bytes, "Satchel-Context: "
+#: included; nginx's default header buffer is 8 KB).
+DEFAULT_HARD_MAX_TOKEN_BYTES = 8000
 TRUNCATION_MARK = "\n[… truncated by Satchel: {n} characters removed]"
 
 
@@ -29,7 +33,9 @@ class LifecyclePolicy:
     """What to keep in the token. ``None`` disables a limit.
 
     The byte budget default (3,800 bytes) keeps the token inside a 4 KB cookie with
-    room for the cookie's name and attributes.
+    room for the cookie's name and attributes. The hard cap (8,000 bytes) is a
+    ceiling no token crosses: the pipeline moves or drops even the newest exchange
+    rather than issue a token that a proxy would refuse on the next request.
     """
 
     #: keep at most this many turns in the token (rolling window)
@@ -38,8 +44,9 @@ class LifecyclePolicy:
     max_llm_tokens: int | None = None
     #: soft byte budget of the final token; over it, turns overflow or are trimmed
     max_token_bytes: int | None = 3800
-    #: hard cap used while the overflow tier cannot take writes
-    hard_max_token_bytes: int | None = 16 * 1024
+    #: no token is longer than this; while the overflow tier refuses writes, turns stay
+    #: inline up to it (past it they are summarized, dropped and reported as lost)
+    hard_max_token_bytes: int | None = DEFAULT_HARD_MAX_TOKEN_BYTES
     #: the longest a single turn's text may be, in characters (longer is truncated)
     max_turn_chars: int | None = 32_000
     #: a token not used for this long expires (seconds)
@@ -48,6 +55,14 @@ class LifecyclePolicy:
     max_age: float | None = 30 * DAY
     summarizer: Summarizer = field(default_factory=ExtractiveSummarizer)
     token_counter: TokenCounter | None = None
+
+    def __post_init__(self) -> None:
+        soft, hard = self.max_token_bytes, self.hard_max_token_bytes
+        if soft is not None and hard is not None and soft > hard:
+            raise ValueError(
+                f"the byte budget ({soft}) must not exceed the hard cap ({hard}): "
+                "raise hard_max_token_bytes too"
+            )
 
     def counter(self) -> TokenCounter:
         return self.token_counter or default_counter()
@@ -134,6 +149,7 @@ def check_age(ctx: Context, policy: LifecyclePolicy, now: float, skew: float = 3
 
 
 __all__ = [
+    "DEFAULT_HARD_MAX_TOKEN_BYTES",
     "LifecyclePolicy",
     "apply_policies",
     "cap_turn_sizes",

@@ -88,8 +88,8 @@ class SQLiteTier(Tier):
             check_same_thread=False,  # only ever used by the thread that opened it
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if not mode or str(mode[0]).lower() != "wal":
+        mode = self._switch_to_wal(conn)
+        if mode != "wal":
             conn.close()
             raise TierUnavailable(
                 "the SQLite tier needs WAL mode, which this file system refused",
@@ -105,6 +105,27 @@ class SQLiteTier(Tier):
             conn.executescript(_SCHEMA)
             self._schema_ready_pid = pid
         return conn
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """Put the file in WAL mode (it stays so) and return the journal mode.
+
+        Changing the journal mode does not wait on the busy handler: connections that
+        open a new file at the same moment (threads, or gunicorn workers on their first
+        request) get "database is locked" at once. Only one of them needs to succeed,
+        so the others retry until the busy timeout rather than fail the request.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                row = conn.execute("PRAGMA journal_mode").fetchone()
+                if row and str(row[0]).lower() == "wal":
+                    return "wal"
+                row = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                return str(row[0]).lower() if row else ""
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.002)  # another connection is switching it right now
 
     def _conn(self) -> sqlite3.Connection:
         pid = os.getpid()
