@@ -32,7 +32,7 @@ from satchel import (
     serialize,
 )
 from satchel.context import SEALED_FIELDS
-from satchel.errors import BadToken
+from satchel.errors import BadToken, ContextNotSerializable
 
 NOW = 1_767_225_600
 RING = Keyring([Key("kp", bytes(range(100, 132)))])
@@ -70,8 +70,14 @@ msgpack_values = st.recursive(
     max_leaves=12,
 )
 blocks = st.builds(
-    OpaqueBlock, type=short_texts, data=st.binary(max_size=120), provider=short_texts
+    OpaqueBlock,
+    type=short_texts,
+    # bytes, or a str as providers send signatures: each opens as the same type
+    data=st.binary(max_size=120) | st.text(max_size=120),
+    provider=short_texts,
 )
+#: a JSON string (OpenAI) or a map (Anthropic's tool_use input)
+tool_arguments = texts | st.dictionaries(short_texts, msgpack_values, max_size=4)
 
 
 @st.composite
@@ -87,7 +93,7 @@ def histories(draw: st.DrawFn, max_steps: int = 10) -> list[Turn]:
             calls = []
             for _ in range(draw(st.integers(1, 3))):
                 call_no += 1
-                calls.append(ToolCall(f"call_{call_no}", draw(short_texts), draw(texts)))
+                calls.append(ToolCall(f"call_{call_no}", draw(short_texts), draw(tool_arguments)))
             pending += calls
             turns.append(
                 Turn(
@@ -204,12 +210,83 @@ def test_every_context_round_trips(mode: tuple[str, str], ctx: Context) -> None:
     assert opened.seq == seq + 1
     assert opened.opened_version == 2
     assert peek(token).mode == mode[0]
-    # Opaque blocks come back byte for byte.
+    # Opaque blocks come back exactly, of the same type; tool arguments too.
     for before, after in zip(ctx.turns, opened.turns, strict=True):
-        assert [b.data for b in before.blocks] == [b.data for b in after.blocks]
+        assert [(type(b.data), b.data) for b in before.blocks] == [
+            (type(b.data), b.data) for b in after.blocks
+        ]
+        assert [type(c.arguments) for c in before.tool_calls] == [
+            type(c.arguments) for c in after.tool_calls
+        ]
     # Sealing what was opened gives a token that opens to the same content again.
     again = codec.open(codec.seal(opened))
     assert [t.content for t in again.turns] == [t.content for t in ctx.turns]
+
+
+# -- what the app puts in: sealed only if it opens again -----------------------------------
+
+#: Values an app may put in metadata or tool arguments, msgpack-native or not: sets,
+#: objects, int keys, ints out of range, tuples, bytearrays, deep nesting.
+wild_scalars = st.one_of(
+    msgpack_scalars,
+    st.integers(-(2**70), 2**70),
+    st.frozensets(st.integers(0, 3), max_size=2),
+    st.builds(bytearray, st.binary(max_size=8)),
+    st.builds(object),
+)
+wild_values = st.recursive(
+    wild_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.tuples(inner, inner),
+        st.dictionaries(short_texts | st.integers(0, 5) | st.binary(max_size=3), inner, max_size=3),
+    ),
+    max_leaves=10,
+)
+
+
+def as_read_back(value: Any) -> Any:
+    """``value`` as msgpack returns it: tuples as lists, bytearrays as bytes."""
+    if isinstance(value, list | tuple):
+        return [as_read_back(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_read_back(v) for k, v in value.items()}
+    if isinstance(value, bytearray):
+        return bytes(value)
+    return value
+
+
+@PROPS
+@given(
+    metadata=st.dictionaries(short_texts, wild_values, max_size=4),
+    arguments=wild_values,
+    block_data=wild_scalars,
+)
+def test_a_context_is_either_refused_at_seal_or_opens_as_it_was(
+    metadata: dict[str, Any], arguments: Any, block_data: Any
+) -> None:
+    """Sealing must never issue a token its own codec refuses on the next request: the
+    conversation would break there, far from the app's mistake. What cannot come back
+    as it went in is refused when sealing, as ContextNotSerializable (a typed 500)."""
+    codec = CODECS[("sealed", "aes-256-gcm")]
+    ctx = Context.new(now=NOW)
+    ctx.metadata = metadata
+    ctx.add_turn(
+        "assistant",
+        "calling",
+        ts=NOW,
+        tool_calls=[ToolCall("c1", "lookup", arguments)],
+        blocks=[OpaqueBlock("thinking", block_data, "test")],
+    )
+    try:
+        token = codec.seal(ctx)
+    except ContextNotSerializable as exc:
+        assert exc.code == "context_not_serializable" and "cannot be sealed" in exc.message
+        return
+    opened = codec.open(token)  # anything it raises here is the bug this test is for
+    assert opened.metadata == as_read_back(metadata)
+    assert opened.turns[0].tool_calls[0].arguments == as_read_back(arguments)
+    assert opened.turns[0].blocks[0].data == as_read_back(block_data)
 
 
 # -- damage --------------------------------------------------------------------------------

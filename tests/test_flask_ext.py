@@ -419,18 +419,29 @@ def test_without_keys_a_dev_key_file_is_created_with_a_warning(
     assert chat(again.test_client(), "again", token).get_json()["turns"] == 4
 
 
-def test_unserializable_metadata_is_a_json_error_not_a_crash() -> None:
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        {"tags": {"a", "b"}},  # a set: msgpack cannot carry it
+        {"by_id": {7: "seven"}},  # packs, but an int map key is refused on open
+    ],
+    ids=["set", "int key"],
+)
+def test_unserializable_metadata_is_a_json_error_not_a_crash(mistake: dict[str, Any]) -> None:
+    """Both are refused when sealing. The int key used to be sealed into a token that
+    every next request refused: the app's mistake broke the user's conversation."""
     app = make_app()
 
     @app.post("/api/bad")
     def bad() -> dict[str, str]:
         satchel = app.extensions["satchel"].extension
-        satchel.context.metadata["tags"] = {"a", "b"}  # a set: msgpack cannot carry it
+        satchel.context.metadata.update(mistake)
         return {"ok": "yes"}
 
     response = app.test_client().post("/api/bad")
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "context_not_serializable"
+    assert HEADER_CONTEXT not in response.headers
 
 
 def test_a_committed_token_goes_out_even_when_the_view_then_fails() -> None:

@@ -218,7 +218,7 @@ def test_registering_a_version_twice_is_an_error() -> None:
         ("tool call id as a list", base_wire(t=[[3, "x", 0, {"i": [1]}]])),
         ("name as a map", base_wire(t=[[3, "x", 0, {"n": {}}]])),
         ("block data as a huge int", base_wire(t=[[2, "x", 0, {"b": [["t", 10**15, "p"]]}]])),
-        ("block data as a str", base_wire(t=[[2, "x", 0, {"b": [["t", "text", "p"]]}]])),
+        ("block data as a list", base_wire(t=[[2, "x", 0, {"b": [["t", ["text"], "p"]]}]])),
         ("overflow digest as int", base_wire(o=[[10**15, 1, 1, 1, 0]])),
         ("overflow ts as str", base_wire(o=[[b"d" * 12, 1, 1, 1, "now"]])),
         ("overflow count as infinity", base_wire(o=[[b"d" * 12, float("inf"), 1, 1, 0]])),

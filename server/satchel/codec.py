@@ -31,7 +31,7 @@ from . import envelope, padding, schema, serialize
 from .compress import Compressed, Compressor
 from .context import Context
 from .envelope import FLAG_COMPRESSED, FLAG_PADDED, Envelope, Header
-from .errors import ContextNotSerializable, TokenExpired, WrongMode
+from .errors import BudgetExceeded, ContextNotSerializable, TokenExpired, WrongMode
 from .keys import Keyring
 from .limits import DEFAULT_LIMITS, Limits
 from .protect import Protector, RandomBytes, make_protector
@@ -132,7 +132,11 @@ class Codec:
     def seal(self, ctx: Context, *, expires_at: float | None = None) -> str:
         """Seal ``ctx`` into a token, incrementing its sequence number.
 
-        ``expires_at`` (Unix seconds) overrides the codec's ``ttl``.
+        ``expires_at`` (Unix seconds) overrides the codec's ``ttl``. Every token this
+        returns opens with this codec until it expires: a context that would not
+        (values msgpack cannot carry or the reader refuses, sizes past ``limits``)
+        raises :class:`~satchel.errors.ContextNotSerializable` or
+        :class:`~satchel.errors.BudgetExceeded` instead.
         """
         return self.seal_verbose(ctx, expires_at=expires_at)[0]
 
@@ -153,6 +157,7 @@ class Codec:
             expires_at = now + self.ttl
         if prepared is None or prepared.seq != ctx.seq + 1:
             prepared = self.prepare(ctx)
+        self._check_opens(prepared)
         ctx.seq = prepared.seq
         token, raw = self.seal_payload(
             prepared.payload, now=now, expires_at=expires_at, packed=prepared.packed
@@ -165,10 +170,10 @@ class Codec:
         """Pack and compress ``ctx`` as its next seal will, without sealing it.
 
         Raises :class:`~satchel.errors.ContextNotSerializable` for values msgpack
-        cannot carry.
+        cannot carry, or that would not open again (``schema.check_sealable``).
         """
         seq = ctx.seq + 1  # sealing increments the sequence number first
-        wire = schema.to_wire(ctx)
+        wire = schema.to_wire(ctx, self.limits)  # checks what it maps (check_sealable)
         wire["q"] = seq
         try:
             payload = serialize.pack(wire)
@@ -176,9 +181,34 @@ class Codec:
             raise ContextNotSerializable(
                 f"the context cannot be sealed: {exc} (metadata takes msgpack-native values)"
             ) from None
+        if len(payload) > self.limits.max_str_bytes:
+            # Only now can one string be longer than the reader accepts: look for it.
+            schema.check_sealable(ctx, self.limits)
         packed = self.compressor.compress(payload)
         size = self._token_length(len(packed.data))
         return _tuple_new(Prepared, (payload, packed, size, seq))
+
+    def _check_opens(self, prepared: Prepared) -> None:
+        """Refuse to issue a token that this codec's own limits would refuse to open.
+
+        Not in :meth:`prepare`: the byte budget measures contexts that are still too
+        large, and trims them, before one is sealed.
+        """
+        limits = self.limits
+        if prepared.size > limits.max_token_bytes:
+            raise BudgetExceeded(
+                f"the token would be {prepared.size} bytes; this codec opens at most "
+                f"{limits.max_token_bytes} (Limits.max_token_bytes)",
+                size=prepared.size,
+                limit=limits.max_token_bytes,
+            )
+        if len(prepared.payload) > limits.max_decompressed_bytes:
+            raise BudgetExceeded(
+                f"the context packs to {len(prepared.payload)} bytes; this codec opens at "
+                f"most {limits.max_decompressed_bytes} (Limits.max_decompressed_bytes)",
+                size=len(prepared.payload),
+                limit=limits.max_decompressed_bytes,
+            )
 
     def measure(self, ctx: Context) -> int:
         """The length the token for ``ctx`` would have if sealed now, without sealing."""

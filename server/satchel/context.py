@@ -22,23 +22,26 @@ OVERFLOW_POLICY = "overflow"
 
 @dataclass(slots=True)
 class ToolCall:
-    """A model's request to call a tool. ``arguments`` is kept as the provider sent it."""
+    """A model's request to call a tool. ``arguments`` is kept as the provider sent it:
+    a JSON string (OpenAI's ``function.arguments``) or a map (Anthropic's ``input``),
+    and it opens as the same type."""
 
     id: str
     name: str
-    arguments: str = ""
+    arguments: str | dict[str, Any] = ""
 
 
 @dataclass(slots=True)
 class OpaqueBlock:
-    """A provider block carried byte-exact (signed thinking, encrypted reasoning...).
+    """A provider block carried exactly (signed thinking, encrypted reasoning...).
 
-    Satchel never looks inside ``data``; trimming moves or drops the turn that holds it
-    as a whole and never edits it.
+    ``data`` is bytes or str (providers send signatures and encrypted reasoning as
+    base64 strings) and opens as the same type, unchanged. Satchel never looks inside
+    it; trimming moves or drops the turn that holds it as a whole and never edits it.
     """
 
     type: str
-    data: bytes
+    data: bytes | str
     provider: str = ""
 
 
@@ -63,13 +66,19 @@ class Turn:
         out: dict[str, Any] = {"role": self.role, "content": self.content, "ts": self.ts}
         if self.tool_calls:
             out["tool_calls"] = [
-                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls
+                {"id": c.id, "name": c.name, "arguments": _jsonable(c.arguments)}
+                for c in self.tool_calls
             ]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.blocks:
             out["blocks"] = [
-                {"type": b.type, "provider": b.provider, "bytes": len(b.data)} for b in self.blocks
+                {
+                    "type": b.type,
+                    "provider": b.provider,
+                    "bytes": len(b.data.encode() if isinstance(b.data, str) else b.data),
+                }
+                for b in self.blocks
             ]
         if self.name is not None:
             out["name"] = self.name

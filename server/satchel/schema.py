@@ -19,7 +19,7 @@ History:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from .app_schema import check_version
 from .context import (
@@ -33,7 +33,8 @@ from .context import (
     ToolCall,
     Turn,
 )
-from .errors import InvalidContext, MigrationFailed, UnsupportedVersion
+from .errors import ContextNotSerializable, InvalidContext, MigrationFailed, UnsupportedVersion
+from .limits import DEFAULT_LIMITS, Limits
 
 CURRENT_VERSION = 2
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
@@ -134,20 +135,37 @@ def _turn_to_wire(t: Turn) -> list[Any]:
     return w
 
 
-def to_wire(ctx: Context) -> dict[str, Any]:
-    """The current-version wire map of ``ctx``. Empty fields are left out."""
+def to_wire(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The current-version wire map of ``ctx``. Empty fields are left out.
+
+    Raises :class:`~satchel.errors.ContextNotSerializable`, naming the place, for what
+    would not read back (see :func:`check_sealable`). The turn checks ride on the
+    mapping itself, which reads the same fields anyway; string lengths are left to the
+    caller, who sees the packed size (no string is longer than the whole payload).
+    """
+    if len(ctx.turns) > limits.max_array_len:
+        _refuse(ctx, limits)
+    try:
+        turns = [
+            [_ROLE_INDEX[t.role], t.content, t.ts]
+            if type(t.content) is str
+            and type(t.ts) in _NUMBER_TYPES
+            and not (t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None)
+            else _checked_turn_to_wire(t, limits)
+            for t in ctx.turns
+        ]
+    except (KeyError, AttributeError, TypeError, _NotSealable):  # a bad role, not a Turn...
+        _refuse(ctx, limits)
+    problem = _fields_problem(ctx, limits)
+    if problem is not None:
+        raise ContextNotSerializable(f"the context cannot be sealed: {problem}")
     wire: dict[str, Any] = {
         "v": CURRENT_VERSION,
         "i": ctx.session_id,
         "q": ctx.seq,
         "c": ctx.created_at,
         "a": ctx.last_active,
-        "t": [
-            [_ROLE_INDEX[t.role], t.content, t.ts]
-            if not (t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None)
-            else _turn_to_wire(t)
-            for t in ctx.turns
-        ],
+        "t": turns,
     }
     if ctx.parent is not None:
         wire["p"] = ctx.parent
@@ -155,7 +173,7 @@ def to_wire(ctx: Context) -> dict[str, Any]:
         wire["s"] = ctx.summary
     pinned = ctx.pinned
     if pinned.system or pinned.facts:
-        wire["P"] = [pinned.system, list(pinned.facts)]
+        wire["P"] = [pinned.system or "", list(pinned.facts)]
     if ctx.metadata:
         wire["m"] = ctx.metadata
     if ctx.metadata_version:
@@ -228,10 +246,224 @@ def _turn_from_wire(w: list[Any]) -> Turn:
         _ROLE_OF[w[0]],
         content,
         _num(w[2]),
-        tool_calls=tuple(ToolCall(str(i), str(n), str(a)) for i, n, a in extra.get("c", ())),
+        tool_calls=tuple(ToolCall(str(i), str(n), _arguments(a)) for i, n, a in extra.get("c", ())),
         tool_call_id=_opt_str(extra.get("i")),
-        blocks=tuple(OpaqueBlock(str(t), _bin(d), str(p)) for t, d, p in extra.get("b", ())),
+        blocks=tuple(
+            OpaqueBlock(str(t), d if type(d) is str else _bin(d), str(p))
+            for t, d, p in extra.get("b", ())
+        ),
         name=_opt_str(extra.get("n")),
+    )
+
+
+def _arguments(value: Any) -> str | dict[str, Any]:
+    # A map stays a map; anything else was a string (str() keeps early tokens opening).
+    return value if type(value) is dict or type(value) is str else str(value)
+
+
+# -- what can be sealed ---------------------------------------------------------------
+
+
+class _NotSealable(Exception):
+    """A turn failed its check inside the mapping; :func:`_refuse` finds and names it."""
+
+
+def _checked_turn_to_wire(t: Turn, limits: Limits) -> list[Any]:
+    if type(t) is not Turn or (
+        _turn_problem(t, "turn", limits) or _extras_problem(t, "turn", limits)
+    ):
+        raise _NotSealable
+    return _turn_to_wire(t)
+
+
+def _refuse(ctx: Context, limits: Limits) -> NoReturn:
+    problem = _context_problem(ctx, limits) or "a turn cannot be carried"
+    raise ContextNotSerializable(f"the context cannot be sealed: {problem}")
+
+
+def check_sealable(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse a context whose token its own codec could not open again.
+
+    msgpack packs more than the reader accepts: a map with int keys packs but is
+    refused by the bounded unpack (``strict_map_key``); a str opaque block packs where
+    a bin was expected; a string past ``limits.max_str_bytes`` packs and is refused on
+    the way back; a dict where a ToolCall belongs fails half way through. Sealing any
+    of these would issue a token that breaks the conversation on its next request, so
+    it is refused here, where the app's mistake is, with the place named. Raises
+    :class:`~satchel.errors.ContextNotSerializable`.
+    """
+    problem = _context_problem(ctx, limits)
+    if problem is not None:
+        raise ContextNotSerializable(f"the context cannot be sealed: {problem}")
+
+
+def _context_problem(ctx: Context, limits: Limits) -> str | None:
+    turns = ctx.turns
+    if type(turns) is not list:
+        return f"turns is {type(turns).__name__}, not list"
+    if len(turns) > limits.max_array_len:
+        return f"{len(turns)} turns, more than the {limits.max_array_len} a token opens with"
+    max_chars = limits.max_str_bytes // 4  # below this, no str can pass the limit in UTF-8
+    # One pass that only says yes, for plain turns (a seal runs it on every turn); any
+    # other turn sends the whole list through the pass below, which also says where.
+    for t in turns:
+        if (
+            type(t) is not Turn
+            or type(t.content) is not str
+            or type(t.ts) not in _NUMBER_TYPES
+            or t.role not in _ROLE_INDEX
+            or len(t.content) > max_chars
+            or t.tool_calls
+            or t.blocks
+            or t.tool_call_id is not None
+            or t.name is not None
+        ):
+            return _turns_problem(turns, max_chars, limits) or _fields_problem(ctx, limits)
+    return _fields_problem(ctx, limits)
+
+
+def _turns_problem(turns: list[Turn], max_chars: int, limits: Limits) -> str | None:
+    for i, t in enumerate(turns):
+        if type(t) is not Turn:
+            return f"turns[{i}] is {type(t).__name__}, not Turn"
+        content = t.content
+        if (
+            t.role not in _ROLE_INDEX
+            or type(content) is not str
+            or type(t.ts) not in _NUMBER_TYPES
+            or len(content) > max_chars
+        ):
+            return _turn_problem(t, f"turns[{i}]", limits)
+        if t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None:
+            problem = _extras_problem(t, f"turns[{i}]", limits)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _fields_problem(ctx: Context, limits: Limits) -> str | None:
+    """Everything but the turns: summary, pinned items, metadata."""
+    # None reads as "" (empty fields are left out of the token).
+    if ctx.summary is not None:
+        problem = _str_problem(ctx.summary, "summary", limits)
+        if problem is not None:
+            return problem
+    pinned = ctx.pinned
+    if type(pinned) is not Pinned:
+        return f"pinned is {type(pinned).__name__}, not Pinned"
+    if pinned.system is not None:
+        problem = _str_problem(pinned.system, "pinned.system", limits)
+        if problem is not None:
+            return problem
+    if not isinstance(pinned.facts, list | tuple):
+        return f"pinned.facts is {type(pinned.facts).__name__}, not a list"
+    for i, fact in enumerate(pinned.facts):
+        problem = _str_problem(fact, f"pinned.facts[{i}]", limits)
+        if problem is not None:
+            return problem
+    if ctx.metadata:
+        if not isinstance(ctx.metadata, dict):
+            return f"metadata is {type(ctx.metadata).__name__}, not dict"
+        return _value_problem(ctx.metadata, "metadata", limits, 0)
+    return None
+
+
+def _turn_problem(t: Turn, where: str, limits: Limits) -> str | None:
+    if t.role not in _ROLE_INDEX:
+        return f"{where}.role is {t.role!r}, not one of {', '.join(ROLES)}"
+    if type(t.ts) not in _NUMBER_TYPES:
+        return f"{where}.ts is {type(t.ts).__name__}, not a number"
+    return _str_problem(t.content, f"{where}.content", limits)
+
+
+def _extras_problem(t: Turn, where: str, limits: Limits) -> str | None:
+    for j, call in enumerate(t.tool_calls):
+        at = f"{where}.tool_calls[{j}]"
+        if type(call) is not ToolCall:
+            return f"{at} is {type(call).__name__}, not ToolCall"
+        problem = _str_problem(call.id, f"{at}.id", limits) or _str_problem(
+            call.name, f"{at}.name", limits
+        )
+        if problem is not None:
+            return problem
+        if type(call.arguments) is dict:
+            problem = _value_problem(call.arguments, f"{at}.arguments", limits, 0)
+        else:
+            problem = _str_problem(call.arguments, f"{at}.arguments (str or dict)", limits)
+        if problem is not None:
+            return problem
+    for j, block in enumerate(t.blocks):
+        at = f"{where}.blocks[{j}]"
+        if type(block) is not OpaqueBlock:
+            return f"{at} is {type(block).__name__}, not OpaqueBlock"
+        data = block.data
+        if type(data) is bytes:
+            problem = None if len(data) <= limits.max_str_bytes else f"{at}.data is too long"
+        else:
+            problem = _str_problem(data, f"{at}.data (bytes or str)", limits)
+        problem = (
+            problem
+            or _str_problem(block.type, f"{at}.type", limits)
+            or _str_problem(block.provider, f"{at}.provider", limits)
+        )
+        if problem is not None:
+            return problem
+    for value, name in ((t.tool_call_id, "tool_call_id"), (t.name, "name")):
+        if value is not None:
+            problem = _str_problem(value, f"{where}.{name}", limits)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _str_problem(value: Any, where: str, limits: Limits) -> str | None:
+    if type(value) is not str:
+        return f"{where} is {type(value).__name__}, not str"
+    if len(value) * 4 > limits.max_str_bytes and len(value.encode()) > limits.max_str_bytes:
+        return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
+    return None
+
+
+#: Deeper than this, msgpack's packer refuses anyway; say so with the place named.
+MAX_METADATA_DEPTH = 64
+
+
+def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | None:
+    """What makes ``value`` (metadata, tool arguments) not come back as it went in."""
+    if value is None or isinstance(value, bool | int | float):
+        return None
+    if isinstance(value, str):
+        return _str_problem(str(value), where, limits)
+    if isinstance(value, bytes | bytearray | memoryview):
+        if len(value) > limits.max_str_bytes:
+            return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
+        return None
+    if depth >= MAX_METADATA_DEPTH:
+        return f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels"
+    if isinstance(value, list | tuple):
+        if len(value) > limits.max_array_len:
+            return f"{where} has more than {limits.max_array_len} items"
+        for i, item in enumerate(value):
+            problem = _value_problem(item, f"{where}[{i}]", limits, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, dict):
+        if len(value) > limits.max_map_len:
+            return f"{where} has more than {limits.max_map_len} entries"
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (
+                    f"{where} has the key {key!r} ({type(key).__name__}): map keys must be "
+                    "str, or the token does not open again"
+                )
+            problem = _value_problem(item, f"{where}[{key!r}]", limits, depth + 1)
+            if problem is not None:
+                return problem
+        return None
+    return (
+        f"{where} is {type(value).__name__}: metadata takes str, int, float, bool, None, "
+        "bytes, and lists and str-keyed dicts of those"
     )
 
 
@@ -281,7 +513,15 @@ def from_wire(wire: Any) -> Context:
     return ctx
 
 
-__all__ = ["CURRENT_VERSION", "MIGRATIONS", "from_wire", "migrate", "migration", "to_wire"]
+__all__ = [
+    "CURRENT_VERSION",
+    "MIGRATIONS",
+    "check_sealable",
+    "from_wire",
+    "migrate",
+    "migration",
+    "to_wire",
+]
 
 
 # Public names for the turn wire helpers (the overflow segment store packs turns the

@@ -7,6 +7,7 @@ the budget matters, install tiktoken (``pip install tiktoken``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -38,7 +39,10 @@ def default_counter() -> TokenCounter:
 def turn_tokens(turn: Turn, counter: TokenCounter) -> int:
     n = counter(turn.content) + MESSAGE_OVERHEAD
     for call in turn.tool_calls:
-        n += counter(call.name) + counter(call.arguments)
+        arguments = call.arguments
+        if not isinstance(arguments, str):  # a map: count it as the JSON the model sees
+            arguments = json.dumps(arguments, separators=(",", ":"), default=str)
+        n += counter(call.name) + counter(arguments)
     return n
 
 
