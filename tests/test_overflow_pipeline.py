@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from satchel import Codec, Context, Keyring, schema
-from satchel.errors import BudgetExceeded, TierUnavailable
+from satchel import Codec, Context, Keyring, Turn, schema
+from satchel.errors import BudgetExceeded, ContextNotSerializable, TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import MAX_SEGMENT_REFS, Pipeline
 from satchel.segments import SegmentStore, merge_start
@@ -378,3 +378,31 @@ def test_the_byte_budget_may_not_exceed_the_hard_cap() -> None:
         LifecyclePolicy(max_token_bytes=9000, hard_max_token_bytes=8000)
     assert LifecyclePolicy().hard_max_token_bytes == 8000
     assert LifecyclePolicy(max_token_bytes=9000, hard_max_token_bytes=None).max_token_bytes == 9000
+
+
+def test_a_turn_that_could_not_be_read_back_is_refused_on_its_way_to_the_tier() -> None:
+    """With no byte budget the window groups and spills turns before anything measures
+    the token. A turn that could not be read back is still the typed
+    ContextNotSerializable (a JSON 500, naming the place), not an AttributeError from
+    deep inside the trim."""
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    policy = LifecyclePolicy(max_turns=2, max_token_bytes=None, hard_max_token_bytes=None)
+    store = SegmentStore(GuardedTier(MemoryTier()), codec)
+    pipeline = Pipeline(codec, policy, segments=store, clock=lambda: NOW)
+    ctx = pipeline.new_context(now=NOW)
+    ctx.add_turn("user", "look this up", ts=NOW)
+    ctx.turns.append(Turn("assistant", "", NOW, tool_calls=({"id": "c1"},)))  # type: ignore[arg-type]
+    ctx.add_turn("user", "and then?", ts=NOW)
+    ctx.add_turn("assistant", "done", ts=NOW)
+    with pytest.raises(ContextNotSerializable, match=r"tool_calls\[0\] is dict"):
+        pipeline.save(ctx, now=NOW)
+
+
+def test_the_segment_store_refuses_a_turn_that_could_not_be_read_back() -> None:
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    store = SegmentStore(GuardedTier(MemoryTier()), codec)
+    ctx = Context.new(now=NOW)
+    bad = Turn("assistant", "", NOW, blocks=("signature",))  # type: ignore[arg-type]
+    with pytest.raises(ContextNotSerializable, match=r"blocks\[0\] is str, not OpaqueBlock"):
+        store.write(ctx, [Turn("user", "hi", NOW), bad], 60, now=NOW)
+    assert store.write(ctx, [Turn("user", "hi", NOW)], 60, now=NOW).turns == 1

@@ -25,6 +25,7 @@ from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, 
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.summarize import summarize
 from .observe import NULL_OBSERVER, Observer
+from .schema import check_sealable
 from .segments import merge_start
 
 if TYPE_CHECKING:
@@ -206,16 +207,22 @@ class Pipeline:
         t0 = timer()
         summarized_before = ctx.lifecycle.summarized
         dropped_before = dict(ctx.lifecycle.dropped)
-        apply_policies(ctx, self._trim_policy, now)
-        timings["trim"] = timer() - t0
-        for reason, total in ctx.lifecycle.dropped.items():
-            turns = total - dropped_before.get(reason, 0)
-            if turns:
-                self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
+        try:
+            apply_policies(ctx, self._trim_policy, now)
+            timings["trim"] = timer() - t0
+            for reason, total in ctx.lifecycle.dropped.items():
+                turns = total - dropped_before.get(reason, 0)
+                if turns:
+                    self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
 
-        t1 = timer()
-        prepared = self.fit_budget(ctx, now, tag)
-        timings["overflow"] = timer() - t1
+            t1 = timer()
+            prepared = self.fit_budget(ctx, now, tag)
+            timings["overflow"] = timer() - t1
+        except (AttributeError, TypeError, KeyError):
+            # The policies read the turns before the codec checks them: a dict where a
+            # ToolCall belongs fails in there. Name the app's mistake if that is it.
+            check_sealable(ctx, self.codec.limits)
+            raise
         if ctx.lifecycle.summarized > summarized_before:
             self.observer.event(
                 "summarized", session=tag, turns=ctx.lifecycle.summarized - summarized_before

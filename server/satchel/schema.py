@@ -524,7 +524,18 @@ __all__ = [
 ]
 
 
-# Public names for the turn wire helpers (the overflow segment store packs turns the
-# same way the token does).
-turn_to_wire = _turn_to_wire
+def turn_to_wire(t: Turn, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
+    """One turn's wire array, checked as :func:`to_wire` checks the token's (the overflow
+    segment store packs turns the same way the token does)."""
+    try:
+        return _checked_turn_to_wire(t, limits)
+    except _NotSealable:
+        problem = _turn_problem(t, "turn", limits) if type(t) is Turn else None
+        if type(t) is Turn and problem is None:
+            problem = _extras_problem(t, "turn", limits)
+        raise ContextNotSerializable(
+            f"the turn cannot be stored: {problem or f'{type(t).__name__} is not a Turn'}"
+        ) from None
+
+
 turn_from_wire = _turn_from_wire

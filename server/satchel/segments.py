@@ -158,11 +158,16 @@ class SegmentStore:
         """Store ``turns`` as one segment of ``ctx``'s session for ``ttl`` seconds.
 
         Returns the reference to keep in the token. Raises TierError (tier down or
-        breaker open: TierUnavailable; out of memory: TierFull) and BudgetExceeded when
-        the turns are too large to ever be opened again.
+        breaker open: TierUnavailable; out of memory: TierFull), BudgetExceeded when
+        the turns are too large to ever be opened again, and ContextNotSerializable
+        for a turn that could not be read back (as sealing does).
         """
         payload = serialize.pack(
-            {"v": CURRENT_VERSION, "i": ctx.session_id, "t": [turn_to_wire(t) for t in turns]}
+            {
+                "v": CURRENT_VERSION,
+                "i": ctx.session_id,
+                "t": [turn_to_wire(t, self.codec.limits) for t in turns],
+            }
         )
         if len(payload) > self.codec.limits.max_decompressed_bytes:
             raise BudgetExceeded(
