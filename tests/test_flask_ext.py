@@ -522,3 +522,15 @@ def test_a_cookie_carried_token_never_outgrows_the_cookie() -> None:
     cookie = client.get_cookie("chat")
     assert cookie is not None and len("chat=" + cookie.value) <= 4096
     assert response.headers[HEADER_CONTEXT] == cookie.value
+
+
+def test_padding_that_no_token_fits_under_the_budget_is_a_configuration_error() -> None:
+    """One bucket of 4096 bytes is a 5,465-character token: over the default 3,800
+    budget, every request would cut the conversation to its newest exchange."""
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="at most 2847"):
+        make_app(SATCHEL_PAD_TO=4096)
+    assert policy_of(make_app(SATCHEL_PAD_TO=2847)).max_token_bytes == 3800
+    # A budget raised to hold it makes it fine (the hard cap follows the budget).
+    assert policy_of(make_app(SATCHEL_PAD_TO=4096, SATCHEL_MAX_TOKEN_BYTES=6000))

@@ -1322,6 +1322,10 @@ def test_pad_to_setting_rounds_the_cookie_and_old_cookies_still_open(app, client
     app.config["SATCHEL_SESSION_PAD_TO"] = 3
     with pytest.raises(ConfigurationError, match="SATCHEL_SESSION_PAD_TO"):
         client.get("/")
+    # One bucket of 4096 is a 5,465-byte cookie: no session could ever be stored.
+    app.config["SATCHEL_SESSION_PAD_TO"] = 4096
+    with pytest.raises(ConfigurationError, match="at most 3061"):
+        client.get("/")
 
 
 def test_cookie_name_setting(app, client):

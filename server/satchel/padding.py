@@ -15,6 +15,7 @@ verification and before decompression; nothing here ever sees unauthenticated by
 
 from __future__ import annotations
 
+from .envelope import encoded_length
 from .errors import MalformedToken
 
 #: Bytes of the trailing length field.
@@ -40,6 +41,15 @@ def padded_length(unpadded: int, pad_to: int) -> int:
     At least :data:`LENGTH_SIZE` bytes are added, so the length field always fits.
     """
     return -(-(unpadded + LENGTH_SIZE) // pad_to) * pad_to
+
+
+def largest_pad_within(max_token_chars: int) -> int:
+    """The largest ``pad_to`` whose one-bucket token is at most ``max_token_chars``
+    characters long (0 if none is): what a budget of that many characters allows."""
+    raw = max(0, (max_token_chars - encoded_length(0)) * 3 // 4)
+    while raw and encoded_length(raw) > max_token_chars:
+        raw -= 1
+    return raw if raw >= MIN_PAD_TO else 0
 
 
 def pad(payload: bytes, unpadded: int, pad_to: int) -> bytes:
@@ -70,4 +80,12 @@ def unpad(data: bytes) -> bytes:
     return data[: size - n]
 
 
-__all__ = ["MAX_PAD_TO", "MIN_PAD_TO", "check_pad_to", "pad", "padded_length", "unpad"]
+__all__ = [
+    "MAX_PAD_TO",
+    "MIN_PAD_TO",
+    "check_pad_to",
+    "largest_pad_within",
+    "pad",
+    "padded_length",
+    "unpad",
+]

@@ -75,10 +75,11 @@ from typing import Any
 from flask import Flask
 
 from ..compress import load_dictionary, register_dictionaries
+from ..envelope import encoded_length
 from ..errors import ConfigurationError, UnsupportedVersion
 from ..keys import Keyring, generate_key
 from ..lifecycle import DEFAULT_HARD_MAX_TOKEN_BYTES, ExtractiveSummarizer, LifecyclePolicy
-from ..padding import check_pad_to
+from ..padding import check_pad_to, largest_pad_within
 
 log = logging.getLogger("satchel")
 
@@ -232,6 +233,20 @@ class SatchelConfig:
                 f"SATCHEL_MAX_TOKEN_BYTES ({soft}) must not exceed "
                 f"SATCHEL_HARD_MAX_TOKEN_BYTES ({hard})"
             )
+        if self.pad_to and self.mode == "client":
+            # A padded token is at least one bucket long. Over the budget, every
+            # conversation would be cut to its newest exchange on every request.
+            smallest = encoded_length(self.pad_to)
+            for name, limit in (
+                ("SATCHEL_MAX_TOKEN_BYTES", soft),
+                ("SATCHEL_HARD_MAX_TOKEN_BYTES", hard),
+            ):
+                if limit is not None and smallest > limit:
+                    raise ConfigurationError(
+                        f"SATCHEL_PAD_TO={self.pad_to} makes every token at least {smallest} "
+                        f"bytes, over {name}={limit}: pad to at most "
+                        f"{largest_pad_within(limit)}, or raise the budget"
+                    )
         self.max_token_bytes, self.hard_max_token_bytes = soft, hard
 
     def register_dictionaries(self) -> None:

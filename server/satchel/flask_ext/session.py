@@ -49,7 +49,7 @@ from werkzeug.http import dump_cookie
 
 from .. import serialize
 from ..codec import Codec
-from ..envelope import Header
+from ..envelope import Header, encoded_length
 from ..errors import (
     ConfigurationError,
     InvalidContext,
@@ -60,7 +60,7 @@ from ..errors import (
 )
 from ..keys import Keyring
 from ..limits import DEFAULT_LIMITS, Limits
-from ..padding import check_pad_to
+from ..padding import check_pad_to, largest_pad_within
 
 if TYPE_CHECKING:  # pragma: no cover
     from flask import Flask
@@ -238,9 +238,21 @@ class SatchelSessionInterface(SessionInterface):
     def get_pad_to(self, app: Flask) -> int | None:
         value = app.config.get("SATCHEL_SESSION_PAD_TO", self.pad_to)
         try:
-            return check_pad_to(int(value) if isinstance(value, str) else value)
+            pad_to = check_pad_to(int(value) if isinstance(value, str) else value)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"SATCHEL_SESSION_PAD_TO: {exc}") from None
+        limit = app.config.get("MAX_COOKIE_SIZE") or 0
+        if pad_to and limit:
+            # A padded cookie is at least one bucket long: over the limit, every
+            # non-empty session would raise SessionTooLarge.
+            room = limit - len(self.get_cookie_name(app)) - 1
+            if encoded_length(pad_to) > room:
+                raise ConfigurationError(
+                    f"SATCHEL_SESSION_PAD_TO={pad_to} makes every session cookie at least "
+                    f"{encoded_length(pad_to)} bytes, over MAX_COOKIE_SIZE={limit}: pad to "
+                    f"at most {largest_pad_within(room)}"
+                )
+        return pad_to
 
     def get_codec(self, app: Flask, mode: str | None = None) -> Codec | None:
         """The codec for this request's keys, mode, purpose and padding (cached), or None."""
