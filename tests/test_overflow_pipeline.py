@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from satchel import Codec, Context, Keyring, Turn, schema
+from satchel import Codec, Context, Keyring, Limits, Turn, schema
 from satchel.errors import BudgetExceeded, ContextNotSerializable, TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import MAX_SEGMENT_REFS, Pipeline
@@ -406,3 +406,19 @@ def test_the_segment_store_refuses_a_turn_that_could_not_be_read_back() -> None:
     with pytest.raises(ContextNotSerializable, match=r"blocks\[0\] is str, not OpaqueBlock"):
         store.write(ctx, [Turn("user", "hi", NOW), bad], 60, now=NOW)
     assert store.write(ctx, [Turn("user", "hi", NOW)], 60, now=NOW).turns == 1
+
+
+def test_no_token_is_longer_than_its_codec_opens_even_without_a_hard_cap() -> None:
+    """A token past Limits.max_token_bytes (SATCHEL_TOKEN_LIMIT) would be refused as
+    token_too_large on the next request: the cap holds with the hard cap off too."""
+    codec = Codec(Keyring.generate("k1"), limits=Limits(max_token_bytes=2000), clock=lambda: NOW)
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=None, hard_max_token_bytes=None)
+    pipeline = Pipeline(codec, policy, clock=lambda: NOW)
+    token = None
+    for i in range(4):
+        ctx = pipeline.load(token, now=NOW)
+        ctx.add_turn("user", pasted_blob(900, i), ts=NOW)
+        ctx.add_turn("assistant", "noted", ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+        assert len(token) <= 2000
+    assert pipeline.load(token, now=NOW).lifecycle.dropped["byte_budget"] > 0

@@ -273,3 +273,21 @@ def test_mode_keyword_wins_over_config_and_is_checked() -> None:
 
     with pytest.raises(ConfigurationError, match="SATCHEL_MODE"):
         Satchel(Flask(__name__), mode="disk")
+
+
+def test_a_context_larger_than_the_client_token_cap_lives_server_side() -> None:
+    """SATCHEL_TOKEN_LIMIT (64 KiB) caps what a client may send; the context a server
+    mode keeps never travels, so it is not held to it. It used to be: a conversation
+    past 64 KiB was stored, then refused on its next read (token_too_large)."""
+    import base64
+    import hashlib
+
+    client = make_app("memory", SATCHEL_MAX_TURNS=400).test_client()
+    token = None
+    for i in range(14):  # 14 x 7,900 characters that do not compress: ~110 KB of context
+        blob = b"".join(hashlib.sha512(f"{i}:{j}".encode()).digest() for j in range(93))
+        resp = chat(client, base64.b64encode(blob).decode()[:7900], token)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        token = resp.headers[HEADER]
+    data = client.get("/api/context", headers={HEADER: token}).get_json()
+    assert len(data["turns"]) == 28 and data["degraded"] == []

@@ -339,9 +339,11 @@ class Pipeline:
         pinned items and metadata alone are over the cap, BudgetExceeded: that is the
         app's state, not something a trim can fix.
         """
+        # Never past what this codec opens either (SATCHEL_TOKEN_LIMIT): such a token
+        # would be refused as token_too_large on the next request.
+        limit = self.codec.limits.max_token_bytes
         hard = self.policy.hard_max_token_bytes
-        if hard is None:
-            return measured
+        hard = limit if hard is None else min(hard, limit)
         if measured is None:
             measured = self.codec.prepare(ctx)
         if measured.size <= hard:
@@ -366,7 +368,7 @@ class Pipeline:
             raise BudgetExceeded(
                 f"the context is {prepared.size} bytes with no turns left to move: its "
                 f"summary, pinned items and metadata alone exceed the hard cap of {hard} "
-                "bytes (SATCHEL_HARD_MAX_TOKEN_BYTES)",
+                "bytes (SATCHEL_HARD_MAX_TOKEN_BYTES, or SATCHEL_TOKEN_LIMIT if lower)",
                 size=prepared.size,
                 limit=hard,
             )

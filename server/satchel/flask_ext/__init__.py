@@ -39,6 +39,7 @@ from ..app_schema import MetadataMigration, MetadataSchema
 from ..codec import Codec
 from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, stricter
 from ..context import Context
+from ..envelope import encoded_length
 from ..errors import BadToken, ConfigurationError, SatchelError, WrongUser
 from ..keys import Keyring
 from ..lifecycle import LifecyclePolicy
@@ -125,6 +126,13 @@ class Satchel:
         config = SatchelConfig.from_app(app, mode=self._mode)
         keyring = self._keyring or keyring_from_config(app, config)
         limits = Limits(max_token_bytes=config.token_limit)
+        if config.mode != "client":
+            # The client sends only a signed session id (capped on its own); the stored
+            # context never travels, so it is held to the payload cap, not the token cap.
+            stored_cap = encoded_length(limits.max_decompressed_bytes + STORED_OVERHEAD)
+            limits = dataclasses.replace(
+                limits, max_token_bytes=max(config.token_limit, stored_cap)
+            )
         config.register_dictionaries()  # before the codec: it may write with one of them
         codec = Codec(
             keyring,
@@ -597,6 +605,9 @@ class _AppState:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Header, AEAD or MAC, and the largest padding, around a stored context's payload.
+STORED_OVERHEAD = 64 * 1024
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
