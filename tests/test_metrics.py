@@ -161,6 +161,34 @@ def test_byte_budget_trims_are_counted_without_a_tier() -> None:
     assert samples[("satchel_trims_total", (("reason", "byte_budget"),))] == trims
 
 
+def test_contexts_that_cannot_be_sealed_are_counted_and_logged(caplog: Any) -> None:
+    """No token is issued for them (a JSON 413 or 500 instead): the counter and a
+    WARNING audit line are how an operator sees the app's mistake."""
+    obs = PrometheusObserver()
+    app, ext = make_app(obs, SATCHEL_MAX_TOKEN_BYTES=1500, SATCHEL_HARD_MAX_TOKEN_BYTES=2000)
+
+    @app.post("/pin")
+    def pin() -> Any:
+        ext.context.pinned.facts.append(request.get_json()["fact"])
+        return {"ok": True}
+
+    @app.post("/tag")
+    def tag() -> Any:
+        ext.context.metadata["by_id"] = {7: "seven"}  # an int key: would not open again
+        return {"ok": True}
+
+    client = app.test_client()
+    with caplog.at_level("WARNING", logger="satchel.audit"):
+        too_big = client.post("/pin", json={"fact": words(400)})
+        unsealable = client.post("/tag", json={})
+    assert too_big.status_code == 413 and too_big.get_json()["error"]["code"] == "budget_exceeded"
+    assert unsealable.status_code == 500
+    assert "Satchel-Context" not in too_big.headers and "Satchel-Context" not in unsealable.headers
+    assert value(obs, "satchel_seal_failures_total", error="budget_exceeded") == 1
+    assert value(obs, "satchel_seal_failures_total", error="context_not_serializable") == 1
+    assert [r.getMessage() for r in caplog.records].count("seal_failed") == 2
+
+
 def test_window_trims_are_counted() -> None:
     obs = PrometheusObserver()
     app, _ = make_app(obs, SATCHEL_MAX_TURNS=4)

@@ -63,7 +63,9 @@ ALLOWED_FIELDS = frozenset(
 )
 
 #: Events logged at WARNING even when the observer's level is lower.
-WARNING_EVENTS = frozenset({"data_loss", "fork_detected", "stale_refused", "breaker_opened"})
+WARNING_EVENTS = frozenset(
+    {"data_loss", "fork_detected", "stale_refused", "breaker_opened", "seal_failed"}
+)
 
 MAX_STRING = 160
 _SESSION_TAG_RE = re.compile(r"^[0-9a-f]{8,24}$")
@@ -101,7 +103,8 @@ class AuditObserver(Observer):
 
     ``logger``: where to log (default ``logging.getLogger("satchel.audit")``);
     ``level``: the level of routine events (``data_loss``, ``fork_detected``,
-    ``stale_refused`` and ``breaker_opened`` are logged at WARNING at least);
+    ``stale_refused``, ``breaker_opened`` and ``seal_failed`` are logged at WARNING at
+    least);
     ``events``: only log these event names (default: all). Timings and token sizes
     are metrics, not audit events, and are not logged. Never raises.
     """

@@ -248,6 +248,11 @@ class PrometheusObserver(Observer):
         self.refused = counter("tokens_refused", "Tokens refused, by error code", ("reason",))
         self.expired = counter("tokens_expired", "Tokens refused as expired, by cause", ("reason",))
         self.resealed = counter("tokens_resealed", "Tokens resealed (key rotation or upgrade)")
+        self.seal_failures = counter(
+            "seal_failures",
+            "Contexts that could not be sealed (an error response, no token), by error code",
+            ("error",),
+        )
         self.sessions_started = counter("sessions_started", "Fresh contexts started")
         self.migrations = counter(
             "migrations", "Contexts migrated from an older schema version", ("from_version",)
@@ -388,6 +393,10 @@ class PrometheusObserver(Observer):
             self._child(self.expired, self._label("expired", "reason", reason)).inc()
         elif name == "resealed":
             self.resealed.inc()
+        elif name == "seal_failed":
+            self._child(
+                self.seal_failures, self._label("seal_failed", "error", fields.get("error"))
+            ).inc()
         elif name == "session_started":
             self.sessions_started.inc()
         elif name == "metadata_migrated":

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .app_schema import MetadataSchema
 from .codec import Codec, Prepared
 from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
-from .errors import BadToken, BudgetExceeded, TierError
+from .errors import BadToken, BudgetExceeded, SatchelError, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.summarize import summarize
@@ -221,7 +221,14 @@ class Pipeline:
         except (AttributeError, TypeError, KeyError):
             # The policies read the turns before the codec checks them: a dict where a
             # ToolCall belongs fails in there. Name the app's mistake if that is it.
-            check_sealable(ctx, self.codec.limits)
+            try:
+                check_sealable(ctx, self.codec.limits)
+            except SatchelError as exc:
+                self.observer.event("seal_failed", session=tag, error=exc.code)
+                raise
+            raise
+        except SatchelError as exc:  # BudgetExceeded, ContextNotSerializable
+            self.observer.event("seal_failed", session=tag, error=exc.code)
             raise
         if ctx.lifecycle.summarized > summarized_before:
             self.observer.event(
@@ -229,9 +236,13 @@ class Pipeline:
             )
 
         t2 = timer()
-        token, raw_size = self.codec.seal_verbose(
-            ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
-        )
+        try:
+            token, raw_size = self.codec.seal_verbose(
+                ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
+            )
+        except SatchelError as exc:
+            self.observer.event("seal_failed", session=tag, error=exc.code)
+            raise
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
         self.observer.event(
