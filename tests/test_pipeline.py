@@ -227,9 +227,11 @@ def test_byte_budget_holds_where_the_sequence_number_grows(seq: int) -> None:
     for mode in ("signed", "sealed"):
         pipe, _, _ = make(mode=mode)
         ctx = pipe.load(None)
+        # Text that does not compress away: dropping an exchange must save more than
+        # the summary line it adds, or no drop could meet a budget one byte short.
         for i in range(6):
-            ctx.add_turn("user", f"question {i} " * 8, ts=NOW)
-            ctx.add_turn("assistant", f"answer {i} " * 8, ts=NOW)
+            ctx.add_turn("user", f"question {i} {noise(i)}", ts=NOW)
+            ctx.add_turn("assistant", f"answer {i} {noise(100 + i)}", ts=NOW)
         ctx.seq = seq
         probe = Context(**{f: getattr(ctx, f) for f in ("session_id", "seq", "created_at")})
         probe.turns, probe.last_active = list(ctx.turns), ctx.last_active

@@ -30,7 +30,7 @@ import zstandard
 
 from satchel import schema, serialize
 from satchel.bench.codec import build_context, conversation_of, load_conversations
-from satchel.compress import load_dictionary
+from satchel.compress import DEFAULT_LEVEL, load_dictionary
 
 WINDOWS = (2, 4, 10, 20)
 FRAME = {
@@ -46,7 +46,9 @@ def payload(turns: list[dict[str, str]], now: int) -> bytes:
 
 
 def compressor(dictionary: zstandard.ZstdCompressionDict | None) -> zstandard.ZstdCompressor:
-    params = zstandard.ZstdCompressionParameters.from_level(3, **FRAME)
+    params = zstandard.ZstdCompressionParameters.from_level(DEFAULT_LEVEL, **FRAME)
+    if dictionary is not None:
+        dictionary.precompute_compress(level=DEFAULT_LEVEL)  # as Compressor does
     return zstandard.ZstdCompressor(dict_data=dictionary, compression_params=params)
 
 

@@ -11,9 +11,11 @@ Contexts built from the training corpus (tools/corpus/train.jsonl), in two shape
   so the summary, lifecycle record and overflow references a real token carries are
   in the samples too.
 
-Compression settings mirror ``satchel.compress.Compressor`` (zstd level 3, magicless
+Compression settings mirror ``satchel.compress.Compressor`` (its zstd level, magicless
 frames, no checksum, no dictionary id in the frame, content size written); the final
-table is measured with ``Compressor`` itself.
+table is measured with ``Compressor`` itself. The trainer's own ``level`` stays at
+:data:`TRAINED_AT_LEVEL`, so the script still makes chat-v1's exact bytes after the
+codec's level changed.
 
 Usage::
 
@@ -67,6 +69,10 @@ from satchel.keys import Keyring  # noqa: E402
 from satchel.lifecycle.policy import LifecyclePolicy, apply_policies  # noqa: E402
 from satchel.schema import to_wire  # noqa: E402
 from satchel.serialize import pack  # noqa: E402
+
+#: The zstd level the trainer is given (zstandard.train_dictionary's ``level``). chat-v1
+#: was trained at 3; the codec compresses at its own DEFAULT_LEVEL.
+TRAINED_AT_LEVEL = 3
 
 DICT_ID = 1
 DICT_PATH = ROOT / "server" / "satchel" / "dictionaries" / DICTIONARY_FILES[DICT_ID]
@@ -270,7 +276,7 @@ def train(
     samples: list[bytes], size: int, k: int, d: int, dict_id: int = DICT_ID
 ) -> zstandard.ZstdCompressionDict:
     return zstandard.train_dictionary(
-        size, samples, k=k, d=d, dict_id=dict_id, level=DEFAULT_LEVEL, split_point=1.0
+        size, samples, k=k, d=d, dict_id=dict_id, level=TRAINED_AT_LEVEL, split_point=1.0
     )
 
 
@@ -538,7 +544,7 @@ stays so that old tokens keep opening.
     (oldest exchanges move to overflow segments), so summaries, lifecycle records
     and overflow references are represented.
 * **Trainer**: `zstandard.train_dictionary` (fastCover), `dict_size={DICT_SIZE}`,
-  `k={K}`, `d={D}`, `level={DEFAULT_LEVEL}`, `split_point=1.0`, `dict_id={DICT_ID}`.
+  `k={K}`, `d={D}`, `level={TRAINED_AT_LEVEL}`, `split_point=1.0`, `dict_id={DICT_ID}`.
   Fixed parameters (no optimizer run), so the output is deterministic: same corpus
   and script give the same bytes.
 * **Parameter choice**: `tools/train_dictionary.py --select` trains every

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import envelope, padding, schema, serialize
-from .compress import Compressed, Compressor
+from .compress import DEFAULT_LEVEL, Compressed, Compressor
 from .context import Context
 from .envelope import FLAG_COMPRESSED, FLAG_PADDED, Envelope, Header
 from .errors import BudgetExceeded, ContextNotSerializable, TokenExpired, WrongMode
@@ -101,7 +101,7 @@ class Codec:
         ttl: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
         dictionary_id: int | None = None,
-        level: int = 3,
+        level: int = DEFAULT_LEVEL,
         algorithm: str = "aes-256-gcm",
         pad_to: int | None = None,
         clock: Clock = time.time,

@@ -32,7 +32,9 @@ FIRST_APP_DICTIONARY_ID = 128
 LAST_DICTIONARY_ID = 255
 _ZSTD_DICT_MAGIC = b"\x37\xa4\x30\xec"
 DEFAULT_DICTIONARY_ID = 1
-DEFAULT_LEVEL = 3
+#: zstd level 2: within about 1% of level 3 on chat payloads, for 16-25% less compression
+#: time from 20 turns up (server/satchel/dictionaries/README.md, "Compression level").
+DEFAULT_LEVEL = 2
 DEFAULT_MAX_DECOMPRESSED = 1024 * 1024
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 
