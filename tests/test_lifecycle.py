@@ -87,6 +87,42 @@ def test_a_tool_result_after_the_next_question_widens_the_group() -> None:
     assert turn_groups(turns) == [(0, 5), (5, 7)]
 
 
+def test_an_unanswered_tool_call_does_not_hold_the_rest_in_one_group() -> None:
+    """A call whose result never came (a failed tool the app did not record, an
+    interrupted turn) used to pull every later tool call into its group: one group
+    from there to the end, which no window or budget could trim."""
+    turns = [Turn("user", "q0"), Turn("assistant", "", tool_calls=(ToolCall("lost", "f"),))]
+    for i in range(1, 30):
+        turns += [
+            Turn("user", f"q{i}"),
+            Turn("assistant", "", tool_calls=(ToolCall(f"c{i}", "f"),)),
+            Turn("tool", f"r{i}", tool_call_id=f"c{i}"),
+            Turn("assistant", f"a{i}"),
+        ]
+    groups = turn_groups(turns)
+    assert groups[0] == (0, 2) and len(groups) == 30
+    assert all(end - start == 4 for start, end in groups[1:])
+    ctx = Context.new(now=NOW)
+    ctx.turns = turns
+    apply_policies(ctx, policy(max_turns=10), NOW)
+    assert len(ctx.turns) == 8 and ctx.turns[0].content == "q28"  # whole exchanges, <= 10
+
+
+def test_parallel_calls_answered_out_of_order_share_one_group() -> None:
+    turns = [
+        Turn("user", "q"),
+        Turn("assistant", "", tool_calls=(ToolCall("a", "f"), ToolCall("b", "g"))),
+        Turn("tool", "rb", tool_call_id="b"),
+        Turn("assistant", "", tool_calls=(ToolCall("c", "h"),)),  # a follow-up call
+        Turn("tool", "ra", tool_call_id="a"),
+        Turn("tool", "rc", tool_call_id="c"),
+        Turn("assistant", "done"),
+        Turn("user", "next"),
+        Turn("assistant", "ok"),
+    ]
+    assert turn_groups(turns) == [(0, 7), (7, 9)]
+
+
 def test_leading_system_turns_form_their_own_group() -> None:
     turns = [Turn("system", "s"), Turn("user", "q"), Turn("assistant", "a"), Turn("system", "x")]
     assert turn_groups(turns) == [(0, 1), (1, 4)]

@@ -29,24 +29,25 @@ def turn_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
 
 
 def _tool_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
-    """Ranges where each tool call sits with every result that answers it."""
+    """The smallest ranges where every tool call sits with every result that answers it.
+
+    A range grows only to reach results that are there: a call never answered (the
+    app dropped a failed tool, the user interrupted) does not hold the rest of the
+    conversation in one group, which no trim could then touch.
+    """
+    last_result: dict[str, int] = {}
+    for j, turn in enumerate(turns):
+        if turn.role == "tool" and turn.tool_call_id is not None:
+            last_result[turn.tool_call_id] = j
     groups: list[tuple[int, int]] = []
     i, n = 0, len(turns)
     while i < n:
         end = i + 1
-        if turns[i].tool_calls:
-            pending = {c.id for c in turns[i].tool_calls}
-            j = end
-            # Results may arrive after other turns; extend the group to the last result.
-            while j < n and pending:
-                if turns[j].role == "tool" and turns[j].tool_call_id in pending:
-                    pending.discard(turns[j].tool_call_id)
-                    end = j + 1
-                elif turns[j].tool_calls:
-                    # A new call before all results: keep scanning, it joins this group.
-                    pending |= {c.id for c in turns[j].tool_calls}
-                    end = j + 1
-                j += 1
+        k = i
+        while k < end:  # every call inside the range pulls in its last result
+            for call in turns[k].tool_calls:
+                end = max(end, last_result.get(call.id, -1) + 1)
+            k += 1
         groups.append((i, end))
         i = end
     return groups
