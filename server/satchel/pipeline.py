@@ -204,43 +204,19 @@ class Pipeline:
         ctx.last_active = max(ctx.last_active, int(now))
         timer = time.perf_counter
 
-        t0 = timer()
-        summarized_before = ctx.lifecycle.summarized
-        dropped_before = dict(ctx.lifecycle.dropped)
         try:
-            apply_policies(ctx, self._trim_policy, now)
-            timings["trim"] = timer() - t0
-            for reason, total in ctx.lifecycle.dropped.items():
-                turns = total - dropped_before.get(reason, 0)
-                if turns:
-                    self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
-
-            t1 = timer()
-            prepared = self.fit_budget(ctx, now, tag)
-            timings["overflow"] = timer() - t1
-        except (AttributeError, TypeError, KeyError):
-            # The policies read the turns before the codec checks them: a dict where a
-            # ToolCall belongs fails in there. Name the app's mistake if that is it.
             try:
+                prepared = self._trim_and_fit(ctx, now, tag, timings)
+                t2 = timer()
+                token, raw_size = self.codec.seal_verbose(
+                    ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
+                )
+            except (AttributeError, TypeError, KeyError):
+                # The policies read the turns before the codec checks them: a dict where
+                # a ToolCall belongs fails in there. Name the app's mistake if it is one.
                 check_sealable(ctx, self.codec.limits)
-            except SatchelError as exc:
-                self.observer.event("seal_failed", session=tag, error=exc.code)
                 raise
-            raise
-        except SatchelError as exc:  # BudgetExceeded, ContextNotSerializable
-            self.observer.event("seal_failed", session=tag, error=exc.code)
-            raise
-        if ctx.lifecycle.summarized > summarized_before:
-            self.observer.event(
-                "summarized", session=tag, turns=ctx.lifecycle.summarized - summarized_before
-            )
-
-        t2 = timer()
-        try:
-            token, raw_size = self.codec.seal_verbose(
-                ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
-            )
-        except SatchelError as exc:
+        except SatchelError as exc:  # BudgetExceeded, ContextNotSerializable: no token
             self.observer.event("seal_failed", session=tag, error=exc.code)
             raise
         timings["seal"] = timer() - t2
@@ -251,6 +227,29 @@ class Pipeline:
         for step in ("trim", "overflow", "seal"):
             self.observer.timing(step, timings[step])
         return SaveResult(token, len(token), timings)
+
+    def _trim_and_fit(
+        self, ctx: Context, now: float, tag: str, timings: dict[str, float]
+    ) -> Prepared | None:
+        """The lifecycle policies, then the byte budget; reports what each did."""
+        timer = time.perf_counter
+        t0 = timer()
+        summarized_before = ctx.lifecycle.summarized
+        dropped_before = dict(ctx.lifecycle.dropped)
+        apply_policies(ctx, self._trim_policy, now)
+        timings["trim"] = timer() - t0
+        for reason, total in ctx.lifecycle.dropped.items():
+            turns = total - dropped_before.get(reason, 0)
+            if turns:
+                self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
+        t1 = timer()
+        prepared = self.fit_budget(ctx, now, tag)
+        timings["overflow"] = timer() - t1
+        if ctx.lifecycle.summarized > summarized_before:
+            self.observer.event(
+                "summarized", session=tag, turns=ctx.lifecycle.summarized - summarized_before
+            )
+        return prepared
 
     def fit_budget(self, ctx: Context, now: float, tag: str) -> Prepared | None:
         """Bring the token under the soft byte budget (and, with a tier, the window),

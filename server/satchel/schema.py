@@ -269,7 +269,7 @@ class _NotSealable(Exception):
 
 
 def _checked_turn_to_wire(t: Turn, limits: Limits) -> list[Any]:
-    if type(t) is not Turn or (
+    if not isinstance(t, Turn) or (
         _turn_problem(t, "turn", limits) or _extras_problem(t, "turn", limits)
     ):
         raise _NotSealable
@@ -304,27 +304,12 @@ def _context_problem(ctx: Context, limits: Limits) -> str | None:
     if len(turns) > limits.max_array_len:
         return f"{len(turns)} turns, more than the {limits.max_array_len} a token opens with"
     max_chars = limits.max_str_bytes // 4  # below this, no str can pass the limit in UTF-8
-    # One pass that only says yes, for plain turns (a seal runs it on every turn); any
-    # other turn sends the whole list through the pass below, which also says where.
-    for t in turns:
-        if (
-            type(t) is not Turn
-            or type(t.content) is not str
-            or type(t.ts) not in _NUMBER_TYPES
-            or t.role not in _ROLE_INDEX
-            or len(t.content) > max_chars
-            or t.tool_calls
-            or t.blocks
-            or t.tool_call_id is not None
-            or t.name is not None
-        ):
-            return _turns_problem(turns, max_chars, limits) or _fields_problem(ctx, limits)
-    return _fields_problem(ctx, limits)
+    return _turns_problem(turns, max_chars, limits) or _fields_problem(ctx, limits)
 
 
 def _turns_problem(turns: list[Turn], max_chars: int, limits: Limits) -> str | None:
     for i, t in enumerate(turns):
-        if type(t) is not Turn:
+        if not isinstance(t, Turn):
             return f"turns[{i}] is {type(t).__name__}, not Turn"
         content = t.content
         if (
@@ -349,7 +334,7 @@ def _fields_problem(ctx: Context, limits: Limits) -> str | None:
         if problem is not None:
             return problem
     pinned = ctx.pinned
-    if type(pinned) is not Pinned:
+    if not isinstance(pinned, Pinned):
         return f"pinned is {type(pinned).__name__}, not Pinned"
     if pinned.system is not None:
         problem = _str_problem(pinned.system, "pinned.system", limits)
@@ -379,7 +364,7 @@ def _turn_problem(t: Turn, where: str, limits: Limits) -> str | None:
 def _extras_problem(t: Turn, where: str, limits: Limits) -> str | None:
     for j, call in enumerate(t.tool_calls):
         at = f"{where}.tool_calls[{j}]"
-        if type(call) is not ToolCall:
+        if not isinstance(call, ToolCall):
             return f"{at} is {type(call).__name__}, not ToolCall"
         problem = _str_problem(call.id, f"{at}.id", limits) or _str_problem(
             call.name, f"{at}.name", limits
@@ -394,7 +379,7 @@ def _extras_problem(t: Turn, where: str, limits: Limits) -> str | None:
             return problem
     for j, block in enumerate(t.blocks):
         at = f"{where}.blocks[{j}]"
-        if type(block) is not OpaqueBlock:
+        if not isinstance(block, OpaqueBlock):
             return f"{at} is {type(block).__name__}, not OpaqueBlock"
         data = block.data
         if type(data) is bytes:
@@ -530,8 +515,8 @@ def turn_to_wire(t: Turn, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     try:
         return _checked_turn_to_wire(t, limits)
     except _NotSealable:
-        problem = _turn_problem(t, "turn", limits) if type(t) is Turn else None
-        if type(t) is Turn and problem is None:
+        problem = _turn_problem(t, "turn", limits) if isinstance(t, Turn) else None
+        if isinstance(t, Turn) and problem is None:
             problem = _extras_problem(t, "turn", limits)
         raise ContextNotSerializable(
             f"the turn cannot be stored: {problem or f'{type(t).__name__} is not a Turn'}"
