@@ -260,7 +260,11 @@ class Context:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         if not isinstance(content, str):
-            raise TypeError("turn content must be a str")
+            raise TypeError(
+                f"turn content must be a str (the turn's text), not {type(content).__name__}; "
+                "carry other provider content parts (images, documents, thinking) as "
+                "blocks=[OpaqueBlock(type, data, provider)]"
+            )
         if not content.isascii():
             check_text(content, "turn content")
         turn = Turn(
