@@ -51,6 +51,10 @@ from .errors import error_response, http_error_response, satchel_error_response
 
 log = logging.getLogger("satchel")
 
+#: Header, AEAD or MAC, and the largest padding around a stored context's payload
+#: (server and memory modes: the context is kept, it does not travel).
+STORED_OVERHEAD = 64 * 1024
+
 HEADER_CONTEXT = "Satchel-Context"
 RESPONSE_HEADERS = (
     "Satchel-Context",
@@ -605,9 +609,6 @@ class _AppState:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: Header, AEAD or MAC, and the largest padding, around a stored context's payload.
-STORED_OVERHEAD = 64 * 1024
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
