@@ -427,9 +427,14 @@ def test_without_keys_a_dev_key_file_is_created_with_a_warning(
     ],
     ids=["set", "int key"],
 )
-def test_unserializable_metadata_is_a_json_error_not_a_crash(mistake: dict[str, Any]) -> None:
+def test_unserializable_metadata_is_a_json_error_not_a_crash(
+    mistake: dict[str, Any], caplog: Any
+) -> None:
     """Both are refused when sealing. The int key used to be sealed into a token that
-    every next request refused: the app's mistake broke the user's conversation."""
+    every next request refused: the app's mistake broke the user's conversation. The
+    details (the app's field names) go to the log, not to whoever sent the request."""
+    from satchel.flask_ext.errors import INTERNAL_MESSAGE
+
     app = make_app()
 
     @app.post("/api/bad")
@@ -438,10 +443,15 @@ def test_unserializable_metadata_is_a_json_error_not_a_crash(mistake: dict[str, 
         satchel.context.metadata.update(mistake)
         return {"ok": "yes"}
 
-    response = app.test_client().post("/api/bad")
+    with caplog.at_level(logging.ERROR, logger="satchel"):
+        response = app.test_client().post("/api/bad")
     assert response.status_code == 500
-    assert response.get_json()["error"]["code"] == "context_not_serializable"
+    assert response.get_json()["error"] == {
+        "code": "context_not_serializable",
+        "message": INTERNAL_MESSAGE,
+    }
     assert HEADER_CONTEXT not in response.headers
+    assert "metadata[" in caplog.text and "context_not_serializable" in caplog.text
 
 
 def test_a_committed_token_goes_out_even_when_the_view_then_fails() -> None:

@@ -439,8 +439,8 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
         for key, item in value.items():
             if not isinstance(key, str):
                 return (
-                    f"{where} has the key {key!r} ({type(key).__name__}): map keys must be "
-                    "str, or the token does not open again"
+                    f"{where} has a {type(key).__name__} key: map keys must be str, or the "
+                    "token does not open again"
                 )
             problem = _value_problem(item, f"{where}[{key!r}]", limits, depth + 1)
             if problem is not None:

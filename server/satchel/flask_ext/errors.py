@@ -6,12 +6,18 @@ the error class names. Nothing Satchel raises on purpose becomes a 500.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from ..errors import SatchelError
+
+log = logging.getLogger("satchel")
+
+#: What the client is told of a 500: the code, and that the details are logged.
+INTERNAL_MESSAGE = "the server could not save this conversation; its log says why"
 
 #: HTTP status codes that Satchel error codes map to, for reference and docs.
 STATUS_BY_CODE: dict[str, int] = {
@@ -45,7 +51,13 @@ def error_response(code: str, message: str, status: int, **extra: Any) -> Respon
 
 
 def satchel_error_response(exc: SatchelError) -> Response:
-    return error_response(exc.code, exc.message, STATUS_BY_CODE.get(exc.code, exc.status))
+    status = STATUS_BY_CODE.get(exc.code, exc.status)
+    if status == 500:
+        # A bug in the app (a context that cannot be sealed): the details name the app's
+        # fields, which are for its developers, not for whoever sent the request.
+        log.error("satchel: %s: %s", exc.code, exc.message)
+        return error_response(exc.code, INTERNAL_MESSAGE, status)
+    return error_response(exc.code, exc.message, status)
 
 
 def http_error_response(exc: HTTPException) -> Response:
