@@ -234,8 +234,19 @@ def test_segments_a_tier_lost_in_an_outage_are_written_back_by_the_process_cachi
     token = converse(warm, range(30))
     assert len(warm.codec.open(token, now=NOW).overflow) >= 2
 
-    tier.refuse_writes = True  # the outage: a write fails and the breaker opens
-    failed = converse(warm, [30], token)
+    # The outage: writes fail. Talk until a spill is tried and refused (the breaker
+    # opens); an exchange that spills nothing would not notice the outage at all.
+    tier.refuse_writes = True
+    sent = 30
+    while True:
+        ctx = warm.load(token, now=NOW)
+        ctx.add_turn("user", message(sent), ts=NOW)
+        ctx.add_turn("assistant", message(sent + 1000), ts=NOW)
+        failed = token = warm.save(ctx, now=NOW).token
+        sent += 1
+        if "tier_write_failed" in ctx.degraded:
+            break
+        assert sent < 40, "no spill was tried during the outage"
     tier.refuse_writes = False
     tier.clear()  # and Redis comes back empty
     cold = pipeline(0)
@@ -245,7 +256,7 @@ def test_segments_a_tier_lost_in_an_outage_are_written_back_by_the_process_cachi
     assert not ctx.degraded
     ctx = cold.load(failed, now=NOW)
     assert not ctx.degraded
-    assert [t.content for t in ctx.all_turns()[::2]] == [message(i) for i in range(31)]
+    assert [t.content for t in ctx.all_turns()[::2]] == [message(i) for i in range(sent)]
 
 
 # -- the hard cap: no token is longer, whatever the newest exchange holds ---------------
@@ -422,3 +433,30 @@ def test_no_token_is_longer_than_its_codec_opens_even_without_a_hard_cap() -> No
         token = pipeline.save(ctx, now=NOW).token
         assert len(token) <= 2000
     assert pipeline.load(token, now=NOW).lifecycle.dropped["byte_budget"] > 0
+
+
+def test_a_summary_over_the_hard_cap_loses_its_oldest_part_not_the_conversation() -> None:
+    """An app's own summarizer (an LLM asked for "a summary", no length given) can
+    outgrow any budget. Refusing to seal would fail every request from then on, since
+    the client keeps the token it sent: the summary keeps its newest part instead."""
+
+    def verbose(dropped: Sequence[Turn], previous: str) -> str:
+        return previous + "".join(pasted_blob(1500, len(previous) + i) for i in range(len(dropped)))
+
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    policy = LifecyclePolicy(
+        max_turns=None, max_token_bytes=1500, hard_max_token_bytes=2500, summarizer=verbose
+    )
+    pipeline = Pipeline(codec, policy, clock=lambda: NOW)
+    token, cuts = None, 0
+    for i in range(12):
+        ctx = pipeline.load(token, now=NOW)
+        ctx.add_turn("user", pasted_blob(300, i), ts=NOW)
+        ctx.add_turn("assistant", message(i + 1000), ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+        assert len(token) <= 2500
+        cuts += any(a.policy == "summary_cap" for a in ctx.lifecycle.recent[-1:])
+    opened = pipeline.load(token, now=NOW)
+    assert cuts > 0 and opened.summary.startswith("[… earlier summary cut by Satchel]")
+    # The newest exchange stayed: the summary gave way, not the conversation.
+    assert [t.content for t in opened.turns][-2:] == [pasted_blob(300, 11), message(1011)]

@@ -43,6 +43,8 @@ TAG_CACHE_SIZE = 4096
 #: (segments.merge_start), so references cannot grow the token in a long conversation.
 MAX_SEGMENT_REFS = 6
 DEFAULT_SEGMENT_TTL = 30 * 86400.0
+#: Where the hard cap cut the oldest part of a summary (:meth:`Pipeline._shorten_summary`).
+SUMMARY_CUT_MARK = "[… earlier summary cut by Satchel]\n"
 
 
 @dataclass(slots=True)
@@ -365,6 +367,14 @@ class Pipeline:
                     return measured
             else:
                 write_failed = True
+        groups = turn_groups(ctx.turns)
+        newest_chars = sum(len(t.content) for t in ctx.turns[groups[-1][0] :]) if groups else 0
+        if ctx.summary and len(ctx.summary) >= newest_chars:
+            # The summary is what is large (an app's own summarizer): its oldest part
+            # goes before the newest exchange does.
+            measured = self._shorten_summary(ctx, measured, hard, now, tag)
+            if measured.size <= hard:
+                return measured
         reason = "data_loss" if write_failed else "byte_budget"
         removed, prepared = self._drop_to(ctx, hard, now, reason, measured, keep_newest=False)
         if removed:
@@ -374,14 +384,41 @@ class Pipeline:
                 self.observer.event("trimmed", session=tag, reason=reason, turns=removed)
         if prepared is None:
             prepared = self.codec.prepare(ctx)
+        if prepared.size > hard and ctx.summary:
+            prepared = self._shorten_summary(ctx, prepared, hard, now, tag)
         if prepared.size > hard:
             raise BudgetExceeded(
                 f"the context is {prepared.size} bytes with no turns left to move: its "
-                f"summary, pinned items and metadata alone exceed the hard cap of {hard} "
+                f"pinned items and metadata alone exceed the hard cap of {hard} "
                 "bytes (SATCHEL_HARD_MAX_TOKEN_BYTES, or SATCHEL_TOKEN_LIMIT if lower)",
                 size=prepared.size,
                 limit=hard,
             )
+        return prepared
+
+    def _shorten_summary(
+        self, ctx: Context, prepared: Prepared, hard: int, now: float, tag: str
+    ) -> Prepared:
+        """Keep the newest part of a summary too long for the hard cap.
+
+        A summarizer of the app's own (an LLM asked for "a summary", no length given)
+        can outgrow any budget. Refusing to seal would fail this request and every one
+        after it, since the client keeps the token it sent; so the summary loses its
+        oldest part instead, and the lifecycle record says how much.
+        """
+        original = len(ctx.summary)
+        for _ in range(MAX_FIT_ROUNDS):
+            if prepared.size <= hard or not ctx.summary:
+                break
+            body = ctx.summary
+            keep = max(0, int(len(body) * hard / prepared.size) - len(SUMMARY_CUT_MARK) - 16)
+            ctx.summary = SUMMARY_CUT_MARK + body[len(body) - keep :] if keep else ""
+            prepared = self.codec.prepare(ctx)
+        removed = original - len(ctx.summary)
+        ctx.lifecycle.record(
+            LifecycleAction("summary_cap", "truncated", 0, now, f"{removed} characters")
+        )
+        self.observer.event("trimmed", session=tag, reason="summary_cap", turns=0)
         return prepared
 
     def _report_loss(self, ctx: Context, lost: int, tag: str, *, counted: bool = False) -> None:
