@@ -613,3 +613,15 @@ def test_peek_reads_an_unverified_header_but_respects_the_cap() -> None:
     assert peek(token).kid == "k1"
     with pytest.raises(TokenTooLarge):
         peek("s1." + "A" * 70_000)
+
+
+def test_a_long_string_with_a_lone_surrogate_is_refused_as_not_serializable() -> None:
+    """Past a quarter of max_str_bytes the seal measures the string's UTF-8 length; a
+    lone surrogate there used to escape as a bare UnicodeEncodeError (an HTML 500)."""
+    from satchel.errors import ContextNotSerializable
+
+    codec = Codec(Keyring.generate())
+    ctx = Context.new()
+    ctx.metadata["notes"] = "a" * 200_000 + "\ud800"
+    with pytest.raises(ContextNotSerializable):
+        codec.seal(ctx)

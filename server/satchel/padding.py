@@ -52,6 +52,20 @@ def largest_pad_within(max_token_chars: int) -> int:
     return raw if raw >= MIN_PAD_TO else 0
 
 
+def bucket_too_long(pad_to: int, max_token_chars: int) -> str | None:
+    """Why ``pad_to`` cannot be used under a limit of ``max_token_chars``, or None.
+
+    A padded token is at least one bucket long: over the limit, every token would be.
+    """
+    smallest = encoded_length(pad_to)
+    if smallest <= max_token_chars:
+        return None
+    return (
+        f"makes every token at least {smallest} bytes, over {max_token_chars}: pad to at "
+        f"most {largest_pad_within(max_token_chars)}"
+    )
+
+
 def pad(payload: bytes, unpadded: int, pad_to: int) -> bytes:
     """``payload`` followed by padding that brings the token to a multiple of ``pad_to``.
 
@@ -83,6 +97,7 @@ def unpad(data: bytes) -> bytes:
 __all__ = [
     "MAX_PAD_TO",
     "MIN_PAD_TO",
+    "bucket_too_long",
     "check_pad_to",
     "largest_pad_within",
     "pad",

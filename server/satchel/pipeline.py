@@ -268,15 +268,12 @@ class Pipeline:
         context after it, so the seal uses the bytes that were measured; else None.
         """
         soft = self.policy.max_token_bytes
+        measured: Prepared | None = None
         if self.segments is None:
-            if soft is None:
-                return self._enforce_ceiling(ctx, None, now, tag, write_failed=False)
-            measured: Prepared | None = self.codec.prepare(ctx)
-            assert measured is not None
-            if measured.size > soft:
-                removed, measured = self._drop_to(ctx, soft, now, "byte_budget", measured)
-                if removed:
-                    self.observer.event("trimmed", session=tag, reason="byte_budget", turns=removed)
+            if soft is not None:
+                measured = self.codec.prepare(ctx)
+                if measured.size > soft:
+                    measured = self._drop_to(ctx, soft, now, tag, "byte_budget", measured)
             return self._enforce_ceiling(ctx, measured, now, tag, write_failed=False)
         self._forget_lost_segments(ctx, now, tag)
         window = self.policy.max_turns
@@ -307,9 +304,7 @@ class Pipeline:
             # The tier refused the write: hold turns inline up to the hard cap, then report.
             hold = self.policy.hard_max_token_bytes or soft
             if size > hold:
-                lost, measured = self._drop_to(ctx, hold, now, "data_loss", measured)
-                if lost:
-                    self._report_loss(ctx, lost, tag, counted=True)  # changes no sealed field
+                measured = self._drop_to(ctx, hold, now, tag, "data_loss", measured)
         return self._enforce_ceiling(ctx, measured, now, tag, write_failed=write_failed)
 
     def _spill(self, ctx: Context, count: int, now: float, tag: str) -> bool:
@@ -376,12 +371,7 @@ class Pipeline:
             if measured.size <= hard:
                 return measured
         reason = "data_loss" if write_failed else "byte_budget"
-        removed, prepared = self._drop_to(ctx, hard, now, reason, measured, keep_newest=False)
-        if removed:
-            if write_failed:
-                self._report_loss(ctx, removed, tag, counted=True)
-            else:
-                self.observer.event("trimmed", session=tag, reason=reason, turns=removed)
+        prepared = self._drop_to(ctx, hard, now, tag, reason, measured, keep_newest=False)
         if prepared is None:
             prepared = self.codec.prepare(ctx)
         if prepared.size > hard and ctx.summary:
@@ -493,16 +483,18 @@ class Pipeline:
         ctx: Context,
         budget: int,
         now: float,
+        tag: str,
         reason: str,
         prepared: Prepared | None = None,
         *,
         keep_newest: bool = True,
-    ) -> tuple[int, Prepared | None]:
-        """Summarize and drop the oldest groups until the token fits ``budget``.
+    ) -> Prepared | None:
+        """Summarize and drop the oldest groups until the token fits ``budget``, and
+        report it: as a trim by ``reason``, or, for ``"data_loss"``, as reported loss.
 
         ``prepared`` is a measurement of ``ctx`` as it is now, if the caller has one.
         The newest group stays unless ``keep_newest`` is False (the hard cap).
-        Returns the turns removed and the last measurement, if still valid.
+        Returns the last measurement if it is still valid, else None (measure again).
         """
         removed = 0
         for _ in range(MAX_FIT_ROUNDS):
@@ -511,19 +503,23 @@ class Pipeline:
             size = prepared.size
             groups = turn_groups(ctx.turns)
             if size <= budget or len(groups) <= (1 if keep_newest else 0):
-                return removed, prepared
+                break
             # Only the newest group left: it goes whole (never part of a group).
             count = self._turns_to_remove(ctx, groups, size, budget) or len(ctx.turns)
             dropped = len(
                 drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
             )
-            prepared = None  # the context changed
+            prepared = None  # the context changed (rounds may run out: measure again)
             removed += dropped
             if reason == "data_loss":
                 # Counted before the next measure: the count is in the token too, and a
                 # bigger number can make it a byte longer.
                 ctx.lifecycle.lost += dropped
-        return removed, None  # rounds ran out after a change: measure again when sealing
+        if removed and reason == "data_loss":
+            self._report_loss(ctx, removed, tag, counted=True)  # changes no sealed field
+        elif removed:
+            self.observer.event("trimmed", session=tag, reason=reason, turns=removed)
+        return prepared
 
     @staticmethod
     def _turns_to_remove(

@@ -158,7 +158,7 @@ def to_wire(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         _refuse(ctx, limits)
     problem = _fields_problem(ctx, limits)
     if problem is not None:
-        raise ContextNotSerializable(f"the context cannot be sealed: {problem}")
+        raise _not_sealable(problem)
     wire: dict[str, Any] = {
         "v": CURRENT_VERSION,
         "i": ctx.session_id,
@@ -268,17 +268,19 @@ class _NotSealable(Exception):
     """A turn failed its check inside the mapping; :func:`_refuse` finds and names it."""
 
 
+def _not_sealable(problem: str) -> ContextNotSerializable:
+    return ContextNotSerializable(f"the context cannot be sealed: {problem}")
+
+
 def _checked_turn_to_wire(t: Turn, limits: Limits) -> list[Any]:
-    if not isinstance(t, Turn) or (
-        _turn_problem(t, "turn", limits) or _extras_problem(t, "turn", limits)
-    ):
+    if _one_turn_problem(t, "turn", limits) is not None:
         raise _NotSealable
     return _turn_to_wire(t)
 
 
 def _refuse(ctx: Context, limits: Limits) -> NoReturn:
-    problem = _context_problem(ctx, limits) or "a turn cannot be carried"
-    raise ContextNotSerializable(f"the context cannot be sealed: {problem}")
+    check_sealable(ctx, limits)  # raises, naming the turn (with its index) at fault
+    raise _not_sealable("a turn cannot be carried")
 
 
 def check_sealable(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -294,7 +296,7 @@ def check_sealable(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> None:
     """
     problem = _context_problem(ctx, limits)
     if problem is not None:
-        raise ContextNotSerializable(f"the context cannot be sealed: {problem}")
+        raise _not_sealable(problem)
 
 
 def _context_problem(ctx: Context, limits: Limits) -> str | None:
@@ -303,27 +305,18 @@ def _context_problem(ctx: Context, limits: Limits) -> str | None:
         return f"turns is {type(turns).__name__}, not list"
     if len(turns) > limits.max_array_len:
         return f"{len(turns)} turns, more than the {limits.max_array_len} a token opens with"
-    max_chars = limits.max_str_bytes // 4  # below this, no str can pass the limit in UTF-8
-    return _turns_problem(turns, max_chars, limits) or _fields_problem(ctx, limits)
-
-
-def _turns_problem(turns: list[Turn], max_chars: int, limits: Limits) -> str | None:
     for i, t in enumerate(turns):
-        if not isinstance(t, Turn):
-            return f"turns[{i}] is {type(t).__name__}, not Turn"
-        content = t.content
-        if (
-            t.role not in _ROLE_INDEX
-            or type(content) is not str
-            or type(t.ts) not in _NUMBER_TYPES
-            or len(content) > max_chars
-        ):
-            return _turn_problem(t, f"turns[{i}]", limits)
-        if t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None:
-            problem = _extras_problem(t, f"turns[{i}]", limits)
-            if problem is not None:
-                return problem
-    return None
+        problem = _one_turn_problem(t, f"turns[{i}]", limits)
+        if problem is not None:
+            return problem
+    return _fields_problem(ctx, limits)
+
+
+def _one_turn_problem(t: Any, where: str, limits: Limits) -> str | None:
+    """What in one turn would not read back, or None."""
+    if not isinstance(t, Turn):
+        return f"{where} is {type(t).__name__}, not Turn"
+    return _turn_problem(t, where, limits) or _extras_problem(t, where, limits)
 
 
 def _fields_problem(ctx: Context, limits: Limits) -> str | None:
@@ -404,8 +397,11 @@ def _extras_problem(t: Turn, where: str, limits: Limits) -> str | None:
 def _str_problem(value: Any, where: str, limits: Limits) -> str | None:
     if type(value) is not str:
         return f"{where} is {type(value).__name__}, not str"
-    if len(value) * 4 > limits.max_str_bytes and len(value.encode()) > limits.max_str_bytes:
-        return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
+    if len(value) * 4 > limits.max_str_bytes:  # shorter, no str can pass it in UTF-8
+        # surrogatepass: only the length matters here; the packer refuses a lone
+        # surrogate itself, as ContextNotSerializable.
+        if len(value.encode("utf-8", "surrogatepass")) > limits.max_str_bytes:
+            return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
     return None
 
 
@@ -512,15 +508,10 @@ __all__ = [
 def turn_to_wire(t: Turn, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
     """One turn's wire array, checked as :func:`to_wire` checks the token's (the overflow
     segment store packs turns the same way the token does)."""
-    try:
-        return _checked_turn_to_wire(t, limits)
-    except _NotSealable:
-        problem = _turn_problem(t, "turn", limits) if isinstance(t, Turn) else None
-        if isinstance(t, Turn) and problem is None:
-            problem = _extras_problem(t, "turn", limits)
-        raise ContextNotSerializable(
-            f"the turn cannot be stored: {problem or f'{type(t).__name__} is not a Turn'}"
-        ) from None
+    problem = _one_turn_problem(t, "turn", limits)
+    if problem is not None:
+        raise ContextNotSerializable(f"the turn cannot be stored: {problem}")
+    return _turn_to_wire(t)
 
 
 turn_from_wire = _turn_from_wire

@@ -75,11 +75,10 @@ from typing import Any
 from flask import Flask
 
 from ..compress import load_dictionary, register_dictionaries
-from ..envelope import encoded_length
 from ..errors import ConfigurationError, UnsupportedVersion
 from ..keys import Keyring, generate_key
 from ..lifecycle import DEFAULT_HARD_MAX_TOKEN_BYTES, ExtractiveSummarizer, LifecyclePolicy
-from ..padding import check_pad_to, largest_pad_within
+from ..padding import bucket_too_long, check_pad_to
 
 log = logging.getLogger("satchel")
 
@@ -234,18 +233,16 @@ class SatchelConfig:
                 f"SATCHEL_HARD_MAX_TOKEN_BYTES ({hard})"
             )
         if self.pad_to and self.mode == "client":
-            # A padded token is at least one bucket long. Over the budget, every
-            # conversation would be cut to its newest exchange on every request.
-            smallest = encoded_length(self.pad_to)
+            # Over the budget, every conversation would be cut to its newest exchange on
+            # every request.
             for name, limit in (
                 ("SATCHEL_MAX_TOKEN_BYTES", soft),
                 ("SATCHEL_HARD_MAX_TOKEN_BYTES", hard),
             ):
-                if limit is not None and smallest > limit:
+                problem = bucket_too_long(self.pad_to, limit) if limit is not None else None
+                if problem is not None:
                     raise ConfigurationError(
-                        f"SATCHEL_PAD_TO={self.pad_to} makes every token at least {smallest} "
-                        f"bytes, over {name}={limit}: pad to at most "
-                        f"{largest_pad_within(limit)}, or raise the budget"
+                        f"SATCHEL_PAD_TO={self.pad_to} {problem} ({name}), or raise the budget"
                     )
         self.max_token_bytes, self.hard_max_token_bytes = soft, hard
 

@@ -49,7 +49,7 @@ from werkzeug.http import dump_cookie
 
 from .. import serialize
 from ..codec import Codec
-from ..envelope import Header, encoded_length
+from ..envelope import Header
 from ..errors import (
     ConfigurationError,
     InvalidContext,
@@ -60,7 +60,7 @@ from ..errors import (
 )
 from ..keys import Keyring
 from ..limits import DEFAULT_LIMITS, Limits
-from ..padding import check_pad_to, largest_pad_within
+from ..padding import bucket_too_long, check_pad_to
 
 if TYPE_CHECKING:  # pragma: no cover
     from flask import Flask
@@ -241,18 +241,18 @@ class SatchelSessionInterface(SessionInterface):
             pad_to = check_pad_to(int(value) if isinstance(value, str) else value)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"SATCHEL_SESSION_PAD_TO: {exc}") from None
+        return pad_to
+
+    def _check_pad_fits_cookie(self, app: Flask, pad_to: int | None) -> None:
+        """Over ``MAX_COOKIE_SIZE``, every non-empty session would raise SessionTooLarge."""
         limit = app.config.get("MAX_COOKIE_SIZE") or 0
         if pad_to and limit:
-            # A padded cookie is at least one bucket long: over the limit, every
-            # non-empty session would raise SessionTooLarge.
-            room = limit - len(self.get_cookie_name(app)) - 1
-            if encoded_length(pad_to) > room:
+            problem = bucket_too_long(pad_to, limit - len(self.get_cookie_name(app)) - 1)
+            if problem is not None:
                 raise ConfigurationError(
-                    f"SATCHEL_SESSION_PAD_TO={pad_to} makes every session cookie at least "
-                    f"{encoded_length(pad_to)} bytes, over MAX_COOKIE_SIZE={limit}: pad to "
-                    f"at most {largest_pad_within(room)}"
+                    f"SATCHEL_SESSION_PAD_TO={pad_to} {problem} (MAX_COOKIE_SIZE={limit} "
+                    "with the cookie's name)"
                 )
-        return pad_to
 
     def get_codec(self, app: Flask, mode: str | None = None) -> Codec | None:
         """The codec for this request's keys, mode, purpose and padding (cached), or None."""
@@ -264,6 +264,8 @@ class SatchelSessionInterface(SessionInterface):
         pad_to = self.get_pad_to(app)
 
         def make() -> tuple[Keyring, Codec]:
+            # Checked once per codec, not per request: a new padding makes a new codec.
+            self._check_pad_fits_cookie(app, pad_to)
             codec = Codec(
                 ring,
                 mode,
