@@ -83,6 +83,7 @@ def rich_context() -> Context:
     ctx.add_turn("assistant", "18°C and sunny.", ts=NOW - 77)
     ctx.overflow.append(SegmentRef(b"d" * 12, 4, 900, 3, NOW - 500))
     ctx.bound_user = b"u" * 16
+    ctx.marked = True
     return ctx
 
 

@@ -171,6 +171,7 @@ def contexts(draw: st.DrawFn) -> Context:
         lifecycle=draw(lifecycles),
         overflow=draw(st.lists(segment_refs, max_size=3)),
         bound_user=draw(st.none() | st.binary(min_size=16, max_size=16)),
+        marked=draw(st.booleans()),
     )
     return ctx
 

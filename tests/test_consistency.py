@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ from satchel.consistency import ForkDetector, decode_mark, encode_mark
 KEYS = Keyring.generate("k1").to_string()
 
 
-def make_app(tmp_path: Path, **config: Any) -> tuple[Flask, Satchel]:
+def make_app(tmp_path: Path, observer: Any = None, **config: Any) -> tuple[Flask, Satchel]:
     app = Flask(__name__)
     app.config.update(SATCHEL_KEYS=KEYS, TESTING=True)
     app.config.update(config)
-    satchel = Satchel(app)
+    satchel = Satchel(app, observer=observer)
     app.extensions["barrier"] = None
 
     @app.post("/chat")
@@ -176,6 +177,61 @@ def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy:
     else:
         assert response.status_code == 503
         assert response.get_json()["error"]["code"] == "tier_unavailable"
+
+
+def test_marks_lost_by_a_restart_are_reported_and_set_again(
+    tmp_path: Path, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted without persistence forgets the marks: a token of a marked session
+    is served flagged consistency_reset (counted, logged), and the mark starts again."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()  # the extension's own AuditObserver does the logging
+    app, satchel = make_app(
+        tmp_path,
+        observer=metrics,
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_BREAKER_RESET_TIMEOUT=0.05,
+    )
+    client = app.test_client()
+    before_marks = post(client, "/chat", None).headers["Satchel-Context"]  # client level
+    with app.app_context():
+        assert satchel.codec.open(before_marks).marked is False
+    spent = post(client, "/spend", before_marks)
+    assert spent.status_code == 200 and "Satchel-Degraded" not in spent.headers
+    after_spend = spent.headers["Satchel-Context"]
+    chatted = post(client, "/chat", after_spend).headers["Satchel-Context"]  # carried along
+    with app.app_context():
+        assert satchel.codec.open(chatted).marked is True
+    assert post(client, "/spend", chatted).status_code == 200
+    # While the mark is there, an older marked token is refused; no reset is reported.
+    assert post(client, "/spend", after_spend).status_code == 409
+
+    redis_server.restart()  # empty: no persistence
+    caplog.set_level("WARNING", logger="satchel.audit")
+    replay = post(client, "/spend", after_spend)  # older than the mark was; nothing knows
+    deadline = time.monotonic() + 5
+    while replay.status_code == 503 and time.monotonic() < deadline:  # breaker reconnecting
+        replay = post(client, "/spend", after_spend)
+    assert replay.status_code == 200
+    assert replay.headers["Satchel-Degraded"] == "consistency_reset"
+    assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
+    assert (
+        metrics.registry.get_sample_value("satchel_degraded_total", {"reason": "consistency_reset"})
+        == 1
+    )
+    lost = {id(r) for r in caplog.records if r.getMessage() == "mark_lost"}
+    assert len(lost) == 1 and all(r.levelname == "WARNING" for r in caplog.records)
+    # The mark starts again from the token just issued: the older one is refused again.
+    again = replay.headers["Satchel-Context"]
+    assert post(client, "/spend", after_spend).status_code == 409
+    ok = post(client, "/spend", again)
+    assert ok.status_code == 200 and "Satchel-Degraded" not in ok.headers
+    # A session that never had a mark is not flagged when none is found.
+    fresh = post(client, "/chat", None).headers["Satchel-Context"]
+    first_spend = post(client, "/spend", fresh)
+    assert first_spend.status_code == 200 and "Satchel-Degraded" not in first_spend.headers
+    assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
 
 
 # -- binding and erasure ----------------------------------------------------------------

@@ -64,7 +64,7 @@ ALLOWED_FIELDS = frozenset(
 
 #: Events logged at WARNING even when the observer's level is lower.
 WARNING_EVENTS = frozenset(
-    {"data_loss", "fork_detected", "stale_refused", "breaker_opened", "seal_failed"}
+    {"data_loss", "fork_detected", "stale_refused", "breaker_opened", "seal_failed", "mark_lost"}
 )
 
 MAX_STRING = 160

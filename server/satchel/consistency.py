@@ -11,6 +11,11 @@
   atomic compare-and-set when the next token is issued, so of two concurrent requests
   carrying one token exactly one succeeds. When the tier is down, ``fail_open``
   accepts and flags the response; ``fail_closed`` answers 503 ``tier_unavailable``.
+  When the tier is up but has lost the mark (a Redis restart without persistence, an
+  eviction), a token that says its session was marked (``Context.marked``) shows it:
+  the request is served, flagged ``consistency_reset``, counted and logged, and the
+  mark starts again from that token. No policy can refuse it: nothing is left to tell
+  the newest token from an older one.
 * ``server``: the whole context lives server-side (``SATCHEL_MODE = "server"``).
 
 See docs/consistency.md.
@@ -134,6 +139,13 @@ class MonotonicGuard:
             ) from None
         ctx.degraded.append("consistency_unchecked")
 
+    def _mark_lost(self, ctx: Context, tag: str) -> None:
+        # The token was issued after a mark was set, and the mark is gone: the tier
+        # lost data. Replays of older tokens went unchecked since then; say so.
+        self.observer.event("mark_lost", session=tag, seq=ctx.seq)
+        self.observer.event("degraded", session=tag, reason="consistency_reset")
+        ctx.degraded.append("consistency_reset")
+
     def before(self, ctx: Context, tag: str, *, fresh: bool) -> MarkState:
         """Refuse a stale, replayed or rolled-back token. ``fresh``: no token was sent."""
         key = mark_key(tag)
@@ -142,6 +154,8 @@ class MonotonicGuard:
             self._tier_down(ctx, tag, fetched.error or TierUnavailable())
             return MarkState(key, None, checked=False)
         raw = fetched.get(key)
+        if raw is None and not fresh and ctx.marked:
+            self._mark_lost(ctx, tag)
         if raw == ERASED:
             self.observer.event("refused", session=tag, reason="token_erased")
             raise ContextErased("this conversation was erased")

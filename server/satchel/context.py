@@ -207,6 +207,10 @@ class Context:
     overflow: list[SegmentRef] = field(default_factory=list)
     #: keyed hash of the user id this context is bound to, if any
     bound_user: bytes | None = None
+    #: a ``monotonic`` route has set this session's high-water mark in the tier, so a
+    #: token that says so and finds no mark there shows the tier lost it (a restart
+    #: without persistence, an eviction): reported as ``consistency_reset``
+    marked: bool = False
 
     # Request-scoped facts, never serialized.
     #: key id the token was opened with (a different one than the current means reseal)
@@ -311,6 +315,7 @@ class Context:
             "lifecycle": self.lifecycle.to_dict(),
             "overflow": [r.to_dict() for r in self.overflow],
             "overflowed_turns": self.overflowed_turns,
+            "marked": self.marked,
             "rehydrated_turns": len(self.rehydrated),
             "degraded": list(self.degraded),
         }
@@ -332,6 +337,7 @@ SEALED_FIELDS: tuple[str, ...] = (
     "lifecycle",
     "overflow",
     "bound_user",
+    "marked",
 )
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (

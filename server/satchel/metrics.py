@@ -47,6 +47,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_data_loss_total``, ``satchel_data_loss_turns_total``: data_loss
 * ``satchel_forks_total``: fork_detected
 * ``satchel_stale_refused_total``: stale_refused
+* ``satchel_marks_lost_total``: mark_lost (a marked session's monotonic mark was gone
+  from the tier: it lost data)
 * ``satchel_erased_total``: erased
 * ``satchel_breaker_state{tier}`` gauge (0 closed, 1 half-open, 2 open) and
   ``satchel_breaker_transitions_total{tier,state}``: breaker_opened, breaker_half_open,
@@ -290,6 +292,10 @@ class PrometheusObserver(Observer):
         self.stale_refused = counter(
             "stale_refused", "Stale tokens refused (monotonic consistency)"
         )
+        self.marks_lost = counter(
+            "marks_lost",
+            "Monotonic marks the tier lost (a token of a marked session found none)",
+        )
         self.erased = counter("erased", "Sessions erased")
         self.breaker_state = Gauge(
             "breaker_state",
@@ -434,6 +440,8 @@ class PrometheusObserver(Observer):
             self.forks.inc()
         elif name == "stale_refused":
             self.stale_refused.inc()
+        elif name == "mark_lost":
+            self.marks_lost.inc()
         elif name == "erased":
             self.erased.inc()
         elif name in _BREAKER_EVENTS:

@@ -13,7 +13,8 @@ History:
 * 2 (0.1): short keys, turns as arrays, tool calls, opaque blocks, pinned facts,
   lifecycle record, overflow references, user binding; later, the optional ``mv``
   (the app's metadata version, satchel.app_schema: absent means 0, so earlier
-  version 2 payloads read unchanged).
+  version 2 payloads read unchanged); later still, the optional ``h`` (true once a
+  ``monotonic`` route has set the session's high-water mark; absent means false).
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def to_wire(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         wire["o"] = [[r.digest, r.turns, r.size, r.seq, r.ts] for r in ctx.overflow]
     if ctx.bound_user is not None:
         wire["u"] = ctx.bound_user
+    if ctx.marked:
+        wire["h"] = True
     return wire
 
 
@@ -486,6 +489,10 @@ def from_wire(wire: Any) -> Context:
             ]
         if "u" in wire:
             ctx.bound_user = _bin(wire["u"])
+        if "h" in wire:
+            if type(wire["h"]) is not bool:
+                raise TypeError("marked")
+            ctx.marked = wire["h"]
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise InvalidContext(f"payload is not a valid context: {type(exc).__name__}") from None
     if len(ctx.session_id) != 16 or not isinstance(ctx.summary, str):

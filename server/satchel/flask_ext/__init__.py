@@ -478,6 +478,8 @@ class Satchel:
                 session=pipeline.session_tag(ctx.session_id),
                 kid=pipeline.codec.keyring.current.kid,
             )
+        if rs.mark is not None and rs.mark.checked:
+            ctx.marked = True  # sealed in, so a tier that loses the mark is noticed
         result = pipeline.save(ctx, timings=rs.timings)
         if rs.mark is not None and app_state.guard is not None:
             app_state.guard.after(ctx, pipeline.session_tag(ctx.session_id), rs.mark)
