@@ -63,6 +63,8 @@ class Turn:
     name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view: role, content, ts, and the parts that are set (opaque
+        block data as its size, never its bytes)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content, "ts": self.ts}
         if self.tool_calls:
             out["tool_calls"] = [
@@ -93,6 +95,7 @@ class Pinned:
     facts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view: ``{"system": ..., "facts": [...]}``."""
         return {"system": self.system, "facts": list(self.facts)}
 
 
@@ -112,6 +115,7 @@ class SegmentRef:
     ts: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (the digest as hex)."""
         return {
             "digest": self.digest.hex(),
             "turns": self.turns,
@@ -132,6 +136,7 @@ class LifecycleAction:
     detail: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of this action."""
         return {
             "policy": self.policy,
             "action": self.action,
@@ -157,6 +162,7 @@ class Lifecycle:
     MAX_RECENT = 6
 
     def record(self, action: LifecycleAction) -> None:
+        """Add ``action`` to the totals and to the bounded list of recent actions."""
         action.ts = int(action.ts)  # whole seconds: 5 bytes in the token, not 9
         if action.action in ("dropped", "overflowed", "lost") and action.turns:
             # Overflowed turns are kept under the "overflow" key: moved, not dropped.
@@ -170,6 +176,7 @@ class Lifecycle:
         return self.dropped.get(OVERFLOW_POLICY, 0)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view: totals by reason, overflowed, summarized, lost, recent."""
         return {
             "dropped": {k: v for k, v in self.dropped.items() if k != OVERFLOW_POLICY},
             "overflowed": self.overflowed,
@@ -296,6 +303,7 @@ class Context:
 
     @property
     def overflowed_turns(self) -> int:
+        """Turns this context holds in the overflow tier (the sum over its references)."""
         return sum(ref.turns for ref in self.overflow)
 
     def to_dict(self) -> dict[str, Any]:

@@ -116,9 +116,11 @@ class Keyring:
 
     @property
     def kids(self) -> list[str]:
+        """The key ids, newest (the one that seals) first."""
         return [k.kid for k in self.keys]
 
     def get(self, kid: str) -> Key:
+        """The key with id ``kid``; :class:`~satchel.errors.UnknownKeyId` if the ring has none."""
         try:
             return self._by_kid[kid]
         except KeyError:
@@ -168,6 +170,8 @@ class Keyring:
 
     @classmethod
     def from_env(cls, var: str = "SATCHEL_KEYS") -> Keyring:
+        """The ring in environment variable ``var`` (``kid:secret,...``, newest first),
+        anchored at ``SATCHEL_ANCHOR_KID`` when set; ConfigurationError when unset."""
         value = os.environ.get(var, "")
         if not value.strip():
             raise ConfigurationError(f"{var} is not set")
@@ -193,6 +197,7 @@ class Keyring:
         return cls(keys)
 
     def to_string(self) -> str:
+        """The ring as ``SATCHEL_KEYS`` spells it (secrets included: keep it secret)."""
         return ",".join(k.to_string() for k in self.keys)
 
     def rotated(self, new_key: Key | None = None, keep: int | None = None) -> Keyring:

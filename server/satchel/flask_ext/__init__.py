@@ -127,6 +127,10 @@ class Satchel:
     # -- setup --------------------------------------------------------------------------
 
     def init_app(self, app: Flask) -> None:
+        """Read ``SATCHEL_*`` from ``app.config``, build the codec, pipeline and tier,
+        and install the request hooks (and, when configured, /metrics and health routes).
+        Configuration mistakes raise :class:`~satchel.errors.ConfigurationError` here,
+        at start-up, not on the first request."""
         config = SatchelConfig.from_app(app, mode=self._mode)
         keyring = self._keyring or keyring_from_config(app, config)
         limits = Limits(max_token_bytes=config.token_limit)
@@ -260,6 +264,7 @@ class Satchel:
 
     @staticmethod
     def state(app: Flask | None = None) -> _AppState:
+        """The per-app state ``init_app`` built (default: the current app)."""
         app = app or current_app
         try:
             return app.extensions["satchel"]
@@ -268,14 +273,17 @@ class Satchel:
 
     @property
     def codec(self) -> Codec:
+        """The current app's :class:`~satchel.codec.Codec` (seal and open by hand)."""
         return self.state().codec
 
     @property
     def pipeline(self) -> Pipeline:
+        """The current app's :class:`~satchel.pipeline.Pipeline` (the request steps)."""
         return self.state().pipeline
 
     @property
     def keyring(self) -> Keyring:
+        """The current app's key ring."""
         return self.state().codec.keyring
 
     # -- request hooks --------------------------------------------------------------------
@@ -308,6 +316,9 @@ class Satchel:
         return self.get_context()
 
     def get_context(self) -> Context:
+        """The current request's context, opened (verified, migrated, rehydrated) on the
+        first call; a bad token raises a :class:`~satchel.errors.BadToken` subclass,
+        which the extension answers as JSON 4xx (or a fresh context, by policy)."""
         rs = self._request_state()
         if rs.context is None:
             rs.context = self._open_context(rs)

@@ -192,6 +192,7 @@ class SatchelSessionInterface(SessionInterface):
     # -- configuration -------------------------------------------------------------
 
     def get_mode(self, app: Flask) -> str:
+        """``"sealed"`` or ``"signed"``: ``SATCHEL_SESSION_MODE``, else the constructor's."""
         mode = app.config.get("SATCHEL_SESSION_MODE") or self.mode or DEFAULT_MODE
         if mode not in _MODES:
             raise ConfigurationError(
@@ -200,6 +201,7 @@ class SatchelSessionInterface(SessionInterface):
         return mode
 
     def get_purpose(self, app: Flask) -> str:
+        """The key-derivation purpose of session cookies (``SATCHEL_SESSION_PURPOSE``)."""
         return app.config.get("SATCHEL_SESSION_PURPOSE") or self.purpose or DEFAULT_PURPOSE
 
     def get_keyring(self, app: Flask) -> Keyring | None:
@@ -236,6 +238,7 @@ class SatchelSessionInterface(SessionInterface):
         return ring
 
     def get_pad_to(self, app: Flask) -> int | None:
+        """Pad session cookies to a multiple of this many bytes (``SATCHEL_SESSION_PAD_TO``)."""
         value = app.config.get("SATCHEL_SESSION_PAD_TO", self.pad_to)
         try:
             pad_to = check_pad_to(int(value) if isinstance(value, str) else value)
