@@ -222,3 +222,148 @@ def test_server_mode_migrates_stored_contexts_on_read() -> None:
     reopened = after.load(handle, now=NOW)
     assert reopened.metadata == {"prefs": [("tone", "curt")]}
     assert reopened.metadata_version == 2
+
+
+# -- rolling deploys: read the new shape, write the old one, then switch -------------------
+
+
+def prefs_to_tone(meta: dict[str, Any]) -> dict[str, Any]:
+    meta["tone"] = meta.pop("prefs")["tone"]
+    return meta
+
+
+def release(reads: int, writes: int | None = None) -> Any:
+    """One release of an app whose metadata went from {"tone"} (0) to {"prefs"} (1)."""
+    app = Flask(f"release-{reads}-{writes}")
+    app.config.update(SATCHEL_KEYS=RING, TESTING=True, SATCHEL_METADATA_VERSION=reads)
+    if writes is not None:
+        app.config["SATCHEL_METADATA_WRITE_VERSION"] = writes
+    satchel = Satchel(app)
+    # Registered after init_app, as a module that builds the app first would.
+    satchel.metadata_migration(from_version=0)(tone_to_prefs)
+    satchel.metadata_downgrade(from_version=1)(prefs_to_tone)
+
+    @app.post("/tone/<tone>")
+    def set_tone(tone: str) -> dict[str, Any]:
+        ctx = satchel.context
+        if reads == 0:
+            seen = ctx.metadata.get("tone")
+            ctx.metadata["tone"] = tone
+        else:
+            seen = ctx.metadata.get("prefs", {}).get("tone")
+            ctx.metadata.setdefault("prefs", {})["tone"] = tone
+        ctx.add_turn("user", f"be {tone}")
+        satchel.commit()  # the body below shows the view's metadata after sealing
+        return {"seen": seen, "metadata": ctx.metadata, "version": ctx.metadata_version}
+
+    return app.test_client()
+
+
+def alternate(
+    replicas: list[Any], token: str | None, rounds: int, previous: str | None = None
+) -> str | None:
+    """One conversation served by the replicas in turn, no affinity: each request must
+    succeed and see the tone the previous one set, whichever release set it."""
+    for i in range(rounds):
+        headers = {"Satchel-Context": token} if token else {}
+        tone = f"tone-{i}"
+        response = replicas[i % len(replicas)].post(f"/tone/{tone}", headers=headers)
+        assert response.status_code == 200, response.json
+        assert response.json["seen"] == previous
+        previous, token = tone, response.headers["Satchel-Context"]
+    return token
+
+
+def test_a_rolling_deploy_of_a_metadata_change_never_refuses_a_token() -> None:
+    old, reads_new_writes_old, new = release(0), release(1, writes=0), release(1)
+    # Deploy 1 rolls out: old replicas and deploy-1 replicas serve one conversation.
+    token = alternate([old, reads_new_writes_old], None, 6)
+    assert token is not None
+    written = Codec(RING).open(token)
+    assert written.metadata_version == 0 and written.metadata == {"tone": "tone-5"}
+    # The view of deploy 1 kept the new shape after sealing (the downgrade ran on a copy).
+    response = reads_new_writes_old.post("/tone/x", headers={"Satchel-Context": token})
+    assert response.json == {"seen": "tone-5", "metadata": {"prefs": {"tone": "x"}}, "version": 1}
+    # Deploy 2 rolls out over deploy 1: it writes version 1, which deploy 1 reads.
+    token = alternate([reads_new_writes_old, new], response.headers["Satchel-Context"], 6, "x")
+    assert Codec(RING).open(token or "").metadata_version == 1
+    # Without deploy 1 in between, the old release refuses what the new one writes.
+    skipped = new.post("/tone/y").headers["Satchel-Context"]
+    refused = old.post("/tone/z", headers={"Satchel-Context": skipped})
+    assert refused.status_code == 400
+    assert refused.json["error"]["code"] == "token_unsupported_version"
+
+
+def test_writing_an_older_shape_needs_every_downgrade() -> None:
+    schema = MetadataSchema(2, write_version=0)
+    schema.downgrade(from_version=2)(lambda meta: {**meta, "at": 1})
+    assert schema.missing_downgrades() == [1]
+    ctx = context(2, at=2)
+    with pytest.raises(ConfigurationError, match="no metadata downgrade from version 1"):
+        with schema.writing(ctx):
+            pass
+    assert ctx.metadata == {"at": 2} and ctx.metadata_version == 2
+    schema.downgrade(from_version=1)(lambda meta: {**meta, "at": 0})
+    assert schema.missing_downgrades() == []
+    with schema.writing(ctx) as written:
+        assert written.metadata == {"at": 0} and written.metadata_version == 0
+    assert ctx.metadata == {"at": 2} and ctx.metadata_version == 2  # the view's, back
+    with schema.writing(context(0, at=0)) as same:  # already in the write shape
+        assert same.metadata == {"at": 0}
+
+
+@pytest.mark.parametrize(
+    "downgrade", [lambda meta: meta["missing"], lambda meta: ["not", "a", "dict"]]
+)
+def test_a_failing_downgrade_is_an_app_error_not_a_token_error(downgrade: Any) -> None:
+    from satchel.errors import ContextNotSerializable
+
+    schema = MetadataSchema(1, write_version=0)
+    schema.downgrade(from_version=1)(downgrade)
+    with pytest.raises(ContextNotSerializable, match="metadata downgrade"):
+        with schema.writing(context(1, prefs={})):
+            pass
+
+
+def test_metadata_write_version_config() -> None:
+    with pytest.raises(ValueError, match="above the version"):
+        MetadataSchema(1, write_version=2)
+    app = Flask("bad-write")
+    app.config.update(SATCHEL_KEYS=RING, SATCHEL_METADATA_VERSION=1)
+    app.config["SATCHEL_METADATA_WRITE_VERSION"] = 2
+    with pytest.raises(ConfigurationError, match="SATCHEL_METADATA_WRITE_VERSION"):
+        Satchel(app)
+    # Forgotten downgrade: a JSON 500 naming the code, and no token is issued.
+    app = Flask("no-downgrade")
+    app.config.update(SATCHEL_KEYS=RING, SATCHEL_METADATA_VERSION=1, TESTING=False)
+    app.config["SATCHEL_METADATA_WRITE_VERSION"] = 0
+    satchel = Satchel(app)
+
+    @app.post("/chat")
+    def chat() -> dict[str, Any]:
+        satchel.context.add_turn("user", "hi")
+        return {}
+
+    response = app.test_client().post("/chat")
+    assert response.status_code == 500
+    assert response.json["error"]["code"] == "configuration_error"
+    assert "Satchel-Context" not in response.headers
+
+
+def test_server_mode_stores_contexts_in_the_write_shape() -> None:
+    """Stored contexts are read by every replica too: they go out in the write shape."""
+    store = GuardedTier(MemoryTier(), BreakerPolicy(), cache=SegmentCache(0))
+    codec = Codec(RING)
+    schema = MetadataSchema(1, write_version=0)
+    schema.migration(from_version=0)(tone_to_prefs)
+    schema.downgrade(from_version=1)(prefs_to_tone)
+    deploy_1 = ServerSidePipeline(
+        codec, LifecyclePolicy(), store=store, clock=lambda: NOW, metadata_schema=schema
+    )
+    ctx = deploy_1.load(None, now=NOW)
+    ctx.metadata["prefs"] = {"tone": "dry"}
+    handle = deploy_1.save(ctx, now=NOW).token
+    assert ctx.metadata == {"prefs": {"tone": "dry"}}  # the view's shape, kept
+    old = ServerSidePipeline(codec, LifecyclePolicy(), store=store, clock=lambda: NOW)
+    stored = old.load(handle, now=NOW)
+    assert stored.metadata_version == 0 and stored.metadata == {"tone": "dry"}

@@ -21,15 +21,34 @@ cannot upgrade: the token is then refused as ``token_migration_failed`` (a JSON 
 or a fresh context with ``SATCHEL_ON_BAD_TOKEN="fresh"``), never a 500. A token whose
 metadata is newer than this deployment knows (after a rollback) is refused as
 ``token_unsupported_version``. Fresh contexts start at the current version.
+
+**Rolling deploys.** Behind a load balancer, old and new replicas serve one
+conversation side by side while a deploy rolls out. A replica that writes version N+1
+makes tokens the old replicas refuse. So a shape change ships in two deploys, like
+a key rotation: the first reads N+1 but still *writes* N (``write_version``, with a
+downgrade N+1 -> N registered, so the view works on the new shape and old replicas
+never see it); the second, once every replica runs the first, writes N+1::
+
+    app.config["SATCHEL_METADATA_VERSION"] = 1        # the view sees version 1
+    app.config["SATCHEL_METADATA_WRITE_VERSION"] = 0  # deploy 1; drop it in deploy 2
+
+    @satchel.metadata_downgrade(from_version=1)
+    def preference_becomes_tone(meta: dict) -> dict:
+        meta["tone"] = meta.pop("prefs", {}).get("tone", "neutral")
+        return meta
+
+A downgrade works on a copy: the view's ``ctx.metadata`` keeps the new shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .context import Context
-from .errors import MigrationFailed, UnsupportedVersion
+from .errors import ConfigurationError, ContextNotSerializable, MigrationFailed, UnsupportedVersion
 
 MetadataMigration = Callable[[dict[str, Any]], dict[str, Any]]
 #: The largest metadata version a token may record (it travels as a msgpack int).
@@ -40,35 +59,99 @@ _MIGRATION_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError
 class MetadataSchema:
     """The current version of the app's metadata and the migrations that reach it.
 
-    ``version`` 0 (the default) means unversioned: nothing runs. Migrations are code
-    and are shared by :meth:`with_version` copies, so one registry can serve apps
-    configured with different versions.
+    ``version`` 0 (the default) means unversioned: nothing runs. ``write_version``
+    (default: ``version``) is the shape tokens are written in; below ``version`` it
+    needs the downgrades down to it (the first deploy of a rolling change, above).
+    Migrations and downgrades are code and are shared by :meth:`with_version` copies,
+    so one registry can serve apps configured with different versions.
     """
 
     def __init__(
-        self, version: int = 0, migrations: dict[int, MetadataMigration] | None = None
+        self,
+        version: int = 0,
+        migrations: dict[int, MetadataMigration] | None = None,
+        *,
+        downgrades: dict[int, MetadataMigration] | None = None,
+        write_version: int | None = None,
     ) -> None:
         self.version = check_version(version)
+        self.write_version = self.version if write_version is None else check_version(write_version)
+        if self.write_version > self.version:
+            raise ValueError(
+                f"the metadata write version ({self.write_version}) is above the version "
+                f"the app reads ({self.version})"
+            )
         self._migrations: dict[int, MetadataMigration] = {} if migrations is None else migrations
+        self._downgrades: dict[int, MetadataMigration] = {} if downgrades is None else downgrades
 
     def __repr__(self) -> str:
-        return f"MetadataSchema(version={self.version}, migrations={sorted(self._migrations)})"
+        return (
+            f"MetadataSchema(version={self.version}, write_version={self.write_version}, "
+            f"migrations={sorted(self._migrations)}, downgrades={sorted(self._downgrades)})"
+        )
 
-    def with_version(self, version: int) -> MetadataSchema:
-        """The same migrations with another current version."""
-        return MetadataSchema(version, self._migrations)
+    def with_version(self, version: int, write_version: int | None = None) -> MetadataSchema:
+        """The same migrations and downgrades with another current (and write) version."""
+        return MetadataSchema(
+            version, self._migrations, downgrades=self._downgrades, write_version=write_version
+        )
 
     def migration(self, from_version: int) -> Callable[[MetadataMigration], MetadataMigration]:
         """Register ``fn`` as the migration from ``from_version`` to ``from_version + 1``."""
-        check_version(from_version)
+        return _registrar(self._migrations, check_version(from_version), "migration")
 
-        def register(fn: MetadataMigration) -> MetadataMigration:
-            if from_version in self._migrations:
-                raise ValueError(f"a metadata migration from {from_version} is already registered")
-            self._migrations[from_version] = fn
-            return fn
+    def downgrade(self, from_version: int) -> Callable[[MetadataMigration], MetadataMigration]:
+        """Register ``fn`` as the downgrade from ``from_version`` to ``from_version - 1``,
+        run on a copy of the metadata when tokens are written in an older shape."""
+        if check_version(from_version) < 1:
+            raise ValueError("a metadata downgrade starts at version 1 or above")
+        return _registrar(self._downgrades, from_version, "downgrade")
 
-        return register
+    def missing_downgrades(self) -> list[int]:
+        """The downgrades ``write_version`` needs that are not registered (from-versions)."""
+        return [v for v in range(self.version, self.write_version, -1) if v not in self._downgrades]
+
+    @contextmanager
+    def writing(self, ctx: Context) -> Iterator[Context]:
+        """While sealing: ``ctx`` holds its metadata in the write version's shape.
+
+        A copy is downgraded and swapped in; the view's metadata comes back afterwards.
+        Raises :class:`~satchel.errors.ConfigurationError` when a downgrade is missing
+        and :class:`~satchel.errors.ContextNotSerializable` when one fails (both app
+        bugs: the request gets a JSON 500 and no token).
+        """
+        version = ctx.metadata_version
+        if version <= self.write_version:
+            yield ctx
+            return
+        metadata = copy.deepcopy(ctx.metadata)
+        target = version
+        while target > self.write_version:
+            step = self._downgrades.get(target)
+            if step is None:
+                raise ConfigurationError(
+                    f"SATCHEL_METADATA_WRITE_VERSION is {self.write_version}, but no metadata "
+                    f"downgrade from version {target} is registered "
+                    "(Satchel.metadata_downgrade)"
+                )
+            try:
+                metadata = step(metadata)
+            except _MIGRATION_ERRORS as exc:
+                raise ContextNotSerializable(
+                    f"metadata downgrade {target} -> {target - 1} failed: {type(exc).__name__}"
+                ) from None
+            if not isinstance(metadata, dict):
+                raise ContextNotSerializable(
+                    f"metadata downgrade from {target} returned {type(metadata).__name__}, "
+                    "not a dict"
+                )
+            target -= 1
+        kept = ctx.metadata
+        ctx.metadata, ctx.metadata_version = metadata, target
+        try:
+            yield ctx
+        finally:
+            ctx.metadata, ctx.metadata_version = kept, version
 
     def upgrade(self, ctx: Context) -> int | None:
         """Bring ``ctx.metadata`` to the current version.
@@ -110,6 +193,20 @@ class MetadataSchema:
         ctx.metadata = metadata
         ctx.metadata_version = version
         return original
+
+
+def _registrar(
+    registry: dict[int, MetadataMigration], from_version: int, what: str
+) -> Callable[[MetadataMigration], MetadataMigration]:
+    """A decorator that files ``fn`` under ``from_version``, once."""
+
+    def register(fn: MetadataMigration) -> MetadataMigration:
+        if from_version in registry:
+            raise ValueError(f"a metadata {what} from {from_version} is already registered")
+        registry[from_version] = fn
+        return fn
+
+    return register
 
 
 def check_version(version: int) -> int:

@@ -207,17 +207,20 @@ class Pipeline:
         timer = time.perf_counter
 
         try:
-            try:
-                prepared = self._trim_and_fit(ctx, now, tag, timings)
-                t2 = timer()
-                token, raw_size = self.codec.seal_verbose(
-                    ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
-                )
-            except (AttributeError, TypeError, KeyError):
-                # The policies read the turns before the codec checks them: a dict where
-                # a ToolCall belongs fails in there. Name the app's mistake if it is one.
-                check_sealable(ctx, self.codec.limits)
-                raise
+            # In the metadata shape every replica can read (app_schema, rolling deploys).
+            with self.metadata_schema.writing(ctx):
+                try:
+                    prepared = self._trim_and_fit(ctx, now, tag, timings)
+                    t2 = timer()
+                    token, raw_size = self.codec.seal_verbose(
+                        ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
+                    )
+                except (AttributeError, TypeError, KeyError):
+                    # The policies read the turns before the codec checks them: a dict
+                    # where a ToolCall belongs fails in there. Name the app's mistake if
+                    # it is one.
+                    check_sealable(ctx, self.codec.limits)
+                    raise
         except SatchelError as exc:  # BudgetExceeded, ContextNotSerializable: no token
             self.observer.event("seal_failed", session=tag, error=exc.code)
             raise

@@ -137,7 +137,8 @@ class ServerSidePipeline(Pipeline):
         apply_policies(ctx, self.policy, now)
         t1 = time.perf_counter()
         exp = expires_at(ctx, self.policy, now)
-        token = self.codec.seal(ctx, expires_at=exp)
+        with self.metadata_schema.writing(ctx):  # every replica must read it
+            token = self.codec.seal(ctx, expires_at=exp)
         ttl = max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
         try:
             self.store.put(self.key_for(ctx.session_id), token.encode("ascii"), ttl, cache=False)

@@ -95,7 +95,8 @@ class Satchel:
     ``policy``, ``observer`` and ``tier`` likewise replace what the config would build.
 
     The app's own state in ``ctx.metadata`` is versioned by ``SATCHEL_METADATA_VERSION``;
-    register its migrations with :meth:`metadata_migration` (satchel.app_schema).
+    register its migrations with :meth:`metadata_migration`, and for a rolling deploy
+    its downgrades with :meth:`metadata_downgrade` (satchel.app_schema).
     """
 
     def __init__(
@@ -153,11 +154,17 @@ class Satchel:
         )
         policy = self._policy or config.lifecycle_policy()
         metadata_schema = self.metadata
-        if config.metadata_version is not None:
+        if config.metadata_version is not None or config.metadata_write_version is not None:
+            version = config.metadata_version
             try:
-                metadata_schema = self.metadata.with_version(config.metadata_version)
+                metadata_schema = self.metadata.with_version(
+                    self.metadata.version if version is None else version,
+                    config.metadata_write_version,
+                )
             except (TypeError, ValueError) as exc:
-                raise ConfigurationError(f"SATCHEL_METADATA_VERSION: {exc}") from None
+                raise ConfigurationError(
+                    f"SATCHEL_METADATA_VERSION / SATCHEL_METADATA_WRITE_VERSION: {exc}"
+                ) from None
         tier = self._build_tier(config)
         segments = None
         if config.mode == "client":
@@ -389,6 +396,23 @@ class Satchel:
         Works before or after ``init_app``. See :mod:`satchel.app_schema`.
         """
         return self.metadata.migration(from_version)
+
+    def metadata_downgrade(
+        self, from_version: int
+    ) -> Callable[[MetadataMigration], MetadataMigration]:
+        """Register a downgrade of the app's ``ctx.metadata`` from ``from_version`` to
+        the one before, run on a copy whenever tokens are written in an older shape
+        (``SATCHEL_METADATA_WRITE_VERSION``, the first deploy of a shape change, so
+        replicas still on the previous release can read every token)::
+
+            @satchel.metadata_downgrade(from_version=1)   # reads 1, writes 0
+            def preference_becomes_tone(meta: dict) -> dict:
+                meta["tone"] = meta.pop("prefs", {}).get("tone", "neutral")
+                return meta
+
+        Works before or after ``init_app``. See :mod:`satchel.app_schema`.
+        """
+        return self.metadata.downgrade(from_version)
 
     def consistency(self, level: str) -> Callable[[F], F]:
         """Demand a stricter consistency level for one route::

@@ -20,6 +20,11 @@ SATCHEL_DICTIONARY_ID           shipped (1)    dictionary new tokens are compres
 SATCHEL_METADATA_VERSION        0              version of the shape of ctx.metadata; tokens
                                                with an older one are migrated on read
                                                (Satchel.metadata_migration)
+SATCHEL_METADATA_WRITE_VERSION  the version    the shape tokens are written in; below
+                                               SATCHEL_METADATA_VERSION for the first of
+                                               two deploys of a shape change, so replicas
+                                               still on the old release can read them
+                                               (Satchel.metadata_downgrade)
 SATCHEL_PAD_TO                  None           round every token up to a multiple of this
                                                many bytes (16..16384), so a sealed token's
                                                length hides how well it compressed
@@ -109,6 +114,7 @@ class SatchelConfig:
     dictionaries: Any = None
     dictionary_id: int | None = None
     metadata_version: int | None = None
+    metadata_write_version: int | None = None
     header: str = "Satchel-Context"
     cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
@@ -162,6 +168,7 @@ class SatchelConfig:
             "pad_to",
             "dictionary_id",
             "metadata_version",
+            "metadata_write_version",
         ):
             if name in values:
                 values[name] = _optional_int(values[name])
