@@ -14,6 +14,8 @@ export declare const VERSION: string;
 export declare const DEFAULT_HEADER: string;
 /** Default storage key prefix: `"satchel:"`. */
 export declare const DEFAULT_PREFIX: string;
+/** Longest wait, in ms, for a lagging storage view (see `SatchelClientOptions.syncWaitMs`). */
+export declare const DEFAULT_SYNC_WAIT_MS: number;
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                    */
@@ -182,9 +184,15 @@ export declare function parseSSE(
 export interface LockManagerLike {
   request(
     name: string,
-    options: { signal?: AbortSignal },
+    options: { signal?: AbortSignal; mode?: 'exclusive' | 'shared' },
     callback: (lock: unknown) => Promise<unknown>,
   ): Promise<unknown>;
+  /**
+   * Optional, as on navigator.locks: the held locks. With it, each write is
+   * announced as a shared lock `"satchel-written <generation> <set|clear> <key>"`,
+   * so the next holder can tell when its storage view lags behind.
+   */
+  query?(): Promise<{ held?: Array<{ name?: string }> }>;
 }
 
 /** The part of BroadcastChannel the client uses. */
@@ -225,6 +233,14 @@ export interface SatchelClientOptions {
    * the `storage` event instead. A constructor may be passed (tests).
    */
   broadcast?: boolean | (new (name: string) => BroadcastChannelLike);
+  /**
+   * With Web Locks and storage shared by tabs (localStorage, custom): how long
+   * a request waits, at most, for this tab's view of storage to show a write
+   * another tab finished before handing over the lock. Browsers propagate
+   * localStorage between tabs asynchronously; sending the older token would
+   * fork the conversation. Default {@link DEFAULT_SYNC_WAIT_MS} (500).
+   */
+  syncWaitMs?: number;
 }
 
 /** Where a token change came from. */

@@ -18,9 +18,16 @@
  *   stream    text/event-stream: delta* , satchel, done | error
  */
 
-export const VERSION = '0.1.0';
+export const VERSION = '0.1.1';
 export const DEFAULT_HEADER = 'Satchel-Context';
 export const DEFAULT_PREFIX = 'satchel:';
+/**
+ * How long a request waits, at most, for localStorage to show a write another
+ * tab finished before handing over the lock (see SatchelClient#_readFresh).
+ */
+export const DEFAULT_SYNC_WAIT_MS = 500;
+/** Names of the shared locks that announce each tab's newest write. */
+const WRITTEN_LOCK = 'satchel-written';
 
 const H_SEQ = 'Satchel-Seq';
 const H_SESSION = 'Satchel-Session';
@@ -290,7 +297,7 @@ function parseRecord(value) {
       /* not our JSON: treat as a raw token below */
     }
   }
-  return { token: s, seq: null, session: null };
+  return { token: s, seq: null, session: null, g: 0 };
 }
 
 function normRecord(o) {
@@ -298,11 +305,13 @@ function normRecord(o) {
     token: o.token,
     seq: parseSeq(o.seq),
     session: typeof o.session === 'string' && o.session ? o.session : null,
+    // Write generation: counts this conversation's writes across tabs (see _readFresh).
+    g: parseSeq(o.g) ?? 0,
   };
 }
 
 function serializeRecord(rec) {
-  return JSON.stringify({ token: rec.token, seq: rec.seq, session: rec.session });
+  return JSON.stringify({ token: rec.token, seq: rec.seq, session: rec.session, g: rec.g || 0 });
 }
 
 const tokenOf = (rec) => (rec ? rec.token : null);
@@ -635,6 +644,9 @@ export class SatchelClient extends EventTarget {
     this._fetch = typeof f === 'function' ? f : (input, init) => globalThis.fetch(input, init);
     this._locks = pickLocks(options.locks);
     this._lockName = `satchel:${this._conversation}`;
+    this._syncWaitMs = options.syncWaitMs ?? DEFAULT_SYNC_WAIT_MS;
+    this._generation = 0; // the newest write generation this client has seen
+    this._releaseWritten = null; // our announcement lock (web locks with query())
     this._cache = undefined;
     this._closed = false;
     this._loadInitial();
@@ -724,6 +736,7 @@ export class SatchelClient extends EventTarget {
     if (typeof token !== 'string' || !token) throw new TypeError('importToken() needs a non-empty string');
     const release = await this._lock(meta.signal);
     try {
+      await this._readFresh(); // in order after every write before ours
       await this._write(
         { token, seq: parseSeq(meta.seq), session: nonEmpty(meta.session) },
         'import',
@@ -737,7 +750,7 @@ export class SatchelClient extends EventTarget {
   async reset() {
     const release = await this._lock();
     try {
-      const current = await this._readRecord();
+      const current = await this._readFresh();
       await this._clear(current, 'reset');
     } finally {
       release();
@@ -898,7 +911,7 @@ export class SatchelClient extends EventTarget {
   async _exchange(input, init, state) {
     const replayable = isReplayable(input, init);
     for (;;) {
-      const sent = state.fresh ? null : await this._readRecord();
+      const sent = state.fresh ? null : await this._readFresh();
       const [req, reqInit] = prepare(input, init, this._headerName, tokenOf(sent));
       const response = await this._fetch(req, reqInit);
       // Error responses may still carry metadata (e.g. degraded) or even a
@@ -1034,20 +1047,101 @@ export class SatchelClient extends EventTarget {
   async _readRecord() {
     const rec = parseRecord(await this._storage.get(this._key));
     this._setCache(rec, 'storage');
+    if (rec && rec.g > this._generation) this._generation = rec.g;
     return rec;
   }
 
+  /**
+   * Read the token under the lock, making sure it is the newest one written.
+   *
+   * The lock alone does not promise that: localStorage reaches other tabs
+   * asynchronously (in Chromium a tab reads its own cached copy, updated by a
+   * message that can arrive after the lock was handed over). So each write is
+   * also announced as a shared Web Lock named after its generation, held until
+   * the tab writes again; the lock manager orders that announcement before
+   * the hand-over. Here, if storage is behind the newest announcement, wait
+   * for it to catch up (up to `syncWaitMs`) rather than send an old token,
+   * which would fork the conversation and lose this turn.
+   */
+  async _readFresh() {
+    let rec = await this._readRecord();
+    const newest = await this._newestWrite();
+    if (!newest) return rec;
+    if (newest.g > this._generation) this._generation = newest.g;
+    const caughtUp = (r) => (newest.kind === 'clear' ? !r || r.g > newest.g : !!r && r.g >= newest.g);
+    const deadline = Date.now() + this._syncWaitMs;
+    while (!caughtUp(rec) && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      rec = await this._readRecord();
+    }
+    return rec; // past the deadline: send what we have; the server reports a fork
+  }
+
+  /**
+   * Whether writes are announced: only with Web Locks that can be queried, and
+   * only for storage other tabs share (sessionStorage and memory are per tab).
+   */
+  _announces() {
+    const kind = this._storage.kind;
+    return !!this._locks && typeof this._locks.query === 'function' && kind !== 'session' && kind !== 'memory';
+  }
+
+  /** The newest write any tab announced for this conversation: {g, kind} or null. */
+  async _newestWrite() {
+    if (!this._announces()) return null;
+    let snapshot;
+    try {
+      snapshot = await this._locks.query();
+    } catch {
+      return null;
+    }
+    let newest = null;
+    for (const lock of (snapshot && snapshot.held) || []) {
+      const parts = typeof lock.name === 'string' ? lock.name.split(' ') : [];
+      if (parts.length < 4 || parts[0] !== WRITTEN_LOCK) continue;
+      if (parts.slice(3).join(' ') !== this._key) continue;
+      const g = parseSeq(parts[1]);
+      if (g != null && (!newest || g > newest.g)) newest = { g, kind: parts[2] };
+    }
+    return newest;
+  }
+
+  /** Hold a shared lock announcing our write `g` (and drop our previous one). */
+  async _announceWrite(g, kind) {
+    if (!this._announces()) return;
+    const previous = this._releaseWritten;
+    const name = `${WRITTEN_LOCK} ${g} ${kind} ${this._key}`;
+    // Resolved once the lock manager has granted it, so the announcement is in
+    // place before the caller hands over the conversation lock.
+    await new Promise((granted) => {
+      const hold = () =>
+        new Promise((release) => {
+          this._releaseWritten = once(release);
+          granted();
+        });
+      Promise.resolve(this._locks.request(name, { mode: 'shared' }, hold)).catch(() => granted());
+    });
+    if (previous) previous();
+  }
+
   async _write(rec, source) {
+    const g = this._generation + 1;
+    this._generation = g;
+    rec = { ...rec, g };
     await this._storage.set(this._key, serializeRecord(rec));
     this._setCache(rec, source);
-    this._post({ type: 'token', token: rec.token, seq: rec.seq, session: rec.session });
+    this._post({ type: 'token', token: rec.token, seq: rec.seq, session: rec.session, g });
+    await this._announceWrite(g, 'set');
   }
 
   async _clear(previous, source) {
+    const g = this._generation + 1;
+    this._generation = g;
     await this._storage.remove(this._key);
     this._setCache(null, source);
     // Carry the token we cleared so a tab holding something newer ignores us.
     this._post({ type: 'clear', token: tokenOf(previous) });
+    await this._announceWrite(g, 'clear');
   }
 
   _setCache(rec, source) {

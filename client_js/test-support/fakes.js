@@ -128,18 +128,31 @@ export function channelHub() {
   return { FakeChannel, sent, open };
 }
 
-/** LockManager double: exclusive, FIFO, records lock names and the order of events. */
+/**
+ * LockManager double: exclusive locks are FIFO per name; shared ones are
+ * granted at once. Records the order of events (exclusive locks only, so the
+ * log reads as the conversation's hand-overs) and answers query() with the
+ * locks held, as navigator.locks does.
+ */
 export function fakeLocks() {
   const tails = new Map();
   const log = [];
+  const held = new Map(); // id -> {name, mode}
+  let ids = 0;
+  const hold = (name, mode, cb) => {
+    const id = ++ids;
+    held.set(id, { name, mode });
+    return Promise.resolve(cb({ name, mode })).finally(() => held.delete(id));
+  };
   return {
     log,
     request(name, opts, cb) {
       if (typeof opts === 'function') cb = opts;
+      if (opts && opts.mode === 'shared') return Promise.resolve().then(() => hold(name, 'shared', cb));
       const prev = tails.get(name) || Promise.resolve();
       const run = prev.then(() => {
         log.push(`acquire ${name}`);
-        return cb({ name, mode: 'exclusive' });
+        return hold(name, 'exclusive', cb);
       });
       const tail = run.then(
         () => log.push(`release ${name}`),
@@ -147,6 +160,45 @@ export function fakeLocks() {
       );
       tails.set(name, tail);
       return run;
+    },
+    async query() {
+      return { held: [...held.values()], pending: [] };
+    },
+  };
+}
+
+/**
+ * localStorage as Chromium's tabs may see it: one backing store, but each tab
+ * reads its own copy, which learns of other tabs' writes only when
+ * `propagate()` is called (a message that can arrive after the lock was
+ * handed over). `tab()` returns one tab's adapter (kind "local": shared).
+ */
+export function laggingStorage() {
+  const backing = new Map();
+  const views = [];
+  return {
+    backing,
+    tab() {
+      const copy = new Map(backing);
+      views.push(copy);
+      return {
+        kind: 'local',
+        get: (key) => (copy.has(key) ? copy.get(key) : null),
+        set: (key, value) => {
+          backing.set(key, String(value));
+          copy.set(key, String(value));
+        },
+        remove: (key) => {
+          backing.delete(key);
+          copy.delete(key);
+        },
+      };
+    },
+    propagate() {
+      for (const copy of views) {
+        copy.clear();
+        for (const [k, v] of backing) copy.set(k, v);
+      }
     },
   };
 }

@@ -26,7 +26,7 @@ test('first request carries no token; the response token is adopted and sent nex
   assert.equal(client.token, 'tok1');
   assert.equal(client.seq, 1);
   assert.equal(client.session, 's1');
-  assert.deepEqual(JSON.parse(storage.get('satchel:c1')), { token: 'tok1', seq: 1, session: 's1' });
+  assert.deepEqual(JSON.parse(storage.get('satchel:c1')), { token: 'tok1', seq: 1, session: 's1', g: 1 });
 
   await client.fetch('/chat', { method: 'POST', body: '{}', headers: { 'X-Other': 'kept' } });
   assert.equal(fetch.calls[1].token, 'tok1');

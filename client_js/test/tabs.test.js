@@ -6,6 +6,7 @@ import {
   deferred,
   fakeFetch,
   fakeLocks,
+  laggingStorage,
   flush,
   record,
   reply,
@@ -118,7 +119,7 @@ test('BroadcastChannel: new tokens are announced and adopted by the other tab', 
   await tabA.fetch('/x');
   await flush();
   assert.equal(hub.sent[0].name, 'satchel:satchel:');
-  assert.deepEqual(hub.sent[0].data, { v: 1, conversation: 'bc', type: 'token', token: 'n1', seq: 1, session: 's' });
+  assert.deepEqual(hub.sent[0].data, { v: 1, conversation: 'bc', type: 'token', token: 'n1', seq: 1, session: 's', g: 1 });
   assert.equal(tabB.token, 'n1');
   assert.equal(JSON.parse(tabB.storage.get('satchel:bc')).token, 'n1');
   assert.equal(seenB[0].detail.source, 'broadcast');
@@ -227,4 +228,56 @@ test('storage-event fallback when BroadcastChannel is missing (localStorage only
     delete globalThis.addEventListener;
     delete globalThis.removeEventListener;
   }
+});
+
+test('a tab whose localStorage copy lags waits for the write the lock holder announced', async () => {
+  const locks = fakeLocks();
+  const storage = laggingStorage();
+  const fetchA = fakeFetch(() => reply({ satchel: { token: 'a-next', seq: 1, session: 's' } }));
+  const fetchB = fakeFetch(() => reply({ satchel: { token: 'b-next', seq: 2, session: 's' } }));
+  const tabA = testClient({ storage: storage.tab(), locks, fetch: fetchA, conversation: 'lag' });
+  const tabB = testClient({ storage: storage.tab(), locks, fetch: fetchB, conversation: 'lag' });
+  const events = record(tabB, ['fork']);
+
+  await tabA.fetch('/chat'); // writes a-next; tab B's copy has not heard of it yet
+  const pb = tabB.fetch('/chat');
+  await new Promise((resolve) => setTimeout(resolve, 30));
+  assert.equal(fetchB.calls.length, 0, 'B waits instead of sending the token it still sees');
+  storage.propagate();
+  await pb;
+  assert.equal(fetchB.calls[0].token, 'a-next');
+  assert.equal(tabB.token, 'b-next');
+  assert.deepEqual(events, []);
+  assert.equal(JSON.parse(storage.backing.get('satchel:lag')).g, 2, 'each write counts one generation');
+});
+
+test('the wait for a lagging copy is bounded (syncWaitMs); a cleared token is waited for too', async () => {
+  const locks = fakeLocks();
+  const storage = laggingStorage();
+  const fetchA = fakeFetch(() => reply({ satchel: { token: 'a-next', seq: 1, session: 's' } }));
+  const fetchB = fakeFetch(() => reply({ satchel: { token: 'b-next', seq: 1, session: 's2' } }));
+  const tabA = testClient({ storage: storage.tab(), locks, fetch: fetchA, conversation: 'cap' });
+  const tabB = testClient({
+    storage: storage.tab(),
+    locks,
+    fetch: fetchB,
+    conversation: 'cap',
+    syncWaitMs: 40,
+  });
+  await tabA.fetch('/chat');
+  storage.propagate();
+  await tabA.reset(); // removed in A's copy and the backing store; B still sees a-next
+  const started = Date.now();
+  await tabB.fetch('/chat'); // never propagated: B gives up after syncWaitMs
+  assert.ok(Date.now() - started >= 35, 'B waited for the clear to show');
+  assert.equal(fetchB.calls[0].token, 'a-next', 'after the deadline B sends what it has');
+});
+
+test('per-tab storage announces nothing and never waits', async () => {
+  const locks = fakeLocks();
+  const client = testClient({ storage: memoryStorage(), locks, conversation: 'mem' });
+  client._fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
+  await client.fetch('/chat');
+  const { held } = await locks.query();
+  assert.deepEqual(held, []);
 });

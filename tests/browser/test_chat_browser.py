@@ -264,6 +264,48 @@ def test_two_tabs_share_one_history(
     other.close()
 
 
+# Each tab's own requests, awaited one after the other, for one conversation.
+RACE = """async ([tab, n]) => {
+  const { createClient } = await import('/static/satchel/satchel.js');
+  const client = createClient({ conversation: 'race' });
+  const forks = [];
+  client.on('fork', (d) => forks.push(d.detail));
+  for (let i = 0; i < n; i++) {
+    await client.fetch('/api/chat', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ message: `${tab} ${i}` }),
+    });
+  }
+  return forks;
+}"""
+
+
+def test_two_tabs_racing_lose_no_turn(live_server_factory, tmp_path, page, screenshot) -> None:
+    """Many requests from two tabs, back to back, on one conversation: every turn lands.
+
+    The conversation lock hands over faster than localStorage reaches the other tab
+    in Chromium; without the client's wait for the announced write, a tab sends the
+    token it still sees, and its turn (or the other tab's) is lost.
+    """
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_MAX_TURNS="400")
+    open_chat(page, srv)
+    other = page.context.new_page()
+    open_chat(other, srv)
+    n = 40
+    page.evaluate(f"window.race = ({RACE})(['one', {n}]); 0")
+    other.evaluate(f"window.race = ({RACE})(['two', {n}]); 0")
+    assert page.evaluate("window.race") == []
+    assert other.evaluate("window.race") == []
+    record = json.loads(page.evaluate("localStorage.getItem('satchel:race')"))
+    resp = srv.get("/api/context", headers={"Satchel-Context": record["token"]})
+    assert resp.status == 200, resp.text
+    sent = {f"{tab} {i}" for tab in ("one", "two") for i in range(n)}
+    assert sorted(user_texts(resp.json())) == sorted(sent)
+    screenshot(other_page=other)
+    other.close()
+
+
 def test_tampered_token_recovers_with_a_reset_notice(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:
