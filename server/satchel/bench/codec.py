@@ -233,7 +233,7 @@ def mean_sizes(
 ) -> dict[str, float]:
     """Mean token length over up to ``samples`` contexts starting at different held-out
     conversations: one context says little about a dictionary."""
-    totals = {"signed": 0, "sealed": 0, "floor": 0, "flask": 0, "contexts": 0}
+    totals = {"signed": 0, "sealed": 0, "floor": 0, "flask": 0, "text": 0, "contexts": 0}
     for offset in range(min(samples, len(convs))):
         turns_ = conversation_of(convs, turns, offset)
         ctx = build_context(turns_, now)
@@ -242,9 +242,18 @@ def mean_sizes(
         totals["sealed"] += len(sealed.seal(ctx))
         totals["floor"] += len(floor.seal(plain))
         totals["flask"] += len(flask_s.dumps(plain))
+        totals["text"] += text_only_length(turns_, sealed)
         totals["contexts"] += 1
     count = totals.pop("contexts")
     return {**{k: v / count for k, v in totals.items()}, "contexts": count}
+
+
+def text_only_length(turns: list[dict[str, str]], codec: Codec) -> int:
+    """Characters of the turns' text alone, compressed as the codec compresses (same
+    dictionary and level) and base64-encoded: no envelope, MAC, roles, timestamps or
+    framing. No token of this codec can be shorter, so it bounds the size ratios."""
+    text = "\n".join(t["content"] for t in turns).encode()
+    return (len(codec.compressor.compress(text).data) * 4 + 2) // 3
 
 
 def machine_facts() -> str:
@@ -323,7 +332,8 @@ def render(result: dict) -> str:
         "",
         "token length in characters, mean over held-out contexts",
         "",
-        "turns | contexts | signed | sealed | floor | flask | sealed/flask | signed/flask",
+        "turns | contexts | signed | sealed | floor | flask | sealed/flask | signed/flask"
+        " | text only | text/flask",
     ]
     for row in result["rows"]:
         b = row["bytes"]
@@ -331,7 +341,13 @@ def render(result: dict) -> str:
             f"{row['turns']:>5} | {b['contexts']:>8} | {b['signed']:>6.0f} | {b['sealed']:>6.0f}"
             f" | {b['floor']:>5.0f} | {b['flask']:>5.0f} | {row['sealed_vs_flask_bytes']:>11.2f}x"
             f" | {row['signed_vs_flask_bytes']:>11.2f}x"
+            f" | {b['text']:>9.0f} | {b['text'] / b['flask']:>9.2f}x"
         )
+    lines += [
+        "",
+        "text only: the messages alone, compressed with the same dictionary and level and",
+        "base64-encoded, with no envelope, MAC or structure: what the text alone costs.",
+    ]
     lines += ["", "targets:"]
     for name, ok, figure in check_targets(result):
         lines.append(f"  [{'met' if ok else 'MISSED'}] {name}: {figure}")

@@ -1,0 +1,53 @@
+"""``satchel bench codec``: one smoke run through the CLI, and what its figures mean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from satchel.bench import codec as bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_codec_cli_prints_every_figure_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "codec.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "satchel.cli", "bench", "codec", "--quick", "--turns", "4,20",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "signed/floor" in text and "flask/signed" in text and "text/flask" in text
+    assert "targets:" in text and "token <= 0.6x Flask cookie bytes" in text
+    result = json.loads(out.read_text())
+    assert [row["turns"] for row in result["rows"]] == [4, 20]
+    assert result["machine"] and result["date"] and "heldout" in result["corpus"]
+    for row in result["rows"]:
+        b = row["bytes"]
+        assert b["contexts"] == 100
+        # The text alone is a floor for the tokens: they carry it and more.
+        assert 0 < b["text"] < b["floor"] <= b["signed"] <= b["sealed"]
+        assert row["sealed_vs_flask_bytes"] == b["sealed"] / b["flask"]
+        us = row["us"]
+        assert row["signed_vs_floor"] == row["signed_roundtrip_us"] / row["floor_roundtrip_us"]
+        assert row["signed_roundtrip_us"] == us["signed_seal"] + us["signed_open"]
+        assert all(v > 0 for v in us.values())
+
+
+def test_targets_are_checked_as_the_issue_states_them() -> None:
+    row = {
+        "turns": 20,
+        "signed_vs_floor": 1.31,
+        "flask_vs_signed": 2.5,
+        "sealed_vs_flask_bytes": 0.8,
+    }
+    checks = {name: ok for name, ok, _ in bench.check_targets({"rows": [row]})}
+    assert checks == {
+        "20 turns: signed seal+open within 1.3x of floor": False,
+        "20 turns: >= 2.5x faster than Flask (signed)": True,
+        "20 turns: token <= 0.8x Flask cookie bytes (sealed)": True,
+    }
