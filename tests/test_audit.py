@@ -289,3 +289,46 @@ def test_safe_fields() -> None:
         "tier": "redis",
     }
     assert safe_fields({"session": 5, "user": "alice", "keys": "k1:abc"}) == {}
+
+
+def test_failing_app_code_is_logged_without_the_content_it_quotes(
+    log_stream: io.StringIO,
+) -> None:
+    """A summarizer or a reply generator (an LLM call) may raise with the prompt in its
+    message; the log says which exception, not what it quotes."""
+    secret_text = "my card number is 4111 1111 1111 1111"
+
+    def llm_summarizer(dropped: Any, previous: str) -> str:
+        raise RuntimeError(f"model rejected the prompt: {dropped[0].content!r}")
+
+    app, ext = make_app(SATCHEL_MAX_TURNS=2, SATCHEL_SUMMARIZER=llm_summarizer)
+
+    @app.post("/stream")
+    def stream() -> Any:
+        ctx = ext.context
+        ctx.add_turn("user", secret_text)
+
+        def deltas() -> Iterator[str]:
+            yield "partial "
+            raise ValueError(f"upstream failed on {secret_text!r}")
+
+        return ext.stream(deltas())
+
+    client = app.test_client()
+    token = None
+    for _ in range(3):  # the window of 2 makes the summarizer run
+        r = client.post(
+            "/chat",
+            json={"message": secret_text},
+            headers={"Satchel-Context": token} if token else {},
+        )
+        assert r.status_code == 200
+        token = r.headers["Satchel-Context"]
+    assert "summarized" in [e["event"] for e in audit_events(log_stream)]
+    body = client.post("/stream", headers={"Satchel-Context": token}).get_data(as_text=True)
+    assert "stream_failed" in body
+    text = log_stream.getvalue()
+    assert "4111" not in text and "card number" not in text
+    plain = [r["event"] for r in records(log_stream) if r["logger"] == "satchel"]
+    assert "satchel summarizer failed (RuntimeError); used the extractive fallback" in plain
+    assert "satchel stream failed (ValueError)" in plain

@@ -608,8 +608,11 @@ class Satchel:
                 else:
                     yield sse("error", exc.to_dict())
                 return
-            except Exception:
-                log.exception("satchel stream failed")
+            except Exception as exc:
+                # Type only at ERROR: the app's generator (an LLM call) may raise with
+                # the prompt in its message; the traceback is at DEBUG.
+                log.error("satchel stream failed (%s)", type(exc).__name__)
+                log.debug("satchel stream traceback", exc_info=True)
                 if ai_sdk:
                     yield ai_chunk({"type": "error", "errorText": "stream_failed"})
                 else:

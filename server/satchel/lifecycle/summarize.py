@@ -78,8 +78,15 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
         if not isinstance(summary, str):
             raise TypeError("a summarizer must return a str")
         return summary
-    except Exception:
-        log.warning("satchel summarizer failed; used the extractive fallback", exc_info=True)
+    except Exception as exc:
+        # The exception's text is not logged at WARNING: a summarizer's errors (an LLM
+        # API's, say) can quote the prompt, which is conversation content. Its type is
+        # enough to alert on; the traceback is there at DEBUG for the app's developer.
+        log.warning(
+            "satchel summarizer failed (%s); used the extractive fallback",
+            type(exc).__name__,
+        )
+        log.debug("satchel summarizer traceback", exc_info=True)
         return _FALLBACK(dropped, previous)
 
 
