@@ -9,11 +9,13 @@ is signed, and the store also runs on Redis Cluster.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
 import pytest
 from flask import Flask
+from flask import request as flask_request
 from flask.testing import FlaskClient
 
 from examples.minimal_chat.app import create_app
@@ -102,6 +104,53 @@ def test_the_same_view_code_runs_in_every_mode(mode_app: tuple[str, Flask, Any])
         pipeline = Satchel.state(app).pipeline
         key = pipeline.key_for(pipeline.session_id_of(tokens[0]))
         assert redis.client().exists(key) == 1
+
+
+@pytest.mark.parametrize("mode", ["server", "memory"])
+def test_two_concurrent_requests_for_one_session_lose_no_turn(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """Both load the same stored context; the save is a compare-and-set, so one is
+    stored and the other answers 409 stale_context instead of overwriting it. Sent
+    again, it lands on top: both turns are kept."""
+    config: dict[str, Any] = {}
+    if mode == "server":
+        config["SATCHEL_STORE_URL"] = request.getfixturevalue("redis_server").url
+    app = create_app({"SATCHEL_KEYS": KEYS, "SATCHEL_MODE": mode, "TESTING": True, **config})
+    barrier: list[threading.Barrier] = [threading.Barrier(2)]
+
+    @app.post("/api/slow-chat")
+    def slow_chat() -> Any:
+        ctx = Satchel.state(app).extension.context
+        message = flask_request.get_json()["message"]
+        ctx.add_turn("user", message)
+        if barrier:
+            barrier[0].wait(timeout=5)  # both requests have loaded before either saves
+        ctx.add_turn("assistant", f"reply to {message}")
+        return {"ok": True}
+
+    carrier = converse(app.test_client(), ["first"])[0].headers[HEADER]
+    results: dict[str, Any] = {}
+
+    def send(message: str) -> None:
+        results[message] = app.test_client().post(
+            "/api/slow-chat", json={"message": message}, headers={HEADER: carrier}
+        )
+
+    threads = [threading.Thread(target=send, args=(m,)) for m in ("tab one", "tab two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(r.status_code for r in results.values()) == [200, 409]
+    loser = next(m for m, r in results.items() if r.status_code == 409)
+    assert results[loser].get_json()["error"]["code"] == "stale_context"
+    barrier.clear()  # alone now
+    send(loser)
+    assert results[loser].status_code == 200
+    ctx = app.test_client().get("/api/context", headers={HEADER: carrier}).get_json()
+    users = [t["content"] for t in ctx["all_turns"] if t["role"] == "user"]
+    assert users[0] == "first" and sorted(users[1:]) == ["tab one", "tab two"]
 
 
 def test_server_and_memory_modes_refuse_a_client_token() -> None:

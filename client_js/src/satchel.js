@@ -26,6 +26,8 @@ export const DEFAULT_PREFIX = 'satchel:';
  * tab finished before handing over the lock (see SatchelClient#_readFresh).
  */
 export const DEFAULT_SYNC_WAIT_MS = 500;
+/** Prefix of a server-mode session carrier (the context lives server-side). */
+const SERVER_CARRIER = 'sv1.';
 /** Names of the shared locks that announce each tab's newest write. */
 const WRITTEN_LOCK = 'satchel-written';
 
@@ -959,9 +961,12 @@ export class SatchelClient extends EventTarget {
     }
     if (err instanceof StaleContextError) {
       // Another tab/request got there first. If it left a newer token in
-      // storage, resend with that one; otherwise there is nothing better to try.
+      // storage, resend with that one. A server-mode carrier (`sv1.`) names the
+      // stored context rather than holding it: the same carrier now loads the
+      // state the other request saved, so resending it is the retry.
       const newest = await this._readRecord();
-      const retrying = canRetry && tokenOf(newest) !== tokenOf(sent);
+      const serverSide = !!sent && tokenOf(newest) === sent.token && sent.token.startsWith(SERVER_CARRIER);
+      const retrying = canRetry && (tokenOf(newest) !== tokenOf(sent) || serverSide);
       this._emit('stale', {
         conversation: this._conversation,
         code: err.code,

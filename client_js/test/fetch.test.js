@@ -197,6 +197,26 @@ test('stale_context with nothing newer in storage: StaleContextError, no retry',
   assert.equal(stale[0].detail.retrying, false);
 });
 
+test('stale_context on a server-mode carrier: the same carrier is sent again, once', async () => {
+  // Server mode: two requests for one session raced and the other one was saved; the
+  // carrier names the stored context, so sending it again loads that state.
+  const fetch = fakeFetch((call, i) =>
+    i === 0 ? errorReply(409, 'stale_context', 'saved first') : reply({ satchel: { token: 'sv1.abc.sig', seq: 3 } }),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('sv1.abc.sig');
+  const stale = record(client, ['stale']);
+  await client.fetch('/chat', { method: 'POST', body: 'm' });
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['sv1.abc.sig', 'sv1.abc.sig']);
+  assert.equal(stale[0].detail.retrying, true);
+  // ... but only once per call.
+  const always = fakeFetch(() => errorReply(409, 'stale_context'));
+  const again = testClient({ fetch: always, conversation: 'sv' });
+  await again.importToken('sv1.abc.sig');
+  await assert.rejects(again.fetch('/x'), StaleContextError);
+  assert.equal(always.calls.length, 2);
+});
+
 test('only one retry per call even when stale is followed by a token error', async () => {
   const storage = memoryStorage();
   const fetch = fakeFetch((call, i) => {

@@ -232,6 +232,9 @@ class Context:
     notices: list[str] = field(default_factory=list, repr=False)
     #: overflow references that could not be read this request, with the reason
     unreadable: list[tuple[SegmentRef, str]] = field(default_factory=list, repr=False)
+    #: server-side modes: the stored bytes this context was loaded from (b"" for a new
+    #: session), so saving can be a compare-and-set: no concurrent request's turns lost
+    stored_as: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def new(cls, *, now: float | None = None, session_id: bytes | None = None) -> Context:
@@ -349,6 +352,7 @@ SEALED_FIELDS: tuple[str, ...] = (
 )
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (
+    "stored_as",
     "opened_kid",
     "opened_version",
     "degraded",

@@ -8,8 +8,11 @@ send, so lifecycle, migrations and expiry work unchanged.
 This is how server-side session stores (Flask-Session and friends) behave, including
 their weak spot: when the store is down, the conversation is unavailable. Satchel
 answers 503 ``tier_unavailable`` quickly (timeouts and the breaker) instead of a 500
-or a hang. ``memory`` keeps contexts in one process only: a second worker or a
-restart does not see them (docs/scaling.md).
+or a hang. Unlike them, a save is a compare-and-set against what the request loaded:
+of two concurrent requests for one session, exactly one is saved and the other
+answers 409 ``stale_context`` (send it again), so no turn is lost to the last writer.
+``memory`` keeps contexts in one process only: a second worker or a restart does not
+see them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from itsdangerous.encoding import base64_decode, base64_encode
 from .app_schema import MetadataSchema
 from .codec import Codec
 from .context import Context
-from .errors import BadToken, MalformedToken, TierError, TierUnavailable
+from .errors import BadToken, MalformedToken, StaleContext, TierError, TierUnavailable
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .observe import NULL_OBSERVER, Observer
 from .pipeline import Clock, Pipeline, SaveResult
@@ -121,7 +124,9 @@ class ServerSidePipeline(Pipeline):
             ctx.session_id = session_id
             ctx.notices.append("reset:session_not_found")
             return ctx
-        return self.open_token(stored.decode("ascii"), now=now, timings=timings)
+        ctx = self.open_token(stored.decode("ascii"), now=now, timings=timings)
+        ctx.stored_as = stored  # what the save compares against
+        return ctx
 
     def save(
         self,
@@ -140,13 +145,26 @@ class ServerSidePipeline(Pipeline):
         with self.metadata_schema.writing(ctx):  # every replica must read it
             token = self.codec.seal(ctx, expires_at=exp)
         ttl = max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
+        data = token.encode("ascii")
         try:
-            self.store.put(self.key_for(ctx.session_id), token.encode("ascii"), ttl, cache=False)
+            # Only over what this request loaded (nothing, for a new session): another
+            # request that saved meanwhile would otherwise lose its turns to this one.
+            current = self.store.compare_and_set_mark(
+                self.key_for(ctx.session_id), ctx.stored_as, data, ttl
+            )
         except TierError as exc:
             self.observer.event("degraded", reason="tier_write_failed", mode=self.mode)
             raise TierUnavailable(
                 "the session store did not take the write; retry shortly", mode=self.mode
             ) from exc
+        if current is not None:
+            self.observer.event(
+                "stale_refused", session=self.session_tag(ctx.session_id), detail="race"
+            )
+            raise StaleContext(
+                "another request for this conversation was saved first; send this one again"
+            )
+        ctx.stored_as = data
         timings["trim"] = t1 - t0
         timings["seal"] = time.perf_counter() - t1
         carrier = self.carrier(ctx.session_id)
