@@ -1226,23 +1226,26 @@ export class SatchelClient extends EventTarget {
   async _onBroadcast(msg) {
     if (this._closed || !msg || msg.v !== 1 || msg.conversation !== this._conversation) return;
     const stored = parseRecord(await this._storage.get(this._key));
+    // localStorage is shared: the sender already wrote (or removed) it, and if this
+    // tab's copy does not show that yet, it is lagging. Writing from here, outside
+    // the lock, could overwrite a newer token that reached the store meanwhile, so
+    // only the cached view moves. Per-tab storage (memory, custom) takes a copy.
+    const shared = this._storage.kind === 'local';
     if (msg.type === 'token') {
       const incoming = parseRecord(msg);
       if (!incoming) return;
-      // With localStorage the sender already wrote it: just mirror.
       if (stored && stored.token === incoming.token) {
         this._setCache(stored, 'broadcast');
         return;
       }
-      // Per-tab storage (memory, custom): copy it in, but only forward.
       if (!isNewer(incoming, stored)) return;
-      await this._storage.set(this._key, serializeRecord(incoming));
+      if (!shared) await this._storage.set(this._key, serializeRecord(incoming));
       this._setCache(incoming, 'broadcast');
     } else if (msg.type === 'clear') {
       if (!stored) {
         this._setCache(null, 'broadcast');
       } else if (stored.token === msg.token) {
-        await this._storage.remove(this._key);
+        if (!shared) await this._storage.remove(this._key);
         this._setCache(null, 'broadcast');
       }
     }

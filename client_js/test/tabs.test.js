@@ -281,3 +281,27 @@ test('per-tab storage announces nothing and never waits', async () => {
   const { held } = await locks.query();
   assert.deepEqual(held, []);
 });
+
+test('a late broadcast never rolls shared localStorage back', async () => {
+  // Tab C's copy lags; the broadcast of A's token reaches it after B stored a newer one.
+  const hub = channelHub();
+  const storage = laggingStorage();
+  const tabA = testClient({ storage: storage.tab(), conversation: 'late' });
+  const tabC = testClient({ storage: storage.tab(), broadcast: hub.FakeChannel, conversation: 'late' });
+  await tabA.importToken('A1', { seq: 1, session: 's' });
+  const tabB = testClient({ storage: storage.tab(), conversation: 'late' });
+  await tabB.importToken('B2', { seq: 2, session: 's' });
+  assert.equal(JSON.parse(storage.backing.get('satchel:late')).token, 'B2');
+  // A's announcement, delivered late: C's copy still shows nothing.
+  const sender = new hub.FakeChannel('satchel:satchel:');
+  sender.postMessage({ v: 1, conversation: 'late', type: 'token', token: 'A1', seq: 1, session: 's', g: 1 });
+  await flush();
+  assert.equal(tabC.token, 'A1', 'the cached view moves forward');
+  assert.equal(JSON.parse(storage.backing.get('satchel:late')).token, 'B2', 'the store keeps the newer token');
+  // A late "clear" of a token C's copy still shows must not delete the newer one either.
+  storage.propagate();
+  const stale = new hub.FakeChannel('satchel:satchel:');
+  stale.postMessage({ v: 1, conversation: 'late', type: 'clear', token: 'B2' });
+  await flush();
+  assert.equal(JSON.parse(storage.backing.get('satchel:late')).token, 'B2');
+});
