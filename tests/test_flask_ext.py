@@ -502,6 +502,34 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         make_app(SATCHEL_MAX_TOKEN_BYTES=9000, SATCHEL_HARD_MAX_TOKEN_BYTES=8000)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"SATCHEL_MAX_TOKEN_BYTES": "abc"}, "SATCHEL_MAX_TOKEN_BYTES must be an integer"),
+        ({"SATCHEL_TIER_READ_TIMEOUT": "fast"}, "SATCHEL_TIER_READ_TIMEOUT must be a number"),
+        ({"SATCHEL_TOKEN_LIMIT": "64k"}, "SATCHEL_TOKEN_LIMIT must be an integer"),
+        ({"SATCHEL_MAX_TURNS": -1}, "SATCHEL_MAX_TURNS .* must be 0 or more"),
+        ({"SATCHEL_IDLE_TTL": 0}, "SATCHEL_IDLE_TTL .* must be positive"),
+        ({"SATCHEL_MAX_AGE": "-5"}, "SATCHEL_MAX_AGE .* must be positive"),
+        ({"SATCHEL_HARD_MAX_TOKEN_BYTES": 0}, "SATCHEL_HARD_MAX_TOKEN_BYTES .* must be positive"),
+    ],
+)
+def test_a_bad_limit_is_refused_at_start_up_naming_its_key(
+    config: dict[str, Any], message: str
+) -> None:
+    """Not a bare ValueError from int(), and not a policy that breaks every request."""
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message):
+        make_app(**config)
+
+
+def test_a_window_of_zero_keeps_only_the_newest_exchange() -> None:
+    policy = policy_of(make_app(SATCHEL_MAX_TURNS=0, SATCHEL_MAX_LLM_TOKENS="0"))
+    assert (policy.max_turns, policy.max_llm_tokens) == (0, 0)
+    assert policy_of(make_app(SATCHEL_MAX_TURNS="none")).max_turns is None
+
+
 def test_a_cookie_caps_both_limits_at_what_a_browser_keeps(caplog: Any) -> None:
     with caplog.at_level(logging.WARNING, logger="satchel"):
         policy = policy_of(

@@ -105,6 +105,18 @@ def _optional_int(value: Any) -> int | None:
     return int(value)
 
 
+def _converted(values: dict[str, Any], names: tuple[str, ...], convert: Any, what: str) -> None:
+    """Convert ``values[name]`` in place; a bad value names its SATCHEL_* key."""
+    for name in names:
+        if name in values:
+            try:
+                values[name] = convert(values[name])
+            except (TypeError, ValueError):
+                raise ConfigurationError(
+                    f"SATCHEL_{name.upper()} must be {what}, not {values[name]!r}"
+                ) from None
+
+
 @dataclass(slots=True)
 class SatchelConfig:
     token_mode: str = "sealed"
@@ -156,7 +168,7 @@ class SatchelConfig:
             if key in app.config:
                 values[f.name] = app.config[key]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for name in (
+        optional_ints = (
             "max_token_bytes",
             "hard_max_token_bytes",
             "max_turns",
@@ -169,19 +181,16 @@ class SatchelConfig:
             "dictionary_id",
             "metadata_version",
             "metadata_write_version",
-        ):
-            if name in values:
-                values[name] = _optional_int(values[name])
+        )
+        _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
         if "health_routes" in values:
             values["health_routes"] = _flag(values["health_routes"])
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
-        for name in ("token_limit", "breaker_fail_max", "segment_cache_bytes"):
-            if name in values:
-                values[name] = int(values[name])
-        for name in ("tier_read_timeout", "tier_connect_timeout", "breaker_reset_timeout"):
-            if name in values:
-                values[name] = float(values[name])
+        ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")
+        _converted(values, ints, int, "an integer")
+        seconds = ("tier_read_timeout", "tier_connect_timeout", "breaker_reset_timeout")
+        _converted(values, seconds, float, "a number of seconds")
         config = cls(**values)
         if config.token_mode not in ("sealed", "signed"):
             raise ConfigurationError("SATCHEL_TOKEN_MODE must be 'sealed' or 'signed'")
@@ -199,6 +208,13 @@ class SatchelConfig:
             config.mode = "server"  # the strictest level is the server-side mode
         if config.mode not in ("client", "server", "memory"):
             raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
+        for name in ("max_token_bytes", "hard_max_token_bytes"):  # before comparing them
+            limit = getattr(config, name)
+            if limit is not None and limit <= 0:
+                raise ConfigurationError(
+                    f"SATCHEL_{name.upper()} ({name}) must be positive, or None to turn it "
+                    f"off; got {limit!r}"
+                )
         config._fit_token_caps(hard_set="hard_max_token_bytes" in values)
         return config
 
@@ -274,16 +290,19 @@ class SatchelConfig:
             raise ConfigurationError(f"SATCHEL_DICTIONARIES: {exc}") from None
 
     def lifecycle_policy(self) -> LifecyclePolicy:
-        return LifecyclePolicy(
-            max_turns=self.max_turns,
-            max_llm_tokens=self.max_llm_tokens,
-            max_token_bytes=self.max_token_bytes,
-            hard_max_token_bytes=self.hard_max_token_bytes,
-            max_turn_chars=self.max_turn_chars,
-            idle_ttl=self.idle_ttl,
-            max_age=self.max_age,
-            summarizer=self.summarizer or ExtractiveSummarizer(),
-        )
+        try:
+            return LifecyclePolicy(
+                max_turns=self.max_turns,
+                max_llm_tokens=self.max_llm_tokens,
+                max_token_bytes=self.max_token_bytes,
+                hard_max_token_bytes=self.hard_max_token_bytes,
+                max_turn_chars=self.max_turn_chars,
+                idle_ttl=self.idle_ttl,
+                max_age=self.max_age,
+                summarizer=self.summarizer or ExtractiveSummarizer(),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
 
 
 def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyring:

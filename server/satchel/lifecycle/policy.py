@@ -28,6 +28,19 @@ DEFAULT_HARD_MAX_TOKEN_BYTES = 8000
 TRUNCATION_MARK = "\n[… truncated by Satchel: {n} characters removed]"
 
 
+#: Each limit and the config key that sets it, for error messages.
+_LIMIT_KEYS = {
+    "max_turns": "SATCHEL_MAX_TURNS",
+    "max_llm_tokens": "SATCHEL_MAX_LLM_TOKENS",
+    "max_token_bytes": "SATCHEL_MAX_TOKEN_BYTES",
+    "hard_max_token_bytes": "SATCHEL_HARD_MAX_TOKEN_BYTES",
+    "max_turn_chars": "SATCHEL_MAX_TURN_CHARS",
+    "idle_ttl": "SATCHEL_IDLE_TTL",
+    "max_age": "SATCHEL_MAX_AGE",
+}
+_ZERO_ALLOWED = frozenset({"max_turns", "max_llm_tokens"})
+
+
 @dataclass(slots=True)
 class LifecyclePolicy:
     """What to keep in the token. ``None`` disables a limit.
@@ -57,6 +70,20 @@ class LifecyclePolicy:
     token_counter: TokenCounter | None = None
 
     def __post_init__(self) -> None:
+        # None turns a limit off. A window or LLM budget of 0 keeps only what is never
+        # removed (the newest exchange, pinned items, the summary); any other limit at 0
+        # or below would break every request (a token that expires at once, a cap no
+        # token fits), and a negative one means nothing.
+        for name, key in _LIMIT_KEYS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            zero_ok = name in _ZERO_ALLOWED
+            if isinstance(value, bool) or not (value >= 0 if zero_ok else value > 0):
+                raise ValueError(
+                    f"{key} ({name}) must be {'0 or more' if zero_ok else 'positive'}, "
+                    f"or None to turn it off; got {value!r}"
+                )
         soft, hard = self.max_token_bytes, self.hard_max_token_bytes
         if soft is not None and hard is not None and soft > hard:
             raise ValueError(
