@@ -303,8 +303,17 @@ def test_json_field_carrier() -> None:
     assert response.status_code == 200 and response.get_json()["turns"] == 4
     bad = client.post("/api/chat", json={"message": "x", "satchel": token[:-3]})
     assert_json_error(bad)
-    ignored = client.post("/api/chat", json={"message": "x", "satchel": 123})
-    assert ignored.get_json()["turns"] == 2  # not a string: no token, a fresh context
+    # Not a string: refused, not taken for "no token" (that would restart the
+    # conversation without a word); null is a new conversation.
+    wrong_type = client.post("/api/chat", json={"message": "x", "satchel": 123})
+    assert wrong_type.status_code == 400
+    assert_json_error(wrong_type, "token_malformed")
+    assert "must hold the token as a string" in wrong_type.get_json()["error"]["message"]
+    fresh = client.post("/api/chat", json={"message": "x", "satchel": None})
+    assert fresh.get_json()["turns"] == 2
+    forgiving = make_app(SATCHEL_JSON_FIELD="satchel", SATCHEL_ON_BAD_TOKEN="fresh")
+    reset = forgiving.test_client().post("/api/chat", json={"message": "x", "satchel": [1]})
+    assert reset.status_code == 200 and reset.headers["Satchel-Reset"] == "token_malformed"
     # Without the setting the body field is not read.
     plain = make_app().test_client()
     response = plain.post("/api/chat", json={"message": "x", "satchel": token})

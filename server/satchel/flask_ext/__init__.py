@@ -40,7 +40,7 @@ from ..codec import Codec
 from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, stricter
 from ..context import Context
 from ..envelope import encoded_length
-from ..errors import BadToken, ConfigurationError, SatchelError, WrongUser
+from ..errors import BadToken, ConfigurationError, MalformedToken, SatchelError, WrongUser
 from ..keys import Keyring
 from ..lifecycle import LifecyclePolicy
 from ..limits import Limits
@@ -313,8 +313,17 @@ class Satchel:
             token = request.cookies.get(config.cookie)
         if not token and config.json_field and request.is_json:
             body = request.get_json(silent=True)
-            if isinstance(body, dict) and isinstance(body.get(config.json_field), str):
-                token = body[config.json_field]
+            field = body.get(config.json_field) if isinstance(body, dict) else None
+            if isinstance(field, str):
+                token = field
+            elif field is not None:
+                # A number or an object where the token belongs is a client bug; taking
+                # it for "no token" would restart the conversation without a word.
+                self.observer.event("refused", reason=MalformedToken.code)
+                raise MalformedToken(
+                    f"the JSON field {config.json_field!r} must hold the token as a string "
+                    f"(or null for a new conversation), not {type(field).__name__}"
+                )
         return token.strip() if token else None
 
     @property
@@ -335,9 +344,9 @@ class Satchel:
         app_state = self.state()
         config = app_state.config
         pipeline = app_state.pipeline
-        token = self.read_token()
-        rs.token = token
+        token = None
         try:
+            token = rs.token = self.read_token()
             ctx = pipeline.load(token, timings=rs.timings)
         except BadToken as exc:
             if config.on_bad_token != "fresh":

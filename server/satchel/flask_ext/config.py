@@ -34,6 +34,8 @@ SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"
 SATCHEL_COOKIE_PATH             "/"
 SATCHEL_JSON_FIELD              None           also read the token from this JSON body field
+                                               (a string; null or absent: a new context;
+                                               anything else is token_malformed)
 SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (new context,
                                                ``Satchel-Reset`` header says why)
 SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first
