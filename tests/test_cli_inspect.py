@@ -168,3 +168,43 @@ def test_inspect_opens_tokens_of_an_app_dictionary_given_with_dictionary(tmp_pat
     assert len(out["context"]["turns"]) == 4
     code, _, err = run(token, "--dictionary", f"210={tmp_path / 'missing'}", keys=KEYS.to_string())
     assert code == 2 and "--dictionary" in err
+
+
+def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
+    redis_server: Any,
+) -> None:
+    """``sv1.`` carriers hold no context: inspect verifies the signature, names the store
+    key and, given the store, opens what is stored there like a token."""
+    from examples.minimal_chat.app import create_app
+
+    app = create_app(
+        {"SATCHEL_KEYS": KEYS.to_string(), "SATCHEL_MODE": "server", "TESTING": True}
+        | {"SATCHEL_STORE_URL": redis_server.url}
+    )
+    carrier = (
+        app.test_client()
+        .post("/api/chat", json={"message": "Where is my parcel?"})
+        .headers["Satchel-Context"]
+    )
+    assert carrier.startswith("sv1.")
+
+    code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
+    assert code == 0, out
+    assert out["verified"] is True and out["carrier"] == "server"
+    assert out["store_key"].endswith(":ctx") and len(out["session_id"]) == 32
+    assert out["context"]["turns"][0]["content"] == "Where is my parcel?"
+    assert out["header"]["mode"] == "sealed"
+
+    code, out, _ = run(carrier, keys=KEYS.to_string())  # no store: the carrier alone
+    assert code == 0 and out["context"] is None and out["session_id"]
+    code, out, _ = run(carrier, "--no-verify")
+    assert code == 0 and out == {
+        "verified": False,
+        "carrier": "server",
+        "session_id": out["session_id"],
+    }
+    code, out, _ = run(tamper(carrier), keys=KEYS.to_string())
+    assert code == 1 and out["error"]["code"] == "token_malformed"
+    redis_server.flushall()
+    code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
+    assert code == 1 and out["error"]["code"] == "session_not_found"

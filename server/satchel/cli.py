@@ -75,6 +75,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if token == "-":
         token = sys.stdin.read()
     token = token.strip()
+    from .server_mode import CARRIER_PREFIX
+
+    if token.startswith(CARRIER_PREFIX):
+        return _inspect_carrier(token, args)
+    return _inspect_token(token, args)
+
+
+def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
     try:
         header = _header_dict(token)
         if args.no_verify:
@@ -95,6 +103,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _print(
         {
             "verified": True,
+            **extra,
             "header": header,
             "digest": opened.digest.hex(),
             "migrated_from": ctx.opened_version,
@@ -102,6 +111,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         }
     )
     return 0
+
+
+def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
+    """A server-mode carrier (``sv1.<id>.<signature>``): the context lives in the store.
+
+    Verifies the signature, names the store key, and with a store URL (``--store-url``,
+    else $SATCHEL_STORE_URL, else $SATCHEL_OVERFLOW_URL) reads and opens the stored
+    context like a token.
+    """
+    from .server_mode import CARRIER_PREFIX, ServerSidePipeline
+    from .tiers import GuardedTier, MemoryTier, tier_from_url
+
+    session_hex = carrier[len(CARRIER_PREFIX) :].partition(".")[0]
+    if args.no_verify:
+        _print({"verified": False, "carrier": "server", "session_id": session_hex})
+        return 0
+    url = args.store_url
+    try:
+        keyring = Keyring.from_env()
+        store = GuardedTier(tier_from_url(url) if url else MemoryTier())
+        pipeline = ServerSidePipeline(Codec(keyring, purpose=args.purpose), store=store)
+        session_id = pipeline.session_id_of(carrier)
+    except ConfigurationError as exc:
+        print(f"satchel inspect: {exc.message}", file=sys.stderr)
+        return 2
+    except BadToken as exc:
+        _print({"verified": False, "error": {"code": exc.code, "message": exc.message}})
+        return 1
+    key = pipeline.key_for(session_id)
+    facts = {"carrier": "server", "session_id": session_id.hex(), "store_key": key}
+    if not url:
+        _print({"verified": True, **facts, "context": None, "note": "pass --store-url to read it"})
+        return 0
+    fetched = store.get_many([key], cache=False)
+    stored = fetched.get(key)
+    if stored is None:
+        reason = fetched.reason(key)  # "missing", or why the store did not answer
+        code = "session_not_found" if reason in (None, "missing") else reason
+        error = {"code": code, "message": f"nothing readable at {key} ({reason or 'missing'})"}
+        _print({"verified": True, **facts, "error": error})
+        return 1
+    return _inspect_token(stored.decode("ascii"), args, **facts)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
@@ -161,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token", help="the token, or - to read it from stdin")
     p.add_argument("--no-verify", action="store_true", help="print only what the header says")
     p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
+    p.add_argument(
+        "--store-url",
+        default=os.environ.get("SATCHEL_STORE_URL") or os.environ.get("SATCHEL_OVERFLOW_URL", ""),
+        help="server-mode carriers (sv1.): read the context from this store",
+    )
     _add_dictionary_option(p)
     p.set_defaults(func=cmd_inspect)
 
