@@ -93,12 +93,8 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         algorithm = header_obj.algorithm if header_obj.sealed else "aes-256-gcm"
         codec = Codec(keyring, mode=header_obj.mode, purpose=args.purpose, algorithm=algorithm)
         opened = codec.open_verbose(token)
-    except ConfigurationError as exc:
-        print(f"satchel inspect: {exc.message}", file=sys.stderr)
-        return 2
-    except BadToken as exc:
-        _print({"verified": False, "error": {"code": exc.code, "message": exc.message}})
-        return 1
+    except (ConfigurationError, BadToken) as exc:
+        return _refused(exc)
     ctx = opened.context
     _print(
         {
@@ -111,6 +107,15 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         }
     )
     return 0
+
+
+def _refused(exc: SatchelError) -> int:
+    """Exit 2 for a configuration problem (stderr), 1 for a refused token (JSON)."""
+    if isinstance(exc, ConfigurationError):
+        print(f"satchel inspect: {exc.message}", file=sys.stderr)
+        return 2
+    _print({"verified": False, "error": {"code": exc.code, "message": exc.message}})
+    return 1
 
 
 def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
@@ -133,12 +138,8 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
         store = GuardedTier(tier_from_url(url) if url else MemoryTier())
         pipeline = ServerSidePipeline(Codec(keyring, purpose=args.purpose), store=store)
         session_id = pipeline.session_id_of(carrier)
-    except ConfigurationError as exc:
-        print(f"satchel inspect: {exc.message}", file=sys.stderr)
-        return 2
-    except BadToken as exc:
-        _print({"verified": False, "error": {"code": exc.code, "message": exc.message}})
-        return 1
+    except (ConfigurationError, BadToken) as exc:
+        return _refused(exc)
     key = pipeline.key_for(session_id)
     facts = {"carrier": "server", "session_id": session_id.hex(), "store_key": key}
     if not url:
