@@ -568,6 +568,29 @@ function webLock(locks, name, signal) {
   });
 }
 
+/**
+ * Resolve on the next `storage` event for `key` (another tab's write reaching this
+ * tab's copy of localStorage) or after `ms`, whichever comes first. The event matters
+ * in background tabs, where browsers stretch short timers to a second or more.
+ */
+function storageChangeOrDelay(key, ms) {
+  return new Promise((resolve) => {
+    const target = globalThis;
+    const listens = typeof target.addEventListener === 'function' && typeof target.removeEventListener === 'function';
+    let timer = null;
+    const onStorage = (e) => {
+      if (!e || e.key === key || e.key === null) done();
+    };
+    const done = () => {
+      clearTimeout(timer);
+      if (listens) target.removeEventListener('storage', onStorage);
+      resolve();
+    };
+    if (listens) target.addEventListener('storage', onStorage);
+    timer = setTimeout(done, ms);
+  });
+}
+
 function pickLocks(opt) {
   if (opt && typeof opt === 'object' && typeof opt.request === 'function') return opt;
   if (opt === false) return null;
@@ -1076,7 +1099,7 @@ export class SatchelClient extends EventTarget {
     const caughtUp = (r) => (newest.kind === 'clear' ? !r || r.g > newest.g : !!r && r.g >= newest.g);
     const deadline = Date.now() + this._syncWaitMs;
     while (!caughtUp(rec) && Date.now() < deadline) {
-      await new Promise((resolve) => setTimeout(resolve, 5));
+      await storageChangeOrDelay(this._key, 5);
       rec = await this._readRecord();
     }
     return rec; // past the deadline: send what we have; the server reports a fork
