@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,18 +14,11 @@ import pytest
 from satchel.codec import Codec
 from satchel.context import Context
 from satchel.keys import Keyring
+from tests.support.env import satchel_command
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 KEYS = Keyring.generate("cli1")
-
-
-def satchel_command() -> list[str]:
-    script = Path(sys.executable).with_name("satchel")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("satchel")
-    return [found] if found else [sys.executable, "-m", "satchel.cli"]
 
 
 def run(*args: str, keys: str | None = None, stdin: str | None = None) -> tuple[int, Any, str]:

@@ -161,7 +161,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
     try:
         result = erase_session(
-            args.session_id, overflow_url=args.overflow_url, purpose=args.purpose
+            args.session_id,
+            overflow_url=args.overflow_url,
+            store_url=args.store_url,
+            purpose=args.purpose,
         )
     except SatchelError as exc:
         print(f"satchel erase: {exc.message}", file=sys.stderr)
@@ -224,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="erase a session's server-side data")
     p.add_argument("session_id", help="the session id (32 hex characters)")
     p.add_argument("--overflow-url", default=os.environ.get("SATCHEL_OVERFLOW_URL", ""))
+    p.add_argument(
+        "--store-url",
+        default=os.environ.get("SATCHEL_STORE_URL", ""),
+        help="server mode: the store holding the contexts, when not the overflow tier",
+    )
     p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
     p.set_defaults(func=cmd_erase)
 

@@ -53,22 +53,30 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
 
 
 def erase_session(
-    session_id: str, *, overflow_url: str, purpose: str = "satchel"
+    session_id: str, *, overflow_url: str, purpose: str = "satchel", store_url: str = ""
 ) -> dict[str, Any]:
-    """Erase with keys from SATCHEL_KEYS and the tier at ``overflow_url`` (the CLI)."""
+    """Erase with keys from SATCHEL_KEYS in the tier at ``overflow_url`` and, for
+    server-mode apps whose contexts live elsewhere, the store at ``store_url`` (the CLI)."""
     from .tiers import tier_from_url
     from .tiers.guard import GuardedTier
 
-    if not overflow_url:
+    urls = list(dict.fromkeys(u for u in (overflow_url, store_url) if u))
+    if not urls:
         raise ConfigurationError(
-            "nothing to erase server-side without a tier: set SATCHEL_OVERFLOW_URL"
+            "nothing to erase server-side without a tier: set SATCHEL_OVERFLOW_URL "
+            "(or, for server mode, SATCHEL_STORE_URL)"
         )
     codec = Codec(Keyring.from_env(), purpose=purpose)
-    tier = GuardedTier(tier_from_url(overflow_url))
-    try:
-        return erase_in_tier(codec, tier, session_id, refuse=True)
-    finally:
-        tier.close()
+    result: dict[str, Any] = {}
+    for url in urls:
+        tier = GuardedTier(tier_from_url(url))
+        try:
+            erased = erase_in_tier(codec, tier, session_id, refuse=True)
+        finally:
+            tier.close()
+        deleted = result.get("deleted_keys", 0) + erased["deleted_keys"]
+        result = {**erased, "deleted_keys": deleted}
+    return result
 
 
 __all__ = ["erase_in_tier", "erase_session", "erase_with_state", "parse_session_id"]

@@ -5,6 +5,7 @@
 * ``require_binary()``  -- absolute path of an executable, or skip/fail with an install hint.
 * ``free_port()``       -- an unused TCP port on 127.0.0.1.
 * ``wait_until()``      -- poll a predicate with a deadline (no fixed sleeps).
+* ``satchel_command()`` -- argv that runs the installed ``satchel`` console script.
 """
 
 from __future__ import annotations
@@ -126,3 +127,15 @@ def tail(path: Path | str | None, max_chars: int = 4000) -> str:
     except OSError:
         return ""
     return data[-max_chars:].decode("utf-8", "replace")
+
+
+def satchel_command() -> list[str]:
+    """The ``satchel`` console script next to this Python (the one ``pip install``
+    made), else on PATH, else ``python -m satchel.cli``."""
+    import sys
+
+    script = Path(sys.executable).with_name("satchel")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("satchel")
+    return [found] if found else [sys.executable, "-m", "satchel.cli"]

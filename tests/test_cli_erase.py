@@ -1,0 +1,89 @@
+"""``satchel erase SESSION_ID``, run as the console script against a real redis-server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from examples.minimal_chat.app import create_app
+from satchel import Codec
+from satchel.keys import Keyring
+from tests.support.env import satchel_command
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = Keyring.generate("erase1")
+
+
+def erase(*args: str) -> tuple[int, Any, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
+    env["SATCHEL_KEYS"] = KEYS.to_string()
+    proc = subprocess.run(
+        [*satchel_command(), "erase", *args], env=env, capture_output=True, text=True, timeout=30
+    )
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None, proc.stderr
+
+
+def chat(client: Any, token: str | None, message: str) -> Any:
+    headers = {"Satchel-Context": token} if token else {}
+    return client.post("/api/chat", json={"message": message}, headers=headers)
+
+
+def test_erase_deletes_overflowed_turns_and_refuses_monotonic_tokens(redis_server: Any) -> None:
+    app = create_app(
+        {
+            "SATCHEL_KEYS": KEYS.to_string(),
+            "SATCHEL_OVERFLOW_URL": redis_server.url,
+            "SATCHEL_MAX_TOKEN_BYTES": 900,
+            "SATCHEL_CONSISTENCY": "monotonic",
+            "TESTING": True,
+        }
+    )
+    client = app.test_client()
+    token = None
+    for i in range(10):
+        noise = hashlib.sha256(str(i).encode()).hexdigest()  # text that does not compress
+        response = chat(client, token, f"message {i} {noise} {noise[::-1]}")
+        assert response.status_code == 200
+        token = response.headers["Satchel-Context"]
+    ctx = Codec(KEYS).open(token)
+    assert ctx.overflow, "the small budget should have moved turns to Redis"
+    keys_before = redis_server.client().dbsize()
+
+    code, out, err = erase(ctx.session, "--overflow-url", redis_server.url)
+    assert code == 0, err
+    assert out["tokens_refused"] is True and out["deleted_keys"] >= len(ctx.overflow)
+    assert redis_server.client().dbsize() < keys_before
+    refused = chat(client, token, "after erasure")
+    assert refused.status_code == 410
+    assert refused.get_json()["error"]["code"] == "token_erased"
+
+
+def test_erase_reaches_a_server_mode_store(redis_server: Any) -> None:
+    app = create_app(
+        {
+            "SATCHEL_KEYS": KEYS.to_string(),
+            "SATCHEL_MODE": "server",
+            "SATCHEL_STORE_URL": redis_server.url,
+            "TESTING": True,
+        }
+    )
+    client = app.test_client()
+    carrier = chat(client, None, "remember my address").headers["Satchel-Context"]
+    session = app.extensions["satchel"].pipeline.session_id_of(carrier).hex()
+    code, out, err = erase(session, "--store-url", redis_server.url)
+    assert code == 0, err
+    assert out["deleted_keys"] >= 1 and out["tokens_refused"] is True
+    after = chat(client, carrier, "what is my address?")
+    assert after.status_code == 200 and after.headers["Satchel-Reset"] == "session_not_found"
+
+
+def test_erase_needs_a_tier_and_a_session_id() -> None:
+    code, _, err = erase("00" * 16)
+    assert code == 2 and "SATCHEL_OVERFLOW_URL" in err
+    code, _, err = erase("not-a-session", "--overflow-url", "memory://")
+    assert code == 2 and "32 hexadecimal characters" in err
