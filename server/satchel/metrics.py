@@ -290,7 +290,8 @@ class PrometheusObserver(Observer):
             "forks", "Forked contexts detected (a token replayed after a newer one)"
         )
         self.stale_refused = counter(
-            "stale_refused", "Stale tokens refused (monotonic consistency)"
+            "stale_refused",
+            "Stale tokens refused (monotonic consistency) and server-mode saves that lost a race",
         )
         self.marks_lost = counter(
             "marks_lost",
