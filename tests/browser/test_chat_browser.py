@@ -281,14 +281,23 @@ RACE = """async ([tab, n]) => {
 }"""
 
 
-def test_two_tabs_racing_lose_no_turn(live_server_factory, tmp_path, page, screenshot) -> None:
+@pytest.mark.parametrize("mode", ["client", "server"])
+def test_two_tabs_racing_lose_no_turn(
+    live_server_factory, tmp_path, page, screenshot, mode, request
+) -> None:
     """Many requests from two tabs, back to back, on one conversation: every turn lands.
 
-    The conversation lock hands over faster than localStorage reaches the other tab
-    in Chromium; without the client's wait for the announced write, a tab sends the
-    token it still sees, and its turn (or the other tab's) is lost.
+    Client mode: the conversation lock hands over faster than localStorage reaches the
+    other tab in Chromium; without the client's wait for the announced write, a tab
+    sends the token it still sees, and its turn (or the other tab's) is lost. Server
+    mode (the context in Redis, a carrier in the tab): the same two tabs, no turn lost.
     """
-    srv = start_app(live_server_factory, tmp_path, SATCHEL_MAX_TURNS="400")
+    env = {"SATCHEL_MAX_TURNS": "400"}
+    if mode == "server":
+        env.update(
+            SATCHEL_MODE="server", SATCHEL_STORE_URL=request.getfixturevalue("redis_server").url
+        )
+    srv = start_app(live_server_factory, tmp_path, **env)
     open_chat(page, srv)
     other = page.context.new_page()
     open_chat(other, srv)
@@ -298,6 +307,7 @@ def test_two_tabs_racing_lose_no_turn(live_server_factory, tmp_path, page, scree
     assert page.evaluate("window.race") == []
     assert other.evaluate("window.race") == []
     record = json.loads(page.evaluate("localStorage.getItem('satchel:race')"))
+    assert record["token"].startswith("sv1.") == (mode == "server")
     resp = srv.get("/api/context", headers={"Satchel-Context": record["token"]})
     assert resp.status == 200, resp.text
     sent = {f"{tab} {i}" for tab in ("one", "two") for i in range(n)}
