@@ -181,6 +181,7 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
 
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 0, out
+    out_before = out
     assert out["verified"] is True and out["carrier"] == "server"
     assert out["store_key"].endswith(":ctx") and len(out["session_id"]) == 32
     assert out["context"]["turns"][0]["content"] == "Where is my parcel?"
@@ -195,6 +196,10 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
         "session_id": out["session_id"],
     }
     code, out, _ = run(tamper(carrier), keys=KEYS.to_string())
+    assert code == 1 and out["error"]["code"] == "token_malformed"
+    # A foreign value at the key, not even ASCII: refused like a bad token.
+    redis_server.client().set(out_before["store_key"], b"\xff not a token")
+    code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "token_malformed"
     redis_server.flushall()
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())

@@ -153,6 +153,20 @@ def test_two_concurrent_requests_for_one_session_lose_no_turn(
     assert users[0] == "first" and sorted(users[1:]) == ["tab one", "tab two"]
 
 
+def test_a_stored_value_that_is_not_a_token_is_a_json_4xx(redis_server: Any) -> None:
+    """Whatever sits at the context's key (a foreign write, corruption, not even ASCII)
+    is refused as a bad token: never a 500."""
+    app = make_app("server", SATCHEL_STORE_URL=redis_server.url)
+    carrier = converse(app.test_client(), ["hello"])[0].headers[HEADER]
+    pipeline = Satchel.state(app).pipeline
+    key = pipeline.key_for(pipeline.session_id_of(carrier))
+    for junk in (b"\xff\xfe not ascii", b"s1.not-a-token"):
+        redis_server.client().set(key, junk)
+        resp = chat(app.test_client(), "again", carrier)
+        assert resp.status_code == 400, resp.get_data(as_text=True)
+        assert resp.get_json()["error"]["code"] == "token_malformed"
+
+
 def test_server_and_memory_modes_refuse_a_client_token() -> None:
     token = converse(make_app("client").test_client(), ["hello"])[0].headers[HEADER]
     resp = chat(make_app("memory").test_client(), "again", token)

@@ -230,18 +230,24 @@ test('storage-event fallback when BroadcastChannel is missing (localStorage only
   }
 });
 
-test('a tab whose localStorage copy lags waits for the write the lock holder announced', async () => {
+/** Two tabs sharing a lagging localStorage and one lock manager; A's reply comes first. */
+function laggingTabs(conversation, optionsB = {}) {
   const locks = fakeLocks();
   const storage = laggingStorage();
   const fetchA = fakeFetch(() => reply({ satchel: { token: 'a-next', seq: 1, session: 's' } }));
   const fetchB = fakeFetch(() => reply({ satchel: { token: 'b-next', seq: 2, session: 's' } }));
-  const tabA = testClient({ storage: storage.tab(), locks, fetch: fetchA, conversation: 'lag' });
-  const tabB = testClient({ storage: storage.tab(), locks, fetch: fetchB, conversation: 'lag' });
+  const tabA = testClient({ storage: storage.tab(), locks, fetch: fetchA, conversation });
+  const tabB = testClient({ storage: storage.tab(), locks, fetch: fetchB, conversation, ...optionsB });
+  return { storage, fetchB, tabA, tabB };
+}
+
+test('a tab whose localStorage copy lags waits for the write the lock holder announced', async () => {
+  const { storage, fetchB, tabA, tabB } = laggingTabs('lag');
   const events = record(tabB, ['fork']);
 
   await tabA.fetch('/chat'); // writes a-next; tab B's copy has not heard of it yet
   const pb = tabB.fetch('/chat');
-  await new Promise((resolve) => setTimeout(resolve, 30));
+  await flush(); // without the wait, B's request would have gone out by now
   assert.equal(fetchB.calls.length, 0, 'B waits instead of sending the token it still sees');
   storage.propagate();
   await pb;
@@ -252,18 +258,7 @@ test('a tab whose localStorage copy lags waits for the write the lock holder ann
 });
 
 test('the wait for a lagging copy is bounded (syncWaitMs); a cleared token is waited for too', async () => {
-  const locks = fakeLocks();
-  const storage = laggingStorage();
-  const fetchA = fakeFetch(() => reply({ satchel: { token: 'a-next', seq: 1, session: 's' } }));
-  const fetchB = fakeFetch(() => reply({ satchel: { token: 'b-next', seq: 1, session: 's2' } }));
-  const tabA = testClient({ storage: storage.tab(), locks, fetch: fetchA, conversation: 'cap' });
-  const tabB = testClient({
-    storage: storage.tab(),
-    locks,
-    fetch: fetchB,
-    conversation: 'cap',
-    syncWaitMs: 40,
-  });
+  const { storage, fetchB, tabA, tabB } = laggingTabs('cap', { syncWaitMs: 40 });
   await tabA.fetch('/chat');
   storage.propagate();
   await tabA.reset(); // removed in A's copy and the backing store; B still sees a-next
@@ -275,8 +270,8 @@ test('the wait for a lagging copy is bounded (syncWaitMs); a cleared token is wa
 
 test('per-tab storage announces nothing and never waits', async () => {
   const locks = fakeLocks();
-  const client = testClient({ storage: memoryStorage(), locks, conversation: 'mem' });
-  client._fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
+  const fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
+  const client = testClient({ storage: memoryStorage(), locks, fetch, conversation: 'mem' });
   await client.fetch('/chat');
   const { held } = await locks.query();
   assert.deepEqual(held, []);

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from .context import Context
@@ -98,53 +98,48 @@ class MetadataSchema:
 
     def migration(self, from_version: int) -> Callable[[MetadataMigration], MetadataMigration]:
         """Register ``fn`` as the migration from ``from_version`` to ``from_version + 1``."""
-        return _registrar(self._migrations, check_version(from_version), "migration")
+        return registrar(self._migrations, check_version(from_version), "metadata migration")
 
     def downgrade(self, from_version: int) -> Callable[[MetadataMigration], MetadataMigration]:
         """Register ``fn`` as the downgrade from ``from_version`` to ``from_version - 1``,
         run on a copy of the metadata when tokens are written in an older shape."""
         if check_version(from_version) < 1:
             raise ValueError("a metadata downgrade starts at version 1 or above")
-        return _registrar(self._downgrades, from_version, "downgrade")
+        return registrar(self._downgrades, from_version, "metadata downgrade")
 
     def missing_downgrades(self) -> list[int]:
         """The downgrades ``write_version`` needs that are not registered (from-versions)."""
         return [v for v in range(self.version, self.write_version, -1) if v not in self._downgrades]
 
-    @contextmanager
-    def writing(self, ctx: Context) -> Iterator[Context]:
+    def writing(self, ctx: Context) -> AbstractContextManager[Context]:
         """While sealing: ``ctx`` holds its metadata in the write version's shape.
 
         A copy is downgraded and swapped in; the view's metadata comes back afterwards.
-        Raises :class:`~satchel.errors.ConfigurationError` when a downgrade is missing
-        and :class:`~satchel.errors.ContextNotSerializable` when one fails (both app
-        bugs: the request gets a JSON 500 and no token).
+        When the shapes agree (every request but during a two-deploy change), ``ctx`` is
+        used as it is. Raises :class:`~satchel.errors.ConfigurationError` when a
+        downgrade is missing and :class:`~satchel.errors.ContextNotSerializable` when
+        one fails (both app bugs: the request gets a JSON 500 and no token).
         """
-        version = ctx.metadata_version
-        if version <= self.write_version:
-            yield ctx
-            return
+        if ctx.metadata_version <= self.write_version:
+            return nullcontext(ctx)
+        missing = self.missing_downgrades()
+        if missing:
+            raise ConfigurationError(
+                f"SATCHEL_METADATA_WRITE_VERSION is {self.write_version}, but no metadata "
+                f"downgrade from version {missing[0]} is registered (Satchel.metadata_downgrade)"
+            )
+        return self._downgraded(ctx)
+
+    @contextmanager
+    def _downgraded(self, ctx: Context) -> Iterator[Context]:
+        version = target = ctx.metadata_version
         metadata = copy.deepcopy(ctx.metadata)
-        target = version
         while target > self.write_version:
-            step = self._downgrades.get(target)
-            if step is None:
-                raise ConfigurationError(
-                    f"SATCHEL_METADATA_WRITE_VERSION is {self.write_version}, but no metadata "
-                    f"downgrade from version {target} is registered "
-                    "(Satchel.metadata_downgrade)"
-                )
-            try:
-                metadata = step(metadata)
-            except _MIGRATION_ERRORS as exc:
-                raise ContextNotSerializable(
-                    f"metadata downgrade {target} -> {target - 1} failed: {type(exc).__name__}"
-                ) from None
-            if not isinstance(metadata, dict):
-                raise ContextNotSerializable(
-                    f"metadata downgrade from {target} returned {type(metadata).__name__}, "
-                    "not a dict"
-                )
+            metadata, problem = _step(
+                self._downgrades[target], metadata, f"metadata downgrade {target} -> {target - 1}"
+            )
+            if problem is not None:
+                raise ContextNotSerializable(problem)
             target -= 1
         kept = ctx.metadata
         ctx.metadata, ctx.metadata_version = metadata, target
@@ -176,33 +171,42 @@ class MetadataSchema:
                 raise MigrationFailed(
                     f"no metadata migration from version {version}", from_version=version
                 )
-            try:
-                metadata = step(metadata)
-            except _MIGRATION_ERRORS as exc:
-                raise MigrationFailed(
-                    f"metadata migration {version} -> {version + 1} failed: {type(exc).__name__}",
-                    from_version=version,
-                ) from None
-            if not isinstance(metadata, dict):
-                raise MigrationFailed(
-                    f"metadata migration from {version} returned {type(metadata).__name__}, "
-                    "not a dict",
-                    from_version=version,
-                )
+            metadata, problem = _step(
+                step, metadata, f"metadata migration {version} -> {version + 1}"
+            )
+            if problem is not None:
+                raise MigrationFailed(problem, from_version=version)
             version += 1
         ctx.metadata = metadata
         ctx.metadata_version = version
         return original
 
 
-def _registrar(
-    registry: dict[int, MetadataMigration], from_version: int, what: str
-) -> Callable[[MetadataMigration], MetadataMigration]:
-    """A decorator that files ``fn`` under ``from_version``, once."""
+def _step(
+    fn: MetadataMigration, metadata: dict[str, Any], name: str
+) -> tuple[dict[str, Any], str | None]:
+    """Run one migration or downgrade: the new metadata, or the old one and why not.
 
-    def register(fn: MetadataMigration) -> MetadataMigration:
+    App code: it may raise ``KeyError``, ``TypeError``, ``ValueError``, ``IndexError``
+    or ``AttributeError`` for data it cannot convert; anything else is a bug that
+    propagates.
+    """
+    try:
+        out = fn(metadata)
+    except _MIGRATION_ERRORS as exc:
+        return metadata, f"{name} failed: {type(exc).__name__}"
+    if not isinstance(out, dict):
+        return metadata, f"{name} returned {type(out).__name__}, not a dict"
+    return out, None
+
+
+def registrar(registry: dict[int, Any], from_version: int, what: str) -> Callable[[Any], Any]:
+    """A decorator that files a step under ``from_version`` in ``registry``, once
+    (``what`` names the kind in the error: "metadata migration", "migration"...)."""
+
+    def register(fn: Any) -> Any:
         if from_version in registry:
-            raise ValueError(f"a metadata {what} from {from_version} is already registered")
+            raise ValueError(f"a {what} from version {from_version} is already registered")
         registry[from_version] = fn
         return fn
 
@@ -219,4 +223,10 @@ def check_version(version: int) -> int:
     return version
 
 
-__all__ = ["MAX_METADATA_VERSION", "MetadataMigration", "MetadataSchema", "check_version"]
+__all__ = [
+    "MAX_METADATA_VERSION",
+    "MetadataMigration",
+    "MetadataSchema",
+    "check_version",
+    "registrar",
+]

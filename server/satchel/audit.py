@@ -103,8 +103,8 @@ class AuditObserver(Observer):
 
     ``logger``: where to log (default ``logging.getLogger("satchel.audit")``);
     ``level``: the level of routine events (``data_loss``, ``fork_detected``,
-    ``stale_refused``, ``breaker_opened`` and ``seal_failed`` are logged at WARNING at
-    least);
+    ``stale_refused``, ``breaker_opened``, ``seal_failed`` and ``mark_lost`` are
+    logged at WARNING at least: :data:`WARNING_EVENTS`);
     ``events``: only log these event names (default: all). Timings and token sizes
     are metrics, not audit events, and are not logged. Never raises.
     """

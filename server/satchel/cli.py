@@ -125,27 +125,28 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
     else $SATCHEL_STORE_URL, else $SATCHEL_OVERFLOW_URL) reads and opens the stored
     context like a token.
     """
-    from .server_mode import CARRIER_PREFIX, ServerSidePipeline
-    from .tiers import GuardedTier, MemoryTier, tier_from_url
+    from .server_mode import CARRIER_PREFIX, SessionCarriers
+    from .tiers import GuardedTier, tier_from_url
 
     session_hex = carrier[len(CARRIER_PREFIX) :].partition(".")[0]
     if args.no_verify:
         _print({"verified": False, "carrier": "server", "session_id": session_hex})
         return 0
-    url = args.store_url
     try:
-        keyring = Keyring.from_env()
-        store = GuardedTier(tier_from_url(url) if url else MemoryTier())
-        pipeline = ServerSidePipeline(Codec(keyring, purpose=args.purpose), store=store)
-        session_id = pipeline.session_id_of(carrier)
+        carriers = SessionCarriers(Codec(Keyring.from_env(), purpose=args.purpose))
+        session_id = carriers.session_id_of(carrier)
+        store = GuardedTier(tier_from_url(args.store_url)) if args.store_url else None
     except (ConfigurationError, BadToken) as exc:
         return _refused(exc)
-    key = pipeline.key_for(session_id)
+    key = carriers.key_for(session_id)
     facts = {"carrier": "server", "session_id": session_id.hex(), "store_key": key}
-    if not url:
+    if store is None:
         _print({"verified": True, **facts, "context": None, "note": "pass --store-url to read it"})
         return 0
-    fetched = store.get_many([key], cache=False)
+    try:
+        fetched = store.get_many([key], cache=False)
+    finally:
+        store.close()
     stored = fetched.get(key)
     if stored is None:
         reason = fetched.reason(key)  # "missing", or why the store did not answer
@@ -153,7 +154,8 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
         error = {"code": code, "message": f"nothing readable at {key} ({reason or 'missing'})"}
         _print({"verified": True, **facts, "error": error})
         return 1
-    return _inspect_token(stored.decode("ascii"), args, **facts)
+    # Not ASCII (a foreign write): the replacement characters make the parser refuse it.
+    return _inspect_token(stored.decode("ascii", "replace"), args, **facts)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:

@@ -232,8 +232,9 @@ class Context:
     notices: list[str] = field(default_factory=list, repr=False)
     #: overflow references that could not be read this request, with the reason
     unreadable: list[tuple[SegmentRef, str]] = field(default_factory=list, repr=False)
-    #: server-side modes: the stored bytes this context was loaded from (b"" for a new
-    #: session), so saving can be a compare-and-set: no concurrent request's turns lost
+    #: server-side modes: the stored bytes this context was loaded from (None: nothing
+    #: was stored), so saving is a compare-and-set and no concurrent request's turns
+    #: are overwritten
     stored_as: bytes | None = field(default=None, repr=False)
 
     @classmethod

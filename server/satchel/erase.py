@@ -67,16 +67,15 @@ def erase_session(
             "(or, for server mode, SATCHEL_STORE_URL)"
         )
     codec = Codec(Keyring.from_env(), purpose=purpose)
-    result: dict[str, Any] = {}
+    deleted = 0
     for url in urls:
         tier = GuardedTier(tier_from_url(url))
         try:
             erased = erase_in_tier(codec, tier, session_id, refuse=True)
         finally:
             tier.close()
-        deleted = result.get("deleted_keys", 0) + erased["deleted_keys"]
-        result = {**erased, "deleted_keys": deleted}
-    return result
+        deleted += erased["deleted_keys"]
+    return {**erased, "deleted_keys": deleted}
 
 
 __all__ = ["erase_in_tier", "erase_session", "erase_with_state", "parse_session_id"]

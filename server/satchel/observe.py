@@ -18,10 +18,10 @@ class Observer:
 
     def event(self, name: str, /, **fields: Any) -> None:
         """An audit-worthy event: issued, opened, migrated, metadata_migrated, trimmed,
-        summarized, overflowed, rehydrated, segments_restored, expired, refused, seal_failed,
-        degraded, data_loss, fork_detected, stale_refused, mark_lost, resealed,
-        session_started,
-        breaker_opened, breaker_closed, breaker_half_open, erased."""
+        summarized, overflowed, rehydrated, segments_restored, expired, refused,
+        seal_failed, degraded, data_loss, fork_detected, stale_refused, mark_lost,
+        resealed, session_started, breaker_opened, breaker_closed, breaker_half_open,
+        erased."""
 
     def timing(self, step: str, seconds: float) -> None:
         """Time spent in one step: open, verify, decompress, unpack, migrate,

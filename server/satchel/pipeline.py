@@ -119,7 +119,7 @@ class Pipeline:
             self.rehydrate(ctx, timings)
         return ctx
 
-    def open_token(self, token: str, *, now: float, timings: dict[str, float]) -> Context:
+    def open_token(self, token: str | bytes, *, now: float, timings: dict[str, float]) -> Context:
         """Open and age-check one token, reporting what happened (both modes use it)."""
         t0 = time.perf_counter()
         try:

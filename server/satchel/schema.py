@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .app_schema import check_version
+from .app_schema import check_version, registrar
 from .context import (
     ROLES,
     Context,
@@ -46,14 +46,7 @@ _ROLE_OF = dict(enumerate(ROLES))
 
 def migration(from_version: int) -> Callable[[Migration], Migration]:
     """Register ``fn`` as the migration from ``from_version`` to ``from_version + 1``."""
-
-    def register(fn: Migration) -> Migration:
-        if from_version in MIGRATIONS:
-            raise ValueError(f"a migration from version {from_version} is already registered")
-        MIGRATIONS[from_version] = fn
-        return fn
-
-    return register
+    return registrar(MIGRATIONS, from_version, "migration")
 
 
 def version_of(wire: Any) -> int:

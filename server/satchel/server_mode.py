@@ -37,6 +37,54 @@ from .tiers.guard import GuardedTier
 CARRIER_PREFIX = "sv1."
 
 
+def context_key(prefix: str, session_tag: str) -> str:
+    """The store key of a session's context (the tag in braces: one Cluster slot)."""
+    return f"{prefix}:{{{session_tag}}}:ctx"
+
+
+class SessionCarriers:
+    """The signed session id a server-mode client carries (``sv1.<id>.<signature>``)
+    in place of a token, and the store key it names. Tools (``satchel inspect``) use
+    it without a store; :class:`ServerSidePipeline` uses it for every request."""
+
+    def __init__(self, codec: Codec, prefix: str = "satchel") -> None:
+        self.codec = codec
+        self.prefix = prefix
+        keyring = codec.keyring
+        # itsdangerous tries every key, newest last; subkeys keep purposes apart.
+        secrets = [keyring.derive(k.kid, codec.purpose, "server-session-id") for k in keyring.keys]
+        self.signer = Signer(
+            list(reversed(secrets)),
+            salt="satchel.server-session",
+            digest_method=hashlib.sha256,
+        )
+
+    def sign(self, session_id: bytes) -> str:
+        return CARRIER_PREFIX + self.signer.sign(session_id.hex().encode()).decode()
+
+    def session_id_of(self, carrier: str) -> bytes:
+        """The session id ``carrier`` names; MalformedToken unless it verifies."""
+        if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
+            raise MalformedToken("not a server-side session id")
+        try:
+            signed = carrier[len(CARRIER_PREFIX) :].encode("ascii")
+            raw = self.signer.unsign(signed)
+            session_id = bytes.fromhex(raw.decode("ascii"))
+        except (ItsBadSignature, ValueError, UnicodeError):
+            raise MalformedToken("the session id is not valid") from None
+        # itsdangerous decodes base64 leniently: a changed last character can decode to
+        # the same signature. Only the one canonical spelling is accepted.
+        signature = signed.rpartition(b".")[2]
+        if not hmac.compare_digest(base64_encode(base64_decode(signature)), signature):
+            raise MalformedToken("the session id is not valid")
+        if len(session_id) != 16:
+            raise MalformedToken("the session id is not valid")
+        return session_id
+
+    def key_for(self, session_id: bytes) -> str:
+        return context_key(self.prefix, self.codec.session_tag(session_id))
+
+
 class ServerSidePipeline(Pipeline):
     """``load`` and ``save`` for contexts stored server-side, keyed by a signed id."""
 
@@ -63,38 +111,16 @@ class ServerSidePipeline(Pipeline):
         self.store = store
         self.mode = mode
         self.prefix = prefix
-        keyring = codec.keyring
-        # itsdangerous tries every key, newest last; subkeys keep purposes apart.
-        secrets = [keyring.derive(k.kid, codec.purpose, "server-session-id") for k in keyring.keys]
-        self.signer = Signer(
-            list(reversed(secrets)),
-            salt="satchel.server-session",
-            digest_method=hashlib.sha256,
-        )
+        self.carriers = SessionCarriers(codec, prefix)
 
     def key_for(self, session_id: bytes) -> str:
-        return f"{self.prefix}:{{{self.session_tag(session_id)}}}:ctx"
+        return context_key(self.prefix, self.session_tag(session_id))  # the tag is cached
 
     def carrier(self, session_id: bytes) -> str:
-        return CARRIER_PREFIX + self.signer.sign(session_id.hex().encode()).decode()
+        return self.carriers.sign(session_id)
 
     def session_id_of(self, carrier: str) -> bytes:
-        if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
-            raise MalformedToken("not a server-side session id")
-        try:
-            signed = carrier[len(CARRIER_PREFIX) :].encode("ascii")
-            raw = self.signer.unsign(signed)
-            session_id = bytes.fromhex(raw.decode("ascii"))
-        except (ItsBadSignature, ValueError, UnicodeError):
-            raise MalformedToken("the session id is not valid") from None
-        # itsdangerous decodes base64 leniently: a changed last character can decode to
-        # the same signature. Only the one canonical spelling is accepted.
-        signature = signed.rpartition(b".")[2]
-        if not hmac.compare_digest(base64_encode(base64_decode(signature)), signature):
-            raise MalformedToken("the session id is not valid")
-        if len(session_id) != 16:
-            raise MalformedToken("the session id is not valid")
-        return session_id
+        return self.carriers.session_id_of(carrier)
 
     def load(
         self,
@@ -124,7 +150,9 @@ class ServerSidePipeline(Pipeline):
             ctx.session_id = session_id
             ctx.notices.append("reset:session_not_found")
             return ctx
-        ctx = self.open_token(stored.decode("ascii"), now=now, timings=timings)
+        # Bytes, not decoded here: whatever is stored (a foreign write, corruption) is
+        # refused by the envelope parser as a BadToken, never a UnicodeDecodeError.
+        ctx = self.open_token(stored, now=now, timings=timings)
         ctx.stored_as = stored  # what the save compares against
         return ctx
 

@@ -85,6 +85,7 @@ from ..compress import load_dictionary, register_dictionaries
 from ..errors import ConfigurationError, UnsupportedVersion
 from ..keys import Keyring, generate_key
 from ..lifecycle import DEFAULT_HARD_MAX_TOKEN_BYTES, ExtractiveSummarizer, LifecyclePolicy
+from ..lifecycle.policy import limit_problem
 from ..padding import bucket_too_long, check_pad_to
 
 log = logging.getLogger("satchel")
@@ -211,12 +212,9 @@ class SatchelConfig:
         if config.mode not in ("client", "server", "memory"):
             raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
         for name in ("max_token_bytes", "hard_max_token_bytes"):  # before comparing them
-            limit = getattr(config, name)
-            if limit is not None and limit <= 0:
-                raise ConfigurationError(
-                    f"SATCHEL_{name.upper()} ({name}) must be positive, or None to turn it "
-                    f"off; got {limit!r}"
-                )
+            problem = limit_problem(name, getattr(config, name))
+            if problem is not None:
+                raise ConfigurationError(problem)
         config._fit_token_caps(hard_set="hard_max_token_bytes" in values)
         return config
 

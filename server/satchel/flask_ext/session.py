@@ -241,10 +241,9 @@ class SatchelSessionInterface(SessionInterface):
         """Pad session cookies to a multiple of this many bytes (``SATCHEL_SESSION_PAD_TO``)."""
         value = app.config.get("SATCHEL_SESSION_PAD_TO", self.pad_to)
         try:
-            pad_to = check_pad_to(int(value) if isinstance(value, str) else value)
+            return check_pad_to(int(value) if isinstance(value, str) else value)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"SATCHEL_SESSION_PAD_TO: {exc}") from None
-        return pad_to
 
     def _check_pad_fits_cookie(self, app: Flask, pad_to: int | None) -> None:
         """Over ``MAX_COOKIE_SIZE``, every non-empty session would raise SessionTooLarge."""

@@ -41,6 +41,23 @@ _LIMIT_KEYS = {
 _ZERO_ALLOWED = frozenset({"max_turns", "max_llm_tokens"})
 
 
+def limit_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be the lifecycle limit ``name``, naming its config key; or None."""
+    if value is None:
+        return None
+    zero_ok = name in _ZERO_ALLOWED
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        fine = False
+    else:
+        fine = value >= 0 if zero_ok else value > 0
+    if fine:
+        return None
+    return (
+        f"{_LIMIT_KEYS[name]} ({name}) must be {'0 or more' if zero_ok else 'positive'}, "
+        f"or None to turn it off; got {value!r}"
+    )
+
+
 @dataclass(slots=True)
 class LifecyclePolicy:
     """What to keep in the token. ``None`` disables a limit.
@@ -74,16 +91,10 @@ class LifecyclePolicy:
         # removed (the newest exchange, pinned items, the summary); any other limit at 0
         # or below would break every request (a token that expires at once, a cap no
         # token fits), and a negative one means nothing.
-        for name, key in _LIMIT_KEYS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            zero_ok = name in _ZERO_ALLOWED
-            if isinstance(value, bool) or not (value >= 0 if zero_ok else value > 0):
-                raise ValueError(
-                    f"{key} ({name}) must be {'0 or more' if zero_ok else 'positive'}, "
-                    f"or None to turn it off; got {value!r}"
-                )
+        for name in _LIMIT_KEYS:
+            problem = limit_problem(name, getattr(self, name))
+            if problem is not None:
+                raise ValueError(problem)
         soft, hard = self.max_token_bytes, self.hard_max_token_bytes
         if soft is not None and hard is not None and soft > hard:
             raise ValueError(

@@ -79,7 +79,8 @@ class Tier(ABC):
         Returns None on success, else the current value (the caller lost the race);
         when ``expected`` was a value but the key is absent (expired or deleted) the
         current value is returned as ``b""``, so None always means success. Used for
-        the ``monotonic`` high-water mark. Marks whose key carries a session tag are
+        the ``monotonic`` high-water mark and, in server and memory modes, for saving
+        the stored context (named for its first use). Keys that carry a session tag are
         removed by :meth:`delete_session` like every other key of the session.
         """
 
