@@ -48,13 +48,16 @@ class FlakyTier(MemoryTier):
         super().put(key, value, ttl)
 
 
-def make(tier: MemoryTier, budget: int = 1500, hard: int = 3000) -> Pipeline:
+def make(
+    tier: MemoryTier, budget: int = 1500, hard: int = 3000, grace: float = 600.0
+) -> Pipeline:
     codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
     # reset_timeout=0: the breaker lets a trial call through at once once it has opened,
     # so recovery is visible on the next request without waiting.
     guarded = GuardedTier(tier, BreakerPolicy(reset_timeout=0.0), cache=SegmentCache(0))
     policy = LifecyclePolicy(max_turns=None, max_token_bytes=budget, hard_max_token_bytes=hard)
-    return Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
+    store = SegmentStore(guarded, codec, grace=grace)
+    return Pipeline(codec, policy, segments=store, clock=lambda: NOW)
 
 
 def converse(pipeline: Pipeline, exchanges: Sequence[int], token: str | None = None) -> str | None:
@@ -99,15 +102,45 @@ def test_merges_rewrite_old_turns_a_few_times_not_on_every_merge() -> None:
     """Size-tiered merging: 400 exchanges spill about 70 times; merging every
     reference whenever they pile up would write the history about 9 times over."""
     tier = CountingTier()
-    pipeline = make(tier, budget=1500)
+    pipeline = make(tier, budget=1500, grace=0)
     token = converse(pipeline, range(400))
     ctx = pipeline.load(token, now=NOW)
     assert len(ctx.all_turns()) == 800 and not ctx.degraded
     assert 1 <= len(ctx.overflow) <= MAX_SEGMENT_REFS
     kept = sum(ref.size for ref in ctx.overflow)
     assert tier.bytes_written < 6 * kept, (tier.bytes_written, kept)
-    # Replaced segments were deleted: the tier holds exactly what the token references.
+    # With no grace period, replaced segments were deleted at once: the tier holds
+    # exactly what the token references.
     assert len(tier) == len(ctx.overflow)
+
+
+def test_tokens_from_before_a_merge_open_whole_within_the_grace_period() -> None:
+    """A retried request or a second tab carries a token from before a merge; in
+    ``client`` consistency it is valid, so its replaced segments must still be there."""
+    tier_clock = [0.0]
+    tier = MemoryTier(clock=lambda: tier_clock[0])
+    pipeline = make(tier, budget=1500, grace=60)
+    tokens: list[str] = []
+    token = None
+    for i in range(60):
+        token = converse(pipeline, [i], token)
+        assert token is not None
+        tokens.append(token)
+    final = {ref.digest for ref in pipeline.codec.open(tokens[-1], now=NOW).overflow}
+    merged_away = [
+        t for t in tokens if {r.digest for r in pipeline.codec.open(t, now=NOW).overflow} - final
+    ]
+    assert len(merged_away) > 5  # the conversation did merge references
+    for n, old in enumerate(tokens):  # every one of them, replayed as a retry would
+        ctx = pipeline.load(old, now=NOW)
+        assert not ctx.degraded, n
+        assert len(ctx.all_turns()) == 2 * (n + 1)
+    # After the grace period the replaced copies are gone (storage stays bounded); a
+    # token that old finds the summary in their place, and says so.
+    tier_clock[0] += 61
+    ctx = pipeline.load(merged_away[0], now=NOW)
+    assert "segment_missing" in ctx.degraded
+    assert len(pipeline.load(tokens[-1], now=NOW).all_turns()) == 120
 
 
 @given(

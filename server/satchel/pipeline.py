@@ -320,12 +320,13 @@ class Pipeline:
         ref, start = written
         del ctx.turns[:count]
         # The new segment holds the turns of the references from ``start`` on, then the
-        # spill: it replaces them, and their stored copies go.
+        # spill: it replaces them, and their stored copies are retired (after a grace
+        # period, for tokens from before the merge that are still in flight).
         replaced = ctx.overflow[start:]
         ctx.overflow = [*ctx.overflow[:start], ref]
         ctx.rehydrated = [*ctx.rehydrated, *spill]
         if replaced:
-            self.segments.discard(ctx, replaced)
+            self.segments.retire(ctx, replaced)
         # The running summary always covers what left the token.
         ctx.summary = summarize(self.policy.summarizer, spill, ctx.summary)
         ctx.lifecycle.summarized += len(spill)

@@ -44,6 +44,10 @@ from .tiers.guard import GuardedTier
 
 SEGMENT_DIGEST_SIZE: Final = 16
 
+#: seconds a segment replaced by a merge stays readable: a retry or a second tab that
+#: still holds the token from before the merge must find its turns.
+DEFAULT_GRACE: Final = 600.0
+
 #: why a referenced segment could not be used
 TIER_UNAVAILABLE: Final = "tier_unavailable"  # the tier failed or its breaker is open
 SEGMENT_MISSING: Final = "segment_missing"  # expired, evicted, erased, or never existed
@@ -122,14 +126,25 @@ class SegmentRead:
 class SegmentStore:
     """Writes and reads a session's overflow segments through a :class:`GuardedTier`."""
 
-    def __init__(self, tier: GuardedTier | Tier, codec: Codec, *, prefix: str = "satchel") -> None:
+    def __init__(
+        self,
+        tier: GuardedTier | Tier,
+        codec: Codec,
+        *,
+        prefix: str = "satchel",
+        grace: float = DEFAULT_GRACE,
+    ) -> None:
         if not isinstance(tier, GuardedTier):
             tier = GuardedTier(tier)
         if not prefix or any(c in prefix for c in "{}"):
             raise ValueError("the segment key prefix must be non-empty and hold no braces")
+        if not grace >= 0:
+            raise ValueError("the segment grace period must be >= 0 seconds")
         self.tier = tier
         self.codec = codec
         self.prefix = prefix
+        #: seconds a segment replaced by a merge stays readable (0: deleted at once)
+        self.grace = float(grace)
 
     def __repr__(self) -> str:
         return f"SegmentStore(prefix={self.prefix!r}, tier={self.tier!r})"
@@ -244,14 +259,23 @@ class SegmentStore:
             return [], SEGMENT_CORRUPT
         return turns, None
 
-    def discard(self, ctx: Context, refs: list[SegmentRef]) -> None:
-        """Best-effort delete of segments a merged one replaced (they would otherwise
-        live until their TTL, multiplying storage). A failure only delays cleanup."""
+    def retire(self, ctx: Context, refs: list[SegmentRef]) -> None:
+        """Retire segments a merged one replaced (best effort).
+
+        They are not deleted at once: a retried request, or a second tab, may still
+        carry the token from before the merge, and in ``client`` consistency that token
+        is valid and must find its turns. They stay readable for ``grace`` seconds, then
+        the tier drops them (kept until their own TTL, they would multiply storage). A
+        failure only leaves them to that TTL.
+        """
         keys = [self.key_for(ctx.session_id, ref.digest) for ref in refs]
         if not keys:
             return
         try:
-            self.tier.delete(keys)
+            if self.grace > 0:
+                self.tier.expire_soon(keys, self.grace)
+            else:
+                self.tier.delete(keys)
         except TierError:
             pass  # they expire at their TTL
 
@@ -267,6 +291,7 @@ class SegmentStore:
 
 
 __all__ = [
+    "DEFAULT_GRACE",
     "REASONS",
     "SEGMENT_CORRUPT",
     "SEGMENT_FOREIGN",

@@ -64,7 +64,7 @@ def test_a_sessions_segments_share_one_slot_and_one_mget(cluster, tier, codec) -
     assert client.exists(*keys, f"satchel:{{{tag}}}:idx") == 0
 
 
-def test_compare_and_set_and_keys_of_several_sessions(tier) -> None:
+def test_compare_and_set_and_keys_of_several_sessions(cluster, tier) -> None:
     key = "satchel:{sess-a}:hwm"
     assert tier.compare_and_set_mark(key, None, b"1", 60) is None
     assert tier.compare_and_set_mark(key, None, b"2", 60) == b"1"
@@ -75,6 +75,8 @@ def test_compare_and_set_and_keys_of_several_sessions(tier) -> None:
     for i, k in enumerate(keys):
         tier.put(k, b"%d" % i, 60)
     assert tier.get_many([*keys, "satchel:{none}:x"]) == [*(b"%d" % i for i in range(12)), None]
+    tier.expire_soon(keys, 30)  # one script per slot: keys of many sessions are fine
+    assert all(0 < cluster.client().pttl(k) <= 30_000 for k in keys)
     assert tier.delete(keys) == 12
     assert tier.delete_session("sess-a") == 1
 

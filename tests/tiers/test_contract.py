@@ -10,6 +10,7 @@ import pytest
 
 from satchel.errors import ConfigurationError, TierFull
 from satchel.tiers import MemoryTier, NoTier, SQLiteTier, Tier, Timeouts, hash_tag, tier_from_url
+from tests.support import wait_until
 
 
 @pytest.fixture(
@@ -52,6 +53,19 @@ def test_delete_session_removes_every_key_of_the_session_only(tier: Tier) -> Non
     assert tier.get_many([f"satchel:{{sess1}}:seg:{i}" for i in range(5)]) == [None] * 5
     assert tier.get_many(["satchel:{sess1}:mark", "satchel:{sess2}:seg:0"]) == [None, b"y"]
     assert tier.delete_session("sess1") == 0
+
+
+def test_expire_soon_shortens_ttls_and_never_lengthens_them(tier: Tier) -> None:
+    tier.put("s:{a}:long", b"long", 3600)
+    tier.put("s:{a}:short", b"short", 0.05)
+    tier.put("s:{a}:other", b"other", 3600)
+    tier.expire_soon(["s:{a}:long", "s:{a}:short", "s:{a}:absent"], 1.0)
+    # Within the grace period both are still readable; the short one keeps its own TTL.
+    assert tier.get_many(["s:{a}:long", "s:{a}:absent"]) == [b"long", None]
+    wait_until(lambda: tier.get_many(["s:{a}:short"]) == [None], timeout=5)
+    wait_until(lambda: tier.get_many(["s:{a}:long"]) == [None], timeout=5)
+    assert tier.get_many(["s:{a}:other"]) == [b"other"]  # not named: untouched
+    tier.expire_soon([], 1)
 
 
 def test_compare_and_set_mark(tier: Tier) -> None:

@@ -171,7 +171,7 @@ class Satchel:
             if tier is not None:
                 from ..segments import SegmentStore
 
-                segments = SegmentStore(tier, codec)
+                segments = SegmentStore(tier, codec, grace=config.segment_grace)
             pipeline: Pipeline = Pipeline(
                 codec,
                 policy,

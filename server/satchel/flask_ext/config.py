@@ -61,6 +61,10 @@ SATCHEL_BREAKER_FAIL_MAX        5              consecutive failures that open th
 SATCHEL_BREAKER_RESET_TIMEOUT   2.0            seconds open before one trial call (a short
                                                blip must not refuse writes for long)
 SATCHEL_SEGMENT_CACHE_BYTES     8 MiB          in-process cache of recently read segments
+SATCHEL_SEGMENT_GRACE           600            seconds a segment replaced by a merge stays
+                                               readable, so a retried request or a second
+                                               tab with the token before the merge still
+                                               finds its turns (0: delete at once)
 SATCHEL_CONSISTENCY             "client"       "client", "monotonic" (needs a tier), "server"
 SATCHEL_TIER_DOWN_POLICY        "fail_open"    monotonic with the tier down: "fail_open"
                                                (accept, flag) or "fail_closed" (503)
@@ -154,6 +158,7 @@ class SatchelConfig:
     breaker_fail_max: int = 5
     breaker_reset_timeout: float = 2.0
     segment_cache_bytes: int = 8 * 1024 * 1024
+    segment_grace: float = 600.0
     consistency: str = "client"
     tier_down_policy: str = "fail_open"
     mode: str = "client"
@@ -192,7 +197,12 @@ class SatchelConfig:
             values["metrics_route"] = None
         ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")
         _converted(values, ints, int, "an integer")
-        seconds = ("tier_read_timeout", "tier_connect_timeout", "breaker_reset_timeout")
+        seconds = (
+            "tier_read_timeout",
+            "tier_connect_timeout",
+            "breaker_reset_timeout",
+            "segment_grace",
+        )
         _converted(values, seconds, float, "a number of seconds")
         config = cls(**values)
         if config.token_mode not in ("sealed", "signed"):

@@ -70,6 +70,15 @@ class Tier(ABC):
     def delete_session(self, session_tag: str) -> int:
         """Delete everything stored for one session (keys containing ``{session_tag}``)."""
 
+    def expire_soon(self, keys: Sequence[str], ttl: float) -> None:  # noqa: B027 - optional
+        """Let ``keys`` live at most ``ttl`` more seconds (keys due sooner keep their TTL).
+
+        Used for segments a merge replaced: a retried request or a second tab may still
+        hold a token that names them, so they are retired with a grace period instead
+        of deleted. The default does nothing (they live out their own TTL), so a custom
+        tier without it only keeps them longer.
+        """
+
     @abstractmethod
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
@@ -110,6 +119,9 @@ class NoTier(Tier):
 
     def delete_session(self, session_tag: str) -> int:
         return 0
+
+    def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
+        return None
 
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float

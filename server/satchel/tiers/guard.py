@@ -464,6 +464,11 @@ class GuardedTier:
         self.cache.discard(keys)
         return self._call("delete", self.tier.delete, keys)
 
+    def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
+        # The cache forgets them now: within the grace period the tier still serves them.
+        self.cache.discard(keys)
+        self._call("expire_soon", self.tier.expire_soon, keys, ttl)
+
     def delete_session(self, session_tag: str) -> int:
         self.cache.discard_tag(session_tag)
         return self._call("delete_session", self.tier.delete_session, session_tag)

@@ -118,6 +118,14 @@ class MemoryTier(Tier):
             now = self.clock()
             return sum(1 for k in set(keys) if self._live(k, now) is not None and self._remove(k))
 
+    def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
+        with self._lock:
+            due = self.clock() + max(ttl, 0.001)
+            for key in set(keys):
+                entry = self._data.get(key)
+                if entry is not None and entry[1] > due:
+                    self._data[key] = (entry[0], due)
+
     def delete_session(self, session_tag: str) -> int:
         with self._lock:
             now = self.clock()

@@ -69,6 +69,18 @@ redis.call('DEL', KEYS[1])
 return n
 """
 
+# KEYS = keys of one session (one slot); ARGV[1] = ttl ms. Only shortens a TTL.
+_EXPIRE_SOON = """
+local n = 0
+for i = 1, #KEYS do
+  local left = redis.call('PTTL', KEYS[i])
+  if left == -1 or left > tonumber(ARGV[1]) then
+    n = n + redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return n
+"""
+
 # KEYS[1] = mark, KEYS[2] = session index (optional)
 # ARGV[1] = '1' if an expected value is given, ARGV[2] = expected, ARGV[3] = new,
 # ARGV[4] = ttl ms. Returns {1} on success, {0, current or false} otherwise.
@@ -345,6 +357,20 @@ class RedisTier(Tier):
         if not keys:
             return 0
         return int(self._run("delete", lambda: self.client.delete(*keys)))
+
+    def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
+        if not keys:
+            return
+        by_slot: dict[str, list[str]] = {}
+        for key in keys:  # a script's keys must share a slot on Cluster
+            by_slot.setdefault(hash_tag(key) or key, []).append(key)
+        for group in by_slot.values():
+            self._run(
+                "expire_soon",
+                lambda group=group: self._script("expire_soon", _EXPIRE_SOON)(
+                    group, [_ttl_ms(ttl)]
+                ),
+            )
 
     def delete_session(self, session_tag: str) -> int:
         index = self._index_key(session_tag)

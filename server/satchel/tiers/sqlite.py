@@ -220,6 +220,22 @@ class SQLiteTier(Tier):
                 )
             return count
 
+    def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
+        if not keys:
+            return
+        with self._errors("expire_soon"):
+            conn = self._conn()
+            due = self.clock() + max(ttl, 0.001)
+            unique = list(dict.fromkeys(keys))
+            for i in range(0, len(unique), _CHUNK):
+                chunk = unique[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                conn.execute(
+                    f"UPDATE satchel_kv SET expires_at = ? WHERE key IN ({marks}) "  # noqa: S608
+                    "AND expires_at > ?",
+                    (due, *chunk, due),
+                )
+
     def delete_session(self, session_tag: str) -> int:
         with self._errors("delete_session"):
             conn = self._conn()
