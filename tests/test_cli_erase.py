@@ -78,8 +78,10 @@ def test_erase_reaches_a_server_mode_store(redis_server: Any) -> None:
     code, out, err = erase(session, "--store-url", redis_server.url)
     assert code == 0, err
     assert out["deleted_keys"] >= 1 and out["tokens_refused"] is True
+    # The erased id does not come back to life as a new, empty conversation.
     after = chat(client, carrier, "what is my address?")
-    assert after.status_code == 200 and after.headers["Satchel-Reset"] == "session_not_found"
+    assert after.status_code == 410 and after.get_json()["error"]["code"] == "token_erased"
+    assert client.get("/api/context", headers={"Satchel-Context": carrier}).status_code == 410
 
 
 def test_erase_needs_a_tier_and_a_session_id() -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from satchel import Codec, Context, Keyring, Limits, Turn, schema
 from satchel.errors import BudgetExceeded, ContextNotSerializable, TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
-from satchel.pipeline import MAX_SEGMENT_REFS, Pipeline
+from satchel.pipeline import MAX_HELD_SEGMENT_REFS, MAX_SEGMENT_REFS, Pipeline
 from satchel.segments import SegmentStore, merge_start
 from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
 
@@ -48,9 +48,7 @@ class FlakyTier(MemoryTier):
         super().put(key, value, ttl)
 
 
-def make(
-    tier: MemoryTier, budget: int = 1500, hard: int = 3000, grace: float = 600.0
-) -> Pipeline:
+def make(tier: MemoryTier, budget: int = 1500, hard: int = 3000, grace: float = 600.0) -> Pipeline:
     codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
     # reset_timeout=0: the breaker lets a trial call through at once once it has opened,
     # so recovery is visible on the next request without waiting.
@@ -493,3 +491,38 @@ def test_a_summary_over_the_hard_cap_loses_its_oldest_part_not_the_conversation(
     assert cuts > 0 and opened.summary.startswith("[… earlier summary cut by Satchel]")
     # The newest exchange stayed: the summary gave way, not the conversation.
     assert [t.content for t in opened.turns][-2:] == [pasted_blob(300, 11), message(1011)]
+
+
+class WriteOnlyTier(MemoryTier):
+    """Takes writes but cannot answer reads of segments (a Redis user without read
+    rights on them, reads that time out): references can never be merged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads_fail = True
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if self.reads_fail and any(":seg:" in key for key in keys):
+            raise TierUnavailable("reads refused for the test")
+        return super().get_many(keys)
+
+
+def test_references_stay_bounded_when_the_tier_cannot_be_read() -> None:
+    tier = WriteOnlyTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    guarded = GuardedTier(tier, BreakerPolicy(fail_max=10_000), cache=SegmentCache(0))
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=1500, hard_max_token_bytes=3000)
+    pipeline = Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
+    token = None
+    for i in range(300):
+        token = converse(pipeline, [i], token)
+        assert token is not None and len(token) <= 3000  # never stuck on 413
+    ctx = codec.open(token, now=NOW)
+    assert len(ctx.overflow) <= MAX_HELD_SEGMENT_REFS
+    # Every turn is inline, in a referenced segment, or reported lost.
+    held = len(ctx.turns) + sum(ref.turns for ref in ctx.overflow)
+    assert held + ctx.lifecycle.lost == 600 and ctx.lifecycle.lost > 0
+    tier.reads_fail = False  # the tier answers again: the referenced turns come back
+    back = pipeline.load(token, now=NOW)
+    assert not back.degraded
+    assert len(back.all_turns()) == held

@@ -42,6 +42,10 @@ TAG_CACHE_SIZE = 4096
 #: At most this many segment references in a token: spills merge with recent segments
 #: (segments.merge_start), so references cannot grow the token in a long conversation.
 MAX_SEGMENT_REFS = 6
+#: References kept while they cannot be merged (the tier does not answer reads, so the
+#: turns to merge are not in hand). Past this, turns stay inline as when the tier
+#: refuses writes, so the token cannot grow by a reference per spill without bound.
+MAX_HELD_SEGMENT_REFS = 4 * MAX_SEGMENT_REFS
 DEFAULT_SEGMENT_TTL = 30 * 86400.0
 #: Where the hard cap cut the oldest part of a summary (:meth:`Pipeline._shorten_summary`).
 SUMMARY_CUT_MARK = "[… earlier summary cut by Satchel]\n"
@@ -181,7 +185,7 @@ class Pipeline:
             # The tier failed since these were cached and may have come back without
             # them: write them back, so every process (not only this one) has them.
             restored = self.segments.restore(
-                result.unconfirmed, self._remaining_lifetime(ctx, self.clock())
+                ctx, result.unconfirmed, self._remaining_lifetime(ctx, self.clock())
             )
             if restored:
                 self.observer.event("segments_restored", session=tag, count=restored)
@@ -383,7 +387,8 @@ class Pipeline:
         if prepared.size > hard:
             raise BudgetExceeded(
                 f"the context is {prepared.size} bytes with no turns left to move: its "
-                f"pinned items and metadata alone exceed the hard cap of {hard} "
+                f"pinned items, metadata and {len(ctx.overflow)} overflow references "
+                f"alone exceed the hard cap of {hard} "
                 "bytes (SATCHEL_HARD_MAX_TOKEN_BYTES, or SATCHEL_TOKEN_LIMIT if lower)",
                 size=prepared.size,
                 limit=hard,
@@ -455,6 +460,12 @@ class Pipeline:
         assert self.segments is not None
         ttl = self._remaining_lifetime(ctx, now)
         kept = len(ctx.overflow)
+        if kept >= MAX_HELD_SEGMENT_REFS and not self._can_merge(ctx):
+            reason = "tier_unavailable"  # reads failed: that is why nothing merges
+            if reason not in ctx.degraded:
+                ctx.degraded.append(reason)
+            self.observer.event("degraded", session=tag, reason=reason, refs=kept)
+            return None
         try:
             if self._can_merge(ctx):
                 start = merge_start([r.turns for r in ctx.overflow], len(spill), MAX_SEGMENT_REFS)

@@ -35,8 +35,16 @@ from typing import Final
 
 from . import envelope, serialize
 from .codec import Codec
+from .consistency import ERASED, mark_key
 from .context import Context, SegmentRef, Turn
-from .errors import BadToken, BudgetExceeded, SatchelError, TierError, TokenExpired
+from .errors import (
+    BadToken,
+    BudgetExceeded,
+    ContextErased,
+    SatchelError,
+    TierError,
+    TokenExpired,
+)
 from .keys import b64url_encode
 from .schema import CURRENT_VERSION, turn_to_wire, turns_from_wire
 from .tiers.base import Tier
@@ -192,6 +200,7 @@ class SegmentStore:
             )
         _, stored = self.codec.seal_payload(payload, now=now, expires_at=now + ttl)
         digest = segment_digest(stored)
+        self.refuse_if_erased(ctx.session_id)
         self.tier.put(self.key_for(ctx.session_id, digest), stored, ttl)
         return SegmentRef(digest=digest, turns=len(turns), size=len(stored), seq=ctx.seq, ts=now)
 
@@ -229,10 +238,38 @@ class SegmentStore:
                     result.unconfirmed.append((key, stored))
         return result
 
-    def restore(self, unconfirmed: list[tuple[str, bytes]], ttl: float) -> int:
+    def restore(self, ctx: Context, unconfirmed: list[tuple[str, bytes]], ttl: float) -> int:
         """Write segments this process still caches back to a tier that may have lost
-        them in an outage (best effort); returns how many were written."""
+        them in an outage (best effort); returns how many were written.
+
+        Raises ContextErased when the session was erased meanwhile: its cached copies
+        are dropped, never written back.
+        """
+        try:
+            self.refuse_if_erased(ctx.session_id)
+        except TierError:
+            return 0  # best effort: they stay unconfirmed and are tried again later
         return self.tier.restore(unconfirmed, ttl)
+
+    def refuse_if_erased(self, session_id: bytes) -> None:
+        """Raise ContextErased if the session's tombstone is in the tier.
+
+        Erasure (``satchel erase``, ``Satchel.erase``) may run in another process,
+        whose cache this one cannot clear. Checking before every write means a process
+        that still caches an erased conversation's turns, or a client that still holds
+        its token, can never write them back to the tier. One small read per spill;
+        when the tier cannot answer it, this raises that TierError (nothing is written).
+        """
+        tag = self.session_tag(session_id)
+        key = mark_key(tag)
+        fetched = self.tier.get_many([key], cache=False)
+        if fetched.error is not None:
+            # Unchecked is not written: and a tier that cannot answer this read would
+            # most likely time out on the write too, costing the request twice.
+            raise fetched.error
+        if fetched.get(key) == ERASED:
+            self.tier.cache.discard_tag(tag)
+            raise ContextErased("this conversation was erased")
 
     def _decode(
         self, ctx: Context, ref: SegmentRef, stored: bytes

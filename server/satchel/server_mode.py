@@ -27,8 +27,16 @@ from itsdangerous.encoding import base64_decode, base64_encode
 
 from .app_schema import MetadataSchema
 from .codec import Codec
+from .consistency import ERASED, mark_key
 from .context import Context
-from .errors import BadToken, MalformedToken, StaleContext, TierError, TierUnavailable
+from .errors import (
+    BadToken,
+    ContextErased,
+    MalformedToken,
+    StaleContext,
+    TierError,
+    TierUnavailable,
+)
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .observe import NULL_OBSERVER, Observer
 from .pipeline import Clock, Pipeline, SaveResult
@@ -139,10 +147,17 @@ class ServerSidePipeline(Pipeline):
             self.observer.event("refused", reason=exc.code)
             raise
         key = self.key_for(session_id)
-        fetched = self.store.get_many([key], cache=False)
+        tag = self.session_tag(session_id)
+        # The erasure tombstone shares the session's slot: one round trip reads both.
+        tombstone = mark_key(tag)
+        fetched = self.store.get_many([key, tombstone], cache=False)
         if fetched.reason(key) == "tier_unavailable":
             self.observer.event("degraded", reason="tier_unavailable", mode=self.mode)
             raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
+        if fetched.get(tombstone) == ERASED:
+            # Erased: the id must not come back to life as a new, empty conversation.
+            self.observer.event("refused", session=tag, reason="token_erased")
+            raise ContextErased("this conversation was erased")
         stored = fetched.get(key)
         if stored is None:
             # Expired or evicted server-side: start over under the same id.

@@ -100,10 +100,11 @@ def test_all_segments_of_a_context_in_one_mget(redis_server: RedisServer, codec)
 
     assert calls_during(redis_server, read) == {"mget": 1}
     assert got.complete and got.turns == turns[:7]
-    # a write is one script call (SET + index update, atomically); commandstats also
-    # counts the commands the script runs inside the server
+    # a write is a read of the erasure tombstone, then one script call (SET + index
+    # update, atomically); commandstats also counts the commands the script runs
     during = calls_during(redis_server, lambda: spill(store, ctx, 1))
     assert during.pop("evalsha") == 1
+    assert during.pop("mget") == 1
     assert set(during) <= {"set", "sadd", "pttl", "pexpire"} and during["set"] == 1
 
 
@@ -312,7 +313,7 @@ def test_segments_redis_lost_in_a_restart_are_restored_from_the_cache(
     assert got.complete and got.turns == turns[:4] and len(got.unconfirmed) == 2
     cold = make_store(redis_server, codec)  # another process: no cache
     assert [reason for _, reason in cold.read(ctx).missing] == [SEGMENT_MISSING] * 2
-    assert store.restore(got.unconfirmed, ttl=600) == 2
+    assert store.restore(ctx, got.unconfirmed, ttl=600) == 2
     assert cold.read(ctx).turns == turns[:4]
     assert store.read(ctx).unconfirmed == []  # confirmed again
 

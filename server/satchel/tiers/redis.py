@@ -364,13 +364,12 @@ class RedisTier(Tier):
         by_slot: dict[str, list[str]] = {}
         for key in keys:  # a script's keys must share a slot on Cluster
             by_slot.setdefault(hash_tag(key) or key, []).append(key)
+
+        def shorten(group: list[str]) -> Any:
+            return self._script("expire_soon", _EXPIRE_SOON)(group, [_ttl_ms(ttl)])
+
         for group in by_slot.values():
-            self._run(
-                "expire_soon",
-                lambda group=group: self._script("expire_soon", _EXPIRE_SOON)(
-                    group, [_ttl_ms(ttl)]
-                ),
-            )
+            self._run("expire_soon", lambda: shorten(group))  # noqa: B023 - called at once
 
     def delete_session(self, session_tag: str) -> int:
         index = self._index_key(session_tag)

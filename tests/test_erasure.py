@@ -1,0 +1,84 @@
+"""Erasure is a barrier: once a session is erased, no process writes its turns to the
+tier again, whatever it still caches or whatever token a client still holds."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from satchel import Codec, Keyring
+from satchel.erase import erase_in_tier
+from satchel.errors import ContextErased
+from satchel.lifecycle import LifecyclePolicy
+from satchel.pipeline import Pipeline
+from satchel.segments import SegmentStore
+from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+
+NOW = 1_795_000_000.0
+
+
+def worker(tier: MemoryTier, codec: Codec) -> Pipeline:
+    """One app process: its own breaker and segment cache over the shared tier."""
+    guarded = GuardedTier(tier, BreakerPolicy(), cache=SegmentCache(1 << 20))
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=1200, hard_max_token_bytes=4000)
+    return Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
+
+
+def text(i: int) -> str:
+    # Text that does not compress away, so the conversation outgrows its budget.
+    return " ".join(hashlib.sha256(f"{i}-{n}".encode()).hexdigest()[:9] for n in range(30))
+
+
+def exchange(pipeline: Pipeline, token: str | None, i: int) -> str:
+    ctx = pipeline.load(token, now=NOW)
+    ctx.add_turn("user", text(i))
+    ctx.add_turn("assistant", text(-i))
+    result = pipeline.save(ctx, now=NOW)
+    assert result.token is not None
+    return result.token
+
+
+def test_a_process_caching_an_erased_conversation_cannot_write_it_back() -> None:
+    tier = MemoryTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    app = worker(tier, codec)
+    token = None
+    for i in range(12):
+        token = exchange(app, token, i)
+    ctx = codec.open(token, now=NOW)
+    assert ctx.overflow, "the conversation must have overflowed"
+    tag = codec.session_tag(ctx.session_id)
+
+    # `satchel erase` runs in another process: it cannot clear this one's cache.
+    erased = erase_in_tier(codec, GuardedTier(tier), ctx.session_id.hex(), refuse=True)
+    assert erased["deleted_keys"] >= len(ctx.overflow)
+
+    # The client still holds its token and keeps chatting against the same process.
+    with pytest.raises(ContextErased):
+        for i in range(12, 40):
+            token = exchange(app, token, i)
+    stored = [key for key in tier._data if f"{{{tag}}}" in key]
+    assert stored == [f"satchel:{{{tag}}}:hwm"]  # only the tombstone: no turn came back
+
+
+def test_segments_cached_through_an_outage_are_not_written_back_once_erased() -> None:
+    """After an outage a process writes back the segments it cached (the tier may have
+    restarted empty). Not those of a session erased meanwhile."""
+    tier = MemoryTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    guarded = GuardedTier(tier, BreakerPolicy(fail_max=1, reset_timeout=0.0))
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=1200, hard_max_token_bytes=4000)
+    app = Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
+    token = None
+    for i in range(12):
+        token = exchange(app, token, i)
+    ctx = codec.open(token, now=NOW)
+    assert ctx.overflow
+    guarded.breaker.open()  # an outage: what this process cached is unconfirmed now
+    assert guarded.epoch == 1
+    erase_in_tier(codec, GuardedTier(tier), ctx.session_id.hex(), refuse=True)
+    with pytest.raises(ContextErased):
+        app.load(token, now=NOW)
+    tag = codec.session_tag(ctx.session_id)
+    assert [key for key in tier._data if f"{{{tag}}}" in key] == [f"satchel:{{{tag}}}:hwm"]
