@@ -10,10 +10,9 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from flask import request
-
 from satchel.context import check_text
 from satchel.errors import InvalidRequest
+from satchel.flask_ext import json_body
 
 #: Largest request body the example apps accept (Flask's MAX_CONTENT_LENGTH): a
 #: maximal message (8000 characters, up to 6 bytes each as a JSON escape) plus a token
@@ -44,6 +43,13 @@ COMMON_ENV_KEYS = (
     "SATCHEL_BREAKER_FAIL_MAX",
     "SATCHEL_BREAKER_RESET_TIMEOUT",
     "SATCHEL_SEGMENT_CACHE_BYTES",
+    "SATCHEL_SEGMENT_GRACE",
+    "SATCHEL_HEADER",
+    "SATCHEL_COOKIE",
+    "SATCHEL_COOKIE_SECURE",
+    "SATCHEL_COOKIE_SAMESITE",
+    "SATCHEL_COOKIE_PATH",
+    "SATCHEL_JSON_FIELD",
     "SATCHEL_METRICS_ROUTE",
     "SATCHEL_HEALTH_ROUTES",
 )
@@ -51,12 +57,14 @@ COMMON_ENV_KEYS = (
 
 def read_message(max_chars: int) -> str:
     """The request's ``{"message": "..."}``, checked; bad input is a JSON 400."""
-    body = request.get_json(silent=True)
+    body = json_body()  # nested past the recursion limit: a JSON 400, not a 500
     if not isinstance(body, dict) or not isinstance(body.get("message"), str):
         raise InvalidRequest('send JSON {"message": "..."}')
-    message = body["message"].strip()
+    # Kept exactly as sent (a pasted code block keeps its first line's indentation);
+    # only a message of nothing but whitespace is refused.
+    message = body["message"]
     check_text(message, "message")  # an unpaired surrogate: JSON 400 invalid_text
-    if not message:
+    if not message.strip():
         raise InvalidRequest("message is empty")
     if len(message) > max_chars:
         raise InvalidRequest(f"message is longer than {max_chars} characters")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -142,3 +144,92 @@ def test_one_huge_message_does_not_break_the_conversation_behind_gunicorn(
             assert blob[:40] in data["summary"]
             assert data["lifecycle"]["dropped"]["byte_budget"] >= 2
         assert contents[-2] == "What did I paste?"
+
+
+# -- the edges of the HTTP contract ------------------------------------------------------
+
+
+def test_json_nested_past_the_recursion_limit_is_a_json_400(server: LiveServer) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    response = server.post("/api/chat", data=deep, headers={"Content-Type": "application/json"})
+    assert_json_error(response, "invalid_request")
+
+
+def test_a_message_is_kept_exactly_as_sent(server: LiveServer) -> None:
+    pasted = "    def add(a, b):\n        return a + b\n\n"
+    response = post_chat(server, pasted)
+    assert response.status == 200, response.text
+    context = server.get("/api/context", headers={HEADER: response.headers[HEADER]}).json()
+    assert context["turns"][0]["content"] == pasted
+    assert_json_error(post_chat(server, " \n\t "), "invalid_request")
+
+
+def test_a_wrong_method_is_a_json_405_that_says_what_is_allowed(server: LiveServer) -> None:
+    response = server.get("/api/chat")
+    assert_json_error(response, "method_not_allowed", status=405)
+    assert "POST" in response.headers["Allow"]
+
+
+def test_read_only_and_failed_responses_still_carry_server_timing(server: LiveServer) -> None:
+    token = post_chat(server, "hello").headers[HEADER]
+    read = server.get("/api/context", headers={HEADER: token})
+    assert read.status == 200 and read.headers.get(HEADER) is None
+    steps = read.headers["Server-Timing"]
+    assert "open;dur=" in steps and "satchel;dur=" in steps
+    refused = post_chat(server, "hello", token[:-4] + "AAAA")
+    assert refused.status == 400 and "Server-Timing" in refused.headers
+
+
+def test_a_read_only_route_says_it_started_afresh(fresh_server: LiveServer) -> None:
+    response = fresh_server.get("/api/context", headers={HEADER: "s1.garbage"})
+    assert response.status == 200 and response.json()["turns"] == []
+    assert response.headers["Satchel-Reset"] == "token_malformed"
+
+
+@pytest.fixture(scope="module")
+def cookie_server() -> Iterator[LiveServer]:
+    # The transport options come from the environment like every other setting.
+    yield from _server(SATCHEL_COOKIE="chat", SATCHEL_COOKIE_SECURE="0")
+
+
+def test_cookie_transport_from_the_environment_and_a_bad_cookie_is_cleared(
+    cookie_server: LiveServer,
+) -> None:
+    first = post_chat(cookie_server, "remember the blue door")
+    cookie = next(c for c in first.cookies if c.startswith("chat="))
+    value = cookie.split(";", 1)[0].split("=", 1)[1]
+    assert value == first.headers[HEADER] and "HttpOnly" in cookie
+    second = cookie_server.post(
+        "/api/chat", json_body={"message": "which door?"}, headers={"Cookie": f"chat={value}"}
+    )
+    assert second.status == 200 and second.json()["turns"] == 4
+    # A cookie that will never open is removed: page code cannot, it is HttpOnly.
+    tampered = value[:-4] + ("AAAA" if not value.endswith("AAAA") else "BBBB")
+    refused = cookie_server.post(
+        "/api/chat", json_body={"message": "hi"}, headers={"Cookie": f"chat={tampered}"}
+    )
+    assert refused.status == 400
+    cleared = next(c for c in refused.cookies if c.startswith("chat="))
+    assert "Max-Age=0" in cleared or "expires=Thu, 01 Jan 1970" in cleared
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_like_one_with_a_length(
+    server: LiveServer,
+) -> None:
+    body = json.dumps({"message": "x" * 300_000}).encode()
+    host, port = server.url.split("//", 1)[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        chunks = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+        conn.request(
+            "POST",
+            "/api/chat",
+            body=chunks,
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
+        response = conn.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"]["code"] == "request_entity_too_large"
+    finally:
+        conn.close()

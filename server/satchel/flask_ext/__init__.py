@@ -33,14 +33,21 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, g, request, stream_with_context
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..app_schema import MetadataMigration, MetadataSchema
 from ..codec import Codec
 from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, stricter
 from ..context import Context
 from ..envelope import encoded_length
-from ..errors import BadToken, ConfigurationError, MalformedToken, SatchelError, WrongUser
+from ..errors import (
+    BadToken,
+    ConfigurationError,
+    InvalidRequest,
+    MalformedToken,
+    SatchelError,
+    WrongUser,
+)
 from ..keys import Keyring
 from ..lifecycle import LifecyclePolicy
 from ..limits import Limits
@@ -73,6 +80,8 @@ class RequestState:
 
     context: Context | None = None
     token: str | None = None
+    #: where the token came from: "header", "cookie" or "json" (None: no token)
+    token_source: str | None = None
     reset: str | None = None
     fork: str | None = None
     streaming: bool = False
@@ -308,14 +317,18 @@ class Satchel:
     def read_token(self) -> str | None:
         """The token the client sent: header first, then cookie, then JSON field."""
         config = self.state().config
+        rs = self._request_state()
         token = request.headers.get(config.header)
+        rs.token_source = "header" if token else None
         if not token and config.cookie:
             token = request.cookies.get(config.cookie)
+            rs.token_source = "cookie" if token else None
         if not token and config.json_field and request.is_json:
-            body = request.get_json(silent=True)
+            body = json_body()
             field = body.get(config.json_field) if isinstance(body, dict) else None
             if isinstance(field, str):
                 token = field
+                rs.token_source = "json"
             elif field is not None:
                 # A number or an object where the token belongs is a client bug; taking
                 # it for "no token" would restart the conversation without a word.
@@ -470,26 +483,24 @@ class Satchel:
 
     def _after_request(self, response: Response) -> Response:
         rs: RequestState | None = g.get("_satchel")
-        if rs is None or rs.context is None or rs.streaming:
-            if rs is not None and "Server-Timing" not in response.headers:
+        if rs is None:
+            return response
+        if rs.context is None or rs.streaming:
+            if "Server-Timing" not in response.headers:
                 # Every response says how long the app took, context or not.
                 total = (time.perf_counter() - rs.started) * 1000
                 response.headers["Server-Timing"] = f"app;dur={total:.3f}"
             return response
-        if rs.discard:
-            # No new token, but a degraded read is still said in the headers.
-            if rs.context.degraded:
-                response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
-                self._expose_headers(response)
+        if rs.discard or (rs.committed is None and response.status_code >= 400):
+            # No new token: a read-only route (discard), or a failed request, whose
+            # half-made changes are not sealed (the client keeps the token it sent).
+            # What opening found is still said: a degraded read, a fresh start.
+            self._describe_unsealed(response, rs, rs.context)
             return response
         if rs.committed is not None:
             # Sealed by commit(): the tier already holds what this token references (and
             # a monotonic mark names it), so it goes out whatever the status.
             headers = rs.committed
-        elif response.status_code >= 400:
-            # A failed request issues no token: half-made changes are not sealed, and
-            # the client keeps the token it sent.
-            return response
         else:
             try:
                 headers = self.finish(rs)
@@ -543,6 +554,20 @@ class Satchel:
         headers["Server-Timing"] = server_timing(rs.timings, time.perf_counter() - rs.started)
         return headers
 
+    def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
+        """Headers for a response that carries no new token: the steps' timings, and
+        what opening the context found (degraded reasons, a reset, a fork)."""
+        if "Server-Timing" not in response.headers:
+            total = time.perf_counter() - rs.started
+            response.headers["Server-Timing"] = server_timing(rs.timings, total)
+        if ctx.degraded:
+            response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(ctx.degraded))
+        if rs.reset:
+            response.headers["Satchel-Reset"] = rs.reset
+        if rs.fork:
+            response.headers["Satchel-Fork"] = rs.fork
+        self._expose_headers(response)
+
     @staticmethod
     def _expose_headers(response: Response) -> None:
         existing = response.headers.get("Access-Control-Expose-Headers")
@@ -554,6 +579,19 @@ class Satchel:
     def _handle_error(self, exc: SatchelError) -> Response:
         response = satchel_error_response(exc)
         self._expose_headers(response)
+        rs: RequestState | None = g.get("_satchel")
+        config = self.state().config
+        if isinstance(exc, BadToken) and rs is not None and rs.token_source == "cookie":
+            # The cookie is HttpOnly: page code cannot remove a token that will never
+            # open, and every later request would be refused the same way.
+            assert config.cookie is not None
+            response.delete_cookie(
+                config.cookie,
+                path=config.cookie_path,
+                secure=config.cookie_secure,
+                httponly=True,
+                samesite=config.cookie_samesite,
+            )
         return response
 
     # -- streaming ------------------------------------------------------------------------
@@ -575,6 +613,9 @@ class Satchel:
         (what ``client.stream()`` reads). ``protocol="ai-sdk"`` speaks the Vercel AI
         SDK's UI message stream (``text-delta`` chunks) and carries the token in a
         transient ``data-satchel`` part, for ``useChat`` frontends (docs/client-js.md).
+
+        With ``SATCHEL_COOKIE`` the cookie is not updated (the headers leave before the
+        reply exists): clients send the final event's token back in the header.
         """
         if protocol not in ("satchel", "ai-sdk"):
             raise ValueError("protocol must be 'satchel' or 'ai-sdk'")
@@ -673,6 +714,27 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
 
 
+def json_body() -> Any:
+    """The request's JSON body, or None when it is absent or does not parse.
+
+    ``request.get_json(silent=True)`` catches ``ValueError`` only: a body nested deeper
+    than Python's recursion limit (``[[[[...]]]]``, a few hundred kilobytes) raises
+    ``RecursionError``, a 500. Here it is a JSON 400 ``invalid_request``. A chunked
+    body past ``MAX_CONTENT_LENGTH`` is a 413, as one with a ``Content-Length`` is.
+    """
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise InvalidRequest("the JSON body is nested too deeply") from None
+    limit = request.max_content_length
+    if body is None and request.content_length is None and limit is not None:
+        # A chunked body is cut at MAX_CONTENT_LENGTH without a word, and the cut JSON
+        # does not parse: say it was too large (413), as with a Content-Length.
+        if len(request.get_data(cache=True)) >= limit:
+            raise RequestEntityTooLarge()
+    return body
+
+
 def server_timing(timings: dict[str, float], total: float) -> str:
     """``Server-Timing`` for the steps of this request, in milliseconds."""
     parts = [f"{step};dur={seconds * 1000:.3f}" for step, seconds in timings.items()]
@@ -700,6 +762,7 @@ __all__ = [
     "SatchelSessionInterface",
     "SessionTooLarge",
     "error_response",
+    "json_body",
     "json_errors_for",
     "server_timing",
     "sse",

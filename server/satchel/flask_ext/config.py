@@ -191,8 +191,9 @@ class SatchelConfig:
             "metadata_write_version",
         )
         _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
-        if "health_routes" in values:
-            values["health_routes"] = _flag(values["health_routes"])
+        for name in ("health_routes", "cookie_secure"):  # "0", "false" from the environment
+            if name in values:
+                values[name] = _flag(values[name])
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
         ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")

@@ -63,7 +63,11 @@ def satchel_error_response(exc: SatchelError) -> Response:
 def http_error_response(exc: HTTPException) -> Response:
     """JSON for werkzeug's HTTP errors (bad JSON body, 404, 405...) on Satchel routes."""
     code = (exc.name or "http_error").lower().replace(" ", "_")
-    return error_response(code, exc.description or exc.name or "error", exc.code or 500)
+    response = error_response(code, exc.description or exc.name or "error", exc.code or 500)
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":  # keep what HTTP requires, e.g. a 405's Allow
+            response.headers[name] = value
+    return response
 
 
 __all__ = ["STATUS_BY_CODE", "error_response", "http_error_response", "satchel_error_response"]
