@@ -56,8 +56,9 @@ export declare class SatchelError extends Error {
  * The server could not use the token (code starts with `token_`: malformed,
  * too_large, bad_signature, unknown_key, expired, unsupported_version,
  * migration_failed, wrong_user, wrong_purpose). The client has already
- * dropped the token; it is thrown only when the one fresh retry was not
- * possible or failed too.
+ * dropped the token (unless storage meanwhile holds another one), emitting
+ * `token` and `reset`; it is thrown only when the one fresh retry was not
+ * possible (e.g. a stream had already yielded text) or failed too.
  */
 export declare class TokenError extends SatchelError {}
 
@@ -219,18 +220,26 @@ export interface SatchelClientOptions {
   /** Header carrying the token, in both directions. Default `"Satchel-Context"`. */
   headerName?: string;
   /**
-   * Serialize requests of one conversation across tabs with the Web Locks
-   * API (lock name `"satchel:<conversation>"`). `true` (default) uses
-   * `navigator.locks` when present (secure contexts only) and otherwise an
-   * in-page queue; `false` always uses the in-page queue; or pass a
-   * LockManager-like object.
+   * Serialize requests of one conversation with the Web Locks API. The lock
+   * has the scope of the stored token: for storage tabs share (localStorage,
+   * custom adapters) it is named after the storage key (prefix + conversation,
+   * e.g. `"satchel:default"`) and excludes every tab of the origin; for
+   * per-tab storage (`"session"`, `"memory"`) it is private to this page, so
+   * other tabs' conversations of the same id never wait for it.
+   * `true` (default) uses `navigator.locks` when present (secure contexts
+   * only) and otherwise an in-page queue; `false` always uses the in-page
+   * queue; or pass a LockManager-like object.
    */
   locks?: boolean | LockManagerLike;
   /**
-   * Announce new tokens to other tabs on BroadcastChannel
-   * `"satchel:<prefix>"`. Default: on, except for `storage: "session"`
-   * (per-tab by design). Without BroadcastChannel, localStorage users get
-   * the `storage` event instead. A constructor may be passed (tests).
+   * Live sync of `token` with other tabs. On: new tokens are announced on
+   * BroadcastChannel `"satchel:<prefix>"` (or, without BroadcastChannel and
+   * with localStorage, other tabs' writes are picked up from the `storage`
+   * event). `false` turns live sync off entirely, the `storage`-event
+   * fallback included (`syncMode` is `"none"`); requests stay correct,
+   * since each reads storage under the lock. Default: on, except for
+   * `storage: "session"` (per-tab by design). A constructor may be passed
+   * (tests).
    */
   broadcast?: boolean | (new (name: string) => BroadcastChannelLike);
   /**
@@ -301,6 +310,12 @@ export interface StaleEventDetail {
   retrying: boolean;
 }
 
+/**
+ * A call to `fetch()` or `stream()` is about to throw; or an `event: error`
+ * went through the body of a `text/event-stream` response that `fetch()` had
+ * already resolved with (whoever reads that body sees the error too). Not
+ * emitted for aborts.
+ */
 export interface ErrorEventDetail {
   conversation: string;
   error: unknown;
@@ -336,7 +351,10 @@ export interface SatchelStream extends AsyncGenerator<string, StreamResult, unde
   /**
    * Settles when the stream is finished: resolves with the metadata, rejects
    * with the stream's error, or with `code: "stream_cancelled"` if the loop
-   * was left early. Never reported as an unhandled rejection.
+   * was left early or the stream was closed (`return()` / `throw()`) before
+   * its first `next()`. Nothing is sent until the stream is iterated, so the
+   * result of a stream never iterated nor closed stays pending. Never
+   * reported as an unhandled rejection.
    */
   result: Promise<StreamResult>;
 }
@@ -412,17 +430,26 @@ export declare class SatchelClient extends EventTarget {
    * bytes pass through unchanged while the final `satchel` event (or an AI
    * SDK `data-satchel` part) is adopted, and the lock is held until then or
    * until the body ends or is cancelled. Always read or cancel such bodies.
+   * The wrapper keeps the original `url` and `redirected`; its `type` is
+   * `"default"`. An `event: error` in the body emits `error` (and for a
+   * `token_*` code drops the token, emitting `reset`), but fetch() has
+   * resolved by then.
+   *
+   * The lock wait is aborted by `init.signal`, or else by the Request's own
+   * signal, as fetch() itself would be.
    */
-  fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
+  fetch(input: RequestInfo | URL, init?: RequestInit | null): Promise<Response>;
 
   /**
    * POST `body` as JSON and stream the reply's text deltas
    * (`event: delta`, `data: {"text": ...}`). The final `event: satchel`
    * is adopted like response headers. The lock is held until that event, so
    * do not await another request for the same conversation inside the loop.
-   * A `token_*` error is retried once only if no delta had been yielded.
+   * A `token_*` error is retried once only if no delta had been yielded;
+   * after a delta the token is still dropped (as by fetch()) and the
+   * TokenError thrown.
    */
-  stream(url: RequestInfo | URL, body?: unknown, init?: RequestInit): SatchelStream;
+  stream(url: RequestInfo | URL, body?: unknown, init?: RequestInit | null): SatchelStream;
 
   /** Forget this conversation's token (under the lock); the next request starts fresh. */
   reset(): Promise<void>;
@@ -442,7 +469,12 @@ export declare class SatchelClient extends EventTarget {
   /** A client for another conversation with the same options and storage. */
   withConversation(conversation: string, overrides?: SatchelClientOptions): SatchelClient;
 
-  /** Stop listening to other tabs (BroadcastChannel / storage event). */
+  /**
+   * Stop listening to other tabs (BroadcastChannel / storage event). The
+   * client still works for requests. The shared lock announcing this page's
+   * last write of the conversation stays held (a tab whose storage lags may
+   * still need it) until the page writes that conversation again or closes.
+   */
   close(): void;
 }
 
@@ -480,12 +512,22 @@ export interface PrepareSendMessagesRequestOptions {
 
 export interface SatchelAISDKAdapter {
   /**
-   * Sends only the newest message: body `{...body, message, id}`; headers are
-   * the transport's plus the token header (they replace the transport's own,
-   * so they are copied through).
+   * Sends only the user's newest message: body
+   * `{...body, message, id, trigger, messageId}`, where `message` is the text
+   * of the last message with `role: "user"` (after tool results the last
+   * message is the assistant's) and `trigger` / `messageId` are passed
+   * through as the SDK's default body has them. Headers are the transport's
+   * plus the token header (they replace the transport's own, so they are
+   * copied through).
    */
   prepareSendMessagesRequest(options: PrepareSendMessagesRequestOptions): {
-    body: { message: string; id: string; [key: string]: unknown };
+    body: {
+      message: string;
+      id: string;
+      trigger: PrepareSendMessagesRequestOptions['trigger'];
+      messageId: string | undefined;
+      [key: string]: unknown;
+    };
     headers: Record<string, string>;
   };
   /**

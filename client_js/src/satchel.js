@@ -18,7 +18,7 @@
  *   stream    text/event-stream: delta* , satchel, done | error
  */
 
-export const VERSION = '0.1.1';
+export const VERSION = '0.1.2';
 export const DEFAULT_HEADER = 'Satchel-Context';
 export const DEFAULT_PREFIX = 'satchel:';
 /**
@@ -30,6 +30,14 @@ export const DEFAULT_SYNC_WAIT_MS = 500;
 const SERVER_CARRIER = 'sv1.';
 /** Names of the shared locks that announce each tab's newest write. */
 const WRITTEN_LOCK = 'satchel-written';
+/**
+ * Tells this page's locks from other tabs' for per-tab storage (see
+ * SatchelClient#_lockName). Web Locks, like randomUUID, need a secure context.
+ */
+const PAGE_ID =
+  typeof crypto !== 'undefined' && typeof crypto.randomUUID === 'function'
+    ? crypto.randomUUID()
+    : Math.random().toString(36).slice(2);
 
 const H_SEQ = 'Satchel-Seq';
 const H_SESSION = 'Satchel-Session';
@@ -530,6 +538,10 @@ function once(fn) {
 // page. Serializes within this tab only; other tabs are not excluded.
 const pageQueues = new Map();
 
+// Release functions of this page's write announcements: lock manager -> storage
+// key -> release (see SatchelClient#_announceWrite).
+const announcements = new WeakMap();
+
 function queueLock(name, signal) {
   const prev = pageQueues.get(name) || Promise.resolve();
   let release;
@@ -605,6 +617,12 @@ function pickLocks(opt) {
 
 const isRequest = (x) => typeof Request !== 'undefined' && x instanceof Request;
 
+/** The signal fetch() would obey: init's if given, else the Request's own. */
+function signalOf(input, init) {
+  if (init.signal !== undefined) return init.signal;
+  return isRequest(input) ? input.signal : undefined;
+}
+
 function isReplayable(input, init) {
   const b = init && init.body;
   // No body of our own: either none at all, or a Request's, which is cloned
@@ -668,10 +686,12 @@ export class SatchelClient extends EventTarget {
     const f = options.fetch;
     this._fetch = typeof f === 'function' ? f : (input, init) => globalThis.fetch(input, init);
     this._locks = pickLocks(options.locks);
-    this._lockName = `satchel:${this._conversation}`;
+    // The lock guards the stored token, so it has the token's scope: the storage
+    // key for storage every tab shares, and this page alone for per-tab storage,
+    // where another tab's conversation of the same id is a different one.
+    this._lockName = this._sharedStorage() ? this._key : `${this._key} page:${PAGE_ID}`;
     this._syncWaitMs = options.syncWaitMs ?? DEFAULT_SYNC_WAIT_MS;
     this._generation = 0; // the newest write generation this client has seen
-    this._releaseWritten = null; // our announcement lock (web locks with query())
     this._cache = undefined;
     this._closed = false;
     this._loadInitial();
@@ -795,10 +815,11 @@ export class SatchelClient extends EventTarget {
    * `data-satchel` part), and the conversation lock stays held until that
    * metadata arrives or the body ends/is cancelled: read or cancel the body.
    */
-  async fetch(input, init = {}) {
+  async fetch(input, init) {
+    init = init ?? {}; // fetch(url, null) is valid
     let release;
     try {
-      release = await this._lock(init.signal);
+      release = await this._lock(signalOf(input, init));
     } catch (err) {
       this._reportError(err);
       throw err;
@@ -826,22 +847,33 @@ export class SatchelClient extends EventTarget {
    * reset, fork}). The lock is held until the final `satchel` event, so do
    * not await another request for this conversation inside the loop.
    */
-  stream(url, body, init = {}) {
+  stream(url, body, init) {
     let settle;
     const result = new Promise((resolve, reject) => (settle = { resolve, reject }));
     // Nobody is obliged to look at .result; don't turn its rejection into an
     // unhandled-rejection warning.
     result.catch(() => {});
-    const gen = this._streamGen(url, body, init, settle);
+    const run = { started: false };
+    const gen = this._streamGen(url, body, init ?? {}, settle, run);
+    // A generator closed before its first next() never runs its body, so the
+    // body's `finally` cannot settle `result`: do it here (nothing was sent).
+    for (const method of ['return', 'throw']) {
+      const original = gen[method].bind(gen);
+      gen[method] = (arg) => {
+        if (!run.started) settle.reject(new SatchelError('Stream was cancelled', { code: 'stream_cancelled' }));
+        return original(arg);
+      };
+    }
     gen.result = result;
     return gen;
   }
 
-  async *_streamGen(url, body, init, settle) {
+  async *_streamGen(url, body, init, settle, run) {
+    run.started = true; // runs synchronously in the first next()
     let release = () => {};
     let outcome = null;
     try {
-      release = await this._lock(init.signal);
+      release = await this._lock(signalOf(url, init));
       const headers = new Headers(init.headers);
       if (!headers.has('content-type')) headers.set('content-type', 'application/json');
       if (!headers.has('accept')) headers.set('accept', 'text/event-stream');
@@ -879,9 +911,10 @@ export class SatchelClient extends EventTarget {
               release();
             } else if (ev.event === 'error') {
               const err = this._streamError(ev.data, response);
-              // Retrying after text was shown would duplicate it on screen,
-              // so in-stream token errors are only retried before any delta.
-              if (!yielded && (await this._recover(err, sent, state, true))) continue attempts;
+              // Retrying after text was shown would duplicate it on screen, so
+              // after a delta this only drops a dead token (as fetch() does
+              // when it cannot retry) and reports it.
+              if (await this._recover(err, sent, state, !yielded)) continue attempts;
               throw err;
             } else if (ev.event === 'done') {
               break;
@@ -1105,13 +1138,15 @@ export class SatchelClient extends EventTarget {
     return rec; // past the deadline: send what we have; the server reports a fork
   }
 
-  /**
-   * Whether writes are announced: only with Web Locks that can be queried, and
-   * only for storage other tabs share (sessionStorage and memory are per tab).
-   */
-  _announces() {
+  /** Whether other tabs see our storage (sessionStorage and memory are per tab; custom adapters may not be). */
+  _sharedStorage() {
     const kind = this._storage.kind;
-    return !!this._locks && typeof this._locks.query === 'function' && kind !== 'session' && kind !== 'memory';
+    return kind !== 'session' && kind !== 'memory';
+  }
+
+  /** Whether writes are announced: only with Web Locks that can be queried, and only for shared storage. */
+  _announces() {
+    return !!this._locks && typeof this._locks.query === 'function' && this._sharedStorage();
   }
 
   /** The newest write any tab announced for this conversation: {g, kind} or null. */
@@ -1134,22 +1169,30 @@ export class SatchelClient extends EventTarget {
     return newest;
   }
 
-  /** Hold a shared lock announcing our write `g` (and drop our previous one). */
+  /**
+   * Hold a shared lock announcing our write `g`, and drop the previous
+   * announcement this page made for the key, whichever client made it: only
+   * the newest one counts (_newestWrite), so the page holds one per key.
+   *
+   * close() leaves the newest one held on purpose: a tab whose copy of storage
+   * lags still needs it to wait for this write, and a client is often closed
+   * right after its last reply. It goes with the page's next write of the key,
+   * or with the page.
+   */
   async _announceWrite(g, kind) {
     if (!this._announces()) return;
-    const previous = this._releaseWritten;
+    let held = announcements.get(this._locks);
+    if (!held) announcements.set(this._locks, (held = new Map()));
     const name = `${WRITTEN_LOCK} ${g} ${kind} ${this._key}`;
     // Resolved once the lock manager has granted it, so the announcement is in
     // place before the caller hands over the conversation lock.
-    await new Promise((granted) => {
-      const hold = () =>
-        new Promise((release) => {
-          this._releaseWritten = once(release);
-          granted();
-        });
-      Promise.resolve(this._locks.request(name, { mode: 'shared' }, hold)).catch(() => granted());
+    const release = await new Promise((granted) => {
+      const hold = () => new Promise((done) => granted(once(done)));
+      Promise.resolve(this._locks.request(name, { mode: 'shared' }, hold)).catch(() => granted(null));
     });
-    if (previous) previous();
+    const previous = held.get(this._key);
+    if (release) held.set(this._key, release);
+    if (previous && release) previous();
   }
 
   async _write(rec, source) {
@@ -1295,14 +1338,11 @@ export class SatchelClient extends EventTarget {
           const part = safeJSON(ev.data);
           if (part && part.type === 'data-satchel') meta = metaFromEvent(part.data);
         } else if (ev.event === 'error') {
-          // The caller consumes the body and sees the error itself; we only
-          // keep our own state straight and tell listeners.
+          // fetch() has resolved already and the caller reads the error in the
+          // body; we only keep our own state straight (no retry: the body is
+          // theirs) and tell listeners.
           const err = this._streamError(ev.data, response);
-          if (err instanceof TokenError && sent) {
-            const current = await this._readRecord();
-            if (tokenOf(current) === sent.token) await this._clear(current, 'dropped');
-            this._emit('reset', { conversation: this._conversation, code: err.code, message: err.message, source: 'client', retrying: false });
-          }
+          await this._recover(err, sent, { retried: true }, false);
           this._reportError(err);
         }
         if (meta) {
@@ -1333,11 +1373,17 @@ export class SatchelClient extends EventTarget {
         return reader.cancel(reason);
       },
     }, { highWaterMark: 0 }); // no read-ahead: we read exactly when the consumer does
-    return new Response(body, {
+    const wrapped = new Response(body, {
       status: response.status,
       statusText: response.statusText,
       headers: response.headers,
     });
+    // A constructed Response has url "" and redirected false, and the
+    // constructor cannot set them; keep the real ones (relative links, logs).
+    for (const prop of ['url', 'redirected']) {
+      Object.defineProperty(wrapped, prop, { value: response[prop], enumerable: true });
+    }
+    return wrapped;
   }
 }
 
@@ -1362,6 +1408,18 @@ export function messageText(message) {
   return typeof message.content === 'string' ? message.content : '';
 }
 
+/**
+ * The message whose text is the user's turn: the last one from the user. After
+ * tool results (addToolResult, sendAutomaticallyWhen) the last message is the
+ * assistant's. Messages without roles: the last one.
+ */
+function lastUserMessage(messages) {
+  for (let i = messages.length - 1; i >= 0; i--) {
+    if (messages[i] && messages[i].role === 'user') return messages[i];
+  }
+  return messages.some((m) => m && m.role) ? null : messages[messages.length - 1];
+}
+
 function headersToObject(h) {
   if (!h) return {};
   if (typeof Headers !== 'undefined' && h instanceof Headers) return Object.fromEntries(h.entries());
@@ -1384,7 +1442,7 @@ function headersToObject(h) {
 export function satchelAISDK(client) {
   return {
     prepareSendMessagesRequest(options = {}) {
-      const { messages = [], id, body, headers } = options;
+      const { messages = [], id, body, headers, trigger, messageId } = options;
       // The transport *replaces* its headers with ours, so keep what it passed.
       const h = headersToObject(headers);
       for (const k of Object.keys(h)) {
@@ -1392,7 +1450,9 @@ export function satchelAISDK(client) {
       }
       if (client.token) h[client.headerName] = client.token;
       return {
-        body: { ...(body || {}), message: messageText(messages[messages.length - 1]), id },
+        // trigger / messageId as the SDK's own body has them, so the server can
+        // tell a regenerate or a tool-result continuation from a new message.
+        body: { ...(body || {}), message: messageText(lastUserMessage(messages)), id, trigger, messageId },
         headers: h,
       };
     },

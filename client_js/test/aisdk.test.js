@@ -65,7 +65,7 @@ test('prepareSendMessagesRequest: only the newest message, chat id, token header
     trigger: 'submit-message',
   });
   assert.deepEqual(out, {
-    body: { model: 'small', message: 'follow up', id: 'chat-9' },
+    body: { model: 'small', message: 'follow up', id: 'chat-9', trigger: 'submit-message', messageId: undefined },
     headers: { Authorization: 'Bearer x', 'Satchel-Context': 'tok-1' },
   });
   assert.equal(typeof adapter.fetch, 'function');
@@ -78,7 +78,10 @@ test('prepareSendMessagesRequest: no token -> no header; v4-style content; Heade
     messages: [{ role: 'user', content: 'plain v4 text' }],
     headers: new Headers({ 'X-A': '1' }),
   });
-  assert.deepEqual(out, { body: { message: 'plain v4 text', id: 'c' }, headers: { 'x-a': '1' } });
+  assert.deepEqual(out, {
+    body: { message: 'plain v4 text', id: 'c', trigger: undefined, messageId: undefined },
+    headers: { 'x-a': '1' },
+  });
   assert.equal(messageText(undefined), '');
   assert.equal(messageText({ parts: [{ type: 'reasoning', text: 'r' }] }), '');
 });
@@ -92,7 +95,7 @@ test('fetch wrapper: body passes through unchanged; token adopted from the data-
 
   const { res } = await sendLikeTransport(satchelAISDK(client));
   assert.equal(fetch.calls[0].token, 'tok-1');
-  assert.deepEqual(JSON.parse(fetch.calls[0].body), { message: 'follow up', id: 'chat-1' });
+  assert.deepEqual(JSON.parse(fetch.calls[0].body), { message: 'follow up', id: 'chat-1', trigger: 'submit-message' });
   assert.equal(client.token, 'tok-1', 'not adopted before the stream is read');
   assert.equal(await res.text(), text, 'the AI SDK sees the exact bytes');
   assert.equal(client.token, 'tok-2');
@@ -158,4 +161,26 @@ test('fetch wrapper: named `event: satchel` is understood as well, and errors ar
   assert.equal(client.token, 'named');
   // The transport would surface this rejection as useChat's `error`.
   await assert.rejects(sendLikeTransport(adapter), ServiceUnavailableError);
+});
+
+test('prepareSendMessagesRequest: after tool results the last message is the assistant\'s; the user\'s text is sent', () => {
+  const client = testClient({ conversation: 'ai-tools' });
+  const adapter = satchelAISDK(client);
+  const messages = [
+    ...uiMessages,
+    {
+      id: 'm4',
+      role: 'assistant',
+      parts: [
+        { type: 'text', text: 'Let me look that up.' },
+        { type: 'tool-weather', toolCallId: 'c1', state: 'output-available', input: {}, output: { temp: 21 } },
+      ],
+    },
+  ];
+  // What addToolResult + sendAutomaticallyWhen pass (AI SDK 5): trigger submit-message, messageId of the assistant message.
+  const tool = adapter.prepareSendMessagesRequest({ id: 'c', messages, trigger: 'submit-message', messageId: 'm4' });
+  assert.deepEqual(tool.body, { message: 'follow up', id: 'c', trigger: 'submit-message', messageId: 'm4' });
+  // regenerate() drops the assistant message itself; the trigger tells the server it is a do-over.
+  const again = adapter.prepareSendMessagesRequest({ id: 'c', messages: uiMessages, trigger: 'regenerate-message', messageId: 'm4' });
+  assert.deepEqual(again.body, { message: 'follow up', id: 'c', trigger: 'regenerate-message', messageId: 'm4' });
 });

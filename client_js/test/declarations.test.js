@@ -28,3 +28,7 @@ test('package.json points at the module and its declarations', () => {
   }
   assert.equal(pkg.exports['.'].types, pkg.types);
 });
+
+test('VERSION is the package version', () => {
+  assert.equal(satchel.VERSION, pkg.version);
+});

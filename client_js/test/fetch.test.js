@@ -8,7 +8,7 @@ import {
   TokenError,
   memoryStorage,
 } from '../src/satchel.js';
-import { errorReply, fakeFetch, record, reply, testClient } from '../test-support/fakes.js';
+import { deferred, errorReply, fakeFetch, flush, record, reply, sse, sseReply, testClient } from '../test-support/fakes.js';
 
 test('first request carries no token; the response token is adopted and sent next time', async () => {
   const fetch = fakeFetch((call, i) =>
@@ -309,4 +309,73 @@ test('seq headers are compared as integers, non-integers are ignored', async () 
   await client.fetch('/x');
   assert.equal(client.seq, null);
   assert.equal(client.token, 't2');
+});
+
+test('a null init is accepted, as native fetch accepts it', async () => {
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'n1', seq: 1 } }));
+  const client = testClient({ fetch });
+  const res = await client.fetch('/x', null);
+  assert.equal(res.status, 200);
+  assert.equal(client.token, 'n1');
+});
+
+test("a Request's own signal aborts the wait for the lock", async () => {
+  const gate = deferred();
+  const fetch = fakeFetch((call, i) => (i === 0 ? gate.promise : reply({})));
+  const client = testClient({ fetch, conversation: 'req-signal' });
+  const first = client.fetch('/1');
+  const ac = new AbortController();
+  const second = client.fetch(new Request('http://x.test/2', { signal: ac.signal }));
+  second.catch(() => {}); // asserted below
+  ac.abort();
+  const outcome = await Promise.race([second.then(() => 'sent', (e) => e.name), flush().then(() => 'waiting')]);
+  assert.equal(outcome, 'AbortError', 'rejected while the first request still holds the lock');
+  gate.resolve(reply({}));
+  await first;
+  await client.fetch('/3');
+  assert.deepEqual(fetch.calls.map((c) => c.url), ['/1', '/3']);
+});
+
+test('event-stream pass-through keeps the url and redirected flag of the real response', async () => {
+  const fetch = fakeFetch(() => {
+    const res = sseReply(sse([{ event: 'satchel', data: { token: 'n', seq: 1 } }]));
+    // A Response built in JS has url "" and redirected false; make this one look fetched.
+    Object.defineProperty(res, 'url', { value: 'http://x.test/final' });
+    Object.defineProperty(res, 'redirected', { value: true });
+    return res;
+  });
+  const client = testClient({ fetch });
+  const res = await client.fetch('http://x.test/start');
+  assert.equal(res.url, 'http://x.test/final');
+  assert.equal(res.redirected, true);
+  await res.text();
+  assert.equal(client.token, 'n');
+});
+
+test('event-stream pass-through: an in-stream error resolves fetch(), then emits error (and drops a dead token)', async () => {
+  const body = sse([{ event: 'error', data: { code: 'token_expired', message: 'expired' } }]);
+  const fetch = fakeFetch(() => sseReply(body));
+  const client = testClient({ fetch });
+  await client.importToken('dead');
+  const events = record(client, ['token', 'reset', 'error']);
+  const res = await client.fetch('/x');
+  assert.deepEqual(events, [], 'nothing yet: fetch() resolved before the body was read');
+  assert.equal(await res.text(), body, 'the reader sees the error itself');
+  assert.deepEqual(events.map((e) => e.name), ['token', 'reset', 'error']);
+  assert.equal(events[1].detail.retrying, false);
+  assert.ok(events[2].detail.error instanceof TokenError);
+  assert.equal(client.token, null);
+});
+
+test('a token error after the satchel event changed nothing we hold: no drop, no reset', async () => {
+  const body = sse([
+    { event: 'satchel', data: { token: 'next', seq: 2 } },
+    { event: 'error', data: { code: 'token_expired', message: 'late' } },
+  ]);
+  const client = testClient({ fetch: fakeFetch(() => sseReply(body)) });
+  await client.importToken('prev', { seq: 1 });
+  const events = record(client, ['reset', 'error']);
+  await (await client.fetch('/x')).text();
+  assert.equal(client.token, 'next');
+  assert.deepEqual(events.map((e) => e.name), ['error']);
 });

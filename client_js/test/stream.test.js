@@ -227,5 +227,75 @@ test('stream(): the lock is released at the satchel event, before the stream end
   assert.equal(fetch.calls[1].token, 'tok8');
   finish();
   assert.equal((await pending).done, true);
-  await second;
+  await (await second).text(); // an unread event-stream body would keep the lock
+});
+
+test('stream(): a token error after text was shown drops the token as fetch() would, without a retry', async () => {
+  const fetch = fakeFetch(() =>
+    sseReply(sse([
+      { event: 'delta', data: { text: 'shown' } },
+      { event: 'error', data: { code: 'token_expired', message: 'expired' } },
+    ])),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('dead', { seq: 3, session: 'S' });
+  const events = record(client, ['token', 'reset', 'error']);
+  await assert.rejects(
+    (async () => {
+      for await (const _ of client.stream('/s', {})) void _;
+    })(),
+    (e) => e instanceof TokenError && e.code === 'token_expired',
+  );
+  assert.equal(fetch.calls.length, 1, 'no retry: the text is already on screen');
+  assert.equal(client.token, null);
+  // The same sequence fetch() emits when it drops a token it cannot retry.
+  assert.deepEqual(events.map((e) => e.name), ['token', 'reset', 'error']);
+  assert.equal(events[0].detail.source, 'dropped');
+  assert.deepEqual(
+    { code: events[1].detail.code, source: events[1].detail.source, retrying: events[1].detail.retrying },
+    { code: 'token_expired', source: 'client', retrying: false },
+  );
+});
+
+/** 'pending', or how the promise settled, once every queued task has run. */
+const settledAs = (p) =>
+  Promise.race([p.then(() => 'resolved', (e) => (e && e.code) || 'rejected'), flush().then(() => 'pending')]);
+
+test('stream(): closing the stream before it started rejects .result with stream_cancelled', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream()));
+  const client = testClient({ fetch });
+  const unhandled = [];
+  const onUnhandled = (reason) => unhandled.push(reason);
+  process.on('unhandledRejection', onUnhandled);
+  try {
+    const s = client.stream('/s', {});
+    assert.deepEqual(await s.return(), { value: undefined, done: true });
+    assert.equal(await settledAs(s.result), 'stream_cancelled');
+
+    const t = client.stream('/s', {});
+    await assert.rejects(t.throw(new Error('stop')), /stop/);
+    assert.equal(await settledAs(t.result), 'stream_cancelled');
+
+    // Nobody looks at .result here: still no unhandled-rejection report.
+    await client.stream('/s', {}).return();
+    await flush();
+    await flush();
+    assert.deepEqual(unhandled, []);
+  } finally {
+    process.off('unhandledRejection', onUnhandled);
+  }
+  assert.equal(fetch.calls.length, 0, 'nothing was sent');
+  // A stream that has started keeps its own outcome: return() after the end changes nothing.
+  const done = client.stream('/s', {});
+  for await (const _ of done) void _;
+  await done.return();
+  assert.equal((await done.result).token, 'tok8');
+});
+
+test('stream(): a null init is accepted, as fetch() accepts one', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream()));
+  const client = testClient({ fetch });
+  for await (const _ of client.stream('/s', { m: 1 }, null)) void _;
+  assert.equal(fetch.calls[0].method, 'POST');
+  assert.equal(client.token, 'tok8');
 });

@@ -13,6 +13,20 @@ import {
   testClient,
 } from '../test-support/fakes.js';
 
+
+/** A Storage area over `map`, as localStorage would be. */
+function mapArea(map) {
+  return {
+    get length() {
+      return map.size;
+    },
+    key: (i) => [...map.keys()][i] ?? null,
+    getItem: (k) => (map.has(k) ? map.get(k) : null),
+    setItem: (k, v) => void map.set(k, String(v)),
+    removeItem: (k) => void map.delete(k),
+  };
+}
+
 test('lock fallback: two concurrent requests run one after the other; the second carries the first response token', async () => {
   const gates = [deferred(), deferred()];
   const fetch = fakeFetch((call, i) => gates[i].promise);
@@ -69,9 +83,9 @@ test('lock fallback: aborting while queued rejects without blocking the queue', 
   assert.deepEqual(fetch.calls.map((c) => c.url), ['/1', '/3']);
 });
 
-test('Web Locks: lock "satchel:<conversation>", token read inside the lock (two tabs, shared storage)', async () => {
+test('Web Locks: lock named after the storage key, token read inside the lock (two tabs, shared storage)', async () => {
   const locks = fakeLocks(); // stands in for navigator.locks, shared by both "tabs"
-  const shared = memoryStorage(); // stands in for localStorage, shared by both tabs
+  const shared = { ...memoryStorage(), kind: 'local' }; // stands in for localStorage, shared by both tabs
   const gate = deferred();
   const fetchA = fakeFetch(() => gate.promise);
   const fetchB = fakeFetch(() => reply({ satchel: { token: 'b-next', seq: 2, session: 's' } }));
@@ -193,15 +207,7 @@ test('storage-event fallback when BroadcastChannel is missing (localStorage only
   const target = new EventTarget();
   const saved = globalThis.BroadcastChannel;
   const map = new Map();
-  const area = {
-    get length() {
-      return map.size;
-    },
-    key: (i) => [...map.keys()][i] ?? null,
-    getItem: (k) => (map.has(k) ? map.get(k) : null),
-    setItem: (k, v) => void map.set(k, String(v)),
-    removeItem: (k) => void map.delete(k),
-  };
+  const area = mapArea(map);
   globalThis.localStorage = area;
   globalThis.addEventListener = target.addEventListener.bind(target);
   globalThis.removeEventListener = target.removeEventListener.bind(target);
@@ -299,4 +305,86 @@ test('a late broadcast never rolls shared localStorage back', async () => {
   stale.postMessage({ v: 1, conversation: 'late', type: 'clear', token: 'B2' });
   await flush();
   assert.equal(JSON.parse(storage.backing.get('satchel:late')).token, 'B2');
+});
+
+/** 'done' if `p` settles within the current task (fake requests need no timer), else 'waiting'. */
+const doneBeforeNextTask = (p) => Promise.race([p.then(() => 'done'), flush().then(() => 'waiting')]);
+
+/** A second copy of the module, as another tab would load it: its own page-wide state. */
+const otherTab = () => import(`../src/satchel.js?tab=${Math.random()}`);
+
+test('per-tab storage (session, memory) locks per tab: another tab with the same id is not blocked', async () => {
+  const locks = fakeLocks(); // the origin's lock manager, seen by both tabs
+  const tabB = await otherTab();
+  for (const kind of ['session', 'memory']) {
+    const gate = deferred();
+    const fetchA = fakeFetch(() => gate.promise);
+    const fetchB = fakeFetch(() => reply({ satchel: { token: 'b1', seq: 1 } }));
+    const a = testClient({ storage: { ...memoryStorage(), kind }, locks, fetch: fetchA });
+    const b = tabB.createClient({ storage: { ...memoryStorage(), kind }, locks, fetch: fetchB, broadcast: false });
+    const pa = a.fetch('/slow'); // a long reply in tab A ...
+    // ... does not hold up tab B's own "default" conversation.
+    assert.equal(await doneBeforeNextTask(b.fetch('/chat')), 'done', kind);
+    assert.equal(b.token, 'b1', kind);
+    // Within one tab, requests still run one at a time.
+    const a2 = a.withConversation('default', { fetch: fakeFetch(() => reply({})) });
+    const queued = a2.fetch('/after');
+    await flush();
+    assert.equal(fetchA.calls.length, 1);
+    gate.resolve(reply({ satchel: { token: 'a1', seq: 1 } }));
+    await pa;
+    await queued;
+  }
+});
+
+test('shared storage locks per prefix + conversation: another prefix is another conversation', async () => {
+  const locks = fakeLocks();
+  const shared = { ...memoryStorage(), kind: 'local' };
+  const gate = deferred();
+  const a = testClient({ storage: shared, locks, prefix: 'app-a:', fetch: fakeFetch(() => gate.promise) });
+  const b = testClient({ storage: shared, locks, prefix: 'app-b:', fetch: fakeFetch(() => reply({})) });
+  const pa = a.fetch('/slow');
+  const pb = b.fetch('/chat');
+  assert.equal(await doneBeforeNextTask(pb), 'done', 'B does not wait for A: the lock names differ');
+  gate.resolve(reply({}));
+  await pa;
+  await pb;
+  await flush();
+  assert.deepEqual(locks.log, ['acquire app-a:default', 'acquire app-b:default', 'release app-b:default', 'release app-a:default']);
+});
+
+test('write announcements: one per conversation per tab, even as clients come and go', async () => {
+  const locks = fakeLocks();
+  const shared = { ...memoryStorage(), kind: 'local' };
+  const announced = async () =>
+    (await locks.query()).held.map((l) => l.name).filter((n) => n.startsWith('satchel-written '));
+  let n = 0;
+  const fetch = fakeFetch(() => reply({ satchel: { token: `t${++n}`, seq: n, session: 's' } }));
+  for (let i = 0; i < 3; i++) {
+    const client = testClient({ storage: shared, locks, fetch, conversation: 'churn' });
+    await client.fetch('/chat');
+    client.close();
+  }
+  await flush();
+  // The newest write stays announced after close(): a tab whose copy of storage
+  // lags may still need it. The older ones, superseded, are gone.
+  assert.deepEqual(await announced(), ['satchel-written 3 set satchel:churn']);
+});
+
+test('broadcast: false turns off live sync entirely, the storage-event fallback included', () => {
+  const target = new EventTarget();
+  const map = new Map();
+  globalThis.localStorage = mapArea(map);
+  globalThis.addEventListener = target.addEventListener.bind(target);
+  globalThis.removeEventListener = target.removeEventListener.bind(target);
+  try {
+    const client = createClient({ conversation: 'quiet', locks: false, broadcast: false });
+    assert.equal(client.syncMode, 'none');
+    target.dispatchEvent(Object.assign(new Event('storage'), { key: 'satchel:quiet', newValue: 'other-tab' }));
+    assert.equal(client.token, null);
+  } finally {
+    delete globalThis.localStorage;
+    delete globalThis.addEventListener;
+    delete globalThis.removeEventListener;
+  }
 });
