@@ -6,10 +6,12 @@ passed to ``create_app(config)`` wins over the environment).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
+from satchel.audit import configure_json_logging
 from satchel.context import check_text
 from satchel.errors import InvalidRequest
 from satchel.flask_ext import json_body
@@ -53,6 +55,7 @@ COMMON_ENV_KEYS = (
     "SATCHEL_METRICS_ROUTE",
     "SATCHEL_HEALTH_ROUTES",
 )
+# Also read: SATCHEL_LOG_LEVEL (configure_logging).
 
 
 def read_message(max_chars: int) -> str:
@@ -74,3 +77,23 @@ def read_message(max_chars: int) -> str:
 def env_config(keys: Iterable[str]) -> dict[str, Any]:
     """The ``keys`` that are set in the environment, with their values."""
     return {key: os.environ[key] for key in keys if key in os.environ}
+
+
+def configure_logging() -> None:
+    """Send the ``satchel`` logger to stderr as JSON lines, at ``SATCHEL_LOG_LEVEL``
+    (default WARNING: data loss, forks, stale tokens, the breaker opening; INFO adds an
+    audit record per event), unless logging is already set up.
+
+    The library only installs a NullHandler, and gunicorn configures its own loggers,
+    not the root: without this, an example app run by gunicorn would report data loss
+    to nobody. An app that configured logging itself (``python -m examples.chat``,
+    pytest's capture) keeps its own.
+    """
+    logger = logging.getLogger("satchel")
+    configured = any(not isinstance(h, logging.NullHandler) for h in logger.handlers)
+    if configured or logging.getLogger().handlers:
+        return
+    level = os.environ.get("SATCHEL_LOG_LEVEL", "WARNING").strip().upper() or "WARNING"
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError(f"SATCHEL_LOG_LEVEL={level!r} is not a logging level")
+    configure_json_logging(level=logging.getLevelName(level))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from satchel import Codec, Context, Key, Keyring, peek
-from tests.support import HttpResponse, LiveServer
+from tests.support import HttpResponse, LiveServer, wait_until
 
 APP = "examples.minimal_chat.app:create_app"
 RING = Keyring([Key("http1", hashlib.sha256(b"minimal-chat-http-test-key").digest())])
@@ -233,3 +233,20 @@ def test_a_chunked_body_over_the_limit_is_a_413_like_one_with_a_length(
         assert json.loads(response.read())["error"]["code"] == "request_entity_too_large"
     finally:
         conn.close()
+
+
+def test_the_example_app_reports_warnings_in_its_output(server: LiveServer) -> None:
+    """Under a plain server (or gunicorn) nothing configures the ``satchel`` logger;
+    the example does, so a fork (or data loss) is not reported to nobody."""
+    first = post_chat(server, "one")
+    token = first.headers[HEADER]
+    assert post_chat(server, "two", token).status == 200
+    assert post_chat(server, "two again", token).headers["Satchel-Fork"] == "behind=1"
+    line = wait_until(
+        lambda: next((x for x in server.logs().splitlines() if "fork_detected" in x), None),
+        timeout=5,
+        message="a fork_detected record in the server's log",
+    )
+    record = json.loads(line)
+    assert record["level"] == "WARNING" and record["event"] == "fork_detected"
+    assert "two" not in line and token not in line  # never content, never a token

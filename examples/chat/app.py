@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, render_template, send_from_directory
 
-from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES
+from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES, configure_logging
 from examples._config import env_config as read_env
 from examples._config import read_message as read_checked_message
 from satchel import Satchel
@@ -122,6 +122,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(env_config())
     app.config.update(config or {})
+    configure_logging()  # Satchel's warnings reach the server's output
     if "SATCHEL_OVERFLOW_URL" not in app.config:
         url = default_overflow_url(app.instance_path)
         if url:

@@ -25,7 +25,7 @@ from typing import Any
 
 from flask import Flask
 
-from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES
+from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES, configure_logging
 from examples._config import env_config as read_env
 from examples._config import read_message as read_checked_message
 from satchel import Satchel
@@ -68,6 +68,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     )
     app.config.update(env_config())
     app.config.update(config or {})
+    configure_logging()  # Satchel's warnings reach the server's output
     if os.environ.get("SATCHEL_BASELINE") == "1":
         return _baseline(app)
     satchel = Satchel(app)
