@@ -18,12 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = Keyring.generate("erase1")
 
 
-def erase(*args: str) -> tuple[int, Any, str]:
+def erase(*args: str, cwd: Path | None = None, **env_vars: str) -> tuple[int, Any, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
     env["SATCHEL_KEYS"] = KEYS.to_string()
+    env.update(env_vars)
     proc = subprocess.run(
-        [*satchel_command(), "erase", *args], env=env, capture_output=True, text=True, timeout=30
+        [*satchel_command(), "erase", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
     )
     return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None, proc.stderr
 
@@ -89,3 +95,57 @@ def test_erase_needs_a_tier_and_a_session_id() -> None:
     assert code == 2 and "SATCHEL_OVERFLOW_URL" in err
     code, _, err = erase("not-a-session", "--overflow-url", "memory://")
     assert code == 2 and "32 hexadecimal characters" in err
+
+
+def test_a_relative_sqlite_url_from_another_directory_is_an_error(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """SATCHEL_OVERFLOW_URL=sqlite:///data/tier.db resolves from the current directory.
+    Run from elsewhere, erase used to create an empty data/tier.db there, exit 0 with
+    deleted_keys 0, and leave the real rows."""
+    app_dir, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    app_dir.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(app_dir)  # the app resolves its relative path from here
+    url = "sqlite:///data/tier.db"
+    app = create_app(
+        {
+            "SATCHEL_KEYS": KEYS.to_string(),
+            "SATCHEL_OVERFLOW_URL": url,
+            "SATCHEL_MAX_TOKEN_BYTES": 900,
+            "TESTING": True,
+        }
+    )
+    client = app.test_client()
+    token = None
+    for i in range(10):
+        noise = hashlib.sha256(str(i).encode()).hexdigest()  # text that does not compress
+        token = chat(client, token, f"message {i} {noise} {noise[::-1]}").headers["Satchel-Context"]
+    ctx = Codec(KEYS).open(token)
+    assert ctx.overflow and (app_dir / "data" / "tier.db").exists()
+
+    code, out, err = erase(ctx.session, cwd=elsewhere, SATCHEL_OVERFLOW_URL=url)
+    assert code == 2 and out is None
+    assert str(elsewhere / "data" / "tier.db") in err  # the absolute path it looked at
+    assert "current directory" in err and "SATCHEL_OVERFLOW_URL" in err
+    assert not (elsewhere / "data").exists()
+
+    code, out, err = erase(ctx.session, cwd=app_dir, SATCHEL_OVERFLOW_URL=url)
+    assert code == 0, err
+    assert out["deleted_keys"] >= len(ctx.overflow) and out["tokens_refused"] is True
+
+
+def test_a_bad_second_url_erases_nothing(redis_server: Any, tmp_path: Path) -> None:
+    """Every URL is checked before anything is erased: a typo in --store-url must not
+    leave the overflow tier erased and the store not."""
+    redis_server.client().set("satchel:{x}:seg", b"v")
+    code, _, err = erase(
+        "00" * 16,
+        "--overflow-url",
+        redis_server.url,
+        "--store-url",
+        f"sqlite:///{tmp_path}/missing.db",
+    )
+    assert code == 2 and "--store-url" in err and "missing.db" in err
+    assert redis_server.client().dbsize() == 1
+    assert not (tmp_path / "missing.db").exists()

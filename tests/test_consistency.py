@@ -179,6 +179,40 @@ def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy:
         assert response.get_json()["error"]["code"] == "tier_unavailable"
 
 
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_monotonic_with_the_tier_full(
+    tmp_path: Path, redis_server: Any, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis out of memory (noeviction) refuses to move the mark: that is a full store,
+    not an unavailable one. fail_closed answers 503 tier_full saying so; fail_open
+    serves flagged consistency_unchecked and the audit event names tier_full."""
+    app, _ = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY=policy,
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    redis_server.config_set({"maxmemory": 1, "maxmemory-policy": "noeviction"})
+    caplog.set_level("INFO", logger="satchel.audit")
+    response = post(client, "/chat", token)
+    if policy == "fail_closed":
+        assert response.status_code == 503
+        error = response.get_json()["error"]
+        assert error["code"] == "tier_full" and "full" in error["message"]
+        assert "unavailable" not in error["message"]
+    else:
+        assert response.status_code == 200
+        assert "consistency_unchecked" in response.headers["Satchel-Degraded"]
+    degraded = [
+        getattr(r, "satchel", {})
+        for r in caplog.records
+        if getattr(r, "satchel_event", None) == "degraded"
+    ]
+    assert {"reason": "consistency_unchecked", "error": "tier_full"}.items() <= degraded[0].items()
+
+
 def test_marks_lost_by_a_restart_are_reported_and_set_again(
     tmp_path: Path, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -272,3 +306,37 @@ def test_erase_deletes_tier_data_and_refuses_tokens_in_monotonic(tmp_path: Path)
     refused = post(client, "/chat", token)
     assert refused.status_code == 410
     assert refused.get_json()["error"]["code"] == "token_erased"
+
+
+@pytest.mark.parametrize("mode", ["client", "server", "memory"])
+def test_erase_through_the_app_leaves_the_tombstone_in_every_mode(
+    tmp_path: Path, mode: str
+) -> None:
+    """The tombstone used to be written only when the app had a monotonic guard (client
+    mode): in server and memory modes an erased carrier came back as a new, empty
+    conversation under the same id, and nothing stopped segment writes."""
+    from satchel.consistency import ERASED, mark_key
+
+    app, satchel = make_app(
+        tmp_path,
+        SATCHEL_MODE=mode,
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path) if mode != "memory" else "",
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    with app.app_context():
+        state = satchel.state()
+        if mode == "client":
+            session_id = satchel.codec.open(token).session_id
+        else:
+            session_id = state.pipeline.session_id_of(token)
+        result = satchel.erase(session_id)
+        tombstone = mark_key(result["session"])
+        assert state.tier.get_many([tombstone], cache=False).get(tombstone) == ERASED
+    assert result["tokens_refused"] is True
+    after = post(client, "/chat", token)
+    if mode == "client":  # client level: the browser's copy stays usable (documented)
+        assert after.status_code == 200
+    else:
+        assert after.status_code == 410
+        assert after.get_json()["error"]["code"] == "token_erased"

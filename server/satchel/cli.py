@@ -135,7 +135,11 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
     try:
         carriers = SessionCarriers(Codec(Keyring.from_env(), purpose=args.purpose))
         session_id = carriers.session_id_of(carrier)
-        store = GuardedTier(tier_from_url(args.store_url)) if args.store_url else None
+        store = (
+            GuardedTier(tier_from_url(args.store_url, setting="--store-url", create=False))
+            if args.store_url
+            else None
+        )
     except (ConfigurationError, BadToken) as exc:
         return _refused(exc)
     key = carriers.key_for(session_id)

@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 
 from .context import Context
-from .errors import ContextErased, StaleContext, TierError, TierUnavailable
+from .errors import ContextErased, StaleContext, TierError, TierFull, TierUnavailable
 from .observe import NULL_OBSERVER, Observer
 
 LEVELS = ("client", "monotonic", "server")
@@ -131,8 +131,24 @@ class MonotonicGuard:
         self.mark_ttl = mark_ttl
 
     def _tier_down(self, ctx: Context, tag: str, exc: TierError) -> None:
-        self.observer.event("degraded", session=tag, reason="consistency_unchecked")
+        """The mark could not be read or moved: refuse (fail_closed) or flag (fail_open).
+
+        A full tier (Redis ``maxmemory`` with ``noeviction``, a full disk) answers but
+        refuses the write. It is reported as full, code ``tier_full`` (503 like
+        ``tier_unavailable``), not as an outage: the operator's fix is memory or space,
+        and waiting does not help. The event's ``error`` says which it was; the flag
+        stays ``consistency_unchecked``, which is what it means to the client either
+        way (this exchange is not protected against a replay).
+        """
+
+        self.observer.event("degraded", session=tag, reason="consistency_unchecked", error=exc.code)
         if self.tier_down_policy == "fail_closed":
+            if isinstance(exc, TierFull):
+                raise TierFull(
+                    "the consistency store is full and this app fails closed; it needs "
+                    "more memory or space before this conversation can go on",
+                    reason=exc.code,
+                ) from None
             raise TierUnavailable(
                 "the consistency store is unavailable and this app fails closed; retry shortly",
                 reason=exc.code,

@@ -1,11 +1,23 @@
-"""Erasure: delete what the server holds for a session, and refuse its tokens.
+"""Erasure: delete what the server holds for a session, and leave a tombstone.
 
-What it reaches: overflow segments and, in ``server``/``memory`` mode, the stored
-context; with a tier, a tombstone makes ``monotonic`` routes refuse the session's
-tokens from then on (410 ``token_erased``). What it cannot reach: a client-held token
-is a copy in the user's browser; in ``client`` consistency it stays usable until it
-expires (its turns are gone from the tier, its inline turns are not). See
-docs/security.md, "Erasure".
+What it reaches: every key of the session in the tier (overflow segments, marks and,
+in ``server``/``memory`` mode, the stored context). Every erasure with a tier then
+writes a tombstone in place of the session's mark, whatever the consistency level:
+
+* ``monotonic`` routes, and ``server``/``memory`` mode, refuse the session's tokens
+  from then on (410 ``token_erased``);
+* segment writes for the session are refused, so a process that still caches its
+  turns, or a request that still carries its token, cannot write them back to the
+  tier.
+
+What it cannot reach: a client-held token is a copy in the user's browser; on
+``client``-level routes it stays usable until it expires (its overflowed turns are
+gone, its inline turns are not). See docs/security.md, "Erasure".
+
+The result is ``{"session": tag, "deleted_keys": n, "tokens_refused": bool}``:
+``tokens_refused`` says the tombstone was written (always, when there is a tier), in
+the sense above: refused on ``monotonic`` and server-side routes, not on ``client``
+ones.
 """
 
 from __future__ import annotations
@@ -31,9 +43,9 @@ def parse_session_id(session_id: str | bytes) -> bytes:
 
 
 def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: bool) -> dict:
-    """Delete every tier key of the session; with ``refuse``, leave a tombstone that
-    monotonic routes answer with 410 ``token_erased``. The tombstone is written after
-    the delete, which would otherwise remove it with the rest of the session."""
+    """Delete every tier key of the session; with ``refuse``, leave the tombstone (see
+    the module docstring). It is written after the delete, which would otherwise
+    remove it with the rest of the session."""
     tag = codec.session_tag(parse_session_id(session_id))
     deleted = tier.delete_session(tag)
     if refuse:
@@ -42,12 +54,17 @@ def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: b
 
 
 def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
-    """Erase using a Flask app's Satchel state (tier, segments, guard, pipeline)."""
+    """Erase using a Flask app's Satchel state (tier, segments, guard, pipeline).
+
+    The tombstone is written whenever there is a tier, not only when the app has a
+    monotonic guard: server and memory modes have none, and the segment writes of
+    every mode must meet it (and ``satchel erase`` always wrote it).
+    """
     if state.tier is None:
         tag = state.codec.session_tag(parse_session_id(session_id))
         result = {"session": tag, "deleted_keys": 0, "tokens_refused": False}
     else:
-        result = erase_in_tier(state.codec, state.tier, session_id, refuse=state.guard is not None)
+        result = erase_in_tier(state.codec, state.tier, session_id, refuse=True)
     state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
     return result
 
@@ -56,25 +73,41 @@ def erase_session(
     session_id: str, *, overflow_url: str, purpose: str = "satchel", store_url: str = ""
 ) -> dict[str, Any]:
     """Erase with keys from SATCHEL_KEYS in the tier at ``overflow_url`` and, for
-    server-mode apps whose contexts live elsewhere, the store at ``store_url`` (the CLI)."""
+    server-mode apps whose contexts live elsewhere, the store at ``store_url`` (the CLI).
+
+    The tiers must exist already: a SQLite file is never created here (a relative path
+    resolves from the current directory, which need not be the app's; erasing a new,
+    empty file would report success and leave the real rows). Every URL is checked
+    before anything is erased.
+    """
     from .tiers import tier_from_url
     from .tiers.guard import GuardedTier
 
-    urls = list(dict.fromkeys(u for u in (overflow_url, store_url) if u))
-    if not urls:
+    settings: dict[str, str] = {}  # url -> where it came from, for errors
+    for url, setting in (
+        (overflow_url, "--overflow-url ($SATCHEL_OVERFLOW_URL)"),
+        (store_url, "--store-url ($SATCHEL_STORE_URL)"),
+    ):
+        if url:
+            settings.setdefault(url, setting)
+    if not settings:
         raise ConfigurationError(
             "nothing to erase server-side without a tier: set SATCHEL_OVERFLOW_URL "
             "(or, for server mode, SATCHEL_STORE_URL)"
         )
     codec = Codec(Keyring.from_env(), purpose=purpose)
-    deleted = 0
-    for url in urls:
-        tier = GuardedTier(tier_from_url(url))
-        try:
+    parse_session_id(session_id)  # a bad id is refused before any tier is opened
+    tiers: list[GuardedTier] = []
+    try:
+        for url, setting in settings.items():
+            tiers.append(GuardedTier(tier_from_url(url, setting=setting, create=False)))
+        deleted = 0
+        for tier in tiers:
             erased = erase_in_tier(codec, tier, session_id, refuse=True)
-        finally:
+            deleted += erased["deleted_keys"]
+    finally:
+        for tier in tiers:
             tier.close()
-        deleted += erased["deleted_keys"]
     return {**erased, "deleted_keys": deleted}
 
 

@@ -151,6 +151,66 @@ def test_redis_urls_parse_without_connecting() -> None:
         RedisTier("redis+sentinel://s1:26379/")
 
 
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("redis://h:6379/abc", "'abc'"),  # was db 0, silently
+        ("redis://h:6379/0?db=-1", "'-1'"),
+        ("redis+sentinel://s:26379/svc?db=two", "'two'"),
+        ("redis+cluster://h:7000/3", "database 0"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),  # was a bare ValueError
+        ("redis://h:6379/0?sentinel_password=hunter2", "'sentinel_password'"),
+        ("redis+cluster://h:7000?ssl=maybe", "ssl"),
+        ("redis+sentinel://s:26379/svc?dbb=1", "'dbb'"),
+        ("redis://h:70000/0", "70000"),
+        ("sqlite:///x.db?busy_timeout=abc", "busy_timeout"),  # was a bare ValueError
+        ("sqlite:///x.db?max_bytes=-5", "max_bytes"),  # was a 64 KiB cap, silently
+        ("sqlite:///x.db?purge_every=0", "purge_every"),
+        ("sqlite:///x.db?busytimeout=1", "'busytimeout'"),  # a typo was ignored
+    ],
+)
+def test_bad_tier_urls_fail_at_startup(url: str, names: str) -> None:
+    pytest.importorskip("redis")
+    with pytest.raises(ConfigurationError) as info:
+        tier_from_url(url, setting="SATCHEL_OVERFLOW_URL")
+    message = info.value.message
+    assert message.startswith("SATCHEL_OVERFLOW_URL: ") and names in message
+    assert "unix://" not in message and "hunter2" not in message
+
+
+def test_secrets_are_redacted_in_errors_and_repr() -> None:
+    pytest.importorskip("redis")
+    from satchel.tiers import RedisTier, redact_url
+
+    url = "redis+sentinel://u:pw1@s1:26379/svc?sentinel_password=pw2&db=1"
+    assert redact_url(url) == "redis+sentinel://u:***@s1:26379/svc?sentinel_password=***&db=1"
+    assert "pw" not in repr(RedisTier(url))
+    for bad in (url.replace("db=1", "db=x"), "redis://[::1:pw3@h?password=pw4"):
+        with pytest.raises(ConfigurationError) as info:
+            tier_from_url(bad)
+        assert "pw" not in info.value.message, info.value.message
+    assert redact_url("redis://:p/ss@h:6379/0?auth_token=t&x=1") == (
+        "redis://:***@h:6379/0?auth_token=***&x=1"
+    )
+    assert redact_url("sqlite:////var/x.db?busy_timeout=1") == "sqlite:////var/x.db?busy_timeout=1"
+
+
+def test_schemes_are_case_insensitive() -> None:
+    pytest.importorskip("redis")
+    from satchel.tiers import RedisTier
+
+    single = tier_from_url("REDIS://h:6380/2")  # redis-py refused it, suggesting unix://
+    assert isinstance(single, RedisTier) and single.mode == "single"
+    kwargs = single.client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("h", 6380, 2)
+    sentinel = tier_from_url("Redis+Sentinel://s:26379/svc")
+    assert isinstance(sentinel, RedisTier) and sentinel.mode == "sentinel"
+    assert isinstance(tier_from_url("MEMORY://"), MemoryTier)
+    with pytest.raises(ConfigurationError) as info:
+        tier_from_url("unix:///tmp/redis.sock")
+    assert "unix://" not in info.value.message.partition(": use ")[2]
+
+
 def test_memory_tier_bound(clock) -> None:
     full = MemoryTier(max_bytes=100, clock=clock)
     full.put("a", b"x" * 40, 10)

@@ -102,10 +102,11 @@ def test_all_segments_of_a_context_in_one_mget(redis_server: RedisServer, codec)
     assert got.complete and got.turns == turns[:7]
     # a write is a read of the erasure tombstone, then one script call (SET + index
     # update, atomically); commandstats also counts the commands the script runs
+    # (SCARD: the index is pruned only once it has grown large)
     during = calls_during(redis_server, lambda: spill(store, ctx, 1))
     assert during.pop("evalsha") == 1
     assert during.pop("mget") == 1
-    assert set(during) <= {"set", "sadd", "pttl", "pexpire"} and during["set"] == 1
+    assert set(during) <= {"set", "sadd", "pttl", "pexpire", "scard"} and during["set"] == 1
 
 
 def test_ttl_is_applied_to_segments_and_the_session_index(redis_server: RedisServer, codec):
@@ -124,6 +125,53 @@ def test_ttl_is_applied_to_segments_and_the_session_index(redis_server: RedisSer
     assert client.smembers(index) == {k.encode() for k in keys}
     assert store.erase(ctx.session_id) == 3
     assert client.keys("*") == []
+
+
+def test_the_session_index_is_pruned_of_keys_that_are_gone(redis_server: RedisServer) -> None:
+    """Every put adds its key to the session's index; expired, evicted and deleted keys
+    used to stay members until the whole set expired (121 members for 5 live keys after
+    400 exchanges, each read by delete_session). A put now prunes the set once it has
+    grown past INDEX_PRUNE_ABOVE members, and delete() removes what it deletes."""
+    from satchel.tiers.redis import INDEX_PRUNE_ABOVE, INDEX_PRUNE_SAMPLE
+
+    tier = RedisTier(redis_server.url, timeouts=Timeouts(read=1, connect=1))
+    client = redis_server.client()
+    index = "satchel:{s}:idx"
+
+    def members() -> set[str]:
+        return {m.decode() for m in client.smembers(index)}
+
+    live = [f"satchel:{{s}}:live{i}" for i in range(5)]
+    for key in live:
+        tier.put(key, b"v", 600)
+    for i in range(200):  # gone at once, as if evicted
+        tier.put(f"satchel:{{s}}:evicted{i}", b"v", 600)
+        client.delete(f"satchel:{{s}}:evicted{i}")
+    assert set(live) <= members() and client.scard(index) <= INDEX_PRUNE_ABOVE + 1
+
+    # Expired keys too (Redis' own clock says when). Enough that the next put prunes
+    # (5 live + 28 + 1 > 32), few enough that it checks the whole set (at most 33 + 28
+    # + 1 <= 64), so what is left is exact.
+    short = [f"satchel:{{s}}:short{i}" for i in range(28)]
+    for key in short:
+        tier.put(key, b"v", 0.05)
+    assert INDEX_PRUNE_ABOVE < client.scard(index) + 1 <= INDEX_PRUNE_SAMPLE
+    wait_until(lambda: client.exists(*short) == 0, timeout=5, message="short keys to expire")
+    tier.put("satchel:{s}:last", b"v", 600)
+    assert members() == {*live, "satchel:{s}:last"}
+
+    assert tier.delete([live[0], live[1], "satchel:{s}:never-written"]) == 2
+    assert members() == {*live[2:], "satchel:{s}:last"}
+    assert tier.delete_session("s") == 4
+    assert client.keys("*") == []
+
+    # Live keys are never pruned, however many there are.
+    many = [f"satchel:{{t}}:k{i}" for i in range(3 * INDEX_PRUNE_ABOVE)]
+    for key in many:
+        tier.put(key, b"v", 600)
+    assert client.scard("satchel:{t}:idx") == len(many)
+    assert tier.delete_session("t") == len(many)
+    tier.close()
 
 
 # --------------------------------------------------------------------------- failures

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from satchel.errors import TierFull, TierUnavailable
-from satchel.tiers import SQLiteTier
+from satchel.errors import ConfigurationError, TierFull, TierUnavailable
+from satchel.tiers import SQLiteTier, tier_from_url
 
 from .conftest import FakeClock
 
@@ -201,9 +201,11 @@ def test_full_database_is_tier_full(tmp_path: Path) -> None:
 
 
 def test_broken_file_is_tier_unavailable(tmp_path: Path) -> None:
+    """A file that breaks after start-up (or a parent that becomes a file) is a runtime
+    failure: tier_unavailable, like any other outage."""
     path = tmp_path / "broken.db"
+    tier = SQLiteTier(path)  # fine at start-up: the file does not exist yet
     path.write_bytes(b"this is not a database" * 100)
-    tier = SQLiteTier(path)
     for call in (lambda: tier.get_many(["k"]), lambda: tier.put("k", b"v", 1), tier.ping):
         with pytest.raises(TierUnavailable):
             call()
@@ -211,3 +213,76 @@ def test_broken_file_is_tier_unavailable(tmp_path: Path) -> None:
     (tmp_path / "file-not-dir").write_text("a file where a directory should be")
     with pytest.raises(TierUnavailable):
         blocked.get_many(["k"])
+
+
+def test_a_path_that_can_never_work_is_refused_at_startup(tmp_path: Path) -> None:
+    """Before, each of these started fine and then failed every spill
+    (tier_write_failed) until someone read the log."""
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigurationError, match="not an SQLite database"):
+        SQLiteTier(not_a_db)
+    (tmp_path / "file").write_text("a file where a directory should be")
+    with pytest.raises(ConfigurationError, match="is a file, not a directory") as info:
+        SQLiteTier(tmp_path / "file" / "deeper" / "x.db")
+    assert str(tmp_path / "file") in info.value.message
+    with pytest.raises(ConfigurationError, match="is a directory"):
+        SQLiteTier(tmp_path)
+    assert not_a_db.read_bytes().startswith(b"this is not")  # left alone
+
+    # What is not certain still starts: a directory that does not exist yet is created
+    # on first use, and an empty file is a new database to SQLite.
+    fresh = SQLiteTier(tmp_path / "new" / "dirs" / "x.db")
+    assert not (tmp_path / "new").exists()
+    fresh.put("k", b"v", 60)
+    assert fresh.get_many(["k"]) == [b"v"]
+    fresh.close()
+    (tmp_path / "empty.db").touch()
+    empty = SQLiteTier(tmp_path / "empty.db")
+    empty.put("k", b"v", 60)
+    empty.close()
+    assert SQLiteTier(tmp_path / "empty.db").get_many(["k"]) == [b"v"]  # now a database
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_bytes", -5),
+        ("max_bytes", 0),
+        ("max_bytes", 1000),  # below 16 pages: was silently raised to 64 KiB
+        ("purge_every", 0),
+        ("busy_timeout", -1.0),
+        ("busy_timeout", float("nan")),
+    ],
+)
+def test_options_out_of_range_are_refused(tmp_path: Path, option: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        SQLiteTier(tmp_path / "x.db", **{option: value})
+
+
+def test_create_false_opens_only_an_existing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app_dir, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigurationError) as info:
+        tier_from_url("sqlite:///data/tier.db", create=False, setting="--overflow-url")
+    message = info.value.message
+    assert message.startswith("--overflow-url: ")
+    assert str(elsewhere / "data" / "tier.db") in message  # the absolute path it looked at
+    assert "current directory" in message
+    assert not (elsewhere / "data").exists()  # nothing created
+
+    SQLiteTier(app_dir / "data" / "tier.db").put("satchel:{s}:a", b"v", 60)
+    monkeypatch.chdir(app_dir)
+    existing = tier_from_url("sqlite:///data/tier.db", create=False)
+    assert existing.get_many(["satchel:{s}:a"]) == [b"v"]
+    # Should the file go away between start-up and the first call, SQLite does not
+    # create it either (mode=rw).
+    gone = SQLiteTier(app_dir / "data" / "tier.db", create=False)
+    existing.close()
+    (app_dir / "data" / "tier.db").unlink()
+    with pytest.raises(TierUnavailable):
+        gone.get_many(["satchel:{s}:a"])
+    assert not (app_dir / "data" / "tier.db").exists()

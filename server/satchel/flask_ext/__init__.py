@@ -238,14 +238,16 @@ class Satchel:
             from ..tiers import tier_from_url
 
             options: dict[str, Any] = {}
-            if url.startswith(("redis://", "rediss://", "redis+")):
+            scheme = url.partition(":")[0].lower()  # schemes are case-insensitive
+            if scheme in ("redis", "rediss") or scheme.startswith("redis+"):
                 options["timeouts"] = Timeouts(
                     read=config.tier_read_timeout, connect=config.tier_connect_timeout
                 )
-            elif url.startswith("sqlite:") and "busy_timeout" not in url:
+            elif scheme == "sqlite" and "busy_timeout" not in url:
                 # A write-locked file must not hold a request for SQLite's default 1 s.
                 options["busy_timeout"] = max(0.05, 4 * config.tier_read_timeout)
-            tier = tier_from_url(url, **options)
+            setting = "SATCHEL_STORE_URL" if config.store_url else "SATCHEL_OVERFLOW_URL"
+            tier = tier_from_url(url, setting=setting, **options)
         if tier is None or getattr(tier, "name", "") == "none":
             return None
         if isinstance(tier, GuardedTier):

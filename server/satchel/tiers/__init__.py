@@ -17,8 +17,9 @@ docs/overflow.md.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigurationError
 from .base import NoTier, Tier, Timeouts, hash_tag
@@ -31,7 +32,7 @@ from .guard import (
     SegmentCache,
 )
 from .memory import MemoryTier
-from .sqlite import SQLiteTier
+from .sqlite import OPTION_RULES, SQLiteTier, option_problem
 
 if TYPE_CHECKING:  # redis is an optional dependency: imported on first use
     from .redis import RedisTier, default_retry
@@ -45,15 +46,84 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def tier_from_url(url: str | None, **options: Any) -> Tier:
+REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+SCHEMES_HELP = (
+    "redis://, rediss://, redis+sentinel://, redis+cluster://, sqlite:///, memory:// "
+    "or leave it empty for no tier"
+)
+# Query parameters whose value is a secret, whatever the backend calls them
+# (password, sentinel_password, auth_token, ssl_keyfile_password...).
+_SECRET_PARAM = re.compile(
+    r"([?&;][^=&#;]*(?:pass|pwd|secret|token|auth|credential)[^=&#;]*=)[^&#;]*", re.IGNORECASE
+)
+_SQLITE_PARAMS: dict[str, type] = {"busy_timeout": float, "max_bytes": int, "purge_every": int}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and every password-like query parameter as ``***``.
+
+    Text-based rather than :func:`urllib.parse.urlsplit`-based: it must also work on
+    the URLs that do not parse (an unclosed ``[``), which are the ones errors print.
+    The userinfo ends at the last ``@``: a password with an unencoded ``@`` or ``/``
+    is hidden whole, at the price of hiding a little more of an odd URL.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    return scheme + sep + _SECRET_PARAM.sub(r"\1***", rest)
+
+
+def _sqlite_option(url: str, key: str, text: str) -> float | int:
+    """A query parameter of a SQLite tier URL, converted and checked."""
+    try:
+        value: float | int = _SQLITE_PARAMS[key](text)
+    except ValueError:
+        problem: str | None = OPTION_RULES[key]
+    else:
+        problem = option_problem(key, value)
+    if problem is not None:
+        raise ConfigurationError(f"tier URL {redact_url(url)!r}: {key} {problem}, not {text!r}")
+    return value
+
+
+def tier_from_url(
+    url: str | None, *, setting: str | None = None, create: bool = True, **options: Any
+) -> Tier:
     """The tier ``url`` names; ``options`` go to its constructor (``timeouts=``,
-    ``retry=``, ``prefix=`` for Redis; ``busy_timeout=``, ``max_bytes=`` for SQLite;
-    ``max_bytes=``, ``evict=`` for memory)."""
+    ``retry=``, ``prefix=`` for Redis; ``busy_timeout=``, ``max_bytes=``,
+    ``purge_every=`` for SQLite; ``max_bytes=``, ``evict=`` for memory).
+
+    Every problem the URL certainly has (a bad number, an unknown parameter, a SQLite
+    file that is not a database) raises :class:`~satchel.errors.ConfigurationError`
+    here, at start-up, with the URL's secrets redacted; ``setting`` (for example
+    ``"SATCHEL_OVERFLOW_URL"``) prefixes the message to say where the URL came from.
+
+    ``create=False``: a SQLite file must already exist. Tools that work on an app's
+    tier (``satchel erase``) pass it, so that a relative path resolved from another
+    directory is an error instead of a new, empty tier.
+    """
     if url is None or not url.strip():
         return NoTier()
     url = url.strip()
-    scheme = urlsplit(url).scheme.lower()
-    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
+    try:
+        return _tier_from_url(url, create=create, options=options)
+    except ConfigurationError as exc:
+        if setting is None:
+            raise
+        raise ConfigurationError(f"{setting}: {exc.message}", **exc.facts) from None
+
+
+def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
+    try:
+        scheme = urlsplit(url).scheme.lower()  # RFC 3986: schemes are case-insensitive
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise ConfigurationError(f"bad tier URL {redact_url(url)!r}: {exc}") from None
+    if scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisTier
         except ImportError:
@@ -72,15 +142,19 @@ def tier_from_url(url: str | None, **options: Any) -> Tier:
                 "the SQLite tier needs a file shared by the worker processes; "
                 "use memory:// for an in-process tier"
             )
-        for key, values in parse_qs(query).items():
-            if key in ("busy_timeout", "max_bytes", "purge_every"):
-                options.setdefault(key, (float if key == "busy_timeout" else int)(values[-1]))
-        return SQLiteTier(path, **options)
+        for key, text in parse_qsl(query, keep_blank_values=True):
+            if key not in _SQLITE_PARAMS:
+                raise ConfigurationError(
+                    f"tier URL {redact_url(url)!r}: unknown parameter {key!r}; a SQLite "
+                    f"tier URL takes {', '.join(_SQLITE_PARAMS)}"
+                )
+            value = _sqlite_option(url, key, text)
+            options.setdefault(key, value)  # an explicit option wins over the URL
+        return SQLiteTier(path, create=create, **options)
     if scheme == "memory":
         return MemoryTier(**options)
     raise ConfigurationError(
-        f"unknown tier URL scheme {scheme!r}: use redis://, rediss://, redis+sentinel://, "
-        "redis+cluster://, sqlite:///, memory:// or leave it empty for no tier"
+        f"unknown tier URL scheme {scheme!r} in {redact_url(url)!r}: use {SCHEMES_HELP}"
     )
 
 
@@ -99,5 +173,6 @@ __all__ = [
     "Timeouts",
     "default_retry",
     "hash_tag",
+    "redact_url",
     "tier_from_url",
 ]

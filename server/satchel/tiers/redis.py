@@ -12,7 +12,11 @@ Keys of one session share a Redis Cluster hash tag (``{tag}``), so:
 * ``get_many`` is one ``MGET`` (one slot, one node, one round trip);
 * ``put`` is one script call that ``SET``\\s the value with ``PX`` and adds the key to
   the session's index set ``<prefix>:{tag}:idx`` (whose TTL follows the longest-lived
-  member), atomically;
+  member), atomically; when the set has grown past :data:`INDEX_PRUNE_ABOVE` members,
+  the same call drops up to :data:`INDEX_PRUNE_SAMPLE` of them that no longer exist
+  (expired, evicted), so the set stays near the session's live keys;
+* ``delete`` is one script call per session that deletes the keys and removes them
+  from the index;
 * ``delete_session`` is one script call that deletes every indexed key and the index;
 * ``compare_and_set_mark`` is one script call (atomic, one key).
 
@@ -27,10 +31,12 @@ used memory > 'maxmemory'``) to :class:`~satchel.errors.TierFull`; everything el
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -38,24 +44,65 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
+from . import REDIS_SCHEMES, redact_url
 from .base import Tier, Timeouts, hash_tag
 
 T = TypeVar("T")
 
-SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+SCHEMES = REDIS_SCHEMES
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
+#: query parameters Satchel reads itself from Sentinel and Cluster URLs (a single
+#: server's go to redis-py, which checks them)
+SENTINEL_PARAMS = ("db", "ssl", "sentinel_password")
+CLUSTER_PARAMS = ("ssl",)
+_TRUE, _FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
+_DIGITS = re.compile(r"[0-9]+")
 
-# KEYS[1] = key, KEYS[2] = session index (optional); ARGV[1] = value, ARGV[2] = ttl ms
+#: A session's index set is pruned once it holds more members than this...
+INDEX_PRUNE_ABOVE = 32
+#: ...by checking this many of them (at random: bounded work per put, whatever the
+#: set's size). A chat session has a handful of live keys, so a prune usually checks
+#: the whole set and runs again only after ~INDEX_PRUNE_ABOVE more puts.
+INDEX_PRUNE_SAMPLE = 64
+
+# KEYS[1] = key, KEYS[2] = session index (optional); ARGV[1] = value, ARGV[2] = ttl ms,
+# ARGV[3] = prune above this many members, ARGV[4] = members to check when pruning.
+# Expired, evicted and deleted keys would otherwise stay members until the whole set
+# expires: hundreds per long conversation, each read by delete_session.
 _PUT = """
+if redis.replicate_commands then
+  -- Redis < 5 replicates a script verbatim and refuses writes after SRANDMEMBER;
+  -- this switches it to replicating effects, the default (and a no-op) since 5.
+  redis.replicate_commands()
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if KEYS[2] then
   redis.call('SADD', KEYS[2], KEYS[1])
   if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
     redis.call('PEXPIRE', KEYS[2], ARGV[2])
   end
+  if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[3]) then
+    local sample = redis.call('SRANDMEMBER', KEYS[2], ARGV[4])
+    for i = 1, #sample do
+      if redis.call('EXISTS', sample[i]) == 0 then
+        redis.call('SREM', KEYS[2], sample[i])
+      end
+    end
+  end
 end
 return 1
+"""
+
+# KEYS[1] = session index, KEYS[2..] = keys of that session (its slot)
+_DELETE = """
+local n = 0
+for i = 2, #KEYS, 256 do
+  local last = math.min(i + 255, #KEYS)
+  n = n + redis.call('DEL', unpack(KEYS, i, last))
+  redis.call('SREM', KEYS[1], unpack(KEYS, i, last))
+end
+return n
 """
 
 # KEYS[1] = session index. Members share its hash tag, so they are in its slot.
@@ -136,10 +183,11 @@ def _split_hosts(netloc: str, default_port: int) -> tuple[str | None, str | None
             port_text = rest.lstrip(":")
         else:
             host, _, port_text = item.partition(":")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError:
-            raise ConfigurationError(f"bad port in tier URL host {item!r}") from None
+        port = int(port_text) if _DIGITS.fullmatch(port_text) else -1
+        if not port_text:
+            port = default_port
+        elif not 0 < port < 65536:
+            raise ConfigurationError(f"bad port in tier URL host {item!r}")
         if not host:
             raise ConfigurationError(f"empty host in tier URL ({item!r})")
         hosts.append((host, port))
@@ -149,17 +197,42 @@ def _split_hosts(netloc: str, default_port: int) -> tuple[str | None, str | None
 
 
 def _query(query: str) -> dict[str, str]:
-    return {k: v[-1] for k, v in parse_qs(query).items()}
+    return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs and errors)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{hostlist}").geturl()
+    """``url`` with its password and password-like query parameters as ``***``."""
+    return redact_url(url)
+
+
+def _bad(url: str, problem: str) -> ConfigurationError:
+    return ConfigurationError(f"bad Redis tier URL {redact_url(url)!r}: {problem}")
+
+
+def _db(url: str, text: str | None) -> int:
+    """The database number ``text`` names (None or empty: 0).
+
+    redis-py reads ``redis://h:6379/abc`` as db 0 without a word: the app would share
+    (and erase) another app's keys.
+    """
+    if not text:
+        return 0
+    if not _DIGITS.fullmatch(text):
+        raise _bad(url, f"the database number must be an integer >= 0, not {text!r}")
+    return int(text)
+
+
+def _flag(url: str, query: dict[str, str], name: str) -> bool:
+    value = query.get(name, "").lower()
+    if value not in _TRUE + _FALSE:
+        raise _bad(url, f"{name} must be true or false, not {query[name]!r}")
+    return value in _TRUE
+
+
+def _check_query(url: str, query: dict[str, str], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(query) - set(allowed))
+    if unknown:
+        raise _bad(url, f"unknown parameter {unknown[0]!r}; this URL takes {', '.join(allowed)}")
 
 
 class RedisTier(Tier):
@@ -197,17 +270,23 @@ class RedisTier(Tier):
         self._client: Any = client
         self._scripts: dict[str, Any] = {}
         if url is not None:
-            scheme = urlsplit(url).scheme.lower()
+            url = url.strip()
+            try:
+                parts = urlsplit(url)
+            except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+                raise _bad(url, str(exc)) from None
+            scheme = parts.scheme.lower()
             if scheme not in SCHEMES:
-                raise ConfigurationError(
-                    f"unsupported Redis URL scheme {scheme!r}; use one of {', '.join(SCHEMES)}"
-                )
+                raise _bad(url, f"unsupported scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+            # RFC 3986: schemes are case-insensitive. redis-py only knows them in lower
+            # case (and its error for REDIS:// suggests unix://, which Satchel refuses).
+            url = scheme + url[len(parts.scheme) :]
+            self.url = url
             self.mode = {"redis+sentinel": "sentinel", "redis+cluster": "cluster"}.get(
                 scheme, "single"
             )
-            if self.mode == "cluster":  # a cluster client connects when built: lazily
-                _split_hosts(urlsplit(url).netloc, DEFAULT_PORT)  # but check the URL now
-            else:
+            self._check_url(url, parts)
+            if self.mode != "cluster":  # a cluster client connects when built: lazily
                 self._client = self._build(url)
         else:
             from redis.cluster import RedisCluster
@@ -215,8 +294,27 @@ class RedisTier(Tier):
             self.mode = "cluster" if isinstance(client, RedisCluster) else "single"
 
     def __repr__(self) -> str:
-        where = redact(self.url) if self.url else type(self._client).__name__
+        where = redact_url(self.url) if self.url else type(self._client).__name__
         return f"RedisTier({where!r}, mode={self.mode!r})"
+
+    def _check_url(self, url: str, parts: SplitResult) -> None:
+        """What redis-py would let pass at start-up and fail on (or ignore) later."""
+        query = _query(parts.query)
+        if self.mode == "single":
+            # redis-py takes ?db= over the path; check both.
+            _db(url, unquote(parts.path).removeprefix("/").removesuffix("/"))
+            if "db" in query:
+                _db(url, query["db"])
+            return
+        _split_hosts(parts.netloc, DEFAULT_PORT)
+        if self.mode == "sentinel":
+            _check_query(url, query, SENTINEL_PARAMS)
+            _db(url, query.get("db"))
+        else:
+            _check_query(url, query, CLUSTER_PARAMS)
+            if parts.path.strip("/") not in ("", "0"):
+                raise _bad(url, "Redis Cluster has only database 0; remove the path")
+        _flag(url, query, "ssl")
 
     # -- clients -----------------------------------------------------------------------
 
@@ -233,12 +331,24 @@ class RedisTier(Tier):
     def _build(self, url: str) -> Any:
         try:
             if self.mode == "single":
-                return redis.Redis.from_url(url, retry=self.retry, **self._common())
+                client = redis.Redis.from_url(url, retry=self.retry, **self._common())
+                # redis-py hands unknown query parameters (?sentinel_password= on a
+                # single server, a typo) to each connection it opens: every call would
+                # fail with TypeError. Building one, without a socket, fails now instead.
+                pool = client.connection_pool
+                try:
+                    pool.connection_class(**pool.connection_kwargs)
+                except RedisError as exc:  # e.g. ssl_cert_reqs=nonsense
+                    raise ValueError(str(exc)) from None
+                return client
             if self.mode == "sentinel":
                 return self._build_sentinel(url)
             return self._build_cluster(url)
         except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad Redis tier URL {redact(url)!r}: {exc}") from None
+            unknown = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+            if unknown:  # a query parameter redis-py does not take
+                raise _bad(url, f"unknown parameter {unknown[1]!r}") from None
+            raise _bad(url, str(exc)) from None
 
     def _build_sentinel(self, url: str) -> Any:
         from redis.sentinel import Sentinel
@@ -258,14 +368,14 @@ class RedisTier(Tier):
         if "sentinel_password" in query:
             sentinel_kwargs["password"] = query["sentinel_password"]
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
-        master_opts = dict(opts, retry=self.retry, db=int(query.get("db", 0)))
+        master_opts = dict(opts, retry=self.retry, db=_db(url, query.get("db")))
         if self.max_connections is not None:
             master_opts["max_connections"] = self.max_connections
         if username:
             master_opts["username"] = username
         if password is not None:
             master_opts["password"] = password
-        if query.get("ssl", "").lower() in ("1", "true", "yes"):
+        if _flag(url, query, "ssl"):
             master_opts["ssl"] = True
         self._sentinel = sentinel
         return sentinel.master_for(service, **master_opts)
@@ -281,7 +391,7 @@ class RedisTier(Tier):
             opts["username"] = username
         if password is not None:
             opts["password"] = password
-        if query.get("ssl", "").lower() in ("1", "true", "yes"):
+        if _flag(url, query, "ssl"):
             opts["ssl"] = True
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in hosts],
@@ -351,12 +461,26 @@ class RedisTier(Tier):
     def put(self, key: str, value: bytes, ttl: float) -> None:
         tag = hash_tag(key)
         keys = [key, self._index_key(tag)] if tag else [key]
-        self._run("put", lambda: self._script("put", _PUT)(keys, [value, _ttl_ms(ttl)]))
+        args = [value, _ttl_ms(ttl), INDEX_PRUNE_ABOVE, INDEX_PRUNE_SAMPLE]
+        self._run("put", lambda: self._script("put", _PUT)(keys, args))
 
     def delete(self, keys: Sequence[str]) -> int:
         if not keys:
             return 0
-        return int(self._run("delete", lambda: self.client.delete(*keys)))
+        by_tag: dict[str | None, list[str]] = {}
+        for key in keys:  # a script's keys must share a slot on Cluster
+            by_tag.setdefault(hash_tag(key), []).append(key)
+        untagged = by_tag.pop(None, [])
+        count = 0
+        if untagged:  # in no session's index
+            count += int(self._run("delete", lambda: self.client.delete(*untagged)))
+        for tag, group in by_tag.items():
+            count += int(self._run("delete", partial(self._delete_tagged, str(tag), group)))
+        return count
+
+    def _delete_tagged(self, tag: str, keys: list[str]) -> Any:
+        # Inside _run: the script call (and building a Cluster client) may fail.
+        return self._script("delete", _DELETE)([self._index_key(tag), *keys])
 
     def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
         if not keys:

@@ -9,6 +9,11 @@
   removes them, so the file does not grow without bound.
 * ``max_bytes`` (optional) caps the file through ``max_page_count``; a write past it
   fails with :class:`~satchel.errors.TierFull`.
+* What can never work fails at construction (start-up) with
+  :class:`~satchel.errors.ConfigurationError`: an option out of range, a path whose
+  parent is a file, an existing file that is not an SQLite database, and (with
+  ``create=False``) a file that does not exist. A directory that does not exist yet is
+  created on first use.
 * Every :class:`sqlite3.Error` becomes :class:`~satchel.errors.TierFull` (disk or
   page cap full) or :class:`~satchel.errors.TierUnavailable` (locked, I/O error,
   corrupt file...). Nothing else escapes.
@@ -17,6 +22,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sqlite3
 import threading
@@ -26,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import TierError, TierFull, TierUnavailable
+from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
 from .base import Tier, hash_tag
 
 Clock = Callable[[], float]
@@ -45,10 +51,41 @@ _UPSERT = "INSERT OR REPLACE INTO satchel_kv (key, tag, value, expires_at) VALUE
 # SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below.
 _CHUNK = 500
 _FULL_CODES = {getattr(sqlite3, "SQLITE_FULL", 13)}
+# The first 16 bytes of every SQLite database file (an empty file is a new database).
+_HEADER = b"SQLite format 3\x00"
+# max_page_count below 16 pages leaves no room for the schema: the cap is raised to it.
+MIN_MAX_BYTES = 64 * 1024
+
+#: What each option must be (the message of the ConfigurationError when it is not).
+OPTION_RULES = {
+    "busy_timeout": "must be a number of seconds >= 0",
+    "max_bytes": f"must be a number of bytes >= {MIN_MAX_BYTES} (64 KiB)",
+    "purge_every": "must be a number of writes >= 1",
+}
+
+
+def option_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be the SQLite tier's option ``name`` (None: it can).
+
+    ``max_bytes=None`` means no cap. Out-of-range values were silently clamped before
+    (``max_bytes=-5`` became a 64 KiB cap); a typo must not become a policy.
+    """
+    if isinstance(value, bool):
+        return OPTION_RULES[name]
+    if name == "busy_timeout":
+        ok = isinstance(value, int | float) and math.isfinite(value) and value >= 0
+    elif name == "max_bytes":
+        ok = value is None or (isinstance(value, int) and value >= MIN_MAX_BYTES)
+    else:
+        ok = isinstance(value, int) and value >= 1
+    return None if ok else OPTION_RULES[name]
 
 
 class SQLiteTier(Tier):
-    """Key-value tier in one SQLite file, shared by every thread and process on a machine."""
+    """Key-value tier in one SQLite file, shared by every thread and process on a machine.
+
+    ``create=False``: open an existing file only (never create it or its directory).
+    """
 
     name = "sqlite"
 
@@ -60,12 +97,23 @@ class SQLiteTier(Tier):
         purge_every: int = 256,
         max_bytes: int | None = None,
         clock: Clock = time.time,
+        create: bool = True,
     ) -> None:
+        for name, value in (
+            ("busy_timeout", busy_timeout),
+            ("max_bytes", max_bytes),
+            ("purge_every", purge_every),
+        ):
+            problem = option_problem(name, value)
+            if problem is not None:
+                raise ConfigurationError(f"SQLite tier: {name} {problem}, not {value!r}")
         self.path = Path(path).absolute()  # relative to the directory at start-up
         self.busy_timeout = busy_timeout
-        self.purge_every = max(1, purge_every)
+        self.purge_every = purge_every
         self.max_bytes = max_bytes
         self.clock = clock
+        self.create = create
+        self._check_path()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._writes = itertools.count(1)
@@ -76,13 +124,55 @@ class SQLiteTier(Tier):
     def __repr__(self) -> str:
         return f"SQLiteTier({str(self.path)!r})"
 
+    def _check_path(self) -> None:
+        """Refuse, at start-up, a path that can never hold the tier.
+
+        Otherwise the app starts and every spill fails (``tier_write_failed``) until
+        someone reads the log. Only certain problems are refused: a file that cannot
+        be read here is left to the first request (``tier_unavailable``), where the
+        error says why.
+        """
+        path = self.path
+        if path.is_dir():
+            raise ConfigurationError(f"the SQLite tier path {path} is a directory, not a file")
+        if path.exists():
+            try:
+                with path.open("rb") as f:
+                    header = f.read(len(_HEADER))
+            except OSError:
+                return
+            if header and header != _HEADER:
+                raise ConfigurationError(
+                    f"{path} is not an SQLite database; point the tier URL at a new "
+                    "file or at the tier's own file"
+                )
+            return
+        if not self.create:
+            raise ConfigurationError(
+                f"no SQLite tier at {path}: the file does not exist (a relative path "
+                f"resolves from the current directory, {Path.cwd()}); run from the app's "
+                "directory or give the absolute path, sqlite:////absolute/path.db"
+            )
+        for parent in path.parents:  # the nearest one that exists must be a directory
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigurationError(
+                        f"cannot create the SQLite tier {path}: {parent} is a file, not a directory"
+                    )
+                break
+
     # -- connections -------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.create:
+            target, uri = str(self.path), False
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:  # mode=rw: SQLite refuses to create the file if it went away since
+            target, uri = f"{self.path.as_uri()}?mode=rw", True
         conn = sqlite3.connect(
-            str(self.path),
+            target,
+            uri=uri,
             timeout=self.busy_timeout,
             isolation_level=None,  # autocommit; explicit BEGIN where atomicity matters
             check_same_thread=False,  # only ever used by the thread that opened it
