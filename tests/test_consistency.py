@@ -34,13 +34,15 @@ def make_app(tmp_path: Path, observer: Any = None, **config: Any) -> tuple[Flask
             barrier.wait(timeout=5)  # both requests have opened before either seals
         return {"turns": len(ctx.turns), "degraded": ctx.degraded}
 
-    @app.post("/spend")
-    @satchel.consistency("monotonic")
-    def spend() -> Any:
-        ctx = satchel.context
-        credits = ctx.metadata.get("credits", 10) - 1
-        ctx.metadata["credits"] = credits
-        return {"credits": credits}
+    if "SATCHEL_OVERFLOW_URL" in config:  # a monotonic route needs the tier's marks
+
+        @app.post("/spend")
+        @satchel.consistency("monotonic")
+        def spend() -> Any:
+            ctx = satchel.context
+            credits = ctx.metadata.get("credits", 10) - 1
+            ctx.metadata["credits"] = credits
+            return {"credits": credits}
 
     return app, satchel
 
@@ -156,6 +158,33 @@ def test_monotonic_needs_a_tier(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigurationError):
         make_app(tmp_path, SATCHEL_CONSISTENCY="monotonic")
+
+
+def test_a_monotonic_route_without_a_tier_fails_at_start_up() -> None:
+    """Not with a JSON 500 on the route's first request."""
+    from satchel.errors import ConfigurationError
+
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS)
+    satchel = Satchel(app)
+    with pytest.raises(ConfigurationError, match="spend demands monotonic"):
+
+        @app.post("/spend")
+        @satchel.consistency("monotonic")
+        def spend() -> Any:
+            return {}
+
+    # The factory pattern: routes decorated before init_app are checked by it.
+    later = Satchel()
+
+    @later.consistency("monotonic")
+    def withdraw() -> Any:
+        return {}
+
+    other = Flask(__name__)
+    other.config.update(SATCHEL_KEYS=KEYS)
+    with pytest.raises(ConfigurationError, match="withdraw"):
+        later.init_app(other)
 
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])

@@ -1,12 +1,12 @@
 """``python -m examples.chat``: serve the chat example on 127.0.0.1:$PORT (default 8000).
 
 Uses werkzeug's threaded server (several tabs can stream at once). ``HOST`` overrides
-the interface; the demo is meant for loopback only.
+the interface; the demo is meant for loopback only. Satchel's warnings go to stderr as
+JSON lines (``SATCHEL_LOG_LEVEL``, see ``examples/_config.py``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -16,7 +16,6 @@ from .app import create_app
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "8000"))
     app = create_app()

@@ -324,6 +324,11 @@ function renderStatus(data) {
   const notes = [];
   if (missing) notes.push(`${missing} earlier turn${missing === 1 ? ' is' : 's are'} in the overflow store but could not be loaded.`);
   if (summarized) notes.push(`${summarized} earlier turn${summarized === 1 ? ' was' : 's were'} folded into the running summary.`);
+  if (data.max_token_bytes && data.token_bytes > data.max_token_bytes) {
+    // Over the soft budget: the tier did not take the oldest turns (it is down or
+    // full), so they stay in the token, up to the hard cap, until it does.
+    notes.push('The token is over its budget: older turns stay in it until the overflow store takes them again.');
+  }
   el.threadNote.textContent = notes.join(' ');
   el.threadNote.hidden = notes.length === 0;
 }

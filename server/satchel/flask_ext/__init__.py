@@ -131,6 +131,10 @@ class Satchel:
 
         if isinstance(observer, PrometheusObserver):
             self.metrics = observer
+        #: views that demand ``monotonic`` (:meth:`consistency`), checked against the
+        #: tier at start-up rather than on their first request
+        self._monotonic_routes: set[str] = set()
+        self._apps: list[Flask] = []
         if app is not None:
             self.init_app(app)
 
@@ -212,11 +216,16 @@ class Satchel:
             guard = MonotonicGuard(
                 tier, tier_down_policy=config.tier_down_policy, observer=self.observer
             )
-        elif config.consistency == "monotonic" and config.mode == "client":
+        elif config.mode == "client" and (
+            config.consistency == "monotonic" or self._monotonic_routes
+        ):
+            routes = f" (routes: {', '.join(sorted(self._monotonic_routes))})"
             raise ConfigurationError(
-                "SATCHEL_CONSISTENCY='monotonic' needs a tier for its marks: set "
+                "monotonic consistency needs a tier for its marks: set "
                 "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
+                + (routes if self._monotonic_routes else "")
             )
+        self._apps.append(app)
         app.extensions["satchel"] = _AppState(
             self, config, codec, pipeline, tier, segments, guard, ForkDetector()
         )
@@ -449,6 +458,17 @@ class Satchel:
             raise ValueError(f"consistency level must be one of {LEVELS}")
 
         def decorate(view: F) -> F:
+            if level == "monotonic":
+                self._monotonic_routes.add(getattr(view, "__qualname__", repr(view)))
+                for app in self._apps:  # decorated after init_app: check now
+                    state: _AppState = app.extensions["satchel"]
+                    if state.config.mode == "client" and state.guard is None:
+                        raise ConfigurationError(
+                            f"{getattr(view, '__qualname__', view)} demands monotonic "
+                            "consistency, which needs a tier for its marks: set "
+                            "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
+                        )
+
             @functools.wraps(view)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 rs = self._request_state()

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -354,7 +355,9 @@ def dev_keyring(path: Path) -> Keyring:
         path,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    ring = Keyring([generate_key("dev")])
+    # A kid of its own: a token sealed with a deleted dev key then reads as
+    # token_unknown_key, not as token_bad_signature (which means tampering).
+    ring = Keyring([generate_key(f"dev-{secrets.token_hex(3)}")])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(ring.to_string() + "\n")

@@ -17,7 +17,7 @@ from ..errors import SatchelError
 log = logging.getLogger("satchel")
 
 #: What the client is told of a 500: the code, and that the details are logged.
-INTERNAL_MESSAGE = "the server could not save this conversation; its log says why"
+INTERNAL_MESSAGE = "the server could not handle this conversation; its log says why"
 
 #: HTTP status codes that Satchel error codes map to, for reference and docs.
 STATUS_BY_CODE: dict[str, int] = {
