@@ -21,6 +21,15 @@ FIXTURES = ROOT / "tests" / "fixtures"
 KEYS = Keyring.generate("cli1")
 
 
+def strict_json(text: str) -> Any:
+    """Parse as RFC 8259 JSON: NaN and Infinity are not JSON (jq refuses them)."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def run(*args: str, keys: str | None = None, stdin: str | None = None) -> tuple[int, Any, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
@@ -34,7 +43,7 @@ def run(*args: str, keys: str | None = None, stdin: str | None = None) -> tuple[
         text=True,
         timeout=30,
     )
-    out = json.loads(proc.stdout) if proc.stdout.strip() else None
+    out = strict_json(proc.stdout) if proc.stdout.strip() else None
     return proc.returncode, out, proc.stderr
 
 
@@ -204,3 +213,36 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
     redis_server.flushall()
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "session_not_found"
+
+
+def test_output_is_strict_json_with_bytes_and_non_finite_numbers_tagged() -> None:
+    """inf and NaN printed as Infinity and NaN (not JSON: jq refuses the whole output),
+    and bytes as bare hex, the same as a str of hex digits."""
+    from satchel.context import ToolCall
+
+    ctx = Context.new(now=time.time())
+    ctx.metadata = {
+        "raw": b"\x01",
+        "hex": "01",
+        "nan": float("nan"),
+        "big": float("inf"),
+        "small": float("-inf"),
+        "fine": 1.5,
+        "looks_tagged": {"$bytes": "01"},
+        "deep": [b"\xff", {"x": float("nan")}],
+    }
+    ctx.add_turn("user", "hi", ts=float("inf"))
+    ctx.add_turn("assistant", "", tool_calls=[ToolCall("c1", "f", {"blob": b"\x02", "n": 2})])
+    code, out, err = run(Codec(KEYS).seal(ctx), keys=KEYS.to_string())
+    assert code == 0, err
+    meta = out["context"]["metadata"]
+    assert meta["raw"] == {"$bytes": "01"} and meta["hex"] == "01"
+    assert meta["nan"] == {"$float": "NaN"}
+    assert meta["big"] == {"$float": "Infinity"} and meta["small"] == {"$float": "-Infinity"}
+    assert meta["fine"] == 1.5
+    assert meta["looks_tagged"] == {"$map": {"$bytes": "01"}}  # a map, not bytes
+    assert meta["deep"] == [{"$bytes": "ff"}, {"x": {"$float": "NaN"}}]
+    turns = out["context"]["turns"]
+    assert turns[0]["ts"] == {"$float": "Infinity"}
+    assert turns[1]["tool_calls"][0]["arguments"] == {"blob": {"$bytes": "02"}, "n": 2}
+    assert out["context"]["session_id"] == ctx.session_id.hex()  # ids stay plain hex

@@ -17,6 +17,7 @@ from satchel import (
     Context,
     Key,
     Keyring,
+    LifecycleAction,
     OpaqueBlock,
     SegmentRef,
     ToolCall,
@@ -26,11 +27,13 @@ from satchel import (
     serialize,
     token_digest,
 )
+from satchel.codec import NO_EXPIRY
 from satchel.context import REQUEST_FIELDS, SEALED_FIELDS
 from satchel.envelope import FLAG_COMPRESSED, Header
 from satchel.errors import (
     BadSignature,
     BadToken,
+    ContextNotSerializable,
     InvalidContext,
     InvalidText,
     MalformedToken,
@@ -350,6 +353,43 @@ def test_no_ttl_means_no_expiry() -> None:
     assert codec.open(token, now=2**32 - 1).seq == 1
 
 
+def test_no_expiry_overrides_the_codec_ttl_and_zero_is_no_expiry() -> None:
+    """expires_at=0 used to be clamped to 1: a token expired since 1970, although 0 in
+    the header means "no expiry", and no call could override a ttl with "never"."""
+    codec = make_codec(ttl=3600)
+    for never in (NO_EXPIRY, 0, 0.0):
+        token = codec.seal(rich_context(), expires_at=never)
+        assert peek(token).expires_at == 0
+        assert codec.open(token, now=2**32 - 1).seq == 1
+    # A past time is still a token expired already, never one that does not expire.
+    for past in (0.5, -5, NOW - 3600):
+        token = codec.seal(rich_context(), expires_at=past)
+        assert peek(token).expires_at == max(1, int(past))
+        assert isinstance(refused(codec, token), TokenExpired)
+    assert peek(codec.seal(rich_context(), expires_at=2**40)).expires_at == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    ("expires_at", "error"),
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (float("-inf"), ValueError),
+        ("1767225600", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_an_expiry_that_is_no_time_is_refused_and_changes_nothing(
+    expires_at: object, error: type[Exception]
+) -> None:
+    codec = make_codec()
+    ctx = rich_context()
+    with pytest.raises(error, match="expires_at"):
+        codec.seal(ctx, expires_at=expires_at)  # type: ignore[arg-type]
+    assert (ctx.seq, ctx.parent, ctx.opened_kid) == (0, None, None)
+    assert codec.open(codec.seal(ctx)).seq == 1
+
+
 def test_expiry_is_checked_only_after_authentication() -> None:
     # An attacker cannot learn anything from, or extend, the expiry: it is authenticated.
     codec = make_codec(ttl=60)
@@ -626,3 +666,98 @@ def test_a_long_string_with_a_lone_surrogate_is_refused_as_not_serializable() ->
     ctx.metadata["notes"] = "a" * 200_000 + "\ud800"
     with pytest.raises(ContextNotSerializable):
         codec.seal(ctx)
+
+
+# -- seal refuses what open refuses -----------------------------------------------------
+
+
+def _with(**changes: object) -> Context:
+    ctx = rich_context()
+    for name, value in changes.items():
+        target: object = ctx
+        *path, last = name.split("__")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
+    return ctx
+
+
+def _dropped_int_key() -> Context:
+    ctx = rich_context()
+    ctx.lifecycle.dropped[1] = 1  # type: ignore[index]
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: _with(session_id=b"12345678"), "session_id is 8 bytes"),
+        (lambda: _with(session_id="ab" * 16), "session_id is str"),
+        (lambda: _with(seq=-1), "seq is -1"),
+        (lambda: _with(seq=-5), "seq is -5"),
+        (lambda: _with(seq=1.5), "seq is float"),
+        (lambda: _with(seq="3"), "seq is str"),
+        (lambda: _with(seq=2**63), "seq is 9223372036854775808"),
+        (lambda: _with(seq=2**63 - 1), "would pass the largest sequence number"),
+        (lambda: _with(created_at="2026-01-01"), "created_at is str"),
+        (lambda: _with(last_active=None), "last_active is NoneType"),
+        (lambda: _with(created_at=True), "created_at is bool"),
+        (lambda: _with(metadata_version=2**31), "metadata_version is 2147483648"),
+        (lambda: _with(metadata_version=-1), "metadata_version is -1"),
+        (lambda: _with(metadata_version="1"), "metadata_version is str"),
+        (lambda: _with(bound_user="u1"), "bound_user is str"),
+        (_dropped_int_key, "lifecycle.dropped has a int key"),
+        (lambda: _with(lifecycle__summarized=float("inf")), "lifecycle.summarized is float"),
+        (lambda: _with(lifecycle__lost="many"), "lifecycle.lost is str"),
+        (lambda: _with(lifecycle__recent=[("window", "dropped", 1, 0, "")]), "recent[0] is tuple"),
+        (
+            lambda: _with(lifecycle__recent=[LifecycleAction("window", "dropped", 1, {1: 2})]),
+            "lifecycle.recent[0][3] has a int key",
+        ),
+        (lambda: _with(overflow=[(b"d" * 12, 1, 2, 3, 4)]), "overflow[0] is tuple"),
+        (lambda: _with(overflow=[SegmentRef("d" * 12, 1, 2)]), "overflow[0].digest is str"),
+        (lambda: _with(overflow=[SegmentRef(b"d", 1, 2, ts="now")]), "overflow[0].ts is str"),
+        (lambda: _with(overflow=[SegmentRef(b"d", 1, float("nan"))]), "overflow[0].size is float"),
+        (lambda: _with(turns=None), "turns is NoneType"),
+    ],
+)
+def test_seal_refuses_what_open_would_refuse_naming_the_field(make: object, named: str) -> None:
+    """Each of these sealed into a token that open() refused (token_invalid_context),
+    or raised a bare error: the conversation broke on its next request, far from the
+    app's mistake. And the seal had counted: ctx.seq went up for a token never used."""
+    codec = make_codec()
+    ctx = make()  # type: ignore[operator]
+    before = (ctx.seq, ctx.parent, ctx.opened_kid)
+    with pytest.raises(ContextNotSerializable) as info:
+        codec.seal(ctx)
+    assert info.value.code == "context_not_serializable"
+    assert named in info.value.message
+    assert (ctx.seq, ctx.parent, ctx.opened_kid) == before
+    with pytest.raises(ContextNotSerializable):
+        codec.measure(ctx)
+
+
+def test_the_largest_sequence_number_is_sealed_and_opens() -> None:
+    codec = make_codec()
+    assert codec.open(codec.seal(_with(seq=2**63 - 2))).seq == 2**63 - 1
+
+
+def test_what_open_accepts_seals_even_when_it_is_not_what_satchel_writes() -> None:
+    """The seal's checks are the reader's own: a value it would read (a count as a
+    float, a policy name that is not a str) seals and opens, as it did before."""
+    codec = make_codec()
+    ctx = rich_context()
+    ctx.lifecycle.summarized = 2.0  # type: ignore[assignment]
+    ctx.lifecycle.recent = [LifecycleAction(7, "dropped", 1, 0.5, "")]  # type: ignore[arg-type]
+    ctx.overflow = [SegmentRef(b"d" * 12, 1.0, 2, 3, 4.5)]  # type: ignore[arg-type]
+    opened = codec.open(codec.seal(ctx))
+    assert opened.lifecycle.summarized == 2 and opened.lifecycle.recent[0].policy == 7
+    assert opened.overflow[0].turns == 1
+
+
+@pytest.mark.parametrize("value", [None, {}, "s1.token", rich_context().turns])
+def test_seal_of_something_other_than_a_context_is_a_type_error(value: object) -> None:
+    codec = make_codec()
+    for call in (codec.seal, codec.measure, codec.prepare):
+        with pytest.raises(TypeError, match="seal takes a satchel Context, not"):
+            call(value)  # type: ignore[arg-type]

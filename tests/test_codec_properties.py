@@ -290,6 +290,65 @@ def test_a_context_is_either_refused_at_seal_or_opens_as_it_was(
     assert opened.turns[0].blocks[0].data == as_read_back(block_data)
 
 
+#: Values an app (or a bug) may leave in the context's own fields: of the right type
+#: and not, in range and not.
+wild_fields = st.one_of(
+    st.integers(-(2**64), 2**65),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    short_texts,
+    st.binary(max_size=20),
+    st.builds(object),
+)
+
+
+@PROPS
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(
+            [
+                "session_id",
+                "seq",
+                "created_at",
+                "last_active",
+                "metadata_version",
+                "bound_user",
+                "lifecycle.summarized",
+                "lifecycle.lost",
+                "lifecycle.dropped",
+                "overflow",
+            ]
+        ),
+        wild_fields | st.dictionaries(short_texts | st.integers(0, 3), wild_fields, max_size=2),
+        min_size=1,
+        max_size=3,
+    ),
+    ctx=contexts(),
+)
+def test_wild_context_fields_are_refused_at_seal_or_open_again(
+    changes: dict[str, Any], ctx: Context
+) -> None:
+    """Every field the token carries, not only the app's metadata: a value the reader
+    refuses is refused when sealing, naming it, and the context is left as it was."""
+    codec = CODECS[("signed", "aes-256-gcm")]
+    for name, value in changes.items():
+        if name == "overflow":
+            ctx.overflow = [SegmentRef(value, value, value, value, value)]
+        elif name.startswith("lifecycle."):
+            setattr(ctx.lifecycle, name.partition(".")[2], value)
+        else:
+            setattr(ctx, name, value)
+    seq = ctx.seq
+    try:
+        token = codec.seal(ctx)
+    except ContextNotSerializable as exc:
+        assert "cannot be sealed" in exc.message
+        assert ctx.seq is seq and ctx.parent is None
+        return
+    assert codec.open(token).seq == ctx.seq  # anything it raises is the bug
+
+
 # -- damage --------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 
@@ -91,6 +92,42 @@ def test_from_string_round_trip_and_whitespace() -> None:
 def test_bad_key_strings_are_configuration_errors(text: str) -> None:
     with pytest.raises(ConfigurationError):
         Keyring.from_string(text)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "abc!!@@def" + b64url_encode(SECRET),  # stray characters: were skipped
+        b64url_encode(SECRET)[:20] + " " + b64url_encode(SECRET)[20:],  # inner space
+        b64url_encode(SECRET) + ";k2:" + b64url_encode(SECRET),  # the wrong separator
+        b64url_encode(SECRET)[:-1] + "=",  # a padding that does not fit the length
+        b64url_encode(SECRET) + "AB",  # a length no base64 has (1 mod 4)
+    ],
+)
+def test_a_secret_that_is_not_strict_base64url_is_refused_naming_only_the_kid(
+    secret: str,
+) -> None:
+    """The secret was decoded by a decoder that skips what it does not know, so a
+    typo or a paste gone wrong silently became another key."""
+    with pytest.raises(ConfigurationError) as info:
+        Keyring.from_string(f"k2:{b64url_encode(b'2' * 32)}, k1:{secret}")
+    exc = info.value
+    assert "'k1'" in exc.message and exc.facts == {"kid": "k1"}
+    assert secret not in exc.message and secret[:8] not in exc.message
+
+
+def test_standard_base64_secrets_are_accepted() -> None:
+    """`openssl rand -base64 32` writes '+' and '/': unambiguous, so still taken."""
+    secret = b"\xfb\xff" * 16
+    standard = base64.b64encode(secret).decode()
+    assert "+" in standard or "/" in standard
+    assert Keyring.from_string(f"k1:{standard}").current.secret == secret
+
+
+def test_padded_base64url_secrets_are_accepted() -> None:
+    padded = base64.urlsafe_b64encode(SECRET).decode()
+    assert padded.endswith("=")
+    assert Keyring.from_string(f"k1:{padded}").current.secret == SECRET
 
 
 def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -153,6 +153,40 @@ def test_window_rounds_up_to_whole_exchanges() -> None:
     assert ctx.turns[0].role == "user"
 
 
+def tool_loop(ctx: Context) -> None:
+    """One exchange of 4 turns: a question, a tool call, its result, the answer."""
+    ctx.add_turn("user", "q", ts=NOW)
+    ctx.add_turn("assistant", "", ts=NOW, tool_calls=[ToolCall("c1", "f")])
+    ctx.add_turn("tool", "r", ts=NOW, tool_call_id="c1")
+    ctx.add_turn("assistant", "a", ts=NOW)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_turns": 3},
+        {"max_turns": 1},
+        {"max_turns": 0},
+        {"max_llm_tokens": 0},
+        {"max_llm_tokens": 5},
+        {"max_turns": 0, "max_llm_tokens": 0},
+    ],
+)
+def test_the_newest_exchange_stays_even_when_it_alone_is_over_a_limit(
+    limits: dict[str, int],
+) -> None:
+    """docs/lifecycle.md: a window or LLM budget of 0 keeps the newest exchange. It
+    used to drop every turn when that exchange alone was longer than the limit."""
+    ctx = chat(2)
+    tool_loop(ctx)
+    dropped = apply_policies(ctx, policy(**limits), NOW)
+    assert [t.content for t in ctx.turns] == ["q", "", "r", "a"]
+    assert len(dropped) == 4 and sum(ctx.lifecycle.dropped.values()) == 4
+    # Alone in the token, it stays: nothing is dropped, nothing recorded.
+    assert apply_policies(ctx, policy(**limits), NOW) == []
+    assert len(ctx.turns) == 4 and sum(ctx.lifecycle.dropped.values()) == 4
+
+
 def test_window_under_the_limit_does_nothing() -> None:
     ctx = chat(3)
     assert apply_policies(ctx, policy(max_turns=6), NOW) == []
@@ -309,6 +343,21 @@ def test_extractive_summary_lines() -> None:
     assert summarize([Turn("user", "x")], "a\nb").startswith("(3 earlier turns summarized)")
 
 
+def test_a_summarizer_returning_a_str_subclass_gives_a_plain_str() -> None:
+    """A summarizer returning markupsafe.Markup (or any str subclass) made every later
+    seal fail: ContextNotSerializable, "summary is Markup, not str"."""
+    from markupsafe import Markup
+
+    from satchel import Codec, Keyring
+
+    ctx = chat(3)
+    pol = policy(max_turns=2, summarizer=lambda dropped, previous: Markup("<b>gist</b>"))
+    apply_policies(ctx, pol, NOW)
+    assert ctx.summary == "<b>gist</b>" and type(ctx.summary) is str
+    codec = Codec(Keyring.generate())
+    assert codec.open(codec.seal(ctx)).summary == "<b>gist</b>"
+
+
 def test_first_sentence_is_bounded() -> None:
     assert first_sentence("One. Two.", 50) == "One."
     assert first_sentence("  spaced\n\nout  text ", 50) == "spaced out text"
@@ -419,10 +468,15 @@ def test_trimming_never_splits_tool_calls_edits_blocks_or_drops_pinned(
     dropped = apply_policies(ctx, pol, NOW)
     assert dropped == history[: len(dropped)]
     assert_trim_invariants(history, ctx, pinned)
+    # Each limit holds, unless only the newest exchange is left: that always stays.
+    groups = turn_groups(history)
+    newest_only = bool(groups) and ctx.turns == history[groups[-1][0] :]
     if max_turns is not None:
-        assert len(ctx.turns) <= max_turns
+        assert len(ctx.turns) <= max_turns or newest_only
     if max_llm_tokens is not None:
-        assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= max_llm_tokens
+        tokens = sum(turn_tokens(t, estimate_tokens) for t in ctx.turns)
+        assert tokens <= max_llm_tokens or newest_only
+    assert bool(ctx.turns) == bool(history)
     assert [t for call in rec.calls for t in call[0]] == dropped
     drop_oldest(ctx, extra_drop, policy="window", summarizer=rec, now=NOW)
     assert_trim_invariants(history, ctx, pinned)

@@ -286,3 +286,16 @@ def test_unpack_at_the_limits_succeeds() -> None:
     assert serialize.unpack(serialize.pack("x" * 100), limits) == "x" * 100
     assert serialize.unpack(serialize.pack(list(range(10))), limits) == list(range(10))
     assert len(serialize.unpack(serialize.pack({str(i): i for i in range(5)}), limits)) == 5
+
+
+def test_check_sealable_names_a_field_the_reader_refuses() -> None:
+    """check_sealable (the pipeline's way to name a seal failure) covers the context's
+    own fields too, not only turns, text and metadata."""
+    from satchel.errors import ContextNotSerializable
+    from satchel.schema import check_sealable
+
+    ctx = Context.new(now=NOW, session_id=SID)
+    check_sealable(ctx)
+    ctx.metadata_version = 2**31
+    with pytest.raises(ContextNotSerializable, match="metadata_version is 2147483648"):
+        check_sealable(ctx)

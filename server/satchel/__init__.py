@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 
-from .codec import Codec, Opened, Prepared, peek, token_digest
+from .codec import NO_EXPIRY, Codec, Opened, Prepared, peek, token_digest
 from .context import (
     Context,
     Lifecycle,
@@ -77,6 +77,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "NO_EXPIRY",
     "SCHEMA_VERSION",
     "BadSignature",
     "BadToken",

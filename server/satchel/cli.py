@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -86,7 +87,7 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
     try:
         header = _header_dict(token)
         if args.no_verify:
-            _print({"verified": False, "header": header})
+            _print_inspect({"verified": False, "header": header})
             return 0
         keyring = Keyring.from_env()
         header_obj = peek(token)
@@ -96,14 +97,21 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
     except (ConfigurationError, BadToken) as exc:
         return _refused(exc)
     ctx = opened.context
-    _print(
+    context = ctx.to_dict()
+    # The app's own values as they are (to_dict() writes bytes as bare hex, which reads
+    # the same as a str of hex digits): _print_inspect tags them.
+    context["metadata"] = ctx.metadata
+    for turn, out in zip(ctx.turns, context["turns"], strict=True):
+        for call, call_out in zip(turn.tool_calls, out.get("tool_calls", ()), strict=True):
+            call_out["arguments"] = call.arguments
+    _print_inspect(
         {
             "verified": True,
             **extra,
             "header": header,
             "digest": opened.digest.hex(),
             "migrated_from": ctx.opened_version,
-            "context": ctx.to_dict(),
+            "context": context,
         }
     )
     return 0
@@ -114,7 +122,7 @@ def _refused(exc: SatchelError) -> int:
     if isinstance(exc, ConfigurationError):
         print(f"satchel inspect: {exc.message}", file=sys.stderr)
         return 2
-    _print({"verified": False, "error": {"code": exc.code, "message": exc.message}})
+    _print_inspect({"verified": False, "error": {"code": exc.code, "message": exc.message}})
     return 1
 
 
@@ -130,7 +138,7 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
 
     session_hex = carrier[len(CARRIER_PREFIX) :].partition(".")[0]
     if args.no_verify:
-        _print({"verified": False, "carrier": "server", "session_id": session_hex})
+        _print_inspect({"verified": False, "carrier": "server", "session_id": session_hex})
         return 0
     try:
         carriers = SessionCarriers(Codec(Keyring.from_env(), purpose=args.purpose))
@@ -145,7 +153,9 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
     key = carriers.key_for(session_id)
     facts = {"carrier": "server", "session_id": session_id.hex(), "store_key": key}
     if store is None:
-        _print({"verified": True, **facts, "context": None, "note": "pass --store-url to read it"})
+        _print_inspect(
+            {"verified": True, **facts, "context": None, "note": "pass --store-url to read it"}
+        )
         return 0
     try:
         fetched = store.get_many([key], cache=False)
@@ -156,7 +166,7 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
         reason = fetched.reason(key)  # "missing", or why the store did not answer
         code = "session_not_found" if reason in (None, "missing") else reason
         error = {"code": code, "message": f"nothing readable at {key} ({reason or 'missing'})"}
-        _print({"verified": True, **facts, "error": error})
+        _print_inspect({"verified": True, **facts, "error": error})
         return 1
     # Not ASCII (a foreign write): the replacement characters make the parser refuse it.
     return _inspect_token(stored.decode("ascii", "replace"), args, **facts)
@@ -205,6 +215,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _print(data: dict[str, Any]) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+#: Tags of values JSON has no type for, in ``satchel inspect``'s output.
+INSPECT_TAGS = ("$bytes", "$float", "$map")
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _print_inspect(data: dict[str, Any]) -> None:
+    """``satchel inspect``'s output: strict JSON (RFC 8259), which jq and every parser
+    read, with nothing two values share: bytes are ``{"$bytes": "<hex>"}`` (bare hex
+    would read like a str of hex digits), NaN and the infinities ``{"$float": "NaN"}``
+    (``"Infinity"``, ``"-Infinity"``), and a map whose only key is one of these tags
+    ``{"$map": {...}}``, so it is not taken for one (docs/operations.md)."""
+    print(json.dumps(_tagged(data), indent=2, sort_keys=True, allow_nan=False, default=str))
+
+
+def _tagged(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": _NON_FINITE[repr(value)]}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": bytes(value).hex()}
+    if isinstance(value, dict):
+        out = {str(k): _tagged(v) for k, v in value.items()}
+        if len(out) == 1 and next(iter(out)) in INSPECT_TAGS:
+            return {"$map": out}
+        return out
+    if isinstance(value, list | tuple):
+        return [_tagged(v) for v in value]
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,11 +21,12 @@ tokens made from one) can be detected later.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from . import envelope, padding, schema, serialize
 from .compress import DEFAULT_LEVEL, Compressed, Compressor
@@ -41,6 +42,9 @@ DIGEST_SIZE = 12
 _PREFIX_BYTES = envelope.PREFIX.encode("ascii")
 _UINT32_MAX = 2**32 - 1
 _tuple_new = tuple.__new__  # NamedTuple's own __new__ is a Python-level wrapper
+#: ``Codec.seal(ctx, expires_at=NO_EXPIRY)``: a token that never expires, whatever the
+#: codec's ``ttl`` (the header's expires-at ``0``).
+NO_EXPIRY = 0
 
 
 def token_digest(raw: bytes) -> bytes:
@@ -132,11 +136,18 @@ class Codec:
     def seal(self, ctx: Context, *, expires_at: float | None = None) -> str:
         """Seal ``ctx`` into a token, incrementing its sequence number.
 
-        ``expires_at`` (Unix seconds) overrides the codec's ``ttl``. Every token this
-        returns opens with this codec until it expires: a context that would not
-        (values msgpack cannot carry or the reader refuses, sizes past ``limits``)
-        raises :class:`~satchel.errors.ContextNotSerializable` or
-        :class:`~satchel.errors.BudgetExceeded` instead.
+        ``expires_at`` (Unix seconds) overrides the codec's ``ttl``: None (the default)
+        uses the ``ttl``, :data:`NO_EXPIRY` (``0``) makes a token that never expires,
+        and any other time is when the token expires (a past one makes a token that
+        is expired already; past 2106 is 2106, the header's limit). TypeError or
+        ValueError for anything else (a str, NaN, infinity).
+
+        Every token this returns opens with this codec until it expires: a context
+        that would not (values msgpack cannot carry or the reader refuses, sizes past
+        ``limits``) raises :class:`~satchel.errors.ContextNotSerializable` or
+        :class:`~satchel.errors.BudgetExceeded` instead, naming the field at fault.
+        A seal that raises leaves ``ctx`` as it was; TypeError if ``ctx`` is not a
+        :class:`Context`.
         """
         return self.seal_verbose(ctx, expires_at=expires_at)[0]
 
@@ -155,13 +166,16 @@ class Codec:
         now = self.clock()
         if expires_at is None and self.ttl is not None:
             expires_at = now + self.ttl
-        if prepared is None or prepared.seq != ctx.seq + 1:
+        # prepare() refuses what is not a Context, and names a seq of the wrong type
+        # (ctx.seq + 1 here would raise a bare TypeError for it).
+        if prepared is None or prepared.seq - 1 != ctx.seq:
             prepared = self.prepare(ctx)
         self._check_opens(prepared)
-        ctx.seq = prepared.seq
         token, raw = self.seal_payload(
             prepared.payload, now=now, expires_at=expires_at, packed=prepared.packed
         )
+        # Only now that nothing can fail: a refused seal leaves ctx as it was.
+        ctx.seq = prepared.seq
         ctx.parent = token_digest(raw)
         ctx.opened_kid = self.keyring.current.kid
         return token, len(prepared.payload)
@@ -172,9 +186,12 @@ class Codec:
         Raises :class:`~satchel.errors.ContextNotSerializable` for values msgpack
         cannot carry, or that would not open again (``schema.check_sealable``).
         """
-        seq = ctx.seq + 1  # sealing increments the sequence number first
-        wire = schema.to_wire(ctx, self.limits)  # checks what it maps (check_sealable)
-        wire["q"] = seq
+        if not isinstance(ctx, Context):
+            _not_a_context(ctx)
+        # Checks what it maps with the readers open() uses (check_sealable), and writes
+        # the sequence number sealing gives the token.
+        wire = schema.to_wire(ctx, self.limits, next_seq=True)
+        seq = wire["q"]
         try:
             payload = serialize.pack(wire)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -231,8 +248,11 @@ class Codec:
     ) -> tuple[str, bytes]:
         """Compress, protect and encode raw payload bytes. Returns the token and its raw bytes.
 
-        ``packed`` is ``payload`` already compressed (by :meth:`prepare`).
+        ``packed`` is ``payload`` already compressed (by :meth:`prepare`). ``expires_at``
+        None or :data:`NO_EXPIRY` (``0``): the token never expires.
         """
+        # First: a bad expires_at raises before any work.
+        expiry = 0 if expires_at is None else _expiry_field(expires_at)
         now = self.clock() if now is None else now
         if packed is None:
             packed = self.compressor.compress(payload)
@@ -245,7 +265,7 @@ class Codec:
             packed.dictionary_id,
             kid,
             min(int(now), _UINT32_MAX),
-            0 if expires_at is None else max(1, min(int(expires_at), _UINT32_MAX)),
+            expiry,
         )
         data = packed.data
         if self.pad_to:
@@ -357,9 +377,32 @@ class Codec:
         return ctx.opened_kid is not None and ctx.opened_kid != self.keyring.current.kid
 
 
+def _expiry_field(expires_at: float | None) -> int:
+    """The header's expires-at for ``expires_at``: 0 (no expiry) for None and 0, else
+    the time in whole seconds, at least 1 (a past time: a token expired already, never
+    one that does not expire) and at most the header's 2**32 - 1."""
+    if (type(expires_at) is int or type(expires_at) is float) and 1 <= expires_at <= _UINT32_MAX:
+        return int(expires_at)  # the usual case, first: every seal comes here
+    if expires_at is None:
+        return 0
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+        raise TypeError(
+            f"expires_at is Unix seconds (or None, or NO_EXPIRY), not {type(expires_at).__name__}"
+        )
+    if expires_at == 0:
+        return 0
+    if not math.isfinite(expires_at):
+        raise ValueError(f"expires_at is {expires_at}: for no expiry, pass NO_EXPIRY (0)")
+    return max(1, min(int(expires_at), _UINT32_MAX))
+
+
+def _not_a_context(value: object) -> NoReturn:
+    raise TypeError(f"seal takes a satchel Context, not {type(value).__name__}")
+
+
 def peek(token: str | bytes, max_token_bytes: int = DEFAULT_LIMITS.max_token_bytes) -> Header:
     """The token's header, unverified: for diagnostics only (``satchel inspect --no-verify``)."""
     return envelope.parse(token, max_token_bytes).header
 
 
-__all__ = ["Codec", "Opened", "Prepared", "peek", "token_digest"]
+__all__ = ["NO_EXPIRY", "Codec", "Opened", "Prepared", "peek", "token_digest"]

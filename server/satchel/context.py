@@ -186,8 +186,31 @@ class Lifecycle:
         }
 
 
+#: A session id is 16 bytes (32 hex characters in logs, ``Context.session``).
+SESSION_ID_BYTES = 16
+
+
 def new_session_id() -> bytes:
-    return os.urandom(16)
+    return os.urandom(SESSION_ID_BYTES)
+
+
+def check_session_id(value: object) -> bytes:
+    """``value`` if it is a session id (16 bytes); else TypeError or ValueError.
+
+    The one check behind :meth:`Context.new`, sealing and opening (the ``i`` of the
+    payload), so no context can be made or sealed with an id its token would not
+    open with.
+    """
+    if type(value) is not bytes:
+        hint = (
+            " (bytes.fromhex() turns 32 hex characters into one)" if isinstance(value, str) else ""
+        )
+        raise TypeError(
+            f"a session id is {SESSION_ID_BYTES} bytes, not {type(value).__name__}{hint}"
+        )
+    if len(value) != SESSION_ID_BYTES:
+        raise ValueError(f"a session id is {SESSION_ID_BYTES} bytes, not {len(value)}")
+    return value
 
 
 @dataclass(slots=True, eq=False)
@@ -239,12 +262,20 @@ class Context:
 
     @classmethod
     def new(cls, *, now: float | None = None, session_id: bytes | None = None) -> Context:
-        """A fresh, empty context."""
+        """A fresh, empty context: a random session id unless ``session_id`` (16 bytes)
+        is given, created and last active at ``now`` (Unix seconds; default: now).
+
+        Raises TypeError or ValueError for an id or time its token could not carry,
+        here rather than on the first seal.
+        """
         from .schema import CURRENT_VERSION  # schema depends on context, not the reverse
 
-        ts = int(time.time()) if now is None else now
+        if now is None:
+            ts: float = int(time.time())
+        else:
+            ts = _check_time(now, "now")
         return cls(
-            session_id=session_id or new_session_id(),
+            session_id=new_session_id() if session_id is None else check_session_id(session_id),
             created_at=ts,
             last_active=ts,
             schema_version=CURRENT_VERSION,
@@ -268,9 +299,12 @@ class Context:
     ) -> Turn:
         """Append a turn and return it.
 
-        Raises ValueError for an unknown role and :class:`~satchel.errors.InvalidText`
-        (a ValueError, and a JSON 400 ``invalid_text`` at the HTTP edge) for content
-        that is not valid Unicode.
+        Every argument is checked before anything changes, so a refused turn leaves the
+        context as it was. Raises ValueError for an unknown role, TypeError for an
+        argument of the wrong type, and :class:`~satchel.errors.InvalidText` (a
+        ValueError, and a JSON 400 ``invalid_text`` at the HTTP edge) for text that is
+        not valid Unicode. A str subclass (``markupsafe.Markup``, say) is stored as the
+        plain str it holds: that is what the token carries and opens as.
         """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
@@ -280,19 +314,26 @@ class Context:
                 "carry other provider content parts (images, documents, thinking) as "
                 "blocks=[OpaqueBlock(type, data, provider)]"
             )
+        content = plain_str(content)
         if not content.isascii():
             check_text(content, "turn content")
+        ts = int(time.time()) if ts is None else _check_time(ts, "ts")
+        calls = _items_of(tool_calls, ToolCall, "tool_calls")
+        opaque = _items_of(blocks, OpaqueBlock, "blocks")
+        tool_call_id = _optional_text(tool_call_id, "tool_call_id")
+        name = _optional_text(name, "name")
+        last_active = max(self.last_active, ts)  # before the append: nothing half done
         turn = Turn(
-            role=role,
+            role=ROLES[ROLES.index(role)],  # the plain str, whatever str subclass came in
             content=content,
-            ts=int(time.time()) if ts is None else ts,
-            tool_calls=tuple(tool_calls),
+            ts=ts,
+            tool_calls=calls,
             tool_call_id=tool_call_id,
-            blocks=tuple(blocks),
+            blocks=opaque,
             name=name,
         )
         self.turns.append(turn)
-        self.last_active = max(self.last_active, turn.ts)
+        self.last_active = last_active
         return turn
 
     def all_turns(self) -> list[Turn]:
@@ -382,6 +423,48 @@ def check_text(text: str, what: str = "text") -> None:
         ) from None
 
 
+def plain_str(text: str) -> str:
+    """``text`` as a plain str: a str subclass (``markupsafe.Markup``...) would not come
+    back as itself from a token, so it goes in as the str it holds."""
+    return text if type(text) is str else str.__str__(text)
+
+
+def _check_time(value: Any, what: str) -> float:
+    """``value`` as the plain int or float a token carries (bool refused: the reader
+    takes it for no number); TypeError for anything else."""
+    if type(value) is int or type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} is Unix seconds, an int or float, not {type(value).__name__}")
+    return float(value) if isinstance(value, float) else int(value)  # numpy.float64...
+
+
+def _items_of(items: Iterable[Any], kind: type, what: str) -> tuple[Any, ...]:
+    if isinstance(items, (str, bytes, kind)):
+        raise TypeError(f"{what} is a list of {kind.__name__}, not a single {type(items).__name__}")
+    try:
+        out = tuple(items)
+    except TypeError:
+        raise TypeError(
+            f"{what} is a list of {kind.__name__}, not {type(items).__name__}"
+        ) from None
+    for i, item in enumerate(out):
+        if not isinstance(item, kind):
+            raise TypeError(f"{what}[{i}] is {type(item).__name__}, not {kind.__name__}")
+    return out
+
+
+def _optional_text(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is a str or None, not {type(value).__name__}")
+    value = plain_str(value)
+    if not value.isascii():
+        check_text(value, what)
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -405,5 +488,8 @@ __all__ = [
     "SegmentRef",
     "ToolCall",
     "Turn",
+    "check_session_id",
     "check_text",
+    "new_session_id",
+    "plain_str",
 ]

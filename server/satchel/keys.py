@@ -13,6 +13,7 @@ the secret in unpadded base64url (``satchel keygen`` prints one)::
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import re
@@ -34,8 +35,31 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+_STANDARD_TO_URLSAFE = str.maketrans("+/", "-_")
+
+
 def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode base64url, unpadded or padded; ValueError for anything else.
+
+    Strict: a plain base64 decoder skips characters outside its alphabet, so a key
+    pasted with a stray character (or two keys joined by the wrong separator) would
+    silently decode to some other secret.
+    """
+    if not _B64URL_RE.fullmatch(text):
+        hint = ""
+        if "+" in text or "/" in text:
+            hint = " (this is standard base64: write '+' as '-' and '/' as '_')"
+        raise ValueError(f"not base64url: only A-Z, a-z, 0-9, '-', '_' and '=' padding{hint}")
+    unpadded = text.rstrip("=")
+    if len(unpadded) % 4 == 1 or (text != unpadded and len(text) % 4):
+        raise ValueError("not base64url: a truncated or wrongly padded length")
+    try:
+        return base64.b64decode(
+            unpadded + "=" * (-len(unpadded) % 4), altchars=b"-_", validate=True
+        )
+    except binascii.Error:
+        raise ValueError("not base64url") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +183,20 @@ class Keyring:
             if not item:
                 continue
             kid, sep, secret = item.partition(":")
+            kid = kid.strip()
             if not sep:
                 raise ConfigurationError("each key is written 'kid:base64url-secret'")
             try:
-                raw = b64url_decode(secret.strip())
-            except (ValueError, TypeError):
-                raise ConfigurationError(f"key {kid!r} is not valid base64url") from None
-            keys.append(Key(kid.strip(), raw))
+                # Standard base64 ('+', '/') is taken too: the two alphabets cannot be
+                # confused, and a key made by `openssl rand -base64 32` must not stop
+                # an upgraded app from starting.
+                raw = b64url_decode(secret.strip().translate(_STANDARD_TO_URLSAFE))
+            except ValueError as exc:
+                # The key id only: the message must never hold any of the secret.
+                raise ConfigurationError(
+                    f"key {kid!r}: the secret is {exc} ('satchel keygen' prints one)", kid=kid
+                ) from None
+            keys.append(Key(kid, raw))
         return cls(keys, anchor_kid=anchor_kid)
 
     @classmethod

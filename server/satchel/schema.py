@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from .app_schema import check_version, registrar
 from .context import (
     ROLES,
+    SESSION_ID_BYTES,
     Context,
     Lifecycle,
     LifecycleAction,
@@ -33,6 +34,7 @@ from .context import (
     SegmentRef,
     ToolCall,
     Turn,
+    check_session_id,
 )
 from .errors import ContextNotSerializable, InvalidContext, MigrationFailed, UnsupportedVersion
 from .limits import DEFAULT_LIMITS, Limits
@@ -129,17 +131,22 @@ def _turn_to_wire(t: Turn) -> list[Any]:
     return w
 
 
-def to_wire(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+def to_wire(
+    ctx: Context, limits: Limits = DEFAULT_LIMITS, *, next_seq: bool = False
+) -> dict[str, Any]:
     """The current-version wire map of ``ctx``. Empty fields are left out.
 
+    ``next_seq``: write ``ctx.seq + 1``, the sequence number sealing gives the token.
+
     Raises :class:`~satchel.errors.ContextNotSerializable`, naming the place, for what
-    would not read back (see :func:`check_sealable`). The turn checks ride on the
-    mapping itself, which reads the same fields anyway; string lengths are left to the
+    would not read back (see :func:`check_sealable`). The checks ride on the mapping
+    itself, which reads the same fields anyway, and use the readers :func:`from_wire`
+    opens them with (so the two cannot drift apart); string lengths are left to the
     caller, who sees the packed size (no string is longer than the whole payload).
     """
-    if len(ctx.turns) > limits.max_array_len:
-        _refuse(ctx, limits)
     try:
+        if len(ctx.turns) > limits.max_array_len:
+            raise _NotSealable
         turns = [
             [_ROLE_INDEX[t.role], t.content, t.ts]
             if type(t.content) is str
@@ -153,14 +160,32 @@ def to_wire(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     problem = _fields_problem(ctx, limits)
     if problem is not None:
         raise _not_sealable(problem)
-    wire: dict[str, Any] = {
-        "v": CURRENT_VERSION,
-        "i": ctx.session_id,
-        "q": ctx.seq,
-        "c": ctx.created_at,
-        "a": ctx.last_active,
-        "t": turns,
-    }
+    try:
+        sid, created, active = ctx.session_id, ctx.created_at, ctx.last_active
+        seq = ctx.seq + 1 if next_seq else ctx.seq
+        # The check open() runs; a sealed sequence number is 1 or more.
+        _check_required(sid, seq, created, active, 1 if next_seq else 0)
+        wire: dict[str, Any] = {
+            "v": CURRENT_VERSION,
+            "i": sid,
+            "q": seq,
+            "c": created,
+            "a": active,
+            "t": turns,
+        }
+        if ctx.metadata_version:
+            wire["mv"] = check_version(ctx.metadata_version)
+        lc = ctx.lifecycle
+        if lc.dropped or lc.summarized or lc.lost or lc.recent:
+            wire["l"] = _lifecycle_to_wire(lc, limits)
+        if ctx.overflow:
+            wire["o"] = _overflow_to_wire(ctx.overflow, limits)
+        if ctx.bound_user is not None:
+            wire["u"] = _bin(ctx.bound_user)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        raise _not_sealable(
+            _header_problem(ctx, limits, next_seq=next_seq) or "a field does not read back"
+        ) from None
     if ctx.parent is not None:
         wire["p"] = ctx.parent
     if ctx.summary:
@@ -170,42 +195,55 @@ def to_wire(ctx: Context, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         wire["P"] = [pinned.system or "", list(pinned.facts)]
     if ctx.metadata:
         wire["m"] = ctx.metadata
-    if ctx.metadata_version:
-        wire["mv"] = ctx.metadata_version
-    lc = ctx.lifecycle
-    if lc.dropped or lc.summarized or lc.lost or lc.recent:
-        wire["l"] = [
-            lc.dropped,
-            lc.summarized,
-            lc.lost,
-            [[a.policy, a.action, a.turns, a.ts, a.detail] for a in lc.recent],
-        ]
-    if ctx.overflow:
-        wire["o"] = [[r.digest, r.turns, r.size, r.seq, r.ts] for r in ctx.overflow]
-    if ctx.bound_user is not None:
-        wire["u"] = ctx.bound_user
     if ctx.marked:
         wire["h"] = True
     return wire
 
 
+# The readers below check one field of the payload. Opening (from_wire) and sealing
+# (to_wire) use the same ones, so a context seals exactly when its token would open.
+
+
 def _bin(value: Any) -> bytes:
     # Never bytes(value): bytes(10**12) would allocate a terabyte.
     if type(value) is not bytes:
-        raise TypeError("expected a msgpack bin")
+        raise TypeError("expected bytes (a msgpack bin)")
     return value
 
 
 def _num(value: Any) -> float:
     if type(value) not in (int, float):
-        raise TypeError("expected a number")
+        raise TypeError("expected a number, an int or float")
     return value
+
+
+#: Sequence numbers are below this (a msgpack int64 that no reader can misread).
+SEQ_LIMIT = 2**63
 
 
 def _seq(value: Any) -> int:
-    if type(value) is not int or not 0 <= value < 2**63:
-        raise TypeError("expected a sequence number")
+    if type(value) is not int or not 0 <= value < SEQ_LIMIT:
+        raise TypeError("expected a sequence number, an int from 0 to 2**63 - 1")
     return value
+
+
+def _check_required(sid: Any, q: Any, c: Any, a: Any, first_seq: int = 0) -> None:
+    """The required fields but the turns (``i``, ``q``, ``c``, ``a``): session id,
+    sequence number (at least ``first_seq``) and the two times; TypeError.
+
+    One call for all four, as every open and every seal runs it. The same rules, one
+    field at a time (check_session_id, _seq, _num), name the field in
+    :func:`_header_problem` when this refuses.
+    """
+    if (
+        type(sid) is not bytes
+        or len(sid) != SESSION_ID_BYTES
+        or type(q) is not int
+        or not first_seq <= q < SEQ_LIMIT
+        or type(c) not in _NUMBER_TYPES
+        or type(a) not in _NUMBER_TYPES
+    ):
+        raise TypeError("the session id, sequence number or times")
 
 
 def _opt_str(value: Any) -> str | None:
@@ -215,6 +253,116 @@ def _opt_str(value: Any) -> str | None:
 
 
 _NUMBER_TYPES = (int, float)
+
+
+def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> list[Any]:
+    """``lc``'s wire array; ValueError, naming the part, if it would not open.
+
+    The record as Satchel keeps it (str keys, int counts, actions of str, int and
+    number) opens as it is; anything else (an app's, or a hostile token's that opened)
+    is put to the msgpack limits and to the reader that opens it. ``full``: always.
+    """
+    wire: list[Any] = [
+        lc.dropped,
+        lc.summarized,
+        lc.lost,
+        [[a.policy, a.action, a.turns, a.ts, a.detail] for a in lc.recent],
+    ]
+    dropped, summarized, lost, recent = wire
+    if (
+        full
+        or type(dropped) is not dict
+        or type(summarized) is not int
+        or type(lost) is not int
+        or len(dropped) > limits.max_map_len
+        or len(recent) > limits.max_array_len
+        or not all(type(k) is str and type(v) is int for k, v in dropped.items())
+        or not all(
+            type(p) is str
+            and type(a) is str
+            and type(n) is int
+            and type(ts) in _NUMBER_TYPES
+            and type(d) is str
+            for p, a, n, ts, d in recent
+        )
+    ):
+        _check_reads_back(wire, _LIFECYCLE_PARTS, "lifecycle.", limits)
+    return wire
+
+
+def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
+    return [LifecycleAction(*a) for a in recent]
+
+
+#: The parts of the lifecycle array, and how each is read.
+_LIFECYCLE_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("dropped", dict),
+    ("summarized", int),
+    ("lost", int),
+    ("recent", _actions_from_wire),
+)
+
+
+def _lifecycle_from_wire(wire: Any) -> Lifecycle:
+    dropped, summarized, lost, recent = wire
+    return Lifecycle(dict(dropped), int(summarized), int(lost), _actions_from_wire(recent))
+
+
+def _overflow_to_wire(
+    refs: list[SegmentRef], limits: Limits, *, full: bool = False
+) -> list[list[Any]]:
+    """The overflow references' wire arrays, checked as :func:`_lifecycle_to_wire` is."""
+    wire = [[r.digest, r.turns, r.size, r.seq, r.ts] for r in refs]
+    if (
+        full
+        or len(wire) > limits.max_array_len
+        or not all(
+            type(d) is bytes
+            and type(n) is int
+            and type(size) is int
+            and type(q) is int
+            and type(ts) in _NUMBER_TYPES
+            for d, n, size, q, ts in wire
+        )
+    ):
+        for j, ref in enumerate(wire):
+            _check_reads_back(ref, _SEGMENT_REF_PARTS, f"overflow[{j}].", limits)
+    return wire
+
+
+def _segment_ref_from_wire(ref: Any) -> SegmentRef:
+    d, n, s, q, ts = ref
+    return SegmentRef(_bin(d), int(n), int(s), int(q), _num(ts))
+
+
+_SEGMENT_REF_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("digest", _bin),
+    ("turns", int),
+    ("size", int),
+    ("seq", int),
+    ("ts", _num),
+)
+
+
+def _overflow_from_wire(wire: Any) -> list[SegmentRef]:
+    return [_segment_ref_from_wire(ref) for ref in wire]
+
+
+def _check_reads_back(
+    wire: list[Any], parts: tuple[tuple[str, Callable[[Any], Any]], ...], at: str, limits: Limits
+) -> None:
+    """ValueError naming the first part of ``wire`` that msgpack's bounded unpack or
+    the part's reader (the one opening uses) would refuse."""
+    for (name, read), value in zip(parts, wire, strict=True):
+        problem = _value_problem(value, at + name, limits, 0)
+        if problem is not None:
+            raise ValueError(problem)
+        try:
+            read(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(
+                f"{at}{name} is {_describe(value)}, which does not read back"
+            ) from None
 
 
 def turns_from_wire(wires: list[Any]) -> list[Turn]:
@@ -305,7 +453,7 @@ def _context_problem(ctx: Context, limits: Limits) -> str | None:
         problem = _one_turn_problem(t, f"turns[{i}]", limits)
         if problem is not None:
             return problem
-    return _fields_problem(ctx, limits)
+    return _fields_problem(ctx, limits) or _header_problem(ctx, limits)
 
 
 def _one_turn_problem(t: Any, where: str, limits: Limits) -> str | None:
@@ -313,6 +461,74 @@ def _one_turn_problem(t: Any, where: str, limits: Limits) -> str | None:
     if not isinstance(t, Turn):
         return f"{where} is {type(t).__name__}, not Turn"
     return _turn_problem(t, where, limits) or _extras_problem(t, where, limits)
+
+
+def _describe(value: Any) -> str:
+    """A value for an error message: ints as they are (counts, times, versions), the
+    rest by type (and bytes by length), never content."""
+    if type(value) is int:
+        return str(value)
+    if type(value) is bytes:
+        return f"{len(value)} bytes"
+    return type(value).__name__
+
+
+def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> str | None:
+    """What in the context's own fields (id, sequence number, times, versions, user
+    binding, lifecycle record, overflow references) would not read back, or None.
+
+    The slow path of :func:`to_wire`: each field through its reader again, to name it.
+    """
+    readers: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+        ("session_id", check_session_id),
+        ("seq", _seq),
+        ("created_at", _num),
+        ("last_active", _num),
+    )
+    for name, read in readers:
+        value = getattr(ctx, name)
+        try:
+            read(value)
+        except (TypeError, ValueError) as exc:
+            return f"{name} is {_describe(value)}: {exc}"
+    if next_seq and ctx.seq + 1 >= SEQ_LIMIT:
+        return f"seq is {ctx.seq}: sealing would pass the largest sequence number"
+    if ctx.metadata_version:
+        try:
+            check_version(ctx.metadata_version)
+        except (TypeError, ValueError) as exc:
+            return f"metadata_version is {_describe(ctx.metadata_version)}: {exc}"
+    if ctx.bound_user is not None:
+        try:
+            _bin(ctx.bound_user)
+        except TypeError as exc:
+            return f"bound_user is {_describe(ctx.bound_user)}: {exc}"
+    lc = ctx.lifecycle
+    if not isinstance(lc, Lifecycle):
+        return f"lifecycle is {type(lc).__name__}, not Lifecycle"
+    if lc.dropped or lc.summarized or lc.lost or lc.recent:  # else not written (to_wire)
+        if not isinstance(lc.recent, list | tuple):
+            return f"lifecycle.recent is {type(lc.recent).__name__}, not a list"
+        for j, action in enumerate(lc.recent):
+            if not isinstance(action, LifecycleAction):
+                return f"lifecycle.recent[{j}] is {type(action).__name__}, not LifecycleAction"
+        try:
+            _lifecycle_to_wire(lc, limits, full=True)
+        except ValueError as exc:
+            return str(exc)
+    if ctx.overflow:
+        if not isinstance(ctx.overflow, list | tuple):
+            return f"overflow is {type(ctx.overflow).__name__}, not a list"
+        if len(ctx.overflow) > limits.max_array_len:
+            return f"overflow has more than {limits.max_array_len} references"
+        for j, ref in enumerate(ctx.overflow):
+            if not isinstance(ref, SegmentRef):
+                return f"overflow[{j}] is {type(ref).__name__}, not SegmentRef"
+        try:
+            _overflow_to_wire(ctx.overflow, limits, full=True)
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def _fields_problem(ctx: Context, limits: Limits) -> str | None:
@@ -331,6 +547,8 @@ def _fields_problem(ctx: Context, limits: Limits) -> str | None:
             return problem
     if not isinstance(pinned.facts, list | tuple):
         return f"pinned.facts is {type(pinned.facts).__name__}, not a list"
+    if len(pinned.facts) > limits.max_array_len:
+        return f"pinned.facts has more than {limits.max_array_len} items"
     for i, fact in enumerate(pinned.facts):
         problem = _str_problem(fact, f"pinned.facts[{i}]", limits)
         if problem is not None:
@@ -351,6 +569,11 @@ def _turn_problem(t: Turn, where: str, limits: Limits) -> str | None:
 
 
 def _extras_problem(t: Turn, where: str, limits: Limits) -> str | None:
+    for items, name in ((t.tool_calls, "tool_calls"), (t.blocks, "blocks")):
+        if not isinstance(items, tuple | list):
+            return f"{where}.{name} is {type(items).__name__}, not a tuple"
+        if len(items) > limits.max_array_len:
+            return f"{where}.{name} has more than {limits.max_array_len} items"
     for j, call in enumerate(t.tool_calls):
         at = f"{where}.tool_calls[{j}]"
         if not isinstance(call, ToolCall):
@@ -451,12 +674,14 @@ def from_wire(wire: Any) -> Context:
     else:
         wire, original = migrate(wire)
     try:
+        sid, seq, created, active = wire["i"], wire["q"], wire["c"], wire["a"]
+        _check_required(sid, seq, created, active)
         ctx = Context(
-            session_id=_bin(wire["i"]),
-            seq=_seq(wire["q"]),
+            session_id=sid,
+            seq=seq,
             parent=wire.get("p"),
-            created_at=_num(wire["c"]),
-            last_active=_num(wire["a"]),
+            created_at=created,
+            last_active=active,
             schema_version=CURRENT_VERSION,
             turns=turns_from_wire(wire["t"]),
             summary=wire.get("s", ""),
@@ -471,15 +696,9 @@ def from_wire(wire: Any) -> Context:
         if "mv" in wire:
             ctx.metadata_version = check_version(wire["mv"])
         if "l" in wire:
-            dropped, summarized, lost, recent = wire["l"]
-            ctx.lifecycle = Lifecycle(
-                dict(dropped), int(summarized), int(lost), [LifecycleAction(*a) for a in recent]
-            )
+            ctx.lifecycle = _lifecycle_from_wire(wire["l"])
         if "o" in wire:
-            ctx.overflow = [
-                SegmentRef(_bin(d), int(n), int(s), int(q), _num(ts))
-                for d, n, s, q, ts in wire["o"]
-            ]
+            ctx.overflow = _overflow_from_wire(wire["o"])
         if "u" in wire:
             ctx.bound_user = _bin(wire["u"])
         if "h" in wire:
@@ -488,7 +707,7 @@ def from_wire(wire: Any) -> Context:
             ctx.marked = wire["h"]
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise InvalidContext(f"payload is not a valid context: {type(exc).__name__}") from None
-    if len(ctx.session_id) != 16 or not isinstance(ctx.summary, str):
+    if not isinstance(ctx.summary, str):
         raise InvalidContext("payload is not a valid context")
     ctx.opened_version = original
     return ctx

@@ -138,18 +138,18 @@ def cap_turn_sizes(ctx: Context, max_chars: int, now: float) -> int:
 
 
 def apply_policies(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Turn]:
-    """Per-turn cap, window, then LLM-token budget. Returns the turns dropped."""
+    """Per-turn cap, window, then LLM-token budget. Returns the turns dropped.
+
+    Neither the window nor the LLM-token budget removes the newest exchange: when it
+    alone is over a limit (a tool loop longer than the window, a window of 0), it
+    stays, with the pinned items and the summary. Only the byte budget's hard cap, in
+    the pipeline, can move it.
+    """
     dropped: list[Turn] = []
     if policy.max_turn_chars is not None:
         cap_turn_sizes(ctx, policy.max_turn_chars, now)
     if policy.max_turns is not None and len(ctx.turns) > policy.max_turns:
-        dropped += drop_oldest(
-            ctx,
-            len(ctx.turns) - policy.max_turns,
-            policy="window",
-            summarizer=policy.summarizer,
-            now=now,
-        )
+        dropped += _drop_older(ctx, len(ctx.turns) - policy.max_turns, "window", policy, now)
     if policy.max_llm_tokens is not None:
         counter = policy.counter()
         sizes = [turn_tokens(t, counter) for t in ctx.turns]
@@ -161,10 +161,20 @@ def apply_policies(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Tu
                     break
                 excess -= size
                 count += 1
-            dropped += drop_oldest(
-                ctx, count, policy="token_budget", summarizer=policy.summarizer, now=now
-            )
+            dropped += _drop_older(ctx, count, "token_budget", policy, now)
     return dropped
+
+
+def _drop_older(
+    ctx: Context, count: int, reason: str, policy: LifecyclePolicy, now: float
+) -> list[Turn]:
+    """:func:`drop_oldest`, never reaching into the newest exchange."""
+    groups = turn_groups(ctx.turns)
+    if not groups:
+        return []
+    # Whole groups covering ``count``, but none past the start of the newest one.
+    count = min(oldest_groups_covering(ctx.turns, count), groups[-1][0])
+    return drop_oldest(ctx, count, policy=reason, summarizer=policy.summarizer, now=now)
 
 
 def expires_at(ctx: Context, policy: LifecyclePolicy, now: float) -> float | None:

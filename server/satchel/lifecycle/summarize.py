@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 
-from ..context import Turn
+from ..context import Turn, plain_str
 
 Summarizer = Callable[[Sequence[Turn], str], str]
 log = logging.getLogger("satchel")
@@ -72,12 +72,13 @@ _FALLBACK = ExtractiveSummarizer()
 def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) -> str:
     """Run ``summarizer``; if it fails (an LLM timing out, say), fall back to the
     extractive one, so a summarizer's failure never fails the request or loses the
-    record of what left the token."""
+    record of what left the token. A str subclass (``markupsafe.Markup``...) becomes
+    the plain str it holds, as the token carries it: sealing refuses a subclass."""
     try:
         summary = summarizer(dropped, previous)
         if not isinstance(summary, str):
             raise TypeError("a summarizer must return a str")
-        return summary
+        return plain_str(summary)
     except Exception as exc:
         # The exception's text is not logged at WARNING: a summarizer's errors (an LLM
         # API's, say) can quote the prompt, which is conversation content. Its type is

@@ -1,0 +1,130 @@
+"""The Context API apps call: Context.new and add_turn check their arguments up front."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from markupsafe import Markup
+
+from satchel import Codec, Context, Keyring, OpaqueBlock, ToolCall
+from satchel.errors import InvalidText
+
+NOW = 1_767_225_600
+CODEC = Codec(Keyring.generate("ctx"))
+
+
+# -- Context.new ---------------------------------------------------------------------------
+
+
+def test_new_takes_a_16_byte_session_id_or_makes_a_random_one() -> None:
+    sid = bytes(range(16))
+    assert Context.new(session_id=sid).session_id == sid
+    a, b = Context.new(), Context.new()
+    assert len(a.session_id) == 16 and a.session_id != b.session_id
+
+
+@pytest.mark.parametrize(
+    ("session_id", "error", "message"),
+    [
+        # b"" used to get a random id silently; the others made contexts whose every
+        # token open() refused (token_invalid_context).
+        (b"", ValueError, "16 bytes, not 0"),
+        (b"12345678", ValueError, "16 bytes, not 8"),
+        (bytes(17), ValueError, "16 bytes, not 17"),
+        ("ab" * 16, TypeError, r"not str \(bytes.fromhex"),
+        (bytearray(16), TypeError, "not bytearray"),
+        (16, TypeError, "not int"),
+    ],
+)
+def test_new_refuses_a_session_id_no_token_can_carry(
+    session_id: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Context.new(session_id=session_id)
+
+
+@pytest.mark.parametrize("now", ["2026-01-01", b"1", True, [1]])
+def test_new_refuses_a_time_that_is_not_a_number(now: Any) -> None:
+    with pytest.raises(TypeError, match="now is Unix seconds"):
+        Context.new(now=now)
+
+
+def test_new_keeps_int_and_float_times() -> None:
+    assert Context.new(now=NOW).created_at == NOW
+    assert Context.new(now=NOW + 0.5).last_active == NOW + 0.5
+
+
+# -- add_turn ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"ts": "2024-01-01"}, TypeError, "ts is Unix seconds, an int or float, not str"),
+        ({"ts": True}, TypeError, "ts is Unix seconds"),
+        ({"tool_calls": [{"id": "c1", "name": "f"}]}, TypeError, r"tool_calls\[0\] is dict"),
+        ({"tool_calls": ToolCall("c1", "f")}, TypeError, "not a single ToolCall"),
+        ({"tool_calls": 3}, TypeError, "tool_calls is a list of ToolCall, not int"),
+        ({"blocks": [b"raw"]}, TypeError, r"blocks\[0\] is bytes, not OpaqueBlock"),
+        ({"tool_call_id": 7}, TypeError, "tool_call_id is a str or None, not int"),
+        ({"name": b"fn"}, TypeError, "name is a str or None, not bytes"),
+        ({"name": "\ud800"}, InvalidText, "name is not valid Unicode"),
+        ({"role": "robot"}, ValueError, "role must be one of"),
+        ({"content": None}, TypeError, "turn content must be a str"),
+    ],
+)
+def test_a_refused_turn_leaves_the_context_as_it_was(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """add_turn("user", "hello", ts="2024-01-01") used to append the turn, then fail in
+    max() with a bare TypeError: the half-added turn made every later seal fail."""
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "first", ts=NOW)
+    args = {"role": "user", "content": "hello", **kwargs}
+    with pytest.raises(error, match=message):
+        ctx.add_turn(args.pop("role"), args.pop("content"), **args)
+    assert [t.content for t in ctx.turns] == ["first"]
+    assert ctx.last_active == NOW
+    assert CODEC.open(CODEC.seal(ctx)).turns[0].content == "first"
+
+
+def test_add_turn_takes_any_iterable_of_calls_and_blocks() -> None:
+    ctx = Context.new(now=NOW)
+    turn = ctx.add_turn(
+        "assistant",
+        "",
+        ts=NOW + 1,
+        tool_calls=(c for c in [ToolCall("c1", "f", {"x": 1})]),
+        blocks=[OpaqueBlock("thinking", b"\x00\x01", "anthropic")],
+    )
+    assert turn.tool_calls == (ToolCall("c1", "f", {"x": 1}),)
+    assert ctx.last_active == NOW + 1
+    assert CODEC.open(CODEC.seal(ctx)).turns[0] == turn
+
+
+def test_str_subclasses_go_in_as_plain_str_and_round_trip() -> None:
+    """add_turn took markupsafe.Markup as it was; the seal then refused it
+    ("turns[0].content is Markup, not str")."""
+
+    class Role(str):
+        pass
+
+    ctx = Context.new(now=NOW)
+    turn = ctx.add_turn(
+        Role("tool"),  # type: ignore[arg-type]
+        Markup("<b>18°C</b>"),
+        ts=NOW,
+        tool_call_id=Markup("c1"),
+        name=Markup("weather"),
+    )
+    for value in (turn.role, turn.content, turn.tool_call_id, turn.name):
+        assert type(value) is str
+    assert turn.content == "<b>18°C</b>"
+    opened = CODEC.open(CODEC.seal(ctx)).turns[0]
+    assert (opened.role, opened.content, opened.tool_call_id, opened.name) == (
+        "tool",
+        "<b>18°C</b>",
+        "c1",
+        "weather",
+    )
