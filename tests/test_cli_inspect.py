@@ -14,6 +14,7 @@ import pytest
 from satchel.codec import Codec
 from satchel.context import Context
 from satchel.keys import Keyring
+from satchel.schema import CURRENT_VERSION as SCHEMA_VERSION
 from tests.support.env import satchel_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,8 @@ def test_golden_tokens_of_older_releases_open_and_report_the_migration() -> None
         assert code == 0, (name, err)
         assert out["header"]["kid"] == expected["kid"]
         assert out["header"]["algorithm"] == expected["algorithm"]
-        assert out["migrated_from"] == expected["schema_version"]
+        migrated = expected["schema_version"] != SCHEMA_VERSION
+        assert out["migrated_from"] == (expected["schema_version"] if migrated else None)
         assert out["context"]["session_id"] == expected["content"]["session_id"]
 
 
@@ -246,3 +248,31 @@ def test_output_is_strict_json_with_bytes_and_non_finite_numbers_tagged() -> Non
     assert turns[0]["ts"] == {"$float": "Infinity"}
     assert turns[1]["tool_calls"][0]["arguments"] == {"blob": {"$bytes": "02"}, "n": 2}
     assert out["context"]["session_id"] == ctx.session_id.hex()  # ids stay plain hex
+
+
+def keygen(*args: str, keys: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
+    if keys is not None:
+        env["SATCHEL_KEYS"] = keys
+    return subprocess.run(
+        [*satchel_command(), "keygen", *args], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_keygen_prints_a_key_and_appends_in_front_of_the_ring() -> None:
+    alone = keygen("--kid", "k2")
+    assert alone.returncode == 0
+    assert Keyring.from_string(alone.stdout.strip()).kids == ["k2"]
+    ring = keygen("--kid", "k3", "--append", keys=KEYS.to_string())
+    assert ring.returncode == 0
+    assert Keyring.from_string(ring.stdout.strip()).kids == ["k3", "cli1"]  # newest first
+
+
+def test_keygen_refuses_to_print_a_ring_no_app_would_load() -> None:
+    duplicate = keygen("--kid", "cli1", "--append", keys=KEYS.to_string())
+    assert duplicate.returncode == 2 and duplicate.stdout == ""
+    assert "already has a key 'cli1'" in duplicate.stderr
+    broken = keygen("--append", keys="k1:not base64!")
+    assert broken.returncode == 2 and "SATCHEL_KEYS" in broken.stderr
+    assert "not base64!" not in broken.stderr  # never the secret

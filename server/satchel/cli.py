@@ -17,12 +17,27 @@ from typing import Any
 from .codec import Codec, peek
 from .errors import BadToken, ConfigurationError, SatchelError
 from .keys import Keyring, generate_key
+from .schema import CURRENT_VERSION as SCHEMA_VERSION
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_key(args.kid)
     if args.append:
         current = os.environ.get("SATCHEL_KEYS", "").strip()
+        if current:
+            try:
+                kids = Keyring.from_string(current).kids
+            except ConfigurationError as exc:
+                print(f"satchel keygen: $SATCHEL_KEYS: {exc.message}", file=sys.stderr)
+                return 2
+            if key.kid in kids:
+                # The ring would hold one kid twice, which every app refuses to load.
+                print(
+                    f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}; "
+                    "pass another --kid",
+                    file=sys.stderr,
+                )
+                return 2
         print(key.to_string() + ("," + current if current else ""))
     else:
         print(key.to_string())
@@ -110,7 +125,8 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
             **extra,
             "header": header,
             "digest": opened.digest.hex(),
-            "migrated_from": ctx.opened_version,
+            # The schema version the token was written in, only when it was migrated.
+            "migrated_from": (ctx.opened_version if ctx.opened_version != SCHEMA_VERSION else None),
             "context": context,
         }
     )
@@ -260,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="verify and print a token (keys from SATCHEL_KEYS)")
     p.add_argument("token", help="the token, or - to read it from stdin")
     p.add_argument("--no-verify", action="store_true", help="print only what the header says")
-    p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
+    p.add_argument(
+        "--purpose",
+        default=os.environ.get("SATCHEL_PURPOSE", "satchel"),
+        help="the app's SATCHEL_PURPOSE (default: $SATCHEL_PURPOSE, else 'satchel')",
+    )
     p.add_argument(
         "--store-url",
         default=os.environ.get("SATCHEL_STORE_URL") or os.environ.get("SATCHEL_OVERFLOW_URL", ""),
@@ -277,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SATCHEL_STORE_URL", ""),
         help="server mode: the store holding the contexts, when not the overflow tier",
     )
-    p.add_argument("--purpose", default=os.environ.get("SATCHEL_PURPOSE", "satchel"))
+    p.add_argument(
+        "--purpose",
+        default=os.environ.get("SATCHEL_PURPOSE", "satchel"),
+        help="the app's SATCHEL_PURPOSE (default: $SATCHEL_PURPOSE, else 'satchel')",
+    )
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("bench", help="benchmarks: codec | chaos")
