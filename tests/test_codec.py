@@ -761,3 +761,29 @@ def test_seal_of_something_other_than_a_context_is_a_type_error(value: object) -
     for call in (codec.seal, codec.measure, codec.prepare):
         with pytest.raises(TypeError, match="seal takes a satchel Context, not"):
             call(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "lifecycle",
+    [
+        [{"window": "many"}, 0, 0, []],  # a count that is not a number
+        [{7: 1}, 0, 0, []],  # a policy name that is not a str
+    ],
+)
+def test_a_payload_signed_with_the_real_key_still_opens_only_if_it_is_valid(
+    lifecycle: list,
+) -> None:
+    """Only the holder of the key can make these, but opening them must still end in
+    a BadToken (a JSON 4xx), not in a context the pipeline fails on later (a 500)."""
+    from satchel import serialize
+    from satchel.schema import to_wire
+
+    codec = Codec(Keyring.generate("k1"), mode="signed")
+    ctx = Context.new()
+    ctx.add_turn("user", "hi")
+    wire = to_wire(ctx)
+    wire["l"] = lifecycle
+    token, _ = codec.seal_payload(serialize.pack(wire))
+    with pytest.raises(BadToken) as info:
+        codec.open(token)
+    assert info.value.code == "token_invalid_context"

@@ -94,8 +94,36 @@ def test_fork_detector_sibling_and_behind() -> None:
 
 
 def test_mark_round_trip() -> None:
-    assert decode_mark(encode_mark(7, b"x" * 12)) == (7, b"x" * 12)
+    assert decode_mark(encode_mark(7, b"x" * 12, b"m" * 16)) == (7, b"x" * 12, b"m" * 16)
+    # A mark of the release before mark ids still reads (checked by its older rule).
+    assert decode_mark(encode_mark(7, b"x" * 12)) == (7, b"x" * 12, None)
     assert decode_mark(b"garbage\xff") is None
+
+
+def test_an_old_token_taken_through_a_client_route_cannot_roll_back_a_spend(
+    tmp_path: Path,
+) -> None:
+    """A replay laundered through a ``client``-level route: each pass raises its
+    sequence number on a branch of its own, past the mark. The monotonic route must
+    still see that it does not descend from the newest spend."""
+    app, _ = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    first = post(client, "/spend", t0)
+    second = post(client, "/spend", first.headers["Satchel-Context"])
+    assert second.get_json() == {"credits": 8}
+    laundered = t0
+    for _ in range(4):  # the client-level route serves the old branch (a reported fork)
+        laundered = post(client, "/chat", laundered).headers["Satchel-Context"]
+    refused = post(client, "/spend", laundered)
+    assert refused.status_code == 409, refused.get_json()
+    assert refused.get_json()["error"]["code"] == "stale_context"
+    # So is the token of the first spend, taken further the same way...
+    after_first = post(client, "/chat", first.headers["Satchel-Context"])
+    assert post(client, "/spend", after_first.headers["Satchel-Context"]).status_code == 409
+    # ...while the newest branch, through the client route, keeps spending.
+    newest = post(client, "/chat", second.headers["Satchel-Context"])
+    assert post(client, "/spend", newest.headers["Satchel-Context"]).get_json() == {"credits": 7}
 
 
 # -- monotonic ------------------------------------------------------------------------
@@ -310,6 +338,48 @@ def test_user_binding_refuses_a_token_copied_to_another_account(tmp_path: Path) 
     refused = post(client, "/chat", token)
     assert refused.status_code == 403
     assert refused.get_json()["error"]["code"] == "token_wrong_user"
+    # Nor does it work signed out: a stolen token must not be usable without an account.
+    current["user"] = None
+    anonymous = post(client, "/chat", token)
+    assert anonymous.status_code == 403
+    assert anonymous.get_json()["error"]["code"] == "token_wrong_user"
+    # A conversation started signed out stays usable signed out (nothing is bound).
+    fresh = post(client, "/chat", None).headers["Satchel-Context"]
+    assert post(client, "/chat", fresh).status_code == 200
+
+
+@pytest.mark.parametrize("arrangement", ["decorators reversed", "opened by a hook"])
+def test_a_monotonic_route_is_checked_however_its_context_is_opened(
+    tmp_path: Path, arrangement: str
+) -> None:
+    """The route's level comes from its registered view: the check runs even when the
+    decorators are stacked the other way round or a before_request hook opens the
+    context before the view wrapper could say which level it wants."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+
+    def spend() -> Any:
+        ctx = satchel.context
+        ctx.metadata["credits"] = ctx.metadata.get("credits", 10) - 1
+        return {"credits": ctx.metadata["credits"]}
+
+    if arrangement == "decorators reversed":
+        satchel.consistency("monotonic")(app.post("/spend")(spend))
+    else:
+        app.post("/spend")(satchel.consistency("monotonic")(spend))
+
+        @app.before_request
+        def load_context() -> None:
+            satchel.get_context()
+
+    client = app.test_client()
+    first = post(client, "/spend", None)
+    assert first.get_json() == {"credits": 9}
+    t1 = first.headers["Satchel-Context"]
+    assert post(client, "/spend", t1).get_json() == {"credits": 8}
+    replay = post(client, "/spend", t1)  # the spend just made must not be undone
+    assert replay.status_code == 409
 
 
 def test_erase_deletes_tier_data_and_refuses_tokens_in_monotonic(tmp_path: Path) -> None:

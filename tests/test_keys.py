@@ -178,3 +178,13 @@ def test_same_kid_different_secret_is_a_bad_signature() -> None:
     token = Codec(Keyring([Key("k1", b"a" * 32)])).seal(ctx)
     with pytest.raises(BadSignature):
         Codec(Keyring([Key("k1", b"b" * 32)])).open(token)
+
+
+def test_a_key_written_secret_first_never_echoes_the_secret() -> None:
+    secret = b64url_encode(SECRET)
+    for text in (f"{secret}:k1", f"{secret}:k!"):
+        with pytest.raises(ConfigurationError) as info:
+            Keyring.from_string(text)
+        exc = info.value
+        assert secret[:8] not in exc.message and secret[:8] not in repr(exc.facts)
+        assert "kid:secret" in exc.message

@@ -4,9 +4,11 @@
   tokens made from one parent, or a token older than one already issued) are detected
   from the sequence number and parent digest, reported, never merged. Detection here
   is in-process and free: it sees forks within one server process.
-* ``monotonic``: a tiny high-water mark per session (sequence number and digest of
-  the newest token) lives in the tier. A token older than the mark, or a sibling of
-  it, is refused with 409 ``stale_context``, so values such as credits, quotas or
+* ``monotonic``: a tiny high-water mark per session (sequence number, digest and a
+  random id minted by the newest monotonic save, which its token carries and every
+  later token inherits) lives in the tier. A token that does not carry the mark's id
+  (an older one, a sibling, or an older one taken further through ``client``-level
+  routes) is refused with 409 ``stale_context``, so values such as credits, quotas or
   consent cannot be rolled back by replaying an old token. The mark moves with an
   atomic compare-and-set when the next token is issued, so of two concurrent requests
   carrying one token exactly one succeeds. When the tier is down, ``fail_open``
@@ -24,6 +26,7 @@ See docs/consistency.md.
 from __future__ import annotations
 
 import hmac
+import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ import msgpack
 from .context import Context
 from .errors import ContextErased, StaleContext, TierError, TierFull, TierUnavailable
 from .observe import NULL_OBSERVER, Observer
+from .schema import MARK_ID_BYTES
 
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
@@ -53,16 +57,28 @@ def mark_key(tag: str, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:hwm"
 
 
-def encode_mark(seq: int, digest: bytes) -> bytes:
-    return msgpack.packb([seq, digest], use_bin_type=True)
+def new_mark_id() -> bytes:
+    """A fresh id for the mark a ``monotonic`` save sets (``Context.mark_id``)."""
+    return secrets.token_bytes(MARK_ID_BYTES)
 
 
-def decode_mark(raw: bytes) -> tuple[int, bytes] | None:
+def encode_mark(seq: int, digest: bytes, mark_id: bytes | None = None) -> bytes:
+    """The stored mark: ``[seq, digest]``, and the mark id when there is one."""
+    fields: list[Any] = [seq, digest] if mark_id is None else [seq, digest, mark_id]
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode_mark(raw: bytes) -> tuple[int, bytes, bytes | None] | None:
+    """``(seq, digest, mark_id)``; ``mark_id`` is None in marks of releases before
+    mark ids (``[seq, digest]``)."""
     if raw == ERASED:
         return None
     try:
-        seq, digest = msgpack.unpackb(raw, raw=False)
-        return int(seq), bytes(digest)
+        fields = msgpack.unpackb(raw, raw=False)
+        if len(fields) == 2:
+            return int(fields[0]), bytes(fields[1]), None
+        seq, digest, mark_id = fields
+        return int(seq), bytes(digest), bytes(mark_id)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None  # unreadable mark: treat as absent rather than lock a user out
 
@@ -177,30 +193,41 @@ class MonotonicGuard:
             raise ContextErased("this conversation was erased")
         if raw is not None and not fresh:
             mark = decode_mark(raw)
-            if mark is not None:
-                seq, digest = mark
-                same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
-                if seq > ctx.seq or (seq == ctx.seq and not same):
-                    self.observer.event(
-                        "stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}"
-                    )
-                    raise StaleContext(
-                        f"this token (seq {ctx.seq}) is older than the newest one the "
-                        f"server has seen (seq {seq}); use the newest token",
-                        seq=ctx.seq,
-                        newest_seq=seq,
-                    )
+            if mark is not None and not self._descends(ctx, *mark):
+                seq = mark[0]
+                self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}")
+                raise StaleContext(
+                    f"this token (seq {ctx.seq}) does not descend from the newest one "
+                    f"the server has seen for this route (seq {seq}); use the newest token",
+                    seq=ctx.seq,
+                    newest_seq=seq,
+                )
         return MarkState(key, raw)
+
+    @staticmethod
+    def _descends(ctx: Context, seq: int, digest: bytes, mark_id: bytes | None) -> bool:
+        """Whether ``ctx``'s token descends from the newest monotonic save.
+
+        Every monotonic save mints a mark id, seals it into its token and stores it in
+        the mark; every route carries it forward. So a token descends from the newest
+        save exactly when it carries that id. A sequence number alone does not say it:
+        an older token taken through a ``client``-level route a few times climbs past
+        the mark on a branch of its own (and would roll back what the save protected).
+        """
+        if mark_id is not None:
+            return ctx.mark_id is not None and hmac.compare_digest(ctx.mark_id, mark_id)
+        # A mark of the release before mark ids: the sequence-number rule it used.
+        same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
+        return not (seq > ctx.seq or (seq == ctx.seq and not same))
 
     def after(self, ctx: Context, tag: str, state: MarkState) -> None:
         """Move the mark to the token just issued; lose the race -> StaleContext."""
         if not state.checked:
             return
         assert ctx.parent is not None
+        mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id)
         try:
-            current = self.tier.compare_and_set_mark(
-                state.key, state.expected, encode_mark(ctx.seq, ctx.parent), self.mark_ttl
-            )
+            current = self.tier.compare_and_set_mark(state.key, state.expected, mark, self.mark_ttl)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
             return
@@ -228,5 +255,6 @@ __all__ = [
     "decode_mark",
     "encode_mark",
     "mark_key",
+    "new_mark_id",
     "stricter",
 ]

@@ -241,6 +241,12 @@ class Context:
     #: token that says so and finds no mark there shows the tier lost it (a restart
     #: without persistence, an eviction): reported as ``consistency_reset``
     marked: bool = False
+    #: the id of the newest ``monotonic`` save this token descends from (16 random
+    #: bytes, minted by each such save and kept in the tier's mark). Routes at every
+    #: level carry it forward unchanged, so a ``monotonic`` route can tell a token
+    #: that descends from the newest save from an older one that another route took
+    #: to a higher sequence number (which would otherwise roll the mark back)
+    mark_id: bytes | None = None
 
     # Request-scoped facts, never serialized.
     #: key id the token was opened with (a different one than the current means reseal)
@@ -369,6 +375,7 @@ class Context:
             "overflow": [r.to_dict() for r in self.overflow],
             "overflowed_turns": self.overflowed_turns,
             "marked": self.marked,
+            "mark_id": self.mark_id.hex() if self.mark_id else None,
             "rehydrated_turns": len(self.rehydrated),
             "degraded": list(self.degraded),
         }
@@ -391,6 +398,7 @@ SEALED_FIELDS: tuple[str, ...] = (
     "overflow",
     "bound_user",
     "marked",
+    "mark_id",
 )
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (

@@ -71,9 +71,9 @@ class Key:
 
     def __post_init__(self) -> None:
         if not _KID_RE.match(self.kid):
-            raise ConfigurationError(
-                "a key id is 1-16 characters of A-Z, a-z, 0-9, '_' or '-'", kid=self.kid
-            )
+            # Not echoed: a key written the wrong way round ('secret:kid') would put
+            # the secret in the message.
+            raise ConfigurationError("a key id is 1-16 characters of A-Z, a-z, 0-9, '_' or '-'")
         if len(self.secret) < MIN_SECRET_BYTES:
             raise ConfigurationError(
                 f"key {self.kid!r} is too short: at least {MIN_SECRET_BYTES} bytes",
@@ -177,7 +177,7 @@ class Keyring:
     @classmethod
     def from_string(cls, text: str, *, anchor_kid: str | None = None) -> Keyring:
         """Parse ``kid:secret[,kid:secret...]``, newest first."""
-        keys = []
+        keys: list[Key] = []
         for raw_item in text.split(","):
             item = raw_item.strip()
             if not item:
@@ -186,6 +186,13 @@ class Keyring:
             kid = kid.strip()
             if not sep:
                 raise ConfigurationError("each key is written 'kid:base64url-secret'")
+            if not _KID_RE.match(kid):
+                # Checked before the secret, and not echoed: in 'secret:kid' order the
+                # part before the colon is the secret.
+                raise ConfigurationError(
+                    f"key {len(keys) + 1} of the ring: a key id is 1-16 characters of "
+                    "A-Z, a-z, 0-9, '_' or '-' (keys are written 'kid:secret')"
+                )
             try:
                 # Standard base64 ('+', '/') is taken too: the two alphabets cannot be
                 # confused, and a key made by `openssl rand -base64 32` must not stop
@@ -213,7 +220,7 @@ class Keyring:
         """A ring from plain secrets such as Flask's SECRET_KEY and SECRET_KEY_FALLBACKS.
 
         Key ids are a short hash of each secret so that the right one is tried first;
-        16 bits of a SHA-256 reveal nothing useful about a secret.
+        24 bits (6 hex digits) of a SHA-256 reveal nothing useful about a secret.
         """
         keys: list[Key] = []
         for secret in secrets_:

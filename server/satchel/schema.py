@@ -195,8 +195,11 @@ def to_wire(
         wire["P"] = [pinned.system or "", list(pinned.facts)]
     if ctx.metadata:
         wire["m"] = ctx.metadata
-    if ctx.marked:
+    if ctx.marked or ctx.mark_id is not None:
         wire["h"] = True
+    if ctx.mark_id is not None:
+        # A key of its own: replicas of the release before ignore it (a rolling deploy).
+        wire["H"] = _mark_id(ctx.mark_id)
     return wire
 
 
@@ -208,6 +211,16 @@ def _bin(value: Any) -> bytes:
     # Never bytes(value): bytes(10**12) would allocate a terabyte.
     if type(value) is not bytes:
         raise TypeError("expected bytes (a msgpack bin)")
+    return value
+
+
+#: bytes in a monotonic mark id (``Context.mark_id``)
+MARK_ID_BYTES = 16
+
+
+def _mark_id(value: Any) -> bytes:
+    if len(_bin(value)) != MARK_ID_BYTES:
+        raise ValueError(f"a mark id is {MARK_ID_BYTES} bytes")
     return value
 
 
@@ -295,8 +308,17 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
 
 
 #: The parts of the lifecycle array, and how each is read.
+def _dropped_from_wire(dropped: Any) -> dict[str, int]:
+    # Counts by policy name: anything else would fail later, in the pipeline (a 500).
+    if type(dropped) is not dict or not all(
+        type(k) is str and type(n) is int for k, n in dropped.items()
+    ):
+        raise TypeError("lifecycle dropped is a map of str to int")
+    return dict(dropped)
+
+
 _LIFECYCLE_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
-    ("dropped", dict),
+    ("dropped", _dropped_from_wire),
     ("summarized", int),
     ("lost", int),
     ("recent", _actions_from_wire),
@@ -305,7 +327,9 @@ _LIFECYCLE_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
 
 def _lifecycle_from_wire(wire: Any) -> Lifecycle:
     dropped, summarized, lost, recent = wire
-    return Lifecycle(dict(dropped), int(summarized), int(lost), _actions_from_wire(recent))
+    return Lifecycle(
+        _dropped_from_wire(dropped), int(summarized), int(lost), _actions_from_wire(recent)
+    )
 
 
 def _overflow_to_wire(
@@ -503,6 +527,11 @@ def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> 
             _bin(ctx.bound_user)
         except TypeError as exc:
             return f"bound_user is {_describe(ctx.bound_user)}: {exc}"
+    if ctx.mark_id is not None:
+        try:
+            _mark_id(ctx.mark_id)
+        except (TypeError, ValueError) as exc:
+            return f"mark_id is {_describe(ctx.mark_id)}: {exc}"
     lc = ctx.lifecycle
     if not isinstance(lc, Lifecycle):
         return f"lifecycle is {type(lc).__name__}, not Lifecycle"
@@ -705,7 +734,17 @@ def from_wire(wire: Any) -> Context:
             if type(wire["h"]) is not bool:
                 raise TypeError("marked")
             ctx.marked = wire["h"]
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+        if "H" in wire:
+            ctx.mark_id = _mark_id(wire["H"])
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        RecursionError,  # str() of a list nested a thousand deep, where a str belongs
+    ) as exc:
         raise InvalidContext(f"payload is not a valid context: {type(exc).__name__}") from None
     if not isinstance(ctx.summary, str):
         raise InvalidContext("payload is not a valid context")

@@ -275,7 +275,9 @@ class SegmentStore:
         self, ctx: Context, ref: SegmentRef, stored: bytes
     ) -> tuple[list[Turn], str | None]:
         # The size and digest checks come first: only bytes this session wrote go on.
-        if len(stored) > self.max_segment_bytes or segment_digest(stored) != ref.digest:
+        if len(stored) > self.max_segment_bytes or not hmac.compare_digest(
+            segment_digest(stored), ref.digest
+        ):
             return [], SEGMENT_CORRUPT
         try:
             payload = self.codec.open_envelope(envelope.parse_raw(stored))

@@ -37,7 +37,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..app_schema import MetadataMigration, MetadataSchema
 from ..codec import Codec
-from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, stricter
+from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, new_mark_id, stricter
 from ..context import Context
 from ..envelope import encoded_length
 from ..errors import (
@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..keys import Keyring
 from ..lifecycle import LifecyclePolicy
+from ..lifecycle.summarize import raised_at
 from ..limits import Limits
 from ..observe import MultiObserver, Observer
 from ..pipeline import Pipeline
@@ -90,6 +91,8 @@ class RequestState:
     started: float = field(default_factory=time.perf_counter)
     consistency: str | None = None
     committed: dict[str, str] | None = None
+    #: the consistency level the context was opened at (client mode)
+    opened_level: str | None = None
     mark: MarkState | None = None
     opened_digest: bytes | None = None
 
@@ -393,7 +396,11 @@ class Satchel:
                 if fork:
                     rs.fork = fork
                     self.observer.event("fork_detected", session=tag, detail=fork)
-            level = stricter(config.consistency, rs.consistency)
+            # The route's level comes from its view function as registered, not only
+            # from the view wrapper, which runs too late when a before_request hook
+            # (or an outer decorator) opens the context first.
+            level = stricter(stricter(config.consistency, rs.consistency), _route_level())
+            rs.opened_level = level
             if level == "monotonic":
                 if app_state.guard is None:
                     raise ConfigurationError("monotonic consistency needs a tier")
@@ -406,6 +413,11 @@ class Satchel:
             return
         user_id = config.user_binding()
         if user_id is None:
+            if ctx.bound_user is not None:
+                # A conversation bound to an account is not served to a request with
+                # no account: a stolen token must not work logged out.
+                self.observer.event("refused", reason="token_wrong_user")
+                raise WrongUser("this conversation belongs to a signed-in user")
             return
         key = pipeline.codec.keyring.anchored(pipeline.codec.purpose, "user-binding")
         bound = hmac.new(key, str(user_id).encode(), hashlib.sha256).digest()[:16]
@@ -458,6 +470,11 @@ class Satchel:
             raise ValueError(f"consistency level must be one of {LEVELS}")
 
         def decorate(view: F) -> F:
+            # Marked on the function itself: whichever of it and the wrapper is the
+            # registered view (the decorators in either order), _open_context sees it.
+            view._satchel_consistency = stricter(  # type: ignore[attr-defined]
+                level, getattr(view, "_satchel_consistency", None)
+            )
             if level == "monotonic":
                 self._monotonic_routes.add(getattr(view, "__qualname__", repr(view)))
                 for app in self._apps:  # decorated after init_app: check now
@@ -473,6 +490,15 @@ class Satchel:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 rs = self._request_state()
                 rs.consistency = stricter(level, rs.consistency)
+                opened = rs.opened_level
+                if rs.context is not None and opened is not None:
+                    if stricter(opened, level) != opened:
+                        # Opened under a weaker level (the view is not the route's
+                        # registered one): the check it demands did not run.
+                        raise ConfigurationError(
+                            f"the context was opened at {opened!r} consistency before "
+                            f"{getattr(view, '__qualname__', view)} demanded {level!r}"
+                        )
                 return view(*args, **kwargs)
 
             return wrapper  # type: ignore[return-value]
@@ -557,6 +583,9 @@ class Satchel:
             )
         if rs.mark is not None and rs.mark.checked:
             ctx.marked = True  # sealed in, so a tier that loses the mark is noticed
+            # This save becomes the newest: its token, and every token made from it
+            # at any level, carries the id the mark will hold (MonotonicGuard.after).
+            ctx.mark_id = new_mark_id()
         result = pipeline.save(ctx, timings=rs.timings)
         if rs.mark is not None and app_state.guard is not None:
             app_state.guard.after(ctx, pipeline.session_tag(ctx.session_id), rs.mark)
@@ -681,10 +710,9 @@ class Satchel:
                     yield sse("error", exc.to_dict())
                 return
             except Exception as exc:
-                # Type only at ERROR: the app's generator (an LLM call) may raise with
-                # the prompt in its message; the traceback is at DEBUG.
-                log.error("satchel stream failed (%s)", type(exc).__name__)
-                log.debug("satchel stream traceback", exc_info=True)
+                # Type and place only, at any level: the app's generator (an LLM call)
+                # may raise with the prompt in its message or its traceback's locals.
+                log.error("satchel stream failed (%s at %s)", type(exc).__name__, raised_at(exc))
                 if ai_sdk:
                     yield ai_chunk({"type": "error", "errorText": "stream_failed"})
                 else:
@@ -734,6 +762,13 @@ def ai_chunk(chunk: dict[str, Any]) -> str:
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
+
+
+def _route_level() -> str | None:
+    """The consistency level the current route's registered view demands, if any."""
+    endpoint = request.endpoint
+    view = current_app.view_functions.get(endpoint) if endpoint else None
+    return getattr(view, "_satchel_consistency", None)
 
 
 def json_body() -> Any:

@@ -80,15 +80,26 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
             raise TypeError("a summarizer must return a str")
         return plain_str(summary)
     except Exception as exc:
-        # The exception's text is not logged at WARNING: a summarizer's errors (an LLM
-        # API's, say) can quote the prompt, which is conversation content. Its type is
-        # enough to alert on; the traceback is there at DEBUG for the app's developer.
+        # The exception's text and traceback are not logged at any level: a
+        # summarizer's errors (an LLM API's, say) can quote the prompt, which is
+        # conversation content, and log pipelines keep DEBUG too. The type and the
+        # line that raised are enough to alert on and to find it.
         log.warning(
-            "satchel summarizer failed (%s); used the extractive fallback",
+            "satchel summarizer failed (%s at %s); used the extractive fallback",
             type(exc).__name__,
+            raised_at(exc),
         )
-        log.debug("satchel summarizer traceback", exc_info=True)
         return _FALLBACK(dropped, previous)
+
+
+def raised_at(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame that raised (no message, no locals)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
 __all__ = ["ExtractiveSummarizer", "Summarizer", "first_sentence", "summarize"]
