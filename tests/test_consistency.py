@@ -270,6 +270,38 @@ def test_monotonic_with_the_tier_full(
     assert {"reason": "consistency_unchecked", "error": "tier_full"}.items() <= degraded[0].items()
 
 
+def test_a_save_whose_mark_write_failed_does_not_lock_the_conversation_out(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """fail_open serves a request whose mark could not be moved (Redis out of memory);
+    its token names a mark id the tier never got. When the tier takes writes again, that
+    token must still pass, not answer 409 forever."""
+    app, _ = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY="fail_open",
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    token = post(client, "/chat", token).headers["Satchel-Context"]
+    before = token
+    redis_server.config_set({"maxmemory": 1, "maxmemory-policy": "noeviction"})
+    unmoved = post(client, "/chat", token)
+    assert unmoved.status_code == 200
+    assert "consistency_unchecked" in unmoved.headers["Satchel-Degraded"]
+    redis_server.config_set({"maxmemory": 0})
+    token = unmoved.headers["Satchel-Context"]
+    for _ in range(3):  # the conversation goes on, and the mark moves again
+        response = post(client, "/chat", token)
+        assert response.status_code == 200, response.get_json()
+        assert "Satchel-Degraded" not in response.headers
+        token = response.headers["Satchel-Context"]
+    # ...and the tokens from before are refused again, as stale.
+    assert post(client, "/chat", before).status_code == 409
+    assert post(client, "/chat", unmoved.headers["Satchel-Context"]).status_code == 409
+
+
 def test_marks_lost_by_a_restart_are_reported_and_set_again(
     tmp_path: Path, redis_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -126,6 +126,9 @@ class MarkState:
     key: str
     expected: bytes | None
     checked: bool = True
+    #: the id in the mark the token was checked against (None: no mark, or one of the
+    #: release before mark ids); the next token names it as its ``mark_parent``
+    mark_id: bytes | None = None
 
 
 class MonotonicGuard:
@@ -191,9 +194,9 @@ class MonotonicGuard:
         if raw == ERASED:
             self.observer.event("refused", session=tag, reason="token_erased")
             raise ContextErased("this conversation was erased")
-        if raw is not None and not fresh:
-            mark = decode_mark(raw)
-            if mark is not None and not self._descends(ctx, *mark):
+        mark = decode_mark(raw) if raw is not None else None
+        if mark is not None and not fresh:
+            if not self._descends(ctx, *mark):
                 seq = mark[0]
                 self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}")
                 raise StaleContext(
@@ -202,7 +205,7 @@ class MonotonicGuard:
                     seq=ctx.seq,
                     newest_seq=seq,
                 )
-        return MarkState(key, raw)
+        return MarkState(key, raw, mark_id=mark[2] if mark is not None else None)
 
     @staticmethod
     def _descends(ctx: Context, seq: int, digest: bytes, mark_id: bytes | None) -> bool:
@@ -215,7 +218,13 @@ class MonotonicGuard:
         the mark on a branch of its own (and would roll back what the save protected).
         """
         if mark_id is not None:
-            return ctx.mark_id is not None and hmac.compare_digest(ctx.mark_id, mark_id)
+            # Its own id, or the id its save started from when that save could not
+            # move the mark (the tier failed the write and fail_open served it anyway:
+            # its token names an id the tier never got, and must not be locked out).
+            return any(
+                held is not None and hmac.compare_digest(held, mark_id)
+                for held in (ctx.mark_id, ctx.mark_parent)
+            )
         # A mark of the release before mark ids: the sequence-number rule it used.
         same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
         return not (seq > ctx.seq or (seq == ctx.seq and not same))

@@ -247,6 +247,10 @@ class Context:
     #: that descends from the newest save from an older one that another route took
     #: to a higher sequence number (which would otherwise roll the mark back)
     mark_id: bytes | None = None
+    #: the mark id the save that minted ``mark_id`` was checked against: still
+    #: accepted while the tier holds it, i.e. when that save could not move the mark
+    #: (the tier failed the write and ``fail_open`` served the request anyway)
+    mark_parent: bytes | None = None
 
     # Request-scoped facts, never serialized.
     #: key id the token was opened with (a different one than the current means reseal)
@@ -376,6 +380,7 @@ class Context:
             "overflowed_turns": self.overflowed_turns,
             "marked": self.marked,
             "mark_id": self.mark_id.hex() if self.mark_id else None,
+            "mark_parent": self.mark_parent.hex() if self.mark_parent else None,
             "rehydrated_turns": len(self.rehydrated),
             "degraded": list(self.degraded),
         }
@@ -399,6 +404,7 @@ SEALED_FIELDS: tuple[str, ...] = (
     "bound_user",
     "marked",
     "mark_id",
+    "mark_parent",
 )
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (

@@ -200,6 +200,8 @@ def to_wire(
     if ctx.mark_id is not None:
         # A key of its own: replicas of the release before ignore it (a rolling deploy).
         wire["H"] = _mark_id(ctx.mark_id)
+    if ctx.mark_parent is not None:
+        wire["Hp"] = _mark_id(ctx.mark_parent)
     return wire
 
 
@@ -527,11 +529,13 @@ def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> 
             _bin(ctx.bound_user)
         except TypeError as exc:
             return f"bound_user is {_describe(ctx.bound_user)}: {exc}"
-    if ctx.mark_id is not None:
-        try:
-            _mark_id(ctx.mark_id)
-        except (TypeError, ValueError) as exc:
-            return f"mark_id is {_describe(ctx.mark_id)}: {exc}"
+    for name in ("mark_id", "mark_parent"):
+        value = getattr(ctx, name)
+        if value is not None:
+            try:
+                _mark_id(value)
+            except (TypeError, ValueError) as exc:
+                return f"{name} is {_describe(value)}: {exc}"
     lc = ctx.lifecycle
     if not isinstance(lc, Lifecycle):
         return f"lifecycle is {type(lc).__name__}, not Lifecycle"
@@ -736,6 +740,8 @@ def from_wire(wire: Any) -> Context:
             ctx.marked = wire["h"]
         if "H" in wire:
             ctx.mark_id = _mark_id(wire["H"])
+        if "Hp" in wire:
+            ctx.mark_parent = _mark_id(wire["Hp"])
     except (
         KeyError,
         TypeError,

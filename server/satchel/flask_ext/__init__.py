@@ -584,7 +584,9 @@ class Satchel:
         if rs.mark is not None and rs.mark.checked:
             ctx.marked = True  # sealed in, so a tier that loses the mark is noticed
             # This save becomes the newest: its token, and every token made from it
-            # at any level, carries the id the mark will hold (MonotonicGuard.after).
+            # at any level, carries the id the mark will hold (MonotonicGuard.after),
+            # and the id it was checked against, in case the tier fails that write.
+            ctx.mark_parent = rs.mark.mark_id
             ctx.mark_id = new_mark_id()
         result = pipeline.save(ctx, timings=rs.timings)
         if rs.mark is not None and app_state.guard is not None:
