@@ -526,3 +526,40 @@ def test_references_stay_bounded_when_the_tier_cannot_be_read() -> None:
     back = pipeline.load(token, now=NOW)
     assert not back.degraded
     assert len(back.all_turns()) == held
+
+
+def test_references_stay_bounded_when_segments_are_too_large_to_merge() -> None:
+    """Long turns fill a segment to its size cap in a few dozen exchanges; merging
+    them all is then impossible, and each spill used to append a reference until the
+    token passed the hard cap and every request answered 413."""
+    codec = Codec(
+        Keyring.generate("k1"),
+        clock=lambda: NOW,
+        limits=Limits(max_decompressed_bytes=48 * 1024),
+    )
+    guarded = GuardedTier(MemoryTier(), BreakerPolicy(), cache=SegmentCache(0))
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=3800, hard_max_token_bytes=8000)
+    pipeline = Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
+
+    def long_text(i: int) -> str:  # about 2.5 KB that does not compress away
+        return " ".join(hashlib.sha256(f"{i}:{n}".encode()).hexdigest() for n in range(38))
+
+    token = None
+    exchanges = 400
+    for i in range(exchanges):
+        ctx = pipeline.load(token, now=NOW)
+        assert not ctx.degraded
+        ctx.add_turn("user", long_text(i), ts=NOW)
+        ctx.add_turn("assistant", long_text(-i), ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+        assert token is not None and len(token) <= 8000
+    final = pipeline.load(token, now=NOW)
+    assert len(final.overflow) <= MAX_HELD_SEGMENT_REFS
+    capped = final.lifecycle.dropped.get("overflow_cap", 0)
+    assert capped > 0 and final.lifecycle.lost == 0  # a policy limit, not a loss
+    every = final.all_turns()
+    assert len(every) + capped == 2 * exchanges
+    assert [t.content for t in every[-4:]] == [
+        long_text(exchanges - 2), long_text(-(exchanges - 2)),
+        long_text(exchanges - 1), long_text(-(exchanges - 1)),
+    ]  # fmt: skip

@@ -42,9 +42,10 @@ TAG_CACHE_SIZE = 4096
 #: At most this many segment references in a token: spills merge with recent segments
 #: (segments.merge_start), so references cannot grow the token in a long conversation.
 MAX_SEGMENT_REFS = 6
-#: References kept while they cannot be merged (the tier does not answer reads, so the
-#: turns to merge are not in hand). Past this, turns stay inline as when the tier
-#: refuses writes, so the token cannot grow by a reference per spill without bound.
+#: References kept while they cannot be merged. When the tier does not answer reads
+#: (the turns to merge are not in hand), turns past this stay inline as when the tier
+#: refuses writes; when every segment is too large to merge, the oldest goes
+#: (``overflow_cap``). Either way the token cannot grow by a reference per spill.
 MAX_HELD_SEGMENT_REFS = 4 * MAX_SEGMENT_REFS
 DEFAULT_SEGMENT_TTL = 30 * 86400.0
 #: Where the hard cap cut the oldest part of a summary (:meth:`Pipeline._shorten_summary`).
@@ -469,19 +470,43 @@ class Pipeline:
         try:
             if self._can_merge(ctx):
                 start = merge_start([r.turns for r in ctx.overflow], len(spill), MAX_SEGMENT_REFS)
-                if start < kept:
+                while start < kept:
                     offset = sum(r.turns for r in ctx.overflow[:start])
                     try:
                         merged = [*ctx.rehydrated[offset:], *spill]
                         return self.segments.write(ctx, merged, ttl, now=now), start
                     except BudgetExceeded:
-                        pass  # too large to merge: append one more reference instead
-            return self.segments.write(ctx, spill, ttl, now=now), kept
+                        # Over one segment's size cap: merge fewer, the newest (and
+                        # smallest) ones, before appending one more reference.
+                        start += 1
+                if kept >= MAX_HELD_SEGMENT_REFS:
+                    self._forget_oldest_segment(ctx, now, tag)
+            return self.segments.write(ctx, spill, ttl, now=now), len(ctx.overflow)
         except TierError as exc:
             if "tier_write_failed" not in ctx.degraded:
                 ctx.degraded.append("tier_write_failed")
             self.observer.event("degraded", session=tag, reason="tier_write_failed", error=exc.code)
             return None
+
+    def _forget_oldest_segment(self, ctx: Context, now: float, tag: str) -> None:
+        """Let the oldest reference go, so the token's references stay bounded.
+
+        Reached when every overflowed turn is in hand but nothing merges: each segment
+        is near the size cap one segment may have (turns of several kilobytes fill it
+        in a few dozen exchanges). The history the tier keeps for a context is then
+        bounded, like the window bounds the token: the oldest segment's turns are
+        covered by the running summary (written when they overflowed), recorded as
+        dropped by ``overflow_cap`` (a policy, not a loss), and the segment retired.
+        """
+        assert self.segments is not None
+        oldest = ctx.overflow.pop(0)
+        if len(ctx.rehydrated) >= oldest.turns:
+            ctx.rehydrated = ctx.rehydrated[oldest.turns :]
+        ctx.lifecycle.record(
+            LifecycleAction("overflow_cap", "dropped", oldest.turns, now, "oldest segment")
+        )
+        self.segments.retire(ctx, [oldest])
+        self.observer.event("trimmed", session=tag, reason="overflow_cap", turns=oldest.turns)
 
     @staticmethod
     def _can_merge(ctx: Context) -> bool:
