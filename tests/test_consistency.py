@@ -4,6 +4,7 @@ policies, per-route levels, user binding and erasure, through real Flask request
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -471,3 +472,52 @@ def test_erase_through_the_app_leaves_the_tombstone_in_every_mode(
     else:
         assert after.status_code == 410
         assert after.get_json()["error"]["code"] == "token_erased"
+
+
+def test_a_stream_the_client_never_finished_reading_does_not_move_the_mark(
+    tmp_path: Path,
+) -> None:
+    """A streamed reply on a monotonic route seals its token at the end. If the client
+    is gone by then (a closed tab), the token never reaches it; moving the mark to it
+    would lock the conversation out (409 forever for the only token the client has)."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+        return satchel.stream(
+            iter(["a ", "streamed ", "reply"]),
+            on_complete=lambda text: ctx.add_turn("assistant", text),
+        )
+
+    client = app.test_client()
+
+    def read(token: str | None, *, until: str | None = None) -> str:
+        headers = {"Satchel-Context": token} if token else {}
+        response = client.post("/stream", json={"message": "hi"}, headers=headers, buffered=False)
+        seen = ""
+        try:
+            for chunk in response.response:
+                seen += chunk.decode() if isinstance(chunk, bytes) else chunk
+                if until is not None and until in seen:
+                    break  # the client goes away: the server closes the generator here
+        finally:
+            response.close()
+        return seen
+
+    def token_in(body: str) -> str:
+        line = body.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0]
+        return json.loads(line)["token"]
+
+    first = token_in(read(None))
+    second = read(first, until="event: satchel")  # the final event left, nobody read on
+    assert "event: done" not in second
+    # The client only ever had `first`: it must still be served.
+    third = read(first)
+    assert "event: satchel" in third and "event: error" not in third
+    # A finished stream moved the mark as usual: `first` is stale now.
+    assert "stale_context" in read(first)

@@ -82,3 +82,46 @@ def test_segments_cached_through_an_outage_are_not_written_back_once_erased() ->
         app.load(token, now=NOW)
     tag = codec.session_tag(ctx.session_id)
     assert [key for key in tier._data if f"{{{tag}}}" in key] == [f"satchel:{{{tag}}}:hwm"]
+
+
+def test_a_monotonic_request_reads_the_tombstone_once() -> None:
+    """The guard has just read the session's mark (the same key as the tombstone):
+    a spill in that request does not read it again (one more round trip, and one more
+    timeout to pay when the tier hangs)."""
+    from flask import Flask, request
+
+    from satchel import Satchel
+
+    class CountingTier(MemoryTier):
+        mark_reads = 0
+
+        def get_many(self, keys):  # type: ignore[no-untyped-def]
+            CountingTier.mark_reads += sum(key.endswith(":hwm") for key in keys)
+            return super().get_many(keys)
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring.generate("k1").to_string(),
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_MAX_TOKEN_BYTES=1200,
+    )
+    satchel = Satchel(app, tier=CountingTier())
+
+    @app.post("/chat")
+    def chat() -> dict:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+        ctx.add_turn("assistant", text(len(ctx.turns)))
+        return {"overflowed": len(ctx.overflow)}
+
+    client = app.test_client()
+    token = None
+    for i in range(12):
+        CountingTier.mark_reads = 0
+        headers = {"Satchel-Context": token} if token else {}
+        response = client.post("/chat", json={"message": text(i)}, headers=headers)
+        assert response.status_code == 200
+        token = response.headers["Satchel-Context"]
+        assert CountingTier.mark_reads == 1, i
+    with app.app_context():
+        assert satchel.codec.open(token).overflow  # the requests did spill

@@ -525,6 +525,9 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_IDLE_TTL": 0}, "SATCHEL_IDLE_TTL .* must be positive"),
         ({"SATCHEL_MAX_AGE": "-5"}, "SATCHEL_MAX_AGE .* must be positive"),
         ({"SATCHEL_HARD_MAX_TOKEN_BYTES": 0}, "SATCHEL_HARD_MAX_TOKEN_BYTES .* must be positive"),
+        ({"SATCHEL_SEGMENT_GRACE": "-1"}, "SATCHEL_SEGMENT_GRACE must be a finite number"),
+        ({"SATCHEL_SEGMENT_GRACE": "nan"}, "SATCHEL_SEGMENT_GRACE must be a finite number"),
+        ({"SATCHEL_SEGMENT_GRACE": "inf"}, "SATCHEL_SEGMENT_GRACE must be a finite number"),
     ],
 )
 def test_a_bad_limit_is_refused_at_start_up_naming_its_key(
@@ -585,3 +588,20 @@ def test_padding_that_no_token_fits_under_the_budget_is_a_configuration_error() 
     assert policy_of(make_app(SATCHEL_PAD_TO=2847)).max_token_bytes == 3800
     # A budget raised to hold it makes it fine (the hard cap follows the budget).
     assert policy_of(make_app(SATCHEL_PAD_TO=4096, SATCHEL_MAX_TOKEN_BYTES=6000))
+
+
+def test_a_custom_header_name_is_used_both_ways() -> None:
+    """SATCHEL_HEADER renames the token's header in requests and responses alike: a
+    client that sends X-Chat-Token must also find the next token there."""
+    app = make_app(SATCHEL_HEADER="X-Chat-Token")
+    client = app.test_client()
+    token = None
+    for turns in (2, 4, 6):
+        headers = {"X-Chat-Token": token} if token else {}
+        response = client.post("/api/chat", json={"message": "hello"}, headers=headers)
+        assert response.status_code == 200
+        assert response.get_json()["turns"] == turns
+        assert HEADER_CONTEXT not in response.headers
+        token = response.headers["X-Chat-Token"]
+        exposed = response.headers["Access-Control-Expose-Headers"]
+        assert "X-Chat-Token" in exposed and HEADER_CONTEXT not in exposed

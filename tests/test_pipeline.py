@@ -336,3 +336,30 @@ def test_overflow_moves_old_turns_to_the_tier_and_brings_them_back() -> None:
     assert ctx.lifecycle.overflowed >= ctx.overflowed_turns
     assert ctx.summary.startswith("(")  # the summary covers what left the token
     assert "overflowed" in rec.names() and "rehydrated" in rec.names()
+
+
+def test_a_summarizer_is_timed_as_its_own_step() -> None:
+    """The summarize step has its own latency histogram (an LLM-backed summarizer is
+    the slow part of a trim): reported when a summarizer ran, and only then."""
+    calls: list[int] = []
+
+    def summarizer(dropped: Any, previous: str) -> str:
+        calls.append(len(dropped))
+        return f"{previous} +{len(dropped)}"
+
+    recorder = Recorder()
+    codec = Codec(Keyring.generate("k1"))
+    policy = LifecyclePolicy(max_turns=4, summarizer=summarizer)
+    pipeline = Pipeline(codec, policy, observer=recorder)
+    token = None
+    for i in range(4):
+        recorder.timings.clear()
+        ctx = pipeline.load(token)
+        ctx.add_turn("user", f"question {i}")
+        ctx.add_turn("assistant", f"answer {i}")
+        result = pipeline.save(ctx)
+        token = result.token
+        assert ("summarize" in recorder.timings) == bool(calls)
+        assert ("summarize" in result.timings) == bool(calls)
+        calls.clear()
+    assert "+2" in codec.open(token).summary

@@ -194,6 +194,7 @@ class MonotonicGuard:
         if raw == ERASED:
             self.observer.event("refused", session=tag, reason="token_erased")
             raise ContextErased("this conversation was erased")
+        ctx.erasure_checked = True  # the same key: segment writes need not read it again
         mark = decode_mark(raw) if raw is not None else None
         if mark is not None and not fresh:
             if not self._descends(ctx, *mark):

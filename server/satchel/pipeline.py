@@ -23,7 +23,7 @@ from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, SatchelError, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
-from .lifecycle.summarize import summarize
+from .lifecycle.summarize import summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer
 from .schema import check_sealable
 from .segments import merge_start
@@ -242,6 +242,19 @@ class Pipeline:
         self, ctx: Context, now: float, tag: str, timings: dict[str, float]
     ) -> Prepared | None:
         """The lifecycle policies, then the byte budget; reports what each did."""
+        clock: list[float] = []
+        reset = summarize_clock.set(clock)
+        try:
+            return self._trim_and_fit_timed(ctx, now, tag, timings)
+        finally:
+            summarize_clock.reset(reset)
+            if clock:  # a summarizer ran: its own step, for an LLM-backed one above all
+                timings["summarize"] = sum(clock)
+                self.observer.timing("summarize", timings["summarize"])
+
+    def _trim_and_fit_timed(
+        self, ctx: Context, now: float, tag: str, timings: dict[str, float]
+    ) -> Prepared | None:
         timer = time.perf_counter
         t0 = timer()
         summarized_before = ctx.lifecycle.summarized

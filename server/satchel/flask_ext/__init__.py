@@ -560,7 +560,7 @@ class Satchel:
         if config.cookie:
             response.set_cookie(
                 config.cookie,
-                headers[HEADER_CONTEXT],
+                headers[config.header],
                 max_age=config.cookie_max_age,
                 secure=config.cookie_secure,
                 httponly=True,
@@ -569,8 +569,12 @@ class Satchel:
             )
         return response
 
-    def finish(self, rs: RequestState) -> dict[str, str]:
-        """Seal the request's context and return the response headers to send."""
+    def finish(self, rs: RequestState, *, move_mark: bool = True) -> dict[str, str]:
+        """Seal the request's context and return the response headers to send.
+
+        ``move_mark=False`` leaves a ``monotonic`` mark where it is, for the caller to
+        move with :meth:`_move_mark` once the token has been handed to the client.
+        """
         app_state = self.state()
         ctx = rs.context
         assert ctx is not None
@@ -589,12 +593,14 @@ class Satchel:
             ctx.mark_parent = rs.mark.mark_id
             ctx.mark_id = new_mark_id()
         result = pipeline.save(ctx, timings=rs.timings)
-        if rs.mark is not None and app_state.guard is not None:
-            app_state.guard.after(ctx, pipeline.session_tag(ctx.session_id), rs.mark)
+        if move_mark:
+            self._move_mark(rs)
         if app_state.config.mode == "client":
             app_state.forks.record(ctx, rs.opened_digest)
         headers = {
-            HEADER_CONTEXT: result.token,
+            # SATCHEL_HEADER names the token's header both ways: clients send back
+            # what they were given.
+            app_state.config.header: result.token,
             "Satchel-Seq": str(ctx.seq),
             "Satchel-Session": app_state.pipeline.session_tag(ctx.session_id),
         }
@@ -606,6 +612,14 @@ class Satchel:
             headers["Satchel-Fork"] = rs.fork
         headers["Server-Timing"] = server_timing(rs.timings, time.perf_counter() - rs.started)
         return headers
+
+    def _move_mark(self, rs: RequestState) -> None:
+        """Move the ``monotonic`` mark to the token just sealed (StaleContext if another
+        request with the same token moved it first)."""
+        app_state = self.state()
+        if rs.mark is not None and app_state.guard is not None and rs.context is not None:
+            tag = app_state.pipeline.session_tag(rs.context.session_id)
+            app_state.guard.after(rs.context, tag, rs.mark)
 
     def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
         """Headers for a response that carries no new token: the steps' timings, and
@@ -621,10 +635,10 @@ class Satchel:
             response.headers["Satchel-Fork"] = rs.fork
         self._expose_headers(response)
 
-    @staticmethod
-    def _expose_headers(response: Response) -> None:
+    def _expose_headers(self, response: Response) -> None:
         existing = response.headers.get("Access-Control-Expose-Headers")
-        names = ", ".join(RESPONSE_HEADERS)
+        header = self.state().config.header  # SATCHEL_HEADER renames the token's header
+        names = ", ".join((header, *RESPONSE_HEADERS[1:]))
         response.headers["Access-Control-Expose-Headers"] = (
             f"{existing}, {names}" if existing else names
         )
@@ -678,9 +692,12 @@ class Satchel:
         ai_sdk = protocol == "ai-sdk"
 
         def finish_metadata() -> dict[str, Any]:
-            headers = self.finish(rs)
+            # The mark moves only once the final event is out (below): a client gone
+            # mid-stream never gets this token and must not be locked out of the
+            # conversation by a mark that names it.
+            headers = self.finish(rs, move_mark=False)
             return {
-                "token": headers[HEADER_CONTEXT],
+                "token": headers[self.state().config.header],
                 "seq": int(headers["Satchel-Seq"]),
                 "session": headers["Satchel-Session"],
                 "degraded": _split(headers.get("Satchel-Degraded")),
@@ -688,6 +705,15 @@ class Satchel:
                 "fork": headers.get("Satchel-Fork"),
                 "timing": headers["Server-Timing"],
             }
+
+        def settle_mark() -> None:
+            try:
+                self._move_mark(rs)
+            except SatchelError as exc:
+                # Too late for an error status: the client holds the token. If the mark
+                # did not move, that token is still accepted by the id it was checked
+                # against (Context.mark_parent); a lost race was reported by the guard.
+                log.info("satchel stream: the monotonic mark was not moved (%s)", exc.code)
 
         def events() -> Iterator[str]:
             parts: list[str] = []
@@ -723,10 +749,12 @@ class Satchel:
             if ai_sdk:
                 yield ai_chunk({"type": "text-end", "id": "t0"})
                 yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
+                settle_mark()
                 yield ai_chunk({"type": "finish"})
                 yield "data: [DONE]\n\n"
             else:
                 yield sse("satchel", metadata)
+                settle_mark()  # the server wrote the token out: the client has it
                 yield sse("done", {})
 
         response = Response(stream_with_context(events()), mimetype="text/event-stream")

@@ -77,6 +77,7 @@ SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -207,6 +208,11 @@ class SatchelConfig:
         )
         _converted(values, seconds, float, "a number of seconds")
         config = cls(**values)
+        if not 0 <= config.segment_grace < math.inf:  # nan compares false too
+            raise ConfigurationError(
+                "SATCHEL_SEGMENT_GRACE must be a finite number of seconds >= 0 "
+                f"(0: delete replaced segments at once), not {config.segment_grace!r}"
+            )
         if config.token_mode not in ("sealed", "signed"):
             raise ConfigurationError("SATCHEL_TOKEN_MODE must be 'sealed' or 'signed'")
         try:

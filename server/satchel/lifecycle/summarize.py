@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 from ..context import Turn, plain_str
 
@@ -68,12 +70,19 @@ class ExtractiveSummarizer:
 
 _FALLBACK = ExtractiveSummarizer()
 
+#: Seconds spent in summarizers, added up for whoever set a list here (the pipeline
+#: reports it as the ``summarize`` step; the calls happen deep inside trim and
+#: overflow, which include it too).
+summarize_clock: ContextVar[list[float] | None] = ContextVar("summarize_clock", default=None)
+
 
 def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) -> str:
     """Run ``summarizer``; if it fails (an LLM timing out, say), fall back to the
     extractive one, so a summarizer's failure never fails the request or loses the
     record of what left the token. A str subclass (``markupsafe.Markup``...) becomes
     the plain str it holds, as the token carries it: sealing refuses a subclass."""
+    clock = summarize_clock.get()
+    started = time.perf_counter()
     try:
         summary = summarizer(dropped, previous)
         if not isinstance(summary, str):
@@ -90,6 +99,9 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
             raised_at(exc),
         )
         return _FALLBACK(dropped, previous)
+    finally:
+        if clock is not None:
+            clock.append(time.perf_counter() - started)
 
 
 def raised_at(exc: BaseException) -> str:
