@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from examples.minimal_chat.app import create_app
 from satchel import Codec
 from satchel.keys import Keyring
@@ -90,11 +92,63 @@ def test_erase_reaches_a_server_mode_store(redis_server: Any) -> None:
     assert client.get("/api/context", headers={"Satchel-Context": carrier}).status_code == 410
 
 
-def test_erase_needs_a_tier_and_a_session_id() -> None:
+def test_erase_needs_a_tier_and_a_session_id(tmp_path: Path) -> None:
     code, _, err = erase("00" * 16)
     assert code == 2 and "SATCHEL_OVERFLOW_URL" in err
-    code, _, err = erase("not-a-session", "--overflow-url", "memory://")
+    # The id is refused before the tier is opened (this file does not exist).
+    code, _, err = erase("not-a-session", "--overflow-url", f"sqlite:///{tmp_path}/t.db")
     assert code == 2 and "32 hexadecimal characters" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--overflow-url", "memory://"),
+        ("--store-url", "MEMORY://"),  # schemes are case-insensitive, as for the app
+    ],
+)
+def test_a_memory_tier_url_is_refused(args: tuple[str, str]) -> None:
+    """A memory:// tier lives in the app's process: the CLI used to open a new, empty
+    one of its own, erase nothing in it and exit 0 with tokens_refused: true."""
+    code, out, err = erase("00" * 16, *args)
+    assert code == 2 and out is None
+    assert "memory://" in err and args[0] in err and "Satchel.erase" in err
+
+
+def test_a_memory_tier_url_next_to_a_real_one_erases_nothing(redis_server: Any) -> None:
+    redis_server.client().set("satchel:{x}:seg", b"v")
+    code, out, err = erase(
+        "00" * 16, "--overflow-url", redis_server.url, "--store-url", "memory://"
+    )
+    assert code == 2 and out is None and "--store-url" in err
+    assert redis_server.client().dbsize() == 1  # no tombstone either
+
+
+def test_a_memory_mode_app_is_refused_and_erased_through_the_app(redis_server: Any) -> None:
+    """Run with a memory-mode app's environment, erase used to write its tombstone in
+    the SATCHEL_OVERFLOW_URL Redis, which such an app never reads (its contexts and
+    tombstones live in its process), and exit 0 while the app kept serving the
+    session."""
+    env = {"SATCHEL_MODE": "memory", "SATCHEL_OVERFLOW_URL": redis_server.url}
+    app = create_app({"SATCHEL_KEYS": KEYS.to_string(), **env, "TESTING": True})
+    client = app.test_client()
+    carrier = chat(client, None, "remember my address").headers["Satchel-Context"]
+    state = app.extensions["satchel"]
+    session = state.pipeline.session_id_of(carrier).hex()
+    assert redis_server.client().dbsize() == 0  # the app keeps nothing in Redis
+
+    code, out, err = erase(session, **env)
+    assert code == 2 and out is None
+    assert "SATCHEL_MODE=memory" in err and "Satchel.erase" in err
+    assert redis_server.client().dbsize() == 0
+    assert chat(client, carrier, "still here?").status_code == 200  # as the exit says
+
+    # What the message points to does reach it.
+    with app.app_context():
+        result = state.extension.erase(session)
+    assert result["tokens_refused"] is True and result["deleted_keys"] >= 1
+    after = chat(client, carrier, "what is my address?")
+    assert after.status_code == 410 and after.get_json()["error"]["code"] == "token_erased"
 
 
 def test_a_relative_sqlite_url_from_another_directory_is_an_error(

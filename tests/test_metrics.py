@@ -7,22 +7,30 @@ Values are read two ways: from the observer's registry and from an HTTP GET of t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import prometheus_client.values
 import pytest
 from flask import Flask, request
+from prometheus_client import CollectorRegistry
+from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.values import MultiProcessValue
 
 from satchel import Satchel
 from satchel.context import Context
 from satchel.flask_ext.routes import register_routes
 from satchel.keys import Keyring
-from satchel.metrics import MAX_LABEL_VALUES, STEPS, PrometheusObserver
+from satchel.metrics import MAX_LABEL_VALUES, STEPS, PrometheusObserver, gunicorn_child_exit
 from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
 from tests.support import LiveServer, RedisServer
 
@@ -462,6 +470,109 @@ def test_gunicorn_workers_aggregate_in_multiprocess_mode(tmp_path: Path) -> None
             issued = re.search(r"^satchel_tokens_issued_total (\S+)$", resp.text, re.M)
             assert issued and float(issued.group(1)) == len(pids)
     assert any(multiproc.iterdir())
+
+
+# ------------------------------------------------- a dead worker in multiprocess mode
+
+DEAD_PID, LIVE_PID = 999_999_001, 999_999_002  # not this process, not any live one
+
+
+def observer_as(pid: int, monkeypatch: pytest.MonkeyPatch) -> PrometheusObserver:
+    """A PrometheusObserver whose multiprocess files are written as worker ``pid``
+    (prometheus_client picks the value class, and so the pid, when a metric is made)."""
+    monkeypatch.setattr(prometheus_client.values, "ValueClass", MultiProcessValue(lambda: pid))
+    return PrometheusObserver()
+
+
+def multiprocess_values(path: Path, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """What /metrics reports across workers: prometheus_client's MultiProcessCollector."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+@pytest.fixture
+def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
+    return tmp_path
+
+
+def test_child_exit_forgets_a_dead_workers_open_breaker(
+    multiproc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that died with its breaker open used to keep satchel_breaker_state at 2
+    (its gauge_livemax_<pid>.db) until the directory was wiped at the next deploy."""
+    observer_as(DEAD_PID, monkeypatch).event("breaker_opened", tier="redis")
+    observer_as(LIVE_PID, monkeypatch).event("breaker_closed", tier="redis")
+    assert multiprocess_values(multiproc_dir, "satchel_breaker_state") == {
+        (("tier", "redis"),): 2.0
+    }
+
+    gunicorn_child_exit(None, SimpleNamespace(pid=DEAD_PID))
+
+    assert not list(multiproc_dir.glob(f"gauge_*_{DEAD_PID}.db"))
+    assert multiprocess_values(multiproc_dir, "satchel_breaker_state") == {
+        (("tier", "redis"),): 0.0
+    }
+    # Its counters stay: they are totals, and the dead worker's part of them happened.
+    transitions = multiprocess_values(multiproc_dir, "satchel_breaker_transitions_total")
+    assert transitions[(("state", "open"), ("tier", "redis"))] == 1.0
+
+
+def test_child_exit_is_a_no_op_without_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
+    with caplog.at_level(logging.DEBUG, logger="satchel.metrics"):
+        gunicorn_child_exit(None, SimpleNamespace(pid=DEAD_PID))
+    assert not caplog.records  # not a warning per worker exit on every plain deploy
+
+
+def test_child_exit_never_raises_into_gunicorns_master(
+    multiproc_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception escaping child_exit ends gunicorn's main loop (every worker stops)."""
+
+    def fail(pid: int, path: str | None = None) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(prometheus_multiprocess, "mark_process_dead", fail)
+    with caplog.at_level(logging.WARNING, logger="satchel.metrics"):
+        gunicorn_child_exit(None, SimpleNamespace(pid=DEAD_PID))
+    assert "mark_process_dead" in caplog.text
+
+
+def test_the_documented_gunicorn_config_line_sets_the_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/operations.md's gunicorn.conf.py line, loaded the way gunicorn loads it."""
+    from gunicorn.app.base import Application
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    line = "from satchel.metrics import gunicorn_child_exit as child_exit"
+    assert line in doc
+    conf = tmp_path / "gunicorn.conf.py"
+    conf.write_text(line + "\n")
+    monkeypatch.delitem(sys.modules, "__config__", raising=False)  # gunicorn sets it
+
+    class ConfigOnly(Application):
+        def init(self, parser: Any, opts: Any, args: Any) -> None:
+            return None
+
+        def load_config(self) -> None:
+            self.load_config_from_file(str(conf))
+
+        def load(self) -> Any:
+            raise AssertionError("no app is loaded here")
+
+    assert ConfigOnly().cfg.child_exit is gunicorn_child_exit
 
 
 # ------------------------------------------------------------------------------- docs

@@ -197,6 +197,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
             overflow_url=args.overflow_url,
             store_url=args.store_url,
             purpose=args.purpose,
+            # From the environment, as the app reads it: run with a memory-mode app's
+            # environment, erase must refuse even though SATCHEL_OVERFLOW_URL names a
+            # Redis (which that app never reads).
+            mode=os.environ.get("SATCHEL_MODE", ""),
         )
     except SatchelError as exc:
         print(f"satchel erase: {exc.message}", file=sys.stderr)
@@ -289,9 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dictionary_option(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("erase", help="erase a session's server-side data")
+    p = sub.add_parser(
+        "erase",
+        help="erase a session's server-side data",
+        description="Erase a session's data in the app's shared tiers (Redis, SQLite). "
+        "Not for memory:// tiers or SATCHEL_MODE=memory apps, whose data lives in the "
+        "app's process: erase those through the app, Satchel.erase(session_id).",
+    )
     p.add_argument("session_id", help="the session id (32 hex characters)")
-    p.add_argument("--overflow-url", default=os.environ.get("SATCHEL_OVERFLOW_URL", ""))
+    p.add_argument(
+        "--overflow-url",
+        default=os.environ.get("SATCHEL_OVERFLOW_URL", ""),
+        help="the app's overflow tier (default: $SATCHEL_OVERFLOW_URL); not memory://",
+    )
     p.add_argument(
         "--store-url",
         default=os.environ.get("SATCHEL_STORE_URL", ""),

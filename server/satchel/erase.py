@@ -12,7 +12,10 @@ writes a tombstone in place of the session's mark, whatever the consistency leve
 
 What it cannot reach: a client-held token is a copy in the user's browser; on
 ``client``-level routes it stays usable until it expires (its overflowed turns are
-gone, its inline turns are not). See docs/security.md, "Erasure".
+gone, its inline turns are not). See docs/security.md, "Erasure". Nor, from another
+process (``satchel erase``), a ``memory://`` tier or a ``memory``-mode app's store:
+both live inside the app's process, which only :func:`erase_with_state`
+(``Satchel.erase``) reaches.
 
 The result is ``{"session": tag, "deleted_keys": n, "tokens_refused": bool}``:
 ``tokens_refused`` says the tombstone was written (always, when there is a tier), in
@@ -23,6 +26,7 @@ ones.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from .codec import Codec
 from .consistency import MonotonicGuard
@@ -69,8 +73,21 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
     return result
 
 
+#: What ``satchel erase`` says when the data it was asked about lives in the app's
+#: process: the way that does reach it.
+IN_PROCESS_HINT = (
+    "erase through the running app instead: Satchel.erase(session_id), for example "
+    "from an admin route (docs/operations.md, Erasure)"
+)
+
+
 def erase_session(
-    session_id: str, *, overflow_url: str, purpose: str = "satchel", store_url: str = ""
+    session_id: str,
+    *,
+    overflow_url: str,
+    purpose: str = "satchel",
+    store_url: str = "",
+    mode: str = "",
 ) -> dict[str, Any]:
     """Erase with keys from SATCHEL_KEYS in the tier at ``overflow_url`` and, for
     server-mode apps whose contexts live elsewhere, the store at ``store_url`` (the CLI).
@@ -79,17 +96,35 @@ def erase_session(
     resolves from the current directory, which need not be the app's; erasing a new,
     empty file would report success and leave the real rows). Every URL is checked
     before anything is erased.
+
+    ``mode`` is the app's ``SATCHEL_MODE``. A ``memory``-mode app, or a ``memory://``
+    URL, keeps its data in the app's own process: a tier opened here would be a new,
+    empty one, and the tombstone written in it (or in the app's Redis, which a
+    memory-mode app never reads) would report ``tokens_refused`` while the app kept
+    serving the session. Both are a :class:`ConfigurationError`.
     """
     from .tiers import tier_from_url
     from .tiers.guard import GuardedTier
 
+    if mode.strip().lower() == "memory":
+        raise ConfigurationError(
+            "SATCHEL_MODE=memory: the contexts live in the app's own process, which "
+            "this command cannot reach (nor does such an app read a tombstone left in "
+            f"a tier); {IN_PROCESS_HINT}"
+        )
     settings: dict[str, str] = {}  # url -> where it came from, for errors
     for url, setting in (
         (overflow_url, "--overflow-url ($SATCHEL_OVERFLOW_URL)"),
         (store_url, "--store-url ($SATCHEL_STORE_URL)"),
     ):
-        if url:
-            settings.setdefault(url, setting)
+        if not url:
+            continue
+        if _is_in_process(url):
+            raise ConfigurationError(
+                f"{setting}: memory:// is a tier inside the app's own process; this "
+                f"command would erase a new, empty one of its own; {IN_PROCESS_HINT}"
+            )
+        settings.setdefault(url, setting)
     if not settings:
         raise ConfigurationError(
             "nothing to erase server-side without a tier: set SATCHEL_OVERFLOW_URL "
@@ -111,4 +146,18 @@ def erase_session(
     return {**erased, "deleted_keys": deleted}
 
 
-__all__ = ["erase_in_tier", "erase_session", "erase_with_state", "parse_session_id"]
+def _is_in_process(url: str) -> bool:
+    """``memory://`` (any case, as tier_from_url reads it): a tier no other process sees."""
+    try:
+        return urlsplit(url.strip()).scheme.lower() == "memory"
+    except ValueError:  # a malformed URL: tier_from_url names the problem
+        return False
+
+
+__all__ = [
+    "IN_PROCESS_HINT",
+    "erase_in_tier",
+    "erase_session",
+    "erase_with_state",
+    "parse_session_id",
+]

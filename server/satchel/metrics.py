@@ -60,7 +60,12 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 
 With several gunicorn workers each process has its own registry; set
 ``PROMETHEUS_MULTIPROC_DIR`` (before the app starts) and :func:`metrics_response`
-aggregates every worker's values (prometheus_client's multiprocess mode).
+aggregates every worker's values (prometheus_client's multiprocess mode). Then also
+set :func:`gunicorn_child_exit` as gunicorn's ``child_exit`` hook, so that a dead
+worker's gauges (``satchel_breaker_state``) stop counting::
+
+    # gunicorn.conf.py
+    from satchel.metrics import gunicorn_child_exit as child_exit
 """
 
 from __future__ import annotations
@@ -298,6 +303,9 @@ class PrometheusObserver(Observer):
             "Monotonic marks the tier lost (a token of a marked session found none)",
         )
         self.erased = counter("erased", "Sessions erased")
+        # Multiprocess mode: the worst state among *live* workers. "max" would keep a
+        # dead worker's open breaker forever; "live*" files are the ones
+        # mark_process_dead removes, which gunicorn_child_exit calls.
         self.breaker_state = Gauge(
             "breaker_state",
             "Overflow tier circuit breaker: 0 closed, 1 half-open, 2 open",
@@ -481,7 +489,7 @@ def metrics_response(registry: CollectorRegistry) -> Response:
     """
     accept = request.headers.get("Accept") if has_request_context() else None
     encoder, content_type = choose_encoder(accept or "")
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
+    if _multiproc_dir():
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
@@ -492,6 +500,40 @@ def metrics_response(registry: CollectorRegistry) -> Response:
     return response
 
 
+def _multiproc_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+def gunicorn_child_exit(server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook for multiprocess mode: forget a dead worker's
+    gauges (prometheus_client's ``mark_process_dead``).
+
+    Without it, the files a worker left in ``PROMETHEUS_MULTIPROC_DIR`` keep reporting
+    its last gauge values until the directory is wiped at the next deploy: a worker
+    that died with its breaker open keeps ``satchel_breaker_state`` at 2, and the
+    breaker alert firing. Its counters and histograms stay, as they should (they are
+    totals). In ``gunicorn.conf.py``::
+
+        from satchel.metrics import gunicorn_child_exit as child_exit
+
+    A no-op without ``PROMETHEUS_MULTIPROC_DIR``. Other servers: call
+    ``prometheus_client.multiprocess.mark_process_dead(pid)`` when a worker exits.
+    """
+    path = _multiproc_dir()
+    if not path:
+        return
+    pid = getattr(worker, "pid", None)
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
+    except Exception:
+        # This runs in gunicorn's master: an exception escaping the hook ends its main
+        # loop ("Unhandled exception in main loop"), stopping every worker over what
+        # is at worst a stale gauge.
+        log.warning("satchel metrics: mark_process_dead(%r) failed", pid, exc_info=True)
+
+
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 __all__ = [
@@ -500,5 +542,6 @@ __all__ = [
     "STEPS",
     "STEP_BUCKETS",
     "PrometheusObserver",
+    "gunicorn_child_exit",
     "metrics_response",
 ]
