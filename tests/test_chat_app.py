@@ -363,11 +363,27 @@ def test_iter_sse_data() -> None:
 
 
 class FakeOpenAI:
-    """A loopback OpenAI-compatible endpoint that records what it was sent."""
+    """A loopback OpenAI-compatible endpoint that records what it was sent.
 
-    def __init__(self, pieces: list[str], status: int = 200) -> None:
+    ``cut_after``: the stream (or the JSON reply) stops after that many pieces and the
+    connection closes, as when the upstream dies mid-reply. ``done``: end a stream with
+    ``data: [DONE]``. ``finish_reason``: set on the last piece's chunk.
+    """
+
+    def __init__(
+        self,
+        pieces: list[str],
+        status: int = 200,
+        *,
+        cut_after: int | None = None,
+        done: bool = True,
+        finish_reason: str | None = None,
+    ) -> None:
         self.pieces = pieces
         self.status = status
+        self.cut_after = cut_after
+        self.done = done
+        self.finish_reason = finish_reason
         self.requests: list[dict[str, Any]] = []
         fake = self
 
@@ -395,12 +411,16 @@ class FakeOpenAI:
                     self.end_headers()
                     first = {"choices": [{"delta": {"role": "assistant"}}]}
                     self.wfile.write(f"data: {json.dumps(first)}\n\n".encode())
-                    for piece in fake.pieces:
-                        chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    pieces = fake.pieces[: fake.cut_after]
+                    for i, piece in enumerate(pieces):
+                        choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}}
+                        if i == len(fake.pieces) - 1:
+                            choice["finish_reason"] = fake.finish_reason
+                        self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
                         self.wfile.flush()
-                    self.wfile.write(b"data: [DONE]\n\n")
-                    return
+                    if fake.done and fake.cut_after is None:
+                        self.wfile.write(b"data: [DONE]\n\n")
+                    return  # HTTP/1.0: the connection closes here
                 payload = json.dumps(
                     {
                         "choices": [
@@ -412,7 +432,7 @@ class FakeOpenAI:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                self.wfile.write(payload[: fake.cut_after])
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -456,6 +476,42 @@ def test_openai_compatible_model_errors() -> None:
         OpenAICompatibleModel(fake.base_url, "x", timeout=2).complete([])
     with pytest.raises(ValueError):
         OpenAICompatibleModel("file:///etc/passwd", "x")
+
+
+def test_openai_compatible_stream_cut_off_before_done_is_a_model_error() -> None:
+    pieces = [f"w{i} " for i in range(10)]
+    with FakeOpenAI(pieces, cut_after=4) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        got: list[str] = []
+        with pytest.raises(ModelError, match="broke off"):
+            got.extend(model.stream([{"role": "user", "content": "hi"}]))
+        assert got == pieces[:4]  # what arrived was streamed; the end never came
+        with pytest.raises(ModelError, match="broke off"):  # a JSON reply cut short too
+            model.complete([{"role": "user", "content": "hi"}])
+
+
+def test_openai_compatible_stream_may_end_with_a_finish_reason_instead_of_done() -> None:
+    with FakeOpenAI(["All ", "done."], done=False, finish_reason="stop") as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        assert "".join(model.stream([{"role": "user", "content": "hi"}])) == "All done."
+    with FakeOpenAI(["Cut ", "off"], done=False) as fake:  # neither: not complete
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        with pytest.raises(ModelError, match="no \\[DONE\\]"):
+            list(model.stream([{"role": "user", "content": "hi"}]))
+
+
+def test_chat_app_reports_a_cut_off_stream_as_model_unavailable(tmp_path: Path) -> None:
+    with FakeOpenAI([f"w{i} " for i in range(10)], cut_after=4) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        client = make_app(tmp_path, CHAT_MODEL=model).test_client()
+        resp = client.post("/api/chat/stream", json={"message": "hi"})
+        events = parse_sse(resp.get_data(as_text=True))
+        resp = chat(client, "hi")
+        assert resp.status_code == 502
+        assert resp.get_json()["error"]["code"] == "model_unavailable"
+        assert "Satchel-Context" not in resp.headers
+    assert [n for n, _ in events] == ["delta"] * 4 + ["error"]
+    assert events[-1][1]["code"] == "model_unavailable"  # no satchel, no done: no token
 
 
 def test_chat_app_with_an_openai_compatible_model(tmp_path: Path) -> None:

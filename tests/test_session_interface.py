@@ -1455,6 +1455,68 @@ def test_overflow_hook(app, client):
         client.get("/big")
 
 
+def test_overflow_hook_retires_replaced_and_cleared_references(app, client):
+    import os
+
+    store: dict[str, str] = {}
+    retired: list[tuple[str, bool]] = []
+
+    class Overflow:
+        issued = 0
+
+        def __call__(self, app_, session, value, size, limit):
+            ref = f"ref-{self.issued}"
+            self.issued += 1
+            store[ref] = value
+            return ref
+
+        def resolve(self, app_, value):
+            if value == "ref-down":
+                raise satchel.errors.TierUnavailable("the tier is down")
+            return store.get(value)
+
+        def retire(self, app_, value, *, at_once):
+            retired.append((value, at_once))
+            store.pop(value, None)
+
+    app.session_interface.overflow = Overflow()
+
+    @app.route("/big")
+    def big():
+        flask.session["blob"] = os.urandom(4500)
+        return ""
+
+    @app.route("/small")
+    def small():
+        flask.session["blob"] = b"x"
+        return ""
+
+    @app.route("/clear")
+    def clear():
+        flask.session.clear()
+        return ""
+
+    @app.route("/")
+    def index():
+        s = request_ctx._session
+        return {"size": len(s.get("blob", b"")), "rejected": s.rejected}
+
+    assert set_cookie_value(client.get("/big")) == "ref-0"
+    assert "Set-Cookie" not in client.get("/").headers  # unmodified: nothing rewritten
+    assert retired == []
+    assert set_cookie_value(client.get("/big")) == "ref-1"
+    assert retired == [("ref-0", False)]  # replaced: retired, with the hook's grace
+    client.get("/small")  # back into a plain cookie: the stored copy is retired too
+    assert retired[-1] == ("ref-1", False)
+    assert set_cookie_value(client.get("/big")) == "ref-2"
+    client.get("/clear")  # logout: dropped at once
+    assert retired[-1] == ("ref-2", True) and store == {}
+
+    # resolve() raising a SatchelError: an empty session whose rejected is that code
+    client.set_cookie("session", "ref-down")
+    assert client.get("/").json == {"size": 0, "rejected": "tier_unavailable"}
+
+
 def test_no_keys_at_all_gives_null_session_and_refuses_writes(app, client):
     app.secret_key = None
 

@@ -2,32 +2,68 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, session
+from flask import Flask, request, session
 
-from satchel import SatchelSessionInterface
-from satchel.flask_ext.session import SessionTooLarge
+from satchel.flask_ext.session import SatchelSessionInterface, SessionTooLarge
 from satchel.flask_ext.session_overflow import PREFIX, TierSessionOverflow
+from satchel.tiers.memory import MemoryTier
+
+T0 = 1_900_000_000.0  # a fixed "now" for the tests that move the session clock
+LIFETIME = timedelta(hours=1)
 
 
-def make_app(tier: Any) -> Flask:
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_app(
+    tier: Any,
+    *,
+    grace: float = 600.0,
+    testing: bool = True,
+    clock: Clock | None = None,
+    overflow: TierSessionOverflow | None = None,
+) -> Flask:
     app = Flask(__name__)
     app.secret_key = "test secret key, long enough for the ring"
-    app.config["TESTING"] = True
-    app.session_interface = SatchelSessionInterface(overflow=TierSessionOverflow(tier))
+    app.config["TESTING"] = testing
+    app.config["PERMANENT_SESSION_LIFETIME"] = LIFETIME
+    app.session_interface = SatchelSessionInterface(
+        overflow=overflow or TierSessionOverflow(tier, grace=grace),
+        clock=clock or time.time,
+    )
 
     @app.post("/set/<int:size>")
     def set_value(size: int) -> str:
+        session.permanent = request.args.get("permanent") == "1"
         session["notes"] = os.urandom(size).hex()  # random: it does not compress
         return "ok"
 
     @app.get("/get")
     def get_value() -> dict[str, Any]:
-        return {"notes": session.get("notes")}
+        return {"notes": session.get("notes"), "rejected": session.rejected}  # type: ignore[attr-defined]
+
+    @app.post("/touch")
+    def touch() -> str:
+        session["touched"] = session.get("touched", 0) + 1
+        return "ok"
+
+    @app.post("/logout")
+    def logout() -> str:
+        session.clear()
+        return "ok"
 
     return app
 
@@ -35,6 +71,20 @@ def make_app(tier: Any) -> Flask:
 def cookie_of(response: Any) -> str:
     header = response.headers["Set-Cookie"]
     return header.split(";", 1)[0].split("=", 1)[1]
+
+
+def tier_key(reference: str) -> str:
+    """The tier key a ``so1.<key>.<signature>`` cookie names."""
+    return reference[len(PREFIX) :].rsplit(".", 1)[0]
+
+
+def redis_ttls(redis_server: Any) -> dict[str, int]:
+    """Every key in the server with its TTL in seconds."""
+    client = redis_server.client()
+    try:
+        return {k.decode(): int(client.ttl(k)) for k in client.keys("*")}
+    finally:
+        client.close()
 
 
 def test_a_large_session_overflows_and_reads_back(tmp_path: Path) -> None:
@@ -55,7 +105,7 @@ def test_a_forged_reference_gives_an_empty_session(tmp_path: Path) -> None:
     value = cookie_of(client.post("/set/6000"))
     forged = value[:-2] + ("AA" if value[-2:] != "AA" else "BB")
     client.set_cookie("session", forged)
-    assert client.get("/get").get_json() == {"notes": None}
+    assert client.get("/get").get_json() == {"notes": None, "rejected": "token_bad_signature"}
 
 
 def test_tier_down_refuses_the_write_loudly_and_reads_empty(redis_server: Any) -> None:
@@ -64,6 +114,91 @@ def test_tier_down_refuses_the_write_loudly_and_reads_empty(redis_server: Any) -
     client.post("/set/6000")
     assert len(client.get("/get").get_json()["notes"]) == 12000
     redis_server.kill()
-    assert client.get("/get").get_json() == {"notes": None}  # unreadable: empty, logged
+    # Unreadable: an empty session, logged, that says the tier (not the cookie) failed.
+    assert client.get("/get").get_json() == {"notes": None, "rejected": "tier_unavailable"}
     with pytest.raises(SessionTooLarge):
         client.post("/set/6000")  # nowhere to put it: an error, never a silent drop
+
+
+def test_the_tier_holds_one_copy_per_live_session(redis_server: Any) -> None:
+    app = make_app(redis_server.url, grace=30)
+    client = app.test_client()
+    first = cookie_of(client.post("/set/3000?permanent=1"))
+    assert first.startswith(PREFIX)
+    assert list(redis_ttls(redis_server)) == [tier_key(first)]
+
+    for _ in range(5):  # reads of an unmodified session keep its copy and its cookie
+        read = client.get("/get")
+        assert len(read.get_json()["notes"]) == 6000
+        assert "Set-Cookie" not in read.headers
+    assert list(redis_ttls(redis_server)) == [tier_key(first)]
+
+    second = cookie_of(client.post("/touch"))  # modified: a new copy, the old one retired
+    ttls = redis_ttls(redis_server)
+    assert set(ttls) == {tier_key(first), tier_key(second)}
+    assert 0 < ttls[tier_key(first)] <= 30
+    assert ttls[tier_key(second)] > LIFETIME.total_seconds() - 60
+    # A request that left before the new cookie arrived still reads its session.
+    client.set_cookie("session", first)
+    assert len(client.get("/get").get_json()["notes"]) == 6000
+    client.set_cookie("session", second)
+
+    logout = client.post("/logout")
+    assert logout.headers["Set-Cookie"].startswith("session=;")
+    ttls = redis_ttls(redis_server)
+    assert list(ttls) == [tier_key(first)]  # only the retiring copy, for its grace period
+    assert ttls[tier_key(first)] <= 30
+    client.set_cookie("session", second)  # the logged-out cookie opens nothing
+    assert client.get("/get").get_json() == {"notes": None, "rejected": "session_missing"}
+
+
+def test_a_session_that_shrinks_back_into_its_cookie_retires_its_copy(
+    redis_server: Any,
+) -> None:
+    app = make_app(redis_server.url, grace=0)  # no grace: deleted as soon as replaced
+    client = app.test_client()
+    client.post("/set/3000")
+    assert len(redis_ttls(redis_server)) == 1
+    small = cookie_of(client.post("/set/10"))
+    assert not small.startswith(PREFIX)
+    assert redis_ttls(redis_server) == {}
+
+
+def test_an_unmodified_session_is_stored_again_late_in_its_lifetime() -> None:
+    # Sliding expiry (SESSION_REFRESH_EACH_REQUEST) without a tier write per request:
+    # the copy is replaced once past half its lifetime, so an active user stays in.
+    tier = MemoryTier()
+    clock = Clock()
+    client = make_app(tier, clock=clock).test_client()
+    first = cookie_of(client.post("/set/3000?permanent=1"))
+    clock.now = T0 + LIFETIME.total_seconds() * 0.4
+    assert "Set-Cookie" not in client.get("/get").headers
+    clock.now = T0 + LIFETIME.total_seconds() * 0.6
+    refreshed = client.get("/get")
+    second = cookie_of(refreshed)
+    assert second.startswith(PREFIX) and second != first
+    assert len(refreshed.get_json()["notes"]) == 6000
+    clock.now = T0 + LIFETIME.total_seconds() * 1.3  # past the first copy's lifetime
+    assert len(client.get("/get").get_json()["notes"]) == 6000
+
+
+def test_session_too_large_is_not_retried_by_the_error_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class CountingOverflow(TierSessionOverflow):
+        calls = 0
+
+        def __call__(self, *args: Any) -> str | None:
+            CountingOverflow.calls += 1
+            return super().__call__(*args)
+
+    full = MemoryTier(max_bytes=1000)  # refuses the write: TierFull
+    overflow = CountingOverflow(full)
+    # Not TESTING: Flask turns the error into a 500 and saves the session once more.
+    client = make_app(full, testing=False, overflow=overflow).test_client()
+    with caplog.at_level(logging.ERROR):
+        response = client.post("/set/3000")
+    assert response.status_code == 500
+    assert "Set-Cookie" not in response.headers
+    assert CountingOverflow.calls == 1
+    assert [r for r in caplog.records if "finalizing failed" in r.getMessage()] == []

@@ -14,6 +14,9 @@ where a ``Message`` is ``{"role": "system" | "user" | "assistant", "content": st
 * :class:`OpenAICompatibleModel`: any OpenAI-compatible ``/chat/completions`` endpoint
   (OpenAI, Azure-style gateways, vLLM, llama.cpp server, Ollama's ``/v1``, LM Studio...)
   using only the standard library, with ``stream: true`` parsed as server-sent events.
+  A stream counts as complete only when it ends with ``data: [DONE]`` or a chunk gave a
+  ``finish_reason``; one cut off before either raises :class:`ModelError`, so a partial
+  reply is never stored as the assistant's turn.
 
 :func:`model_from_env` picks one from ``SATCHEL_MODEL_BASE_URL``, ``SATCHEL_MODEL_API_KEY``
 and ``SATCHEL_MODEL_NAME``; :func:`build_messages` turns a Satchel context into messages
@@ -24,6 +27,7 @@ the turns held in the token).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import time
@@ -226,10 +230,14 @@ class OpenAICompatibleModel:
             content_type = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in content_type:
                 # Some servers ignore stream=true: take the whole reply at once.
-                text = _completion_text(_json(resp.read()))
+                text = _completion_text(_json(_read(resp)))
                 if text:
                     yield text
                 return
+            # A closed connection ends the iteration like a finished stream does (even a
+            # chunked one cut between chunks), so only an explicit end marks the reply
+            # complete: [DONE], or a finish_reason for servers that never send [DONE].
+            finished = False
             try:
                 for data in iter_sse_data(resp):
                     if data == "[DONE]":
@@ -240,16 +248,25 @@ class OpenAICompatibleModel:
                     piece = _delta_text(chunk)
                     if piece:
                         yield piece
-            except OSError as err:
-                raise ModelError(f"model stream broke off: {err}") from None
+                    finished = finished or _finish_reason(chunk) is not None
+            except (OSError, http.client.HTTPException) as err:
+                if not finished:
+                    raise ModelError(f"model stream broke off: {err}") from None
+            if not finished:
+                raise ModelError("model stream broke off before its end (no [DONE])")
 
     def complete(self, messages: list[Message]) -> str:
         with self._open(self._request(messages, stream=False)) as resp:
-            try:
-                raw = resp.read()
-            except OSError as err:
-                raise ModelError(f"model reply broke off: {err}") from None
+            raw = _read(resp)
         return _completion_text(_json(raw))
+
+
+def _read(resp: Any) -> bytes:
+    """The whole body; a connection that drops early is a model error."""
+    try:
+        return bytes(resp.read())
+    except (OSError, http.client.HTTPException) as err:  # IncompleteRead is no OSError
+        raise ModelError(f"model reply broke off: {err}") from None
 
 
 def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
@@ -285,6 +302,15 @@ def _delta_text(chunk: Any) -> str:
         return ""
     content = delta.get("content") if isinstance(delta, dict) else None
     return content if isinstance(content, str) else ""
+
+
+def _finish_reason(chunk: Any) -> str | None:
+    """``choices[0].finish_reason`` of a stream chunk when set ("stop", "length"...)."""
+    try:
+        reason = chunk["choices"][0].get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) and reason else None
 
 
 def _completion_text(body: Any) -> str:

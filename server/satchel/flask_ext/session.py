@@ -94,6 +94,10 @@ _CACHE_SIZE = 16
 #: ``overflow(app, session, value, size, limit) -> str | None``: see
 #: :attr:`SatchelSessionInterface.overflow`.
 OverflowHook = Callable[["Flask", "SatchelSession", str, int, int], "str | None"]
+#: An unmodified session held by the overflow hook is re-stored (to slide its expiry)
+#: only once this fraction of PERMANENT_SESSION_LIFETIME has passed since it was
+#: sealed, not on every request: each re-store is a tier write plus a retired copy.
+OVERFLOW_REFRESH_FRACTION = 0.5
 
 
 class SessionTooLarge(SatchelError):
@@ -118,8 +122,17 @@ class SatchelSession(SecureCookieSession):
     kid: str | None = None
     #: The incoming token's expiry (Unix seconds), kept when a cookie is only re-issued.
     token_expires_at: int | None = None
+    #: When the incoming token was sealed (Unix seconds), or None.
+    token_issued_at: int | None = None
     #: Why the incoming cookie was refused (a :class:`SatchelError` code), or None.
     rejected: str | None = None
+    #: The incoming cookie when it was a reference the overflow hook resolved (or tried
+    #: to): the stored copy this session came from, retired once it is replaced.
+    overflow_ref: str | None = None
+    #: Set when saving raised SessionTooLarge: Flask saves the session again after its
+    #: error handler ran, and that second save must not repeat the failure (nor the
+    #: overflow hook's tier write).
+    save_failed = False
 
 
 class _LRU:
@@ -183,7 +196,12 @@ class SatchelSessionInterface(SessionInterface):
         #: (a reference into a server-side tier, say) to send instead, or None to raise
         #: :class:`SessionTooLarge`. If the hook also has ``resolve(app, value)``, it is
         #: asked first on every request to map a cookie value back to the full token
-        #: (returning None for values that are not its references).
+        #: (returning None for values that are not its references, or raising a
+        #: :class:`SatchelError` whose code becomes ``session.rejected``). If it has
+        #: ``retire(app, value, *, at_once)``, it is told when a reference it issued is
+        #: no longer the session's cookie: replaced (``at_once=False``: a concurrent
+        #: request may still carry it) or cleared (``at_once=True``). See
+        #: docs/flask-session.md.
         self.overflow: OverflowHook | None = overflow
         self.clock = clock
         self._rings = _LRU()
@@ -323,15 +341,31 @@ class SatchelSessionInterface(SessionInterface):
         if codec is None:
             return None  # Flask substitutes its null session, which refuses writes
         value = request.cookies.get(self.get_cookie_name(app))
-        if value and self.overflow is not None and hasattr(self.overflow, "resolve"):
-            value = self.overflow.resolve(app, value) or value
+        resolve = getattr(self.overflow, "resolve", None)
+        ref: str | None = None
+        if value and resolve is not None:
+            try:
+                resolved = resolve(app, value)
+            except SatchelError as exc:
+                # Its reference, unreadable (the tier is down, the copy is gone, the
+                # signature is wrong): an empty session that says why. Kept as the
+                # session's reference so that replacing or clearing it retires the copy.
+                log.debug("session cookie refused: %s", exc.code)
+                session = self._new_session(rejected=exc.code)
+                session.overflow_ref = value
+                return session
+            if resolved is not None and resolved != value:
+                ref, value = value, resolved
         if not value:
-            return self._new_session()
-        try:
-            return self._open(app, codec, value)
-        except SatchelError as exc:
-            log.debug("session cookie refused: %s", exc.code)
-            return self._new_session(rejected=exc.code)
+            session = self._new_session()
+        else:
+            try:
+                session = self._open(app, codec, value)
+            except SatchelError as exc:
+                log.debug("session cookie refused: %s", exc.code)
+                session = self._new_session(rejected=exc.code)
+        session.overflow_ref = ref
+        return session
 
     def _new_session(self, rejected: str | None = None) -> SatchelSession:
         session = self.session_class()
@@ -364,6 +398,7 @@ class SatchelSessionInterface(SessionInterface):
         session = self.session_class(self.loads(payload))
         session.kid = header.kid
         session.token_expires_at = header.expires_at or None
+        session.token_issued_at = header.issued_at
         session.reissue = reissue or header.kid != codec.keyring.current.kid
         return session
 
@@ -392,6 +427,11 @@ class SatchelSessionInterface(SessionInterface):
 
         if session.accessed:
             response.vary.add("Cookie")
+        if getattr(session, "save_failed", False):
+            # Flask's error handling saves the session a second time: the first save
+            # already raised, and the client keeps the cookie it has.
+            return
+        ref: str | None = getattr(session, "overflow_ref", None)
 
         # Emptied: remove the cookie. Empty and untouched: nothing to send.
         if not session:
@@ -406,10 +446,15 @@ class SatchelSessionInterface(SessionInterface):
                     httponly=httponly,
                 )
                 response.vary.add("Cookie")
+                if ref is not None:
+                    # Logging out must not leave the session readable in the tier.
+                    self._retire(app, ref, at_once=True)
             return
 
         if not self.should_set_cookie(app, session):
             return
+        if ref is not None and self._keeps_overflow_ref(app, session):
+            return  # the cookie already points at this unchanged session
 
         codec = self.get_codec(app)
         if codec is None:
@@ -449,6 +494,7 @@ class SatchelSessionInterface(SessionInterface):
             if self.overflow is not None:
                 replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
             if replacement is None:
+                self._mark_failed(session)
                 raise SessionTooLarge(
                     f"the session cookie {name!r} would be {size} bytes (a {len(value)}-byte "
                     f"token plus attributes); the limit is {limit} bytes (MAX_COOKIE_SIZE). "
@@ -458,7 +504,9 @@ class SatchelSessionInterface(SessionInterface):
                     token_size=len(value),
                 )
             header = header_for(replacement)
+            value = replacement
             if len(header) > limit:
+                self._mark_failed(session)
                 raise SessionTooLarge(
                     f"the overflow hook's session cookie {name!r} is still {len(header)} "
                     f"bytes; the limit is {limit} bytes (MAX_COOKIE_SIZE)",
@@ -467,3 +515,41 @@ class SatchelSessionInterface(SessionInterface):
                 )
         response.headers.add("Set-Cookie", header)
         response.vary.add("Cookie")
+        if ref is not None and ref != value:
+            # Replaced by a new copy or a plain cookie. Retired after the new cookie is
+            # set, never before: a failed save leaves the client on the old reference.
+            self._retire(app, ref, at_once=False)
+
+    def _keeps_overflow_ref(self, app: Flask, session: SessionMixin) -> bool:
+        """An unmodified session from the overflow hook keeps its stored copy.
+
+        Only a refresh (``SESSION_REFRESH_EACH_REQUEST``) would write it again, and
+        re-storing on every request multiplies tier writes and retired copies. It is
+        refreshed once its token is past :data:`OVERFLOW_REFRESH_FRACTION` of the
+        lifetime, so a user seen at least every half-lifetime stays logged in.
+        """
+        if session.modified or getattr(session, "reissue", False):
+            return False
+        issued = getattr(session, "token_issued_at", None)
+        if issued is None:
+            return False
+        lifetime = app.permanent_session_lifetime.total_seconds()
+        return self.clock() - issued < lifetime * OVERFLOW_REFRESH_FRACTION
+
+    def _retire(self, app: Flask, ref: str, *, at_once: bool) -> None:
+        retire = getattr(self.overflow, "retire", None)
+        if retire is None:
+            return
+        try:
+            retire(app, ref, at_once=at_once)
+        except Exception:
+            # Cleanup after the response's cookie is decided: a failure only leaves the
+            # stored copy to its TTL, and must not turn the response into an error.
+            log.exception("satchel session overflow: retiring the previous copy failed")
+
+    @staticmethod
+    def _mark_failed(session: SessionMixin) -> None:
+        try:
+            session.save_failed = True  # type: ignore[attr-defined]
+        except AttributeError:  # a session class with __slots__: saved twice, as before
+            pass

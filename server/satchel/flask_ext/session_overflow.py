@@ -12,8 +12,15 @@ reference to it (``so1.<key>.<signature>``). The stored value is the same sealed
 so it stays encrypted and authenticated at rest; the reference is signed with a key
 derived from the session keys, so a client can neither forge nor alter it.
 
+The tier holds one copy per live session. A session that is replaced (modified, or
+refreshed late in its lifetime) gets a new key, and the previous copy is retired: it
+stays readable for ``grace`` seconds, because a concurrent request may still carry the
+previous cookie, then the tier drops it. An unmodified session keeps its copy and its
+cookie. Clearing the session (``session.clear()``, a logout) deletes its copy at once.
+
 When the tier cannot be read, the session opens empty (as Flask does for any unreadable
-cookie) and a warning is logged; when it cannot be written, the request fails with
+cookie), ``session.rejected`` is ``"tier_unavailable"`` and a warning is logged; when it
+cannot be written, the request fails with
 :class:`~satchel.flask_ext.session.SessionTooLarge`, as it would without overflow:
 nothing is dropped silently.
 """
@@ -28,7 +35,9 @@ from typing import Any
 from flask import Flask
 from itsdangerous import BadSignature, Signer
 
-from ..errors import TierError
+from ..errors import BadSignature as BadReference
+from ..errors import BadToken, TierError
+from ..segments import DEFAULT_GRACE
 from ..tiers import tier_from_url
 from ..tiers.guard import GuardedTier
 
@@ -36,13 +45,31 @@ log = logging.getLogger("satchel")
 PREFIX = "so1."
 
 
+class StoredSessionMissing(BadToken):
+    """The cookie refers to a stored session the tier no longer holds (expired, retired
+    after its grace period, or deleted when the session was cleared)."""
+
+    code = "session_missing"
+
+
 class TierSessionOverflow:
     """The ``overflow`` hook of :class:`SatchelSessionInterface`, backed by a tier."""
 
-    def __init__(self, tier: str | Any, *, key_prefix: str = "satchel:fsess") -> None:
+    def __init__(
+        self,
+        tier: str | Any,
+        *,
+        key_prefix: str = "satchel:fsess",
+        grace: float = DEFAULT_GRACE,
+    ) -> None:
+        if not grace >= 0:
+            raise ValueError("the session overflow grace period must be >= 0 seconds")
         tier = tier_from_url(tier) if isinstance(tier, str) else tier
         self.tier = tier if isinstance(tier, GuardedTier) else GuardedTier(tier)
         self.key_prefix = key_prefix
+        #: seconds a replaced copy stays readable for requests still carrying its cookie
+        #: (0: deleted at once)
+        self.grace = float(grace)
 
     def _signer(self, app: Flask) -> Signer:
         interface = app.session_interface
@@ -64,23 +91,56 @@ class TierSessionOverflow:
             return None
         return PREFIX + self._signer(app).sign(key.encode("ascii")).decode("ascii")
 
-    def resolve(self, app: Flask, value: str) -> str | None:
-        """The sealed session a cookie refers to; the cookie itself when it is no reference."""
-        if not value.startswith(PREFIX):
-            return value
+    def _key(self, app: Flask, value: str) -> str:
+        """The tier key a reference cookie names; raises BadReference for a forged one."""
         try:
-            key = self._signer(app).unsign(value[len(PREFIX) :].encode("ascii")).decode("ascii")
+            return self._signer(app).unsign(value[len(PREFIX) :].encode("ascii")).decode("ascii")
         except (BadSignature, UnicodeError):
-            return ""  # a forged or damaged reference: an empty session
+            raise BadReference("the session overflow reference is forged or damaged") from None
+
+    def resolve(self, app: Flask, value: str) -> str | None:
+        """The sealed session a reference cookie names; None when ``value`` is no reference.
+
+        Raises a :class:`~satchel.errors.SatchelError` (its code becomes
+        ``session.rejected``) when the reference is forged, the copy is gone
+        (``"session_missing"``) or the tier cannot be read (``"tier_unavailable"``).
+        """
+        if not value.startswith(PREFIX):
+            return None
+        key = self._key(app, value)
         fetched = self.tier.get_many([key], cache=False)
         stored = fetched.get(key)
-        if stored is None:
+        if stored is not None:
+            return stored.decode("ascii")
+        if fetched.error is not None:  # "tier_unavailable", breaker open included
             log.warning(
-                "satchel session overflow: stored session unavailable (%s)",
-                fetched.reason(key) or "missing",
+                "satchel session overflow: stored session unavailable (%s)", fetched.error.code
             )
-            return ""
-        return stored.decode("ascii")
+            raise fetched.error
+        raise StoredSessionMissing("the stored session has expired or was removed")
+
+    def retire(self, app: Flask, value: str, *, at_once: bool = False) -> None:
+        """Drop the copy a reference names, once the session no longer uses it.
+
+        Replaced (``at_once=False``): it stays readable for :attr:`grace` seconds, for
+        requests that left before the new cookie arrived. Cleared (``at_once=True``):
+        deleted now. Best effort: a failure is logged and leaves the copy to its TTL.
+        """
+        if not value.startswith(PREFIX):
+            return
+        try:
+            key = self._key(app, value)
+        except BadReference:
+            return  # not one of ours: nothing of ours to drop
+        try:
+            if at_once or self.grace <= 0:
+                self.tier.delete([key])
+            else:
+                self.tier.expire_soon([key], self.grace)
+        except TierError as exc:
+            log.warning(
+                "satchel session overflow: could not drop a previous session copy (%s)", exc.code
+            )
 
 
-__all__ = ["TierSessionOverflow"]
+__all__ = ["PREFIX", "StoredSessionMissing", "TierSessionOverflow"]
