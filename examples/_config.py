@@ -33,6 +33,7 @@ COMMON_ENV_KEYS = (
     "SATCHEL_MODE",
     "SATCHEL_ON_BAD_TOKEN",
     "SATCHEL_TIER_DOWN_POLICY",
+    "SATCHEL_MARK_IDS",
     "SATCHEL_STORE_URL",
     "SATCHEL_ANCHOR_KID",
     "SATCHEL_PURPOSE",
@@ -86,7 +87,7 @@ def configure_logging() -> None:
 
     The library only installs a NullHandler, and gunicorn configures its own loggers,
     not the root: without this, an example app run by gunicorn would report data loss
-    to nobody. An app that configured logging itself (``python -m examples.chat``,
+    to nobody. An app that configured logging itself (a ``logging.basicConfig`` call,
     pytest's capture) keeps its own.
     """
     logger = logging.getLogger("satchel")

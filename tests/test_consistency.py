@@ -521,3 +521,101 @@ def test_a_stream_the_client_never_finished_reading_does_not_move_the_mark(
     assert "event: satchel" in third and "event: error" not in third
     # A finished stream moved the mark as usual: `first` is stale now.
     assert "stale_context" in read(first)
+
+
+def test_mark_ids_off_for_a_rolling_deploy_over_the_release_before_them(
+    tmp_path: Path,
+) -> None:
+    """SATCHEL_MARK_IDS=false writes marks and tokens as the release before mark ids
+    did, so a replica of that release in the same rollout (it drops the ids from the
+    tokens it seals) does not get its conversations refused by the new replicas."""
+    app, satchel = make_app(
+        tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path), SATCHEL_MARK_IDS="false"
+    )
+    client = app.test_client()
+    spent = post(client, "/spend", post(client, "/chat", None).headers["Satchel-Context"])
+    token = spent.headers["Satchel-Context"]
+    with app.app_context():
+        opened = satchel.codec.open(token)
+        assert opened.marked and opened.mark_id is None  # what the older release wrote
+        state = Satchel.state(app)
+        tag = satchel.pipeline.session_tag(opened.session_id)
+        stored = state.tier.get_many([f"satchel:{{{tag}}}:hwm"], cache=False)
+        (raw,) = [stored.get(f"satchel:{{{tag}}}:hwm")]
+    assert raw is not None and decode_mark(raw)[2] is None
+    assert post(client, "/spend", token).get_json() == {"credits": 8}
+    assert post(client, "/spend", token).status_code == 409  # still checked (seq rule)
+
+
+def test_a_bound_methods_route_level_and_a_signed_out_cookie(tmp_path: Path) -> None:
+    """@satchel.consistency on a bound method works as on a function; and a cookie
+    refused because nobody is signed in is kept (signing in again opens it)."""
+
+    class Views:
+        def spend(self) -> Any:
+            return {"ok": True}
+
+    app = Flask(__name__)
+    current: dict[str, Any] = {"user": "alice"}
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+        SATCHEL_COOKIE="chat",
+        SATCHEL_COOKIE_SECURE=False,
+        SATCHEL_USER_BINDING=lambda: current["user"],
+    )
+    satchel = Satchel(app)
+    app.add_url_rule("/spend", view_func=satchel.consistency("monotonic")(Views().spend))
+
+    @app.post("/chat")
+    def chat() -> Any:
+        satchel.context.add_turn("user", "hi")
+        return {"turns": len(satchel.context.turns)}
+
+    client = app.test_client()
+    assert client.get("/spend").status_code == 200
+    assert client.post("/chat").get_json() == {"turns": 1}
+    current["user"] = None
+    refused = client.post("/chat")
+    assert refused.status_code == 403
+    assert not any("chat=" in c for c in refused.headers.getlist("Set-Cookie"))
+    current["user"] = "alice"
+    assert client.post("/chat").get_json() == {"turns": 2}
+    exposed = refused.headers["Access-Control-Expose-Headers"].split(", ")
+    assert len(exposed) == len(set(exposed))  # listed once, not once per hook
+
+
+def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) -> None:
+    """Under fail_closed a streamed reply moves the mark before its final event: when
+    the tier refuses that write, the stream ends in an error and carries no token (a
+    token whose mark never moved would leave the spend open to a replay)."""
+    from satchel.errors import TierUnavailable
+    from satchel.tiers import MemoryTier
+
+    class MarkRefusingTier(MemoryTier):
+        refuse = False
+
+        def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
+            if self.refuse:
+                raise TierUnavailable("writes refused for the test")
+            return super().compare_and_set_mark(key, expected, new, ttl)
+
+    tier = MarkRefusingTier()
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_TIER_DOWN_POLICY="fail_closed")
+    satchel = Satchel(app, tier=tier)
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+        return satchel.stream(iter(["ok"]), on_complete=lambda t: ctx.add_turn("assistant", t))
+
+    client = app.test_client()
+    first = client.post("/stream").get_data(as_text=True)
+    assert "event: satchel" in first
+    token = json.loads(first.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0])["token"]
+    tier.refuse = True
+    body = client.post("/stream", headers={"Satchel-Context": token}).get_data(as_text=True)
+    assert "event: error" in body and "tier_unavailable" in body
+    assert "event: satchel" not in body

@@ -84,44 +84,51 @@ def test_segments_cached_through_an_outage_are_not_written_back_once_erased() ->
     assert [key for key in tier._data if f"{{{tag}}}" in key] == [f"satchel:{{{tag}}}:hwm"]
 
 
-def test_a_monotonic_request_reads_the_tombstone_once() -> None:
-    """The guard has just read the session's mark (the same key as the tombstone):
-    a spill in that request does not read it again (one more round trip, and one more
-    timeout to pay when the tier hangs)."""
+@pytest.mark.parametrize("consistency", ["client", "monotonic"])
+def test_an_erasure_while_a_request_runs_stops_its_writes(consistency: str) -> None:
+    """The erasure lands while the view waits on a model: the request's spill must not
+    write the turns back (the tombstone is read right before each write), and a
+    monotonic save answers 410, not a 409 that reads like a race."""
     from flask import Flask, request
 
     from satchel import Satchel
 
-    class CountingTier(MemoryTier):
-        mark_reads = 0
-
-        def get_many(self, keys):  # type: ignore[no-untyped-def]
-            CountingTier.mark_reads += sum(key.endswith(":hwm") for key in keys)
-            return super().get_many(keys)
-
+    tier = MemoryTier()
     app = Flask(__name__)
     app.config.update(
         SATCHEL_KEYS=Keyring.generate("k1").to_string(),
-        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_CONSISTENCY=consistency,
         SATCHEL_MAX_TOKEN_BYTES=1200,
     )
-    satchel = Satchel(app, tier=CountingTier())
+    satchel = Satchel(app, tier=tier)
 
     @app.post("/chat")
     def chat() -> dict:
         ctx = satchel.context
         ctx.add_turn("user", request.get_json()["message"])
+        if request.args.get("erase"):
+            satchel.erase(ctx.session_id)  # from another process, in real life
         ctx.add_turn("assistant", text(len(ctx.turns)))
-        return {"overflowed": len(ctx.overflow)}
+        return {}
 
     client = app.test_client()
     token = None
-    for i in range(12):
-        CountingTier.mark_reads = 0
+    for i in range(3):
         headers = {"Satchel-Context": token} if token else {}
-        response = client.post("/chat", json={"message": text(i)}, headers=headers)
-        assert response.status_code == 200
+        token = client.post("/chat", json={"message": text(i)}, headers=headers).headers[
+            "Satchel-Context"
+        ]
+    erased = None
+    for i in range(3, 12):  # until a request has something to spill
+        response = client.post(
+            "/chat?erase=1", json={"message": text(i)}, headers={"Satchel-Context": token}
+        )
+        if response.status_code != 200:
+            erased = response
+            break
         token = response.headers["Satchel-Context"]
-        assert CountingTier.mark_reads == 1, i
+    assert erased is not None and erased.status_code == 410
+    assert erased.get_json()["error"]["code"] == "token_erased"
     with app.app_context():
-        assert satchel.codec.open(token).overflow  # the requests did spill
+        tag = satchel.codec.session_tag(satchel.codec.open(token).session_id)
+    assert [k for k in tier._data if f"{{{tag}}}" in k] == [f"satchel:{{{tag}}}:hwm"]

@@ -537,7 +537,8 @@ def test_references_stay_bounded_when_segments_are_too_large_to_merge() -> None:
         clock=lambda: NOW,
         limits=Limits(max_decompressed_bytes=48 * 1024),
     )
-    guarded = GuardedTier(MemoryTier(), BreakerPolicy(), cache=SegmentCache(0))
+    tier = FlakyTier()
+    guarded = GuardedTier(tier, BreakerPolicy(fail_max=10_000), cache=SegmentCache(0))
     policy = LifecyclePolicy(max_turns=None, max_token_bytes=3800, hard_max_token_bytes=8000)
     pipeline = Pipeline(codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW)
 
@@ -563,3 +564,13 @@ def test_references_stay_bounded_when_segments_are_too_large_to_merge() -> None:
         long_text(exchanges - 2), long_text(-(exchanges - 2)),
         long_text(exchanges - 1), long_text(-(exchanges - 1)),
     ]  # fmt: skip
+    # A spill the tier refuses changes no reference: the oldest is let go only once
+    # the new segment is written.
+    tier.refuse_writes = True
+    ctx = pipeline.load(token, now=NOW)
+    refs = list(ctx.overflow)
+    ctx.add_turn("user", long_text(exchanges), ts=NOW)
+    ctx.add_turn("assistant", long_text(-exchanges), ts=NOW)
+    refused = pipeline.codec.open(pipeline.save(ctx, now=NOW).token, now=NOW)
+    assert refused.overflow == refs
+    assert refused.lifecycle.dropped.get("overflow_cap", 0) == capped

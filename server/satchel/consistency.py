@@ -141,10 +141,14 @@ class MonotonicGuard:
         tier_down_policy: str = "fail_open",
         observer: Observer = NULL_OBSERVER,
         mark_ttl: float = DEFAULT_MARK_TTL,
+        mark_ids: bool = True,
     ) -> None:
         if tier_down_policy not in ("fail_open", "fail_closed"):
             raise ValueError("tier_down_policy must be 'fail_open' or 'fail_closed'")
         self.tier = tier
+        #: saves mint mark ids (False: marks as the release before them wrote them,
+        #: for the first deploy over it, whose replicas would drop the ids)
+        self.mark_ids = mark_ids
         self.tier_down_policy = tier_down_policy
         self.observer = observer
         self.mark_ttl = mark_ttl
@@ -194,7 +198,6 @@ class MonotonicGuard:
         if raw == ERASED:
             self.observer.event("refused", session=tag, reason="token_erased")
             raise ContextErased("this conversation was erased")
-        ctx.erasure_checked = True  # the same key: segment writes need not read it again
         mark = decode_mark(raw) if raw is not None else None
         if mark is not None and not fresh:
             if not self._descends(ctx, *mark):
@@ -235,12 +238,15 @@ class MonotonicGuard:
         if not state.checked:
             return
         assert ctx.parent is not None
-        mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id)
+        mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         try:
             current = self.tier.compare_and_set_mark(state.key, state.expected, mark, self.mark_ttl)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
             return
+        if current == ERASED:  # erased while this request ran
+            self.observer.event("refused", session=tag, reason="token_erased")
+            raise ContextErased("this conversation was erased")
         if current is not None:
             self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
             raise StaleContext(

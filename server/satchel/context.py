@@ -253,9 +253,6 @@ class Context:
     mark_parent: bytes | None = None
 
     # Request-scoped facts, never serialized.
-    #: this request already read the session's mark from the tier and it is not an
-    #: erasure tombstone (MonotonicGuard.before): segment writes need not read it again
-    erasure_checked: bool = field(default=False, repr=False)
     #: key id the token was opened with (a different one than the current means reseal)
     opened_kid: str | None = field(default=None, repr=False)
     #: schema version the token had before migrations ran
@@ -412,7 +409,6 @@ SEALED_FIELDS: tuple[str, ...] = (
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (
     "stored_as",
-    "erasure_checked",
     "opened_kid",
     "opened_version",
     "degraded",

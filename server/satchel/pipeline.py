@@ -492,9 +492,11 @@ class Pipeline:
                         # Over one segment's size cap: merge fewer, the newest (and
                         # smallest) ones, before appending one more reference.
                         start += 1
-                if kept >= MAX_HELD_SEGMENT_REFS:
-                    self._forget_oldest_segment(ctx, now, tag)
-            return self.segments.write(ctx, spill, ttl, now=now), len(ctx.overflow)
+            ref = self.segments.write(ctx, spill, ttl, now=now)
+            if kept >= MAX_HELD_SEGMENT_REFS and self._can_merge(ctx):
+                # Written: only now may the oldest go (a failed write changes nothing).
+                self._forget_oldest_segment(ctx, now, tag)
+            return ref, len(ctx.overflow)
         except TierError as exc:
             if "tier_write_failed" not in ctx.degraded:
                 ctx.degraded.append("tier_write_failed")

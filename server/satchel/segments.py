@@ -200,8 +200,9 @@ class SegmentStore:
             )
         _, stored = self.codec.seal_payload(payload, now=now, expires_at=now + ttl)
         digest = segment_digest(stored)
-        if not ctx.erasure_checked:
-            self.refuse_if_erased(ctx.session_id)
+        # Read right before the write, even when this request read the mark when it
+        # opened the context: an erasure may have come while the view waited on a model.
+        self.refuse_if_erased(ctx.session_id)
         self.tier.put(self.key_for(ctx.session_id, digest), stored, ttl)
         return SegmentRef(digest=digest, turns=len(turns), size=len(stored), seq=ctx.seq, ts=now)
 

@@ -21,6 +21,7 @@ with ``SATCHEL_ON_BAD_TOKEN = "fresh"``, a fresh context and a ``Satchel-Reset``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -28,6 +29,7 @@ import hmac
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -137,7 +139,7 @@ class Satchel:
         #: views that demand ``monotonic`` (:meth:`consistency`), checked against the
         #: tier at start-up rather than on their first request
         self._monotonic_routes: set[str] = set()
-        self._apps: list[Flask] = []
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()  # not kept alive by us
         if app is not None:
             self.init_app(app)
 
@@ -217,7 +219,10 @@ class Satchel:
         guard = None
         if tier is not None and config.mode == "client":
             guard = MonotonicGuard(
-                tier, tier_down_policy=config.tier_down_policy, observer=self.observer
+                tier,
+                tier_down_policy=config.tier_down_policy,
+                observer=self.observer,
+                mark_ids=config.mark_ids,
             )
         elif config.mode == "client" and (
             config.consistency == "monotonic" or self._monotonic_routes
@@ -228,7 +233,7 @@ class Satchel:
                 "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
                 + (routes if self._monotonic_routes else "")
             )
-        self._apps.append(app)
+        self._apps.add(app)
         app.extensions["satchel"] = _AppState(
             self, config, codec, pipeline, tier, segments, guard, ForkDetector()
         )
@@ -472,9 +477,10 @@ class Satchel:
         def decorate(view: F) -> F:
             # Marked on the function itself: whichever of it and the wrapper is the
             # registered view (the decorators in either order), _open_context sees it.
-            view._satchel_consistency = stricter(  # type: ignore[attr-defined]
-                level, getattr(view, "_satchel_consistency", None)
-            )
+            marked = stricter(level, getattr(view, "_satchel_consistency", None))
+            target: Any = getattr(view, "__func__", view)  # a bound method: its function
+            with contextlib.suppress(AttributeError):  # a builtin takes no attributes
+                target._satchel_consistency = marked
             if level == "monotonic":
                 self._monotonic_routes.add(getattr(view, "__qualname__", repr(view)))
                 for app in self._apps:  # decorated after init_app: check now
@@ -501,6 +507,7 @@ class Satchel:
                         )
                 return view(*args, **kwargs)
 
+            wrapper._satchel_consistency = marked  # type: ignore[attr-defined]
             return wrapper  # type: ignore[return-value]
 
         return decorate
@@ -590,8 +597,9 @@ class Satchel:
             # This save becomes the newest: its token, and every token made from it
             # at any level, carries the id the mark will hold (MonotonicGuard.after),
             # and the id it was checked against, in case the tier fails that write.
-            ctx.mark_parent = rs.mark.mark_id
-            ctx.mark_id = new_mark_id()
+            if app_state.guard is not None and app_state.guard.mark_ids:
+                ctx.mark_parent = rs.mark.mark_id
+                ctx.mark_id = new_mark_id()
         result = pipeline.save(ctx, timings=rs.timings)
         if move_mark:
             self._move_mark(rs)
@@ -638,7 +646,11 @@ class Satchel:
     def _expose_headers(self, response: Response) -> None:
         existing = response.headers.get("Access-Control-Expose-Headers")
         header = self.state().config.header  # SATCHEL_HEADER renames the token's header
-        names = ", ".join((header, *RESPONSE_HEADERS[1:]))
+        listed = {n.strip().lower() for n in existing.split(",")} if existing else set()
+        missing = [n for n in (header, *RESPONSE_HEADERS[1:]) if n.lower() not in listed]
+        if not missing:
+            return  # an error response passes here twice (error handler, after_request)
+        names = ", ".join(missing)
         response.headers["Access-Control-Expose-Headers"] = (
             f"{existing}, {names}" if existing else names
         )
@@ -648,9 +660,11 @@ class Satchel:
         self._expose_headers(response)
         rs: RequestState | None = g.get("_satchel")
         config = self.state().config
-        if isinstance(exc, BadToken) and rs is not None and rs.token_source == "cookie":
+        unusable = isinstance(exc, BadToken) and not isinstance(exc, WrongUser)
+        if unusable and rs is not None and rs.token_source == "cookie":
             # The cookie is HttpOnly: page code cannot remove a token that will never
-            # open, and every later request would be refused the same way.
+            # open, and every later request would be refused the same way. Not for
+            # another user's (or a signed-out user's) token: signing in again opens it.
             assert config.cookie is not None
             response.delete_cookie(
                 config.cookie,
@@ -691,11 +705,16 @@ class Satchel:
         rs.streaming = True
         ai_sdk = protocol == "ai-sdk"
 
+        guard = self.state().guard
+        # Under fail_open the mark moves only once the final event is out (below): a
+        # client gone mid-stream never gets this token and must not be locked out of
+        # the conversation by a mark that names it. Under fail_closed nothing goes out
+        # unchecked: the mark moves first, and if it cannot, the stream ends in an
+        # error event with no token (a client that leaves then has a stale token).
+        defer_mark = guard is None or guard.tier_down_policy != "fail_closed"
+
         def finish_metadata() -> dict[str, Any]:
-            # The mark moves only once the final event is out (below): a client gone
-            # mid-stream never gets this token and must not be locked out of the
-            # conversation by a mark that names it.
-            headers = self.finish(rs, move_mark=False)
+            headers = self.finish(rs, move_mark=not defer_mark)
             return {
                 "token": headers[self.state().config.header],
                 "seq": int(headers["Satchel-Seq"]),
@@ -707,6 +726,8 @@ class Satchel:
             }
 
         def settle_mark() -> None:
+            if not defer_mark:
+                return
             try:
                 self._move_mark(rs)
             except SatchelError as exc:

@@ -28,7 +28,9 @@ SATCHEL_METADATA_WRITE_VERSION  the version    the shape tokens are written in; 
 SATCHEL_PAD_TO                  None           round every token up to a multiple of this
                                                many bytes (16..16384), so a sealed token's
                                                length hides how well it compressed
-SATCHEL_HEADER                  Satchel-Context request and response header
+SATCHEL_HEADER                  Satchel-Context request and response header (releases before
+                                               2026-11-27 answered in Satchel-Context
+                                               whatever this said)
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
 SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"
@@ -68,6 +70,11 @@ SATCHEL_SEGMENT_GRACE           600            seconds a segment replaced by a m
 SATCHEL_CONSISTENCY             "client"       "client", "monotonic" (needs a tier), "server"
 SATCHEL_TIER_DOWN_POLICY        "fail_open"    monotonic with the tier down: "fail_open"
                                                (accept, flag) or "fail_closed" (503)
+SATCHEL_MARK_IDS                True           monotonic saves mint mark ids (a token must
+                                               descend from the newest save); False for
+                                               the first deploy over a release before
+                                               2026-11-27, whose replicas drop them
+                                               (docs/consistency.md)
 SATCHEL_USER_BINDING            None           callable returning the user id, or None
 SATCHEL_METRICS_ROUTE           None           e.g. "/metrics" (Prometheus text format)
 SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz
@@ -163,6 +170,7 @@ class SatchelConfig:
     segment_grace: float = 600.0
     consistency: str = "client"
     tier_down_policy: str = "fail_open"
+    mark_ids: bool = True
     mode: str = "client"
     metrics_route: str | None = None
     health_routes: bool = False
@@ -193,7 +201,11 @@ class SatchelConfig:
             "metadata_write_version",
         )
         _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
-        for name in ("health_routes", "cookie_secure"):  # "0", "false" from the environment
+        for name in (
+            "health_routes",
+            "cookie_secure",
+            "mark_ids",
+        ):  # "0", "false" from the environment
             if name in values:
                 values[name] = _flag(values[name])
         if "metrics_route" in values and not values["metrics_route"]:
