@@ -818,7 +818,8 @@ def check_targets(res: Results) -> list[dict[str, Any]]:
         c, s = client["loaded"]["rps"], server["loaded"]["rps"]
         targets.append(
             {
-                "name": f"client RPS >= server RPS at {t} turns ({res.workers} workers each)",
+                "name": f"client RPS >= server RPS at {t} turns "
+                f"({res.workers} worker{'s' if res.workers != 1 else ''} each)",
                 "met": c >= s,
                 "value": f"{c:.0f} vs {s:.0f} rps ({c / s - 1:+.1%})" if s else f"{c:.0f} rps",
             }
@@ -1617,7 +1618,7 @@ def find_repo() -> Path:
 
 def main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
-    workers = int(getattr(args, "workers", 2) or 2)
+    workers = int(getattr(args, "workers", 2))  # 0 is refused below, not taken for 2
     out = Path(getattr(args, "out", "docs") or "docs")
     plan = QUICK if quick else FULL
     if workers < 1:
