@@ -96,11 +96,17 @@ def test_send_and_receive(live_server_factory, tmp_path, page, screenshot) -> No
     page.on("pageerror", lambda e: errors.append(str(e)))
     open_chat(page, srv)
 
-    # Accessible composer: a labelled textarea that has focus from the start.
+    # Accessible composer: a labelled textarea. It is not focused on load (that would
+    # skip the heading and list for screen readers, and open a phone's keyboard), but
+    # typing with nothing focused goes into it.
     composer = page.get_by_label("Message", exact=True)
-    expect(composer).to_be_focused()
     expect(page.get_by_role("button", name="New chat", exact=True)).to_be_visible()
     expect(page.get_by_role("log")).to_contain_text("No messages yet")
+    expect(composer).not_to_be_focused()
+    page.keyboard.type("Hi")
+    expect(composer).to_be_focused()
+    expect(composer).to_have_value("Hi")
+    expect(page.locator("#char-count")).to_have_text("2 of 8,000 characters")
 
     send(page, "Hello from Chromium")
     expect(page.locator(".msg-user .msg-text")).to_have_text(["Hello from Chromium"])
@@ -144,14 +150,27 @@ def test_streamed_reply_renders_progressively(
 ) -> None:
     srv = start_app(live_server_factory, tmp_path, SATCHEL_MODEL_DELAY="0.03")
     open_chat(page, srv)
-    # Record every text the reply bubble shows while it streams in.
+    # Record every text the reply bubble shows while it streams in, and every change
+    # to the log a screen reader would hear: changes outside aria-hidden subtrees.
     page.evaluate(
         """() => {
             window.__seen = [];
+            window.__heard = [];
             const thread = document.getElementById('thread');
-            new MutationObserver(() => {
+            const hidden = (n) => {
+                const e = n.nodeType === 1 ? n : n.parentElement;
+                return !!(e && e.closest('[aria-hidden="true"]'));
+            };
+            new MutationObserver((records) => {
                 const texts = thread.querySelectorAll('.msg-assistant .msg-text');
                 if (texts.length) window.__seen.push(texts[texts.length - 1].textContent);
+                for (const r of records) {
+                    if (hidden(r.target)) continue;
+                    if (r.type === 'characterData') window.__heard.push('edit: ' + r.target.data);
+                    for (const n of r.addedNodes) {
+                        if (!hidden(n)) window.__heard.push(n.textContent);
+                    }
+                }
             }).observe(thread, {childList: true, subtree: true, characterData: true});
         }"""
     )
@@ -159,7 +178,9 @@ def test_streamed_reply_renders_progressively(
     page.press("#message", "Enter")
     thread = page.get_by_role("log")
     expect(thread).to_have_attribute("aria-busy", "true")
-    expect(page.locator(".msg-assistant.pending .msg-text")).to_contain_text("You said")
+    streaming = page.locator(".msg-assistant.pending")
+    expect(streaming.locator(".msg-text")).to_contain_text("You said")
+    expect(streaming).to_have_attribute("aria-hidden", "true")  # not read out piece by piece
     screenshot("streaming")
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
     expect(thread).to_have_attribute("aria-busy", "false")
@@ -173,6 +194,10 @@ def test_streamed_reply_renders_progressively(
     assert distinct[-1] == final["content"]
     for shorter, longer in itertools.pairwise(distinct):
         assert longer.startswith(shorter), (shorter, longer)  # it only ever grew
+    # The log itself changed twice: the message sent, then the whole reply, once.
+    heard = page.evaluate("window.__heard")
+    assert heard == ["You" + "Please stream a reply word by word", "Assistant" + final["content"]]
+    expect(page.locator(".msg-assistant").last).not_to_have_attribute("aria-hidden", "true")
     screenshot()
 
 
@@ -204,10 +229,26 @@ def test_reload_keeps_the_conversation(live_server_factory, tmp_path, page, scre
         "Second conversation"
     )
 
-    # The first one is still there, whole.
+    # The first one is still there, whole. Switching rebuilds the log with its live
+    # region off, so a screen reader does not read the whole conversation out.
+    page.evaluate(
+        """() => {
+            const thread = document.getElementById('thread');
+            window.__liveDuringRebuild = [];
+            new MutationObserver((records) => {
+                if (records.some((r) => r.type === 'childList')) {
+                    window.__liveDuringRebuild.push(thread.getAttribute('aria-live'));
+                }
+            }).observe(thread, {childList: true});
+        }"""
+    )
     page.locator("#conversations button", has_text="First conversation").click()
     expect(page.locator(".msg-text")).to_have_text(first_thread)
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.get_by_role("log")).to_have_attribute("aria-live", "polite")
+    expect(page.get_by_role("log")).to_have_attribute("aria-busy", "false")
+    live = page.evaluate("window.__liveDuringRebuild")
+    assert live and set(live) == {"off"}, live
     screenshot()
 
 
@@ -397,13 +438,257 @@ def test_redis_down_shows_degraded_notice_and_chat_continues(
     expect(notice).to_have_attribute("data-kinds", re.compile(r"\bdegraded\b"))
     expect(notice).to_contain_text("overflow store is unreachable")
     expect(page.get_by_role("status").filter(has_text="Degraded")).to_be_visible()
+    # The tier refused the turns that should have left: only now is the token's size
+    # over its soft budget worth a note.
+    expect(notice).to_have_attribute("data-reasons", re.compile(r"\btier_write_failed\b"))
+    expect(page.locator("#thread-note")).to_contain_text("over its soft budget")
     screenshot("degraded")
 
-    # The chat keeps working: another message, another reply, the history intact.
+    # The chat keeps working: another message, another reply, the history intact. The
+    # notice, still true, is left alone (not cleared and redrawn, so not re-announced).
+    page.evaluate(
+        """() => {
+            window.__noticeChanges = 0;
+            new MutationObserver((records) => { window.__noticeChanges += records.length; })
+                .observe(document.getElementById('notice'),
+                         {childList: true, subtree: true, characterData: true});
+        }"""
+    )
     send(page, "Still here?")
+    assert page.evaluate("window.__noticeChanges") == 0
     expect(last_reply(page)).to_contain_text("Still here?")
     expect(page.locator("#error")).to_be_hidden()
     data = server_context(srv, page)
     assert user_texts(data)[-1] == "Still here?"
     assert user_texts(data)[0].startswith("Message 0:")  # old turns still shown (cached)
+    screenshot()
+
+
+def test_failed_send_keeps_its_error_and_leaves_no_bubble(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "Before the outage")
+    composer = page.get_by_label("Message", exact=True)
+    error = page.locator("#error")
+
+    srv.stop()
+    text = "  Sent while the server is down"
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+    expect(error).to_contain_text("The message was not sent")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    # Settled, and the error is still the send's: no "Could not load this chat" from a
+    # reload after it, no dashed "No reply." bubble, the text back in the box as typed.
+    expect(error).to_contain_text("It is back in the message box")
+    expect(error).not_to_contain_text("Could not load")
+    expect(page.locator(".msg")).to_have_count(2)
+    expect(page.locator(".msg.failed, .msg.pending")).to_have_count(0)
+    expect(composer).to_have_value(text)
+    expect(composer).to_be_focused()
+    screenshot("failed")
+
+    # Back up: Enter sends the same text, and the error goes.
+    srv.restart()
+    page.press("#message", "Enter")
+    expect(page.locator(".msg-user")).to_have_count(2)
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(error).to_be_empty()
+    expect(error).to_be_hidden()
+    assert user_texts(server_context(srv, page)) == ["Before the outage", text]
+    screenshot()
+
+
+def test_over_the_soft_budget_with_a_healthy_tier_is_not_flagged(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    # One message bigger than the whole budget must stay in the token: normal, not news.
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_MAX_TOKEN_BYTES="1200")
+    open_chat(page, srv)
+    send(page, "A short one first")
+    send(page, f"A long one: {hex_words(150)}")
+    token_bytes = int(page.locator("#token-bytes").inner_text().replace(",", ""))
+    assert token_bytes > 1200, token_bytes
+    expect(page.locator("#overflow-tier")).to_have_text("sqlite")
+    expect(page.locator("#notice")).to_be_empty()
+    expect(page.locator("#thread-note")).not_to_contain_text("budget")
+    expect(page.locator("#thread-note")).to_be_hidden()
+    screenshot()
+
+
+def test_focus_and_thread_survive_another_tab_sending(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "First chat")
+    page.get_by_role("button", name="New chat", exact=True).click()
+    send(page, "Second chat")
+    page.locator("#conversations button", has_text="First chat").click()
+    expect(page.locator("#thread-title")).to_have_text("First chat")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#conversations li").first).to_contain_text("Second chat")
+
+    other = page.context.new_page()
+    open_chat(other, srv)
+    expect(other.locator("#thread-title")).to_have_text("First chat")
+
+    # Tab one: a keyboard user is on "First chat" in the list, whose button is about
+    # to move to the top; the messages on screen are marked to see if they are redrawn.
+    page.evaluate("() => document.querySelectorAll('#thread .msg').forEach((m) => { m.dataset.kept = '1'; })")
+    first_button = page.locator("#conversations button", has_text="First chat")
+    first_button.focus()
+    send(other, "From tab two")
+
+    expect(page.locator("#conversations li").first).to_contain_text("First chat")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["First chat", "From tab two"])
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(first_button).to_be_focused()
+    # Only the new turns were added to the log; what it showed before stayed put.
+    expect(page.locator("#thread .msg[data-kept]")).to_have_count(2)
+    expect(page.locator("#thread .msg")).to_have_count(4)
+    expect(page.get_by_role("log")).to_have_attribute("aria-live", "polite")
+    screenshot()
+    other.close()
+
+
+def test_chat_deleted_in_another_tab_is_not_resurrected(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "Keep this chat")
+    page.get_by_role("button", name="New chat", exact=True).click()
+    send(page, "Delete this chat")
+
+    other = page.context.new_page()
+    open_chat(other, srv)
+    expect(other.locator("#thread-title")).to_have_text("Delete this chat")
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete chat", exact=True).click()
+    expect(page.locator("#thread-title")).to_have_text("Keep this chat")
+
+    # The other tab leaves the deleted chat for the most recent one, and says why.
+    expect(other.locator("#thread-title")).to_have_text("Keep this chat")
+    expect(other.locator(".msg-user .msg-text")).to_have_text(["Keep this chat"])
+    expect(other.locator("#conversations button")).to_have_count(1)
+    expect(other.locator("#conversations button[aria-current=true]")).to_contain_text(
+        "Keep this chat"
+    )
+    expect(other.get_by_role("status").filter(has_text="deleted in another tab")).to_be_visible()
+    expect(other.locator("body")).to_have_attribute("data-state", "idle")
+    screenshot("other-tab", other_page=other)
+
+    # Sending from it does not bring the deleted chat back, in either tab.
+    send(other, "Still in the kept chat")
+    expect(other.locator("#notice")).not_to_contain_text("deleted")
+    for tab in (page, other):
+        expect(tab.locator("#conversations button")).to_have_count(1)
+        expect(tab.locator("#conversations")).not_to_contain_text("Delete this chat")
+        expect(tab.locator(".msg-user .msg-text")).to_have_text(
+            ["Keep this chat", "Still in the kept chat"]
+        )
+    screenshot()
+    other.close()
+
+
+def test_messages_are_sent_and_shown_as_typed(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    text = (
+        "    indented first line\n\tthen a tab\n"
+        "```python\ndef f():\n    return 1\n```\n"
+        "trailing spaces   "
+    )
+    send(page, text)
+    assert user_texts(server_context(srv, page)) == [text]  # not trimmed
+    shown = page.locator(".msg-user .msg-text").last
+    assert shown.evaluate("(e) => e.textContent") == text
+    assert shown.evaluate("(e) => getComputedStyle(e).whiteSpace") == "pre-wrap"
+    code = page.locator(".msg-user .msg-code code")
+    expect(code).to_have_count(1)
+    assert code.evaluate("(e) => e.textContent") == "def f():\n    return 1\n"
+    assert "monospace" in code.evaluate("(e) => getComputedStyle(e).fontFamily")
+    expect(page.locator("#thread-title")).to_have_text(re.compile(r"^indented first line then"))
+    screenshot()
+
+
+def test_input_limits_are_explained(live_server_factory, tmp_path, page, screenshot) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    open_chat(page, srv)
+    composer = page.get_by_label("Message", exact=True)
+    problem = page.locator("#composer-problem")
+    count = page.locator("#char-count")
+    described = composer.get_attribute("aria-describedby").split()
+    assert "char-count" in described and "composer-problem" in described
+
+    # Only whitespace: Enter says why nothing happens.
+    page.fill("#message", "   \n  ")
+    page.press("#message", "Enter")
+    expect(problem).to_have_text("Nothing to send: type a message first.")
+    expect(page.get_by_role("status").filter(has_text="Nothing to send")).to_have_count(1)
+    expect(page.locator(".msg")).to_have_count(0)
+    page.fill("#message", "")
+    page.keyboard.type("a")
+    expect(problem).to_be_empty()  # what it said no longer applies
+
+    # A paste over the limit is kept whole (not cut at 8,000), and flagged.
+    page.fill("#message", "")
+    too_long = "0123456789" * 801  # 8,010 characters
+    page.evaluate("(t) => navigator.clipboard.writeText(t)", too_long)
+    composer.focus()
+    page.keyboard.press("Control+V")
+    expect(composer).to_have_value(too_long)
+    expect(count).to_have_text("8,010 of 8,000 characters: 10 too many")
+    expect(composer).to_have_attribute("aria-invalid", "true")
+    expect(problem).to_contain_text("10 characters over the 8,000-character limit")
+    page.press("#message", "Enter")
+    expect(problem).to_have_text(
+        "Not sent: the message is 10 characters over the 8,000-character limit."
+    )
+    expect(page.locator(".msg")).to_have_count(0)
+    screenshot("over")
+
+    for _ in range(10):
+        page.keyboard.press("Backspace")
+    expect(count).to_have_text("8,000 of 8,000 characters")
+    expect(composer).not_to_have_attribute("aria-invalid", "true")
+    expect(problem).to_be_empty()
+    screenshot()
+
+
+def test_phone_layout_keeps_the_composer_in_reach(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(srv.url_for("/"))
+    # 25 earlier conversations in this browser's list.
+    page.evaluate(
+        """() => {
+            const now = Date.now(), conversations = {};
+            for (let i = 0; i < 25; i++) {
+                conversations['earlier-' + i] = {title: 'Earlier chat ' + i, updated: now - (i + 1) * 60000};
+            }
+            localStorage.setItem('satchel-chat:index', JSON.stringify({current: null, conversations}));
+        }"""
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#conversations button")).to_have_count(25)
+    # The list scrolls on its own; the composer is not pushed ~2,400px down.
+    assert page.locator("#conversations").bounding_box()["height"] <= 12 * 16 + 1
+    composer = page.get_by_label("Message", exact=True)
+    assert composer.bounding_box()["y"] < 844  # its top is on the first screen
+    # Notices sit above the thread, not below the composer.
+    assert page.locator("#notice").bounding_box()["y"] <= page.locator("#thread").bounding_box()["y"]
+
+    for i in range(3):
+        send(page, f"Phone message {i}: {hex_words(30)}")
+        expect(composer).to_be_in_viewport()
     screenshot()

@@ -31,6 +31,8 @@ const el = {
   form: $('composer'),
   input: $('message'),
   send: $('send'),
+  count: $('char-count'),
+  problem: $('composer-problem'),
   error: $('error'),
   notice: $('notice'),
   tokenBytes: $('token-bytes'),
@@ -40,6 +42,9 @@ const el = {
   tier: $('overflow-tier'),
   summary: $('summary'),
 };
+// The server's limit (CHAT_MAX_MESSAGE_CHARS). Not a maxlength attribute: that cuts a
+// long paste off without a word; the counter and a message say what is wrong instead.
+const MAX_CHARS = Number(el.input.dataset.maxChars) || 8000;
 
 /* ---------------------------------------------------------------- index */
 
@@ -86,6 +91,12 @@ async function conversations() {
     .sort((a, b) => b.updated - a.updated);
 }
 
+/** The conversation to show when none is chosen: the one open last (in any tab), else the newest. */
+function mostRecent(index, all) {
+  if (index.current && all.some((c) => c.id === index.current)) return index.current;
+  return all.length ? all[0].id : null;
+}
+
 function newId() {
   if (globalThis.crypto && typeof crypto.randomUUID === 'function') return crypto.randomUUID();
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -104,8 +115,10 @@ let unsubscribe = [];
 let busy = false; // this tab is sending
 let refreshWanted = false; // another tab moved the conversation while we were busy
 let refreshGeneration = 0;
-let rendered = []; // [{role, content}] currently in the thread, to skip no-op renders
-const notices = { reset: null, fork: null, degraded: [], loadDegraded: [] };
+// [{role, content}] currently in the thread, so a re-render appends only what is new;
+// null when the thread must be rebuilt from scratch (another conversation, a reload).
+let rendered = [];
+const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
 
 function setState(state) {
   body.dataset.state = state;
@@ -113,39 +126,92 @@ function setState(state) {
 
 /* ----------------------------------------------------------- conversations */
 
-async function renderList() {
-  const items = await conversations();
-  const current = client ? client.conversation : null;
-  el.list.replaceChildren(
-    ...items.map((c) => {
-      const li = document.createElement('li');
-      const button = document.createElement('button');
-      button.type = 'button';
-      button.className = 'conversation';
-      button.dataset.id = c.id;
-      if (c.id === current) button.setAttribute('aria-current', 'true');
-      const title = document.createElement('span');
-      title.className = 'conversation-title';
-      title.textContent = c.title || UNTITLED;
-      button.append(title);
-      if (c.updated) {
-        const time = document.createElement('time');
-        time.className = 'conversation-time';
-        time.dateTime = new Date(c.updated).toISOString();
-        time.textContent = new Date(c.updated).toLocaleString([], {
-          month: 'short',
-          day: 'numeric',
-          hour: '2-digit',
-          minute: '2-digit',
-        });
-        button.append(time);
-      }
-      button.addEventListener('click', () => openConversation(c.id, { focus: true }));
-      li.append(button);
-      return li;
-    }),
-  );
+let listGeneration = 0;
+
+function listItem(id) {
+  const li = document.createElement('li');
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'conversation';
+  button.dataset.id = id;
+  const title = document.createElement('span');
+  title.className = 'conversation-title';
+  button.append(title);
+  li.append(button);
+  return li;
 }
+
+function updateListItem(li, c, current) {
+  const button = li.firstElementChild;
+  const title = button.querySelector('.conversation-title');
+  const text = c.title || UNTITLED;
+  if (title.textContent !== text) title.textContent = text;
+  if (c.id === current) button.setAttribute('aria-current', 'true');
+  else button.removeAttribute('aria-current');
+  let time = button.querySelector('time');
+  if (!c.updated) {
+    if (time) time.remove();
+    return;
+  }
+  const iso = new Date(c.updated).toISOString();
+  if (time && time.dateTime === iso) return;
+  if (!time) {
+    time = document.createElement('time');
+    time.className = 'conversation-time';
+    button.append(time);
+  }
+  time.dateTime = iso;
+  time.textContent = new Date(c.updated).toLocaleString([], {
+    month: 'short',
+    day: 'numeric',
+    hour: '2-digit',
+    minute: '2-digit',
+  });
+}
+
+/**
+ * Bring the list up to date in place. Buttons are kept by conversation id rather than
+ * rebuilt: replacing the button that has focus drops focus to <body> (a keyboard or
+ * screen-reader user loses their place whenever another tab sends). A button that had
+ * to move (its conversation became the newest) gets focus back.
+ */
+async function renderList() {
+  const generation = ++listGeneration;
+  const items = await conversations();
+  if (generation !== listGeneration) return; // a newer call has fresher data
+  const current = client ? client.conversation : null;
+  const active = document.activeElement;
+  const buttons = [...el.list.querySelectorAll('button.conversation')];
+  const focusedAt = buttons.indexOf(active);
+  const focusedId = focusedAt >= 0 ? active.dataset.id : null;
+
+  const existing = new Map(buttons.map((b) => [b.dataset.id, b.parentElement]));
+  const wanted = items.map((c) => {
+    const li = existing.get(c.id) || listItem(c.id);
+    existing.delete(c.id);
+    updateListItem(li, c, current);
+    return li;
+  });
+  for (const li of existing.values()) li.remove(); // gone (deleted in another tab)
+  // Move only what is out of place: a conversation that became the newest moves alone.
+  wanted.forEach((li, i) => {
+    const at = el.list.children[i];
+    if (at !== li) el.list.insertBefore(li, at || null);
+  });
+
+  if (focusedId && document.activeElement !== active) {
+    const same = el.list.querySelector(`button.conversation[data-id="${CSS.escape(focusedId)}"]`);
+    const all = el.list.querySelectorAll('button.conversation');
+    // Its conversation was deleted elsewhere: its neighbour, else "New chat".
+    const target = same || all[Math.min(focusedAt, all.length - 1)] || el.newChat;
+    target.focus({ preventScroll: true });
+  }
+}
+
+el.list.addEventListener('click', (event) => {
+  const button = event.target.closest('button.conversation');
+  if (button) openConversation(button.dataset.id, { focus: true });
+});
 
 async function openConversation(id, { focus = false } = {}) {
   if (client && client.conversation === id) {
@@ -170,12 +236,13 @@ async function openConversation(id, { focus = false } = {}) {
   });
   notices.reset = null;
   notices.fork = null;
+  notices.deleted = null;
   notices.degraded = [];
   notices.loadDegraded = [];
   renderNotice();
   showError(null);
-  rendered = null;
-  renderThread([]);
+  showProblem(null);
+  clearThread();
   await renderList();
   await refresh();
   if (focus) el.input.focus();
@@ -209,7 +276,72 @@ async function deleteChat() {
   else await newChat();
 }
 
+/**
+ * Another tab created, renamed or deleted a conversation. If the one shown here was
+ * deleted, showing it on (as "Untitled chat") would bring it back with the next send:
+ * move to the most recent conversation instead, and say why.
+ */
+let checkingDeleted = false;
+async function onListChanged() {
+  await renderList();
+  if (!client || busy || checkingDeleted) return;
+  checkingDeleted = true;
+  try {
+    const all = await conversations();
+    const id = client.conversation;
+    if (!client || client.conversation !== id || all.some((c) => c.id === id)) return;
+    const next = mostRecent(loadIndex(), all);
+    if (next) await openConversation(next);
+    else {
+      client.close();
+      client = null;
+      await newChat();
+    }
+    notices.deleted = 'The chat that was open here was deleted in another tab; this is your most recent chat.';
+    renderNotice();
+  } finally {
+    checkingDeleted = false;
+  }
+}
+
 /* ----------------------------------------------------------------- thread */
+
+/** Fill `container` with `content`, character for character (its textContent stays
+ * the message); fenced code (``` lines) is set in monospace, the rest as plain text. */
+function renderText(container, content) {
+  const lines = content.match(/[^\n]*\n|[^\n]+/g) || [];
+  let plain = '';
+  let code = null; // the <pre> of an open fence
+  let codeText = null;
+  const fence = (line) => {
+    const span = document.createElement('span');
+    span.className = 'msg-fence';
+    span.textContent = line;
+    return span;
+  };
+  for (const line of lines) {
+    const isFence = /^ {0,3}```/.test(line);
+    if (!code) {
+      if (!isFence) {
+        plain += line;
+        continue;
+      }
+      if (plain) container.append(plain);
+      plain = '';
+      code = document.createElement('pre');
+      code.className = 'msg-code';
+      codeText = document.createElement('code');
+      code.append(fence(line), codeText);
+      container.append(code);
+    } else if (isFence) {
+      code.append(fence(line));
+      code = null;
+    } else {
+      codeText.append(line);
+    }
+  }
+  if (plain) container.append(plain);
+}
 
 function messageElement(role, content) {
   const item = document.createElement('div');
@@ -219,7 +351,7 @@ function messageElement(role, content) {
   who.textContent = role === 'user' ? 'You' : role === 'assistant' ? 'Assistant' : role;
   const text = document.createElement('div');
   text.className = 'msg-text';
-  text.textContent = content; // never innerHTML: model output is untrusted text
+  renderText(text, content); // text nodes only, never innerHTML: model output is untrusted
   item.append(who, text);
   return item;
 }
@@ -245,31 +377,135 @@ if (typeof ResizeObserver === 'function') {
   }).observe(el.thread);
 }
 
+// aria-busy on the log: while a reply streams, and while the log is rebuilt.
+const threadBusy = new Set();
+function setThreadBusy(reason, on) {
+  if (on) threadBusy.add(reason);
+  else threadBusy.delete(reason);
+  el.thread.setAttribute('aria-busy', String(threadBusy.size > 0));
+}
+
+/**
+ * Replace the whole log without a screen reader reading it all out (another
+ * conversation, a reload, a history that diverged). aria-busy alone is honoured by
+ * JAWS only, so the log is also aria-live="off" until the browser has processed the
+ * change: the accessibility tree is updated with rendering, so "after the next frame"
+ * (rAF, then a task) is when turning it back on no longer counts this change. A tab in
+ * the background renders no frames, and stays quiet until shown: nobody is listening.
+ */
+let quietChanges = 0;
+let quietScheduled = false;
+function quietly(change) {
+  el.thread.setAttribute('aria-live', 'off');
+  setThreadBusy('rebuild', true);
+  change();
+  quietChanges += 1;
+  if (!quietScheduled) scheduleLoud();
+}
+
+function scheduleLoud() {
+  quietScheduled = true;
+  requestAnimationFrame(() => {
+    const seen = quietChanges; // the frame after this callback includes these changes
+    setTimeout(() => {
+      if (quietChanges !== seen) return scheduleLoud(); // changed since: wait a frame more
+      quietScheduled = false;
+      el.thread.setAttribute('aria-live', 'polite');
+      setThreadBusy('rebuild', false);
+    });
+  });
+}
+
+function clearThread() {
+  rendered = null;
+  quietly(() => el.thread.replaceChildren());
+}
+
 function renderThread(turns) {
-  const shown = turns.filter((t) => t.role === 'user' || t.role === 'assistant');
-  const same =
+  const shown = turns
+    .filter((t) => t.role === 'user' || t.role === 'assistant')
+    .map((t) => ({ role: t.role, content: t.content }));
+  const prefix =
     rendered &&
-    rendered.length === shown.length &&
+    rendered.length <= shown.length &&
     rendered.every((r, i) => r.role === shown[i].role && r.content === shown[i].content);
-  if (same) return;
-  el.thread.replaceChildren(
-    ...(shown.length ? shown.map((t) => messageElement(t.role, t.content)) : [el.empty]),
-  );
-  rendered = shown.map((t) => ({ role: t.role, content: t.content }));
+  if (prefix) {
+    // The same history, maybe longer (another tab sent): append only the new turns,
+    // so the log announces those and nothing it said before.
+    const added = shown.slice(rendered.length);
+    rendered = shown;
+    if (!added.length) {
+      if (!shown.length && !el.empty.isConnected) el.thread.replaceChildren(el.empty);
+      return;
+    }
+    if (el.empty.isConnected) el.empty.remove();
+    el.thread.append(...added.map((t) => messageElement(t.role, t.content)));
+  } else {
+    quietly(() =>
+      el.thread.replaceChildren(
+        ...(shown.length ? shown.map((t) => messageElement(t.role, t.content)) : [el.empty]),
+      ),
+    );
+    rendered = shown;
+  }
   scrollToEnd();
 }
 
-function appendMessage(role, content) {
+function appendMessage(item) {
   if (el.empty.isConnected) el.empty.remove();
-  const item = messageElement(role, content);
   el.thread.append(item);
   scrollToEnd();
   return item;
 }
 
-/* ----------------------------------------------------------------- status */
+/* ---------------------------------------------------------------- composer */
 
 const number = new Intl.NumberFormat();
+
+// Code points, as the server counts them (Python's len), not UTF-16 units: an emoji is one.
+const charCount = (text) => [...text].length;
+
+function updateCounter() {
+  const n = charCount(el.input.value);
+  const over = n - MAX_CHARS;
+  el.count.textContent =
+    over > 0
+      ? `${number.format(n)} of ${number.format(MAX_CHARS)} characters: ${number.format(over)} too many`
+      : `${number.format(n)} of ${number.format(MAX_CHARS)} characters`;
+  el.count.classList.toggle('over', over > 0);
+  if (over > 0) el.input.setAttribute('aria-invalid', 'true');
+  else el.input.removeAttribute('aria-invalid');
+  return over;
+}
+
+/** An inline message under the box (polite live region) about what was typed. */
+function showProblem(message) {
+  if (el.problem.textContent !== (message || '')) el.problem.textContent = message || '';
+}
+
+el.input.addEventListener('input', (event) => {
+  const over = updateCounter();
+  if (over > 0 && (event.inputType === 'insertFromPaste' || event.inputType === 'insertFromDrop')) {
+    showProblem(
+      `The message is now ${number.format(over)} characters over the ${number.format(MAX_CHARS)}-character limit. Shorten it to send it.`,
+    );
+  } else if (over <= 0 && el.problem.textContent) {
+    showProblem(null); // what it said no longer applies
+  }
+});
+
+// Only when the composer is on screen now, keep it there after the thread grows (on a
+// narrow screen the page scrolls, and a growing thread pushes the box off the bottom).
+function composerVisible() {
+  const r = el.input.getBoundingClientRect();
+  return r.bottom > 0 && r.top < window.innerHeight;
+}
+
+function revealComposer() {
+  el.form.scrollIntoView({ block: 'nearest' });
+}
+
+/* ----------------------------------------------------------------- status */
 
 const DEGRADED_TEXT = {
   tier_unavailable: 'The overflow store is unreachable: older turns cannot be shown right now (the summary stands in for them).',
@@ -284,12 +520,22 @@ function describeDegraded(reason) {
   return DEGRADED_TEXT[reason] || `Running in a degraded mode (${reason}).`;
 }
 
+let noticeShown = '';
+/**
+ * #notice is a live region that is always rendered (an empty one takes no room): one
+ * shown from display:none may not be announced. Identical updates are skipped, so a
+ * notice that stays true over several turns is announced once, not at every send.
+ */
 function renderNotice() {
   const parts = [];
   if (notices.reset) parts.push(['reset', notices.reset]);
   if (notices.fork) parts.push(['fork', notices.fork]);
+  if (notices.deleted) parts.push(['deleted', notices.deleted]);
   const reasons = [...new Set([...notices.degraded, ...notices.loadDegraded])];
   for (const r of reasons) parts.push(['degraded', describeDegraded(r), r]);
+  const key = JSON.stringify(parts);
+  if (key === noticeShown) return;
+  noticeShown = key;
   el.notice.replaceChildren(
     ...parts.map(([kind, text, code]) => {
       const p = document.createElement('p');
@@ -306,7 +552,6 @@ function renderNotice() {
       return p;
     }),
   );
-  el.notice.hidden = parts.length === 0;
   el.notice.dataset.kinds = [...new Set(parts.map((p) => p[0]))].join(' ');
   el.notice.dataset.reasons = reasons.join(' ');
 }
@@ -324,18 +569,21 @@ function renderStatus(data) {
   const notes = [];
   if (missing) notes.push(`${missing} earlier turn${missing === 1 ? ' is' : 's are'} in the overflow store but could not be loaded.`);
   if (summarized) notes.push(`${summarized} earlier turn${summarized === 1 ? ' was' : 's were'} folded into the running summary.`);
-  if (data.max_token_bytes && data.token_bytes > data.max_token_bytes) {
-    // Over the soft budget: the tier did not take the oldest turns (it is down or
-    // full), so they stay in the token, up to the hard cap, until it does.
-    notes.push('The token is over its budget: older turns stay in it until the overflow store takes them again.');
+  // Over the soft budget is normal on its own (right before a spill, or one huge
+  // message that must stay in the token), so it is only news when the tier refused
+  // the turns that should have left: then they stay in the token up to the hard cap.
+  const reasons = new Set([...notices.degraded, ...(data.degraded || [])]);
+  const refused = reasons.has('tier_write_failed') || reasons.has('data_loss');
+  if (refused && data.max_token_bytes && data.token_bytes > data.max_token_bytes) {
+    notes.push('The token is over its soft budget because the overflow store could not take its oldest turns; they stay in the token (up to the hard cap) until it can.');
   }
   el.threadNote.textContent = notes.join(' ');
   el.threadNote.hidden = notes.length === 0;
 }
 
+// #error stays rendered too (empty takes no room), for the same reason as #notice.
 function showError(message) {
-  el.error.textContent = message || '';
-  el.error.hidden = !message;
+  if (el.error.textContent !== (message || '')) el.error.textContent = message || '';
 }
 
 function setTitle(title) {
@@ -379,8 +627,10 @@ function scheduleRefresh() {
   refresh();
 }
 
-/** Load the conversation from the server (through the client, so the token goes along). */
-async function refresh() {
+/** Load the conversation from the server (through the client, so the token goes along).
+ * `reportErrors: false` after a failed send: its "not sent" error is the one that
+ * matters, and a load failing for the same reason (server down) would replace it. */
+async function refresh({ reportErrors = true } = {}) {
   if (!client) return;
   const generation = ++refreshGeneration;
   const current = client;
@@ -401,7 +651,7 @@ async function refresh() {
     }
     setTitle((loadIndex().conversations[current.conversation] || {}).title);
   } catch (err) {
-    if (generation === refreshGeneration) showError(`Could not load this chat: ${err.message}`);
+    if (generation === refreshGeneration && reportErrors) showError(`Could not load this chat: ${err.message}`);
   } finally {
     if (generation === refreshGeneration && !busy) setState('idle');
   }
@@ -413,63 +663,112 @@ async function send(text) {
   busy = true;
   setState('sending');
   showError(null);
+  showProblem(null);
+  // One-off notes about what happened before are done with. Degraded reasons stay
+  // until a reply says otherwise: clearing them here only to redraw the same ones
+  // made the notice flicker and be announced again at every turn.
   notices.reset = null;
   notices.fork = null;
-  notices.degraded = [];
+  notices.deleted = null;
   renderNotice();
   el.send.disabled = true;
   el.send.textContent = 'Sending…';
   el.input.value = '';
+  updateCounter();
 
-  const id = client.conversation;
+  const sentWith = client;
+  const id = sentWith.conversation;
   const entry = loadIndex().conversations[id];
   const title = !entry || entry.title === UNTITLED ? titleFrom(text) : entry.title;
   touch(id, { title, updated: Date.now() });
   setTitle(title);
   renderList();
 
-  appendMessage('user', text);
-  const reply = appendMessage('assistant', '');
-  const replyText = reply.querySelector('.msg-text');
-  reply.classList.add('pending');
-  reply.setAttribute('aria-busy', 'true');
-  el.thread.setAttribute('aria-busy', 'true'); // announce the reply once, when complete
-  if (rendered) rendered.push({ role: 'user', content: text });
+  const keepComposer = composerVisible();
+  const mine = appendMessage(messageElement('user', text));
+  const tracked = !!rendered; // null: the next refresh rebuilds the thread anyway
+  if (tracked) rendered.push({ role: 'user', content: text });
+  // The reply streams into a copy hidden from assistive technology: rewriting text
+  // inside the log dozens of times would be read out piece by piece (aria-busy, also
+  // set, is honoured by JAWS only). The finished reply is added to the log once.
+  const draft = messageElement('assistant', '');
+  draft.classList.add('pending');
+  draft.setAttribute('aria-hidden', 'true');
+  const draftText = draft.querySelector('.msg-text');
+  appendMessage(draft);
+  setThreadBusy('stream', true);
+  if (keepComposer) revealComposer();
 
   let full = '';
+  let failed = false;
   try {
     const stream = client.stream(api.stream, { message: text });
     for await (const piece of stream) {
       const follow = nearBottom();
+      const keep = composerVisible();
       full += piece;
-      replyText.textContent = full;
+      draftText.textContent = full;
       if (follow) scrollToEnd();
+      if (keep) revealComposer();
     }
-    if (rendered) rendered.push({ role: 'assistant', content: full });
+    const result = await stream.result;
+    if (client === sentWith) {
+      // This reply's own report replaces what earlier turns said (a tier back up).
+      notices.degraded = (result && result.degraded) || [];
+      if (full) {
+        draft.replaceWith(messageElement('assistant', full));
+        if (rendered) rendered.push({ role: 'assistant', content: full });
+      } else {
+        draft.remove(); // an empty reply is not kept by the server either
+      }
+    }
   } catch (err) {
-    reply.classList.add('failed');
-    replyText.textContent = full || 'No reply.';
-    rendered = null; // the server did not record this exchange: re-render from it
+    failed = true;
+    // Nothing of this exchange is in the conversation: take it off the page and put
+    // the text back, rather than leave a "No reply." bubble next to a message that
+    // is also back in the box.
+    draft.remove();
+    mine.remove();
+    if (client === sentWith && tracked && rendered) rendered.pop();
+    if (client === sentWith && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
     const reason = err && err.code ? `${err.message} (${err.code})` : (err && err.message) || String(err);
     showError(`The message was not sent: ${reason}. It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
+    updateCounter();
   } finally {
-    reply.classList.remove('pending');
-    reply.removeAttribute('aria-busy');
-    el.thread.setAttribute('aria-busy', 'false');
+    setThreadBusy('stream', false);
     el.send.disabled = false;
     el.send.textContent = 'Send';
     busy = false;
     refreshWanted = false;
     el.input.focus();
-    await refresh(); // counts, summary, and anything another tab added meanwhile
+    revealComposer();
+    // Counts, summary, and anything another tab added meanwhile. After a failure it
+    // still reconciles with the server if it is up, but keeps the "not sent" error.
+    await refresh({ reportErrors: !failed });
+    renderNotice();
   }
 }
 
 el.form.addEventListener('submit', (event) => {
   event.preventDefault();
-  const text = el.input.value.trim();
-  if (!text || busy || !client) return;
+  if (busy || !client) return;
+  // Sent as typed: the server keeps messages exactly, so pasted code keeps its
+  // indentation. trim() only decides whether there is anything to send.
+  const text = el.input.value;
+  if (!text.trim()) {
+    showProblem('Nothing to send: type a message first.');
+    el.input.focus();
+    return;
+  }
+  const over = updateCounter();
+  if (over > 0) {
+    showProblem(
+      `Not sent: the message is ${number.format(over)} characters over the ${number.format(MAX_CHARS)}-character limit.`,
+    );
+    el.input.focus();
+    return;
+  }
   send(text);
 });
 
@@ -479,24 +778,35 @@ el.input.addEventListener('keydown', (event) => {
   if (!busy) el.form.requestSubmit();
 });
 
+// Nothing has focus (as after loading: see start()) and a character is typed: it goes
+// into the message box, so nobody has to click it first. Screen readers in browse mode
+// keep their single-letter keys, since those never reach the page.
+document.addEventListener('keydown', (event) => {
+  const idle = !document.activeElement || document.activeElement === document.body;
+  if (!idle || event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey) return;
+  // Space is left alone: with nothing focused it scrolls the page.
+  if (event.key.length !== 1 || event.key === ' ' || event.isComposing) return;
+  el.input.focus(); // the key's character is then typed into the newly focused box
+});
+
 el.newChat.addEventListener('click', () => newChat());
 el.deleteChat.addEventListener('click', () => deleteChat());
 
 // Another tab created, renamed or deleted a conversation: redraw the list.
 window.addEventListener('storage', (event) => {
-  if (event.key === INDEX_KEY || event.key === null || (event.key || '').startsWith('satchel:')) renderList();
+  if (event.key === INDEX_KEY || event.key === null || (event.key || '').startsWith('satchel:')) onListChanged();
 });
 
 /* ------------------------------------------------------------------ start */
 
 async function start() {
-  const index = loadIndex();
+  updateCounter();
   const all = await conversations();
-  const ids = new Set(all.map((c) => c.id));
-  // The most recent conversation: the one open last (in any tab), else the newest.
-  const id = index.current && ids.has(index.current) ? index.current : all.length ? all[0].id : newId();
+  const id = mostRecent(loadIndex(), all) || newId();
+  // No focus on load: it would take screen-reader users past the heading and the
+  // list, and open the keyboard over the page on a phone. The skip link is the first
+  // Tab stop, and typing with nothing focused goes to the box (above).
   await openConversation(id);
-  el.input.focus();
 }
 
 start();
