@@ -536,7 +536,9 @@ def test_focus_and_thread_survive_another_tab_sending(
 
     # Tab one: a keyboard user is on "First chat" in the list, whose button is about
     # to move to the top; the messages on screen are marked to see if they are redrawn.
-    page.evaluate("() => document.querySelectorAll('#thread .msg').forEach((m) => { m.dataset.kept = '1'; })")
+    page.evaluate(
+        "() => document.querySelectorAll('#thread .msg').forEach((m) => { m.dataset.kept = '1'; })"
+    )
     first_button = page.locator("#conversations button", has_text="First chat")
     first_button.focus()
     send(other, "From tab two")
@@ -673,9 +675,12 @@ def test_phone_layout_keeps_the_composer_in_reach(
         """() => {
             const now = Date.now(), conversations = {};
             for (let i = 0; i < 25; i++) {
-                conversations['earlier-' + i] = {title: 'Earlier chat ' + i, updated: now - (i + 1) * 60000};
+                conversations['earlier-' + i] = {
+                    title: 'Earlier chat ' + i, updated: now - (i + 1) * 60000,
+                };
             }
-            localStorage.setItem('satchel-chat:index', JSON.stringify({current: null, conversations}));
+            const index = JSON.stringify({current: null, conversations});
+            localStorage.setItem('satchel-chat:index', index);
         }"""
     )
     page.reload()
@@ -686,7 +691,9 @@ def test_phone_layout_keeps_the_composer_in_reach(
     composer = page.get_by_label("Message", exact=True)
     assert composer.bounding_box()["y"] < 844  # its top is on the first screen
     # Notices sit above the thread, not below the composer.
-    assert page.locator("#notice").bounding_box()["y"] <= page.locator("#thread").bounding_box()["y"]
+    assert (
+        page.locator("#notice").bounding_box()["y"] <= page.locator("#thread").bounding_box()["y"]
+    )
 
     for i in range(3):
         send(page, f"Phone message {i}: {hex_words(30)}")
