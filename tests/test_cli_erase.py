@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,14 @@ import pytest
 from examples.minimal_chat.app import create_app
 from satchel import Codec
 from satchel.keys import Keyring
-from tests.support.env import satchel_command
+from tests.support.env import satchel_command, satchel_env
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = Keyring.generate("erase1")
 
 
 def erase(*args: str, cwd: Path | None = None, **env_vars: str) -> tuple[int, Any, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
-    env["SATCHEL_KEYS"] = KEYS.to_string()
-    env.update(env_vars)
+    env = satchel_env(KEYS.to_string(), **env_vars)
     proc = subprocess.run(
         [*satchel_command(), "erase", *args],
         env=env,
@@ -41,6 +37,19 @@ def chat(client: Any, token: str | None, message: str) -> Any:
     return client.post("/api/chat", json={"message": message}, headers=headers)
 
 
+def overflowed_token(client: Any) -> str:
+    """Ten exchanges of text that does not compress: past a small budget, so some
+    turns have moved to the tier. Returns the last token."""
+    token = None
+    for i in range(10):
+        noise = hashlib.sha256(str(i).encode()).hexdigest()
+        response = chat(client, token, f"message {i} {noise} {noise[::-1]}")
+        assert response.status_code == 200
+        token = response.headers["Satchel-Context"]
+    assert token is not None
+    return token
+
+
 def test_erase_deletes_overflowed_turns_and_refuses_monotonic_tokens(redis_server: Any) -> None:
     app = create_app(
         {
@@ -52,12 +61,7 @@ def test_erase_deletes_overflowed_turns_and_refuses_monotonic_tokens(redis_serve
         }
     )
     client = app.test_client()
-    token = None
-    for i in range(10):
-        noise = hashlib.sha256(str(i).encode()).hexdigest()  # text that does not compress
-        response = chat(client, token, f"message {i} {noise} {noise[::-1]}")
-        assert response.status_code == 200
-        token = response.headers["Satchel-Context"]
+    token = overflowed_token(client)
     ctx = Codec(KEYS).open(token)
     assert ctx.overflow, "the small budget should have moved turns to Redis"
     keys_before = redis_server.client().dbsize()
@@ -171,10 +175,7 @@ def test_a_relative_sqlite_url_from_another_directory_is_an_error(
         }
     )
     client = app.test_client()
-    token = None
-    for i in range(10):
-        noise = hashlib.sha256(str(i).encode()).hexdigest()  # text that does not compress
-        token = chat(client, token, f"message {i} {noise} {noise[::-1]}").headers["Satchel-Context"]
+    token = overflowed_token(client)
     ctx = Codec(KEYS).open(token)
     assert ctx.overflow and (app_dir / "data" / "tier.db").exists()
 

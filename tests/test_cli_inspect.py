@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from satchel.codec import Codec
 from satchel.context import Context
 from satchel.keys import Keyring
 from satchel.schema import CURRENT_VERSION as SCHEMA_VERSION
-from tests.support.env import satchel_command
+from tests.support.env import satchel_command, satchel_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -32,10 +31,7 @@ def strict_json(text: str) -> Any:
 
 
 def run(*args: str, keys: str | None = None, stdin: str | None = None) -> tuple[int, Any, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
-    if keys is not None:
-        env["SATCHEL_KEYS"] = keys
+    env = satchel_env(keys)
     proc = subprocess.run(
         [*satchel_command(), "inspect", *args],
         env=env,
@@ -251,12 +247,12 @@ def test_output_is_strict_json_with_bytes_and_non_finite_numbers_tagged() -> Non
 
 
 def keygen(*args: str, keys: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), env.get("PYTHONPATH", "")])
-    if keys is not None:
-        env["SATCHEL_KEYS"] = keys
     return subprocess.run(
-        [*satchel_command(), "keygen", *args], env=env, capture_output=True, text=True, timeout=30
+        [*satchel_command(), "keygen", *args],
+        env=satchel_env(keys),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 

@@ -48,6 +48,12 @@ def make_app(tmp_path: Path, observer: Any = None, **config: Any) -> tuple[Flask
     return app, satchel
 
 
+def token_in(stream_body: str) -> str:
+    """The token of a streamed reply's final ``satchel`` event."""
+    line = stream_body.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0]
+    return json.loads(line)["token"]
+
+
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'tier.sqlite3'}"
 
@@ -216,8 +222,8 @@ def test_a_monotonic_route_without_a_tier_fails_at_start_up() -> None:
         later.init_app(other)
 
 
-@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
-def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy: str) -> None:
+def monotonic_on_redis(tmp_path: Path, redis_server: Any, policy: str) -> tuple[Any, str]:
+    """A client of an app at ``monotonic`` on ``redis_server``, and its first token."""
     app, _ = make_app(
         tmp_path,
         SATCHEL_CONSISTENCY="monotonic",
@@ -225,7 +231,17 @@ def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy:
         SATCHEL_TIER_DOWN_POLICY=policy,
     )
     client = app.test_client()
-    token = post(client, "/chat", None).headers["Satchel-Context"]
+    return client, post(client, "/chat", None).headers["Satchel-Context"]
+
+
+def fill_up(redis_server: Any) -> None:
+    """Redis out of memory: every write refused (``noeviction``), reads still served."""
+    redis_server.config_set({"maxmemory": 1, "maxmemory-policy": "noeviction"})
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy: str) -> None:
+    client, token = monotonic_on_redis(tmp_path, redis_server, policy)
     redis_server.kill()
     response = post(client, "/chat", token)
     if policy == "fail_open":
@@ -244,15 +260,8 @@ def test_monotonic_with_the_tier_full(
     """Redis out of memory (noeviction) refuses to move the mark: that is a full store,
     not an unavailable one. fail_closed answers 503 tier_full saying so; fail_open
     serves flagged consistency_unchecked and the audit event names tier_full."""
-    app, _ = make_app(
-        tmp_path,
-        SATCHEL_CONSISTENCY="monotonic",
-        SATCHEL_OVERFLOW_URL=redis_server.url,
-        SATCHEL_TIER_DOWN_POLICY=policy,
-    )
-    client = app.test_client()
-    token = post(client, "/chat", None).headers["Satchel-Context"]
-    redis_server.config_set({"maxmemory": 1, "maxmemory-policy": "noeviction"})
+    client, token = monotonic_on_redis(tmp_path, redis_server, policy)
+    fill_up(redis_server)
     caplog.set_level("INFO", logger="satchel.audit")
     response = post(client, "/chat", token)
     if policy == "fail_closed":
@@ -277,17 +286,10 @@ def test_a_save_whose_mark_write_failed_does_not_lock_the_conversation_out(
     """fail_open serves a request whose mark could not be moved (Redis out of memory);
     its token names a mark id the tier never got. When the tier takes writes again, that
     token must still pass, not answer 409 forever."""
-    app, _ = make_app(
-        tmp_path,
-        SATCHEL_CONSISTENCY="monotonic",
-        SATCHEL_OVERFLOW_URL=redis_server.url,
-        SATCHEL_TIER_DOWN_POLICY="fail_open",
-    )
-    client = app.test_client()
-    token = post(client, "/chat", None).headers["Satchel-Context"]
+    client, token = monotonic_on_redis(tmp_path, redis_server, "fail_open")
     token = post(client, "/chat", token).headers["Satchel-Context"]
     before = token
-    redis_server.config_set({"maxmemory": 1, "maxmemory-policy": "noeviction"})
+    fill_up(redis_server)
     unmoved = post(client, "/chat", token)
     assert unmoved.status_code == 200
     assert "consistency_unchecked" in unmoved.headers["Satchel-Degraded"]
@@ -509,13 +511,9 @@ def test_a_stream_the_client_never_finished_reading_does_not_move_the_mark(
             response.close()
         return seen
 
-    def token_in(body: str) -> str:
-        line = body.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0]
-        return json.loads(line)["token"]
-
     first = token_in(read(None))
     second = read(first, until="event: satchel")  # the final event left, nobody read on
-    assert "event: done" not in second
+    assert "event: satchel" in second and "event: done" not in second
     # The client only ever had `first`: it must still be served.
     third = read(first)
     assert "event: satchel" in third and "event: error" not in third
@@ -614,7 +612,7 @@ def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) 
     client = app.test_client()
     first = client.post("/stream").get_data(as_text=True)
     assert "event: satchel" in first
-    token = json.loads(first.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0])["token"]
+    token = token_in(first)
     tier.refuse = True
     body = client.post("/stream", headers={"Satchel-Context": token}).get_data(as_text=True)
     assert "event: error" in body and "tier_unavailable" in body

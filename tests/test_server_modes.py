@@ -62,7 +62,7 @@ def assert_tier_unavailable(resp: Any, elapsed: float) -> None:
     assert elapsed < FAST, f"took {elapsed:.2f}s"
 
 
-@pytest.fixture(params=["client", "server", "memory"])
+@pytest.fixture(params=["client", pytest.param("server", marks=pytest.mark.redis), "memory"])
 def mode_app(request: pytest.FixtureRequest) -> tuple[str, Flask, Any]:
     mode = request.param
     redis = None
@@ -106,7 +106,7 @@ def test_the_same_view_code_runs_in_every_mode(mode_app: tuple[str, Flask, Any])
         assert redis.client().exists(key) == 1
 
 
-@pytest.mark.parametrize("mode", ["server", "memory"])
+@pytest.mark.parametrize("mode", [pytest.param("server", marks=pytest.mark.redis), "memory"])
 def test_two_concurrent_requests_for_one_session_lose_no_turn(
     mode: str, request: pytest.FixtureRequest
 ) -> None:
@@ -190,7 +190,7 @@ def _tampered(carrier: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("mode", ["server", "memory"])
+@pytest.mark.parametrize("mode", [pytest.param("server", marks=pytest.mark.redis), "memory"])
 def test_a_tampered_carrier_is_refused(mode: str, request: pytest.FixtureRequest) -> None:
     config = {}
     if mode == "server":

@@ -10,6 +10,7 @@ cookie size limit and the overflow hook, and a round trip through a real HTTP se
 from __future__ import annotations
 
 import http.client
+import os
 import pickle
 import re
 import threading
@@ -1411,9 +1412,16 @@ def test_session_just_under_the_limit_is_sent(app, client):
         client.get("/")
 
 
-def test_overflow_hook(app, client):
-    import os
+def add_big_route(app: flask.Flask) -> None:
+    """``/big`` stores 4,500 random bytes: a session past what a cookie holds."""
 
+    @app.route("/big")
+    def big() -> str:
+        flask.session["blob"] = os.urandom(4500)
+        return ""
+
+
+def test_overflow_hook(app, client):
     store: dict[str, str] = {}
     calls: list[tuple[int, int]] = []
 
@@ -1431,10 +1439,7 @@ def test_overflow_hook(app, client):
 
     app.session_interface.overflow = Overflow()
 
-    @app.route("/big")
-    def big():
-        flask.session["blob"] = os.urandom(4500)
-        return ""
+    add_big_route(app)
 
     @app.route("/")
     def index():
@@ -1456,8 +1461,6 @@ def test_overflow_hook(app, client):
 
 
 def test_overflow_hook_retires_replaced_and_cleared_references(app, client):
-    import os
-
     store: dict[str, str] = {}
     retired: list[tuple[str, bool]] = []
 
@@ -1481,10 +1484,7 @@ def test_overflow_hook_retires_replaced_and_cleared_references(app, client):
 
     app.session_interface.overflow = Overflow()
 
-    @app.route("/big")
-    def big():
-        flask.session["blob"] = os.urandom(4500)
-        return ""
+    add_big_route(app)
 
     @app.route("/small")
     def small():

@@ -167,8 +167,8 @@ def test_a_session_that_shrinks_back_into_its_cookie_retires_its_copy(
 def test_an_unmodified_session_is_stored_again_late_in_its_lifetime() -> None:
     # Sliding expiry (SESSION_REFRESH_EACH_REQUEST) without a tier write per request:
     # the copy is replaced once past half its lifetime, so an active user stays in.
-    tier = MemoryTier()
     clock = Clock()
+    tier = MemoryTier(clock=clock)  # the tier's TTLs run on the same clock
     client = make_app(tier, clock=clock).test_client()
     first = cookie_of(client.post("/set/3000?permanent=1"))
     clock.now = T0 + LIFETIME.total_seconds() * 0.4

@@ -1195,9 +1195,14 @@ export class SatchelClient extends EventTarget {
     if (previous && release) previous();
   }
 
+  /** The generation of the write this client is about to make (one past the newest seen). */
+  _nextGeneration() {
+    this._generation += 1;
+    return this._generation;
+  }
+
   async _write(rec, source) {
-    const g = this._generation + 1;
-    this._generation = g;
+    const g = this._nextGeneration();
     rec = { ...rec, g };
     await this._storage.set(this._key, serializeRecord(rec));
     this._setCache(rec, source);
@@ -1206,8 +1211,7 @@ export class SatchelClient extends EventTarget {
   }
 
   async _clear(previous, source) {
-    const g = this._generation + 1;
-    this._generation = g;
+    const g = this._nextGeneration();
     await this._storage.remove(this._key);
     this._setCache(null, source);
     // Carry the token we cleared so a tab holding something newer ignores us.

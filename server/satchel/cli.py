@@ -76,6 +76,14 @@ def register_cli_dictionaries(values: Sequence[str] | None) -> None:
         raise ConfigurationError(f"--dictionary: {exc}") from None
 
 
+def _add_purpose_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--purpose",
+        default=os.environ.get("SATCHEL_PURPOSE", "satchel"),
+        help="the app's SATCHEL_PURPOSE (default: $SATCHEL_PURPOSE, else 'satchel')",
+    )
+
+
 def _add_dictionary_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dictionary",
@@ -280,11 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="verify and print a token (keys from SATCHEL_KEYS)")
     p.add_argument("token", help="the token, or - to read it from stdin")
     p.add_argument("--no-verify", action="store_true", help="print only what the header says")
-    p.add_argument(
-        "--purpose",
-        default=os.environ.get("SATCHEL_PURPOSE", "satchel"),
-        help="the app's SATCHEL_PURPOSE (default: $SATCHEL_PURPOSE, else 'satchel')",
-    )
+    _add_purpose_option(p)
     p.add_argument(
         "--store-url",
         default=os.environ.get("SATCHEL_STORE_URL") or os.environ.get("SATCHEL_OVERFLOW_URL", ""),
@@ -311,11 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SATCHEL_STORE_URL", ""),
         help="server mode: the store holding the contexts, when not the overflow tier",
     )
-    p.add_argument(
-        "--purpose",
-        default=os.environ.get("SATCHEL_PURPOSE", "satchel"),
-        help="the app's SATCHEL_PURPOSE (default: $SATCHEL_PURPOSE, else 'satchel')",
-    )
+    _add_purpose_option(p)
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("bench", help="benchmarks: codec | chaos")

@@ -30,7 +30,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -55,6 +55,12 @@ def stricter(a: str, b: str | None) -> str:
 
 def mark_key(tag: str, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:hwm"
+
+
+def refuse_erased(observer: Observer, tag: str) -> NoReturn:
+    """Report and refuse a token of an erased session (410 ``token_erased``)."""
+    observer.event("refused", session=tag, reason="token_erased")
+    raise ContextErased("this conversation was erased")
 
 
 def new_mark_id() -> bytes:
@@ -196,8 +202,7 @@ class MonotonicGuard:
         if raw is None and not fresh and ctx.marked:
             self._mark_lost(ctx, tag)
         if raw == ERASED:
-            self.observer.event("refused", session=tag, reason="token_erased")
-            raise ContextErased("this conversation was erased")
+            refuse_erased(self.observer, tag)
         mark = decode_mark(raw) if raw is not None else None
         if mark is not None and not fresh:
             if not self._descends(ctx, *mark):
@@ -245,8 +250,7 @@ class MonotonicGuard:
             self._tier_down(ctx, tag, exc)
             return
         if current == ERASED:  # erased while this request ran
-            self.observer.event("refused", session=tag, reason="token_erased")
-            raise ContextErased("this conversation was erased")
+            refuse_erased(self.observer, tag)
         if current is not None:
             self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
             raise StaleContext(
@@ -272,5 +276,6 @@ __all__ = [
     "encode_mark",
     "mark_key",
     "new_mark_id",
+    "refuse_erased",
     "stricter",
 ]

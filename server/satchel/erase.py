@@ -26,7 +26,6 @@ ones.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from .codec import Codec
 from .consistency import MonotonicGuard
@@ -148,9 +147,11 @@ def erase_session(
 
 def _is_in_process(url: str) -> bool:
     """``memory://`` (any case, as tier_from_url reads it): a tier no other process sees."""
+    from .tiers import tier_scheme
+
     try:
-        return urlsplit(url.strip()).scheme.lower() == "memory"
-    except ValueError:  # a malformed URL: tier_from_url names the problem
+        return tier_scheme(url) == "memory"
+    except ConfigurationError:  # a malformed URL: tier_from_url names the problem
         return False
 
 

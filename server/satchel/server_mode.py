@@ -27,11 +27,10 @@ from itsdangerous.encoding import base64_decode, base64_encode
 
 from .app_schema import MetadataSchema
 from .codec import Codec
-from .consistency import ERASED, mark_key
+from .consistency import ERASED, mark_key, refuse_erased
 from .context import Context
 from .errors import (
     BadToken,
-    ContextErased,
     MalformedToken,
     StaleContext,
     TierError,
@@ -156,8 +155,7 @@ class ServerSidePipeline(Pipeline):
             raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
         if fetched.get(tombstone) == ERASED:
             # Erased: the id must not come back to life as a new, empty conversation.
-            self.observer.event("refused", session=tag, reason="token_erased")
-            raise ContextErased("this conversation was erased")
+            refuse_erased(self.observer, tag)
         stored = fetched.get(key)
         if stored is None:
             # Expired or evicted server-side: start over under the same id.

@@ -322,7 +322,7 @@ RACE = """async ([tab, n]) => {
 }"""
 
 
-@pytest.mark.parametrize("mode", ["client", "server"])
+@pytest.mark.parametrize("mode", ["client", pytest.param("server", marks=pytest.mark.redis)])
 def test_two_tabs_racing_lose_no_turn(
     live_server_factory, tmp_path, page, screenshot, mode, request
 ) -> None:
@@ -517,14 +517,20 @@ def test_over_the_soft_budget_with_a_healthy_tier_is_not_flagged(
     screenshot()
 
 
+def two_chats(live_server_factory, tmp_path, page, first: str, second: str):
+    """The app, and two conversations in the page: ``first``, then ``second`` (open)."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, first)
+    page.get_by_role("button", name="New chat", exact=True).click()
+    send(page, second)
+    return srv
+
+
 def test_focus_and_thread_survive_another_tab_sending(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:
-    srv = start_app(live_server_factory, tmp_path)
-    open_chat(page, srv)
-    send(page, "First chat")
-    page.get_by_role("button", name="New chat", exact=True).click()
-    send(page, "Second chat")
+    srv = two_chats(live_server_factory, tmp_path, page, "First chat", "Second chat")
     page.locator("#conversations button", has_text="First chat").click()
     expect(page.locator("#thread-title")).to_have_text("First chat")
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
@@ -558,11 +564,7 @@ def test_focus_and_thread_survive_another_tab_sending(
 def test_chat_deleted_in_another_tab_is_not_resurrected(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:
-    srv = start_app(live_server_factory, tmp_path)
-    open_chat(page, srv)
-    send(page, "Keep this chat")
-    page.get_by_role("button", name="New chat", exact=True).click()
-    send(page, "Delete this chat")
+    srv = two_chats(live_server_factory, tmp_path, page, "Keep this chat", "Delete this chat")
 
     other = page.context.new_page()
     open_chat(other, srv)

@@ -129,6 +129,18 @@ def tail(path: Path | str | None, max_chars: int = 4000) -> str:
     return data[-max_chars:].decode("utf-8", "replace")
 
 
+def satchel_env(keys: str | None = None, **extra: str) -> dict[str, str]:
+    """This environment for a ``satchel`` command: no ``SATCHEL_*`` of the caller's,
+    the checkout's ``server/`` importable, ``SATCHEL_KEYS`` when given, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
+    server = Path(__file__).resolve().parents[2] / "server"
+    env["PYTHONPATH"] = os.pathsep.join([str(server), env.get("PYTHONPATH", "")])
+    if keys is not None:
+        env["SATCHEL_KEYS"] = keys
+    env.update(extra)
+    return env
+
+
 def satchel_command() -> list[str]:
     """The ``satchel`` console script next to this Python (the one ``pip install``
     made), else on PATH, else ``python -m satchel.cli``."""

@@ -62,7 +62,8 @@ def test_expire_soon_shortens_ttls_and_never_lengthens_them(tier: Tier) -> None:
     tier.expire_soon(["s:{a}:long", "s:{a}:short", "s:{a}:absent"], 1.0)
     # Within the grace period both are still readable; the short one keeps its own TTL.
     assert tier.get_many(["s:{a}:long", "s:{a}:absent"]) == [b"long", None]
-    wait_until(lambda: tier.get_many(["s:{a}:short"]) == [None], timeout=5)
+    # Within the grace period: a TTL stretched to the grace would not have expired yet.
+    wait_until(lambda: tier.get_many(["s:{a}:short"]) == [None], timeout=0.8)
     wait_until(lambda: tier.get_many(["s:{a}:long"]) == [None], timeout=5)
     assert tier.get_many(["s:{a}:other"]) == [b"other"]  # not named: untouched
     tier.expire_soon([], 1)
@@ -170,7 +171,6 @@ def test_redis_urls_parse_without_connecting() -> None:
     ],
 )
 def test_bad_tier_urls_fail_at_startup(url: str, names: str) -> None:
-    pytest.importorskip("redis")
     with pytest.raises(ConfigurationError) as info:
         tier_from_url(url, setting="SATCHEL_OVERFLOW_URL")
     message = info.value.message
@@ -179,7 +179,6 @@ def test_bad_tier_urls_fail_at_startup(url: str, names: str) -> None:
 
 
 def test_secrets_are_redacted_in_errors_and_repr() -> None:
-    pytest.importorskip("redis")
     from satchel.tiers import RedisTier, redact_url
 
     url = "redis+sentinel://u:pw1@s1:26379/svc?sentinel_password=pw2&db=1"
@@ -196,7 +195,6 @@ def test_secrets_are_redacted_in_errors_and_repr() -> None:
 
 
 def test_schemes_are_case_insensitive() -> None:
-    pytest.importorskip("redis")
     from satchel.tiers import RedisTier
 
     single = tier_from_url("REDIS://h:6380/2")  # redis-py refused it, suggesting unix://

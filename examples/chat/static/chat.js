@@ -178,7 +178,7 @@ function updateListItem(li, c, current) {
 async function renderList() {
   const generation = ++listGeneration;
   const items = await conversations();
-  if (generation !== listGeneration) return; // a newer call has fresher data
+  if (generation !== listGeneration) return null; // a newer call has fresher data
   const current = client ? client.conversation : null;
   const active = document.activeElement;
   const buttons = [...el.list.querySelectorAll('button.conversation')];
@@ -206,6 +206,7 @@ async function renderList() {
     const target = same || all[Math.min(focusedAt, all.length - 1)] || el.newChat;
     target.focus({ preventScroll: true });
   }
+  return items;
 }
 
 el.list.addEventListener('click', (event) => {
@@ -283,11 +284,11 @@ async function deleteChat() {
  */
 let checkingDeleted = false;
 async function onListChanged() {
-  await renderList();
+  const listed = await renderList(); // null when a newer call took over
   if (!client || busy || checkingDeleted) return;
   checkingDeleted = true;
   try {
-    const all = await conversations();
+    const all = listed ?? (await conversations());
     const id = client.conversation;
     if (!client || client.conversation !== id || all.some((c) => c.id === id)) return;
     const next = mostRecent(loadIndex(), all);

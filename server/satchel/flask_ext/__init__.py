@@ -235,7 +235,15 @@ class Satchel:
             )
         self._apps.add(app)
         app.extensions["satchel"] = _AppState(
-            self, config, codec, pipeline, tier, segments, guard, ForkDetector()
+            self,
+            config,
+            codec,
+            pipeline,
+            tier,
+            segments,
+            guard,
+            ForkDetector(),
+            exposed=(config.header, *RESPONSE_HEADERS[1:]),
         )
 
         app.before_request(self._before_request)
@@ -252,10 +260,11 @@ class Satchel:
         if config.mode == "memory" and tier is None:
             url = "memory://"
         if tier is None and url:
-            from ..tiers import tier_from_url
+            from ..tiers import tier_from_url, tier_scheme
 
             options: dict[str, Any] = {}
-            scheme = url.partition(":")[0].lower()  # schemes are case-insensitive
+            setting = "SATCHEL_STORE_URL" if config.store_url else "SATCHEL_OVERFLOW_URL"
+            scheme = tier_scheme(url, setting=setting)
             if scheme in ("redis", "rediss") or scheme.startswith("redis+"):
                 options["timeouts"] = Timeouts(
                     read=config.tier_read_timeout, connect=config.tier_connect_timeout
@@ -263,7 +272,6 @@ class Satchel:
             elif scheme == "sqlite" and "busy_timeout" not in url:
                 # A write-locked file must not hold a request for SQLite's default 1 s.
                 options["busy_timeout"] = max(0.05, 4 * config.tier_read_timeout)
-            setting = "SATCHEL_STORE_URL" if config.store_url else "SATCHEL_OVERFLOW_URL"
             tier = tier_from_url(url, setting=setting, **options)
         if tier is None or getattr(tier, "name", "") == "none":
             return None
@@ -644,16 +652,15 @@ class Satchel:
         self._expose_headers(response)
 
     def _expose_headers(self, response: Response) -> None:
+        exposed = self.state().exposed
         existing = response.headers.get("Access-Control-Expose-Headers")
-        header = self.state().config.header  # SATCHEL_HEADER renames the token's header
-        listed = {n.strip().lower() for n in existing.split(",")} if existing else set()
-        missing = [n for n in (header, *RESPONSE_HEADERS[1:]) if n.lower() not in listed]
-        if not missing:
-            return  # an error response passes here twice (error handler, after_request)
-        names = ", ".join(missing)
-        response.headers["Access-Control-Expose-Headers"] = (
-            f"{existing}, {names}" if existing else names
-        )
+        if not existing:  # the common case
+            response.headers["Access-Control-Expose-Headers"] = ", ".join(exposed)
+            return
+        listed = {n.strip().lower() for n in existing.split(",")}
+        missing = [n for n in exposed if n.lower() not in listed]
+        if missing:  # none: an error response passes here twice (handler, after_request)
+            response.headers["Access-Control-Expose-Headers"] = f"{existing}, {', '.join(missing)}"
 
     def _handle_error(self, exc: SatchelError) -> Response:
         response = satchel_error_response(exc)
@@ -797,6 +804,9 @@ class _AppState:
     segments: Any
     guard: MonotonicGuard | None
     forks: ForkDetector
+    #: the response headers a browser may read (SATCHEL_HEADER renames the token's),
+    #: worked out once: they go on every response
+    exposed: tuple[str, ...] = RESPONSE_HEADERS
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -343,6 +343,7 @@ class SatchelSessionInterface(SessionInterface):
         value = request.cookies.get(self.get_cookie_name(app))
         resolve = getattr(self.overflow, "resolve", None)
         ref: str | None = None
+        session: SatchelSession | None = None
         if value and resolve is not None:
             try:
                 resolved = resolve(app, value)
@@ -350,22 +351,25 @@ class SatchelSessionInterface(SessionInterface):
                 # Its reference, unreadable (the tier is down, the copy is gone, the
                 # signature is wrong): an empty session that says why. Kept as the
                 # session's reference so that replacing or clearing it retires the copy.
-                log.debug("session cookie refused: %s", exc.code)
-                session = self._new_session(rejected=exc.code)
-                session.overflow_ref = value
-                return session
-            if resolved is not None and resolved != value:
-                ref, value = value, resolved
-        if not value:
-            session = self._new_session()
-        else:
-            try:
-                session = self._open(app, codec, value)
-            except SatchelError as exc:
-                log.debug("session cookie refused: %s", exc.code)
-                session = self._new_session(rejected=exc.code)
+                session, ref = self._refused(exc), value
+            else:
+                if resolved is not None and resolved != value:
+                    ref, value = value, resolved
+        if session is None:
+            if not value:
+                session = self._new_session()
+            else:
+                try:
+                    session = self._open(app, codec, value)
+                except SatchelError as exc:
+                    session = self._refused(exc)
         session.overflow_ref = ref
         return session
+
+    def _refused(self, exc: SatchelError) -> SatchelSession:
+        """An empty session that says why the cookie could not be used."""
+        log.debug("session cookie refused: %s", exc.code)
+        return self._new_session(rejected=exc.code)
 
     def _new_session(self, rejected: str | None = None) -> SatchelSession:
         session = self.session_class()

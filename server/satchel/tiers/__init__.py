@@ -118,11 +118,21 @@ def tier_from_url(
         raise ConfigurationError(f"{setting}: {exc.message}", **exc.facts) from None
 
 
-def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
+def tier_scheme(url: str, *, setting: str | None = None) -> str:
+    """The scheme of tier ``url``, lower case (RFC 3986: schemes are case-insensitive).
+
+    ConfigurationError (prefixed with ``setting``, passwords redacted) when the URL
+    does not parse.
+    """
     try:
-        scheme = urlsplit(url).scheme.lower()  # RFC 3986: schemes are case-insensitive
+        return urlsplit(url.strip()).scheme.lower()
     except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
-        raise ConfigurationError(f"bad tier URL {redact_url(url)!r}: {exc}") from None
+        where = f"{setting}: " if setting else ""
+        raise ConfigurationError(f"{where}bad tier URL {redact_url(url)!r}: {exc}") from None
+
+
+def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
+    scheme = tier_scheme(url)
     if scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisTier
@@ -175,4 +185,5 @@ __all__ = [
     "hash_tag",
     "redact_url",
     "tier_from_url",
+    "tier_scheme",
 ]
