@@ -405,3 +405,27 @@ def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
         tier.close()
     finally:
         procs.kill(proc)
+
+
+def test_compare_and_set_retried_after_a_late_reply_is_not_a_lost_race(
+    redis_server: RedisServer,
+) -> None:
+    """The write lands, its reply comes after the read timeout, redis-py's Retry runs
+    the script again: that run finds its own value and must report success, not a
+    conflict (a false 409 in server mode, and a turn saved twice when resent)."""
+    from tests.support.slow_proxy import SlowReplyProxy
+
+    proxy = SlowReplyProxy(redis_server.port)
+    tier = RedisTier(f"redis://127.0.0.1:{proxy.port}", timeouts=Timeouts(read=0.05, connect=0.5))
+    try:
+        key = "satchel:{s}:hwm"
+        assert tier.compare_and_set_mark(key, None, b"first", 60) is None
+        proxy.delay_next_reply(b"EVALSHA", 0.3)
+        assert tier.compare_and_set_mark(key, b"first", b"second", 60) is None
+        assert proxy.delayed.is_set()  # the reply really was late, and the call retried
+        assert redis_server.client().get(key) == b"second"
+        # A real conflict is still one.
+        assert tier.compare_and_set_mark(key, b"first", b"third", 60) == b"second"
+    finally:
+        tier.close()
+        proxy.close()

@@ -131,8 +131,13 @@ return n
 # KEYS[1] = mark, KEYS[2] = session index (optional)
 # ARGV[1] = '1' if an expected value is given, ARGV[2] = expected, ARGV[3] = new,
 # ARGV[4] = ttl ms. Returns {1} on success, {0, current or false} otherwise.
+# A value that is already ``new`` is a success: redis-py's retry runs the script again
+# when the reply to a first run that did write is lost (a read timeout), and that run
+# must not report its own write as a conflict. New values are unique (each carries a
+# fresh MAC or nonce), so no other writer can have stored the same bytes.
 _CAS = """
 local current = redis.call('GET', KEYS[1])
+if current == ARGV[3] then return {1} end
 if ARGV[1] == '1' then
   if current ~= ARGV[2] then return {0, current} end
 elseif current then
