@@ -222,10 +222,13 @@ def test_a_monotonic_route_without_a_tier_fails_at_start_up() -> None:
         later.init_app(other)
 
 
-def monotonic_on_redis(tmp_path: Path, redis_server: Any, policy: str) -> tuple[Any, str]:
+def monotonic_on_redis(
+    tmp_path: Path, redis_server: Any, policy: str, observer: Any = None
+) -> tuple[Any, str]:
     """A client of an app at ``monotonic`` on ``redis_server``, and its first token."""
     app, _ = make_app(
         tmp_path,
+        observer,
         SATCHEL_CONSISTENCY="monotonic",
         SATCHEL_OVERFLOW_URL=redis_server.url,
         SATCHEL_TIER_DOWN_POLICY=policy,
@@ -260,24 +263,37 @@ def test_monotonic_with_the_tier_full(
     """Redis out of memory (noeviction) refuses to move the mark: that is a full store,
     not an unavailable one. fail_closed answers 503 tier_full saying so; fail_open
     serves flagged consistency_unchecked and the audit event names tier_full."""
-    client, token = monotonic_on_redis(tmp_path, redis_server, policy)
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    client, token = monotonic_on_redis(tmp_path, redis_server, policy, observer=metrics)
     fill_up(redis_server)
     caplog.set_level("INFO", logger="satchel.audit")
     response = post(client, "/chat", token)
+    events = {
+        name: [getattr(r, "satchel", {}) for r in caplog.records if r.getMessage() == name]
+        for name in ("degraded", "unavailable")
+    }
+    degraded = metrics.registry.get_sample_value(
+        "satchel_degraded_total", {"reason": "consistency_unchecked"}
+    )
+    refused = metrics.registry.get_sample_value(
+        "satchel_unavailable_total", {"reason": "tier_full"}
+    )
     if policy == "fail_closed":
         assert response.status_code == 503
         error = response.get_json()["error"]
         assert error["code"] == "tier_full" and "full" in error["message"]
         assert "unavailable" not in error["message"]
+        # Refused, not served degraded: counted and logged as such.
+        assert not events["degraded"] and degraded is None
+        assert events["unavailable"][0]["reason"] == "tier_full" and refused == 1
     else:
         assert response.status_code == 200
         assert "consistency_unchecked" in response.headers["Satchel-Degraded"]
-    degraded = [
-        getattr(r, "satchel", {})
-        for r in caplog.records
-        if getattr(r, "satchel_event", None) == "degraded"
-    ]
-    assert {"reason": "consistency_unchecked", "error": "tier_full"}.items() <= degraded[0].items()
+        facts = events["degraded"][0]
+        assert {"reason": "consistency_unchecked", "error": "tier_full"}.items() <= facts.items()
+        assert degraded == 1 and refused is None
 
 
 def test_a_save_whose_mark_write_failed_does_not_lock_the_conversation_out(

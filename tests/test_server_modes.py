@@ -227,6 +227,10 @@ def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) ->
         t0 = time.perf_counter()
         resp = request()
         assert_tier_unavailable(resp, time.perf_counter() - t0)
+    # Counted as refused, not as served degraded (operations.md).
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'satchel_unavailable_total{reason="tier_unavailable"} 3.0' in metrics
+    assert "satchel_degraded_total{" not in metrics
 
     # Back, but empty (no persistence): the conversation starts over, and says so.
     redis_server.restart()

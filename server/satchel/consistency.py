@@ -170,8 +170,11 @@ class MonotonicGuard:
         way (this exchange is not protected against a replay).
         """
 
-        self.observer.event("degraded", session=tag, reason="consistency_unchecked", error=exc.code)
         if self.tier_down_policy == "fail_closed":
+            # Refused, not served degraded: counted as such (satchel_unavailable_total).
+            self.observer.event(
+                "unavailable", session=tag, reason=exc.code, consistency="monotonic"
+            )
             if isinstance(exc, TierFull):
                 raise TierFull(
                     "the consistency store is full and this app fails closed; it needs "
@@ -182,6 +185,7 @@ class MonotonicGuard:
                 "the consistency store is unavailable and this app fails closed; retry shortly",
                 reason=exc.code,
             ) from None
+        self.observer.event("degraded", session=tag, reason="consistency_unchecked", error=exc.code)
         ctx.degraded.append("consistency_unchecked")
 
     def _mark_lost(self, ctx: Context, tag: str) -> None:

@@ -44,6 +44,9 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_segments_restored_total``: segments_restored (cached segments written back
   to a tier that may have lost them in an outage)
 * ``satchel_degraded_total{reason}``: degraded
+* ``satchel_unavailable_total{reason}``: unavailable (a request answered 503 because
+  the tier could not serve it: server and memory mode, ``monotonic`` under
+  ``fail_closed``; reason tier_unavailable or tier_full)
 * ``satchel_data_loss_total``, ``satchel_data_loss_turns_total``: data_loss
 * ``satchel_forks_total``: fork_detected
 * ``satchel_stale_refused_total``: stale_refused
@@ -286,6 +289,11 @@ class PrometheusObserver(Observer):
             "overflow_misses", "Overflowed segments that could not be read, by reason", ("reason",)
         )
         self.degraded = counter("degraded", "Degraded responses, by reason", ("reason",))
+        self.unavailable = counter(
+            "unavailable",
+            "Requests answered 503 because the tier could not serve them, by reason",
+            ("reason",),
+        )
         self.segments_restored = counter(
             "segments_restored", "Cached segments written back to the tier after an outage"
         )
@@ -440,6 +448,8 @@ class PrometheusObserver(Observer):
             self._child(self.degraded, label).inc()
             if reason in OVERFLOW_MISS_REASONS:
                 self._child(self.overflow_misses, label).inc()
+        elif name == "unavailable":
+            self._child(self.unavailable, self._label("unavailable", "reason", reason)).inc()
         elif name == "segments_restored":
             self.segments_restored.inc(self._count(fields.get("count")))
         elif name == "data_loss":

@@ -151,7 +151,7 @@ class ServerSidePipeline(Pipeline):
         tombstone = mark_key(tag)
         fetched = self.store.get_many([key, tombstone], cache=False)
         if fetched.reason(key) == "tier_unavailable":
-            self.observer.event("degraded", reason="tier_unavailable", mode=self.mode)
+            self.observer.event("unavailable", reason="tier_unavailable", mode=self.mode)
             raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
         if fetched.get(tombstone) == ERASED:
             # Erased: the id must not come back to life as a new, empty conversation.
@@ -194,7 +194,7 @@ class ServerSidePipeline(Pipeline):
                 self.key_for(ctx.session_id), ctx.stored_as, data, ttl
             )
         except TierError as exc:
-            self.observer.event("degraded", reason="tier_write_failed", mode=self.mode)
+            self.observer.event("unavailable", reason=exc.code, op="save", mode=self.mode)
             raise TierUnavailable(
                 "the session store did not take the write; retry shortly", mode=self.mode
             ) from exc
