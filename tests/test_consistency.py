@@ -222,6 +222,45 @@ def test_a_monotonic_route_without_a_tier_fails_at_start_up() -> None:
         later.init_app(other)
 
 
+def test_a_server_route_in_a_client_held_app_fails_at_start_up(tmp_path: Path) -> None:
+    """'server' is stricter than 'monotonic', but one route cannot take the context off
+    the wire: it must not be served as a plain client-level route (no replay check)."""
+    from satchel.errors import ConfigurationError
+
+    tier = {"SATCHEL_OVERFLOW_URL": sqlite_url(tmp_path), "SATCHEL_CONSISTENCY": "monotonic"}
+    app, satchel = make_app(tmp_path, **tier)
+    with pytest.raises(ConfigurationError, match=r"spend_all demands 'server'.*monotonic"):
+
+        @app.post("/spend-all")
+        @satchel.consistency("server")
+        def spend_all() -> Any:
+            return {}
+
+    later = Satchel()  # decorated before init_app: init_app refuses it
+
+    @later.consistency("server")
+    def withdraw() -> Any:
+        return {}
+
+    other = Flask(__name__)
+    other.config.update(SATCHEL_KEYS=KEYS, **tier)
+    with pytest.raises(ConfigurationError, match="withdraw"):
+        later.init_app(other)
+
+    # Where the context is server-side, the route is served.
+    server_app = Flask(__name__)
+    server_app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="memory")
+    ext = Satchel(server_app)
+
+    @server_app.post("/spend")
+    @ext.consistency("server")
+    def spend() -> Any:
+        ext.context.metadata["spent"] = True
+        return {"ok": True}
+
+    assert server_app.test_client().post("/spend").status_code == 200
+
+
 def monotonic_on_redis(
     tmp_path: Path, redis_server: Any, policy: str, observer: Any = None
 ) -> tuple[Any, str]:

@@ -139,6 +139,9 @@ class Satchel:
         #: views that demand ``monotonic`` (:meth:`consistency`), checked against the
         #: tier at start-up rather than on their first request
         self._monotonic_routes: set[str] = set()
+        #: views that demand ``server``: only an app whose context is server-side (server
+        #: or memory mode) can serve them
+        self._server_routes: set[str] = set()
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()  # not kept alive by us
         if app is not None:
             self.init_app(app)
@@ -216,6 +219,8 @@ class Satchel:
                 observer=self.observer,
                 metadata_schema=metadata_schema,
             )
+        if config.mode == "client" and self._server_routes:
+            raise ConfigurationError(_server_level_refusal(sorted(self._server_routes)))
         guard = None
         if tier is not None and config.mode == "client":
             guard = MonotonicGuard(
@@ -414,6 +419,8 @@ class Satchel:
             # (or an outer decorator) opens the context first.
             level = stricter(stricter(config.consistency, rs.consistency), _route_level())
             rs.opened_level = level
+            if level == "server":  # a view marked by hand: init_app checks the decorator's
+                raise ConfigurationError(_server_level_refusal([repr(request.endpoint)]))
             if level == "monotonic":
                 if app_state.guard is None:
                     raise ConfigurationError("monotonic consistency needs a tier")
@@ -489,6 +496,13 @@ class Satchel:
             target: Any = getattr(view, "__func__", view)  # a bound method: its function
             with contextlib.suppress(AttributeError):  # a builtin takes no attributes
                 target._satchel_consistency = marked
+            if level == "server":
+                self._server_routes.add(getattr(view, "__qualname__", repr(view)))
+                for app in self._apps:  # decorated after init_app: check now
+                    if app.extensions["satchel"].config.mode == "client":
+                        raise ConfigurationError(
+                            _server_level_refusal([getattr(view, "__qualname__", repr(view))])
+                        )
             if level == "monotonic":
                 self._monotonic_routes.add(getattr(view, "__qualname__", repr(view)))
                 for app in self._apps:  # decorated after init_app: check now
@@ -823,6 +837,15 @@ def ai_chunk(chunk: dict[str, Any]) -> str:
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
+
+
+def _server_level_refusal(routes: list[str]) -> str:
+    return (
+        f"{', '.join(routes)} demand{'s' if len(routes) == 1 else ''} 'server' consistency, "
+        "but this app keeps the context in the token (SATCHEL_MODE=client): one route "
+        "cannot take its context off the wire. Use 'monotonic' for a route whose values "
+        "must not roll back, or run the app with SATCHEL_MODE=server"
+    )
 
 
 def _route_level() -> str | None:
