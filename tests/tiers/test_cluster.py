@@ -109,3 +109,46 @@ def test_a_dead_master_makes_its_slots_unavailable_fast() -> None:
             assert time.perf_counter() - started < 0.5
             assert info.value.facts["mode"] == "cluster"
         t.close()
+
+
+def test_a_dead_master_opens_the_breaker_for_its_own_sessions_only() -> None:
+    """One breaker per master: five failures on a dead master's slots must not refuse
+    the sessions that live on the healthy ones (docs/scaling.md)."""
+    with RedisCluster() as own:  # its own cluster: the shared one stays healthy
+        nodes = ",".join(f"{h}:{p}" for h, p in own.addresses)
+        events: list[tuple[str, dict]] = []
+        guarded = GuardedTier(
+            RedisTier(f"redis+cluster://{nodes}", timeouts=Timeouts(read=0.05, connect=0.1)),
+            cache=SegmentCache(max_bytes=0),
+            on_event=lambda name, **facts: events.append((name, facts)),
+        )
+        client = own.client()
+
+        def owner(key: str) -> int:
+            return client.nodes_manager.get_node_from_slot(client.keyslot(key)).port
+
+        doomed = "satchel:{s0}:a"
+        healthy = next(
+            k for k in (f"satchel:{{s{i}}}:a" for i in range(1, 200)) if owner(k) != owner(doomed)
+        )
+        guarded.ping()  # the cluster client connects (and learns the slot map) on first use
+        for key in (doomed, healthy):
+            guarded.put(key, b"1", 60)
+        assert guarded.breaker_states().keys() >= {
+            f"127.0.0.1:{owner(doomed)}",
+            f"127.0.0.1:{owner(healthy)}",
+        }
+        next(n for n in own.nodes if n.port == owner(doomed)).kill()
+
+        for _ in range(guarded.policy.fail_max):
+            assert guarded.get_many([doomed]).reason(doomed) == "tier_unavailable"
+        with pytest.raises(TierUnavailable, match="breaker open"):
+            guarded.put(doomed, b"2", 60)
+        assert guarded.breaker_state == "open"  # the worst shard: /readyz says degraded
+        assert [name for name, _ in events] == ["breaker_opened"]
+        assert events[0][1]["detail"] == f"127.0.0.1:{owner(doomed)}"
+        # The healthy master's sessions are served as if nothing happened.
+        for _ in range(3 * guarded.policy.fail_max):
+            assert guarded.get_many([healthy]).get(healthy) == b"1"
+            guarded.put(healthy, b"1", 60)
+        guarded.close()

@@ -70,6 +70,17 @@ class Tier(ABC):
     def delete_session(self, session_tag: str) -> int:
         """Delete everything stored for one session (keys containing ``{session_tag}``)."""
 
+    def shard_of(self, key: str) -> str:
+        """The independent failure domain that holds ``key`` (``""``: the one there is).
+
+        :class:`~satchel.tiers.guard.GuardedTier` keeps one circuit breaker per shard,
+        so a tier made of several servers that fail on their own (Redis Cluster: one per
+        master) names the server here, and one dead server opens the breaker for its
+        own keys only. Called before every guarded call: it must be cheap and must not
+        do I/O. The default is one shard.
+        """
+        return ""
+
     def expire_soon(self, keys: Sequence[str], ttl: float) -> None:  # noqa: B027 - optional
         """Let ``keys`` live at most ``ttl`` more seconds (keys due sooner keep their TTL).
 

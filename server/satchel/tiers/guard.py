@@ -15,6 +15,12 @@ Callers never talk to a tier directly; they go through :class:`GuardedTier`:
   the process) and its outcome is then recorded through the breaker; the open ->
   half-open decision uses the ``clock`` passed in, so tests control it.
 
+  One breaker per *shard* (:meth:`Tier.shard_of`): a tier whose keys live on
+  independent servers (Redis Cluster: the master that holds the key's slot) keeps one
+  breaker per server, so a dead master opens the breaker for its own sessions only,
+  and the others keep working. Every other tier is one shard. ``breaker_state`` and
+  the state events report the worst shard (open, then half-open, then closed).
+
 * **Cache** (:class:`SegmentCache`): an in-process LRU bounded by total bytes. Reads
   are served from it first and only the rest is asked of the tier; values written
   with ``put`` go into it too. Segments are immutable (their key is a MAC of their
@@ -250,9 +256,31 @@ class Fetched:
 # --------------------------------------------------------------------------- breaker
 
 
+_SEVERITY = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+
+
+class _Shard:
+    """One breaker: pybreaker's, plus the half-open trial and when it opened."""
+
+    def __init__(self, guard: GuardedTier, name: str) -> None:
+        self.name = name
+        self.lock = threading.Lock()
+        self.trial = False  # a half-open trial call is in flight
+        self.opened_at = 0.0
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=guard.policy.fail_max,
+            reset_timeout=guard.policy.reset_timeout,
+            exclude=[TierFull],
+            listeners=[_Listener(guard, self)],
+            name=f"satchel-{guard.tier.name}{'-' + name if name else ''}",
+            throw_new_error_on_trip=False,
+        )
+
+
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, guard: GuardedTier) -> None:
+    def __init__(self, guard: GuardedTier, shard: _Shard) -> None:
         self.guard = guard
+        self.shard = shard
 
     def state_change(
         self,
@@ -260,15 +288,13 @@ class _Listener(pybreaker.CircuitBreakerListener):
         old_state: pybreaker.CircuitBreakerState | None,
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
-        # Called with pybreaker's lock held: never take the guard's lock here.
+        # Called with pybreaker's lock held: never take a shard's lock here.
         if new_state.name == pybreaker.STATE_OPEN:
-            self.guard._opened_at = self.guard.clock()
+            self.shard.opened_at = self.guard.clock()
             # The tier failed: it may come back without what it held (a restart with no
             # persistence). Values cached before now are unconfirmed from here on.
             self.guard.epoch += 1
-        event = _STATE_EVENTS.get(new_state.name)
-        if event:
-            self.guard._emit(event)
+        self.guard._shard_changed(self.shard, new_state.name)
 
 
 class GuardedTier:
@@ -294,20 +320,14 @@ class GuardedTier:
         self.cache = cache if cache is not None else SegmentCache(clock=clock)
         self.clock = clock
         self.on_event = on_event
-        self._lock = threading.Lock()
-        self._trial = False  # a half-open trial call is in flight
-        self._opened_at = 0.0
-        #: how many times the breaker has opened (an outage); cache entries older than
+        #: how many times a breaker has opened (an outage); cache entries older than
         #: the current epoch are "unconfirmed" (Fetched.unconfirmed)
         self.epoch = 0
-        self.breaker = pybreaker.CircuitBreaker(
-            fail_max=self.policy.fail_max,
-            reset_timeout=self.policy.reset_timeout,
-            exclude=[TierFull],
-            listeners=[_Listener(self)],
-            name=f"satchel-{tier.name}",
-            throw_new_error_on_trip=False,
-        )
+        self._shards_lock = threading.Lock()
+        self._reported = pybreaker.STATE_CLOSED  # the worst state last reported
+        self._shards: dict[str, _Shard] = {}
+        #: the breaker of the tier's default shard (the only one, but for a Cluster)
+        self.breaker = self._shard("").breaker
 
     def __repr__(self) -> str:
         return f"GuardedTier({self.tier!r}, breaker={self.breaker_state!r}, cache={self.cache!r})"
@@ -318,8 +338,53 @@ class GuardedTier:
 
     @property
     def breaker_state(self) -> str:
-        """``"closed"``, ``"open"`` or ``"half_open"``."""
-        return _STATE_NAMES.get(self.breaker.current_state, self.breaker.current_state)
+        """``"closed"``, ``"open"`` or ``"half_open"``: the worst of the shards'."""
+        return _STATE_NAMES.get(self._worst_state(), "closed")
+
+    def breaker_states(self) -> dict[str, str]:
+        """Each shard's breaker state, by shard name (``""``: the default shard)."""
+        return {
+            name: _STATE_NAMES.get(s.breaker.current_state, s.breaker.current_state)
+            for name, s in list(self._shards.items())
+        }
+
+    def _worst_state(self) -> str:
+        states = [s.breaker.current_state for s in list(self._shards.values())]
+        return max(states, key=lambda state: _SEVERITY.get(state, 0), default="closed")
+
+    def _shard(self, name: str) -> _Shard:
+        shard = self._shards.get(name)
+        if shard is None:
+            with self._shards_lock:
+                shard = self._shards.get(name)
+                if shard is None:
+                    shard = self._shards[name] = _Shard(self, name)
+        return shard
+
+    def _shard_of(self, key: str) -> _Shard:
+        try:
+            name = self.tier.shard_of(key)
+        except Exception:  # naming a shard must never fail a call
+            name = ""
+        return self._shard(name)
+
+    def _shard_changed(self, shard: _Shard, new_state: str) -> None:
+        """Report the tier's worst state when it changes (the gauge and the events
+        describe the tier; ``detail`` names the shard whose change moved it)."""
+        with self._shards_lock:
+            states = [
+                new_state if s is shard else s.breaker.current_state for s in self._shards.values()
+            ]
+            worst = max(states, key=lambda state: _SEVERITY.get(state, 0))
+            if worst == self._reported:
+                return
+            self._reported = worst
+        event = _STATE_EVENTS.get(worst)
+        if event:
+            if shard.name:
+                self._emit(event, detail=shard.name)
+            else:
+                self._emit(event)
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.on_event is None:
@@ -331,43 +396,49 @@ class GuardedTier:
 
     # -- breaker mechanics -------------------------------------------------------------
 
-    def _admit(self, op: str) -> bool:
+    def _admit(self, shard: _Shard, op: str) -> bool:
         """Let a call through, or fail fast. Returns True for a half-open trial call."""
-        state = self.breaker.current_state
+        breaker = shard.breaker
+        state = breaker.current_state
         if state == pybreaker.STATE_CLOSED:
             return False
-        with self._lock:
-            state = self.breaker.current_state
+        with shard.lock:
+            state = breaker.current_state
             if state == pybreaker.STATE_CLOSED:
                 return False
-            waited = self.clock() - self._opened_at
-            if self._trial or (
+            waited = self.clock() - shard.opened_at
+            if shard.trial or (
                 state == pybreaker.STATE_OPEN and waited < self.policy.reset_timeout
             ):
+                facts: dict[str, Any] = {"shard": shard.name} if shard.name else {}
                 raise TierUnavailable(
                     "breaker open",
                     tier=self.name,
                     op=op,
-                    breaker=self.breaker_state,
+                    breaker=_STATE_NAMES.get(state, state),
                     retry_in=max(0.0, self.policy.reset_timeout - waited),
+                    **facts,
                 )
-            self._trial = True
+            shard.trial = True
         if state == pybreaker.STATE_OPEN:
-            self.breaker.half_open()
+            breaker.half_open()
         return True
 
-    def _record(self, outcome: TierError | None) -> None:
+    @staticmethod
+    def _record(shard: _Shard, outcome: TierError | None) -> None:
         def replay() -> None:
             if outcome is not None:
                 raise outcome
 
         try:
-            self.breaker.call(replay)
+            shard.breaker.call(replay)
         except (TierError, pybreaker.CircuitBreakerError):
             pass
 
-    def _call(self, op: str, fn: Callable[..., T], *args: Any) -> T:
-        trial = self._admit(op)
+    def _call(self, op: str, fn: Callable[..., T], *args: Any, key: str | None = None) -> T:
+        """Run one tier call through the breaker of the shard that holds ``key``."""
+        shard = self._shards[""] if key is None else self._shard_of(key)
+        trial = self._admit(shard, op)
         try:
             outcome: TierError | None = None
             try:
@@ -382,11 +453,11 @@ class GuardedTier:
                     op=op,
                     error=type(exc).__name__,
                 )
-            self._record(outcome)
+            self._record(shard, outcome)
         finally:
             if trial:
-                with self._lock:
-                    self._trial = False
+                with shard.lock:
+                    shard.trial = False
         if outcome is not None:
             raise outcome
         return result
@@ -416,7 +487,8 @@ class GuardedTier:
         error: TierError | None = None
         if rest:
             try:
-                found = self._call("get_many", self.tier.get_many, rest)
+                # One session's keys share a slot (hash tag): one shard for all of them.
+                found = self._call("get_many", self.tier.get_many, rest, key=rest[0])
                 if len(found) != len(rest):
                     raise TierUnavailable(
                         "the tier returned the wrong number of values", tier=self.name
@@ -439,7 +511,7 @@ class GuardedTier:
     def put(self, key: str, value: bytes, ttl: float, *, cache: bool = True) -> None:
         """Store ``value`` (and cache it once the tier has it). Raises TierError."""
         epoch = self.epoch
-        self._call("put", self.tier.put, key, value, ttl)
+        self._call("put", self.tier.put, key, value, ttl, key=key)
         if cache:
             self.cache.put(key, value, ttl, epoch=epoch)
 
@@ -462,23 +534,25 @@ class GuardedTier:
 
     def delete(self, keys: Sequence[str]) -> int:
         self.cache.discard(keys)
-        return self._call("delete", self.tier.delete, keys)
+        return self._call("delete", self.tier.delete, keys, key=keys[0] if keys else None)
 
     def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
         # The cache forgets them now: within the grace period the tier still serves them.
         self.cache.discard(keys)
-        self._call("expire_soon", self.tier.expire_soon, keys, ttl)
+        self._call("expire_soon", self.tier.expire_soon, keys, ttl, key=keys[0] if keys else None)
 
     def delete_session(self, session_tag: str) -> int:
         self.cache.discard_tag(session_tag)
-        return self._call("delete_session", self.tier.delete_session, session_tag)
+        return self._call(
+            "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
+        )
 
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
         self.cache.discard((key,))
         return self._call(
-            "compare_and_set_mark", self.tier.compare_and_set_mark, key, expected, new, ttl
+            "compare_and_set_mark", self.tier.compare_and_set_mark, key, expected, new, ttl, key=key
         )
 
     def ping(self) -> None:

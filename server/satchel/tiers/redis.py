@@ -416,6 +416,17 @@ class RedisTier(Tier):
                 client = self._client
         return client
 
+    def shard_of(self, key: str) -> str:
+        """Cluster: the master that serves ``key``'s slot, from the client's slot map
+        (no I/O), so each master gets its own breaker; one shard otherwise."""
+        client = self._client
+        if self.mode != "cluster" or client is None:
+            return ""
+        try:
+            return str(client.get_node_from_key(key).name)
+        except Exception:  # a slot no master covers: its calls fail, on a shard of their own
+            return "uncovered"
+
     def _script(self, name: str, source: str) -> Any:
         script = self._scripts.get(name)
         if script is None:
