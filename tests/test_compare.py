@@ -64,6 +64,12 @@ def test_compare_quick_writes_the_report_within_two_minutes(tmp_path: Path) -> N
     for heading in ("## Targets", "## Redis outage", "## Where client-held context loses"):
         assert heading in text
 
+    # The trade-offs never call one measurement both a loss and a win.
+    loses, wins = text.split("**Loses:**", 1)[1].split("**Wins:**", 1)
+    wins = wins.split("\n## ", 1)[0]
+    for size in re.findall(r"\*\*Throughput at (\d+) turns", loses):
+        assert f"**Throughput at {size} turns" not in wins, size
+
     match = re.search(r"<!-- satchel-compare-data: (.*) -->", text)
     assert match, "the report carries its figures for machines"
     data = json.loads(match.group(1))
