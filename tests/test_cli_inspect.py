@@ -272,3 +272,19 @@ def test_keygen_refuses_to_print_a_ring_no_app_would_load() -> None:
     broken = keygen("--append", keys="k1:not base64!")
     assert broken.returncode == 2 and "SATCHEL_KEYS" in broken.stderr
     assert "not base64!" not in broken.stderr  # never the secret
+
+
+def test_the_parent_is_the_token_it_was_made_from_and_the_digest_its_own() -> None:
+    """An operator tracing a fork chains tokens: each names its parent's digest."""
+    codec = Codec(KEYS)
+    ctx = Context.new(now=time.time())
+    ctx.add_turn("user", "one")
+    first = codec.seal(ctx)
+    ctx = codec.open(first)
+    ctx.add_turn("user", "two")
+    second = codec.seal(ctx)
+    _, one, _ = run(first, keys=KEYS.to_string())
+    code, two, err = run(second, keys=KEYS.to_string())
+    assert code == 0, err
+    assert one["context"]["parent"] is None  # the first token of a conversation
+    assert two["context"]["parent"] == one["digest"] != two["digest"]

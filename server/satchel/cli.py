@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import schema, serialize
 from .codec import Codec, peek
 from .errors import BadToken, ConfigurationError, SatchelError
 from .keys import Keyring, generate_key
@@ -117,10 +118,15 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         algorithm = header_obj.algorithm if header_obj.sealed else "aes-256-gcm"
         codec = Codec(keyring, mode=header_obj.mode, purpose=args.purpose, algorithm=algorithm)
         opened = codec.open_verbose(token)
+        # Opening makes ctx.parent this token's own digest (the parent of the next
+        # seal); an operator chaining tokens wants the parent sealed in this one.
+        _env, payload = codec.open_payload(token)
+        sealed_parent = schema.from_wire(serialize.unpack(payload, codec.limits)).parent
     except (ConfigurationError, BadToken) as exc:
         return _refused(exc)
     ctx = opened.context
     context = ctx.to_dict()
+    context["parent"] = sealed_parent.hex() if sealed_parent else None
     # The app's own values as they are (to_dict() writes bytes as bare hex, which reads
     # the same as a str of hex digits): _print_inspect tags them.
     context["metadata"] = ctx.metadata
