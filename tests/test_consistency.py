@@ -672,3 +672,22 @@ def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) 
     body = client.post("/stream", headers={"Satchel-Context": token}).get_data(as_text=True)
     assert "event: error" in body and "tier_unavailable" in body
     assert "event: satchel" not in body
+
+
+def test_a_tier_failure_let_through_to_the_edge_names_no_server(redis_server: Any) -> None:
+    """An app's admin route calls satchel.erase while Redis is down and lets the error
+    through: a JSON 503, whose message does not give away the tier's address."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=redis_server.url, TESTING=True)
+    satchel = Satchel(app)
+
+    @app.post("/admin/erase/<session>")
+    def erase(session: str) -> Any:
+        return satchel.erase(session)
+
+    redis_server.kill()
+    response = app.test_client().post(f"/admin/erase/{'ab' * 16}")
+    assert response.status_code == 503
+    error = response.get_json()["error"]
+    assert error["code"] == "tier_unavailable" and "retry" in error["message"]
+    assert "127.0.0.1" not in error["message"] and str(redis_server.port) not in error["message"]

@@ -12,12 +12,19 @@ from typing import Any
 from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import SatchelError
+from ..errors import SatchelError, TierError
 
 log = logging.getLogger("satchel")
 
 #: What the client is told of a 500: the code, and that the details are logged.
 INTERNAL_MESSAGE = "the server could not handle this conversation; its log says why"
+
+#: What the client is told of a tier's own failure (an app that lets one through, say
+#: from ``satchel.erase``): its message names servers and addresses, which are logged.
+TIER_MESSAGES = {
+    "tier_unavailable": "the storage tier is unavailable; retry shortly",
+    "tier_full": "the storage tier is full; retry later",
+}
 
 #: HTTP status codes that Satchel error codes map to, for reference and docs.
 STATUS_BY_CODE: dict[str, int] = {
@@ -57,6 +64,11 @@ def satchel_error_response(exc: SatchelError) -> Response:
         # fields, which are for its developers, not for whoever sent the request.
         log.error("satchel: %s: %s", exc.code, exc.message)
         return error_response(exc.code, INTERNAL_MESSAGE, status)
+    if isinstance(exc, TierError) and "op" in exc.facts:  # raw from a tier, not worded for users
+        log.warning("satchel: %s: %s", exc.code, exc.message)
+        return error_response(
+            exc.code, TIER_MESSAGES.get(exc.code, TIER_MESSAGES["tier_unavailable"]), status
+        )
     return error_response(exc.code, exc.message, status)
 
 
