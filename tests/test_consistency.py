@@ -691,3 +691,40 @@ def test_a_tier_failure_let_through_to_the_edge_names_no_server(redis_server: An
     error = response.get_json()["error"]
     assert error["code"] == "tier_unavailable" and "retry" in error["message"]
     assert "127.0.0.1" not in error["message"] and str(redis_server.port) not in error["message"]
+
+
+def test_a_first_mark_the_tier_never_took_is_not_reported_lost(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """A session's first monotonic save while Redis is full (fail_open): served flagged,
+    and its token must not claim a mark, or the next request, once Redis has room,
+    reports a lost mark (consistency_reset, satchel_marks_lost_total, a page)."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, satchel = make_app(
+        tmp_path,
+        metrics,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY="fail_open",
+    )
+    client = app.test_client()
+    fill_up(redis_server)
+    first = post(client, "/chat", None)
+    assert first.status_code == 200
+    assert first.headers["Satchel-Degraded"] == "consistency_unchecked"
+    token = first.headers["Satchel-Context"]
+    with app.app_context():
+        opened = satchel.codec.open(token)
+    assert opened.marked is False and opened.mark_id is None
+    assert first.headers["Satchel-Seq"] == str(opened.seq)
+
+    redis_server.config_set({"maxmemory": 0})
+    second = post(client, "/chat", token)
+    assert second.status_code == 200 and "Satchel-Degraded" not in second.headers
+    assert metrics.registry.get_sample_value("satchel_marks_lost_total") in (None, 0)
+    # The mark is set now, and protects as usual.
+    third = post(client, "/chat", second.headers["Satchel-Context"])
+    assert third.status_code == 200
+    assert post(client, "/chat", token).status_code == 409

@@ -242,17 +242,21 @@ class MonotonicGuard:
         same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
         return not (seq > ctx.seq or (seq == ctx.seq and not same))
 
-    def after(self, ctx: Context, tag: str, state: MarkState) -> None:
-        """Move the mark to the token just issued; lose the race -> StaleContext."""
+    def after(self, ctx: Context, tag: str, state: MarkState) -> bool:
+        """Move the mark to the token just issued; lose the race -> StaleContext.
+
+        False when the tier failed the write and ``fail_open`` served the request
+        anyway: the mark is where it was (or, for a session's first, nowhere).
+        """
         if not state.checked:
-            return
+            return True
         assert ctx.parent is not None
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         try:
             current = self.tier.compare_and_set_mark(state.key, state.expected, mark, self.mark_ttl)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
-            return
+            return False
         if current == ERASED:  # erased while this request ran
             refuse_erased(self.observer, tag)
         if current is not None:
@@ -260,6 +264,7 @@ class MonotonicGuard:
             raise StaleContext(
                 "another request with the same token finished first; use the newest token"
             )
+        return True
 
     def erase(self, tag: str) -> None:
         """Refuse this session's tokens from now on (a tombstone in place of the mark)."""

@@ -238,6 +238,18 @@ class Pipeline:
             self.observer.timing(step, timings[step])
         return SaveResult(token, len(token), timings)
 
+    def reseal(self, ctx: Context, *, now: float | None = None) -> SaveResult:
+        """Seal ``ctx`` again, as it is, right after :meth:`save` sealed it.
+
+        For a change that only drops fields (an unset monotonic mark): the context was
+        fitted to its budget a moment ago, so no policy runs, and the token it replaces
+        was never sent, so it is not counted as issued.
+        """
+        now = self.clock() if now is None else now
+        with self.metadata_schema.writing(ctx):
+            token, _raw = self.codec.seal_verbose(ctx, expires_at=expires_at(ctx, self.policy, now))
+        return SaveResult(token, len(token))
+
     def _trim_and_fit(
         self, ctx: Context, now: float, tag: str, timings: dict[str, float]
     ) -> Prepared | None:

@@ -614,6 +614,9 @@ class Satchel:
                 session=pipeline.session_tag(ctx.session_id),
                 kid=pipeline.codec.keyring.current.kid,
             )
+        # The session's first mark: if the tier then fails to take it, the token must
+        # not say its session has one (the next request would report a lost mark).
+        first_mark = rs.mark is not None and rs.mark.checked and not ctx.marked
         if rs.mark is not None and rs.mark.checked:
             ctx.marked = True  # sealed in, so a tier that loses the mark is noticed
             # This save becomes the newest: its token, and every token made from it
@@ -623,8 +626,12 @@ class Satchel:
                 ctx.mark_parent = rs.mark.mark_id
                 ctx.mark_id = new_mark_id()
         result = pipeline.save(ctx, timings=rs.timings)
-        if move_mark:
-            self._move_mark(rs)
+        if move_mark and not self._move_mark(rs) and first_mark:
+            # fail_open served it, but no mark was ever set: seal the token unmarked.
+            # (A stream moves its mark after its token is sent: there the next request
+            # of this session may report the mark lost; docs/consistency.md.)
+            ctx.marked, ctx.mark_id, ctx.mark_parent = False, None, None
+            result = pipeline.reseal(ctx)
         if app_state.config.mode == "client":
             app_state.forks.record(ctx, rs.opened_digest)
         headers = {
@@ -643,13 +650,15 @@ class Satchel:
         headers["Server-Timing"] = server_timing(rs.timings, time.perf_counter() - rs.started)
         return headers
 
-    def _move_mark(self, rs: RequestState) -> None:
+    def _move_mark(self, rs: RequestState) -> bool:
         """Move the ``monotonic`` mark to the token just sealed (StaleContext if another
-        request with the same token moved it first)."""
+        request with the same token moved it first). False if the tier failed the write
+        and ``fail_open`` let the request through (MonotonicGuard.after)."""
         app_state = self.state()
         if rs.mark is not None and app_state.guard is not None and rs.context is not None:
             tag = app_state.pipeline.session_tag(rs.context.session_id)
-            app_state.guard.after(rs.context, tag, rs.mark)
+            return app_state.guard.after(rs.context, tag, rs.mark)
+        return True
 
     def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
         """Headers for a response that carries no new token: the steps' timings, and
