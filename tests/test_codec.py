@@ -353,6 +353,25 @@ def test_no_ttl_means_no_expiry() -> None:
     assert codec.open(token, now=2**32 - 1).seq == 1
 
 
+@pytest.mark.parametrize(
+    ("ttl", "error"),
+    [
+        (0, ValueError),
+        (-5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("3600", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_a_ttl_that_would_make_every_token_expired_or_never_is_refused(
+    ttl: object, error: type[Exception]
+) -> None:
+    """Codec(ttl=0) sealed tokens that were expired already; a str failed at seal."""
+    with pytest.raises(error, match="ttl"):
+        make_codec(ttl=ttl)
+
+
 def test_no_expiry_overrides_the_codec_ttl_and_zero_is_no_expiry() -> None:
     """expires_at=0 used to be clamped to 1: a token expired since 1970, although 0 in
     the header means "no expiry", and no call could override a ttl with "never"."""

@@ -89,7 +89,8 @@ class Codec:
     ``mode`` is ``"sealed"`` (AEAD, default: the client can neither read nor change
     the context) or ``"signed"`` (HMAC: readable, not changeable). ``purpose`` scopes
     the derived keys, so tokens of one app or use are refused by another. ``ttl`` is
-    the default token lifetime in seconds (None for no expiry); ``pad_to`` rounds
+    the default token lifetime in seconds (None for no expiry; ValueError for 0, less,
+    NaN or infinity); ``pad_to`` rounds
     every token's raw length up to a multiple of that many bytes, so the length of a
     sealed token does not tell how well its content compressed (padding.py; None for
     no padding; tokens open whatever this setting). ``clock`` and ``random_bytes`` are
@@ -114,7 +115,7 @@ class Codec:
         self.keyring = keyring
         self.mode = mode
         self.purpose = purpose
-        self.ttl = ttl
+        self.ttl = _check_ttl(ttl)
         self.limits = limits
         self.pad_to = padding.check_pad_to(pad_to)
         self.clock = clock
@@ -375,6 +376,19 @@ class Codec:
     def needs_reseal(self, ctx: Context) -> bool:
         """True when ``ctx`` was opened with a key other than the current one."""
         return ctx.opened_kid is not None and ctx.opened_kid != self.keyring.current.kid
+
+
+def _check_ttl(ttl: float | None) -> float | None:
+    """A token lifetime: None (no expiry) or a finite number of seconds above 0. Zero
+    or less would make every token expired already: refused when the codec is built,
+    not found out at the first open."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl is seconds (or None for no expiry), not {type(ttl).__name__}")
+    if not (math.isfinite(ttl) and ttl > 0):
+        raise ValueError(f"ttl must be a finite number of seconds above 0, not {ttl}")
+    return ttl
 
 
 def _expiry_field(expires_at: float | None) -> int:
