@@ -12,6 +12,7 @@ import itertools
 import json
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -701,3 +702,47 @@ def test_phone_layout_keeps_the_composer_in_reach(
         send(page, f"Phone message {i}: {hex_words(30)}")
         expect(composer).to_be_in_viewport()
     screenshot()
+
+
+def test_a_reply_that_never_arrived_shows_one_fork_notice_and_no_reload_loop(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """The server finishes a streamed reply (and issues its token), but the final event
+    never reaches the page. After a reload, the server reports the page's token as
+    behind on every load of the chat: the page must say so once and settle, not reload
+    the chat again and again (it did, hundreds of times a second, stuck in 'loading')."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "first message")
+
+    held: list[Any] = []
+
+    def finish_on_the_server_only(route: Any) -> None:
+        held.append(route.fetch())  # the whole reply ran; its bytes never reach the page
+
+    page.route("**/api/chat/stream", finish_on_the_server_only)
+    page.fill("#message", "second message")
+    page.press("#message", "Enter")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:  # poll: events are served meanwhile
+        page.wait_for_timeout(50)
+    assert held, "the streamed request never reached the server"
+    page.unroute("**/api/chat/stream")
+
+    loads: list[str | None] = []
+    page.on(
+        "response",
+        lambda r: loads.append(r.headers.get("satchel-fork")) if "/api/context" in r.url else None,
+    )
+    page.reload()
+    body = page.locator("body")
+    expect(body).to_have_attribute("data-state", "idle")
+    expect(page.locator("#notice")).to_contain_text("older version of this chat")
+    assert loads and all(fork and fork.startswith("behind=") for fork in loads)
+    assert len(loads) <= 2, f"{len(loads)} loads of the chat after one reload"
+    screenshot("fork-notice-after-a-lost-reply")
+
+    # The conversation goes on from what the page shows.
+    send(page, "third message")
+    assert len(loads) <= 4
+    assert user_texts(server_context(srv, page)) == ["first message", "third message"]

@@ -119,6 +119,7 @@ let refreshGeneration = 0;
 // null when the thread must be rebuilt from scratch (another conversation, a reload).
 let rendered = [];
 const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
+let contextLoads = 0; // loads of the chat (GET /api/context) in flight
 
 function setState(state) {
   body.dataset.state = state;
@@ -610,9 +611,14 @@ function onDegraded(d) {
 }
 
 function onFork() {
-  notices.fork = 'This chat was changed in another tab at the same time; showing the newest version.';
+  notices.fork =
+    'This tab holds an older version of this chat than the server last issued (another tab ' +
+    'sent at the same time, or a reply did not arrive); your next message continues from ' +
+    'what is shown.';
   renderNotice();
-  scheduleRefresh();
+  // A fork reported by loading the chat is not fixed by loading it again: the load
+  // issues no token, so the same fork comes back, and refreshing on it would loop.
+  if (!contextLoads) scheduleRefresh();
 }
 
 function onToken(d) {
@@ -636,8 +642,14 @@ async function refresh({ reportErrors = true } = {}) {
   const generation = ++refreshGeneration;
   const current = client;
   if (!busy) setState('loading');
+  contextLoads += 1;
   try {
-    const response = await current.fetch(api.context, { headers: { accept: 'application/json' } });
+    let response;
+    try {
+      response = await current.fetch(api.context, { headers: { accept: 'application/json' } });
+    } finally {
+      contextLoads -= 1;
+    }
     const data = await response.json();
     if (generation !== refreshGeneration || current !== client || busy) return;
     renderThread(data.all_turns || []);
