@@ -7,6 +7,7 @@ import dataclasses
 import io
 import time
 import tracemalloc
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -806,3 +807,73 @@ def test_a_payload_signed_with_the_real_key_still_opens_only_if_it_is_valid(
     with pytest.raises(BadToken) as info:
         codec.open(token)
     assert info.value.code == "token_invalid_context"
+
+
+def _wire_of_a_small_context() -> dict:
+    from satchel.schema import to_wire
+
+    ctx = Context.new()
+    ctx.add_turn("user", "hi")
+    ctx.parent = b"p" * 12
+    return to_wire(ctx)
+
+
+def _set(key: str, value: object) -> Callable[[dict], None]:
+    return lambda wire: wire.__setitem__(key, value)
+
+
+def _set_turn(value: object) -> Callable[[dict], None]:
+    return lambda wire: wire.__setitem__("t", [value])
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (_set("t", {"0": [1, "hi", 0]}), "turns as a map"),
+        (_set("v", 2.0), "version as a float"),
+        (_set("c", float("nan")), "created at NaN (it switched the max-age check off)"),
+        (_set("a", float("inf")), "last active infinite"),
+        (_set("p", b"p" * 11), "a parent of 11 bytes"),
+        (_set("P", [1, []]), "a system prompt that is not a str"),
+        (_set("P", ["s", [2]]), "a pinned fact that is not a str"),
+        (_set("P", ["s", "facts"]), "pinned facts that are not an array"),
+        (_set_turn([1, "hi", 0, {}, "x"]), "a turn of 5 fields"),
+        (_set_turn([1, "hi", float("nan")]), "a turn time of NaN"),
+        (_set_turn([1, "hi", 0, {"z": 1}]), "an unknown key in a turn's extras"),
+        (_set_turn([2, "", 0, {"c": [["id", "fn", 5]]}]), "tool-call arguments of 5"),
+        (_set_turn([2, "", 0, {"c": [[1, "fn", "{}"]]}]), "a tool-call id of 1"),
+        (_set_turn([2, "", 0, {"b": [["t", b"x", 3]]}]), "a block provider of 3"),
+        (_set_turn([2, "", 0, {"c": {"a": 1}}]), "tool calls as a map"),
+    ],
+)
+def test_the_reader_takes_every_field_as_the_spec_types_it(
+    change: Callable[[dict], None], what: str
+) -> None:
+    """docs/token-format.md, schema 2: a payload signed with the real key (only its
+    holder can make one) that breaks a field's type is token_invalid_context, not read
+    by coercion (5 became '5') or by ignoring what does not fit."""
+    from satchel import serialize
+
+    codec = Codec(Keyring.generate("k1"), mode="signed")
+    wire = _wire_of_a_small_context()
+    assert codec.open(codec.seal_payload(serialize.pack(wire))[0]).turns[0].content == "hi"
+    change(wire)
+    token, _ = codec.seal_payload(serialize.pack(wire))
+    with pytest.raises(BadToken) as info:
+        codec.open(token)
+    assert info.value.code == "token_invalid_context", what
+
+
+def test_a_context_the_reader_would_refuse_is_refused_at_seal() -> None:
+    """The seal side of the same rules: a NaN time or a short parent never reaches a token."""
+    codec = make_codec()
+    for change, named in (
+        (lambda c: setattr(c, "created_at", float("nan")), "created_at"),
+        (lambda c: setattr(c, "parent", b"short"), "parent"),
+        (lambda c: setattr(c.turns[0], "ts", float("inf")), "ts"),
+    ):
+        ctx = Context.new()
+        ctx.add_turn("user", "hi")
+        change(ctx)
+        with pytest.raises(ContextNotSerializable, match=named):
+            codec.seal(ctx)

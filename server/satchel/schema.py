@@ -151,6 +151,7 @@ def to_wire(
             [_ROLE_INDEX[t.role], t.content, t.ts]
             if type(t.content) is str
             and type(t.ts) in _NUMBER_TYPES
+            and t.ts - t.ts == 0
             and not (t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None)
             else _checked_turn_to_wire(t, limits)
             for t in ctx.turns
@@ -182,12 +183,12 @@ def to_wire(
             wire["o"] = _overflow_to_wire(ctx.overflow, limits)
         if ctx.bound_user is not None:
             wire["u"] = _bin(ctx.bound_user)
+        if ctx.parent is not None:
+            wire["p"] = _parent(ctx.parent)
     except (TypeError, ValueError, AttributeError, OverflowError):
         raise _not_sealable(
             _header_problem(ctx, limits, next_seq=next_seq) or "a field does not read back"
         ) from None
-    if ctx.parent is not None:
-        wire["p"] = ctx.parent
     if ctx.summary:
         wire["s"] = ctx.summary
     pinned = ctx.pinned
@@ -227,8 +228,26 @@ def _mark_id(value: Any) -> bytes:
 
 
 def _num(value: Any) -> float:
-    if type(value) not in (int, float):
-        raise TypeError("expected a number, an int or float")
+    # value - value is 0 for every int and finite float, NaN for NaN and the infinities
+    # (a NaN time would switch the idle and max-age checks off: NaN compares false).
+    if type(value) not in (int, float) or value - value != 0:
+        raise TypeError("expected a finite number, an int or float")
+    return value
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise TypeError("expected a str")
+    return value
+
+
+#: bytes in a parent digest (``p``: the last bytes of the MAC or tag of a token)
+PARENT_BYTES = 12
+
+
+def _parent(value: Any) -> bytes:
+    if len(_bin(value)) != PARENT_BYTES:
+        raise ValueError(f"a parent digest is {PARENT_BYTES} bytes")
     return value
 
 
@@ -257,6 +276,8 @@ def _check_required(sid: Any, q: Any, c: Any, a: Any, first_seq: int = 0) -> Non
         or not first_seq <= q < SEQ_LIMIT
         or type(c) not in _NUMBER_TYPES
         or type(a) not in _NUMBER_TYPES
+        or c - c != 0  # NaN or infinite (_num)
+        or a - a != 0
     ):
         raise TypeError("the session id, sequence number or times")
 
@@ -306,6 +327,7 @@ def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> 
 
 
 def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
+    # Read as written: releases before 2026-11-28 sealed whatever an app put here.
     return [LifecycleAction(*a) for a in recent]
 
 
@@ -338,7 +360,7 @@ def _overflow_to_wire(
     refs: list[SegmentRef], limits: Limits, *, full: bool = False
 ) -> list[list[Any]]:
     """The overflow references' wire arrays, checked as :func:`_lifecycle_to_wire` is."""
-    wire = [[r.digest, r.turns, r.size, r.seq, r.ts] for r in refs]
+    wire: list[list[Any]] = [[r.digest, r.turns, r.size, r.seq, r.ts] for r in refs]
     if (
         full
         or len(wire) > limits.max_array_len
@@ -348,6 +370,7 @@ def _overflow_to_wire(
             and type(size) is int
             and type(q) is int
             and type(ts) in _NUMBER_TYPES
+            and ts - ts == 0
             for d, n, size, q, ts in wire
         )
     ):
@@ -399,36 +422,55 @@ def turns_from_wire(wires: list[Any]) -> list[Turn]:
     """
     return [
         Turn(_ROLE_OF[w[0]], w[1], w[2])
-        if len(w) == 3 and type(w[1]) is str and type(w[2]) in _NUMBER_TYPES
+        if len(w) == 3 and type(w[1]) is str and type(w[2]) in _NUMBER_TYPES and w[2] - w[2] == 0
         else _turn_from_wire(w)
         for w in wires
     ]
 
 
+#: the keys of a turn's extras map (docs/token-format.md)
+_EXTRA_KEYS = frozenset({"c", "i", "b", "n"})
+
+
 def _turn_from_wire(w: list[Any]) -> Turn:
+    if type(w) is not list or len(w) not in (3, 4):
+        raise ValueError("a turn is an array of 3 or 4")
     content = w[1]
     if type(content) is not str:
         raise TypeError("turn content")
     if len(w) == 3:
         return Turn(_ROLE_OF[w[0]], content, _num(w[2]))
     extra = w[3]
+    if type(extra) is not dict or not extra.keys() <= _EXTRA_KEYS:
+        raise TypeError("turn extras")
     return Turn(
         _ROLE_OF[w[0]],
         content,
         _num(w[2]),
-        tool_calls=tuple(ToolCall(str(i), str(n), _arguments(a)) for i, n, a in extra.get("c", ())),
+        tool_calls=tuple(
+            ToolCall(_str(i), _str(n), _arguments(a)) for i, n, a in _list(extra, "c")
+        ),
         tool_call_id=_opt_str(extra.get("i")),
         blocks=tuple(
-            OpaqueBlock(str(t), d if type(d) is str else _bin(d), str(p))
-            for t, d, p in extra.get("b", ())
+            OpaqueBlock(_str(t), d if type(d) is str else _bin(d), _str(p))
+            for t, d, p in _list(extra, "b")
         ),
         name=_opt_str(extra.get("n")),
     )
 
 
+def _list(extra: dict[str, Any], key: str) -> list[Any]:
+    value = extra.get(key, [])
+    if type(value) is not list:
+        raise TypeError(f"turn extras {key!r} is an array")
+    return value
+
+
 def _arguments(value: Any) -> str | dict[str, Any]:
-    # A map stays a map; anything else was a string (str() keeps early tokens opening).
-    return value if type(value) is dict or type(value) is str else str(value)
+    # Tool-call arguments are a str (JSON text, as most providers send them) or a map.
+    if type(value) is not dict and type(value) is not str:
+        raise TypeError("tool-call arguments are a str or a map")
+    return value
 
 
 # -- what can be sealed ---------------------------------------------------------------
@@ -529,6 +571,11 @@ def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> 
             _bin(ctx.bound_user)
         except TypeError as exc:
             return f"bound_user is {_describe(ctx.bound_user)}: {exc}"
+    if ctx.parent is not None:
+        try:
+            _parent(ctx.parent)
+        except (TypeError, ValueError) as exc:
+            return f"parent is {_describe(ctx.parent)}: {exc}"
     for name in ("mark_id", "mark_parent"):
         value = getattr(ctx, name)
         if value is not None:
@@ -596,8 +643,8 @@ def _fields_problem(ctx: Context, limits: Limits) -> str | None:
 def _turn_problem(t: Turn, where: str, limits: Limits) -> str | None:
     if t.role not in _ROLE_INDEX:
         return f"{where}.role is {t.role!r}, not one of {', '.join(ROLES)}"
-    if type(t.ts) not in _NUMBER_TYPES:
-        return f"{where}.ts is {type(t.ts).__name__}, not a number"
+    if type(t.ts) not in _NUMBER_TYPES or t.ts - t.ts != 0:
+        return f"{where}.ts is {_describe(t.ts)}, not a finite number"
     return _str_problem(t.content, f"{where}.content", limits)
 
 
@@ -700,9 +747,15 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
     )
 
 
+def _turn_array(value: Any) -> list[Any]:
+    if type(value) is not list:
+        raise TypeError("the turns are an array")
+    return value
+
+
 def from_wire(wire: Any) -> Context:
     """A Context from a wire map of any supported version (migrations run first)."""
-    if type(wire) is dict and wire.get("v") == CURRENT_VERSION:
+    if type(wire) is dict and wire.get("v") == CURRENT_VERSION and type(wire["v"]) is int:
         original = CURRENT_VERSION  # the common case: nothing to migrate
     else:
         wire, original = migrate(wire)
@@ -712,16 +765,18 @@ def from_wire(wire: Any) -> Context:
         ctx = Context(
             session_id=sid,
             seq=seq,
-            parent=wire.get("p"),
+            parent=_parent(wire["p"]) if "p" in wire else None,
             created_at=created,
             last_active=active,
             schema_version=CURRENT_VERSION,
-            turns=turns_from_wire(wire["t"]),
+            turns=turns_from_wire(_turn_array(wire["t"])),
             summary=wire.get("s", ""),
         )
         if "P" in wire:
             system, facts = wire["P"]
-            ctx.pinned = Pinned(str(system), [str(f) for f in facts])
+            if type(facts) is not list:
+                raise TypeError("pinned facts")
+            ctx.pinned = Pinned(_str(system), [_str(f) for f in facts])
         if "m" in wire:
             if not isinstance(wire["m"], dict):
                 raise TypeError("metadata")
