@@ -219,12 +219,22 @@ def _bin(value: Any) -> bytes:
 
 #: bytes in a monotonic mark id (``Context.mark_id``)
 MARK_ID_BYTES = 16
+#: bytes in a parent digest (``p``: the last bytes of the MAC or tag of a token)
+PARENT_BYTES = 12
+
+
+def _fixed_bin(value: Any, size: int, what: str) -> bytes:
+    if len(_bin(value)) != size:
+        raise ValueError(f"{what} is {size} bytes")
+    return value
 
 
 def _mark_id(value: Any) -> bytes:
-    if len(_bin(value)) != MARK_ID_BYTES:
-        raise ValueError(f"a mark id is {MARK_ID_BYTES} bytes")
-    return value
+    return _fixed_bin(value, MARK_ID_BYTES, "a mark id")
+
+
+def _parent(value: Any) -> bytes:
+    return _fixed_bin(value, PARENT_BYTES, "a parent digest")
 
 
 def _num(value: Any) -> float:
@@ -238,16 +248,6 @@ def _num(value: Any) -> float:
 def _str(value: Any) -> str:
     if type(value) is not str:
         raise TypeError("expected a str")
-    return value
-
-
-#: bytes in a parent digest (``p``: the last bytes of the MAC or tag of a token)
-PARENT_BYTES = 12
-
-
-def _parent(value: Any) -> bytes:
-    if len(_bin(value)) != PARENT_BYTES:
-        raise ValueError(f"a parent digest is {PARENT_BYTES} bytes")
     return value
 
 
