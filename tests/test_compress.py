@@ -120,3 +120,24 @@ def test_empty_frame_with_declared_size_zero() -> None:
         )
     )
     assert Compressor(0).decompress(cctx.compress(b""), 0) == b""
+
+
+@pytest.mark.parametrize("content_size", [True, False])
+@pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("payload", [b"x" * 100, bytes(range(256)) * 40, b"turn " * 60_000])
+def test_the_payload_is_exactly_one_frame(
+    content_size: bool, checksum: bool, payload: bytes
+) -> None:
+    """zstandard decompresses a payload's first frame and drops what follows: junk, or a
+    second frame, after it must not pass unseen (docs/token-format.md: one frame)."""
+    from satchel.compress import _FORMAT
+
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, format=_FORMAT, write_checksum=int(checksum), write_content_size=int(content_size)
+    )
+    frame = zstandard.ZstdCompressor(compression_params=params).compress(payload)
+    c = Compressor(0)
+    assert c.decompress(frame, 0) == payload
+    for extra in (b"\x00", b"junk" * 3, frame):
+        with pytest.raises(MalformedToken):  # "after its zstd frame", or "corrupt"
+            c.decompress(frame + extra, 0)

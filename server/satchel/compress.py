@@ -220,7 +220,10 @@ class Compressor:
             )
         try:
             if 0 < declared <= cap:
-                return dctx.decompress(data)
+                whole: bytes = dctx.decompress(data)
+                if _frame_end(data) != len(data):
+                    raise MalformedToken("compressed payload has bytes after its zstd frame")
+                return whole
             # No declared size: read through a bounded stream, one byte past the cap.
             with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
                 out = bytearray()
@@ -233,7 +236,39 @@ class Compressor:
             raise MalformedToken("compressed payload is corrupt") from None
         if len(out) > cap:
             raise TokenTooLarge(f"payload decompresses past the limit of {cap} bytes", limit=cap)
+        if _frame_end(data) != len(data):
+            raise MalformedToken("compressed payload has bytes after its zstd frame")
         return bytes(out)
+
+
+_FCS_BYTES = (0, 2, 4, 8)  # frame content size field, by the descriptor's top two bits
+_DICT_ID_BYTES = (0, 1, 2, 4)  # dictionary id field, by its bottom two bits
+
+
+def _frame_end(data: bytes) -> int:
+    """Where the (magicless) zstd frame that starts ``data`` ends (RFC 8878, 3.1.1).
+
+    The payload is exactly one frame: zstandard decompresses the first one and ignores
+    what follows, so the bytes after it are found here. Called only after the frame
+    decompressed, so its block headers are known to be sound; -1 if they run out.
+    """
+    descriptor = data[0]
+    single_segment = (descriptor >> 5) & 1
+    pos = (
+        1
+        + (0 if single_segment else 1)  # window descriptor
+        + _DICT_ID_BYTES[descriptor & 3]
+        + (_FCS_BYTES[descriptor >> 6] or single_segment)
+    )
+    size = len(data)
+    while True:
+        if pos + 3 > size:
+            return -1
+        block = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+        pos += 3 + (1 if (block >> 1) & 3 == 1 else block >> 3)  # an RLE block is 1 byte
+        if block & 1:  # the last block
+            break
+    return pos + 4 if descriptor & 4 else pos  # the content checksum
 
 
 __all__ = [
