@@ -128,3 +128,17 @@ def test_str_subclasses_go_in_as_plain_str_and_round_trip() -> None:
         "c1",
         "weather",
     )
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), float("-inf")])
+def test_a_turn_time_that_is_no_time_is_refused(ts: float) -> None:
+    """The reader refuses non-finite times (a NaN time disables the age checks), so
+    add_turn does, where the mistake is made."""
+    from satchel import Context
+
+    ctx = Context.new()
+    with pytest.raises(ValueError, match="finite"):
+        ctx.add_turn("user", "hi", ts=ts)
+    with pytest.raises(ValueError, match="finite"):
+        Context.new(now=ts)
+    assert ctx.turns == []

@@ -95,7 +95,7 @@ def test_unknown_prefix_versions_are_unsupported_not_malformed() -> None:
 
 def test_version_byte_must_match_prefix() -> None:
     header = Header(2, 0, 0, "k", 0, 0)
-    with pytest.raises(UnsupportedVersion):
+    with pytest.raises(MalformedToken, match="does not match its prefix"):
         parse("s1." + b64(header.pack() + b"x" * 32))
 
 
@@ -179,3 +179,12 @@ def test_header_times_are_uint32_big_endian() -> None:
     header = Header(1, 0, 0, "k", 2**32 - 1, 1)
     env = parse(build(header, b"x" * 32))
     assert (env.header.issued_at, env.header.expires_at) == (2**32 - 1, 1)
+
+
+@pytest.mark.parametrize("kid", ["k.", "a b", "k/1", "é"])
+def test_a_key_id_outside_its_alphabet_is_malformed(kid: str) -> None:
+    """docs/token-format.md: a key id is A-Z a-z 0-9 _ -; no key can be named otherwise,
+    so such a header is not a token's (not an unknown key)."""
+    raw = b"\x01\x00\x00" + bytes([len(kid.encode())]) + kid.encode() + b"\x00" * 8 + b"x" * 32
+    with pytest.raises(MalformedToken):
+        parse("s1." + b64(raw))

@@ -444,13 +444,18 @@ def plain_str(text: str) -> str:
 
 
 def _check_time(value: Any, what: str) -> float:
-    """``value`` as the plain int or float a token carries (bool refused: the reader
-    takes it for no number); TypeError for anything else."""
-    if type(value) is int or type(value) is float:
+    """``value`` as the plain, finite int or float a token carries (bool refused: the
+    reader takes it for no number); TypeError for anything else, ValueError for NaN
+    and the infinities (the reader refuses them: a NaN time disables age checks)."""
+    if type(value) is int:
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{what} is Unix seconds, an int or float, not {type(value).__name__}")
-    return float(value) if isinstance(value, float) else int(value)  # numpy.float64...
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{what} is Unix seconds, an int or float, not {type(value).__name__}")
+        value = float(value) if isinstance(value, float) else int(value)  # numpy.float64...
+    if value - value != 0:
+        raise ValueError(f"{what} is {value}: a time is a finite number of Unix seconds")
+    return value
 
 
 def _items_of(items: Iterable[Any], kind: type, what: str) -> tuple[Any, ...]:

@@ -21,6 +21,7 @@ or it is the AEAD's associated data. See docs/token-format.md.
 from __future__ import annotations
 
 import binascii
+import re
 import struct
 from typing import NamedTuple
 
@@ -41,6 +42,8 @@ _TIMES = struct.Struct(">II")
 _tuple_new = tuple.__new__
 MIN_HEADER = 4 + 1 + 8
 MAX_KID = 16
+#: the characters of a key id (keys.py refuses a key named otherwise)
+_KID_RE = re.compile(r"[A-Za-z0-9_-]+")
 DEFAULT_MAX_TOKEN_BYTES = 64 * 1024
 
 
@@ -189,8 +192,11 @@ def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
         raise MalformedToken("token is too short to hold a header")
     version, flags, dictionary_id, kid_len = raw[0], raw[1], raw[2], raw[3]
     if version != format_version:
-        raise UnsupportedVersion(
-            f"token format version {version} is not supported", format_version=version
+        # The prefix names the format (an unknown one is refused before this); a
+        # header that says another is not that format's token.
+        raise MalformedToken(
+            f"token format version byte {version} does not match its prefix",
+            format_version=version,
         )
     if flags & ~_KNOWN_FLAGS:
         raise MalformedToken("token has unknown flags set")
@@ -201,6 +207,8 @@ def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
         kid = raw[4:end].decode("ascii")
     except UnicodeDecodeError:
         raise MalformedToken("token key id is not ASCII") from None
+    if not _KID_RE.fullmatch(kid):
+        raise MalformedToken("token key id has characters outside A-Z a-z 0-9 _ -")
     issued_at, expires_at = _TIMES.unpack_from(raw, end)
     header_end = end + 8
     # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level wrapper, and
