@@ -18,7 +18,7 @@
  *   stream    text/event-stream: delta* , satchel, done | error
  */
 
-export const VERSION = '0.1.2';
+export const VERSION = '0.1.3';
 export const DEFAULT_HEADER = 'Satchel-Context';
 export const DEFAULT_PREFIX = 'satchel:';
 /**
@@ -1040,6 +1040,13 @@ export class SatchelClient extends EventTarget {
   /** Emit events for response metadata and adopt its token. */
   async _applyMeta(meta, sent, source) {
     if (meta.token) await this._adopt(meta, sent, source);
+    else if (meta.reset && sent) {
+      // The server refused the token we sent, went on with a fresh context, and
+      // issued none (a read-only route): the stored token will never open again.
+      // Forget it, unless someone stored a newer one meanwhile.
+      const current = parseRecord(await this._storage.get(this._key));
+      if (current && tokenOf(current) === tokenOf(sent)) await this._clear(current, 'reset');
+    }
     const base = { conversation: this._conversation };
     if (meta.reset) this._emit('reset', { ...base, code: meta.reset, source: 'server', retrying: false });
     if (meta.fork) this._emit('fork', { ...base, detail: meta.fork, source: 'server' });

@@ -379,3 +379,38 @@ test('a token error after the satchel event changed nothing we hold: no drop, no
   assert.equal(client.token, 'next');
   assert.deepEqual(events.map((e) => e.name), ['error']);
 });
+
+test('a reset on a response that issues no token forgets the refused token', async () => {
+  // SATCHEL_ON_BAD_TOKEN=fresh and a read-only route: the server refused the token,
+  // answered from a fresh context and issued nothing. Keeping the token would reset
+  // again on every load.
+  const storage = memoryStorage({ 'satchel:c1': JSON.stringify({ token: 'expired', seq: 4, session: 's' }) });
+  const fetch = fakeFetch((call, i) =>
+    i === 0 ? reply({ json: {}, satchel: { reset: 'token_expired' } }) : reply({ json: {} }),
+  );
+  const client = testClient({ fetch, storage, conversation: 'c1' });
+  const events = record(client, ['reset', 'token']);
+  await client.fetch('/context');
+  assert.equal(client.token, null);
+  assert.equal(storage.get('satchel:c1'), null);
+  assert.deepEqual(
+    events.map((e) => [e.name, e.detail.code ?? e.detail.token]),
+    [
+      ['token', null],
+      ['reset', 'token_expired'],
+    ],
+  );
+  await client.fetch('/context');
+  assert.equal(fetch.calls[1].token, null);
+});
+
+test('a reset without a token leaves a newer token another tab stored meanwhile', async () => {
+  const storage = memoryStorage({ 'satchel:c1': JSON.stringify({ token: 'old', seq: 4, session: 's' }) });
+  const fetch = fakeFetch(() => {
+    storage.set('satchel:c1', JSON.stringify({ token: 'newer', seq: 5, session: 's' }));
+    return reply({ json: {}, satchel: { reset: 'token_expired' } });
+  });
+  const client = testClient({ fetch, storage, conversation: 'c1' });
+  await client.fetch('/context');
+  assert.equal(JSON.parse(storage.get('satchel:c1')).token, 'newer');
+});
