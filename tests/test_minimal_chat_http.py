@@ -250,3 +250,33 @@ def test_the_example_app_reports_warnings_in_its_output(server: LiveServer) -> N
     record = json.loads(line)
     assert record["level"] == "WARNING" and record["event"] == "fork_detected"
     assert "two" not in line and token not in line  # never content, never a token
+
+
+def test_every_plain_setting_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """README: the example apps read the SATCHEL_* keys from the environment; the AEAD,
+    an app's own dictionary (ID=PATH pairs) and the metadata version were ignored."""
+    from importlib import resources
+
+    from examples.minimal_chat.app import create_app
+    from satchel.compress import DICTIONARY_FILES
+
+    shipped = resources.files("satchel").joinpath("dictionaries", DICTIONARY_FILES[1])
+    env = {
+        "SATCHEL_KEYS": Keyring.generate("env1").to_string(),
+        "SATCHEL_AEAD": "chacha20-poly1305",
+        "SATCHEL_DICTIONARIES": f"201={shipped}",
+        "SATCHEL_DICTIONARY_ID": "201",
+        "SATCHEL_METADATA_VERSION": "3",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = create_app({"TESTING": True})
+    response = app.test_client().post("/api/chat", json={"message": "hello " * 40})
+    assert response.status_code == 200, response.get_json()
+    header = peek(response.headers[HEADER])
+    assert header.algorithm == "chacha20-poly1305"
+    assert header.dictionary_id == 201
+    with app.app_context():
+        assert app.extensions["satchel"].codec.open(response.headers[HEADER]).metadata_version == 3

@@ -316,8 +316,10 @@ def train_app_dictionary(corpus: Path, out: Path, dict_id: int, size: int) -> in
                 f"chat-v1 {sizes[1]:.0f}, this dictionary {sizes[2]:.0f} bytes"
             )
     print(
-        f"use it: SATCHEL_DICTIONARIES={{{dict_id}: '{out}'}} and "
-        f"SATCHEL_DICTIONARY_ID={dict_id} (every process that opens tokens needs it)"
+        f"use it: app.config SATCHEL_DICTIONARIES={{{dict_id}: '{out}'}} and "
+        f"SATCHEL_DICTIONARY_ID={dict_id}; in the environment "
+        f"SATCHEL_DICTIONARIES={dict_id}={out} SATCHEL_DICTIONARY_ID={dict_id} "
+        "(every process that opens tokens needs it)"
     )
     return 0
 

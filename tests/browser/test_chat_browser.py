@@ -718,7 +718,10 @@ def test_a_reply_that_never_arrived_shows_one_fork_notice_and_no_reload_loop(
     held: list[Any] = []
 
     def finish_on_the_server_only(route: Any) -> None:
-        held.append(route.fetch())  # the whole reply ran; its bytes never reach the page
+        response = route.fetch()
+        response.body()  # read to its end: the server has sent its final event...
+        held.append(response)
+        route.abort("connectionreset")  # ...which never reaches the page
 
     page.route("**/api/chat/stream", finish_on_the_server_only)
     page.fill("#message", "second message")

@@ -15,7 +15,9 @@ SATCHEL_PURPOSE                 "satchel"      scopes derived keys: tokens of an
                                                are refused
 SATCHEL_DICTIONARIES            None           the app's own zstd dictionaries, {id: path
                                                or bytes} with ids 128-255, registered in
-                                               init_app (compress.register_dictionary)
+                                               init_app (compress.register_dictionary);
+                                               as a str (the environment): "200=a.zdict,
+                                               201=b.zdict"
 SATCHEL_DICTIONARY_ID           shipped (1)    dictionary new tokens are compressed with
 SATCHEL_METADATA_VERSION        0              version of the shape of ctx.metadata; tokens
                                                with an older one are migrated on read
@@ -119,6 +121,25 @@ def _optional_int(value: Any) -> int | None:
     if value is None or value == "" or str(value).lower() == "none":
         return None
     return int(value)
+
+
+def _dictionaries_from_text(text: str) -> dict[int, str]:
+    """``SATCHEL_DICTIONARIES`` as the environment spells it: ``ID=PATH`` pairs, comma
+    separated (the form ``satchel bench codec --dictionary`` takes)."""
+    out: dict[int, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        dict_id, sep, path = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigurationError(
+                f"SATCHEL_DICTIONARIES: {item!r} is not ID=PATH (for example 200=app.zdict)"
+            )
+        try:
+            out[int(dict_id)] = path.strip()
+        except ValueError:
+            raise ConfigurationError(
+                f"SATCHEL_DICTIONARIES: the id in {item!r} is not an integer"
+            ) from None
+    return out
 
 
 def _converted(values: dict[str, Any], names: tuple[str, ...], convert: Any, what: str) -> None:
@@ -312,6 +333,8 @@ class SatchelConfig:
     def _register_app_dictionaries(self) -> None:
         if not self.dictionaries:
             return
+        if isinstance(self.dictionaries, str):  # from the environment: "200=a.zdict,201=b"
+            self.dictionaries = _dictionaries_from_text(self.dictionaries)
         if not isinstance(self.dictionaries, Mapping):
             raise ConfigurationError("SATCHEL_DICTIONARIES must map ids to paths or bytes")
         try:
