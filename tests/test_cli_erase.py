@@ -204,3 +204,46 @@ def test_a_bad_second_url_erases_nothing(redis_server: Any, tmp_path: Path) -> N
     assert code == 2 and "--store-url" in err and "missing.db" in err
     assert redis_server.client().dbsize() == 1
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_with_several_keys_the_anchor_must_be_named(redis_server: Any) -> None:
+    """An app anchored at a dedicated key (its ring k2,k1,anchor with SATCHEL_ANCHOR_KID):
+    erase without the anchor found nothing under the names it guessed and reported
+    success. Now it refuses (exit 2); named, it deletes the session's data."""
+    from satchel.keys import generate_key
+
+    ring = Keyring([generate_key("k2"), *Keyring.generate("k1").keys, generate_key("anchor")])
+    anchored = {"SATCHEL_ANCHOR_KID": "anchor"}
+    app = create_app(
+        {
+            "SATCHEL_KEYS": ring.to_string(),
+            "SATCHEL_OVERFLOW_URL": redis_server.url,
+            "SATCHEL_MAX_TOKEN_BYTES": 900,
+            "TESTING": True,
+            **anchored,
+        }
+    )
+    client = app.test_client()
+    token = overflowed_token(client)
+    with app.app_context():
+        session = app.extensions["satchel"].codec.open(token).session
+    keys_before = redis_server.client().dbsize()
+
+    def run(**env: str) -> tuple[int, Any, str]:
+        proc = subprocess.run(
+            [*satchel_command(), "erase", session, "--overflow-url", redis_server.url],
+            env=satchel_env(ring.to_string(), **env),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return proc.returncode, proc.stdout, proc.stderr
+
+    code, out, err = run()
+    assert code == 2 and not out.strip()
+    assert "SATCHEL_ANCHOR_KID" in err and "'anchor'" in err
+    assert redis_server.client().dbsize() == keys_before
+    code, out, err = run(**anchored)
+    assert code == 0, err
+    assert json.loads(out)["deleted_keys"] >= 1
+    assert redis_server.client().dbsize() < keys_before

@@ -171,7 +171,9 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
         _print_inspect({"verified": False, "carrier": "server", "session_id": session_hex})
         return 0
     try:
-        carriers = SessionCarriers(Codec(Keyring.from_env(), purpose=args.purpose))
+        carriers = SessionCarriers(
+            Codec(Keyring.from_env(require_anchor=True), purpose=args.purpose)
+        )
         session_id = carriers.session_id_of(carrier)
         store = (
             GuardedTier(tier_from_url(args.store_url, setting="--store-url", create=False))

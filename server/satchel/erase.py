@@ -129,7 +129,7 @@ def erase_session(
             "nothing to erase server-side without a tier: set SATCHEL_OVERFLOW_URL "
             "(or, for server mode, SATCHEL_STORE_URL)"
         )
-    codec = Codec(Keyring.from_env(), purpose=purpose)
+    codec = Codec(Keyring.from_env(require_anchor=True), purpose=purpose)
     parse_session_id(session_id)  # a bad id is refused before any tier is opened
     tiers: list[GuardedTier] = []
     try:

@@ -207,13 +207,29 @@ class Keyring:
         return cls(keys, anchor_kid=anchor_kid)
 
     @classmethod
-    def from_env(cls, var: str = "SATCHEL_KEYS") -> Keyring:
+    def from_env(cls, var: str = "SATCHEL_KEYS", *, require_anchor: bool = False) -> Keyring:
         """The ring in environment variable ``var`` (``kid:secret,...``, newest first),
-        anchored at ``SATCHEL_ANCHOR_KID`` when set; ConfigurationError when unset."""
+        anchored at ``SATCHEL_ANCHOR_KID`` when set; ConfigurationError when unset.
+
+        ``require_anchor``: for tools that find a session's tier data by its anchored
+        names (``satchel erase``, a server-mode carrier in ``satchel inspect``). With
+        several keys and no ``SATCHEL_ANCHOR_KID`` they cannot know which key the app
+        anchors at, and a guess names other keys: an erasure that finds nothing and
+        reports success. ConfigurationError then, naming what to set.
+        """
         value = os.environ.get(var, "")
         if not value.strip():
             raise ConfigurationError(f"{var} is not set")
-        return cls.from_string(value, anchor_kid=os.environ.get("SATCHEL_ANCHOR_KID") or None)
+        anchor = os.environ.get("SATCHEL_ANCHOR_KID") or None
+        ring = cls.from_string(value, anchor_kid=anchor)
+        if require_anchor and anchor is None and len(ring.keys) > 1:
+            raise ConfigurationError(
+                f"{var} has {len(ring.keys)} keys and SATCHEL_ANCHOR_KID is not set: set it to "
+                "the anchor your app uses (its SATCHEL_ANCHOR_KID; an app without one "
+                f"anchors at the last key of its ring, here {ring.keys[-1].kid!r}), so that "
+                "the session's tier data is found under the names the app gave it"
+            )
+        return ring
 
     @classmethod
     def from_secrets(cls, secrets_: Sequence[str | bytes]) -> Keyring:
