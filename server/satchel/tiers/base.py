@@ -102,11 +102,6 @@ class Tier(ABC):
         the ``monotonic`` high-water mark and, in server and memory modes, for saving
         the stored context (named for its first use). Keys that carry a session tag are
         removed by :meth:`delete_session` like every other key of the session.
-
-        A key that already holds ``new`` is a success too, so that a call retried
-        after its first attempt wrote (and its reply was lost) does not report its own
-        write as a lost race: every ``new`` is unique (it carries a fresh MAC, nonce
-        or mark id).
         """
 
     @abstractmethod

@@ -138,8 +138,6 @@ class MemoryTier(Tier):
         with self._lock:
             now = self.clock()
             current = self._live(key, now)
-            if current == new:  # already written (Tier.compare_and_set_mark)
-                return None
             if current != expected:
                 return b"" if current is None else current
             self._store(key, new, ttl, now)

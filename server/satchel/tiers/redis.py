@@ -32,6 +32,7 @@ used memory > 'maxmemory'``) to :class:`~satchel.errors.TierFull`; everything el
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -128,26 +129,31 @@ end
 return n
 """
 
-# KEYS[1] = mark, KEYS[2] = session index (optional)
+# KEYS[1] = mark, KEYS[2] = the mark's last writer, KEYS[3] = session index (optional)
 # ARGV[1] = '1' if an expected value is given, ARGV[2] = expected, ARGV[3] = new,
-# ARGV[4] = ttl ms. Returns {1} on success, {0, current or false} otherwise.
-# A value that is already ``new`` is a success: redis-py's retry runs the script again
-# when the reply to a first run that did write is lost (a read timeout), and that run
-# must not report its own write as a conflict. New values are unique (each carries a
-# fresh MAC or nonce), so no other writer can have stored the same bytes.
+# ARGV[4] = ttl ms, ARGV[5] = this call's write id. Returns {1} on success,
+# {0, current or false} otherwise.
+# redis-py's Retry runs the script again when the reply to a first run that did write
+# is lost (a read timeout). That run finds the key changed and must not report its own
+# write as a lost race (a false 409, and a resent message saved twice): it knows it by
+# the write id it left next to the value (a random id, nothing of the session's: not in
+# the session index, it expires with the mark). The value alone would not do: two requests
+# can write identical bytes (a signed token sealed twice in one second), and the
+# second must lose.
 _CAS = """
 local current = redis.call('GET', KEYS[1])
-if current == ARGV[3] then return {1} end
+if current == ARGV[3] and redis.call('GET', KEYS[2]) == ARGV[5] then return {1} end
 if ARGV[1] == '1' then
   if current ~= ARGV[2] then return {0, current} end
 elseif current then
   return {0, current}
 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-if KEYS[2] then
-  redis.call('SADD', KEYS[2], KEYS[1])
-  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
-    redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
+if KEYS[3] then
+  redis.call('SADD', KEYS[3], KEYS[1])
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[4])
   end
 end
 return {1}
@@ -523,8 +529,11 @@ class RedisTier(Tier):
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
         tag = hash_tag(key)
-        keys = [key, self._index_key(tag)] if tag else [key]
-        args = ["1" if expected is not None else "0", expected or b"", new, _ttl_ms(ttl)]
+        writer = f"{key}:w"  # in the key's slot: it carries the same hash tag
+        keys = [key, writer, self._index_key(tag)] if tag else [key, writer]
+        # One id per call: a retry of this call sends the same one.
+        write_id = secrets.token_bytes(16)
+        args = ["1" if expected is not None else "0", expected or b"", new, _ttl_ms(ttl), write_id]
         reply = self._run("compare_and_set_mark", lambda: self._script("cas", _CAS)(keys, args))
         if reply and int(reply[0]) == 1:
             return None

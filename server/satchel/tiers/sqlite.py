@@ -347,9 +347,6 @@ class SQLiteTier(Tier):
                     "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (key, now)
                 ).fetchone()
                 current = None if row is None else bytes(row[0])
-                if current == new:  # already written (Tier.compare_and_set_mark)
-                    conn.execute("ROLLBACK")
-                    return None
                 if current != expected:
                     conn.execute("ROLLBACK")
                     return b"" if current is None else current
