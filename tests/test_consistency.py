@@ -14,6 +14,8 @@ import pytest
 from flask import Flask, request
 
 from satchel import Keyring, Satchel
+from satchel.schema import from_wire
+from satchel.serialize import unpack
 from satchel.consistency import ForkDetector, decode_mark, encode_mark
 
 KEYS = Keyring.generate("k1").to_string()
@@ -717,8 +719,21 @@ def test_a_first_mark_the_tier_never_took_is_not_reported_lost(
     token = first.headers["Satchel-Context"]
     with app.app_context():
         opened = satchel.codec.open(token)
+        sealed_parent = from_wire(unpack(satchel.codec.open_payload(token)[1])).parent
     assert opened.marked is False and opened.mark_id is None
-    assert first.headers["Satchel-Seq"] == str(opened.seq)
+    # The first token of a conversation: seq 1, no parent (the discarded seal is not one).
+    assert first.headers["Satchel-Seq"] == str(opened.seq) == "1" and sealed_parent is None
+
+    # A session's first monotonic request on a token it already had: the successor of
+    # the token sent (seq + 1, its digest as the parent).
+    sent = post(client, "/chat", None).headers["Satchel-Context"]
+    with app.app_context():
+        before = satchel.codec.open(sent)
+        spent = post(client, "/spend", sent)
+        assert spent.headers["Satchel-Degraded"] == "consistency_unchecked"
+        after = satchel.codec.open_payload(spent.headers["Satchel-Context"])[1]
+    assert from_wire(unpack(after)).seq == before.seq + 1
+    assert from_wire(unpack(after)).parent == before.parent  # the sent token's digest
 
     redis_server.config_set({"maxmemory": 0})
     second = post(client, "/chat", token)

@@ -625,12 +625,15 @@ class Satchel:
             if app_state.guard is not None and app_state.guard.mark_ids:
                 ctx.mark_parent = rs.mark.mark_id
                 ctx.mark_id = new_mark_id()
+        opened_as = (ctx.seq, ctx.parent)  # what the token sent carried
         result = pipeline.save(ctx, timings=rs.timings)
         if move_mark and not self._move_mark(rs) and first_mark:
-            # fail_open served it, but no mark was ever set: seal the token unmarked.
+            # fail_open served it, but no mark was ever set: seal the token unmarked, as
+            # the successor of the token sent (the first seal never leaves the server).
             # (A stream moves its mark after its token is sent: there the next request
             # of this session may report the mark lost; docs/consistency.md.)
             ctx.marked, ctx.mark_id, ctx.mark_parent = False, None, None
+            ctx.seq, ctx.parent = opened_as
             result = pipeline.reseal(ctx)
         if app_state.config.mode == "client":
             app_state.forks.record(ctx, rs.opened_digest)
