@@ -14,9 +14,9 @@ import pytest
 from flask import Flask, request
 
 from satchel import Keyring, Satchel
+from satchel.consistency import ForkDetector, decode_mark, encode_mark
 from satchel.schema import from_wire
 from satchel.serialize import unpack
-from satchel.consistency import ForkDetector, decode_mark, encode_mark
 
 KEYS = Keyring.generate("k1").to_string()
 
