@@ -298,3 +298,56 @@ def test_values_cached_before_an_outage_are_unconfirmed_and_can_be_restored(
     # A restore that meets a failing tier stops and leaves the value unconfirmed.
     tier.down = TierUnavailable
     assert guard.restore([("a", b"1"), ("b", b"2")], 60) == 0
+
+
+class ShardedTier(SwitchTier):
+    """Keys on named shards (as Redis Cluster masters), from a map the test changes; the
+    shards in ``dead`` fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner: dict[str, str] = {}
+        self.dead: set[str] = set()
+
+    def shard_of(self, key: str) -> str:
+        return self.owner.get(key, "")
+
+    def _check_key(self, key: str) -> None:
+        if self.shard_of(key) in self.dead:
+            raise TierUnavailable("master down", tier=self.name)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        self._check_key(keys[0])
+        return super().get_many(keys)
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        self._check_key(key)
+        super().put(key, value, ttl)
+
+
+def test_one_breaker_per_shard_and_a_replaced_shard_stops_counting(
+    guard_factory, clock, events
+) -> None:
+    """A dead master opens its own breaker only. After a failover no key names it any
+    more: it must not keep the tier (the gauge, /readyz) reported open for good."""
+    tier = ShardedTier()
+    tier.owner = {"a": "m1", "b": "m2"}
+    guard = guard_factory(tier, fail_max=3, reset_timeout=2.0)
+    tier.dead = {"m1"}
+    for _ in range(3):
+        with pytest.raises(TierUnavailable):
+            guard.put("a", b"1", 10)
+    guard.put("b", b"1", 10)  # m2 is served
+    assert guard.breaker_states() == {"": "closed", "m1": "open", "m2": "closed"}
+    assert guard.breaker_state == "open"
+    assert events.seen == [("breaker_opened", {"tier": "memory", "detail": "m1"})]
+
+    tier.owner["a"] = "m3"  # failover: a replica, under another name, serves the slot
+    tier.dead = set()
+    for _ in range(30):  # traffic goes on, to m2 and m3 only
+        clock.advance(5)
+        guard.put("a", b"2", 10)
+        guard.put("b", b"2", 10)
+    assert "m1" not in guard.breaker_states()
+    assert guard.breaker_state == "closed"
+    assert events.names == ["breaker_opened", "breaker_closed"]

@@ -267,6 +267,10 @@ class _Shard:
         self.lock = threading.Lock()
         self.trial = False  # a half-open trial call is in flight
         self.opened_at = 0.0
+        #: the state as of the last transition (set in the listener: pybreaker updates
+        #: its own storage only after the listeners ran)
+        self.state: str = pybreaker.STATE_CLOSED
+        self.last_call = guard.clock()
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=guard.policy.fail_max,
             reset_timeout=guard.policy.reset_timeout,
@@ -294,7 +298,8 @@ class _Listener(pybreaker.CircuitBreakerListener):
             # The tier failed: it may come back without what it held (a restart with no
             # persistence). Values cached before now are unconfirmed from here on.
             self.guard.epoch += 1
-        self.guard._shard_changed(self.shard, new_state.name)
+        self.shard.state = new_state.name
+        self.guard._report(self.shard)
 
 
 class GuardedTier:
@@ -323,9 +328,13 @@ class GuardedTier:
         #: how many times a breaker has opened (an outage); cache entries older than
         #: the current epoch are "unconfirmed" (Fetched.unconfirmed)
         self.epoch = 0
-        self._shards_lock = threading.Lock()
+        self._shards_lock = threading.RLock()  # _report may run inside _shard (a listener)
         self._reported = pybreaker.STATE_CLOSED  # the worst state last reported
         self._shards: dict[str, _Shard] = {}
+        # A shard no call has named for this long (a Cluster master replaced in a
+        # failover) stops counting: its breaker would otherwise stay open for good.
+        self._stale_after = max(60.0, 10 * self.policy.reset_timeout)
+        self._pruned_at = clock()
         #: the breaker of the tier's default shard (the only one, but for a Cluster)
         self.breaker = self._shard("").breaker
 
@@ -343,13 +352,10 @@ class GuardedTier:
 
     def breaker_states(self) -> dict[str, str]:
         """Each shard's breaker state, by shard name (``""``: the default shard)."""
-        return {
-            name: _STATE_NAMES.get(s.breaker.current_state, s.breaker.current_state)
-            for name, s in list(self._shards.items())
-        }
+        return {name: _STATE_NAMES.get(s.state, s.state) for name, s in list(self._shards.items())}
 
     def _worst_state(self) -> str:
-        states = [s.breaker.current_state for s in list(self._shards.values())]
+        states = [s.state for s in list(self._shards.values())]
         return max(states, key=lambda state: _SEVERITY.get(state, 0), default="closed")
 
     def _shard(self, name: str) -> _Shard:
@@ -368,23 +374,35 @@ class GuardedTier:
             name = ""
         return self._shard(name)
 
-    def _shard_changed(self, shard: _Shard, new_state: str) -> None:
-        """Report the tier's worst state when it changes (the gauge and the events
-        describe the tier; ``detail`` names the shard whose change moved it)."""
+    def _report(self, cause: _Shard | None = None) -> None:
+        """Report the tier's worst state when it changes: the gauge and the events
+        describe the tier, ``detail`` names the shard whose change moved it. Emitted
+        under the lock, so two shards' changes are never reported in the opposite
+        order of their effect."""
         with self._shards_lock:
-            states = [
-                new_state if s is shard else s.breaker.current_state for s in self._shards.values()
-            ]
-            worst = max(states, key=lambda state: _SEVERITY.get(state, 0))
+            worst = self._worst_state()
             if worst == self._reported:
                 return
             self._reported = worst
-        event = _STATE_EVENTS.get(worst)
-        if event:
-            if shard.name:
-                self._emit(event, detail=shard.name)
-            else:
+            event = _STATE_EVENTS.get(worst)
+            if event and cause is not None and cause.name:
+                self._emit(event, detail=cause.name)
+            elif event:
                 self._emit(event)
+
+    def _prune(self, now: float) -> None:
+        """Forget shards no call has named for ``_stale_after`` seconds."""
+        with self._shards_lock:
+            self._pruned_at = now
+            stale = [
+                name
+                for name, s in self._shards.items()
+                if name and now - s.last_call > self._stale_after
+            ]
+            for name in stale:
+                del self._shards[name]
+        if stale:
+            self._report()
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.on_event is None:
@@ -438,6 +456,10 @@ class GuardedTier:
     def _call(self, op: str, fn: Callable[..., T], *args: Any, key: str | None = None) -> T:
         """Run one tier call through the breaker of the shard that holds ``key``."""
         shard = self._shards[""] if key is None else self._shard_of(key)
+        now = self.clock()
+        shard.last_call = now
+        if now - self._pruned_at > 5.0:
+            self._prune(now)
         trial = self._admit(shard, op)
         try:
             outcome: TierError | None = None
