@@ -743,3 +743,28 @@ def test_a_first_mark_the_tier_never_took_is_not_reported_lost(
     third = post(client, "/chat", second.headers["Satchel-Context"])
     assert third.status_code == 200
     assert post(client, "/chat", token).status_code == 409
+
+
+@pytest.mark.parametrize("protocol", ["satchel", "ai-sdk"])
+def test_a_tier_failure_in_a_stream_names_no_server_either(
+    redis_server: Any, protocol: str
+) -> None:
+    """The same tier error raised inside a streamed reply: its error event says what an
+    error response would, not the tier's message with the server's address."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=redis_server.url, TESTING=True)
+    satchel = Satchel(app)
+
+    @app.post("/stream")
+    def stream() -> Any:
+        satchel.context.add_turn("user", "hi")
+        return satchel.stream(
+            iter(["one ", "two"]),
+            on_complete=lambda text: satchel.erase("ab" * 16),
+            protocol=protocol,
+        )
+
+    redis_server.kill()
+    body = app.test_client().post("/stream").get_data(as_text=True)
+    assert "tier_unavailable" in body and "retry shortly" in body
+    assert "127.0.0.1" not in body and str(redis_server.port) not in body

@@ -57,7 +57,7 @@ from ..limits import Limits
 from ..observe import MultiObserver, Observer
 from ..pipeline import Pipeline
 from .config import SatchelConfig, keyring_from_config
-from .errors import error_response, http_error_response, satchel_error_response
+from .errors import error_response, http_error_response, public_error, satchel_error_response
 
 log = logging.getLogger("satchel")
 
@@ -786,10 +786,13 @@ class Satchel:
                     on_complete("".join(parts))
                 metadata = finish_metadata()
             except SatchelError as exc:
+                public = public_error(exc)  # what an error response would say
                 if ai_sdk:
-                    yield ai_chunk({"type": "error", "errorText": f"{exc.code}: {exc.message}"})
+                    yield ai_chunk(
+                        {"type": "error", "errorText": f"{public['code']}: {public['message']}"}
+                    )
                 else:
-                    yield sse("error", exc.to_dict())
+                    yield sse("error", public)
                 return
             except Exception as exc:
                 # Type and place only, at any level: the app's generator (an LLM call)

@@ -57,19 +57,30 @@ def error_response(code: str, message: str, status: int, **extra: Any) -> Respon
     return response
 
 
-def satchel_error_response(exc: SatchelError) -> Response:
+def public_error(exc: SatchelError) -> dict[str, str]:
+    """``{"code", "message"}`` for the client: what every error response and every
+    streamed error event says. Messages written for developers or operators are logged
+    and replaced."""
     status = STATUS_BY_CODE.get(exc.code, exc.status)
     if status == 500:
         # A bug in the app (a context that cannot be sealed): the details name the app's
         # fields, which are for its developers, not for whoever sent the request.
         log.error("satchel: %s: %s", exc.code, exc.message)
-        return error_response(exc.code, INTERNAL_MESSAGE, status)
+        return {"code": exc.code, "message": INTERNAL_MESSAGE}
     if isinstance(exc, TierError) and "op" in exc.facts:  # raw from a tier, not worded for users
         log.warning("satchel: %s: %s", exc.code, exc.message)
-        return error_response(
-            exc.code, TIER_MESSAGES.get(exc.code, TIER_MESSAGES["tier_unavailable"]), status
-        )
-    return error_response(exc.code, exc.message, status)
+        return {
+            "code": exc.code,
+            "message": TIER_MESSAGES.get(exc.code, TIER_MESSAGES["tier_unavailable"]),
+        }
+    return {"code": exc.code, "message": exc.message}
+
+
+def satchel_error_response(exc: SatchelError) -> Response:
+    public = public_error(exc)
+    return error_response(
+        public["code"], public["message"], STATUS_BY_CODE.get(exc.code, exc.status)
+    )
 
 
 def http_error_response(exc: HTTPException) -> Response:
@@ -82,4 +93,10 @@ def http_error_response(exc: HTTPException) -> Response:
     return response
 
 
-__all__ = ["STATUS_BY_CODE", "error_response", "http_error_response", "satchel_error_response"]
+__all__ = [
+    "STATUS_BY_CODE",
+    "error_response",
+    "http_error_response",
+    "public_error",
+    "satchel_error_response",
+]
