@@ -838,7 +838,6 @@ def _set_turn(value: object) -> Callable[[dict], None]:
         (_set("P", ["s", [2]]), "a pinned fact that is not a str"),
         (_set("P", ["s", "facts"]), "pinned facts that are not an array"),
         (_set_turn([1, "hi", 0, {}, "x"]), "a turn of 5 fields"),
-        (_set_turn([1, "hi", float("nan")]), "a turn time of NaN"),
         (_set_turn([1, "hi", 0, {"z": 1}]), "an unknown key in a turn's extras"),
         (_set_turn([2, "", 0, {"c": [["id", "fn", 5]]}]), "tool-call arguments of 5"),
         (_set_turn([2, "", 0, {"c": [[1, "fn", "{}"]]}]), "a tool-call id of 1"),
@@ -862,6 +861,20 @@ def test_the_reader_takes_every_field_as_the_spec_types_it(
     with pytest.raises(BadToken) as info:
         codec.open(token)
     assert info.value.code == "token_invalid_context", what
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf")])
+def test_a_turn_time_an_older_release_sealed_as_nan_opens_as_zero(ts: float) -> None:
+    """add_turn took NaN and infinity before 2026-11-28, and every token it sealed must
+    open: the turn reads with time 0 (shown, never checked), and seals again."""
+    from satchel import serialize
+
+    codec = Codec(Keyring.generate("k1"), mode="signed")
+    wire = _wire_of_a_small_context()
+    wire["t"] = [[1, "hi", ts]]
+    ctx = codec.open(codec.seal_payload(serialize.pack(wire))[0])
+    assert ctx.turns[0].ts == 0 and ctx.turns[0].content == "hi"
+    assert codec.open(codec.seal(ctx)).turns[0].ts == 0
 
 
 def test_a_context_the_reader_would_refuse_is_refused_at_seal() -> None:

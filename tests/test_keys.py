@@ -188,3 +188,13 @@ def test_a_key_written_secret_first_never_echoes_the_secret() -> None:
         exc = info.value
         assert secret[:8] not in exc.message and secret[:8] not in repr(exc.facts)
         assert "kid:secret" in exc.message
+
+
+def test_a_key_id_with_a_trailing_newline_is_refused() -> None:
+    """The pattern's $ matched before a final newline: such a key sealed tokens that its
+    own codec refuses (a key id is A-Z a-z 0-9 _ -, docs/token-format.md)."""
+    from satchel.errors import ConfigurationError
+    from satchel.keys import Key
+
+    with pytest.raises(ConfigurationError, match="a key id is"):
+        Key("k1\n", b"\x00" * 32)

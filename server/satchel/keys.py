@@ -70,7 +70,7 @@ class Key:
     secret: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        if not _KID_RE.match(self.kid):
+        if not _KID_RE.fullmatch(self.kid):
             # Not echoed: a key written the wrong way round ('secret:kid') would put
             # the secret in the message.
             raise ConfigurationError("a key id is 1-16 characters of A-Z, a-z, 0-9, '_' or '-'")
@@ -186,7 +186,7 @@ class Keyring:
             kid = kid.strip()
             if not sep:
                 raise ConfigurationError("each key is written 'kid:base64url-secret'")
-            if not _KID_RE.match(kid):
+            if not _KID_RE.fullmatch(kid):
                 # Checked before the secret, and not echoed: in 'secret:kid' order the
                 # part before the colon is the secret.
                 raise ConfigurationError(

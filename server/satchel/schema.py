@@ -439,14 +439,14 @@ def _turn_from_wire(w: list[Any]) -> Turn:
     if type(content) is not str:
         raise TypeError("turn content")
     if len(w) == 3:
-        return Turn(_ROLE_OF[w[0]], content, _num(w[2]))
+        return Turn(_ROLE_OF[w[0]], content, _turn_time(w[2]))
     extra = w[3]
     if type(extra) is not dict or not extra.keys() <= _EXTRA_KEYS:
         raise TypeError("turn extras")
     return Turn(
         _ROLE_OF[w[0]],
         content,
-        _num(w[2]),
+        _turn_time(w[2]),
         tool_calls=tuple(
             ToolCall(_str(i), _str(n), _arguments(a)) for i, n, a in _list(extra, "c")
         ),
@@ -457,6 +457,14 @@ def _turn_from_wire(w: list[Any]) -> Turn:
         ),
         name=_opt_str(extra.get("n")),
     )
+
+
+def _turn_time(value: Any) -> float:
+    # A NaN or infinite turn time: releases before 2026-11-28 sealed what add_turn was
+    # given. It opens, as 0 (a turn's time is shown, never checked); sealing refuses it.
+    if type(value) is float and value - value != 0:
+        return 0
+    return _num(value)
 
 
 def _list(extra: dict[str, Any], key: str) -> list[Any]:
