@@ -1040,10 +1040,11 @@ export class SatchelClient extends EventTarget {
   /** Emit events for response metadata and adopt its token. */
   async _applyMeta(meta, sent, source) {
     if (meta.token) await this._adopt(meta, sent, source);
-    else if (meta.reset && sent) {
+    else if (meta.reset && sent && meta.reset !== 'token_unknown_key') {
       // The server refused the token we sent, went on with a fresh context, and
       // issued none (a read-only route): the stored token will never open again.
-      // Forget it, unless someone stored a newer one meanwhile.
+      // Forget it, unless someone stored a newer one meanwhile. Not for an unknown
+      // key: during a key rollout another replica may still open it.
       const current = parseRecord(await this._storage.get(this._key));
       if (current && tokenOf(current) === tokenOf(sent)) await this._clear(current, 'reset');
     }

@@ -414,3 +414,11 @@ test('a reset without a token leaves a newer token another tab stored meanwhile'
   await client.fetch('/context');
   assert.equal(JSON.parse(storage.get('satchel:c1')).token, 'newer');
 });
+
+test('a reset for an unknown key, with no token, keeps the token (another replica may know the key)', async () => {
+  const storage = memoryStorage({ 'satchel:c1': JSON.stringify({ token: 'newkey', seq: 4, session: 's' }) });
+  const fetch = fakeFetch(() => reply({ json: {}, satchel: { reset: 'token_unknown_key' } }));
+  const client = testClient({ fetch, storage, conversation: 'c1' });
+  await client.fetch('/context');
+  assert.equal(client.token, 'newkey');
+});
