@@ -132,3 +132,26 @@ def test_an_erasure_while_a_request_runs_stops_its_writes(consistency: str) -> N
     with app.app_context():
         tag = satchel.codec.session_tag(satchel.codec.open(token).session_id)
     assert [k for k in tier._data if f"{{{tag}}}" in k] == [f"satchel:{{{tag}}}:hwm"]
+
+
+def test_the_tombstone_is_written_even_when_a_save_moves_the_mark_in_between() -> None:
+    """erase read the mark, a monotonic save moved it, and the compare-and-set failed
+    silently: no tombstone, while erase said the session's tokens were refused."""
+    from satchel.consistency import ERASED, MonotonicGuard, mark_key
+
+    class RacingTier(MemoryTier):
+        """Moves the mark once, between erase's read and its compare-and-set."""
+
+        raced = False
+
+        def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
+            if new == ERASED and not self.raced:
+                self.raced = True
+                super().compare_and_set_mark(key, expected, b"moved by a save", ttl)
+            return super().compare_and_set_mark(key, expected, new, ttl)
+
+    tier = RacingTier()
+    guard = MonotonicGuard(GuardedTier(tier))
+    tier.compare_and_set_mark(mark_key("t1"), None, b"mark", 60)
+    guard.erase("t1")
+    assert tier.raced and tier.get_many([mark_key("t1")]) == [ERASED]

@@ -63,6 +63,11 @@ def refuse_erased(observer: Observer, tag: str) -> NoReturn:
     raise ContextErased("this conversation was erased")
 
 
+#: reads and compare-and-sets an erasure tries before giving up (a save in between
+#: makes one fail; several in a row mean the session is busy)
+ERASE_ATTEMPTS = 5
+
+
 def new_mark_id() -> bytes:
     """A fresh id for the mark a ``monotonic`` save sets (``Context.mark_id``)."""
     return secrets.token_bytes(MARK_ID_BYTES)
@@ -267,12 +272,24 @@ class MonotonicGuard:
         return True
 
     def erase(self, tag: str) -> None:
-        """Refuse this session's tokens from now on (a tombstone in place of the mark)."""
+        """Refuse this session's tokens from now on (a tombstone in place of the mark).
+
+        A monotonic save of the session can move the mark between the read and the
+        compare-and-set; then read and try again, so the tombstone is really written.
+        """
         key = mark_key(tag)
-        fetched = self.tier.get_many([key], cache=False)
-        if fetched.error is not None:
-            raise fetched.error
-        self.tier.compare_and_set_mark(key, fetched.get(key), ERASED, self.mark_ttl)
+        for _attempt in range(ERASE_ATTEMPTS):
+            fetched = self.tier.get_many([key], cache=False)
+            if fetched.error is not None:
+                raise fetched.error
+            current = fetched.get(key)
+            if current == ERASED:
+                return
+            if self.tier.compare_and_set_mark(key, current, ERASED, self.mark_ttl) is None:
+                return
+        raise TierUnavailable(
+            "the erasure tombstone could not be written: the session kept changing; erase again"
+        )
 
 
 __all__ = [
