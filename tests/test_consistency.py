@@ -334,6 +334,7 @@ def test_monotonic_with_the_tier_full(
         assert "consistency_unchecked" in response.headers["Satchel-Degraded"]
         facts = events["degraded"][0]
         assert {"reason": "consistency_unchecked", "error": "tier_full"}.items() <= facts.items()
+        assert facts["detail"] == "OutOfMemoryError"  # what failed underneath
         assert degraded == 1 and refused is None
 
 

@@ -175,10 +175,13 @@ class MonotonicGuard:
         way (this exchange is not protected against a replay).
         """
 
+        # What failed underneath (TimeoutError, ConnectionError...): a timeout with a
+        # healthy tier means workers starved of CPU (docs/consistency.md).
+        cause = exc.facts.get("error")
         if self.tier_down_policy == "fail_closed":
             # Refused, not served degraded: counted as such (satchel_unavailable_total).
             self.observer.event(
-                "unavailable", session=tag, reason=exc.code, consistency="monotonic"
+                "unavailable", session=tag, reason=exc.code, consistency="monotonic", detail=cause
             )
             if isinstance(exc, TierFull):
                 raise TierFull(
@@ -190,7 +193,9 @@ class MonotonicGuard:
                 "the consistency store is unavailable and this app fails closed; retry shortly",
                 reason=exc.code,
             ) from None
-        self.observer.event("degraded", session=tag, reason="consistency_unchecked", error=exc.code)
+        self.observer.event(
+            "degraded", session=tag, reason="consistency_unchecked", error=exc.code, detail=cause
+        )
         ctx.degraded.append("consistency_unchecked")
 
     def _mark_lost(self, ctx: Context, tag: str) -> None:
