@@ -152,3 +152,11 @@ def test_a_dead_master_opens_the_breaker_for_its_own_sessions_only() -> None:
             assert guarded.get_many([healthy]).get(healthy) == b"1"
             guarded.put(healthy, b"1", 60)
         guarded.close()
+
+
+def test_compare_and_set_of_an_untagged_key(cluster, tier) -> None:
+    """Its write id lives in the key's own slot (CROSSSLOT otherwise)."""
+    assert tier.compare_and_set_mark("plainmark", None, b"1", 60) is None
+    assert tier.compare_and_set_mark("plainmark", b"1", b"2", 60) is None
+    assert tier.compare_and_set_mark("plainmark", b"1", b"3", 60) == b"2"
+    assert tier.delete(["plainmark"]) == 1

@@ -431,3 +431,20 @@ def test_compare_and_set_retried_after_a_late_reply_is_not_a_lost_race(
     finally:
         tier.close()
         proxy.close()
+
+
+def test_deleting_a_session_leaves_no_key_of_it(redis_server: RedisServer) -> None:
+    """The compare-and-set's write ids (<key>:w) are the session's keys too: an erasure
+    must not leave them behind for a month."""
+    tier = RedisTier(redis_server.url, timeouts=Timeouts(read=0.5, connect=0.5))
+    try:
+        assert tier.compare_and_set_mark("satchel:{abc}:hwm", None, b"mark", 3600) is None
+        assert tier.compare_and_set_mark("satchel:{abc}:ctx", None, b"ctx", 3600) is None
+        tier.put("satchel:{abc}:seg:1", b"segment", 3600)
+        assert tier.compare_and_set_mark("other:{zzz}:hwm", None, b"kept", 3600) is None
+        assert tier.delete_session("abc") == 3  # the keys the app wrote, as before
+        assert redis_server.client().keys("*{abc}*") == []
+        assert tier.delete(["other:{zzz}:hwm"]) == 1
+        assert redis_server.client().keys("*") == []
+    finally:
+        tier.close()

@@ -298,8 +298,7 @@ class _Listener(pybreaker.CircuitBreakerListener):
             # The tier failed: it may come back without what it held (a restart with no
             # persistence). Values cached before now are unconfirmed from here on.
             self.guard.epoch += 1
-        self.shard.state = new_state.name
-        self.guard._report(self.shard)
+        self.guard._report(self.shard, new_state.name)
 
 
 class GuardedTier:
@@ -374,12 +373,14 @@ class GuardedTier:
             name = ""
         return self._shard(name)
 
-    def _report(self, cause: _Shard | None = None) -> None:
+    def _report(self, cause: _Shard | None = None, new_state: str | None = None) -> None:
         """Report the tier's worst state when it changes: the gauge and the events
         describe the tier, ``detail`` names the shard whose change moved it. Emitted
         under the lock, so two shards' changes are never reported in the opposite
         order of their effect."""
         with self._shards_lock:
+            if cause is not None and new_state is not None:
+                cause.state = new_state  # under the lock: the report names its own cause
             worst = self._worst_state()
             if worst == self._reported:
                 return

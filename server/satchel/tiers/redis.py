@@ -95,7 +95,8 @@ end
 return 1
 """
 
-# KEYS[1] = session index, KEYS[2..] = keys of that session (its slot)
+# KEYS[1] = session index, KEYS[2..] = keys of that session (its slot). A key's
+# compare-and-set companion (<key>:w, _CAS) goes with it, uncounted.
 _DELETE = """
 local n = 0
 for i = 2, #KEYS, 256 do
@@ -103,15 +104,22 @@ for i = 2, #KEYS, 256 do
   n = n + redis.call('DEL', unpack(KEYS, i, last))
   redis.call('SREM', KEYS[1], unpack(KEYS, i, last))
 end
+for i = 2, #KEYS do
+  redis.call('DEL', KEYS[i] .. ':w')
+end
 return n
 """
 
-# KEYS[1] = session index. Members share its hash tag, so they are in its slot.
+# KEYS[1] = session index. Members share its hash tag, so they are in its slot; their
+# compare-and-set companions (<member>:w, _CAS) too, deleted uncounted.
 _DELETE_SESSION = """
 local members = redis.call('SMEMBERS', KEYS[1])
 local n = 0
 for i = 1, #members, 256 do
   n = n + redis.call('DEL', unpack(members, i, math.min(i + 255, #members)))
+end
+for i = 1, #members do
+  redis.call('DEL', members[i] .. ':w')
 end
 redis.call('DEL', KEYS[1])
 return n
@@ -136,8 +144,8 @@ return n
 # redis-py's Retry runs the script again when the reply to a first run that did write
 # is lost (a read timeout). That run finds the key changed and must not report its own
 # write as a lost race (a false 409, and a resent message saved twice): it knows it by
-# the write id it left next to the value (a random id, nothing of the session's: not in
-# the session index, it expires with the mark). The value alone would not do: two requests
+# the write id it left next to the value (a random id; it expires with the value and is
+# deleted with it). The value alone would not do: two requests
 # can write identical bytes (a signed token sealed twice in one second), and the
 # second must lose.
 _CAS = """
@@ -158,6 +166,12 @@ if KEYS[3] then
 end
 return {1}
 """
+
+
+def _writer_key(key: str) -> str:
+    """Where _CAS keeps the id of a key's last write: in the key's Cluster slot (a
+    tagged key's tag; an untagged key is hashed whole, so it becomes the tag)."""
+    return f"{key}:w" if hash_tag(key) else f"{{{key}}}:w"
 
 
 def default_retry(retries: int = 1) -> Retry:
@@ -496,6 +510,8 @@ class RedisTier(Tier):
         count = 0
         if untagged:  # in no session's index
             count += int(self._run("delete", lambda: self.client.delete(*untagged)))
+            companions = [_writer_key(k) for k in untagged]
+            self._run("delete", lambda: self.client.delete(*companions))
         for tag, group in by_tag.items():
             count += int(self._run("delete", partial(self._delete_tagged, str(tag), group)))
         return count
@@ -529,7 +545,7 @@ class RedisTier(Tier):
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
         tag = hash_tag(key)
-        writer = f"{key}:w"  # in the key's slot: it carries the same hash tag
+        writer = _writer_key(key)
         keys = [key, writer, self._index_key(tag)] if tag else [key, writer]
         # One id per call: a retry of this call sends the same one.
         write_id = secrets.token_bytes(16)
