@@ -266,8 +266,8 @@ def test_every_plain_setting_is_read_from_the_environment(
     env = {
         "SATCHEL_KEYS": Keyring.generate("env1").to_string(),
         "SATCHEL_AEAD": "chacha20-poly1305",
-        "SATCHEL_DICTIONARIES": f"201={shipped}",
-        "SATCHEL_DICTIONARY_ID": "201",
+        "SATCHEL_DICTIONARIES": f"231={shipped}",
+        "SATCHEL_DICTIONARY_ID": "231",
         "SATCHEL_METADATA_VERSION": "3",
     }
     for name, value in env.items():
@@ -277,6 +277,6 @@ def test_every_plain_setting_is_read_from_the_environment(
     assert response.status_code == 200, response.get_json()
     header = peek(response.headers[HEADER])
     assert header.algorithm == "chacha20-poly1305"
-    assert header.dictionary_id == 201
+    assert header.dictionary_id == 231
     with app.app_context():
         assert app.extensions["satchel"].codec.open(response.headers[HEADER]).metadata_version == 3
