@@ -207,7 +207,7 @@ def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
         kid = raw[4:end].decode("ascii")
     except UnicodeDecodeError:
         raise MalformedToken("token key id is not ASCII") from None
-    if not _KID_RE.fullmatch(kid):
+    if not kid.isalnum() and not _KID_RE.fullmatch(kid):  # isalnum: the usual kid, fast
         raise MalformedToken("token key id has characters outside A-Z a-z 0-9 _ -")
     issued_at, expires_at = _TIMES.unpack_from(raw, end)
     header_end = end + 8

@@ -755,12 +755,6 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
     )
 
 
-def _turn_array(value: Any) -> list[Any]:
-    if type(value) is not list:
-        raise TypeError("the turns are an array")
-    return value
-
-
 def from_wire(wire: Any) -> Context:
     """A Context from a wire map of any supported version (migrations run first)."""
     if type(wire) is dict and wire.get("v") == CURRENT_VERSION and type(wire["v"]) is int:
@@ -768,8 +762,10 @@ def from_wire(wire: Any) -> Context:
     else:
         wire, original = migrate(wire)
     try:
-        sid, seq, created, active = wire["i"], wire["q"], wire["c"], wire["a"]
+        sid, seq, created, active, turns = wire["i"], wire["q"], wire["c"], wire["a"], wire["t"]
         _check_required(sid, seq, created, active)
+        if type(turns) is not list:
+            raise TypeError("the turns are an array")
         ctx = Context(
             session_id=sid,
             seq=seq,
@@ -777,7 +773,7 @@ def from_wire(wire: Any) -> Context:
             created_at=created,
             last_active=active,
             schema_version=CURRENT_VERSION,
-            turns=turns_from_wire(_turn_array(wire["t"])),
+            turns=turns_from_wire(turns),
             summary=wire.get("s", ""),
         )
         if "P" in wire:
