@@ -345,3 +345,11 @@ def test_failing_app_code_is_logged_without_the_content_it_quotes(
         re.fullmatch(r"satchel stream failed \(ValueError at test_audit\.py:\d+\)", line)
         for line in plain
     ), plain
+
+
+def test_a_session_tag_with_a_trailing_newline_is_dropped() -> None:
+    """The pattern's $ matched before a final newline: such a value is not a tag."""
+    from satchel.audit import safe_fields
+
+    assert safe_fields({"session": "0123456789abcdef"}) == {"session": "0123456789abcdef"}
+    assert safe_fields({"session": "0123456789abcdef\n"}) == {}

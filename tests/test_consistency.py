@@ -769,3 +769,20 @@ def test_a_tier_failure_in_a_stream_names_no_server_either(
     body = app.test_client().post("/stream").get_data(as_text=True)
     assert "tier_unavailable" in body and "retry shortly" in body
     assert "127.0.0.1" not in body and str(redis_server.port) not in body
+
+
+def test_an_unchecked_request_says_why_once_the_breaker_is_open(
+    tmp_path: Path, redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit event's detail: the failure underneath, then breaker_open."""
+    client, token = monotonic_on_redis(tmp_path, redis_server, "fail_open")
+    redis_server.kill()
+    caplog.set_level("INFO", logger="satchel.audit")
+    for _ in range(7):  # five failures open the breaker
+        assert post(client, "/chat", token).status_code == 200
+    details = [
+        getattr(r, "satchel", {}).get("detail")
+        for r in caplog.records
+        if r.getMessage() == "degraded"
+    ]
+    assert details[0] == "ConnectionError" and details[-1] == "breaker_open"

@@ -600,3 +600,11 @@ def test_docs_and_dashboard_only_use_real_metric_names(doc: str) -> None:
     assert used, doc
     unknown = used - exported_names(PrometheusObserver())
     assert not unknown, f"{doc} names metrics that do not exist: {sorted(unknown)}"
+
+
+def test_a_label_value_with_a_trailing_newline_is_other() -> None:
+    from satchel.metrics import PrometheusObserver
+
+    obs = PrometheusObserver()
+    obs.event("refused", reason="token_expired\n")
+    assert obs.registry.get_sample_value("satchel_tokens_refused_total", {"reason": "other"}) == 1

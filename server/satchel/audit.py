@@ -80,7 +80,7 @@ def _safe_value(name: str, value: Any) -> tuple[bool, Any]:
         return False, None  # bytes, lists, dicts, objects: never
     if name == "session":
         # the short keyed tag only; a raw session id (32 hex) or anything else is dropped
-        return bool(_SESSION_TAG_RE.match(value)), value
+        return bool(_SESSION_TAG_RE.fullmatch(value)), value
     if len(value) > MAX_STRING or value.startswith(_TOKEN_PREFIXES):
         return False, None
     return True, value

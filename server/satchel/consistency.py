@@ -177,7 +177,7 @@ class MonotonicGuard:
 
         # What failed underneath (TimeoutError, ConnectionError...): a timeout with a
         # healthy tier means workers starved of CPU (docs/consistency.md).
-        cause = exc.facts.get("error")
+        cause = exc.facts.get("error") or ("breaker_open" if "breaker" in exc.facts else None)
         if self.tier_down_policy == "fail_closed":
             # Refused, not served degraded: counted as such (satchel_unavailable_total).
             self.observer.event(

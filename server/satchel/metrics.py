@@ -345,7 +345,7 @@ class PrometheusObserver(Observer):
         seen = self._seen.get(key)
         if seen is not None and text in seen:  # checked when it was first seen
             return text
-        if not _LABEL_RE.match(text):
+        if not _LABEL_RE.fullmatch(text):
             return OTHER
         with self._lock:
             seen = self._seen.setdefault(key, set())
