@@ -102,6 +102,11 @@ class Tier(ABC):
         the ``monotonic`` high-water mark and, in server and memory modes, for saving
         the stored context (named for its first use). Keys that carry a session tag are
         removed by :meth:`delete_session` like every other key of the session.
+
+        Redis keeps the id of the last write next to the value, in ``<key>:w`` (so a
+        retried call knows its own write): names ending in ``:w`` are the tier's, and a
+        key should carry a non-empty ``{tag}`` or no braces at all (on Cluster the id
+        must share the key's slot; every key Satchel writes carries its session tag).
         """
 
     @abstractmethod

@@ -31,6 +31,7 @@ used memory > 'maxmemory'``) to :class:`~satchel.errors.TierFull`; everything el
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import threading
@@ -510,8 +511,11 @@ class RedisTier(Tier):
         count = 0
         if untagged:  # in no session's index
             count += int(self._run("delete", lambda: self.client.delete(*untagged)))
-            companions = [_writer_key(k) for k in untagged]
-            self._run("delete", lambda: self.client.delete(*companions))
+            # Their compare-and-set write ids, if any: best effort, the keys are gone
+            # (and "<key>:w", where releases before 2026-11-27 11:00 UTC put them).
+            companions = [w for k in untagged for w in (_writer_key(k), f"{k}:w")]
+            with contextlib.suppress(TierError):
+                self._run("delete", lambda: self.client.delete(*companions))
         for tag, group in by_tag.items():
             count += int(self._run("delete", partial(self._delete_tagged, str(tag), group)))
         return count
