@@ -227,3 +227,14 @@ def test_memory_tier_bound(clock) -> None:
     assert lru.get_many(["a", "b", "c"]) == [None, b"x" * 40, b"x" * 40]
     with pytest.raises(TierFull):
         lru.put("huge", b"x" * 200, 100)
+
+
+def test_a_memory_tier_url_takes_its_options_and_refuses_others() -> None:
+    """overflow.md: memory:// takes max_bytes= and evict=; they were silently dropped,
+    and an unknown parameter passed."""
+    tier = tier_from_url("memory://?max_bytes=100000&evict=true")
+    assert isinstance(tier, MemoryTier) and tier.max_bytes == 100_000 and tier.evict is True
+    assert tier_from_url("memory://", max_bytes=5000).max_bytes == 5000  # type: ignore[attr-defined]
+    for bad in ("memory://?bogus=1", "memory://?max_bytes=0", "memory://?evict=maybe"):
+        with pytest.raises(ConfigurationError, match="tier URL"):
+            tier_from_url(bad)

@@ -91,6 +91,30 @@ def _sqlite_option(url: str, key: str, text: str) -> float | int:
     return value
 
 
+def _memory_option(url: str, key: str, text: str) -> int | bool:
+    """A query parameter of a memory tier URL (``max_bytes=``, ``evict=``), checked."""
+    if key == "max_bytes":
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ConfigurationError(
+                f"tier URL {redact_url(url)!r}: max_bytes is a positive integer, not {text!r}"
+            )
+        return value
+    if key == "evict":
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigurationError(
+                f"tier URL {redact_url(url)!r}: evict is true or false, not {text!r}"
+            )
+        return text.lower() in ("1", "true", "yes", "on")
+    raise ConfigurationError(
+        f"tier URL {redact_url(url)!r}: unknown parameter {key!r}; a memory tier URL "
+        "takes max_bytes, evict"
+    )
+
+
 def tier_from_url(
     url: str | None, *, setting: str | None = None, create: bool = True, **options: Any
 ) -> Tier:
@@ -162,6 +186,8 @@ def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
             options.setdefault(key, value)  # an explicit option wins over the URL
         return SQLiteTier(path, create=create, **options)
     if scheme == "memory":
+        for key, text in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+            options.setdefault(key, _memory_option(url, key, text))  # explicit options win
         return MemoryTier(**options)
     raise ConfigurationError(
         f"unknown tier URL scheme {scheme!r} in {redact_url(url)!r}: use {SCHEMES_HELP}"
