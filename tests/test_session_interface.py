@@ -1667,3 +1667,21 @@ def test_over_real_http(live_app):
     assert body == b"bye"
     deleted = next(v for k, v in headers if k.lower() == "set-cookie")
     assert deleted.startswith("session=;")
+
+
+def test_a_bad_pad_setting_is_one_clear_500_not_two_tracebacks(caplog) -> None:
+    """The setting is read when a request opens the session: a bucket that can never fit
+    is a ConfigurationError there, and Flask's finalizing (save_session with no
+    session) must not add an AttributeError to it."""
+    app = make_app(TESTING=False, SATCHEL_SESSION_PAD_TO=3062)
+
+    @app.get("/")
+    def index() -> str:
+        return "ok"
+
+    caplog.set_level("ERROR")
+    response = app.test_client().get("/")
+    assert response.status_code == 500
+    logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
+    assert "ConfigurationError" in logged
+    assert "AttributeError" not in logged and "finalizing" not in logged

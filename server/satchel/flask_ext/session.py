@@ -421,6 +421,10 @@ class SatchelSessionInterface(SessionInterface):
         return max(1, min(int(now + lifetime), _UINT32_MAX))
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if session is None:
+            # open_session raised (a configuration error): Flask still finalizes the
+            # request with no session, and its 500 must not gain a second traceback.
+            return
         name = self.get_cookie_name(app)
         domain = self.get_cookie_domain(app)
         path = self.get_cookie_path(app)
