@@ -4,6 +4,7 @@ OpenAI-compatible endpoint on loopback, and one LiveServer over real HTTP."""
 from __future__ import annotations
 
 import json
+import time
 import secrets
 import threading
 from collections.abc import Iterator
@@ -378,8 +379,14 @@ class FakeOpenAI:
         cut_after: int | None = None,
         done: bool = True,
         finish_reason: str | None = None,
+        gap: float = 0.0,
+        comments_only: bool = False,
+        error_message: str = "no such model",
     ) -> None:
         self.pieces = pieces
+        self.gap = gap  # seconds between pieces
+        self.comments_only = comments_only  # SSE comments (keep-alives), never data
+        self.error_message = error_message
         self.status = status
         self.cut_after = cut_after
         self.done = done
@@ -398,7 +405,7 @@ class FakeOpenAI:
                     {"path": self.path, "headers": dict(self.headers), "body": body}
                 )
                 if fake.status != 200:
-                    payload = json.dumps({"error": {"message": "no such model"}}).encode()
+                    payload = json.dumps({"error": {"message": fake.error_message}}).encode()
                     self.send_response(fake.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
@@ -413,6 +420,11 @@ class FakeOpenAI:
                     self.wfile.write(f"data: {json.dumps(first)}\n\n".encode())
                     pieces = fake.pieces[: fake.cut_after]
                     for i, piece in enumerate(pieces):
+                        time.sleep(fake.gap)  # the upstream's own pace, not a test wait
+                        if fake.comments_only:
+                            self.wfile.write(b": keep-alive\n\n")
+                            self.wfile.flush()
+                            continue
                         choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}}
                         if i == len(fake.pieces) - 1:
                             choice["finish_reason"] = fake.finish_reason
@@ -469,8 +481,10 @@ def test_openai_compatible_model_streams_over_sse() -> None:
 def test_openai_compatible_model_errors() -> None:
     with FakeOpenAI([], status=404) as fake:
         model = OpenAICompatibleModel(fake.base_url, "nope", timeout=5)
-        with pytest.raises(ModelError, match="404: no such model"):
+        with pytest.raises(ModelError, match="answered 404") as info:
             list(model.stream([{"role": "user", "content": "hi"}]))
+        # The provider's words are for the log, not for the browser's message.
+        assert "no such model" in info.value.detail and "no such" not in str(info.value)
         assert "Authorization" not in fake.requests[0]["headers"]
     with pytest.raises(ModelError, match="unreachable"):
         OpenAICompatibleModel(fake.base_url, "x", timeout=2).complete([])
@@ -615,3 +629,35 @@ def test_live_server_round_trip(live_server_factory: Any, tmp_path: Path) -> Non
     ctx = srv.get("/api/context", headers={"Satchel-Context": resp.headers["Satchel-Context"]})
     turns = [t["content"] for t in ctx.json()["all_turns"] if t["role"] == "user"]
     assert turns == ["over real HTTP", "and JSON"]
+
+
+@pytest.mark.parametrize("comments_only", [False, True])
+def test_a_reply_that_never_ends_is_cut_at_the_model_timeout(comments_only: bool) -> None:
+    """The socket timeout bounds each read, not the reply: a model that keeps trickling
+    (or sends only keep-alives) held the request, a thread and a connection forever."""
+    with FakeOpenAI(["w "] * 200, gap=0.05, comments_only=comments_only) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(ModelError, match="longer than 0.5 s"):
+            list(model.stream([{"role": "user", "content": "hi"}]))
+        assert time.monotonic() - started < 3
+
+
+def test_an_empty_reply_is_a_model_error_and_bad_unicode_is_the_models() -> None:
+    with FakeOpenAI([]) as fake:  # [DONE] and nothing before it
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        with pytest.raises(ModelError, match="empty reply"):
+            list(model.stream([{"role": "user", "content": "hi"}]))
+    with FakeOpenAI(["ok \ud83d", "fine"]) as fake:  # a lone surrogate, escaped in JSON
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        assert "".join(model.stream([{"role": "user", "content": "hi"}])) == "ok \ufffdfine"
+
+
+def test_the_provider_s_words_and_the_api_key_stay_out_of_the_browser() -> None:
+    key = "sk-test-SECRETKEY123456"
+    with FakeOpenAI([], status=401, error_message=f"Incorrect API key provided: {key}") as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", api_key=key, timeout=5)
+        with pytest.raises(ModelError) as info:
+            model.complete([{"role": "user", "content": "hi"}])
+    assert str(info.value) == "model endpoint answered 401"
+    assert key not in info.value.detail and "[api key]" in info.value.detail

@@ -79,6 +79,13 @@ class ModelUnavailable(SatchelError):
     status = 502
 
 
+def _model_unavailable(exc: ModelError) -> ModelUnavailable:
+    """The browser gets the short message; the log gets the provider's words too (the
+    API key masked), never the conversation."""
+    log.warning("chat model failed: %s%s", exc, f" ({exc.detail})" if exc.detail else "")
+    return ModelUnavailable(str(exc))
+
+
 def env_config() -> dict[str, Any]:
     """SATCHEL_* settings taken from the environment."""
     return read_env(ENV_KEYS)
@@ -190,7 +197,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         try:
             reply = model.complete(build_messages(ctx, default_prompt=system_prompt))
         except ModelError as exc:
-            raise ModelUnavailable(str(exc)) from None
+            raise _model_unavailable(exc) from None
         if reply:
             ctx.add_turn("assistant", reply)
         satchel.commit()  # seal now, so the body reports what saving found
@@ -213,7 +220,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                 yield from model.stream(messages)
             except ModelError as exc:
                 # Becomes an `error` event; no token is issued, the client keeps its own.
-                raise ModelUnavailable(str(exc)) from None
+                raise _model_unavailable(exc) from None
 
         def on_complete(text: str) -> None:
             if text:

@@ -30,6 +30,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -49,7 +50,23 @@ class Message(TypedDict):
 
 
 class ModelError(RuntimeError):
-    """The model backend failed (network, HTTP status, malformed reply)."""
+    """The model backend failed (network, HTTP status, malformed or empty reply).
+
+    ``str(error)`` is what the browser is told; ``detail`` (the provider's own words,
+    which can quote key fragments or internal hosts) is for the server's log only, with
+    the API key masked.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+#: Default for SATCHEL_MODEL_TIMEOUT: below gunicorn's default worker timeout (30 s),
+#: which would otherwise kill the worker first and answer an HTML 500.
+DEFAULT_MODEL_TIMEOUT = 25.0
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @runtime_checkable
@@ -182,7 +199,7 @@ class OpenAICompatibleModel:
         model: str,
         *,
         api_key: str | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_MODEL_TIMEOUT,
         options: Mapping[str, Any] | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
@@ -214,59 +231,106 @@ class OpenAICompatibleModel:
             self.url, data=json.dumps(body).encode(), headers=headers, method="POST"
         )
 
+    def _masked(self, text: str) -> str:
+        return text.replace(self.api_key, "[api key]") if self.api_key else text
+
     def _open(self, req: urllib.request.Request) -> Any:
         try:
             return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310
         except urllib.error.HTTPError as err:
             with err:
                 detail = err.read(2000).decode("utf-8", "replace")
-            raise ModelError(f"model endpoint answered {err.code}: {_error_text(detail)}") from None
+            raise ModelError(
+                f"model endpoint answered {err.code}", self._masked(_error_text(detail))
+            ) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise ModelError(f"model endpoint unreachable: {reason}") from None
+            raise ModelError("model endpoint unreachable", self._masked(str(reason))) from None
+
+    def _deadline_passed(self, started: float) -> bool:
+        return time.monotonic() - started > self.timeout
+
+    def _timed_out(self) -> ModelError:
+        return ModelError(f"the model took longer than {self.timeout:g} s to reply")
+
+    def _lines(self, resp: Any, started: float) -> Iterator[bytes]:
+        """The response's lines, until the reply's whole time runs out (the socket
+        timeout alone bounds each read, not a reply that keeps trickling)."""
+        for line in resp:
+            if self._deadline_passed(started):
+                raise self._timed_out()
+            yield line
 
     def stream(self, messages: list[Message]) -> Iterator[str]:
+        started = time.monotonic()
         with self._open(self._request(messages, stream=True)) as resp:
             content_type = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in content_type:
                 # Some servers ignore stream=true: take the whole reply at once.
-                text = _completion_text(_json(_read(resp)))
-                if text:
-                    yield text
+                text = _completion_text(_json(self._read(resp, started)))
+                yield _nonempty(text)
                 return
             # A closed connection ends the iteration like a finished stream does (even a
             # chunked one cut between chunks), so only an explicit end marks the reply
             # complete: [DONE], or a finish_reason for servers that never send [DONE].
             finished = False
+            sent = False
             try:
-                for data in iter_sse_data(resp):
+                for data in iter_sse_data(self._lines(resp, started)):
                     if data == "[DONE]":
-                        return
+                        finished = True
+                        break
                     chunk = _json(data.encode())
                     if isinstance(chunk, dict) and chunk.get("error"):
-                        raise ModelError(f"model stream error: {_error_text(json.dumps(chunk))}")
-                    piece = _delta_text(chunk)
+                        raise ModelError(
+                            "model stream error", self._masked(_error_text(json.dumps(chunk)))
+                        )
+                    piece = _clean(_delta_text(chunk))
                     if piece:
+                        sent = True
                         yield piece
                     finished = finished or _finish_reason(chunk) is not None
             except (OSError, http.client.HTTPException) as err:
                 if not finished:
-                    raise ModelError(f"model stream broke off: {err}") from None
+                    raise ModelError("model stream broke off", str(err)) from None
             if not finished:
                 raise ModelError("model stream broke off before its end (no [DONE])")
+            if not sent:
+                _nonempty("")
 
     def complete(self, messages: list[Message]) -> str:
+        started = time.monotonic()
         with self._open(self._request(messages, stream=False)) as resp:
-            raw = _read(resp)
-        return _completion_text(_json(raw))
+            raw = self._read(resp, started)
+        return _nonempty(_completion_text(_json(raw)))
+
+    def _read(self, resp: Any, started: float) -> bytes:
+        """The whole body, within the reply's time; a connection that drops early is a
+        model error."""
+        body = bytearray()
+        try:
+            while chunk := resp.read(65536):
+                body += chunk
+                if self._deadline_passed(started):
+                    raise self._timed_out()
+        except (OSError, http.client.HTTPException) as err:  # IncompleteRead is no OSError
+            raise ModelError("model reply broke off", str(err)) from None
+        if getattr(resp, "length", None):  # bytes its Content-Length promised never came
+            raise ModelError("model reply broke off", f"{resp.length} bytes missing")
+        return bytes(body)
 
 
-def _read(resp: Any) -> bytes:
-    """The whole body; a connection that drops early is a model error."""
-    try:
-        return bytes(resp.read())
-    except (OSError, http.client.HTTPException) as err:  # IncompleteRead is no OSError
-        raise ModelError(f"model reply broke off: {err}") from None
+def _clean(text: str) -> str:
+    # A lone surrogate (JSON allows "\ud83d") is no text: the model's fault, not the user's.
+    return _SURROGATE.sub("\ufffd", text) if text else text
+
+
+def _nonempty(text: str) -> str:
+    """``text``, or ModelError for an empty reply (an answer-less turn would leave two
+    user messages in a row for the next request)."""
+    if not text.strip():
+        raise ModelError("the model sent an empty reply")
+    return _clean(text)
 
 
 def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
@@ -292,7 +356,7 @@ def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except ValueError:
-        raise ModelError(f"model endpoint sent invalid JSON: {raw[:200]!r}") from None
+        raise ModelError("model endpoint sent invalid JSON", repr(raw[:200])) from None
 
 
 def _delta_text(chunk: Any) -> str:
@@ -338,7 +402,8 @@ def model_from_env(env: Mapping[str, str] | None = None) -> ChatModel:
     """:class:`OpenAICompatibleModel` when ``SATCHEL_MODEL_BASE_URL`` is set, else offline.
 
     ``SATCHEL_MODEL_NAME`` (default ``gpt-4o-mini``), ``SATCHEL_MODEL_API_KEY`` (optional
-    for local servers), ``SATCHEL_MODEL_TIMEOUT`` (seconds, default 60) and
+    for local servers), ``SATCHEL_MODEL_TIMEOUT`` (seconds for the whole reply, default
+    25: below gunicorn's 30 s worker timeout) and
     ``SATCHEL_MODEL_TEMPERATURE`` tune the remote model; ``SATCHEL_MODEL_DELAY`` (seconds
     between words) slows the offline one down for demos.
     """
@@ -353,7 +418,7 @@ def model_from_env(env: Mapping[str, str] | None = None) -> ChatModel:
         base_url,
         env.get("SATCHEL_MODEL_NAME") or "gpt-4o-mini",
         api_key=env.get("SATCHEL_MODEL_API_KEY") or None,
-        timeout=float(env.get("SATCHEL_MODEL_TIMEOUT") or 60),
+        timeout=float(env.get("SATCHEL_MODEL_TIMEOUT") or DEFAULT_MODEL_TIMEOUT),
         options=options,
     )
 
