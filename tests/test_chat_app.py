@@ -4,9 +4,9 @@ OpenAI-compatible endpoint on loopback, and one LiveServer over real HTTP."""
 from __future__ import annotations
 
 import json
-import time
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -638,7 +638,7 @@ def test_a_reply_that_never_ends_is_cut_at_the_model_timeout(comments_only: bool
     with FakeOpenAI(["w "] * 200, gap=0.05, comments_only=comments_only) as fake:
         model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=0.5)
         started = time.monotonic()
-        with pytest.raises(ModelError, match="longer than 0.5 s"):
+        with pytest.raises(ModelError, match=r"longer than 0\.5 s"):
             list(model.stream([{"role": "user", "content": "hi"}]))
         assert time.monotonic() - started < 3
 
