@@ -19,6 +19,7 @@ from satchel.pipeline import Pipeline
 from satchel.segments import SegmentStore
 from satchel.tiers import MemoryTier
 from tests.fixtures import make_fixtures
+from tests.support.clock import FakeClock
 
 NOW = 1_767_225_600
 RING = Keyring([Key("kp", bytes(range(64, 96)))])
@@ -48,18 +49,10 @@ class Recorder(Observer):
         return next(f for n, f in self.events if n == name)
 
 
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make(
-    *, mode: str = "sealed", ring: Keyring = RING, clock: Clock | None = None, **policy: Any
-) -> tuple[Pipeline, Recorder, Clock]:
-    clock = clock or Clock()
+    *, mode: str = "sealed", ring: Keyring = RING, clock: FakeClock | None = None, **policy: Any
+) -> tuple[Pipeline, Recorder, FakeClock]:
+    clock = clock or FakeClock(NOW)
     rec = Recorder()
     codec = Codec(ring, mode, clock=clock)
     settings_: dict[str, Any] = {"max_turns": None, "max_token_bytes": None}
@@ -311,7 +304,7 @@ def test_byte_budget_holds_over_random_conversations(
 
 
 def test_overflow_moves_old_turns_to_the_tier_and_brings_them_back() -> None:
-    clock = Clock()
+    clock = FakeClock(NOW)
     codec = Codec(RING, "sealed", clock=clock)
     store = SegmentStore(MemoryTier(), codec)
     rec = Recorder()

@@ -42,16 +42,9 @@ from satchel.flask_ext.session import (
     SessionTooLarge,
 )
 from satchel.keys import Keyring, generate_key
+from tests.support.clock import FakeClock
 
 T0 = 1_900_000_000.0  # a fixed "now" for tests that move the clock
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_app(**config: t.Any) -> flask.Flask:
@@ -1023,7 +1016,7 @@ def test_purpose_config_scopes_cookies(app, client):
 
 
 def test_expiry_is_enforced_from_the_envelope():
-    clock = Clock()
+    clock = FakeClock(T0)
     # no refresh, so reading the session does not re-seal it with a later expiry
     app = make_app(
         PERMANENT_SESSION_LIFETIME=timedelta(hours=1), SESSION_REFRESH_EACH_REQUEST=False
@@ -1059,7 +1052,7 @@ def test_expiry_is_enforced_from_the_envelope():
 
 
 def test_lowered_lifetime_applies_to_existing_cookies():
-    clock = Clock()
+    clock = FakeClock(T0)
     app = make_app()
     app.session_interface = SatchelSessionInterface(clock=clock)
     client = app.test_client()
@@ -1081,7 +1074,7 @@ def test_lowered_lifetime_applies_to_existing_cookies():
 
 
 def test_permanent_refresh_extends_expiry():
-    clock = Clock()
+    clock = FakeClock(T0)
     app = make_app(PERMANENT_SESSION_LIFETIME=timedelta(hours=1))
     app.session_interface = SatchelSessionInterface(clock=clock)
     client = app.test_client()
@@ -1137,7 +1130,7 @@ def test_secret_key_rotation_reissues_unmodified_session(app, client):
 
 
 def test_reissue_keeps_the_original_expiry():
-    clock = Clock()
+    clock = FakeClock(T0)
     app = make_app(SESSION_REFRESH_EACH_REQUEST=False)
     app.session_interface = SatchelSessionInterface(clock=clock)
     client = app.test_client()

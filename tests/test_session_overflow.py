@@ -15,17 +15,10 @@ from flask import Flask, request, session
 from satchel.flask_ext.session import SatchelSessionInterface, SessionTooLarge
 from satchel.flask_ext.session_overflow import PREFIX, TierSessionOverflow
 from satchel.tiers.memory import MemoryTier
+from tests.support.clock import FakeClock
 
 T0 = 1_900_000_000.0  # a fixed "now" for the tests that move the session clock
 LIFETIME = timedelta(hours=1)
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_app(
@@ -33,7 +26,7 @@ def make_app(
     *,
     grace: float = 600.0,
     testing: bool = True,
-    clock: Clock | None = None,
+    clock: FakeClock | None = None,
     overflow: TierSessionOverflow | None = None,
 ) -> Flask:
     app = Flask(__name__)
@@ -167,7 +160,7 @@ def test_a_session_that_shrinks_back_into_its_cookie_retires_its_copy(
 def test_an_unmodified_session_is_stored_again_late_in_its_lifetime() -> None:
     # Sliding expiry (SESSION_REFRESH_EACH_REQUEST) without a tier write per request:
     # the copy is replaced once past half its lifetime, so an active user stays in.
-    clock = Clock()
+    clock = FakeClock(T0)
     tier = MemoryTier(clock=clock)  # the tier's TTLs run on the same clock
     client = make_app(tier, clock=clock).test_client()
     first = cookie_of(client.post("/set/3000?permanent=1"))

@@ -356,7 +356,9 @@ def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except ValueError:
-        raise ModelError("model endpoint sent invalid JSON", repr(raw[:200])) from None
+        # Not the bytes themselves: they are (part of) the reply, conversation text the
+        # log must not hold.
+        raise ModelError("model endpoint sent invalid JSON", f"{len(raw)} bytes") from None
 
 
 def _delta_text(chunk: Any) -> str:

@@ -331,7 +331,6 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     return [LifecycleAction(*a) for a in recent]
 
 
-#: The parts of the lifecycle array, and how each is read.
 def _dropped_from_wire(dropped: Any) -> dict[str, int]:
     # Counts by policy name: anything else would fail later, in the pipeline (a 500).
     if type(dropped) is not dict or not all(
@@ -341,6 +340,7 @@ def _dropped_from_wire(dropped: Any) -> dict[str, int]:
     return dict(dropped)
 
 
+#: The parts of the lifecycle array, and how each is read.
 _LIFECYCLE_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("dropped", _dropped_from_wire),
     ("summarized", int),
@@ -549,18 +549,31 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+#: The byte fields to_wire writes when they are set, and their readers.
+_OPTIONAL_BIN_FIELDS: tuple[tuple[str, Callable[[Any], bytes]], ...] = (
+    ("bound_user", _bin),
+    ("parent", _parent),
+    ("mark_id", _mark_id),
+    ("mark_parent", _mark_id),
+)
+
+
 def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> str | None:
     """What in the context's own fields (id, sequence number, times, versions, user
     binding, lifecycle record, overflow references) would not read back, or None.
 
     The slow path of :func:`to_wire`: each field through its reader again, to name it.
     """
-    readers: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    readers: list[tuple[str, Callable[[Any], Any]]] = [
         ("session_id", check_session_id),
         ("seq", _seq),
         ("created_at", _num),
         ("last_active", _num),
-    )
+    ]
+    # The optional fields, when to_wire writes them.
+    if ctx.metadata_version:
+        readers.append(("metadata_version", check_version))
+    readers += [(n, r) for n, r in _OPTIONAL_BIN_FIELDS if getattr(ctx, n) is not None]
     for name, read in readers:
         value = getattr(ctx, name)
         try:
@@ -569,28 +582,6 @@ def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> 
             return f"{name} is {_describe(value)}: {exc}"
     if next_seq and ctx.seq + 1 >= SEQ_LIMIT:
         return f"seq is {ctx.seq}: sealing would pass the largest sequence number"
-    if ctx.metadata_version:
-        try:
-            check_version(ctx.metadata_version)
-        except (TypeError, ValueError) as exc:
-            return f"metadata_version is {_describe(ctx.metadata_version)}: {exc}"
-    if ctx.bound_user is not None:
-        try:
-            _bin(ctx.bound_user)
-        except TypeError as exc:
-            return f"bound_user is {_describe(ctx.bound_user)}: {exc}"
-    if ctx.parent is not None:
-        try:
-            _parent(ctx.parent)
-        except (TypeError, ValueError) as exc:
-            return f"parent is {_describe(ctx.parent)}: {exc}"
-    for name in ("mark_id", "mark_parent"):
-        value = getattr(ctx, name)
-        if value is not None:
-            try:
-                _mark_id(value)
-            except (TypeError, ValueError) as exc:
-                return f"{name} is {_describe(value)}: {exc}"
     lc = ctx.lifecycle
     if not isinstance(lc, Lifecycle):
         return f"lifecycle is {type(lc).__name__}, not Lifecycle"
@@ -808,7 +799,7 @@ def from_wire(wire: Any) -> Context:
         IndexError,
         AttributeError,
         OverflowError,
-        RecursionError,  # str() of a list nested a thousand deep, where a str belongs
+        RecursionError,  # a reader walking a payload nested deeper than Python recurses
     ) as exc:
         raise InvalidContext(f"payload is not a valid context: {type(exc).__name__}") from None
     if not isinstance(ctx.summary, str):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -10,21 +9,7 @@ import pytest
 
 from satchel import Codec, Context, Keyring
 from satchel.tiers import BreakerPolicy, GuardedTier, SegmentCache, Tier
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
+from tests.support.clock import FakeClock
 
 
 class Events:

@@ -219,8 +219,8 @@ class Satchel:
                 observer=self.observer,
                 metadata_schema=metadata_schema,
             )
-        if config.mode == "client" and self._server_routes:
-            raise ConfigurationError(_server_level_refusal(sorted(self._server_routes)))
+        if config.mode == "client":  # routes decorated before init_app
+            _check_route_levels(self._server_routes, self._monotonic_routes, tier is not None)
         guard = None
         if tier is not None and config.mode == "client":
             guard = MonotonicGuard(
@@ -229,14 +229,10 @@ class Satchel:
                 observer=self.observer,
                 mark_ids=config.mark_ids,
             )
-        elif config.mode == "client" and (
-            config.consistency == "monotonic" or self._monotonic_routes
-        ):
-            routes = f" (routes: {', '.join(sorted(self._monotonic_routes))})"
+        elif config.mode == "client" and config.consistency == "monotonic":
             raise ConfigurationError(
                 "monotonic consistency needs a tier for its marks: set "
                 "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
-                + (routes if self._monotonic_routes else "")
             )
         self._apps.add(app)
         app.extensions["satchel"] = _AppState(
@@ -420,7 +416,7 @@ class Satchel:
             level = stricter(stricter(config.consistency, rs.consistency), _route_level())
             rs.opened_level = level
             if level == "server":  # a view marked by hand: init_app checks the decorator's
-                raise ConfigurationError(_server_level_refusal([repr(request.endpoint)]))
+                _check_route_levels({repr(request.endpoint)}, set(), True)
             if level == "monotonic":
                 if app_state.guard is None:
                     raise ConfigurationError("monotonic consistency needs a tier")
@@ -496,23 +492,15 @@ class Satchel:
             target: Any = getattr(view, "__func__", view)  # a bound method: its function
             with contextlib.suppress(AttributeError):  # a builtin takes no attributes
                 target._satchel_consistency = marked
-            if level == "server":
-                self._server_routes.add(getattr(view, "__qualname__", repr(view)))
-                for app in self._apps:  # decorated after init_app: check now
-                    if app.extensions["satchel"].config.mode == "client":
-                        raise ConfigurationError(
-                            _server_level_refusal([getattr(view, "__qualname__", repr(view))])
-                        )
-            if level == "monotonic":
-                self._monotonic_routes.add(getattr(view, "__qualname__", repr(view)))
-                for app in self._apps:  # decorated after init_app: check now
-                    state: _AppState = app.extensions["satchel"]
-                    if state.config.mode == "client" and state.guard is None:
-                        raise ConfigurationError(
-                            f"{getattr(view, '__qualname__', view)} demands monotonic "
-                            "consistency, which needs a tier for its marks: set "
-                            "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
-                        )
+            name = getattr(view, "__qualname__", repr(view))
+            server = {name} if level == "server" else set()
+            monotonic = {name} if level == "monotonic" else set()
+            self._server_routes |= server
+            self._monotonic_routes |= monotonic
+            for app in self._apps:  # decorated after init_app: check now
+                state: _AppState = app.extensions["satchel"]
+                if state.config.mode == "client":
+                    _check_route_levels(server, monotonic, state.guard is not None)
 
             @functools.wraps(view)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -525,7 +513,7 @@ class Satchel:
                         # registered one): the check it demands did not run.
                         raise ConfigurationError(
                             f"the context was opened at {opened!r} consistency before "
-                            f"{getattr(view, '__qualname__', view)} demanded {level!r}"
+                            f"{name} demanded {level!r}"
                         )
                 return view(*args, **kwargs)
 
@@ -854,13 +842,28 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
 
 
-def _server_level_refusal(routes: list[str]) -> str:
-    return (
-        f"{', '.join(routes)} demand{'s' if len(routes) == 1 else ''} 'server' consistency, "
-        "but this app keeps the context in the token (SATCHEL_MODE=client): one route "
-        "cannot take its context off the wire. Use 'monotonic' for a route whose values "
-        "must not roll back, or run the app with SATCHEL_MODE=server"
-    )
+def _check_route_levels(server: set[str], monotonic: set[str], has_tier: bool) -> None:
+    """ConfigurationError for routes a client-held app cannot serve at the level they
+    demand: ``server`` ever, ``monotonic`` without a tier for its marks."""
+    for routes, level, problem in (
+        (
+            server,
+            "'server'",
+            "but this app keeps the context in the token (SATCHEL_MODE=client): one route "
+            "cannot take its context off the wire. Use 'monotonic' for a route whose "
+            "values must not roll back, or run the app with SATCHEL_MODE=server",
+        ),
+        (
+            set() if has_tier else monotonic,
+            "monotonic",
+            "which needs a tier for its marks: set SATCHEL_OVERFLOW_URL "
+            "(sqlite:///path or redis://...)",
+        ),
+    ):
+        if routes:
+            names = sorted(routes)
+            demand = "demands" if len(names) == 1 else "demand"
+            raise ConfigurationError(f"{', '.join(names)} {demand} {level} consistency, {problem}")
 
 
 def _route_level() -> str | None:
