@@ -51,3 +51,36 @@ def test_targets_are_checked_as_the_issue_states_them() -> None:
         "20 turns: >= 2.5x faster than Flask (signed)": True,
         "20 turns: token <= 0.8x Flask cookie bytes (sealed)": True,
     }
+
+
+def _conversations(path: Path) -> list[list[dict[str, str]]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["turns"] for line in lines if line.strip()]
+
+
+def test_packaged_sample_is_held_out_text_and_serves_an_installed_satchel(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Outside a checkout the bench uses the packaged sample; it must be held-out text
+    (the hand-written conversations, then the first generated ones), and enough of it
+    for every size: one short conversation repeated into 200 turns measured nothing."""
+    corpus = ROOT / "tools" / "corpus"
+    expected = _conversations(corpus / "heldout_handwritten.jsonl")
+    generated = _conversations(corpus / "heldout.jsonl")
+    monkeypatch.setattr(bench, "corpus_roots", lambda: [tmp_path])
+    convs, source = bench.load_conversations()
+    assert source == f"packaged {bench.PACKAGED_SAMPLE} ({len(convs)} conversations)"
+    assert convs[: len(expected)] == expected
+    rest = convs[len(expected) :]
+    assert len(rest) >= 24 and rest == generated[: len(rest)]
+    # Every 200-turn context joins distinct conversations: none repeats within one.
+    assert sum(len(turns) for turns in convs) >= 200
+
+
+def test_checkout_corpus_is_found_from_any_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    convs, source = bench.load_conversations()
+    assert source.endswith("tools/corpus/heldout.jsonl") and "packaged" not in source
+    assert len(convs) == len(_conversations(ROOT / "tools" / "corpus" / "heldout.jsonl")) + len(
+        _conversations(ROOT / "tools" / "corpus" / "heldout_handwritten.jsonl")
+    )

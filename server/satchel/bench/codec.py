@@ -41,30 +41,54 @@ SIZE_SAMPLES = 100
 TARGET_FLOOR_RATIO = 1.3
 TARGET_FLASK_SPEEDUP = 2.5
 TARGET_BYTES = {4: 0.6, 20: 0.8}
+#: The held-out conversations an installed satchel carries (see load_conversations).
+PACKAGED_SAMPLE = "heldout_sample.jsonl"
 
 
 def load_conversations(path: str | None = None) -> tuple[list[list[dict[str, str]]], str]:
-    """Held-out conversations: --corpus, else tools/corpus/heldout*.jsonl, else packaged."""
-    candidates = [Path(path)] if path else []
-    candidates += [
-        Path("tools/corpus/heldout_handwritten.jsonl"),
-        Path("tools/corpus/heldout.jsonl"),
-    ]
+    """Held-out conversations: ``path`` when given; else the repository's held-out
+    corpus (``tools/corpus/heldout*.jsonl``, looked up from the working directory,
+    then from this source checkout); else the sample packaged with satchel."""
+    if path:
+        candidates = [Path(path)]
+    else:
+        candidates = [
+            root / "tools" / "corpus" / name
+            for root in corpus_roots()
+            for name in ("heldout_handwritten.jsonl", "heldout.jsonl")
+        ]
     convs: list[list[dict[str, str]]] = []
-    used = []
+    used: list[str] = []
     for candidate in candidates:
         if candidate.is_file():
+            if not path and any(Path(u).name == candidate.name for u in used):
+                continue  # the working directory is the checkout: one copy is enough
             for line in candidate.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     convs.append(json.loads(line)["turns"])
-            used.append(str(candidate))
-            if path:
-                break
+            used.append(_shown(candidate))
     if not convs:
-        text = resources.files("satchel.bench").joinpath("heldout_sample.jsonl").read_text()
+        # An installed satchel has no tools/: it carries the hand-written held-out
+        # conversations and the first 24 generated ones (none seen in training), so
+        # that `satchel bench codec` means the same thing outside the repository.
+        text = resources.files("satchel.bench").joinpath(PACKAGED_SAMPLE).read_text("utf-8")
         convs = [json.loads(line)["turns"] for line in text.splitlines() if line.strip()]
-        used.append("packaged heldout_sample.jsonl")
+        used.append(f"packaged {PACKAGED_SAMPLE} ({len(convs)} conversations)")
     return convs, ", ".join(used)
+
+
+def corpus_roots() -> list[Path]:
+    """Where a repository checkout may be: the working directory, then the checkout
+    this module runs from (an editable install)."""
+    return [Path.cwd(), Path(__file__).resolve().parents[3]]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def conversation_of(convs: list[list[dict[str, str]]], turns: int, offset: int = 0) -> list[dict]:
