@@ -34,6 +34,16 @@ export interface SatchelErrorOptions {
 }
 
 /**
+ * What `fetch` takes as its first argument, in whatever environment compiles this
+ * (the DOM's `RequestInfo | URL`, or Node's own): the declarations need no DOM lib.
+ */
+export type FetchInput = Parameters<typeof globalThis.fetch>[0];
+/** The listener `EventTarget.addEventListener` takes, in this environment. */
+export type EventTargetListener = Parameters<EventTarget['addEventListener']>[1];
+/** The options `EventTarget.addEventListener` takes, in this environment. */
+export type AddListenerOptions = Parameters<EventTarget['addEventListener']>[2];
+
+/**
  * Base class of every error the client throws on purpose.
  * Network failures and aborts are not wrapped: they keep their platform
  * types (`TypeError`, `DOMException` named `AbortError`).
@@ -63,7 +73,16 @@ export declare class SatchelError extends Error {
 export declare class TokenError extends SatchelError {}
 
 /** 409 `stale_context`: another tab or request moved the conversation ahead. */
-export declare class StaleContextError extends SatchelError {}
+export declare class StaleContextError extends SatchelError {
+  /**
+   * `false` when the token this client holds was refused and nothing newer is
+   * stored: its successor was issued but never arrived (a response lost to an
+   * abort, a timeout or the network under `monotonic` consistency). Sending again
+   * is refused again, for good: call {@link SatchelClient.reset} (or let another
+   * tab store a newer token). `true` otherwise: a later attempt may succeed.
+   */
+  recoverable: boolean;
+}
 
 /** 503, or code `tier_unavailable`: the server cannot serve the context now. */
 export declare class ServiceUnavailableError extends SatchelError {
@@ -111,8 +130,17 @@ export interface StorageAdapter {
 /** Built-in storage names accepted by the `storage` option. */
 export type StorageKind = 'local' | 'session' | 'memory';
 
+/** What {@link memoryStorage} returns: a synchronous {@link StorageAdapter}. */
+export interface MemoryStorageAdapter extends StorageAdapter {
+  readonly kind: 'memory';
+  get(key: string): string | null;
+  set(key: string, value: string): void;
+  remove(key: string): void;
+  keys(): string[];
+}
+
 /** A fresh, private in-memory adapter (handy for tests). */
-export declare function memoryStorage(initial?: Record<string, string>): StorageAdapter & { kind: 'memory'; keys(): string[] };
+export declare function memoryStorage(initial?: Record<string, string>): MemoryStorageAdapter;
 
 /**
  * localStorage adapter. Falls back to the page-wide memory store when
@@ -200,7 +228,9 @@ export interface LockManagerLike {
 export interface BroadcastChannelLike {
   postMessage(message: unknown): void;
   addEventListener?(type: 'message', listener: (event: { data: unknown }) => void): void;
-  onmessage?: ((event: { data: unknown }) => void) | null;
+  // Method-style (bivariant) so that the real BroadcastChannel, whose handler takes
+  // a MessageEvent, is accepted too.
+  onmessage?: { handler(event: { data: unknown }): void }['handler'] | null;
   close(): void;
 }
 
@@ -216,7 +246,7 @@ export interface SatchelClientOptions {
   /** Storage key prefix. Default `"satchel:"`; key = prefix + conversation. */
   prefix?: string;
   /** fetch implementation. Default: `globalThis.fetch`, looked up at call time. */
-  fetch?: (input: RequestInfo | URL, init?: RequestInit) => Promise<Response>;
+  fetch?: (input: FetchInput, init?: RequestInit) => Promise<Response>;
   /** Header carrying the token, in both directions. Default `"Satchel-Context"`. */
   headerName?: string;
   /**
@@ -308,6 +338,8 @@ export interface StaleEventDetail {
   message: string;
   /** True when a newer token was found in storage and the request is resent. */
   retrying: boolean;
+  /** As {@link StaleContextError.recoverable}: false means only `reset()` continues. */
+  recoverable: boolean;
 }
 
 /**
@@ -348,6 +380,8 @@ export interface StreamResult {
  * return value and `result` are the final metadata.
  */
 export interface SatchelStream extends AsyncGenerator<string, StreamResult, undefined> {
+  /** Stop the stream early (as `break` does); the value is optional. */
+  return(value?: StreamResult | PromiseLike<StreamResult>): Promise<IteratorResult<string, StreamResult>>;
   /**
    * Settles when the stream is finished: resolves with the metadata, rejects
    * with the stream's error, or with `code: "stream_cancelled"` if the loop
@@ -400,12 +434,12 @@ export declare class SatchelClient extends EventTarget {
   addEventListener<K extends keyof SatchelEventMap>(
     type: K,
     listener: (event: CustomEvent<SatchelEventMap[K]>) => void,
-    options?: boolean | AddEventListenerOptions,
+    options?: AddListenerOptions,
   ): void;
   addEventListener(
     type: string,
-    listener: EventListenerOrEventListenerObject | null,
-    options?: boolean | AddEventListenerOptions,
+    listener: EventTargetListener,
+    options?: AddListenerOptions,
   ): void;
   removeEventListener<K extends keyof SatchelEventMap>(
     type: K,
@@ -414,7 +448,7 @@ export declare class SatchelClient extends EventTarget {
   ): void;
   removeEventListener(
     type: string,
-    listener: EventListenerOrEventListenerObject | null,
+    listener: EventTargetListener,
     options?: boolean | EventListenerOptions,
   ): void;
 
@@ -438,7 +472,7 @@ export declare class SatchelClient extends EventTarget {
    * The lock wait is aborted by `init.signal`, or else by the Request's own
    * signal, as fetch() itself would be.
    */
-  fetch(input: RequestInfo | URL, init?: RequestInit | null): Promise<Response>;
+  fetch(input: FetchInput, init?: RequestInit | null): Promise<Response>;
 
   /**
    * POST `body` as JSON and stream the reply's text deltas
@@ -449,7 +483,7 @@ export declare class SatchelClient extends EventTarget {
    * after a delta the token is still dropped (as by fetch()) and the
    * TokenError thrown.
    */
-  stream(url: RequestInfo | URL, body?: unknown, init?: RequestInit | null): SatchelStream;
+  stream(url: FetchInput, body?: unknown, init?: RequestInit | null): SatchelStream;
 
   /** Forget this conversation's token (under the lock); the next request starts fresh. */
   reset(): Promise<void>;
@@ -502,8 +536,8 @@ export interface PrepareSendMessagesRequestOptions {
   id: string;
   messages: UIMessageLike[];
   body?: Record<string, unknown>;
-  headers?: HeadersInit;
-  credentials?: RequestCredentials;
+  headers?: RequestInit['headers'];
+  credentials?: RequestInit['credentials'];
   api?: string;
   trigger?: 'submit-message' | 'regenerate-message';
   messageId?: string;
@@ -535,7 +569,7 @@ export interface SatchelAISDKAdapter {
    * re-reads the newest token, adopts the next one from response headers or
    * a `data-satchel` stream part, and throws typed errors.
    */
-  fetch(input: RequestInfo | URL, init?: RequestInit): Promise<Response>;
+  fetch(input: FetchInput, init?: RequestInit): Promise<Response>;
 }
 
 /**

@@ -18,7 +18,7 @@
  *   stream    text/event-stream: delta* , satchel, done | error
  */
 
-export const VERSION = '0.1.3';
+export const VERSION = '0.1.4';
 export const DEFAULT_HEADER = 'Satchel-Context';
 export const DEFAULT_PREFIX = 'satchel:';
 /**
@@ -81,6 +81,8 @@ export class StaleContextError extends SatchelError {
   constructor(message, opts) {
     super(message, opts);
     this.name = 'StaleContextError';
+    /** False when sending the stored token again can only be refused again: call reset(). */
+    this.recoverable = true;
   }
 }
 
@@ -151,19 +153,24 @@ function isAbort(err) {
 /* Storage adapters                                                          */
 /* ------------------------------------------------------------------------ */
 
+/** Adapters whose writes cannot fail, or that keep refused writes themselves. */
+const safeAdapters = new WeakSet();
+
 /**
  * In-memory adapter. Each call returns an isolated store; use it in tests or
  * when nothing should outlive the page.
  */
 export function memoryStorage(initial) {
   const map = new Map(initial ? Object.entries(initial) : []);
-  return {
+  const adapter = {
     kind: 'memory',
     get: (key) => (map.has(key) ? map.get(key) : null),
     set: (key, value) => void map.set(key, String(value)),
     remove: (key) => void map.delete(key),
     keys: () => [...map.keys()],
   };
+  safeAdapters.add(adapter);
+  return adapter;
 }
 
 // `storage: "memory"` (and the fallback for a broken Web Storage) share one
@@ -198,7 +205,7 @@ function webStorage(kind) {
     return { ...mem, kind: 'memory', fallbackFrom: kind };
   }
   const overlay = new Map();
-  return {
+  const adapter = {
     kind,
     get(key) {
       if (overlay.has(key)) return overlay.get(key);
@@ -237,7 +244,54 @@ function webStorage(kind) {
       return [...out];
     },
   };
+  safeAdapters.add(adapter);
+  return adapter;
 }
+
+/**
+ * A custom adapter, held to the built-in adapters' rule: a write it refuses (throws
+ * or rejects: a full disk, a closed IndexedDB) is kept in memory for this page
+ * rather than failing a request the server has already answered, whose reply and
+ * successor token would be lost with it. Synchronous adapters stay synchronous,
+ * and the adapter's own extra properties stay reachable on the result.
+ */
+function guardedStorage(adapter) {
+  if (safeAdapters.has(adapter)) return adapter;
+  const overlay = new Map();
+  const keep = (key, value) => void overlay.set(key, String(value));
+  const guarded = Object.create(adapter);
+  guarded.get = (key) => (overlay.has(key) ? overlay.get(key) : adapter.get(key));
+  guarded.set = (key, value) => {
+    let result;
+    try {
+      result = adapter.set(key, value);
+    } catch {
+      return keep(key, value);
+    }
+    if (result && typeof result.then === 'function') {
+      return result.then(
+        () => void overlay.delete(key),
+        () => keep(key, value),
+      );
+    }
+    overlay.delete(key);
+    return result;
+  };
+  guarded.remove = (key) => {
+    overlay.delete(key);
+    return adapter.remove(key);
+  };
+  if (typeof adapter.keys === 'function') {
+    const merge = (stored) => [...new Set([...overlay.keys(), ...stored])];
+    guarded.keys = () => {
+      const stored = adapter.keys();
+      return stored && typeof stored.then === 'function' ? stored.then(merge) : merge(stored);
+    };
+  }
+  safeAdapters.add(guarded);
+  return guarded;
+}
+
 
 /** localStorage adapter (falls back to memory, see webStorage). */
 export function localStorageAdapter() {
@@ -255,7 +309,7 @@ export function resolveStorage(spec = 'local') {
     if (typeof spec.set !== 'function' || typeof spec.remove !== 'function') {
       throw new TypeError('Satchel storage adapter needs get(), set() and remove()');
     }
-    return spec;
+    return guardedStorage(spec);
   }
   if (spec === 'local') return webStorage('local');
   if (spec === 'session') return webStorage('session');
@@ -634,8 +688,9 @@ function isReplayable(input, init) {
 }
 
 function prepare(input, init, headerName, token) {
-  const headers = new Headers(isRequest(input) ? input.headers : undefined);
-  if (init && init.headers) new Headers(init.headers).forEach((v, k) => headers.set(k, v));
+  // fetch's own rule: init.headers, when given, replaces a Request's headers.
+  const given = init && init.headers !== undefined ? init.headers : undefined;
+  const headers = new Headers(given !== undefined ? given : isRequest(input) ? input.headers : undefined);
   // Always overwrite: a header set by the caller (e.g. from a cached token in
   // the AI SDK adapter) must not beat the token read under the lock, and a
   // fresh-context retry must really carry no token.
@@ -1023,11 +1078,17 @@ export class SatchelClient extends EventTarget {
       const newest = await this._readRecord();
       const serverSide = !!sent && tokenOf(newest) === sent.token && sent.token.startsWith(SERVER_CARRIER);
       const retrying = canRetry && (tokenOf(newest) !== tokenOf(sent) || serverSide);
+      // A client-held token refused as stale, with nothing newer stored: its successor
+      // was issued but never arrived (a response lost to an abort, a timeout or the
+      // network under SATCHEL_CONSISTENCY=monotonic). Sending it again is refused
+      // again, for good; only reset() (or a newer token from another tab) continues.
+      err.recoverable = !(sent && !serverSide && tokenOf(newest) === sent.token);
       this._emit('stale', {
         conversation: this._conversation,
         code: err.code,
         message: err.message,
         retrying,
+        recoverable: err.recoverable,
       });
       if (!retrying) return false;
       state.retried = true;

@@ -32,3 +32,23 @@ test('package.json points at the module and its declarations', () => {
 test('VERSION is the package version', () => {
   assert.equal(satchel.VERSION, pkg.version);
 });
+
+test('the declarations compile without the DOM lib: no DOM-only type names', () => {
+  // A Node-only TypeScript project (lib es2022, @types/node) has Request, Response,
+  // Headers, RequestInit and EventTarget, but not these; the declarations derive
+  // what they need from fetch and EventTarget instead (FetchInput, ...).
+  const code = dts.replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '');
+  for (const name of ['RequestInfo', 'HeadersInit', 'RequestCredentials', 'AddEventListenerOptions', 'EventListenerOrEventListenerObject', 'MessageEvent']) {
+    assert.doesNotMatch(code, new RegExp(`\\b${name}\\b`), name);
+  }
+});
+
+test('what tsc --strict found missing is declared', () => {
+  const code = dts.replace(/\/\*[\s\S]*?\*\//g, '');
+  assert.match(code, /class StaleContextError extends SatchelError \{[^}]*recoverable: boolean;/);
+  assert.match(code, /function memoryStorage\([^)]*\): MemoryStorageAdapter;/);
+  assert.match(code, /interface SatchelStream [^{]*\{\s*return\(value\?:/);
+  const stale = new satchel.StaleContextError('x', { code: 'stale_context' });
+  assert.equal(stale.recoverable, true);
+  assert.deepEqual(satchel.memoryStorage({ a: '1' }).keys(), ['a']); // synchronous
+});

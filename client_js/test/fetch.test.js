@@ -71,6 +71,17 @@ test('Request objects are accepted and keep their own headers', async () => {
   assert.equal(req.bodyUsed, false); // we send clones, so a retry stays possible
 });
 
+test('init.headers replaces a Request\'s own headers, as fetch() does', async () => {
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'n', seq: 1 } }));
+  const client = testClient({ fetch });
+  await client.importToken('held');
+  const req = new Request('http://x.test/chat', { method: 'POST', body: 'hi', headers: { 'X-From-Request': '1' } });
+  await client.fetch(req, { headers: { 'X-From-Init': '1' } });
+  assert.equal(fetch.calls[0].headers.get('X-From-Init'), '1');
+  assert.equal(fetch.calls[0].headers.has('X-From-Request'), false);
+  assert.equal(fetch.calls[0].token, 'held');
+});
+
 test('token_* error: drop token, emit reset, retry once without token', async () => {
   const fetch = fakeFetch((call) =>
     call.token
@@ -195,6 +206,52 @@ test('stale_context with nothing newer in storage: StaleContextError, no retry',
   assert.equal(fetch.calls.length, 1);
   assert.equal(client.token, 'A5'); // a stale token is still the best we have
   assert.equal(stale[0].detail.retrying, false);
+});
+
+test('a response lost after the server committed (monotonic): stale for good, recoverable false', async () => {
+  // The server issued A2 for A1, but the response never arrived (abort, timeout,
+  // network); under monotonic consistency A1 is refused from then on.
+  let committed = false;
+  const fetch = fakeFetch((call) => {
+    if (call.token === 'A1' && !committed) {
+      committed = true;
+      throw new DOMException('The operation was aborted.', 'AbortError');
+    }
+    return errorReply(409, 'stale_context', 'a newer token was issued');
+  });
+  const client = testClient({ fetch });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  const stale = record(client, ['stale']);
+  await assert.rejects(client.fetch('/chat', { method: 'POST', body: 'b' }), { name: 'AbortError' });
+  assert.equal(client.token, 'A1'); // unchanged: the client cannot know the server committed
+  const err = await client.fetch('/chat', { method: 'POST', body: 'c' }).catch((e) => e);
+  assert.ok(err instanceof StaleContextError);
+  assert.equal(err.recoverable, false);
+  assert.deepEqual(
+    stale.map((e) => [e.detail.retrying, e.detail.recoverable]),
+    [[false, false]],
+  );
+  // reset() is the way on: a fresh context.
+  await client.reset();
+  const fresh = testClient({ fetch: fakeFetch(() => reply({ satchel: { token: 'B1', seq: 1 } })) });
+  await fresh.fetch('/chat', { method: 'POST', body: 'c' });
+  assert.equal(fresh.token, 'B1');
+  assert.equal(client.token, null);
+});
+
+test('stale_context while another tab keeps storing newer tokens: recoverable', async () => {
+  const storage = memoryStorage();
+  const fetch = fakeFetch((call) => {
+    const next = { A5: 'A6', A6: 'A7' }[call.token];
+    storage.set('satchel:default', JSON.stringify({ token: next, seq: Number(next.slice(1)), session: 'A' }));
+    return errorReply(409, 'stale_context', 'moved ahead');
+  });
+  const client = testClient({ fetch, storage });
+  await client.importToken('A5', { seq: 5, session: 'A' });
+  const err = await client.fetch('/chat', { method: 'POST', body: 'm' }).catch((e) => e);
+  assert.ok(err instanceof StaleContextError);
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['A5', 'A6']); // one retry per call
+  assert.equal(err.recoverable, true); // A7 is stored: the next call sends it
 });
 
 test('stale_context on a server-mode carrier: the same carrier is sent again, once', async () => {

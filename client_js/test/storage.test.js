@@ -209,3 +209,34 @@ test('resolveStorage rejects incomplete adapters and unknown names', () => {
   assert.throws(() => resolveStorage({ get() {} }), TypeError);
   assert.throws(() => resolveStorage('indexeddb'), TypeError);
 });
+
+for (const [name, failing] of [
+  ['throws', () => { throw new Error('disk full'); }],
+  ['rejects', () => Promise.reject(new Error('IndexedDB closed'))],
+]) {
+  test(`a custom adapter whose set() ${name}: the reply is returned and the token kept in memory`, async () => {
+    const backing = new Map([['satchel:default', JSON.stringify({ token: 'k1', seq: 1, session: 's' })]]);
+    let refuse = false;
+    const adapter = {
+      get: async (key) => backing.get(key) ?? null,
+      set: (key, value) => (refuse ? failing() : void backing.set(key, value)),
+      remove: async (key) => void backing.delete(key),
+      keys: async () => [...backing.keys()],
+      label: 'mine',
+    };
+    const fetch = fakeFetch((call, i) => reply({ json: { n: i }, satchel: { token: `k${i + 2}`, seq: i + 2, session: 's' } }));
+    const client = testClient({ fetch, storage: adapter });
+    assert.equal(client.storage.label, 'mine'); // the adapter's own properties stay reachable
+    refuse = true;
+    const res = await client.fetch('/chat', { method: 'POST', body: 'k2' });
+    assert.deepEqual(await res.json(), { n: 0 });
+    assert.equal(client.token, 'k2');
+    assert.equal(client.seq, 2);
+    await client.fetch('/chat', { method: 'POST', body: 'k3' });
+    assert.deepEqual(fetch.calls.map((c) => c.token), ['k1', 'k2']); // not the stale k1 again
+    assert.deepEqual(await listConversations(client.storage), ['default']);
+    refuse = false; // the adapter works again: the next write reaches it
+    await client.fetch('/chat', { method: 'POST', body: 'k4' });
+    assert.equal(JSON.parse(backing.get('satchel:default')).token, 'k4');
+  });
+}

@@ -749,3 +749,42 @@ def test_a_reply_that_never_arrived_shows_one_fork_notice_and_no_reload_loop(
     send(page, "third message")
     assert len(loads) <= 4
     assert user_texts(server_context(srv, page)) == ["first message", "third message"]
+
+
+def test_monotonic_chat_whose_reply_was_lost_says_to_start_a_new_chat(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """Under monotonic consistency, a reply lost after the server committed leaves the
+    page holding a token the server refuses for good (409 stale_context). The page must
+    say why and what to do, not just fail every send; a new chat works."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_CONSISTENCY="monotonic")
+    open_chat(page, srv)
+    send(page, "first message")
+
+    held: list[Any] = []
+
+    def finish_on_the_server_only(route: Any) -> None:
+        response = route.fetch()
+        response.body()
+        held.append(response)
+        route.abort("connectionreset")
+
+    page.route("**/api/chat/stream", finish_on_the_server_only)
+    page.fill("#message", "second message")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    assert held, "the streamed request never reached the server"
+    page.unroute("**/api/chat/stream")
+
+    page.fill("#message", "third message")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#error")).to_contain_text("stale_context")
+    expect(page.locator("#error")).to_contain_text("start a new chat")
+    expect(page.locator("#message")).to_have_value("third message")
+    screenshot("monotonic-lost-reply")
+
+    page.click("#new-chat")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    send(page, "a new start")
+    expect(last_reply(page)).not_to_be_empty()

@@ -745,7 +745,13 @@ async function send(text) {
     if (client === sentWith && tracked && rendered) rendered.pop();
     if (client === sentWith && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
     const reason = err && err.code ? `${err.message} (${err.code})` : (err && err.message) || String(err);
-    showError(`The message was not sent: ${reason}. It is back in the message box.`);
+    // Monotonic consistency and a reply lost on the way (see docs/client-js.md, "Lost
+    // responses"): this chat's token is refused for good. Say so, and how to go on.
+    const stuck = err && err.code === 'stale_context' && err.recoverable === false;
+    const next = stuck
+      ? ' This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
+      : '';
+    showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
   } finally {
