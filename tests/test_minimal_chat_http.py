@@ -280,3 +280,57 @@ def test_every_plain_setting_is_read_from_the_environment(
     assert header.dictionary_id == 231
     with app.app_context():
         assert app.extensions["satchel"].codec.open(response.headers[HEADER]).metadata_version == 3
+
+
+def test_a_damaged_sqlite_tier_file_degrades_gunicorn_workers_instead_of_stopping_them(
+    tmp_path: Any,
+) -> None:
+    """The start-up check refused a file that is not an SQLite database. When the tier's
+    own file was damaged while the app ran, the next worker gunicorn booted (a restart
+    after max_requests, a crash, a timeout) failed in create_app, and gunicorn stopped
+    the master: connection refused for everyone, over an optional tier. Workers now
+    boot, answer (degraded), log the problem, and recover once the file is removed."""
+    import os
+    import signal
+
+    from satchel.bench.compare import children
+
+    db = tmp_path / "overflow.db"
+    db.write_bytes(b"GARBAGEGARBAGE!!" + os.urandom(4096))  # a damaged tier file
+    env = {
+        "SATCHEL_KEYS": RING.to_string(),
+        "SATCHEL_OVERFLOW_URL": f"sqlite:///{db}",
+        "SATCHEL_MAX_TOKEN_BYTES": "1200",
+        "SATCHEL_BREAKER_RESET_TIMEOUT": "0.2",
+    }
+    with LiveServer(APP, server="gunicorn", workers=2, env=env) as server:
+        token = None
+        flagged: set[str] = set()
+        for i in range(6):  # turns that do not compress: the conversation must spill
+            response = post_chat(server, f"message {i}: " + os.urandom(150).hex(), token)
+            assert response.status == 200, response.text
+            token = response.headers[HEADER]
+            flagged.update(response.json()["degraded"])
+        assert "tier_write_failed" in flagged
+        assert "is not an SQLite database" in server.logs()
+
+        assert server.pid is not None
+        workers = children(server.pid)
+        os.kill(workers[0], signal.SIGTERM)  # a worker restarts with the file still bad
+        wait_until(
+            lambda: len(children(server.pid)) == 2 and workers[0] not in children(server.pid),
+            timeout=20,
+            message="gunicorn to boot a replacement worker",
+        )
+        assert server.running, server.logs()
+
+        db.unlink()  # the operator clears the damaged file: the workers recover
+
+        def spills_cleanly() -> bool:
+            nonlocal token
+            response = post_chat(server, "again: " + os.urandom(150).hex(), token)
+            assert response.status == 200, response.text
+            token = response.headers[HEADER]
+            return response.json()["degraded"] == [] and db.exists()
+
+        wait_until(spills_cleanly, timeout=15, message="a spill to the new file")

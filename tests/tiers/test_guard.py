@@ -351,3 +351,24 @@ def test_one_breaker_per_shard_and_a_replaced_shard_stops_counting(
     assert "m1" not in guard.breaker_states()
     assert guard.breaker_state == "closed"
     assert events.names == ["breaker_opened", "breaker_closed"]
+
+
+def test_what_the_tier_said_is_logged_once_per_interval(guard_factory, caplog) -> None:
+    """Requests only report a reason (tier_unavailable), and a fault that fails writes
+    alone (a read-only or damaged SQLite file) never opens the breaker: the tier's own
+    message reached no log at all."""
+    tier = SwitchTier()
+    guard = guard_factory(tier, fail_max=100)
+    tier.down = TierUnavailable
+    with caplog.at_level("WARNING", logger="satchel.tiers"):
+        for _ in range(5):
+            with pytest.raises(TierUnavailable):
+                guard.put("k", b"v", 10)
+    failures = [r for r in caplog.records if "put failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].getMessage() == "satchel memory tier: put failed: switched off"
+    guard.FAILURE_LOG_INTERVAL = 0.0  # the interval passed
+    with caplog.at_level("WARNING", logger="satchel.tiers"):
+        with pytest.raises(TierUnavailable):
+            guard.put("k", b"v", 10)
+    assert len([r for r in caplog.records if "put failed" in r.getMessage()]) == 2

@@ -215,20 +215,36 @@ def test_broken_file_is_tier_unavailable(tmp_path: Path) -> None:
         blocked.get_many(["k"])
 
 
+def test_a_file_that_is_not_a_database_is_logged_and_fails_calls_until_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It may be the tier's own file, damaged while the app ran: refusing it at
+    construction made every gunicorn worker that restarted (max_requests, a crash)
+    fail to boot, and gunicorn then stopped the whole server over its optional tier."""
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_bytes(b"this is not a database" * 100)
+    with caplog.at_level("ERROR", logger="satchel.tiers"):
+        tier = SQLiteTier(not_a_db)
+    assert "is not an SQLite database" in caplog.text and str(not_a_db) in caplog.text
+    for call in (lambda: tier.get_many(["k"]), lambda: tier.put("k", b"v", 60), tier.ping):
+        with pytest.raises(TierUnavailable):
+            call()
+    assert not_a_db.read_bytes().startswith(b"this is not")  # left alone
+    not_a_db.unlink()  # the operator clears it: the same process recovers
+    tier.put("k", b"v", 60)
+    assert tier.get_many(["k"]) == [b"v"]
+    tier.close()
+
+
 def test_a_path_that_can_never_work_is_refused_at_startup(tmp_path: Path) -> None:
     """Before, each of these started fine and then failed every spill
     (tier_write_failed) until someone read the log."""
-    not_a_db = tmp_path / "notes.txt"
-    not_a_db.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(ConfigurationError, match="not an SQLite database"):
-        SQLiteTier(not_a_db)
     (tmp_path / "file").write_text("a file where a directory should be")
     with pytest.raises(ConfigurationError, match="is a file, not a directory") as info:
         SQLiteTier(tmp_path / "file" / "deeper" / "x.db")
     assert str(tmp_path / "file") in info.value.message
     with pytest.raises(ConfigurationError, match="is a directory"):
         SQLiteTier(tmp_path)
-    assert not_a_db.read_bytes().startswith(b"this is not")  # left alone
 
     # What is not certain still starts: a directory that does not exist yet is created
     # on first use, and an empty file is a new database to SQLite.
@@ -286,3 +302,91 @@ def test_create_false_opens_only_an_existing_file(
     with pytest.raises(TierUnavailable):
         gone.get_many(["satchel:{s}:a"])
     assert not (app_dir / "data" / "tier.db").exists()
+
+
+def test_a_file_deleted_or_replaced_while_running_is_reconnected(tmp_path: Path) -> None:
+    """Each thread kept its connection for the life of the process: after the file was
+    removed, writes went on into the unlinked file (200s, nothing flagged) that no new
+    process could read, and a new connection found no table, forever."""
+    import threading
+
+    path = tmp_path / "tier.db"
+    tier = SQLiteTier(path)
+    tier.put("before", b"1", 60)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    tier.put("after", b"2", 60)  # this thread's connection notices and reconnects
+    assert tier.get_many(["before", "after"]) == [None, b"2"]
+    checker = SQLiteTier(path)
+    assert checker.get_many(["after"]) == [b"2"]  # on disk, for other processes
+    checker.close()
+
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            tier.put("from-a-thread", b"3", 60)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert not errors
+    assert tier.get_many(["from-a-thread"]) == [b"3"]
+
+    replacement = tmp_path / "replacement.db"
+    other = SQLiteTier(replacement)
+    other.put("replaced", b"4", 60)
+    other.close()
+    for suffix in ("-wal", "-shm"):  # a file replaced with its journal gone, as it must be
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    os.replace(replacement, path)
+    assert tier.get_many(["after", "replaced"]) == [None, b"4"]
+    tier.close()
+
+
+def test_a_capped_file_full_of_expired_rows_makes_room(tmp_path: Path) -> None:
+    """The purge ran only after a successful write, so a capped file whose rows had
+    all expired refused every write (TierFull) until someone purged it by hand."""
+    clock = FakeClock(start=1_000_000.0)
+    path = tmp_path / "cap.db"
+    tier = SQLiteTier(path, max_bytes=256 * 1024, clock=clock)
+    with pytest.raises(TierFull):
+        for i in range(1000):
+            tier.put(f"k{i}", os.urandom(3000), 60)
+    clock.advance(3600)
+    for i in range(20):
+        tier.put(f"new{i}", os.urandom(3000), 60)
+    assert tier.get_many(["new19"])[0] is not None
+    # Still-live rows are never purged to make room: then it is really full.
+    with pytest.raises(TierFull):
+        for i in range(1000):
+            tier.put(f"more{i}", os.urandom(3000), 60)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] in (-1, 256 * 1024)
+    conn = tier._conn()
+    assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 256 * 1024
+    tier.close()
+
+
+def test_routine_purge_is_bounded(tmp_path: Path) -> None:
+    """A backlog of expired rows (a clock jump, a quiet spell) is deleted a batch per
+    purge, not all at once inside one request while holding the write lock."""
+    from satchel.tiers.sqlite import PURGE_BATCH
+
+    clock = FakeClock(start=1_000_000.0)
+    path = tmp_path / "backlog.db"
+    tier = SQLiteTier(path, purge_every=1, clock=clock)
+    conn = tier._conn()
+    conn.executemany(
+        "INSERT INTO satchel_kv (key, tag, value, expires_at) VALUES (?, NULL, x'00', ?)",
+        [(f"old{i}", clock() + 1) for i in range(PURGE_BATCH * 3)],
+    )
+    clock.advance(10)
+    tier.put("k", b"v", 60)
+    assert rows(path) == PURGE_BATCH * 2 + 1
+    tier.put("k2", b"v", 60)
+    tier.put("k3", b"v", 60)
+    assert rows(path) == 3
+    tier.close()

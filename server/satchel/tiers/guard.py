@@ -271,6 +271,8 @@ class _Shard:
         #: its own storage only after the listeners ran)
         self.state: str = pybreaker.STATE_CLOSED
         self.last_call = guard.clock()
+        #: when a failure of this shard was last logged (time.monotonic(); 0: never)
+        self.failure_logged_at = 0.0
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=guard.policy.fail_max,
             reset_timeout=guard.policy.reset_timeout,
@@ -477,6 +479,8 @@ class GuardedTier:
                     error=type(exc).__name__,
                 )
             self._record(shard, outcome)
+            if outcome is not None:
+                self._log_failure(shard, op, outcome)
         finally:
             if trial:
                 with shard.lock:
@@ -484,6 +488,26 @@ class GuardedTier:
         if outcome is not None:
             raise outcome
         return result
+
+    #: at most one failure logged per shard in this many seconds
+    FAILURE_LOG_INTERVAL = 10.0
+
+    def _log_failure(self, shard: _Shard, op: str, error: TierError) -> None:
+        """Log what the tier said (a read-only file, a malformed database, an OOM), once
+        per shard per :attr:`FAILURE_LOG_INTERVAL`: requests report only a reason
+        (``tier_unavailable``), and a fault that fails writes alone never opens the
+        breaker, whose events would name it otherwise."""
+        now = time.monotonic()
+        if now - shard.failure_logged_at < self.FAILURE_LOG_INTERVAL:
+            return
+        shard.failure_logged_at = now
+        log.warning(
+            "satchel %s tier: %s failed: %s%s",
+            self.name,
+            op,
+            error.message,
+            f" (shard {shard.name})" if shard.name else "",
+        )
 
     # -- Tier-like API -----------------------------------------------------------------
 

@@ -6,14 +6,24 @@
   for the lock instead of failing at once.
 * Every row has an ``expires_at`` (Unix seconds, wall clock: the processes share it).
   Reads ignore expired rows; every ``purge_every`` writes one indexed ``DELETE``
-  removes them, so the file does not grow without bound.
-* ``max_bytes`` (optional) caps the file through ``max_page_count``; a write past it
-  fails with :class:`~satchel.errors.TierFull`.
+  removes up to ``PURGE_BATCH`` of them (bounded: a backlog after a clock jump must not
+  hold the write lock for seconds inside one request), so the file does not grow
+  without bound.
+* ``max_bytes`` (optional) caps the database file through ``max_page_count``, and the
+  WAL through ``journal_size_limit``; a write past it first purges expired rows, and
+  fails with :class:`~satchel.errors.TierFull` only if the file is still full.
+* A file deleted or replaced while the app runs (an operator clearing a broken tier)
+  is noticed on the next call: each thread's connection is bound to the file's inode,
+  and a changed one reconnects (creating the file and table again), rather than going
+  on writing to an unlinked file that no new process can read.
 * What can never work fails at construction (start-up) with
   :class:`~satchel.errors.ConfigurationError`: an option out of range, a path whose
-  parent is a file, an existing file that is not an SQLite database, and (with
-  ``create=False``) a file that does not exist. A directory that does not exist yet is
-  created on first use.
+  parent is a file or that is a directory, and (with ``create=False``) a file that
+  does not exist. A directory that does not exist yet is created on first use. An
+  existing file that is not an SQLite database is logged as an error and the tier
+  fails every call (``tier_unavailable``) until the file is replaced: it may be the
+  tier's own file, damaged, and a worker that restarts (gunicorn's ``max_requests``,
+  a crash) must not take the whole server down over its optional tier.
 * Every :class:`sqlite3.Error` becomes :class:`~satchel.errors.TierFull` (disk or
   page cap full) or :class:`~satchel.errors.TierUnavailable` (locked, I/O error,
   corrupt file...). Nothing else escapes.
@@ -22,6 +32,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import sqlite3
@@ -36,6 +47,8 @@ from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
 from .base import Tier, hash_tag
 
 Clock = Callable[[], float]
+
+log = logging.getLogger("satchel.tiers")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS satchel_kv (
@@ -55,6 +68,11 @@ _FULL_CODES = {getattr(sqlite3, "SQLITE_FULL", 13)}
 _HEADER = b"SQLite format 3\x00"
 # max_page_count below 16 pages leaves no room for the schema: the cap is raised to it.
 MIN_MAX_BYTES = 64 * 1024
+#: Expired rows one routine purge deletes at most (one indexed range of the expiry index).
+PURGE_BATCH = 500
+_PURGE = (
+    "DELETE FROM satchel_kv WHERE key IN (SELECT key FROM satchel_kv WHERE expires_at <= ? LIMIT ?)"
+)
 
 #: What each option must be (the message of the ConfigurationError when it is not).
 OPTION_RULES = {
@@ -119,7 +137,6 @@ class SQLiteTier(Tier):
         self._writes = itertools.count(1)
         #: (pid, connection) of every connection opened, to close them all in close()
         self._conns: list[tuple[int, sqlite3.Connection]] = []
-        self._schema_ready_pid: int | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteTier({str(self.path)!r})"
@@ -142,9 +159,13 @@ class SQLiteTier(Tier):
             except OSError:
                 return
             if header and header != _HEADER:
-                raise ConfigurationError(
-                    f"{path} is not an SQLite database; point the tier URL at a new "
-                    "file or at the tier's own file"
+                # Not refused: it may be this tier's own file, damaged while the app
+                # ran; a worker restarting must not stop the server over it.
+                log.error(
+                    "satchel: the SQLite tier file %s is not an SQLite database: every "
+                    "tier call fails (tier_unavailable) until it is replaced or removed; "
+                    "check that the tier URL names the tier's own file",
+                    path,
                 )
             return
         if not self.create:
@@ -190,10 +211,17 @@ class SQLiteTier(Tier):
         if self.max_bytes:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {max(16, self.max_bytes // page_size)}")
-        pid = os.getpid()
-        if self._schema_ready_pid != pid:
+            # The WAL is truncated back to this after a checkpoint (it keeps its
+            # high-water size otherwise).
+            conn.execute(f"PRAGMA journal_size_limit = {self.max_bytes}")
+        # Every new connection checks (a read, no write lock): the file may be new.
+        if (
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'satchel_kv'"
+            ).fetchone()
+            is None
+        ):
             conn.executescript(_SCHEMA)
-            self._schema_ready_pid = pid
         return conn
 
     def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
@@ -222,11 +250,34 @@ class SQLiteTier(Tier):
         local = self._local
         if getattr(local, "pid", None) != pid or local.conn is None:
             # After fork() the parent's connection is abandoned, never closed or used.
-            local.conn = self._connect()
-            local.pid = pid
+            local.conn = None
+        elif self._file_identity() != local.identity:
+            # Deleted or replaced since this thread connected: the connection still
+            # reads and writes the old (maybe unlinked) file. Let it go.
+            self._discard(pid, local.conn)
+            local.conn = None
+        if local.conn is None:
+            conn = self._connect()
+            local.conn, local.pid, local.identity = conn, pid, self._file_identity()
             with self._lock:
-                self._conns.append((pid, local.conn))
+                self._conns.append((pid, conn))
         return local.conn
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the tier's file, None when it is missing (one stat call)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _discard(self, pid: int, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            self._conns = [(p, c) for p, c in self._conns if c is not conn]
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
 
     @contextmanager
     def _errors(self, op: str) -> Iterator[None]:
@@ -245,8 +296,12 @@ class SQLiteTier(Tier):
             }
             if code in _FULL_CODES or "full" in message:
                 raise TierFull(f"the SQLite tier is full ({op})", **facts) from exc
-            if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):
-                self._drop_conn()  # e.g. closed by close(): reconnect next time
+            if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError) or (
+                "no such table" in message
+            ):
+                # Closed by close(), or the table dropped: reconnect (and create the
+                # table) next time.
+                self._drop_conn()
             raise TierUnavailable(f"the SQLite tier failed ({op}): {exc}", **facts) from exc
         except OSError as exc:
             raise TierUnavailable(
@@ -257,8 +312,20 @@ class SQLiteTier(Tier):
         self._local.conn = None
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
+        """Every ``purge_every`` writes, delete up to :data:`PURGE_BATCH` expired rows.
+
+        After the write it follows has committed: a purge that fails (locked by
+        another writer) is skipped, not reported as a failed write.
+        """
         if next(self._writes) % self.purge_every == 0:
-            conn.execute("DELETE FROM satchel_kv WHERE expires_at <= ?", (now,))
+            self._purge_batch(conn, now)
+
+    def _purge_batch(self, conn: sqlite3.Connection, now: float) -> int:
+        try:
+            return conn.execute(_PURGE, (now, PURGE_BATCH)).rowcount
+        except sqlite3.Error:
+            log.debug("satchel: SQLite tier purge skipped", exc_info=True)
+            return 0
 
     # -- Tier --------------------------------------------------------------------------
 
@@ -285,7 +352,18 @@ class SQLiteTier(Tier):
         with self._errors("put"):
             conn = self._conn()
             now = self.clock()
-            conn.execute(_UPSERT, (key, hash_tag(key), bytes(value), now + max(ttl, 0.001)))
+            row = (key, hash_tag(key), bytes(value), now + max(ttl, 0.001))
+            try:
+                conn.execute(_UPSERT, row)
+            except sqlite3.Error as exc:
+                full = getattr(exc, "sqlite_errorcode", None) in _FULL_CODES or (
+                    "full" in str(exc).lower()
+                )
+                # Full of rows that have expired (a capped file after a quiet spell or
+                # a clock jump): make room once, then it is really full.
+                if not full or not self._purge_batch(conn, now):
+                    raise
+                conn.execute(_UPSERT, row)
             self._maybe_purge(conn, now)
 
     def delete(self, keys: Sequence[str]) -> int:
