@@ -528,6 +528,29 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_SEGMENT_GRACE": "-1"}, "SATCHEL_SEGMENT_GRACE must be a finite number"),
         ({"SATCHEL_SEGMENT_GRACE": "nan"}, "SATCHEL_SEGMENT_GRACE must be a finite number"),
         ({"SATCHEL_SEGMENT_GRACE": "inf"}, "SATCHEL_SEGMENT_GRACE must be a finite number"),
+        # Each of these started, then failed every request: a 413 blaming the context,
+        # a 500 from werkzeug's cookie code, an HTML 500 from gunicorn, a token read
+        # from Content-Type; or failed at start naming no key.
+        ({"SATCHEL_TOKEN_LIMIT": "100"}, "SATCHEL_TOKEN_LIMIT must be at least 1024"),
+        ({"SATCHEL_TOKEN_LIMIT": "4000"}, r"SATCHEL_TOKEN_LIMIT \(4000\) is below"),
+        ({"SATCHEL_COOKIE": "sc", "SATCHEL_COOKIE_SAMESITE": "bogus"}, "SATCHEL_COOKIE_SAMESITE"),
+        ({"SATCHEL_COOKIE": "s" * 500}, "SATCHEL_COOKIE must be a cookie name"),
+        ({"SATCHEL_COOKIE": "my cookie"}, "SATCHEL_COOKIE must be a cookie name"),
+        ({"SATCHEL_HEADER": "Bad Header"}, "SATCHEL_HEADER must be an HTTP header name"),
+        ({"SATCHEL_HEADER": ""}, "SATCHEL_HEADER must be an HTTP header name"),
+        ({"SATCHEL_HEADER": "X-Ctx\r\nEvil: 1"}, "SATCHEL_HEADER must be an HTTP header name"),
+        ({"SATCHEL_HEADER": "content-type"}, "is a standard HTTP header"),
+        ({"SATCHEL_AEAD": "bogus"}, "SATCHEL_AEAD must be"),
+        ({"SATCHEL_TIER_DOWN_POLICY": "bogus"}, "SATCHEL_TIER_DOWN_POLICY must be"),
+        ({"SATCHEL_BREAKER_FAIL_MAX": "0"}, "SATCHEL_BREAKER_FAIL_MAX must be at least 1"),
+        ({"SATCHEL_BREAKER_RESET_TIMEOUT": "nan"}, "SATCHEL_BREAKER_RESET_TIMEOUT must be"),
+        ({"SATCHEL_BREAKER_RESET_TIMEOUT": "-1"}, "SATCHEL_BREAKER_RESET_TIMEOUT must be"),
+        ({"SATCHEL_TIER_READ_TIMEOUT": "nan"}, "SATCHEL_TIER_READ_TIMEOUT must be a positive"),
+        ({"SATCHEL_TIER_CONNECT_TIMEOUT": "0"}, "SATCHEL_TIER_CONNECT_TIMEOUT must be"),
+        ({"SATCHEL_SEGMENT_CACHE_BYTES": "-1"}, "SATCHEL_SEGMENT_CACHE_BYTES must be"),
+        ({"SATCHEL_METRICS_ROUTE": "metrics"}, "SATCHEL_METRICS_ROUTE must be a path"),
+        ({"SATCHEL_COOKIE_SECURE": "maybe"}, "SATCHEL_COOKIE_SECURE must be true or false"),
+        ({"SATCHEL_HEALTH_ROUTES": "bogus"}, "SATCHEL_HEALTH_ROUTES must be true or false"),
     ],
 )
 def test_a_bad_limit_is_refused_at_start_up_naming_its_key(
@@ -605,3 +628,35 @@ def test_a_custom_header_name_is_used_both_ways() -> None:
         token = response.headers["X-Chat-Token"]
         exposed = response.headers["Access-Control-Expose-Headers"]
         assert "X-Chat-Token" in exposed and HEADER_CONTEXT not in exposed
+
+
+def test_settings_that_are_spelled_loosely_are_normalized() -> None:
+    app = make_app(
+        SATCHEL_COOKIE="sc",
+        SATCHEL_COOKIE_SAMESITE="strict",
+        SATCHEL_COOKIE_SECURE="off",
+        SATCHEL_HEALTH_ROUTES="YES",
+    )
+    config = Satchel.state(app).config
+    assert (config.cookie_samesite, config.cookie_secure, config.health_routes) == (
+        "Strict",
+        False,
+        True,
+    )
+    response = chat(app.test_client(), "hi")
+    assert "SameSite=Strict" in response.headers["Set-Cookie"]
+    assert Satchel.state(make_app(SATCHEL_COOKIE="sc", SATCHEL_COOKIE_SAMESITE="")).config.cookie_samesite is None
+
+
+def test_a_duplicated_context_header_is_named_as_such() -> None:
+    """Two Satchel-Context headers (a proxy adding its copy) are joined with a comma by
+    the WSGI server; the answer said only "not (canonical) base64url"."""
+    client = make_app().test_client()
+    token = chat(client, "hi").headers[HEADER_CONTEXT]
+    response = client.post(
+        "/api/chat",
+        json={"message": "again"},
+        headers=[(HEADER_CONTEXT, token), (HEADER_CONTEXT, token)],
+    )
+    error = assert_json_error(response, "token_malformed")
+    assert "more than one value" in error["message"]

@@ -334,3 +334,35 @@ def test_a_damaged_sqlite_tier_file_degrades_gunicorn_workers_instead_of_stoppin
             return response.json()["degraded"] == [] and db.exists()
 
         wait_until(spills_cleanly, timeout=15, message="a spill to the new file")
+
+
+@pytest.mark.parametrize(
+    "chunked",
+    [
+        b"zz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hex
+        b"3\r\nabcXX",  # a chunk without its CRLF
+        b"10;\x01\r\n",  # a bad chunk extension
+    ],
+)
+def test_a_malformed_chunked_body_is_a_json_400_behind_gunicorn(chunked: bytes) -> None:
+    """gunicorn raises its own exceptions (InvalidChunkSize...) while the app reads such
+    a body; they escaped json_body() as a 500 with a traceback in the log."""
+    import socket
+
+    env = {"SATCHEL_KEYS": RING.to_string()}
+    with LiveServer(APP, server="gunicorn", env=env) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked
+            )
+            sock.shutdown(socket.SHUT_WR)
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        assert status == 400, raw
+        error = json.loads(body)["error"]
+        assert error["code"] == "invalid_request" and "could not be read" in error["message"]
+        assert "Traceback" not in server.logs()

@@ -135,13 +135,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         if url:
             os.makedirs(app.instance_path, exist_ok=True)
         app.config["SATCHEL_OVERFLOW_URL"] = url or None
-    if isinstance(app.config.get("SATCHEL_HEALTH_ROUTES"), str):
-        app.config["SATCHEL_HEALTH_ROUTES"] = app.config["SATCHEL_HEALTH_ROUTES"].lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        )
 
     model: ChatModel = app.config.get("CHAT_MODEL") or model_from_env()
     app.config["CHAT_MODEL"] = model

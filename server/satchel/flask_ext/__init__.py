@@ -365,6 +365,14 @@ class Satchel:
                     f"the JSON field {config.json_field!r} must hold the token as a string "
                     f"(or null for a new conversation), not {type(field).__name__}"
                 )
+        if token and "," in token and rs.token_source == "header":
+            # No token holds a comma: two headers joined by the WSGI server (a proxy or
+            # a client that added it twice) would otherwise read as "not base64url".
+            self.observer.event("refused", reason=MalformedToken.code)
+            raise MalformedToken(
+                f"the {config.header} header holds more than one value (sent twice, or "
+                "joined by a proxy): send exactly one token"
+            )
         return token.strip() if token else None
 
     @property
@@ -881,6 +889,17 @@ def json_body() -> Any:
     ``RecursionError``, a 500. Here it is a JSON 400 ``invalid_request``. A chunked
     body past ``MAX_CONTENT_LENGTH`` is a 413, as one with a ``Content-Length`` is.
     """
+    try:
+        if request.is_json:  # get_json() reads nothing else
+            request.get_data(cache=True)
+    except HTTPException:
+        raise  # 413 past MAX_CONTENT_LENGTH, 400 for a client that went away
+    except Exception:
+        # gunicorn raises its own exceptions (InvalidChunkSize, NoMoreData...) for a
+        # malformed chunked body while the app reads it: a 500 unless caught here.
+        raise InvalidRequest(
+            "the request body could not be read (malformed chunked encoding?)"
+        ) from None
     try:
         body = request.get_json(silent=True)
     except RecursionError:

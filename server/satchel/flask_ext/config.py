@@ -35,14 +35,18 @@ SATCHEL_HEADER                  Satchel-Context request and response header (rel
                                                whatever this said)
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
 SATCHEL_COOKIE_SECURE           True
-SATCHEL_COOKIE_SAMESITE         "Lax"
+SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case), or None/""
+                                               to leave the attribute out
 SATCHEL_COOKIE_PATH             "/"
 SATCHEL_JSON_FIELD              None           also read the token from this JSON body field
                                                (a string; null or absent: a new context;
                                                anything else is token_malformed)
 SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (new context,
                                                ``Satchel-Reset`` header says why)
-SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first
+SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first; at least
+                                               1024, and (client mode) no smaller than the
+                                               caps below, or the app could not open the
+                                               tokens it issues
 SATCHEL_MAX_TOKEN_BYTES         3800           soft byte budget (fits a 4 KB cookie)
 SATCHEL_HARD_MAX_TOKEN_BYTES    8000           no token is longer (fits 8 KB header limits;
                                                the budget, if larger, when unset); with
@@ -81,6 +85,13 @@ SATCHEL_USER_BINDING            None           callable returning the user id, o
 SATCHEL_METRICS_ROUTE           None           e.g. "/metrics" (Prometheus text format)
 SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz
 =============================== ============== ==============================================
+
+Everything is checked in ``init_app``, and a value that would fail every request
+instead (a header name that is not one, or a standard header such as Content-Type; a
+SameSite value werkzeug refuses; NaN or a negative timeout) is a
+:class:`~satchel.errors.ConfigurationError` naming its key. Booleans from the
+environment are ``1/true/yes/on`` or ``0/false/no/off`` (or empty); anything else is
+refused, not taken as true.
 """
 
 from __future__ import annotations
@@ -88,6 +99,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -110,11 +122,39 @@ log = logging.getLogger("satchel")
 COOKIE_MAX_BYTES = 4096
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
 def _flag(value: Any) -> bool:
-    """A boolean from config or the environment ("0", "false", "no", "" are false)."""
+    """A boolean from config or the environment: ``1/true/yes/on`` or ``0/false/no/off``
+    (or empty). Anything else is a ValueError: ``maybe`` was silently true."""
     if isinstance(value, str):
-        return value.strip().lower() not in ("", "0", "false", "no", "off")
-    return bool(value)
+        word = value.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise ValueError(value)
+    if value is None or isinstance(value, bool | int):
+        return bool(value)
+    raise TypeError(value)
+
+
+#: RFC 9110 field names (and RFC 6265 cookie names): one or more "tchar".
+_TOKEN_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Headers a token must never travel in: their values mean something else to every
+#: server, proxy and browser on the way (a Content-Type read as a token...).
+_RESERVED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "Accept", "Authorization", "Cache-Control", "Connection", "Content-Encoding",
+        "Content-Length", "Content-Type", "Cookie", "Date", "Host", "Keep-Alive",
+        "Location", "Proxy-Authorization", "Proxy-Connection", "Server", "Server-Timing",
+        "Set-Cookie", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Vary",
+    )
+)  # fmt: skip
+_SAMESITE = {"strict": "Strict", "lax": "Lax", "none": "None"}
+#: The smallest SATCHEL_TOKEN_LIMIT: a new context's token is a few hundred bytes.
+MIN_TOKEN_LIMIT = 1024
 
 
 def _optional_int(value: Any) -> int | None:
@@ -167,7 +207,7 @@ class SatchelConfig:
     header: str = "Satchel-Context"
     cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
-    cookie_samesite: str = "Lax"
+    cookie_samesite: str | None = "Lax"  # None: the attribute is left out
     cookie_path: str = "/"
     cookie_max_age: int | None = None
     json_field: str | None = None
@@ -222,13 +262,8 @@ class SatchelConfig:
             "metadata_write_version",
         )
         _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
-        for name in (
-            "health_routes",
-            "cookie_secure",
-            "mark_ids",
-        ):  # "0", "false" from the environment
-            if name in values:
-                values[name] = _flag(values[name])
+        flags = ("health_routes", "cookie_secure", "mark_ids")  # "0", "false" from the env
+        _converted(values, flags, _flag, "true or false (1/0, yes/no, on/off)")
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
         ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")
@@ -241,6 +276,7 @@ class SatchelConfig:
         )
         _converted(values, seconds, float, "a number of seconds")
         config = cls(**values)
+        config._check_values()
         if not 0 <= config.segment_grace < math.inf:  # nan compares false too
             raise ConfigurationError(
                 "SATCHEL_SEGMENT_GRACE must be a finite number of seconds >= 0 "
@@ -268,6 +304,79 @@ class SatchelConfig:
                 raise ConfigurationError(problem)
         config._fit_token_caps(hard_set="hard_max_token_bytes" in values)
         return config
+
+    def _check_values(self) -> None:
+        """Refuse, at start-up, values that would fail every request instead (a 500 from
+        werkzeug's cookie code, an HTML 500 from gunicorn's header check, every seal
+        refused), naming the SATCHEL_* key."""
+        if not (isinstance(self.header, str) and _TOKEN_NAME.fullmatch(self.header)):
+            raise ConfigurationError(
+                f"SATCHEL_HEADER must be an HTTP header name (letters, digits, -), "
+                f"not {self.header!r}"
+            )
+        if self.header.lower() in _RESERVED_HEADERS:
+            raise ConfigurationError(
+                f"SATCHEL_HEADER={self.header!r} is a standard HTTP header with a meaning of "
+                "its own; use a name of your own (the default is Satchel-Context)"
+            )
+        if self.cookie is not None and not (
+            isinstance(self.cookie, str)
+            and _TOKEN_NAME.fullmatch(self.cookie)
+            and len(self.cookie) <= 128
+        ):
+            raise ConfigurationError(
+                "SATCHEL_COOKIE must be a cookie name of at most 128 letters, digits, - "
+                f"or _, not {self.cookie!r}"
+            )
+        samesite = self.cookie_samesite
+        if samesite in (None, ""):
+            self.cookie_samesite = None
+        elif isinstance(samesite, str) and samesite.lower() in _SAMESITE:
+            self.cookie_samesite = _SAMESITE[samesite.lower()]
+        else:
+            raise ConfigurationError(
+                f"SATCHEL_COOKIE_SAMESITE must be 'Strict', 'Lax' or 'None', not {samesite!r}"
+            )
+        if self.token_limit < MIN_TOKEN_LIMIT:
+            raise ConfigurationError(
+                f"SATCHEL_TOKEN_LIMIT must be at least {MIN_TOKEN_LIMIT} bytes (it is the "
+                f"length cap for opening a token), not {self.token_limit}"
+            )
+        if self.aead not in ("aes-256-gcm", "chacha20-poly1305"):
+            raise ConfigurationError(
+                f"SATCHEL_AEAD must be 'aes-256-gcm' or 'chacha20-poly1305', not {self.aead!r}"
+            )
+        if self.tier_down_policy not in ("fail_open", "fail_closed"):
+            raise ConfigurationError(
+                "SATCHEL_TIER_DOWN_POLICY must be 'fail_open' or 'fail_closed', "
+                f"not {self.tier_down_policy!r}"
+            )
+        for name in ("tier_read_timeout", "tier_connect_timeout"):
+            if not 0 < getattr(self, name) < math.inf:  # nan compares false too
+                raise ConfigurationError(
+                    f"SATCHEL_{name.upper()} must be a positive, finite number of seconds, "
+                    f"not {getattr(self, name)!r}"
+                )
+        if not 0 <= self.breaker_reset_timeout < math.inf:
+            raise ConfigurationError(
+                "SATCHEL_BREAKER_RESET_TIMEOUT must be a finite number of seconds >= 0, "
+                f"not {self.breaker_reset_timeout!r}"
+            )
+        if self.breaker_fail_max < 1:
+            raise ConfigurationError(
+                f"SATCHEL_BREAKER_FAIL_MAX must be at least 1, not {self.breaker_fail_max}"
+            )
+        if self.segment_cache_bytes < 0:
+            raise ConfigurationError(
+                "SATCHEL_SEGMENT_CACHE_BYTES must be a number of bytes >= 0 (0: no cache), "
+                f"not {self.segment_cache_bytes}"
+            )
+        if self.metrics_route is not None and not (
+            isinstance(self.metrics_route, str) and self.metrics_route.startswith("/")
+        ):
+            raise ConfigurationError(
+                f"SATCHEL_METRICS_ROUTE must be a path starting with /, not {self.metrics_route!r}"
+            )
 
     def _fit_token_caps(self, *, hard_set: bool) -> None:
         """Make the byte budget and the hard cap agree with each other and the carrier.
@@ -319,6 +428,14 @@ class SatchelConfig:
                         f"SATCHEL_PAD_TO={self.pad_to} {problem} ({name}), or raise the budget"
                     )
         self.max_token_bytes, self.hard_max_token_bytes = soft, hard
+        if self.mode == "client":
+            largest = max((c for c in (soft, hard) if c is not None), default=None)
+            if largest is not None and largest > self.token_limit:
+                raise ConfigurationError(
+                    f"SATCHEL_TOKEN_LIMIT ({self.token_limit}) is below the tokens the app "
+                    f"may issue ({largest} bytes, SATCHEL_HARD_MAX_TOKEN_BYTES or "
+                    "SATCHEL_MAX_TOKEN_BYTES): it could not open its own tokens"
+                )
 
     def register_dictionaries(self) -> None:
         """Register ``SATCHEL_DICTIONARIES`` ({id: path or bytes}) with the compressor,

@@ -13,6 +13,7 @@ segment cache and turns every failure into a degraded result.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ class Timeouts:
     connect: float = 0.1
 
     def __post_init__(self) -> None:
-        if not (self.read > 0 and self.connect > 0):
-            raise ValueError("tier timeouts must be positive numbers of seconds")
+        # Written so that NaN fails too (every comparison with it is false).
+        if not (0 < self.read < math.inf and 0 < self.connect < math.inf):
+            raise ValueError("tier timeouts must be positive, finite numbers of seconds")
 
 
 def hash_tag(key: str) -> str | None:

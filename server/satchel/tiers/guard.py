@@ -36,6 +36,7 @@ Callers never talk to a tier directly; they go through :class:`GuardedTier`:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -79,8 +80,9 @@ class BreakerPolicy:
     reset_timeout: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.fail_max < 1 or self.reset_timeout < 0:
-            raise ValueError("fail_max must be >= 1 and reset_timeout >= 0")
+        # NaN fails too: an opened breaker would never have waited long enough.
+        if not (self.fail_max >= 1 and 0 <= self.reset_timeout < math.inf):
+            raise ValueError("fail_max must be >= 1 and reset_timeout a finite number >= 0")
 
 
 # ----------------------------------------------------------------------------- cache
