@@ -645,7 +645,8 @@ def test_settings_that_are_spelled_loosely_are_normalized() -> None:
     )
     response = chat(app.test_client(), "hi")
     assert "SameSite=Strict" in response.headers["Set-Cookie"]
-    assert Satchel.state(make_app(SATCHEL_COOKIE="sc", SATCHEL_COOKIE_SAMESITE="")).config.cookie_samesite is None
+    unset = make_app(SATCHEL_COOKIE="sc", SATCHEL_COOKIE_SAMESITE="")
+    assert Satchel.state(unset).config.cookie_samesite is None
 
 
 def test_a_duplicated_context_header_is_named_as_such() -> None:
