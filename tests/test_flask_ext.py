@@ -551,6 +551,7 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_METRICS_ROUTE": "metrics"}, "SATCHEL_METRICS_ROUTE must be a path"),
         ({"SATCHEL_COOKIE_SECURE": "maybe"}, "SATCHEL_COOKIE_SECURE must be true or false"),
         ({"SATCHEL_HEALTH_ROUTES": "bogus"}, "SATCHEL_HEALTH_ROUTES must be true or false"),
+        ({"SATCHEL_SUMMARIZER": "llm"}, "SATCHEL_SUMMARIZER must be a callable"),
     ],
 )
 def test_a_bad_limit_is_refused_at_start_up_naming_its_key(
@@ -661,3 +662,10 @@ def test_a_duplicated_context_header_is_named_as_such() -> None:
     )
     error = assert_json_error(response, "token_malformed")
     assert "more than one value" in error["message"]
+
+
+def test_the_summarizer_may_be_named_as_the_config_table_names_the_default() -> None:
+    from satchel.lifecycle import ExtractiveSummarizer
+
+    app = make_app(SATCHEL_SUMMARIZER="extractive")
+    assert isinstance(Satchel.state(app).pipeline.policy.summarizer, ExtractiveSummarizer)

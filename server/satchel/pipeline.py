@@ -23,7 +23,7 @@ from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
 from .errors import BadToken, BudgetExceeded, SatchelError, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
-from .lifecycle.summarize import summarize, summarize_clock
+from .lifecycle.summarize import SUMMARY_HEADER, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer
 from .schema import check_sealable
 from .segments import merge_start
@@ -388,14 +388,22 @@ class Pipeline:
         if measured is None:
             measured = self.codec.prepare(ctx)
         if measured.size <= hard:
-            return measured
+            return self._fit_payload_cap(ctx, measured, now, tag, write_failed=write_failed)
         if self.segments is not None and not write_failed and ctx.turns:
             if self._spill(ctx, len(ctx.turns), now, tag):
                 measured = self.codec.prepare(ctx)
                 if measured.size <= hard:
-                    return measured
+                    return self._fit_payload_cap(ctx, measured, now, tag, write_failed=False)
             else:
                 write_failed = True
+        reason = "data_loss" if write_failed else "byte_budget"
+        if len(turn_groups(ctx.turns)) > 1:
+            # Older exchanges go first, before the summary is cut (which would leave
+            # the token with turns whose summary no longer says what came before).
+            older = self._drop_to(ctx, hard, now, tag, reason, measured)
+            measured = older if older is not None else self.codec.prepare(ctx)
+            if measured.size <= hard:
+                return self._fit_payload_cap(ctx, measured, now, tag, write_failed=write_failed)
         groups = turn_groups(ctx.turns)
         newest_chars = sum(len(t.content) for t in ctx.turns[groups[-1][0] :]) if groups else 0
         if ctx.summary and len(ctx.summary) >= newest_chars:
@@ -403,8 +411,7 @@ class Pipeline:
             # goes before the newest exchange does.
             measured = self._shorten_summary(ctx, measured, hard, now, tag)
             if measured.size <= hard:
-                return measured
-        reason = "data_loss" if write_failed else "byte_budget"
+                return self._fit_payload_cap(ctx, measured, now, tag, write_failed=write_failed)
         prepared = self._drop_to(ctx, hard, now, tag, reason, measured, keep_newest=False)
         if prepared is None:
             prepared = self.codec.prepare(ctx)
@@ -421,6 +428,46 @@ class Pipeline:
             )
         return prepared
 
+    def _fit_payload_cap(
+        self, ctx: Context, prepared: Prepared, now: float, tag: str, *, write_failed: bool
+    ) -> Prepared:
+        """Keep the packed context within what the codec decompresses on open.
+
+        A token can be small and still unpack past ``Limits.max_decompressed_bytes``
+        (1 MiB): thirty repetitive CSV exports of 30,000 characters make an 869-byte
+        token. Sealing refused it (BudgetExceeded) while dropping an old exchange would
+        have fixed it: here turns move (to the tier, else summarized and dropped, the
+        newest exchange last) until it fits.
+        """
+        cap = self.codec.limits.max_decompressed_bytes
+        if len(prepared.payload) <= cap or not ctx.turns:
+            return prepared
+        if self.segments is not None and not write_failed:
+            for _ in range(MAX_FIT_ROUNDS):
+                groups = turn_groups(ctx.turns)
+                if len(prepared.payload) <= cap or not groups:
+                    return prepared
+                # A segment is opened with the same limits: move one group at a time.
+                if not self._spill(ctx, groups[0][1], now, tag):
+                    write_failed = True
+                    break
+                prepared = self.codec.prepare(ctx)
+        reason = "data_loss" if write_failed else "byte_budget"
+        removed = 0
+        for _ in range(len(ctx.turns)):
+            if len(prepared.payload) <= cap or not ctx.turns:
+                break
+            dropped = drop_oldest(ctx, 1, policy=reason, summarizer=self.policy.summarizer, now=now)
+            removed += len(dropped)
+            if reason == "data_loss":
+                ctx.lifecycle.lost += len(dropped)
+            prepared = self.codec.prepare(ctx)
+        if removed and reason == "data_loss":
+            self._report_loss(ctx, removed, tag, counted=True)
+        elif removed:
+            self.observer.event("trimmed", session=tag, reason=reason, turns=removed)
+        return prepared
+
     def _shorten_summary(
         self, ctx: Context, prepared: Prepared, hard: int, now: float, tag: str
     ) -> Prepared:
@@ -432,17 +479,14 @@ class Pipeline:
         oldest part instead, and the lifecycle record says how much.
         """
         original = len(ctx.summary)
+        action = LifecycleAction("summary_cap", "truncated", 0, now, "")
+        ctx.lifecycle.record(action)  # before measuring: the token carries the record
         for _ in range(MAX_FIT_ROUNDS):
             if prepared.size <= hard or not ctx.summary:
                 break
-            body = ctx.summary
-            keep = max(0, int(len(body) * hard / prepared.size) - len(SUMMARY_CUT_MARK) - 16)
-            ctx.summary = SUMMARY_CUT_MARK + body[len(body) - keep :] if keep else ""
+            ctx.summary = _cut_summary(ctx.summary, int(len(ctx.summary) * hard / prepared.size))
+            action.detail = f"{original - len(ctx.summary)} characters"
             prepared = self.codec.prepare(ctx)
-        removed = original - len(ctx.summary)
-        ctx.lifecycle.record(
-            LifecycleAction("summary_cap", "truncated", 0, now, f"{removed} characters")
-        )
         self.observer.event("trimmed", session=tag, reason="summary_cap", turns=0)
         return prepared
 
@@ -596,7 +640,7 @@ class Pipeline:
         weighting turns by their text length; always leaves the newest group."""
         if len(groups) <= 1:
             return 0
-        weights = [len(t.content) + 16 for t in ctx.turns]
+        weights = [_turn_weight(t) for t in ctx.turns]
         total = sum(weights)
         excess = (size - target) / size * total
         removed = 0.0
@@ -618,6 +662,48 @@ class Pipeline:
         if self.policy.max_age is not None:
             return max(60.0, ctx.created_at + self.policy.max_age - now)
         return DEFAULT_SEGMENT_TTL
+
+
+def _cut_summary(summary: str, keep: int) -> str:
+    """The newest part of ``summary``, about ``keep`` characters, in whole lines.
+
+    A header line saying how many turns the summary stands for (the extractive
+    summarizer's ``(N earlier turns summarized)``) stays in front, so the count
+    survives the cut; the cut itself is marked.
+    """
+    header = ""
+    match = SUMMARY_HEADER.match(summary)
+    if match:
+        header, summary = summary[: match.end()], summary[match.end() :]
+    if summary.startswith(SUMMARY_CUT_MARK):
+        summary = summary[len(SUMMARY_CUT_MARK) :]
+    keep -= len(header) + len(SUMMARY_CUT_MARK) + 16
+    if keep <= 0:
+        return header.rstrip("\n")
+    tail = summary[len(summary) - keep :]
+    newline = tail.find("\n")
+    if 0 <= newline < len(tail) - 1 and keep < len(summary):
+        tail = tail[newline + 1 :]  # whole lines: never half a word
+    return header + SUMMARY_CUT_MARK + tail
+
+
+def _turn_weight(turn: Turn) -> float:
+    """A turn's rough share of the token, for estimating how many turns to move.
+
+    Prose compresses about 3x against the dictionary; opaque blocks (signatures,
+    encrypted reasoning: random bytes in base64) and tool arguments barely do. Weighing
+    text alone made a context whose recent turns carry signed thinking blocks look
+    lighter than it is: the estimate fell short round after round, and the rounds ran
+    out with the token over its budget.
+    """
+    weight = 16 + len(turn.content) / 3
+    for block in turn.blocks:
+        weight += len(block.data)
+    for call in turn.tool_calls:
+        args = call.arguments
+        weight += 16 + len(call.id) + len(call.name)
+        weight += len(args) if isinstance(args, str) else len(repr(args))
+    return weight
 
 
 __all__ = ["Pipeline", "SaveResult"]

@@ -56,7 +56,8 @@ SATCHEL_MAX_LLM_TOKENS          None           LLM-token budget (None: off)
 SATCHEL_MAX_TURN_CHARS          32000          per-turn text cap
 SATCHEL_IDLE_TTL                604800         seconds without use before a token expires
 SATCHEL_MAX_AGE                 2592000        absolute context lifetime, seconds
-SATCHEL_SUMMARIZER              extractive     callable (dropped_turns, summary) -> summary
+SATCHEL_SUMMARIZER              extractive     callable (dropped_turns, summary) -> summary,
+                                               or "extractive"
 SATCHEL_OVERFLOW_URL            None           redis://, rediss://, redis+sentinel://,
                                                redis+cluster://, sqlite:///path, memory://
 SATCHEL_MODE                    "client"       "client" (token), "server" (context in the
@@ -460,6 +461,15 @@ class SatchelConfig:
             raise ConfigurationError(f"SATCHEL_DICTIONARIES: {exc}") from None
 
     def lifecycle_policy(self) -> LifecyclePolicy:
+        summarizer = self.summarizer
+        if isinstance(summarizer, str) and summarizer.strip().lower() in ("", "extractive"):
+            summarizer = None  # the table's name for the default
+        if summarizer is not None and not callable(summarizer):
+            raise ConfigurationError(
+                "SATCHEL_SUMMARIZER must be a callable (dropped_turns, summary) -> summary, "
+                f"or 'extractive' (the default), not {summarizer!r}"
+            )
+        self.summarizer = summarizer
         try:
             return LifecyclePolicy(
                 max_turns=self.max_turns,

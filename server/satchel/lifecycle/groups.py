@@ -37,7 +37,8 @@ def _tool_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
     """
     last_result: dict[str, int] = {}
     for j, turn in enumerate(turns):
-        if turn.role == "tool" and turn.tool_call_id is not None:
+        # Any role: Anthropic's Messages API puts tool results in *user* messages.
+        if turn.tool_call_id is not None:
             last_result[turn.tool_call_id] = j
     groups: list[tuple[int, int]] = []
     i, n = 0, len(turns)

@@ -12,6 +12,7 @@ hands the removed turns to the summarizer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ..context import Context, LifecycleAction, Turn
@@ -122,14 +123,31 @@ def drop_oldest(
     return dropped
 
 
+_MARK_AT_END = re.compile(re.escape(TRUNCATION_MARK).replace(r"\{n\}", r"(\d+)") + r"\Z")
+
+
 def cap_turn_sizes(ctx: Context, max_chars: int, now: float) -> int:
-    """Truncate turn texts longer than ``max_chars``; opaque blocks are never touched."""
+    """Truncate turn texts longer than ``max_chars``; opaque blocks are never touched.
+
+    A turn truncated before carries the mark, which makes it longer than ``max_chars``:
+    it is left alone (it was cut on an earlier request, and counting it again would
+    rewrite the mark's count and fill the lifecycle record with the same turn), unless
+    the cap has been lowered since, when its text is cut again and the counts add up.
+    """
     truncated = 0
     for turn in ctx.turns:
-        if len(turn.content) > max_chars:
-            removed = len(turn.content) - max_chars
-            turn.content = turn.content[:max_chars] + TRUNCATION_MARK.format(n=removed)
-            truncated += 1
+        content = turn.content
+        if len(content) <= max_chars:
+            continue
+        text, already = content, 0
+        marked = _MARK_AT_END.search(content)
+        if marked is not None:
+            text, already = content[: marked.start()], int(marked.group(1))
+            if len(text) <= max_chars:
+                continue
+        removed = already + len(text) - max_chars
+        turn.content = text[:max_chars] + TRUNCATION_MARK.format(n=removed)
+        truncated += 1
     if truncated:
         ctx.lifecycle.record(
             LifecycleAction("turn_cap", "truncated", truncated, now, f"max {max_chars} chars")

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 
-from ..context import Turn, plain_str
+from ..context import Turn, check_text, plain_str
 
 Summarizer = Callable[[Sequence[Turn], str], str]
 log = logging.getLogger("satchel")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
-_HEADER = re.compile(r"^\((\d+) earlier turns? summarized\)\n?")
+SUMMARY_HEADER = re.compile(r"^\((\d+) earlier turns? summarized\)\n?")
 
 
 def first_sentence(text: str, limit: int) -> str:
@@ -46,7 +46,7 @@ class ExtractiveSummarizer:
 
     def __call__(self, dropped: Sequence[Turn], previous: str) -> str:
         covered = 0
-        match = _HEADER.match(previous)
+        match = SUMMARY_HEADER.match(previous)
         body = previous[match.end() :] if match else previous
         if match:
             covered = int(match.group(1))
@@ -87,6 +87,9 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
         summary = summarizer(dropped, previous)
         if not isinstance(summary, str):
             raise TypeError("a summarizer must return a str")
+        # A lone surrogate (an LLM's reply cut mid-emoji) can be in no token: sealing
+        # would refuse it on this request and every one after, which drop the same turns.
+        check_text(summary, "the summary")
         return plain_str(summary)
     except Exception as exc:
         # The exception's text and traceback are not logged at any level: a

@@ -1,0 +1,172 @@
+"""Lifecycle policies held to their promises with provider-shaped data (an adversarial
+review found each of these broken): the per-turn cap cuts once, a summarizer's bad
+output never fails a request, budgets see opaque blocks, the hard cap moves older
+exchanges before it cuts the summary, and what a policy did reaches the token."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import pytest
+
+from satchel import Codec, Context, Keyring, OpaqueBlock, ToolCall, Turn
+from satchel.lifecycle import LifecyclePolicy, turn_groups
+from satchel.lifecycle.policy import TRUNCATION_MARK
+from satchel.pipeline import Pipeline
+
+NOW = 1_795_000_000
+CODEC = Codec(Keyring.generate(), mode="signed")
+
+
+def pipeline(**policy: object) -> Pipeline:
+    return Pipeline(CODEC, LifecyclePolicy(**policy), clock=lambda: NOW)  # type: ignore[arg-type]
+
+
+def test_the_per_turn_cap_cuts_a_turn_once_and_keeps_its_count() -> None:
+    """The mark made a cut turn longer than the cap, so every later save cut it again:
+    "400 characters removed", then "49", then "48", and a record each time, which
+    pushed the real drop records out of the six kept."""
+    p = pipeline(max_turn_chars=100)
+    ctx = p.load(None, now=NOW)
+    ctx.add_turn("user", "x" * 500, ts=NOW)
+    token = p.save(ctx, now=NOW).token
+    for _ in range(4):
+        ctx = p.load(token, now=NOW)
+        token = p.save(ctx, now=NOW).token
+    opened = CODEC.open(token, now=NOW)
+    assert opened.turns[0].content == "x" * 100 + TRUNCATION_MARK.format(n=400)
+    assert [a.policy for a in opened.lifecycle.recent] == ["turn_cap"]
+    # A cap lowered since cuts again, and the counts add up.
+    lower = Pipeline(CODEC, LifecyclePolicy(max_turn_chars=60), clock=lambda: NOW)
+    ctx = lower.load(token, now=NOW)
+    lower.save(ctx, now=NOW)
+    assert ctx.turns[0].content == "x" * 60 + TRUNCATION_MARK.format(n=440)
+
+
+@pytest.mark.parametrize("bad", ["summary \ud83d", "\udc00"])
+def test_a_summary_that_no_token_can_hold_falls_back_to_the_extractive_one(bad: str) -> None:
+    """A lone surrogate (an LLM reply cut mid-emoji) failed the seal, on this request
+    and every later one (the same turns drop each time): a 500, blamed on metadata."""
+    p = pipeline(max_turns=1, summarizer=lambda dropped, previous: bad)
+    ctx = Context.new(now=NOW)
+    for i in range(3):
+        ctx.add_turn("user", f"q{i}", ts=NOW)
+        ctx.add_turn("assistant", f"a{i}", ts=NOW)
+    token = p.save(ctx, now=NOW).token
+    summary = CODEC.open(token, now=NOW).summary
+    assert summary.startswith("(4 earlier turns summarized)") and "- user: q0" in summary
+
+
+def thinking(ctx: Context, exchanges: int) -> None:
+    for _ in range(exchanges):
+        ctx.add_turn("user", "next?", ts=NOW)
+        signature = base64.b64encode(os.urandom(300)).decode()
+        block = OpaqueBlock(
+            "thinking", json.dumps({"thinking": "", "signature": signature}), "anthropic"
+        )
+        ctx.add_turn("assistant", "done", ts=NOW, blocks=[block])
+
+
+def test_the_byte_budget_counts_opaque_blocks() -> None:
+    """Trimming weighed turns by their text alone: recent turns carrying signed thinking
+    blocks (incompressible) looked light, the estimates fell short round after round,
+    and the token left 20% over its budget with a dozen exchanges still in it."""
+    ctx = Context.new(now=NOW)
+    for _ in range(40):  # older: long, very compressible text
+        ctx.add_turn("user", "please read this log " + "all good. " * 200, ts=NOW)
+        ctx.add_turn("assistant", "ok", ts=NOW)
+    thinking(ctx, 10)
+    result = pipeline(max_turns=None, max_token_bytes=3800).save(ctx, now=NOW)
+    assert result.size <= 3800
+    assert len(turn_groups(ctx.turns)) > 1
+    for turn in ctx.turns:  # blocks kept byte for byte
+        for block in turn.blocks:
+            assert json.loads(block.data)["signature"]
+
+
+def test_the_hard_cap_moves_older_exchanges_before_it_cuts_the_summary() -> None:
+    """With no soft budget, the hard cap compared the summary with the newest exchange
+    alone: it cut the summary (mid-word, with its "(N earlier turns summarized)"
+    header) while older exchanges stayed, and the count went wrong afterwards."""
+    p = pipeline(max_turns=None, max_token_bytes=None, hard_max_token_bytes=1200)
+    token = None
+    for i in range(40):
+        ctx = p.load(token, now=NOW)
+        text = f"Question {i}: " + hashlib.sha256(str(i).encode()).hexdigest() * 3 + "."
+        ctx.add_turn("user", text, ts=NOW)
+        ctx.add_turn("assistant", "Sure.", ts=NOW)
+        result = p.save(ctx, now=NOW)
+        token = result.token
+        assert result.size <= 1200
+    opened = CODEC.open(token, now=NOW)
+    assert "summary_cap" not in [a.policy for a in opened.lifecycle.recent]
+    header = opened.summary.splitlines()[0]
+    assert header == f"({opened.lifecycle.summarized} earlier turns summarized)"
+
+
+def verbose(dropped: Sequence[Turn], previous: str) -> str:
+    """An app's own summarizer with no length limit (an LLM asked for "a summary")."""
+    lines = [
+        hashlib.sha256(f"{t.content}{k}".encode()).hexdigest() for t in dropped for k in range(20)
+    ]
+    return previous + "".join(line + "\n" for line in lines)
+
+
+def test_a_cut_summary_keeps_whole_lines_and_the_token_records_the_cut() -> None:
+    """The summary_cap record was made after the last measurement, and those stale bytes
+    were sealed: the app saw a record the next request no longer had."""
+    p = pipeline(max_turns=2, summarizer=verbose)
+    ctx = Context.new(now=NOW)
+    for i in range(6):
+        ctx.add_turn("user", f"question {i}", ts=NOW)
+        ctx.add_turn("assistant", f"answer {i}", ts=NOW)
+    token = p.save(ctx, now=NOW).token
+    opened = CODEC.open(token, now=NOW)
+    cuts = [a for a in opened.lifecycle.recent if a.policy == "summary_cap"]
+    assert len(cuts) == 1 and cuts[0].detail.endswith(" characters")
+    assert opened.summary.startswith("[… earlier summary cut by Satchel]\n")
+    body = opened.summary.split("\n", 1)[1]
+    assert all(len(line) == 64 for line in body.splitlines())  # whole lines only
+
+
+def test_a_context_that_unpacks_past_the_open_limit_is_trimmed_not_refused() -> None:
+    """Thirty repetitive CSV exports make an 869-byte token that unpacks past 1 MiB:
+    sealing raised BudgetExceeded although dropping the old exchange fixed it."""
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "export the sensor table", ts=NOW)
+    calls = [ToolCall(f"call_{i}", "query", "{}") for i in range(30)]
+    ctx.add_turn("assistant", "", ts=NOW, tool_calls=calls)
+    for i in range(30):
+        csv = ("温度,湿度,状态\n" + "0,0,正常\n" * 4000)[:30000]
+        ctx.add_turn("tool", csv, ts=NOW, tool_call_id=f"call_{i}")
+    ctx.add_turn("assistant", "Exported.", ts=NOW)
+    ctx.add_turn("user", "thanks", ts=NOW)
+    ctx.add_turn("assistant", "welcome", ts=NOW)
+    result = pipeline().save(ctx, now=NOW)
+    opened = CODEC.open(result.token, now=NOW)
+    assert [t.content for t in opened.turns] == ["thanks", "welcome"]
+    assert opened.lifecycle.dropped == {"byte_budget": 33}
+
+
+def test_a_tool_result_in_a_user_message_stays_with_its_call() -> None:
+    """Anthropic's Messages API sends tool results in *user* messages; grouping knew
+    only role "tool", so a window could keep the result and drop its call."""
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "weather in Paris?", ts=NOW)
+    ctx.add_turn(
+        "assistant",
+        "",
+        ts=NOW,
+        tool_calls=[ToolCall("toolu_01A", "get_weather", {"city": "Paris"})],
+    )
+    ctx.add_turn("user", "18C, sunny", ts=NOW, tool_call_id="toolu_01A")
+    ctx.add_turn("assistant", "It is 18C and sunny.", ts=NOW)
+    ctx.add_turn("user", "thanks", ts=NOW)
+    ctx.add_turn("assistant", "welcome", ts=NOW)
+    assert turn_groups(ctx.turns) == [(0, 4), (4, 6)]
+    pipeline(max_turns=3).save(ctx, now=NOW)
+    assert [t.content for t in ctx.turns] == ["thanks", "welcome"]
