@@ -7,6 +7,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -651,8 +652,10 @@ def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) 
     class MarkRefusingTier(MemoryTier):
         refuse = False
 
+        refuse_claims = False
+
         def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
-            if self.refuse:
+            if self.refuse and (self.refuse_claims or key.endswith(":hwm")):
                 raise TierUnavailable("writes refused for the test")
             return super().compare_and_set_mark(key, expected, new, ttl)
 
@@ -671,10 +674,14 @@ def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) 
     first = client.post("/stream").get_data(as_text=True)
     assert "event: satchel" in first
     token = token_in(first)
-    tier.refuse = True
+    tier.refuse = True  # the stream's claim is taken; the mark's write at the end fails
     body = client.post("/stream", headers={"Satchel-Context": token}).get_data(as_text=True)
     assert "event: error" in body and "tier_unavailable" in body
     assert "event: satchel" not in body
+    tier.refuse_claims = True  # the claim fails too: a JSON 503 before any text
+    refused = client.post("/stream", headers={"Satchel-Context": token})
+    assert refused.status_code == 503
+    assert refused.get_json()["error"]["code"] == "tier_unavailable"
 
 
 def test_a_tier_failure_let_through_to_the_edge_names_no_server(redis_server: Any) -> None:
@@ -786,3 +793,100 @@ def test_an_unchecked_request_says_why_once_the_breaker_is_open(
         if r.getMessage() == "degraded"
     ]
     assert details[0] == "ConnectionError" and details[-1] == "breaker_open"
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_requests_sent_at_once_with_one_token_stream_one_reply(tmp_path: Path, policy: str) -> None:
+    """The mark moves when a streamed reply is complete, so every request sent at once
+    with one token streamed the whole reply (the paid-for part: a model's answer, a
+    credit's worth) and only the end told them apart. The first one claims the token;
+    the others are refused with a JSON 409 before any text goes out."""
+    import threading
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+        SATCHEL_TIER_DOWN_POLICY=policy,
+    )
+    satchel = Satchel(app)
+    gate = threading.Event()
+    charged: list[str] = []
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+
+        def deltas() -> Iterator[str]:
+            yield "the paid "
+            gate.wait(5)  # held open while the others arrive
+            yield "reply"
+
+        def complete(text: str) -> None:
+            charged.append(text)
+            ctx.add_turn("assistant", text)
+
+        return satchel.stream(deltas(), on_complete=complete)
+
+    client = app.test_client()
+    gate.set()
+    first = client.post("/stream", json={"message": "hi"})
+    token = token_in(first.get_data(as_text=True))
+    charged.clear()
+    gate.clear()
+
+    headers = {"Satchel-Context": token}
+    winner = client.post("/stream", json={"message": "go"}, headers=headers, buffered=False)
+    assert winner.status_code == 200
+    chunks = iter(winner.response)
+    assert "the paid" in next(chunks).decode()  # streaming, held at the gate
+    for _ in range(3):
+        loser = client.post("/stream", json={"message": "go"}, headers=headers)
+        assert loser.status_code == 409, loser.get_data(as_text=True)
+        assert loser.get_json()["error"]["code"] == "stale_context"
+    gate.set()
+    body = "".join(c.decode() for c in chunks)
+    winner.close()
+    assert "event: satchel" in body and charged == ["the paid reply"]
+    # The claim is gone with the stream: the winner's token goes on, the old one is stale.
+    nxt = client.post(
+        "/stream", json={"message": "next"}, headers={"Satchel-Context": token_in(body)}
+    )
+    assert nxt.status_code == 200 and "event: satchel" in nxt.get_data(as_text=True)
+    assert "stale_context" in client.post(
+        "/stream", json={"message": "x"}, headers=headers
+    ).get_data(as_text=True)
+
+
+def test_a_stream_that_fails_releases_its_claim(tmp_path: Path) -> None:
+    """A reply that fails (a model error) issues no token: the client sends the same
+    one again, which its own failed attempt's claim must not refuse."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+    fail = [True]
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+
+        def deltas() -> Iterator[str]:
+            yield "partial "
+            if fail[0]:
+                raise RuntimeError("the model went away")
+            yield "whole"
+
+        return satchel.stream(deltas(), on_complete=lambda text: ctx.add_turn("assistant", text))
+
+    client = app.test_client()
+    fail[0] = False
+    token = token_in(client.post("/stream", json={}).get_data(as_text=True))
+    fail[0] = True
+    failed = client.post("/stream", json={}, headers={"Satchel-Context": token})
+    assert "stream_failed" in failed.get_data(as_text=True)
+    fail[0] = False
+    again = client.post("/stream", json={}, headers={"Satchel-Context": token})
+    assert again.status_code == 200 and "event: satchel" in again.get_data(as_text=True)

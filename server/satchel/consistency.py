@@ -57,6 +57,18 @@ def mark_key(tag: str, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:hwm"
 
 
+#: How long a streamed reply holds its claim on the token it answers, at most. It is
+#: released when the stream ends, however it ends; the TTL only bounds a worker that
+#: died mid-stream (that token then waits this long before it can be sent again).
+CLAIM_TTL = 120.0
+
+
+def claim_key(tag: str, token_digest: bytes, prefix: str = "satchel") -> str:
+    """The key of a streamed reply's claim on one token (the session's hash tag, so it
+    shares the mark's Cluster slot)."""
+    return f"{prefix}:{{{tag}}}:claim:{token_digest.hex()}"
+
+
 def refuse_erased(observer: Observer, tag: str) -> NoReturn:
     """Report and refuse a token of an erased session (410 ``token_erased``)."""
     observer.event("refused", session=tag, reason="token_erased")
@@ -196,7 +208,8 @@ class MonotonicGuard:
         self.observer.event(
             "degraded", session=tag, reason="consistency_unchecked", error=exc.code, detail=cause
         )
-        ctx.degraded.append("consistency_unchecked")
+        if "consistency_unchecked" not in ctx.degraded:  # a stream's claim, then its mark
+            ctx.degraded.append("consistency_unchecked")
 
     def _mark_lost(self, ctx: Context, tag: str) -> None:
         # The token was issued after a mark was set, and the mark is gone: the tier
@@ -276,6 +289,40 @@ class MonotonicGuard:
             )
         return True
 
+    def claim(self, ctx: Context, tag: str, state: MarkState) -> str | None:
+        """Reserve the one answer a token may get, before a streamed reply starts.
+
+        The mark moves only when the reply is complete, so without a claim every request
+        sent at once with one token streamed the whole reply (the paid-for part) and
+        only the mark's compare-and-set, at the end, told them apart. The first claim
+        of a token wins (set if absent); the others are refused with StaleContext
+        before any text goes out. Returns the claim's key, to :meth:`release` when the
+        stream ends; None when there is nothing to claim (a new conversation, an
+        unchecked mark) or the tier failed and ``fail_open`` lets the stream through.
+        """
+        digest = ctx.parent
+        if not state.checked or digest is None:
+            return None
+        key = claim_key(tag, digest)
+        try:
+            current = self.tier.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL)
+        except TierError as exc:
+            self._tier_down(ctx, tag, exc)  # fail_closed raises: a 503 before any text
+            return None
+        if current is not None:
+            self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
+            raise StaleContext(
+                "another request with the same token is being answered; use the newest token"
+            )
+        return key
+
+    def release(self, key: str) -> None:
+        """Drop a stream's claim (best effort: its TTL ends it otherwise)."""
+        try:
+            self.tier.delete([key])
+        except TierError:
+            pass
+
     def erase(self, tag: str) -> None:
         """Refuse this session's tokens from now on (a tombstone in place of the mark).
 
@@ -298,11 +345,13 @@ class MonotonicGuard:
 
 
 __all__ = [
+    "CLAIM_TTL",
     "ERASED",
     "LEVELS",
     "ForkDetector",
     "MarkState",
     "MonotonicGuard",
+    "claim_key",
     "decode_mark",
     "encode_mark",
     "mark_key",

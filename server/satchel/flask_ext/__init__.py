@@ -735,6 +735,12 @@ class Satchel:
         ai_sdk = protocol == "ai-sdk"
 
         guard = self.state().guard
+        claim = None
+        if guard is not None and rs.mark is not None and rs.context is not None:
+            # Monotonic: of requests sent at once with one token, only one may stream
+            # the reply; the others are refused here (409) before any text goes out.
+            tag = self.state().pipeline.session_tag(rs.context.session_id)
+            claim = guard.claim(rs.context, tag, rs.mark)
         # Under fail_open the mark moves only once the final event is out (below): a
         # client gone mid-stream never gets this token and must not be locked out of
         # the conversation by a mark that names it. Under fail_closed nothing goes out
@@ -766,6 +772,13 @@ class Satchel:
                 log.info("satchel stream: the monotonic mark was not moved (%s)", exc.code)
 
         def events() -> Iterator[str]:
+            try:
+                yield from reply()
+            finally:  # however the stream ends: done, failed, or the client left
+                if claim is not None and guard is not None:
+                    guard.release(claim)
+
+        def reply() -> Iterator[str]:
             parts: list[str] = []
             if ai_sdk:
                 yield ai_chunk({"type": "start"})
