@@ -238,7 +238,13 @@ def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) ->
     assert resp.status_code == 200
     assert resp.headers["Satchel-Reset"] == "session_not_found"
     assert turn_number(resp) == 1
-    assert resp.headers[HEADER] == carrier  # the same session id, a fresh context
+    # A fresh context under a new session id: the old carrier, had it been stolen or
+    # planted (session fixation), must not follow the user into the new conversation.
+    assert resp.headers[HEADER] != carrier
+    assert turn_number(chat(client, "five", resp.headers[HEADER])) == 2
+    stale = chat(client, "six", carrier)
+    assert stale.headers["Satchel-Reset"] == "session_not_found"
+    assert stale.headers[HEADER] not in (carrier, resp.headers[HEADER])
 
 
 def test_server_mode_answers_503_fast_when_redis_is_paused(redis_server: Any) -> None:

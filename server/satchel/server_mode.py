@@ -158,9 +158,10 @@ class ServerSidePipeline(Pipeline):
             refuse_erased(self.observer, tag)
         stored = fetched.get(key)
         if stored is None:
-            # Expired or evicted server-side: start over under the same id.
+            # Expired or evicted server-side: start over, under a *new* id. Kept, the
+            # old id would follow the user into every later conversation: a carrier
+            # stolen (or planted, "session fixation") once would read them all.
             ctx = self.new_context(now)
-            ctx.session_id = session_id
             ctx.notices.append("reset:session_not_found")
             return ctx
         # Bytes, not decoded here: whatever is stored (a foreign write, corruption) is
