@@ -890,3 +890,15 @@ def test_a_context_the_reader_would_refuse_is_refused_at_seal() -> None:
         change(ctx)
         with pytest.raises(ContextNotSerializable, match=named):
             codec.seal(ctx)
+
+
+def test_a_refused_metadata_value_is_named_by_field_never_by_content_keys() -> None:
+    """The message is logged at the HTTP edge: a field-like key is the app's schema and
+    helps its developers; a key that is content (a user's own label) is withheld."""
+    codec = make_codec()
+    ctx = Context.new()
+    ctx.metadata = {"credits": {"a set": {1, 2}}}
+    with pytest.raises(ContextNotSerializable) as info:
+        codec.seal(ctx)
+    assert "metadata['credits'][<key #0>] is set" in info.value.message
+    assert "a set" not in info.value.message

@@ -19,6 +19,7 @@ History:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -539,6 +540,16 @@ def _one_turn_problem(t: Any, where: str, limits: Limits) -> str | None:
     return _turn_problem(t, where, limits) or _extras_problem(t, where, limits)
 
 
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
+
+
+def _key_name(key: str, position: int) -> str:
+    """A map key for an error message, which the HTTP edge logs: a field-like name as
+    it is (the app's schema: ``metadata['credits']``), anything else by position only
+    (a key can be content: a user's own label, a document's title)."""
+    return repr(key) if _FIELD_NAME.fullmatch(key) else f"<key #{position}>"
+
+
 def _describe(value: Any) -> str:
     """A value for an error message: ints as they are (counts, times, versions), the
     rest by type (and bytes by length), never content."""
@@ -730,13 +741,13 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
     if isinstance(value, dict):
         if len(value) > limits.max_map_len:
             return f"{where} has more than {limits.max_map_len} entries"
-        for key, item in value.items():
+        for n, (key, item) in enumerate(value.items()):
             if not isinstance(key, str):
                 return (
                     f"{where} has a {type(key).__name__} key: map keys must be str, or the "
                     "token does not open again"
                 )
-            problem = _value_problem(item, f"{where}[{key!r}]", limits, depth + 1)
+            problem = _value_problem(item, f"{where}[{_key_name(key, n)}]", limits, depth + 1)
             if problem is not None:
                 return problem
         return None
