@@ -890,3 +890,30 @@ def test_a_stream_that_fails_releases_its_claim(tmp_path: Path) -> None:
     fail[0] = False
     again = client.post("/stream", json={}, headers={"Satchel-Context": token})
     assert again.status_code == 200 and "event: satchel" in again.get_data(as_text=True)
+
+
+def test_a_mark_that_vanishes_mid_request_is_reported_lost_not_a_race(tmp_path: Path) -> None:
+    """The tier evicted the mark between the request's read and its compare-and-set:
+    that is not another request winning (409 "another request finished first" sent a
+    client with no newer token nowhere); the mark is set afresh and the loss flagged."""
+    from satchel.consistency import mark_key
+
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    state = Satchel.state(app)
+
+    @app.post("/spend-evicted")
+    @satchel.consistency("monotonic")
+    def spend_evicted() -> Any:
+        ctx = satchel.context
+        tag = state.pipeline.session_tag(ctx.session_id)
+        state.tier.delete([mark_key(tag)])  # evicted while the request runs
+        return {"degraded": ctx.degraded}
+
+    client = app.test_client()
+    token = post(client, "/spend", post(client, "/chat", None).headers["Satchel-Context"])
+    response = post(client, "/spend-evicted", token.headers["Satchel-Context"])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "consistency_reset" in response.headers["Satchel-Degraded"]
+    # The mark was set afresh: the token before is refused again.
+    stale = post(client, "/spend", token.headers["Satchel-Context"])
+    assert stale.status_code == 409

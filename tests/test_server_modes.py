@@ -364,3 +364,35 @@ def test_a_context_larger_than_the_client_token_cap_lives_server_side() -> None:
         token = resp.headers[HEADER]
     data = client.get("/api/context", headers={HEADER: token}).get_json()
     assert len(data["turns"]) == 28 and data["degraded"] == []
+
+
+def test_a_conversation_the_store_loses_mid_request_is_named_and_counted() -> None:
+    """Evicted between a request's read and its write, a conversation was answered 409
+    "another request was saved first" (there was no other request), and a conversation
+    the store no longer had started over with nothing counted or logged."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_METRICS_ROUTE="/metrics", TESTING=True)
+    satchel = Satchel(app, mode="memory")
+    evict = [False]
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", flask_request.get_json()["message"])
+        if evict[0]:  # the store drops the session while this request runs
+            pipeline = Satchel.state(app).pipeline
+            pipeline.store.delete([pipeline.key_for(ctx.session_id)])
+        return {"turns": len(ctx.turns)}
+
+    client = app.test_client()
+    carrier = client.post("/chat", json={"message": "one"}).headers[HEADER]
+    evict[0] = True
+    lost = client.post("/chat", json={"message": "two"}, headers={HEADER: carrier})
+    assert lost.status_code == 409
+    error = lost.get_json()["error"]
+    assert error["code"] == "stale_context" and "left the session store" in error["message"]
+    evict[0] = False
+    again = client.post("/chat", json={"message": "two"}, headers={HEADER: carrier})
+    assert again.status_code == 200 and again.headers["Satchel-Reset"] == "session_not_found"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'satchel_tokens_refused_total{reason="session_not_found"} 2.0' in metrics

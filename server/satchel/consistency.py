@@ -277,6 +277,12 @@ class MonotonicGuard:
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         try:
             current = self.tier.compare_and_set_mark(state.key, state.expected, mark, self.mark_ttl)
+            if current == b"" and state.expected is not None:
+                # The mark vanished while the request ran (evicted, expired), which is
+                # not another request winning: report it as a lost mark and set it
+                # afresh. An erasure cannot be undone here: its tombstone is this key.
+                self._mark_lost(ctx, tag)
+                current = self.tier.compare_and_set_mark(state.key, None, mark, self.mark_ttl)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
             return False

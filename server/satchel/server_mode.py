@@ -163,6 +163,10 @@ class ServerSidePipeline(Pipeline):
             # stolen (or planted, "session fixation") once would read them all.
             ctx = self.new_context(now)
             ctx.notices.append("reset:session_not_found")
+            # Counted and logged (satchel_tokens_refused_total{reason=session_not_found},
+            # the audit log): a store that evicts or loses conversations shows up there,
+            # next to sessions that simply expired.
+            self.observer.event("refused", reason="session_not_found", mode=self.mode)
             return ctx
         # Bytes, not decoded here: whatever is stored (a foreign write, corruption) is
         # refused by the envelope parser as a BadToken, never a UnicodeDecodeError.
@@ -196,9 +200,22 @@ class ServerSidePipeline(Pipeline):
             )
         except TierError as exc:
             self.observer.event("unavailable", reason=exc.code, op="save", mode=self.mode)
+            # A write that timed out may still land (a stalled Redis runs the command it
+            # had already read once it resumes): say so, or a resend saves it twice.
             raise TierUnavailable(
-                "the session store did not take the write; retry shortly", mode=self.mode
+                "the session store did not confirm the write, which may still have been "
+                "saved: reload the conversation before sending this again",
+                mode=self.mode,
             ) from exc
+        if current == b"" and ctx.stored_as is not None:
+            # Gone between this request's read and its write: expired or evicted. Not a
+            # race with another request (no newer state exists), and not written back:
+            # an erasure in between must not be undone.
+            self.observer.event("refused", reason="session_not_found", mode=self.mode)
+            raise StaleContext(
+                "this conversation left the session store while the request ran (expired "
+                "or evicted); send the message again to start over"
+            )
         if current is not None:
             self.observer.event(
                 "stale_refused", session=self.session_tag(ctx.session_id), detail="race"
