@@ -99,6 +99,7 @@ def test_an_erasure_while_a_request_runs_stops_its_writes(consistency: str) -> N
         SATCHEL_KEYS=Keyring.generate("k1").to_string(),
         SATCHEL_CONSISTENCY=consistency,
         SATCHEL_MAX_TOKEN_BYTES=1200,
+        SATCHEL_METRICS_ROUTE="/metrics",
     )
     satchel = Satchel(app, tier=tier)
 
@@ -129,6 +130,10 @@ def test_an_erasure_while_a_request_runs_stops_its_writes(consistency: str) -> N
         token = response.headers["Satchel-Context"]
     assert erased is not None and erased.status_code == 410
     assert erased.get_json()["error"]["code"] == "token_erased"
+    # Counted as a refusal, not as a failed seal (the alert for app bugs).
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'satchel_tokens_refused_total{reason="token_erased"}' in metrics
+    assert "satchel_seal_failures_total{" not in metrics
     with app.app_context():
         tag = satchel.codec.session_tag(satchel.codec.open(token).session_id)
     assert [k for k in tier._data if f"{{{tag}}}" in k] == [f"satchel:{{{tag}}}:hwm"]

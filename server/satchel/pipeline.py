@@ -226,6 +226,11 @@ class Pipeline:
                     # it is one.
                     check_sealable(ctx, self.codec.limits)
                     raise
+        except BadToken as exc:
+            # Refused, not a failed seal (an erased session's spill met its tombstone):
+            # counted with the other refusals, not as an app bug (SatchelSealFailures).
+            self.observer.event("refused", session=tag, reason=exc.code)
+            raise
         except SatchelError as exc:  # BudgetExceeded, ContextNotSerializable: no token
             self.observer.event("seal_failed", session=tag, error=exc.code)
             raise

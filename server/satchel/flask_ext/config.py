@@ -38,6 +38,8 @@ SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case), or None/""
                                                to leave the attribute out
 SATCHEL_COOKIE_PATH             "/"
+SATCHEL_COOKIE_MAX_AGE          None           cookie Max-Age in seconds (None: a cookie
+                                               that ends with the browser session)
 SATCHEL_JSON_FIELD              None           also read the token from this JSON body field
                                                (a string; null or absent: a new context;
                                                anything else is token_malformed)
