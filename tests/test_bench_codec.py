@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from satchel.bench import codec as bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +86,40 @@ def test_checkout_corpus_is_found_from_any_working_directory(tmp_path: Path, mon
     assert len(convs) == len(_conversations(ROOT / "tools" / "corpus" / "heldout.jsonl")) + len(
         _conversations(ROOT / "tools" / "corpus" / "heldout_handwritten.jsonl")
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--turns", "abc"], "not comma-separated integers"),
+        (["--turns", "0"], "sizes must be 1 to 10000"),
+        (["--turns", ","], "sizes must be 1 to 10000"),
+        (["--turns", "9000"], "this codec opens at most"),
+        (["--corpus", "{missing}"], "no such file"),
+        (["--corpus", "{empty}"], "no conversation with turns"),
+        (["--corpus", "{bad}"], "line 1: not"),
+        (["--json", "{tmp}/no/such/dir/out.json"], "does not exist"),
+    ],
+)
+def test_bad_arguments_are_exit_2_with_one_line_before_any_run(
+    args: list[str], says: str, tmp_path: Path
+) -> None:
+    """A corpus of empty conversations hung forever; a missing corpus silently measured
+    the packaged one; --turns abc, a bad corpus line or an unwritable --json path ended
+    in a traceback (the last one after the whole run)."""
+    (tmp_path / "empty.jsonl").write_text('{"turns": []}\n')
+    (tmp_path / "bad.jsonl").write_text('{"turns": "nope"}\n')
+    paths = {
+        "missing": str(tmp_path / "missing.jsonl"),
+        "empty": str(tmp_path / "empty.jsonl"),
+        "bad": str(tmp_path / "bad.jsonl"),
+        "tmp": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "satchel.cli", "bench", "codec", "--quick",
+         *(a.format(**paths) for a in args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

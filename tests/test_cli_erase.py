@@ -247,3 +247,27 @@ def test_with_several_keys_the_anchor_must_be_named(redis_server: Any) -> None:
     assert code == 0, err
     assert json.loads(out)["deleted_keys"] >= 1
     assert redis_server.client().dbsize() < keys_before
+
+
+def test_a_tier_that_fails_midway_is_named_with_what_was_erased(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """Erasing the overflow tier and then a store that does not answer printed only the
+    store's error: nothing said that the first tier was erased already, nor which URL
+    failed."""
+    from satchel.tiers import SQLiteTier
+
+    db = tmp_path / "tier.db"
+    SQLiteTier(db).put("satchel:{x}:seg", b"v", 60)
+    redis_server.kill()
+    code, out, err = erase(
+        "00" * 16,
+        "--overflow-url",
+        f"sqlite:///{db}",
+        "--store-url",
+        redis_server.url,
+    )
+    assert code == 2 and out is None
+    assert err.startswith("satchel erase: --store-url ($SATCHEL_STORE_URL) redis://")
+    assert "already erased in --overflow-url ($SATCHEL_OVERFLOW_URL) sqlite:///" in err
+    assert "run it again" in err

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import schema, serialize
@@ -225,7 +226,40 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context_sizes(text: str) -> tuple[int, ...]:
+    """``--turns``: comma-separated context sizes, each 1..10000."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
+    if not sizes or not all(1 <= n <= 10_000 for n in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be 1 to 10000 turns: {text!r}")
+    return sizes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """Refuse, before a run, an output path the run could not write at its end."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigurationError(f"{option} {path}: is a directory, not a file")
+    if not target.parent.is_dir():
+        raise ConfigurationError(f"{option} {path}: the directory {target.parent} does not exist")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    check_output_file(args.json_out, "--json")
     register_cli_dictionaries(args.dictionary)
     if args.dictionary_id is not None:
         from .compress import load_dictionary
@@ -326,26 +360,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_purpose_option(p)
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("bench", help="benchmarks: codec | chaos")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: codec | chaos",
+        description="Exit codes: 0 done (and, with --check, every target met); 1 a target "
+        "missed (codec with --check) or the chaos run failed; 2 bad arguments, or what the "
+        "run needs is missing (redis-server, the examples).",
+    )
     p.add_argument("what", choices=["codec", "chaos"])
-    p.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run (codec: fewer rounds; chaos: ~11 s)"
+    )
     p.add_argument("--json", dest="json_out", help="also write the figures as JSON here")
-    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument("--turns", default="4,20,50,200", help="context sizes (codec)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="codec: exit 1 when a target is missed (chaos exits 1 whenever it fails)",
+    )
+    p.add_argument(
+        "--turns",
+        default=(4, 20, 50, 200),
+        type=_context_sizes,
+        help="context sizes, comma separated (codec; default 4,20,50,200)",
+    )
     p.add_argument("--corpus", help="JSONL of held-out conversations (codec)")
     _add_dictionary_option(p)
     p.add_argument(
         "--dictionary-id", type=int, help="compress with this dictionary (codec; default: 1)"
     )
-    p.add_argument("--conversations", type=int, default=8, help="concurrent chats (chaos)")
-    p.add_argument("--requests", type=int, default=40, help="turns per chat (chaos)")
-    p.add_argument("--server", choices=["embedded", "gunicorn"], default="embedded")
+    p.add_argument(
+        "--conversations", type=_positive_int, default=8, help="concurrent chats (chaos)"
+    )
+    p.add_argument("--requests", type=_positive_int, default=40, help="turns per chat (chaos)")
+    p.add_argument(
+        "--server",
+        choices=["embedded", "gunicorn"],
+        default="embedded",
+        help="chaos: serve the app with werkzeug (default) or gunicorn (2 workers)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="client-held vs server-side modes, side by side")
     p.add_argument("--quick", action="store_true", help="smoke run, under two minutes")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default="docs", help="where comparison.md and plots go")
+    p.add_argument("--workers", type=int, default=2, help="gunicorn workers per mode (default 2)")
+    p.add_argument(
+        "--out",
+        default="docs",
+        help="directory for comparison.md and img/*.png, relative to the working "
+        "directory (default: docs)",
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from .codec import Codec
 from .consistency import MonotonicGuard
-from .errors import ConfigurationError, InvalidRequest
+from .errors import ConfigurationError, InvalidRequest, SatchelError
 from .keys import Keyring
 
 
@@ -102,7 +102,7 @@ def erase_session(
     memory-mode app never reads) would report ``tokens_refused`` while the app kept
     serving the session. Both are a :class:`ConfigurationError`.
     """
-    from .tiers import tier_from_url
+    from .tiers import redact_url, tier_from_url
     from .tiers.guard import GuardedTier
 
     if mode.strip().lower() == "memory":
@@ -136,9 +136,21 @@ def erase_session(
         for url, setting in settings.items():
             tiers.append(GuardedTier(tier_from_url(url, setting=setting, create=False)))
         deleted = 0
-        for tier in tiers:
-            erased = erase_in_tier(codec, tier, session_id, refuse=True)
+        done: list[str] = []
+        for tier, (url, setting) in zip(tiers, settings.items(), strict=True):
+            try:
+                erased = erase_in_tier(codec, tier, session_id, refuse=True)
+            except SatchelError as exc:
+                # Say what was erased already and which tier failed: erasing again
+                # once it answers finishes the job (erasure is idempotent).
+                before = f"; already erased in {', '.join(done)}" if done else ""
+                raise type(exc)(
+                    f"{setting} {redact_url(url)}: {exc.message}{before}; run it again "
+                    "once that tier answers",
+                    **exc.facts,
+                ) from None
             deleted += erased["deleted_keys"]
+            done.append(f"{setting} {redact_url(url)}")
     finally:
         for tier in tiers:
             tier.close()

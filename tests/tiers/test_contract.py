@@ -194,6 +194,28 @@ def test_secrets_are_redacted_in_errors_and_repr() -> None:
     assert redact_url("sqlite:////var/x.db?busy_timeout=1") == "sqlite:////var/x.db?busy_timeout=1"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Sec/retPw9@h:1/0",  # a password with an unencoded "/", "?" or "#"
+        "redis://:Sec?retPw9@h:1/0",
+        "redis://:Sec#retPw9@h:1/0",
+        "redis+sentinel://:Sec/retPw9@h:1/m",
+        "redis:/:SecretPw9@127.0.0.1:6390/0",  # a scheme typo
+        "SecretPw9",  # a password pasted into the URL setting
+    ],
+)
+def test_what_an_error_says_about_a_url_never_quotes_its_password(url: str) -> None:
+    """redact_url hid the password in the URL an error shows, but the error's own text
+    quoted the pieces a parser made of it ("not 'retPw9@h:1/0'", "port 'Sec'")."""
+    with pytest.raises(ConfigurationError) as info:
+        tier_from_url(url, setting="SATCHEL_STORE_URL")
+    message = info.value.message
+    assert message.startswith("SATCHEL_STORE_URL: ")
+    for piece in ("Sec", "retPw9", "SecretPw9"):
+        assert piece not in message, message
+
+
 def test_schemes_are_case_insensitive() -> None:
     from satchel.tiers import RedisTier
 

@@ -1009,8 +1009,10 @@ def tuning_from_env() -> dict[str, float | int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
-    conversations = max(1, int(getattr(args, "conversations", 8) or 8))
-    requests = max(1, int(getattr(args, "requests", 40) or 40))
+    conversations = int(getattr(args, "conversations", 8))
+    requests = int(getattr(args, "requests", 40))
+    if conversations < 1 or requests < 1:
+        raise ProcError("--conversations and --requests must be at least 1")
     kind = getattr(args, "server", "embedded") or "embedded"
     knobs = tuning_from_env()
     overrides: dict[str, Any] = {k.removeprefix("SATCHEL_").lower(): v for k, v in knobs.items()}
@@ -1018,7 +1020,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reset, fail_max = settings.breaker_reset_timeout, settings.breaker_fail_max
     faults, duration = build_schedule(quick, reset)
     work = Workdir(keep=bool(os.environ.get("SATCHEL_CHAOS_KEEP")))
-    redis = RedisProcess(work.path)
+    try:
+        redis = RedisProcess(work.path)  # ProcError without redis-server: no dir left
+    except BaseException:
+        work.close()
+        raise
     apps: list[AppProcess] = []
     try:
         redis.start()
@@ -1126,13 +1132,13 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    json_out = getattr(args, "json_out", None)
     try:
         report = run(args)
     except ProcError as exc:
         print(f"satchel bench chaos: {exc}", file=sys.stderr)
         return 2
     print(render(report))
-    json_out = getattr(args, "json_out", None)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return 0 if report["passed"] else 1

@@ -34,6 +34,7 @@ import zstandard
 from ..codec import Codec
 from ..compress import Compressor
 from ..context import Context
+from ..errors import BudgetExceeded, ConfigurationError, ContextNotSerializable
 from ..keys import Keyring
 
 SIZES = (4, 20, 50, 200)
@@ -57,16 +58,18 @@ def load_conversations(path: str | None = None) -> tuple[list[list[dict[str, str
             for root in corpus_roots()
             for name in ("heldout_handwritten.jsonl", "heldout.jsonl")
         ]
+    if path and not Path(path).is_file():
+        raise ConfigurationError(f"--corpus {path}: no such file")
     convs: list[list[dict[str, str]]] = []
     used: list[str] = []
     for candidate in candidates:
         if candidate.is_file():
             if not path and any(Path(u).name == candidate.name for u in used):
                 continue  # the working directory is the checkout: one copy is enough
-            for line in candidate.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    convs.append(json.loads(line)["turns"])
+            convs.extend(_read_corpus(candidate))
             used.append(_shown(candidate))
+    if path and not convs:
+        raise ConfigurationError(f"--corpus {path}: no conversation with turns in it")
     if not convs:
         # An installed satchel has no tools/: it carries the hand-written held-out
         # conversations and the first 24 generated ones (none seen in training), so
@@ -75,6 +78,35 @@ def load_conversations(path: str | None = None) -> tuple[list[list[dict[str, str
         convs = [json.loads(line)["turns"] for line in text.splitlines() if line.strip()]
         used.append(f"packaged {PACKAGED_SAMPLE} ({len(convs)} conversations)")
     return convs, ", ".join(used)
+
+
+def _read_corpus(path: Path) -> list[list[dict[str, str]]]:
+    """The conversations of a JSONL corpus (``{"turns": [{"role", "content"}...]}`` per
+    line); ConfigurationError naming the line that is not one. Empty ones are skipped:
+    sizes are built by joining conversations, which empty ones never grow."""
+    out: list[list[dict[str, str]]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"--corpus {path}: cannot be read ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line)["turns"]
+            if not isinstance(turns, list):
+                raise TypeError
+            for turn in turns:
+                if not (isinstance(turn["role"], str) and isinstance(turn["content"], str)):
+                    raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ConfigurationError(
+                f'--corpus {path}, line {number}: not {{"turns": [{{"role": ..., '
+                '"content": ...}, ...]}'
+            ) from None
+        if turns:
+            out.append(turns)
+    return out
 
 
 def corpus_roots() -> list[Path]:
@@ -379,10 +411,16 @@ def render(result: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    sizes = tuple(int(s) for s in str(args.turns).split(",") if s.strip())
+    turns = args.turns
+    if isinstance(turns, str):  # called with a plain Namespace, not through the CLI
+        turns = tuple(int(s) for s in turns.split(",") if s.strip())
+    sizes = tuple(turns)
     rounds, budget = (5, 0.01) if args.quick else (15, 0.04)
     dictionary_id = getattr(args, "dictionary_id", None)
-    result = run(sizes, rounds, budget, getattr(args, "corpus", None), dictionary_id)
+    try:
+        result = run(sizes, rounds, budget, getattr(args, "corpus", None), dictionary_id)
+    except (BudgetExceeded, ContextNotSerializable) as exc:  # a size the codec cannot seal
+        raise ConfigurationError(f"--turns {','.join(map(str, sizes))}: {exc.message}") from None
     print(render(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))

@@ -1630,6 +1630,9 @@ def main(args: argparse.Namespace) -> int:
     if workers < 1:
         print("satchel compare: --workers must be at least 1", file=sys.stderr)
         return 2
+    if out.exists() and not out.is_dir():  # found now, not after a five-minute run
+        print(f"satchel compare: --out {out}: is a file, not a directory", file=sys.stderr)
+        return 2
     try:
         repo = find_repo()
         __import__("gunicorn")

@@ -137,9 +137,46 @@ def tier_from_url(
     try:
         return _tier_from_url(url, create=create, options=options)
     except ConfigurationError as exc:
-        if setting is None:
+        message = scrub_url_secrets(url, exc.message)
+        if setting is None and message == exc.message:
             raise
-        raise ConfigurationError(f"{setting}: {exc.message}", **exc.facts) from None
+        where = f"{setting}: " if setting else ""
+        raise ConfigurationError(f"{where}{message}", **exc.facts) from None
+
+
+def scrub_url_secrets(url: str, message: str) -> str:
+    """``message`` with every piece of ``url``'s userinfo (what comes before its last
+    ``@``) that it quotes replaced by ``***``.
+
+    A URL that does not parse as intended (a password with an unencoded ``/``, ``?`` or
+    ``#``, a scheme typo) makes parsers report pieces of it: "not 'retPw9@h:1/0'",
+    "port 'Sec'". :func:`redact_url` hides the password in the URL an error shows; this
+    hides what the error says about it. A URL without userinfo is left as it is; a
+    value with neither a scheme nor an ``@`` is hidden whole (a secret pasted into the
+    wrong setting).
+    """
+    _scheme, sep, rest = url.partition("://")
+    if not sep:
+        rest = url  # a scheme typo (redis:/...), or a secret pasted in the wrong place
+    at = rest.rfind("@")
+    if not sep and at < 0:
+        return message.replace(url, "***") if len(url) >= 3 else message
+    secret = rest[:at] if at >= 0 else ""
+    if len(secret) < 3:
+        return message
+    out: list[str] = []
+    i, n = 0, len(message)
+    while i < n:
+        j = i
+        while j < n and message[i : j + 1] in secret:
+            j += 1
+        if j - i >= 3 and not redact_url(url).count(message[i:j]):
+            out.append("***")
+            i = j
+        else:
+            out.append(message[i])
+            i += 1
+    return "".join(out)
 
 
 def tier_scheme(url: str, *, setting: str | None = None) -> str:
