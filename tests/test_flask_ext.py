@@ -532,7 +532,10 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         # a 500 from werkzeug's cookie code, an HTML 500 from gunicorn, a token read
         # from Content-Type; or failed at start naming no key.
         ({"SATCHEL_TOKEN_LIMIT": "100"}, "SATCHEL_TOKEN_LIMIT must be at least 1024"),
-        ({"SATCHEL_TOKEN_LIMIT": "4000"}, r"SATCHEL_TOKEN_LIMIT \(4000\) is below"),
+        (
+            {"SATCHEL_TOKEN_LIMIT": "4000", "SATCHEL_HARD_MAX_TOKEN_BYTES": "8000"},
+            r"SATCHEL_TOKEN_LIMIT \(4000\) is below",
+        ),
         ({"SATCHEL_COOKIE": "sc", "SATCHEL_COOKIE_SAMESITE": "bogus"}, "SATCHEL_COOKIE_SAMESITE"),
         ({"SATCHEL_COOKIE": "s" * 500}, "SATCHEL_COOKIE must be a cookie name"),
         ({"SATCHEL_COOKIE": "my cookie"}, "SATCHEL_COOKIE must be a cookie name"),
@@ -669,3 +672,12 @@ def test_the_summarizer_may_be_named_as_the_config_table_names_the_default() -> 
 
     app = make_app(SATCHEL_SUMMARIZER="extractive")
     assert isinstance(Satchel.state(app).pipeline.policy.summarizer, ExtractiveSummarizer)
+
+
+def test_a_low_token_limit_lowers_default_caps_and_server_mode_has_no_minimum() -> None:
+    """SATCHEL_TOKEN_LIMIT=4096 with the caps left at their defaults, and 512 in server
+    mode (its carriers are 80 bytes), ran before; they must still start."""
+    config = Satchel.state(make_app(SATCHEL_TOKEN_LIMIT="4096")).config
+    assert config.hard_max_token_bytes == 4096 and config.max_token_bytes == 3800
+    server = Satchel.state(make_app(SATCHEL_TOKEN_LIMIT="512", SATCHEL_MODE="memory")).config
+    assert server.token_limit == 512

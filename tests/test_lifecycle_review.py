@@ -170,3 +170,16 @@ def test_a_tool_result_in_a_user_message_stays_with_its_call() -> None:
     assert turn_groups(ctx.turns) == [(0, 4), (4, 6)]
     pipeline(max_turns=3).save(ctx, now=NOW)
     assert [t.content for t in ctx.turns] == ["thanks", "welcome"]
+
+
+@pytest.mark.parametrize("digits", [3000, 5000])
+def test_text_that_imitates_the_truncation_mark_is_cut_like_any_other(digits: int) -> None:
+    """A turn ending in a mark with a many-digit count passed as "already cut" (3,147
+    characters under a 100-character cap), and 5,000 digits made int() raise: a 500."""
+    p = pipeline(max_turn_chars=100)
+    ctx = p.load(None, now=NOW)
+    fake = "x" * 100 + TRUNCATION_MARK.format(n="0" * (digits - 1) + "1")
+    ctx.add_turn("user", fake, ts=NOW)
+    token = p.save(ctx, now=NOW).token
+    content = CODEC.open(token, now=NOW).turns[0].content
+    assert len(content) < 200 and content.startswith("x" * 100)

@@ -157,7 +157,10 @@ export declare function sessionStorageAdapter(): StorageAdapter;
  * `"memory"` is one page-wide store shared by every client on the page.
  * @throws TypeError for unknown names or adapters without get/set/remove.
  */
-export declare function resolveStorage(spec?: StorageKind | StorageAdapter): StorageAdapter;
+export declare function resolveStorage(spec?: StorageKind | StorageAdapter): StorageAdapter & {
+  /** A custom adapter passed in, which the returned one calls (absent for built-ins). */
+  readonly adapter?: StorageAdapter;
+};
 
 /**
  * Conversation ids that have a stored token under `prefix`.
@@ -407,7 +410,7 @@ export declare class SatchelClient extends EventTarget {
   /** Header carrying the token. */
   readonly headerName: string;
   /** Storage adapter in use; `.kind === "memory"` reveals a fallback. */
-  readonly storage: StorageAdapter;
+  readonly storage: StorageAdapter & { readonly adapter?: StorageAdapter };
   /** Token currently held, or null. Synchronous. */
   readonly token: string | null;
   /** Sequence number of the held token, or null if unknown. */

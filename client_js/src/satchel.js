@@ -252,34 +252,45 @@ function webStorage(kind) {
  * A custom adapter, held to the built-in adapters' rule: a write it refuses (throws
  * or rejects: a full disk, a closed IndexedDB) is kept in memory for this page
  * rather than failing a request the server has already answered, whose reply and
- * successor token would be lost with it. Synchronous adapters stay synchronous,
- * and the adapter's own extra properties stay reachable on the result.
+ * successor token would be lost with it. Synchronous adapters stay synchronous.
+ *
+ * A plain object that calls the adapter (never one that inherits from it): a frozen
+ * adapter, or a class whose methods use private fields, works as it did unwrapped.
  */
 function guardedStorage(adapter) {
   if (safeAdapters.has(adapter)) return adapter;
   const overlay = new Map();
   const keep = (key, value) => void overlay.set(key, String(value));
-  const guarded = Object.create(adapter);
-  guarded.get = (key) => (overlay.has(key) ? overlay.get(key) : adapter.get(key));
-  guarded.set = (key, value) => {
-    let result;
-    try {
-      result = adapter.set(key, value);
-    } catch {
-      return keep(key, value);
-    }
-    if (result && typeof result.then === 'function') {
-      return result.then(
-        () => void overlay.delete(key),
-        () => keep(key, value),
-      );
-    }
-    overlay.delete(key);
-    return result;
-  };
-  guarded.remove = (key) => {
-    overlay.delete(key);
-    return adapter.remove(key);
+  const guarded = {
+    get kind() {
+      return adapter.kind;
+    },
+    get fallbackFrom() {
+      return adapter.fallbackFrom;
+    },
+    /** The adapter this one guards. */
+    adapter,
+    get: (key) => (overlay.has(key) ? overlay.get(key) : adapter.get(key)),
+    set: (key, value) => {
+      let result;
+      try {
+        result = adapter.set(key, value);
+      } catch {
+        return keep(key, value);
+      }
+      if (result && typeof result.then === 'function') {
+        return result.then(
+          () => void overlay.delete(key),
+          () => keep(key, value),
+        );
+      }
+      overlay.delete(key);
+      return result;
+    },
+    remove: (key) => {
+      overlay.delete(key);
+      return adapter.remove(key);
+    },
   };
   if (typeof adapter.keys === 'function') {
     const merge = (stored) => [...new Set([...overlay.keys(), ...stored])];
@@ -291,7 +302,6 @@ function guardedStorage(adapter) {
   safeAdapters.add(guarded);
   return guarded;
 }
-
 
 /** localStorage adapter (falls back to memory, see webStorage). */
 export function localStorageAdapter() {

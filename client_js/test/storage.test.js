@@ -226,7 +226,7 @@ for (const [name, failing] of [
     };
     const fetch = fakeFetch((call, i) => reply({ json: { n: i }, satchel: { token: `k${i + 2}`, seq: i + 2, session: 's' } }));
     const client = testClient({ fetch, storage: adapter });
-    assert.equal(client.storage.label, 'mine'); // the adapter's own properties stay reachable
+    assert.equal(client.storage.adapter.label, 'mine'); // the adapter itself stays reachable
     refuse = true;
     const res = await client.fetch('/chat', { method: 'POST', body: 'k2' });
     assert.deepEqual(await res.json(), { n: 0 });
@@ -240,3 +240,39 @@ for (const [name, failing] of [
     assert.equal(JSON.parse(backing.get('satchel:default')).token, 'k4');
   });
 }
+
+test('frozen adapters and class adapters with private fields work as before', async () => {
+  class Vault {
+    #map = new Map();
+    #name = 'vault';
+    get kind() {
+      return this.#name;
+    }
+    get(key) {
+      return this.#map.get(key) ?? null;
+    }
+    set(key, value) {
+      this.#map.set(key, value);
+    }
+    remove(key) {
+      this.#map.delete(key);
+    }
+    keys() {
+      return [...this.#map.keys()];
+    }
+  }
+  const map = new Map();
+  const frozen = Object.freeze({
+    get: (key) => map.get(key) ?? null,
+    set: (key, value) => void map.set(key, value),
+    remove: (key) => void map.delete(key),
+  });
+  for (const storage of [frozen, new Vault()]) {
+    const fetch = fakeFetch(() => reply({ satchel: { token: 'v1', seq: 1 } }));
+    const client = testClient({ fetch, storage });
+    await client.fetch('/chat', { method: 'POST', body: 'hi' });
+    assert.equal(client.token, 'v1');
+    assert.equal(client.storage.adapter, storage);
+  }
+  assert.equal(testClient({ fetch: fakeFetch(() => reply({})), storage: new Vault() }).storage.kind, 'vault');
+});

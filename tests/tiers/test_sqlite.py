@@ -390,3 +390,45 @@ def test_routine_purge_is_bounded(tmp_path: Path) -> None:
     tier.put("k3", b"v", 60)
     assert rows(path) == 3
     tier.close()
+
+
+def test_a_file_removed_without_its_wal_recovers_once_the_old_wal_is_gone(
+    tmp_path: Path,
+) -> None:
+    """Another process (a gunicorn worker) still holding the old file's WAL makes a new
+    connection fail ("disk I/O error"). That connection was kept, and the tier failed
+    every call for the life of the process, even after the WAL was gone."""
+    path = tmp_path / "tier.db"
+    tier = SQLiteTier(path)
+    tier.put("old", b"1", 60)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from satchel.tiers.sqlite import SQLiteTier
+            tier = SQLiteTier({str(path)!r})
+            tier.get_many(["old"])
+            print("held", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=SERVER),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for i in range(20):
+            tier.put(f"old{i}", b"x" * 300, 60)
+        path.unlink()  # the database file only: its -wal and -shm stay, held by the other
+        try:
+            tier.put("new", b"2", 60)
+        except TierUnavailable:
+            pass  # fails while the old WAL is in the way; that is the operator's step
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    tier.put("new", b"2", 60)  # this process recovers without a restart
+    assert tier.get_many(["new"]) == [b"2"]
+    tier.close()

@@ -305,7 +305,9 @@ class SatchelConfig:
             problem = limit_problem(name, getattr(config, name))
             if problem is not None:
                 raise ConfigurationError(problem)
-        config._fit_token_caps(hard_set="hard_max_token_bytes" in values)
+        config._fit_token_caps(
+            hard_set="hard_max_token_bytes" in values, soft_set="max_token_bytes" in values
+        )
         return config
 
     def _check_values(self) -> None:
@@ -340,7 +342,8 @@ class SatchelConfig:
             raise ConfigurationError(
                 f"SATCHEL_COOKIE_SAMESITE must be 'Strict', 'Lax' or 'None', not {samesite!r}"
             )
-        if self.token_limit < MIN_TOKEN_LIMIT:
+        client_held = self.mode == "client" and self.consistency != "server"
+        if client_held and self.token_limit < MIN_TOKEN_LIMIT:  # a carrier is 80 bytes
             raise ConfigurationError(
                 f"SATCHEL_TOKEN_LIMIT must be at least {MIN_TOKEN_LIMIT} bytes (it is the "
                 f"length cap for opening a token), not {self.token_limit}"
@@ -381,7 +384,7 @@ class SatchelConfig:
                 f"SATCHEL_METRICS_ROUTE must be a path starting with /, not {self.metrics_route!r}"
             )
 
-    def _fit_token_caps(self, *, hard_set: bool) -> None:
+    def _fit_token_caps(self, *, hard_set: bool, soft_set: bool = True) -> None:
         """Make the byte budget and the hard cap agree with each other and the carrier.
 
         An unset hard cap follows a larger budget (whoever raised the budget raised the
@@ -430,8 +433,14 @@ class SatchelConfig:
                     raise ConfigurationError(
                         f"SATCHEL_PAD_TO={self.pad_to} {problem} ({name}), or raise the budget"
                     )
-        self.max_token_bytes, self.hard_max_token_bytes = soft, hard
         if self.mode == "client":
+            # A cap left at its default follows a lower SATCHEL_TOKEN_LIMIT (the app must
+            # open every token it issues); one set above it is a contradiction.
+            limit = self.token_limit
+            if hard is not None and hard > limit and not hard_set:
+                hard = limit
+            if soft is not None and soft > limit and not soft_set:
+                soft = limit
             largest = max((c for c in (soft, hard) if c is not None), default=None)
             if largest is not None and largest > self.token_limit:
                 raise ConfigurationError(
@@ -439,6 +448,7 @@ class SatchelConfig:
                     f"may issue ({largest} bytes, SATCHEL_HARD_MAX_TOKEN_BYTES or "
                     "SATCHEL_MAX_TOKEN_BYTES): it could not open its own tokens"
                 )
+        self.max_token_bytes, self.hard_max_token_bytes = soft, hard
 
     def register_dictionaries(self) -> None:
         """Register ``SATCHEL_DICTIONARIES`` ({id: path or bytes}) with the compressor,

@@ -123,7 +123,10 @@ def drop_oldest(
     return dropped
 
 
-_MARK_AT_END = re.compile(re.escape(TRUNCATION_MARK).replace(r"\{n\}", r"(\d+)") + r"\Z")
+# At most 10 digits: a mark Satchel wrote counts the characters of one turn. A longer
+# number is the user's text imitating a mark (to slip past the cap, or to make int()
+# refuse a 5,000-digit number): such a turn is cut like any other.
+_MARK_AT_END = re.compile(re.escape(TRUNCATION_MARK).replace(r"\{n\}", r"(\d{1,10})") + r"\Z")
 
 
 def cap_turn_sizes(ctx: Context, max_chars: int, now: float) -> int:

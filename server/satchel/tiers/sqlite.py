@@ -198,10 +198,18 @@ class SQLiteTier(Tier):
             isolation_level=None,  # autocommit; explicit BEGIN where atomicity matters
             check_same_thread=False,  # only ever used by the thread that opened it
         )
+        try:
+            return self._set_up(conn)
+        except BaseException:
+            # Closed, not left to the garbage collector: an open connection keeps this
+            # process's view of the file's WAL index, and the next one would share it.
+            conn.close()
+            raise
+
+    def _set_up(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         mode = self._switch_to_wal(conn)
         if mode != "wal":
-            conn.close()
             raise TierUnavailable(
                 "the SQLite tier needs WAL mode, which this file system refused",
                 tier=self.name,
