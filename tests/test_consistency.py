@@ -328,7 +328,7 @@ def test_monotonic_with_the_tier_full(
         assert error["code"] == "tier_full" and "full" in error["message"]
         assert "unavailable" not in error["message"]
         # Refused, not served degraded: counted and logged as such.
-        assert not events["degraded"] and degraded is None
+        assert not events["degraded"] and degraded == 0  # the series exists from the start
         assert events["unavailable"][0]["reason"] == "tier_full" and refused == 1
     else:
         assert response.status_code == 200
@@ -336,7 +336,7 @@ def test_monotonic_with_the_tier_full(
         facts = events["degraded"][0]
         assert {"reason": "consistency_unchecked", "error": "tier_full"}.items() <= facts.items()
         assert facts["detail"] == "OutOfMemoryError"  # what failed underneath
-        assert degraded == 1 and refused is None
+        assert degraded == 1 and refused == 0
 
 
 def test_a_save_whose_mark_write_failed_does_not_lock_the_conversation_out(
@@ -917,3 +917,19 @@ def test_a_mark_that_vanishes_mid_request_is_reported_lost_not_a_race(tmp_path: 
     # The mark was set afresh: the token before is refused again.
     stale = post(client, "/spend", token.headers["Satchel-Context"])
     assert stale.status_code == 409
+
+
+def test_a_replay_the_mark_refuses_is_not_also_counted_as_a_fork(tmp_path: Path) -> None:
+    """The fork detector ran before the mark's check: every refused replay also counted
+    in satchel_forks_total (and logged a fork), which counts branches that were served."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, _ = make_app(tmp_path, metrics, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    old = post(client, "/chat", None).headers["Satchel-Context"]
+    post(client, "/spend", old)
+    replay = post(client, "/spend", old)
+    assert replay.status_code == 409 and "Satchel-Fork" not in replay.headers
+    assert metrics.registry.get_sample_value("satchel_forks_total") == 0
+    assert metrics.registry.get_sample_value("satchel_stale_refused_total") == 1

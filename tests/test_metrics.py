@@ -608,3 +608,18 @@ def test_a_label_value_with_a_trailing_newline_is_other() -> None:
     obs = PrometheusObserver()
     obs.event("refused", reason="token_expired\n")
     assert obs.registry.get_sample_value("satchel_tokens_refused_total", {"reason": "other"}) == 1
+
+
+def test_the_series_alerts_watch_exist_from_the_start_at_zero() -> None:
+    """increase() over a series that first appears at 1 is 0 in Prometheus: the first
+    corrupt segment or failed seal would page nobody unless the series is already 0."""
+    from satchel.metrics import PrometheusObserver
+
+    registry = PrometheusObserver().registry
+    for name, labels in (
+        ("satchel_overflow_misses_total", {"reason": "segment_corrupt"}),
+        ("satchel_degraded_total", {"reason": "data_loss"}),
+        ("satchel_seal_failures_total", {"error": "context_not_serializable"}),
+        ("satchel_unavailable_total", {"reason": "tier_full"}),
+    ):
+        assert registry.get_sample_value(name, labels) == 0.0, (name, labels)

@@ -230,7 +230,7 @@ def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) ->
     # Counted as refused, not as served degraded (operations.md).
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'satchel_unavailable_total{reason="tier_unavailable"} 3.0' in metrics
-    assert "satchel_degraded_total{" not in metrics
+    assert not re.search(r"satchel_degraded_total\{[^}]*\} [1-9]", metrics)
 
     # Back, but empty (no persistence): the conversation starts over, and says so.
     redis_server.restart()
@@ -396,3 +396,36 @@ def test_a_conversation_the_store_loses_mid_request_is_named_and_counted() -> No
     assert again.status_code == 200 and again.headers["Satchel-Reset"] == "session_not_found"
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'satchel_tokens_refused_total{reason="session_not_found"} 2.0' in metrics
+
+
+def test_a_full_store_says_nothing_was_saved() -> None:
+    """A store that refuses the write for want of memory refused it for certain; the 503
+    said "may still have been saved" (the timeout's message) and code tier_unavailable."""
+    from satchel.errors import TierFull
+    from satchel.tiers import MemoryTier
+
+    class FullTier(MemoryTier):
+        full = False
+
+        def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
+            if self.full:
+                raise TierFull("OOM command not allowed", tier="memory", op="cas")
+            return super().compare_and_set_mark(key, expected, new, ttl)
+
+    store = FullTier()
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="server", TESTING=True)
+    satchel = Satchel(app, tier=store)
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", "hi")
+        return {}
+
+    client = app.test_client()
+    carrier = client.post("/chat").headers[HEADER]
+    store.full = True
+    refused = client.post("/chat", headers={HEADER: carrier})
+    assert refused.status_code == 503
+    error = refused.get_json()["error"]
+    assert error["code"] == "tier_full" and "nothing was saved" in error["message"]

@@ -138,6 +138,16 @@ OVERFLOW_MISS_REASONS = frozenset(
     {"segment_missing", "segment_corrupt", "segment_foreign", "tier_unavailable"}
 )
 
+#: Every reason a response is flagged degraded for (docs/operations.md).
+DEGRADED_REASONS = OVERFLOW_MISS_REASONS | {
+    "tier_write_failed",
+    "data_loss",
+    "consistency_unchecked",
+    "consistency_reset",
+}
+#: The codes of a context that could not be sealed.
+SEAL_FAILURE_CODES = frozenset({"budget_exceeded", "context_not_serializable"})
+
 MAX_LABEL_VALUES = 64
 OTHER = "other"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,47}$")
@@ -332,6 +342,17 @@ class PrometheusObserver(Observer):
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         for step in STEPS:  # every step's series exists from the start (zero counts)
             self._step_children[step] = self.step_seconds.labels(self._label("step", "step", step))
+        # The series alerts watch exist from the start, at 0: Prometheus' increase() over
+        # a series that first appears at 1 is 0, so the first corrupt segment or failed
+        # seal (the events that matter most) would page nobody.
+        for metric, key, label, values in (
+            (self.degraded, "degraded", "reason", DEGRADED_REASONS),
+            (self.overflow_misses, "degraded", "reason", OVERFLOW_MISS_REASONS),
+            (self.seal_failures, "seal_failed", "error", SEAL_FAILURE_CODES),
+            (self.unavailable, "unavailable", "reason", ("tier_unavailable", "tier_full")),
+        ):
+            for value in sorted(values):
+                self._child(metric, self._label(key, label, value))
 
     def __repr__(self) -> str:
         return f"PrometheusObserver(namespace={self.namespace!r})"

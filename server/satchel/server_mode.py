@@ -34,6 +34,7 @@ from .errors import (
     MalformedToken,
     StaleContext,
     TierError,
+    TierFull,
     TierUnavailable,
 )
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
@@ -198,6 +199,12 @@ class ServerSidePipeline(Pipeline):
             current = self.store.compare_and_set_mark(
                 self.key_for(ctx.session_id), ctx.stored_as, data, ttl
             )
+        except TierFull as exc:  # refused for certain: nothing was written
+            self.observer.event("unavailable", reason=exc.code, op="save", mode=self.mode)
+            raise TierFull(
+                "the session store is full and refused the write; nothing was saved",
+                mode=self.mode,
+            ) from exc
         except TierError as exc:
             self.observer.event("unavailable", reason=exc.code, op="save", mode=self.mode)
             # A write that timed out may still land (a stalled Redis runs the command it

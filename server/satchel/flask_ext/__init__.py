@@ -413,11 +413,6 @@ class Satchel:
         self._check_binding(ctx, config, pipeline)
         if config.mode == "client":
             tag = pipeline.session_tag(ctx.session_id)
-            if token:
-                fork = app_state.forks.check(ctx)
-                if fork:
-                    rs.fork = fork
-                    self.observer.event("fork_detected", session=tag, detail=fork)
             # The route's level comes from its view function as registered, not only
             # from the view wrapper, which runs too late when a before_request hook
             # (or an outer decorator) opens the context first.
@@ -429,6 +424,13 @@ class Satchel:
                 if app_state.guard is None:
                     raise ConfigurationError("monotonic consistency needs a tier")
                 rs.mark = app_state.guard.before(ctx, tag, fresh=not token)
+            # After the mark's check: a replay it refuses (409) is not also a fork,
+            # which counts branches that were served.
+            if token:
+                fork = app_state.forks.check(ctx)
+                if fork:
+                    rs.fork = fork
+                    self.observer.event("fork_detected", session=tag, detail=fork)
         return ctx
 
     def _check_binding(self, ctx: Context, config: SatchelConfig, pipeline: Pipeline) -> None:
