@@ -503,7 +503,7 @@ def scrape_metrics(port: int) -> dict[str, Any] | None:
             out["breaker_state"] = value
         elif name == "satchel_degraded_total":
             reason = re.search(r'reason="([^"]*)"', labels)
-            if reason:
+            if reason and value:  # the series alerts watch exist from the start, at 0
                 out["degraded"][reason.group(1)] = value
         elif name == "satchel_data_loss_turns_total":
             out["data_loss_turns"] = value
