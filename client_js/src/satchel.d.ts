@@ -125,6 +125,11 @@ export interface StorageAdapter {
   readonly kind?: 'local' | 'session' | 'memory' | string;
   /** Set when a built-in Web Storage adapter fell back to memory. */
   readonly fallbackFrom?: 'local' | 'session';
+  /**
+   * Built-in Web Storage adapters: true while some token is kept only in this page's
+   * memory because the store refused the write (quota full): it is lost on reload.
+   */
+  readonly volatile?: boolean;
 }
 
 /** Built-in storage names accepted by the `storage` option. */

@@ -18,7 +18,7 @@
  *   stream    text/event-stream: delta* , satchel, done | error
  */
 
-export const VERSION = '0.1.4';
+export const VERSION = '0.1.5';
 export const DEFAULT_HEADER = 'Satchel-Context';
 export const DEFAULT_PREFIX = 'satchel:';
 /**
@@ -153,6 +153,9 @@ function isAbort(err) {
 /* Storage adapters                                                          */
 /* ------------------------------------------------------------------------ */
 
+/** Tokens Web Storage refused (quota full), per storage kind, for the page's life. */
+const pageOverlays = {};
+
 /** Adapters whose writes cannot fail, or that keep refused writes themselves. */
 const safeAdapters = new WeakSet();
 
@@ -194,8 +197,15 @@ function webStorage(kind) {
     area = globalThis[`${kind}Storage`] || null;
     if (area) {
       const probe = '__satchel_probe__';
-      area.setItem(probe, probe);
-      area.removeItem(probe);
+      try {
+        area.setItem(probe, probe);
+        area.removeItem(probe);
+      } catch (err) {
+        // A full store (QuotaExceededError) still reads: it holds this page's saved
+        // conversations, which must not all show up empty. Only an empty store that
+        // refuses a write (a zero quota, as some private modes have) is given up.
+        if (!(area.length > 0)) throw err;
+      }
     }
   } catch {
     area = null;
@@ -204,9 +214,15 @@ function webStorage(kind) {
     const mem = sharedMemory();
     return { ...mem, kind: 'memory', fallbackFrom: kind };
   }
-  const overlay = new Map();
+  // One per page and kind: a write the store refused stays readable to every client
+  // of this page (switching conversations makes a new client).
+  const overlay = (pageOverlays[kind] ||= new Map());
   const adapter = {
     kind,
+    /** True while some token is kept only in this page's memory (the store is full). */
+    get volatile() {
+      return overlay.size > 0;
+    },
     get(key) {
       if (overlay.has(key)) return overlay.get(key);
       try {
@@ -1137,7 +1153,11 @@ export class SatchelClient extends EventTarget {
     const incoming = { token: meta.token, seq: meta.seq, session: meta.session };
     const current = parseRecord(await this._storage.get(this._key));
     if (current && current.token === incoming.token) {
-      this._setCache(current, source);
+      // A server-mode carrier (sv1.) stays the same while its seq moves: store the
+      // new seq, so other tabs hear of the new turns (a token event) and refresh.
+      const moved = incoming.seq != null && (current.seq == null || incoming.seq > current.seq);
+      if (moved) await this._write(incoming, source);
+      else this._setCache(current, source);
       return true;
     }
     if (!current || tokenOf(current) === tokenOf(sent)) {
@@ -1299,9 +1319,11 @@ export class SatchelClient extends EventTarget {
   }
 
   _setCache(rec, source) {
-    const before = this._cache === undefined ? null : tokenOf(this._cache);
+    const previous = this._cache === undefined ? null : this._cache;
     this._cache = rec;
-    if (before !== tokenOf(rec)) {
+    // The token, or its seq alone (a server-mode carrier names a conversation whose
+    // turns moved on): either way the conversation changed.
+    if (tokenOf(previous) !== tokenOf(rec) || (previous && rec && previous.seq !== rec.seq)) {
       this._emit('token', {
         conversation: this._conversation,
         token: tokenOf(rec),

@@ -479,3 +479,22 @@ test('a reset for an unknown key, with no token, keeps the token (another replic
   await client.fetch('/context');
   assert.equal(client.token, 'newkey');
 });
+
+test('a server-mode carrier whose seq moves is stored with it and announced', async () => {
+  // The carrier (sv1.) names the conversation and stays the same; only its seq moves.
+  // The record kept seq 1 and no token event fired, so other tabs never refreshed.
+  const fetch = fakeFetch((call, i) => reply({ satchel: { token: 'sv1.abc.sig', seq: i + 1, session: 's' } }));
+  const storage = memoryStorage();
+  const client = testClient({ fetch, storage });
+  const events = record(client, ['token']);
+  await client.fetch('/chat', { method: 'POST', body: 'one' });
+  await client.fetch('/chat', { method: 'POST', body: 'two' });
+  assert.equal(JSON.parse(storage.get('satchel:default')).seq, 2);
+  assert.deepEqual(
+    events.map((e) => [e.detail.token, e.detail.seq]),
+    [
+      ['sv1.abc.sig', 1],
+      ['sv1.abc.sig', 2],
+    ],
+  );
+});

@@ -276,3 +276,23 @@ test('frozen adapters and class adapters with private fields work as before', as
   }
   assert.equal(testClient({ fetch: fakeFetch(() => reply({})), storage: new Vault() }).storage.kind, 'vault');
 });
+
+test('a store already full when the page opens still reads its saved conversations', async () => {
+  // The probe write failed, and the client gave localStorage up for memory: every
+  // saved chat showed up empty and new turns were lost on reload.
+  const area = new FakeWebStorage({ failAfter: 1 });
+  area.setItem('satchel:saved', JSON.stringify({ token: 'old', seq: 4, session: 's' })); // fills it
+  installGlobal('localStorage', { value: area });
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'new', seq: 5, session: 's' } }));
+  const client = createClient({ fetch, conversation: 'saved', broadcast: false, locks: false });
+  assert.equal(client.storage.kind, 'local');
+  assert.equal(client.token, 'old');
+  assert.equal(client.storage.volatile, false);
+  await client.fetch('/chat', { method: 'POST', body: 'hi' });
+  assert.equal(fetch.calls[0].token, 'old');
+  assert.equal(client.token, 'new'); // kept in memory: the store refused it
+  assert.equal(client.storage.volatile, true); // the page can say so
+  // Another client of the page (switching conversations makes one) sees it too.
+  const again = createClient({ fetch, conversation: 'saved', broadcast: false, locks: false });
+  assert.equal(again.token, 'new');
+});

@@ -788,3 +788,74 @@ def test_monotonic_chat_whose_reply_was_lost_says_to_start_a_new_chat(
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
     send(page, "a new start")
     expect(last_reply(page)).not_to_be_empty()
+
+
+def test_a_full_local_storage_keeps_saved_chats_and_says_new_turns_are_volatile(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """A store already full when the page opened was given up for memory: every saved
+    chat showed up empty, and turns sent meanwhile were lost on reload, unannounced."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "before full")
+    page.evaluate(  # to the last byte: big chunks, then ever smaller ones
+        """() => {
+            let n = 0;
+            for (let size = 64 * 1024; size >= 1; size = Math.floor(size / 4)) {
+                const chunk = 'x'.repeat(size);
+                for (;;) {
+                    try { localStorage.setItem('filler:' + n++, chunk); } catch { break; }
+                }
+            }
+        }"""
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["before full"])
+    send(page, "while full")
+    expect(page.locator("#notice")).to_contain_text("storage is full")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["before full", "while full"])
+    screenshot("storage-full")
+
+
+def test_in_server_mode_a_reply_lost_on_its_way_is_not_sent_twice(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """Server mode saved the message, the reply's way back failed, and the page put the
+    text back in the box as 'not sent': sending it again stored it twice."""
+    srv = start_app(
+        live_server_factory,
+        tmp_path,
+        SATCHEL_MODE="server",
+        SATCHEL_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
+    )
+    open_chat(page, srv)
+    send(page, "one")
+    held: list[Any] = []
+
+    def finish_on_the_server_only(route: Any) -> None:
+        response = route.fetch()
+        response.body()
+        held.append(response)
+        route.abort("connectionreset")
+
+    page.route("**/api/chat/stream", finish_on_the_server_only)
+    page.fill("#message", "lost reply")
+    page.press("#message", "Enter")
+    expect(page.locator("#notice")).to_contain_text("the message itself was saved")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    assert held, "the streamed request never reached the server"
+    page.unroute("**/api/chat/stream")
+    expect(page.locator("#message")).to_have_value("")
+    expect(page.locator("#error")).to_be_hidden()
+    assert user_texts(server_context(srv, page)) == ["one", "lost reply"]
+    screenshot("server-mode-lost-reply")
+
+
+def test_right_to_left_text_is_laid_out_right_to_left(live_server_factory, tmp_path, page) -> None:
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "שלום (עולם) - 2024.")
+    text = page.locator(".msg-user .msg-text").first
+    assert text.evaluate("e => getComputedStyle(e).direction") == "rtl"
+    assert page.locator("#message").get_attribute("dir") == "auto"

@@ -353,6 +353,7 @@ function messageElement(role, content) {
   who.textContent = role === 'user' ? 'You' : role === 'assistant' ? 'Assistant' : role;
   const text = document.createElement('div');
   text.className = 'msg-text';
+  text.dir = 'auto'; // Hebrew or Arabic reads right to left, whatever the page's direction
   renderText(text, content); // text nodes only, never innerHTML: model output is untrusted
   item.append(who, text);
   return item;
@@ -535,6 +536,15 @@ function renderNotice() {
   if (notices.deleted) parts.push(['deleted', notices.deleted]);
   const reasons = [...new Set([...notices.degraded, ...notices.loadDegraded])];
   for (const r of reasons) parts.push(['degraded', describeDegraded(r), r]);
+  const storage = client && client.storage;
+  if (storage && (storage.volatile || storage.fallbackFrom)) {
+    parts.push([
+      'storage',
+      storage.fallbackFrom
+        ? "This browser does not let the page keep chats: they last until the page is closed."
+        : "This browser's storage is full: this chat's newest messages last until the page is closed.",
+    ]);
+  }
   const key = JSON.stringify(parts);
   if (key === noticeShown) return;
   noticeShown = key;
@@ -664,7 +674,18 @@ async function refresh({ reportErrors = true } = {}) {
     }
     setTitle((loadIndex().conversations[current.conversation] || {}).title);
   } catch (err) {
-    if (generation === refreshGeneration && reportErrors) showError(`Could not load this chat: ${err.message}`);
+    if (generation === refreshGeneration && reportErrors) {
+      const stuck = err && err.code === 'stale_context' && err.recoverable === false;
+      showError(
+        stuck
+          ? 'This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
+          : `Could not load this chat: ${err.message}`,
+      );
+      if (stuck && current === client) {
+        renderThread([]);
+        setTitle((loadIndex().conversations[current.conversation] || {}).title);
+      }
+    }
   } finally {
     if (generation === refreshGeneration && !busy) setState('idle');
   }
@@ -692,7 +713,9 @@ async function send(text) {
   const sentWith = client;
   const id = sentWith.conversation;
   const entry = loadIndex().conversations[id];
-  const title = !entry || entry.title === UNTITLED ? titleFrom(text) : entry.title;
+  const titled = !!entry && entry.title !== UNTITLED;
+  const title = titled ? entry.title : titleFrom(text);
+  const usersBefore = rendered ? rendered.filter((t) => t.role === 'user').length : null;
   touch(id, { title, updated: Date.now() });
   setTitle(title);
   renderList();
@@ -754,6 +777,13 @@ async function send(text) {
     showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
+    // A first message that failed does not name the chat (the title is its first
+    // message, and only an untitled chat gets one later).
+    if (!titled && client === sentWith) {
+      touch(id, { title: UNTITLED });
+      setTitle(UNTITLED);
+      renderList();
+    }
   } finally {
     setThreadBusy('stream', false);
     el.send.disabled = false;
@@ -765,8 +795,27 @@ async function send(text) {
     // Counts, summary, and anything another tab added meanwhile. After a failure it
     // still reconciles with the server if it is up, but keeps the "not sent" error.
     await refresh({ reportErrors: !failed });
+    if (failed && client === sentWith) noticeIfSavedAnyway(text, usersBefore);
     renderNotice();
   }
+}
+
+/**
+ * After a failed send, the reloaded history may hold the message after all: the
+ * server saved it and only the reply's way back failed (server mode keeps the
+ * conversation server-side, so the page sees it at once). Sending it again would
+ * store it twice: say so, and take it out of the box.
+ */
+function noticeIfSavedAnyway(text, usersBefore) {
+  if (!rendered || usersBefore === null) return;
+  const users = rendered.filter((t) => t.role === 'user');
+  if (users.length <= usersBefore || users[users.length - 1].content !== text) return;
+  if (el.input.value === text) {
+    el.input.value = '';
+    updateCounter();
+  }
+  showError(null);
+  notices.fork = 'The reply to your last message was interrupted on its way, but the message itself was saved: it is in the chat above.';
 }
 
 el.form.addEventListener('submit', (event) => {
