@@ -12,7 +12,6 @@ import itertools
 import json
 import re
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,25 @@ def user_texts(data: dict[str, Any]) -> list[str]:
 
 def hex_words(n: int) -> str:
     return " ".join(secrets.token_hex(4) for _ in range(n))
+
+
+def send_and_lose_the_reply(page: Page, text: str) -> None:
+    """Send ``text``; the server finishes the reply (and issues its token), but the
+    response never reaches the page (a dropped connection). Returns once it settled."""
+    held: list[Any] = []
+
+    def finish_on_the_server_only(route: Any) -> None:
+        response = route.fetch()
+        response.body()  # read to its end: the server has sent its final event...
+        held.append(response)
+        route.abort("connectionreset")  # ...which never reaches the page
+
+    page.route("**/api/chat/stream", finish_on_the_server_only)
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    assert held, "the streamed request never reached the server"
+    page.unroute("**/api/chat/stream")
 
 
 # ----------------------------------------------------------------------- tests
@@ -714,23 +732,7 @@ def test_a_reply_that_never_arrived_shows_one_fork_notice_and_no_reload_loop(
     srv = start_app(live_server_factory, tmp_path)
     open_chat(page, srv)
     send(page, "first message")
-
-    held: list[Any] = []
-
-    def finish_on_the_server_only(route: Any) -> None:
-        response = route.fetch()
-        response.body()  # read to its end: the server has sent its final event...
-        held.append(response)
-        route.abort("connectionreset")  # ...which never reaches the page
-
-    page.route("**/api/chat/stream", finish_on_the_server_only)
-    page.fill("#message", "second message")
-    page.press("#message", "Enter")
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:  # poll: events are served meanwhile
-        page.wait_for_timeout(50)
-    assert held, "the streamed request never reached the server"
-    page.unroute("**/api/chat/stream")
+    send_and_lose_the_reply(page, "second message")
 
     loads: list[str | None] = []
     page.on(
@@ -760,21 +762,7 @@ def test_monotonic_chat_whose_reply_was_lost_says_to_start_a_new_chat(
     srv = start_app(live_server_factory, tmp_path, SATCHEL_CONSISTENCY="monotonic")
     open_chat(page, srv)
     send(page, "first message")
-
-    held: list[Any] = []
-
-    def finish_on_the_server_only(route: Any) -> None:
-        response = route.fetch()
-        response.body()
-        held.append(response)
-        route.abort("connectionreset")
-
-    page.route("**/api/chat/stream", finish_on_the_server_only)
-    page.fill("#message", "second message")
-    page.press("#message", "Enter")
-    expect(page.locator("body")).to_have_attribute("data-state", "idle")
-    assert held, "the streamed request never reached the server"
-    page.unroute("**/api/chat/stream")
+    send_and_lose_the_reply(page, "second message")
 
     page.fill("#message", "third message")
     page.press("#message", "Enter")
@@ -831,21 +819,8 @@ def test_in_server_mode_a_reply_lost_on_its_way_is_not_sent_twice(
     )
     open_chat(page, srv)
     send(page, "one")
-    held: list[Any] = []
-
-    def finish_on_the_server_only(route: Any) -> None:
-        response = route.fetch()
-        response.body()
-        held.append(response)
-        route.abort("connectionreset")
-
-    page.route("**/api/chat/stream", finish_on_the_server_only)
-    page.fill("#message", "lost reply")
-    page.press("#message", "Enter")
+    send_and_lose_the_reply(page, "lost reply")
     expect(page.locator("#notice")).to_contain_text("the message itself was saved")
-    expect(page.locator("body")).to_have_attribute("data-state", "idle")
-    assert held, "the streamed request never reached the server"
-    page.unroute("**/api/chat/stream")
     expect(page.locator("#message")).to_have_value("")
     expect(page.locator("#error")).to_be_hidden()
     assert user_texts(server_context(srv, page)) == ["one", "lost reply"]
