@@ -834,3 +834,24 @@ def test_right_to_left_text_is_laid_out_right_to_left(live_server_factory, tmp_p
     text = page.locator(".msg-user .msg-text").first
     assert text.evaluate("e => getComputedStyle(e).direction") == "rtl"
     assert page.locator("#message").get_attribute("dir") == "auto"
+
+
+def test_a_reply_that_never_comes_can_be_stopped(live_server_factory, tmp_path, page) -> None:
+    """A stalled server or model left the page 'Sending…' for good, with no way out,
+    and every other tab of the chat waiting on its lock."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "first")
+    page.route("**/api/chat/stream", lambda route: None)  # never answered
+    page.fill("#message", "into the void")
+    page.press("#message", "Enter")
+    stop = page.locator("#stop")
+    expect(stop).to_be_visible()
+    stop.click()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(stop).to_be_hidden()
+    expect(page.locator("#error")).to_contain_text("you stopped the reply")
+    expect(page.locator("#message")).to_have_value("into the void")
+    page.unroute("**/api/chat/stream")
+    send(page, "after the stop")  # the conversation lock was released
+    assert user_texts(server_context(srv, page)) == ["first", "after the stop"]

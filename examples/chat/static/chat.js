@@ -31,6 +31,7 @@ const el = {
   form: $('composer'),
   input: $('message'),
   send: $('send'),
+  stop: $('stop'),
   count: $('char-count'),
   problem: $('composer-problem'),
   error: $('error'),
@@ -119,6 +120,8 @@ let refreshGeneration = 0;
 // null when the thread must be rebuilt from scratch (another conversation, a reload).
 let rendered = [];
 const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
+/** Stops the reply streaming now (null when none is). */
+let stopCurrent = null;
 let contextLoads = 0; // loads of the chat (GET /api/context) in flight
 
 function setState(state) {
@@ -705,8 +708,13 @@ async function send(text) {
   notices.fork = null;
   notices.deleted = null;
   renderNotice();
+  // While the reply streams, the button stops it: a server or model that stalls must
+  // not hold this page (and every other tab of the chat, waiting on its lock) for good.
+  const controller = new AbortController();
+  stopCurrent = () => controller.abort();
   el.send.disabled = true;
   el.send.textContent = 'Sending…';
+  el.stop.hidden = false;
   el.input.value = '';
   updateCounter();
 
@@ -738,7 +746,7 @@ async function send(text) {
   let full = '';
   let failed = false;
   try {
-    const stream = client.stream(api.stream, { message: text });
+    const stream = client.stream(api.stream, { message: text }, { signal: controller.signal });
     for await (const piece of stream) {
       const follow = nearBottom();
       const keep = composerVisible();
@@ -767,7 +775,12 @@ async function send(text) {
     mine.remove();
     if (client === sentWith && tracked && rendered) rendered.pop();
     if (client === sentWith && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
-    const reason = err && err.code ? `${err.message} (${err.code})` : (err && err.message) || String(err);
+    const stopped = controller.signal.aborted;
+    const reason = stopped
+      ? 'you stopped the reply before it finished'
+      : err && err.code
+        ? `${err.message} (${err.code})`
+        : (err && err.message) || String(err);
     // Monotonic consistency and a reply lost on the way (see docs/client-js.md, "Lost
     // responses"): this chat's token is refused for good. Say so, and how to go on.
     const stuck = err && err.code === 'stale_context' && err.recoverable === false;
@@ -786,6 +799,8 @@ async function send(text) {
     }
   } finally {
     setThreadBusy('stream', false);
+    stopCurrent = null;
+    el.stop.hidden = true;
     el.send.disabled = false;
     el.send.textContent = 'Send';
     busy = false;
@@ -838,6 +853,10 @@ el.form.addEventListener('submit', (event) => {
     return;
   }
   send(text);
+});
+
+el.stop.addEventListener('click', () => {
+  if (stopCurrent) stopCurrent();
 });
 
 el.input.addEventListener('keydown', (event) => {
