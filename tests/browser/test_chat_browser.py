@@ -855,3 +855,21 @@ def test_a_reply_that_never_comes_can_be_stopped(live_server_factory, tmp_path, 
     page.unroute("**/api/chat/stream")
     send(page, "after the stop")  # the conversation lock was released
     assert user_texts(server_context(srv, page)) == ["first", "after the stop"]
+
+
+def test_a_load_that_failed_offline_is_redone_when_back_online(
+    live_server_factory, tmp_path, page
+) -> None:
+    """'Could not load this chat: Failed to fetch' stayed on a chat that loaded fine
+    once the browser was back online: nothing listened for it."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "hello")
+    page.click("#new-chat")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.context.set_offline(True)
+    page.locator("#conversations li", has_text="hello").click()  # its load fails offline
+    expect(page.locator("#error")).to_contain_text("Could not load this chat")
+    page.context.set_offline(False)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["hello"])

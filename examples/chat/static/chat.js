@@ -122,6 +122,8 @@ let rendered = [];
 const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
 /** Stops the reply streaming now (null when none is). */
 let stopCurrent = null;
+/** The last load of the chat failed (offline?): load again when the browser is back. */
+let loadFailed = false;
 let contextLoads = 0; // loads of the chat (GET /api/context) in flight
 
 function setState(state) {
@@ -470,6 +472,7 @@ const number = new Intl.NumberFormat();
 
 // Code points, as the server counts them (Python's len), not UTF-16 units: an emoji is one.
 const charCount = (text) => [...text].length;
+const charactersOver = (n) => `${number.format(n)} character${n === 1 ? '' : 's'} over`;
 
 function updateCounter() {
   const n = charCount(el.input.value);
@@ -493,7 +496,7 @@ el.input.addEventListener('input', (event) => {
   const over = updateCounter();
   if (over > 0 && (event.inputType === 'insertFromPaste' || event.inputType === 'insertFromDrop')) {
     showProblem(
-      `The message is now ${number.format(over)} characters over the ${number.format(MAX_CHARS)}-character limit. Shorten it to send it.`,
+      `The message is now ${charactersOver(over)} the ${number.format(MAX_CHARS)}-character limit. Shorten it to send it.`,
     );
   } else if (over <= 0 && el.problem.textContent) {
     showProblem(null); // what it said no longer applies
@@ -676,7 +679,12 @@ async function refresh({ reportErrors = true } = {}) {
       renderList();
     }
     setTitle((loadIndex().conversations[current.conversation] || {}).title);
+    if (loadFailed) {
+      loadFailed = false;
+      if (el.error.textContent.startsWith('Could not load this chat')) showError(null);
+    }
   } catch (err) {
+    if (generation === refreshGeneration) loadFailed = true;
     if (generation === refreshGeneration && reportErrors) {
       const stuck = err && err.code === 'stale_context' && err.recoverable === false;
       showError(
@@ -847,12 +855,17 @@ el.form.addEventListener('submit', (event) => {
   const over = updateCounter();
   if (over > 0) {
     showProblem(
-      `Not sent: the message is ${number.format(over)} characters over the ${number.format(MAX_CHARS)}-character limit.`,
+      `Not sent: the message is ${charactersOver(over)} the ${number.format(MAX_CHARS)}-character limit.`,
     );
     el.input.focus();
     return;
   }
   send(text);
+});
+
+// A load that failed while offline said so; back online, load again (and clear it).
+globalThis.addEventListener('online', () => {
+  if (loadFailed && !busy) refresh();
 });
 
 el.stop.addEventListener('click', () => {
