@@ -845,7 +845,7 @@ def test_requests_sent_at_once_with_one_token_stream_one_reply(tmp_path: Path, p
     for _ in range(3):
         loser = client.post("/stream", json={"message": "go"}, headers=headers)
         assert loser.status_code == 409, loser.get_data(as_text=True)
-        assert loser.get_json()["error"]["code"] == "stale_context"
+        assert loser.get_json()["error"]["code"] == "context_busy"  # not stale: retry later
     gate.set()
     body = "".join(c.decode() for c in chunks)
     winner.close()

@@ -681,3 +681,12 @@ def test_a_low_token_limit_lowers_default_caps_and_server_mode_has_no_minimum() 
     assert config.hard_max_token_bytes == 4096 and config.max_token_bytes == 3800
     server = Satchel.state(make_app(SATCHEL_TOKEN_LIMIT="512", SATCHEL_MODE="memory")).config
     assert server.token_limit == 512
+
+
+def test_caps_lowered_to_the_token_limit_are_held_to_the_pad_size() -> None:
+    """The caps were lowered to SATCHEL_TOKEN_LIMIT after the SATCHEL_PAD_TO check: an
+    app started whose every padded token was over its caps (413 on every request)."""
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="SATCHEL_PAD_TO=1024"):
+        make_app(SATCHEL_TOKEN_LIMIT="1100", SATCHEL_PAD_TO="1024")

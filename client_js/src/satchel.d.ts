@@ -130,6 +130,8 @@ export interface StorageAdapter {
    * memory because the store refused the write (quota full): it is lost on reload.
    */
   readonly volatile?: boolean;
+  /** Built-in Web Storage adapters: whether the token under `key` is held so. */
+  isVolatile?(key: string): boolean;
 }
 
 /** Built-in storage names accepted by the `storage` option. */

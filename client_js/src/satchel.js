@@ -215,28 +215,44 @@ function webStorage(kind) {
     return { ...mem, kind: 'memory', fallbackFrom: kind };
   }
   // One per page and kind: a write the store refused stays readable to every client
-  // of this page (switching conversations makes a new client).
+  // of this page (switching conversations makes a new client). Each entry remembers
+  // what the store held when it was refused: once the store holds something else
+  // (another tab wrote or removed the key), the store is newer and the entry goes.
   const overlay = (pageOverlays[kind] ||= new Map());
+  const read = (key) => {
+    try {
+      return area.getItem(key);
+    } catch {
+      return null;
+    }
+  };
+  const held = (key) => {
+    const entry = overlay.get(key);
+    if (entry === undefined) return undefined;
+    if (entry.base === read(key)) return entry.value;
+    overlay.delete(key);
+    return undefined;
+  };
   const adapter = {
     kind,
     /** True while some token is kept only in this page's memory (the store is full). */
     get volatile() {
-      return overlay.size > 0;
+      return [...overlay.keys()].some((key) => held(key) !== undefined);
+    },
+    /** True while the token under `key` is kept only in this page's memory. */
+    isVolatile(key) {
+      return held(key) !== undefined;
     },
     get(key) {
-      if (overlay.has(key)) return overlay.get(key);
-      try {
-        return area.getItem(key);
-      } catch {
-        return null;
-      }
+      const value = held(key);
+      return value !== undefined ? value : read(key);
     },
     set(key, value) {
       try {
         area.setItem(key, value);
         overlay.delete(key);
       } catch {
-        overlay.set(key, String(value));
+        overlay.set(key, { value: String(value), base: read(key) });
       }
     },
     remove(key) {
@@ -248,7 +264,7 @@ function webStorage(kind) {
       }
     },
     keys() {
-      const out = new Set(overlay.keys());
+      const out = new Set([...overlay.keys()].filter((key) => held(key) !== undefined));
       try {
         for (let i = 0; i < area.length; i++) {
           const k = area.key(i);
@@ -1406,7 +1422,11 @@ export class SatchelClient extends EventTarget {
       const incoming = parseRecord(msg);
       if (!incoming) return;
       if (stored && stored.token === incoming.token) {
-        this._setCache(stored, 'broadcast');
+        // A server-mode carrier whose seq moved: the conversation did (shared storage
+        // may not show the new seq yet; per-tab storage takes it).
+        const moved = incoming.seq != null && (stored.seq == null || incoming.seq > stored.seq);
+        if (moved && !shared) await this._storage.set(this._key, serializeRecord(incoming));
+        this._setCache(moved ? incoming : stored, 'broadcast');
         return;
       }
       if (!isNewer(incoming, stored)) return;

@@ -296,3 +296,24 @@ test('a store already full when the page opens still reads its saved conversatio
   const again = createClient({ fetch, conversation: 'saved', broadcast: false, locks: false });
   assert.equal(again.token, 'new');
 });
+
+test('a token held in page memory gives way to what another tab stores or removes', async () => {
+  const area = new FakeWebStorage({ failAfter: 2 }); // probe + one write succeed
+  installGlobal('localStorage', { value: area });
+  const adapter = localStorageAdapter();
+  adapter.set('satchel:X', 'tok1');
+  adapter.set('satchel:X', 'tok2'); // refused: held in memory
+  assert.equal(adapter.get('satchel:X'), 'tok2');
+  assert.equal(adapter.isVolatile('satchel:X'), true);
+  assert.equal(adapter.isVolatile('satchel:Y'), false);
+  area.map.delete('satchel:X'); // another tab deleted the conversation
+  assert.equal(adapter.get('satchel:X'), null);
+  assert.deepEqual(adapter.keys(), []);
+  assert.equal(adapter.volatile, false);
+  area.failAfter = Infinity;
+  adapter.set('satchel:Z', 'z1');
+  area.failAfter = 0;
+  adapter.set('satchel:Z', 'z2'); // held
+  area.map.set('satchel:Z', 'z3'); // another tab stored a newer token
+  assert.equal(adapter.get('satchel:Z'), 'z3');
+});

@@ -388,3 +388,18 @@ test('broadcast: false turns off live sync entirely, the storage-event fallback 
     delete globalThis.removeEventListener;
   }
 });
+
+test('a server-mode carrier whose seq moved reaches the other tab as a token event', async () => {
+  const hub = channelHub();
+  const storageA = memoryStorage();
+  const storageB = memoryStorage();
+  const fetch = fakeFetch((call, i) => reply({ satchel: { token: 'sv1.abc.sig', seq: i + 1, session: 's' } }));
+  const a = testClient({ fetch, storage: storageA, broadcast: hub.FakeChannel });
+  const b = testClient({ fetch, storage: storageB, broadcast: hub.FakeChannel });
+  const events = record(b, ['token']);
+  await a.fetch('/chat', { method: 'POST', body: 'one' });
+  await a.fetch('/chat', { method: 'POST', body: 'two' });
+  await flush();
+  assert.deepEqual(events.map((e) => e.detail.seq), [1, 2]);
+  assert.equal(b.seq, 2);
+});

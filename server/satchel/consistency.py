@@ -35,7 +35,14 @@ from typing import Any, NoReturn
 import msgpack
 
 from .context import Context
-from .errors import ContextErased, StaleContext, TierError, TierFull, TierUnavailable
+from .errors import (
+    ContextBusy,
+    ContextErased,
+    StaleContext,
+    TierError,
+    TierFull,
+    TierUnavailable,
+)
 from .observe import NULL_OBSERVER, Observer
 from .schema import MARK_ID_BYTES
 
@@ -316,9 +323,12 @@ class MonotonicGuard:
             self._tier_down(ctx, tag, exc)  # fail_closed raises: a 503 before any text
             return None
         if current is not None:
-            self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
-            raise StaleContext(
-                "another request with the same token is being answered; use the newest token"
+            # Not stale (409 stale_context would tell a browser client its token is
+            # dead): busy. The same token works again once that reply has ended.
+            self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="busy")
+            raise ContextBusy(
+                "another request with this token is being answered right now; send it "
+                "again once that reply has ended"
             )
         return key
 

@@ -108,6 +108,14 @@ class StaleContext(SatchelError):
     status = 409
 
 
+class ContextBusy(SatchelError):
+    """Another request with the same token is being answered right now (a streamed
+    reply on a ``monotonic`` route claims its token): retry once it has ended."""
+
+    code = "context_busy"
+    status = 409
+
+
 class ContextErased(BadToken):
     """The session this token belongs to was erased."""
 
@@ -178,6 +186,7 @@ __all__ = [
     "BadToken",
     "BudgetExceeded",
     "ConfigurationError",
+    "ContextBusy",
     "ContextErased",
     "ContextNotSerializable",
     "InvalidContext",

@@ -806,24 +806,30 @@ def test_a_full_local_storage_keeps_saved_chats_and_says_new_turns_are_volatile(
     screenshot("storage-full")
 
 
+@pytest.mark.parametrize("window", ["", "4"])
 def test_in_server_mode_a_reply_lost_on_its_way_is_not_sent_twice(
-    live_server_factory, tmp_path, page, screenshot
+    live_server_factory, tmp_path, page, screenshot, window: str
 ) -> None:
     """Server mode saved the message, the reply's way back failed, and the page put the
-    text back in the box as 'not sent': sending it again stored it twice."""
+    text back in the box as 'not sent': sending it again stored it twice. With the turn
+    window full the history's length does not change: it must still be noticed."""
+    env = {"SATCHEL_MAX_TURNS": window} if window else {}
     srv = start_app(
         live_server_factory,
         tmp_path,
         SATCHEL_MODE="server",
         SATCHEL_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        SATCHEL_OVERFLOW_URL="",
+        **env,
     )
     open_chat(page, srv)
-    send(page, "one")
+    for text in ("one", "two", "three"):
+        send(page, text)
     send_and_lose_the_reply(page, "lost reply")
     expect(page.locator("#notice")).to_contain_text("the message itself was saved")
     expect(page.locator("#message")).to_have_value("")
     expect(page.locator("#error")).to_be_hidden()
-    assert user_texts(server_context(srv, page)) == ["one", "lost reply"]
+    assert user_texts(server_context(srv, page))[-2:] == ["three", "lost reply"]
     screenshot("server-mode-lost-reply")
 
 

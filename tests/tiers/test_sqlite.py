@@ -432,3 +432,23 @@ def test_a_file_removed_without_its_wal_recovers_once_the_old_wal_is_gone(
     tier.put("new", b"2", 60)  # this process recovers without a restart
     assert tier.get_many(["new"]) == [b"2"]
     tier.close()
+
+
+def test_a_connection_that_fails_is_dropped_and_closed_unless_merely_contended(
+    tmp_path: Path,
+) -> None:
+    """Kept after any error but a closed connection or a dropped table, a connection
+    that broke (an I/O error) failed every call of its thread for the process's life."""
+    tier = SQLiteTier(tmp_path / "t.db")
+    tier.put("k", b"v", 60)
+    for message, dropped in (("database is locked", False), ("disk I/O error", True)):
+        conn = tier._conn()
+        with pytest.raises(TierUnavailable):
+            with tier._errors("get_many"):
+                raise sqlite3.OperationalError(message)
+        assert (tier._local.conn is None) is dropped, message
+        if dropped:
+            with pytest.raises(sqlite3.ProgrammingError):  # closed, not left open
+                conn.execute("SELECT 1")
+    assert tier.get_many(["k"]) == [b"v"]  # the next call reconnects
+    tier.close()

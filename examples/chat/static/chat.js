@@ -124,6 +124,8 @@ const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegr
 let stopCurrent = null;
 /** The last load of the chat failed (offline?): load again when the browser is back. */
 let loadFailed = false;
+/** The error shown is a failed load's, which a load that succeeds clears. */
+let loadErrorShown = false;
 let contextLoads = 0; // loads of the chat (GET /api/context) in flight
 
 function setState(state) {
@@ -543,7 +545,9 @@ function renderNotice() {
   const reasons = [...new Set([...notices.degraded, ...notices.loadDegraded])];
   for (const r of reasons) parts.push(['degraded', describeDegraded(r), r]);
   const storage = client && client.storage;
-  if (storage && (storage.volatile || storage.fallbackFrom)) {
+  const volatile =
+    storage && (storage.isVolatile ? storage.isVolatile(client.storageKey) : storage.volatile);
+  if (storage && (volatile || storage.fallbackFrom)) {
     parts.push([
       'storage',
       storage.fallbackFrom
@@ -601,6 +605,7 @@ function renderStatus(data) {
 
 // #error stays rendered too (empty takes no room), for the same reason as #notice.
 function showError(message) {
+  loadErrorShown = false; // set again by refresh() when a load's failure is shown
   if (el.error.textContent !== (message || '')) el.error.textContent = message || '';
 }
 
@@ -681,7 +686,7 @@ async function refresh({ reportErrors = true } = {}) {
     setTitle((loadIndex().conversations[current.conversation] || {}).title);
     if (loadFailed) {
       loadFailed = false;
-      if (el.error.textContent.startsWith('Could not load this chat')) showError(null);
+      if (loadErrorShown) showError(null); // what the failed load said no longer holds
     }
   } catch (err) {
     if (generation === refreshGeneration) loadFailed = true;
@@ -692,6 +697,7 @@ async function refresh({ reportErrors = true } = {}) {
           ? 'This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
           : `Could not load this chat: ${err.message}`,
       );
+      loadErrorShown = true;
       if (stuck && current === client) {
         renderThread([]);
         setTitle((loadIndex().conversations[current.conversation] || {}).title);
@@ -731,7 +737,7 @@ async function send(text) {
   const entry = loadIndex().conversations[id];
   const titled = !!entry && entry.title !== UNTITLED;
   const title = titled ? entry.title : titleFrom(text);
-  const usersBefore = rendered ? rendered.filter((t) => t.role === 'user').length : null;
+  const shownBefore = rendered ? JSON.stringify(rendered) : null;
   touch(id, { title, updated: Date.now() });
   setTitle(title);
   renderList();
@@ -794,7 +800,9 @@ async function send(text) {
     const stuck = err && err.code === 'stale_context' && err.recoverable === false;
     const next = stuck
       ? ' This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
-      : '';
+      : err && err.code === 'context_busy'
+        ? ' The reply before it is still being finished on the server: send it again in a moment.'
+        : '';
     showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
@@ -818,7 +826,7 @@ async function send(text) {
     // Counts, summary, and anything another tab added meanwhile. After a failure it
     // still reconciles with the server if it is up, but keeps the "not sent" error.
     await refresh({ reportErrors: !failed });
-    if (failed && client === sentWith) noticeIfSavedAnyway(text, usersBefore);
+    if (failed && client === sentWith) noticeIfSavedAnyway(text, shownBefore);
     renderNotice();
   }
 }
@@ -829,10 +837,12 @@ async function send(text) {
  * conversation server-side, so the page sees it at once). Sending it again would
  * store it twice: say so, and take it out of the box.
  */
-function noticeIfSavedAnyway(text, usersBefore) {
-  if (!rendered || usersBefore === null) return;
+function noticeIfSavedAnyway(text, shownBefore) {
+  // The history changed since the send began (with a full turn window its length does
+  // not), and its newest message is this one.
+  if (!rendered || shownBefore === null || JSON.stringify(rendered) === shownBefore) return;
   const users = rendered.filter((t) => t.role === 'user');
-  if (users.length <= usersBefore || users[users.length - 1].content !== text) return;
+  if (!users.length || users[users.length - 1].content !== text) return;
   if (el.input.value === text) {
     el.input.value = '';
     updateCounter();

@@ -45,10 +45,11 @@ SATCHEL_JSON_FIELD              None           also read the token from this JSO
                                                anything else is token_malformed)
 SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (new context,
                                                ``Satchel-Reset`` header says why)
-SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first; at least
-                                               1024, and (client mode) no smaller than the
-                                               caps below, or the app could not open the
-                                               tokens it issues
+SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first; (client
+                                               mode) at least 1024; caps below left at their
+                                               defaults are lowered to it, and one set above
+                                               it is refused (the app could not open the
+                                               tokens it issues)
 SATCHEL_MAX_TOKEN_BYTES         3800           soft byte budget (fits a 4 KB cookie)
 SATCHEL_HARD_MAX_TOKEN_BYTES    8000           no token is longer (fits 8 KB header limits;
                                                the budget, if larger, when unset); with
@@ -416,6 +417,21 @@ class SatchelConfig:
                         cookie_limit,
                     )
                 hard = cookie_limit
+        if self.mode == "client":
+            # A cap left at its default follows a lower SATCHEL_TOKEN_LIMIT (the app must
+            # open every token it issues); one set above it is a contradiction.
+            token_limit = self.token_limit
+            if hard is not None and hard > token_limit and not hard_set:
+                hard = token_limit
+            if soft is not None and soft > token_limit and not soft_set:
+                soft = token_limit
+            largest = max((c for c in (soft, hard) if c is not None), default=None)
+            if largest is not None and largest > self.token_limit:
+                raise ConfigurationError(
+                    f"SATCHEL_TOKEN_LIMIT ({self.token_limit}) is below the tokens the app "
+                    f"may issue ({largest} bytes, SATCHEL_HARD_MAX_TOKEN_BYTES or "
+                    "SATCHEL_MAX_TOKEN_BYTES): it could not open its own tokens"
+                )
         if soft is not None and hard is not None and soft > hard:
             raise ConfigurationError(
                 f"SATCHEL_MAX_TOKEN_BYTES ({soft}) must not exceed "
@@ -433,21 +449,6 @@ class SatchelConfig:
                     raise ConfigurationError(
                         f"SATCHEL_PAD_TO={self.pad_to} {problem} ({name}), or raise the budget"
                     )
-        if self.mode == "client":
-            # A cap left at its default follows a lower SATCHEL_TOKEN_LIMIT (the app must
-            # open every token it issues); one set above it is a contradiction.
-            limit = self.token_limit
-            if hard is not None and hard > limit and not hard_set:
-                hard = limit
-            if soft is not None and soft > limit and not soft_set:
-                soft = limit
-            largest = max((c for c in (soft, hard) if c is not None), default=None)
-            if largest is not None and largest > self.token_limit:
-                raise ConfigurationError(
-                    f"SATCHEL_TOKEN_LIMIT ({self.token_limit}) is below the tokens the app "
-                    f"may issue ({largest} bytes, SATCHEL_HARD_MAX_TOKEN_BYTES or "
-                    "SATCHEL_MAX_TOKEN_BYTES): it could not open its own tokens"
-                )
         self.max_token_bytes, self.hard_max_token_bytes = soft, hard
 
     def register_dictionaries(self) -> None:

@@ -41,6 +41,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "token_wrong_user": 403,
     "token_erased": 410,
     "stale_context": 409,
+    "context_busy": 409,
     "tier_unavailable": 503,
     "tier_full": 503,
     "budget_exceeded": 413,

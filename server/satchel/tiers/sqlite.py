@@ -304,11 +304,11 @@ class SQLiteTier(Tier):
             }
             if code in _FULL_CODES or "full" in message:
                 raise TierFull(f"the SQLite tier is full ({op})", **facts) from exc
-            if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError) or (
-                "no such table" in message
-            ):
-                # Closed by close(), or the table dropped: reconnect (and create the
-                # table) next time.
+            if "locked" not in message and "busy" not in message:
+                # Anything but contention may be this connection's own state (closed by
+                # close(), a table dropped, a WAL left by another process for a file
+                # replaced since: "disk I/O error"): reconnect next time, or it stays
+                # broken for the life of the process.
                 self._drop_conn()
             raise TierUnavailable(f"the SQLite tier failed ({op}): {exc}", **facts) from exc
         except OSError as exc:
@@ -317,7 +317,10 @@ class SQLiteTier(Tier):
             ) from exc
 
     def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
         self._local.conn = None
+        if conn is not None:
+            self._discard(os.getpid(), conn)
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
         """Every ``purge_every`` writes, delete up to :data:`PURGE_BATCH` expired rows.
