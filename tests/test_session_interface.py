@@ -1678,3 +1678,24 @@ def test_a_bad_pad_setting_is_one_clear_500_not_two_tracebacks(caplog) -> None:
     logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
     assert "ConfigurationError" in logged
     assert "AttributeError" not in logged and "finalizing" not in logged
+
+
+def test_a_session_too_large_to_open_again_is_refused_when_saved() -> None:
+    """A compressible 600 KB value sealed into a 167-byte cookie that the next request
+    refused (the JSON is one msgpack bin, capped at 512 KiB): the session was dropped
+    without a word. Saving now raises SessionTooLarge, as for a cookie over 4 KB."""
+    app = flask.Flask(__name__)
+    app.secret_key = "k" * 16
+    app.testing = True
+    app.session_interface = SatchelSessionInterface()
+
+    @app.get("/w")
+    def write() -> str:
+        flask.session["big"] = "a" * 600_000
+        return "ok"
+
+    client = app.test_client()
+    with pytest.raises(SessionTooLarge) as info:
+        client.get("/w")
+    assert "Limits.max_str_bytes" in info.value.message
+    assert session_cookie(client) is None

@@ -310,6 +310,24 @@ class SatchelSessionInterface(SessionInterface):
         inner = self.serializer.dumps(dict(data)).encode("utf-8")
         return serialize.pack({"v": PAYLOAD_VERSION, "k": PAYLOAD_KIND, "d": inner})
 
+    def _check_opens(self, session: SessionMixin, name: str, payload: bytes) -> None:
+        """Refuse a session the next request could not open (the limits :meth:`loads`
+        applies): a compressible 600 KB value made a 167-byte cookie that was then
+        refused, and the session dropped without a word."""
+        limits = self.limits
+        # The session's JSON is one msgpack bin, held to max_str_bytes; the whole
+        # payload to what the codec decompresses at most.
+        size = len(payload)
+        limit = min(limits.max_str_bytes, limits.max_decompressed_bytes)
+        if size > limit:
+            self._mark_failed(session)
+            raise SessionTooLarge(
+                f"the session {name!r} serializes to {size} bytes; a session opens with at "
+                f"most {limit} (Limits.max_str_bytes). Store less in flask.session.",
+                size=size,
+                limit=limit,
+            )
+
     def loads(self, payload: bytes) -> dict[str, Any]:
         """The inverse of :meth:`dumps`; raises :class:`~satchel.BadToken` subclasses."""
         obj = serialize.unpack(payload, self.limits)
@@ -477,7 +495,9 @@ class SatchelSessionInterface(SessionInterface):
         kept = getattr(session, "token_expires_at", None)
         # A cookie re-issued only for a new key keeps the expiry it had.
         expires_at = kept if kept and not refreshed else self._expires_at(app, now)
-        value, _raw = codec.seal_payload(self.dumps(session), now=now, expires_at=expires_at)
+        payload = self.dumps(session)
+        self._check_opens(session, name, payload)
+        value, _raw = codec.seal_payload(payload, now=now, expires_at=expires_at)
         expires = datetime.fromtimestamp(expires_at, UTC) if session.permanent else None
 
         def header_for(cookie_value: str) -> str:
