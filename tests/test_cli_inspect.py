@@ -203,7 +203,7 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
         "session_id": out["session_id"],
     }
     code, out, _ = run(tamper(carrier), keys=KEYS.to_string())
-    assert code == 1 and out["error"]["code"] == "token_malformed"
+    assert code == 1 and out["error"]["code"] == "token_bad_signature"
     # A foreign value at the key, not even ASCII: refused like a bad token.
     redis_server.client().set(out_before["store_key"], b"\xff not a token")
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())

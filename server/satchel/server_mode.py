@@ -27,10 +27,12 @@ from itsdangerous.encoding import base64_decode, base64_encode
 
 from .app_schema import MetadataSchema
 from .codec import Codec
-from .consistency import ERASED, mark_key, refuse_erased
+from .consistency import CLAIM_TTL, ERASED, claim_key, mark_key, new_mark_id, refuse_erased
 from .context import Context
 from .errors import (
+    BadSignature,
     BadToken,
+    ContextBusy,
     MalformedToken,
     StaleContext,
     TierError,
@@ -76,9 +78,19 @@ class SessionCarriers:
             raise MalformedToken("not a server-side session id")
         try:
             signed = carrier[len(CARRIER_PREFIX) :].encode("ascii")
+        except UnicodeError:
+            raise MalformedToken("the session id is not valid") from None
+        if b"." not in signed:
+            raise MalformedToken("the session id carries no signature")
+        try:
             raw = self.signer.unsign(signed)
+        except ItsBadSignature:
+            # Well formed, signed by no key of this ring and purpose: altered, forged,
+            # or another app's: reported (and alerted on) like a token's bad MAC.
+            raise BadSignature("the session id's signature does not verify") from None
+        try:
             session_id = bytes.fromhex(raw.decode("ascii"))
-        except (ItsBadSignature, ValueError, UnicodeError):
+        except (ValueError, UnicodeError):
             raise MalformedToken("the session id is not valid") from None
         # itsdangerous decodes base64 leniently: a changed last character can decode to
         # the same signature. Only the one canonical spelling is accepted.
@@ -174,6 +186,41 @@ class ServerSidePipeline(Pipeline):
         ctx = self.open_token(stored, now=now, timings=timings)
         ctx.stored_as = stored  # what the save compares against
         return ctx
+
+    def claim(self, ctx: Context) -> str | None:
+        """Reserve the one save the stored state this request loaded may get, before a
+        streamed reply starts (set-if-absent next to the context, released by
+        :meth:`release` when the stream ends; it expires after ``CLAIM_TTL``).
+
+        None for a new session (nothing stored: no other request can hold it).
+        ContextBusy when another request holds it; TierUnavailable when the store
+        cannot answer (in server mode an outage is an outage).
+        """
+        if ctx.stored_as is None:
+            return None
+        tag = self.session_tag(ctx.session_id)
+        key = claim_key(tag, hashlib.sha256(ctx.stored_as).digest()[:12], self.prefix)
+        try:
+            current = self.store.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL)
+        except TierError as exc:
+            self.observer.event("unavailable", reason=exc.code, op="claim", mode=self.mode)
+            raise TierUnavailable(
+                "the session store is unavailable; retry shortly", mode=self.mode
+            ) from exc
+        if current is not None:
+            self.observer.event("stale_refused", session=tag, detail="busy")
+            raise ContextBusy(
+                "another request for this conversation is being answered right now; send "
+                "it again once that reply has ended"
+            )
+        return key
+
+    def release(self, key: str) -> None:
+        """Drop a stream's claim (best effort: its TTL ends it otherwise)."""
+        try:
+            self.store.delete([key])
+        except TierError:
+            pass
 
     def save(
         self,

@@ -737,12 +737,23 @@ class Satchel:
         ai_sdk = protocol == "ai-sdk"
 
         guard = self.state().guard
-        claim = None
+        # Of requests sent at once with one token (monotonic) or for one stored session
+        # (server and memory modes, whose saves are a compare-and-set), only one may
+        # stream the reply: the others are refused here (409 context_busy) before any
+        # text goes out, not with an error event after the whole (paid-for) reply.
+        from ..server_mode import ServerSidePipeline
+
+        release: Callable[[], None] | None = None
+        pipeline = self.state().pipeline
         if guard is not None and rs.mark is not None and rs.context is not None:
-            # Monotonic: of requests sent at once with one token, only one may stream
-            # the reply; the others are refused here (409) before any text goes out.
-            tag = self.state().pipeline.session_tag(rs.context.session_id)
+            tag = pipeline.session_tag(rs.context.session_id)
             claim = guard.claim(rs.context, tag, rs.mark)
+            if claim is not None:
+                release = functools.partial(guard.release, claim)
+        elif rs.context is not None and isinstance(pipeline, ServerSidePipeline):
+            claim = pipeline.claim(rs.context)
+            if claim is not None:
+                release = functools.partial(pipeline.release, claim)
         # Under fail_open the mark moves only once the final event is out (below): a
         # client gone mid-stream never gets this token and must not be locked out of
         # the conversation by a mark that names it. Under fail_closed nothing goes out
@@ -777,8 +788,8 @@ class Satchel:
             try:
                 yield from reply()
             finally:  # however the stream ends: done, failed, or the client left
-                if claim is not None and guard is not None:
-                    guard.release(claim)
+                if release is not None:
+                    release()
 
         def reply() -> Iterator[str]:
             parts: list[str] = []
