@@ -51,6 +51,16 @@ def make_app(tmp_path: Path, observer: Any = None, **config: Any) -> tuple[Flask
     return app, satchel
 
 
+def in_thread(call: Any) -> Any:
+    """``call()`` run in a thread of its own (its own Flask contexts), and its result."""
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(call()))
+    worker.start()
+    worker.join(10)
+    assert out, "the call did not finish"
+    return out[0]
+
+
 def token_in(stream_body: str) -> str:
     """The token of a streamed reply's final ``satchel`` event."""
     line = stream_body.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0]
@@ -843,7 +853,11 @@ def test_requests_sent_at_once_with_one_token_stream_one_reply(tmp_path: Path, p
     chunks = iter(winner.response)
     assert "the paid" in next(chunks).decode()  # streaming, held at the gate
     for _ in range(3):
-        loser = client.post("/stream", json={"message": "go"}, headers=headers)
+        # From another thread, as another server thread would: a request made from
+        # this one would share the streaming request's contexts (and its g).
+        loser = in_thread(
+            lambda: app.test_client().post("/stream", json={"message": "go"}, headers=headers)
+        )
         assert loser.status_code == 409, loser.get_data(as_text=True)
         assert loser.get_json()["error"]["code"] == "context_busy"  # not stale: retry later
     gate.set()

@@ -23,6 +23,7 @@ from examples.minimal_chat.app import create_app
 from satchel.flask_ext import Satchel
 from satchel.keys import generate_key
 from satchel.server_mode import CARRIER_PREFIX
+from tests.test_consistency import in_thread
 
 KEYS = generate_key("t1").to_string()
 HEADER = "Satchel-Context"
@@ -425,13 +426,18 @@ def test_a_full_store_says_nothing_was_saved() -> None:
         satchel.context.add_turn("user", "hi")
         return {}
 
+    @app.post("/stream")
+    def stream_view() -> Any:
+        return satchel.stream(iter(["hi"]))
+
     client = app.test_client()
     carrier = client.post("/chat").headers[HEADER]
     store.full = True
-    refused = client.post("/chat", headers={HEADER: carrier})
-    assert refused.status_code == 503
-    error = refused.get_json()["error"]
-    assert error["code"] == "tier_full" and "nothing was saved" in error["message"]
+    for path in ("/chat", "/stream"):  # a stream's claim meets the full store first
+        refused = client.post(path, headers={HEADER: carrier})
+        assert refused.status_code == 503, path
+        error = refused.get_json()["error"]
+        assert error["code"] == "tier_full" and "nothing was saved" in error["message"]
 
 
 @pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
@@ -470,7 +476,7 @@ def test_two_streams_for_one_stored_session_stream_one_reply(
     winner = client.post("/stream", headers={HEADER: carrier}, buffered=False)
     chunks = iter(winner.response)
     assert "the paid" in next(chunks).decode()
-    loser = client.post("/stream", headers={HEADER: carrier})
+    loser = in_thread(lambda: app.test_client().post("/stream", headers={HEADER: carrier}))
     assert loser.status_code == 409
     assert loser.get_json()["error"]["code"] == "context_busy"
     gate.set()
@@ -479,3 +485,26 @@ def test_two_streams_for_one_stored_session_stream_one_reply(
     assert "event: satchel" in body and "event: error" not in body
     again = client.post("/stream", headers={HEADER: carrier})  # the claim was released
     assert again.status_code == 200 and "event: satchel" in again.get_data(as_text=True)
+
+
+def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:
+    """The claim was released when the streamed body ended, and a body never read (a
+    HEAD request, an after_request hook that failed) never ends: the conversation's
+    next stream was refused (409 context_busy) for two minutes."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="memory", TESTING=True)
+    satchel = Satchel(app)
+
+    @app.get("/stream")
+    def stream_view() -> Any:
+        ctx = satchel.context
+        return satchel.stream(iter(["hi"]), on_complete=lambda t: ctx.add_turn("assistant", t))
+
+    client = app.test_client()
+    first = client.get("/stream").get_data(as_text=True)
+    carrier = json.loads(first.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0])["token"]
+    head = client.head("/stream", headers={HEADER: carrier})
+    assert head.status_code == 200
+    head.close()  # what a WSGI server does with a body it does not send
+    after = client.get("/stream", headers={HEADER: carrier})
+    assert after.status_code == 200 and "event: satchel" in after.get_data(as_text=True)

@@ -1699,3 +1699,24 @@ def test_a_session_too_large_to_open_again_is_refused_when_saved() -> None:
         client.get("/w")
     assert "Limits.max_str_bytes" in info.value.message
     assert session_cookie(client) is None
+
+
+def test_a_session_at_the_open_limit_still_saves_and_opens() -> None:
+    """The check measured the whole payload (27 bytes more than the JSON bin the limit
+    is for): sessions that open fine were refused at the boundary."""
+    app = flask.Flask(__name__)
+    app.secret_key = "k" * 16
+    app.session_interface = SatchelSessionInterface()
+
+    @app.get("/w")
+    def write() -> str:
+        flask.session["a"] = "x" * 524_280  # the JSON: exactly 512 KiB
+        return "ok"
+
+    @app.get("/r")
+    def read() -> str:
+        return str(len(flask.session.get("a", "")))
+
+    client = app.test_client()
+    assert client.get("/w").status_code == 200
+    assert client.get("/r").text == "524280"

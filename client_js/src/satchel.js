@@ -219,18 +219,20 @@ function webStorage(kind) {
   // what the store held when it was refused: once the store holds something else
   // (another tab wrote or removed the key), the store is newer and the entry goes.
   const overlay = (pageOverlays[kind] ||= new Map());
+  // undefined: the store could not be read (an error is not "the key is gone").
   const read = (key) => {
     try {
       return area.getItem(key);
     } catch {
-      return null;
+      return undefined;
     }
   };
   const held = (key) => {
     const entry = overlay.get(key);
     if (entry === undefined) return undefined;
-    if (entry.base === read(key)) return entry.value;
-    overlay.delete(key);
+    const now = read(key);
+    if (now === undefined || entry.base === undefined || entry.base === now) return entry.value;
+    overlay.delete(key); // another tab stored or removed it since: the store is newer
     return undefined;
   };
   const adapter = {
@@ -245,7 +247,9 @@ function webStorage(kind) {
     },
     get(key) {
       const value = held(key);
-      return value !== undefined ? value : read(key);
+      if (value !== undefined) return value;
+      const stored = read(key);
+      return stored === undefined ? null : stored;
     },
     set(key, value) {
       try {

@@ -317,3 +317,18 @@ test('a token held in page memory gives way to what another tab stores or remove
   area.map.set('satchel:Z', 'z3'); // another tab stored a newer token
   assert.equal(adapter.get('satchel:Z'), 'z3');
 });
+
+test('a read of the store that throws once does not throw away the token held in memory', () => {
+  const area = new FakeWebStorage({ failAfter: 2 });
+  installGlobal('localStorage', { value: area });
+  const adapter = localStorageAdapter();
+  adapter.set('satchel:X', 'tok1');
+  adapter.set('satchel:X', 'tok2'); // refused: held in memory
+  const getItem = area.getItem.bind(area);
+  area.getItem = () => {
+    throw new Error('SecurityError');
+  };
+  assert.equal(adapter.get('satchel:X'), 'tok2'); // an error is not "removed"
+  area.getItem = getItem;
+  assert.equal(adapter.get('satchel:X'), 'tok2');
+});

@@ -96,7 +96,7 @@ class SessionCarriers:
         # the same signature. Only the one canonical spelling is accepted.
         signature = signed.rpartition(b".")[2]
         if not hmac.compare_digest(base64_encode(base64_decode(signature)), signature):
-            raise MalformedToken("the session id is not valid")
+            raise BadSignature("the session id's signature does not verify")  # altered
         if len(session_id) != 16:
             raise MalformedToken("the session id is not valid")
         return session_id
@@ -202,6 +202,12 @@ class ServerSidePipeline(Pipeline):
         key = claim_key(tag, hashlib.sha256(ctx.stored_as).digest()[:12], self.prefix)
         try:
             current = self.store.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL)
+        except TierFull as exc:  # refused for certain: the save would be too
+            self.observer.event("unavailable", reason=exc.code, op="claim", mode=self.mode)
+            raise TierFull(
+                "the session store is full and refused the write; nothing was saved",
+                mode=self.mode,
+            ) from exc
         except TierError as exc:
             self.observer.event("unavailable", reason=exc.code, op="claim", mode=self.mode)
             raise TierUnavailable(

@@ -99,6 +99,20 @@ class RequestState:
     opened_digest: bytes | None = None
 
 
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run at most once however often it is called (a claim released twice
+    could delete a claim another request has taken since)."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return run
+
+
 class Satchel:
     """Client-held chat context for a Flask app (``init_app`` and ``SATCHEL_*`` config).
 
@@ -749,11 +763,11 @@ class Satchel:
             tag = pipeline.session_tag(rs.context.session_id)
             claim = guard.claim(rs.context, tag, rs.mark)
             if claim is not None:
-                release = functools.partial(guard.release, claim)
+                release = _once(functools.partial(guard.release, claim))
         elif rs.context is not None and isinstance(pipeline, ServerSidePipeline):
             claim = pipeline.claim(rs.context)
             if claim is not None:
-                release = functools.partial(pipeline.release, claim)
+                release = _once(functools.partial(pipeline.release, claim))
         # Under fail_open the mark moves only once the final event is out (below): a
         # client gone mid-stream never gets this token and must not be locked out of
         # the conversation by a mark that names it. Under fail_closed nothing goes out
@@ -837,6 +851,13 @@ class Satchel:
                 yield sse("done", {})
 
         response = Response(stream_with_context(events()), mimetype="text/event-stream")
+        if release is not None:
+            # A body never read (a HEAD request, an after_request hook that failed, a
+            # client gone before the first byte) never runs events()' finally: release
+            # when the server closes the response, or when it is dropped unsent, or the
+            # claim would refuse the conversation's next stream until it expired.
+            response.call_on_close(release)
+            weakref.finalize(response, release)
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"
         if ai_sdk:

@@ -307,18 +307,26 @@ class SatchelSessionInterface(SessionInterface):
 
     def dumps(self, data: Mapping[str, Any]) -> bytes:
         """The session dict as the versioned msgpack payload."""
-        inner = self.serializer.dumps(dict(data)).encode("utf-8")
+        return self._wrap(self._inner(data))
+
+    def _inner(self, data: Mapping[str, Any]) -> bytes:
+        """The session's tagged JSON: the payload's one bin."""
+        return self.serializer.dumps(dict(data)).encode("utf-8")
+
+    @staticmethod
+    def _wrap(inner: bytes) -> bytes:
         return serialize.pack({"v": PAYLOAD_VERSION, "k": PAYLOAD_KIND, "d": inner})
 
-    def _check_opens(self, session: SessionMixin, name: str, payload: bytes) -> None:
+    def _check_opens(self, session: SessionMixin, name: str, inner: bytes) -> None:
         """Refuse a session the next request could not open (the limits :meth:`loads`
         applies): a compressible 600 KB value made a 167-byte cookie that was then
         refused, and the session dropped without a word."""
         limits = self.limits
         # The session's JSON is one msgpack bin, held to max_str_bytes; the whole
-        # payload to what the codec decompresses at most.
-        size = len(payload)
-        limit = min(limits.max_str_bytes, limits.max_decompressed_bytes)
+        # payload (that bin and a few dozen bytes around it) to what the codec
+        # decompresses at most.
+        size = len(inner)
+        limit = min(limits.max_str_bytes, limits.max_decompressed_bytes - 64)
         if size > limit:
             self._mark_failed(session)
             raise SessionTooLarge(
@@ -495,8 +503,9 @@ class SatchelSessionInterface(SessionInterface):
         kept = getattr(session, "token_expires_at", None)
         # A cookie re-issued only for a new key keeps the expiry it had.
         expires_at = kept if kept and not refreshed else self._expires_at(app, now)
-        payload = self.dumps(session)
-        self._check_opens(session, name, payload)
+        inner = self._inner(session)
+        self._check_opens(session, name, inner)
+        payload = self._wrap(inner)
         value, _raw = codec.seal_payload(payload, now=now, expires_at=expires_at)
         expires = datetime.fromtimestamp(expires_at, UTC) if session.permanent else None
 
