@@ -8,7 +8,6 @@ is signed, and the store also runs on Redis Cluster.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -23,7 +22,7 @@ from examples.minimal_chat.app import create_app
 from satchel.flask_ext import Satchel
 from satchel.keys import generate_key
 from satchel.server_mode import CARRIER_PREFIX
-from tests.test_consistency import in_thread
+from tests.test_consistency import in_thread, token_in
 
 KEYS = generate_key("t1").to_string()
 HEADER = "Satchel-Context"
@@ -471,7 +470,7 @@ def test_two_streams_for_one_stored_session_stream_one_reply(
     client = app.test_client()
     gate.set()
     first = client.post("/stream").get_data(as_text=True)
-    carrier = json.loads(first.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0])["token"]
+    carrier = token_in(first)
     gate.clear()
     winner = client.post("/stream", headers={HEADER: carrier}, buffered=False)
     chunks = iter(winner.response)
@@ -502,7 +501,7 @@ def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:
 
     client = app.test_client()
     first = client.get("/stream").get_data(as_text=True)
-    carrier = json.loads(first.split("event: satchel\ndata: ", 1)[1].split("\n", 1)[0])["token"]
+    carrier = token_in(first)
     head = client.head("/stream", headers={HEADER: carrier})
     assert head.status_code == 200
     head.close()  # what a WSGI server does with a body it does not send

@@ -76,6 +76,29 @@ def claim_key(tag: str, token_digest: bytes, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:claim:{token_digest.hex()}"
 
 
+def take_claim(tier: Any, key: str, observer: Observer, tag: str) -> None:
+    """Take the claim ``key`` (set if absent, for ``CLAIM_TTL``), or raise ContextBusy:
+    another request answering the same state holds it. TierError propagates: what a
+    tier failure means depends on who claims (a monotonic route's policy, server
+    mode's outage)."""
+    if tier.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL) is not None:
+        # Not stale (409 stale_context would tell a browser client its token is dead):
+        # busy. The same token works again once that reply has ended.
+        observer.event("stale_refused", session=tag, detail="busy")
+        raise ContextBusy(
+            "another request for this conversation is being answered right now; send it "
+            "again once that reply has ended"
+        )
+
+
+def release_claim(tier: Any, key: str) -> None:
+    """Drop a stream's claim (best effort: its TTL ends it otherwise)."""
+    try:
+        tier.delete([key])
+    except TierError:
+        pass
+
+
 def refuse_erased(observer: Observer, tag: str) -> NoReturn:
     """Report and refuse a token of an erased session (410 ``token_erased``)."""
     observer.event("refused", session=tag, reason="token_erased")
@@ -318,26 +341,14 @@ class MonotonicGuard:
             return None
         key = claim_key(tag, digest)
         try:
-            current = self.tier.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL)
+            take_claim(self.tier, key, self.observer, tag)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)  # fail_closed raises: a 503 before any text
             return None
-        if current is not None:
-            # Not stale (409 stale_context would tell a browser client its token is
-            # dead): busy. The same token works again once that reply has ended.
-            self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="busy")
-            raise ContextBusy(
-                "another request with this token is being answered right now; send it "
-                "again once that reply has ended"
-            )
         return key
 
     def release(self, key: str) -> None:
-        """Drop a stream's claim (best effort: its TTL ends it otherwise)."""
-        try:
-            self.tier.delete([key])
-        except TierError:
-            pass
+        release_claim(self.tier, key)
 
     def erase(self, tag: str) -> None:
         """Refuse this session's tokens from now on (a tombstone in place of the mark).
@@ -373,5 +384,7 @@ __all__ = [
     "mark_key",
     "new_mark_id",
     "refuse_erased",
+    "release_claim",
     "stricter",
+    "take_claim",
 ]

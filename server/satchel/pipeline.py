@@ -201,6 +201,15 @@ class Pipeline:
 
     # -- save -----------------------------------------------------------------------
 
+    def claim(self, ctx: Context) -> str | None:
+        """Reserve what a streamed reply will save, before its first text: only the
+        server-side modes, whose saves replace one stored copy, need one (a client-held
+        token's is the monotonic guard's). The key to :meth:`release`, or None."""
+        return None
+
+    def release(self, key: str) -> None:
+        """Drop a claim :meth:`claim` took."""
+
     def save(
         self, ctx: Context, *, now: float | None = None, timings: dict[str, float] | None = None
     ) -> SaveResult:

@@ -17,9 +17,11 @@ see them (docs/scaling.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import time
+from collections.abc import Iterator
 
 from itsdangerous import BadSignature as ItsBadSignature
 from itsdangerous import Signer
@@ -27,12 +29,11 @@ from itsdangerous.encoding import base64_decode, base64_encode
 
 from .app_schema import MetadataSchema
 from .codec import Codec
-from .consistency import CLAIM_TTL, ERASED, claim_key, mark_key, new_mark_id, refuse_erased
+from .consistency import ERASED, claim_key, mark_key, refuse_erased, release_claim, take_claim
 from .context import Context
 from .errors import (
     BadSignature,
     BadToken,
-    ContextBusy,
     MalformedToken,
     StaleContext,
     TierError,
@@ -189,44 +190,40 @@ class ServerSidePipeline(Pipeline):
 
     def claim(self, ctx: Context) -> str | None:
         """Reserve the one save the stored state this request loaded may get, before a
-        streamed reply starts (set-if-absent next to the context, released by
-        :meth:`release` when the stream ends; it expires after ``CLAIM_TTL``).
+        streamed reply starts (:func:`~satchel.consistency.take_claim`, next to the
+        context; :meth:`release` when the stream ends).
 
         None for a new session (nothing stored: no other request can hold it).
-        ContextBusy when another request holds it; TierUnavailable when the store
-        cannot answer (in server mode an outage is an outage).
+        ContextBusy when another request holds it; TierFull or TierUnavailable when the
+        store refuses or cannot answer (in server mode an outage is an outage).
         """
         if ctx.stored_as is None:
             return None
         tag = self.session_tag(ctx.session_id)
         key = claim_key(tag, hashlib.sha256(ctx.stored_as).digest()[:12], self.prefix)
+        with self._store_errors("claim", "the session store is unavailable; retry shortly"):
+            take_claim(self.store, key, self.observer, tag)
+        return key
+
+    def release(self, key: str) -> None:
+        release_claim(self.store, key)
+
+    @contextlib.contextmanager
+    def _store_errors(self, op: str, unavailable: str) -> Iterator[None]:
+        """A store write's TierError as the client should read it: a full store refused
+        for certain (``tier_full``, nothing was saved); anything else is ``unavailable``
+        (whose wording says what the client can know), counted either way."""
         try:
-            current = self.store.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL)
-        except TierFull as exc:  # refused for certain: the save would be too
-            self.observer.event("unavailable", reason=exc.code, op="claim", mode=self.mode)
+            yield
+        except TierFull as exc:
+            self.observer.event("unavailable", reason=exc.code, op=op, mode=self.mode)
             raise TierFull(
                 "the session store is full and refused the write; nothing was saved",
                 mode=self.mode,
             ) from exc
         except TierError as exc:
-            self.observer.event("unavailable", reason=exc.code, op="claim", mode=self.mode)
-            raise TierUnavailable(
-                "the session store is unavailable; retry shortly", mode=self.mode
-            ) from exc
-        if current is not None:
-            self.observer.event("stale_refused", session=tag, detail="busy")
-            raise ContextBusy(
-                "another request for this conversation is being answered right now; send "
-                "it again once that reply has ended"
-            )
-        return key
-
-    def release(self, key: str) -> None:
-        """Drop a stream's claim (best effort: its TTL ends it otherwise)."""
-        try:
-            self.store.delete([key])
-        except TierError:
-            pass
+            self.observer.event("unavailable", reason=exc.code, op=op, mode=self.mode)
+            raise TierUnavailable(unavailable, mode=self.mode) from exc
 
     def save(
         self,
@@ -246,27 +243,18 @@ class ServerSidePipeline(Pipeline):
             token = self.codec.seal(ctx, expires_at=exp)
         ttl = max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
         data = token.encode("ascii")
-        try:
+        # A write that timed out may still land (a stalled Redis runs the command it had
+        # already read once it resumes): the message says so, or a resend saves it twice.
+        unconfirmed = (
+            "the session store did not confirm the write, which may still have been "
+            "saved: reload the conversation before sending this again"
+        )
+        with self._store_errors("save", unconfirmed):
             # Only over what this request loaded (nothing, for a new session): another
             # request that saved meanwhile would otherwise lose its turns to this one.
             current = self.store.compare_and_set_mark(
                 self.key_for(ctx.session_id), ctx.stored_as, data, ttl
             )
-        except TierFull as exc:  # refused for certain: nothing was written
-            self.observer.event("unavailable", reason=exc.code, op="save", mode=self.mode)
-            raise TierFull(
-                "the session store is full and refused the write; nothing was saved",
-                mode=self.mode,
-            ) from exc
-        except TierError as exc:
-            self.observer.event("unavailable", reason=exc.code, op="save", mode=self.mode)
-            # A write that timed out may still land (a stalled Redis runs the command it
-            # had already read once it resumes): say so, or a resend saves it twice.
-            raise TierUnavailable(
-                "the session store did not confirm the write, which may still have been "
-                "saved: reload the conversation before sending this again",
-                mode=self.mode,
-            ) from exc
         if current == b"" and ctx.stored_as is not None:
             # Gone between this request's read and its write: expired or evicted. Not a
             # race with another request (no newer state exists), and not written back:

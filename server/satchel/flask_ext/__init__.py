@@ -755,8 +755,6 @@ class Satchel:
         # (server and memory modes, whose saves are a compare-and-set), only one may
         # stream the reply: the others are refused here (409 context_busy) before any
         # text goes out, not with an error event after the whole (paid-for) reply.
-        from ..server_mode import ServerSidePipeline
-
         release: Callable[[], None] | None = None
         pipeline = self.state().pipeline
         if guard is not None and rs.mark is not None and rs.context is not None:
@@ -764,7 +762,7 @@ class Satchel:
             claim = guard.claim(rs.context, tag, rs.mark)
             if claim is not None:
                 release = _once(functools.partial(guard.release, claim))
-        elif rs.context is not None and isinstance(pipeline, ServerSidePipeline):
+        elif rs.context is not None:
             claim = pipeline.claim(rs.context)
             if claim is not None:
                 release = _once(functools.partial(pipeline.release, claim))
