@@ -353,3 +353,35 @@ def test_a_session_tag_with_a_trailing_newline_is_dropped() -> None:
 
     assert safe_fields({"session": "0123456789abcdef"}) == {"session": "0123456789abcdef"}
     assert safe_fields({"session": "0123456789abcdef\n"}) == {}
+
+
+def test_unconfigured_logging_prints_the_extensions_warnings_but_not_audit_events(tmp_path):
+    """An app that configures no logging still sees the extension's warnings (a
+    generated development key here) on stderr, through Python's last-resort handler;
+    the audit events (a fork, at WARNING) stay silent until the app attaches a handler."""
+    import subprocess
+    import sys
+
+    script = f"""
+from flask import Flask
+from satchel import Satchel, Context
+from satchel.audit import AuditObserver
+app = Flask("plain")
+app.config["SATCHEL_DEV_KEY_FILE"] = {str(tmp_path / "dev-key")!r}
+satchel = Satchel(app, observer=AuditObserver())
+
+@app.post("/chat")
+def chat():
+    satchel.context.add_turn("user", "hello")
+    return {{}}
+
+client = app.test_client()
+token = client.post("/chat").headers["Satchel-Context"]
+client.post("/chat", headers={{"Satchel-Context": token}})
+client.post("/chat", headers={{"Satchel-Context": token}})  # a fork: fork_detected
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "generated a development key" in done.stderr
+    assert "fork_detected" not in done.stderr

@@ -19,6 +19,7 @@ Quick start::
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .codec import NO_EXPIRY, Codec, Opened, Prepared, peek, token_digest
 from .context import (
@@ -27,6 +28,7 @@ from .context import (
     LifecycleAction,
     OpaqueBlock,
     Pinned,
+    Role,
     SegmentRef,
     ToolCall,
     Turn,
@@ -58,9 +60,17 @@ from .schema import CURRENT_VERSION as SCHEMA_VERSION
 
 __version__ = "0.1.0"
 
-# A library logs through its own loggers and lets the app decide where records go:
-# without this, Python's last-resort handler would print WARNING events to stderr.
-logging.getLogger("satchel").addHandler(logging.NullHandler())
+# The audit events are a stream the app opts into (AuditObserver, its own handlers):
+# without this, Python's last-resort handler would print the routine WARNING ones
+# (forks, stale tokens) to stderr. The extension's own warnings and errors (a
+# generated development key, an unpinned anchor key, a failing tier, a stream that
+# raised) are left to reach stderr through that handler when the app has configured
+# no logging, so they are not lost.
+logging.getLogger("satchel.audit").addHandler(logging.NullHandler())
+
+if TYPE_CHECKING:  # the lazy imports below, typed for mypy and editors
+    from .flask_ext import Satchel
+    from .flask_ext.session import SatchelSessionInterface
 
 
 def __getattr__(name: str) -> object:
@@ -98,6 +108,7 @@ __all__ = [
     "Opened",
     "Pinned",
     "Prepared",
+    "Role",
     "Satchel",
     "SatchelError",
     "SatchelSessionInterface",
