@@ -88,7 +88,8 @@ def test_unknown_prefix_versions_are_unsupported_not_malformed() -> None:
         with pytest.raises(UnsupportedVersion) as info:
             parse(prefix + good[3:])
         assert info.value.code == "token_unsupported_version"
-    for prefix in ("x1.", "S1.", "s.", ".", "s1x."):
+    # "s" and ASCII digits only: "s\\u0661." (Arabic-Indic one) is no Satchel format.
+    for prefix in ("x1.", "S1.", "s.", ".", "s1x.", "s\u0661.", "s\u00b2."):
         with pytest.raises(MalformedToken):
             parse(prefix + good[3:])
 

@@ -432,6 +432,37 @@ def test_without_keys_a_dev_key_file_is_created_with_a_warning(
     assert chat(again.test_client(), "again", token).get_json()["turns"] == 4
 
 
+def test_workers_starting_at_once_share_one_dev_key(tmp_path: Path) -> None:
+    """gunicorn -w N starts its workers together: each creates the dev key file if it
+    is missing, and all of them must end up with the one key in the file (else a token
+    sealed by one worker is token_unknown_key at the next). Processes, released by one
+    barrier, race for real."""
+    import multiprocessing
+
+    key_file = tmp_path / "instance" / "satchel-dev-key"
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(6)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_dev_key_worker, args=(key_file, barrier, results)) for _ in range(6)
+    ]
+    for p in procs:
+        p.start()
+    kids = {results.get(timeout=30) for _ in procs}
+    for p in procs:
+        p.join(timeout=30)
+    assert kids == set(Keyring.from_string(key_file.read_text().strip()).kids)
+    assert len(kids) == 1
+    assert [p.name for p in tmp_path.joinpath("instance").iterdir()] == ["satchel-dev-key"]
+
+
+def _dev_key_worker(key_file: Path, barrier: Any, results: Any) -> None:
+    from satchel.flask_ext.config import dev_keyring
+
+    barrier.wait(timeout=30)
+    results.put(dev_keyring(key_file).current.kid)
+
+
 @pytest.mark.parametrize(
     "mistake",
     [

@@ -49,6 +49,12 @@ def test_purpose_and_use_cannot_be_confused_by_concatenation() -> None:
     # info = purpose NUL use: ("ab", "c") and ("a", "bc") must not share a subkey.
     ring = Keyring([Key("k", SECRET)])
     assert ring.derive("k", "ab", "c") != ring.derive("k", "a", "bc")
+    # A NUL inside either would let ("a\0b", "c") and ("a", "b\0c") share an info.
+    for purpose, use in (("a\x00b", "c"), ("a", "b\x00c")):
+        with pytest.raises(ValueError, match="NUL"):
+            ring.derive("k", purpose, use)
+    with pytest.raises(ValueError, match="NUL"):
+        Codec(ring, purpose="app\x00mac")
 
 
 def test_current_key_is_first_and_every_key_opens() -> None:

@@ -228,6 +228,22 @@ def test_registering_a_version_twice_is_an_error() -> None:
         ("lifecycle counters as infinity", base_wire(l=[{}, float("inf"), 0, []])),
         ("turns as a map", base_wire(t={"a": 1})),
         ("turn content as bytes", base_wire(t=[[1, b"x", 0]])),
+        # Counts are ints (a float reads as an int), never coerced from str, bin or bool.
+        ("lifecycle count as a str", base_wire(l=[{}, "3", 0, []])),
+        ("lifecycle count as bin", base_wire(l=[{}, 0, b"4", []])),
+        ("lifecycle count as a bool", base_wire(l=[{}, True, 0, []])),
+        ("dropped count as a str", base_wire(l=[{"window": "2"}, 0, 0, []])),
+        ("overflow count as a str", base_wire(o=[[b"d" * 12, "7", 1, 1, 0]])),
+        ("overflow size as bin", base_wire(o=[[b"d" * 12, 1, b"9", 1, 0]])),
+        ("overflow seq as a bool", base_wire(o=[[b"d" * 12, 1, 1, True, 0]])),
+        # Map keys are str: a bin key opens through msgpack's strict_map_key, but a
+        # context holding one could not be sealed again.
+        ("metadata with a bin key", base_wire(m={b"k": 1})),
+        ("nested metadata with a bin key", base_wire(m={"a": [{"b": {b"k": 1}}]})),
+        (
+            "tool arguments with a bin key",
+            base_wire(t=[[2, "", 0, {"c": [["c1", "f", {b"k": 1}]]}]]),
+        ),
     ],
 )
 def test_authenticated_but_invalid_payloads_are_invalid_context(
@@ -299,3 +315,33 @@ def test_check_sealable_names_a_field_the_reader_refuses() -> None:
     ctx.metadata_version = 2**31
     with pytest.raises(ContextNotSerializable, match="metadata_version is 2147483648"):
         check_sealable(ctx)
+
+
+def test_float_counts_read_as_ints_everywhere_the_format_has_counts() -> None:
+    """docs/token-format.md section 6: a float count is read as an int, in the
+    dropped-by-reason map as in the other counts."""
+    ctx = schema.from_wire(
+        serialize.unpack(
+            serialize.pack(
+                base_wire(
+                    l=[{"window": 2.0, "byte_budget": 2.7}, 1.5, 0.0, []],
+                    o=[[b"d" * 12, 4.0, 90.0, 3.0, 0]],
+                )
+            )
+        )
+    )
+    assert ctx.lifecycle.dropped == {"window": 2, "byte_budget": 2}
+    assert (ctx.lifecycle.summarized, ctx.lifecycle.lost) == (1, 0)
+    ref = ctx.overflow[0]
+    assert (ref.turns, ref.size, ref.seq) == (4, 90, 3)
+    assert all(type(n) is int for n in (ref.turns, ref.size, ref.seq))
+
+
+def test_str_keyed_metadata_and_tool_arguments_still_open() -> None:
+    wire = base_wire(
+        m={"a": [{"b": {"c": b"bytes value"}}], "n": None},
+        t=[[2, "", 0, {"c": [["c1", "f", {"q": [{"x": 1}]}]]}]],
+    )
+    ctx = schema.from_wire(serialize.unpack(serialize.pack(wire)))
+    assert ctx.metadata == {"a": [{"b": {"c": b"bytes value"}}], "n": None}
+    assert ctx.turns[0].tool_calls[0].arguments == {"q": [{"x": 1}]}

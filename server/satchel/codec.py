@@ -112,6 +112,10 @@ class Codec:
         clock: Clock = time.time,
         random_bytes: RandomBytes = os.urandom,
     ) -> None:
+        if not isinstance(purpose, str) or not purpose or "\x00" in purpose:
+            # Refused here, not at the first seal: the purpose is half of every subkey's
+            # HKDF info ("purpose NUL use", keys.py).
+            raise ValueError(f"purpose must be a non-empty str without NUL, not {purpose!r}")
         self.keyring = keyring
         self.mode = mode
         self.purpose = purpose

@@ -168,7 +168,7 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
     if not dot:
         raise MalformedToken("token has no format prefix")
     if prefix + "." not in KNOWN_PREFIXES:
-        if prefix[:1] == "s" and prefix[1:].isdigit():
+        if prefix[:1] == "s" and prefix[1:].isascii() and prefix[1:].isdigit():
             raise UnsupportedVersion(
                 f"token format {prefix!r} is not supported by this release", format=prefix
             )

@@ -1,8 +1,11 @@
 """The key ring: named keys, the newest seals, every listed key opens.
 
-Keys are never used directly. Each purpose (an app, a use such as ``mac`` or
-``aead`` or ``segment``) gets its own subkey through HKDF-SHA256, so a token minted
-for one app or purpose cannot be opened by another that shares the master key.
+Keys are never used directly. Each purpose (the app) and use (``mac``, the AEAD's
+name ``aes-256-gcm`` or ``chacha20-poly1305``, ``segment-key``, ``session-tag``,
+``user-binding``, ``server-session-id``, ``session-overflow``) gets its own subkey
+through HKDF-SHA256 (info ``purpose NUL use``; neither may hold a NUL, so no two
+pairs share an info), so a token minted for one app or purpose cannot be opened by
+another that shares the master key.
 
 ``SATCHEL_KEYS`` holds a comma-separated list of ``kid:secret`` pairs, newest first,
 the secret in unpadded base64url (``satchel keygen`` prints one)::
@@ -157,6 +160,9 @@ class Keyring:
         cache_key = (kid, purpose, use)
         derived = self._derived.get(cache_key)
         if derived is None:
+            if "\x00" in purpose or "\x00" in use:
+                # "a\0b" + "c" and "a" + "b\0c" would derive one key for two purposes.
+                raise ValueError("a key purpose or use must not contain NUL")
             hkdf = HKDF(
                 algorithm=hashes.SHA256(),
                 length=length,

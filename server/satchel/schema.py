@@ -332,20 +332,28 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     return [LifecycleAction(*a) for a in recent]
 
 
+def _count(value: Any) -> int:
+    """A count as docs/token-format.md section 6 reads it: an int, or a finite float
+    read as an int. Never a str, bin or bool (``int()`` alone would take all three)."""
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        return int(value)  # ValueError / OverflowError for NaN and infinities
+    raise TypeError(f"a count is an int, not {type(value).__name__}")
+
+
 def _dropped_from_wire(dropped: Any) -> dict[str, int]:
     # Counts by policy name: anything else would fail later, in the pipeline (a 500).
-    if type(dropped) is not dict or not all(
-        type(k) is str and type(n) is int for k, n in dropped.items()
-    ):
+    if type(dropped) is not dict or not all(type(k) is str for k in dropped):
         raise TypeError("lifecycle dropped is a map of str to int")
-    return dict(dropped)
+    return {k: _count(n) for k, n in dropped.items()}
 
 
 #: The parts of the lifecycle array, and how each is read.
 _LIFECYCLE_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("dropped", _dropped_from_wire),
-    ("summarized", int),
-    ("lost", int),
+    ("summarized", _count),
+    ("lost", _count),
     ("recent", _actions_from_wire),
 )
 
@@ -353,7 +361,7 @@ _LIFECYCLE_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
 def _lifecycle_from_wire(wire: Any) -> Lifecycle:
     dropped, summarized, lost, recent = wire
     return Lifecycle(
-        _dropped_from_wire(dropped), int(summarized), int(lost), _actions_from_wire(recent)
+        _dropped_from_wire(dropped), _count(summarized), _count(lost), _actions_from_wire(recent)
     )
 
 
@@ -382,14 +390,14 @@ def _overflow_to_wire(
 
 def _segment_ref_from_wire(ref: Any) -> SegmentRef:
     d, n, s, q, ts = ref
-    return SegmentRef(_bin(d), int(n), int(s), int(q), _num(ts))
+    return SegmentRef(_bin(d), _count(n), _count(s), _count(q), _num(ts))
 
 
 _SEGMENT_REF_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("digest", _bin),
-    ("turns", int),
-    ("size", int),
-    ("seq", int),
+    ("turns", _count),
+    ("size", _count),
+    ("seq", _count),
     ("ts", _num),
 )
 
@@ -477,8 +485,31 @@ def _list(extra: dict[str, Any], key: str) -> list[Any]:
 
 def _arguments(value: Any) -> str | dict[str, Any]:
     # Tool-call arguments are a str (JSON text, as most providers send them) or a map.
-    if type(value) is not dict and type(value) is not str:
+    if type(value) is str:
+        return value
+    if type(value) is not dict:
         raise TypeError("tool-call arguments are a str or a map")
+    return _str_keyed(value)
+
+
+def _str_keyed(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` if every map in it has str keys; TypeError otherwise.
+
+    msgpack's ``strict_map_key`` lets bin keys through as well as str. The format has
+    str keys only (docs/token-format.md), and a context holding a bytes key could not
+    be sealed again (``check_sealable``), so it is refused here, when it opens.
+    """
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            for key, inner in item.items():
+                if type(key) is not str:
+                    raise TypeError("map keys are str")
+                if type(inner) is dict or type(inner) is list:
+                    stack.append(inner)
+        else:  # a list
+            stack.extend(x for x in item if type(x) is dict or type(x) is list)
     return value
 
 
@@ -784,9 +815,9 @@ def from_wire(wire: Any) -> Context:
                 raise TypeError("pinned facts")
             ctx.pinned = Pinned(_str(system), [_str(f) for f in facts])
         if "m" in wire:
-            if not isinstance(wire["m"], dict):
+            if type(wire["m"]) is not dict:
                 raise TypeError("metadata")
-            ctx.metadata = wire["m"]
+            ctx.metadata = _str_keyed(wire["m"])
         if "mv" in wire:
             ctx.metadata_version = check_version(wire["mv"])
         if "l" in wire:

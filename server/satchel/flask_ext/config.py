@@ -530,18 +530,28 @@ def dev_keyring(path: Path) -> Keyring:
     """A development key kept in ``path`` (created on first use, mode 0600)."""
     if path.exists():
         return Keyring.from_string(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A kid of its own: a token sealed with a deleted dev key then reads as
+    # token_unknown_key, not as token_bad_signature (which means tampering).
+    ring = Keyring([generate_key(f"dev-{secrets.token_hex(3)}")])
+    # Written whole to a file of this process's own, then linked into place: link()
+    # fails when the file exists, so of several workers starting at once (gunicorn -w
+    # 4) exactly one key wins and every worker reads it, never a half-written file.
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(ring.to_string() + "\n")
+        os.link(draft, path)
+    except FileExistsError:
+        return Keyring.from_string(path.read_text().strip())  # another worker's key
+    finally:
+        draft.unlink(missing_ok=True)
     log.warning(
         "SATCHEL_KEYS is not set: generated a development key in %s. "
         "Set SATCHEL_KEYS in production (see `satchel keygen`).",
         path,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A kid of its own: a token sealed with a deleted dev key then reads as
-    # token_unknown_key, not as token_bad_signature (which means tampering).
-    ring = Keyring([generate_key(f"dev-{secrets.token_hex(3)}")])
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(ring.to_string() + "\n")
     return ring
 
 
