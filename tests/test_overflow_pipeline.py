@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -545,6 +545,20 @@ def test_references_stay_bounded_when_segments_are_too_large_to_merge() -> None:
     def long_text(i: int) -> str:  # about 2.5 KB that does not compress away
         return " ".join(hashlib.sha256(f"{i}:{n}".encode()).hexdigest() for n in range(38))
 
+    # Count the merges packed only to be refused for the size cap: each packs up to a
+    # segment's worth of turns (a megabyte at the default cap), on every spill.
+    store = pipeline.segments
+    assert store is not None
+    write, over_cap = store.write, []
+
+    def counting_write(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return write(*args, **kwargs)
+        except BudgetExceeded:
+            over_cap.append(1)
+            raise
+
+    store.write = counting_write  # type: ignore[method-assign]
     token = None
     exchanges = 400
     for i in range(exchanges):
@@ -554,6 +568,8 @@ def test_references_stay_bounded_when_segments_are_too_large_to_merge() -> None:
         ctx.add_turn("assistant", long_text(-i), ts=NOW)
         token = pipeline.save(ctx, now=NOW).token
         assert token is not None and len(token) <= 8000
+    # Candidates whose text alone is over the cap are skipped without packing them.
+    assert len(over_cap) <= exchanges // 20, len(over_cap)
     final = pipeline.load(token, now=NOW)
     assert len(final.overflow) <= MAX_HELD_SEGMENT_REFS
     capped = final.lifecycle.dropped.get("overflow_cap", 0)

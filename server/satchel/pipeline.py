@@ -553,6 +553,7 @@ class Pipeline:
         try:
             if self._can_merge(ctx):
                 start = merge_start([r.turns for r in ctx.overflow], len(spill), MAX_SEGMENT_REFS)
+                start = self._first_mergeable(ctx, spill, start)
                 while start < kept:
                     offset = sum(r.turns for r in ctx.overflow[:start])
                     try:
@@ -572,6 +573,32 @@ class Pipeline:
                 ctx.degraded.append("tier_write_failed")
             self.observer.event("degraded", session=tag, reason="tier_write_failed", error=exc.code)
             return None
+
+    def _first_mergeable(self, ctx: Context, spill: list[Turn], start: int) -> int:
+        """The first of ``ctx.overflow[start:]`` from which a merge can fit one segment.
+
+        A merge that packs past the segment size cap raises BudgetExceeded only after
+        packing megabytes of turns, and sessions of long turns meet it on every spill
+        (each segment near the cap). Their text alone is a lower bound on what they pack
+        to (a str's length never exceeds its UTF-8 length), so candidates certain not
+        to fit are skipped here without packing them.
+        """
+        assert self.segments is not None
+        cap = self.segments.codec.limits.max_decompressed_bytes  # what write() refuses past
+        refs = ctx.overflow
+        total = sum(_text_size(t) for t in spill)
+        ends = [0]
+        for ref in refs:
+            ends.append(ends[-1] + ref.turns)
+        rehydrated = ctx.rehydrated
+        # From the newest reference back: the smallest start still within the cap.
+        first = len(refs)
+        for j in range(len(refs) - 1, start - 1, -1):
+            total += sum(_text_size(t) for t in rehydrated[ends[j] : ends[j + 1]])
+            if total > cap:
+                break
+            first = j
+        return first
 
     def _forget_oldest_segment(self, ctx: Context, now: float, tag: str) -> None:
         """Let the oldest reference go, so the token's references stay bounded.
@@ -699,6 +726,12 @@ def _cut_summary(summary: str, keep: int) -> str:
     if 0 <= newline < len(tail) - 1 and keep < len(summary):
         tail = tail[newline + 1 :]  # whole lines: never half a word
     return header + SUMMARY_CUT_MARK + tail
+
+
+def _text_size(turn: Turn) -> int:
+    """A lower bound on the bytes ``turn`` packs to: its content and opaque blocks'
+    data (a str's length is at most its UTF-8 length; msgpack adds to both)."""
+    return len(turn.content) + sum(len(b.data) for b in turn.blocks)
 
 
 def _turn_weight(turn: Turn) -> float:

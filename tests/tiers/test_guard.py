@@ -372,3 +372,35 @@ def test_what_the_tier_said_is_logged_once_per_interval(guard_factory, caplog) -
         with pytest.raises(TierUnavailable):
             guard.put("k", b"v", 10)
     assert len([r for r in caplog.records if "put failed" in r.getMessage()]) == 2
+
+
+def test_a_retired_key_read_within_its_grace_is_not_served_after_it(guard_factory, clock) -> None:
+    """expire_soon() gives a merged-away segment a grace period. A read within it (a
+    second tab with the token from before the merge) must not put it back in the cache
+    for the cache's whole max_age: after the grace, the tier has dropped it, and this
+    process must not keep serving it either."""
+    tier = MemoryTier(clock=clock)
+    guard = guard_factory(tier)
+    guard.put("s:{a}:old", b"turns", 3600)
+    guard.expire_soon(["s:{a}:old"], 10.0)
+    clock.advance(5)
+    assert guard.get_many(["s:{a}:old"]).get("s:{a}:old") == b"turns"  # within the grace
+    clock.advance(6)
+    fetched = guard.get_many(["s:{a}:old"])
+    assert fetched.get("s:{a}:old") is None
+    assert fetched.reason("s:{a}:old") == MISSING
+    # A key that was never retired is cached as before.
+    guard.put("s:{a}:live", b"x", 3600)
+    guard.cache.discard(["s:{a}:live"])
+    guard.get_many(["s:{a}:live"])
+    assert "s:{a}:live" in guard.cache
+
+
+def test_restore_does_not_write_back_a_retired_key_past_its_grace(guard_factory, clock) -> None:
+    tier = MemoryTier(clock=clock)
+    guard = guard_factory(tier)
+    guard.put("s:{a}:old", b"turns", 3600)
+    guard.expire_soon(["s:{a}:old"], 10.0)
+    clock.advance(11)
+    assert guard.restore([("s:{a}:old", b"turns"), ("s:{a}:new", b"n")], 3600) == 1
+    assert tier.get_many(["s:{a}:old", "s:{a}:new"]) == [None, b"n"]

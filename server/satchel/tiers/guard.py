@@ -88,6 +88,12 @@ class BreakerPolicy:
 # ----------------------------------------------------------------------------- cache
 
 
+#: How many retired keys a GuardedTier remembers (a grace period's worth of merges in
+#: a busy process; past it, a retired segment read within its grace may stay cached up
+#: to the cache's max_age).
+MAX_RETIRED_KEYS = 4096
+
+
 class SegmentCache:
     """Thread-safe LRU of ``key -> bytes`` bounded by the total size of keys and values.
 
@@ -340,6 +346,11 @@ class GuardedTier:
         self._pruned_at = clock()
         #: the breaker of the tier's default shard (the only one, but for a Cluster)
         self.breaker = self._shard("").breaker
+        # Keys expire_soon() retired, with the clock() time their grace ends: a read
+        # within the grace must not cache them (nor an outage's restore() write them
+        # back) for longer than the tier keeps them. Bounded: the oldest are forgotten.
+        self._retired: OrderedDict[str, float] = OrderedDict()
+        self._retired_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"GuardedTier({self.tier!r}, breaker={self.breaker_state!r}, cache={self.cache!r})"
@@ -552,7 +563,7 @@ class GuardedTier:
                     else:
                         values[key] = value
                         if cache:
-                            self.cache.put(key, value, epoch=epoch)
+                            self.cache.put(key, value, self._grace_left(key), epoch=epoch)
         return Fetched(
             tuple(keys), values, missing, frozenset(cached), error, frozenset(unconfirmed)
         )
@@ -574,8 +585,11 @@ class GuardedTier:
         """
         written = 0
         for key, value in items:
+            left = self._grace_left(key)
+            if left is not None and left <= 0:
+                continue  # retired and past its grace: the tier was right to drop it
             try:
-                self.put(key, value, ttl)
+                self.put(key, value, ttl if left is None else min(ttl, left))
             except TierError:
                 break
             written += 1
@@ -589,6 +603,18 @@ class GuardedTier:
         # The cache forgets them now: within the grace period the tier still serves them.
         self.cache.discard(keys)
         self._call("expire_soon", self.tier.expire_soon, keys, ttl, key=keys[0] if keys else None)
+        deadline = self.clock() + ttl
+        with self._retired_lock:
+            for key in keys:
+                self._retired[key] = deadline
+                self._retired.move_to_end(key)
+            while len(self._retired) > MAX_RETIRED_KEYS:
+                self._retired.popitem(last=False)
+
+    def _grace_left(self, key: str) -> float | None:
+        """Seconds the tier still keeps a key expire_soon() retired; None for any other."""
+        deadline = self._retired.get(key)
+        return None if deadline is None else deadline - self.clock()
 
     def delete_session(self, session_tag: str) -> int:
         self.cache.discard_tag(session_tag)
