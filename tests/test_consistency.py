@@ -874,6 +874,57 @@ def test_requests_sent_at_once_with_one_token_stream_one_reply(tmp_path: Path, p
     ).get_data(as_text=True)
 
 
+def test_a_stream_that_waited_past_the_winners_save_is_refused(tmp_path: Path) -> None:
+    """Two streams with one token, the second a little late: it passed the mark check
+    while the first was still answering, and took the claim the moment the first
+    released it, after the first's save had moved the mark. It streamed its whole reply
+    and got a token the mark then refused forever (a conversation locked out). Now the
+    claim looks at the mark again: 409 stale_context, before any text."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+    loaded, go = threading.Event(), threading.Event()
+    charged: list[str] = []
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context  # opened and checked against the mark here
+        if request.headers.get("X-Late"):
+            loaded.set()
+            go.wait(5)  # the other request answers and saves meanwhile
+
+        def complete(text: str) -> None:
+            charged.append(text)
+            ctx.add_turn("assistant", text)
+
+        return satchel.stream(iter(["the paid reply"]), on_complete=complete)
+
+    client = app.test_client()
+    token = token_in(client.post("/stream").get_data(as_text=True))
+    charged.clear()
+    headers = {"Satchel-Context": token}
+    late: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: late.append(
+            app.test_client().post("/stream", headers={**headers, "X-Late": "1"}, buffered=True)
+        )
+    )
+    worker.start()
+    assert loaded.wait(5)
+    first = client.post("/stream", headers=headers).get_data(as_text=True)
+    assert "event: satchel" in first  # answered, saved, claim released
+    go.set()
+    worker.join(10)
+    (refused,) = late
+    assert refused.status_code == 409, refused.get_data(as_text=True)
+    assert refused.get_json()["error"]["code"] == "stale_context"
+    assert charged == ["the paid reply"]  # one reply paid for, not two
+    # The winner's token goes on.
+    nxt = client.post("/stream", headers={"Satchel-Context": token_in(first)})
+    assert "event: satchel" in nxt.get_data(as_text=True)
+
+
 def test_a_stream_that_fails_releases_its_claim(tmp_path: Path) -> None:
     """A reply that fails (a model error) issues no token: the client sends the same
     one again, which its own failed attempt's claim must not refuse."""

@@ -439,6 +439,16 @@ def test_a_full_store_says_nothing_was_saved() -> None:
         assert error["code"] == "tier_full" and "nothing was saved" in error["message"]
 
 
+def _stream_app(mode: str, request: pytest.FixtureRequest) -> tuple[Flask, Satchel]:
+    """A bare app in ``mode`` (server mode on the test's own redis-server)."""
+    config: dict[str, Any] = {"SATCHEL_KEYS": KEYS, "SATCHEL_MODE": mode, "TESTING": True}
+    if mode == "server":
+        config["SATCHEL_STORE_URL"] = request.getfixturevalue("redis_server").url
+    app = Flask(__name__)
+    app.config.update(config)
+    return app, Satchel(app)
+
+
 @pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
 def test_two_streams_for_one_stored_session_stream_one_reply(
     mode: str, request: pytest.FixtureRequest
@@ -448,12 +458,7 @@ def test_two_streams_for_one_stored_session_stream_one_reply(
     front. The second is now a JSON 409 context_busy before any text."""
     import threading
 
-    config: dict[str, Any] = {"SATCHEL_KEYS": KEYS, "SATCHEL_MODE": mode, "TESTING": True}
-    if mode == "server":
-        config["SATCHEL_STORE_URL"] = request.getfixturevalue("redis_server").url
-    app = Flask(__name__)
-    app.config.update(config)
-    satchel = Satchel(app)
+    app, satchel = _stream_app(mode, request)
     gate = threading.Event()
 
     @app.post("/stream")
@@ -483,6 +488,50 @@ def test_two_streams_for_one_stored_session_stream_one_reply(
     winner.close()
     assert "event: satchel" in body and "event: error" not in body
     again = client.post("/stream", headers={HEADER: carrier})  # the claim was released
+    assert again.status_code == 200 and "event: satchel" in again.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_a_stream_that_waited_past_the_winners_save_is_busy(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """The second of two streams loaded the stored state while the first was still
+    answering and took the claim the moment the first released it, after the first
+    had saved: it streamed its whole reply, then ended in an error event. Now the
+    claim looks at the stored state again: 409 context_busy, before any text."""
+    app, satchel = _stream_app(mode, request)
+    loaded, go = threading.Event(), threading.Event()
+
+    @app.post("/stream")
+    def stream_view() -> Any:
+        ctx = satchel.context
+        if flask_request.headers.get("X-Late"):
+            loaded.set()
+            go.wait(5)
+        return satchel.stream(
+            iter(["the paid reply"]), on_complete=lambda text: ctx.add_turn("assistant", text)
+        )
+
+    client = app.test_client()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    late: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: late.append(
+            app.test_client().post(
+                "/stream", headers={HEADER: carrier, "X-Late": "1"}, buffered=True
+            )
+        )
+    )
+    worker.start()
+    assert loaded.wait(5)
+    first = client.post("/stream", headers={HEADER: carrier}).get_data(as_text=True)
+    assert "event: satchel" in first and "event: error" not in first
+    go.set()
+    worker.join(10)
+    (busy,) = late
+    assert busy.status_code == 409, busy.get_data(as_text=True)
+    assert busy.get_json()["error"]["code"] == "context_busy"
+    again = client.post("/stream", headers={HEADER: carrier})  # sent again: answered
     assert again.status_code == 200 and "event: satchel" in again.get_data(as_text=True)
 
 

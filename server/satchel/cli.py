@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -416,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = logging.getLogger("satchel")
+    if not logging.getLogger().handlers and not quiet.handlers:
+        # Each command reports a failure itself, in one line on stderr (exit code 2); a
+        # tier's own warning about the same failure would only repeat it in other words.
+        quiet.addHandler(logging.NullHandler())
     try:
         return int(args.func(args))
     except ConfigurationError as exc:

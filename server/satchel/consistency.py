@@ -345,6 +345,25 @@ class MonotonicGuard:
         except TierError as exc:
             self._tier_down(ctx, tag, exc)  # fail_closed raises: a 503 before any text
             return None
+        # A request that passed before() while another stream of this token was still
+        # being answered takes the claim as soon as that one releases it, by which time
+        # its save has moved the mark: look again, now that no other answer can start.
+        fetched = self.tier.get_many([state.key], cache=False)
+        raw = fetched.get(state.key)
+        if fetched.error is None and raw != state.expected:
+            mark = decode_mark(raw) if raw is not None and raw != ERASED else None
+            if raw == ERASED or (mark is not None and not self._descends(ctx, *mark)):
+                self.release(key)
+                if raw == ERASED:
+                    refuse_erased(self.observer, tag)
+                assert mark is not None
+                self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
+                raise StaleContext(
+                    f"this token (seq {ctx.seq}) was answered by another request while this "
+                    f"one waited (the newest is seq {mark[0]}); use the newest token",
+                    seq=ctx.seq,
+                    newest_seq=mark[0],
+                )
         return key
 
     def release(self, key: str) -> None:

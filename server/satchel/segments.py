@@ -28,6 +28,7 @@ Redis Cluster slot, and reads are one MGET. Only retiring the anchor re-anchors 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 from dataclasses import dataclass, field
@@ -62,6 +63,16 @@ SEGMENT_MISSING: Final = "segment_missing"  # expired, evicted, erased, or never
 SEGMENT_CORRUPT: Final = "segment_corrupt"  # bytes do not match the digest or do not open
 SEGMENT_FOREIGN: Final = "segment_foreign"  # opened fine but belongs to another session
 REASONS: Final = (TIER_UNAVAILABLE, SEGMENT_MISSING, SEGMENT_CORRUPT, SEGMENT_FOREIGN)
+
+
+def _unshare(turns: list[Turn]) -> None:
+    """Give each turn its own copy of the containers it shares with the cached wire
+    (tool-call arguments given as a map): an app that changes one must not change the
+    cached segment, and with it every later request's turns."""
+    for turn in turns:
+        for call in turn.tool_calls:
+            if type(call.arguments) is dict:
+                call.arguments = copy.deepcopy(call.arguments)
 
 
 def merge_start(sizes: list[int], spill: int, max_refs: int) -> int:
@@ -229,7 +240,7 @@ class SegmentStore:
                 continue
             if key in fetched.cached:
                 result.from_cache += 1
-            turns, reason = self._decode(ctx, ref, stored)
+            turns, reason = self._decode(ctx, ref, stored, key)
             if reason is not None:
                 if key in fetched.cached:
                     self.tier.cache.discard((key,))
@@ -274,30 +285,51 @@ class SegmentStore:
             raise ContextErased("this conversation was erased")
 
     def _decode(
-        self, ctx: Context, ref: SegmentRef, stored: bytes
+        self, ctx: Context, ref: SegmentRef, stored: bytes, key: str
     ) -> tuple[list[Turn], str | None]:
         # The size and digest checks come first: only bytes this session wrote go on.
         if len(stored) > self.max_segment_bytes or not hmac.compare_digest(
             segment_digest(stored), ref.digest
         ):
             return [], SEGMENT_CORRUPT
-        try:
-            payload = self.codec.open_envelope(envelope.parse_raw(stored))
-            wire = serialize.unpack(payload, self.codec.limits)
-        except TokenExpired:
-            return [], SEGMENT_MISSING
-        except BadToken:
-            return [], SEGMENT_CORRUPT
-        if not isinstance(wire, dict) or wire.get("v") != CURRENT_VERSION:
-            return [], SEGMENT_CORRUPT
-        if wire.get("i") != ctx.session_id:
+        cache = self.tier.cache
+        # These very bytes (same digest) opened before in this process: reuse their
+        # unpacked turns instead of decrypting, decompressing and unpacking again on
+        # every request of a long conversation. Only the checks that depend on now
+        # or on the asking context run again.
+        opened = cache.opened(key, ref.digest) if cache.max_bytes else None
+        if opened is not None:
+            session_id, expires_at, turn_wires = opened
+            if expires_at and self.codec.clock() > expires_at + self.codec.limits.clock_skew:
+                return [], SEGMENT_MISSING
+        else:
+            try:
+                env = envelope.parse_raw(stored)
+                payload = self.codec.open_envelope(env)
+                wire = serialize.unpack(payload, self.codec.limits)
+            except TokenExpired:
+                return [], SEGMENT_MISSING
+            except BadToken:
+                return [], SEGMENT_CORRUPT
+            if not isinstance(wire, dict) or wire.get("v") != CURRENT_VERSION:
+                return [], SEGMENT_CORRUPT
+            session_id, expires_at, turn_wires = wire.get("i"), env.header.expires_at, wire.get("t")
+        if session_id != ctx.session_id:
             return [], SEGMENT_FOREIGN
         try:
-            turns = turns_from_wire(wire["t"])
+            turns = turns_from_wire(turn_wires)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, SatchelError):
             return [], SEGMENT_CORRUPT
         if len(turns) != ref.turns:
             return [], SEGMENT_CORRUPT
+        if cache.max_bytes:
+            _unshare(turns)
+            if opened is None:
+                # Weighed as the stored bytes' unpacked size, roughly what the strings
+                # and lists take in memory.
+                cache.attach(
+                    key, ref.digest, (session_id, expires_at, turn_wires), 2 * len(payload)
+                )
         return turns, None
 
     def retire(self, ctx: Context, refs: list[SegmentRef]) -> None:

@@ -34,6 +34,7 @@ from .context import Context
 from .errors import (
     BadSignature,
     BadToken,
+    ContextBusy,
     MalformedToken,
     StaleContext,
     TierError,
@@ -203,6 +204,23 @@ class ServerSidePipeline(Pipeline):
         key = claim_key(tag, hashlib.sha256(ctx.stored_as).digest()[:12], self.prefix)
         with self._store_errors("claim", "the session store is unavailable; retry shortly"):
             take_claim(self.store, key, self.observer, tag)
+        # A request that loaded the state while another stream of it was still being
+        # answered takes the claim as soon as that one releases it, by which time its
+        # save has replaced the state: look again, now that no other answer can start.
+        stored = self.key_for(ctx.session_id)
+        fetched = self.store.get_many([stored], cache=False)
+        if fetched.error is not None or fetched.get(stored) != ctx.stored_as:
+            self.release(key)
+            if fetched.error is not None:
+                self.observer.event("unavailable", reason="tier_unavailable", mode=self.mode)
+                raise TierUnavailable(
+                    "the session store is unavailable; retry shortly", mode=self.mode
+                )
+            self.observer.event("stale_refused", session=tag, detail="busy")
+            raise ContextBusy(
+                "another request for this conversation was answered while this one "
+                "waited; send it again"
+            )
         return key
 
     def release(self, key: str) -> None:

@@ -276,3 +276,54 @@ def test_segment_past_its_sealed_expiry_is_missing_even_if_the_tier_kept_it(code
     # written "long ago" with a short TTL, but the tier's own TTL has not run out yet
     ctx.overflow.append(store.write(ctx, ctx.turns, 60, now=NOW - 3600))
     assert store.read(ctx).missing == [(ctx.overflow[0], SEGMENT_MISSING)]
+
+
+def test_a_cached_segment_opens_once_and_each_read_gets_its_own_turns(codec) -> None:
+    """A long conversation reads every segment on every request: the unpacked turns of
+    a cached segment are kept with its cache entry, so later reads skip decrypting,
+    decompressing and unpacking. Each read still gets turns of its own: changing one
+    (a tool call's arguments map included) changes no later read."""
+    store = store_on(MemoryTier(), codec)
+    ctx = make_ctx(6, now=NOW)
+    ctx.turns[1] = Turn("assistant", "", NOW, tool_calls=(ToolCall("c1", "f", {"q": [1]}),))
+    original = [dataclasses.replace(t) for t in ctx.turns]
+    spill(store, ctx, 4)
+    opened = []
+    open_envelope = codec.open_envelope
+
+    def counting_open(*args, **kwargs):
+        opened.append(1)
+        return open_envelope(*args, **kwargs)
+
+    codec.open_envelope = counting_open  # type: ignore[method-assign]
+    first = store.read(ctx)
+    assert first.turns == original[:4] and len(opened) == 1
+    first.turns[1].tool_calls[0].arguments["q"].append(2)
+    first.turns[0].content = "changed"
+    second = store.read(ctx)
+    assert second.turns == original[:4] and len(opened) == 1  # not opened again
+    assert second.turns[1].tool_calls[0].arguments == {"q": [1]}
+    # The kept turns go with the cache entry: erasing the session's cache (or any
+    # other way the entry leaves) means the next read opens the stored bytes again.
+    store.tier.cache.discard_tag(store.session_tag(ctx.session_id))
+    assert store.tier.cache.size == 0
+    assert store.read(ctx).turns == original[:4] and len(opened) == 2
+
+
+def test_a_kept_segment_still_expires_and_still_belongs_to_its_session(keyring) -> None:
+    now = [NOW]
+    codec = Codec(keyring, clock=lambda: now[0])
+    store = store_on(MemoryTier(clock=lambda: now[0] - NOW), codec)
+    ctx = make_ctx(4, now=NOW)
+    spill(store, ctx, 2, ttl=60)
+    assert store.read(ctx).complete  # opened and kept
+    assert store.read(ctx).complete  # from what was kept
+    foreign = dataclasses.replace(ctx, session_id=os.urandom(16))
+    key = store.key_for(ctx.session_id, ctx.overflow[0].digest)
+    stored = store.tier.cache.get(key)
+    assert stored is not None
+    assert store.tier.cache.opened(key, ctx.overflow[0].digest) is not None  # kept
+    # The bytes of one session presented under another's reference: foreign, kept or not.
+    assert store._decode(foreign, ctx.overflow[0], stored, key) == ([], SEGMENT_FOREIGN)
+    now[0] = NOW + 60 + codec.limits.clock_skew + 1  # the segment's own expiry has passed
+    assert store._decode(ctx, ctx.overflow[0], stored, key) == ([], SEGMENT_MISSING)

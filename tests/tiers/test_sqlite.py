@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -451,4 +452,31 @@ def test_a_connection_that_fails_is_dropped_and_closed_unless_merely_contended(
             with pytest.raises(sqlite3.ProgrammingError):  # closed, not left open
                 conn.execute("SELECT 1")
     assert tier.get_many(["k"]) == [b"v"]  # the next call reconnects
+    tier.close()
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path: Path) -> None:
+    """One connection per thread, and a server that starts a thread per request
+    (werkzeug's threaded dev server, `make demo`) ends each after its request: their
+    connections, and two file descriptors each, were kept until the process ran out
+    of descriptors. A connection whose thread has ended is closed when the next
+    thread connects."""
+    tier = SQLiteTier(tmp_path / "t.db")
+    tier.put("k", b"v", 60)
+    for _ in range(40):
+        worker = threading.Thread(target=lambda: tier.get_many(["k"]))
+        worker.start()
+        worker.join(5)
+    assert tier.get_many(["k"]) == [b"v"]
+    helper = threading.Thread(target=lambda: tier.get_many(["k"]))
+    helper.start()
+    helper.join(5)
+    # At most this thread's, the last worker's and the helper's are open.
+    assert len(tier._conns) <= 3, len(tier._conns)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(40):
+        worker = threading.Thread(target=lambda: tier.get_many(["k"]))
+        worker.start()
+        worker.join(5)
+    assert len(os.listdir("/proc/self/fd")) <= fds + 4  # not two per thread
     tier.close()

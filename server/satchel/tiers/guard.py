@@ -35,6 +35,7 @@ Callers never talk to a tier directly; they go through :class:`GuardedTier`:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import threading
@@ -97,6 +98,11 @@ MAX_RETIRED_KEYS = 4096
 class SegmentCache:
     """Thread-safe LRU of ``key -> bytes`` bounded by the total size of keys and values.
 
+    An entry may also hold what its value *opened* to (:meth:`attach`, :meth:`opened`:
+    the segment store keeps the verified, unpacked turns there), counted in the same
+    byte bound and dropped with the entry, so every way an entry leaves the cache
+    (eviction, expiry, ``discard``, ``discard_tag`` for an erasure) takes it along.
+
     ``max_age`` caps how long an entry is kept (seconds, also for entries whose TTL is
     unknown because they were read, not written, here). ``hits`` and ``misses`` count
     lookups; ``evictions`` counts entries pushed out by the byte bound.
@@ -121,6 +127,8 @@ class SegmentCache:
         self._lock = threading.Lock()
         # key -> (value, expires_at, epoch in which the tier was known to hold it)
         self._data: OrderedDict[str, tuple[bytes, float, int]] = OrderedDict()
+        # key -> (digest of the value it was opened from, what it opened to, weight)
+        self._opened: dict[str, tuple[bytes, Any, int]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -153,6 +161,42 @@ class SegmentCache:
         item = self._data.pop(key, None)
         if item is not None:
             self._bytes -= len(key) + len(item[0])
+        opened = self._opened.pop(key, None)
+        if opened is not None:
+            self._bytes -= opened[2]
+
+    def attach(self, key: str, digest: bytes, opened: Any, weight: int) -> bool:
+        """Keep ``opened`` (what the cached value of ``key``, whose digest is
+        ``digest``, opened to) with that entry, counting ``weight`` bytes against the
+        bound. False when the entry is gone or the weight does not fit."""
+        with self._lock:
+            if key not in self._data or weight > self.max_bytes // 2:
+                return False
+            previous = self._opened.pop(key, None)
+            if previous is not None:
+                self._bytes -= previous[2]
+            while self._bytes + weight > self.max_bytes and len(self._data) > 1:
+                oldest = next(iter(self._data))
+                if oldest == key:
+                    self._data.move_to_end(key)
+                    continue
+                self._pop(oldest)
+                self.evictions += 1
+            if self._bytes + weight > self.max_bytes:
+                return False
+            self._opened[key] = (digest, opened, weight)
+            self._bytes += weight
+            return True
+
+    def opened(self, key: str, digest: bytes) -> Any | None:
+        """What :meth:`attach` kept for ``key``, if its entry is still cached and was
+        opened from a value with ``digest``; else None. Counts no hit or miss."""
+        with self._lock:
+            item = self._data.get(key)
+            found = self._opened.get(key)
+            if item is None or found is None or item[1] <= self.clock():
+                return None
+            return found[1] if hmac.compare_digest(found[0], digest) else None
 
     def get(self, key: str) -> bytes | None:
         """The cached value (counted as a hit) or None (a miss)."""
@@ -209,6 +253,7 @@ class SegmentCache:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._opened.clear()
             self._bytes = 0
 
 

@@ -1,7 +1,9 @@
 """The embedded overflow tier for one machine: a SQLite file in WAL mode.
 
 * Safe across threads and processes (gunicorn workers): one connection per thread,
-  and a fresh one after ``fork()`` (a connection is never used in two processes).
+  and a fresh one after ``fork()`` (a connection is never used in two processes). The
+  connection of a thread that has ended is closed when another thread connects, so a
+  server that starts a thread per request does not pile up connections.
   WAL lets readers run while one writer writes; ``busy_timeout`` makes a writer wait
   for the lock instead of failing at once.
 * Every row has an ``expires_at`` (Unix seconds, wall clock: the processes share it).
@@ -38,6 +40,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,8 +138,11 @@ class SQLiteTier(Tier):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._writes = itertools.count(1)
-        #: (pid, connection) of every connection opened, to close them all in close()
-        self._conns: list[tuple[int, sqlite3.Connection]] = []
+        #: (pid, thread, connection) of every connection open, to close them all in
+        #: close(), and each one whose thread has ended: servers that start a thread
+        #: per request (werkzeug's threaded dev server) would otherwise keep one
+        #: connection, and two file descriptors, per request ever served
+        self._conns: list[_Entry] = []
 
     def __repr__(self) -> str:
         return f"SQLiteTier({str(self.path)!r})"
@@ -268,7 +274,17 @@ class SQLiteTier(Tier):
             conn = self._connect()
             local.conn, local.pid, local.identity = conn, pid, self._file_identity()
             with self._lock:
-                self._conns.append((pid, conn))
+                kept: list[_Entry] = []
+                ended: list[_Entry] = []
+                for entry in self._conns:
+                    (ended if entry[0] == pid and not _alive(entry[1]) else kept).append(entry)
+                self._conns = kept
+                self._conns.append((pid, weakref.ref(threading.current_thread()), conn))
+            for _pid, _thread, old in ended:
+                try:
+                    old.close()  # its thread has ended: nothing can be using it
+                except sqlite3.Error:
+                    pass
         return local.conn
 
     def _file_identity(self) -> tuple[int, int] | None:
@@ -281,7 +297,7 @@ class SQLiteTier(Tier):
 
     def _discard(self, pid: int, conn: sqlite3.Connection) -> None:
         with self._lock:
-            self._conns = [(p, c) for p, c in self._conns if c is not conn]
+            self._conns = [e for e in self._conns if e[2] is not conn]
         try:
             conn.close()
         except sqlite3.Error:
@@ -464,14 +480,23 @@ class SQLiteTier(Tier):
         """Close every connection this process opened (other threads reconnect on use)."""
         pid = os.getpid()
         with self._lock:
-            mine = [c for p, c in self._conns if p == pid]
-            self._conns = [(p, c) for p, c in self._conns if p != pid]
+            mine = [c for p, _t, c in self._conns if p == pid]
+            self._conns = [e for e in self._conns if e[0] != pid]
         for conn in mine:
             try:
                 conn.close()
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+
+
+#: (pid, the thread that opened it, connection)
+_Entry = tuple[int, "weakref.ref[threading.Thread]", sqlite3.Connection]
+
+
+def _alive(thread: weakref.ref[threading.Thread]) -> bool:
+    found = thread()
+    return found is not None and found.is_alive()
 
 
 __all__ = ["SQLiteTier"]
