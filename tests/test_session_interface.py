@@ -10,8 +10,10 @@ cookie size limit and the overflow hook, and a round trip through a real HTTP se
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import pickle
+import random
 import re
 import threading
 import typing as t
@@ -1386,6 +1388,60 @@ def test_session_too_large_raises(app, client):
     app.config["MAX_COOKIE_SIZE"] = 0
     assert client.get("/").status_code == 200
     assert session_cookie(client)
+
+
+@pytest.mark.parametrize("change", ["rotation", "signed mode", "refresh"])
+def test_an_unchanged_session_that_no_longer_fits_keeps_its_cookie(change, caplog):
+    """A cookie near the limit that must be re-issued for a reason no view caused (a new
+    key with a longer id, the other mode, a permanent session's refresh with one more
+    attribute) can come out over MAX_COOKIE_SIZE. Raising failed every request of that
+    browser, 404s included, since the client keeps the cookie and each request
+    re-issued it. The client now keeps the cookie it has (it still opens), with a
+    warning; a view that changes the session still gets SessionTooLarge."""
+    app = make_app(SATCHEL_KEYS="k1:" + "A" * 43)
+    client = app.test_client()
+    blob = [b""]
+
+    @app.post("/grow/<int:n>")
+    def grow(n: int) -> str:
+        flask.session.permanent = change == "refresh"
+        # The same bytes for the same n (no randomness in the cookie's length), and
+        # incompressible: the cookie's length follows n.
+        flask.session["blob"] = random.Random(n).randbytes(n)
+        return ""
+
+    @app.get("/read")
+    def read() -> str:
+        blob[0] = flask.session.get("blob", b"")
+        return ""
+
+    # The largest session whose cookie still fits, found by growing it.
+    size = 2000
+    for step in (64, 1):
+        while size < 4000:
+            try:
+                client.post(f"/grow/{size + step}")
+            except SessionTooLarge:
+                break
+            size += step
+    assert client.post(f"/grow/{size}").status_code == 200
+    kept = session_cookie(client)
+    assert kept
+    if change == "rotation":
+        app.config["SATCHEL_KEYS"] = "rotated-key-0016:" + "B" * 43 + ",k1:" + "A" * 43
+    elif change == "signed mode":
+        app.config["SATCHEL_SESSION_MODE"] = "signed"
+    else:
+        app.config["SESSION_COOKIE_SAMESITE"] = "Strict"  # a longer header on refresh
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        rv = client.get("/read")
+        assert rv.status_code == 200
+        assert client.get("/missing").status_code == 404
+    assert "Set-Cookie" not in rv.headers
+    assert session_cookie(client) == kept and len(blob[0]) == size  # still opens
+    assert any("re-issuing the unchanged session" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SessionTooLarge):  # a view that writes still learns it
+        client.post(f"/grow/{size}")
 
 
 def test_session_just_under_the_limit_is_sent(app, client):

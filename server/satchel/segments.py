@@ -287,19 +287,22 @@ class SegmentStore:
     def _decode(
         self, ctx: Context, ref: SegmentRef, stored: bytes, key: str
     ) -> tuple[list[Turn], str | None]:
+        cache = self.tier.cache
+        # These bytes (same digest) opened before in this process: reuse their unpacked
+        # turns instead of decrypting, decompressing and unpacking again on every
+        # request of a long conversation. Only the checks that depend on now or on the
+        # asking context run again.
+        opened = cache.opened(key, ref.digest) if cache.max_bytes else None
         # The size and digest checks come first: only bytes this session wrote go on.
-        if len(stored) > self.max_segment_bytes or not hmac.compare_digest(
-            segment_digest(stored), ref.digest
+        # The very bytes object verified when they were opened (the cache hands out
+        # the one it holds) needs no second hash: bytes do not change.
+        if (opened is None or opened[0] is not stored) and (
+            len(stored) > self.max_segment_bytes
+            or not hmac.compare_digest(segment_digest(stored), ref.digest)
         ):
             return [], SEGMENT_CORRUPT
-        cache = self.tier.cache
-        # These very bytes (same digest) opened before in this process: reuse their
-        # unpacked turns instead of decrypting, decompressing and unpacking again on
-        # every request of a long conversation. Only the checks that depend on now
-        # or on the asking context run again.
-        opened = cache.opened(key, ref.digest) if cache.max_bytes else None
         if opened is not None:
-            session_id, expires_at, turn_wires = opened
+            _verified, session_id, expires_at, turn_wires = opened
             if expires_at and self.codec.clock() > expires_at + self.codec.limits.clock_skew:
                 return [], SEGMENT_MISSING
         else:
@@ -328,7 +331,10 @@ class SegmentStore:
                 # Weighed as the stored bytes' unpacked size, roughly what the strings
                 # and lists take in memory.
                 cache.attach(
-                    key, ref.digest, (session_id, expires_at, turn_wires), 2 * len(payload)
+                    key,
+                    ref.digest,
+                    (stored, session_id, expires_at, turn_wires),
+                    2 * len(payload),
                 )
         return turns, None
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from satchel import Codec, Keyring
+from satchel import Codec, Keyring, segments
 from satchel.context import OpaqueBlock, ToolCall, Turn
 from satchel.errors import BudgetExceeded, TierUnavailable
 from satchel.keys import generate_key
@@ -278,7 +278,9 @@ def test_segment_past_its_sealed_expiry_is_missing_even_if_the_tier_kept_it(code
     assert store.read(ctx).missing == [(ctx.overflow[0], SEGMENT_MISSING)]
 
 
-def test_a_cached_segment_opens_once_and_each_read_gets_its_own_turns(codec) -> None:
+def test_a_cached_segment_opens_once_and_each_read_gets_its_own_turns(
+    codec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A long conversation reads every segment on every request: the unpacked turns of
     a cached segment are kept with its cache entry, so later reads skip decrypting,
     decompressing and unpacking. Each read still gets turns of its own: changing one
@@ -296,12 +298,21 @@ def test_a_cached_segment_opens_once_and_each_read_gets_its_own_turns(codec) -> 
         return open_envelope(*args, **kwargs)
 
     codec.open_envelope = counting_open  # type: ignore[method-assign]
+    hashed = []
+    real_digest = segments.segment_digest
+    monkeypatch.setattr(segments, "segment_digest", lambda b: hashed.append(1) or real_digest(b))
     first = store.read(ctx)
-    assert first.turns == original[:4] and len(opened) == 1
+    assert first.turns == original[:4] and len(opened) == 1 and len(hashed) == 1
     first.turns[1].tool_calls[0].arguments["q"].append(2)
     first.turns[0].content = "changed"
     second = store.read(ctx)
     assert second.turns == original[:4] and len(opened) == 1  # not opened again
+    assert len(hashed) == 1  # the very bytes verified before: not hashed again
+    # Equal bytes in another object (read from the tier again) are hashed, then reused.
+    key = store.key_for(ctx.session_id, ctx.overflow[0].digest)
+    entry = store.tier.cache._data[key]
+    store.tier.cache._data[key] = (bytes(bytearray(entry[0])), *entry[1:])
+    assert store.read(ctx).turns == original[:4] and len(hashed) == 2 and len(opened) == 1
     assert second.turns[1].tool_calls[0].arguments == {"q": [1]}
     # The kept turns go with the cache entry: erasing the session's cache (or any
     # other way the entry leaves) means the next read opens the stored bytes again.

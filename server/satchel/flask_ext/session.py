@@ -530,12 +530,27 @@ class SatchelSessionInterface(SessionInterface):
             replacement = None
             if self.overflow is not None:
                 replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
+            if replacement is None and not session.modified:
+                # Only a re-issue (a new key, the other mode) or a refresh of a session
+                # no view changed: the cookie the client holds still opens. Raising
+                # would fail every request of that browser, a 404 included, because
+                # the client keeps that cookie and each request would re-issue it.
+                log.warning(
+                    "satchel session: re-issuing the unchanged session cookie %r would "
+                    "make it %d bytes, over MAX_COOKIE_SIZE (%d); the client keeps the "
+                    "one it has (it opens until its key leaves the ring or it expires)",
+                    name,
+                    size,
+                    limit,
+                )
+                return
             if replacement is None:
                 self._mark_failed(session)
                 raise SessionTooLarge(
                     f"the session cookie {name!r} would be {size} bytes (a {len(value)}-byte "
-                    f"token plus attributes); the limit is {limit} bytes (MAX_COOKIE_SIZE). "
-                    "Browsers drop larger cookies, so store less in flask.session.",
+                    f"token plus attributes); the limit is {limit} bytes (MAX_COOKIE_SIZE, "
+                    "attributes included). Browsers drop cookies past about 4 KB, so store "
+                    "less in flask.session.",
                     size=size,
                     limit=limit,
                     token_size=len(value),
