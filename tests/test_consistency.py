@@ -998,3 +998,150 @@ def test_a_replay_the_mark_refuses_is_not_also_counted_as_a_fork(tmp_path: Path)
     assert replay.status_code == 409 and "Satchel-Fork" not in replay.headers
     assert metrics.registry.get_sample_value("satchel_forks_total") == 0
     assert metrics.registry.get_sample_value("satchel_stale_refused_total") == 1
+
+
+def test_a_change_of_anchor_does_not_lock_conversations_out(tmp_path: Path) -> None:
+    """An unpinned ring's anchor is its last key, and the two-step rollout puts a new
+    key last, then first: the anchor moves to the new key and back. Marks are named
+    with the anchor, so after the move back every conversation met its old mark, which
+    no current token descends from: 409 for good (an operator drill, monotonic, two
+    instances). The guard now finds the mark under the other anchor the token does
+    descend from: served, flagged consistency_reset, and the mark moves on. A real
+    replay is still refused."""
+    k3, k5 = Keyring.generate("k3").to_string(), Keyring.generate("k5").to_string()
+    url = sqlite_url(tmp_path)
+
+    def instance(keys: str) -> Any:
+        app = Flask(__name__)
+        app.config.update(
+            SATCHEL_KEYS=keys, SATCHEL_OVERFLOW_URL=url, SATCHEL_CONSISTENCY="monotonic"
+        )
+        satchel = Satchel(app)
+
+        @app.post("/spend")
+        def spend() -> Any:
+            ctx = satchel.context
+            ctx.metadata["spent"] = ctx.metadata.get("spent", 0) + 1
+            return {"spent": ctx.metadata["spent"], "degraded": ctx.degraded}
+
+        return app.test_client()
+
+    token, spent, flags = None, 0, []
+
+    def spend(client: Any) -> None:
+        nonlocal token, spent
+        rv = client.post("/spend", headers={"Satchel-Context": token} if token else {})
+        assert rv.status_code == 200, rv.get_data(as_text=True)
+        spent += 1
+        assert rv.get_json()["spent"] == spent
+        flags.append(rv.get_json()["degraded"])
+        token = rv.headers["Satchel-Context"]
+
+    before, step1, step2 = instance(k3), instance(f"{k3},{k5}"), instance(f"{k5},{k3}")
+    for client in (before, before, step1, step1, before, step2, step2, step1, step2, step2):
+        spend(client)  # the fleet mixed, then settled on step 2: never refused
+    assert flags[-1] == []  # settled: checked as usual again
+    assert ["consistency_reset"] in flags
+    previous = token
+    spend(step2)
+    rv = step2.post("/spend", headers={"Satchel-Context": previous})  # a replay
+    assert rv.status_code == 409 and rv.get_json()["error"]["code"] == "stale_context"
+
+
+def test_erasure_under_an_unpinned_ring_reaches_every_anchor(tmp_path: Path) -> None:
+    """The guard keeps an unpinned ring's marks under each key's name, so erasure
+    leaves its tombstone under each: an instance anchored elsewhere refuses too."""
+    k3, k5 = Keyring.generate("k3").to_string(), Keyring.generate("k5").to_string()
+    url = sqlite_url(tmp_path)
+    apps = []
+    for keys in (f"{k3},{k5}", k3, f"{k5},{k3}"):  # anchored by k5, k3, k3
+        app = Flask(__name__)
+        app.config.update(
+            SATCHEL_KEYS=keys, SATCHEL_OVERFLOW_URL=url, SATCHEL_CONSISTENCY="monotonic"
+        )
+        satchel = Satchel(app)
+        app.add_url_rule("/", "chat", lambda s=satchel: {"seq": s.context.seq}, methods=["POST"])
+        apps.append((app, satchel))
+    (first, erasing), (second, _), _third = apps
+    token = first.test_client().post("/").headers["Satchel-Context"]
+    token = (
+        second.test_client()
+        .post("/", headers={"Satchel-Context": token})
+        .headers["Satchel-Context"]
+    )
+    with first.app_context():
+        erasing.erase(erasing.codec.open(token).session_id)
+    for app, _ in apps:
+        rv = app.test_client().post("/", headers={"Satchel-Context": token})
+        assert rv.status_code == 410, (app.config["SATCHEL_KEYS"][:2], rv.get_data(as_text=True))
+
+
+def test_a_streams_second_look_at_the_mark_that_fails_follows_the_tier_policy(
+    tmp_path: Path,
+) -> None:
+    """The look at the mark after taking the claim is a tier read like any other: when
+    it fails, fail_closed answers 503 before any text (it streamed the whole reply on
+    stale state and was refused only at the end)."""
+    from satchel.errors import TierUnavailable
+    from satchel.tiers.guard import Fetched
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+        SATCHEL_TIER_DOWN_POLICY="fail_closed",
+    )
+    satchel = Satchel(app)
+    loaded, go = threading.Event(), threading.Event()
+    charged: list[str] = []
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+        if request.headers.get("X-Late"):
+            loaded.set()
+            go.wait(5)
+
+        def complete(text: str) -> None:
+            charged.append(text)
+            ctx.add_turn("assistant", text)
+
+        return satchel.stream(iter(["the paid reply"]), on_complete=complete)
+
+    client = app.test_client()
+    token = token_in(client.post("/stream").get_data(as_text=True))
+    charged.clear()
+    late: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: late.append(
+            app.test_client().post(
+                "/stream", headers={"Satchel-Context": token, "X-Late": "1"}, buffered=True
+            )
+        )
+    )
+    worker.start()
+    assert loaded.wait(5)
+    assert "event: satchel" in client.post("/stream", headers={"Satchel-Context": token}).get_data(
+        as_text=True
+    )
+    tier = app.extensions["satchel"].guard.tier
+    real = tier.get_many
+
+    def mark_reads_fail_in_the_late_request(keys: Any, cache: bool = True) -> Any:
+        if threading.current_thread() is worker and any(k.endswith(":hwm") for k in keys):
+            return Fetched(
+                tuple(keys),
+                {},
+                dict.fromkeys(keys, "tier_unavailable"),
+                error=TierUnavailable("down"),
+            )
+        return real(keys, cache=cache)
+
+    tier.get_many = mark_reads_fail_in_the_late_request
+    go.set()
+    worker.join(10)
+    (refused,) = late
+    assert refused.status_code == 503, refused.get_data(as_text=True)
+    assert refused.get_json()["error"]["code"] == "tier_unavailable"
+    assert charged == ["the paid reply"]

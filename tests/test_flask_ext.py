@@ -721,3 +721,13 @@ def test_caps_lowered_to_the_token_limit_are_held_to_the_pad_size() -> None:
 
     with pytest.raises(ConfigurationError, match="SATCHEL_PAD_TO=1024"):
         make_app(SATCHEL_TOKEN_LIMIT="1100", SATCHEL_PAD_TO="1024")
+
+
+@pytest.mark.parametrize("purpose", ["", "app\x00mac"])
+def test_a_purpose_that_cannot_scope_keys_is_refused_at_start_up(purpose: str) -> None:
+    from satchel.errors import ConfigurationError
+
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring.generate().to_string(), SATCHEL_PURPOSE=purpose)
+    with pytest.raises(ConfigurationError, match="SATCHEL_PURPOSE"):
+        Satchel(app)

@@ -236,6 +236,10 @@ def test_registering_a_version_twice_is_an_error() -> None:
         ("overflow count as a str", base_wire(o=[[b"d" * 12, "7", 1, 1, 0]])),
         ("overflow size as bin", base_wire(o=[[b"d" * 12, 1, b"9", 1, 0]])),
         ("overflow seq as a bool", base_wire(o=[[b"d" * 12, 1, 1, True, 0]])),
+        # Past what msgpack packs: it opened, then could not be sealed again.
+        ("lifecycle count past 2**64", base_wire(l=[{}, 1e30, 0, []])),
+        ("dropped count past 2**64", base_wire(l=[{"window": 1e30}, 0, 0, []])),
+        ("overflow count past 2**64", base_wire(o=[[b"d" * 12, 1e30, 1, 1, 0]])),
         # Map keys are str: a bin key opens through msgpack's strict_map_key, but a
         # context holding one could not be sealed again.
         ("metadata with a bin key", base_wire(m={b"k": 1})),

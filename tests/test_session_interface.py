@@ -1444,6 +1444,36 @@ def test_an_unchanged_session_that_no_longer_fits_keeps_its_cookie(change, caplo
         client.post(f"/grow/{size}")
 
 
+def test_a_session_changed_in_place_that_no_longer_fits_still_raises():
+    """``session["items"].append(...)`` sets no ``modified``; a permanent session's
+    refresh saves it anyway, as Flask's own interface does. When that no longer fits,
+    it is a change, not a re-issue: SessionTooLarge, not a silently kept old cookie."""
+    app = make_app(SATCHEL_KEYS="k1:" + "A" * 43)
+    client = app.test_client()
+
+    @app.post("/start/<int:n>")
+    def start(n: int) -> str:
+        flask.session.permanent = True
+        flask.session["items"] = [random.Random(n).randbytes(n)]
+        return ""
+
+    @app.post("/append")
+    def append() -> str:
+        flask.session["items"].append(random.Random(0).randbytes(300))  # in place
+        return ""
+
+    size = 1000
+    while size < 4000:  # the largest start that fits, to 64 bytes
+        try:
+            client.post(f"/start/{size + 64}")
+        except SessionTooLarge:
+            break
+        size += 64
+    assert client.post(f"/start/{size}").status_code == 200
+    with pytest.raises(SessionTooLarge):
+        client.post("/append")
+
+
 def test_session_just_under_the_limit_is_sent(app, client):
     import os
 

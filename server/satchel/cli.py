@@ -418,10 +418,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = logging.getLogger("satchel")
+    silencer: logging.Handler | None = None
     if not logging.getLogger().handlers and not quiet.handlers:
         # Each command reports a failure itself, in one line on stderr (exit code 2); a
         # tier's own warning about the same failure would only repeat it in other words.
-        quiet.addHandler(logging.NullHandler())
+        # For this command only: main() may be called from another program.
+        silencer = logging.NullHandler()
+        quiet.addHandler(silencer)
+    try:
+        return _run(args)
+    finally:
+        if silencer is not None:
+            quiet.removeHandler(silencer)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except ConfigurationError as exc:

@@ -377,6 +377,25 @@ class Codec:
         key = self.keyring.anchored(self.purpose, "session-tag")
         return hmac.digest(key, session_id, "sha256").hex()[:16]
 
+    def session_tags_under_other_anchors(self, session_id: bytes) -> list[str]:
+        """:meth:`session_tag` as each other key of the ring would make it as the anchor.
+
+        Names keyed by the anchor change when the anchor does (an unpinned ring whose
+        last key changed). The monotonic guard keeps marks under these too and looks
+        under them before it calls a token stale, so a change of anchor does not lock
+        every conversation out. Empty for a pinned anchor, which does not move.
+        """
+        if self.keyring.anchor_pinned:
+            return []
+        anchor = self.keyring.anchor.kid
+        return [
+            hmac.digest(
+                self.keyring.derive(kid, self.purpose, "session-tag"), session_id, "sha256"
+            ).hex()[:16]
+            for kid in self.keyring.kids
+            if kid != anchor
+        ]
+
     def needs_reseal(self, ctx: Context) -> bool:
         """True when ``ctx`` was opened with a key other than the current one."""
         return ctx.opened_kid is not None and ctx.opened_kid != self.keyring.current.kid

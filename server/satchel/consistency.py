@@ -29,6 +29,7 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -195,6 +196,7 @@ class MonotonicGuard:
         observer: Observer = NULL_OBSERVER,
         mark_ttl: float = DEFAULT_MARK_TTL,
         mark_ids: bool = True,
+        other_anchor_tags: Callable[[bytes], list[str]] | None = None,
     ) -> None:
         if tier_down_policy not in ("fail_open", "fail_closed"):
             raise ValueError("tier_down_policy must be 'fail_open' or 'fail_closed'")
@@ -205,6 +207,9 @@ class MonotonicGuard:
         self.tier_down_policy = tier_down_policy
         self.observer = observer
         self.mark_ttl = mark_ttl
+        #: the session's tags under the ring's other keys as anchor (Codec.
+        #: session_tags_under_other_anchors), looked at before a token is called stale
+        self.other_anchor_tags = other_anchor_tags
 
     def _tier_down(self, ctx: Context, tag: str, exc: TierError) -> None:
         """The mark could not be read or moved: refuse (fail_closed) or flag (fail_open).
@@ -262,7 +267,7 @@ class MonotonicGuard:
             refuse_erased(self.observer, tag)
         mark = decode_mark(raw) if raw is not None else None
         if mark is not None and not fresh:
-            if not self._descends(ctx, *mark):
+            if not self._descends(ctx, *mark) and not self._anchor_changed(ctx, tag):
                 seq = mark[0]
                 self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}")
                 raise StaleContext(
@@ -272,6 +277,36 @@ class MonotonicGuard:
                     newest_seq=seq,
                 )
         return MarkState(key, raw, mark_id=mark[2] if mark is not None else None)
+
+    def _anchor_changed(self, ctx: Context, tag: str) -> bool:
+        """Whether ``ctx``'s token descends from this session's mark under another key
+        of the ring as anchor: the anchor changed (an unpinned ring whose last key
+        changed, or a fleet half way through such a change), not the token.
+
+        Marks are named with the anchor key. When it changes, the mark under the new
+        anchor is missing (a lost mark: consistency_reset) or, if the anchor changes
+        back, an old one no current token descends from: without this look every
+        conversation of the session would be refused 409 for good. Served, flagged
+        ``consistency_reset`` like a lost mark (replays since the change went
+        unchecked), and the mark under the current anchor moves on from this token.
+        """
+        if self.other_anchor_tags is None or (ctx.mark_id is None and not ctx.marked):
+            return False
+        for other in self.other_anchor_tags(ctx.session_id):
+            key = mark_key(other)
+            fetched = self.tier.get_many([key], cache=False)  # one slot per tag
+            raw = fetched.get(key)
+            if raw is None or raw == ERASED:
+                continue
+            mark = decode_mark(raw)
+            if mark is not None and self._descends(ctx, *mark):
+                self.observer.event(
+                    "degraded", session=tag, reason="consistency_reset", detail="anchor_changed"
+                )
+                if "consistency_reset" not in ctx.degraded:
+                    ctx.degraded.append("consistency_reset")
+                return True
+        return False
 
     @staticmethod
     def _descends(ctx: Context, seq: int, digest: bytes, mark_id: bytes | None) -> bool:
@@ -323,7 +358,26 @@ class MonotonicGuard:
             raise StaleContext(
                 "another request with the same token finished first; use the newest token"
             )
+        self._mirror(ctx, mark)
         return True
+
+    def _mirror(self, ctx: Context, mark: bytes) -> None:
+        """Copy the mark under the session's tags for the ring's other keys as anchor
+        (an unpinned ring only: its anchor moves with the end of the ring). An instance
+        whose ring anchors elsewhere (half way through a rollout) then finds this save
+        where it looks. Best effort: each is set against what it held, never over an
+        erasure's tombstone; a failure is only a later consistency_reset."""
+        if self.other_anchor_tags is None:
+            return
+        for other in self.other_anchor_tags(ctx.session_id):
+            key = mark_key(other)
+            try:
+                fetched = self.tier.get_many([key], cache=False)
+                held = fetched.get(key)
+                if fetched.error is None and held != ERASED:
+                    self.tier.compare_and_set_mark(key, held, mark, self.mark_ttl)
+            except TierError:
+                return
 
     def claim(self, ctx: Context, tag: str, state: MarkState) -> str | None:
         """Reserve the one answer a token may get, before a streamed reply starts.
@@ -349,8 +403,17 @@ class MonotonicGuard:
         # being answered takes the claim as soon as that one releases it, by which time
         # its save has moved the mark: look again, now that no other answer can start.
         fetched = self.tier.get_many([state.key], cache=False)
+        if fetched.error is not None:
+            # Unchecked now: fail_closed answers 503 before any text (without its
+            # claim), fail_open streams flagged consistency_unchecked.
+            try:
+                self._tier_down(ctx, tag, fetched.error)
+            except BaseException:
+                self.release(key)
+                raise
+            return key
         raw = fetched.get(state.key)
-        if fetched.error is None and raw != state.expected:
+        if raw != state.expected:
             mark = decode_mark(raw) if raw is not None and raw != ERASED else None
             if raw == ERASED or (mark is not None and not self._descends(ctx, *mark)):
                 self.release(key)

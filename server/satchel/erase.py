@@ -49,10 +49,18 @@ def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: b
     """Delete every tier key of the session; with ``refuse``, leave the tombstone (see
     the module docstring). It is written after the delete, which would otherwise
     remove it with the rest of the session."""
-    tag = codec.session_tag(parse_session_id(session_id))
+    sid = parse_session_id(session_id)
+    tag = codec.session_tag(sid)
     deleted = tier.delete_session(tag)
     if refuse:
-        MonotonicGuard(tier).erase(tag)
+        guard = MonotonicGuard(tier)
+        guard.erase(tag)
+        # An unpinned ring's anchor moves with the end of the ring, and the monotonic
+        # guard keeps the session's mark under each key's name (MonotonicGuard._mirror):
+        # the tombstone goes under each too, so no instance anchored elsewhere takes
+        # the session's tokens.
+        for other in codec.session_tags_under_other_anchors(sid):
+            guard.erase(other)
     return {"session": tag, "deleted_keys": deleted, "tokens_refused": refuse}
 
 

@@ -137,6 +137,12 @@ class Keyring:
             return self._by_kid[self._anchor_kid]
         return self.keys[-1]
 
+    @property
+    def anchor_pinned(self) -> bool:
+        """Whether ``anchor_kid`` names the anchor (else it is the ring's last key, and
+        moves when the end of the ring changes)."""
+        return self._anchor_kid is not None
+
     def anchored(self, purpose: str, use: str) -> bytes:
         """The subkey of the anchor key for ``purpose`` and ``use``."""
         return self.derive(self.anchor.kid, purpose, use)

@@ -332,14 +332,19 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     return [LifecycleAction(*a) for a in recent]
 
 
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+
+
 def _count(value: Any) -> int:
     """A count as docs/token-format.md section 6 reads it: an int, or a finite float
     read as an int. Never a str, bin or bool (``int()`` alone would take all three)."""
-    if type(value) is int:
-        return value
     if type(value) is float:
-        return int(value)  # ValueError / OverflowError for NaN and infinities
-    raise TypeError(f"a count is an int, not {type(value).__name__}")
+        value = int(value)  # ValueError / OverflowError for NaN and infinities
+    elif type(value) is not int:
+        raise TypeError(f"a count is an int, not {type(value).__name__}")
+    if not _INT_MIN <= value <= _UINT_MAX:  # what msgpack packs: it must seal again
+        raise ValueError("a count past what msgpack carries")
+    return value
 
 
 def _dropped_from_wire(dropped: Any) -> dict[str, int]:

@@ -32,7 +32,7 @@ import copy
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from . import envelope, serialize
 from .codec import Codec
@@ -63,6 +63,19 @@ SEGMENT_MISSING: Final = "segment_missing"  # expired, evicted, erased, or never
 SEGMENT_CORRUPT: Final = "segment_corrupt"  # bytes do not match the digest or do not open
 SEGMENT_FOREIGN: Final = "segment_foreign"  # opened fine but belongs to another session
 REASONS: Final = (TIER_UNAVAILABLE, SEGMENT_MISSING, SEGMENT_CORRUPT, SEGMENT_FOREIGN)
+
+
+def _unpacked_weight(payload_size: int, turn_wires: list[Any]) -> int:
+    """What a segment's unpacked turns take in memory, over- rather than under-counted.
+
+    A plain turn is a list, a str and a float: about 160 bytes besides its text, and a
+    str takes at most its UTF-8 length (plus that overhead) for text the reader has
+    decoded. Maps (tool-call arguments, extras) take many times their packed size in
+    dicts and small objects: a segment holding any is weighed at 24 times its payload
+    (20 times was measured for one of tool-call turns with map arguments).
+    """
+    plain = all(len(w) == 3 for w in turn_wires)
+    return (payload_size if plain else 24 * payload_size) + 200 * len(turn_wires)
 
 
 def _unshare(turns: list[Turn]) -> None:
@@ -328,13 +341,11 @@ class SegmentStore:
         if cache.max_bytes:
             _unshare(turns)
             if opened is None:
-                # Weighed as the stored bytes' unpacked size, roughly what the strings
-                # and lists take in memory.
                 cache.attach(
                     key,
                     ref.digest,
                     (stored, session_id, expires_at, turn_wires),
-                    2 * len(payload),
+                    _unpacked_weight(len(payload), turn_wires),
                 )
         return turns, None
 

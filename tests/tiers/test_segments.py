@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from satchel import Codec, Keyring, segments
+from satchel import Codec, Keyring, envelope, segments, serialize
 from satchel.context import OpaqueBlock, ToolCall, Turn
 from satchel.errors import BudgetExceeded, TierUnavailable
 from satchel.keys import generate_key
@@ -338,3 +338,32 @@ def test_a_kept_segment_still_expires_and_still_belongs_to_its_session(keyring) 
     assert store._decode(foreign, ctx.overflow[0], stored, key) == ([], SEGMENT_FOREIGN)
     now[0] = NOW + 60 + codec.limits.clock_skew + 1  # the segment's own expiry has passed
     assert store._decode(ctx, ctx.overflow[0], stored, key) == ([], SEGMENT_MISSING)
+
+
+@pytest.mark.parametrize("kind", ["plain", "tool calls"])
+def test_kept_turns_are_weighed_at_least_at_what_they_take(codec, kind: str) -> None:
+    """The turns a cached segment keeps count against SATCHEL_SEGMENT_CACHE_BYTES:
+    weighed below what they take, the cache held several times its bound (8 MiB
+    reported, 72 MiB held, with tool-call turns)."""
+    import tracemalloc
+
+    from satchel.segments import _unpacked_weight
+
+    store = store_on(MemoryTier(), codec)
+    ctx = make_ctx(0, now=NOW)
+    for i in range(300):
+        if kind == "plain":
+            ctx.add_turn("user", f"short message {i} ✓", ts=NOW)
+        else:
+            ctx.turns.append(
+                Turn("assistant", "", NOW, tool_calls=(ToolCall(f"c{i}", "f", {"a": [i]}),))
+            )
+    spill(store, ctx, 300)
+    key = store.key_for(ctx.session_id, ctx.overflow[0].digest)
+    stored = store.tier.cache.get(key)
+    payload = codec.open_envelope(envelope.parse_raw(stored))
+    tracemalloc.start()
+    wires = serialize.unpack(payload, codec.limits)["t"]
+    held, _peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert _unpacked_weight(len(payload), wires) >= held

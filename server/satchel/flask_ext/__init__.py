@@ -242,6 +242,7 @@ class Satchel:
                 tier_down_policy=config.tier_down_policy,
                 observer=self.observer,
                 mark_ids=config.mark_ids,
+                other_anchor_tags=codec.session_tags_under_other_anchors,
             )
         elif config.mode == "client" and config.consistency == "monotonic":
             raise ConfigurationError(

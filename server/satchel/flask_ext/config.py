@@ -315,6 +315,11 @@ class SatchelConfig:
         """Refuse, at start-up, values that would fail every request instead (a 500 from
         werkzeug's cookie code, an HTML 500 from gunicorn's header check, every seal
         refused), naming the SATCHEL_* key."""
+        if not (isinstance(self.purpose, str) and self.purpose and "\x00" not in self.purpose):
+            raise ConfigurationError(
+                f"SATCHEL_PURPOSE must be a non-empty string without NUL (it scopes every "
+                f"derived key), not {self.purpose!r}"
+            )
         if not (isinstance(self.header, str) and _TOKEN_NAME.fullmatch(self.header)):
             raise ConfigurationError(
                 f"SATCHEL_HEADER must be an HTTP header name (letters, digits, -), "
@@ -509,12 +514,16 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
         if len(ring) > 1 and not anchor:
             log.warning(
                 "SATCHEL_KEYS holds %d keys and SATCHEL_ANCHOR_KID is not set: session names "
-                "(overflow segments, server-mode sessions, consistency marks) are keyed by "
-                "the last key, %r. Set SATCHEL_ANCHOR_KID=%s so adding or reordering keys "
-                "never renames them (docs/operations.md, Key rotation).",
+                "(overflow segments, server-mode sessions, consistency marks, user "
+                "binding) are keyed by the last key, now %r, and change whenever the end "
+                "of the ring does. Pin the key that anchored until now: for a ring that "
+                "had one key, that key (%r if the new one was added at the end, %r if it "
+                "was added in front); else the last key of the previous ring "
+                "(docs/operations.md, Key rotation, step 2).",
                 len(ring),
                 ring.anchor.kid,
-                ring.anchor.kid,
+                ring.kids[0],
+                ring.kids[-1],
             )
         return ring
     dev_file = app.config.get("SATCHEL_DEV_KEY_FILE")

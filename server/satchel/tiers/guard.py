@@ -170,7 +170,10 @@ class SegmentCache:
         ``digest``, opened to) with that entry, counting ``weight`` bytes against the
         bound. False when the entry is gone or the weight does not fit."""
         with self._lock:
-            if key not in self._data or weight > self.max_bytes // 2:
+            item = self._data.get(key)
+            # Checked before evicting anything: a weight that cannot fit beside its own
+            # entry must not empty the cache for nothing.
+            if item is None or len(key) + len(item[0]) + weight > self.max_bytes:
                 return False
             previous = self._opened.pop(key, None)
             if previous is not None:
@@ -658,7 +661,8 @@ class GuardedTier:
 
     def _grace_left(self, key: str) -> float | None:
         """Seconds the tier still keeps a key expire_soon() retired; None for any other."""
-        deadline = self._retired.get(key)
+        with self._retired_lock:
+            deadline = self._retired.get(key)
         return None if deadline is None else deadline - self.clock()
 
     def delete_session(self, session_tag: str) -> int:
