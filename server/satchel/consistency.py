@@ -385,10 +385,12 @@ class MonotonicGuard:
         The mark moves only when the reply is complete, so without a claim every request
         sent at once with one token streamed the whole reply (the paid-for part) and
         only the mark's compare-and-set, at the end, told them apart. The first claim
-        of a token wins (set if absent); the others are refused with StaleContext
-        before any text goes out. Returns the claim's key, to :meth:`release` when the
-        stream ends; None when there is nothing to claim (a new conversation, an
-        unchecked mark) or the tier failed and ``fail_open`` lets the stream through.
+        of a token wins (set if absent); the others are refused with ContextBusy (409
+        ``context_busy``) before any text goes out, and the winner looks at the mark
+        again (StaleContext if a save moved it meanwhile). Returns the claim's key, to
+        :meth:`release` when the stream ends; None when there is nothing to claim (a new
+        conversation, an unchecked mark) or the tier failed and ``fail_open`` lets the
+        stream through.
         """
         digest = ctx.parent
         if not state.checked or digest is None:

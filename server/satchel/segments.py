@@ -327,7 +327,8 @@ class SegmentStore:
                 return [], SEGMENT_MISSING
             except BadToken:
                 return [], SEGMENT_CORRUPT
-            if not isinstance(wire, dict) or wire.get("v") != CURRENT_VERSION:
+            version = wire.get("v") if isinstance(wire, dict) else None
+            if type(version) is not int or version != CURRENT_VERSION:  # 2.0 is not 2
                 return [], SEGMENT_CORRUPT
             session_id, expires_at, turn_wires = wire.get("i"), env.header.expires_at, wire.get("t")
         if session_id != ctx.session_id:

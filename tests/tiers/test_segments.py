@@ -367,3 +367,19 @@ def test_kept_turns_are_weighed_at_least_at_what_they_take(codec, kind: str) -> 
     held, _peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert _unpacked_weight(len(payload), wires) >= held
+
+
+def test_a_segment_whose_version_is_a_float_is_corrupt(codec) -> None:
+    """Segments are schema 2 exactly, held to the type as token payloads are (a float
+    version is token_invalid_context there): 2.0 is not 2."""
+    from satchel.context import SegmentRef
+
+    store = store_on(MemoryTier(), codec)
+    ctx = make_ctx(0, now=NOW)
+    payload = serialize.pack({"v": 2.0, "i": ctx.session_id, "t": [[1, "hi", NOW]]})
+    _token, stored = codec.seal_payload(payload, now=NOW, expires_at=NOW + 600)
+    digest = segment_digest(stored)
+    store.tier.put(store.key_for(ctx.session_id, digest), stored, 600)
+    ctx.overflow.append(SegmentRef(digest=digest, turns=1, size=len(stored), seq=1, ts=NOW))
+    got = store.read(ctx)
+    assert got.turns == [] and [reason for _ref, reason in got.missing] == [SEGMENT_CORRUPT]
