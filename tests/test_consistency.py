@@ -1145,3 +1145,66 @@ def test_a_streams_second_look_at_the_mark_that_fails_follows_the_tier_policy(
     assert refused.status_code == 503, refused.get_data(as_text=True)
     assert refused.get_json()["error"]["code"] == "tier_unavailable"
     assert charged == ["the paid reply"]
+
+
+def test_a_request_sent_as_the_stream_hands_over_its_token_is_not_locked_out(
+    tmp_path: Path,
+) -> None:
+    """A stream sends its token in the ``satchel`` event and moves the mark after (the
+    client has the token by then). A tab that sends the moment the token arrives (the
+    browser client releases its lock on that event) can read the mark before it moves
+    and save after: its compare-and-set met the stream's own mark and failed, and the
+    conversation was refused on every later request. The mark had moved to the save
+    that issued the very token this request opened, so the request moves it on."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+        SATCHEL_CONSISTENCY="monotonic",
+    )
+    satchel = Satchel(app)
+    loaded, go = threading.Event(), threading.Event()
+
+    @app.post("/stream")
+    def stream() -> Any:
+        ctx = satchel.context
+        return satchel.stream(
+            iter(["a reply"]), on_complete=lambda text: ctx.add_turn("assistant", text)
+        )
+
+    @app.post("/chat")
+    def chat() -> Any:
+        ctx = satchel.context  # checked against the mark here
+        if request.headers.get("X-Wait"):
+            loaded.set()
+            go.wait(5)  # the stream settles its mark meanwhile
+        ctx.add_turn("user", "next")
+        return {"turns": len(ctx.turns)}
+
+    client = app.test_client()
+    token = client.post("/chat").headers["Satchel-Context"]
+    streamed = client.post("/stream", headers={"Satchel-Context": token}, buffered=False)
+    chunks = iter(streamed.response)
+    received = ""
+    while "event: satchel" not in received:
+        received += next(chunks).decode()
+    handed_over = token_in(received)  # the mark has not moved yet
+    late: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: late.append(
+            app.test_client().post("/chat", headers={"Satchel-Context": handed_over, "X-Wait": "1"})
+        )
+    )
+    worker.start()
+    assert loaded.wait(5)
+    received += "".join(c.decode() for c in chunks)  # the stream ends: its mark moves
+    streamed.close()
+    go.set()
+    worker.join(10)
+    (answered,) = late
+    assert answered.status_code == 200, answered.get_data(as_text=True)
+    nxt = client.post("/chat", headers={"Satchel-Context": answered.headers["Satchel-Context"]})
+    assert nxt.status_code == 200, nxt.get_data(as_text=True)
+    # A real replay is still refused.
+    replay = client.post("/chat", headers={"Satchel-Context": handed_over})
+    assert replay.status_code == 409

@@ -183,6 +183,8 @@ class MarkState:
     #: the id in the mark the token was checked against (None: no mark, or one of the
     #: release before mark ids); the next token names it as its ``mark_parent``
     mark_id: bytes | None = None
+    #: the mark ids the opened token carried (its own and its parent's)
+    opened_ids: tuple[bytes | None, bytes | None] = (None, None)
 
 
 class MonotonicGuard:
@@ -276,7 +278,12 @@ class MonotonicGuard:
                     seq=ctx.seq,
                     newest_seq=seq,
                 )
-        return MarkState(key, raw, mark_id=mark[2] if mark is not None else None)
+        return MarkState(
+            key,
+            raw,
+            mark_id=mark[2] if mark is not None else None,
+            opened_ids=(ctx.mark_id, ctx.mark_parent),
+        )
 
     def _anchor_changed(self, ctx: Context, tag: str) -> bool:
         """Whether ``ctx``'s token descends from this session's mark under another key
@@ -342,6 +349,8 @@ class MonotonicGuard:
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         try:
             current = self.tier.compare_and_set_mark(state.key, state.expected, mark, self.mark_ttl)
+            if current and current != ERASED and self._moved_to_own_parent(current, state):
+                current = self.tier.compare_and_set_mark(state.key, current, mark, self.mark_ttl)
             if current == b"" and state.expected is not None:
                 # The mark vanished while the request ran (evicted, expired), which is
                 # not another request winning: report it as a lost mark and set it
@@ -378,6 +387,21 @@ class MonotonicGuard:
                     self.tier.compare_and_set_mark(key, held, mark, self.mark_ttl)
             except TierError:
                 return
+
+    @staticmethod
+    def _moved_to_own_parent(current: bytes, state: MarkState) -> bool:
+        """Whether the mark moved, since this request read it, to the save that issued
+        the very token this request opened: no rival's save, but that token's own
+        stream settling its mark after it sent the token (the mark moves only once the
+        client has it). A browser tab that sends as soon as the token arrives meets
+        this; refusing it locked the conversation out. A rival's save, with the same
+        token, leaves a mark id of its own, which this token does not carry."""
+        mark = decode_mark(current)
+        if mark is None or mark[2] is None:
+            return False
+        return any(
+            held is not None and hmac.compare_digest(held, mark[2]) for held in state.opened_ids
+        )
 
     def claim(self, ctx: Context, tag: str, state: MarkState) -> str | None:
         """Reserve the one answer a token may get, before a streamed reply starts.

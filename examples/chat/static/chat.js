@@ -800,9 +800,9 @@ async function send(text) {
     const stuck = err && err.code === 'stale_context' && err.recoverable === false;
     const next = stuck
       ? ' This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
-      : err && err.code === 'context_busy'
-        ? ' The reply before it is still being finished on the server: send it again in a moment.'
-        : '';
+      : '';
+    // context_busy: the server's own message already says to send it again once the
+    // other reply (this tab's previous one, or another tab's) has ended.
     showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
