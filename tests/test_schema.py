@@ -15,6 +15,13 @@ SID = bytes(range(16))
 NOW = 1_767_225_600
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
 def base_wire(**extra: Any) -> dict[str, Any]:
     return {"v": 2, "i": SID, "q": 1, "c": NOW, "a": NOW, "t": [], **extra}
 
@@ -240,6 +247,15 @@ def test_registering_a_version_twice_is_an_error() -> None:
         ("lifecycle count past 2**64", base_wire(l=[{}, 1e30, 0, []])),
         ("dropped count past 2**64", base_wire(l=[{"window": 1e30}, 0, 0, []])),
         ("overflow count past 2**64", base_wire(o=[[b"d" * 12, 1e30, 1, 1, 0]])),
+        # Found by an HTTP fuzz with the app's own key: each opened, then every save
+        # of the conversation failed (a 500).
+        ("a count with no room to grow", base_wire(l=[{}, 2**64 - 1, 0, []])),
+        ("a sequence number that cannot be incremented", base_wire(q=2**63 - 1)),
+        ("metadata nested 65 deep", base_wire(m={"x": _nested(64)})),
+        (
+            "tool arguments nested 65 deep",
+            base_wire(t=[[2, "", 0, {"c": [["c1", "f", _nested(65)]]}]]),
+        ),
         # Map keys are str: a bin key opens through msgpack's strict_map_key, but a
         # context holding one could not be sealed again.
         ("metadata with a bin key", base_wire(m={b"k": 1})),
@@ -349,3 +365,23 @@ def test_str_keyed_metadata_and_tool_arguments_still_open() -> None:
     ctx = schema.from_wire(serialize.unpack(serialize.pack(wire)))
     assert ctx.metadata == {"a": [{"b": {"c": b"bytes value"}}], "n": None}
     assert ctx.turns[0].tool_calls[0].arguments == {"q": [{"x": 1}]}
+
+
+def test_metadata_as_deep_as_the_writer_seals_opens_and_seals_again() -> None:
+    from satchel import Codec, Keyring
+
+    ctx = schema.from_wire(serialize.unpack(serialize.pack(base_wire(m={"x": _nested(63)}))))
+    Codec(Keyring.generate()).seal(ctx)  # 64 levels with the metadata map: sealable
+
+
+def test_a_lifecycle_action_the_writer_would_not_seal_is_left_out_when_opened() -> None:
+    """The record of recent actions is a log; releases before 2026-11-28 sealed what an
+    app put there. An action that would not seal again is dropped, not kept to fail
+    every later save (a 500) or the app's JSON of the context."""
+    from satchel import Codec, Keyring
+
+    recent = [["w", "dropped", 2, NOW, {b"k": 1}], ["w", "dropped", 2, NOW, "kept"]]
+    ctx = schema.from_wire(serialize.unpack(serialize.pack(base_wire(l=[{}, 1, 0, recent]))))
+    assert [a.detail for a in ctx.lifecycle.recent] == ["kept"]
+    Codec(Keyring.generate()).seal(ctx)
+    ctx.to_dict()

@@ -1806,3 +1806,35 @@ def test_a_session_at_the_open_limit_still_saves_and_opens() -> None:
     client = app.test_client()
     assert client.get("/w").status_code == 200
     assert client.get("/r").text == "524280"
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        b'{"x": {" di": {}}}',  # Flask's TagDict raises StopIteration on an empty tag map
+        b"[" * 5000 + b"]" * 5000,  # json.loads recurses past Python's limit
+    ],
+)
+def test_session_data_the_tagged_serializer_chokes_on_is_an_empty_session(inner):
+    """A cookie with the app's own key (an insider, or an older release) whose data
+    Flask's serializer cannot read: an empty session with ``rejected`` set, as for any
+    unreadable cookie, not a 500 on every request of that browser."""
+    from satchel import serialize as satchel_serialize
+
+    app = make_app()
+    seen: list[t.Any] = []
+
+    @app.route("/")
+    def index():
+        seen.append((dict(flask.session), getattr(flask.session, "rejected", None)))
+        return ""
+
+    interface = app.session_interface
+    with app.test_request_context():
+        codec = interface.get_codec(app)
+    payload = satchel_serialize.pack({"v": 1, "k": "flask-session", "d": inner})
+    cookie, _raw = codec.seal_payload(payload)
+    client = app.test_client()
+    client.set_cookie("session", cookie)
+    assert client.get("/").status_code == 200
+    assert seen == [({}, "token_invalid_context")]

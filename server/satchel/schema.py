@@ -253,12 +253,14 @@ def _str(value: Any) -> str:
 
 
 #: Sequence numbers are below this (a msgpack int64 that no reader can misread).
-SEQ_LIMIT = 2**63
+#: Sequence numbers are below this, in tokens and in what is sealed: one at 2**63 - 1
+#: would open but could not be sealed again (its next number is past msgpack's int64).
+SEQ_LIMIT = 2**63 - 1
 
 
 def _seq(value: Any) -> int:
     if type(value) is not int or not 0 <= value < SEQ_LIMIT:
-        raise TypeError("expected a sequence number, an int from 0 to 2**63 - 1")
+        raise TypeError("expected a sequence number, an int from 0 to 2**63 - 2")
     return value
 
 
@@ -328,11 +330,21 @@ def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> 
 
 
 def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
-    # Read as written: releases before 2026-11-28 sealed whatever an app put here.
-    return [LifecycleAction(*a) for a in recent]
+    # Releases before 2026-11-28 sealed whatever an app put here. The record is a log
+    # of the newest few actions: one the writer would not seal again (a detail that is
+    # no str, a bin-keyed map...) is left out, rather than failing every later save.
+    actions = []
+    for a in recent:
+        action = LifecycleAction(*a)  # a wrong shape is an invalid context, as before
+        if _value_problem(a, "action", DEFAULT_LIMITS, 0) is None:
+            actions.append(action)
+    return actions
 
 
-_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+#: Counts are held within +-2**62 when opened: what msgpack packs, with room for the
+#: counts a pipeline adds before the next seal (a count at 2**64 - 1 opened, and the
+#: next trim could not be sealed).
+_COUNT_LIMIT = 2**62
 
 
 def _count(value: Any) -> int:
@@ -342,8 +354,8 @@ def _count(value: Any) -> int:
         value = int(value)  # ValueError / OverflowError for NaN and infinities
     elif type(value) is not int:
         raise TypeError(f"a count is an int, not {type(value).__name__}")
-    if not _INT_MIN <= value <= _UINT_MAX:  # what msgpack packs: it must seal again
-        raise ValueError("a count past what msgpack carries")
+    if not -_COUNT_LIMIT <= value <= _COUNT_LIMIT:  # it must seal again
+        raise ValueError("a count past what a token carries")
     return value
 
 
@@ -504,17 +516,21 @@ def _str_keyed(value: dict[str, Any]) -> dict[str, Any]:
     str keys only (docs/token-format.md), and a context holding a bytes key could not
     be sealed again (``check_sealable``), so it is refused here, when it opens.
     """
-    stack: list[Any] = [value]
+    # Nesting too: the writer refuses containers MAX_METADATA_DEPTH deep (_value_problem)
+    # and a reader walking such a value recurses (to_dict), so neither opens.
+    stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if depth >= MAX_METADATA_DEPTH:
+            raise ValueError("nested deeper than the writer seals")
         if type(item) is dict:
             for key, inner in item.items():
                 if type(key) is not str:
                     raise TypeError("map keys are str")
                 if type(inner) is dict or type(inner) is list:
-                    stack.append(inner)
+                    stack.append((inner, depth + 1))
         else:  # a list
-            stack.extend(x for x in item if type(x) is dict or type(x) is list)
+            stack.extend((x, depth + 1) for x in item if type(x) is dict or type(x) is list)
     return value
 
 

@@ -361,7 +361,14 @@ class SatchelSessionInterface(SessionInterface):
             raise InvalidContext("the session payload has no data")
         try:
             data = self.serializer.loads(inner.decode("utf-8"))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            StopIteration,  # Flask's TagDict on an empty tagged map
+            RecursionError,  # JSON nested deeper than Python recurses
+        ) as exc:
             raise InvalidContext(
                 f"the session data is not tagged JSON: {type(exc).__name__}"
             ) from None
