@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, request
+from flask import Flask, has_request_context, request
 
 from satchel import Keyring, Satchel
 from satchel.consistency import ForkDetector, decode_mark, encode_mark
@@ -51,14 +51,24 @@ def make_app(tmp_path: Path, observer: Any = None, **config: Any) -> tuple[Flask
     return app, satchel
 
 
-def in_thread(call: Any) -> Any:
-    """``call()`` run in a thread of its own (its own Flask contexts), and its result."""
+def start_in_thread(call: Any) -> Any:
+    """Start ``call()`` in a thread of its own (its own Flask contexts, as another
+    server thread would have); the returned function waits for it and gives its result."""
     out: list[Any] = []
     worker = threading.Thread(target=lambda: out.append(call()))
     worker.start()
-    worker.join(10)
-    assert out, "the call did not finish"
-    return out[0]
+
+    def result() -> Any:
+        worker.join(10)
+        assert out, "the call did not finish"
+        return out[0]
+
+    return result
+
+
+def in_thread(call: Any) -> Any:
+    """``call()`` run in a thread of its own (its own Flask contexts), and its result."""
+    return start_in_thread(call)()
 
 
 def token_in(stream_body: str) -> str:
@@ -904,19 +914,14 @@ def test_a_stream_that_waited_past_the_winners_save_is_refused(tmp_path: Path) -
     token = token_in(client.post("/stream").get_data(as_text=True))
     charged.clear()
     headers = {"Satchel-Context": token}
-    late: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: late.append(
-            app.test_client().post("/stream", headers={**headers, "X-Late": "1"}, buffered=True)
-        )
+    late = start_in_thread(
+        lambda: app.test_client().post("/stream", headers={**headers, "X-Late": "1"}, buffered=True)
     )
-    worker.start()
     assert loaded.wait(5)
     first = client.post("/stream", headers=headers).get_data(as_text=True)
     assert "event: satchel" in first  # answered, saved, claim released
     go.set()
-    worker.join(10)
-    (refused,) = late
+    refused = late()
     assert refused.status_code == 409, refused.get_data(as_text=True)
     assert refused.get_json()["error"]["code"] == "stale_context"
     assert charged == ["the paid reply"]  # one reply paid for, not two
@@ -1112,15 +1117,11 @@ def test_a_streams_second_look_at_the_mark_that_fails_follows_the_tier_policy(
     client = app.test_client()
     token = token_in(client.post("/stream").get_data(as_text=True))
     charged.clear()
-    late: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: late.append(
-            app.test_client().post(
-                "/stream", headers={"Satchel-Context": token, "X-Late": "1"}, buffered=True
-            )
+    late = start_in_thread(
+        lambda: app.test_client().post(
+            "/stream", headers={"Satchel-Context": token, "X-Late": "1"}, buffered=True
         )
     )
-    worker.start()
     assert loaded.wait(5)
     assert "event: satchel" in client.post("/stream", headers={"Satchel-Context": token}).get_data(
         as_text=True
@@ -1129,7 +1130,8 @@ def test_a_streams_second_look_at_the_mark_that_fails_follows_the_tier_policy(
     real = tier.get_many
 
     def mark_reads_fail_in_the_late_request(keys: Any, cache: bool = True) -> Any:
-        if threading.current_thread() is worker and any(k.endswith(":hwm") for k in keys):
+        late_request = has_request_context() and request.headers.get("X-Late")
+        if late_request and any(k.endswith(":hwm") for k in keys):
             return Fetched(
                 tuple(keys),
                 {},
@@ -1140,8 +1142,7 @@ def test_a_streams_second_look_at_the_mark_that_fails_follows_the_tier_policy(
 
     tier.get_many = mark_reads_fail_in_the_late_request
     go.set()
-    worker.join(10)
-    (refused,) = late
+    refused = late()
     assert refused.status_code == 503, refused.get_data(as_text=True)
     assert refused.get_json()["error"]["code"] == "tier_unavailable"
     assert charged == ["the paid reply"]
@@ -1189,19 +1190,16 @@ def test_a_request_sent_as_the_stream_hands_over_its_token_is_not_locked_out(
     while "event: satchel" not in received:
         received += next(chunks).decode()
     handed_over = token_in(received)  # the mark has not moved yet
-    late: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: late.append(
-            app.test_client().post("/chat", headers={"Satchel-Context": handed_over, "X-Wait": "1"})
+    late = start_in_thread(
+        lambda: app.test_client().post(
+            "/chat", headers={"Satchel-Context": handed_over, "X-Wait": "1"}
         )
     )
-    worker.start()
     assert loaded.wait(5)
     received += "".join(c.decode() for c in chunks)  # the stream ends: its mark moves
     streamed.close()
     go.set()
-    worker.join(10)
-    (answered,) = late
+    answered = late()
     assert answered.status_code == 200, answered.get_data(as_text=True)
     nxt = client.post("/chat", headers={"Satchel-Context": answered.headers["Satchel-Context"]})
     assert nxt.status_code == 200, nxt.get_data(as_text=True)

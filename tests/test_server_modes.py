@@ -22,7 +22,7 @@ from examples.minimal_chat.app import create_app
 from satchel.flask_ext import Satchel
 from satchel.keys import generate_key
 from satchel.server_mode import CARRIER_PREFIX
-from tests.test_consistency import in_thread, token_in
+from tests.test_consistency import in_thread, start_in_thread, token_in
 
 KEYS = generate_key("t1").to_string()
 HEADER = "Satchel-Context"
@@ -514,21 +514,16 @@ def test_a_stream_that_waited_past_the_winners_save_is_busy(
 
     client = app.test_client()
     carrier = token_in(client.post("/stream").get_data(as_text=True))
-    late: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: late.append(
-            app.test_client().post(
-                "/stream", headers={HEADER: carrier, "X-Late": "1"}, buffered=True
-            )
+    late = start_in_thread(
+        lambda: app.test_client().post(
+            "/stream", headers={HEADER: carrier, "X-Late": "1"}, buffered=True
         )
     )
-    worker.start()
     assert loaded.wait(5)
     first = client.post("/stream", headers={HEADER: carrier}).get_data(as_text=True)
     assert "event: satchel" in first and "event: error" not in first
     go.set()
-    worker.join(10)
-    (busy,) = late
+    busy = late()
     assert busy.status_code == 409, busy.get_data(as_text=True)
     assert busy.get_json()["error"]["code"] == "context_busy"
     again = client.post("/stream", headers={HEADER: carrier})  # sent again: answered

@@ -374,7 +374,10 @@ class Codec:
         It names a session in logs, in tier keys (a Redis Cluster hash tag) and in
         consistency marks: stable across key rotation, meaningless without the key.
         """
-        key = self.keyring.anchored(self.purpose, "session-tag")
+        return self._session_tag_under(self.keyring.anchor.kid, session_id)
+
+    def _session_tag_under(self, kid: str, session_id: bytes) -> str:
+        key = self.keyring.derive(kid, self.purpose, "session-tag")
         return hmac.digest(key, session_id, "sha256").hex()[:16]
 
     def session_tags_under_other_anchors(self, session_id: bytes) -> list[str]:
@@ -389,11 +392,7 @@ class Codec:
             return []
         anchor = self.keyring.anchor.kid
         return [
-            hmac.digest(
-                self.keyring.derive(kid, self.purpose, "session-tag"), session_id, "sha256"
-            ).hex()[:16]
-            for kid in self.keyring.kids
-            if kid != anchor
+            self._session_tag_under(kid, session_id) for kid in self.keyring.kids if kid != anchor
         ]
 
     def needs_reseal(self, ctx: Context) -> bool:

@@ -29,9 +29,9 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgpack
 
@@ -46,6 +46,9 @@ from .errors import (
 )
 from .observe import NULL_OBSERVER, Observer
 from .schema import MARK_ID_BYTES
+
+if TYPE_CHECKING:
+    from .tiers.guard import Fetched
 
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
@@ -297,11 +300,9 @@ class MonotonicGuard:
         ``consistency_reset`` like a lost mark (replays since the change went
         unchecked), and the mark under the current anchor moves on from this token.
         """
-        if self.other_anchor_tags is None or (ctx.mark_id is None and not ctx.marked):
+        if ctx.mark_id is None and not ctx.marked:
             return False
-        for other in self.other_anchor_tags(ctx.session_id):
-            key = mark_key(other)
-            fetched = self.tier.get_many([key], cache=False)  # one slot per tag
+        for key, fetched in self._marks_under_other_anchors(ctx.session_id):
             raw = fetched.get(key)
             if raw is None or raw == ERASED:
                 continue
@@ -376,17 +377,23 @@ class MonotonicGuard:
         whose ring anchors elsewhere (half way through a rollout) then finds this save
         where it looks. Best effort: each is set against what it held, never over an
         erasure's tombstone; a failure is only a later consistency_reset."""
-        if self.other_anchor_tags is None:
-            return
-        for other in self.other_anchor_tags(ctx.session_id):
-            key = mark_key(other)
-            try:
-                fetched = self.tier.get_many([key], cache=False)
+        try:
+            for key, fetched in self._marks_under_other_anchors(ctx.session_id):
                 held = fetched.get(key)
                 if fetched.error is None and held != ERASED:
                     self.tier.compare_and_set_mark(key, held, mark, self.mark_ttl)
-            except TierError:
-                return
+        except TierError:
+            return
+
+    def _marks_under_other_anchors(self, session_id: bytes) -> Iterator[tuple[str, Fetched]]:
+        """Each mark key of the session under the ring's other keys as anchor (an
+        unpinned ring only), with what the tier holds there: one read per key, each
+        tag being a Cluster slot of its own."""
+        if self.other_anchor_tags is None:
+            return
+        for other in self.other_anchor_tags(session_id):
+            key = mark_key(other)
+            yield key, self.tier.get_many([key], cache=False)
 
     @staticmethod
     def _moved_to_own_parent(current: bytes, state: MarkState) -> bool:

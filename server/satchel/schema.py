@@ -252,9 +252,9 @@ def _str(value: Any) -> str:
     return value
 
 
-#: Sequence numbers are below this (a msgpack int64 that no reader can misread).
-#: Sequence numbers are below this, in tokens and in what is sealed: one at 2**63 - 1
-#: would open but could not be sealed again (its next number is past msgpack's int64).
+#: Sequence numbers are below this, in tokens and in what is sealed (a msgpack int64
+#: that no reader can misread): one at 2**63 - 1 would open but could not be sealed
+#: again, its next number being past the int64.
 SEQ_LIMIT = 2**63 - 1
 
 

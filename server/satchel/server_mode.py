@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 from itsdangerous import BadSignature as ItsBadSignature
 from itsdangerous import Signer
@@ -166,8 +167,7 @@ class ServerSidePipeline(Pipeline):
         tombstone = mark_key(tag)
         fetched = self.store.get_many([key, tombstone], cache=False)
         if fetched.reason(key) == "tier_unavailable":
-            self.observer.event("unavailable", reason="tier_unavailable", mode=self.mode)
-            raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
+            self._store_unavailable()
         if fetched.get(tombstone) == ERASED:
             # Erased: the id must not come back to life as a new, empty conversation.
             refuse_erased(self.observer, tag)
@@ -212,10 +212,7 @@ class ServerSidePipeline(Pipeline):
         if fetched.error is not None or fetched.get(stored) != ctx.stored_as:
             self.release(key)
             if fetched.error is not None:
-                self.observer.event("unavailable", reason="tier_unavailable", mode=self.mode)
-                raise TierUnavailable(
-                    "the session store is unavailable; retry shortly", mode=self.mode
-                )
+                self._store_unavailable()
             self.observer.event("stale_refused", session=tag, detail="busy")
             raise ContextBusy(
                 "another request for this conversation was answered while this one "
@@ -225,6 +222,12 @@ class ServerSidePipeline(Pipeline):
 
     def release(self, key: str) -> None:
         release_claim(self.store, key)
+
+    def _store_unavailable(self) -> NoReturn:
+        """A read the store could not answer: counted, and a 503 (in server mode an
+        outage of the store is an outage of the app)."""
+        self.observer.event("unavailable", reason="tier_unavailable", mode=self.mode)
+        raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
 
     @contextlib.contextmanager
     def _store_errors(self, op: str, unavailable: str) -> Iterator[None]:

@@ -36,7 +36,6 @@ See docs/flask-session.md.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -67,10 +66,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from flask import Flask
     from flask.sessions import SessionMixin
     from flask.wrappers import Request, Response
-
-
-def _payload_digest(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 __all__ = [
@@ -128,9 +123,10 @@ class SatchelSession(SecureCookieSession):
     kid: str | None = None
     #: The incoming token's expiry (Unix seconds), kept when a cookie is only re-issued.
     token_expires_at: int | None = None
-    #: BLAKE2b-128 of the payload the cookie opened to: tells a session no view changed
-    #: from one changed in place (``session["items"].append(...)`` sets no ``modified``).
-    opened_digest: bytes | None = None
+    #: The payload the cookie opened to: tells a session no view changed from one
+    #: changed in place (``session["items"].append(...)`` sets no ``modified``). Held,
+    #: not hashed: it is compared only when a re-issue would not fit the cookie.
+    opened_payload: bytes | None = None
     #: When the incoming token was sealed (Unix seconds), or None.
     token_issued_at: int | None = None
     #: Why the incoming cookie was refused (a :class:`SatchelError` code), or None.
@@ -442,7 +438,7 @@ class SatchelSessionInterface(SessionInterface):
                 now=int(now),
             )
         session = self.session_class(self.loads(payload))
-        session.opened_digest = _payload_digest(payload)
+        session.opened_payload = payload
         session.kid = header.kid
         session.token_expires_at = header.expires_at or None
         session.token_issued_at = header.issued_at
@@ -547,8 +543,8 @@ class SatchelSessionInterface(SessionInterface):
             replacement = None
             if self.overflow is not None:
                 replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
-            opened = getattr(session, "opened_digest", None)
-            unchanged = not session.modified and opened == _payload_digest(payload)
+            opened = getattr(session, "opened_payload", None)
+            unchanged = not session.modified and opened == payload
             if replacement is None and unchanged:
                 # Only a re-issue (a new key, the other mode) or a refresh of a session
                 # no view changed: the cookie the client holds still opens. Raising

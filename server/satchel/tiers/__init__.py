@@ -164,13 +164,14 @@ def scrub_url_secrets(url: str, message: str) -> str:
     secret = rest[:at] if at >= 0 else ""
     if len(secret) < 3:
         return message
+    shown = redact_url(url)  # what the error may quote: the URL with its password hidden
     out: list[str] = []
     i, n = 0, len(message)
     while i < n:
         j = i
         while j < n and message[i : j + 1] in secret:
             j += 1
-        if j - i >= 3 and not redact_url(url).count(message[i:j]):
+        if j - i >= 3 and message[i:j] not in shown:
             out.append("***")
             i = j
         else:

@@ -165,6 +165,16 @@ class SegmentCache:
         if opened is not None:
             self._bytes -= opened[2]
 
+    def _make_room(self, size: int, keep: str | None = None) -> None:
+        """Evict the least recently used entries until ``size`` more bytes fit, stopping
+        at ``keep``. Called with the lock held."""
+        while self._data and self._bytes + size > self.max_bytes:
+            oldest = next(iter(self._data))
+            if oldest == keep:
+                return
+            self._pop(oldest)
+            self.evictions += 1
+
     def attach(self, key: str, digest: bytes, opened: Any, weight: int) -> bool:
         """Keep ``opened`` (what the cached value of ``key``, whose digest is
         ``digest``, opened to) with that entry, counting ``weight`` bytes against the
@@ -178,13 +188,8 @@ class SegmentCache:
             previous = self._opened.pop(key, None)
             if previous is not None:
                 self._bytes -= previous[2]
-            while self._bytes + weight > self.max_bytes and len(self._data) > 1:
-                oldest = next(iter(self._data))
-                if oldest == key:
-                    self._data.move_to_end(key)
-                    continue
-                self._pop(oldest)
-                self.evictions += 1
+            self._data.move_to_end(key)  # just read: the last entry to give way
+            self._make_room(weight, keep=key)
             if self._bytes + weight > self.max_bytes:
                 return False
             self._opened[key] = (digest, opened, weight)
@@ -233,9 +238,7 @@ class SegmentCache:
         expires_at = self.clock() + min(ages) if ages else float("inf")
         with self._lock:
             self._pop(key)
-            while self._data and self._bytes + size > self.max_bytes:
-                self._pop(next(iter(self._data)))
-                self.evictions += 1
+            self._make_room(size)
             self._data[key] = (bytes(value), expires_at, epoch)
             self._bytes += size
             return True

@@ -268,7 +268,7 @@ class SQLiteTier(Tier):
         elif self._file_identity() != local.identity:
             # Deleted or replaced since this thread connected: the connection still
             # reads and writes the old (maybe unlinked) file. Let it go.
-            self._discard(pid, local.conn)
+            self._discard(local.conn)
             local.conn = None
         if local.conn is None:
             conn = self._connect()
@@ -281,10 +281,7 @@ class SQLiteTier(Tier):
                 self._conns = kept
                 self._conns.append((pid, weakref.ref(threading.current_thread()), conn))
             for _pid, _thread, old in ended:
-                try:
-                    old.close()  # its thread has ended: nothing can be using it
-                except sqlite3.Error:
-                    pass
+                _close_quietly(old)  # its thread has ended: nothing can be using it
         return local.conn
 
     def _file_identity(self) -> tuple[int, int] | None:
@@ -295,13 +292,10 @@ class SQLiteTier(Tier):
             return None
         return (st.st_dev, st.st_ino)
 
-    def _discard(self, pid: int, conn: sqlite3.Connection) -> None:
+    def _discard(self, conn: sqlite3.Connection) -> None:
         with self._lock:
             self._conns = [e for e in self._conns if e[2] is not conn]
-        try:
-            conn.close()
-        except sqlite3.Error:
-            pass
+        _close_quietly(conn)
 
     @contextmanager
     def _errors(self, op: str) -> Iterator[None]:
@@ -336,7 +330,7 @@ class SQLiteTier(Tier):
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
-            self._discard(os.getpid(), conn)
+            self._discard(conn)
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
         """Every ``purge_every`` writes, delete up to :data:`PURGE_BATCH` expired rows.
@@ -483,15 +477,19 @@ class SQLiteTier(Tier):
             mine = [c for p, _t, c in self._conns if p == pid]
             self._conns = [e for e in self._conns if e[0] != pid]
         for conn in mine:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+            _close_quietly(conn)
         self._local = threading.local()
 
 
 #: (pid, the thread that opened it, connection)
 _Entry = tuple[int, "weakref.ref[threading.Thread]", sqlite3.Connection]
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
 
 
 def _alive(thread: weakref.ref[threading.Thread]) -> bool:
