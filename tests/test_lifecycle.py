@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pytest
@@ -395,6 +396,74 @@ def test_extractive_summarizer_is_deterministic_and_bounded(
         assert len(summary) <= max_chars  # bounded
         s = "s" if covered != 1 else ""
         assert summary.startswith(f"({covered} earlier turn{s} summarized)")
+
+
+def naive_summary(summarizer: ExtractiveSummarizer, dropped: Sequence[Turn], previous: str) -> str:
+    """The extractive summary as its docstring states it: one line per dropped turn
+    after the previous summary's lines, the oldest removed until the whole fits."""
+    header_match = re.match(r"^\((\d+) earlier turns? summarized\)\n?", previous)
+    body = previous[header_match.end() :] if header_match else previous
+    lines = [line for line in body.splitlines() if line]
+    covered = int(header_match.group(1)) if header_match else (len(lines) if previous else 0)
+    for turn in dropped:
+        if turn.role == "tool":
+            text = f"tool result ({len(turn.content)} chars)"
+        elif turn.tool_calls and not turn.content:
+            text = "called " + ", ".join(c.name for c in turn.tool_calls)
+        else:
+            text = first_sentence(turn.content, summarizer.line_chars)
+        lines.append(f"- {turn.role}: {text}")
+    covered += len(dropped)
+    header = f"({covered} earlier turn{'s' if covered != 1 else ''} summarized)\n"
+    while lines and len(header) + sum(len(line) + 1 for line in lines) > summarizer.max_chars:
+        lines.pop(0)
+    return header + "\n".join(lines)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            Turn,
+            role=st.sampled_from(["system", "user", "assistant", "tool"]),
+            content=st.text(alphabet="ab .!?\n", max_size=200),
+        ),
+        max_size=30,
+    ),
+    st.sampled_from(
+        ["", "free text\nfrom another summarizer", "(3 earlier turns summarized)\n- user: x"]
+    ),
+    st.integers(20, 1500),
+    st.integers(5, 120),
+)
+def test_extractive_summary_keeps_the_newest_lines_that_fit(
+    dropped: list[Turn], previous: str, max_chars: int, line_chars: int
+) -> None:
+    summarizer = ExtractiveSummarizer(max_chars=max_chars, line_chars=line_chars)
+    assert summarizer(dropped, previous) == naive_summary(summarizer, dropped, previous)
+
+
+def test_summarizing_a_huge_drop_reads_only_the_turns_that_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One drop of 20,000 turns (a token at the turn limit) took seconds: every turn's
+    line was made, then the oldest removed one by one, the rest re-added each time."""
+    from satchel.lifecycle import summarize as module
+
+    calls = 0
+
+    def counting(text: str, limit: int) -> str:
+        nonlocal calls
+        calls += 1
+        return first_sentence(text, limit)
+
+    monkeypatch.setattr(module, "first_sentence", counting)
+    ctx = chat(10_000)
+    summary = ExtractiveSummarizer()(ctx.turns, "")
+    lines = summary.splitlines()
+    assert lines[0] == "(20000 earlier turns summarized)"
+    assert lines[-1] == "- assistant: Amessage number 9999."
+    assert calls == len(lines)  # the lines kept, and the one that no longer fit
 
 
 # -- trimming invariants over random histories ---------------------------------------------

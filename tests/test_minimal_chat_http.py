@@ -366,3 +366,33 @@ def test_a_malformed_chunked_body_is_a_json_400_behind_gunicorn(chunked: bytes) 
         error = json.loads(body)["error"]
         assert error["code"] == "invalid_request" and "could not be read" in error["message"]
         assert "Traceback" not in server.logs()
+
+
+def test_a_token_at_the_turn_limit_is_served_with_the_tier_and_without(
+    server: LiveServer, tmp_path: Any
+) -> None:
+    """A token minted with the app's own key holding 20,000 turns (what a token opens
+    with): the reply's exchange took it past the limit, and the request was a 500
+    with a tier (the save measured a context no token can carry), after seconds of
+    summarizing either way."""
+    ctx = Context.new()
+    for i in range(20_000):
+        ctx.add_turn("user" if i % 2 == 0 else "assistant", f"message {i}.")
+    token = Codec(RING).seal(ctx)
+    tiered = LiveServer(
+        APP,
+        env={
+            "SATCHEL_KEYS": RING.to_string(),
+            "SATCHEL_MAX_TOKEN_BYTES": "1500",
+            "SATCHEL_OVERFLOW_URL": f"sqlite:///{tmp_path}/tier.db",
+        },
+    )
+    try:
+        for live in (tiered.start(), server):
+            response = post_chat(live, "one more", token)
+            assert response.status == 200, response.text
+            after = Codec(RING).open(response.headers[HEADER])
+            assert len(after.turns) <= 40 and after.summary
+            assert response.json()["degraded"] == []
+    finally:
+        tiered.cleanup()

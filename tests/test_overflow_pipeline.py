@@ -590,3 +590,57 @@ def test_references_stay_bounded_when_segments_are_too_large_to_merge() -> None:
     refused = pipeline.codec.open(pipeline.save(ctx, now=NOW).token, now=NOW)
     assert refused.overflow == refs
     assert refused.lifecycle.dropped.get("overflow_cap", 0) == capped
+
+
+# -- the turn limit: no token carries more turns than a codec opens --------------------------
+
+
+def turn_limited(tier: MemoryTier | None, limit: int = 60) -> Pipeline:
+    """No window and no byte budget: only the codec's turn limit can move turns."""
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW, limits=Limits(max_array_len=limit))
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=None)
+    if tier is None:
+        return Pipeline(codec, policy, clock=lambda: NOW)
+    guarded = GuardedTier(tier, BreakerPolicy(reset_timeout=0.0), cache=SegmentCache(0))
+    store = SegmentStore(guarded, codec, grace=600.0)
+    return Pipeline(codec, policy, segments=store, clock=lambda: NOW)
+
+
+def past_the_limit(turns: int) -> Context:
+    """A context at the limit that a view then adds an exchange to (as a token minted
+    with the app's own key can hold the limit already)."""
+    ctx = Context.new(now=NOW)
+    for i in range(turns):
+        ctx.add_turn("user" if i % 2 == 0 else "assistant", message(i), ts=NOW)
+    return ctx
+
+
+def test_a_context_past_the_turn_limit_moves_its_oldest_turns_to_the_tier() -> None:
+    pipeline = turn_limited(MemoryTier())
+    ctx = past_the_limit(62)
+    token = pipeline.save(ctx, now=NOW).token  # was ContextNotSerializable: a 500
+    assert len(ctx.turns) <= 60 and ctx.overflow and not ctx.degraded
+    whole = pipeline.load(token, now=NOW)
+    assert [t.content for t in whole.all_turns()] == [message(i) for i in range(62)]
+
+
+def test_without_a_tier_a_context_past_the_turn_limit_is_summarized_and_trimmed() -> None:
+    pipeline = turn_limited(None)
+    ctx = past_the_limit(62)
+    token = pipeline.save(ctx, now=NOW).token
+    opened = pipeline.load(token, now=NOW)
+    assert len(opened.turns) == 60 and opened.turns[0].content == message(2)
+    assert opened.lifecycle.dropped == {"byte_budget": 2}
+    assert opened.summary.startswith("(2 earlier turns summarized)")
+    assert opened.lifecycle.lost == 0 and not opened.degraded
+
+
+def test_a_context_past_the_turn_limit_with_the_tier_refusing_writes_reports_the_loss() -> None:
+    tier = FlakyTier()
+    tier.refuse_writes = True
+    pipeline = turn_limited(tier)
+    ctx = past_the_limit(62)
+    token = pipeline.save(ctx, now=NOW).token
+    assert "data_loss" in ctx.degraded and "tier_write_failed" in ctx.degraded
+    opened = pipeline.load(token, now=NOW)
+    assert len(opened.turns) == 60 and opened.lifecycle.lost == 2

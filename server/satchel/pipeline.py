@@ -316,6 +316,7 @@ class Pipeline:
         """
         soft = self.policy.max_token_bytes
         measured: Prepared | None = None
+        write_failed = self._fit_turn_limit(ctx, now, tag)
         if self.segments is None:
             if soft is not None:
                 measured = self.codec.prepare(ctx)
@@ -328,8 +329,7 @@ class Pipeline:
         measured = self.codec.prepare(ctx) if soft is not None else None
         size = measured.size if measured is not None else 0
         target = int(soft * SPILL_TARGET) if soft is not None else 0
-        write_failed = False
-        for _ in range(MAX_SPILL_ROUNDS):
+        for _ in range(MAX_SPILL_ROUNDS if not write_failed else 0):
             over_budget = soft is not None and size > soft
             past_window = len(ctx.turns) - window if window is not None else 0
             if not (over_budget or past_window > 0):
@@ -353,6 +353,34 @@ class Pipeline:
             if size > hold:
                 measured = self._drop_to(ctx, hold, now, tag, "data_loss", measured)
         return self._enforce_ceiling(ctx, measured, now, tag, write_failed=write_failed)
+
+    def _fit_turn_limit(self, ctx: Context, now: float, tag: str) -> bool:
+        """Never more turns than a token opens with (``Limits.max_array_len``).
+
+        Measuring such a context would refuse it (ContextNotSerializable), and the
+        budgets below could not move a turn: a view that appends past the limit, or a
+        token minted with the app's own key that already holds it, made the request a
+        500. The oldest groups past the limit move to the tier; without one, or when it
+        refuses the write, they are summarized and dropped, as the byte budget would
+        (reported as data loss when the tier refused). Returns True if the tier refused.
+        """
+        excess = len(ctx.turns) - self.codec.limits.max_array_len
+        if excess <= 0:
+            return False
+        count = oldest_groups_covering(ctx.turns, excess)
+        if self.segments is not None and self._spill(ctx, count, now, tag):
+            return False
+        write_failed = self.segments is not None
+        reason = "data_loss" if write_failed else "byte_budget"
+        dropped = len(
+            drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
+        )
+        if write_failed:
+            ctx.lifecycle.lost += dropped
+            self._report_loss(ctx, dropped, tag, counted=True)
+        else:
+            self.observer.event("trimmed", session=tag, reason=reason, turns=dropped)
+        return write_failed
 
     def _spill(self, ctx: Context, count: int, now: float, tag: str) -> bool:
         """Move the oldest ``count`` turns to a segment; False if the tier refused."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 
 from ..context import Turn, check_text, plain_str
@@ -50,22 +50,36 @@ class ExtractiveSummarizer:
         body = previous[match.end() :] if match else previous
         if match:
             covered = int(match.group(1))
-        lines = [line for line in body.splitlines() if line]
+        previous_lines = [line for line in body.splitlines() if line]
         if previous and not match:
-            covered += len(lines)  # a summary written by another summarizer
-        for turn in dropped:
+            covered += len(previous_lines)  # a summary written by another summarizer
+        covered += len(dropped)
+        header = f"({covered} earlier turn{'s' if covered != 1 else ''} summarized)\n"
+        # The newest lines that fit, found from the newest back: only those are made
+        # (one drop can hold thousands of turns; making every line and then removing
+        # the oldest one by one, re-adding the rest each time, was quadratic).
+        room = self.max_chars - len(header)
+        lines: list[str] = []
+        for line in self._newest_first(dropped, previous_lines):
+            room -= len(line) + 1
+            if room < 0:
+                break
+            lines.append(line)
+        lines.reverse()
+        return header + "\n".join(lines)
+
+    def _newest_first(self, dropped: Sequence[Turn], previous_lines: list[str]) -> Iterator[str]:
+        """The summary's candidate lines, newest first: the dropped turns', then the
+        previous summary's."""
+        for turn in reversed(dropped):
             if turn.role == "tool":
                 text = f"tool result ({len(turn.content)} chars)"
             elif turn.tool_calls and not turn.content:
                 text = "called " + ", ".join(c.name for c in turn.tool_calls)
             else:
                 text = first_sentence(turn.content, self.line_chars)
-            lines.append(f"- {turn.role}: {text}")
-        covered += len(dropped)
-        header = f"({covered} earlier turn{'s' if covered != 1 else ''} summarized)\n"
-        while lines and len(header) + sum(len(line) + 1 for line in lines) > self.max_chars:
-            lines.pop(0)
-        return header + "\n".join(lines)
+            yield f"- {turn.role}: {text}"
+        yield from reversed(previous_lines)
 
 
 _FALLBACK = ExtractiveSummarizer()
