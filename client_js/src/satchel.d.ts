@@ -84,7 +84,7 @@ export declare class StaleContextError extends SatchelError {
   recoverable: boolean;
 }
 
-/** 503, or code `tier_unavailable`: the server cannot serve the context now. */
+/** 503, or code `tier_unavailable` or `tier_full` (also inside a stream): the server cannot serve the context now. */
 export declare class ServiceUnavailableError extends SatchelError {
   /** `Retry-After` in seconds, when the server sent the delta-seconds form. */
   retryAfter: number | null;

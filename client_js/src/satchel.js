@@ -121,7 +121,10 @@ export function createError(code, message, { status = null, response = null, inS
   const opts = { code: c, status, response };
   if (c.startsWith('token_')) return new TokenError(msg, opts);
   if (c === 'stale_context') return new StaleContextError(msg, opts);
-  if (c === 'tier_unavailable' || status === 503) return new ServiceUnavailableError(msg, opts);
+  // tier_full comes as a 503 over HTTP and as an event inside a stream: one class for both.
+  if (c === 'tier_unavailable' || c === 'tier_full' || status === 503) {
+    return new ServiceUnavailableError(msg, opts);
+  }
   if (inStream || status == null) return new SatchelError(msg, opts);
   return new HTTPError(msg, opts);
 }
@@ -593,7 +596,8 @@ export class SSEParser {
  * stream because Safari's ReadableStream was long not async-iterable.
  * Breaking out of the loop cancels the underlying stream.
  */
-export async function* parseSSE(source) {
+/** The events of an event stream, one array per chunk received (see parseSSE). */
+async function* sseBatches(source) {
   const parser = new SSEParser();
   if (source && typeof source.getReader === 'function') {
     const reader = source.getReader();
@@ -605,18 +609,58 @@ export async function* parseSSE(source) {
           finished = true;
           break;
         }
-        yield* parser.feed(value);
+        yield parser.feed(value);
       }
-      yield* parser.end();
+      yield parser.end();
     } finally {
       if (finished) reader.releaseLock();
       else reader.cancel().catch(() => {});
     }
     return;
   }
-  for await (const chunk of source) yield* parser.feed(chunk);
-  yield* parser.end();
+  for await (const chunk of source) yield parser.feed(chunk);
+  yield parser.end();
 }
+
+export async function* parseSSE(source) {
+  for await (const batch of sseBatches(source)) yield* batch;
+}
+
+function deltaText(ev, response) {
+  const d = safeJSON(ev.data);
+  if (!d || typeof d !== 'object') {
+    throw new SatchelError('Malformed delta event', { code: 'stream_protocol', response });
+  }
+  return typeof d.text === 'string' ? d.text : '';
+}
+
+/** The final `satchel` event's fields; it always names the next token. */
+function satchelMeta(ev, response) {
+  const meta = metaFromEvent(safeJSON(ev.data));
+  if (!meta.token) {
+    // Taken as success, the old token would stay and this turn would silently be
+    // missing from the context the client carries.
+    throw new SatchelError('Malformed satchel event: no token; this turn may not be in the context', {
+      code: 'stream_protocol',
+      response,
+    });
+  }
+  return meta;
+}
+
+function streamOutcome(reading) {
+  const meta = reading.meta;
+  return {
+    text: reading.text,
+    token: meta.token,
+    seq: meta.seq,
+    session: meta.session,
+    degraded: meta.degraded,
+    reset: meta.reset,
+    fork: meta.fork,
+  };
+}
+
 
 /* ------------------------------------------------------------------------ */
 /* Locks                                                                     */
@@ -668,6 +712,15 @@ function queueLock(name, signal) {
       else resolve(once(release));
     });
   });
+}
+
+/**
+ * The Web Lock name for a storage key. Web Locks refuse names that start with "-"
+ * (a prefix or conversation id may): those, and names starting with the escape
+ * character itself, get a backslash in front, so no two keys share a lock.
+ */
+function lockNameOf(key) {
+  return key.startsWith('-') || key.startsWith('\\') ? `\\${key}` : key;
 }
 
 function webLock(locks, name, signal) {
@@ -729,6 +782,8 @@ function isReplayable(input, init) {
   // before each attempt.
   if (b == null || typeof b === 'string') return true;
   if (typeof ReadableStream !== 'undefined' && b instanceof ReadableStream) return false;
+  // Node's fetch (undici) also takes an async iterable: read once, like a stream.
+  if (typeof b[Symbol.asyncIterator] === 'function') return false;
   // Blob, FormData, URLSearchParams, ArrayBuffer(View) can all be sent twice.
   return typeof b.getReader !== 'function';
 }
@@ -790,7 +845,7 @@ export class SatchelClient extends EventTarget {
     // The lock guards the stored token, so it has the token's scope: the storage
     // key for storage every tab shares, and this page alone for per-tab storage,
     // where another tab's conversation of the same id is a different one.
-    this._lockName = this._sharedStorage() ? this._key : `${this._key} page:${PAGE_ID}`;
+    this._lockName = lockNameOf(this._sharedStorage() ? this._key : `${this._key} page:${PAGE_ID}`);
     this._syncWaitMs = options.syncWaitMs ?? DEFAULT_SYNC_WAIT_MS;
     this._generation = 0; // the newest write generation this client has seen
     this._cache = undefined;
@@ -973,6 +1028,10 @@ export class SatchelClient extends EventTarget {
     run.started = true; // runs synchronously in the first next()
     let release = () => {};
     let outcome = null;
+    let failed = false;
+    // The attempt being read: events parsed from the bytes received but not handled
+    // yet, and what the result would say. Read again if the consumer leaves early.
+    let reading = null;
     try {
       release = await this._lock(signalOf(url, init));
       const headers = new Headers(init.headers);
@@ -988,70 +1047,93 @@ export class SatchelClient extends EventTarget {
       attempts: for (;;) {
         const { response, sent } = await this._exchange(url, reqInit, state);
         const fromHeaders = metaFromHeaders(response.headers, this._headerName);
-        let meta = fromHeaders.token ? fromHeaders : null;
-        let text = '';
+        reading = { response, sent, pending: [], text: '', meta: fromHeaders.token ? fromHeaders : null };
         let yielded = false;
         if (response.body) {
-          for await (const ev of parseSSE(response.body)) {
-            if (ev.event === 'delta') {
-              const d = safeJSON(ev.data);
-              if (!d || typeof d !== 'object') {
-                throw new SatchelError('Malformed delta event', { code: 'stream_protocol', response });
+          events: for await (const batch of sseBatches(response.body)) {
+            reading.pending.push(...batch);
+            while (reading.pending.length) {
+              const ev = reading.pending.shift();
+              if (ev.event === 'delta') {
+                const piece = deltaText(ev, response);
+                if (piece) {
+                  reading.text += piece;
+                  yielded = true;
+                  yield piece;
+                }
+              } else if (ev.event === 'satchel') {
+                reading.meta = satchelMeta(ev, response);
+                await this._applyMeta(reading.meta, sent, 'stream');
+                // The context has advanced: other requests may go now, even
+                // while the caller is still draining the last bytes.
+                release();
+              } else if (ev.event === 'error') {
+                const err = this._streamError(ev.data, response);
+                // Retrying after text was shown would duplicate it on screen, so
+                // after a delta this only drops a dead token (as fetch() does
+                // when it cannot retry) and reports it.
+                if (await this._recover(err, sent, state, !yielded)) continue attempts;
+                throw err;
+              } else if (ev.event === 'done') {
+                break events;
               }
-              const piece = typeof d.text === 'string' ? d.text : '';
-              if (piece) {
-                text += piece;
-                yielded = true;
-                yield piece;
-              }
-            } else if (ev.event === 'satchel') {
-              meta = metaFromEvent(safeJSON(ev.data));
-              await this._applyMeta(meta, sent, 'stream');
-              // The context has advanced: other requests may go now, even
-              // while the caller is still draining the last bytes.
-              release();
-            } else if (ev.event === 'error') {
-              const err = this._streamError(ev.data, response);
-              // Retrying after text was shown would duplicate it on screen, so
-              // after a delta this only drops a dead token (as fetch() does
-              // when it cannot retry) and reports it.
-              if (await this._recover(err, sent, state, !yielded)) continue attempts;
-              throw err;
-            } else if (ev.event === 'done') {
-              break;
+              // Unknown event types are ignored for forward compatibility.
             }
-            // Unknown event types are ignored for forward compatibility.
           }
         }
-        if (!meta) {
+        if (!reading.meta) {
           throw new SatchelError('Stream ended before the satchel event; this turn may not be in the context', {
             code: 'stream_incomplete',
             response,
           });
         }
-        outcome = {
-          text,
-          token: meta.token,
-          seq: meta.seq,
-          session: meta.session,
-          degraded: meta.degraded,
-          reset: meta.reset,
-          fork: meta.fork,
-        };
+        outcome = streamOutcome(reading);
         settle.resolve(outcome);
         return outcome;
       }
     } catch (err) {
+      failed = true;
       this._reportError(err);
       settle.reject(err);
       throw err;
     } finally {
-      release();
-      if (!outcome) {
-        // Consumer broke out of the loop early (generator.return()).
-        settle.reject(new SatchelError('Stream was cancelled', { code: 'stream_cancelled' }));
+      if (!outcome && !failed) {
+        // The consumer left the loop early (generator.return()). If the server's
+        // final event is already here, in the bytes received with the last delta,
+        // the server has issued its token: adopt it (keeping the old one would fork
+        // the conversation, or make it stale for good under monotonic), and the
+        // stream counts as complete. Nothing more is read from the network.
+        outcome = await this._adoptBuffered(reading);
       }
+      release();
+      if (outcome) settle.resolve(outcome);
+      else settle.reject(new SatchelError('Stream was cancelled', { code: 'stream_cancelled' }));
     }
+  }
+
+  /**
+   * What a stream left early still holds: its outcome if the final event was
+   * handled, or is among the events received but not yet handled; else null.
+   */
+  async _adoptBuffered(reading) {
+    if (!reading) return null;
+    if (!reading.meta) {
+      const last = reading.pending.findLast((ev) => ev.event === 'satchel');
+      if (!last) return null;
+      let meta;
+      try {
+        for (const ev of reading.pending) {
+          if (ev === last) break;
+          if (ev.event === 'delta') reading.text += deltaText(ev, reading.response);
+        }
+        meta = satchelMeta(last, reading.response);
+      } catch {
+        return null; // malformed: cancelled, as if the final event had not come
+      }
+      reading.meta = meta;
+      await this._applyMeta(meta, reading.sent, 'stream');
+    }
+    return streamOutcome(reading);
   }
 
   _streamError(data, response) {
@@ -1326,6 +1408,11 @@ export class SatchelClient extends EventTarget {
     await this._storage.set(this._key, serializeRecord(rec));
     this._setCache(rec, source);
     this._post({ type: 'token', token: rec.token, seq: rec.seq, session: rec.session, g });
+    // A write the store refused (full) lives in this page's memory only: announcing
+    // it would make every other tab wait syncWaitMs for it on each request, for a
+    // write that never reaches the storage they read.
+    const storage = this._storage;
+    if (typeof storage.isVolatile === 'function' && storage.isVolatile(this._key)) return;
     await this._announceWrite(g, 'set');
   }
 

@@ -142,6 +142,18 @@ test('token_* with a non-replayable (stream) body: token dropped, no retry', asy
   assert.equal(resets[0].detail.retrying, false);
 });
 
+test('token_* with an async-iterable body (Node fetch takes one): read once, so no retry', async () => {
+  const fetch = fakeFetch(() => errorReply(401, 'token_wrong_user'));
+  const client = testClient({ fetch });
+  await client.importToken('t');
+  async function* body() {
+    yield new TextEncoder().encode('{"m":1}');
+  }
+  await assert.rejects(client.fetch('/x', { method: 'POST', body: body(), duplex: 'half' }), TokenError);
+  assert.equal(fetch.calls.length, 1, 'a second send would carry an empty body');
+  assert.equal(client.token, null);
+});
+
 test('typed errors: 503 tier_unavailable, other codes, non-JSON bodies', async () => {
   const responses = [
     errorReply(503, 'tier_unavailable', 'overflow tier down', { headers: { 'Retry-After': '5' } }),

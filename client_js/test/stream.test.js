@@ -299,3 +299,65 @@ test('stream(): a null init is accepted, as fetch() accepts one', async () => {
   assert.equal(fetch.calls[0].method, 'POST');
   assert.equal(client.token, 'tok8');
 });
+
+test('stream(): a final satchel event with no token is a stream_protocol error, not success', async () => {
+  for (const data of ['not json', JSON.stringify({ seq: 9 })]) {
+    const body = sse([{ event: 'delta', data: { text: 'hi' } }]) + `event: satchel\ndata: ${data}\n\n`;
+    const fetch = fakeFetch(() => sseReply(body));
+    const client = testClient({ fetch });
+    await client.importToken('keep');
+    const s = client.stream('/s', {});
+    await assert.rejects(
+      (async () => {
+        for await (const _ of s) void _;
+      })(),
+      (e) => e instanceof SatchelError && e.code === 'stream_protocol',
+    );
+    await assert.rejects(s.result, { code: 'stream_protocol' });
+    assert.equal(client.token, 'keep');
+  }
+});
+
+test('stream(): tier_full inside a stream is a ServiceUnavailableError, as it is over HTTP', async () => {
+  const body = sse([{ event: 'error', data: { code: 'tier_full', message: 'the tier is full' } }]);
+  const fetch = fakeFetch(() => sseReply(body));
+  const client = testClient({ fetch });
+  const s = client.stream('/s', {});
+  await assert.rejects(
+    (async () => {
+      for await (const _ of s) void _;
+    })(),
+    (e) => e instanceof ServiceUnavailableError && e.code === 'tier_full',
+  );
+});
+
+test('stream(): leaving at the last delta still adopts the final token received with it', async () => {
+  // The Stop click that races the end: the satchel event came in the same chunk as
+  // the last delta. The server issued tok8; keeping tok7 would fork the conversation
+  // (or make it stale for good under monotonic consistency).
+  const fetch = fakeFetch(() => sseReply(chatStream({ deltas: ['Hel', 'lo'] })));
+  const client = testClient({ fetch });
+  await client.importToken('tok7', { seq: 7, session: 'S' });
+  const s = client.stream('/s', {});
+  for await (const piece of s) {
+    if (piece === 'Hel') break;
+  }
+  assert.equal(client.token, 'tok8');
+  const result = await s.result;
+  assert.equal(result.token, 'tok8');
+  assert.equal(result.text, 'Hello', 'the text the stored context holds');
+});
+
+test('stream(): leaving before the final event arrived cancels and keeps the old token', async () => {
+  const fetch = fakeFetch(() =>
+    sseReply(chatStream({ deltas: ['Hel', 'lo'] }), { chunks: (t) => [t.slice(0, t.indexOf('event: satchel')), t.slice(t.indexOf('event: satchel'))] }),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('tok7', { seq: 7, session: 'S' });
+  const s = client.stream('/s', {});
+  for await (const piece of s) {
+    if (piece === 'lo') break;
+  }
+  await assert.rejects(s.result, { code: 'stream_cancelled' });
+  assert.equal(client.token, 'tok7');
+});

@@ -403,3 +403,50 @@ test('a server-mode carrier whose seq moved reaches the other tab as a token eve
   assert.deepEqual(events.map((e) => e.detail.seq), [1, 2]);
   assert.equal(b.seq, 2);
 });
+
+test('a prefix or conversation id starting with "-" still gets a Web Lock', async () => {
+  // Web Locks throw NotSupportedError for names starting with "-".
+  const strict = fakeLocks();
+  const request = strict.request.bind(strict);
+  strict.request = (name, ...rest) => {
+    if (name.startsWith('-')) return Promise.reject(new DOMException("Names cannot start with '-'.", 'NotSupportedError'));
+    return request(name, ...rest);
+  };
+  const fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
+  const dashed = testClient({ locks: strict, fetch, prefix: '-app:', conversation: 'c' });
+  await dashed.fetch('/chat');
+  assert.equal(dashed.token, 't1');
+  const bare = testClient({ locks: strict, fetch, prefix: '', conversation: '-x' });
+  await bare.fetch('/chat');
+  assert.equal(bare.token, 't1');
+  // Keys that differ keep different locks ("-x" and "\\-x" are two conversations).
+  const acquired = (name) => strict.log.some((line) => line.startsWith(`acquire ${name}`));
+  assert.ok(acquired('\\-app:c') && acquired('\\-x'), strict.log.join());
+});
+
+test('a write the full store kept in memory is not announced: other tabs do not wait for it', async () => {
+  const backing = new Map();
+  const area = mapArea(backing);
+  // Full: the probe's tiny write still fits, a token does not.
+  const full = { ...area, setItem(k, v) {
+    if (k.startsWith('satchel:')) {
+      const e = new Error('quota');
+      e.name = 'QuotaExceededError';
+      throw e;
+    }
+    area.setItem(k, v);
+  } };
+  Object.defineProperty(globalThis, 'localStorage', { configurable: true, value: full });
+  try {
+    const locks = fakeLocks();
+    const fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
+    const client = createClient({ locks, fetch, broadcast: false, conversation: 'full' });
+    assert.equal(client.storage.kind, 'local');
+    await client.fetch('/chat');
+    assert.equal(client.token, 't1', 'kept in the page memory');
+    const { held } = await locks.query();
+    assert.deepEqual(held.filter((l) => l.name.startsWith('satchel-written')), []);
+  } finally {
+    delete globalThis.localStorage;
+  }
+});
