@@ -63,6 +63,24 @@ def test_a_process_caching_an_erased_conversation_cannot_write_it_back() -> None
     assert stored == [f"satchel:{{{tag}}}:hwm"]  # only the tombstone: no turn came back
 
 
+def test_erasing_twice_reports_nothing_deleted_the_second_time() -> None:
+    """The second erasure counted the first one's tombstone as a deleted key: an
+    operator read it as data still there."""
+    tier = MemoryTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    app = worker(tier, codec)
+    token = None
+    for i in range(12):
+        token = exchange(app, token, i)
+    session = codec.open(token, now=NOW).session_id.hex()
+    first = erase_in_tier(codec, GuardedTier(tier), session, refuse=True)
+    assert first["deleted_keys"] >= 1
+    again = erase_in_tier(codec, GuardedTier(tier), session, refuse=True)
+    assert again == {**first, "deleted_keys": 0}
+    tag = codec.session_tag(bytes.fromhex(session))
+    assert [key for key in tier._data if f"{{{tag}}}" in key] == [f"satchel:{{{tag}}}:hwm"]
+
+
 def test_segments_cached_through_an_outage_are_not_written_back_once_erased() -> None:
     """After an outage a process writes back the segments it cached (the tier may have
     restarted empty). Not those of a session erased meanwhile."""

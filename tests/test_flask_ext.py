@@ -424,11 +424,14 @@ def test_without_keys_a_dev_key_file_is_created_with_a_warning(
     secret_b64 = key_file.read_text().strip().split(":", 1)[1]
     assert all(secret_b64 not in r.getMessage() for r in caplog.records)  # no key in logs
     token = chat(app.test_client(), "hi").headers[HEADER_CONTEXT]
-    # The next start reuses the file (tokens survive restarts) and does not warn again.
+    # The next start reuses the file (tokens survive restarts), and warns again: an app
+    # restarted or redeployed without SATCHEL_KEYS still runs on the development key.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="satchel"):
         again = minimal.create_app({"SATCHEL_DEV_KEY_FILE": str(key_file), "TESTING": True})
-    assert not [r for r in caplog.records if "SATCHEL_KEYS is not set" in r.getMessage()]
+    (warning,) = [r for r in caplog.records if "SATCHEL_KEYS is not set" in r.getMessage()]
+    assert "made by an earlier start" in warning.getMessage()
+    assert secret_b64 not in warning.getMessage()
     assert chat(again.test_client(), "again", token).get_json()["turns"] == 4
 
 

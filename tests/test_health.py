@@ -56,7 +56,7 @@ def test_ready_without_a_tier() -> None:
     assert resp.get_json() == {
         "status": "ready",
         "mode": "client",
-        "keyring": {"loaded": True, "kids": 2},
+        "keyring": {"loaded": True, "kids": 2, "development": False},
         "tier": None,
     }
 
@@ -87,7 +87,7 @@ def test_not_ready_without_a_key_ring() -> None:
     assert resp.get_json() == {
         "status": "not_ready",
         "mode": None,
-        "keyring": {"loaded": False, "kids": 0},
+        "keyring": {"loaded": False, "kids": 0, "development": False},
         "tier": None,
     }
     assert client.get("/healthz").status_code == 200  # alive, just not ready
@@ -112,7 +112,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     assert resp.status_code == 200  # client mode still serves
     body = resp.get_json()
     assert body["status"] == "degraded"
-    assert body["keyring"] == {"loaded": True, "kids": 2}
+    assert body["keyring"] == {"loaded": True, "kids": 2, "development": False}
     assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "closed"}
 
     # chat keeps working, degraded; the probes and requests open the breaker
@@ -186,3 +186,30 @@ def test_readyz_over_http_with_redis_killed(redis_server: RedisServer) -> None:
         assert resp.json()["status"] == "degraded"
         assert resp.json()["tier"]["reachable"] is False
         assert server.get("/healthz").status == 200
+
+
+def test_readyz_and_every_start_say_the_app_runs_on_a_development_key(
+    tmp_path: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """The dev-key warning came only with the start that generated the key: every
+    later start (restarts, redeploys, other workers) ran on it in silence."""
+    import logging
+
+    monkeypatch.delenv("SATCHEL_KEYS", raising=False)
+
+    def start() -> Flask:
+        app = Flask(__name__)
+        app.config.update(
+            SATCHEL_DEV_KEY_FILE=str(tmp_path / "dev-key"), SATCHEL_HEALTH_ROUTES=True
+        )
+        Satchel(app)
+        return app
+
+    for _ in range(2):  # the first start generates the key, the second reuses it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="satchel"):
+            app = start()
+        assert any("SATCHEL_KEYS is not set" in r.getMessage() for r in caplog.records)
+        body = app.test_client().get("/readyz").get_json()
+        assert body["status"] == "ready" and body["keyring"]["development"] is True
+    assert make_app().test_client().get("/readyz").get_json()["keyring"]["development"] is False

@@ -245,6 +245,37 @@ def test_refused_and_expired_tokens_are_counted_by_reason() -> None:
     assert samples[("satchel_tokens_refused_total", (("reason", "token_expired"),))] == 2
 
 
+def test_envelopes_the_policies_set_to_expire_are_counted_as_idle_or_max_age() -> None:
+    """The envelope's expiry is the idle TTL (or the maximum age, when sooner) and is
+    checked first: every user who came back after SATCHEL_IDLE_TTL was counted as
+    reason="token", and the idle series operations.md says to watch stayed at 0."""
+    obs = PrometheusObserver()
+    app, ext = make_app(obs, SATCHEL_IDLE_TTL=600, SATCHEL_MAX_AGE=7200)
+    chat = Chat(app)
+    state = ext.state(app)
+    start = time.time()
+    for clock in (state.codec, state.pipeline):  # the whole request path, an hour ago
+        clock.clock = lambda: start - 3600
+    chat.send()
+    idle_token = chat.token
+    fresh = Chat(app)
+    for at in range(-600, 6600, 500):  # a session active every 500 s, created at -600
+        for clock in (state.codec, state.pipeline):
+            clock.clock = lambda at=at: start + at
+        assert fresh.send().status_code == 200
+    # The last, at +6,400, expires at min(+7,000, created + 7,200 = +6,600).
+    max_age_token = fresh.token
+    for clock in (state.codec, state.pipeline):
+        clock.clock = time.time
+    assert chat.send(token=idle_token).status_code == 401
+    for clock in (state.codec, state.pipeline):
+        clock.clock = lambda: start + 6600 + 60
+    assert chat.send(token=max_age_token).status_code == 401
+    assert value(obs, "satchel_tokens_expired_total", reason="idle") == 1
+    assert value(obs, "satchel_tokens_expired_total", reason="max_age") == 1
+    assert value(obs, "satchel_tokens_expired_total", reason="token") == 0
+
+
 def test_overflow_writes_reads_and_misses() -> None:
     obs = PrometheusObserver()
     memory = MemoryTier()

@@ -282,6 +282,38 @@ def test_every_plain_setting_is_read_from_the_environment(
         assert app.extensions["satchel"].codec.open(response.headers[HEADER]).metadata_version == 3
 
 
+def test_the_example_apps_read_every_setting_of_the_config_table_from_the_environment() -> None:
+    """The README sends readers to the table in satchel.flask_ext.config and says the
+    example apps read those keys from the environment: SATCHEL_COOKIE_MAX_AGE was left
+    out (a cookie with no Max-Age, and a bad value accepted silently)."""
+    import re
+
+    from examples._config import COMMON_ENV_KEYS
+    from satchel.flask_ext import config
+
+    table = set(re.findall(r"^(SATCHEL_[A-Z_]+)", config.__doc__ or "", re.MULTILINE))
+    callables = {"SATCHEL_SUMMARIZER", "SATCHEL_USER_BINDING"}  # set in create_app's config
+    assert table - callables == set(COMMON_ENV_KEYS)
+
+
+def test_a_cookie_max_age_from_the_environment_reaches_the_cookie(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from examples.minimal_chat.app import create_app
+    from satchel.errors import ConfigurationError
+
+    monkeypatch.setenv("SATCHEL_KEYS", RING.to_string())
+    monkeypatch.setenv("SATCHEL_COOKIE", "ctx")
+    monkeypatch.setenv("SATCHEL_COOKIE_MAX_AGE", "3600")
+    response = (
+        create_app({"TESTING": True}).test_client().post("/api/chat", json={"message": "hello"})
+    )
+    assert "Max-Age=3600" in response.headers["Set-Cookie"]
+    monkeypatch.setenv("SATCHEL_COOKIE_MAX_AGE", "abc")
+    with pytest.raises(ConfigurationError, match="SATCHEL_COOKIE_MAX_AGE"):
+        create_app({"TESTING": True})
+
+
 def test_a_damaged_sqlite_tier_file_degrades_gunicorn_workers_instead_of_stopping_them(
     tmp_path: Any,
 ) -> None:

@@ -355,6 +355,7 @@ class Codec:
                 raise TokenExpired(
                     "token has expired",
                     expired_at=header.expires_at,
+                    issued_at=header.issued_at,
                     now=int(now),
                 )
         if timings is not None:

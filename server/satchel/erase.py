@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .codec import Codec
-from .consistency import MonotonicGuard
+from .consistency import ERASED, MonotonicGuard, mark_key
 from .errors import ConfigurationError, InvalidRequest, SatchelError
 from .keys import Keyring
 
@@ -45,13 +45,24 @@ def parse_session_id(session_id: str | bytes) -> bytes:
     return raw
 
 
+def _holds_tombstone(tier: Any, tag: str) -> bool:
+    fetched = tier.get_many([mark_key(tag)], cache=False)
+    return fetched.error is None and fetched.get(mark_key(tag)) == ERASED
+
+
 def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: bool) -> dict:
     """Delete every tier key of the session; with ``refuse``, leave the tombstone (see
     the module docstring). It is written after the delete, which would otherwise
     remove it with the rest of the session."""
     sid = parse_session_id(session_id)
     tag = codec.session_tag(sid)
+    # The tombstone of an earlier erasure is in the session's keys and goes with them
+    # (it is written again below): not the session's data, so not counted, or erasing
+    # twice would report a key deleted the second time.
+    tombstoned = refuse and _holds_tombstone(tier, tag)
     deleted = tier.delete_session(tag)
+    if tombstoned:
+        deleted = max(0, deleted - 1)
     if refuse:
         guard = MonotonicGuard(tier)
         guard.erase(tag)

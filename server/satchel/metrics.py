@@ -122,7 +122,22 @@ STEP_BUCKETS = (
     1.0,
     2.5,
 )
-TOKEN_BYTES_BUCKETS = (256, 512, 1024, 2048, 3072, 3800, 4096, 6144, 8192, 16384, 32768, 65536)
+# 8000: the default hard cap (SATCHEL_HARD_MAX_TOKEN_BYTES), so saturation shows.
+TOKEN_BYTES_BUCKETS = (
+    256,
+    512,
+    1024,
+    2048,
+    3072,
+    3800,
+    4096,
+    6144,
+    8000,
+    8192,
+    16384,
+    32768,
+    65536,
+)
 RATIO_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 TURN_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 64, 128, 256)
 

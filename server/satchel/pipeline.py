@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .app_schema import MetadataSchema
 from .codec import Codec, Prepared
@@ -124,6 +124,28 @@ class Pipeline:
             self.rehydrate(ctx, timings)
         return ctx
 
+    def _expiry_cause(self, facts: dict[str, Any]) -> str:
+        """Why a token expired: ``idle``, ``max_age`` or ``token``.
+
+        The envelope's expiry, checked first, is what the policies set at the last seal
+        (:func:`~satchel.lifecycle.expires_at`): the idle TTL from then, or the maximum
+        age when that came sooner. Its span from issue tells which (by the policy as it
+        is now); any other span is the codec's own ``ttl``: ``token``.
+        """
+        reason = facts.get("reason")
+        if isinstance(reason, str):  # check_age named it
+            return reason
+        expired_at, issued_at = facts.get("expired_at"), facts.get("issued_at")
+        if not isinstance(expired_at, int) or not isinstance(issued_at, int):
+            return "token"
+        span = expired_at - issued_at
+        idle, max_age = self.policy.idle_ttl, self.policy.max_age
+        if idle is not None and abs(span - idle) <= 1:
+            return "idle"
+        if max_age is not None and 0 < span and (idle is None or span < idle):
+            return "max_age"
+        return "token"
+
     def open_token(self, token: str | bytes, *, now: float, timings: dict[str, float]) -> Context:
         """Open and age-check one token, reporting what happened (both modes use it)."""
         t0 = time.perf_counter()
@@ -138,7 +160,7 @@ class Pipeline:
         except BadToken as exc:
             self.observer.event("refused", reason=exc.code)
             if exc.code == "token_expired":
-                self.observer.event("expired", reason=exc.facts.get("reason", "token"))
+                self.observer.event("expired", reason=self._expiry_cause(exc.facts))
             raise
         timings.update(opened.timings)
         timings["open"] = time.perf_counter() - t0

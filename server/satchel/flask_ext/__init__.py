@@ -56,7 +56,7 @@ from ..lifecycle.summarize import raised_at
 from ..limits import Limits
 from ..observe import MultiObserver, Observer
 from ..pipeline import Pipeline
-from .config import SatchelConfig, keyring_from_config
+from .config import SatchelConfig, configured_keys, keyring_from_config
 from .errors import error_response, http_error_response, public_error, satchel_error_response
 
 log = logging.getLogger("satchel")
@@ -260,6 +260,7 @@ class Satchel:
             guard,
             ForkDetector(),
             exposed=(config.header, *RESPONSE_HEADERS[1:]),
+            development_key=self._keyring is None and not configured_keys(app),
         )
 
         app.before_request(self._before_request)
@@ -878,6 +879,8 @@ class _AppState:
     #: the response headers a browser may read (SATCHEL_HEADER renames the token's),
     #: worked out once: they go on every response
     exposed: tuple[str, ...] = RESPONSE_HEADERS
+    #: running on a generated development key file (no SATCHEL_KEYS): /readyz says so
+    development_key: bool = False
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -503,9 +503,15 @@ class SatchelConfig:
             raise ConfigurationError(str(exc)) from None
 
 
+def configured_keys(app: Flask) -> Any:
+    """``SATCHEL_KEYS`` from the config, then the environment; falsy if neither has it
+    (the extension then runs on a development key file)."""
+    return app.config.get("SATCHEL_KEYS") or os.environ.get("SATCHEL_KEYS")
+
+
 def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyring:
     """Keys from ``SATCHEL_KEYS`` (config, then environment), else a dev key file."""
-    value = app.config.get("SATCHEL_KEYS") or os.environ.get("SATCHEL_KEYS")
+    value = configured_keys(app)
     if isinstance(value, Keyring):
         return value
     if value:
@@ -536,9 +542,16 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
 
 
 def dev_keyring(path: Path) -> Keyring:
-    """A development key kept in ``path`` (created on first use, mode 0600)."""
+    """A development key kept in ``path`` (created on first use, mode 0600).
+
+    Warns on every start, not only the first: an app restarted or redeployed without
+    SATCHEL_KEYS keeps running on this key, and a warning only at the key's creation
+    scrolled out of sight long before anyone deployed that way.
+    """
     if path.exists():
-        return Keyring.from_string(path.read_text().strip())
+        ring = Keyring.from_string(path.read_text().strip())
+        _warn_dev_key("using the development key in %s (made by an earlier start)", path)
+        return ring
     path.parent.mkdir(parents=True, exist_ok=True)
     # A kid of its own: a token sealed with a deleted dev key then reads as
     # token_unknown_key, not as token_bad_signature (which means tampering).
@@ -553,15 +566,21 @@ def dev_keyring(path: Path) -> Keyring:
             fh.write(ring.to_string() + "\n")
         os.link(draft, path)
     except FileExistsError:
-        return Keyring.from_string(path.read_text().strip())  # another worker's key
+        ring = Keyring.from_string(path.read_text().strip())  # another worker's key
+        _warn_dev_key("using the development key in %s (made by another worker)", path)
+        return ring
     finally:
         draft.unlink(missing_ok=True)
-    log.warning(
-        "SATCHEL_KEYS is not set: generated a development key in %s. "
-        "Set SATCHEL_KEYS in production (see `satchel keygen`).",
-        path,
-    )
+    _warn_dev_key("generated a development key in %s", path)
     return ring
 
 
-__all__ = ["SatchelConfig", "dev_keyring", "keyring_from_config"]
+def _warn_dev_key(what: str, path: Path) -> None:
+    log.warning(
+        "SATCHEL_KEYS is not set: " + what + ". Never deploy that way: set SATCHEL_KEYS "
+        "(see `satchel keygen`); /readyz says keyring.development is true until then.",
+        path,
+    )
+
+
+__all__ = ["SatchelConfig", "configured_keys", "dev_keyring", "keyring_from_config"]

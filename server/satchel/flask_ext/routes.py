@@ -8,7 +8,7 @@ None of them reads, opens, creates or seals a context: they never touch
 
     {"status": "ready" | "degraded" | "not_ready",
      "mode": "client",
-     "keyring": {"loaded": true, "kids": 2},
+     "keyring": {"loaded": true, "kids": 2, "development": false},
      "tier": {"name": "redis", "reachable": true, "breaker": "closed"} | null}
 
 * ``ready`` (200): the key ring is loaded and the tier (if any) answers a ping with
@@ -20,6 +20,10 @@ None of them reads, opens, creates or seals a context: they never touch
   an outage, so this stays 200.
 * ``not_ready`` (503): there is no usable key ring, so no token can be opened or
   sealed.
+
+``keyring.development`` is true while the app runs on a generated development key
+file (no ``SATCHEL_KEYS``): fine for ``make demo``, never for a deployment, so a
+deploy check can refuse it. It does not change the status.
 
 The ping goes through the tier's circuit breaker: while it is open the answer is
 immediate (no socket is touched), and a probe never waits longer than the tier's
@@ -113,7 +117,11 @@ def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
     body: dict[str, Any] = {
         "status": "ready",
         "mode": getattr(getattr(state, "config", None), "mode", None),
-        "keyring": {"loaded": kids > 0, "kids": kids},
+        "keyring": {
+            "loaded": kids > 0,
+            "kids": kids,
+            "development": bool(getattr(state, "development_key", False)),
+        },
         "tier": None,
     }
     tier = getattr(state, "tier", None)
