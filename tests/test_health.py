@@ -213,3 +213,41 @@ def test_readyz_and_every_start_say_the_app_runs_on_a_development_key(
         body = app.test_client().get("/readyz").get_json()
         assert body["status"] == "ready" and body["keyring"]["development"] is True
     assert make_app().test_client().get("/readyz").get_json()["keyring"]["development"] is False
+
+
+def test_readyz_reports_missing_metadata_migrations_and_refuses_a_missing_downgrade() -> None:
+    """A forgotten downgrade passed /readyz while every write failed (no token issued),
+    so a rollout gated on readiness went on; a forgotten migration was seen only as
+    clients' tokens refused."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        SATCHEL_METADATA_VERSION=1,
+        SATCHEL_METADATA_WRITE_VERSION=0,
+        SATCHEL_HEALTH_ROUTES=True,
+    )
+    ext = Satchel(app)
+    client = app.test_client()
+    resp = client.get("/readyz")
+    assert resp.status_code == 503
+    assert resp.get_json()["status"] == "not_ready"
+    assert resp.get_json()["metadata"] == {
+        "version": 1,
+        "write_version": 0,
+        "missing_migrations": [0],
+        "missing_downgrades": [1],
+    }
+
+    @ext.metadata_migration(0)
+    def up(meta: dict) -> dict:
+        return meta
+
+    @ext.metadata_downgrade(1)
+    def down(meta: dict) -> dict:
+        return meta
+
+    resp = client.get("/readyz")  # registered after init_app, as the docs allow
+    assert resp.status_code == 200 and resp.get_json()["status"] == "ready"
+    assert resp.get_json()["metadata"]["missing_migrations"] == []
+    assert resp.get_json()["metadata"]["missing_downgrades"] == []
+    assert "metadata" not in make_app().test_client().get("/readyz").get_json()

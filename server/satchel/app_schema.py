@@ -111,6 +111,11 @@ class MetadataSchema:
         """The downgrades ``write_version`` needs that are not registered (from-versions)."""
         return [v for v in range(self.version, self.write_version, -1) if v not in self._downgrades]
 
+    def missing_migrations(self) -> list[int]:
+        """The migrations up to ``version`` that are not registered (from-versions): a
+        token of such a version is refused (``token_migration_failed``)."""
+        return [v for v in range(self.version) if v not in self._migrations]
+
     def writing(self, ctx: Context) -> AbstractContextManager[Context]:
         """While sealing: ``ctx`` holds its metadata in the write version's shape.
 

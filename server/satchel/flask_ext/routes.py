@@ -19,7 +19,14 @@ None of them reads, opens, creates or seals a context: they never touch
   balancer because a shared dependency is down would turn a degraded service into
   an outage, so this stays 200.
 * ``not_ready`` (503): there is no usable key ring, so no token can be opened or
-  sealed.
+  sealed; or ``SATCHEL_METADATA_WRITE_VERSION`` needs a metadata downgrade that is not
+  registered, so no token can be written (every request would fail).
+
+``metadata`` (only when ``SATCHEL_METADATA_VERSION`` is set) lists the app's metadata
+versions and the migrations and downgrades that are missing. A missing migration does
+not change the status (an app may start at a version with no tokens of an older one),
+but a token of that version is refused as ``token_migration_failed``: check it before
+a rollout.
 
 ``keyring.development`` is true while the app runs on a generated development key
 file (no ``SATCHEL_KEYS``): fine for ``make demo``, never for a deployment, so a
@@ -124,12 +131,20 @@ def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
         },
         "tier": None,
     }
+    schema = getattr(getattr(state, "pipeline", None), "metadata_schema", None)
+    if schema is not None and schema.version:
+        body["metadata"] = {
+            "version": schema.version,
+            "write_version": schema.write_version,
+            "missing_migrations": schema.missing_migrations(),
+            "missing_downgrades": schema.missing_downgrades(),
+        }
     tier = getattr(state, "tier", None)
     if tier is not None:
         body["tier"] = tier_status(tier)
         if not body["tier"]["reachable"] or body["tier"]["breaker"] != "closed":
             body["status"] = "degraded"
-    if kids == 0:
+    if kids == 0 or (body.get("metadata") or {}).get("missing_downgrades"):
         body["status"] = "not_ready"
         return body, 503
     return body, 200
