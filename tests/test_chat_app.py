@@ -643,6 +643,90 @@ def test_a_reply_that_never_ends_is_cut_at_the_model_timeout(comments_only: bool
         assert time.monotonic() - started < 3
 
 
+class TricklingModel:
+    """A raw HTTP endpoint that sends ``prelude`` and then one byte of ``drip`` every
+    50 ms, for up to 20 s: each read it blocks is short, the reply never ends."""
+
+    def __init__(self, prelude: bytes, drip: bytes) -> None:
+        import socketserver
+
+        trickle = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.recv(65536)  # the request (small: one message)
+                try:
+                    self.request.sendall(prelude)
+                    for i in range(400):
+                        if trickle.stop.wait(0.05):
+                            return
+                        self.request.sendall(drip[i % len(drip) : i % len(drip) + 1])
+                except OSError:
+                    return  # the client cut the connection: what the test wants
+
+        self.stop = threading.Event()
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> TricklingModel:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("prelude", "drip", "call"),
+    [
+        (SSE_HEAD, b"data: xxxx", "stream"),  # an event-stream line that never ends
+        (JSON_HEAD, b'{"choices": [', "complete"),  # a JSON body, one byte at a time
+        (JSON_HEAD, b'{"choices": [', "stream"),  # stream=true ignored, JSON trickling
+        (SSE_HEAD, b'data: {"x": 1}\n\n', "complete"),  # events where JSON was asked for
+        (b"HTTP/1.1 200 OK\r\n", b"X-Slow: header\r\n", "stream"),  # headers trickling
+    ],
+    ids=["sse-line", "json-complete", "json-stream", "sse-complete", "headers"],
+)
+def test_a_model_that_keeps_every_read_busy_is_cut_at_the_timeout(
+    prelude: bytes, drip: bytes, call: str
+) -> None:
+    """Each read waited for a full buffer, line or header block, and the deadline was
+    checked only between reads: a model sending a byte now and then held the request
+    (and a server thread) for minutes, far past SATCHEL_MODEL_TIMEOUT."""
+    with TricklingModel(prelude, drip) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=0.5)
+        messages = [{"role": "user", "content": "hi"}]
+        started = time.monotonic()
+        with pytest.raises(ModelError, match=r"longer than 0\.5 s"):
+            if call == "stream":
+                list(model.stream(messages))
+            else:
+                model.complete(messages)
+        assert time.monotonic() - started < 3
+
+
+def test_a_model_that_answers_nothing_timed_out_it_is_not_unreachable() -> None:
+    """A model that accepts the connection and never answers was reported as
+    "model endpoint unreachable", sending an operator after the network."""
+    import socket
+
+    with socket.socket() as listener:  # the kernel accepts; nobody ever answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        model = OpenAICompatibleModel(f"http://127.0.0.1:{port}/v1", "tiny", timeout=0.5)
+        for call in (model.complete, lambda m: list(model.stream(m))):
+            with pytest.raises(ModelError, match=r"longer than 0\.5 s"):
+                call([{"role": "user", "content": "hi"}])
+
+
 def test_an_empty_reply_is_a_model_error_and_bad_unicode_is_the_models() -> None:
     with FakeOpenAI([]) as fake:  # [DONE] and nothing before it
         model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)

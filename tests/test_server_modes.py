@@ -230,6 +230,7 @@ def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) ->
         t0 = time.perf_counter()
         resp = request()
         assert_tier_unavailable(resp, time.perf_counter() - t0)
+
     # Counted as refused, not as served degraded (operations.md).
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'satchel_unavailable_total{reason="tier_unavailable"} 3.0' in metrics
@@ -248,6 +249,19 @@ def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) ->
     stale = chat(client, "six", carrier)
     assert stale.headers["Satchel-Reset"] == "session_not_found"
     assert stale.headers[HEADER] not in (carrier, resp.headers[HEADER])
+
+
+def test_a_write_that_never_left_says_nothing_was_saved(redis_server: Any) -> None:
+    """Every failed save said the write "may still have been saved: reload the
+    conversation", even when the connection was refused or the breaker was open (no
+    socket touched): a new conversation has nothing to reload."""
+    client = make_app("server", SATCHEL_STORE_URL=redis_server.url).test_client()
+    redis_server.kill()
+    for _ in range(7):  # refused five times, then the breaker is open: both certain
+        resp = chat(client, "a new conversation", None)
+        assert resp.status_code == 503
+        message = resp.get_json()["error"]["message"]
+        assert "nothing was saved" in message and "reload" not in message
 
 
 def test_server_mode_answers_503_fast_when_redis_is_paused(redis_server: Any) -> None:

@@ -31,6 +31,8 @@ import http.client
 import json
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -61,6 +63,12 @@ class ModelError(RuntimeError):
         super().__init__(message)
         self.detail = detail
 
+
+#: Most bytes read from the model for one reply, and for one line of its event stream:
+#: far more than any reply a turn keeps (32,000 characters), and a bound on the memory
+#: a misbehaving endpoint can make a worker hold.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+MAX_LINE_BYTES = 1024 * 1024
 
 #: Default for SATCHEL_MODEL_TIMEOUT: below gunicorn's default worker timeout (30 s),
 #: which would otherwise kill the worker first and answer an HTML 500.
@@ -184,6 +192,80 @@ class OfflineModel:
 # ------------------------------------------------------------ OpenAI-compatible
 
 
+class _Deadline:
+    """Ends a model request when its whole time is up, wherever it is blocked.
+
+    The socket timeout bounds each read, not a reply: a model that sends a byte now and
+    then (headers trickling in, keep-alive bytes, an event-stream line that never ends)
+    kept a server thread for as long as it liked, as every read waits for a full
+    buffer, line or header block. A timer shuts the request's socket down at the
+    deadline, which makes whatever read is blocked return or raise at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.passed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener whose connections this deadline can cut (proxies as usual)."""
+        deadline = self
+
+        def tracked(cls: type[http.client.HTTPConnection]) -> Any:
+            # The socket, not the connection: urllib asks for Connection: close, and a
+            # connection then hands its socket to the response and forgets it.
+            class Tracked(cls):  # type: ignore[valid-type,misc]
+                def connect(self) -> None:
+                    super().connect()
+                    deadline._track(self.sock)
+
+            return Tracked
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req: urllib.request.Request) -> Any:
+                return self.do_open(tracked(http.client.HTTPConnection), req)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req: urllib.request.Request) -> Any:
+                return self.do_open(
+                    tracked(http.client.HTTPSConnection),
+                    req,
+                    context=getattr(self, "_context", None),
+                )
+
+        return urllib.request.build_opener(HTTP, HTTPS)
+
+    def start(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            late = self.passed
+        if late:  # connected just as the time ran out
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
 class OpenAICompatibleModel:
     """Any OpenAI-compatible chat-completions endpoint, with the standard library only.
 
@@ -234,17 +316,20 @@ class OpenAICompatibleModel:
     def _masked(self, text: str) -> str:
         return text.replace(self.api_key, "[api key]") if self.api_key else text
 
-    def _open(self, req: urllib.request.Request) -> Any:
+    def _open(self, req: urllib.request.Request, deadline: _Deadline) -> Any:
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310
+            return deadline.opener().open(req, timeout=self.timeout)
         except urllib.error.HTTPError as err:
             with err:
                 detail = err.read(2000).decode("utf-8", "replace")
             raise ModelError(
                 f"model endpoint answered {err.code}", self._masked(_error_text(detail))
             ) from None
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
+            if deadline.passed or isinstance(reason, TimeoutError):
+                # Connected (or still connecting) but no answer in time: not unreachable.
+                raise self._timed_out() from None
             raise ModelError("model endpoint unreachable", self._masked(str(reason))) from None
 
     def _deadline_passed(self, started: float) -> bool:
@@ -254,16 +339,32 @@ class OpenAICompatibleModel:
         return ModelError(f"the model took longer than {self.timeout:g} s to reply")
 
     def _lines(self, resp: Any, started: float) -> Iterator[bytes]:
-        """The response's lines, until the reply's whole time runs out (the socket
-        timeout alone bounds each read, not a reply that keeps trickling)."""
-        for line in resp:
+        """The response's lines, until the reply's whole time runs out (the deadline
+        cuts a read that is blocked; this ends one that keeps trickling) or its size
+        limits are passed."""
+        total = 0
+        while line := resp.readline(MAX_LINE_BYTES + 1):
+            total += len(line)
+            if len(line) > MAX_LINE_BYTES or total > MAX_REPLY_BYTES:
+                raise ModelError("the model's reply is too long", f"over {total} bytes")
             if self._deadline_passed(started):
                 raise self._timed_out()
             yield line
 
     def stream(self, messages: list[Message]) -> Iterator[str]:
+        deadline = _Deadline(self.timeout).start()
+        try:
+            yield from self._stream(messages, deadline)
+        except ModelError:
+            if deadline.passed:  # the cut socket reads as a broken or short reply
+                raise self._timed_out() from None
+            raise
+        finally:
+            deadline.cancel()
+
+    def _stream(self, messages: list[Message], deadline: _Deadline) -> Iterator[str]:
         started = time.monotonic()
-        with self._open(self._request(messages, stream=True)) as resp:
+        with self._open(self._request(messages, stream=True), deadline) as resp:
             content_type = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in content_type:
                 # Some servers ignore stream=true: take the whole reply at once.
@@ -300,17 +401,27 @@ class OpenAICompatibleModel:
 
     def complete(self, messages: list[Message]) -> str:
         started = time.monotonic()
-        with self._open(self._request(messages, stream=False)) as resp:
-            raw = self._read(resp, started)
-        return _nonempty(_completion_text(_json(raw)))
+        deadline = _Deadline(self.timeout).start()
+        try:
+            with self._open(self._request(messages, stream=False), deadline) as resp:
+                raw = self._read(resp, started)
+            return _nonempty(_completion_text(_json(raw)))
+        except ModelError:
+            if deadline.passed:  # the cut socket reads as a short or broken reply
+                raise self._timed_out() from None
+            raise
+        finally:
+            deadline.cancel()
 
     def _read(self, resp: Any, started: float) -> bytes:
         """The whole body, within the reply's time; a connection that drops early is a
         model error."""
         body = bytearray()
         try:
-            while chunk := resp.read(65536):
+            while chunk := resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536):
                 body += chunk
+                if len(body) > MAX_REPLY_BYTES:
+                    raise ModelError("the model's reply is too long", f"over {len(body)} bytes")
                 if self._deadline_passed(started):
                     raise self._timed_out()
         except (OSError, http.client.HTTPException) as err:  # IncompleteRead is no OSError

@@ -244,6 +244,11 @@ class ServerSidePipeline(Pipeline):
             ) from exc
         except TierError as exc:
             self.observer.event("unavailable", reason=exc.code, op=op, mode=self.mode)
+            if exc.facts.get("unsent"):  # breaker open, connection refused: certain
+                raise TierUnavailable(
+                    "the session store is unavailable and nothing was saved; retry shortly",
+                    mode=self.mode,
+                ) from exc
             raise TierUnavailable(unavailable, mode=self.mode) from exc
 
     def save(

@@ -500,6 +500,7 @@ class GuardedTier:
                     "breaker open",
                     tier=self.name,
                     op=op,
+                    unsent=True,  # no socket touched: nothing reached the tier
                     breaker=_STATE_NAMES.get(state, state),
                     retry_in=max(0.0, self.policy.reset_timeout - waited),
                     **facts,

@@ -468,12 +468,21 @@ class RedisTier(Tier):
             raise self._map(op, exc) from exc
 
     def _map(self, op: str, exc: Exception) -> TierError:
-        facts = {"tier": self.name, "op": op, "error": type(exc).__name__, "mode": self.mode}
+        facts: dict[str, Any] = {
+            "tier": self.name,
+            "op": op,
+            "error": type(exc).__name__,
+            "mode": self.mode,
+        }
         if isinstance(exc, RedisError | RedisClusterException) and _is_oom(exc):
             return TierFull(f"Redis refused the write: out of memory ({op})", **facts)
         if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
             return TierUnavailable(f"Redis did not answer in time ({op})", **facts)
         if isinstance(exc, redis.exceptions.ConnectionError | OSError):
+            if isinstance(exc, ConnectionRefusedError) or isinstance(
+                exc.__context__, ConnectionRefusedError
+            ):
+                facts["unsent"] = True  # refused at connect: no command left this process
             return TierUnavailable(f"cannot reach Redis ({op}): {exc}", **facts)
         if isinstance(exc, RedisError | RedisClusterException):
             return TierUnavailable(f"Redis failed ({op}): {exc}", **facts)
