@@ -26,6 +26,7 @@ the turns held in the token).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -351,16 +352,24 @@ class OpenAICompatibleModel:
                 raise self._timed_out()
             yield line
 
-    def stream(self, messages: list[Message]) -> Iterator[str]:
+    @contextlib.contextmanager
+    def _deadline(self) -> Iterator[_Deadline]:
+        """The reply's whole time: a timer that cuts the request when it runs out, and a
+        ModelError raised after that (a cut socket reads as a short or broken reply)
+        named for what happened."""
         deadline = _Deadline(self.timeout).start()
         try:
-            yield from self._stream(messages, deadline)
+            yield deadline
         except ModelError:
-            if deadline.passed:  # the cut socket reads as a broken or short reply
+            if deadline.passed:
                 raise self._timed_out() from None
             raise
         finally:
             deadline.cancel()
+
+    def stream(self, messages: list[Message]) -> Iterator[str]:
+        with self._deadline() as deadline:
+            yield from self._stream(messages, deadline)
 
     def _stream(self, messages: list[Message], deadline: _Deadline) -> Iterator[str]:
         started = time.monotonic()
@@ -401,17 +410,10 @@ class OpenAICompatibleModel:
 
     def complete(self, messages: list[Message]) -> str:
         started = time.monotonic()
-        deadline = _Deadline(self.timeout).start()
-        try:
+        with self._deadline() as deadline:
             with self._open(self._request(messages, stream=False), deadline) as resp:
                 raw = self._read(resp, started)
             return _nonempty(_completion_text(_json(raw)))
-        except ModelError:
-            if deadline.passed:  # the cut socket reads as a short or broken reply
-                raise self._timed_out() from None
-            raise
-        finally:
-            deadline.cancel()
 
     def _read(self, resp: Any, started: float) -> bytes:
         """The whole body, within the reply's time; a connection that drops early is a
