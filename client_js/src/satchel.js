@@ -1561,6 +1561,17 @@ export class SatchelClient extends EventTarget {
           await this._recover(err, sent, { retried: true }, false);
           this._reportError(err);
         }
+        if (meta && !meta.token) {
+          // The final event names no token: the body is the caller's, so this is only
+          // reported; the old token stays, and this turn is not in the context it holds.
+          this._reportError(
+            new SatchelError('Malformed satchel event: no token; this turn may not be in the context', {
+              code: 'stream_protocol',
+              response,
+            }),
+          );
+          meta = null;
+        }
         if (meta) {
           await this._applyMeta(meta, sent, 'stream');
           release();

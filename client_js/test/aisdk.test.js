@@ -184,3 +184,15 @@ test('prepareSendMessagesRequest: after tool results the last message is the ass
   const again = adapter.prepareSendMessagesRequest({ id: 'c', messages: uiMessages, trigger: 'regenerate-message', messageId: 'm4' });
   assert.deepEqual(again.body, { message: 'follow up', id: 'c', trigger: 'regenerate-message', messageId: 'm4' });
 });
+
+test('fetch wrapper: a data-satchel part with no token is reported, and the old token stays', async () => {
+  const text = uiStream({ seq: 2, session: 'S' });
+  const fetch = fakeFetch(() => sseReply(text));
+  const client = testClient({ conversation: 'ai-bad', fetch });
+  await client.importToken('tok-1', { seq: 1, session: 'S' });
+  const events = record(client, ['token', 'error']);
+  const { res } = await sendLikeTransport(satchelAISDK(client));
+  assert.equal(await res.text(), text, 'the AI SDK still sees the exact bytes');
+  assert.equal(client.token, 'tok-1');
+  assert.deepEqual(events.map((e) => [e.name, e.detail.error && e.detail.error.code]), [['error', 'stream_protocol']]);
+});
