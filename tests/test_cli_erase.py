@@ -271,3 +271,24 @@ def test_a_tier_that_fails_midway_is_named_with_what_was_erased(
     assert err.startswith("satchel erase: --store-url ($SATCHEL_STORE_URL) redis://")
     assert "already erased in --overflow-url ($SATCHEL_OVERFLOW_URL) sqlite:///" in err
     assert "run it again" in err
+
+
+def test_the_tombstone_outlives_the_session_lifetimes_the_environment_gives(
+    redis_server: Any,
+) -> None:
+    """The tombstone lived 31 days whatever the app's lifetimes: an app whose tokens
+    open for 60 days took an erased session's tokens again after a month."""
+    session = "ab" * 16
+    tag = Codec(KEYS).session_tag(bytes.fromhex(session))
+    redis = redis_server.client()
+    code, _out, err = erase(session, SATCHEL_OVERFLOW_URL=redis_server.url)
+    assert code == 0, err
+    (mark,) = redis.keys(f"*{tag}*:hwm")
+    assert 31 * 86400 - 5 <= redis.ttl(mark) <= 31 * 86400
+    code, _out, err = erase(
+        session, SATCHEL_OVERFLOW_URL=redis_server.url, SATCHEL_IDLE_TTL=str(60 * 86400)
+    )
+    assert code == 0, err
+    assert redis.ttl(mark) >= 60 * 86400
+    code, out, err = erase(session, SATCHEL_OVERFLOW_URL=redis_server.url, SATCHEL_MAX_AGE="soon")
+    assert code == 2 and out is None and "SATCHEL_MAX_AGE" in err

@@ -1206,3 +1206,35 @@ def test_a_request_sent_as_the_stream_hands_over_its_token_is_not_locked_out(
     # A real replay is still refused.
     replay = client.post("/chat", headers={"Satchel-Context": handed_over})
     assert replay.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("lifetimes", "expected"),
+    [
+        ({"SATCHEL_IDLE_TTL": 60, "SATCHEL_MAX_AGE": 150}, 60 + 600),  # a short session
+        ({"SATCHEL_IDLE_TTL": 60 * 86400, "SATCHEL_MAX_AGE": 90 * 86400}, 60 * 86400 + 600),
+        ({"SATCHEL_IDLE_TTL": None, "SATCHEL_MAX_AGE": 3600}, 3600 + 600),
+    ],
+    ids=["short", "long", "max-age-only"],
+)
+def test_marks_live_as_long_as_the_tokens_they_guard(
+    tmp_path: Path, redis_server: Any, lifetimes: dict[str, Any], expected: int
+) -> None:
+    """Marks lived a fixed 31 days: a month of tier memory for every 150-second
+    session, and for a 60-day one a mark gone while its tokens still opened (a replay
+    then passed as consistency_reset). Erasure tombstones outlive them, and 31 days."""
+    app, satchel = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        **lifetimes,
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    redis = redis_server.client()
+    (mark,) = [key for key in redis.keys("*:hwm")]
+    assert expected - 5 <= redis.ttl(mark) <= expected
+    session = app.extensions["satchel"].codec.open(token).session_id.hex()
+    with app.app_context():
+        satchel.erase(session)
+    assert redis.ttl(mark) >= max(expected, 31 * 86400) - 5

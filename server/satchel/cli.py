@@ -206,6 +206,21 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
     return _inspect_token(stored.decode("ascii", "replace"), args, **facts)
 
 
+def _env_seconds(name: str) -> float | None:
+    """A lifetime in seconds from the environment, as the app reads it (unset, empty or
+    ``None``: none); anything else is a ConfigurationError naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text or text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigurationError(f"{name}={text!r} is not a whole number of seconds") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be positive, not {value}")
+    return float(value)
+
+
 def cmd_erase(args: argparse.Namespace) -> int:
     from .erase import erase_session
 
@@ -219,6 +234,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
             # environment, erase must refuse even though SATCHEL_OVERFLOW_URL names a
             # Redis (which that app never reads).
             mode=os.environ.get("SATCHEL_MODE", ""),
+            # The tombstone must outlive the session's tokens: the app's lifetimes, when
+            # this environment has them (else at least 31 days).
+            idle_ttl=_env_seconds("SATCHEL_IDLE_TTL"),
+            max_age=_env_seconds("SATCHEL_MAX_AGE"),
         )
     except SatchelError as exc:
         print(f"satchel erase: {exc.message}", file=sys.stderr)

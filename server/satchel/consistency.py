@@ -53,8 +53,27 @@ if TYPE_CHECKING:
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
 ERASED = b"\x00erased"
-#: marks outlive every token they guard (maximum context age plus a margin)
+#: how long a mark lives when the session's lifetime is unknown or unbounded (no idle
+#: TTL, no maximum age), and the least an erasure tombstone lives
 DEFAULT_MARK_TTL = 31 * 86400.0
+#: a mark outlives the newest token it guards by this much (the codec's clock skew
+#: allowance, and clocks of app and tier that disagree)
+MARK_TTL_MARGIN = 600.0
+
+
+def mark_ttl_for(idle_ttl: float | None, max_age: float | None) -> float:
+    """How long a session's mark must live after a save: as long as the token that save
+    issued can open. That token expires at most ``idle_ttl`` later (never past the
+    maximum age, so without an idle TTL at most ``max_age``); every older one sooner.
+
+    A fixed 31 days kept the marks of a 150-second session for a month, and let those
+    of a 60-day one expire while its tokens still opened (a replay then went through
+    as ``consistency_reset``).
+    """
+    lifetime = idle_ttl if idle_ttl is not None else max_age
+    if lifetime is None:
+        return DEFAULT_MARK_TTL
+    return float(lifetime) + MARK_TTL_MARGIN
 
 
 def stricter(a: str, b: str | None) -> str:
@@ -488,8 +507,10 @@ class MonotonicGuard:
 
 __all__ = [
     "CLAIM_TTL",
+    "DEFAULT_MARK_TTL",
     "ERASED",
     "LEVELS",
+    "MARK_TTL_MARGIN",
     "ForkDetector",
     "MarkState",
     "MonotonicGuard",
@@ -497,6 +518,7 @@ __all__ = [
     "decode_mark",
     "encode_mark",
     "mark_key",
+    "mark_ttl_for",
     "new_mark_id",
     "refuse_erased",
     "release_claim",

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .codec import Codec
-from .consistency import ERASED, MonotonicGuard, mark_key
+from .consistency import DEFAULT_MARK_TTL, ERASED, MonotonicGuard, mark_key, mark_ttl_for
 from .errors import ConfigurationError, InvalidRequest, SatchelError
 from .keys import Keyring
 
@@ -50,10 +50,18 @@ def _holds_tombstone(tier: Any, tag: str) -> bool:
     return fetched.error is None and fetched.get(mark_key(tag)) == ERASED
 
 
-def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: bool) -> dict:
+def erase_in_tier(
+    codec: Codec,
+    tier: Any,
+    session_id: str | bytes,
+    *,
+    refuse: bool,
+    tombstone_ttl: float = DEFAULT_MARK_TTL,
+) -> dict:
     """Delete every tier key of the session; with ``refuse``, leave the tombstone (see
-    the module docstring). It is written after the delete, which would otherwise
-    remove it with the rest of the session."""
+    the module docstring) for ``tombstone_ttl`` seconds (see :func:`tombstone_ttl`). It
+    is written after the delete, which would otherwise remove it with the rest of the
+    session."""
     sid = parse_session_id(session_id)
     tag = codec.session_tag(sid)
     # The tombstone of an earlier erasure is in the session's keys and goes with them
@@ -64,7 +72,7 @@ def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: b
     if tombstoned:
         deleted = max(0, deleted - 1)
     if refuse:
-        guard = MonotonicGuard(tier)
+        guard = MonotonicGuard(tier, mark_ttl=tombstone_ttl)
         guard.erase(tag)
         # An unpinned ring's anchor moves with the end of the ring, and the monotonic
         # guard keeps the session's mark under each key's name (MonotonicGuard._mirror):
@@ -73,6 +81,14 @@ def erase_in_tier(codec: Codec, tier: Any, session_id: str | bytes, *, refuse: b
         for other in codec.session_tags_under_other_anchors(sid):
             guard.erase(other)
     return {"session": tag, "deleted_keys": deleted, "tokens_refused": refuse}
+
+
+def tombstone_ttl(idle_ttl: float | None, max_age: float | None) -> float:
+    """How long an erasure tombstone lives: as long as any token of the session could
+    still open (as a mark, :func:`~satchel.consistency.mark_ttl_for`), and never less
+    than 31 days: the tombstone is tiny, and ``satchel erase`` may run without the
+    app's lifetimes in its environment."""
+    return max(DEFAULT_MARK_TTL, mark_ttl_for(idle_ttl, max_age))
 
 
 def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
@@ -86,7 +102,14 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
         tag = state.codec.session_tag(parse_session_id(session_id))
         result = {"session": tag, "deleted_keys": 0, "tokens_refused": False}
     else:
-        result = erase_in_tier(state.codec, state.tier, session_id, refuse=True)
+        policy = state.pipeline.policy
+        result = erase_in_tier(
+            state.codec,
+            state.tier,
+            session_id,
+            refuse=True,
+            tombstone_ttl=tombstone_ttl(policy.idle_ttl, policy.max_age),
+        )
     state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
     return result
 
@@ -106,6 +129,8 @@ def erase_session(
     purpose: str = "satchel",
     store_url: str = "",
     mode: str = "",
+    idle_ttl: float | None = None,
+    max_age: float | None = None,
 ) -> dict[str, Any]:
     """Erase with keys from SATCHEL_KEYS in the tier at ``overflow_url`` and, for
     server-mode apps whose contexts live elsewhere, the store at ``store_url`` (the CLI).
@@ -120,6 +145,10 @@ def erase_session(
     empty one, and the tombstone written in it (or in the app's Redis, which a
     memory-mode app never reads) would report ``tokens_refused`` while the app kept
     serving the session. Both are a :class:`ConfigurationError`.
+
+    ``idle_ttl`` and ``max_age``: the app's session lifetimes, when known (the CLI reads
+    ``SATCHEL_IDLE_TTL`` and ``SATCHEL_MAX_AGE``); the tombstone outlives them
+    (:func:`tombstone_ttl`).
     """
     from .tiers import redact_url, tier_from_url
     from .tiers.guard import GuardedTier
@@ -158,7 +187,13 @@ def erase_session(
         done: list[str] = []
         for tier, (url, setting) in zip(tiers, settings.items(), strict=True):
             try:
-                erased = erase_in_tier(codec, tier, session_id, refuse=True)
+                erased = erase_in_tier(
+                    codec,
+                    tier,
+                    session_id,
+                    refuse=True,
+                    tombstone_ttl=tombstone_ttl(idle_ttl, max_age),
+                )
             except SatchelError as exc:
                 # Say what was erased already and which tier failed: erasing again
                 # once it answers finishes the job (erasure is idempotent).

@@ -39,7 +39,15 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..app_schema import MetadataMigration, MetadataSchema
 from ..codec import Codec
-from ..consistency import LEVELS, ForkDetector, MarkState, MonotonicGuard, new_mark_id, stricter
+from ..consistency import (
+    LEVELS,
+    ForkDetector,
+    MarkState,
+    MonotonicGuard,
+    mark_ttl_for,
+    new_mark_id,
+    stricter,
+)
 from ..context import Context
 from ..envelope import encoded_length
 from ..errors import (
@@ -242,6 +250,7 @@ class Satchel:
                 tier_down_policy=config.tier_down_policy,
                 observer=self.observer,
                 mark_ids=config.mark_ids,
+                mark_ttl=mark_ttl_for(config.idle_ttl, config.max_age),
                 other_anchor_tags=codec.session_tags_under_other_anchors,
             )
         elif config.mode == "client" and config.consistency == "monotonic":
