@@ -590,6 +590,18 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_COOKIE_SECURE": "maybe"}, "SATCHEL_COOKIE_SECURE must be true or false"),
         ({"SATCHEL_HEALTH_ROUTES": "bogus"}, "SATCHEL_HEALTH_ROUTES must be true or false"),
         ({"SATCHEL_SUMMARIZER": "llm"}, "SATCHEL_SUMMARIZER must be a callable"),
+        # These passed init_app and then failed (or silently broke) every request:
+        ({"SATCHEL_USER_BINDING": "current_user"}, "SATCHEL_USER_BINDING must be a function"),
+        ({"SATCHEL_COOKIE": "sc", "SATCHEL_COOKIE_PATH": 123}, "SATCHEL_COOKIE_PATH must be"),
+        ({"SATCHEL_COOKIE": "sc", "SATCHEL_COOKIE_PATH": "api"}, "SATCHEL_COOKIE_PATH must be"),
+        ({"SATCHEL_COOKIE": "sc", "SATCHEL_COOKIE_MAX_AGE": -10}, "SATCHEL_COOKIE_MAX_AGE must"),
+        ({"SATCHEL_JSON_FIELD": 123}, "SATCHEL_JSON_FIELD must be a JSON field name"),
+        ({"SATCHEL_MAX_TURNS": 2.7}, "SATCHEL_MAX_TURNS must be an integer"),
+        ({"SATCHEL_MAX_TURNS": True}, "SATCHEL_MAX_TURNS must be an integer"),
+        ({"SATCHEL_TOKEN_LIMIT": 9000.5}, "SATCHEL_TOKEN_LIMIT must be an integer"),
+        ({"SATCHEL_KEYS": "garbage"}, "^SATCHEL_KEYS: "),
+        ({"SATCHEL_KEYS": "k1:short"}, "^SATCHEL_KEYS: "),
+        ({"SATCHEL_ANCHOR_KID": "nope"}, "^SATCHEL_ANCHOR_KID: "),
     ],
 )
 def test_a_bad_limit_is_refused_at_start_up_naming_its_key(
@@ -735,3 +747,85 @@ def test_a_purpose_that_cannot_scope_keys_is_refused_at_start_up(purpose: str) -
     app.config.update(SATCHEL_KEYS=Keyring.generate().to_string(), SATCHEL_PURPOSE=purpose)
     with pytest.raises(ConfigurationError, match="SATCHEL_PURPOSE"):
         Satchel(app)
+
+
+# -- integration with the app's own hooks and views ------------------------------------------
+
+
+def test_an_async_view_with_a_stricter_level_stays_a_coroutine_function(tmp_path: Path) -> None:
+    """@satchel.consistency returned a plain wrapper around an async view: Flask called
+    it without awaiting, and every request to the route was a 500."""
+    import asyncio
+    import inspect
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring([K1]).to_string(), SATCHEL_OVERFLOW_URL=f"sqlite:///{tmp_path}/t.db"
+    )
+    satchel = Satchel(app)
+
+    @satchel.consistency("monotonic")
+    async def spend() -> dict[str, Any]:
+        await asyncio.sleep(0)
+        satchel.context.metadata["spent"] = True
+        return {"level": satchel._request_state().consistency}
+
+    assert inspect.iscoroutinefunction(spend)
+    with app.test_request_context("/spend", method="POST"):
+        assert asyncio.run(spend()) == {"level": "monotonic"}
+
+
+def _app_with_a_hook_before_init(tmp_path: Path) -> tuple[Flask, Satchel]:
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), TESTING=True)
+    satchel = Satchel()
+
+    @app.before_request  # registered before init_app: it runs before the extension's hook
+    def hook() -> Any:
+        from flask import request
+
+        if request.path == "/ping":
+            return {"pong": True}  # answers early: the extension's hook never runs
+        if request.path == "/hooked":
+            satchel.context.metadata["from_hook"] = True
+        return None
+
+    satchel.init_app(app)
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", "a secret turn")
+        return {"turns": len(satchel.context.turns)}
+
+    @app.post("/hooked")
+    def hooked() -> Any:
+        return {"from_hook": satchel.context.metadata.get("from_hook")}
+
+    return app, satchel
+
+
+def test_an_app_hook_registered_before_init_app_keeps_its_change_to_the_context(
+    tmp_path: Path,
+) -> None:
+    """The extension's own before_request hook replaced the request's state, so what an
+    earlier hook did with the context was neither seen by the view nor sealed."""
+    app, _ = _app_with_a_hook_before_init(tmp_path)
+    response = app.test_client().post("/hooked")
+    assert response.get_json() == {"from_hook": True}
+    assert codec_of(app).open(response.headers[HEADER_CONTEXT]).metadata == {"from_hook": True}
+
+
+def test_requests_sharing_an_app_context_never_share_a_context(tmp_path: Path) -> None:
+    """Requests pushed inside one app context (a test fixture's app_context()) share
+    ``g``: a request answered early by an app hook got the previous request's context
+    sealed onto its response, secret turn and all."""
+    app, _ = _app_with_a_hook_before_init(tmp_path)
+    client = app.test_client()
+    with app.app_context():
+        first = client.post("/chat")
+        assert first.get_json() == {"turns": 1}
+        ping = client.get("/ping")
+        assert ping.get_json() == {"pong": True}
+        assert HEADER_CONTEXT not in ping.headers
+        again = client.post("/chat")  # a new conversation, not the first one's
+        assert again.get_json() == {"turns": 1}

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -105,6 +106,10 @@ class RequestState:
     opened_level: str | None = None
     mark: MarkState | None = None
     opened_digest: bytes | None = None
+    #: the request this state belongs to: ``g`` is the app context's, and requests
+    #: pushed inside one app context (a test fixture's ``with app.app_context()``)
+    #: share it, so a state left by an earlier request must not be taken for this one's
+    owner: Any = None
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -358,13 +363,26 @@ class Satchel:
     # -- request hooks --------------------------------------------------------------------
 
     def _before_request(self) -> None:
-        g._satchel = RequestState()
+        # Starts the request's clock; keeps what an app hook that ran first (registered
+        # before init_app) did with the context.
+        self._request_state()
 
     @staticmethod
-    def _request_state() -> RequestState:
-        state = g.get("_satchel")
+    def _current_state() -> RequestState | None:
+        """This request's state, if it has one. Not whatever ``g`` holds: an app's own
+        ``before_request`` hook registered before :meth:`init_app` can run first (and
+        answer early, so this extension's hook never runs), and ``g`` outlives a
+        request when several share one app context."""
+        state: RequestState | None = g.get("_satchel")
+        if state is not None and state.owner is not request._get_current_object():  # type: ignore[attr-defined]
+            return None
+        return state
+
+    @classmethod
+    def _request_state(cls) -> RequestState:
+        state = cls._current_state()
         if state is None:
-            state = g._satchel = RequestState()
+            state = g._satchel = RequestState(owner=request._get_current_object())  # type: ignore[attr-defined]
         return state
 
     def read_token(self) -> str | None:
@@ -537,8 +555,7 @@ class Satchel:
                 if state.config.mode == "client":
                     _check_route_levels(server, monotonic, state.guard is not None)
 
-            @functools.wraps(view)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
+            def demand() -> None:
                 rs = self._request_state()
                 rs.consistency = stricter(level, rs.consistency)
                 opened = rs.opened_level
@@ -550,10 +567,26 @@ class Satchel:
                             f"the context was opened at {opened!r} consistency before "
                             f"{name} demanded {level!r}"
                         )
-                return view(*args, **kwargs)
 
-            wrapper._satchel_consistency = marked  # type: ignore[attr-defined]
-            return wrapper  # type: ignore[return-value]
+            wrapper: Any
+            if inspect.iscoroutinefunction(view):
+                # An async view stays one: Flask awaits what it registered only if it is
+                # a coroutine function (a plain wrapper returned an unawaited coroutine,
+                # and every request was a 500).
+                @functools.wraps(view)
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    demand()
+                    return await view(*args, **kwargs)
+
+            else:
+
+                @functools.wraps(view)
+                def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    demand()
+                    return view(*args, **kwargs)
+
+            wrapper._satchel_consistency = marked
+            return wrapper
 
         return decorate
 
@@ -582,7 +615,7 @@ class Satchel:
         self._request_state().discard = True
 
     def _after_request(self, response: Response) -> Response:
-        rs: RequestState | None = g.get("_satchel")
+        rs = self._current_state()
         if rs is None:
             return response
         if rs.context is None or rs.streaming:
@@ -714,7 +747,7 @@ class Satchel:
     def _handle_error(self, exc: SatchelError) -> Response:
         response = satchel_error_response(exc)
         self._expose_headers(response)
-        rs: RequestState | None = g.get("_satchel")
+        rs = self._current_state()
         config = self.state().config
         unusable = isinstance(exc, BadToken) and not isinstance(exc, WrongUser)
         if unusable and rs is not None and rs.token_source == "cookie":

@@ -164,6 +164,14 @@ MIN_TOKEN_LIMIT = 1024
 def _optional_int(value: Any) -> int | None:
     if value is None or value == "" or str(value).lower() == "none":
         return None
+    return _whole(value)
+
+
+def _whole(value: Any) -> int:
+    """An integer setting: an int, or a str of one. Not a bool (True would be 1) nor a
+    float (int(2.7) is 2: a typo would pass as another number)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(value)
     return int(value)
 
 
@@ -271,7 +279,7 @@ class SatchelConfig:
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
         ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")
-        _converted(values, ints, int, "an integer")
+        _converted(values, ints, _whole, "an integer")
         seconds = (
             "tier_read_timeout",
             "tier_connect_timeout",
@@ -382,6 +390,29 @@ class SatchelConfig:
             raise ConfigurationError(
                 "SATCHEL_SEGMENT_CACHE_BYTES must be a number of bytes >= 0 (0: no cache), "
                 f"not {self.segment_cache_bytes}"
+            )
+        if not (isinstance(self.cookie_path, str) and self.cookie_path.startswith("/")):
+            # Browsers ignore a cookie path that is not absolute (and werkzeug raises on
+            # one that is not a str): the cookie would never come back.
+            raise ConfigurationError(
+                f"SATCHEL_COOKIE_PATH must be a path starting with /, not {self.cookie_path!r}"
+            )
+        if self.cookie_max_age is not None and self.cookie_max_age <= 0:
+            raise ConfigurationError(
+                "SATCHEL_COOKIE_MAX_AGE must be a positive number of seconds (unset: a "
+                f"cookie for the browser session), not {self.cookie_max_age}: the browser "
+                "would delete the cookie at once"
+            )
+        if self.json_field is not None and not (
+            isinstance(self.json_field, str) and self.json_field
+        ):
+            raise ConfigurationError(
+                f"SATCHEL_JSON_FIELD must be a JSON field name, not {self.json_field!r}"
+            )
+        if self.user_binding is not None and not callable(self.user_binding):
+            raise ConfigurationError(
+                "SATCHEL_USER_BINDING must be a function returning the current user's id "
+                f"(or None), not {type(self.user_binding).__name__} {self.user_binding!r}"
             )
         if self.metrics_route is not None and not (
             isinstance(self.metrics_route, str) and self.metrics_route.startswith("/")
@@ -516,7 +547,15 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
         return value
     if value:
         anchor = app.config.get("SATCHEL_ANCHOR_KID") or os.environ.get("SATCHEL_ANCHOR_KID")
-        ring = Keyring.from_string(str(value), anchor_kid=anchor or None)
+        # Each problem names its setting (the messages never hold key material).
+        try:
+            Keyring.from_string(str(value))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"SATCHEL_KEYS: {exc.message}") from None
+        try:
+            ring = Keyring.from_string(str(value), anchor_kid=anchor or None)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"SATCHEL_ANCHOR_KID: {exc.message}") from None
         if len(ring) > 1 and not anchor:
             log.warning(
                 "SATCHEL_KEYS holds %d keys and SATCHEL_ANCHOR_KID is not set: session names "
@@ -534,6 +573,10 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
         return ring
     dev_file = app.config.get("SATCHEL_DEV_KEY_FILE")
     if dev_file:
+        if not isinstance(dev_file, str | os.PathLike):
+            raise ConfigurationError(
+                f"SATCHEL_DEV_KEY_FILE must be a file path, not {type(dev_file).__name__}"
+            )
         return dev_keyring(Path(dev_file))
     raise ConfigurationError(
         "no Satchel keys: set SATCHEL_KEYS (run `satchel keygen` to make one) "
