@@ -829,3 +829,14 @@ def test_requests_sharing_an_app_context_never_share_a_context(tmp_path: Path) -
         assert HEADER_CONTEXT not in ping.headers
         again = client.post("/chat")  # a new conversation, not the first one's
         assert again.get_json() == {"turns": 1}
+
+
+def test_a_response_carrying_a_token_is_never_cached_for_anyone_else() -> None:
+    """Responses with a token had neither Vary nor Cache-Control: a shared cache could
+    serve one client's token to another (send_file responses are cacheable by
+    heuristics), or a browser cache replay an old token to its own client."""
+    client = make_app(SATCHEL_COOKIE="ctx").test_client()
+    response = chat(client, "hello")
+    assert HEADER_CONTEXT in response.headers
+    assert {"satchel-context", "cookie"} <= {v.lower() for v in response.vary}
+    assert response.headers["Cache-Control"] == "no-store"

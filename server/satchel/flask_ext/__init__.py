@@ -642,6 +642,15 @@ class Satchel:
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
+        # The response carries a credential made for this client from what it sent: a
+        # cache must neither serve it to anyone else nor replay it to this client later
+        # (an old token sent again is a fork). As Flask's session adds Vary: Cookie; a
+        # Cache-Control the app set itself is left as it is (docs/lifecycle.md).
+        response.vary.add(config.header)
+        if config.cookie:
+            response.vary.add("Cookie")
+        if "Cache-Control" not in response.headers:
+            response.headers["Cache-Control"] = "no-store"
         if config.cookie:
             response.set_cookie(
                 config.cookie,
@@ -901,6 +910,7 @@ class Satchel:
             response.call_on_close(release)
             weakref.finalize(response, release)
         response.headers["Cache-Control"] = "no-store"
+        response.vary.add(self.state().config.header)  # as for a response with a token
         response.headers["X-Accel-Buffering"] = "no"
         if ai_sdk:
             response.headers["x-vercel-ai-ui-message-stream"] = "v1"
