@@ -276,8 +276,8 @@ def test_a_tier_that_fails_midway_is_named_with_what_was_erased(
 def test_the_tombstone_outlives_the_session_lifetimes_the_environment_gives(
     redis_server: Any,
 ) -> None:
-    """The tombstone lived 31 days whatever the app's lifetimes: an app whose tokens
-    open for 60 days took an erased session's tokens again after a month."""
+    """The tombstone lived 31 days whatever the app's maximum age: an app whose
+    sessions live 60 days took an erased session's tokens again after a month."""
     session = "ab" * 16
     tag = Codec(KEYS).session_tag(bytes.fromhex(session))
     redis = redis_server.client()
@@ -286,7 +286,7 @@ def test_the_tombstone_outlives_the_session_lifetimes_the_environment_gives(
     (mark,) = redis.keys(f"*{tag}*:hwm")
     assert 31 * 86400 - 5 <= redis.ttl(mark) <= 31 * 86400
     code, _out, err = erase(
-        session, SATCHEL_OVERFLOW_URL=redis_server.url, SATCHEL_IDLE_TTL=str(60 * 86400)
+        session, SATCHEL_OVERFLOW_URL=redis_server.url, SATCHEL_MAX_AGE=str(60 * 86400)
     )
     assert code == 0, err
     assert redis.ttl(mark) >= 60 * 86400

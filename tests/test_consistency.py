@@ -1211,18 +1211,21 @@ def test_a_request_sent_as_the_stream_hands_over_its_token_is_not_locked_out(
 @pytest.mark.parametrize(
     ("lifetimes", "expected"),
     [
-        ({"SATCHEL_IDLE_TTL": 60, "SATCHEL_MAX_AGE": 150}, 60 + 600),  # a short session
-        ({"SATCHEL_IDLE_TTL": 60 * 86400, "SATCHEL_MAX_AGE": 90 * 86400}, 60 * 86400 + 600),
-        ({"SATCHEL_IDLE_TTL": None, "SATCHEL_MAX_AGE": 3600}, 3600 + 600),
+        ({"SATCHEL_IDLE_TTL": 60, "SATCHEL_MAX_AGE": 150}, 150 + 600),  # a short session
+        ({"SATCHEL_IDLE_TTL": 60 * 86400, "SATCHEL_MAX_AGE": 90 * 86400}, 90 * 86400 + 600),
+        ({"SATCHEL_IDLE_TTL": 60, "SATCHEL_MAX_AGE": None}, 31 * 86400),  # no end to outlive
     ],
-    ids=["short", "long", "max-age-only"],
+    ids=["short", "long", "no-max-age"],
 )
-def test_marks_live_as_long_as_the_tokens_they_guard(
+def test_marks_live_until_the_session_s_maximum_age_has_passed(
     tmp_path: Path, redis_server: Any, lifetimes: dict[str, Any], expected: int
 ) -> None:
     """Marks lived a fixed 31 days: a month of tier memory for every 150-second
-    session, and for a 60-day one a mark gone while its tokens still opened (a replay
-    then passed as consistency_reset). Erasure tombstones outlive them, and 31 days."""
+    session, and for a 90-day one a mark gone while its tokens still opened (a replay
+    then passed as consistency_reset). Not the idle TTL either: client-level requests
+    keep any branch of the session alive (an older token included) without touching
+    the mark, up to the maximum age, and a mark gone before then let that branch undo
+    a spend at a monotonic route. Erasure tombstones outlive it, and 31 days."""
     app, satchel = make_app(
         tmp_path,
         SATCHEL_CONSISTENCY="monotonic",
@@ -1238,3 +1241,44 @@ def test_marks_live_as_long_as_the_tokens_they_guard(
     with app.app_context():
         satchel.erase(session)
     assert redis.ttl(mark) >= max(expected, 31 * 86400) - 5
+
+
+def test_a_branch_kept_alive_at_the_client_level_cannot_undo_a_spend_later(
+    tmp_path: Path,
+) -> None:
+    """The attack on idle-TTL marks: spend at a monotonic route, keep an older token
+    alive through the client-level chat route (each request renews its expiry and
+    leaves the mark alone), wait until no spend happened for the idle TTL: the mark
+    had expired and the old token spent again from its own credits."""
+    from satchel.tiers import MemoryTier
+
+    now = [1_800_000_000.0]
+    tier = MemoryTier(clock=lambda: now[0])
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_IDLE_TTL=60, SATCHEL_MAX_AGE=86400)
+    satchel = Satchel(app, tier=tier)
+    state = satchel.state(app)
+    for part in (state.codec, state.pipeline, state.guard):
+        part.clock = lambda: now[0]
+
+    @app.post("/chat")
+    def chat() -> Any:
+        satchel.context.add_turn("user", "hello")
+        return {}
+
+    @app.post("/spend")
+    @satchel.consistency("monotonic")
+    def spend() -> Any:
+        credits = satchel.context.metadata.get("credits", 3) - 1
+        satchel.context.metadata["credits"] = credits
+        return {"credits": credits}
+
+    client = app.test_client()
+    old = post(client, "/chat", None).headers["Satchel-Context"]
+    assert post(client, "/spend", old).get_json() == {"credits": 2}
+    for _ in range(30):  # 30 minutes of keeping the old branch alive, a chat a minute
+        now[0] += 55
+        old = post(client, "/chat", old).headers["Satchel-Context"]
+    replay = post(client, "/spend", old)
+    assert replay.status_code == 409, replay.get_json()
+    assert replay.get_json()["error"]["code"] == "stale_context"

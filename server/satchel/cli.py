@@ -234,9 +234,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
             # environment, erase must refuse even though SATCHEL_OVERFLOW_URL names a
             # Redis (which that app never reads).
             mode=os.environ.get("SATCHEL_MODE", ""),
-            # The tombstone must outlive the session's tokens: the app's lifetimes, when
-            # this environment has them (else at least 31 days).
-            idle_ttl=_env_seconds("SATCHEL_IDLE_TTL"),
+            # The tombstone must outlive the session's tokens: the app's maximum age,
+            # when this environment has it (else at least 31 days).
             max_age=_env_seconds("SATCHEL_MAX_AGE"),
         )
     except SatchelError as exc:

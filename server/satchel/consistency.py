@@ -28,6 +28,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,27 +54,35 @@ if TYPE_CHECKING:
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
 ERASED = b"\x00erased"
-#: how long a mark lives when the session's lifetime is unknown or unbounded (no idle
-#: TTL, no maximum age), and the least an erasure tombstone lives
+#: how long a mark lives without a maximum age (a session kept alive by its idle TTL has
+#: no end to outlive), and the least an erasure tombstone lives
 DEFAULT_MARK_TTL = 31 * 86400.0
-#: a mark outlives the newest token it guards by this much (the codec's clock skew
+#: a mark outlives the session it guards by this much (the codec's clock skew
 #: allowance, and clocks of app and tier that disagree)
 MARK_TTL_MARGIN = 600.0
 
 
-def mark_ttl_for(idle_ttl: float | None, max_age: float | None) -> float:
-    """How long a session's mark must live after a save: as long as the token that save
-    issued can open. That token expires at most ``idle_ttl`` later (never past the
-    maximum age, so without an idle TTL at most ``max_age``); every older one sooner.
+def mark_ttl_for(created_at: float, max_age: float | None, now: float) -> float:
+    """How long a session's mark must live after a save: until the session's maximum
+    age has passed, plus a margin. Not the idle TTL from the save: requests at the
+    ``client`` level renew any branch of the session (an older token included) without
+    touching the mark, up to the maximum age, so a mark gone before then let such a
+    branch undo a spend. Without a maximum age, :data:`DEFAULT_MARK_TTL`.
 
-    A fixed 31 days kept the marks of a 150-second session for a month, and let those
-    of a 60-day one expire while its tokens still opened (a replay then went through
-    as ``consistency_reset``).
+    (A fixed 31 days kept the marks of a 150-second session for a month, and let those
+    of a 90-day one expire while its tokens still opened.)
     """
-    lifetime = idle_ttl if idle_ttl is not None else max_age
-    if lifetime is None:
+    if max_age is None:
         return DEFAULT_MARK_TTL
-    return float(lifetime) + MARK_TTL_MARGIN
+    return max(60.0, created_at + max_age - now) + MARK_TTL_MARGIN
+
+
+def tombstone_ttl_for(max_age: float | None) -> float:
+    """How long an erasure tombstone lives: past any session's maximum age (the erased
+    session's creation time is not known), and at least :data:`DEFAULT_MARK_TTL`."""
+    if max_age is None:
+        return DEFAULT_MARK_TTL
+    return max(DEFAULT_MARK_TTL, max_age + MARK_TTL_MARGIN)
 
 
 def stricter(a: str, b: str | None) -> str:
@@ -219,6 +228,8 @@ class MonotonicGuard:
         tier_down_policy: str = "fail_open",
         observer: Observer = NULL_OBSERVER,
         mark_ttl: float = DEFAULT_MARK_TTL,
+        max_age: float | None = None,
+        clock: Callable[[], float] = time.time,
         mark_ids: bool = True,
         other_anchor_tags: Callable[[bytes], list[str]] | None = None,
     ) -> None:
@@ -230,7 +241,11 @@ class MonotonicGuard:
         self.mark_ids = mark_ids
         self.tier_down_policy = tier_down_policy
         self.observer = observer
+        #: how long marks live without a maximum age, and tombstones (:meth:`erase`)
         self.mark_ttl = mark_ttl
+        #: the sessions' maximum age: a mark lives until it has passed (mark_ttl_for)
+        self.max_age = max_age
+        self.clock = clock
         #: the session's tags under the ring's other keys as anchor (Codec.
         #: session_tags_under_other_anchors), looked at before a token is called stale
         self.other_anchor_tags = other_anchor_tags
@@ -367,16 +382,17 @@ class MonotonicGuard:
             return True
         assert ctx.parent is not None
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
+        ttl = self._ttl(ctx)
         try:
-            current = self.tier.compare_and_set_mark(state.key, state.expected, mark, self.mark_ttl)
+            current = self.tier.compare_and_set_mark(state.key, state.expected, mark, ttl)
             if current and current != ERASED and self._moved_to_own_parent(current, state):
-                current = self.tier.compare_and_set_mark(state.key, current, mark, self.mark_ttl)
+                current = self.tier.compare_and_set_mark(state.key, current, mark, ttl)
             if current == b"" and state.expected is not None:
                 # The mark vanished while the request ran (evicted, expired), which is
                 # not another request winning: report it as a lost mark and set it
                 # afresh. An erasure cannot be undone here: its tombstone is this key.
                 self._mark_lost(ctx, tag)
-                current = self.tier.compare_and_set_mark(state.key, None, mark, self.mark_ttl)
+                current = self.tier.compare_and_set_mark(state.key, None, mark, ttl)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
             return False
@@ -387,10 +403,15 @@ class MonotonicGuard:
             raise StaleContext(
                 "another request with the same token finished first; use the newest token"
             )
-        self._mirror(ctx, mark)
+        self._mirror(ctx, mark, ttl)
         return True
 
-    def _mirror(self, ctx: Context, mark: bytes) -> None:
+    def _ttl(self, ctx: Context) -> float:
+        if self.max_age is None:
+            return self.mark_ttl
+        return mark_ttl_for(ctx.created_at, self.max_age, self.clock())
+
+    def _mirror(self, ctx: Context, mark: bytes, ttl: float) -> None:
         """Copy the mark under the session's tags for the ring's other keys as anchor
         (an unpinned ring only: its anchor moves with the end of the ring). An instance
         whose ring anchors elsewhere (half way through a rollout) then finds this save
@@ -400,7 +421,7 @@ class MonotonicGuard:
             for key, fetched in self._marks_under_other_anchors(ctx.session_id):
                 held = fetched.get(key)
                 if fetched.error is None and held != ERASED:
-                    self.tier.compare_and_set_mark(key, held, mark, self.mark_ttl)
+                    self.tier.compare_and_set_mark(key, held, mark, ttl)
         except TierError:
             return
 
@@ -524,4 +545,5 @@ __all__ = [
     "release_claim",
     "stricter",
     "take_claim",
+    "tombstone_ttl_for",
 ]

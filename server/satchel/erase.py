@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .codec import Codec
-from .consistency import DEFAULT_MARK_TTL, ERASED, MonotonicGuard, mark_key, mark_ttl_for
+from .consistency import DEFAULT_MARK_TTL, ERASED, MonotonicGuard, mark_key, tombstone_ttl_for
 from .errors import ConfigurationError, InvalidRequest, SatchelError
 from .keys import Keyring
 
@@ -83,12 +83,10 @@ def erase_in_tier(
     return {"session": tag, "deleted_keys": deleted, "tokens_refused": refuse}
 
 
-def tombstone_ttl(idle_ttl: float | None, max_age: float | None) -> float:
-    """How long an erasure tombstone lives: as long as any token of the session could
-    still open (as a mark, :func:`~satchel.consistency.mark_ttl_for`), and never less
-    than 31 days: the tombstone is tiny, and ``satchel erase`` may run without the
-    app's lifetimes in its environment."""
-    return max(DEFAULT_MARK_TTL, mark_ttl_for(idle_ttl, max_age))
+def tombstone_ttl(max_age: float | None) -> float:
+    """How long an erasure tombstone lives (:func:`~satchel.consistency.tombstone_ttl_for`):
+    past the session's maximum age, whenever it began, and at least 31 days."""
+    return tombstone_ttl_for(max_age)
 
 
 def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
@@ -108,7 +106,7 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
             state.tier,
             session_id,
             refuse=True,
-            tombstone_ttl=tombstone_ttl(policy.idle_ttl, policy.max_age),
+            tombstone_ttl=tombstone_ttl(policy.max_age),
         )
     state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
     return result
@@ -129,7 +127,6 @@ def erase_session(
     purpose: str = "satchel",
     store_url: str = "",
     mode: str = "",
-    idle_ttl: float | None = None,
     max_age: float | None = None,
 ) -> dict[str, Any]:
     """Erase with keys from SATCHEL_KEYS in the tier at ``overflow_url`` and, for
@@ -146,9 +143,8 @@ def erase_session(
     memory-mode app never reads) would report ``tokens_refused`` while the app kept
     serving the session. Both are a :class:`ConfigurationError`.
 
-    ``idle_ttl`` and ``max_age``: the app's session lifetimes, when known (the CLI reads
-    ``SATCHEL_IDLE_TTL`` and ``SATCHEL_MAX_AGE``); the tombstone outlives them
-    (:func:`tombstone_ttl`).
+    ``max_age``: the app's maximum session age, when known (the CLI reads
+    ``SATCHEL_MAX_AGE``); the tombstone outlives it (:func:`tombstone_ttl`).
     """
     from .tiers import redact_url, tier_from_url
     from .tiers.guard import GuardedTier
@@ -192,7 +188,7 @@ def erase_session(
                     tier,
                     session_id,
                     refuse=True,
-                    tombstone_ttl=tombstone_ttl(idle_ttl, max_age),
+                    tombstone_ttl=tombstone_ttl(max_age),
                 )
             except SatchelError as exc:
                 # Say what was erased already and which tier failed: erasing again

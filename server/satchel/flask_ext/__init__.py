@@ -45,7 +45,6 @@ from ..consistency import (
     ForkDetector,
     MarkState,
     MonotonicGuard,
-    mark_ttl_for,
     new_mark_id,
     stricter,
 )
@@ -255,7 +254,7 @@ class Satchel:
                 tier_down_policy=config.tier_down_policy,
                 observer=self.observer,
                 mark_ids=config.mark_ids,
-                mark_ttl=mark_ttl_for(config.idle_ttl, config.max_age),
+                max_age=config.max_age,
                 other_anchor_tags=codec.session_tags_under_other_anchors,
             )
         elif config.mode == "client" and config.consistency == "monotonic":
