@@ -712,6 +712,22 @@ def test_a_model_that_keeps_every_read_busy_is_cut_at_the_timeout(
         assert time.monotonic() - started < 3
 
 
+def test_a_proxy_trickling_its_connect_answer_is_cut_at_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind HTTPS_PROXY the CONNECT tunnel is set up inside connect(), before the
+    socket was tracked: a proxy trickling its answer held the request past the timeout."""
+    with TricklingModel(b"HTTP/1.1 200 Connection established\r\n", b"X-Slow: 1\r\n") as proxy:
+        monkeypatch.setenv("https_proxy", proxy.base_url.removesuffix("/v1"))
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        model = OpenAICompatibleModel("https://model.invalid/v1", "tiny", timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(ModelError, match=r"longer than 0\.5 s"):
+            model.complete([{"role": "user", "content": "hi"}])
+        assert time.monotonic() - started < 3
+
+
 def test_a_model_that_answers_nothing_timed_out_it_is_not_unreachable() -> None:
     """A model that accepts the connection and never answers was reported as
     "model endpoint unreachable", sending an operator after the network."""

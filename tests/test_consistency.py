@@ -1282,3 +1282,32 @@ def test_a_branch_kept_alive_at_the_client_level_cannot_undo_a_spend_later(
     replay = post(client, "/spend", old)
     assert replay.status_code == 409, replay.get_json()
     assert replay.get_json()["error"]["code"] == "stale_context"
+
+
+def test_marks_follow_the_maximum_age_of_a_policy_passed_in(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Satchel(policy=...) renews tokens under its own maximum age: the marks were
+    sized by the config's (30 days by default), so a 90-day policy's sessions lost
+    their marks while a pre-spend branch could still open."""
+    from satchel.lifecycle import LifecyclePolicy
+
+    for max_age, expected in ((90 * 86400, 90 * 86400 + 600), (None, 31 * 86400)):
+        redis_server.client().flushall()
+        app = Flask(__name__)
+        app.config.update(
+            SATCHEL_KEYS=KEYS,
+            SATCHEL_CONSISTENCY="monotonic",
+            SATCHEL_OVERFLOW_URL=redis_server.url,
+        )
+        satchel = Satchel(app, policy=LifecyclePolicy(max_age=max_age))
+
+        @app.post("/chat")
+        def chat(satchel: Satchel = satchel) -> Any:
+            satchel.context.add_turn("user", "hello")
+            return {}
+
+        post(app.test_client(), "/chat", None)
+        redis = redis_server.client()
+        (mark,) = redis.keys("*:hwm")
+        assert expected - 5 <= redis.ttl(mark) <= expected

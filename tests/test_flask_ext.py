@@ -614,6 +614,18 @@ def test_a_bad_limit_is_refused_at_start_up_naming_its_key(
         make_app(**config)
 
 
+def test_whole_numbers_written_as_floats_are_integer_settings() -> None:
+    """7 * DAY (DAY is 86400.0) and timedelta(...).total_seconds() are the natural way
+    to write a lifetime: refusing floats stopped such apps at start-up."""
+    from datetime import timedelta
+
+    from satchel.lifecycle.policy import DAY
+
+    app = make_app(SATCHEL_IDLE_TTL=7 * DAY, SATCHEL_MAX_AGE=timedelta(days=30).total_seconds())
+    policy = Satchel.state(app).pipeline.policy
+    assert (policy.idle_ttl, policy.max_age) == (7 * 86400, 30 * 86400)
+
+
 def test_a_window_of_zero_keeps_only_the_newest_exchange() -> None:
     policy = policy_of(make_app(SATCHEL_MAX_TURNS=0, SATCHEL_MAX_LLM_TOKENS="0"))
     assert (policy.max_turns, policy.max_llm_tokens) == (0, 0)
@@ -848,3 +860,23 @@ def test_a_response_carrying_a_token_is_never_cached_for_anyone_else() -> None:
     assert HEADER_CONTEXT in response.headers
     assert {"satchel-context", "cookie"} <= {v.lower() for v in response.vary}
     assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_a_file_response_carrying_a_token_is_not_stored_either(tmp_path: Path) -> None:
+    """send_file sets Cache-Control: no-cache itself, which lets a cache keep a copy
+    (revalidated, then served with the token in it): no-store is added over it."""
+    from flask import send_file
+
+    (tmp_path / "notes.txt").write_text("hello")
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string())
+    satchel = Satchel(app)
+
+    @app.get("/notes")
+    def notes() -> Any:
+        satchel.context.add_turn("user", "downloaded the notes")
+        return send_file(tmp_path / "notes.txt")
+
+    response = app.test_client().get("/notes")
+    assert HEADER_CONTEXT in response.headers
+    assert response.cache_control.no_store

@@ -1103,7 +1103,13 @@ export class SatchelClient extends EventTarget {
         // the server has issued its token: adopt it (keeping the old one would fork
         // the conversation, or make it stale for good under monotonic), and the
         // stream counts as complete. Nothing more is read from the network.
-        outcome = await this._adoptBuffered(reading);
+        try {
+          outcome = await this._adoptBuffered(reading);
+        } catch (err) {
+          // A storage adapter that failed: reported, and the stream is cancelled; the
+          // lock and the result below are settled whatever happened here.
+          this._reportError(err);
+        }
       }
       release();
       if (outcome) settle.resolve(outcome);
@@ -1118,7 +1124,10 @@ export class SatchelClient extends EventTarget {
   async _adoptBuffered(reading) {
     if (!reading) return null;
     if (!reading.meta) {
-      const last = reading.pending.findLast((ev) => ev.event === 'satchel');
+      let last = null; // the newest final event (no findLast: Chrome < 97, Firefox < 104)
+      for (let i = reading.pending.length - 1; i >= 0 && !last; i -= 1) {
+        if (reading.pending[i].event === 'satchel') last = reading.pending[i];
+      }
       if (!last) return null;
       let meta;
       try {

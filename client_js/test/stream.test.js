@@ -361,3 +361,26 @@ test('stream(): leaving before the final event arrived cancels and keeps the old
   await assert.rejects(s.result, { code: 'stream_cancelled' });
   assert.equal(client.token, 'tok7');
 });
+
+test('stream(): leaving early with a storage adapter that fails still releases the lock and settles', async () => {
+  const base = memoryStorage();
+  let failing = false;
+  const storage = {
+    kind: 'memory',
+    get: (key) => (failing ? Promise.reject(new Error('disk gone')) : base.get(key)),
+    set: (key, value) => base.set(key, value),
+    remove: (key) => base.remove(key),
+  };
+  const fetch = fakeFetch(() => sseReply(chatStream({ deltas: ['Hel', 'lo'] })));
+  const client = testClient({ fetch, storage });
+  await client.importToken('tok7', { seq: 7, session: 'S' });
+  const s = client.stream('/s', {});
+  for await (const piece of s) {
+    failing = true; // adopting the buffered final event now fails in storage
+    if (piece === 'Hel') break;
+  }
+  await assert.rejects(s.result, { code: 'stream_cancelled' });
+  failing = false;
+  const next = await client.fetch('/again'); // the lock was released
+  assert.equal(next.status, 200);
+});

@@ -216,8 +216,21 @@ class _Deadline:
 
         def tracked(cls: type[http.client.HTTPConnection]) -> Any:
             # The socket, not the connection: urllib asks for Connection: close, and a
-            # connection then hands its socket to the response and forgets it.
+            # connection then hands its socket to the response and forgets it. Tracked
+            # as it is made (a proxy's CONNECT tunnel is set up inside connect()), and
+            # again once connected (TLS wraps it in a socket of its own).
             class Tracked(cls):  # type: ignore[valid-type,misc]
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    super().__init__(*args, **kwargs)
+                    create = self._create_connection
+
+                    def tracked_create(*a: Any, **kw: Any) -> socket.socket:
+                        sock = create(*a, **kw)
+                        deadline._track(sock)
+                        return sock
+
+                    self._create_connection = tracked_create
+
                 def connect(self) -> None:
                     super().connect()
                     deadline._track(self.sock)

@@ -244,7 +244,7 @@ class ServerSidePipeline(Pipeline):
             ) from exc
         except TierError as exc:
             self.observer.event("unavailable", reason=exc.code, op=op, mode=self.mode)
-            if exc.facts.get("unsent"):  # breaker open, connection refused: certain
+            if exc.facts.get("unsent"):  # the breaker is open: no socket was touched
                 raise TierUnavailable(
                     "the session store is unavailable and nothing was saved; retry shortly",
                     mode=self.mode,

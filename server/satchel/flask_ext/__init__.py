@@ -254,7 +254,7 @@ class Satchel:
                 tier_down_policy=config.tier_down_policy,
                 observer=self.observer,
                 mark_ids=config.mark_ids,
-                max_age=config.max_age,
+                max_age=policy.max_age,  # the policy the pipeline renews tokens under
                 other_anchor_tags=codec.session_tags_under_other_anchors,
             )
         elif config.mode == "client" and config.consistency == "monotonic":
@@ -643,13 +643,12 @@ class Satchel:
         config = self.state().config
         # The response carries a credential made for this client from what it sent: a
         # cache must neither serve it to anyone else nor replay it to this client later
-        # (an old token sent again is a fork). As Flask's session adds Vary: Cookie; a
-        # Cache-Control the app set itself is left as it is (docs/lifecycle.md).
+        # (an old token sent again is a fork), so no-store whatever the view set
+        # (send_file's no-cache still lets a cache store it). Vary, as Flask's session.
         response.vary.add(config.header)
         if config.cookie:
             response.vary.add("Cookie")
-        if "Cache-Control" not in response.headers:
-            response.headers["Cache-Control"] = "no-store"
+        response.cache_control.no_store = True
         if config.cookie:
             response.set_cookie(
                 config.cookie,

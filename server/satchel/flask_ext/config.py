@@ -168,9 +168,10 @@ def _optional_int(value: Any) -> int | None:
 
 
 def _whole(value: Any) -> int:
-    """An integer setting: an int, or a str of one. Not a bool (True would be 1) nor a
-    float (int(2.7) is 2: a typo would pass as another number)."""
-    if isinstance(value, bool) or isinstance(value, float):
+    """An integer setting: an int, a whole float (``7 * DAY``, ``timedelta(...)
+    .total_seconds()``), or a str of one. Not a bool (True would be 1) nor a fraction
+    (int(2.7) is 2: a typo would pass as another number)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(value)
     return int(value)
 

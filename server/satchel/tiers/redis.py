@@ -479,10 +479,8 @@ class RedisTier(Tier):
         if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
             return TierUnavailable(f"Redis did not answer in time ({op})", **facts)
         if isinstance(exc, redis.exceptions.ConnectionError | OSError):
-            if isinstance(exc, ConnectionRefusedError) or isinstance(
-                exc.__context__, ConnectionRefusedError
-            ):
-                facts["unsent"] = True  # refused at connect: no command left this process
+            # Not "unsent" even when the last connect was refused: the retry policy may
+            # have sent the command once already, and its reply been lost.
             return TierUnavailable(f"cannot reach Redis ({op}): {exc}", **facts)
         if isinstance(exc, RedisError | RedisClusterException):
             return TierUnavailable(f"Redis failed ({op}): {exc}", **facts)
