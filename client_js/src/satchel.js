@@ -1028,7 +1028,6 @@ export class SatchelClient extends EventTarget {
     run.started = true; // runs synchronously in the first next()
     let release = () => {};
     let outcome = null;
-    let failed = false;
     // The attempt being read: events parsed from the bytes received but not handled
     // yet, and what the result would say. Read again if the consumer leaves early.
     let reading = null;
@@ -1092,17 +1091,17 @@ export class SatchelClient extends EventTarget {
         return outcome;
       }
     } catch (err) {
-      failed = true;
       this._reportError(err);
       settle.reject(err);
       throw err;
     } finally {
-      if (!outcome && !failed) {
-        // The consumer left the loop early (generator.return()). If the server's
-        // final event is already here, in the bytes received with the last delta,
-        // the server has issued its token: adopt it (keeping the old one would fork
-        // the conversation, or make it stale for good under monotonic), and the
-        // stream counts as complete. Nothing more is read from the network.
+      if (!outcome) {
+        // The consumer left the loop early (generator.return(), or .throw(): then
+        // `result` has rejected with that error already). If the server's final event
+        // is already here, in the bytes received with the last delta, the server has
+        // issued its token: adopt it (keeping the old one would fork the
+        // conversation, or make it stale for good under monotonic), and, left by
+        // return(), the stream counts as complete. Nothing more is read.
         try {
           outcome = await this._adoptBuffered(reading);
         } catch (err) {

@@ -383,4 +383,17 @@ test('stream(): leaving early with a storage adapter that fails still releases t
   failing = false;
   const next = await client.fetch('/again'); // the lock was released
   assert.equal(next.status, 200);
+  await next.text(); // an event-stream body holds the lock until it is read
+});
+
+test('stream(): throw() into the stream after the final event arrived still adopts its token', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream({ deltas: ['Hel', 'lo'] })));
+  const client = testClient({ fetch });
+  await client.importToken('tok7', { seq: 7, session: 'S' });
+  const s = client.stream('/s', {});
+  assert.deepEqual(await s.next(), { value: 'Hel', done: false });
+  const stop = new Error('the page stopped reading');
+  await assert.rejects(s.throw(stop), (e) => e === stop);
+  await assert.rejects(s.result, (e) => e === stop);
+  assert.equal(client.token, 'tok8', 'the server issued tok8: keeping tok7 would fork');
 });

@@ -274,6 +274,11 @@ class ServerSidePipeline(Pipeline):
         unconfirmed = (
             "the session store did not confirm the write, which may still have been "
             "saved: reload the conversation before sending this again"
+            if ctx.stored_as is not None
+            # A new conversation: the client holds no carrier, so a write that landed
+            # anyway is one nobody can reach, and sending again starts it afresh.
+            else "the session store is unavailable; this new conversation was not "
+            "started: send it again shortly"
         )
         with self._store_errors("save", unconfirmed):
             # Only over what this request loaded (nothing, for a new session): another

@@ -29,6 +29,7 @@ import hmac
 import inspect
 import json
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -105,6 +106,9 @@ class RequestState:
     opened_level: str | None = None
     mark: MarkState | None = None
     opened_digest: bytes | None = None
+    #: held while the context is opened: a thread the view started with
+    #: copy_current_request_context shares this state, and must not open a second one
+    opening: threading.RLock = field(default_factory=threading.RLock)
 
 
 #: the attribute of the request object that holds its RequestState
@@ -376,11 +380,10 @@ class Satchel:
 
     @staticmethod
     def _request_state() -> RequestState:
-        current = request._get_current_object()  # type: ignore[attr-defined]
-        state: RequestState | None = vars(current).get(_STATE_ATTR)
-        if state is None:
-            state = RequestState()
-            setattr(current, _STATE_ATTR, state)
+        attrs: dict[str, Any] = request._get_current_object().__dict__  # type: ignore[attr-defined]
+        state: RequestState | None = attrs.get(_STATE_ATTR)
+        if state is None:  # setdefault: of two threads of one request, one state wins
+            state = attrs.setdefault(_STATE_ATTR, RequestState())
         return state
 
     def read_token(self) -> str | None:
@@ -426,9 +429,13 @@ class Satchel:
         first call; a bad token raises a :class:`~satchel.errors.BadToken` subclass,
         which the extension answers as JSON 4xx (or a fresh context, by policy)."""
         rs = self._request_state()
-        if rs.context is None:
-            rs.context = self._open_context(rs)
-        return rs.context
+        ctx = rs.context
+        if ctx is None:
+            with rs.opening:
+                if rs.context is None:
+                    rs.context = self._open_context(rs)
+                ctx = rs.context
+        return ctx
 
     def _open_context(self, rs: RequestState) -> Context:
         app_state = self.state()
