@@ -40,13 +40,20 @@ def exchange(pipeline: Pipeline, token: str | None, i: int) -> str:
     return result.token
 
 
-def test_a_process_caching_an_erased_conversation_cannot_write_it_back() -> None:
-    tier = MemoryTier()
-    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+def overflowed(tier: MemoryTier, codec: Codec) -> tuple[Pipeline, str]:
+    """A worker on ``tier`` and the last token of a conversation that has overflowed."""
     app = worker(tier, codec)
     token = None
     for i in range(12):
         token = exchange(app, token, i)
+    assert token is not None
+    return app, token
+
+
+def test_a_process_caching_an_erased_conversation_cannot_write_it_back() -> None:
+    tier = MemoryTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    app, token = overflowed(tier, codec)
     ctx = codec.open(token, now=NOW)
     assert ctx.overflow, "the conversation must have overflowed"
     tag = codec.session_tag(ctx.session_id)
@@ -68,10 +75,7 @@ def test_erasing_twice_reports_nothing_deleted_the_second_time() -> None:
     operator read it as data still there."""
     tier = MemoryTier()
     codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
-    app = worker(tier, codec)
-    token = None
-    for i in range(12):
-        token = exchange(app, token, i)
+    _app, token = overflowed(tier, codec)
     session = codec.open(token, now=NOW).session_id.hex()
     first = erase_in_tier(codec, GuardedTier(tier), session, refuse=True)
     assert first["deleted_keys"] >= 1

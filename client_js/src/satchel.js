@@ -637,15 +637,17 @@ function deltaText(ev, response) {
 /** The final `satchel` event's fields; it always names the next token. */
 function satchelMeta(ev, response) {
   const meta = metaFromEvent(safeJSON(ev.data));
-  if (!meta.token) {
-    // Taken as success, the old token would stay and this turn would silently be
-    // missing from the context the client carries.
-    throw new SatchelError('Malformed satchel event: no token; this turn may not be in the context', {
-      code: 'stream_protocol',
-      response,
-    });
-  }
+  // Taken as success, the old token would stay and this turn would silently be
+  // missing from the context the client carries.
+  if (!meta.token) throw tokenlessFinal(response);
   return meta;
+}
+
+function tokenlessFinal(response) {
+  return new SatchelError('Malformed satchel event: no token; this turn may not be in the context', {
+    code: 'stream_protocol',
+    response,
+  });
 }
 
 function streamOutcome(reading) {
@@ -1572,12 +1574,7 @@ export class SatchelClient extends EventTarget {
         if (meta && !meta.token) {
           // The final event names no token: the body is the caller's, so this is only
           // reported; the old token stays, and this turn is not in the context it holds.
-          this._reportError(
-            new SatchelError('Malformed satchel event: no token; this turn may not be in the context', {
-              code: 'stream_protocol',
-              response,
-            }),
-          );
+          this._reportError(tokenlessFinal(response));
           meta = null;
         }
         if (meta) {

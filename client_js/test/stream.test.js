@@ -145,8 +145,10 @@ test('stream(): in-stream token error before any delta is retried once; after a 
   assert.equal(late.calls.length, 1); // retrying would repeat text already shown
 });
 
-test('stream(): ending without the satchel event is an error (turn may be lost)', async () => {
-  const fetch = fakeFetch(() => sseReply(chatStream({ final: null, done: false })));
+/** Read `body` as a stream carrying token 'keep': it must fail with `code`, in the
+ * loop and in `result`, and the token must stay. */
+async function assertStreamFailsKeepingToken(body, code) {
+  const fetch = fakeFetch(() => sseReply(body));
   const client = testClient({ fetch });
   await client.importToken('keep');
   const s = client.stream('/s', {});
@@ -154,10 +156,14 @@ test('stream(): ending without the satchel event is an error (turn may be lost)'
     (async () => {
       for await (const _ of s) void _;
     })(),
-    (e) => e instanceof SatchelError && e.code === 'stream_incomplete',
+    (e) => e instanceof SatchelError && e.code === code,
   );
-  await assert.rejects(s.result, { code: 'stream_incomplete' });
+  await assert.rejects(s.result, { code });
   assert.equal(client.token, 'keep');
+}
+
+test('stream(): ending without the satchel event is an error (turn may be lost)', async () => {
+  await assertStreamFailsKeepingToken(chatStream({ final: null, done: false }), 'stream_incomplete');
 });
 
 test('stream(): satchel event without a trailing done is fine', async () => {
@@ -303,18 +309,7 @@ test('stream(): a null init is accepted, as fetch() accepts one', async () => {
 test('stream(): a final satchel event with no token is a stream_protocol error, not success', async () => {
   for (const data of ['not json', JSON.stringify({ seq: 9 })]) {
     const body = sse([{ event: 'delta', data: { text: 'hi' } }]) + `event: satchel\ndata: ${data}\n\n`;
-    const fetch = fakeFetch(() => sseReply(body));
-    const client = testClient({ fetch });
-    await client.importToken('keep');
-    const s = client.stream('/s', {});
-    await assert.rejects(
-      (async () => {
-        for await (const _ of s) void _;
-      })(),
-      (e) => e instanceof SatchelError && e.code === 'stream_protocol',
-    );
-    await assert.rejects(s.result, { code: 'stream_protocol' });
-    assert.equal(client.token, 'keep');
+    await assertStreamFailsKeepingToken(body, 'stream_protocol');
   }
 });
 

@@ -46,8 +46,9 @@ def parse_session_id(session_id: str | bytes) -> bytes:
 
 
 def _holds_tombstone(tier: Any, tag: str) -> bool:
-    fetched = tier.get_many([mark_key(tag)], cache=False)
-    return fetched.error is None and fetched.get(mark_key(tag)) == ERASED
+    key = mark_key(tag)
+    fetched = tier.get_many([key], cache=False)
+    return fetched.error is None and fetched.get(key) == ERASED
 
 
 def erase_in_tier(
@@ -59,9 +60,9 @@ def erase_in_tier(
     tombstone_ttl: float = DEFAULT_MARK_TTL,
 ) -> dict:
     """Delete every tier key of the session; with ``refuse``, leave the tombstone (see
-    the module docstring) for ``tombstone_ttl`` seconds (see :func:`tombstone_ttl`). It
-    is written after the delete, which would otherwise remove it with the rest of the
-    session."""
+    the module docstring) for ``tombstone_ttl`` seconds
+    (:func:`~satchel.consistency.tombstone_ttl_for`). It is written after the delete,
+    which would otherwise remove it with the rest of the session."""
     sid = parse_session_id(session_id)
     tag = codec.session_tag(sid)
     # The tombstone of an earlier erasure is in the session's keys and goes with them
@@ -83,12 +84,6 @@ def erase_in_tier(
     return {"session": tag, "deleted_keys": deleted, "tokens_refused": refuse}
 
 
-def tombstone_ttl(max_age: float | None) -> float:
-    """How long an erasure tombstone lives (:func:`~satchel.consistency.tombstone_ttl_for`):
-    past the session's maximum age, whenever it began, and at least 31 days."""
-    return tombstone_ttl_for(max_age)
-
-
 def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
     """Erase using a Flask app's Satchel state (tier, segments, guard, pipeline).
 
@@ -106,7 +101,7 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
             state.tier,
             session_id,
             refuse=True,
-            tombstone_ttl=tombstone_ttl(policy.max_age),
+            tombstone_ttl=tombstone_ttl_for(policy.max_age),
         )
     state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
     return result
@@ -144,7 +139,8 @@ def erase_session(
     serving the session. Both are a :class:`ConfigurationError`.
 
     ``max_age``: the app's maximum session age, when known (the CLI reads
-    ``SATCHEL_MAX_AGE``); the tombstone outlives it (:func:`tombstone_ttl`).
+    ``SATCHEL_MAX_AGE``); the tombstone outlives it
+    (:func:`~satchel.consistency.tombstone_ttl_for`).
     """
     from .tiers import redact_url, tier_from_url
     from .tiers.guard import GuardedTier
@@ -188,7 +184,7 @@ def erase_session(
                     tier,
                     session_id,
                     refuse=True,
-                    tombstone_ttl=tombstone_ttl(max_age),
+                    tombstone_ttl=tombstone_ttl_for(max_age),
                 )
             except SatchelError as exc:
                 # Say what was erased already and which tier failed: erasing again

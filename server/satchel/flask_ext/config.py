@@ -548,15 +548,13 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
         return value
     if value:
         anchor = app.config.get("SATCHEL_ANCHOR_KID") or os.environ.get("SATCHEL_ANCHOR_KID")
-        # Each problem names its setting (the messages never hold key material).
-        try:
-            Keyring.from_string(str(value))
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"SATCHEL_KEYS: {exc.message}") from None
         try:
             ring = Keyring.from_string(str(value), anchor_kid=anchor or None)
         except ConfigurationError as exc:
-            raise ConfigurationError(f"SATCHEL_ANCHOR_KID: {exc.message}") from None
+            # Name the setting at fault (the messages never hold key material): the
+            # anchor, if the ring parses without it.
+            setting = "SATCHEL_ANCHOR_KID" if anchor and _parses(str(value)) else "SATCHEL_KEYS"
+            raise ConfigurationError(f"{setting}: {exc.message}") from None
         if len(ring) > 1 and not anchor:
             log.warning(
                 "SATCHEL_KEYS holds %d keys and SATCHEL_ANCHOR_KID is not set: session names "
@@ -583,6 +581,14 @@ def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyr
         "no Satchel keys: set SATCHEL_KEYS (run `satchel keygen` to make one) "
         "or SATCHEL_DEV_KEY_FILE for local development"
     )
+
+
+def _parses(keys: str) -> bool:
+    try:
+        Keyring.from_string(keys)
+    except ConfigurationError:
+        return False
+    return True
 
 
 def dev_keyring(path: Path) -> Keyring:

@@ -132,19 +132,21 @@ def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
         "tier": None,
     }
     schema = getattr(getattr(state, "pipeline", None), "metadata_schema", None)
+    missing_downgrades: list[int] = []
     if schema is not None and schema.version:
+        missing_downgrades = schema.missing_downgrades()
         body["metadata"] = {
             "version": schema.version,
             "write_version": schema.write_version,
             "missing_migrations": schema.missing_migrations(),
-            "missing_downgrades": schema.missing_downgrades(),
+            "missing_downgrades": missing_downgrades,
         }
     tier = getattr(state, "tier", None)
     if tier is not None:
         body["tier"] = tier_status(tier)
         if not body["tier"]["reachable"] or body["tier"]["breaker"] != "closed":
             body["status"] = "degraded"
-    if kids == 0 or (body.get("metadata") or {}).get("missing_downgrades"):
+    if kids == 0 or missing_downgrades:  # nothing can be opened, or nothing written
         body["status"] = "not_ready"
         return body, 503
     return body, 200
