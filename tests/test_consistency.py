@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 from flask import Flask, has_request_context, request
 
 from satchel import Keyring, Satchel
-from satchel.consistency import ForkDetector, decode_mark, encode_mark
+from satchel.consistency import ForkDetector, decode_mark, encode_mark, newest_key
 from satchel.schema import from_wire
 from satchel.serialize import unpack
 
@@ -166,11 +167,92 @@ def test_monotonic_refuses_replay_of_an_old_token(tmp_path: Path) -> None:
     client = app.test_client()
     t1 = post(client, "/chat", None).headers["Satchel-Context"]
     t2 = post(client, "/chat", t1).headers["Satchel-Context"]
+    t3 = post(client, "/chat", t2).headers["Satchel-Context"]
+    # Two saves behind: refused, and given nothing.
     replay = post(client, "/chat", t1)
     assert replay.status_code == 409
     assert replay.get_json()["error"]["code"] == "stale_context"
     assert "Satchel-Context" not in replay.headers
-    assert post(client, "/chat", t2).status_code == 200
+    assert post(client, "/chat", t3).status_code == 200
+
+
+def test_the_token_the_newest_was_made_from_gets_the_newest_back(tmp_path: Path) -> None:
+    """A response lost on its way (a dropped connection) leaves the client with the
+    token the newest was made from. It is refused, as any replay, but the 409 hands
+    the newest token back, so the client catches up instead of being locked out; that
+    undoes nothing (the spend is in it) and gives nothing its holder could not get."""
+    app, _ = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)  # the response the client never got
+    assert spent.get_json() == {"credits": 9}
+    replay = post(client, "/spend", t0)
+    assert replay.status_code == 409
+    assert replay.get_json()["error"]["code"] == "stale_context"
+    assert "newest token" in replay.get_json()["error"]["message"]
+    assert replay.headers["Satchel-Context"] == spent.headers["Satchel-Context"]
+    assert replay.headers["Satchel-Seq"] == spent.headers["Satchel-Seq"]
+    assert replay.headers["Satchel-Session"] == spent.headers["Satchel-Session"]
+    assert replay.headers["Cache-Control"] == "no-store"
+    assert "Satchel-Context" in replay.headers["Vary"]
+    assert "Satchel-Context" in replay.headers["Access-Control-Expose-Headers"]
+    # The handed-back token goes on from the spend: nothing was rolled back.
+    after = post(client, "/spend", replay.headers["Satchel-Context"])
+    assert after.get_json() == {"credits": 8}
+    # Once the newest has moved on, the old parent gets nothing (two saves behind)...
+    again = post(client, "/spend", t0)
+    assert again.status_code == 409 and "Satchel-Context" not in again.headers
+    # ...and the parent of the new newest gets that one.
+    behind = post(client, "/spend", spent.headers["Satchel-Context"])
+    assert behind.headers["Satchel-Context"] == after.headers["Satchel-Context"]
+    # A sibling of the newest (made from the same parent at a client-level route, a
+    # branch of its own) is not its parent: nothing.
+    sibling = post(client, "/chat", spent.headers["Satchel-Context"])
+    assert sibling.status_code == 200 and "Satchel-Fork" in sibling.headers
+    refused = post(client, "/spend", sibling.headers["Satchel-Context"])
+    assert refused.status_code == 409 and "Satchel-Context" not in refused.headers
+
+
+def test_keep_newest_off_keeps_no_token_in_the_tier(tmp_path: Path) -> None:
+    app, _ = make_app(
+        tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path), SATCHEL_KEEP_NEWEST="false"
+    )
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)
+    tag = spent.headers["Satchel-Session"]
+    tier = Satchel.state(app).tier
+    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    replay = post(client, "/spend", t0)
+    assert replay.status_code == 409 and "Satchel-Context" not in replay.headers
+
+
+def test_the_newest_token_is_handed_back_in_the_cookie_too(tmp_path: Path) -> None:
+    app, _ = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path), SATCHEL_COOKIE="satchel")
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)
+    replay = post(client, "/spend", t0)
+    assert replay.status_code == 409
+    cookie = replay.headers["Set-Cookie"]
+    assert cookie.startswith(f"satchel={spent.headers['Satchel-Context']};")
+    assert "HttpOnly" in cookie
+
+
+def test_erasing_a_session_deletes_its_kept_newest_token(tmp_path: Path) -> None:
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)
+    tag = spent.headers["Satchel-Session"]
+    tier = Satchel.state(app).tier
+    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is not None
+    with app.app_context():
+        session_id = satchel.codec.open(spent.headers["Satchel-Context"]).session_id
+        satchel.erase(session_id)
+    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    replay = post(client, "/spend", t0)
+    assert replay.status_code == 410 and "Satchel-Context" not in replay.headers
 
 
 def test_monotonic_two_concurrent_requests_with_one_token(tmp_path: Path) -> None:
@@ -1311,3 +1393,133 @@ def test_marks_follow_the_maximum_age_of_a_policy_passed_in(
         redis = redis_server.client()
         (mark,) = redis.keys("*:hwm")
         assert expected - 5 <= redis.ttl(mark) <= expected
+
+
+def test_a_stream_left_just_before_its_final_event_can_catch_up(tmp_path: Path) -> None:
+    """The client saw the whole reply and closed its connection normally (a Stop at the
+    very end, a reader done at the last text) while the server saved. The server's
+    write of the final event into the half-closed socket succeeds, so it moves the mark
+    to a token nobody holds: the client's token was then refused for good. Now the 409
+    hands the newest token back. A real server and a raw socket, so the connection
+    really closes (the test client cannot do that). wsgiref, as gunicorn, writes each
+    piece of the body with one send, the first of which succeeds after the client has
+    gone (werkzeug's dev server writes a chunk in three, and sees the reset).
+    """
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+    gate = threading.Event()
+    settled = threading.Event()
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+        gated = request.headers.get("X-Gate") == "1"
+
+        def complete(text: str) -> None:
+            if gated:
+                assert gate.wait(10)  # the client closes while the server saves
+            ctx.add_turn("assistant", text)
+
+        response = satchel.stream(iter(["the ", "whole ", "reply"]), on_complete=complete)
+        if gated:
+            response.call_on_close(settled.set)
+        return response
+
+    server = threaded_wsgiref(app)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_port
+    try:
+        t0 = token_in(ok_post(port, None))
+        # The request whose final event never reaches anyone.
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body = json.dumps({"message": "again"}).encode()
+        sock.sendall(
+            b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Satchel-Context: {t0}\r\nX-Gate: 1\r\n".encode()
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        seen = b""
+        while b"reply" not in seen:  # the last delta has arrived
+            chunk = sock.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        assert b"event: satchel" not in seen
+        sock.close()  # FIN: the client is gone, normally
+        gate.set()
+        # Until the abandoned stream has ended on the server, the token's claim
+        # answers 409 context_busy.
+        deadline = time.monotonic() + 10
+        while True:
+            replay = raw_post(port, t0)
+            if replay[0] != 409 or "context_busy" not in replay[2]:
+                break
+            assert time.monotonic() < deadline, "the abandoned stream never ended"
+            settled.wait(0.05)
+        status, headers, text = replay
+        assert status == 409 and "stale_context" in text, text
+        newest = headers.get("satchel-context")
+        assert newest, "locked out: the 409 carried no token"
+        # The handed-back token holds the exchange the client never saw the end of,
+        # and the conversation goes on from it.
+        with app.app_context():
+            turns = [t.content for t in satchel.codec.open(newest).turns]
+        assert turns[-2:] == ["again", "the whole reply"]
+        assert "event: satchel" in ok_post(port, newest)
+    finally:
+        server.shutdown()
+
+
+def threaded_wsgiref(app: Flask) -> Any:
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return make_server("127.0.0.1", 0, app, server_class=Server, handler_class=QuietHandler)
+
+
+def raw_post(port: int, token: str | None) -> tuple[int, dict[str, str], str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Satchel-Context"] = token
+    try:
+        conn.request("POST", "/stream", body=json.dumps({"message": "hi"}), headers=headers)
+        response = conn.getresponse()
+        text = response.read().decode()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, text
+    finally:
+        conn.close()
+
+
+def ok_post(port: int, token: str | None) -> str:
+    status, _headers, text = raw_post(port, token)
+    assert status == 200, text
+    return text
+
+
+def test_the_newest_token_is_handed_back_on_redis(tmp_path: Path, redis_server: Any) -> None:
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=redis_server.url)
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)
+    replay = post(client, "/spend", t0)
+    assert replay.status_code == 409
+    assert replay.headers["Satchel-Context"] == spent.headers["Satchel-Context"]
+    # Erasure reaches it (the session's index lists it).
+    tag = spent.headers["Satchel-Session"]
+    assert redis_server.client().get(newest_key(tag)) is not None
+    with app.app_context():
+        satchel.erase(satchel.codec.open(t0).session_id)
+    assert redis_server.client().get(newest_key(tag)) is None

@@ -17,7 +17,10 @@
   eviction), a token that says its session was marked (``Context.marked``) shows it:
   the request is served, flagged ``consistency_reset``, counted and logged, and the
   mark starts again from that token. No policy can refuse it: nothing is left to tell
-  the newest token from an older one.
+  the newest token from an older one. The newest token is also kept next to the mark
+  (until it expires) and handed back, with the 409, to a request that sends the very
+  token it was made from: the client whose response was lost on its way (a dropped
+  connection, a stream stopped at its end) catches up instead of being locked out.
 * ``server``: the whole context lives server-side (``SATCHEL_MODE = "server"``).
 
 See docs/consistency.md.
@@ -26,6 +29,7 @@ See docs/consistency.md.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -50,6 +54,8 @@ from .schema import MARK_ID_BYTES
 
 if TYPE_CHECKING:
     from .tiers.guard import Fetched
+
+log = logging.getLogger("satchel")
 
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
@@ -94,6 +100,27 @@ def stricter(a: str, b: str | None) -> str:
 
 def mark_key(tag: str, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:hwm"
+
+
+def newest_key(tag: str, prefix: str = "satchel") -> str:
+    """The key of the session's newest monotonic token (:meth:`MonotonicGuard.after`),
+    in the session's hash tag, so erasure deletes it with the rest."""
+    return f"{prefix}:{{{tag}}}:newest"
+
+
+def encode_newest(mark_id: bytes, parent: bytes, token: str, seq: int) -> bytes:
+    """The stored newest token: ``[mark_id, parent digest, token, seq]``."""
+    return msgpack.packb([mark_id, parent, token, seq], use_bin_type=True)
+
+
+def decode_newest(raw: bytes) -> tuple[bytes, bytes, str, int] | None:
+    try:
+        mark_id, parent, token, seq = msgpack.unpackb(raw, raw=False)
+        if isinstance(token, str) and isinstance(seq, int):
+            return bytes(mark_id), bytes(parent), token, seq
+    except (ValueError, TypeError, msgpack.UnpackException):
+        pass
+    return None  # unreadable: nothing to hand back, the refusal stands as it is
 
 
 #: How long a streamed reply holds its claim on the token it answers, at most. It is
@@ -216,6 +243,8 @@ class MarkState:
     mark_id: bytes | None = None
     #: the mark ids the opened token carried (its own and its parent's)
     opened_ids: tuple[bytes | None, bytes | None] = (None, None)
+    #: the digest of the token the request opened (None: it sent none)
+    opened_digest: bytes | None = None
 
 
 class MonotonicGuard:
@@ -229,8 +258,10 @@ class MonotonicGuard:
         observer: Observer = NULL_OBSERVER,
         mark_ttl: float = DEFAULT_MARK_TTL,
         max_age: float | None = None,
+        idle_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
         mark_ids: bool = True,
+        keep_newest: bool = True,
         other_anchor_tags: Callable[[bytes], list[str]] | None = None,
     ) -> None:
         if tier_down_policy not in ("fail_open", "fail_closed"):
@@ -245,6 +276,11 @@ class MonotonicGuard:
         self.mark_ttl = mark_ttl
         #: the sessions' maximum age: a mark lives until it has passed (mark_ttl_for)
         self.max_age = max_age
+        #: the tokens' idle TTL: how long a kept newest token is of use (keep_newest)
+        self.idle_ttl = idle_ttl
+        #: keep each save's token next to the mark and hand it back to a request that
+        #: sends that token's parent (its response was lost): the 409 carries it
+        self.keep_newest = keep_newest
         self.clock = clock
         #: the session's tags under the ring's other keys as anchor (Codec.
         #: session_tags_under_other_anchors), looked at before a token is called stale
@@ -308,11 +344,14 @@ class MonotonicGuard:
         if mark is not None and not fresh:
             if not self._descends(ctx, *mark) and not self._anchor_changed(ctx, tag):
                 seq = mark[0]
-                self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail=f"mark={seq}")
-                raise StaleContext(
+                self._refuse_stale(
+                    ctx,
+                    tag,
+                    mark[2],
+                    ctx.parent,
                     f"this token (seq {ctx.seq}) does not descend from the newest one "
                     f"the server has seen for this route (seq {seq}); use the newest token",
-                    seq=ctx.seq,
+                    detail=f"mark={seq}",
                     newest_seq=seq,
                 )
         return MarkState(
@@ -320,7 +359,62 @@ class MonotonicGuard:
             raw,
             mark_id=mark[2] if mark is not None else None,
             opened_ids=(ctx.mark_id, ctx.mark_parent),
+            opened_digest=None if fresh else ctx.parent,
         )
+
+    def _refuse_stale(
+        self,
+        ctx: Context,
+        tag: str,
+        mark_id: bytes | None,
+        presented: bytes | None,
+        message: str,
+        *,
+        detail: str,
+        newest_seq: int | None = None,
+    ) -> NoReturn:
+        """Raise StaleContext, with the newest token when ``presented`` (the digest of
+        the token the request sent) is its parent."""
+        newest = self._newest_for(tag, mark_id, presented)
+        self.observer.event(
+            "stale_refused", session=tag, seq=ctx.seq, detail=detail, recovered=newest is not None
+        )
+        facts: dict[str, Any] = {"seq": ctx.seq}
+        if newest_seq is not None:
+            facts["newest_seq"] = newest_seq
+        if newest is None:
+            raise StaleContext(message, **facts)
+        facts.update(newest_seq=newest[1], session=tag)
+        raise StaleContext(
+            message + "; this response carries the newest token, which already holds "
+            "what the lost response did",
+            newest_token=newest[0],
+            **facts,
+        )
+
+    def _newest_for(
+        self, tag: str, mark_id: bytes | None, presented: bytes | None
+    ) -> tuple[str, int] | None:
+        """The session's newest token and its seq, if it was made from the very token
+        the request sent (digest ``presented``) and still is the newest (it carries the
+        id of the mark, ``mark_id``); else None.
+
+        Whoever holds that parent could have sent the request that made it, so handing
+        it back gives nothing new away, and undoes nothing: it is the newest state. A
+        token two saves behind, or a sibling, gets no token (docs/consistency.md).
+        """
+        if not self.keep_newest or mark_id is None or presented is None:
+            return None
+        key = newest_key(tag)
+        fetched = self.tier.get_many([key], cache=False)
+        raw = fetched.get(key) if fetched.error is None else None
+        record = decode_newest(raw) if raw is not None else None
+        if record is None:
+            return None
+        kept_id, parent, token, seq = record
+        if hmac.compare_digest(kept_id, mark_id) and hmac.compare_digest(parent, presented):
+            return token, seq
+        return None
 
     def _anchor_changed(self, ctx: Context, tag: str) -> bool:
         """Whether ``ctx``'s token descends from this session's mark under another key
@@ -372,11 +466,12 @@ class MonotonicGuard:
         same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
         return not (seq > ctx.seq or (seq == ctx.seq and not same))
 
-    def after(self, ctx: Context, tag: str, state: MarkState) -> bool:
+    def after(self, ctx: Context, tag: str, state: MarkState, token: str | None = None) -> bool:
         """Move the mark to the token just issued; lose the race -> StaleContext.
 
         False when the tier failed the write and ``fail_open`` served the request
         anyway: the mark is where it was (or, for a session's first, nowhere).
+        ``token``, the token just issued, is kept next to the mark (``keep_newest``).
         """
         if not state.checked:
             return True
@@ -399,12 +494,48 @@ class MonotonicGuard:
         if current == ERASED:  # erased while this request ran
             refuse_erased(self.observer, tag)
         if current is not None:
-            self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
-            raise StaleContext(
-                "another request with the same token finished first; use the newest token"
+            rival = decode_mark(current)
+            # The rival's token is handed back when it has been kept already (it is
+            # written right after the rival's mark; usually it has been).
+            self._refuse_stale(
+                ctx,
+                tag,
+                rival[2] if rival is not None else None,
+                state.opened_digest,
+                "another request with the same token finished first; use the newest token",
+                detail="race",
             )
         self._mirror(ctx, mark, ttl)
+        if token is not None:
+            self._keep_newest(ctx, tag, state, token)
         return True
+
+    def _keep_newest(self, ctx: Context, tag: str, state: MarkState, token: str) -> None:
+        """Keep the token just issued, for the client whose response is lost
+        (:meth:`_newest_for`), until it expires. Best effort: without it, that client
+        is refused for good, as the price of the guarantee was before."""
+        if not (self.keep_newest and self.mark_ids) or ctx.mark_id is None:
+            return
+        if state.opened_digest is None:
+            return  # a new conversation: a client that lost it holds no token to send
+        now = self.clock()
+        candidates = [self._ttl(ctx)]
+        if self.idle_ttl is not None:
+            candidates.append(self.idle_ttl + MARK_TTL_MARGIN)
+        if self.max_age is not None:
+            candidates.append(ctx.created_at + self.max_age - now + MARK_TTL_MARGIN)
+        ttl = max(60.0, min(candidates))
+        try:
+            self.tier.put(
+                newest_key(tag),
+                encode_newest(ctx.mark_id, state.opened_digest, token, ctx.seq),
+                ttl,
+                cache=False,
+            )
+        except TierError as exc:
+            # Not a degraded response: this exchange is saved and checked. Only a
+            # response of it lost on the way could not be made good.
+            log.warning("satchel: the newest token was not kept (%s)", exc.code)
 
     def _ttl(self, ctx: Context) -> float:
         if self.max_age is None:
@@ -493,11 +624,14 @@ class MonotonicGuard:
                 if raw == ERASED:
                     refuse_erased(self.observer, tag)
                 assert mark is not None
-                self.observer.event("stale_refused", session=tag, seq=ctx.seq, detail="race")
-                raise StaleContext(
+                self._refuse_stale(
+                    ctx,
+                    tag,
+                    mark[2],
+                    state.opened_digest,
                     f"this token (seq {ctx.seq}) was answered by another request while this "
                     f"one waited (the newest is seq {mark[0]}); use the newest token",
-                    seq=ctx.seq,
+                    detail="race",
                     newest_seq=mark[0],
                 )
         return key
@@ -537,10 +671,13 @@ __all__ = [
     "MonotonicGuard",
     "claim_key",
     "decode_mark",
+    "decode_newest",
     "encode_mark",
+    "encode_newest",
     "mark_key",
     "mark_ttl_for",
     "new_mark_id",
+    "newest_key",
     "refuse_erased",
     "release_claim",
     "stricter",

@@ -107,6 +107,15 @@ class StaleContext(SatchelError):
     code = "stale_context"
     status = 409
 
+    def __init__(
+        self, message: str | None = None, *, newest_token: str | None = None, **facts: Any
+    ) -> None:
+        super().__init__(message, **facts)
+        #: The session's newest token, when the refused token is the one it was made
+        #: from (its response was lost on the way): the 409 hands it back. An
+        #: attribute, not a fact: facts are plain data for logs, this is a credential.
+        self.newest_token = newest_token
+
 
 class ContextBusy(SatchelError):
     """Another request with the same token is being answered right now (a streamed

@@ -57,6 +57,7 @@ from ..errors import (
     InvalidRequest,
     MalformedToken,
     SatchelError,
+    StaleContext,
     WrongUser,
 )
 from ..keys import Keyring
@@ -106,6 +107,8 @@ class RequestState:
     opened_level: str | None = None
     mark: MarkState | None = None
     opened_digest: bytes | None = None
+    #: the token finish() sealed, kept next to the monotonic mark when it moves
+    issued: str | None = None
     #: held while the context is opened: a thread the view started with
     #: copy_current_request_context shares this state, and must not open a second one
     opening: threading.RLock = field(default_factory=threading.RLock)
@@ -258,7 +261,9 @@ class Satchel:
                 tier_down_policy=config.tier_down_policy,
                 observer=self.observer,
                 mark_ids=config.mark_ids,
+                keep_newest=config.keep_newest,
                 max_age=policy.max_age,  # the policy the pipeline renews tokens under
+                idle_ttl=policy.idle_ttl,
                 other_anchor_tags=codec.session_tags_under_other_anchors,
             )
         elif config.mode == "client" and config.consistency == "monotonic":
@@ -643,7 +648,7 @@ class Satchel:
             try:
                 headers = self.finish(rs)
             except SatchelError as exc:
-                return satchel_error_response(exc)
+                return self._handle_error(exc)
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
@@ -663,15 +668,7 @@ class Satchel:
                 response.vary.add("Cookie")
             response.cache_control.no_store = True
         if config.cookie:
-            response.set_cookie(
-                config.cookie,
-                headers[config.header],
-                max_age=config.cookie_max_age,
-                secure=config.cookie_secure,
-                httponly=True,
-                samesite=config.cookie_samesite,
-                path=config.cookie_path,
-            )
+            _set_token_cookie(response, headers[config.header], config)
         return response
 
     def finish(self, rs: RequestState, *, move_mark: bool = True) -> dict[str, str]:
@@ -703,6 +700,7 @@ class Satchel:
                 ctx.mark_id = new_mark_id()
         opened_as = (ctx.seq, ctx.parent)  # what the token sent carried
         result = pipeline.save(ctx, timings=rs.timings)
+        rs.issued = result.token
         if move_mark and not self._move_mark(rs) and first_mark:
             # fail_open served it, but no mark was ever set: seal the token unmarked, as
             # the successor of the token sent (the first seal never leaves the server).
@@ -736,7 +734,7 @@ class Satchel:
         app_state = self.state()
         if rs.mark is not None and app_state.guard is not None and rs.context is not None:
             tag = app_state.pipeline.session_tag(rs.context.session_id)
-            return app_state.guard.after(rs.context, tag, rs.mark)
+            return app_state.guard.after(rs.context, tag, rs.mark, rs.issued)
         return True
 
     def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
@@ -769,6 +767,8 @@ class Satchel:
         self._expose_headers(response)
         rs = self._current_state()
         config = self.state().config
+        if isinstance(exc, StaleContext) and exc.newest_token is not None:
+            self._hand_back_newest(response, exc, config)
         unusable = isinstance(exc, BadToken) and not isinstance(exc, WrongUser)
         if unusable and rs is not None and rs.token_source == "cookie":
             # The cookie is HttpOnly: page code cannot remove a token that will never
@@ -783,6 +783,24 @@ class Satchel:
                 samesite=config.cookie_samesite,
             )
         return response
+
+    def _hand_back_newest(
+        self, response: Response, exc: StaleContext, config: SatchelConfig
+    ) -> None:
+        """A 409 for the token the session's newest was made from: its response was
+        lost on the way (MonotonicGuard._newest_for). The newest token goes out the way
+        a token always does, so the client adopts it and the conversation goes on; the
+        request itself was not served (its view did not run to the end), so the body
+        stays the error."""
+        token = exc.newest_token
+        assert token is not None
+        response.headers[config.header] = token
+        response.headers["Satchel-Seq"] = str(exc.facts["newest_seq"])
+        response.headers["Satchel-Session"] = exc.facts["session"]
+        response.vary.add(config.header)
+        if config.cookie:
+            response.vary.add("Cookie")
+            _set_token_cookie(response, token, config)
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -947,6 +965,19 @@ class _AppState:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _set_token_cookie(response: Response, token: str, config: SatchelConfig) -> None:
+    assert config.cookie is not None
+    response.set_cookie(
+        config.cookie,
+        token,
+        max_age=config.cookie_max_age,
+        secure=config.cookie_secure,
+        httponly=True,
+        samesite=config.cookie_samesite,
+        path=config.cookie_path,
+    )
 
 
 def sse(event: str, data: dict[str, Any]) -> str:

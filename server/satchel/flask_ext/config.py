@@ -85,6 +85,11 @@ SATCHEL_MARK_IDS                True           monotonic saves mint mark ids (a 
                                                the first deploy over a release before
                                                2026-11-27, whose replicas drop them
                                                (docs/consistency.md)
+SATCHEL_KEEP_NEWEST             True           monotonic saves keep their token next to
+                                               the mark, and a 409 stale_context for the
+                                               token it was made from (its response was
+                                               lost) hands it back; False keeps no
+                                               context in the tier (docs/consistency.md)
 SATCHEL_USER_BINDING            None           callable returning the user id, or None
 SATCHEL_METRICS_ROUTE           None           e.g. "/metrics" (Prometheus text format)
 SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz
@@ -245,6 +250,7 @@ class SatchelConfig:
     consistency: str = "client"
     tier_down_policy: str = "fail_open"
     mark_ids: bool = True
+    keep_newest: bool = True
     mode: str = "client"
     metrics_route: str | None = None
     health_routes: bool = False
@@ -275,7 +281,8 @@ class SatchelConfig:
             "metadata_write_version",
         )
         _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
-        flags = ("health_routes", "cookie_secure", "mark_ids")  # "0", "false" from the env
+        # "0", "false" from the environment
+        flags = ("health_routes", "cookie_secure", "mark_ids", "keep_newest")
         _converted(values, flags, _flag, "true or false (1/0, yes/no, on/off)")
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
