@@ -181,7 +181,10 @@ def test_the_token_the_newest_was_made_from_gets_the_newest_back(tmp_path: Path)
     token the newest was made from. It is refused, as any replay, but the 409 hands
     the newest token back, so the client catches up instead of being locked out; that
     undoes nothing (the spend is in it) and gives nothing its holder could not get."""
-    app, _ = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, _ = make_app(tmp_path, metrics, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
     client = app.test_client()
     t0 = post(client, "/chat", None).headers["Satchel-Context"]
     spent = post(client, "/spend", t0)  # the response the client never got
@@ -211,6 +214,9 @@ def test_the_token_the_newest_was_made_from_gets_the_newest_back(tmp_path: Path)
     assert sibling.status_code == 200 and "Satchel-Fork" in sibling.headers
     refused = post(client, "/spend", sibling.headers["Satchel-Context"])
     assert refused.status_code == 409 and "Satchel-Context" not in refused.headers
+    sample = metrics.registry.get_sample_value
+    assert sample("satchel_stale_refused_total") == 4
+    assert sample("satchel_stale_recovered_total") == 2
 
 
 def test_keep_newest_off_keeps_no_token_in_the_tier(tmp_path: Path) -> None:

@@ -80,8 +80,19 @@ export declare class StaleContextError extends SatchelError {
    * abort, a timeout or the network under `monotonic` consistency). Sending again
    * is refused again, for good: call {@link SatchelClient.reset} (or let another
    * tab store a newer token). `true` otherwise: a later attempt may succeed.
+   * (Since servers keep the newest token, a monotonic route hands it back with
+   * the refusal when that response was lost, and this is `true`: see `recovered`.)
    */
   recoverable: boolean;
+  /**
+   * `true` when the refusal itself carried the conversation's newest token (the
+   * response that issued it was lost on the way: a dropped connection, a stream
+   * stopped at its very end) and it is now stored: the conversation goes on from
+   * it. The request was not served, and is not resent, since the lost response
+   * may have been for this very message: reload the conversation, then send
+   * again what it does not hold.
+   */
+  recovered: boolean;
 }
 
 /** 503, or code `tier_unavailable` or `tier_full` (also inside a stream): the server cannot serve the context now. */
@@ -350,6 +361,8 @@ export interface StaleEventDetail {
   retrying: boolean;
   /** As {@link StaleContextError.recoverable}: false means only `reset()` continues. */
   recoverable: boolean;
+  /** As {@link StaleContextError.recovered}: the refusal brought the newest token, now stored. */
+  recovered: boolean;
 }
 
 /**

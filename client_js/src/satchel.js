@@ -83,6 +83,14 @@ export class StaleContextError extends SatchelError {
     this.name = 'StaleContextError';
     /** False when sending the stored token again can only be refused again: call reset(). */
     this.recoverable = true;
+    /**
+     * True when the refusal itself carried the conversation's newest token (the
+     * response that issued it was lost on the way) and it is now stored: the
+     * conversation goes on from it. This request was not served and is not resent
+     * (the lost response may have been for this very message; a GET, HEAD or
+     * OPTIONS is): reload the conversation, then send again what it does not hold.
+     */
+    this.recovered = false;
   }
 }
 
@@ -790,6 +798,12 @@ function isReplayable(input, init) {
   return typeof b.getReader !== 'function';
 }
 
+/** GET, HEAD, OPTIONS: sending one twice changes nothing on the server. */
+function isSafeMethod(input, init) {
+  const method = (init && init.method) || (isRequest(input) ? input.method : 'GET');
+  return ['GET', 'HEAD', 'OPTIONS'].includes(String(method).toUpperCase());
+}
+
 function prepare(input, init, headerName, token) {
   // fetch's own rule: init.headers, when given, replaces a Request's headers.
   const given = init && init.headers !== undefined ? init.headers : undefined;
@@ -1161,15 +1175,22 @@ export class SatchelClient extends EventTarget {
    */
   async _exchange(input, init, state) {
     const replayable = isReplayable(input, init);
+    state.safe = isSafeMethod(input, init);
     for (;;) {
       const sent = state.fresh ? null : await this._readFresh();
       const [req, reqInit] = prepare(input, init, this._headerName, tokenOf(sent));
       const response = await this._fetch(req, reqInit);
       // Error responses may still carry metadata (e.g. degraded) or even a
       // token; absent a token we simply keep the old one.
-      await this._applyMeta(metaFromHeaders(response.headers, this._headerName), sent, 'response');
+      const meta = metaFromHeaders(response.headers, this._headerName);
+      await this._applyMeta(meta, sent, 'response');
       if (response.ok) return { response, sent };
       const err = await errorFromResponse(response);
+      // A monotonic route's 409 for the token its newest was made from hands that
+      // newest token back, adopted just above (unless another tab stored a newer one).
+      if (err instanceof StaleContextError && meta.token) {
+        err.recovered = tokenOf(await this._readRecord()) === meta.token;
+      }
       if (await this._recover(err, sent, state, replayable)) continue;
       throw err;
     }
@@ -1215,18 +1236,23 @@ export class SatchelClient extends EventTarget {
       // state the other request saved, so resending it is the retry.
       const newest = await this._readRecord();
       const serverSide = !!sent && tokenOf(newest) === sent.token && sent.token.startsWith(SERVER_CARRIER);
-      const retrying = canRetry && (tokenOf(newest) !== tokenOf(sent) || serverSide);
+      // Not after a recovery: the newest token came with this refusal, and may hold
+      // this very request, sent before and answered in the response that was lost
+      // (unless the request is a read, which changes nothing however often it is sent).
+      const resend = !err.recovered || state.safe === true;
+      const retrying = canRetry && resend && (tokenOf(newest) !== tokenOf(sent) || serverSide);
       // A client-held token refused as stale, with nothing newer stored: its successor
       // was issued but never arrived (a response lost to an abort, a timeout or the
       // network under SATCHEL_CONSISTENCY=monotonic). Sending it again is refused
       // again, for good; only reset() (or a newer token from another tab) continues.
-      err.recoverable = !(sent && !serverSide && tokenOf(newest) === sent.token);
+      err.recoverable = err.recovered || !(sent && !serverSide && tokenOf(newest) === sent.token);
       this._emit('stale', {
         conversation: this._conversation,
         code: err.code,
         message: err.message,
         retrying,
         recoverable: err.recoverable,
+        recovered: err.recovered,
       });
       if (!retrying) return false;
       state.retried = true;

@@ -48,7 +48,9 @@ test('what tsc --strict found missing is declared', () => {
   assert.match(code, /class StaleContextError extends SatchelError \{[^}]*recoverable: boolean;/);
   assert.match(code, /function memoryStorage\([^)]*\): MemoryStorageAdapter;/);
   assert.match(code, /interface SatchelStream [^{]*\{\s*return\(value\?:/);
+  assert.match(code, /class StaleContextError extends SatchelError \{[^}]*recovered: boolean;/);
   const stale = new satchel.StaleContextError('x', { code: 'stale_context' });
   assert.equal(stale.recoverable, true);
+  assert.equal(stale.recovered, false);
   assert.deepEqual(satchel.memoryStorage({ a: '1' }).keys(), ['a']); // synchronous
 });

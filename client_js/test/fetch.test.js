@@ -251,6 +251,78 @@ test('a response lost after the server committed (monotonic): stale for good, re
   assert.equal(client.token, null);
 });
 
+test('a lost response handed back with the 409 (monotonic): adopted, recovered, not resent', async () => {
+  // The server issued A2 for A1, the response was lost; the server keeps its newest
+  // token and hands it back with the refusal of A1. The request is not resent: the
+  // lost response may have been for this very message.
+  let committed = false;
+  const fetch = fakeFetch((call) => {
+    if (call.token === 'A1' && !committed) {
+      committed = true;
+      throw new TypeError('Failed to fetch');
+    }
+    if (call.token === 'A1') {
+      return errorReply(409, 'stale_context', 'stale; this response carries the newest token', {
+        satchel: { token: 'A2', seq: 2, session: 'A' },
+      });
+    }
+    return reply({ satchel: { token: 'A3', seq: 3, session: 'A' } });
+  });
+  const client = testClient({ fetch });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  const stale = record(client, ['stale', 'token']);
+  await assert.rejects(client.fetch('/chat', { method: 'POST', body: 'b' }), TypeError);
+  const err = await client.fetch('/chat', { method: 'POST', body: 'b' }).catch((e) => e);
+  assert.ok(err instanceof StaleContextError);
+  assert.equal(err.recovered, true);
+  assert.equal(err.recoverable, true);
+  assert.equal(fetch.calls.length, 2); // not resent
+  assert.equal(client.token, 'A2');
+  assert.equal(client.seq, 2);
+  assert.deepEqual(
+    stale.map((e) => [e.name, e.detail.token ?? null, e.detail.retrying ?? null, e.detail.recovered ?? null]),
+    [
+      ['token', 'A2', null, null],
+      ['stale', null, false, true],
+    ],
+  );
+  // The conversation goes on from the handed-back token.
+  await client.fetch('/chat', { method: 'POST', body: 'c' });
+  assert.equal(fetch.calls[2].token, 'A2');
+  assert.equal(client.token, 'A3');
+});
+
+test('a read refused with the newest token handed back is resent with it (sending a read twice changes nothing)', async () => {
+  const fetch = fakeFetch((call) =>
+    call.token === 'A1'
+      ? errorReply(409, 'stale_context', 'stale', { satchel: { token: 'A2', seq: 2, session: 'A' } })
+      : reply({ json: { turns: 4 } }),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  const stale = record(client, ['stale']);
+  const res = await client.fetch('/api/context');
+  assert.deepEqual(await res.json(), { turns: 4 });
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['A1', 'A2']);
+  assert.deepEqual(stale.map((e) => [e.detail.retrying, e.detail.recovered]), [[true, true]]);
+});
+
+test('a 409 carrying a token while another tab stored a newer one: not recovered, resent with the newer', async () => {
+  const storage = memoryStorage();
+  const fetch = fakeFetch((call) => {
+    if (call.token === 'A1') {
+      storage.set('satchel:default', JSON.stringify({ token: 'A3', seq: 3, session: 'A', g: 9 }));
+      return errorReply(409, 'stale_context', 'stale', { satchel: { token: 'A2', seq: 2, session: 'A' } });
+    }
+    return reply({ satchel: { token: 'A4', seq: 4, session: 'A' } });
+  });
+  const client = testClient({ fetch, storage });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  await client.fetch('/chat', { method: 'POST', body: 'm' });
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['A1', 'A3']);
+  assert.equal(client.token, 'A4');
+});
+
 test('stale_context while another tab keeps storing newer tokens: recoverable', async () => {
   const storage = memoryStorage();
   const fetch = fakeFetch((call) => {

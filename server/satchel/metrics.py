@@ -50,6 +50,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_data_loss_total``, ``satchel_data_loss_turns_total``: data_loss
 * ``satchel_forks_total``: fork_detected
 * ``satchel_stale_refused_total``: stale_refused
+* ``satchel_stale_recovered_total``: stale_refused with ``recovered`` (the 409 handed
+  the newest token back)
 * ``satchel_marks_lost_total``: mark_lost (a marked session's monotonic mark was gone
   from the tier: it lost data)
 * ``satchel_erased_total``: erased
@@ -331,6 +333,10 @@ class PrometheusObserver(Observer):
             "stale_refused",
             "Stale tokens refused (monotonic consistency) and server-mode saves that lost a race",
         )
+        self.stale_recovered = counter(
+            "stale_recovered",
+            "Stale refusals that handed the newest token back (its response had been lost)",
+        )
         self.marks_lost = counter(
             "marks_lost",
             "Monotonic marks the tier lost (a token of a marked session found none)",
@@ -495,6 +501,8 @@ class PrometheusObserver(Observer):
             self.forks.inc()
         elif name == "stale_refused":
             self.stale_refused.inc()
+            if fields.get("recovered"):
+                self.stale_recovered.inc()
         elif name == "mark_lost":
             self.marks_lost.inc()
         elif name == "erased":

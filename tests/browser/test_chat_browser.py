@@ -753,13 +753,78 @@ def test_a_reply_that_never_arrived_shows_one_fork_notice_and_no_reload_loop(
     assert user_texts(server_context(srv, page)) == ["first message", "third message"]
 
 
-def test_monotonic_chat_whose_reply_was_lost_says_to_start_a_new_chat(
+def test_monotonic_chat_whose_reply_was_lost_catches_up(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:
-    """Under monotonic consistency, a reply lost after the server committed leaves the
-    page holding a token the server refuses for good (409 stale_context). The page must
-    say why and what to do, not just fail every send; a new chat works."""
+    """Under monotonic consistency, a reply lost after the server committed left the
+    page holding a token the server refuses (409 stale_context): the chat was locked
+    out for good. The server now hands its newest token back with the refusal: the
+    page's reload of the chat right after the failed send gets it, shows the chat as
+    the server has it, says the message was saved (so it is not sent twice), and the
+    conversation goes on."""
     srv = start_app(live_server_factory, tmp_path, SATCHEL_CONSISTENCY="monotonic")
+    open_chat(page, srv)
+    send(page, "first message")
+    send_and_lose_the_reply(page, "second message")
+
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["first message", "second message"])
+    expect(page.locator("#notice")).to_contain_text("the message itself was saved")
+    expect(page.locator("#message")).to_have_value("")
+    expect(page.locator("#error")).to_be_hidden()
+    screenshot("monotonic-lost-reply")
+
+    send(page, "third message")
+    expect(page.locator("#error")).to_be_hidden()
+    assert user_texts(server_context(srv, page)) == [
+        "first message",
+        "second message",
+        "third message",
+    ]
+
+
+def test_monotonic_chat_whose_reply_and_reload_were_lost_catches_up_on_the_next_send(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """The reply was lost and so was the reload after it (the network was down a
+    moment): the page still holds the older token when the next message goes. The
+    refusal brings the newest token: the page shows the chat as the server has it,
+    keeps the new message in the box with a reason that says so, and sending it again
+    works."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_CONSISTENCY="monotonic")
+    open_chat(page, srv)
+    send(page, "first message")
+    page.route("**/api/context", lambda route: route.abort("connectionreset"))
+    send_and_lose_the_reply(page, "second message")
+    page.unroute("**/api/context")
+    expect(page.locator("#message")).to_have_value("second message")  # as far as it knows
+
+    page.fill("#message", "third message")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#error")).to_contain_text("did not fully reach this page")
+    expect(page.locator("#error")).not_to_contain_text("start a new chat")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["first message", "second message"])
+    expect(page.locator("#message")).to_have_value("third message")
+    screenshot("monotonic-lost-reply-and-reload")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#error")).to_be_hidden()
+    assert user_texts(server_context(srv, page)) == [
+        "first message",
+        "second message",
+        "third message",
+    ]
+
+
+def test_monotonic_chat_locked_out_says_to_start_a_new_chat(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """Without the newest token kept (SATCHEL_KEEP_NEWEST=false) a lost reply still
+    locks the chat out: the page must say why and what to do, not just fail every
+    send; a new chat works."""
+    srv = start_app(
+        live_server_factory, tmp_path, SATCHEL_CONSISTENCY="monotonic", SATCHEL_KEEP_NEWEST="0"
+    )
     open_chat(page, srv)
     send(page, "first message")
     send_and_lose_the_reply(page, "second message")
@@ -770,7 +835,6 @@ def test_monotonic_chat_whose_reply_was_lost_says_to_start_a_new_chat(
     expect(page.locator("#error")).to_contain_text("stale_context")
     expect(page.locator("#error")).to_contain_text("start a new chat")
     expect(page.locator("#message")).to_have_value("third message")
-    screenshot("monotonic-lost-reply")
 
     page.click("#new-chat")
     expect(page.locator("body")).to_have_attribute("data-state", "idle")

@@ -790,11 +790,17 @@ async function send(text) {
     if (client === sentWith && tracked && rendered) rendered.pop();
     if (client === sentWith && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
     const stopped = controller.signal.aborted;
+    // Monotonic consistency: a reply that never fully reached this page (a Stop at its
+    // very end, a dropped connection) had already moved the chat on; the server handed
+    // that newer state back with this refusal, and the reload below shows it.
+    const recovered = err && err.code === 'stale_context' && err.recovered === true;
     const reason = stopped
       ? 'you stopped the reply before it finished'
-      : err && err.code
-        ? `${err.message} (${err.code})`
-        : (err && err.message) || String(err);
+      : recovered
+        ? 'this chat had gone on in a reply that did not fully reach this page (it is shown now)'
+        : err && err.code
+          ? `${err.message} (${err.code})`
+          : (err && err.message) || String(err);
     // Monotonic consistency and a reply lost on the way (see docs/client-js.md, "Lost
     // responses"): this chat's token is refused for good. Say so, and how to go on.
     const stuck = err && err.code === 'stale_context' && err.recoverable === false;
