@@ -801,7 +801,8 @@ async function send(text) {
         : err && err.code
           ? `${err.message} (${err.code})`
           : (err && err.message) || String(err);
-    // Monotonic consistency and a reply lost on the way (see docs/client-js.md, "Lost
+    // Monotonic consistency, a reply lost on the way, and a server that keeps no newest
+    // token to hand back (SATCHEL_KEEP_NEWEST=false; docs/client-js.md, "Lost
     // responses"): this chat's token is refused for good. Say so, and how to go on.
     const stuck = err && err.code === 'stale_context' && err.recoverable === false;
     const next = stuck
