@@ -767,6 +767,11 @@ def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) 
                 raise TierUnavailable("writes refused for the test")
             return super().compare_and_set_mark(key, expected, new, ttl)
 
+        def compare_and_set_mark_with(self, key, expected, new, ttl, companion):  # type: ignore[no-untyped-def]
+            if self.refuse and key.endswith(":hwm"):  # the mark, with the newest token
+                raise TierUnavailable("writes refused for the test")
+            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
+
     tier = MarkRefusingTier()
     app = Flask(__name__)
     app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_TIER_DOWN_POLICY="fail_closed")
@@ -1529,3 +1534,40 @@ def test_the_newest_token_is_handed_back_on_redis(tmp_path: Path, redis_server: 
     with app.app_context():
         satchel.erase(satchel.codec.open(t0).session_id)
     assert redis_server.client().get(newest_key(tag)) is None
+
+
+def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path: Path) -> None:
+    """The mark and the newest token kept with it are written in one step: an erasure
+    that comes right after the mark's write (before the request has answered) deletes
+    both. (Written one after the other, such an erasure came between them in 32 of 150
+    races, and the erased conversation's newest token stayed in the tier for a week.)"""
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    with app.app_context():
+        session_id = satchel.codec.open(t0).session_id
+    tier = Satchel.state(app).tier
+    erased: list[dict[str, Any]] = []
+
+    started: list[bool] = []
+
+    def erase_once() -> None:
+        if not started:  # once (the erasure's own tombstone comes through here too)
+            started.append(True)
+            with app.app_context():
+                erased.append(satchel.erase(session_id))
+
+    for name in ("compare_and_set_mark", "compare_and_set_mark_with"):
+        original = getattr(tier, name)
+
+        def wrapped(*args: Any, _original: Any = original) -> Any:
+            result = _original(*args)
+            erase_once()  # as if another process erased right after this write
+            return result
+
+        setattr(tier, name, wrapped)
+    post(client, "/spend", t0)
+    assert erased and erased[0]["tokens_refused"]
+    tag = Satchel.state(app).pipeline.session_tag(session_id)
+    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    assert post(client, "/spend", t0).status_code == 410

@@ -1183,13 +1183,20 @@ export class SatchelClient extends EventTarget {
       // Error responses may still carry metadata (e.g. degraded) or even a
       // token; absent a token we simply keep the old one.
       const meta = metaFromHeaders(response.headers, this._headerName);
-      await this._applyMeta(meta, sent, 'response');
-      if (response.ok) return { response, sent };
+      if (response.ok) {
+        await this._applyMeta(meta, sent, 'response');
+        return { response, sent };
+      }
       const err = await errorFromResponse(response);
-      // A monotonic route's 409 for the token its newest was made from hands that
-      // newest token back, adopted just above (unless another tab stored a newer one).
       if (err instanceof StaleContextError && meta.token) {
-        err.recovered = tokenOf(await this._readRecord()) === meta.token;
+        // A monotonic route's 409 for the token its newest was made from hands that
+        // newest token back: its response was lost. Taken only if storage still holds
+        // what we sent; if another tab stored a token meanwhile (maybe this very one:
+        // that tab won a race with us), that one goes next, as for any stale_context.
+        err.recovered = await this._adoptHandedBack(meta, sent);
+        await this._applyMeta({ ...meta, token: null }, sent, 'response');
+      } else {
+        await this._applyMeta(meta, sent, 'response');
       }
       if (await this._recover(err, sent, state, replayable)) continue;
       throw err;
@@ -1277,6 +1284,14 @@ export class SatchelClient extends EventTarget {
     if (meta.reset) this._emit('reset', { ...base, code: meta.reset, source: 'server', retrying: false });
     if (meta.fork) this._emit('fork', { ...base, detail: meta.fork, source: 'server' });
     if (meta.degraded.length) this._emit('degraded', { ...base, reasons: meta.degraded, source });
+  }
+
+  /** Store the newest token a stale_context handed back, if storage still holds `sent`. */
+  async _adoptHandedBack(meta, sent) {
+    const current = parseRecord(await this._storage.get(this._key));
+    if (!sent || !current || current.token !== sent.token) return false;
+    await this._write({ token: meta.token, seq: meta.seq, session: meta.session }, 'response');
+    return true;
   }
 
   /**

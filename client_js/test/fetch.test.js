@@ -318,9 +318,38 @@ test('a 409 carrying a token while another tab stored a newer one: not recovered
   });
   const client = testClient({ fetch, storage });
   await client.importToken('A1', { seq: 1, session: 'A' });
+  const events = record(client, ['fork', 'stale']);
   await client.fetch('/chat', { method: 'POST', body: 'm' });
   assert.deepEqual(fetch.calls.map((c) => c.token), ['A1', 'A3']);
   assert.equal(client.token, 'A4');
+  // The handed-back A2 is older than the stored A3: not a fork, just not taken.
+  assert.deepEqual(
+    events.map((e) => [e.name, e.detail.recovered]),
+    [['stale', false]],
+  );
+});
+
+test('the loser of a race between tabs, handed the winner\'s token that tab already stored: resent, not recovered', async () => {
+  // Two tabs without a shared lock sent A1 at once; the other one won, stored A2, and
+  // the server hands A2 back to this one. This message was not saved: send it on A2.
+  const storage = memoryStorage();
+  const fetch = fakeFetch((call) => {
+    if (call.token === 'A1') {
+      storage.set('satchel:default', JSON.stringify({ token: 'A2', seq: 2, session: 'A', g: 9 }));
+      return errorReply(409, 'stale_context', 'stale', { satchel: { token: 'A2', seq: 2, session: 'A' } });
+    }
+    return reply({ satchel: { token: 'A3', seq: 3, session: 'A' } });
+  });
+  const client = testClient({ fetch, storage });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  const events = record(client, ['fork', 'stale']);
+  await client.fetch('/chat', { method: 'POST', body: 'mine' });
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['A1', 'A2']);
+  assert.equal(client.token, 'A3');
+  assert.deepEqual(
+    events.map((e) => [e.name, e.detail.retrying, e.detail.recovered]),
+    [['stale', true, false]],
+  );
 });
 
 test('stale_context while another tab keeps storing newer tokens: recoverable', async () => {

@@ -59,6 +59,7 @@ ALLOWED_FIELDS = frozenset(
         "consistency",
         "seconds",
         "detail",
+        "recovered",  # a stale refusal handed the newest token back
     }
 )
 

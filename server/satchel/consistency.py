@@ -29,7 +29,6 @@ See docs/consistency.md.
 from __future__ import annotations
 
 import hmac
-import logging
 import secrets
 import threading
 import time
@@ -54,8 +53,6 @@ from .schema import MARK_ID_BYTES
 
 if TYPE_CHECKING:
     from .tiers.guard import Fetched
-
-log = logging.getLogger("satchel")
 
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
@@ -430,7 +427,7 @@ class MonotonicGuard:
         """
         if ctx.mark_id is None and not ctx.marked:
             return False
-        for key, fetched in self._marks_under_other_anchors(ctx.session_id):
+        for _tag, key, fetched in self._marks_under_other_anchors(ctx.session_id):
             raw = fetched.get(key)
             if raw is None or raw == ERASED:
                 continue
@@ -471,23 +468,33 @@ class MonotonicGuard:
 
         False when the tier failed the write and ``fail_open`` served the request
         anyway: the mark is where it was (or, for a session's first, nowhere).
-        ``token``, the token just issued, is kept next to the mark (``keep_newest``).
+        ``token``, the token just issued, is kept next to the mark (``keep_newest``),
+        in the same atomic write, so an erasure cannot come between the two.
         """
         if not state.checked:
             return True
         assert ctx.parent is not None
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         ttl = self._ttl(ctx)
+        newest = self._newest_record(ctx, state, token)
+
+        def move(key: str, expected: bytes | None, companion_key: str) -> bytes | None:
+            if newest is None:
+                return self.tier.compare_and_set_mark(key, expected, mark, ttl)
+            companion = (companion_key, newest[0], newest[1])
+            return self.tier.compare_and_set_mark_with(key, expected, mark, ttl, companion)
+
+        own = newest_key(tag)
         try:
-            current = self.tier.compare_and_set_mark(state.key, state.expected, mark, ttl)
+            current = move(state.key, state.expected, own)
             if current and current != ERASED and self._moved_to_own_parent(current, state):
-                current = self.tier.compare_and_set_mark(state.key, current, mark, ttl)
+                current = move(state.key, current, own)
             if current == b"" and state.expected is not None:
                 # The mark vanished while the request ran (evicted, expired), which is
                 # not another request winning: report it as a lost mark and set it
                 # afresh. An erasure cannot be undone here: its tombstone is this key.
                 self._mark_lost(ctx, tag)
-                current = self.tier.compare_and_set_mark(state.key, None, mark, ttl)
+                current = move(state.key, None, own)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
             return False
@@ -495,8 +502,8 @@ class MonotonicGuard:
             refuse_erased(self.observer, tag)
         if current is not None:
             rival = decode_mark(current)
-            # The rival's token is handed back when it has been kept already (it is
-            # written right after the rival's mark; usually it has been).
+            # The rival kept its token with its mark: hand it back to this request,
+            # which sent the same parent.
             self._refuse_stale(
                 ctx,
                 tag,
@@ -505,66 +512,57 @@ class MonotonicGuard:
                 "another request with the same token finished first; use the newest token",
                 detail="race",
             )
-        self._mirror(ctx, mark, ttl)
-        if token is not None:
-            self._keep_newest(ctx, tag, state, token)
+        self._mirror(ctx, move)
         return True
 
-    def _keep_newest(self, ctx: Context, tag: str, state: MarkState, token: str) -> None:
-        """Keep the token just issued, for the client whose response is lost
-        (:meth:`_newest_for`), until it expires. Best effort: without it, that client
-        is refused for good, as the price of the guarantee was before."""
-        if not (self.keep_newest and self.mark_ids) or ctx.mark_id is None:
-            return
+    def _newest_record(
+        self, ctx: Context, state: MarkState, token: str | None
+    ) -> tuple[bytes, float] | None:
+        """The stored newest token (value, TTL) this save keeps next to its mark, for
+        a client whose response is lost (:meth:`_newest_for`), until the token expires;
+        None when there is nothing to keep."""
+        if token is None or not (self.keep_newest and self.mark_ids) or ctx.mark_id is None:
+            return None
         if state.opened_digest is None:
-            return  # a new conversation: a client that lost it holds no token to send
+            return None  # a new conversation: a client that lost it holds no token to send
         now = self.clock()
         candidates = [self._ttl(ctx)]
         if self.idle_ttl is not None:
             candidates.append(self.idle_ttl + MARK_TTL_MARGIN)
         if self.max_age is not None:
             candidates.append(ctx.created_at + self.max_age - now + MARK_TTL_MARGIN)
-        ttl = max(60.0, min(candidates))
-        try:
-            self.tier.put(
-                newest_key(tag),
-                encode_newest(ctx.mark_id, state.opened_digest, token, ctx.seq),
-                ttl,
-                cache=False,
-            )
-        except TierError as exc:
-            # Not a degraded response: this exchange is saved and checked. Only a
-            # response of it lost on the way could not be made good.
-            log.warning("satchel: the newest token was not kept (%s)", exc.code)
+        value = encode_newest(ctx.mark_id, state.opened_digest, token, ctx.seq)
+        return value, max(60.0, min(candidates))
 
     def _ttl(self, ctx: Context) -> float:
         if self.max_age is None:
             return self.mark_ttl
         return mark_ttl_for(ctx.created_at, self.max_age, self.clock())
 
-    def _mirror(self, ctx: Context, mark: bytes, ttl: float) -> None:
-        """Copy the mark under the session's tags for the ring's other keys as anchor
-        (an unpinned ring only: its anchor moves with the end of the ring). An instance
-        whose ring anchors elsewhere (half way through a rollout) then finds this save
-        where it looks. Best effort: each is set against what it held, never over an
-        erasure's tombstone; a failure is only a later consistency_reset."""
+    def _mirror(self, ctx: Context, move: Callable[[str, bytes | None, str], bytes | None]) -> None:
+        """Copy the mark (and the newest token kept with it) under the session's tags
+        for the ring's other keys as anchor (an unpinned ring only: its anchor moves
+        with the end of the ring). An instance whose ring anchors elsewhere (half way
+        through a rollout) then finds this save where it looks. Best effort: each is
+        set against what it held, never over an erasure's tombstone; a failure is only
+        a later consistency_reset."""
         try:
-            for key, fetched in self._marks_under_other_anchors(ctx.session_id):
+            for tag, key, fetched in self._marks_under_other_anchors(ctx.session_id):
                 held = fetched.get(key)
                 if fetched.error is None and held != ERASED:
-                    self.tier.compare_and_set_mark(key, held, mark, ttl)
+                    move(key, held, newest_key(tag))
         except TierError:
             return
 
-    def _marks_under_other_anchors(self, session_id: bytes) -> Iterator[tuple[str, Fetched]]:
-        """Each mark key of the session under the ring's other keys as anchor (an
-        unpinned ring only), with what the tier holds there: one read per key, each
+    def _marks_under_other_anchors(self, session_id: bytes) -> Iterator[tuple[str, str, Fetched]]:
+        """Each tag and mark key of the session under the ring's other keys as anchor
+        (an unpinned ring only), with what the tier holds there: one read per key, each
         tag being a Cluster slot of its own."""
         if self.other_anchor_tags is None:
             return
         for other in self.other_anchor_tags(session_id):
             key = mark_key(other)
-            yield key, self.tier.get_many([key], cache=False)
+            yield other, key, self.tier.get_many([key], cache=False)
 
     @staticmethod
     def _moved_to_own_parent(current: bytes, state: MarkState) -> bool:

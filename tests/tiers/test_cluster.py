@@ -70,6 +70,11 @@ def test_compare_and_set_and_keys_of_several_sessions(cluster, tier) -> None:
     assert tier.compare_and_set_mark(key, None, b"2", 60) == b"1"
     assert tier.compare_and_set_mark(key, b"1", b"2", 60) is None
     assert tier.compare_and_set_mark("satchel:{sess-b}:hwm", b"x", b"y", 60) == b""
+    # The mark and its companion (one slot: the session's tag) in one script.
+    other = "satchel:{sess-c}:hwm"
+    companion = ("satchel:{sess-c}:newest", b"tok", 30)
+    assert tier.compare_and_set_mark_with(other, None, b"3", 60, companion) is None
+    assert tier.get_many([other, companion[0]]) == [b"3", b"tok"]
     # keys of many sessions (many slots) still come back in order
     keys = [f"satchel:{{s{i}}}:seg" for i in range(12)]
     for i, k in enumerate(keys):

@@ -79,6 +79,34 @@ def test_compare_and_set_mark(tier: Tier) -> None:
     assert tier.get_many([key]) == [b"2"]
 
 
+def test_compare_and_set_mark_with_a_companion(tier: Tier) -> None:
+    """The mark and the newest token kept with it: both or neither, and erasure
+    (delete_session) reaches the companion."""
+    key, newest = "satchel:{s}:hwm", "satchel:{s}:newest"
+    assert tier.compare_and_set_mark_with(key, None, b"1", 60, (newest, b"t1", 30)) is None
+    assert tier.get_many([key, newest]) == [b"1", b"t1"]
+    # A lost compare-and-set writes neither.
+    assert tier.compare_and_set_mark_with(key, b"0", b"2", 60, (newest, b"t2", 30)) == b"1"
+    assert tier.get_many([key, newest]) == [b"1", b"t1"]
+    assert tier.compare_and_set_mark_with(key, b"1", b"2", 60, (newest, b"t2", 30)) is None
+    assert tier.get_many([key, newest]) == [b"2", b"t2"]
+    assert tier.delete_session("s") == 2
+    assert tier.get_many([key, newest]) == [None, None]
+
+
+def test_a_custom_tiers_compare_and_set_with_a_companion_writes_it_after(tmp_path: Path) -> None:
+    """The default for tiers that do not override it: the mark, then the companion."""
+
+    class Plain(MemoryTier):
+        compare_and_set_mark_with = Tier.compare_and_set_mark_with
+
+    tier = Plain()
+    key, newest = "satchel:{s}:hwm", "satchel:{s}:newest"
+    assert tier.compare_and_set_mark_with(key, None, b"1", 60, (newest, b"t1", 30)) is None
+    assert tier.compare_and_set_mark_with(key, None, b"2", 60, (newest, b"t2", 30)) == b"1"
+    assert tier.get_many([key, newest]) == [b"1", b"t1"]
+
+
 def test_compare_and_set_is_atomic_under_threads(tier: Tier) -> None:
     key = "satchel:{s}:counter"
     assert tier.compare_and_set_mark(key, None, b"0", 60) is None

@@ -88,8 +88,8 @@ SATCHEL_MARK_IDS                True           monotonic saves mint mark ids (a 
 SATCHEL_KEEP_NEWEST             True           monotonic saves keep their token next to
                                                the mark, and a 409 stale_context for the
                                                token it was made from (its response was
-                                               lost) hands it back; False keeps no
-                                               context in the tier (docs/consistency.md)
+                                               lost) hands it back; False keeps no more
+                                               (docs/consistency.md)
 SATCHEL_USER_BINDING            None           callable returning the user id, or None
 SATCHEL_METRICS_ROUTE           None           e.g. "/metrics" (Prometheus text format)
 SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz

@@ -111,6 +111,27 @@ class Tier(ABC):
         must share the key's slot; every key Satchel writes carries its session tag).
         """
 
+    def compare_and_set_mark_with(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float],
+    ) -> bytes | None:
+        """:meth:`compare_and_set_mark`, and when it succeeds, also store ``companion``
+        (key, value, TTL; a key of the same session tag).
+
+        The ``monotonic`` guard keeps the newest token next to the mark this way, so an
+        erasure cannot fall between the two writes (and leave the token behind it). The
+        tiers Satchel ships do both in one atomic step; this default, for a custom tier,
+        writes the companion after the mark and is not atomic.
+        """
+        current = self.compare_and_set_mark(key, expected, new, ttl)
+        if current is None:
+            self.put(*companion)
+        return current
+
     @abstractmethod
     def ping(self) -> None:
         """Raise TierError unless the tier answers."""

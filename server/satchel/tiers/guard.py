@@ -683,6 +683,26 @@ class GuardedTier:
             "compare_and_set_mark", self.tier.compare_and_set_mark, key, expected, new, ttl, key=key
         )
 
+    def compare_and_set_mark_with(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float],
+    ) -> bytes | None:
+        self.cache.discard((key, companion[0]))
+        return self._call(
+            "compare_and_set_mark",
+            self.tier.compare_and_set_mark_with,
+            key,
+            expected,
+            new,
+            ttl,
+            companion,
+            key=key,
+        )
+
     def ping(self) -> None:
         self._call("ping", self.tier.ping)
 

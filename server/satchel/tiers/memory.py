@@ -143,6 +143,23 @@ class MemoryTier(Tier):
             self._store(key, new, ttl, now)
             return None
 
+    def compare_and_set_mark_with(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float],
+    ) -> bytes | None:
+        with self._lock:  # both writes under one hold
+            now = self.clock()
+            current = self._live(key, now)
+            if current != expected:
+                return b"" if current is None else current
+            self._store(key, new, ttl, now)
+            self._store(companion[0], companion[1], companion[2], now)
+            return None
+
     def ping(self) -> None:
         return None
 

@@ -165,6 +165,13 @@ if KEYS[3] then
     redis.call('PEXPIRE', KEYS[3], ARGV[4])
   end
 end
+if KEYS[4] then
+  redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[7])
+  redis.call('SADD', KEYS[3], KEYS[4])
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[7]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  end
+end
 return {1}
 """
 
@@ -555,12 +562,38 @@ class RedisTier(Tier):
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
+        return self._compare_and_set(key, expected, new, ttl, None)
+
+    def compare_and_set_mark_with(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float],
+    ) -> bytes | None:
+        if not hash_tag(key) or hash_tag(companion[0]) != hash_tag(key):
+            # Not one slot (and in no session's index): the two writes one after the other.
+            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
+        return self._compare_and_set(key, expected, new, ttl, companion)
+
+    def _compare_and_set(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float] | None,
+    ) -> bytes | None:
         tag = hash_tag(key)
         writer = _writer_key(key)
         keys = [key, writer, self._index_key(tag)] if tag else [key, writer]
         # One id per call: a retry of this call sends the same one.
         write_id = secrets.token_bytes(16)
         args = ["1" if expected is not None else "0", expected or b"", new, _ttl_ms(ttl), write_id]
+        if companion is not None:  # same tag: the same slot, and the same index
+            keys.append(companion[0])
+            args += [companion[1], _ttl_ms(companion[2])]
         reply = self._run("compare_and_set_mark", lambda: self._script("cas", _CAS)(keys, args))
         if reply and int(reply[0]) == 1:
             return None

@@ -437,6 +437,26 @@ class SQLiteTier(Tier):
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
+        return self._compare_and_set(key, expected, new, ttl, None)
+
+    def compare_and_set_mark_with(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float],
+    ) -> bytes | None:
+        return self._compare_and_set(key, expected, new, ttl, companion)
+
+    def _compare_and_set(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: tuple[str, bytes, float] | None,
+    ) -> bytes | None:
         with self._errors("compare_and_set_mark"):
             conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
@@ -450,6 +470,10 @@ class SQLiteTier(Tier):
                     conn.execute("ROLLBACK")
                     return b"" if current is None else current
                 conn.execute(_UPSERT, (key, hash_tag(key), bytes(new), now + max(ttl, 0.001)))
+                if companion is not None:  # in the same transaction: both or neither
+                    other, value, other_ttl = companion
+                    expires = now + max(other_ttl, 0.001)
+                    conn.execute(_UPSERT, (other, hash_tag(other), bytes(value), expires))
                 conn.execute("COMMIT")
                 return None
             except BaseException:
