@@ -569,3 +569,36 @@ def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:
     head.close()  # what a WSGI server does with a body it does not send
     after = client.get("/stream", headers={HEADER: carrier})
     assert after.status_code == 200 and "event: satchel" in after.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_a_stored_context_past_the_payload_cap_drops_its_oldest_turns(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """No byte budget applies to a stored context, but it is opened with the same limits
+    as a token (1 MiB packed). Past it every later message was refused 413
+    budget_exceeded, for good; now the oldest turns are summarized and dropped."""
+    import random
+
+    config: dict[str, Any] = {"SATCHEL_MAX_TURNS": None}
+    if mode == "server":
+        config["SATCHEL_STORE_URL"] = request.getfixturevalue("redis_server").url
+    client = make_app(mode, **config).test_client()
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota"]
+
+    def export(i: int) -> str:  # 7,900 characters of a CSV-like paste (the app's cap: 8,000)
+        rows = [",".join(rng.choice(words) for _ in range(6)) for _ in range(240)]
+        return f"export {i}:\n" + "\n".join(rows)[:7_880]
+
+    token = None
+    for i in range(150):  # 150 x 7,900 characters: over 1 MiB packed
+        resp = chat(client, export(i), token)
+        assert resp.status_code == 200, (i, resp.get_data(as_text=True)[:300])
+        token = resp.headers[HEADER]
+    context = client.get("/api/context", headers={HEADER: token}).get_json()
+    users = [t["content"] for t in context["turns"] if t["role"] == "user"]
+    assert users[-1].startswith("export 149:")
+    assert not users[0].startswith("export 0:")  # the oldest went
+    assert context["lifecycle"]["dropped"].get("byte_budget", 0) > 0
+    assert context["summary"]

@@ -251,6 +251,22 @@ class ServerSidePipeline(Pipeline):
                 ) from exc
             raise TierUnavailable(unavailable, mode=self.mode) from exc
 
+    def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> str:
+        """Seal the stored context, within what the codec opens again.
+
+        No byte budget applies here (nothing travels but the carrier), but the stored
+        bytes are opened with the same limits as a token: past ``Limits.max_array_len``
+        turns or ``max_decompressed_bytes`` packed (1 MiB), sealing refused it, and
+        every later message of the conversation was refused 413 ``budget_exceeded``
+        for good. As in client mode, the oldest groups are summarized and dropped
+        until it fits (``byte_budget`` in the lifecycle record), the newest last.
+        """
+        tag = self.session_tag(ctx.session_id)
+        self._fit_turn_limit(ctx, now, tag)  # no tier here: summarized and dropped
+        prepared = self._fit_payload_cap(ctx, self.codec.prepare(ctx), now, tag, write_failed=False)
+        token, _raw_size = self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
+        return token
+
     def save(
         self,
         ctx: Context,
@@ -266,7 +282,7 @@ class ServerSidePipeline(Pipeline):
         t1 = time.perf_counter()
         exp = expires_at(ctx, self.policy, now)
         with self.metadata_schema.writing(ctx):  # every replica must read it
-            token = self.codec.seal(ctx, expires_at=exp)
+            token = self._seal_within_limits(ctx, now, exp)
         ttl = max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
         data = token.encode("ascii")
         # A write that timed out may still land (a stalled Redis runs the command it had
