@@ -602,3 +602,35 @@ def test_a_stored_context_past_the_payload_cap_drops_its_oldest_turns(
     assert not users[0].startswith("export 0:")  # the oldest went
     assert context["lifecycle"]["dropped"].get("byte_budget", 0) > 0
     assert context["summary"]
+
+
+def test_memory_modes_store_is_sized_by_its_url() -> None:
+    """The memory store's bound (64 MiB by default) is set with SATCHEL_STORE_URL; when
+    it is full a new conversation gets a JSON 503 tier_full, or with evict=true the
+    least recently used conversation is dropped (and starts over)."""
+    from satchel.errors import ConfigurationError
+
+    import random
+
+    def fill(client: FlaskClient, count: int) -> list[Any]:
+        # Pasted hashes: 6,000 characters that compress to about half.
+        pastes = [random.Random(i).randbytes(3000).hex() for i in range(count)]
+        return [chat(client, paste, None) for paste in pastes]
+
+    small = make_app("memory", SATCHEL_STORE_URL="memory://?max_bytes=20000").test_client()
+    statuses = [r.status_code for r in fill(small, 40)]
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = fill(small, 1)[0]
+    assert refused.get_json()["error"]["code"] == "tier_full"
+
+    evicting = make_app(
+        "memory", SATCHEL_STORE_URL="memory://?max_bytes=20000&evict=true"
+    ).test_client()
+    responses = fill(evicting, 40)
+    assert all(r.status_code == 200 for r in responses)
+    first = chat(evicting, "and again", responses[0].headers[HEADER])
+    assert first.status_code == 200
+    assert first.headers["Satchel-Reset"] == "session_not_found"
+
+    with pytest.raises(ConfigurationError, match="SATCHEL_MODE='server'"):
+        make_app("memory", SATCHEL_STORE_URL="redis://127.0.0.1:1/0")

@@ -297,7 +297,15 @@ class Satchel:
         tier = self._tier
         url = config.store_url or config.overflow_url
         if config.mode == "memory" and tier is None:
-            url = "memory://"
+            # The store is this process's memory; SATCHEL_STORE_URL may size it
+            # (memory://?max_bytes=...&evict=true), and may not name another store.
+            url = config.store_url or "memory://"
+            if not url.lower().startswith("memory://"):
+                raise ConfigurationError(
+                    "SATCHEL_MODE='memory' keeps contexts in this process: "
+                    "SATCHEL_STORE_URL may only be memory:// (with max_bytes= and "
+                    "evict= options); for a Redis store use SATCHEL_MODE='server'"
+                )
         if tier is None and url:
             from ..tiers import tier_from_url, tier_scheme
 
