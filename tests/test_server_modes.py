@@ -608,9 +608,9 @@ def test_memory_modes_store_is_sized_by_its_url() -> None:
     """The memory store's bound (64 MiB by default) is set with SATCHEL_STORE_URL; when
     it is full a new conversation gets a JSON 503 tier_full, or with evict=true the
     least recently used conversation is dropped (and starts over)."""
-    from satchel.errors import ConfigurationError
-
     import random
+
+    from satchel.errors import ConfigurationError
 
     def fill(client: FlaskClient, count: int) -> list[Any]:
         # Pasted hashes: 6,000 characters that compress to about half.
