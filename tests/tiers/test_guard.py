@@ -404,3 +404,47 @@ def test_restore_does_not_write_back_a_retired_key_past_its_grace(guard_factory,
     clock.advance(11)
     assert guard.restore([("s:{a}:old", b"turns"), ("s:{a}:new", b"n")], 3600) == 1
     assert tier.get_many(["s:{a}:old", "s:{a}:new"]) == [None, b"n"]
+
+
+def test_writes_that_keep_failing_slowly_while_reads_succeed_fail_fast(
+    guard_factory, clock, tmp_path
+) -> None:
+    """A write-locked SQLite file (another process holds a write transaction): reads go
+    on, every write waits out the busy timeout. Each request's successful read reset
+    the breaker's count, so it never opened and every request paid the timeout. Writes
+    have a breaker of their own: after fail_max slow failures they fail fast (reads go
+    on), and once the window has passed one is let through again."""
+    import sqlite3
+
+    from satchel.tiers import SQLiteTier
+
+    path = tmp_path / "tier.db"
+    guard = guard_factory(SQLiteTier(path, busy_timeout=0.05), fail_max=3, reset_timeout=5.0)
+    guard.put("satchel:{s}:a", b"one", 60)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # held by "another process"
+    try:
+        for _ in range(3):
+            assert guard.get_many(["satchel:{s}:a"], cache=False).get("satchel:{s}:a") == b"one"
+            with pytest.raises(TierUnavailable) as slow:
+                guard.put("satchel:{s}:b", b"two", 60)
+            assert "unsent" not in slow.value.facts
+        started = time.perf_counter()
+        with pytest.raises(TierUnavailable, match="writes are failing") as fast:
+            guard.put("satchel:{s}:b", b"two", 60)
+        assert time.perf_counter() - started < 0.04  # less than the busy timeout
+        assert fast.value.facts["unsent"] is True
+        assert guard.breaker_state == "closed"  # reads are fine: the main breaker stays
+        assert guard.get_many(["satchel:{s}:a"], cache=False).get("satchel:{s}:a") == b"one"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with pytest.raises(TierUnavailable, match="writes are failing"):
+        guard.put("satchel:{s}:b", b"two", 60)  # still within the window
+    clock.advance(5.0)
+    guard.put("satchel:{s}:b", b"two", 60)  # the window has passed: let through
+    guard.put("satchel:{s}:c", b"three", 60)
+    assert guard.get_many(["satchel:{s}:b", "satchel:{s}:c"], cache=False).values == {
+        "satchel:{s}:b": b"two",
+        "satchel:{s}:c": b"three",
+    }

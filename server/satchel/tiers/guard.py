@@ -60,6 +60,9 @@ MISSING: Final = "missing"
 TIER_UNAVAILABLE: Final = "tier_unavailable"
 MiB = 1024 * 1024
 
+#: the calls that write: they have a breaker of their own (BreakerPolicy)
+_WRITE_OPS = frozenset({"put", "delete", "expire_soon", "compare_and_set_mark", "delete_session"})
+
 _STATE_NAMES = {
     pybreaker.STATE_CLOSED: "closed",
     pybreaker.STATE_OPEN: "open",
@@ -75,7 +78,15 @@ _STATE_EVENTS = {
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
     """When the breaker opens (``fail_max`` consecutive failures) and for how long
-    (``reset_timeout`` seconds before one trial call is let through)."""
+    (``reset_timeout`` seconds before one trial call is let through).
+
+    Writes have a breaker of their own on the same terms: a tier that answers reads
+    but fails every write slowly (a write-locked SQLite file waits out its busy
+    timeout; a read-only replica) never opens the main breaker, since each request's
+    successful read resets its count, and every request paid the write's timeout.
+    After ``fail_max`` consecutive write failures, writes fail fast for
+    ``reset_timeout`` seconds (reads go on), then one is let through again.
+    """
 
     fail_max: int = 5
     reset_timeout: float = 2.0
@@ -332,6 +343,10 @@ class _Shard:
         self.last_call = guard.clock()
         #: when a failure of this shard was last logged (time.monotonic(); 0: never)
         self.failure_logged_at = 0.0
+        #: the writes' own breaker (BreakerPolicy): consecutive write failures, and
+        #: until when (guard.clock()) writes fail fast
+        self.write_failures = 0
+        self.writes_refused_until = 0.0
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=guard.policy.fail_max,
             reset_timeout=guard.policy.reset_timeout,
@@ -510,6 +525,41 @@ class GuardedTier:
             breaker.half_open()
         return True
 
+    def _admit_write(self, shard: _Shard, op: str, now: float) -> None:
+        """Fail a write fast while the shard's writes keep failing (BreakerPolicy)."""
+        if now < shard.writes_refused_until:
+            facts: dict[str, Any] = {"shard": shard.name} if shard.name else {}
+            raise TierUnavailable(
+                "writes are failing",
+                tier=self.name,
+                op=op,
+                unsent=True,  # no socket touched: nothing reached the tier
+                breaker="writes_open",
+                retry_in=shard.writes_refused_until - now,
+                **facts,
+            )
+
+    def _record_write(self, shard: _Shard, op: str, outcome: TierError | None) -> None:
+        if outcome is None:
+            if shard.write_failures >= self.policy.fail_max:
+                log.warning("satchel %s tier: writes succeed again (%s)", self.name, op)
+            shard.write_failures = 0
+            shard.writes_refused_until = 0.0
+            return
+        if isinstance(outcome, TierFull) or outcome.facts.get("unsent"):
+            return  # answered at once, or never sent: nothing slow to spare requests
+        shard.write_failures += 1
+        if shard.write_failures >= self.policy.fail_max:
+            if shard.write_failures == self.policy.fail_max:
+                log.warning(
+                    "satchel %s tier: %d writes failed in a row while reads succeed; "
+                    "writes fail fast for %.1f s at a time until one succeeds",
+                    self.name,
+                    shard.write_failures,
+                    self.policy.reset_timeout,
+                )
+            shard.writes_refused_until = self.clock() + self.policy.reset_timeout
+
     @staticmethod
     def _record(shard: _Shard, outcome: TierError | None) -> None:
         def replay() -> None:
@@ -529,7 +579,10 @@ class GuardedTier:
         if now - self._pruned_at > 5.0:
             self._prune(now)
         trial = self._admit(shard, op)
+        write = op in _WRITE_OPS
         try:
+            if write:
+                self._admit_write(shard, op, now)
             outcome: TierError | None = None
             try:
                 result = fn(*args)
@@ -544,6 +597,8 @@ class GuardedTier:
                     error=type(exc).__name__,
                 )
             self._record(shard, outcome)
+            if write:
+                self._record_write(shard, op, outcome)
             if outcome is not None:
                 self._log_failure(shard, op, outcome)
         finally:
@@ -561,7 +616,7 @@ class GuardedTier:
         """Log what the tier said (a read-only file, a malformed database, an OOM), once
         per shard per :attr:`FAILURE_LOG_INTERVAL`: requests report only a reason
         (``tier_unavailable``), and a fault that fails writes alone never opens the
-        breaker, whose events would name it otherwise."""
+        main breaker (only the writes' own), whose events would name it otherwise."""
         now = time.monotonic()
         if now - shard.failure_logged_at < self.FAILURE_LOG_INTERVAL:
             return
