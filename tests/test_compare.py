@@ -80,6 +80,9 @@ def test_compare_quick_writes_the_report_within_two_minutes(tmp_path: Path) -> N
         server_errors = {code: n for code, n in statuses[mode].items() if code.startswith("5")}
         assert not server_errors, f"{mode}: {server_errors}"
         assert set(statuses[mode]) == {"200"}, f"{mode}: {statuses[mode]}"
+    # Client mode met the outage with its Redis tier configured, not without one, and
+    # its sessions under budget wrote nothing to Redis once it was back.
+    assert re.search(r"0 errors in \d+ requests \(Redis tier configured; 0 keys", text), text
     # Server mode failed during the outage, and only with 503s: no 500s, no hangs.
     assert set(statuses["fault: server"]) <= {"200", "503"}, statuses["fault: server"]
     assert "targets:" in proc.stdout
