@@ -102,6 +102,9 @@ def test_erase_needs_a_tier_and_a_session_id(tmp_path: Path) -> None:
     # The id is refused before the tier is opened (this file does not exist).
     code, _, err = erase("not-a-session", "--overflow-url", f"sqlite:///{tmp_path}/t.db")
     assert code == 2 and "32 hexadecimal characters" in err
+    # ...and before the settings are looked at: with none, it is still the id at fault.
+    code, _, err = erase("not-a-session")
+    assert code == 2 and "32 hexadecimal characters" in err
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,7 @@ def erase_session(
     from .tiers import redact_url, tier_from_url
     from .tiers.guard import GuardedTier
 
+    parse_session_id(session_id)  # a malformed id is said to be one, before any setting
     if mode.strip().lower() == "memory":
         raise ConfigurationError(
             "SATCHEL_MODE=memory: the contexts live in the app's own process, which "
