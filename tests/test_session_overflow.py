@@ -109,8 +109,9 @@ def test_tier_down_refuses_the_write_loudly_and_reads_empty(redis_server: Any) -
     redis_server.kill()
     # Unreadable: an empty session, logged, that says the tier (not the cookie) failed.
     assert client.get("/get").get_json() == {"notes": None, "rejected": "tier_unavailable"}
-    with pytest.raises(SessionTooLarge):
+    with pytest.raises(SessionTooLarge, match="overflow store refused the write") as refused:
         client.post("/set/6000")  # nowhere to put it: an error, never a silent drop
+    assert "store less" not in str(refused.value)  # the store, not the app, is at fault
 
 
 def test_the_tier_holds_one_copy_per_live_session(redis_server: Any) -> None:

@@ -561,11 +561,18 @@ class SatchelSessionInterface(SessionInterface):
                 return
             if replacement is None:
                 self._mark_failed(session)
+                # With an overflow hook, the hook declined (its store refused the write:
+                # down or full, its log says which): that, not the app, is the cause.
+                remedy = (
+                    "The session overflow store refused the write (down or full: see its "
+                    "log); the session cannot go in a cookie meanwhile."
+                    if self.overflow is not None
+                    else "Browsers drop cookies past about 4 KB, so store less in flask.session."
+                )
                 raise SessionTooLarge(
                     f"the session cookie {name!r} would be {size} bytes (a {len(value)}-byte "
                     f"token plus attributes); the limit is {limit} bytes (MAX_COOKIE_SIZE, "
-                    "attributes included). Browsers drop cookies past about 4 KB, so store "
-                    "less in flask.session.",
+                    f"attributes included). {remedy}",
                     size=size,
                     limit=limit,
                     token_size=len(value),
