@@ -49,6 +49,13 @@ def make_app(tmp_path: Path, observer: Any = None, **config: Any) -> tuple[Flask
             ctx.metadata["credits"] = credits
             return {"credits": credits}
 
+        @app.get("/peek")
+        @satchel.consistency("monotonic")
+        def peek() -> Any:  # read-only: no new token
+            satchel.discard()
+            ctx = satchel.context
+            return {"credits": ctx.metadata.get("credits", 10), "degraded": ctx.degraded}
+
     return app, satchel
 
 
@@ -525,6 +532,45 @@ def test_marks_lost_by_a_restart_are_reported_and_set_again(
     first_spend = post(client, "/spend", fresh)
     assert first_spend.status_code == 200 and "Satchel-Degraded" not in first_spend.headers
     assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
+
+
+def test_a_lost_mark_is_set_again_by_a_read_only_request_and_counted_once(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """A read-only request (discard(), a page load) saves nothing; the mark used to be
+    set again only by a save, so every load of the conversation counted and flagged the
+    same lost mark again. Now the request that finds it lost sets it again at once."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, _ = make_app(
+        tmp_path,
+        observer=metrics,
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_BREAKER_RESET_TIMEOUT=0.05,
+    )
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0).headers["Satchel-Context"]
+    redis_server.restart()  # empty: no persistence
+
+    def peek() -> Any:
+        return client.get("/peek", headers={"Satchel-Context": spent})
+
+    first = peek()
+    deadline = time.monotonic() + 5
+    while first.status_code == 503 and time.monotonic() < deadline:  # breaker reconnecting
+        first = peek()
+    assert first.status_code == 200 and first.get_json()["degraded"] == ["consistency_reset"]
+    for _ in range(2):
+        again = peek()
+        assert again.status_code == 200 and again.get_json()["degraded"] == []
+    assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
+    # The mark is back where the token is: it spends on, unflagged, and the older
+    # token is refused again.
+    ok = post(client, "/spend", spent)
+    assert ok.status_code == 200 and "Satchel-Degraded" not in ok.headers
+    assert post(client, "/spend", t0).status_code == 409
 
 
 # -- binding and erasure ----------------------------------------------------------------

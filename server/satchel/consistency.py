@@ -335,6 +335,7 @@ class MonotonicGuard:
         raw = fetched.get(key)
         if raw is None and not fresh and ctx.marked:
             self._mark_lost(ctx, tag)
+            raw = self._set_again(ctx, key)
         if raw == ERASED:
             refuse_erased(self.observer, tag)
         mark = decode_mark(raw) if raw is not None else None
@@ -412,6 +413,20 @@ class MonotonicGuard:
         if hmac.compare_digest(kept_id, mark_id) and hmac.compare_digest(parent, presented):
             return token, seq
         return None
+
+    def _set_again(self, ctx: Context, key: str) -> bytes | None:
+        """After a lost mark, set it again at once, from the token this request sent:
+        "the mark starts again from this token" must not wait for a save. A read-only
+        request (``discard()``, a page load) saves nothing, and every load of the
+        conversation counted the same loss again until a write came. Returns what the
+        mark holds now (None if the tier did not take it: after() sets it then)."""
+        assert ctx.parent is not None  # opened from a token
+        mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
+        try:
+            current = self.tier.compare_and_set_mark(key, None, mark, self._ttl(ctx))
+        except TierError:
+            return None
+        return mark if current is None else current  # another request set it first
 
     def _anchor_changed(self, ctx: Context, tag: str) -> bool:
         """Whether ``ctx``'s token descends from this session's mark under another key
