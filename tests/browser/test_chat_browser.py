@@ -816,6 +816,28 @@ def test_monotonic_chat_whose_reply_and_reload_were_lost_catches_up_on_the_next_
     ]
 
 
+def test_monotonic_chat_explains_an_unchecked_reply_in_words(
+    live_server_factory, tmp_path, page, redis_server
+) -> None:
+    """Monotonic consistency, fail_open, and the store down: the reply is served,
+    flagged consistency_unchecked. The page said only "Running in a degraded mode
+    (consistency_unchecked). (consistency_unchecked)": it must say what that means."""
+    srv = start_app(
+        live_server_factory,
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+    )
+    open_chat(page, srv)
+    send(page, "first message")
+    redis_server.kill()
+    send(page, "while the store is down")
+    notice = page.locator("#notice")
+    expect(notice).to_have_attribute("data-reasons", re.compile(r"\bconsistency_unchecked\b"))
+    expect(notice).to_contain_text("could not check that this is the chat's newest version")
+    expect(notice).not_to_contain_text("degraded mode")
+
+
 def test_monotonic_chat_locked_out_says_to_start_a_new_chat(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:

@@ -525,10 +525,16 @@ const DEGRADED_TEXT = {
   segment_corrupt: 'Some older turns in the overflow store were damaged and are not shown.',
   segment_foreign: 'Some older turns in the overflow store belong to another session and are not shown.',
   data_loss: 'Some older turns could not be kept anywhere; only their summary remains.',
+  // SATCHEL_CONSISTENCY=monotonic (docs/consistency.md)
+  consistency_unchecked:
+    "The server's store is unreachable, so it could not check that this is the chat's newest version; the reply was given anyway.",
+  consistency_reset:
+    "The server's store had lost its record of this chat's newest version (it restarted); it starts again from this one. Nothing in the chat is missing.",
 };
 
 function describeDegraded(reason) {
-  return DEGRADED_TEXT[reason] || `Running in a degraded mode (${reason}).`;
+  // The code itself is shown next to the text: an unknown one gets a plain sentence.
+  return DEGRADED_TEXT[reason] || 'The server answered in a degraded mode.';
 }
 
 let noticeShown = '';
