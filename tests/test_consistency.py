@@ -1009,6 +1009,7 @@ def test_requests_sent_at_once_with_one_token_stream_one_reply(tmp_path: Path, p
         )
         assert loser.status_code == 409, loser.get_data(as_text=True)
         assert loser.get_json()["error"]["code"] == "context_busy"  # not stale: retry later
+        assert loser.headers["Retry-After"] == "1"
     gate.set()
     body = "".join(c.decode() for c in chunks)
     winner.close()

@@ -780,6 +780,33 @@ function pickLocks(opt) {
 
 const isRequest = (x) => typeof Request !== 'undefined' && x instanceof Request;
 
+/**
+ * The longest a `context_busy` refusal is waited out before its one retry, in
+ * seconds: the reply holding the conversation is usually this tab's own, just
+ * stopped, which the server notices within a moment. A longer one (another tab's
+ * reply still streaming) is the caller's to wait for.
+ */
+const BUSY_WAIT_MAX_S = 2;
+
+/** Resolve after `ms`, or reject with the signal's reason once it aborts. */
+function abortableDelay(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal && signal.aborted) {
+      reject(signal.reason ?? new DOMException('The operation was aborted.', 'AbortError'));
+      return;
+    }
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason ?? new DOMException('The operation was aborted.', 'AbortError'));
+    };
+    const timer = setTimeout(() => {
+      if (signal) signal.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
 /** The signal fetch() would obey: init's if given, else the Request's own. */
 function signalOf(input, init) {
   if (init.signal !== undefined) return init.signal;
@@ -1176,6 +1203,7 @@ export class SatchelClient extends EventTarget {
   async _exchange(input, init, state) {
     const replayable = isReplayable(input, init);
     state.safe = isSafeMethod(input, init);
+    state.signal = signalOf(input, init);
     for (;;) {
       const sent = state.fresh ? null : await this._readFresh();
       const [req, reqInit] = prepare(input, init, this._headerName, tokenOf(sent));
@@ -1234,6 +1262,18 @@ export class SatchelClient extends EventTarget {
       if (!canRetry) return false;
       state.retried = true;
       state.fresh = true;
+      return true;
+    }
+    if (err.code === 'context_busy' && err.status === 409) {
+      // Another request with this token is being answered (a streamed reply holds
+      // it): nothing was done for this one, so it can be sent again. Usually the
+      // reply is this tab's own, just stopped, and the server lets go of it within a
+      // moment: wait as long as Retry-After says (at most BUSY_WAIT_MAX_S), once.
+      const wait = parseRetryAfter(err.response);
+      if (!canRetry || wait == null || wait > BUSY_WAIT_MAX_S) return false;
+      await abortableDelay(wait * 1000, state.signal);
+      state.retried = true;
+      state.fresh = false;
       return true;
     }
     if (err instanceof StaleContextError) {

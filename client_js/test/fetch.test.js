@@ -611,3 +611,40 @@ test('a server-mode carrier whose seq moves is stored with it and announced', as
     ],
   );
 });
+
+test('context_busy with a short Retry-After is waited out and sent again, once', async () => {
+  let busy = 1;
+  const fetch = fakeFetch(() =>
+    busy-- > 0
+      ? errorReply(409, 'context_busy', 'another reply is being streamed', { headers: { 'Retry-After': '1' } })
+      : reply({ satchel: { token: 'A2', seq: 2, session: 'A' } }),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  const started = Date.now();
+  await client.fetch('/chat', { method: 'POST', body: 'm' });
+  assert.ok(Date.now() - started >= 950, 'waited for Retry-After');
+  assert.deepEqual(fetch.calls.map((c) => c.token), ['A1', 'A1']);
+  assert.equal(client.token, 'A2');
+});
+
+test('context_busy: no wait past two seconds, no second retry, and an abort stops the wait', async () => {
+  const long = fakeFetch(() =>
+    errorReply(409, 'context_busy', 'busy', { headers: { 'Retry-After': '30' } }),
+  );
+  const client = testClient({ fetch: long });
+  await client.importToken('A1', { seq: 1, session: 'A' });
+  const err = await client.fetch('/chat', { method: 'POST', body: 'm' }).catch((e) => e);
+  assert.equal(err.code, 'context_busy');
+  assert.equal(long.calls.length, 1); // the caller waits for a reply that long, not us
+
+  const always = fakeFetch(() => errorReply(409, 'context_busy', 'busy', { headers: { 'Retry-After': '1' } }));
+  const second = testClient({ fetch: always });
+  const controller = new AbortController();
+  const pending = second.fetch('/chat', { method: 'POST', body: 'm', signal: controller.signal }).catch((e) => e);
+  await flush();
+  controller.abort();
+  const aborted = await pending;
+  assert.equal(aborted.name, 'AbortError');
+  assert.equal(always.calls.length, 1);
+});

@@ -54,6 +54,7 @@ from ..envelope import encoded_length
 from ..errors import (
     BadToken,
     ConfigurationError,
+    ContextBusy,
     InvalidRequest,
     MalformedToken,
     SatchelError,
@@ -113,6 +114,9 @@ class RequestState:
     #: copy_current_request_context shares this state, and must not open a second one
     opening: threading.RLock = field(default_factory=threading.RLock)
 
+
+#: seconds a 409 context_busy tells the client to wait (Retry-After) before sending again
+CONTEXT_BUSY_RETRY_AFTER = 1
 
 #: the attribute of the request object that holds its RequestState
 _STATE_ATTR = "_satchel_state"
@@ -777,6 +781,10 @@ class Satchel:
         config = self.state().config
         if isinstance(exc, StaleContext) and exc.newest_token is not None:
             self._hand_back_newest(response, exc, config)
+        elif isinstance(exc, ContextBusy):
+            # The reply that holds the conversation is most often the client's own,
+            # just stopped: the server notices at its next write and lets go.
+            response.headers["Retry-After"] = str(CONTEXT_BUSY_RETRY_AFTER)
         unusable = isinstance(exc, BadToken) and not isinstance(exc, WrongUser)
         if unusable and rs is not None and rs.token_source == "cookie":
             # The cookie is HttpOnly: page code cannot remove a token that will never
