@@ -534,12 +534,14 @@ def test_marks_lost_by_a_restart_are_reported_and_set_again(
     assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
 
 
-def test_a_lost_mark_is_set_again_by_a_read_only_request_and_counted_once(
+def test_a_lost_mark_is_counted_once_and_a_read_of_an_older_token_locks_nobody_out(
     tmp_path: Path, redis_server: Any
 ) -> None:
-    """A read-only request (discard(), a page load) saves nothing; the mark used to be
-    set again only by a save, so every load of the conversation counted and flagged the
-    same lost mark again. Now the request that finds it lost sets it again at once."""
+    """After the tier lost a mark, nothing tells which token is the newest. Each load of
+    the conversation (a read-only request) counted the same loss again; and setting the
+    mark again from the first token read, an older tab's, refused the newest token for
+    good. Now the loss is counted once per process, every request is flagged until a
+    save sets the mark again, and that save is the newest token's."""
     from satchel.metrics import PrometheusObserver
 
     metrics = PrometheusObserver()
@@ -551,26 +553,32 @@ def test_a_lost_mark_is_set_again_by_a_read_only_request_and_counted_once(
     )
     client = app.test_client()
     t0 = post(client, "/chat", None).headers["Satchel-Context"]
-    spent = post(client, "/spend", t0).headers["Satchel-Context"]
+    older = post(client, "/spend", t0).headers["Satchel-Context"]
+    newest = post(client, "/spend", older).headers["Satchel-Context"]
+    newest = post(client, "/spend", newest).headers["Satchel-Context"]
     redis_server.restart()  # empty: no persistence
 
-    def peek() -> Any:
-        return client.get("/peek", headers={"Satchel-Context": spent})
+    def peek(token: str) -> Any:
+        return client.get("/peek", headers={"Satchel-Context": token})
 
-    first = peek()
+    first = peek(older)  # an old tab loads the chat first
     deadline = time.monotonic() + 5
     while first.status_code == 503 and time.monotonic() < deadline:  # breaker reconnecting
-        first = peek()
+        first = peek(older)
     assert first.status_code == 200 and first.get_json()["degraded"] == ["consistency_reset"]
-    for _ in range(2):
-        again = peek()
-        assert again.status_code == 200 and again.get_json()["degraded"] == []
+    for token in (older, newest):
+        again = peek(token)
+        assert again.status_code == 200, again.get_json()
+        assert again.get_json()["degraded"] == ["consistency_reset"]  # still unchecked
     assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
-    # The mark is back where the token is: it spends on, unflagged, and the older
-    # token is refused again.
-    ok = post(client, "/spend", spent)
+    # The newest token's save sets the mark again: it goes on, and the older one is
+    # refused from then on.
+    saved = post(client, "/spend", newest)
+    assert saved.status_code == 200 and saved.get_json() == {"credits": 6}
+    ok = post(client, "/spend", saved.headers["Satchel-Context"])
     assert ok.status_code == 200 and "Satchel-Degraded" not in ok.headers
-    assert post(client, "/spend", t0).status_code == 409
+    assert post(client, "/spend", older).status_code == 409
+    assert metrics.registry.get_sample_value("satchel_marks_lost_total") == 1
 
 
 # -- binding and erasure ----------------------------------------------------------------
@@ -1010,6 +1018,8 @@ def test_requests_sent_at_once_with_one_token_stream_one_reply(tmp_path: Path, p
         assert loser.status_code == 409, loser.get_data(as_text=True)
         assert loser.get_json()["error"]["code"] == "context_busy"  # not stale: retry later
         assert loser.headers["Retry-After"] == "1"
+        # A page on another origin must be able to read it.
+        assert "Retry-After" in loser.headers["Access-Control-Expose-Headers"].split(", ")
     gate.set()
     body = "".join(c.decode() for c in chunks)
     winner.close()
@@ -1618,3 +1628,73 @@ def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path:
     tag = Satchel.state(app).pipeline.session_tag(session_id)
     assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
     assert post(client, "/spend", t0).status_code == 410
+
+
+def test_a_save_between_an_erasures_delete_and_its_tombstone_keeps_no_token(
+    tmp_path: Path,
+) -> None:
+    """Erasure deletes the session's keys, then writes its tombstone. A save in between
+    finds its mark gone (a lost mark, as far as it can tell), sets it again and keeps its
+    token with it; the tombstone then replaced the mark only, and the erased
+    conversation's newest token stayed in the tier for a week."""
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    t1 = post(client, "/spend", t0).headers["Satchel-Context"]
+    with app.app_context():
+        session_id = satchel.codec.open(t1).session_id
+    tier = Satchel.state(app).tier
+    original = tier.delete_session
+    saved: list[Any] = []
+
+    def delete_then_a_save_comes(tag: str) -> int:
+        count = original(tag)
+        saved.append(in_thread(lambda: post(app.test_client(), "/spend", t1)))
+        return count
+
+    tier.delete_session = delete_then_a_save_comes
+    with app.app_context():
+        satchel.erase(session_id)
+    assert saved and saved[0].status_code == 200  # it came between the two
+    tag = Satchel.state(app).pipeline.session_tag(session_id)
+    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    assert post(client, "/spend", t1).status_code == 410
+
+
+def test_a_blueprint_with_a_catch_all_handler_hands_back_the_newest_token_too(
+    tmp_path: Path,
+) -> None:
+    """docs/lifecycle.md: a blueprint whose catch-all handler would take Satchel's errors
+    registers satchel.handle_error for them. The handler it named before made the JSON
+    body alone: a lost response's 409 then came without the newest token."""
+    from flask import Blueprint
+
+    from satchel.errors import SatchelError
+
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+    bp = Blueprint("api", __name__)
+
+    @bp.errorhandler(Exception)
+    def everything(exc: Exception) -> Any:
+        return {"oops": True}, 500
+
+    bp.register_error_handler(SatchelError, satchel.handle_error)
+
+    @bp.post("/spend")
+    @satchel.consistency("monotonic")
+    def spend() -> Any:
+        ctx = satchel.context
+        ctx.metadata["credits"] = ctx.metadata.get("credits", 10) - 1
+        return {"credits": ctx.metadata["credits"]}
+
+    app.register_blueprint(bp)
+    client = app.test_client()
+    t0 = post(client, "/spend", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)  # its response is lost
+    replay = post(client, "/spend", t0)
+    assert replay.status_code == 409 and replay.get_json()["error"]["code"] == "stale_context"
+    assert replay.headers["Satchel-Context"] == spent.headers["Satchel-Context"]
+    bad = post(client, "/spend", t0[:-4] + "AAAA")
+    assert bad.status_code == 400 and bad.get_json()["error"]["code"].startswith("token_")

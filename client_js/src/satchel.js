@@ -87,8 +87,8 @@ export class StaleContextError extends SatchelError {
      * True when the refusal itself carried the conversation's newest token (the
      * response that issued it was lost on the way) and it is now stored: the
      * conversation goes on from it. This request was not served and is not resent
-     * (the lost response may have been for this very message; a GET, HEAD or
-     * OPTIONS is): reload the conversation, then send again what it does not hold.
+     * (the lost response may have been for this very message; a GET is): reload
+     * the conversation, then send again what it does not hold.
      */
     this.recovered = false;
   }
@@ -781,12 +781,13 @@ function pickLocks(opt) {
 const isRequest = (x) => typeof Request !== 'undefined' && x instanceof Request;
 
 /**
- * The longest a `context_busy` refusal is waited out before its one retry, in
- * seconds: the reply holding the conversation is usually this tab's own, just
- * stopped, which the server notices within a moment. A longer one (another tab's
- * reply still streaming) is the caller's to wait for.
+ * How long `context_busy` refusals are waited out in all, per call, in seconds (each
+ * wait as long as its Retry-After, then one resend): the reply holding the
+ * conversation is usually this tab's own, just stopped, which the server notices at
+ * its next write, within a model's pause between two words. A longer one (another
+ * tab's reply still streaming) is the caller's to wait for.
  */
-const BUSY_WAIT_MAX_S = 2;
+const BUSY_WAIT_MAX_S = 3;
 
 /** Resolve after `ms`, or reject with the signal's reason once it aborts. */
 function abortableDelay(ms, signal) {
@@ -1268,11 +1269,14 @@ export class SatchelClient extends EventTarget {
       // Another request with this token is being answered (a streamed reply holds
       // it): nothing was done for this one, so it can be sent again. Usually the
       // reply is this tab's own, just stopped, and the server lets go of it within a
-      // moment: wait as long as Retry-After says (at most BUSY_WAIT_MAX_S), once.
+      // moment: wait as long as Retry-After says, and send again, for at most
+      // BUSY_WAIT_MAX_S in all.
+      // A budget of its own, not the one retry: nothing was done for these requests.
       const wait = parseRetryAfter(err.response);
-      if (!canRetry || wait == null || wait > BUSY_WAIT_MAX_S) return false;
+      const waited = state.busyWaited || 0;
+      if (!replayable || wait == null || waited + wait > BUSY_WAIT_MAX_S) return false;
       await abortableDelay(wait * 1000, state.signal);
-      state.retried = true;
+      state.busyWaited = waited + wait;
       state.fresh = false;
       return true;
     }

@@ -628,7 +628,7 @@ test('context_busy with a short Retry-After is waited out and sent again, once',
   assert.equal(client.token, 'A2');
 });
 
-test('context_busy: no wait past two seconds, no second retry, and an abort stops the wait', async () => {
+test('context_busy: no wait past three seconds in all, and an abort stops the wait', async () => {
   const long = fakeFetch(() =>
     errorReply(409, 'context_busy', 'busy', { headers: { 'Retry-After': '30' } }),
   );
@@ -647,4 +647,14 @@ test('context_busy: no wait past two seconds, no second retry, and an abort stop
   const aborted = await pending;
   assert.equal(aborted.name, 'AbortError');
   assert.equal(always.calls.length, 1);
+});
+
+test('context_busy that lasts: waited out three times, one second each, then thrown', async () => {
+  const always = fakeFetch(() => errorReply(409, 'context_busy', 'busy', { headers: { 'Retry-After': '1' } }));
+  const client = testClient({ fetch: always });
+  const started = Date.now();
+  const err = await client.fetch('/chat', { method: 'POST', body: 'm' }).catch((e) => e);
+  assert.equal(err.code, 'context_busy');
+  assert.equal(always.calls.length, 4); // the first and three resends: 3 s in all
+  assert.ok(Date.now() - started >= 2900);
 });

@@ -1,12 +1,14 @@
 """``python -m examples.chat``: serve the chat example on 127.0.0.1:$PORT (default 8000).
 
 Uses werkzeug's threaded server (several tabs can stream at once). ``HOST`` overrides
-the interface; the demo is meant for loopback only. Satchel's warnings go to stderr as
+the interface (``--host`` and ``--port`` override both); the demo is meant for loopback
+only. Satchel's warnings go to stderr as
 JSON lines (``SATCHEL_LOG_LEVEL``, see ``examples/_config.py``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -15,9 +17,14 @@ from werkzeug.serving import make_server
 from .app import create_app
 
 
-def main() -> None:
-    host = os.environ.get("HOST", "127.0.0.1")
-    port = int(os.environ.get("PORT", "8000"))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.chat", description="Serve the Satchel chat example."
+    )
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    args = parser.parse_args(argv)
+    host, port = args.host, args.port
     app = create_app()
     server = make_server(host, port, app, threaded=True)
     model = app.config["CHAT_MODEL"]

@@ -228,6 +228,34 @@ class ForkDetector:
                 self._issued.popitem(last=False)
 
 
+#: how many sessions a process remembers having reported a lost mark for
+LOST_REPORTED_MAX = 10_000
+
+
+class _BoundedSet:
+    """A thread-safe set of the most recently added items, at most ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, None] = OrderedDict()
+
+    def put(self, item: str) -> bool:
+        """Add ``item``; True if it was not there."""
+        with self._lock:
+            if item in self._items:
+                self._items.move_to_end(item)
+                return False
+            self._items[item] = None
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return True
+
+    def discard(self, item: str) -> None:
+        with self._lock:
+            self._items.pop(item, None)
+
+
 @dataclass(slots=True)
 class MarkState:
     """What ``before`` saw, so ``after`` can compare-and-set against it."""
@@ -282,6 +310,8 @@ class MonotonicGuard:
         #: the session's tags under the ring's other keys as anchor (Codec.
         #: session_tags_under_other_anchors), looked at before a token is called stale
         self.other_anchor_tags = other_anchor_tags
+        #: sessions whose lost mark this process has counted (until a save sets it)
+        self._lost_reported = _BoundedSet(LOST_REPORTED_MAX)
 
     def _tier_down(self, ctx: Context, tag: str, exc: TierError) -> None:
         """The mark could not be read or moved: refuse (fail_closed) or flag (fail_open).
@@ -321,7 +351,13 @@ class MonotonicGuard:
     def _mark_lost(self, ctx: Context, tag: str) -> None:
         # The token was issued after a mark was set, and the mark is gone: the tier
         # lost data. Replays of older tokens went unchecked since then; say so.
-        self.observer.event("mark_lost", session=tag, seq=ctx.seq)
+        # The mark is set again by the session's next save (not by a read-only
+        # request: after the loss nothing tells which token is the newest, and
+        # pinning it to the first one read, an older tab's, locked the newest out).
+        # Until then every request of the session is flagged, but the loss is
+        # counted once in this process, not again on every page load.
+        if self._lost_reported.put(tag):
+            self.observer.event("mark_lost", session=tag, seq=ctx.seq)
         self.observer.event("degraded", session=tag, reason="consistency_reset")
         ctx.degraded.append("consistency_reset")
 
@@ -335,7 +371,6 @@ class MonotonicGuard:
         raw = fetched.get(key)
         if raw is None and not fresh and ctx.marked:
             self._mark_lost(ctx, tag)
-            raw = self._set_again(ctx, key)
         if raw == ERASED:
             refuse_erased(self.observer, tag)
         mark = decode_mark(raw) if raw is not None else None
@@ -413,20 +448,6 @@ class MonotonicGuard:
         if hmac.compare_digest(kept_id, mark_id) and hmac.compare_digest(parent, presented):
             return token, seq
         return None
-
-    def _set_again(self, ctx: Context, key: str) -> bytes | None:
-        """After a lost mark, set it again at once, from the token this request sent:
-        "the mark starts again from this token" must not wait for a save. A read-only
-        request (``discard()``, a page load) saves nothing, and every load of the
-        conversation counted the same loss again until a write came. Returns what the
-        mark holds now (None if the tier did not take it: after() sets it then)."""
-        assert ctx.parent is not None  # opened from a token
-        mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
-        try:
-            current = self.tier.compare_and_set_mark(key, None, mark, self._ttl(ctx))
-        except TierError:
-            return None
-        return mark if current is None else current  # another request set it first
 
     def _anchor_changed(self, ctx: Context, tag: str) -> bool:
         """Whether ``ctx``'s token descends from this session's mark under another key
@@ -513,6 +534,8 @@ class MonotonicGuard:
         except TierError as exc:
             self._tier_down(ctx, tag, exc)
             return False
+        if current is None:
+            self._lost_reported.discard(tag)  # set again: a later loss is a new one
         if current == ERASED:  # erased while this request ran
             refuse_erased(self.observer, tag)
         if current is not None:
@@ -664,9 +687,13 @@ class MonotonicGuard:
             if fetched.error is not None:
                 raise fetched.error
             current = fetched.get(key)
-            if current == ERASED:
-                return
-            if self.tier.compare_and_set_mark(key, current, ERASED, self.mark_ttl) is None:
+            if current == ERASED or (
+                self.tier.compare_and_set_mark(key, current, ERASED, self.mark_ttl) is None
+            ):
+                # A save between the erasure's delete and this tombstone found its mark
+                # gone, set it again and kept its token with it: the tombstone replaced
+                # the mark, the token goes now (no save can write one after it).
+                self.tier.delete([newest_key(tag)])
                 return
         raise TierUnavailable(
             "the erasure tombstone could not be written: the session kept changing; erase again"

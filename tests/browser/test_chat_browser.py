@@ -816,6 +816,28 @@ def test_monotonic_chat_whose_reply_and_reload_were_lost_catches_up_on_the_next_
     ]
 
 
+def test_a_message_saved_after_all_is_taken_out_of_the_box_by_a_later_load(
+    live_server_factory, tmp_path, page
+) -> None:
+    """The reply was lost after the server saved the message, and the load of the chat
+    right after the failure failed too (the network was down). Back online, the page
+    loads the chat again and shows the message saved: the box still held it, under
+    "not sent", and sending it stored it twice. Any load now takes it out of the box."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_CONSISTENCY="monotonic")
+    open_chat(page, srv)
+    send(page, "first message")
+    page.route("**/api/context", lambda route: route.abort("internetdisconnected"))
+    send_and_lose_the_reply(page, "second message")
+    expect(page.locator("#message")).to_have_value("second message")
+    page.unroute("**/api/context")
+    page.context.set_offline(True)
+    page.context.set_offline(False)  # the page's 'online' handler loads the chat again
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["first message", "second message"])
+    expect(page.locator("#message")).to_have_value("")
+    expect(page.locator("#notice")).to_contain_text("the message itself was saved")
+    expect(page.locator("#error")).to_be_hidden()
+
+
 def test_monotonic_chat_explains_an_unchecked_reply_in_words(
     live_server_factory, tmp_path, page, redis_server
 ) -> None:
@@ -942,7 +964,7 @@ def test_a_reply_that_never_comes_can_be_stopped(live_server_factory, tmp_path, 
     stop.click()
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
     expect(stop).to_be_hidden()
-    expect(page.locator("#error")).to_contain_text("you stopped the reply")
+    expect(page.locator("#error")).to_contain_text("you stopped it before the reply started")
     expect(page.locator("#message")).to_have_value("into the void")
     page.unroute("**/api/chat/stream")
     send(page, "after the stop")  # the conversation lock was released

@@ -277,6 +277,8 @@ def test_memory_tier_bound(clock) -> None:
     assert lru.get_many(["a", "b", "c"]) == [None, b"x" * 40, b"x" * 40]
     with pytest.raises(TierFull):
         lru.put("huge", b"x" * 200, 100)
+    # Refused without evicting anything: no room would have fit it.
+    assert lru.get_many(["b", "c"]) == [b"x" * 40, b"x" * 40]
 
 
 def test_a_memory_tier_url_takes_its_options_and_refuses_others() -> None:

@@ -119,6 +119,9 @@ let refreshGeneration = 0;
 // [{role, content}] currently in the thread, so a re-render appends only what is new;
 // null when the thread must be rebuilt from scratch (another conversation, a reload).
 let rendered = [];
+// A failed send whose text went back in the box: {conversation, text, shownBefore,
+// usersBefore}. Every load of the chat checks whether the server saved it after all.
+let unsent = null;
 const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
 /** Stops the reply streaming now (null when none is). */
 let stopCurrent = null;
@@ -529,7 +532,7 @@ const DEGRADED_TEXT = {
   consistency_unchecked:
     "The server's store is unreachable, so it could not check that this is the chat's newest version; the reply was given anyway.",
   consistency_reset:
-    "The server's store had lost its record of this chat's newest version (it restarted); it starts again from this one. Nothing in the chat is missing.",
+    "The server's store had lost its record of which version of this chat is the newest (a restart or an eviction), so this one could not be checked; it goes on from here.",
 };
 
 function describeDegraded(reason) {
@@ -680,6 +683,7 @@ async function refresh({ reportErrors = true } = {}) {
     const data = await response.json();
     if (generation !== refreshGeneration || current !== client || busy) return;
     renderThread(data.all_turns || []);
+    noticeIfSavedAnyway();
     renderStatus(data);
     notices.loadDegraded = data.degraded || [];
     renderNotice();
@@ -744,6 +748,8 @@ async function send(text) {
   const titled = !!entry && entry.title !== UNTITLED;
   const title = titled ? entry.title : titleFrom(text);
   const shownBefore = rendered ? JSON.stringify(rendered) : null;
+  const usersBefore = rendered ? userCounts(rendered) : null;
+  unsent = null; // a new send: an older failure's text is no longer in the box
   touch(id, { title, updated: Date.now() });
   setTitle(title);
   renderList();
@@ -795,18 +801,7 @@ async function send(text) {
     mine.remove();
     if (client === sentWith && tracked && rendered) rendered.pop();
     if (client === sentWith && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
-    const stopped = controller.signal.aborted;
-    // Monotonic consistency: a reply that never fully reached this page (a Stop at its
-    // very end, a dropped connection) had already moved the chat on; the server handed
-    // that newer state back with this refusal, and the reload below shows it.
-    const recovered = err && err.code === 'stale_context' && err.recovered === true;
-    const reason = stopped
-      ? 'you stopped the reply before it finished'
-      : recovered
-        ? 'this chat had gone on in a reply that did not fully reach this page (it is shown now)'
-        : err && err.code
-          ? `${err.message} (${err.code})`
-          : (err && err.message) || String(err);
+    const reason = failureReason(err, controller.signal.aborted, full);
     // Monotonic consistency, a reply lost on the way, and a server that keeps no newest
     // token to hand back (SATCHEL_KEEP_NEWEST=false; docs/client-js.md, "Lost
     // responses"): this chat's token is refused for good. Say so, and how to go on.
@@ -814,11 +809,10 @@ async function send(text) {
     const next = stuck
       ? ' This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
       : '';
-    // context_busy: the server's own message already says to send it again once the
-    // other reply (this tab's previous one, or another tab's) has ended.
     showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
+    if (shownBefore !== null) unsent = { conversation: id, text, shownBefore, usersBefore };
     // A first message that failed does not name the chat (the title is its first
     // message, and only an untitled chat gets one later).
     if (!titled && client === sentWith) {
@@ -838,30 +832,66 @@ async function send(text) {
     revealComposer();
     // Counts, summary, and anything another tab added meanwhile. After a failure it
     // still reconciles with the server if it is up, but keeps the "not sent" error.
-    await refresh({ reportErrors: !failed });
-    if (failed && client === sentWith) noticeIfSavedAnyway(text, shownBefore);
+    await refresh({ reportErrors: !failed }); // checks `unsent` when it renders
     renderNotice();
   }
 }
 
+/** Why a send failed, in words for the "not sent" error. */
+function failureReason(err, stopped, streamed) {
+  if (stopped) {
+    return streamed ? 'you stopped the reply before it finished' : 'you stopped it before the reply started';
+  }
+  const code = err && err.code;
+  if (code === 'context_busy') {
+    // The client waited up to 3 s already: a model pausing longer between words, or
+    // another tab's reply, still holds the chat.
+    return 'an earlier reply in this chat (perhaps the one just stopped) was still being finished on the server; send it again in a moment';
+  }
+  if (code === 'stale_context' && err.recovered === true) {
+    // Monotonic consistency: a reply that never fully reached this page (a Stop at its
+    // very end, a dropped connection) had already moved the chat on; the server handed
+    // that newer state back with this refusal, and the reload after this shows it.
+    return 'this chat had gone on in a reply that did not fully reach this page (it is shown now)';
+  }
+  if (code) return `${err.message} (${code})`;
+  return (err && err.message) || String(err);
+}
+
+/** How many times each user message occurs in a history. */
+function userCounts(turns) {
+  const counts = new Map();
+  for (const t of turns) if (t.role === 'user') counts.set(t.content, (counts.get(t.content) || 0) + 1);
+  return counts;
+}
+
 /**
- * After a failed send, the reloaded history may hold the message after all: the
+ * After a failed send, a later load of the chat may hold the message after all: the
  * server saved it and only the reply's way back failed (server mode keeps the
- * conversation server-side, so the page sees it at once). Sending it again would
- * store it twice: say so, and take it out of the box.
+ * conversation server-side; under monotonic consistency the server hands the newest
+ * token back). Any load counts, not only the one right after the failure: another
+ * tab's token, coming back online, or a second load that replaced the first may be
+ * the one that shows it. Sending it again would store it twice: say so, and take it
+ * out of the box.
  */
-function noticeIfSavedAnyway(text, shownBefore) {
-  // The history changed since the send began (with a full turn window its length does
-  // not), and its newest message is this one.
-  if (!rendered || shownBefore === null || JSON.stringify(rendered) === shownBefore) return;
+function noticeIfSavedAnyway() {
+  if (!unsent || !client || client.conversation !== unsent.conversation || !rendered) return;
+  const { text, shownBefore, usersBefore } = unsent;
+  if (JSON.stringify(rendered) === shownBefore) return; // nothing new
+  // One more of it than before (another tab's messages may have come after it), or,
+  // with a full turn window that dropped the older copy, the newest message is it.
   const users = rendered.filter((t) => t.role === 'user');
-  if (!users.length || users[users.length - 1].content !== text) return;
+  const more = (userCounts(rendered).get(text) || 0) > (usersBefore.get(text) || 0);
+  const newest = users.length > 0 && users[users.length - 1].content === text;
+  if (!more && !newest) return;
+  unsent = null;
   if (el.input.value === text) {
     el.input.value = '';
     updateCounter();
   }
   showError(null);
   notices.fork = 'The reply to your last message was interrupted on its way, but the message itself was saved: it is in the chat above.';
+  renderNotice();
 }
 
 el.form.addEventListener('submit', (event) => {

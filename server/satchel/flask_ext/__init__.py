@@ -54,7 +54,6 @@ from ..envelope import encoded_length
 from ..errors import (
     BadToken,
     ConfigurationError,
-    ContextBusy,
     InvalidRequest,
     MalformedToken,
     SatchelError,
@@ -85,6 +84,9 @@ RESPONSE_HEADERS = (
     "Satchel-Reset",
     "Satchel-Fork",
     "Server-Timing",
+    # Not CORS-safelisted: without it a page on another origin cannot see how long a
+    # 409 context_busy or a 503 asks it to wait.
+    "Retry-After",
 )
 
 
@@ -114,9 +116,6 @@ class RequestState:
     #: copy_current_request_context shares this state, and must not open a second one
     opening: threading.RLock = field(default_factory=threading.RLock)
 
-
-#: seconds a 409 context_busy tells the client to wait (Retry-After) before sending again
-CONTEXT_BUSY_RETRY_AFTER = 1
 
 #: the attribute of the request object that holds its RequestState
 _STATE_ATTR = "_satchel_state"
@@ -774,6 +773,13 @@ class Satchel:
         if missing:  # none: an error response passes here twice (handler, after_request)
             response.headers["Access-Control-Expose-Headers"] = f"{existing}, {', '.join(missing)}"
 
+    def handle_error(self, exc: SatchelError) -> Response:
+        """The JSON error response for a Satchel error, as the extension's own handler
+        makes it: with the newest token a 409 ``stale_context`` hands back, and a bad
+        token's cookie removed. Register it for a blueprint whose catch-all handler
+        would otherwise take Satchel's errors (docs/lifecycle.md)."""
+        return self._handle_error(exc)
+
     def _handle_error(self, exc: SatchelError) -> Response:
         response = satchel_error_response(exc)
         self._expose_headers(response)
@@ -781,10 +787,6 @@ class Satchel:
         config = self.state().config
         if isinstance(exc, StaleContext) and exc.newest_token is not None:
             self._hand_back_newest(response, exc, config)
-        elif isinstance(exc, ContextBusy):
-            # The reply that holds the conversation is most often the client's own,
-            # just stopped: the server notices at its next write and lets go.
-            response.headers["Retry-After"] = str(CONTEXT_BUSY_RETRY_AFTER)
         unusable = isinstance(exc, BadToken) and not isinstance(exc, WrongUser)
         if unusable and rs is not None and rs.token_source == "cookie":
             # The cookie is HttpOnly: page code cannot remove a token that will never

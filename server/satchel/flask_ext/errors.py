@@ -12,7 +12,7 @@ from typing import Any
 from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import SatchelError, TierError
+from ..errors import ContextBusy, SatchelError, TierError
 
 log = logging.getLogger("satchel")
 
@@ -77,11 +77,23 @@ def public_error(exc: SatchelError) -> dict[str, str]:
     return {"code": exc.code, "message": exc.message}
 
 
+#: seconds a 409 context_busy asks the client to wait (Retry-After) before sending again
+CONTEXT_BUSY_RETRY_AFTER = 1
+
+
 def satchel_error_response(exc: SatchelError) -> Response:
+    """The JSON error response for ``exc``. Without the extension's state: a blueprint
+    that needs a handler of its own should register ``Satchel.handle_error``, which
+    also hands back the newest token of a lost response."""
     public = public_error(exc)
-    return error_response(
+    response = error_response(
         public["code"], public["message"], STATUS_BY_CODE.get(exc.code, exc.status)
     )
+    if isinstance(exc, ContextBusy):
+        # The reply that holds the conversation is most often the client's own, just
+        # stopped: the server notices at its next write and lets go.
+        response.headers["Retry-After"] = str(CONTEXT_BUSY_RETRY_AFTER)
+    return response
 
 
 def http_error_response(exc: HTTPException) -> Response:
@@ -95,6 +107,7 @@ def http_error_response(exc: HTTPException) -> Response:
 
 
 __all__ = [
+    "CONTEXT_BUSY_RETRY_AFTER",
     "STATUS_BY_CODE",
     "error_response",
     "http_error_response",

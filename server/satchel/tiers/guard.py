@@ -85,7 +85,8 @@ class BreakerPolicy:
     timeout; a read-only replica) never opens the main breaker, since each request's
     successful read resets its count, and every request paid the write's timeout.
     After ``fail_max`` consecutive write failures, writes fail fast for
-    ``reset_timeout`` seconds (reads go on), then one is let through again.
+    ``reset_timeout`` seconds (reads go on); then writes are let through again (each
+    waiting writer, not a single trial: the first success closes it).
     """
 
     fail_max: int = 5
@@ -530,7 +531,8 @@ class GuardedTier:
         if now < shard.writes_refused_until:
             facts: dict[str, Any] = {"shard": shard.name} if shard.name else {}
             raise TierUnavailable(
-                "writes are failing",
+                "the tier's writes keep failing, so none is tried for a moment; "
+                "nothing was written: retry shortly",
                 tier=self.name,
                 op=op,
                 unsent=True,  # no socket touched: nothing reached the tier

@@ -81,6 +81,16 @@ class MemoryTier(Tier):
 
     def _store(self, key: str, value: bytes, ttl: float, now: float) -> None:
         size = len(key) + len(value)
+        if size > self.max_bytes:
+            # Refused before anything is evicted: no amount of room would fit it, and
+            # evicting first emptied the whole store for a write refused anyway.
+            raise TierFull(
+                "the value is larger than the memory tier",
+                tier=self.name,
+                used=self._bytes,
+                size=size,
+                max_bytes=self.max_bytes,
+            )
         old = self._data.get(key)
         freed = len(key) + len(old[0]) if old is not None else 0
         if self._bytes - freed + size > self.max_bytes:
