@@ -1698,3 +1698,52 @@ def test_a_blueprint_with_a_catch_all_handler_hands_back_the_newest_token_too(
     assert replay.headers["Satchel-Context"] == spent.headers["Satchel-Context"]
     bad = post(client, "/spend", t0[:-4] + "AAAA")
     assert bad.status_code == 400 and bad.get_json()["error"]["code"].startswith("token_")
+
+
+def test_a_json_route_asked_with_a_token_a_stream_is_answering_is_busy(tmp_path: Path) -> None:
+    """Two devices with one token: one streams a reply, the other calls a monotonic JSON
+    route (which takes no claim of its own). The JSON request won the mark, the stream's
+    token became a sibling and was refused for good. Now the JSON request sees the
+    stream's claim (read with the mark) and is answered 409 context_busy; once the
+    stream has ended, the same token gets the stream's token back (its parent)."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+    gate = threading.Event()
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+
+        def deltas() -> Iterator[str]:
+            yield "a "
+            gate.wait(5)
+            yield "reply"
+
+        return satchel.stream(deltas(), on_complete=lambda t: ctx.add_turn("assistant", t))
+
+    @app.post("/spend")
+    @satchel.consistency("monotonic")
+    def spend() -> Any:
+        ctx = satchel.context
+        ctx.metadata["credits"] = ctx.metadata.get("credits", 10) - 1
+        return {"credits": ctx.metadata["credits"]}
+
+    client = app.test_client()
+    token = post(client, "/spend", None).headers["Satchel-Context"]
+    headers = {"Satchel-Context": token}
+    streaming = client.post("/stream", json={}, headers=headers, buffered=False)
+    chunks = iter(streaming.response)
+    assert "a " in next(chunks).decode()  # held open at the gate
+    other = in_thread(lambda: post(app.test_client(), "/spend", token))
+    assert other.status_code == 409, other.get_data(as_text=True)
+    assert other.get_json()["error"]["code"] == "context_busy"
+    assert other.headers["Retry-After"] == "1"
+    gate.set()
+    body = "".join(c.decode() for c in chunks)
+    streaming.close()
+    streamed = token_in(body)
+    again = post(client, "/spend", token)  # the other device, after its wait
+    assert again.status_code == 409 and again.headers["Satchel-Context"] == streamed
+    assert post(client, "/spend", streamed).status_code == 200  # the stream's token goes on

@@ -362,9 +362,16 @@ class MonotonicGuard:
         ctx.degraded.append("consistency_reset")
 
     def before(self, ctx: Context, tag: str, *, fresh: bool) -> MarkState:
-        """Refuse a stale, replayed or rolled-back token. ``fresh``: no token was sent."""
+        """Refuse a stale, replayed or rolled-back token. ``fresh``: no token was sent.
+
+        Also refuse (409 ``context_busy``) a token a streamed reply is answering right
+        now (its claim, read in the same call as the mark): a second answer to it, at
+        a route that takes no claim of its own, would make a sibling of the stream's
+        token, which the mark then refuses for good (two devices with one token).
+        """
         key = mark_key(tag)
-        fetched = self.tier.get_many([key], cache=False)
+        claim = claim_key(tag, ctx.parent) if not fresh and ctx.parent is not None else None
+        fetched = self.tier.get_many([key] if claim is None else [key, claim], cache=False)
         if fetched.reason(key) == "tier_unavailable":
             self._tier_down(ctx, tag, fetched.error or TierUnavailable())
             return MarkState(key, None, checked=False)
@@ -387,6 +394,12 @@ class MonotonicGuard:
                     detail=f"mark={seq}",
                     newest_seq=seq,
                 )
+        if claim is not None and fetched.get(claim) is not None:
+            self.observer.event("stale_refused", session=tag, detail="busy")
+            raise ContextBusy(
+                "another request for this conversation is being answered right now; send "
+                "it again once that reply has ended"
+            )
         return MarkState(
             key,
             raw,
