@@ -1730,6 +1730,18 @@ def test_a_json_route_asked_with_a_token_a_stream_is_answering_is_busy(tmp_path:
         ctx.metadata["credits"] = ctx.metadata.get("credits", 10) - 1
         return {"credits": ctx.metadata["credits"]}
 
+    @app.get("/peek")
+    @satchel.consistency("monotonic")
+    def peek() -> Any:
+        satchel.discard()
+        return {"credits": satchel.context.metadata.get("credits", 10)}
+
+    @app.get("/peek-and-save")
+    @satchel.consistency("monotonic")
+    def peek_and_save() -> Any:
+        satchel.context.metadata["seen"] = True  # a GET that changes the context
+        return {}
+
     client = app.test_client()
     token = post(client, "/spend", None).headers["Satchel-Context"]
     headers = {"Satchel-Context": token}
@@ -1740,6 +1752,12 @@ def test_a_json_route_asked_with_a_token_a_stream_is_answering_is_busy(tmp_path:
     assert other.status_code == 409, other.get_data(as_text=True)
     assert other.get_json()["error"]["code"] == "context_busy"
     assert other.headers["Retry-After"] == "1"
+    # A read meanwhile is served (a page reloading the chat right after a Stop)...
+    read = in_thread(lambda: app.test_client().get("/peek", headers=headers))
+    assert read.status_code == 200 and read.get_json() == {"credits": 9}
+    # ...unless it saves after all.
+    saving = in_thread(lambda: app.test_client().get("/peek-and-save", headers=headers))
+    assert saving.status_code == 409 and saving.get_json()["error"]["code"] == "context_busy"
     gate.set()
     body = "".join(c.decode() for c in chunks)
     streaming.close()

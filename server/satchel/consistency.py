@@ -270,6 +270,8 @@ class MarkState:
     opened_ids: tuple[bytes | None, bytes | None] = (None, None)
     #: the digest of the token the request opened (None: it sent none)
     opened_digest: bytes | None = None
+    #: a streamed reply was answering the same token when this request opened it
+    busy: bool = False
 
 
 class MonotonicGuard:
@@ -361,13 +363,15 @@ class MonotonicGuard:
         self.observer.event("degraded", session=tag, reason="consistency_reset")
         ctx.degraded.append("consistency_reset")
 
-    def before(self, ctx: Context, tag: str, *, fresh: bool) -> MarkState:
+    def before(self, ctx: Context, tag: str, *, fresh: bool, reading: bool = False) -> MarkState:
         """Refuse a stale, replayed or rolled-back token. ``fresh``: no token was sent.
 
         Also refuse (409 ``context_busy``) a token a streamed reply is answering right
         now (its claim, read in the same call as the mark): a second answer to it, at
         a route that takes no claim of its own, would make a sibling of the stream's
         token, which the mark then refuses for good (two devices with one token).
+        ``reading``: the request is a read (GET, HEAD, OPTIONS), served meanwhile (a
+        page reloading the chat right after a Stop); it is refused only if it saves.
         """
         key = mark_key(tag)
         claim = claim_key(tag, ctx.parent) if not fresh and ctx.parent is not None else None
@@ -394,18 +398,23 @@ class MonotonicGuard:
                     detail=f"mark={seq}",
                     newest_seq=seq,
                 )
-        if claim is not None and fetched.get(claim) is not None:
-            self.observer.event("stale_refused", session=tag, detail="busy")
-            raise ContextBusy(
-                "another request for this conversation is being answered right now; send "
-                "it again once that reply has ended"
-            )
+        busy = claim is not None and fetched.get(claim) is not None
+        if busy and not reading:
+            self._refuse_busy(tag)
         return MarkState(
             key,
             raw,
             mark_id=mark[2] if mark is not None else None,
             opened_ids=(ctx.mark_id, ctx.mark_parent),
             opened_digest=None if fresh else ctx.parent,
+            busy=busy,
+        )
+
+    def _refuse_busy(self, tag: str) -> NoReturn:
+        self.observer.event("stale_refused", session=tag, detail="busy")
+        raise ContextBusy(
+            "another request for this conversation is being answered right now; send "
+            "it again once that reply has ended"
         )
 
     def _refuse_stale(
@@ -522,6 +531,8 @@ class MonotonicGuard:
         """
         if not state.checked:
             return True
+        if state.busy:  # a read that saves after all (before() let reads through)
+            self._refuse_busy(tag)
         assert ctx.parent is not None
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         ttl = self._ttl(ctx)

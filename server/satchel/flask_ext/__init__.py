@@ -117,6 +117,9 @@ class RequestState:
     opening: threading.RLock = field(default_factory=threading.RLock)
 
 
+#: methods that read: served while a stream answers the same token (MonotonicGuard.before)
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 #: the attribute of the request object that holds its RequestState
 _STATE_ATTR = "_satchel_state"
 
@@ -487,7 +490,9 @@ class Satchel:
             if level == "monotonic":
                 if app_state.guard is None:
                     raise ConfigurationError("monotonic consistency needs a tier")
-                rs.mark = app_state.guard.before(ctx, tag, fresh=not token)
+                rs.mark = app_state.guard.before(
+                    ctx, tag, fresh=not token, reading=request.method in _READS
+                )
             # After the mark's check: a replay it refuses (409) is not also a fork,
             # which counts branches that were served.
             if token:
