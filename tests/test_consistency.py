@@ -94,6 +94,12 @@ def post(client: Any, path: str, token: str | None, message: str = "hi") -> Any:
     return client.post(path, json={"message": message}, headers=headers)
 
 
+def kept_newest(app: Flask, tag: str) -> bytes | None:
+    """The newest token a monotonic save of session ``tag`` kept in the app's tier."""
+    key = newest_key(tag)
+    return Satchel.state(app).tier.get_many([key], cache=False).get(key)
+
+
 # -- client level ---------------------------------------------------------------------
 
 
@@ -233,9 +239,7 @@ def test_keep_newest_off_keeps_no_token_in_the_tier(tmp_path: Path) -> None:
     client = app.test_client()
     t0 = post(client, "/chat", None).headers["Satchel-Context"]
     spent = post(client, "/spend", t0)
-    tag = spent.headers["Satchel-Session"]
-    tier = Satchel.state(app).tier
-    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    assert kept_newest(app, spent.headers["Satchel-Session"]) is None
     replay = post(client, "/spend", t0)
     assert replay.status_code == 409 and "Satchel-Context" not in replay.headers
 
@@ -258,12 +262,11 @@ def test_erasing_a_session_deletes_its_kept_newest_token(tmp_path: Path) -> None
     t0 = post(client, "/chat", None).headers["Satchel-Context"]
     spent = post(client, "/spend", t0)
     tag = spent.headers["Satchel-Session"]
-    tier = Satchel.state(app).tier
-    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is not None
+    assert kept_newest(app, tag) is not None
     with app.app_context():
         session_id = satchel.codec.open(spent.headers["Satchel-Context"]).session_id
         satchel.erase(session_id)
-    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    assert kept_newest(app, tag) is None
     replay = post(client, "/spend", t0)
     assert replay.status_code == 410 and "Satchel-Context" not in replay.headers
 
@@ -1626,7 +1629,7 @@ def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path:
     post(client, "/spend", t0)
     assert erased and erased[0]["tokens_refused"]
     tag = Satchel.state(app).pipeline.session_tag(session_id)
-    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    assert kept_newest(app, tag) is None
     assert post(client, "/spend", t0).status_code == 410
 
 
@@ -1657,7 +1660,7 @@ def test_a_save_between_an_erasures_delete_and_its_tombstone_keeps_no_token(
         satchel.erase(session_id)
     assert saved and saved[0].status_code == 200  # it came between the two
     tag = Satchel.state(app).pipeline.session_tag(session_id)
-    assert tier.get_many([newest_key(tag)], cache=False).get(newest_key(tag)) is None
+    assert kept_newest(app, tag) is None
     assert post(client, "/spend", t1).status_code == 410
 
 

@@ -791,14 +791,15 @@ const BUSY_WAIT_MAX_S = 3;
 
 /** Resolve after `ms`, or reject with the signal's reason once it aborts. */
 function abortableDelay(ms, signal) {
+  const aborted = () => signal.reason ?? new DOMException('The operation was aborted.', 'AbortError');
   return new Promise((resolve, reject) => {
     if (signal && signal.aborted) {
-      reject(signal.reason ?? new DOMException('The operation was aborted.', 'AbortError'));
+      reject(aborted());
       return;
     }
     const onAbort = () => {
       clearTimeout(timer);
-      reject(signal.reason ?? new DOMException('The operation was aborted.', 'AbortError'));
+      reject(aborted());
     };
     const timer = setTimeout(() => {
       if (signal) signal.removeEventListener('abort', onAbort);
@@ -1217,16 +1218,13 @@ export class SatchelClient extends EventTarget {
         return { response, sent };
       }
       const err = await errorFromResponse(response);
-      if (err instanceof StaleContextError && meta.token) {
-        // A monotonic route's 409 for the token its newest was made from hands that
-        // newest token back: its response was lost. Taken only if storage still holds
-        // what we sent; if another tab stored a token meanwhile (maybe this very one:
-        // that tab won a race with us), that one goes next, as for any stale_context.
-        err.recovered = await this._adoptHandedBack(meta, sent);
-        await this._applyMeta({ ...meta, token: null }, sent, 'response');
-      } else {
-        await this._applyMeta(meta, sent, 'response');
-      }
+      // A monotonic route's 409 for the token its newest was made from hands that
+      // newest token back: its response was lost. Taken only if storage still holds
+      // what we sent; if another tab stored a token meanwhile (maybe this very one:
+      // that tab won a race with us), that one goes next, as for any stale_context.
+      const handedBack = err instanceof StaleContextError && !!meta.token;
+      if (handedBack) err.recovered = await this._adoptHandedBack(meta, sent);
+      await this._applyMeta(handedBack ? { ...meta, token: null } : meta, sent, 'response');
       if (await this._recover(err, sent, state, replayable)) continue;
       throw err;
     }
@@ -1270,8 +1268,7 @@ export class SatchelClient extends EventTarget {
       // it): nothing was done for this one, so it can be sent again. Usually the
       // reply is this tab's own, just stopped, and the server lets go of it within a
       // moment: wait as long as Retry-After says, and send again, for at most
-      // BUSY_WAIT_MAX_S in all.
-      // A budget of its own, not the one retry: nothing was done for these requests.
+      // BUSY_WAIT_MAX_S in all (a budget of its own, not the one retry below).
       const wait = parseRetryAfter(err.response);
       const waited = state.busyWaited || 0;
       if (!replayable || wait == null || waited + wait > BUSY_WAIT_MAX_S) return false;

@@ -48,6 +48,7 @@ from .errors import (
     TierFull,
     TierUnavailable,
 )
+from .lru import BoundedLRU
 from .observe import NULL_OBSERVER, Observer
 from .schema import MARK_ID_BYTES
 
@@ -138,13 +139,20 @@ def take_claim(tier: Any, key: str, observer: Observer, tag: str) -> None:
     tier failure means depends on who claims (a monotonic route's policy, server
     mode's outage)."""
     if tier.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL) is not None:
-        # Not stale (409 stale_context would tell a browser client its token is dead):
-        # busy. The same token works again once that reply has ended.
-        observer.event("stale_refused", session=tag, detail="busy")
-        raise ContextBusy(
-            "another request for this conversation is being answered right now; send it "
-            "again once that reply has ended"
-        )
+        refuse_busy(observer, tag)
+
+
+def refuse_busy(observer: Observer, tag: str) -> NoReturn:
+    """Report and refuse a request for a token another request is answering right now.
+
+    Not stale (409 stale_context would tell a browser client its token is dead): busy
+    (409 ``context_busy``). The same token works again once that reply has ended.
+    """
+    observer.event("stale_refused", session=tag, detail="busy")
+    raise ContextBusy(
+        "another request for this conversation is being answered right now; send it "
+        "again once that reply has ended"
+    )
 
 
 def release_claim(tier: Any, key: str) -> None:
@@ -232,30 +240,6 @@ class ForkDetector:
 LOST_REPORTED_MAX = 10_000
 
 
-class _BoundedSet:
-    """A thread-safe set of the most recently added items, at most ``size``."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[str, None] = OrderedDict()
-
-    def put(self, item: str) -> bool:
-        """Add ``item``; True if it was not there."""
-        with self._lock:
-            if item in self._items:
-                self._items.move_to_end(item)
-                return False
-            self._items[item] = None
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-            return True
-
-    def discard(self, item: str) -> None:
-        with self._lock:
-            self._items.pop(item, None)
-
-
 @dataclass(slots=True)
 class MarkState:
     """What ``before`` saw, so ``after`` can compare-and-set against it."""
@@ -313,7 +297,7 @@ class MonotonicGuard:
         #: session_tags_under_other_anchors), looked at before a token is called stale
         self.other_anchor_tags = other_anchor_tags
         #: sessions whose lost mark this process has counted (until a save sets it)
-        self._lost_reported = _BoundedSet(LOST_REPORTED_MAX)
+        self._lost_reported = BoundedLRU(LOST_REPORTED_MAX)
 
     def _tier_down(self, ctx: Context, tag: str, exc: TierError) -> None:
         """The mark could not be read or moved: refuse (fail_closed) or flag (fail_open).
@@ -358,7 +342,7 @@ class MonotonicGuard:
         # pinning it to the first one read, an older tab's, locked the newest out).
         # Until then every request of the session is flagged, but the loss is
         # counted once in this process, not again on every page load.
-        if self._lost_reported.put(tag):
+        if self._lost_reported.add(tag):
             self.observer.event("mark_lost", session=tag, seq=ctx.seq)
         self.observer.event("degraded", session=tag, reason="consistency_reset")
         ctx.degraded.append("consistency_reset")
@@ -400,7 +384,7 @@ class MonotonicGuard:
                 )
         busy = claim is not None and fetched.get(claim) is not None
         if busy and not reading:
-            self._refuse_busy(tag)
+            refuse_busy(self.observer, tag)
         return MarkState(
             key,
             raw,
@@ -408,13 +392,6 @@ class MonotonicGuard:
             opened_ids=(ctx.mark_id, ctx.mark_parent),
             opened_digest=None if fresh else ctx.parent,
             busy=busy,
-        )
-
-    def _refuse_busy(self, tag: str) -> NoReturn:
-        self.observer.event("stale_refused", session=tag, detail="busy")
-        raise ContextBusy(
-            "another request for this conversation is being answered right now; send "
-            "it again once that reply has ended"
         )
 
     def _refuse_stale(
@@ -532,16 +509,14 @@ class MonotonicGuard:
         if not state.checked:
             return True
         if state.busy:  # a read that saves after all (before() let reads through)
-            self._refuse_busy(tag)
+            refuse_busy(self.observer, tag)
         assert ctx.parent is not None
         mark = encode_mark(ctx.seq, ctx.parent, ctx.mark_id if self.mark_ids else None)
         ttl = self._ttl(ctx)
         newest = self._newest_record(ctx, state, token)
 
         def move(key: str, expected: bytes | None, companion_key: str) -> bytes | None:
-            if newest is None:
-                return self.tier.compare_and_set_mark(key, expected, mark, ttl)
-            companion = (companion_key, newest[0], newest[1])
+            companion = None if newest is None else (companion_key, *newest)
             return self.tier.compare_and_set_mark_with(key, expected, mark, ttl, companion)
 
         own = newest_key(tag)
@@ -742,6 +717,7 @@ __all__ = [
     "mark_ttl_for",
     "new_mark_id",
     "newest_key",
+    "refuse_busy",
     "refuse_erased",
     "release_claim",
     "stricter",

@@ -98,6 +98,13 @@ def test_a_custom_tiers_compare_and_set_with_a_companion_writes_it_after(tmp_pat
     """The default for tiers that do not override it: the mark, then the companion."""
 
     class Plain(MemoryTier):
+        """A custom tier: a compare-and-set of its own, and the default for the rest."""
+
+        def compare_and_set_mark(
+            self, key: str, expected: bytes | None, new: bytes, ttl: float
+        ) -> bytes | None:
+            return MemoryTier.compare_and_set_mark_with(self, key, expected, new, ttl, None)
+
         compare_and_set_mark_with = Tier.compare_and_set_mark_with
 
     tier = Plain()

@@ -119,8 +119,9 @@ let refreshGeneration = 0;
 // [{role, content}] currently in the thread, so a re-render appends only what is new;
 // null when the thread must be rebuilt from scratch (another conversation, a reload).
 let rendered = [];
-// A failed send whose text went back in the box: {conversation, text, shownBefore,
-// usersBefore}. Every load of the chat checks whether the server saved it after all.
+// A failed send whose text went back in the box: {conversation, text, shownBefore (the
+// history as the send began, JSON)}. Every load of the chat checks whether the server
+// saved it after all.
 let unsent = null;
 const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
 /** Stops the reply streaming now (null when none is). */
@@ -748,7 +749,6 @@ async function send(text) {
   const titled = !!entry && entry.title !== UNTITLED;
   const title = titled ? entry.title : titleFrom(text);
   const shownBefore = rendered ? JSON.stringify(rendered) : null;
-  const usersBefore = rendered ? userCounts(rendered) : null;
   unsent = null; // a new send: an older failure's text is no longer in the box
   touch(id, { title, updated: Date.now() });
   setTitle(title);
@@ -812,7 +812,7 @@ async function send(text) {
     showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
-    if (shownBefore !== null) unsent = { conversation: id, text, shownBefore, usersBefore };
+    if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };
     // A first message that failed does not name the chat (the title is its first
     // message, and only an untitled chat gets one later).
     if (!titled && client === sentWith) {
@@ -876,12 +876,13 @@ function userCounts(turns) {
  */
 function noticeIfSavedAnyway() {
   if (!unsent || !client || client.conversation !== unsent.conversation || !rendered) return;
-  const { text, shownBefore, usersBefore } = unsent;
+  const { text, shownBefore } = unsent;
   if (JSON.stringify(rendered) === shownBefore) return; // nothing new
   // One more of it than before (another tab's messages may have come after it), or,
   // with a full turn window that dropped the older copy, the newest message is it.
   const users = rendered.filter((t) => t.role === 'user');
-  const more = (userCounts(rendered).get(text) || 0) > (usersBefore.get(text) || 0);
+  const before = userCounts(JSON.parse(shownBefore)).get(text) || 0;
+  const more = (userCounts(rendered).get(text) || 0) > before;
   const newest = users.length > 0 && users[users.length - 1].content === text;
   if (!more && !newest) return;
   unsent = null;

@@ -293,7 +293,7 @@ class Satchel:
 
         app.before_request(self._before_request)
         app.after_request(self._after_request)
-        app.register_error_handler(SatchelError, self._handle_error)
+        app.register_error_handler(SatchelError, self.handle_error)
         self._register_extras(app, config)
 
     def _build_tier(self, config: SatchelConfig) -> Any:
@@ -664,7 +664,7 @@ class Satchel:
             try:
                 headers = self.finish(rs)
             except SatchelError as exc:
-                return self._handle_error(exc)
+                return self.handle_error(exc)
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
@@ -783,9 +783,6 @@ class Satchel:
         makes it: with the newest token a 409 ``stale_context`` hands back, and a bad
         token's cookie removed. Register it for a blueprint whose catch-all handler
         would otherwise take Satchel's errors (docs/lifecycle.md)."""
-        return self._handle_error(exc)
-
-    def _handle_error(self, exc: SatchelError) -> Response:
         response = satchel_error_response(exc)
         self._expose_headers(response)
         rs = self._current_state()
@@ -818,8 +815,11 @@ class Satchel:
         token = exc.newest_token
         assert token is not None
         response.headers[config.header] = token
-        response.headers["Satchel-Seq"] = str(exc.facts["newest_seq"])
-        response.headers["Satchel-Session"] = exc.facts["session"]
+        # What the guard says of it (an app raising StaleContext itself may say less).
+        if "newest_seq" in exc.facts:
+            response.headers["Satchel-Seq"] = str(exc.facts["newest_seq"])
+        if "session" in exc.facts:
+            response.headers["Satchel-Session"] = str(exc.facts["session"])
         response.vary.add(config.header)
         if config.cookie:
             response.vary.add("Cookie")

@@ -37,10 +37,8 @@ See docs/flask-session.md.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +58,7 @@ from ..errors import (
 )
 from ..keys import Keyring
 from ..limits import DEFAULT_LIMITS, Limits
+from ..lru import BoundedLRU
 from ..padding import bucket_too_long, check_pad_to
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,31 +139,6 @@ class SatchelSession(SecureCookieSession):
     save_failed = False
 
 
-class _LRU:
-    """A small thread-safe LRU map; key material lives only in this process's memory."""
-
-    def __init__(self, size: int = _CACHE_SIZE) -> None:
-        self.size = size
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_make(self, key: Hashable, make: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
-        value = make()  # outside the lock: HKDF and dictionary loading are not free
-        with self._lock:
-            value = self._data.setdefault(key, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-            return value
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 class SatchelSessionInterface(SessionInterface):
     """Keeps ``flask.session`` in a compressed, sealed (or signed) Satchel token.
 
@@ -209,8 +183,8 @@ class SatchelSessionInterface(SessionInterface):
         #: docs/flask-session.md.
         self.overflow: OverflowHook | None = overflow
         self.clock = clock
-        self._rings = _LRU()
-        self._codecs = _LRU()
+        self._rings = BoundedLRU(_CACHE_SIZE)
+        self._codecs = BoundedLRU(_CACHE_SIZE)
 
     # -- configuration -------------------------------------------------------------
 

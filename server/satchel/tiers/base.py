@@ -17,6 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,11 @@ def hash_tag(key: str) -> str | None:
     if end <= start + 1:
         return None
     return key[start + 1 : end]
+
+
+#: a key written with a mark, in the same atomic step: ``(key, value, ttl)``
+#: (:meth:`Tier.compare_and_set_mark_with`)
+Companion: TypeAlias = tuple[str, bytes, float]
 
 
 class Tier(ABC):
@@ -112,23 +118,20 @@ class Tier(ABC):
         """
 
     def compare_and_set_mark_with(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float],
+        self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
         """:meth:`compare_and_set_mark`, and when it succeeds, also store ``companion``
-        (key, value, TTL; a key of the same session tag).
+        (key, value, TTL; a key of the same session tag; None: nothing more).
 
         The ``monotonic`` guard keeps the newest token next to the mark this way, so an
         erasure cannot fall between the two writes (and leave the token behind it). The
-        tiers Satchel ships do both in one atomic step; this default, for a custom tier,
-        writes the companion after the mark and is not atomic.
+        tiers Satchel ships do both in one atomic step, and their
+        :meth:`compare_and_set_mark` is this with no companion (a subclass of one that
+        changes how it compares and sets overrides this method); this default, for a
+        custom tier, writes the companion after the mark and is not atomic.
         """
         current = self.compare_and_set_mark(key, expected, new, ttl)
-        if current is None:
+        if current is None and companion is not None:
             self.put(*companion)
         return current
 
@@ -173,4 +176,4 @@ class NoTier(Tier):
         return None
 
 
-__all__ = ["NoTier", "Tier", "Timeouts", "hash_tag"]
+__all__ = ["Companion", "NoTier", "Tier", "Timeouts", "hash_tag"]

@@ -48,7 +48,7 @@ from typing import Any, Final, TypeVar
 import pybreaker
 
 from ..errors import TierError, TierFull, TierUnavailable
-from .base import Tier, hash_tag
+from .base import Companion, Tier, hash_tag
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -741,14 +741,9 @@ class GuardedTier:
         )
 
     def compare_and_set_mark_with(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float],
+        self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
-        self.cache.discard((key, companion[0]))
+        self.cache.discard((key,) if companion is None else (key, companion[0]))
         return self._call(
             "compare_and_set_mark",
             self.tier.compare_and_set_mark_with,

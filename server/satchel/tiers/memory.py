@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from ..errors import TierFull
-from .base import Tier, hash_tag
+from .base import Companion, Tier, hash_tag
 
 Clock = Callable[[], float]
 
@@ -84,13 +84,7 @@ class MemoryTier(Tier):
         if size > self.max_bytes:
             # Refused before anything is evicted: no amount of room would fit it, and
             # evicting first emptied the whole store for a write refused anyway.
-            raise TierFull(
-                "the value is larger than the memory tier",
-                tier=self.name,
-                used=self._bytes,
-                size=size,
-                max_bytes=self.max_bytes,
-            )
+            raise self._full("the value is larger than the memory tier", size)
         old = self._data.get(key)
         freed = len(key) + len(old[0]) if old is not None else 0
         if self._bytes - freed + size > self.max_bytes:
@@ -100,17 +94,16 @@ class MemoryTier(Tier):
             self._remove(key)
             while self._data and self._bytes + size > self.max_bytes:
                 self._remove(next(iter(self._data)))
-        if self._bytes - freed + size > self.max_bytes or size > self.max_bytes:
-            raise TierFull(
-                "the memory tier is full",
-                tier=self.name,
-                used=self._bytes,
-                size=size,
-                max_bytes=self.max_bytes,
-            )
+        if self._bytes - freed + size > self.max_bytes:
+            raise self._full("the memory tier is full", size)
         self._remove(key)
         self._data[key] = (bytes(value), now + max(ttl, 0.001))
         self._bytes += size
+
+    def _full(self, message: str, size: int) -> TierFull:
+        return TierFull(
+            message, tier=self.name, used=self._bytes, size=size, max_bytes=self.max_bytes
+        )
 
     # -- Tier --------------------------------------------------------------------------
 
@@ -145,29 +138,19 @@ class MemoryTier(Tier):
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
-        with self._lock:
-            now = self.clock()
-            current = self._live(key, now)
-            if current != expected:
-                return b"" if current is None else current
-            self._store(key, new, ttl, now)
-            return None
+        return self.compare_and_set_mark_with(key, expected, new, ttl, None)
 
     def compare_and_set_mark_with(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float],
+        self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
-        with self._lock:  # both writes under one hold
+        with self._lock:  # the mark and its companion under one hold
             now = self.clock()
             current = self._live(key, now)
             if current != expected:
                 return b"" if current is None else current
             self._store(key, new, ttl, now)
-            self._store(companion[0], companion[1], companion[2], now)
+            if companion is not None:
+                self._store(companion[0], companion[1], companion[2], now)
             return None
 
     def ping(self) -> None:

@@ -47,7 +47,7 @@ from redis.retry import Retry
 
 from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
 from . import REDIS_SCHEMES, redact_url
-from .base import Tier, Timeouts, hash_tag
+from .base import Companion, Tier, Timeouts, hash_tag
 
 T = TypeVar("T")
 
@@ -562,30 +562,15 @@ class RedisTier(Tier):
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
-        return self._compare_and_set(key, expected, new, ttl, None)
+        return self.compare_and_set_mark_with(key, expected, new, ttl, None)
 
     def compare_and_set_mark_with(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float],
-    ) -> bytes | None:
-        if not hash_tag(key) or hash_tag(companion[0]) != hash_tag(key):
-            # Not one slot (and in no session's index): the two writes one after the other.
-            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
-        return self._compare_and_set(key, expected, new, ttl, companion)
-
-    def _compare_and_set(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float] | None,
+        self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
         tag = hash_tag(key)
+        if companion is not None and (not tag or hash_tag(companion[0]) != tag):
+            # Not one slot (and in no session's index): the two writes one after the other.
+            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
         writer = _writer_key(key)
         keys = [key, writer, self._index_key(tag)] if tag else [key, writer]
         # One id per call: a retry of this call sends the same one.

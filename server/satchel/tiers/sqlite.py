@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
-from .base import Tier, hash_tag
+from .base import Companion, Tier, hash_tag
 
 Clock = Callable[[], float]
 
@@ -437,25 +437,10 @@ class SQLiteTier(Tier):
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
-        return self._compare_and_set(key, expected, new, ttl, None)
+        return self.compare_and_set_mark_with(key, expected, new, ttl, None)
 
     def compare_and_set_mark_with(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float],
-    ) -> bytes | None:
-        return self._compare_and_set(key, expected, new, ttl, companion)
-
-    def _compare_and_set(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: tuple[str, bytes, float] | None,
+        self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
         with self._errors("compare_and_set_mark"):
             conn = self._conn()
