@@ -22,6 +22,7 @@ from satchel import (
     OpaqueBlock,
     SegmentRef,
     ToolCall,
+    Turn,
     envelope,
     peek,
     schema,
@@ -905,3 +906,124 @@ def test_a_refused_metadata_value_is_named_by_field_never_by_content_keys() -> N
         codec.seal(ctx)
     assert "metadata['credits'][<key #0>] is set" in info.value.message
     assert "a set" not in info.value.message
+
+
+# -- a seal never issues a token its own codec refuses (a review's findings) ----------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_str_bytes", 8),
+        ("max_array_len", 2),
+        ("max_map_len", 5),
+        ("max_decompressed_bytes", 10),
+        ("max_token_bytes", 0),
+        ("clock_skew", -1),
+        ("max_map_len", 12.5),
+        ("max_array_len", True),
+    ],
+)
+def test_limits_below_what_the_token_itself_needs_are_refused(field: str, value: object) -> None:
+    """Limits that the token's own fields break (a top-level map of up to ~20 keys,
+    16-byte ids) made every token seal and then fail to open."""
+    with pytest.raises((ValueError, TypeError), match=f"Limits.{field}"):
+        Limits(**{field: value})  # type: ignore[arg-type]
+
+
+def test_the_smallest_limits_still_seal_tokens_that_open() -> None:
+    floor = Limits(
+        max_token_bytes=64 * 1024,
+        max_str_bytes=64,
+        max_array_len=16,
+        max_map_len=32,
+    )
+    codec = make_codec(limits=floor)
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "hi", ts=NOW)
+    ctx.summary = "earlier: greetings"
+    ctx.pinned.system = "be brief"
+    ctx.metadata = {"lang": "en", "plan": "pro"}
+    ctx.metadata_version = 1
+    ctx.bound_user = b"u" * 16
+    for _ in range(3):  # the second seal adds the parent digest: one more top-level key
+        ctx = codec.open(codec.seal(ctx))
+    assert ctx.summary == "earlier: greetings" and ctx.seq == 3
+
+
+@pytest.mark.parametrize("where", ["metadata", "nested metadata", "tool arguments"])
+def test_a_map_key_longer_than_a_token_opens_is_refused_at_seal(where: str) -> None:
+    """Only string values were measured: a long key sealed into a small token (it
+    compresses well) that every later request refused as not valid msgpack."""
+    codec = make_codec()
+    key = "k" * (codec.limits.max_str_bytes + 1)
+    ctx = Context.new(now=NOW)
+    if where == "metadata":
+        ctx.metadata = {key: 1}
+    elif where == "nested metadata":
+        ctx.metadata = {"outer": [{"inner": {key: 1}}]}
+    else:
+        ctx.add_turn("assistant", "", ts=NOW, tool_calls=[ToolCall("c1", "f", {key: 1})])
+    with pytest.raises(ContextNotSerializable, match=r"key <key #0>.*longer than"):
+        codec.seal(ctx)
+
+
+def test_a_seal_that_msgpack_refuses_names_the_field() -> None:
+    """The message blamed metadata for any packing failure; it names the field now."""
+    codec = make_codec()
+    ctx = Context.new(now=NOW)
+    ctx.summary = "cut emoji \ud83d"
+    with pytest.raises(ContextNotSerializable, match=r"sealed: summary: .*surrogates"):
+        codec.seal(ctx)
+    ctx = Context.new(now=NOW)
+    ctx.add_turn("user", "fine", ts=NOW)
+    ctx.metadata = {"plan": {"seats": 2**64}}
+    with pytest.raises(ContextNotSerializable, match=r"sealed: metadata\['plan'\]\['seats'\]"):
+        codec.seal(ctx)
+    ctx = Context.new(now=NOW)
+    ctx.turns.append(Turn("tool", "x", NOW, tool_call_id="c\udc00"))
+    with pytest.raises(ContextNotSerializable, match=r"sealed: turns\[0\].tool_call_id"):
+        codec.seal(ctx)
+
+
+def test_a_malformed_mark_id_is_refused_as_not_serializable() -> None:
+    ctx = Context.new(now=NOW)
+    ctx.mark_id = b"abc"
+    with pytest.raises(ContextNotSerializable, match="mark_id"):
+        make_codec().seal(ctx)
+
+
+@pytest.mark.parametrize("when", [2**64, -(2**63) - 1])
+def test_a_time_past_the_integers_a_token_carries_is_refused_where_it_enters(when: int) -> None:
+    with pytest.raises(ValueError, match="past the integers"):
+        Context.new(now=when)
+    ctx = Context.new(now=NOW)
+    with pytest.raises(ValueError, match="past the integers"):
+        ctx.add_turn("user", "hi", ts=when)
+    assert not ctx.turns
+    # The edges themselves seal and open.
+    edge = Context.new(now=2**64 - 1)
+    assert make_codec().open(make_codec().seal(edge)).created_at == 2**64 - 1
+
+
+def test_codec_refuses_arguments_that_would_fail_later() -> None:
+    """Each of these built a codec whose first open or seal failed with an error no
+    caller expects (AttributeError, a token's UnsupportedVersion), or was ignored."""
+    import satchel
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(TypeError, match="Keyring.from_string"):
+        Codec("k1:" + "A" * 43)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="keyring is a Keyring"):
+        Codec(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="limits is a Limits"):
+        Codec(RING, limits={"max_token_bytes": 1000})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="applies to sealed tokens"):
+        Codec(RING, "signed", algorithm="chacha20-poly1305")
+    with pytest.raises(ConfigurationError, match="dictionary_id=99") as refused:
+        Codec(RING, dictionary_id=99)
+    assert not isinstance(refused.value, BadToken)
+    # The errors the docs name are importable from the package itself.
+    for name in ("ConfigurationError", "ContextNotSerializable", "ContextBusy", "InvalidRequest"):
+        assert name in satchel.__all__ and issubclass(getattr(satchel, name), SatchelError)
+    assert satchel.Header is Header and isinstance(peek(Codec(RING).seal(Context.new())), Header)

@@ -141,3 +141,50 @@ def test_the_payload_is_exactly_one_frame(
     for extra in (b"\x00", b"junk" * 3, frame):
         with pytest.raises(MalformedToken):  # "after its zstd frame", or "corrupt"
             c.decompress(frame + extra, 0)
+
+
+# A Compressor built later must never recompile a dictionary object an earlier one
+# compresses with: python-zstandard's precompute_compress frees the compiled form that
+# existing ZstdCompressors still point at (a use after free that crashed workers).
+# The cffi backend shows the compiled form as an attribute, so the test can watch it.
+_NO_RECOMPILE = """
+import sys
+import zstandard
+assert zstandard.backend == "cffi", zstandard.backend
+from satchel import Codec, Context, Keyring
+from satchel import compress
+
+ring = Keyring.generate()
+first = Codec(ring)
+ctx = Context.new()
+ctx.add_turn("user", "hello there, how are you today? " * 40)
+first.seal(ctx)  # builds the first codec's thread-local compressor
+
+
+def dictionaries():
+    compiled = getattr(compress, "_compression_dictionaries", {})
+    return [d for d in [*compress._dictionaries.values(), *compiled.values()] if d is not None]
+
+
+held = {id(d): d._cdict for d in dictionaries() if d._cdict is not None}
+for level in (2, 3, 2, 1):
+    Codec(ring, level=level).seal(ctx)
+changed = [d for d in dictionaries() if id(d) in held and d._cdict is not held[id(d)]]
+assert not changed, f"{len(changed)} dictionaries recompiled under a live compressor"
+assert first.open(first.seal(ctx)).turns[0].content == ctx.turns[0].content
+print("ok")
+"""
+
+
+def test_a_later_codec_never_recompiles_a_dictionary_in_use() -> None:
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("cffi")
+    env = dict(os.environ, PYTHON_ZSTANDARD_IMPORT_POLICY="cffi")
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_RECOMPILE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"

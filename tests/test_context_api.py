@@ -142,3 +142,29 @@ def test_a_turn_time_that_is_no_time_is_refused(ts: float) -> None:
     with pytest.raises(ValueError, match="finite"):
         Context.new(now=ts)
     assert ctx.turns == []
+
+
+@pytest.mark.parametrize(
+    ("part", "error", "named"),
+    [
+        ("ToolCall('c1', 'f', '\\ud800')", "InvalidText", r"tool_calls\[0\].arguments"),
+        ("ToolCall(1, 'f')", "TypeError", r"tool_calls\[0\].id"),
+        ("ToolCall('c1', None)", "TypeError", r"tool_calls\[0\].name"),
+        ("ToolCall('c1', 'f', 3)", "TypeError", r"tool_calls\[0\].arguments"),
+        ("OpaqueBlock('thinking', bytearray(b'x'))", "TypeError", r"blocks\[0\].data"),
+        ("OpaqueBlock('think\\udc00ing', b'x')", "InvalidText", r"blocks\[0\].type"),
+        ("OpaqueBlock('thinking', b'x', provider=7)", "TypeError", r"blocks\[0\].provider"),
+    ],
+)
+def test_add_turn_checks_the_fields_of_tool_calls_and_blocks(
+    part: str, error: str, named: str
+) -> None:
+    """They were taken as they came, and the context then refused to seal: a 500 far
+    from the mistake instead of a 400 invalid_text where it happened."""
+    made = eval(part, {"ToolCall": ToolCall, "OpaqueBlock": OpaqueBlock})
+    kind = {"InvalidText": InvalidText, "TypeError": TypeError}[error]
+    ctx = Context.new()
+    where = {"tool_calls": [made]} if isinstance(made, ToolCall) else {"blocks": [made]}
+    with pytest.raises(kind, match=named):
+        ctx.add_turn("assistant", "", **where)  # type: ignore[arg-type]
+    assert not ctx.turns

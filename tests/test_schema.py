@@ -286,7 +286,7 @@ def test_pack_keeps_bytes_and_str_apart_and_writes_no_ext() -> None:
 
 
 def _limits() -> Limits:
-    return Limits(max_str_bytes=100, max_array_len=10, max_map_len=5)
+    return Limits(max_str_bytes=100, max_array_len=16, max_map_len=32)
 
 
 @pytest.mark.parametrize(
@@ -294,8 +294,8 @@ def _limits() -> Limits:
     [
         serialize.pack("x" * 101),
         serialize.pack(b"x" * 101),
-        serialize.pack(list(range(11))),
-        serialize.pack({str(i): i for i in range(6)}),
+        serialize.pack(list(range(17))),
+        serialize.pack({str(i): i for i in range(33)}),
         b"\xdd\xff\xff\xff\xff",  # array header claiming 4G elements, no body
         b"\xdf\xff\xff\xff\xff",
         b"\xd6\xff\x00\x00\x00\x00",  # timestamp extension
@@ -314,14 +314,14 @@ def test_unpack_refuses_what_the_limits_forbid(data: bytes) -> None:
 
 def test_unpack_refuses_input_larger_than_the_decompressed_cap() -> None:
     with pytest.raises(TokenTooLarge):
-        serialize.unpack(b"\xc0" * 11, Limits(max_decompressed_bytes=10))
+        serialize.unpack(b"\xc0" * 65, Limits(max_decompressed_bytes=64))
 
 
 def test_unpack_at_the_limits_succeeds() -> None:
     limits = _limits()
     assert serialize.unpack(serialize.pack("x" * 100), limits) == "x" * 100
-    assert serialize.unpack(serialize.pack(list(range(10))), limits) == list(range(10))
-    assert len(serialize.unpack(serialize.pack({str(i): i for i in range(5)}), limits)) == 5
+    assert serialize.unpack(serialize.pack(list(range(16))), limits) == list(range(16))
+    assert len(serialize.unpack(serialize.pack({str(i): i for i in range(32)}), limits)) == 32
 
 
 def test_check_sealable_names_a_field_the_reader_refuses() -> None:

@@ -14,10 +14,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import schema, serialize
-from .codec import Codec, peek
+from .codec import Algorithm, Codec, Mode, peek
 from .errors import BadToken, ConfigurationError, SatchelError
 from .keys import Keyring, generate_key
 from .schema import CURRENT_VERSION as SCHEMA_VERSION
@@ -118,7 +118,12 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         keyring = Keyring.from_env()
         header_obj = peek(token)
         algorithm = header_obj.algorithm if header_obj.sealed else "aes-256-gcm"
-        codec = Codec(keyring, mode=header_obj.mode, purpose=args.purpose, algorithm=algorithm)
+        codec = Codec(
+            keyring,
+            mode=cast(Mode, header_obj.mode),
+            purpose=args.purpose,
+            algorithm=cast(Algorithm, algorithm),
+        )
         opened = codec.open_verbose(token)
         # Opening makes ctx.parent this token's own digest (the parent of the next
         # seal); an operator chaining tokens wants the parent sealed in this one.

@@ -26,18 +26,29 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn
+from typing import Literal, NamedTuple, NoReturn
 
 from . import envelope, padding, schema, serialize
 from .compress import DEFAULT_LEVEL, Compressed, Compressor
 from .context import Context
 from .envelope import FLAG_COMPRESSED, FLAG_PADDED, Envelope, Header
-from .errors import BudgetExceeded, ContextNotSerializable, TokenExpired, WrongMode
+from .errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ContextNotSerializable,
+    TokenExpired,
+    UnsupportedVersion,
+    WrongMode,
+)
 from .keys import Keyring
 from .limits import DEFAULT_LIMITS, Limits
 from .protect import Protector, RandomBytes, make_protector
 
 Clock = Callable[[], float]
+#: ``Codec(mode=...)``: AEAD (the client can neither read nor change it) or HMAC.
+Mode = Literal["sealed", "signed"]
+#: ``Codec(algorithm=...)``: the AEAD of sealed tokens.
+Algorithm = Literal["aes-256-gcm", "chacha20-poly1305"]
 DIGEST_SIZE = 12
 _PREFIX_BYTES = envelope.PREFIX.encode("ascii")
 _UINT32_MAX = 2**32 - 1
@@ -100,18 +111,29 @@ class Codec:
     def __init__(
         self,
         keyring: Keyring,
-        mode: str = "sealed",
+        mode: Mode = "sealed",
         *,
         purpose: str = "satchel",
         ttl: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
         dictionary_id: int | None = None,
         level: int = DEFAULT_LEVEL,
-        algorithm: str = "aes-256-gcm",
+        algorithm: Algorithm = "aes-256-gcm",
         pad_to: int | None = None,
         clock: Clock = time.time,
         random_bytes: RandomBytes = os.urandom,
     ) -> None:
+        if not isinstance(keyring, Keyring):
+            # A SATCHEL_KEYS string passed as it is failed only at the first open, with
+            # an AttributeError that no caller expects from open().
+            hint = " (Keyring.from_string(text) reads one)" if isinstance(keyring, str) else ""
+            raise TypeError(f"keyring is a Keyring, not {type(keyring).__name__}{hint}")
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits is a Limits, not {type(limits).__name__}")
+        if mode == "signed" and algorithm != "aes-256-gcm":
+            raise ValueError(
+                f"algorithm={algorithm!r} applies to sealed tokens; signed ones use HMAC-SHA256"
+            )
         if not isinstance(purpose, str) or not purpose or "\x00" in purpose:
             # Refused here, not at the first seal: the purpose is half of every subkey's
             # HKDF info ("purpose NUL use", keys.py).
@@ -126,9 +148,15 @@ class Codec:
         self.protector: Protector = make_protector(
             mode, keyring, purpose, algorithm=algorithm, random_bytes=random_bytes
         )
-        self.compressor = Compressor(
-            dictionary_id, level=level, max_decompressed=limits.max_decompressed_bytes
-        )
+        try:
+            self.compressor = Compressor(
+                dictionary_id, level=level, max_decompressed=limits.max_decompressed_bytes
+            )
+        except UnsupportedVersion as exc:  # a token's error; here it is the app's setting
+            raise ConfigurationError(
+                f"dictionary_id={dictionary_id}: {exc.message.replace('token needs ', '')}"
+                " (register an app's own with satchel.compress.register_dictionary)"
+            ) from None
 
     def __repr__(self) -> str:
         padded = f", pad_to={self.pad_to}" if self.pad_to else ""
@@ -200,9 +228,8 @@ class Codec:
         try:
             payload = serialize.pack(wire)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise ContextNotSerializable(
-                f"the context cannot be sealed: {exc} (metadata takes msgpack-native values)"
-            ) from None
+            where = schema.unpackable_part(wire) or str(exc)
+            raise ContextNotSerializable(f"the context cannot be sealed: {where}") from None
         if len(payload) > self.limits.max_str_bytes:
             # Only now can one string be longer than the reader accepts: look for it.
             schema.check_sealable(ctx, self.limits)

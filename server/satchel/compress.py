@@ -53,6 +53,8 @@ _tuple_new = tuple.__new__
 
 _dictionaries: dict[int, zstandard.ZstdCompressionDict | None] = {}
 _registered: dict[int, bytes] = {}
+#: Dictionaries compressors are built with, one per (id, level), each precomputed once.
+_compression_dictionaries: dict[tuple[int, int], zstandard.ZstdCompressionDict] = {}
 _dict_lock = threading.Lock()
 
 
@@ -90,7 +92,9 @@ def register_dictionary(dictionary_id: int, data: bytes) -> None:
             return
         dictionary = zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_FULLDICT)
         try:
-            dictionary.precompute_compress(level=DEFAULT_LEVEL)  # refuses a corrupt one
+            # Refuses a corrupt one. This object opens tokens (decompression); the ones
+            # compressors use are compiled apart (compression_dictionary).
+            dictionary.precompute_compress(level=DEFAULT_LEVEL)
         except zstandard.ZstdError as exc:
             raise ValueError(f"not a usable zstd dictionary: {exc}") from None
         _registered[dictionary_id] = data
@@ -136,6 +140,36 @@ def load_dictionary(dictionary_id: int) -> zstandard.ZstdCompressionDict | None:
     return _dictionaries[dictionary_id]
 
 
+def compression_dictionary(dictionary_id: int, level: int) -> zstandard.ZstdCompressionDict | None:
+    """The dictionary ``dictionary_id`` compiled for compressing at ``level``, or None
+    for id 0. Made once per (id, level) and never compiled again.
+
+    Why a separate object per level, never shared: ``precompute_compress`` frees the
+    compiled dictionary the object held, and every ``ZstdCompressor`` built from it
+    earlier still points at the freed memory (a use after free: a review saw workers
+    crash with conversation text where zstd's parameters belong). So a dictionary
+    object that a compressor may use is compiled exactly once, before any compressor
+    sees it.
+    """
+    if dictionary_id == 0:
+        return None
+    key = (dictionary_id, level)
+    found = _compression_dictionaries.get(key)
+    if found is not None:
+        return found
+    base = load_dictionary(dictionary_id)  # takes _dict_lock itself: not under it here
+    assert base is not None
+    with _dict_lock:
+        found = _compression_dictionaries.get(key)
+        if found is None:
+            found = zstandard.ZstdCompressionDict(
+                base.as_bytes(), dict_type=zstandard.DICT_TYPE_FULLDICT
+            )
+            found.precompute_compress(level=level)
+            _compression_dictionaries[key] = found
+    return found
+
+
 def available_dictionary_id() -> int:
     """The default dictionary if it is installed, else 0 (plain zstd)."""
     try:
@@ -165,9 +199,8 @@ class Compressor:
         #: Payloads shorter than this are stored as they are: zstd cannot win there.
         self.min_size = min_size
         self._local = threading.local()
-        dictionary = load_dictionary(self.dictionary_id)
-        if dictionary is not None:
-            dictionary.precompute_compress(level=level)
+        # Compiled now, so that an unknown id or level fails here, not on the first seal.
+        compression_dictionary(self.dictionary_id, level)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         cctx = getattr(self._local, "cctx", None)
@@ -180,7 +213,8 @@ class Compressor:
                 write_content_size=1,
             )
             cctx = zstandard.ZstdCompressor(
-                dict_data=load_dictionary(self.dictionary_id), compression_params=params
+                dict_data=compression_dictionary(self.dictionary_id, self.level),
+                compression_params=params,
             )
             self._local.cctx = cctx
         return cctx

@@ -448,6 +448,8 @@ def _check_time(value: Any, what: str) -> float:
     reader takes it for no number); TypeError for anything else, ValueError for NaN
     and the infinities (the reader refuses them: a NaN time disables age checks)."""
     if type(value) is int:
+        if not _MIN_PACKED_INT <= value <= _MAX_PACKED_INT:
+            raise ValueError(f"{what} is {value}: past the integers a token carries")
         return value
     if type(value) is not float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -455,7 +457,14 @@ def _check_time(value: Any, what: str) -> float:
         value = float(value) if isinstance(value, float) else int(value)  # numpy.float64...
     if value - value != 0:
         raise ValueError(f"{what} is {value}: a time is a finite number of Unix seconds")
+    if type(value) is int and not _MIN_PACKED_INT <= value <= _MAX_PACKED_INT:
+        raise ValueError(f"{what} is {value}: past the integers a token carries")
     return value
+
+
+#: msgpack's integer range: a larger int packs to nothing at all.
+_MIN_PACKED_INT = -(2**63)
+_MAX_PACKED_INT = 2**64 - 1
 
 
 def _items_of(items: Iterable[Any], kind: type, what: str) -> tuple[Any, ...]:
@@ -470,7 +479,33 @@ def _items_of(items: Iterable[Any], kind: type, what: str) -> tuple[Any, ...]:
     for i, item in enumerate(out):
         if not isinstance(item, kind):
             raise TypeError(f"{what}[{i}] is {type(item).__name__}, not {kind.__name__}")
+        _check_part(item, f"{what}[{i}]")
     return out
+
+
+def _check_part(part: object, where: str) -> None:
+    """The text fields of a tool call or provider block, checked as add_turn checks its
+    own: a wrong type or an unpaired surrogate found here, not when sealing fails."""
+    if isinstance(part, ToolCall):
+        texts = {"id": part.id, "name": part.name}
+        if isinstance(part.arguments, str):
+            texts["arguments"] = part.arguments
+        elif type(part.arguments) is not dict:  # a subclass would open as a plain dict
+            raise TypeError(
+                f"{where}.arguments is a JSON str or a dict, not {type(part.arguments).__name__}"
+            )
+    else:
+        assert isinstance(part, OpaqueBlock)
+        texts = {"type": part.type, "provider": part.provider}
+        if isinstance(part.data, str):
+            texts["data"] = part.data
+        elif type(part.data) is not bytes:  # bytearray, memoryview: bytes(data) first
+            raise TypeError(f"{where}.data is bytes or str, not {type(part.data).__name__}")
+    for field_name, text in texts.items():
+        if not isinstance(text, str):
+            raise TypeError(f"{where}.{field_name} is a str, not {type(text).__name__}")
+        if not text.isascii():
+            check_text(text, f"{where}.{field_name}")
 
 
 def _optional_text(value: Any, what: str) -> str | None:

@@ -25,6 +25,31 @@ class Limits:
     #: clock skew allowed when checking expiry, in seconds
     clock_skew: int = 30
 
+    def __post_init__(self) -> None:
+        # The token's own structure must fit: a top-level map of up to about twenty
+        # fields, fixed arrays of up to five items, 16-byte ids. Limits below these
+        # floors would let a codec seal tokens it then refuses to open.
+        for name, floor in _FLOORS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Limits.{name} is an int, not {type(value).__name__}")
+            if value < floor:
+                raise ValueError(
+                    f"Limits.{name} must be at least {floor} (the token's own structure "
+                    f"needs it), not {value}"
+                )
+
+
+#: The smallest value of each limit: what a token's own fields need, with room.
+_FLOORS = {
+    "max_token_bytes": 64,
+    "max_decompressed_bytes": 64,
+    "max_str_bytes": 64,
+    "max_array_len": 16,
+    "max_map_len": 32,
+    "clock_skew": 0,
+}
+
 
 DEFAULT_LIMITS = Limits()
 

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from . import serialize
 from .app_schema import check_version, registrar
 from .context import (
     ROLES,
@@ -199,11 +200,14 @@ def to_wire(
         wire["m"] = ctx.metadata
     if ctx.marked or ctx.mark_id is not None:
         wire["h"] = True
-    if ctx.mark_id is not None:
-        # A key of its own: replicas of the release before ignore it (a rolling deploy).
-        wire["H"] = _mark_id(ctx.mark_id)
-    if ctx.mark_parent is not None:
-        wire["Hp"] = _mark_id(ctx.mark_parent)
+    try:
+        if ctx.mark_id is not None:
+            # A key of its own: replicas of the release before ignore it (a rolling deploy).
+            wire["H"] = _mark_id(ctx.mark_id)
+        if ctx.mark_parent is not None:
+            wire["Hp"] = _mark_id(ctx.mark_parent)
+    except (TypeError, ValueError) as exc:
+        raise _not_sealable(f"mark_id / mark_parent: {exc}") from None
     return wire
 
 
@@ -545,6 +549,77 @@ def _not_sealable(problem: str) -> ContextNotSerializable:
     return ContextNotSerializable(f"the context cannot be sealed: {problem}")
 
 
+#: The context field each key of the wire map holds (docs/token-format.md section 6).
+_WIRE_FIELDS = {
+    "v": "schema_version",
+    "i": "session_id",
+    "q": "seq",
+    "c": "created_at",
+    "a": "last_active",
+    "t": "turns",
+    "mv": "metadata_version",
+    "l": "lifecycle",
+    "o": "overflow",
+    "u": "bound_user",
+    "p": "parent",
+    "s": "summary",
+    "P": "pinned",
+    "m": "metadata",
+    "h": "marked",
+    "H": "mark_id",
+    "Hp": "mark_parent",
+}
+_TURN_FIELDS = ("role", "content", "ts")
+_EXTRA_FIELDS = {"c": "tool_calls", "i": "tool_call_id", "b": "blocks", "n": "name"}
+
+
+def unpackable_part(wire: dict[str, Any]) -> str | None:
+    """Where msgpack refuses ``wire`` (what :func:`to_wire` made), as the context field
+    at fault (``turns[3].tool_calls[0].arguments['city']``) with msgpack's reason; None
+    if it packs. For the error message of a seal that failed: the slow path only."""
+    for key, value in wire.items():
+        name = _WIRE_FIELDS.get(key, key)
+        if key == "t" and type(value) is list:
+            for i, turn in enumerate(value):
+                for j, part in enumerate(turn):
+                    if j < len(_TURN_FIELDS):
+                        found = _unpackable(part, f"turns[{i}].{_TURN_FIELDS[j]}")
+                    else:  # the extras map
+                        found = None
+                        for extra_key, extra in part.items():
+                            where = f"turns[{i}].{_EXTRA_FIELDS.get(extra_key, extra_key)}"
+                            found = found or _unpackable(extra, where)
+                    if found is not None:
+                        return found
+            continue
+        found = _unpackable(value, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _unpackable(value: Any, where: str) -> str | None:
+    try:
+        serialize.pack(value)
+        return None
+    except (TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc)
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _unpackable(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for n, (key, item) in enumerate(value.items()):
+            key_name = _key_name(key, n) if isinstance(key, str) else f"<key #{n}>"
+            found = _unpackable(key, f"{where}: key {key_name}") or _unpackable(
+                item, f"{where}[{key_name}]"
+            )
+            if found is not None:
+                return found
+    return f"{where}: {reason}"
+
+
 def _checked_turn_to_wire(t: Turn, limits: Limits) -> list[Any]:
     if _one_turn_problem(t, "turn", limits) is not None:
         raise _NotSealable
@@ -799,7 +874,9 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
                     f"{where} has a {type(key).__name__} key: map keys must be str, or the "
                     "token does not open again"
                 )
-            problem = _value_problem(item, f"{where}[{_key_name(key, n)}]", limits, depth + 1)
+            problem = _str_problem(key, f"{where}: key {_key_name(key, n)}", limits)
+            if problem is None:
+                problem = _value_problem(item, f"{where}[{_key_name(key, n)}]", limits, depth + 1)
             if problem is not None:
                 return problem
         return None

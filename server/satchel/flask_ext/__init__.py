@@ -34,13 +34,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from flask import Flask, Response, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..app_schema import MetadataMigration, MetadataSchema
-from ..codec import Codec
+from ..codec import Algorithm, Codec, Mode
 from ..consistency import (
     LEVELS,
     ForkDetector,
@@ -205,10 +205,10 @@ class Satchel:
         config.register_dictionaries()  # before the codec: it may write with one of them
         codec = Codec(
             keyring,
-            mode=config.token_mode,
+            mode=cast(Mode, config.token_mode),  # both checked by SatchelConfig
             purpose=config.purpose,
             limits=limits,
-            algorithm=config.aead,
+            algorithm=cast(Algorithm, config.aead),
             pad_to=config.pad_to,
             dictionary_id=config.dictionary_id,
         )

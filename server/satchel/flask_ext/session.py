@@ -40,13 +40,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flask.sessions import SecureCookieSession, SessionInterface, session_json_serializer
 from werkzeug.http import dump_cookie
 
 from .. import serialize
-from ..codec import Codec
+from ..codec import Codec, Mode
 from ..envelope import Header
 from ..errors import (
     ConfigurationError,
@@ -267,7 +267,7 @@ class SatchelSessionInterface(SessionInterface):
             self._check_pad_fits_cookie(app, pad_to)
             codec = Codec(
                 ring,
-                mode,
+                cast(Mode, mode),  # get_mode checked it
                 purpose=purpose,
                 limits=self.limits,
                 dictionary_id=self.dictionary_id,
