@@ -15,6 +15,7 @@ from satchel.audit import configure_json_logging
 from satchel.context import check_text
 from satchel.errors import InvalidRequest
 from satchel.flask_ext import json_body
+from satchel.flask_ext.config import warn_misspelled_keys
 
 #: Largest request body the example apps accept (Flask's MAX_CONTENT_LENGTH): a
 #: maximal message (8000 characters, up to 6 bytes each as a JSON escape) plus a token
@@ -88,7 +89,10 @@ def read_message(max_chars: int) -> str:
 
 
 def env_config(keys: Iterable[str]) -> dict[str, Any]:
-    """The ``keys`` that are set in the environment, with their values."""
+    """The ``keys`` that are set in the environment, with their values. A variable that
+    looks like a misspelled Satchel setting (``SATCHEL_OVERFLOW``) is warned about."""
+    keys = list(keys)
+    warn_misspelled_keys({k: None for k in os.environ if k not in keys})
     return {key: os.environ[key] for key in keys if key in os.environ}
 
 

@@ -1012,7 +1012,7 @@ def test_codec_refuses_arguments_that_would_fail_later() -> None:
     import satchel
     from satchel.errors import ConfigurationError
 
-    with pytest.raises(TypeError, match="Keyring.from_string"):
+    with pytest.raises(TypeError, match=r"Keyring\.from_string"):
         Codec("k1:" + "A" * 43)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="keyring is a Keyring"):
         Codec(None)  # type: ignore[arg-type]

@@ -918,3 +918,21 @@ def test_a_thread_of_the_request_shares_its_one_context() -> None:
         response = client.post("/both")
         assert response.get_json() == {"same": True}
         assert codec_of(app).open(response.headers[HEADER_CONTEXT]).metadata == {"worker": True}
+
+
+def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """README: every key is checked at start-up; a misspelled one was ignored silently
+    and the default it meant to change applied."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring([K1]).to_string(),
+        SATCHEL_OVERFLOW="sqlite:///nowhere.db",  # meant SATCHEL_OVERFLOW_URL
+        SATCHEL_MAX_TOKENS_BYTES=1200,  # meant SATCHEL_MAX_TOKEN_BYTES
+        SATCHEL_MODEL_NAME="an app's own setting",  # like no Satchel key: left alone
+    )
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        Satchel(app)
+    warned = [r.getMessage() for r in caplog.records if "not a Satchel setting" in r.getMessage()]
+    assert any("SATCHEL_OVERFLOW " in w and "SATCHEL_OVERFLOW_URL" in w for w in warned)
+    assert any("SATCHEL_MAX_TOKENS_BYTES" in w and "SATCHEL_MAX_TOKEN_BYTES" in w for w in warned)
+    assert len(warned) == 2, warned

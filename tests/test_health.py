@@ -99,7 +99,12 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     resp = client.get("/readyz")
     assert resp.status_code == 200
     assert resp.get_json()["status"] == "ready"
-    assert resp.get_json()["tier"] == {"name": "redis", "reachable": True, "breaker": "closed"}
+    assert resp.get_json()["tier"] == {
+        "name": "redis",
+        "reachable": True,
+        "breaker": "closed",
+        "full": False,
+    }
 
     token = None
     for _ in range(4):  # overflow into redis
@@ -113,7 +118,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     body = resp.get_json()
     assert body["status"] == "degraded"
     assert body["keyring"] == {"loaded": True, "kids": 2, "development": False}
-    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "closed"}
+    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "closed", "full": False}
 
     # chat keeps working, degraded; the probes and requests open the breaker
     resp = client.post("/chat", headers={"Satchel-Context": token})
@@ -122,7 +127,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     for _ in range(5):
         body = client.get("/readyz").get_json()
     assert body["status"] == "degraded"
-    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open"}
+    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open", "full": False}
 
 
 def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None:
@@ -141,12 +146,17 @@ def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None
     # still open: the probe does not touch redis until the reset timeout passes
     body = client.get("/readyz").get_json()
     assert body["status"] == "degraded"
-    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open"}
+    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open", "full": False}
     now[0] += 6
     resp = client.get("/readyz")
     assert resp.status_code == 200
     assert resp.get_json()["status"] == "ready"
-    assert resp.get_json()["tier"] == {"name": "redis", "reachable": True, "breaker": "closed"}
+    assert resp.get_json()["tier"] == {
+        "name": "redis",
+        "reachable": True,
+        "breaker": "closed",
+        "full": False,
+    }
 
 
 def test_tier_status_never_raises() -> None:
@@ -156,14 +166,19 @@ def test_tier_status_never_raises() -> None:
         def ping(self) -> None:
             raise RuntimeError("bug")
 
-    assert tier_status(Bare()) == {"name": "custom", "reachable": False, "breaker": "open"}
+    assert tier_status(Bare()) == {
+        "name": "custom",
+        "reachable": False,
+        "breaker": "open",
+        "full": False,
+    }
 
     class Down(MemoryTier):
         def ping(self) -> None:
             raise TierUnavailable("down")
 
     status = tier_status(GuardedTier(Down()))
-    assert status == {"name": "memory", "reachable": False, "breaker": "closed"}
+    assert status == {"name": "memory", "reachable": False, "breaker": "closed", "full": False}
 
 
 # ------------------------------------------------------------------ over real HTTP
@@ -251,3 +266,25 @@ def test_readyz_reports_missing_metadata_migrations_and_refuses_a_missing_downgr
     assert resp.get_json()["metadata"]["missing_migrations"] == []
     assert resp.get_json()["metadata"]["missing_downgrades"] == []
     assert "metadata" not in make_app().test_client().get("/readyz").get_json()
+
+
+def test_operational_routes_answer_other_methods_in_json() -> None:
+    """A POST to /readyz (a probe misconfigured, a scanner) got werkzeug's HTML 405:
+    the app's JSON error handlers cover only its own routes."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS, SATCHEL_METRICS_ROUTE="/metrics", SATCHEL_HEALTH_ROUTES=True
+    )
+    Satchel(app)
+    client = app.test_client()
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200
+        assert client.head(path).status_code == 200
+        options = client.options(path)
+        assert options.status_code == 204 and options.headers["Allow"] == "GET, HEAD, OPTIONS"
+        for method in ("POST", "PUT", "PATCH", "DELETE", "TRACE"):
+            refused = client.open(path, method=method, data=b"{}")
+            assert refused.status_code == 405, (path, method)
+            assert refused.is_json, (path, method, refused.content_type)
+            assert refused.get_json()["error"]["code"] == "method_not_allowed"
+            assert refused.headers["Allow"] == "GET, HEAD, OPTIONS"

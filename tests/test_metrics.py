@@ -344,6 +344,12 @@ def test_breaker_gauge_follows_a_real_redis_going_down_and_back(
     assert value(obs, "satchel_breaker_transitions_total", tier="redis", state="open") == 1
     assert value(obs, "satchel_degraded_total", reason="tier_unavailable") >= 3
     assert value(obs, "satchel_overflow_misses_total", reason="tier_unavailable") >= 3
+    # Responses, counted once each, although each carries more than one reason.
+    reasons = sum(
+        value(obs, "satchel_degraded_total", reason=r) or 0
+        for r in ("tier_unavailable", "tier_write_failed", "data_loss")
+    )
+    assert value(obs, "satchel_degraded_responses_total") == 3 < reasons
     _, samples = scrape(app)
     assert samples[("satchel_breaker_state", (("tier", "redis"),))] == 2
 

@@ -428,3 +428,24 @@ def test_a_token_at_the_turn_limit_is_served_with_the_tier_and_without(
             assert response.json()["degraded"] == []
     finally:
         tiered.cleanup()
+
+
+def test_the_reply_counts_exchanges_past_the_window() -> None:
+    """The "(turn N)" label counted the turns held: once the window trimmed, every
+    reply said the same number, and with a byte budget it went backwards."""
+    from examples.minimal_chat.app import create_app
+    from satchel.keys import generate_key
+
+    app = create_app(
+        {"SATCHEL_KEYS": generate_key("k1").to_string(), "SATCHEL_MAX_TURNS": 4, "TESTING": True}
+    )
+    client, token, numbers = app.test_client(), None, []
+    for i in range(8):
+        resp = client.post(
+            "/api/chat",
+            json={"message": f"message number {i}"},
+            headers={"Satchel-Context": token} if token else {},
+        )
+        token = resp.headers["Satchel-Context"]
+        numbers.append(int(resp.get_json()["reply"].split(")")[0].removeprefix("(turn ")))
+    assert numbers == list(range(1, 9))

@@ -150,6 +150,25 @@ def test_refusals_are_reported_and_raised() -> None:
     assert rec.events[-1] == ("refused", {"reason": "token_bad_signature"})
 
 
+def test_a_token_at_the_last_sequence_number_is_refused_as_a_bad_token() -> None:
+    """It opens, but no token can follow it: the seal after the view was a 500 (and a
+    paid stream ended in an error). Refused when opened, as a bad token (a 4xx, or a
+    fresh context by the app's policy). Only a key holder can make one."""
+    from satchel.errors import InvalidContext
+    from satchel.schema import SEQ_LIMIT
+
+    pipe, rec, _ = make()
+    ctx = pipe.load(None)
+    ctx.seq = SEQ_LIMIT - 2
+    token = pipe.codec.seal(ctx)  # seq SEQ_LIMIT - 1: the largest a token carries
+    assert pipe.codec.open(token).seq == SEQ_LIMIT - 1  # the codec opens it (inspect)
+    with pytest.raises(InvalidContext, match="last one"):
+        pipe.load(token)
+    assert rec.events[-1] == ("refused", {"reason": "token_invalid_context"})
+    ctx.seq = SEQ_LIMIT - 3
+    assert pipe.load(pipe.codec.seal(ctx)).seq == SEQ_LIMIT - 2  # the one before: fine
+
+
 def test_old_schema_tokens_are_migrated_and_reported() -> None:
     record = FIXTURES / "schema1-s1-signed.token"
     rec = Recorder()

@@ -618,10 +618,16 @@ def test_memory_modes_store_is_sized_by_its_url() -> None:
         return [chat(client, paste, None) for paste in pastes]
 
     small = make_app("memory", SATCHEL_STORE_URL="memory://?max_bytes=20000").test_client()
+    ready = small.get("/readyz").get_json()
+    assert ready["status"] == "ready" and ready["tier"]["full"] is False
     statuses = [r.status_code for r in fill(small, 40)]
     assert 200 in statuses and 503 in statuses, statuses
     refused = fill(small, 1)[0]
     assert refused.get_json()["error"]["code"] == "tier_full"
+    # A full store refuses every new conversation for up to the idle TTL: the probe
+    # said "ready" throughout.
+    ready = small.get("/readyz").get_json()
+    assert ready["status"] == "degraded" and ready["tier"]["full"] is True
 
     evicting = make_app(
         "memory", SATCHEL_STORE_URL="memory://?max_bytes=20000&evict=true"
@@ -634,3 +640,34 @@ def test_memory_modes_store_is_sized_by_its_url() -> None:
 
     with pytest.raises(ConfigurationError, match="SATCHEL_MODE='server'"):
         make_app("memory", SATCHEL_STORE_URL="redis://127.0.0.1:1/0")
+
+
+@pytest.mark.parametrize("idle_ttl", [5, 3600])
+def test_a_stored_context_lives_exactly_as_long_as_its_token_opens(idle_ttl: int) -> None:
+    """The store kept a context at least 60 s: with a short idle TTL one expiry was
+    first a 401 token_expired, then a fresh start. Now the store forgets a context once
+    its token stops opening (expiry plus clock skew), and not before."""
+    from satchel.codec import Codec
+    from satchel.keys import Keyring
+    from satchel.lifecycle import LifecyclePolicy
+    from satchel.server_mode import ServerSidePipeline
+    from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+    from tests.support.clock import FakeClock
+
+    now = 1_767_225_600.0
+    clock = FakeClock(now)
+    store = GuardedTier(MemoryTier(clock=clock), BreakerPolicy(), cache=SegmentCache(0))
+    policy = LifecyclePolicy(idle_ttl=idle_ttl, max_turns=None, max_token_bytes=None)
+    pipe = ServerSidePipeline(
+        Codec(Keyring.generate(), clock=clock), policy, store=store, clock=clock
+    )
+    ctx = pipe.load(None)
+    ctx.add_turn("user", "remember me", ts=now)
+    carrier = pipe.save(ctx).token
+    skew = pipe.codec.limits.clock_skew
+
+    clock.advance(idle_ttl + skew - 1)  # expired, within the skew: still served
+    assert [t.content for t in pipe.load(carrier).turns] == ["remember me"]
+    clock.advance(2)  # past it: forgotten, a fresh start
+    fresh = pipe.load(carrier)
+    assert fresh.turns == [] and "reset:session_not_found" in fresh.notices

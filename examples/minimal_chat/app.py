@@ -79,7 +79,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         message = read_message()
         ctx = satchel.context
         ctx.add_turn("user", message)
-        reply = offline_reply(message, len(ctx.all_turns()) // 2 + 1, ctx.summary)
+        # Counted in the app's metadata: the turns held shrink once the window trims.
+        exchange = int(ctx.metadata.get("exchanges", len(ctx.all_turns()) // 2)) + 1
+        ctx.metadata["exchanges"] = exchange
+        reply = offline_reply(message, exchange, ctx.summary)
         ctx.add_turn("assistant", reply)
         # Seal now, so the body reports what saving found (overflow, degraded reasons).
         satchel.commit()

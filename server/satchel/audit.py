@@ -64,6 +64,9 @@ ALLOWED_FIELDS = frozenset(
 )
 
 #: Events logged at WARNING even when the observer's level is lower.
+#: Events for metrics only: the audit log has their substance already (a degraded
+#: response's reasons are each a ``degraded`` event).
+METRIC_ONLY_EVENTS = frozenset({"degraded_response"})
 WARNING_EVENTS = frozenset(
     {"data_loss", "fork_detected", "stale_refused", "breaker_opened", "seal_failed", "mark_lost"}
 )
@@ -129,6 +132,8 @@ class AuditObserver(Observer):
     def event(self, name: str, /, **fields: Any) -> None:
         try:
             if self.events is not None and name not in self.events:
+                return
+            if name in METRIC_ONLY_EVENTS:
                 return
             level = max(self.level, logging.WARNING) if name in WARNING_EVENTS else self.level
             if not self.logger.isEnabledFor(level):

@@ -344,7 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="satchel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("keygen", help="print a new key as kid:secret")
+    p = sub.add_parser(
+        "keygen",
+        help="print a new key as kid:secret",
+        description="Print a new random 256-bit key as kid:secret (base64url), the form "
+        "SATCHEL_KEYS takes; with --append, in front of the ring in $SATCHEL_KEYS, so it "
+        "seals from the next deploy while the older keys still open (docs/operations.md, "
+        "key rotation).",
+    )
     p.add_argument("--kid", help="key id (default: k + 4 random hex digits)")
     p.add_argument(
         "--append", action="store_true", help="print it in front of $SATCHEL_KEYS (rotation)"
@@ -387,9 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="benchmarks: codec | chaos",
-        description="Exit codes: 0 done (and, with --check, every target met); 1 a target "
-        "missed (codec with --check) or the chaos run failed; 2 bad arguments, or what the "
-        "run needs is missing (redis-server, the examples).",
+        description="codec: seal and open of 4-200-turn contexts of held-out chat text, "
+        "side by side with Flask's session serializer and the primitive floor (msgpack + "
+        "zstd + HMAC + base64 by hand), with token sizes and the targets. chaos: the "
+        "example app under concurrent conversations while Redis is killed, hung and "
+        "restarted (needs redis-server and a checkout). Options marked (codec) or (chaos) "
+        "apply to that one. Exit codes: 0 done (and, with --check, every target met); 1 a "
+        "target missed (codec with --check) or the chaos run failed; 2 bad arguments, or "
+        "what the run needs is missing (redis-server, the examples).",
     )
     p.add_argument("what", choices=["codec", "chaos"])
     p.add_argument(

@@ -44,6 +44,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_segments_restored_total``: segments_restored (cached segments written back
   to a tier that may have lost them in an outage)
 * ``satchel_degraded_total{reason}``: degraded
+* ``satchel_degraded_responses_total``: degraded_response (once per response, however
+  many reasons it carries)
 * ``satchel_unavailable_total{reason}``: unavailable (a request answered 503 because
   the tier could not serve it: server and memory mode, ``monotonic`` under
   ``fail_closed``; reason tier_unavailable or tier_full)
@@ -316,6 +318,11 @@ class PrometheusObserver(Observer):
             "overflow_misses", "Overflowed segments that could not be read, by reason", ("reason",)
         )
         self.degraded = counter("degraded", "Degraded responses, by reason", ("reason",))
+        # One response can be degraded for several reasons: the share of degraded
+        # responses needs a count of responses, not of reasons.
+        self.degraded_responses = counter(
+            "degraded_responses", "Responses that carried Satchel-Degraded (any reason)"
+        )
         self.unavailable = counter(
             "unavailable",
             "Requests answered 503 because the tier could not serve them, by reason",
@@ -490,6 +497,8 @@ class PrometheusObserver(Observer):
             self._child(self.degraded, label).inc()
             if reason in OVERFLOW_MISS_REASONS:
                 self._child(self.overflow_misses, label).inc()
+        elif name == "degraded_response":
+            self.degraded_responses.inc()
         elif name == "unavailable":
             self._child(self.unavailable, self._label("unavailable", "reason", reason)).inc()
         elif name == "segments_restored":

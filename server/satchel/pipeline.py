@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 from .app_schema import MetadataSchema
 from .codec import Codec, Prepared
 from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
-from .errors import BadToken, BudgetExceeded, SatchelError, TierError
+from .errors import BadToken, BudgetExceeded, InvalidContext, SatchelError, TierError
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.summarize import SUMMARY_HEADER, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer
-from .schema import check_sealable
+from .schema import SEQ_LIMIT, check_sealable
 from .segments import merge_start
 
 if TYPE_CHECKING:
@@ -152,6 +152,11 @@ class Pipeline:
         try:
             opened = self.codec.open_verbose(token, now=now)
             check_age(opened.context, self.policy, now, self.codec.limits.clock_skew)
+            if opened.context.seq + 1 >= SEQ_LIMIT:
+                # It opens, but no token can follow it: refused here, as a bad token,
+                # before the view does (and a stream is paid for) what cannot be saved.
+                # Only a key holder can make one: a real one would take 2**63 seals.
+                raise InvalidContext("the token's sequence number is the last one a token carries")
             t1 = time.perf_counter()
             metadata_from = self.metadata_schema.upgrade(opened.context)
             opened.timings["migrate"] = opened.timings.get("migrate", 0.0) + (

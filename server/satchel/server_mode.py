@@ -283,7 +283,13 @@ class ServerSidePipeline(Pipeline):
         exp = expires_at(ctx, self.policy, now)
         with self.metadata_schema.writing(ctx):  # every replica must read it
             token = self._seal_within_limits(ctx, now, exp)
-        ttl = max(60.0, (exp - now) if exp is not None else 30 * 86400.0)
+        # Kept while the token inside still opens (its expiry plus the clock skew the
+        # codec allows), not a moment longer: then the store forgets it, as server-side
+        # session stores do, and the next request starts afresh (session_not_found).
+        # (A 60 s floor here kept short-lived contexts past that: 401 token_expired for
+        # a while, then a fresh start: two answers for one expiry.)
+        skew = self.codec.limits.clock_skew
+        ttl = max(1.0, exp - now + skew) if exp is not None else 30 * 86400.0
         data = token.encode("ascii")
         # A write that timed out may still land (a stalled Redis runs the command it had
         # already read once it resumes): the message says so, or a resend saves it twice.

@@ -736,6 +736,7 @@ class Satchel:
         }
         if ctx.degraded:
             headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(ctx.degraded))
+            self.observer.event("degraded_response")  # once, whatever the reasons
         if rs.reset:
             headers["Satchel-Reset"] = rs.reset
         if rs.fork:
@@ -761,6 +762,7 @@ class Satchel:
             response.headers["Server-Timing"] = server_timing(rs.timings, total)
         if ctx.degraded:
             response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(ctx.degraded))
+            self.observer.event("degraded_response")
         if rs.reset:
             response.headers["Satchel-Reset"] = rs.reset
         if rs.fork:

@@ -105,6 +105,7 @@ refused, not taken as true.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -200,6 +201,45 @@ def _dictionaries_from_text(text: str) -> dict[int, str]:
     return out
 
 
+#: SATCHEL_* keys read outside SatchelConfig's fields (the key ring, the session
+#: interface, dictionaries).
+OTHER_KEYS = frozenset(
+    {
+        "SATCHEL_KEYS",
+        "SATCHEL_ANCHOR_KID",
+        "SATCHEL_DEV_KEY_FILE",
+        "SATCHEL_DICTIONARIES",
+        "SATCHEL_SESSION_MODE",
+        "SATCHEL_SESSION_PAD_TO",
+        "SATCHEL_SESSION_PURPOSE",
+    }
+)
+
+
+def known_keys() -> frozenset[str]:
+    """Every ``SATCHEL_*`` config key Satchel reads."""
+    return OTHER_KEYS | {"SATCHEL_" + f.name.upper() for f in fields(SatchelConfig)}
+
+
+def warn_misspelled_keys(config: Mapping[str, Any]) -> list[str]:
+    """Warn about each ``SATCHEL_*`` key Satchel does not read that looks like one it
+    does (``SATCHEL_OVERFLOW`` for ``SATCHEL_OVERFLOW_URL``): a misspelled setting is
+    otherwise ignored without a word, and the default it meant to change applies.
+    Keys like no known one are left alone (an app's own ``SATCHEL_*`` settings).
+    Returns the warnings."""
+    known = known_keys()
+    warnings = []
+    for key in config:
+        if not isinstance(key, str) or not key.startswith("SATCHEL_") or key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if close:
+            warnings.append(f"{key} is not a Satchel setting; did you mean {close[0]}?")
+    for warning in warnings:
+        log.warning("satchel: %s (it is ignored)", warning)
+    return warnings
+
+
 def _converted(values: dict[str, Any], names: tuple[str, ...], convert: Any, what: str) -> None:
     """Convert ``values[name]`` in place; a bad value names its SATCHEL_* key."""
     for name in names:
@@ -265,6 +305,7 @@ class SatchelConfig:
             key = "SATCHEL_" + f.name.upper()
             if key in app.config:
                 values[f.name] = app.config[key]
+        warn_misspelled_keys(app.config)
         values.update({k: v for k, v in overrides.items() if v is not None})
         optional_ints = (
             "max_token_bytes",

@@ -9,15 +9,18 @@ None of them reads, opens, creates or seals a context: they never touch
     {"status": "ready" | "degraded" | "not_ready",
      "mode": "client",
      "keyring": {"loaded": true, "kids": 2, "development": false},
-     "tier": {"name": "redis", "reachable": true, "breaker": "closed"} | null}
+     "tier": {"name": "redis", "reachable": true, "breaker": "closed",
+              "full": false} | null}
 
 * ``ready`` (200): the key ring is loaded and the tier (if any) answers a ping with
   its breaker closed.
-* ``degraded`` (200): the tier does not answer or its breaker is not closed. The app
-  still serves: overflowed turns are missing (the summary stands in for them) and
-  responses say so in ``Satchel-Degraded``. Taking every replica out of the load
-  balancer because a shared dependency is down would turn a degraded service into
-  an outage, so this stays 200.
+* ``degraded`` (200): the tier does not answer or its breaker is not closed, or it
+  refused a write for want of memory in the last minute (``"full": true``: a Redis at
+  ``maxmemory`` with ``noeviction``, memory mode's bounded store). The app still
+  serves: overflowed turns are missing (the summary stands in for them) and
+  responses say so in ``Satchel-Degraded``; a full store refuses what needs room.
+  Taking every replica out of the load balancer because a shared dependency is down
+  would turn a degraded service into an outage, so this stays 200.
 * ``not_ready`` (503): there is no usable key ring, so no token can be opened or
   sealed; or ``SATCHEL_METADATA_WRITE_VERSION`` needs a metadata downgrade that is not
   registered, so no token can be written (every request would fail).
@@ -40,11 +43,14 @@ own timeouts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from ..errors import SatchelError, TierError
+from .errors import http_error_response
 
 log = logging.getLogger("satchel")
 
@@ -76,9 +82,7 @@ def register_routes(app: Flask, ext: Any, *, metrics_route: str | None, health: 
                 watch(_tier(app, ext))
             return metrics_response(registry)
 
-        app.add_url_rule(
-            metrics_route, endpoint="satchel_metrics", view_func=satchel_metrics, methods=["GET"]
-        )
+        _add_read_route(app, metrics_route, "satchel_metrics", satchel_metrics)
 
     if health:
 
@@ -89,8 +93,34 @@ def register_routes(app: Flask, ext: Any, *, metrics_route: str | None, health: 
             body, status = readiness(app, ext)
             return _json(body, status)
 
-        app.add_url_rule("/healthz", endpoint="satchel_healthz", view_func=satchel_healthz)
-        app.add_url_rule("/readyz", endpoint="satchel_readyz", view_func=satchel_readyz)
+        _add_read_route(app, "/healthz", "satchel_healthz", satchel_healthz)
+        _add_read_route(app, "/readyz", "satchel_readyz", satchel_readyz)
+
+
+#: What the operational routes answer; any other method is a JSON 405 naming these.
+_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+#: Methods routed to the view only to be refused there in JSON: left to the router,
+#: they were werkzeug's HTML 405 (the app's JSON error handlers cover its own routes).
+_REFUSED_METHODS = ("POST", "PUT", "PATCH", "DELETE", "TRACE")
+
+
+def _add_read_route(app: Flask, rule: str, endpoint: str, view: Callable[[], Response]) -> None:
+    allow = ", ".join(_READ_METHODS)
+
+    def read_only() -> Response:
+        if request.method == "OPTIONS":
+            return Response(status=204, headers={"Allow": allow})
+        if request.method not in _READ_METHODS:
+            return http_error_response(MethodNotAllowed(valid_methods=list(_READ_METHODS)))
+        return view()
+
+    app.add_url_rule(
+        rule,
+        endpoint=endpoint,
+        view_func=read_only,
+        methods=[*_READ_METHODS, *_REFUSED_METHODS],
+        provide_automatic_options=False,
+    )
 
 
 def _json(body: dict[str, Any], status: int) -> Response:
@@ -143,8 +173,8 @@ def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
         }
     tier = getattr(state, "tier", None)
     if tier is not None:
-        body["tier"] = tier_status(tier)
-        if not body["tier"]["reachable"] or body["tier"]["breaker"] != "closed":
+        body["tier"] = status = tier_status(tier)
+        if not status["reachable"] or status["breaker"] != "closed" or status["full"]:
             body["status"] = "degraded"
     if kids == 0 or missing_downgrades:  # nothing can be opened, or nothing written
         body["status"] = "not_ready"
@@ -167,7 +197,9 @@ def tier_status(tier: Any) -> dict[str, Any]:
     breaker = getattr(tier, "breaker_state", None)
     if breaker not in ("closed", "open", "half_open"):
         breaker = "closed" if reachable else "open"
-    return {"name": name, "reachable": reachable, "breaker": breaker}
+    full_recently = getattr(tier, "full_recently", None)
+    full = bool(full_recently()) if callable(full_recently) else False
+    return {"name": name, "reachable": reachable, "breaker": breaker, "full": full}
 
 
 __all__ = ["readiness", "register_routes", "tier_status"]

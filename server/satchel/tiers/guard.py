@@ -404,6 +404,9 @@ class GuardedTier:
         #: how many times a breaker has opened (an outage); cache entries older than
         #: the current epoch are "unconfirmed" (Fetched.unconfirmed)
         self.epoch = 0
+        #: clock() time of the last write the tier refused for want of memory (TierFull),
+        #: or None: /readyz reports a tier that is full now as degraded
+        self.last_full_at: float | None = None
         self._shards_lock = threading.RLock()  # _report may run inside _shard (a listener)
         self._reported = pybreaker.STATE_CLOSED  # the worst state last reported
         self._shards: dict[str, _Shard] = {}
@@ -548,8 +551,11 @@ class GuardedTier:
             shard.write_failures = 0
             shard.writes_refused_until = 0.0
             return
-        if isinstance(outcome, TierFull) or outcome.facts.get("unsent"):
-            return  # answered at once, or never sent: nothing slow to spare requests
+        if isinstance(outcome, TierFull):
+            self.last_full_at = self.clock()
+            return  # answered at once: nothing slow to spare requests
+        if outcome.facts.get("unsent"):
+            return  # never sent
         shard.write_failures += 1
         if shard.write_failures >= self.policy.fail_max:
             if shard.write_failures == self.policy.fail_max:
@@ -561,6 +567,12 @@ class GuardedTier:
                     self.policy.reset_timeout,
                 )
             shard.writes_refused_until = self.clock() + self.policy.reset_timeout
+
+    def full_recently(self, within: float = 60.0) -> bool:
+        """True if the tier refused a write for want of memory in the last ``within``
+        seconds (a full store: every write that needs room fails until some expires)."""
+        full_at = self.last_full_at
+        return full_at is not None and self.clock() - full_at <= within
 
     @staticmethod
     def _record(shard: _Shard, outcome: TierError | None) -> None:
