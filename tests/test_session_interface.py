@@ -1838,3 +1838,56 @@ def test_session_data_the_tagged_serializer_chokes_on_is_an_empty_session(inner)
     client.set_cookie("session", cookie)
     assert client.get("/").status_code == 200
     assert seen == [({}, "token_invalid_context")]
+
+
+def _clocked_app(interface_class: type[SatchelSessionInterface] = SatchelSessionInterface):
+    now = [1_800_000_000.0]
+    app = flask.Flask(__name__)
+    app.config.update(SECRET_KEY="test key", TESTING=True)
+    app.session_interface = interface_class(clock=lambda: now[0])
+
+    @app.route("/set")
+    def set_() -> str:
+        flask.session["a"] = 1
+        flask.session.permanent = True
+        return ""
+
+    @app.route("/get")
+    def get() -> t.Any:
+        return {"session": dict(flask.session), "rejected": flask.session.rejected}
+
+    return app, now
+
+
+@pytest.mark.parametrize(("ahead", "opens"), [(29, True), (31, False), (40 * 86400, False)])
+def test_a_session_issued_in_the_future_opens_only_within_the_clock_skew(
+    ahead: int, opens: bool
+) -> None:
+    """A cookie from a server whose clock ran 40 days ahead opened, and stayed valid
+    for those 40 days on top of its lifetime. Flask's signer refuses a negative age."""
+    app, now = _clocked_app()
+    client = app.test_client()
+    client.get("/set")
+    now[0] -= ahead
+    body = client.get("/get").get_json()
+    if opens:
+        assert body == {"session": {"_permanent": True, "a": 1}, "rejected": None}
+    else:
+        assert body == {"session": {}, "rejected": "token_expired"}
+
+
+def test_a_subclass_choosing_the_expiration_time_is_honoured() -> None:
+    """get_expiration_time is Flask's documented hook ("remember me until..."); the
+    cookie said now + lifetime whatever a subclass returned."""
+    fixed = datetime(2030, 1, 1, tzinfo=UTC)
+
+    class UntilNewYear(SatchelSessionInterface):
+        def get_expiration_time(self, app: flask.Flask, session: t.Any) -> datetime | None:
+            return fixed if session.permanent else None
+
+    app, now = _clocked_app(UntilNewYear)
+    client = app.test_client()
+    cookie = client.get("/set").headers["Set-Cookie"]
+    assert "Expires=Tue, 01 Jan 2030 00:00:00 GMT" in cookie
+    token = cookie.split("=", 1)[1].split(";")[0]
+    assert peek(token).expires_at == int(fixed.timestamp())

@@ -411,6 +411,14 @@ class SatchelSessionInterface(SessionInterface):
                 expired_at=int(header.issued_at + lifetime),
                 now=int(now),
             )
+        if header.issued_at > now + self.limits.clock_skew:
+            # Issued by a clock that runs ahead: it would stay valid for that offset on
+            # top of its lifetime. Flask's signer refuses a negative age too.
+            raise TokenExpired(
+                "session was issued in the future (a server clock is wrong)",
+                issued_at=header.issued_at,
+                now=int(now),
+            )
         session = self.session_class(self.loads(payload))
         session.opened_payload = payload
         session.kid = header.kid
@@ -428,6 +436,10 @@ class SatchelSessionInterface(SessionInterface):
         if session.permanent:
             return datetime.fromtimestamp(self._expires_at(app, self.clock()), UTC)
         return None
+
+    def _expiry_overridden(self) -> bool:
+        mine = SatchelSessionInterface.get_expiration_time
+        return getattr(type(self).get_expiration_time, "__code__", None) is not mine.__code__
 
     def _expires_at(self, app: Flask, now: float) -> int:
         lifetime = app.permanent_session_lifetime.total_seconds()
@@ -490,6 +502,12 @@ class SatchelSessionInterface(SessionInterface):
         kept = getattr(session, "token_expires_at", None)
         # A cookie re-issued only for a new key keeps the expiry it had.
         expires_at = kept if kept and not refreshed else self._expires_at(app, now)
+        if (not kept or refreshed) and session.permanent and self._expiry_overridden():
+            # Flask's hook for a subclass to choose the expiry: honoured, as Flask's own
+            # interface does (for the cookie's Expires and the token's expiry alike).
+            chosen = self.get_expiration_time(app, session)
+            if chosen is not None:
+                expires_at = max(1, min(int(chosen.timestamp()), _UINT32_MAX))
         inner = self._inner(session)
         self._check_opens(session, name, inner)
         payload = self._wrap(inner)
