@@ -1885,7 +1885,7 @@ def test_a_subclass_choosing_the_expiration_time_is_honoured() -> None:
         def get_expiration_time(self, app: flask.Flask, session: t.Any) -> datetime | None:
             return fixed if session.permanent else None
 
-    app, now = _clocked_app(UntilNewYear)
+    app, _ = _clocked_app(UntilNewYear)
     client = app.test_client()
     cookie = client.get("/set").headers["Set-Cookie"]
     assert "Expires=Tue, 01 Jan 2030 00:00:00 GMT" in cookie
