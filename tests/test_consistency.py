@@ -293,6 +293,43 @@ def test_monotonic_two_concurrent_requests_with_one_token(tmp_path: Path) -> Non
     assert loser.get_json()["error"]["code"] == "stale_context"
 
 
+def test_the_loser_of_a_race_is_refused_and_not_counted_as_a_fork(tmp_path: Path) -> None:
+    """A passes the mark's check, then B (same token) is served and moves the mark; A's
+    fork check found it behind and counted a fork (and its 409 said Satchel-Fork),
+    although the save then refused it: forks count branches that were served."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, _ = make_app(
+        tmp_path,
+        observer=metrics,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+    )
+    token = post(app.test_client(), "/chat", None).headers["Satchel-Context"]
+    guard = Satchel.state(app).guard
+    checked_before = guard.before
+    b_done = threading.Event()
+
+    def before(ctx: Any, tag: str, **kw: Any) -> Any:
+        mark = checked_before(ctx, tag, **kw)
+        if request.get_json()["message"] == "A":
+            assert b_done.wait(10)  # A has passed the check; B runs to its end first
+        return mark
+
+    guard.before = before  # type: ignore[method-assign]
+    a_result = start_in_thread(lambda: post(app.test_client(), "/chat", token, "A"))
+    b = post(app.test_client(), "/chat", token, "B")
+    b_done.set()
+    a = a_result()
+    assert (a.status_code, b.status_code) == (409, 200)
+    assert a.get_json()["error"]["code"] == "stale_context"
+    assert "Satchel-Fork" not in a.headers and "Satchel-Fork" not in b.headers
+    sample = metrics.registry.get_sample_value
+    assert sample("satchel_stale_refused_total") == 1
+    assert sample("satchel_forks_total") == 0
+
+
 def test_per_route_monotonic_protects_credits_from_rollback(tmp_path: Path) -> None:
     app, _ = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
     client = app.test_client()

@@ -418,8 +418,12 @@ class MonotonicGuard:
             raise StaleContext(message, **facts)
         facts.update(newest_seq=newest[1], session=tag)
         raise StaleContext(
-            message + "; this response carries the newest token, which already holds "
-            "what the lost response did",
+            # Either this client's own earlier response was lost (the newest holds
+            # it), or another request with the same token won a race (the newest
+            # holds that one's, not this message): the message says both.
+            message + "; this response carries the newest token, made from the one sent: "
+            "it holds what the request that was saved did (a lost response of yours, or "
+            "another request's); send this one again with it if it is not there",
             newest_token=newest[0],
             **facts,
         )

@@ -499,7 +499,10 @@ class Satchel:
                 fork = app_state.forks.check(ctx)
                 if fork:
                     rs.fork = fork
-                    self.observer.event("fork_detected", session=tag, detail=fork)
+                    if rs.mark is None:
+                        self.observer.event("fork_detected", session=tag, detail=fork)
+                    # else reported once the mark moves (_move_mark): the loser of a
+                    # race passes the mark's check too, and is refused when it saves.
         return ctx
 
     def _check_binding(self, ctx: Context, config: SatchelConfig, pipeline: Pipeline) -> None:
@@ -751,7 +754,14 @@ class Satchel:
         app_state = self.state()
         if rs.mark is not None and app_state.guard is not None and rs.context is not None:
             tag = app_state.pipeline.session_tag(rs.context.session_id)
-            return app_state.guard.after(rs.context, tag, rs.mark, rs.issued)
+            try:
+                moved = app_state.guard.after(rs.context, tag, rs.mark, rs.issued)
+            except StaleContext:
+                rs.fork = None  # refused, not served: no branch was made
+                raise
+            if rs.fork:
+                self.observer.event("fork_detected", session=tag, detail=rs.fork)
+            return moved
         return True
 
     def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
