@@ -61,6 +61,8 @@ def assert_tier_unavailable(resp: Any, elapsed: float) -> None:
     assert body["error"]["code"] == "tier_unavailable"
     assert body["error"]["message"]
     assert elapsed < FAST, f"took {elapsed:.2f}s"
+    # When to try again: the breaker's wait while it is open (2 s by default), else 1.
+    assert 1 <= int(resp.headers["Retry-After"]) <= 2
 
 
 @pytest.fixture(params=["client", pytest.param("server", marks=pytest.mark.redis), "memory"])

@@ -42,6 +42,8 @@ export type FetchInput = Parameters<typeof globalThis.fetch>[0];
 export type EventTargetListener = Parameters<EventTarget['addEventListener']>[1];
 /** The options `EventTarget.addEventListener` takes, in this environment. */
 export type AddListenerOptions = Parameters<EventTarget['addEventListener']>[2];
+/** removeEventListener's options, without the DOM lib's `EventListenerOptions`. */
+export type RemoveListenerOptions = Parameters<EventTarget['removeEventListener']>[2];
 
 /**
  * Base class of every error the client throws on purpose.
@@ -63,12 +65,19 @@ export declare class SatchelError extends Error {
 }
 
 /**
- * The server could not use the token (code starts with `token_`: malformed,
- * too_large, bad_signature, unknown_key, expired, unsupported_version,
- * migration_failed, wrong_user, wrong_purpose). The client has already
- * dropped the token (unless storage meanwhile holds another one), emitting
- * `token` and `reset`; it is thrown only when the one fresh retry was not
- * possible (e.g. a stream had already yielded text) or failed too.
+ * The server could not use the token (code starts with `token_`: `token_malformed`,
+ * `token_too_large`, `token_bad_signature` (also a token of another app or
+ * purpose), `token_unknown_key`, `token_wrong_mode`, `token_expired`,
+ * `token_unsupported_version`, `token_migration_failed`, `token_invalid_context`,
+ * `token_erased` (410), `token_wrong_user` (403)). The client has already dropped
+ * the token (unless storage meanwhile holds another one), emitting `token` and
+ * `reset`; it is thrown only when the one fresh retry was not possible (e.g. a
+ * stream had already yielded text) or failed too. Two cases the client makes
+ * itself: `token_malformed` for a stored token no HTTP header can carry (nothing
+ * was sent), and `token_too_large` for a 431 answer to a request with a token.
+ * Except `token_wrong_user`: the token is kept and nothing is retried, since the
+ * conversation belongs to an account this request is not signed in as; signing
+ * in again opens it.
  */
 export declare class TokenError extends SatchelError {}
 
@@ -176,7 +185,8 @@ export declare function sessionStorageAdapter(): StorageAdapter;
  * @throws TypeError for unknown names or adapters without get/set/remove.
  */
 export declare function resolveStorage(spec?: StorageKind | StorageAdapter): StorageAdapter & {
-  /** A custom adapter passed in, which the returned one calls (absent for built-ins). */
+  /** The adapter the returned one calls: a custom one passed in, or the store a client
+   * already resolved (withConversation); absent for a built-in named by a string. */
   readonly adapter?: StorageAdapter;
 };
 
@@ -467,12 +477,12 @@ export declare class SatchelClient extends EventTarget {
   removeEventListener<K extends keyof SatchelEventMap>(
     type: K,
     listener: (event: CustomEvent<SatchelEventMap[K]>) => void,
-    options?: boolean | EventListenerOptions,
+    options?: RemoveListenerOptions,
   ): void;
   removeEventListener(
     type: string,
     listener: EventTargetListener,
-    options?: boolean | EventListenerOptions,
+    options?: RemoveListenerOptions,
   ): void;
 
   /**
@@ -481,7 +491,9 @@ export declare class SatchelClient extends EventTarget {
    * when `ok` (after adopting the next token); otherwise throws a
    * {@link SatchelError} subclass. Retries at most once: with no token after
    * a `token_*` error (emitting `reset`), or with the newer stored token after
-   * `stale_context` (emitting `stale`).
+   * `stale_context` (emitting `stale`). Besides that one retry, a 409
+   * `context_busy` (a streamed reply holds the token) is waited out as its
+   * `Retry-After` says and sent again, for at most 3 s in all.
    *
    * For `text/event-stream` responses the returned Response wraps the body:
    * bytes pass through unchanged while the final `satchel` event (or an AI

@@ -28,6 +28,11 @@ export const DEFAULT_PREFIX = 'satchel:';
 export const DEFAULT_SYNC_WAIT_MS = 500;
 /** Prefix of a server-mode session carrier (the context lives server-side). */
 const SERVER_CARRIER = 'sv1.';
+// What an HTTP header can carry: visible ASCII, no space. Satchel tokens are
+// base64url after a short prefix; anything else (a corrupted store, a bad import)
+// would make fetch throw a TypeError before the request leaves, every time.
+const HEADER_SAFE = /^[\x21-\x7e]+$/;
+const isHeaderSafe = (token) => typeof token === 'string' && HEADER_SAFE.test(token);
 /** Names of the shared locks that announce each tab's newest write. */
 const WRITTEN_LOCK = 'satchel-written';
 /**
@@ -980,6 +985,9 @@ export class SatchelClient extends EventTarget {
    */
   async importToken(token, meta = {}) {
     if (typeof token !== 'string' || !token) throw new TypeError('importToken() needs a non-empty string');
+    if (!isHeaderSafe(token)) {
+      throw new TypeError('importToken() needs a token of visible ASCII characters (no spaces)');
+    }
     const release = await this._lock(meta.signal);
     try {
       await this._readFresh(); // in order after every write before ours
@@ -1078,7 +1086,10 @@ export class SatchelClient extends EventTarget {
     let reading = null;
     try {
       release = await this._lock(signalOf(url, init));
-      const headers = new Headers(init.headers);
+      // fetch's rule: init.headers, when given, replaces a Request's own headers.
+      const headers = new Headers(
+        init.headers !== undefined ? init.headers : isRequest(url) ? url.headers : undefined,
+      );
       if (!headers.has('content-type')) headers.set('content-type', 'application/json');
       if (!headers.has('accept')) headers.set('accept', 'text/event-stream');
       const reqInit = {
@@ -1208,6 +1219,16 @@ export class SatchelClient extends EventTarget {
     state.signal = signalOf(input, init);
     for (;;) {
       const sent = state.fresh ? null : await this._readFresh();
+      if (sent && !isHeaderSafe(sent.token)) {
+        // No header can carry it (a corrupted store): fetch would throw a TypeError,
+        // every time, read as "offline". Dropped like a token the server refused;
+        // nothing was sent, so the request goes out again without it.
+        const err = new TokenError('the stored token cannot be sent in an HTTP header', {
+          code: 'token_malformed',
+        });
+        if (await this._recover(err, sent, state, true)) continue;
+        throw err;
+      }
       const [req, reqInit] = prepare(input, init, this._headerName, tokenOf(sent));
       const response = await this._fetch(req, reqInit);
       // Error responses may still carry metadata (e.g. degraded) or even a
@@ -1217,7 +1238,17 @@ export class SatchelClient extends EventTarget {
         await this._applyMeta(meta, sent, 'response');
         return { response, sent };
       }
-      const err = await errorFromResponse(response);
+      let err = await errorFromResponse(response);
+      if (response.status === 431 && sent) {
+        // Request headers too large for the server or a proxy in front of it (most
+        // often a token past its header limit): every later request would meet the
+        // same answer, so the token is dropped, like one the server refused.
+        err = new TokenError('the server refused the request headers as too large', {
+          code: 'token_too_large',
+          status: 431,
+          response,
+        });
+      }
       // A monotonic route's 409 for the token its newest was made from hands that
       // newest token back: its response was lost. Taken only if storage still holds
       // what we sent; if another tab stored a token meanwhile (maybe this very one:
@@ -1241,6 +1272,9 @@ export class SatchelClient extends EventTarget {
       // A token the server can't use will never become usable: drop it, or
       // every future request would fail the same way.
       if (!sent) return false; // we sent no token; nothing to drop, nothing to retry
+      // Except another user's, or a signed-out request's: the token is fine, the
+      // session is not. Signing in again opens it (the server keeps its cookie too).
+      if (err.code === 'token_wrong_user') return false;
       const current = await this._readRecord();
       if (current && current.token !== sent.token) {
         // Someone (another tab without a shared lock) already replaced the bad

@@ -131,7 +131,7 @@ test('token_* errors never loop: at most one retry, then TokenError', async () =
 });
 
 test('token_* with a non-replayable (stream) body: token dropped, no retry', async () => {
-  const fetch = fakeFetch(() => errorReply(401, 'token_wrong_user'));
+  const fetch = fakeFetch(() => errorReply(401, 'token_bad_signature'));
   const client = testClient({ fetch });
   await client.importToken('t');
   const resets = record(client, ['reset']);
@@ -143,7 +143,7 @@ test('token_* with a non-replayable (stream) body: token dropped, no retry', asy
 });
 
 test('token_* with an async-iterable body (Node fetch takes one): read once, so no retry', async () => {
-  const fetch = fakeFetch(() => errorReply(401, 'token_wrong_user'));
+  const fetch = fakeFetch(() => errorReply(401, 'token_bad_signature'));
   const client = testClient({ fetch });
   await client.importToken('t');
   async function* body() {
@@ -657,4 +657,59 @@ test('context_busy that lasts: waited out three times, one second each, then thr
   assert.equal(err.code, 'context_busy');
   assert.equal(always.calls.length, 4); // the first and three resends: 3 s in all
   assert.ok(Date.now() - started >= 2900);
+});
+
+test('token_wrong_user keeps the token: signing in again opens it', async () => {
+  // Dropping it (as any other token_* error) replaced a user's conversation with a
+  // fresh one the moment their login lapsed.
+  const fetch = fakeFetch(() => errorReply(403, 'token_wrong_user', 'belongs to a signed-in user'));
+  const client = testClient({ fetch });
+  await client.importToken('alice-token', { seq: 2 });
+  const resets = record(client, ['reset']);
+  await assert.rejects(client.fetch('/chat', { method: 'POST', body: '{}' }), (err) => {
+    return err instanceof TokenError && err.code === 'token_wrong_user';
+  });
+  assert.equal(fetch.calls.length, 1, 'not resent on a fresh context');
+  assert.equal(client.token, 'alice-token');
+  assert.equal(resets.length, 0);
+});
+
+test('a stored token no header can carry is dropped and the request sent without it', async () => {
+  // fetch threw a TypeError on every request (read as "offline"), for good.
+  for (const bad of ['s1.AQMB\u20ac\u20ac', 's1.AQ\nMB', 's1.AQ MB']) {
+    const storage = memoryStorage({ 'satchel:default': JSON.stringify({ token: bad, seq: 3 }) });
+    const fetch = fakeFetch(() => reply({ json: { ok: true }, satchel: { token: 'fresh', seq: 1 } }));
+    const client = testClient({ fetch, storage });
+    const resets = record(client, ['reset']);
+    const res = await client.fetch('/chat', { method: 'POST', body: '{}' });
+    assert.equal(res.status, 200, JSON.stringify(bad));
+    assert.equal(fetch.calls.length, 1);
+    assert.equal(fetch.calls[0].token, null);
+    assert.equal(client.token, 'fresh');
+    assert.deepEqual(
+      resets.map((r) => [r.detail.code, r.detail.source, r.detail.retrying]),
+      [['token_malformed', 'client', true]],
+    );
+  }
+  await assert.rejects(testClient().importToken('s1.AQ\u20ac'), TypeError);
+});
+
+test('a 431 (headers too large) for a request with a token drops it and resends once', async () => {
+  // A token past a proxy's header limit got the same HTML 431 on every request.
+  const fetch = fakeFetch((call) =>
+    call.token
+      ? new Response('<h1>Request Header Fields Too Large</h1>', { status: 431 })
+      : reply({ json: { ok: true }, satchel: { token: 'fresh', seq: 1 } }),
+  );
+  const client = testClient({ fetch });
+  await client.importToken('x'.repeat(9000));
+  const resets = record(client, ['reset']);
+  const res = await client.fetch('/chat', { method: 'POST', body: '{}' });
+  assert.equal(res.status, 200);
+  assert.deepEqual(
+    fetch.calls.map((c) => c.token && c.token.length),
+    [9000, null],
+  );
+  assert.equal(client.token, 'fresh');
+  assert.equal(resets[0].detail.code, 'token_too_large');
 });

@@ -392,3 +392,15 @@ test('stream(): throw() into the stream after the final event arrived still adop
   await assert.rejects(s.result, (e) => e === stop);
   assert.equal(client.token, 'tok8', 'the server issued tok8: keeping tok7 would fork');
 });
+
+test('stream(Request): the Request\'s own headers go out (an Authorization, say)', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream()));
+  const client = testClient({ fetch });
+  const request = new Request('http://app.test/chat/stream', {
+    method: 'POST',
+    headers: { Authorization: 'Bearer abc' },
+  });
+  for await (const _ of client.stream(request, { message: 'hi' })) void _;
+  assert.equal(fetch.calls[0].headers.get('authorization'), 'Bearer abc');
+  assert.equal(fetch.calls[0].headers.get('content-type'), 'application/json');
+});

@@ -809,7 +809,9 @@ async function send(text) {
     const next = stuck
       ? ' This chat went on in a reply that never reached this page, so it cannot continue here: start a new chat.'
       : '';
-    showError(`The message was not sent: ${reason}.${next} It is back in the message box.`);
+    // A reason may end a sentence of its own (an error's message): no second period.
+    const sentence = /[.!?]$/.test(reason) ? reason : `${reason}.`;
+    showError(`The message was not sent: ${sentence}${next} It is back in the message box.`);
     if (!el.input.value) el.input.value = text;
     updateCounter();
     if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };

@@ -7,12 +7,13 @@ the error class names. Nothing Satchel raises on purpose becomes a 500.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..errors import ContextBusy, SatchelError, TierError
+from ..errors import ContextBusy, SatchelError, TierError, TierUnavailable
 
 log = logging.getLogger("satchel")
 
@@ -93,6 +94,12 @@ def satchel_error_response(exc: SatchelError) -> Response:
         # The reply that holds the conversation is most often the client's own, just
         # stopped: the server notices at its next write and lets go.
         response.headers["Retry-After"] = str(CONTEXT_BUSY_RETRY_AFTER)
+    elif isinstance(exc, TierUnavailable):
+        # While the breaker is open it says when it lets a trial call through; else a
+        # second is as good a guess as any for a tier that just failed.
+        retry_in = exc.facts.get("retry_in")
+        seconds = math.ceil(retry_in) if isinstance(retry_in, int | float) else 1
+        response.headers["Retry-After"] = str(max(1, min(seconds, 60)))
     return response
 
 
