@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -68,14 +69,18 @@ REASONS: Final = (TIER_UNAVAILABLE, SEGMENT_MISSING, SEGMENT_CORRUPT, SEGMENT_FO
 def _unpacked_weight(payload_size: int, turn_wires: list[Any]) -> int:
     """What a segment's unpacked turns take in memory, over- rather than under-counted.
 
-    A plain turn is a list, a str and a float: about 160 bytes besides its text, and a
-    str takes at most its UTF-8 length (plus that overhead) for text the reader has
-    decoded. Maps (tool-call arguments, extras) take many times their packed size in
-    dicts and small objects: a segment holding any is weighed at 24 times its payload
-    (20 times was measured for one of tool-call turns with map arguments).
+    A plain turn is a list, a str and a float: about 160 bytes besides its text. A str
+    is stored at the width of its widest character, not in UTF-8: one emoji makes every
+    character of the text 4 bytes (a review measured a cache holding 3.3 times its
+    bound when its text was weighed by the payload), so plain text is weighed by
+    ``sys.getsizeof`` (exact, and O(1)). Maps (tool-call arguments, extras) take many
+    times their packed size in dicts and small objects: a segment holding any is
+    weighed at 24 times its payload (20 times was measured for one of tool-call turns
+    with map arguments).
     """
-    plain = all(len(w) == 3 for w in turn_wires)
-    return (payload_size if plain else 24 * payload_size) + 200 * len(turn_wires)
+    if not all(len(w) == 3 for w in turn_wires):
+        return 24 * payload_size + 200 * len(turn_wires)
+    return sum(sys.getsizeof(w[1]) for w in turn_wires) + 200 * len(turn_wires)
 
 
 def _unshare(turns: list[Turn]) -> None:

@@ -340,7 +340,7 @@ def test_a_kept_segment_still_expires_and_still_belongs_to_its_session(keyring) 
     assert store._decode(ctx, ctx.overflow[0], stored, key) == ([], SEGMENT_MISSING)
 
 
-@pytest.mark.parametrize("kind", ["plain", "tool calls"])
+@pytest.mark.parametrize("kind", ["plain", "emoji", "tool calls"])
 def test_kept_turns_are_weighed_at_least_at_what_they_take(codec, kind: str) -> None:
     """The turns a cached segment keeps count against SATCHEL_SEGMENT_CACHE_BYTES:
     weighed below what they take, the cache held several times its bound (8 MiB
@@ -354,6 +354,10 @@ def test_kept_turns_are_weighed_at_least_at_what_they_take(codec, kind: str) -> 
     for i in range(300):
         if kind == "plain":
             ctx.add_turn("user", f"short message {i} ✓", ts=NOW)
+        elif kind == "emoji":
+            # One character past U+FFFF stores the whole str at 4 bytes a character: a
+            # cache weighing it by its UTF-8 payload held 3.3 times its bound.
+            ctx.add_turn("user", f"a longer message about the plan, number {i} " * 8 + "👍", ts=NOW)
         else:
             ctx.turns.append(
                 Turn("assistant", "", NOW, tool_calls=(ToolCall(f"c{i}", "f", {"a": [i]}),))
