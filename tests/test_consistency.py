@@ -1633,16 +1633,31 @@ def test_the_newest_token_is_handed_back_on_redis(tmp_path: Path, redis_server: 
     assert redis_server.client().get(newest_key(tag)) is None
 
 
-def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path: Path) -> None:
-    """The mark and the newest token kept with it are written in one step: an erasure
-    that comes right after the mark's write (before the request has answered) deletes
-    both. (Written one after the other, such an erasure came between them in 32 of 150
-    races, and the erased conversation's newest token stayed in the tier for a week.)"""
+def _a_session_on_sqlite(tmp_path: Path) -> tuple[Flask, Satchel, Any, str, bytes]:
+    """An app with a SQLite tier, its test client, a conversation's first token and
+    its session id (the erasure races below start from it)."""
     app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
     client = app.test_client()
     t0 = post(client, "/chat", None).headers["Satchel-Context"]
     with app.app_context():
         session_id = satchel.codec.open(t0).session_id
+    return app, satchel, client, t0, session_id
+
+
+def _assert_erased_without_a_newest_token(
+    app: Flask, client: Any, session_id: bytes, token: str
+) -> None:
+    tag = Satchel.state(app).pipeline.session_tag(session_id)
+    assert kept_newest(app, tag) is None
+    assert post(client, "/spend", token).status_code == 410
+
+
+def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path: Path) -> None:
+    """The mark and the newest token kept with it are written in one step: an erasure
+    that comes right after the mark's write (before the request has answered) deletes
+    both. (Written one after the other, such an erasure came between them in 32 of 150
+    races, and the erased conversation's newest token stayed in the tier for a week.)"""
+    app, satchel, client, t0, session_id = _a_session_on_sqlite(tmp_path)
     tier = Satchel.state(app).tier
     erased: list[dict[str, Any]] = []
 
@@ -1665,9 +1680,7 @@ def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path:
         setattr(tier, name, wrapped)
     post(client, "/spend", t0)
     assert erased and erased[0]["tokens_refused"]
-    tag = Satchel.state(app).pipeline.session_tag(session_id)
-    assert kept_newest(app, tag) is None
-    assert post(client, "/spend", t0).status_code == 410
+    _assert_erased_without_a_newest_token(app, client, session_id, t0)
 
 
 def test_a_save_between_an_erasures_delete_and_its_tombstone_keeps_no_token(
@@ -1677,12 +1690,8 @@ def test_a_save_between_an_erasures_delete_and_its_tombstone_keeps_no_token(
     finds its mark gone (a lost mark, as far as it can tell), sets it again and keeps its
     token with it; the tombstone then replaced the mark only, and the erased
     conversation's newest token stayed in the tier for a week."""
-    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
-    client = app.test_client()
-    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    app, satchel, client, t0, session_id = _a_session_on_sqlite(tmp_path)
     t1 = post(client, "/spend", t0).headers["Satchel-Context"]
-    with app.app_context():
-        session_id = satchel.codec.open(t1).session_id
     tier = Satchel.state(app).tier
     original = tier.delete_session
     saved: list[Any] = []
@@ -1696,9 +1705,7 @@ def test_a_save_between_an_erasures_delete_and_its_tombstone_keeps_no_token(
     with app.app_context():
         satchel.erase(session_id)
     assert saved and saved[0].status_code == 200  # it came between the two
-    tag = Satchel.state(app).pipeline.session_tag(session_id)
-    assert kept_newest(app, tag) is None
-    assert post(client, "/spend", t1).status_code == 410
+    _assert_erased_without_a_newest_token(app, client, session_id, t1)
 
 
 def test_a_blueprint_with_a_catch_all_handler_hands_back_the_newest_token_too(

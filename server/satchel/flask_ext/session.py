@@ -438,8 +438,7 @@ class SatchelSessionInterface(SessionInterface):
         return None
 
     def _expiry_overridden(self) -> bool:
-        mine = SatchelSessionInterface.get_expiration_time
-        return getattr(type(self).get_expiration_time, "__code__", None) is not mine.__code__
+        return type(self).get_expiration_time is not SatchelSessionInterface.get_expiration_time
 
     def _expires_at(self, app: Flask, now: float) -> int:
         lifetime = app.permanent_session_lifetime.total_seconds()
