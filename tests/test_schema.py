@@ -385,3 +385,21 @@ def test_a_lifecycle_action_the_writer_would_not_seal_is_left_out_when_opened() 
     assert [a.detail for a in ctx.lifecycle.recent] == ["kept"]
     Codec(Keyring.generate()).seal(ctx)
     ctx.to_dict()
+
+
+@pytest.mark.parametrize("chars", [1, 3])  # 4 bytes a character in UTF-8: over, or not
+def test_a_lifecycle_action_is_kept_exactly_while_its_detail_would_open_again(
+    chars: int,
+) -> None:
+    """Opening reads the usual actions without walking them; a detail past what a token
+    opens with is still left out (the quick read must not take it)."""
+    from satchel.limits import DEFAULT_LIMITS
+
+    room = DEFAULT_LIMITS.max_str_bytes
+    fits = "a" * (room - 8) + "\U0001f600" * 2  # room bytes exactly, len < room
+    over = "a" * (room - 4 * chars) + "\U0001f600" * chars + "b"  # room + 1 bytes
+    assert len(fits.encode()) == room and len(over.encode()) == room + 1
+    recent = [["w", "dropped", 2, NOW, fits], ["w", "dropped", 2, NOW, over]]
+    # Past the payload cap as a whole: the wire as unpacking would give it, uncapped.
+    ctx = schema.from_wire(msgpack.unpackb(serialize.pack(base_wire(l=[{}, 1, 0, recent]))))
+    assert [a.detail for a in ctx.lifecycle.recent] == [fits]

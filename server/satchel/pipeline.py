@@ -364,7 +364,7 @@ class Pipeline:
             groups = turn_groups(ctx.turns)
             count = max(
                 self._turns_to_remove(ctx, groups, size, target) if over_budget else 0,
-                oldest_groups_covering(ctx.turns, past_window) if past_window > 0 else 0,
+                oldest_groups_covering(ctx.turns, past_window, groups) if past_window > 0 else 0,
             )
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
             if not count:

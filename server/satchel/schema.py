@@ -338,9 +338,19 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     # of the newest few actions: one the writer would not seal again (a detail that is
     # no str, a bin-keyed map...) is left out, rather than failing every later save.
     actions = []
+    # Strings this short pass the length check without being encoded.
+    short = DEFAULT_LIMITS.max_str_bytes // 4
     for a in recent:
         action = LifecycleAction(*a)  # a wrong shape is an invalid context, as before
-        if _value_problem(a, "action", DEFAULT_LIMITS, 0) is None:
+        if (  # what Satchel writes, read without walking it (every request opens some)
+            len(a) == 5
+            and type(a[0]) is str
+            and type(a[1]) is str
+            and type(a[2]) is int
+            and type(a[3]) in _NUMBER_TYPES
+            and type(a[4]) is str
+            and len(a[0]) + len(a[1]) + len(a[4]) <= short
+        ) or _value_problem(a, "action", DEFAULT_LIMITS, 0) is None:
             actions.append(action)
     return actions
 

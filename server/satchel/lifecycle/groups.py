@@ -40,6 +40,10 @@ def _tool_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
         # Any role: Anthropic's Messages API puts tool results in *user* messages.
         if turn.tool_call_id is not None:
             last_result[turn.tool_call_id] = j
+    if not last_result:
+        # No results anywhere (a plain chat, every request): no call can pull another
+        # turn into its range, so each turn is a range of its own.
+        return [(i, i + 1) for i in range(len(turns))]
     groups: list[tuple[int, int]] = []
     i, n = 0, len(turns)
     while i < n:
@@ -54,11 +58,16 @@ def _tool_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
     return groups
 
 
-def oldest_groups_covering(turns: Sequence[Turn], count: int) -> int:
-    """How many leading turns to remove to remove at least ``count`` without a split."""
+def oldest_groups_covering(
+    turns: Sequence[Turn], count: int, groups: Sequence[tuple[int, int]] | None = None
+) -> int:
+    """How many leading turns to remove to remove at least ``count`` without a split.
+
+    ``groups``: ``turn_groups(turns)`` when the caller has them already.
+    """
     if count <= 0:
         return 0
-    for _start, end in turn_groups(turns):
+    for _start, end in turn_groups(turns) if groups is None else groups:
         if end >= count:
             return end
     return len(turns)

@@ -111,7 +111,13 @@ def drop_oldest(
     ctx: Context, count: int, *, policy: str, summarizer: Summarizer | None, now: float
 ) -> list[Turn]:
     """Remove at least ``count`` oldest turns (whole groups) and summarize them."""
-    n = oldest_groups_covering(ctx.turns, count)
+    return _drop_leading(ctx, oldest_groups_covering(ctx.turns, count), policy, summarizer, now)
+
+
+def _drop_leading(
+    ctx: Context, n: int, policy: str, summarizer: Summarizer | None, now: float
+) -> list[Turn]:
+    """Remove the first ``n`` turns (a group boundary) and summarize them."""
     if n == 0:
         return []
     dropped = ctx.turns[:n]
@@ -194,8 +200,8 @@ def _drop_older(
     if not groups:
         return []
     # Whole groups covering ``count``, but none past the start of the newest one.
-    count = min(oldest_groups_covering(ctx.turns, count), groups[-1][0])
-    return drop_oldest(ctx, count, policy=reason, summarizer=policy.summarizer, now=now)
+    n = min(oldest_groups_covering(ctx.turns, count, groups), groups[-1][0])
+    return _drop_leading(ctx, n, reason, policy.summarizer, now)
 
 
 def expires_at(ctx: Context, policy: LifecyclePolicy, now: float) -> float | None:
