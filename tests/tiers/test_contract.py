@@ -10,6 +10,7 @@ import pytest
 
 from satchel.errors import ConfigurationError, TierFull
 from satchel.tiers import MemoryTier, NoTier, SQLiteTier, Tier, Timeouts, hash_tag, tier_from_url
+from satchel.tiers.memory import ENTRY_OVERHEAD
 from tests.support import wait_until
 
 
@@ -267,7 +268,8 @@ def test_schemes_are_case_insensitive() -> None:
 
 
 def test_memory_tier_bound(clock) -> None:
-    full = MemoryTier(max_bytes=100, clock=clock)
+    entry = ENTRY_OVERHEAD + 1 + 40  # one key character, 40 value bytes
+    full = MemoryTier(max_bytes=2 * entry + 20, clock=clock)
     full.put("a", b"x" * 40, 10)
     full.put("b", b"x" * 40, 100)
     with pytest.raises(TierFull):
@@ -277,15 +279,34 @@ def test_memory_tier_bound(clock) -> None:
     assert full.get_many(["a"]) == [b"x" * 40]
     clock.advance(10)  # "a" expired: its room is reclaimed
     full.put("c", b"x" * 40, 10)
-    assert full.used_bytes == 82
-    lru = MemoryTier(max_bytes=100, evict=True, clock=clock)
+    assert full.used_bytes == 2 * entry
+    lru = MemoryTier(max_bytes=2 * entry + 20, evict=True, clock=clock)
     for key in "abc":
         lru.put(key, b"x" * 40, 100)
     assert lru.get_many(["a", "b", "c"]) == [None, b"x" * 40, b"x" * 40]
     with pytest.raises(TierFull):
-        lru.put("huge", b"x" * 200, 100)
+        lru.put("huge", b"x" * (2 * entry), 100)
     # Refused without evicting anything: no room would have fit it.
     assert lru.get_many(["b", "c"]) == [b"x" * 40, b"x" * 40]
+
+
+@pytest.mark.parametrize("value_bytes", [200, 2000])
+def test_the_memory_tier_bound_counts_what_its_entries_take_in_memory(value_bytes: int) -> None:
+    """scaling.md sizes memory mode by max_bytes: counting key and value bytes alone, a
+    64 MiB store of short conversations took about 100 MB."""
+    import os
+    import tracemalloc
+
+    tier = MemoryTier(max_bytes=1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5000):  # each key and value made here, held by the tier alone
+            tier.put(f"satchel:ctx:{i:016x}", os.urandom(value_bytes), 3600)
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert 0.9 < tier.used_bytes / taken < 1.1, (tier.used_bytes, taken)
 
 
 def test_a_memory_tier_url_takes_its_options_and_refuses_others() -> None:

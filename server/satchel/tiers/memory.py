@@ -4,7 +4,10 @@ For tests and for the single-process ``memory`` mode. Nothing survives a restart
 nothing is shared between worker processes, so it is no overflow tier for a
 multi-worker deployment (use SQLite on one machine, Redis beyond).
 
-The bound counts key and value bytes. When a write would exceed it, expired entries
+The bound counts what an entry takes in memory: its key and value bytes and
+:data:`ENTRY_OVERHEAD` for the Python objects around them (measured: without it, a
+64 MiB store of short conversations took about 100 MB). When a write would exceed it,
+expired entries
 are purged first; if that is not enough the write fails with
 :class:`~satchel.errors.TierFull` (like Redis' ``noeviction``), or, with
 ``evict=True``, the least recently used entries are dropped (like ``allkeys-lru``).
@@ -21,6 +24,15 @@ from ..errors import TierFull
 from .base import Companion, Tier, hash_tag
 
 Clock = Callable[[], float]
+
+#: Bytes an entry takes beyond its key's and value's own: the str and bytes object
+#: headers, the (value, expiry) tuple and float, and the ordered dict's slot and link.
+#: Measured with tracemalloc on CPython 3.11: 251 bytes an entry, whatever its size.
+ENTRY_OVERHEAD = 256
+
+
+def _entry_size(key: str, value: bytes) -> int:
+    return len(key) + len(value) + ENTRY_OVERHEAD
 
 
 class MemoryTier(Tier):
@@ -50,6 +62,7 @@ class MemoryTier(Tier):
 
     @property
     def used_bytes(self) -> int:
+        """What the entries take, as the bound counts it (with :data:`ENTRY_OVERHEAD`)."""
         return self._bytes
 
     def __len__(self) -> int:
@@ -72,7 +85,7 @@ class MemoryTier(Tier):
         item = self._data.pop(key, None)
         if item is None:
             return False
-        self._bytes -= len(key) + len(item[0])
+        self._bytes -= _entry_size(key, item[0])
         return True
 
     def _purge_expired(self, now: float) -> None:
@@ -80,16 +93,16 @@ class MemoryTier(Tier):
             self._remove(key)
 
     def _store(self, key: str, value: bytes, ttl: float, now: float) -> None:
-        size = len(key) + len(value)
+        size = _entry_size(key, value)
         if size > self.max_bytes:
             # Refused before anything is evicted: no amount of room would fit it, and
             # evicting first emptied the whole store for a write refused anyway.
             raise self._full("the value is larger than the memory tier", size)
         old = self._data.get(key)
-        freed = len(key) + len(old[0]) if old is not None else 0
+        freed = _entry_size(key, old[0]) if old is not None else 0
         if self._bytes - freed + size > self.max_bytes:
             self._purge_expired(now)
-            freed = len(key) + len(self._data[key][0]) if key in self._data else 0
+            freed = _entry_size(key, self._data[key][0]) if key in self._data else 0
         if self._bytes - freed + size > self.max_bytes and self.evict:
             self._remove(key)
             while self._data and self._bytes + size > self.max_bytes:
@@ -162,4 +175,4 @@ class MemoryTier(Tier):
             self._bytes = 0
 
 
-__all__ = ["MemoryTier"]
+__all__ = ["ENTRY_OVERHEAD", "MemoryTier"]
