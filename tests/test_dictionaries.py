@@ -138,7 +138,7 @@ def test_trainer_makes_an_app_dictionary_from_transcripts(tmp_path: Path) -> Non
                 for i in range(8)
             ]
             fh.write(json.dumps({"turns": turns}) + "\n")
-    out = tmp_path / "app.zdict"
+    out = tmp_path / "instance" / "app.zdict"  # as the docs give it: instance/ not made yet
     trainer = str(ROOT / "tools" / "train_dictionary.py")
     args = ["--corpus", str(corpus), "--dict-id", "209", "--size", "8192", "--out", str(out)]
     result = subprocess.run(

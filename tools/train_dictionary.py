@@ -301,6 +301,7 @@ def train_app_dictionary(corpus: Path, out: Path, dict_id: int, size: int) -> in
     except zstandard.ZstdError as exc:
         print(f"training failed ({exc}): more or longer conversations are needed")
         return 2
+    out.parent.mkdir(parents=True, exist_ok=True)  # instance/ need not exist yet
     out.write_bytes(dictionary.as_bytes())
     print(f"trained on {len(fit)} conversations ({len(samples)} samples); wrote {out}")
     print(f"mean compressed payload on {len(held)} held-back conversations:")
