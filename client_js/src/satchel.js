@@ -1305,9 +1305,12 @@ export class SatchelClient extends EventTarget {
       // BUSY_WAIT_MAX_S in all (a budget of its own, not the one retry below).
       const wait = parseRetryAfter(err.response);
       const waited = state.busyWaited || 0;
-      if (!replayable || wait == null || waited + wait > BUSY_WAIT_MAX_S) return false;
+      // Each resend counts at least a second against the budget: a Retry-After of 0
+      // (valid HTTP, from a proxy or another backend) made an endless loop.
+      const cost = wait == null ? 0 : Math.max(wait, 1);
+      if (!replayable || wait == null || waited + cost > BUSY_WAIT_MAX_S) return false;
       await abortableDelay(wait * 1000, state.signal);
-      state.busyWaited = waited + wait;
+      state.busyWaited = waited + cost;
       state.fresh = false;
       return true;
     }
@@ -1630,11 +1633,13 @@ export class SatchelClient extends EventTarget {
   async _onBroadcast(msg) {
     if (this._closed || !msg || msg.v !== 1 || msg.conversation !== this._conversation) return;
     const stored = parseRecord(await this._storage.get(this._key));
-    // localStorage is shared: the sender already wrote (or removed) it, and if this
-    // tab's copy does not show that yet, it is lagging. Writing from here, outside
-    // the lock, could overwrite a newer token that reached the store meanwhile, so
-    // only the cached view moves. Per-tab storage (memory, custom) takes a copy.
-    const shared = this._storage.kind === 'local';
+    // Shared storage (localStorage, a custom adapter): the sender already wrote (or
+    // removed) it, and if this tab's copy does not show that yet, it is lagging.
+    // Writing from here, outside the lock, could overwrite a newer token that reached
+    // the store meanwhile (a tab whose messages queued up while it was busy wrote a
+    // pre-reset token back over the new conversation), so only the cached view moves.
+    // Per-tab storage (sessionStorage, memory) takes a copy.
+    const shared = this._sharedStorage();
     if (msg.type === 'token') {
       const incoming = parseRecord(msg);
       if (!incoming) return;

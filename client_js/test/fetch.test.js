@@ -659,6 +659,20 @@ test('context_busy that lasts: waited out three times, one second each, then thr
   assert.ok(Date.now() - started >= 2900);
 });
 
+test('context_busy with Retry-After: 0 is resent at most three times, not forever', async () => {
+  // A wait of 0 never used up the 3 s budget: one fetch() sent 10,000 requests. (Busy
+  // for 50 calls, not forever, so that a regression fails here instead of hanging.)
+  const always = fakeFetch((call, i) =>
+    i < 50
+      ? errorReply(409, 'context_busy', 'busy', { headers: { 'Retry-After': '0' } })
+      : reply({ satchel: { token: 'A2', seq: 2, session: 'A' } }),
+  );
+  const client = testClient({ fetch: always });
+  const err = await client.fetch('/chat', { method: 'POST', body: 'm' }).catch((e) => e);
+  assert.equal(err.code, 'context_busy');
+  assert.equal(always.calls.length, 4); // the first and three resends
+});
+
 test('token_wrong_user keeps the token: signing in again opens it', async () => {
   // Dropping it (as any other token_* error) replaced a user's conversation with a
   // fresh one the moment their login lapsed.

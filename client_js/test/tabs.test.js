@@ -307,6 +307,46 @@ test('a late broadcast never rolls shared localStorage back', async () => {
   assert.equal(JSON.parse(storage.backing.get('satchel:late')).token, 'B2');
 });
 
+test('a late broadcast never writes a custom (shared) store: a reset is not undone', async () => {
+  // Tab B's messages queue while it is busy; A meanwhile stores t1, resets, and stores
+  // t2 of a new session. B used to copy t1 (a change of session looks newer) into the
+  // shared store from outside the lock, and A's next request sent it.
+  const db = new Map();
+  const kv = {
+    get: async (k) => (db.has(k) ? db.get(k) : null),
+    set: async (k, v) => void db.set(k, v),
+    remove: async (k) => void db.delete(k),
+    keys: async () => [...db.keys()],
+  };
+  const queued = [];
+  let deliverToB = null;
+  class ChannelA {
+    addEventListener() {}
+    postMessage(data) {
+      queued.push(structuredClone(data));
+    }
+    close() {}
+  }
+  class ChannelB {
+    addEventListener(type, fn) {
+      deliverToB = fn;
+    }
+    postMessage() {}
+    close() {}
+  }
+  const locks = fakeLocks();
+  const a = testClient({ storage: kv, locks, broadcast: ChannelA, conversation: 'kv' });
+  const b = testClient({ storage: kv, locks, broadcast: ChannelB, conversation: 'kv' });
+  await a.importToken('t1', { seq: 1, session: 'S1' });
+  await a.reset();
+  await a.importToken('t2', { seq: 1, session: 'S2' });
+  assert.ok(queued.length >= 2, 'A announced its writes');
+  for (const data of queued.splice(0)) deliverToB({ data });
+  await flush();
+  await flush();
+  assert.equal(JSON.parse(db.get('satchel:kv')).token, 't2', 'the shared store keeps the newest');
+});
+
 /** 'done' if `p` settles within the current task (fake requests need no timer), else 'waiting'. */
 const doneBeforeNextTask = (p) => Promise.race([p.then(() => 'done'), flush().then(() => 'waiting')]);
 
