@@ -17,8 +17,10 @@ from flask import Flask, has_request_context, request
 
 from satchel import Keyring, Satchel
 from satchel.consistency import ForkDetector, decode_mark, encode_mark, newest_key
+from satchel.errors import TierUnavailable
 from satchel.schema import from_wire
 from satchel.serialize import unpack
+from satchel.tiers import MemoryTier
 
 KEYS = Keyring.generate("k1").to_string()
 
@@ -844,28 +846,70 @@ def test_a_bound_methods_route_level_and_a_signed_out_cookie(tmp_path: Path) -> 
     assert len(exposed) == len(set(exposed))  # listed once, not once per hook
 
 
+class MarkRefusingTier(MemoryTier):
+    """Refuses, once told to, the writes of monotonic marks (and of claims too)."""
+
+    refuse = False
+
+    refuse_claims = False
+
+    def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
+        if self.refuse and (self.refuse_claims or key.endswith(":hwm")):
+            raise TierUnavailable("writes refused for the test")
+        return super().compare_and_set_mark(key, expected, new, ttl)
+
+    def compare_and_set_mark_with(self, key, expected, new, ttl, companion):  # type: ignore[no-untyped-def]
+        if self.refuse and key.endswith(":hwm"):  # the mark, with the newest token
+            raise TierUnavailable("writes refused for the test")
+        return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
+
+
+@pytest.mark.parametrize("protocol", ["satchel", "ai-sdk"])
+def test_a_stream_whose_mark_the_tier_refused_after_its_token_went_out_says_so(
+    protocol: str,
+) -> None:
+    """Under fail_open a stream moves its mark once the final event is out; when the
+    tier refuses that write, the reply was served unchecked. It was flagged nowhere the
+    client could see (the event had gone) and not counted as a degraded response. Now a
+    second final event, with the same token, carries the flag."""
+    from satchel.metrics import PrometheusObserver
+
+    tier, metrics = MarkRefusingTier(), PrometheusObserver()
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_TIER_DOWN_POLICY="fail_open")
+    satchel = Satchel(app, tier=tier, observer=metrics)
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+        return satchel.stream(
+            iter(["ok"]), on_complete=lambda t: ctx.add_turn("assistant", t), protocol=protocol
+        )
+
+    def finals(body: str) -> list[dict[str, Any]]:
+        if protocol == "satchel":
+            return [
+                json.loads(x.split("\n", 1)[0]) for x in body.split("event: satchel\ndata: ")[1:]
+            ]
+        parts = [json.loads(x.split("\n", 1)[0]) for x in body.split("data: ")[1:] if x[0] == "{"]
+        return [p["data"] for p in parts if p["type"] == "data-satchel"]
+
+    client = app.test_client()
+    first = finals(client.post("/stream").get_data(as_text=True))
+    assert len(first) == 1 and first[0]["degraded"] == []
+    tier.refuse = True  # the claim is taken; the mark's write after the final event fails
+    body = client.post("/stream", headers={"Satchel-Context": first[0]["token"]})
+    sent = finals(body.get_data(as_text=True))
+    assert [m["degraded"] for m in sent] == [[], ["consistency_unchecked"]]
+    assert sent[0]["token"] == sent[1]["token"]
+    assert metrics.registry.get_sample_value("satchel_degraded_responses_total") == 1
+
+
 def test_a_fail_closed_stream_sends_no_token_it_could_not_check(tmp_path: Path) -> None:
     """Under fail_closed a streamed reply moves the mark before its final event: when
     the tier refuses that write, the stream ends in an error and carries no token (a
     token whose mark never moved would leave the spend open to a replay)."""
-    from satchel.errors import TierUnavailable
-    from satchel.tiers import MemoryTier
-
-    class MarkRefusingTier(MemoryTier):
-        refuse = False
-
-        refuse_claims = False
-
-        def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
-            if self.refuse and (self.refuse_claims or key.endswith(":hwm")):
-                raise TierUnavailable("writes refused for the test")
-            return super().compare_and_set_mark(key, expected, new, ttl)
-
-        def compare_and_set_mark_with(self, key, expected, new, ttl, companion):  # type: ignore[no-untyped-def]
-            if self.refuse and key.endswith(":hwm"):  # the mark, with the newest token
-                raise TierUnavailable("writes refused for the test")
-            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
-
     tier = MarkRefusingTier()
     app = Flask(__name__)
     app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_TIER_DOWN_POLICY="fail_closed")

@@ -65,6 +65,26 @@ test('stream(): degraded / reset / fork from the final SSE event become events',
   assert.equal(byName.token.token, 'tok8');
 });
 
+test('stream(): a second satchel event (the same token, a late flag) supersedes the first', async () => {
+  // The server sends it when moving the monotonic mark after the final event failed.
+  const late = { ...FINAL, degraded: ['consistency_unchecked'] };
+  const body = sse([
+    { event: 'delta', data: { text: 'ok' } },
+    { event: 'satchel', data: FINAL },
+    { event: 'satchel', data: late },
+    { event: 'done', data: {} },
+  ]);
+  const fetch = fakeFetch(() => sseReply(body));
+  const client = testClient({ fetch });
+  const events = record(client, ['degraded', 'fork']);
+  const s = client.stream('/s', {});
+  for await (const _ of s) void _;
+  const result = await s.result;
+  assert.equal(result.token, 'tok8');
+  assert.deepEqual(result.degraded, ['consistency_unchecked']);
+  assert.deepEqual(events.map((e) => [e.name, e.detail.reasons]), [['degraded', ['consistency_unchecked']]]);
+});
+
 test('stream(): degraded header on the streaming response is reported too', async () => {
   const fetch = fakeFetch(() => sseReply(chatStream(), { headers: { 'Satchel-Degraded': 'segment_missing' } }));
   const client = testClient({ fetch });

@@ -902,9 +902,14 @@ class Satchel:
                 "timing": headers["Server-Timing"],
             }
 
-        def settle_mark() -> None:
-            if not defer_mark:
-                return
+        def settle_mark() -> list[str] | None:
+            """Move a deferred mark. The response's degraded reasons when that added
+            one (the tier failed the write under fail_open: ``consistency_unchecked``),
+            for a second final event; else None."""
+            ctx = rs.context
+            if not defer_mark or ctx is None:
+                return None
+            before = len(ctx.degraded)
             try:
                 self._move_mark(rs)
             except SatchelError as exc:
@@ -912,6 +917,11 @@ class Satchel:
                 # did not move, that token is still accepted by the id it was checked
                 # against (Context.mark_parent); a lost race was reported by the guard.
                 log.info("satchel stream: the monotonic mark was not moved (%s)", exc.code)
+            if len(ctx.degraded) == before:
+                return None
+            if before == 0:  # finish() counted responses already degraded when sealed
+                self.observer.event("degraded_response")
+            return list(dict.fromkeys(ctx.degraded))
 
         def events() -> Iterator[str]:
             try:
@@ -954,15 +964,23 @@ class Satchel:
                 else:
                     yield sse("error", {"code": "stream_failed", "message": "the reply failed"})
                 return
+            # The mark moves once the token is written out (the client has it). If that
+            # flags the response, the final event is sent again with the flag: the
+            # second supersedes the first (same token), so the client is told.
             if ai_sdk:
                 yield ai_chunk({"type": "text-end", "id": "t0"})
                 yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
-                settle_mark()
+                late = settle_mark()
+                if late is not None:
+                    metadata = {**metadata, "degraded": late}
+                    yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
                 yield ai_chunk({"type": "finish"})
                 yield "data: [DONE]\n\n"
             else:
                 yield sse("satchel", metadata)
-                settle_mark()  # the server wrote the token out: the client has it
+                late = settle_mark()
+                if late is not None:
+                    yield sse("satchel", {**metadata, "degraded": late})
                 yield sse("done", {})
 
         response = Response(stream_with_context(events()), mimetype="text/event-stream")
