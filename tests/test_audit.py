@@ -385,3 +385,70 @@ client.post("/chat", headers={{"Satchel-Context": token}})  # a fork: fork_detec
     )
     assert "generated a development key" in done.stderr
     assert "fork_detected" not in done.stderr
+
+
+def test_degraded_paths_are_warnings_one_record_per_reason_per_throttle_window() -> None:
+    """At the usual WARNING level a lost conversation or a corrupt segment left no log
+    line (degraded events were INFO); logged for every request of an outage, they would
+    bury the rest of the log. One record per reason per window, with a count."""
+    logger = logging.getLogger("satchel.audit.throttle-test")
+    logger.propagate = False
+    seen: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger.addHandler(Capture())
+    logger.setLevel(logging.WARNING)
+    now = [100.0]
+    obs = AuditObserver(logger, throttle=10, clock=lambda: now[0])
+    for t in (100.0, 101.0, 109.0):
+        now[0] = t
+        obs.event("degraded", session="ab" * 8, reason="segment_missing", turns=4)
+    obs.event("degraded", reason="segment_corrupt")  # another reason: its own window
+    obs.event("unavailable", reason="tier_unavailable", mode="server")
+    obs.event("refused", reason="session_not_found", mode="server")  # the store lost it
+    obs.event("refused", reason="token_bad_signature")  # bad input: INFO, not shown here
+    now[0] = 110.0
+    obs.event("degraded", reason="segment_missing")
+    shown = [(r.getMessage(), r.satchel.get("reason"), r.satchel.get("suppressed")) for r in seen]  # type: ignore[attr-defined]
+    assert shown == [
+        ("degraded", "segment_missing", None),
+        ("degraded", "segment_corrupt", None),
+        ("unavailable", "tier_unavailable", None),
+        ("refused", "session_not_found", None),
+        ("degraded", "segment_missing", 2),  # the two left out since
+    ]
+    assert all(r.levelno == logging.WARNING for r in seen)
+    seen.clear()
+    every = AuditObserver(logger, throttle=0)
+    for _ in range(3):
+        every.event("degraded", reason="tier_unavailable")
+    assert len(seen) == 3
+    with pytest.raises(ValueError):
+        AuditObserver(logger, throttle=-1)
+
+
+def test_a_lost_segment_is_logged_at_warning_through_the_app(log_stream: io.StringIO) -> None:
+    tier = MemoryTier()
+    app, _ext = make_app(tier=tier, SATCHEL_MAX_TOKEN_BYTES=700, SATCHEL_MAX_TURNS=None)
+    logging.getLogger("satchel").setLevel(logging.WARNING)
+    client = app.test_client()
+    token = None
+    for _ in range(6):
+        headers = {"Satchel-Context": token} if token else {}
+        token = client.post("/chat", json={"message": words()}, headers=headers).headers[
+            "Satchel-Context"
+        ]
+    tier.clear()  # the store restarted empty: the spilled turns are gone
+    # Another worker (this one's segment cache still holds them).
+    other, _ = make_app(tier=tier, SATCHEL_MAX_TOKEN_BYTES=700, SATCHEL_MAX_TURNS=None)
+    resp = other.test_client().post(
+        "/chat", json={"message": "x"}, headers={"Satchel-Context": token}
+    )
+    assert resp.status_code == 200 and "segment_missing" in resp.get_json()["degraded"]
+    warned = [
+        e for e in audit_events(log_stream) if e["event"] == "degraded" and e["level"] == "WARNING"
+    ]
+    assert [e["reason"] for e in warned] == ["segment_missing"]

@@ -27,7 +27,9 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -60,6 +62,7 @@ ALLOWED_FIELDS = frozenset(
         "seconds",
         "detail",
         "recovered",  # a stale refusal handed the newest token back
+        "suppressed",  # like records left out since the last one (THROTTLED_EVENTS)
     }
 )
 
@@ -70,8 +73,18 @@ METRIC_ONLY_EVENTS = frozenset({"degraded_response"})
 WARNING_EVENTS = frozenset(
     {"data_loss", "fork_detected", "stale_refused", "breaker_opened", "seal_failed", "mark_lost"}
 )
+#: Degraded paths, logged at WARNING at least but at most one record per reason (and
+#: detail: the cause underneath) every ``throttle`` seconds, carrying ``suppressed``:
+#: how many like it were left out. While a tier is down every request degrades; one
+#: line each would bury the rest of the log, and none at the usual WARNING level hid a
+#: lost conversation or a corrupt segment. The metrics count every one either way.
+THROTTLED_EVENTS = frozenset({"degraded", "unavailable"})
+#: ``refused`` reasons that are degraded paths, not bad input: the stored conversation
+#: is gone (evicted, expired, the store restarted) and it starts over.
+THROTTLED_REFUSALS = frozenset({"session_not_found"})
 
 MAX_STRING = 160
+_MAX_THROTTLED_KEYS = 256
 _SESSION_TAG_RE = re.compile(r"^[0-9a-f]{8,24}$")
 _TOKEN_PREFIXES = tuple(KNOWN_PREFIXES)
 
@@ -109,8 +122,10 @@ class AuditObserver(Observer):
     ``level``: the level of routine events (``data_loss``, ``fork_detected``,
     ``stale_refused``, ``breaker_opened``, ``seal_failed`` and ``mark_lost`` are
     logged at WARNING at least: :data:`WARNING_EVENTS`);
-    ``events``: only log these event names (default: all). Timings and token sizes
-    are metrics, not audit events, and are not logged. Never raises.
+    ``events``: only log these event names (default: all); ``throttle``: seconds
+    between two records of one degraded reason (:data:`THROTTLED_EVENTS`, logged at
+    WARNING at least; 0 logs every one). Timings and token sizes are metrics, not
+    audit events, and are not logged. Never raises.
     """
 
     def __init__(
@@ -119,10 +134,19 @@ class AuditObserver(Observer):
         *,
         level: int = logging.INFO,
         events: Iterable[str] | None = None,
+        throttle: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not throttle >= 0:
+            raise ValueError("throttle must be 0 or more seconds")
         self.logger = logger if logger is not None else logging.getLogger(AUDIT_LOGGER)
         self.level = level
         self.events = frozenset(events) if events is not None else None
+        self.throttle = throttle
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: (event, reason, detail) -> [when last logged, records left out since]
+        self._throttled: dict[tuple[str, str, str], list[float]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -135,17 +159,39 @@ class AuditObserver(Observer):
                 return
             if name in METRIC_ONLY_EVENTS:
                 return
-            level = max(self.level, logging.WARNING) if name in WARNING_EVENTS else self.level
+            throttled = name in THROTTLED_EVENTS or (
+                name == "refused" and fields.get("reason") in THROTTLED_REFUSALS
+            )
+            warn = throttled or name in WARNING_EVENTS
+            level = max(self.level, logging.WARNING) if warn else self.level
             if not self.logger.isEnabledFor(level):
                 return
-            self.logger.log(
-                level,
-                "%s",
-                name,
-                extra={"satchel_event": name, "satchel": safe_fields(fields)},
-            )
+            record = safe_fields(fields)
+            if throttled and self.throttle:
+                # By cause too: the breaker opening under an outage is news.
+                cause = (name, str(fields.get("reason")), str(fields.get("detail")))
+                suppressed = self._suppressed_before(cause)
+                if suppressed is None:
+                    return
+                if suppressed:
+                    record["suppressed"] = suppressed
+            self.logger.log(level, "%s", name, extra={"satchel_event": name, "satchel": record})
         except Exception:  # noqa: S110 - an audit hook must never break a request
             pass
+
+    def _suppressed_before(self, cause: tuple[str, str, str]) -> int | None:
+        """None to leave this record out; else how many like it were left out since
+        the last one logged (which this one then reports)."""
+        now = self._clock()
+        with self._lock:
+            seen = self._throttled.get(cause)
+            if seen is not None and now - seen[0] < self.throttle:
+                seen[1] += 1
+                return None
+            if len(self._throttled) >= _MAX_THROTTLED_KEYS:
+                self._throttled.clear()  # reasons are codes: a handful, unless misused
+            self._throttled[cause] = [now, 0]
+            return int(seen[1]) if seen is not None else 0
 
 
 class JsonLinesFormatter(logging.Formatter):
