@@ -207,8 +207,9 @@ def test_observer_drops_everything_outside_the_allow_list(log_stream: io.StringI
         assert leaked not in text
 
 
-def test_record_shape_for_plain_handlers_and_level_filtering() -> None:
-    logger = logging.getLogger("satchel.audit.shape-test")
+def captured(name: str, level: int) -> tuple[logging.Logger, list[logging.LogRecord]]:
+    """A logger of its own at ``level``, and the records it has handled."""
+    logger = logging.getLogger(name)
     logger.propagate = False
     seen: list[logging.LogRecord] = []
 
@@ -217,7 +218,12 @@ def test_record_shape_for_plain_handlers_and_level_filtering() -> None:
             seen.append(record)
 
     logger.addHandler(Capture())
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
+    return logger, seen
+
+
+def test_record_shape_for_plain_handlers_and_level_filtering() -> None:
+    logger, seen = captured("satchel.audit.shape-test", logging.INFO)
     AuditObserver(logger, level=logging.DEBUG).event("opened", seq=1)  # below the logger level
     obs = AuditObserver(logger, events={"refused"})
     obs.event("issued", seq=1)  # not selected
@@ -391,16 +397,7 @@ def test_degraded_paths_are_warnings_one_record_per_reason_per_throttle_window()
     """At the usual WARNING level a lost conversation or a corrupt segment left no log
     line (degraded events were INFO); logged for every request of an outage, they would
     bury the rest of the log. One record per reason per window, with a count."""
-    logger = logging.getLogger("satchel.audit.throttle-test")
-    logger.propagate = False
-    seen: list[logging.LogRecord] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record)
-
-    logger.addHandler(Capture())
-    logger.setLevel(logging.WARNING)
+    logger, seen = captured("satchel.audit.throttle-test", logging.WARNING)
     now = [100.0]
     obs = AuditObserver(logger, throttle=10, clock=lambda: now[0])
     for t in (100.0, 101.0, 109.0):
