@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,24 @@ def test_compare_quick_writes_the_report_within_two_minutes(tmp_path: Path) -> N
     cost = data["codec_cost"]
     assert cost["turns"] >= 20, cost
     assert 0 < cost["floor_us"] < cost["satchel_us"] * 3, cost
+
+
+def test_the_timed_phase_starts_a_conversation_over_at_restart_at(
+    live_server_factory: Any,
+) -> None:
+    """The outage phase keeps client-mode conversations under the window however fast
+    the machine: on a fast host a quick run grew them to 428 turns, past the 400-turn
+    window, and they spilled to Redis (the report then said the under-budget sessions
+    wrote keys)."""
+    from satchel.bench._load import Driver
+
+    server = live_server_factory(
+        "examples.minimal_chat.app:create_app",
+        env={"SATCHEL_KEYS": "bench:" + "A" * 43, "SATCHEL_OVERFLOW_URL": ""},
+    )
+    driver = Driver(server.port)
+    driver.build("fault", count=2, turns=4, threads=1, deadline=30)
+    result = driver.timed("fault", duration=1.0, threads=1, bucket=0.25, restart_at=8)
+    # Enough requests that, without starting over, each would hold 14 turns or more.
+    assert result["requests"] >= 10 and result["errors"] == 0
+    assert all(c.turns <= 8 for c in driver.groups["fault"])

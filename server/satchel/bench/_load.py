@@ -19,10 +19,11 @@ Commands (``group`` names a set of conversations kept in this process):
 ``{"cmd": "summary", "group": g}``
     the same figures over every sample ``measure`` took for ``g`` so far (the harness
     measures slices of several modes in turn, so background noise hits all alike).
-``{"cmd": "timed", "group": g, "duration": d, "threads": k, "bucket": 0.25}``
+``{"cmd": "timed", "group": g, "duration": d, "threads": k, "bucket": 0.25, "restart_at": n}``
     like ``measure`` but for ``d`` seconds, with a per-bucket timeline (requests,
     errors, latency) against ``time.monotonic()`` (system-wide on Linux, so the
-    harness can line its own events up with it).
+    harness can line its own events up with it). ``restart_at`` (optional): a
+    conversation holding that many turns starts over, with no token.
 ``{"cmd": "quit"}``
 
 Each conversation is a thread's own: one ``http.client`` connection per thread, kept
@@ -335,7 +336,20 @@ class Driver:
         samples, elapsed = self.taken.get(group, ([], 0.0))
         return {"group": group, **summarize(samples, elapsed)}
 
-    def timed(self, group: str, duration: float, threads: int, bucket: float) -> dict:
+    def timed(
+        self,
+        group: str,
+        duration: float,
+        threads: int,
+        bucket: float,
+        restart_at: int | None = None,
+    ) -> dict:
+        """Send to ``group``'s conversations in turn for ``duration`` seconds.
+
+        ``restart_at``: a conversation that holds this many turns starts over (a new
+        one, no token), so however fast the machine, none outgrows the app's window or
+        budget during the phase.
+        """
         shares = self._shares(self.groups[group], threads)
         t0 = time.monotonic()
 
@@ -345,6 +359,8 @@ class Driver:
                 for conv in mine:
                     if expired():
                         return out
+                    if restart_at is not None and conv.turns >= restart_at:
+                        conv.token, conv.turns = None, 0
                     out.append(chat(conn, conv))
             return out
 
@@ -455,8 +471,13 @@ def handle(driver: Driver, cmd: dict[str, Any]) -> dict[str, Any]:
     if name == "tokens":
         return driver.tokens(cmd["group"], int(cmd.get("limit", 10)))
     if name == "timed":
+        restart_at = cmd.get("restart_at")
         return driver.timed(
-            cmd["group"], float(cmd["duration"]), threads, float(cmd.get("bucket", 0.25))
+            cmd["group"],
+            float(cmd["duration"]),
+            threads,
+            float(cmd.get("bucket", 0.25)),
+            int(restart_at) if restart_at is not None else None,
         )
     raise ValueError(f"unknown command {name!r}")
 
