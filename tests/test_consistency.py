@@ -118,6 +118,35 @@ def test_client_level_reports_fork_and_lets_last_writer_win(tmp_path: Path) -> N
     assert b.headers["Satchel-Seq"] == a.headers["Satchel-Seq"]
 
 
+def test_a_read_with_an_old_token_says_fork_but_counts_one_only_when_a_token_is_issued(
+    tmp_path: Path,
+) -> None:
+    """A read-only route (discard()) issues no token: no branch is made. It says the
+    token is behind (Satchel-Fork), but counted a fork, and logged a WARNING, on every
+    load of a stale tab."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, satchel = make_app(tmp_path, metrics)
+
+    @app.get("/context")
+    def context() -> Any:
+        satchel.discard()
+        return {"turns": len(satchel.context.turns)}
+
+    client = app.test_client()
+    old = post(client, "/chat", None).headers["Satchel-Context"]
+    post(client, "/chat", old)
+    for _ in range(3):
+        read = client.get("/context", headers={"Satchel-Context": old})
+        assert read.status_code == 200 and read.headers["Satchel-Fork"] == "behind=1"
+        assert "Satchel-Context" not in read.headers
+    forks = "satchel_forks_total"
+    assert metrics.registry.get_sample_value(forks) in (None, 0.0)
+    assert post(client, "/chat", old).headers["Satchel-Fork"] == "behind=1"  # a branch
+    assert metrics.registry.get_sample_value(forks) == 1
+
+
 def test_fork_detector_sibling_and_behind() -> None:
     from satchel import Context
 

@@ -494,15 +494,13 @@ class Satchel:
                     ctx, tag, fresh=not token, reading=request.method in _READS
                 )
             # After the mark's check: a replay it refuses (409) is not also a fork,
-            # which counts branches that were served.
+            # which counts branches that were served. The header says so now; the
+            # count waits for a token made from it (finish, or _move_mark under a
+            # mark: the loser of a race passes the mark's check too, and is refused
+            # when it saves). A read that issues none (discard(), a failed request)
+            # makes no branch: a stale tab reloading counted one on every load.
             if token:
-                fork = app_state.forks.check(ctx)
-                if fork:
-                    rs.fork = fork
-                    if rs.mark is None:
-                        self.observer.event("fork_detected", session=tag, detail=fork)
-                    # else reported once the mark moves (_move_mark): the loser of a
-                    # race passes the mark's check too, and is refused when it saves.
+                rs.fork = app_state.forks.check(ctx)
         return ctx
 
     def _check_binding(self, ctx: Context, config: SatchelConfig, pipeline: Pipeline) -> None:
@@ -730,6 +728,11 @@ class Satchel:
             result = pipeline.reseal(ctx)
         if app_state.config.mode == "client":
             app_state.forks.record(ctx, rs.opened_digest)
+        if rs.fork and rs.mark is None:  # a branch was made: this token (with a mark,
+            # _move_mark reports it once the mark has moved)
+            self.observer.event(
+                "fork_detected", session=pipeline.session_tag(ctx.session_id), detail=rs.fork
+            )
         headers = {
             # SATCHEL_HEADER names the token's header both ways: clients send back
             # what they were given.
