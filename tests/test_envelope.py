@@ -92,6 +92,12 @@ def test_unknown_prefix_versions_are_unsupported_not_malformed() -> None:
     for prefix in ("x1.", "S1.", "s.", ".", "s1x.", "s\u0661.", "s\u00b2."):
         with pytest.raises(MalformedToken):
             parse(prefix + good[3:])
+    # A version is at most 4 digits: a 5,000-digit one came back in the message.
+    with pytest.raises(UnsupportedVersion):
+        parse("s9999." + good[3:])
+    with pytest.raises(MalformedToken) as malformed:
+        parse("s" + "7" * 5000 + "." + good[3:])
+    assert "7777" not in malformed.value.message
 
 
 def test_version_byte_must_match_prefix() -> None:

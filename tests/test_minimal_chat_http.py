@@ -368,35 +368,41 @@ def test_a_damaged_sqlite_tier_file_degrades_gunicorn_workers_instead_of_stoppin
         wait_until(spills_cleanly, timeout=15, message="a spill to the new file")
 
 
-@pytest.mark.parametrize(
-    "chunked",
-    [
-        b"zz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hex
-        b"3\r\nabcXX",  # a chunk without its CRLF
-        b"10;\x01\r\n",  # a bad chunk extension
-    ],
+MALFORMED_CHUNKED = (
+    b"zz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hex
+    b"3\r\nabcXX",  # a chunk without its CRLF
+    b"10;\x01\r\n",  # a bad chunk extension
 )
-def test_a_malformed_chunked_body_is_a_json_400_behind_gunicorn(chunked: bytes) -> None:
+
+
+def test_a_malformed_chunked_body_is_a_json_400_behind_gunicorn() -> None:
     """gunicorn raises its own exceptions (InvalidChunkSize...) while the app reads such
-    a body; they escaped json_body() as a 500 with a traceback in the log."""
+    a body; they escaped json_body() as a 500 with a traceback in the log: with a JSON
+    Content-Type first, then with any other (read by the chunked body's size check)."""
     import socket
 
     env = {"SATCHEL_KEYS": RING.to_string()}
     with LiveServer(APP, server="gunicorn", env=env) as server:
-        with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(
-                b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked
-            )
-            sock.shutdown(socket.SHUT_WR)
-            raw = b""
-            while chunk := sock.recv(65536):
-                raw += chunk
-        head, _, body = raw.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        assert status == 400, raw
-        error = json.loads(body)["error"]
-        assert error["code"] == "invalid_request" and "could not be read" in error["message"]
+        for content_type in (b"application/json", b"text/plain", None):
+            for chunked in MALFORMED_CHUNKED:
+                typed = b"Content-Type: " + content_type + b"\r\n" if content_type else b""
+                with socket.create_connection((server.host, server.port), timeout=10) as sock:
+                    sock.sendall(
+                        b"POST /api/chat HTTP/1.1\r\nHost: x\r\n"
+                        + typed
+                        + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                        + chunked
+                    )
+                    sock.shutdown(socket.SHUT_WR)
+                    raw = b""
+                    while chunk := sock.recv(65536):
+                        raw += chunk
+                head, _, body = raw.partition(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                assert status == 400, (content_type, chunked, raw)
+                error = json.loads(body)["error"]
+                assert error["code"] == "invalid_request", (content_type, chunked, raw)
+                assert "could not be read" in error["message"]
         assert "Traceback" not in server.logs()
 
 

@@ -168,7 +168,10 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
     if not dot:
         raise MalformedToken("token has no format prefix")
     if prefix + "." not in KNOWN_PREFIXES:
-        if prefix[:1] == "s" and prefix[1:].isascii() and prefix[1:].isdigit():
+        # At most 4 digits: the prefix goes into the error's message, which must not
+        # echo kilobytes of what the client sent.
+        digits = prefix[1:]
+        if prefix[:1] == "s" and len(digits) <= 4 and digits.isascii() and digits.isdigit():
             raise UnsupportedVersion(
                 f"token format {prefix!r} is not supported by this release", format=prefix
             )

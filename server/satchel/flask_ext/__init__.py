@@ -1088,17 +1088,8 @@ def json_body() -> Any:
     ``RecursionError``, a 500. Here it is a JSON 400 ``invalid_request``. A chunked
     body past ``MAX_CONTENT_LENGTH`` is a 413, as one with a ``Content-Length`` is.
     """
-    try:
-        if request.is_json:  # get_json() reads nothing else
-            request.get_data(cache=True)
-    except HTTPException:
-        raise  # 413 past MAX_CONTENT_LENGTH, 400 for a client that went away
-    except Exception:
-        # gunicorn raises its own exceptions (InvalidChunkSize, NoMoreData...) for a
-        # malformed chunked body while the app reads it: a 500 unless caught here.
-        raise InvalidRequest(
-            "the request body could not be read (malformed chunked encoding?)"
-        ) from None
+    if request.is_json:  # get_json() reads nothing else
+        _body_bytes()
     try:
         body = request.get_json(silent=True)
     except RecursionError:
@@ -1107,9 +1098,24 @@ def json_body() -> Any:
     if body is None and request.content_length is None and limit is not None:
         # A chunked body is cut at MAX_CONTENT_LENGTH without a word, and the cut JSON
         # does not parse: say it was too large (413), as with a Content-Length.
-        if len(request.get_data(cache=True)) >= limit:
+        if len(_body_bytes()) >= limit:
             raise RequestEntityTooLarge()
     return body
+
+
+def _body_bytes() -> bytes:
+    """The request body, read once (cached); a body the server cannot read is a 400."""
+    try:
+        return request.get_data(cache=True)
+    except HTTPException:
+        raise  # 413 past MAX_CONTENT_LENGTH, 400 for a client that went away
+    except Exception:
+        # gunicorn raises its own exceptions (InvalidChunkSize, NoMoreData...) for a
+        # malformed chunked body while the app reads it: a 500 unless caught here,
+        # whatever the Content-Type (a text/plain one is read by the size check).
+        raise InvalidRequest(
+            "the request body could not be read (malformed chunked encoding?)"
+        ) from None
 
 
 def server_timing(timings: dict[str, float], total: float) -> str:
