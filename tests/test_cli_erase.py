@@ -295,3 +295,34 @@ def test_the_tombstone_outlives_the_session_lifetimes_the_environment_gives(
     assert redis.ttl(mark) >= 60 * 86400
     code, out, err = erase(session, SATCHEL_OVERFLOW_URL=redis_server.url, SATCHEL_MAX_AGE="soon")
     assert code == 2 and out is None and "SATCHEL_MAX_AGE" in err
+
+
+def test_erase_under_a_wrong_pinned_anchor_says_it_found_nothing(redis_server: Any) -> None:
+    """A pinned SATCHEL_ANCHOR_KID that is not the app's looks in the wrong place: it
+    reported success (exit 0, deleted_keys 0) and the token went on being served. It
+    still cannot tell (0 is normal for a session that never spilled), but says so."""
+    ring = Keyring.from_string(
+        ",".join([Keyring.generate("new").to_string(), Keyring.generate("old").to_string()])
+    )
+    app = create_app(
+        {
+            "SATCHEL_KEYS": ring.to_string(),
+            "SATCHEL_ANCHOR_KID": "old",
+            "SATCHEL_OVERFLOW_URL": redis_server.url,
+            "SATCHEL_MAX_TOKEN_BYTES": 900,
+            "TESTING": True,
+        }
+    )
+    client = app.test_client()
+    token = overflowed_token(client)
+    session = Codec(ring).open(token).session
+    common = {"SATCHEL_KEYS": ring.to_string(), "SATCHEL_OVERFLOW_URL": redis_server.url}
+
+    code, out, err = erase(session, **common, SATCHEL_ANCHOR_KID="new")
+    assert code == 0 and out["deleted_keys"] == 0 and out["anchor_kid"] == "new"
+    assert "nothing was stored" in err and "SATCHEL_ANCHOR_KID" in err
+    assert chat(client, token, "still here").status_code == 200  # nothing was erased
+
+    code, out, err = erase(session, **common, SATCHEL_ANCHOR_KID="old")
+    assert code == 0 and out["deleted_keys"] >= 1 and out["anchor_kid"] == "old"
+    assert "nothing was stored" not in err

@@ -247,6 +247,18 @@ def cmd_erase(args: argparse.Namespace) -> int:
         print(f"satchel erase: {exc.message}", file=sys.stderr)
         return 2
     _print(result)
+    if not result["deleted_keys"]:
+        # Normal for a session that never spilled (client mode, client level). But a
+        # wrong SATCHEL_ANCHOR_KID looks in the wrong place and finds nothing too, and
+        # the tombstone it writes is one the app never reads: say how to tell.
+        print(
+            f"satchel erase: nothing was stored under session tag {result['session']} "
+            f"(anchor key {result['anchor_kid']!r}). That is normal for a session that "
+            "never overflowed; if it did, check that SATCHEL_ANCHOR_KID is the app's: "
+            "the app names this session by the same tag (Satchel-Session header, the "
+            "audit log's 'session') only under its own anchor",
+            file=sys.stderr,
+        )
     return 0
 
 

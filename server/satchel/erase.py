@@ -201,7 +201,7 @@ def erase_session(
     finally:
         for tier in tiers:
             tier.close()
-    return {**erased, "deleted_keys": deleted}
+    return {**erased, "deleted_keys": deleted, "anchor_kid": codec.keyring.anchor.kid}
 
 
 def _is_in_process(url: str) -> bool:
