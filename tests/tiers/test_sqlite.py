@@ -122,11 +122,45 @@ def test_expiry_and_lazy_purge(tmp_path: Path) -> None:
     tier.put("short2", b"3", 5)
     assert rows(path) == 2  # expired, not yet purged
     clock.advance(6)
-    tier.put("x", b"4", 100)  # 4th write: the purge runs
-    assert rows(path) == 2  # "long" and "x"
+    tier.put("x", b"4", 100)  # 4th write: no purge yet
+    assert rows(path) == 3
+    tier.put("y", b"5", 100)  # 5th: the first write and every 4th after it purge
+    assert rows(path) == 3  # "long", "x" and "y"
     clock.advance(1000)
-    assert tier.purge_expired() == 2
+    assert tier.purge_expired() == 3
     assert tier.compare_and_set_mark("long", b"2", b"3", 5) == b""  # expired = absent
+
+
+def test_workers_recycled_before_purge_every_writes_still_purge(tmp_path: Path) -> None:
+    """gunicorn's --max-requests replaces each worker after a few requests: a count of
+    writes per process that only purged on its 256th write never purged at all, and
+    the file filled with expired rows."""
+    clock = FakeClock(start=1_000_000.0)
+    path = tmp_path / "recycled.db"
+    for worker in range(20):  # each worker: a new tier, 5 writes, then recycled
+        tier = SQLiteTier(path, clock=clock)
+        for i in range(5):
+            tier.put(f"w{worker}-{i}", b"v", 10)
+        tier.close()
+        clock.advance(60)  # everything written so far has expired
+    assert rows(path) == 5  # only the last worker's rows: each first write purged
+
+
+def test_a_forked_worker_purges_on_its_own_first_write(tmp_path: Path) -> None:
+    clock = FakeClock(start=1_000_000.0)
+    path = tmp_path / "forked.db"
+    tier = SQLiteTier(path, clock=clock)
+    tier.put("parent", b"v", 10)  # the parent's first write (and purge)
+    clock.advance(60)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            tier.put("child", b"v", 100)  # the child's first write: purges "parent"
+            os._exit(0 if rows(path) == 1 else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_thread_connections_are_separate(tmp_path: Path) -> None:
@@ -368,6 +402,25 @@ def test_a_capped_file_full_of_expired_rows_makes_room(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] in (-1, 256 * 1024)
     conn = tier._conn()
     assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 256 * 1024
+    tier.close()
+
+
+def test_max_bytes_keeps_the_wal_near_the_cap(tmp_path: Path) -> None:
+    """The WAL is not counted by max_page_count: with SQLite's default checkpoint
+    interval (1000 pages) it reached 4 MiB, sixteen times a 256 KiB cap."""
+    cap = 256 * 1024
+    path = tmp_path / "walcap.db"
+    tier = SQLiteTier(path, max_bytes=cap)
+    wal = Path(f"{path}-wal")
+    peak = 0
+    for i in range(3000):
+        try:
+            tier.put(f"k{i % 300}", os.urandom(700), 60)  # overwrites: the WAL churns
+        except TierFull:
+            pass
+        peak = max(peak, wal.stat().st_size)
+    assert peak <= cap, peak
+    assert path.stat().st_size <= cap
     tier.close()
 
 

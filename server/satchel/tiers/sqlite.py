@@ -7,13 +7,16 @@
   WAL lets readers run while one writer writes; ``busy_timeout`` makes a writer wait
   for the lock instead of failing at once.
 * Every row has an ``expires_at`` (Unix seconds, wall clock: the processes share it).
-  Reads ignore expired rows; every ``purge_every`` writes one indexed ``DELETE``
-  removes up to ``PURGE_BATCH`` of them (bounded: a backlog after a clock jump must not
-  hold the write lock for seconds inside one request), so the file does not grow
-  without bound.
-* ``max_bytes`` (optional) caps the database file through ``max_page_count``, and the
-  WAL through ``journal_size_limit``; a write past it first purges expired rows, and
-  fails with :class:`~satchel.errors.TierFull` only if the file is still full.
+  Reads ignore expired rows; the first write of each process and every
+  ``purge_every``-th after it run one indexed ``DELETE`` of up to ``PURGE_BATCH`` of
+  them (bounded: a backlog after a clock jump must not hold the write lock for seconds
+  inside one request), so the file does not grow without bound, even when gunicorn
+  recycles workers (``--max-requests``) before any one of them reaches
+  ``purge_every`` writes.
+* ``max_bytes`` (optional) caps the database file through ``max_page_count``, and
+  keeps the WAL near it (a checkpoint every quarter of the cap, ``journal_size_limit``
+  after it); a write past it first purges expired rows, and fails with
+  :class:`~satchel.errors.TierFull` only if the file is still full.
 * A file deleted or replaced while the app runs (an operator clearing a broken tier)
   is noticed on the next call: each thread's connection is bound to the file's inode,
   and a changed one reconnects (creating the file and table again), rather than going
@@ -137,7 +140,9 @@ class SQLiteTier(Tier):
         self._check_path()
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._writes = itertools.count(1)
+        #: (pid, writes made by this process): counted per process, so that a forked
+        #: worker starts from its own first write, which purges
+        self._writes: tuple[int, Iterator[int]] = (os.getpid(), itertools.count(0))
         #: (pid, thread, connection) of every connection open, to close them all in
         #: close(), and each one whose thread has ended: servers that start a thread
         #: per request (werkzeug's threaded dev server) would otherwise keep one
@@ -224,9 +229,14 @@ class SQLiteTier(Tier):
         conn.execute("PRAGMA synchronous = NORMAL")
         if self.max_bytes:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {max(16, self.max_bytes // page_size)}")
-            # The WAL is truncated back to this after a checkpoint (it keeps its
-            # high-water size otherwise).
+            cap_pages = max(16, self.max_bytes // page_size)
+            conn.execute(f"PRAGMA max_page_count = {cap_pages}")
+            # The WAL is not part of the page count: it grows until a checkpoint, by
+            # default after 1000 pages (4 MiB, sixteen times a 256 KiB cap). A
+            # checkpoint every quarter of the cap keeps it near the cap, unless a long
+            # read holds it back. After a checkpoint it is truncated back to the cap
+            # (it keeps its high-water size otherwise).
+            conn.execute(f"PRAGMA wal_autocheckpoint = {max(4, cap_pages // 4)}")
             conn.execute(f"PRAGMA journal_size_limit = {self.max_bytes}")
         # Every new connection checks (a read, no write lock): the file may be new.
         if (
@@ -333,12 +343,20 @@ class SQLiteTier(Tier):
             self._discard(conn)
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
-        """Every ``purge_every`` writes, delete up to :data:`PURGE_BATCH` expired rows.
+        """On a process's first write and every ``purge_every``-th after it, delete up
+        to :data:`PURGE_BATCH` expired rows.
 
-        After the write it follows has committed: a purge that fails (locked by
-        another writer) is skipped, not reported as a failed write.
+        The first write purges too: workers recycled after fewer than ``purge_every``
+        writes each (gunicorn's ``--max-requests``) would otherwise never purge, and the
+        file would fill with expired rows. After the write it follows has committed: a
+        purge that fails (locked by another writer) is skipped, not reported as a
+        failed write.
         """
-        if next(self._writes) % self.purge_every == 0:
+        pid, writes = self._writes
+        if pid != os.getpid():
+            writes = itertools.count(0)
+            self._writes = (os.getpid(), writes)
+        if next(writes) % self.purge_every == 0:
             self._purge_batch(conn, now)
 
     def _purge_batch(self, conn: sqlite3.Connection, now: float) -> int:
