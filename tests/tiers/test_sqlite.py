@@ -413,7 +413,7 @@ def test_max_bytes_keeps_the_wal_near_the_cap(tmp_path: Path) -> None:
     tier = SQLiteTier(path, max_bytes=cap)
     wal = Path(f"{path}-wal")
     peak = 0
-    for i in range(3000):
+    for i in range(1000):
         try:
             tier.put(f"k{i % 300}", os.urandom(700), 60)  # overwrites: the WAL churns
         except TierFull:
