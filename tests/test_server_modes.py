@@ -215,6 +215,20 @@ def test_a_tampered_carrier_is_refused(mode: str, request: pytest.FixtureRequest
     assert chat(client, "still fine", carrier).status_code == 200
 
 
+@pytest.mark.parametrize("mode", ["client", "memory"])
+def test_an_oversized_header_is_token_too_large_in_every_mode(mode: str) -> None:
+    client = make_app(mode).test_client()
+    carrier = converse(client, ["hello"])[0].headers[HEADER]
+    cap = 64 * 1024  # Limits.max_token_bytes's default
+    resp = chat(client, "again", carrier + "A" * cap)
+    assert resp.status_code == 413
+    assert resp.get_json()["error"]["code"] == "token_too_large"
+    # The configured cap, not the codec's (raised server-side to fit stored contexts).
+    small = make_app(mode, SATCHEL_TOKEN_LIMIT=8192).test_client()
+    carrier = converse(small, ["hello"])[0].headers[HEADER]
+    assert chat(small, "again", carrier + "A" * 9000).status_code == 413
+
+
 # ------------------------------------------------------------------------------ outages
 
 

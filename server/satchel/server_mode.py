@@ -41,8 +41,10 @@ from .errors import (
     TierError,
     TierFull,
     TierUnavailable,
+    TokenTooLarge,
 )
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
+from .limits import DEFAULT_LIMITS
 from .observe import NULL_OBSERVER, Observer
 from .pipeline import Clock, Pipeline, SaveResult
 from .tiers.guard import GuardedTier
@@ -60,9 +62,18 @@ class SessionCarriers:
     in place of a token, and the store key it names. Tools (``satchel inspect``) use
     it without a store; :class:`ServerSidePipeline` uses it for every request."""
 
-    def __init__(self, codec: Codec, prefix: str = "satchel") -> None:
+    def __init__(
+        self,
+        codec: Codec,
+        prefix: str = "satchel",
+        *,
+        max_carrier_bytes: int = DEFAULT_LIMITS.max_token_bytes,
+    ) -> None:
         self.codec = codec
         self.prefix = prefix
+        # The client-facing cap (a token's, SATCHEL_TOKEN_LIMIT): the codec's own is
+        # raised in server mode to fit the stored context, which never travels.
+        self.max_carrier_bytes = max_carrier_bytes
         keyring = codec.keyring
         # itsdangerous tries every key, newest last; subkeys keep purposes apart.
         secrets = [keyring.derive(k.kid, codec.purpose, "server-session-id") for k in keyring.keys]
@@ -76,7 +87,19 @@ class SessionCarriers:
         return CARRIER_PREFIX + self.signer.sign(session_id.hex().encode()).decode()
 
     def session_id_of(self, carrier: str) -> bytes:
-        """The session id ``carrier`` names; MalformedToken unless it verifies."""
+        """The session id ``carrier`` names; MalformedToken unless it verifies.
+
+        The same length cap as a token's comes first (TokenTooLarge, 413), so a client
+        sees one answer to an oversized header in every mode.
+        """
+        cap = self.max_carrier_bytes
+        if len(carrier) > cap:
+            raise TokenTooLarge(
+                f"token is {len(carrier)} bytes; the limit is {cap}",
+                size=len(carrier),
+                limit=cap,
+            )
+        # A real carrier is ~80 characters: anything much longer is not one.
         if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
             raise MalformedToken("not a server-side session id")
         try:
@@ -122,6 +145,7 @@ class ServerSidePipeline(Pipeline):
         clock: Clock = time.time,
         prefix: str = "satchel",
         metadata_schema: MetadataSchema | None = None,
+        max_carrier_bytes: int = DEFAULT_LIMITS.max_token_bytes,
     ) -> None:
         super().__init__(
             codec,
@@ -134,7 +158,7 @@ class ServerSidePipeline(Pipeline):
         self.store = store
         self.mode = mode
         self.prefix = prefix
-        self.carriers = SessionCarriers(codec, prefix)
+        self.carriers = SessionCarriers(codec, prefix, max_carrier_bytes=max_carrier_bytes)
 
     def key_for(self, session_id: bytes) -> str:
         return context_key(self.prefix, self.session_tag(session_id))  # the tag is cached

@@ -257,6 +257,7 @@ class Satchel:
                 mode=config.mode,
                 observer=self.observer,
                 metadata_schema=metadata_schema,
+                max_carrier_bytes=config.token_limit,
             )
         if config.mode == "client":  # routes decorated before init_app
             _check_route_levels(self._server_routes, self._monotonic_routes, tier is not None)
