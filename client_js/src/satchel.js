@@ -18,7 +18,7 @@
  *   stream    text/event-stream: delta* , satchel, done | error
  */
 
-export const VERSION = '0.1.5';
+export const VERSION = '0.1.6';
 export const DEFAULT_HEADER = 'Satchel-Context';
 export const DEFAULT_PREFIX = 'satchel:';
 /**
@@ -161,7 +161,9 @@ async function errorFromResponse(response) {
   });
 }
 
-function isAbort(err) {
+function isAbort(err, signal) {
+  // abort(reason) rejects with the reason itself, whatever it is (a string, an Error).
+  if (signal && signal.aborted && err === signal.reason) return true;
   return !!err && (err.name === 'AbortError' || err.name === 'TimeoutError');
 }
 
@@ -322,6 +324,12 @@ function guardedStorage(adapter) {
     },
     /** The adapter this one guards. */
     adapter,
+    /** True while some token is kept only in this page's memory (the adapter refused it). */
+    get volatile() {
+      return overlay.size > 0;
+    },
+    /** True while the token under `key` is kept only in this page's memory. */
+    isVolatile: (key) => overlay.has(key),
     get: (key) => (overlay.has(key) ? overlay.get(key) : adapter.get(key)),
     set: (key, value) => {
       let result;
@@ -1026,11 +1034,12 @@ export class SatchelClient extends EventTarget {
    */
   async fetch(input, init) {
     init = init ?? {}; // fetch(url, null) is valid
+    const signal = signalOf(input, init);
     let release;
     try {
-      release = await this._lock(signalOf(input, init));
+      release = await this._lock(signal);
     } catch (err) {
-      this._reportError(err);
+      this._reportError(err, signal);
       throw err;
     }
     let handedOff = false;
@@ -1042,7 +1051,7 @@ export class SatchelClient extends EventTarget {
       }
       return response;
     } catch (err) {
-      this._reportError(err);
+      this._reportError(err, signal);
       throw err;
     } finally {
       if (!handedOff) release();
@@ -1084,8 +1093,9 @@ export class SatchelClient extends EventTarget {
     // The attempt being read: events parsed from the bytes received but not handled
     // yet, and what the result would say. Read again if the consumer leaves early.
     let reading = null;
+    const signal = signalOf(url, init);
     try {
-      release = await this._lock(signalOf(url, init));
+      release = await this._lock(signal);
       // fetch's rule: init.headers, when given, replaces a Request's own headers.
       const headers = new Headers(
         init.headers !== undefined ? init.headers : isRequest(url) ? url.headers : undefined,
@@ -1102,7 +1112,17 @@ export class SatchelClient extends EventTarget {
       attempts: for (;;) {
         const { response, sent } = await this._exchange(url, reqInit, state);
         const fromHeaders = metaFromHeaders(response.headers, this._headerName);
-        reading = { response, sent, pending: [], text: '', meta: fromHeaders.token ? fromHeaders : null };
+        // applied: the server's token is adopted (from the headers, in _exchange, or a
+        // satchel event): the turn is saved. atYield: the consumer holds the stream.
+        reading = {
+          response,
+          sent,
+          pending: [],
+          text: '',
+          meta: fromHeaders.token ? fromHeaders : null,
+          applied: !!fromHeaders.token,
+          atYield: false,
+        };
         let yielded = false;
         if (response.body) {
           events: for await (const batch of sseBatches(response.body)) {
@@ -1114,11 +1134,15 @@ export class SatchelClient extends EventTarget {
                 if (piece) {
                   reading.text += piece;
                   yielded = true;
+                  reading.atYield = true;
                   yield piece;
+                  reading.atYield = false;
                 }
               } else if (ev.event === 'satchel') {
+                const adopted = reading.applied ? reading.meta : null;
                 reading.meta = satchelMeta(ev, response);
-                await this._applyMeta(reading.meta, sent, 'stream');
+                await this._applyMeta(reading.meta, sent, 'stream', adopted);
+                reading.applied = true;
                 // The context has advanced: other requests may go now, even
                 // while the caller is still draining the last bytes.
                 release();
@@ -1147,7 +1171,15 @@ export class SatchelClient extends EventTarget {
         return outcome;
       }
     } catch (err) {
-      this._reportError(err);
+      if (reading && reading.applied && !reading.atYield && !(err instanceof SatchelError)) {
+        // The connection dropped, or the caller aborted, after the server's token was
+        // adopted: the turn is saved, and the stream ends as one without `done` does.
+        // Thrown, the caller would show a failure and resend: a duplicated turn.
+        outcome = streamOutcome(reading);
+        settle.resolve(outcome);
+        return outcome;
+      }
+      this._reportError(err, signal);
       settle.reject(err);
       throw err;
     } finally {
@@ -1348,7 +1380,18 @@ export class SatchelClient extends EventTarget {
   }
 
   /** Emit events for response metadata and adopt its token. */
-  async _applyMeta(meta, sent, source) {
+  async _applyMeta(meta, sent, source, adopted = null) {
+    // A second final event with the token this response already gave (a monotonic
+    // mark that failed after the first went out) adds only its degraded reasons:
+    // adopting it again would take a newer token another request stored meanwhile
+    // for a diverging branch, and report a fork that does not exist.
+    const repeat = !!(adopted && meta.token && meta.token === adopted.token);
+    if (repeat) {
+      if (meta.degraded.length) {
+        this._emit('degraded', { conversation: this._conversation, reasons: meta.degraded, source });
+      }
+      return;
+    }
     if (meta.token) await this._adopt(meta, sent, source);
     else if (meta.reset && sent && meta.reset !== 'token_unknown_key') {
       // The server refused the token we sent, went on with a fresh context, and
@@ -1536,12 +1579,12 @@ export class SatchelClient extends EventTarget {
     rec = { ...rec, g };
     await this._storage.set(this._key, serializeRecord(rec));
     this._setCache(rec, source);
-    this._post({ type: 'token', token: rec.token, seq: rec.seq, session: rec.session, g });
-    // A write the store refused (full) lives in this page's memory only: announcing
-    // it would make every other tab wait syncWaitMs for it on each request, for a
-    // write that never reaches the storage they read.
+    // A write the store refused (full) lives in this page's memory only: announced,
+    // other tabs would adopt a token they can never read back from storage, and wait
+    // syncWaitMs for it on each request.
     const storage = this._storage;
     if (typeof storage.isVolatile === 'function' && storage.isVolatile(this._key)) return;
+    this._post({ type: 'token', token: rec.token, seq: rec.seq, session: rec.session, g });
     await this._announceWrite(g, 'set');
   }
 
@@ -1574,8 +1617,8 @@ export class SatchelClient extends EventTarget {
     this.dispatchEvent(makeEvent(name, detail));
   }
 
-  _reportError(err) {
-    if (isAbort(err)) return; // the caller asked for it; not worth an event
+  _reportError(err, signal) {
+    if (isAbort(err, signal)) return; // the caller asked for it; not worth an event
     this._emit('error', { conversation: this._conversation, error: err });
   }
 
@@ -1589,7 +1632,9 @@ export class SatchelClient extends EventTarget {
     this._syncMode = 'none';
     // sessionStorage is per tab by design; announcing its tokens to other tabs
     // would merge conversations the user meant to keep apart.
-    const enabled = opt === undefined ? this._storage.kind !== 'session' : !!opt;
+    // The same holds when sessionStorage was asked for and the page memory stands in.
+    const perTab = this._storage.kind === 'session' || this._storage.fallbackFrom === 'session';
+    const enabled = opt === undefined ? !perTab : !!opt;
     if (!enabled) return;
     const BC = typeof opt === 'function' ? opt : globalThis.BroadcastChannel;
     if (typeof BC === 'function') {
@@ -1612,7 +1657,15 @@ export class SatchelClient extends EventTarget {
     // Fallback: the `storage` event fires in *other* tabs when localStorage
     // changes, which is all we need to keep `client.token` current there.
     if (this._storage.kind === 'local' && typeof globalThis.addEventListener === 'function') {
+      let local = null;
+      try {
+        local = globalThis.localStorage;
+      } catch {
+        /* blocked: compare nothing */
+      }
       this._onStorageEvent = (e) => {
+        // sessionStorage changes fire the same event in same-origin frames.
+        if (local && e.storageArea && e.storageArea !== local) return;
         if (e.key !== null && e.key !== this._key) return;
         this._setCache(e.key === null ? null : parseRecord(e.newValue), 'storage');
       };
@@ -1675,6 +1728,7 @@ export class SatchelClient extends EventTarget {
   _watchStream(response, sent, release) {
     const reader = response.body.getReader();
     const parser = new SSEParser();
+    let adopted = null; // the final event already applied, if any
     const handle = async (events) => {
       for (const ev of events) {
         let meta = null;
@@ -1699,7 +1753,8 @@ export class SatchelClient extends EventTarget {
           meta = null;
         }
         if (meta) {
-          await this._applyMeta(meta, sent, 'stream');
+          await this._applyMeta(meta, sent, 'stream', adopted);
+          adopted = meta;
           release();
         }
       }

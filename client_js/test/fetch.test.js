@@ -727,3 +727,43 @@ test('a 431 (headers too large) for a request with a token drops it and resends 
   assert.equal(client.token, 'fresh');
   assert.equal(resets[0].detail.code, 'token_too_large');
 });
+
+test('an abort with a reason (a string, an Error) is thrown as is and is no error event', async () => {
+  for (const reason of ['user stopped', new Error('navigated away')]) {
+    const controller = new AbortController();
+    const fetch = (url, init) =>
+      new Promise((resolve, reject) => {
+        init.signal.addEventListener('abort', () => reject(init.signal.reason));
+      });
+    const client = testClient({ fetch });
+    const events = record(client);
+    const pending = client.fetch('/chat', { method: 'POST', body: '{}', signal: controller.signal });
+    await flush();
+    controller.abort(reason);
+    await assert.rejects(pending, (err) => err === reason);
+    assert.deepEqual(events, []);
+  }
+});
+
+test('an abort with a reason while waiting for the conversation lock is no error event', async () => {
+  const first = deferred();
+  let calls = 0;
+  const client = testClient({
+    fetch: async () => {
+      calls += 1;
+      await first.promise;
+      return reply({ satchel: { token: 't1', seq: 1, session: 's' } });
+    },
+  });
+  const events = record(client);
+  const holding = client.fetch('/chat', { method: 'POST', body: '{}' });
+  const controller = new AbortController();
+  const waiting = client.fetch('/chat', { method: 'POST', body: '{}', signal: controller.signal });
+  await flush();
+  controller.abort('user stopped');
+  await assert.rejects(waiting, (err) => err === 'user stopped');
+  first.resolve();
+  await holding;
+  assert.equal(calls, 1);
+  assert.deepEqual(events.filter((e) => e.name === 'error'), []);
+});

@@ -8,7 +8,7 @@ import {
   resolveStorage,
   sessionStorageAdapter,
 } from '../src/satchel.js';
-import { fakeFetch, reply, testClient } from '../test-support/fakes.js';
+import { fakeFetch, fakeLocks, reply, testClient } from '../test-support/fakes.js';
 
 /** Minimal Web Storage double; `failAfter` makes setItem throw from the Nth call on. */
 class FakeWebStorage {
@@ -331,4 +331,36 @@ test('a read of the store that throws once does not throw away the token held in
   assert.equal(adapter.get('satchel:X'), 'tok2'); // an error is not "removed"
   area.getItem = getItem;
   assert.equal(adapter.get('satchel:X'), 'tok2');
+});
+
+test('a custom adapter that refuses a write: the page can tell, and other tabs are not made to wait', async () => {
+  const disk = new Map();
+  let full = true;
+  const adapter = {
+    get: async (key) => disk.get(key) ?? null,
+    set: async (key, value) => {
+      if (full) throw new Error('QuotaExceededError');
+      disk.set(key, value);
+    },
+    remove: async (key) => void disk.delete(key),
+  };
+  const locks = fakeLocks();
+  let n = 0;
+  const fetch = fakeFetch(() => {
+    n += 1;
+    return reply({ satchel: { token: `t${n}`, seq: n, session: 's' } });
+  });
+  const client = createClient({ storage: adapter, locks, fetch, broadcast: false, conversation: 'c' });
+  assert.equal(client.storage.volatile, false);
+  await client.fetch('/chat');
+  assert.equal(client.token, 't1');
+  assert.equal(client.storage.isVolatile(client.storageKey), true);
+  assert.equal(client.storage.isVolatile('satchel:other'), false);
+  assert.equal(client.storage.volatile, true);
+  const { held } = await locks.query();
+  assert.deepEqual(held.filter((l) => l.name.startsWith('satchel-written')), []);
+  full = false; // the disk has room again: the next write reaches it
+  await client.fetch('/chat');
+  assert.equal(JSON.parse(disk.get('satchel:c')).token, 't2');
+  assert.equal(client.storage.volatile, false);
 });

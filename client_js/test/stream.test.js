@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SatchelError, ServiceUnavailableError, TokenError, memoryStorage } from '../src/satchel.js';
-import { errorReply, fakeFetch, flush, record, sse, sseReply, testClient } from '../test-support/fakes.js';
+import { errorReply, fakeFetch, flush, record, reply, sse, sseReply, testClient } from '../test-support/fakes.js';
 
 const FINAL = { token: 'tok8', seq: 8, session: 'S', degraded: [], reset: null, fork: null };
 
@@ -423,4 +423,152 @@ test('stream(Request): the Request\'s own headers go out (an Authorization, say)
   for await (const _ of client.stream(request, { message: 'hi' })) void _;
   assert.equal(fetch.calls[0].headers.get('authorization'), 'Bearer abc');
   assert.equal(fetch.calls[0].headers.get('content-type'), 'application/json');
+});
+
+/** A response whose body the test feeds (and can cut) by hand. */
+function handFedStream() {
+  const enc = new TextEncoder();
+  let feed;
+  const body = new ReadableStream({
+    start(controller) {
+      feed = controller;
+    },
+  });
+  return {
+    response: new Response(body, { headers: { 'content-type': 'text/event-stream' } }),
+    push: (text) => feed.enqueue(enc.encode(text)),
+    cut: (err) => feed.error(err),
+    end: () => feed.close(),
+  };
+}
+
+const DELTA_THEN_FINAL = 'event: delta\ndata: {"text":"Hi"}\n\nevent: satchel\ndata: {"token":"t2","seq":2,"session":"s"}\n\n';
+
+test('stream(): a connection cut after the satchel event ends the stream, not in an error', async () => {
+  // The turn is saved and its token adopted: thrown, the UI would show a failure and
+  // the user would send the message again, a duplicated turn.
+  const fed = handFedStream();
+  const client = testClient({ fetch: async () => fed.response });
+  await client.importToken('t1', { seq: 1, session: 's' });
+  const events = record(client);
+  const s = client.stream('/s', {});
+  const it = s[Symbol.asyncIterator]();
+  fed.push(DELTA_THEN_FINAL);
+  assert.deepEqual(await it.next(), { value: 'Hi', done: false });
+  const next = it.next(); // handles the satchel event, then waits for more bytes
+  await flush();
+  fed.cut(new TypeError('terminated'));
+  const end = await next;
+  assert.equal(end.done, true);
+  assert.equal(end.value.token, 't2');
+  const result = await s.result;
+  assert.equal(result.text, 'Hi');
+  assert.equal(result.token, 't2');
+  assert.equal(client.token, 't2');
+  assert.deepEqual(events.filter((e) => e.name === 'error'), []);
+});
+
+test('stream(): a cut before the satchel event still throws, with the token unchanged', async () => {
+  const fed = handFedStream();
+  const client = testClient({ fetch: async () => fed.response });
+  await client.importToken('t1', { seq: 1, session: 's' });
+  const s = client.stream('/s', {});
+  const it = s[Symbol.asyncIterator]();
+  fed.push('event: delta\ndata: {"text":"Hi"}\n\n');
+  await it.next();
+  const next = it.next();
+  await flush();
+  fed.cut(new TypeError('terminated'));
+  await assert.rejects(next, TypeError);
+  await assert.rejects(s.result, TypeError);
+  assert.equal(client.token, 't1');
+});
+
+test('stream(): aborted with a reason after the satchel event, the stream ends with the saved turn', async () => {
+  const controller = new AbortController();
+  const fetch = async (url, init) => {
+    const fed = handFedStream();
+    init.signal.addEventListener('abort', () => fed.cut(init.signal.reason));
+    fed.push(DELTA_THEN_FINAL);
+    return fed.response;
+  };
+  const client = testClient({ fetch });
+  const events = record(client);
+  const s = client.stream('/s', {}, { signal: controller.signal });
+  const seen = [];
+  for await (const piece of s) {
+    seen.push(piece);
+    controller.abort('user stopped'); // the Stop button, after the first delta
+  }
+  assert.deepEqual(seen, ['Hi']);
+  assert.equal((await s.result).token, 't2');
+  assert.deepEqual(events.filter((e) => e.name === 'error'), []);
+});
+
+test('stream(): aborted with a reason before the satchel event: thrown, and no error event', async () => {
+  const controller = new AbortController();
+  const fetch = async (url, init) => {
+    const fed = handFedStream();
+    init.signal.addEventListener('abort', () => fed.cut(init.signal.reason));
+    fed.push('event: delta\ndata: {"text":"Hi"}\n\n');
+    return fed.response;
+  };
+  const client = testClient({ fetch });
+  const events = record(client);
+  const s = client.stream('/s', {}, { signal: controller.signal });
+  await assert.rejects(async () => {
+    for await (const _ of s) controller.abort('user stopped');
+  }, (err) => err === 'user stopped');
+  await assert.rejects(s.result);
+  assert.deepEqual(events, []);
+});
+
+/** A client holding t1 whose first request streams by hand and whose next answers t3. */
+async function streamThenT3() {
+  const fed = handFedStream();
+  let call = 0;
+  const fetch = async () => {
+    call += 1;
+    if (call === 1) return fed.response;
+    return reply({ satchel: { token: 't3', seq: 3, session: 's' } });
+  };
+  const client = testClient({ fetch });
+  await client.importToken('t1', { seq: 1, session: 's' });
+  return { fed, client, events: record(client, ['fork', 'degraded']) };
+}
+
+test('stream(): a repeated satchel event is no fork when another request moved on meanwhile', async () => {
+  // The lock is released at the first satchel event; a second one with the same token
+  // (a monotonic mark that failed open) arrives after another request stored t3.
+  const { fed, client, events } = await streamThenT3();
+  const s = client.stream('/s', {});
+  const it = s[Symbol.asyncIterator]();
+  fed.push(DELTA_THEN_FINAL);
+  await it.next();
+  const rest = it.next(); // handles the first satchel event and releases the lock
+  await client.fetch('/chat', { method: 'POST', body: '{}' }); // stores t3
+  assert.equal(client.token, 't3');
+  fed.push('event: satchel\ndata: {"token":"t2","seq":2,"session":"s","degraded":["consistency_unchecked"]}\n\nevent: done\ndata: {}\n\n');
+  fed.end();
+  assert.equal((await rest).done, true);
+  assert.equal(client.token, 't3');
+  assert.deepEqual(events.map((e) => e.name), ['degraded']);
+  assert.deepEqual(events[0].detail.reasons, ['consistency_unchecked']);
+  assert.deepEqual((await s.result).degraded, ['consistency_unchecked']);
+});
+
+test('fetch() of an event stream: a repeated final event is no fork either', async () => {
+  const { fed, client, events } = await streamThenT3();
+  const response = await client.fetch('/s', { method: 'POST', body: '{}' });
+  const reader = response.body.getReader();
+  fed.push(DELTA_THEN_FINAL);
+  await reader.read(); // the first final event is handled: t2, and the lock is released
+  assert.equal(client.token, 't2');
+  await client.fetch('/chat', { method: 'POST', body: '{}' });
+  assert.equal(client.token, 't3');
+  fed.push('event: satchel\ndata: {"token":"t2","seq":2,"session":"s","degraded":["consistency_unchecked"]}\n\n');
+  fed.end();
+  while (!(await reader.read()).done);
+  assert.equal(client.token, 't3');
+  assert.deepEqual(events.map((e) => e.name), ['degraded']);
 });

@@ -27,6 +27,20 @@ function mapArea(map) {
   };
 }
 
+/** localStorage over `map`, full: the probe's tiny write still fits, a token does not. */
+function installFullLocalStorage(map) {
+  const area = mapArea(map);
+  const full = { ...area, setItem(k, v) {
+    if (k.startsWith('satchel:')) {
+      const e = new Error('quota');
+      e.name = 'QuotaExceededError';
+      throw e;
+    }
+    area.setItem(k, v);
+  } };
+  Object.defineProperty(globalThis, 'localStorage', { configurable: true, value: full });
+}
+
 test('lock fallback: two concurrent requests run one after the other; the second carries the first response token', async () => {
   const gates = [deferred(), deferred()];
   const fetch = fakeFetch((call, i) => gates[i].promise);
@@ -465,18 +479,7 @@ test('a prefix or conversation id starting with "-" still gets a Web Lock', asyn
 });
 
 test('a write the full store kept in memory is not announced: other tabs do not wait for it', async () => {
-  const backing = new Map();
-  const area = mapArea(backing);
-  // Full: the probe's tiny write still fits, a token does not.
-  const full = { ...area, setItem(k, v) {
-    if (k.startsWith('satchel:')) {
-      const e = new Error('quota');
-      e.name = 'QuotaExceededError';
-      throw e;
-    }
-    area.setItem(k, v);
-  } };
-  Object.defineProperty(globalThis, 'localStorage', { configurable: true, value: full });
+  installFullLocalStorage(new Map());
   try {
     const locks = fakeLocks();
     const fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
@@ -486,6 +489,53 @@ test('a write the full store kept in memory is not announced: other tabs do not 
     assert.equal(client.token, 't1', 'kept in the page memory');
     const { held } = await locks.query();
     assert.deepEqual(held.filter((l) => l.name.startsWith('satchel-written')), []);
+  } finally {
+    delete globalThis.localStorage;
+  }
+});
+
+test('sessionStorage asked for, page memory standing in: still per tab, nothing announced', async () => {
+  // Node has no sessionStorage: the client falls back to the page memory store. The
+  // user asked for conversations kept apart per tab; announcing would merge them.
+  const hub = channelHub();
+  const saved = globalThis.BroadcastChannel;
+  globalThis.BroadcastChannel = hub.FakeChannel;
+  try {
+    const fetch = fakeFetch(() => reply({ satchel: { token: 'a1', seq: 1, session: 's' } }));
+    const tab = createClient({ storage: 'session', fetch, locks: false, conversation: 'per-tab' });
+    assert.equal(tab.storage.kind, 'memory');
+    assert.equal(tab.storage.fallbackFrom, 'session');
+    assert.equal(tab.syncMode, 'none');
+    await tab.fetch('/chat');
+    assert.equal(tab.token, 'a1');
+    assert.deepEqual(hub.sent, []);
+    // Asked for explicitly, it is on.
+    const opted = createClient({ storage: 'session', broadcast: true, locks: false, conversation: 'x' });
+    assert.equal(opted.syncMode, 'broadcast-channel');
+    opted.close();
+    tab.close();
+  } finally {
+    globalThis.BroadcastChannel = saved;
+  }
+});
+
+test('a write the full store kept in memory is not broadcast: the other tab keeps the stored token', async () => {
+  installFullLocalStorage(new Map([['satchel:full', JSON.stringify({ token: 't0', seq: 0, session: 's' })]]));
+  try {
+    const hub = channelHub();
+    const fetch = fakeFetch(() => reply({ satchel: { token: 't1', seq: 1, session: 's' } }));
+    const tabA = createClient({ fetch, broadcast: hub.FakeChannel, locks: false, conversation: 'full' });
+    const tabB = createClient({ broadcast: hub.FakeChannel, locks: false, conversation: 'full' });
+    await tabA.fetch('/chat');
+    await flush();
+    assert.equal(tabA.token, 't1');
+    assert.equal(tabA.storage.isVolatile(tabA.storageKey), true);
+    // Tab B can only ever read t0 from the store: adopting t1 would make its token
+    // jump back on its next request.
+    assert.deepEqual(hub.sent.filter((m) => m.data.type === 'token'), []);
+    assert.equal(tabB.token, 't0');
+    tabA.close();
+    tabB.close();
   } finally {
     delete globalThis.localStorage;
   }
