@@ -347,13 +347,30 @@ function guardedStorage(adapter) {
       overlay.delete(key);
       return result;
     },
+    // A removal it refuses is kept the same way (null: gone for this page): thrown,
+    // it would fail a request the server has answered, and leave the refused token
+    // to be sent again.
     remove: (key) => {
+      const hide = () => void overlay.set(key, null);
+      let result;
+      try {
+        result = adapter.remove(key);
+      } catch {
+        return hide();
+      }
+      if (result && typeof result.then === 'function') {
+        return result.then(() => void overlay.delete(key), hide);
+      }
       overlay.delete(key);
-      return adapter.remove(key);
+      return result;
     },
   };
   if (typeof adapter.keys === 'function') {
-    const merge = (stored) => [...new Set([...overlay.keys(), ...stored])];
+    const merge = (stored) => {
+      const out = new Set([...stored, ...overlay.keys()]);
+      for (const [key, value] of overlay) if (value === null) out.delete(key);
+      return [...out];
+    };
     guarded.keys = () => {
       const stored = adapter.keys();
       return stored && typeof stored.then === 'function' ? stored.then(merge) : merge(stored);

@@ -364,3 +364,25 @@ test('a custom adapter that refuses a write: the page can tell, and other tabs a
   assert.equal(JSON.parse(disk.get('satchel:c')).token, 't2');
   assert.equal(client.storage.volatile, false);
 });
+
+test('a custom adapter that refuses a removal: the token is gone for this page, the request stands', async () => {
+  const disk = new Map([['satchel:c', JSON.stringify({ token: 'dead', seq: 1, session: 's' })]]);
+  const adapter = {
+    get: async (key) => disk.get(key) ?? null,
+    set: async (key, value) => void disk.set(key, value),
+    remove: async () => {
+      throw new Error('the database is closed');
+    },
+    keys: async () => [...disk.keys()],
+  };
+  // The server refuses the stored token and answers a read-only route with no new one:
+  // the client drops the token it sent.
+  const fetch = fakeFetch(() => reply({ json: {}, headers: { 'Satchel-Reset': 'token_bad_signature' } }));
+  const client = createClient({ storage: adapter, fetch, broadcast: false, locks: false, conversation: 'c' });
+  const response = await client.fetch('/api/context');
+  assert.equal(response.status, 200);
+  assert.equal(client.token, null);
+  assert.equal(await client.storage.get('satchel:c'), null);
+  assert.equal(client.storage.isVolatile('satchel:c'), true);
+  assert.deepEqual(await listConversations(client.storage), []);
+});
