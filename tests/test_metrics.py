@@ -30,7 +30,13 @@ from satchel import Satchel
 from satchel.context import Context
 from satchel.flask_ext.routes import register_routes
 from satchel.keys import Keyring
-from satchel.metrics import MAX_LABEL_VALUES, STEPS, PrometheusObserver, gunicorn_child_exit
+from satchel.metrics import (
+    DEGRADED_REASONS,
+    MAX_LABEL_VALUES,
+    STEPS,
+    PrometheusObserver,
+    gunicorn_child_exit,
+)
 from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
 from tests.support import LiveServer, RedisServer
 
@@ -363,6 +369,39 @@ def test_breaker_gauge_follows_a_real_redis_going_down_and_back(
     assert value(obs, "satchel_breaker_state", tier="redis") == 0
     # redis came back empty: the overflowed turns are reported missing, not unavailable
     assert "segment_missing" in resp.get_json()["degraded"]
+
+
+def test_each_reason_counts_once_per_response_however_often_a_save_meets_it(
+    redis_server: RedisServer,
+) -> None:
+    """satchel_degraded_total{reason} counts responses: a save that drops turns twice
+    (to the hard cap with the tier down, then again at the ceiling) is one data_loss."""
+    from satchel.tiers import RedisTier
+
+    obs = PrometheusObserver()
+    tier = GuardedTier(RedisTier(redis_server.url), cache=SegmentCache(max_bytes=0))
+    app, _ = make_app(obs, tier=tier)
+    chat = Chat(app)
+    for _ in range(3):
+        assert chat.send("small talk").status_code == 200
+    redis_server.kill()
+    rng = secrets.SystemRandom()
+    seen: set[str] = set()
+    for _ in range(3):
+        before = {r: value(obs, "satchel_degraded_total", reason=r) for r in DEGRADED_REASONS}
+        responses = value(obs, "satchel_degraded_responses_total")
+        # Hard to compress (random CJK): each message alone is near the hard cap.
+        big = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(7999))
+        resp = chat.send(big)
+        assert resp.status_code == 200
+        # The header, not the body: this view answers before the save runs.
+        flagged = [r.strip() for r in resp.headers.get("Satchel-Degraded", "").split(",")]
+        seen.update(flagged)
+        for reason in DEGRADED_REASONS:
+            added = value(obs, "satchel_degraded_total", reason=reason) - before[reason]
+            assert added == (1 if reason in flagged else 0), (reason, flagged)
+        assert value(obs, "satchel_degraded_responses_total") == responses + 1
+    assert {"tier_write_failed", "data_loss"} <= seen
 
 
 def test_metrics_route_issues_no_token_and_negotiates_openmetrics() -> None:

@@ -49,7 +49,7 @@ from .errors import (
     TierUnavailable,
 )
 from .lru import BoundedLRU
-from .observe import NULL_OBSERVER, Observer
+from .observe import NULL_OBSERVER, Observer, flag_degraded
 from .schema import MARK_ID_BYTES
 
 if TYPE_CHECKING:
@@ -328,11 +328,15 @@ class MonotonicGuard:
                 "the consistency store is unavailable and this app fails closed; retry shortly",
                 reason=exc.code,
             ) from None
-        self.observer.event(
-            "degraded", session=tag, reason="consistency_unchecked", error=exc.code, detail=cause
+        # Once per response: a stream's claim, then its mark, can both meet it.
+        flag_degraded(
+            self.observer,
+            ctx.degraded,
+            "consistency_unchecked",
+            session=tag,
+            error=exc.code,
+            detail=cause,
         )
-        if "consistency_unchecked" not in ctx.degraded:  # a stream's claim, then its mark
-            ctx.degraded.append("consistency_unchecked")
 
     def _mark_lost(self, ctx: Context, tag: str) -> None:
         # The token was issued after a mark was set, and the mark is gone: the tier
@@ -344,8 +348,7 @@ class MonotonicGuard:
         # counted once in this process, not again on every page load.
         if self._lost_reported.add(tag):
             self.observer.event("mark_lost", session=tag, seq=ctx.seq)
-        self.observer.event("degraded", session=tag, reason="consistency_reset")
-        ctx.degraded.append("consistency_reset")
+        flag_degraded(self.observer, ctx.degraded, "consistency_reset", session=tag)
 
     def before(self, ctx: Context, tag: str, *, fresh: bool, reading: bool = False) -> MarkState:
         """Refuse a stale, replayed or rolled-back token. ``fresh``: no token was sent.
@@ -472,11 +475,13 @@ class MonotonicGuard:
                 continue
             mark = decode_mark(raw)
             if mark is not None and self._descends(ctx, *mark):
-                self.observer.event(
-                    "degraded", session=tag, reason="consistency_reset", detail="anchor_changed"
+                flag_degraded(
+                    self.observer,
+                    ctx.degraded,
+                    "consistency_reset",
+                    session=tag,
+                    detail="anchor_changed",
                 )
-                if "consistency_reset" not in ctx.degraded:
-                    ctx.degraded.append("consistency_reset")
                 return True
         return False
 

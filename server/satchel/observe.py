@@ -76,6 +76,20 @@ class MultiObserver(Observer):
                 continue
 
 
+def flag_degraded(observer: Observer, degraded: list[str], reason: str, /, **fields: Any) -> None:
+    """Add ``reason`` to a response's ``degraded`` list and report it, once per response.
+
+    ``satchel_degraded_total{reason}`` counts responses served degraded for a reason,
+    and one save can meet the same reason twice (turns dropped to the hard cap, then
+    more by the ceiling; a stream's claim, then its mark): only the first is reported.
+    What each occurrence cost is in its own event (``data_loss`` carries the turns).
+    """
+    if reason in degraded:
+        return
+    degraded.append(reason)
+    observer.event("degraded", reason=reason, **fields)
+
+
 def _overrides(observer: Observer, method: str) -> bool:
     """True unless ``observer``'s ``method`` is :class:`Observer`'s no-op."""
     bound = getattr(observer, method, None)
@@ -84,4 +98,4 @@ def _overrides(observer: Observer, method: str) -> bool:
 
 NULL_OBSERVER = Observer()
 
-__all__ = ["NULL_OBSERVER", "MultiObserver", "Observer"]
+__all__ = ["NULL_OBSERVER", "MultiObserver", "Observer", "flag_degraded"]

@@ -24,7 +24,7 @@ from .errors import BadToken, BudgetExceeded, InvalidContext, SatchelError, Tier
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.summarize import SUMMARY_HEADER, summarize, summarize_clock
-from .observe import NULL_OBSERVER, Observer
+from .observe import NULL_OBSERVER, Observer, flag_degraded
 from .schema import SEQ_LIMIT, check_sealable
 from .segments import merge_start
 
@@ -201,8 +201,7 @@ class Pipeline:
         tag = self.session_tag(ctx.session_id)
         t0 = time.perf_counter()
         if self.segments is None:
-            ctx.degraded.append("tier_unavailable")
-            self.observer.event("degraded", session=tag, reason="tier_unavailable")
+            flag_degraded(self.observer, ctx.degraded, "tier_unavailable", session=tag)
             return
         result = self.segments.read(ctx)
         timings["rehydrate"] = time.perf_counter() - t0
@@ -223,8 +222,7 @@ class Pipeline:
             )
         for reason in dict.fromkeys(reason for _ref, reason in result.missing):
             missing = sum(ref.turns for ref, r in result.missing if r == reason)
-            ctx.degraded.append(reason)
-            self.observer.event("degraded", session=tag, reason=reason, turns=missing)
+            flag_degraded(self.observer, ctx.degraded, reason, session=tag, turns=missing)
 
     # -- save -----------------------------------------------------------------------
 
@@ -562,10 +560,8 @@ class Pipeline:
     def _report_loss(self, ctx: Context, lost: int, tag: str, *, counted: bool = False) -> None:
         if not counted:
             ctx.lifecycle.lost += lost
-        if "data_loss" not in ctx.degraded:
-            ctx.degraded.append("data_loss")
         self.observer.event("data_loss", session=tag, turns=lost)
-        self.observer.event("degraded", session=tag, reason="data_loss", turns=lost)
+        flag_degraded(self.observer, ctx.degraded, "data_loss", session=tag, turns=lost)
 
     def _forget_lost_segments(self, ctx: Context, now: float, tag: str) -> None:
         """Drop references the tier answered for and does not have (or holds damaged).
@@ -600,10 +596,8 @@ class Pipeline:
         ttl = self._remaining_lifetime(ctx, now)
         kept = len(ctx.overflow)
         if kept >= MAX_HELD_SEGMENT_REFS and not self._can_merge(ctx):
-            reason = "tier_unavailable"  # reads failed: that is why nothing merges
-            if reason not in ctx.degraded:
-                ctx.degraded.append(reason)
-            self.observer.event("degraded", session=tag, reason=reason, refs=kept)
+            # Reads failed: that is why nothing merges.
+            flag_degraded(self.observer, ctx.degraded, "tier_unavailable", session=tag, refs=kept)
             return None
         try:
             if self._can_merge(ctx):
@@ -624,9 +618,9 @@ class Pipeline:
                 self._forget_oldest_segment(ctx, now, tag)
             return ref, len(ctx.overflow)
         except TierError as exc:
-            if "tier_write_failed" not in ctx.degraded:
-                ctx.degraded.append("tier_write_failed")
-            self.observer.event("degraded", session=tag, reason="tier_write_failed", error=exc.code)
+            flag_degraded(
+                self.observer, ctx.degraded, "tier_write_failed", session=tag, error=exc.code
+            )
             return None
 
     def _first_mergeable(self, ctx: Context, spill: list[Turn], start: int) -> int:
