@@ -484,6 +484,67 @@ def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy:
         assert response.get_json()["error"]["code"] == "tier_unavailable"
 
 
+def test_fail_closed_says_a_mark_write_that_timed_out_may_have_saved_the_message(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Redis stalls while the mark's compare-and-set is on its way: the app gives up
+    (503), and Redis runs the command when it resumes. "Retry shortly" would ask for
+    the message twice: the 503 says it may have been saved, and it was."""
+    app, _ = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY="fail_closed",
+    )
+    stall = {"armed": False}
+
+    @app.after_request  # runs before Satchel's own (registered earlier), which saves
+    def pause_redis(response: Any) -> Any:
+        if stall["armed"]:
+            stall["armed"] = False
+            redis_server.pause()
+        return response
+
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    stall["armed"] = True
+    response = post(client, "/chat", token, "only once")
+    redis_server.resume()  # the stalled compare-and-set runs now
+    assert response.status_code == 503
+    error = response.get_json()["error"]
+    assert error["code"] == "tier_unavailable"
+    assert "may still have been saved" in error["message"]
+    assert "reload the conversation" in error["message"]
+
+    # It was: the token sent is now older than the mark, and the refusal hands back
+    # the newest token, which holds the message once.
+    again = post(client, "/chat", token, "only once")
+    assert again.status_code == 409
+    assert again.get_json()["error"]["code"] == "stale_context"
+    newest = Satchel.state(app).pipeline.codec.open(again.headers["Satchel-Context"])
+    assert [t.content for t in newest.turns].count("only once") == 1
+
+
+def test_fail_closed_retry_advice_stands_when_nothing_was_sent(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """A new conversation's failed mark write (the client holds no token to reload)
+    and a read that failed still say to retry."""
+    app, _ = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY="fail_closed",
+    )
+    client = app.test_client()
+    held = post(client, "/chat", None).headers["Satchel-Context"]
+    redis_server.kill()
+    for token in (None, held):
+        response = post(client, "/chat", token)
+        assert response.status_code == 503
+        assert "retry shortly" in response.get_json()["error"]["message"]
+
+
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
 def test_monotonic_with_the_tier_full(
     tmp_path: Path, redis_server: Any, policy: str, caplog: pytest.LogCaptureFixture

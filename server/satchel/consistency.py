@@ -299,8 +299,16 @@ class MonotonicGuard:
         #: sessions whose lost mark this process has counted (until a save sets it)
         self._lost_reported = BoundedLRU(LOST_REPORTED_MAX)
 
-    def _tier_down(self, ctx: Context, tag: str, exc: TierError) -> None:
+    def _tier_down(
+        self, ctx: Context, tag: str, exc: TierError, *, may_have_landed: bool = False
+    ) -> None:
         """The mark could not be read or moved: refuse (fail_closed) or flag (fail_open).
+
+        ``may_have_landed``: the failed call was the mark's compare-and-set for a
+        token the client holds. One that timed out may still run (a stalled Redis runs
+        the command it had read once it resumes), moving the mark to this exchange:
+        the 503 then says to reload before sending again, as server mode's does, since
+        "retry" would ask for the message twice.
 
         A full tier (Redis ``maxmemory`` with ``noeviction``, a full disk) answers but
         refuses the write. It is reported as full, code ``tier_full`` (503 like
@@ -322,6 +330,12 @@ class MonotonicGuard:
                 raise TierFull(
                     "the consistency store is full and this app fails closed; it needs "
                     "more memory or space before this conversation can go on",
+                    reason=exc.code,
+                ) from None
+            if may_have_landed and not exc.facts.get("unsent"):
+                raise TierUnavailable(
+                    "the consistency store did not confirm this exchange, which may still "
+                    "have been saved: reload the conversation before sending it again",
                     reason=exc.code,
                 ) from None
             raise TierUnavailable(
@@ -540,7 +554,9 @@ class MonotonicGuard:
                 self._mark_lost(ctx, tag)
                 current = move(state.key, None, own)
         except TierError as exc:
-            self._tier_down(ctx, tag, exc)
+            # A new conversation's client holds no token: a mark that landed anyway
+            # names a token nobody has, and sending again starts afresh.
+            self._tier_down(ctx, tag, exc, may_have_landed=state.opened_digest is not None)
             return False
         if current is None:
             self._lost_reported.discard(tag)  # set again: a later loss is a new one
