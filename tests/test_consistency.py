@@ -484,12 +484,15 @@ def test_monotonic_with_the_tier_down(tmp_path: Path, redis_server: Any, policy:
         assert response.get_json()["error"]["code"] == "tier_unavailable"
 
 
-def test_fail_closed_says_a_mark_write_that_timed_out_may_have_saved_the_message(
-    tmp_path: Path, redis_server: Any
+@pytest.mark.parametrize("held", [True, False], ids=["token_held", "new_conversation"])
+def test_fail_closed_says_what_a_mark_write_that_timed_out_may_have_done(
+    tmp_path: Path, redis_server: Any, held: bool
 ) -> None:
     """Redis stalls while the mark's compare-and-set is on its way: the app gives up
-    (503), and Redis runs the command when it resumes. "Retry shortly" would ask for
-    the message twice: the 503 says it may have been saved, and it was."""
+    (503), and Redis runs the command when it resumes. For a token the client holds,
+    "retry shortly" would ask for the message twice: the 503 says it may have been
+    saved, and it was. A new conversation's client holds no token to reload: a mark
+    that landed names a token nobody has, so sending again (afresh) is right."""
     app, _ = make_app(
         tmp_path,
         SATCHEL_CONSISTENCY="monotonic",
@@ -506,13 +509,17 @@ def test_fail_closed_says_a_mark_write_that_timed_out_may_have_saved_the_message
         return response
 
     client = app.test_client()
-    token = post(client, "/chat", None).headers["Satchel-Context"]
+    token = post(client, "/chat", None).headers["Satchel-Context"] if held else None
     stall["armed"] = True
     response = post(client, "/chat", token, "only once")
     redis_server.resume()  # the stalled compare-and-set runs now
+    assert not stall["armed"]  # the stall happened, at the save
     assert response.status_code == 503
     error = response.get_json()["error"]
     assert error["code"] == "tier_unavailable"
+    if not held:
+        assert "retry shortly" in error["message"]
+        return
     assert "may still have been saved" in error["message"]
     assert "reload the conversation" in error["message"]
 
@@ -525,24 +532,15 @@ def test_fail_closed_says_a_mark_write_that_timed_out_may_have_saved_the_message
     assert [t.content for t in newest.turns].count("only once") == 1
 
 
-def test_fail_closed_retry_advice_stands_when_nothing_was_sent(
+def test_fail_closed_says_retry_when_the_mark_could_not_be_read(
     tmp_path: Path, redis_server: Any
 ) -> None:
-    """A new conversation's failed mark write (the client holds no token to reload)
-    and a read that failed still say to retry."""
-    app, _ = make_app(
-        tmp_path,
-        SATCHEL_CONSISTENCY="monotonic",
-        SATCHEL_OVERFLOW_URL=redis_server.url,
-        SATCHEL_TIER_DOWN_POLICY="fail_closed",
-    )
-    client = app.test_client()
-    held = post(client, "/chat", None).headers["Satchel-Context"]
+    """A failed read of the mark saved nothing: retrying is the right advice."""
+    client, token = monotonic_on_redis(tmp_path, redis_server, "fail_closed")
     redis_server.kill()
-    for token in (None, held):
-        response = post(client, "/chat", token)
-        assert response.status_code == 503
-        assert "retry shortly" in response.get_json()["error"]["message"]
+    response = post(client, "/chat", token)
+    assert response.status_code == 503
+    assert "retry shortly" in response.get_json()["error"]["message"]
 
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
