@@ -483,16 +483,9 @@ def _stream_app(mode: str, request: pytest.FixtureRequest) -> tuple[Flask, Satch
     return app, Satchel(app)
 
 
-@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
-def test_two_streams_for_one_stored_session_stream_one_reply(
-    mode: str, request: pytest.FixtureRequest
-) -> None:
-    """Both streamed the whole (paid-for) reply, and the one whose save lost ended in an
-    error event: the same view code did what a client-mode monotonic route refuses up
-    front. The second is now a JSON 409 context_busy before any text."""
-    import threading
-
-    app, satchel = _stream_app(mode, request)
+def _gated_stream(app: Flask, satchel: Satchel) -> threading.Event:
+    """Add ``POST /stream``: it streams "the paid ", then waits for the returned gate
+    (set by the test; open at most 5 s) before the rest of the reply."""
     gate = threading.Event()
 
     @app.post("/stream")
@@ -505,6 +498,19 @@ def test_two_streams_for_one_stored_session_stream_one_reply(
             yield "reply"
 
         return satchel.stream(deltas(), on_complete=lambda text: ctx.add_turn("assistant", text))
+
+    return gate
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_two_streams_for_one_stored_session_stream_one_reply(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """Both streamed the whole (paid-for) reply, and the one whose save lost ended in an
+    error event: the same view code did what a client-mode monotonic route refuses up
+    front. The second is now a JSON 409 context_busy before any text."""
+    app, satchel = _stream_app(mode, request)
+    gate = _gated_stream(app, satchel)
 
     client = app.test_client()
     gate.set()
@@ -562,6 +568,63 @@ def test_a_stream_that_waited_past_the_winners_save_is_busy(
     assert busy.get_json()["error"]["code"] == "context_busy"
     again = client.post("/stream", headers={HEADER: carrier})  # sent again: answered
     assert again.status_code == 200 and "event: satchel" in again.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """A plain JSON request for a session whose reply is streaming (a second tab, a
+    retry) was answered 200, and the stream then ended in an error event after its whole
+    (paid-for) reply: the JSON save had won the compare-and-set. Now the JSON request
+    sees the stream's claim (read with the stored state) and is refused 409
+    context_busy before its view runs; a read is served meanwhile unless it saves."""
+    app, satchel = _stream_app(mode, request)
+    gate = _gated_stream(app, satchel)
+    views_run: list[str] = []
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", "sent meanwhile")
+        views_run.append("chat")
+        return {"ok": True}
+
+    @app.get("/peek")
+    def peek() -> Any:
+        ctx = satchel.context
+        satchel.discard()
+        return {"turns": len(ctx.turns)}
+
+    @app.get("/peek-and-save")
+    def peek_and_save() -> Any:
+        satchel.context.metadata["seen"] = True  # a GET that changes the context
+        return {}
+
+    client = app.test_client()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    headers = {HEADER: carrier}
+    gate.clear()
+    streaming = client.post("/stream", headers=headers, buffered=False)
+    chunks = iter(streaming.response)
+    assert "the paid" in next(chunks).decode()  # held open at the gate
+    other = in_thread(lambda: app.test_client().post("/chat", headers=headers))
+    assert other.status_code == 409, other.get_data(as_text=True)
+    assert other.get_json()["error"]["code"] == "context_busy"
+    assert other.headers["Retry-After"] == "1"
+    assert views_run == []  # refused before the view (and its model call) ran
+    read = in_thread(lambda: app.test_client().get("/peek", headers=headers))
+    assert read.status_code == 200 and read.get_json() == {"turns": 1}
+    saving = in_thread(lambda: app.test_client().get("/peek-and-save", headers=headers))
+    assert saving.status_code == 409, saving.get_data(as_text=True)
+    assert saving.get_json()["error"]["code"] == "context_busy"
+    gate.set()
+    body = "".join(c.decode() for c in chunks)
+    streaming.close()
+    assert "event: satchel" in body and "event: error" not in body, body
+    again = client.post("/chat", headers=headers)  # once the stream has ended
+    assert again.status_code == 200, again.get_data(as_text=True)
+    assert views_run == ["chat"]
+    assert client.get("/peek", headers=headers).get_json() == {"turns": 3}
 
 
 def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:
@@ -687,3 +750,19 @@ def test_a_stored_context_lives_exactly_as_long_as_its_token_opens(idle_ttl: int
     clock.advance(2)  # past it: forgotten, a fresh start
     fresh = pipe.load(carrier)
     assert fresh.turns == [] and "reset:session_not_found" in fresh.notices
+
+
+def test_a_carrier_signed_by_a_key_missing_from_the_ring_is_a_bad_signature() -> None:
+    """docs/scaling.md: a carrier names no key id, so a replica whose ring lacks the key
+    that signed it answers ``token_bad_signature`` (not ``token_unknown_key`` as for a
+    token); the ring of the rollout's first step (new key at the end) opens it."""
+    from satchel import BadToken, Codec, Keyring
+    from satchel.server_mode import SessionCarriers
+
+    k1, k2 = generate_key("k1"), generate_key("k2")
+    session_id = bytes(range(16))
+    carrier = SessionCarriers(Codec(Keyring([k2, k1]))).sign(session_id)
+    with pytest.raises(BadToken) as refused:
+        SessionCarriers(Codec(Keyring([k1]))).session_id_of(carrier)
+    assert refused.value.code == "token_bad_signature"
+    assert SessionCarriers(Codec(Keyring([k1, k2]))).session_id_of(carrier) == session_id

@@ -133,6 +133,13 @@ def claim_key(tag: str, token_digest: bytes, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:claim:{token_digest.hex()}"
 
 
+def session_claim_key(tag: str, prefix: str = "satchel") -> str:
+    """The key of a streamed reply's claim on a session's stored state (server and
+    memory modes, where one session has one state at a time): it does not depend on
+    that state, so a request reads it with the state, in the same round trip."""
+    return f"{prefix}:{{{tag}}}:claim"
+
+
 def take_claim(tier: Any, key: str, observer: Observer, tag: str) -> None:
     """Take the claim ``key`` (set if absent, for ``CLAIM_TTL``), or raise ContextBusy:
     another request answering the same state holds it. TierError propagates: what a
@@ -745,6 +752,7 @@ __all__ = [
     "refuse_busy",
     "refuse_erased",
     "release_claim",
+    "session_claim_key",
     "stricter",
     "take_claim",
     "tombstone_ttl_for",

@@ -269,6 +269,9 @@ class Context:
     #: was stored), so saving is a compare-and-set and no concurrent request's turns
     #: are overwritten
     stored_as: bytes | None = field(default=None, repr=False)
+    #: server-side modes: a streamed reply held its claim on the stored state when this
+    #: context was loaded, so this request may read it but not save over it
+    stream_answering: bool = field(default=False, repr=False)
 
     @classmethod
     def new(cls, *, now: float | None = None, session_id: bytes | None = None) -> Context:
@@ -409,6 +412,7 @@ SEALED_FIELDS: tuple[str, ...] = (
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (
     "stored_as",
+    "stream_answering",
     "opened_kid",
     "opened_version",
     "degraded",

@@ -11,6 +11,8 @@ answers 503 ``tier_unavailable`` quickly (timeouts and the breaker) instead of a
 or a hang. Unlike them, a save is a compare-and-set against what the request loaded:
 of two concurrent requests for one session, exactly one is saved and the other
 answers 409 ``stale_context`` (send it again), so no turn is lost to the last writer.
+A streamed reply claims the stored state before its first text; any other request
+that would save over that state meanwhile is answered 409 ``context_busy``.
 ``memory`` keeps contexts in one process only: a second worker or a restart does not
 see them (docs/scaling.md).
 """
@@ -30,7 +32,15 @@ from itsdangerous.encoding import base64_decode, base64_encode
 
 from .app_schema import MetadataSchema
 from .codec import Codec
-from .consistency import ERASED, claim_key, mark_key, refuse_erased, release_claim, take_claim
+from .consistency import (
+    ERASED,
+    mark_key,
+    refuse_busy,
+    refuse_erased,
+    release_claim,
+    session_claim_key,
+    take_claim,
+)
 from .context import Context
 from .errors import (
     BadSignature,
@@ -187,9 +197,11 @@ class ServerSidePipeline(Pipeline):
             raise
         key = self.key_for(session_id)
         tag = self.session_tag(session_id)
-        # The erasure tombstone shares the session's slot: one round trip reads both.
+        # The erasure tombstone and a streamed reply's claim share the session's slot:
+        # one round trip reads all three.
         tombstone = mark_key(tag)
-        fetched = self.store.get_many([key, tombstone], cache=False)
+        claim = session_claim_key(tag, self.prefix)
+        fetched = self.store.get_many([key, tombstone, claim], cache=False)
         if fetched.reason(key) == "tier_unavailable":
             self._store_unavailable()
         if fetched.get(tombstone) == ERASED:
@@ -211,6 +223,10 @@ class ServerSidePipeline(Pipeline):
         # refused by the envelope parser as a BadToken, never a UnicodeDecodeError.
         ctx = self.open_token(stored, now=now, timings=timings)
         ctx.stored_as = stored  # what the save compares against
+        # A reply streaming for this state will save over it when it ends: this request
+        # may read it, but a save of its own would win the compare-and-set and leave
+        # that stream (whole reply sent) to end in an error event. save() refuses it.
+        ctx.stream_answering = fetched.get(claim) is not None
         return ctx
 
     def claim(self, ctx: Context) -> str | None:
@@ -225,7 +241,7 @@ class ServerSidePipeline(Pipeline):
         if ctx.stored_as is None:
             return None
         tag = self.session_tag(ctx.session_id)
-        key = claim_key(tag, hashlib.sha256(ctx.stored_as).digest()[:12], self.prefix)
+        key = session_claim_key(tag, self.prefix)
         with self._store_errors("claim", "the session store is unavailable; retry shortly"):
             take_claim(self.store, key, self.observer, tag)
         # A request that loaded the state while another stream of it was still being
@@ -300,6 +316,10 @@ class ServerSidePipeline(Pipeline):
     ) -> SaveResult:
         now = self.clock() if now is None else now
         timings = {} if timings is None else timings
+        if ctx.stream_answering:
+            # Refused before the view by the extension unless the request is a read
+            # (GET, HEAD, OPTIONS); a read that changed the context is refused here.
+            refuse_busy(self.observer, self.session_tag(ctx.session_id))
         ctx.last_active = max(ctx.last_active, int(now))
         t0 = time.perf_counter()
         apply_policies(ctx, self.policy, now)

@@ -47,6 +47,7 @@ from ..consistency import (
     MarkState,
     MonotonicGuard,
     new_mark_id,
+    refuse_busy,
     stricter,
 )
 from ..context import Context
@@ -479,6 +480,11 @@ class Satchel:
                 rs.reset = notice.split(":", 1)[1]
         rs.opened_digest = ctx.parent if token else None
         self._check_binding(ctx, config, pipeline)
+        if ctx.stream_answering and request.method not in _READS:
+            # Server and memory modes: a reply streaming for this stored state will save
+            # over it. Refused before the view (and its model call) runs; a read is
+            # served, and refused at its save only if it changed the context.
+            refuse_busy(self.observer, pipeline.session_tag(ctx.session_id))
         if config.mode == "client":
             tag = pipeline.session_tag(ctx.session_id)
             # The route's level comes from its view function as registered, not only
