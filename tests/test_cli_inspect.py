@@ -144,6 +144,26 @@ def test_no_keys_exits_2() -> None:
     assert "SATCHEL_KEYS" in err
 
 
+@pytest.mark.parametrize("command", ["inspect", "erase"])
+@pytest.mark.parametrize("given", ["option", "environment"])
+def test_an_empty_purpose_exits_2_with_one_line(command: str, given: str) -> None:
+    """An empty purpose (``--purpose ""``, or ``SATCHEL_PURPOSE`` set but empty) reached
+    the codec's ValueError: a traceback, and exit 1, which says "token refused"."""
+    args = ["--purpose", ""] if given == "option" else []
+    extra = {"SATCHEL_PURPOSE": ""} if given == "environment" else {}
+    target = mint() if command == "inspect" else "00112233445566778899aabbccddeeff"
+    proc = subprocess.run(
+        [*satchel_command(), command, *args, target],
+        env=satchel_env(KEYS.to_string(), SATCHEL_OVERFLOW_URL="memory://", **extra),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "purpose must be a non-empty string" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_malformed_token_exits_1() -> None:
     code, out, _ = run("not-a-token", keys=KEYS.to_string())
     assert code == 1

@@ -108,6 +108,7 @@ def test_bad_key_strings_are_configuration_errors(text: str) -> None:
         b64url_encode(SECRET) + ";k2:" + b64url_encode(SECRET),  # the wrong separator
         b64url_encode(SECRET)[:-1] + "=",  # a padding that does not fit the length
         b64url_encode(SECRET) + "AB",  # a length no base64 has (1 mod 4)
+        b64url_encode(SECRET)[:-1],  # cut short: a 31-byte secret, its last bits not zero
     ],
 )
 def test_a_secret_that_is_not_strict_base64url_is_refused_naming_only_the_kid(
@@ -120,6 +121,17 @@ def test_a_secret_that_is_not_strict_base64url_is_refused_naming_only_the_kid(
     exc = info.value
     assert "'k1'" in exc.message and exc.facts == {"kid": "k1"}
     assert secret not in exc.message and secret[:8] not in exc.message
+
+
+def test_a_secret_given_as_text_is_refused_when_the_key_is_made() -> None:
+    """``Key("k1", "a str")`` was accepted, and every seal and open then raised a
+    TypeError from HKDF: not a BadToken, which is all Codec.open() documents."""
+    text = b64url_encode(SECRET)
+    with pytest.raises(ConfigurationError) as info:
+        Key("k1", text)  # type: ignore[arg-type]
+    assert "bytes, not str" in info.value.message and text not in info.value.message
+    with pytest.raises(ConfigurationError):
+        Key("k1", bytearray(SECRET))  # type: ignore[arg-type]
 
 
 def test_standard_base64_secrets_are_accepted() -> None:

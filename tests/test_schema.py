@@ -256,6 +256,18 @@ def test_registering_a_version_twice_is_an_error() -> None:
             "tool arguments nested 65 deep",
             base_wire(t=[[2, "", 0, {"c": [["c1", "f", _nested(65)]]}]]),
         ),
+        # Held to their types, not coerced: True and 1.0 hash as 1 (a dict lookup found
+        # the role), and any iterable of the right length unpacked as an entry.
+        ("turn role as true", base_wire(t=[[True, "x", 0]])),
+        ("turn role as a float", base_wire(t=[[1.0, "x", 0]])),
+        ("turn role as true, with extras", base_wire(t=[[True, "x", 0, {"n": "a"}]])),
+        ("tool call as a str of three", base_wire(t=[[2, "x", 0, {"c": ["abc"]}]])),
+        (
+            "tool call as a map of three",
+            base_wire(t=[[2, "x", 0, {"c": [{"a": 1, "b": 2, "c": 3}]}]]),
+        ),
+        ("block as a str of three", base_wire(t=[[2, "x", 0, {"b": ["abc"]}]])),
+        ("lifecycle action as a str of five", base_wire(l=[{}, 0, 0, ["abcde"]])),
         # Map keys are str: a bin key opens through msgpack's strict_map_key, but a
         # context holding one could not be sealed again.
         ("metadata with a bin key", base_wire(m={b"k": 1})),

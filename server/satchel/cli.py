@@ -79,9 +79,21 @@ def register_cli_dictionaries(values: Sequence[str] | None) -> None:
         raise ConfigurationError(f"--dictionary: {exc}") from None
 
 
+def _purpose(text: str) -> str:
+    """A purpose as the app's SATCHEL_PURPOSE takes it; argparse's exit 2 (one line)
+    otherwise, not the codec's ValueError (a traceback, and exit 1: "refused")."""
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(
+            f"the purpose must be a non-empty string without NUL, not {text!r} "
+            "(from --purpose or SATCHEL_PURPOSE)"
+        )
+    return text
+
+
 def _add_purpose_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--purpose",
+        type=_purpose,  # also applied to the default, read from the environment
         default=os.environ.get("SATCHEL_PURPOSE", "satchel"),
         help="the app's SATCHEL_PURPOSE (default: $SATCHEL_PURPOSE, else 'satchel')",
     )

@@ -58,11 +58,18 @@ def b64url_decode(text: str) -> bytes:
     if len(unpadded) % 4 == 1 or (text != unpadded and len(text) % 4):
         raise ValueError("not base64url: a truncated or wrongly padded length")
     try:
-        return base64.b64decode(
-            unpadded + "=" * (-len(unpadded) % 4), altchars=b"-_", validate=True
-        )
+        raw = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), altchars=b"-_", validate=True)
     except binascii.Error:
         raise ValueError("not base64url") from None
+    if b64url_encode(raw) != unpadded:
+        # The last character has bits set that no encoder writes: most often a secret
+        # cut short by a character when pasted, which would decode to another secret
+        # (every token of the other instances then a bad signature, with no warning).
+        raise ValueError(
+            "not canonical base64url: its last character carries bits no encoder writes "
+            "(cut short or altered? compare it with the secret the other instances use)"
+        )
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +80,19 @@ class Key:
     secret: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        if not _KID_RE.fullmatch(self.kid):
+        if not isinstance(self.kid, str) or not _KID_RE.fullmatch(self.kid):
             # Not echoed: a key written the wrong way round ('secret:kid') would put
             # the secret in the message.
             raise ConfigurationError("a key id is 1-16 characters of A-Z, a-z, 0-9, '_' or '-'")
+        if not isinstance(self.secret, bytes):
+            # Refused here, not at the first seal or open (a TypeError from HKDF, which
+            # no caller expects from Codec.open()). A str is most often the 'kid:secret'
+            # text's secret half: Keyring.from_string decodes it.
+            raise ConfigurationError(
+                f"key {self.kid!r}: the secret is bytes, not {type(self.secret).__name__} "
+                "(Keyring.from_string reads the 'kid:base64url-secret' form)",
+                kid=self.kid,
+            )
         if len(self.secret) < MIN_SECRET_BYTES:
             raise ConfigurationError(
                 f"key {self.kid!r} is too short: at least {MIN_SECRET_BYTES} bytes",

@@ -341,6 +341,8 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     # Strings this short pass the length check without being encoded.
     short = DEFAULT_LIMITS.max_str_bytes // 4
     for a in recent:
+        if type(a) is not list:  # a str of five characters would unpack as five fields
+            raise TypeError("a lifecycle action is an array")
         action = LifecycleAction(*a)  # a wrong shape is an invalid context, as before
         if (  # what Satchel writes, read without walking it (every request opens some)
             len(a) == 5
@@ -462,7 +464,11 @@ def turns_from_wire(wires: list[Any]) -> list[Turn]:
     """
     return [
         Turn(_ROLE_OF[w[0]], w[1], w[2])
-        if len(w) == 3 and type(w[1]) is str and type(w[2]) in _NUMBER_TYPES and w[2] - w[2] == 0
+        if len(w) == 3
+        and type(w[0]) is int  # True and 1.0 are keys of _ROLE_OF too (they hash as 1)
+        and type(w[1]) is str
+        and type(w[2]) in _NUMBER_TYPES
+        and w[2] - w[2] == 0
         else _turn_from_wire(w)
         for w in wires
     ]
@@ -478,6 +484,8 @@ def _turn_from_wire(w: list[Any]) -> Turn:
     content = w[1]
     if type(content) is not str:
         raise TypeError("turn content")
+    if type(w[0]) is not int:  # True and 1.0 would find a role: held to the type
+        raise TypeError("turn role is an int")
     if len(w) == 3:
         return Turn(_ROLE_OF[w[0]], content, _turn_time(w[2]))
     extra = w[3]
@@ -488,12 +496,12 @@ def _turn_from_wire(w: list[Any]) -> Turn:
         content,
         _turn_time(w[2]),
         tool_calls=tuple(
-            ToolCall(_str(i), _str(n), _arguments(a)) for i, n, a in _list(extra, "c")
+            ToolCall(_str(i), _str(n), _arguments(a)) for i, n, a in _triples(extra, "c")
         ),
         tool_call_id=_opt_str(extra.get("i")),
         blocks=tuple(
             OpaqueBlock(_str(t), d if type(d) is str else _bin(d), _str(p))
-            for t, d, p in _list(extra, "b")
+            for t, d, p in _triples(extra, "b")
         ),
         name=_opt_str(extra.get("n")),
     )
@@ -512,6 +520,16 @@ def _list(extra: dict[str, Any], key: str) -> list[Any]:
     if type(value) is not list:
         raise TypeError(f"turn extras {key!r} is an array")
     return value
+
+
+def _triples(extra: dict[str, Any], key: str) -> list[list[Any]]:
+    """The entries of ``extra[key]``, each an array of 3 (a tool call, a block). Any
+    other iterable of 3 (a str, a map) would unpack too, and open coerced."""
+    entries = _list(extra, key)
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 3:
+            raise TypeError(f"turn extras {key!r} holds arrays of 3")
+    return entries
 
 
 def _arguments(value: Any) -> str | dict[str, Any]:
