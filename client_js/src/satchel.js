@@ -538,7 +538,9 @@ function metaFromEvent(obj) {
  */
 export class SSEParser {
   constructor() {
-    this._decoder = new TextDecoder('utf-8');
+    // ignoreBOM: the decoder keeps a leading BOM, which _process strips (as for a
+    // string chunk); by default it stripped one too, and a second was lost with it.
+    this._decoder = new TextDecoder('utf-8', { ignoreBOM: true });
     this._line = '';
     this._afterCR = false;
     this._started = false;

@@ -130,3 +130,15 @@ test('parseSSE: accepts async iterables of chunks', async () => {
   for await (const ev of parseSSE(streamOf(['data: b\n\n']))) fromStream.push(ev.data);
   assert.deepEqual(fromStream, ['b']);
 });
+
+test('only one leading BOM is stripped, from bytes as from a string', () => {
+  // WHATWG: one BOM at the very start is ignored; a second belongs to the first
+  // line's field name ("\uFEFFdata"), an unknown field, so no event is dispatched.
+  const text = '\uFEFF\uFEFFdata: x\n\ndata: y\n\n';
+  const expected = [{ event: 'message', data: 'y' }];
+  assert.deepEqual(parseChunks([text]), expected);
+  assert.deepEqual(parseChunks([enc.encode(text)]), expected);
+  const bytes = enc.encode(text);
+  assert.deepEqual(parseChunks([bytes.slice(0, 2), bytes.slice(2, 4), bytes.slice(4)]), expected);
+  assert.deepEqual(parseChunks([enc.encode('\uFEFFdata: x\n\n')]), [{ event: 'message', data: 'x' }]);
+});
