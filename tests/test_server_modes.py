@@ -627,6 +627,45 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
     assert client.get("/peek", headers=headers).get_json() == {"turns": 3}
 
 
+@pytest.mark.redis
+def test_a_claim_the_store_could_not_release_is_released_once_it_is_back(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Redis stalled while a reply streamed: the save failed (an error event, as it
+    should) and so did the claim's release, and the claim then held the conversation
+    for its whole TTL: every send was 409 context_busy for two minutes after Redis was
+    back. The release is now retried in the background until the store answers."""
+    from satchel.consistency import LATE_RELEASES
+
+    app, satchel = _stream_app("server", request)
+    redis = request.getfixturevalue("redis_server")
+    gate = _gated_stream(app, satchel)
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", "sent after the outage")
+        return {"ok": True}
+
+    client = app.test_client()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    gate.clear()
+    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
+    chunks = iter(streaming.response)
+    assert "the paid" in next(chunks).decode()  # the claim is taken
+    redis.pause()
+    try:
+        gate.set()
+        body = "".join(c.decode() for c in chunks)
+        streaming.close()  # the release runs here, and fails: Redis does not answer
+        assert "event: error" in body and "tier_unavailable" in body, body
+        assert LATE_RELEASES.pending() >= 1
+    finally:
+        redis.resume()
+    assert LATE_RELEASES.drained.wait(15), "the claim was never released"
+    after = client.post("/chat", headers={HEADER: carrier})
+    assert after.status_code == 200, after.get_data(as_text=True)
+
+
 def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:
     """The claim was released when the streamed body ended, and a body never read (a
     HEAD request, an after_request hook that failed) never ends: the conversation's

@@ -29,6 +29,7 @@ See docs/consistency.md.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -54,6 +55,8 @@ from .schema import MARK_ID_BYTES
 
 if TYPE_CHECKING:
     from .tiers.guard import Fetched
+
+log = logging.getLogger("satchel.consistency")
 
 LEVELS = ("client", "monotonic", "server")
 STRICTNESS = {"client": 0, "monotonic": 1, "server": 2}
@@ -122,7 +125,8 @@ def decode_newest(raw: bytes) -> tuple[bytes, bytes, str, int] | None:
 
 
 #: How long a streamed reply holds its claim on the token it answers, at most. It is
-#: released when the stream ends, however it ends; the TTL only bounds a worker that
+#: released when the stream ends, however it ends (a release the tier fails is retried
+#: in the background until it answers: LateReleases); the TTL only bounds a worker that
 #: died mid-stream (that token then waits this long before it can be sent again).
 CLAIM_TTL = 120.0
 
@@ -140,13 +144,24 @@ def session_claim_key(tag: str, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:claim"
 
 
-def take_claim(tier: Any, key: str, observer: Observer, tag: str) -> None:
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A streamed reply's claim: the key it holds and the random id it wrote there, so
+    a release retried late removes this claim only, never one a later stream took."""
+
+    key: str
+    holder: bytes
+
+
+def take_claim(tier: Any, key: str, observer: Observer, tag: str) -> Claim:
     """Take the claim ``key`` (set if absent, for ``CLAIM_TTL``), or raise ContextBusy:
     another request answering the same state holds it. TierError propagates: what a
     tier failure means depends on who claims (a monotonic route's policy, server
     mode's outage)."""
-    if tier.compare_and_set_mark(key, None, new_mark_id(), CLAIM_TTL) is not None:
+    holder = new_mark_id()
+    if tier.compare_and_set_mark(key, None, holder, CLAIM_TTL) is not None:
         refuse_busy(observer, tag)
+    return Claim(key, holder)
 
 
 def refuse_busy(observer: Observer, tag: str) -> NoReturn:
@@ -162,12 +177,88 @@ def refuse_busy(observer: Observer, tag: str) -> NoReturn:
     )
 
 
-def release_claim(tier: Any, key: str) -> None:
-    """Drop a stream's claim (best effort: its TTL ends it otherwise)."""
+def release_claim(tier: Any, claim: Claim) -> None:
+    """Drop a stream's claim. A tier that fails the delete (the very outage that ended
+    the stream, most often) would leave it to hold the conversation for ``CLAIM_TTL``:
+    every send refused 409 ``context_busy`` for two minutes after the tier was back.
+    The release is retried in the background until the tier answers."""
     try:
-        tier.delete([key])
+        tier.delete([claim.key])
     except TierError:
-        pass
+        log.info("satchel: a stream's claim could not be released; retrying in the background")
+        LATE_RELEASES.add(tier, claim)
+
+
+def _release_if_held(tier: Any, claim: Claim) -> None:
+    """Remove ``claim`` if its key still holds it (TierError if the tier fails). The
+    tier has no conditional delete: a compare-and-set first swaps this claim's id for
+    an empty value (a key holding another id, taken once this claim expired, is left
+    alone), which no stream can claim over, then the key is deleted. Should the delete
+    fail, the empty value expires within ``_RELEASED_TTL``."""
+    if tier.compare_and_set_mark(claim.key, claim.holder, b"", _RELEASED_TTL) is None:
+        tier.delete([claim.key])
+
+
+#: How long a claim swapped for an empty value by a late release may outlive a failed
+#: delete (it refuses streams as busy meanwhile).
+_RELEASED_TTL = 5.0
+
+
+class LateReleases:
+    """Claims whose release the tier failed, retried every ``interval`` seconds by one
+    daemon thread (started on demand, so after a fork each worker runs its own) until
+    the tier answers or the claim has expired anyway (``CLAIM_TTL``)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Any, Claim, float]] = []
+        self._thread: threading.Thread | None = None
+        #: set each time the pending list empties (tests wait on it)
+        self.drained = threading.Event()
+        self.drained.set()
+
+    def add(self, tier: Any, claim: Claim) -> None:
+        with self._lock:
+            self._pending.append((tier, claim, time.monotonic() + CLAIM_TTL))
+            self.drained.clear()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="satchel-claim-release", daemon=True
+                )
+                self._thread.start()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)  # a fixed cadence: nothing to wait for but time
+            with self._lock:
+                batch = list(self._pending)
+            done = []
+            for item in batch:
+                tier, claim, deadline = item
+                try:
+                    if time.monotonic() < deadline:
+                        _release_if_held(tier, claim)
+                except TierError:
+                    continue  # still down: next round
+                except Exception as exc:  # a tier bug must not kill the thread
+                    log.warning("satchel: releasing a claim failed (%s)", type(exc).__name__)
+                done.append(item)
+            with self._lock:
+                for item in done:
+                    self._pending.remove(item)
+                if not self._pending:
+                    self._thread = None
+                    self.drained.set()
+                    return
+
+
+#: The process's late releases (one thread at most, only while some are pending).
+LATE_RELEASES = LateReleases()
 
 
 def refuse_erased(observer: Observer, tag: str) -> NoReturn:
@@ -648,7 +739,7 @@ class MonotonicGuard:
             held is not None and hmac.compare_digest(held, mark[2]) for held in state.opened_ids
         )
 
-    def claim(self, ctx: Context, tag: str, state: MarkState) -> str | None:
+    def claim(self, ctx: Context, tag: str, state: MarkState) -> Claim | None:
         """Reserve the one answer a token may get, before a streamed reply starts.
 
         The mark moves only when the reply is complete, so without a claim every request
@@ -656,7 +747,7 @@ class MonotonicGuard:
         only the mark's compare-and-set, at the end, told them apart. The first claim
         of a token wins (set if absent); the others are refused with ContextBusy (409
         ``context_busy``) before any text goes out, and the winner looks at the mark
-        again (StaleContext if a save moved it meanwhile). Returns the claim's key, to
+        again (StaleContext if a save moved it meanwhile). Returns the claim, to
         :meth:`release` when the stream ends; None when there is nothing to claim (a new
         conversation, an unchecked mark) or the tier failed and ``fail_open`` lets the
         stream through.
@@ -664,9 +755,8 @@ class MonotonicGuard:
         digest = ctx.parent
         if not state.checked or digest is None:
             return None
-        key = claim_key(tag, digest)
         try:
-            take_claim(self.tier, key, self.observer, tag)
+            claim = take_claim(self.tier, claim_key(tag, digest), self.observer, tag)
         except TierError as exc:
             self._tier_down(ctx, tag, exc)  # fail_closed raises: a 503 before any text
             return None
@@ -680,14 +770,14 @@ class MonotonicGuard:
             try:
                 self._tier_down(ctx, tag, fetched.error)
             except BaseException:
-                self.release(key)
+                self.release(claim)
                 raise
-            return key
+            return claim
         raw = fetched.get(state.key)
         if raw != state.expected:
             mark = decode_mark(raw) if raw is not None and raw != ERASED else None
             if raw == ERASED or (mark is not None and not self._descends(ctx, *mark)):
-                self.release(key)
+                self.release(claim)
                 if raw == ERASED:
                     refuse_erased(self.observer, tag)
                 assert mark is not None
@@ -701,10 +791,10 @@ class MonotonicGuard:
                     detail="race",
                     newest_seq=mark[0],
                 )
-        return key
+        return claim
 
-    def release(self, key: str) -> None:
-        release_claim(self.tier, key)
+    def release(self, claim: Claim) -> None:
+        release_claim(self.tier, claim)
 
     def erase(self, tag: str) -> None:
         """Refuse this session's tokens from now on (a tombstone in place of the mark).
@@ -735,9 +825,12 @@ __all__ = [
     "CLAIM_TTL",
     "DEFAULT_MARK_TTL",
     "ERASED",
+    "LATE_RELEASES",
     "LEVELS",
     "MARK_TTL_MARGIN",
+    "Claim",
     "ForkDetector",
+    "LateReleases",
     "MarkState",
     "MonotonicGuard",
     "claim_key",

@@ -29,6 +29,7 @@ from .schema import SEQ_LIMIT, check_sealable
 from .segments import merge_start
 
 if TYPE_CHECKING:
+    from .consistency import Claim
     from .segments import SegmentStore
 
 Clock = Callable[[], float]
@@ -226,13 +227,13 @@ class Pipeline:
 
     # -- save -----------------------------------------------------------------------
 
-    def claim(self, ctx: Context) -> str | None:
+    def claim(self, ctx: Context) -> Claim | None:
         """Reserve what a streamed reply will save, before its first text: only the
         server-side modes, whose saves replace one stored copy, need one (a client-held
-        token's is the monotonic guard's). The key to :meth:`release`, or None."""
+        token's is the monotonic guard's). The claim to :meth:`release`, or None."""
         return None
 
-    def release(self, key: str) -> None:
+    def release(self, claim: Claim) -> None:
         """Drop a claim :meth:`claim` took."""
 
     def save(

@@ -34,6 +34,7 @@ from .app_schema import MetadataSchema
 from .codec import Codec
 from .consistency import (
     ERASED,
+    Claim,
     mark_key,
     refuse_busy,
     refuse_erased,
@@ -229,7 +230,7 @@ class ServerSidePipeline(Pipeline):
         ctx.stream_answering = fetched.get(claim) is not None
         return ctx
 
-    def claim(self, ctx: Context) -> str | None:
+    def claim(self, ctx: Context) -> Claim | None:
         """Reserve the one save the stored state this request loaded may get, before a
         streamed reply starts (:func:`~satchel.consistency.take_claim`, next to the
         context; :meth:`release` when the stream ends).
@@ -241,16 +242,15 @@ class ServerSidePipeline(Pipeline):
         if ctx.stored_as is None:
             return None
         tag = self.session_tag(ctx.session_id)
-        key = session_claim_key(tag, self.prefix)
         with self._store_errors("claim", "the session store is unavailable; retry shortly"):
-            take_claim(self.store, key, self.observer, tag)
+            claim = take_claim(self.store, session_claim_key(tag, self.prefix), self.observer, tag)
         # A request that loaded the state while another stream of it was still being
         # answered takes the claim as soon as that one releases it, by which time its
         # save has replaced the state: look again, now that no other answer can start.
         stored = self.key_for(ctx.session_id)
         fetched = self.store.get_many([stored], cache=False)
         if fetched.error is not None or fetched.get(stored) != ctx.stored_as:
-            self.release(key)
+            self.release(claim)
             if fetched.error is not None:
                 self._store_unavailable()
             self.observer.event("stale_refused", session=tag, detail="busy")
@@ -258,10 +258,10 @@ class ServerSidePipeline(Pipeline):
                 "another request for this conversation was answered while this one "
                 "waited; send it again"
             )
-        return key
+        return claim
 
-    def release(self, key: str) -> None:
-        release_claim(self.store, key)
+    def release(self, claim: Claim) -> None:
+        release_claim(self.store, claim)
 
     def _store_unavailable(self) -> NoReturn:
         """A read the store could not answer: counted, and a 503 (in server mode an
