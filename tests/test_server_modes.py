@@ -483,6 +483,21 @@ def _stream_app(mode: str, request: pytest.FixtureRequest) -> tuple[Flask, Satch
     return app, Satchel(app)
 
 
+def assert_busy(resp: Any) -> None:
+    assert resp.status_code == 409, resp.get_data(as_text=True)
+    assert resp.get_json()["error"]["code"] == "context_busy"
+
+
+def finish_stream(release: threading.Event, streaming: Any, chunks: Any) -> str:
+    """Let a held stream end (set ``release``) and read the rest of it: it must end
+    with its token, not an error event."""
+    release.set()
+    body = "".join(c.decode() for c in chunks)
+    streaming.close()
+    assert "event: satchel" in body and "event: error" not in body, body
+    return body
+
+
 def _gated_stream(app: Flask, satchel: Satchel) -> threading.Event:
     """Add ``POST /stream``: it streams "the paid ", then waits for the returned gate
     (set by the test; open at most 5 s) before the rest of the reply."""
@@ -614,13 +629,8 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
     assert views_run == []  # refused before the view (and its model call) ran
     read = in_thread(lambda: app.test_client().get("/peek", headers=headers))
     assert read.status_code == 200 and read.get_json() == {"turns": 1}
-    saving = in_thread(lambda: app.test_client().get("/peek-and-save", headers=headers))
-    assert saving.status_code == 409, saving.get_data(as_text=True)
-    assert saving.get_json()["error"]["code"] == "context_busy"
-    gate.set()
-    body = "".join(c.decode() for c in chunks)
-    streaming.close()
-    assert "event: satchel" in body and "event: error" not in body, body
+    assert_busy(in_thread(lambda: app.test_client().get("/peek-and-save", headers=headers)))
+    finish_stream(gate, streaming, chunks)
     again = client.post("/chat", headers=headers)  # once the stream has ended
     assert again.status_code == 200, again.get_data(as_text=True)
     assert views_run == ["chat"]
@@ -664,6 +674,59 @@ def test_a_claim_the_store_could_not_release_is_released_once_it_is_back(
     assert LATE_RELEASES.drained.wait(15), "the claim was never released"
     after = client.post("/chat", headers={HEADER: carrier})
     assert after.status_code == 200, after.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    "mode", ["memory", pytest.param("server", marks=pytest.mark.redis), "client-monotonic"]
+)
+def test_a_reply_streaming_past_the_claims_ttl_keeps_its_claim(
+    mode: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The claim expired after its TTL even while its reply was still streaming (a slow
+    reasoning model): a request sent then was answered and saved first, and the stream
+    ended in an error event after its whole reply. It is renewed while text flows."""
+    from satchel import consistency
+
+    ttl = 0.6
+    monkeypatch.setattr(consistency, "CLAIM_TTL", ttl)
+    if mode == "client-monotonic":  # the token's claim, next to its mark in the tier
+        app = Flask(__name__)
+        app.config.update(
+            SATCHEL_KEYS=KEYS,
+            SATCHEL_CONSISTENCY="monotonic",
+            SATCHEL_OVERFLOW_URL=f"sqlite:///{tmp_path / 'tier.sqlite3'}",
+        )
+        satchel = Satchel(app)
+    else:
+        app, satchel = _stream_app(mode, request)
+    done = threading.Event()
+
+    @app.post("/stream")
+    def stream_view() -> Any:
+        ctx = satchel.context
+
+        def deltas() -> Any:
+            while not done.wait(0.05):  # a word every 50 ms until the test is done
+                yield "word "
+
+        return satchel.stream(deltas(), on_complete=lambda text: ctx.add_turn("assistant", text))
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", "sent meanwhile")
+        return {"ok": True}
+
+    client = app.test_client()
+    done.set()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    done.clear()
+    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
+    chunks = iter(streaming.response)
+    start = time.monotonic()
+    while time.monotonic() - start < 2.5 * ttl:  # read the reply well past the TTL
+        assert "word" in next(chunks).decode()
+    assert_busy(in_thread(lambda: app.test_client().post("/chat", headers={HEADER: carrier})))
+    finish_stream(done, streaming, chunks)
 
 
 def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:

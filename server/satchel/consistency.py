@@ -189,6 +189,17 @@ def release_claim(tier: Any, claim: Claim) -> None:
         LATE_RELEASES.add(tier, claim)
 
 
+def renew_claim(tier: Any, claim: Claim) -> bool:
+    """Give ``claim`` a fresh ``CLAIM_TTL`` if its key still holds it, so a reply that
+    streams for longer than the TTL (a slow reasoning model) keeps it to the end. False
+    when the key holds something else (the claim expired meanwhile) or the tier failed:
+    the stream goes on, and its save's compare-and-set still decides."""
+    try:
+        return tier.compare_and_set_mark(claim.key, claim.holder, claim.holder, CLAIM_TTL) is None
+    except TierError:
+        return False
+
+
 def _release_if_held(tier: Any, claim: Claim) -> None:
     """Remove ``claim`` if its key still holds it (TierError if the tier fails). The
     tier has no conditional delete: a compare-and-set first swaps this claim's id for
@@ -796,6 +807,9 @@ class MonotonicGuard:
     def release(self, claim: Claim) -> None:
         release_claim(self.tier, claim)
 
+    def renew(self, claim: Claim) -> bool:
+        return renew_claim(self.tier, claim)
+
     def erase(self, tag: str) -> None:
         """Refuse this session's tokens from now on (a tombstone in place of the mark).
 
@@ -845,6 +859,7 @@ __all__ = [
     "refuse_busy",
     "refuse_erased",
     "release_claim",
+    "renew_claim",
     "session_claim_key",
     "stricter",
     "take_claim",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -37,6 +38,8 @@ MIN_SECRET_BYTES = 16
 def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
+
+log = logging.getLogger("satchel.keys")
 
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 _STANDARD_TO_URLSAFE = str.maketrans("+/", "-_")
@@ -58,18 +61,18 @@ def b64url_decode(text: str) -> bytes:
     if len(unpadded) % 4 == 1 or (text != unpadded and len(text) % 4):
         raise ValueError("not base64url: a truncated or wrongly padded length")
     try:
-        raw = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), altchars=b"-_", validate=True)
+        return base64.b64decode(
+            unpadded + "=" * (-len(unpadded) % 4), altchars=b"-_", validate=True
+        )
     except binascii.Error:
         raise ValueError("not base64url") from None
-    if b64url_encode(raw) != unpadded:
-        # The last character has bits set that no encoder writes: most often a secret
-        # cut short by a character when pasted, which would decode to another secret
-        # (every token of the other instances then a bad signature, with no warning).
-        raise ValueError(
-            "not canonical base64url: its last character carries bits no encoder writes "
-            "(cut short or altered? compare it with the secret the other instances use)"
-        )
-    return raw
+
+
+def is_canonical_b64url(text: str, raw: bytes) -> bool:
+    """Whether ``text`` is how an encoder writes ``raw`` (padding aside): False when its
+    last character carries bits no encoder sets, as a secret cut short by a character
+    when pasted does."""
+    return b64url_encode(raw) == text.rstrip("=")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,16 +224,28 @@ class Keyring:
                     f"key {len(keys) + 1} of the ring: a key id is 1-16 characters of "
                     "A-Z, a-z, 0-9, '_' or '-' (keys are written 'kid:secret')"
                 )
+            urlsafe = secret.strip().translate(_STANDARD_TO_URLSAFE)
             try:
                 # Standard base64 ('+', '/') is taken too: the two alphabets cannot be
                 # confused, and a key made by `openssl rand -base64 32` must not stop
                 # an upgraded app from starting.
-                raw = b64url_decode(secret.strip().translate(_STANDARD_TO_URLSAFE))
+                raw = b64url_decode(urlsafe)
             except ValueError as exc:
                 # The key id only: the message must never hold any of the secret.
                 raise ConfigurationError(
                     f"key {kid!r}: the secret is {exc} ('satchel keygen' prints one)", kid=kid
                 ) from None
+            if not is_canonical_b64url(urlsafe, raw):
+                # Taken (a key that worked must not stop an upgraded app from starting),
+                # but said: most often a secret cut short when pasted, which decodes to
+                # another secret than the other instances', and every token they seal
+                # is then a bad signature here. The key id only, as above.
+                log.warning(
+                    "satchel key %r: the secret's last character carries bits no encoder "
+                    "writes; was it cut short or altered? Compare it with the secret "
+                    "the other instances use ('satchel keygen' prints a well-formed one)",
+                    kid,
+                )
             keys.append(Key(kid, raw))
         return cls(keys, anchor_kid=anchor_kid)
 

@@ -236,6 +236,11 @@ class Pipeline:
     def release(self, claim: Claim) -> None:
         """Drop a claim :meth:`claim` took."""
 
+    def renew(self, claim: Claim) -> bool:
+        """Extend a claim :meth:`claim` took, while its reply still streams; whether it
+        was still held."""
+        return False
+
     def save(
         self, ctx: Context, *, now: float | None = None, timings: dict[str, float] | None = None
     ) -> SaveResult:

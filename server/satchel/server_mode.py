@@ -39,6 +39,7 @@ from .consistency import (
     refuse_busy,
     refuse_erased,
     release_claim,
+    renew_claim,
     session_claim_key,
     take_claim,
 )
@@ -262,6 +263,9 @@ class ServerSidePipeline(Pipeline):
 
     def release(self, claim: Claim) -> None:
         release_claim(self.store, claim)
+
+    def renew(self, claim: Claim) -> bool:
+        return renew_claim(self.store, claim)
 
     def _store_unavailable(self) -> NoReturn:
         """A read the store could not answer: counted, and a 503 (in server mode an

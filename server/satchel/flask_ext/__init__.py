@@ -39,6 +39,7 @@ from typing import Any, TypeVar, cast
 from flask import Flask, Response, current_app, request, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from .. import consistency
 from ..app_schema import MetadataMigration, MetadataSchema
 from ..codec import Algorithm, Codec, Mode
 from ..consistency import (
@@ -883,16 +884,33 @@ class Satchel:
         # stream the reply: the others are refused here (409 context_busy) before any
         # text goes out, not with an error event after the whole (paid-for) reply.
         release: Callable[[], None] | None = None
+        renew: Callable[[], bool] | None = None
         pipeline = self.state().pipeline
         if guard is not None and rs.mark is not None and rs.context is not None:
             tag = pipeline.session_tag(rs.context.session_id)
             claim = guard.claim(rs.context, tag, rs.mark)
             if claim is not None:
                 release = _once(functools.partial(guard.release, claim))
+                renew = functools.partial(guard.renew, claim)
         elif rs.context is not None:
             claim = pipeline.claim(rs.context)
             if claim is not None:
                 release = _once(functools.partial(pipeline.release, claim))
+                renew = functools.partial(pipeline.renew, claim)
+        renewed_at = time.monotonic()
+
+        def keep_claim() -> None:
+            """Renew the claim every quarter of its TTL while text flows: a reply that
+            streams past the TTL (a slow reasoning model) lost it, and a request sent
+            meanwhile was answered and saved first (the stream then ended in an error
+            event after its whole reply). One tier call per 30 s of streaming."""
+            nonlocal renewed_at
+            if renew is None or time.monotonic() - renewed_at < consistency.CLAIM_TTL / 4:
+                return
+            renewed_at = time.monotonic()
+            if not renew():
+                log.info("satchel stream: its claim could not be renewed")
+
         # Under fail_open the mark moves only once the final event is out (below): a
         # client gone mid-stream never gets this token and must not be locked out of
         # the conversation by a mark that names it. Under fail_closed nothing goes out
@@ -947,6 +965,7 @@ class Satchel:
                 yield ai_chunk({"type": "text-start", "id": "t0"})
             try:
                 for delta in deltas:
+                    keep_claim()
                     if delta:
                         parts.append(delta)
                         if ai_sdk:
