@@ -1876,6 +1876,47 @@ def test_a_session_issued_in_the_future_opens_only_within_the_clock_skew(
         assert body == {"session": {}, "rejected": "token_expired"}
 
 
+_NEW_YEAR = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class _BrowserSessionOnly:  # "permanent, but a browser-session cookie"
+    def get_expiration_time(self, app: flask.Flask, session: t.Any) -> datetime | None:
+        return None
+
+
+class _RememberMe:  # an expiry chosen from the session, permanent or not
+    def get_expiration_time(self, app: flask.Flask, session: t.Any) -> datetime | None:
+        return _NEW_YEAR if session.get("remember") else None
+
+
+@pytest.mark.parametrize("hook", [_BrowserSessionOnly, _RememberMe], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("permanent", [True, False])
+def test_the_expiration_hook_decides_the_cookie_as_flasks_does(hook: type, permanent: bool) -> None:
+    """Flask asks get_expiration_time for every session and sets what it returns: None
+    is a browser-session cookie, a date is Expires, permanent or not. Satchel asked it
+    only for permanent sessions, and ignored None: a permanent session kept now +
+    lifetime, and a "remember me" on a session that was not permanent got no Expires."""
+
+    def expires(base: type[SessionInterface]) -> str | None:
+        app = flask.Flask(__name__)
+        app.config.update(SECRET_KEY="test key", TESTING=True)
+        app.session_interface = type("Hooked", (hook, base), {})()
+
+        @app.route("/set")
+        def set_() -> str:
+            flask.session.update(x=1, remember=True)
+            flask.session.permanent = permanent
+            return ""
+
+        cookie = app.test_client().get("/set").headers["Set-Cookie"]
+        match = re.search(r"Expires=([^;]+)", cookie)
+        return match.group(1) if match else None
+
+    flasks = expires(SecureCookieSessionInterface)
+    assert expires(SatchelSessionInterface) == flasks
+    assert flasks == (None if hook is _BrowserSessionOnly else "Tue, 01 Jan 2030 00:00:00 GMT")
+
+
 def test_a_subclass_choosing_the_expiration_time_is_honoured() -> None:
     """get_expiration_time is Flask's documented hook ("remember me until..."); the
     cookie said now + lifetime whatever a subclass returned."""

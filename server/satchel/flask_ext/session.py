@@ -437,9 +437,6 @@ class SatchelSessionInterface(SessionInterface):
             return datetime.fromtimestamp(self._expires_at(app, self.clock()), UTC)
         return None
 
-    def _expiry_overridden(self) -> bool:
-        return type(self).get_expiration_time is not SatchelSessionInterface.get_expiration_time
-
     def _expires_at(self, app: Flask, now: float) -> int:
         lifetime = app.permanent_session_lifetime.total_seconds()
         return max(1, min(int(now + lifetime), _UINT32_MAX))
@@ -499,19 +496,24 @@ class SatchelSessionInterface(SessionInterface):
             session.permanent and app.config["SESSION_REFRESH_EACH_REQUEST"]
         )
         kept = getattr(session, "token_expires_at", None)
-        # A cookie re-issued only for a new key keeps the expiry it had.
-        expires_at = kept if kept and not refreshed else self._expires_at(app, now)
-        if (not kept or refreshed) and session.permanent and self._expiry_overridden():
-            # Flask's hook for a subclass to choose the expiry: honoured, as Flask's own
-            # interface does (for the cookie's Expires and the token's expiry alike).
-            chosen = self.get_expiration_time(app, session)
-            if chosen is not None:
-                expires_at = max(1, min(int(chosen.timestamp()), _UINT32_MAX))
+        # Flask's hook for the expiry, asked for every session as Flask's own interface
+        # does: a date is the cookie's Expires (a subclass's "remember me" on a session
+        # that is not permanent too), None a browser-session cookie (a permanent one
+        # too). The default says now + lifetime for permanent sessions, else None.
+        chosen = self.get_expiration_time(app, session)
+        if kept and not refreshed:
+            expires_at = kept  # a cookie re-issued only for a new key keeps its expiry
+        elif chosen is not None:
+            expires_at = max(1, min(int(chosen.timestamp()), _UINT32_MAX))
+        else:
+            # No Expires on the cookie, but the token still expires after the lifetime
+            # (Flask's signer likewise refuses a cookie older than max_age).
+            expires_at = self._expires_at(app, now)
         inner = self._inner(session)
         self._check_opens(session, name, inner)
         payload = self._wrap(inner)
         value, _raw = codec.seal_payload(payload, now=now, expires_at=expires_at)
-        expires = datetime.fromtimestamp(expires_at, UTC) if session.permanent else None
+        expires = datetime.fromtimestamp(expires_at, UTC) if chosen is not None else None
 
         def header_for(cookie_value: str) -> str:
             return dump_cookie(
