@@ -493,6 +493,7 @@ def test_compression_ratio_and_other_events() -> None:
         ("migrated", {"from_version": 1, "to_version": 2}),
         ("fork_detected", {}),
         ("stale_refused", {}),
+        ("busy_refused", {}),
         ("data_loss", {"turns": 3}),
         ("resealed", {}),
         ("erased", {}),
@@ -506,6 +507,7 @@ def test_compression_ratio_and_other_events() -> None:
     assert get("chat_migrations_total", {"from_version": "1"}) == 1
     assert get("chat_forks_total") == 1
     assert get("chat_stale_refused_total") == 1
+    assert get("chat_busy_refused_total") == 1
     assert get("chat_data_loss_total") == 1
     assert get("chat_data_loss_turns_total") == 3
     assert get("chat_tokens_resealed_total") == 1

@@ -473,14 +473,16 @@ def test_a_full_store_says_nothing_was_saved() -> None:
         assert error["code"] == "tier_full" and "nothing was saved" in error["message"]
 
 
-def _stream_app(mode: str, request: pytest.FixtureRequest) -> tuple[Flask, Satchel]:
+def _stream_app(
+    mode: str, request: pytest.FixtureRequest, observer: Any = None
+) -> tuple[Flask, Satchel]:
     """A bare app in ``mode`` (server mode on the test's own redis-server)."""
     config: dict[str, Any] = {"SATCHEL_KEYS": KEYS, "SATCHEL_MODE": mode, "TESTING": True}
     if mode == "server":
         config["SATCHEL_STORE_URL"] = request.getfixturevalue("redis_server").url
     app = Flask(__name__)
     app.config.update(config)
-    return app, Satchel(app)
+    return app, Satchel(app, observer=observer)
 
 
 def assert_busy(resp: Any) -> None:
@@ -594,7 +596,10 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
     (paid-for) reply: the JSON save had won the compare-and-set. Now the JSON request
     sees the stream's claim (read with the stored state) and is refused 409
     context_busy before its view runs; a read is served meanwhile unless it saves."""
-    app, satchel = _stream_app(mode, request)
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app, satchel = _stream_app(mode, request, metrics)
     gate = _gated_stream(app, satchel)
     views_run: list[str] = []
 
@@ -631,6 +636,9 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
     assert read.status_code == 200 and read.get_json() == {"turns": 1}
     assert_busy(in_thread(lambda: app.test_client().get("/peek-and-save", headers=headers)))
     finish_stream(gate, streaming, chunks)
+    # Counted as busy, not with stale tokens (replays, rollbacks, lost races).
+    assert metrics.registry.get_sample_value("satchel_busy_refused_total") == 2
+    assert metrics.registry.get_sample_value("satchel_stale_refused_total") == 0
     again = client.post("/chat", headers=headers)  # once the stream has ended
     assert again.status_code == 200, again.get_data(as_text=True)
     assert views_run == ["chat"]

@@ -170,7 +170,9 @@ def refuse_busy(observer: Observer, tag: str) -> NoReturn:
     Not stale (409 stale_context would tell a browser client its token is dead): busy
     (409 ``context_busy``). The same token works again once that reply has ended.
     """
-    observer.event("stale_refused", session=tag, detail="busy")
+    # Its own event: not a stale token (nothing replayed or rolled back; a client that
+    # stops a stream and sends again at once meets this), so not counted with those.
+    observer.event("busy_refused", session=tag)
     raise ContextBusy(
         "another request for this conversation is being answered right now; send it "
         "again once that reply has ended"

@@ -54,6 +54,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_stale_refused_total``: stale_refused
 * ``satchel_stale_recovered_total``: stale_refused with ``recovered`` (the 409 handed
   the newest token back)
+* ``satchel_busy_refused_total``: busy_refused (409 ``context_busy``: a streamed reply
+  was answering that token or stored state)
 * ``satchel_marks_lost_total``: mark_lost (a marked session's monotonic mark was gone
   from the tier: it lost data)
 * ``satchel_erased_total``: erased
@@ -344,6 +346,10 @@ class PrometheusObserver(Observer):
             "stale_recovered",
             "Stale refusals that handed the newest token back (its response had been lost)",
         )
+        self.busy_refused = counter(
+            "busy_refused",
+            "Requests refused 409 context_busy (a streamed reply held the token or session)",
+        )
         self.marks_lost = counter(
             "marks_lost",
             "Monotonic marks the tier lost (a token of a marked session found none)",
@@ -512,6 +518,8 @@ class PrometheusObserver(Observer):
             self.stale_refused.inc()
             if fields.get("recovered"):
                 self.stale_recovered.inc()
+        elif name == "busy_refused":
+            self.busy_refused.inc()
         elif name == "mark_lost":
             self.marks_lost.inc()
         elif name == "erased":

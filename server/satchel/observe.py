@@ -19,7 +19,8 @@ class Observer:
     def event(self, name: str, /, **fields: Any) -> None:
         """An audit-worthy event: issued, opened, migrated, metadata_migrated, trimmed,
         summarized, overflowed, rehydrated, segments_restored, expired, refused,
-        seal_failed, degraded, data_loss, fork_detected, stale_refused, mark_lost,
+        seal_failed, degraded, data_loss, fork_detected, stale_refused, busy_refused,
+        mark_lost,
         resealed, session_started, breaker_opened, breaker_closed, breaker_half_open,
         erased; and, for metrics only, degraded_response (once per response that
         carries ``Satchel-Degraded``)."""

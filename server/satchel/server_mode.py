@@ -254,7 +254,7 @@ class ServerSidePipeline(Pipeline):
             self.release(claim)
             if fetched.error is not None:
                 self._store_unavailable()
-            self.observer.event("stale_refused", session=tag, detail="busy")
+            self.observer.event("busy_refused", session=tag)
             raise ContextBusy(
                 "another request for this conversation was answered while this one "
                 "waited; send it again"
