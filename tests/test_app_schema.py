@@ -124,6 +124,13 @@ def test_a_malformed_metadata_version_is_an_invalid_context(bad: Any) -> None:
 # -- through the Flask extension ----------------------------------------------------------
 
 
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 def chat_app(version: int | None, *, fresh: bool = False, failing: bool = False) -> Flask:
     app = Flask(f"chat-v{version}")
     app.config.update(SATCHEL_KEYS=RING, TESTING=True)
@@ -222,6 +229,79 @@ def test_server_mode_migrates_stored_contexts_on_read() -> None:
     reopened = after.load(handle, now=NOW)
     assert reopened.metadata == {"prefs": [("tone", "curt")]}
     assert reopened.metadata_version == 2
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        {"seen": {1, 2}},  # a set
+        {1: "int key"},
+        {"obj": object()},
+        {"deep": _nested(70)},
+    ],
+    ids=["set", "int key", "object", "nested 70 deep"],
+)
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_migration_returning_metadata_no_token_carries_is_a_failed_migration(
+    returned: dict[Any, Any], fresh: bool
+) -> None:
+    """A migration's dict was taken whatever it held: the token opened, the view ran (a
+    paid model call), and every save of the session then failed with a 500. It is now
+    refused when the token opens, as a migration returning no dict is: a JSON 400
+    ``token_migration_failed``, or a fresh context under SATCHEL_ON_BAD_TOKEN="fresh"."""
+    v0_token = chat_app(None).test_client().post("/tone/warm").headers["Satchel-Context"]
+    app = Flask("bad-migration")
+    app.config.update(SATCHEL_KEYS=RING, TESTING=True, SATCHEL_METADATA_VERSION=1)
+    if fresh:
+        app.config["SATCHEL_ON_BAD_TOKEN"] = "fresh"
+    satchel = Satchel(app)
+    satchel.metadata_migration(from_version=0)(lambda meta: returned)
+    views: list[str] = []
+
+    @app.post("/chat")
+    def chat() -> dict[str, Any]:
+        satchel.context.add_turn("user", "hi")
+        views.append("ran")
+        return {}
+
+    response = app.test_client().post("/chat", headers={"Satchel-Context": v0_token})
+    if fresh:
+        assert response.status_code == 200, response.json
+        assert response.headers["Satchel-Reset"] == "token_migration_failed"
+        assert Codec(RING).open(response.headers["Satchel-Context"]).metadata == {}
+    else:
+        assert response.status_code == 400, response.json
+        assert response.json["error"]["code"] == "token_migration_failed"
+        assert views == []
+
+
+def test_a_downgrade_copies_bytes_like_metadata_the_sealer_takes() -> None:
+    """The downgrade's copy was copy.deepcopy, which cannot copy a memoryview: a view
+    that stored one (the sealer takes it, as bytes) got a 500 during deploy 1 only."""
+    app = Flask("memoryview")
+    app.config.update(
+        SATCHEL_KEYS=RING,
+        TESTING=True,
+        SATCHEL_METADATA_VERSION=1,
+        SATCHEL_METADATA_WRITE_VERSION=0,
+    )
+    satchel = Satchel(app)
+    satchel.metadata_downgrade(from_version=1)(lambda meta: {**meta, "shape": 0})
+
+    @app.post("/avatar")
+    def avatar() -> dict[str, Any]:
+        ctx = satchel.context
+        ctx.metadata["avatar"] = memoryview(b"\x89PNG")
+        ctx.metadata["buffer"] = bytearray(b"ab")
+        satchel.commit()
+        return {"kept": type(ctx.metadata["avatar"]).__name__}
+
+    response = app.test_client().post("/avatar")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.json == {"kept": "memoryview"}  # the view's own values, untouched
+    written = Codec(RING).open(response.headers["Satchel-Context"])
+    assert written.metadata == {"avatar": b"\x89PNG", "buffer": b"ab", "shape": 0}
+    assert written.metadata_version == 0
 
 
 # -- rolling deploys: read the new shape, write the old one, then switch -------------------

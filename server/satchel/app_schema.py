@@ -17,7 +17,8 @@ order when a token is opened, before the view sees the context::
 A migration gets the metadata dict and returns the new one (changing it in place and
 returning it is fine). Like Satchel's own migrations, it may raise ``KeyError``,
 ``TypeError``, ``ValueError``, ``IndexError`` or ``AttributeError`` for metadata it
-cannot upgrade: the token is then refused as ``token_migration_failed`` (a JSON 400,
+cannot upgrade, and what it returns must be a dict a token can carry (checked when the
+token opens); otherwise the token is refused as ``token_migration_failed`` (a JSON 400,
 or a fresh context with ``SATCHEL_ON_BAD_TOKEN="fresh"``), never a 500. A token whose
 metadata is newer than this deployment knows (after a rollback) is refused as
 ``token_unsupported_version``. Fresh contexts start at the current version.
@@ -42,7 +43,6 @@ A downgrade works on a copy: the view's ``ctx.metadata`` keeps the new shape.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -138,7 +138,7 @@ class MetadataSchema:
     @contextmanager
     def _downgraded(self, ctx: Context) -> Iterator[Context]:
         version = target = ctx.metadata_version
-        metadata = copy.deepcopy(ctx.metadata)
+        metadata = _copy_value(ctx.metadata, 0)
         while target > self.write_version:
             metadata, problem = _step(
                 self._downgrades[target], metadata, f"metadata downgrade {target} -> {target - 1}"
@@ -185,6 +185,30 @@ class MetadataSchema:
         ctx.metadata = metadata
         ctx.metadata_version = version
         return original
+
+
+def _copy_value(value: Any, depth: int) -> Any:
+    """A deep copy of metadata for a downgrade to change freely, as it would be sealed:
+    containers copied, ``bytearray`` and ``memoryview`` as bytes (which the sealer
+    writes them as; ``copy.deepcopy`` cannot copy a memoryview, and failed the save
+    with a TypeError only while a deploy wrote the older shape). Anything else is
+    immutable or is refused by the sealer anyway. Past the depth the sealer allows,
+    ContextNotSerializable (a cycle would not end)."""
+    if depth > _MAX_COPY_DEPTH:
+        raise ContextNotSerializable("metadata is nested deeper than a token carries")
+    if isinstance(value, dict):
+        return {key: _copy_value(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_value(item, depth + 1) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_copy_value(item, depth + 1) for item in value)
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return value
+
+
+#: schema.MAX_METADATA_DEPTH (not imported: schema imports this module)
+_MAX_COPY_DEPTH = 64
 
 
 def _step(

@@ -20,12 +20,19 @@ from typing import TYPE_CHECKING, Any
 from .app_schema import MetadataSchema
 from .codec import Codec, Prepared
 from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
-from .errors import BadToken, BudgetExceeded, InvalidContext, SatchelError, TierError
+from .errors import (
+    BadToken,
+    BudgetExceeded,
+    InvalidContext,
+    MigrationFailed,
+    SatchelError,
+    TierError,
+)
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.summarize import SUMMARY_HEADER, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded
-from .schema import SEQ_LIMIT, check_sealable
+from .schema import SEQ_LIMIT, check_sealable, metadata_problem
 from .segments import merge_start
 
 if TYPE_CHECKING:
@@ -160,6 +167,16 @@ class Pipeline:
                 raise InvalidContext("the token's sequence number is the last one a token carries")
             t1 = time.perf_counter()
             metadata_from = self.metadata_schema.upgrade(opened.context)
+            if metadata_from is not None and metadata_problem(opened.context.metadata):
+                # What the app's migration returned must seal again: refused here, as a
+                # failed migration (a 400, or a fresh context by policy), not after the
+                # view ran, as every later request of the session would be (a 500).
+                raise MigrationFailed(
+                    f"the metadata migration from version {metadata_from} returned "
+                    "metadata a token cannot carry (satchel.schema.metadata_problem "
+                    "names the field)",
+                    from_version=metadata_from,
+                )
             opened.timings["migrate"] = opened.timings.get("migrate", 0.0) + (
                 time.perf_counter() - t1
             )

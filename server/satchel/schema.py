@@ -873,6 +873,14 @@ def _str_problem(value: Any, where: str, limits: Limits) -> str | None:
 MAX_METADATA_DEPTH = 64
 
 
+def metadata_problem(metadata: Any, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """Why ``metadata`` could not be sealed and opened again as it is (the reason names
+    the place and type at fault, never a value), or None."""
+    if not isinstance(metadata, dict):
+        return f"metadata is {type(metadata).__name__}, not a dict"
+    return _value_problem(metadata, "metadata", limits, 0)
+
+
 def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | None:
     """What makes ``value`` (metadata, tool arguments) not come back as it went in."""
     if value is None or isinstance(value, bool | int | float):
@@ -981,6 +989,7 @@ __all__ = [
     "MIGRATIONS",
     "check_sealable",
     "from_wire",
+    "metadata_problem",
     "migrate",
     "migration",
     "to_wire",
