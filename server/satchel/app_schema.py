@@ -194,7 +194,7 @@ def _copy_value(value: Any, depth: int) -> Any:
     with a TypeError only while a deploy wrote the older shape). Anything else is
     immutable or is refused by the sealer anyway. Past the depth the sealer allows,
     ContextNotSerializable (a cycle would not end)."""
-    if depth > _MAX_COPY_DEPTH:
+    if depth > MAX_METADATA_DEPTH:
         raise ContextNotSerializable("metadata is nested deeper than a token carries")
     if isinstance(value, dict):
         return {key: _copy_value(item, depth + 1) for key, item in value.items()}
@@ -207,8 +207,9 @@ def _copy_value(value: Any, depth: int) -> Any:
     return value
 
 
-#: schema.MAX_METADATA_DEPTH (not imported: schema imports this module)
-_MAX_COPY_DEPTH = 64
+#: Deeper than this, msgpack's packer refuses anyway: the sealer says so with the place
+#: named (satchel.schema), and a downgrade's copy stops there.
+MAX_METADATA_DEPTH = 64
 
 
 def _step(
@@ -253,6 +254,7 @@ def check_version(version: int) -> int:
 
 
 __all__ = [
+    "MAX_METADATA_DEPTH",
     "MAX_METADATA_VERSION",
     "MetadataMigration",
     "MetadataSchema",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import serialize
-from .app_schema import check_version, registrar
+from .app_schema import MAX_METADATA_DEPTH, check_version, registrar
 from .context import (
     ROLES,
     SESSION_ID_BYTES,
@@ -867,10 +867,6 @@ def _str_problem(value: Any, where: str, limits: Limits) -> str | None:
         if len(value.encode("utf-8", "surrogatepass")) > limits.max_str_bytes:
             return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
     return None
-
-
-#: Deeper than this, msgpack's packer refuses anyway; say so with the place named.
-MAX_METADATA_DEPTH = 64
 
 
 def metadata_problem(metadata: Any, limits: Limits = DEFAULT_LIMITS) -> str | None:

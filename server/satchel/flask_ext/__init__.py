@@ -886,17 +886,16 @@ class Satchel:
         release: Callable[[], None] | None = None
         renew: Callable[[], bool] | None = None
         pipeline = self.state().pipeline
+        claimer: MonotonicGuard | Pipeline = pipeline
+        claim = None
         if guard is not None and rs.mark is not None and rs.context is not None:
-            tag = pipeline.session_tag(rs.context.session_id)
-            claim = guard.claim(rs.context, tag, rs.mark)
-            if claim is not None:
-                release = _once(functools.partial(guard.release, claim))
-                renew = functools.partial(guard.renew, claim)
+            claimer = guard
+            claim = guard.claim(rs.context, pipeline.session_tag(rs.context.session_id), rs.mark)
         elif rs.context is not None:
             claim = pipeline.claim(rs.context)
-            if claim is not None:
-                release = _once(functools.partial(pipeline.release, claim))
-                renew = functools.partial(pipeline.renew, claim)
+        if claim is not None:
+            release = _once(functools.partial(claimer.release, claim))
+            renew = functools.partial(claimer.renew, claim)
         renewed_at = time.monotonic()
 
         def keep_claim() -> None:
