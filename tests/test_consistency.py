@@ -1815,28 +1815,31 @@ def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path:
     _assert_erased_without_a_newest_token(app, client, session_id, t0)
 
 
-def test_a_save_between_an_erasures_delete_and_its_tombstone_keeps_no_token(
-    tmp_path: Path,
-) -> None:
-    """Erasure deletes the session's keys, then writes its tombstone. A save in between
-    finds its mark gone (a lost mark, as far as it can tell), sets it again and keeps its
-    token with it; the tombstone then replaced the mark only, and the erased
-    conversation's newest token stayed in the tier for a week."""
+def test_a_save_right_after_an_erasure_keeps_no_token(tmp_path: Path) -> None:
+    """Erasure used to delete the session's keys, then write its tombstone. A save in
+    between found its mark gone (a lost mark, as far as it can tell), set it again and
+    kept its token with it; the erased conversation's newest token stayed in the tier
+    for a week. The delete and the tombstone are one step now: the save comes after
+    both and is refused."""
     app, satchel, client, t0, session_id = _a_session_on_sqlite(tmp_path)
     t1 = post(client, "/spend", t0).headers["Satchel-Context"]
     tier = Satchel.state(app).tier
-    original = tier.delete_session
     saved: list[Any] = []
 
-    def delete_then_a_save_comes(tag: str) -> int:
-        count = original(tag)
-        saved.append(in_thread(lambda: post(app.test_client(), "/spend", t1)))
-        return count
+    def then_a_save_comes(original: Any) -> Any:
+        def wrapped(*args: Any) -> Any:
+            count = original(*args)
+            if not saved:
+                saved.append(in_thread(lambda: post(app.test_client(), "/spend", t1)))
+            return count
 
-    tier.delete_session = delete_then_a_save_comes
+        return wrapped
+
+    for name in ("delete_session", "erase_session"):
+        setattr(tier, name, then_a_save_comes(getattr(tier, name)))
     with app.app_context():
         satchel.erase(session_id)
-    assert saved and saved[0].status_code == 200  # it came between the two
+    assert saved and saved[0].status_code == 410
     _assert_erased_without_a_newest_token(app, client, session_id, t1)
 
 

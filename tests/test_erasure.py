@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +16,15 @@ from satchel.errors import ContextErased
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import Pipeline
 from satchel.segments import SegmentStore
-from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+from satchel.tiers import (
+    BreakerPolicy,
+    GuardedTier,
+    MemoryTier,
+    SegmentCache,
+    SQLiteTier,
+    Tier,
+    tier_from_url,
+)
 
 NOW = 1_795_000_000.0
 
@@ -162,24 +172,155 @@ def test_an_erasure_while_a_request_runs_stops_its_writes(consistency: str) -> N
     assert [k for k in tier._data if f"{{{tag}}}" in k] == [f"satchel:{{{tag}}}:hwm"]
 
 
-def test_the_tombstone_is_written_even_when_a_save_moves_the_mark_in_between() -> None:
-    """erase read the mark, a monotonic save moved it, and the compare-and-set failed
-    silently: no tombstone, while erase said the session's tokens were refused."""
-    from satchel.consistency import ERASED, MonotonicGuard, mark_key
+def _real_tier(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Tier:
+    if kind == "sqlite":
+        return SQLiteTier(tmp_path / "tier.db")
+    return tier_from_url(request.getfixturevalue("redis_server").url)
 
-    class RacingTier(MemoryTier):
-        """Moves the mark once, between erase's read and its compare-and-set."""
 
-        raced = False
+def _chat_app(tier: Tier, consistency: str, **config: Any) -> tuple[Any, Any, Codec]:
+    from flask import Flask, request
 
-        def compare_and_set_mark(self, key, expected, new, ttl):  # type: ignore[no-untyped-def]
-            if new == ERASED and not self.raced:
-                self.raced = True
-                super().compare_and_set_mark(key, expected, b"moved by a save", ttl)
-            return super().compare_and_set_mark(key, expected, new, ttl)
+    from satchel import Satchel
 
-    tier = RacingTier()
-    guard = MonotonicGuard(GuardedTier(tier))
-    tier.compare_and_set_mark(mark_key("t1"), None, b"mark", 60)
-    guard.erase("t1")
-    assert tier.raced and tier.get_many([mark_key("t1")]) == [ERASED]
+    app = Flask(__name__)
+    app.config.update(
+        {
+            "SATCHEL_KEYS": Keyring.generate("k1").to_string(),
+            "SATCHEL_CONSISTENCY": consistency,
+            "SATCHEL_MAX_TOKEN_BYTES": 1200,
+            **config,
+        }
+    )
+    satchel = Satchel(app, tier=tier)
+
+    @app.post("/chat")
+    def chat() -> dict:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+        ctx.add_turn("assistant", text(-len(ctx.turns)))
+        return {"session": ctx.session_id.hex()}
+
+    return app, satchel, Satchel.state(app).codec
+
+
+def _send(client: Any, token: str | None, i: int) -> Any:
+    headers = {"Satchel-Context": token} if token else {}
+    return client.post("/chat", json={"message": text(i)}, headers=headers)
+
+
+def _overflowed_session(client: Any) -> tuple[str, str]:
+    token = None
+    for i in range(8):
+        response = _send(client, token, i)
+        assert response.status_code == 200
+        token = response.headers["Satchel-Context"]
+    assert token is not None
+    return token, response.get_json()["session"]
+
+
+def _segments_left(tier: Tier, codec: Codec, session: str) -> list[str]:
+    tag = codec.session_tag(bytes.fromhex(session))
+    if isinstance(tier, SQLiteTier):
+        rows = tier._conn().execute("SELECT key FROM satchel_kv WHERE tag = ?", (tag,))
+        keys = [k for (k,) in rows]
+    else:
+        keys = [k.decode() for k in tier.client.keys(f"*{{{tag}}}*")]
+    return sorted(k for k in keys if ":seg:" in k or k.endswith((":newest", ":ctx")))
+
+
+@pytest.mark.parametrize("consistency", ["client", "monotonic"])
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_spill_right_after_an_erasures_delete_is_refused(
+    kind: str, consistency: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Erasure deleted the session's keys and then wrote its tombstone: a spill that
+    came in between found no tombstone, wrote its segment, and erase still said the
+    session was gone. The delete and the tombstone are one step now."""
+    tier = _real_tier(kind, request, tmp_path)
+    app, satchel, codec = _chat_app(tier, consistency)
+    client = app.test_client()
+    token, session = _overflowed_session(client)
+    racing: list[Any] = []
+
+    def then_the_next_message(original: Any) -> Any:
+        def wrapped(*args: Any) -> Any:
+            result = original(*args)
+            if not racing:  # the user's next message arrives right after it
+                racing.append(_send(app.test_client(), token, 100))
+            return result
+
+        return wrapped
+
+    for name in ("delete_session", "erase_session"):
+        setattr(tier, name, then_the_next_message(getattr(tier, name)))
+    with app.app_context():
+        erased = satchel.erase(session)
+    assert erased["tokens_refused"] and erased["deleted_keys"] > 0
+    assert racing and racing[0].status_code == 410, racing[0].get_data(as_text=True)
+    assert racing[0].get_json()["error"]["code"] == "token_erased"
+    assert _segments_left(tier, codec, session) == []
+    tier.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_an_erasure_between_a_spills_check_and_its_write_leaves_nothing(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A spill read the tombstone (none yet) and then wrote its segment: an erasure
+    that ran between the two left that segment in the tier for its whole TTL. The
+    check is part of the write now."""
+    tier = _real_tier(kind, request, tmp_path)
+    app, _satchel, codec = _chat_app(tier, "client")
+    client = app.test_client()
+    token, session = _overflowed_session(client)
+    erased: list[dict] = []
+
+    def erase_first(original: Any) -> Any:
+        def wrapped(key: str, *args: Any) -> Any:
+            if ":seg:" in key and not erased:  # another process erases right now
+                erased.append(erase_in_tier(codec, GuardedTier(tier), session, refuse=True))
+            return original(key, *args)
+
+        return wrapped
+
+    for name in ("put", "put_unless_marked"):
+        setattr(tier, name, erase_first(getattr(tier, name)))
+    response = _send(client, token, 100)
+    assert erased and erased[0]["tokens_refused"]
+    assert response.status_code == 410, response.get_data(as_text=True)
+    assert _segments_left(tier, codec, session) == []
+    tier.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_erasure_reaches_the_segments_kept_under_a_previous_anchor(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """An unpinned ring whose last key changed names the session's keys under a new
+    anchor; erase wrote tombstones under the old anchor's tag but left the segments
+    stored there."""
+    from flask import Flask
+
+    from satchel import Satchel
+
+    tier = _real_tier(kind, request, tmp_path)
+    old_ring = Keyring.generate("k1").to_string()
+    app, _satchel, codec = _chat_app(tier, "monotonic", SATCHEL_KEYS=old_ring)
+    _token, session = _overflowed_session(app.test_client())
+    before = _segments_left(tier, codec, session)
+    assert any(":seg:" in k for k in before)
+
+    # The next deploy appends a key without pinning the anchor (the app warns).
+    grown = Flask(__name__)
+    grown.config.update(
+        SATCHEL_KEYS=f"{old_ring},{Keyring.generate('k0').to_string()}",
+        SATCHEL_MAX_TOKEN_BYTES=1200,
+    )
+    grown_satchel = Satchel(grown, tier=tier)
+    with grown.app_context():
+        erased = grown_satchel.erase(session)
+    assert erased["deleted_keys"] >= len(before)
+    assert _segments_left(tier, codec, session) == []
+    assert _segments_left(tier, Satchel.state(grown).codec, session) == []
+    tier.close()

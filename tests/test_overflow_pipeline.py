@@ -47,6 +47,11 @@ class FlakyTier(MemoryTier):
             raise TierUnavailable("writes refused for the test")
         super().put(key, value, ttl)
 
+    def put_unless_marked(self, key: str, value: bytes, ttl: float, *unless: Any) -> bool:
+        if self.refuse_writes:
+            raise TierUnavailable("writes refused for the test")
+        return super().put_unless_marked(key, value, ttl, *unless)
+
 
 def make(tier: MemoryTier, budget: int = 1500, hard: int = 3000, grace: float = 600.0) -> Pipeline:
     codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
@@ -94,6 +99,10 @@ class CountingTier(MemoryTier):
     def put(self, key: str, value: bytes, ttl: float) -> None:
         self.bytes_written += len(value)
         super().put(key, value, ttl)
+
+    def put_unless_marked(self, key: str, value: bytes, ttl: float, *unless: Any) -> bool:
+        self.bytes_written += len(value)
+        return super().put_unless_marked(key, value, ttl, *unless)
 
 
 def test_merges_rewrite_old_turns_a_few_times_not_on_every_merge() -> None:

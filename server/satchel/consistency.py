@@ -280,11 +280,6 @@ def refuse_erased(observer: Observer, tag: str) -> NoReturn:
     raise ContextErased("this conversation was erased")
 
 
-#: reads and compare-and-sets an erasure tries before giving up (a save in between
-#: makes one fail; several in a row mean the session is busy)
-ERASE_ATTEMPTS = 5
-
-
 def new_mark_id() -> bytes:
     """A fresh id for the mark a ``monotonic`` save sets (``Context.mark_id``)."""
     return secrets.token_bytes(MARK_ID_BYTES)
@@ -811,30 +806,6 @@ class MonotonicGuard:
 
     def renew(self, claim: Claim) -> bool:
         return renew_claim(self.tier, claim)
-
-    def erase(self, tag: str) -> None:
-        """Refuse this session's tokens from now on (a tombstone in place of the mark).
-
-        A monotonic save of the session can move the mark between the read and the
-        compare-and-set; then read and try again, so the tombstone is really written.
-        """
-        key = mark_key(tag)
-        for _attempt in range(ERASE_ATTEMPTS):
-            fetched = self.tier.get_many([key], cache=False)
-            if fetched.error is not None:
-                raise fetched.error
-            current = fetched.get(key)
-            if current == ERASED or (
-                self.tier.compare_and_set_mark(key, current, ERASED, self.mark_ttl) is None
-            ):
-                # A save between the erasure's delete and this tombstone found its mark
-                # gone, set it again and kept its token with it: the tombstone replaced
-                # the mark, the token goes now (no save can write one after it).
-                self.tier.delete([newest_key(tag)])
-                return
-        raise TierUnavailable(
-            "the erasure tombstone could not be written: the session kept changing; erase again"
-        )
 
 
 __all__ = [

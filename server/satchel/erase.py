@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .codec import Codec
-from .consistency import DEFAULT_MARK_TTL, ERASED, MonotonicGuard, mark_key, tombstone_ttl_for
+from .consistency import DEFAULT_MARK_TTL, ERASED, mark_key, tombstone_ttl_for
 from .errors import ConfigurationError, InvalidRequest, SatchelError
 from .keys import Keyring
 
@@ -45,12 +45,6 @@ def parse_session_id(session_id: str | bytes) -> bytes:
     return raw
 
 
-def _holds_tombstone(tier: Any, tag: str) -> bool:
-    key = mark_key(tag)
-    fetched = tier.get_many([key], cache=False)
-    return fetched.error is None and fetched.get(key) == ERASED
-
-
 def erase_in_tier(
     codec: Codec,
     tier: Any,
@@ -61,27 +55,27 @@ def erase_in_tier(
 ) -> dict:
     """Delete every tier key of the session; with ``refuse``, leave the tombstone (see
     the module docstring) for ``tombstone_ttl`` seconds
-    (:func:`~satchel.consistency.tombstone_ttl_for`). It is written after the delete,
-    which would otherwise remove it with the rest of the session."""
+    (:func:`~satchel.consistency.tombstone_ttl_for`).
+
+    The tombstone takes the mark's place in the same step as the delete
+    (:meth:`~satchel.tiers.Tier.erase_session`), and every segment write checks it in
+    the write itself (:meth:`~satchel.tiers.Tier.put_unless_marked`): a request that
+    spills while the erasure runs either lands before it (and is deleted) or after it
+    (and is refused), never in between.
+    """
     sid = parse_session_id(session_id)
     tag = codec.session_tag(sid)
-    # The tombstone of an earlier erasure is in the session's keys and goes with them
-    # (it is written again below): not the session's data, so not counted, or erasing
-    # twice would report a key deleted the second time.
-    tombstoned = refuse and _holds_tombstone(tier, tag)
-    deleted = tier.delete_session(tag)
-    if tombstoned:
-        deleted = max(0, deleted - 1)
-    if refuse:
-        guard = MonotonicGuard(tier, mark_ttl=tombstone_ttl)
-        guard.erase(tag)
-        # An unpinned ring's anchor moves with the end of the ring, and the monotonic
-        # guard keeps the session's mark under each key's name (MonotonicGuard._mirror):
-        # the tombstone goes under each too, so no instance anchored elsewhere takes
-        # the session's tokens.
-        for other in codec.session_tags_under_other_anchors(sid):
-            guard.erase(other)
-    return {"session": tag, "deleted_keys": deleted, "tokens_refused": refuse}
+    if not refuse:
+        return {"session": tag, "deleted_keys": tier.delete_session(tag), "tokens_refused": False}
+    deleted = tier.erase_session(tag, mark_key(tag), ERASED, tombstone_ttl)
+    # An unpinned ring's anchor moves with the end of the ring, and the session's keys
+    # are named by the anchor (MonotonicGuard._mirror keeps its mark under each key's
+    # name, segments are tagged by it): the data under every other key's tag goes too,
+    # and a tombstone takes each mark, so no instance anchored elsewhere takes the
+    # session's tokens or keeps its turns.
+    for other in codec.session_tags_under_other_anchors(sid):
+        deleted += tier.erase_session(other, mark_key(other), ERASED, tombstone_ttl)
+    return {"session": tag, "deleted_keys": deleted, "tokens_refused": True}
 
 
 def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:

@@ -229,10 +229,14 @@ class SegmentStore:
             )
         _, stored = self.codec.seal_payload(payload, now=now, expires_at=now + ttl)
         digest = segment_digest(stored)
-        # Read right before the write, even when this request read the mark when it
-        # opened the context: an erasure may have come while the view waited on a model.
-        self.refuse_if_erased(ctx.session_id)
-        self.tier.put(self.key_for(ctx.session_id, digest), stored, ttl)
+        # Checked in the write itself, even when this request read the mark when it
+        # opened the context: an erasure may have come while the view waited on a
+        # model, or come between a separate check and the write.
+        tag = self.session_tag(ctx.session_id)
+        key = self.key_for(ctx.session_id, digest)
+        if not self.tier.put_unless_marked(key, stored, ttl, mark_key(tag), ERASED):
+            self.tier.cache.discard_tag(tag)
+            raise ContextErased("this conversation was erased")
         return SegmentRef(digest=digest, turns=len(turns), size=len(stored), seq=ctx.seq, ts=now)
 
     # -- read ----------------------------------------------------------------------------
@@ -276,31 +280,12 @@ class SegmentStore:
         Raises ContextErased when the session was erased meanwhile: its cached copies
         are dropped, never written back.
         """
+        tag = self.session_tag(ctx.session_id)
         try:
-            self.refuse_if_erased(ctx.session_id)
-        except TierError:
-            return 0  # best effort: they stay unconfirmed and are tried again later
-        return self.tier.restore(unconfirmed, ttl)
-
-    def refuse_if_erased(self, session_id: bytes) -> None:
-        """Raise ContextErased if the session's tombstone is in the tier.
-
-        Erasure (``satchel erase``, ``Satchel.erase``) may run in another process,
-        whose cache this one cannot clear. Checking before every write means a process
-        that still caches an erased conversation's turns, or a client that still holds
-        its token, can never write them back to the tier. One small read per spill;
-        when the tier cannot answer it, this raises that TierError (nothing is written).
-        """
-        tag = self.session_tag(session_id)
-        key = mark_key(tag)
-        fetched = self.tier.get_many([key], cache=False)
-        if fetched.error is not None:
-            # Unchecked is not written: and a tier that cannot answer this read would
-            # most likely time out on the write too, costing the request twice.
-            raise fetched.error
-        if fetched.get(key) == ERASED:
+            return self.tier.restore(unconfirmed, ttl, unless=(mark_key(tag), ERASED))
+        except ContextErased:
             self.tier.cache.discard_tag(tag)
-            raise ContextErased("this conversation was erased")
+            raise
 
     def _decode(
         self, ctx: Context, ref: SegmentRef, stored: bytes, key: str

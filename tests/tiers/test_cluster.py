@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,65 @@ def test_compare_and_set_and_keys_of_several_sessions(cluster, tier) -> None:
     assert all(0 < cluster.client().pttl(k) <= 30_000 for k in keys)
     assert tier.delete(keys) == 12
     assert tier.delete_session("sess-a") == 1
+
+
+def test_erasure_and_guarded_writes_run_as_one_script_each_on_cluster(cluster, tier) -> None:
+    """erase_session and put_unless_marked touch the mark and the session's keys in
+    one script: their slot is the session's tag, so no CROSSSLOT on Cluster."""
+    mark = "satchel:{sess-e}:hwm"
+    assert tier.put_unless_marked("satchel:{sess-e}:seg:1", b"one", 60, mark, b"\x00erased")
+    assert tier.compare_and_set_mark(mark, None, b"7", 60) is None
+    assert tier.erase_session("sess-e", mark, b"\x00erased", 60) == 2
+    assert not tier.put_unless_marked("satchel:{sess-e}:seg:2", b"two", 60, mark, b"\x00erased")
+    assert tier.get_many(["satchel:{sess-e}:seg:1", "satchel:{sess-e}:seg:2", mark]) == [
+        None,
+        None,
+        b"\x00erased",
+    ]
+
+
+def _migrate(cluster: RedisCluster, slot: int) -> tuple[Any, Any, bytes, bytes]:
+    """Start moving ``slot`` to another master, as ``redis-cli --cluster reshard`` does:
+    (source client, target client, source id, target id)."""
+    by_port = {node.address[1]: node for node in cluster.nodes}
+    any_node = cluster.nodes[0].client()
+    owner = next(r for r in any_node.execute_command("CLUSTER SLOTS") if r[0] <= slot <= r[1])
+    source = by_port[int(owner[2][1])].client()
+    target = next(by_port[p].client() for p in by_port if p != int(owner[2][1]))
+    source_id, target_id = (
+        source.execute_command("CLUSTER MYID"),
+        target.execute_command("CLUSTER MYID"),
+    )
+    target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+    return source, target, source_id, target_id
+
+
+def test_an_erasure_during_a_slot_migration_deletes_all_or_fails(cluster, tier) -> None:
+    """The delete script deleted index members it did not declare: with the index moved
+    and the stored context not yet, it ran on the target node, deleted nothing there,
+    dropped the index and reported success; the context survived every later erasure."""
+    tag = "migrating"
+    stored = f"satchel:{{{tag}}}:ctx"
+    assert tier.compare_and_set_mark(stored, None, b"the stored conversation", 600) is None
+    slot = cluster.client().keyslot(stored)
+    source, target, _source_id, target_id = _migrate(cluster, slot)
+    port = target.connection_pool.connection_kwargs["port"]
+    source.execute_command(
+        "MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", f"satchel:{{{tag}}}:idx"
+    )
+    try:
+        with pytest.raises(TierUnavailable):  # refused whole: nothing half done
+            tier.delete_session(tag)
+    finally:  # the rest of the slot moves; the cluster is whole again
+        while keys := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            source.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+        for node in cluster.nodes:
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    # The index still names the context, so erasing again (as the error asks) reaches it.
+    assert tier.get_many([stored]) == [b"the stored conversation"]
+    assert tier.erase_session(tag, f"satchel:{{{tag}}}:hwm", b"\x00erased", 60) == 1
+    assert tier.get_many([stored]) == [None]
 
 
 def test_unreachable_cluster_is_tier_unavailable() -> None:

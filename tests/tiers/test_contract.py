@@ -56,6 +56,49 @@ def test_delete_session_removes_every_key_of_the_session_only(tier: Tier) -> Non
     assert tier.delete_session("sess1") == 0
 
 
+def test_put_unless_marked_writes_only_while_the_mark_does_not_refuse(tier: Tier) -> None:
+    mark = "satchel:{s}:hwm"
+    assert tier.put_unless_marked("satchel:{s}:seg:1", b"one", 60, mark, b"\x00erased")
+    assert tier.compare_and_set_mark(mark, None, b"a mark", 60) is None
+    assert tier.put_unless_marked("satchel:{s}:seg:2", b"two", 60, mark, b"\x00erased")
+    assert tier.compare_and_set_mark(mark, b"a mark", b"\x00erased", 60) is None
+    assert not tier.put_unless_marked("satchel:{s}:seg:3", b"three", 60, mark, b"\x00erased")
+    keys = [f"satchel:{{s}}:seg:{i}" for i in (1, 2, 3)]
+    assert tier.get_many(keys) == [b"one", b"two", None]
+    # What it wrote belongs to the session like any put: delete_session takes it.
+    assert tier.delete_session("s") == 3
+
+
+def test_erase_session_deletes_all_but_the_mark_and_leaves_the_tombstone(tier: Tier) -> None:
+    mark = "satchel:{s}:hwm"
+    for i in range(3):
+        tier.put(f"satchel:{{s}}:seg:{i}", b"x", 60)
+    tier.put("satchel:{other}:seg:0", b"y", 60)
+    assert tier.compare_and_set_mark(mark, None, b"7", 60) is None
+    assert (
+        tier.compare_and_set_mark_with(
+            "satchel:{s}:ctx", None, b"state", 60, ("satchel:{s}:newest", b"tok", 60)
+        )
+        is None
+    )
+    # Three segments, the stored state, the newest token and the mark that held "7".
+    assert tier.erase_session("s", mark, b"\x00erased", 60) == 6
+    assert (
+        tier.get_many([*(f"satchel:{{s}}:seg:{i}" for i in range(3)), "satchel:{s}:ctx"])
+        == [None] * 4
+    )
+    assert tier.get_many([mark, "satchel:{other}:seg:0"]) == [b"\x00erased", b"y"]
+    # Erasing again deletes nothing of the session's data; the tombstone stays.
+    assert tier.erase_session("s", mark, b"\x00erased", 60) == 0
+    assert tier.get_many([mark]) == [b"\x00erased"]
+    assert not tier.put_unless_marked("satchel:{s}:seg:9", b"z", 60, mark, b"\x00erased")
+    # A session with nothing stored still gets its tombstone.
+    assert tier.erase_session("new", "satchel:{new}:hwm", b"\x00erased", 60) == 0
+    assert tier.get_many(["satchel:{new}:hwm"]) == [b"\x00erased"]
+    # delete_session still removes the tombstone (it is one of the session's keys).
+    assert tier.delete_session("s") == 1
+
+
 def test_expire_soon_shortens_ttls_and_never_lengthens_them(tier: Tier) -> None:
     tier.put("s:{a}:long", b"long", 3600)
     tier.put("s:{a}:short", b"short", 0.05)

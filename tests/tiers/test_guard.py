@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -43,6 +44,10 @@ class SwitchTier(MemoryTier):
     def put(self, key: str, value: bytes, ttl: float) -> None:
         self._check()
         super().put(key, value, ttl)
+
+    def put_unless_marked(self, key: str, value: bytes, ttl: float, *unless: Any) -> bool:
+        self._check()
+        return super().put_unless_marked(key, value, ttl, *unless)
 
     def ping(self) -> None:
         self._check()

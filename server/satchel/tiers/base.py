@@ -135,6 +135,39 @@ class Tier(ABC):
             self.put(*companion)
         return current
 
+    def put_unless_marked(
+        self, key: str, value: bytes, ttl: float, mark: str, refused: bytes
+    ) -> bool:
+        """:meth:`put`, unless ``mark`` holds ``refused``: then write nothing and
+        return False (True when written).
+
+        Segments are written this way against the session's erasure tombstone, so an
+        erasure cannot fall between a request's check and its write (and leave a
+        segment behind it). ``mark`` carries ``key``'s session tag (one slot on
+        Cluster). The tiers Satchel ships check and write in one atomic step; this
+        default, for a custom tier, reads the mark and then writes, and is not atomic.
+        """
+        if self.get_many([mark])[0] == refused:
+            return False
+        self.put(key, value, ttl)
+        return True
+
+    def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
+        """Delete every key of the session but ``mark``, and set ``mark`` to
+        ``tombstone`` for ``ttl`` seconds: one step in the tiers Satchel ships, so no
+        write of the session (:meth:`put_unless_marked`) lands after the delete and
+        before the tombstone.
+
+        Returns how many keys of the session's data were deleted; ``mark`` counts when
+        it held anything but ``tombstone`` (erasing twice deletes nothing the second
+        time). This default, for a custom tier, is :meth:`delete_session` and then
+        :meth:`put`, not atomic.
+        """
+        previous = self.get_many([mark])[0]
+        deleted = self.delete_session(session_tag)
+        self.put(mark, tombstone, ttl)
+        return max(0, deleted - 1) if previous == tombstone else deleted
+
     @abstractmethod
     def ping(self) -> None:
         """Raise TierError unless the tier answers."""

@@ -47,7 +47,7 @@ from typing import Any, Final, TypeVar
 
 import pybreaker
 
-from ..errors import TierError, TierFull, TierUnavailable
+from ..errors import ContextErased, TierError, TierFull, TierUnavailable
 from .base import Companion, Tier, hash_tag
 
 T = TypeVar("T")
@@ -696,21 +696,46 @@ class GuardedTier:
         if cache:
             self.cache.put(key, value, ttl, epoch=epoch)
 
-    def restore(self, items: Sequence[tuple[str, bytes]], ttl: float) -> int:
+    def put_unless_marked(
+        self, key: str, value: bytes, ttl: float, mark: str, refused: bytes, *, cache: bool = True
+    ) -> bool:
+        """Store ``value`` unless ``mark`` holds ``refused`` (:meth:`Tier.put_unless_marked`);
+        False when refused. Raises TierError."""
+        epoch = self.epoch
+        written = self._call(
+            "put", self.tier.put_unless_marked, key, value, ttl, mark, refused, key=key
+        )
+        if written and cache:
+            self.cache.put(key, value, ttl, epoch=epoch)
+        return written
+
+    def restore(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        ttl: float,
+        *,
+        unless: tuple[str, bytes] | None = None,
+    ) -> int:
         """Write cached values the tier may have lost back to it (best effort).
 
         After an outage the tier may have come back empty; this process still holds
         what it cached, and writing it back keeps it for every process, not only this
         one. Returns how many were written; stops at the first failure (they stay
-        unconfirmed and are tried again on a later read).
+        unconfirmed and are tried again on a later read). ``unless`` (mark, value):
+        each write is refused while the mark holds the value (the session's erasure
+        tombstone); then this raises :class:`~satchel.errors.ContextErased`.
         """
         written = 0
         for key, value in items:
             left = self._grace_left(key)
             if left is not None and left <= 0:
                 continue  # retired and past its grace: the tier was right to drop it
+            keep_for = ttl if left is None else min(ttl, left)
             try:
-                self.put(key, value, ttl if left is None else min(ttl, left))
+                if unless is None:
+                    self.put(key, value, keep_for)
+                elif not self.put_unless_marked(key, value, keep_for, *unless):
+                    raise ContextErased("this conversation was erased")
             except TierError:
                 break
             written += 1
@@ -742,6 +767,18 @@ class GuardedTier:
         self.cache.discard_tag(session_tag)
         return self._call(
             "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
+        )
+
+    def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
+        self.cache.discard_tag(session_tag)
+        return self._call(
+            "delete_session",
+            self.tier.erase_session,
+            session_tag,
+            mark,
+            tombstone,
+            ttl,
+            key=f"{{{session_tag}}}",
         )
 
     def compare_and_set_mark(

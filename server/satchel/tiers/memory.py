@@ -148,6 +148,25 @@ class MemoryTier(Tier):
             doomed = [k for k in self._data if hash_tag(k) == session_tag]
             return sum(1 for k in doomed if self._live(k, now) is not None and self._remove(k))
 
+    def put_unless_marked(
+        self, key: str, value: bytes, ttl: float, mark: str, refused: bytes
+    ) -> bool:
+        with self._lock:
+            now = self.clock()
+            if self._live(mark, now) == refused:
+                return False
+            self._store(key, value, ttl, now)
+            return True
+
+    def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
+        with self._lock:
+            now = self.clock()
+            previous = self._live(mark, now)
+            doomed = [k for k in self._data if hash_tag(k) == session_tag and k != mark]
+            deleted = sum(1 for k in doomed if self._live(k, now) is not None and self._remove(k))
+            self._store(mark, tombstone, ttl, now)
+            return deleted + (previous is not None and previous != tombstone)
+
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:

@@ -15,9 +15,13 @@ Keys of one session share a Redis Cluster hash tag (``{tag}``), so:
   member), atomically; when the set has grown past :data:`INDEX_PRUNE_ABOVE` members,
   the same call drops up to :data:`INDEX_PRUNE_SAMPLE` of them that no longer exist
   (expired, evicted), so the set stays near the session's live keys;
+  ``put_unless_marked`` is the same call, which first reads the session's mark and
+  writes nothing when it holds the erasure tombstone;
 * ``delete`` is one script call per session that deletes the keys and removes them
   from the index;
 * ``delete_session`` is one script call that deletes every indexed key and the index;
+  ``erase_session`` is one that deletes every indexed key but the mark and sets the
+  mark to the tombstone (so no write of the session lands between the two);
 * ``compare_and_set_mark`` is one script call (atomic, one key).
 
 Scripts only touch keys of one slot, so they run unchanged on Cluster.
@@ -72,7 +76,12 @@ INDEX_PRUNE_SAMPLE = 64
 # ARGV[3] = prune above this many members, ARGV[4] = members to check when pruning.
 # Expired, evicted and deleted keys would otherwise stay members until the whole set
 # expires: hundreds per long conversation, each read by delete_session.
+# KEYS[3] = a mark of the same session (optional), ARGV[5] = the value that refuses the
+# write (put_unless_marked: the erasure tombstone); returns 0 when refused, else 1.
 _PUT = """
+if KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[5] then
+  return 0
+end
 if redis.replicate_commands then
   -- Redis < 5 replicates a script verbatim and refuses writes after SRANDMEMBER;
   -- this switches it to replicating effects, the default (and a no-op) since 5.
@@ -96,35 +105,75 @@ end
 return 1
 """
 
-# KEYS[1] = session index, KEYS[2..] = keys of that session (its slot). A key's
-# compare-and-set companion (<key>:w, _CAS) goes with it, uncounted.
+# Every key a script touches is declared in KEYS, the members of a session's index and
+# their compare-and-set write ids (<key>:w, _CAS) included: while Cluster migrates the
+# session's slot, a script whose keys are split between two nodes is refused
+# (TRYAGAIN: the call fails, nothing is half done) instead of running on one node and
+# deleting, as no-ops, the keys that already moved.
+
+# KEYS[1] = session index, KEYS[2..n+1] = keys of that session, KEYS[n+2..2n+1] = their
+# write ids; ARGV[1] = n. Deletes them and removes them from the index; returns how
+# many of the keys existed.
 _DELETE = """
-local n = 0
-for i = 2, #KEYS, 256 do
-  local last = math.min(i + 255, #KEYS)
-  n = n + redis.call('DEL', unpack(KEYS, i, last))
-  redis.call('SREM', KEYS[1], unpack(KEYS, i, last))
+local n = tonumber(ARGV[1])
+local count = 0
+for i = 2, n + 1 do
+  count = count + redis.call('DEL', KEYS[i])
+  redis.call('SREM', KEYS[1], KEYS[i])
 end
-for i = 2, #KEYS do
-  redis.call('DEL', KEYS[i] .. ':w')
+for i = n + 2, #KEYS do
+  redis.call('DEL', KEYS[i])
 end
-return n
+return count
 """
 
-# KEYS[1] = session index. Members share its hash tag, so they are in its slot; their
-# compare-and-set companions (<member>:w, _CAS) too, deleted uncounted.
+# KEYS[1] = session index, KEYS[2..n+1] = the index's members as the caller read them
+# (the mark left out), KEYS[n+2..2n+1] = their write ids, and optionally KEYS[2n+2] = a
+# mark of the session and KEYS[2n+3] = its write id; ARGV[1] = n, ARGV[2] = tombstone,
+# ARGV[3] = ttl ms. Deletes every member; with a mark, sets the mark to the tombstone
+# in the same step (erase_session: no write lands between the delete and the
+# tombstone). Returns the keys deleted (the mark counted when it held anything but the
+# tombstone), or -1 when the index holds a member the caller did not read (written
+# since: read again).
 _DELETE_SESSION = """
-local members = redis.call('SMEMBERS', KEYS[1])
-local n = 0
-for i = 1, #members, 256 do
-  n = n + redis.call('DEL', unpack(members, i, math.min(i + 255, #members)))
+local n = tonumber(ARGV[1])
+local mark = KEYS[2 * n + 2]
+local declared = {}
+for i = 2, n + 1 do
+  declared[KEYS[i]] = true
 end
+if mark then
+  declared[mark] = true
+end
+local members = redis.call('SMEMBERS', KEYS[1])
 for i = 1, #members do
-  redis.call('DEL', members[i] .. ':w')
+  if not declared[members[i]] then
+    return -1
+  end
+end
+local count = 0
+for i = 2, n + 1 do
+  count = count + redis.call('DEL', KEYS[i])
+end
+for i = n + 2, 2 * n + 1 do
+  redis.call('DEL', KEYS[i])
 end
 redis.call('DEL', KEYS[1])
-return n
+if mark then
+  local previous = redis.call('GET', mark)
+  if previous and previous ~= ARGV[2] then
+    count = count + 1
+  end
+  redis.call('DEL', KEYS[2 * n + 3])
+  redis.call('SET', mark, ARGV[2], 'PX', ARGV[3])
+  redis.call('SADD', KEYS[1], mark)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return count
 """
+
+#: times a session's erasure reads its index again when writes keep adding keys to it
+DELETE_SESSION_ATTEMPTS = 3
 
 # KEYS = keys of one session (one slot); ARGV[1] = ttl ms. Only shortens a TTL.
 _EXPIRE_SOON = """
@@ -515,6 +564,17 @@ class RedisTier(Tier):
         args = [value, _ttl_ms(ttl), INDEX_PRUNE_ABOVE, INDEX_PRUNE_SAMPLE]
         self._run("put", lambda: self._script("put", _PUT)(keys, args))
 
+    def put_unless_marked(
+        self, key: str, value: bytes, ttl: float, mark: str, refused: bytes
+    ) -> bool:
+        tag = hash_tag(key)
+        if not tag or hash_tag(mark) != tag:
+            # Not one slot (and in no session's index): read, then write.
+            return super().put_unless_marked(key, value, ttl, mark, refused)
+        keys = [key, self._index_key(tag), mark]
+        args = [value, _ttl_ms(ttl), INDEX_PRUNE_ABOVE, INDEX_PRUNE_SAMPLE, refused]
+        return bool(int(self._run("put", lambda: self._script("put", _PUT)(keys, args))))
+
     def delete(self, keys: Sequence[str]) -> int:
         if not keys:
             return 0
@@ -536,7 +596,8 @@ class RedisTier(Tier):
 
     def _delete_tagged(self, tag: str, keys: list[str]) -> Any:
         # Inside _run: the script call (and building a Cluster client) may fail.
-        return self._script("delete", _DELETE)([self._index_key(tag), *keys])
+        writers = [_writer_key(k) for k in keys]
+        return self._script("delete", _DELETE)([self._index_key(tag), *keys, *writers], [len(keys)])
 
     def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
         if not keys:
@@ -552,12 +613,36 @@ class RedisTier(Tier):
             self._run("expire_soon", lambda: shorten(group))  # noqa: B023 - called at once
 
     def delete_session(self, session_tag: str) -> int:
-        index = self._index_key(session_tag)
-        return int(
-            self._run(
-                "delete_session", lambda: self._script("delete_session", _DELETE_SESSION)([index])
+        return self._delete_session(session_tag, None, b"", 0.0)
+
+    def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
+        if hash_tag(mark) != session_tag:
+            return super().erase_session(session_tag, mark, tombstone, ttl)
+        return self._delete_session(session_tag, mark, tombstone, ttl)
+
+    def _delete_session(self, tag: str, mark: str | None, tombstone: bytes, ttl: float) -> int:
+        index = self._index_key(tag)
+        mark_keys = [] if mark is None else [mark, _writer_key(mark)]
+
+        def delete() -> int:
+            script = self._script("delete_session", _DELETE_SESSION)
+            for _attempt in range(DELETE_SESSION_ATTEMPTS):
+                # SMEMBERS first, as a command of its own (it follows Cluster's
+                # redirects), so the script can declare every key it deletes.
+                members = sorted(m.decode() for m in self.client.smembers(index))
+                members = [m for m in members if m != mark]
+                keys = [index, *members, *(_writer_key(m) for m in members), *mark_keys]
+                args = [len(members), tombstone, _ttl_ms(ttl)]
+                count = int(script(keys, args))
+                if count >= 0:
+                    return count
+            raise TierUnavailable(
+                "the session's keys kept changing during the deletion; run it again",
+                tier=self.name,
+                op="delete_session",
             )
-        )
+
+        return self._run("delete_session", delete)
 
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float

@@ -391,19 +391,44 @@ class SQLiteTier(Tier):
         with self._errors("put"):
             conn = self._conn()
             now = self.clock()
-            row = (key, hash_tag(key), bytes(value), now + max(ttl, 0.001))
-            try:
-                conn.execute(_UPSERT, row)
-            except sqlite3.Error as exc:
-                full = getattr(exc, "sqlite_errorcode", None) in _FULL_CODES or (
-                    "full" in str(exc).lower()
-                )
-                # Full of rows that have expired (a capped file after a quiet spell or
-                # a clock jump): make room once, then it is really full.
-                if not full or not self._purge_batch(conn, now):
-                    raise
-                conn.execute(_UPSERT, row)
+            self._upsert(conn, (key, hash_tag(key), bytes(value), now + max(ttl, 0.001)), now)
             self._maybe_purge(conn, now)
+
+    def _upsert(self, conn: sqlite3.Connection, row: tuple, now: float) -> None:
+        try:
+            conn.execute(_UPSERT, row)
+        except sqlite3.Error as exc:
+            full = getattr(exc, "sqlite_errorcode", None) in _FULL_CODES or (
+                "full" in str(exc).lower()
+            )
+            # Full of rows that have expired (a capped file after a quiet spell or
+            # a clock jump): make room once, then it is really full.
+            if not full or not self._purge_batch(conn, now):
+                raise
+            conn.execute(_UPSERT, row)
+
+    def put_unless_marked(
+        self, key: str, value: bytes, ttl: float, mark: str, refused: bytes
+    ) -> bool:
+        with self._errors("put"):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")  # the mark read and the write: one step
+            try:
+                now = self.clock()
+                row = conn.execute(
+                    "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (mark, now)
+                ).fetchone()
+                if row is not None and bytes(row[0]) == refused:
+                    conn.execute("ROLLBACK")
+                    return False
+                self._upsert(conn, (key, hash_tag(key), bytes(value), now + max(ttl, 0.001)), now)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._maybe_purge(conn, now)
+            return True
 
     def delete(self, keys: Sequence[str]) -> int:
         if not keys:
@@ -451,6 +476,30 @@ class SQLiteTier(Tier):
                 (session_tag, self.clock()),
             ).fetchall()
             return rows.count((1,))
+
+    def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
+        with self._errors("delete_session"):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")  # the delete and the tombstone: one step
+            try:
+                now = self.clock()
+                row = conn.execute(
+                    "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (mark, now)
+                ).fetchone()
+                deleted = conn.execute(
+                    "DELETE FROM satchel_kv WHERE tag = ? AND key != ? RETURNING expires_at > ?",
+                    (session_tag, mark, now),
+                ).fetchall()
+                conn.execute(
+                    _UPSERT, (mark, hash_tag(mark), bytes(tombstone), now + max(ttl, 0.001))
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            previous = None if row is None else bytes(row[0])
+            return deleted.count((1,)) + (previous is not None and previous != tombstone)
 
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
