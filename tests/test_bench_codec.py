@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from satchel.bench import codec as bench
@@ -123,3 +124,23 @@ def test_bad_arguments_are_exit_2_with_one_line_before_any_run(
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("floor_class", ["Floor", "SealedFloor"])
+def test_the_floor_runs_the_primitives_on_the_bytes_satchel_packs(floor_class: str) -> None:
+    """The floor sealed a dict per turn with string keys: more bytes than Satchel's
+    arrays, unpacked about twice as slowly, so Satchel's whole open beat the "floor"
+    at 50 turns. It must carry exactly the payload Satchel's token carries."""
+    from satchel import Codec, Keyring
+
+    convs, _ = bench.load_conversations(None)
+    codec = Codec(Keyring.generate("k1"), mode="signed")
+    floor = getattr(bench, floor_class)(b"k" * 32, codec.compressor)
+    for turns in (4, 50):
+        ctx = bench.build_context(bench.conversation_of(convs, turns), 1_795_000_000)
+        wire = bench.wire_of(ctx)
+        assert floor.open(floor.seal(wire)) == wire
+        packed = codec.prepare(ctx)
+        assert floor.cctx.compress(msgpack.packb(wire)) == packed.packed.data
+        # Satchel's signed token is the floor's bytes plus its envelope: never smaller.
+        assert len(floor.seal(wire)) < len(codec.seal(ctx))

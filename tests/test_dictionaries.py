@@ -154,3 +154,25 @@ def test_trainer_makes_an_app_dictionary_from_transcripts(tmp_path: Path) -> Non
     register_dictionary(209, data)
     ring = Keyring.generate("k1")
     assert Codec(ring, dictionary_id=209).open(Codec(ring, dictionary_id=209).seal(chat(20)))
+
+
+def test_the_trainer_never_writes_over_a_published_dictionary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run as documented, the trainer wrote its output over chat-v1; the wire format has
+    grown since chat-v1 was trained, so the bytes differ, and every token compressed
+    with dictionary id 1 would have stopped decompressing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train", ROOT / "tools" / "train_dictionary.py")
+    assert spec is not None and spec.loader is not None
+    trainer = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train", trainer)
+    spec.loader.exec_module(trainer)
+    published = tmp_path / "chat-v1.zdict"
+    shipped = trainer.DICT_PATH.read_bytes()
+    published.write_bytes(shipped[:-1] + bytes([shipped[-1] ^ 1]))  # any other bytes
+    monkeypatch.setattr(trainer, "DICT_PATH", published)
+    assert trainer.main([]) == 1
+    assert published.read_bytes() == shipped[:-1] + bytes([shipped[-1] ^ 1])
+    assert "never replaced" in capsys.readouterr().err

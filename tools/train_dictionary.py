@@ -548,8 +548,11 @@ stays so that old tokens keep opening.
     and overflow references are represented.
 * **Trainer**: `zstandard.train_dictionary` (fastCover), `dict_size={DICT_SIZE}`,
   `k={K}`, `d={D}`, `level={TRAINED_AT_LEVEL}`, `split_point=1.0`, `dict_id={DICT_ID}`.
-  Fixed parameters (no optimizer run), so the output is deterministic: same corpus
-  and script give the same bytes.
+  Fixed parameters (no optimizer run), so the output is deterministic: the same
+  corpus, script and wire format give the same bytes. chat-v1 was trained on the
+  wire format of commit c377b6a; the format has grown since, so the script trains
+  other bytes today, and refuses to write them over chat-v1 (a published dictionary
+  is never replaced: tokens name it by id).
 * **Parameter choice**: `tools/train_dictionary.py --select` trains every
   candidate (16-64 KiB x k in 64..2048 x d in 6, 8) on conversations built from 4/5
   of the training topics and scores it on conversations built from the other 1/5,
@@ -642,8 +645,21 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     data = dictionary.as_bytes()
     assert dictionary.dict_id() == DICT_ID
-    DICT_PATH.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
+    if DICT_PATH.exists() and DICT_PATH.read_bytes() != data:
+        # A published dictionary is never replaced: every token compressed with it names
+        # it by id, and would no longer decompress. The payloads this script builds follow
+        # the current wire format, which has grown since chat-v1 was trained.
+        shipped = hashlib.sha256(DICT_PATH.read_bytes()).hexdigest()
+        print(
+            f"not written: {DICT_PATH} (sha256 {shipped}) differs from "
+            f"what this corpus and script train today (sha256 {digest}). A published "
+            "dictionary is never replaced; ship a new one under a new id "
+            "(compress.DICTIONARY_FILES) instead.",
+            file=sys.stderr,
+        )
+        return 1
+    DICT_PATH.write_bytes(data)
     sample_mb = sum(map(len, samples)) / 1e6
     print(
         f"trained on {len(train_convs)} conversations, {len(samples)} samples "

@@ -409,12 +409,13 @@ def codec_cost(tokens: list[str], *, quick: bool = False) -> dict[str, Any]:
 
     The token of median length is opened with the benchmark's keys; its context is then
     sealed and opened by Satchel's codec (sealed mode, as the app runs) and by the
-    primitive floor of ``satchel bench codec`` (msgpack + zstd + HMAC + base64 chained
-    by hand) on the same turns, interleaved round by round. Empty if no token came back.
+    primitive floor of a sealed token (msgpack + zstd + AES-GCM + base64 chained by
+    hand, :class:`~satchel.bench.codec.SealedFloor`) on the same wire map, interleaved
+    round by round. Empty if no token came back.
     """
     from ..codec import Codec
     from ..keys import Keyring
-    from .codec import Floor, as_plain, measure
+    from .codec import SealedFloor, measure, wire_of
 
     if not tokens:
         return {}
@@ -422,15 +423,14 @@ def codec_cost(tokens: list[str], *, quick: bool = False) -> dict[str, Any]:
     codec = Codec(keyring)
     token = sorted(tokens, key=len)[len(tokens) // 2]
     ctx = codec.open(token)
-    now = int(time.time())
-    plain = as_plain([{"role": t.role, "content": t.content} for t in ctx.turns], now)
-    floor = Floor(keyring.derive(keyring.current.kid, "bench", "floor"), codec.compressor)
-    floor_token = floor.seal(plain)
+    wire = wire_of(ctx)
+    floor = SealedFloor(keyring.derive(keyring.current.kid, "bench", "floor"), codec.compressor)
+    floor_token = floor.seal(wire)
     medians = measure(
         {
             "satchel_seal": lambda: codec.seal(ctx),
             "satchel_open": lambda: codec.open(token),
-            "floor_seal": lambda: floor.seal(plain),
+            "floor_seal": lambda: floor.seal(wire),
             "floor_open": lambda: floor.open(floor_token),
         },
         rounds=5 if quick else 11,
@@ -1153,8 +1153,8 @@ def render_report(res: Results, plots: list[str]) -> str:
         "reply computed from the current message only); **client** (context in the sealed "
         "token; `SATCHEL_OVERFLOW_URL` points at the benchmark Redis, but with "
         "`SATCHEL_MAX_TOKEN_BYTES=60000` and `SATCHEL_MAX_TURNS=400` every session stays "
-        "under budget, so Redis is never touched; the outage phase runs it without the "
-        "tier, see there); **server** (`SATCHEL_MODE=server`, "
+        "under budget, so Redis is never touched; the outage phase adds *client, "
+        "overflowing*, with a small budget, see there); **server** (`SATCHEL_MODE=server`, "
         "context in Redis, a signed id travels); **memory** (`SATCHEL_MODE=memory`)."
     )
     add(
@@ -1171,9 +1171,10 @@ def render_report(res: Results, plots: list[str]) -> str:
     counts = ", ".join(
         f"{s} turns: {plan.conversations[s]} conversations x {plan.per_conv[s]}" for s in plan.sizes
     )
+    drift = max(2 * (plan.per_conv[s] - 1) / s for s in plan.sizes)
     add(f"* Measured requests per mode under load: {counts}. A conversation measured "
-        "k times carries N, N+2, ..., N+2(k-1) turns, so the larger sizes drift by at most "
-        "10%.")  # fmt: skip
+        "k times carries N, N+2, ..., N+2(k-1) turns, so a size's requests carry up to "
+        f"{drift:.0%} more turns than its name.")  # fmt: skip
     add(
         "* Bytes are counted on the socket by the load generator: request line, headers and "
         "body up; status line, headers and body down. CPU is utime+stime of the gunicorn "
@@ -1392,8 +1393,8 @@ def _floor_text(res: Results, base_p50_ms: float) -> str:
         f" How little room +15% leaves: sealing and opening one of this run's own "
         f"{cost['turns']}-turn client contexts ({cost['token_bytes']:,}-byte token) takes "
         f"{cost['satchel_us']:.0f} us with Satchel's codec, and {cost['floor_us']:.0f} us "
-        f"for the primitive floor alone (msgpack + zstd + HMAC + base64 chained by hand, "
-        f"measured on the same turns). +15% of the baseline's {_ms(base_p50_ms)} ms is "
+        f"for the primitive floor alone (msgpack + zstd + AES-GCM + base64 chained by hand, "
+        f"measured on the same wire map). +15% of the baseline's {_ms(base_p50_ms)} ms is "
         f"{budget_us:.0f} us: the floor takes {cost['floor_us'] / budget_us:.0%} of it "
         "before a header is read, a turn is trimmed or the byte budget is checked."
     )
