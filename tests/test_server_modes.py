@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -758,6 +759,62 @@ def test_a_stream_whose_body_is_never_read_releases_its_claim() -> None:
     head.close()  # what a WSGI server does with a body it does not send
     after = client.get("/stream", headers={HEADER: carrier})
     assert after.status_code == 200 and "event: satchel" in after.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("failure", ["the view raises", "an after_request hook fails"])
+@pytest.mark.parametrize("propagate", [False, True])
+@pytest.mark.parametrize("mode", ["memory", "client, monotonic"])
+def test_a_stream_built_but_never_sent_releases_its_claim_at_once(
+    failure: str, propagate: bool, mode: str, tmp_path: Path
+) -> None:
+    """A view that built its stream and then raised (or an after_request hook that
+    failed) dropped the response unsent: its claim went only when the garbage collector
+    freed it (the traceback holds it in a cycle) or after its 120 s TTL, and every
+    message of the conversation was 409 context_busy meanwhile."""
+    import gc
+
+    from flask import request as current_request
+
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, PROPAGATE_EXCEPTIONS=propagate)
+    if mode == "memory":
+        app.config["SATCHEL_MODE"] = "memory"
+    else:
+        app.config["SATCHEL_CONSISTENCY"] = "monotonic"
+        app.config["SATCHEL_OVERFLOW_URL"] = f"sqlite:///{tmp_path / 'tier.db'}"
+    satchel = Satchel(app)
+
+    @app.post("/stream")
+    def stream_view() -> Any:
+        ctx = satchel.context
+        response = satchel.stream(iter(["hi"]), on_complete=lambda t: ctx.add_turn("assistant", t))
+        if current_request.args.get("fail") == "the view raises":
+            raise RuntimeError("the view failed after building its stream")
+        return response
+
+    @app.after_request
+    def hook(response: Any) -> Any:
+        if current_request.args.get("fail") == "an after_request hook fails":
+            raise RuntimeError("an after_request hook failed")
+        return response
+
+    client = app.test_client()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    gc.disable()  # only the fix may release it, not a collection that happens to run
+    try:
+        if propagate:
+            with pytest.raises(RuntimeError):
+                client.post("/stream", query_string={"fail": failure}, headers={HEADER: carrier})
+        else:
+            failed = client.post(
+                "/stream", query_string={"fail": failure}, headers={HEADER: carrier}
+            )
+            assert failed.status_code == 500
+        after = client.post("/stream", headers={HEADER: carrier})
+        assert after.status_code == 200, after.get_data(as_text=True)
+        assert "event: satchel" in after.get_data(as_text=True)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])

@@ -36,7 +36,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from flask import Flask, Response, current_app, request, stream_with_context
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    got_request_exception,
+    request,
+    stream_with_context,
+)
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import consistency
@@ -117,6 +124,10 @@ class RequestState:
     #: held while the context is opened: a thread the view started with
     #: copy_current_request_context shares this state, and must not open a second one
     opening: threading.RLock = field(default_factory=threading.RLock)
+    #: stream(): releases its claim (idempotent), and the response it built (weakly):
+    #: another response going out means that one is dropped unsent
+    stream_release: Callable[[], None] | None = None
+    stream_response: weakref.ref[Response] | None = None
 
 
 #: methods that read: served while a stream answers the same token (MonotonicGuard.before)
@@ -296,6 +307,7 @@ class Satchel:
 
         app.before_request(self._before_request)
         app.after_request(self._after_request)
+        got_request_exception.connect(self._release_on_exception, app, weak=False)
         app.register_error_handler(SatchelError, self.handle_error)
         self._register_extras(app, config)
 
@@ -653,6 +665,10 @@ class Satchel:
         rs = self._current_state()
         if rs is None:
             return response
+        if rs.stream_release is not None and (
+            rs.stream_response is None or rs.stream_response() is not response
+        ):
+            self._release_unsent_stream(rs)
         if rs.context is None or rs.streaming:
             if "Server-Timing" not in response.headers:
                 # Every response says how long the app took, context or not.
@@ -850,6 +866,19 @@ class Satchel:
 
     # -- streaming ------------------------------------------------------------------------
 
+    def _release_unsent_stream(self, rs: RequestState) -> None:
+        release, rs.stream_release = rs.stream_release, None
+        if release is not None:
+            release()
+
+    def _release_on_exception(self, sender: Flask, **_: Any) -> None:
+        """``got_request_exception``: the view (or a hook) raised after stream() built
+        its response, which will not be sent; with PROPAGATE_EXCEPTIONS no error
+        response passes _after_request to tell."""
+        rs = self._current_state()
+        if rs is not None:
+            self._release_unsent_stream(rs)
+
     def stream(
         self,
         deltas: Iterable[str],
@@ -1015,10 +1044,16 @@ class Satchel:
         if release is not None:
             # A body never read (a HEAD request, an after_request hook that failed, a
             # client gone before the first byte) never runs events()' finally: release
-            # when the server closes the response, or when it is dropped unsent, or the
-            # claim would refuse the conversation's next stream until it expired.
+            # when the server closes the response; when another response goes out in
+            # its place (the view raised after building it, a hook failed: see
+            # _after_request and _release_on_exception); and, last, when it is freed.
+            # Else the claim would refuse the conversation's next message until it
+            # expired: a traceback keeps a dropped response in a cycle until the
+            # garbage collector happens to run.
             response.call_on_close(release)
             weakref.finalize(response, release)
+            rs.stream_release = release
+            rs.stream_response = weakref.ref(response)
         response.headers["Cache-Control"] = "no-store"
         response.vary.add(self.state().config.header)  # as for a response with a token
         response.headers["X-Accel-Buffering"] = "no"
