@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from flask import Flask
 
 from satchel import Keyring, Satchel
@@ -73,3 +74,43 @@ def test_ai_sdk_protocol_speaks_the_ui_message_stream() -> None:
     with app.app_context():
         ctx = satchel.codec.open(part["data"]["token"])
     assert ctx.turns[-1].content == "Once upon a time."
+
+
+@pytest.mark.parametrize("protocol", ["satchel", "ai-sdk"])
+@pytest.mark.parametrize("interval", [0.0, 1e9])
+def test_empty_deltas_send_keep_alive_comments(
+    protocol: str, interval: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reasoning model can be silent for minutes; a proxy closes a response that
+    sends nothing for 60 s (nginx), and a satchel-protocol stream sent no byte, not
+    even its headers, before the first text. An empty delta now sends an SSE comment
+    (which every reader skips): the first at once, then one per KEEPALIVE_INTERVAL."""
+    import satchel.flask_ext as ext
+
+    monkeypatch.setattr(ext, "KEEPALIVE_INTERVAL", interval)
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS)
+    satchel = Satchel(app)
+
+    @app.post("/think")
+    def think() -> Any:
+        ctx = satchel.context
+        return satchel.stream(
+            iter(["", "", "", "Done.", ""]),
+            on_complete=lambda text: ctx.add_turn("assistant", text),
+            protocol=protocol,
+        )
+
+    response = app.test_client().post("/think", buffered=False)
+    chunks = [c.decode() if isinstance(c, bytes) else c for c in response.response]
+    first = chunks[0] if protocol == "satchel" else chunks[2]  # ai-sdk: after start chunks
+    assert first == ": keep-alive\n\n"  # before any text: the headers are out
+    comments = [c for c in chunks if c.startswith(":")]
+    assert len(comments) == (4 if interval == 0 else 1)
+    body = "".join(chunks)
+    with app.app_context():  # the comments change nothing else
+        if protocol == "satchel":
+            final = json.loads(data_lines(body)[1])
+        else:
+            final = json.loads(data_lines(body)[-3])["data"]
+        assert satchel.codec.open(final["token"]).turns[-1].content == "Done."

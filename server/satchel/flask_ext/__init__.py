@@ -29,6 +29,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import threading
 import time
 import weakref
@@ -991,6 +992,7 @@ class Satchel:
             if ai_sdk:
                 yield ai_chunk({"type": "start"})
                 yield ai_chunk({"type": "text-start", "id": "t0"})
+            sent_at = -math.inf  # nothing out yet: a first empty delta sends at once
             try:
                 for delta in deltas:
                     keep_claim()
@@ -1000,6 +1002,10 @@ class Satchel:
                             yield ai_chunk({"type": "text-delta", "id": "t0", "delta": delta})
                         else:
                             yield sse("delta", {"text": delta})
+                        sent_at = time.monotonic()
+                    elif time.monotonic() - sent_at >= KEEPALIVE_INTERVAL:
+                        yield SSE_KEEPALIVE
+                        sent_at = time.monotonic()
                 if on_complete is not None:
                     on_complete("".join(parts))
                 metadata = finish_metadata()
@@ -1094,6 +1100,15 @@ def _set_token_cookie(response: Response, token: str, config: SatchelConfig) -> 
         samesite=config.cookie_samesite,
         path=config.cookie_path,
     )
+
+
+#: An SSE comment line, which every event-stream reader skips: what an empty delta from
+#: the app's generator (its "still thinking") sends, so the response's headers leave
+#: before the model's first text, and a proxy that closes a silent response (nginx:
+#: 60 s) keeps it open through a long reasoning pause.
+SSE_KEEPALIVE = ": keep-alive\n\n"
+#: at most one keep-alive comment per this many seconds (the first goes at once)
+KEEPALIVE_INTERVAL = 10.0
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
