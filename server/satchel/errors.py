@@ -143,6 +143,16 @@ class TierUnavailable(TierError):
     """The tier did not answer in time, refused the connection, or the breaker is open."""
 
 
+class TierBusy(TierUnavailable):
+    """The tier answered, but cannot serve these keys right now: Redis Cluster is moving
+    their slot to another master (``TRYAGAIN``, redirections past redis-py's limit).
+
+    Reported as ``tier_unavailable`` like any outage, but it says nothing about the
+    server's health: it opens no circuit breaker, which would fail the sessions of the
+    master's other slots too.
+    """
+
+
 class TierFull(TierError):
     """The tier refused a write because it is out of memory or space."""
 
@@ -205,6 +215,7 @@ __all__ = [
     "MigrationFailed",
     "SatchelError",
     "StaleContext",
+    "TierBusy",
     "TierError",
     "TierFull",
     "TierUnavailable",

@@ -8,9 +8,16 @@ from typing import Any
 
 import pytest
 
-from satchel.errors import TierUnavailable
+from satchel.errors import TierBusy, TierUnavailable
 from satchel.segments import SEGMENT_MISSING, SegmentStore
-from satchel.tiers import GuardedTier, RedisTier, SegmentCache, Timeouts, tier_from_url
+from satchel.tiers import (
+    BreakerPolicy,
+    GuardedTier,
+    RedisTier,
+    SegmentCache,
+    Timeouts,
+    tier_from_url,
+)
 from tests.support import RedisCluster
 
 from .conftest import make_ctx
@@ -144,6 +151,41 @@ def test_an_erasure_during_a_slot_migration_deletes_all_or_fails(cluster, tier) 
     assert tier.get_many([stored]) == [b"the stored conversation"]
     assert tier.erase_session(tag, f"satchel:{{{tag}}}:hwm", b"\x00erased", 60) == 1
     assert tier.get_many([stored]) == [None]
+
+
+def test_a_slot_on_the_move_fails_its_own_calls_but_opens_no_breaker(cluster, tier) -> None:
+    """While resharding moved one slot, calls for it failed with TRYAGAIN; counted as
+    failures, five of them opened the breaker of the whole master, and the sessions of
+    its other slots got 503s for a planned, healthy migration."""
+    guarded = GuardedTier(tier, BreakerPolicy(fail_max=2, reset_timeout=60))
+    moving = "satchel:{on-the-move}:seg:1"
+    assert guarded.put_unless_marked(moving, b"one", 600, "satchel:{on-the-move}:hwm", b"x")
+    slot = cluster.client().keyslot(moving)
+    source, target, _source_id, target_id = _migrate(cluster, slot)
+    port = target.connection_pool.connection_kwargs["port"]
+    source_port = source.connection_pool.connection_kwargs["port"]
+    # A session whose slot stays on the same master.
+    neighbour = next(
+        key
+        for i in range(10_000)
+        if (key := f"satchel:{{neighbour-{i}}}:seg:1")
+        and cluster.client().keyslot(key) != slot
+        and guarded.tier.shard_of(key) == guarded.tier.shard_of(moving)
+    )
+    guarded.put(neighbour, b"stays", 600)
+    source.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", moving)
+    try:
+        for _ in range(4):  # the session's keys are split between the two nodes
+            fetched = guarded.get_many([moving, "satchel:{on-the-move}:seg:2"], cache=False)
+            assert isinstance(fetched.error, TierBusy), fetched.error
+        assert guarded.breaker_state == "closed"
+        assert guarded.get_many([neighbour], cache=False).get(neighbour) == b"stays"
+    finally:
+        while keys := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            source.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+        for node in cluster.nodes:
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    assert source_port != port
 
 
 def test_unreachable_cluster_is_tier_unavailable() -> None:

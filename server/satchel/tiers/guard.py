@@ -47,7 +47,7 @@ from typing import Any, Final, TypeVar
 
 import pybreaker
 
-from ..errors import ContextErased, TierError, TierFull, TierUnavailable
+from ..errors import ContextErased, TierBusy, TierError, TierFull, TierUnavailable
 from .base import Companion, Tier, hash_tag
 
 T = TypeVar("T")
@@ -351,7 +351,7 @@ class _Shard:
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=guard.policy.fail_max,
             reset_timeout=guard.policy.reset_timeout,
-            exclude=[TierFull],
+            exclude=[TierFull, TierBusy],  # the tier answered: nothing slow to spare
             listeners=[_Listener(guard, self)],
             name=f"satchel-{guard.tier.name}{'-' + name if name else ''}",
             throw_new_error_on_trip=False,
@@ -554,6 +554,8 @@ class GuardedTier:
         if isinstance(outcome, TierFull):
             self.last_full_at = self.clock()
             return  # answered at once: nothing slow to spare requests
+        if isinstance(outcome, TierBusy):
+            return  # a slot on the move: the server is well
         if outcome.facts.get("unsent"):
             return  # never sent
         shard.write_failures += 1

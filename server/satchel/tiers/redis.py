@@ -49,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
+from ..errors import ConfigurationError, TierBusy, TierError, TierFull, TierUnavailable
 from . import REDIS_SCHEMES, redact_url
 from .base import Companion, Tier, Timeouts, hash_tag
 
@@ -238,6 +238,15 @@ def default_retry(retries: int = 1) -> Retry:
 
 def _ttl_ms(ttl: float) -> int:
     return max(1, int(ttl * 1000))
+
+
+def _slot_moving(exc: BaseException) -> bool:
+    """A Cluster slot in migration: TRYAGAIN (a multi-key call whose keys are split
+    between the two nodes), or redis-py's redirections and retries exhausted ("TTL
+    exhausted": it follows MOVED/ASK and retries TRYAGAIN a bounded number of times)."""
+    if isinstance(exc, redis.exceptions.TryAgainError | redis.exceptions.AskError):
+        return True
+    return isinstance(exc, redis.exceptions.ClusterError) and "TTL exhausted" in str(exc)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -532,6 +541,8 @@ class RedisTier(Tier):
         }
         if isinstance(exc, RedisError | RedisClusterException) and _is_oom(exc):
             return TierFull(f"Redis refused the write: out of memory ({op})", **facts)
+        if _slot_moving(exc):
+            return TierBusy(f"Redis Cluster is moving this session's slot ({op}): {exc}", **facts)
         if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
             return TierUnavailable(f"Redis did not answer in time ({op})", **facts)
         if isinstance(exc, redis.exceptions.ConnectionError | OSError):
