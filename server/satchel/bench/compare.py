@@ -1179,7 +1179,9 @@ def render_report(res: Results, plots: list[str]) -> str:
         "* Bytes are counted on the socket by the load generator: request line, headers and "
         "body up; status line, headers and body down. CPU is utime+stime of the gunicorn "
         "master and workers from `/proc/PID/stat` over the loaded phase, divided by its "
-        "requests (Redis' own CPU separately); RSS is the sum of their `VmRSS`; Redis "
+        "requests (Redis' own CPU separately); RSS is the sum of their `VmRSS`, which "
+        "counts the pages the workers share with the master once per process (and memory "
+        "mode runs one worker): compare modes by how RSS grows, not by its level; Redis "
         "memory is `INFO memory` `used_memory`."
     )
     add(
