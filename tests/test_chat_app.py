@@ -260,6 +260,36 @@ def test_bad_token_is_a_json_error(client: Any) -> None:
     assert resp.get_json()["error"]["code"].startswith("token_")
 
 
+def tampered(token: str) -> str:
+    i = len(token) // 2
+    return token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+
+
+@pytest.mark.parametrize("mode", ["client", "server"])
+def test_context_of_a_reset_reports_no_token_bytes(tmp_path: Path, mode: str) -> None:
+    """A token the server refused and replaced with a fresh context (SATCHEL_ON_BAD_TOKEN
+    =fresh; in server mode, a session the store no longer has) is not the chat's token:
+    its size was reported as the token's, for a chat that now holds none."""
+    app = make_app(tmp_path, SATCHEL_ON_BAD_TOKEN="fresh", SATCHEL_MODE=mode)
+    client = app.test_client()
+    token = chat(client, "hi").headers["Satchel-Context"]
+    if mode == "server":  # the same keys, an empty store: the session is not found
+        (tmp_path / "empty").mkdir()
+        keys = app.config["SATCHEL_KEYS"]
+        client = make_app(
+            tmp_path / "empty", SATCHEL_ON_BAD_TOKEN="fresh", SATCHEL_MODE=mode, SATCHEL_KEYS=keys
+        ).test_client()
+        bad = token
+    else:
+        bad = tampered(token)
+    resp = client.get("/api/context", headers={"Satchel-Context": bad})
+    assert resp.status_code == 200
+    assert resp.headers.get("Satchel-Reset")
+    data = resp.get_json()
+    assert data["all_turns"] == [] and data["held_turns"] == 0
+    assert data["token_bytes"] == 0
+
+
 class FailingModel:
     name = "failing"
 

@@ -225,7 +225,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def context() -> Any:
         ctx = satchel.context
         satchel.discard()  # reading issues no new token: the client keeps the one it sent
-        token = satchel.read_token() or ""
+        # A token refused and replaced by a fresh context (SATCHEL_ON_BAD_TOKEN=fresh, or
+        # a server-mode session the store no longer has; the response says Satchel-Reset)
+        # is not this chat's token any more: the chat holds none.
+        reset = any(n.startswith("reset:") for n in ctx.notices)
+        token = "" if reset else satchel.read_token() or ""
         state = Satchel.state()
         # Turns that left the token without a copy in the tier: only the summary has them.
         removed = sum(n for policy, n in ctx.lifecycle.dropped.items() if policy != "overflow")
