@@ -104,6 +104,7 @@ def test_page_is_self_contained_and_accessible(client: Any) -> None:
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
     assert 'src="/assets/chat.js"' in html
     assert 'data-client-url="/static/satchel/satchel.js"' in html
+    assert 'data-header-name="Satchel-Context"' in html  # SATCHEL_HEADER, for the client
 
 
 def test_client_module_and_assets_are_served(client: Any) -> None:

@@ -160,6 +160,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             "index.html",
             model_name=model.name,
             max_chars=max_chars,
+            # SATCHEL_HEADER: the page's client sends and reads the token there.
+            header_name=Satchel.state(app).config.header,
         )
         response = Response(html, mimetype="text/html")
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY

@@ -987,3 +987,25 @@ def test_a_load_that_failed_offline_is_redone_when_back_online(
     page.context.set_offline(False)
     expect(page.locator("#error")).to_be_hidden()
     expect(page.locator(".msg-user .msg-text")).to_have_text(["hello"])
+
+
+def test_a_configured_token_header_is_the_one_the_page_uses(
+    live_server_factory, tmp_path, page
+) -> None:
+    """With SATCHEL_HEADER set, the page's client still sent and read Satchel-Context:
+    the server never got the token back, and every reply was followed by an empty
+    thread (the reload of the chat opened a new, empty context)."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_HEADER="X-Chat-Context")
+    sent: list[str] = []
+    page.on(
+        "request",
+        lambda r: sent.append(r.headers.get("x-chat-context", "")) if "/api/" in r.url else None,
+    )
+    open_chat(page, srv)
+    send(page, "first message")
+    send(page, "second message")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["first message", "second message"])
+    token = current_record(page)["token"]
+    resp = srv.get("/api/context", headers={"X-Chat-Context": token})
+    assert user_texts(resp.json()) == ["first message", "second message"]
+    assert token in sent  # the token went back in the configured header

@@ -14,6 +14,8 @@ const api = {
   stream: body.dataset.apiStream,
   context: body.dataset.apiContext,
 };
+// The header the token travels in (SATCHEL_HEADER); the server answers in the same one.
+const headerName = body.dataset.headerName || undefined;
 const { createClient, listConversations } = await import(body.dataset.clientUrl);
 
 const INDEX_KEY = 'satchel-chat:index';
@@ -233,7 +235,7 @@ async function openConversation(id, { focus = false } = {}) {
   }
   for (const off of unsubscribe) off();
   if (client) client.close();
-  client = createClient({ conversation: id, storage: 'local' });
+  client = createClient({ conversation: id, storage: 'local', headerName });
   // How this browser coordinates tabs (shown for debugging, checked by the tests).
   body.dataset.lockMode = client.lockMode;
   body.dataset.syncMode = client.syncMode;
