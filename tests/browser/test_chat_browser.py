@@ -1009,3 +1009,67 @@ def test_a_configured_token_header_is_the_one_the_page_uses(
     resp = srv.get("/api/context", headers={"X-Chat-Context": token})
     assert user_texts(resp.json()) == ["first message", "second message"]
     assert token in sent  # the token went back in the configured header
+
+
+def test_a_bad_time_in_the_page_index_does_not_stop_the_page(
+    live_server_factory, tmp_path, page
+) -> None:
+    """One conversation whose `updated` is not a time (an older page version, a hand
+    edit) threw a RangeError while drawing the list: the page stayed 'loading' with no
+    list, on every reload. It is listed with no time instead."""
+    srv = start_app(live_server_factory, tmp_path)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_chat(page, srv)
+    send(page, "a chat worth keeping")
+    page.evaluate(
+        """() => {
+            const index = JSON.parse(localStorage.getItem('satchel-chat:index'));
+            index.conversations.imported = {title: 'from an older page', updated: 'yesterday'};
+            index.conversations.huge = {title: 'far future', updated: 1e300};
+            localStorage.setItem('satchel-chat:index', JSON.stringify(index));
+        }"""
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#conversations button")).to_have_count(3)
+    expect(page.locator("#conversations li").first).to_contain_text("a chat worth keeping")
+    expect(
+        page.locator("#conversations button", has_text="older page").locator("time")
+    ).to_have_count(0)
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["a chat worth keeping"])
+    assert not errors, errors
+
+
+def test_a_long_title_is_cut_between_characters(live_server_factory, tmp_path, page) -> None:
+    """The title (the first message, cut at 48) was cut at 47 UTF-16 units: an emoji
+    across the cut left half of it, shown as U+FFFD in the header, list and tab."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "a" * 46 + "😀😀😀 and more text here")
+    expect(page.locator("#thread-title")).to_have_text("a" * 46 + "😀…")
+    assert page.evaluate("document.title.isWellFormed()")
+    expect(page.locator("#conversations [aria-current] .conversation-title")).to_have_text(
+        "a" * 46 + "😀…"
+    )
+
+
+def test_a_chat_that_failed_to_load_keeps_its_title(live_server_factory, tmp_path, page) -> None:
+    """A load that fails (offline, a 5xx) left the header and the tab at 'Untitled
+    chat' while the list showed the chat's title: the title is set before loading."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "Trip to Lisbon")
+    page.route(
+        "**/api/context",
+        lambda route: route.fulfill(
+            status=503,
+            content_type="application/json",
+            body='{"error": {"code": "tier_unavailable", "message": "store down"}}',
+        ),
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#error")).to_contain_text("Could not load this chat")
+    expect(page.locator("#thread-title")).to_have_text("Trip to Lisbon")
+    expect(page).to_have_title("Trip to Lisbon · Satchel chat")

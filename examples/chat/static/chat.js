@@ -85,12 +85,22 @@ function touch(id, fields = {}) {
   });
 }
 
+/** A time in ms that Date can show, else 0 (no time): the index may come from an older
+ * page or a hand edit, and one bad value made Date.toISOString throw, stopping the page. */
+function timeOf(value) {
+  return typeof value === 'number' && Number.isFinite(new Date(value).getTime()) ? value : 0;
+}
+
 async function conversations() {
   const index = loadIndex();
   const ids = new Set(Object.keys(index.conversations));
   for (const id of await listConversations('local')) ids.add(id);
   return [...ids]
-    .map((id) => ({ id, title: UNTITLED, updated: 0, ...(index.conversations[id] || {}) }))
+    .map((id) => {
+      const entry = index.conversations[id] || {};
+      const title = typeof entry.title === 'string' && entry.title ? entry.title : UNTITLED;
+      return { id, title, updated: timeOf(entry.updated) };
+    })
     .sort((a, b) => b.updated - a.updated);
 }
 
@@ -107,8 +117,9 @@ function newId() {
 }
 
 function titleFrom(text) {
-  const line = text.replace(/\s+/g, ' ').trim();
-  return line.length > 48 ? `${line.slice(0, 47)}…` : line || UNTITLED;
+  // Cut by code points, not UTF-16 units: half an emoji would show as U+FFFD.
+  const chars = [...text.replace(/\s+/g, ' ').trim()];
+  return chars.length > 48 ? `${chars.slice(0, 47).join('')}…` : chars.join('') || UNTITLED;
 }
 
 /* ----------------------------------------------------------------- state */
@@ -258,6 +269,8 @@ async function openConversation(id, { focus = false } = {}) {
   showError(null);
   showProblem(null);
   clearThread();
+  // The title from the index now, so a load that fails still shows which chat this is.
+  setTitle((loadIndex().conversations[id] || {}).title);
   await renderList();
   await refresh();
   if (focus) el.input.focus();
