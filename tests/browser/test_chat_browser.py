@@ -12,6 +12,7 @@ import itertools
 import json
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +397,12 @@ def test_tampered_token_recovers_with_a_reset_notice(
         )
 
     tamper()
-    send(page, "After the tampering")
+    # Not send(): it waits for one more reply than before, and the thread, rebuilt on
+    # the fresh context, ends with as many as before (the second showed only while it
+    # streamed, a moment a busy machine can miss).
+    page.fill("#message", "After the tampering")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
     notice = page.get_by_role("status").filter(has_text="Reset")
     expect(notice).to_contain_text("fresh context")
     expect(page.locator("#notice")).to_have_attribute("data-kinds", re.compile(r"\breset\b"))
@@ -1073,3 +1079,76 @@ def test_a_chat_that_failed_to_load_keeps_its_title(live_server_factory, tmp_pat
     expect(page.locator("#error")).to_contain_text("Could not load this chat")
     expect(page.locator("#thread-title")).to_have_text("Trip to Lisbon")
     expect(page).to_have_title("Trip to Lisbon · Satchel chat")
+
+
+def test_a_failed_send_keeps_the_draft_typed_meanwhile_and_its_own_text(
+    live_server_factory, tmp_path, page
+) -> None:
+    """The next message was typed while the reply streamed, then the send was stopped:
+    the page said the failed message 'is back in the message box', but the box held
+    only the new draft, and the failed message's text was gone. Both are kept."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_MODEL_DELAY="0.05")
+    open_chat(page, srv)
+    failed = "A long question I spent five minutes writing"
+    page.fill("#message", failed)
+    page.press("#message", "Enter")
+    expect(page.locator(".msg.pending .msg-text")).to_contain_text("You said")
+    page.keyboard.type("and a follow-up")  # the box keeps focus while the reply streams
+    page.click("#stop")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_have_value(f"{failed}\n\nand a follow-up")
+    expect(page.locator("#error")).to_contain_text("you stopped the reply before it finished")
+    expect(page.locator("#error")).to_contain_text("above what you typed")
+    expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_a_send_that_fails_after_switching_chats_stays_with_its_chat(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """A send failed after the user had opened another conversation: its text went
+    into that other chat's box, under 'It is back in the message box', and Enter sent
+    it to the wrong chat. It waits for its own chat, and comes back when it is open."""
+    srv = two_chats(live_server_factory, tmp_path, page, "Chat about cats", "Chat about taxes")
+    held: list[Any] = []
+    page.route("**/api/chat/stream", lambda route: held.append(route))  # aborted below
+    secret = "my tax id is 123-45-6789"
+    page.fill("#message", secret)
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "sending")
+    page.locator("#conversations button", has_text="Chat about cats").click()
+    expect(page.locator("#thread-title")).to_have_text("Chat about cats")
+    # Shown while the other chat's send is still going (it stayed empty until then).
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about cats"])
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # lets Playwright run the route handler
+    assert held, "the send never reached the network"
+    held[0].abort("connectionreset")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.unroute("**/api/chat/stream")
+
+    # Not in this chat's box, and this chat shows no error of the other's; a note says
+    # where the message is.
+    expect(page.locator("#message")).to_have_value("")
+    expect(page.locator("#error")).to_be_empty()
+    expect(page.locator("#notice")).to_contain_text("Chat about taxes")
+    expect(page.locator("#notice")).to_contain_text("was not sent")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about cats"])
+    screenshot("other-chat")
+
+    # Its own chat has it back, with the reason.
+    page.locator("#conversations button", has_text="Chat about taxes").click()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_have_value(secret)
+    expect(page.locator("#error")).to_contain_text("The message was not sent")
+    expect(page.locator("#error")).to_contain_text("It is back in the message box")
+    expect(page.locator("#notice")).not_to_contain_text("was not sent")
+    page.press("#message", "Enter")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about taxes", secret])
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    assert user_texts(server_context(srv, page)) == ["Chat about taxes", secret]
+    page.locator("#conversations button", has_text="Chat about cats").click()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_have_value("")
+    assert user_texts(server_context(srv, page)) == ["Chat about cats"]
+    screenshot()

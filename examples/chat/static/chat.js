@@ -127,6 +127,7 @@ function titleFrom(text) {
 let client = null;
 let unsubscribe = [];
 let busy = false; // this tab is sending
+let sendingIn = null; // ...in this conversation (another one may be open meanwhile)
 let refreshWanted = false; // another tab moved the conversation while we were busy
 let refreshGeneration = 0;
 // [{role, content}] currently in the thread, so a re-render appends only what is new;
@@ -136,7 +137,11 @@ let rendered = [];
 // history as the send began, JSON)}. Every load of the chat checks whether the server
 // saved it after all.
 let unsent = null;
-const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
+// Sends that failed after the user had opened another conversation, by conversation id:
+// {text, error, shownBefore}. The text goes back in the box when its chat is opened
+// again, not in the box of the chat open when it failed (Enter would send it there).
+const failedElsewhere = new Map();
+const notices = { reset: null, fork: null, deleted: null, elsewhere: null, degraded: [], loadDegraded: [] };
 /** Stops the reply streaming now (null when none is). */
 let stopCurrent = null;
 /** The last load of the chat failed (offline?): load again when the browser is back. */
@@ -263,16 +268,24 @@ async function openConversation(id, { focus = false } = {}) {
   notices.reset = null;
   notices.fork = null;
   notices.deleted = null;
+  notices.elsewhere = null;
   notices.degraded = [];
   notices.loadDegraded = [];
   renderNotice();
   showError(null);
   showProblem(null);
+  // A send of this chat that failed while another was open: its text and reason now.
+  const failed = failedElsewhere.get(id);
+  failedElsewhere.delete(id);
+  if (failed) {
+    showError(failed.error + putBack(failed.text));
+    if (failed.shownBefore !== null) unsent = { conversation: id, text: failed.text, shownBefore: failed.shownBefore };
+  }
   clearThread();
   // The title from the index now, so a load that fails still shows which chat this is.
   setTitle((loadIndex().conversations[id] || {}).title);
   await renderList();
-  await refresh();
+  await refresh({ reportErrors: !failed }); // a failed load would replace the send's error
   if (focus) el.input.focus();
 }
 
@@ -292,6 +305,7 @@ async function deleteChat() {
   const title = el.title.textContent;
   if (!window.confirm(`Delete “${title}” from this browser?`)) return;
   const id = client.conversation;
+  failedElsewhere.delete(id);
   await client.reset();
   updateIndex((index) => {
     delete index.conversations[id];
@@ -567,6 +581,7 @@ function renderNotice() {
   if (notices.reset) parts.push(['reset', notices.reset]);
   if (notices.fork) parts.push(['fork', notices.fork]);
   if (notices.deleted) parts.push(['deleted', notices.deleted]);
+  if (notices.elsewhere) parts.push(['elsewhere', notices.elsewhere]);
   const reasons = [...new Set([...notices.degraded, ...notices.loadDegraded])];
   for (const r of reasons) parts.push(['degraded', describeDegraded(r), r]);
   const storage = client && client.storage;
@@ -697,7 +712,10 @@ async function refresh({ reportErrors = true } = {}) {
       contextLoads -= 1;
     }
     const data = await response.json();
-    if (generation !== refreshGeneration || current !== client || busy) return;
+    // While this tab sends, the send's own reload renders its chat when it is done;
+    // another chat opened meanwhile is rendered now.
+    if (generation !== refreshGeneration || current !== client) return;
+    if (busy && sendingIn === current.conversation) return;
     renderThread(data.all_turns || []);
     noticeIfSavedAnyway();
     renderStatus(data);
@@ -738,6 +756,7 @@ async function refresh({ reportErrors = true } = {}) {
 
 async function send(text) {
   busy = true;
+  sendingIn = client.conversation;
   setState('sending');
   showError(null);
   showProblem(null);
@@ -747,6 +766,7 @@ async function send(text) {
   notices.reset = null;
   notices.fork = null;
   notices.deleted = null;
+  notices.elsewhere = null;
   renderNotice();
   // While the reply streams, the button stops it: a server or model that stalls must
   // not hold this page (and every other tab of the chat, waiting on its lock) for good.
@@ -826,15 +846,21 @@ async function send(text) {
       : '';
     // A reason may end a sentence of its own (an error's message): no second period.
     const sentence = /[.!?]$/.test(reason) ? reason : `${reason}.`;
-    showError(`The message was not sent: ${sentence}${next} It is back in the message box.`);
-    if (!el.input.value) el.input.value = text;
-    updateCounter();
-    if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };
+    const error = `The message was not sent: ${sentence}${next}`;
+    if (client === sentWith) {
+      showError(error + putBack(text));
+      if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };
+    } else {
+      // Another chat is open now: the text waits for its own chat (openConversation
+      // puts it back), and this one only says where it is.
+      failedElsewhere.set(id, { text, error, shownBefore });
+      notices.elsewhere = `Your message in “${titled ? title : UNTITLED}” was not sent; it will be back in the message box when you open that chat.`;
+    }
     // A first message that failed does not name the chat (the title is its first
     // message, and only an untitled chat gets one later).
-    if (!titled && client === sentWith) {
+    if (!titled) {
       touch(id, { title: UNTITLED });
-      setTitle(UNTITLED);
+      if (client === sentWith) setTitle(UNTITLED);
       renderList();
     }
   } finally {
@@ -844,6 +870,7 @@ async function send(text) {
     el.send.disabled = false;
     el.send.textContent = 'Send';
     busy = false;
+    sendingIn = null;
     refreshWanted = false;
     el.input.focus();
     revealComposer();
@@ -852,6 +879,19 @@ async function send(text) {
     await refresh({ reportErrors: !failed }); // checks `unsent` when it renders
     renderNotice();
   }
+}
+
+/**
+ * Put a failed message's text back in the box, and say where it is (the end of the
+ * "not sent" error). A draft typed meanwhile (during the reply) stays, below it after
+ * a blank line: neither is lost.
+ */
+function putBack(text) {
+  const draft = el.input.value;
+  const both = draft && draft !== text;
+  el.input.value = both ? `${text}\n\n${draft}` : text;
+  updateCounter();
+  return both ? ' It is back in the message box, above what you typed since.' : ' It is back in the message box.';
 }
 
 /** Why a send failed, in words for the "not sent" error. */
@@ -903,8 +943,9 @@ function noticeIfSavedAnyway() {
   const newest = users.length > 0 && users[users.length - 1].content === text;
   if (!more && !newest) return;
   unsent = null;
-  if (el.input.value === text) {
-    el.input.value = '';
+  const box = el.input.value;
+  if (box === text || box.startsWith(`${text}\n\n`)) {
+    el.input.value = box.slice(text.length + 2); // a draft typed after it stays
     updateCounter();
   }
   showError(null);
