@@ -1152,3 +1152,43 @@ def test_a_send_that_fails_after_switching_chats_stays_with_its_chat(
     expect(page.locator("#message")).to_have_value("")
     assert user_texts(server_context(srv, page)) == ["Chat about cats"]
     screenshot()
+
+
+def test_in_server_mode_delete_chat_erases_the_stored_conversation(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """In server mode the whole conversation is in the server's store: the page said
+    the server kept no chat history, and Delete chat left it there until its TTL."""
+    srv = start_app(
+        live_server_factory,
+        tmp_path,
+        SATCHEL_MODE="server",
+        SATCHEL_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        SATCHEL_OVERFLOW_URL="",
+    )
+    open_chat(page, srv)
+    expect(page.locator(".sidebar")).to_contain_text("kept on the server")
+    expect(page.locator(".sidebar")).not_to_contain_text("keeps no chat history")
+    send(page, "my secret plan")
+    page.get_by_role("button", name="New chat", exact=True).click()
+    send(page, "my other plan")
+    tokens = {}
+    for text in ("my other plan", "my secret plan"):
+        page.locator("#conversations button", has_text=text).click()
+        expect(page.locator("body")).to_have_attribute("data-state", "idle")
+        tokens[text] = current_record(page)["token"]
+        page.once("dialog", lambda dialog: dialog.accept())
+        if text == "my secret plan":  # the server cannot be reached for this one
+            page.route("**/api/context", lambda route: route.abort("connectionreset"))
+        page.get_by_role("button", name="Delete chat", exact=True).click()
+        expect(page.locator("#conversations")).not_to_contain_text(text)
+        expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.unroute("**/api/context")
+
+    erased = srv.get("/api/context", headers={"Satchel-Context": tokens["my other plan"]})
+    assert erased.status == 410 and erased.json()["error"]["code"] == "token_erased"
+    # Not erased: the page says so, and the conversation is still on the server.
+    expect(page.locator("#notice")).to_contain_text("could not erase its copy")
+    kept = srv.get("/api/context", headers={"Satchel-Context": tokens["my secret plan"]})
+    assert user_texts(kept.json()) == ["my secret plan"]
+    screenshot()

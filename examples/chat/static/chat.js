@@ -303,9 +303,20 @@ async function newChat() {
 async function deleteChat() {
   if (!client || busy) return;
   const title = el.title.textContent;
-  if (!window.confirm(`Delete “${title}” from this browser?`)) return;
+  if (!window.confirm(`Delete “${title}” from this browser and from the server?`)) return;
   const id = client.conversation;
   failedElsewhere.delete(id);
+  // Erase what the server keeps of it first (all of it in server mode, overflowed turns
+  // in client mode), while the token is still here to say which conversation it is.
+  let notErased = null;
+  if (client.token) {
+    try {
+      const response = await client.fetch(api.context, { method: 'DELETE' });
+      await response.json();
+    } catch (err) {
+      notErased = err;
+    }
+  }
   await client.reset();
   updateIndex((index) => {
     delete index.conversations[id];
@@ -316,6 +327,10 @@ async function deleteChat() {
   client = null;
   if (rest.length) await openConversation(rest[0].id, { focus: true });
   else await newChat();
+  if (notErased) {
+    notices.deleted = `“${title}” was deleted from this browser, but the server could not erase its copy (${notErased.message}): it expires there on its own.`;
+    renderNotice();
+  }
 }
 
 /**
