@@ -104,6 +104,7 @@ def test_page_is_self_contained_and_accessible(client: Any) -> None:
     assert "http://" not in html and "https://" not in html and "//cdn" not in html
     assert 'src="/assets/chat.js"' in html
     assert 'data-client-url="/static/satchel/satchel.js"' in html
+    assert 'data-header-name="Satchel-Context"' in html  # SATCHEL_HEADER, for the client
 
 
 def test_client_module_and_assets_are_served(client: Any) -> None:
@@ -258,6 +259,77 @@ def test_bad_token_is_a_json_error(client: Any) -> None:
         "/api/chat/stream", json={"message": "hi"}, headers={"Satchel-Context": "garbage"}
     )
     assert resp.get_json()["error"]["code"].startswith("token_")
+
+
+def tampered(token: str) -> str:
+    i = len(token) // 2
+    return token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+
+
+@pytest.mark.parametrize("mode", ["client", "server"])
+def test_context_of_a_reset_reports_no_token_bytes(tmp_path: Path, mode: str) -> None:
+    """A token the server refused and replaced with a fresh context (SATCHEL_ON_BAD_TOKEN
+    =fresh; in server mode, a session the store no longer has) is not the chat's token:
+    its size was reported as the token's, for a chat that now holds none."""
+    app = make_app(tmp_path, SATCHEL_ON_BAD_TOKEN="fresh", SATCHEL_MODE=mode)
+    client = app.test_client()
+    token = chat(client, "hi").headers["Satchel-Context"]
+    if mode == "server":  # the same keys, an empty store: the session is not found
+        (tmp_path / "empty").mkdir()
+        keys = app.config["SATCHEL_KEYS"]
+        client = make_app(
+            tmp_path / "empty", SATCHEL_ON_BAD_TOKEN="fresh", SATCHEL_MODE=mode, SATCHEL_KEYS=keys
+        ).test_client()
+        bad = token
+    else:
+        bad = tampered(token)
+    resp = client.get("/api/context", headers={"Satchel-Context": bad})
+    assert resp.status_code == 200
+    assert resp.headers.get("Satchel-Reset")
+    data = resp.get_json()
+    assert data["all_turns"] == [] and data["held_turns"] == 0
+    assert data["token_bytes"] == 0
+
+
+@pytest.mark.parametrize("mode", ["client", "server", "memory"])
+def test_the_page_says_where_the_conversation_is_kept(tmp_path: Path, mode: str) -> None:
+    """In server and memory mode the page said the context was "a sealed token kept in
+    this browser" and that "the server keeps no chat history": the server keeps it all."""
+    html = make_app(tmp_path, SATCHEL_MODE=mode).test_client().get("/").get_data(as_text=True)
+    browser_only = "kept in this browser" in html and "keeps no chat history" in html
+    assert browser_only == (mode == "client")
+    if mode != "client":
+        assert "kept on the server" in html
+
+
+@pytest.mark.parametrize("mode", ["server", "memory"])
+def test_delete_erases_what_the_server_keeps(tmp_path: Path, mode: str) -> None:
+    """Delete chat in server/memory mode forgot the carrier in the browser and left the
+    whole conversation in the store until its TTL: DELETE /api/context erases it."""
+    client = make_app(tmp_path, SATCHEL_MODE=mode).test_client()
+    token = chat(client, "my secret plan").headers["Satchel-Context"]
+    resp = client.delete("/api/context", headers={"Satchel-Context": token})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["erased"] is True
+    assert "Satchel-Context" not in resp.headers  # erasing issues no token
+    gone = client.get("/api/context", headers={"Satchel-Context": token})
+    assert gone.status_code == 410 and gone.get_json()["error"]["code"] == "token_erased"
+    # Without a token there is nothing to erase.
+    assert client.delete("/api/context").get_json()["erased"] is False
+
+
+def test_delete_erases_overflowed_turns_in_client_mode(tmp_path: Path) -> None:
+    client = make_app(tmp_path, SATCHEL_MAX_TOKEN_BYTES=1200).test_client()
+    token = None
+    for i in range(10):
+        token = chat(client, f"message {i}: {words(25)}", token).headers["Satchel-Context"]
+    assert client.get("/api/context", headers={"Satchel-Context": token}).get_json()[
+        "overflowed_turns"
+    ]
+    resp = client.delete("/api/context", headers={"Satchel-Context": token})
+    assert resp.get_json()["erased"] is True and resp.get_json()["deleted_keys"] > 0
+    data = client.get("/api/context", headers={"Satchel-Context": token}).get_json()
+    assert data["rehydrated_turns"] == 0  # the segments are gone
 
 
 class FailingModel:

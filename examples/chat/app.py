@@ -11,6 +11,7 @@ Routes:
                             events, then ``satchel`` (the next token), then ``done``
 ``GET  /api/context``       the context as JSON: every turn (overflowed ones read back
                             from the tier), summary, counts, token size; issues no token
+``DELETE /api/context``     erase what the server keeps of the conversation (Delete chat)
 ``GET  /static/satchel/*``  the browser client (``client_js/src``), served as-is
 ``GET  /assets/*``          the page's own script and stylesheet
 =========================== ==========================================================
@@ -160,6 +161,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             "index.html",
             model_name=model.name,
             max_chars=max_chars,
+            # SATCHEL_HEADER: the page's client sends and reads the token there.
+            header_name=Satchel.state(app).config.header,
+            # Where the conversation lives, for the page's own words about it.
+            mode=Satchel.state(app).config.mode,
         )
         response = Response(html, mimetype="text/html")
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
@@ -225,7 +230,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def context() -> Any:
         ctx = satchel.context
         satchel.discard()  # reading issues no new token: the client keeps the one it sent
-        token = satchel.read_token() or ""
+        # A token refused and replaced by a fresh context (SATCHEL_ON_BAD_TOKEN=fresh, or
+        # a server-mode session the store no longer has; the response says Satchel-Reset)
+        # is not this chat's token any more: the chat holds none.
+        reset = any(n.startswith("reset:") for n in ctx.notices)
+        token = "" if reset else satchel.read_token() or ""
         state = Satchel.state()
         # Turns that left the token without a copy in the tier: only the summary has them.
         removed = sum(n for policy, n in ctx.lifecycle.dropped.items() if policy != "overflow")
@@ -241,6 +250,20 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             model=model.name,
         )
         return data
+
+    @app.delete("/api/context")
+    def erase_context() -> Any:
+        """Delete chat: erase what the server keeps of this conversation (server and
+        memory mode: all of it; client mode: its overflowed turns), and refuse its
+        tokens where the server checks them (docs/consistency.md, erasure). The page
+        forgets its token after this; the holder of a token could do as much anyway."""
+        ctx = satchel.context
+        satchel.discard()  # no new token for a conversation being erased
+        reset = any(n.startswith("reset:") for n in ctx.notices)
+        if reset or not satchel.read_token():
+            return {"erased": False, "deleted_keys": 0}  # nothing was ever saved
+        result = satchel.erase(ctx.session_id)
+        return {"erased": True, "deleted_keys": result["deleted_keys"]}
 
     return app
 

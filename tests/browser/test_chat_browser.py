@@ -12,6 +12,7 @@ import itertools
 import json
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +397,12 @@ def test_tampered_token_recovers_with_a_reset_notice(
         )
 
     tamper()
-    send(page, "After the tampering")
+    # Not send(): it waits for one more reply than before, and the thread, rebuilt on
+    # the fresh context, ends with as many as before (the second showed only while it
+    # streamed, a moment a busy machine can miss).
+    page.fill("#message", "After the tampering")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
     notice = page.get_by_role("status").filter(has_text="Reset")
     expect(notice).to_contain_text("fresh context")
     expect(page.locator("#notice")).to_have_attribute("data-kinds", re.compile(r"\breset\b"))
@@ -987,3 +993,202 @@ def test_a_load_that_failed_offline_is_redone_when_back_online(
     page.context.set_offline(False)
     expect(page.locator("#error")).to_be_hidden()
     expect(page.locator(".msg-user .msg-text")).to_have_text(["hello"])
+
+
+def test_a_configured_token_header_is_the_one_the_page_uses(
+    live_server_factory, tmp_path, page
+) -> None:
+    """With SATCHEL_HEADER set, the page's client still sent and read Satchel-Context:
+    the server never got the token back, and every reply was followed by an empty
+    thread (the reload of the chat opened a new, empty context)."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_HEADER="X-Chat-Context")
+    sent: list[str] = []
+    page.on(
+        "request",
+        lambda r: sent.append(r.headers.get("x-chat-context", "")) if "/api/" in r.url else None,
+    )
+    open_chat(page, srv)
+    send(page, "first message")
+    send(page, "second message")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["first message", "second message"])
+    token = current_record(page)["token"]
+    resp = srv.get("/api/context", headers={"X-Chat-Context": token})
+    assert user_texts(resp.json()) == ["first message", "second message"]
+    assert token in sent  # the token went back in the configured header
+
+
+def test_a_bad_time_in_the_page_index_does_not_stop_the_page(
+    live_server_factory, tmp_path, page
+) -> None:
+    """One conversation whose `updated` is not a time (an older page version, a hand
+    edit) threw a RangeError while drawing the list: the page stayed 'loading' with no
+    list, on every reload. It is listed with no time instead."""
+    srv = start_app(live_server_factory, tmp_path)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_chat(page, srv)
+    send(page, "a chat worth keeping")
+    page.evaluate(
+        """() => {
+            const index = JSON.parse(localStorage.getItem('satchel-chat:index'));
+            index.conversations.imported = {title: 'from an older page', updated: 'yesterday'};
+            index.conversations.huge = {title: 'far future', updated: 1e300};
+            localStorage.setItem('satchel-chat:index', JSON.stringify(index));
+        }"""
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#conversations button")).to_have_count(3)
+    expect(page.locator("#conversations li").first).to_contain_text("a chat worth keeping")
+    expect(
+        page.locator("#conversations button", has_text="older page").locator("time")
+    ).to_have_count(0)
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["a chat worth keeping"])
+    assert not errors, errors
+
+
+def test_a_long_title_is_cut_between_characters(live_server_factory, tmp_path, page) -> None:
+    """The title (the first message, cut at 48) was cut at 47 UTF-16 units: an emoji
+    across the cut left half of it, shown as U+FFFD in the header, list and tab."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "a" * 46 + "😀😀😀 and more text here")
+    expect(page.locator("#thread-title")).to_have_text("a" * 46 + "😀…")
+    assert page.evaluate("document.title.isWellFormed()")
+    expect(page.locator("#conversations [aria-current] .conversation-title")).to_have_text(
+        "a" * 46 + "😀…"
+    )
+
+
+def test_a_chat_that_failed_to_load_keeps_its_title(live_server_factory, tmp_path, page) -> None:
+    """A load that fails (offline, a 5xx) left the header and the tab at 'Untitled
+    chat' while the list showed the chat's title: the title is set before loading."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "Trip to Lisbon")
+    page.route(
+        "**/api/context",
+        lambda route: route.fulfill(
+            status=503,
+            content_type="application/json",
+            body='{"error": {"code": "tier_unavailable", "message": "store down"}}',
+        ),
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#error")).to_contain_text("Could not load this chat")
+    expect(page.locator("#thread-title")).to_have_text("Trip to Lisbon")
+    expect(page).to_have_title("Trip to Lisbon · Satchel chat")
+
+
+def test_a_failed_send_keeps_the_draft_typed_meanwhile_and_its_own_text(
+    live_server_factory, tmp_path, page
+) -> None:
+    """The next message was typed while the reply streamed, then the send was stopped:
+    the page said the failed message 'is back in the message box', but the box held
+    only the new draft, and the failed message's text was gone. Both are kept."""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_MODEL_DELAY="0.05")
+    open_chat(page, srv)
+    failed = "A long question I spent five minutes writing"
+    page.fill("#message", failed)
+    page.press("#message", "Enter")
+    expect(page.locator(".msg.pending .msg-text")).to_contain_text("You said")
+    page.keyboard.type("and a follow-up")  # the box keeps focus while the reply streams
+    page.click("#stop")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_have_value(f"{failed}\n\nand a follow-up")
+    expect(page.locator("#error")).to_contain_text("you stopped the reply before it finished")
+    expect(page.locator("#error")).to_contain_text("above what you typed")
+    expect(page.locator(".msg")).to_have_count(0)
+
+
+def test_a_send_that_fails_after_switching_chats_stays_with_its_chat(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """A send failed after the user had opened another conversation: its text went
+    into that other chat's box, under 'It is back in the message box', and Enter sent
+    it to the wrong chat. It waits for its own chat, and comes back when it is open."""
+    srv = two_chats(live_server_factory, tmp_path, page, "Chat about cats", "Chat about taxes")
+    held: list[Any] = []
+    page.route("**/api/chat/stream", lambda route: held.append(route))  # aborted below
+    secret = "my tax id is 123-45-6789"
+    page.fill("#message", secret)
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "sending")
+    page.locator("#conversations button", has_text="Chat about cats").click()
+    expect(page.locator("#thread-title")).to_have_text("Chat about cats")
+    # Shown while the other chat's send is still going (it stayed empty until then).
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about cats"])
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # lets Playwright run the route handler
+    assert held, "the send never reached the network"
+    held[0].abort("connectionreset")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.unroute("**/api/chat/stream")
+
+    # Not in this chat's box, and this chat shows no error of the other's; a note says
+    # where the message is.
+    expect(page.locator("#message")).to_have_value("")
+    expect(page.locator("#error")).to_be_empty()
+    expect(page.locator("#notice")).to_contain_text("Chat about taxes")
+    expect(page.locator("#notice")).to_contain_text("was not sent")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about cats"])
+    screenshot("other-chat")
+
+    # Its own chat has it back, with the reason.
+    page.locator("#conversations button", has_text="Chat about taxes").click()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_have_value(secret)
+    expect(page.locator("#error")).to_contain_text("The message was not sent")
+    expect(page.locator("#error")).to_contain_text("It is back in the message box")
+    expect(page.locator("#notice")).not_to_contain_text("was not sent")
+    page.press("#message", "Enter")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about taxes", secret])
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    assert user_texts(server_context(srv, page)) == ["Chat about taxes", secret]
+    page.locator("#conversations button", has_text="Chat about cats").click()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_have_value("")
+    assert user_texts(server_context(srv, page)) == ["Chat about cats"]
+    screenshot()
+
+
+def test_in_server_mode_delete_chat_erases_the_stored_conversation(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """In server mode the whole conversation is in the server's store: the page said
+    the server kept no chat history, and Delete chat left it there until its TTL."""
+    srv = start_app(
+        live_server_factory,
+        tmp_path,
+        SATCHEL_MODE="server",
+        SATCHEL_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        SATCHEL_OVERFLOW_URL="",
+    )
+    open_chat(page, srv)
+    expect(page.locator(".sidebar")).to_contain_text("kept on the server")
+    expect(page.locator(".sidebar")).not_to_contain_text("keeps no chat history")
+    send(page, "my secret plan")
+    page.get_by_role("button", name="New chat", exact=True).click()
+    send(page, "my other plan")
+    tokens = {}
+    for text in ("my other plan", "my secret plan"):
+        page.locator("#conversations button", has_text=text).click()
+        expect(page.locator("body")).to_have_attribute("data-state", "idle")
+        tokens[text] = current_record(page)["token"]
+        page.once("dialog", lambda dialog: dialog.accept())
+        if text == "my secret plan":  # the server cannot be reached for this one
+            page.route("**/api/context", lambda route: route.abort("connectionreset"))
+        page.get_by_role("button", name="Delete chat", exact=True).click()
+        expect(page.locator("#conversations")).not_to_contain_text(text)
+        expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.unroute("**/api/context")
+
+    erased = srv.get("/api/context", headers={"Satchel-Context": tokens["my other plan"]})
+    assert erased.status == 410 and erased.json()["error"]["code"] == "token_erased"
+    # Not erased: the page says so, and the conversation is still on the server.
+    expect(page.locator("#notice")).to_contain_text("could not erase its copy")
+    kept = srv.get("/api/context", headers={"Satchel-Context": tokens["my secret plan"]})
+    assert user_texts(kept.json()) == ["my secret plan"]
+    screenshot()

@@ -14,6 +14,8 @@ const api = {
   stream: body.dataset.apiStream,
   context: body.dataset.apiContext,
 };
+// The header the token travels in (SATCHEL_HEADER); the server answers in the same one.
+const headerName = body.dataset.headerName || undefined;
 const { createClient, listConversations } = await import(body.dataset.clientUrl);
 
 const INDEX_KEY = 'satchel-chat:index';
@@ -83,12 +85,22 @@ function touch(id, fields = {}) {
   });
 }
 
+/** A time in ms that Date can show, else 0 (no time): the index may come from an older
+ * page or a hand edit, and one bad value made Date.toISOString throw, stopping the page. */
+function timeOf(value) {
+  return typeof value === 'number' && Number.isFinite(new Date(value).getTime()) ? value : 0;
+}
+
 async function conversations() {
   const index = loadIndex();
   const ids = new Set(Object.keys(index.conversations));
   for (const id of await listConversations('local')) ids.add(id);
   return [...ids]
-    .map((id) => ({ id, title: UNTITLED, updated: 0, ...(index.conversations[id] || {}) }))
+    .map((id) => {
+      const entry = index.conversations[id] || {};
+      const title = typeof entry.title === 'string' && entry.title ? entry.title : UNTITLED;
+      return { id, title, updated: timeOf(entry.updated) };
+    })
     .sort((a, b) => b.updated - a.updated);
 }
 
@@ -105,8 +117,9 @@ function newId() {
 }
 
 function titleFrom(text) {
-  const line = text.replace(/\s+/g, ' ').trim();
-  return line.length > 48 ? `${line.slice(0, 47)}…` : line || UNTITLED;
+  // Cut by code points, not UTF-16 units: half an emoji would show as U+FFFD.
+  const chars = [...text.replace(/\s+/g, ' ').trim()];
+  return chars.length > 48 ? `${chars.slice(0, 47).join('')}…` : chars.join('') || UNTITLED;
 }
 
 /* ----------------------------------------------------------------- state */
@@ -114,6 +127,7 @@ function titleFrom(text) {
 let client = null;
 let unsubscribe = [];
 let busy = false; // this tab is sending
+let sendingIn = null; // ...in this conversation (another one may be open meanwhile)
 let refreshWanted = false; // another tab moved the conversation while we were busy
 let refreshGeneration = 0;
 // [{role, content}] currently in the thread, so a re-render appends only what is new;
@@ -123,7 +137,11 @@ let rendered = [];
 // history as the send began, JSON)}. Every load of the chat checks whether the server
 // saved it after all.
 let unsent = null;
-const notices = { reset: null, fork: null, deleted: null, degraded: [], loadDegraded: [] };
+// Sends that failed after the user had opened another conversation, by conversation id:
+// {text, error, shownBefore}. The text goes back in the box when its chat is opened
+// again, not in the box of the chat open when it failed (Enter would send it there).
+const failedElsewhere = new Map();
+const notices = { reset: null, fork: null, deleted: null, elsewhere: null, degraded: [], loadDegraded: [] };
 /** Stops the reply streaming now (null when none is). */
 let stopCurrent = null;
 /** The last load of the chat failed (offline?): load again when the browser is back. */
@@ -233,7 +251,7 @@ async function openConversation(id, { focus = false } = {}) {
   }
   for (const off of unsubscribe) off();
   if (client) client.close();
-  client = createClient({ conversation: id, storage: 'local' });
+  client = createClient({ conversation: id, storage: 'local', headerName });
   // How this browser coordinates tabs (shown for debugging, checked by the tests).
   body.dataset.lockMode = client.lockMode;
   body.dataset.syncMode = client.syncMode;
@@ -250,14 +268,24 @@ async function openConversation(id, { focus = false } = {}) {
   notices.reset = null;
   notices.fork = null;
   notices.deleted = null;
+  notices.elsewhere = null;
   notices.degraded = [];
   notices.loadDegraded = [];
   renderNotice();
   showError(null);
   showProblem(null);
+  // A send of this chat that failed while another was open: its text and reason now.
+  const failed = failedElsewhere.get(id);
+  failedElsewhere.delete(id);
+  if (failed) {
+    showError(failed.error + putBack(failed.text));
+    if (failed.shownBefore !== null) unsent = { conversation: id, text: failed.text, shownBefore: failed.shownBefore };
+  }
   clearThread();
+  // The title from the index now, so a load that fails still shows which chat this is.
+  setTitle((loadIndex().conversations[id] || {}).title);
   await renderList();
-  await refresh();
+  await refresh({ reportErrors: !failed }); // a failed load would replace the send's error
   if (focus) el.input.focus();
 }
 
@@ -275,8 +303,20 @@ async function newChat() {
 async function deleteChat() {
   if (!client || busy) return;
   const title = el.title.textContent;
-  if (!window.confirm(`Delete “${title}” from this browser?`)) return;
+  if (!window.confirm(`Delete “${title}” from this browser and from the server?`)) return;
   const id = client.conversation;
+  failedElsewhere.delete(id);
+  // Erase what the server keeps of it first (all of it in server mode, overflowed turns
+  // in client mode), while the token is still here to say which conversation it is.
+  let notErased = null;
+  if (client.token) {
+    try {
+      const response = await client.fetch(api.context, { method: 'DELETE' });
+      await response.json();
+    } catch (err) {
+      notErased = err;
+    }
+  }
   await client.reset();
   updateIndex((index) => {
     delete index.conversations[id];
@@ -287,6 +327,10 @@ async function deleteChat() {
   client = null;
   if (rest.length) await openConversation(rest[0].id, { focus: true });
   else await newChat();
+  if (notErased) {
+    notices.deleted = `“${title}” was deleted from this browser, but the server could not erase its copy (${notErased.message}): it expires there on its own.`;
+    renderNotice();
+  }
 }
 
 /**
@@ -552,6 +596,7 @@ function renderNotice() {
   if (notices.reset) parts.push(['reset', notices.reset]);
   if (notices.fork) parts.push(['fork', notices.fork]);
   if (notices.deleted) parts.push(['deleted', notices.deleted]);
+  if (notices.elsewhere) parts.push(['elsewhere', notices.elsewhere]);
   const reasons = [...new Set([...notices.degraded, ...notices.loadDegraded])];
   for (const r of reasons) parts.push(['degraded', describeDegraded(r), r]);
   const storage = client && client.storage;
@@ -682,7 +727,10 @@ async function refresh({ reportErrors = true } = {}) {
       contextLoads -= 1;
     }
     const data = await response.json();
-    if (generation !== refreshGeneration || current !== client || busy) return;
+    // While this tab sends, the send's own reload renders its chat when it is done;
+    // another chat opened meanwhile is rendered now.
+    if (generation !== refreshGeneration || current !== client) return;
+    if (busy && sendingIn === current.conversation) return;
     renderThread(data.all_turns || []);
     noticeIfSavedAnyway();
     renderStatus(data);
@@ -723,6 +771,7 @@ async function refresh({ reportErrors = true } = {}) {
 
 async function send(text) {
   busy = true;
+  sendingIn = client.conversation;
   setState('sending');
   showError(null);
   showProblem(null);
@@ -732,6 +781,7 @@ async function send(text) {
   notices.reset = null;
   notices.fork = null;
   notices.deleted = null;
+  notices.elsewhere = null;
   renderNotice();
   // While the reply streams, the button stops it: a server or model that stalls must
   // not hold this page (and every other tab of the chat, waiting on its lock) for good.
@@ -811,15 +861,21 @@ async function send(text) {
       : '';
     // A reason may end a sentence of its own (an error's message): no second period.
     const sentence = /[.!?]$/.test(reason) ? reason : `${reason}.`;
-    showError(`The message was not sent: ${sentence}${next} It is back in the message box.`);
-    if (!el.input.value) el.input.value = text;
-    updateCounter();
-    if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };
+    const error = `The message was not sent: ${sentence}${next}`;
+    if (client === sentWith) {
+      showError(error + putBack(text));
+      if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };
+    } else {
+      // Another chat is open now: the text waits for its own chat (openConversation
+      // puts it back), and this one only says where it is.
+      failedElsewhere.set(id, { text, error, shownBefore });
+      notices.elsewhere = `Your message in “${titled ? title : UNTITLED}” was not sent; it will be back in the message box when you open that chat.`;
+    }
     // A first message that failed does not name the chat (the title is its first
     // message, and only an untitled chat gets one later).
-    if (!titled && client === sentWith) {
+    if (!titled) {
       touch(id, { title: UNTITLED });
-      setTitle(UNTITLED);
+      if (client === sentWith) setTitle(UNTITLED);
       renderList();
     }
   } finally {
@@ -829,6 +885,7 @@ async function send(text) {
     el.send.disabled = false;
     el.send.textContent = 'Send';
     busy = false;
+    sendingIn = null;
     refreshWanted = false;
     el.input.focus();
     revealComposer();
@@ -837,6 +894,19 @@ async function send(text) {
     await refresh({ reportErrors: !failed }); // checks `unsent` when it renders
     renderNotice();
   }
+}
+
+/**
+ * Put a failed message's text back in the box, and say where it is (the end of the
+ * "not sent" error). A draft typed meanwhile (during the reply) stays, below it after
+ * a blank line: neither is lost.
+ */
+function putBack(text) {
+  const draft = el.input.value;
+  const both = draft && draft !== text;
+  el.input.value = both ? `${text}\n\n${draft}` : text;
+  updateCounter();
+  return both ? ' It is back in the message box, above what you typed since.' : ' It is back in the message box.';
 }
 
 /** Why a send failed, in words for the "not sent" error. */
@@ -888,8 +958,9 @@ function noticeIfSavedAnyway() {
   const newest = users.length > 0 && users[users.length - 1].content === text;
   if (!more && !newest) return;
   unsent = null;
-  if (el.input.value === text) {
-    el.input.value = '';
+  const box = el.input.value;
+  if (box === text || box.startsWith(`${text}\n\n`)) {
+    el.input.value = box.slice(text.length + 2); // a draft typed after it stays
     updateCounter();
   }
   showError(null);
