@@ -411,7 +411,10 @@ class OpenAICompatibleModel:
                     piece = _clean(_delta_text(chunk))
                     if piece:
                         sent = True
-                        yield piece
+                    # A chunk with no text (the role, reasoning, a keep-alive) yields "":
+                    # satchel.stream sends an SSE comment for it, so a proxy in front of
+                    # this app keeps the response open through a long thinking pause.
+                    yield piece
                     finished = finished or _finish_reason(chunk) is not None
             except (OSError, http.client.HTTPException) as err:
                 if not finished:
