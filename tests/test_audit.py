@@ -207,6 +207,26 @@ def test_observer_drops_everything_outside_the_allow_list(log_stream: io.StringI
         assert leaked not in text
 
 
+def test_every_credential_satchel_issues_is_dropped_as_a_token() -> None:
+    """Only s1. was known: a server-mode carrier (sv1.<id>.<sig>, the bearer credential
+    of server and memory mode) and a Flask-session reference (so1.) were logged."""
+    from satchel.envelope import KNOWN_PREFIXES
+    from satchel.flask_ext.session_overflow import PREFIX as SESSION_REF_PREFIX
+    from satchel.server_mode import CARRIER_PREFIX
+
+    carrier = f"{CARRIER_PREFIX}ae6990c2b71902b30559ad8816b03547.n93Ljc6f1pX0mEZ9vS2rGq4T8w"
+    reference = f"{SESSION_REF_PREFIX}c2F0Y2hlbDpmc2Vzcw.abc"
+    looks_like = [carrier, reference, *(f"{p}AQMBA29sZGsL8BcAAAAA3ySCCyt" for p in KNOWN_PREFIXES)]
+    fields = {"detail": "kept", "reason": carrier, "error": reference}
+    assert safe_fields(fields) == {"detail": "kept"}
+    for value in looks_like:
+        assert safe_fields({"detail": value}) == {}, value
+        record = logging.LogRecord("satchel.audit", logging.INFO, __file__, 1, "x", None, None)
+        record.satchel = {"detail": value, "reason": "r"}  # type: ignore[attr-defined]
+        line = JsonLinesFormatter().format(record)
+        assert value not in line and json.loads(line)["reason"] == "r", line
+
+
 def captured(name: str, level: int) -> tuple[logging.Logger, list[logging.LogRecord]]:
     """A logger of its own at ``level``, and the records it has handled."""
     logger = logging.getLogger(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,29 @@ def test_a_relative_sqlite_url_from_another_directory_is_an_error(
     code, out, err = erase(ctx.session, cwd=app_dir, SATCHEL_OVERFLOW_URL=url)
     assert code == 0, err
     assert out["deleted_keys"] >= len(ctx.overflow) and out["tokens_refused"] is True
+
+
+@pytest.mark.parametrize("kind", ["app_db", "empty"])
+def test_erase_refuses_a_sqlite_file_that_is_not_a_tier(tmp_path: Path, kind: str) -> None:
+    """Pointed at the app's own database (or an empty file), erase switched it to WAL,
+    created satchel_kv in it and exited 0. Now: exit 2, one line, the file untouched."""
+    path = tmp_path / "app.db"
+    if kind == "empty":
+        path.write_bytes(b"")
+    else:
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO users (name) VALUES ('alice')")
+        conn.commit()
+        conn.close()
+    before = path.read_bytes()
+    code, out, err = erase("00" * 16, SATCHEL_OVERFLOW_URL=f"sqlite:///{path}")
+    assert code == 2 and out is None, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "SATCHEL_OVERFLOW_URL" in lines[0] and str(path) in lines[0]
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
 
 
 def test_a_bad_second_url_erases_nothing(redis_server: Any, tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ event name and whose ``extra`` is ``{"satchel_event": name, "satchel": {fields}}
      "event":"issued","session":"3f9c2a7d01b4e6c8","seq":4,"bytes":1211,"turns":6}
 
 Secrets never reach the log: only the fields in :data:`ALLOWED_FIELDS` are kept, and
-only as numbers, booleans or short strings; anything else (a token, a key, message
-text, a raw session id, bytes, nested data) is dropped before the record is made,
-and dropped again by the formatter for records that did not come through here.
+only as numbers, booleans or short strings; anything else (a token, a server-mode
+carrier or Flask-session reference: any string that starts like one of
+:data:`TOKEN_PREFIXES`, a key, message text, a raw session id, bytes, nested data) is
+dropped before the record is made, and dropped again by the formatter for records that
+did not come through here.
 ``session`` is the short keyed session tag (16 hex characters), never the session id.
 """
 
@@ -34,7 +36,9 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .envelope import KNOWN_PREFIXES
+from .flask_ext.session_overflow import PREFIX as SESSION_REFERENCE_PREFIX
 from .observe import Observer
+from .server_mode import CARRIER_PREFIX
 
 AUDIT_LOGGER = "satchel.audit"
 
@@ -86,7 +90,10 @@ THROTTLED_REFUSALS = frozenset({"session_not_found"})
 MAX_STRING = 160
 _MAX_THROTTLED_KEYS = 256
 _SESSION_TAG_RE = re.compile(r"^[0-9a-f]{8,24}$")
-_TOKEN_PREFIXES = tuple(KNOWN_PREFIXES)
+#: How every credential Satchel issues starts: a token (``s1.``), a server-mode carrier
+#: (``sv1.<id>.<sig>``, the bearer credential of server and memory mode) and a Flask
+#: session's reference to its stored value (``so1.``). A string starting so is dropped.
+TOKEN_PREFIXES = (*KNOWN_PREFIXES, CARRIER_PREFIX, SESSION_REFERENCE_PREFIX)
 
 
 def _safe_value(name: str, value: Any) -> tuple[bool, Any]:
@@ -98,7 +105,7 @@ def _safe_value(name: str, value: Any) -> tuple[bool, Any]:
     if name == "session":
         # the short keyed tag only; a raw session id (32 hex) or anything else is dropped
         return bool(_SESSION_TAG_RE.fullmatch(value)), value
-    if len(value) > MAX_STRING or value.startswith(_TOKEN_PREFIXES):
+    if len(value) > MAX_STRING or value.lstrip().startswith(TOKEN_PREFIXES):
         return False, None
     return True, value
 

@@ -295,6 +295,36 @@ def test_what_an_error_says_about_a_url_never_quotes_its_password(url: str) -> N
         assert piece not in message, message
 
 
+@pytest.mark.parametrize(
+    "password", ["hunter2", "integer-xyz", "bad-database", "database", "URL", "Redis tier"]
+)
+def test_masking_never_touches_fixed_message_text(password: str) -> None:
+    """Every run of 3+ characters of the message that was also in the password was
+    masked, so the words masked in the message's own text gave pieces of the password
+    away ("hunter2" made "integer" "i***ger"). What an error says about a URL that
+    parses must not depend on its password at all."""
+
+    def message(pw: str) -> str:
+        with pytest.raises(ConfigurationError) as info:
+            tier_from_url(f"redis://:{pw}@127.0.0.1:1/x", setting="SATCHEL_OVERFLOW_URL")
+        return info.value.message
+
+    said = message(password)
+    assert said == message("zzzzzzzzzzzz"), said
+    assert "the database number must be an integer >= 0" in said
+
+
+def test_the_password_is_masked_in_every_form_an_error_may_quote() -> None:
+    from satchel.tiers import scrub_url_secrets
+
+    url = "redis://u:p%40ss%2Fword9@h:1/0"
+    for quoted in ("p%40ss%2Fword9", "p@ss/word9", "u:p%40ss%2Fword9", "word9", "p@ss"):
+        said = scrub_url_secrets(url, f"bad value {quoted!r} near 'h:1/0'")
+        assert said == "bad value '***' near 'h:1/0'", (quoted, said)
+    # Inside a word it is text of the message's own, not the URL quoted.
+    assert scrub_url_secrets(url, "swords9x and 9word9") == "swords9x and 9word9"
+
+
 def test_schemes_are_case_insensitive() -> None:
     from satchel.tiers import RedisTier
 

@@ -339,6 +339,46 @@ def test_create_false_opens_only_an_existing_file(
     assert not (app_dir / "data" / "tier.db").exists()
 
 
+@pytest.mark.parametrize("kind", ["app_db", "empty", "wal_app_db"])
+def test_create_false_refuses_a_file_with_no_tier_in_it_and_leaves_it_untouched(
+    tmp_path: Path, kind: str
+) -> None:
+    """satchel erase pointed at the app's own database (or an empty file) switched it
+    to WAL, created satchel_kv in it and reported success: create=False opens a tier,
+    it must never make one, in a new file or in someone else's."""
+    path = tmp_path / "app.db"
+    if kind == "empty":
+        path.write_bytes(b"")
+    else:
+        conn = sqlite3.connect(path)
+        if kind == "wal_app_db":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO users (name) VALUES ('alice')")
+        conn.commit()
+        conn.close()
+    before = path.read_bytes()
+    with pytest.raises(ConfigurationError) as info:
+        tier_from_url(f"sqlite:///{path}", create=False, setting="--overflow-url")
+    message = info.value.message
+    assert message.startswith("--overflow-url: ") and str(path) in message
+    assert "satchel_kv" in message or "no Satchel tier" in message
+    assert path.read_bytes() == before  # byte for byte: no WAL switch, no table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+    # A file replaced by one with no tier after start-up: the next call fails
+    # (tier_unavailable), it does not make a tier in it either.
+    tier_path = tmp_path / "tier.db"
+    SQLiteTier(tier_path).put("satchel:{s}:a", b"v", 60)
+    opened = SQLiteTier(tier_path, create=False)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{tier_path}{suffix}").unlink(missing_ok=True)
+    tier_path.write_bytes(before)
+    with pytest.raises(TierUnavailable):
+        opened.get_many(["satchel:{s}:a"])
+    assert tier_path.read_bytes() == before
+    opened.close()
+
+
 def test_a_file_deleted_or_replaced_while_running_is_reconnected(tmp_path: Path) -> None:
     """Each thread kept its connection for the life of the process: after the file was
     removed, writes went on into the unlinked file (200s, nothing flagged) that no new

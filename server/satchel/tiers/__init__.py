@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..errors import ConfigurationError
 from .base import NoTier, Tier, Timeouts, hash_tag
@@ -144,36 +144,86 @@ def tier_from_url(
         raise ConfigurationError(f"{where}{message}", **exc.facts) from None
 
 
+# Where a parser cuts a URL it cannot read as intended: the pieces it quotes start
+# and end at these characters (or at the message's quotes, or its ends).
+_URL_CUTS = ":/?#[]@,;&="
+_EDGES = frozenset(_URL_CUTS + "'\"`")
+# Shorter pieces are not masked on their own: "1" or "db" would mask a port or a word,
+# and saying which would tell their owner's password apart.
+_MIN_PIECE = 3
+
+
+def _pieces(form: str) -> set[str]:
+    """``form`` and every run of it between two of its URL delimiters (or its ends)
+    that a parser may quote, without the delimiters at its ends, 3+ characters."""
+    cuts = sorted(
+        {0, len(form)} | {i + d for i, c in enumerate(form) if c in _URL_CUTS for d in (0, 1)}
+    )
+    return {
+        piece
+        for k, a in enumerate(cuts)
+        for b in cuts[k + 1 :]
+        if len(piece := form[a:b]) >= _MIN_PIECE
+        and piece[0] not in _URL_CUTS
+        and piece[-1] not in _URL_CUTS
+    }
+
+
 def scrub_url_secrets(url: str, message: str) -> str:
-    """``message`` with every piece of ``url``'s userinfo (what comes before its last
-    ``@``) that it quotes replaced by ``***``.
+    """``message`` with ``url``'s userinfo (what comes before its last ``@``), and every
+    piece of it, replaced by ``***`` where the message quotes them.
 
     A URL that does not parse as intended (a password with an unencoded ``/``, ``?`` or
     ``#``, a scheme typo) makes parsers report pieces of it: "not 'retPw9@h:1/0'",
     "port 'Sec'". :func:`redact_url` hides the password in the URL an error shows; this
     hides what the error says about it. A URL without userinfo is left as it is; a
-    value with neither a scheme nor an ``@`` is hidden whole (a secret pasted into the
-    wrong setting).
+    value with neither a scheme nor an ``@`` is hidden like a userinfo (a secret pasted
+    into the wrong setting).
+
+    What is masked is the secret itself, whole, percent-decoded or -encoded, escaped as
+    ``repr`` quotes it, and the pieces (3 characters or more) a parser cuts it into at
+    URL delimiters; each only where it stands alone: from a delimiter, a quote or the
+    message's start to one of those or its end, as a parser quotes it. Never part of a
+    word of the message's own text: masking that would tell which words share
+    characters with the password. The URL as :func:`redact_url` shows it (password
+    already hidden) is left as it is.
     """
     _scheme, sep, rest = url.partition("://")
     if not sep:
         rest = url  # a scheme typo (redis:/...), or a secret pasted in the wrong place
     at = rest.rfind("@")
-    if not sep and at < 0:
-        return message.replace(url, "***") if len(url) >= 3 else message
-    secret = rest[:at] if at >= 0 else ""
-    if len(secret) < 3:
+    secret = rest[:at] if at >= 0 else ("" if sep else url)
+    if not secret:
         return message
-    shown = redact_url(url)  # what the error may quote: the URL with its password hidden
+    user, _, password = secret.partition(":")
+    forms = {secret, user, password}
+    forms |= {unquote(form) for form in tuple(forms)}
+    forms |= {quote(form, safe="") for form in tuple(forms)}
+    forms |= {repr(form)[1:-1] for form in tuple(forms)}
+    candidates = {piece for form in forms for piece in _pieces(form)}
+    shown = redact_url(url)
+    kept = (
+        [(m.start(), m.end()) for m in re.finditer(re.escape(shown), message)]
+        if shown != url
+        else []  # nothing was hidden in it: a pasted secret, not a URL
+    )
+    n = len(message)
+    masked = [False] * n
+    for candidate in candidates:
+        for m in re.finditer(f"(?={re.escape(candidate)})", message):
+            i, j = m.start(), m.start() + len(candidate)
+            if (i > 0 and message[i - 1] not in _EDGES) or (j < n and message[j] not in _EDGES):
+                continue
+            if any(a <= i and j <= b for a, b in kept):
+                continue
+            masked[i:j] = [True] * (j - i)
     out: list[str] = []
-    i, n = 0, len(message)
+    i = 0
     while i < n:
-        j = i
-        while j < n and message[i : j + 1] in secret:
-            j += 1
-        if j - i >= 3 and message[i:j] not in shown:
+        if masked[i]:
+            while i < n and masked[i]:
+                i += 1
             out.append("***")
-            i = j
         else:
             out.append(message[i])
             i += 1

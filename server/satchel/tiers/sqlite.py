@@ -24,11 +24,13 @@
 * What can never work fails at construction (start-up) with
   :class:`~satchel.errors.ConfigurationError`: an option out of range, a path whose
   parent is a file or that is a directory, and (with ``create=False``) a file that
-  does not exist. A directory that does not exist yet is created on first use. An
-  existing file that is not an SQLite database is logged as an error and the tier
-  fails every call (``tier_unavailable``) until the file is replaced: it may be the
-  tier's own file, damaged, and a worker that restarts (gunicorn's ``max_requests``,
-  a crash) must not take the whole server down over its optional tier.
+  does not exist or holds no tier (no ``satchel_kv`` table: an app's own database, an
+  empty file), which is left untouched. A directory that does not exist yet is
+  created on first use. An existing file that is not an SQLite database is logged as
+  an error and the tier fails every call (``tier_unavailable``) until the file is
+  replaced: it may be the tier's own file, damaged, and a worker that restarts
+  (gunicorn's ``max_requests``, a crash) must not take the whole server down over its
+  optional tier.
 * Every :class:`sqlite3.Error` becomes :class:`~satchel.errors.TierFull` (disk or
   page cap full) or :class:`~satchel.errors.TierUnavailable` (locked, I/O error,
   corrupt file...). Nothing else escapes.
@@ -80,6 +82,12 @@ _PURGE = (
     "DELETE FROM satchel_kv WHERE key IN (SELECT key FROM satchel_kv WHERE expires_at <= ? LIMIT ?)"
 )
 
+_NO_TIER = (
+    "no Satchel tier in {path}: the file exists but has no satchel_kv table (an "
+    "app's own database, or an empty file?), and it is left as it was; name the "
+    "tier's own file (the app creates its table on first use)"
+)
+
 #: What each option must be (the message of the ConfigurationError when it is not).
 OPTION_RULES = {
     "busy_timeout": "must be a number of seconds >= 0",
@@ -105,10 +113,19 @@ def option_problem(name: str, value: object) -> str | None:
     return None if ok else OPTION_RULES[name]
 
 
+def _has_table(conn: sqlite3.Connection) -> bool:
+    """Does the database ``conn`` opened hold the tier's table (a read, no write lock)?"""
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'satchel_kv'"
+    ).fetchone()
+    return row is not None
+
+
 class SQLiteTier(Tier):
     """Key-value tier in one SQLite file, shared by every thread and process on a machine.
 
-    ``create=False``: open an existing file only (never create it or its directory).
+    ``create=False``: open an existing tier only (never create the file, its directory,
+    or the table in a file that has none; never switch such a file to WAL).
     """
 
     name = "sqlite"
@@ -178,6 +195,8 @@ class SQLiteTier(Tier):
                     "check that the tier URL names the tier's own file",
                     path,
                 )
+            elif not self.create:
+                self._check_holds_a_tier()
             return
         if not self.create:
             raise ConfigurationError(
@@ -192,6 +211,40 @@ class SQLiteTier(Tier):
                         f"cannot create the SQLite tier {path}: {parent} is a file, not a directory"
                     )
                 break
+
+    def _check_holds_a_tier(self) -> None:
+        """With ``create=False``: refuse an existing file that holds no tier.
+
+        An app's own database, or an empty file, named by mistake: opening it as the
+        tier would switch it to WAL and create ``satchel_kv`` in it (and ``satchel
+        erase`` would report success). Read-only: the file is left byte for byte as
+        it was. A file that cannot be read here is left to the first call, like above.
+        """
+        # A database in WAL mode with no -wal file beside it (no connection open, all
+        # checkpointed) is read as immutable: a read-only connection would leave -wal
+        # and -shm files next to someone else's database.
+        try:
+            with self.path.open("rb") as f:
+                header = f.read(20)
+        except OSError:
+            return
+        wal_file = Path(f"{self.path}-wal")
+        idle_wal = len(header) == 20 and header[18:20] == b"\x02\x02" and not wal_file.exists()
+        query = "immutable=1" if idle_wal else "mode=ro"
+        try:
+            conn = sqlite3.connect(
+                f"{self.path.as_uri()}?{query}", uri=True, timeout=self.busy_timeout
+            )
+        except sqlite3.Error:
+            return
+        try:
+            found = _has_table(conn)
+        except sqlite3.Error:
+            return
+        finally:
+            conn.close()
+        if not found:
+            raise ConfigurationError(_NO_TIER.format(path=self.path))
 
     # -- connections -------------------------------------------------------------------
 
@@ -219,6 +272,12 @@ class SQLiteTier(Tier):
 
     def _set_up(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if not self.create and not _has_table(conn):
+            # Replaced since start-up by a file with no tier in it: never make one
+            # there (no WAL switch, no schema), whatever the file is.
+            raise TierUnavailable(
+                _NO_TIER.format(path=self.path), tier=self.name, path=str(self.path)
+            )
         mode = self._switch_to_wal(conn)
         if mode != "wal":
             raise TierUnavailable(
@@ -239,12 +298,7 @@ class SQLiteTier(Tier):
             conn.execute(f"PRAGMA wal_autocheckpoint = {max(4, cap_pages // 4)}")
             conn.execute(f"PRAGMA journal_size_limit = {self.max_bytes}")
         # Every new connection checks (a read, no write lock): the file may be new.
-        if (
-            conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'satchel_kv'"
-            ).fetchone()
-            is None
-        ):
+        if not _has_table(conn):
             conn.executescript(_SCHEMA)
         return conn
 
