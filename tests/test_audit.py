@@ -469,3 +469,11 @@ def test_a_lost_segment_is_logged_at_warning_through_the_app(log_stream: io.Stri
         e for e in audit_events(log_stream) if e["event"] == "degraded" and e["level"] == "WARNING"
     ]
     assert [e["reason"] for e in warned] == ["segment_missing"]
+
+
+def test_the_audit_knows_every_credential_prefix_satchel_issues() -> None:
+    from satchel import audit, envelope, server_mode
+    from satchel.flask_ext import session_overflow
+
+    issued = {*envelope.KNOWN_PREFIXES, server_mode.CARRIER_PREFIX, session_overflow.PREFIX}
+    assert issued <= set(audit.TOKEN_PREFIXES)

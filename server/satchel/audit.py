@@ -36,9 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .envelope import KNOWN_PREFIXES
-from .flask_ext.session_overflow import PREFIX as SESSION_REFERENCE_PREFIX
 from .observe import Observer
-from .server_mode import CARRIER_PREFIX
 
 AUDIT_LOGGER = "satchel.audit"
 
@@ -93,7 +91,9 @@ _SESSION_TAG_RE = re.compile(r"^[0-9a-f]{8,24}$")
 #: How every credential Satchel issues starts: a token (``s1.``), a server-mode carrier
 #: (``sv1.<id>.<sig>``, the bearer credential of server and memory mode) and a Flask
 #: session's reference to its stored value (``so1.``). A string starting so is dropped.
-TOKEN_PREFIXES = (*KNOWN_PREFIXES, CARRIER_PREFIX, SESSION_REFERENCE_PREFIX)
+#: Spelled here, not imported from server_mode and flask_ext: observers sit below the
+#: request path's modules (a test checks these stay the constants those modules use).
+TOKEN_PREFIXES = (*KNOWN_PREFIXES, "sv1.", "so1.")
 
 
 def _safe_value(name: str, value: Any) -> tuple[bool, Any]:
