@@ -768,15 +768,67 @@ def test_the_largest_sequence_number_is_sealed_and_opens() -> None:
 
 def test_what_open_accepts_seals_even_when_it_is_not_what_satchel_writes() -> None:
     """The seal's checks are the reader's own: a value it would read (a count as a
-    float, a policy name that is not a str) seals and opens, as it did before."""
+    float) seals and opens, as it did before. An action of other types than the
+    format's (a policy name that is not a str) is left out by both: it opened, and
+    Context.to_dict then made no JSON of it (a 500 at an app's context route)."""
     codec = make_codec()
     ctx = rich_context()
     ctx.lifecycle.summarized = 2.0  # type: ignore[assignment]
-    ctx.lifecycle.recent = [LifecycleAction(7, "dropped", 1, 0.5, "")]  # type: ignore[arg-type]
+    ctx.lifecycle.recent = [
+        LifecycleAction(7, "dropped", 1, 0.5, ""),  # type: ignore[arg-type]
+        LifecycleAction("window", "dropped", 1, 0.5, ""),
+    ]
     ctx.overflow = [SegmentRef(b"d" * 12, 1.0, 2, 3, 4.5)]  # type: ignore[arg-type]
     opened = codec.open(codec.seal(ctx))
-    assert opened.lifecycle.summarized == 2 and opened.lifecycle.recent[0].policy == 7
+    assert opened.lifecycle.summarized == 2
+    assert [a.policy for a in opened.lifecycle.recent] == ["window"]
     assert opened.overflow[0].turns == 1
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        [b"window", "dropped", 3, 1.0, ""],  # a bin policy
+        ["window", "dropped", 3, 1.0, b"detail"],  # a bin detail
+        [{"k": b"x"}, None, None],  # a map, nils, three fields
+        ["window", "dropped", True, 1.0, ""],  # a bool count
+    ],
+)
+def test_an_action_of_other_types_in_a_minted_token_is_left_out(action: list) -> None:
+    """Releases before 2026-11-28 sealed whatever an app put in the record; such a
+    token opened with the action in it, and Context.to_dict then raised TypeError."""
+    import json
+
+    from satchel import serialize
+    from satchel.schema import to_wire
+
+    codec = Codec(Keyring.generate("k1"), mode="signed")
+    ctx = Context.new()
+    ctx.add_turn("user", "hi")
+    wire = to_wire(ctx)
+    wire["l"] = [{}, 0, 0, [action, ["window", "dropped", 2, 1.0, ""]]]
+    token, _ = codec.seal_payload(serialize.pack(wire))
+    opened = codec.open(token)
+    assert [a.turns for a in opened.lifecycle.recent] == [2]
+    json.dumps(opened.to_dict())
+
+
+@pytest.mark.parametrize("key", ["i", "n"])
+def test_a_nil_tool_call_id_or_name_is_refused_not_skipped(key: str) -> None:
+    """docs/token-format.md section 6: a field of another type is token_invalid_context,
+    never coerced or skipped; the writer leaves out a field that is None."""
+    from satchel import serialize
+    from satchel.schema import to_wire
+
+    codec = Codec(Keyring.generate("k1"), mode="signed")
+    ctx = Context.new()
+    ctx.add_turn("user", "hi")
+    wire = to_wire(ctx)
+    wire["t"] = [[1, "hi", 1.0, {key: None}]]
+    token, _ = codec.seal_payload(serialize.pack(wire))
+    with pytest.raises(BadToken) as info:
+        codec.open(token)
+    assert info.value.code == "token_invalid_context"
 
 
 @pytest.mark.parametrize("value", [None, {}, "s1.token", rich_context().turns])

@@ -236,3 +236,15 @@ def test_a_key_id_with_a_trailing_newline_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="a key id is"):
         Key("k1\n", b"\x00" * 32)
+
+
+def test_a_derived_key_of_another_length_is_derived_not_taken_from_the_cache() -> None:
+    """derive() cached by (kid, purpose, use): a 16-byte subkey asked first was handed
+    out for a later 32-byte request (AES-128 where AES-256 was meant), and the other
+    way round."""
+    ring = Keyring.generate("k1")
+    short = ring.derive("k1", "app", "x", length=16)
+    assert len(short) == 16
+    assert len(ring.derive("k1", "app", "x")) == 32
+    assert len(ring.derive("k1", "app", "y")) == 32
+    assert len(ring.derive("k1", "app", "y", length=64)) == 64

@@ -125,7 +125,7 @@ class Keyring:
             if key.kid in self._by_kid:
                 raise ConfigurationError(f"duplicate key id {key.kid!r}", kid=key.kid)
             self._by_kid[key.kid] = key
-        self._derived: dict[tuple[str, str, str], bytes] = {}
+        self._derived: dict[tuple[str, str, str, int], bytes] = {}
         if anchor_kid is not None and anchor_kid not in self._by_kid:
             raise ConfigurationError(f"anchor key id {anchor_kid!r} is not in the key ring")
         self._anchor_kid = anchor_kid
@@ -182,7 +182,7 @@ class Keyring:
 
     def derive(self, kid: str, purpose: str, use: str, length: int = 32) -> bytes:
         """The subkey of ``kid`` for ``purpose`` (the app) and ``use`` (mac, aead, ...)."""
-        cache_key = (kid, purpose, use)
+        cache_key = (kid, purpose, use, length)
         derived = self._derived.get(cache_key)
         if derived is None:
             if "\x00" in purpose or "\x00" in use:

@@ -289,9 +289,15 @@ def _check_required(sid: Any, q: Any, c: Any, a: Any, first_seq: int = 0) -> Non
         raise TypeError("the session id, sequence number or times")
 
 
-def _opt_str(value: Any) -> str | None:
-    if value is not None and type(value) is not str:
-        raise TypeError("expected a str or nil")
+def _extra_str(extra: dict[str, Any], key: str) -> str | None:
+    """An optional str field of a turn's extras: absent is None; present, it is a str
+    (the writer leaves out what is None, and a nil is no str: section 6 of
+    docs/token-format.md refuses a field of another type, never skips it)."""
+    if key not in extra:
+        return None
+    value = extra[key]
+    if type(value) is not str:
+        raise TypeError(f"the turn's {key!r} is a str")
     return value
 
 
@@ -330,13 +336,29 @@ def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> 
         )
     ):
         _check_reads_back(wire, _LIFECYCLE_PARTS, "lifecycle.", limits)
+        # What the reader leaves out is not written either (an app's action of other
+        # types): the token holds what opens, and opens to what it holds.
+        wire[3] = [a for a in recent if _is_action(a)]
     return wire
+
+
+def _is_action(a: list[Any]) -> bool:
+    """An action as the format has it: ``[str, str, int, number, str]``."""
+    return (
+        len(a) == 5
+        and type(a[0]) is str
+        and type(a[1]) is str
+        and type(a[2]) is int
+        and type(a[3]) in _NUMBER_TYPES
+        and type(a[4]) is str
+    )
 
 
 def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     # Releases before 2026-11-28 sealed whatever an app put here. The record is a log
-    # of the newest few actions: one the writer would not seal again (a detail that is
-    # no str, a bin-keyed map...) is left out, rather than failing every later save.
+    # of the newest few actions: one of other types (a bin policy, a map for a detail,
+    # three fields) is left out, rather than failing every later save, or opening as a
+    # record that Context.to_dict cannot make JSON of (a 500 at the app's edge).
     actions = []
     # Strings this short pass the length check without being encoded.
     short = DEFAULT_LIMITS.max_str_bytes // 4
@@ -344,15 +366,10 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
         if type(a) is not list:  # a str of five characters would unpack as five fields
             raise TypeError("a lifecycle action is an array")
         action = LifecycleAction(*a)  # a wrong shape is an invalid context, as before
-        if (  # what Satchel writes, read without walking it (every request opens some)
-            len(a) == 5
-            and type(a[0]) is str
-            and type(a[1]) is str
-            and type(a[2]) is int
-            and type(a[3]) in _NUMBER_TYPES
-            and type(a[4]) is str
-            and len(a[0]) + len(a[1]) + len(a[4]) <= short
-        ) or _value_problem(a, "action", DEFAULT_LIMITS, 0) is None:
+        if _is_action(a) and (  # read without walking it (every request opens some)
+            len(a[0]) + len(a[1]) + len(a[4]) <= short
+            or _value_problem(a, "action", DEFAULT_LIMITS, 0) is None
+        ):
             actions.append(action)
     return actions
 
@@ -498,12 +515,12 @@ def _turn_from_wire(w: list[Any]) -> Turn:
         tool_calls=tuple(
             ToolCall(_str(i), _str(n), _arguments(a)) for i, n, a in _triples(extra, "c")
         ),
-        tool_call_id=_opt_str(extra.get("i")),
+        tool_call_id=_extra_str(extra, "i"),
         blocks=tuple(
             OpaqueBlock(_str(t), d if type(d) is str else _bin(d), _str(p))
             for t, d, p in _triples(extra, "b")
         ),
-        name=_opt_str(extra.get("n")),
+        name=_extra_str(extra, "n"),
     )
 
 
