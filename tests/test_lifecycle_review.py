@@ -183,3 +183,44 @@ def test_text_that_imitates_the_truncation_mark_is_cut_like_any_other(digits: in
     token = p.save(ctx, now=NOW).token
     content = CODEC.open(token, now=NOW).turns[0].content
     assert len(content) < 200 and content.startswith("x" * 100)
+
+
+@pytest.mark.parametrize("mode", ["client", "memory"])
+def test_a_summary_longer_than_a_token_holds_keeps_its_newest_part(mode: str) -> None:
+    """An app's summarizer returned the verbatim transcript of what left the token;
+    repetitive text (a pasted log) compresses, so the token stayed tiny while the
+    summary passed the longest string a token opens with (512 KiB): from then on every
+    save of the conversation raised ContextNotSerializable (a 500), for good."""
+    from satchel.lifecycle.summarize import MAX_SUMMARY_CHARS
+    from satchel.server_mode import ServerSidePipeline
+    from satchel.tiers import GuardedTier, MemoryTier
+
+    def transcript(dropped: Sequence[Turn], previous: str) -> str:
+        return previous + "".join(f"\n{t.role}: {t.content}" for t in dropped)
+
+    policy = LifecyclePolicy(max_turns=2, summarizer=transcript)
+    p: Pipeline | ServerSidePipeline
+    if mode == "client":
+        p = Pipeline(CODEC, policy, clock=lambda: NOW)
+    else:
+        p = ServerSidePipeline(CODEC, policy, store=GuardedTier(MemoryTier()), clock=lambda: NOW)
+    log = "2026-11-29 10:00:00 WARN pool exhausted, retrying\n" * 600  # 30,000 characters
+    token = None
+    for i in range(24):
+        ctx = p.load(token, now=NOW)
+        ctx.add_turn("user", f"Here is the log of run {i}:\n" + log, ts=NOW)
+        ctx.add_turn("assistant", f"Run {i}: the pool is exhausted.", ts=NOW)
+        token = p.save(ctx, now=NOW).token
+        assert len(ctx.summary) <= MAX_SUMMARY_CHARS
+    assert len(ctx.summary) > MAX_SUMMARY_CHARS // 2  # it did grow to the cap
+    assert ctx.summary.splitlines()[-1] == "assistant: Run 22: the pool is exhausted."
+
+
+@pytest.mark.parametrize(
+    "limits", [{"max_age": float("inf")}, {"idle_ttl": float("inf"), "max_age": None}]
+)
+def test_an_infinite_time_limit_is_refused_when_the_policy_is_built(limits: dict) -> None:
+    """It was taken, and every save then raised ValueError (expires_at is inf): None is
+    how a limit is turned off."""
+    with pytest.raises(ValueError, match="finite"):
+        LifecyclePolicy(**limits)

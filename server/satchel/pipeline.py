@@ -30,7 +30,7 @@ from .errors import (
 )
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
-from .lifecycle.summarize import SUMMARY_HEADER, summarize, summarize_clock
+from .lifecycle.summarize import cut_summary, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded
 from .schema import SEQ_LIMIT, check_sealable, metadata_problem
 from .segments import merge_start
@@ -57,7 +57,6 @@ MAX_SEGMENT_REFS = 6
 MAX_HELD_SEGMENT_REFS = 4 * MAX_SEGMENT_REFS
 DEFAULT_SEGMENT_TTL = 30 * 86400.0
 #: Where the hard cap cut the oldest part of a summary (:meth:`Pipeline._shorten_summary`).
-SUMMARY_CUT_MARK = "[… earlier summary cut by Satchel]\n"
 
 
 @dataclass(slots=True)
@@ -574,7 +573,7 @@ class Pipeline:
         for _ in range(MAX_FIT_ROUNDS):
             if prepared.size <= hard or not ctx.summary:
                 break
-            ctx.summary = _cut_summary(ctx.summary, int(len(ctx.summary) * hard / prepared.size))
+            ctx.summary = cut_summary(ctx.summary, int(len(ctx.summary) * hard / prepared.size))
             action.detail = f"{original - len(ctx.summary)} characters"
             prepared = self.codec.prepare(ctx)
         self.observer.event("trimmed", session=tag, reason="summary_cap", turns=0)
@@ -775,29 +774,6 @@ class Pipeline:
         if self.policy.max_age is not None:
             return max(60.0, ctx.created_at + self.policy.max_age - now)
         return DEFAULT_SEGMENT_TTL
-
-
-def _cut_summary(summary: str, keep: int) -> str:
-    """The newest part of ``summary``, about ``keep`` characters, in whole lines.
-
-    A header line saying how many turns the summary stands for (the extractive
-    summarizer's ``(N earlier turns summarized)``) stays in front, so the count
-    survives the cut; the cut itself is marked.
-    """
-    header = ""
-    match = SUMMARY_HEADER.match(summary)
-    if match:
-        header, summary = summary[: match.end()], summary[match.end() :]
-    if summary.startswith(SUMMARY_CUT_MARK):
-        summary = summary[len(SUMMARY_CUT_MARK) :]
-    keep -= len(header) + len(SUMMARY_CUT_MARK) + 16
-    if keep <= 0:
-        return header.rstrip("\n")
-    tail = summary[len(summary) - keep :]
-    newline = tail.find("\n")
-    if 0 <= newline < len(tail) - 1 and keep < len(summary):
-        tail = tail[newline + 1 :]  # whole lines: never half a word
-    return header + SUMMARY_CUT_MARK + tail
 
 
 def _text_size(turn: Turn) -> int:

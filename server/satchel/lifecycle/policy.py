@@ -12,6 +12,7 @@ hands the removed turns to the summarizer.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -50,12 +51,14 @@ def limit_problem(name: str, value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         fine = False
     else:
-        fine = value >= 0 if zero_ok else value > 0
+        # Finite: an infinite max_age or idle_ttl made every save's expiry inf, which
+        # no token can carry (None is how a limit is turned off).
+        fine = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
     if fine:
         return None
     return (
-        f"{_LIMIT_KEYS[name]} ({name}) must be {'0 or more' if zero_ok else 'positive'}, "
-        f"or None to turn it off; got {value!r}"
+        f"{_LIMIT_KEYS[name]} ({name}) must be {'0 or more' if zero_ok else 'positive'} "
+        f"and finite, or None to turn it off; got {value!r}"
     )
 
 

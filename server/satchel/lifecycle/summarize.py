@@ -21,6 +21,13 @@ log = logging.getLogger("satchel")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 SUMMARY_HEADER = re.compile(r"^\((\d+) earlier turns? summarized\)\n?")
+SUMMARY_CUT_MARK = "[… earlier summary cut by Satchel]\n"
+#: The longest summary kept, in characters. A summarizer's longer result keeps its
+#: newest part (:func:`cut_summary`): a summary must fit in one string of a token
+#: (512 KiB of UTF-8 by default, so at most 131,072 characters of up to 4 bytes), and
+#: a repetitive one can outgrow that while the compressed token stays small, which
+#: made every later save of the conversation fail.
+MAX_SUMMARY_CHARS = 131_072
 
 
 def first_sentence(text: str, limit: int) -> str:
@@ -90,6 +97,29 @@ _FALLBACK = ExtractiveSummarizer()
 summarize_clock: ContextVar[list[float] | None] = ContextVar("summarize_clock", default=None)
 
 
+def cut_summary(summary: str, keep: int) -> str:
+    """The newest part of ``summary``, about ``keep`` characters, in whole lines.
+
+    A header line saying how many turns the summary stands for (the extractive
+    summarizer's ``(N earlier turns summarized)``) stays in front, so the count
+    survives the cut; the cut itself is marked.
+    """
+    header = ""
+    match = SUMMARY_HEADER.match(summary)
+    if match:
+        header, summary = summary[: match.end()], summary[match.end() :]
+    if summary.startswith(SUMMARY_CUT_MARK):
+        summary = summary[len(SUMMARY_CUT_MARK) :]
+    keep -= len(header) + len(SUMMARY_CUT_MARK) + 16
+    if keep <= 0:
+        return header.rstrip("\n")
+    tail = summary[len(summary) - keep :]
+    newline = tail.find("\n")
+    if 0 <= newline < len(tail) - 1 and keep < len(summary):
+        tail = tail[newline + 1 :]  # whole lines: never half a word
+    return header + SUMMARY_CUT_MARK + tail
+
+
 def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) -> str:
     """Run ``summarizer``; if it fails (an LLM timing out, say), fall back to the
     extractive one, so a summarizer's failure never fails the request or loses the
@@ -104,7 +134,15 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
         # A lone surrogate (an LLM's reply cut mid-emoji) can be in no token: sealing
         # would refuse it on this request and every one after, which drop the same turns.
         check_text(summary, "the summary")
-        return plain_str(summary)
+        summary = plain_str(summary)
+        if len(summary) > MAX_SUMMARY_CHARS:
+            log.info(
+                "satchel summarizer returned %d characters; kept the newest %d",
+                len(summary),
+                MAX_SUMMARY_CHARS,
+            )
+            summary = cut_summary(summary, MAX_SUMMARY_CHARS)
+        return summary
     except Exception as exc:
         # The exception's text and traceback are not logged at any level: a
         # summarizer's errors (an LLM API's, say) can quote the prompt, which is
@@ -131,4 +169,11 @@ def raised_at(exc: BaseException) -> str:
     return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
 
 
-__all__ = ["ExtractiveSummarizer", "Summarizer", "first_sentence", "summarize"]
+__all__ = [
+    "MAX_SUMMARY_CHARS",
+    "ExtractiveSummarizer",
+    "Summarizer",
+    "cut_summary",
+    "first_sentence",
+    "summarize",
+]
