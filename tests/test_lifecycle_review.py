@@ -224,3 +224,36 @@ def test_an_infinite_time_limit_is_refused_when_the_policy_is_built(limits: dict
     how a limit is turned off."""
     with pytest.raises(ValueError, match="finite"):
         LifecyclePolicy(**limits)
+
+
+def test_a_reused_tool_call_id_pairs_each_result_with_the_nearest_call_before_it() -> None:
+    """A call was paired with the last result of its id anywhere: with ids reused (a
+    function's name for Gemini-style calls without ids, call_0 per response), the
+    first call reached the newest result and the whole history was one group: the
+    window held nothing back, then the hard cap dropped everything at once."""
+
+    def exchange(i: int) -> list[Turn]:
+        return [
+            Turn("user", f"what is the weather in city {i}?", NOW),
+            Turn("assistant", "", NOW, tool_calls=[ToolCall("call_0", "weather", {"i": i})]),
+            Turn("tool", f"sunny in city {i}", NOW, tool_call_id="call_0"),
+            Turn("assistant", f"It is sunny in city {i}.", NOW),
+        ]
+
+    turns = [t for i in range(5) for t in exchange(i)]
+    assert turn_groups(turns) == [(4 * i, 4 * i + 4) for i in range(5)]
+
+    p = pipeline(max_turns=8)
+    token = None
+    for i in range(30):
+        ctx = p.load(token, now=NOW)
+        for turn in exchange(i):
+            ctx.turns.append(turn)
+        token = p.save(ctx, now=NOW).token
+    opened = CODEC.open(token, now=NOW)
+    # The window of 8 turns: the two newest exchanges, whole.
+    assert len(opened.turns) == 8
+    assert [t.content for t in opened.turns][::4] == [
+        "what is the weather in city 28?",
+        "what is the weather in city 29?",
+    ]

@@ -35,23 +35,31 @@ def _tool_groups(turns: Sequence[Turn]) -> list[tuple[int, int]]:
     app dropped a failed tool, the user interrupted) does not hold the rest of the
     conversation in one group, which no trim could then touch.
     """
-    last_result: dict[str, int] = {}
-    for j, turn in enumerate(turns):
-        # Any role: Anthropic's Messages API puts tool results in *user* messages.
-        if turn.tool_call_id is not None:
-            last_result[turn.tool_call_id] = j
-    if not last_result:
+    if not any(turn.tool_call_id is not None for turn in turns):
         # No results anywhere (a plain chat, every request): no call can pull another
         # turn into its range, so each turn is a range of its own.
         return [(i, i + 1) for i in range(len(turns))]
+    # reach[k]: the last result that answers a call of turn k. A result answers the
+    # nearest call before it with its id: ids are reused (Gemini-style calls carry no
+    # id, so apps use the function name; some servers number calls per response), and
+    # pairing a call with the last result of its id anywhere joined the whole history
+    # into one group that no trim could touch.
+    reach = [-1] * len(turns)
+    unclaimed: dict[str, int] = {}  # id -> its last result after this point, no call between
+    for j in range(len(turns) - 1, -1, -1):
+        turn = turns[j]
+        for call in turn.tool_calls:
+            reach[j] = max(reach[j], unclaimed.pop(call.id, -1))
+        # Any role: Anthropic's Messages API puts tool results in *user* messages.
+        if turn.tool_call_id is not None:
+            unclaimed.setdefault(turn.tool_call_id, j)
     groups: list[tuple[int, int]] = []
     i, n = 0, len(turns)
     while i < n:
         end = i + 1
         k = i
-        while k < end:  # every call inside the range pulls in its last result
-            for call in turns[k].tool_calls:
-                end = max(end, last_result.get(call.id, -1) + 1)
+        while k < end:  # every call inside the range pulls in the results it has
+            end = max(end, reach[k] + 1)
             k += 1
         groups.append((i, end))
         i = end
