@@ -257,3 +257,56 @@ def test_a_reused_tool_call_id_pairs_each_result_with_the_nearest_call_before_it
         "what is the weather in city 28?",
         "what is the weather in city 29?",
     ]
+
+
+def _with_tier(**policy: object) -> Pipeline:
+    from satchel.segments import SegmentStore
+    from satchel.tiers import GuardedTier, MemoryTier
+
+    store = SegmentStore(GuardedTier(MemoryTier()), CODEC)
+    return Pipeline(CODEC, LifecyclePolicy(**policy), segments=store, clock=lambda: NOW)  # type: ignore[arg-type]
+
+
+def test_the_hard_cap_with_a_tier_moves_older_exchanges_and_keeps_the_newest() -> None:
+    """With a tier, the hard cap moved every turn, the newest exchange included, when
+    moving the older ones was enough (docs/lifecycle.md: older exchanges go first)."""
+    p = _with_tier(max_turns=None, max_token_bytes=None)
+    token = None
+    for i in range(200):
+        ctx = p.load(token, now=NOW)
+        ctx.add_turn("user", f"Check order {hashlib.sha1(str(i).encode()).hexdigest()}", ts=NOW)
+        ctx.add_turn(
+            "assistant", f"Order {hashlib.md5(str(i).encode()).hexdigest()} shipped.", ts=NOW
+        )
+        token = p.save(ctx, now=NOW).token
+        opened = CODEC.open(token, now=NOW)
+        if opened.overflow:
+            break
+    assert opened.overflow, "the hard cap was never reached"
+    newest_question = f"Check order {hashlib.sha1(str(i).encode()).hexdigest()}"
+    assert [t.content for t in opened.turns][:1] == [newest_question]
+    assert p.load(token, now=NOW).overflowed_turns == 2 * i
+
+
+def test_the_hard_cap_with_a_tier_cuts_a_large_summary_before_moving_the_newest() -> None:
+    """When the summary was the large part, a tier took the newest exchange out of the
+    token (which then held no turn) and the summary was cut anyway."""
+
+    def verbose(dropped: Sequence[Turn], previous: str) -> str:
+        lines = [
+            f"- {t.role}: "
+            + "".join(hashlib.sha256(f"{t.content}{k}".encode()).hexdigest() for k in range(4))
+            for t in dropped
+        ]
+        return previous + "\n" + "\n".join(lines)
+
+    p = _with_tier(max_turns=4, max_token_bytes=2000, hard_max_token_bytes=4000, summarizer=verbose)
+    token = None
+    for i in range(30):
+        ctx = p.load(token, now=NOW)
+        ctx.add_turn("user", f"question {i}: what is the status of ticket {i}?", ts=NOW)
+        ctx.add_turn("assistant", f"Ticket {i} is closed.", ts=NOW)
+        token = p.save(ctx, now=NOW).token
+        opened = CODEC.open(token, now=NOW)
+        assert opened.turns and opened.turns[-1].content == f"Ticket {i} is closed.", i
+    assert "summary_cap" in [a.policy for a in opened.lifecycle.recent]

@@ -479,23 +479,37 @@ class Pipeline:
         if measured.size <= hard:
             return self._fit_payload_cap(ctx, measured, now, tag, write_failed=write_failed)
         if self.segments is not None and not write_failed and ctx.turns:
-            if self._spill(ctx, len(ctx.turns), now, tag):
+            # Older exchanges move first, keeping the newest, as the soft budget does;
+            # then, if the summary is the large part, its oldest lines go; the newest
+            # exchange moves only if the token is still over the cap.
+            groups = turn_groups(ctx.turns)
+            older_turns = groups[-1][0] if groups else 0
+            if older_turns and not self._spill(ctx, older_turns, now, tag):
+                write_failed = True
+            elif older_turns:
                 measured = self.codec.prepare(ctx)
                 if measured.size <= hard:
                     return self._fit_payload_cap(ctx, measured, now, tag, write_failed=False)
-            else:
-                write_failed = True
+            if not write_failed and ctx.summary and self._summary_outweighs_newest(ctx):
+                measured = self._shorten_summary(ctx, measured, hard, now, tag)
+                if measured.size <= hard:
+                    return self._fit_payload_cap(ctx, measured, now, tag, write_failed=False)
+            if not write_failed and ctx.turns:
+                if self._spill(ctx, len(ctx.turns), now, tag):
+                    measured = self.codec.prepare(ctx)
+                    if measured.size <= hard:
+                        return self._fit_payload_cap(ctx, measured, now, tag, write_failed=False)
+                else:
+                    write_failed = True
         reason = "data_loss" if write_failed else "byte_budget"
         if len(turn_groups(ctx.turns)) > 1:
             # Older exchanges go first, before the summary is cut (which would leave
             # the token with turns whose summary no longer says what came before).
-            older = self._drop_to(ctx, hard, now, tag, reason, measured)
-            measured = older if older is not None else self.codec.prepare(ctx)
+            dropped_to = self._drop_to(ctx, hard, now, tag, reason, measured)
+            measured = dropped_to if dropped_to is not None else self.codec.prepare(ctx)
             if measured.size <= hard:
                 return self._fit_payload_cap(ctx, measured, now, tag, write_failed=write_failed)
-        groups = turn_groups(ctx.turns)
-        newest_chars = sum(len(t.content) for t in ctx.turns[groups[-1][0] :]) if groups else 0
-        if ctx.summary and len(ctx.summary) >= newest_chars:
+        if ctx.summary and self._summary_outweighs_newest(ctx):
             # The summary is what is large (an app's own summarizer): its oldest part
             # goes before the newest exchange does.
             measured = self._shorten_summary(ctx, measured, hard, now, tag)
@@ -516,6 +530,13 @@ class Pipeline:
                 limit=hard,
             )
         return prepared
+
+    @staticmethod
+    def _summary_outweighs_newest(ctx: Context) -> bool:
+        """The summary holds at least as much text as the newest exchange."""
+        groups = turn_groups(ctx.turns)
+        newest_chars = sum(len(t.content) for t in ctx.turns[groups[-1][0] :]) if groups else 0
+        return len(ctx.summary) >= newest_chars
 
     def _fit_payload_cap(
         self, ctx: Context, prepared: Prepared, now: float, tag: str, *, write_failed: bool
