@@ -310,3 +310,19 @@ def test_the_hard_cap_with_a_tier_cuts_a_large_summary_before_moving_the_newest(
         opened = CODEC.open(token, now=NOW)
         assert opened.turns and opened.turns[-1].content == f"Ticket {i} is closed.", i
     assert "summary_cap" in [a.policy for a in opened.lifecycle.recent]
+
+
+def test_a_history_over_the_payload_cap_moves_to_a_working_tier_not_dropped() -> None:
+    """The payload cap (1 MiB unpacked) moved one group per round and, its rounds spent,
+    dropped the rest as byte_budget while the tier took every write: an imported
+    history of fifty 30 KB exports lost turns with nothing degraded."""
+    p = _with_tier(max_turns=None)
+    ctx = p.load(None, now=NOW)
+    row = "2026-11-29,order,42,EUR,19.99,shipped\n"
+    for i in range(50):
+        ctx.add_turn("user", f"Export {i}:\n" + row * 780, ts=NOW)
+        ctx.add_turn("assistant", f"Export {i} has 780 rows.", ts=NOW)
+    token = p.save(ctx, now=NOW).token
+    opened = p.load(token, now=NOW)
+    assert opened.lifecycle.dropped.keys() <= {"overflow"}
+    assert len(opened.all_turns()) == 100 and opened.overflowed_turns > 0

@@ -557,8 +557,14 @@ class Pipeline:
                 groups = turn_groups(ctx.turns)
                 if len(prepared.payload) <= cap or not groups:
                     return prepared
-                # A segment is opened with the same limits: move one group at a time.
-                if not self._spill(ctx, groups[0][1], now, tag):
+                # As many of the oldest groups as the excess needs (a group at a time
+                # took more rounds than there are: an imported history of fifty 30 KB
+                # exports ended in turns dropped while the tier took every write), but
+                # no more than half the cap at once: a segment opens with the same limits.
+                count = _groups_weighing(
+                    ctx.turns, groups, len(prepared.payload) - cap, ceiling=cap // 2
+                )
+                if not self._spill(ctx, count, now, tag):
                     write_failed = True
                     break
                 prepared = self.codec.prepare(ctx)
@@ -820,6 +826,23 @@ def _turn_weight(turn: Turn) -> float:
         weight += 16 + len(call.id) + len(call.name)
         weight += len(args) if isinstance(args, str) else len(repr(args))
     return weight
+
+
+def _groups_weighing(
+    turns: list[Turn], groups: list[tuple[int, int]], excess: int, *, ceiling: int
+) -> int:
+    """How many leading turns, in whole groups, pack to about ``excess`` bytes (by
+    :func:`_text_size`), at least one group and at most ``ceiling`` bytes unless a
+    single group is larger."""
+    weight = 0
+    end = groups[0][1]
+    for start, stop in groups:
+        group = sum(_text_size(t) + 16 for t in turns[start:stop])
+        if start and (weight >= excess or weight + group > ceiling):
+            break
+        weight += group
+        end = stop
+    return end
 
 
 __all__ = ["Pipeline", "SaveResult"]
