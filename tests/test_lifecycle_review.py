@@ -326,3 +326,29 @@ def test_a_history_over_the_payload_cap_moves_to_a_working_tier_not_dropped() ->
     opened = p.load(token, now=NOW)
     assert opened.lifecycle.dropped.keys() <= {"overflow"}
     assert len(opened.all_turns()) == 100 and opened.overflowed_turns > 0
+
+
+@pytest.mark.parametrize("tier", [False, True])
+def test_the_soft_budget_holds_when_text_compresses_unlike_prose(tier: bool) -> None:
+    """The rounds estimate what to remove by text length (prose compresses about 3x):
+    pasted logs that compress to nothing, then CJK text that barely compresses, misled
+    them round after round; the rounds ran out with the token over its budget and many
+    groups still removable. Later rounds now measure instead."""
+    import random
+
+    rng = random.Random(1)
+    p = (
+        _with_tier(max_turns=None, max_token_bytes=3800)
+        if tier
+        else pipeline(max_turns=None, max_token_bytes=3800)
+    )
+    ctx = Context.new(now=NOW)
+    for _ in range(60):
+        ctx.add_turn("user", "ERROR connection reset by peer\n" * 100, ts=NOW)
+        ctx.add_turn("assistant", "Retry.", ts=NOW)
+    for _ in range(12):
+        for role in ("user", "assistant"):
+            ctx.add_turn(role, "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(60)), ts=NOW)
+    token = p.save(ctx, now=NOW).token
+    assert len(token) <= 3800
+    assert CODEC.open(token, now=NOW).turns  # the newest exchange is still there

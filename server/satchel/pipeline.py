@@ -12,6 +12,7 @@ degraded reason on the context and reports it to the observer.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,8 @@ Clock = Callable[[], float]
 SPILL_TARGET = 0.7
 MAX_FIT_ROUNDS = 12
 MAX_SPILL_ROUNDS = 4
+#: rounds after those that measure (bisect) instead of estimating
+MEASURED_ROUNDS = 6
 TAG_CACHE_SIZE = 4096
 #: At most this many segment references in a token: spills merge with recent segments
 #: (segments.merge_start), so references cannot grow the token in a long conversation.
@@ -376,14 +379,21 @@ class Pipeline:
         measured = self.codec.prepare(ctx) if soft is not None else None
         size = measured.size if measured is not None else 0
         target = int(soft * SPILL_TARGET) if soft is not None else 0
-        for _ in range(MAX_SPILL_ROUNDS if not write_failed else 0):
+        rounds = MAX_SPILL_ROUNDS + MEASURED_ROUNDS if not write_failed else 0
+        for round_ in range(rounds):
             over_budget = soft is not None and size > soft
             past_window = len(ctx.turns) - window if window is not None else 0
             if not (over_budget or past_window > 0):
                 break
             groups = turn_groups(ctx.turns)
+            if not over_budget:
+                estimate = 0
+            elif round_ < MAX_SPILL_ROUNDS:
+                estimate = self._turns_to_remove(ctx, groups, size, target)
+            else:  # the estimates fell short (text that compresses unlike prose): measure
+                estimate = self._turns_to_fit(ctx, groups, target)
             count = max(
-                self._turns_to_remove(ctx, groups, size, target) if over_budget else 0,
+                estimate,
                 oldest_groups_covering(ctx.turns, past_window, groups) if past_window > 0 else 0,
             )
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
@@ -747,15 +757,18 @@ class Pipeline:
         Returns the last measurement if it is still valid, else None (measure again).
         """
         removed = 0
-        for _ in range(MAX_FIT_ROUNDS):
+        for round_ in range(MAX_FIT_ROUNDS + MEASURED_ROUNDS):
             if prepared is None:
                 prepared = self.codec.prepare(ctx)
             size = prepared.size
             groups = turn_groups(ctx.turns)
             if size <= budget or len(groups) <= (1 if keep_newest else 0):
                 break
-            # Only the newest group left: it goes whole (never part of a group).
-            count = self._turns_to_remove(ctx, groups, size, budget) or len(ctx.turns)
+            if round_ < MAX_FIT_ROUNDS:
+                # Only the newest group left: it goes whole (never part of a group).
+                count = self._turns_to_remove(ctx, groups, size, budget) or len(ctx.turns)
+            else:  # the estimates fell short: measure instead
+                count = self._turns_to_fit(ctx, groups, budget, keep_newest=keep_newest)
             dropped = len(
                 drop_oldest(ctx, count, policy=reason, summarizer=self.policy.summarizer, now=now)
             )
@@ -770,6 +783,36 @@ class Pipeline:
         elif removed:
             self.observer.event("trimmed", session=tag, reason=reason, turns=removed)
         return prepared
+
+    def _turns_to_fit(
+        self,
+        ctx: Context,
+        groups: list[tuple[int, int]],
+        budget: int,
+        *,
+        keep_newest: bool = True,
+    ) -> int:
+        """The fewest oldest turns, in whole groups, whose removal measures within
+        ``budget``: a bisection over group boundaries, each step one measurement of the
+        context without them (the summary's growth is not in it: the caller measures
+        again). Used when the weight estimates fall short round after round: text that
+        compresses far better or worse than prose (pasted logs, CJK) misleads them.
+        The newest group stays unless ``keep_newest`` is False."""
+        ends = [end for _start, end in groups]
+        if keep_newest:
+            ends = ends[:-1]
+        if not ends:
+            return 0
+        trial = copy.copy(ctx)
+        lo, hi = 0, len(ends) - 1  # the answer is an index into ends; hi always fits or is last
+        while lo < hi:
+            mid = (lo + hi) // 2
+            trial.turns = ctx.turns[ends[mid] :]
+            if self.codec.prepare(trial).size <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return ends[lo]
 
     @staticmethod
     def _turns_to_remove(
