@@ -56,6 +56,8 @@ def make_app(
     @app.post("/logout")
     def logout() -> str:
         session.clear()
+        if request.args.get("flash"):
+            session["_flashes"] = [("message", "You are logged out.")]  # flash()'s shape
         return "ok"
 
     return app
@@ -196,3 +198,64 @@ def test_session_too_large_is_not_retried_by_the_error_handler(
     assert "Set-Cookie" not in response.headers
     assert CountingOverflow.calls == 1
     assert [r for r in caplog.records if "finalizing failed" in r.getMessage()] == []
+
+
+def test_a_session_whose_token_no_request_could_open_is_refused_when_written() -> None:
+    """A 60 KB session of random bytes sealed to a token over Limits.max_token_bytes
+    (64 KiB): the tier stored it with a 200, the next request refused the stored token
+    (token_too_large) and the whole session was gone without an error."""
+    tier = MemoryTier()
+    client = make_app(tier).test_client()
+    with pytest.raises(SessionTooLarge, match=r"Limits\.max_token_bytes"):
+        client.post("/set/50000")  # 100,000 hex characters: a ~75 KB token
+    assert len(tier) == 0  # nothing stored that could not be read back
+
+
+def test_a_logout_that_writes_after_clearing_deletes_the_stored_copy_at_once() -> None:
+    """session.clear() then flash("logged out"): the session was not empty, so the
+    previous copy was only retired for the grace period, and the pre-logout cookie
+    still opened the logged-in session for ten minutes."""
+    tier = MemoryTier()
+    app = make_app(tier)
+    client = app.test_client()
+    before = cookie_of(client.post("/set/3000"))
+    assert before.startswith(PREFIX)
+    response = client.post("/logout?flash=1")
+    assert response.status_code == 200
+    assert tier.get_many([tier_key(before)]) == [None]
+    replay = app.test_client()
+    replay.set_cookie("session", before)
+    assert replay.get("/get").get_json() == {"notes": None, "rejected": "session_missing"}
+
+
+def test_an_overflowed_session_slides_when_its_token_expires_before_half_the_lifetime() -> None:
+    """The refresh waited for half of PERMANENT_SESSION_LIFETIME, ignoring the token's
+    own expiry: with a lifetime raised since the copy was stored (or a subclass's
+    get_expiration_time giving a shorter expiry), an active user was logged out."""
+    from datetime import UTC, datetime
+
+    clock = FakeClock(T0)
+
+    class TwoHours(SatchelSessionInterface):
+        def get_expiration_time(self, app: Flask, session: Any) -> datetime:
+            return datetime.fromtimestamp(clock() + 2 * 3600, UTC)
+
+    app = make_app(MemoryTier(), clock=clock)
+    app.config["PERMANENT_SESSION_LIFETIME"] = timedelta(days=31)
+    app.session_interface = TwoHours(overflow=app.session_interface.overflow, clock=clock)
+    client = app.test_client()
+    assert cookie_of(client.post("/set/3000?permanent=1")).startswith(PREFIX)
+    for _ in range(10):  # a request every 30 minutes for five hours
+        clock.advance(30 * 60)
+        assert client.get("/get").get_json()["rejected"] is None
+
+
+def test_the_overflow_hook_takes_the_tier_options_of_its_url(tmp_path: Path) -> None:
+    """The docs' remedy for slow tier reads named SATCHEL_TIER_READ_TIMEOUT, which the
+    hook never read: it always ran with the 50 ms default."""
+    from satchel.tiers import Timeouts
+
+    hook = TierSessionOverflow("redis://127.0.0.1:1/0", timeouts=Timeouts(read=0.75))
+    assert hook.tier.tier.timeouts.read == 0.75
+    with pytest.raises(TypeError):
+        TierSessionOverflow(MemoryTier(), timeouts=Timeouts(read=0.75))

@@ -137,6 +137,14 @@ class SatchelSession(SecureCookieSession):
     #: error handler ran, and that second save must not repeat the failure (nor the
     #: overflow hook's tier write).
     save_failed = False
+    #: Set by :meth:`clear` (a logout): the stored copy this session came from is
+    #: deleted at once when it is saved, even if the view wrote to it again after
+    #: clearing (``flash("logged out")``), not retired for the grace period.
+    cleared = False
+
+    def clear(self) -> None:
+        self.cleared = True
+        super().clear()
 
 
 class SatchelSessionInterface(SessionInterface):
@@ -513,6 +521,18 @@ class SatchelSessionInterface(SessionInterface):
         self._check_opens(session, name, inner)
         payload = self._wrap(inner)
         value, _raw = codec.seal_payload(payload, now=now, expires_at=expires_at)
+        if len(value) > self.limits.max_token_bytes:
+            # Past what opening accepts (step 1, the length cap): a session of random
+            # bytes, which do not compress, was stored by the overflow hook with a 200
+            # and refused on the next request (token_too_large), lost without a word.
+            self._mark_failed(session)
+            raise SessionTooLarge(
+                f"the session {name!r} seals to a {len(value)}-byte token; a session opens "
+                f"with at most {self.limits.max_token_bytes} (Limits.max_token_bytes). "
+                "Store less in flask.session.",
+                size=len(value),
+                limit=self.limits.max_token_bytes,
+            )
         expires = datetime.fromtimestamp(expires_at, UTC) if chosen is not None else None
 
         def header_for(cookie_value: str) -> str:
@@ -585,7 +605,8 @@ class SatchelSessionInterface(SessionInterface):
         if ref is not None and ref != value:
             # Replaced by a new copy or a plain cookie. Retired after the new cookie is
             # set, never before: a failed save leaves the client on the old reference.
-            self._retire(app, ref, at_once=False)
+            # A cleared session (a logout that then flashed a message) deletes it now.
+            self._retire(app, ref, at_once=getattr(session, "cleared", False))
 
     def _keeps_overflow_ref(self, app: Flask, session: SessionMixin) -> bool:
         """An unmodified session from the overflow hook keeps its stored copy.
@@ -600,8 +621,14 @@ class SatchelSessionInterface(SessionInterface):
         issued = getattr(session, "token_issued_at", None)
         if issued is None:
             return False
-        lifetime = app.permanent_session_lifetime.total_seconds()
-        return self.clock() - issued < lifetime * OVERFLOW_REFRESH_FRACTION
+        span = app.permanent_session_lifetime.total_seconds()
+        expires = getattr(session, "token_expires_at", None)
+        if expires:
+            # The token's own span when it is shorter: a lifetime raised since it was
+            # stored, or get_expiration_time giving a sliding expiry of its own. Waiting
+            # for half the lifetime let an active user's token expire.
+            span = min(span, expires - issued)
+        return self.clock() - issued < span * OVERFLOW_REFRESH_FRACTION
 
     def _retire(self, app: Flask, ref: str, *, at_once: bool) -> None:
         retire = getattr(self.overflow, "retire", None)

@@ -61,10 +61,17 @@ class TierSessionOverflow:
         *,
         key_prefix: str = "satchel:fsess",
         grace: float = DEFAULT_GRACE,
+        **tier_options: Any,
     ) -> None:
+        """``tier``: a tier URL or a :class:`~satchel.tiers.Tier`. ``tier_options`` go
+        to :func:`~satchel.tiers.tier_from_url` with a URL (``timeouts=Timeouts(read=0.5)``
+        for Redis, ``busy_timeout=`` for SQLite): the app's ``SATCHEL_TIER_*`` settings
+        are not read here, since the hook is built before the app is configured."""
         if not grace >= 0:
             raise ValueError("the session overflow grace period must be >= 0 seconds")
-        tier = tier_from_url(tier) if isinstance(tier, str) else tier
+        if tier_options and not isinstance(tier, str):
+            raise TypeError("tier options go with a tier URL; configure a Tier object itself")
+        tier = tier_from_url(tier, **tier_options) if isinstance(tier, str) else tier
         self.tier = tier if isinstance(tier, GuardedTier) else GuardedTier(tier)
         self.key_prefix = key_prefix
         #: seconds a replaced copy stays readable for requests still carrying its cookie
