@@ -565,11 +565,14 @@ class SatchelSessionInterface(SessionInterface):
                 # the client keeps that cookie and each request would re-issue it.
                 log.warning(
                     "satchel session: re-issuing the unchanged session cookie %r would "
-                    "make it %d bytes, over MAX_COOKIE_SIZE (%d); the client keeps the "
+                    "make it %d bytes, over MAX_COOKIE_SIZE (%d)%s; the client keeps the "
                     "one it has (it opens until its key leaves the ring or it expires)",
                     name,
                     size,
                     limit,
+                    ", and the overflow store refused the write (down or full: see its log)"
+                    if self.overflow is not None
+                    else "",
                 )
                 return
             if replacement is None:
