@@ -88,11 +88,29 @@ def read_message(max_chars: int) -> str:
     return message
 
 
+#: The example apps' own SATCHEL_* variables (not Satchel settings): never warned
+#: about as misspellings (SATCHEL_LLM_SUMMARIZER is close to SATCHEL_SUMMARIZER).
+EXAMPLE_ENV_KEYS = frozenset(
+    {
+        "SATCHEL_LLM_SUMMARIZER",
+        "SATCHEL_LOG_LEVEL",
+        "SATCHEL_MODEL_API_KEY",
+        "SATCHEL_MODEL_BASE_URL",
+        "SATCHEL_MODEL_DELAY",
+        "SATCHEL_MODEL_NAME",
+        "SATCHEL_MODEL_TEMPERATURE",
+        "SATCHEL_MODEL_TIMEOUT",
+    }
+)
+
+
 def env_config(keys: Iterable[str]) -> dict[str, Any]:
     """The ``keys`` that are set in the environment, with their values. A variable that
     looks like a misspelled Satchel setting (``SATCHEL_OVERFLOW``) is warned about."""
     keys = list(keys)
-    warn_misspelled_keys({k: None for k in os.environ if k not in keys})
+    warn_misspelled_keys(
+        {k: None for k in os.environ if k not in keys and k not in EXAMPLE_ENV_KEYS}
+    )
     return {key: os.environ[key] for key in keys if key in os.environ}
 
 

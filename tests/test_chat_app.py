@@ -836,3 +836,21 @@ def test_the_provider_s_words_and_the_api_key_stay_out_of_the_browser() -> None:
             model.complete([{"role": "user", "content": "hi"}])
     assert str(info.value) == "model endpoint answered 401"
     assert key not in info.value.detail and "[api key]" in info.value.detail
+
+
+def test_the_examples_own_settings_are_not_warned_about_as_misspellings(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/chat-example.md documents SATCHEL_LLM_SUMMARIZER; the app warned that it
+    was "not a Satchel setting; did you mean SATCHEL_SUMMARIZER? (it is ignored)"."""
+    import logging
+
+    from examples._config import env_config
+
+    monkeypatch.setenv("SATCHEL_LLM_SUMMARIZER", "1")
+    monkeypatch.setenv("SATCHEL_OVERFLOW", "sqlite:///typo.db")  # still warned about
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        env_config(["SATCHEL_KEYS"])
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "SATCHEL_LLM_SUMMARIZER" not in warned
+    assert "SATCHEL_OVERFLOW " in warned

@@ -936,3 +936,56 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
     assert any("SATCHEL_OVERFLOW " in w and "SATCHEL_OVERFLOW_URL" in w for w in warned)
     assert any("SATCHEL_MAX_TOKENS_BYTES" in w and "SATCHEL_MAX_TOKEN_BYTES" in w for w in warned)
     assert len(warned) == 2, warned
+
+
+def test_a_store_url_in_client_mode_does_not_replace_the_overflow_tier(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SATCHEL_STORE_URL is the server-side modes' store; in client mode it took over
+    the overflow tier without a word (a leftover memory:// swapped a shared tier for
+    per-process memory)."""
+    from satchel.tiers import SQLiteTier
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring([K1]).to_string(),
+        SATCHEL_OVERFLOW_URL=f"sqlite:///{tmp_path / 'overflow.db'}",
+        SATCHEL_STORE_URL="memory://",
+    )
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        Satchel(app)
+    assert isinstance(Satchel.state(app).tier.tier, SQLiteTier)
+    assert any("SATCHEL_STORE_URL is set" in r.getMessage() for r in caplog.records)
+
+
+def test_a_samesite_none_cookie_that_is_not_secure_is_refused_at_start_up() -> None:
+    """Browsers drop a SameSite=None cookie without Secure: the token never came back
+    and every request started a new conversation, with no error anywhere."""
+    from satchel.errors import ConfigurationError
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring([K1]).to_string(),
+        SATCHEL_COOKIE="ctx",
+        SATCHEL_COOKIE_SAMESITE="none",
+        SATCHEL_COOKIE_SECURE=False,
+    )
+    with pytest.raises(ConfigurationError, match="SATCHEL_COOKIE_SECURE"):
+        Satchel(app)
+    app.config["SATCHEL_COOKIE_SECURE"] = True
+    Satchel(app)  # Secure: fine
+
+
+def test_the_apps_erase_returns_what_the_cli_prints(tmp_path: Path) -> None:
+    """docs/operations.md's admin route returns satchel.erase(); it lacked the CLI's
+    anchor_kid."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring([K1]).to_string(),
+        SATCHEL_OVERFLOW_URL=f"sqlite:///{tmp_path / 'overflow.db'}",
+    )
+    satchel = Satchel(app)
+    with app.app_context():
+        result = satchel.erase("0" * 32)
+    assert set(result) == {"session", "deleted_keys", "tokens_refused", "anchor_kid"}
+    assert result["anchor_kid"] == K1.kid

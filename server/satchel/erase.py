@@ -98,7 +98,8 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
             tombstone_ttl=tombstone_ttl_for(policy.max_age),
         )
     state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
-    return result
+    # What `satchel erase` prints, key for key: the key the session's names hang on.
+    return {**result, "anchor_kid": state.codec.keyring.anchor.kid}
 
 
 #: What ``satchel erase`` says when the data it was asked about lives in the app's

@@ -243,6 +243,7 @@ def test_redis_urls_parse_without_connecting() -> None:
         ("redis+cluster://h:7000?ssl=maybe", "ssl"),
         ("redis+sentinel://s:26379/svc?dbb=1", "'dbb'"),
         ("redis://h:70000/0", "70000"),
+        ("redis://h:0/0", "port must be 1..65535"),  # redis-py took it; every call failed
         ("sqlite:///x.db?busy_timeout=abc", "busy_timeout"),  # was a bare ValueError
         ("sqlite:///x.db?max_bytes=-5", "max_bytes"),  # was a 64 KiB cap, silently
         ("sqlite:///x.db?purge_every=0", "purge_every"),

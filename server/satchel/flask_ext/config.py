@@ -36,7 +36,8 @@ SATCHEL_HEADER                  Satchel-Context request and response header (rel
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
 SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case), or None/""
-                                               to leave the attribute out
+                                               to leave the attribute out; "None" needs
+                                               SATCHEL_COOKIE_SECURE (browsers drop it)
 SATCHEL_COOKIE_PATH             "/"
 SATCHEL_COOKIE_MAX_AGE          None           cookie Max-Age in seconds (None: a cookie
                                                that ends with the browser session)
@@ -65,7 +66,8 @@ SATCHEL_OVERFLOW_URL            None           redis://, rediss://, redis+sentin
                                                redis+cluster://, sqlite:///path, memory://
 SATCHEL_MODE                    "client"       "client" (token), "server" (context in the
                                                store, signed id travels), "memory"
-SATCHEL_STORE_URL               overflow URL   where "server" mode keeps contexts
+SATCHEL_STORE_URL               overflow URL   where "server" mode keeps contexts (not
+                                               read in "client" mode: a warning)
 SATCHEL_TIER_READ_TIMEOUT       0.05           seconds per tier reply (Redis socket_timeout;
                                                SQLite waits 4x this for a locked file)
 SATCHEL_TIER_CONNECT_TIMEOUT    0.1            seconds per new tier connection
@@ -404,6 +406,13 @@ class SatchelConfig:
         else:
             raise ConfigurationError(
                 f"SATCHEL_COOKIE_SAMESITE must be 'Strict', 'Lax' or 'None', not {samesite!r}"
+            )
+        if self.cookie and self.cookie_samesite == "None" and not self.cookie_secure:
+            # Browsers drop such a cookie without a word: the token never comes back,
+            # and every request starts a new conversation.
+            raise ConfigurationError(
+                "SATCHEL_COOKIE_SAMESITE='None' needs SATCHEL_COOKIE_SECURE=True: browsers "
+                "refuse a SameSite=None cookie that is not Secure"
             )
         client_held = self.mode == "client" and self.consistency != "server"
         if client_held and self.token_limit < MIN_TOKEN_LIMIT:  # a carrier is 80 bytes

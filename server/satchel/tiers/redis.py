@@ -392,6 +392,13 @@ class RedisTier(Tier):
         """What redis-py would let pass at start-up and fail on (or ignore) later."""
         query = _query(parts.query)
         if self.mode == "single":
+            try:
+                port = parts.port
+            except ValueError:  # not a number, or past 65535
+                port = -1
+            if port is not None and not 0 < port < 65536:
+                # redis-py takes port 0, and every call then fails.
+                raise _bad(url, "the port must be 1..65535")
             # redis-py takes ?db= over the path; check both.
             _db(url, unquote(parts.path).removeprefix("/").removesuffix("/"))
             if "db" in query:
