@@ -445,6 +445,31 @@ def test_a_capped_file_full_of_expired_rows_makes_room(tmp_path: Path) -> None:
     tier.close()
 
 
+def test_a_guarded_write_to_a_capped_file_full_of_expired_rows_makes_room(
+    tmp_path: Path,
+) -> None:
+    """put_unless_marked (every segment write) ran the purge-and-retry inside its
+    transaction, which SQLite had rolled back on SQLITE_FULL: the row was written in
+    autocommit, the COMMIT then failed, and the write was reported failed (the turns
+    flagged tier_write_failed, or dropped as data loss)."""
+    clock = FakeClock(start=1_000_000.0)
+    tier = SQLiteTier(tmp_path / "cap.db", max_bytes=256 * 1024, clock=clock)
+    with pytest.raises(TierFull):
+        for i in range(1000):
+            tier.put(f"s:{{t}}:k{i}", os.urandom(3000), 60)
+    clock.advance(3600)
+    for i in range(20):
+        assert tier.put_unless_marked(f"s:{{t}}:new{i}", os.urandom(3000), 60, "s:{t}:hwm", b"x")
+    assert tier.get_many(["s:{t}:new19"])[0] is not None
+    # A refusing mark still refuses, and still-live rows are not purged for room.
+    tier.put("s:{t}:hwm", b"x", 600)
+    assert not tier.put_unless_marked("s:{t}:late", b"v", 60, "s:{t}:hwm", b"x")
+    with pytest.raises(TierFull):
+        for i in range(1000):
+            tier.put_unless_marked(f"s:{{t}}:more{i}", os.urandom(3000), 60, "s:{t}:hwm", b"y")
+    tier.close()
+
+
 def test_max_bytes_keeps_the_wal_near_the_cap(tmp_path: Path) -> None:
     """The WAL is not counted by max_page_count: with SQLite's default checkpoint
     interval (1000 pages) it reached 4 MiB, sixteen times a 256 KiB cap."""

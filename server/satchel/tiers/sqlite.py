@@ -452,12 +452,9 @@ class SQLiteTier(Tier):
         try:
             conn.execute(_UPSERT, row)
         except sqlite3.Error as exc:
-            full = getattr(exc, "sqlite_errorcode", None) in _FULL_CODES or (
-                "full" in str(exc).lower()
-            )
             # Full of rows that have expired (a capped file after a quiet spell or
             # a clock jump): make room once, then it is really full.
-            if not full or not self._purge_batch(conn, now):
+            if not _is_full(exc) or not self._purge_batch(conn, now):
                 raise
             conn.execute(_UPSERT, row)
 
@@ -466,23 +463,35 @@ class SQLiteTier(Tier):
     ) -> bool:
         with self._errors("put"):
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")  # the mark read and the write: one step
-            try:
-                now = self.clock()
-                row = conn.execute(
-                    "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (mark, now)
-                ).fetchone()
-                if row is not None and bytes(row[0]) == refused:
-                    conn.execute("ROLLBACK")
-                    return False
-                self._upsert(conn, (key, hash_tag(key), bytes(value), now + max(ttl, 0.001)), now)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            self._maybe_purge(conn, now)
-            return True
+            now = self.clock()
+            row = (key, hash_tag(key), bytes(value), now + max(ttl, 0.001))
+            for attempt in range(2):
+                conn.execute("BEGIN IMMEDIATE")  # the mark read and the write: one step
+                try:
+                    current = conn.execute(
+                        "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?",
+                        (mark, now),
+                    ).fetchone()
+                    if current is not None and bytes(current[0]) == refused:
+                        conn.execute("ROLLBACK")
+                        return False
+                    conn.execute(_UPSERT, row)
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    # SQLite rolls a full write's transaction back: make room outside
+                    # it (expired rows of a capped file), then check and write again.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if attempt or not _is_full(exc) or not self._purge_batch(conn, now):
+                        raise
+                    continue
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                self._maybe_purge(conn, now)
+                return True
+            raise AssertionError("unreachable: the second attempt returns or raises")
 
     def delete(self, keys: Sequence[str]) -> int:
         if not keys:
@@ -613,6 +622,11 @@ class SQLiteTier(Tier):
 
 #: (pid, the thread that opened it, connection)
 _Entry = tuple[int, "weakref.ref[threading.Thread]", sqlite3.Connection]
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """The database or disk is full (SQLITE_FULL), or the file reached its max size."""
+    return getattr(exc, "sqlite_errorcode", None) in _FULL_CODES or "full" in str(exc).lower()
 
 
 def _close_quietly(conn: sqlite3.Connection) -> None:
