@@ -352,3 +352,35 @@ def test_the_soft_budget_holds_when_text_compresses_unlike_prose(tier: bool) -> 
     token = p.save(ctx, now=NOW).token
     assert len(token) <= 3800
     assert CODEC.open(token, now=NOW).turns  # the newest exchange is still there
+
+
+def _write_file_exchange(ctx: Context, i: int) -> None:
+    args = json.dumps({"path": f"f{i}.csv", "content": "2026-11-29,widget,42,ok\n" * 1300})
+    ctx.add_turn("user", f"save file {i}", ts=NOW)
+    ctx.add_turn("assistant", "", ts=NOW, tool_calls=[ToolCall(f"call_{i}", "write_file", args)])
+    ctx.add_turn("tool", "ok", ts=NOW, tool_call_id=f"call_{i}")
+    ctx.add_turn("assistant", f"saved f{i}.csv", ts=NOW)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_tool_arguments_past_the_payload_cap_move_to_the_tier_in_segments_that_fit(
+    window: int | None,
+) -> None:
+    """Turns whose size is in tool-call arguments (a write_file tool) weighed 16 bytes
+    each: the payload cap moved the whole history, the newest exchange included, into
+    one segment too large to write, and every later request answered 413."""
+    p = _with_tier(max_turns=window)
+    token = None
+    for i in range(45):  # one exchange per request
+        ctx = p.load(token, now=NOW)
+        _write_file_exchange(ctx, i)
+        token = p.save(ctx, now=NOW).token
+    opened = p.load(token, now=NOW)
+    assert opened.turns[-1].content == "saved f44.csv"
+    assert len(opened.all_turns()) == 4 * 45
+    # An import of sixty such exchanges in one request: more than one segment holds.
+    ctx = p.load(None, now=NOW)
+    for i in range(60):
+        _write_file_exchange(ctx, i)
+    token = p.save(ctx, now=NOW).token
+    assert len(p.load(token, now=NOW).all_turns()) == 4 * 60

@@ -440,10 +440,22 @@ class Pipeline:
         return write_failed
 
     def _spill(self, ctx: Context, count: int, now: float, tag: str) -> bool:
-        """Move the oldest ``count`` turns to a segment; False if the tier refused."""
+        """Move the oldest ``count`` turns to a segment; False if the tier refused.
+
+        Turns that pack past what one segment holds (estimates that missed: tool-call
+        arguments, text that compresses unlike prose) move in part: the older half of
+        their groups, recursively; the caller measures again and moves more. Only one
+        group too large for any segment raises BudgetExceeded.
+        """
         assert self.segments is not None
         spill = ctx.turns[:count]
-        written = self._write_segment(ctx, spill, now, tag)
+        try:
+            written = self._write_segment(ctx, spill, now, tag)
+        except BudgetExceeded:
+            groups = turn_groups(spill)
+            if len(groups) <= 1:
+                raise
+            return self._spill(ctx, groups[len(groups) // 2 - 1][1], now, tag)
         if written is None:
             return False
         ref, start = written
@@ -574,6 +586,8 @@ class Pipeline:
                 count = _groups_weighing(
                     ctx.turns, groups, len(prepared.payload) - cap, ceiling=cap // 2
                 )
+                if len(groups) > 1:
+                    count = min(count, groups[-1][0])  # the newest exchange goes last
                 if not self._spill(ctx, count, now, tag):
                     write_failed = True
                     break
@@ -852,6 +866,18 @@ def _text_size(turn: Turn) -> int:
     return len(turn.content) + sum(len(b.data) for b in turn.blocks)
 
 
+def _packed_weight(turn: Turn) -> int:
+    """About the bytes ``turn`` packs to, before compression: its text, opaque blocks,
+    and tool calls' ids, names and arguments (a turn of 30 KB of arguments and no text
+    weighed 16 bytes, and a whole history moved into one segment too large to write)."""
+    weight = 16 + _text_size(turn)
+    for call in turn.tool_calls:
+        args = call.arguments
+        weight += 16 + len(call.id) + len(call.name)
+        weight += len(args) if isinstance(args, str) else len(repr(args))
+    return weight
+
+
 def _turn_weight(turn: Turn) -> float:
     """A turn's rough share of the token, for estimating how many turns to move.
 
@@ -875,12 +901,12 @@ def _groups_weighing(
     turns: list[Turn], groups: list[tuple[int, int]], excess: int, *, ceiling: int
 ) -> int:
     """How many leading turns, in whole groups, pack to about ``excess`` bytes (by
-    :func:`_text_size`), at least one group and at most ``ceiling`` bytes unless a
+    :func:`_packed_weight`), at least one group and at most ``ceiling`` bytes unless a
     single group is larger."""
     weight = 0
     end = groups[0][1]
     for start, stop in groups:
-        group = sum(_text_size(t) + 16 for t in turns[start:stop])
+        group = sum(_packed_weight(t) for t in turns[start:stop])
         if start and (weight >= excess or weight + group > ceiling):
             break
         weight += group
