@@ -224,6 +224,7 @@ def test_an_infinite_time_limit_is_refused_when_the_policy_is_built(limits: dict
     how a limit is turned off."""
     with pytest.raises(ValueError, match="finite"):
         LifecyclePolicy(**limits)
+    LifecyclePolicy(max_age=10**400)  # a huge int is finite (math.isfinite raised on it)
 
 
 def test_a_reused_tool_call_id_pairs_each_result_with_the_nearest_call_before_it() -> None:

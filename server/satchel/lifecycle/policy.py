@@ -53,7 +53,8 @@ def limit_problem(name: str, value: object) -> str | None:
     else:
         # Finite: an infinite max_age or idle_ttl made every save's expiry inf, which
         # no token can carry (None is how a limit is turned off).
-        fine = math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+        finite = not isinstance(value, float) or math.isfinite(value)  # an int always is
+        fine = finite and (value >= 0 if zero_ok else value > 0)
     if fine:
         return None
     return (
