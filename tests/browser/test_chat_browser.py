@@ -1192,3 +1192,132 @@ def test_in_server_mode_delete_chat_erases_the_stored_conversation(
     kept = srv.get("/api/context", headers={"Satchel-Context": tokens["my secret plan"]})
     assert user_texts(kept.json()) == ["my secret plan"]
     screenshot()
+
+
+def _hold(page: Page, pattern: str, method: str | None = None) -> list[Any]:
+    """Hold matching requests until the test lets each one go (``.continue_()``,
+    ``.abort()``, ``.fulfill()``)."""
+    held: list[Any] = []
+
+    def handler(route: Any) -> None:
+        if method is None or route.request.method == method:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(pattern, handler)
+    return held
+
+
+def _wait_held(page: Page, held: list[Any]) -> None:
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # lets Playwright run the route handler
+    assert held, "the request never reached the network"
+
+
+def test_a_send_that_fails_in_a_chat_reopened_meanwhile_comes_back_in_it(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """A -> B -> A while A's reply streamed, then A's send failed: the page compared
+    client objects, reopening A had made a new one, so the text was kept for "another
+    chat" while A was open, and clicking A did not bring it back."""
+    srv = two_chats(live_server_factory, tmp_path, page, "Chat about cats", "Chat about taxes")
+    held = _hold(page, "**/api/chat/stream")
+    page.fill("#message", "second taxes question")
+    page.press("#message", "Enter")
+    expect(page.locator("body")).to_have_attribute("data-state", "sending")
+    page.locator("#conversations button", has_text="Chat about cats").click()
+    expect(page.locator("#thread-title")).to_have_text("Chat about cats")
+    page.locator("#conversations button", has_text="Chat about taxes").click()
+    expect(page.locator("#thread-title")).to_have_text("Chat about taxes")
+    _wait_held(page, held)
+    held[0].abort("connectionreset")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.unroute("**/api/chat/stream")
+    expect(page.locator("#message")).to_have_value("second taxes question")
+    expect(page.locator("#error")).to_contain_text("The message was not sent")
+    expect(page.locator("#notice")).not_to_contain_text("was not sent")
+    assert user_texts(server_context(srv, page)) == ["Chat about taxes"]
+    screenshot()
+
+
+def test_opening_another_chat_while_delete_waits_on_the_server_deletes_the_right_one(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """Delete chat waited on DELETE /api/context with the page unlocked; opening
+    another chat meanwhile made the page reset and close *that* chat (its history
+    gone), while the chat meant for deletion stayed."""
+    srv = two_chats(live_server_factory, tmp_path, page, "Chat about cats", "Chat about taxes")
+    held = _hold(page, "**/api/context", method="DELETE")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete chat", exact=True).click()
+    _wait_held(page, held)
+    expect(page.get_by_role("button", name="Deleting…")).to_be_disabled()
+    # Clicks while the server is asked do nothing.
+    page.locator("#conversations button", has_text="Chat about cats").click()
+    expect(page.locator("#thread-title")).to_have_text("Chat about taxes")
+    held[0].continue_()
+    expect(page.locator("#conversations")).not_to_contain_text("Chat about taxes")
+    expect(page.locator("#thread-title")).to_have_text("Chat about cats")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.unroute("**/api/context")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about cats"])
+    assert user_texts(server_context(srv, page)) == ["Chat about cats"]
+    screenshot()
+
+
+def test_delete_chat_keeps_the_chat_when_the_server_cannot_erase_it_right_now(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """After a Stop the reply still holds the conversation (409 context_busy), or the
+    store is down (503): the page forgot the token anyway, so the server's copy could
+    never be erased from it. It keeps the chat and says to try again."""
+    srv = two_chats(live_server_factory, tmp_path, page, "Chat about cats", "Chat about taxes")
+    page.route(
+        "**/api/context",
+        lambda route: (
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1"},
+                json={"error": {"code": "tier_unavailable", "message": "the store is down"}},
+            )
+            if route.request.method == "DELETE"
+            else route.continue_()
+        ),
+    )
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete chat", exact=True).click()
+    expect(page.locator("#error")).to_contain_text("was not deleted")
+    expect(page.locator("#conversations")).to_contain_text("Chat about taxes")
+    expect(page.get_by_role("button", name="Delete chat", exact=True)).to_be_enabled()
+    page.unroute("**/api/context")
+    assert user_texts(server_context(srv, page)) == ["Chat about taxes"]
+    screenshot()
+
+
+def test_a_bad_title_in_the_page_index_is_untitled_everywhere(
+    live_server_factory, tmp_path, page
+) -> None:
+    """The list showed an entry with a title that is no string (or an empty one) as
+    "Untitled chat", but the heading showed the raw value and a first message never
+    named the chat, for good."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "a chat worth keeping")
+    page.evaluate(
+        """() => {
+            const index = JSON.parse(localStorage.getItem('satchel-chat:index'));
+            index.conversations.numbered = {title: 12345, updated: Date.now() - 10};
+            index.conversations.blank = {title: '', updated: Date.now() - 20};
+            localStorage.setItem('satchel-chat:index', JSON.stringify(index));
+        }"""
+    )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    page.locator("#conversations button").nth(0).click()  # the numbered one (newest)
+    expect(page.locator("#thread-title")).to_have_text("Untitled chat")
+    page.locator("#conversations button").nth(1).click()  # the blank one
+    expect(page.locator("#thread-title")).to_have_text("Untitled chat")
+    send(page, "a blank chat named at last")
+    expect(page.locator("#thread-title")).to_have_text("a blank chat named at last")

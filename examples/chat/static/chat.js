@@ -91,6 +91,12 @@ function timeOf(value) {
   return typeof value === 'number' && Number.isFinite(new Date(value).getTime()) ? value : 0;
 }
 
+/** An index entry's title: a non-empty string, else "Untitled chat" (a bad entry is
+ * untitled everywhere: shown so, and named by its chat's first message). */
+function titleOf(entry) {
+  return entry && typeof entry.title === 'string' && entry.title ? entry.title : UNTITLED;
+}
+
 async function conversations() {
   const index = loadIndex();
   const ids = new Set(Object.keys(index.conversations));
@@ -98,8 +104,7 @@ async function conversations() {
   return [...ids]
     .map((id) => {
       const entry = index.conversations[id] || {};
-      const title = typeof entry.title === 'string' && entry.title ? entry.title : UNTITLED;
-      return { id, title, updated: timeOf(entry.updated) };
+      return { id, title: titleOf(entry), updated: timeOf(entry.updated) };
     })
     .sort((a, b) => b.updated - a.updated);
 }
@@ -127,7 +132,8 @@ function titleFrom(text) {
 let client = null;
 let unsubscribe = [];
 let busy = false; // this tab is sending
-let sendingIn = null; // ...in this conversation (another one may be open meanwhile)
+let sendingWith = null; // ...with this client (another chat, or a new client for the same one, may be open meanwhile)
+let deleting = false; // Delete chat is waiting on the server: nothing else may start
 let refreshWanted = false; // another tab moved the conversation while we were busy
 let refreshGeneration = 0;
 // [{role, content}] currently in the thread, so a re-render appends only what is new;
@@ -241,7 +247,7 @@ async function renderList() {
 
 el.list.addEventListener('click', (event) => {
   const button = event.target.closest('button.conversation');
-  if (button) openConversation(button.dataset.id, { focus: true });
+  if (button && !deleting) openConversation(button.dataset.id, { focus: true });
 });
 
 async function openConversation(id, { focus = false } = {}) {
@@ -283,7 +289,7 @@ async function openConversation(id, { focus = false } = {}) {
   }
   clearThread();
   // The title from the index now, so a load that fails still shows which chat this is.
-  setTitle((loadIndex().conversations[id] || {}).title);
+  setTitle(titleOf(loadIndex().conversations[id]));
   await renderList();
   await refresh({ reportErrors: !failed }); // a failed load would replace the send's error
   if (focus) el.input.focus();
@@ -301,35 +307,63 @@ async function newChat() {
 }
 
 async function deleteChat() {
-  if (!client || busy) return;
+  if (!client || deleting) return;
+  if (busy) {
+    showProblem('A reply is still being written: stop it or wait for it, then delete the chat.');
+    return;
+  }
   const title = el.title.textContent;
   if (!window.confirm(`Delete “${title}” from this browser and from the server?`)) return;
-  const id = client.conversation;
-  failedElsewhere.delete(id);
-  // Erase what the server keeps of it first (all of it in server mode, overflowed turns
-  // in client mode), while the token is still here to say which conversation it is.
-  let notErased = null;
-  if (client.token) {
-    try {
-      const response = await client.fetch(api.context, { method: 'DELETE' });
-      await response.json();
-    } catch (err) {
-      notErased = err;
+  // The chat being deleted, whatever is opened meanwhile: everything below acts on it.
+  const c = client;
+  const id = c.conversation;
+  deleting = true;
+  el.deleteChat.disabled = true;
+  el.deleteChat.textContent = 'Deleting…';
+  el.send.disabled = true;
+  try {
+    failedElsewhere.delete(id);
+    // Erase what the server keeps of it first (all of it in server mode, overflowed
+    // turns in client mode), while the token is still here to say which it is.
+    let notErased = null;
+    if (c.token) {
+      try {
+        const response = await c.fetch(api.context, { method: 'DELETE' });
+        await response.json();
+      } catch (err) {
+        notErased = err;
+      }
     }
-  }
-  await client.reset();
-  updateIndex((index) => {
-    delete index.conversations[id];
-    if (index.current === id) index.current = null;
-  });
-  const rest = (await conversations()).filter((c) => c.id !== id);
-  client.close();
-  client = null;
-  if (rest.length) await openConversation(rest[0].id, { focus: true });
-  else await newChat();
-  if (notErased) {
-    notices.deleted = `“${title}” was deleted from this browser, but the server could not erase its copy (${notErased.message}): it expires there on its own.`;
-    renderNotice();
+    if (notErased && (notErased.status === 409 || notErased.status === 503)) {
+      // The server is there but cannot erase it right now (a stopped reply still
+      // holds the conversation, the store is down): keep the chat, so deleting it
+      // again can still reach the server's copy.
+      showError(`“${title}” was not deleted: the server could not erase its copy right now (${notErased.message}). Try again in a moment.`);
+      return;
+    }
+    await c.reset();
+    updateIndex((index) => {
+      delete index.conversations[id];
+      if (index.current === id) index.current = null;
+    });
+    const rest = (await conversations()).filter((x) => x.id !== id);
+    c.close();
+    if (client === c) {
+      client = null;
+      if (rest.length) await openConversation(rest[0].id, { focus: true });
+      else await newChat();
+    } else {
+      await renderList();
+    }
+    if (notErased) {
+      notices.deleted = `“${title}” was deleted from this browser, but the server could not erase its copy (${notErased.message}): it expires there on its own.`;
+      renderNotice();
+    }
+  } finally {
+    deleting = false;
+    el.deleteChat.disabled = false;
+    el.deleteChat.textContent = 'Delete chat';
+    el.send.disabled = busy;
   }
 }
 
@@ -341,7 +375,7 @@ async function deleteChat() {
 let checkingDeleted = false;
 async function onListChanged() {
   const listed = await renderList(); // null when a newer call took over
-  if (!client || busy || checkingDeleted) return;
+  if (!client || busy || deleting || checkingDeleted) return;
   checkingDeleted = true;
   try {
     const all = listed ?? (await conversations());
@@ -730,7 +764,7 @@ async function refresh({ reportErrors = true } = {}) {
     // While this tab sends, the send's own reload renders its chat when it is done;
     // another chat opened meanwhile is rendered now.
     if (generation !== refreshGeneration || current !== client) return;
-    if (busy && sendingIn === current.conversation) return;
+    if (busy && sendingWith === current) return;
     renderThread(data.all_turns || []);
     noticeIfSavedAnyway();
     renderStatus(data);
@@ -738,11 +772,11 @@ async function refresh({ reportErrors = true } = {}) {
     renderNotice();
     const firstUser = (data.all_turns || []).find((t) => t.role === 'user');
     const entry = loadIndex().conversations[current.conversation];
-    if (firstUser && (!entry || entry.title === UNTITLED)) {
+    if (firstUser && titleOf(entry) === UNTITLED) {
       touch(current.conversation, { title: titleFrom(firstUser.content) });
       renderList();
     }
-    setTitle((loadIndex().conversations[current.conversation] || {}).title);
+    setTitle(titleOf(loadIndex().conversations[current.conversation]));
     if (loadFailed) {
       loadFailed = false;
       if (loadErrorShown) showError(null); // what the failed load said no longer holds
@@ -759,7 +793,7 @@ async function refresh({ reportErrors = true } = {}) {
       loadErrorShown = true;
       if (stuck && current === client) {
         renderThread([]);
-        setTitle((loadIndex().conversations[current.conversation] || {}).title);
+        setTitle(titleOf(loadIndex().conversations[current.conversation]));
       }
     }
   } finally {
@@ -771,7 +805,7 @@ async function refresh({ reportErrors = true } = {}) {
 
 async function send(text) {
   busy = true;
-  sendingIn = client.conversation;
+  sendingWith = client;
   setState('sending');
   showError(null);
   showProblem(null);
@@ -795,9 +829,12 @@ async function send(text) {
 
   const sentWith = client;
   const id = sentWith.conversation;
+  // This chat is open: the same client, or a new one for it (reopened after another
+  // chat was shown meanwhile). Only the same client still shows this send's bubbles.
+  const shown = () => client !== null && client.conversation === id;
   const entry = loadIndex().conversations[id];
-  const titled = !!entry && entry.title !== UNTITLED;
-  const title = titled ? entry.title : titleFrom(text);
+  const titled = titleOf(entry) !== UNTITLED;
+  const title = titled ? titleOf(entry) : titleFrom(text);
   const shownBefore = rendered ? JSON.stringify(rendered) : null;
   unsent = null; // a new send: an older failure's text is no longer in the box
   touch(id, { title, updated: Date.now() });
@@ -850,7 +887,7 @@ async function send(text) {
     draft.remove();
     mine.remove();
     if (client === sentWith && tracked && rendered) rendered.pop();
-    if (client === sentWith && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
+    if (shown() && !el.thread.querySelector('.msg')) el.thread.replaceChildren(el.empty);
     const reason = failureReason(err, controller.signal.aborted, full);
     // Monotonic consistency, a reply lost on the way, and a server that keeps no newest
     // token to hand back (SATCHEL_KEEP_NEWEST=false; docs/client-js.md, "Lost
@@ -862,9 +899,9 @@ async function send(text) {
     // A reason may end a sentence of its own (an error's message): no second period.
     const sentence = /[.!?]$/.test(reason) ? reason : `${reason}.`;
     const error = `The message was not sent: ${sentence}${next}`;
-    if (client === sentWith) {
+    if (shown()) {
       showError(error + putBack(text));
-      if (shownBefore !== null) unsent = { conversation: id, text, shownBefore };
+      if (shownBefore !== null && client === sentWith) unsent = { conversation: id, text, shownBefore };
     } else {
       // Another chat is open now: the text waits for its own chat (openConversation
       // puts it back), and this one only says where it is.
@@ -875,7 +912,7 @@ async function send(text) {
     // message, and only an untitled chat gets one later).
     if (!titled) {
       touch(id, { title: UNTITLED });
-      if (client === sentWith) setTitle(UNTITLED);
+      if (shown()) setTitle(UNTITLED);
       renderList();
     }
   } finally {
@@ -885,7 +922,7 @@ async function send(text) {
     el.send.disabled = false;
     el.send.textContent = 'Send';
     busy = false;
-    sendingIn = null;
+    sendingWith = null;
     refreshWanted = false;
     el.input.focus();
     revealComposer();
@@ -970,7 +1007,7 @@ function noticeIfSavedAnyway() {
 
 el.form.addEventListener('submit', (event) => {
   event.preventDefault();
-  if (busy || !client) return;
+  if (busy || deleting || !client) return;
   // Sent as typed: the server keeps messages exactly, so pasted code keeps its
   // indentation. trim() only decides whether there is anything to send.
   const text = el.input.value;
@@ -1016,7 +1053,9 @@ document.addEventListener('keydown', (event) => {
   el.input.focus(); // the key's character is then typed into the newly focused box
 });
 
-el.newChat.addEventListener('click', () => newChat());
+el.newChat.addEventListener('click', () => {
+  if (!deleting) newChat();
+});
 el.deleteChat.addEventListener('click', () => deleteChat());
 
 // Another tab created, renamed or deleted a conversation: redraw the list.
