@@ -445,18 +445,20 @@ class SQLiteTier(Tier):
         with self._errors("put"):
             conn = self._conn()
             now = self.clock()
-            self._upsert(conn, (key, hash_tag(key), bytes(value), now + max(ttl, 0.001)), now)
+            row = _row(key, value, ttl, now)
+            try:
+                conn.execute(_UPSERT, row)
+            except sqlite3.Error as exc:
+                if not self._made_room(conn, exc, now):
+                    raise
+                conn.execute(_UPSERT, row)
             self._maybe_purge(conn, now)
 
-    def _upsert(self, conn: sqlite3.Connection, row: tuple, now: float) -> None:
-        try:
-            conn.execute(_UPSERT, row)
-        except sqlite3.Error as exc:
-            # Full of rows that have expired (a capped file after a quiet spell or
-            # a clock jump): make room once, then it is really full.
-            if not _is_full(exc) or not self._purge_batch(conn, now):
-                raise
-            conn.execute(_UPSERT, row)
+    def _made_room(self, conn: sqlite3.Connection, exc: sqlite3.Error, now: float) -> bool:
+        """After a write failed: if the file is full of rows that have expired (a capped
+        file after a quiet spell, or a clock jump), purge some, once, and say so; False
+        when the error is another, or the file is really full."""
+        return _is_full(exc) and bool(self._purge_batch(conn, now))
 
     def put_unless_marked(
         self, key: str, value: bytes, ttl: float, mark: str, refused: bytes
@@ -464,34 +466,26 @@ class SQLiteTier(Tier):
         with self._errors("put"):
             conn = self._conn()
             now = self.clock()
-            row = (key, hash_tag(key), bytes(value), now + max(ttl, 0.001))
-            for attempt in range(2):
-                conn.execute("BEGIN IMMEDIATE")  # the mark read and the write: one step
-                try:
-                    current = conn.execute(
-                        "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?",
-                        (mark, now),
-                    ).fetchone()
-                    if current is not None and bytes(current[0]) == refused:
-                        conn.execute("ROLLBACK")
+            row = _row(key, value, ttl, now)
+
+            def check_and_write() -> bool:
+                with _immediate(conn):  # the mark read and the write: one step
+                    if _live_value(conn, mark, now) == refused:
                         return False
                     conn.execute(_UPSERT, row)
-                    conn.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    # SQLite rolls a full write's transaction back: make room outside
-                    # it (expired rows of a capped file), then check and write again.
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    if attempt or not _is_full(exc) or not self._purge_batch(conn, now):
-                        raise
-                    continue
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                self._maybe_purge(conn, now)
                 return True
-            raise AssertionError("unreachable: the second attempt returns or raises")
+
+            try:
+                written = check_and_write()
+            except sqlite3.Error as exc:
+                # SQLite rolled the full write's transaction back: room is made outside
+                # it, then the check and the write run again.
+                if not self._made_room(conn, exc, now):
+                    raise
+                written = check_and_write()
+            if written:
+                self._maybe_purge(conn, now)
+            return written
 
     def delete(self, keys: Sequence[str]) -> int:
         if not keys:
@@ -543,25 +537,14 @@ class SQLiteTier(Tier):
     def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
         with self._errors("delete_session"):
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")  # the delete and the tombstone: one step
-            try:
-                now = self.clock()
-                row = conn.execute(
-                    "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (mark, now)
-                ).fetchone()
+            now = self.clock()
+            with _immediate(conn):  # the delete and the tombstone: one step
+                previous = _live_value(conn, mark, now)
                 deleted = conn.execute(
                     "DELETE FROM satchel_kv WHERE tag = ? AND key != ? RETURNING expires_at > ?",
                     (session_tag, mark, now),
                 ).fetchall()
-                conn.execute(
-                    _UPSERT, (mark, hash_tag(mark), bytes(tombstone), now + max(ttl, 0.001))
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            previous = None if row is None else bytes(row[0])
+                conn.execute(_UPSERT, _row(mark, tombstone, ttl, now))
             return deleted.count((1,)) + (previous is not None and previous != tombstone)
 
     def compare_and_set_mark(
@@ -574,27 +557,15 @@ class SQLiteTier(Tier):
     ) -> bytes | None:
         with self._errors("compare_and_set_mark"):
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                now = self.clock()
-                row = conn.execute(
-                    "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (key, now)
-                ).fetchone()
-                current = None if row is None else bytes(row[0])
+            now = self.clock()
+            with _immediate(conn):
+                current = _live_value(conn, key, now)
                 if current != expected:
-                    conn.execute("ROLLBACK")
                     return b"" if current is None else current
-                conn.execute(_UPSERT, (key, hash_tag(key), bytes(new), now + max(ttl, 0.001)))
+                conn.execute(_UPSERT, _row(key, new, ttl, now))
                 if companion is not None:  # in the same transaction: both or neither
-                    other, value, other_ttl = companion
-                    expires = now + max(other_ttl, 0.001)
-                    conn.execute(_UPSERT, (other, hash_tag(other), bytes(value), expires))
-                conn.execute("COMMIT")
-                return None
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                    conn.execute(_UPSERT, _row(*companion, now))
+            return None
 
     def ping(self) -> None:
         with self._errors("ping"):
@@ -622,6 +593,33 @@ class SQLiteTier(Tier):
 
 #: (pid, the thread that opened it, connection)
 _Entry = tuple[int, "weakref.ref[threading.Thread]", sqlite3.Connection]
+
+
+def _row(key: str, value: bytes, ttl: float, now: float) -> tuple[str, str | None, bytes, float]:
+    """The ``satchel_kv`` row that keeps ``value`` under ``key`` for ``ttl`` seconds."""
+    return (key, hash_tag(key), bytes(value), now + max(ttl, 0.001))
+
+
+def _live_value(conn: sqlite3.Connection, key: str, now: float) -> bytes | None:
+    row = conn.execute(
+        "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (key, now)
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, its lock taken before the first read (BEGIN IMMEDIATE), so
+    a read and the writes that depend on it are one step: committed at the end (with
+    nothing written, too), rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
