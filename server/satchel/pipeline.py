@@ -59,7 +59,6 @@ MAX_SEGMENT_REFS = 6
 #: (``overflow_cap``). Either way the token cannot grow by a reference per spill.
 MAX_HELD_SEGMENT_REFS = 4 * MAX_SEGMENT_REFS
 DEFAULT_SEGMENT_TTL = 30 * 86400.0
-#: Where the hard cap cut the oldest part of a summary (:meth:`Pipeline._shorten_summary`).
 
 
 @dataclass(slots=True)
@@ -887,14 +886,8 @@ def _turn_weight(turn: Turn) -> float:
     lighter than it is: the estimate fell short round after round, and the rounds ran
     out with the token over its budget.
     """
-    weight = 16 + len(turn.content) / 3
-    for block in turn.blocks:
-        weight += len(block.data)
-    for call in turn.tool_calls:
-        args = call.arguments
-        weight += 16 + len(call.id) + len(call.name)
-        weight += len(args) if isinstance(args, str) else len(repr(args))
-    return weight
+    # What the turn packs to, its prose counted at a third.
+    return _packed_weight(turn) - len(turn.content) * 2 / 3
 
 
 def _groups_weighing(
