@@ -172,9 +172,7 @@ class Floor:
 
     def __init__(self, key: bytes, compressor: Compressor) -> None:
         self.key = key
-        self.dict_id = compressor.dictionary_id
-        d = compressor._compressor()  # same dictionary, level and frame format
-        self.cctx = d
+        self.cctx = compressor._compressor()  # same dictionary, level and frame format
         self.dctx = compressor._decompressor(compressor.dictionary_id)
 
     def seal(self, obj: Any) -> str:
