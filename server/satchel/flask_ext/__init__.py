@@ -317,13 +317,16 @@ class Satchel:
         from ..tiers.guard import BreakerPolicy, GuardedTier, SegmentCache
 
         tier = self._tier
-        # SATCHEL_STORE_URL is the server-side modes' store; client mode's tier is the
-        # overflow URL (a store URL left in its environment silently swapped the shared
-        # Redis tier for another, or for per-process memory).
-        url = config.store_url or config.overflow_url
-        if config.mode == "client":
-            url = config.overflow_url
-            if config.store_url:
+        # SATCHEL_STORE_URL is the server-side modes' store (falling back to the overflow
+        # URL); client mode's tier is the overflow URL alone (a store URL left in its
+        # environment silently swapped the shared Redis tier for another, or for
+        # per-process memory).
+        url: str | None
+        if config.mode != "client" and config.store_url:
+            url, setting = config.store_url, "SATCHEL_STORE_URL"
+        else:
+            url, setting = config.overflow_url, "SATCHEL_OVERFLOW_URL"
+            if config.mode == "client" and config.store_url:
                 log.warning(
                     "SATCHEL_STORE_URL is set but SATCHEL_MODE is 'client': it is the "
                     "store of the server and memory modes, and is not used (client mode's "
@@ -343,11 +346,6 @@ class Satchel:
             from ..tiers import tier_from_url, tier_scheme
 
             options: dict[str, Any] = {}
-            setting = (
-                "SATCHEL_STORE_URL"
-                if config.store_url and url == config.store_url
-                else "SATCHEL_OVERFLOW_URL"
-            )
             scheme = tier_scheme(url, setting=setting)
             if scheme in ("redis", "rediss") or scheme.startswith("redis+"):
                 options["timeouts"] = Timeouts(
