@@ -1102,6 +1102,28 @@ def test_a_failed_send_keeps_the_draft_typed_meanwhile_and_its_own_text(
     expect(page.locator(".msg")).to_have_count(0)
 
 
+def _hold(page: Page, pattern: str, method: str | None = None) -> list[Any]:
+    """Hold matching requests until the test lets each one go (``.continue_()``,
+    ``.abort()``, ``.fulfill()``)."""
+    held: list[Any] = []
+
+    def handler(route: Any) -> None:
+        if method is None or route.request.method == method:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(pattern, handler)
+    return held
+
+
+def _wait_held(page: Page, held: list[Any]) -> None:
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # lets Playwright run the route handler
+    assert held, "the request never reached the network"
+
+
 def test_a_send_that_fails_after_switching_chats_stays_with_its_chat(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:
@@ -1109,8 +1131,7 @@ def test_a_send_that_fails_after_switching_chats_stays_with_its_chat(
     into that other chat's box, under 'It is back in the message box', and Enter sent
     it to the wrong chat. It waits for its own chat, and comes back when it is open."""
     srv = two_chats(live_server_factory, tmp_path, page, "Chat about cats", "Chat about taxes")
-    held: list[Any] = []
-    page.route("**/api/chat/stream", lambda route: held.append(route))  # aborted below
+    held = _hold(page, "**/api/chat/stream")  # aborted below
     secret = "my tax id is 123-45-6789"
     page.fill("#message", secret)
     page.press("#message", "Enter")
@@ -1119,10 +1140,7 @@ def test_a_send_that_fails_after_switching_chats_stays_with_its_chat(
     expect(page.locator("#thread-title")).to_have_text("Chat about cats")
     # Shown while the other chat's send is still going (it stayed empty until then).
     expect(page.locator(".msg-user .msg-text")).to_have_text(["Chat about cats"])
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(50)  # lets Playwright run the route handler
-    assert held, "the send never reached the network"
+    _wait_held(page, held)
     held[0].abort("connectionreset")
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
     page.unroute("**/api/chat/stream")
@@ -1192,28 +1210,6 @@ def test_in_server_mode_delete_chat_erases_the_stored_conversation(
     kept = srv.get("/api/context", headers={"Satchel-Context": tokens["my secret plan"]})
     assert user_texts(kept.json()) == ["my secret plan"]
     screenshot()
-
-
-def _hold(page: Page, pattern: str, method: str | None = None) -> list[Any]:
-    """Hold matching requests until the test lets each one go (``.continue_()``,
-    ``.abort()``, ``.fulfill()``)."""
-    held: list[Any] = []
-
-    def handler(route: Any) -> None:
-        if method is None or route.request.method == method:
-            held.append(route)
-        else:
-            route.continue_()
-
-    page.route(pattern, handler)
-    return held
-
-
-def _wait_held(page: Page, held: list[Any]) -> None:
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(50)  # lets Playwright run the route handler
-    assert held, "the request never reached the network"
 
 
 def test_a_send_that_fails_in_a_chat_reopened_meanwhile_comes_back_in_it(
