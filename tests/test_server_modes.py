@@ -450,6 +450,11 @@ def test_a_full_store_says_nothing_was_saved() -> None:
                 raise TierFull("OOM command not allowed", tier="memory", op="cas")
             return super().compare_and_set_mark(key, expected, new, ttl)
 
+        def compare_and_set_unclaimed(self, key, expected, new, ttl, claim, holder):  # type: ignore[no-untyped-def]
+            if self.full:
+                raise TierFull("OOM command not allowed", tier="memory", op="cas")
+            return super().compare_and_set_unclaimed(key, expected, new, ttl, claim, holder)
+
     store = FullTier()
     app = Flask(__name__)
     app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="server", TESTING=True)
@@ -644,6 +649,44 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
     assert again.status_code == 200, again.get_data(as_text=True)
     assert views_run == ["chat"]
     assert client.get("/peek", headers=headers).get_json() == {"turns": 3}
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_a_json_request_loaded_before_a_stream_claimed_cannot_save_over_it(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """A JSON request loaded the stored state a moment before a stream of the same state
+    took its claim (the claim found the state unchanged, so it streamed), then saved:
+    its compare-and-set against what it loaded won, and the stream ended in an error
+    event after its whole (paid-for) reply. A save now also checks the claim, in the
+    same atomic step: the JSON request is refused 409 context_busy and the stream ends
+    with its token."""
+    app, satchel = _stream_app(mode, request)
+    gate = _gated_stream(app, satchel)
+    loaded, go = threading.Event(), threading.Event()
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", "sent from another tab")
+        loaded.set()  # loaded and checked: no stream held the state yet
+        go.wait(5)
+        return {"ok": True}
+
+    client = app.test_client()
+    gate.set()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    headers = {HEADER: carrier}
+    json_save = start_in_thread(lambda: app.test_client().post("/chat", headers=headers))
+    assert loaded.wait(5)
+    gate.clear()
+    streaming = client.post("/stream", headers=headers, buffered=False)
+    chunks = iter(streaming.response)
+    assert "the paid" in next(chunks).decode()  # claimed: the state was as loaded
+    go.set()
+    assert_busy(json_save())
+    finish_stream(gate, streaming, chunks)
+    again = client.post("/chat", headers=headers)  # sent again once the reply ended
+    assert again.status_code == 200, again.get_data(as_text=True)
 
 
 @pytest.mark.redis

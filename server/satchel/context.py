@@ -272,6 +272,9 @@ class Context:
     #: server-side modes: a streamed reply held its claim on the stored state when this
     #: context was loaded, so this request may read it but not save over it
     stream_answering: bool = field(default=False, repr=False)
+    #: server-side modes: the id of the claim this request's streamed reply holds on
+    #: the stored state (its save passes it; any other save is refused meanwhile)
+    claim_holder: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def new(cls, *, now: float | None = None, session_id: bytes | None = None) -> Context:

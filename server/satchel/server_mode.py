@@ -59,6 +59,7 @@ from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .limits import DEFAULT_LIMITS
 from .observe import NULL_OBSERVER, Observer
 from .pipeline import Clock, Pipeline, SaveResult
+from .tiers.base import CLAIM_HELD
 from .tiers.guard import GuardedTier
 
 CARRIER_PREFIX = "sv1."
@@ -245,6 +246,7 @@ class ServerSidePipeline(Pipeline):
         tag = self.session_tag(ctx.session_id)
         with self._store_errors("claim", "the session store is unavailable; retry shortly"):
             claim = take_claim(self.store, session_claim_key(tag, self.prefix), self.observer, tag)
+        ctx.claim_holder = claim.holder  # the stream's own save passes its claim
         # A request that loaded the state while another stream of it was still being
         # answered takes the claim as soon as that one releases it, by which time its
         # save has replaced the state: look again, now that no other answer can start.
@@ -350,12 +352,23 @@ class ServerSidePipeline(Pipeline):
             else "the session store is unavailable; this new conversation was not "
             "started: send it again shortly"
         )
+        tag = self.session_tag(ctx.session_id)
         with self._store_errors("save", unconfirmed):
             # Only over what this request loaded (nothing, for a new session): another
             # request that saved meanwhile would otherwise lose its turns to this one.
-            current = self.store.compare_and_set_mark(
-                self.key_for(ctx.session_id), ctx.stored_as, data, ttl
+            # And not while another request streams a reply to that state: one that
+            # loaded it a moment before the stream claimed it would otherwise save over
+            # it, and the stream end in an error event after its whole reply.
+            current = self.store.compare_and_set_unclaimed(
+                self.key_for(ctx.session_id),
+                ctx.stored_as,
+                data,
+                ttl,
+                session_claim_key(tag, self.prefix),
+                ctx.claim_holder,
             )
+        if current is CLAIM_HELD:
+            refuse_busy(self.observer, tag)
         if current == b"" and ctx.stored_as is not None:
             # Gone between this request's read and its write: expired or evicted. Not a
             # race with another request (no newer state exists), and not written back:
@@ -366,9 +379,7 @@ class ServerSidePipeline(Pipeline):
                 "or evicted); send the message again to start over"
             )
         if current is not None:
-            self.observer.event(
-                "stale_refused", session=self.session_tag(ctx.session_id), detail="race"
-            )
+            self.observer.event("stale_refused", session=tag, detail="race")
             raise StaleContext(
                 "another request for this conversation was saved first; send this one again"
             )

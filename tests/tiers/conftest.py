@@ -9,6 +9,7 @@ import pytest
 
 from satchel import Codec, Context, Keyring
 from satchel.tiers import BreakerPolicy, GuardedTier, SegmentCache, Tier
+from satchel.tiers.base import CLAIM_HELD
 from tests.support.clock import FakeClock
 
 
@@ -68,3 +69,22 @@ def guard_factory(clock: FakeClock, events: Events) -> Callable[..., GuardedTier
         )
 
     return make
+
+
+def unclaimed_contract(tier: Tier) -> None:
+    """The contract of :meth:`Tier.compare_and_set_unclaimed` (every tier: one test)."""
+    key, claim = "satchel:{s}:ctx", "satchel:{s}:claim"
+    save = tier.compare_and_set_unclaimed
+    assert save(key, None, b"v1", 60, claim, None) is None  # no claim: a plain CAS
+    tier.put(claim, b"stream-a", 60)
+    # Held by another: nothing written, whatever the compare would have said.
+    assert save(key, b"v1", b"v2", 60, claim, None) is CLAIM_HELD
+    assert save(key, b"v1", b"v2", 60, claim, b"stream-b") is CLAIM_HELD
+    assert tier.get_many([key]) == [b"v1"]
+    # The holder's own save: a compare-and-set as before (and its loss reported so).
+    assert save(key, b"old", b"v2", 60, claim, b"stream-a") == b"v1"
+    assert save(key, b"v1", b"v2", 60, claim, b"stream-a") is None
+    assert tier.get_many([key, claim]) == [b"v2", b"stream-a"]  # the claim is not touched
+    tier.put(claim, b"", 60)  # a claim released late (swapped for an empty value)
+    assert save(key, b"v2", b"v3", 60, claim, None) is None
+    assert tier.get_many([key]) == [b"v3"]

@@ -13,6 +13,8 @@ from satchel.tiers import MemoryTier, NoTier, SQLiteTier, Tier, Timeouts, hash_t
 from satchel.tiers.memory import ENTRY_OVERHEAD
 from tests.support import wait_until
 
+from .conftest import unclaimed_contract
+
 
 @pytest.fixture(
     params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
@@ -156,6 +158,20 @@ def test_a_custom_tiers_compare_and_set_with_a_companion_writes_it_after(tmp_pat
     assert tier.compare_and_set_mark_with(key, None, b"1", 60, (newest, b"t1", 30)) is None
     assert tier.compare_and_set_mark_with(key, None, b"2", 60, (newest, b"t2", 30)) == b"1"
     assert tier.get_many([key, newest]) == [b"1", b"t1"]
+
+
+def test_compare_and_set_unclaimed_stops_at_another_holders_claim(tier: Tier) -> None:
+    """Server mode's save: refused while another request's stream holds the claim."""
+    unclaimed_contract(tier)
+
+
+def test_a_custom_tiers_compare_and_set_unclaimed_reads_the_claim_first() -> None:
+    """The default for tiers that do not override it: read the claim, then the CAS."""
+
+    class Plain(MemoryTier):
+        compare_and_set_unclaimed = Tier.compare_and_set_unclaimed
+
+    unclaimed_contract(Plain())
 
 
 def test_compare_and_set_is_atomic_under_threads(tier: Tier) -> None:

@@ -17,7 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,20 @@ def hash_tag(key: str) -> str | None:
 #: a key written with a mark, in the same atomic step: ``(key, value, ttl)``
 #: (:meth:`Tier.compare_and_set_mark_with`)
 Companion: TypeAlias = tuple[str, bytes, float]
+
+
+class ClaimHeld:
+    """What :meth:`Tier.compare_and_set_unclaimed` returns when another holder's claim
+    stopped the write (the one instance is :data:`CLAIM_HELD`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CLAIM_HELD"
+
+
+#: :meth:`Tier.compare_and_set_unclaimed`: a claim held by another stopped the write
+CLAIM_HELD: Final = ClaimHeld()
 
 
 class Tier(ABC):
@@ -135,6 +149,31 @@ class Tier(ABC):
             self.put(*companion)
         return current
 
+    def compare_and_set_unclaimed(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        claim: str,
+        holder: bytes | None,
+    ) -> bytes | ClaimHeld | None:
+        """:meth:`compare_and_set_mark`, unless ``claim`` holds a non-empty value other
+        than ``holder`` (None: any claim stops it): then write nothing and return
+        :data:`CLAIM_HELD`.
+
+        Server and memory modes save the stored context this way against a streamed
+        reply's claim, so a request that loaded the state before the stream claimed it
+        cannot save over it while the reply streams. ``claim`` carries ``key``'s session
+        tag (one slot on Cluster). The tiers Satchel ships check and write in one atomic
+        step; this default, for a custom tier, reads the claim and then writes, and is
+        not atomic.
+        """
+        current_claim = self.get_many([claim])[0]
+        if current_claim and current_claim != holder:
+            return CLAIM_HELD
+        return self.compare_and_set_mark(key, expected, new, ttl)
+
     def put_unless_marked(
         self, key: str, value: bytes, ttl: float, mark: str, refused: bytes
     ) -> bool:
@@ -209,4 +248,4 @@ class NoTier(Tier):
         return None
 
 
-__all__ = ["Companion", "NoTier", "Tier", "Timeouts", "hash_tag"]
+__all__ = ["CLAIM_HELD", "ClaimHeld", "Companion", "NoTier", "Tier", "Timeouts", "hash_tag"]

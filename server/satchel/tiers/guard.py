@@ -48,7 +48,7 @@ from typing import Any, Final, TypeVar
 import pybreaker
 
 from ..errors import ContextErased, TierBusy, TierError, TierFull, TierUnavailable
-from .base import Companion, Tier, hash_tag
+from .base import ClaimHeld, Companion, Tier, hash_tag
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -803,6 +803,28 @@ class GuardedTier:
             new,
             ttl,
             companion,
+            key=key,
+        )
+
+    def compare_and_set_unclaimed(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        claim: str,
+        holder: bytes | None,
+    ) -> bytes | ClaimHeld | None:
+        self.cache.discard((key,))
+        return self._call(
+            "compare_and_set_mark",
+            self.tier.compare_and_set_unclaimed,
+            key,
+            expected,
+            new,
+            ttl,
+            claim,
+            holder,
             key=key,
         )
 

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from ..errors import TierFull
-from .base import Companion, Tier, hash_tag
+from .base import CLAIM_HELD, ClaimHeld, Companion, Tier, hash_tag
 
 Clock = Callable[[], float]
 
@@ -176,14 +176,40 @@ class MemoryTier(Tier):
         self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
         with self._lock:  # the mark and its companion under one hold
+            return self._compare_and_set_locked(key, expected, new, ttl, companion, self.clock())
+
+    def compare_and_set_unclaimed(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        claim: str,
+        holder: bytes | None,
+    ) -> bytes | ClaimHeld | None:
+        with self._lock:  # the claim, the compare and the write under one hold
             now = self.clock()
-            current = self._live(key, now)
-            if current != expected:
-                return b"" if current is None else current
-            self._store(key, new, ttl, now)
-            if companion is not None:
-                self._store(companion[0], companion[1], companion[2], now)
-            return None
+            current_claim = self._live(claim, now)
+            if current_claim and current_claim != holder:
+                return CLAIM_HELD
+            return self._compare_and_set_locked(key, expected, new, ttl, None, now)
+
+    def _compare_and_set_locked(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: Companion | None,
+        now: float,
+    ) -> bytes | None:
+        current = self._live(key, now)
+        if current != expected:
+            return b"" if current is None else current
+        self._store(key, new, ttl, now)
+        if companion is not None:
+            self._store(companion[0], companion[1], companion[2], now)
+        return None
 
     def ping(self) -> None:
         return None

@@ -51,7 +51,7 @@ from redis.retry import Retry
 
 from ..errors import ConfigurationError, TierBusy, TierError, TierFull, TierUnavailable
 from . import REDIS_SCHEMES, redact_url
-from .base import Companion, Tier, Timeouts, hash_tag
+from .base import CLAIM_HELD, ClaimHeld, Companion, Tier, Timeouts, hash_tag
 
 T = TypeVar("T")
 
@@ -198,9 +198,13 @@ return n
 # deleted with it). The value alone would not do: two requests
 # can write identical bytes (a signed token sealed twice in one second), and the
 # second must lose.
-_CAS = """
+_CAS_RETRIED = """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[3] and redis.call('GET', KEYS[2]) == ARGV[5] then return {1} end
+"""
+# The companion (KEYS[4], ARGV[6] its value, ARGV[7] its TTL) is known by its TTL:
+# _CAS_UNCLAIMED passes a claim in KEYS[4] and ARGV[6], and no ARGV[7].
+_CAS_WRITE = """
 if ARGV[1] == '1' then
   if current ~= ARGV[2] then return {0, current} end
 elseif current then
@@ -214,7 +218,7 @@ if KEYS[3] then
     redis.call('PEXPIRE', KEYS[3], ARGV[4])
   end
 end
-if KEYS[4] then
+if ARGV[7] then
   redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[7])
   redis.call('SADD', KEYS[3], KEYS[4])
   if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[7]) then
@@ -223,6 +227,19 @@ if KEYS[4] then
 end
 return {1}
 """
+_CAS = _CAS_RETRIED + _CAS_WRITE
+
+#: _CAS, unless KEYS[4] (a streamed reply's claim, in the session's slot) holds a
+#: non-empty value other than ARGV[6] (the saver's own claim, or empty): then {2}.
+#: KEYS[3] is the session's index (the key is always tagged here).
+_CAS_UNCLAIMED = (
+    _CAS_RETRIED
+    + """
+local claim = redis.call('GET', KEYS[4])
+if claim and claim ~= '' and claim ~= ARGV[6] then return {2} end
+"""
+    + _CAS_WRITE
+)
 
 
 def _writer_key(key: str) -> str:
@@ -683,6 +700,39 @@ class RedisTier(Tier):
             keys.append(companion[0])
             args += [companion[1], _ttl_ms(companion[2])]
         reply = self._run("compare_and_set_mark", lambda: self._script("cas", _CAS)(keys, args))
+        if reply and int(reply[0]) == 1:
+            return None
+        current = reply[1] if len(reply) > 1 else None
+        return b"" if current is None else bytes(current)
+
+    def compare_and_set_unclaimed(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        claim: str,
+        holder: bytes | None,
+    ) -> bytes | ClaimHeld | None:
+        tag = hash_tag(key)
+        if not tag or hash_tag(claim) != tag:  # not one slot: check, then write
+            return super().compare_and_set_unclaimed(key, expected, new, ttl, claim, holder)
+        keys = [key, _writer_key(key), self._index_key(tag), claim]
+        write_id = secrets.token_bytes(16)  # one id per call: a retry sends the same one
+        args = [
+            "1" if expected is not None else "0",
+            expected or b"",
+            new,
+            _ttl_ms(ttl),
+            write_id,
+            holder or b"",
+        ]
+        reply = self._run(
+            "compare_and_set_mark",
+            lambda: self._script("cas_unclaimed", _CAS_UNCLAIMED)(keys, args),
+        )
+        if reply and int(reply[0]) == 2:
+            return CLAIM_HELD
         if reply and int(reply[0]) == 1:
             return None
         current = reply[1] if len(reply) > 1 else None

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, TierError, TierFull, TierUnavailable
-from .base import Companion, Tier, hash_tag
+from .base import CLAIM_HELD, ClaimHeld, Companion, Tier, hash_tag
 
 Clock = Callable[[], float]
 
@@ -555,10 +555,40 @@ class SQLiteTier(Tier):
     def compare_and_set_mark_with(
         self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
+        result = self._compare_and_set(key, expected, new, ttl, companion, None)
+        assert not isinstance(result, ClaimHeld)  # no claim was checked
+        return result
+
+    def compare_and_set_unclaimed(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        claim: str,
+        holder: bytes | None,
+    ) -> bytes | ClaimHeld | None:
+        return self._compare_and_set(key, expected, new, ttl, None, (claim, holder))
+
+    def _compare_and_set(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: Companion | None,
+        unclaimed: tuple[str, bytes | None] | None,
+    ) -> bytes | ClaimHeld | None:
+        """Both compare-and-sets in one transaction: the claim (when given), the compare,
+        the write and its companion."""
         with self._errors("compare_and_set_mark"):
             conn = self._conn()
             now = self.clock()
             with _immediate(conn):
+                if unclaimed is not None:
+                    current_claim = _live_value(conn, unclaimed[0], now)
+                    if current_claim and current_claim != unclaimed[1]:
+                        return CLAIM_HELD
                 current = _live_value(conn, key, now)
                 if current != expected:
                     return b"" if current is None else current
