@@ -287,6 +287,25 @@ class SegmentStore:
             self.tier.cache.discard_tag(tag)
             raise
 
+    def _mismatch_reason(self, ctx: Context, stored: bytes) -> str:
+        """Why bytes that fail the reference's size or digest check are refused:
+        ``segment_foreign`` when they are a genuine segment of another session (only
+        someone with write access to the tier can put one under this session's key),
+        else ``segment_corrupt``. Opened through the codec's authenticated path, so no
+        byte that is not ours reaches the decompressor; this costs work only on this
+        failure path, never on a good read."""
+        if len(stored) > self.max_segment_bytes:
+            return SEGMENT_CORRUPT
+        try:
+            payload = self.codec.open_envelope(envelope.parse_raw(stored))
+            wire = serialize.unpack(payload, self.codec.limits)
+        except BadToken:  # TokenExpired included: whoever wrote them, they are not ours
+            return SEGMENT_CORRUPT
+        session_id = wire.get("i") if isinstance(wire, dict) else None
+        if isinstance(session_id, bytes) and session_id != ctx.session_id:
+            return SEGMENT_FOREIGN
+        return SEGMENT_CORRUPT
+
     def _decode(
         self, ctx: Context, ref: SegmentRef, stored: bytes, key: str
     ) -> tuple[list[Turn], str | None]:
@@ -303,7 +322,7 @@ class SegmentStore:
             len(stored) > self.max_segment_bytes
             or not hmac.compare_digest(segment_digest(stored), ref.digest)
         ):
-            return [], SEGMENT_CORRUPT
+            return [], self._mismatch_reason(ctx, stored)
         if opened is not None:
             _verified, session_id, expires_at, turn_wires = opened
             if expires_at and self.codec.clock() > expires_at + self.codec.limits.clock_skew:

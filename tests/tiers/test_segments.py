@@ -144,6 +144,31 @@ def test_another_sessions_segment_cannot_be_read(codec) -> None:
     assert store.read(mallory).missing == [(alice.overflow[0], SEGMENT_FOREIGN)]
 
 
+def test_another_sessions_segment_under_this_sessions_own_key_is_foreign(codec) -> None:
+    """Bob's segment bytes copied over Alice's own segment (tier write access): they fail
+    the digest in Alice's reference, and were reported segment_corrupt, although
+    docs/overflow.md names this case segment_foreign. Junk and Alice's own other
+    segment under that key stay segment_corrupt."""
+    tier = MemoryTier()
+    store = store_on(tier, codec, cache_bytes=0)
+    alice, bob = make_ctx(6, now=NOW), make_ctx(4, now=NOW)
+    spill(store, alice, 2)
+    spill(store, alice, 2)
+    spill(store, bob, 2)
+    first, second = alice.overflow
+    alice_key = store.key_for(alice.session_id, first.digest)
+
+    def stored_at(ctx, ref):  # type: ignore[no-untyped-def]
+        return tier.get_many([store.key_for(ctx.session_id, ref.digest)])[0]
+
+    tier.put(alice_key, stored_at(bob, bob.overflow[0]), 60)
+    assert store.read(alice).missing == [(first, SEGMENT_FOREIGN)]
+    tier.put(alice_key, stored_at(alice, second), 60)  # hers, but not this segment
+    assert store.read(alice).missing == [(first, SEGMENT_CORRUPT)]
+    tier.put(alice_key, b"s1." + b"A" * 200, 60)
+    assert store.read(alice).missing == [(first, SEGMENT_CORRUPT)]
+
+
 def test_signed_mode_segments_round_trip(keyring) -> None:
     store = store_on(MemoryTier(), Codec(keyring, mode="signed"))
     ctx = make_ctx(4, now=NOW)
