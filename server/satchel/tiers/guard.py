@@ -562,7 +562,9 @@ class GuardedTier:
         if shard.write_failures >= self.policy.fail_max:
             if shard.write_failures == self.policy.fail_max:
                 log.warning(
-                    "satchel %s tier: %d writes failed in a row while reads succeed; "
+                    # Counted apart from the breaker (which reads also feed), so this
+                    # says nothing of reads: they may be failing too, or succeeding.
+                    "satchel %s tier: %d writes failed in a row; "
                     "writes fail fast for %.1f s at a time until one succeeds",
                     self.name,
                     shard.write_failures,
