@@ -222,3 +222,19 @@ def test_main_exits_1_on_a_failed_run(
     text = capsys.readouterr().out
     assert "result: FAIL" in text and "turns unaccounted" in text
     assert json.loads(out.read_text())["passed"] is False
+
+
+def test_chaos_names_missing_redis_py_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Without redis-py the example app died at start-up and the bench printed its whole
+    traceback; it now says what is missing in one line, exit 2, before starting any
+    process."""
+    from satchel.bench import chaos
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # import raises ImportError
+    monkeypatch.setattr(chaos, "RedisProcess", lambda *a: pytest.fail("a process started"))
+    assert chaos.main(argparse.Namespace(quick=True, json_out=None)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "redis" in err and "pip install 'satchel[redis]'" in err

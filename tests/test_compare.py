@@ -112,3 +112,24 @@ def test_the_timed_phase_starts_a_conversation_over_at_restart_at(
     # Enough requests that, without starting over, each would hold 14 turns or more.
     assert result["requests"] >= 10 and result["errors"] == 0
     assert all(c.turns <= 8 for c in driver.groups["fault"])
+
+
+@pytest.mark.parametrize("blocked", ["matplotlib", "redis", "gunicorn"])
+def test_compare_names_a_missing_package_before_it_runs(
+    blocked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """matplotlib was first imported to draw the plots, after the whole run (two to five
+    minutes), and the run ended in a traceback with no report; without redis-py the
+    app servers died with theirs. Each is now named up front, in one line, exit 2."""
+    import argparse
+
+    from satchel.bench import compare
+
+    monkeypatch.setitem(sys.modules, blocked, None)  # import raises ImportError
+    monkeypatch.setattr(compare.Harness, "run", lambda self: pytest.fail("the run started"))
+    args = argparse.Namespace(quick=True, workers=2, out=str(tmp_path / "out"))
+    assert compare.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert blocked in err and "pip install 'satchel[bench]'" in err
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,20 @@ class ProcError(RuntimeError):
     """A child process failed to start or to answer."""
 
 
+def require_modules(*names: str, extra: str) -> None:
+    """ProcError naming the packages of ``names`` that cannot be imported, and the extra
+    that installs them: found before a run starts, not as a child's traceback at
+    start-up or an import after minutes of measuring."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ProcError(f"needs {', '.join(missing)}: pip install 'satchel[{extra}]'")
+
+
 # ------------------------------------------------------------------------- basics
 
 

@@ -105,7 +105,7 @@ from pathlib import Path
 from typing import Any
 
 from ..flask_ext.config import SatchelConfig
-from ._procs import LOOPBACK, AppProcess, ProcError, RedisProcess, Workdir
+from ._procs import LOOPBACK, AppProcess, ProcError, RedisProcess, Workdir, require_modules
 
 #: soft byte budget of the token: small, so conversations overflow every few turns
 MAX_TOKEN_BYTES = 1500
@@ -1014,6 +1014,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if conversations < 1 or requests < 1:
         raise ProcError("--conversations and --requests must be at least 1")
     kind = getattr(args, "server", "embedded") or "embedded"
+    require_modules("redis", extra="redis")  # the app's overflow tier
     knobs = tuning_from_env()
     overrides: dict[str, Any] = {k.removeprefix("SATCHEL_").lower(): v for k, v in knobs.items()}
     settings = SatchelConfig(**overrides)

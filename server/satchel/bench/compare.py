@@ -55,6 +55,7 @@ from . import _procs
 from ._procs import (
     LOOPBACK,
     free_port,
+    require_modules,
     resp_command,
     spawn,
     start_child,
@@ -1672,8 +1673,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         repo = find_repo()
-        __import__("gunicorn")
-    except (RuntimeError, ImportError) as exc:
+        # The app servers' Redis modes, gunicorn, and the plots drawn after the run.
+        require_modules("gunicorn", "redis", "matplotlib", extra="bench")
+    except RuntimeError as exc:
         print(f"satchel compare: {exc}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="satchel-compare-"))
