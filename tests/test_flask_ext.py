@@ -989,3 +989,44 @@ def test_the_apps_erase_returns_what_the_cli_prints(tmp_path: Path) -> None:
         result = satchel.erase("0" * 32)
     assert set(result) == {"session", "deleted_keys", "tokens_refused", "anchor_kid"}
     assert result["anchor_kid"] == K1.kid
+
+
+@pytest.mark.parametrize("where", ["config", "constructor"])
+def test_the_anchor_setting_pins_a_keyring_given_as_an_object(
+    where: str, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A Keyring object (SATCHEL_KEYS set to one, or Satchel(app, keyring=...)) was used
+    as it was: SATCHEL_ANCHOR_KID was ignored without a word, so the documented rollout
+    (new key appended, anchor pinned) re-anchored every session name and reset every
+    server-mode conversation. The setting now pins the object's anchor; an anchor the
+    object already pins differently is refused; an unpinned ring of several keys warns."""
+    from satchel import Keyring
+    from satchel.errors import ConfigurationError
+    from satchel.keys import generate_key
+
+    monkeypatch.delenv("SATCHEL_ANCHOR_KID", raising=False)
+    ring = Keyring([generate_key("k1"), generate_key("k2")])  # unpinned: anchors at k2
+
+    def build(keyring: Keyring = ring, **config: Any) -> Flask:
+        app = Flask(__name__)
+        app.config.update(TESTING=True, **config)
+        if where == "config":
+            app.config["SATCHEL_KEYS"] = keyring
+            Satchel(app)
+        else:
+            Satchel(app, keyring=keyring)
+        return app
+
+    app = build(SATCHEL_ANCHOR_KID="k1")
+    used = Satchel.state(app).codec.keyring
+    assert used.anchor.kid == "k1" and used.anchor_pinned
+    assert used.kids == ring.kids  # same keys, same order: k1 still seals
+    with pytest.raises(ConfigurationError, match="^SATCHEL_ANCHOR_KID: "):
+        build(SATCHEL_ANCHOR_KID="k9")
+    pinned = Keyring(ring.keys, anchor_kid="k2")
+    with pytest.raises(ConfigurationError, match="^SATCHEL_ANCHOR_KID: .*'k2'"):
+        build(SATCHEL_ANCHOR_KID="k1", keyring=pinned)
+    assert Satchel.state(build(SATCHEL_ANCHOR_KID="k2", keyring=pinned)).codec.keyring is pinned
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        build()
+    assert "SATCHEL_ANCHOR_KID is not set" in caplog.text

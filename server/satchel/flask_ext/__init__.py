@@ -207,7 +207,7 @@ class Satchel:
         Configuration mistakes raise :class:`~satchel.errors.ConfigurationError` here,
         at start-up, not on the first request."""
         config = SatchelConfig.from_app(app, mode=self._mode)
-        keyring = self._keyring or keyring_from_config(app, config)
+        keyring = keyring_from_config(app, config, given=self._keyring)
         limits = Limits(max_token_bytes=config.token_limit)
         if config.mode != "client":
             # The client sends only a signed session id (capped on its own); the stored

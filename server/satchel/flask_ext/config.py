@@ -598,35 +598,62 @@ def configured_keys(app: Flask) -> Any:
     return app.config.get("SATCHEL_KEYS") or os.environ.get("SATCHEL_KEYS")
 
 
-def keyring_from_config(app: Flask, config: SatchelConfig | None = None) -> Keyring:
-    """Keys from ``SATCHEL_KEYS`` (config, then environment), else a dev key file."""
-    value = configured_keys(app)
+def keyring_from_config(
+    app: Flask, config: SatchelConfig | None = None, *, given: Keyring | None = None
+) -> Keyring:
+    """Keys from ``given`` (``Satchel(app, keyring=...)``), else ``SATCHEL_KEYS``
+    (config, then environment), else a dev key file; anchored at
+    ``SATCHEL_ANCHOR_KID`` when set, whichever way the ring came."""
+    value = given if given is not None else configured_keys(app)
+    anchor = app.config.get("SATCHEL_ANCHOR_KID") or os.environ.get("SATCHEL_ANCHOR_KID") or None
     if isinstance(value, Keyring):
-        return value
-    if value:
-        anchor = app.config.get("SATCHEL_ANCHOR_KID") or os.environ.get("SATCHEL_ANCHOR_KID")
+        ring = _anchored(value, anchor)
+    elif value:
         try:
-            ring = Keyring.from_string(str(value), anchor_kid=anchor or None)
+            ring = Keyring.from_string(str(value), anchor_kid=anchor)
         except ConfigurationError as exc:
             # Name the setting at fault (the messages never hold key material): the
             # anchor, if the ring parses without it.
             setting = "SATCHEL_ANCHOR_KID" if anchor and _parses(str(value)) else "SATCHEL_KEYS"
             raise ConfigurationError(f"{setting}: {exc.message}") from None
-        if len(ring) > 1 and not anchor:
-            log.warning(
-                "SATCHEL_KEYS holds %d keys and SATCHEL_ANCHOR_KID is not set: session names "
-                "(overflow segments, server-mode sessions, consistency marks, user "
-                "binding) are keyed by the last key, now %r, and change whenever the end "
-                "of the ring does. Pin the key that anchored until now: for a ring that "
-                "had one key, that key (%r if the new one was added at the end, %r if it "
-                "was added in front); else the last key of the previous ring "
-                "(docs/operations.md, Key rotation, step 2).",
-                len(ring),
-                ring.anchor.kid,
-                ring.kids[0],
-                ring.kids[-1],
-            )
+    else:
+        ring = _dev_keyring(app)
+    if len(ring) > 1 and not ring.anchor_pinned:
+        log.warning(
+            "SATCHEL_KEYS holds %d keys and SATCHEL_ANCHOR_KID is not set: session names "
+            "(overflow segments, server-mode sessions, consistency marks, user "
+            "binding) are keyed by the last key, now %r, and change whenever the end "
+            "of the ring does. Pin the key that anchored until now: for a ring that "
+            "had one key, that key (%r if the new one was added at the end, %r if it "
+            "was added in front); else the last key of the previous ring "
+            "(docs/operations.md, Key rotation, step 2).",
+            len(ring),
+            ring.anchor.kid,
+            ring.kids[0],
+            ring.kids[-1],
+        )
+    return ring
+
+
+def _anchored(ring: Keyring, anchor: str | None) -> Keyring:
+    """``ring`` (a Keyring object) pinned at ``anchor``, the setting: left as it is when
+    unset or already pinned there; refused when the object pins another key (two
+    sources naming two anchors: neither can be guessed right)."""
+    if anchor is None or (ring.anchor_pinned and ring.anchor.kid == anchor):
         return ring
+    if ring.anchor_pinned:
+        raise ConfigurationError(
+            f"SATCHEL_ANCHOR_KID: {anchor!r} differs from the anchor the key ring was "
+            f"built with ({ring.anchor.kid!r}); set one of them"
+        )
+    try:
+        return Keyring(ring.keys, anchor_kid=anchor)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"SATCHEL_ANCHOR_KID: {exc.message}") from None
+
+
+def _dev_keyring(app: Flask) -> Keyring:
+    """The development key file's ring (``SATCHEL_DEV_KEY_FILE``), or why there is none."""
     dev_file = app.config.get("SATCHEL_DEV_KEY_FILE")
     if dev_file:
         if not isinstance(dev_file, str | os.PathLike):
