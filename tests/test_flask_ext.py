@@ -1021,10 +1021,10 @@ def test_the_anchor_setting_pins_a_keyring_given_as_an_object(
     used = Satchel.state(app).codec.keyring
     assert used.anchor.kid == "k1" and used.anchor_pinned
     assert used.kids == ring.kids  # same keys, same order: k1 still seals
-    with pytest.raises(ConfigurationError, match="^SATCHEL_ANCHOR_KID: "):
+    with pytest.raises(ConfigurationError, match=r"^SATCHEL_ANCHOR_KID: "):
         build(SATCHEL_ANCHOR_KID="k9")
     pinned = Keyring(ring.keys, anchor_kid="k2")
-    with pytest.raises(ConfigurationError, match="^SATCHEL_ANCHOR_KID: .*'k2'"):
+    with pytest.raises(ConfigurationError, match=r"^SATCHEL_ANCHOR_KID: .*'k2'"):
         build(SATCHEL_ANCHOR_KID="k1", keyring=pinned)
     assert Satchel.state(build(SATCHEL_ANCHOR_KID="k2", keyring=pinned)).codec.keyring is pinned
     with caplog.at_level(logging.WARNING, logger="satchel"):
