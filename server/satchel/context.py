@@ -416,6 +416,7 @@ SEALED_FIELDS: tuple[str, ...] = (
 REQUEST_FIELDS: tuple[str, ...] = (
     "stored_as",
     "stream_answering",
+    "claim_holder",
     "opened_kid",
     "opened_version",
     "degraded",
