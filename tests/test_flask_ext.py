@@ -577,7 +577,7 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_HEADER": "Bad Header"}, "SATCHEL_HEADER must be an HTTP header name"),
         ({"SATCHEL_HEADER": ""}, "SATCHEL_HEADER must be an HTTP header name"),
         ({"SATCHEL_HEADER": "X-Ctx\r\nEvil: 1"}, "SATCHEL_HEADER must be an HTTP header name"),
-        ({"SATCHEL_HEADER": "content-type"}, "is a standard HTTP header"),
+        ({"SATCHEL_HEADER": "content-type"}, "is a header with a meaning of its own"),
         ({"SATCHEL_AEAD": "bogus"}, "SATCHEL_AEAD must be"),
         ({"SATCHEL_TIER_DOWN_POLICY": "bogus"}, "SATCHEL_TIER_DOWN_POLICY must be"),
         ({"SATCHEL_BREAKER_FAIL_MAX": "0"}, "SATCHEL_BREAKER_FAIL_MAX must be at least 1"),
@@ -602,6 +602,10 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_KEYS": "garbage"}, "^SATCHEL_KEYS: "),
         ({"SATCHEL_KEYS": "k1:short"}, "^SATCHEL_KEYS: "),
         ({"SATCHEL_ANCHOR_KID": "nope"}, "^SATCHEL_ANCHOR_KID: "),
+        # The extension's own response headers: the token was overwritten by their value.
+        ({"SATCHEL_HEADER": "Satchel-Seq"}, "SATCHEL_HEADER='Satchel-Seq'"),
+        ({"SATCHEL_HEADER": "satchel-reset"}, "SATCHEL_HEADER='satchel-reset'"),
+        ({"SATCHEL_HEADER": "Access-Control-Expose-Headers"}, "SATCHEL_HEADER="),
     ],
 )
 def test_a_bad_limit_is_refused_at_start_up_naming_its_key(

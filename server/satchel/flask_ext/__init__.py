@@ -76,7 +76,7 @@ from ..lifecycle.summarize import raised_at
 from ..limits import Limits
 from ..observe import MultiObserver, Observer
 from ..pipeline import Pipeline
-from .config import SatchelConfig, configured_keys, keyring_from_config
+from .config import RESPONSE_HEADERS, SatchelConfig, configured_keys, keyring_from_config
 from .errors import error_response, http_error_response, public_error, satchel_error_response
 
 log = logging.getLogger("satchel")
@@ -86,18 +86,6 @@ log = logging.getLogger("satchel")
 STORED_OVERHEAD = 64 * 1024
 
 HEADER_CONTEXT = "Satchel-Context"
-RESPONSE_HEADERS = (
-    "Satchel-Context",
-    "Satchel-Seq",
-    "Satchel-Session",
-    "Satchel-Degraded",
-    "Satchel-Reset",
-    "Satchel-Fork",
-    "Server-Timing",
-    # Not CORS-safelisted: without it a page on another origin cannot see how long a
-    # 409 context_busy or a 503 asks it to wait.
-    "Retry-After",
-)
 
 
 @dataclass(slots=True)

@@ -32,7 +32,9 @@ SATCHEL_PAD_TO                  None           round every token up to a multipl
                                                length hides how well it compressed
 SATCHEL_HEADER                  Satchel-Context request and response header (releases before
                                                2026-11-27 answered in Satchel-Context
-                                               whatever this said)
+                                               whatever this said); not a standard
+                                               header, nor one the extension writes
+                                               (Satchel-Seq, Access-Control-*, ...)
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
 SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case), or None/""
@@ -153,8 +155,23 @@ def _flag(value: Any) -> bool:
 
 #: RFC 9110 field names (and RFC 6265 cookie names): one or more "tchar".
 _TOKEN_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: The headers a response of the extension may carry (the token's first: its name is
+#: SATCHEL_HEADER's default), exposed to pages on other origins.
+RESPONSE_HEADERS = (
+    "Satchel-Context",
+    "Satchel-Seq",
+    "Satchel-Session",
+    "Satchel-Degraded",
+    "Satchel-Reset",
+    "Satchel-Fork",
+    "Server-Timing",
+    # Not CORS-safelisted: without it a page on another origin cannot see how long a
+    # 409 context_busy or a 503 asks it to wait.
+    "Retry-After",
+)
 #: Headers a token must never travel in: their values mean something else to every
-#: server, proxy and browser on the way (a Content-Type read as a token...).
+#: server, proxy and browser on the way (a Content-Type read as a token...), or the
+#: extension writes them itself (a token in Satchel-Seq was overwritten by the seq).
 _RESERVED_HEADERS = frozenset(
     name.lower()
     for name in (
@@ -162,6 +179,9 @@ _RESERVED_HEADERS = frozenset(
         "Content-Length", "Content-Type", "Cookie", "Date", "Host", "Keep-Alive",
         "Location", "Proxy-Authorization", "Proxy-Connection", "Server", "Server-Timing",
         "Set-Cookie", "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Vary",
+        "Access-Control-Expose-Headers", "Access-Control-Allow-Headers",
+        "Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
+        "Origin", "X-Accel-Buffering", *RESPONSE_HEADERS[1:],
     )
 )  # fmt: skip
 _SAMESITE = {"strict": "Strict", "lax": "Lax", "none": "None"}
@@ -386,8 +406,9 @@ class SatchelConfig:
             )
         if self.header.lower() in _RESERVED_HEADERS:
             raise ConfigurationError(
-                f"SATCHEL_HEADER={self.header!r} is a standard HTTP header with a meaning of "
-                "its own; use a name of your own (the default is Satchel-Context)"
+                f"SATCHEL_HEADER={self.header!r} is a header with a meaning of its own (a "
+                "standard one, or one the extension writes itself); use a name of your own "
+                "(the default is Satchel-Context)"
             )
         if self.cookie is not None and not (
             isinstance(self.cookie, str)
@@ -717,4 +738,10 @@ def _warn_dev_key(what: str, path: Path) -> None:
     )
 
 
-__all__ = ["SatchelConfig", "configured_keys", "dev_keyring", "keyring_from_config"]
+__all__ = [
+    "RESPONSE_HEADERS",
+    "SatchelConfig",
+    "configured_keys",
+    "dev_keyring",
+    "keyring_from_config",
+]
