@@ -602,6 +602,15 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_KEYS": "garbage"}, "^SATCHEL_KEYS: "),
         ({"SATCHEL_KEYS": "k1:short"}, "^SATCHEL_KEYS: "),
         ({"SATCHEL_ANCHOR_KID": "nope"}, "^SATCHEL_ANCHOR_KID: "),
+        # Accepted, then every request failed (werkzeug's expiry date, redis-py's socket):
+        ({"SATCHEL_COOKIE": "sc", "SATCHEL_COOKIE_MAX_AGE": 10**12}, "SATCHEL_COOKIE_MAX_AGE"),
+        ({"SATCHEL_TIER_READ_TIMEOUT": 10**10}, "SATCHEL_TIER_READ_TIMEOUT must be"),
+        ({"SATCHEL_TIER_CONNECT_TIMEOUT": "7200"}, "SATCHEL_TIER_CONNECT_TIMEOUT must be"),
+        ({"SATCHEL_USER_BINDING": lambda user: user}, "SATCHEL_USER_BINDING must be"),
+        # Cookies a browser drops, or Flask's own session cookie:
+        ({"SATCHEL_COOKIE": "session"}, "SATCHEL_COOKIE='session' is Flask's session"),
+        ({"SATCHEL_COOKIE": "__Secure-ctx", "SATCHEL_COOKIE_SECURE": "0"}, "SATCHEL_COOKIE="),
+        ({"SATCHEL_COOKIE": "__Host-ctx", "SATCHEL_COOKIE_PATH": "/api"}, "__Host- cookie"),
         # The extension's own response headers: the token was overwritten by their value.
         ({"SATCHEL_HEADER": "Satchel-Seq"}, "SATCHEL_HEADER='Satchel-Seq'"),
         ({"SATCHEL_HEADER": "satchel-reset"}, "SATCHEL_HEADER='satchel-reset'"),

@@ -36,13 +36,16 @@ SATCHEL_HEADER                  Satchel-Context request and response header (rel
                                                header, nor one the extension writes
                                                (Satchel-Seq, Access-Control-*, ...)
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
+                                               (not SESSION_COOKIE_NAME; __Secure- and
+                                               __Host- names need what browsers ask)
 SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case), or None/""
                                                to leave the attribute out; "None" needs
                                                SATCHEL_COOKIE_SECURE (browsers drop it)
 SATCHEL_COOKIE_PATH             "/"
 SATCHEL_COOKIE_MAX_AGE          None           cookie Max-Age in seconds (None: a cookie
-                                               that ends with the browser session)
+                                               that ends with the browser session; at
+                                               most 400 days)
 SATCHEL_JSON_FIELD              None           also read the token from this JSON body field
                                                (a string; null or absent: a new context;
                                                anything else is token_malformed)
@@ -72,7 +75,8 @@ SATCHEL_STORE_URL               overflow URL   where "server" mode keeps context
                                                read in "client" mode: a warning)
 SATCHEL_TIER_READ_TIMEOUT       0.05           seconds per tier reply (Redis socket_timeout;
                                                SQLite waits 4x this for a locked file)
-SATCHEL_TIER_CONNECT_TIMEOUT    0.1            seconds per new tier connection
+SATCHEL_TIER_CONNECT_TIMEOUT    0.1            seconds per new tier connection (either
+                                               timeout: at most 3600)
 SATCHEL_BREAKER_FAIL_MAX        5              consecutive failures that open the breaker
 SATCHEL_BREAKER_RESET_TIMEOUT   2.0            seconds open before one trial call (a short
                                                blip must not refuse writes for long)
@@ -94,7 +98,8 @@ SATCHEL_KEEP_NEWEST             True           monotonic saves keep their token 
                                                token it was made from (its response was
                                                lost) hands it back; False keeps no more
                                                (docs/consistency.md)
-SATCHEL_USER_BINDING            None           callable returning the user id, or None
+SATCHEL_USER_BINDING            None           callable of no arguments returning the
+                                               user id, or None
 SATCHEL_METRICS_ROUTE           None           e.g. "/metrics" (Prometheus text format)
 SATCHEL_HEALTH_ROUTES           False          add /healthz and /readyz
 =============================== ============== ==============================================
@@ -110,6 +115,7 @@ refused, not taken as true.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import math
 import os
@@ -187,6 +193,27 @@ _RESERVED_HEADERS = frozenset(
 _SAMESITE = {"strict": "Strict", "lax": "Lax", "none": "None"}
 #: The smallest SATCHEL_TOKEN_LIMIT: a new context's token is a few hundred bytes.
 MIN_TOKEN_LIMIT = 1024
+#: The longest tier timeout: a socket refuses past ~9.2e9 s (OverflowError inside
+#: redis-py on every call), and a request that waits an hour for its tier is down.
+MAX_TIER_TIMEOUT = 3600.0
+#: Browsers keep a cookie 400 days at most (RFC 6265bis); werkzeug cannot even write
+#: an expiry past year 9999 (every response a 500).
+MAX_COOKIE_MAX_AGE = 400 * 86400
+
+
+def _callable_without_arguments(fn: Any) -> bool:
+    """Whether ``fn`` can be called with no arguments (a function of one argument
+    passed, then every request was a 500 TypeError). A callable whose signature
+    Python cannot read (some builtins) is taken as it is."""
+    if not callable(fn):
+        return False
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read
+        return True
+    return True
 
 
 def _optional_int(value: Any) -> int | None:
@@ -318,6 +345,22 @@ class SatchelConfig:
     health_routes: bool = False
     user_binding: Any = None
 
+    def _check_cookie_prefix(self) -> None:
+        """Browsers drop a ``__Secure-`` cookie set without Secure, and a ``__Host-``
+        one set without Secure or with a path other than / (RFC 6265bis), without a
+        word: the token would never come back."""
+        name = (self.cookie or "").lower()
+        if name.startswith(("__secure-", "__host-")) and not self.cookie_secure:
+            raise ConfigurationError(
+                f"SATCHEL_COOKIE={self.cookie!r}: a cookie with this prefix needs "
+                "SATCHEL_COOKIE_SECURE (browsers drop it otherwise)"
+            )
+        if name.startswith("__host-") and self.cookie_path != "/":
+            raise ConfigurationError(
+                f"SATCHEL_COOKIE={self.cookie!r}: a __Host- cookie needs "
+                f"SATCHEL_COOKIE_PATH='/', not {self.cookie_path!r} (browsers drop it otherwise)"
+            )
+
     @classmethod
     def from_app(cls, app: Flask, **overrides: Any) -> SatchelConfig:
         """The app's ``SATCHEL_*`` keys, checked; ``overrides`` (field names, for example
@@ -360,6 +403,14 @@ class SatchelConfig:
         _converted(values, seconds, float, "a number of seconds")
         config = cls(**values)
         config._check_values()
+        session_cookie = app.config.get("SESSION_COOKIE_NAME")
+        if config.cookie and config.cookie == session_cookie:
+            # Both written on one response, and the token read back from Flask's
+            # session cookie: every request after a login was 400 token_malformed.
+            raise ConfigurationError(
+                f"SATCHEL_COOKIE={config.cookie!r} is Flask's session cookie "
+                "(SESSION_COOKIE_NAME): use a name of its own"
+            )
         if not 0 <= config.segment_grace < math.inf:  # nan compares false too
             raise ConfigurationError(
                 "SATCHEL_SEGMENT_GRACE must be a finite number of seconds >= 0 "
@@ -451,10 +502,10 @@ class SatchelConfig:
                 f"not {self.tier_down_policy!r}"
             )
         for name in ("tier_read_timeout", "tier_connect_timeout"):
-            if not 0 < getattr(self, name) < math.inf:  # nan compares false too
+            if not 0 < getattr(self, name) <= MAX_TIER_TIMEOUT:  # nan compares false too
                 raise ConfigurationError(
-                    f"SATCHEL_{name.upper()} must be a positive, finite number of seconds, "
-                    f"not {getattr(self, name)!r}"
+                    f"SATCHEL_{name.upper()} must be a positive number of seconds, at most "
+                    f"{MAX_TIER_TIMEOUT:.0f}, not {getattr(self, name)!r}"
                 )
         if not 0 <= self.breaker_reset_timeout < math.inf:
             raise ConfigurationError(
@@ -482,16 +533,23 @@ class SatchelConfig:
                 f"cookie for the browser session), not {self.cookie_max_age}: the browser "
                 "would delete the cookie at once"
             )
+        if self.cookie_max_age is not None and self.cookie_max_age > MAX_COOKIE_MAX_AGE:
+            raise ConfigurationError(
+                f"SATCHEL_COOKIE_MAX_AGE must be at most {MAX_COOKIE_MAX_AGE} seconds (400 "
+                f"days: browsers keep a cookie no longer), not {self.cookie_max_age}"
+            )
+        self._check_cookie_prefix()
         if self.json_field is not None and not (
             isinstance(self.json_field, str) and self.json_field
         ):
             raise ConfigurationError(
                 f"SATCHEL_JSON_FIELD must be a JSON field name, not {self.json_field!r}"
             )
-        if self.user_binding is not None and not callable(self.user_binding):
+        if self.user_binding is not None and not _callable_without_arguments(self.user_binding):
             raise ConfigurationError(
-                "SATCHEL_USER_BINDING must be a function returning the current user's id "
-                f"(or None), not {type(self.user_binding).__name__} {self.user_binding!r}"
+                "SATCHEL_USER_BINDING must be a function of no arguments returning the "
+                "current user's id (or None), not "
+                f"{type(self.user_binding).__name__} {self.user_binding!r}"
             )
         if self.metrics_route is not None and not (
             isinstance(self.metrics_route, str) and self.metrics_route.startswith("/")
