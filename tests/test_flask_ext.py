@@ -1043,3 +1043,33 @@ def test_the_anchor_setting_pins_a_keyring_given_as_an_object(
     with caplog.at_level(logging.WARNING, logger="satchel"):
         build()
     assert "SATCHEL_ANCHOR_KID is not set" in caplog.text
+
+
+def test_a_policy_passed_in_code_is_held_to_what_a_cookie_holds(caplog: Any) -> None:
+    """Only the config's own caps were held under the cookie's 4096 bytes: a policy
+    passed as Satchel(app, policy=...) was used as it was, and the Set-Cookie grew past
+    what browsers keep (silently dropped: every later request a new conversation)."""
+    from satchel.lifecycle import LifecyclePolicy
+
+    given = LifecyclePolicy(max_token_bytes=20_000, hard_max_token_bytes=None)
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), SATCHEL_COOKIE="ctx", TESTING=True)
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        satchel = Satchel(app, policy=given)
+    assert "do not fit a cookie" in caplog.text
+    policy = Satchel.state(app).pipeline.policy
+    assert policy.max_token_bytes is not None and policy.max_token_bytes <= 4096
+    assert policy.hard_max_token_bytes is not None and policy.hard_max_token_bytes <= 4096
+    assert given.max_token_bytes == 20_000  # the caller's object is left alone
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.add_turn("user", os.urandom(600).hex())  # incompressible
+        return {}
+
+    client = app.test_client()
+    for _ in range(12):
+        resp = client.post("/chat")
+        assert resp.status_code == 200
+        cookie = resp.headers["Set-Cookie"].split(";")[0]
+        assert len(cookie) <= 4096, len(cookie)

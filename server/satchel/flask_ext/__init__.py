@@ -220,7 +220,7 @@ class Satchel:
             pad_to=config.pad_to,
             dictionary_id=config.dictionary_id,
         )
-        policy = self._policy or config.lifecycle_policy()
+        policy = config.fit_policy(self._policy) if self._policy else config.lifecycle_policy()
         metadata_schema = self.metadata
         if config.metadata_version is not None or config.metadata_write_version is not None:
             version = config.metadata_version

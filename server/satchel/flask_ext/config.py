@@ -114,6 +114,7 @@ refused, not taken as true.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -645,6 +646,31 @@ class SatchelConfig:
             register_dictionaries(self.dictionaries)
         except ValueError as exc:
             raise ConfigurationError(f"SATCHEL_DICTIONARIES: {exc}") from None
+
+    def fit_policy(self, policy: LifecyclePolicy) -> LifecyclePolicy:
+        """A policy passed in code (``Satchel(app, policy=...)``), held to what the
+        token's carrier holds as the config's own caps are: with SATCHEL_COOKIE, both
+        byte caps under what a browser keeps (a copy; the caller's policy object may
+        serve other apps)."""
+        if not (self.cookie and self.mode == "client"):
+            return policy
+        cookie_limit = COOKIE_MAX_BYTES - len(self.cookie) - 1
+        soft, hard = policy.max_token_bytes, policy.hard_max_token_bytes
+        if (soft is None or soft <= cookie_limit) and hard is not None and hard <= cookie_limit:
+            return policy
+        log.warning(
+            "the policy's byte caps (%s, hard %s) do not fit a cookie: SATCHEL_COOKIE=%r "
+            "holds at most %d bytes of token, so both are held under it",
+            soft,
+            hard,
+            self.cookie,
+            cookie_limit,
+        )
+        return dataclasses.replace(
+            policy,
+            max_token_bytes=None if soft is None else min(soft, cookie_limit),
+            hard_max_token_bytes=cookie_limit if hard is None else min(hard, cookie_limit),
+        )
 
     def lifecycle_policy(self) -> LifecyclePolicy:
         summarizer = self.summarizer
