@@ -13,9 +13,9 @@ from typing import Any
 
 from satchel.audit import configure_json_logging
 from satchel.context import check_text
-from satchel.errors import InvalidRequest
+from satchel.errors import ConfigurationError, InvalidRequest
 from satchel.flask_ext import json_body
-from satchel.flask_ext.config import warn_misspelled_keys
+from satchel.flask_ext.config import parse_flag, warn_misspelled_keys
 
 #: Largest request body the example apps accept (Flask's MAX_CONTENT_LENGTH): a
 #: maximal message (8000 characters, up to 6 bytes each as a JSON escape) plus a token
@@ -102,6 +102,18 @@ EXAMPLE_ENV_KEYS = frozenset(
         "SATCHEL_MODEL_TIMEOUT",
     }
 )
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable in Satchel's words (``1/true/yes/on`` or
+    ``0/false/no/off``, unset or empty: false); ConfigurationError naming it otherwise
+    (``false`` was read as on)."""
+    try:
+        return parse_flag(os.environ.get(name, ""))
+    except ValueError:
+        raise ConfigurationError(
+            f"{name} must be true or false (1/0, yes/no, on/off), not {os.environ[name]!r}"
+        ) from None
 
 
 def env_config(keys: Iterable[str]) -> dict[str, Any]:

@@ -854,3 +854,52 @@ def test_the_examples_own_settings_are_not_warned_about_as_misspellings(
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "SATCHEL_LLM_SUMMARIZER" not in warned
     assert "SATCHEL_OVERFLOW " in warned
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        (
+            {"SATCHEL_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "SATCHEL_MODEL_TIMEOUT": "-1"},
+            "SATCHEL_MODEL_TIMEOUT",
+        ),
+        (
+            {"SATCHEL_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "SATCHEL_MODEL_TIMEOUT": "nan"},
+            "SATCHEL_MODEL_TIMEOUT",
+        ),
+        (
+            {"SATCHEL_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "SATCHEL_MODEL_TIMEOUT": "0"},
+            "SATCHEL_MODEL_TIMEOUT",
+        ),
+        (
+            {
+                "SATCHEL_MODEL_BASE_URL": "http://127.0.0.1:9/v1",
+                "SATCHEL_MODEL_TEMPERATURE": "warm",
+            },
+            "SATCHEL_MODEL_TEMPERATURE",
+        ),
+        ({"SATCHEL_MODEL_DELAY": "inf"}, "SATCHEL_MODEL_DELAY"),
+    ],
+)
+def test_a_bad_model_setting_is_refused_at_start_up(env: dict[str, str], name: str) -> None:
+    """A negative or NaN timeout made every message a 500, zero a 502."""
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=f"^{name} must be"):
+        model_from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("value", "on"), [("false", False), ("off", False), ("1", True), ("yes", True)]
+)
+def test_the_llm_summarizer_switch_reads_booleans_like_every_setting(
+    value: str, on: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SATCHEL_LLM_SUMMARIZER=false turned the summarizer on (only "" and "0" were off)."""
+    from satchel.errors import ConfigurationError
+
+    monkeypatch.setenv("SATCHEL_LLM_SUMMARIZER", value)
+    assert make_app(tmp_path).config["CHAT_LLM_SUMMARIZER"] is on
+    monkeypatch.setenv("SATCHEL_LLM_SUMMARIZER", "maybe")
+    with pytest.raises(ConfigurationError, match=r"^SATCHEL_LLM_SUMMARIZER must be"):
+        make_app(tmp_path)

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, render_template, send_from_directory
 
-from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES, configure_logging
+from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES, configure_logging, env_flag
 from examples._config import env_config as read_env
 from examples._config import read_message as read_checked_message
 from satchel import Satchel
@@ -126,7 +126,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         # A chat message is a few KiB: refuse huge bodies before they are read (a JSON
         # 413 on /api/ routes), instead of parsing megabytes to refuse them after.
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
-        CHAT_LLM_SUMMARIZER=os.environ.get("SATCHEL_LLM_SUMMARIZER", "") not in ("", "0"),
+        CHAT_LLM_SUMMARIZER=env_flag("SATCHEL_LLM_SUMMARIZER"),
     )
     app.config.update(env_config())
     app.config.update(config or {})

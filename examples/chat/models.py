@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import socket
@@ -41,6 +42,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from satchel import Context, Turn
+from satchel.errors import ConfigurationError
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a concise, friendly assistant in the Satchel chat demo. Answer in plain text."
@@ -541,17 +543,36 @@ def model_from_env(env: Mapping[str, str] | None = None) -> ChatModel:
     env = os.environ if env is None else env
     base_url = env.get("SATCHEL_MODEL_BASE_URL", "").strip()
     if not base_url:
-        return OfflineModel(delay=float(env.get("SATCHEL_MODEL_DELAY") or 0))
+        return OfflineModel(delay=_env_number(env, "SATCHEL_MODEL_DELAY", 0.0))
     options: dict[str, Any] = {}
     if env.get("SATCHEL_MODEL_TEMPERATURE"):
-        options["temperature"] = float(env["SATCHEL_MODEL_TEMPERATURE"])
+        options["temperature"] = _env_number(env, "SATCHEL_MODEL_TEMPERATURE", 0.0)
     return OpenAICompatibleModel(
         base_url,
         env.get("SATCHEL_MODEL_NAME") or "gpt-4o-mini",
         api_key=env.get("SATCHEL_MODEL_API_KEY") or None,
-        timeout=float(env.get("SATCHEL_MODEL_TIMEOUT") or DEFAULT_MODEL_TIMEOUT),
+        timeout=_env_number(env, "SATCHEL_MODEL_TIMEOUT", DEFAULT_MODEL_TIMEOUT, positive=True),
         options=options,
     )
+
+
+def _env_number(
+    env: Mapping[str, str], name: str, default: float, *, positive: bool = False
+) -> float:
+    """A finite number >= 0 (> 0 when ``positive``) from ``env[name]``, else ``default``;
+    ConfigurationError naming the variable at start-up, not a 500 (a negative or NaN
+    timeout) or a 502 (zero) on every message."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "a positive" if positive else "a"
+        raise ConfigurationError(f"{name} must be {kind} finite number >= 0, not {raw!r}")
+    return value
 
 
 __all__ = [

@@ -147,7 +147,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def _flag(value: Any) -> bool:
+def parse_flag(value: Any) -> bool:
     """A boolean from config or the environment: ``1/true/yes/on`` or ``0/false/no/off``
     (or empty). Anything else is a ValueError: ``maybe`` was silently true."""
     if isinstance(value, str):
@@ -390,7 +390,7 @@ class SatchelConfig:
         _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
         # "0", "false" from the environment
         flags = ("health_routes", "cookie_secure", "mark_ids", "keep_newest")
-        _converted(values, flags, _flag, "true or false (1/0, yes/no, on/off)")
+        _converted(values, flags, parse_flag, "true or false (1/0, yes/no, on/off)")
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
         ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")
@@ -828,4 +828,5 @@ __all__ = [
     "configured_keys",
     "dev_keyring",
     "keyring_from_config",
+    "parse_flag",
 ]
