@@ -1932,3 +1932,38 @@ def test_a_subclass_choosing_the_expiration_time_is_honoured() -> None:
     assert "Expires=Tue, 01 Jan 2030 00:00:00 GMT" in cookie
     token = cookie.split("=", 1)[1].split(";")[0]
     assert peek(token).expires_at == int(fixed.timestamp())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"SATCHEL_KEYS": "k1:short"}, "^SATCHEL_KEYS: "),
+        ({"SATCHEL_SESSION_MODE": "SIGNED"}, "^SATCHEL_SESSION_MODE must be"),
+        ({"SATCHEL_SESSION_PURPOSE": 123}, "^SATCHEL_SESSION_PURPOSE must be"),
+    ],
+)
+def test_session_settings_are_checked_by_check_and_by_the_extension(
+    config: dict[str, t.Any], message: str
+) -> None:
+    """Read per request, a bad setting made every request that touches flask.session a
+    500 (a bare ValueError for the purpose). check(app) finds it where the app is built,
+    and Satchel.init_app calls it for an installed SatchelSessionInterface."""
+    from satchel.flask_ext import Satchel
+
+    app = flask.Flask(__name__)
+    app.secret_key = "a secret key of some length"
+    app.config.update(config)
+    app.session_interface = SatchelSessionInterface()
+    with pytest.raises(ConfigurationError, match=message):
+        app.session_interface.check(app)
+    app.config.setdefault("SATCHEL_KEYS", satchel.Keyring.generate().to_string())
+    with pytest.raises(ConfigurationError, match=message):
+        Satchel(app)
+
+
+def test_an_empty_session_pad_to_is_off_as_satchel_pad_to_is() -> None:
+    app = flask.Flask(__name__)
+    app.secret_key = "a secret key of some length"
+    for off in ("", "none", " None "):
+        app.config["SATCHEL_SESSION_PAD_TO"] = off
+        assert SatchelSessionInterface().get_pad_to(app) is None

@@ -286,6 +286,10 @@ class Satchel:
                 "monotonic consistency needs a tier for its marks: set "
                 "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
             )
+        from .session import SatchelSessionInterface
+
+        if isinstance(app.session_interface, SatchelSessionInterface):
+            app.session_interface.check(app)  # its settings, now rather than per request
         self._apps.add(app)
         app.extensions["satchel"] = _AppState(
             self,

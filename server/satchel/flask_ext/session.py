@@ -207,7 +207,23 @@ class SatchelSessionInterface(SessionInterface):
 
     def get_purpose(self, app: Flask) -> str:
         """The key-derivation purpose of session cookies (``SATCHEL_SESSION_PURPOSE``)."""
-        return app.config.get("SATCHEL_SESSION_PURPOSE") or self.purpose or DEFAULT_PURPOSE
+        purpose = app.config.get("SATCHEL_SESSION_PURPOSE") or self.purpose or DEFAULT_PURPOSE
+        if not (isinstance(purpose, str) and "\x00" not in purpose):
+            raise ConfigurationError(
+                f"SATCHEL_SESSION_PURPOSE must be a string without NUL, not {purpose!r}"
+            )
+        return purpose
+
+    def check(self, app: Flask) -> None:
+        """Raise :class:`~satchel.errors.ConfigurationError` now for settings that would
+        fail every request that touches ``flask.session`` (the interface reads them per
+        request, so a rotation applies at once, and has no start-up hook of its own):
+        call it where the app is built. ``Satchel.init_app`` calls it when this
+        interface is already the app's ``session_interface``."""
+        self.get_mode(app)
+        self.get_purpose(app)
+        self._check_pad_fits_cookie(app, self.get_pad_to(app))
+        self.get_keyring(app)
 
     def get_keyring(self, app: Flask) -> Keyring | None:
         """The ring for this request, or None when no key is configured at all."""
@@ -219,7 +235,10 @@ class SatchelSessionInterface(SessionInterface):
             return configured
         if isinstance(configured, str) and configured.strip():
             text = configured.strip()
-            return self._rings.get_or_make(("keys", text), lambda: Keyring.from_string(text))
+            try:
+                return self._rings.get_or_make(("keys", text), lambda: Keyring.from_string(text))
+            except ConfigurationError as exc:  # the message never holds key material
+                raise ConfigurationError(f"SATCHEL_KEYS: {exc.message}") from None
         if configured:
             raise ConfigurationError("SATCHEL_KEYS must be a 'kid:secret,...' string or a Keyring")
         if not app.secret_key:
@@ -245,6 +264,8 @@ class SatchelSessionInterface(SessionInterface):
     def get_pad_to(self, app: Flask) -> int | None:
         """Pad session cookies to a multiple of this many bytes (``SATCHEL_SESSION_PAD_TO``)."""
         value = app.config.get("SATCHEL_SESSION_PAD_TO", self.pad_to)
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            value = None  # as SATCHEL_PAD_TO reads it: off
         try:
             return check_pad_to(int(value) if isinstance(value, str) else value)
         except (TypeError, ValueError) as exc:
