@@ -611,6 +611,14 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_COOKIE": "session"}, "SATCHEL_COOKIE='session' is Flask's session"),
         ({"SATCHEL_COOKIE": "__Secure-ctx", "SATCHEL_COOKIE_SECURE": "0"}, "SATCHEL_COOKIE="),
         ({"SATCHEL_COOKIE": "__Host-ctx", "SATCHEL_COOKIE_PATH": "/api"}, "__Host- cookie"),
+        # Raw exceptions at start-up, or a probe quietly replaced:
+        ({"SATCHEL_OVERFLOW_URL": 5}, "SATCHEL_OVERFLOW_URL must be a URL string"),
+        ({"SATCHEL_TOKEN_LIMIT": 10, "SATCHEL_MODE": "memory"}, "SATCHEL_TOKEN_LIMIT must be"),
+        ({"SATCHEL_DEV_KEY_FILE": "/", "SATCHEL_KEYS": ""}, "SATCHEL_DEV_KEY_FILE='/'"),
+        (
+            {"SATCHEL_HEALTH_ROUTES": True, "SATCHEL_METRICS_ROUTE": "/healthz"},
+            "SATCHEL_METRICS_ROUTE='/healthz' is a health route",
+        ),
         # The extension's own response headers: the token was overwritten by their value.
         ({"SATCHEL_HEADER": "Satchel-Seq"}, "SATCHEL_HEADER='Satchel-Seq'"),
         ({"SATCHEL_HEADER": "satchel-reset"}, "SATCHEL_HEADER='satchel-reset'"),

@@ -558,6 +558,23 @@ class SatchelConfig:
             raise ConfigurationError(
                 f"SATCHEL_METRICS_ROUTE must be a path starting with /, not {self.metrics_route!r}"
             )
+        if self.health_routes and self.metrics_route in ("/healthz", "/readyz"):
+            # It replaced the probe: a liveness check then scraped the metrics.
+            raise ConfigurationError(
+                f"SATCHEL_METRICS_ROUTE={self.metrics_route!r} is a health route "
+                "(SATCHEL_HEALTH_ROUTES): use another path, such as /metrics"
+            )
+        for name in ("overflow_url", "store_url"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(
+                    f"SATCHEL_{name.upper()} must be a URL string (or empty for none), "
+                    f"not {type(value).__name__}"
+                )
+        if self.token_limit < 64:  # the smallest carrier or token that can open
+            raise ConfigurationError(
+                f"SATCHEL_TOKEN_LIMIT must be at least 64 bytes, not {self.token_limit}"
+            )
 
     def _fit_token_caps(self, *, hard_set: bool, soft_set: bool = True) -> None:
         """Make the byte budget and the hard cap agree with each other and the carrier.
@@ -765,7 +782,13 @@ def _dev_keyring(app: Flask) -> Keyring:
             raise ConfigurationError(
                 f"SATCHEL_DEV_KEY_FILE must be a file path, not {type(dev_file).__name__}"
             )
-        return dev_keyring(Path(dev_file))
+        try:
+            return dev_keyring(Path(dev_file))
+        except OSError as exc:  # a directory, a folder it cannot create, no permission
+            raise ConfigurationError(
+                f"SATCHEL_DEV_KEY_FILE={os.fspath(dev_file)!r} cannot be read or written: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
     raise ConfigurationError(
         "no Satchel keys: set SATCHEL_KEYS (run `satchel keygen` to make one) "
         "or SATCHEL_DEV_KEY_FILE for local development"
