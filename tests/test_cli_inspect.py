@@ -282,6 +282,13 @@ def test_keygen_prints_a_key_and_appends_in_front_of_the_ring() -> None:
     ring = keygen("--kid", "k3", "--append", keys=KEYS.to_string())
     assert ring.returncode == 0
     assert Keyring.from_string(ring.stdout.strip()).kids == ["k3", "cli1"]  # newest first
+    # The ring as the variable held it, stray spaces and a trailing comma included:
+    # written back as parsed, the same keys in one clean line.
+    messy = keygen("--kid", "k3", "--append", keys=f"  {KEYS.to_string()} ,\n")
+    assert messy.returncode == 0
+    line = messy.stdout.strip()
+    assert " " not in line and "\n" not in line and not line.endswith(",")
+    assert line.endswith("," + KEYS.to_string())
 
 
 def test_keygen_refuses_to_print_a_ring_no_app_would_load() -> None:

@@ -29,11 +29,14 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         current = os.environ.get("SATCHEL_KEYS", "").strip()
         if current:
             try:
-                kids = Keyring.from_string(current).kids
+                ring = Keyring.from_string(current)
             except ConfigurationError as exc:
                 print(f"satchel keygen: $SATCHEL_KEYS: {exc.message}", file=sys.stderr)
                 return 2
-            if key.kid in kids:
+            # Written back as parsed: the same keys, without the stray spaces, line
+            # breaks or trailing comma the variable may hold.
+            current = ring.to_string()
+            if key.kid in ring.kids:
                 # The ring would hold one kid twice, which every app refuses to load.
                 print(
                     f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}; "
