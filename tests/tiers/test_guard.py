@@ -231,6 +231,23 @@ def test_cache_lru_and_ttl() -> None:
     assert cache.stats()["hits"] == 1
 
 
+def test_expired_entries_leave_when_the_cache_is_measured() -> None:
+    """Entries past their age left only when looked up or evicted: after the load
+    stopped, a worker kept its 8 MiB of expired segments, and the metrics reported
+    them as cached. Measuring the cache (what /metrics does) now sweeps them out."""
+    clock = FakeClock()
+    cache = SegmentCache(max_bytes=1000, max_age=100, clock=clock)
+    for name in "abc":
+        cache.put(name, b"x" * 9)
+    cache.attach("a", b"d", object(), 20)
+    clock.advance(50)
+    cache.put("d", b"x" * 9)
+    clock.advance(60)  # a, b and c are past their age; d is not
+    stats = cache.stats()
+    assert (stats["entries"], stats["bytes"]) == (1, 10)
+    assert "a" not in cache and "d" in cache and cache.misses == 0  # no lookup counted
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     ops=st.lists(

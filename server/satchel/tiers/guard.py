@@ -160,6 +160,10 @@ class SegmentCache:
         return self._bytes
 
     def stats(self) -> dict[str, int]:
+        """Counts and sizes, after dropping the entries past their age (a lookup drops
+        one it meets; with no more lookups, as after the load stops, the cache would
+        hold them, and report them, until the process ends)."""
+        self.sweep()
         return {
             "entries": len(self._data),
             "bytes": self._bytes,
@@ -168,6 +172,15 @@ class SegmentCache:
             "misses": self.misses,
             "evictions": self.evictions,
         }
+
+    def sweep(self) -> int:
+        """Drop every entry past its age; returns how many."""
+        with self._lock:
+            now = self.clock()
+            expired = [key for key, item in self._data.items() if item[1] <= now]
+            for key in expired:
+                self._pop(key)
+            return len(expired)
 
     def _pop(self, key: str) -> None:
         item = self._data.pop(key, None)
