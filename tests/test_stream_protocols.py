@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import pytest
@@ -114,3 +115,49 @@ def test_empty_deltas_send_keep_alive_comments(
         else:
             final = json.loads(data_lines(body)[-3])["data"]
         assert satchel.codec.open(final["token"]).turns[-1].content == "Done."
+
+
+@pytest.mark.parametrize("protocol", ["satchel", "ai-sdk"])
+def test_a_stream_carries_the_degraded_reasons_known_before_it_starts(protocol: str) -> None:
+    """A context whose overflowed turns could not be read was flagged only in the final
+    event: a client reading headers (curl, a proxy's log, useChat's fetch) never saw
+    Satchel-Degraded on a streamed reply. The reasons known when the stream starts are
+    now in its headers too; the final event still carries them all."""
+    from satchel.tiers import MemoryTier
+
+    tier = MemoryTier()
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        TESTING=True,
+        SATCHEL_MAX_TOKEN_BYTES=1500,
+        SATCHEL_SEGMENT_CACHE_BYTES=0,  # the tier alone holds the segments
+    )
+    satchel = Satchel(app, tier=tier)
+
+    @app.post("/chat")
+    def chat() -> Any:
+        satchel.context.add_turn("user", secrets.token_urlsafe(300))  # incompressible
+        satchel.context.add_turn("assistant", secrets.token_urlsafe(300))
+        return {}
+
+    @app.post("/stream")
+    def stream() -> Any:
+        ctx = satchel.context
+        return satchel.stream(
+            iter(["hi"]), on_complete=lambda t: ctx.add_turn("assistant", t), protocol=protocol
+        )
+
+    client = app.test_client()
+    token = None
+    for _ in range(8):
+        resp = client.post("/chat", headers={"Satchel-Context": token} if token else {})
+        token = resp.headers["Satchel-Context"]
+    plain = client.post("/stream", headers={"Satchel-Context": token})
+    assert "Satchel-Degraded" not in plain.headers  # nothing degraded: no header
+    plain.get_data()
+    tier.clear()  # the overflowed turns are gone
+    resp = client.post("/stream", headers={"Satchel-Context": token})
+    assert resp.headers["Satchel-Degraded"] == "segment_missing"
+    body = resp.get_data(as_text=True)
+    assert "segment_missing" in body  # and in the final event

@@ -1140,6 +1140,9 @@ export class SatchelClient extends EventTarget {
           text: '',
           meta: fromHeaders.token ? fromHeaders : null,
           applied: !!fromHeaders.token,
+          // Reasons the response's headers reported already (known before the stream
+          // started): a final event that adds none is not reported again.
+          reported: fromHeaders.degraded,
           atYield: false,
         };
         let yielded = false;
@@ -1160,7 +1163,7 @@ export class SatchelClient extends EventTarget {
               } else if (ev.event === 'satchel') {
                 const adopted = reading.applied ? reading.meta : null;
                 reading.meta = satchelMeta(ev, response);
-                await this._applyMeta(reading.meta, sent, 'stream', adopted);
+                await this._applyMeta(reading.meta, sent, 'stream', adopted, reading.reported);
                 reading.applied = true;
                 // The context has advanced: other requests may go now, even
                 // while the caller is still draining the last bytes.
@@ -1246,7 +1249,7 @@ export class SatchelClient extends EventTarget {
         return null; // malformed: cancelled, as if the final event had not come
       }
       reading.meta = meta;
-      await this._applyMeta(meta, reading.sent, 'stream');
+      await this._applyMeta(meta, reading.sent, 'stream', null, reading.reported);
     }
     return streamOutcome(reading);
   }
@@ -1398,8 +1401,12 @@ export class SatchelClient extends EventTarget {
     return false;
   }
 
-  /** Emit events for response metadata and adopt its token. */
-  async _applyMeta(meta, sent, source, adopted = null) {
+  /**
+   * Emit events for response metadata and adopt its token. `reported`: degraded
+   * reasons this response's headers reported already (a stream's final event repeats
+   * them, and is reported only when it adds one).
+   */
+  async _applyMeta(meta, sent, source, adopted = null, reported = null) {
     // A second final event with the token this response already gave (a monotonic
     // mark that failed after the first went out) adds only its degraded reasons:
     // adopting it again would take a newer token another request stored meanwhile
@@ -1423,7 +1430,8 @@ export class SatchelClient extends EventTarget {
     const base = { conversation: this._conversation };
     if (meta.reset) this._emit('reset', { ...base, code: meta.reset, source: 'server', retrying: false });
     if (meta.fork) this._emit('fork', { ...base, detail: meta.fork, source: 'server' });
-    if (meta.degraded.length) this._emit('degraded', { ...base, reasons: meta.degraded, source });
+    const added = !reported || meta.degraded.some((reason) => !reported.includes(reason));
+    if (meta.degraded.length && added) this._emit('degraded', { ...base, reasons: meta.degraded, source });
   }
 
   /** Store the newest token a stale_context handed back, if storage still holds `sent`. */
@@ -1748,6 +1756,7 @@ export class SatchelClient extends EventTarget {
     const reader = response.body.getReader();
     const parser = new SSEParser();
     let adopted = null; // the final event already applied, if any
+    const reported = metaFromHeaders(response.headers, this._headerName).degraded;
     const handle = async (events) => {
       for (const ev of events) {
         let meta = null;
@@ -1772,7 +1781,7 @@ export class SatchelClient extends EventTarget {
           meta = null;
         }
         if (meta) {
-          await this._applyMeta(meta, sent, 'stream', adopted);
+          await this._applyMeta(meta, sent, 'stream', adopted, reported);
           adopted = meta;
           release();
         }

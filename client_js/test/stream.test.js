@@ -572,3 +572,18 @@ test('fetch() of an event stream: a repeated final event is no fork either', asy
   assert.equal(client.token, 't3');
   assert.deepEqual(events.map((e) => e.name), ['degraded']);
 });
+
+test('stream(): reasons in both the header and the final event are reported once', async () => {
+  const same = { ...FINAL, degraded: ['segment_missing'] };
+  const more = { ...FINAL, degraded: ['segment_missing', 'tier_write_failed'] };
+  for (const [final, expected] of [
+    [same, [['segment_missing']]],
+    [more, [['segment_missing'], ['segment_missing', 'tier_write_failed']]],
+  ]) {
+    const fetch = fakeFetch(() => sseReply(chatStream({ final }), { headers: { 'Satchel-Degraded': 'segment_missing' } }));
+    const client = testClient({ fetch });
+    const events = record(client, ['degraded']);
+    for await (const _ of client.stream('/s', {})) void _;
+    assert.deepEqual(events.map((e) => e.detail.reasons), expected);
+  }
+});

@@ -1094,6 +1094,11 @@ class Satchel:
             weakref.finalize(response, release)
             rs.stream_release = release
             rs.stream_response = weakref.ref(response)
+        if rs.context is not None and rs.context.degraded:
+            # What opening found (overflowed turns unreadable, the tier down) is known
+            # before the first byte: said in the headers too, for clients that read
+            # them. The final event carries every reason, these and later ones.
+            response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
         response.headers["Cache-Control"] = "no-store"
         response.vary.add(self.state().config.header)  # as for a response with a token
         response.headers["X-Accel-Buffering"] = "no"
