@@ -411,54 +411,6 @@ def test_a_monotonic_route_without_a_tier_fails_at_start_up() -> None:
         later.init_app(other)
 
 
-def test_one_satchel_for_two_apps_checks_each_app_against_its_own_routes(
-    tmp_path: Path,
-) -> None:
-    """The demands were kept on the extension, for every app it served: a memory-mode
-    app's 'server' route made init_app refuse a client-mode app that has no such route,
-    and a monotonic route added to a tiered app was refused because another app had no
-    tier. Each app is now checked against the views it registered."""
-    from satchel.errors import ConfigurationError
-
-    satchel = Satchel()
-    server_side = Flask("server_side")
-    server_side.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="memory")
-
-    @server_side.post("/spend")
-    @satchel.consistency("server")
-    def spend() -> Any:
-        return {}
-
-    satchel.init_app(server_side)
-    plain = Flask("plain")
-    plain.config.update(SATCHEL_KEYS=KEYS)  # client mode, no tier
-    satchel.init_app(plain)  # has no 'server' route: not refused
-
-    tiered = Flask("tiered")
-    tiered.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
-    satchel.init_app(tiered)
-
-    @tiered.post("/withdraw")
-    @satchel.consistency("monotonic")
-    def withdraw() -> Any:
-        satchel.context.metadata["w"] = True
-        return {}
-
-    assert tiered.test_client().post("/withdraw").status_code == 200
-    # A route of the wrong level in an app that cannot serve it is still refused: at
-    # init_app when it is registered there first, else before its view runs.
-    late = Flask("late")
-    late.config.update(SATCHEL_KEYS=KEYS)
-
-    @late.post("/spend")
-    @satchel.consistency("server")
-    def spend_too() -> Any:
-        return {}
-
-    with pytest.raises(ConfigurationError, match="spend_too demands 'server'"):
-        satchel.init_app(late)
-
-
 def test_installing_satchel_twice_on_one_app_is_refused() -> None:
     """init_app twice (or two Satchel objects) ran every request's steps twice: two
     Server-Timing headers, and under monotonic every request refused 409."""

@@ -1069,6 +1069,13 @@ def test_a_policy_passed_in_code_is_held_to_what_a_cookie_holds(caplog: Any) -> 
     assert policy.max_token_bytes is not None and policy.max_token_bytes <= 4096
     assert policy.hard_max_token_bytes is not None and policy.hard_max_token_bytes <= 4096
     assert given.max_token_bytes == 20_000  # the caller's object is left alone
+    caplog.clear()
+    quiet = Flask(__name__)
+    quiet.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), SATCHEL_COOKIE="ctx")
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        Satchel(quiet, policy=LifecyclePolicy(max_turns=20))  # default caps: held quietly
+    assert "do not fit a cookie" not in caplog.text
+    assert Satchel.state(quiet).pipeline.policy.hard_max_token_bytes <= 4096
 
     @app.post("/chat")
     def chat_view() -> Any:

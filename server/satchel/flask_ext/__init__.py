@@ -177,10 +177,12 @@ class Satchel:
 
         if isinstance(observer, PrometheusObserver):
             self.metrics = observer
-        #: views decorated with :meth:`consistency`, checked against each app's mode and
-        #: tier at start-up rather than on their first request: ``server`` only an app
-        #: whose context is server-side can serve, ``monotonic`` needs a tier
-        self._demands: list[_RouteDemand] = []
+        #: views that demand ``monotonic`` (:meth:`consistency`), checked against the
+        #: tier at start-up rather than on their first request
+        self._monotonic_routes: set[str] = set()
+        #: views that demand ``server``: only an app whose context is server-side (server
+        #: or memory mode) can serve them
+        self._server_routes: set[str] = set()
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()  # not kept alive by us
         if app is not None:
             self.init_app(app)
@@ -268,7 +270,10 @@ class Satchel:
                 max_carrier_bytes=config.token_limit,
             )
         if config.mode == "client":  # routes decorated before init_app
-            _check_route_levels(*self._demands_of(app), tier is not None)
+            # Every route marked on this instance, registered here yet or not: a
+            # factory registers its blueprints after init_app, and an app that cannot
+            # serve one of them must not start (its requests would all fail).
+            _check_route_levels(self._server_routes, self._monotonic_routes, tier is not None)
         guard = None
         if tier is not None and config.mode == "client":
             guard = MonotonicGuard(
@@ -309,26 +314,6 @@ class Satchel:
         got_request_exception.connect(self._release_on_exception, app, weak=False)
         app.register_error_handler(SatchelError, self.handle_error)
         self._register_extras(app, config)
-
-    def _demands_of(self, app: Flask) -> tuple[set[str], set[str]]:
-        """The views demanding ``server`` and ``monotonic`` that ``app`` may serve: those
-        it registered, and those no other app of this extension registered (a blueprint
-        registered after init_app). One Satchel serving several apps checks each app
-        against its own views only."""
-        mine = _registered_ids(app)
-        others: set[int] = set()
-        for other in self._apps:
-            if other is not app:
-                others |= _registered_ids(other)
-        server: set[str] = set()
-        monotonic: set[str] = set()
-        for demand in self._demands:
-            if demand.registered_in(mine) or not demand.registered_in(others):
-                if demand.level == "server":
-                    server.add(demand.name)
-                elif demand.level == "monotonic":
-                    monotonic.add(demand.name)
-        return server, monotonic
 
     def _build_tier(self, config: SatchelConfig) -> Any:
         from ..tiers.base import Timeouts
@@ -627,14 +612,12 @@ class Satchel:
             name = getattr(view, "__qualname__", repr(view))
             server = {name} if level == "server" else set()
             monotonic = {name} if level == "monotonic" else set()
-            apps = list(self._apps)
-            if len(apps) == 1:  # decorated after init_app: check now
-                state: _AppState = apps[0].extensions["satchel"]
+            self._server_routes |= server
+            self._monotonic_routes |= monotonic
+            for app in self._apps:  # decorated after init_app: check now
+                state: _AppState = app.extensions["satchel"]
                 if state.config.mode == "client":
                     _check_route_levels(server, monotonic, state.guard is not None)
-            # With several apps, which one the view is for is not known yet: the next
-            # init_app checks it if it is registered there, and a request for it in an
-            # app that cannot serve its level is refused before the view runs.
 
             def demand() -> None:
                 rs = self._request_state()
@@ -667,7 +650,6 @@ class Satchel:
                     return view(*args, **kwargs)
 
             wrapper._satchel_consistency = marked
-            self._demands.append(_RouteDemand(name, level, (target, wrapper)))
             return wrapper
 
         return decorate
@@ -1161,24 +1143,6 @@ def ai_chunk(chunk: dict[str, Any]) -> str:
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
-
-
-@dataclass(frozen=True, slots=True)
-class _RouteDemand:
-    """A view decorated with :meth:`Satchel.consistency`: its name, the level it demands,
-    and the functions an app may register for it (the view, or the decorator's wrapper)."""
-
-    name: str
-    level: str
-    views: tuple[Any, ...]
-
-    def registered_in(self, registered: set[int]) -> bool:
-        return any(id(v) in registered for v in self.views)
-
-
-def _registered_ids(app: Flask) -> set[int]:
-    """The ids of the functions ``app`` registered as views (a bound method's function)."""
-    return {id(getattr(v, "__func__", v)) for v in app.view_functions.values()}
 
 
 def _check_route_levels(server: set[str], monotonic: set[str], has_tier: bool) -> None:

@@ -566,7 +566,7 @@ class SatchelConfig:
             )
         for name in ("overflow_url", "store_url"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
+            if value not in (None, False) and not isinstance(value, str):  # False: none
                 raise ConfigurationError(
                     f"SATCHEL_{name.upper()} must be a URL string (or empty for none), "
                     f"not {type(value).__name__}"
@@ -673,16 +673,21 @@ class SatchelConfig:
             return policy
         cookie_limit = COOKIE_MAX_BYTES - len(self.cookie) - 1
         soft, hard = policy.max_token_bytes, policy.hard_max_token_bytes
-        if (soft is None or soft <= cookie_limit) and hard is not None and hard <= cookie_limit:
+        soft_over = soft is not None and soft > cookie_limit
+        hard_over = hard is None or hard > cookie_limit
+        if not (soft_over or hard_over):
             return policy
-        log.warning(
-            "the policy's byte caps (%s, hard %s) do not fit a cookie: SATCHEL_COOKIE=%r "
-            "holds at most %d bytes of token, so both are held under it",
-            soft,
-            hard,
-            self.cookie,
-            cookie_limit,
-        )
+        # As for the config's caps: a hard cap left at its default is held under the
+        # cookie without a word; one chosen above it, or a budget above it, is told.
+        if soft_over or hard not in (None, DEFAULT_HARD_MAX_TOKEN_BYTES):
+            log.warning(
+                "the policy's byte caps (%s, hard %s) do not fit a cookie: SATCHEL_COOKIE=%r "
+                "holds at most %d bytes of token, so both are held under it",
+                soft,
+                hard,
+                self.cookie,
+                cookie_limit,
+            )
         return dataclasses.replace(
             policy,
             max_token_bytes=None if soft is None else min(soft, cookie_limit),
