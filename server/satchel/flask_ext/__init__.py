@@ -291,10 +291,6 @@ class Satchel:
                 "monotonic consistency needs a tier for its marks: set "
                 "SATCHEL_OVERFLOW_URL (sqlite:///path or redis://...)"
             )
-        from .session import SatchelSessionInterface
-
-        if isinstance(app.session_interface, SatchelSessionInterface):
-            app.session_interface.check(app)  # its settings, now rather than per request
         self._apps.add(app)
         app.extensions["satchel"] = _AppState(
             self,
@@ -308,7 +304,17 @@ class Satchel:
             exposed=(config.header, *RESPONSE_HEADERS[1:]),
             development_key=self._keyring is None and not configured_keys(app),
         )
+        from .session import SatchelSessionInterface
 
+        if isinstance(app.session_interface, SatchelSessionInterface):
+            # Its settings, now rather than per request; once installed, so it finds
+            # the ring this extension uses, as it will on every request.
+            try:
+                app.session_interface.check(app)
+            except ConfigurationError:
+                del app.extensions["satchel"]
+                self._apps.discard(app)
+                raise
         app.before_request(self._before_request)
         app.after_request(self._after_request)
         got_request_exception.connect(self._release_on_exception, app, weak=False)
