@@ -243,6 +243,14 @@ def test_redis_urls_parse_without_connecting() -> None:
     ]
     cluster = RedisTier("redis+cluster://h1:7000,h2:7001")
     assert cluster.mode == "cluster" and cluster._client is None  # built on first use
+    # TLS with a private CA through the URL alone, on Sentinel too (it was refused as
+    # an unknown parameter, and ssl=true checked against the system's CAs only).
+    tls = RedisTier(
+        "redis+sentinel://s1:26379/m?ssl=true&ssl_ca_certs=/ca.pem&ssl_cert_reqs=required"
+    )
+    tls_kwargs = tls.client.connection_pool.connection_kwargs
+    assert tls_kwargs["ssl_ca_certs"] == "/ca.pem" and tls_kwargs["ssl_cert_reqs"] == "required"
+    assert RedisTier("redis+cluster://h1:7000?ssl=true&ssl_ca_certs=/ca.pem").mode == "cluster"
     with pytest.raises(ConfigurationError):
         RedisTier("redis+sentinel://s1:26379/")
 
@@ -260,13 +268,26 @@ def test_redis_urls_parse_without_connecting() -> None:
         ("redis+sentinel://s:26379/svc?dbb=1", "'dbb'"),
         ("redis://h:70000/0", "70000"),
         ("redis://h:0/0", "port must be 1..65535"),  # redis-py took it; every call failed
+        # localhost:6379, silently: another app's Redis, maybe
+        ("redis:///2", "names no host"),
+        ("rediss://:pw@/0", "names no host"),
+        # Accepted, then every call failed (or a typo read as true):
+        ("redis://h/0?socket_timeout=-1", "socket_timeout"),
+        ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout"),
+        ("rediss://h/0?ssl_check_hostname=false", None),  # valid: no error
+        ("rediss://h/0?ssl_check_hostname=off", "ssl_check_hostname"),  # redis-py: true
+        ("rediss://h/0?ssl_check_hostname=maybe", "ssl_check_hostname"),
+        ("redis+sentinel://s:26379/svc?ssl=true&ssl_cert_reqs=sometimes", "ssl_cert_reqs"),
         ("sqlite:///x.db?busy_timeout=abc", "busy_timeout"),  # was a bare ValueError
         ("sqlite:///x.db?max_bytes=-5", "max_bytes"),  # was a 64 KiB cap, silently
         ("sqlite:///x.db?purge_every=0", "purge_every"),
         ("sqlite:///x.db?busytimeout=1", "'busytimeout'"),  # a typo was ignored
     ],
 )
-def test_bad_tier_urls_fail_at_startup(url: str, names: str) -> None:
+def test_bad_tier_urls_fail_at_startup(url: str, names: str | None) -> None:
+    if names is None:
+        tier_from_url(url, setting="SATCHEL_OVERFLOW_URL")
+        return
     with pytest.raises(ConfigurationError) as info:
         tier_from_url(url, setting="SATCHEL_OVERFLOW_URL")
     message = info.value.message

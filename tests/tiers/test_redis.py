@@ -448,3 +448,83 @@ def test_deleting_a_session_leaves_no_key_of_it(redis_server: RedisServer) -> No
         assert redis_server.client().keys("*") == []
     finally:
         tier.close()
+
+
+def _write_tls_files(directory) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
+    """A private CA and a certificate for 127.0.0.1 it signed: (ca, cert, key) paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "satchel test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return tuple(str(p) for p in paths)  # type: ignore[return-value]
+
+
+@pytest.mark.redis
+def test_rediss_with_a_private_ca_given_in_the_url(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """TLS to a real redis-server whose certificate a private CA signed: the URL's
+    ssl_ca_certs (docs/overflow.md) is all it takes; without it the tier is unavailable
+    (the certificate does not verify), never a hang or an exception of another kind."""
+    from tests.support import free_port
+
+    ca, cert, key = _write_tls_files(tmp_path)
+    tls_port = free_port()
+    tls = [
+        "--tls-port", str(tls_port), "--tls-cert-file", cert, "--tls-key-file", key,
+        "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    with RedisServer(extra_args=tls) as server:
+        timeouts = Timeouts(read=1.0, connect=1.0)
+        url = f"rediss://127.0.0.1:{tls_port}/3"
+        tier = tier_from_url(f"{url}?ssl_ca_certs={ca}", timeouts=timeouts)
+        tier.put("satchel:{s}:k", b"over TLS", 60)
+        assert tier.get_many(["satchel:{s}:k"]) == [b"over TLS"]
+        assert server.client(db=3).get("satchel:{s}:k") == b"over TLS"  # db 3, same server
+        tier.close()
+        untrusted = tier_from_url(url, timeouts=timeouts)  # the system's CAs only
+        started = time.monotonic()
+        with pytest.raises(TierUnavailable):
+            untrusted.get_many(["satchel:{s}:k"])
+        assert time.monotonic() - started < 5
+        untrusted.close()

@@ -36,6 +36,7 @@ used memory > 'maxmemory'``) to :class:`~satchel.errors.TierFull`; everything el
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import secrets
 import threading
@@ -60,9 +61,17 @@ DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 #: query parameters Satchel reads itself from Sentinel and Cluster URLs (a single
 #: server's go to redis-py, which checks them)
-SENTINEL_PARAMS = ("db", "ssl", "sentinel_password")
-CLUSTER_PARAMS = ("ssl",)
-_TRUE, _FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
+#: TLS options for a private CA or client certificates (redis-py's names), taken by
+#: every URL form; a single server's ``rediss://`` passes them to redis-py itself.
+TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+SENTINEL_PARAMS = ("db", "ssl", "sentinel_password", *TLS_PARAMS)
+CLUSTER_PARAMS = ("ssl", *TLS_PARAMS)
+_TRUE, _FALSE = ("1", "true", "yes"), ("", "0", "false", "no")  # what redis-py reads so too
+_CERT_REQS = ("none", "optional", "required")
+#: query parameters redis-py reads as seconds, and as booleans (its own parser takes
+#: any word but a few as true: ``off`` and ``flase`` were on)
+_SECONDS_PARAMS = ("socket_timeout", "socket_connect_timeout")
+_BOOL_PARAMS = ("ssl_check_hostname", "retry_on_timeout", "single_connection_client")
 _DIGITS = re.compile(r"[0-9]+")
 
 #: A session's index set is pruned once it holds more members than this...
@@ -337,6 +346,34 @@ def _flag(url: str, query: dict[str, str], name: str) -> bool:
     return value in _TRUE
 
 
+def _check_tls_and_options(url: str, query: dict[str, str]) -> None:
+    """Values redis-py would take and fail every call with (a negative timeout), or read
+    otherwise than written (``ssl_check_hostname=off`` as on)."""
+    for name in _SECONDS_PARAMS:
+        if name in query:
+            try:
+                seconds = float(query[name])
+            except ValueError:
+                seconds = math.nan
+            if not 0 < seconds <= 3600:  # nan compares false too
+                raise _bad(url, f"{name} must be a number of seconds in (0, 3600]")
+    for name in _BOOL_PARAMS:
+        if name in query:
+            _flag(url, query, name)
+    if "ssl_cert_reqs" in query and query["ssl_cert_reqs"].lower() not in _CERT_REQS:
+        raise _bad(url, f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}")
+
+
+def _tls_options(url: str, query: dict[str, str]) -> dict[str, Any]:
+    """The TLS options of a Sentinel or Cluster URL as redis-py's keyword arguments."""
+    opts: dict[str, Any] = {}
+    for name in TLS_PARAMS:
+        if name in query:
+            value = query[name]
+            opts[name] = _flag(url, query, name) if name in _BOOL_PARAMS else value
+    return opts
+
+
 def _check_query(url: str, query: dict[str, str], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(query) - set(allowed))
     if unknown:
@@ -416,10 +453,14 @@ class RedisTier(Tier):
             if port is not None and not 0 < port < 65536:
                 # redis-py takes port 0, and every call then fails.
                 raise _bad(url, "the port must be 1..65535")
+            if not parts.hostname:
+                # redis-py connects to localhost:6379 then: maybe another app's Redis.
+                raise _bad(url, "the URL names no host")
             # redis-py takes ?db= over the path; check both.
             _db(url, unquote(parts.path).removeprefix("/").removesuffix("/"))
             if "db" in query:
                 _db(url, query["db"])
+            _check_tls_and_options(url, query)
             return
         _split_hosts(parts.netloc, DEFAULT_PORT)
         if self.mode == "sentinel":
@@ -430,6 +471,7 @@ class RedisTier(Tier):
             if parts.path.strip("/") not in ("", "0"):
                 raise _bad(url, "Redis Cluster has only database 0; remove the path")
         _flag(url, query, "ssl")
+        _check_tls_and_options(url, query)
 
     # -- clients -----------------------------------------------------------------------
 
@@ -492,6 +534,7 @@ class RedisTier(Tier):
             master_opts["password"] = password
         if _flag(url, query, "ssl"):
             master_opts["ssl"] = True
+            master_opts.update(_tls_options(url, query))
         self._sentinel = sentinel
         return sentinel.master_for(service, **master_opts)
 
@@ -508,6 +551,7 @@ class RedisTier(Tier):
             opts["password"] = password
         if _flag(url, query, "ssl"):
             opts["ssl"] = True
+            opts.update(_tls_options(url, query))
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in hosts],
             retry=self.retry,
