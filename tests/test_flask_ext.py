@@ -619,6 +619,14 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
             {"SATCHEL_HEALTH_ROUTES": True, "SATCHEL_METRICS_ROUTE": "/healthz"},
             "SATCHEL_METRICS_ROUTE='/healthz' is a health route",
         ),
+        (
+            {
+                "SATCHEL_COOKIE": "c",
+                "SATCHEL_COOKIE_PARTITIONED": "1",
+                "SATCHEL_COOKIE_SECURE": "0",
+            },
+            "SATCHEL_COOKIE_PARTITIONED needs",
+        ),
         # The extension's own response headers: the token was overwritten by their value.
         ({"SATCHEL_HEADER": "Satchel-Seq"}, "SATCHEL_HEADER='Satchel-Seq'"),
         ({"SATCHEL_HEADER": "satchel-reset"}, "SATCHEL_HEADER='satchel-reset'"),
@@ -1088,3 +1096,61 @@ def test_a_policy_passed_in_code_is_held_to_what_a_cookie_holds(caplog: Any) -> 
         assert resp.status_code == 200
         cookie = resp.headers["Set-Cookie"].split(";")[0]
         assert len(cookie) <= 4096, len(cookie)
+
+
+@pytest.mark.parametrize("hook_order", ["after_init_app", "before_init_app"])
+def test_an_error_raised_while_sealing_keeps_the_responses_cors_headers(hook_order: str) -> None:
+    """A CORS hook registered after init_app runs first (Flask runs after_request hooks
+    last-registered first) and sets its headers on the view's response; an error raised
+    while sealing then went out in a new response without them, and a page on another
+    origin read only "Failed to fetch" (not the error, nor a handed-back token)."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), TESTING=True)
+
+    def cors(response: Any) -> Any:
+        response.headers["Access-Control-Allow-Origin"] = "http://localhost:5173"
+        exposed = response.headers.get("Access-Control-Expose-Headers")
+        response.headers["Access-Control-Expose-Headers"] = ", ".join(
+            [*([exposed] if exposed else []), "X-App"]
+        )
+        response.vary.add("Origin")
+        return response
+
+    if hook_order == "before_init_app":
+        app.after_request(cors)
+    satchel = Satchel(app)
+    if hook_order == "after_init_app":
+        app.after_request(cors)
+
+    @app.post("/chat")
+    def chat_view() -> Any:
+        satchel.context.metadata["when"] = object()  # fails when the token is sealed
+        return {"ok": True}
+
+    resp = app.test_client().post("/chat", headers={"Origin": "http://localhost:5173"})
+    assert resp.status_code == 500
+    assert resp.get_json()["error"]["code"] == "context_not_serializable"
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    exposed = {n.strip() for n in resp.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"X-App", "Satchel-Context", "Retry-After"} <= exposed
+    assert "Origin" in resp.vary
+
+
+def test_a_partitioned_cookie_for_an_api_on_another_site() -> None:
+    """A cookie set by an API on another site than the page's is stored by browsers
+    that block third-party cookies only when Partitioned (CHIPS): without the option
+    the cookie transport silently started a new conversation on every request."""
+    app = make_app(
+        SATCHEL_COOKIE="ctx", SATCHEL_COOKIE_SAMESITE="None", SATCHEL_COOKIE_PARTITIONED="1"
+    )
+    client = app.test_client()
+    first = client.post("/api/chat", json={"message": "hi"})
+    cookie = first.headers["Set-Cookie"]
+    assert "Partitioned" in cookie and "Secure" in cookie and "SameSite=None" in cookie
+    client.set_cookie("ctx", "s1.tampered")  # refused: the cookie is removed, partitioned too
+    refused = client.post("/api/chat", json={"message": "again"})
+    assert refused.status_code == 400
+    removal = refused.headers["Set-Cookie"]
+    assert removal.startswith("ctx=;") and "Partitioned" in removal
+    plain = make_app(SATCHEL_COOKIE="ctx").test_client().post("/api/chat", json={"message": "x"})
+    assert "Partitioned" not in plain.headers["Set-Cookie"]

@@ -712,7 +712,11 @@ class Satchel:
             try:
                 headers = self.finish(rs)
             except SatchelError as exc:
-                return self.handle_error(exc)
+                # In place of the view's response, which may carry CORS headers already
+                # (a CORS hook registered after init_app runs before this one): kept,
+                # or a page on another origin cannot read the error (nor the newest
+                # token a 409 stale_context hands back), only "Failed to fetch".
+                return _with_cors_of(response, self.handle_error(exc))
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
@@ -863,6 +867,7 @@ class Satchel:
                 secure=config.cookie_secure,
                 httponly=True,
                 samesite=config.cookie_samesite,
+                partitioned=config.cookie_partitioned,
             )
         return response
 
@@ -1126,6 +1131,7 @@ def _set_token_cookie(response: Response, token: str, config: SatchelConfig) -> 
         httponly=True,
         samesite=config.cookie_samesite,
         path=config.cookie_path,
+        partitioned=config.cookie_partitioned,
     )
 
 
@@ -1149,6 +1155,24 @@ def ai_chunk(chunk: dict[str, Any]) -> str:
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
+
+
+def _with_cors_of(original: Response, replacement: Response) -> Response:
+    """``replacement`` with the CORS headers (``Access-Control-*``) and ``Vary`` values
+    ``original`` carried; exposed header lists are merged."""
+    for name, value in original.headers.items():
+        lower = name.lower()
+        if lower == "access-control-expose-headers":
+            listed = {n.strip().lower() for n in replacement.headers.get(name, "").split(",")}
+            extra = [n.strip() for n in value.split(",") if n.strip().lower() not in listed]
+            if extra:
+                current = replacement.headers.get(name)
+                replacement.headers[name] = ", ".join([*([current] if current else []), *extra])
+        elif lower.startswith("access-control-") and name not in replacement.headers:
+            replacement.headers[name] = value
+    for value in original.vary:
+        replacement.vary.add(value)
+    return replacement
 
 
 def _check_route_levels(server: set[str], monotonic: set[str], has_tier: bool) -> None:

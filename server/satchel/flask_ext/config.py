@@ -43,6 +43,10 @@ SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case
                                                to leave the attribute out; "None" needs
                                                SATCHEL_COOKIE_SECURE (browsers drop it)
 SATCHEL_COOKIE_PATH             "/"
+SATCHEL_COOKIE_PARTITIONED      False          add Partitioned (CHIPS): a cookie set by an
+                                               API on another site than the page's, which
+                                               browsers that block third-party cookies
+                                               store only partitioned; needs Secure
 SATCHEL_COOKIE_MAX_AGE          None           cookie Max-Age in seconds (None: a cookie
                                                that ends with the browser session; at
                                                most 400 days)
@@ -316,6 +320,7 @@ class SatchelConfig:
     cookie: str | None = None  # SATCHEL_COOKIE: the cookie's name
     cookie_secure: bool = True
     cookie_samesite: str | None = "Lax"  # None: the attribute is left out
+    cookie_partitioned: bool = False
     cookie_path: str = "/"
     cookie_max_age: int | None = None
     json_field: str | None = None
@@ -389,7 +394,7 @@ class SatchelConfig:
         )
         _converted(values, optional_ints, _optional_int, "an integer (empty or None: off)")
         # "0", "false" from the environment
-        flags = ("health_routes", "cookie_secure", "mark_ids", "keep_newest")
+        flags = ("health_routes", "cookie_secure", "cookie_partitioned", "mark_ids", "keep_newest")
         _converted(values, flags, parse_flag, "true or false (1/0, yes/no, on/off)")
         if "metrics_route" in values and not values["metrics_route"]:
             values["metrics_route"] = None
@@ -479,6 +484,11 @@ class SatchelConfig:
         else:
             raise ConfigurationError(
                 f"SATCHEL_COOKIE_SAMESITE must be 'Strict', 'Lax' or 'None', not {samesite!r}"
+            )
+        if self.cookie and self.cookie_partitioned and not self.cookie_secure:
+            raise ConfigurationError(
+                "SATCHEL_COOKIE_PARTITIONED needs SATCHEL_COOKIE_SECURE=True: browsers "
+                "refuse a Partitioned cookie that is not Secure"
             )
         if self.cookie and self.cookie_samesite == "None" and not self.cookie_secure:
             # Browsers drop such a cookie without a word: the token never comes back,
