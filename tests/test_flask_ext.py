@@ -670,13 +670,17 @@ def test_a_cookie_caps_both_limits_at_what_a_browser_keeps(caplog: Any) -> None:
                 SATCHEL_HARD_MAX_TOKEN_BYTES=16000,
             )
         )
-    assert policy.max_token_bytes == policy.hard_max_token_bytes == 4096 - len("chat=")
+    # The whole Set-Cookie value, attributes included, within 4093 bytes (RFC 6265's
+    # 4096 less werkzeug's margin): "chat=", then "; Secure; HttpOnly; Path=/;
+    # SameSite=Lax" (39 bytes) around the token.
+    cookie_limit = 4093 - len("chat=; Secure; HttpOnly; Path=/; SameSite=Lax")
+    assert policy.max_token_bytes == policy.hard_max_token_bytes == cookie_limit
     assert "does not fit a cookie" in caplog.text
     # The defaults fit already: the hard cap comes down without a warning.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="satchel"):
         policy = policy_of(make_app(SATCHEL_COOKIE="chat"))
-    assert (policy.max_token_bytes, policy.hard_max_token_bytes) == (3800, 4091)
+    assert (policy.max_token_bytes, policy.hard_max_token_bytes) == (3800, cookie_limit)
     assert "cookie" not in caplog.text
 
 
@@ -690,6 +694,7 @@ def test_a_cookie_carried_token_never_outgrows_the_cookie() -> None:
     assert response.status_code == 200
     cookie = client.get_cookie("chat")
     assert cookie is not None and len("chat=" + cookie.value) <= 4096
+    assert len(response.headers["Set-Cookie"]) <= 4093  # attributes included
     assert response.headers[HEADER_CONTEXT] == cookie.value
 
 

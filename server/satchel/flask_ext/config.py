@@ -142,9 +142,10 @@ from ..padding import bucket_too_long, check_pad_to
 
 log = logging.getLogger("satchel")
 
-#: Browsers keep a cookie only while its name, "=" and value fit in this many bytes;
-#: a larger one is dropped without an error, on either side.
-COOKIE_MAX_BYTES = 4096
+#: Browsers are only bound to keep a cookie whose whole Set-Cookie value, attributes
+#: included, fits in 4096 bytes (RFC 6265, 6.1); a larger one may be dropped without an
+#: error, on either side. werkzeug warns past 4093 (Flask's MAX_COOKIE_SIZE): that.
+COOKIE_MAX_BYTES = 4093
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -591,13 +592,14 @@ class SatchelConfig:
 
         An unset hard cap follows a larger budget (whoever raised the budget raised the
         header limits on the way too). With SATCHEL_COOKIE, the cookie carries the token
-        and a browser drops one over 4096 bytes silently: both caps are held under that.
+        and a browser may drop one over 4096 bytes (attributes included) silently: both
+        caps are held under that (:meth:`cookie_token_limit`).
         """
         soft, hard = self.max_token_bytes, self.hard_max_token_bytes
         if not hard_set and soft is not None and hard is not None and soft > hard:
             hard = soft
         if self.cookie and self.mode == "client":
-            cookie_limit = COOKIE_MAX_BYTES - len(self.cookie) - 1
+            cookie_limit = self.cookie_token_limit()
             if soft is not None and soft > cookie_limit:
                 log.warning(
                     "SATCHEL_MAX_TOKEN_BYTES=%d does not fit a cookie: SATCHEL_COOKIE=%r "
@@ -674,6 +676,24 @@ class SatchelConfig:
         except ValueError as exc:
             raise ConfigurationError(f"SATCHEL_DICTIONARIES: {exc}") from None
 
+    def cookie_token_limit(self) -> int:
+        """The longest token the cookie can carry: what is left of
+        :data:`COOKIE_MAX_BYTES` once the name and every attribute it is sent with
+        (measured as werkzeug writes them) are counted."""
+        from werkzeug.http import dump_cookie
+
+        empty = dump_cookie(
+            self.cookie or "",
+            "",
+            max_age=self.cookie_max_age,
+            path=self.cookie_path,
+            secure=self.cookie_secure,
+            httponly=True,
+            samesite=self.cookie_samesite,
+            partitioned=self.cookie_partitioned,
+        )
+        return COOKIE_MAX_BYTES - len(empty.encode("latin-1"))
+
     def fit_policy(self, policy: LifecyclePolicy) -> LifecyclePolicy:
         """A policy passed in code (``Satchel(app, policy=...)``), held to what the
         token's carrier holds as the config's own caps are: with SATCHEL_COOKIE, both
@@ -681,7 +701,7 @@ class SatchelConfig:
         serve other apps)."""
         if not (self.cookie and self.mode == "client"):
             return policy
-        cookie_limit = COOKIE_MAX_BYTES - len(self.cookie) - 1
+        cookie_limit = self.cookie_token_limit()
         soft, hard = policy.max_token_bytes, policy.hard_max_token_bytes
         soft_over = soft is not None and soft > cookie_limit
         hard_over = hard is None or hard > cookie_limit
