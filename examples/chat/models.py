@@ -570,8 +570,8 @@ def _env_number(
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        kind = "a positive" if positive else "a"
-        raise ConfigurationError(f"{name} must be {kind} finite number >= 0, not {raw!r}")
+        kind = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ConfigurationError(f"{name} must be {kind}, not {raw!r}")
     return value
 
 

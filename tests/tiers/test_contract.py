@@ -277,6 +277,7 @@ def test_redis_urls_parse_without_connecting() -> None:
         ("rediss://h/0?ssl_check_hostname=false", None),  # valid: no error
         ("rediss://h/0?ssl_check_hostname=off", "ssl_check_hostname"),  # redis-py: true
         ("rediss://h/0?ssl_check_hostname=maybe", "ssl_check_hostname"),
+        ("redis://h/0?socket_keepalive=off", "socket_keepalive"),
         ("redis+sentinel://s:26379/svc?ssl=true&ssl_cert_reqs=sometimes", "ssl_cert_reqs"),
         ("sqlite:///x.db?busy_timeout=abc", "busy_timeout"),  # was a bare ValueError
         ("sqlite:///x.db?max_bytes=-5", "max_bytes"),  # was a 64 KiB cap, silently

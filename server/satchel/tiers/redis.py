@@ -71,7 +71,13 @@ _CERT_REQS = ("none", "optional", "required")
 #: query parameters redis-py reads as seconds, and as booleans (its own parser takes
 #: any word but a few as true: ``off`` and ``flase`` were on)
 _SECONDS_PARAMS = ("socket_timeout", "socket_connect_timeout")
-_BOOL_PARAMS = ("ssl_check_hostname", "retry_on_timeout", "single_connection_client")
+_BOOL_PARAMS = (
+    "ssl_check_hostname",
+    "retry_on_timeout",
+    "single_connection_client",
+    "socket_keepalive",
+    "legacy_responses",
+)
 _DIGITS = re.compile(r"[0-9]+")
 
 #: A session's index set is pruned once it holds more members than this...
