@@ -525,7 +525,10 @@ def test_fail_closed_says_what_a_mark_write_that_timed_out_may_have_done(
         return response
 
     client = app.test_client()
-    token = post(client, "/chat", None).headers["Satchel-Context"] if held else None
+    token = None
+    if held:  # two saves: the second loads the script a held token's save runs
+        token = post(client, "/chat", None).headers["Satchel-Context"]
+        token = post(client, "/chat", token).headers["Satchel-Context"]
     stall["armed"] = True
     response = post(client, "/chat", token, "only once")
     redis_server.resume()  # the stalled compare-and-set runs now
@@ -1817,7 +1820,7 @@ def test_an_erasure_right_after_the_marks_write_leaves_no_newest_token(tmp_path:
             with app.app_context():
                 erased.append(satchel.erase(session_id))
 
-    for name in ("compare_and_set_mark", "compare_and_set_mark_with"):
+    for name in ("compare_and_set_mark", "compare_and_set_mark_with", "compare_and_set_unclaimed"):
         original = getattr(tier, name)
 
         def wrapped(*args: Any, _original: Any = original) -> Any:
@@ -1963,3 +1966,65 @@ def test_a_json_route_asked_with_a_token_a_stream_is_answering_is_busy(tmp_path:
     again = post(client, "/spend", token)  # the other device, after its wait
     assert again.status_code == 409 and again.headers["Satchel-Context"] == streamed
     assert post(client, "/spend", streamed).status_code == 200  # the stream's token goes on
+
+
+@pytest.mark.parametrize("tier", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_a_json_request_checked_before_a_stream_claimed_its_token_cannot_move_the_mark(
+    tier: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """monotonic: a JSON request passed the mark's check a moment before a stream of the
+    same token claimed it, then saved and moved the mark while the reply streamed. The
+    stream ended as a success (its token, no error, no fork), yet its message was lost:
+    its token was a sibling the conversation never kept. The mark's move now checks the
+    stream's claim in the same atomic step: the JSON request is refused 409
+    context_busy, and the stream's turn is the conversation's."""
+    url = sqlite_url(tmp_path) if tier == "sqlite" else request.getfixturevalue("redis_server").url
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS, TESTING=True, SATCHEL_CONSISTENCY="monotonic", SATCHEL_OVERFLOW_URL=url
+    )
+    satchel = Satchel(app)
+    checked, go, gate = threading.Event(), threading.Event(), threading.Event()
+
+    @app.post("/chat")
+    def chat() -> Any:
+        satchel.context.add_turn("user", "sent from another tab")
+        checked.set()  # the mark was checked: no stream held the token yet
+        go.wait(5)
+        return {"ok": True}
+
+    @app.post("/stream")
+    def stream() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", "streamed question")
+
+        def deltas() -> Any:
+            yield "the paid "
+            gate.wait(5)
+            yield "reply"
+
+        return satchel.stream(deltas(), on_complete=lambda text: ctx.add_turn("assistant", text))
+
+    client = app.test_client()
+    go.set()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    checked.clear()
+    go.clear()
+    json_save = start_in_thread(lambda: post(app.test_client(), "/chat", token))
+    assert checked.wait(5)
+    streaming = client.post("/stream", headers={"Satchel-Context": token}, buffered=False)
+    chunks = iter(streaming.response)
+    assert "the paid" in next(chunks).decode()  # claimed: the mark was as checked
+    go.set()
+    refused = json_save()
+    assert refused.status_code == 409, refused.get_data(as_text=True)
+    assert refused.get_json()["error"]["code"] == "context_busy"
+    gate.set()
+    body = "".join(c.decode() for c in chunks)
+    streaming.close()
+    assert "event: satchel" in body and "event: error" not in body, body
+    newest = token_in(body)
+    after = post(client, "/chat", newest)  # the stream's token is the conversation's
+    assert after.status_code == 200, after.get_data(as_text=True)
+    opened = Satchel.state(app).codec.open(after.headers["Satchel-Context"])
+    assert [t.content for t in opened.turns].count("streamed question") == 1

@@ -450,10 +450,10 @@ def test_a_full_store_says_nothing_was_saved() -> None:
                 raise TierFull("OOM command not allowed", tier="memory", op="cas")
             return super().compare_and_set_mark(key, expected, new, ttl)
 
-        def compare_and_set_unclaimed(self, key, expected, new, ttl, claim, holder):  # type: ignore[no-untyped-def]
+        def compare_and_set_mark_with(self, key, expected, new, ttl, companion):  # type: ignore[no-untyped-def]
             if self.full:
                 raise TierFull("OOM command not allowed", tier="memory", op="cas")
-            return super().compare_and_set_unclaimed(key, expected, new, ttl, claim, holder)
+            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
 
     store = FullTier()
     app = Flask(__name__)

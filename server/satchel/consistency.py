@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import msgpack
 
@@ -52,6 +52,7 @@ from .errors import (
 from .lru import BoundedLRU
 from .observe import NULL_OBSERVER, Observer, flag_degraded
 from .schema import MARK_ID_BYTES
+from .tiers.base import CLAIM_HELD
 
 if TYPE_CHECKING:
     from .tiers.guard import Fetched
@@ -648,17 +649,35 @@ class MonotonicGuard:
             companion = None if newest is None else (companion_key, *newest)
             return self.tier.compare_and_set_mark_with(key, expected, mark, ttl, companion)
 
+        # Not while another request streams a reply to the token this one opened: one
+        # that passed before() a moment before the stream claimed the token would move
+        # the mark under it, and the stream, its whole reply sent, would end on a
+        # sibling whose message the conversation never keeps. Checked in the same
+        # atomic step as the move; the stream's own save passes its claim.
+        claim = None if state.opened_digest is None else claim_key(tag, state.opened_digest)
+
+        def move_own(expected: bytes | None) -> bytes | None:
+            if claim is None:
+                return move(state.key, expected, own)
+            companion = None if newest is None else (own, *newest)
+            current = self.tier.compare_and_set_unclaimed(
+                state.key, expected, mark, ttl, claim, ctx.claim_holder, companion
+            )
+            if current is CLAIM_HELD:
+                refuse_busy(self.observer, tag)
+            return cast(bytes | None, current)
+
         own = newest_key(tag)
         try:
-            current = move(state.key, state.expected, own)
+            current = move_own(state.expected)
             if current and current != ERASED and self._moved_to_own_parent(current, state):
-                current = move(state.key, current, own)
+                current = move_own(current)
             if current == b"" and state.expected is not None:
                 # The mark vanished while the request ran (evicted, expired), which is
                 # not another request winning: report it as a lost mark and set it
                 # afresh. An erasure cannot be undone here: its tombstone is this key.
                 self._mark_lost(ctx, tag)
-                current = move(state.key, None, own)
+                current = move_own(None)
         except TierError as exc:
             # A new conversation's client holds no token: a mark that landed anyway
             # names a token nobody has, and sending again starts afresh.
@@ -768,6 +787,7 @@ class MonotonicGuard:
         except TierError as exc:
             self._tier_down(ctx, tag, exc)  # fail_closed raises: a 503 before any text
             return None
+        ctx.claim_holder = claim.holder  # the stream's own mark move passes its claim
         # A request that passed before() while another stream of this token was still
         # being answered takes the claim as soon as that one releases it, by which time
         # its save has moved the mark: look again, now that no other answer can start.

@@ -88,3 +88,10 @@ def unclaimed_contract(tier: Tier) -> None:
     tier.put(claim, b"", 60)  # a claim released late (swapped for an empty value)
     assert save(key, b"v2", b"v3", 60, claim, None) is None
     assert tier.get_many([key]) == [b"v3"]
+    # With a companion (a monotonic mark and the newest token): both or neither.
+    newest = "satchel:{s}:newest"
+    tier.put(claim, b"stream-a", 60)
+    assert save(key, b"v3", b"v4", 60, claim, None, (newest, b"t4", 30)) is CLAIM_HELD
+    assert tier.get_many([key, newest]) == [b"v3", None]
+    assert save(key, b"v3", b"v4", 60, claim, b"stream-a", (newest, b"t4", 30)) is None
+    assert tier.get_many([key, newest]) == [b"v4", b"t4"]

@@ -157,22 +157,23 @@ class Tier(ABC):
         ttl: float,
         claim: str,
         holder: bytes | None,
+        companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
-        """:meth:`compare_and_set_mark`, unless ``claim`` holds a non-empty value other
-        than ``holder`` (None: any claim stops it): then write nothing and return
+        """:meth:`compare_and_set_mark_with`, unless ``claim`` holds a non-empty value
+        other than ``holder`` (None: any claim stops it): then write nothing and return
         :data:`CLAIM_HELD`.
 
-        Server and memory modes save the stored context this way against a streamed
-        reply's claim, so a request that loaded the state before the stream claimed it
-        cannot save over it while the reply streams. ``claim`` carries ``key``'s session
-        tag (one slot on Cluster). The tiers Satchel ships check and write in one atomic
-        step; this default, for a custom tier, reads the claim and then writes, and is
-        not atomic.
+        Saves of the stored context (server and memory modes) and moves of a
+        ``monotonic`` mark go this way against a streamed reply's claim, so a request
+        that checked the state before the stream claimed it cannot save over it while
+        the reply streams. ``claim`` carries ``key``'s session tag (one slot on
+        Cluster). The tiers Satchel ships check and write in one atomic step; this
+        default, for a custom tier, reads the claim and then writes, and is not atomic.
         """
         current_claim = self.get_many([claim])[0]
         if current_claim and current_claim != holder:
             return CLAIM_HELD
-        return self.compare_and_set_mark(key, expected, new, ttl)
+        return self.compare_and_set_mark_with(key, expected, new, ttl, companion)
 
     def put_unless_marked(
         self, key: str, value: bytes, ttl: float, mark: str, refused: bytes

@@ -829,8 +829,9 @@ class GuardedTier:
         ttl: float,
         claim: str,
         holder: bytes | None,
+        companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
-        self.cache.discard((key,))
+        self.cache.discard((key,) if companion is None else (key, companion[0]))
         return self._call(
             "compare_and_set_mark",
             self.tier.compare_and_set_unclaimed,
@@ -840,6 +841,7 @@ class GuardedTier:
             ttl,
             claim,
             holder,
+            companion,
             key=key,
         )
 

@@ -52,7 +52,9 @@ class MemoryTier(Tier):
         self.max_bytes = max_bytes
         self.evict = evict
         self.clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: compare_and_set_unclaimed holds it across compare_and_set_mark_with,
+        # which a subclass may override (to fail on purpose, say).
+        self._lock = threading.RLock()
         #: key -> (value, expires_at); ordered oldest use first
         self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._bytes = 0
@@ -176,7 +178,14 @@ class MemoryTier(Tier):
         self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
         with self._lock:  # the mark and its companion under one hold
-            return self._compare_and_set_locked(key, expected, new, ttl, companion, self.clock())
+            now = self.clock()
+            current = self._live(key, now)
+            if current != expected:
+                return b"" if current is None else current
+            self._store(key, new, ttl, now)
+            if companion is not None:
+                self._store(companion[0], companion[1], companion[2], now)
+            return None
 
     def compare_and_set_unclaimed(
         self,
@@ -186,30 +195,13 @@ class MemoryTier(Tier):
         ttl: float,
         claim: str,
         holder: bytes | None,
+        companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
-        with self._lock:  # the claim, the compare and the write under one hold
-            now = self.clock()
-            current_claim = self._live(claim, now)
+        with self._lock:  # the claim, the compare and the writes under one hold
+            current_claim = self._live(claim, self.clock())
             if current_claim and current_claim != holder:
                 return CLAIM_HELD
-            return self._compare_and_set_locked(key, expected, new, ttl, None, now)
-
-    def _compare_and_set_locked(
-        self,
-        key: str,
-        expected: bytes | None,
-        new: bytes,
-        ttl: float,
-        companion: Companion | None,
-        now: float,
-    ) -> bytes | None:
-        current = self._live(key, now)
-        if current != expected:
-            return b"" if current is None else current
-        self._store(key, new, ttl, now)
-        if companion is not None:
-            self._store(companion[0], companion[1], companion[2], now)
-        return None
+            return self.compare_and_set_mark_with(key, expected, new, ttl, companion)
 
     def ping(self) -> None:
         return None

@@ -244,14 +244,15 @@ return {1}
 """
 _CAS = _CAS_RETRIED + _CAS_WRITE
 
-#: _CAS, unless KEYS[4] (a streamed reply's claim, in the session's slot) holds a
-#: non-empty value other than ARGV[6] (the saver's own claim, or empty): then {2}.
-#: KEYS[3] is the session's index (the key is always tagged here).
+#: _CAS, unless the last key (a streamed reply's claim, in the session's slot) holds a
+#: non-empty value other than the last argument (the saver's own claim, or empty):
+#: then {2}. KEYS[3] is the session's index (the key is always tagged here); a
+#: companion, when given, comes before the claim (KEYS[4], ARGV[6] and ARGV[7]).
 _CAS_UNCLAIMED = (
     _CAS_RETRIED
     + """
-local claim = redis.call('GET', KEYS[4])
-if claim and claim ~= '' and claim ~= ARGV[6] then return {2} end
+local claim = redis.call('GET', KEYS[#KEYS])
+if claim and claim ~= '' and claim ~= ARGV[#ARGV] then return {2} end
 """
     + _CAS_WRITE
 )
@@ -763,20 +764,23 @@ class RedisTier(Tier):
         ttl: float,
         claim: str,
         holder: bytes | None,
+        companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
         tag = hash_tag(key)
-        if not tag or hash_tag(claim) != tag:  # not one slot: check, then write
-            return super().compare_and_set_unclaimed(key, expected, new, ttl, claim, holder)
-        keys = [key, _writer_key(key), self._index_key(tag), claim]
+        slots = {hash_tag(claim), *(() if companion is None else (hash_tag(companion[0]),))}
+        if not tag or slots != {tag}:
+            # Not one slot: check, then write.
+            return super().compare_and_set_unclaimed(
+                key, expected, new, ttl, claim, holder, companion
+            )
+        keys = [key, _writer_key(key), self._index_key(tag)]
         write_id = secrets.token_bytes(16)  # one id per call: a retry sends the same one
-        args = [
-            "1" if expected is not None else "0",
-            expected or b"",
-            new,
-            _ttl_ms(ttl),
-            write_id,
-            holder or b"",
-        ]
+        args = ["1" if expected is not None else "0", expected or b"", new, _ttl_ms(ttl), write_id]
+        if companion is not None:  # same tag: the same slot, and the same index
+            keys.append(companion[0])
+            args += [companion[1], _ttl_ms(companion[2])]
+        keys.append(claim)
+        args.append(holder or b"")
         reply = self._run(
             "compare_and_set_mark",
             lambda: self._script("cas_unclaimed", _CAS_UNCLAIMED)(keys, args),

@@ -567,8 +567,9 @@ class SQLiteTier(Tier):
         ttl: float,
         claim: str,
         holder: bytes | None,
+        companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
-        return self._compare_and_set(key, expected, new, ttl, None, (claim, holder))
+        return self._compare_and_set(key, expected, new, ttl, companion, (claim, holder))
 
     def _compare_and_set(
         self,
