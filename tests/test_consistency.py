@@ -168,6 +168,36 @@ def test_fork_detector_sibling_and_behind() -> None:
     assert detector.check(older) is None
 
 
+def test_two_requests_in_flight_at_once_with_one_token_are_a_fork_when_saved() -> None:
+    """Both requests were checked before either saved, so both passed the check, and
+    the second save, a sibling of the first, was never reported: the conversation went
+    on with one branch and the other reply silently dropped. The save now notices a
+    token issued for the session since its check."""
+    from satchel import Context
+
+    detector = ForkDetector()
+    parent = Context.new()
+    parent.seq, parent.parent = 3, b"p" * 12
+    detector.record(parent, None)
+    first, second = (
+        Context.new(session_id=parent.session_id),
+        Context.new(session_id=parent.session_id),
+    )
+    for ctx in (first, second):  # both opened from the token of seq 3
+        ctx.seq, ctx.parent = 3, b"p" * 12
+        assert detector.check(ctx) is None
+    first.seq, first.parent = 4, b"1" * 12  # sealed: its own token
+    second.seq, second.parent = 4, b"2" * 12
+    assert detector.record(first, b"p" * 12) is None
+    assert detector.record(second, b"p" * 12) == "sibling"
+    # A save from further behind than a token issued meanwhile.
+    late = Context.new(session_id=parent.session_id)
+    late.seq, late.parent = 3, b"3" * 12
+    assert detector.record(late, b"q" * 12) == "behind=2"
+    # The same token recorded again (a reseal of this request) is no fork.
+    assert detector.record(late, b"q" * 12) is None
+
+
 def test_mark_round_trip() -> None:
     assert decode_mark(encode_mark(7, b"x" * 12, b"m" * 16)) == (7, b"x" * 12, b"m" * 16)
     # A mark of the release before mark ids still reads (checked by its older rule).

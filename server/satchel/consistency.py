@@ -332,15 +332,32 @@ class ForkDetector:
             return "sibling"
         return None
 
-    def record(self, ctx: Context, previous_digest: bytes | None) -> None:
-        """Remember the token just issued for ``ctx`` (seq and digest are the new ones)."""
+    def record(self, ctx: Context, previous_digest: bytes | None) -> str | None:
+        """Remember the token just issued for ``ctx`` (seq and digest are the new ones).
+
+        Returns a fork's description when this process issued another token of the
+        session, as new or newer, since this request's :meth:`check`: two requests in
+        flight at once with one token both passed the check, and this save is the
+        second of two siblings (reported like one found at the check).
+        """
         if ctx.parent is None:
-            return
+            return None
+        fork = None
         with self._lock:
+            seen = self._issued.get(ctx.session_id)
+            if seen is not None and seen[0] >= ctx.seq and seen[1] != ctx.parent:
+                seq, _digest, parent = seen
+                same_parent = (
+                    parent is not None
+                    and previous_digest is not None
+                    and hmac.compare_digest(parent, previous_digest)
+                )
+                fork = "sibling" if same_parent else f"behind={seq - ctx.seq + 1}"
             self._issued[ctx.session_id] = (ctx.seq, ctx.parent, previous_digest)
             self._issued.move_to_end(ctx.session_id)
             while len(self._issued) > self.max_sessions:
                 self._issued.popitem(last=False)
+        return fork
 
 
 #: how many sessions a process remembers having reported a lost mark for

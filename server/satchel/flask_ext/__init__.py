@@ -778,7 +778,8 @@ class Satchel:
             ctx.seq, ctx.parent = opened_as
             result = pipeline.reseal(ctx)
         if app_state.config.mode == "client":
-            app_state.forks.record(ctx, rs.opened_digest)
+            late = app_state.forks.record(ctx, rs.opened_digest)
+            rs.fork = rs.fork or late  # a sibling saved while this request ran
         if rs.fork and rs.mark is None:  # a branch was made: this token (with a mark,
             # _move_mark reports it once the mark has moved)
             self.observer.event(
