@@ -2058,3 +2058,45 @@ def test_a_json_request_checked_before_a_stream_claimed_its_token_cannot_move_th
     assert after.status_code == 200, after.get_data(as_text=True)
     opened = Satchel.state(app).codec.open(after.headers["Satchel-Context"])
     assert [t.content for t in opened.turns].count("streamed question") == 1
+
+
+def test_a_fork_found_when_a_monotonic_route_saves_is_counted(tmp_path: Path) -> None:
+    """A client-level request and a monotonic one in flight at once with one token: the
+    monotonic one, saved second, carried Satchel-Fork: sibling, but its mark had moved
+    before the fork was found, and no fork_detected event (nor count) followed."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, TESTING=True, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app, observer=metrics)
+    checked, go = threading.Event(), threading.Event()
+
+    @app.post("/chat")
+    def chat() -> Any:
+        satchel.context.add_turn("user", "chat")
+        return {}
+
+    @app.post("/spend")
+    @satchel.consistency("monotonic")
+    def spend() -> Any:
+        satchel.context.metadata["spent"] = True
+        checked.set()
+        go.wait(5)
+        return {}
+
+    client = app.test_client()
+    go.set()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    token = post(client, "/spend", token).headers["Satchel-Context"]  # marked
+    go.clear()
+    checked.clear()
+    spending = start_in_thread(lambda: post(app.test_client(), "/spend", token))
+    assert checked.wait(5)
+    chatted = post(client, "/chat", token)  # saved first, while /spend waits
+    assert chatted.status_code == 200 and "Satchel-Fork" not in chatted.headers
+    go.set()
+    spent = spending()
+    assert spent.status_code == 200, spent.get_data(as_text=True)
+    assert spent.headers["Satchel-Fork"] == "sibling"
+    assert metrics.registry.get_sample_value("satchel_forks_total") == 1

@@ -10,6 +10,7 @@ import pytest
 
 from satchel.errors import ConfigurationError, TierFull
 from satchel.tiers import MemoryTier, NoTier, SQLiteTier, Tier, Timeouts, hash_tag, tier_from_url
+from satchel.tiers.base import CLAIM_HELD
 from satchel.tiers.memory import ENTRY_OVERHEAD
 from tests.support import wait_until
 
@@ -165,6 +166,30 @@ def test_compare_and_set_unclaimed_stops_at_another_holders_claim(tier: Tier) ->
     unclaimed_contract(tier)
 
 
+def test_a_subclass_that_compares_and_sets_its_own_way_is_still_called(
+    tier: Tier,
+) -> None:
+    """Moves of a monotonic mark go through compare_and_set_unclaimed: a subclass of a
+    shipped tier that overrides compare_and_set_mark_with (to audit, or fail on
+    purpose) was skipped by the SQLite transaction and the Redis script."""
+    calls: list[str] = []
+    base = type(tier)
+
+    class Audited(base):  # type: ignore[valid-type,misc]
+        def compare_and_set_mark_with(self, key, expected, new, ttl, companion):  # type: ignore[no-untyped-def]
+            calls.append(key)
+            return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
+
+    tier.__class__ = Audited  # the same connection, the subclass's methods
+    key, claim = "satchel:{s}:hwm", "satchel:{s}:claim:ab"
+    assert tier.compare_and_set_unclaimed(key, None, b"1", 60, claim, None) is None
+    assert tier.compare_and_set_unclaimed(key, b"1", b"2", 60, claim, None) is None
+    assert calls == [key, key]
+    tier.put(claim, b"stream", 60)
+    assert tier.compare_and_set_unclaimed(key, b"2", b"3", 60, claim, None) is CLAIM_HELD
+    assert calls == [key, key] and tier.get_many([key]) == [b"2"]
+
+
 def test_a_custom_tiers_compare_and_set_unclaimed_reads_the_claim_first() -> None:
     """The default for tiers that do not override it: read the claim, then the CAS."""
 
@@ -250,6 +275,8 @@ def test_redis_urls_parse_without_connecting() -> None:
     )
     tls_kwargs = tls.client.connection_pool.connection_kwargs
     assert tls_kwargs["ssl_ca_certs"] == "/ca.pem" and tls_kwargs["ssl_cert_reqs"] == "required"
+    mixed = RedisTier("redis+sentinel://s1:26379/m?ssl=true&ssl_cert_reqs=Required")
+    assert mixed.client.connection_pool.connection_kwargs["ssl_cert_reqs"] == "required"
     assert RedisTier("redis+cluster://h1:7000?ssl=true&ssl_ca_certs=/ca.pem").mode == "cluster"
     with pytest.raises(ConfigurationError):
         RedisTier("redis+sentinel://s1:26379/")
@@ -277,6 +304,8 @@ def test_redis_urls_parse_without_connecting() -> None:
         ("rediss://h/0?ssl_check_hostname=false", None),  # valid: no error
         ("rediss://h/0?ssl_check_hostname=off", "ssl_check_hostname"),  # redis-py: true
         ("rediss://h/0?ssl_check_hostname=maybe", "ssl_check_hostname"),
+        ("redis+sentinel://s:26379/m?ssl_ca_certs=/ca.pem", "needs ssl=true"),  # plaintext
+        ("redis+cluster://h:7000?ssl_certfile=/c.pem&ssl=false", "needs ssl=true"),
         ("redis://h/0?socket_keepalive=off", "socket_keepalive"),
         ("redis+sentinel://s:26379/svc?ssl=true&ssl_cert_reqs=sometimes", "ssl_cert_reqs"),
         ("sqlite:///x.db?busy_timeout=abc", "busy_timeout"),  # was a bare ValueError

@@ -777,11 +777,12 @@ class Satchel:
             ctx.marked, ctx.mark_id, ctx.mark_parent = False, None, None
             ctx.seq, ctx.parent = opened_as
             result = pipeline.reseal(ctx)
+        reported = rs.fork is not None and rs.mark is not None  # by _move_mark
         if app_state.config.mode == "client":
             late = app_state.forks.record(ctx, rs.opened_digest)
             rs.fork = rs.fork or late  # a sibling saved while this request ran
-        if rs.fork and rs.mark is None:  # a branch was made: this token (with a mark,
-            # _move_mark reports it once the mark has moved)
+        if rs.fork and not reported:  # a branch was made: this token (with a mark,
+            # _move_mark reported one found at the check once the mark had moved)
             self.observer.event(
                 "fork_detected", session=pipeline.session_tag(ctx.session_id), detail=rs.fork
             )

@@ -218,7 +218,8 @@ local current = redis.call('GET', KEYS[1])
 if current == ARGV[3] and redis.call('GET', KEYS[2]) == ARGV[5] then return {1} end
 """
 # The companion (KEYS[4], ARGV[6] its value, ARGV[7] its TTL) is known by its TTL:
-# _CAS_UNCLAIMED passes a claim in KEYS[4] and ARGV[6], and no ARGV[7].
+# _CAS_UNCLAIMED passes its claim last (KEYS[#KEYS], ARGV[#ARGV]): after the companion
+# when there is one, else in KEYS[4] and ARGV[6], with no ARGV[7].
 _CAS_WRITE = """
 if ARGV[1] == '1' then
   if current ~= ARGV[2] then return {0, current} end
@@ -377,7 +378,10 @@ def _tls_options(url: str, query: dict[str, str]) -> dict[str, Any]:
     for name in TLS_PARAMS:
         if name in query:
             value = query[name]
-            opts[name] = _flag(url, query, name) if name in _BOOL_PARAMS else value
+            if name in _BOOL_PARAMS:
+                opts[name] = _flag(url, query, name)
+            else:  # redis-py takes the cert requirement in lower case only
+                opts[name] = value.lower() if name == "ssl_cert_reqs" else value
     return opts
 
 
@@ -477,7 +481,11 @@ class RedisTier(Tier):
             _check_query(url, query, CLUSTER_PARAMS)
             if parts.path.strip("/") not in ("", "0"):
                 raise _bad(url, "Redis Cluster has only database 0; remove the path")
-        _flag(url, query, "ssl")
+        ssl_on = _flag(url, query, "ssl")
+        tls = [name for name in TLS_PARAMS if name in query]
+        if tls and not ssl_on:
+            # Dropped without a word, the connection would be plaintext.
+            raise _bad(url, f"{tls[0]} needs ssl=true (TLS is off without it)")
         _check_tls_and_options(url, query)
 
     # -- clients -----------------------------------------------------------------------
@@ -768,8 +776,10 @@ class RedisTier(Tier):
     ) -> bytes | ClaimHeld | None:
         tag = hash_tag(key)
         slots = {hash_tag(claim), *(() if companion is None else (hash_tag(companion[0]),))}
-        if not tag or slots != {tag}:
-            # Not one slot: check, then write.
+        overridden = type(self).compare_and_set_mark_with is not RedisTier.compare_and_set_mark_with
+        if not tag or slots != {tag} or overridden:
+            # Not one slot, or a subclass that compares and sets its own way (its
+            # method runs, after the claim is read): check, then write.
             return super().compare_and_set_unclaimed(
                 key, expected, new, ttl, claim, holder, companion
             )

@@ -569,6 +569,11 @@ class SQLiteTier(Tier):
         holder: bytes | None,
         companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
+        if type(self).compare_and_set_mark_with is not SQLiteTier.compare_and_set_mark_with:
+            # A subclass compares and sets its own way: its method, after the claim.
+            return super().compare_and_set_unclaimed(
+                key, expected, new, ttl, claim, holder, companion
+            )
         return self._compare_and_set(key, expected, new, ttl, companion, (claim, holder))
 
     def _compare_and_set(
