@@ -4,6 +4,7 @@ OpenAI-compatible endpoint on loopback, and one LiveServer over real HTTP."""
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import time
@@ -25,7 +26,7 @@ from examples.chat.models import (
     iter_sse_data,
     model_from_env,
 )
-from satchel import Context, Keyring, Satchel
+from satchel import Context, Keyring, Satchel, Turn
 
 APP = "examples.chat.app:create_app"
 
@@ -558,8 +559,10 @@ def test_openai_compatible_model_errors() -> None:
         model = OpenAICompatibleModel(fake.base_url, "nope", timeout=5)
         with pytest.raises(ModelError, match="answered 404") as info:
             list(model.stream([{"role": "user", "content": "hi"}]))
-        # The provider's words are for the log, not for the browser's message.
-        assert "no such model" in info.value.detail and "no such" not in str(info.value)
+        # Neither the browser's message nor the log's detail holds the provider's
+        # words (they can quote the conversation): its error type and code, and a size.
+        assert "no such" not in str(info.value) and "no such" not in info.value.detail
+        assert "bytes" in info.value.detail
         assert "Authorization" not in fake.requests[0]["headers"]
     with pytest.raises(ModelError, match="unreachable"):
         OpenAICompatibleModel(fake.base_url, "x", timeout=2).complete([])
@@ -835,7 +838,39 @@ def test_the_provider_s_words_and_the_api_key_stay_out_of_the_browser() -> None:
         with pytest.raises(ModelError) as info:
             model.complete([{"role": "user", "content": "hi"}])
     assert str(info.value) == "model endpoint answered 401"
-    assert key not in info.value.detail and "[api key]" in info.value.detail
+    assert key not in info.value.detail and "Incorrect" not in info.value.detail
+
+
+def test_a_provider_error_quoting_the_conversation_stays_out_of_the_log(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The provider's error message went to the log (WARNING, the default): a validation
+    or moderation error that quotes its input put the user's message there, against
+    'message text never reaches the log'. The log now has the error's type and code."""
+    quoted = "Invalid content: 'PRIVATE-MARKER my card is 4111' was flagged"
+    with FakeOpenAI([], status=400, error_message=quoted) as fake:
+        app = make_app(tmp_path, CHAT_MODEL=OpenAICompatibleModel(fake.base_url, "m", timeout=5))
+        with caplog.at_level(logging.DEBUG):
+            resp = app.test_client().post("/api/chat", json={"message": "PRIVATE-MARKER hi"})
+    assert resp.status_code == 502
+    assert resp.get_json()["error"]["code"] == "model_unavailable"
+    assert "chat model failed: model endpoint answered 400" in caplog.text
+    assert "PRIVATE-MARKER" not in caplog.text
+
+
+def test_an_llm_summarizer_failure_logs_no_message_text(caplog: pytest.LogCaptureFixture) -> None:
+    class Quoting:
+        def complete(self, messages: Any) -> str:
+            raise RuntimeError(f"invalid request: {messages[-1]['content']}")
+
+        def stream(self, messages: Any) -> Any:
+            raise NotImplementedError
+
+    summarize = LLMSummarizer(Quoting())  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG):
+        summary = summarize([Turn("user", "PRIVATE-MARKER my pin", 0.0)], "")
+    assert summary  # the extractive fallback
+    assert "RuntimeError" in caplog.text and "PRIVATE-MARKER" not in caplog.text
 
 
 def test_the_examples_own_settings_are_not_warned_about_as_misspellings(

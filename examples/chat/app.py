@@ -81,8 +81,8 @@ class ModelUnavailable(SatchelError):
 
 
 def _model_unavailable(exc: ModelError) -> ModelUnavailable:
-    """The browser gets the short message; the log gets the provider's words too (the
-    API key masked), never the conversation."""
+    """The browser gets the short message; the log gets the provider's error type and
+    code too (ModelError.detail), never its message or the conversation."""
     log.warning("chat model failed: %s%s", exc, f" ({exc.detail})" if exc.detail else "")
     return ModelUnavailable(str(exc))
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 from satchel import Turn
 from satchel.lifecycle import ExtractiveSummarizer
+from satchel.lifecycle.summarize import raised_at
 
 from .models import ChatModel, Message
 
@@ -90,7 +91,13 @@ class LLMSummarizer:
         except Exception as exc:
             # Any failure: never let the summary break the request that overflowed.
             self.fallbacks += 1
-            log.warning("LLM summarizer failed (%s); using the extractive summary", exc)
+            # Type and place only: a model's error can quote the prompt, which holds the
+            # very turns being summarized (as satchel.lifecycle.summarize logs it).
+            log.warning(
+                "LLM summarizer failed (%s at %s); using the extractive summary",
+                type(exc).__name__,
+                raised_at(exc),
+            )
             return self.fallback(dropped, previous)
         if len(summary) > self.max_chars:
             summary = summary[: self.max_chars - 1].rstrip() + "…"

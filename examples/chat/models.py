@@ -57,9 +57,10 @@ class Message(TypedDict):
 class ModelError(RuntimeError):
     """The model backend failed (network, HTTP status, malformed or empty reply).
 
-    ``str(error)`` is what the browser is told; ``detail`` (the provider's own words,
-    which can quote key fragments or internal hosts) is for the server's log only, with
-    the API key masked.
+    ``str(error)`` is what the browser is told; ``detail`` is for the server's log
+    only: the provider's error ``type`` and ``code`` identifiers and the body's size,
+    never its message, which can quote the conversation (a validation error echoing its
+    input, a moderation refusal) or key fragments.
     """
 
     def __init__(self, message: str, detail: str = "") -> None:
@@ -486,7 +487,7 @@ def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
 def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past what the parser recurses: not JSON
         # Not the bytes themselves: they are (part of) the reply, conversation text the
         # log must not hold.
         raise ModelError("model endpoint sent invalid JSON", f"{len(raw)} bytes") from None
@@ -518,14 +519,29 @@ def _completion_text(body: Any) -> str:
     return content if isinstance(content, str) else ""
 
 
+#: what an error identifier may look like to be logged (``invalid_request_error``,
+#: ``context_length_exceeded``, ``429``): a word, not a sentence
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
 def _error_text(detail: str) -> str:
+    """What of an error body the log may hold: the error's ``type`` and ``code`` when they
+    are identifiers, and the body's size. Not its message: providers quote the input
+    there (validation and moderation errors), and that is conversation text."""
+    size = f"{len(detail.encode('utf-8', 'replace'))} bytes"
     try:
         body = json.loads(detail)
-        err = body.get("error", body)
-        message = err.get("message") if isinstance(err, dict) else err
-        return str(message)[:300]
-    except (ValueError, AttributeError):
-        return detail.strip()[:300] or "(empty body)"
+    except (ValueError, RecursionError):
+        return f"{size}, not JSON"
+    err = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return size
+    fields = [
+        f"{name}={value}"
+        for name in ("type", "code")
+        if isinstance(value := err.get(name), str | int) and _IDENTIFIER.fullmatch(str(value))
+    ]
+    return ", ".join([*fields, size])
 
 
 # ------------------------------------------------------------------ from config
