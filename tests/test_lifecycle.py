@@ -230,6 +230,57 @@ def test_default_counter_is_cached_and_counts() -> None:
     assert estimate_tokens("abcd") == 1 and estimate_tokens("abcde") == 2
 
 
+def test_the_estimate_counts_utf8_bytes_so_other_scripts_are_not_a_quarter() -> None:
+    """Characters / 4 let a budget of 4,000 through about 14,000 real tokens of
+    Chinese (each character is about one token): bytes / 4 is the same for English."""
+    assert estimate_tokens("hello world!") == 3  # ASCII: as before
+    assert estimate_tokens("你好世界") == 3  # 12 bytes, not 1
+    assert estimate_tokens("😀" * 4) == 4  # 16 bytes, not 1
+
+
+def test_a_token_counter_that_fails_is_replaced_by_the_estimate_for_that_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tokenizer called without disallowed_special raises on "<|endoftext|>" typed
+    by a user: every save of that conversation was a 500. The text is estimated
+    instead, and the failure is logged once, by type."""
+    import logging
+
+    def strict(text: str) -> int:
+        if "<|endoftext|>" in text:
+            raise ValueError(f"disallowed special token in {text!r}")
+        return len(text.split())
+
+    turn = Turn("user", "hi <|endoftext|> there", 0.0)
+    with caplog.at_level(logging.WARNING, logger="satchel"):
+        n = turn_tokens(turn, strict)
+        turn_tokens(turn, strict)
+    assert n == estimate_tokens(turn.content) + MESSAGE_OVERHEAD
+    assert caplog.text.count("token counter failed (ValueError)") == 1
+    assert "endoftext" not in caplog.text  # the text it counted is not logged
+    for nonsense in (None, "3", -1, float("nan"), True):
+        assert turn_tokens(turn, lambda _t, v=nonsense: v) == n  # type: ignore[misc]
+    assert turn_tokens(Turn("user", "a b c", 0.0), lambda _t: 2.5) == 3 + MESSAGE_OVERHEAD
+
+
+def test_a_policy_refuses_a_counter_or_summarizer_that_cannot_be_called() -> None:
+    with pytest.raises(ValueError, match="token_counter must be a callable"):
+        LifecyclePolicy(token_counter="cl100k_base")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="summarizer must be a callable"):
+        LifecyclePolicy(summarizer="extractive")  # type: ignore[arg-type]
+
+
+def test_a_summarizer_that_empties_its_list_does_not_change_the_record() -> None:
+    def emptying(dropped: list[Turn], previous: str) -> str:
+        dropped.clear()
+        return previous + "+"
+
+    ctx = chat(4)
+    apply_policies(ctx, policy(max_turns=2, summarizer=emptying), now=NOW)
+    assert ctx.lifecycle.dropped.get("window") == 6
+    assert ctx.lifecycle.summarized == 6
+
+
 # -- per-turn cap --------------------------------------------------------------------------
 
 

@@ -653,3 +653,28 @@ def test_a_context_past_the_turn_limit_with_the_tier_refusing_writes_reports_the
     assert "data_loss" in ctx.degraded and "tier_write_failed" in ctx.degraded
     opened = pipeline.load(token, now=NOW)
     assert len(opened.turns) == 60 and opened.lifecycle.lost == 2
+
+
+def test_with_a_tier_turns_past_the_llm_token_budget_move_to_it() -> None:
+    """The window moved turns to the tier, but the LLM-token budget dropped them for
+    good, though the tier could keep them. Both move now; while the tier refuses
+    writes, the budget drops them as it does without a tier (what the model is sent
+    must still fit)."""
+    from dataclasses import replace
+
+    from satchel.lifecycle.tokens import estimate_tokens, turn_tokens
+
+    tier = FlakyTier()
+    base = make(tier, budget=60_000, hard=60_000)
+    policy = replace(base.policy, max_llm_tokens=300, token_counter=estimate_tokens)
+    pipeline = Pipeline(base.codec, policy, segments=base.segments, clock=lambda: NOW)
+    token = converse(pipeline, range(12))
+    ctx = pipeline.load(token, now=NOW)
+    assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= 300
+    assert ctx.lifecycle.dropped.get("token_budget") is None  # moved, not dropped
+    assert len(ctx.rehydrated) + len(ctx.turns) == 24  # every turn, from the tier too
+    tier.refuse_writes = True
+    token = converse(pipeline, range(12, 16), token)
+    ctx = pipeline.load(token, now=NOW)
+    assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= 300
+    assert ctx.lifecycle.dropped.get("token_budget", 0) > 0  # the tier refused: dropped

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
+from .lifecycle.policy import apply_token_budget, llm_budget_excess
 from .lifecycle.summarize import cut_summary, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded
 from .schema import SEQ_LIMIT, check_sealable, metadata_problem
@@ -89,9 +90,12 @@ class Pipeline:
         self.observer = observer
         self.clock = clock
         self._tags: dict[bytes, str] = {}
-        # With a tier, turns past the window move to it like turns past the budget (in
-        # fit_budget): a window must not silently drop what the tier could keep.
-        self._trim_policy = replace(self.policy, max_turns=None) if segments else self.policy
+        # With a tier, turns past the window or the LLM-token budget move to it like
+        # turns past the byte budget (in fit_budget): neither may silently drop what the
+        # tier could keep.
+        self._trim_policy = (
+            replace(self.policy, max_turns=None, max_llm_tokens=None) if segments else self.policy
+        )
 
     # -- naming sessions in logs without revealing them ---------------------------
 
@@ -382,6 +386,7 @@ class Pipeline:
         for round_ in range(rounds):
             over_budget = soft is not None and size > soft
             past_window = len(ctx.turns) - window if window is not None else 0
+            past_window = max(past_window, llm_budget_excess(ctx, self.policy))
             if not (over_budget or past_window > 0):
                 break
             groups = turn_groups(ctx.turns)
@@ -401,6 +406,11 @@ class Pipeline:
             if not self._spill(ctx, count, now, tag):
                 write_failed = True
                 break
+            measured = self.codec.prepare(ctx) if soft is not None else None
+            size = measured.size if measured is not None else 0
+        if write_failed and apply_token_budget(ctx, self.policy, now):
+            # The tier refused the write: the LLM-token budget still holds (what the model
+            # is sent must fit its context), dropping as it does without a tier.
             measured = self.codec.prepare(ctx) if soft is not None else None
             size = measured.size if measured is not None else 0
         if write_failed and soft is not None:

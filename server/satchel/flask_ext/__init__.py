@@ -223,6 +223,8 @@ class Satchel:
             dictionary_id=config.dictionary_id,
         )
         policy = config.fit_policy(self._policy) if self._policy else config.lifecycle_policy()
+        if policy.max_llm_tokens is not None:
+            policy.counter()  # tiktoken loads (or downloads) its encoding now, not in a request
         metadata_schema = self.metadata
         if config.metadata_version is not None or config.metadata_write_version is not None:
             version = config.metadata_version

@@ -106,6 +106,12 @@ class LifecyclePolicy:
                 f"the byte budget ({soft}) must not exceed the hard cap ({hard}): "
                 "raise hard_max_token_bytes too"
             )
+        # Called on every save: a name ("cl100k_base") in place of a function failed
+        # every request instead of this one line.
+        if not callable(self.summarizer):
+            raise ValueError("summarizer must be a callable (dropped_turns, summary) -> str")
+        if self.token_counter is not None and not callable(self.token_counter):
+            raise ValueError("token_counter must be a callable (text) -> int, or None")
 
     def counter(self) -> TokenCounter:
         return self.token_counter or default_counter()
@@ -181,19 +187,32 @@ def apply_policies(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Tu
         cap_turn_sizes(ctx, policy.max_turn_chars, now)
     if policy.max_turns is not None and len(ctx.turns) > policy.max_turns:
         dropped += _drop_older(ctx, len(ctx.turns) - policy.max_turns, "window", policy, now)
-    if policy.max_llm_tokens is not None:
-        counter = policy.counter()
-        sizes = [turn_tokens(t, counter) for t in ctx.turns]
-        total = sum(sizes)
-        if total > policy.max_llm_tokens:
-            excess, count = total - policy.max_llm_tokens, 0
-            for size in sizes:
-                if excess <= 0:
-                    break
-                excess -= size
-                count += 1
-            dropped += _drop_older(ctx, count, "token_budget", policy, now)
+    dropped += apply_token_budget(ctx, policy, now)
     return dropped
+
+
+def apply_token_budget(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Turn]:
+    """Drop (and summarize) the oldest groups past the LLM-token budget, never the
+    newest; recorded as ``token_budget / dropped``. Returns the turns dropped."""
+    count = llm_budget_excess(ctx, policy)
+    return _drop_older(ctx, count, "token_budget", policy, now) if count else []
+
+
+def llm_budget_excess(ctx: Context, policy: LifecyclePolicy) -> int:
+    """How many of the oldest turns must leave for the rest to fit the LLM-token budget
+    (0 when they fit, or there is no budget). The caller removes whole groups covering
+    them, never the newest: dropped here without a tier, moved to it with one."""
+    if policy.max_llm_tokens is None:
+        return 0
+    counter = policy.counter()
+    sizes = [turn_tokens(t, counter) for t in ctx.turns]
+    excess, count = sum(sizes) - policy.max_llm_tokens, 0
+    for size in sizes:
+        if excess <= 0:
+            break
+        excess -= size
+        count += 1
+    return count
 
 
 def _drop_older(

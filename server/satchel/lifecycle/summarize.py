@@ -128,7 +128,9 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
     clock = summarize_clock.get()
     started = time.perf_counter()
     try:
-        summary = summarizer(dropped, previous)
+        # A copy: a summarizer that empties the list it gets must not change what the
+        # caller then records as dropped.
+        summary = summarizer(list(dropped), previous)
         if not isinstance(summary, str):
             raise TypeError("a summarizer must return a str")
         # A lone surrogate (an LLM's reply cut mid-emoji) can be in no token: sealing
