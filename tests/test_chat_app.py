@@ -856,6 +856,13 @@ def test_a_provider_error_quoting_the_conversation_stays_out_of_the_log(
     assert resp.get_json()["error"]["code"] == "model_unavailable"
     assert "chat model failed: model endpoint answered 400" in caplog.text
     assert "PRIVATE-MARKER" not in caplog.text
+    # A long quoted input: the body is still read whole enough to parse (its size is
+    # the body's, not a cut at 2,000 bytes that read as "not JSON").
+    with FakeOpenAI([], status=400, error_message="x" * 5000) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "m", timeout=5)
+        with pytest.raises(ModelError) as info:
+            model.complete([{"role": "user", "content": "hi"}])
+    assert "not JSON" not in info.value.detail and "xxxx" not in info.value.detail
 
 
 def test_an_llm_summarizer_failure_logs_no_message_text(caplog: pytest.LogCaptureFixture) -> None:

@@ -261,6 +261,9 @@ def test_a_token_counter_that_fails_is_replaced_by_the_estimate_for_that_text(
     for nonsense in (None, "3", -1, float("nan"), True):
         assert turn_tokens(turn, lambda _t, v=nonsense: v) == n  # type: ignore[misc]
     assert turn_tokens(Turn("user", "a b c", 0.0), lambda _t: 2.5) == 3 + MESSAGE_OVERHEAD
+    from fractions import Fraction
+
+    assert turn_tokens(Turn("user", "a", 0.0), lambda _t: Fraction(3, 2)) == 2 + MESSAGE_OVERHEAD
 
 
 def test_a_policy_refuses_a_counter_or_summarizer_that_cannot_be_called() -> None:

@@ -677,4 +677,7 @@ def test_with_a_tier_turns_past_the_llm_token_budget_move_to_it() -> None:
     token = converse(pipeline, range(12, 16), token)
     ctx = pipeline.load(token, now=NOW)
     assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= 300
-    assert ctx.lifecycle.dropped.get("token_budget", 0) > 0  # the tier refused: dropped
+    # The tier refused: dropped, and reported as the loss it is (the tier would have
+    # kept them), not as a policy trim.
+    assert ctx.lifecycle.dropped.get("token_budget") is None
+    assert ctx.lifecycle.lost == ctx.lifecycle.dropped["data_loss"] > 0

@@ -73,6 +73,8 @@ class ModelError(RuntimeError):
 #: a misbehaving endpoint can make a worker hold.
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 MAX_LINE_BYTES = 1024 * 1024
+#: Most bytes read of an error body (its type and code come after the message)
+MAX_ERROR_BYTES = 256 * 1024
 
 #: Default for SATCHEL_MODEL_TIMEOUT: below gunicorn's default worker timeout (30 s),
 #: which would otherwise kill the worker first and answer an HTML 500.
@@ -338,7 +340,9 @@ class OpenAICompatibleModel:
             return deadline.opener().open(req, timeout=self.timeout)
         except urllib.error.HTTPError as err:
             with err:
-                detail = err.read(2000).decode("utf-8", "replace")
+                # Enough for the error's type and code after a long quoted message (the
+                # message itself is never kept); bounded, as every read from the model.
+                detail = err.read(MAX_ERROR_BYTES).decode("utf-8", "replace")
             raise ModelError(
                 f"model endpoint answered {err.code}", self._masked(_error_text(detail))
             ) from None

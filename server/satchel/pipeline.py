@@ -408,11 +408,15 @@ class Pipeline:
                 break
             measured = self.codec.prepare(ctx) if soft is not None else None
             size = measured.size if measured is not None else 0
-        if write_failed and apply_token_budget(ctx, self.policy, now):
+        if write_failed:
             # The tier refused the write: the LLM-token budget still holds (what the model
-            # is sent must fit its context), dropping as it does without a tier.
-            measured = self.codec.prepare(ctx) if soft is not None else None
-            size = measured.size if measured is not None else 0
+            # is sent must fit its context), but what it drops the tier would have kept:
+            # counted and reported as data loss, as past the hard cap.
+            lost = len(apply_token_budget(ctx, self.policy, now, reason="data_loss"))
+            if lost:
+                self._report_loss(ctx, lost, tag)
+                measured = self.codec.prepare(ctx) if soft is not None else None
+                size = measured.size if measured is not None else 0
         if write_failed and soft is not None:
             # The tier refused the write: hold turns inline up to the hard cap, then report.
             hold = self.policy.hard_max_token_bytes or soft

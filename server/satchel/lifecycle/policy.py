@@ -191,11 +191,13 @@ def apply_policies(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Tu
     return dropped
 
 
-def apply_token_budget(ctx: Context, policy: LifecyclePolicy, now: float) -> list[Turn]:
+def apply_token_budget(
+    ctx: Context, policy: LifecyclePolicy, now: float, reason: str = "token_budget"
+) -> list[Turn]:
     """Drop (and summarize) the oldest groups past the LLM-token budget, never the
-    newest; recorded as ``token_budget / dropped``. Returns the turns dropped."""
+    newest; recorded as ``reason / dropped``. Returns the turns dropped."""
     count = llm_budget_excess(ctx, policy)
-    return _drop_older(ctx, count, "token_budget", policy, now) if count else []
+    return _drop_older(ctx, count, reason, policy, now) if count else []
 
 
 def llm_budget_excess(ctx: Context, policy: LifecyclePolicy) -> int:

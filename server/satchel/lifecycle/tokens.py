@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
+import weakref
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -63,8 +65,9 @@ def default_counter() -> TokenCounter:
     return count
 
 
-#: counters that already failed once (warned about once each)
-_FAILED: set[int] = set()
+#: counters that already failed once (warned about once each); weakly, so a counter
+#: freed and another made at its address is still warned about
+_FAILED: weakref.WeakSet[Callable[..., object]] = weakref.WeakSet()
 
 
 def _count(counter: TokenCounter, text: str) -> int:
@@ -73,12 +76,17 @@ def _count(counter: TokenCounter, text: str) -> int:
         return estimate_tokens(text)
     try:
         n = counter(text)
-        if isinstance(n, bool) or not isinstance(n, int | float) or not 0 <= n < math.inf:
+        # Any real number (numpy's integers, a Fraction), not a bool, a str or None.
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not 0 <= n < math.inf:
             raise TypeError("a token counter must return a number >= 0")
         return math.ceil(n)
     except Exception as exc:
-        if id(counter) not in _FAILED:
-            _FAILED.add(id(counter))
+        try:
+            first = counter not in _FAILED
+            _FAILED.add(counter)
+        except TypeError:  # not weakly referable (a builtin): warned about every time
+            first = True
+        if first:
             # Type only: the text it counted is conversation content.
             log.warning(
                 "satchel token counter failed (%s); those texts are counted by the estimate",
