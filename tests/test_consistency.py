@@ -2100,3 +2100,72 @@ def test_a_fork_found_when_a_monotonic_route_saves_is_counted(tmp_path: Path) ->
     assert spent.status_code == 200, spent.get_data(as_text=True)
     assert spent.headers["Satchel-Fork"] == "sibling"
     assert metrics.registry.get_sample_value("satchel_forks_total") == 1
+
+
+def test_a_stream_whose_claim_expired_leaves_the_claim_another_stream_took() -> None:
+    """A stream's model went silent past the claim's TTL; a second stream took the
+    claim; the first, ending, deleted it unconditionally, and a third request then
+    saved under the second stream's reply (which ended in an error event after its
+    whole reply). A release removes its own claim only."""
+    from satchel.consistency import release_claim, take_claim
+    from satchel.observe import NULL_OBSERVER
+    from satchel.tiers import MemoryTier
+
+    tier = MemoryTier()
+    key = "satchel:{s}:claim"
+    first = take_claim(tier, key, NULL_OBSERVER, "s")
+    tier.delete([key])  # as if it expired
+    second = take_claim(tier, key, NULL_OBSERVER, "s")
+    release_claim(tier, first)
+    assert tier.get_many([key]) == [second.holder]  # the second stream's claim stays
+    release_claim(tier, second)
+    assert tier.get_many([key]) == [None]  # and its own release removes it
+    assert take_claim(tier, key, NULL_OBSERVER, "s")  # free again at once
+
+
+def test_a_fork_found_late_on_a_streamed_monotonic_reply_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    """The stream moves its mark after its final event (fail_open): the fork its save
+    found was reported by the save and again by the deferred mark move."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, TESTING=True, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app, observer=metrics)
+    gate = threading.Event()
+
+    @app.post("/chat")
+    def chat() -> Any:
+        satchel.context.add_turn("user", "chat")
+        return {}
+
+    @app.post("/stream")
+    @satchel.consistency("monotonic")
+    def stream() -> Any:
+        ctx = satchel.context
+
+        def deltas() -> Any:
+            yield "part "
+            gate.wait(5)
+            yield "end"
+
+        return satchel.stream(deltas(), on_complete=lambda t: ctx.add_turn("assistant", t))
+
+    client = app.test_client()
+    gate.set()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    token = token_in(
+        client.post("/stream", headers={"Satchel-Context": token}).get_data(as_text=True)
+    )
+    gate.clear()
+    streaming = client.post("/stream", headers={"Satchel-Context": token}, buffered=False)
+    chunks = iter(streaming.response)
+    assert "part" in next(chunks).decode()
+    assert in_thread(lambda: post(app.test_client(), "/chat", token)).status_code == 200
+    gate.set()
+    body = "".join(c.decode() for c in chunks)
+    streaming.close()
+    assert '"fork":"sibling"' in body.replace(" ", "")
+    assert metrics.registry.get_sample_value("satchel_forks_total") == 1

@@ -976,3 +976,52 @@ def test_a_carrier_signed_by_a_key_missing_from_the_ring_is_a_bad_signature() ->
         SessionCarriers(Codec(Keyring([k1]))).session_id_of(carrier)
     assert refused.value.code == "token_bad_signature"
     assert SessionCarriers(Codec(Keyring([k1, k2]))).session_id_of(carrier) == session_id
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_a_read_stream_that_waited_out_a_failed_stream_saves_its_reply(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """A GET stream (an EventSource) loaded the state while another stream held it, so
+    it was let through as a read; that stream then failed without saving, and the GET
+    stream took the claim and streamed its whole reply, only to be refused
+    context_busy at its save: the flag it loaded with was never cleared."""
+    app, satchel = _stream_app(mode, request)
+    failing, loaded, go = threading.Event(), threading.Event(), threading.Event()
+
+    @app.post("/stream")
+    def post_stream() -> Any:
+        ctx = satchel.context
+
+        def deltas() -> Any:
+            yield "first "
+            if failing.is_set():
+                go.wait(5)
+                raise RuntimeError("the model failed")
+            yield "reply"
+
+        return satchel.stream(deltas(), on_complete=lambda t: ctx.add_turn("assistant", t))
+
+    @app.get("/events")
+    def get_stream() -> Any:
+        ctx = satchel.context
+        loaded.set()
+        go.wait(5)  # the other stream fails and releases meanwhile
+        return satchel.stream(iter(["read"]), on_complete=lambda t: ctx.add_turn("assistant", t))
+
+    client = app.test_client()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    failing.set()
+    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
+    chunks = iter(streaming.response)
+    assert "first" in next(chunks).decode()  # holds the claim
+    reading = start_in_thread(
+        lambda: app.test_client().get("/events", headers={HEADER: carrier}, buffered=True)
+    )
+    assert loaded.wait(5)
+    go.set()
+    failed = "".join(c.decode() for c in chunks)
+    streaming.close()
+    assert "event: error" in failed  # no save: the state is as the GET stream loaded it
+    body = reading().get_data(as_text=True)
+    assert "event: satchel" in body and "event: error" not in body, body

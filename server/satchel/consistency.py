@@ -181,12 +181,15 @@ def refuse_busy(observer: Observer, tag: str) -> NoReturn:
 
 
 def release_claim(tier: Any, claim: Claim) -> None:
-    """Drop a stream's claim. A tier that fails the delete (the very outage that ended
-    the stream, most often) would leave it to hold the conversation for ``CLAIM_TTL``:
-    every send refused 409 ``context_busy`` for two minutes after the tier was back.
-    The release is retried in the background until the tier answers."""
+    """Drop a stream's claim, if its key still holds it: a stream whose claim expired
+    (a model silent past ``CLAIM_TTL``) must not delete the claim another stream took
+    since, which would let a third request save under that stream's reply. A tier that
+    fails the release (the very outage that ended the stream, most often) would leave
+    it to hold the conversation for ``CLAIM_TTL``: every send refused 409
+    ``context_busy`` for two minutes after the tier was back. The release is retried
+    in the background until the tier answers."""
     try:
-        tier.delete([claim.key])
+        _release_if_held(tier, claim)
     except TierError:
         log.info("satchel: a stream's claim could not be released; retrying in the background")
         LATE_RELEASES.add(tier, claim)
@@ -836,6 +839,9 @@ class MonotonicGuard:
                     detail="race",
                     newest_seq=mark[0],
                 )
+        # Checked while another reply of this token streamed (a read let through), which
+        # has ended without moving the mark: now this request's claim to answer.
+        state.busy = False
         return claim
 
     def release(self, claim: Claim) -> None:

@@ -261,6 +261,9 @@ class ServerSidePipeline(Pipeline):
                 "another request for this conversation was answered while this one "
                 "waited; send it again"
             )
+        # Loaded while another reply streamed (a read let through), which ended since
+        # without a save: the state is as loaded, and now this request's to answer.
+        ctx.stream_answering = False
         return claim
 
     def release(self, claim: Claim) -> None:

@@ -779,12 +779,14 @@ class Satchel:
             ctx.marked, ctx.mark_id, ctx.mark_parent = False, None, None
             ctx.seq, ctx.parent = opened_as
             result = pipeline.reseal(ctx)
-        reported = rs.fork is not None and rs.mark is not None  # by _move_mark
+        # With a mark, _move_mark reports the fork once the mark has moved: it ran
+        # above (move_mark), so a fork found only now is reported here; or it runs
+        # after the stream's final event (deferred) and reports whatever rs.fork is then.
+        reported_by_mark = rs.mark is not None and (rs.fork is not None or not move_mark)
         if app_state.config.mode == "client":
             late = app_state.forks.record(ctx, rs.opened_digest)
             rs.fork = rs.fork or late  # a sibling saved while this request ran
-        if rs.fork and not reported:  # a branch was made: this token (with a mark,
-            # _move_mark reported one found at the check once the mark had moved)
+        if rs.fork and not reported_by_mark:  # a branch was made: this token
             self.observer.event(
                 "fork_detected", session=pipeline.session_tag(ctx.session_id), detail=rs.fork
             )
