@@ -1025,3 +1025,28 @@ def test_a_read_stream_that_waited_out_a_failed_stream_saves_its_reply(
     assert "event: error" in failed  # no save: the state is as the GET stream loaded it
     body = reading().get_data(as_text=True)
     assert "event: satchel" in body and "event: error" not in body, body
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_a_session_erased_while_its_reply_streams_says_erased(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """The stream's save found the stored state gone and said it had expired or been
+    evicted ("send the message again to start over"): it was erased, which is 410
+    token_erased, as every later request with the carrier is told."""
+    app, satchel = _stream_app(mode, request)
+    gate = _gated_stream(app, satchel)
+    client = app.test_client()
+    gate.set()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    gate.clear()
+    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
+    chunks = iter(streaming.response)
+    assert "the paid" in next(chunks).decode()
+    with app.app_context():
+        satchel.erase(satchel.pipeline.session_id_of(carrier))
+    gate.set()
+    body = "".join(c.decode() for c in chunks)
+    streaming.close()
+    assert "event: error" in body and "token_erased" in body, body
+    assert client.post("/stream", headers={HEADER: carrier}).status_code == 410

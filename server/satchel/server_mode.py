@@ -373,9 +373,12 @@ class ServerSidePipeline(Pipeline):
         if current is CLAIM_HELD:
             refuse_busy(self.observer, tag)
         if current == b"" and ctx.stored_as is not None:
-            # Gone between this request's read and its write: expired or evicted. Not a
-            # race with another request (no newer state exists), and not written back:
-            # an erasure in between must not be undone.
+            # Gone between this request's read and its write: erased, expired or
+            # evicted. Not a race with another request (no newer state exists), and not
+            # written back: an erasure in between must not be undone, and is said so.
+            erased = self.store.get_many([mark_key(tag)], cache=False)
+            if erased.get(mark_key(tag)) == ERASED:
+                refuse_erased(self.observer, tag)
             self.observer.event("refused", reason="session_not_found", mode=self.mode)
             raise StaleContext(
                 "this conversation left the session store while the request ran (expired "

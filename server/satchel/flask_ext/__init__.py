@@ -1100,6 +1100,8 @@ class Satchel:
             response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
         response.headers["Cache-Control"] = "no-store"
         response.vary.add(self.state().config.header)  # as for a response with a token
+        if self.state().config.cookie:
+            response.vary.add("Cookie")
         response.headers["X-Accel-Buffering"] = "no"
         if ai_sdk:
             response.headers["x-vercel-ai-ui-message-stream"] = "v1"
