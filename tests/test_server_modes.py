@@ -506,6 +506,15 @@ def finish_stream(release: threading.Event, streaming: Any, chunks: Any) -> str:
     return body
 
 
+def held_stream(client: FlaskClient, headers: dict[str, str], first: str) -> tuple[Any, Any]:
+    """POST /stream and read its first delta (``first``): the reply is then held open
+    (at the test's gate); the response and the iterator of the rest."""
+    streaming = client.post("/stream", headers=headers, buffered=False)
+    chunks = iter(streaming.response)
+    assert first in next(chunks).decode()
+    return streaming, chunks
+
+
 def _gated_stream(app: Flask, satchel: Satchel) -> threading.Event:
     """Add ``POST /stream``: it streams "the paid ", then waits for the returned gate
     (set by the test; open at most 5 s) before the rest of the reply."""
@@ -630,9 +639,7 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
     carrier = token_in(client.post("/stream").get_data(as_text=True))
     headers = {HEADER: carrier}
     gate.clear()
-    streaming = client.post("/stream", headers=headers, buffered=False)
-    chunks = iter(streaming.response)
-    assert "the paid" in next(chunks).decode()  # held open at the gate
+    streaming, chunks = held_stream(client, headers, "the paid")  # held open at the gate
     other = in_thread(lambda: app.test_client().post("/chat", headers=headers))
     assert other.status_code == 409, other.get_data(as_text=True)
     assert other.get_json()["error"]["code"] == "context_busy"
@@ -679,9 +686,7 @@ def test_a_json_request_loaded_before_a_stream_claimed_cannot_save_over_it(
     json_save = start_in_thread(lambda: app.test_client().post("/chat", headers=headers))
     assert loaded.wait(5)
     gate.clear()
-    streaming = client.post("/stream", headers=headers, buffered=False)
-    chunks = iter(streaming.response)
-    assert "the paid" in next(chunks).decode()  # claimed: the state was as loaded
+    streaming, chunks = held_stream(client, headers, "the paid")  # claimed: the state was as loaded
     go.set()
     assert_busy(json_save())
     finish_stream(gate, streaming, chunks)
@@ -711,9 +716,7 @@ def test_a_claim_the_store_could_not_release_is_released_once_it_is_back(
     client = app.test_client()
     carrier = token_in(client.post("/stream").get_data(as_text=True))
     gate.clear()
-    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
-    chunks = iter(streaming.response)
-    assert "the paid" in next(chunks).decode()  # the claim is taken
+    streaming, chunks = held_stream(client, {HEADER: carrier}, "the paid")  # the claim is taken
     redis.pause()
     try:
         gate.set()
@@ -1012,9 +1015,7 @@ def test_a_read_stream_that_waited_out_a_failed_stream_saves_its_reply(
     client = app.test_client()
     carrier = token_in(client.post("/stream").get_data(as_text=True))
     failing.set()
-    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
-    chunks = iter(streaming.response)
-    assert "first" in next(chunks).decode()  # holds the claim
+    streaming, chunks = held_stream(client, {HEADER: carrier}, "first")  # holds the claim
     reading = start_in_thread(
         lambda: app.test_client().get("/events", headers={HEADER: carrier}, buffered=True)
     )
@@ -1040,9 +1041,7 @@ def test_a_session_erased_while_its_reply_streams_says_erased(
     gate.set()
     carrier = token_in(client.post("/stream").get_data(as_text=True))
     gate.clear()
-    streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
-    chunks = iter(streaming.response)
-    assert "the paid" in next(chunks).decode()
+    streaming, chunks = held_stream(client, {HEADER: carrier}, "the paid")
     with app.app_context():
         satchel.erase(satchel.pipeline.session_id_of(carrier))
     gate.set()

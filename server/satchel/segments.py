@@ -287,6 +287,13 @@ class SegmentStore:
             self.tier.cache.discard_tag(tag)
             raise
 
+    def _open(self, stored: bytes) -> tuple[envelope.Envelope, bytes, Any]:
+        """Stored segment bytes through the codec's authenticated path: the envelope,
+        the verified payload and its bounded unpack (a BadToken subclass otherwise)."""
+        env = envelope.parse_raw(stored)
+        payload = self.codec.open_envelope(env)
+        return env, payload, serialize.unpack(payload, self.codec.limits)
+
     def _mismatch_reason(self, ctx: Context, stored: bytes) -> str:
         """Why bytes that fail the reference's size or digest check are refused:
         ``segment_foreign`` when they are a genuine segment of another session (only
@@ -297,8 +304,7 @@ class SegmentStore:
         if len(stored) > self.max_segment_bytes:
             return SEGMENT_CORRUPT
         try:
-            payload = self.codec.open_envelope(envelope.parse_raw(stored))
-            wire = serialize.unpack(payload, self.codec.limits)
+            _env, _payload, wire = self._open(stored)
         except BadToken:  # TokenExpired included: whoever wrote them, they are not ours
             return SEGMENT_CORRUPT
         session_id = wire.get("i") if isinstance(wire, dict) else None
@@ -329,9 +335,7 @@ class SegmentStore:
                 return [], SEGMENT_MISSING
         else:
             try:
-                env = envelope.parse_raw(stored)
-                payload = self.codec.open_envelope(env)
-                wire = serialize.unpack(payload, self.codec.limits)
+                env, payload, wire = self._open(stored)
             except TokenExpired:
                 return [], SEGMENT_MISSING
             except BadToken:

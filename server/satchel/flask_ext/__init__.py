@@ -33,7 +33,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -798,7 +798,7 @@ class Satchel:
             "Satchel-Session": app_state.pipeline.session_tag(ctx.session_id),
         }
         if ctx.degraded:
-            headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(ctx.degraded))
+            headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
             self.observer.event("degraded_response")  # once, whatever the reasons
         if rs.reset:
             headers["Satchel-Reset"] = rs.reset
@@ -831,7 +831,7 @@ class Satchel:
             total = time.perf_counter() - rs.started
             response.headers["Server-Timing"] = server_timing(rs.timings, total)
         if ctx.degraded:
-            response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(ctx.degraded))
+            response.headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
             self.observer.event("degraded_response")
         if rs.reset:
             response.headers["Satchel-Reset"] = rs.reset
@@ -840,15 +840,7 @@ class Satchel:
         self._expose_headers(response)
 
     def _expose_headers(self, response: Response) -> None:
-        exposed = self.state().exposed
-        existing = response.headers.get("Access-Control-Expose-Headers")
-        if not existing:  # the common case
-            response.headers["Access-Control-Expose-Headers"] = ", ".join(exposed)
-            return
-        listed = {n.strip().lower() for n in existing.split(",")}
-        missing = [n for n in exposed if n.lower() not in listed]
-        if missing:  # none: an error response passes here twice (handler, after_request)
-            response.headers["Access-Control-Expose-Headers"] = f"{existing}, {', '.join(missing)}"
+        _expose(response, self.state().exposed)
 
     def handle_error(self, exc: SatchelError) -> Response:
         """The JSON error response for a Satchel error, as the extension's own handler
@@ -1097,7 +1089,7 @@ class Satchel:
             # What opening found (overflowed turns unreadable, the tier down) is known
             # before the first byte: said in the headers too, for clients that read
             # them. The final event carries every reason, these and later ones.
-            response.headers["Satchel-Degraded"] = ", ".join(dict.fromkeys(rs.context.degraded))
+            response.headers["Satchel-Degraded"] = _degraded_header(rs.context.degraded)
         response.headers["Cache-Control"] = "no-store"
         response.vary.add(self.state().config.header)  # as for a response with a token
         if self.state().config.cookie:
@@ -1165,17 +1157,31 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",")] if value else []
 
 
+def _expose(response: Response, names: Sequence[str]) -> None:
+    """Add ``names`` to the response's ``Access-Control-Expose-Headers``, each once,
+    after what a CORS hook listed there already."""
+    existing = response.headers.get("Access-Control-Expose-Headers")
+    if not existing:  # the common case
+        response.headers["Access-Control-Expose-Headers"] = ", ".join(names)
+        return
+    listed = {n.strip().lower() for n in existing.split(",")}
+    missing = [n for n in names if n.lower() not in listed]
+    if missing:  # none: an error response passes here twice (handler, after_request)
+        response.headers["Access-Control-Expose-Headers"] = f"{existing}, {', '.join(missing)}"
+
+
+def _degraded_header(reasons: Sequence[str]) -> str:
+    """The ``Satchel-Degraded`` value: the reasons, each once, in order."""
+    return ", ".join(dict.fromkeys(reasons))
+
+
 def _with_cors_of(original: Response, replacement: Response) -> Response:
     """``replacement`` with the CORS headers (``Access-Control-*``) and ``Vary`` values
     ``original`` carried; exposed header lists are merged."""
     for name, value in original.headers.items():
         lower = name.lower()
         if lower == "access-control-expose-headers":
-            listed = {n.strip().lower() for n in replacement.headers.get(name, "").split(",")}
-            extra = [n.strip() for n in value.split(",") if n.strip().lower() not in listed]
-            if extra:
-                current = replacement.headers.get(name)
-                replacement.headers[name] = ", ".join([*([current] if current else []), *extra])
+            _expose(replacement, [n.strip() for n in value.split(",") if n.strip()])
         elif lower.startswith("access-control-") and name not in replacement.headers:
             replacement.headers[name] = value
     for value in original.vary:

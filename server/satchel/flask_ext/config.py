@@ -767,12 +767,10 @@ def keyring_from_config(
         ring = _anchored(value, anchor)
     elif value:
         try:
-            ring = Keyring.from_string(str(value), anchor_kid=anchor)
-        except ConfigurationError as exc:
-            # Name the setting at fault (the messages never hold key material): the
-            # anchor, if the ring parses without it.
-            setting = "SATCHEL_ANCHOR_KID" if anchor and _parses(str(value)) else "SATCHEL_KEYS"
-            raise ConfigurationError(f"{setting}: {exc.message}") from None
+            parsed = Keyring.from_string(str(value))
+        except ConfigurationError as exc:  # the messages never hold key material
+            raise ConfigurationError(f"SATCHEL_KEYS: {exc.message}") from None
+        ring = _anchored(parsed, anchor)
     else:
         ring = _dev_keyring(app)
     if len(ring) > 1 and not ring.anchor_pinned:
@@ -828,14 +826,6 @@ def _dev_keyring(app: Flask) -> Keyring:
         "no Satchel keys: set SATCHEL_KEYS (run `satchel keygen` to make one) "
         "or SATCHEL_DEV_KEY_FILE for local development"
     )
-
-
-def _parses(keys: str) -> bool:
-    try:
-        Keyring.from_string(keys)
-    except ConfigurationError:
-        return False
-    return True
 
 
 def dev_keyring(path: Path) -> Keyring:

@@ -750,19 +750,9 @@ class RedisTier(Tier):
         if companion is not None and (not tag or hash_tag(companion[0]) != tag):
             # Not one slot (and in no session's index): the two writes one after the other.
             return super().compare_and_set_mark_with(key, expected, new, ttl, companion)
-        writer = _writer_key(key)
-        keys = [key, writer, self._index_key(tag)] if tag else [key, writer]
-        # One id per call: a retry of this call sends the same one.
-        write_id = secrets.token_bytes(16)
-        args = ["1" if expected is not None else "0", expected or b"", new, _ttl_ms(ttl), write_id]
-        if companion is not None:  # same tag: the same slot, and the same index
-            keys.append(companion[0])
-            args += [companion[1], _ttl_ms(companion[2])]
-        reply = self._run("compare_and_set_mark", lambda: self._script("cas", _CAS)(keys, args))
-        if reply and int(reply[0]) == 1:
-            return None
-        current = reply[1] if len(reply) > 1 else None
-        return b"" if current is None else bytes(current)
+        result = self._cas(key, expected, new, ttl, companion, None)
+        assert not isinstance(result, ClaimHeld)  # no claim was checked
+        return result
 
     def compare_and_set_unclaimed(
         self,
@@ -783,18 +773,34 @@ class RedisTier(Tier):
             return super().compare_and_set_unclaimed(
                 key, expected, new, ttl, claim, holder, companion
             )
-        keys = [key, _writer_key(key), self._index_key(tag)]
-        write_id = secrets.token_bytes(16)  # one id per call: a retry sends the same one
+        return self._cas(key, expected, new, ttl, companion, (claim, holder))
+
+    def _cas(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        ttl: float,
+        companion: Companion | None,
+        unclaimed: tuple[str, bytes | None] | None,
+    ) -> bytes | ClaimHeld | None:
+        """One _CAS call (_CAS_UNCLAIMED with a claim to check); the companion, and the
+        claim, share ``key``'s tag (the caller checked)."""
+        tag = hash_tag(key)
+        writer = _writer_key(key)
+        keys = [key, writer, self._index_key(tag)] if tag else [key, writer]
+        # One id per call: a retry of this call sends the same one.
+        write_id = secrets.token_bytes(16)
         args = ["1" if expected is not None else "0", expected or b"", new, _ttl_ms(ttl), write_id]
         if companion is not None:  # same tag: the same slot, and the same index
             keys.append(companion[0])
             args += [companion[1], _ttl_ms(companion[2])]
-        keys.append(claim)
-        args.append(holder or b"")
-        reply = self._run(
-            "compare_and_set_mark",
-            lambda: self._script("cas_unclaimed", _CAS_UNCLAIMED)(keys, args),
-        )
+        name, source = "cas", _CAS
+        if unclaimed is not None:  # the claim comes last (_CAS_UNCLAIMED)
+            keys.append(unclaimed[0])
+            args.append(unclaimed[1] or b"")
+            name, source = "cas_unclaimed", _CAS_UNCLAIMED
+        reply = self._run("compare_and_set_mark", lambda: self._script(name, source)(keys, args))
         if reply and int(reply[0]) == 2:
             return CLAIM_HELD
         if reply and int(reply[0]) == 1:
