@@ -1967,3 +1967,57 @@ def test_an_empty_session_pad_to_is_off_as_satchel_pad_to_is() -> None:
     for off in ("", "none", " None "):
         app.config["SATCHEL_SESSION_PAD_TO"] = off
         assert SatchelSessionInterface().get_pad_to(app) is None
+
+
+@pytest.fixture
+def tokyo_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time nine hours ahead of UTC, as on a server in Tokyo."""
+    import time as time_module
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time_module.tzset()
+    yield
+    monkeypatch.undo()
+    time_module.tzset()
+
+
+def test_a_naive_expiration_time_is_utc_as_werkzeug_reads_it(tokyo_time: None) -> None:
+    """A subclass returning a naive datetime (datetime.utcnow() + delta, Flask's own style
+    before 2.3) had it read as local time: east of UTC the token was sealed expired
+    already and the session was lost on the next request without a word. Werkzeug's
+    dump_cookie reads a naive datetime as UTC; so does the token's expiry now."""
+    naive = datetime(2030, 1, 1)
+
+    class UntilNewYear(SatchelSessionInterface):
+        def get_expiration_time(self, app: flask.Flask, session: t.Any) -> datetime | None:
+            return naive
+
+    app, _ = _clocked_app(UntilNewYear)
+    cookie = app.test_client().get("/set").headers["Set-Cookie"]
+    assert "Expires=Tue, 01 Jan 2030 00:00:00 GMT" in cookie
+    token = cookie.split("=", 1)[1].split(";")[0]
+    assert peek(token).expires_at == int(naive.replace(tzinfo=UTC).timestamp())
+
+
+def test_none_among_the_secret_key_fallbacks_is_skipped() -> None:
+    """SECRET_KEY_FALLBACKS = [os.environ.get("OLD_SECRET_KEY")] with the variable unset
+    holds None: Flask's interface serves on, Satchel's made every request a 500
+    (TypeError in Keyring.from_secrets). A None fallback is no key."""
+    old = make_app()
+
+    @old.route("/login")
+    def login() -> str:
+        flask.session["user"] = "ada"
+        return ""
+
+    cookie = set_cookie_value(old.test_client().get("/login"))
+    app = make_app(SECRET_KEY="new test key", SECRET_KEY_FALLBACKS=[None, "test key", None])
+    app.session_interface.check(app)
+
+    @app.route("/")
+    def index() -> str:
+        return flask.session.get("user", "nobody")
+
+    client = app.test_client()
+    client.set_cookie("session", cookie)
+    assert client.get("/").get_data(as_text=True) == "ada"

@@ -283,6 +283,8 @@ class Keyring:
         """
         keys: list[Key] = []
         for secret in secrets_:
+            if not isinstance(secret, str | bytes | bytearray):
+                raise TypeError(f"a secret is a str or bytes, not {type(secret).__name__}")
             raw = secret.encode() if isinstance(secret, str) else bytes(secret)
             if len(raw) < MIN_SECRET_BYTES:
                 # Flask accepts short secrets; stretch them so the ring still works.

@@ -244,8 +244,11 @@ class SatchelSessionInterface(SessionInterface):
         if not app.secret_key:
             return None
         fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or ()
-        # Flask lists fallbacks oldest first; the ring wants the current key first.
-        secrets = (app.secret_key, *reversed(list(fallbacks)))
+        # Flask lists fallbacks oldest first; the ring wants the current key first. A
+        # None is no key ([os.environ.get("OLD_KEY")] with the variable unset): Flask
+        # serves on with it, so it is skipped, not a 500 on every request.
+        older = [key for key in reversed(list(fallbacks)) if key is not None]
+        secrets = (app.secret_key, *older)
         return self._rings.get_or_make(("secrets", secrets), lambda: Keyring.from_secrets(secrets))
 
     @staticmethod
@@ -533,6 +536,11 @@ class SatchelSessionInterface(SessionInterface):
         if kept and not refreshed:
             expires_at = kept  # a cookie re-issued only for a new key keeps its expiry
         elif chosen is not None:
+            if chosen.tzinfo is None:
+                # Naive is UTC, as werkzeug's dump_cookie writes the Expires of it;
+                # .timestamp() would read local time, and east of UTC seal a token
+                # expired already (datetime.utcnow() + delta, Flask's style before 2.3).
+                chosen = chosen.replace(tzinfo=UTC)
             expires_at = max(1, min(int(chosen.timestamp()), _UINT32_MAX))
         else:
             # No Expires on the cookie, but the token still expires after the lifetime
