@@ -18,7 +18,7 @@ from satchel.tiers import (
     Timeouts,
     tier_from_url,
 )
-from tests.support import RedisCluster
+from tests.support import RedisCluster, wait_until
 
 from .conftest import make_ctx, unclaimed_contract
 
@@ -269,3 +269,23 @@ def test_compare_and_set_of_an_untagged_key(cluster, tier) -> None:
     assert tier.compare_and_set_mark("plainmark", b"1", b"2", 60) is None
     assert tier.compare_and_set_mark("plainmark", b"1", b"3", 60) == b"2"
     assert tier.delete(["plainmark"]) == 1
+
+
+def test_ping_fails_while_the_cluster_says_it_is_down() -> None:
+    """A PING reaches one live node, which answers PONG while the cluster refuses
+    every command with CLUSTERDOWN: /readyz said "reachable": true. The tier's ping
+    also asks CLUSTER INFO, and a cluster_state other than ok is unavailable."""
+    with RedisCluster(config={"cluster-node-timeout": "500"}) as own:
+        nodes = ",".join(f"{h}:{p}" for h, p in own.addresses)
+        t = RedisTier(f"redis+cluster://{nodes}", timeouts=Timeouts(read=0.2, connect=0.1))
+        t.ping()
+        own.nodes[0].kill()
+        survivor = own.nodes[1]
+        wait_until(
+            lambda: own.cluster_info(survivor).get("cluster_state") == "fail",
+            timeout=10,
+            message="the survivors mark the cluster down",
+        )
+        with pytest.raises(TierUnavailable, match="cluster_state"):
+            t.ping()
+        t.close()

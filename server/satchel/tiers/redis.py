@@ -810,6 +810,18 @@ class RedisTier(Tier):
 
     def ping(self) -> None:
         self._run("ping", lambda: self.client.ping())
+        if self.mode == "cluster":
+            # A live node answers PING while the cluster refuses every command with
+            # CLUSTERDOWN (a master gone, its slots uncovered): ask for its state too.
+            info = self._run("ping", lambda: self.client.cluster_info())
+            state = info.get("cluster_state") if isinstance(info, dict) else None
+            if state != "ok":
+                raise TierUnavailable(
+                    f"Redis Cluster is down (cluster_state: {state})",
+                    tier=self.name,
+                    op="ping",
+                    mode=self.mode,
+                )
 
     def close(self) -> None:
         client = self._client
