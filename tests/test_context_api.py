@@ -8,7 +8,7 @@ import pytest
 from markupsafe import Markup
 
 from satchel import Codec, Context, Keyring, OpaqueBlock, ToolCall
-from satchel.errors import InvalidText
+from satchel.errors import InvalidText, InvalidValue
 
 NOW = 1_767_225_600
 CODEC = Codec(Keyring.generate("ctx"))
@@ -154,6 +154,14 @@ def test_a_turn_time_that_is_no_time_is_refused(ts: float) -> None:
         ("OpaqueBlock('thinking', bytearray(b'x'))", "TypeError", r"blocks\[0\].data"),
         ("OpaqueBlock('think\\udc00ing', b'x')", "InvalidText", r"blocks\[0\].type"),
         ("OpaqueBlock('thinking', b'x', provider=7)", "TypeError", r"blocks\[0\].provider"),
+        # Anthropic's input map, as a request body can carry it: walked like a str.
+        ("ToolCall('c1', 'f', {'q': 'cut \\ud83d'})", "InvalidText", r"arguments\['q'\]"),
+        ("ToolCall('c1', 'f', {'a': [{'\\udc00': 1}]})", "InvalidText", r"\['a'\]\[0\] key"),
+        ("ToolCall('c1', 'f', {'n': 2**64})", "InvalidValue", r"arguments\['n'\].*64 bits"),
+        ("ToolCall('c1', 'f', {'n': [-(2**63) - 1]})", "InvalidValue", r"arguments\['n'\]\[0\]"),
+        ("ToolCall('c1', 'f', deep(70))", "InvalidValue", r"nested deeper than 64"),
+        ("ToolCall('c1', 'f', {1: 'x'})", "TypeError", r"arguments has a int key"),
+        ("ToolCall('c1', 'f', {'when': object()})", "TypeError", r"arguments\['when'\] is object"),
     ],
 )
 def test_add_turn_checks_the_fields_of_tool_calls_and_blocks(
@@ -161,8 +169,15 @@ def test_add_turn_checks_the_fields_of_tool_calls_and_blocks(
 ) -> None:
     """They were taken as they came, and the context then refused to seal: a 500 far
     from the mistake instead of a 400 invalid_text where it happened."""
-    made = eval(part, {"ToolCall": ToolCall, "OpaqueBlock": OpaqueBlock})
-    kind = {"InvalidText": InvalidText, "TypeError": TypeError}[error]
+
+    def deep(levels: int) -> dict:
+        value: dict = {}
+        for _ in range(levels):
+            value = {"x": value}
+        return value
+
+    made = eval(part, {"ToolCall": ToolCall, "OpaqueBlock": OpaqueBlock, "deep": deep})
+    kind = {"InvalidText": InvalidText, "InvalidValue": InvalidValue, "TypeError": TypeError}[error]
     ctx = Context.new()
     where = {"tool_calls": [made]} if isinstance(made, ToolCall) else {"blocks": [made]}
     with pytest.raises(kind, match=named):

@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 
 from examples.minimal_chat import app as minimal
-from satchel import Codec, Context, Key, Keyring, Satchel, peek, serialize
+from satchel import Codec, Context, Key, Keyring, Satchel, ToolCall, peek, serialize
 from satchel.flask_ext import HEADER_CONTEXT
 
 NOW = int(time.time())
@@ -245,6 +245,46 @@ def test_unpaired_surrogate_is_a_json_400_even_in_a_view_that_does_not_check() -
     whole = '{"message": "a whole emoji: \\ud83d\\ude00"}'
     response = client.post("/api/chat", data=whole, content_type="application/json")
     assert response.status_code == 200 and HEADER_CONTEXT in response.headers
+
+
+@pytest.mark.parametrize(
+    ("tool_input", "code"),
+    [
+        ('{"q": "cut \\ud83d"}', "invalid_text"),
+        ('{"id": 123456789012345678901234567890}', "invalid_value"),
+        ('{"q": "fine", "n": 3, "f": 1.5, "b": true, "z": null, "l": [1, "\\u00e9"]}', None),
+    ],
+)
+def test_tool_arguments_from_a_request_body_are_checked_where_they_enter(
+    tool_input: str, code: str | None
+) -> None:
+    """Anthropic's tool_use input is a map; a view that records it from the request body
+    took an unpaired surrogate or an integer past 64 bits in it, and the request then
+    failed at seal with a 500 context_not_serializable. Refused as the same text in a
+    str argument is: a JSON 400."""
+    app = Flask("tools")
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), TESTING=True)
+    satchel = Satchel(app)
+
+    @app.post("/api/tool")
+    def tool_view() -> Any:
+        from flask import request
+
+        block = request.json["tool_use"]  # type: ignore[index]
+        call = ToolCall(block["id"], block["name"], block["input"])
+        satchel.context.add_turn("assistant", "", tool_calls=[call])
+        return {"ok": True}
+
+    body = '{"tool_use": {"id": "toolu_1", "name": "search", "input": ' + tool_input + "}}"
+    response = app.test_client().post("/api/tool", data=body, content_type="application/json")
+    if code is None:
+        assert response.status_code == 200 and HEADER_CONTEXT in response.headers
+        with app.app_context():
+            opened = satchel.codec.open(response.headers[HEADER_CONTEXT])
+        assert opened.turns[0].tool_calls[0].arguments == json.loads(tool_input)
+    else:
+        assert response.status_code == 400
+        assert_json_error(response, code)
 
 
 # -- rotation ------------------------------------------------------------------------------

@@ -385,3 +385,33 @@ def test_tool_arguments_past_the_payload_cap_move_to_the_tier_in_segments_that_f
         _write_file_exchange(ctx, i)
     token = p.save(ctx, now=NOW).token
     assert len(p.load(token, now=NOW).all_turns()) == 4 * 60
+
+
+@pytest.mark.parametrize("with_tier", [False, True], ids=["no tier", "tier"])
+def test_the_summary_is_not_cut_for_an_exchange_whose_bytes_are_in_its_blocks(
+    with_tier: bool,
+) -> None:
+    """The hard cap weighed the newest exchange by its content alone: "ok" / "Sure."
+    with 12 KB of encrypted reasoning (an OpenAI Responses item) looked smaller than a
+    731-character summary, so the summary was cut to a stub, and the exchange then moved
+    (or was dropped) anyway: the summary no longer said what had left the token."""
+    p = _with_tier() if with_tier else pipeline()
+    token = None
+    for i in range(40):
+        ctx = p.load(token, now=NOW)
+        ctx.add_turn("user", f"Question {i}: a good name for a cat that likes boxes?", ts=NOW)
+        ctx.add_turn("assistant", f"Answer {i}: Sunny Boxington, playful and sunny.", ts=NOW)
+        token = p.save(ctx, now=NOW).token
+    ctx = p.load(token, now=NOW)
+    summary = ctx.summary
+    assert len(summary) > 500
+    encrypted = base64.b64encode(os.urandom(9000)).decode()
+    reasoning = json.dumps({"type": "reasoning", "id": "rs_1", "encrypted_content": encrypted})
+    ctx.add_turn("user", "ok", ts=NOW)
+    block = OpaqueBlock("reasoning", reasoning, "openai")
+    ctx.add_turn("assistant", "Sure.", ts=NOW, blocks=[block])
+    opened = CODEC.open(p.save(ctx, now=NOW).token, now=NOW)
+    assert "summary_cap" not in [a.policy for a in opened.lifecycle.recent]
+    assert not opened.turns  # the exchange left the token: the summary says so, in full
+    assert "- user: ok\n- assistant: Sure." in opened.summary
+    assert len(opened.summary) >= len(summary)

@@ -49,6 +49,7 @@ from typing import Any
 
 from .context import Context
 from .errors import ConfigurationError, ContextNotSerializable, MigrationFailed, UnsupportedVersion
+from .limits import MAX_METADATA_DEPTH
 
 MetadataMigration = Callable[[dict[str, Any]], dict[str, Any]]
 #: The largest metadata version a token may record (it travels as a msgpack int).
@@ -205,11 +206,6 @@ def _copy_value(value: Any, depth: int) -> Any:
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     return value
-
-
-#: Deeper than this, msgpack's packer refuses anyway: the sealer says so with the place
-#: named (satchel.schema), and a downgrade's copy stops there.
-MAX_METADATA_DEPTH = 64
 
 
 def _step(

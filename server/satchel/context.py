@@ -12,7 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import InvalidText
+from .errors import InvalidText, InvalidValue
+from .limits import MAX_METADATA_DEPTH
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
@@ -319,8 +320,11 @@ class Context:
         context as it was. Raises ValueError for an unknown role, TypeError for an
         argument of the wrong type, and :class:`~satchel.errors.InvalidText` (a
         ValueError, and a JSON 400 ``invalid_text`` at the HTTP edge) for text that is
-        not valid Unicode. A str subclass (``markupsafe.Markup``, say) is stored as the
-        plain str it holds: that is what the token carries and opens as.
+        not valid Unicode; tool-call arguments given as a map are walked for it too, and
+        an integer past 64 bits or nesting past 64 levels in them is
+        :class:`~satchel.errors.InvalidValue` (400 ``invalid_value``). A str subclass
+        (``markupsafe.Markup``, say) is stored as the plain str it holds: that is what
+        the token carries and opens as.
         """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
@@ -502,6 +506,8 @@ def _check_part(part: object, where: str) -> None:
             raise TypeError(
                 f"{where}.arguments is a JSON str or a dict, not {type(part.arguments).__name__}"
             )
+        else:
+            _check_arguments(part.arguments, f"{where}.arguments", 0)
     else:
         assert isinstance(part, OpaqueBlock)
         texts = {"type": part.type, "provider": part.provider}
@@ -514,6 +520,44 @@ def _check_part(part: object, where: str) -> None:
             raise TypeError(f"{where}.{field_name} is a str, not {type(text).__name__}")
         if not text.isascii():
             check_text(text, f"{where}.{field_name}")
+
+
+#: msgpack's integers: int64 and uint64
+_INT_MIN, _INT_LIMIT = -(2**63), 2**64
+
+
+def _check_arguments(value: Any, where: str, depth: int) -> None:
+    """Tool-call arguments given as a map (Anthropic's ``input``), walked as a str is
+    checked: they come from a provider or a request body, so what no token could carry
+    (an unpaired surrogate, an integer past 64 bits, nesting past
+    :data:`~satchel.limits.MAX_METADATA_DEPTH`) is refused here as bad input (a JSON
+    400 at the HTTP edge), not found out when sealing fails with a 500."""
+    if value is None or isinstance(value, bool | float | bytes | bytearray | memoryview):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value < _INT_LIMIT:
+            raise InvalidValue(f"{where} holds an integer outside the 64 bits a token carries")
+    elif isinstance(value, str):
+        if not value.isascii():
+            check_text(value, where)
+    elif isinstance(value, list | tuple | dict):
+        if depth >= MAX_METADATA_DEPTH:
+            raise InvalidValue(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{where} has a {type(key).__name__} key: keys are str")
+                if not key.isascii():
+                    check_text(key, f"{where} key")
+                _check_arguments(item, f"{where}[{key!r}]", depth + 1)
+        else:
+            for i, item in enumerate(value):
+                _check_arguments(item, f"{where}[{i}]", depth + 1)
+    else:
+        raise TypeError(
+            f"{where} is {type(value).__name__}: arguments take str, int, float, bool, "
+            "None, bytes, and lists and str-keyed dicts of those"
+        )
 
 
 def _optional_text(value: Any, what: str) -> str | None:

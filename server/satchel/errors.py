@@ -182,6 +182,15 @@ class InvalidText(InvalidRequest, ValueError):
     code = "invalid_text"
 
 
+class InvalidValue(InvalidRequest, ValueError):
+    """A value cannot enter the context: an integer outside the 64 bits a token
+    carries, or nesting deeper than a token opens (tool-call arguments from a request
+    body, for example). A ValueError too, as :class:`InvalidText` is.
+    """
+
+    code = "invalid_value"
+
+
 class ContextNotSerializable(SatchelError):
     """The context holds a value msgpack cannot carry (a set, a datetime, an object).
 
@@ -211,6 +220,7 @@ __all__ = [
     "InvalidContext",
     "InvalidRequest",
     "InvalidText",
+    "InvalidValue",
     "MalformedToken",
     "MigrationFailed",
     "SatchelError",

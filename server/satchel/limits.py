@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Containers nested this deep in metadata or tool-call arguments are refused: the
+#: sealer says so with the place named (satchel.schema), add_turn refuses such
+#: arguments as they enter, and a metadata downgrade's copy stops there.
+MAX_METADATA_DEPTH = 64
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -53,4 +58,4 @@ _FLOORS = {
 
 DEFAULT_LIMITS = Limits()
 
-__all__ = ["DEFAULT_LIMITS", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "MAX_METADATA_DEPTH", "Limits"]

@@ -568,10 +568,16 @@ class Pipeline:
 
     @staticmethod
     def _summary_outweighs_newest(ctx: Context) -> bool:
-        """The summary holds at least as much text as the newest exchange."""
+        """The summary weighs at least as much in the token as the newest exchange.
+
+        Both by :func:`_turn_weight`'s measure (prose at a third): weighed by its text
+        alone, an exchange whose bytes are in opaque blocks or tool arguments ("ok",
+        "Sure." and 12 KB of encrypted reasoning) lost to any summary, which was cut to
+        a stub before the exchange moved anyway.
+        """
         groups = turn_groups(ctx.turns)
-        newest_chars = sum(len(t.content) for t in ctx.turns[groups[-1][0] :]) if groups else 0
-        return len(ctx.summary) >= newest_chars
+        newest = sum(_turn_weight(t) for t in ctx.turns[groups[-1][0] :]) if groups else 0
+        return len(ctx.summary) / 3 >= newest
 
     def _fit_payload_cap(
         self, ctx: Context, prepared: Prepared, now: float, tag: str, *, write_failed: bool
