@@ -945,3 +945,38 @@ def test_the_llm_summarizer_switch_reads_booleans_like_every_setting(
     monkeypatch.setenv("SATCHEL_LLM_SUMMARIZER", "maybe")
     with pytest.raises(ConfigurationError, match=r"^SATCHEL_LLM_SUMMARIZER must be"):
         make_app(tmp_path)
+
+
+def test_a_broken_endpoint_echoing_the_request_does_not_put_it_in_the_log() -> None:
+    """A malformed status line is quoted by http.client's BadStatusLine, and the model
+    error's detail (logged at WARNING) was str(err): an endpoint or proxy that echoes the
+    request put the user's message there verbatim. The log gets the error's type."""
+    import socket
+    import threading
+
+    secret = "my card number is 4111 1111 1111 1111"
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def echo_in_a_bad_status_line() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                request = conn.recv(65536)
+                while b"4111" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 2x0 " + request.replace(b"\r\n", b" ")[:2000] + b"\r\n")
+
+    server = threading.Thread(target=echo_in_a_bad_status_line, daemon=True)
+    server.start()
+    base_url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    model = OpenAICompatibleModel(base_url, "tiny", timeout=5)
+    messages = [{"role": "user", "content": secret}]
+    try:
+        for call in (model.complete, lambda m: list(model.stream(m))):
+            with pytest.raises(ModelError, match="unreachable") as info:
+                call(messages)
+            assert "4111" not in info.value.detail and "4111" not in str(info.value)
+            assert info.value.detail == "BadStatusLine"
+    finally:
+        listener.close()
+        server.join(timeout=5)

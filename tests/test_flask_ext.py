@@ -426,6 +426,21 @@ def test_stream_sends_deltas_then_a_token_holding_the_streamed_turn() -> None:
     assert len(codec_of(app).open(again[-2][1]["token"]).turns) == 4
 
 
+def test_a_stream_response_header_names_the_steps_that_ran_before_it() -> None:
+    """Server-Timing on every response, so dev tools show the steps: a stream's said only
+    app;dur, although opening the token had run (and was timed) before its headers."""
+    app = stream_app(PROTOCOL="satchel")
+    client = app.test_client()
+    first = client.post("/api/stream")
+    token = parse_sse(first.get_data(as_text=True))[-2][1]["token"]
+    assert first.headers["Server-Timing"].startswith("app;dur=")  # nothing opened
+    timing = client.post("/api/stream", headers={HEADER_CONTEXT: token}).headers["Server-Timing"]
+    steps = [part.split(";")[0] for part in timing.split(", ")]
+    assert steps[-1] == "app"
+    assert {"open", "verify", "decompress", "unpack", "migrate"} <= set(steps)
+    assert "seal" not in steps  # sealed after the reply: in the final event's timing
+
+
 def test_stream_ai_sdk_protocol_carries_the_token_in_a_data_part() -> None:
     app = stream_app(PROTOCOL="ai-sdk")
     response = app.test_client().post("/api/stream")

@@ -36,6 +36,7 @@ from satchel.metrics import (
     STEPS,
     PrometheusObserver,
     gunicorn_child_exit,
+    metrics_response,
 )
 from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
 from tests.support import LiveServer, RedisServer
@@ -701,3 +702,16 @@ def test_the_series_alerts_watch_exist_from_the_start_at_zero() -> None:
         ("satchel_unavailable_total", {"reason": "tier_full"}),
     ):
         assert registry.get_sample_value(name, labels) == 0.0, (name, labels)
+
+
+def test_a_scrape_skips_the_file_a_worker_is_still_creating(
+    multiproc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's metrics file is empty between its creation and its first write; a
+    scrape that read it then raised struct.error, and /metrics answered an HTML 500."""
+    observer_as(LIVE_PID, monkeypatch).event("breaker_opened", tier="redis")
+    (multiproc_dir / f"counter_{DEAD_PID}.db").touch()  # a worker starting up
+    with Flask(__name__).test_request_context("/metrics"):
+        response = metrics_response(CollectorRegistry())
+    assert response.status_code == 200
+    assert 'satchel_breaker_state{tier="redis"} 2.0' in response.get_data(as_text=True)

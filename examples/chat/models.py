@@ -351,7 +351,7 @@ class OpenAICompatibleModel:
             if deadline.passed or isinstance(reason, TimeoutError):
                 # Connected (or still connecting) but no answer in time: not unreachable.
                 raise self._timed_out() from None
-            raise ModelError("model endpoint unreachable", self._masked(str(reason))) from None
+            raise ModelError("model endpoint unreachable", _transport_error(reason)) from None
 
     def _deadline_passed(self, started: float) -> bool:
         return time.monotonic() - started > self.timeout
@@ -425,7 +425,7 @@ class OpenAICompatibleModel:
                     finished = finished or _finish_reason(chunk) is not None
             except (OSError, http.client.HTTPException) as err:
                 if not finished:
-                    raise ModelError("model stream broke off", str(err)) from None
+                    raise ModelError("model stream broke off", _transport_error(err)) from None
             if not finished:
                 raise ModelError("model stream broke off before its end (no [DONE])")
             if not sent:
@@ -450,7 +450,7 @@ class OpenAICompatibleModel:
                 if self._deadline_passed(started):
                     raise self._timed_out()
         except (OSError, http.client.HTTPException) as err:  # IncompleteRead is no OSError
-            raise ModelError("model reply broke off", str(err)) from None
+            raise ModelError("model reply broke off", _transport_error(err)) from None
         if getattr(resp, "length", None):  # bytes its Content-Length promised never came
             raise ModelError("model reply broke off", f"{resp.length} bytes missing")
         return bytes(body)
@@ -526,6 +526,17 @@ def _completion_text(body: Any) -> str:
 #: what an error identifier may look like to be logged (``invalid_request_error``,
 #: ``context_length_exceeded``, ``429``): a word, not a sentence
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _transport_error(err: object) -> str:
+    """What of a connection error the log may hold: its type, and for an OS error the
+    system's own errno and text. Not str(err) of the rest: http.client's BadStatusLine,
+    LineTooLong and UnknownProtocol quote what the server sent, which can be the
+    request (the conversation) echoed back by a broken endpoint or proxy."""
+    name = type(err).__name__
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{name}: [Errno {err.errno}] {err.strerror}"
+    return name
 
 
 def _error_text(detail: str) -> str:

@@ -79,11 +79,12 @@ worker's gauges (``satchel_breaker_state``) stop counting::
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import prometheus_client
@@ -560,15 +561,35 @@ def metrics_response(registry: CollectorRegistry) -> Response:
     """
     accept = request.headers.get("Accept") if has_request_context() else None
     encoder, content_type = choose_encoder(accept or "")
-    if _multiproc_dir():
-        from prometheus_client import multiprocess
-
+    path = _multiproc_dir()
+    if path:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_SettledFilesCollector(path))
     response = Response(encoder(registry), status=200)
     response.headers["Content-Type"] = content_type
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+class _SettledFilesCollector:
+    """prometheus_client's multiprocess merge of every worker's files, less the ones
+    still empty: a worker creates its file, then sizes it, and a scrape that read it in
+    between raised struct.error (an HTML 500 from /metrics)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = []
+        for name in glob.glob(os.path.join(self.path, "*.db")):
+            try:
+                if os.path.getsize(name) > 0:
+                    files.append(name)
+            except OSError:  # removed since the glob: a dead worker's gauges, forgotten
+                continue
+        return MultiProcessCollector.merge(files, accumulate=True)
 
 
 def _multiproc_dir() -> str | None:

@@ -696,9 +696,12 @@ class Satchel:
             self._release_unsent_stream(rs)
         if rs.context is None or rs.streaming:
             if "Server-Timing" not in response.headers:
-                # Every response says how long the app took, context or not.
+                # Every response says how long the app took, context or not; a stream's
+                # also the steps that ran before its headers (open, rehydrate: the rest
+                # is in its final event's timing, as the headers are gone by then).
                 total = (time.perf_counter() - rs.started) * 1000
-                response.headers["Server-Timing"] = f"app;dur={total:.3f}"
+                steps = _timing_parts(rs.timings) if rs.streaming else []
+                response.headers["Server-Timing"] = ", ".join([*steps, f"app;dur={total:.3f}"])
             return response
         if rs.discard or (rs.committed is None and response.status_code >= 400):
             # No new token: a read-only route (discard), or a failed request, whose
@@ -1260,9 +1263,11 @@ def _body_bytes() -> bytes:
 
 def server_timing(timings: dict[str, float], total: float) -> str:
     """``Server-Timing`` for the steps of this request, in milliseconds."""
-    parts = [f"{step};dur={seconds * 1000:.3f}" for step, seconds in timings.items()]
-    parts.append(f"satchel;dur={total * 1000:.3f}")
-    return ", ".join(parts)
+    return ", ".join([*_timing_parts(timings), f"satchel;dur={total * 1000:.3f}"])
+
+
+def _timing_parts(timings: dict[str, float]) -> list[str]:
+    return [f"{step};dur={seconds * 1000:.3f}" for step, seconds in timings.items()]
 
 
 def json_errors_for(app: Flask, prefix: str = "/api/") -> None:
