@@ -183,3 +183,19 @@ def test_add_turn_checks_the_fields_of_tool_calls_and_blocks(
     with pytest.raises(kind, match=named):
         ctx.add_turn("assistant", "", **where)  # type: ignore[arg-type]
     assert not ctx.turns
+
+
+def test_to_dict_is_json_even_with_nan_in_metadata_or_tool_arguments() -> None:
+    """json.dumps wrote NaN and Infinity bare, which a browser's JSON.parse refuses: the
+    chat page could not read its own /api/context."""
+    import json
+    import math
+
+    ctx = Context.new()
+    ctx.metadata["score"] = math.nan
+    ctx.metadata["bounds"] = [-math.inf, 1.5]
+    ctx.add_turn("assistant", "", tool_calls=[ToolCall("c1", "f", {"x": math.inf})])
+    text = json.dumps(ctx.to_dict(), allow_nan=False)  # raises on NaN or infinity
+    view = json.loads(text)
+    assert view["metadata"] == {"score": None, "bounds": [None, 1.5]}
+    assert view["turns"][0]["tool_calls"][0]["arguments"] == {"x": None}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from satchel import Codec, Context, Key, Keyring, OpaqueBlock, SegmentRef, ToolCall, peek
-from satchel.errors import BadSignature, TokenExpired
+from satchel.errors import BadSignature, ContextNotSerializable, TokenExpired
 from satchel.lifecycle import LifecyclePolicy
 from satchel.observe import Observer
 from satchel.pipeline import Pipeline
@@ -375,3 +375,42 @@ def test_a_summarizer_is_timed_as_its_own_step() -> None:
         assert ("summarize" in result.timings) == bool(calls)
         calls.clear()
     assert "+2" in codec.open(token).summary
+
+
+def test_a_save_walks_large_metadata_and_tool_arguments_once(monkeypatch: Any) -> None:
+    """Every measurement of the budget packed the context again and walked all of its
+    metadata and tool-call arguments again: a 7.8 KB token (a key holder's) of a million
+    empty maps cost about 2 s per walk, and a save of several measurements ran past
+    gunicorn's 30 s worker timeout. The values are walked by the first measurement of
+    a save; the rest trust them (the save only moves turns out and rewrites the summary
+    and lifecycle record, which are still checked every time)."""
+    from satchel import schema
+
+    walked: list[str] = []
+    walk = schema._value_problem
+
+    def counting(value: Any, where: str, limits: Any, depth: int) -> Any:
+        if depth == 0:
+            walked.append(where.split(".")[-1].split("[")[0])
+        return walk(value, where, limits, depth)
+
+    monkeypatch.setattr(schema, "_value_problem", counting)
+    codec = Codec(Keyring.generate())
+    p = Pipeline(codec, LifecyclePolicy(max_turns=None, max_token_bytes=1500), clock=lambda: NOW)
+    ctx = Context.new(now=NOW)
+    ctx.metadata["ids"] = list(range(500))
+    for i in range(30):
+        ctx.add_turn("user", f"look up order {i}: " + "x" * 200, ts=NOW)
+        call = ToolCall(f"call_{i}", "lookup", {"order": i, "fields": ["a", "b"]})
+        ctx.add_turn("assistant", "", ts=NOW, tool_calls=[call])
+        ctx.add_turn("tool", "found", ts=NOW, tool_call_id=f"call_{i}")
+    walked.clear()
+    result = p.save(ctx, now=NOW)
+    opened = codec.open(result.token, now=NOW)
+    assert opened.metadata["ids"] == list(range(500)) and len(opened.turns) < 90
+    assert walked.count("metadata") == 1
+    assert walked.count("arguments") <= 30  # each turn's once, not once per measurement
+    # A context changed after a save is walked again by the next one.
+    ctx.metadata["bad"] = {1: "int key"}
+    with pytest.raises(ContextNotSerializable, match="metadata"):
+        p.save(ctx, now=NOW)

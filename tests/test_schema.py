@@ -8,7 +8,13 @@ import msgpack
 import pytest
 
 from satchel import Context, OpaqueBlock, SegmentRef, ToolCall, schema, serialize
-from satchel.errors import InvalidContext, MigrationFailed, TokenTooLarge, UnsupportedVersion
+from satchel.errors import (
+    ContextNotSerializable,
+    InvalidContext,
+    MigrationFailed,
+    TokenTooLarge,
+    UnsupportedVersion,
+)
 from satchel.limits import Limits
 
 SID = bytes(range(16))
@@ -415,3 +421,61 @@ def test_a_lifecycle_action_is_kept_exactly_while_its_detail_would_open_again(
     # Past the payload cap as a whole: the wire as unpacking would give it, uncapped.
     ctx = schema.from_wire(msgpack.unpackb(serialize.pack(base_wire(l=[{}, 1, 0, recent]))))
     assert [a.detail for a in ctx.lifecycle.recent] == [fits]
+
+
+def test_lifecycle_counts_past_what_a_token_carries_are_written_saturated() -> None:
+    """Counts of 2**62 opened, a save added to them, and the token sealed with 2**62 + 1
+    was refused by its own codec (token_invalid_context) on every later request: the
+    conversation locked out. A count is written at most the reader's limit."""
+    from satchel import Codec, Keyring
+    from satchel.context import LifecycleAction
+
+    codec = Codec(Keyring.generate())
+    ctx = Context.new()
+    limit = 2**62
+    ctx.lifecycle.summarized = limit + 1
+    ctx.lifecycle.lost = -(2**70)
+    ctx.lifecycle.dropped["window"] = 2**63
+    ctx.lifecycle.recent.append(LifecycleAction("window", "dropped", limit * 3))
+    opened = codec.open(codec.seal(ctx))
+    assert opened.lifecycle.summarized == limit
+    assert opened.lifecycle.lost == -limit
+    assert opened.lifecycle.dropped == {"window": limit}
+    assert opened.lifecycle.recent[-1].turns == limit
+
+
+@pytest.mark.parametrize("empty", ["", b"", {}], ids=["str", "bin", "map"])
+@pytest.mark.parametrize("field", ["o", "l3"])
+def test_an_empty_value_of_the_wrong_type_is_refused_not_read_as_none(
+    field: str, empty: Any
+) -> None:
+    """docs/token-format.md section 6: a field of another type is token_invalid_context,
+    never coerced or skipped. An empty str, bin or map as the overflow references (or
+    as the lifecycle record's actions) opened as none, where a non-empty one was
+    refused."""
+    wire = schema.to_wire(Context.new())
+    if field == "o":
+        wire["o"] = empty
+    else:
+        wire["l"] = [{}, 0, 0, empty]
+    with pytest.raises(InvalidContext):
+        schema.from_wire(wire)
+
+
+def test_a_segment_referenced_twice_is_refused_both_ways() -> None:
+    """A 277-character token naming one 6 KB segment 20,000 times rehydrated it 20,000
+    times (a 172 MB response); two copies showed every overflowed turn twice with
+    nothing flagged. Satchel lists a segment once: a token naming one twice is invalid,
+    and a context holding such a list is not sealed."""
+    ref = SegmentRef(b"d" * 12, 2, 300, 1, 1_767_225_600)
+    other = SegmentRef(b"e" * 12, 2, 300, 2, 1_767_225_600)
+    ctx = Context.new()
+    ctx.overflow = [ref, other]
+    wire = schema.to_wire(ctx)
+    assert schema.from_wire(wire).overflow == [ref, other]
+    wire["o"] = [*wire["o"], wire["o"][0]]
+    with pytest.raises(InvalidContext):
+        schema.from_wire(wire)
+    ctx.overflow = [ref, other, ref]
+    with pytest.raises(ContextNotSerializable, match="referenced twice"):
+        schema.to_wire(ctx)

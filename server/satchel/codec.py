@@ -233,6 +233,7 @@ class Codec:
         if len(payload) > self.limits.max_str_bytes:
             # Only now can one string be longer than the reader accepts: look for it.
             schema.check_sealable(ctx, self.limits)
+        schema.values_passed(ctx)  # a save measuring again need not walk them again
         packed = self.compressor.compress(payload)
         size = self._token_length(len(packed.data))
         return _tuple_new(Prepared, (payload, packed, size, seq))

@@ -6,6 +6,7 @@ and back. Everything here is in memory and deterministic given the clock passed 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -372,7 +373,8 @@ class Context:
         return sum(ref.turns for ref in self.overflow)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view for apps and ``satchel inspect`` (opaque bytes as sizes)."""
+        """A JSON-ready view for apps and ``satchel inspect`` (opaque bytes as sizes;
+        bytes in metadata and tool arguments as hex, NaN and infinities as None)."""
         return {
             "session_id": self.session,
             "seq": self.seq,
@@ -578,6 +580,10 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, bytes):
         return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or infinity: json.dumps writes them bare, and a browser's
+        # JSON.parse refuses the whole body. The token carries them; the view says null.
+        return None
     return value
 
 

@@ -34,7 +34,7 @@ from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.policy import apply_token_budget, llm_budget_excess
 from .lifecycle.summarize import cut_summary, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded
-from .schema import SEQ_LIMIT, check_sealable, metadata_problem
+from .schema import SEQ_LIMIT, check_sealable, metadata_problem, values_walked_once
 from .segments import merge_start
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ class Pipeline:
 
         try:
             # In the metadata shape every replica can read (app_schema, rolling deploys).
-            with self.metadata_schema.writing(ctx):
+            with self.metadata_schema.writing(ctx), values_walked_once(ctx):
                 try:
                     prepared = self._trim_and_fit(ctx, now, tag, timings)
                     t2 = timer()

@@ -20,7 +20,9 @@ History:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 from . import serialize
@@ -133,6 +135,50 @@ def _turn_to_wire(t: Turn) -> list[Any]:
     return w
 
 
+class _Walked:
+    """Within :func:`values_walked_once`: the context, and whether its values passed."""
+
+    __slots__ = ("ctx", "passed")
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.passed = False
+
+
+_walked: ContextVar[_Walked | None] = ContextVar("satchel_values_walked", default=None)
+
+
+@contextmanager
+def values_walked_once(ctx: Context) -> Iterator[None]:
+    """Within this block, ``ctx``'s metadata and its turns with tool calls or blocks
+    are walked by the first :func:`to_wire` that the caller confirms with
+    :func:`values_passed` (the codec's ``prepare``, once it succeeds), not again.
+
+    For a save that measures the token several times (the byte budget, the hard cap):
+    each walk is proportional to the values, and a key holder's token of a million
+    empty maps made every measurement cost seconds. The caller promises not to add
+    turns or change metadata inside the block; the summary, pinned items, lifecycle
+    record and plain turns are still checked every time.
+    """
+    reset = _walked.set(_Walked(ctx))
+    try:
+        yield
+    finally:
+        _walked.reset(reset)
+
+
+def values_passed(ctx: Context) -> None:
+    """``ctx`` sealed: inside :func:`values_walked_once`, its values need no new walk."""
+    state = _walked.get()
+    if state is not None and state.ctx is ctx:
+        state.passed = True
+
+
+def _values_trusted(ctx: Context) -> bool:
+    state = _walked.get()
+    return state is not None and state.passed and state.ctx is ctx
+
+
 def to_wire(
     ctx: Context, limits: Limits = DEFAULT_LIMITS, *, next_seq: bool = False
 ) -> dict[str, Any]:
@@ -146,6 +192,7 @@ def to_wire(
     opens them with (so the two cannot drift apart); string lengths are left to the
     caller, who sees the packed size (no string is longer than the whole payload).
     """
+    trusted = _values_trusted(ctx)
     try:
         if len(ctx.turns) > limits.max_array_len:
             raise _NotSealable
@@ -155,12 +202,14 @@ def to_wire(
             and type(t.ts) in _NUMBER_TYPES
             and t.ts - t.ts == 0
             and not (t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None)
+            else _turn_to_wire(t)
+            if trusted
             else _checked_turn_to_wire(t, limits)
             for t in ctx.turns
         ]
     except (KeyError, AttributeError, TypeError, _NotSealable):  # a bad role, not a Turn...
         _refuse(ctx, limits)
-    problem = _fields_problem(ctx, limits)
+    problem = _fields_problem(ctx, limits, walk_metadata=not trusted)
     if problem is not None:
         raise _not_sealable(problem)
     try:
@@ -319,6 +368,28 @@ def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> 
     ]
     dropped, summarized, lost, recent = wire
     if (
+        type(summarized) is int
+        and type(lost) is int
+        and type(dropped) is dict
+        and not (
+            -_COUNT_LIMIT <= summarized <= _COUNT_LIMIT
+            and -_COUNT_LIMIT <= lost <= _COUNT_LIMIT
+            and all(
+                type(v) is not int or -_COUNT_LIMIT <= v <= _COUNT_LIMIT for v in dropped.values()
+            )
+            and all(type(a[2]) is not int or -_COUNT_LIMIT <= a[2] <= _COUNT_LIMIT for a in recent)
+        )
+    ):
+        # A count the reader refuses (past 2**62: only a key holder's token gets there,
+        # and a save then adds to it) is written at the limit, not sealed into a token
+        # its own codec refuses on every later request.
+        wire = dropped, summarized, lost, recent = [
+            {k: _saturated(v) for k, v in dropped.items()},
+            _saturated(summarized),
+            _saturated(lost),
+            [[p, a, _saturated(n), ts, d] for p, a, n, ts, d in recent],
+        ]
+    if (
         full
         or type(dropped) is not dict
         or type(summarized) is not int
@@ -359,6 +430,8 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
     # of the newest few actions: one of other types (a bin policy, a map for a detail,
     # three fields) is left out, rather than failing every later save, or opening as a
     # record that Context.to_dict cannot make JSON of (a 500 at the app's edge).
+    if type(recent) is not list:  # "", b"" or {} iterated as no actions
+        raise TypeError("the lifecycle actions are an array")
     actions = []
     # Strings this short pass the length check without being encoded.
     short = DEFAULT_LIMITS.max_str_bytes // 4
@@ -378,6 +451,13 @@ def _actions_from_wire(recent: Any) -> list[LifecycleAction]:
 #: counts a pipeline adds before the next seal (a count at 2**64 - 1 opened, and the
 #: next trim could not be sealed).
 _COUNT_LIMIT = 2**62
+
+
+def _saturated(value: Any) -> Any:
+    """An int count within what :func:`_count` reads; anything else as it is."""
+    if type(value) is int:
+        return max(-_COUNT_LIMIT, min(value, _COUNT_LIMIT))
+    return value
 
 
 def _count(value: Any) -> int:
@@ -435,6 +515,7 @@ def _overflow_to_wire(
     ):
         for j, ref in enumerate(wire):
             _check_reads_back(ref, _SEGMENT_REF_PARTS, f"overflow[{j}].", limits)
+    _refuse_repeated_segments(refs)
     return wire
 
 
@@ -453,7 +534,18 @@ _SEGMENT_REF_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
 
 
 def _overflow_from_wire(wire: Any) -> list[SegmentRef]:
-    return [_segment_ref_from_wire(ref) for ref in wire]
+    if type(wire) is not list:  # "", b"" or {} iterated as no references
+        raise TypeError("the overflow references are an array")
+    refs = [_segment_ref_from_wire(ref) for ref in wire]
+    _refuse_repeated_segments(refs)
+    return refs
+
+
+def _refuse_repeated_segments(refs: list[SegmentRef]) -> None:
+    """Satchel lists a segment once. A token naming one 20,000 times (a key holder's)
+    rehydrated its turns 20,000 times: a 277-character token made a 172 MB response."""
+    if len(refs) > 1 and len({r.digest for r in refs}) != len(refs):
+        raise ValueError("an overflow segment is referenced twice")
 
 
 def _check_reads_back(
@@ -698,11 +790,16 @@ def _context_problem(ctx: Context, limits: Limits) -> str | None:
         return f"turns is {type(turns).__name__}, not list"
     if len(turns) > limits.max_array_len:
         return f"{len(turns)} turns, more than the {limits.max_array_len} a token opens with"
+    trusted = _values_trusted(ctx)
     for i, t in enumerate(turns):
-        problem = _one_turn_problem(t, f"turns[{i}]", limits)
+        where = f"turns[{i}]"
+        if trusted and isinstance(t, Turn):
+            problem = _turn_problem(t, where, limits)  # its text; not its extras again
+        else:
+            problem = _one_turn_problem(t, where, limits)
         if problem is not None:
             return problem
-    return _fields_problem(ctx, limits) or _header_problem(ctx, limits)
+    return _fields_problem(ctx, limits, walk_metadata=not trusted) or _header_problem(ctx, limits)
 
 
 def _one_turn_problem(t: Any, where: str, limits: Limits) -> str | None:
@@ -793,8 +890,9 @@ def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> 
     return None
 
 
-def _fields_problem(ctx: Context, limits: Limits) -> str | None:
-    """Everything but the turns: summary, pinned items, metadata."""
+def _fields_problem(ctx: Context, limits: Limits, *, walk_metadata: bool = True) -> str | None:
+    """Everything but the turns: summary, pinned items, metadata (``walk_metadata``:
+    False once :func:`values_walked_once` has seen it pass)."""
     # None reads as "" (empty fields are left out of the token).
     if ctx.summary is not None:
         problem = _str_problem(ctx.summary, "summary", limits)
@@ -815,7 +913,7 @@ def _fields_problem(ctx: Context, limits: Limits) -> str | None:
         problem = _str_problem(fact, f"pinned.facts[{i}]", limits)
         if problem is not None:
             return problem
-    if ctx.metadata:
+    if ctx.metadata and walk_metadata:
         if not isinstance(ctx.metadata, dict):
             return f"metadata is {type(ctx.metadata).__name__}, not dict"
         return _value_problem(ctx.metadata, "metadata", limits, 0)

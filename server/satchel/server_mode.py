@@ -59,6 +59,7 @@ from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .limits import DEFAULT_LIMITS
 from .observe import NULL_OBSERVER, Observer
 from .pipeline import Clock, Pipeline, SaveResult
+from .schema import values_walked_once
 from .tiers.base import CLAIM_HELD
 from .tiers.guard import GuardedTier
 
@@ -312,8 +313,10 @@ class ServerSidePipeline(Pipeline):
         """
         tag = self.session_tag(ctx.session_id)
         self._fit_turn_limit(ctx, now, tag)  # no tier here: summarized and dropped
-        prepared = self._fit_payload_cap(ctx, self.codec.prepare(ctx), now, tag, write_failed=False)
-        token, _raw_size = self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
+        with values_walked_once(ctx):  # measured until it fits: its values walked once
+            prepared = self.codec.prepare(ctx)
+            prepared = self._fit_payload_cap(ctx, prepared, now, tag, write_failed=False)
+            token, _raw_size = self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
         return token
 
     def save(
