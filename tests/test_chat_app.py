@@ -921,6 +921,14 @@ def test_the_examples_own_settings_are_not_warned_about_as_misspellings(
             "SATCHEL_MODEL_TEMPERATURE",
         ),
         ({"SATCHEL_MODEL_DELAY": "inf"}, "SATCHEL_MODEL_DELAY"),
+        # Checked whichever model runs (docs/chat-example.md: "every value is checked
+        # when the app starts"): a remote model's settings while offline, and back.
+        ({"SATCHEL_MODEL_TIMEOUT": "0"}, "SATCHEL_MODEL_TIMEOUT"),
+        ({"SATCHEL_MODEL_TEMPERATURE": "nan"}, "SATCHEL_MODEL_TEMPERATURE"),
+        (
+            {"SATCHEL_MODEL_BASE_URL": "http://127.0.0.1:9/v1", "SATCHEL_MODEL_DELAY": "abc"},
+            "SATCHEL_MODEL_DELAY",
+        ),
     ],
 )
 def test_a_bad_model_setting_is_refused_at_start_up(env: dict[str, str], name: str) -> None:

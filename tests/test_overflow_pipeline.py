@@ -681,3 +681,65 @@ def test_with_a_tier_turns_past_the_llm_token_budget_move_to_it() -> None:
     # kept them), not as a policy trim.
     assert ctx.lifecycle.dropped.get("token_budget") is None
     assert ctx.lifecycle.lost == ctx.lifecycle.dropped["data_loss"] > 0
+
+
+def test_degraded_events_name_the_failure_underneath_then_the_open_breaker() -> None:
+    """docs/operations.md: the audit logs one degraded record per reason *and cause*
+    (detail: the error underneath, then breaker_open), so the breaker opening during an
+    outage shows. The events carried no detail: one record per reason, whatever the
+    cause."""
+    from satchel.observe import Observer
+
+    class Recorder(Observer):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, dict[str, Any]]] = []
+
+        def event(self, name: str, /, **fields: Any) -> None:
+            self.events.append((name, fields))
+
+    class DownTier(MemoryTier):
+        down: set[str] = set()  # "put", "get_many"
+
+        def put(self, key: str, value: bytes, ttl: float) -> None:
+            if "put" in self.down:
+                raise TierUnavailable("cannot reach it", error="ConnectionError")
+            super().put(key, value, ttl)
+
+        def put_unless_marked(self, key: str, value: bytes, ttl: float, *unless: Any) -> bool:
+            if "put" in self.down:
+                raise TierUnavailable("cannot reach it", error="ConnectionError")
+            return super().put_unless_marked(key, value, ttl, *unless)
+
+        def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+            if "get_many" in self.down:
+                raise TierUnavailable("cannot reach it", error="ConnectionError")
+            return super().get_many(keys)
+
+    tier = DownTier()
+    codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
+    recorder = Recorder()
+    guarded = GuardedTier(
+        tier, BreakerPolicy(fail_max=2, reset_timeout=3600.0), cache=SegmentCache(0)
+    )
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=1500, hard_max_token_bytes=3000)
+    pipeline = Pipeline(
+        codec, policy, segments=SegmentStore(guarded, codec), clock=lambda: NOW, observer=recorder
+    )
+    token = converse(pipeline, range(40))
+    assert pipeline.codec.open(token, now=NOW).overflow
+
+    def details() -> set[tuple[str, Any]]:
+        return {(f["reason"], f.get("detail")) for name, f in recorder.events if name == "degraded"}
+
+    tier.down = {"put"}  # writes fail, reads work: every spill is refused
+    for i in range(12):
+        token = converse(pipeline, [100 + i], token)
+    assert {("tier_write_failed", "ConnectionError"), ("tier_write_failed", "writes_open")} <= (
+        details()
+    )
+    tier.down = {"put", "get_many"}
+    for i in range(4):
+        converse(pipeline, [200 + i], token)
+    assert {("tier_unavailable", "ConnectionError"), ("tier_unavailable", "breaker_open")} <= (
+        details()
+    )

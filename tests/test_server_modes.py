@@ -8,6 +8,7 @@ is signed, and the store also runs on Redis Cluster.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -233,12 +234,15 @@ def test_an_oversized_header_is_token_too_large_in_every_mode(mode: str) -> None
 # ------------------------------------------------------------------------------ outages
 
 
-def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) -> None:
+def test_server_mode_answers_503_fast_when_redis_is_killed(
+    redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     app = make_app("server", SATCHEL_STORE_URL=redis_server.url)
     client = app.test_client()
     carrier = converse(client, ["one", "two"])[0].headers[HEADER]
 
     redis_server.kill()
+    caplog.set_level(logging.WARNING, logger="satchel.audit")
     for request in (
         lambda: chat(client, "three", carrier),  # load fails
         lambda: chat(client, "a new conversation", None),  # save fails
@@ -252,6 +256,13 @@ def test_server_mode_answers_503_fast_when_redis_is_killed(redis_server: Any) ->
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'satchel_unavailable_total{reason="tier_unavailable"} 3.0' in metrics
     assert not re.search(r"satchel_degraded_total\{[^}]*\} [1-9]", metrics)
+    # The audit names the cause (operations.md: one record per reason and cause).
+    causes = {
+        r.satchel.get("detail")  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "satchel.audit" and r.getMessage() == "unavailable"
+    }
+    assert causes and None not in causes, causes
 
     # Back, but empty (no persistence): the conversation starts over, and says so.
     redis_server.restart()

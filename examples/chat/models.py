@@ -573,16 +573,20 @@ def model_from_env(env: Mapping[str, str] | None = None) -> ChatModel:
     """
     env = os.environ if env is None else env
     base_url = env.get("SATCHEL_MODEL_BASE_URL", "").strip()
-    if not base_url:
-        return OfflineModel(delay=_env_number(env, "SATCHEL_MODEL_DELAY", 0.0))
+    # Every setting is checked whichever model runs: a bad timeout set while developing
+    # offline must stop the app now, not the day a real model is configured.
+    delay = _env_number(env, "SATCHEL_MODEL_DELAY", 0.0)
+    timeout = _env_number(env, "SATCHEL_MODEL_TIMEOUT", DEFAULT_MODEL_TIMEOUT, positive=True)
     options: dict[str, Any] = {}
     if env.get("SATCHEL_MODEL_TEMPERATURE"):
         options["temperature"] = _env_number(env, "SATCHEL_MODEL_TEMPERATURE", 0.0)
+    if not base_url:
+        return OfflineModel(delay=delay)
     return OpenAICompatibleModel(
         base_url,
         env.get("SATCHEL_MODEL_NAME") or "gpt-4o-mini",
         api_key=env.get("SATCHEL_MODEL_API_KEY") or None,
-        timeout=_env_number(env, "SATCHEL_MODEL_TIMEOUT", DEFAULT_MODEL_TIMEOUT, positive=True),
+        timeout=timeout,
         options=options,
     )
 

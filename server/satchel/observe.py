@@ -76,6 +76,21 @@ class MultiObserver(Observer):
                 continue
 
 
+def tier_cause(exc: Exception | None) -> str | None:
+    """An event's ``detail`` for a tier failure: ``breaker_open`` when a breaker
+    refused the call without touching the tier, else the error underneath (its type,
+    as the tier names it: ``ConnectionError``, ``TimeoutError``), else the code. The
+    audit throttles degraded records per reason and cause, so the breaker opening in
+    an outage is logged, not folded into the failures before it."""
+    if exc is None:
+        return None
+    facts = getattr(exc, "facts", None) or {}
+    if facts.get("unsent"):
+        return "breaker_open" if facts.get("breaker") != "writes_open" else "writes_open"
+    error = facts.get("error")
+    return error if isinstance(error, str) else getattr(exc, "code", type(exc).__name__)
+
+
 def flag_degraded(observer: Observer, degraded: list[str], reason: str, /, **fields: Any) -> None:
     """Add ``reason`` to a response's ``degraded`` list and report it, once per response.
 

@@ -33,9 +33,9 @@ from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, 
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.policy import apply_token_budget, llm_budget_excess
 from .lifecycle.summarize import cut_summary, summarize, summarize_clock
-from .observe import NULL_OBSERVER, Observer, flag_degraded
+from .observe import NULL_OBSERVER, Observer, flag_degraded, tier_cause
 from .schema import SEQ_LIMIT, check_sealable, metadata_problem, values_walked_once
-from .segments import merge_start
+from .segments import TIER_UNAVAILABLE, merge_start
 
 if TYPE_CHECKING:
     from .consistency import Claim
@@ -245,7 +245,9 @@ class Pipeline:
             )
         for reason in dict.fromkeys(reason for _ref, reason in result.missing):
             missing = sum(ref.turns for ref, r in result.missing if r == reason)
-            flag_degraded(self.observer, ctx.degraded, reason, session=tag, turns=missing)
+            # The tier's failure for tier_unavailable; the others are about the segment.
+            cause = {"detail": tier_cause(result.error)} if reason == TIER_UNAVAILABLE else {}
+            flag_degraded(self.observer, ctx.degraded, reason, session=tag, turns=missing, **cause)
 
     # -- save -----------------------------------------------------------------------
 
@@ -711,7 +713,12 @@ class Pipeline:
             return ref, len(ctx.overflow)
         except TierError as exc:
             flag_degraded(
-                self.observer, ctx.degraded, "tier_write_failed", session=tag, error=exc.code
+                self.observer,
+                ctx.degraded,
+                "tier_write_failed",
+                session=tag,
+                error=exc.code,
+                detail=tier_cause(exc),
             )
             return None
 

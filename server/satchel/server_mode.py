@@ -57,7 +57,7 @@ from .errors import (
 )
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .limits import DEFAULT_LIMITS
-from .observe import NULL_OBSERVER, Observer
+from .observe import NULL_OBSERVER, Observer, tier_cause
 from .pipeline import Clock, Pipeline, SaveResult
 from .schema import values_walked_once
 from .tiers.base import CLAIM_HELD
@@ -207,7 +207,7 @@ class ServerSidePipeline(Pipeline):
         claim = session_claim_key(tag, self.prefix)
         fetched = self.store.get_many([key, tombstone, claim], cache=False)
         if fetched.reason(key) == "tier_unavailable":
-            self._store_unavailable()
+            self._store_unavailable(fetched.error)
         if fetched.get(tombstone) == ERASED:
             # Erased: the id must not come back to life as a new, empty conversation.
             refuse_erased(self.observer, tag)
@@ -256,7 +256,7 @@ class ServerSidePipeline(Pipeline):
         if fetched.error is not None or fetched.get(stored) != ctx.stored_as:
             self.release(claim)
             if fetched.error is not None:
-                self._store_unavailable()
+                self._store_unavailable(fetched.error)
             self.observer.event("busy_refused", session=tag)
             raise ContextBusy(
                 "another request for this conversation was answered while this one "
@@ -273,10 +273,12 @@ class ServerSidePipeline(Pipeline):
     def renew(self, claim: Claim) -> bool:
         return renew_claim(self.store, claim)
 
-    def _store_unavailable(self) -> NoReturn:
+    def _store_unavailable(self, error: Exception | None) -> NoReturn:
         """A read the store could not answer: counted, and a 503 (in server mode an
         outage of the store is an outage of the app)."""
-        self.observer.event("unavailable", reason="tier_unavailable", mode=self.mode)
+        self.observer.event(
+            "unavailable", reason="tier_unavailable", mode=self.mode, detail=tier_cause(error)
+        )
         raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
 
     @contextlib.contextmanager
@@ -287,13 +289,17 @@ class ServerSidePipeline(Pipeline):
         try:
             yield
         except TierFull as exc:
-            self.observer.event("unavailable", reason=exc.code, op=op, mode=self.mode)
+            self.observer.event(
+                "unavailable", reason=exc.code, op=op, mode=self.mode, detail=tier_cause(exc)
+            )
             raise TierFull(
                 "the session store is full and refused the write; nothing was saved",
                 mode=self.mode,
             ) from exc
         except TierError as exc:
-            self.observer.event("unavailable", reason=exc.code, op=op, mode=self.mode)
+            self.observer.event(
+                "unavailable", reason=exc.code, op=op, mode=self.mode, detail=tier_cause(exc)
+            )
             if exc.facts.get("unsent"):  # the breaker is open: no socket was touched
                 raise TierUnavailable(
                     "the session store is unavailable and nothing was saved; retry shortly",
