@@ -161,6 +161,11 @@ def test_a_turn_time_that_is_no_time_is_refused(ts: float) -> None:
         ("ToolCall('c1', 'f', {'n': [-(2**63) - 1]})", "InvalidValue", r"arguments\['n'\]\[0\]"),
         ("ToolCall('c1', 'f', deep(70))", "InvalidValue", r"nested deeper than 64"),
         ("ToolCall('c1', 'f', {1: 'x'})", "TypeError", r"arguments has a int key"),
+        # What the token's reader refuses at the default Limits: refused as it enters.
+        ("ToolCall('c1', 'f', {str(i): i for i in range(2001)})", "InvalidValue", "2000 entr"),
+        ("ToolCall('c1', 'f', {'rows': [0] * 20_001})", "InvalidValue", r"\['rows'\] has more"),
+        ("ToolCall('c1', 'f', {'doc': 'é' * 300_000})", "InvalidValue", r"\['doc'\] is longer"),
+        ("ToolCall('c1', 'f', {Markup('k'): 1})", "TypeError", "Markup key"),
         ("ToolCall('c1', 'f', {'when': object()})", "TypeError", r"arguments\['when'\] is object"),
     ],
 )
@@ -176,7 +181,10 @@ def test_add_turn_checks_the_fields_of_tool_calls_and_blocks(
             value = {"x": value}
         return value
 
-    made = eval(part, {"ToolCall": ToolCall, "OpaqueBlock": OpaqueBlock, "deep": deep})
+    from markupsafe import Markup
+
+    names = {"ToolCall": ToolCall, "OpaqueBlock": OpaqueBlock, "deep": deep, "Markup": Markup}
+    made = eval(part, names)
     kind = {"InvalidText": InvalidText, "InvalidValue": InvalidValue, "TypeError": TypeError}[error]
     ctx = Context.new()
     where = {"tool_calls": [made]} if isinstance(made, ToolCall) else {"blocks": [made]}

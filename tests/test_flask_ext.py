@@ -1214,3 +1214,17 @@ def test_a_partitioned_cookie_for_an_api_on_another_site() -> None:
     assert removal.startswith("ctx=;") and "Partitioned" in removal
     plain = make_app(SATCHEL_COOKIE="ctx").test_client().post("/api/chat", json={"message": "x"})
     assert "Partitioned" not in plain.headers["Set-Cookie"]
+
+
+def test_the_status_table_lists_every_error_code_an_app_can_meet() -> None:
+    """STATUS_BY_CODE is public, "for reference and docs": invalid_value was added as an
+    error without an entry (a KeyError for code that looks a code up there)."""
+    from satchel import errors
+    from satchel.flask_ext.errors import STATUS_BY_CODE
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
+
+    for cls in subclasses(errors.SatchelError):
+        if cls.status < 500 and cls.code != errors.SatchelError.code:
+            assert STATUS_BY_CODE.get(cls.code) == cls.status, cls.__name__

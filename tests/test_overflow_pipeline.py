@@ -743,3 +743,28 @@ def test_degraded_events_name_the_failure_underneath_then_the_open_breaker() -> 
     assert {("tier_unavailable", "ConnectionError"), ("tier_unavailable", "breaker_open")} <= (
         details()
     )
+
+
+def test_identical_exchanges_spilled_in_one_second_come_back_twice_in_signed_mode() -> None:
+    """Signed tokens have no nonce: the same exchange spilled twice in the same second
+    makes the same segment bytes, so two references share a digest. Both are read (the
+    exchange happened twice); refusing a repeated digest made the save a 500."""
+    codec = Codec(Keyring.generate("k1"), "signed", clock=lambda: NOW)
+    tier = GuardedTier(MemoryTier(), BreakerPolicy(), cache=SegmentCache(0))
+    pipeline = Pipeline(
+        codec,
+        LifecyclePolicy(max_turns=2),
+        segments=SegmentStore(tier, codec),
+        clock=lambda: NOW,
+    )
+    token = None
+    for _ in range(4):
+        ctx = pipeline.load(token, now=NOW)
+        ctx.add_turn("user", "ok", ts=NOW)
+        ctx.add_turn("assistant", "ok", ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+    ctx = pipeline.load(token, now=NOW)
+    digests = [ref.digest for ref in ctx.overflow]
+    assert len(set(digests)) < len(digests)  # the case: one digest named twice
+    assert [t.content for t in ctx.all_turns()] == ["ok"] * 8
+    assert not ctx.degraded

@@ -410,6 +410,32 @@ def test_a_save_walks_large_metadata_and_tool_arguments_once(monkeypatch: Any) -
     assert opened.metadata["ids"] == list(range(500)) and len(opened.turns) < 90
     assert walked.count("metadata") == 1
     assert walked.count("arguments") <= 30  # each turn's once, not once per measurement
+    # Text the estimates misjudge (logs compress far better than prose, CJK far worse)
+    # sends the budget to measuring trial copies: they are not walked again either.
+    import random
+
+    rng = random.Random(1)
+    logs = Context.new(now=NOW)
+    logs.metadata["m"] = [{} for _ in range(20_000)]
+    for _ in range(60):
+        logs.add_turn("user", "ERROR connection reset by peer\n" * 100, ts=NOW)
+        logs.add_turn("assistant", "Retry.", ts=NOW)
+    for _ in range(12):
+        for role in ("user", "assistant"):
+            cjk = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(60))
+            logs.add_turn(role, cjk, ts=NOW)
+    bisected: list[int] = []
+    original_fit = Pipeline._turns_to_fit
+
+    def counting_fit(self: Pipeline, *args: Any, **kwargs: Any) -> int:
+        bisected.append(1)
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "_turns_to_fit", counting_fit)
+    walked.clear()
+    policy = LifecyclePolicy(max_turns=None, max_token_bytes=3800, hard_max_token_bytes=60_000)
+    assert Pipeline(codec, policy, clock=lambda: NOW).save(logs, now=NOW).size <= 3800
+    assert bisected and walked.count("metadata") <= 2  # the first measurement's walks
     # A context changed after a save is walked again by the next one.
     ctx.metadata["bad"] = {1: "int key"}
     with pytest.raises(ContextNotSerializable, match="metadata"):

@@ -462,20 +462,22 @@ def test_an_empty_value_of_the_wrong_type_is_refused_not_read_as_none(
         schema.from_wire(wire)
 
 
-def test_a_segment_referenced_twice_is_refused_both_ways() -> None:
+def test_references_past_what_satchel_keeps_are_refused_both_ways() -> None:
     """A 277-character token naming one 6 KB segment 20,000 times rehydrated it 20,000
-    times (a 172 MB response); two copies showed every overflowed turn twice with
-    nothing flagged. Satchel lists a segment once: a token naming one twice is invalid,
-    and a context holding such a list is not sealed."""
+    times (a 172 MB response). A segment may be named twice (signed mode writes the same
+    bytes for the same exchange in the same second), but a token holds at most
+    MAX_OVERFLOW_REFS references, well past the 24 the pipeline keeps."""
+    from satchel.pipeline import MAX_HELD_SEGMENT_REFS
+
+    assert MAX_HELD_SEGMENT_REFS < schema.MAX_OVERFLOW_REFS
     ref = SegmentRef(b"d" * 12, 2, 300, 1, 1_767_225_600)
-    other = SegmentRef(b"e" * 12, 2, 300, 2, 1_767_225_600)
     ctx = Context.new()
-    ctx.overflow = [ref, other]
+    ctx.overflow = [ref] * schema.MAX_OVERFLOW_REFS  # named again and again: allowed
     wire = schema.to_wire(ctx)
-    assert schema.from_wire(wire).overflow == [ref, other]
+    assert schema.from_wire(wire).overflow == [ref] * schema.MAX_OVERFLOW_REFS
     wire["o"] = [*wire["o"], wire["o"][0]]
     with pytest.raises(InvalidContext):
         schema.from_wire(wire)
-    ctx.overflow = [ref, other, ref]
-    with pytest.raises(ContextNotSerializable, match="referenced twice"):
+    ctx.overflow.append(ref)
+    with pytest.raises(ContextNotSerializable, match="overflow references"):
         schema.to_wire(ctx)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from .errors import InvalidText, InvalidValue
-from .limits import MAX_METADATA_DEPTH
+from .limits import DEFAULT_LIMITS, MAX_METADATA_DEPTH
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
@@ -509,7 +510,7 @@ def _check_part(part: object, where: str) -> None:
                 f"{where}.arguments is a JSON str or a dict, not {type(part.arguments).__name__}"
             )
         else:
-            _check_arguments(part.arguments, f"{where}.arguments", 0)
+            _check_arguments(part.arguments, f"{where}.arguments")
     else:
         assert isinstance(part, OpaqueBlock)
         texts = {"type": part.type, "provider": part.provider}
@@ -526,40 +527,82 @@ def _check_part(part: object, where: str) -> None:
 
 #: msgpack's integers: int64 and uint64
 _INT_MIN, _INT_LIMIT = -(2**63), 2**64
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
 
 
-def _check_arguments(value: Any, where: str, depth: int) -> None:
+def key_name(key: str, position: int) -> str:
+    """A map key for an error message, which the HTTP edge logs: a field-like name as
+    it is (the app's schema: ``metadata['credits']``), anything else by position only
+    (a key can be content: a user's own label, a document's title)."""
+    return repr(key) if _FIELD_NAME.fullmatch(key) else f"<key #{position}>"
+
+
+def _check_arguments(arguments: dict[str, Any], where: str) -> None:
     """Tool-call arguments given as a map (Anthropic's ``input``), walked as a str is
     checked: they come from a provider or a request body, so what no token could carry
-    (an unpaired surrogate, an integer past 64 bits, nesting past
+    (an unpaired surrogate, an integer past 64 bits, a string, list or map past what
+    a token opens with at the default :class:`~satchel.limits.Limits`, nesting past
     :data:`~satchel.limits.MAX_METADATA_DEPTH`) is refused here as bad input (a JSON
-    400 at the HTTP edge), not found out when sealing fails with a 500."""
-    if value is None or isinstance(value, bool | float | bytes | bytearray | memoryview):
-        return
-    if isinstance(value, int):
-        if not _INT_MIN <= value < _INT_LIMIT:
-            raise InvalidValue(f"{where} holds an integer outside the 64 bits a token carries")
-    elif isinstance(value, str):
-        if not value.isascii():
-            check_text(value, where)
-    elif isinstance(value, list | tuple | dict):
-        if depth >= MAX_METADATA_DEPTH:
-            raise InvalidValue(f"{where} is nested deeper than {MAX_METADATA_DEPTH} levels")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise TypeError(f"{where} has a {type(key).__name__} key: keys are str")
-                if not key.isascii():
-                    check_text(key, f"{where} key")
-                _check_arguments(item, f"{where}[{key!r}]", depth + 1)
+    400 at the HTTP edge), not found out when sealing fails with a 500. The place is
+    spelled out only for the error (a walk of a large map builds no strings)."""
+    limits = DEFAULT_LIMITS
+    stack: list[tuple[Any, tuple[str, ...]]] = [(arguments, ())]
+    while stack:
+        value, path = stack.pop()
+        if value is None or isinstance(value, bool | float):
+            continue
+        if isinstance(value, int):
+            if not _INT_MIN <= value < _INT_LIMIT:
+                _refuse_argument(
+                    where, path, "holds an integer outside the 64 bits a token carries"
+                )
+        elif isinstance(value, str | bytes | bytearray | memoryview):
+            # A str's UTF-8 is at most 4 bytes a character: encoded only when it may be long.
+            size = (
+                len(value)
+                if not isinstance(value, str) or len(value) * 4 <= limits.max_str_bytes
+                else len(value.encode("utf-8", "surrogatepass"))
+            )
+            if size > limits.max_str_bytes:
+                _refuse_argument(
+                    where,
+                    path,
+                    f"is longer than the {limits.max_str_bytes} bytes a token opens with",
+                )
+            if isinstance(value, str) and not value.isascii():
+                check_text(value, _argument_place(where, path))
+        elif isinstance(value, list | tuple | dict):
+            if len(path) >= MAX_METADATA_DEPTH:
+                _refuse_argument(where, path, f"is nested deeper than {MAX_METADATA_DEPTH} levels")
+            if isinstance(value, dict):
+                if len(value) > limits.max_map_len:
+                    _refuse_argument(where, path, f"has more than {limits.max_map_len} entries")
+                for n, (key, item) in enumerate(value.items()):
+                    if type(key) is not str:  # a str subclass would open as a plain str
+                        raise TypeError(
+                            f"{_argument_place(where, path)} has a {type(key).__name__} key: "
+                            "keys are str"
+                        )
+                    if not key.isascii():
+                        check_text(key, f"{_argument_place(where, path)} key #{n}")
+                    stack.append((item, (*path, f"[{key_name(key, n)}]")))
+            else:
+                if len(value) > limits.max_array_len:
+                    _refuse_argument(where, path, f"has more than {limits.max_array_len} items")
+                stack.extend((item, (*path, f"[{i}]")) for i, item in enumerate(value))
         else:
-            for i, item in enumerate(value):
-                _check_arguments(item, f"{where}[{i}]", depth + 1)
-    else:
-        raise TypeError(
-            f"{where} is {type(value).__name__}: arguments take str, int, float, bool, "
-            "None, bytes, and lists and str-keyed dicts of those"
-        )
+            raise TypeError(
+                f"{_argument_place(where, path)} is {type(value).__name__}: arguments take "
+                "str, int, float, bool, None, bytes, and lists and str-keyed dicts of those"
+            )
+
+
+def _argument_place(where: str, path: tuple[str, ...]) -> str:
+    return where + "".join(path)
+
+
+def _refuse_argument(where: str, path: tuple[str, ...], problem: str) -> NoReturn:
+    raise InvalidValue(f"{_argument_place(where, path)} {problem}")
 
 
 def _optional_text(value: Any, what: str) -> str | None:

@@ -34,7 +34,13 @@ from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.policy import apply_token_budget, llm_budget_excess
 from .lifecycle.summarize import cut_summary, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded, tier_cause
-from .schema import SEQ_LIMIT, check_sealable, metadata_problem, values_walked_once
+from .schema import (
+    SEQ_LIMIT,
+    check_sealable,
+    metadata_problem,
+    values_walked_like,
+    values_walked_once,
+)
 from .segments import TIER_UNAVAILABLE, merge_start
 
 if TYPE_CHECKING:
@@ -845,13 +851,14 @@ class Pipeline:
             return 0
         trial = copy.copy(ctx)
         lo, hi = 0, len(ends) - 1  # the answer is an index into ends; hi always fits or is last
-        while lo < hi:
-            mid = (lo + hi) // 2
-            trial.turns = ctx.turns[ends[mid] :]
-            if self.codec.prepare(trial).size <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
+        with values_walked_like(trial, ctx):  # its values are ctx's: walked already
+            while lo < hi:
+                mid = (lo + hi) // 2
+                trial.turns = ctx.turns[ends[mid] :]
+                if self.codec.prepare(trial).size <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
         return ends[lo]
 
     @staticmethod

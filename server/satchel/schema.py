@@ -19,7 +19,6 @@ History:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -39,6 +38,7 @@ from .context import (
     ToolCall,
     Turn,
     check_session_id,
+    key_name,
 )
 from .errors import ContextNotSerializable, InvalidContext, MigrationFailed, UnsupportedVersion
 from .limits import DEFAULT_LIMITS, Limits
@@ -161,6 +161,25 @@ def values_walked_once(ctx: Context) -> Iterator[None]:
     record and plain turns are still checked every time.
     """
     reset = _walked.set(_Walked(ctx))
+    try:
+        yield
+    finally:
+        _walked.reset(reset)
+
+
+@contextmanager
+def values_walked_like(trial: Context, original: Context) -> Iterator[None]:
+    """Within this block, ``trial`` (a shallow copy of ``original`` holding some of its
+    turns, to measure a context without the others) needs no walk if ``original``
+    passed one inside :func:`values_walked_once`: the same metadata, a subset of the
+    same turns. Else ``trial`` is walked as any context is."""
+    state = _walked.get()
+    if state is None or not state.passed or state.ctx is not original:
+        yield
+        return
+    walked = _Walked(trial)
+    walked.passed = True
+    reset = _walked.set(walked)
     try:
         yield
     finally:
@@ -515,7 +534,7 @@ def _overflow_to_wire(
     ):
         for j, ref in enumerate(wire):
             _check_reads_back(ref, _SEGMENT_REF_PARTS, f"overflow[{j}].", limits)
-    _refuse_repeated_segments(refs)
+    _check_reference_count(len(wire))
     return wire
 
 
@@ -536,16 +555,22 @@ _SEGMENT_REF_PARTS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
 def _overflow_from_wire(wire: Any) -> list[SegmentRef]:
     if type(wire) is not list:  # "", b"" or {} iterated as no references
         raise TypeError("the overflow references are an array")
-    refs = [_segment_ref_from_wire(ref) for ref in wire]
-    _refuse_repeated_segments(refs)
-    return refs
+    _check_reference_count(len(wire))
+    return [_segment_ref_from_wire(ref) for ref in wire]
 
 
-def _refuse_repeated_segments(refs: list[SegmentRef]) -> None:
-    """Satchel lists a segment once. A token naming one 20,000 times (a key holder's)
-    rehydrated its turns 20,000 times: a 277-character token made a 172 MB response."""
-    if len(refs) > 1 and len({r.digest for r in refs}) != len(refs):
-        raise ValueError("an overflow segment is referenced twice")
+#: The most overflow references a token holds. Satchel keeps at most 24
+#: (pipeline.MAX_HELD_SEGMENT_REFS; before 2026-11-28, while segments could not be read,
+#: a few more). A key holder's token naming one segment 20,000 times rehydrated it
+#: 20,000 times: 277 characters made a 172 MB response. Each reference is read, so a
+#: segment named twice is allowed (two identical exchanges spilled in one second make
+#: the same bytes in signed mode, which has no nonce), but not without bound.
+MAX_OVERFLOW_REFS = 64
+
+
+def _check_reference_count(count: int) -> None:
+    if count > MAX_OVERFLOW_REFS:
+        raise ValueError(f"more than {MAX_OVERFLOW_REFS} overflow references")
 
 
 def _check_reads_back(
@@ -748,9 +773,9 @@ def _unpackable(value: Any, where: str) -> str | None:
                 return found
     elif isinstance(value, dict):
         for n, (key, item) in enumerate(value.items()):
-            key_name = _key_name(key, n) if isinstance(key, str) else f"<key #{n}>"
-            found = _unpackable(key, f"{where}: key {key_name}") or _unpackable(
-                item, f"{where}[{key_name}]"
+            named = key_name(key, n) if isinstance(key, str) else f"<key #{n}>"
+            found = _unpackable(key, f"{where}: key {named}") or _unpackable(
+                item, f"{where}[{named}]"
             )
             if found is not None:
                 return found
@@ -807,16 +832,6 @@ def _one_turn_problem(t: Any, where: str, limits: Limits) -> str | None:
     if not isinstance(t, Turn):
         return f"{where} is {type(t).__name__}, not Turn"
     return _turn_problem(t, where, limits) or _extras_problem(t, where, limits)
-
-
-_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
-
-
-def _key_name(key: str, position: int) -> str:
-    """A map key for an error message, which the HTTP edge logs: a field-like name as
-    it is (the app's schema: ``metadata['credits']``), anything else by position only
-    (a key can be content: a user's own label, a document's title)."""
-    return repr(key) if _FIELD_NAME.fullmatch(key) else f"<key #{position}>"
 
 
 def _describe(value: Any) -> str:
@@ -1021,9 +1036,9 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
                     f"{where} has a {type(key).__name__} key: map keys must be str, or the "
                     "token does not open again"
                 )
-            problem = _str_problem(key, f"{where}: key {_key_name(key, n)}", limits)
+            problem = _str_problem(key, f"{where}: key {key_name(key, n)}", limits)
             if problem is None:
-                problem = _value_problem(item, f"{where}[{_key_name(key, n)}]", limits, depth + 1)
+                problem = _value_problem(item, f"{where}[{key_name(key, n)}]", limits, depth + 1)
             if problem is not None:
                 return problem
         return None

@@ -289,3 +289,21 @@ def test_ping_fails_while_the_cluster_says_it_is_down() -> None:
         with pytest.raises(TierUnavailable, match="cluster_state"):
             t.ping()
         t.close()
+
+
+def test_ping_without_leave_to_ask_cluster_info_trusts_the_pong(cluster: RedisCluster) -> None:
+    """An ACL that does not grant CLUSTER INFO (NOPERM) made every readiness probe of a
+    healthy cluster 'unreachable', and counted against the breaker: the breaker-open
+    alert fired for a cluster that served every request. The cluster's state is then
+    unknown, and the PONG is what readiness has."""
+    for node in cluster.nodes:
+        node.command("ACL", "SETUSER", "app", "on", ">pw", "~*", "&*", "+@all", "-cluster|info")
+    try:
+        nodes = ",".join(f"{h}:{p}" for h, p in cluster.addresses)
+        t = tier_from_url(f"redis+cluster://app:pw@{nodes}", timeouts=Timeouts(read=1, connect=1))
+        t.ping()
+        t.put("satchel:{s}:a", b"1", 60)  # the user works for everything else
+        t.close()
+    finally:
+        for node in cluster.nodes:
+            node.command("ACL", "DELUSER", "app")

@@ -48,6 +48,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "budget_exceeded": 413,
     "invalid_request": 400,
     "invalid_text": 400,
+    "invalid_value": 400,
 }
 
 

@@ -813,15 +813,25 @@ class RedisTier(Tier):
         if self.mode == "cluster":
             # A live node answers PING while the cluster refuses every command with
             # CLUSTERDOWN (a master gone, its slots uncovered): ask for its state too.
-            info = self._run("ping", lambda: self.client.cluster_info())
-            state = info.get("cluster_state") if isinstance(info, dict) else None
-            if state != "ok":
+            state = self._run("ping", self._cluster_state)
+            if state is not None and state != "ok":
                 raise TierUnavailable(
                     f"Redis Cluster is down (cluster_state: {state})",
                     tier=self.name,
                     op="ping",
                     mode=self.mode,
                 )
+
+    def _cluster_state(self) -> str | None:
+        """``cluster_state`` from CLUSTER INFO; None when the ACL does not grant the
+        command (the PONG is then all readiness knows: a healthy cluster must not read
+        as down, and count against the breaker, for want of a permission)."""
+        try:
+            info = self.client.cluster_info()
+        except redis.exceptions.NoPermissionError:
+            return None
+        state = info.get("cluster_state") if isinstance(info, dict) else None
+        return str(state)
 
     def close(self) -> None:
         client = self._client
