@@ -1225,6 +1225,10 @@ def test_the_status_table_lists_every_error_code_an_app_can_meet() -> None:
     def subclasses(cls: type) -> list[type]:
         return [cls, *(s for sub in cls.__subclasses__() for s in subclasses(sub))]
 
+    # The library's errors (flask.session's StoredSessionMissing, for one, never reaches
+    # the HTTP edge: the session opens empty).
     for cls in subclasses(errors.SatchelError):
+        if cls.__module__ != errors.__name__:
+            continue
         if cls.status < 500 and cls.code != errors.SatchelError.code:
             assert STATUS_BY_CODE.get(cls.code) == cls.status, cls.__name__
