@@ -1060,3 +1060,36 @@ def test_a_session_erased_while_its_reply_streams_says_erased(
     streaming.close()
     assert "event: error" in body and "token_erased" in body, body
     assert client.post("/stream", headers={HEADER: carrier}).status_code == 410
+
+
+@pytest.mark.parametrize("mode", ["memory", pytest.param("server", marks=pytest.mark.redis)])
+def test_the_next_message_may_go_as_soon_as_the_final_event_arrives(
+    mode: str, request: pytest.FixtureRequest
+) -> None:
+    """The claim was released only when the server asked the finished generator for
+    more, after the done event: a client that sent its next message on the final event
+    (the browser client frees its lock there) met 409 context_busy in about one round
+    of five, and waited a Retry-After second. The save is done before that event goes
+    out: the claim goes with it."""
+    app, satchel = _stream_app(mode, request)
+
+    @app.post("/stream")
+    def stream_view() -> Any:
+        ctx = satchel.context
+        return satchel.stream(
+            iter(["a reply"]), on_complete=lambda text: ctx.add_turn("assistant", text)
+        )
+
+    client = app.test_client()
+    carrier = token_in(client.post("/stream").get_data(as_text=True))
+    for _ in range(3):
+        streaming = client.post("/stream", headers={HEADER: carrier}, buffered=False)
+        chunks = iter(streaming.response)
+        seen = ""
+        while "event: satchel" not in seen:  # the final event; the stream is not over
+            seen += next(chunks).decode()
+        carrier = token_in(seen)
+        following = app.test_client().post("/stream", headers={HEADER: carrier})
+        assert following.status_code == 200, following.get_data(as_text=True)
+        carrier = token_in(following.get_data(as_text=True))
+        streaming.close()

@@ -126,7 +126,9 @@ def build(header: Header, body: bytes) -> str:
 def encode(raw: bytes) -> str:
     """The token string for raw envelope bytes (header and body)."""
     # binascii directly: base64.urlsafe_b64encode is this plus two wrapper calls.
-    encoded = binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE)
+    # replace, not translate: translate looks up every byte, replace jumps (memchr) to
+    # the few "+" and "/" (1 in 32 characters), several times faster on a token.
+    encoded = binascii.b2a_base64(raw, newline=False).replace(b"+", b"-").replace(b"/", b"_")
     return PREFIX + encoded.rstrip(b"=").decode("ascii")
 
 
@@ -220,14 +222,11 @@ def _split(raw: bytes, prefix: bytes, format_version: int) -> Envelope:
     return _tuple_new(Envelope, (header, prefix + raw[:header_end], raw[header_end:], raw))
 
 
-# URL-safe to standard alphabet; "+", "/" and "=" become "!" so the strict decoder
-# refuses them (they are not base64url, and padding is never sent).
-_FROM_URLSAFE = bytes.maketrans(b"-_+/=", b"+/!!!")
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # Bits of the last character that carry no data, by input length mod 4.
 _UNUSED_BITS_MASK = {2: 0x0F, 3: 0x03}
 _PADDING = (b"", b"", b"==", b"=")
+_PLUS, _SLASH, _PAD = b"+/="  # ints: the byte values
 
 
 def _b64url_decode_canonical(data: bytes) -> bytes:
@@ -244,9 +243,16 @@ def _b64url_decode_canonical(data: bytes) -> bytes:
         index = _ALPHABET.find(data[-1:])
         if index < 0 or index & _UNUSED_BITS_MASK[remainder]:
             raise MalformedToken("token body is not canonical base64url")
+    # "+", "/" and "=" are not base64url (and padding is never sent): refused here, as
+    # the strict decoder below refuses every other character outside the alphabet.
+    # Searches and replace, not translate: they jump (memchr) over the bytes. (An int
+    # searched for is a plain memchr; a bytes one first fails as an int, raising and
+    # clearing a TypeError.)
+    if _PLUS in data or _SLASH in data or _PAD in data:
+        raise MalformedToken("token body is not base64url")
     try:
         return binascii.a2b_base64(
-            data.translate(_FROM_URLSAFE) + _PADDING[remainder], strict_mode=True
+            data.replace(b"-", b"+").replace(b"_", b"/") + _PADDING[remainder], strict_mode=True
         )
     except binascii.Error:
         raise MalformedToken("token body is not base64url") from None

@@ -40,6 +40,7 @@ from ..compress import Compressor
 from ..context import Context
 from ..errors import BudgetExceeded, ConfigurationError, ContextNotSerializable
 from ..keys import Keyring
+from ..protect import keyed_hmac
 
 SIZES = (4, 20, 50, 200)
 SIZE_SAMPLES = 100
@@ -155,10 +156,6 @@ def as_plain(turns: list[dict[str, str]], now: int) -> dict[str, Any]:
     }
 
 
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-
-
 class Floor:
     """msgpack + zstd + HMAC + base64 by hand, on the very map Satchel packs
     (:func:`wire_of`): what no framework around the same primitives can beat.
@@ -172,19 +169,22 @@ class Floor:
 
     def __init__(self, key: bytes, compressor: Compressor) -> None:
         self.key = key
+        self.mac = keyed_hmac(key)  # keyed once, copied per message, as Satchel's signer
         self.cctx = compressor._compressor()  # same dictionary, level and frame format
         self.dctx = compressor._decompressor(compressor.dictionary_id)
 
     def seal(self, obj: Any) -> str:
         data = self.cctx.compress(msgpack.packb(obj))
-        mac = hmac.digest(self.key, data, "sha256")
-        return binascii.b2a_base64(data + mac, newline=False).translate(_TO_URLSAFE).decode()
+        mac = self.mac.copy()
+        mac.update(data)
+        return _b64url(data + mac.digest())
 
     def open(self, token: str) -> Any:
-        text = token.encode()
-        raw = binascii.a2b_base64(text.translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
-        data, mac = raw[:-32], raw[-32:]
-        if not hmac.compare_digest(mac, hmac.digest(self.key, data, "sha256")):
+        raw = _unb64url(token)
+        data, tag = raw[:-32], raw[-32:]
+        mac = self.mac.copy()
+        mac.update(data)
+        if not hmac.compare_digest(tag, mac.digest()):
             raise ValueError("bad mac")
         return msgpack.unpackb(self.dctx.decompress(data))
 
@@ -200,14 +200,23 @@ class SealedFloor(Floor):
     def seal(self, obj: Any) -> str:
         data = self.cctx.compress(msgpack.packb(obj))
         nonce = os.urandom(12)
-        body = nonce + self.aead.encrypt(nonce, data, None)
-        return binascii.b2a_base64(body, newline=False).translate(_TO_URLSAFE).decode()
+        return _b64url(nonce + self.aead.encrypt(nonce, data, None))
 
     def open(self, token: str) -> Any:
-        text = token.encode()
-        raw = binascii.a2b_base64(text.translate(_FROM_URLSAFE) + b"=" * (-len(text) % 4))
+        raw = _unb64url(token)
         data = self.aead.decrypt(raw[:12], raw[12:], None)
         return msgpack.unpackb(self.dctx.decompress(data))
+
+
+def _b64url(raw: bytes) -> str:
+    # replace, not translate: it jumps (memchr) to the few "+" and "/", as the envelope does
+    return binascii.b2a_base64(raw, newline=False).replace(b"+", b"-").replace(b"/", b"_").decode()
+
+
+def _unb64url(token: str) -> bytes:
+    text = token.encode()
+    standard = text.replace(b"-", b"+").replace(b"_", b"/")
+    return binascii.a2b_base64(standard + b"=" * (-len(text) % 4))
 
 
 def wire_of(ctx: Context) -> dict[str, Any]:

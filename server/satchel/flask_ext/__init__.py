@@ -1037,6 +1037,11 @@ class Satchel:
                 if on_complete is not None:
                     on_complete("".join(parts))
                 metadata = finish_metadata()
+                if release is not None and claimer is pipeline:
+                    # Saved (server and memory modes): the stored copy holds the reply
+                    # now, so the next message may go. Released here, not after the
+                    # done event: a client moves on as soon as it reads the final event.
+                    release()
             except SatchelError as exc:
                 public = public_error(exc)  # what an error response would say
                 if ai_sdk:
@@ -1062,6 +1067,8 @@ class Satchel:
                 yield ai_chunk({"type": "text-end", "id": "t0"})
                 yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
                 late = settle_mark()
+                if release is not None:
+                    release()  # the mark named this reply's token: the claim has done its work
                 if late is not None:
                     metadata = {**metadata, "degraded": late}
                     yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
@@ -1070,6 +1077,8 @@ class Satchel:
             else:
                 yield sse("satchel", metadata)
                 late = settle_mark()
+                if release is not None:
+                    release()  # the mark named this reply's token: the claim has done its work
                 if late is not None:
                     yield sse("satchel", {**metadata, "degraded": late})
                 yield sse("done", {})
