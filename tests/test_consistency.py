@@ -2169,3 +2169,85 @@ def test_a_fork_found_late_on_a_streamed_monotonic_reply_is_counted_once(
     streaming.close()
     assert '"fork":"sibling"' in body.replace(" ", "")
     assert metrics.registry.get_sample_value("satchel_forks_total") == 1
+
+
+def test_tokens_sent_as_each_stream_hands_them_over_stay_accepted_down_the_chain(
+    tmp_path: Path,
+) -> None:
+    """Each stream moves its mark after its satchel event. A client that sends every
+    message the moment that event arrives (the browser client frees its lock there)
+    has its second stream checked against the mark before the first moved it: that
+    save named the older id as its parent, and the token it handed over met the first
+    stream's moved mark and was refused for good (409 stale_context for the newest
+    token, 1 to 7 times in 180 messages under gunicorn). A token made from the one
+    the mark names descends from it."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS,
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path),
+        SATCHEL_CONSISTENCY="monotonic",
+    )
+    satchel = Satchel(app)
+
+    @app.post("/stream")
+    def stream() -> Any:
+        ctx = satchel.context
+        ctx.add_turn("user", request.get_json()["message"])
+        return satchel.stream(
+            iter(["a reply"]), on_complete=lambda text: ctx.add_turn("assistant", text)
+        )
+
+    class Stream:
+        """One streamed request in a thread of its own (a stream's request context
+        lives in the thread that reads it): read up to the satchel event, hand the
+        token over, and read the rest (the mark moves) only when told to."""
+
+        def __init__(self, token: str, message: str) -> None:
+            self.handed_over = threading.Event()
+            self.go = threading.Event()
+            self.token = ""
+            self.rest = ""
+            self.status = 0
+            self.thread = threading.Thread(target=self._run, args=(token, message))
+            self.thread.start()
+            assert self.handed_over.wait(5)
+            assert self.status == 200, self.rest
+
+        def _run(self, token: str, message: str) -> None:
+            response = app.test_client().post(
+                "/stream", json={"message": message}, headers={"Satchel-Context": token}
+            )
+            self.status = response.status_code
+            if self.status != 200:  # refused: said at once, not by a timeout
+                self.rest = response.get_data(as_text=True)
+                self.handed_over.set()
+                return
+            chunks = iter(response.response)
+            received = ""
+            while "event: satchel" not in received:
+                received += next(chunks).decode()
+            self.token = token_in(received)
+            self.handed_over.set()
+            self.go.wait(5)
+            self.rest = "".join(c.decode() for c in chunks)
+            response.close()
+
+        def settle(self) -> None:
+            self.go.set()
+            self.thread.join(5)
+            assert "event: error" not in self.rest, self.rest
+
+    first = app.test_client().post("/stream", json={"message": "m0"})
+    one = Stream(token_in(first.get_data(as_text=True)), "m1")
+    two = Stream(one.token, "m2")  # checked before one moved the mark
+    one.settle()  # the mark names one's token now
+    three = Stream(two.token, "m3")  # two's token, made from one's: accepted
+    two.settle()
+    three.settle()
+    last = app.test_client().post(
+        "/stream", json={"message": "m4"}, headers={"Satchel-Context": three.token}
+    )
+    final = token_in(last.get_data(as_text=True))
+    with app.app_context():
+        users = [t.content for t in satchel.codec.open(final).turns if t.role == "user"]
+    assert users == ["m0", "m1", "m2", "m3", "m4"]

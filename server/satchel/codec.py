@@ -336,6 +336,7 @@ class Codec:
             ctx = schema.from_wire(obj)
             timings["unpack"] = t1 - t0
             timings["migrate"] = time.perf_counter() - t1
+        ctx.opened_parent = ctx.parent  # the token it was made from (MonotonicGuard)
         ctx.parent = token_digest(env.raw)
         ctx.opened_kid = env.header.kid
         return ctx

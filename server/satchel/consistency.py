@@ -640,10 +640,18 @@ class MonotonicGuard:
             # Its own id, or the id its save started from when that save could not
             # move the mark (the tier failed the write and fail_open served it anyway:
             # its token names an id the tier never got, and must not be locked out).
-            return any(
+            if any(
                 held is not None and hmac.compare_digest(held, mark_id)
                 for held in (ctx.mark_id, ctx.mark_parent)
-            )
+            ):
+                return True
+            # Or it was made from the very token the mark names. A stream moves its mark
+            # only after its token went out: a tab that sent that token at once was
+            # checked against the mark before it, so its save named the older id as its
+            # parent, and its own token, sent at once again, met the moved mark and was
+            # refused for good. A child of the newest save descends from it.
+            opened_from = ctx.opened_parent
+            return opened_from is not None and hmac.compare_digest(digest, opened_from)
         # A mark of the release before mark ids: the sequence-number rule it used.
         same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
         return not (seq > ctx.seq or (seq == ctx.seq and not same))

@@ -258,6 +258,10 @@ class Context:
     # Request-scoped facts, never serialized.
     #: key id the token was opened with (a different one than the current means reseal)
     opened_kid: str | None = field(default=None, repr=False)
+    #: the parent digest the opened token carried (the token it was made from), before
+    #: ``parent`` became the opened token's own: a token made from the one a monotonic
+    #: mark names descends from it, whatever mark ids it carries
+    opened_parent: bytes | None = field(default=None, repr=False)
     #: schema version the token had before migrations ran
     opened_version: int | None = field(default=None, repr=False)
     #: reasons this request was served degraded (tier down, segment missing, ...)
@@ -421,6 +425,7 @@ SEALED_FIELDS: tuple[str, ...] = (
 )
 #: ... and those that are facts of one request only, never sealed.
 REQUEST_FIELDS: tuple[str, ...] = (
+    "opened_parent",
     "stored_as",
     "stream_answering",
     "claim_holder",
