@@ -298,6 +298,12 @@ def test_keygen_refuses_to_print_a_ring_no_app_would_load() -> None:
     broken = keygen("--append", keys="k1:not base64!")
     assert broken.returncode == 2 and "SATCHEL_KEYS" in broken.stderr
     assert "not base64!" not in broken.stderr  # never the secret
+    # The runbook's SATCHEL_KEYS="$CURRENT_KEYS" with the variable mistyped: a ring of
+    # the new key alone would refuse every token the current keys sealed.
+    for nothing in ("", "  ", None):
+        empty = keygen("--append", keys=nothing)
+        assert empty.returncode == 2 and empty.stdout == "", nothing
+        assert "empty or unset" in empty.stderr
 
 
 def test_the_parent_is_the_token_it_was_made_from_and_the_digest_its_own() -> None:

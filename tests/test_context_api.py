@@ -166,6 +166,13 @@ def test_a_turn_time_that_is_no_time_is_refused(ts: float) -> None:
         ("ToolCall('c1', 'f', {'rows': [0] * 20_001})", "InvalidValue", r"\['rows'\] has more"),
         ("ToolCall('c1', 'f', {'doc': 'é' * 300_000})", "InvalidValue", r"\['doc'\] is longer"),
         ("ToolCall('c1', 'f', {Markup('k'): 1})", "TypeError", "Markup key"),
+        # A memoryview by its bytes, not its items; a strided one msgpack cannot pack.
+        (
+            "ToolCall('c1', 'f', {'v': memoryview(array('q', bytes(560_000)))})",
+            "InvalidValue",
+            "longer",
+        ),
+        ("ToolCall('c1', 'f', {'v': memoryview(b'abcdef')[::2]})", "InvalidValue", "contiguous"),
         ("ToolCall('c1', 'f', {'when': object()})", "TypeError", r"arguments\['when'\] is object"),
     ],
 )
@@ -181,9 +188,17 @@ def test_add_turn_checks_the_fields_of_tool_calls_and_blocks(
             value = {"x": value}
         return value
 
+    from array import array
+
     from markupsafe import Markup
 
-    names = {"ToolCall": ToolCall, "OpaqueBlock": OpaqueBlock, "deep": deep, "Markup": Markup}
+    names = {
+        "ToolCall": ToolCall,
+        "OpaqueBlock": OpaqueBlock,
+        "deep": deep,
+        "Markup": Markup,
+        "array": array,
+    }
     made = eval(part, names)
     kind = {"InvalidText": InvalidText, "InvalidValue": InvalidValue, "TypeError": TypeError}[error]
     ctx = Context.new()

@@ -481,3 +481,18 @@ def test_references_past_what_satchel_keeps_are_refused_both_ways() -> None:
     ctx.overflow.append(ref)
     with pytest.raises(ContextNotSerializable, match="overflow references"):
         schema.to_wire(ctx)
+
+
+def test_a_memoryview_in_metadata_is_measured_in_bytes_and_must_be_contiguous() -> None:
+    """len() of a memoryview counts items: 70,000 int64s (560,000 bytes) passed the
+    512 KiB string check and sealed a token its codec refused; a strided view raised a
+    bare BufferError from msgpack at seal (a 500 without the place named)."""
+    from array import array
+
+    ctx = Context.new()
+    ctx.metadata["wide"] = memoryview(array("q", bytes(560_000)))
+    with pytest.raises(ContextNotSerializable, match=r"wide.*longer"):
+        schema.to_wire(ctx)
+    ctx.metadata["wide"] = memoryview(b"abcdef")[::2]
+    with pytest.raises(ContextNotSerializable, match=r"wide.*contiguous"):
+        schema.to_wire(ctx)

@@ -27,24 +27,32 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_key(args.kid)
     if args.append:
         current = os.environ.get("SATCHEL_KEYS", "").strip()
-        if current:
-            try:
-                ring = Keyring.from_string(current)
-            except ConfigurationError as exc:
-                print(f"satchel keygen: $SATCHEL_KEYS: {exc.message}", file=sys.stderr)
-                return 2
-            # Written back as parsed: the same keys, without the stray spaces, line
-            # breaks or trailing comma the variable may hold.
-            current = ring.to_string()
-            if key.kid in ring.kids:
-                # The ring would hold one kid twice, which every app refuses to load.
-                print(
-                    f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}; "
-                    "pass another --kid",
-                    file=sys.stderr,
-                )
-                return 2
-        print(key.to_string() + ("," + current if current else ""))
+        if not current:
+            # Appending to nothing printed a ring of the new key alone, exit 0: stored
+            # as the new SATCHEL_KEYS (a mistyped "$CURRENT_KEYS"), it refuses every
+            # token the old keys sealed. A first key is plain `satchel keygen`.
+            print(
+                "satchel keygen: --append needs the current ring in $SATCHEL_KEYS, which "
+                "is empty or unset (for a first key, run without --append)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            ring = Keyring.from_string(current)
+        except ConfigurationError as exc:
+            print(f"satchel keygen: $SATCHEL_KEYS: {exc.message}", file=sys.stderr)
+            return 2
+        if key.kid in ring.kids:
+            # The ring would hold one kid twice, which every app refuses to load.
+            print(
+                f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}; "
+                "pass another --kid",
+                file=sys.stderr,
+            )
+            return 2
+        # Written back as parsed: the same keys, without the stray spaces, line breaks
+        # or trailing comma the variable may hold.
+        print(key.to_string() + "," + ring.to_string())
     else:
         print(key.to_string())
     return 0

@@ -548,66 +548,77 @@ def _check_arguments(arguments: dict[str, Any], where: str) -> None:
     (an unpaired surrogate, an integer past 64 bits, a string, list or map past what
     a token opens with at the default :class:`~satchel.limits.Limits`, nesting past
     :data:`~satchel.limits.MAX_METADATA_DEPTH`) is refused here as bad input (a JSON
-    400 at the HTTP edge), not found out when sealing fails with a 500. The place is
-    spelled out only for the error (a walk of a large map builds no strings)."""
+    400 at the HTTP edge), not found out when sealing fails with a 500. Each value
+    keeps only a link to its container (its trail); the place is spelled out for an
+    error alone."""
     limits = DEFAULT_LIMITS
-    stack: list[tuple[Any, tuple[str, ...]]] = [(arguments, ())]
+    # (value, depth, trail); a trail is None or (parent trail, key or index, position)
+    stack: list[tuple[Any, int, Any]] = [(arguments, 0, None)]
     while stack:
-        value, path = stack.pop()
+        value, depth, trail = stack.pop()
         if value is None or isinstance(value, bool | float):
             continue
         if isinstance(value, int):
             if not _INT_MIN <= value < _INT_LIMIT:
                 _refuse_argument(
-                    where, path, "holds an integer outside the 64 bits a token carries"
+                    where, trail, "holds an integer outside the 64 bits a token carries"
                 )
-        elif isinstance(value, str | bytes | bytearray | memoryview):
-            # A str's UTF-8 is at most 4 bytes a character: encoded only when it may be long.
-            size = (
-                len(value)
-                if not isinstance(value, str) or len(value) * 4 <= limits.max_str_bytes
-                else len(value.encode("utf-8", "surrogatepass"))
-            )
-            if size > limits.max_str_bytes:
-                _refuse_argument(
-                    where,
-                    path,
-                    f"is longer than the {limits.max_str_bytes} bytes a token opens with",
-                )
-            if isinstance(value, str) and not value.isascii():
-                check_text(value, _argument_place(where, path))
+        elif isinstance(value, str):
+            # UTF-8 is at most 4 bytes a character: encoded only when it may be too long.
+            if len(value) * 4 > limits.max_str_bytes and (
+                len(value.encode("utf-8", "surrogatepass")) > limits.max_str_bytes
+            ):
+                _refuse_argument(where, trail, _TOO_LONG)
+            if not value.isascii():
+                check_text(value, _argument_place(where, trail))
+        elif isinstance(value, bytes | bytearray | memoryview):
+            if isinstance(value, memoryview) and not value.contiguous:
+                _refuse_argument(where, trail, "is a memoryview that is not contiguous")
+            if (
+                value.nbytes if isinstance(value, memoryview) else len(value)
+            ) > limits.max_str_bytes:
+                _refuse_argument(where, trail, _TOO_LONG)
         elif isinstance(value, list | tuple | dict):
-            if len(path) >= MAX_METADATA_DEPTH:
-                _refuse_argument(where, path, f"is nested deeper than {MAX_METADATA_DEPTH} levels")
+            if depth >= MAX_METADATA_DEPTH:
+                _refuse_argument(where, trail, f"is nested deeper than {MAX_METADATA_DEPTH} levels")
             if isinstance(value, dict):
                 if len(value) > limits.max_map_len:
-                    _refuse_argument(where, path, f"has more than {limits.max_map_len} entries")
+                    _refuse_argument(where, trail, f"has more than {limits.max_map_len} entries")
                 for n, (key, item) in enumerate(value.items()):
                     if type(key) is not str:  # a str subclass would open as a plain str
                         raise TypeError(
-                            f"{_argument_place(where, path)} has a {type(key).__name__} key: "
-                            "keys are str"
+                            f"{_argument_place(where, trail)} has a {type(key).__name__} "
+                            "key: keys are str"
                         )
                     if not key.isascii():
-                        check_text(key, f"{_argument_place(where, path)} key #{n}")
-                    stack.append((item, (*path, f"[{key_name(key, n)}]")))
+                        check_text(key, f"{_argument_place(where, trail)} key #{n}")
+                    stack.append((item, depth + 1, (trail, key, n)))
             else:
                 if len(value) > limits.max_array_len:
-                    _refuse_argument(where, path, f"has more than {limits.max_array_len} items")
-                stack.extend((item, (*path, f"[{i}]")) for i, item in enumerate(value))
+                    _refuse_argument(where, trail, f"has more than {limits.max_array_len} items")
+                stack.extend((item, depth + 1, (trail, i, i)) for i, item in enumerate(value))
         else:
             raise TypeError(
-                f"{_argument_place(where, path)} is {type(value).__name__}: arguments take "
+                f"{_argument_place(where, trail)} is {type(value).__name__}: arguments take "
                 "str, int, float, bool, None, bytes, and lists and str-keyed dicts of those"
             )
 
 
-def _argument_place(where: str, path: tuple[str, ...]) -> str:
-    return where + "".join(path)
+_TOO_LONG = f"is longer than the {DEFAULT_LIMITS.max_str_bytes} bytes a token opens with"
 
 
-def _refuse_argument(where: str, path: tuple[str, ...], problem: str) -> NoReturn:
-    raise InvalidValue(f"{_argument_place(where, path)} {problem}")
+def _argument_place(where: str, trail: Any) -> str:
+    """``where`` and the path of ``trail``: ``tool_calls[0].arguments['rows'][3]`` (a
+    key that could be content by its position only, as :func:`key_name` says)."""
+    parts: list[str] = []
+    while trail is not None:
+        trail, key, position = trail
+        parts.append(f"[{key}]" if isinstance(key, int) else f"[{key_name(key, position)}]")
+    return where + "".join(reversed(parts))
+
+
+def _refuse_argument(where: str, trail: Any, problem: str) -> NoReturn:
+    raise InvalidValue(f"{_argument_place(where, trail)} {problem}")
 
 
 def _optional_text(value: Any, what: str) -> str | None:

@@ -1014,7 +1014,10 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
     if isinstance(value, str):
         return _str_problem(str(value), where, limits)
     if isinstance(value, bytes | bytearray | memoryview):
-        if len(value) > limits.max_str_bytes:
+        if isinstance(value, memoryview) and not value.contiguous:
+            return f"{where} is a memoryview that is not contiguous (msgpack cannot pack it)"
+        size = value.nbytes if isinstance(value, memoryview) else len(value)  # not items
+        if size > limits.max_str_bytes:
             return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
         return None
     if depth >= MAX_METADATA_DEPTH:
