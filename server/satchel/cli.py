@@ -45,8 +45,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         if key.kid in ring.kids:
             # The ring would hold one kid twice, which every app refuses to load.
             print(
-                f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}; "
-                "pass another --kid",
+                f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}; pass another --kid",
                 file=sys.stderr,
             )
             return 2
