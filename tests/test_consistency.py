@@ -2251,3 +2251,99 @@ def test_tokens_sent_as_each_stream_hands_them_over_stay_accepted_down_the_chain
     with app.app_context():
         users = [t.content for t in satchel.codec.open(final).turns if t.role == "user"]
     assert users == ["m0", "m1", "m2", "m3", "m4"]
+
+
+@pytest.mark.parametrize("parent_settles", ["before the claim", "after the claim"])
+def test_a_chain_of_streamed_spends_never_spends_a_credit_twice(
+    tmp_path: Path, parent_settles: str
+) -> None:
+    """O settled; streams with O (P handed over) and with P (T handed over) not yet
+    settled; a stream with T opened it, then P's mark move landed (before or after that
+    stream claimed). The stream with T delivered its goods and its mark move lost (it
+    expected the older mark), so T's own settle moved the mark on and a spend with T
+    was accepted: one credit paid for twice. A mark moved to the token the opened one
+    was made from is that token's own settle, and the move goes on from there."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    satchel = Satchel(app)
+    hold: dict[str, tuple[threading.Event, threading.Event]] = {}
+    delivered: list[str] = []
+
+    @app.post("/spend")
+    @satchel.consistency("monotonic")
+    def spend() -> Any:
+        ctx = satchel.context  # the mark is checked here
+        message = request.get_json()["message"]
+        if message in hold:  # the view's own work before it streams
+            opened, go = hold[message]
+            opened.set()
+            go.wait(5)
+        credits = ctx.metadata.get("credits", 10) - 1
+        ctx.metadata["credits"] = credits
+        return satchel.stream(iter([f"goods for {message}"]))
+
+    class Spend:
+        """A streamed spend read in a thread of its own, up to its satchel event; the
+        rest (its mark move) only on settle()."""
+
+        def __init__(self, token: str | None, message: str, *, wait: bool = True) -> None:
+            self.handed_over, self.go = threading.Event(), threading.Event()
+            self.token, self.body, self.status = "", "", 0
+            self.thread = threading.Thread(target=self._run, args=(token, message))
+            self.thread.start()
+            if wait:
+                assert self.handed_over.wait(5)
+
+        def _run(self, token: str | None, message: str) -> None:
+            headers = {"Satchel-Context": token} if token else {}
+            response = app.test_client().post("/spend", json={"message": message}, headers=headers)
+            self.status = response.status_code
+            if self.status != 200:
+                self.body = response.get_data(as_text=True)
+                self.handed_over.set()
+                return
+            chunks = iter(response.response)
+            while "event: satchel" not in self.body:
+                self.body += next(chunks).decode()
+            self.token = token_in(self.body)
+            delivered.append(message)
+            self.handed_over.set()
+            self.go.wait(5)
+            self.body += "".join(c.decode() for c in chunks)
+            response.close()
+
+        def settle(self) -> None:
+            self.go.set()
+            self.thread.join(5)
+
+    o = Spend(None, "o")
+    o.settle()
+    p = Spend(o.token, "p")
+    t = Spend(p.token, "t")  # checked against the mark that names O
+    hold["u"] = (threading.Event(), threading.Event())
+    u = Spend(t.token, "u", wait=False)
+    assert hold["u"][0].wait(5)  # u's request opened T
+    if parent_settles == "before the claim":
+        p.settle()
+        hold["u"][1].set()
+        assert u.handed_over.wait(5)
+    else:
+        hold["u"][1].set()
+        assert u.handed_over.wait(5)
+        p.settle()
+    assert u.status == 200, u.body
+    u.settle()
+    t.settle()
+    again = app.test_client().post(
+        "/spend", json={"message": "v"}, headers={"Satchel-Context": t.token}
+    )
+    assert again.status_code == 409  # T's reply was paid for; U is the newest
+    newest = app.test_client().post(
+        "/spend", json={"message": "w"}, headers={"Satchel-Context": u.token}
+    )
+    assert newest.status_code == 200
+    delivered.append("w")
+    final = token_in(newest.get_data(as_text=True))  # read outside any app context
+    with app.app_context():
+        left = satchel.codec.open(final).metadata["credits"]
+    assert left == 10 - len(delivered), (left, delivered)

@@ -379,6 +379,8 @@ class MarkState:
     mark_id: bytes | None = None
     #: the mark ids the opened token carried (its own and its parent's)
     opened_ids: tuple[bytes | None, bytes | None] = (None, None)
+    #: the digest of the token the opened token was made from (Context.opened_parent)
+    opened_parent: bytes | None = None
     #: the digest of the token the request opened (None: it sent none)
     opened_digest: bytes | None = None
     #: a streamed reply was answering the same token when this request opened it
@@ -534,6 +536,7 @@ class MonotonicGuard:
             raw,
             mark_id=mark[2] if mark is not None else None,
             opened_ids=(ctx.mark_id, ctx.mark_parent),
+            opened_parent=None if fresh else ctx.opened_parent,
             opened_digest=None if fresh else ctx.parent,
             busy=busy,
         )
@@ -790,9 +793,14 @@ class MonotonicGuard:
         mark = decode_mark(current)
         if mark is None or mark[2] is None:
             return False
-        return any(
-            held is not None and hmac.compare_digest(held, mark[2]) for held in state.opened_ids
-        )
+        mark_id = mark[2]
+        if any(held is not None and hmac.compare_digest(held, mark_id) for held in state.opened_ids):
+            return True
+        # Or to the token the opened one was made from, whose stream settled only now:
+        # the case _descends accepts by the parent digest. Its mark move must then go
+        # on from there, or the reply it streamed is kept while its parent stays valid.
+        made_from = state.opened_parent
+        return made_from is not None and hmac.compare_digest(mark[1], made_from)
 
     def claim(self, ctx: Context, tag: str, state: MarkState) -> Claim | None:
         """Reserve the one answer a token may get, before a streamed reply starts.
