@@ -794,7 +794,8 @@ class MonotonicGuard:
         if mark is None or mark[2] is None:
             return False
         mark_id = mark[2]
-        if any(held is not None and hmac.compare_digest(held, mark_id) for held in state.opened_ids):
+        opened = state.opened_ids
+        if any(held is not None and hmac.compare_digest(held, mark_id) for held in opened):
             return True
         # Or to the token the opened one was made from, whose stream settled only now:
         # the case _descends accepts by the parent digest. Its mark move must then go
