@@ -844,6 +844,31 @@ def test_a_message_saved_after_all_is_taken_out_of_the_box_by_a_later_load(
     expect(page.locator("#error")).to_be_hidden()
 
 
+def test_enter_on_a_message_that_may_have_been_saved_loads_the_chat_first(
+    live_server_factory, tmp_path, page
+) -> None:
+    """The reply was lost after the server saved the message, and the load right after
+    the failure failed too (the store stalled, so no 'online' event ever came). The
+    user pressed Enter on the text the page had put back in the box: it was sent blind
+    and stored twice. Enter now loads the chat first: the message is there, so it is
+    taken out of the box and not sent. (Server mode: the stored conversation takes a
+    second copy as readily as the first; a monotonic route would hand the newest token
+    back to a resend instead.)"""
+    srv = start_app(live_server_factory, tmp_path, SATCHEL_MODE="memory")
+    open_chat(page, srv)
+    send(page, "first message")
+    page.route("**/api/context", lambda route: route.abort("connectionreset"))
+    send_and_lose_the_reply(page, "second message")
+    expect(page.locator("#message")).to_have_value("second message")
+    page.unroute("**/api/context")  # the store answers again; the page was not told
+    page.press("#message", "Enter")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["first message", "second message"])
+    expect(page.locator("#message")).to_have_value("")
+    expect(page.locator("#notice")).to_contain_text("the message itself was saved")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    assert user_texts(server_context(srv, page)) == ["first message", "second message"]
+
+
 def test_monotonic_chat_explains_an_unchecked_reply_in_words(
     live_server_factory, tmp_path, page, redis_server
 ) -> None:

@@ -1005,9 +1005,11 @@ function noticeIfSavedAnyway() {
   renderNotice();
 }
 
-el.form.addEventListener('submit', (event) => {
+let checkingUnsent = false; // a load before resending a failed message is in flight
+
+el.form.addEventListener('submit', async (event) => {
   event.preventDefault();
-  if (busy || deleting || !client) return;
+  if (busy || deleting || !client || checkingUnsent) return;
   // Sent as typed: the server keeps messages exactly, so pasted code keeps its
   // indentation. trim() only decides whether there is anything to send.
   const text = el.input.value;
@@ -1023,6 +1025,20 @@ el.form.addEventListener('submit', (event) => {
     );
     el.input.focus();
     return;
+  }
+  if (unsent && loadFailed && unsent.conversation === client.conversation) {
+    // The last send failed in a way that may have saved it, and the load meant to tell
+    // failed too (the store stalled: no 'online' event comes to load again). Load now,
+    // before sending: sent blind, a message the server had kept was stored twice.
+    checkingUnsent = true;
+    try {
+      await refresh();
+    } finally {
+      checkingUnsent = false;
+    }
+    // Still unknown (the load failed again and said so), or saved after all (the
+    // notice says so and the box no longer holds it): nothing is sent.
+    if (loadFailed || el.input.value !== text) return;
   }
   send(text);
 });
