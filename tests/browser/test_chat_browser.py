@@ -844,17 +844,20 @@ def test_a_message_saved_after_all_is_taken_out_of_the_box_by_a_later_load(
     expect(page.locator("#error")).to_be_hidden()
 
 
+@pytest.mark.parametrize(
+    "setting", [{"SATCHEL_MODE": "memory"}, {"SATCHEL_CONSISTENCY": "monotonic"}], ids=str
+)
 def test_enter_on_a_message_that_may_have_been_saved_loads_the_chat_first(
-    live_server_factory, tmp_path, page
+    live_server_factory, tmp_path, page, setting
 ) -> None:
     """The reply was lost after the server saved the message, and the load right after
     the failure failed too (the store stalled, so no 'online' event ever came). The
     user pressed Enter on the text the page had put back in the box: it was sent blind
     and stored twice. Enter now loads the chat first: the message is there, so it is
-    taken out of the box and not sent. (Server mode: the stored conversation takes a
-    second copy as readily as the first; a monotonic route would hand the newest token
-    back to a resend instead.)"""
-    srv = start_app(live_server_factory, tmp_path, SATCHEL_MODE="memory")
+    taken out of the box and not sent. (Server mode: the stored conversation took a
+    second copy as readily as the first. Monotonic: the first load is refused with the
+    newest token handed back, and the second, with it, shows the message.)"""
+    srv = start_app(live_server_factory, tmp_path, **setting)
     open_chat(page, srv)
     send(page, "first message")
     page.route("**/api/context", lambda route: route.abort("connectionreset"))

@@ -1026,13 +1026,20 @@ el.form.addEventListener('submit', async (event) => {
     el.input.focus();
     return;
   }
-  if (unsent && loadFailed && unsent.conversation === client.conversation) {
-    // The last send failed in a way that may have saved it, and the load meant to tell
-    // failed too (the store stalled: no 'online' event comes to load again). Load now,
-    // before sending: sent blind, a message the server had kept was stored twice.
+  const resending =
+    unsent !== null &&
+    unsent.conversation === client.conversation &&
+    (text === unsent.text || text.startsWith(`${unsent.text}\n\n`));
+  if (resending && loadFailed) {
+    // The message whose send failed in a way that may have saved it, and the load
+    // meant to tell failed too (the store stalled: no 'online' event comes to load
+    // again). Load now, before sending: sent blind, a message the server had kept was
+    // stored twice. Twice if need be: a monotonic refusal of the first hands the
+    // newest token back, with which the second succeeds.
     checkingUnsent = true;
     try {
-      await refresh();
+      await refresh({ reportErrors: false });
+      if (loadFailed) await refresh();
     } finally {
       checkingUnsent = false;
     }
