@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from satchel import Keyring
 
@@ -870,6 +871,37 @@ def test_enter_on_a_message_that_may_have_been_saved_loads_the_chat_first(
     expect(page.locator("#notice")).to_contain_text("the message itself was saved")
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
     assert user_texts(server_context(srv, page)) == ["first message", "second message"]
+
+
+@pytest.mark.parametrize(
+    "setting", [{"SATCHEL_MODE": "memory"}, {"SATCHEL_CONSISTENCY": "monotonic"}], ids=str
+)
+def test_a_message_being_checked_is_not_sent_into_a_chat_opened_meanwhile(
+    live_server_factory, tmp_path, page, setting
+) -> None:
+    """Enter on a message whose send may have been saved loads its chat first; the
+    user gave up waiting on that load and opened a new chat (the box still held the
+    text). When the load ended, the text went out into the new chat, with no Enter
+    pressed there. It belongs to the chat it was typed in: nothing is sent."""
+    srv = start_app(live_server_factory, tmp_path, **setting)
+    open_chat(page, srv)
+    send(page, "first message")
+    page.route("**/api/context", lambda route: route.abort("connectionreset"))
+    send_and_lose_the_reply(page, "second message")
+    page.unroute("**/api/context")
+    held: list[Any] = []
+    page.route(  # the stalled store: the check's load does not answer yet
+        "**/api/context",
+        lambda route: held.append(route) if not held else route.continue_(),
+    )
+    with page.expect_request("**/api/context"):
+        page.press("#message", "Enter")
+    page.click("#new-chat")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    sent = lambda request: request.method == "POST" and "/api/chat" in request.url  # noqa: E731
+    with pytest.raises(PlaywrightTimeoutError), page.expect_request(sent, timeout=3000):
+        held[0].abort("connectionreset")  # the held load ends at last
+    expect(page.locator(".msg-user .msg-text")).to_have_count(0)  # and no token: no chat
 
 
 def test_monotonic_chat_explains_an_unchecked_reply_in_words(

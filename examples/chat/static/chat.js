@@ -1036,16 +1036,19 @@ el.form.addEventListener('submit', async (event) => {
     // again). Load now, before sending: sent blind, a message the server had kept was
     // stored twice. Twice if need be: a monotonic refusal of the first hands the
     // newest token back, with which the second succeeds.
+    const checking = client;
     checkingUnsent = true;
     try {
       await refresh({ reportErrors: false });
-      if (loadFailed) await refresh();
+      if (loadFailed && client === checking) await refresh();
     } finally {
       checkingUnsent = false;
     }
-    // Still unknown (the load failed again and said so), or saved after all (the
-    // notice says so and the box no longer holds it): nothing is sent.
-    if (loadFailed || el.input.value !== text) return;
+    // Another chat opened meanwhile (New chat, the list, a delete): the text belongs
+    // to the one it was typed in, and Enter was not pressed in this one. Still
+    // unknown (the load failed again and said so), or saved after all (the notice
+    // says so and the box no longer holds it): nothing is sent either.
+    if (client !== checking || loadFailed || el.input.value !== text) return;
   }
   send(text);
 });
