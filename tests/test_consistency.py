@@ -2171,6 +2171,47 @@ def test_a_fork_found_late_on_a_streamed_monotonic_reply_is_counted_once(
     assert metrics.registry.get_sample_value("satchel_forks_total") == 1
 
 
+class HeldStream:
+    """One streamed POST read in a thread of its own (a stream's request context lives
+    in the thread that reads it), up to its ``satchel`` event: the token is handed over
+    and the mark not moved yet. The rest (the mark move) is read on :meth:`settle`.
+    ``wait=False``: return at once (the view may be held); ``handed_over`` says when."""
+
+    def __init__(
+        self, app: Flask, path: str, token: str | None, message: str, *, wait: bool = True
+    ) -> None:
+        self.app, self.path, self.message = app, path, message
+        self.handed_over, self.go = threading.Event(), threading.Event()
+        self.token, self.body, self.status = "", "", 0
+        self.thread = threading.Thread(target=self._run, args=(token,))
+        self.thread.start()
+        if wait:
+            assert self.handed_over.wait(5)
+
+    def _run(self, token: str | None) -> None:
+        headers = {"Satchel-Context": token} if token else {}
+        response = self.app.test_client().post(
+            self.path, json={"message": self.message}, headers=headers
+        )
+        self.status = response.status_code
+        if self.status != 200:  # refused: said at once, not by a timeout
+            self.body = response.get_data(as_text=True)
+            self.handed_over.set()
+            return
+        chunks = iter(response.response)
+        while "event: satchel" not in self.body:
+            self.body += next(chunks).decode()
+        self.token = token_in(self.body)
+        self.handed_over.set()
+        self.go.wait(5)
+        self.body += "".join(c.decode() for c in chunks)
+        response.close()
+
+    def settle(self) -> None:
+        self.go.set()
+        self.thread.join(5)
+
+
 def test_tokens_sent_as_each_stream_hands_them_over_stay_accepted_down_the_chain(
     tmp_path: Path,
 ) -> None:
@@ -2197,53 +2238,22 @@ def test_tokens_sent_as_each_stream_hands_them_over_stay_accepted_down_the_chain
             iter(["a reply"]), on_complete=lambda text: ctx.add_turn("assistant", text)
         )
 
-    class Stream:
-        """One streamed request in a thread of its own (a stream's request context
-        lives in the thread that reads it): read up to the satchel event, hand the
-        token over, and read the rest (the mark moves) only when told to."""
+    def handed_over(token: str, message: str) -> HeldStream:
+        held = HeldStream(app, "/stream", token, message)
+        assert held.status == 200, held.body
+        return held
 
-        def __init__(self, token: str, message: str) -> None:
-            self.handed_over = threading.Event()
-            self.go = threading.Event()
-            self.token = ""
-            self.rest = ""
-            self.status = 0
-            self.thread = threading.Thread(target=self._run, args=(token, message))
-            self.thread.start()
-            assert self.handed_over.wait(5)
-            assert self.status == 200, self.rest
-
-        def _run(self, token: str, message: str) -> None:
-            response = app.test_client().post(
-                "/stream", json={"message": message}, headers={"Satchel-Context": token}
-            )
-            self.status = response.status_code
-            if self.status != 200:  # refused: said at once, not by a timeout
-                self.rest = response.get_data(as_text=True)
-                self.handed_over.set()
-                return
-            chunks = iter(response.response)
-            received = ""
-            while "event: satchel" not in received:
-                received += next(chunks).decode()
-            self.token = token_in(received)
-            self.handed_over.set()
-            self.go.wait(5)
-            self.rest = "".join(c.decode() for c in chunks)
-            response.close()
-
-        def settle(self) -> None:
-            self.go.set()
-            self.thread.join(5)
-            assert "event: error" not in self.rest, self.rest
+    def settle(held: HeldStream) -> None:
+        held.settle()
+        assert "event: error" not in held.body, held.body
 
     first = app.test_client().post("/stream", json={"message": "m0"})
-    one = Stream(token_in(first.get_data(as_text=True)), "m1")
-    two = Stream(one.token, "m2")  # checked before one moved the mark
-    one.settle()  # the mark names one's token now
-    three = Stream(two.token, "m3")  # two's token, made from one's: accepted
-    two.settle()
-    three.settle()
+    one = handed_over(token_in(first.get_data(as_text=True)), "m1")
+    two = handed_over(one.token, "m2")  # checked before one moved the mark
+    settle(one)  # the mark names one's token now
+    three = handed_over(two.token, "m3")  # two's token, made from one's: accepted
+    settle(two)
+    settle(three)
     last = app.test_client().post(
         "/stream", json={"message": "m4"}, headers={"Satchel-Context": three.token}
     )
@@ -2267,7 +2277,6 @@ def test_a_chain_of_streamed_spends_never_spends_a_credit_twice(
     app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
     satchel = Satchel(app)
     hold: dict[str, tuple[threading.Event, threading.Event]] = {}
-    delivered: list[str] = []
 
     @app.post("/spend")
     @satchel.consistency("monotonic")
@@ -2282,46 +2291,12 @@ def test_a_chain_of_streamed_spends_never_spends_a_credit_twice(
         ctx.metadata["credits"] = credits
         return satchel.stream(iter([f"goods for {message}"]))
 
-    class Spend:
-        """A streamed spend read in a thread of its own, up to its satchel event; the
-        rest (its mark move) only on settle()."""
-
-        def __init__(self, token: str | None, message: str, *, wait: bool = True) -> None:
-            self.handed_over, self.go = threading.Event(), threading.Event()
-            self.token, self.body, self.status = "", "", 0
-            self.thread = threading.Thread(target=self._run, args=(token, message))
-            self.thread.start()
-            if wait:
-                assert self.handed_over.wait(5)
-
-        def _run(self, token: str | None, message: str) -> None:
-            headers = {"Satchel-Context": token} if token else {}
-            response = app.test_client().post("/spend", json={"message": message}, headers=headers)
-            self.status = response.status_code
-            if self.status != 200:
-                self.body = response.get_data(as_text=True)
-                self.handed_over.set()
-                return
-            chunks = iter(response.response)
-            while "event: satchel" not in self.body:
-                self.body += next(chunks).decode()
-            self.token = token_in(self.body)
-            delivered.append(message)
-            self.handed_over.set()
-            self.go.wait(5)
-            self.body += "".join(c.decode() for c in chunks)
-            response.close()
-
-        def settle(self) -> None:
-            self.go.set()
-            self.thread.join(5)
-
-    o = Spend(None, "o")
+    o = HeldStream(app, "/spend", None, "o")
     o.settle()
-    p = Spend(o.token, "p")
-    t = Spend(p.token, "t")  # checked against the mark that names O
+    p = HeldStream(app, "/spend", o.token, "p")
+    t = HeldStream(app, "/spend", p.token, "t")  # checked against the mark that names O
     hold["u"] = (threading.Event(), threading.Event())
-    u = Spend(t.token, "u", wait=False)
+    u = HeldStream(app, "/spend", t.token, "u", wait=False)
     assert hold["u"][0].wait(5)  # u's request opened T
     if parent_settles == "before the claim":
         p.settle()
@@ -2342,7 +2317,7 @@ def test_a_chain_of_streamed_spends_never_spends_a_credit_twice(
         "/spend", json={"message": "w"}, headers={"Satchel-Context": u.token}
     )
     assert newest.status_code == 200
-    delivered.append("w")
+    delivered = [s.message for s in (o, p, t, u) if s.token] + ["w"]  # goods handed over
     final = token_in(newest.get_data(as_text=True))  # read outside any app context
     with app.app_context():
         left = satchel.codec.open(final).metadata["credits"]

@@ -535,6 +535,11 @@ _INT_MIN, _INT_LIMIT = -(2**63), 2**64
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}")
 
 
+def binary_size(value: bytes | bytearray | memoryview) -> int:
+    """Bytes in ``value``: a memoryview's ``len()`` counts its items, not its bytes."""
+    return value.nbytes if isinstance(value, memoryview) else len(value)
+
+
 def key_name(key: str, position: int) -> str:
     """A map key for an error message, which the HTTP edge logs: a field-like name as
     it is (the app's schema: ``metadata['credits']``), anything else by position only
@@ -574,9 +579,7 @@ def _check_arguments(arguments: dict[str, Any], where: str) -> None:
         elif isinstance(value, bytes | bytearray | memoryview):
             if isinstance(value, memoryview) and not value.contiguous:
                 _refuse_argument(where, trail, "is a memoryview that is not contiguous")
-            if (
-                value.nbytes if isinstance(value, memoryview) else len(value)
-            ) > limits.max_str_bytes:
+            if binary_size(value) > limits.max_str_bytes:
                 _refuse_argument(where, trail, _TOO_LONG)
         elif isinstance(value, list | tuple | dict):
             if depth >= MAX_METADATA_DEPTH:

@@ -86,7 +86,7 @@ def tier_cause(exc: Exception | None) -> str | None:
         return None
     facts = getattr(exc, "facts", None) or {}
     if facts.get("unsent"):
-        return "breaker_open" if facts.get("breaker") != "writes_open" else "writes_open"
+        return "writes_open" if facts.get("breaker") == "writes_open" else "breaker_open"
     error = facts.get("error")
     return error if isinstance(error, str) else getattr(exc, "code", type(exc).__name__)
 

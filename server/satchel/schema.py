@@ -37,6 +37,7 @@ from .context import (
     SegmentRef,
     ToolCall,
     Turn,
+    binary_size,
     check_session_id,
     key_name,
 )
@@ -160,7 +161,13 @@ def values_walked_once(ctx: Context) -> Iterator[None]:
     turns or change metadata inside the block; the summary, pinned items, lifecycle
     record and plain turns are still checked every time.
     """
-    reset = _walked.set(_Walked(ctx))
+    with _walking(_Walked(ctx)):
+        yield
+
+
+@contextmanager
+def _walking(state: _Walked) -> Iterator[None]:
+    reset = _walked.set(state)
     try:
         yield
     finally:
@@ -179,11 +186,8 @@ def values_walked_like(trial: Context, original: Context) -> Iterator[None]:
         return
     walked = _Walked(trial)
     walked.passed = True
-    reset = _walked.set(walked)
-    try:
+    with _walking(walked):
         yield
-    finally:
-        _walked.reset(reset)
 
 
 def values_passed(ctx: Context) -> None:
@@ -1016,8 +1020,7 @@ def _value_problem(value: Any, where: str, limits: Limits, depth: int) -> str | 
     if isinstance(value, bytes | bytearray | memoryview):
         if isinstance(value, memoryview) and not value.contiguous:
             return f"{where} is a memoryview that is not contiguous (msgpack cannot pack it)"
-        size = value.nbytes if isinstance(value, memoryview) else len(value)  # not items
-        if size > limits.max_str_bytes:
+        if binary_size(value) > limits.max_str_bytes:
             return f"{where} is longer than the {limits.max_str_bytes} bytes a token opens with"
         return None
     if depth >= MAX_METADATA_DEPTH:

@@ -288,18 +288,15 @@ class ServerSidePipeline(Pipeline):
         (whose wording says what the client can know), counted either way."""
         try:
             yield
-        except TierFull as exc:
-            self.observer.event(
-                "unavailable", reason=exc.code, op=op, mode=self.mode, detail=tier_cause(exc)
-            )
-            raise TierFull(
-                "the session store is full and refused the write; nothing was saved",
-                mode=self.mode,
-            ) from exc
         except TierError as exc:
             self.observer.event(
                 "unavailable", reason=exc.code, op=op, mode=self.mode, detail=tier_cause(exc)
             )
+            if isinstance(exc, TierFull):
+                raise TierFull(
+                    "the session store is full and refused the write; nothing was saved",
+                    mode=self.mode,
+                ) from exc
             if exc.facts.get("unsent"):  # the breaker is open: no socket was touched
                 raise TierUnavailable(
                     "the session store is unavailable and nothing was saved; retry shortly",

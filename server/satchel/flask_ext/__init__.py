@@ -1008,6 +1008,14 @@ class Satchel:
                 self.observer.event("degraded_response")
             return list(dict.fromkeys(ctx.degraded))
 
+        def settle() -> list[str] | None:
+            """After the final event: move a deferred mark (settle_mark), then release
+            the claim, whose work is done once the mark names this reply's token."""
+            late = settle_mark()
+            if release is not None:
+                release()
+            return late
+
         def events() -> Iterator[str]:
             try:
                 yield from reply()
@@ -1066,9 +1074,7 @@ class Satchel:
             if ai_sdk:
                 yield ai_chunk({"type": "text-end", "id": "t0"})
                 yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
-                late = settle_mark()
-                if release is not None:
-                    release()  # the mark named this reply's token: the claim has done its work
+                late = settle()
                 if late is not None:
                     metadata = {**metadata, "degraded": late}
                     yield ai_chunk({"type": "data-satchel", "data": metadata, "transient": True})
@@ -1076,9 +1082,7 @@ class Satchel:
                 yield "data: [DONE]\n\n"
             else:
                 yield sse("satchel", metadata)
-                late = settle_mark()
-                if release is not None:
-                    release()  # the mark named this reply's token: the claim has done its work
+                late = settle()
                 if late is not None:
                     yield sse("satchel", {**metadata, "degraded": late})
                 yield sse("done", {})
