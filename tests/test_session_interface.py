@@ -2021,3 +2021,52 @@ def test_none_among_the_secret_key_fallbacks_is_skipped() -> None:
     client = app.test_client()
     client.set_cookie("session", cookie)
     assert client.get("/").get_data(as_text=True) == "ada"
+
+
+def test_a_bytearray_secret_key_or_fallback_serves_as_flask_does() -> None:
+    """Flask's interface serves with a bytearray SECRET_KEY or fallback (as does
+    Keyring.from_secrets); Satchel's made every request a 500, views that never touch
+    the session included (TypeError: unhashable type, from the ring cache's key)."""
+    old = make_app(SECRET_KEY=bytearray(b"an old secret key"))
+
+    @old.route("/login")
+    def login() -> str:
+        flask.session["user"] = "ada"
+        return ""
+
+    cookie = set_cookie_value(old.test_client().get("/login"))
+    app = make_app(
+        SECRET_KEY="new test key", SECRET_KEY_FALLBACKS=[bytearray(b"an old secret key")]
+    )
+    app.session_interface.check(app)
+
+    @app.route("/")
+    def index() -> str:
+        return flask.session.get("user", "nobody")
+
+    client = app.test_client()
+    client.set_cookie("session", cookie)
+    assert client.get("/").get_data(as_text=True) == "ada"
+
+
+@pytest.mark.parametrize("dictionary_id", [999, 2, 200])
+def test_an_unregistered_dictionary_id_is_found_by_check(dictionary_id: int) -> None:
+    """check(app) promises to find a setting that would fail every request touching
+    flask.session; an unregistered dictionary_id passed it and Satchel(app), then every
+    request, views that never use the session included, was a 500."""
+    from satchel.flask_ext import Satchel
+
+    app = flask.Flask(__name__)
+    app.secret_key = "a secret key of some length"
+    app.session_interface = SatchelSessionInterface(dictionary_id=dictionary_id)
+    with pytest.raises(ConfigurationError, match=f"^dictionary_id={dictionary_id}: "):
+        app.session_interface.check(app)
+    app.config["SATCHEL_KEYS"] = satchel.Keyring.generate().to_string()
+    with pytest.raises(ConfigurationError, match=f"^dictionary_id={dictionary_id}: "):
+        Satchel(app)
+
+
+@pytest.mark.parametrize("dictionary_id", ["1", 1.0, True])
+def test_a_dictionary_id_that_is_not_an_int_is_refused_at_once(dictionary_id: t.Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"^dictionary_id must be an int"):
+        SatchelSessionInterface(dictionary_id=dictionary_id)

@@ -173,6 +173,12 @@ class SatchelSessionInterface(SessionInterface):
     ) -> None:
         if mode is not None and mode not in _MODES:
             raise ConfigurationError(f"session mode must be 'sealed' or 'signed', not {mode!r}")
+        if dictionary_id is not None and (
+            isinstance(dictionary_id, bool) or not isinstance(dictionary_id, int)
+        ):
+            # Whether it is registered is checked by check() (an app may register its
+            # dictionary after building the interface); its type can be checked now.
+            raise ConfigurationError(f"dictionary_id must be an int, not {dictionary_id!r}")
         self.mode = mode
         self.purpose = purpose
         self.limits = limits
@@ -223,7 +229,9 @@ class SatchelSessionInterface(SessionInterface):
         self.get_mode(app)
         self.get_purpose(app)
         self._check_pad_fits_cookie(app, self.get_pad_to(app))
-        self.get_keyring(app)
+        # Building the codec checks the rest (an unregistered dictionary_id, say), which
+        # would otherwise surface as a 500 on the first request, not here.
+        self.get_codec(app)
 
     def get_keyring(self, app: Flask) -> Keyring | None:
         """The ring for this request, or None when no key is configured at all."""
@@ -248,7 +256,11 @@ class SatchelSessionInterface(SessionInterface):
         # None is no key ([os.environ.get("OLD_KEY")] with the variable unset): Flask
         # serves on with it, so it is skipped, not a 500 on every request.
         older = [key for key in reversed(list(fallbacks)) if key is not None]
-        secrets = (app.secret_key, *older)
+        # bytes, not bytearray: the secrets are the ring cache's key, so they must hash
+        # (Flask accepts a bytearray SECRET_KEY, and so does Keyring.from_secrets).
+        secrets = tuple(
+            bytes(key) if isinstance(key, bytearray) else key for key in (app.secret_key, *older)
+        )
         return self._rings.get_or_make(("secrets", secrets), lambda: Keyring.from_secrets(secrets))
 
     @staticmethod
