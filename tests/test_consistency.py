@@ -2322,3 +2322,42 @@ def test_a_chain_of_streamed_spends_never_spends_a_credit_twice(
     with app.app_context():
         left = satchel.codec.open(final).metadata["credits"]
     assert left == 10 - len(delivered), (left, delivered)
+
+
+@pytest.mark.parametrize("mode", ["client", "server", "memory"])
+def test_an_erased_conversation_starts_afresh_under_the_fresh_policy(
+    tmp_path: Path, mode: str
+) -> None:
+    """Under SATCHEL_ON_BAD_TOKEN=fresh an erased session's request starts a new
+    conversation under a new id, flagged Satchel-Reset: token_erased (docs/consistency.md,
+    "Erasure"). Server and memory mode did; client mode at the monotonic level answered
+    410, the erasure being found by the mark after the policy's place."""
+    app, satchel = make_app(
+        tmp_path,
+        SATCHEL_MODE=mode,
+        SATCHEL_CONSISTENCY="monotonic" if mode == "client" else "client",
+        SATCHEL_ON_BAD_TOKEN="fresh",
+        SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path) if mode != "memory" else "",
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None, "remember the erased secret").headers["Satchel-Context"]
+    with app.app_context():
+        state = satchel.state()
+        opened = satchel.codec.open(token).session_id if mode == "client" else None
+        session_id = opened or state.pipeline.session_id_of(token)
+        satchel.erase(session_id)
+    fresh = post(client, "/chat", token, "hello again")
+    assert fresh.status_code == 200, fresh.get_data(as_text=True)
+    assert fresh.headers["Satchel-Reset"] == "token_erased"
+    new_token = fresh.headers["Satchel-Context"]
+    with app.app_context():
+        if mode == "client":
+            ctx = satchel.codec.open(new_token)
+            assert ctx.session_id != session_id
+            assert [t.content for t in ctx.turns if t.role == "user"] == ["hello again"]
+        else:
+            assert state.pipeline.session_id_of(new_token) != session_id
+    # The new conversation goes on (its mark, in client mode, was set afresh).
+    assert post(client, "/chat", new_token, "and on").status_code == 200
+    # The erased one stays erased.
+    assert post(client, "/chat", token).headers["Satchel-Reset"] == "token_erased"

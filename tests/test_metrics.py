@@ -699,6 +699,7 @@ def test_the_series_alerts_watch_exist_from_the_start_at_zero() -> None:
         ("satchel_overflow_misses_total", {"reason": "segment_corrupt"}),
         ("satchel_degraded_total", {"reason": "data_loss"}),
         ("satchel_seal_failures_total", {"error": "context_not_serializable"}),
+        ("satchel_seal_failures_total", {"error": "configuration_error"}),
         ("satchel_unavailable_total", {"reason": "tier_full"}),
     ):
         assert registry.get_sample_value(name, labels) == 0.0, (name, labels)

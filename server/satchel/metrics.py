@@ -168,7 +168,11 @@ DEGRADED_REASONS = OVERFLOW_MISS_REASONS | {
     "consistency_reset",
 }
 #: The codes of a context that could not be sealed.
-SEAL_FAILURE_CODES = frozenset({"budget_exceeded", "context_not_serializable"})
+# configuration_error: tokens are to be written in a metadata shape with no registered
+# downgrade (SATCHEL_METADATA_WRITE_VERSION), which /readyz reports as not ready.
+SEAL_FAILURE_CODES = frozenset(
+    {"budget_exceeded", "context_not_serializable", "configuration_error"}
+)
 
 MAX_LABEL_VALUES = 64
 OTHER = "other"

@@ -64,6 +64,7 @@ from ..envelope import encoded_length
 from ..errors import (
     BadToken,
     ConfigurationError,
+    ContextErased,
     InvalidRequest,
     MalformedToken,
     SatchelError,
@@ -505,14 +506,7 @@ class Satchel:
             token = rs.token = self.read_token()
             ctx = pipeline.load(token, timings=rs.timings)
         except BadToken as exc:
-            if config.on_bad_token != "fresh":
-                log.info("satchel refused a token: %s", exc.code)
-                raise
-            log.info("satchel started a fresh context instead of a bad token: %s", exc.code)
-            rs.reset = exc.code
-            ctx = pipeline.new_context()
-            ctx.notices.append(f"reset:{exc.code}")
-            token = None
+            ctx, token = self._fresh_instead(rs, exc, config, pipeline), None
         for notice in ctx.notices:
             if notice.startswith("reset:") and rs.reset is None:
                 rs.reset = notice.split(":", 1)[1]
@@ -535,9 +529,17 @@ class Satchel:
             if level == "monotonic":
                 if app_state.guard is None:
                     raise ConfigurationError("monotonic consistency needs a tier")
-                rs.mark = app_state.guard.before(
-                    ctx, tag, fresh=not token, reading=request.method in _READS
-                )
+                reading = request.method in _READS
+                try:
+                    rs.mark = app_state.guard.before(ctx, tag, fresh=not token, reading=reading)
+                except ContextErased as exc:
+                    # Erased: found by the mark, after the token opened. The policy
+                    # for a bad token applies as it does in server and memory mode.
+                    ctx, token = self._fresh_instead(rs, exc, config, pipeline), None
+                    rs.opened_digest = None
+                    self._check_binding(ctx, config, pipeline)
+                    tag = pipeline.session_tag(ctx.session_id)
+                    rs.mark = app_state.guard.before(ctx, tag, fresh=True, reading=reading)
             # After the mark's check: a replay it refuses (409) is not also a fork,
             # which counts branches that were served. The header says so now; the
             # count waits for a token made from it (finish, or _move_mark under a
@@ -546,6 +548,21 @@ class Satchel:
             # makes no branch: a stale tab reloading counted one on every load.
             if token:
                 rs.fork = app_state.forks.check(ctx)
+        return ctx
+
+    @staticmethod
+    def _fresh_instead(
+        rs: RequestState, exc: BadToken, config: SatchelConfig, pipeline: Pipeline
+    ) -> Context:
+        """A new context in place of a refused token under ``SATCHEL_ON_BAD_TOKEN=fresh``
+        (flagged with the refusal's code); otherwise the refusal is raised."""
+        if config.on_bad_token != "fresh":
+            log.info("satchel refused a token: %s", exc.code)
+            raise exc
+        log.info("satchel started a fresh context instead of a bad token: %s", exc.code)
+        rs.reset = exc.code
+        ctx = pipeline.new_context()
+        ctx.notices.append(f"reset:{exc.code}")
         return ctx
 
     def _check_binding(self, ctx: Context, config: SatchelConfig, pipeline: Pipeline) -> None:
