@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import math
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -1079,3 +1080,18 @@ def test_codec_refuses_arguments_that_would_fail_later() -> None:
     for name in ("ConfigurationError", "ContextNotSerializable", "ContextBusy", "InvalidRequest"):
         assert name in satchel.__all__ and issubclass(getattr(satchel, name), SatchelError)
     assert satchel.Header is Header and isinstance(peek(Codec(RING).seal(Context.new())), Header)
+
+
+@pytest.mark.parametrize("now", [math.nan, math.inf, -math.inf, "1700000000", True])
+def test_a_now_that_is_not_a_finite_time_is_refused_not_ignored(now: object) -> None:
+    """open(now=nan) opened an expired token: NaN compares false with the expiry, so the
+    check passed (and Pipeline.load's idle and age limits with it). A time that is not a
+    finite number is the caller's mistake, refused as such before any token check."""
+    codec = make_codec(ttl=10)
+    token = codec.seal(rich_context())
+    with pytest.raises((ValueError, TypeError), match=r"^now is Unix seconds"):
+        codec.open(token, now=now)  # type: ignore[arg-type]
+    with pytest.raises(TokenExpired):
+        codec.open(token, now=NOW + 3600)
+    assert codec.open(token, now=NOW + 5).seq == 1  # an int is a time
+    assert codec.open(token, now=float(NOW)).seq == 1

@@ -222,3 +222,14 @@ def test_to_dict_is_json_even_with_nan_in_metadata_or_tool_arguments() -> None:
     view = json.loads(text)
     assert view["metadata"] == {"score": None, "bounds": [None, 1.5]}
     assert view["turns"][0]["tool_calls"][0]["arguments"] == {"x": None}
+
+
+def test_to_dict_is_json_with_bytearray_or_memoryview_in_metadata() -> None:
+    """seal() takes bytearray and memoryview (they open as bytes); to_dict(), "JSON-ready",
+    wrote only bytes as hex, and a view returning it answered 500."""
+    import json
+
+    ctx = Context.new()
+    ctx.metadata["a"] = bytearray(b"\x01\x02")
+    ctx.metadata["m"] = [memoryview(b"\xff")]
+    assert json.loads(json.dumps(ctx.to_dict()))["metadata"] == {"a": "0102", "m": ["ff"]}

@@ -840,7 +840,7 @@ def test_caps_lowered_to_the_token_limit_are_held_to_the_pad_size() -> None:
         make_app(SATCHEL_TOKEN_LIMIT="1100", SATCHEL_PAD_TO="1024")
 
 
-@pytest.mark.parametrize("purpose", ["", "app\x00mac"])
+@pytest.mark.parametrize("purpose", ["", "app\x00mac", "caf\udce9"])
 def test_a_purpose_that_cannot_scope_keys_is_refused_at_start_up(purpose: str) -> None:
     from satchel.errors import ConfigurationError
 

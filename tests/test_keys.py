@@ -248,3 +248,27 @@ def test_a_derived_key_of_another_length_is_derived_not_taken_from_the_cache() -
     assert len(ring.derive("k1", "app", "x")) == 32
     assert len(ring.derive("k1", "app", "y")) == 32
     assert len(ring.derive("k1", "app", "y", length=64)) == 64
+
+
+def test_a_purpose_that_is_not_utf8_is_refused_where_it_is_given() -> None:
+    """os.environ makes a byte that is not UTF-8 a lone surrogate ("caf\\udce9"): such a
+    purpose was accepted, then every seal and open raised UnicodeEncodeError (not a
+    BadToken; an HTML 500 in Flask). Refused where it is given, as NUL is."""
+    ring = Keyring([Key("k", SECRET)])
+    with pytest.raises(ValueError, match="UTF-8"):
+        Codec(ring, purpose="caf\udce9")
+    with pytest.raises(ValueError, match="UTF-8"):
+        ring.derive("k", "caf\udce9", "mac")
+    with pytest.raises(ValueError, match="UTF-8"):
+        ring.derive("k", "app", "m\udce9c")
+    import flask
+
+    from satchel.flask_ext import SatchelSessionInterface
+
+    with pytest.raises(ConfigurationError, match="UTF-8"):
+        SatchelSessionInterface(purpose="caf\udce9")
+    app = flask.Flask(__name__)
+    app.secret_key = "a secret key of some length"
+    app.config["SATCHEL_SESSION_PURPOSE"] = "caf\udce9"
+    with pytest.raises(ConfigurationError, match=r"^SATCHEL_SESSION_PURPOSE must be"):
+        SatchelSessionInterface().check(app)

@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedVersion,
     WrongMode,
 )
-from .keys import Keyring
+from .keys import KEY_PURPOSE_RULE, Keyring, is_key_purpose
 from .limits import DEFAULT_LIMITS, Limits
 from .protect import Protector, RandomBytes, make_protector
 
@@ -134,10 +134,10 @@ class Codec:
             raise ValueError(
                 f"algorithm={algorithm!r} applies to sealed tokens; signed ones use HMAC-SHA256"
             )
-        if not isinstance(purpose, str) or not purpose or "\x00" in purpose:
+        if not is_key_purpose(purpose):
             # Refused here, not at the first seal: the purpose is half of every subkey's
             # HKDF info ("purpose NUL use", keys.py).
-            raise ValueError(f"purpose must be a non-empty str without NUL, not {purpose!r}")
+            raise ValueError(f"purpose must be {KEY_PURPOSE_RULE}, not {purpose!r}")
         self.keyring = keyring
         self.mode = mode
         self.purpose = purpose
@@ -286,7 +286,7 @@ class Codec:
         """
         # First: a bad expires_at raises before any work.
         expiry = 0 if expires_at is None else _expiry_field(expires_at)
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         if packed is None:
             packed = self.compressor.compress(payload)
         kid = self.keyring.current.kid
@@ -379,7 +379,7 @@ class Codec:
         payload = self.protector.unprotect(header.kid, env.header_bytes, env.body)
         # Authenticated from here on.
         if header.expires_at:
-            now = self.clock() if now is None else now
+            now = current_time(now, self.clock)
             if now > header.expires_at + self.limits.clock_skew:
                 raise TokenExpired(
                     "token has expired",
@@ -441,6 +441,24 @@ def _check_ttl(ttl: float | None) -> float | None:
     if not (math.isfinite(ttl) and ttl > 0):
         raise ValueError(f"ttl must be a finite number of seconds above 0, not {ttl}")
     return ttl
+
+
+def current_time(now: float | None, clock: Callable[[], float]) -> float:
+    """``now``, or ``clock()`` when it is None: the time a call works at.
+
+    A ``now`` that is not a finite number raises (ValueError, TypeError): NaN compares
+    false with everything, so an expired token would open and no age limit would hold.
+    """
+    if now is None:
+        return clock()
+    if isinstance(now, float):
+        if math.isfinite(now):
+            return now
+    elif isinstance(now, int) and not isinstance(now, bool):
+        return now
+    else:
+        raise TypeError(f"now is Unix seconds, not {type(now).__name__}")
+    raise ValueError(f"now is Unix seconds, a finite number, not {now}")
 
 
 def _expiry_field(expires_at: float | None) -> int:

@@ -640,7 +640,7 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray | memoryview):  # all three seal (and open as bytes)
         return value.hex()
     if isinstance(value, float) and not math.isfinite(value):
         # JSON has no NaN or infinity: json.dumps writes them bare, and a browser's

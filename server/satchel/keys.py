@@ -107,6 +107,24 @@ class Key:
         return f"{self.kid}:{b64url_encode(self.secret)}"
 
 
+#: What :func:`is_key_purpose` asks of a purpose, for error messages.
+KEY_PURPOSE_RULE = "a non-empty str without NUL that encodes as UTF-8"
+
+
+def is_key_purpose(value: object) -> bool:
+    """Whether ``value`` can scope derived keys (half of every subkey's HKDF info,
+    ``purpose NUL use``): no NUL, or "a\\0b" + "c" and "a" + "b\\0c" would derive one key
+    for two purposes; UTF-8, or every seal and open fails (a lone surrogate: what
+    ``os.environ`` makes of a byte that is not UTF-8)."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Keyring:
     """An ordered set of keys; the first is the current (sealing) key.
 
@@ -185,9 +203,8 @@ class Keyring:
         cache_key = (kid, purpose, use, length)
         derived = self._derived.get(cache_key)
         if derived is None:
-            if "\x00" in purpose or "\x00" in use:
-                # "a\0b" + "c" and "a" + "b\0c" would derive one key for two purposes.
-                raise ValueError("a key purpose or use must not contain NUL")
+            if not (is_key_purpose(purpose) and is_key_purpose(use)):
+                raise ValueError(f"a key purpose or use must be {KEY_PURPOSE_RULE}")
             hkdf = HKDF(
                 algorithm=hashes.SHA256(),
                 length=length,

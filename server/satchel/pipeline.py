@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .app_schema import MetadataSchema
-from .codec import Codec, Prepared
+from .codec import Codec, Prepared, current_time
 from .context import OVERFLOW_POLICY, Context, LifecycleAction, SegmentRef, Turn
 from .errors import (
     BadToken,
@@ -117,7 +117,7 @@ class Pipeline:
     # -- load -----------------------------------------------------------------------
 
     def new_context(self, now: float | None = None) -> Context:
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         ctx = Context.new(now=int(now))
         ctx.metadata_version = self.metadata_schema.version
         self.observer.event("session_started", session=self.session_tag(ctx.session_id))
@@ -134,7 +134,7 @@ class Pipeline:
 
         Raises a :class:`~satchel.BadToken` subclass for a token that cannot be used.
         """
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         timings = {} if timings is None else timings
         if not token:
             return self.new_context(now)
@@ -275,7 +275,7 @@ class Pipeline:
         self, ctx: Context, *, now: float | None = None, timings: dict[str, float] | None = None
     ) -> SaveResult:
         """Apply lifecycle policies, fit the byte budget, and seal."""
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         timings = {} if timings is None else timings
         tag = self.session_tag(ctx.session_id)
         ctx.last_active = max(ctx.last_active, int(now))
@@ -320,7 +320,7 @@ class Pipeline:
         fitted to its budget a moment ago, so no policy runs, and the token it replaces
         was never sent, so it is not counted as issued.
         """
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         with self.metadata_schema.writing(ctx):
             token, _raw = self.codec.seal_verbose(ctx, expires_at=expires_at(ctx, self.policy, now))
         return SaveResult(token, len(token))

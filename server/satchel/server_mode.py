@@ -31,7 +31,7 @@ from itsdangerous import Signer
 from itsdangerous.encoding import base64_decode, base64_encode
 
 from .app_schema import MetadataSchema
-from .codec import Codec
+from .codec import Codec, current_time
 from .consistency import (
     ERASED,
     Claim,
@@ -190,7 +190,7 @@ class ServerSidePipeline(Pipeline):
         now: float | None = None,
         timings: dict[str, float] | None = None,
     ) -> Context:
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         timings = {} if timings is None else timings
         if not token:
             return self.new_context(now)
@@ -329,7 +329,7 @@ class ServerSidePipeline(Pipeline):
         now: float | None = None,
         timings: dict[str, float] | None = None,
     ) -> SaveResult:
-        now = self.clock() if now is None else now
+        now = current_time(now, self.clock)
         timings = {} if timings is None else timings
         if ctx.stream_answering:
             # Refused before the view by the extension unless the request is a read

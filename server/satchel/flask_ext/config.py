@@ -135,7 +135,7 @@ from flask import Flask
 
 from ..compress import load_dictionary, register_dictionaries
 from ..errors import ConfigurationError, UnsupportedVersion
-from ..keys import Keyring, generate_key
+from ..keys import KEY_PURPOSE_RULE, Keyring, generate_key, is_key_purpose
 from ..lifecycle import DEFAULT_HARD_MAX_TOKEN_BYTES, ExtractiveSummarizer, LifecyclePolicy
 from ..lifecycle.policy import limit_problem
 from ..padding import bucket_too_long, check_pad_to
@@ -452,10 +452,10 @@ class SatchelConfig:
         """Refuse, at start-up, values that would fail every request instead (a 500 from
         werkzeug's cookie code, an HTML 500 from gunicorn's header check, every seal
         refused), naming the SATCHEL_* key."""
-        if not (isinstance(self.purpose, str) and self.purpose and "\x00" not in self.purpose):
+        if not is_key_purpose(self.purpose):
             raise ConfigurationError(
-                f"SATCHEL_PURPOSE must be a non-empty string without NUL (it scopes every "
-                f"derived key), not {self.purpose!r}"
+                f"SATCHEL_PURPOSE must be {KEY_PURPOSE_RULE} (it scopes every derived key), "
+                f"not {self.purpose!r}"
             )
         if not (isinstance(self.header, str) and _TOKEN_NAME.fullmatch(self.header)):
             raise ConfigurationError(

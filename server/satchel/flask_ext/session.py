@@ -56,7 +56,7 @@ from ..errors import (
     UnsupportedVersion,
     WrongMode,
 )
-from ..keys import Keyring
+from ..keys import KEY_PURPOSE_RULE, Keyring, is_key_purpose
 from ..limits import DEFAULT_LIMITS, Limits
 from ..lru import BoundedLRU
 from ..padding import bucket_too_long, check_pad_to
@@ -173,6 +173,8 @@ class SatchelSessionInterface(SessionInterface):
     ) -> None:
         if mode is not None and mode not in _MODES:
             raise ConfigurationError(f"session mode must be 'sealed' or 'signed', not {mode!r}")
+        if purpose is not None and not is_key_purpose(purpose):
+            raise ConfigurationError(f"session purpose must be {KEY_PURPOSE_RULE}, not {purpose!r}")
         if dictionary_id is not None and (
             isinstance(dictionary_id, bool) or not isinstance(dictionary_id, int)
         ):
@@ -214,9 +216,9 @@ class SatchelSessionInterface(SessionInterface):
     def get_purpose(self, app: Flask) -> str:
         """The key-derivation purpose of session cookies (``SATCHEL_SESSION_PURPOSE``)."""
         purpose = app.config.get("SATCHEL_SESSION_PURPOSE") or self.purpose or DEFAULT_PURPOSE
-        if not (isinstance(purpose, str) and "\x00" not in purpose):
+        if not is_key_purpose(purpose):
             raise ConfigurationError(
-                f"SATCHEL_SESSION_PURPOSE must be a string without NUL, not {purpose!r}"
+                f"SATCHEL_SESSION_PURPOSE must be {KEY_PURPOSE_RULE}, not {purpose!r}"
             )
         return purpose
 
