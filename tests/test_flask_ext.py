@@ -215,12 +215,30 @@ def test_invalid_requests_are_json_400() -> None:
         assert_json_error(client.post("/api/chat", json=body), "invalid_request")
     response = client.post("/api/chat", data="{not json", content_type="application/json")
     assert_json_error(response)
-    assert_json_error(client.get("/api/nope"))
+    assert_json_error(client.get("/api/nope"), "not_found")
+    assert_json_error(client.get("/api"), "not_found")  # the prefix without its slash
+    assert client.get("/apix").mimetype == "text/html"  # not the API's: werkzeug's page
     # A body far beyond any message is refused before it is read: a JSON 413.
     huge = json.dumps({"message": "x" * (minimal.MAX_BODY_BYTES + 1)})
     response = client.post("/api/chat", data=huge, content_type="application/json")
     assert response.status_code == 413
     assert_json_error(response, "request_entity_too_large")
+
+
+@pytest.mark.parametrize("cookie", [False, True])
+def test_a_response_made_from_a_token_without_a_new_one_varies_on_it(cookie: bool) -> None:
+    """GET /api/context (discard(): no new token) answered one user's conversation with
+    neither Vary nor Cache-Control: a cache keyed on the URL could serve it to anyone.
+    The extension says what the response depends on; the example says no-store."""
+    app = make_app(**({"SATCHEL_COOKIE": "satchel"} if cookie else {}))
+    client = app.test_client()
+    token = chat(client, "my private question").headers[HEADER_CONTEXT]
+    response = client.get("/api/context", headers={HEADER_CONTEXT: token})
+    assert response.status_code == 200 and "my private question" in response.get_data(as_text=True)
+    assert HEADER_CONTEXT not in response.headers
+    expected = {HEADER_CONTEXT, "Cookie"} if cookie else {HEADER_CONTEXT}
+    assert set(response.vary) == expected
+    assert response.cache_control.no_store
 
 
 def test_unpaired_surrogate_is_a_json_400_even_in_a_view_that_does_not_check() -> None:

@@ -249,7 +249,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             overflow_tier=_scheme(state.config.overflow_url),
             model=model.name,
         )
-        return data
+        return data, {"Cache-Control": "no-store"}  # one user's conversation
 
     @app.delete("/api/context")
     def erase_context() -> Any:

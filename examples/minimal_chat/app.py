@@ -94,7 +94,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         satchel.discard()  # reading issues no new token: the client keeps the one it sent
         data = ctx.to_dict()
         data["all_turns"] = [t.to_dict() for t in ctx.all_turns()]
-        return data
+        return data, {"Cache-Control": "no-store"}  # one user's conversation
 
     return app
 

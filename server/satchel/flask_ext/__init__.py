@@ -850,6 +850,13 @@ class Satchel:
         if "Server-Timing" not in response.headers:
             total = time.perf_counter() - rs.started
             response.headers["Server-Timing"] = server_timing(rs.timings, total)
+        # Made from the token the request carried (GET /api/context: the conversation
+        # itself): a cache may keep it only per token (and per cookie), never one copy
+        # served to every client asking for the URL.
+        config = self.state().config
+        response.vary.add(config.header)
+        if config.cookie:
+            response.vary.add("Cookie")
         if ctx.degraded:
             response.headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
             self.observer.event("degraded_response")
@@ -1280,14 +1287,16 @@ def _body_bytes() -> bytes:
     """The request body, read once (cached); a body the server cannot read is a 400."""
     try:
         return request.get_data(cache=True)
-    except HTTPException:
-        raise  # 413 past MAX_CONTENT_LENGTH, 400 for a client that went away
+    except RequestEntityTooLarge:
+        raise  # 413 past MAX_CONTENT_LENGTH
     except Exception:
         # gunicorn raises its own exceptions (InvalidChunkSize, NoMoreData...) for a
         # malformed chunked body while the app reads it: a 500 unless caught here,
         # whatever the Content-Type (a text/plain one is read by the size check).
+        # werkzeug's server raises a 400 (ClientDisconnected) for the same body: one
+        # code for both.
         raise InvalidRequest(
-            "the request body could not be read (malformed chunked encoding?)"
+            "the request body could not be read (malformed chunked encoding, or cut short?)"
         ) from None
 
 
@@ -1301,11 +1310,14 @@ def _timing_parts(timings: dict[str, float]) -> list[str]:
 
 
 def json_errors_for(app: Flask, prefix: str = "/api/") -> None:
-    """Make werkzeug's HTTP errors JSON under ``prefix`` (bad JSON body, 404, 405...)."""
+    """Make werkzeug's HTTP errors JSON under ``prefix`` (bad JSON body, 404, 405...),
+    the prefix itself without its trailing slash included (``/api`` for ``/api/``)."""
+    root = prefix.rstrip("/")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response | HTTPException:
-        if request.path.startswith(prefix):
+        path = request.path
+        if path.startswith(prefix) or (root and path == root):
             return http_error_response(exc)
         return exc
 
