@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 import time
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -36,7 +37,13 @@ NOW = float(int(time.time()))  # segments carry an expiry, checked by the codec'
 def codec(keyring: Keyring) -> Codec:
     """The codec on this module's clock: NOW is taken at import, and a full suite may
     reach these tests minutes later, past the 60 s TTLs they write."""
-    return Codec(keyring, clock=lambda: NOW)
+    return on_clock(keyring)
+
+
+def on_clock(keyring: Keyring, **options: Any) -> Codec:
+    """A codec on the module's clock (see ``codec``): every segment it opens was written
+    at NOW, with a TTL that a slow suite's wall clock can pass."""
+    return Codec(keyring, clock=lambda: NOW, **options)
 
 
 def store_on(tier, codec: Codec, cache_bytes: int = 1 << 20) -> SegmentStore:
@@ -77,11 +84,11 @@ def test_session_tag_and_key_shape(codec) -> None:
     key = store.key_for(ctx.session_id, b"\x01" * 16)
     assert re.fullmatch(rf"app:\{{{tag}\}}:seg:[A-Za-z0-9_-]{{22}}", key)
     # keyed: another key ring gives other names for the same session and digest
-    other = SegmentStore(GuardedTier(MemoryTier()), Codec(Keyring.generate()), prefix="app")
+    other = SegmentStore(GuardedTier(MemoryTier()), on_clock(Keyring.generate()), prefix="app")
     assert other.session_tag(ctx.session_id) != tag
     assert other.key_for(ctx.session_id, b"\x01" * 16) != key
     # and another purpose too
-    scoped = SegmentStore(GuardedTier(MemoryTier()), Codec(codec.keyring, purpose="other"))
+    scoped = SegmentStore(GuardedTier(MemoryTier()), on_clock(codec.keyring, purpose="other"))
     assert scoped.session_tag(ctx.session_id) != tag
 
 
@@ -170,7 +177,7 @@ def test_another_sessions_segment_under_this_sessions_own_key_is_foreign(codec) 
 
 
 def test_signed_mode_segments_round_trip(keyring) -> None:
-    store = store_on(MemoryTier(), Codec(keyring, mode="signed"))
+    store = store_on(MemoryTier(), on_clock(keyring, mode="signed"))
     ctx = make_ctx(4, now=NOW)
     turns = list(ctx.turns)
     spill(store, ctx, 3)
@@ -182,23 +189,23 @@ def test_segments_survive_key_rotation_while_the_anchor_is_in_the_ring() -> None
     old_ring = Keyring.generate("old")
     ctx = make_ctx(4, now=NOW)
     turns = list(ctx.turns)
-    spill(store_on(tier, Codec(old_ring), cache_bytes=0), ctx, 2)
+    spill(store_on(tier, on_clock(old_ring), cache_bytes=0), ctx, 2)
 
     rotated = old_ring.rotated(generate_key("new"))
-    store = store_on(tier, Codec(rotated), cache_bytes=0)
+    store = store_on(tier, on_clock(rotated), cache_bytes=0)
     spill(store, ctx, 1)  # written while the new key seals
     got = store.read(ctx)
     assert got.complete and got.turns == turns[:3]
     # Names are keyed by the anchor (the oldest key): one tag, one cluster slot.
-    assert store.session_tag(ctx.session_id) == store_on(tier, Codec(old_ring)).session_tag(
+    assert store.session_tag(ctx.session_id) == store_on(tier, on_clock(old_ring)).session_tag(
         ctx.session_id
     )
     assert store.erase(ctx.session_id) == 2
     assert [r for _, r in store.read(ctx).missing] == [SEGMENT_MISSING] * 2
 
-    spill(store_on(tier, Codec(old_ring), cache_bytes=0), ctx, 1)
+    spill(store_on(tier, on_clock(old_ring), cache_bytes=0), ctx, 1)
     retired = Keyring([rotated.current])  # retiring the anchor re-anchors every name
-    assert store_on(tier, Codec(retired)).read(ctx).missing[0][1] == SEGMENT_MISSING
+    assert store_on(tier, on_clock(retired)).read(ctx).missing[0][1] == SEGMENT_MISSING
 
 
 def test_expired_and_erased_segments_are_missing(codec, clock) -> None:
@@ -222,7 +229,7 @@ def test_tier_down_is_reported_and_write_raises(codec) -> None:
 
 
 def test_too_large_segment_is_refused(keyring) -> None:
-    codec = Codec(keyring, limits=Limits(max_decompressed_bytes=4096))
+    codec = on_clock(keyring, limits=Limits(max_decompressed_bytes=4096))
     store = store_on(MemoryTier(), codec)
     ctx = make_ctx(0)
     ctx.add_turn("user", "x" * 5000)
@@ -231,7 +238,7 @@ def test_too_large_segment_is_refused(keyring) -> None:
 
 
 def test_a_segment_larger_than_the_token_cap_still_opens(keyring) -> None:
-    codec = Codec(keyring, limits=Limits(max_token_bytes=1024), level=1)
+    codec = on_clock(keyring, limits=Limits(max_token_bytes=1024), level=1)
     store = store_on(MemoryTier(), codec, cache_bytes=0)
     ctx = make_ctx(0, now=NOW)
     ctx.add_turn("user", os.urandom(3000).hex(), ts=NOW)  # incompressible-ish, > 1 KiB
