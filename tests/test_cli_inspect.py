@@ -146,11 +146,15 @@ def test_no_keys_exits_2() -> None:
 
 @pytest.mark.parametrize("command", ["inspect", "erase"])
 @pytest.mark.parametrize("given", ["option", "environment"])
-def test_an_empty_purpose_exits_2_with_one_line(command: str, given: str) -> None:
-    """An empty purpose (``--purpose ""``, or ``SATCHEL_PURPOSE`` set but empty) reached
-    the codec's ValueError: a traceback, and exit 1, which says "token refused"."""
-    args = ["--purpose", ""] if given == "option" else []
-    extra = {"SATCHEL_PURPOSE": ""} if given == "environment" else {}
+@pytest.mark.parametrize("purpose", ["", "ab\udcff"])  # the latter: a byte not UTF-8
+def test_a_purpose_that_cannot_scope_keys_exits_2_with_one_line(
+    command: str, given: str, purpose: str
+) -> None:
+    """An empty purpose (``--purpose ""``, or ``SATCHEL_PURPOSE`` set but empty), or one
+    that is not UTF-8, reached the codec's ValueError: a traceback, and exit 1, which
+    says "token refused"."""
+    args = ["--purpose", purpose] if given == "option" else []
+    extra = {"SATCHEL_PURPOSE": purpose} if given == "environment" else {}
     target = mint() if command == "inspect" else "00112233445566778899aabbccddeeff"
     proc = subprocess.run(
         [*satchel_command(), command, *args, target],
@@ -161,7 +165,7 @@ def test_an_empty_purpose_exits_2_with_one_line(command: str, given: str) -> Non
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "purpose must be a non-empty string" in proc.stderr.strip().splitlines()[-1]
+    assert "purpose must be a non-empty str" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_malformed_token_exits_1() -> None:

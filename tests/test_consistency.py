@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from flask import Flask, has_request_context, request
 
@@ -203,6 +204,56 @@ def test_mark_round_trip() -> None:
     # A mark of the release before mark ids still reads (checked by its older rule).
     assert decode_mark(encode_mark(7, b"x" * 12)) == (7, b"x" * 12, None)
     assert decode_mark(b"garbage\xff") is None
+
+
+PLANTED_RECORDS = [
+    msgpack.packb([1, 2**64 - 1]),  # an int where the digest goes: bytes(n) raised
+    msgpack.packb([1, 2**28]),  # ... or allocated 256 MiB of zeros on every read
+    msgpack.packb([1, b"d" * 12, 2**31]),
+    msgpack.packb([b"\x01", b"d" * 12]),  # a seq that is not an int
+    msgpack.packb([-1, b"d" * 12]),
+    msgpack.packb([1, b"d" * 4096]),  # a digest far longer than any
+    msgpack.packb({"seq": 1}),
+    msgpack.packb([[[[1]]]]),
+    msgpack.packb([]),
+    msgpack.packb(7),
+    b"\x92\x01\xc7\x01\x05x",  # an ext type
+    b"\x92\x01\xc6\xff\xff\xff\xff",  # a bin that says 4 GiB follow
+]
+
+
+@pytest.mark.parametrize("raw", PLANTED_RECORDS)
+def test_a_planted_or_damaged_mark_reads_as_none_cheaply(raw: bytes) -> None:
+    """Marks are the server's own records in the tier, not authenticated: one planted
+    there (or damaged) made every monotonic request of the session a 500, or allocate
+    gigabytes. Read with limits and strict types, it is no mark."""
+    import tracemalloc
+
+    from satchel.consistency import decode_newest
+
+    tracemalloc.start()
+    try:
+        assert decode_mark(raw) is None
+        assert decode_newest(raw) is None
+        assert decode_newest(msgpack.packb([b"m" * 16, b"p" * 12, "s1.x", 2**64 - 1])) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_a_planted_mark_is_no_mark_not_a_500(tmp_path: Path) -> None:
+    from satchel.consistency import DEFAULT_MARK_TTL, mark_key
+
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    token = post(client, "/spend", None).headers["Satchel-Context"]
+    with app.app_context():
+        state = satchel.state()
+        tag = state.pipeline.session_tag(satchel.codec.open(token).session_id)
+        state.tier.put(mark_key(tag), msgpack.packb([1, 2**64 - 1]), DEFAULT_MARK_TTL)
+    response = post(client, "/spend", token)
+    assert response.status_code == 200, response.get_data(as_text=True)
 
 
 def test_an_old_token_taken_through_a_client_route_cannot_roll_back_a_spend(

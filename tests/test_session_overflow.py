@@ -103,6 +103,21 @@ def test_a_forged_reference_gives_an_empty_session(tmp_path: Path) -> None:
     assert client.get("/get").get_json() == {"notes": None, "rejected": "token_bad_signature"}
 
 
+@pytest.mark.parametrize("stored", [b"\xc3\xa9 not a token", b"garbage, but ASCII"])
+def test_a_stored_copy_that_is_not_a_token_gives_an_empty_session(
+    tmp_path: Path, stored: bytes
+) -> None:
+    """A stored copy that is not ASCII (damaged, or planted in the tier) was a 500: the
+    reference's value decoded as ASCII outside any SatchelError. Refused as a damaged
+    cookie is: an empty session that says why."""
+    overflow = TierSessionOverflow(f"sqlite:///{tmp_path / 'sessions.sqlite3'}")
+    app = make_app(None, overflow=overflow)
+    client = app.test_client()
+    value = cookie_of(client.post("/set/6000"))
+    overflow.tier.put(tier_key(value), stored, 600, cache=False)
+    assert client.get("/get").get_json() == {"notes": None, "rejected": "token_malformed"}
+
+
 def test_tier_down_refuses_the_write_loudly_and_reads_empty(redis_server: Any) -> None:
     app = make_app(redis_server.url)
     client = app.test_client()

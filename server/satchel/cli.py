@@ -19,7 +19,7 @@ from typing import Any, cast
 from . import schema, serialize
 from .codec import Algorithm, Codec, Mode, peek
 from .errors import BadToken, ConfigurationError, SatchelError
-from .keys import Keyring, generate_key
+from .keys import KEY_PURPOSE_RULE, Keyring, generate_key, is_key_purpose
 from .schema import CURRENT_VERSION as SCHEMA_VERSION
 
 
@@ -92,9 +92,9 @@ def register_cli_dictionaries(values: Sequence[str] | None) -> None:
 def _purpose(text: str) -> str:
     """A purpose as the app's SATCHEL_PURPOSE takes it; argparse's exit 2 (one line)
     otherwise, not the codec's ValueError (a traceback, and exit 1: "refused")."""
-    if not text or "\x00" in text:
+    if not is_key_purpose(text):
         raise argparse.ArgumentTypeError(
-            f"the purpose must be a non-empty string without NUL, not {text!r} "
+            f"the purpose must be {KEY_PURPOSE_RULE}, not {text!r} "
             "(from --purpose or SATCHEL_PURPOSE)"
         )
     return text

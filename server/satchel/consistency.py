@@ -116,12 +116,13 @@ def encode_newest(mark_id: bytes, parent: bytes, token: str, seq: int) -> bytes:
 
 
 def decode_newest(raw: bytes) -> tuple[bytes, bytes, str, int] | None:
-    try:
-        mark_id, parent, token, seq = msgpack.unpackb(raw, raw=False)
-        if isinstance(token, str) and isinstance(seq, int):
-            return bytes(mark_id), bytes(parent), token, seq
-    except (ValueError, TypeError, msgpack.UnpackException):
-        pass
+    """``(mark_id, parent, token, seq)``, or None for a record that is not one. The
+    token it holds is opened (verified) by the codec before it is handed back."""
+    fields = _unpack_record(raw, max_len=_MAX_NEWEST_BYTES)
+    if fields is not None and len(fields) == 4:
+        mark_id, parent, token, seq = fields
+        if _is_name(mark_id) and _is_name(parent) and type(token) is str and _is_seq(seq):
+            return mark_id, parent, token, seq
     return None  # unreadable: nothing to hand back, the refusal stands as it is
 
 
@@ -300,14 +301,50 @@ def decode_mark(raw: bytes) -> tuple[int, bytes, bytes | None] | None:
     mark ids (``[seq, digest]``)."""
     if raw == ERASED:
         return None
-    try:
-        fields = msgpack.unpackb(raw, raw=False)
+    fields = _unpack_record(raw, max_len=_MAX_MARK_BYTES)
+    if fields is not None and _is_seq(fields[0]) and all(map(_is_name, fields[1:])):
         if len(fields) == 2:
-            return int(fields[0]), bytes(fields[1]), None
-        seq, digest, mark_id = fields
-        return int(seq), bytes(digest), bytes(mark_id)
-    except (ValueError, TypeError, msgpack.UnpackException):
-        return None  # unreadable mark: treat as absent rather than lock a user out
+            return fields[0], fields[1], None
+        if len(fields) == 3:
+            return fields[0], fields[1], fields[2]
+    return None  # unreadable mark: treat as absent rather than lock a user out
+
+
+# Marks and newest-token records are the server's own, in the tier, not authenticated:
+# whoever can write the tier can delete them anyway (docs/security.md). They are read
+# with a bounded, strict parser, so a damaged or planted record is "no record", never
+# a 500 or a huge allocation (bytes(2**31) of zeros from an int where a digest goes).
+_MAX_MARK_BYTES = 128
+_MAX_NEWEST_BYTES = 1 << 20
+_MAX_NAME_BYTES = 32  # digests (12 bytes) and mark ids (16)
+
+
+def _unpack_record(raw: bytes, *, max_len: int) -> list[Any] | None:
+    """The stored array, unpacked with limits; None for anything else."""
+    if not isinstance(raw, bytes) or len(raw) > max_len:
+        return None
+    try:
+        fields = msgpack.unpackb(
+            raw,
+            raw=False,
+            max_bin_len=_MAX_NAME_BYTES,
+            max_str_len=max_len,
+            max_array_len=4,
+            max_map_len=0,
+            max_ext_len=0,
+            strict_map_key=True,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError):
+        return None
+    return fields if type(fields) is list and fields else None
+
+
+def _is_name(value: object) -> bool:
+    return type(value) is bytes and 0 < len(value) <= _MAX_NAME_BYTES
+
+
+def _is_seq(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**63
 
 
 class ForkDetector:

@@ -36,7 +36,7 @@ from flask import Flask
 from itsdangerous import BadSignature, Signer
 
 from ..errors import BadSignature as BadReference
-from ..errors import BadToken, TierError
+from ..errors import BadToken, MalformedToken, TierError
 from ..segments import DEFAULT_GRACE
 from ..tiers import tier_from_url
 from ..tiers.guard import GuardedTier
@@ -118,7 +118,10 @@ class TierSessionOverflow:
         fetched = self.tier.get_many([key], cache=False)
         stored = fetched.get(key)
         if stored is not None:
-            return stored.decode("ascii")
+            try:
+                return stored.decode("ascii")
+            except UnicodeDecodeError:  # not a token: refused as a damaged cookie is
+                raise MalformedToken("the stored session is not a token") from None
         if fetched.error is not None:  # "tier_unavailable", breaker open included
             log.warning(
                 "satchel session overflow: stored session unavailable (%s)", fetched.error.code
