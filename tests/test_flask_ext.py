@@ -847,6 +847,17 @@ def test_a_low_token_limit_lowers_default_caps_and_server_mode_has_no_minimum() 
     assert config.hard_max_token_bytes == 4096 and config.max_token_bytes == 3800
     server = Satchel.state(make_app(SATCHEL_TOKEN_LIMIT="512", SATCHEL_MODE="memory")).config
     assert server.token_limit == 512
+    assert Satchel.state(make_app(SATCHEL_TOKEN_LIMIT="80", SATCHEL_MODE="memory")).config
+
+
+@pytest.mark.parametrize("limit", ["64", "79"])
+def test_a_token_limit_below_a_carrier_is_refused_at_start_up(limit: str) -> None:
+    """64 to 79 passed: the first message was served, and every conversation's second
+    was a 413, its carrier (80 bytes) over the limit."""
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="at least 80 bytes"):
+        make_app(SATCHEL_TOKEN_LIMIT=limit, SATCHEL_MODE="memory")
 
 
 def test_caps_lowered_to_the_token_limit_are_held_to_the_pad_size() -> None:

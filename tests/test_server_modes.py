@@ -296,6 +296,25 @@ def test_a_write_that_never_left_says_nothing_was_saved(redis_server: Any) -> No
     assert all("nothing was saved" in m and "reload" not in m for m in messages[5:])
 
 
+def test_retry_after_is_the_breakers_wait_while_it_is_open(redis_server: Any) -> None:
+    """Every 503 said Retry-After: 1, while the open breaker refused every call for its
+    whole reset timeout (30 s here): clients retried into it thirty times over."""
+    client = make_app(
+        "server", SATCHEL_STORE_URL=redis_server.url, SATCHEL_BREAKER_RESET_TIMEOUT=30
+    ).test_client()
+    carrier = converse(client, ["one"])[0].headers[HEADER]
+    redis_server.kill()
+    waits = []
+    for request in [lambda: chat(client, "two", carrier)] * 6 + [
+        lambda: chat(client, "a new conversation", None),  # its save, refused unsent
+    ]:
+        resp = request()
+        assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "tier_unavailable"
+        waits.append(int(resp.headers["Retry-After"]))
+    assert waits[0] == 1  # the breaker still closed: a short retry
+    assert 20 <= waits[-2] <= 30 and 20 <= waits[-1] <= 30, waits
+
+
 def test_server_mode_answers_503_fast_when_redis_is_paused(redis_server: Any) -> None:
     app = make_app("server", SATCHEL_STORE_URL=redis_server.url)
     client = app.test_client()

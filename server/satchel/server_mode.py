@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from itsdangerous import BadSignature as ItsBadSignature
 from itsdangerous import Signer
@@ -64,6 +64,9 @@ from .tiers.base import CLAIM_HELD
 from .tiers.guard import GuardedTier
 
 CARRIER_PREFIX = "sv1."
+#: Every carrier's length: the prefix, a 16-byte id in hex, a dot and the base64url
+#: HMAC-SHA256 (43 characters).
+CARRIER_LENGTH = len(CARRIER_PREFIX) + 32 + 1 + 43
 
 
 def context_key(prefix: str, session_tag: str) -> str:
@@ -279,7 +282,9 @@ class ServerSidePipeline(Pipeline):
         self.observer.event(
             "unavailable", reason="tier_unavailable", mode=self.mode, detail=tier_cause(error)
         )
-        raise TierUnavailable("the session store is unavailable; retry shortly", mode=self.mode)
+        raise TierUnavailable(
+            "the session store is unavailable; retry shortly", mode=self.mode, **_retry(error)
+        )
 
     @contextlib.contextmanager
     def _store_errors(self, op: str, unavailable: str) -> Iterator[None]:
@@ -301,8 +306,9 @@ class ServerSidePipeline(Pipeline):
                 raise TierUnavailable(
                     "the session store is unavailable and nothing was saved; retry shortly",
                     mode=self.mode,
+                    **_retry(exc),
                 ) from exc
-            raise TierUnavailable(unavailable, mode=self.mode) from exc
+            raise TierUnavailable(unavailable, mode=self.mode, **_retry(exc)) from exc
 
     def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> str:
         """Seal the stored context, within what the codec opens again.
@@ -403,4 +409,12 @@ class ServerSidePipeline(Pipeline):
         return SaveResult(carrier, len(token), timings)
 
 
-__all__ = ["CARRIER_PREFIX", "ServerSidePipeline"]
+def _retry(error: Exception | None) -> dict[str, Any]:
+    """The breaker's remaining wait the tier's error carries (``retry_in``), kept for
+    the 503's ``Retry-After``: without it every client was told 1 s while the breaker
+    refused every call for its whole reset timeout."""
+    retry_in = error.facts.get("retry_in") if isinstance(error, TierError) else None
+    return {"retry_in": retry_in} if retry_in is not None else {}
+
+
+__all__ = ["CARRIER_LENGTH", "CARRIER_PREFIX", "ServerSidePipeline"]

@@ -56,7 +56,8 @@ SATCHEL_JSON_FIELD              None           also read the token from this JSO
 SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (new context,
                                                ``Satchel-Reset`` header says why)
 SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first; (client
-                                               mode) at least 1024; caps below left at their
+                                               mode) at least 1024, (server, memory mode) at
+                                               least 80, a carrier; caps below left at their
                                                defaults are lowered to it, and one set above
                                                it is refused (the app could not open the
                                                tokens it issues)
@@ -139,6 +140,7 @@ from ..keys import KEY_PURPOSE_RULE, Keyring, generate_key, is_key_purpose
 from ..lifecycle import DEFAULT_HARD_MAX_TOKEN_BYTES, ExtractiveSummarizer, LifecyclePolicy
 from ..lifecycle.policy import limit_problem
 from ..padding import bucket_too_long, check_pad_to
+from ..server_mode import CARRIER_LENGTH
 
 log = logging.getLogger("satchel")
 
@@ -582,9 +584,10 @@ class SatchelConfig:
                     f"SATCHEL_{name.upper()} must be a URL string (or empty for none), "
                     f"not {type(value).__name__}"
                 )
-        if self.token_limit < 64:  # the smallest carrier or token that can open
+        if self.token_limit < CARRIER_LENGTH:  # a session carrier (server, memory mode)
             raise ConfigurationError(
-                f"SATCHEL_TOKEN_LIMIT must be at least 64 bytes, not {self.token_limit}"
+                f"SATCHEL_TOKEN_LIMIT must be at least {CARRIER_LENGTH} bytes, the length "
+                f"of a session carrier, not {self.token_limit}"
             )
 
     def _fit_token_caps(self, *, hard_set: bool, soft_set: bool = True) -> None:
