@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -507,6 +508,38 @@ def test_a_full_store_says_nothing_was_saved() -> None:
         assert refused.status_code == 503, path
         error = refused.get_json()["error"]
         assert error["code"] == "tier_full" and "nothing was saved" in error["message"]
+
+
+def test_a_new_conversations_stream_meets_the_store_down_before_its_reply(
+    redis_server: Any,
+) -> None:
+    """A new conversation took no claim (nothing stored): with the store down its
+    stream answered 200 and streamed the whole (paid-for) reply, then ended in an error
+    event, nothing saved; the JSON route answered a fast 503. Now both do, before the
+    model is asked: with the breaker still closed (a refused connection) and open."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_MODE="server", SATCHEL_STORE_URL=redis_server.url)
+    satchel = Satchel(app)
+    asked = []
+
+    @app.post("/stream")
+    def stream_view() -> Any:
+        def deltas() -> Iterator[str]:
+            asked.append(True)
+            yield "a paid reply"
+
+        return satchel.stream(deltas())
+
+    client = app.test_client()
+    first = client.post("/stream")
+    assert first.status_code == 200 and "event: satchel" in first.get_data(as_text=True)
+    redis_server.kill()
+    asked.clear()
+    for _ in range(7):  # refused connections, then the breaker open (fail_max 5)
+        t0 = time.perf_counter()
+        refused = client.post("/stream")
+        assert_tier_unavailable(refused, time.perf_counter() - t0)
+    assert not asked
 
 
 def _stream_app(

@@ -241,12 +241,13 @@ class ServerSidePipeline(Pipeline):
         streamed reply starts (:func:`~satchel.consistency.take_claim`, next to the
         context; :meth:`release` when the stream ends).
 
-        None for a new session (nothing stored: no other request can hold it).
         ContextBusy when another request holds it; TierFull or TierUnavailable when the
-        store refuses or cannot answer (in server mode an outage is an outage).
+        store refuses or cannot answer (in server mode an outage is an outage). A new
+        session takes one too, though no other request can hold it: with the store
+        down, the client gets a JSON 503 before the reply is generated and streamed,
+        not a whole (paid-for) reply that ends in an error event because nothing can
+        save it.
         """
-        if ctx.stored_as is None:
-            return None
         tag = self.session_tag(ctx.session_id)
         with self._store_errors("claim", "the session store is unavailable; retry shortly"):
             claim = take_claim(self.store, session_claim_key(tag, self.prefix), self.observer, tag)
