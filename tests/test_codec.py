@@ -1095,3 +1095,9 @@ def test_a_now_that_is_not_a_finite_time_is_refused_not_ignored(now: object) -> 
         codec.open(token, now=NOW + 3600)
     assert codec.open(token, now=NOW + 5).seq == 1  # an int is a time
     assert codec.open(token, now=float(NOW)).seq == 1
+    # Any real number is (numpy's int64 and float32 were, before the check, and Decimal).
+    import decimal
+    import fractions
+
+    assert codec.open(token, now=decimal.Decimal(NOW)).seq == 1
+    assert codec.open(token, now=fractions.Fraction(NOW)).seq == 1

@@ -301,6 +301,37 @@ def test_monotonic_refuses_replay_of_an_old_token(tmp_path: Path) -> None:
     assert post(client, "/chat", t3).status_code == 200
 
 
+def test_a_planted_newest_record_hands_back_nothing(tmp_path: Path) -> None:
+    """The kept newest token is the tier's record, not authenticated: one rewritten
+    there (another conversation's token, garbage, a header injection) was handed back
+    as it was, or made the 409 a 500. It is opened first: only our own token, made from
+    the one sent, at the record's seq, goes back."""
+    from satchel.consistency import decode_newest, encode_newest
+
+    app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
+    client = app.test_client()
+    t0 = post(client, "/chat", None).headers["Satchel-Context"]
+    spent = post(client, "/spend", t0)
+    other = post(client, "/spend", None).headers["Satchel-Context"]  # a valid token of ours
+    with app.app_context():
+        state = satchel.state()
+        tag = state.pipeline.session_tag(satchel.codec.open(t0).session_id)
+        key = newest_key(tag)
+        record = decode_newest(state.tier.get_many([key], cache=False).get(key))
+    assert record is not None and record[2] == spent.headers["Satchel-Context"]
+    mark_id, parent, _token, seq = record
+    for planted in (other, "not-a-token", "s1.x\r\nSet-Cookie: a=b", t0):
+        state.tier.put(key, encode_newest(mark_id, parent, planted, seq), 600, cache=False)
+        replay = post(client, "/spend", t0)
+        assert replay.status_code == 409, (planted, replay.get_data(as_text=True))
+        assert replay.get_json()["error"]["code"] == "stale_context"
+        assert "Satchel-Context" not in replay.headers, planted
+    # The real record, put back, is handed back as before.
+    real = encode_newest(mark_id, parent, spent.headers["Satchel-Context"], seq)
+    state.tier.put(key, real, 600, cache=False)
+    assert post(client, "/spend", t0).headers["Satchel-Context"] == spent.headers["Satchel-Context"]
+
+
 def test_the_token_the_newest_was_made_from_gets_the_newest_back(tmp_path: Path) -> None:
     """A response lost on its way (a dropped connection) leaves the client with the
     token the newest was made from. It is refused, as any replay, but the 409 hands

@@ -241,6 +241,37 @@ def test_a_response_made_from_a_token_without_a_new_one_varies_on_it(cookie: boo
     assert response.cache_control.no_store
 
 
+@pytest.mark.parametrize("path", ["/read", "/write"])
+def test_vary_keeps_every_name_of_every_vary_header(path: str) -> None:
+    """werkzeug's response.vary reads only the first Vary header: adding Satchel's
+    through it dropped a CORS hook's second one (Vary: Origin), so a cache could serve
+    one origin's answer to another."""
+    app = Flask("vary")
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), TESTING=True)
+    satchel = Satchel(app)
+
+    @app.get("/read")
+    def read() -> Any:
+        satchel.context  # noqa: B018 - opened, nothing issued
+        satchel.discard()
+        return {"ok": True}, {"Vary": "Accept-Language"}
+
+    @app.get("/write")
+    def write() -> Any:
+        satchel.context.add_turn("user", "hi")
+        return {"ok": True}, {"Vary": "Accept-Language"}
+
+    @app.after_request  # registered after Satchel's hook: Flask runs it first
+    def cors(response: Any) -> Any:
+        response.headers.add("Vary", "Origin")
+        return response
+
+    response = app.test_client().get(path)
+    assert response.status_code == 200
+    names = [n.strip() for v in response.headers.getlist("Vary") for n in v.split(",")]
+    assert sorted(names) == sorted(["Accept-Language", "Origin", HEADER_CONTEXT])
+
+
 def test_unpaired_surrogate_is_a_json_400_even_in_a_view_that_does_not_check() -> None:
     """JSON may carry "\\ud800" (half an emoji); a view written like the README's
     quickstart, which hands the message straight to add_turn, answers 400, not 500."""

@@ -446,18 +446,25 @@ def _check_ttl(ttl: float | None) -> float | None:
 def current_time(now: float | None, clock: Callable[[], float]) -> float:
     """``now``, or ``clock()`` when it is None: the time a call works at.
 
-    A ``now`` that is not a finite number raises (ValueError, TypeError): NaN compares
-    false with everything, so an expired token would open and no age limit would hold.
+    Any real number is a time (numpy's and ``Decimal`` included, as before this check);
+    one that is not finite raises ValueError (NaN compares false with everything, so an
+    expired token would open and no age limit would hold), a non-number TypeError.
     """
     if now is None:
         return clock()
-    if isinstance(now, float):
-        if math.isfinite(now):
-            return now
-    elif isinstance(now, int) and not isinstance(now, bool):
-        return now
-    else:
+    if type(now) is int:
+        return now  # every int is finite (math.isfinite would overflow past 1e308)
+    if type(now) is float:  # the usual case
+        value: float = now
+    elif isinstance(now, bool | str | bytes | bytearray):
         raise TypeError(f"now is Unix seconds, not {type(now).__name__}")
+    else:
+        try:
+            value = float(now)
+        except (TypeError, ValueError):
+            raise TypeError(f"now is Unix seconds, not {type(now).__name__}") from None
+    if math.isfinite(value):
+        return value
     raise ValueError(f"now is Unix seconds, a finite number, not {now}")
 
 

@@ -42,6 +42,7 @@ import msgpack
 
 from .context import Context
 from .errors import (
+    BadToken,
     ContextBusy,
     ContextErased,
     StaleContext,
@@ -440,6 +441,7 @@ class MonotonicGuard:
         mark_ids: bool = True,
         keep_newest: bool = True,
         other_anchor_tags: Callable[[bytes], list[str]] | None = None,
+        open_token: Callable[[str], Context] | None = None,
     ) -> None:
         if tier_down_policy not in ("fail_open", "fail_closed"):
             raise ValueError("tier_down_policy must be 'fail_open' or 'fail_closed'")
@@ -462,6 +464,9 @@ class MonotonicGuard:
         #: the session's tags under the ring's other keys as anchor (Codec.
         #: session_tags_under_other_anchors), looked at before a token is called stale
         self.other_anchor_tags = other_anchor_tags
+        #: verifies a kept newest token before it is handed back (Codec.open): the
+        #: record is the tier's, not authenticated. None hands it back as it is kept.
+        self.open_token = open_token
         #: sessions whose lost mark this process has counted (until a save sets it)
         self._lost_reported = BoundedLRU(LOST_REPORTED_MAX)
 
@@ -633,8 +638,21 @@ class MonotonicGuard:
             return None
         kept_id, parent, token, seq = record
         if hmac.compare_digest(kept_id, mark_id) and hmac.compare_digest(parent, presented):
+            if self.open_token is not None and not self._made_from(token, presented, seq):
+                return None  # not a token of ours made from the one sent: none to give
             return token, seq
         return None
+
+    def _made_from(self, token: str, presented: bytes, seq: int) -> bool:
+        """Whether ``token`` opens (our key, unexpired) as the save at ``seq`` made from
+        the token whose digest is ``presented``: what the record claims it is."""
+        assert self.open_token is not None
+        try:
+            made = self.open_token(token)
+        except BadToken:
+            return False
+        parent = made.opened_parent
+        return made.seq == seq and parent is not None and hmac.compare_digest(parent, presented)
 
     def _anchor_changed(self, ctx: Context, tag: str) -> bool:
         """Whether ``ctx``'s token descends from this session's mark under another key

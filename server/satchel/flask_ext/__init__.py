@@ -45,6 +45,7 @@ from flask import (
     request,
     stream_with_context,
 )
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import consistency
@@ -288,6 +289,7 @@ class Satchel:
                 max_age=policy.max_age,  # the policy the pipeline renews tokens under
                 idle_ttl=policy.idle_ttl,
                 other_anchor_tags=codec.session_tags_under_other_anchors,
+                open_token=codec.open,
             )
         elif config.mode == "client" and config.consistency == "monotonic":
             raise ConfigurationError(
@@ -753,9 +755,7 @@ class Satchel:
             headers_out.add("Vary", f"{config.header}, Cookie" if config.cookie else config.header)
             headers_out.add("Cache-Control", "no-store")
         else:
-            response.vary.add(config.header)
-            if config.cookie:
-                response.vary.add("Cookie")
+            add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
             response.cache_control.no_store = True
         if config.cookie:
             _set_token_cookie(response, headers[config.header], config)
@@ -854,9 +854,7 @@ class Satchel:
         # itself): a cache may keep it only per token (and per cookie), never one copy
         # served to every client asking for the URL.
         config = self.state().config
-        response.vary.add(config.header)
-        if config.cookie:
-            response.vary.add("Cookie")
+        add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
         if ctx.degraded:
             response.headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
             self.observer.event("degraded_response")
@@ -912,9 +910,8 @@ class Satchel:
             response.headers["Satchel-Seq"] = str(exc.facts["newest_seq"])
         if "session" in exc.facts:
             response.headers["Satchel-Session"] = str(exc.facts["session"])
-        response.vary.add(config.header)
+        add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
         if config.cookie:
-            response.vary.add("Cookie")
             _set_token_cookie(response, token, config)
 
     # -- streaming ------------------------------------------------------------------------
@@ -1131,9 +1128,8 @@ class Satchel:
             # them. The final event carries every reason, these and later ones.
             response.headers["Satchel-Degraded"] = _degraded_header(rs.context.degraded)
         response.headers["Cache-Control"] = "no-store"
-        response.vary.add(self.state().config.header)  # as for a response with a token
-        if self.state().config.cookie:
-            response.vary.add("Cookie")
+        config = self.state().config  # Vary as for a response with a token
+        add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
         response.headers["X-Accel-Buffering"] = "no"
         if ai_sdk:
             response.headers["x-vercel-ai-ui-message-stream"] = "v1"
@@ -1224,9 +1220,37 @@ def _with_cors_of(original: Response, replacement: Response) -> Response:
             _expose(replacement, [n.strip() for n in value.split(",") if n.strip()])
         elif lower.startswith("access-control-") and name not in replacement.headers:
             replacement.headers[name] = value
-    for value in original.vary:
-        replacement.vary.add(value)
+    add_vary(replacement, *_vary_of(original.headers))
     return replacement
+
+
+def _vary_of(headers: Headers) -> list[str]:
+    """Every name in every ``Vary`` header (werkzeug's ``response.vary`` reads only the
+    first: a CORS hook's ``headers.add("Vary", "Origin")`` next to a view's own)."""
+    return [
+        name.strip()
+        for value in headers.getlist("Vary")
+        for name in value.split(",")
+        if name.strip()
+    ]
+
+
+def add_vary(response: Response, *names: str) -> None:
+    """Add ``names`` to the response's ``Vary``, as one header holding every name the
+    response varied on before (werkzeug's ``response.vary.add`` keeps only the first of
+    several ``Vary`` headers, so a cache could serve one origin's CORS answer to
+    another), and set directly when there is none (its parsed header costs microseconds
+    on every response)."""
+    headers = response.headers
+    present = _vary_of(headers)
+    if not present:
+        headers["Vary"] = ", ".join(dict.fromkeys(names))
+        return
+    seen = {name.lower() for name in present}
+    if "*" in seen:
+        return  # varies on everything already
+    merged = present + [n for n in dict.fromkeys(names) if n.lower() not in seen]
+    headers["Vary"] = ", ".join(dict.fromkeys(merged))
 
 
 def _check_route_levels(server: set[str], monotonic: set[str], has_tier: bool) -> None:
