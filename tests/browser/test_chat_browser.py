@@ -1346,10 +1346,95 @@ def test_delete_chat_keeps_the_chat_when_the_server_cannot_erase_it_right_now(
     page.get_by_role("button", name="Delete chat", exact=True).click()
     expect(page.locator("#error")).to_contain_text("was not deleted")
     expect(page.locator("#conversations")).to_contain_text("Chat about taxes")
-    expect(page.get_by_role("button", name="Delete chat", exact=True)).to_be_enabled()
+    delete = page.get_by_role("button", name="Delete chat", exact=True)
+    expect(delete).to_be_enabled()
+    # Disabled while the server was asked, the button had lost the focus for good: a
+    # keyboard user was sent to the top of the page.
+    expect(delete).to_be_focused()
     page.unroute("**/api/context")
     assert user_texts(server_context(srv, page)) == ["Chat about taxes"]
     screenshot()
+
+
+def test_chats_left_empty_do_not_pile_up_in_the_list(live_server_factory, tmp_path, page) -> None:
+    """New chat, then back to the real one, three times: three empty "Untitled chat"
+    entries stayed in the list, above the real one, after a reload too."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "The only real chat")
+    for _ in range(3):
+        page.get_by_role("button", name="New chat", exact=True).click()
+        expect(page.locator("#thread-title")).to_have_text("Untitled chat")
+        page.locator("#conversations button", has_text="The only real chat").click()
+        expect(page.locator("#thread-title")).to_have_text("The only real chat")
+    expect(page.locator("#conversations li")).to_have_count(1)
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#conversations li")).to_have_count(1)
+    # An empty chat still open stays (New chat reuses it), and one sent in is kept.
+    page.get_by_role("button", name="New chat", exact=True).click()
+    expect(page.locator("#conversations li")).to_have_count(2)
+    send(page, "A second real chat")
+    page.locator("#conversations button", has_text="The only real chat").click()
+    expect(page.locator("#conversations li")).to_have_count(2)
+
+
+def test_a_column_taller_than_the_window_scrolls_on_its_own(
+    live_server_factory, tmp_path, page, screenshot
+) -> None:
+    """Notices and an open summary can need more than the window: the column spilled
+    out of its 100vh, the whole page scrolled, and the sidebar's panel ended at the
+    fold. The column scrolls inside itself instead."""
+    page.set_viewport_size({"width": 1280, "height": 600})
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "hello")
+    page.get_by_text("Running summary").click()
+    page.evaluate(
+        "document.querySelector('#summary').textContent = 'A long summary. '.repeat(600)"
+    )
+    sizes = page.evaluate(
+        """() => ({
+            page: document.scrollingElement.scrollHeight,
+            window: window.innerHeight,
+            main: document.querySelector('.main').scrollHeight,
+            mainBox: document.querySelector('.main').clientHeight,
+            sidebar: document.querySelector('.sidebar').getBoundingClientRect().height,
+        })"""
+    )
+    assert sizes["page"] <= sizes["window"], sizes  # the page itself does not scroll
+    assert sizes["main"] > sizes["mainBox"], sizes  # the column does
+    assert sizes["sidebar"] >= sizes["window"], sizes
+    screenshot()
+
+
+@pytest.mark.parametrize(
+    ("reason", "said"),
+    [
+        ("segment_missing", "only the running summary has them"),
+        ("tier_unavailable", "could not be loaded from the overflow store right now"),
+    ],
+)
+def test_the_note_on_unloaded_turns_agrees_with_the_notice(
+    live_server_factory, tmp_path, page, reason: str, said: str
+) -> None:
+    """Under "Some older turns have expired from the overflow store" the note said the
+    turns "are in the overflow store but could not be loaded"."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "hello")
+
+    def with_unloaded_turns(route: Any) -> None:
+        data = route.fetch().json()
+        data.update(overflowed_turns=4, rehydrated_turns=0, degraded=[reason])
+        route.fulfill(json=data)
+
+    page.route("**/api/context", with_unloaded_turns)
+    page.reload()
+    note = page.locator("#thread-note")
+    expect(note).to_contain_text("4 earlier turns could not be loaded")
+    expect(note).to_contain_text(said)
+    expect(note).not_to_contain_text("are in the overflow store")
 
 
 def test_a_bad_title_in_the_page_index_is_untitled_everywhere(

@@ -256,7 +256,18 @@ async function openConversation(id, { focus = false } = {}) {
     return;
   }
   for (const off of unsubscribe) off();
-  if (client) client.close();
+  if (client) {
+    // A chat left empty (New chat, then another opened) goes from the list: nothing
+    // was ever sent in it, and a list of "Untitled chat" entries helps nobody.
+    const left = client.conversation;
+    const empty = !client.token && rendered && rendered.length === 0 && !busy && !failedElsewhere.has(left);
+    client.close();
+    if (empty) {
+      updateIndex((index) => {
+        if (index.conversations[left]?.title === UNTITLED) delete index.conversations[left];
+      });
+    }
+  }
   client = createClient({ conversation: id, storage: 'local', headerName });
   // How this browser coordinates tabs (shown for debugging, checked by the tests).
   body.dataset.lockMode = client.lockMode;
@@ -318,6 +329,9 @@ async function deleteChat() {
   const c = client;
   const id = c.conversation;
   deleting = true;
+  // Disabling the button takes the focus off it: given back when the chat is kept,
+  // so a keyboard or screen-reader user is where they were, not at the page's top.
+  let keptFocus = false;
   el.deleteChat.disabled = true;
   el.deleteChat.textContent = 'Deleting…';
   el.send.disabled = true;
@@ -339,6 +353,7 @@ async function deleteChat() {
       // holds the conversation, the store is down): keep the chat, so deleting it
       // again can still reach the server's copy.
       showError(`“${title}” was not deleted: the server could not erase its copy right now (${notErased.message}). Try again in a moment.`);
+      keptFocus = true;
       return;
     }
     await c.reset();
@@ -364,6 +379,7 @@ async function deleteChat() {
     el.deleteChat.disabled = false;
     el.deleteChat.textContent = 'Delete chat';
     el.send.disabled = busy;
+    if (keptFocus && client === c) el.deleteChat.focus();
   }
 }
 
@@ -678,7 +694,16 @@ function renderStatus(data) {
   const missing = Math.max(0, (data.overflowed_turns || 0) - (data.rehydrated_turns || 0));
   const summarized = data.summarized_only_turns || 0;
   const notes = [];
-  if (missing) notes.push(`${missing} earlier turn${missing === 1 ? ' is' : 's are'} in the overflow store but could not be loaded.`);
+  if (missing) {
+    // Why says whether they may come back: the store unreachable (they may), or the
+    // copies gone or damaged (the notice above says which; the summary keeps them).
+    const degraded = new Set([...notices.degraded, ...(data.degraded || [])]);
+    const gone = ['segment_missing', 'segment_corrupt', 'segment_foreign'].some((r) => degraded.has(r));
+    const turns = `${missing} earlier turn${missing === 1 ? '' : 's'}`;
+    notes.push(gone
+      ? `${turns} could not be loaded from the overflow store: only the running summary has them.`
+      : `${turns} could not be loaded from the overflow store right now.`);
+  }
   if (summarized) notes.push(`${summarized} earlier turn${summarized === 1 ? ' was' : 's were'} folded into the running summary.`);
   // Over the soft budget is normal on its own (right before a spill, or one huge
   // message that must stay in the token), so it is only news when the tier refused
