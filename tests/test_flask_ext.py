@@ -682,6 +682,14 @@ def test_a_budget_over_an_explicit_hard_cap_is_a_configuration_error() -> None:
         ({"SATCHEL_HEADER": ""}, "SATCHEL_HEADER must be an HTTP header name"),
         ({"SATCHEL_HEADER": "X-Ctx\r\nEvil: 1"}, "SATCHEL_HEADER must be an HTTP header name"),
         ({"SATCHEL_HEADER": "content-type"}, "is a header with a meaning of its own"),
+        # fetch() never sends these: every request would start a new conversation.
+        ({"SATCHEL_HEADER": "Sec-Satchel"}, "is a header with a meaning of its own"),
+        ({"SATCHEL_HEADER": "Via"}, "is a header with a meaning of its own"),
+        ({"SATCHEL_HEADER": "Accept-Charset"}, "is a header with a meaning of its own"),
+        ({"SATCHEL_HEADER": "Proxy-Token"}, "is a header with a meaning of its own"),
+        # Proxies append to these: the token would arrive as "tok, 1.1 proxy".
+        ({"SATCHEL_HEADER": "X-Forwarded-For"}, "is a header with a meaning of its own"),
+        ({"SATCHEL_HEADER": "If-None-Match"}, "is a header with a meaning of its own"),
         ({"SATCHEL_AEAD": "bogus"}, "SATCHEL_AEAD must be"),
         ({"SATCHEL_TIER_DOWN_POLICY": "bogus"}, "SATCHEL_TIER_DOWN_POLICY must be"),
         ({"SATCHEL_BREAKER_FAIL_MAX": "0"}, "SATCHEL_BREAKER_FAIL_MAX must be at least 1"),
@@ -1078,13 +1086,27 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
         SATCHEL_OVERFLOW="sqlite:///nowhere.db",  # meant SATCHEL_OVERFLOW_URL
         SATCHEL_MAX_TOKENS_BYTES=1200,  # meant SATCHEL_MAX_TOKEN_BYTES
         SATCHEL_MODEL_NAME="an app's own setting",  # like no Satchel key: left alone
+        # Guesses by shape: spelling alone pointed the first at SATCHEL_COOKIE_SAMESITE
+        # (whose advice was itself refused) and missed the other two.
+        SATCHEL_COOKIE_NAME="chat",  # as SESSION_COOKIE_NAME; meant SATCHEL_COOKIE
+        SATCHEL_METRICS=False,  # meant SATCHEL_METRICS_ROUTE
+        SATCHEL_HEALTH=False,  # meant SATCHEL_HEALTH_ROUTES
     )
     with caplog.at_level(logging.WARNING, logger="satchel"):
         Satchel(app)
     warned = [r.getMessage() for r in caplog.records if "not a Satchel setting" in r.getMessage()]
-    assert any("SATCHEL_OVERFLOW " in w and "SATCHEL_OVERFLOW_URL" in w for w in warned)
-    assert any("SATCHEL_MAX_TOKENS_BYTES" in w and "SATCHEL_MAX_TOKEN_BYTES" in w for w in warned)
-    assert len(warned) == 2, warned
+    assert sorted(w.split(";")[1].split("(")[0].strip() for w in warned) == [
+        f"did you mean {k}?"
+        for k in sorted(
+            [
+                "SATCHEL_COOKIE",
+                "SATCHEL_HEALTH_ROUTES",
+                "SATCHEL_MAX_TOKEN_BYTES",
+                "SATCHEL_METRICS_ROUTE",
+                "SATCHEL_OVERFLOW_URL",
+            ]
+        )
+    ], warned
 
 
 def test_a_store_url_in_client_mode_does_not_replace_the_overflow_tier(

@@ -161,3 +161,42 @@ def test_a_stream_carries_the_degraded_reasons_known_before_it_starts(protocol: 
     assert resp.headers["Satchel-Degraded"] == "segment_missing"
     body = resp.get_data(as_text=True)
     assert "segment_missing" in body  # and in the final event
+
+
+def test_stream_and_discard_refuse_each_other() -> None:
+    """A view that called discard() and then streamed had its context saved anyway (a
+    token in the final event, a turn stored in memory mode): what discard() promised
+    not to do. Either order is the app's mistake, said at once."""
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring.generate().to_string(), SATCHEL_MODE="memory")
+    satchel = Satchel(app)
+    seen: list[str] = []
+
+    @app.post("/discard-then-stream")
+    def discard_then_stream() -> Any:
+        satchel.context.add_turn("user", "scratch, must not be kept")
+        satchel.discard()
+        try:
+            return satchel.stream(iter(["x"]))
+        except RuntimeError as exc:
+            seen.append(str(exc))
+            return {"ok": False}
+
+    @app.post("/stream-then-discard")
+    def stream_then_discard() -> Any:
+        response = satchel.stream(iter(["x"]))
+        try:
+            satchel.discard()
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        return response
+
+    client = app.test_client()
+    refused = client.post("/discard-then-stream")
+    assert refused.get_json() == {"ok": False} and "Satchel-Context" not in refused.headers
+    streamed = client.post("/stream-then-discard")
+    assert "event: satchel" in streamed.get_data(as_text=True)
+    assert seen == [
+        "stream() after discard(): a streamed reply ends with a token",
+        "discard() after stream(): a streamed reply ends with a token",
+    ]

@@ -1390,9 +1390,7 @@ def test_a_column_taller_than_the_window_scrolls_on_its_own(
     open_chat(page, srv)
     send(page, "hello")
     page.get_by_text("Running summary").click()
-    page.evaluate(
-        "document.querySelector('#summary').textContent = 'A long summary. '.repeat(600)"
-    )
+    page.evaluate("document.querySelector('#summary').textContent = 'A long summary. '.repeat(600)")
     sizes = page.evaluate(
         """() => ({
             page: document.scrollingElement.scrollHeight,

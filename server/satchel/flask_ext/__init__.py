@@ -702,8 +702,15 @@ class Satchel:
         return rs.committed
 
     def discard(self) -> None:
-        """Do not issue a new token for this request (for read-only routes)."""
-        self._request_state().discard = True
+        """Do not issue a new token for this request (for read-only routes).
+
+        Not with :meth:`stream`, whose reply ends with the next token: RuntimeError
+        (a streamed read-only reply is a plain ``Response`` of its own).
+        """
+        rs = self._request_state()
+        if rs.streaming:
+            raise RuntimeError("discard() after stream(): a streamed reply ends with a token")
+        rs.discard = True
 
     def _after_request(self, response: Response) -> Response:
         rs = self._current_state()
@@ -949,10 +956,15 @@ class Satchel:
 
         With ``SATCHEL_COOKIE`` the cookie is not updated (the headers leave before the
         reply exists): clients send the final event's token back in the header.
+        RuntimeError after :meth:`discard` (a streamed reply always saves).
         """
         if protocol not in ("satchel", "ai-sdk"):
             raise ValueError("protocol must be 'satchel' or 'ai-sdk'")
         rs = self._request_state()
+        if rs.discard:
+            # The stream's save would run anyway (the token in its final event, the
+            # stored context, the mark): what discard() promised not to do.
+            raise RuntimeError("stream() after discard(): a streamed reply ends with a token")
         self.get_context()
         rs.streaming = True
         ai_sdk = protocol == "ai-sdk"

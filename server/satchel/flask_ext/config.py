@@ -34,7 +34,10 @@ SATCHEL_HEADER                  Satchel-Context request and response header (rel
                                                2026-11-27 answered in Satchel-Context
                                                whatever this said); not a standard
                                                header, nor one the extension writes
-                                               (Satchel-Seq, Access-Control-*, ...)
+                                               (Satchel-Seq, Access-Control-*, ...),
+                                               nor one fetch() refuses to send
+                                               (Sec-*, Proxy-*, Via, ...) or proxies
+                                               append to (X-Forwarded-For, ...)
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
                                                (not SESSION_COOKIE_NAME; __Secure- and
                                                __Host- names need what browsers ask)
@@ -127,7 +130,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -196,8 +199,27 @@ _RESERVED_HEADERS = frozenset(
         "Access-Control-Expose-Headers", "Access-Control-Allow-Headers",
         "Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
         "Origin", "X-Accel-Buffering", *RESPONSE_HEADERS[1:],
+        # Headers a browser's fetch() refuses to send (the Fetch standard's forbidden
+        # request headers): the token would never arrive, and every request would
+        # start a new conversation.
+        "Accept-Charset", "Accept-Encoding", "Cookie2", "DNT", "Expect", "Referer",
+        "Via", "X-HTTP-Method", "X-HTTP-Method-Override", "X-Method-Override",
+        # Headers proxies write or append to (a token would arrive as "tok, 1.1 proxy").
+        "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
+        "X-Forwarded-Port", "X-Real-IP", "Max-Forwards",
+        # Other standard headers, which caches, servers and clients read themselves.
+        "Accept-Language", "Accept-Ranges", "Age", "Allow", "Content-Disposition",
+        "Content-Language", "Content-Location", "Content-Range", "ETag", "Expires",
+        "If-Match", "If-Modified-Since", "If-None-Match", "If-Range",
+        "If-Unmodified-Since", "Last-Modified", "Link", "Pragma", "Priority", "Range",
+        "Refresh", "Retry-After", "User-Agent", "Warning", "WWW-Authenticate",
+        "Content-Security-Policy", "Strict-Transport-Security", "X-Frame-Options",
+        "X-Content-Type-Options", "Referrer-Policy", "Permissions-Policy",
     )
 )  # fmt: skip
+#: Prefixes of header families that are not an app's to use: fetch() refuses Sec-* and
+#: Proxy-*, and Access-Control-* is CORS's.
+_RESERVED_HEADER_PREFIXES = ("sec-", "proxy-", "access-control-")
 _SAMESITE = {"strict": "Strict", "lax": "Lax", "none": "None"}
 #: The smallest SATCHEL_TOKEN_LIMIT: a new context's token is a few hundred bytes.
 MIN_TOKEN_LIMIT = 1024
@@ -289,12 +311,35 @@ def warn_misspelled_keys(config: Mapping[str, Any]) -> list[str]:
     for key in config:
         if not isinstance(key, str) or not key.startswith("SATCHEL_") or key in known:
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
-        if close:
-            warnings.append(f"{key} is not a Satchel setting; did you mean {close[0]}?")
+        meant = _meant_key(key, known)
+        if meant:
+            warnings.append(f"{key} is not a Satchel setting; did you mean {meant}?")
     for warning in warnings:
         log.warning("satchel: %s (it is ignored)", warning)
     return warnings
+
+
+#: Words a guessed setting name ends with where Satchel's has none (SATCHEL_COOKIE_NAME,
+#: as SESSION_COOKIE_NAME, for SATCHEL_COOKIE).
+_GUESSED_SUFFIXES = ("_NAME", "_URL", "_ENABLED", "_ENABLE", "_ON", "_PATH", "_ROUTE", "_ROUTES")
+
+
+def _meant_key(key: str, known: Collection[str]) -> str | None:
+    """The known key ``key`` most likely meant, or None.
+
+    Before spelling, the shape of a guess: a known key with a word more
+    (``SATCHEL_METRICS`` for ``SATCHEL_METRICS_ROUTE``), or with a word less
+    (``SATCHEL_COOKIE_NAME`` for ``SATCHEL_COOKIE``): spelling alone pointed the latter
+    at ``SATCHEL_COOKIE_SAMESITE``, a wrong key whose advice was itself refused.
+    """
+    longer = [k for k in known if k.startswith(key + "_")]
+    if longer:
+        return min(longer, key=lambda k: (len(k), k))
+    for suffix in _GUESSED_SUFFIXES:
+        if key.endswith(suffix) and key[: -len(suffix)] in known:
+            return key[: -len(suffix)]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+    return close[0] if close else None
 
 
 def _converted(values: dict[str, Any], names: tuple[str, ...], convert: Any, what: str) -> None:
@@ -464,7 +509,9 @@ class SatchelConfig:
                 f"SATCHEL_HEADER must be an HTTP header name (letters, digits, -), "
                 f"not {self.header!r}"
             )
-        if self.header.lower() in _RESERVED_HEADERS:
+        if self.header.lower() in _RESERVED_HEADERS or self.header.lower().startswith(
+            _RESERVED_HEADER_PREFIXES
+        ):
             raise ConfigurationError(
                 f"SATCHEL_HEADER={self.header!r} is a header with a meaning of its own (a "
                 "standard one, or one the extension writes itself); use a name of your own "
