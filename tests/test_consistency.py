@@ -663,6 +663,29 @@ def test_fail_closed_says_what_a_mark_write_that_timed_out_may_have_done(
     assert [t.content for t in newest.turns].count("only once") == 1
 
 
+def test_fail_closed_retry_after_is_the_open_breakers_wait(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Every fail_closed 503 said Retry-After: 1 while the open breaker refused every
+    call for its whole reset timeout (30 s here), as server mode's did."""
+    app, _ = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY="fail_closed",
+        SATCHEL_BREAKER_RESET_TIMEOUT=30,
+    )
+    client = app.test_client()
+    token = post(client, "/chat", None).headers["Satchel-Context"]
+    redis_server.kill()
+    waits = []
+    for _ in range(7):  # refused connections, then the breaker open (fail_max 5)
+        response = post(client, "/chat", token)
+        assert response.status_code == 503
+        waits.append(int(response.headers["Retry-After"]))
+    assert waits[0] == 1 and 20 <= waits[-1] <= 30, waits
+
+
 def test_fail_closed_says_retry_when_the_mark_could_not_be_read(
     tmp_path: Path, redis_server: Any
 ) -> None:

@@ -241,6 +241,24 @@ def test_a_response_made_from_a_token_without_a_new_one_varies_on_it(cookie: boo
     assert response.cache_control.no_store
 
 
+def test_add_vary_merges_every_vary_header_and_adds_nothing_for_no_names() -> None:
+    from flask import Response
+
+    from satchel.flask_ext.vary import add_vary
+
+    response = Response()
+    add_vary(response)  # an error replacing a response with no Vary: none, not "Vary: "
+    assert "Vary" not in response.headers
+    add_vary(response, "Satchel-Context", "Cookie", "Satchel-Context")
+    assert response.headers.getlist("Vary") == ["Satchel-Context, Cookie"]
+    response.headers.add("Vary", "origin, ")
+    add_vary(response, "Origin", "Accept-Language")
+    assert response.headers.getlist("Vary") == ["Satchel-Context, Cookie, origin, Accept-Language"]
+    response.headers["Vary"] = "*"
+    add_vary(response, "Cookie")
+    assert response.headers.getlist("Vary") == ["*"]
+
+
 @pytest.mark.parametrize("path", ["/read", "/write"])
 def test_vary_keeps_every_name_of_every_vary_header(path: str) -> None:
     """werkzeug's response.vary reads only the first Vary header: adding Satchel's

@@ -49,6 +49,7 @@ from .errors import (
     TierError,
     TierFull,
     TierUnavailable,
+    retry_facts,
 )
 from .lru import BoundedLRU
 from .observe import NULL_OBSERVER, Observer, flag_degraded
@@ -502,16 +503,19 @@ class MonotonicGuard:
                     "the consistency store is full and this app fails closed; it needs "
                     "more memory or space before this conversation can go on",
                     reason=exc.code,
+                    **retry_facts(exc),
                 ) from None
             if may_have_landed and not exc.facts.get("unsent"):
                 raise TierUnavailable(
                     "the consistency store did not confirm this exchange, which may still "
                     "have been saved: reload the conversation before sending it again",
                     reason=exc.code,
+                    **retry_facts(exc),
                 ) from None
             raise TierUnavailable(
                 "the consistency store is unavailable and this app fails closed; retry shortly",
                 reason=exc.code,
+                **retry_facts(exc),
             ) from None
         # Once per response: a stream's claim, then its mark, can both meet it.
         flag_degraded(

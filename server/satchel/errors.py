@@ -153,6 +153,14 @@ class TierBusy(TierUnavailable):
     """
 
 
+def retry_facts(error: BaseException | None) -> dict[str, float]:
+    """``{"retry_in": seconds}`` when ``error`` is a tier error that knows how long its
+    breaker still refuses calls, else ``{}``: for an error raised in its place, so the
+    503's ``Retry-After`` says that wait, not 1 s."""
+    retry_in = error.facts.get("retry_in") if isinstance(error, TierError) else None
+    return {"retry_in": retry_in} if isinstance(retry_in, int | float) else {}
+
+
 class TierFull(TierError):
     """The tier refused a write because it is out of memory or space."""
 
@@ -235,4 +243,5 @@ __all__ = [
     "UnsupportedVersion",
     "WrongMode",
     "WrongUser",
+    "retry_facts",
 ]

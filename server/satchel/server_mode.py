@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from itsdangerous import BadSignature as ItsBadSignature
 from itsdangerous import Signer
@@ -54,6 +54,7 @@ from .errors import (
     TierFull,
     TierUnavailable,
     TokenTooLarge,
+    retry_facts,
 )
 from .lifecycle import LifecyclePolicy, apply_policies, expires_at
 from .limits import DEFAULT_LIMITS
@@ -252,6 +253,8 @@ class ServerSidePipeline(Pipeline):
         with self._store_errors("claim", "the session store is unavailable; retry shortly"):
             claim = take_claim(self.store, session_claim_key(tag, self.prefix), self.observer, tag)
         ctx.claim_holder = claim.holder  # the stream's own save passes its claim
+        if ctx.stored_as is None:
+            return claim  # a new session: no answer can have replaced a stored state
         # A request that loaded the state while another stream of it was still being
         # answered takes the claim as soon as that one releases it, by which time its
         # save has replaced the state: look again, now that no other answer can start.
@@ -284,7 +287,7 @@ class ServerSidePipeline(Pipeline):
             "unavailable", reason="tier_unavailable", mode=self.mode, detail=tier_cause(error)
         )
         raise TierUnavailable(
-            "the session store is unavailable; retry shortly", mode=self.mode, **_retry(error)
+            "the session store is unavailable; retry shortly", mode=self.mode, **retry_facts(error)
         )
 
     @contextlib.contextmanager
@@ -307,9 +310,9 @@ class ServerSidePipeline(Pipeline):
                 raise TierUnavailable(
                     "the session store is unavailable and nothing was saved; retry shortly",
                     mode=self.mode,
-                    **_retry(exc),
+                    **retry_facts(exc),
                 ) from exc
-            raise TierUnavailable(unavailable, mode=self.mode, **_retry(exc)) from exc
+            raise TierUnavailable(unavailable, mode=self.mode, **retry_facts(exc)) from exc
 
     def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> str:
         """Seal the stored context, within what the codec opens again.
@@ -408,14 +411,6 @@ class ServerSidePipeline(Pipeline):
         carrier = self.carrier(ctx.session_id)
         self.observer.event("issued", session=self.session_tag(ctx.session_id), seq=ctx.seq)
         return SaveResult(carrier, len(token), timings)
-
-
-def _retry(error: Exception | None) -> dict[str, Any]:
-    """The breaker's remaining wait the tier's error carries (``retry_in``), kept for
-    the 503's ``Retry-After``: without it every client was told 1 s while the breaker
-    refused every call for its whole reset timeout."""
-    retry_in = error.facts.get("retry_in") if isinstance(error, TierError) else None
-    return {"retry_in": retry_in} if retry_in is not None else {}
 
 
 __all__ = ["CARRIER_LENGTH", "CARRIER_PREFIX", "ServerSidePipeline"]

@@ -1379,6 +1379,32 @@ def test_chats_left_empty_do_not_pile_up_in_the_list(live_server_factory, tmp_pa
     expect(page.locator("#conversations li")).to_have_count(2)
 
 
+def test_an_empty_chat_left_in_one_tab_stays_open_in_another(
+    live_server_factory, tmp_path, page
+) -> None:
+    """Tab two opens the empty chat tab one just made; tab one goes back to its real
+    chat. Dropping the empty one from the shared list made tab two think it was deleted
+    elsewhere: it jumped to the real chat, and the message typed for the new one went
+    there."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "The real chat")
+    page.get_by_role("button", name="New chat", exact=True).click()
+    expect(page.locator("#thread-title")).to_have_text("Untitled chat")
+    other = page.context.new_page()
+    open_chat(other, srv)
+    expect(other.locator("#thread-title")).to_have_text("Untitled chat")
+    page.locator("#conversations button", has_text="The real chat").click()
+    expect(page.locator("#thread-title")).to_have_text("The real chat")
+    expect(page.locator("#conversations li")).to_have_count(1)
+    send(other, "A message for the new chat")
+    expect(other.locator("#thread-title")).to_have_text("A message for the new chat")
+    expect(other.locator("#notice")).to_be_hidden()
+    expect(page.locator("#conversations li")).to_have_count(2)
+    page.locator("#conversations button", has_text="The real chat").click()
+    expect(page.locator(".msg-user")).to_have_count(1)  # nothing went into it
+
+
 def test_a_column_taller_than_the_window_scrolls_on_its_own(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:

@@ -99,9 +99,16 @@ function titleOf(entry) {
 
 async function conversations() {
   const index = loadIndex();
-  const ids = new Set(Object.keys(index.conversations));
-  for (const id of await listConversations('local')) ids.add(id);
+  const stored = new Set(await listConversations('local'));
+  const ids = new Set([...Object.keys(index.conversations), ...stored]);
+  // A chat nothing was sent in yet (no token, no title) is listed only where it is
+  // open, last opened, or holds a failed send to retry: New chat, then back to another
+  // chat, three times, left three "Untitled chat" entries for good. Its index entry
+  // stays, as another tab may have it open and be about to send in it.
+  const shown = new Set([index.current, client?.conversation, ...failedElsewhere.keys()]);
+  const untouched = (id) => !stored.has(id) && !shown.has(id) && titleOf(index.conversations[id] || {}) === UNTITLED;
   return [...ids]
+    .filter((id) => !untouched(id))
     .map((id) => {
       const entry = index.conversations[id] || {};
       return { id, title: titleOf(entry), updated: timeOf(entry.updated) };
@@ -256,18 +263,7 @@ async function openConversation(id, { focus = false } = {}) {
     return;
   }
   for (const off of unsubscribe) off();
-  if (client) {
-    // A chat left empty (New chat, then another opened) goes from the list: nothing
-    // was ever sent in it, and a list of "Untitled chat" entries helps nobody.
-    const left = client.conversation;
-    const empty = !client.token && rendered && rendered.length === 0 && !busy && !failedElsewhere.has(left);
-    client.close();
-    if (empty) {
-      updateIndex((index) => {
-        if (index.conversations[left]?.title === UNTITLED) delete index.conversations[left];
-      });
-    }
-  }
+  if (client) client.close();
   client = createClient({ conversation: id, storage: 'local', headerName });
   // How this browser coordinates tabs (shown for debugging, checked by the tests).
   body.dataset.lockMode = client.lockMode;

@@ -45,7 +45,6 @@ from flask import (
     request,
     stream_with_context,
 )
-from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import consistency
@@ -80,6 +79,7 @@ from ..observe import MultiObserver, Observer
 from ..pipeline import Pipeline
 from .config import RESPONSE_HEADERS, SatchelConfig, configured_keys, keyring_from_config
 from .errors import error_response, http_error_response, public_error, satchel_error_response
+from .vary import add_vary, vary_names
 
 log = logging.getLogger("satchel")
 
@@ -1232,37 +1232,8 @@ def _with_cors_of(original: Response, replacement: Response) -> Response:
             _expose(replacement, [n.strip() for n in value.split(",") if n.strip()])
         elif lower.startswith("access-control-") and name not in replacement.headers:
             replacement.headers[name] = value
-    add_vary(replacement, *_vary_of(original.headers))
+    add_vary(replacement, *vary_names(original.headers))
     return replacement
-
-
-def _vary_of(headers: Headers) -> list[str]:
-    """Every name in every ``Vary`` header (werkzeug's ``response.vary`` reads only the
-    first: a CORS hook's ``headers.add("Vary", "Origin")`` next to a view's own)."""
-    return [
-        name.strip()
-        for value in headers.getlist("Vary")
-        for name in value.split(",")
-        if name.strip()
-    ]
-
-
-def add_vary(response: Response, *names: str) -> None:
-    """Add ``names`` to the response's ``Vary``, as one header holding every name the
-    response varied on before (werkzeug's ``response.vary.add`` keeps only the first of
-    several ``Vary`` headers, so a cache could serve one origin's CORS answer to
-    another), and set directly when there is none (its parsed header costs microseconds
-    on every response)."""
-    headers = response.headers
-    present = _vary_of(headers)
-    if not present:
-        headers["Vary"] = ", ".join(dict.fromkeys(names))
-        return
-    seen = {name.lower() for name in present}
-    if "*" in seen:
-        return  # varies on everything already
-    merged = present + [n for n in dict.fromkeys(names) if n.lower() not in seen]
-    headers["Vary"] = ", ".join(dict.fromkeys(merged))
 
 
 def _check_route_levels(server: set[str], monotonic: set[str], has_tier: bool) -> None:

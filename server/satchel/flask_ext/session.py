@@ -60,6 +60,7 @@ from ..keys import KEY_PURPOSE_RULE, Keyring, is_key_purpose
 from ..limits import DEFAULT_LIMITS, Limits
 from ..lru import BoundedLRU
 from ..padding import bucket_too_long, check_pad_to
+from .vary import add_vary
 
 if TYPE_CHECKING:  # pragma: no cover
     from flask import Flask
@@ -501,7 +502,7 @@ class SatchelSessionInterface(SessionInterface):
         httponly = self.get_cookie_httponly(app)
 
         if session.accessed:
-            response.vary.add("Cookie")
+            add_vary(response, "Cookie")
         if getattr(session, "save_failed", False):
             # Flask's error handling saves the session a second time: the first save
             # already raised, and the client keeps the cookie it has.
@@ -520,7 +521,7 @@ class SatchelSessionInterface(SessionInterface):
                     samesite=samesite,
                     httponly=httponly,
                 )
-                response.vary.add("Cookie")
+                add_vary(response, "Cookie")
                 if ref is not None:
                     # Logging out must not leave the session readable in the tier.
                     self._retire(app, ref, at_once=True)
@@ -647,7 +648,7 @@ class SatchelSessionInterface(SessionInterface):
                     limit=limit,
                 )
         response.headers.add("Set-Cookie", header)
-        response.vary.add("Cookie")
+        add_vary(response, "Cookie")
         if ref is not None and ref != value:
             # Replaced by a new copy or a plain cookie. Retired after the new cookie is
             # set, never before: a failed save leaves the client on the old reference.
