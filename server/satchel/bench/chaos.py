@@ -105,6 +105,7 @@ from pathlib import Path
 from typing import Any
 
 from ..flask_ext.config import SatchelConfig
+from ._load import percentile as nearest_rank
 from ._procs import LOOPBACK, AppProcess, ProcError, RedisProcess, Workdir, require_modules
 
 #: soft byte budget of the token: small, so conversations overflow every few turns
@@ -522,11 +523,11 @@ def sample_breaker(port: int, load: Load, stop: threading.Event, out: list) -> N
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest rank, as the compare harness computes it (round() here took the rank
+    above whenever q/100 * n was odd: p99 of 100 samples was their maximum)."""
     if not values:
         return None
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
+    return nearest_rank(sorted(values), q)
 
 
 def latency_row(samples: Iterable[Sample]) -> dict[str, Any]:

@@ -145,6 +145,15 @@ def build_context(turns: list[dict[str, str]], now: int) -> Context:
     return ctx
 
 
+def as_in_a_conversation(ctx: Context, codec: Codec) -> Context:
+    """``ctx`` sealed once, as a request's context is (opened from the token before):
+    it carries the parent digest every later seal, and the floor's map, carry too. The
+    first seal of a fresh context has none, so measured first it made one codec's
+    token 24 characters shorter than the others'."""
+    codec.seal(ctx)
+    return ctx
+
+
 def as_plain(turns: list[dict[str, str]], now: int) -> dict[str, Any]:
     """The same conversation as a developer would put it in a Flask session."""
     return {
@@ -270,7 +279,7 @@ def run(
     rows = []
     for n in sizes:
         turns = conversation_of(convs, n)
-        ctx = build_context(turns, now)
+        ctx = as_in_a_conversation(build_context(turns, now), signed)
         plain = as_plain(turns, now)
         wire = wire_of(ctx)
         tok_signed = signed.seal(ctx)
@@ -343,7 +352,7 @@ def mean_sizes(
     totals = {"signed": 0, "sealed": 0, "floor": 0, "flask": 0, "text": 0, "contexts": 0}
     for offset in range(min(samples, len(convs))):
         turns_ = conversation_of(convs, turns, offset)
-        ctx = build_context(turns_, now)
+        ctx = as_in_a_conversation(build_context(turns_, now), signed)
         plain = as_plain(turns_, now)
         totals["signed"] += len(signed.seal(ctx))
         totals["sealed"] += len(sealed.seal(ctx))
