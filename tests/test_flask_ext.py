@@ -1109,6 +1109,8 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
         SATCHEL_COOKIE_NAME="chat",  # as SESSION_COOKIE_NAME; meant SATCHEL_COOKIE
         SATCHEL_METRICS=False,  # meant SATCHEL_METRICS_ROUTE
         SATCHEL_HEALTH=False,  # meant SATCHEL_HEALTH_ROUTES
+        SATCHEL_MAX_TURN=40,  # a letter away from SATCHEL_MAX_TURNS, not SATCHEL_MAX_TURN_CHARS
+        SATCHEL_TOKEN="an app's own",  # _MODE or _LIMIT? a guess: left alone
     )
     with caplog.at_level(logging.WARNING, logger="satchel"):
         Satchel(app)
@@ -1120,6 +1122,7 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
                 "SATCHEL_COOKIE",
                 "SATCHEL_HEALTH_ROUTES",
                 "SATCHEL_MAX_TOKEN_BYTES",
+                "SATCHEL_MAX_TURNS",
                 "SATCHEL_METRICS_ROUTE",
                 "SATCHEL_OVERFLOW_URL",
             ]

@@ -106,7 +106,9 @@ async function conversations() {
   // chat, three times, left three "Untitled chat" entries for good. Its index entry
   // stays, as another tab may have it open and be about to send in it.
   const shown = new Set([index.current, client?.conversation, ...failedElsewhere.keys()]);
-  const untouched = (id) => !stored.has(id) && !shown.has(id) && titleOf(index.conversations[id] || {}) === UNTITLED;
+  // Untitled as New chat made it: an entry whose title is damaged (a number, empty)
+  // is listed, as "Untitled chat", for its first message to name it.
+  const untouched = (id) => !stored.has(id) && !shown.has(id) && index.conversations[id]?.title === UNTITLED;
   return [...ids]
     .filter((id) => !untouched(id))
     .map((id) => {

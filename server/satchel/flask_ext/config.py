@@ -332,9 +332,14 @@ def _meant_key(key: str, known: Collection[str]) -> str | None:
     (``SATCHEL_COOKIE_NAME`` for ``SATCHEL_COOKIE``): spelling alone pointed the latter
     at ``SATCHEL_COOKIE_SAMESITE``, a wrong key whose advice was itself refused.
     """
-    longer = [k for k in known if k.startswith(key + "_")]
-    if longer:
-        return min(longer, key=lambda k: (len(k), k))
+    typo = difflib.get_close_matches(key, known, n=1, cutoff=0.9)
+    if typo:  # a letter or so away (SATCHEL_MAX_TURN): spelling says it best
+        return typo[0]
+    # One known key that is this one and a word more; with several (SATCHEL_TOKEN:
+    # _MODE or _LIMIT?) or words more, the guess would be a guess.
+    longer = [k for k in known if k.startswith(key + "_") and "_" not in k[len(key) + 1 :]]
+    if len(longer) == 1:
+        return longer[0]
     for suffix in _GUESSED_SUFFIXES:
         if key.endswith(suffix) and key[: -len(suffix)] in known:
             return key[: -len(suffix)]
