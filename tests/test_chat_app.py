@@ -988,3 +988,16 @@ def test_a_broken_endpoint_echoing_the_request_does_not_put_it_in_the_log() -> N
     finally:
         listener.close()
         server.join(timeout=5)
+
+
+def test_llm_summarizer_sends_no_tool_output_as_a_users_words() -> None:
+    """A tool result in a user turn (Anthropic's) went to the model as "user: <tool
+    JSON>": the summary then said the user had said it."""
+    from satchel import Context, ToolCall
+
+    ctx = Context.new()
+    ctx.add_turn("user", "What's my balance?")
+    ctx.add_turn("assistant", "", tool_calls=[ToolCall("toolu_1", "get_balance", {})])
+    ctx.add_turn("user", '{"iban": "DE89370400440532013000"}', tool_call_id="toolu_1")
+    prompt = LLMSummarizer(ScriptedModel("ok")).messages(ctx.turns, "")[1]["content"]
+    assert "DE89" not in prompt and "user: What's my balance?" in prompt

@@ -460,9 +460,10 @@ def naive_summary(summarizer: ExtractiveSummarizer, dropped: Sequence[Turn], pre
     lines = [line for line in body.splitlines() if line]
     covered = int(header_match.group(1)) if header_match else (len(lines) if previous else 0)
     for turn in dropped:
-        if turn.role == "tool":
-            text = f"tool result ({len(turn.content)} chars)"
-        elif turn.tool_calls and not turn.content:
+        if turn.role == "tool" or turn.tool_call_id is not None:
+            lines.append(f"- tool: tool result ({len(turn.content)} chars)")
+            continue
+        if turn.tool_calls and not turn.content:
             text = "called " + ", ".join(c.name for c in turn.tool_calls)
         else:
             text = first_sentence(turn.content, summarizer.line_chars)
@@ -606,3 +607,18 @@ def test_trimming_never_splits_tool_calls_edits_blocks_or_drops_pinned(
     # Opaque blocks: same objects, same bytes, whether kept or dropped.
     assert [(id(b), b.data) for t in history for b in t.blocks] == blocks_before
     assert sum(ctx.lifecycle.dropped.values()) == len(history) - len(ctx.turns)
+
+
+def test_a_tool_result_in_a_user_turn_is_summarized_as_a_tool_result() -> None:
+    """Anthropic's tool results come in user turns (with a tool_call_id): the summary
+    quoted them as what the user said, raw tool output (an IBAN) included."""
+    ctx = Context.new()
+    ctx.add_turn("user", "What's my balance?")
+    ctx.add_turn("assistant", "", tool_calls=[ToolCall("toolu_1", "get_balance", {"acct": "42"})])
+    result = '{"balance": 1234.56, "iban": "DE89370400440532013000"}'
+    ctx.add_turn("user", result, tool_call_id="toolu_1")
+    ctx.add_turn("assistant", "Your balance is 1,234.56.")
+    summary = ExtractiveSummarizer()(ctx.turns, "")
+    assert "DE89" not in summary and "1234.56" not in summary
+    assert f"- tool: tool result ({len(result)} chars)" in summary.splitlines()
+    assert "- user: What's my balance?" in summary.splitlines()

@@ -69,6 +69,8 @@ class LLMSummarizer:
         for turn in dropped:
             if turn.role not in ("user", "assistant") or not turn.content:
                 continue
+            if turn.tool_call_id is not None:  # a tool result in a user turn (Anthropic's)
+                continue
             text = " ".join(turn.content.split())
             if len(text) > self.turn_chars:
                 text = text[: self.turn_chars - 1] + "…"

@@ -79,9 +79,13 @@ class ExtractiveSummarizer:
         """The summary's candidate lines, newest first: the dropped turns', then the
         previous summary's."""
         for turn in reversed(dropped):
-            if turn.role == "tool":
-                text = f"tool result ({len(turn.content)} chars)"
-            elif turn.tool_calls and not turn.content:
+            if turn.role == "tool" or turn.tool_call_id is not None:
+                # A tool result, whatever its role (Anthropic's come in user turns): its
+                # size only, said as the tool's. Quoted, it read as what the user said,
+                # and put raw tool output (an IBAN, say) into the summary.
+                yield f"- tool: tool result ({len(turn.content)} chars)"
+                continue
+            if turn.tool_calls and not turn.content:
                 text = "called " + ", ".join(c.name for c in turn.tool_calls)
             else:
                 text = first_sentence(turn.content, self.line_chars)
