@@ -1111,6 +1111,10 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
         SATCHEL_HEALTH=False,  # meant SATCHEL_HEALTH_ROUTES
         SATCHEL_MAX_TURN=40,  # a letter away from SATCHEL_MAX_TURNS, not SATCHEL_MAX_TURN_CHARS
         SATCHEL_TOKEN="an app's own",  # _MODE or _LIMIT? a guess: left alone
+        SATCHEL_SESSION="an app's own",  # _MODE, _PAD_TO or _PURPOSE? left alone too
+        # A word short of SATCHEL_SEGMENT_CACHE_BYTES; by similarity it was "meant"
+        # SATCHEL_SEGMENT_GRACE, three letters away, and 16 MiB of seconds taken.
+        SATCHEL_SEGMENT_CACHE=16 * 1024 * 1024,
     )
     with caplog.at_level(logging.WARNING, logger="satchel"):
         Satchel(app)
@@ -1125,6 +1129,7 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
                 "SATCHEL_MAX_TURNS",
                 "SATCHEL_METRICS_ROUTE",
                 "SATCHEL_OVERFLOW_URL",
+                "SATCHEL_SEGMENT_CACHE_BYTES",
             ]
         )
     ], warned

@@ -332,19 +332,36 @@ def _meant_key(key: str, known: Collection[str]) -> str | None:
     (``SATCHEL_COOKIE_NAME`` for ``SATCHEL_COOKIE``): spelling alone pointed the latter
     at ``SATCHEL_COOKIE_SAMESITE``, a wrong key whose advice was itself refused.
     """
-    typo = difflib.get_close_matches(key, known, n=1, cutoff=0.9)
-    if typo:  # a letter or so away (SATCHEL_MAX_TURN): spelling says it best
-        return typo[0]
+    typos = sorted((d, k) for k in known if (d := _edits(key, k)) is not None)
+    if typos:  # a letter or two away (SATCHEL_MAX_TURN): spelling says it best
+        return typos[0][1]
     # One known key that is this one and a word more; with several (SATCHEL_TOKEN:
-    # _MODE or _LIMIT?) or words more, the guess would be a guess.
+    # _MODE or _LIMIT?) or words more, the guess would be a guess, and none is made.
     longer = [k for k in known if k.startswith(key + "_") and "_" not in k[len(key) + 1 :]]
-    if len(longer) == 1:
-        return longer[0]
+    if longer:
+        return longer[0] if len(longer) == 1 else None
     for suffix in _GUESSED_SUFFIXES:
         if key.endswith(suffix) and key[: -len(suffix)] in known:
             return key[: -len(suffix)]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
     return close[0] if close else None
+
+
+def _edits(a: str, b: str, limit: int = 2) -> int | None:
+    """How many inserted, deleted or changed letters make ``a`` into ``b``, if at most
+    ``limit`` (a similarity ratio sent SATCHEL_SEGMENT_CACHE to SATCHEL_SEGMENT_GRACE,
+    three letters away, over SATCHEL_SEGMENT_CACHE_BYTES); else None."""
+    if abs(len(a) - len(b)) > limit:
+        return None
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        if min(row) > limit:
+            return None
+        previous = row
+    return previous[-1] if previous[-1] <= limit else None
 
 
 def _converted(values: dict[str, Any], names: tuple[str, ...], convert: Any, what: str) -> None:
