@@ -454,17 +454,15 @@ def current_time(now: float | None, clock: Callable[[], float]) -> float:
         return clock()
     if type(now) is int:
         return now  # every int is finite (math.isfinite would overflow past 1e308)
-    if type(now) is float:  # the usual case
-        value: float = now
-    elif isinstance(now, bool | str | bytes | bytearray):
-        raise TypeError(f"now is Unix seconds, not {type(now).__name__}")
-    else:
+    if type(now) is not float:  # a float is the usual case
+        if isinstance(now, bool | str | bytes | bytearray):
+            raise TypeError(f"now is Unix seconds, not {type(now).__name__}")
         try:
-            value = float(now)
+            now = float(now)
         except (TypeError, ValueError):
             raise TypeError(f"now is Unix seconds, not {type(now).__name__}") from None
-    if math.isfinite(value):
-        return value
+    if math.isfinite(now):
+        return now
     raise ValueError(f"now is Unix seconds, a finite number, not {now}")
 
 

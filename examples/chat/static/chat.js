@@ -691,12 +691,12 @@ function renderStatus(data) {
 
   const missing = Math.max(0, (data.overflowed_turns || 0) - (data.rehydrated_turns || 0));
   const summarized = data.summarized_only_turns || 0;
+  const reasons = new Set([...notices.degraded, ...(data.degraded || [])]);
   const notes = [];
   if (missing) {
     // Why says whether they may come back: the store unreachable (they may), or the
     // copies gone or damaged (the notice above says which; the summary keeps them).
-    const degraded = new Set([...notices.degraded, ...(data.degraded || [])]);
-    const gone = ['segment_missing', 'segment_corrupt', 'segment_foreign'].some((r) => degraded.has(r));
+    const gone = ['segment_missing', 'segment_corrupt', 'segment_foreign'].some((r) => reasons.has(r));
     const turns = `${missing} earlier turn${missing === 1 ? '' : 's'}`;
     notes.push(gone
       ? `${turns} could not be loaded from the overflow store: only the running summary has them.`
@@ -706,7 +706,6 @@ function renderStatus(data) {
   // Over the soft budget is normal on its own (right before a spill, or one huge
   // message that must stay in the token), so it is only news when the tier refused
   // the turns that should have left: then they stay in the token up to the hard cap.
-  const reasons = new Set([...notices.degraded, ...(data.degraded || [])]);
   const refused = reasons.has('tier_write_failed') || reasons.has('data_loss');
   if (refused && data.max_token_bytes && data.token_bytes > data.max_token_bytes) {
     notes.push('The token is over its soft budget because the overflow store could not take its oldest turns; they stay in the token (up to the hard cap) until it can.');

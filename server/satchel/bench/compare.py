@@ -406,8 +406,6 @@ class Results:
     codec_cost: dict[str, Any] = field(default_factory=dict)
 
 
-#: Redis databases: client-mode overflow and server-mode contexts are kept apart, so
-#: the keys each mode writes can be counted while both are served.
 # SCAN and MEMORY USAGE inside the server: one round trip for the whole database.
 _KEY_BYTES_SCRIPT = """
 redis.call('SELECT', ARGV[1])
@@ -421,6 +419,8 @@ repeat
 until cursor == '0'
 return total
 """
+#: Redis databases: client-mode overflow and server-mode contexts are kept apart, so
+#: the keys each mode writes can be counted while both are served.
 _MODE_DB = {"client": 1, "client, overflowing": 1, "server": 0}
 
 
@@ -1036,7 +1036,7 @@ def make_plots(res: Results, img: Path) -> list[str]:
         c = MODE_COLORS[mode]
         xs = [p["sessions"] for p in pts]
         axes[0].plot(xs, [p["rss"] / 2**20 for p in pts], "o-", color=c, label=mode)
-        redis = [p.get("redis_key_delta", p["redis_delta"]) / 2**20 for p in pts]
+        redis = [p["redis_key_delta"] / 2**20 for p in pts]
         axes[1].plot(xs, redis, "o-", color=c, label=mode)
     axes[0].set_title("app server RSS (gunicorn master + workers)")
     axes[0].set_ylabel("MiB")
@@ -1326,10 +1326,7 @@ def render_report(res: Results, plots: list[str]) -> str:
         pts = res.sessions.get(mode)
         if not pts:
             continue
-        cells = [
-            f"{p['rss'] / 2**20:.1f} / {p.get('redis_key_delta', p['redis_delta']) / 1024:.0f}"
-            for p in pts
-        ]
+        cells = [f"{p['rss'] / 2**20:.1f} / {p['redis_key_delta'] / 1024:.0f}" for p in pts]
         add(f"| {mode} | " + " | ".join(cells) + " |")
     add("")
     if "memory_vs_sessions.png" in plots:
@@ -1446,7 +1443,7 @@ def _memory_text(res: Results) -> str:
     last = {m: pts[-1] for m, pts in res.sessions.items() if pts}
     n = res.plan.session_steps[-1]
     if "server" in last and n:
-        per = last["server"].get("redis_key_delta", last["server"]["redis_delta"]) / n
+        per = last["server"]["redis_key_delta"] / n
         parts.append(
             f"Server mode costs Redis about {per:,.0f} bytes per {res.plan.session_turns}-turn "
             f"session (`MEMORY USAGE` of its keys: the sealed context, the session's index "
@@ -1633,8 +1630,7 @@ def _tradeoffs(res: Results) -> str:
         n = res.plan.session_steps[-1]
         lines.append(
             f"* **No server memory per session.** {n} sessions cost Redis "
-            f"{last['server'].get('redis_key_delta', last['server']['redis_delta']) / 2**20:.2f}"
-            " MiB in server mode and nothing "
+            f"{last['server']['redis_key_delta'] / 2**20:.2f} MiB in server mode and nothing "
             f"in client mode ({last['client']['redis_keys']} keys); memory mode puts them "
             "in the worker's RSS instead, where a restart loses them."
         )

@@ -755,14 +755,12 @@ class Satchel:
         # cache must neither serve it to anyone else nor replay it to this client later
         # (an old token sent again is a fork), so no-store whatever the view set
         # (send_file's no-cache still lets a cache store it). Vary, as Flask's session.
-        headers_out = response.headers
-        if "Vary" not in headers_out and "Cache-Control" not in headers_out:
-            # The usual case, set directly: werkzeug's parsed vary and cache_control
-            # objects cost about 8 us a response on this hot path.
-            headers_out.add("Vary", f"{config.header}, Cookie" if config.cookie else config.header)
-            headers_out.add("Cache-Control", "no-store")
+        _vary_on_token(response, config)
+        if "Cache-Control" not in response.headers:
+            # The usual case, set directly: werkzeug's parsed cache_control object
+            # costs microseconds a response on this hot path.
+            response.headers.add("Cache-Control", "no-store")
         else:
-            add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
             response.cache_control.no_store = True
         if config.cookie:
             _set_token_cookie(response, headers[config.header], config)
@@ -860,8 +858,7 @@ class Satchel:
         # Made from the token the request carried (GET /api/context: the conversation
         # itself): a cache may keep it only per token (and per cookie), never one copy
         # served to every client asking for the URL.
-        config = self.state().config
-        add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
+        _vary_on_token(response, self.state().config)
         if ctx.degraded:
             response.headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
             self.observer.event("degraded_response")
@@ -917,7 +914,7 @@ class Satchel:
             response.headers["Satchel-Seq"] = str(exc.facts["newest_seq"])
         if "session" in exc.facts:
             response.headers["Satchel-Session"] = str(exc.facts["session"])
-        add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
+        _vary_on_token(response, config)
         if config.cookie:
             _set_token_cookie(response, token, config)
 
@@ -1140,8 +1137,7 @@ class Satchel:
             # them. The final event carries every reason, these and later ones.
             response.headers["Satchel-Degraded"] = _degraded_header(rs.context.degraded)
         response.headers["Cache-Control"] = "no-store"
-        config = self.state().config  # Vary as for a response with a token
-        add_vary(response, config.header, *(("Cookie",) if config.cookie else ()))
+        _vary_on_token(response, self.state().config)  # as for a response with a token
         response.headers["X-Accel-Buffering"] = "no"
         if ai_sdk:
             response.headers["x-vercel-ai-ui-message-stream"] = "v1"
@@ -1221,6 +1217,14 @@ def _expose(response: Response, names: Sequence[str]) -> None:
 def _degraded_header(reasons: Sequence[str]) -> str:
     """The ``Satchel-Degraded`` value: the reasons, each once, in order."""
     return ", ".join(dict.fromkeys(reasons))
+
+
+def _vary_on_token(response: Response, config: SatchelConfig) -> None:
+    """Vary on what carries the token: its header, and Cookie with ``SATCHEL_COOKIE``."""
+    if config.cookie:
+        add_vary(response, config.header, "Cookie")
+    else:
+        add_vary(response, config.header)
 
 
 def _with_cors_of(original: Response, replacement: Response) -> Response:

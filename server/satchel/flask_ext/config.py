@@ -327,10 +327,11 @@ _GUESSED_SUFFIXES = ("_NAME", "_URL", "_ENABLED", "_ENABLE", "_ON", "_PATH", "_R
 def _meant_key(key: str, known: Collection[str]) -> str | None:
     """The known key ``key`` most likely meant, or None.
 
-    Before spelling, the shape of a guess: a known key with a word more
-    (``SATCHEL_METRICS`` for ``SATCHEL_METRICS_ROUTE``), or with a word less
-    (``SATCHEL_COOKIE_NAME`` for ``SATCHEL_COOKIE``): spelling alone pointed the latter
-    at ``SATCHEL_COOKIE_SAMESITE``, a wrong key whose advice was itself refused.
+    A key within two letters (``SATCHEL_MAX_TURN``); else, before looser spelling, the
+    shape of a guess: a known key with a word more (``SATCHEL_METRICS`` for
+    ``SATCHEL_METRICS_ROUTE``), or with a word less (``SATCHEL_COOKIE_NAME`` for
+    ``SATCHEL_COOKIE``): spelling alone pointed the latter at
+    ``SATCHEL_COOKIE_SAMESITE``, a wrong key whose advice was itself refused.
     """
     typos = sorted((d, k) for k in known if (d := _edits(key, k)) is not None)
     if typos:  # a letter or two away (SATCHEL_MAX_TURN): spelling says it best

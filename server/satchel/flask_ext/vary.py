@@ -29,8 +29,11 @@ def add_vary(response: Response, *names: str) -> None:
     if not names:
         return
     headers = response.headers
+    if "Vary" not in headers:  # the usual case, on every response with a token
+        headers.add("Vary", ", ".join(dict.fromkeys(names)))
+        return
     present = vary_names(headers)
-    if not present:
+    if not present:  # only empty Vary headers
         headers["Vary"] = ", ".join(dict.fromkeys(names))
         return
     seen = {name.lower() for name in present}
