@@ -112,6 +112,45 @@ def test_the_same_view_code_runs_in_every_mode(mode_app: tuple[str, Flask, Any])
         assert redis.client().exists(key) == 1
 
 
+def metric(text: str, sample: str) -> float:
+    """One sample's value from a /metrics page (0 when absent)."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_every_mode_reports_trims_summaries_steps_and_token_sizes(
+    mode_app: tuple[str, Flask, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same dashboards and alerts read every mode: a window that trims is counted,
+    # the summarized turns too, the trim and seal steps are timed, the stored token
+    # measured, and the audit log says what was trimmed and issued.
+    mode, _app, redis = mode_app
+    config: dict[str, Any] = {"SATCHEL_MAX_TURNS": 6, "SATCHEL_OVERFLOW_URL": ""}
+    if redis is not None:
+        config["SATCHEL_STORE_URL"] = redis.url
+    client = make_app(mode, **config).test_client()
+    with caplog.at_level(logging.INFO, logger="satchel.audit"):
+        responses = converse(client, [f"Tell me about step {i}" for i in range(5)])
+    assert responses[-1].get_json()["turns"] == 6  # 10 turns, the oldest 4 trimmed
+    assert "summarize;dur=" in responses[-1].headers["Server-Timing"]
+
+    text = client.get("/metrics").get_data(as_text=True)
+    assert metric(text, 'satchel_trims_total{reason="window"}') == 2
+    assert metric(text, 'satchel_trimmed_turns_total{reason="window"}') == 4
+    assert metric(text, "satchel_summarized_turns_total") == 4
+    assert metric(text, 'satchel_step_seconds_count{step="trim"}') == 5
+    assert metric(text, 'satchel_step_seconds_count{step="seal"}') == 5
+    assert metric(text, 'satchel_step_seconds_count{step="summarize"}') == 2
+    assert metric(text, "satchel_token_bytes_count") == 5
+    assert metric(text, "satchel_tokens_issued_total") == 5
+    audit = [(r.satchel_event, r.satchel) for r in caplog.records if r.name == "satchel.audit"]
+    assert [f["turns"] for name, f in audit if name == "trimmed"] == [2, 2]
+    assert [f["turns"] for name, f in audit if name == "summarized"] == [2, 2]
+    issued = [f for name, f in audit if name == "issued"]
+    assert [f["turns"] for f in issued] == [2, 4, 6, 6, 6]
+    assert all(f["bytes"] > 0 for f in issued)
+
+
 @pytest.mark.parametrize("mode", [pytest.param("server", marks=pytest.mark.redis), "memory"])
 def test_two_concurrent_requests_for_one_session_lose_no_turn(
     mode: str, request: pytest.FixtureRequest

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -329,37 +330,51 @@ class Pipeline:
         self, ctx: Context, now: float, tag: str, timings: dict[str, float]
     ) -> Prepared | None:
         """The lifecycle policies, then the byte budget; reports what each did."""
+        with self.lifecycle_reported(ctx, tag, timings):
+            self.apply_policies_reported(ctx, self._trim_policy, now, tag, timings)
+            t1 = time.perf_counter()
+            prepared = self.fit_budget(ctx, now, tag)
+            timings["overflow"] = time.perf_counter() - t1
+        return prepared
+
+    @contextmanager
+    def lifecycle_reported(
+        self, ctx: Context, tag: str, timings: dict[str, float]
+    ) -> Iterator[None]:
+        """Around the steps that may summarize: the summarizers' time (its own step,
+        for an LLM-backed one above all) and, when they succeed, the turns summarized."""
         clock: list[float] = []
         reset = summarize_clock.set(clock)
+        summarized_before = ctx.lifecycle.summarized
         try:
-            return self._trim_and_fit_timed(ctx, now, tag, timings)
+            yield
         finally:
             summarize_clock.reset(reset)
-            if clock:  # a summarizer ran: its own step, for an LLM-backed one above all
+            if clock:
                 timings["summarize"] = sum(clock)
                 self.observer.timing("summarize", timings["summarize"])
-
-    def _trim_and_fit_timed(
-        self, ctx: Context, now: float, tag: str, timings: dict[str, float]
-    ) -> Prepared | None:
-        timer = time.perf_counter
-        t0 = timer()
-        summarized_before = ctx.lifecycle.summarized
-        dropped_before = dict(ctx.lifecycle.dropped)
-        apply_policies(ctx, self._trim_policy, now)
-        timings["trim"] = timer() - t0
-        for reason, total in ctx.lifecycle.dropped.items():
-            turns = total - dropped_before.get(reason, 0)
-            if turns:
-                self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
-        t1 = timer()
-        prepared = self.fit_budget(ctx, now, tag)
-        timings["overflow"] = timer() - t1
         if ctx.lifecycle.summarized > summarized_before:
             self.observer.event(
                 "summarized", session=tag, turns=ctx.lifecycle.summarized - summarized_before
             )
-        return prepared
+
+    def apply_policies_reported(
+        self,
+        ctx: Context,
+        policy: LifecyclePolicy,
+        now: float,
+        tag: str,
+        timings: dict[str, float],
+    ) -> None:
+        """The lifecycle policies, timed (``trim``), each trim reported by policy."""
+        t0 = time.perf_counter()
+        dropped_before = dict(ctx.lifecycle.dropped)
+        apply_policies(ctx, policy, now)
+        timings["trim"] = time.perf_counter() - t0
+        for reason, total in ctx.lifecycle.dropped.items():
+            turns = total - dropped_before.get(reason, 0)
+            if turns:
+                self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
 
     def fit_budget(self, ctx: Context, now: float, tag: str) -> Prepared | None:
         """Bring the token under the soft byte budget (and, with a tier, the window),

@@ -56,7 +56,7 @@ from .errors import (
     TokenTooLarge,
     retry_facts,
 )
-from .lifecycle import LifecyclePolicy, apply_policies, expires_at
+from .lifecycle import LifecyclePolicy, expires_at
 from .limits import DEFAULT_LIMITS
 from .observe import NULL_OBSERVER, Observer, tier_cause
 from .pipeline import Clock, Pipeline, SaveResult
@@ -314,7 +314,7 @@ class ServerSidePipeline(Pipeline):
                 ) from exc
             raise TierUnavailable(unavailable, mode=self.mode, **retry_facts(exc)) from exc
 
-    def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> str:
+    def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> tuple[str, int]:
         """Seal the stored context, within what the codec opens again.
 
         No byte budget applies here (nothing travels but the carrier), but the stored
@@ -329,8 +329,7 @@ class ServerSidePipeline(Pipeline):
         with values_walked_once(ctx):  # measured until it fits: its values walked once
             prepared = self.codec.prepare(ctx)
             prepared = self._fit_payload_cap(ctx, prepared, now, tag, write_failed=False)
-            token, _raw_size = self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
-        return token
+            return self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
 
     def save(
         self,
@@ -346,12 +345,15 @@ class ServerSidePipeline(Pipeline):
             # (GET, HEAD, OPTIONS); a read that changed the context is refused here.
             refuse_busy(self.observer, self.session_tag(ctx.session_id))
         ctx.last_active = max(ctx.last_active, int(now))
-        t0 = time.perf_counter()
-        apply_policies(ctx, self.policy, now)
-        t1 = time.perf_counter()
-        exp = expires_at(ctx, self.policy, now)
-        with self.metadata_schema.writing(ctx):  # every replica must read it
-            token = self._seal_within_limits(ctx, now, exp)
+        tag = self.session_tag(ctx.session_id)
+        # Reported as in client mode (trims, summaries, the trim and seal steps, the
+        # stored token's size), so the same dashboards and alerts read both modes.
+        with self.lifecycle_reported(ctx, tag, timings):
+            self.apply_policies_reported(ctx, self.policy, now, tag, timings)
+            t1 = time.perf_counter()
+            exp = expires_at(ctx, self.policy, now)
+            with self.metadata_schema.writing(ctx):  # every replica must read it
+                token, raw_size = self._seal_within_limits(ctx, now, exp)
         # Kept while the token inside still opens (its expiry plus the clock skew the
         # codec allows), not a moment longer: then the store forgets it, as server-side
         # session stores do, and the next request starts afresh (session_not_found).
@@ -371,7 +373,6 @@ class ServerSidePipeline(Pipeline):
             else "the session store is unavailable; this new conversation was not "
             "started: send it again shortly"
         )
-        tag = self.session_tag(ctx.session_id)
         with self._store_errors("save", unconfirmed):
             # Only over what this request loaded (nothing, for a new session): another
             # request that saved meanwhile would otherwise lose its turns to this one.
@@ -406,10 +407,14 @@ class ServerSidePipeline(Pipeline):
                 "another request for this conversation was saved first; send this one again"
             )
         ctx.stored_as = data
-        timings["trim"] = t1 - t0
-        timings["seal"] = time.perf_counter() - t1
+        timings["seal"] = time.perf_counter() - t1  # the store's write included
         carrier = self.carrier(ctx.session_id)
-        self.observer.event("issued", session=self.session_tag(ctx.session_id), seq=ctx.seq)
+        self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
+        self.observer.event(
+            "issued", session=tag, seq=ctx.seq, bytes=len(token), turns=len(ctx.turns)
+        )
+        for step in ("trim", "seal"):
+            self.observer.timing(step, timings[step])
         return SaveResult(carrier, len(token), timings)
 
 
