@@ -123,9 +123,11 @@ def test_a_stream_carries_the_degraded_reasons_known_before_it_starts(protocol: 
     event: a client reading headers (curl, a proxy's log, useChat's fetch) never saw
     Satchel-Degraded on a streamed reply. The reasons known when the stream starts are
     now in its headers too; the final event still carries them all."""
+    from satchel.metrics import PrometheusObserver
     from satchel.tiers import MemoryTier
 
     tier = MemoryTier()
+    metrics = PrometheusObserver()
     app = Flask(__name__)
     app.config.update(
         SATCHEL_KEYS=KEYS,
@@ -133,7 +135,7 @@ def test_a_stream_carries_the_degraded_reasons_known_before_it_starts(protocol: 
         SATCHEL_MAX_TOKEN_BYTES=1500,
         SATCHEL_SEGMENT_CACHE_BYTES=0,  # the tier alone holds the segments
     )
-    satchel = Satchel(app, tier=tier)
+    satchel = Satchel(app, tier=tier, observer=metrics)
 
     @app.post("/chat")
     def chat() -> Any:
@@ -148,6 +150,17 @@ def test_a_stream_carries_the_degraded_reasons_known_before_it_starts(protocol: 
             iter(["hi"]), on_complete=lambda t: ctx.add_turn("assistant", t), protocol=protocol
         )
 
+    @app.post("/failing-stream")
+    def failing_stream() -> Any:
+        def deltas() -> Any:
+            yield "partial "
+            raise RuntimeError("the model failed")
+
+        return satchel.stream(deltas(), on_complete=lambda t: None, protocol=protocol)
+
+    def degraded_responses() -> float:
+        return metrics.registry.get_sample_value("satchel_degraded_responses_total") or 0
+
     client = app.test_client()
     token = None
     for _ in range(8):
@@ -161,6 +174,14 @@ def test_a_stream_carries_the_degraded_reasons_known_before_it_starts(protocol: 
     assert resp.headers["Satchel-Degraded"] == "segment_missing"
     body = resp.get_data(as_text=True)
     assert "segment_missing" in body  # and in the final event
+    assert degraded_responses() == 1  # one response, said in its headers and its end
+
+    # A reply that fails after its headers went out still carried Satchel-Degraded:
+    # counted, though no final event (and no finish) follows.
+    failed = client.post("/failing-stream", headers={"Satchel-Context": token})
+    assert failed.headers["Satchel-Degraded"] == "segment_missing"
+    assert "error" in failed.get_data(as_text=True)
+    assert degraded_responses() == 2
 
 
 def test_stream_and_discard_refuse_each_other() -> None:

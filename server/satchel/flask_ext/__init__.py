@@ -119,6 +119,9 @@ class RequestState:
     #: another response going out means that one is dropped unsent
     stream_release: Callable[[], None] | None = None
     stream_response: weakref.ref[Response] | None = None
+    #: this request's response was counted in degraded_responses_total (once per
+    #: response, whichever path said Satchel-Degraded first)
+    degraded_counted: bool = False
 
 
 #: methods that read: served while a stream answers the same token (MonotonicGuard.before)
@@ -824,7 +827,7 @@ class Satchel:
         }
         if ctx.degraded:
             headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
-            self.observer.event("degraded_response")  # once, whatever the reasons
+            self._count_degraded_response(rs)
         if rs.reset:
             headers["Satchel-Reset"] = rs.reset
         if rs.fork:
@@ -849,6 +852,14 @@ class Satchel:
             return moved
         return True
 
+    def _count_degraded_response(self, rs: RequestState) -> None:
+        """``degraded_responses_total``: once per response that says Satchel-Degraded,
+        whatever the reasons and however many paths said it (a stream's headers, then
+        its final event)."""
+        if not rs.degraded_counted:
+            rs.degraded_counted = True
+            self.observer.event("degraded_response")
+
     def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
         """Headers for a response that carries no new token: the steps' timings, and
         what opening the context found (degraded reasons, a reset, a fork)."""
@@ -861,7 +872,7 @@ class Satchel:
         _vary_on_token(response, self.state().config)
         if ctx.degraded:
             response.headers["Satchel-Degraded"] = _degraded_header(ctx.degraded)
-            self.observer.event("degraded_response")
+            self._count_degraded_response(rs)
         if rs.reset:
             response.headers["Satchel-Reset"] = rs.reset
         if rs.fork:
@@ -1034,8 +1045,7 @@ class Satchel:
                 log.info("satchel stream: the monotonic mark was not moved (%s)", exc.code)
             if len(ctx.degraded) == before:
                 return None
-            if before == 0:  # finish() counted responses already degraded when sealed
-                self.observer.event("degraded_response")
+            self._count_degraded_response(rs)
             return list(dict.fromkeys(ctx.degraded))
 
         def settle() -> list[str] | None:
@@ -1136,6 +1146,9 @@ class Satchel:
             # before the first byte: said in the headers too, for clients that read
             # them. The final event carries every reason, these and later ones.
             response.headers["Satchel-Degraded"] = _degraded_header(rs.context.degraded)
+            # Counted now: a reply that then fails ends in an error event, and never
+            # reaches finish(), but its response carried the header.
+            self._count_degraded_response(rs)
         response.headers["Cache-Control"] = "no-store"
         _vary_on_token(response, self.state().config)  # as for a response with a token
         response.headers["X-Accel-Buffering"] = "no"
