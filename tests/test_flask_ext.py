@@ -209,6 +209,30 @@ def test_fresh_mode_starts_over_and_says_why() -> None:
     assert "Satchel-Reset" not in ok.headers
 
 
+@pytest.mark.parametrize("commit", [True, False], ids=["commit-in-view", "save-after-view"])
+def test_a_failed_save_still_says_what_ran_and_what_opening_found(commit: bool) -> None:
+    # Whether the save fails in the view (commit) or after it, the error response has
+    # the same headers: the steps that ran, and the fresh start opening made.
+    app = Flask(__name__)
+    app.config.update(SATCHEL_KEYS=Keyring([K1]).to_string(), SATCHEL_ON_BAD_TOKEN="fresh")
+    satchel = Satchel(app)
+
+    @app.post("/chat")
+    def view() -> Any:
+        satchel.context.add_turn("user", "hi")
+        satchel.context.pinned.system = os.urandom(9000).hex()  # over the hard cap
+        if commit:
+            satchel.commit()
+        return {}
+
+    response = app.test_client().post("/chat", headers={HEADER_CONTEXT: "s1.garbage"})
+    assert_json_error(response, "budget_exceeded")
+    assert response.headers["Satchel-Reset"] == "token_malformed"
+    steps = [part.split(";")[0] for part in response.headers["Server-Timing"].split(", ")]
+    assert {"trim", "satchel"} <= set(steps)
+    assert HEADER_CONTEXT not in response.headers
+
+
 def test_invalid_requests_are_json_400() -> None:
     client = make_app().test_client()
     for body in ({}, {"message": ""}, {"message": 5}, {"message": "x" * 9000}):

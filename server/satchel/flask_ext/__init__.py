@@ -750,7 +750,11 @@ class Satchel:
                 # (a CORS hook registered after init_app runs before this one): kept,
                 # or a page on another origin cannot read the error (nor the newest
                 # token a 409 stale_context hands back), only "Failed to fetch".
-                return _with_cors_of(response, self.handle_error(exc))
+                error = _with_cors_of(response, self.handle_error(exc))
+                # Described as when commit() fails in the view: the steps that ran,
+                # and what opening found (degraded reasons, a reset, a fork).
+                self._describe_unsealed(error, rs, rs.context)
+                return error
         response.headers.extend(headers)
         self._expose_headers(response)
         config = self.state().config
