@@ -235,6 +235,25 @@ def test_full_database_is_tier_full(tmp_path: Path) -> None:
     assert tier.get_many(["k0"])[0] is not None  # reads still work
 
 
+def test_a_value_stored_as_text_or_a_number_reads_as_its_bytes(tmp_path: Path) -> None:
+    """Rows someone else wrote with another storage class read as bytes (which fail a
+    segment's digest: segment_corrupt, for that session only), never as a driver error
+    that counts as an outage against the breaker for every session."""
+    path = tmp_path / "tier.db"
+    tier = SQLiteTier(path)
+    for key in ("text", "latin1", "number", "blob"):
+        tier.put(key, b"original", 60)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE satchel_kv SET value = 'not a blob' WHERE key = 'text'")
+        conn.execute("UPDATE satchel_kv SET value = CAST(X'C3FF28' AS TEXT) WHERE key = 'latin1'")
+        conn.execute("UPDATE satchel_kv SET value = 42 WHERE key = 'number'")
+    values = tier.get_many(["text", "latin1", "number", "blob"])
+    assert values == [b"not a blob", b"\xc3\xff(", b"42", b"original"]
+    # The writes that compare first read them the same way.
+    assert tier.compare_and_set_mark("text", b"not a blob", b"new", 60) is None
+    assert tier.get_many(["text"]) == [b"new"]
+
+
 def test_broken_file_is_tier_unavailable(tmp_path: Path) -> None:
     """A file that breaks after start-up (or a parent that becomes a file) is a runtime
     failure: tier_unavailable, like any other outage."""

@@ -82,6 +82,12 @@ _PURGE = (
     "DELETE FROM satchel_kv WHERE key IN (SELECT key FROM satchel_kv WHERE expires_at <= ? LIMIT ?)"
 )
 
+#: A value as bytes whatever its storage class: a row someone wrote as TEXT (or a
+#: number) reads as its bytes, which fail the segment's digest (segment_corrupt, that
+#: session only) instead of raising in the driver (a tier failure that counted against
+#: the breaker for every session; TEXT that is not UTF-8 failed to decode at all).
+_VALUE_AS_BYTES = "CAST(value AS BLOB)"
+
 _NO_TIER = (
     "no Satchel tier in {path}: the file exists but has no satchel_kv table (an "
     "app's own database, or an empty file?), and it is left as it was; name the "
@@ -434,11 +440,11 @@ class SQLiteTier(Tier):
                 chunk = unique[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = conn.execute(
-                    f"SELECT key, value FROM satchel_kv WHERE key IN ({marks}) "  # noqa: S608
-                    "AND expires_at > ?",
+                    f"SELECT key, {_VALUE_AS_BYTES} FROM satchel_kv "  # noqa: S608
+                    f"WHERE key IN ({marks}) AND expires_at > ?",
                     (*chunk, now),
                 )
-                found.update((k, bytes(v)) for k, v in rows)
+                found.update(rows)
             return [found.get(k) for k in keys]
 
     def put(self, key: str, value: bytes, ttl: float) -> None:
@@ -638,9 +644,10 @@ def _row(key: str, value: bytes, ttl: float, now: float) -> tuple[str, str | Non
 
 def _live_value(conn: sqlite3.Connection, key: str, now: float) -> bytes | None:
     row = conn.execute(
-        "SELECT value FROM satchel_kv WHERE key = ? AND expires_at > ?", (key, now)
+        f"SELECT {_VALUE_AS_BYTES} FROM satchel_kv WHERE key = ? AND expires_at > ?",  # noqa: S608
+        (key, now),
     ).fetchone()
-    return None if row is None else bytes(row[0])
+    return None if row is None else row[0]
 
 
 @contextmanager
