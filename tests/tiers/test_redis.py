@@ -407,6 +407,46 @@ def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
         procs.kill(proc)
 
 
+def test_sentinels_that_fail_are_each_asked_once_per_attempt() -> None:
+    """Finding the master asks each sentinel in turn: the next sentinel is the retry.
+    With the tier's retry on the sentinel connections too, every sentinel was asked
+    twice per attempt, and the master's retry doubled that again: one call cost
+    (1 + r) x sentinels x (1 + r) timeouts, 1.2 s with three unreachable sentinels."""
+    import socket
+    import threading
+
+    listeners, counts = [], []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        listeners.append(sock)
+        counts.append(0)
+
+    def hang_up(i: int) -> None:  # accepts, counts, and closes: a broken sentinel
+        while True:
+            try:
+                conn, _ = listeners[i].accept()
+            except OSError:
+                return
+            counts[i] += 1
+            conn.close()
+
+    threads = [threading.Thread(target=hang_up, args=(i,), daemon=True) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    hosts = ",".join(f"127.0.0.1:{sock.getsockname()[1]}" for sock in listeners)
+    tier = tier_from_url(f"redis+sentinel://{hosts}/svc", timeouts=Timeouts(read=1, connect=1))
+    try:
+        with pytest.raises(TierUnavailable):
+            tier.get_many(["satchel:{s}:a"])
+    finally:
+        tier.close()
+        for sock in listeners:
+            sock.close()
+    assert counts == [2, 2, 2]  # once for the attempt and once for its one retry
+
+
 def test_compare_and_set_retried_after_a_late_reply_is_not_a_lost_race(
     redis_server: RedisServer,
 ) -> None:

@@ -536,7 +536,10 @@ class RedisTier(Tier):
         opts = self._common()
         opts.pop("max_connections", None)
         sentinel_kwargs = {k: v for k, v in opts.items() if k.startswith("socket_")}
-        sentinel_kwargs["retry"] = self.retry
+        # Each sentinel is asked once per lookup: asking the next one is the retry,
+        # and the master's retry repeats the whole lookup. The tier's retry here too
+        # asked each twice per lookup, and doubled the worst case per sentinel.
+        sentinel_kwargs["retry"] = default_retry(0)
         if "sentinel_password" in query:
             sentinel_kwargs["password"] = query["sentinel_password"]
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
