@@ -447,7 +447,7 @@ export declare class SatchelClient extends EventTarget {
   readonly seq: number | null;
   /** Session tag of the held token, or null. */
   readonly session: string | null;
-  /** `"web-locks"` across tabs, or `"page-queue"` within this page only. */
+  /** `"web-locks"` across tabs, or `"page-queue"` within this page only (also once a browser denied Web Locks: a sandboxed iframe, site data blocked). */
   readonly lockMode: 'web-locks' | 'page-queue';
   /** How other tabs learn about new tokens. */
   readonly syncMode: 'broadcast-channel' | 'storage-event' | 'none';

@@ -1649,8 +1649,20 @@ export class SatchelClient extends EventTarget {
     this._emit('error', { conversation: this._conversation, error: err });
   }
 
-  _lock(signal) {
-    return this._locks ? webLock(this._locks, this._lockName, signal) : queueLock(this._lockName, signal);
+  async _lock(signal) {
+    if (this._locks) {
+      try {
+        return await webLock(this._locks, this._lockName, signal);
+      } catch (err) {
+        // A browser can have navigator.locks and deny it (a sandboxed iframe, site
+        // data blocked: SecurityError), which failed every request before it was sent.
+        // Storage falls back to this page's memory there anyway: the in-page queue
+        // has the scope that is left. lockMode says so from now on.
+        if (!err || err.name !== 'SecurityError') throw err;
+        this._locks = null;
+      }
+    }
+    return queueLock(this._lockName, signal);
   }
 
   /* ---- cross-tab sync --------------------------------------------------- */

@@ -386,3 +386,33 @@ test('a custom adapter that refuses a removal: the token is gone for this page, 
   assert.equal(client.storage.isVolatile('satchel:c'), true);
   assert.deepEqual(await listConversations(client.storage), []);
 });
+
+test('a lock manager that denies access falls back to the in-page queue', async () => {
+  // Chromium in a sandboxed iframe or with site data blocked: navigator.locks exists
+  // and every request() rejects with SecurityError. Requests still go out, one at a time.
+  let requests = 0;
+  const denied = {
+    request: () => {
+      requests += 1;
+      return Promise.reject(new DOMException('The request was denied.', 'SecurityError'));
+    },
+    query: () => Promise.reject(new DOMException('The request was denied.', 'SecurityError')),
+  };
+  const fetch = fakeFetch((_call, i) => reply({ satchel: { token: `T${i + 1}`, seq: i + 1 } }));
+  const client = createClient({ storage: 'memory', locks: denied, fetch, broadcast: false, conversation: 'denied' });
+  assert.equal(client.lockMode, 'web-locks');
+  await client.fetch('/api/chat', { method: 'POST', body: '{}' });
+  assert.equal(client.lockMode, 'page-queue');
+  await client.fetch('/api/chat', { method: 'POST', body: '{}' });
+  assert.equal(client.token, 'T2');
+  assert.equal(fetch.calls[1].token, 'T1');
+  assert.equal(requests, 1); // asked once, not on every request
+});
+
+test('other lock errors still reach the caller', async () => {
+  const broken = { request: () => Promise.reject(new TypeError('lock manager broke')) };
+  const fetch = fakeFetch(() => reply({ satchel: { token: 'T1', seq: 1 } }));
+  const client = createClient({ storage: 'memory', locks: broken, fetch, broadcast: false, conversation: 'broken' });
+  await assert.rejects(client.fetch('/api/chat', { method: 'POST', body: '{}' }), /lock manager broke/);
+  assert.equal(client.lockMode, 'web-locks');
+});

@@ -1486,3 +1486,40 @@ def test_a_bad_title_in_the_page_index_is_untitled_everywhere(
     expect(page.locator("#thread-title")).to_have_text("Untitled chat")
     send(page, "a blank chat named at last")
     expect(page.locator("#thread-title")).to_have_text("a blank chat named at last")
+
+
+def test_a_browser_that_blocks_site_data_still_chats_for_the_pages_life(
+    browser, chromium_path, live_server_factory, tmp_path
+) -> None:
+    """Cookies and site data blocked: localStorage throws and Web Locks are denied
+    (SecurityError). The page said chats last until it is closed, and then every send
+    failed with "The request was denied. (18)" before anything was sent."""
+    from tests.support.browser import CHROMIUM_ARGS
+
+    profile = tmp_path / "profile"
+    (profile / "Default").mkdir(parents=True)
+    (profile / "Default" / "Preferences").write_text(
+        json.dumps({"profile": {"default_content_setting_values": {"cookies": 2}}})
+    )
+    srv = start_app(live_server_factory, tmp_path)
+    context = browser.browser_type.launch_persistent_context(
+        str(profile), executable_path=chromium_path, args=list(CHROMIUM_ARGS), headless=True
+    )
+    try:
+        context.set_default_timeout(10_000)
+        page = context.new_page()
+        open_chat(page, srv)
+        denied = page.evaluate(
+            "() => navigator.locks.request('probe', () => 1).then(() => 'granted', e => e.name)"
+        )
+        assert denied == "SecurityError"  # what this test is about: a real denial
+        expect(page.locator("#notice")).to_contain_text("until the page is closed")
+        send(page, "hello without storage")
+        send(page, "and again")
+        expect(page.locator(".msg-user .msg-text")).to_have_text(
+            ["hello without storage", "and again"]
+        )
+        expect(last_reply(page)).to_contain_text("You said: “and again”")
+        expect(page.locator("#error")).to_have_text("")
+    finally:
+        context.close()

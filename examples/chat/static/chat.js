@@ -973,7 +973,9 @@ function failureReason(err, stopped, streamed) {
   if (stopped) {
     return streamed ? 'you stopped the reply before it finished' : 'you stopped it before the reply started';
   }
-  const code = err && err.code;
+  // Satchel's codes are strings; a DOMException's numeric legacy code (18 for a
+  // SecurityError) means nothing to a reader.
+  const code = err && typeof err.code === 'string' ? err.code : null;
   if (code === 'context_busy') {
     // The client waited up to 3 s already: a model pausing longer between words, or
     // another tab's reply, still holds the chat.
