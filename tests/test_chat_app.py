@@ -321,6 +321,25 @@ def test_delete_erases_what_the_server_keeps(tmp_path: Path, mode: str) -> None:
     assert client.delete("/api/context").get_json()["erased"] is False
 
 
+@pytest.mark.parametrize("mode", ["client", "server"])
+def test_delete_removes_the_token_cookie(tmp_path: Path, mode: str) -> None:
+    """With SATCHEL_COOKIE the token is in an HttpOnly cookie page code cannot remove:
+    Delete chat left it, and in client mode the next message carried on the deleted
+    chat (its turns back in the context)."""
+    client = make_app(
+        tmp_path, SATCHEL_MODE=mode, SATCHEL_COOKIE="chat", SATCHEL_COOKIE_SECURE=False
+    ).test_client()
+    chat(client, "my secret is 1234")  # the cookie jar keeps the token
+    assert client.get_cookie("chat") is not None
+    resp = client.delete("/api/context")
+    assert resp.get_json()["erased"] is True
+    cleared = [h for h in resp.headers.getlist("Set-Cookie") if h.startswith("chat=")]
+    assert len(cleared) == 1 and "Max-Age=0" in cleared[0] and "HttpOnly" in cleared[0]
+    assert client.get_cookie("chat") is None
+    fresh = client.get("/api/context").get_json()
+    assert fresh["all_turns"] == []  # a new chat, not the deleted one
+
+
 def test_delete_erases_overflowed_turns_in_client_mode(tmp_path: Path) -> None:
     client = make_app(tmp_path, SATCHEL_MAX_TOKEN_BYTES=1200).test_client()
     token = None

@@ -42,6 +42,7 @@ from flask import (
     Response,
     current_app,
     got_request_exception,
+    has_request_context,
     request,
     stream_with_context,
 )
@@ -119,6 +120,8 @@ class RequestState:
     #: another response going out means that one is dropped unsent
     stream_release: Callable[[], None] | None = None
     stream_response: weakref.ref[Response] | None = None
+    #: the view erased the conversation this request carries: its cookie is removed
+    erased: bool = False
     #: this request's response was counted in degraded_responses_total (once per
     #: response, whichever path said Satchel-Degraded first)
     degraded_counted: bool = False
@@ -685,10 +688,21 @@ class Satchel:
         return decorate
 
     def erase(self, session_id: str | bytes) -> dict[str, Any]:
-        """Delete a session's server-side data and, with a tier, refuse its tokens."""
-        from ..erase import erase_with_state
+        """Delete a session's server-side data and, with a tier, refuse its tokens.
 
-        return erase_with_state(self.state(), session_id)
+        Erasing the conversation the request itself carries (a Delete chat route)
+        issues no new token, and removes the token's cookie when it came in one: the
+        cookie is HttpOnly, and page code could not drop a token of an erased chat.
+        """
+        from ..erase import erase_with_state, parse_session_id
+
+        result = erase_with_state(self.state(), session_id)
+        rs = self._current_state() if has_request_context() else None
+        ctx = rs.context if rs is not None else None
+        if rs is not None and ctx is not None and ctx.session_id == parse_session_id(session_id):
+            rs.discard = True
+            rs.erased = True
+        return result
 
     def commit(self) -> dict[str, str]:
         """Run the save now (trim, overflow, seal) instead of after the view.
@@ -737,6 +751,9 @@ class Satchel:
             # half-made changes are not sealed (the client keeps the token it sent).
             # What opening found is still said: a degraded read, a fresh start.
             self._describe_unsealed(response, rs, rs.context)
+            config = self.state().config
+            if rs.erased and config.cookie and config.cookie in request.cookies:
+                _delete_token_cookie(response, config)
             return response
         if rs.committed is not None:
             # Sealed by commit(): the tier already holds what this token references (and
@@ -902,15 +919,7 @@ class Satchel:
             # The cookie is HttpOnly: page code cannot remove a token that will never
             # open, and every later request would be refused the same way. Not for
             # another user's (or a signed-out user's) token: signing in again opens it.
-            assert config.cookie is not None
-            response.delete_cookie(
-                config.cookie,
-                path=config.cookie_path,
-                secure=config.cookie_secure,
-                httponly=True,
-                samesite=config.cookie_samesite,
-                partitioned=config.cookie_partitioned,
-            )
+            _delete_token_cookie(response, config)
         return response
 
     def _hand_back_newest(
@@ -1180,6 +1189,19 @@ class _AppState:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _delete_token_cookie(response: Response, config: SatchelConfig) -> None:
+    """Remove the token's cookie, with the attributes it was set with."""
+    assert config.cookie is not None
+    response.delete_cookie(
+        config.cookie,
+        path=config.cookie_path,
+        secure=config.cookie_secure,
+        httponly=True,
+        samesite=config.cookie_samesite,
+        partitioned=config.cookie_partitioned,
+    )
 
 
 def _set_token_cookie(response: Response, token: str, config: SatchelConfig) -> None:
