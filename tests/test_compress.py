@@ -105,6 +105,34 @@ def test_bomb_is_refused_fast_with_bounded_memory(declared: bool) -> None:
     assert peak < 4 * comp.max_decompressed
 
 
+def _windowed_frame(window_log: int) -> bytes:
+    """A small frame that names a window of 2**window_log bytes and no content size
+    (a streaming writer's): the decoder would allocate that window."""
+    params = zstandard.ZstdCompressionParameters(
+        window_log=window_log, format=FORMAT, write_content_size=0, write_dict_id=0
+    )
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(
+        out, closefd=False
+    ) as writer:
+        writer.write(TEXT)
+    frame = out.getvalue()
+    assert zstandard.get_frame_parameters(frame, format=FORMAT).window_size == 1 << window_log
+    return frame
+
+
+def test_a_frame_asking_for_a_window_past_the_limit_is_malformed() -> None:
+    # 128 MiB of address space per thread for a 130-character token, kept with the
+    # thread's decoder, under libzstd's own limit.
+    comp = Compressor(0)  # 1 MiB cap: windows up to 8 MiB (zstd level 19's)
+    assert comp.decompress(_windowed_frame(23), 0) == TEXT
+    for window_log in (24, 27):
+        with pytest.raises(MalformedToken):
+            comp.decompress(_windowed_frame(window_log), 0)
+    # An app that raised the cap past 8 MiB may be sent frames with windows that large.
+    assert Compressor(0, max_decompressed=20 << 20).decompress(_windowed_frame(25), 0) == TEXT
+
+
 def test_corrupt_frames_are_malformed() -> None:
     comp = Compressor(0)
     good = comp.compress(TEXT).data

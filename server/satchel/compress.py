@@ -226,7 +226,9 @@ class Compressor:
         dctx = cache.get(dictionary_id)
         if dctx is None:
             dctx = zstandard.ZstdDecompressor(
-                dict_data=load_dictionary(dictionary_id), format=_FORMAT
+                dict_data=load_dictionary(dictionary_id),
+                format=_FORMAT,
+                max_window_size=max_window_for(self.max_decompressed),
             )
             cache[dictionary_id] = dctx
         return dctx
@@ -273,6 +275,20 @@ class Compressor:
         if _frame_end(data) != len(data):
             raise MalformedToken("compressed payload has bytes after its zstd frame")
         return bytes(out)
+
+
+#: The largest window a payload's frame may ask for (bytes), whatever the cap: what
+#: zstd at level 19 asks for when it does not know the payload's size. The stream
+#: decoder allocates the window the frame header names, and keeps it with the
+#: thread's decoder: libzstd's own limit (128 MiB) let a 130-character token reserve
+#: 128 MiB of address space per thread. Past it: token_malformed.
+MAX_WINDOW_BYTES = 8 << 20
+
+
+def max_window_for(cap: int) -> int:
+    """The decoder's window limit for a decompression cap: MAX_WINDOW_BYTES, or the
+    cap (rounded up to a power of two) when an app raised it past that."""
+    return max(MAX_WINDOW_BYTES, 1 << max(cap - 1, 1).bit_length())
 
 
 _FCS_BYTES = (0, 2, 4, 8)  # frame content size field, by the descriptor's top two bits
