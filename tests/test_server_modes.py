@@ -456,6 +456,26 @@ def test_mode_keyword_wins_over_config_and_is_checked() -> None:
         Satchel(Flask(__name__), mode="disk")
 
 
+def test_server_consistency_implies_server_mode_unless_the_mode_says_client() -> None:
+    from satchel.errors import ConfigurationError
+
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=KEYS, SATCHEL_CONSISTENCY="server", SATCHEL_STORE_URL="memory://"
+    )
+    Satchel(app)
+    assert app.extensions["satchel"].config.mode == "server"
+    # A mode set to client, in config or in code, contradicts it: refused, not switched
+    # over (the overflow tier quietly became the session store).
+    for mode_in_config, mode_argument in (("client", None), (None, "client")):
+        app = Flask(__name__)
+        app.config.update(SATCHEL_KEYS=KEYS, SATCHEL_CONSISTENCY="server")
+        if mode_in_config:
+            app.config["SATCHEL_MODE"] = mode_in_config
+        with pytest.raises(ConfigurationError, match="SATCHEL_CONSISTENCY='server'"):
+            Satchel(app, mode=mode_argument)
+
+
 def test_a_context_larger_than_the_client_token_cap_lives_server_side() -> None:
     """SATCHEL_TOKEN_LIMIT (64 KiB) caps what a client may send; the context a server
     mode keeps never travels, so it is not held to it. It used to be: a conversation

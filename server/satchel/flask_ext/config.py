@@ -506,6 +506,13 @@ class SatchelConfig:
                 "SATCHEL_CONSISTENCY must be 'client', 'monotonic' or 'server'"
             )
         if config.consistency == "server" and config.mode == "client":
+            if "mode" in values:  # said so (SATCHEL_MODE, Satchel(app, mode=...))
+                raise ConfigurationError(
+                    "SATCHEL_CONSISTENCY='server' keeps the context server-side, but the "
+                    "mode is set to 'client' (SATCHEL_MODE or Satchel(app, mode=...)): "
+                    "set the mode to 'server' or 'memory', or use consistency 'monotonic' "
+                    "to keep the context in the token"
+                )
             config.mode = "server"  # the strictest level is the server-side mode
         if config.mode not in ("client", "server", "memory"):
             raise ConfigurationError("SATCHEL_MODE must be 'client', 'server' or 'memory'")
