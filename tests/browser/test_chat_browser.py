@@ -1523,3 +1523,24 @@ def test_a_browser_that_blocks_site_data_still_chats_for_the_pages_life(
         expect(page.locator("#error")).to_have_text("")
     finally:
         context.close()
+
+
+def test_a_sign_in_page_in_place_of_the_chat_is_explained(
+    live_server_factory, tmp_path, page
+) -> None:
+    """A proxy's or captive portal's page answered 200 in place of GET /api/context:
+    the page said "Unexpected token '<', "<html>..." is not valid JSON"."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "hello")
+    page.route(
+        "**/api/context",
+        lambda route: route.fulfill(
+            status=200, content_type="text/html", body="<html><body>Sign in</body></html>"
+        ),
+    )
+    page.reload()
+    error = page.locator("#error")
+    expect(error).to_contain_text("Could not load this chat")
+    expect(error).to_contain_text("not the chat (text/html)")
+    expect(error).not_to_contain_text("JSON")

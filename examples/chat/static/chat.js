@@ -341,7 +341,7 @@ async function deleteChat() {
     if (c.token) {
       try {
         const response = await c.fetch(api.context, { method: 'DELETE' });
-        await response.json();
+        await jsonOf(response);
       } catch (err) {
         notErased = err;
       }
@@ -766,6 +766,21 @@ function scheduleRefresh() {
   refresh();
 }
 
+/** A successful response's JSON body. A page that is not JSON (a captive portal's or a
+ * proxy's sign-in page, answered 200) gets a reason a reader understands, not the
+ * parser's "Unexpected token '<'". */
+async function jsonOf(response) {
+  const text = await response.text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    const type = (response.headers.get('content-type') || 'no type').split(';')[0];
+    throw new Error(
+      `the server answered with a page that is not the chat (${type}): a proxy or sign-in page may be in the way`,
+    );
+  }
+}
+
 /** Load the conversation from the server (through the client, so the token goes along).
  * `reportErrors: false` after a failed send: its "not sent" error is the one that
  * matters, and a load failing for the same reason (server down) would replace it. */
@@ -782,7 +797,7 @@ async function refresh({ reportErrors = true } = {}) {
     } finally {
       contextLoads -= 1;
     }
-    const data = await response.json();
+    const data = await jsonOf(response);
     // While this tab sends, the send's own reload renders its chat when it is done;
     // another chat opened meanwhile is rendered now.
     if (generation !== refreshGeneration || current !== client) return;
