@@ -978,6 +978,16 @@ def test_a_full_local_storage_keeps_saved_chats_and_says_new_turns_are_volatile(
     expect(page.locator("#notice")).to_contain_text("storage is full")
     expect(page.locator(".msg-user .msg-text")).to_have_text(["before full", "while full"])
     screenshot("storage-full")
+    # A chat started while storage is full is named by its first message all the same
+    # (the page's list is kept in its memory): it stayed "Untitled chat".
+    page.click("#new-chat")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    send(page, "a new chat while full")
+    expect(page.locator("#thread-title")).to_have_text("a new chat while full")
+    expect(page.locator("#conversations button[aria-current=true]")).to_contain_text(
+        "a new chat while full"
+    )
+    expect(page.locator("#conversations button", has_text="before full")).to_have_count(1)
 
 
 @pytest.mark.parametrize("window", ["", "4"])

@@ -53,21 +53,33 @@ const MAX_CHARS = Number(el.input.dataset.maxChars) || 8000;
 
 // {current: id, conversations: {id: {title, updated}}}. Best effort: a browser with
 // storage blocked still chats (the client falls back to memory), it just forgets.
+/** The index as this page last wrote it when storage refused the write (full or
+ * blocked), else null: kept for the page's life, so a chat started then still gets its
+ * title and place in the list. Entries other tabs saved are read over it. */
+let unsavedIndex = null;
+
 function loadIndex() {
+  let stored;
   try {
     const raw = JSON.parse(localStorage.getItem(INDEX_KEY) || '{}');
     const conversations = raw && typeof raw.conversations === 'object' ? raw.conversations : {};
-    return { current: typeof raw.current === 'string' ? raw.current : null, conversations: conversations || {} };
+    stored = { current: typeof raw.current === 'string' ? raw.current : null, conversations: conversations || {} };
   } catch {
-    return { current: null, conversations: {} };
+    stored = { current: null, conversations: {} };
   }
+  if (!unsavedIndex) return stored;
+  return {
+    current: unsavedIndex.current ?? stored.current,
+    conversations: { ...stored.conversations, ...unsavedIndex.conversations },
+  };
 }
 
 function saveIndex(index) {
   try {
     localStorage.setItem(INDEX_KEY, JSON.stringify(index));
+    unsavedIndex = null;
   } catch {
-    /* storage full or blocked: the list is a convenience */
+    unsavedIndex = structuredClone(index); // storage full or blocked: this page's copy
   }
 }
 
