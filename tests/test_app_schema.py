@@ -447,3 +447,22 @@ def test_server_mode_stores_contexts_in_the_write_shape() -> None:
     old = ServerSidePipeline(codec, LifecyclePolicy(), store=store, clock=lambda: NOW)
     stored = old.load(handle, now=NOW)
     assert stored.metadata_version == 0 and stored.metadata == {"tone": "dry"}
+
+
+def test_migrated_metadata_is_held_to_the_codecs_own_limits_when_it_opens() -> None:
+    """A codec with tighter Limits: metadata a migration returned past them was let
+    through to the view, then every save of the session failed (not Flask's default)."""
+    from satchel import Limits
+    from satchel.errors import MigrationFailed
+    from satchel.pipeline import Pipeline
+
+    codec = Codec(Keyring.generate("k1"), "signed", limits=Limits(max_map_len=50))
+    before = Pipeline(codec, LifecyclePolicy())
+    ctx = before.load(None)
+    ctx.metadata = {"tone": "formal"}
+    token = before.save(ctx).token
+
+    wide = MetadataSchema(1)
+    wide.migration(from_version=0)(lambda meta: {f"k{i}": i for i in range(100)})
+    with pytest.raises(MigrationFailed):
+        Pipeline(codec, LifecyclePolicy(), metadata_schema=wide).load(token)

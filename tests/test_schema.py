@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -205,6 +206,21 @@ def test_a_migration_that_skips_a_version_fails(monkeypatch: pytest.MonkeyPatch)
         schema.migrate(v1_wire())
 
 
+@pytest.mark.parametrize(
+    "returns",
+    [lambda w: [1, 2], lambda w: None, lambda w: {"turns": []}, lambda w: {**w, "v": True}],
+    ids=["a list", "None", "no version", "a bool version"],
+)
+def test_a_migration_that_returns_the_wrong_shape_failed_as_a_migration(
+    monkeypatch: pytest.MonkeyPatch, returns: Callable[[Any], Any]
+) -> None:
+    # Reported as a corrupt token (token_invalid_context) before: the developer was sent
+    # to look at the token, not at their migration.
+    monkeypatch.setitem(schema.MIGRATIONS, 1, returns)
+    with pytest.raises(MigrationFailed, match="did not produce version 2"):
+        schema.migrate(v1_wire())
+
+
 def test_registering_a_version_twice_is_an_error() -> None:
     with pytest.raises(ValueError, match="already registered"):
         schema.migration(from_version=1)(lambda w: w)
@@ -403,6 +419,24 @@ def test_a_lifecycle_action_the_writer_would_not_seal_is_left_out_when_opened() 
     assert [a.detail for a in ctx.lifecycle.recent] == ["kept"]
     Codec(Keyring.generate()).seal(ctx)
     ctx.to_dict()
+
+
+def test_a_lifecycle_action_at_a_time_that_is_not_finite_is_neither_read_nor_written() -> None:
+    # A NaN time reached the app's JSON of the context as NaN (no browser parses it).
+    import json
+
+    from satchel import Codec, Keyring
+    from satchel.context import LifecycleAction
+
+    times = [float("nan"), float("inf"), -float("inf"), NOW, NOW + 0.5]
+    recent = [["w", "dropped", 1, ts, str(i)] for i, ts in enumerate(times)]
+    ctx = schema.from_wire(serialize.unpack(serialize.pack(base_wire(l=[{}, 1, 0, recent]))))
+    assert [a.detail for a in ctx.lifecycle.recent] == ["3", "4"]
+    codec = Codec(Keyring.generate())
+    ctx.lifecycle.recent.append(LifecycleAction("w", "dropped", 1, float("nan"), "app's"))
+    opened = codec.open(codec.seal(ctx))
+    assert [a.detail for a in opened.lifecycle.recent] == ["3", "4"]
+    json.loads(json.dumps(opened.to_dict(), allow_nan=False))
 
 
 @pytest.mark.parametrize("chars", [1, 3])  # 4 bytes a character in UTF-8: over, or not

@@ -179,7 +179,9 @@ class Pipeline:
                 raise InvalidContext("the token's sequence number is the last one a token carries")
             t1 = time.perf_counter()
             metadata_from = self.metadata_schema.upgrade(opened.context)
-            if metadata_from is not None and metadata_problem(opened.context.metadata):
+            if metadata_from is not None and metadata_problem(
+                opened.context.metadata, self.codec.limits
+            ):
                 # What the app's migration returned must seal again: refused here, as a
                 # failed migration (a 400, or a fresh context by policy), not after the
                 # view ran, as every later request of the session would be (a 500).

@@ -86,7 +86,10 @@ def migrate(wire: dict[str, Any]) -> tuple[dict[str, Any], int]:
                 from_version=version,
             ) from None
         version += 1
-        if version_of(wire) != version:
+        # The step's result is checked as the step's: a list, None, or a map without
+        # its version is the migration's mistake, not a corrupt token.
+        produced = wire.get("v", wire.get("version")) if type(wire) is dict else None
+        if type(produced) is not int or produced != version:
             raise MigrationFailed(
                 f"migration from {version - 1} did not produce version {version}",
                 from_version=version - 1,
@@ -425,6 +428,7 @@ def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> 
             and type(a) is str
             and type(n) is int
             and type(ts) in _NUMBER_TYPES
+            and ts - ts == 0  # finite
             and type(d) is str
             for p, a, n, ts, d in recent
         )
@@ -437,13 +441,15 @@ def _lifecycle_to_wire(lc: Lifecycle, limits: Limits, *, full: bool = False) -> 
 
 
 def _is_action(a: list[Any]) -> bool:
-    """An action as the format has it: ``[str, str, int, number, str]``."""
+    """An action as the format has it: ``[str, str, int, finite number, str]`` (a NaN
+    time would reach the app's JSON as ``NaN``, which browsers refuse to parse)."""
     return (
         len(a) == 5
         and type(a[0]) is str
         and type(a[1]) is str
         and type(a[2]) is int
         and type(a[3]) in _NUMBER_TYPES
+        and a[3] - a[3] == 0  # finite: NaN and infinities are not
         and type(a[4]) is str
     )
 
