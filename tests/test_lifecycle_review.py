@@ -224,7 +224,29 @@ def test_an_infinite_time_limit_is_refused_when_the_policy_is_built(limits: dict
     how a limit is turned off."""
     with pytest.raises(ValueError, match="finite"):
         LifecyclePolicy(**limits)
-    LifecyclePolicy(max_age=10**400)  # a huge int is finite (math.isfinite raised on it)
+
+
+@pytest.mark.parametrize("name", ["idle_ttl", "max_age"])
+def test_a_time_limit_past_a_century_is_refused_at_start_up(name: str) -> None:
+    """sys.maxsize, "forever", passed, and Redis refused every write's TTL: a server-mode
+    app answered 503 to every request, a client-mode one never overflowed."""
+    import sys
+
+    from flask import Flask
+
+    from satchel import Satchel
+    from satchel.errors import ConfigurationError
+
+    for huge in (sys.maxsize, 10**400):  # a huge int too (math.isfinite raised on it)
+        with pytest.raises(ValueError, match="100 years"):
+            LifecyclePolicy(**{name: huge})
+    LifecyclePolicy(**{name: 99 * 365 * 86400})  # long, but a tier can keep it
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=CODEC.keyring.to_string(), **{f"SATCHEL_{name.upper()}": sys.maxsize}
+    )
+    with pytest.raises(ConfigurationError, match=f"SATCHEL_{name.upper()}"):
+        Satchel(app)
 
 
 def test_a_reused_tool_call_id_pairs_each_result_with_the_nearest_call_before_it() -> None:
@@ -415,3 +437,63 @@ def test_the_summary_is_not_cut_for_an_exchange_whose_bytes_are_in_its_blocks(
     assert not opened.turns  # the exchange left the token: the summary says so, in full
     assert "- user: ok\n- assistant: Sure." in opened.summary
     assert len(opened.summary) >= len(summary)
+
+
+def test_a_hard_cap_no_empty_context_fits_under_is_refused_at_start_up() -> None:
+    """A hard cap of 100 bytes started, then every request, a read included, was 413
+    budget_exceeded: a context with no turns seals to about 220 bytes."""
+    from flask import Flask
+
+    from satchel import Satchel
+    from satchel.errors import ConfigurationError
+
+    for cap in (1, 100, 511):
+        with pytest.raises(ValueError, match="at least 512"):
+            LifecyclePolicy(max_token_bytes=None, hard_max_token_bytes=cap)
+        app = Flask(__name__)
+        app.config.update(
+            SATCHEL_KEYS=CODEC.keyring.to_string(),
+            SATCHEL_MAX_TOKEN_BYTES=50,
+            SATCHEL_HARD_MAX_TOKEN_BYTES=cap,
+        )
+        with pytest.raises(ConfigurationError, match="SATCHEL_HARD_MAX_TOKEN_BYTES"):
+            Satchel(app)
+    # The smallest cap allowed still serves a conversation (overflowing or trimming).
+    p = pipeline(max_turns=None, max_token_bytes=None, hard_max_token_bytes=512)
+    token = None
+    for i in range(3):
+        ctx = p.load(token, now=NOW)
+        ctx.add_turn("user", f"message {i}", ts=NOW)
+        ctx.add_turn("assistant", f"reply {i}", ts=NOW)
+        token = p.save(ctx, now=NOW).token
+        assert len(token) <= 512
+
+
+def test_a_summary_that_only_looks_like_a_long_header_does_not_break_the_fallback() -> None:
+    """A model's summary opening with "(" + 5,000 nines + " earlier turns summarized)":
+    the extractive fallback read it as its own header, int() refused the digits, and
+    every save failed (a 500) while the model did."""
+    from satchel.lifecycle.summarize import ExtractiveSummarizer, summarize
+
+    fake = "(" + "9" * 5000 + " earlier turns summarized)\nthe rest"
+    turns = [Turn("user", "hello there", NOW), Turn("assistant", "hi", NOW)]
+
+    def failing(dropped: Sequence[Turn], previous: str) -> str:
+        raise TimeoutError("the model timed out")
+
+    for summarizer in (failing, ExtractiveSummarizer()):
+        summary = summarize(summarizer, turns, fake)
+        assert summary.startswith("(") and "earlier turns summarized)" in summary
+        assert len(summary) < 1000
+
+
+def test_a_summary_with_no_line_breaks_is_cut_at_a_word() -> None:
+    from satchel.lifecycle.summarize import SUMMARY_CUT_MARK, cut_summary
+
+    words = " ".join(f"word{i:05d}" for i in range(2000))  # one paragraph
+    cut = cut_summary(words, 1000)
+    assert cut.startswith(SUMMARY_CUT_MARK)
+    kept = cut[len(SUMMARY_CUT_MARK) :]
+    assert words.endswith(kept) and kept.split()[0].startswith("word")
+    assert all(len(w) == 9 for w in kept.split())  # no half word at the start
+    assert len(cut) <= 1000

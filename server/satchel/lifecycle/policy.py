@@ -41,6 +41,13 @@ _LIMIT_KEYS = {
     "max_age": "SATCHEL_MAX_AGE",
 }
 _ZERO_ALLOWED = frozenset({"max_turns", "max_llm_tokens"})
+#: The longest a time limit may be: 100 years (a token's expiry stops at 2106 anyway).
+#: "Forever" written as sys.maxsize passed, and Redis refused every write's TTL.
+MAX_DURATION = 100 * 365.25 * 86400
+_DURATIONS = frozenset({"idle_ttl", "max_age"})
+#: The smallest hard cap: a context with no turns seals to about 220 bytes, and under
+#: a cap smaller than that every request was refused 413 budget_exceeded.
+MIN_HARD_MAX_TOKEN_BYTES = 512
 
 
 def limit_problem(name: str, value: object) -> str | None:
@@ -55,6 +62,17 @@ def limit_problem(name: str, value: object) -> str | None:
         # no token can carry (None is how a limit is turned off).
         finite = not isinstance(value, float) or math.isfinite(value)  # an int always is
         fine = finite and (value >= 0 if zero_ok else value > 0)
+        if fine and name == "hard_max_token_bytes" and value < MIN_HARD_MAX_TOKEN_BYTES:
+            return (
+                f"{_LIMIT_KEYS[name]} ({name}) must be at least {MIN_HARD_MAX_TOKEN_BYTES} "
+                "bytes (a context with no turns takes about 220), or None to turn it "
+                f"off; got {value!r}"
+            )
+        if fine and name in _DURATIONS and value > MAX_DURATION:
+            return (
+                f"{_LIMIT_KEYS[name]} ({name}) must be at most 100 years "
+                f"({MAX_DURATION:.0f} seconds), or None to turn it off; got {value!r}"
+            )
     if fine:
         return None
     return (

@@ -20,7 +20,10 @@ Summarizer = Callable[[Sequence[Turn], str], str]
 log = logging.getLogger("satchel")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
-SUMMARY_HEADER = re.compile(r"^\((\d+) earlier turns? summarized\)\n?")
+#: The count has at most 18 digits: a summarizer's text that only looks like this
+#: header (a prompt-injected model's, 5,000 digits long) made int() raise in the
+#: fallback itself, and every later save failed while the summarizer did.
+SUMMARY_HEADER = re.compile(r"^\((\d{1,18}) earlier turns? summarized\)\n?")
 SUMMARY_CUT_MARK = "[… earlier summary cut by Satchel]\n"
 #: The longest summary kept, in characters. A summarizer's longer result keeps its
 #: newest part (:func:`cut_summary`): a summary must fit in one string of a token
@@ -118,9 +121,14 @@ def cut_summary(summary: str, keep: int) -> str:
     if keep <= 0:
         return header.rstrip("\n")
     tail = summary[len(summary) - keep :]
-    newline = tail.find("\n")
-    if 0 <= newline < len(tail) - 1 and keep < len(summary):
-        tail = tail[newline + 1 :]  # whole lines: never half a word
+    if keep < len(summary):
+        # Whole lines; in a summary with no line breaks (an LLM's one paragraph), whole
+        # words: never half a word.
+        for boundary in ("\n", " "):
+            cut = tail.find(boundary)
+            if 0 <= cut < len(tail) - 1:
+                tail = tail[cut + 1 :]
+                break
     return header + SUMMARY_CUT_MARK + tail
 
 
