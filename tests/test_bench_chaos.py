@@ -238,3 +238,15 @@ def test_chaos_names_missing_redis_py_before_it_starts(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "redis" in err and "pip install 'satchel[redis]'" in err
+
+
+def test_markers_read_back_past_999_conversations_and_9999_turns() -> None:
+    """c1000t0000 did not match the three-digit marker: every turn of the 1001st
+    conversation on was unaccounted, a false FAIL."""
+    import random
+
+    from satchel.bench.chaos import MARKER, message_for
+
+    for conv, turn in ((7, 3), (1000, 0), (12345, 10000)):
+        match = MARKER.search(message_for(conv, turn, random.Random(1)))
+        assert match and (int(match.group(1)), int(match.group(2))) == (conv, turn)

@@ -102,6 +102,7 @@ def test_checkout_corpus_is_found_from_any_working_directory(tmp_path: Path, mon
         (["--corpus", "{missing}"], "no such file"),
         (["--corpus", "{empty}"], "no conversation with turns"),
         (["--corpus", "{bad}"], "line 1: not"),
+        (["--corpus", "{bot}"], "line 2: role 'bot' is not one of"),
         (["--json", "{tmp}/no/such/dir/out.json"], "does not exist"),
     ],
 )
@@ -113,10 +114,15 @@ def test_bad_arguments_are_exit_2_with_one_line_before_any_run(
     in a traceback (the last one after the whole run)."""
     (tmp_path / "empty.jsonl").write_text('{"turns": []}\n')
     (tmp_path / "bad.jsonl").write_text('{"turns": "nope"}\n')
+    (tmp_path / "bot.jsonl").write_text(
+        '{"turns": [{"role": "user", "content": "hi"}]}\n'
+        '{"turns": [{"role": "bot", "content": "hello"}]}\n'
+    )
     paths = {
         "missing": str(tmp_path / "missing.jsonl"),
         "empty": str(tmp_path / "empty.jsonl"),
         "bad": str(tmp_path / "bad.jsonl"),
+        "bot": str(tmp_path / "bot.jsonl"),
         "tmp": str(tmp_path),
     }
     proc = subprocess.run(

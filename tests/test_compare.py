@@ -133,3 +133,60 @@ def test_compare_names_a_missing_package_before_it_runs(
     assert len(err.splitlines()) == 1, err
     assert blocked in err and "pip install 'satchel[bench]'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_an_out_dir_it_could_not_create_before_it_runs(tmp_path: Path) -> None:
+    """--out under a regular file passed the up-front check: the report failed to be
+    written after the whole run (NotADirectoryError)."""
+    from satchel.bench.compare import _out_problem
+
+    (tmp_path / "a-file").write_text("x")
+    assert _out_problem(tmp_path / "a-file") == "is a file, not a directory"
+    assert "a-file is a file" in (_out_problem(tmp_path / "a-file" / "report" / "x") or "")
+    assert _out_problem(tmp_path / "new" / "dir") is None
+    assert _out_problem(tmp_path) is None
+
+
+def test_compare_without_redis_server_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A traceback, exit 1, and a satchel-compare-* directory left behind."""
+    env = {**os.environ, "PATH": str(tmp_path / "empty-path"), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "satchel.cli", "compare", "--quick", "--out", str(tmp_path / "o")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "redis-server" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("satchel-compare-*"))
+
+
+def test_a_size_not_reached_by_every_conversation_is_not_reported_as_reached() -> None:
+    """Builds cut short by the phase deadline (a slow or busy host) were measured and
+    labelled "20 turns" while many conversations held far fewer."""
+    from types import SimpleNamespace
+
+    from satchel.bench import compare
+
+    class FakeRedis:
+        def flushall(self) -> None: ...
+        def key_bytes(self, db: int) -> int:
+            return 0
+
+        def used_memory(self) -> int:
+            return 0
+
+        def keys(self) -> int:
+            return 0
+
+    plan = compare.QUICK
+    harness = SimpleNamespace(
+        plan=plan,
+        redis=FakeRedis(),
+        build=lambda load, group, count, size: {
+            "complete": count - (1 if group.startswith("load") else 0),
+            "requests": 1,
+            "statuses": {"200": 1},
+        },
+    )
+    with pytest.raises(RuntimeError, match=f"built only .* to {compare.TARGET_SIZE} turns"):
+        loads = dict.fromkeys(compare.MODES)
+        compare.Harness.measure_size(harness, compare.TARGET_SIZE, {}, loads)  # type: ignore[arg-type]

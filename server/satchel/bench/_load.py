@@ -72,7 +72,8 @@ _WORDS = (
 
 
 def message(conv: int, n: int) -> str:
-    """A deterministic user message of two to four sentences (about 100-300 chars)."""
+    """A deterministic user message of two to four sentences (60-330 characters, mostly
+    100-300)."""
     rng = random.Random(conv * 1_000_003 + n)
     sentences = []
     for _ in range(rng.randint(2, 4)):

@@ -145,7 +145,9 @@ SEGMENT_REASONS = frozenset(
     {"segment_missing", "segment_corrupt", "segment_foreign", "tier_unavailable"}
 )
 SAVE_TIME_REASONS = frozenset({"tier_write_failed", "data_loss"})
-MARKER = re.compile(r"\bc(\d{3})t(\d{4})\b")
+#: A turn's marker, as message_for writes it (zero-padded, wider past 999 conversations
+#: or 9999 turns: a fixed width failed every conversation from the 1001st on).
+MARKER = re.compile(r"\bc(\d{3,})t(\d{4,})\b")
 #: pseudo-words of random syllables: about as compressible as chat text (~3x with the
 #: dictionary), unlike a short word list, which zstd squeezes to almost nothing
 CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .. import schema
 from ..codec import Codec
 from ..compress import Compressor
-from ..context import Context
+from ..context import ROLES, Context
 from ..errors import BudgetExceeded, ConfigurationError, ContextNotSerializable
 from ..keys import Keyring
 from ..protect import keyed_hmac
@@ -109,6 +109,13 @@ def _read_corpus(path: Path) -> list[list[dict[str, str]]]:
                 f'--corpus {path}, line {number}: not {{"turns": [{{"role": ..., '
                 '"content": ...}, ...]}'
             ) from None
+        # Other tools' exports say "model", "human", "bot": named here, not a traceback.
+        unknown = sorted({t["role"] for t in turns} - set(ROLES))
+        if unknown:
+            raise ConfigurationError(
+                f"--corpus {path}, line {number}: role {unknown[0]!r} is not one of "
+                f"{', '.join(ROLES)} (rename it in the corpus)"
+            )
         if turns:
             out.append(turns)
     return out

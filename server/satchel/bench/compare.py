@@ -647,6 +647,15 @@ class Harness:
             after, keys_after = self.redis.used_memory(), self.redis.keys()
             key_bytes = self.redis.key_bytes(db) - key_bytes_before
             sessions = plan.conversations[size] + plan.latency_conversations[size]
+            complete = b1["complete"] + b2["complete"]
+            if complete < sessions:
+                # Measured anyway, the figures would be labelled with a size many of
+                # the conversations never reached (a slow or busy host).
+                raise RuntimeError(
+                    f"{mode} mode built only {complete} of {sessions} conversations to "
+                    f"{size} turns before the phase deadline ({plan.phase_deadline:.0f} s): "
+                    "the host is too slow or too busy for this run; nothing was reported"
+                )
             built[mode] = {
                 "complete": b1["complete"] + b2["complete"],
                 "requests": b1["requests"] + b2["requests"],
@@ -1197,8 +1206,8 @@ def render_report(res: Results, plots: list[str]) -> str:
         f"{plan.threads} requests in flight. Each conversation is first built up to the "
         "context size, then sent a fixed number of further messages that are measured; "
         "a second, smaller set of conversations is measured with one request in flight "
-        "(latency without queueing). Messages are 2-4 generated sentences (100-300 "
-        "characters); the reply is the example's deterministic stand-in model."
+        "(latency without queueing). Messages are 2-4 generated sentences (mostly "
+        "100-300 characters); the reply is the example's deterministic stand-in model."
     )
     counts = ", ".join(
         f"{s} turns: {plan.conversations[s]} conversations x {plan.per_conv[s]}" for s in plan.sizes
@@ -1691,6 +1700,17 @@ def find_repo() -> Path:
     )
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the report could not be written under ``out`` at the end of a run, or None:
+    a file there, or a file where one of the directories to create would go."""
+    if out.exists():
+        return None if out.is_dir() else "is a file, not a directory"
+    for parent in out.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a directory"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     workers = int(getattr(args, "workers", 2))  # 0 is refused below, not taken for 2
@@ -1699,8 +1719,9 @@ def main(args: argparse.Namespace) -> int:
     if workers < 1:
         print("satchel compare: --workers must be at least 1", file=sys.stderr)
         return 2
-    if out.exists() and not out.is_dir():  # found now, not after a five-minute run
-        print(f"satchel compare: --out {out}: is a file, not a directory", file=sys.stderr)
+    problem = _out_problem(out)
+    if problem:  # found now, not after a five-minute run
+        print(f"satchel compare: --out {out}: {problem}", file=sys.stderr)
         return 2
     try:
         repo = find_repo()
@@ -1710,20 +1731,26 @@ def main(args: argparse.Namespace) -> int:
         print(f"satchel compare: {exc}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="satchel-compare-"))
-    harness = Harness(repo, plan, workers, workdir)
     try:
-        results = harness.run()
-    except RuntimeError as exc:
-        print(f"satchel compare: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        terminate_all(grace=2)
-    results.targets = check_targets(results)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(results, out / "img")
-    report = out / "comparison.md"
-    report.write_text(render_report(results, plots), encoding="utf-8")
-    shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            harness = Harness(repo, plan, workers, workdir)  # finds redis-server
+        except RuntimeError as exc:
+            print(f"satchel compare: {exc}", file=sys.stderr)
+            return 2
+        try:
+            results = harness.run()
+        except RuntimeError as exc:
+            print(f"satchel compare: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            terminate_all(grace=2)
+        results.targets = check_targets(results)
+        out.mkdir(parents=True, exist_ok=True)
+        plots = make_plots(results, out / "img")
+        report = out / "comparison.md"
+        report.write_text(render_report(results, plots), encoding="utf-8")
+    finally:  # the logs and Redis' files, whether the run finished or not (Ctrl-C)
+        shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(f"wrote {report} and {len(plots)} plots in {out / 'img'} ({results.elapsed:.0f} s)")
     print("targets:")
