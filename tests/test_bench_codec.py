@@ -132,6 +132,7 @@ def test_bad_arguments_are_exit_2_with_one_line_before_any_run(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no usage block
     assert proc.stdout == ""
 
 

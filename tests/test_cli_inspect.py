@@ -12,6 +12,7 @@ import pytest
 
 from satchel.codec import Codec
 from satchel.context import Context
+from satchel.flask_ext import Satchel
 from satchel.keys import Keyring
 from satchel.schema import CURRENT_VERSION as SCHEMA_VERSION
 from tests.support.env import satchel_command, satchel_env
@@ -235,6 +236,21 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
     redis_server.flushall()
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "session_not_found"
+
+    # Erased: said so, as the app answers (410 token_erased), not merely missing.
+    fresh = app.test_client().post("/api/chat", json={"message": "Forget me"})
+    carrier = fresh.headers["Satchel-Context"]
+    session_id = run(carrier, keys=KEYS.to_string())[1]["session_id"]
+    with app.app_context():
+        Satchel.state(app).extension.erase(session_id)
+    code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
+    assert code == 1 and out["error"]["code"] == "token_erased"
+    assert (
+        app.test_client()
+        .post("/api/chat", json={"message": "hi"}, headers={"Satchel-Context": carrier})
+        .status_code
+        == 410
+    )
 
 
 def test_output_is_strict_json_with_bytes_and_non_finite_numbers_tagged() -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from . import schema, serialize
 from .codec import Algorithm, Codec, Mode, peek
@@ -218,10 +218,19 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
             {"verified": True, **facts, "context": None, "note": "pass --store-url to read it"}
         )
         return 0
+    from .consistency import ERASED, mark_key
+
+    # The erasure tombstone too, as the app reads it: an erased conversation is said
+    # so (410 token_erased in the app), not reported merely missing.
+    tombstone = mark_key(carriers.codec.session_tag(session_id))
     try:
-        fetched = store.get_many([key], cache=False)
+        fetched = store.get_many([key, tombstone], cache=False)
     finally:
         store.close()
+    if fetched.get(tombstone) == ERASED:
+        error = {"code": "token_erased", "message": "this conversation was erased"}
+        _print_inspect({"verified": True, **facts, "error": error})
+        return 1
     stored = fetched.get(key)
     if stored is None:
         reason = fetched.reason(key)  # "missing", or why the store did not answer
@@ -374,8 +383,16 @@ def _tagged(value: Any) -> Any:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what is wrong and where the help is (argparse
+    prints the whole usage block first; README promises one line on stderr)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="satchel", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="satchel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
