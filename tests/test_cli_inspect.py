@@ -326,6 +326,23 @@ def test_keygen_refuses_to_print_a_ring_no_app_would_load() -> None:
         assert "empty or unset" in empty.stderr
 
 
+def test_keygen_append_warns_about_a_secret_that_looks_cut_short() -> None:
+    """The app warns about such a secret; `keygen --append` said nothing and wrote the
+    ring back canonical, so the app loading its output did not warn either."""
+    from satchel.keys import b64url_decode, generate_key, is_canonical_b64url
+
+    while True:  # a secret whose last character was lost in a paste
+        cut = generate_key("k1").to_string()[:-1]
+        secret = cut.split(":", 1)[1]
+        if not is_canonical_b64url(secret, b64url_decode(secret)):
+            break
+    ring = keygen("--kid", "k2", "--append", keys=cut)
+    assert ring.returncode == 0
+    (warning,) = ring.stderr.strip().splitlines()
+    assert warning.startswith("satchel: warning:") and "cut short" in warning
+    assert secret not in ring.stderr
+
+
 def test_the_parent_is_the_token_it_was_made_from_and_the_digest_its_own() -> None:
     """An operator tracing a fork chains tokens: each names its parent's digest."""
     codec = Codec(KEYS)

@@ -581,6 +581,24 @@ def test_without_keys_a_dev_key_file_is_created_with_a_warning(
     assert chat(again.test_client(), "again", token).get_json()["turns"] == 4
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"garbage", b"dev-1:c2hvcnQ", b"\xff\xfe not text"],
+    ids=["empty", "garbage", "short key", "not UTF-8"],
+)
+def test_a_damaged_dev_key_file_is_named_with_the_way_out(tmp_path: Path, content: bytes) -> None:
+    """ "the key ring is empty" about a ring the user never configured, or a
+    UnicodeDecodeError traceback."""
+    from satchel.errors import ConfigurationError
+
+    key_file = tmp_path / "satchel-dev-key"
+    key_file.write_bytes(content)
+    with pytest.raises(ConfigurationError) as info:
+        minimal.create_app({"SATCHEL_DEV_KEY_FILE": str(key_file), "TESTING": True})
+    assert f"SATCHEL_DEV_KEY_FILE={str(key_file)!r}" in info.value.message
+    assert "delete it" in info.value.message
+
+
 def test_workers_starting_at_once_share_one_dev_key(tmp_path: Path) -> None:
     """gunicorn -w N starts its workers together: each creates the dev key file if it
     is missing, and all of them must end up with the one key in the file (else a token

@@ -2058,3 +2058,20 @@ def test_an_unregistered_dictionary_id_is_found_by_check(dictionary_id: int) -> 
 def test_a_dictionary_id_that_is_not_an_int_is_refused_at_once(dictionary_id: t.Any) -> None:
     with pytest.raises(ConfigurationError, match=r"^dictionary_id must be an int"):
         SatchelSessionInterface(dictionary_id=dictionary_id)
+
+
+@pytest.mark.parametrize("fallbacks", ["old-secret-value", b"old-secret-value"])
+def test_secret_key_fallbacks_given_as_one_string_is_refused(fallbacks: t.Any) -> None:
+    """Iterated, the string was one key per character: a cookie sealed with the secret
+    "o" opened, a forged session for anyone who guessed one character."""
+    from satchel.errors import ConfigurationError
+
+    app = make_app()
+    app.config["SECRET_KEY_FALLBACKS"] = fallbacks
+    interface = SatchelSessionInterface()
+    with pytest.raises(ConfigurationError, match=r"write \[old_key\]"):
+        interface.check(app)
+    with pytest.raises(ConfigurationError):
+        interface.get_keyring(app)  # per request too: never a ring of characters
+    app.config["SECRET_KEY_FALLBACKS"] = [fallbacks]
+    assert len(interface.get_keyring(app).kids) == 2

@@ -511,11 +511,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # For this command only: main() may be called from another program.
         silencer = logging.NullHandler()
         quiet.addHandler(silencer)
+    # Except what is said about the keys themselves (a secret that looks cut short):
+    # no command reports that, and `keygen --append` writes the ring back canonical,
+    # so an app loading its output would not warn either.
+    key_warnings: logging.Handler | None = None
+    if silencer is not None:
+        key_warnings = logging.StreamHandler(sys.stderr)
+        key_warnings.setFormatter(logging.Formatter("satchel: warning: %(message)s"))
+        key_warnings.setLevel(logging.WARNING)
+        logging.getLogger("satchel.keys").addHandler(key_warnings)
     try:
         return _run(args)
     finally:
         if silencer is not None:
             quiet.removeHandler(silencer)
+        if key_warnings is not None:
+            logging.getLogger("satchel.keys").removeHandler(key_warnings)
 
 
 def _run(args: argparse.Namespace) -> int:

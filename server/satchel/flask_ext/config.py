@@ -902,6 +902,16 @@ def _dev_keyring(app: Flask) -> Keyring:
                 f"SATCHEL_DEV_KEY_FILE={os.fspath(dev_file)!r} cannot be read or written: "
                 f"{exc.strerror or type(exc).__name__}"
             ) from None
+        except (ConfigurationError, UnicodeDecodeError) as exc:
+            # Emptied, truncated or overwritten: named, with the way out (the message
+            # never holds key material). Not "the key ring is empty" about a ring the
+            # user never configured.
+            why = exc.message if isinstance(exc, ConfigurationError) else "not UTF-8 text"
+            raise ConfigurationError(
+                f"SATCHEL_DEV_KEY_FILE={os.fspath(dev_file)!r} does not hold a usable key "
+                f"({why}): delete it to make a new development key (tokens sealed with "
+                "the old one will not open), or set SATCHEL_KEYS"
+            ) from None
     raise ConfigurationError(
         "no Satchel keys: set SATCHEL_KEYS (run `satchel keygen` to make one) "
         "or SATCHEL_DEV_KEY_FILE for local development"

@@ -255,6 +255,12 @@ class SatchelSessionInterface(SessionInterface):
         if not app.secret_key:
             return None
         fallbacks = app.config.get("SECRET_KEY_FALLBACKS") or ()
+        if isinstance(fallbacks, str | bytes | bytearray):
+            # A list was meant: iterated, "old-secret" is one key per character, and a
+            # one-character secret is anyone's to guess (forged sessions).
+            raise ConfigurationError(
+                "SECRET_KEY_FALLBACKS is a list of old secret keys, not one key: write [old_key]"
+            )
         # Flask lists fallbacks oldest first; the ring wants the current key first. A
         # None is no key ([os.environ.get("OLD_KEY")] with the variable unset): Flask
         # serves on with it, so it is skipped, not a 500 on every request.
