@@ -122,8 +122,8 @@ def test_every_mode_reports_trims_summaries_steps_and_token_sizes(
     mode_app: tuple[str, Flask, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The same dashboards and alerts read every mode: a window that trims is counted,
-    # the summarized turns too, the trim and seal steps are timed, the stored token
-    # measured, and the audit log says what was trimmed and issued.
+    # the summarized turns too, the trim and seal steps are timed, and the audit log
+    # says what was trimmed and issued (the stored context's size and turns).
     mode, _app, redis = mode_app
     config: dict[str, Any] = {"SATCHEL_MAX_TURNS": 6, "SATCHEL_OVERFLOW_URL": ""}
     if redis is not None:
@@ -141,7 +141,8 @@ def test_every_mode_reports_trims_summaries_steps_and_token_sizes(
     assert metric(text, 'satchel_step_seconds_count{step="trim"}') == 5
     assert metric(text, 'satchel_step_seconds_count{step="seal"}') == 5
     assert metric(text, 'satchel_step_seconds_count{step="summarize"}') == 2
-    assert metric(text, "satchel_token_bytes_count") == 5
+    # What travels: client mode's tokens (a carrier has no budget to watch).
+    assert metric(text, "satchel_token_bytes_count") == (5 if mode == "client" else 0)
     assert metric(text, "satchel_tokens_issued_total") == 5
     audit = [(r.satchel_event, r.satchel) for r in caplog.records if r.name == "satchel.audit"]
     assert [f["turns"] for name, f in audit if name == "trimmed"] == [2, 2]
@@ -149,6 +150,28 @@ def test_every_mode_reports_trims_summaries_steps_and_token_sizes(
     issued = [f for name, f in audit if name == "issued"]
     assert [f["turns"] for f in issued] == [2, 4, 6, 6, 6]
     assert all(f["bytes"] > 0 for f in issued)
+
+
+def test_every_mode_counts_a_context_that_cannot_be_sealed(
+    mode_app: tuple[str, Flask, Any],
+) -> None:
+    # An app bug (an object in metadata): SatchelSealFailures pages on it in every mode.
+    mode, _app, redis = mode_app
+    config: dict[str, Any] = {"SATCHEL_STORE_URL": redis.url} if redis is not None else {}
+    app = make_app(mode, **config)
+    satchel = Satchel.state(app).extension
+
+    @app.post("/broken")
+    def broken() -> Any:
+        satchel.context.metadata["when"] = object()
+        return {}
+
+    client = app.test_client()
+    response = client.post("/broken")
+    assert response.status_code == 500
+    assert response.get_json()["error"]["code"] == "context_not_serializable"
+    text = client.get("/metrics").get_data(as_text=True)
+    assert metric(text, 'satchel_seal_failures_total{error="context_not_serializable"}') == 1
 
 
 @pytest.mark.parametrize("mode", [pytest.param("server", marks=pytest.mark.redis), "memory"])

@@ -284,29 +284,24 @@ class Pipeline:
         ctx.last_active = max(ctx.last_active, int(now))
         timer = time.perf_counter
 
-        try:
-            # In the metadata shape every replica can read (app_schema, rolling deploys).
-            with self.metadata_schema.writing(ctx), values_walked_once(ctx):
-                try:
-                    prepared = self._trim_and_fit(ctx, now, tag, timings)
-                    t2 = timer()
-                    token, raw_size = self.codec.seal_verbose(
-                        ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
-                    )
-                except (AttributeError, TypeError, KeyError):
-                    # The policies read the turns before the codec checks them: a dict
-                    # where a ToolCall belongs fails in there. Name the app's mistake if
-                    # it is one.
-                    check_sealable(ctx, self.codec.limits)
-                    raise
-        except BadToken as exc:
-            # Refused, not a failed seal (an erased session's spill met its tombstone):
-            # counted with the other refusals, not as an app bug (SatchelSealFailures).
-            self.observer.event("refused", session=tag, reason=exc.code)
-            raise
-        except SatchelError as exc:  # BudgetExceeded, ContextNotSerializable: no token
-            self.observer.event("seal_failed", session=tag, error=exc.code)
-            raise
+        # In the metadata shape every replica can read (app_schema, rolling deploys).
+        with (
+            self.seal_failures_reported(tag),
+            self.metadata_schema.writing(ctx),
+            values_walked_once(ctx),
+        ):
+            try:
+                prepared = self._trim_and_fit(ctx, now, tag, timings)
+                t2 = timer()
+                token, raw_size = self.codec.seal_verbose(
+                    ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
+                )
+            except (AttributeError, TypeError, KeyError):
+                # The policies read the turns before the codec checks them: a dict
+                # where a ToolCall belongs fails in there. Name the app's mistake if
+                # it is one.
+                check_sealable(ctx, self.codec.limits)
+                raise
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
         self.observer.event(
@@ -338,6 +333,22 @@ class Pipeline:
             prepared = self.fit_budget(ctx, now, tag)
             timings["overflow"] = time.perf_counter() - t1
         return prepared
+
+    @contextmanager
+    def seal_failures_reported(self, tag: str) -> Iterator[None]:
+        """Around a save's policies and seal: a refusal counted as one, a failed seal
+        (BudgetExceeded, ContextNotSerializable: an app bug, SatchelSealFailures) as
+        that."""
+        try:
+            yield
+        except BadToken as exc:
+            # Refused, not a failed seal (an erased session's spill met its tombstone):
+            # counted with the other refusals, not as an app bug.
+            self.observer.event("refused", session=tag, reason=exc.code)
+            raise
+        except SatchelError as exc:  # no token
+            self.observer.event("seal_failed", session=tag, error=exc.code)
+            raise
 
     @contextmanager
     def lifecycle_reported(

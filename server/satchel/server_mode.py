@@ -314,7 +314,7 @@ class ServerSidePipeline(Pipeline):
                 ) from exc
             raise TierUnavailable(unavailable, mode=self.mode, **retry_facts(exc)) from exc
 
-    def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> tuple[str, int]:
+    def _seal_within_limits(self, ctx: Context, now: float, exp: float | None) -> str:
         """Seal the stored context, within what the codec opens again.
 
         No byte budget applies here (nothing travels but the carrier), but the stored
@@ -329,7 +329,8 @@ class ServerSidePipeline(Pipeline):
         with values_walked_once(ctx):  # measured until it fits: its values walked once
             prepared = self.codec.prepare(ctx)
             prepared = self._fit_payload_cap(ctx, prepared, now, tag, write_failed=False)
-            return self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
+            token, _raw_size = self.codec.seal_verbose(ctx, expires_at=exp, prepared=prepared)
+        return token
 
     def save(
         self,
@@ -346,14 +347,14 @@ class ServerSidePipeline(Pipeline):
             refuse_busy(self.observer, self.session_tag(ctx.session_id))
         ctx.last_active = max(ctx.last_active, int(now))
         tag = self.session_tag(ctx.session_id)
-        # Reported as in client mode (trims, summaries, the trim and seal steps, the
-        # stored token's size), so the same dashboards and alerts read both modes.
-        with self.lifecycle_reported(ctx, tag, timings):
+        # Reported as in client mode (trims, summaries, failed seals, the trim and seal
+        # steps), so the same dashboards and alerts read every mode.
+        with self.seal_failures_reported(tag), self.lifecycle_reported(ctx, tag, timings):
             self.apply_policies_reported(ctx, self.policy, now, tag, timings)
             t1 = time.perf_counter()
             exp = expires_at(ctx, self.policy, now)
             with self.metadata_schema.writing(ctx):  # every replica must read it
-                token, raw_size = self._seal_within_limits(ctx, now, exp)
+                token = self._seal_within_limits(ctx, now, exp)
         # Kept while the token inside still opens (its expiry plus the clock skew the
         # codec allows), not a moment longer: then the store forgets it, as server-side
         # session stores do, and the next request starts afresh (session_not_found).
@@ -409,7 +410,8 @@ class ServerSidePipeline(Pipeline):
         ctx.stored_as = data
         timings["seal"] = time.perf_counter() - t1  # the store's write included
         carrier = self.carrier(ctx.session_id)
-        self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
+        # Not observer.token: satchel_token_bytes and its alerts are about what travels
+        # (a carrier here), and a stored context has no byte budget to stay under.
         self.observer.event(
             "issued", session=tag, seq=ctx.seq, bytes=len(token), turns=len(ctx.turns)
         )
