@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 import tracemalloc
 
@@ -121,14 +122,25 @@ def _windowed_frame(window_log: int) -> bytes:
     return frame
 
 
-def test_a_frame_asking_for_a_window_past_the_limit_is_malformed() -> None:
+def _declaring(frame: bytes) -> bytes:
+    """``frame`` (no content size, not single-segment) with a 4-byte content size
+    written into its header: a window that large and a declared size at once."""
+    descriptor = frame[0]
+    assert descriptor >> 6 == 0 and not descriptor & 0x20 and descriptor & 3 == 0
+    return bytes([descriptor | 2 << 6, frame[1]]) + struct.pack("<I", len(TEXT)) + frame[2:]
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["stream", "declared size"])
+def test_a_frame_asking_for_a_window_past_the_limit_is_malformed(declared: bool) -> None:
     # 128 MiB of address space per thread for a 130-character token, kept with the
-    # thread's decoder, under libzstd's own limit.
+    # thread's decoder, under libzstd's own limit. Refused from the header either way
+    # (one-shot decoding of a declared size skips the decoder's own limit).
+    shape = _declaring if declared else (lambda frame: frame)
     comp = Compressor(0)  # 1 MiB cap: windows up to 8 MiB (zstd level 19's)
-    assert comp.decompress(_windowed_frame(23), 0) == TEXT
+    assert comp.decompress(shape(_windowed_frame(23)), 0) == TEXT
     for window_log in (24, 27):
         with pytest.raises(MalformedToken):
-            comp.decompress(_windowed_frame(window_log), 0)
+            comp.decompress(shape(_windowed_frame(window_log)), 0)
     # An app that raised the cap past 8 MiB may be sent frames with windows that large.
     assert Compressor(0, max_decompressed=20 << 20).decompress(_windowed_frame(25), 0) == TEXT
 

@@ -245,9 +245,14 @@ class Compressor:
         cap = self.max_decompressed
         dctx = self._decompressor(dictionary_id)
         try:
-            declared = zstandard.get_frame_parameters(data, format=_FORMAT).content_size
+            frame = zstandard.get_frame_parameters(data, format=_FORMAT)
         except zstandard.ZstdError:
             raise MalformedToken("compressed payload has no valid zstd frame header") from None
+        declared = frame.content_size
+        if frame.window_size > max_window_for(cap):
+            # Refused from the header whatever the frame declares: the decoder's own
+            # limit only bites on the stream path (one-shot decoding skips it).
+            raise MalformedToken("compressed payload asks for a decoding window over the limit")
         if declared > cap and declared != zstandard.CONTENTSIZE_UNKNOWN:
             raise TokenTooLarge(
                 f"payload declares {declared} bytes decompressed; the limit is {cap}",
