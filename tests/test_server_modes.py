@@ -1136,6 +1136,7 @@ def test_a_read_stream_that_waited_out_a_failed_stream_saves_its_reply(
     context_busy at its save: the flag it loaded with was never cleared."""
     app, satchel = _stream_app(mode, request)
     failing, loaded, go = threading.Event(), threading.Event(), threading.Event()
+    released = threading.Event()
 
     @app.post("/stream")
     def post_stream() -> Any:
@@ -1154,7 +1155,9 @@ def test_a_read_stream_that_waited_out_a_failed_stream_saves_its_reply(
     def get_stream() -> Any:
         ctx = satchel.context
         loaded.set()
-        go.wait(5)  # the other stream fails and releases meanwhile
+        # The other stream fails and releases its claim meanwhile (waited for: a claim
+        # taken a moment before that release is context_busy, a race on a busy host).
+        released.wait(5)
         return satchel.stream(iter(["read"]), on_complete=lambda t: ctx.add_turn("assistant", t))
 
     client = app.test_client()
@@ -1168,6 +1171,7 @@ def test_a_read_stream_that_waited_out_a_failed_stream_saves_its_reply(
     go.set()
     failed = "".join(c.decode() for c in chunks)
     streaming.close()
+    released.set()
     assert "event: error" in failed  # no save: the state is as the GET stream loaded it
     body = reading().get_data(as_text=True)
     assert "event: satchel" in body and "event: error" not in body, body
