@@ -1158,6 +1158,35 @@ def test_reissue_keeps_the_original_expiry():
     assert parse_date(match.group(1)).timestamp() == first.expires_at
 
 
+def test_reissue_keeps_the_sessions_age_for_a_lowered_lifetime():
+    """Re-issued under a new key on day 5, a session written on day 0 was measured from
+    day 5: on day 20, with the lifetime lowered to 16 days, it was still accepted."""
+    clock = FakeClock(T0)
+    app = make_app()
+    app.session_interface = SatchelSessionInterface(clock=clock)
+    client = app.test_client()
+
+    @app.route("/login")
+    def login():
+        flask.session["user"] = "alice"
+        return ""
+
+    @app.route("/")
+    def index():
+        return flask.session.get("user", "-")
+
+    first = peek(set_cookie_value(client.get("/login")))
+    clock.now = T0 + 5 * 86400
+    app.config.update(SECRET_KEY="new test key", SECRET_KEY_FALLBACKS=["test key"])
+    rv = client.get("/")
+    assert rv.get_data(as_text=True) == "alice"
+    second = peek(set_cookie_value(rv))
+    assert second.kid != first.kid and second.issued_at == first.issued_at
+    clock.now = T0 + 20 * 86400
+    app.permanent_session_lifetime = timedelta(days=16)
+    assert client.get("/").get_data(as_text=True) == "-"  # 20 days old: expired
+
+
 def test_codec_is_cached_per_secrets(app):
     iface = app.session_interface
     a = iface.get_codec(app)

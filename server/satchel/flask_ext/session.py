@@ -554,8 +554,12 @@ class SatchelSessionInterface(SessionInterface):
         # that is not permanent too), None a browser-session cookie (a permanent one
         # too). The default says now + lifetime for permanent sessions, else None.
         chosen = self.get_expiration_time(app, session)
+        sealed_at = now
         if kept and not refreshed:
             expires_at = kept  # a cookie re-issued only for a new key keeps its expiry
+            # and its age: PERMANENT_SESSION_LIFETIME, lowered later, is measured from
+            # when the session was written, as Flask's signer measures it.
+            sealed_at = getattr(session, "token_issued_at", None) or now
         elif chosen is not None:
             if chosen.tzinfo is None:
                 # Naive is UTC, as werkzeug's dump_cookie writes the Expires of it;
@@ -570,7 +574,7 @@ class SatchelSessionInterface(SessionInterface):
         inner = self._inner(session)
         self._check_opens(session, name, inner)
         payload = self._wrap(inner)
-        value, _raw = codec.seal_payload(payload, now=now, expires_at=expires_at)
+        value, _raw = codec.seal_payload(payload, now=sealed_at, expires_at=expires_at)
         if len(value) > self.limits.max_token_bytes:
             # Past what opening accepts (step 1, the length cap): a session of random
             # bytes, which do not compress, was stored by the overflow hook with a 200
