@@ -1053,16 +1053,23 @@ def test_expiry_is_enforced_from_the_envelope():
         assert client.get("/").json == {"data": {}, "rejected": "token_expired"}
 
 
-def test_lowered_lifetime_applies_to_existing_cookies():
+def app_with_login(user: str) -> tuple[flask.Flask, FakeClock]:
+    """An app on a fake clock whose ``/login`` stores ``user`` in the session."""
     clock = FakeClock(T0)
     app = make_app()
     app.session_interface = SatchelSessionInterface(clock=clock)
-    client = app.test_client()
 
     @app.route("/login")
     def login():
-        flask.session["user"] = "ada"
+        flask.session["user"] = user
         return ""
+
+    return app, clock
+
+
+def test_lowered_lifetime_applies_to_existing_cookies():
+    app, clock = app_with_login("ada")
+    client = app.test_client()
 
     @app.route("/")
     def index():
@@ -1161,15 +1168,8 @@ def test_reissue_keeps_the_original_expiry():
 def test_reissue_keeps_the_sessions_age_for_a_lowered_lifetime():
     """Re-issued under a new key on day 5, a session written on day 0 was measured from
     day 5: on day 20, with the lifetime lowered to 16 days, it was still accepted."""
-    clock = FakeClock(T0)
-    app = make_app()
-    app.session_interface = SatchelSessionInterface(clock=clock)
+    app, clock = app_with_login("alice")
     client = app.test_client()
-
-    @app.route("/login")
-    def login():
-        flask.session["user"] = "alice"
-        return ""
 
     @app.route("/")
     def index():
