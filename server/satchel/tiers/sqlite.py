@@ -69,6 +69,43 @@ CREATE INDEX IF NOT EXISTS satchel_kv_tag ON satchel_kv(tag) WHERE tag IS NOT NU
 CREATE INDEX IF NOT EXISTS satchel_kv_expiry ON satchel_kv(expires_at);
 """
 _UPSERT = "INSERT OR REPLACE INTO satchel_kv (key, tag, value, expires_at) VALUES (?, ?, ?, ?)"
+#: The claim's and the key's live values, as bytes (NULL when there is none).
+_CAS_STATE = (
+    "SELECT (SELECT CAST(value AS BLOB) FROM satchel_kv "
+    "WHERE key = :claim AND expires_at > :now), "
+    "(SELECT CAST(value AS BLOB) FROM satchel_kv WHERE key = :key AND expires_at > :now)"
+)
+
+
+def _cas_statement(rows: int, *, claimed: bool, new_key: bool) -> str:
+    """An INSERT of ``rows`` rows (:k0, :t0, :v0, :e0, ...) that writes them only when
+    the key holds what is expected (no live row, for a new key) and, when ``claimed``,
+    no other holder's claim is live. SQLite reads the guard before it writes any row
+    (an INSERT that selects from its own table is materialized first): both or none."""
+    compare = (
+        "NOT EXISTS (SELECT 1 FROM satchel_kv WHERE key = :key AND expires_at > :now)"
+        if new_key
+        else "EXISTS (SELECT 1 FROM satchel_kv WHERE key = :key AND expires_at > :now "
+        "AND CAST(value AS BLOB) = :expected)"
+    )
+    if claimed:  # a live, non-empty claim of another holder refuses the write
+        compare += (
+            " AND NOT EXISTS (SELECT 1 FROM satchel_kv WHERE key = :claim "
+            "AND expires_at > :now AND length(CAST(value AS BLOB)) > 0 "
+            "AND (:holder IS NULL OR CAST(value AS BLOB) != :holder))"
+        )
+    arms = " UNION ALL ".join(
+        f"SELECT :k{i}, :t{i}, :v{i}, :e{i} WHERE {compare}" for i in range(rows)
+    )
+    return f"INSERT OR REPLACE INTO satchel_kv (key, tag, value, expires_at) {arms}"
+
+
+#: The row, unless the mark (key ?5) holds the refused value (?6) and is live (?7).
+_UPSERT_UNLESS_MARKED = (
+    "INSERT OR REPLACE INTO satchel_kv (key, tag, value, expires_at) "
+    "SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS (SELECT 1 FROM satchel_kv "
+    "WHERE key = ?5 AND CAST(value AS BLOB) = ?6 AND expires_at > ?7)"
+)
 # SQLite's default limit on bound parameters is 32766 (999 before 3.32); stay far below.
 _CHUNK = 500
 _FULL_CODES = {getattr(sqlite3, "SQLITE_FULL", 13)}
@@ -475,11 +512,12 @@ class SQLiteTier(Tier):
             row = _row(key, value, ttl, now)
 
             def check_and_write() -> bool:
-                with _immediate(conn):  # the mark read and the write: one step
-                    if _live_value(conn, mark, now) == refused:
-                        return False
-                    conn.execute(_UPSERT, row)
-                return True
+                # The mark read and the write in one statement: SQLite's write lock is
+                # taken and released inside one call. As a transaction of several
+                # calls, the thread held the lock while it waited for the GIL between
+                # them (tens to hundreds of ms in a threaded server), and other writers
+                # ran out their busy_timeout: most spills failed, tier_write_failed.
+                return conn.execute(_UPSERT_UNLESS_MARKED, (*row, mark, refused, now)).rowcount > 0
 
             try:
                 written = check_and_write()
@@ -591,23 +629,33 @@ class SQLiteTier(Tier):
         companion: Companion | None,
         unclaimed: tuple[str, bytes | None] | None,
     ) -> bytes | ClaimHeld | None:
-        """Both compare-and-sets in one transaction: the claim (when given), the compare,
-        the write and its companion."""
+        """Both compare-and-sets in one statement: the claim (when given), the compare,
+        the write and its companion (both rows or neither). One statement, as for a
+        spill (put_unless_marked): a transaction of several calls held SQLite's write
+        lock across GIL waits, and under a threaded server most saves failed."""
         with self._errors("compare_and_set_mark"):
             conn = self._conn()
             now = self.clock()
-            with _immediate(conn):
-                if unclaimed is not None:
-                    current_claim = _live_value(conn, unclaimed[0], now)
-                    if current_claim and current_claim != unclaimed[1]:
-                        return CLAIM_HELD
-                current = _live_value(conn, key, now)
+            rows = [_row(key, new, ttl, now)]
+            if companion is not None:
+                rows.append(_row(*companion, now))
+            claim_key, holder = unclaimed if unclaimed is not None else (None, None)
+            guard = {"key": key, "expected": expected, "claim": claim_key, "holder": holder}
+            sql = _cas_statement(len(rows), claimed=unclaimed is not None, new_key=expected is None)
+            params = {**guard, "now": now}
+            for i, (k, tag, value, expires) in enumerate(rows):
+                params.update({f"k{i}": k, f"t{i}": tag, f"v{i}": value, f"e{i}": expires})
+            for _ in range(3):
+                if conn.execute(sql, params).rowcount > 0:
+                    return None
+                # Refused: say why, from the values as they are now (one read).
+                current_claim, current = conn.execute(_CAS_STATE, params).fetchone()
+                if unclaimed is not None and current_claim and current_claim != holder:
+                    return CLAIM_HELD
                 if current != expected:
                     return b"" if current is None else current
-                conn.execute(_UPSERT, _row(key, new, ttl, now))
-                if companion is not None:  # in the same transaction: both or neither
-                    conn.execute(_UPSERT, _row(*companion, now))
-            return None
+                # Changed back between the write and the read: try the write again.
+            return b"" if current is None else current
 
     def ping(self) -> None:
         with self._errors("ping"):
