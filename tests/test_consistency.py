@@ -22,6 +22,7 @@ from satchel.errors import TierUnavailable
 from satchel.schema import from_wire
 from satchel.serialize import unpack
 from satchel.tiers import MemoryTier
+from tests.support import wait_until
 
 KEYS = Keyring.generate("k1").to_string()
 
@@ -1244,6 +1245,54 @@ def test_a_first_mark_the_tier_never_took_is_not_reported_lost(
     third = post(client, "/chat", second.headers["Satchel-Context"])
     assert third.status_code == 200
     assert post(client, "/chat", token).status_code == 409
+
+
+def test_a_first_mark_whose_write_timed_out_but_landed_does_not_lock_the_session_out(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """fail_open, Redis stalled during a session's first mark: the write timed out, the
+    token was sealed again without its mark, and Redis ran the queued write once it
+    resumed. The mark then named a token nobody had: every later request of the
+    session was refused 409 (no token handed back), for the mark's lifetime."""
+    import threading
+
+    from satchel.consistency import mark_key
+
+    app, satchel = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=redis_server.url,
+        SATCHEL_TIER_DOWN_POLICY="fail_open",
+    )
+    resumed = threading.Event()
+
+    @app.post("/stall")
+    def stall() -> Any:
+        satchel.context.add_turn("user", "hello")
+        redis_server.pause()  # the mark's write meets a stalled Redis
+
+        def resume() -> None:
+            redis_server.resume()
+            resumed.set()
+
+        threading.Timer(0.3, resume).start()  # after the write's 50 ms timeout
+        return {}
+
+    client = app.test_client()
+    warm = post(client, "/chat", None)  # pooled connections and scripts ready
+    assert post(client, "/chat", warm.headers["Satchel-Context"]).status_code == 200
+    first = client.post("/stall")
+    assert first.status_code == 200
+    assert first.headers["Satchel-Degraded"] == "consistency_unchecked"
+    token = first.headers["Satchel-Context"]
+    assert resumed.wait(5)
+    with app.app_context():
+        tag = satchel.codec.session_tag(satchel.codec.open(token).session_id)
+    wait_until(lambda: redis_server.client().exists(mark_key(tag)) == 1, timeout=5)
+    nxt = post(client, "/chat", token)  # the mark landed, naming this very token
+    assert nxt.status_code == 200, nxt.get_data(as_text=True)
+    assert "Satchel-Degraded" not in nxt.headers
+    assert post(client, "/chat", nxt.headers["Satchel-Context"]).status_code == 200
 
 
 @pytest.mark.parametrize("protocol", ["satchel", "ai-sdk"])

@@ -820,11 +820,20 @@ class Satchel:
         opened_as = (ctx.seq, ctx.parent)  # what the token sent carried
         result = pipeline.save(ctx, timings=rs.timings)
         rs.issued = result.token
-        if move_mark and not self._move_mark(rs) and first_mark:
-            # fail_open served it, but no mark was ever set: seal the token unmarked, as
-            # the successor of the token sent (the first seal never leaves the server).
-            # (A stream moves its mark after its token is sent: there the next request
-            # of this session may report the mark lost; docs/consistency.md.)
+        if (
+            move_mark
+            and not self._move_mark(rs)
+            and first_mark
+            and not (rs.mark is not None and rs.mark.unconfirmed)
+        ):
+            # fail_open served it, and no mark was set (the tier refused the write, or
+            # the breaker kept it from the tier): seal the token unmarked, as the
+            # successor of the token sent (the first seal never leaves the server).
+            # A write that timed out may still land, naming the token sealed above:
+            # that token goes out as it is, or every later request of the session
+            # would be refused as not descending from it. At worst (it did not land)
+            # the next request reports the mark lost, as after a stream, whose mark
+            # moves after its token is sent (docs/consistency.md).
             ctx.marked, ctx.mark_id, ctx.mark_parent = False, None, None
             ctx.seq, ctx.parent = opened_as
             result = pipeline.reseal(ctx)
