@@ -589,6 +589,25 @@ def test_openai_compatible_model_errors() -> None:
         OpenAICompatibleModel("file:///etc/passwd", "x")
 
 
+def test_openai_compatible_stream_keeps_a_split_emoji_and_passes_keep_alives_on() -> None:
+    """A provider's chunks may split an emoji ("\\ud83d" then "\\ude00"): each half
+    became a replacement character. And its keep-alive comments (OpenRouter's ":
+    OPENROUTER PROCESSING") passed nothing on, so a proxy could close the response."""
+    with FakeOpenAI(["A \ud83d", "\ude00 B"]) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        assert list(model.stream([])) == ["", "A ", "\U0001f600 B"]
+    with FakeOpenAI(["x\ud83d"]) as fake:  # a high surrogate nothing followed
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        assert list(model.stream([])) == ["", "x", "\ufffd"]
+    with FakeOpenAI(["w"] * 3, comments_only=True) as fake:
+        model = OpenAICompatibleModel(fake.base_url, "tiny", timeout=5)
+        pieces: list[str] = []
+        with pytest.raises(ModelError):  # no text at all: an empty reply
+            for piece in model.stream([]):
+                pieces.append(piece)
+        assert pieces == ["", "", "", ""]  # the role chunk, then one per keep-alive
+
+
 def test_openai_compatible_stream_cut_off_before_done_is_a_model_error() -> None:
     pieces = [f"w{i} " for i in range(10)]
     with FakeOpenAI(pieces, cut_after=4) as fake:

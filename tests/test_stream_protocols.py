@@ -14,7 +14,7 @@ from satchel import Keyring, Satchel
 KEYS = Keyring.generate("k1")
 
 
-def make_app() -> tuple[Flask, Satchel]:
+def make_app(deltas: tuple[str, ...] = ("Once ", "upon ", "a time.")) -> tuple[Flask, Satchel]:
     app = Flask(__name__)
     app.config.update(SATCHEL_KEYS=KEYS, TESTING=True)
     satchel = Satchel(app)
@@ -27,9 +27,7 @@ def make_app() -> tuple[Flask, Satchel]:
         def done(text: str) -> None:
             ctx.add_turn("assistant", text)
 
-        return satchel.stream(
-            iter(["Once ", "upon ", "a time."]), on_complete=done, protocol=protocol
-        )
+        return satchel.stream(iter(deltas), on_complete=done, protocol=protocol)
 
     return app, satchel
 
@@ -221,3 +219,17 @@ def test_stream_and_discard_refuse_each_other() -> None:
         "stream() after discard(): a streamed reply ends with a token",
         "discard() after stream(): a streamed reply ends with a token",
     ]
+
+
+def test_a_surrogate_pair_split_across_two_deltas_is_saved_as_its_character() -> None:
+    """A provider's JSON chunks can split an emoji ("\\ud83d" then "\\ude00"): the
+    client joins them and shows it, and the reply was refused invalid_text at the save,
+    after all of it had streamed. A lone surrogate is still refused."""
+    app, satchel = make_app(("A \ud83d", "\ude00 B"))
+    body = app.test_client().post("/stream/satchel").get_data(as_text=True)
+    final = json.loads(data_lines(body)[-2])
+    with app.app_context():
+        assert satchel.codec.open(final["token"]).turns[-1].content == "A \U0001f600 B"
+    app, _ = make_app(("A \ud83d", " B"))
+    lone = app.test_client().post("/stream/satchel").get_data(as_text=True)
+    assert "event: error" in lone and "invalid_text" in lone

@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol, TypedDict, runtime_checkable
+from typing import Any, Protocol, TypedDict, overload, runtime_checkable
 
 from satchel import Context, Turn
 from satchel.errors import ConfigurationError
@@ -405,8 +405,15 @@ class OpenAICompatibleModel:
             # complete: [DONE], or a finish_reason for servers that never send [DONE].
             finished = False
             sent = False
+            # A high surrogate ending a chunk is held for the next one: JSON lets a
+            # provider split an emoji as "\ud83d" then "\ude00" across two chunks, and
+            # cleaned apart, each half became a replacement character.
+            held = ""
             try:
-                for data in iter_sse_data(self._lines(resp, started)):
+                for data in iter_sse_data(self._lines(resp, started), comments=True):
+                    if data is None:  # the provider's keep-alive comment: pass one on
+                        yield ""
+                        continue
                     if data == "[DONE]":
                         finished = True
                         break
@@ -415,7 +422,9 @@ class OpenAICompatibleModel:
                         raise ModelError(
                             "model stream error", self._masked(_error_text(json.dumps(chunk)))
                         )
-                    piece = _clean(_delta_text(chunk))
+                    text = held + _delta_text(chunk)
+                    held = text[-1] if text and "\ud800" <= text[-1] <= "\udbff" else ""
+                    piece = _clean(_paired(text[: len(text) - len(held)]))
                     if piece:
                         sent = True
                     # A chunk with no text (the role, reasoning, a keep-alive) yields "":
@@ -428,6 +437,9 @@ class OpenAICompatibleModel:
                     raise ModelError("model stream broke off", _transport_error(err)) from None
             if not finished:
                 raise ModelError("model stream broke off before its end (no [DONE])")
+            if held:  # a high surrogate no low one followed: no text
+                sent = True
+                yield _clean(held)
             if not sent:
                 _nonempty("")
 
@@ -456,6 +468,14 @@ class OpenAICompatibleModel:
         return bytes(body)
 
 
+def _paired(text: str) -> str:
+    """``text`` with each high surrogate followed by a low one joined into its character
+    (json.loads leaves "\\ud83d\\ude00" split in two when they came in two chunks)."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+
+
 def _clean(text: str) -> str:
     # A lone surrogate (JSON allows "\ud83d") is no text: the model's fault, not the user's.
     return _SURROGATE.sub("\ufffd", text) if text else text
@@ -469,8 +489,13 @@ def _nonempty(text: str) -> str:
     return _clean(text)
 
 
-def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
-    """The ``data`` of each server-sent event in a byte-line iterable (a response)."""
+@overload
+def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]: ...
+@overload
+def iter_sse_data(lines: Iterable[bytes], *, comments: bool) -> Iterator[str | None]: ...
+def iter_sse_data(lines: Iterable[bytes], *, comments: bool = False) -> Iterator[str | None]:
+    """The ``data`` of each server-sent event in a byte-line iterable (a response);
+    with ``comments``, None for each comment line (a provider's keep-alive)."""
     data: list[str] = []
     for raw in lines:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -480,6 +505,8 @@ def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
                 data = []
             continue
         if line.startswith(":"):
+            if comments:
+                yield None
             continue
         field, _, value = line.partition(":")
         if field == "data":
