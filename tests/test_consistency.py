@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -2515,3 +2516,54 @@ def test_an_erased_conversation_starts_afresh_under_the_fresh_policy(
     assert post(client, "/chat", new_token, "and on").status_code == 200
     # The erased one stays erased.
     assert post(client, "/chat", token).headers["Satchel-Reset"] == "token_erased"
+
+
+def test_a_streams_mark_move_superseded_by_the_next_message_is_not_a_refusal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fail_open streams move their mark after the token went out. A client that sends
+    its next message the moment the token arrives (as the browser client does) moves
+    the mark first: the stream's move then loses, though nothing was refused. It was
+    counted in satchel_stale_refused_total and logged as stale_refused (a WARNING)."""
+    from examples.chat.app import create_app
+    from examples.chat.models import OfflineModel
+
+    app = create_app(
+        {
+            "SATCHEL_KEYS": KEYS,
+            "SATCHEL_OVERFLOW_URL": f"sqlite:///{tmp_path / 'tier.db'}",
+            "SATCHEL_CONSISTENCY": "monotonic",
+            "CHAT_MODEL": OfflineModel(),
+            "TESTING": True,
+        }
+    )
+    client = app.test_client()
+    token = client.post("/api/chat", json={"message": "zero"}).headers["Satchel-Context"]
+    with caplog.at_level(logging.INFO, logger="satchel.audit"):
+        streamed = client.post(
+            "/api/chat/stream",
+            json={"message": "one"},
+            headers={"Satchel-Context": token},
+            buffered=False,
+        )
+        chunks = iter(streamed.response)
+        received = ""
+        while "event: satchel" not in received:
+            received += next(chunks).decode()
+        final = next(b for b in received.split("\n\n") if b.startswith("event: satchel"))
+        newest = json.loads(final.split("data: ", 1)[1])["token"]
+        nxt = client.post("/api/chat", json={"message": "two"}, headers={"Satchel-Context": newest})
+        assert nxt.status_code == 200 and "Satchel-Degraded" not in nxt.headers
+        rest = b"".join(chunks).decode()
+        streamed.close()
+    assert "event: done" in rest and "event: error" not in rest
+    events = [r.satchel_event for r in caplog.records if r.name == "satchel.audit"]
+    assert "stale_refused" not in events and "mark_superseded" in events
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "satchel_stale_refused_total 0.0" in metrics
+    after = client.post(
+        "/api/chat",
+        json={"message": "three"},
+        headers={"Satchel-Context": nxt.headers["Satchel-Context"]},
+    )
+    assert after.status_code == 200

@@ -721,11 +721,23 @@ class MonotonicGuard:
         same = ctx.parent is not None and hmac.compare_digest(digest, ctx.parent)
         return not (seq > ctx.seq or (seq == ctx.seq and not same))
 
-    def after(self, ctx: Context, tag: str, state: MarkState, token: str | None = None) -> bool:
+    def after(
+        self,
+        ctx: Context,
+        tag: str,
+        state: MarkState,
+        token: str | None = None,
+        *,
+        settling: bool = False,
+    ) -> bool:
         """Move the mark to the token just issued; lose the race -> StaleContext.
 
         False when the tier failed the write and ``fail_open`` served the request
         anyway: the mark is where it was (or, for a session's first, nowhere).
+        ``settling``: a stream's deferred move, after its token went out. Losing the
+        race then refuses nothing (the client already holds the token, typically
+        sending its next message with it): reported (``mark_superseded``), not counted
+        as a refusal, and False; the token is checked when it is next used.
         ``token``, the token just issued, is kept next to the mark (``keep_newest``),
         in the same atomic write, so an erasure cannot come between the two.
         """
@@ -781,6 +793,9 @@ class MonotonicGuard:
             self._lost_reported.discard(tag)  # set again: a later loss is a new one
         if current == ERASED:  # erased while this request ran
             refuse_erased(self.observer, tag)
+        if current is not None and settling:
+            self.observer.event("mark_superseded", session=tag, seq=ctx.seq)
+            return False
         if current is not None:
             rival = decode_mark(current)
             # The rival kept its token with its mark: hand it back to this request,

@@ -865,7 +865,7 @@ class Satchel:
         headers["Server-Timing"] = server_timing(rs.timings, time.perf_counter() - rs.started)
         return headers
 
-    def _move_mark(self, rs: RequestState) -> bool:
+    def _move_mark(self, rs: RequestState, *, settling: bool = False) -> bool:
         """Move the ``monotonic`` mark to the token just sealed (StaleContext if another
         request with the same token moved it first). False if the tier failed the write
         and ``fail_open`` let the request through (MonotonicGuard.after)."""
@@ -873,7 +873,9 @@ class Satchel:
         if rs.mark is not None and app_state.guard is not None and rs.context is not None:
             tag = app_state.pipeline.session_tag(rs.context.session_id)
             try:
-                moved = app_state.guard.after(rs.context, tag, rs.mark, rs.issued)
+                moved = app_state.guard.after(
+                    rs.context, tag, rs.mark, rs.issued, settling=settling
+                )
             except StaleContext:
                 rs.fork = None  # refused, not served: no branch was made
                 raise
@@ -1059,7 +1061,7 @@ class Satchel:
                 return None
             before = len(ctx.degraded)
             try:
-                self._move_mark(rs)
+                self._move_mark(rs, settling=True)
             except SatchelError as exc:
                 # Too late for an error status: the client holds the token. If the mark
                 # did not move, that token is still accepted by the id it was checked
