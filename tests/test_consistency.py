@@ -2567,3 +2567,33 @@ def test_a_streams_mark_move_superseded_by_the_next_message_is_not_a_refusal(
         headers={"Satchel-Context": nxt.headers["Satchel-Context"]},
     )
     assert after.status_code == 200
+
+
+def test_a_first_mark_sqlite_refused_is_not_kept_and_not_reported_lost(tmp_path: Path) -> None:
+    """Only a write that may still land (a Redis timeout) keeps its token marked. SQLite
+    writes are synchronous: a first mark it refused (database is locked) never lands,
+    and a token kept marked reported a lost mark on the next request."""
+    import sqlite3
+
+    db = tmp_path / "tier.db"
+    app, satchel = make_app(
+        tmp_path,
+        SATCHEL_CONSISTENCY="monotonic",
+        SATCHEL_OVERFLOW_URL=f"sqlite:///{db}",
+        SATCHEL_TIER_DOWN_POLICY="fail_open",
+    )
+    client = app.test_client()
+    post(client, "/chat", None)  # the file and its table exist
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past busy_timeout
+    try:
+        first = post(client, "/chat", None)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert first.headers["Satchel-Degraded"] == "consistency_unchecked"
+    token = first.headers["Satchel-Context"]
+    with app.app_context():
+        assert satchel.codec.open(token).marked is False
+    nxt = post(client, "/chat", token)
+    assert nxt.status_code == 200 and "Satchel-Degraded" not in nxt.headers

@@ -424,8 +424,8 @@ class MarkState:
     opened_digest: bytes | None = None
     #: a streamed reply was answering the same token when this request opened it
     busy: bool = False
-    #: after() failed, and its write may still have landed (a timeout: a stalled Redis
-    #: runs the command it had read once it resumes), not refused (full, breaker open)
+    #: after() failed, and its write may still have landed (the tier says so: a Redis
+    #: timeout, whose stalled server runs the command it had read once it resumes)
     unconfirmed: bool = False
 
 
@@ -784,7 +784,11 @@ class MonotonicGuard:
                 self._mark_lost(ctx, tag)
                 current = move_own(None)
         except TierError as exc:
-            state.unconfirmed = not isinstance(exc, TierFull) and not exc.facts.get("unsent")
+            # Only a tier that says so (a Redis timeout or lost reply): SQLite's writes
+            # are synchronous, and one that failed never lands later.
+            state.unconfirmed = bool(exc.facts.get("may_have_landed")) and not exc.facts.get(
+                "unsent"
+            )
             # A new conversation's client holds no token: a mark that landed anyway
             # names a token nobody has, and sending again starts afresh.
             self._tier_down(ctx, tag, exc, may_have_landed=state.opened_digest is not None)

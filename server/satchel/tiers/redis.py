@@ -630,11 +630,17 @@ class RedisTier(Tier):
         if _slot_moving(exc):
             return TierBusy(f"Redis Cluster is moving this session's slot ({op}): {exc}", **facts)
         if isinstance(exc, redis.exceptions.TimeoutError | TimeoutError):
-            return TierUnavailable(f"Redis did not answer in time ({op})", **facts)
+            # A stalled Redis runs the command it had read once it resumes: the write
+            # may still land (callers that reseal on failure must not; consistency.py).
+            return TierUnavailable(
+                f"Redis did not answer in time ({op})", may_have_landed=True, **facts
+            )
         if isinstance(exc, redis.exceptions.ConnectionError | OSError):
             # Not "unsent" even when the last connect was refused: the retry policy may
             # have sent the command once already, and its reply been lost.
-            return TierUnavailable(f"cannot reach Redis ({op}): {exc}", **facts)
+            return TierUnavailable(
+                f"cannot reach Redis ({op}): {exc}", may_have_landed=True, **facts
+            )
         if isinstance(exc, RedisError | RedisClusterException):
             return TierUnavailable(f"Redis failed ({op}): {exc}", **facts)
         return TierUnavailable(f"Redis tier failed ({op}): {type(exc).__name__}", **facts)
