@@ -781,6 +781,7 @@ def test_a_json_save_while_a_stream_answers_the_same_state_is_busy(
         return {}
 
     client = app.test_client()
+    gate.set()  # the first stream runs through (it waited out the gate's 5 s)
     carrier = token_in(client.post("/stream").get_data(as_text=True))
     headers = {HEADER: carrier}
     gate.clear()
@@ -859,6 +860,7 @@ def test_a_claim_the_store_could_not_release_is_released_once_it_is_back(
         return {"ok": True}
 
     client = app.test_client()
+    gate.set()  # the first stream runs through (it waited out the gate's 5 s)
     carrier = token_in(client.post("/stream").get_data(as_text=True))
     gate.clear()
     streaming, chunks = held_stream(client, {HEADER: carrier}, "the paid")  # the claim is taken

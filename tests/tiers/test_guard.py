@@ -454,8 +454,11 @@ def test_writes_that_keep_failing_slowly_while_reads_succeed_fail_fast(
         started = time.perf_counter()
         with pytest.raises(TierUnavailable, match="writes keep failing") as fast:
             guard.put("satchel:{s}:b", b"two", 60)
-        assert time.perf_counter() - started < 0.04  # less than the busy timeout
+        # Refused without touching the tier (unsent): not waiting out the busy timeout.
+        # (A bound under it on the clock failed now and then: a full garbage collection
+        # late in the suite takes 25-80 ms.)
         assert fast.value.facts["unsent"] is True
+        assert time.perf_counter() - started < 0.5
         assert guard.breaker_state == "closed"  # reads are fine: the main breaker stays
         assert guard.get_many(["satchel:{s}:a"], cache=False).get("satchel:{s}:a") == b"one"
     finally:

@@ -3,6 +3,7 @@ round trips, TTLs, kill -9, SIGSTOP, restart, the breaker, maxmemory, the cache.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -233,14 +234,20 @@ def test_breaker_opens_fails_fast_then_recovers(redis_server: RedisServer, codec
             assert store.read(ctx).missing[0][1] == TIER_UNAVAILABLE
         assert guard.breaker_state == "open"
         assert events.seen == [("breaker_opened", {"tier": "redis"})]
+        durations = []
         for _ in range(20):
             elapsed, exc = timed(lambda: guard.put("satchel:{x}:k", b"v", 5))
             assert isinstance(exc, TierUnavailable) and str(exc) == "breaker open"
-            assert elapsed < 0.005
+            assert exc.facts["unsent"] is True  # no socket touched: the paused server
             started = time.perf_counter()
             got = store.read(ctx)
-            assert time.perf_counter() - started < 0.005
+            durations += [elapsed, time.perf_counter() - started]
             assert got.missing[0][1] == TIER_UNAVAILABLE and str(got.error) == "breaker open"
+        # Fast: the median call, and every call well under the 50 ms read timeout it
+        # would wait on the paused server. (Each call under 5 ms failed about once in
+        # 200 runs: a full garbage collection late in the suite takes 25-80 ms.)
+        assert statistics.median(durations) < 0.005
+        assert max(durations) < 0.2
     finally:
         redis_server.resume()
     # still open (the clock has not moved), although the server is back
