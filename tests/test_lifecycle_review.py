@@ -207,10 +207,9 @@ def test_a_summary_longer_than_a_token_holds_keeps_its_newest_part(mode: str) ->
     log = "2026-11-29 10:00:00 WARN pool exhausted, retrying\n" * 600  # 30,000 characters
     token = None
     for i in range(24):
-        ctx = p.load(token, now=NOW)
-        ctx.add_turn("user", f"Here is the log of run {i}:\n" + log, ts=NOW)
-        ctx.add_turn("assistant", f"Run {i}: the pool is exhausted.", ts=NOW)
-        token = p.save(ctx, now=NOW).token
+        ctx, token = one_request(
+            p, token, f"Here is the log of run {i}:\n" + log, f"Run {i}: the pool is exhausted."
+        )
         assert len(ctx.summary) <= MAX_SUMMARY_CHARS
     assert len(ctx.summary) > MAX_SUMMARY_CHARS // 2  # it did grow to the cap
     assert ctx.summary.splitlines()[-1] == "assistant: Run 22: the pool is exhausted."
@@ -282,6 +281,15 @@ def test_a_reused_tool_call_id_pairs_each_result_with_the_nearest_call_before_it
     ]
 
 
+def one_request(p: Pipeline, token: str | None, user: str, assistant: str) -> tuple[Context, str]:
+    """One request: open ``token``, add a user turn and its reply, save; the context as
+    saved and the next token."""
+    ctx = p.load(token, now=NOW)
+    ctx.add_turn("user", user, ts=NOW)
+    ctx.add_turn("assistant", assistant, ts=NOW)
+    return ctx, p.save(ctx, now=NOW).token
+
+
 def _with_tier(**policy: object) -> Pipeline:
     from satchel.segments import SegmentStore
     from satchel.tiers import GuardedTier, MemoryTier
@@ -326,10 +334,9 @@ def test_the_hard_cap_with_a_tier_cuts_a_large_summary_before_moving_the_newest(
     p = _with_tier(max_turns=4, max_token_bytes=2000, hard_max_token_bytes=4000, summarizer=verbose)
     token = None
     for i in range(30):
-        ctx = p.load(token, now=NOW)
-        ctx.add_turn("user", f"question {i}: what is the status of ticket {i}?", ts=NOW)
-        ctx.add_turn("assistant", f"Ticket {i} is closed.", ts=NOW)
-        token = p.save(ctx, now=NOW).token
+        _, token = one_request(
+            p, token, f"question {i}: what is the status of ticket {i}?", f"Ticket {i} is closed."
+        )
         opened = CODEC.open(token, now=NOW)
         assert opened.turns and opened.turns[-1].content == f"Ticket {i} is closed.", i
     assert "summary_cap" in [a.policy for a in opened.lifecycle.recent]
@@ -462,10 +469,7 @@ def test_a_hard_cap_no_empty_context_fits_under_is_refused_at_start_up() -> None
     p = pipeline(max_turns=None, max_token_bytes=None, hard_max_token_bytes=512)
     token = None
     for i in range(3):
-        ctx = p.load(token, now=NOW)
-        ctx.add_turn("user", f"message {i}", ts=NOW)
-        ctx.add_turn("assistant", f"reply {i}", ts=NOW)
-        token = p.save(ctx, now=NOW).token
+        _, token = one_request(p, token, f"message {i}", f"reply {i}")
         assert len(token) <= 512
 
 

@@ -88,8 +88,11 @@ def migrate(wire: dict[str, Any]) -> tuple[dict[str, Any], int]:
         version += 1
         # The step's result is checked as the step's: a list, None, or a map without
         # its version is the migration's mistake, not a corrupt token.
-        produced = wire.get("v", wire.get("version")) if type(wire) is dict else None
-        if type(produced) is not int or produced != version:
+        try:
+            produced: int | None = version_of(wire)
+        except InvalidContext:
+            produced = None
+        if produced != version:
             raise MigrationFailed(
                 f"migration from {version - 1} did not produce version {version}",
                 from_version=version - 1,

@@ -38,6 +38,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -77,6 +78,7 @@ _CAS_STATE = (
 )
 
 
+@functools.cache  # eight shapes in all: built once each, not on every save
 def _cas_statement(rows: int, *, claimed: bool, new_key: bool) -> str:
     """An INSERT of ``rows`` rows (:k0, :t0, :v0, :e0, ...) that writes them only when
     the key holds what is expected (no live row, for a new key) and, when ``claimed``,
@@ -640,9 +642,14 @@ class SQLiteTier(Tier):
             if companion is not None:
                 rows.append(_row(*companion, now))
             claim_key, holder = unclaimed if unclaimed is not None else (None, None)
-            guard = {"key": key, "expected": expected, "claim": claim_key, "holder": holder}
             sql = _cas_statement(len(rows), claimed=unclaimed is not None, new_key=expected is None)
-            params = {**guard, "now": now}
+            params = {
+                "key": key,
+                "expected": expected,
+                "claim": claim_key,
+                "holder": holder,
+                "now": now,
+            }
             for i, (k, tag, value, expires) in enumerate(rows):
                 params.update({f"k{i}": k, f"t{i}": tag, f"v{i}": value, f"e{i}": expires})
             for _ in range(3):
