@@ -458,3 +458,30 @@ def test_the_reply_counts_exchanges_past_the_window() -> None:
         token = resp.headers["Satchel-Context"]
         numbers.append(int(resp.get_json()["reply"].split(")")[0].removeprefix("(turn ")))
     assert numbers == list(range(1, 9))
+
+
+def test_a_long_chat_under_its_byte_budget_never_touches_the_redis_tier(
+    redis_server: Any, live_server_factory: Any
+) -> None:
+    """Issue 3: only a session whose token outgrows its byte budget spills; every other
+    session stays client-held. With the default window (40 turns) the window moved
+    turns to Redis: 30 short exchanges, far under the budget, wrote segments, and were
+    flagged degraded while Redis was down."""
+    server = live_server_factory(
+        APP, env={"SATCHEL_KEYS": RING.to_string(), "SATCHEL_OVERFLOW_URL": redis_server.url}
+    )
+    token = None
+    for i in range(30):
+        response = post_chat(server, f"short message {i}", token)
+        assert response.status == 200, response.text
+        token = response.headers[HEADER]
+    body = server.get("/api/context", headers={HEADER: token}).json()
+    assert body["overflow"] == [] and len(body["turns"]) <= 40
+    assert redis_server.client().dbsize() == 0
+    redis_server.kill()
+    for i in range(30, 34):
+        response = post_chat(server, f"short message {i}", token)
+        assert response.status == 200, response.text
+        assert "Satchel-Degraded" not in response.headers
+        assert response.json()["degraded"] == []
+        token = response.headers[HEADER]

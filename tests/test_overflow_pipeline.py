@@ -431,14 +431,17 @@ def test_the_byte_budget_may_not_exceed_the_hard_cap() -> None:
     assert LifecyclePolicy(max_token_bytes=9000, hard_max_token_bytes=None).max_token_bytes == 9000
 
 
-def test_a_turn_that_could_not_be_read_back_is_refused_on_its_way_to_the_tier() -> None:
-    """With no byte budget the window groups and spills turns before anything measures
-    the token. A turn that could not be read back is still the typed
-    ContextNotSerializable (a JSON 500, naming the place), not an AttributeError from
-    deep inside the trim."""
+@pytest.mark.parametrize("with_tier", [True, False])
+def test_a_turn_that_could_not_be_read_back_is_refused_when_the_window_drops_it(
+    with_tier: bool,
+) -> None:
+    """The window drops and summarizes before anything measures the token. A turn that
+    could not be read back is still the typed ContextNotSerializable (a JSON 500, naming
+    the place), not an AttributeError from inside the summarizer (it was, without a
+    tier)."""
     codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
     policy = LifecyclePolicy(max_turns=2, max_token_bytes=None, hard_max_token_bytes=None)
-    store = SegmentStore(GuardedTier(MemoryTier()), codec)
+    store = SegmentStore(GuardedTier(MemoryTier()), codec) if with_tier else None
     pipeline = Pipeline(codec, policy, segments=store, clock=lambda: NOW)
     ctx = pipeline.new_context(now=NOW)
     ctx.add_turn("user", "look this up", ts=NOW)
@@ -655,32 +658,47 @@ def test_a_context_past_the_turn_limit_with_the_tier_refusing_writes_reports_the
     assert len(opened.turns) == 60 and opened.lifecycle.lost == 2
 
 
-def test_with_a_tier_turns_past_the_llm_token_budget_move_to_it() -> None:
-    """The window moved turns to the tier, but the LLM-token budget dropped them for
-    good, though the tier could keep them. Both move now; while the tier refuses
-    writes, the budget drops them as it does without a tier (what the model is sent
-    must still fit)."""
+@pytest.mark.parametrize("limit", ["window", "token_budget"])
+def test_with_a_tier_only_the_byte_budget_moves_turns_to_it(limit: str) -> None:
+    """Issue 3: overflow happens only when the byte budget demands it; every other
+    session stays client-held. The window and the LLM-token budget moved turns to the
+    tier, so a long chat of short messages, well under its byte budget, wrote to Redis
+    and was flagged degraded whenever Redis was down. They drop and summarize, as
+    without a tier; while the tier refuses writes that is still a policy trim, not a
+    loss, and nothing is flagged."""
     from dataclasses import replace
 
     from satchel.lifecycle.tokens import estimate_tokens, turn_tokens
 
     tier = FlakyTier()
     base = make(tier, budget=60_000, hard=60_000)
-    policy = replace(base.policy, max_llm_tokens=300, token_counter=estimate_tokens)
+    if limit == "window":
+        policy = replace(base.policy, max_turns=6)
+    else:
+        policy = replace(base.policy, max_llm_tokens=300, token_counter=estimate_tokens)
     pipeline = Pipeline(base.codec, policy, segments=base.segments, clock=lambda: NOW)
     token = converse(pipeline, range(12))
     ctx = pipeline.load(token, now=NOW)
-    assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= 300
-    assert ctx.lifecycle.dropped.get("token_budget") is None  # moved, not dropped
-    assert len(ctx.rehydrated) + len(ctx.turns) == 24  # every turn, from the tier too
-    tier.refuse_writes = True
-    token = converse(pipeline, range(12, 16), token)
+    assert len(tier) == 0  # nothing written: the token fits its byte budget
+    assert ctx.overflow == [] and ctx.rehydrated == []
+    if limit == "window":
+        assert len(ctx.turns) == 6
+    else:
+        assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= 300
+    assert len(ctx.turns) + ctx.lifecycle.dropped[limit] == 24
+    assert ctx.lifecycle.summarized == ctx.lifecycle.dropped[limit]
+    dropped_before = ctx.lifecycle.dropped[limit]
+    tier.refuse_writes = True  # the tier down changes nothing for such a session
+    for i in range(12, 16):
+        ctx = pipeline.load(token, now=NOW)
+        ctx.add_turn("user", message(i), ts=NOW)
+        ctx.add_turn("assistant", message(i + 1000), ts=NOW)
+        result = pipeline.save(ctx, now=NOW)
+        assert not ctx.degraded
+        token = result.token
     ctx = pipeline.load(token, now=NOW)
-    assert sum(turn_tokens(t, estimate_tokens) for t in ctx.turns) <= 300
-    # The tier refused: dropped, and reported as the loss it is (the tier would have
-    # kept them), not as a policy trim.
-    assert ctx.lifecycle.dropped.get("token_budget") is None
-    assert ctx.lifecycle.lost == ctx.lifecycle.dropped["data_loss"] > 0
+    assert ctx.lifecycle.lost == 0 and "data_loss" not in ctx.lifecycle.dropped
+    assert ctx.lifecycle.dropped[limit] == dropped_before + 8
 
 
 def test_degraded_events_name_the_failure_underneath_then_the_open_breaker() -> None:
@@ -751,20 +769,22 @@ def test_identical_exchanges_spilled_in_one_second_come_back_twice_in_signed_mod
     exchange happened twice); refusing a repeated digest made the save a 500."""
     codec = Codec(Keyring.generate("k1"), "signed", clock=lambda: NOW)
     tier = GuardedTier(MemoryTier(), BreakerPolicy(), cache=SegmentCache(0))
+    # A budget that one exchange of the text below overfills: each save spills the last.
     pipeline = Pipeline(
         codec,
-        LifecyclePolicy(max_turns=2),
+        LifecyclePolicy(max_turns=None, max_token_bytes=500, hard_max_token_bytes=4000),
         segments=SegmentStore(tier, codec),
         clock=lambda: NOW,
     )
+    text = pasted_blob(250, 0)
     token = None
     for _ in range(4):
         ctx = pipeline.load(token, now=NOW)
-        ctx.add_turn("user", "ok", ts=NOW)
-        ctx.add_turn("assistant", "ok", ts=NOW)
+        ctx.add_turn("user", text, ts=NOW)
+        ctx.add_turn("assistant", text, ts=NOW)
         token = pipeline.save(ctx, now=NOW).token
     ctx = pipeline.load(token, now=NOW)
     digests = [ref.digest for ref in ctx.overflow]
     assert len(set(digests)) < len(digests)  # the case: one digest named twice
-    assert [t.content for t in ctx.all_turns()] == ["ok"] * 8
+    assert [t.content for t in ctx.all_turns()] == [text] * 8
     assert not ctx.degraded

@@ -16,7 +16,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .app_schema import MetadataSchema
@@ -32,7 +32,6 @@ from .errors import (
 )
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
-from .lifecycle.policy import apply_token_budget, llm_budget_excess
 from .lifecycle.summarize import cut_summary, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded, tier_cause
 from .schema import (
@@ -97,12 +96,6 @@ class Pipeline:
         self.observer = observer
         self.clock = clock
         self._tags: dict[bytes, str] = {}
-        # With a tier, turns past the window or the LLM-token budget move to it like
-        # turns past the byte budget (in fit_budget): neither may silently drop what the
-        # tier could keep.
-        self._trim_policy = (
-            replace(self.policy, max_turns=None, max_llm_tokens=None) if segments else self.policy
-        )
 
     # -- naming sessions in logs without revealing them ---------------------------
 
@@ -328,7 +321,7 @@ class Pipeline:
     ) -> Prepared | None:
         """The lifecycle policies, then the byte budget; reports what each did."""
         with self.lifecycle_reported(ctx, tag, timings):
-            self.apply_policies_reported(ctx, self._trim_policy, now, tag, timings)
+            self.apply_policies_reported(ctx, self.policy, now, tag, timings)
             t1 = time.perf_counter()
             prepared = self.fit_budget(ctx, now, tag)
             timings["overflow"] = time.perf_counter() - t1
@@ -382,7 +375,13 @@ class Pipeline:
         """The lifecycle policies, timed (``trim``), each trim reported by policy."""
         t0 = time.perf_counter()
         dropped_before = dict(ctx.lifecycle.dropped)
-        apply_policies(ctx, policy, now)
+        try:
+            apply_policies(ctx, policy, now)
+        except (AttributeError, TypeError, ValueError):
+            # A turn the view built wrongly (a dict where a ToolCall belongs) fails
+            # inside a counter or the summarizer: named as sealing names it.
+            check_sealable(ctx, self.codec.limits)
+            raise
         timings["trim"] = time.perf_counter() - t0
         for reason, total in ctx.lifecycle.dropped.items():
             turns = total - dropped_before.get(reason, 0)
@@ -390,10 +389,13 @@ class Pipeline:
                 self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
 
     def fit_budget(self, ctx: Context, now: float, tag: str) -> Prepared | None:
-        """Bring the token under the soft byte budget (and, with a tier, the window),
-        then make sure it is never longer than the hard cap.
+        """Bring the token under the soft byte budget, then make sure it is never longer
+        than the hard cap.
 
-        With a tier: the oldest whole groups move to a segment. If the write fails they
+        With a tier: the oldest whole groups move to a segment. Only the byte budget
+        moves turns to the tier: a session whose token fits its budget stays wholly
+        client-held, whatever its length (the window and the LLM-token budget, which ran
+        before, drop and summarize with or without a tier). If the write fails the turns
         stay inline up to the hard cap; past it the oldest are summarized and dropped,
         and that is reported as data loss with the count.
         Without a tier: the oldest groups are summarized and dropped (a policy, not a loss).
@@ -413,47 +415,29 @@ class Pipeline:
                     measured = self._drop_to(ctx, soft, now, tag, "byte_budget", measured)
             return self._enforce_ceiling(ctx, measured, now, tag, write_failed=False)
         self._forget_lost_segments(ctx, now, tag)
-        window = self.policy.max_turns
-        # Without a soft budget only the window moves turns: no need to measure.
-        measured = self.codec.prepare(ctx) if soft is not None else None
-        size = measured.size if measured is not None else 0
-        target = int(soft * SPILL_TARGET) if soft is not None else 0
+        if soft is None:  # no budget: nothing moves to the tier
+            return self._enforce_ceiling(ctx, None, now, tag, write_failed=write_failed)
+        measured = self.codec.prepare(ctx)
+        size = measured.size
+        target = int(soft * SPILL_TARGET)
         rounds = MAX_SPILL_ROUNDS + MEASURED_ROUNDS if not write_failed else 0
         for round_ in range(rounds):
-            over_budget = soft is not None and size > soft
-            past_window = len(ctx.turns) - window if window is not None else 0
-            past_window = max(past_window, llm_budget_excess(ctx, self.policy))
-            if not (over_budget or past_window > 0):
+            if size <= soft:
                 break
             groups = turn_groups(ctx.turns)
-            if not over_budget:
-                estimate = 0
-            elif round_ < MAX_SPILL_ROUNDS:
-                estimate = self._turns_to_remove(ctx, groups, size, target)
+            if round_ < MAX_SPILL_ROUNDS:
+                count = self._turns_to_remove(ctx, groups, size, target)
             else:  # the estimates fell short (text that compresses unlike prose): measure
-                estimate = self._turns_to_fit(ctx, groups, target)
-            count = max(
-                estimate,
-                oldest_groups_covering(ctx.turns, past_window, groups) if past_window > 0 else 0,
-            )
+                count = self._turns_to_fit(ctx, groups, target)
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
             if not count:
                 break  # only the newest group is left: nothing more can move
             if not self._spill(ctx, count, now, tag):
                 write_failed = True
                 break
-            measured = self.codec.prepare(ctx) if soft is not None else None
-            size = measured.size if measured is not None else 0
+            measured = self.codec.prepare(ctx)
+            size = measured.size
         if write_failed:
-            # The tier refused the write: the LLM-token budget still holds (what the model
-            # is sent must fit its context), but what it drops the tier would have kept:
-            # counted and reported as data loss, as past the hard cap.
-            lost = len(apply_token_budget(ctx, self.policy, now, reason="data_loss"))
-            if lost:
-                self._report_loss(ctx, lost, tag)
-                measured = self.codec.prepare(ctx) if soft is not None else None
-                size = measured.size if measured is not None else 0
-        if write_failed and soft is not None:
             # The tier refused the write: hold turns inline up to the hard cap, then report.
             hold = self.policy.hard_max_token_bytes or soft
             if size > hold:

@@ -754,8 +754,8 @@ class Harness:
         # "client" keeps the Redis tier and the loaded phases' window and budget (400
         # turns, 60,000 bytes): its sessions grow through the phase but stay under
         # the budget, so its requests do not need Redis, and the outage is measured
-        # with the tier configured, as a deployment would run it. (A 20-turn window
-        # with a tier would move every dropped turn to Redis: "client, overflowing".)
+        # with the tier configured, as a deployment would run it. ("client,
+        # overflowing" has a small byte budget, so older turns do live in Redis.)
         self.log(f"fault: {mode}, Redis killed for {plan.fault_down_for:.1f}s")
         with self.serving(f"fault-{mode}", env, self.workers) as app:
             load = LoadProcess(self.repo, app.port)

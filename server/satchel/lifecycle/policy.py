@@ -149,9 +149,12 @@ def _drop_leading(
     if n == 0:
         return []
     dropped = ctx.turns[:n]
+    # Summarized before they leave: a turn the summarizer cannot read (a view's
+    # malformed tool call) is still in the context for the caller to name.
+    summary = summarize(summarizer, dropped, ctx.summary) if summarizer is not None else None
     del ctx.turns[:n]
-    if summarizer is not None:
-        ctx.summary = summarize(summarizer, dropped, ctx.summary)
+    if summary is not None:
+        ctx.summary = summary
         ctx.lifecycle.summarized += len(dropped)
     ctx.lifecycle.record(LifecycleAction(policy, "dropped", len(dropped), now))
     return dropped
