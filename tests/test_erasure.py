@@ -327,3 +327,33 @@ def test_erasure_reaches_the_segments_kept_under_a_previous_anchor(
     assert _segments_left(tier, codec, session) == []
     assert _segments_left(tier, Satchel.state(grown).codec, session) == []
     tier.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("after_eviction", ["nothing", "a new spill"])
+def test_erasure_finds_the_segments_whose_index_redis_evicted(
+    after_eviction: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Under maxmemory-policy allkeys-lru (docs/overflow.md) Redis evicts the session's
+    index set like any key, and the segments survive it. Erasure deleted only what the
+    index listed: it answered {'erased': True, 'deleted_keys': 0} and left every
+    segment readable for the session's maximum age. (The eviction is made here by
+    deleting the index, as Redis would: the same state, without waiting on LRU.)"""
+    tier = _real_tier("redis", request, tmp_path)
+    app, satchel, codec = _chat_app(tier, "client")
+    client = app.test_client()
+    token, session = _overflowed_session(client)
+    tag = codec.session_tag(bytes.fromhex(session))
+    assert tier.client.delete(f"satchel:{{{tag}}}:idx") == 1  # evicted
+    if after_eviction == "a new spill":  # a new index, listing only the newest segment
+        for i in range(8, 12):
+            response = _send(client, token, i)
+            token = response.headers["Satchel-Context"]
+        assert tier.client.scard(f"satchel:{{{tag}}}:idx") >= 1
+    before = _segments_left(tier, codec, session)
+    assert len([k for k in before if ":seg:" in k]) >= 2
+    with app.app_context():
+        erased = satchel.erase(session)
+    assert erased["deleted_keys"] >= len(before)
+    assert _segments_left(tier, codec, session) == []
+    tier.close()

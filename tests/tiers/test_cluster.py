@@ -111,6 +111,17 @@ def test_erasure_and_guarded_writes_run_as_one_script_each_on_cluster(cluster, t
     ]
 
 
+def test_erasure_on_cluster_finds_keys_its_index_lost(cluster, tier) -> None:
+    """allkeys-lru evicts the index set like any key: erasure scans every master for
+    the session's tag, so the segments it no longer listed go too."""
+    mark = "satchel:{sess-l}:hwm"
+    for n in (1, 2):
+        assert tier.put_unless_marked(f"satchel:{{sess-l}}:seg:{n}", b"x", 60, mark, b"\x00e")
+    assert cluster.client().delete("satchel:{sess-l}:idx") == 1  # evicted
+    assert tier.erase_session("sess-l", mark, b"\x00e", 60) == 2
+    assert tier.get_many(["satchel:{sess-l}:seg:1", "satchel:{sess-l}:seg:2"]) == [None, None]
+
+
 def _migrate(cluster: RedisCluster, slot: int) -> tuple[Any, Any, bytes, bytes]:
     """Start moving ``slot`` to another master, as ``redis-cli --cluster reshard`` does:
     (source client, target client, source id, target id)."""

@@ -259,6 +259,12 @@ if claim and claim ~= '' and claim ~= ARGV[#ARGV] then return {2} end
 )
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob (SCAN MATCH): a prefix may hold
+    ``*``, ``?``, ``[`` or a backslash."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def _writer_key(key: str) -> str:
     """Where _CAS keeps the id of a key's last write: in the key's Cluster slot (a
     tagged key's tag; an untagged key is hashed whole, so it becomes the tag)."""
@@ -608,6 +614,19 @@ class RedisTier(Tier):
     def _index_key(self, tag: str) -> str:
         return f"{self.prefix}:{{{tag}}}:idx"
 
+    def _keys_under(self, tag: str) -> set[str]:
+        """Every key named with the session's tag that its index may have lost.
+
+        Under ``allkeys-lru`` Redis evicts the index set like any key: its segments
+        survived it, unlisted, and erasing the session deleted none of them while
+        reporting success. A SCAN finds them (it walks the whole keyspace, every
+        master's on Cluster, a page at a time: an erasure is rare, and must be
+        complete). Writer ids (``:w``) go with the key they belong to.
+        """
+        pattern = _glob_escape(f"{self.prefix}:{{{tag}}}:") + "*"
+        found = (k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
+        return {k for k in found if not k.endswith(":w")}
+
     # -- error mapping -----------------------------------------------------------------
 
     def _run(self, op: str, fn: Callable[[], T]) -> T:
@@ -732,8 +751,8 @@ class RedisTier(Tier):
             for _attempt in range(DELETE_SESSION_ATTEMPTS):
                 # SMEMBERS first, as a command of its own (it follows Cluster's
                 # redirects), so the script can declare every key it deletes.
-                members = sorted(m.decode() for m in self.client.smembers(index))
-                members = [m for m in members if m != mark]
+                listed = {m.decode() for m in self.client.smembers(index)}
+                members = sorted((listed | self._keys_under(tag)) - {index, mark})
                 keys = [index, *members, *(_writer_key(m) for m in members), *mark_keys]
                 args = [len(members), tombstone, _ttl_ms(ttl)]
                 count = int(script(keys, args))
