@@ -477,3 +477,16 @@ def test_the_audit_knows_every_credential_prefix_satchel_issues() -> None:
 
     issued = {*envelope.KNOWN_PREFIXES, server_mode.CARRIER_PREFIX, session_overflow.PREFIX}
     assert issued <= set(audit.TOKEN_PREFIXES)
+
+
+def test_the_documented_audit_fields_are_the_allowed_ones() -> None:
+    """docs/operations.md lists the fields an audit record may carry; it left out two
+    that real records carry (recovered, suppressed)."""
+    from pathlib import Path
+
+    from satchel.audit import ALLOWED_FIELDS
+
+    doc = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    listed = doc.split("**What is never logged.** Audit records keep only allow-listed fields (")[1]
+    listed = listed.split(")", 1)[0]
+    assert set(re.findall(r"`(\w+)`", listed)) == set(ALLOWED_FIELDS)

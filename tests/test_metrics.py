@@ -128,6 +128,34 @@ def tamper(token: str) -> str:
 # ------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("mode", ["client", "server", "memory"])
+def test_a_session_is_started_when_its_first_token_is_issued(mode: str, tmp_path: Any) -> None:
+    """Counted when a fresh context was made, every tokenless request was a session:
+    five reads of /context (the chat page's load, a bot) counted five, and the page's
+    load then its first message counted two for one conversation."""
+    from satchel.tiers import SQLiteTier
+
+    obs = PrometheusObserver()
+    tier = SQLiteTier(tmp_path / "tier.db") if mode == "server" else None
+    app, ext = make_app(obs, tier=tier, SATCHEL_MODE=mode)
+
+    @app.get("/context")
+    def context() -> Any:
+        turns = len(ext.context.turns)
+        ext.discard()
+        return {"turns": turns}
+
+    client = app.test_client()
+    for _ in range(5):
+        assert client.get("/context").status_code == 200
+    assert value(obs, "satchel_sessions_started_total") == 0
+    chat = Chat(app)
+    for _ in range(3):
+        assert chat.send().status_code == 200
+    assert value(obs, "satchel_sessions_started_total") == 1
+    assert value(obs, "satchel_tokens_issued_total") == 3
+
+
 def test_each_request_counts_tokens_steps_and_sizes() -> None:
     obs = PrometheusObserver()
     app, _ = make_app(obs, SATCHEL_MAX_TURNS=4)

@@ -79,9 +79,16 @@ def test_no_token_starts_a_fresh_context() -> None:
     pipe, rec, _ = make()
     ctx = pipe.load(None)
     assert ctx.turns == [] and ctx.seq == 0 and ctx.created_at == NOW
-    assert rec.names() == ["session_started"]
-    assert len(rec.fields("session_started")["session"]) == 16
     assert pipe.load("").seq == 0
+    # Started when its first token is issued, not when made: a request that never
+    # gets one (a page load, a read-only route) started no session.
+    assert "session_started" not in rec.names()
+    ctx.add_turn("user", "hi")
+    token = pipe.save(ctx).token
+    assert rec.names()[-2:] == ["session_started", "issued"]
+    assert len(rec.fields("session_started")["session"]) == 16
+    pipe.save(pipe.load(token))
+    assert rec.names().count("session_started") == 1
 
 
 def test_round_trip_over_many_requests() -> None:

@@ -299,7 +299,9 @@ class PrometheusObserver(Observer):
             "Contexts that could not be sealed (an error response, no token), by error code",
             ("error",),
         )
-        self.sessions_started = counter("sessions_started", "Fresh contexts started")
+        self.sessions_started = counter(
+            "sessions_started", "Sessions started: fresh contexts whose first token was issued"
+        )
         self.migrations = counter(
             "migrations", "Contexts migrated from an older schema version", ("from_version",)
         )

@@ -114,7 +114,6 @@ class Pipeline:
         now = current_time(now, self.clock)
         ctx = Context.new(now=int(now))
         ctx.metadata_version = self.metadata_schema.version
-        self.observer.event("session_started", session=self.session_tag(ctx.session_id))
         return ctx
 
     def load(
@@ -297,12 +296,19 @@ class Pipeline:
                 raise
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
-        self.observer.event(
-            "issued", session=tag, seq=ctx.seq, bytes=len(token), turns=len(ctx.turns)
-        )
+        self.issued_reported(ctx, tag, len(token))
         for step in ("trim", "overflow", "seal"):
             self.observer.timing(step, timings[step])
         return SaveResult(token, len(token), timings)
+
+    def issued_reported(self, ctx: Context, tag: str, size: int) -> None:
+        """``issued`` for a token just sealed, and ``session_started`` for a session's
+        first: a fresh context that never gets a token (a read-only request without
+        one, a page load, a bot) started nothing, and counting it at creation made
+        every page load a session."""
+        if ctx.seq == 1:
+            self.observer.event("session_started", session=tag)
+        self.observer.event("issued", session=tag, seq=ctx.seq, bytes=size, turns=len(ctx.turns))
 
     def reseal(self, ctx: Context, *, now: float | None = None) -> SaveResult:
         """Seal ``ctx`` again, as it is, right after :meth:`save` sealed it.
@@ -375,13 +381,7 @@ class Pipeline:
         """The lifecycle policies, timed (``trim``), each trim reported by policy."""
         t0 = time.perf_counter()
         dropped_before = dict(ctx.lifecycle.dropped)
-        try:
-            apply_policies(ctx, policy, now)
-        except (AttributeError, TypeError, ValueError):
-            # A turn the view built wrongly (a dict where a ToolCall belongs) fails
-            # inside a counter or the summarizer: named as sealing names it.
-            check_sealable(ctx, self.codec.limits)
-            raise
+        apply_policies(ctx, policy, now)
         timings["trim"] = time.perf_counter() - t0
         for reason, total in ctx.lifecycle.dropped.items():
             turns = total - dropped_before.get(reason, 0)

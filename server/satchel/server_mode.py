@@ -412,9 +412,7 @@ class ServerSidePipeline(Pipeline):
         carrier = self.carrier(ctx.session_id)
         # Not observer.token: satchel_token_bytes and its alerts are about what travels
         # (a carrier here), and a stored context has no byte budget to stay under.
-        self.observer.event(
-            "issued", session=tag, seq=ctx.seq, bytes=len(token), turns=len(ctx.turns)
-        )
+        self.issued_reported(ctx, tag, len(token))
         for step in ("trim", "seal"):
             self.observer.timing(step, timings[step])
         return SaveResult(carrier, len(token), timings)
