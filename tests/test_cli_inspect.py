@@ -31,8 +31,10 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-def run(*args: str, keys: str | None = None, stdin: str | None = None) -> tuple[int, Any, str]:
-    env = satchel_env(keys)
+def run(
+    *args: str, keys: str | None = None, stdin: str | None = None, **env_vars: str
+) -> tuple[int, Any, str]:
+    env = satchel_env(keys, **env_vars)
     proc = subprocess.run(
         [*satchel_command(), "inspect", *args],
         env=env,
@@ -90,7 +92,9 @@ def test_golden_tokens_of_older_releases_open_and_report_the_migration() -> None
     for name in ("schema1-s1-signed", "schema2-s1-sealed-chacha"):
         token = (FIXTURES / f"{name}.token").read_text().strip()
         expected = json.loads((FIXTURES / f"{name}.json").read_text())
-        code, out, err = run(token, keys=keys)
+        # Sealed long ago: the app's default idle TTL and maximum age refuse them
+        # (checked below), so they are looked into with both off, as docs say.
+        code, out, err = run(token, keys=keys, SATCHEL_IDLE_TTL="none", SATCHEL_MAX_AGE="none")
         assert code == 0, (name, err)
         assert out["header"]["kid"] == expected["kid"]
         assert out["header"]["algorithm"] == expected["algorithm"]
@@ -357,3 +361,24 @@ def test_the_parent_is_the_token_it_was_made_from_and_the_digest_its_own() -> No
     assert code == 0, err
     assert one["context"]["parent"] is None  # the first token of a conversation
     assert two["context"]["parent"] == one["digest"] != two["digest"]
+
+
+def test_a_context_past_the_apps_idle_ttl_or_maximum_age_is_refused_as_the_app_refuses_it() -> None:
+    """inspect checked only the envelope's expiry: a token the app refuses as
+    token_expired (its context idle or old past SATCHEL_IDLE_TTL / SATCHEL_MAX_AGE,
+    lowered since it was sealed, or a token sealed without an expiry) printed
+    verified: true, exit 0."""
+    now = time.time()
+    ctx = Context.new(now=now - 40 * 86400)  # created 40 days ago, used 10 days ago
+    ctx.add_turn("user", "What are the shop hours?")
+    ctx.last_active = int(now - 10 * 86400)
+    token = Codec(KEYS).seal(ctx)  # no expiry in the envelope
+    keys = KEYS.to_string()
+    code, out, _ = run(token, keys=keys)
+    assert code == 1 and out["error"]["code"] == "token_expired"  # the defaults: 30 days
+    code, out, _ = run(token, keys=keys, SATCHEL_MAX_AGE="none")
+    assert code == 1 and "idle" in out["error"]["message"]  # 7 days idle, by default
+    code, out, _ = run(token, keys=keys, SATCHEL_MAX_AGE="none", SATCHEL_IDLE_TTL="2592000")
+    assert code == 0 and out["verified"] is True
+    code, out, err = run(token, keys=keys, SATCHEL_IDLE_TTL="soon")
+    assert code == 2 and "SATCHEL_IDLE_TTL" in err

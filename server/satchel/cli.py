@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -20,6 +21,7 @@ from . import schema, serialize
 from .codec import Algorithm, Codec, Mode, peek
 from .errors import BadToken, ConfigurationError, SatchelError
 from .keys import KEY_PURPOSE_RULE, Keyring, generate_key, is_key_purpose
+from .lifecycle import LifecyclePolicy, check_age
 from .schema import CURRENT_VERSION as SCHEMA_VERSION
 
 
@@ -147,6 +149,11 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
             algorithm=cast(Algorithm, algorithm),
         )
         opened = codec.open_verbose(token)
+        # The app also refuses a context past its idle TTL or maximum age (the token's
+        # expiry covers both under the settings it was sealed with, not under lowered
+        # ones, nor for a token sealed without one): as the app would, from the same
+        # variables and defaults.
+        check_age(opened.context, _age_policy(), time.time(), codec.limits.clock_skew)
         # Opening makes ctx.parent this token's own digest (the parent of the next
         # seal); an operator chaining tokens wants the parent sealed in this one.
         _env, payload = codec.open_payload(token)
@@ -174,6 +181,21 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         }
     )
     return 0
+
+
+def _age_policy() -> LifecyclePolicy:
+    """The idle TTL and maximum age the app reads from SATCHEL_IDLE_TTL and
+    SATCHEL_MAX_AGE (with its defaults), parsed and checked as the app parses them."""
+    from flask import Flask
+
+    from .flask_ext.config import SatchelConfig
+
+    app = Flask("satchel-inspect")
+    app.config.update(
+        {k: os.environ[k] for k in ("SATCHEL_IDLE_TTL", "SATCHEL_MAX_AGE") if k in os.environ}
+    )
+    config = SatchelConfig.from_app(app)
+    return LifecyclePolicy(idle_ttl=config.idle_ttl, max_age=config.max_age)
 
 
 def _refused(exc: SatchelError) -> int:
@@ -409,7 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("inspect", help="verify and print a token (keys from SATCHEL_KEYS)")
+    p = sub.add_parser(
+        "inspect",
+        help="verify and print a token (keys from SATCHEL_KEYS)",
+        description="Verify and print a token, or say why the app would refuse it. Keys "
+        "come from SATCHEL_KEYS; the idle TTL and maximum age from SATCHEL_IDLE_TTL and "
+        "SATCHEL_MAX_AGE, with the app's defaults (set both to none to look inside an "
+        "old token).",
+    )
     p.add_argument("token", help="the token, or - to read it from stdin")
     p.add_argument("--no-verify", action="store_true", help="print only what the header says")
     _add_purpose_option(p)
