@@ -1415,6 +1415,41 @@ def test_an_empty_chat_left_in_one_tab_stays_open_in_another(
     expect(page.locator(".msg-user")).to_have_count(1)  # nothing went into it
 
 
+def test_a_reload_keeps_the_tabs_own_chat_and_a_new_tab_opens_the_one_sent_in_last(
+    live_server_factory, tmp_path, page
+) -> None:
+    """A reload opened the chat some tab had *opened* last, not this tab's: another
+    tab's New chat (left empty) or one message there made this tab's reload land on
+    that chat. Sending did not make a chat the most recent one for a new tab either."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "Conversation X one")
+    other = page.context.new_page()
+    open_chat(other, srv)
+    expect(other.locator("#thread-title")).to_have_text("Conversation X one")
+    other.get_by_role("button", name="New chat", exact=True).click()
+    send(other, "Conversation Y one")
+    other.get_by_role("button", name="New chat", exact=True).click()  # left empty
+    expect(other.locator("#thread-title")).to_have_text("Untitled chat")
+    send(page, "Conversation X two")
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#thread-title")).to_have_text("Conversation X one")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(
+        ["Conversation X one", "Conversation X two"]
+    )
+    other.reload()  # the other tab keeps its own (empty) chat
+    expect(other.locator("body")).to_have_attribute("data-state", "idle")
+    expect(other.locator("#thread-title")).to_have_text("Untitled chat")
+    other.locator("#conversations button", has_text="Conversation Y one").click()
+    expect(other.locator("#thread-title")).to_have_text("Conversation Y one")
+    send(page, "Conversation X three")  # sent in last: what a new tab opens
+    third = page.context.new_page()
+    open_chat(third, srv)
+    expect(third.locator("#thread-title")).to_have_text("Conversation X one")
+    expect(third.locator(".msg-user")).to_have_count(3)
+
+
 def test_a_column_taller_than_the_window_scrolls_on_its_own(
     live_server_factory, tmp_path, page, screenshot
 ) -> None:

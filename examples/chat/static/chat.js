@@ -19,6 +19,9 @@ const headerName = body.dataset.headerName || undefined;
 const { createClient, listConversations } = await import(body.dataset.clientUrl);
 
 const INDEX_KEY = 'satchel-chat:index';
+/** sessionStorage: the conversation this tab shows, so a reload of the tab shows it
+ * again, whatever other tabs opened meanwhile. */
+const TAB_KEY = 'satchel-chat:open';
 const UNTITLED = 'Untitled chat';
 
 const $ = (id) => document.getElementById(id);
@@ -90,10 +93,11 @@ function updateIndex(fn) {
   return index;
 }
 
-function touch(id, fields = {}) {
+function touch(id, fields = {}, { used = false } = {}) {
   updateIndex((index) => {
     const entry = index.conversations[id] || { title: UNTITLED, updated: 0 };
     index.conversations[id] = { ...entry, ...fields };
+    if (used) index.current = id; // sent in: the most recent, for a new tab too
   });
 }
 
@@ -114,10 +118,11 @@ async function conversations() {
   const stored = new Set(await listConversations('local'));
   const ids = new Set([...Object.keys(index.conversations), ...stored]);
   // A chat nothing was sent in yet (no token, no title) is listed only where it is
-  // open, last opened, or holds a failed send to retry: New chat, then back to another
+  // open (in this tab, before a reload too), last opened or sent in, or holds a failed
+  // send to retry: New chat, then back to another
   // chat, three times, left three "Untitled chat" entries for good. Its index entry
   // stays, as another tab may have it open and be about to send in it.
-  const shown = new Set([index.current, client?.conversation, ...failedElsewhere.keys()]);
+  const shown = new Set([index.current, client?.conversation, tabConversation(), ...failedElsewhere.keys()]);
   // Untitled as New chat made it: an entry whose title is damaged (a number, empty)
   // is listed, as "Untitled chat", for its first message to name it.
   const untouched = (id) => !stored.has(id) && !shown.has(id) && index.conversations[id]?.title === UNTITLED;
@@ -130,10 +135,22 @@ async function conversations() {
     .sort((a, b) => b.updated - a.updated);
 }
 
-/** The conversation to show when none is chosen: the one open last (in any tab), else the newest. */
+/** The conversation to show when none is chosen: this tab's own (a reload: another
+ * tab's New chat or switch made a reload land on that tab's chat), else the one sent
+ * in or opened last in any tab (a new tab), else the newest. */
 function mostRecent(index, all) {
-  if (index.current && all.some((c) => c.id === index.current)) return index.current;
+  for (const id of [tabConversation(), index.current]) {
+    if (id && all.some((c) => c.id === id)) return id;
+  }
   return all.length ? all[0].id : null;
+}
+
+function tabConversation() {
+  try {
+    return sessionStorage.getItem(TAB_KEY);
+  } catch {
+    return null;
+  }
 }
 
 function newId() {
@@ -292,6 +309,11 @@ async function openConversation(id, { focus = false } = {}) {
     index.current = id;
     index.conversations[id] ||= { title: UNTITLED, updated: Date.now() };
   });
+  try {
+    sessionStorage.setItem(TAB_KEY, id);
+  } catch {
+    // storage blocked: a reload shows the most recent chat instead
+  }
   notices.reset = null;
   notices.fork = null;
   notices.deleted = null;
@@ -886,7 +908,7 @@ async function send(text) {
   const title = titled ? titleOf(entry) : titleFrom(text);
   const shownBefore = rendered ? JSON.stringify(rendered) : null;
   unsent = null; // a new send: an older failure's text is no longer in the box
-  touch(id, { title, updated: Date.now() });
+  touch(id, { title, updated: Date.now() }, { used: true });
   setTitle(title);
   renderList();
 
