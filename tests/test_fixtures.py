@@ -72,7 +72,11 @@ def test_every_released_version_has_a_fixture() -> None:
 
 def test_make_fixtures_regenerates_identical_files() -> None:
     built = make_fixtures.build_all()
-    on_disk = {p.name for p in FIXTURES.iterdir() if p.suffix in (".token", ".json")}
+    on_disk = {
+        p.relative_to(FIXTURES).as_posix()
+        for p in FIXTURES.rglob("*")
+        if p.suffix in (".token", ".json", ".cookie")
+    }
     assert set(built) == on_disk
     ring = make_fixtures.load_keyring()
     for name, text in built.items():
@@ -84,11 +88,61 @@ def test_make_fixtures_regenerates_identical_files() -> None:
         assert zstandard.ZSTD_VERSION != make_fixtures.FIXTURE_ZSTD_VERSION, name
         # Only a different zstd encoder may change a compressed body; then the stored
         # token (what clients hold) must still open to exactly the same payload.
+        if name.endswith(".cookie"):
+            fx = next(
+                f for f in make_fixtures.SESSION_FIXTURES if name.endswith(f"/{f.name}.cookie")
+            )
+            app = make_fixtures.session_app(fx, ring)
+            codec = Codec(app.session_interface.get_keyring(app), fx.mode)
+            at = make_fixtures.V2_TIME
+            assert (
+                codec.open_payload(stored.strip(), now=at)[1]
+                == (codec.open_payload(text.strip(), now=at)[1])
+            )
+            continue
         assert name.endswith(".token"), name
         record = json.loads((FIXTURES / name.replace(".token", ".json")).read_text())
         assert record["compressed"], name
         codec = opener(record, ring)
         assert codec.open_payload(stored.strip())[1] == codec.open_payload(text.strip())[1]
+
+
+# -- flask.session cookies -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fx", make_fixtures.SESSION_FIXTURES, ids=[f.name for f in make_fixtures.SESSION_FIXTURES]
+)
+def test_a_flask_session_cookie_of_an_earlier_release_still_reads(fx: Any) -> None:
+    """The session interface's payload (kind, version, tagged JSON) and its keys taken
+    from SECRET_KEY (a long one, a short one stretched first; key id "f" + a hash) or
+    SATCHEL_KEYS: a change to any of them would sign every user out, and only these
+    golden cookies would notice. Read through a real request, as Flask reads it."""
+    from flask import session
+
+    from satchel import SatchelSessionInterface
+
+    folder = FIXTURES / make_fixtures.SESSION_DIR
+    record = json.loads((folder / f"{fx.name}.json").read_text())
+    cookie = (folder / record["cookie_file"]).read_text(encoding="ascii").strip()
+    app = make_fixtures.session_app(fx, make_fixtures.load_keyring())
+    # Read a minute after it was written (inside PERMANENT_SESSION_LIFETIME).
+    app.session_interface = SatchelSessionInterface(clock=lambda: record["issued_at"] + 60.0)
+    assert envelope.parse(cookie).header.kid == record["kid"]
+    assert envelope.parse(cookie).header.mode == record["mode"] == fx.mode
+    expected = app.session_interface.serializer.loads(record["session"])
+    seen: dict[str, Any] = {}
+
+    @app.get("/")
+    def read() -> str:
+        seen.update(session)
+        return "ok"
+
+    client = app.test_client()
+    client.set_cookie("session", cookie)
+    assert client.get("/").status_code == 200
+    assert seen == expected
+    assert type(seen["cart"]) is tuple and seen["seen"].tzinfo is not None
 
 
 # -- each fixture opens, with the right content, and migrates --------------------------------
