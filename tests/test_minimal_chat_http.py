@@ -485,3 +485,24 @@ def test_a_long_chat_under_its_byte_budget_never_touches_the_redis_tier(
         assert "Satchel-Degraded" not in response.headers
         assert response.json()["degraded"] == []
         token = response.headers[HEADER]
+
+
+@pytest.mark.parametrize("held", ["7", float("nan"), [1], 1e308, -3, True])
+def test_a_count_in_metadata_that_is_not_a_plain_int_is_recounted(held: Any) -> None:
+    """The example trusted its own metadata: an authenticated token (another app with
+    the same keys and purpose) whose "exchanges" was a string, NaN or a list made
+    POST /api/chat a 500."""
+    from examples.minimal_chat.app import create_app
+
+    ring = Keyring.generate("k1")
+    app = create_app({"SATCHEL_KEYS": ring.to_string(), "TESTING": True})
+    ctx = Context.new()
+    ctx.add_turn("user", "hello")
+    ctx.add_turn("assistant", "hi")
+    ctx.metadata["exchanges"] = held
+    token = Codec(ring).seal(ctx)
+    resp = app.test_client().post(
+        "/api/chat", json={"message": "and again"}, headers={"Satchel-Context": token}
+    )
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["reply"].startswith("(turn 2)")

@@ -80,7 +80,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ctx = satchel.context
         ctx.add_turn("user", message)
         # Counted in the app's metadata: the turns held shrink once the window trims.
-        exchange = int(ctx.metadata.get("exchanges", len(ctx.all_turns()) // 2)) + 1
+        exchange = exchanges_of(ctx) + 1
         ctx.metadata["exchanges"] = exchange
         reply = offline_reply(message, exchange, ctx.summary)
         ctx.add_turn("assistant", reply)
@@ -97,6 +97,16 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return data, {"Cache-Control": "no-store"}  # one user's conversation
 
     return app
+
+
+def exchanges_of(ctx: Any) -> int:
+    """The exchanges counted so far. Metadata is the app's own, and another app that
+    shares the keys and purpose could have written anything there: a count that is not
+    a plain int is recounted from the turns, never a 500."""
+    held = ctx.metadata.get("exchanges")
+    if type(held) is int and 0 <= held < 2**31:
+        return held
+    return len(ctx.all_turns()) // 2
 
 
 def read_message() -> str:
