@@ -431,9 +431,9 @@ def test_the_byte_budget_may_not_exceed_the_hard_cap() -> None:
     assert LifecyclePolicy(max_token_bytes=9000, hard_max_token_bytes=None).max_token_bytes == 9000
 
 
-@pytest.mark.parametrize("with_tier", [True, False])
+@pytest.mark.parametrize("with_tier", [True, False, "server mode"])
 def test_a_turn_that_could_not_be_read_back_is_refused_when_the_window_drops_it(
-    with_tier: bool,
+    with_tier: bool | str,
 ) -> None:
     """The window drops and summarizes before anything measures the token. A turn that
     could not be read back is still the typed ContextNotSerializable (a JSON 500, naming
@@ -441,8 +441,14 @@ def test_a_turn_that_could_not_be_read_back_is_refused_when_the_window_drops_it(
     tier)."""
     codec = Codec(Keyring.generate("k1"), clock=lambda: NOW)
     policy = LifecyclePolicy(max_turns=2, max_token_bytes=None, hard_max_token_bytes=None)
-    store = SegmentStore(GuardedTier(MemoryTier()), codec) if with_tier else None
+    store = SegmentStore(GuardedTier(MemoryTier()), codec) if with_tier is True else None
     pipeline = Pipeline(codec, policy, segments=store, clock=lambda: NOW)
+    if with_tier == "server mode":  # shares the policies' step, not save()
+        from satchel.server_mode import ServerSidePipeline
+
+        pipeline = ServerSidePipeline(
+            codec, policy, store=GuardedTier(MemoryTier()), clock=lambda: NOW
+        )
     ctx = pipeline.new_context(now=NOW)
     ctx.add_turn("user", "look this up", ts=NOW)
     ctx.turns.append(Turn("assistant", "", NOW, tool_calls=({"id": "c1"},)))  # type: ignore[arg-type]
@@ -699,6 +705,69 @@ def test_with_a_tier_only_the_byte_budget_moves_turns_to_it(limit: str) -> None:
     ctx = pipeline.load(token, now=NOW)
     assert ctx.lifecycle.lost == 0 and "data_loss" not in ctx.lifecycle.dropped
     assert ctx.lifecycle.dropped[limit] == dropped_before + 8
+
+
+def _numbered(i: int, who: str, words: int) -> str:
+    """A turn that names its exchange (``m007u ...``) and does not compress away."""
+    seed = f"{i}{who}".encode()
+    noise = " ".join(hashlib.sha256(seed + bytes([k])).hexdigest()[:10] for k in range(words * 6))
+    return f"m{i:03d}{who} {noise} and some words about the question at hand"
+
+
+def _exchanges(ctx: Context) -> list[int]:
+    return [int(t.content[1:4]) for t in ctx.all_turns()]
+
+
+def test_once_a_session_keeps_turns_in_the_tier_the_window_moves_turns_there_too() -> None:
+    """Dropping what the window removes from a session whose older turns are in the
+    tier left a hole: the tier's turns, then exchanges 6-27 gone, then the token's
+    (the chat page drew it as one history). Once the byte budget has moved turns to
+    the tier, the window's follow them."""
+    from dataclasses import replace
+
+    base = make(MemoryTier(), budget=3800, hard=8000)
+    pipeline = Pipeline(
+        base.codec, replace(base.policy, max_turns=40), segments=base.segments, clock=lambda: NOW
+    )
+    token = None
+    for i in range(80):  # 20 long exchanges (they spill), then 60 short ones
+        ctx = pipeline.load(token, now=NOW)
+        words = 6 if i < 20 else 1
+        ctx.add_turn("user", _numbered(i, "u", words), ts=NOW)
+        ctx.add_turn("assistant", _numbered(i, "a", words), ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+    ctx = pipeline.load(token, now=NOW)
+    assert sorted(set(_exchanges(ctx))) == list(range(80))  # whole, no hole
+    assert len(ctx.turns) <= 40 and "window" not in ctx.lifecycle.dropped
+
+
+def test_while_the_tier_refuses_writes_the_windows_turns_wait_in_the_token() -> None:
+    """A session with turns in the tier, the tier refusing writes for 12 exchanges: the
+    window dropped the turns held back in the token as a plain policy trim, so they
+    were missing once the tier was back, with no data_loss said. They wait (up to the
+    hard cap) and spill when it returns."""
+    tier = FlakyTier()
+    base = make(tier, budget=3800, hard=8000)
+    from dataclasses import replace
+
+    pipeline = Pipeline(
+        base.codec, replace(base.policy, max_turns=40), segments=base.segments, clock=lambda: NOW
+    )
+    token, flags = None, set()
+    for i in range(80):
+        tier.refuse_writes = 40 <= i < 52
+        ctx = pipeline.load(token, now=NOW)
+        ctx.add_turn("user", _numbered(i, "u", 3), ts=NOW)
+        ctx.add_turn("assistant", _numbered(i, "a", 3), ts=NOW)
+        token = pipeline.save(ctx, now=NOW).token
+        flags |= set(ctx.degraded)
+    ctx = pipeline.load(token, now=NOW)
+    assert "tier_write_failed" in flags
+    lost = ctx.lifecycle.lost
+    # Every exchange is present, or counted as lost (past the hard cap) and said so.
+    assert len(set(range(80)) - set(_exchanges(ctx))) * 2 == lost
+    assert (lost > 0) == ("data_loss" in flags)
+    assert "window" not in ctx.lifecycle.dropped
 
 
 def test_degraded_events_name_the_failure_underneath_then_the_open_breaker() -> None:

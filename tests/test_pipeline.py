@@ -91,6 +91,22 @@ def test_no_token_starts_a_fresh_context() -> None:
     assert rec.names().count("session_started") == 1
 
 
+def test_a_preview_token_at_seq_0_does_not_start_a_session() -> None:
+    """A 0.0 preview token may say seq 0: its first save is not a new session."""
+    from pathlib import Path
+
+    from tests.fixtures.make_fixtures import load_keyring
+
+    fixtures = Path(__file__).parent / "fixtures"
+    token = (fixtures / "schema1-minimal-s1-signed.token").read_text().strip()
+    pipe, rec, _ = make(mode="signed", ring=load_keyring(), idle_ttl=None, max_age=None)
+    ctx = pipe.load(token)
+    assert ctx.seq == 0
+    ctx.add_turn("user", "hi")
+    pipe.save(ctx)
+    assert "session_started" not in rec.names() and "issued" in rec.names()
+
+
 def test_round_trip_over_many_requests() -> None:
     pipe, rec, clock = make()
     token = None

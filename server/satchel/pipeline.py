@@ -16,7 +16,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .app_schema import MetadataSchema
@@ -32,6 +32,7 @@ from .errors import (
 )
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
+from .lifecycle.policy import apply_token_budget, llm_budget_excess
 from .lifecycle.summarize import cut_summary, summarize, summarize_clock
 from .observe import NULL_OBSERVER, Observer, flag_degraded, tier_cause
 from .schema import (
@@ -75,6 +76,12 @@ class SaveResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def is_fresh(ctx: Context) -> bool:
+    """Made by :meth:`Pipeline.new_context` and never sealed: not opened from a token
+    (a 0.0 preview token may say seq 0 too) and not sealed yet in this request."""
+    return ctx.seq == 0 and ctx.opened_kid is None
+
+
 class Pipeline:
     """Runs the steps of one request around a view."""
 
@@ -96,6 +103,9 @@ class Pipeline:
         self.observer = observer
         self.clock = clock
         self._tags: dict[bytes, str] = {}
+        # The policy a session that already keeps turns in the tier is trimmed with:
+        # the window and the LLM-token budget move turns in fit_budget instead.
+        self._spilling_policy = replace(self.policy, max_turns=None, max_llm_tokens=None)
 
     # -- naming sessions in logs without revealing them ---------------------------
 
@@ -273,6 +283,7 @@ class Pipeline:
         now = current_time(now, self.clock)
         timings = {} if timings is None else timings
         tag = self.session_tag(ctx.session_id)
+        fresh = is_fresh(ctx)
         ctx.last_active = max(ctx.last_active, int(now))
         timer = time.perf_counter
 
@@ -296,17 +307,17 @@ class Pipeline:
                 raise
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
-        self.issued_reported(ctx, tag, len(token))
+        self.issued_reported(ctx, tag, len(token), fresh=fresh)
         for step in ("trim", "overflow", "seal"):
             self.observer.timing(step, timings[step])
         return SaveResult(token, len(token), timings)
 
-    def issued_reported(self, ctx: Context, tag: str, size: int) -> None:
-        """``issued`` for a token just sealed, and ``session_started`` for a session's
-        first: a fresh context that never gets a token (a read-only request without
-        one, a page load, a bot) started nothing, and counting it at creation made
-        every page load a session."""
-        if ctx.seq == 1:
+    def issued_reported(self, ctx: Context, tag: str, size: int, *, fresh: bool) -> None:
+        """``issued`` for a token just sealed, and ``session_started`` when ``ctx`` was
+        :func:`is_fresh` before it: a fresh context that never gets a token (a
+        read-only request without one, a page load, a bot) started nothing, and
+        counting it at creation made every page load a session."""
+        if fresh:
             self.observer.event("session_started", session=tag)
         self.observer.event("issued", session=tag, seq=ctx.seq, bytes=size, turns=len(ctx.turns))
 
@@ -326,12 +337,27 @@ class Pipeline:
         self, ctx: Context, now: float, tag: str, timings: dict[str, float]
     ) -> Prepared | None:
         """The lifecycle policies, then the byte budget; reports what each did."""
+        limits_spill = self._limits_spill(ctx)
         with self.lifecycle_reported(ctx, tag, timings):
-            self.apply_policies_reported(ctx, self.policy, now, tag, timings)
+            policy = self._spilling_policy if limits_spill else self.policy
+            self.apply_policies_reported(ctx, policy, now, tag, timings)
             t1 = time.perf_counter()
-            prepared = self.fit_budget(ctx, now, tag)
+            prepared = self.fit_budget(ctx, now, tag, limits_spill=limits_spill)
             timings["overflow"] = time.perf_counter() - t1
         return prepared
+
+    def _limits_spill(self, ctx: Context) -> bool:
+        """Whether turns past the window or the LLM-token budget move to the tier.
+
+        Only the byte budget starts a session's use of the tier (issue 3): a session
+        with no overflowed turns, however long, drops and summarizes what the window
+        and the LLM-token budget remove, and never needs the tier. Once the byte budget
+        has moved turns there, the window's and the LLM budget's turns follow them: a
+        dropped turn would leave a hole between the tier's turns and the token's, and
+        while the tier refuses writes they wait in the token (up to the hard cap) like
+        the byte budget's, and are reported as data loss only past it.
+        """
+        return self.segments is not None and bool(ctx.overflow)
 
     @contextmanager
     def seal_failures_reported(self, tag: str) -> Iterator[None]:
@@ -381,21 +407,32 @@ class Pipeline:
         """The lifecycle policies, timed (``trim``), each trim reported by policy."""
         t0 = time.perf_counter()
         dropped_before = dict(ctx.lifecycle.dropped)
-        apply_policies(ctx, policy, now)
+        try:
+            apply_policies(ctx, policy, now)
+        except (AttributeError, TypeError, KeyError):
+            # A turn the view built wrongly (a dict where a ToolCall belongs) fails in
+            # a counter or the summarizer: named as sealing names it (server and
+            # memory modes too, which do not seal through save()).
+            check_sealable(ctx, self.codec.limits)
+            raise
         timings["trim"] = time.perf_counter() - t0
         for reason, total in ctx.lifecycle.dropped.items():
             turns = total - dropped_before.get(reason, 0)
             if turns:
                 self.observer.event("trimmed", session=tag, reason=reason, turns=turns)
 
-    def fit_budget(self, ctx: Context, now: float, tag: str) -> Prepared | None:
-        """Bring the token under the soft byte budget, then make sure it is never longer
-        than the hard cap.
+    def fit_budget(
+        self, ctx: Context, now: float, tag: str, *, limits_spill: bool = False
+    ) -> Prepared | None:
+        """Bring the token under the soft byte budget (and, with ``limits_spill``, the
+        window and the LLM-token budget), then make sure it is never longer than the
+        hard cap.
 
-        With a tier: the oldest whole groups move to a segment. Only the byte budget
-        moves turns to the tier: a session whose token fits its budget stays wholly
-        client-held, whatever its length (the window and the LLM-token budget, which ran
-        before, drop and summarize with or without a tier). If the write fails the turns
+        ``limits_spill``: the session already keeps turns in the tier
+        (:meth:`_limits_spill`), so turns past the window or the LLM-token budget
+        move there too, like turns past the byte budget, instead of being dropped.
+
+        With a tier: the oldest whole groups move to a segment. If the write fails they
         stay inline up to the hard cap; past it the oldest are summarized and dropped,
         and that is reported as data loss with the count.
         Without a tier: the oldest groups are summarized and dropped (a policy, not a loss).
@@ -415,29 +452,48 @@ class Pipeline:
                     measured = self._drop_to(ctx, soft, now, tag, "byte_budget", measured)
             return self._enforce_ceiling(ctx, measured, now, tag, write_failed=False)
         self._forget_lost_segments(ctx, now, tag)
-        if soft is None:  # no budget: nothing moves to the tier
-            return self._enforce_ceiling(ctx, None, now, tag, write_failed=write_failed)
-        measured = self.codec.prepare(ctx)
-        size = measured.size
-        target = int(soft * SPILL_TARGET)
+        window = self.policy.max_turns if limits_spill else None
+        # Without a soft budget only the window moves turns: no need to measure.
+        measured = self.codec.prepare(ctx) if soft is not None else None
+        size = measured.size if measured is not None else 0
+        target = int(soft * SPILL_TARGET) if soft is not None else 0
         rounds = MAX_SPILL_ROUNDS + MEASURED_ROUNDS if not write_failed else 0
         for round_ in range(rounds):
-            if size <= soft:
+            over_budget = soft is not None and size > soft
+            past_window = len(ctx.turns) - window if window is not None else 0
+            if limits_spill:
+                past_window = max(past_window, llm_budget_excess(ctx, self.policy))
+            if not (over_budget or past_window > 0):
                 break
             groups = turn_groups(ctx.turns)
-            if round_ < MAX_SPILL_ROUNDS:
-                count = self._turns_to_remove(ctx, groups, size, target)
+            if not over_budget:
+                estimate = 0
+            elif round_ < MAX_SPILL_ROUNDS:
+                estimate = self._turns_to_remove(ctx, groups, size, target)
             else:  # the estimates fell short (text that compresses unlike prose): measure
-                count = self._turns_to_fit(ctx, groups, target)
+                estimate = self._turns_to_fit(ctx, groups, target)
+            count = max(
+                estimate,
+                oldest_groups_covering(ctx.turns, past_window, groups) if past_window > 0 else 0,
+            )
             count = min(count, groups[-1][0]) if groups else 0  # the newest group stays
             if not count:
                 break  # only the newest group is left: nothing more can move
             if not self._spill(ctx, count, now, tag):
                 write_failed = True
                 break
-            measured = self.codec.prepare(ctx)
-            size = measured.size
-        if write_failed:
+            measured = self.codec.prepare(ctx) if soft is not None else None
+            size = measured.size if measured is not None else 0
+        if write_failed and limits_spill:
+            # The tier refused the write: the LLM-token budget still holds (what the model
+            # is sent must fit its context), but what it drops the tier would have kept:
+            # counted and reported as data loss, as past the hard cap.
+            lost = len(apply_token_budget(ctx, self.policy, now, reason="data_loss"))
+            if lost:
+                self._report_loss(ctx, lost, tag)
+                measured = self.codec.prepare(ctx) if soft is not None else None
+                size = measured.size if measured is not None else 0
+        if write_failed and soft is not None:
             # The tier refused the write: hold turns inline up to the hard cap, then report.
             hold = self.policy.hard_max_token_bytes or soft
             if size > hold:

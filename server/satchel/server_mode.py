@@ -59,7 +59,7 @@ from .errors import (
 from .lifecycle import LifecyclePolicy, expires_at
 from .limits import DEFAULT_LIMITS
 from .observe import NULL_OBSERVER, Observer, tier_cause
-from .pipeline import Clock, Pipeline, SaveResult
+from .pipeline import Clock, Pipeline, SaveResult, is_fresh
 from .schema import values_walked_once
 from .tiers.base import CLAIM_HELD
 from .tiers.guard import GuardedTier
@@ -345,6 +345,7 @@ class ServerSidePipeline(Pipeline):
             # Refused before the view by the extension unless the request is a read
             # (GET, HEAD, OPTIONS); a read that changed the context is refused here.
             refuse_busy(self.observer, self.session_tag(ctx.session_id))
+        fresh = is_fresh(ctx)
         ctx.last_active = max(ctx.last_active, int(now))
         tag = self.session_tag(ctx.session_id)
         # Reported as in client mode (trims, summaries, failed seals, the trim and seal
@@ -412,7 +413,7 @@ class ServerSidePipeline(Pipeline):
         carrier = self.carrier(ctx.session_id)
         # Not observer.token: satchel_token_bytes and its alerts are about what travels
         # (a carrier here), and a stored context has no byte budget to stay under.
-        self.issued_reported(ctx, tag, len(token))
+        self.issued_reported(ctx, tag, len(token), fresh=fresh)
         for step in ("trim", "seal"):
             self.observer.timing(step, timings[step])
         return SaveResult(carrier, len(token), timings)

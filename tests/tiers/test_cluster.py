@@ -271,6 +271,13 @@ def test_a_dead_master_opens_the_breaker_for_its_own_sessions_only() -> None:
         for _ in range(3 * guarded.policy.fail_max):
             assert guarded.get_many([healthy]).get(healthy) == b"1"
             guarded.put(healthy, b"1", 60)
+        # Erasing a healthy master's session scans that master only: a scan of every
+        # master failed on the dead one, every erasure with it, and opened the breaker
+        # of the healthy master the session lives on.
+        tag = healthy.split("{")[1].split("}")[0]
+        assert guarded.erase_session(tag, f"satchel:{{{tag}}}:hwm", b"\x00e", 60) == 1
+        assert guarded.get_many([healthy]).get(healthy) is None
+        assert guarded.breaker_states()[f"127.0.0.1:{owner(healthy)}"] == "closed"
         guarded.close()
 
 

@@ -224,7 +224,8 @@ def apply_token_budget(
 def llm_budget_excess(ctx: Context, policy: LifecyclePolicy) -> int:
     """How many of the oldest turns must leave for the rest to fit the LLM-token budget
     (0 when they fit, or there is no budget). The caller removes whole groups covering
-    them, never the newest: dropped here without a tier, moved to it with one."""
+    them, never the newest: dropped here, or moved to the tier by the pipeline for a
+    session that already keeps turns there."""
     if policy.max_llm_tokens is None:
         return 0
     counter = policy.counter()

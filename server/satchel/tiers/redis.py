@@ -36,6 +36,7 @@ used memory > 'maxmemory'``) to :class:`~satchel.errors.TierFull`; everything el
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import re
 import secrets
@@ -47,7 +48,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from ..errors import ConfigurationError, TierBusy, TierError, TierFull, TierUnavailable
@@ -257,6 +258,28 @@ if claim and claim ~= '' and claim ~= ARGV[#ARGV] then return {2} end
 """
     + _CAS_WRITE
 )
+
+
+class _SlotScript:
+    """A Lua script on Redis Cluster: EVALSHA on the node of its keys' slot and, when
+    that node does not have it yet, EVAL there (which caches it on that node).
+
+    redis-py's own script falls back to SCRIPT LOAD, which Cluster sends to every
+    master: with one master down, every scripted call (spills, compare-and-set,
+    erasure) failed on the healthy masters too until each had loaded the script, and
+    opened their breakers.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis' script id
+
+    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return self.client.eval(self.source, len(keys), *keys, *args)
 
 
 def _glob_escape(text: str) -> str:
@@ -608,7 +631,12 @@ class RedisTier(Tier):
     def _script(self, name: str, source: str) -> Any:
         script = self._scripts.get(name)
         if script is None:
-            script = self._scripts[name] = self.client.register_script(source)
+            client = self.client
+            if hasattr(client, "get_node_from_key"):
+                script = _SlotScript(client, source)
+            else:
+                script = client.register_script(source)
+            self._scripts[name] = script
         return script
 
     def _index_key(self, tag: str) -> str:
@@ -624,7 +652,14 @@ class RedisTier(Tier):
         complete). Writer ids (``:w``) go with the key they belong to.
         """
         pattern = _glob_escape(f"{self.prefix}:{{{tag}}}:") + "*"
-        found = (k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
+        client = self.client
+        options: dict[str, Any] = {"match": pattern, "count": 1000}
+        if hasattr(client, "get_node_from_key"):
+            # Cluster: only the master that owns the session's slot holds its keys.
+            # Scanning every master made one dead master fail every erasure (and
+            # open the breaker of the healthy master the session lives on).
+            options["target_nodes"] = client.get_node_from_key(self._index_key(tag))
+        found = (k.decode() for k in client.scan_iter(**options))
         return {k for k in found if not k.endswith(":w")}
 
     # -- error mapping -----------------------------------------------------------------
@@ -748,11 +783,14 @@ class RedisTier(Tier):
 
         def delete() -> int:
             script = self._script("delete_session", _DELETE_SESSION)
+            # Once: a key written after the scan is in the index, which is read again
+            # on every attempt (the script refuses an index that names undeclared keys).
+            unlisted = self._keys_under(tag)
             for _attempt in range(DELETE_SESSION_ATTEMPTS):
                 # SMEMBERS first, as a command of its own (it follows Cluster's
                 # redirects), so the script can declare every key it deletes.
                 listed = {m.decode() for m in self.client.smembers(index)}
-                members = sorted((listed | self._keys_under(tag)) - {index, mark})
+                members = sorted((listed | unlisted) - {index, mark})
                 keys = [index, *members, *(_writer_key(m) for m in members), *mark_keys]
                 args = [len(members), tombstone, _ttl_ms(ttl)]
                 count = int(script(keys, args))
