@@ -193,3 +193,21 @@ def test_chaos_percentile_is_the_nearest_rank() -> None:
     assert percentile(list(range(70, 0, -1)), 50) == 35
     assert percentile(list(range(1, 301)), 99) == 297
     assert percentile([], 50) is None
+
+
+def test_a_corpus_too_small_for_a_size_is_said_and_its_size_not_a_verdict(tmp_path: Path) -> None:
+    """The bench cycles the corpus to fill a size: zstd's window found the repeats
+    (zlib's does not), and a 16-conversation corpus read 0.38x of Flask's bytes at 200
+    turns, a target "met" by a corpus that repeats itself."""
+    corpus = tmp_path / "small.jsonl"
+    turns = [
+        {"role": r, "content": f"message {i} about the shipping times of order {i * 37}"}
+        for i, r in enumerate(["user", "assistant"] * 5)
+    ]
+    corpus.write_text(json.dumps({"turns": turns}) + "\n")  # 10 turns in all
+    result = bench.run((4, 20), 1, 0.001, str(corpus))
+    assert [row["repeats"] for row in result["rows"]] == [False, True]
+    checks = {name: (ok, figure) for name, ok, figure in bench.check_targets(result)}
+    ok, figure = checks["20 turns: token <= 0.8x Flask cookie bytes (sealed)"]
+    assert not ok and "corpus repeats" in figure
+    assert "WARNING: the corpus holds fewer turns than 20" in bench.render(result)

@@ -277,6 +277,7 @@ def run(
     dictionary_id: int | None = None,
 ) -> dict:
     convs, source = load_conversations(corpus)
+    corpus_turns = sum(len(c) for c in convs)
     now = int(time.time())
     keyring = Keyring.generate("bench")
     signed = Codec(keyring, mode="signed", dictionary_id=dictionary_id)
@@ -320,6 +321,10 @@ def run(
         rows.append(
             {
                 "turns": n,
+                # More turns than the corpus holds: its contexts repeat it, and zstd's
+                # window finds the repeats (zlib's 32 KB one does not), so the sizes
+                # flatter Satchel (a 16-conversation corpus read 0.38x at 200 turns).
+                "repeats": n > corpus_turns,
                 "text_bytes": text_bytes,
                 "us": us,
                 "signed_roundtrip_us": signed_rt,
@@ -419,11 +424,12 @@ def check_targets(result: dict) -> list[tuple[str, bool, str]]:
             )
         if n in TARGET_BYTES:
             b = row["sealed_vs_flask_bytes"]
+            repeats = row.get("repeats", False)
             checks.append(
                 (
                     f"{n} turns: token <= {TARGET_BYTES[n]}x Flask cookie bytes (sealed)",
-                    b <= TARGET_BYTES[n],
-                    f"{b:.2f}x",
+                    b <= TARGET_BYTES[n] and not repeats,
+                    f"{b:.2f}x" + (" (the corpus repeats: not a measurement)" if repeats else ""),
                 )
             )
     return checks
@@ -471,6 +477,14 @@ def render(result: dict) -> str:
         "text only: the messages alone, compressed with the same dictionary and level and",
         "base64-encoded, with no envelope, MAC or structure: what the text alone costs.",
     ]
+    repeated = [str(row["turns"]) for row in result["rows"] if row.get("repeats")]
+    if repeated:
+        lines += [
+            "",
+            f"WARNING: the corpus holds fewer turns than {', '.join(repeated)}: those contexts",
+            "repeat it, and zstd finds the repeats (zlib's 32 KB window does not), so their",
+            "sizes flatter Satchel. Give a corpus with at least that many turns.",
+        ]
     lines += ["", "targets:"]
     for name, ok, figure in check_targets(result):
         lines.append(f"  [{'met' if ok else 'MISSED'}] {name}: {figure}")
