@@ -718,27 +718,61 @@ def _exchanges(ctx: Context) -> list[int]:
     return [int(t.content[1:4]) for t in ctx.all_turns()]
 
 
+def _windowed(tier: MemoryTier) -> Pipeline:
+    """The defaults' budget and window (3800 bytes, 40 turns), a hard cap of 8000."""
+    from dataclasses import replace
+
+    base = make(tier, budget=3800, hard=8000)
+    policy = replace(base.policy, max_turns=40)
+    return Pipeline(base.codec, policy, segments=base.segments, clock=lambda: NOW)
+
+
+def _exchange(
+    pipeline: Pipeline, token: str | None, i: int, words: int
+) -> tuple[Context, str | None]:
+    """Exchange ``i`` (``words`` sets its length) saved: the context and its token."""
+    ctx = pipeline.load(token, now=NOW)
+    ctx.add_turn("user", _numbered(i, "u", words), ts=NOW)
+    ctx.add_turn("assistant", _numbered(i, "a", words), ts=NOW)
+    return ctx, pipeline.save(ctx, now=NOW).token
+
+
 def test_once_a_session_keeps_turns_in_the_tier_the_window_moves_turns_there_too() -> None:
     """Dropping what the window removes from a session whose older turns are in the
     tier left a hole: the tier's turns, then exchanges 6-27 gone, then the token's
     (the chat page drew it as one history). Once the byte budget has moved turns to
     the tier, the window's follow them."""
-    from dataclasses import replace
-
-    base = make(MemoryTier(), budget=3800, hard=8000)
-    pipeline = Pipeline(
-        base.codec, replace(base.policy, max_turns=40), segments=base.segments, clock=lambda: NOW
-    )
-    token = None
+    pipeline, token = _windowed(MemoryTier()), None
     for i in range(80):  # 20 long exchanges (they spill), then 60 short ones
-        ctx = pipeline.load(token, now=NOW)
-        words = 6 if i < 20 else 1
-        ctx.add_turn("user", _numbered(i, "u", words), ts=NOW)
-        ctx.add_turn("assistant", _numbered(i, "a", words), ts=NOW)
-        token = pipeline.save(ctx, now=NOW).token
+        _ctx, token = _exchange(pipeline, token, i, 6 if i < 20 else 1)
     ctx = pipeline.load(token, now=NOW)
     assert sorted(set(_exchanges(ctx))) == list(range(80))  # whole, no hole
     assert len(ctx.turns) <= 40 and "window" not in ctx.lifecycle.dropped
+
+
+def test_the_windows_turns_spill_in_batches_not_one_segment_per_exchange() -> None:
+    """Moving just the excess over the window wrote a segment on every exchange past
+    it (279 writes for 294 short exchanges); like the byte budget, the window spills
+    down to 70 % of itself, so a write comes every few exchanges."""
+
+    class Counting(MemoryTier):
+        writes = 0
+
+        def put_unless_marked(self, key: str, value: bytes, ttl: float, *unless: Any) -> bool:
+            self.writes += 1
+            return super().put_unless_marked(key, value, ttl, *unless)
+
+    tier = Counting()
+    pipeline, token = _windowed(tier), None
+    for i in range(6):  # 6 long exchanges: they spill
+        _ctx, token = _exchange(pipeline, token, i, 12)
+    assert pipeline.load(token, now=NOW).overflow  # the session keeps turns there
+    writes_before = tier.writes
+    for i in range(6, 106):  # then 100 short ones
+        _ctx, token = _exchange(pipeline, token, i, 1)
+    ctx = pipeline.load(token, now=NOW)
+    assert sorted(set(_exchanges(ctx))) == list(range(106))
+    assert 0 < tier.writes - writes_before <= 100 // 5
 
 
 def test_while_the_tier_refuses_writes_the_windows_turns_wait_in_the_token() -> None:
@@ -747,19 +781,10 @@ def test_while_the_tier_refuses_writes_the_windows_turns_wait_in_the_token() -> 
     were missing once the tier was back, with no data_loss said. They wait (up to the
     hard cap) and spill when it returns."""
     tier = FlakyTier()
-    base = make(tier, budget=3800, hard=8000)
-    from dataclasses import replace
-
-    pipeline = Pipeline(
-        base.codec, replace(base.policy, max_turns=40), segments=base.segments, clock=lambda: NOW
-    )
-    token, flags = None, set()
+    pipeline, token, flags = _windowed(tier), None, set()
     for i in range(80):
         tier.refuse_writes = 40 <= i < 52
-        ctx = pipeline.load(token, now=NOW)
-        ctx.add_turn("user", _numbered(i, "u", 3), ts=NOW)
-        ctx.add_turn("assistant", _numbered(i, "a", 3), ts=NOW)
-        token = pipeline.save(ctx, now=NOW).token
+        ctx, token = _exchange(pipeline, token, i, 3)
         flags |= set(ctx.degraded)
     ctx = pipeline.load(token, now=NOW)
     assert "tier_write_failed" in flags

@@ -106,6 +106,10 @@ class Pipeline:
         # The policy a session that already keeps turns in the tier is trimmed with:
         # the window and the LLM-token budget move turns in fit_budget instead.
         self._spilling_policy = replace(self.policy, max_turns=None, max_llm_tokens=None)
+        budget = self.policy.max_llm_tokens
+        self._llm_spill_target = replace(
+            self.policy, max_llm_tokens=None if budget is None else int(budget * SPILL_TARGET)
+        )
 
     # -- naming sessions in logs without revealing them ---------------------------
 
@@ -460,9 +464,7 @@ class Pipeline:
         rounds = MAX_SPILL_ROUNDS + MEASURED_ROUNDS if not write_failed else 0
         for round_ in range(rounds):
             over_budget = soft is not None and size > soft
-            past_window = len(ctx.turns) - window if window is not None else 0
-            if limits_spill:
-                past_window = max(past_window, llm_budget_excess(ctx, self.policy))
+            past_window = self._past_limits(ctx, window) if limits_spill else 0
             if not (over_budget or past_window > 0):
                 break
             groups = turn_groups(ctx.turns)
@@ -499,6 +501,18 @@ class Pipeline:
             if size > hold:
                 measured = self._drop_to(ctx, hold, now, tag, "data_loss", measured)
         return self._enforce_ceiling(ctx, measured, now, tag, write_failed=write_failed)
+
+    def _past_limits(self, ctx: Context, window: int | None) -> int:
+        """How many of the oldest turns a session that keeps turns in the tier moves
+        there for the window and the LLM-token budget: none while they hold, else down
+        to ``SPILL_TARGET`` of them, as the byte budget spills down to 70 % of itself.
+        Moving just the excess wrote a segment on every exchange past the window."""
+        count = 0
+        if window is not None and len(ctx.turns) > window:
+            count = len(ctx.turns) - int(window * SPILL_TARGET)
+        if llm_budget_excess(ctx, self.policy):
+            count = max(count, llm_budget_excess(ctx, self._llm_spill_target))
+        return count
 
     def _fit_turn_limit(self, ctx: Context, now: float, tag: str) -> bool:
         """Never more turns than a token opens with (``Limits.max_array_len``).

@@ -166,6 +166,27 @@ def test_an_erasure_during_a_slot_migration_deletes_all_or_fails(cluster, tier) 
     assert tier.get_many([stored]) == [None]
 
 
+def test_an_erasure_after_a_reshard_scans_the_slots_new_owner(cluster, tier) -> None:
+    """The SCAN for keys the index lost took its node from the client's slot map, which
+    a reshard this process has not met yet still names the old owner of: it scanned
+    that node, found nothing, and the segments survived an erasure that said 0."""
+    tag = "resharded"
+    mark = f"satchel:{{{tag}}}:hwm"
+    for n in (1, 2):
+        assert tier.put_unless_marked(f"satchel:{{{tag}}}:seg:{n}", b"x", 600, mark, b"\x00e")
+    raw = cluster.client()
+    slot = raw.keyslot(mark)
+    assert raw.delete(f"satchel:{{{tag}}}:idx") == 1  # evicted (allkeys-lru)
+    source, target, _source_id, target_id = _migrate(cluster, slot)
+    port = target.connection_pool.connection_kwargs["port"]
+    while keys := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+    for node in cluster.nodes:
+        node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    assert tier.erase_session(tag, mark, b"\x00e", 60) == 2
+    assert raw.mget([f"satchel:{{{tag}}}:seg:1", f"satchel:{{{tag}}}:seg:2"]) == [None, None]
+
+
 def test_a_slot_on_the_move_fails_its_own_calls_but_opens_no_breaker(cluster, tier) -> None:
     """While resharding moved one slot, calls for it failed with TRYAGAIN; counted as
     failures, five of them opened the breaker of the whole master, and the sessions of

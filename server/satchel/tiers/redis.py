@@ -647,9 +647,10 @@ class RedisTier(Tier):
 
         Under ``allkeys-lru`` Redis evicts the index set like any key: its segments
         survived it, unlisted, and erasing the session deleted none of them while
-        reporting success. A SCAN finds them (it walks the whole keyspace, every
-        master's on Cluster, a page at a time: an erasure is rare, and must be
-        complete). Writer ids (``:w``) go with the key they belong to.
+        reporting success. A SCAN finds them (it walks the whole keyspace, on
+        Cluster the keyspace of the master that owns the session's slot, a page at a
+        time: an erasure is rare, and must be complete). Writer ids (``:w``) go with
+        the key they belong to.
         """
         pattern = _glob_escape(f"{self.prefix}:{{{tag}}}:") + "*"
         client = self.client
@@ -781,16 +782,22 @@ class RedisTier(Tier):
         index = self._index_key(tag)
         mark_keys = [] if mark is None else [mark, _writer_key(mark)]
 
+        def listed() -> set[str]:
+            # A command of its own, on the index's key: on Cluster it follows (and
+            # learns) a slot that moved, so the script, and the SCAN after the first
+            # one, go to the node that owns the session now.
+            return {m.decode() for m in self.client.smembers(index)}
+
         def delete() -> int:
             script = self._script("delete_session", _DELETE_SESSION)
+            listing = listed()
             # Once: a key written after the scan is in the index, which is read again
             # on every attempt (the script refuses an index that names undeclared keys).
             unlisted = self._keys_under(tag)
-            for _attempt in range(DELETE_SESSION_ATTEMPTS):
-                # SMEMBERS first, as a command of its own (it follows Cluster's
-                # redirects), so the script can declare every key it deletes.
-                listed = {m.decode() for m in self.client.smembers(index)}
-                members = sorted((listed | unlisted) - {index, mark})
+            for attempt in range(DELETE_SESSION_ATTEMPTS):
+                if attempt:
+                    listing = listed()
+                members = sorted((listing | unlisted) - {index, mark})
                 keys = [index, *members, *(_writer_key(m) for m in members), *mark_keys]
                 args = [len(members), tombstone, _ttl_ms(ttl)]
                 count = int(script(keys, args))
