@@ -25,28 +25,18 @@ from satchel.errors import TierUnavailable
 from satchel.lifecycle import LifecyclePolicy
 from satchel.pipeline import Pipeline
 from satchel.segments import SegmentStore
-from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+from satchel.tiers import BreakerPolicy, GuardedTier, SegmentCache
+from tests.test_overflow_pipeline import FlakyTier
 
 NOW = 1_795_000_000.0
 MARK = re.compile(r"M(\d{4})\.(\d)")
 SEGMENT_REASONS = {"segment_missing", "segment_corrupt", "segment_foreign", "tier_unavailable"}
 
 
-class Flaky(MemoryTier):
+class Flaky(FlakyTier):
     """A real in-memory tier that can refuse writes or reads, or lose a segment."""
 
-    refuse_writes = False
     refuse_reads = False
-
-    def put(self, key: str, value: bytes, ttl: float) -> None:
-        if self.refuse_writes:
-            raise TierUnavailable("writes refused")
-        super().put(key, value, ttl)
-
-    def put_unless_marked(self, key: str, value: bytes, ttl: float, *unless: Any) -> bool:
-        if self.refuse_writes:
-            raise TierUnavailable("writes refused")
-        return super().put_unless_marked(key, value, ttl, *unless)
 
     def get_many(self, keys: Any) -> Any:
         if self.refuse_reads:
