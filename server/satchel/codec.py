@@ -392,7 +392,7 @@ class Codec:
             timings["verify"] = verified - started
         if header.flags & FLAG_PADDED:
             payload = padding.unpad(payload)
-        if header.compressed:
+        if header.flags & FLAG_COMPRESSED:  # the flag, not the property: every open
             payload = self.compressor.decompress(payload, header.dictionary_id)
         if timings is not None:
             timings["decompress"] = time.perf_counter() - verified

@@ -199,6 +199,8 @@ class Compressor:
         #: Payloads shorter than this are stored as they are: zstd cannot win there.
         self.min_size = min_size
         self._local = threading.local()
+        #: the decoder's window limit for this cap (max_window_for), worked out once
+        self._max_window = max_window_for(max_decompressed)
         # Compiled now, so that an unknown id or level fails here, not on the first seal.
         compression_dictionary(self.dictionary_id, level)
 
@@ -228,7 +230,7 @@ class Compressor:
             dctx = zstandard.ZstdDecompressor(
                 dict_data=load_dictionary(dictionary_id),
                 format=_FORMAT,
-                max_window_size=max_window_for(self.max_decompressed),
+                max_window_size=self._max_window,
             )
             cache[dictionary_id] = dctx
         return dctx
@@ -249,7 +251,7 @@ class Compressor:
         except zstandard.ZstdError:
             raise MalformedToken("compressed payload has no valid zstd frame header") from None
         declared = frame.content_size
-        if frame.window_size > max_window_for(cap):
+        if frame.window_size > self._max_window:
             # Refused from the header whatever the frame declares: the decoder's own
             # limit only bites on the stream path (one-shot decoding skips it).
             raise MalformedToken("compressed payload asks for a decoding window over the limit")
@@ -259,12 +261,17 @@ class Compressor:
                 size=declared,
                 limit=cap,
             )
+        if 0 < declared <= cap:
+            try:
+                # allow_extra_data=False: the payload is exactly one frame; zstandard
+                # raises for any input left after it (what _frame_end finds otherwise).
+                whole: bytes = dctx.decompress(data, allow_extra_data=False)
+            except zstandard.ZstdError:
+                raise MalformedToken(
+                    "compressed payload is corrupt or has bytes after its zstd frame"
+                ) from None
+            return whole
         try:
-            if 0 < declared <= cap:
-                whole: bytes = dctx.decompress(data)
-                if _frame_end(data) != len(data):
-                    raise MalformedToken("compressed payload has bytes after its zstd frame")
-                return whole
             # No declared size: read through a bounded stream, one byte past the cap.
             with dctx.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
                 out = bytearray()

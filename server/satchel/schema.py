@@ -228,8 +228,8 @@ def to_wire(
         turns = [
             [_ROLE_INDEX[t.role], t.content, t.ts]
             if type(t.content) is str
-            and type(t.ts) in _NUMBER_TYPES
-            and t.ts - t.ts == 0
+            # an int is finite: one test for the usual whole-second time (add_turn's)
+            and (type(t.ts) is int or (type(t.ts) is float and t.ts - t.ts == 0))
             and not (t.tool_calls or t.blocks or t.tool_call_id is not None or t.name is not None)
             else _turn_to_wire(t)
             if trusted
@@ -614,8 +614,8 @@ def turns_from_wire(wires: list[Any]) -> list[Turn]:
         if len(w) == 3
         and type(w[0]) is int  # True and 1.0 are keys of _ROLE_OF too (they hash as 1)
         and type(w[1]) is str
-        and type(w[2]) in _NUMBER_TYPES
-        and w[2] - w[2] == 0
+        # an int is finite: one test for the usual whole-second time
+        and (type(w[2]) is int or (type(w[2]) is float and w[2] - w[2] == 0))
         else _turn_from_wire(w)
         for w in wires
     ]
@@ -918,29 +918,37 @@ def _header_problem(ctx: Context, limits: Limits, *, next_seq: bool = False) -> 
     return None
 
 
+_LIST_OR_TUPLE = (list, tuple)  # a tuple: ``list | tuple`` builds a union on every call
+
+
 def _fields_problem(ctx: Context, limits: Limits, *, walk_metadata: bool = True) -> str | None:
     """Everything but the turns: summary, pinned items, metadata (``walk_metadata``:
     False once :func:`values_walked_once` has seen it pass)."""
-    # None reads as "" (empty fields are left out of the token).
-    if ctx.summary is not None:
-        problem = _str_problem(ctx.summary, "summary", limits)
+    # None reads as "" (empty fields are left out of the token). An empty str, the
+    # usual summary and system prompt, passes _str_problem: not called for it.
+    summary = ctx.summary
+    if summary is not None and (type(summary) is not str or summary):
+        problem = _str_problem(summary, "summary", limits)
         if problem is not None:
             return problem
     pinned = ctx.pinned
     if not isinstance(pinned, Pinned):
         return f"pinned is {type(pinned).__name__}, not Pinned"
-    if pinned.system is not None:
-        problem = _str_problem(pinned.system, "pinned.system", limits)
+    system = pinned.system
+    if system is not None and (type(system) is not str or system):
+        problem = _str_problem(system, "pinned.system", limits)
         if problem is not None:
             return problem
-    if not isinstance(pinned.facts, list | tuple):
-        return f"pinned.facts is {type(pinned.facts).__name__}, not a list"
-    if len(pinned.facts) > limits.max_array_len:
-        return f"pinned.facts has more than {limits.max_array_len} items"
-    for i, fact in enumerate(pinned.facts):
-        problem = _str_problem(fact, f"pinned.facts[{i}]", limits)
-        if problem is not None:
-            return problem
+    facts = pinned.facts
+    if not isinstance(facts, _LIST_OR_TUPLE):
+        return f"pinned.facts is {type(facts).__name__}, not a list"
+    if facts:
+        if len(facts) > limits.max_array_len:
+            return f"pinned.facts has more than {limits.max_array_len} items"
+        for i, fact in enumerate(facts):
+            problem = _str_problem(fact, f"pinned.facts[{i}]", limits)
+            if problem is not None:
+                return problem
     if ctx.metadata and walk_metadata:
         if not isinstance(ctx.metadata, dict):
             return f"metadata is {type(ctx.metadata).__name__}, not dict"
