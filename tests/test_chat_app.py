@@ -254,6 +254,30 @@ def test_context_rehydrates_overflowed_turns(tmp_path: Path) -> None:
     assert data["token_bytes"] == len(token) <= 1200 * 1.5
 
 
+def test_context_says_turns_lost_apart_from_turns_summarized(tmp_path: Path) -> None:
+    """Turns dropped past the hard cap while the tier refused them were counted with the
+    window's routine drops: after the reply that flagged data_loss, the page called them
+    "earlier turns folded into the running summary" on every view."""
+    from tests.support import free_port
+
+    app = make_app(
+        tmp_path,
+        SATCHEL_OVERFLOW_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+        SATCHEL_MAX_TOKEN_BYTES=1200,
+        SATCHEL_HARD_MAX_TOKEN_BYTES=2000,
+    )
+    client, token, flagged = app.test_client(), None, set()
+    for i in range(10):
+        resp = chat(client, f"message {i}: {words(25)}", token)
+        assert resp.status_code == 200
+        token = resp.headers["Satchel-Context"]
+        flagged |= set(resp.get_json()["degraded"])
+    assert "data_loss" in flagged
+    data = client.get("/api/context", headers={"Satchel-Context": token}).get_json()
+    assert data["lost_turns"] == data["lifecycle"]["lost"] > 0
+    assert data["summarized_only_turns"] == 0  # no window drop: every removed turn was lost
+
+
 def test_bad_token_is_a_json_error(client: Any) -> None:
     resp = client.get("/api/context", headers={"Satchel-Context": "s1.not-a-token"})
     assert 400 <= resp.status_code < 500

@@ -237,13 +237,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         token = "" if reset else satchel.read_token() or ""
         state = Satchel.state()
         # Turns that left the token without a copy in the tier: only the summary has them.
+        # Those a policy dropped (the window, say) are routine; those lost while the tier
+        # refused them (data_loss) are a loss, said apart for as long as the chat lasts.
+        lost = ctx.lifecycle.lost
         removed = sum(n for policy, n in ctx.lifecycle.dropped.items() if policy != "overflow")
         data = ctx.to_dict()
         data.update(
             all_turns=[t.to_dict() for t in ctx.all_turns()],
             held_turns=len(ctx.turns),
             rehydrated_turns=len(ctx.rehydrated),
-            summarized_only_turns=removed,
+            summarized_only_turns=max(0, removed - lost),
+            lost_turns=lost,
             token_bytes=len(token.encode()),
             max_token_bytes=state.config.max_token_bytes,
             overflow_tier=_scheme(state.config.overflow_url),

@@ -1506,6 +1506,28 @@ def test_the_note_on_unloaded_turns_agrees_with_the_notice(
     expect(note).not_to_contain_text("are in the overflow store")
 
 
+def test_turns_lost_while_the_tier_was_down_are_said_on_every_view(
+    live_server_factory, tmp_path, page
+) -> None:
+    """Only the reply that lost turns said data_loss; every later view, a reload or
+    another tab, called them "earlier turns folded into the running summary", as the
+    window's routine drops. /api/context now says them apart (lost_turns)."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "hello")
+
+    def with_losses(route: Any) -> None:
+        data = route.fetch().json()
+        data.update(lost_turns=5, summarized_only_turns=2)
+        route.fulfill(json=data)
+
+    page.route("**/api/context", with_losses)
+    page.reload()
+    note = page.locator("#thread-note")
+    expect(note).to_contain_text("5 turns were lost while the overflow store could not take them")
+    expect(note).to_contain_text("2 earlier turns were folded into the running summary")
+
+
 def test_a_bad_title_in_the_page_index_is_untitled_everywhere(
     live_server_factory, tmp_path, page
 ) -> None:

@@ -725,6 +725,7 @@ function renderStatus(data) {
 
   const missing = Math.max(0, (data.overflowed_turns || 0) - (data.rehydrated_turns || 0));
   const summarized = data.summarized_only_turns || 0;
+  const lost = data.lost_turns || 0;
   const reasons = new Set([...notices.degraded, ...(data.degraded || [])]);
   const notes = [];
   if (missing) {
@@ -737,6 +738,8 @@ function renderStatus(data) {
       : `${turns} could not be loaded from the overflow store right now.`);
   }
   if (summarized) notes.push(`${summarized} earlier turn${summarized === 1 ? ' was' : 's were'} folded into the running summary.`);
+  // Not routine: said on every view of the chat, not only with the reply that lost them.
+  if (lost) notes.push(`${lost} turn${lost === 1 ? ' was' : 's were'} lost while the overflow store could not take ${lost === 1 ? 'it' : 'them'}: only the running summary has ${lost === 1 ? 'it' : 'them'}.`);
   // Over the soft budget is normal on its own (right before a spill, or one huge
   // message that must stay in the token), so it is only news when the tier refused
   // the turns that should have left: then they stay in the token up to the hard cap.
