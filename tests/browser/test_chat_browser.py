@@ -1448,6 +1448,15 @@ def test_a_reload_keeps_the_tabs_own_chat_and_a_new_tab_opens_the_one_sent_in_la
     open_chat(third, srv)
     expect(third.locator("#thread-title")).to_have_text("Conversation X one")
     expect(third.locator(".msg-user")).to_have_count(3)
+    # A reload is not a choice: after a send in Y, reloading the tab that shows X
+    # leaves Y the most recent (it made X so, and a new tab opened X).
+    send(other, "Conversation Y two")
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#thread-title")).to_have_text("Conversation X one")
+    fourth = page.context.new_page()
+    open_chat(fourth, srv)
+    expect(fourth.locator("#thread-title")).to_have_text("Conversation Y one")
 
 
 def test_a_column_taller_than_the_window_scrolls_on_its_own(

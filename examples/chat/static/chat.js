@@ -288,7 +288,9 @@ el.list.addEventListener('click', (event) => {
   if (button && !deleting) openConversation(button.dataset.id, { focus: true });
 });
 
-async function openConversation(id, { focus = false } = {}) {
+/** Show conversation ``id``. ``chosen``: the user opened it (a click, New chat), so it
+ * becomes the most recent for a new tab; the page's own load (a reload) does not. */
+async function openConversation(id, { focus = false, chosen = true } = {}) {
   if (client && client.conversation === id) {
     if (focus) el.input.focus();
     return;
@@ -306,7 +308,7 @@ async function openConversation(id, { focus = false } = {}) {
     client.on('token', onToken),
   ];
   updateIndex((index) => {
-    index.current = id;
+    if (chosen || !index.current) index.current = id;
     index.conversations[id] ||= { title: UNTITLED, updated: Date.now() };
   });
   try {
@@ -1174,7 +1176,7 @@ async function start() {
   // No focus on load: it would take screen-reader users past the heading and the
   // list, and open the keyboard over the page on a phone. The skip link is the first
   // Tab stop, and typing with nothing focused goes to the box (above).
-  await openConversation(id);
+  await openConversation(id, { chosen: false });
 }
 
 start();
