@@ -456,7 +456,7 @@ class Pipeline:
                     measured = self._drop_to(ctx, soft, now, tag, "byte_budget", measured)
             return self._enforce_ceiling(ctx, measured, now, tag, write_failed=False)
         self._forget_lost_segments(ctx, now, tag)
-        window = self.policy.max_turns if limits_spill else None
+        window = self.policy.max_turns
         # Without a soft budget only the window moves turns: no need to measure.
         measured = self.codec.prepare(ctx) if soft is not None else None
         size = measured.size if measured is not None else 0
