@@ -632,7 +632,7 @@ class RedisTier(Tier):
         script = self._scripts.get(name)
         if script is None:
             client = self.client
-            if hasattr(client, "get_node_from_key"):
+            if self.mode == "cluster":
                 script = _SlotScript(client, source)
             else:
                 script = client.register_script(source)
@@ -655,7 +655,7 @@ class RedisTier(Tier):
         pattern = _glob_escape(f"{self.prefix}:{{{tag}}}:") + "*"
         client = self.client
         options: dict[str, Any] = {"match": pattern, "count": 1000}
-        if hasattr(client, "get_node_from_key"):
+        if self.mode == "cluster":
             # Cluster: only the master that owns the session's slot holds its keys.
             # Scanning every master made one dead master fail every erasure (and
             # open the breaker of the healthy master the session lives on).
