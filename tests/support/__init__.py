@@ -13,6 +13,7 @@ from .env import (
     is_ci,
     require_binary,
     skip_or_fail,
+    timed_without_gc,
     wait_until,
 )
 from .live_server import HttpResponse, LiveServer, LiveServerError, http_request
@@ -42,5 +43,6 @@ __all__ = [
     "require_binary",
     "save_screenshot",
     "skip_or_fail",
+    "timed_without_gc",
     "wait_until",
 ]
