@@ -382,3 +382,7 @@ def test_a_context_past_the_apps_idle_ttl_or_maximum_age_is_refused_as_the_app_r
     assert code == 0 and out["verified"] is True
     code, out, err = run(token, keys=keys, SATCHEL_IDLE_TTL="soon")
     assert code == 2 and "SATCHEL_IDLE_TTL" in err
+    # Parsed, then checked as the app checks it: 0 was a ValueError traceback.
+    code, out, err = run(token, keys=keys, SATCHEL_MAX_AGE="0")
+    assert code == 2 and out is None and "max_age" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

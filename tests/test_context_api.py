@@ -233,3 +233,15 @@ def test_to_dict_is_json_with_bytearray_or_memoryview_in_metadata() -> None:
     ctx.metadata["a"] = bytearray(b"\x01\x02")
     ctx.metadata["m"] = [memoryview(b"\xff")]
     assert json.loads(json.dumps(ctx.to_dict()))["metadata"] == {"a": "0102", "m": ["ff"]}
+
+
+def test_join_surrogate_pairs_joins_halves_and_leaves_lone_ones() -> None:
+    """Shared by satchel.stream and the chat example's model: an emoji split across two
+    deltas is joined; a lone half stays (check_text refuses it); plain text is kept."""
+    from satchel.context import check_text, join_surrogate_pairs
+
+    assert join_surrogate_pairs("hi \ud83d" + "\ude00!") == "hi \U0001f600!"
+    check_text(join_surrogate_pairs("\ud83d\ude00"))
+    assert join_surrogate_pairs("lone \ud83d") == "lone \ud83d"
+    text = "plain é"
+    assert join_surrogate_pairs(text) is text

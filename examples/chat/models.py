@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypedDict, overload, runtime_checkable
 
 from satchel import Context, Turn
+from satchel.context import join_surrogate_pairs
 from satchel.errors import ConfigurationError
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -424,7 +425,7 @@ class OpenAICompatibleModel:
                         )
                     text = held + _delta_text(chunk)
                     held = text[-1] if text and "\ud800" <= text[-1] <= "\udbff" else ""
-                    piece = _clean(_paired(text[: len(text) - len(held)]))
+                    piece = _clean(join_surrogate_pairs(text[: len(text) - len(held)]))
                     if piece:
                         sent = True
                     # A chunk with no text (the role, reasoning, a keep-alive) yields "":
@@ -466,14 +467,6 @@ class OpenAICompatibleModel:
         if getattr(resp, "length", None):  # bytes its Content-Length promised never came
             raise ModelError("model reply broke off", f"{resp.length} bytes missing")
         return bytes(body)
-
-
-def _paired(text: str) -> str:
-    """``text`` with each high surrogate followed by a low one joined into its character
-    (json.loads leaves "\\ud83d\\ude00" split in two when they came in two chunks)."""
-    if not _SURROGATE.search(text):
-        return text
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
 
 
 def _clean(text: str) -> str:

@@ -153,7 +153,8 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         # expiry covers both under the settings it was sealed with, not under lowered
         # ones, nor for a token sealed without one): as the app would, from the same
         # variables and defaults.
-        check_age(opened.context, _age_policy(), time.time(), codec.limits.clock_skew)
+        policy = _lifecycle_from_env("SATCHEL_IDLE_TTL", "SATCHEL_MAX_AGE")
+        check_age(opened.context, policy, time.time(), codec.limits.clock_skew)
         # Opening makes ctx.parent this token's own digest (the parent of the next
         # seal); an operator chaining tokens wants the parent sealed in this one.
         _env, payload = codec.open_payload(token)
@@ -183,19 +184,17 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
     return 0
 
 
-def _age_policy() -> LifecyclePolicy:
-    """The idle TTL and maximum age the app reads from SATCHEL_IDLE_TTL and
-    SATCHEL_MAX_AGE (with its defaults), parsed and checked as the app parses them."""
+def _lifecycle_from_env(*names: str) -> LifecyclePolicy:
+    """The lifecycle policy the app would build from the variables ``names`` (the rest
+    at the app's defaults), parsed and checked as the app does: a bad value is a
+    ConfigurationError naming it, as at the app's start-up."""
     from flask import Flask
 
     from .flask_ext.config import SatchelConfig
 
-    app = Flask("satchel-inspect")
-    app.config.update(
-        {k: os.environ[k] for k in ("SATCHEL_IDLE_TTL", "SATCHEL_MAX_AGE") if k in os.environ}
-    )
-    config = SatchelConfig.from_app(app)
-    return LifecyclePolicy(idle_ttl=config.idle_ttl, max_age=config.max_age)
+    app = Flask("satchel-cli")
+    app.config.update({name: os.environ[name] for name in names if name in os.environ})
+    return SatchelConfig.from_app(app).lifecycle_policy()
 
 
 def _refused(exc: SatchelError) -> int:
@@ -264,21 +263,6 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
     return _inspect_token(stored.decode("ascii", "replace"), args, **facts)
 
 
-def _env_seconds(name: str) -> float | None:
-    """A lifetime in seconds from the environment, as the app reads it (unset, empty or
-    ``None``: none); anything else is a ConfigurationError naming the variable."""
-    text = os.environ.get(name, "").strip()
-    if not text or text.lower() == "none":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigurationError(f"{name}={text!r} is not a whole number of seconds") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive, not {value}")
-    return float(value)
-
-
 def cmd_erase(args: argparse.Namespace) -> int:
     from .erase import erase_session
 
@@ -293,8 +277,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
             # Redis (which that app never reads).
             mode=os.environ.get("SATCHEL_MODE", ""),
             # The tombstone must outlive the session's tokens: the app's maximum age,
-            # when this environment has it (else at least 31 days).
-            max_age=_env_seconds("SATCHEL_MAX_AGE"),
+            # read as the app reads it (its default when unset; at least 31 days).
+            max_age=_lifecycle_from_env("SATCHEL_MAX_AGE").max_age,
         )
     except SatchelError as exc:
         print(f"satchel erase: {exc.message}", file=sys.stderr)

@@ -457,6 +457,21 @@ def check_text(text: str, what: str = "text") -> None:
         ) from None
 
 
+def join_surrogate_pairs(text: str) -> str:
+    """``text`` with each high surrogate followed by a low one joined into its character.
+
+    A streamed reply arrives in pieces, and JSON lets a provider split an emoji across
+    two of them (``"\\ud83d"``, then ``"\\ude00"``): put together, the two halves are
+    still two code points, which :func:`check_text` refuses. A lone surrogate stays
+    lone (and is refused there). Text that encodes already comes back as it is.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
+    return text
+
+
 def plain_str(text: str) -> str:
     """``text`` as a plain str: a str subclass (``markupsafe.Markup``...) would not come
     back as itself from a token, so it goes in as the str it holds."""
@@ -664,6 +679,7 @@ __all__ = [
     "Turn",
     "check_session_id",
     "check_text",
+    "join_surrogate_pairs",
     "new_session_id",
     "plain_str",
 ]

@@ -296,19 +296,13 @@ class Pipeline:
             self.seal_failures_reported(tag),
             self.metadata_schema.writing(ctx),
             values_walked_once(ctx),
+            self.malformed_turns_named(ctx),
         ):
-            try:
-                prepared = self._trim_and_fit(ctx, now, tag, timings)
-                t2 = timer()
-                token, raw_size = self.codec.seal_verbose(
-                    ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
-                )
-            except (AttributeError, TypeError, KeyError):
-                # The policies read the turns before the codec checks them: a dict
-                # where a ToolCall belongs fails in there. Name the app's mistake if
-                # it is one.
-                check_sealable(ctx, self.codec.limits)
-                raise
+            prepared = self._trim_and_fit(ctx, now, tag, timings)
+            t2 = timer()
+            token, raw_size = self.codec.seal_verbose(
+                ctx, expires_at=expires_at(ctx, self.policy, now), prepared=prepared
+            )
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
         self.issued_reported(ctx, tag, len(token), fresh=fresh)
@@ -364,6 +358,18 @@ class Pipeline:
         return self.segments is not None and bool(ctx.overflow)
 
     @contextmanager
+    def malformed_turns_named(self, ctx: Context) -> Iterator[None]:
+        """Around the steps that read the turns before the codec checks them (the
+        policies' counters and summarizer, the budget's grouping): a turn the view built
+        wrongly (a dict where a ToolCall belongs) fails in there with an AttributeError,
+        raised as the ContextNotSerializable that sealing would name it with."""
+        try:
+            yield
+        except (AttributeError, TypeError, KeyError):
+            check_sealable(ctx, self.codec.limits)
+            raise
+
+    @contextmanager
     def seal_failures_reported(self, tag: str) -> Iterator[None]:
         """Around a save's policies and seal: a refusal counted as one, a failed seal
         (BudgetExceeded, ContextNotSerializable: an app bug, SatchelSealFailures) as
@@ -411,14 +417,7 @@ class Pipeline:
         """The lifecycle policies, timed (``trim``), each trim reported by policy."""
         t0 = time.perf_counter()
         dropped_before = dict(ctx.lifecycle.dropped)
-        try:
-            apply_policies(ctx, policy, now)
-        except (AttributeError, TypeError, KeyError):
-            # A turn the view built wrongly (a dict where a ToolCall belongs) fails in
-            # a counter or the summarizer: named as sealing names it (server and
-            # memory modes too, which do not seal through save()).
-            check_sealable(ctx, self.codec.limits)
-            raise
+        apply_policies(ctx, policy, now)
         timings["trim"] = time.perf_counter() - t0
         for reason, total in ctx.lifecycle.dropped.items():
             turns = total - dropped_before.get(reason, 0)

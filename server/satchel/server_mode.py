@@ -350,7 +350,11 @@ class ServerSidePipeline(Pipeline):
         tag = self.session_tag(ctx.session_id)
         # Reported as in client mode (trims, summaries, failed seals, the trim and seal
         # steps), so the same dashboards and alerts read every mode.
-        with self.seal_failures_reported(tag), self.lifecycle_reported(ctx, tag, timings):
+        with (
+            self.seal_failures_reported(tag),
+            self.lifecycle_reported(ctx, tag, timings),
+            self.malformed_turns_named(ctx),
+        ):
             self.apply_policies_reported(ctx, self.policy, now, tag, timings)
             t1 = time.perf_counter()
             exp = expires_at(ctx, self.policy, now)

@@ -119,9 +119,9 @@ async function conversations() {
   const ids = new Set([...Object.keys(index.conversations), ...stored]);
   // A chat nothing was sent in yet (no token, no title) is listed only where it is
   // open (in this tab, before a reload too), last opened or sent in, or holds a failed
-  // send to retry: New chat, then back to another
-  // chat, three times, left three "Untitled chat" entries for good. Its index entry
-  // stays, as another tab may have it open and be about to send in it.
+  // send to retry: New chat, then back to another chat, three times, left three
+  // "Untitled chat" entries for good. Its index entry stays, as another tab may have
+  // it open and be about to send in it.
   const shown = new Set([index.current, client?.conversation, tabConversation(), ...failedElsewhere.keys()]);
   // Untitled as New chat made it: an entry whose title is damaged (a number, empty)
   // is listed, as "Untitled chat", for its first message to name it.

@@ -60,7 +60,7 @@ from ..consistency import (
     refuse_busy,
     stricter,
 )
-from ..context import Context
+from ..context import Context, join_surrogate_pairs
 from ..envelope import encoded_length
 from ..errors import (
     BadToken,
@@ -1107,7 +1107,7 @@ class Satchel:
                         yield SSE_KEEPALIVE
                         sent_at = time.monotonic()
                 if on_complete is not None:
-                    on_complete(_paired("".join(parts)))
+                    on_complete(join_surrogate_pairs("".join(parts)))
                 metadata = finish_metadata()
                 if release is not None and claimer is pipeline:
                     # Saved (server and memory modes): the stored copy holds the reply
@@ -1236,18 +1236,6 @@ def _set_token_cookie(response: Response, token: str, config: SatchelConfig) -> 
 SSE_KEEPALIVE = ": keep-alive\n\n"
 #: at most one keep-alive comment per this many seconds (the first goes at once)
 KEEPALIVE_INTERVAL = 10.0
-
-
-def _paired(text: str) -> str:
-    """``text`` with surrogate pairs that arrived split across two deltas joined into
-    their characters (a provider's JSON chunks can split an emoji as ``"\ud83d"`` then
-    ``"\ude00"``: the client shows it whole, and the turn was refused invalid_text after
-    the whole reply). A lone surrogate stays lone, and is refused as before."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
-    return text
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
