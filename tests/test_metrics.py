@@ -242,6 +242,50 @@ def test_window_trims_are_counted() -> None:
     assert value(obs, "satchel_trimmed_turns_total", reason="window") == 2
 
 
+@pytest.mark.parametrize("mode", ["client", "server", "memory"])
+def test_a_failing_summarizer_or_token_counter_is_flagged_and_counted(
+    mode: str, tmp_path: Any, caplog: Any
+) -> None:
+    """An app's summarizer (an LLM timing out) or token counter that fails falls back
+    to the extractive summary or the estimate, so the request succeeds; before, that
+    was one WARNING line per failure and nothing else: no Satchel-Degraded, and
+    satchel_summarized_turns_total counted the turns as if the summary had worked, so
+    an operator could not alert on an LLM summarizer failing every time."""
+    from satchel.lifecycle import LifecyclePolicy
+    from satchel.tiers import SQLiteTier
+
+    def summarizer(dropped: Any, previous: str) -> str:
+        raise TimeoutError("the LLM did not answer in time")
+
+    def counter(text: str) -> int:
+        raise ValueError("disallowed special token")
+
+    obs = PrometheusObserver()
+    policy = LifecyclePolicy(
+        max_turns=2, max_llm_tokens=10_000, summarizer=summarizer, token_counter=counter
+    )
+    tier = SQLiteTier(tmp_path / "tier.db") if mode == "server" else None
+    app, _ = make_app(obs, ext=Satchel(observer=obs, policy=policy, tier=tier), SATCHEL_MODE=mode)
+    chat = Chat(app)
+    with caplog.at_level(logging.WARNING):
+        first = chat.send("hello")
+        second = chat.send("again")  # 4 turns past a window of 2: the summarizer runs
+    assert first.status_code == second.status_code == 200
+    assert first.headers["Satchel-Degraded"] == "token_counter_failed"
+    assert second.headers["Satchel-Degraded"] == "summarizer_failed, token_counter_failed"
+    assert value(obs, "satchel_degraded_total", reason="summarizer_failed") == 1
+    assert value(obs, "satchel_degraded_total", reason="token_counter_failed") == 2
+    assert value(obs, "satchel_degraded_responses_total") == 2
+    audit = [r for r in caplog.records if r.name == "satchel.audit"]
+    assert {r.satchel["reason"]: r.satchel["detail"] for r in audit} == {  # type: ignore[attr-defined]
+        "token_counter_failed": "ValueError",
+        "summarizer_failed": "TimeoutError",
+    }
+    assert "LLM did not answer" not in caplog.text and "disallowed" not in caplog.text
+    # The fallback did summarize: the turns are in the summary, not lost.
+    assert chat.send("third").status_code == 200
+
+
 def test_every_step_series_exists_before_traffic() -> None:
     obs = PrometheusObserver()
     for step in STEPS:

@@ -166,6 +166,8 @@ DEGRADED_REASONS = OVERFLOW_MISS_REASONS | {
     "data_loss",
     "consistency_unchecked",
     "consistency_reset",
+    "summarizer_failed",
+    "token_counter_failed",
 }
 #: The codes of a context that could not be sealed.
 # configuration_error: tokens are to be written in a metadata shape with no registered

@@ -33,7 +33,8 @@ from .errors import (
 from .lifecycle import LifecyclePolicy, apply_policies, check_age, drop_oldest, expires_at
 from .lifecycle.groups import oldest_groups_covering, turn_groups
 from .lifecycle.policy import apply_token_budget, llm_budget_excess
-from .lifecycle.summarize import cut_summary, summarize, summarize_clock
+from .lifecycle.report import LifecycleReport, current_report
+from .lifecycle.summarize import cut_summary, summarize
 from .observe import NULL_OBSERVER, Observer, flag_degraded, tier_cause
 from .schema import (
     SEQ_LIMIT,
@@ -389,18 +390,23 @@ class Pipeline:
     def lifecycle_reported(
         self, ctx: Context, tag: str, timings: dict[str, float]
     ) -> Iterator[None]:
-        """Around the steps that may summarize: the summarizers' time (its own step,
-        for an LLM-backed one above all) and, when they succeed, the turns summarized."""
-        clock: list[float] = []
-        reset = summarize_clock.set(clock)
+        """Around the lifecycle steps: the summarizers' time (its own step, for an
+        LLM-backed one above all), the turns summarized, and an app hook that failed
+        and was replaced by its fallback (``summarizer_failed``,
+        ``token_counter_failed``): flagged in the response and counted, as every
+        degraded path is."""
+        report = LifecycleReport()
+        reset = current_report.set(report)
         summarized_before = ctx.lifecycle.summarized
         try:
             yield
         finally:
-            summarize_clock.reset(reset)
-            if clock:
-                timings["summarize"] = sum(clock)
+            current_report.reset(reset)
+            if report.summarize_seconds:
+                timings["summarize"] = sum(report.summarize_seconds)
                 self.observer.timing("summarize", timings["summarize"])
+            for reason, detail in report.faults.items():
+                flag_degraded(self.observer, ctx.degraded, reason, session=tag, detail=detail)
         if ctx.lifecycle.summarized > summarized_before:
             self.observer.event(
                 "summarized", session=tag, turns=ctx.lifecycle.summarized - summarized_before

@@ -662,6 +662,10 @@ const DEGRADED_TEXT = {
     "The server's store is unreachable, so it could not check that this is the chat's newest version; the reply was given anyway.",
   consistency_reset:
     "The server's store had lost its record of which version of this chat is the newest (a restart or an eviction), so this one could not be checked; it goes on from here.",
+  summarizer_failed:
+    'The summarizer failed, so earlier turns were summarized by a simpler built-in one.',
+  token_counter_failed:
+    'The token counter failed, so some text was counted by an estimate; the context may be trimmed a little early or late.',
 };
 
 function describeDegraded(reason) {

@@ -12,9 +12,9 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
 
 from ..context import Turn, check_text, plain_str
+from .report import SUMMARIZER_FAILED, current_report, note_fault
 
 Summarizer = Callable[[Sequence[Turn], str], str]
 log = logging.getLogger("satchel")
@@ -98,11 +98,6 @@ class ExtractiveSummarizer:
 
 _FALLBACK = ExtractiveSummarizer()
 
-#: Seconds spent in summarizers, added up for whoever set a list here (the pipeline
-#: reports it as the ``summarize`` step; the calls happen deep inside trim and
-#: overflow, which include it too).
-summarize_clock: ContextVar[list[float] | None] = ContextVar("summarize_clock", default=None)
-
 
 def cut_summary(summary: str, keep: int) -> str:
     """The newest part of ``summary``, about ``keep`` characters, in whole lines.
@@ -136,8 +131,12 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
     """Run ``summarizer``; if it fails (an LLM timing out, say), fall back to the
     extractive one, so a summarizer's failure never fails the request or loses the
     record of what left the token. A str subclass (``markupsafe.Markup``...) becomes
-    the plain str it holds, as the token carries it: sealing refuses a subclass."""
-    clock = summarize_clock.get()
+    the plain str it holds, as the token carries it: sealing refuses a subclass.
+
+    The time spent and a failure go to the save's :class:`~.report.LifecycleReport`
+    (the pipeline flags the response ``summarizer_failed`` and reports the
+    ``summarize`` step; the calls happen deep inside trim and overflow)."""
+    report = current_report.get()
     started = time.perf_counter()
     try:
         # A copy: a summarizer that empties the list it gets must not change what the
@@ -167,10 +166,11 @@ def summarize(summarizer: Summarizer, dropped: Sequence[Turn], previous: str) ->
             type(exc).__name__,
             raised_at(exc),
         )
+        note_fault(SUMMARIZER_FAILED, type(exc).__name__)
         return _FALLBACK(dropped, previous)
     finally:
-        if clock is not None:
-            clock.append(time.perf_counter() - started)
+        if report is not None:
+            report.summarize_seconds.append(time.perf_counter() - started)
 
 
 def raised_at(exc: BaseException) -> str:

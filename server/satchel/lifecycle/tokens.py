@@ -10,9 +10,10 @@ tiktoken``: ``cl100k_base``).
 
 A counter passed in (``LifecyclePolicy(token_counter=...)``) that raises or returns
 anything but a whole number >= 0 is not trusted for that text: the estimate counts it,
-and a warning names the failure once per counter, so a user's message
+a warning names the failure once per counter, and the save that met it is flagged
+``token_counter_failed`` (counted in ``satchel_degraded_total``), so a user's message
 (``<|endoftext|>`` to a tokenizer called without ``disallowed_special``) cannot fail
-every save.
+every save, and a counter that fails on every save shows in the metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from ..context import Turn
+from .report import TOKEN_COUNTER_FAILED, note_fault
 
 TokenCounter = Callable[[str], int]
 MESSAGE_OVERHEAD = 4
@@ -81,6 +83,7 @@ def _count(counter: TokenCounter, text: str) -> int:
             raise TypeError("a token counter must return a number >= 0")
         return math.ceil(n)
     except Exception as exc:
+        note_fault(TOKEN_COUNTER_FAILED, type(exc).__name__)
         try:
             first = counter not in _FAILED
             _FAILED.add(counter)
