@@ -444,6 +444,38 @@ def test_breaker_gauge_follows_a_real_redis_going_down_and_back(
     assert "segment_missing" in resp.get_json()["degraded"]
 
 
+def test_a_failed_erasure_is_counted_and_logged_as_one(
+    redis_server: RedisServer, caplog: Any
+) -> None:
+    """An erasure the tier could not carry out (Redis down) raised to its caller and
+    nothing else: no metric moved, and the only log line was the error handler's
+    generic one (outside a request, with the breaker open, none at all), so neither
+    the dashboard nor the audit log could show a compliance operation had failed."""
+    from satchel.errors import TierUnavailable
+    from satchel.tiers import RedisTier
+
+    obs = PrometheusObserver()
+    guarded = GuardedTier(
+        RedisTier(redis_server.url), breaker=BreakerPolicy(fail_max=1, reset_timeout=30)
+    )
+    app, ext = make_app(obs, ext=Satchel(observer=obs, tier=guarded))
+    session = "ab" * 16
+    with app.app_context():
+        assert ext.erase(session)["tokens_refused"] is True
+        redis_server.kill()
+        with caplog.at_level(logging.WARNING, logger="satchel.audit"):
+            for _ in range(2):  # the failure, then the breaker refusing without a call
+                with pytest.raises(TierUnavailable):
+                    ext.erase(session)
+    assert value(obs, "satchel_erased_total") == 1
+    assert value(obs, "satchel_erase_failures_total", error="tier_unavailable") == 2
+    failed = [r for r in caplog.records if r.getMessage() == "erase_failed"]
+    assert [r.levelno for r in failed] == [logging.WARNING] * 2
+    tag = failed[0].satchel["session"]  # type: ignore[attr-defined]
+    assert re.fullmatch(r"[0-9a-f]{8,24}", tag) and session not in caplog.text
+    assert failed[1].satchel["detail"] == "breaker_open"  # type: ignore[attr-defined]
+
+
 def test_each_reason_counts_once_per_response_however_often_a_save_meets_it(
     redis_server: RedisServer,
 ) -> None:
@@ -773,6 +805,7 @@ def test_the_series_alerts_watch_exist_from_the_start_at_zero() -> None:
         ("satchel_seal_failures_total", {"error": "context_not_serializable"}),
         ("satchel_seal_failures_total", {"error": "configuration_error"}),
         ("satchel_unavailable_total", {"reason": "tier_full"}),
+        ("satchel_erase_failures_total", {"error": "tier_unavailable"}),
     ):
         assert registry.get_sample_value(name, labels) == 0.0, (name, labels)
 

@@ -73,7 +73,15 @@ ALLOWED_FIELDS = frozenset(
 #: response's reasons are each a ``degraded`` event).
 METRIC_ONLY_EVENTS = frozenset({"degraded_response"})
 WARNING_EVENTS = frozenset(
-    {"data_loss", "fork_detected", "stale_refused", "breaker_opened", "seal_failed", "mark_lost"}
+    {
+        "data_loss",
+        "fork_detected",
+        "stale_refused",
+        "breaker_opened",
+        "seal_failed",
+        "mark_lost",
+        "erase_failed",
+    }
 )
 #: Degraded paths, logged at WARNING at least but at most one record per reason (and
 #: detail: the cause underneath) every ``throttle`` seconds, carrying ``suppressed``:

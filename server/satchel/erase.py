@@ -29,8 +29,9 @@ from typing import Any
 
 from .codec import Codec
 from .consistency import DEFAULT_MARK_TTL, ERASED, mark_key, tombstone_ttl_for
-from .errors import ConfigurationError, InvalidRequest, SatchelError
+from .errors import ConfigurationError, InvalidRequest, SatchelError, TierError
 from .keys import Keyring
+from .observe import tier_cause
 
 
 def parse_session_id(session_id: str | bytes) -> bytes:
@@ -85,19 +86,28 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
     monotonic guard: server and memory modes have none, and the segment writes of
     every mode must meet it (and ``satchel erase`` always wrote it).
     """
+    observer = state.pipeline.observer
     if state.tier is None:
         tag = state.codec.session_tag(parse_session_id(session_id))
         result = {"session": tag, "deleted_keys": 0, "tokens_refused": False}
     else:
         policy = state.pipeline.policy
-        result = erase_in_tier(
-            state.codec,
-            state.tier,
-            session_id,
-            refuse=True,
-            tombstone_ttl=tombstone_ttl_for(policy.max_age),
-        )
-    state.pipeline.observer.event("erased", session=result["session"], count=result["deleted_keys"])
+        try:
+            result = erase_in_tier(
+                state.codec,
+                state.tier,
+                session_id,
+                refuse=True,
+                tombstone_ttl=tombstone_ttl_for(policy.max_age),
+            )
+        except TierError as exc:
+            # An erasure is a compliance operation: that one failed must show in the
+            # metrics and the audit log, not only as the caller's 503 (and, outside a
+            # request, with the breaker open, nowhere at all). The caller retries.
+            tag = state.codec.session_tag(parse_session_id(session_id))
+            observer.event("erase_failed", session=tag, error=exc.code, detail=tier_cause(exc))
+            raise
+    observer.event("erased", session=result["session"], count=result["deleted_keys"])
     # What `satchel erase` prints, key for key: the key the session's names hang on.
     return {**result, "anchor_kid": state.codec.keyring.anchor.kid}
 

@@ -59,6 +59,7 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_marks_lost_total``: mark_lost (a marked session's monotonic mark was gone
   from the tier: it lost data)
 * ``satchel_erased_total``: erased
+* ``satchel_erase_failures_total{error}``: erase_failed (tier_unavailable, tier_full...)
 * ``satchel_breaker_state{tier}`` gauge (0 closed, 1 half-open, 2 open) and
   ``satchel_breaker_transitions_total{tier,state}``: breaker_opened, breaker_half_open,
   breaker_closed
@@ -364,6 +365,10 @@ class PrometheusObserver(Observer):
             "Monotonic marks the tier lost (a token of a marked session found none)",
         )
         self.erased = counter("erased", "Sessions erased")
+        self.erase_failures = counter(
+            "erase_failures", "Erasures that failed (the tier could not be reached), by error",
+            ("error",),
+        )
         # Multiprocess mode: the worst state among *live* workers. "max" would keep a
         # dead worker's open breaker forever; "live*" files are the ones
         # mark_process_dead removes, which gunicorn_child_exit calls.
@@ -393,6 +398,7 @@ class PrometheusObserver(Observer):
             (self.overflow_misses, "degraded", "reason", OVERFLOW_MISS_REASONS),
             (self.seal_failures, "seal_failed", "error", SEAL_FAILURE_CODES),
             (self.unavailable, "unavailable", "reason", ("tier_unavailable", "tier_full")),
+            (self.erase_failures, "erase_failed", "error", ("tier_unavailable",)),
         ):
             for value in sorted(values):
                 self._child(metric, self._label(key, label, value))
@@ -533,6 +539,9 @@ class PrometheusObserver(Observer):
             self.marks_lost.inc()
         elif name == "erased":
             self.erased.inc()
+        elif name == "erase_failed":
+            error = self._label("erase_failed", "error", fields.get("error") or "tier_error")
+            self._child(self.erase_failures, error).inc()
         elif name in _BREAKER_EVENTS:
             state = _BREAKER_EVENTS[name]
             tier = self._label("breaker", "tier", fields.get("tier") or "tier")

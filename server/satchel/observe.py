@@ -21,8 +21,8 @@ class Observer:
         summarized, overflowed, rehydrated, segments_restored, expired, refused,
         seal_failed, degraded, data_loss, fork_detected, stale_refused, busy_refused,
         mark_lost, resealed, session_started, breaker_opened, breaker_closed,
-        breaker_half_open, erased; and, for metrics only, degraded_response (once per response that
-        carries ``Satchel-Degraded``)."""
+        breaker_half_open, erased, erase_failed; and, for metrics only,
+        degraded_response (once per response that carries ``Satchel-Degraded``)."""
 
     def timing(self, step: str, seconds: float) -> None:
         """Time spent in one step: open, verify, decompress, unpack, migrate,
