@@ -118,17 +118,76 @@ def test_a_stored_copy_that_is_not_a_token_gives_an_empty_session(
     assert client.get("/get").get_json() == {"notes": None, "rejected": "token_malformed"}
 
 
-def test_tier_down_refuses_the_write_loudly_and_reads_empty(redis_server: Any) -> None:
-    app = make_app(redis_server.url)
+def test_tier_down_reads_empty_flagged_and_refuses_the_write_with_a_json_503(
+    redis_server: Any, caplog: Any
+) -> None:
+    """The read was an empty session with one unthrottled warning per request and no
+    flag or metric; the write raised SessionTooLarge, which Flask answers with its HTML
+    500, and nothing counted it. A tier outage is a degraded path: flagged, counted,
+    logged, and never a 500."""
+    from satchel.metrics import PrometheusObserver
+
+    obs = PrometheusObserver()
+    app = make_app(None, overflow=TierSessionOverflow(redis_server.url))
+    app.session_interface.observer = obs  # type: ignore[attr-defined]
     client = app.test_client()
     client.post("/set/6000")
+    reference = cookie_of(client.post("/set/6000"))
     assert len(client.get("/get").get_json()["notes"]) == 12000
     redis_server.kill()
-    # Unreadable: an empty session, logged, that says the tier (not the cookie) failed.
-    assert client.get("/get").get_json() == {"notes": None, "rejected": "tier_unavailable"}
-    with pytest.raises(SessionTooLarge, match="overflow store refused the write") as refused:
-        client.post("/set/6000")  # nowhere to put it: an error, never a silent drop
-    assert "store less" not in str(refused.value)  # the store, not the app, is at fault
+    # Unreadable: an empty session that says the tier (not the cookie) failed.
+    read = client.get("/get")
+    assert read.status_code == 200
+    assert read.get_json() == {"notes": None, "rejected": "tier_unavailable"}
+    assert read.headers["Satchel-Degraded"] == "tier_unavailable"
+    assert "Set-Cookie" not in read.headers  # the reference stays with the client
+    assert (
+        obs.registry.get_sample_value("satchel_degraded_total", {"reason": "tier_unavailable"}) == 1
+    )
+    assert obs.registry.get_sample_value("satchel_degraded_responses_total") == 1
+    # Nowhere to put it: a JSON 503 the client can retry, never a silent drop, never a 500.
+    with caplog.at_level(logging.WARNING):
+        refused = client.post("/set/6000")
+    assert refused.status_code == 503
+    assert refused.get_json()["error"]["code"] == "tier_unavailable"
+    assert refused.headers["Retry-After"].isdigit()
+    assert refused.headers["Content-Type"] == "application/json"
+    assert "Set-Cookie" not in refused.headers  # the client keeps its reference
+    assert "Cookie" in refused.headers["Vary"]
+    assert (
+        obs.registry.get_sample_value("satchel_unavailable_total", {"reason": "tier_unavailable"})
+        == 1
+    )
+    assert "answered 503" in caplog.text
+    assert client.get_cookie("session").value == reference  # type: ignore[union-attr]
+    redis_server.restart()  # (persistence off: the copy is gone; the reference says so)
+    assert client.get("/get").get_json()["rejected"] == "session_missing"
+
+
+def test_an_app_with_the_satchel_extension_reports_session_outages_to_its_metrics(
+    redis_server: Any,
+) -> None:
+    """Without an observer of its own, the session interface reports to the Satchel
+    extension's, so /metrics counts the session tier's outages with the rest."""
+    from satchel import Keyring, Satchel
+    from satchel.metrics import PrometheusObserver
+
+    obs = PrometheusObserver()
+    app = make_app(None, overflow=TierSessionOverflow(redis_server.url))
+    app.config["SATCHEL_KEYS"] = Keyring.generate("k1")
+    Satchel(app, observer=obs)
+    client = app.test_client()
+    client.post("/set/6000")
+    redis_server.kill()
+    assert client.get("/get").headers["Satchel-Degraded"] == "tier_unavailable"
+    assert client.post("/set/6000").status_code == 503
+    assert (
+        obs.registry.get_sample_value("satchel_degraded_total", {"reason": "tier_unavailable"}) == 1
+    )
+    assert (
+        obs.registry.get_sample_value("satchel_unavailable_total", {"reason": "tier_unavailable"})
+        == 1
+    )
 
 
 def test_the_tier_holds_one_copy_per_live_session(redis_server: Any) -> None:
@@ -196,23 +255,45 @@ def test_an_unmodified_session_is_stored_again_late_in_its_lifetime() -> None:
 def test_session_too_large_is_not_retried_by_the_error_handler(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A hook that declines (returns None) leaves SessionTooLarge, an app's problem:
+    Flask's 500, and the session saved once more for it must not call the hook again."""
+    calls = []
+
+    def declining(*args: Any) -> None:
+        calls.append(args)
+
+    app = make_app(MemoryTier(), testing=False)
+    app.session_interface.overflow = declining  # type: ignore[attr-defined]
+    client = app.test_client()
+    with caplog.at_level(logging.ERROR):
+        response = client.post("/set/3000")
+    assert response.status_code == 500
+    assert "Set-Cookie" not in response.headers
+    assert len(calls) == 1
+    assert [r for r in caplog.records if "finalizing failed" in r.getMessage()] == []
+
+
+def test_a_full_tier_answers_a_json_503_and_is_tried_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full tier was SessionTooLarge, Flask's HTML 500: now the JSON 503 tier_full a
+    full store gives, and the hook is called once."""
+
     class CountingOverflow(TierSessionOverflow):
         calls = 0
 
-        def __call__(self, *args: Any) -> str | None:
+        def __call__(self, *args: Any) -> str:
             CountingOverflow.calls += 1
             return super().__call__(*args)
 
     full = MemoryTier(max_bytes=1000)  # refuses the write: TierFull
     overflow = CountingOverflow(full)
-    # Not TESTING: Flask turns the error into a 500 and saves the session once more.
     client = make_app(full, testing=False, overflow=overflow).test_client()
-    with caplog.at_level(logging.ERROR):
-        response = client.post("/set/3000")
-    assert response.status_code == 500
+    response = client.post("/set/3000")
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "tier_full"
     assert "Set-Cookie" not in response.headers
     assert CountingOverflow.calls == 1
-    assert [r for r in caplog.records if "finalizing failed" in r.getMessage()] == []
 
 
 def test_a_session_whose_token_no_request_could_open_is_refused_when_written() -> None:

@@ -366,7 +366,8 @@ class PrometheusObserver(Observer):
         )
         self.erased = counter("erased", "Sessions erased")
         self.erase_failures = counter(
-            "erase_failures", "Erasures that failed (the tier could not be reached), by error",
+            "erase_failures",
+            "Erasures that failed (the tier could not be reached), by error",
             ("error",),
         )
         # Multiprocess mode: the worst state among *live* workers. "max" would keep a

@@ -52,6 +52,7 @@ from ..errors import (
     ConfigurationError,
     InvalidContext,
     SatchelError,
+    TierError,
     TokenExpired,
     UnsupportedVersion,
     WrongMode,
@@ -59,7 +60,9 @@ from ..errors import (
 from ..keys import KEY_PURPOSE_RULE, Keyring, is_key_purpose
 from ..limits import DEFAULT_LIMITS, Limits
 from ..lru import BoundedLRU
+from ..observe import NULL_OBSERVER, Observer, tier_cause
 from ..padding import bucket_too_long, check_pad_to
+from .errors import satchel_error_response
 from .vary import add_vary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,6 +141,9 @@ class SatchelSession(SecureCookieSession):
     #: error handler ran, and that second save must not repeat the failure (nor the
     #: overflow hook's tier write).
     save_failed = False
+    #: The overflow tier could not be read (``"tier_unavailable"``): the session opened
+    #: empty, and the response says ``Satchel-Degraded`` (a tier outage, not a bad cookie).
+    tier_failure: TierError | None = None
     #: Set by :meth:`clear` (a logout): the stored copy this session came from is
     #: deleted at once when it is saved, even if the view wrote to it again after
     #: clearing (``flash("logged out")``), not retired for the grace period.
@@ -171,6 +177,7 @@ class SatchelSessionInterface(SessionInterface):
         pad_to: int | None = None,
         overflow: OverflowHook | None = None,
         clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         if mode is not None and mode not in _MODES:
             raise ConfigurationError(f"session mode must be 'sealed' or 'signed', not {mode!r}")
@@ -190,16 +197,21 @@ class SatchelSessionInterface(SessionInterface):
         #: Called when the ``Set-Cookie`` header would exceed ``MAX_COOKIE_SIZE``, as
         #: ``overflow(app, session, value, size, limit)``. Return a shorter cookie value
         #: (a reference into a server-side tier, say) to send instead, or None to raise
-        #: :class:`SessionTooLarge`. If the hook also has ``resolve(app, value)``, it is
-        #: asked first on every request to map a cookie value back to the full token
-        #: (returning None for values that are not its references, or raising a
-        #: :class:`SatchelError` whose code becomes ``session.rejected``). If it has
-        #: ``retire(app, value, *, at_once)``, it is told when a reference it issued is
-        #: no longer the session's cookie: replaced (``at_once=False``: a concurrent
-        #: request may still carry it) or cleared (``at_once=True``). See
-        #: docs/flask-session.md.
+        #: :class:`SessionTooLarge`; a :class:`~satchel.errors.TierError` it raises (its
+        #: store down or full) makes the response a JSON 503 with that code. If the
+        #: hook also has ``resolve(app, value)``, it is asked first on every request to
+        #: map a cookie value back to the full token (returning None for values that
+        #: are not its references, or raising a :class:`SatchelError` whose code
+        #: becomes ``session.rejected``). If it has ``retire(app, value, *, at_once)``,
+        #: it is told when a reference it issued is no longer the session's cookie:
+        #: replaced (``at_once=False``: a concurrent request may still carry it) or
+        #: cleared (``at_once=True``). See docs/flask-session.md.
         self.overflow: OverflowHook | None = overflow
         self.clock = clock
+        #: Where the overflow tier's failures are reported (``degraded``, ``unavailable``
+        #: events, so ``satchel_degraded_total`` and ``satchel_unavailable_total`` count
+        #: them). None: the Satchel extension's observer when the app has one.
+        self.observer = observer
         self._rings = BoundedLRU(_CACHE_SIZE)
         self._codecs = BoundedLRU(_CACHE_SIZE)
 
@@ -417,6 +429,8 @@ class SatchelSessionInterface(SessionInterface):
                 # signature is wrong): an empty session that says why. Kept as the
                 # session's reference so that replacing or clearing it retires the copy.
                 session, ref = self._refused(exc), value
+                if isinstance(exc, TierError):  # an outage: flagged and counted at save
+                    session.tier_failure = exc
             else:
                 if resolved is not None and resolved != value:
                     ref, value = value, resolved
@@ -499,6 +513,14 @@ class SatchelSessionInterface(SessionInterface):
             # open_session raised (a configuration error): Flask still finalizes the
             # request with no session, and its 500 must not gain a second traceback.
             return
+        failed_before = getattr(session, "save_failed", False)
+        self._save(app, session, response)
+        tier_failure: TierError | None = getattr(session, "tier_failure", None)
+        if tier_failure is not None and not failed_before:
+            if not getattr(session, "save_failed", False):  # served, not answered 503
+                self._flag_unreadable(app, response, tier_failure)
+
+    def _save(self, app: Flask, session: SessionMixin, response: Response) -> None:
         name = self.get_cookie_name(app)
         domain = self.get_cookie_domain(app)
         path = self.get_cookie_path(app)
@@ -608,10 +630,19 @@ class SatchelSessionInterface(SessionInterface):
         if limit and len(header) > limit:
             size = len(header)
             replacement = None
-            if self.overflow is not None:
-                replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
             opened = getattr(session, "opened_payload", None)
             unchanged = not session.modified and opened == payload
+            if self.overflow is not None:
+                try:
+                    replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
+                except TierError as exc:
+                    if not unchanged:
+                        # The store is down or full: the session cannot be kept anywhere
+                        # this request. A JSON 503, as a server-side session store gives,
+                        # not Flask's HTML 500; the client keeps its cookie and retries.
+                        self._mark_failed(session)
+                        self._answer_unavailable(app, response, exc)
+                        return
             if replacement is None and unchanged:
                 # Only a re-issue (a new key, the other mode) or a refresh of a session
                 # no view changed: the cookie the client holds still opens. Raising
@@ -704,3 +735,46 @@ class SatchelSessionInterface(SessionInterface):
             session.save_failed = True  # type: ignore[attr-defined]
         except AttributeError:  # a session class with __slots__: saved twice, as before
             pass
+
+    def get_observer(self, app: Flask) -> Observer:
+        """:attr:`observer`, else the Satchel extension's (its metrics and audit log),
+        else one that does nothing."""
+        if self.observer is not None:
+            return self.observer
+        state = app.extensions.get("satchel")
+        observer = getattr(getattr(state, "pipeline", None), "observer", None)
+        return observer if isinstance(observer, Observer) else NULL_OBSERVER
+
+    def _flag_unreadable(self, app: Flask, response: Response, exc: TierError) -> None:
+        """The session's stored copy could not be read: say so on the response
+        (``Satchel-Degraded``, beside any reason the chat extension gave) and count it,
+        once per response."""
+        reason = exc.code
+        present = [r.strip() for r in response.headers.get("Satchel-Degraded", "").split(",")]
+        present = [r for r in present if r]
+        observer = self.get_observer(app)
+        if not present:
+            observer.event("degraded_response")
+        if reason not in present:
+            response.headers["Satchel-Degraded"] = ", ".join([*present, reason])
+            observer.event("degraded", reason=reason, detail=tier_cause(exc), op="session")
+
+    def _answer_unavailable(self, app: Flask, response: Response, exc: TierError) -> None:
+        """Turn ``response`` into the JSON 503 of ``exc`` (Retry-After included), in
+        place: the session is saved after the view has made its response, and Flask
+        sends whatever object the view returned."""
+        self.get_observer(app).event(
+            "unavailable", reason=exc.code, detail=tier_cause(exc), op="session"
+        )
+        log.warning(
+            "satchel session: the overflow store refused the session (%s); answered 503",
+            exc.code,
+        )
+        error = satchel_error_response(exc)
+        vary = response.headers.get("Vary")
+        response.headers.clear()
+        response.headers.extend(error.headers)
+        if vary:
+            response.headers["Vary"] = vary
+        response.status_code = error.status_code
+        response.set_data(error.get_data())

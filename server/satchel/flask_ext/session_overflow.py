@@ -19,10 +19,11 @@ previous cookie, then the tier drops it. An unmodified session keeps its copy an
 cookie. Clearing the session (``session.clear()``, a logout) deletes its copy at once.
 
 When the tier cannot be read, the session opens empty (as Flask does for any unreadable
-cookie), ``session.rejected`` is ``"tier_unavailable"`` and a warning is logged; when it
-cannot be written, the request fails with
-:class:`~satchel.flask_ext.session.SessionTooLarge`, as it would without overflow:
-nothing is dropped silently.
+cookie), ``session.rejected`` is ``"tier_unavailable"``, the response says
+``Satchel-Degraded: tier_unavailable`` and it is counted and logged. When it cannot be
+written, the hook raises the tier's error and the response becomes a JSON 503
+(``tier_unavailable`` or ``tier_full``, with ``Retry-After``): the client keeps the
+cookie it has, and nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -87,15 +88,16 @@ class TierSessionOverflow:
             list(reversed(secrets_)), salt="satchel.session-overflow", digest_method=hashlib.sha256
         )
 
-    def __call__(self, app: Flask, session: Any, value: str, size: int, limit: int) -> str | None:
-        """Store ``value`` in the tier; return the short cookie value (None: cannot)."""
+    def __call__(self, app: Flask, session: Any, value: str, size: int, limit: int) -> str:
+        """Store ``value`` in the tier; return the short cookie value. Raises the tier's
+        :class:`~satchel.errors.TierError` when it refuses the write (down or full)."""
         key = f"{self.key_prefix}:{secrets.token_urlsafe(18)}"
         ttl = max(60.0, app.permanent_session_lifetime.total_seconds())
         try:
             self.tier.put(key, value.encode("ascii"), ttl, cache=False)
         except TierError as exc:
             log.warning("satchel session overflow: the tier refused the write (%s)", exc.code)
-            return None
+            raise
         return PREFIX + self._signer(app).sign(key.encode("ascii")).decode("ascii")
 
     def _key(self, app: Flask, value: str) -> str:
