@@ -96,6 +96,29 @@ def register_routes(app: Flask, ext: Any, *, metrics_route: str | None, health: 
         _add_read_route(app, "/healthz", "satchel_healthz", satchel_healthz)
         _add_read_route(app, "/readyz", "satchel_readyz", satchel_readyz)
 
+    paths = frozenset(
+        path
+        for path, on in (
+            (metrics_route, bool(metrics_route)),
+            ("/healthz", health),
+            ("/readyz", health),
+        )
+        if on
+    )
+    if paths:
+
+        def refuse_other_methods() -> Response | None:
+            """Any method the rules do not list (PROPFIND, CONNECT, a made-up one) is
+            refused by werkzeug's router before a view runs: an HTML 405 whose Allow
+            named every method the rule lists, refused ones included. Flask raises the
+            router's error only after the before-request hooks, so one here answers it
+            in JSON with the methods these routes really take."""
+            if isinstance(request.routing_exception, MethodNotAllowed) and request.path in paths:
+                return _method_not_allowed()
+            return None
+
+        app.before_request(refuse_other_methods)
+
 
 #: What the operational routes answer; any other method is a JSON 405 naming these.
 _READ_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -111,7 +134,7 @@ def _add_read_route(app: Flask, rule: str, endpoint: str, view: Callable[[], Res
         if request.method == "OPTIONS":
             return Response(status=204, headers={"Allow": allow})
         if request.method not in _READ_METHODS:
-            return http_error_response(MethodNotAllowed(valid_methods=list(_READ_METHODS)))
+            return _method_not_allowed()
         return view()
 
     app.add_url_rule(
@@ -121,6 +144,10 @@ def _add_read_route(app: Flask, rule: str, endpoint: str, view: Callable[[], Res
         methods=[*_READ_METHODS, *_REFUSED_METHODS],
         provide_automatic_options=False,
     )
+
+
+def _method_not_allowed() -> Response:
+    return http_error_response(MethodNotAllowed(valid_methods=list(_READ_METHODS)))
 
 
 def _json(body: dict[str, Any], status: int) -> Response:
