@@ -104,6 +104,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
         "reachable": True,
         "breaker": "closed",
         "full": False,
+        "writes_failing": False,
     }
 
     token = None
@@ -118,7 +119,13 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     body = resp.get_json()
     assert body["status"] == "degraded"
     assert body["keyring"] == {"loaded": True, "kids": 2, "development": False}
-    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "closed", "full": False}
+    assert body["tier"] == {
+        "name": "redis",
+        "reachable": False,
+        "breaker": "closed",
+        "full": False,
+        "writes_failing": False,
+    }
 
     # chat keeps working, degraded; the probes and requests open the breaker
     resp = client.post("/chat", headers={"Satchel-Context": token})
@@ -127,7 +134,50 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     for _ in range(5):
         body = client.get("/readyz").get_json()
     assert body["status"] == "degraded"
-    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open", "full": False}
+    assert body["tier"] == {
+        "name": "redis",
+        "reachable": False,
+        "breaker": "open",
+        "full": False,
+        "writes_failing": False,
+    }
+
+
+def test_a_tier_that_reads_but_refuses_every_write_is_degraded(tmp_path: Any) -> None:
+    """A SQLite file on a disk gone read-only answers pings and reads, so its breaker
+    stays closed, while every spill fails (and turns are lost past the hard cap):
+    /readyz said "ready". The writes' own fail-fast state makes it "degraded"."""
+    import sqlite3
+
+    from satchel.tiers import SQLiteTier
+
+    path = tmp_path / "tier.db"
+    guarded = GuardedTier(
+        SQLiteTier(path, busy_timeout=0.01), breaker=BreakerPolicy(fail_max=2, reset_timeout=30)
+    )
+    app = make_app(tier=guarded, SATCHEL_MAX_TOKEN_BYTES=600)
+    client = app.test_client()
+    assert client.get("/readyz").get_json()["status"] == "ready"
+    # Another process holds the write lock for the rest of the test: every write times
+    # out (SQLite "database is locked"), every read still answers.
+    holder = sqlite3.connect(path, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        token = None
+        for _ in range(6):
+            resp = client.post("/chat", headers={"Satchel-Context": token} if token else {})
+            assert resp.status_code == 200
+            token = resp.headers["Satchel-Context"]
+            # Other sessions' reads succeed meanwhile, and close the breaker's count.
+            assert guarded.get_many(["another session's segment"], cache=False).error is None
+        assert "tier_write_failed" in resp.headers["Satchel-Degraded"]
+        body = client.get("/readyz").get_json()
+        assert body["tier"]["reachable"] is True and body["tier"]["breaker"] == "closed"
+        assert body["tier"]["writes_failing"] is True
+        assert body["status"] == "degraded"
+    finally:
+        holder.rollback()
+        holder.close()
 
 
 def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None:
@@ -146,7 +196,13 @@ def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None
     # still open: the probe does not touch redis until the reset timeout passes
     body = client.get("/readyz").get_json()
     assert body["status"] == "degraded"
-    assert body["tier"] == {"name": "redis", "reachable": False, "breaker": "open", "full": False}
+    assert body["tier"] == {
+        "name": "redis",
+        "reachable": False,
+        "breaker": "open",
+        "full": False,
+        "writes_failing": False,
+    }
     now[0] += 6
     resp = client.get("/readyz")
     assert resp.status_code == 200
@@ -156,6 +212,7 @@ def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None
         "reachable": True,
         "breaker": "closed",
         "full": False,
+        "writes_failing": False,
     }
 
 
@@ -171,6 +228,7 @@ def test_tier_status_never_raises() -> None:
         "reachable": False,
         "breaker": "open",
         "full": False,
+        "writes_failing": False,
     }
 
     class Down(MemoryTier):
@@ -178,7 +236,13 @@ def test_tier_status_never_raises() -> None:
             raise TierUnavailable("down")
 
     status = tier_status(GuardedTier(Down()))
-    assert status == {"name": "memory", "reachable": False, "breaker": "closed", "full": False}
+    assert status == {
+        "name": "memory",
+        "reachable": False,
+        "breaker": "closed",
+        "full": False,
+        "writes_failing": False,
+    }
 
 
 # ------------------------------------------------------------------ over real HTTP

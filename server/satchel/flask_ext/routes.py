@@ -10,13 +10,15 @@ None of them reads, opens, creates or seals a context: they never touch
      "mode": "client",
      "keyring": {"loaded": true, "kids": 2, "development": false},
      "tier": {"name": "redis", "reachable": true, "breaker": "closed",
-              "full": false} | null}
+              "full": false, "writes_failing": false} | null}
 
 * ``ready`` (200): the key ring is loaded and the tier (if any) answers a ping with
   its breaker closed.
 * ``degraded`` (200): the tier does not answer or its breaker is not closed, or it
   refused a write for want of memory in the last minute (``"full": true``: a Redis at
-  ``maxmemory`` with ``noeviction``, memory mode's bounded store). The app still
+  ``maxmemory`` with ``noeviction``, memory mode's bounded store), or its writes keep
+  failing while it answers reads (``"writes_failing": true``: a SQLite file on a
+  read-only disk; every spill is refused until one succeeds). The app still
   serves: overflowed turns are missing (the summary stands in for them) and
   responses say so in ``Satchel-Degraded``; a full store refuses what needs room.
   Taking every replica out of the load balancer because a shared dependency is down
@@ -201,7 +203,12 @@ def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
     tier = getattr(state, "tier", None)
     if tier is not None:
         body["tier"] = status = tier_status(tier)
-        if not status["reachable"] or status["breaker"] != "closed" or status["full"]:
+        if (
+            not status["reachable"]
+            or status["breaker"] != "closed"
+            or status["full"]
+            or status["writes_failing"]
+        ):
             body["status"] = "degraded"
     if kids == 0 or missing_downgrades:  # nothing can be opened, or nothing written
         body["status"] = "not_ready"
@@ -210,7 +217,8 @@ def readiness(app: Flask, ext: Any) -> tuple[dict[str, Any], int]:
 
 
 def tier_status(tier: Any) -> dict[str, Any]:
-    """``{"name", "reachable", "breaker"}`` for ``tier``, pinging it once."""
+    """``{"name", "reachable", "breaker", "full", "writes_failing"}`` for ``tier``,
+    pinging it once."""
     name = str(getattr(tier, "name", None) or type(tier).__name__)
     reachable = True
     try:
@@ -226,7 +234,14 @@ def tier_status(tier: Any) -> dict[str, Any]:
         breaker = "closed" if reachable else "open"
     full_recently = getattr(tier, "full_recently", None)
     full = bool(full_recently()) if callable(full_recently) else False
-    return {"name": name, "reachable": reachable, "breaker": breaker, "full": full}
+    writes_failing = bool(getattr(tier, "writes_failing", False))
+    return {
+        "name": name,
+        "reachable": reachable,
+        "breaker": breaker,
+        "full": full,
+        "writes_failing": writes_failing,
+    }
 
 
 __all__ = ["readiness", "register_routes", "tier_status"]

@@ -447,6 +447,15 @@ class GuardedTier:
         """``"closed"``, ``"open"`` or ``"half_open"``: the worst of the shards'."""
         return _STATE_NAMES.get(self._worst_state(), "closed")
 
+    @property
+    def writes_failing(self) -> bool:
+        """True while some shard's writes keep failing (``fail_max`` in a row, none
+        since): writes fail fast there until one succeeds. Kept apart from the breaker,
+        which reads feed too: a store that answers reads but refuses writes (a SQLite
+        file on a read-only disk) keeps its breaker closed while every spill fails."""
+        fail_max = self.policy.fail_max
+        return any(s.write_failures >= fail_max for s in list(self._shards.values()))
+
     def breaker_states(self) -> dict[str, str]:
         """Each shard's breaker state, by shard name (``""``: the default shard)."""
         return {name: _STATE_NAMES.get(s.state, s.state) for name, s in list(self._shards.items())}
