@@ -205,6 +205,34 @@ def test_migration_failures_and_rollbacks_are_json_4xx_or_a_fresh_start() -> Non
     assert response.json["version"] == 1
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_failed_migration_is_logged_at_warning_with_its_cause(
+    fresh: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A migration that raises resets (or refuses) every session of that version: a
+    deployment's bug, not bad input. It was logged at INFO only, with no word of which
+    migration or why, so nothing at the usual WARNING level showed it."""
+    import logging
+
+    v0_token = chat_app(None).test_client().post("/tone/warm").headers["Satchel-Context"]
+    failing = chat_app(1, failing=True, fresh=fresh).test_client()
+    with caplog.at_level(logging.INFO):
+        response = failing.post("/tone/x", headers={"Satchel-Context": v0_token})
+    assert response.status_code == (200 if fresh else 400)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    app_log = [r.getMessage() for r in warnings if r.name == "satchel"]
+    assert app_log == [
+        "satchel: token_migration_failed, "
+        + ("a fresh context instead" if fresh else "refused")
+        + ": metadata migration 0 -> 1 failed: KeyError"
+    ]
+    audit = [r for r in warnings if r.name == "satchel.audit"]
+    assert [(r.getMessage(), r.satchel) for r in audit] == [  # type: ignore[attr-defined]
+        ("refused", {"reason": "token_migration_failed", "from_version": 0})
+    ]
+    assert "warm" not in caplog.text  # the metadata's content is not logged
+
+
 def test_bad_metadata_version_config_is_refused() -> None:
     app = Flask("bad")
     app.config.update(SATCHEL_KEYS=RING, SATCHEL_METADATA_VERSION=-2)

@@ -90,8 +90,10 @@ WARNING_EVENTS = frozenset(
 #: lost conversation or a corrupt segment. The metrics count every one either way.
 THROTTLED_EVENTS = frozenset({"degraded", "unavailable"})
 #: ``refused`` reasons that are degraded paths, not bad input: the stored conversation
-#: is gone (evicted, expired, the store restarted) and it starts over.
-THROTTLED_REFUSALS = frozenset({"session_not_found"})
+#: is gone (evicted, expired, the store restarted) and it starts over; a token's
+#: migration failed (a migration missing or raising in this deployment: every session
+#: of that version is refused, or reset under ``SATCHEL_ON_BAD_TOKEN = "fresh"``).
+THROTTLED_REFUSALS = frozenset({"session_not_found", "token_migration_failed"})
 
 MAX_STRING = 160
 _MAX_THROTTLED_KEYS = 256

@@ -202,7 +202,13 @@ class Pipeline:
                 time.perf_counter() - t1
             )
         except BadToken as exc:
-            self.observer.event("refused", reason=exc.code)
+            if isinstance(exc, MigrationFailed):
+                # The deployment's problem (a migration missing or raising), not bad
+                # input: the version tells which migration to look at.
+                version = exc.facts.get("from_version", exc.facts.get("version"))
+                self.observer.event("refused", reason=exc.code, from_version=version)
+            else:
+                self.observer.event("refused", reason=exc.code)
             if exc.code == "token_expired":
                 self.observer.event("expired", reason=self._expiry_cause(exc.facts))
             raise

@@ -68,6 +68,7 @@ from ..errors import (
     ContextErased,
     InvalidRequest,
     MalformedToken,
+    MigrationFailed,
     SatchelError,
     StaleContext,
     WrongUser,
@@ -564,6 +565,15 @@ class Satchel:
     ) -> Context:
         """A new context in place of a refused token under ``SATCHEL_ON_BAD_TOKEN=fresh``
         (flagged with the refusal's code); otherwise the refusal is raised."""
+        if isinstance(exc, MigrationFailed):
+            # Not the client's fault: this deployment cannot read that version (its
+            # message is Satchel's own: the versions and the error's type, no content).
+            log.warning(
+                "satchel: %s, %s: %s",
+                exc.code,
+                "a fresh context instead" if config.on_bad_token == "fresh" else "refused",
+                exc.message,
+            )
         if config.on_bad_token != "fresh":
             log.info("satchel refused a token: %s", exc.code)
             raise exc
