@@ -386,3 +386,23 @@ def test_a_context_past_the_apps_idle_ttl_or_maximum_age_is_refused_as_the_app_r
     code, out, err = run(token, keys=keys, SATCHEL_MAX_AGE="0")
     assert code == 2 and out is None and "max_age" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_version_is_the_packages_one_and_the_installed_distributions() -> None:
+    """``satchel --version`` did not exist, and the version was written twice (pyproject
+    and ``satchel.__version__``); pyproject now reads it from the package."""
+    import importlib.metadata
+
+    import satchel
+
+    proc = subprocess.run(
+        [*satchel_command(), "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"satchel {satchel.__version__}"
+    assert importlib.metadata.version("satchel") == satchel.__version__
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert (
+        'dynamic = ["version"]' in pyproject
+        and "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]
+    )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-from . import schema, serialize
+from . import __version__, schema, serialize
 from .codec import Algorithm, Codec, Mode, peek
 from .errors import BadToken, ConfigurationError, SatchelError
 from .keys import KEY_PURPOSE_RULE, Keyring, generate_key, is_key_purpose
@@ -399,6 +399,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="satchel", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"satchel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -500,7 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("compare", help="client-held vs server-side modes, side by side")
+    p = sub.add_parser(
+        "compare",
+        help="client-held vs server-side modes, side by side",
+        description="Start the example app under gunicorn in each mode (client, server, "
+        "memory) and with no context handling, drive it from a separate load process at "
+        "4, 20, 50 and 200 turns, kill Redis for a window mid-run, and write "
+        "comparison.md with its plots (docs/comparison.md; needs a checkout and "
+        "redis-server).",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run, under two minutes")
     p.add_argument("--workers", type=int, default=2, help="gunicorn workers per mode (default 2)")
     p.add_argument(
