@@ -178,6 +178,13 @@ const pageOverlays = {};
 const safeAdapters = new WeakSet();
 
 /**
+ * The guard of each custom adapter, one per page (see guardedStorage): what the
+ * adapter refused is held for the page, as Web Storage's pageOverlays are, not for
+ * the client that happened to write it.
+ */
+const guardedAdapters = new WeakMap();
+
+/**
  * In-memory adapter. Each call returns an isolated store; use it in tests or
  * when nothing should outlive the page.
  */
@@ -308,11 +315,17 @@ function webStorage(kind) {
  * rather than failing a request the server has already answered, whose reply and
  * successor token would be lost with it. Synchronous adapters stay synchronous.
  *
+ * One guard per adapter and page: switching conversations makes a new client, and
+ * one that could not see the refused token would read the adapter's older one and
+ * send it (a fork, and the refused write's turn lost).
+ *
  * A plain object that calls the adapter (never one that inherits from it): a frozen
  * adapter, or a class whose methods use private fields, works as it did unwrapped.
  */
 function guardedStorage(adapter) {
   if (safeAdapters.has(adapter)) return adapter;
+  const existing = guardedAdapters.get(adapter);
+  if (existing) return existing;
   const overlay = new Map();
   const keep = (key, value) => void overlay.set(key, String(value));
   const guarded = {
@@ -377,6 +390,7 @@ function guardedStorage(adapter) {
     };
   }
   safeAdapters.add(guarded);
+  guardedAdapters.set(adapter, guarded);
   return guarded;
 }
 

@@ -387,6 +387,58 @@ test('a custom adapter that refuses a removal: the token is gone for this page, 
   assert.deepEqual(await listConversations(client.storage), []);
 });
 
+test('a custom adapter\'s refused write and removal hold for the page, not for one client', async () => {
+  // Switching conversations makes a new client. With the refused token kept per
+  // client, the new one read the adapter's older token and sent it: a fork, and the
+  // turn of the refused write lost.
+  const disk = new Map();
+  let refuse = null; // 'set' or 'remove': refused once (a transaction aborted)
+  const adapter = {
+    get: async (key) => disk.get(key) ?? null,
+    set: async (key, value) => {
+      if (refuse === 'set') {
+        refuse = null;
+        throw new Error('IndexedDB transaction aborted');
+      }
+      disk.set(key, value);
+    },
+    remove: async (key) => {
+      if (refuse === 'remove') {
+        refuse = null;
+        throw new Error('IndexedDB transaction aborted');
+      }
+      disk.delete(key);
+    },
+  };
+  let n = 0;
+  const fetch = fakeFetch(() => {
+    n += 1;
+    return reply({ satchel: { token: `t${n}`, seq: n, session: 's' } });
+  });
+  const options = { storage: adapter, fetch, broadcast: false, locks: false, conversation: 'c' };
+  const first = createClient(options);
+  await first.fetch('/chat'); // t1 reaches the adapter
+  refuse = 'set';
+  await first.fetch('/chat'); // t2 refused: held in memory
+  first.close();
+  const second = createClient(options);
+  await second.ready;
+  assert.equal(second.token, 't2');
+  assert.equal(second.storage.isVolatile(second.storageKey), true);
+  await second.fetch('/chat');
+  assert.deepEqual(fetch.calls.map((c) => c.token), [null, 't1', 't2']); // not t1 again
+  assert.equal(JSON.parse(disk.get('satchel:c')).token, 't3');
+  assert.equal(second.storage.volatile, false);
+  refuse = 'remove';
+  await second.reset(); // refused: the key reads as empty for this page
+  assert.ok(disk.has('satchel:c'));
+  const third = createClient(options);
+  await third.ready;
+  assert.equal(third.token, null);
+  await third.fetch('/chat');
+  assert.equal(fetch.calls[3].token, null); // a fresh context, as reset() asked
+});
+
 test('a lock manager that denies access falls back to the in-page queue', async () => {
   // Chromium in a sandboxed iframe or with site data blocked: navigator.locks exists
   // and every request() rejects with SecurityError. Requests still go out, one at a time.
