@@ -1438,7 +1438,7 @@ export class SatchelClient extends EventTarget {
       // issued none (a read-only route): the stored token will never open again.
       // Forget it, unless someone stored a newer one meanwhile. Not for an unknown
       // key: during a key rollout another replica may still open it.
-      const current = parseRecord(await this._storage.get(this._key));
+      const current = await this._readAnswered();
       if (current && tokenOf(current) === tokenOf(sent)) await this._clear(current, 'reset');
     }
     const base = { conversation: this._conversation };
@@ -1450,7 +1450,7 @@ export class SatchelClient extends EventTarget {
 
   /** Store the newest token a stale_context handed back, if storage still holds `sent`. */
   async _adoptHandedBack(meta, sent) {
-    const current = parseRecord(await this._storage.get(this._key));
+    const current = await this._readAnswered();
     if (!sent || !current || current.token !== sent.token) return false;
     await this._write({ token: meta.token, seq: meta.seq, session: meta.session }, 'response');
     return true;
@@ -1466,7 +1466,7 @@ export class SatchelClient extends EventTarget {
    */
   async _adopt(meta, sent, source) {
     const incoming = { token: meta.token, seq: meta.seq, session: meta.session };
-    const current = parseRecord(await this._storage.get(this._key));
+    const current = await this._readAnswered();
     if (current && current.token === incoming.token) {
       // A server-mode carrier (sv1.) stays the same while its seq moves: store the
       // new seq, so other tabs hear of the new turns (a token event) and refresh.
@@ -1516,6 +1516,24 @@ export class SatchelClient extends EventTarget {
     } else {
       this._cache = parseRecord(v);
       this.ready = Promise.resolve();
+    }
+  }
+
+  /**
+   * The stored record, read once the server has answered. A custom adapter whose
+   * read fails (throws or rejects: a closed IndexedDB) must not fail the request
+   * the server has saved: the user would send it again (a fork, or stale for good
+   * under monotonic). What this client last read or wrote stands in, under the lock
+   * most often what was sent; the write that follows is guarded as any (kept in
+   * this page's memory, volatile, if the adapter refuses it too). A read before
+   * sending still fails the request: nothing is lost there, and sending no token
+   * would start a fresh context in place of the saved one.
+   */
+  async _readAnswered() {
+    try {
+      return parseRecord(await this._storage.get(this._key));
+    } catch {
+      return this._cache === undefined ? null : this._cache;
     }
   }
 

@@ -8,7 +8,7 @@ import {
   resolveStorage,
   sessionStorageAdapter,
 } from '../src/satchel.js';
-import { fakeFetch, fakeLocks, reply, testClient } from '../test-support/fakes.js';
+import { fakeFetch, fakeLocks, record, reply, sse, sseReply, testClient } from '../test-support/fakes.js';
 
 /** Minimal Web Storage double; `failAfter` makes setItem throw from the Nth call on. */
 class FakeWebStorage {
@@ -437,6 +437,75 @@ test('a custom adapter\'s refused write and removal hold for the page, not for o
   assert.equal(third.token, null);
   await third.fetch('/chat');
   assert.equal(fetch.calls[3].token, null); // a fresh context, as reset() asked
+});
+
+for (const [name, failing] of [
+  ['throws', () => { throw new Error('IndexedDB read failed'); }],
+  ['rejects', () => Promise.reject(new Error('IndexedDB read failed'))],
+]) {
+  test(`a custom adapter whose get() ${name} once the server has answered: the reply stands, its token is kept`, async () => {
+    // The read that adopts the response's token failed the request the server had
+    // saved: the user sent the message again (a fork, or stale for good).
+    const disk = new Map([['satchel:c', JSON.stringify({ token: 't1', seq: 1, session: 's' })]]);
+    let failGet = false; // set by the server: the next read (the adopting one) fails
+    const adapter = {
+      get: (key) => {
+        if (failGet) {
+          failGet = false;
+          return failing();
+        }
+        return disk.get(key) ?? null;
+      },
+      set: (key, value) => void disk.set(key, value),
+      remove: (key) => void disk.delete(key),
+    };
+    const fetch = fakeFetch((call, i) => {
+      failGet = true;
+      const final = { token: `t${i + 2}`, seq: i + 2, session: 's' };
+      if (call.url === '/stream') {
+        return sseReply(sse([{ event: 'delta', data: { text: 'hi' } }, { event: 'satchel', data: final }, { event: 'done', data: {} }]));
+      }
+      return reply({ json: { n: i }, satchel: final });
+    });
+    const client = createClient({ storage: adapter, fetch, broadcast: false, locks: false, conversation: 'c' });
+    const seen = record(client, ['fork', 'error']);
+    const res = await client.fetch('/chat', { method: 'POST', body: 'two' });
+    assert.deepEqual(await res.json(), { n: 0 });
+    assert.equal(client.token, 't2');
+    assert.equal(JSON.parse(disk.get('satchel:c')).token, 't2');
+    const s = client.stream('/stream', { message: 'three' });
+    const got = [];
+    for await (const piece of s) got.push(piece);
+    assert.deepEqual(got, ['hi']);
+    assert.equal((await s.result).token, 't3');
+    assert.equal(JSON.parse(disk.get('satchel:c')).token, 't3');
+    assert.deepEqual(seen, []);
+    assert.deepEqual(fetch.calls.map((c) => c.token), ['t1', 't2']);
+    assert.equal(client.storage.volatile, false); // the write after the failed read succeeded
+  });
+}
+
+test('a custom adapter that fails a read and then the write: the token is held for the page', async () => {
+  let broken = false; // a closed IndexedDB: every call fails
+  const disk = new Map();
+  const refuse = async () => {
+    throw new Error('the database connection is closing');
+  };
+  const adapter = {
+    get: async (key) => (broken ? refuse() : disk.get(key) ?? null),
+    set: async (key, value) => (broken ? refuse() : void disk.set(key, value)),
+    remove: async (key) => (broken ? refuse() : void disk.delete(key)),
+  };
+  const fetch = fakeFetch((call, i) => {
+    broken = true;
+    return reply({ satchel: { token: `t${i + 1}`, seq: i + 1, session: 's' } });
+  });
+  const client = createClient({ storage: adapter, fetch, broadcast: false, locks: false, conversation: 'c' });
+  await client.fetch('/chat', { method: 'POST', body: 'one' });
+  assert.equal(client.token, 't1');
+  assert.equal(client.storage.isVolatile(client.storageKey), true);
+  await client.fetch('/chat', { method: 'POST', body: 'two' }); // read from the page's memory
+  assert.deepEqual(fetch.calls.map((c) => c.token), [null, 't1']);
 });
 
 test('a lock manager that denies access falls back to the in-page queue', async () => {
