@@ -506,6 +506,10 @@ export declare class SatchelClient extends EventTarget {
    *
    * The lock wait is aborted by `init.signal`, or else by the Request's own
    * signal, as fetch() itself would be.
+   *
+   * Bound to this client, as are `stream`, `reset`, `importToken`, `exportToken`,
+   * `on`, `withConversation` and `close`: `const { fetch } = chat` or
+   * `ky.create({ fetch: chat.fetch })` works.
    */
   fetch(input: FetchInput, init?: RequestInit | null): Promise<Response>;
 

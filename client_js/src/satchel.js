@@ -913,6 +913,9 @@ function makeEvent(name, detail) {
 /* Client                                                                    */
 /* ------------------------------------------------------------------------ */
 
+/** SatchelClient methods bound to their client (see its constructor). */
+const BOUND_METHODS = ['fetch', 'stream', 'reset', 'importToken', 'exportToken', 'on', 'withConversation', 'close'];
+
 /**
  * One conversation's token holder. It is an EventTarget, so both
  * `client.on('token', fn)` and `client.addEventListener('token', e => ...)`
@@ -921,6 +924,13 @@ function makeEvent(name, detail) {
 export class SatchelClient extends EventTarget {
   constructor(options = {}) {
     super();
+    // The public methods work detached: `const { fetch } = chat`, `ky.create({ fetch:
+    // chat.fetch })`, a transport's `fetch` option, a callback. Unbound, they failed
+    // on `this` (fetch with "this._reportError is not a function"). Own properties,
+    // bound to whatever the class (or a subclass) defines, and not enumerable.
+    for (const name of BOUND_METHODS) {
+      Object.defineProperty(this, name, { value: this[name].bind(this), writable: true, configurable: true });
+    }
     this._options = { ...options };
     this._conversation = String(options.conversation ?? 'default');
     this._prefix = options.prefix ?? DEFAULT_PREFIX;

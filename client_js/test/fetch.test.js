@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   HTTPError,
+  SatchelClient,
   SatchelError,
   ServiceUnavailableError,
   StaleContextError,
@@ -766,4 +767,33 @@ test('an abort with a reason while waiting for the conversation lock is no error
   await holding;
   assert.equal(calls, 1);
   assert.deepEqual(events.filter((e) => e.name === 'error'), []);
+});
+
+test('public methods work detached: const { fetch } = chat, ky.create({ fetch: chat.fetch })', async () => {
+  // fetch() called without its client failed with "this._reportError is not a function".
+  const fetch = fakeFetch((call, i) => {
+    if (call.url === '/stream') return sseReply(sse([{ event: 'delta', data: { text: 'hi' } }, { event: 'satchel', data: { token: `t${i + 1}`, seq: i + 1 } }]));
+    if (call.url === '/gone') return errorReply(500, 'boom');
+    return reply({ json: {}, satchel: { token: `t${i + 1}`, seq: i + 1 } });
+  });
+  const client = testClient({ fetch });
+  const { fetch: send, stream, reset, importToken, exportToken, on, withConversation, close } = client;
+  const tokens = [];
+  const off = on('token', (detail) => tokens.push(detail.token));
+  await importToken('t0', { seq: 0 });
+  assert.equal(exportToken(), 't0');
+  const ky = { create: ({ fetch: f }) => (url) => f(url, { method: 'POST' }) }; // what an HTTP library does
+  assert.equal((await ky.create({ fetch: client.fetch })('/chat')).status, 200);
+  assert.equal(client.token, 't1');
+  await assert.rejects(send('/gone'), HTTPError);
+  const s = stream('/stream', {});
+  for await (const piece of s) assert.equal(piece, 'hi');
+  assert.equal((await s.result).token, 't3');
+  await reset();
+  assert.equal(client.token, null);
+  assert.equal(withConversation('other').conversation, 'other');
+  off();
+  close();
+  assert.deepEqual(tokens, ['t0', 't1', 't3', null]);
+  assert.deepEqual(Object.keys(client).filter((k) => k in SatchelClient.prototype), []); // nothing new to enumerate
 });
