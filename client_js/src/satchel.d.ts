@@ -27,7 +27,7 @@ export interface SatchelErrorOptions {
   code?: string;
   /** HTTP status, or null for errors that arrived inside a 200 event stream. */
   status?: number | null;
-  /** The response the error came from, if any. */
+  /** The response the error came from, if any (see {@link SatchelError.response}). */
   response?: Response | null;
   /** Underlying error. */
   cause?: unknown;
@@ -60,7 +60,15 @@ export declare class SatchelError extends Error {
   code: string;
   /** HTTP status; null for errors delivered inside a successful stream. */
   status: number | null;
-  /** The Response. Its body is unread (the client parsed a clone). */
+  /**
+   * The Response the error came from. For an error response (non-2xx: `status`
+   * is set) the body is unread: the client parsed a clone. For an error inside a
+   * 200 event stream (`status` null: an `event: error`, `stream_incomplete`,
+   * `stream_protocol`) it is the stream's response, whose body has been read: its
+   * status and headers can be looked at, but `response.text()` and the like throw
+   * (`bodyUsed` is true). Null for `stream_cancelled`, and for the client's own
+   * `token_malformed` (a stored token no header can carry: nothing was sent).
+   */
   response: Response | null;
 }
 

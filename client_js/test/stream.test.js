@@ -590,3 +590,29 @@ test('stream(): reasons in both the header and the final event are reported once
     assert.deepEqual(events.map((e) => e.detail.reasons), expected);
   }
 });
+
+test('err.response: unread for an error response, the read stream\'s own for an error inside a stream', async () => {
+  // The docs said "unread" of every error; a stream's errors come after its body was read.
+  const fetch = fakeFetch((call) => {
+    if (call.url === '/http') return errorReply(503, 'tier_unavailable', 'down', { headers: { 'Retry-After': '2' } });
+    if (call.url === '/event') return sseReply(sse([{ event: 'error', data: { error: { code: 'tier_full', message: 'full' } } }]));
+    if (call.url === '/cut') return sseReply(chatStream({ final: null, done: false }));
+    return sseReply(sse([{ event: 'delta', data: 'not json' }]));
+  });
+  const client = testClient({ fetch });
+  const http = await client.fetch('/http').catch((e) => e);
+  assert.equal(http.status, 503);
+  assert.equal(http.response.bodyUsed, false);
+  assert.deepEqual(await http.response.json(), { error: { code: 'tier_unavailable', message: 'down' } });
+  for (const [url, code] of [['/event', 'tier_full'], ['/cut', 'stream_incomplete'], ['/bad', 'stream_protocol']]) {
+    const s = client.stream(url, {});
+    const err = await (async () => {
+      for await (const piece of s) void piece;
+    })().catch((e) => e);
+    assert.equal(err.code, code);
+    assert.equal(err.status, null);
+    assert.equal(err.response.status, 200); // headers and status still tell
+    assert.equal(err.response.bodyUsed, true);
+    await assert.rejects(err.response.text(), TypeError);
+  }
+});
