@@ -418,11 +418,18 @@ export interface StreamResult {
 
 /**
  * What {@link SatchelClient.stream} returns: iterate it for text deltas; its
- * return value and `result` are the final metadata.
+ * return value and `result` are the final metadata. The return value is
+ * `undefined` once the stream was closed with `return()` (that resolves with
+ * the value it is given, as any generator's does) or an error: `result` is
+ * the place to read the metadata.
  */
-export interface SatchelStream extends AsyncGenerator<string, StreamResult, undefined> {
-  /** Stop the stream early (as `break` does); the value is optional. */
-  return(value?: StreamResult | PromiseLike<StreamResult>): Promise<IteratorResult<string, StreamResult>>;
+export interface SatchelStream extends AsyncGenerator<string, StreamResult | undefined, undefined> {
+  /**
+   * Stop the stream early (as `break` does); the value is optional, and is what
+   * this resolves with (`undefined` by default). The metadata, if the final
+   * event had arrived, is in `result`.
+   */
+  return(value?: StreamResult | PromiseLike<StreamResult | undefined>): Promise<IteratorResult<string, StreamResult | undefined>>;
   /**
    * Settles when the stream is finished: resolves with the metadata, rejects
    * with the stream's error, or with `code: "stream_cancelled"` if the loop

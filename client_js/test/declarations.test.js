@@ -48,6 +48,10 @@ test('what tsc --strict found missing is declared', () => {
   assert.match(code, /class StaleContextError extends SatchelError \{[^}]*recoverable: boolean;/);
   assert.match(code, /function memoryStorage\([^)]*\): MemoryStorageAdapter;/);
   assert.match(code, /interface SatchelStream [^{]*\{\s*return\(value\?:/);
+  // return() resolves with the value it is given, undefined by default (stream.test.js):
+  // typed StreamResult, `(await reply.return()).value.text` compiled and threw.
+  assert.match(code, /interface SatchelStream extends AsyncGenerator<string, StreamResult \| undefined, undefined>/);
+  assert.match(code, /return\([^)]*\): Promise<IteratorResult<string, StreamResult \| undefined>>;/);
   assert.match(code, /class StaleContextError extends SatchelError \{[^}]*recovered: boolean;/);
   const stale = new satchel.StaleContextError('x', { code: 'stale_context' });
   assert.equal(stale.recoverable, true);

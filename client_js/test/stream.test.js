@@ -616,3 +616,13 @@ test('err.response: unread for an error response, the read stream\'s own for an 
     await assert.rejects(err.response.text(), TypeError);
   }
 });
+
+test('stream(): return() resolves with the value it is given (undefined by default), as the .d.ts says; result has the metadata', async () => {
+  const fetch = fakeFetch(() => sseReply(chatStream({ deltas: ['Hel', 'lo'] })));
+  const client = testClient({ fetch });
+  const s = client.stream('/s', {});
+  assert.deepEqual(await s.next(), { value: 'Hel', done: false });
+  assert.deepEqual(await s.return(), { value: undefined, done: true });
+  assert.equal((await s.result).token, 'tok8'); // the final event came with the delta
+  assert.deepEqual(await s.next(), { value: undefined, done: true });
+});
