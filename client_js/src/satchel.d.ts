@@ -114,7 +114,7 @@ export declare class StaleContextError extends SatchelError {
 
 /** 503, or code `tier_unavailable` or `tier_full` (also inside a stream): the server cannot serve the context now. */
 export declare class ServiceUnavailableError extends SatchelError {
-  /** `Retry-After` in seconds, when the server sent the delta-seconds form. */
+  /** `Retry-After` in seconds, when the server sent the delta-seconds form; null without one, and for an HTTP-date. */
   retryAfter: number | null;
 }
 

@@ -187,7 +187,17 @@ test('typed errors: 503 tier_unavailable, other codes, non-JSON bodies', async (
   const e4 = await client.fetch('/x').catch((e) => e);
   assert.ok(e4 instanceof ServiceUnavailableError);
   assert.equal(e4.code, 'service_unavailable');
+  assert.equal(e4.retryAfter, null); // no Retry-After
   assert.equal(fetch.calls.length, 4); // none of these are retried
+});
+
+test('ServiceUnavailableError.retryAfter: seconds for delta-seconds, null for an HTTP-date (as documented)', async () => {
+  const fetch = fakeFetch((call) =>
+    errorReply(503, 'tier_unavailable', 'down', { headers: { 'Retry-After': call.url === '/date' ? 'Wed, 21 Oct 2037 07:28:00 GMT' : '0' } }),
+  );
+  const client = testClient({ fetch });
+  assert.equal((await client.fetch('/date').catch((e) => e)).retryAfter, null);
+  assert.equal((await client.fetch('/zero').catch((e) => e)).retryAfter, 0);
 });
 
 test('stale_context: picks up the newer token from storage and retries once', async () => {
