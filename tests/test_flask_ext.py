@@ -519,17 +519,31 @@ def test_stream_sends_deltas_then_a_token_holding_the_streamed_turn() -> None:
 
 def test_a_stream_response_header_names_the_steps_that_ran_before_it() -> None:
     """Server-Timing on every response, so dev tools show the steps: a stream's said only
-    app;dur, although opening the token had run (and was timed) before its headers."""
+    the total, although opening the token had run (and was timed) before its headers."""
     app = stream_app(PROTOCOL="satchel")
     client = app.test_client()
     first = client.post("/api/stream")
     token = parse_sse(first.get_data(as_text=True))[-2][1]["token"]
-    assert first.headers["Server-Timing"].startswith("app;dur=")  # nothing opened
+    assert first.headers["Server-Timing"].startswith("satchel;dur=")  # nothing opened
     timing = client.post("/api/stream", headers={HEADER_CONTEXT: token}).headers["Server-Timing"]
     steps = [part.split(";")[0] for part in timing.split(", ")]
-    assert steps[-1] == "app"
+    assert steps[-1] == "satchel"
     assert {"open", "verify", "decompress", "unpack", "migrate"} <= set(steps)
     assert "seal" not in steps  # sealed after the reply: in the final event's timing
+
+
+def test_a_refused_token_s_response_names_the_steps_that_ran_and_one_total() -> None:
+    """A 400 for a tampered token carried only "app;dur=...", although opening it had
+    run; and the total was "app" there and "satchel" on every other response."""
+    app = stream_app(PROTOCOL="satchel")
+    client = app.test_client()
+    token = parse_sse(client.post("/api/stream").get_data(as_text=True))[-2][1]["token"]
+    i = len(token) // 2
+    tampered = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]
+    refused = client.post("/api/stream", headers={HEADER_CONTEXT: tampered})
+    assert refused.status_code == 400
+    steps = [part.split(";")[0] for part in refused.headers["Server-Timing"].split(", ")]
+    assert steps == ["open", "satchel"]
 
 
 def test_stream_ai_sdk_protocol_carries_the_token_in_a_data_part() -> None:

@@ -202,6 +202,8 @@ class Pipeline:
                 time.perf_counter() - t1
             )
         except BadToken as exc:
+            # A refused token's response says how long opening it took too.
+            timings["open"] = time.perf_counter() - t0
             if isinstance(exc, MigrationFailed):
                 # The deployment's problem (a migration missing or raising), not bad
                 # input: the version tells which migration to look at.

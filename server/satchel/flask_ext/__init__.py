@@ -749,12 +749,13 @@ class Satchel:
             self._release_unsent_stream(rs)
         if rs.context is None or rs.streaming:
             if "Server-Timing" not in response.headers:
-                # Every response says how long the app took, context or not; a stream's
-                # also the steps that ran before its headers (open, rehydrate: the rest
-                # is in its final event's timing, as the headers are gone by then).
-                total = (time.perf_counter() - rs.started) * 1000
-                steps = _timing_parts(rs.timings) if rs.streaming else []
-                response.headers["Server-Timing"] = ", ".join([*steps, f"app;dur={total:.3f}"])
+                # Every response says how long the app took, context or not, and the
+                # steps that ran: a refused token's (verify, decompress... up to the
+                # step that refused it), a stream's before its headers (open,
+                # rehydrate: the rest is in its final event's timing, as the headers
+                # are gone by then).
+                total = time.perf_counter() - rs.started
+                response.headers["Server-Timing"] = server_timing(rs.timings, total)
             return response
         if rs.discard or (rs.committed is None and response.status_code >= 400):
             # No new token: a read-only route (discard), or a failed request, whose
