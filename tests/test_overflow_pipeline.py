@@ -882,3 +882,59 @@ def test_identical_exchanges_spilled_in_one_second_come_back_twice_in_signed_mod
     assert len(set(digests)) < len(digests)  # the case: one digest named twice
     assert [t.content for t in ctx.all_turns()] == [text] * 8
     assert not ctx.degraded
+
+
+def agent_exchange(ctx: Context, calls: int, seed: int) -> None:
+    """One user turn, ``calls`` tool calls each with a 32,000-character result (the
+    default per-turn cap) of prose that packs past 1 MiB in all, and the reply."""
+    import random
+
+    from satchel.context import ToolCall
+
+    rng = random.Random(seed)
+    words = "the of and to in is that for it as was with be by on not this are or".split()
+    ctx.add_turn("user", f"research this ({seed})")
+    for i in range(calls):
+        ctx.add_turn("assistant", "", tool_calls=(ToolCall(f"c{seed}-{i}", "fetch", "{}"),))
+        text = " ".join(rng.choice(words) for _ in range(12_000))[:32_000]
+        ctx.add_turn("tool", text, tool_call_id=f"c{seed}-{i}")
+    ctx.add_turn("assistant", f"findings ({seed})")
+
+
+@pytest.mark.parametrize("writes", ["working", "refused"])
+def test_an_exchange_too_large_for_any_segment_is_summarized_not_a_413(writes: str) -> None:
+    """An agent's exchange over what one segment holds (1 MiB packed) raised
+    BudgetExceeded with a tier (working or down): a 413 that lost the exchange and its
+    reply, where the same app without a tier answered 200 and summarized it. It is
+    dropped and summarized as the byte budget drops it, and the rest of the history
+    (turns already in the tier, the exchanges after it) stays whole."""
+    tier = FlakyTier()
+    pipe = make(tier)
+    token = converse(pipe, range(30))  # overflowed already: turns kept in the tier
+    assert token is not None and pipe.codec.open(token, now=NOW).overflow
+    tier.refuse_writes = writes == "refused"
+    ctx = pipe.load(token, now=NOW)
+    agent_exchange(ctx, 34, seed=1)
+    result = pipe.save(ctx, now=NOW)  # raised BudgetExceeded
+    assert result.token is not None
+    saved = pipe.codec.open(result.token, now=NOW)
+    assert saved.summary.endswith("findings (1)")
+    if writes == "refused":
+        # The turns waiting inline for the tier went past the hard cap with it: the
+        # loss the tier's refusal causes, counted and flagged as such.
+        assert ctx.degraded == ["tier_write_failed", "data_loss"]
+        assert saved.lifecycle.lost >= 70
+        return
+    assert not ctx.degraded
+    assert saved.lifecycle.dropped.get("byte_budget") == 70
+    tier.refuse_writes = False
+    ctx = pipe.load(result.token, now=NOW)
+    ctx.add_turn("user", "and then?")
+    ctx.add_turn("assistant", "then this.")
+    final = pipe.load(pipe.save(ctx, now=NOW).token, now=NOW)
+    contents = [t.content for t in final.all_turns()]
+    assert not final.degraded
+    assert contents[:60:2] == [message(i) for i in range(30)]
+    assert contents[1:60:2] == [message(i + 1000) for i in range(30)]
+    assert contents[60:] == ["and then?", "then this."]
+    assert not any(c.startswith(("research this", "findings")) for c in contents)

@@ -560,8 +560,13 @@ class Pipeline:
 
         Turns that pack past what one segment holds (estimates that missed: tool-call
         arguments, text that compresses unlike prose) move in part: the older half of
-        their groups, recursively; the caller measures again and moves more. Only one
-        group too large for any segment raises BudgetExceeded.
+        their groups, recursively; the caller measures again and moves more. One group
+        too large for any segment (an agent's exchange of thirty-odd tool results of
+        32,000 characters: over 1 MiB packed) is summarized and dropped as the byte
+        budget drops it without a tier, and True returned: it raised BudgetExceeded,
+        a 413 that lost the whole exchange and its reply, where an app without a tier
+        answered 200. No token or segment can carry it; the tier being there, or
+        down, changes nothing for it.
         """
         assert self.segments is not None
         spill = ctx.turns[:count]
@@ -570,7 +575,13 @@ class Pipeline:
         except BudgetExceeded:
             groups = turn_groups(spill)
             if len(groups) <= 1:
-                raise
+                dropped = drop_oldest(
+                    ctx, count, policy="byte_budget", summarizer=self.policy.summarizer, now=now
+                )
+                self.observer.event(
+                    "trimmed", session=tag, reason="byte_budget", turns=len(dropped)
+                )
+                return True
             return self._spill(ctx, groups[len(groups) // 2 - 1][1], now, tag)
         if written is None:
             return False
