@@ -938,3 +938,23 @@ def test_an_exchange_too_large_for_any_segment_is_summarized_not_a_413(writes: s
     assert contents[1:60:2] == [message(i + 1000) for i in range(30)]
     assert contents[60:] == ["and then?", "then this."]
     assert not any(c.startswith(("research this", "findings")) for c in contents)
+
+
+def test_segments_live_as_long_as_the_token_opens_with_its_clock_skew() -> None:
+    """Segments expired at created_at + max_age exactly, while the token opens for the
+    30 s of clock skew after it: in those last seconds every overflowed turn read as
+    segment_missing (and a spill then could turn the references into data loss)."""
+    now = [NOW]
+    tier = MemoryTier(clock=lambda: now[0])
+    codec = Codec(Keyring.generate("k1"), clock=lambda: now[0])
+    policy = LifecyclePolicy(
+        max_turns=None, max_token_bytes=1500, hard_max_token_bytes=3000, max_age=3600
+    )
+    store = SegmentStore(GuardedTier(tier, cache=SegmentCache(0)), codec)
+    pipe = Pipeline(codec, policy, segments=store, clock=lambda: now[0])
+    token = converse(pipe, range(30))
+    assert token is not None and codec.open(token, now=NOW).overflow
+    now[0] = NOW + 3600 + 20  # past the maximum age, within the skew: the token opens
+    ctx = pipe.load(token, now=now[0])
+    assert not ctx.degraded
+    assert len(ctx.all_turns()) == 60

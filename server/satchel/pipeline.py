@@ -992,10 +992,14 @@ class Pipeline:
         """How long a segment must live: as long as the session can, however active.
 
         The idle TTL moves with every request, so it cannot bound a segment written
-        now; the maximum age can. Without one, segments live ``DEFAULT_SEGMENT_TTL``.
+        now; the maximum age can, plus the clock skew the age check allows (the token
+        opens that much past it, and its segments must still be there: they expired
+        exactly at the maximum age, and the session's last 30 s read them as
+        missing). Without one, segments live ``DEFAULT_SEGMENT_TTL``.
         """
         if self.policy.max_age is not None:
-            return max(60.0, ctx.created_at + self.policy.max_age - now)
+            end = ctx.created_at + self.policy.max_age + self.codec.limits.clock_skew
+            return max(60.0, end - now)
         return DEFAULT_SEGMENT_TTL
 
 
