@@ -806,6 +806,7 @@ def test_the_series_alerts_watch_exist_from_the_start_at_zero() -> None:
         ("satchel_seal_failures_total", {"error": "configuration_error"}),
         ("satchel_unavailable_total", {"reason": "tier_full"}),
         ("satchel_erase_failures_total", {"error": "tier_unavailable"}),
+        ("satchel_erase_failures_total", {"error": "tier_full"}),
     ):
         assert registry.get_sample_value(name, labels) == 0.0, (name, labels)
 

@@ -399,7 +399,7 @@ class PrometheusObserver(Observer):
             (self.overflow_misses, "degraded", "reason", OVERFLOW_MISS_REASONS),
             (self.seal_failures, "seal_failed", "error", SEAL_FAILURE_CODES),
             (self.unavailable, "unavailable", "reason", ("tier_unavailable", "tier_full")),
-            (self.erase_failures, "erase_failed", "error", ("tier_unavailable",)),
+            (self.erase_failures, "erase_failed", "error", ("tier_unavailable", "tier_full")),
         ):
             for value in sorted(values):
                 self._child(metric, self._label(key, label, value))
@@ -541,7 +541,7 @@ class PrometheusObserver(Observer):
         elif name == "erased":
             self.erased.inc()
         elif name == "erase_failed":
-            error = self._label("erase_failed", "error", fields.get("error") or "tier_error")
+            error = self._label("erase_failed", "error", fields.get("error") or "tier_unavailable")
             self._child(self.erase_failures, error).inc()
         elif name in _BREAKER_EVENTS:
             state = _BREAKER_EVENTS[name]
