@@ -43,7 +43,7 @@ from tests.support import HttpResponse, LiveServer, RedisServer, wait_until
 
 pytestmark = pytest.mark.redis
 
-RESET = 1.5  # SATCHEL_BREAKER_RESET_TIMEOUT for these tests (default 10 s)
+RESET = 1.5  # SATCHEL_BREAKER_RESET_TIMEOUT for these tests (default 2 s)
 FAIL_MAX = 5  # SATCHEL_BREAKER_FAIL_MAX default
 READ_TIMEOUT_MS = 50  # SATCHEL_TIER_READ_TIMEOUT default
 FAST = 1.5  # seconds: a degraded answer is still this fast (tier timeouts are 50/100 ms)

@@ -149,8 +149,7 @@ def test_overflow_tier_on_redis_cluster(live_server_factory: Any, redis_cluster:
 
 
 def test_server_mode_instances_share_one_redis(live_server_factory: Any, redis_server: Any) -> None:
-    # The example app reads SATCHEL_OVERFLOW_URL from the environment (not
-    # SATCHEL_STORE_URL); server mode's store falls back to it.
+    # Only SATCHEL_OVERFLOW_URL: server mode's store falls back to it.
     env = {"SATCHEL_MODE": "server", "SATCHEL_OVERFLOW_URL": redis_server.url}
     a = serve(live_server_factory, env, server="gunicorn", workers=2)
     b = serve(live_server_factory, env)

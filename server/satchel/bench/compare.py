@@ -477,8 +477,8 @@ def mode_env(mode: str, redis: RedisProcess) -> dict[str, str]:
     elif mode == "client":
         env.update(SATCHEL_MODE="client", SATCHEL_OVERFLOW_URL=url)
     elif mode == "server":
-        # The example app reads SATCHEL_OVERFLOW_URL from the environment but not
-        # SATCHEL_STORE_URL; the store URL falls back to it, so set both.
+        # Both: the store holds the contexts, the overflow tier the monotonic marks
+        # and erasure tombstones (the store URL falls back to it when unset).
         env.update(SATCHEL_MODE="server", SATCHEL_STORE_URL=url, SATCHEL_OVERFLOW_URL=url)
     elif mode == "memory":
         env["SATCHEL_MODE"] = "memory"
