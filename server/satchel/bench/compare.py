@@ -477,8 +477,8 @@ def mode_env(mode: str, redis: RedisProcess) -> dict[str, str]:
     elif mode == "client":
         env.update(SATCHEL_MODE="client", SATCHEL_OVERFLOW_URL=url)
     elif mode == "server":
-        # Both: the store holds the contexts, the overflow tier the monotonic marks
-        # and erasure tombstones (the store URL falls back to it when unset).
+        # Both, as a server-mode deployment on one Redis sets them (the store URL
+        # falls back to the overflow URL when unset).
         env.update(SATCHEL_MODE="server", SATCHEL_STORE_URL=url, SATCHEL_OVERFLOW_URL=url)
     elif mode == "memory":
         env["SATCHEL_MODE"] = "memory"
