@@ -16,6 +16,8 @@ export declare const DEFAULT_HEADER: string;
 export declare const DEFAULT_PREFIX: string;
 /** Longest wait, in ms, for a lagging storage view (see `SatchelClientOptions.syncWaitMs`). */
 export declare const DEFAULT_SYNC_WAIT_MS: number;
+/** Default of the `timeout` option, in ms: 120000 (see `SatchelClientOptions.timeout`). */
+export declare const DEFAULT_TIMEOUT_MS: number;
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                    */
@@ -55,7 +57,7 @@ export declare class SatchelError extends Error {
   /**
    * Server error code from `{"error": {"code": ...}}`, or one of the client's
    * own: `http_<status>`, `service_unavailable`, `stream_incomplete`,
-   * `stream_protocol`, `stream_cancelled`.
+   * `stream_protocol`, `stream_cancelled`, `timeout`.
    */
   code: string;
   /** HTTP status; null for errors delivered inside a successful stream. */
@@ -66,8 +68,9 @@ export declare class SatchelError extends Error {
    * 200 event stream (`status` null: an `event: error`, `stream_incomplete`,
    * `stream_protocol`) it is the stream's response, whose body has been read: its
    * status and headers can be looked at, but `response.text()` and the like throw
-   * (`bodyUsed` is true). Null for `stream_cancelled`, and for the client's own
-   * `token_malformed` (a stored token no header can carry: nothing was sent).
+   * (`bodyUsed` is true). Null for `stream_cancelled`, for a {@link TimeoutError},
+   * and for the client's own `token_malformed` (a stored token no header can carry:
+   * nothing was sent).
    */
   response: Response | null;
 }
@@ -120,6 +123,20 @@ export declare class ServiceUnavailableError extends SatchelError {
 
 /** Any other non-2xx response. */
 export declare class HTTPError extends SatchelError {}
+
+/**
+ * Code `timeout`: an attempt got no response headers within the `timeout` option
+ * (see {@link SatchelClientOptions.timeout}). Its fetch was aborted and the lock let
+ * go; the stored token is unchanged, an `error` event is emitted (it is no abort of
+ * the caller's), and nothing is resent: the server may have processed the request.
+ * `name` is `"TimeoutError"`, as for the DOMException of `AbortSignal.timeout()`;
+ * `status` and `response` are null.
+ */
+export declare class TimeoutError extends SatchelError {
+  constructor(message: string, options?: SatchelErrorOptions & { timeout?: number | null });
+  /** The timeout that ran out, in milliseconds. */
+  timeout: number | null;
+}
 
 /**
  * Map a server error code to the matching error class.
@@ -319,7 +336,28 @@ export interface SatchelClientOptions {
    * fork the conversation. Default {@link DEFAULT_SYNC_WAIT_MS} (500).
    */
   syncWaitMs?: number;
+  /**
+   * How long each attempt of a request waits for the response's headers, in ms
+   * (1 to 2147483647), or `false` for no limit. Default {@link DEFAULT_TIMEOUT_MS}
+   * (120000, not ky's 10 s: a reply that is not streamed sends its headers only once
+   * the model has written all of it). The clock starts when the attempt is sent,
+   * after the conversation lock is acquired (the wait for the lock is bounded by the
+   * caller's signal only), and each attempt (the client resends some refusals) has
+   * its own. For an error response it also bounds reading the error body. Reading an
+   * ok body, e.g. a stream that runs for minutes, is not timed: abort the caller's
+   * signal for that. On expiry the fetch is aborted, the lock let go, and a
+   * {@link TimeoutError} thrown (never retried). `fetch()` and `stream()` take
+   * `timeout` in `init` to override it for one call.
+   */
+  timeout?: number | false;
 }
+
+/**
+ * `init` of {@link SatchelClient.fetch} and {@link SatchelClient.stream}: fetch's
+ * own, plus `timeout` for this call (see {@link SatchelClientOptions.timeout}); it
+ * is not passed on to fetch.
+ */
+export type SatchelRequestInit = RequestInit & { timeout?: number | false };
 
 /** Where a token change came from. */
 export type TokenSource = 'response' | 'stream' | 'broadcast' | 'storage' | 'import' | 'reset' | 'dropped';
@@ -387,7 +425,8 @@ export interface StaleEventDetail {
  * A call to `fetch()` or `stream()` is about to throw; or an `event: error`
  * went through the body of a `text/event-stream` response that `fetch()` had
  * already resolved with (whoever reads that body sees the error too). Not
- * emitted for aborts.
+ * emitted for aborts; emitted for a {@link TimeoutError} (the client's own
+ * `timeout`, no abort of the caller's).
  */
 export interface ErrorEventDetail {
   conversation: string;
@@ -520,13 +559,15 @@ export declare class SatchelClient extends EventTarget {
    * resolved by then.
    *
    * The lock wait is aborted by `init.signal`, or else by the Request's own
-   * signal, as fetch() itself would be.
+   * signal, as fetch() itself would be. `init.timeout` overrides the client's
+   * `timeout` for this call: each attempt throws a {@link TimeoutError} if its
+   * response's headers do not arrive in time (the body is not timed).
    *
    * Bound to this client, as are `stream`, `reset`, `importToken`, `exportToken`,
    * `on`, `withConversation` and `close`: `const { fetch } = chat` or
    * `ky.create({ fetch: chat.fetch })` works.
    */
-  fetch(input: FetchInput, init?: RequestInit | null): Promise<Response>;
+  fetch(input: FetchInput, init?: SatchelRequestInit | null): Promise<Response>;
 
   /**
    * POST `body` as JSON and stream the reply's text deltas
@@ -536,8 +577,13 @@ export declare class SatchelClient extends EventTarget {
    * A `token_*` error is retried once only if no delta had been yielded;
    * after a delta the token is still dropped (as by fetch()) and the
    * TokenError thrown.
+   *
+   * `init.timeout` overrides the client's `timeout` for this call. It bounds the
+   * wait for the response's headers only: a reply streaming for minutes is not
+   * cut; stop it with `init.signal`. An invalid value throws at once (a
+   * TypeError or RangeError), as `createClient` does.
    */
-  stream(url: FetchInput, body?: unknown, init?: RequestInit | null): SatchelStream;
+  stream(url: FetchInput, body?: unknown, init?: SatchelRequestInit | null): SatchelStream;
 
   /** Forget this conversation's token (under the lock); the next request starts fresh. */
   reset(): Promise<void>;

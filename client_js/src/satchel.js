@@ -26,6 +26,14 @@ export const DEFAULT_PREFIX = 'satchel:';
  * tab finished before handing over the lock (see SatchelClient#_readFresh).
  */
 export const DEFAULT_SYNC_WAIT_MS = 500;
+/**
+ * How long each attempt of a request waits, by default, for the response's headers
+ * (the `timeout` option). Not ky's 10 s: a reply that is not streamed arrives with its
+ * headers only once the model has written all of it, which can take a minute or more.
+ */
+export const DEFAULT_TIMEOUT_MS = 120000;
+/** The longest timeout setTimeout can keep (2^31 - 1 ms, about 24.8 days). */
+const MAX_TIMEOUT_MS = 2147483647;
 /** Prefix of a server-mode session carrier (the context lives server-side). */
 const SERVER_CARRIER = 'sv1.';
 // What an HTTP header can carry: visible ASCII, no space. Satchel tokens are
@@ -116,6 +124,21 @@ export class HTTPError extends SatchelError {
   }
 }
 
+/**
+ * No response within the `timeout` option: the attempt was aborted and the lock let
+ * go. Named "TimeoutError", as the DOMException of AbortSignal.timeout() is, but a
+ * SatchelError: the client's own deadline, not the caller's abort, so it is reported
+ * (an `error` event). Never resent: the server may have processed the request.
+ */
+export class TimeoutError extends SatchelError {
+  constructor(message, opts = {}) {
+    super(message, { code: 'timeout', ...opts });
+    this.name = 'TimeoutError';
+    /** The timeout that ran out, in ms (null when not given). */
+    this.timeout = opts.timeout ?? null;
+  }
+}
+
 function parseRetryAfter(response) {
   const v = response && response.headers && response.headers.get('Retry-After');
   if (!v) return null;
@@ -142,11 +165,17 @@ export function createError(code, message, { status = null, response = null, inS
   return new HTTPError(msg, opts);
 }
 
-async function errorFromResponse(response) {
+/**
+ * The error for a non-2xx response, from its JSON body. `deadline`: the attempt's (see
+ * attemptDeadline), which bounds the read of that body too: one that never ends (a
+ * proxy's) is given up when it runs out, and the error built from the status line.
+ */
+async function errorFromResponse(response, deadline = null) {
   let payload = null;
   try {
     // Parse a clone so the caller still gets an unread body on error.response.
-    payload = JSON.parse(await response.clone().text());
+    const text = response.clone().text();
+    payload = JSON.parse(await (deadline ? deadline.race(text) : text));
   } catch {
     /* not JSON: fall back to the status line */
   }
@@ -162,6 +191,9 @@ async function errorFromResponse(response) {
 }
 
 function isAbort(err, signal) {
+  // The client's own timeout is no abort the caller asked for (unlike a DOMException
+  // named TimeoutError, from a caller's AbortSignal.timeout()): it is reported.
+  if (err instanceof TimeoutError) return false;
   // abort(reason) rejects with the reason itself, whatever it is (a string, an Error).
   if (signal && signal.aborted && err === signal.reason) return true;
   return !!err && (err.name === 'AbortError' || err.name === 'TimeoutError');
@@ -855,6 +887,104 @@ function abortableDelay(ms, signal) {
   });
 }
 
+/**
+ * The `timeout` option, checked: milliseconds (1 to 2^31 - 1, what setTimeout can
+ * keep), or false for none. `fallback` is taken when the value is undefined.
+ */
+function checkTimeout(value, fallback) {
+  if (value === undefined) return fallback;
+  if (value === false) return false;
+  if (typeof value !== 'number' || Number.isNaN(value)) {
+    throw new TypeError('Satchel timeout must be a number of milliseconds, or false for none');
+  }
+  if (!(value >= 1 && value <= MAX_TIMEOUT_MS)) {
+    throw new RangeError(`Satchel timeout must be between 1 and ${MAX_TIMEOUT_MS} ms, or false for none`);
+  }
+  return value;
+}
+
+/** init without the client's own `timeout`, which is no fetch option. */
+function withoutTimeout(init) {
+  if (!init || !('timeout' in init)) return init;
+  const { timeout, ...rest } = init;
+  return rest;
+}
+
+/**
+ * A signal that aborts, with the reason of the first, once any of `signals` does:
+ * AbortSignal.any where there is one (it lets go of its listeners as signals are
+ * collected); else listeners of our own, left in place, as a signal's whole life may
+ * be the response's (the caller's abort still has to reach its body).
+ */
+function anySignal(signals) {
+  if (typeof AbortSignal !== 'undefined' && typeof AbortSignal.any === 'function') {
+    try {
+      return AbortSignal.any(signals);
+    } catch {
+      /* not every signal is the platform's own (a polyfill's): combine them below */
+    }
+  }
+  const controller = new AbortController();
+  for (const s of signals) {
+    if (s.aborted) {
+      controller.abort(s.reason);
+      return controller.signal;
+    }
+  }
+  for (const s of signals) s.addEventListener('abort', () => controller.abort(s.reason), { once: true });
+  return controller.signal;
+}
+
+/**
+ * One attempt's deadline: a signal for fetch that aborts with a TimeoutError once `ms`
+ * pass (until clear()), or with the caller's reason when `callerSignal` aborts first.
+ * race(promise) settles as the promise does, or rejects with that reason as soon as
+ * the signal aborts, even if the promise never settles (a fetch that ignores its
+ * signal). Null without a timeout: the request goes out as it did before.
+ */
+function attemptDeadline(ms, callerSignal) {
+  if (ms === false) return null;
+  const controller = new AbortController();
+  const timer = setTimeout(() => {
+    const err = new TimeoutError(`No response from the server within ${ms} ms`, { timeout: ms });
+    controller.abort(err);
+  }, ms);
+  const signal = callerSignal ? anySignal([callerSignal, controller.signal]) : controller.signal;
+  return {
+    signal,
+    clear: () => clearTimeout(timer),
+    race(promise) {
+      return new Promise((resolve, reject) => {
+        const onAbort = () => reject(signal.reason);
+        if (signal.aborted) onAbort();
+        else signal.addEventListener('abort', onAbort, { once: true });
+        Promise.resolve(promise).then(
+          (value) => {
+            signal.removeEventListener('abort', onAbort);
+            if (signal.aborted) discardLate(value);
+            resolve(value);
+          },
+          (err) => {
+            signal.removeEventListener('abort', onAbort);
+            reject(err);
+          },
+        );
+      });
+    },
+  };
+}
+
+/** A response that came after its attempt was given up: nobody will read its body. */
+function discardLate(value) {
+  if (value && typeof value === 'object' && value.body && typeof value.body.cancel === 'function') {
+    try {
+      value.body.cancel().catch(() => {});
+    } catch {
+      /* locked or already read */
+    }
+  }
+}
+
 /** The signal fetch() would obey: init's if given, else the Request's own. */
 function signalOf(input, init) {
   if (init.signal !== undefined) return init.signal;
@@ -948,6 +1078,7 @@ export class SatchelClient extends EventTarget {
     // where another tab's conversation of the same id is a different one.
     this._lockName = lockNameOf(this._sharedStorage() ? this._key : `${this._key} page:${PAGE_ID}`);
     this._syncWaitMs = options.syncWaitMs ?? DEFAULT_SYNC_WAIT_MS;
+    this._timeout = checkTimeout(options.timeout, DEFAULT_TIMEOUT_MS);
     this._generation = 0; // the newest write generation this client has seen
     this._cache = undefined;
     this._closed = false;
@@ -1074,9 +1205,14 @@ export class SatchelClient extends EventTarget {
    * untouched while we watch it for the final `satchel` event (or an AI SDK
    * `data-satchel` part), and the conversation lock stays held until that
    * metadata arrives or the body ends/is cancelled: read or cancel the body.
+   *
+   * `init.timeout` (else the client's `timeout`) bounds each attempt's wait for the
+   * response's headers (see _exchange); it is not passed on to fetch.
    */
   async fetch(input, init) {
     init = init ?? {}; // fetch(url, null) is valid
+    const timeout = checkTimeout(init.timeout, this._timeout);
+    init = withoutTimeout(init);
     const signal = signalOf(input, init);
     let release;
     try {
@@ -1087,7 +1223,7 @@ export class SatchelClient extends EventTarget {
     }
     let handedOff = false;
     try {
-      const { response, sent } = await this._exchange(input, init, { retried: false, fresh: false });
+      const { response, sent } = await this._exchange(input, init, { retried: false, fresh: false, timeout });
       if (response.body && isEventStream(response)) {
         handedOff = true;
         return this._watchStream(response, sent, release);
@@ -1115,7 +1251,10 @@ export class SatchelClient extends EventTarget {
     // unhandled-rejection warning.
     result.catch(() => {});
     const run = { started: false };
-    const gen = this._streamGen(url, body, init ?? {}, settle, run);
+    init = init ?? {};
+    // Checked here: a bad value is the caller's mistake, thrown at once, like fetch's.
+    const timeout = checkTimeout(init.timeout, this._timeout);
+    const gen = this._streamGen(url, body, withoutTimeout(init), settle, run, timeout);
     // A generator closed before its first next() never runs its body, so the
     // body's `finally` cannot settle `result`: do it here (nothing was sent).
     for (const method of ['return', 'throw']) {
@@ -1129,7 +1268,7 @@ export class SatchelClient extends EventTarget {
     return gen;
   }
 
-  async *_streamGen(url, body, init, settle, run) {
+  async *_streamGen(url, body, init, settle, run, timeout) {
     run.started = true; // runs synchronously in the first next()
     let release = () => {};
     let outcome = null;
@@ -1151,7 +1290,7 @@ export class SatchelClient extends EventTarget {
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
       };
-      const state = { retried: false, fresh: false };
+      const state = { retried: false, fresh: false, timeout };
       attempts: for (;;) {
         const { response, sent } = await this._exchange(url, reqInit, state);
         const fromHeaders = metaFromHeaders(response.headers, this._headerName);
@@ -1290,6 +1429,12 @@ export class SatchelClient extends EventTarget {
    * caller already holds. Each attempt reads the token from storage *now*:
    * that is what makes the lock meaningful, since the previous holder (maybe
    * another tab) has just written its successor token there.
+   *
+   * Each attempt has `state.timeout` ms (or none, for false) from sending until the
+   * response's headers, and for an error response its body too: then its fetch is
+   * aborted and a TimeoutError thrown, never retried (the server may have processed
+   * the request: resent, a chat message would be sent twice). A body the caller reads
+   * (an ok response, a stream) is not timed: the caller's signal is for that.
    */
   async _exchange(input, init, state) {
     const replayable = isReplayable(input, init);
@@ -1308,7 +1453,17 @@ export class SatchelClient extends EventTarget {
         throw err;
       }
       const [req, reqInit] = prepare(input, init, this._headerName, tokenOf(sent));
-      const response = await this._fetch(req, reqInit);
+      const deadline = attemptDeadline(state.timeout ?? false, state.signal);
+      let response;
+      try {
+        if (deadline) reqInit.signal = deadline.signal;
+        response = await (deadline ? deadline.race(this._fetch(req, reqInit)) : this._fetch(req, reqInit));
+      } finally {
+        // The headers are here (or the attempt failed): an ok response's body is the
+        // caller's, and reading it is not timed. Synchronously after the await, so the
+        // timer cannot fire in between (a macrotask after these microtasks).
+        if (deadline && !(response && !response.ok)) deadline.clear();
+      }
       // Error responses may still carry metadata (e.g. degraded) or even a
       // token; absent a token we simply keep the old one.
       const meta = metaFromHeaders(response.headers, this._headerName);
@@ -1316,7 +1471,12 @@ export class SatchelClient extends EventTarget {
         await this._applyMeta(meta, sent, 'response');
         return { response, sent };
       }
-      let err = await errorFromResponse(response);
+      let err;
+      try {
+        err = await errorFromResponse(response, deadline);
+      } finally {
+        if (deadline) deadline.clear();
+      }
       if (response.status === 431 && sent) {
         // Request headers too large for the server or a proxy in front of it (most
         // often a token past its header limit): every later request would meet the
