@@ -169,6 +169,8 @@ DEGRADED_REASONS = OVERFLOW_MISS_REASONS | {
     "consistency_reset",
     "summarizer_failed",
     "token_counter_failed",
+    "session_unavailable",
+    "session_not_saved",
 }
 #: The codes of a context that could not be sealed.
 # configuration_error: tokens are to be written in a metadata shape with no registered

@@ -898,7 +898,7 @@ class Satchel:
     def _count_degraded_response(self, rs: RequestState) -> None:
         """``degraded_responses_total``: once per response that says Satchel-Degraded,
         whatever the reasons and however many paths said it (a stream's headers, then
-        its final event)."""
+        its final event; the flask.session interface's flags)."""
         if not rs.degraded_counted:
             rs.degraded_counted = True
             self.observer.event("degraded_response")
@@ -1370,6 +1370,20 @@ def _body_bytes() -> bytes:
         raise InvalidRequest(
             "the request body could not be read (malformed chunked encoding, or cut short?)"
         ) from None
+
+
+def degraded_response_counted() -> bool:
+    """Whether this request's response was counted in ``degraded_responses_total``
+    already, marking it counted: the extension and the flask.session interface both
+    flag responses, and a response is counted once (a stream's save, after its
+    headers, flags it again)."""
+    attrs: dict[str, Any] = request._get_current_object().__dict__  # type: ignore[attr-defined]
+    state: RequestState | None = attrs.get(_STATE_ATTR)
+    if state is None:
+        state = attrs.setdefault(_STATE_ATTR, RequestState())
+    counted = state.degraded_counted
+    state.degraded_counted = True
+    return counted
 
 
 def server_timing(timings: dict[str, float], total: float) -> str:

@@ -62,7 +62,6 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..lru import BoundedLRU
 from ..observe import NULL_OBSERVER, Observer, tier_cause
 from ..padding import bucket_too_long, check_pad_to
-from .errors import satchel_error_response
 from .vary import add_vary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,6 +101,13 @@ OverflowHook = Callable[["Flask", "SatchelSession", str, int, int], "str | None"
 #: only once this fraction of PERMANENT_SESSION_LIFETIME has passed since it was
 #: sealed, not on every request: each re-store is a tier write plus a retired copy.
 OVERFLOW_REFRESH_FRACTION = 0.5
+
+
+#: ``Satchel-Degraded`` reasons of the overflow tier behind flask.session: its stored
+#: copy could not be read (the session opened empty), or this request's session could
+#: not be stored (the client keeps the cookie it had).
+SESSION_UNAVAILABLE = "session_unavailable"
+SESSION_NOT_SAVED = "session_not_saved"
 
 
 class SessionTooLarge(SatchelError):
@@ -198,7 +204,8 @@ class SatchelSessionInterface(SessionInterface):
         #: ``overflow(app, session, value, size, limit)``. Return a shorter cookie value
         #: (a reference into a server-side tier, say) to send instead, or None to raise
         #: :class:`SessionTooLarge`; a :class:`~satchel.errors.TierError` it raises (its
-        #: store down or full) makes the response a JSON 503 with that code. If the
+        #: store down or full) sends the response without the session, flagged
+        #: ``session_not_saved``. If the
         #: hook also has ``resolve(app, value)``, it is asked first on every request to
         #: map a cookie value back to the full token (returning None for values that
         #: are not its references, or raising a :class:`SatchelError` whose code
@@ -517,8 +524,7 @@ class SatchelSessionInterface(SessionInterface):
         self._save(app, session, response)
         tier_failure: TierError | None = getattr(session, "tier_failure", None)
         if tier_failure is not None and not failed_before:
-            if not getattr(session, "save_failed", False):  # served, not answered 503
-                self._flag_unreadable(app, response, tier_failure)
+            self._flag(app, response, SESSION_UNAVAILABLE, tier_failure)
 
     def _save(self, app: Flask, session: SessionMixin, response: Response) -> None:
         name = self.get_cookie_name(app)
@@ -637,11 +643,20 @@ class SatchelSessionInterface(SessionInterface):
                     replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
                 except TierError as exc:
                     if not unchanged:
-                        # The store is down or full: the session cannot be kept anywhere
-                        # this request. A JSON 503, as a server-side session store gives,
-                        # not Flask's HTML 500; the client keeps its cookie and retries.
+                        # The store is down or full: this request's session cannot be
+                        # kept anywhere. The response goes out as the view made it (its
+                        # other work is done: Flask's 500, or a 503 saying "retry",
+                        # would have a user repeat what already happened), without a
+                        # cookie, so the client keeps the session it had; flagged,
+                        # counted and logged, never silent.
                         self._mark_failed(session)
-                        self._answer_unavailable(app, response, exc)
+                        self._flag(app, response, SESSION_NOT_SAVED, exc)
+                        log.warning(
+                            "satchel session: the overflow store refused the session "
+                            "(%s); the response went out without it, and the client "
+                            "keeps its previous session cookie",
+                            exc.code,
+                        )
                         return
             if replacement is None and unchanged:
                 # Only a re-issue (a new key, the other mode) or a refresh of a session
@@ -745,36 +760,17 @@ class SatchelSessionInterface(SessionInterface):
         observer = getattr(getattr(state, "pipeline", None), "observer", None)
         return observer if isinstance(observer, Observer) else NULL_OBSERVER
 
-    def _flag_unreadable(self, app: Flask, response: Response, exc: TierError) -> None:
-        """The session's stored copy could not be read: say so on the response
-        (``Satchel-Degraded``, beside any reason the chat extension gave) and count it,
-        once per response."""
-        reason = exc.code
+    def _flag(self, app: Flask, response: Response, reason: str, exc: TierError) -> None:
+        """Say ``reason`` on the response (``Satchel-Degraded``, beside any reason the
+        chat extension gave) and count it, the response once in all."""
+        from . import degraded_response_counted  # the extension imports this module
+
         present = [r.strip() for r in response.headers.get("Satchel-Degraded", "").split(",")]
         present = [r for r in present if r]
+        if reason in present:
+            return
+        response.headers["Satchel-Degraded"] = ", ".join([*present, reason])
         observer = self.get_observer(app)
-        if not present:
+        observer.event("degraded", reason=reason, detail=tier_cause(exc))
+        if not degraded_response_counted():
             observer.event("degraded_response")
-        if reason not in present:
-            response.headers["Satchel-Degraded"] = ", ".join([*present, reason])
-            observer.event("degraded", reason=reason, detail=tier_cause(exc), op="session")
-
-    def _answer_unavailable(self, app: Flask, response: Response, exc: TierError) -> None:
-        """Turn ``response`` into the JSON 503 of ``exc`` (Retry-After included), in
-        place: the session is saved after the view has made its response, and Flask
-        sends whatever object the view returned."""
-        self.get_observer(app).event(
-            "unavailable", reason=exc.code, detail=tier_cause(exc), op="session"
-        )
-        log.warning(
-            "satchel session: the overflow store refused the session (%s); answered 503",
-            exc.code,
-        )
-        error = satchel_error_response(exc)
-        vary = response.headers.get("Vary")
-        response.headers.clear()
-        response.headers.extend(error.headers)
-        if vary:
-            response.headers["Vary"] = vary
-        response.status_code = error.status_code
-        response.set_data(error.get_data())

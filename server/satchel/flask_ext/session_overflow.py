@@ -20,10 +20,10 @@ cookie. Clearing the session (``session.clear()``, a logout) deletes its copy at
 
 When the tier cannot be read, the session opens empty (as Flask does for any unreadable
 cookie), ``session.rejected`` is ``"tier_unavailable"``, the response says
-``Satchel-Degraded: tier_unavailable`` and it is counted and logged. When it cannot be
-written, the hook raises the tier's error and the response becomes a JSON 503
-(``tier_unavailable`` or ``tier_full``, with ``Retry-After``): the client keeps the
-cookie it has, and nothing is dropped silently.
+``Satchel-Degraded: session_unavailable`` and it is counted and logged. When it cannot
+be written, the hook raises the tier's error and the response goes out without a
+session cookie (the client keeps the one it has), flagged ``session_not_saved``,
+counted and logged: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ class TierSessionOverflow:
         try:
             self.tier.put(key, value.encode("ascii"), ttl, cache=False)
         except TierError as exc:
-            log.warning("satchel session overflow: the tier refused the write (%s)", exc.code)
+            # INFO: the tier's own warning (throttled) and the session's
+            # (session_not_saved) say it at WARNING.
+            log.info("satchel session overflow: the tier refused the write (%s)", exc.code)
             raise
         return PREFIX + self._signer(app).sign(key.encode("ascii")).decode("ascii")
 
@@ -125,7 +127,9 @@ class TierSessionOverflow:
             except UnicodeDecodeError:  # not a token: refused as a damaged cookie is
                 raise MalformedToken("the stored session is not a token") from None
         if fetched.error is not None:  # "tier_unavailable", breaker open included
-            log.warning(
+            # INFO: one per request while the tier is down; the tier's warning and the
+            # audit's degraded record (session_unavailable) are throttled.
+            log.info(
                 "satchel session overflow: stored session unavailable (%s)", fetched.error.code
             )
             raise fetched.error
