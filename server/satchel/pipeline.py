@@ -208,7 +208,13 @@ class Pipeline:
                 # The deployment's problem (a migration missing or raising), not bad
                 # input: the version tells which migration to look at.
                 version = exc.facts.get("from_version", exc.facts.get("version"))
-                self.observer.event("refused", reason=exc.code, from_version=version)
+                self.observer.event(
+                    # The message is Satchel's own: the versions and the error's type.
+                    "refused",
+                    reason=exc.code,
+                    from_version=version,
+                    detail=exc.message,
+                )
             else:
                 self.observer.event("refused", reason=exc.code)
             if exc.code == "token_expired":

@@ -568,7 +568,9 @@ class Satchel:
         if isinstance(exc, MigrationFailed):
             # Not the client's fault: this deployment cannot read that version (its
             # message is Satchel's own: the versions and the error's type, no content).
-            log.warning(
+            # INFO, as it comes on every such request: the audit's refused record says
+            # it at WARNING, throttled per message.
+            log.info(
                 "satchel: %s, %s: %s",
                 exc.code,
                 "a fresh context instead" if config.on_bad_token == "fresh" else "refused",
