@@ -124,8 +124,7 @@ def test_tier_down_reads_empty_and_serves_without_the_session_flagged_and_counte
     """The read was an empty session with a warning and no flag or metric; the write
     raised SessionTooLarge, Flask's HTML 500, and nothing counted it. A tier outage is
     a degraded path: the request succeeds (its other work is done: a 500, or a 503
-    saying "retry", would have the user repeat it), flagged, counted, logged; the
-    client keeps the session cookie it had."""
+    saying "retry", would have the user repeat it), flagged, counted, logged."""
     from satchel.metrics import PrometheusObserver
 
     obs = PrometheusObserver()
@@ -153,20 +152,51 @@ def test_tier_down_reads_empty_and_serves_without_the_session_flagged_and_counte
     assert "Set-Cookie" not in read.headers  # the reference stays with the client
     assert count("satchel_degraded_total", reason="session_unavailable") == 1
     assert count("satchel_degraded_responses_total") == 1
-    # Nowhere to store it: served as the view made it, without a cookie, flagged.
-    with caplog.at_level(logging.WARNING):
+    assert client.get_cookie("session").value == reference  # type: ignore[union-attr]
+    # Nowhere to store it: served as the view made it, the session ended, flagged.
+    with caplog.at_level(logging.INFO):
         written = client.post("/set/6000")
     assert written.status_code == 200 and written.get_data() == b"ok"
     assert written.headers["Satchel-Degraded"] == "session_not_saved, session_unavailable"
     assert written.headers["Access-Control-Allow-Origin"] == "https://chat.example"
-    assert "Set-Cookie" not in written.headers  # the client keeps its reference
+    assert "session=;" in written.headers["Set-Cookie"]  # deleted
     assert count("satchel_degraded_total", reason="session_not_saved") == 1
     assert count("satchel_degraded_responses_total") == 2  # responses, not reasons
-    assert "the response went out without it" in caplog.text
-    assert client.get_cookie("session").value == reference  # type: ignore[union-attr]
+    assert "the session ends" in caplog.text
+    assert client.get_cookie("session") is None
     assert count("satchel_overflow_misses_total", reason="tier_unavailable") == 0
-    redis_server.restart()  # (persistence off: the copy is gone; the reference says so)
-    assert client.get("/get").get_json()["rejected"] == "session_missing"
+
+
+def test_a_logout_the_tier_cannot_store_is_not_undone(tmp_path: Path) -> None:
+    """session.pop("user") on a session still too large for its cookie, with the tier
+    full: the client kept its previous cookie, so the 200 "logged out" page left it
+    logged in. The session ends instead."""
+    tier = MemoryTier(max_bytes=20_000)
+    app = make_app(tier)
+
+    @app.post("/login")
+    def login() -> str:
+        session["user"] = "alice"
+        session["history"] = os.urandom(3000).hex()  # large: overflows
+        return "ok"
+
+    @app.post("/logout-keep-history")
+    def logout_keep_history() -> str:
+        session.pop("user")
+        session["history"] += "x"  # still too large for a cookie
+        return "logged out"
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, Any]:
+        return {"user": session.get("user")}
+
+    client = app.test_client()
+    assert client.post("/login").status_code == 200
+    assert client.get("/whoami").get_json() == {"user": "alice"}
+    tier.max_bytes = 1  # full from now on
+    out = client.post("/logout-keep-history")
+    assert out.status_code == 200 and out.headers["Satchel-Degraded"] == "session_not_saved"
+    assert client.get("/whoami").get_json() == {"user": None}
 
 
 def test_an_app_with_the_satchel_extension_reports_session_outages_to_its_metrics(
@@ -275,8 +305,8 @@ def test_session_too_large_is_not_retried_by_the_error_handler(
 
 
 def test_a_full_tier_serves_without_the_session_and_is_tried_once() -> None:
-    """A full tier was SessionTooLarge, Flask's HTML 500: now the response goes out
-    flagged session_not_saved, and the hook is called once."""
+    """A full tier was SessionTooLarge, Flask's HTML 500: now the response goes out,
+    the session ended and flagged session_not_saved, and the hook is called once."""
 
     class CountingOverflow(TierSessionOverflow):
         calls = 0
@@ -291,7 +321,7 @@ def test_a_full_tier_serves_without_the_session_and_is_tried_once() -> None:
     response = client.post("/set/3000")
     assert response.status_code == 200
     assert response.headers["Satchel-Degraded"] == "session_not_saved"
-    assert "Set-Cookie" not in response.headers
+    assert "session=;" in response.headers["Set-Cookie"]  # nothing to keep: ended
     assert CountingOverflow.calls == 1
 
 

@@ -752,8 +752,7 @@ class Satchel:
         if rs.context is None or rs.streaming:
             if "Server-Timing" not in response.headers:
                 # Every response says how long the app took, context or not, and the
-                # steps that ran: a refused token's (verify, decompress... up to the
-                # step that refused it), a stream's before its headers (open,
+                # steps that ran: a refused token's open, a stream's before its headers (open,
                 # rehydrate: the rest is in its final event's timing, as the headers
                 # are gone by then).
                 total = time.perf_counter() - rs.started

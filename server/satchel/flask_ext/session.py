@@ -105,7 +105,7 @@ OVERFLOW_REFRESH_FRACTION = 0.5
 
 #: ``Satchel-Degraded`` reasons of the overflow tier behind flask.session: its stored
 #: copy could not be read (the session opened empty), or this request's session could
-#: not be stored (the client keeps the cookie it had).
+#: not be stored (the session ends: its cookie is deleted).
 SESSION_UNAVAILABLE = "session_unavailable"
 SESSION_NOT_SAVED = "session_not_saved"
 
@@ -204,7 +204,7 @@ class SatchelSessionInterface(SessionInterface):
         #: ``overflow(app, session, value, size, limit)``. Return a shorter cookie value
         #: (a reference into a server-side tier, say) to send instead, or None to raise
         #: :class:`SessionTooLarge`; a :class:`~satchel.errors.TierError` it raises (its
-        #: store down or full) sends the response without the session, flagged
+        #: store down or full) ends the session (its cookie deleted), flagged
         #: ``session_not_saved``. If the
         #: hook also has ``resolve(app, value)``, it is asked first on every request to
         #: map a cookie value back to the full token (returning None for values that
@@ -646,15 +646,29 @@ class SatchelSessionInterface(SessionInterface):
                         # The store is down or full: this request's session cannot be
                         # kept anywhere. The response goes out as the view made it (its
                         # other work is done: Flask's 500, or a 503 saying "retry",
-                        # would have a user repeat what already happened), without a
-                        # cookie, so the client keeps the session it had; flagged,
-                        # counted and logged, never silent.
+                        # would have a user repeat what already happened), and the
+                        # session ends: its cookie is deleted. Keeping the client's
+                        # previous cookie would undo what the view took away (a logout
+                        # by session.pop("user"), a role dropped, a CSRF token
+                        # rotated) behind a 200. Flagged, counted and logged (INFO
+                        # here: the audit's degraded record and the tier's warning are
+                        # the throttled WARNINGs), never silent; the stored copy the
+                        # client referred to expires at its TTL.
                         self._mark_failed(session)
+                        response.delete_cookie(
+                            name,
+                            domain=domain,
+                            path=path,
+                            secure=secure,
+                            partitioned=partitioned,
+                            samesite=samesite,
+                            httponly=httponly,
+                        )
+                        add_vary(response, "Cookie")
                         self._flag(app, response, SESSION_NOT_SAVED, exc)
-                        log.warning(
+                        log.info(
                             "satchel session: the overflow store refused the session "
-                            "(%s); the response went out without it, and the client "
-                            "keeps its previous session cookie",
+                            "(%s); the session ends (its cookie deleted)",
                             exc.code,
                         )
                         return

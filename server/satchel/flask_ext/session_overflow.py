@@ -21,9 +21,10 @@ cookie. Clearing the session (``session.clear()``, a logout) deletes its copy at
 When the tier cannot be read, the session opens empty (as Flask does for any unreadable
 cookie), ``session.rejected`` is ``"tier_unavailable"``, the response says
 ``Satchel-Degraded: session_unavailable`` and it is counted and logged. When it cannot
-be written, the hook raises the tier's error and the response goes out without a
-session cookie (the client keeps the one it has), flagged ``session_not_saved``,
-counted and logged: nothing is dropped silently.
+be written, the hook raises the tier's error: the response goes out as the view made
+it and the session ends (its cookie deleted, so nothing the view removed, such as a
+logged-in user, comes back), flagged ``session_not_saved``, counted and logged:
+nothing is dropped silently.
 """
 
 from __future__ import annotations
