@@ -622,3 +622,45 @@ def test_a_tool_result_in_a_user_turn_is_summarized_as_a_tool_result() -> None:
     assert "DE89" not in summary and "1234.56" not in summary
     assert f"- tool: tool result ({len(result)} chars)" in summary.splitlines()
     assert "- user: What's my balance?" in summary.splitlines()
+
+
+def test_the_default_counter_uses_tiktoken_when_installed_and_survives_its_failures(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tiktoken is an optional install the suite does not have, so its path ran in no
+    test: a module of tiktoken's shape stands in (cl100k_base's encode, with the
+    disallowed_special the counter must pass so a user's "<|endoftext|>" counts as
+    text), then one whose encoding file cannot be loaded (offline)."""
+    import sys
+    import types
+
+    from satchel.lifecycle.tokens import default_counter, estimate_tokens
+
+    calls: list[tuple[str, object]] = []
+
+    class Encoding:
+        def encode(self, text: str, *, disallowed_special: object = "all") -> list[int]:
+            calls.append((text, disallowed_special))
+            if "<|endoftext|>" in text and disallowed_special == "all":
+                raise ValueError("disallowed special token")
+            return list(range(len(text.split())))
+
+    fake = types.ModuleType("tiktoken")
+    fake.get_encoding = lambda name: Encoding() if name == "cl100k_base" else None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tiktoken", fake)
+    default_counter.cache_clear()
+    try:
+        count = default_counter()
+        assert count("hello there <|endoftext|> friend") == 4
+        assert calls == [("hello there <|endoftext|> friend", ())]
+
+        def offline(name: str) -> object:
+            raise OSError("cannot download cl100k_base")
+
+        fake.get_encoding = offline  # type: ignore[attr-defined]
+        default_counter.cache_clear()
+        with caplog.at_level("WARNING", logger="satchel"):
+            assert default_counter() is estimate_tokens
+        assert "could not be loaded (OSError)" in caplog.text
+    finally:
+        default_counter.cache_clear()
