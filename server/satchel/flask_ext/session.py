@@ -215,9 +215,10 @@ class SatchelSessionInterface(SessionInterface):
         #: cleared (``at_once=True``). See docs/flask-session.md.
         self.overflow: OverflowHook | None = overflow
         self.clock = clock
-        #: Where the overflow tier's failures are reported (``degraded``, ``unavailable``
-        #: events, so ``satchel_degraded_total`` and ``satchel_unavailable_total`` count
-        #: them). None: the Satchel extension's observer when the app has one.
+        #: Where the overflow tier's failures are reported: ``degraded`` events
+        #: (``satchel_degraded_total{reason="session_unavailable"|"session_not_saved"}``),
+        #: each response counted once in ``satchel_degraded_responses_total``. None: the
+        #: Satchel extension's observer when the app has one.
         self.observer = observer
         self._rings = BoundedLRU(_CACHE_SIZE)
         self._codecs = BoundedLRU(_CACHE_SIZE)
@@ -638,10 +639,12 @@ class SatchelSessionInterface(SessionInterface):
             replacement = None
             opened = getattr(session, "opened_payload", None)
             unchanged = not session.modified and opened == payload
+            refused: TierError | None = None  # the hook's store refused the write
             if self.overflow is not None:
                 try:
                     replacement = self.overflow(app, session, value, size, limit)  # type: ignore[arg-type]
                 except TierError as exc:
+                    refused = exc
                     if not unchanged:
                         # The store is down or full: this request's session cannot be
                         # kept anywhere. The response goes out as the view made it (its
@@ -677,25 +680,31 @@ class SatchelSessionInterface(SessionInterface):
                 # no view changed: the cookie the client holds still opens. Raising
                 # would fail every request of that browser, a 404 included, because
                 # the client keeps that cookie and each request would re-issue it.
-                log.warning(
+                # Nothing is lost, so nothing is flagged; INFO when the store refused it
+                # (the tier's own warning is throttled), else WARNING: the app's sessions
+                # outgrow the cookie with no overflow hook to take them.
+                log.log(
+                    logging.INFO if refused is not None else logging.WARNING,
                     "satchel session: re-issuing the unchanged session cookie %r would "
                     "make it %d bytes, over MAX_COOKIE_SIZE (%d)%s; the client keeps the "
                     "one it has (it opens until its key leaves the ring or it expires)",
                     name,
                     size,
                     limit,
-                    ", and the overflow store refused the write (down or full: see its log)"
+                    f", and the overflow store refused the write ({refused.code})"
+                    if refused is not None
+                    else ", and the overflow hook declined it"
                     if self.overflow is not None
                     else "",
                 )
                 return
             if replacement is None:
                 self._mark_failed(session)
-                # With an overflow hook, the hook declined (its store refused the write:
-                # down or full, its log says which): that, not the app, is the cause.
+                # Only a hook that declined (returned None) gets here with one: its
+                # store refusing the write (a TierError) ended the session above.
                 remedy = (
-                    "The session overflow store refused the write (down or full: see its "
-                    "log); the session cannot go in a cookie meanwhile."
+                    "The session overflow hook returned None (it declined to store the "
+                    "session); the session cannot go in a cookie meanwhile."
                     if self.overflow is not None
                     else "Browsers drop cookies past about 4 KB, so store less in flask.session."
                 )
