@@ -308,7 +308,7 @@ def test_a_planted_newest_record_hands_back_nothing(tmp_path: Path) -> None:
     there (another conversation's token, garbage, a header injection) was handed back
     as it was, or made the 409 a 500. It is opened first: only our own token, made from
     the one sent, at the record's seq, goes back."""
-    from satchel.consistency import decode_newest, encode_newest
+    from satchel.consistency import decode_newest, encode_newest, newest_context
 
     app, satchel = make_app(tmp_path, SATCHEL_OVERFLOW_URL=sqlite_url(tmp_path))
     client = app.test_client()
@@ -319,17 +319,32 @@ def test_a_planted_newest_record_hands_back_nothing(tmp_path: Path) -> None:
         state = satchel.state()
         tag = state.pipeline.session_tag(satchel.codec.open(t0).session_id)
         key = newest_key(tag)
-        record = decode_newest(state.tier.get_many([key], cache=False).get(key))
-    assert record is not None and record[2] == spent.headers["Satchel-Context"]
-    mark_id, parent, _token, seq = record
-    for planted in (other, "not-a-token", "s1.x\r\nSet-Cookie: a=b", t0):
+        real = state.tier.get_many([key], cache=False).get(key)
+        record = decode_newest(real)
+    assert record is not None
+    mark_id, parent, kept, seq = record
+    at_rest = state.guard.at_rest
+    context = newest_context(mark_id, parent)
+    # Sealed in the tier: not the token itself, which whoever reads the tier could send.
+    assert isinstance(kept, bytes) and spent.headers["Satchel-Context"].encode() not in real
+    opened = at_rest.open(kept, context, max_bytes=1 << 20)
+    assert opened is not None and opened.decode() == spent.headers["Satchel-Context"]
+    planted_records = [
+        # kept as they are (as a release before sealing kept them, or planted)
+        *(p for p in (other, "not-a-token", "s1.x\r\nSet-Cookie: a=b", t0)),
+        # sealed for this record, but not a token made from the one sent
+        at_rest.seal(other.encode(), context),
+        # this record's sealed token, sealed for another record (a swap)
+        at_rest.seal(spent.headers["Satchel-Context"].encode(), newest_context(mark_id, mark_id)),
+    ]
+    for planted in planted_records:
         state.tier.put(key, encode_newest(mark_id, parent, planted, seq), 600, cache=False)
         replay = post(client, "/spend", t0)
         assert replay.status_code == 409, (planted, replay.get_data(as_text=True))
         assert replay.get_json()["error"]["code"] == "stale_context"
         assert "Satchel-Context" not in replay.headers, planted
     # The real record, put back, is handed back as before.
-    real = encode_newest(mark_id, parent, spent.headers["Satchel-Context"], seq)
+    assert real is not None
     state.tier.put(key, real, 600, cache=False)
     assert post(client, "/spend", t0).headers["Satchel-Context"] == spent.headers["Satchel-Context"]
 

@@ -1233,3 +1233,31 @@ def test_the_next_message_may_go_as_soon_as_the_final_event_arrives(
         assert following.status_code == 200, following.get_data(as_text=True)
         carrier = token_in(following.get_data(as_text=True))
         streaming.close()
+
+
+def test_a_context_stored_under_another_sessions_key_is_refused_not_served() -> None:
+    """Whoever can write the store (no key needed) copied Alice's sealed context over
+    the key Mallory's carrier names: Mallory's request opened it, served Alice's turns,
+    and its save wrote into Alice's key and handed Mallory Alice's carrier. Refused, as
+    an overflow segment of another session is."""
+    from satchel.codec import Codec
+    from satchel.errors import InvalidContext
+    from satchel.keys import Keyring
+    from satchel.server_mode import ServerSidePipeline
+    from satchel.tiers import GuardedTier, MemoryTier
+
+    raw = MemoryTier()
+    pipe = ServerSidePipeline(Codec(Keyring.generate("k1")), store=GuardedTier(raw))
+    alice = pipe.load(None)
+    alice.add_turn("user", "my account number is 1234-5678")
+    carrier_alice = pipe.save(alice).token
+    mallory = pipe.load(None)
+    mallory.add_turn("user", "hi")
+    carrier_mallory = pipe.save(mallory).token
+    assert carrier_alice and carrier_mallory
+    key_alice = pipe.key_for(pipe.session_id_of(carrier_alice))
+    key_mallory = pipe.key_for(pipe.session_id_of(carrier_mallory))
+    raw.put(key_mallory, raw.get_many([key_alice])[0] or b"", 3600)
+    with pytest.raises(InvalidContext, match="another session"):
+        pipe.load(carrier_mallory)
+    assert [t.content for t in pipe.load(carrier_alice).turns] == ["my account number is 1234-5678"]

@@ -437,3 +437,37 @@ def test_a_streamed_reply_flagged_by_the_session_and_its_save_counts_once() -> N
     assert reply.headers["Satchel-Degraded"] == "session_unavailable"
     assert "token_counter_failed" in body
     assert obs.registry.get_sample_value("satchel_degraded_responses_total") == 1
+
+
+@pytest.mark.filterwarnings("ignore:The 'session' cookie is too large")  # curl sends it
+def test_a_stored_copy_is_neither_a_cookie_nor_movable_to_another_reference() -> None:
+    """The tier held each overflowed session as its cookie value: whoever could read
+    the tier (a replica, a backup) could send it as the session cookie and be that
+    user, and whoever could write it could copy the admin's value under their own
+    reference's key. Copies are sealed for their key now."""
+    tier = MemoryTier()
+    app = make_app(tier)
+
+    @app.post("/as/<name>")
+    def login_as(name: str) -> str:
+        session["user"] = name
+        session["history"] = os.urandom(3000).hex()  # large: overflows
+        return "ok"
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, Any]:
+        return {"user": session.get("user"), "rejected": session.rejected}  # type: ignore[attr-defined]
+
+    admin, mallory = app.test_client(), app.test_client()
+    admin_ref = cookie_of(admin.post("/as/admin"))
+    mallory_ref = cookie_of(mallory.post("/as/mallory"))
+    stored_admin = tier.get_many([tier_key(admin_ref)])[0]
+    assert stored_admin is not None
+    # Read from the tier and sent as a cookie: not a session.
+    thief = app.test_client()
+    thief.set_cookie("session", stored_admin.decode("latin-1"))
+    assert thief.get("/whoami").get_json()["user"] is None
+    # Copied over the key Mallory's genuine reference names: refused, not the admin.
+    tier.put(tier_key(mallory_ref), stored_admin, 600)
+    assert mallory.get("/whoami").get_json() == {"user": None, "rejected": "token_malformed"}
+    assert admin.get("/whoami").get_json() == {"user": "admin", "rejected": None}

@@ -53,6 +53,7 @@ from .errors import (
 )
 from .lru import BoundedLRU
 from .observe import NULL_OBSERVER, Observer, flag_degraded
+from .protect import AtRest
 from .schema import MARK_ID_BYTES
 from .tiers.base import CLAIM_HELD
 
@@ -112,20 +113,29 @@ def newest_key(tag: str, prefix: str = "satchel") -> str:
     return f"{prefix}:{{{tag}}}:newest"
 
 
-def encode_newest(mark_id: bytes, parent: bytes, token: str, seq: int) -> bytes:
-    """The stored newest token: ``[mark_id, parent digest, token, seq]``."""
+def encode_newest(mark_id: bytes, parent: bytes, token: str | bytes, seq: int) -> bytes:
+    """The stored newest token: ``[mark_id, parent digest, token, seq]``; the token as
+    :class:`~satchel.protect.AtRest` sealed it (bytes), or as it is (str) for a guard
+    given none."""
     return msgpack.packb([mark_id, parent, token, seq], use_bin_type=True)
 
 
-def decode_newest(raw: bytes) -> tuple[bytes, bytes, str, int] | None:
+def decode_newest(raw: bytes) -> tuple[bytes, bytes, str | bytes, int] | None:
     """``(mark_id, parent, token, seq)``, or None for a record that is not one. The
-    token it holds is opened (verified) by the codec before it is handed back."""
+    token it holds is unsealed and opened (verified) by the codec before it is handed
+    back."""
     fields = _unpack_record(raw, max_len=_MAX_NEWEST_BYTES)
     if fields is not None and len(fields) == 4:
         mark_id, parent, token, seq = fields
-        if _is_name(mark_id) and _is_name(parent) and type(token) is str and _is_seq(seq):
+        if _is_name(mark_id) and _is_name(parent) and type(token) in (str, bytes) and _is_seq(seq):
             return mark_id, parent, token, seq
     return None  # unreadable: nothing to hand back, the refusal stands as it is
+
+
+def newest_context(mark_id: bytes, parent: bytes) -> bytes:
+    """What a kept newest token is sealed for (AtRest's associated data): its record's
+    mark id and parent, so a tier writer cannot pair one record's token with another's."""
+    return b"newest\x00" + mark_id + b"\x00" + parent
 
 
 #: How long a streamed reply holds its claim on the token it answers, at most. It is
@@ -329,7 +339,9 @@ def _unpack_record(raw: bytes, *, max_len: int) -> list[Any] | None:
         fields = msgpack.unpackb(
             raw,
             raw=False,
-            max_bin_len=_MAX_NAME_BYTES,
+            # Names are checked for their length after (_is_name); a kept newest token,
+            # sealed, is bytes as long as the record allows.
+            max_bin_len=max_len,
             max_str_len=max_len,
             max_array_len=4,
             max_map_len=0,
@@ -446,6 +458,7 @@ class MonotonicGuard:
         keep_newest: bool = True,
         other_anchor_tags: Callable[[bytes], list[str]] | None = None,
         open_token: Callable[[str], Context] | None = None,
+        at_rest: AtRest | None = None,
     ) -> None:
         if tier_down_policy not in ("fail_open", "fail_closed"):
             raise ValueError("tier_down_policy must be 'fail_open' or 'fail_closed'")
@@ -471,6 +484,10 @@ class MonotonicGuard:
         #: verifies a kept newest token before it is handed back (Codec.open): the
         #: record is the tier's, not authenticated. None hands it back as it is kept.
         self.open_token = open_token
+        #: seals a kept newest token in the tier (AtRest): kept as it is, whoever can
+        #: read the tier (a replica, a backup) holds each session's newest token, a
+        #: bearer credential. None keeps it as it is.
+        self.at_rest = at_rest
         #: sessions whose lost mark this process has counted (until a save sets it)
         self._lost_reported = BoundedLRU(LOST_REPORTED_MAX)
 
@@ -643,12 +660,31 @@ class MonotonicGuard:
         record = decode_newest(raw) if raw is not None else None
         if record is None:
             return None
-        kept_id, parent, token, seq = record
+        kept_id, parent, kept, seq = record
         if hmac.compare_digest(kept_id, mark_id) and hmac.compare_digest(parent, presented):
+            token = self._unsealed(kept, kept_id, parent)
+            if token is None:
+                return None  # not sealed by this ring for this record: none to give
             if self.open_token is not None and not self._made_from(token, presented, seq):
                 return None  # not a token of ours made from the one sent: none to give
             return token, seq
         return None
+
+    def _unsealed(self, kept: str | bytes, mark_id: bytes, parent: bytes) -> str | None:
+        """The token a record keeps, as :meth:`_newest_record` kept it: unsealed with
+        ``at_rest`` (a record kept as it is, by a guard without one or planted, is
+        refused), or as it is without one."""
+        if self.at_rest is None:
+            return kept if isinstance(kept, str) else None
+        if not isinstance(kept, bytes):
+            return None
+        token = self.at_rest.open(
+            kept, newest_context(mark_id, parent), max_bytes=_MAX_NEWEST_BYTES
+        )
+        try:
+            return token.decode("ascii") if token is not None else None
+        except UnicodeDecodeError:
+            return None
 
     def _made_from(self, token: str, presented: bytes, seq: int) -> bool:
         """Whether ``token`` opens (our key, unexpired) as the save at ``seq`` made from
@@ -831,7 +867,11 @@ class MonotonicGuard:
             candidates.append(self.idle_ttl + MARK_TTL_MARGIN)
         if self.max_age is not None:
             candidates.append(ctx.created_at + self.max_age - now + MARK_TTL_MARGIN)
-        value = encode_newest(ctx.mark_id, state.opened_digest, token, ctx.seq)
+        kept: str | bytes = token
+        if self.at_rest is not None:
+            context = newest_context(ctx.mark_id, state.opened_digest)
+            kept = self.at_rest.seal(token.encode("ascii"), context)
+        value = encode_newest(ctx.mark_id, state.opened_digest, kept, ctx.seq)
         return value, max(60.0, min(candidates))
 
     def _ttl(self, ctx: Context) -> float:
@@ -970,6 +1010,7 @@ __all__ = [
     "mark_key",
     "mark_ttl_for",
     "new_mark_id",
+    "newest_context",
     "newest_key",
     "refuse_busy",
     "refuse_erased",

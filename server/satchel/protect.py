@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .envelope import FLAG_CHACHA, FLAG_SEALED
-from .errors import BadSignature, MalformedToken
+from .errors import BadSignature, MalformedToken, SatchelError
 from .keys import Keyring
 
 MAC_SIZE = 32
@@ -138,6 +138,61 @@ class Sealer:
             raise BadSignature("token failed authenticated decryption", kid=kid) from None
 
 
+class AtRest:
+    """AEAD (AES-256-GCM) for a credential the server keeps in its tier: a token kept
+    to hand back to a client whose response was lost, a flask.session too large for its
+    cookie. Stored as is, such a value *is* the credential: whoever reads the tier (a
+    replica, a backup) could send it and be that user, and whoever writes it could move
+    one user's copy under another's name. Sealed here under a subkey of its own
+    (``use``), with ``context`` (where it is kept) as associated data, it is neither.
+
+    Stored form: the key id's length (1 byte), the key id (ASCII), a 96-bit random
+    nonce, the ciphertext and its tag. Opened with whichever key of the ring the id
+    names, so a record outlives a rotation while its key stays in the ring.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        purpose: str,
+        use: str,
+        random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        self.keyring = keyring
+        self.purpose = purpose
+        self.use = use
+        self._random_bytes = random_bytes
+
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        kid = self.keyring.current.kid
+        nonce = self._random_bytes(NONCE_SIZE)
+        cipher = AESGCM(self.keyring.derive(kid, self.purpose, self.use))
+        kid_bytes = kid.encode("ascii")
+        return (
+            bytes([len(kid_bytes)]) + kid_bytes + nonce + cipher.encrypt(nonce, plaintext, context)
+        )
+
+    def open(self, stored: bytes, context: bytes, *, max_bytes: int) -> bytes | None:
+        """The plaintext, or None for anything that is not a value this ring sealed for
+        ``context`` (another place's, a key no longer in the ring, damaged, planted,
+        longer than ``max_bytes``): nothing unauthenticated is returned."""
+        if not isinstance(stored, bytes) or not 0 < len(stored) <= max_bytes:
+            return None
+        size = stored[0]
+        body = stored[1 + size :]
+        if size == 0 or len(body) < NONCE_SIZE + TAG_SIZE:
+            return None
+        try:
+            kid = stored[1 : 1 + size].decode("ascii")
+            key = self.keyring.derive(self.keyring.get(kid).kid, self.purpose, self.use)
+        except (UnicodeDecodeError, SatchelError, ValueError):
+            return None
+        try:
+            return AESGCM(key).decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], context)
+        except InvalidTag:
+            return None
+
+
 def make_protector(
     mode: str,
     keyring: Keyring,
@@ -153,4 +208,4 @@ def make_protector(
     raise ValueError(f"mode must be 'signed' or 'sealed', not {mode!r}")
 
 
-__all__ = ["Protector", "Sealer", "Signer", "make_protector"]
+__all__ = ["AtRest", "Protector", "Sealer", "Signer", "make_protector"]

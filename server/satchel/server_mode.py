@@ -48,6 +48,7 @@ from .errors import (
     BadSignature,
     BadToken,
     ContextBusy,
+    InvalidContext,
     MalformedToken,
     StaleContext,
     TierError,
@@ -230,6 +231,14 @@ class ServerSidePipeline(Pipeline):
         # Bytes, not decoded here: whatever is stored (a foreign write, corruption) is
         # refused by the envelope parser as a BadToken, never a UnicodeDecodeError.
         ctx = self.open_token(stored, now=now, timings=timings)
+        if not hmac.compare_digest(ctx.session_id, session_id):
+            # A context stored under another session's key (written there by whoever can
+            # write the store, which the key ring does not guard): served, it would hand
+            # this carrier another user's conversation and, at the save, that user's
+            # carrier. Refused as overflow segments of another session are
+            # (segment_foreign): never used.
+            self.observer.event("refused", reason="token_invalid_context", mode=self.mode)
+            raise InvalidContext("the stored context belongs to another session")
         ctx.stored_as = stored  # what the save compares against
         # A reply streaming for this state will save over it when it ends: this request
         # may read it, but a save of its own would win the compare-and-set and leave

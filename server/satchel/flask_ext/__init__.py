@@ -79,6 +79,7 @@ from ..lifecycle.summarize import raised_at
 from ..limits import Limits
 from ..observe import MultiObserver, Observer
 from ..pipeline import Pipeline
+from ..protect import AtRest
 from .config import RESPONSE_HEADERS, SatchelConfig, configured_keys, keyring_from_config
 from .errors import error_response, http_error_response, public_error, satchel_error_response
 from .vary import add_vary, vary_names
@@ -297,6 +298,7 @@ class Satchel:
                 idle_ttl=policy.idle_ttl,
                 other_anchor_tags=codec.session_tags_under_other_anchors,
                 open_token=codec.open,
+                at_rest=AtRest(codec.keyring, codec.purpose, "newest-record"),
             )
         elif config.mode == "client" and config.consistency == "monotonic":
             raise ConfigurationError(

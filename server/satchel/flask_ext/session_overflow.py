@@ -8,9 +8,12 @@
 
 When the sealed session would exceed the browser's cookie limit, the sealed token is
 stored in the overflow tier under a random key and the cookie carries only a signed
-reference to it (``so1.<key>.<signature>``). The stored value is the same sealed token,
-so it stays encrypted and authenticated at rest; the reference is signed with a key
-derived from the session keys, so a client can neither forge nor alter it.
+reference to it (``so1.<key>.<signature>``). The reference is signed with a key derived
+from the session keys, so a client can neither forge nor alter it. The stored value is
+that token sealed once more (:class:`~satchel.protect.AtRest`, a subkey of its own,
+the tier key as associated data): stored as is, it would be a session cookie that
+whoever reads the tier (a replica, a backup) could send, and one that whoever writes
+it could move under another user's reference.
 
 The tier holds one copy per live session. A session that is replaced (modified, or
 refreshed late in its lifetime) gets a new key, and the previous copy is retired: it
@@ -39,12 +42,15 @@ from itsdangerous import BadSignature, Signer
 
 from ..errors import BadSignature as BadReference
 from ..errors import BadToken, MalformedToken, TierError
+from ..protect import AtRest
 from ..segments import DEFAULT_GRACE
 from ..tiers import tier_from_url
 from ..tiers.guard import GuardedTier
 
 log = logging.getLogger("satchel")
 PREFIX = "so1."
+#: What sealing a copy adds: the key id and its length, a nonce and a tag.
+_AT_REST_OVERHEAD = 1 + 255 + 12 + 16
 
 
 class StoredSessionMissing(BadToken):
@@ -89,13 +95,20 @@ class TierSessionOverflow:
             list(reversed(secrets_)), salt="satchel.session-overflow", digest_method=hashlib.sha256
         )
 
+    def _at_rest(self, app: Flask) -> AtRest:
+        interface = app.session_interface
+        ring = interface.get_keyring(app)  # type: ignore[attr-defined]
+        purpose = interface.get_purpose(app)  # type: ignore[attr-defined]
+        return AtRest(ring, purpose, "session-overflow-copy")
+
     def __call__(self, app: Flask, session: Any, value: str, size: int, limit: int) -> str:
         """Store ``value`` in the tier; return the short cookie value. Raises the tier's
         :class:`~satchel.errors.TierError` when it refuses the write (down or full)."""
         key = f"{self.key_prefix}:{secrets.token_urlsafe(18)}"
         ttl = max(60.0, app.permanent_session_lifetime.total_seconds())
+        stored = self._at_rest(app).seal(value.encode("ascii"), key.encode("ascii"))
         try:
-            self.tier.put(key, value.encode("ascii"), ttl, cache=False)
+            self.tier.put(key, stored, ttl, cache=False)
         except TierError as exc:
             # INFO: the tier's own warning (throttled) and the session's
             # (session_not_saved) say it at WARNING.
@@ -123,10 +136,14 @@ class TierSessionOverflow:
         fetched = self.tier.get_many([key], cache=False)
         stored = fetched.get(key)
         if stored is not None:
-            try:
-                return stored.decode("ascii")
-            except UnicodeDecodeError:  # not a token: refused as a damaged cookie is
-                raise MalformedToken("the stored session is not a token") from None
+            limit = app.session_interface.limits.max_token_bytes + _AT_REST_OVERHEAD  # type: ignore[attr-defined]
+            token = self._at_rest(app).open(stored, key.encode("ascii"), max_bytes=limit)
+            if token is None:
+                # Not a copy this ring sealed for this reference: damaged, planted, one
+                # moved here from another session's key, or stored by a release before
+                # copies were sealed. Refused as a damaged cookie is.
+                raise MalformedToken("the stored session is not this reference's")
+            return token.decode("ascii")
         if fetched.error is not None:  # "tier_unavailable", breaker open included
             # INFO: one per request while the tier is down; the tier's warning and the
             # audit's degraded record (session_unavailable) are throttled.
