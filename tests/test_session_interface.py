@@ -2104,3 +2104,44 @@ def test_secret_key_fallbacks_given_as_one_string_is_refused(fallbacks: t.Any) -
         interface.get_keyring(app)  # per request too: never a ring of characters
     app.config["SECRET_KEY_FALLBACKS"] = [fallbacks]
     assert len(interface.get_keyring(app).kids) == 2
+
+
+def test_an_empty_fallback_is_no_key_and_short_secrets_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SECRET_KEY_FALLBACKS = [os.environ.get("OLD_SECRET_KEY", "")] with the variable
+    unset put "" in the ring, stretched to a key anyone can compute: a session sealed
+    with it (an admin's, say) was accepted. An empty fallback is skipped as None is;
+    and a secret under 16 bytes, which Flask takes, is warned about."""
+    import logging
+
+    from satchel import Codec
+    from satchel.flask_ext.session import SatchelSessionInterface
+    from satchel.keys import Keyring
+
+    app = flask.Flask(__name__)
+    app.secret_key = "a long and random enough secret key for the test"
+    app.config["SECRET_KEY_FALLBACKS"] = [""]
+    app.session_interface = SatchelSessionInterface()
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, object]:
+        return {"user": flask.session.get("user")}
+
+    purpose = app.session_interface.get_purpose(app)  # type: ignore[attr-defined]
+    forger = Codec(Keyring.from_secrets([""]), purpose=purpose)
+    payload = app.session_interface.dumps({"user": "admin"})  # type: ignore[attr-defined]
+    forged, _ = forger.seal_payload(payload)
+    client = app.test_client()
+    client.set_cookie("session", forged)
+    assert client.get("/whoami").get_json() == {"user": None}
+
+    short = flask.Flask(__name__)
+    short.secret_key = "dev"
+    short.session_interface = SatchelSessionInterface()
+    short.add_url_rule("/set", "set", lambda: flask.session.update(x=1) or "ok")
+    with caplog.at_level(logging.WARNING, logger="satchel.session"):
+        short.test_client().get("/set")
+        short.test_client().get("/set")
+    warned = [r for r in caplog.records if "shorter than 16 bytes" in r.getMessage()]
+    assert len(warned) == 1  # once per ring, not per request

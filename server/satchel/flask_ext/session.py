@@ -110,6 +110,25 @@ SESSION_UNAVAILABLE = "session_unavailable"
 SESSION_NOT_SAVED = "session_not_saved"
 
 
+def _ring_of_secrets(secrets: tuple[str | bytes, ...]) -> Keyring:
+    """Flask's secrets as a ring, with a warning (once per ring: it is cached) for any
+    shorter than a key should be: Flask takes them, and so does the ring, stretched,
+    but a short secret is one an attacker can guess, and forge sessions with."""
+    ring = Keyring.from_secrets(secrets)
+    short = sum(
+        1 for secret in secrets if len(secret.encode() if isinstance(secret, str) else secret) < 16
+    )
+    if short:
+        log.warning(
+            "satchel session: %d of SECRET_KEY and SECRET_KEY_FALLBACKS %s shorter than 16 "
+            "bytes: a short secret can be guessed and sessions forged with it; use "
+            "secrets.token_hex(32), or SATCHEL_KEYS ('satchel keygen')",
+            short,
+            "is" if short == 1 else "are",
+        )
+    return ring
+
+
 class SessionTooLarge(SatchelError):
     """The session cookie would be larger than browsers accept."""
 
@@ -282,15 +301,16 @@ class SatchelSessionInterface(SessionInterface):
                 "SECRET_KEY_FALLBACKS is a list of old secret keys, not one key: write [old_key]"
             )
         # Flask lists fallbacks oldest first; the ring wants the current key first. A
-        # None is no key ([os.environ.get("OLD_KEY")] with the variable unset): Flask
-        # serves on with it, so it is skipped, not a 500 on every request.
-        older = [key for key in reversed(list(fallbacks)) if key is not None]
+        # None or an empty one is no key ([os.environ.get("OLD_KEY", "")] with the
+        # variable unset): skipped, not a 500 on every request, and above all not a key:
+        # an empty secret stretched is one anyone can compute, and forge sessions with.
+        older = [key for key in reversed(list(fallbacks)) if key]
         # bytes, not bytearray: the secrets are the ring cache's key, so they must hash
         # (Flask accepts a bytearray SECRET_KEY, and so does Keyring.from_secrets).
         secrets = tuple(
             bytes(key) if isinstance(key, bytearray) else key for key in (app.secret_key, *older)
         )
-        return self._rings.get_or_make(("secrets", secrets), lambda: Keyring.from_secrets(secrets))
+        return self._rings.get_or_make(("secrets", secrets), lambda: _ring_of_secrets(secrets))
 
     @staticmethod
     def _extension_keyring(app: Flask) -> Keyring | None:
