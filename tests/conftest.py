@@ -175,7 +175,10 @@ def browser(chromium_path: str) -> Iterator[Any]:
 def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A fresh playwright ``Page`` in its own context (cookies/storage isolated).
 
-    On failure a full-page screenshot goes to ``test-artifacts/<test name>-failed.png``.
+    Every test that uses it leaves a full-page screenshot of how the page ended, so a
+    person can look at what the test saw (issue 4): ``test-artifacts/<test
+    name>-end.png``, or ``<test name>-failed.png`` when the test failed. Tests also
+    save their own at the steps that matter (the ``screenshot`` fixture).
     """
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.set_default_timeout(10_000)
@@ -183,11 +186,14 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     try:
         yield pg
     finally:
-        if _failed(request):
-            try:
-                path = save_screenshot(pg, f"{request.node.name}-failed")
+        failed = _failed(request)
+        try:
+            name = safe_filename(f"{request.node.name}-{'failed' if failed else 'end'}")
+            path = save_screenshot(pg, name)
+            if failed:
                 print(f"\nscreenshot of failing page: {path}")
-            except Exception as exc:  # the page may be gone
+        except Exception as exc:  # the page may be gone (closed by the test)
+            if failed:
                 print(f"\ncould not save failure screenshot: {exc}")
         context.close()
 

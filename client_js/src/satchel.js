@@ -982,7 +982,9 @@ function attemptDeadline(ms, callerSignal) {
   if (ms === false) return null;
   const controller = new AbortController();
   const timer = setTimeout(() => {
-    const err = new TimeoutError(`No response from the server within ${ms} ms`, { timeout: ms });
+    // In seconds when whole ("within 120 s"), as a reader would say it; else in ms.
+    const limit = ms % 1000 === 0 ? `${ms / 1000} s` : `${ms} ms`;
+    const err = new TimeoutError(`No response from the server within ${limit}`, { timeout: ms });
     controller.abort(err);
   }, ms);
   const signal = callerSignal ? anySignal([callerSignal, controller.signal]) : controller.signal;

@@ -77,6 +77,7 @@ test('a fetch that never answers: TimeoutError after the timeout, fetch aborted,
   assert.equal(err.name, 'TimeoutError');
   assert.equal(err.code, 'timeout');
   assert.equal(err.timeout, 30);
+  assert.match(err.message, /within 30 ms$/);
   assert.equal(err.status, null);
   assert.equal(err.response, null);
   const signal = fetch.calls[0].init.signal;
@@ -404,4 +405,11 @@ test('without AbortSignal.any, requests leave no listeners on a caller\'s long-l
   });
   assert.equal(child.status, 0, child.stderr);
   assert.ok(Number(child.stdout.trim()) <= 50, `listeners left: ${child.stdout.trim()}`);
+});
+
+test('a timeout of whole seconds is said in seconds', async () => {
+  const client = testClient({ fetch: fakeFetch(() => never()), timeout: 1000 });
+  const err = await client.fetch('/chat', { method: 'POST', body: '{}' }).catch((e) => e);
+  assert.ok(err instanceof TimeoutError);
+  assert.match(err.message, /within 1 s$/); // "within 120 s", not "within 120000 ms"
 });

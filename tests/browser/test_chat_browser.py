@@ -1047,6 +1047,27 @@ def test_a_reply_that_never_comes_can_be_stopped(live_server_factory, tmp_path, 
     assert user_texts(server_context(srv, page)) == ["first", "after the stop"]
 
 
+def test_pressing_send_from_the_keyboard_puts_the_focus_on_stop(
+    live_server_factory, tmp_path, page
+) -> None:
+    """Send, pressed with Space after tabbing to it, is disabled while the reply
+    streams, which dropped the focus to the page's body: the next Tab started over from
+    the top. The focus goes to Stop, the one thing to press then, and back to the
+    message box when the reply is done."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    page.route("**/api/chat/stream", lambda route: None)  # a reply that takes its time
+    page.fill("#message", "hello")
+    page.focus("#send")
+    page.keyboard.press("Space")
+    stop = page.locator("#stop")
+    expect(stop).to_be_visible()
+    expect(stop).to_be_focused()
+    page.keyboard.press("Enter")  # Stop, from the keyboard
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#message")).to_be_focused()
+
+
 def test_a_load_that_failed_offline_is_redone_when_back_online(
     live_server_factory, tmp_path, page
 ) -> None:

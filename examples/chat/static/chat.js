@@ -901,9 +901,14 @@ async function send(text) {
   // not hold this page (and every other tab of the chat, waiting on its lock) for good.
   const controller = new AbortController();
   stopCurrent = () => controller.abort();
+  // Disabling Send takes the focus off it when it was pressed (a keyboard user's
+  // Space, a click): the focus goes to Stop, the one thing to press now, not to the
+  // page's top.
+  const sendHadFocus = document.activeElement === el.send;
   el.send.disabled = true;
   el.send.textContent = 'Sending…';
   el.stop.hidden = false;
+  if (sendHadFocus) el.stop.focus();
   el.input.value = '';
   updateCounter();
 
@@ -1037,7 +1042,7 @@ function failureReason(err, stopped, streamed) {
   if (code === 'context_busy') {
     // The client waited up to 3 s already: a model pausing longer between words, or
     // another tab's reply, still holds the chat.
-    return 'an earlier reply in this chat (perhaps the one just stopped) was still being finished on the server; send it again in a moment';
+    return 'an earlier reply in this chat (perhaps the one just stopped) was still being finished on the server; send it again in a moment (a reply whose server stopped mid-way holds the chat for up to 2 minutes)';
   }
   if (code === 'stale_context' && err.recovered === true) {
     // Monotonic consistency: a reply that never fully reached this page (a Stop at its
