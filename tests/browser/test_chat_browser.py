@@ -489,6 +489,13 @@ def test_redis_down_shows_degraded_notice_and_chat_continues(
     assert user_texts(data)[0].startswith("Message 0:")  # old turns still shown (cached)
     screenshot()
 
+    # A reload knows none of the responses that said so, and the context it loads comes
+    # from the cache unflagged: the note went. The token itself still says it (over the
+    # budget with older turns in it, which a tier that takes them would hold).
+    page.reload()
+    expect(page.locator(".msg-user").last).to_contain_text("Still here?")
+    expect(page.locator("#thread-note")).to_contain_text("over its soft budget")
+
 
 def test_failed_send_keeps_its_error_and_leaves_no_bubble(
     live_server_factory, tmp_path, page, screenshot

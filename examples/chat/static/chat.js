@@ -746,10 +746,17 @@ function renderStatus(data) {
   if (summarized) notes.push(`${summarized} earlier turn${summarized === 1 ? ' was' : 's were'} folded into the running summary.`);
   // Not routine: said on every view of the chat, not only with the reply that lost them.
   if (lost) notes.push(`${lost} turn${lost === 1 ? ' was' : 's were'} lost while the overflow store could not take ${lost === 1 ? 'it' : 'them'}: only the running summary has ${lost === 1 ? 'it' : 'them'}.`);
-  // Over the soft budget is normal on its own (right before a spill, or one huge
-  // message that must stay in the token), so it is only news when the tier refused
-  // the turns that should have left: then they stay in the token up to the hard cap.
-  const refused = reasons.has('tier_write_failed') || reasons.has('data_loss');
+  // Over the soft budget is normal on its own (one huge exchange must stay in the
+  // token), so it is only news when the tier refused the turns that should have left:
+  // then they stay in the token up to the hard cap. Said by this page's responses, or,
+  // after a reload (which knows none of them), by the token itself: over the budget
+  // with turns older than its newest exchange still in it, which a save moves to a
+  // tier that takes them.
+  const all = data.turns || [];
+  const held = all.slice(all.length - Math.min(all.length, data.held_turns ?? all.length));
+  const newestExchange = held.map((t) => t.role).lastIndexOf('user');
+  const olderHeld = data.overflow_tier && newestExchange > 0;
+  const refused = reasons.has('tier_write_failed') || reasons.has('data_loss') || olderHeld;
   if (refused && data.max_token_bytes && data.token_bytes > data.max_token_bytes) {
     notes.push('The token is over its soft budget because the overflow store could not take its oldest turns; they stay in the token (up to the hard cap) until it can.');
   }
