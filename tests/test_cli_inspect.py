@@ -233,6 +233,14 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
     }
     code, out, _ = run(tamper(carrier), keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "token_bad_signature"
+    # Another session's context copied over this one's key: refused as the app refuses
+    # it, not "verified" with another user's conversation under this carrier.
+    other = app.test_client().post("/api/chat", json={"message": "someone else's"})
+    other_key = run(other.headers["Satchel-Context"], keys=KEYS.to_string())[1]["store_key"]
+    client = redis_server.client()
+    client.set(out_before["store_key"], client.get(other_key))
+    code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
+    assert code == 1 and out["error"]["code"] == "token_invalid_context", out
     # A foreign value at the key, not even ASCII: refused like a bad token.
     redis_server.client().set(out_before["store_key"], b"\xff not a token")
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())

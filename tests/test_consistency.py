@@ -330,7 +330,8 @@ def test_a_planted_newest_record_hands_back_nothing(tmp_path: Path) -> None:
     opened = at_rest.open(kept, context, max_bytes=1 << 20)
     assert opened is not None and opened.decode() == spent.headers["Satchel-Context"]
     planted_records = [
-        # kept as they are (as a release before sealing kept them, or planted)
+        # kept as they are (planted; a release before sealing kept them so, and those
+        # are opened and checked the same way)
         *(p for p in (other, "not-a-token", "s1.x\r\nSet-Cookie: a=b", t0)),
         # sealed for this record, but not a token made from the one sent
         at_rest.seal(other.encode(), context),
@@ -343,6 +344,12 @@ def test_a_planted_newest_record_hands_back_nothing(tmp_path: Path) -> None:
         assert replay.status_code == 409, (planted, replay.get_data(as_text=True))
         assert replay.get_json()["error"]["code"] == "stale_context"
         assert "Satchel-Context" not in replay.headers, planted
+    # A record kept as it is by the release before records were sealed: its token is
+    # handed back (checked as any), or the client whose response was lost across the
+    # upgrade got a 409 without it, and was locked out for good.
+    spent_token = spent.headers["Satchel-Context"]
+    state.tier.put(key, encode_newest(mark_id, parent, spent_token, seq), 600, cache=False)
+    assert post(client, "/spend", t0).headers["Satchel-Context"] == spent_token
     # The real record, put back, is handed back as before.
     assert real is not None
     state.tier.put(key, real, 600, cache=False)

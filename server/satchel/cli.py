@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the token was refused (inspect) or a target was missed
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from typing import Any, NoReturn, cast
 
 from . import __version__, schema, serialize
 from .codec import Algorithm, Codec, Mode, peek
-from .errors import BadToken, ConfigurationError, SatchelError
+from .errors import BadToken, ConfigurationError, InvalidContext, SatchelError
 from .keys import KEY_PURPOSE_RULE, Keyring, generate_key, is_key_purpose
 from .lifecycle import LifecyclePolicy, check_age
 from .schema import CURRENT_VERSION as SCHEMA_VERSION
@@ -133,7 +134,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return _inspect_token(token, args)
 
 
-def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
+def _inspect_token(
+    token: str, args: argparse.Namespace, *, expect_session: bytes | None = None, **extra: Any
+) -> int:
+    """``expect_session``: the session a server-mode carrier names; a stored context of
+    another session is refused, as the app refuses it (token_invalid_context)."""
     try:
         header = _header_dict(token)
         if args.no_verify:
@@ -159,6 +164,10 @@ def _inspect_token(token: str, args: argparse.Namespace, **extra: Any) -> int:
         # seal); an operator chaining tokens wants the parent sealed in this one.
         _env, payload = codec.open_payload(token)
         sealed_parent = schema.from_wire(serialize.unpack(payload, codec.limits)).parent
+        if expect_session is not None and not hmac.compare_digest(
+            opened.context.session_id, expect_session
+        ):
+            raise InvalidContext("the stored context belongs to another session")
     except (ConfigurationError, BadToken) as exc:
         return _refused(exc)
     ctx = opened.context
@@ -260,7 +269,9 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
         _print_inspect({"verified": True, **facts, "error": error})
         return 1
     # Not ASCII (a foreign write): the replacement characters make the parser refuse it.
-    return _inspect_token(stored.decode("ascii", "replace"), args, **facts)
+    return _inspect_token(
+        stored.decode("ascii", "replace"), args, expect_session=session_id, **facts
+    )
 
 
 def cmd_erase(args: argparse.Namespace) -> int:

@@ -671,12 +671,14 @@ class MonotonicGuard:
         return None
 
     def _unsealed(self, kept: str | bytes, mark_id: bytes, parent: bytes) -> str | None:
-        """The token a record keeps, as :meth:`_newest_record` kept it: unsealed with
-        ``at_rest`` (a record kept as it is, by a guard without one or planted, is
-        refused), or as it is without one."""
+        """The token a record keeps: unsealed with ``at_rest`` when it was kept sealed
+        (bytes), or as it is (a str: kept by a release before records were sealed, or
+        by a guard without ``at_rest``). Either goes through :meth:`_made_from` next, so
+        a plain record gives nothing a sealed one would not: refusing it locked out,
+        for good, each client whose response was lost across the upgrade."""
+        if isinstance(kept, str):
+            return kept
         if self.at_rest is None:
-            return kept if isinstance(kept, str) else None
-        if not isinstance(kept, bytes):
             return None
         token = self.at_rest.open(
             kept, newest_context(mark_id, parent), max_bytes=_MAX_NEWEST_BYTES
