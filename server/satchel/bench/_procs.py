@@ -141,13 +141,26 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the process and whatever is left in its group; reap it."""
+    """SIGKILL the process and whatever is left in its group; reap it.
+
+    The group is signalled once, and before the leader is reaped where it can be: a
+    reaped group whose members are all gone frees its id for reuse, and a second
+    kill() (a ``stop()`` after ``kill()``) sent SIGKILL to whatever group took it, on a
+    busy machine whose process ids wrap (another run's server, say)."""
+    if proc not in _LIVE:
+        # Killed already (its group id may belong to another group by now), or never
+        # registered: the leader alone, if it still runs.
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        return
+    _LIVE.discard(proc)
+    _signal_group(proc, signal.SIGKILL)  # the leader and its workers at once
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    _signal_group(proc, signal.SIGKILL)
-    _LIVE.discard(proc)
+    proc.wait(timeout=10)
 
 
 def terminate(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
