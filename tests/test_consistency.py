@@ -2619,3 +2619,24 @@ def test_a_first_mark_sqlite_refused_is_not_kept_and_not_reported_lost(tmp_path:
         assert satchel.codec.open(token).marked is False
     nxt = post(client, "/chat", token)
     assert nxt.status_code == 200 and "Satchel-Degraded" not in nxt.headers
+
+
+def test_a_guard_that_seals_but_cannot_check_takes_no_plain_record() -> None:
+    """Plain records (a release before sealing kept them so) are handed back only by a
+    guard that opens them first (open_token): one built with at_rest alone handed a
+    planted header-injecting string back as it was."""
+    import os
+
+    from satchel.consistency import MonotonicGuard, encode_newest
+    from satchel.keys import Keyring
+    from satchel.protect import AtRest
+    from satchel.tiers import GuardedTier, MemoryTier
+
+    tier = GuardedTier(MemoryTier())
+    ring = Keyring.generate("k1")
+    mark, parent = os.urandom(16), os.urandom(16)
+    tier.put(newest_key("t"), encode_newest(mark, parent, "s1.x\r\nSet-Cookie: a=b", 3), 600)
+    sealing_only = MonotonicGuard(tier, at_rest=AtRest(ring, "satchel", "newest-record"))
+    assert sealing_only._newest_for("t", mark, parent) is None
+    unchecked = MonotonicGuard(tier)  # checks nothing, as before records were sealed
+    assert unchecked._newest_for("t", mark, parent) == ("s1.x\r\nSet-Cookie: a=b", 3)

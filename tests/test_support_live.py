@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.support import LiveServer, LiveServerError
@@ -52,3 +54,30 @@ def test_broken_app_reports_logs() -> None:
             srv.start()
     finally:
         srv.cleanup()
+
+
+def test_kill_reaches_a_group_whose_leader_was_already_reaped(tmp_path: Path) -> None:
+    """kill() signals a group only while a member is left once its leader is reaped (an
+    empty group's id may be another group's by then); a leader that exited leaving a
+    worker behind, seen by a poll(), still has that worker killed."""
+    import time
+
+    from satchel.bench import _procs
+
+    pid_file = tmp_path / "worker.pid"
+    proc = _procs.spawn(
+        ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; exit 0"], log_path=tmp_path / "log"
+    )
+    deadline = time.monotonic() + 10
+    while proc.poll() is None or not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline, "the leader did not exit"
+        time.sleep(0.01)
+    worker = int(pid_file.read_text())
+    assert _procs.proc_state(worker) not in (None, "Z")
+    _procs.kill(proc)
+    deadline = time.monotonic() + 10
+    while _procs.proc_state(worker) not in (None, "Z"):
+        assert time.monotonic() < deadline, "the worker outlived kill()"
+        time.sleep(0.01)
+    assert not _procs._group_members(proc.pid) or _procs.proc_state(worker) == "Z"
+    _procs.kill(proc)  # again: nothing left to signal, nothing raised

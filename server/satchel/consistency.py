@@ -673,11 +673,14 @@ class MonotonicGuard:
     def _unsealed(self, kept: str | bytes, mark_id: bytes, parent: bytes) -> str | None:
         """The token a record keeps: unsealed with ``at_rest`` when it was kept sealed
         (bytes), or as it is (a str: kept by a release before records were sealed, or
-        by a guard without ``at_rest``). Either goes through :meth:`_made_from` next, so
-        a plain record gives nothing a sealed one would not: refusing it locked out,
-        for good, each client whose response was lost across the upgrade."""
+        by a guard without ``at_rest``). With ``open_token`` either goes through
+        :meth:`_made_from` next, so a plain record gives nothing a sealed one would
+        not: refusing it locked out, for good, each client whose response was lost
+        across the upgrade. A guard that seals but cannot check takes sealed ones only."""
         if isinstance(kept, str):
-            return kept
+            # Unchecked only for a guard that checks nothing (no at_rest, no open_token:
+            # one built by hand), as before records were sealed.
+            return kept if self.open_token is not None or self.at_rest is None else None
         if self.at_rest is None:
             return None
         token = self.at_rest.open(

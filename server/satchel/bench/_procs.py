@@ -140,6 +140,24 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+def _group_members(pgid: int) -> bool:
+    """Whether any process is in group ``pgid`` (Linux /proc; True where it cannot be
+    read, so a group is never left running for want of a look)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return True
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            return True
+    return False
+
+
 def kill(proc: subprocess.Popen) -> None:
     """SIGKILL the process and whatever is left in its group; reap it.
 
@@ -156,7 +174,10 @@ def kill(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
         return
     _LIVE.discard(proc)
-    _signal_group(proc, signal.SIGKILL)  # the leader and its workers at once
+    # The leader reaped already (a poll() saw it exit): its group id is free for reuse
+    # once the group is empty, so the group is signalled only while a member is left.
+    if proc.returncode is None or _group_members(proc.pid):
+        _signal_group(proc, signal.SIGKILL)  # the leader and its workers at once
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
