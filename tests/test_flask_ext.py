@@ -1171,6 +1171,10 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
         # A word short of SATCHEL_SEGMENT_CACHE_BYTES; by similarity it was "meant"
         # SATCHEL_SEGMENT_GRACE, three letters away, and 16 MiB of seconds taken.
         SATCHEL_SEGMENT_CACHE=16 * 1024 * 1024,
+        # A word short, and two letters from another key: that one was named, and its
+        # advice refused (SATCHEL_AEAD) or ignored (SATCHEL_KEYS).
+        SATCHEL_PAD=256,  # meant SATCHEL_PAD_TO
+        SATCHEL_KEEP=False,  # meant SATCHEL_KEEP_NEWEST
     )
     with caplog.at_level(logging.WARNING, logger="satchel"):
         Satchel(app)
@@ -1181,10 +1185,12 @@ def test_a_misspelled_setting_is_warned_about(caplog: pytest.LogCaptureFixture) 
             [
                 "SATCHEL_COOKIE",
                 "SATCHEL_HEALTH_ROUTES",
+                "SATCHEL_KEEP_NEWEST",
                 "SATCHEL_MAX_TOKEN_BYTES",
                 "SATCHEL_MAX_TURNS",
                 "SATCHEL_METRICS_ROUTE",
                 "SATCHEL_OVERFLOW_URL",
+                "SATCHEL_PAD_TO",
                 "SATCHEL_SEGMENT_CACHE_BYTES",
             ]
         )

@@ -5,8 +5,10 @@ key                             default        meaning
 =============================== ============== ==============================================
 SATCHEL_KEYS                    env            ``kid:secret,...`` (newest first) or a Keyring;
                                                falls back to the SATCHEL_KEYS env variable
-SATCHEL_ANCHOR_KID              last key       the key that names sessions (tags, segment
-                                               keys, marks); see docs/operations.md
+SATCHEL_ANCHOR_KID              env, else      the key that names sessions (tags, segment
+                                last key       keys, marks); falls back to the
+                                               SATCHEL_ANCHOR_KID env variable, as the
+                                               CLI reads it; see docs/operations.md
 SATCHEL_DEV_KEY_FILE            None           when no keys are set: generate and keep a
                                                development key in this file (with a warning)
 SATCHEL_TOKEN_MODE              "sealed"       "sealed" (AEAD) or "signed" (HMAC)
@@ -334,13 +336,18 @@ def _meant_key(key: str, known: Collection[str]) -> str | None:
     ``SATCHEL_COOKIE_SAMESITE``, a wrong key whose advice was itself refused.
     """
     typos = sorted((d, k) for k in known if (d := _edits(key, k)) is not None)
-    if typos:  # a letter or two away (SATCHEL_MAX_TURN): spelling says it best
+    if typos and typos[0][0] <= 1:  # a letter away (SATCHEL_MAX_TURN): spelling says it
         return typos[0][1]
     # One known key that is this one and a word more; with several (SATCHEL_TOKEN:
     # _MODE or _LIMIT?) or words more, the guess would be a guess, and none is made.
+    # Before two letters of spelling: SATCHEL_PAD is SATCHEL_PAD_TO cut short, not
+    # SATCHEL_AEAD, and SATCHEL_KEEP is SATCHEL_KEEP_NEWEST, not SATCHEL_KEYS (advice
+    # that was itself refused, or ignored).
     longer = [k for k in known if k.startswith(key + "_") and "_" not in k[len(key) + 1 :]]
     if longer:
         return longer[0] if len(longer) == 1 else None
+    if typos:  # two letters away
+        return typos[0][1]
     for suffix in _GUESSED_SUFFIXES:
         if key.endswith(suffix) and key[: -len(suffix)] in known:
             return key[: -len(suffix)]
