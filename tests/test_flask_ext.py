@@ -1402,3 +1402,23 @@ def test_the_status_table_lists_every_error_code_an_app_can_meet() -> None:
             continue
         if cls.status < 500 and cls.code != errors.SatchelError.code:
             assert STATUS_BY_CODE.get(cls.code) == cls.status, cls.__name__
+
+
+def test_an_empty_cookie_or_json_field_setting_is_off() -> None:
+    """SATCHEL_COOKIE= (an environment file switching the carrier off) was a
+    ConfigurationError at start-up, where the URL keys take empty as none."""
+    app = Flask(__name__)
+    app.config.update(
+        SATCHEL_KEYS=Keyring([K1]).to_string(), SATCHEL_COOKIE="", SATCHEL_JSON_FIELD=" "
+    )
+    ext = Satchel(app)
+
+    @app.post("/chat")
+    def chat() -> dict[str, int]:
+        ext.context.add_turn("user", "hi")
+        return {"turns": len(ext.context.turns)}
+
+    response = app.test_client().post("/chat", json={"satchel": "ignored"})
+    assert response.status_code == 200
+    assert "Set-Cookie" not in response.headers
+    assert ext.state(app).config.cookie is None and ext.state(app).config.json_field is None

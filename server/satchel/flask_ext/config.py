@@ -42,7 +42,8 @@ SATCHEL_HEADER                  Satchel-Context request and response header (rel
                                                append to (X-Forwarded-For, ...)
 SATCHEL_COOKIE                  None           cookie name: also read and write a cookie
                                                (not SESSION_COOKIE_NAME; __Secure- and
-                                               __Host- names need what browsers ask)
+                                               __Host- names need what browsers ask;
+                                               empty: none)
 SATCHEL_COOKIE_SECURE           True
 SATCHEL_COOKIE_SAMESITE         "Lax"          "Strict", "Lax", "None" (any case), or None/""
                                                to leave the attribute out; "None" needs
@@ -57,7 +58,8 @@ SATCHEL_COOKIE_MAX_AGE          None           cookie Max-Age in seconds (None: 
                                                most 400 days)
 SATCHEL_JSON_FIELD              None           also read the token from this JSON body field
                                                (a string; null or absent: a new context;
-                                               anything else is token_malformed)
+                                               anything else is token_malformed; the
+                                               key empty: none)
 SATCHEL_ON_BAD_TOKEN            "error"        "error" (JSON 4xx) or "fresh" (new context,
                                                ``Satchel-Reset`` header says why)
 SATCHEL_TOKEN_LIMIT             65536          raw token length cap, checked first; (client
@@ -474,8 +476,11 @@ class SatchelConfig:
         # "0", "false" from the environment
         flags = ("health_routes", "cookie_secure", "cookie_partitioned", "mark_ids", "keep_newest")
         _converted(values, flags, parse_flag, "true or false (1/0, yes/no, on/off)")
-        if "metrics_route" in values and not values["metrics_route"]:
-            values["metrics_route"] = None
+        # Empty is off for the optional names, as for the URLs: SATCHEL_COOKIE= in an
+        # environment file (a carrier switched off) was a ConfigurationError.
+        for name in ("metrics_route", "cookie", "json_field"):
+            if name in values and isinstance(values[name], str) and not values[name].strip():
+                values[name] = None
         ints = ("token_limit", "breaker_fail_max", "segment_cache_bytes")
         _converted(values, ints, _whole, "an integer")
         seconds = (
