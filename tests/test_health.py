@@ -26,6 +26,17 @@ class Events(Observer):
         self.names.append(name)
 
 
+def tier_entry(name: str, *, reachable: bool, breaker: str) -> dict[str, Any]:
+    """A tier's /readyz entry, neither full nor refusing writes."""
+    return {
+        "name": name,
+        "reachable": reachable,
+        "breaker": breaker,
+        "full": False,
+        "writes_failing": False,
+    }
+
+
 def make_app(*, tier: Any = None, observer: Observer | None = None, **config: Any) -> Flask:
     app = Flask(__name__)
     app.config.update(SATCHEL_KEYS=KEYS, **config)
@@ -99,13 +110,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     resp = client.get("/readyz")
     assert resp.status_code == 200
     assert resp.get_json()["status"] == "ready"
-    assert resp.get_json()["tier"] == {
-        "name": "redis",
-        "reachable": True,
-        "breaker": "closed",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert resp.get_json()["tier"] == tier_entry("redis", reachable=True, breaker="closed")
 
     token = None
     for _ in range(4):  # overflow into redis
@@ -119,13 +124,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     body = resp.get_json()
     assert body["status"] == "degraded"
     assert body["keyring"] == {"loaded": True, "kids": 2, "development": False}
-    assert body["tier"] == {
-        "name": "redis",
-        "reachable": False,
-        "breaker": "closed",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert body["tier"] == tier_entry("redis", reachable=False, breaker="closed")
 
     # chat keeps working, degraded; the probes and requests open the breaker
     resp = client.post("/chat", headers={"Satchel-Context": token})
@@ -134,13 +133,7 @@ def test_redis_tier_down_is_degraded_but_serving(redis_server: RedisServer) -> N
     for _ in range(5):
         body = client.get("/readyz").get_json()
     assert body["status"] == "degraded"
-    assert body["tier"] == {
-        "name": "redis",
-        "reachable": False,
-        "breaker": "open",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert body["tier"] == tier_entry("redis", reachable=False, breaker="open")
 
 
 def test_a_tier_that_reads_but_refuses_every_write_is_degraded(tmp_path: Any) -> None:
@@ -196,24 +189,12 @@ def test_ready_again_after_the_breaker_closes(redis_server: RedisServer) -> None
     # still open: the probe does not touch redis until the reset timeout passes
     body = client.get("/readyz").get_json()
     assert body["status"] == "degraded"
-    assert body["tier"] == {
-        "name": "redis",
-        "reachable": False,
-        "breaker": "open",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert body["tier"] == tier_entry("redis", reachable=False, breaker="open")
     now[0] += 6
     resp = client.get("/readyz")
     assert resp.status_code == 200
     assert resp.get_json()["status"] == "ready"
-    assert resp.get_json()["tier"] == {
-        "name": "redis",
-        "reachable": True,
-        "breaker": "closed",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert resp.get_json()["tier"] == tier_entry("redis", reachable=True, breaker="closed")
 
 
 def test_tier_status_never_raises() -> None:
@@ -223,26 +204,14 @@ def test_tier_status_never_raises() -> None:
         def ping(self) -> None:
             raise RuntimeError("bug")
 
-    assert tier_status(Bare()) == {
-        "name": "custom",
-        "reachable": False,
-        "breaker": "open",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert tier_status(Bare()) == tier_entry("custom", reachable=False, breaker="open")
 
     class Down(MemoryTier):
         def ping(self) -> None:
             raise TierUnavailable("down")
 
     status = tier_status(GuardedTier(Down()))
-    assert status == {
-        "name": "memory",
-        "reachable": False,
-        "breaker": "closed",
-        "full": False,
-        "writes_failing": False,
-    }
+    assert status == tier_entry("memory", reachable=False, breaker="closed")
 
 
 # ------------------------------------------------------------------ over real HTTP

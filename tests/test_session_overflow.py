@@ -390,27 +390,18 @@ def test_a_streamed_reply_flagged_by_the_session_and_its_save_counts_once() -> N
     """The session interface counted the response when its headers went out, and the
     extension counted it again when the stream's save flagged a reason of its own:
     satchel_degraded_responses_total read 2 for one response."""
-    from flask import Flask as _Flask
 
     from satchel import Keyring, Satchel
-    from satchel.errors import TierUnavailable
     from satchel.lifecycle import LifecyclePolicy
     from satchel.metrics import PrometheusObserver
-
-    class ReadsDown(MemoryTier):
-        down = False
-
-        def get_many(self, keys: Any) -> Any:
-            if self.down:
-                raise TierUnavailable("reads down for the test")
-            return super().get_many(keys)
+    from tests.test_overflow_history import Flaky  # a tier whose reads can be refused
 
     def failing_counter(text: str) -> int:
         raise ValueError("a tokenizer that refuses this text")
 
-    tier = ReadsDown()
+    tier = Flaky()
     obs = PrometheusObserver()
-    app = _Flask(__name__)
+    app = Flask(__name__)
     app.config["SATCHEL_KEYS"] = Keyring.generate("k1")
     app.session_interface = SatchelSessionInterface(overflow=TierSessionOverflow(tier))
     policy = LifecyclePolicy(max_llm_tokens=10_000, token_counter=failing_counter)
@@ -431,7 +422,7 @@ def test_a_streamed_reply_flagged_by_the_session_and_its_save_counts_once() -> N
 
     client = app.test_client()
     assert client.post("/big").status_code == 200
-    tier.down = True
+    tier.refuse_reads = True
     reply = client.post("/stream")
     body = reply.get_data(as_text=True)
     assert reply.headers["Satchel-Degraded"] == "session_unavailable"

@@ -686,10 +686,8 @@ class MonotonicGuard:
         token = self.at_rest.open(
             kept, newest_context(mark_id, parent), max_bytes=_MAX_NEWEST_BYTES
         )
-        try:
-            return token.decode("ascii") if token is not None else None
-        except UnicodeDecodeError:
-            return None
+        # What it opens is what _newest_record sealed: a token, ASCII.
+        return token.decode("ascii") if token is not None else None
 
     def _made_from(self, token: str, presented: bytes, seq: int) -> bool:
         """Whether ``token`` opens (our key, unexpired) as the save at ``seq`` made from

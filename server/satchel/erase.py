@@ -87,8 +87,8 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
     every mode must meet it (and ``satchel erase`` always wrote it).
     """
     observer = state.pipeline.observer
+    tag = state.codec.session_tag(parse_session_id(session_id))
     if state.tier is None:
-        tag = state.codec.session_tag(parse_session_id(session_id))
         result = {"session": tag, "deleted_keys": 0, "tokens_refused": False}
     else:
         policy = state.pipeline.policy
@@ -104,7 +104,6 @@ def erase_with_state(state: Any, session_id: str | bytes) -> dict[str, Any]:
             # An erasure is a compliance operation: that one failed must show in the
             # metrics and the audit log, not only as the caller's 503 (and, outside a
             # request, with the breaker open, nowhere at all). The caller retries.
-            tag = state.codec.session_tag(parse_session_id(session_id))
             observer.event("erase_failed", session=tag, error=exc.code, detail=tier_cause(exc))
             raise
     observer.event("erased", session=result["session"], count=result["deleted_keys"])

@@ -30,7 +30,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ConfigurationError, UnknownKeyId
 
-_KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+#: The longest key id: ids travel in every token header.
+MAX_KID_LENGTH = 16
+_KID_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_KID_LENGTH}}}$")
 _HKDF_SALT = b"satchel/v1"
 MIN_SECRET_BYTES = 16
 

@@ -107,10 +107,6 @@ class Pipeline:
         # The policy a session that already keeps turns in the tier is trimmed with:
         # the window and the LLM-token budget move turns in fit_budget instead.
         self._spilling_policy = replace(self.policy, max_turns=None, max_llm_tokens=None)
-        budget = self.policy.max_llm_tokens
-        self._llm_spill_target = replace(
-            self.policy, max_llm_tokens=None if budget is None else int(budget * SPILL_TARGET)
-        )
 
     # -- naming sessions in logs without revealing them ---------------------------
 
@@ -207,12 +203,11 @@ class Pipeline:
             if isinstance(exc, MigrationFailed):
                 # The deployment's problem (a migration missing or raising), not bad
                 # input: the version tells which migration to look at.
-                version = exc.facts.get("from_version", exc.facts.get("version"))
                 self.observer.event(
                     # The message is Satchel's own: the versions and the error's type.
                     "refused",
                     reason=exc.code,
-                    from_version=version,
+                    from_version=exc.facts.get("from_version"),
                     detail=exc.message,
                 )
             else:
@@ -529,8 +524,10 @@ class Pipeline:
         count = 0
         if window is not None and len(ctx.turns) > window:
             count = len(ctx.turns) - int(window * SPILL_TARGET)
-        if llm_budget_excess(ctx, self.policy):
-            count = max(count, llm_budget_excess(ctx, self._llm_spill_target))
+        budget = self.policy.max_llm_tokens
+        if budget is not None:
+            target = int(budget * SPILL_TARGET)
+            count = max(count, llm_budget_excess(ctx, self.policy, down_to=target))
         return count
 
     def _fit_turn_limit(self, ctx: Context, now: float, tag: str) -> bool:

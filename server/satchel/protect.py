@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .envelope import FLAG_CHACHA, FLAG_SEALED
 from .errors import BadSignature, MalformedToken, SatchelError
-from .keys import Keyring
+from .keys import MAX_KID_LENGTH, Keyring
 
 MAC_SIZE = 32
 NONCE_SIZE = 12
@@ -150,6 +150,9 @@ class AtRest:
     nonce, the ciphertext and its tag. Opened with whichever key of the ring the id
     names, so a record outlives a rotation while its key stays in the ring.
     """
+
+    #: The most sealing adds to a value: the key id and its length, a nonce, a tag.
+    MAX_OVERHEAD = 1 + MAX_KID_LENGTH + NONCE_SIZE + TAG_SIZE
 
     def __init__(
         self,

@@ -77,7 +77,9 @@ def migrate(wire: dict[str, Any]) -> tuple[dict[str, Any], int]:
     while version < CURRENT_VERSION:
         step = MIGRATIONS.get(version)
         if step is None:
-            raise MigrationFailed(f"no migration from schema version {version}", version=version)
+            raise MigrationFailed(
+                f"no migration from schema version {version}", from_version=version
+            )
         try:
             wire = step(wire)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:

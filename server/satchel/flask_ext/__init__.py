@@ -128,6 +128,14 @@ class RequestState:
     #: response, whichever path said Satchel-Degraded first)
     degraded_counted: bool = False
 
+    def first_degraded_count(self) -> bool:
+        """True the first time the response is counted as degraded (and marks it): the
+        extension's paths and the flask.session interface each flag responses, and a
+        response is counted once in ``degraded_responses_total``."""
+        first = not self.degraded_counted
+        self.degraded_counted = True
+        return first
+
 
 #: methods that read: served while a stream answers the same token (MonotonicGuard.before)
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -902,8 +910,7 @@ class Satchel:
         """``degraded_responses_total``: once per response that says Satchel-Degraded,
         whatever the reasons and however many paths said it (a stream's headers, then
         its final event; the flask.session interface's flags)."""
-        if not rs.degraded_counted:
-            rs.degraded_counted = True
+        if rs.first_degraded_count():
             self.observer.event("degraded_response")
 
     def _describe_unsealed(self, response: Response, rs: RequestState, ctx: Context) -> None:
@@ -1375,18 +1382,11 @@ def _body_bytes() -> bytes:
         ) from None
 
 
-def degraded_response_counted() -> bool:
-    """Whether this request's response was counted in ``degraded_responses_total``
-    already, marking it counted: the extension and the flask.session interface both
-    flag responses, and a response is counted once (a stream's save, after its
-    headers, flags it again)."""
-    attrs: dict[str, Any] = request._get_current_object().__dict__  # type: ignore[attr-defined]
-    state: RequestState | None = attrs.get(_STATE_ATTR)
-    if state is None:
-        state = attrs.setdefault(_STATE_ATTR, RequestState())
-    counted = state.degraded_counted
-    state.degraded_counted = True
-    return counted
+def first_degraded_count() -> bool:
+    """:meth:`RequestState.first_degraded_count` for this request (the flask.session
+    interface's, which has no state of its own; a stream's save, after its headers,
+    flags the same response again)."""
+    return Satchel._request_state().first_degraded_count()
 
 
 def server_timing(timings: dict[str, float], total: float) -> str:

@@ -98,15 +98,9 @@ def register_routes(app: Flask, ext: Any, *, metrics_route: str | None, health: 
         _add_read_route(app, "/healthz", "satchel_healthz", satchel_healthz)
         _add_read_route(app, "/readyz", "satchel_readyz", satchel_readyz)
 
-    paths = frozenset(
-        path
-        for path, on in (
-            (metrics_route, bool(metrics_route)),
-            ("/healthz", health),
-            ("/readyz", health),
-        )
-        if on
-    )
+    paths = {metrics_route} if metrics_route else set()
+    if health:
+        paths |= {"/healthz", "/readyz"}
     if paths:
 
         def refuse_other_methods() -> Response | None:

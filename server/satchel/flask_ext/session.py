@@ -549,12 +549,16 @@ class SatchelSessionInterface(SessionInterface):
 
     def _save(self, app: Flask, session: SessionMixin, response: Response) -> None:
         name = self.get_cookie_name(app)
-        domain = self.get_cookie_domain(app)
-        path = self.get_cookie_path(app)
-        secure = self.get_cookie_secure(app)
-        partitioned = self.get_cookie_partitioned(app)
-        samesite = self.get_cookie_samesite(app)
-        httponly = self.get_cookie_httponly(app)
+        # The attributes every Set-Cookie of the session carries, a deletion's included:
+        # a browser drops a cookie only for the domain and path it was set with.
+        attributes: dict[str, Any] = {
+            "domain": self.get_cookie_domain(app),
+            "path": self.get_cookie_path(app),
+            "secure": self.get_cookie_secure(app),
+            "partitioned": self.get_cookie_partitioned(app),
+            "samesite": self.get_cookie_samesite(app),
+            "httponly": self.get_cookie_httponly(app),
+        }
 
         if session.accessed:
             add_vary(response, "Cookie")
@@ -567,15 +571,7 @@ class SatchelSessionInterface(SessionInterface):
         # Emptied: remove the cookie. Empty and untouched: nothing to send.
         if not session:
             if session.modified:
-                response.delete_cookie(
-                    name,
-                    domain=domain,
-                    path=path,
-                    secure=secure,
-                    partitioned=partitioned,
-                    samesite=samesite,
-                    httponly=httponly,
-                )
+                response.delete_cookie(name, **attributes)
                 add_vary(response, "Cookie")
                 if ref is not None:
                     # Logging out must not leave the session readable in the tier.
@@ -643,13 +639,8 @@ class SatchelSessionInterface(SessionInterface):
                 name,
                 cookie_value,
                 expires=expires,
-                path=path,
-                domain=domain,
-                secure=secure,
-                httponly=httponly,
-                samesite=samesite,
-                partitioned=partitioned,
                 max_size=0,  # checked below, as an error rather than a warning
+                **attributes,
             )
 
         header = header_for(value)
@@ -678,15 +669,7 @@ class SatchelSessionInterface(SessionInterface):
                         # the throttled WARNINGs), never silent; the stored copy the
                         # client referred to expires at its TTL.
                         self._mark_failed(session)
-                        response.delete_cookie(
-                            name,
-                            domain=domain,
-                            path=path,
-                            secure=secure,
-                            partitioned=partitioned,
-                            samesite=samesite,
-                            httponly=httponly,
-                        )
+                        response.delete_cookie(name, **attributes)
                         add_vary(response, "Cookie")
                         self._flag(app, response, SESSION_NOT_SAVED, exc)
                         log.info(
@@ -806,7 +789,7 @@ class SatchelSessionInterface(SessionInterface):
     def _flag(self, app: Flask, response: Response, reason: str, exc: TierError) -> None:
         """Say ``reason`` on the response (``Satchel-Degraded``, beside any reason the
         chat extension gave) and count it, the response once in all."""
-        from . import degraded_response_counted  # the extension imports this module
+        from . import first_degraded_count  # the extension imports this module
 
         present = [r.strip() for r in response.headers.get("Satchel-Degraded", "").split(",")]
         present = [r for r in present if r]
@@ -815,5 +798,5 @@ class SatchelSessionInterface(SessionInterface):
         response.headers["Satchel-Degraded"] = ", ".join([*present, reason])
         observer = self.get_observer(app)
         observer.event("degraded", reason=reason, detail=tier_cause(exc))
-        if not degraded_response_counted():
+        if first_degraded_count():
             observer.event("degraded_response")

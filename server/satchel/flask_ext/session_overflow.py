@@ -49,8 +49,6 @@ from ..tiers.guard import GuardedTier
 
 log = logging.getLogger("satchel")
 PREFIX = "so1."
-#: What sealing a copy adds: the key id and its length, a nonce and a tag.
-_AT_REST_OVERHEAD = 1 + 255 + 12 + 16
 
 
 class StoredSessionMissing(BadToken):
@@ -136,7 +134,7 @@ class TierSessionOverflow:
         fetched = self.tier.get_many([key], cache=False)
         stored = fetched.get(key)
         if stored is not None:
-            limit = app.session_interface.limits.max_token_bytes + _AT_REST_OVERHEAD  # type: ignore[attr-defined]
+            limit = app.session_interface.limits.max_token_bytes + AtRest.MAX_OVERHEAD  # type: ignore[attr-defined]
             token = self._at_rest(app).open(stored, key.encode("ascii"), max_bytes=limit)
             if token is None:
                 # Not a copy this ring sealed for this reference: damaged, planted, one

@@ -221,16 +221,21 @@ def apply_token_budget(
     return _drop_older(ctx, count, reason, policy, now) if count else []
 
 
-def llm_budget_excess(ctx: Context, policy: LifecyclePolicy) -> int:
+def llm_budget_excess(ctx: Context, policy: LifecyclePolicy, *, down_to: int | None = None) -> int:
     """How many of the oldest turns must leave for the rest to fit the LLM-token budget
     (0 when they fit, or there is no budget). The caller removes whole groups covering
     them, never the newest: dropped here, or moved to the tier by the pipeline for a
-    session that already keeps turns there."""
+    session that already keeps turns there. ``down_to``: once over the budget, as many
+    as leave the rest within that many tokens (the pipeline spills below the budget,
+    so that it does not spill again on the next exchange); the turns counted once."""
     if policy.max_llm_tokens is None:
         return 0
     counter = policy.counter()
     sizes = [turn_tokens(t, counter) for t in ctx.turns]
-    excess, count = sum(sizes) - policy.max_llm_tokens, 0
+    total = sum(sizes)
+    if total <= policy.max_llm_tokens:
+        return 0
+    excess, count = total - (policy.max_llm_tokens if down_to is None else down_to), 0
     for size in sizes:
         if excess <= 0:
             break
