@@ -1068,3 +1068,83 @@ def test_llm_summarizer_sends_no_tool_output_as_a_users_words() -> None:
     ctx.add_turn("user", '{"iban": "DE89370400440532013000"}', tool_call_id="toolu_1")
     prompt = LLMSummarizer(ScriptedModel("ok")).messages(ctx.turns, "")[1]["content"]
     assert "DE89" not in prompt and "user: What's my balance?" in prompt
+
+
+# ------------------------------------------------------- the Vercel AI SDK route
+
+
+def ai_sdk_chunks(resp: Any) -> list[dict[str, Any]]:
+    """The JSON chunks of a UI message stream (every ``data:`` line but ``[DONE]``)."""
+    text = resp.get_data(as_text=True)
+    lines = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def ai_sdk_send(client: Any, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """One request as ``satchelAISDK``'s ``prepareSendMessagesRequest`` builds it; the
+    ``data-satchel`` part's data, with the streamed text under ``text``."""
+    headers = {"Satchel-Context": token} if token else {}
+    resp = client.post("/api/chat/ai-sdk", json=body, headers=headers)
+    assert resp.status_code == 200
+    assert resp.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    chunks = ai_sdk_chunks(resp)
+    assert chunks[0] == {"type": "start"} and chunks[-1] == {"type": "finish"}
+    (part,) = [c for c in chunks if c["type"] == "data-satchel"]
+    assert part["transient"] is True
+    text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+    return {**part["data"], "text": text}
+
+
+def test_ai_sdk_route_carries_the_conversation_from_the_newest_message_alone(
+    app: Any, client: Any
+) -> None:
+    first = ai_sdk_send(
+        client, {"message": "Plan a trip to Lisbon", "id": "c1", "trigger": "submit-message"}, None
+    )
+    second = ai_sdk_send(
+        client,
+        {"message": "And Porto?", "id": "c1", "trigger": "submit-message", "messageId": None},
+        first["token"],
+    )
+    assert (first["seq"], second["seq"]) == (1, 2)
+    ctx = Satchel.state(app).codec.open(second["token"])
+    assert [(t.role, t.content) for t in ctx.turns] == [
+        ("user", "Plan a trip to Lisbon"),
+        ("assistant", first["text"]),
+        ("user", "And Porto?"),
+        ("assistant", second["text"]),
+    ]
+    assert second["text"] == OfflineModel().reply(
+        [{"role": t.role, "content": t.content} for t in ctx.turns[:3]]
+    )
+
+
+def test_ai_sdk_regenerate_answers_the_last_message_again_in_place_of_its_reply(
+    app: Any, client: Any
+) -> None:
+    first = ai_sdk_send(client, {"message": "Hello there", "trigger": "submit-message"}, None)
+    again = ai_sdk_send(
+        client, {"message": "Hello there", "trigger": "regenerate-message"}, first["token"]
+    )
+    ctx = Satchel.state(app).codec.open(again["token"])
+    assert [(t.role, t.content) for t in ctx.turns] == [
+        ("user", "Hello there"),
+        ("assistant", again["text"]),
+    ]
+    # The same words sent as a new message are a new turn, not a regeneration.
+    third = ai_sdk_send(
+        client, {"message": "Hello there", "trigger": "submit-message"}, again["token"]
+    )
+    assert [t.role for t in Satchel.state(app).codec.open(third["token"]).turns] == [
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+
+
+def test_ai_sdk_route_refuses_a_bad_message_as_json(client: Any) -> None:
+    resp = client.post("/api/chat/ai-sdk", json={"messages": [{"role": "user"}]})
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["code"] == "invalid_request"

@@ -9,6 +9,8 @@ Routes:
 ``POST /api/chat``          ``{"message": ...}`` -> ``{"reply": ..., ...}`` (JSON)
 ``POST /api/chat/stream``   the same, as server-sent events (``satchel.stream``): ``delta``
                             events, then ``satchel`` (the next token), then ``done``
+``POST /api/chat/ai-sdk``   the same for a Vercel AI SDK frontend (``satchelAISDK``): the
+                            UI message stream, the token in a ``data-satchel`` part
 ``GET  /api/context``       the context as JSON: every turn (overflowed ones read back
                             from the tier), summary, counts, token size; issues no token
 ``DELETE /api/context``     erase what the server keeps of the conversation (Delete chat)
@@ -42,7 +44,7 @@ from examples._config import env_config as read_env
 from examples._config import read_message as read_checked_message
 from satchel import Satchel
 from satchel.errors import SatchelError
-from satchel.flask_ext import json_errors_for
+from satchel.flask_ext import json_body, json_errors_for
 
 from .llm_summarizer import LLMSummarizer
 from .models import (
@@ -153,6 +155,23 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def read_message() -> str:
         return read_checked_message(max_chars)
 
+    def stream_reply(ctx: Any, *, protocol: str) -> Response:
+        """The model's reply to ``ctx`` streamed; the reply is saved as it completes."""
+        messages = build_messages(ctx, default_prompt=system_prompt)
+
+        def deltas() -> Any:
+            try:
+                yield from model.stream(messages)
+            except ModelError as exc:
+                # Becomes an error event; no token is issued, the client keeps its own.
+                raise _model_unavailable(exc) from None
+
+        def on_complete(text: str) -> None:
+            if text:
+                ctx.add_turn("assistant", text)
+
+        return satchel.stream(deltas(), on_complete=on_complete, protocol=protocol)
+
     # -- the page ----------------------------------------------------------------------
 
     @app.get("/")
@@ -211,20 +230,25 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         message = read_message()
         ctx = satchel.context
         ctx.add_turn("user", message)
-        messages = build_messages(ctx, default_prompt=system_prompt)
+        return stream_reply(ctx, protocol="satchel")
 
-        def deltas() -> Any:
-            try:
-                yield from model.stream(messages)
-            except ModelError as exc:
-                # Becomes an `error` event; no token is issued, the client keeps its own.
-                raise _model_unavailable(exc) from None
-
-        def on_complete(text: str) -> None:
-            if text:
-                ctx.add_turn("assistant", text)
-
-        return satchel.stream(deltas(), on_complete=on_complete)
+    @app.post("/api/chat/ai-sdk")
+    def chat_ai_sdk() -> Response:
+        """The same chat for a Vercel AI SDK frontend (``useChat`` with
+        ``DefaultChatTransport`` and ``satchelAISDK(client)``, docs/client-js.md): the
+        adapter sends only the newest user message, and the reply is the SDK's UI
+        message stream with the token in a ``data-satchel`` part."""
+        message = read_message()
+        body = json_body()
+        ctx = satchel.context
+        if body.get("trigger") == "regenerate-message" and _is_last_exchange(ctx, message):
+            # regenerate() sends the last user message again: answer it anew in place
+            # of the last reply instead of holding the question twice.
+            if ctx.turns[-1].role == "assistant":
+                del ctx.turns[-1]
+        else:
+            ctx.add_turn("user", message)
+        return stream_reply(ctx, protocol="ai-sdk")
 
     @app.get("/api/context")
     def context() -> Any:
@@ -270,6 +294,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         return {"erased": True, "deleted_keys": result["deleted_keys"]}
 
     return app
+
+
+def _is_last_exchange(ctx: Any, message: str) -> bool:
+    """Whether ``message`` is the last user turn of ``ctx``, answered or not yet."""
+    turns = ctx.turns
+    if turns and turns[-1].role == "assistant":
+        turns = turns[:-1]
+    return bool(turns) and turns[-1].role == "user" and turns[-1].content == message
 
 
 def _scheme(url: str | None) -> str | None:
