@@ -762,6 +762,33 @@ def test_monotonic_with_the_tier_full(
         assert degraded == 1 and refused == 0
 
 
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_a_new_conversation_refused_for_its_mark_started_no_session(
+    tmp_path: Path, redis_server: Any, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session starts when its first token goes out (docs/operations.md): a new
+    conversation whose first mark the full tier refused under fail_closed got a 503 and
+    no token, so neither satchel_sessions_started_total nor a session_started record
+    may say it started (a client retrying through the outage counted one per try).
+    Under fail_open the token goes out, flagged: that one started."""
+    from satchel.metrics import PrometheusObserver
+
+    metrics = PrometheusObserver()
+    client, _token = monotonic_on_redis(tmp_path, redis_server, policy, observer=metrics)
+    fill_up(redis_server)
+    caplog.set_level("INFO", logger="satchel.audit")
+    responses = [post(client, "/chat", None) for _ in range(3)]
+    started = metrics.registry.get_sample_value("satchel_sessions_started_total")
+    records = [r for r in caplog.records if r.getMessage() == "session_started"]
+    if policy == "fail_closed":
+        assert [r.status_code for r in responses] == [503, 503, 503]
+        assert not any("Satchel-Context" in r.headers for r in responses)
+        assert started == 1 and records == []  # the first conversation's only
+    else:
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert started == 4 and len(records) == 3
+
+
 def test_a_save_whose_mark_write_failed_does_not_lock_the_conversation_out(
     tmp_path: Path, redis_server: Any
 ) -> None:

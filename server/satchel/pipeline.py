@@ -75,6 +75,10 @@ class SaveResult:
     token: str
     size: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: the context was fresh (never sealed before): this token starts its session.
+    #: ``save(report_start=False)`` leaves ``session_started`` to the caller, who
+    #: reports it (:meth:`Pipeline.session_started_reported`) once the token goes out.
+    fresh: bool = False
 
 
 def is_fresh(ctx: Context) -> bool:
@@ -291,9 +295,18 @@ class Pipeline:
         return False
 
     def save(
-        self, ctx: Context, *, now: float | None = None, timings: dict[str, float] | None = None
+        self,
+        ctx: Context,
+        *,
+        now: float | None = None,
+        timings: dict[str, float] | None = None,
+        report_start: bool = True,
     ) -> SaveResult:
-        """Apply lifecycle policies, fit the byte budget, and seal."""
+        """Apply lifecycle policies, fit the byte budget, and seal.
+
+        ``report_start=False``: a fresh context's ``session_started`` is the caller's
+        to report, once the token really goes out (the Flask extension moves a
+        ``monotonic`` mark first, and a tier that refuses it sends no token)."""
         now = current_time(now, self.clock)
         timings = {} if timings is None else timings
         tag = self.session_tag(ctx.session_id)
@@ -315,10 +328,10 @@ class Pipeline:
             )
         timings["seal"] = timer() - t2
         self.observer.token(size=len(token), raw_size=raw_size, turns=len(ctx.turns))
-        self.issued_reported(ctx, tag, len(token), fresh=fresh)
+        self.issued_reported(ctx, tag, len(token), fresh=fresh and report_start)
         for step in ("trim", "overflow", "seal"):
             self.observer.timing(step, timings[step])
-        return SaveResult(token, len(token), timings)
+        return SaveResult(token, len(token), timings, fresh=fresh)
 
     def issued_reported(self, ctx: Context, tag: str, size: int, *, fresh: bool) -> None:
         """``issued`` for a token just sealed, and ``session_started`` when ``ctx`` was
@@ -326,8 +339,12 @@ class Pipeline:
         read-only request without one, a page load, a bot) started nothing, and
         counting it at creation made every page load a session."""
         if fresh:
-            self.observer.event("session_started", session=tag)
+            self.session_started_reported(ctx)
         self.observer.event("issued", session=tag, seq=ctx.seq, bytes=size, turns=len(ctx.turns))
+
+    def session_started_reported(self, ctx: Context) -> None:
+        """``session_started`` for ``ctx``, whose first token goes out now."""
+        self.observer.event("session_started", session=self.session_tag(ctx.session_id))
 
     def reseal(self, ctx: Context, *, now: float | None = None) -> SaveResult:
         """Seal ``ctx`` again, as it is, right after :meth:`save` sealed it.

@@ -347,6 +347,7 @@ class ServerSidePipeline(Pipeline):
         *,
         now: float | None = None,
         timings: dict[str, float] | None = None,
+        report_start: bool = True,
     ) -> SaveResult:
         now = current_time(now, self.clock)
         timings = {} if timings is None else timings
@@ -426,10 +427,10 @@ class ServerSidePipeline(Pipeline):
         carrier = self.carrier(ctx.session_id)
         # Not observer.token: satchel_token_bytes and its alerts are about what travels
         # (a carrier here), and a stored context has no byte budget to stay under.
-        self.issued_reported(ctx, tag, len(token), fresh=fresh)
+        self.issued_reported(ctx, tag, len(token), fresh=fresh and report_start)
         for step in ("trim", "seal"):
             self.observer.timing(step, timings[step])
-        return SaveResult(carrier, len(token), timings)
+        return SaveResult(carrier, len(token), timings, fresh=fresh)
 
 
 __all__ = ["CARRIER_LENGTH", "CARRIER_PREFIX", "ServerSidePipeline"]

@@ -840,7 +840,10 @@ class Satchel:
                 ctx.mark_parent = rs.mark.mark_id
                 ctx.mark_id = new_mark_id()
         opened_as = (ctx.seq, ctx.parent)  # what the token sent carried
-        result = pipeline.save(ctx, timings=rs.timings)
+        # A fresh context's session starts when its token goes out: below, once the
+        # mark has moved (a tier that refuses it under fail_closed sends none).
+        result = pipeline.save(ctx, timings=rs.timings, report_start=False)
+        starts_session = result.fresh
         rs.issued = result.token
         if (
             move_mark
@@ -859,6 +862,8 @@ class Satchel:
             ctx.marked, ctx.mark_id, ctx.mark_parent = False, None, None
             ctx.seq, ctx.parent = opened_as
             result = pipeline.reseal(ctx)
+        if starts_session:
+            pipeline.session_started_reported(ctx)
         # With a mark, _move_mark reports the fork once the mark has moved: it ran
         # above (move_mark), so a fork found only now is reported here; or it runs
         # after the stream's final event (deferred) and reports whatever rs.fork is then.
