@@ -254,6 +254,16 @@ def test_mode_or_algorithm_mismatch_is_refused(
     assert exc.code == "token_wrong_mode"
 
 
+def test_a_flag_combination_no_mode_has_is_named_as_such() -> None:
+    """The ChaCha bit without the sealed bit names no mode: the refusal says which
+    flags the token has, not "signed, expected signed" (which reads as no mismatch)."""
+    raw = bytearray(raw_of(make_codec(mode="signed").seal(rich_context())))
+    raw[1] |= 0x04  # the header's flags byte
+    exc = refused(make_codec(mode="signed"), encode_raw(bytes(raw)))
+    assert isinstance(exc, WrongMode)
+    assert "flags" in str(exc) and "0x04" in str(exc)
+
+
 def test_rotation_old_tokens_open_and_need_reseal() -> None:
     old_codec = make_codec(ring=Keyring([K1]))
     token = old_codec.seal(rich_context())

@@ -369,9 +369,15 @@ class Codec:
         header = env.header
         if (header.flags & 0x05) != self.protector.flags:
             expected = getattr(self.protector, "algorithm", "hmac-sha256")
+            # The ChaCha20 bit without the sealed bit names no mode: describing it as
+            # "signed with hmac-sha256" would read as no mismatch at all.
+            found = (
+                f"token's mode flags 0x{header.flags & 0x05:02x} name no mode"
+                if header.flags & 0x05 == 0x04
+                else f"token is {header.mode} with {header.algorithm}"
+            )
             raise WrongMode(
-                f"token is {header.mode} with {header.algorithm}; this codec expects "
-                f"{self.mode} tokens with {expected}",
+                f"{found}; this codec expects {self.mode} tokens with {expected}",
                 token_mode=header.mode,
                 token_algorithm=header.algorithm,
             )

@@ -38,8 +38,8 @@ file (no ``SATCHEL_KEYS``): fine for ``make demo``, never for a deployment, so a
 deploy check can refuse it. It does not change the status.
 
 The ping goes through the tier's circuit breaker: while it is open the answer is
-immediate (no socket is touched), and a probe never waits longer than the tier's
-own timeouts.
+immediate (no socket is touched), and a probe waits at most the tier's own
+timeouts for each try of its retry policy (docs/operations.md).
 """
 
 from __future__ import annotations
