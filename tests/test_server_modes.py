@@ -1112,6 +1112,72 @@ def test_a_stored_context_lives_exactly_as_long_as_its_token_opens(idle_ttl: int
     assert fresh.turns == [] and "reset:session_not_found" in fresh.notices
 
 
+@pytest.mark.parametrize("idle_ttl", [1, 60])
+def test_a_stored_context_whose_token_expired_is_a_fresh_start_not_a_401(idle_ttl: int) -> None:
+    """A token's expiry is sealed in whole seconds (rounded down), while the store's
+    TTL ran from the exact time: a save at .9 s left the context stored for up to a
+    second after its token stopped opening, and that second answered 401 token_expired
+    where docs/scaling.md promises a 200 fresh start (session_not_found)."""
+    from satchel.codec import Codec
+    from satchel.keys import Keyring
+    from satchel.lifecycle import LifecyclePolicy
+    from satchel.server_mode import ServerSidePipeline
+    from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+    from tests.support.clock import FakeClock
+
+    now = 1_767_225_600.9
+    clock = FakeClock(now)
+    tier = MemoryTier(clock=clock)
+    store = GuardedTier(tier, BreakerPolicy(), cache=SegmentCache(0))
+    policy = LifecyclePolicy(idle_ttl=idle_ttl, max_turns=None, max_token_bytes=None)
+    pipe = ServerSidePipeline(
+        Codec(Keyring.generate(), clock=clock), policy, store=store, clock=clock
+    )
+    ctx = pipe.load(None)
+    ctx.add_turn("user", "remember me", ts=int(now))
+    carrier = pipe.save(ctx).token
+    skew = pipe.codec.limits.clock_skew
+
+    clock.advance(idle_ttl + skew - 1.0)  # 0.1 s before the token stops opening
+    assert [t.content for t in pipe.load(carrier).turns] == ["remember me"]
+    clock.advance(0.5)  # the token no longer opens: the store has forgotten it too
+    assert (
+        pipe.store.get_many([pipe.key_for(ctx.session_id)], cache=False).get(
+            pipe.key_for(ctx.session_id)
+        )
+        is None
+    )
+    fresh = pipe.load(carrier)
+    assert fresh.turns == [] and "reset:session_not_found" in fresh.notices
+
+
+def test_a_stored_context_that_outlived_its_token_is_a_fresh_start() -> None:
+    """Whatever keeps a stored context past its token's expiry (a store with a coarser
+    TTL, replicas whose clocks differ), the session is over: a fresh start, as when the
+    store has forgotten it, not a 401 the server mode never otherwise answers."""
+    from satchel.codec import Codec
+    from satchel.keys import Keyring
+    from satchel.lifecycle import LifecyclePolicy
+    from satchel.server_mode import ServerSidePipeline
+    from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
+    from tests.support.clock import FakeClock
+
+    clock = FakeClock(1_767_225_600.0)
+    store_clock = FakeClock(1_767_225_600.0)  # the store's clock, which runs behind
+    store = GuardedTier(MemoryTier(clock=store_clock), BreakerPolicy(), cache=SegmentCache(0))
+    policy = LifecyclePolicy(idle_ttl=60, max_turns=None, max_token_bytes=None)
+    pipe = ServerSidePipeline(
+        Codec(Keyring.generate(), clock=clock), policy, store=store, clock=clock
+    )
+    ctx = pipe.load(None)
+    ctx.add_turn("user", "remember me")
+    carrier = pipe.save(ctx).token
+    clock.advance(60 + pipe.codec.limits.clock_skew + 5)
+    fresh = pipe.load(carrier)
+    assert fresh.turns == [] and "reset:session_not_found" in fresh.notices
+    assert fresh.session_id != ctx.session_id
+
+
 def test_a_carrier_signed_by_a_key_missing_from_the_ring_is_a_bad_signature() -> None:
     """docs/scaling.md: a carrier names no key id, so a replica whose ring lacks the key
     that signed it answers ``token_bad_signature`` (not ``token_unknown_key`` as for a

@@ -54,6 +54,7 @@ from .errors import (
     TierError,
     TierFull,
     TierUnavailable,
+    TokenExpired,
     TokenTooLarge,
     retry_facts,
 )
@@ -217,7 +218,20 @@ class ServerSidePipeline(Pipeline):
             # Erased: the id must not come back to life as a new, empty conversation.
             refuse_erased(self.observer, tag)
         stored = fetched.get(key)
-        if stored is None:
+        ctx = None
+        expired = False
+        if stored is not None:
+            # Bytes, not decoded here: whatever is stored (a foreign write, corruption)
+            # is refused by the envelope parser as a BadToken, never a UnicodeDecodeError.
+            try:
+                ctx = self.open_token(stored, now=now, timings=timings)
+            except TokenExpired:
+                # Kept past its token's expiry (a store with a coarser TTL, replicas
+                # whose clocks differ): the session is over, as if the store had
+                # forgotten it; server mode answers an expiry with a fresh start.
+                # (Counted and logged as expired by open_token, not counted again.)
+                expired = True
+        if ctx is None:
             # Expired or evicted server-side: start over, under a *new* id. Kept, the
             # old id would follow the user into every later conversation: a carrier
             # stolen (or planted, "session fixation") once would read them all.
@@ -226,11 +240,10 @@ class ServerSidePipeline(Pipeline):
             # Counted and logged (satchel_tokens_refused_total{reason=session_not_found},
             # the audit log): a store that evicts or loses conversations shows up there,
             # next to sessions that simply expired.
-            self.observer.event("refused", reason="session_not_found", mode=self.mode)
+            if not expired:
+                self.observer.event("refused", reason="session_not_found", mode=self.mode)
             return ctx
-        # Bytes, not decoded here: whatever is stored (a foreign write, corruption) is
-        # refused by the envelope parser as a BadToken, never a UnicodeDecodeError.
-        ctx = self.open_token(stored, now=now, timings=timings)
+        assert stored is not None
         if not hmac.compare_digest(ctx.session_id, session_id):
             # A context stored under another session's key (written there by whoever can
             # write the store, which the key ring does not guard): served, it would hand
@@ -375,8 +388,10 @@ class ServerSidePipeline(Pipeline):
         # session stores do, and the next request starts afresh (session_not_found).
         # (A 60 s floor here kept short-lived contexts past that: 401 token_expired for
         # a while, then a fresh start: two answers for one expiry.)
+        # The token's expiry is sealed in whole seconds, rounded down (int(exp)): the
+        # TTL runs to that second, or a save at .9 s outlived its token by 0.9 s.
         skew = self.codec.limits.clock_skew
-        ttl = max(1.0, exp - now + skew) if exp is not None else 30 * 86400.0
+        ttl = max(1.0, int(exp) - now + skew) if exp is not None else 30 * 86400.0
         data = token.encode("ascii")
         # A write that timed out may still land (a stalled Redis runs the command it had
         # already read once it resumes): the message says so, or a resend saves it twice.
