@@ -147,6 +147,34 @@ def test_compare_refuses_an_out_dir_it_could_not_create_before_it_runs(tmp_path:
     assert _out_problem(tmp_path) is None
 
 
+def test_compare_refuses_a_worker_count_no_machine_here_can_take(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--workers 100000 forked that many gunicorn workers for every mode."""
+    import argparse
+
+    from satchel.bench.compare import main, max_workers
+
+    args = argparse.Namespace(quick=True, workers=max_workers() + 1, out=str(tmp_path / "o"))
+    assert main(args) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_the_memory_mode_caveat_names_the_worker_count_it_compares_with(workers: int) -> None:
+    """The report said "two-worker modes" whatever --workers was; with one worker
+    memory mode's throughput is comparable, and no caveat applies."""
+    from types import SimpleNamespace
+
+    from satchel.bench.compare import _caveats
+
+    notes = " ".join(_caveats(SimpleNamespace(workers=workers, notes=[])))  # type: ignore[arg-type]
+    assert "two-worker" not in notes
+    assert ("4-worker modes" in notes) == (workers == 4)
+    assert ("`memory` mode ran with one worker" in notes) == (workers > 1)
+
+
 def test_compare_without_redis_server_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     """A traceback, exit 1, and a satchel-compare-* directory left behind."""
     env = {**os.environ, "PATH": str(tmp_path / "empty-path"), "TMPDIR": str(tmp_path)}
@@ -190,3 +218,77 @@ def test_a_size_not_reached_by_every_conversation_is_not_reported_as_reached() -
     with pytest.raises(RuntimeError, match=f"built only .* to {compare.TARGET_SIZE} turns"):
         loads = dict.fromkeys(compare.MODES)
         compare.Harness.measure_size(harness, compare.TARGET_SIZE, {}, loads)  # type: ignore[arg-type]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parent_of.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_compare_with_its_servers_and_files(tmp_path: Path) -> None:
+    """A cancelled CI job or `timeout` sends SIGTERM: Python's default left the work
+    directory behind, and gunicorn workers (whose master died) ran on as orphans."""
+    require_binary("redis-server")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATCHEL_")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(SERVER_DIR), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "satchel.cli", "compare", "--quick", "--out", str(tmp_path / "o")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while time.monotonic() < deadline and not workers:  # gunicorn forked its workers
+            gunicorns = {p for p in _descendants(proc.pid) if "gunicorn" in _cmdline(p)}
+            workers = {p for p in gunicorns if _descendants(p) == set() and _parent(p) in gunicorns}
+            time.sleep(0.05)
+        assert workers, "no gunicorn worker started within 60 s"
+        started = _descendants(proc.pid)
+        proc.terminate()
+        assert proc.wait(timeout=30) != 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in started):
+            time.sleep(0.05)
+        assert not [p for p in started if _alive(p)], "children outlived satchel compare"
+        assert not list(tmp_path.glob("satchel-compare-*"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -522,7 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
         "redis-server).",
     )
     p.add_argument("--quick", action="store_true", help="smoke run, under two minutes")
-    p.add_argument("--workers", type=int, default=2, help="gunicorn workers per mode (default 2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="gunicorn workers per mode (default 2; at most 4 per CPU, or 64)",
+    )
     p.add_argument(
         "--out",
         default="docs",

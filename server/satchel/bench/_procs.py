@@ -29,8 +29,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -204,6 +205,26 @@ def terminate_all(grace: float = 2.0) -> None:
     for proc in list(_LIVE):
         with contextlib.suppress(Exception):
             terminate(proc, grace)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job, ``timeout``) raises ``SystemExit(143)``, as Ctrl-C
+    raises KeyboardInterrupt, so ``finally`` blocks and :func:`kill_all` stop the
+    children and remove the work files. Python's default ends the process at once:
+    the files stayed, and gunicorn workers outlived their killed master."""
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler
+        return
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @atexit.register

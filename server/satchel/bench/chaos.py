@@ -106,7 +106,15 @@ from typing import Any
 
 from ..flask_ext.config import SatchelConfig
 from ._load import percentile as nearest_rank
-from ._procs import LOOPBACK, AppProcess, ProcError, RedisProcess, Workdir, require_modules
+from ._procs import (
+    LOOPBACK,
+    AppProcess,
+    ProcError,
+    RedisProcess,
+    Workdir,
+    require_modules,
+    stop_on_sigterm,
+)
 
 #: soft byte budget of the token: small, so conversations overflow every few turns
 MAX_TOKEN_BYTES = 1500
@@ -1138,7 +1146,8 @@ def _tail(path: Path, chars: int = 3000) -> str:
 def main(args: argparse.Namespace) -> int:
     json_out = getattr(args, "json_out", None)
     try:
-        report = run(args)
+        with stop_on_sigterm():
+            report = run(args)
     except ProcError as exc:
         print(f"satchel bench chaos: {exc}", file=sys.stderr)
         return 2

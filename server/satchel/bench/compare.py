@@ -59,6 +59,7 @@ from ._procs import (
     resp_command,
     spawn,
     start_child,
+    stop_on_sigterm,
     tail,
     terminate,
     terminate_all,
@@ -261,6 +262,7 @@ class AppServer:
     def argv(self) -> list[str]:
         argv = [
             sys.executable, "-m", "gunicorn",
+            "-c", "python:satchel.bench._procs",  # post_fork: workers die with the master
             "-w", str(self.workers),
             "-b", f"{LOOPBACK}:{self.port}",
             "--limit-request-field_size", str(HEADER_FIELD_LIMIT),
@@ -1678,9 +1680,12 @@ def _caveats(res: Results) -> list[str]:
         "also pays a loopback TCP connect (the same for all modes).",
         "Client mode pays the extension's full per-request path (opening, lifecycle "
         "policies, sealing, headers); the baseline has no extension at all.",
-        "`memory` mode ran with one worker, so its throughput is not comparable with the "
-        "two-worker modes.",
     ]
+    if res.workers > 1:
+        notes.append(
+            "`memory` mode ran with one worker, so its throughput is not comparable with "
+            f"the {res.workers}-worker modes."
+        )
     notes += res.notes
     return notes
 
@@ -1712,12 +1717,30 @@ def _out_problem(out: Path) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    with stop_on_sigterm():
+        return _main(args)
+
+
+def max_workers() -> int:
+    """The most ``--workers`` this machine is given: 4 per CPU, and at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def _main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     workers = int(getattr(args, "workers", 2))  # 0 is refused below, not taken for 2
     out = Path(getattr(args, "out", "docs") or "docs")
     plan = QUICK if quick else FULL
     if workers < 1:
         print("satchel compare: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers > max_workers():
+        # Every mode starts that many processes: a typo (100000) forked them all.
+        print(
+            f"satchel compare: --workers {workers} is more than {max_workers()} "
+            f"(4 per CPU, at least 64) on this machine",
+            file=sys.stderr,
+        )
         return 2
     problem = _out_problem(out)
     if problem:  # found now, not after a five-minute run
