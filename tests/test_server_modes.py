@@ -236,10 +236,23 @@ def test_a_stored_value_that_is_not_a_token_is_a_json_4xx(redis_server: Any) -> 
 
 
 def test_server_and_memory_modes_refuse_a_client_token() -> None:
+    """Refused, saying what was sent: a client that kept its token across a switch of
+    SATCHEL_MODE (or sent it to another app) is told to drop it, not "not a session id"."""
     token = converse(make_app("client").test_client(), ["hello"])[0].headers[HEADER]
     resp = chat(make_app("memory").test_client(), "again", token)
     assert resp.status_code == 400
-    assert resp.get_json()["error"]["code"] == "token_malformed"
+    error = resp.get_json()["error"]
+    assert error["code"] == "token_malformed"
+    assert "context token" in error["message"] and "server-side" in error["message"]
+
+
+def test_client_mode_refuses_a_server_mode_session_id_saying_so() -> None:
+    carrier = converse(make_app("memory").test_client(), ["hello"])[0].headers[HEADER]
+    resp = chat(make_app("client").test_client(), "again", carrier)
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert error["code"] == "token_malformed"
+    assert "server-side session id" in error["message"] and "client mode" in error["message"]
 
 
 # ------------------------------------------------------------------------ signed carrier

@@ -31,6 +31,9 @@ PREFIX = "s1."
 _PREFIX_BYTES = PREFIX.encode("ascii")
 FORMAT_VERSION = 1
 KNOWN_PREFIXES = {"s1.": 1}
+#: What a server- or memory-mode app hands out instead of a token (a signed session
+#: id, satchel.server_mode): named here so a token parser can say what it was sent.
+SERVER_CARRIER_PREFIX = "sv1."
 
 FLAG_SEALED = 0x01
 FLAG_COMPRESSED = 0x02
@@ -176,6 +179,13 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
         if prefix[:1] == "s" and len(digits) <= 4 and digits.isascii() and digits.isdigit():
             raise UnsupportedVersion(
                 f"token format {prefix!r} is not supported by this release", format=prefix
+            )
+        if prefix == SERVER_CARRIER_PREFIX[:-1]:
+            # What an app in server or memory mode hands out (satchel.server_mode): a
+            # client kept it across a switch to client mode, or sent it to another app.
+            raise MalformedToken(
+                "this is a server-side session id (sv1.), not a context token: this app "
+                "keeps the context in the token (client mode); drop it to start afresh"
             )
         raise MalformedToken("token has an unknown prefix")
     try:

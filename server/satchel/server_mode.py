@@ -44,6 +44,7 @@ from .consistency import (
     take_claim,
 )
 from .context import Context
+from .envelope import PREFIX, SERVER_CARRIER_PREFIX
 from .errors import (
     BadSignature,
     BadToken,
@@ -66,7 +67,7 @@ from .schema import values_walked_once
 from .tiers.base import CLAIM_HELD
 from .tiers.guard import GuardedTier
 
-CARRIER_PREFIX = "sv1."
+CARRIER_PREFIX = SERVER_CARRIER_PREFIX
 #: Every carrier's length: the prefix, a 16-byte id in hex, a dot and the base64url
 #: HMAC-SHA256 (43 characters).
 CARRIER_LENGTH = len(CARRIER_PREFIX) + 32 + 1 + 43
@@ -120,6 +121,14 @@ class SessionCarriers:
                 limit=cap,
             )
         # A real carrier is ~80 characters: anything much longer is not one.
+        if carrier.startswith(PREFIX):
+            # A context token: a client kept it across a switch from client mode, or
+            # sent it to another app.
+            raise MalformedToken(
+                f"this is a context token ({PREFIX}), not a server-side session id: this "
+                "app keeps contexts server-side (server or memory mode); drop it to start "
+                "afresh"
+            )
         if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
             raise MalformedToken("not a server-side session id")
         try:
