@@ -246,6 +246,43 @@ def test_server_and_memory_modes_refuse_a_client_token() -> None:
     assert "context token" in error["message"] and "server-side" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("config", "multiprocess", "warned"),
+    [
+        ({"SATCHEL_MODE": "memory"}, True, True),
+        ({"SATCHEL_MODE": "memory"}, False, False),  # one worker (threads are fine)
+        ({"SATCHEL_MODE": "client", "SATCHEL_OVERFLOW_URL": "memory://"}, True, True),
+        ({"SATCHEL_MODE": "client", "SATCHEL_OVERFLOW_URL": ""}, True, False),
+    ],
+)
+def test_state_kept_per_process_under_several_workers_is_warned_about_once(
+    config: dict[str, str],
+    multiprocess: bool,
+    warned: bool,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gunicorn -w 2 with memory mode: every other request started over, flagged
+    session_not_found but with no word at start-up. gunicorn says it runs several
+    workers in each request's environ (wsgi.multiprocess = workers > 1)."""
+    client = create_app({"SATCHEL_KEYS": KEYS, "TESTING": True, **config}).test_client()
+    caplog.set_level(logging.WARNING, logger="satchel")
+    # The example app logs to stderr without propagating: let caplog see it too.
+    monkeypatch.setattr(logging.getLogger("satchel"), "propagate", True)
+    token = None
+    for text in ("hello", "again", "and again"):
+        resp = client.post(
+            "/api/chat",
+            json={"message": text},
+            headers={HEADER: token} if token else {},
+            environ_overrides={"wsgi.multiprocess": multiprocess},
+        )
+        assert resp.status_code == 200
+        token = resp.headers[HEADER]
+    warnings = [r for r in caplog.records if "several worker processes" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+
+
 def test_client_mode_refuses_a_server_mode_session_id_saying_so() -> None:
     carrier = converse(make_app("memory").test_client(), ["hello"])[0].headers[HEADER]
     resp = chat(make_app("client").test_client(), "again", carrier)

@@ -325,6 +325,7 @@ class Satchel:
             ForkDetector(),
             exposed=(config.header, *RESPONSE_HEADERS[1:]),
             development_key=self._keyring is None and not configured_keys(app),
+            per_process_store=_per_process_store(config, tier),
         )
         from .session import SatchelSessionInterface
 
@@ -448,6 +449,10 @@ class Satchel:
         # Starts the request's clock; keeps what an app hook that ran first (registered
         # before init_app) did with the context.
         self._request_state()
+        app_state = self.state()
+        if not app_state.multiprocess_checked:
+            app_state.multiprocess_checked = True
+            _warn_if_store_is_per_worker(app_state, request.environ)
 
     @staticmethod
     def _current_state() -> RequestState | None:
@@ -1223,6 +1228,35 @@ class _AppState:
     exposed: tuple[str, ...] = RESPONSE_HEADERS
     #: running on a generated development key file (no SATCHEL_KEYS): /readyz says so
     development_key: bool = False
+    #: what keeps state in this process only (memory mode, a memory:// tier), or None
+    per_process_store: str | None = None
+    #: the first request's WSGI environ was checked for several worker processes
+    multiprocess_checked: bool = False
+
+
+def _per_process_store(config: SatchelConfig, tier: Any) -> str | None:
+    """What of this app's state lives in this process alone, in words for a warning."""
+    if config.mode == "memory":
+        return "SATCHEL_MODE='memory' keeps every conversation in this worker process"
+    if tier is not None and getattr(tier, "name", "") == "memory":
+        return "the memory:// tier keeps overflowed turns in this worker process"
+    return None
+
+
+def _warn_if_store_is_per_worker(app_state: _AppState, environ: dict[str, Any]) -> None:
+    """Once per process, on its first request: the WSGI server says it runs several
+    worker processes (gunicorn sets ``wsgi.multiprocess`` when ``-w`` is over 1), and
+    state this app needs lives in one of them. Requests that reach another worker
+    start over (memory mode: ``session_not_found``) or miss their overflowed turns
+    (``segment_missing``), flagged, but with no word at start-up it looks like a bug."""
+    if app_state.per_process_store and environ.get("wsgi.multiprocess"):
+        log.warning(
+            "%s, but the server runs several worker processes (wsgi.multiprocess): a "
+            "conversation whose requests reach another worker starts over or misses its "
+            "overflowed turns. Run one worker process (threads are fine), route each "
+            "conversation to one worker, or keep the state in Redis (docs/scaling.md)",
+            app_state.per_process_store,
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
