@@ -127,6 +127,8 @@ class RequestState:
     #: this request's response was counted in degraded_responses_total (once per
     #: response, whichever path said Satchel-Degraded first)
     degraded_counted: bool = False
+    #: the app's state (Satchel.state()), looked up once for the request's hooks
+    app_state: _AppState | None = None
 
     def first_degraded_count(self) -> bool:
         """True the first time the response is counted as degraded (and marks it): the
@@ -428,6 +430,15 @@ class Satchel:
         except KeyError:
             raise ConfigurationError("Satchel is not initialised on this app") from None
 
+    def _state_for(self, rs: RequestState) -> _AppState:
+        """:meth:`state` for the request ``rs`` belongs to, looked up once: it goes
+        through the ``current_app`` proxy, a microsecond or two each time, and the
+        request's hooks and steps ask for it half a dozen times."""
+        app_state = rs.app_state
+        if app_state is None:
+            app_state = rs.app_state = self.state()
+        return app_state
+
     @property
     def codec(self) -> Codec:
         """The current app's :class:`~satchel.codec.Codec` (seal and open by hand)."""
@@ -448,8 +459,7 @@ class Satchel:
     def _before_request(self) -> None:
         # Starts the request's clock; keeps what an app hook that ran first (registered
         # before init_app) did with the context.
-        self._request_state()
-        app_state = self.state()
+        app_state = self._state_for(self._request_state())
         if not app_state.multiprocess_checked:
             app_state.multiprocess_checked = True
             _warn_if_store_is_per_worker(app_state, request.environ)
@@ -472,8 +482,8 @@ class Satchel:
 
     def read_token(self) -> str | None:
         """The token the client sent: header first, then cookie, then JSON field."""
-        config = self.state().config
         rs = self._request_state()
+        config = self._state_for(rs).config
         token = request.headers.get(config.header)
         rs.token_source = "header" if token else None
         if not token and config.cookie:
@@ -522,7 +532,7 @@ class Satchel:
         return ctx
 
     def _open_context(self, rs: RequestState) -> Context:
-        app_state = self.state()
+        app_state = self._state_for(rs)
         config = app_state.config
         pipeline = app_state.pipeline
         token = None
@@ -800,8 +810,8 @@ class Satchel:
                 self._describe_unsealed(error, rs, rs.context)
                 return error
         response.headers.extend(headers)
-        self._expose_headers(response)
-        config = self.state().config
+        self._expose_headers(response, rs)
+        config = self._state_for(rs).config
         # The response carries a credential made for this client from what it sent: a
         # cache must neither serve it to anyone else nor replay it to this client later
         # (an old token sent again is a fork), so no-store whatever the view set
@@ -823,7 +833,7 @@ class Satchel:
         ``move_mark=False`` leaves a ``monotonic`` mark where it is, for the caller to
         move with :meth:`_move_mark` once the token has been handed to the client.
         """
-        app_state = self.state()
+        app_state = self._state_for(rs)
         ctx = rs.context
         assert ctx is not None
         pipeline = app_state.pipeline
@@ -901,7 +911,7 @@ class Satchel:
         """Move the ``monotonic`` mark to the token just sealed (StaleContext if another
         request with the same token moved it first). False if the tier failed the write
         and ``fail_open`` let the request through (MonotonicGuard.after)."""
-        app_state = self.state()
+        app_state = self._state_for(rs)
         if rs.mark is not None and app_state.guard is not None and rs.context is not None:
             tag = app_state.pipeline.session_tag(rs.context.session_id)
             try:
@@ -942,8 +952,9 @@ class Satchel:
             response.headers["Satchel-Fork"] = rs.fork
         self._expose_headers(response)
 
-    def _expose_headers(self, response: Response) -> None:
-        _expose(response, self.state().exposed)
+    def _expose_headers(self, response: Response, rs: RequestState | None = None) -> None:
+        app_state = self.state() if rs is None else self._state_for(rs)
+        _expose(response, app_state.exposed)
 
     def handle_error(self, exc: SatchelError) -> Response:
         """The JSON error response for a Satchel error, as the extension's own handler
