@@ -339,6 +339,7 @@ def test_delete_erases_what_the_server_keeps(tmp_path: Path, mode: str) -> None:
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_json()["erased"] is True
     assert "Satchel-Context" not in resp.headers  # erasing issues no token
+    assert resp.headers["Cache-Control"] == "no-store"  # as every /api/ answer of a chat
     gone = client.get("/api/context", headers={"Satchel-Context": token})
     assert gone.status_code == 410 and gone.get_json()["error"]["code"] == "token_erased"
     # Without a token there is nothing to erase.

@@ -249,6 +249,41 @@ def test_invalid_requests_are_json_400() -> None:
     assert_json_error(response, "request_entity_too_large")
 
 
+def test_http_error_codes_do_not_follow_werkzeugs_reason_phrases() -> None:
+    """The codes of werkzeug's errors are part of the HTTP contract: they were made
+    from the reason phrase, so a werkzeug that renamed 413 "Content Too Large" (RFC
+    9110's name) would have changed a documented code. A status the table does not
+    name (an app's own HTTPException) still gets a code from its name."""
+    from flask import Flask
+    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+    from satchel.flask_ext import json_errors_for
+
+    class ContentTooLarge(RequestEntityTooLarge):
+        name = "Content Too Large"
+
+    class ClientClosed(HTTPException):
+        code = 499
+        name = "Client Closed Request"
+
+    app = Flask(__name__)
+    json_errors_for(app, "/api/")
+
+    @app.post("/api/upload")
+    def upload() -> None:
+        raise ContentTooLarge()
+
+    @app.get("/api/gone")
+    def gone() -> None:
+        raise ClientClosed()
+
+    client = app.test_client()
+    response = client.post("/api/upload")
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "request_entity_too_large"
+    assert client.get("/api/gone").get_json()["error"]["code"] == "client_closed_request"
+
+
 @pytest.mark.parametrize("cookie", [False, True])
 def test_a_response_made_from_a_token_without_a_new_one_varies_on_it(cookie: bool) -> None:
     """GET /api/context (discard(): no new token) answered one user's conversation with

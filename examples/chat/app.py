@@ -288,10 +288,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ctx = satchel.context
         satchel.discard()  # no new token for a conversation being erased
         reset = any(n.startswith("reset:") for n in ctx.notices)
+        no_store = {"Cache-Control": "no-store"}  # about one user's conversation
         if reset or not satchel.read_token():
-            return {"erased": False, "deleted_keys": 0}  # nothing was ever saved
+            return {"erased": False, "deleted_keys": 0}, no_store  # nothing was ever saved
         result = satchel.erase(ctx.session_id)
-        return {"erased": True, "deleted_keys": result["deleted_keys"]}
+        return {"erased": True, "deleted_keys": result["deleted_keys"]}, no_store
 
     return app
 

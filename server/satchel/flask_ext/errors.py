@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from flask import Response, jsonify
@@ -104,9 +105,46 @@ def satchel_error_response(exc: SatchelError) -> Response:
     return response
 
 
+#: The ``code`` of werkzeug's HTTP errors, fixed here: it is part of the HTTP contract
+#: (docs/security.md), and was derived from werkzeug's reason phrase, which a release
+#: could reword (RFC 9110 calls 413 "Content Too Large") and so change the code.
+HTTP_ERROR_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "request_timeout",
+    409: "conflict",
+    410: "gone",
+    411: "length_required",
+    412: "precondition_failed",
+    413: "request_entity_too_large",
+    414: "request_uri_too_long",
+    415: "unsupported_media_type",
+    416: "requested_range_not_satisfiable",
+    417: "expectation_failed",
+    421: "misdirected_request",
+    422: "unprocessable_entity",
+    423: "locked",
+    424: "failed_dependency",
+    428: "precondition_required",
+    429: "too_many_requests",
+    431: "request_header_fields_too_large",
+    451: "unavailable_for_legal_reasons",
+    500: "internal_server_error",
+    501: "not_implemented",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+    505: "http_version_not_supported",
+}
+
+
 def http_error_response(exc: HTTPException) -> Response:
     """JSON for werkzeug's HTTP errors (bad JSON body, 404, 405...) on Satchel routes."""
-    code = (exc.name or "http_error").lower().replace(" ", "_")
+    code = HTTP_ERROR_CODES.get(exc.code or 500) or _code_of_name(exc.name)
     response = error_response(code, exc.description or exc.name or "error", exc.code or 500)
     for name, value in exc.get_headers():
         if name.lower() != "content-type":  # keep what HTTP requires, e.g. a 405's Allow
@@ -114,8 +152,14 @@ def http_error_response(exc: HTTPException) -> Response:
     return response
 
 
+def _code_of_name(name: str | None) -> str:
+    """A code for a status the table does not name (an app's own HTTPException)."""
+    return re.sub(r"[^a-z0-9]+", "_", (name or "http error").lower()).strip("_") or "http_error"
+
+
 __all__ = [
     "CONTEXT_BUSY_RETRY_AFTER",
+    "HTTP_ERROR_CODES",
     "STATUS_BY_CODE",
     "error_response",
     "http_error_response",
