@@ -1124,9 +1124,13 @@ def test_ai_sdk_route_carries_the_conversation_from_the_newest_message_alone(
 def test_ai_sdk_regenerate_answers_the_last_message_again_in_place_of_its_reply(
     app: Any, client: Any
 ) -> None:
-    first = ai_sdk_send(client, {"message": "Hello there", "trigger": "submit-message"}, None)
+    first = ai_sdk_send(
+        client, {"message": "Hello there", "userMessageId": "u1", "trigger": "submit-message"}, None
+    )
     again = ai_sdk_send(
-        client, {"message": "Hello there", "trigger": "regenerate-message"}, first["token"]
+        client,
+        {"message": "Hello there", "userMessageId": "u1", "trigger": "regenerate-message"},
+        first["token"],
     )
     ctx = Satchel.state(app).codec.open(again["token"])
     assert [(t.role, t.content) for t in ctx.turns] == [
@@ -1135,7 +1139,9 @@ def test_ai_sdk_regenerate_answers_the_last_message_again_in_place_of_its_reply(
     ]
     # The same words sent as a new message are a new turn, not a regeneration.
     third = ai_sdk_send(
-        client, {"message": "Hello there", "trigger": "submit-message"}, again["token"]
+        client,
+        {"message": "Hello there", "userMessageId": "u2", "trigger": "submit-message"},
+        again["token"],
     )
     assert [t.role for t in Satchel.state(app).codec.open(third["token"]).turns] == [
         "user",
@@ -1143,6 +1149,66 @@ def test_ai_sdk_regenerate_answers_the_last_message_again_in_place_of_its_reply(
         "user",
         "assistant",
     ]
+
+
+class FlakyModel(OfflineModel):
+    """The offline model, failing while ``down`` is set."""
+
+    down = False
+
+    def stream(self, messages: list) -> Iterator[str]:
+        if self.down:
+            raise ModelError("upstream went away")
+        yield from super().stream(messages)
+
+
+def test_ai_sdk_regenerate_after_a_failed_reply_to_the_same_words_keeps_both(
+    tmp_path: Path,
+) -> None:
+    """ "continue", answered; "continue" again, whose reply failed (no token: the client
+    keeps the first one); regenerate. Matched by text, the regenerate replaced the
+    first reply and the second message was never held. By message id it is answered
+    as the new message it is."""
+    model = FlakyModel()
+    app = make_app(tmp_path, CHAT_MODEL=model)
+    client = app.test_client()
+    first = ai_sdk_send(
+        client, {"message": "continue", "userMessageId": "u1", "trigger": "submit-message"}, None
+    )
+    model.down = True
+    failed = client.post(
+        "/api/chat/ai-sdk",
+        json={"message": "continue", "userMessageId": "u2", "trigger": "submit-message"},
+        headers={"Satchel-Context": first["token"]},
+    )
+    last = failed.get_data(as_text=True).strip().splitlines()[-1]
+    assert json.loads(last.removeprefix("data: "))["type"] == "error"  # and no token
+    model.down = False
+    again = ai_sdk_send(
+        client,
+        {"message": "continue", "userMessageId": "u2", "trigger": "regenerate-message"},
+        first["token"],
+    )
+    ctx = Satchel.state(app).codec.open(again["token"])
+    assert [(t.role, t.content) for t in ctx.turns] == [
+        ("user", "continue"),
+        ("assistant", first["text"]),
+        ("user", "continue"),
+        ("assistant", again["text"]),
+    ]
+
+
+def test_ai_sdk_regenerate_without_a_message_id_never_drops_a_reply(app: Any, client: Any) -> None:
+    """An adapter that sends no userMessageId (or not an id): a regenerate cannot be
+    told from a new message with the same words, so it is held as one (a question
+    twice, never an exchange lost)."""
+    first = ai_sdk_send(client, {"message": "Hello", "trigger": "submit-message"}, None)
+    again = ai_sdk_send(
+        client,
+        {"message": "Hello", "userMessageId": "\ud800 bad", "trigger": "regenerate-message"},
+        first["token"],
+    )
+    assert len(Satchel.state(app).codec.open(again["token"]).turns) == 4
 
 
 def test_ai_sdk_route_refuses_a_bad_message_as_json(client: Any) -> None:

@@ -621,6 +621,8 @@ export declare function createClient(options?: SatchelClientOptions): SatchelCli
 
 /** Minimal shape of an AI SDK UI message (v5 `parts`, or v4 `content`). */
 export interface UIMessageLike {
+  /** The SDK's message id: sent as `userMessageId` for the last user message. */
+  id?: string;
   role?: string;
   /** AI SDK 5+: only parts with `type: "text"` contribute. */
   parts?: ReadonlyArray<{ type: string; text?: string }>;
@@ -647,16 +649,18 @@ export interface PrepareSendMessagesRequestOptions {
 export interface SatchelAISDKAdapter {
   /**
    * Sends only the user's newest message: body
-   * `{...body, message, id, trigger, messageId}`, where `message` is the text
-   * of the last message with `role: "user"` (after tool results the last
-   * message is the assistant's) and `trigger` / `messageId` are passed
-   * through as the SDK's default body has them. Headers are the transport's
+   * `{...body, message, userMessageId, id, trigger, messageId}`, where
+   * `message` is the text of the last message with `role: "user"` (after tool
+   * results the last message is the assistant's), `userMessageId` that
+   * message's id, and `trigger` / `messageId` are passed through as the SDK's
+   * default body has them. Headers are the transport's
    * plus the token header (they replace the transport's own, so they are
    * copied through).
    */
   prepareSendMessagesRequest(options: PrepareSendMessagesRequestOptions): {
     body: {
       message: string;
+      userMessageId: string | undefined;
       id: string;
       trigger: PrepareSendMessagesRequestOptions['trigger'];
       messageId: string | undefined;

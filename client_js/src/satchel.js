@@ -2137,10 +2137,21 @@ export function satchelAISDK(client) {
         if (k.toLowerCase() === client.headerName.toLowerCase()) delete h[k];
       }
       if (client.token) h[client.headerName] = client.token;
+      const user = lastUserMessage(messages);
       return {
         // trigger / messageId as the SDK's own body has them, so the server can
-        // tell a regenerate or a tool-result continuation from a new message.
-        body: { ...(body || {}), message: messageText(lastUserMessage(messages)), id, trigger, messageId },
+        // tell a regenerate or a tool-result continuation from a new message;
+        // userMessageId names the message `message` is the text of, so a server
+        // can tell "answer this again" from a new message with the same words
+        // (a regenerate after a failed reply to a repeated "continue").
+        body: {
+          ...(body || {}),
+          message: messageText(user),
+          userMessageId: user && typeof user.id === 'string' ? user.id : undefined,
+          id,
+          trigger,
+          messageId,
+        },
         headers: h,
       };
     },

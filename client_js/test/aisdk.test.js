@@ -65,7 +65,7 @@ test('prepareSendMessagesRequest: only the newest message, chat id, token header
     trigger: 'submit-message',
   });
   assert.deepEqual(out, {
-    body: { model: 'small', message: 'follow up', id: 'chat-9', trigger: 'submit-message', messageId: undefined },
+    body: { model: 'small', message: 'follow up', userMessageId: 'm3', id: 'chat-9', trigger: 'submit-message', messageId: undefined },
     headers: { Authorization: 'Bearer x', 'Satchel-Context': 'tok-1' },
   });
   assert.equal(typeof adapter.fetch, 'function');
@@ -79,7 +79,7 @@ test('prepareSendMessagesRequest: no token -> no header; v4-style content; Heade
     headers: new Headers({ 'X-A': '1' }),
   });
   assert.deepEqual(out, {
-    body: { message: 'plain v4 text', id: 'c', trigger: undefined, messageId: undefined },
+    body: { message: 'plain v4 text', userMessageId: undefined, id: 'c', trigger: undefined, messageId: undefined },
     headers: { 'x-a': '1' },
   });
   assert.equal(messageText(undefined), '');
@@ -95,7 +95,7 @@ test('fetch wrapper: body passes through unchanged; token adopted from the data-
 
   const { res } = await sendLikeTransport(satchelAISDK(client));
   assert.equal(fetch.calls[0].token, 'tok-1');
-  assert.deepEqual(JSON.parse(fetch.calls[0].body), { message: 'follow up', id: 'chat-1', trigger: 'submit-message' });
+  assert.deepEqual(JSON.parse(fetch.calls[0].body), { message: 'follow up', userMessageId: 'm3', id: 'chat-1', trigger: 'submit-message' });
   assert.equal(client.token, 'tok-1', 'not adopted before the stream is read');
   assert.equal(await res.text(), text, 'the AI SDK sees the exact bytes');
   assert.equal(client.token, 'tok-2');
@@ -179,10 +179,10 @@ test('prepareSendMessagesRequest: after tool results the last message is the ass
   ];
   // What addToolResult + sendAutomaticallyWhen pass (AI SDK 5): trigger submit-message, messageId of the assistant message.
   const tool = adapter.prepareSendMessagesRequest({ id: 'c', messages, trigger: 'submit-message', messageId: 'm4' });
-  assert.deepEqual(tool.body, { message: 'follow up', id: 'c', trigger: 'submit-message', messageId: 'm4' });
+  assert.deepEqual(tool.body, { message: 'follow up', userMessageId: 'm3', id: 'c', trigger: 'submit-message', messageId: 'm4' });
   // regenerate() drops the assistant message itself; the trigger tells the server it is a do-over.
   const again = adapter.prepareSendMessagesRequest({ id: 'c', messages: uiMessages, trigger: 'regenerate-message', messageId: 'm4' });
-  assert.deepEqual(again.body, { message: 'follow up', id: 'c', trigger: 'regenerate-message', messageId: 'm4' });
+  assert.deepEqual(again.body, { message: 'follow up', userMessageId: 'm3', id: 'c', trigger: 'regenerate-message', messageId: 'm4' });
 });
 
 test('fetch wrapper: a data-satchel part with no token is reported, and the old token stays', async () => {

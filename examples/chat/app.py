@@ -33,6 +33,7 @@ import importlib.util
 import logging
 import mimetypes
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -155,8 +156,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def read_message() -> str:
         return read_checked_message(max_chars)
 
-    def stream_reply(ctx: Any, *, protocol: str) -> Response:
-        """The model's reply to ``ctx`` streamed; the reply is saved as it completes."""
+    def stream_reply(ctx: Any, *, protocol: str, answering: str | None = None) -> Response:
+        """The model's reply to ``ctx`` streamed; the reply is saved as it completes.
+        ``answering``: the AI SDK's id of the user message answered (``userMessageId``)."""
         messages = build_messages(ctx, default_prompt=system_prompt)
 
         def deltas() -> Any:
@@ -169,6 +171,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         def on_complete(text: str) -> None:
             if text:
                 ctx.add_turn("assistant", text)
+                _note_answered(ctx, answering)
 
         return satchel.stream(deltas(), on_complete=on_complete, protocol=protocol)
 
@@ -217,6 +220,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             raise _model_unavailable(exc) from None
         if reply:
             ctx.add_turn("assistant", reply)
+            _note_answered(ctx, None)
         satchel.commit()  # seal now, so the body reports what saving found
         return {
             "reply": reply,
@@ -240,15 +244,27 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         message stream with the token in a ``data-satchel`` part."""
         message = read_message()
         body = json_body()
+        user_message_id = body.get("userMessageId")
+        if not (isinstance(user_message_id, str) and _MESSAGE_ID.fullmatch(user_message_id)):
+            user_message_id = None  # an older adapter, or not an id the SDK makes
         ctx = satchel.context
-        if body.get("trigger") == "regenerate-message" and _is_last_exchange(ctx, message):
-            # regenerate() sends the last user message again: answer it anew in place
-            # of the last reply instead of holding the question twice.
-            if ctx.turns[-1].role == "assistant":
-                del ctx.turns[-1]
+        turns = ctx.turns
+        if (
+            body.get("trigger") == "regenerate-message"
+            and user_message_id is not None
+            and ctx.metadata.get(ANSWERED_KEY) == user_message_id
+            and turns
+            and turns[-1].role == "assistant"
+        ):
+            # regenerate() of the reply the last exchange holds: answer that message
+            # again in place of its reply, instead of holding the question twice.
+            # By id, not by text: after a failed reply to a repeated "continue", the
+            # token still ends with the earlier "continue" and its reply, and the
+            # regenerate is for the new one.
+            del turns[-1]
         else:
             ctx.add_turn("user", message)
-        return stream_reply(ctx, protocol="ai-sdk")
+        return stream_reply(ctx, protocol="ai-sdk", answering=user_message_id)
 
     @app.get("/api/context")
     def context() -> Any:
@@ -297,12 +313,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
-def _is_last_exchange(ctx: Any, message: str) -> bool:
-    """Whether ``message`` is the last user turn of ``ctx``, answered or not yet."""
-    turns = ctx.turns
-    if turns and turns[-1].role == "assistant":
-        turns = turns[:-1]
-    return bool(turns) and turns[-1].role == "user" and turns[-1].content == message
+#: ``ctx.metadata`` key: the AI SDK id of the user message the last reply answers
+ANSWERED_KEY = "ai_sdk_answered"
+#: what an AI SDK message id looks like (its generators make short ASCII ids)
+_MESSAGE_ID = re.compile(r"[!-~]{1,128}")
+
+
+def _note_answered(ctx: Any, message_id: str | None) -> None:
+    """Record which AI SDK message the reply just added answers (or that it answers
+    none: a reply from another route), for a later ``regenerate-message``."""
+    if message_id is None:
+        ctx.metadata.pop(ANSWERED_KEY, None)
+    else:
+        ctx.metadata[ANSWERED_KEY] = message_id
 
 
 def _scheme(url: str | None) -> str | None:
