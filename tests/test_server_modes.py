@@ -252,6 +252,7 @@ def test_server_and_memory_modes_refuse_a_client_token() -> None:
         ({"SATCHEL_MODE": "memory"}, True, True),
         ({"SATCHEL_MODE": "memory"}, False, False),  # one worker (threads are fine)
         ({"SATCHEL_MODE": "client", "SATCHEL_OVERFLOW_URL": "memory://"}, True, True),
+        ({"SATCHEL_MODE": "server", "SATCHEL_STORE_URL": "memory://"}, True, True),
         ({"SATCHEL_MODE": "client", "SATCHEL_OVERFLOW_URL": ""}, True, False),
     ],
 )
@@ -279,8 +280,11 @@ def test_state_kept_per_process_under_several_workers_is_warned_about_once(
         )
         assert resp.status_code == 200
         token = resp.headers[HEADER]
-    warnings = [r for r in caplog.records if "several worker processes" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "several worker" in r.getMessage()]
     assert len(warnings) == (1 if warned else 0)
+    if warned:  # what the store holds: every conversation, or overflowed turns only
+        holds_all = config["SATCHEL_MODE"] != "client"
+        assert ("keeps every conversation" in warnings[0]) == holds_all
 
 
 def test_client_mode_refuses_a_server_mode_session_id_saying_so() -> None:

@@ -184,8 +184,9 @@ def parse(token: str | bytes, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) ->
             # What an app in server or memory mode hands out (satchel.server_mode): a
             # client kept it across a switch to client mode, or sent it to another app.
             raise MalformedToken(
-                "this is a server-side session id (sv1.), not a context token: this app "
-                "keeps the context in the token (client mode); drop it to start afresh"
+                "this is a server-side session id (sv1.), not a context token: it names a "
+                "context kept by an app in server or memory mode, which an app in client "
+                "mode cannot open; drop it to start afresh"
             )
         raise MalformedToken("token has an unknown prefix")
     try:

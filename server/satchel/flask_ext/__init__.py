@@ -1250,6 +1250,8 @@ def _per_process_store(config: SatchelConfig, tier: Any) -> str | None:
     if config.mode == "memory":
         return "SATCHEL_MODE='memory' keeps every conversation in this worker process"
     if tier is not None and getattr(tier, "name", "") == "memory":
+        if config.mode != "client":  # the store of every conversation, not an overflow
+            return "the memory:// store keeps every conversation in this worker process"
         return "the memory:// tier keeps overflowed turns in this worker process"
     return None
 
