@@ -476,3 +476,44 @@ def test_writes_that_keep_failing_slowly_while_reads_succeed_fail_fast(
         "satchel:{s}:b": b"two",
         "satchel:{s}:c": b"three",
     }
+
+
+class ErasedWhileReading(MemoryTier):
+    """A MemoryTier whose read answers with what it held, then lets an erasure of the
+    session run before the answer reaches the guard: the read reached the tier first,
+    and the erase finished while its reply was on the way (another thread, a slow
+    network)."""
+
+    erase: Any = None
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        found = super().get_many(keys)
+        if self.erase is not None:
+            erase, self.erase = self.erase, None
+            erase()
+        return found
+
+
+def test_an_erasure_during_a_read_leaves_nothing_of_the_session_cached(guard_factory) -> None:
+    """Satchel.erase clears this process's cache, but a read in flight then cached the
+    erased segments again: served for up to the cache's max_age, unflagged, at the
+    client level. What a read started before an erasure of its session brought back
+    is not cached; nor is a write's."""
+    tier = ErasedWhileReading()
+    guard = guard_factory(tier)
+    keys = ["satchel:{s1}:seg:a", "satchel:{s1}:seg:b"]
+    for key in keys:
+        tier.put(key, b"turns", 60)
+    tier.put("satchel:{s2}:seg:c", b"other", 60)
+
+    tier.erase = lambda: guard.erase_session("s1", "satchel:{s1}:hwm", b"\x00erased", 60)
+    fetched = guard.get_many([*keys, "satchel:{s2}:seg:c"])
+    assert set(fetched.values) == {*keys, "satchel:{s2}:seg:c"}  # what the read found
+    assert not any(key in guard.cache for key in keys)  # none of it kept for later reads
+    assert "satchel:{s2}:seg:c" in guard.cache  # another session's is cached as usual
+    assert guard.get_many(keys).missing == dict.fromkeys(keys, MISSING)
+
+    # A session erased long ago caches again once read afresh.
+    tier.put(keys[0], b"new", 60)
+    guard.get_many(keys[:1])
+    assert keys[0] in guard.cache

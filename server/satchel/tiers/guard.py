@@ -105,6 +105,10 @@ class BreakerPolicy:
 #: a busy process; past it, a retired segment read within its grace may stay cached up
 #: to the cache's max_age).
 MAX_RETIRED_KEYS = 4096
+#: How many sessions' erasures the segment cache remembers, to refuse what reads begun
+#: before one bring back (past it, every read begun before the forgotten erasure is
+#: refused: a missed cache fill, never a stale one).
+MAX_CLEARED_TAGS = 4096
 
 
 class SegmentCache:
@@ -118,6 +122,11 @@ class SegmentCache:
     ``max_age`` caps how long an entry is kept (seconds, also for entries whose TTL is
     unknown because they were read, not written, here). ``hits`` and ``misses`` count
     lookups; ``evictions`` counts entries pushed out by the byte bound.
+
+    ``discard_tag`` (an erasure) also bumps :attr:`generation`: a read or write that
+    began before it (``put(since=...)``, the generation it started in) and returns
+    after it must not cache what it carries, or another thread's read in flight
+    brings an erased session's segments back into the cache the erasure just cleared.
     """
 
     def __init__(
@@ -141,6 +150,15 @@ class SegmentCache:
         self._data: OrderedDict[str, tuple[bytes, float, int]] = OrderedDict()
         # key -> (digest of the value it was opened from, what it opened to, weight)
         self._opened: dict[str, tuple[bytes, Any, int]] = {}
+        # session tag -> generation of its last discard_tag (erasure), newest last
+        self._generation = 0
+        self._cleared: OrderedDict[str, int] = OrderedDict()
+        self._cleared_floor = 0  # the newest generation forgotten from _cleared
+
+    @property
+    def generation(self) -> int:
+        """Erasures so far: pass it to :meth:`put` as ``since`` before a tier call."""
+        return self._generation
 
     def __repr__(self) -> str:
         return (
@@ -250,11 +268,21 @@ class SegmentCache:
             self.hits += 1
             return item[0], item[2]
 
-    def put(self, key: str, value: bytes, ttl: float | None = None, *, epoch: int = 0) -> bool:
-        """Cache ``value``; False when it is larger than the whole cache (not cached).
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float | None = None,
+        *,
+        epoch: int = 0,
+        since: int | None = None,
+    ) -> bool:
+        """Cache ``value``; False when it is larger than the whole cache, or its
+        session was erased after generation ``since`` (not cached).
 
         ``epoch``: the tier's outage count when it was known to hold the value
-        (:attr:`GuardedTier.epoch`).
+        (:attr:`GuardedTier.epoch`). ``since``: :attr:`generation` when the tier call
+        that got the value began.
         """
         size = len(key) + len(value)
         ages = [a for a in (ttl, self.max_age) if a is not None]
@@ -262,6 +290,10 @@ class SegmentCache:
             return False
         expires_at = self.clock() + min(ages) if ages else float("inf")
         with self._lock:
+            if since is not None and (
+                since < self._cleared_floor or self._cleared.get(hash_tag(key) or "", 0) > since
+            ):
+                return False  # erased while the value was on its way
             self._pop(key)
             self._make_room(size)
             self._data[key] = (bytes(value), expires_at, epoch)
@@ -274,8 +306,15 @@ class SegmentCache:
                 self._pop(key)
 
     def discard_tag(self, session_tag: str) -> int:
-        """Drop every entry of one session (keys whose hash tag is ``session_tag``)."""
+        """Drop every entry of one session (keys whose hash tag is ``session_tag``), and
+        refuse what tier calls begun before now bring back for it (:meth:`put`)."""
         with self._lock:
+            self._generation += 1
+            self._cleared[session_tag] = self._generation
+            self._cleared.move_to_end(session_tag)
+            while len(self._cleared) > MAX_CLEARED_TAGS:
+                _, forgotten = self._cleared.popitem(last=False)
+                self._cleared_floor = max(self._cleared_floor, forgotten)
             doomed = [k for k in self._data if hash_tag(k) == session_tag]
             for key in doomed:
                 self._pop(key)
@@ -681,6 +720,7 @@ class GuardedTier:
         cached: set[str] = set()
         unconfirmed: set[str] = set()
         epoch = self.epoch
+        since = self.cache.generation
         if cache and self.cache.max_bytes:
             for key in unique:
                 entry = self.cache.lookup(key)
@@ -710,29 +750,31 @@ class GuardedTier:
                     else:
                         values[key] = value
                         if cache:
-                            self.cache.put(key, value, self._grace_left(key), epoch=epoch)
+                            self.cache.put(
+                                key, value, self._grace_left(key), epoch=epoch, since=since
+                            )
         return Fetched(
             tuple(keys), values, missing, frozenset(cached), error, frozenset(unconfirmed)
         )
 
     def put(self, key: str, value: bytes, ttl: float, *, cache: bool = True) -> None:
         """Store ``value`` (and cache it once the tier has it). Raises TierError."""
-        epoch = self.epoch
+        epoch, since = self.epoch, self.cache.generation
         self._call("put", self.tier.put, key, value, ttl, key=key)
         if cache:
-            self.cache.put(key, value, ttl, epoch=epoch)
+            self.cache.put(key, value, ttl, epoch=epoch, since=since)
 
     def put_unless_marked(
         self, key: str, value: bytes, ttl: float, mark: str, refused: bytes, *, cache: bool = True
     ) -> bool:
         """Store ``value`` unless ``mark`` holds ``refused`` (:meth:`Tier.put_unless_marked`);
         False when refused. Raises TierError."""
-        epoch = self.epoch
+        epoch, since = self.epoch, self.cache.generation
         written = self._call(
             "put", self.tier.put_unless_marked, key, value, ttl, mark, refused, key=key
         )
         if written and cache:
-            self.cache.put(key, value, ttl, epoch=epoch)
+            self.cache.put(key, value, ttl, epoch=epoch, since=since)
         return written
 
     def restore(
@@ -790,22 +832,31 @@ class GuardedTier:
         return None if deadline is None else deadline - self.clock()
 
     def delete_session(self, session_tag: str) -> int:
+        # Cleared before and after: a read that starts between the two still finds the
+        # keys in the tier, and caches them; the second clear drops them, and refuses
+        # what a read begun before it brings back later (SegmentCache.put's since).
         self.cache.discard_tag(session_tag)
-        return self._call(
-            "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
-        )
+        try:
+            return self._call(
+                "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
+            )
+        finally:
+            self.cache.discard_tag(session_tag)
 
     def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
-        self.cache.discard_tag(session_tag)
-        return self._call(
-            "delete_session",
-            self.tier.erase_session,
-            session_tag,
-            mark,
-            tombstone,
-            ttl,
-            key=f"{{{session_tag}}}",
-        )
+        self.cache.discard_tag(session_tag)  # and after, as delete_session does
+        try:
+            return self._call(
+                "delete_session",
+                self.tier.erase_session,
+                session_tag,
+                mark,
+                tombstone,
+                ttl,
+                key=f"{{{session_tag}}}",
+            )
+        finally:
+            self.cache.discard_tag(session_tag)
 
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
