@@ -1653,3 +1653,74 @@ def test_a_sign_in_page_in_place_of_the_chat_is_explained(
     expect(error).to_contain_text("Could not load this chat")
     expect(error).to_contain_text("not the chat (text/html)")
     expect(error).not_to_contain_text("JSON")
+
+
+def test_a_focused_conversation_shows_its_whole_outline_in_the_narrow_layout(
+    live_server_factory, tmp_path, page
+) -> None:
+    """In the one-column layout the list scrolls on its own, and clipped the outline
+    drawn outside each button to a thin line: keyboard users switching chats on a phone
+    (or at 200% zoom) saw almost no focus. It is drawn inside the button now."""
+    page.set_viewport_size({"width": 320, "height": 640})
+    two_chats(live_server_factory, tmp_path, page, "first chat", "second chat")
+    page.focus("#new-chat")
+    for _ in range(2):  # the list's two buttons, from the keyboard (:focus-visible)
+        page.keyboard.press("Tab")
+        box = page.evaluate(
+            """() => {
+                const el = document.activeElement, style = getComputedStyle(el);
+                const grow = parseFloat(style.outlineWidth) + parseFloat(style.outlineOffset);
+                const r = el.getBoundingClientRect();
+                const list = document.getElementById('conversations').getBoundingClientRect();
+                return {
+                    inList: el.closest('#conversations') !== null,
+                    outline: style.outlineStyle,
+                    fits: r.left - grow >= list.left && r.right + grow <= list.right
+                        && r.top - grow >= list.top && r.bottom + grow <= list.bottom,
+                };
+            }"""
+        )
+        assert box == {"inList": True, "outline": "solid", "fits": True}
+
+
+def test_the_open_chat_is_marked_without_colour_in_forced_colours(
+    live_server_factory, tmp_path, page
+) -> None:
+    """In forced-colours (high-contrast) mode the browser replaces the background and
+    border colours that alone marked the open chat: every entry looked the same."""
+    two_chats(live_server_factory, tmp_path, page, "first chat", "second chat")
+    page.emulate_media(forced_colors="active")
+    marks = page.evaluate(
+        """() => [...document.querySelectorAll('#conversations .conversation')].map((b) => {
+            const title = getComputedStyle(b.querySelector('.conversation-title'));
+            const box = getComputedStyle(b);
+            return [b.getAttribute('aria-current'), box.borderLeftWidth, title.fontWeight];
+        })"""
+    )
+    current = [m[1:] for m in marks if m[0] == "true"]
+    others = [m[1:] for m in marks if m[0] != "true"]
+    assert len(current) == 1 and others
+    assert all(current[0][0] != o[0] and current[0][1] != o[1] for o in others), marks
+
+
+def test_enter_while_a_reply_is_written_says_why_nothing_was_sent(
+    live_server_factory, tmp_path, page
+) -> None:
+    """The hint says Enter sends; pressed while a reply streams it did nothing, and a
+    screen reader user heard nothing. It says why, keeps the text, and the note goes
+    when the reply is done."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    held = _hold(page, "**/api/chat/stream")
+    page.fill("#message", "first")
+    page.press("#message", "Enter")
+    _wait_held(page, held)
+    page.fill("#message", "typed during the reply")
+    page.press("#message", "Enter")
+    problem = page.locator("#composer-problem")
+    expect(problem).to_contain_text("A reply is still being written")
+    expect(page.locator("#message")).to_have_value("typed during the reply")
+    held[0].continue_()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(problem).to_have_text("")
+    expect(page.locator("#message")).to_have_value("typed during the reply")

@@ -622,6 +622,9 @@ function updateCounter() {
 }
 
 /** An inline message under the box (polite live region) about what was typed. */
+const WAIT_FOR_REPLY =
+  'A reply is still being written: this message stays here. Send it when the reply is done, or press Stop (the next Tab) to end the reply.';
+
 function showProblem(message) {
   if (el.problem.textContent !== (message || '')) el.problem.textContent = message || '';
 }
@@ -1016,6 +1019,7 @@ async function send(text) {
     busy = false;
     sendingWith = null;
     refreshWanted = false;
+    if (el.problem.textContent === WAIT_FOR_REPLY) showProblem('');
     el.input.focus();
     revealComposer();
     // Counts, summary, and anything another tab added meanwhile. After a failure it
@@ -1159,7 +1163,13 @@ el.stop.addEventListener('click', () => {
 el.input.addEventListener('keydown', (event) => {
   if (event.key !== 'Enter' || event.shiftKey || event.isComposing || event.keyCode === 229) return;
   event.preventDefault(); // Enter sends; Shift+Enter keeps its newline
-  if (!busy) el.form.requestSubmit();
+  if (!busy) {
+    el.form.requestSubmit();
+  } else {
+    // Said, not silently ignored: the hint promises that Enter sends. The text stays in
+    // the box; the note goes when this reply is done.
+    showProblem(WAIT_FOR_REPLY);
+  }
 });
 
 // Nothing has focus (as after loading: see start()) and a character is typed: it goes
