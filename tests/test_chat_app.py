@@ -1198,6 +1198,50 @@ def test_ai_sdk_regenerate_after_a_failed_reply_to_the_same_words_keeps_both(
     ]
 
 
+class EmptyOnceModel(OfflineModel):
+    """The offline model, answering nothing (a content filter, a stop at the first
+    token) while ``empty`` is set."""
+
+    empty = False
+
+    def stream(self, messages: list) -> Iterator[str]:
+        if not self.empty:
+            yield from super().stream(messages)
+
+
+def test_ai_sdk_regenerate_after_an_empty_reply_answers_the_message_once(
+    tmp_path: Path,
+) -> None:
+    """An empty reply is saved as nothing: the token ends with the unanswered user
+    turn. Regenerate answers that turn; it held the message twice when the id was kept
+    with the reply (there was none) instead of with the user turn."""
+    model = EmptyOnceModel()
+    app = make_app(tmp_path, CHAT_MODEL=model)
+    client = app.test_client()
+    first = ai_sdk_send(
+        client, {"message": "Hi", "userMessageId": "u1", "trigger": "submit-message"}, None
+    )
+    model.empty = True
+    empty = ai_sdk_send(
+        client, {"message": "Again", "userMessageId": "u2", "trigger": "submit-message"},
+        first["token"],
+    )  # fmt: skip
+    assert empty["text"] == ""
+    model.empty = False
+    again = ai_sdk_send(
+        client,
+        {"message": "Again", "userMessageId": "u2", "trigger": "regenerate-message"},
+        empty["token"],
+    )
+    ctx = Satchel.state(app).codec.open(again["token"])
+    assert [(t.role, t.content) for t in ctx.turns] == [
+        ("user", "Hi"),
+        ("assistant", first["text"]),
+        ("user", "Again"),
+        ("assistant", again["text"]),
+    ]
+
+
 def test_ai_sdk_regenerate_without_a_message_id_never_drops_a_reply(app: Any, client: Any) -> None:
     """An adapter that sends no userMessageId (or not an id): a regenerate cannot be
     told from a new message with the same words, so it is held as one (a question

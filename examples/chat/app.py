@@ -156,9 +156,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def read_message() -> str:
         return read_checked_message(max_chars)
 
-    def stream_reply(ctx: Any, *, protocol: str, answering: str | None = None) -> Response:
-        """The model's reply to ``ctx`` streamed; the reply is saved as it completes.
-        ``answering``: the AI SDK's id of the user message answered (``userMessageId``)."""
+    def stream_reply(ctx: Any, *, protocol: str) -> Response:
+        """The model's reply to ``ctx`` streamed; the reply is saved as it completes."""
         messages = build_messages(ctx, default_prompt=system_prompt)
 
         def deltas() -> Any:
@@ -171,7 +170,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         def on_complete(text: str) -> None:
             if text:
                 ctx.add_turn("assistant", text)
-                _note_answered(ctx, answering)
 
         return satchel.stream(deltas(), on_complete=on_complete, protocol=protocol)
 
@@ -213,14 +211,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def chat() -> Any:
         message = read_message()
         ctx = satchel.context
-        ctx.add_turn("user", message)
+        _hold_user_turn(ctx, message, None)
         try:
             reply = model.complete(build_messages(ctx, default_prompt=system_prompt))
         except ModelError as exc:
             raise _model_unavailable(exc) from None
         if reply:
             ctx.add_turn("assistant", reply)
-            _note_answered(ctx, None)
         satchel.commit()  # seal now, so the body reports what saving found
         return {
             "reply": reply,
@@ -233,7 +230,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def chat_stream() -> Response:
         message = read_message()
         ctx = satchel.context
-        ctx.add_turn("user", message)
+        _hold_user_turn(ctx, message, None)
         return stream_reply(ctx, protocol="satchel")
 
     @app.post("/api/chat/ai-sdk")
@@ -252,19 +249,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         if (
             body.get("trigger") == "regenerate-message"
             and user_message_id is not None
-            and ctx.metadata.get(ANSWERED_KEY) == user_message_id
-            and turns
-            and turns[-1].role == "assistant"
+            and ctx.metadata.get(LAST_USER_KEY) == user_message_id
+            and _ends_with_user_turn(turns)
         ):
-            # regenerate() of the reply the last exchange holds: answer that message
-            # again in place of its reply, instead of holding the question twice.
-            # By id, not by text: after a failed reply to a repeated "continue", the
-            # token still ends with the earlier "continue" and its reply, and the
-            # regenerate is for the new one.
-            del turns[-1]
+            # regenerate() of the message the context's last user turn holds: answer it
+            # again, in place of its reply if it has one (an empty reply left none),
+            # instead of holding the question twice. By id, not by text: after a failed
+            # reply to a repeated "continue", the token still ends with the earlier
+            # "continue" and its reply, and the regenerate is for the new one.
+            if turns[-1].role == "assistant":
+                del turns[-1]
         else:
-            ctx.add_turn("user", message)
-        return stream_reply(ctx, protocol="ai-sdk", answering=user_message_id)
+            _hold_user_turn(ctx, message, user_message_id)
+        return stream_reply(ctx, protocol="ai-sdk")
 
     @app.get("/api/context")
     def context() -> Any:
@@ -313,19 +310,28 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
-#: ``ctx.metadata`` key: the AI SDK id of the user message the last reply answers
-ANSWERED_KEY = "ai_sdk_answered"
+#: ``ctx.metadata`` key: the AI SDK id of the message the last user turn holds
+LAST_USER_KEY = "ai_sdk_user"
 #: what an AI SDK message id looks like (its generators make short ASCII ids)
 _MESSAGE_ID = re.compile(r"[!-~]{1,128}")
 
 
-def _note_answered(ctx: Any, message_id: str | None) -> None:
-    """Record which AI SDK message the reply just added answers (or that it answers
-    none: a reply from another route), for a later ``regenerate-message``."""
+def _hold_user_turn(ctx: Any, message: str, message_id: str | None) -> None:
+    """Add the user's turn, and record which AI SDK message it holds (none: a message
+    from another route, or an adapter that sends no id), for a later
+    ``regenerate-message``."""
+    ctx.add_turn("user", message)
     if message_id is None:
-        ctx.metadata.pop(ANSWERED_KEY, None)
+        ctx.metadata.pop(LAST_USER_KEY, None)
     else:
-        ctx.metadata[ANSWERED_KEY] = message_id
+        ctx.metadata[LAST_USER_KEY] = message_id
+
+
+def _ends_with_user_turn(turns: list[Any]) -> bool:
+    """The last turn is a user's, or a reply right after one."""
+    if turns and turns[-1].role == "assistant":
+        turns = turns[:-1]
+    return bool(turns) and turns[-1].role == "user"
 
 
 def _scheme(url: str | None) -> str | None:

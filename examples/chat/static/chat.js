@@ -621,10 +621,11 @@ function updateCounter() {
   return over;
 }
 
-/** An inline message under the box (polite live region) about what was typed. */
+/** Said under the box when Enter is pressed while this tab's reply is written. */
 const WAIT_FOR_REPLY =
   'A reply is still being written: this message stays here. Send it when the reply is done, or press Stop (the next Tab) to end the reply.';
 
+/** An inline message under the box (polite live region) about what was typed. */
 function showProblem(message) {
   if (el.problem.textContent !== (message || '')) el.problem.textContent = message || '';
 }
