@@ -46,6 +46,7 @@ from examples._config import read_message as read_checked_message
 from satchel import Satchel
 from satchel.errors import SatchelError
 from satchel.flask_ext import json_body, json_errors_for
+from satchel.flask_ext.client_js import client_js_dir
 
 from .llm_summarizer import LLMSummarizer
 from .models import (
@@ -61,8 +62,9 @@ log = logging.getLogger("satchel.examples.chat")
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-#: The browser client's sources, served as-is at /static/satchel/ (no build step).
-CLIENT_JS_DIR = REPO_ROOT / "client_js" / "src"
+#: The browser client's sources, served as-is at /static/satchel/ (no build step): the
+#: checkout's client_js/src, or the copy an installed satchel carries.
+CLIENT_JS_DIR = client_js_dir()
 MAX_MESSAGE_CHARS = 8000
 
 #: Environment variables read into the Flask config (see docs/chat-example.md).
