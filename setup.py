@@ -2,7 +2,7 @@
 
 ``client_js/src/satchel.js`` and ``satchel.d.ts`` are copied into the built package as
 ``satchel/client_js/`` (``satchel.flask_ext.client_js`` serves them), so an app
-installed with ``pip install satchel`` has the client without a checkout. The
+installed from the wheel or the sdist has the client without a checkout. The
 repository keeps one copy, in ``client_js/src``; everything else is in pyproject.toml.
 """
 

@@ -48,6 +48,28 @@ def test_the_blueprint_serves_the_module_as_a_module_script_needs_it() -> None:
     assert client.get("/static/satchel/../app.py").status_code == 404
 
 
+def test_the_etag_is_the_contents_so_every_replica_answers_304_alike(tmp_path: Path) -> None:
+    """The ETag was made from the file's time and path: two replicas installed apart
+    (pip stamps files with the install time) answered each other's revalidation 200."""
+    copies = []
+    for replica in ("a", "b"):
+        folder = tmp_path / replica
+        folder.mkdir()
+        for name in CLIENT_FILES:
+            (folder / name).write_bytes((SOURCE / name).read_bytes())
+        app = Flask(replica)
+        app.register_blueprint(client_js_blueprint(folder), url_prefix="/s")
+        copies.append(app.test_client())
+    etag = copies[0].get("/s/satchel.js").headers["ETag"]
+    assert copies[1].get("/s/satchel.js", headers={"If-None-Match": etag}).status_code == 304
+    # An edited file is served at once, under a new ETag.
+    (tmp_path / "b" / "satchel.js").write_text("export const edited = 1;\n")
+    edited = copies[1].get("/s/satchel.js", headers={"If-None-Match": etag})
+    assert edited.status_code == 200 and edited.data == b"export const edited = 1;\n"
+    with pytest.raises(FileNotFoundError, match=r"satchel\.js"):
+        client_js_blueprint(tmp_path / "nowhere")
+
+
 @pytest.mark.slow
 def test_the_wheel_built_from_the_sdist_carries_the_client(tmp_path: Path) -> None:
     """What `pip install satchel` installs from a source distribution: the sdist must

@@ -14,7 +14,8 @@ Routes:
 ``GET  /api/context``       the context as JSON: every turn (overflowed ones read back
                             from the tier), summary, counts, token size; issues no token
 ``DELETE /api/context``     erase what the server keeps of the conversation (Delete chat)
-``GET  /static/satchel/*``  the browser client (``client_js/src``), served as-is
+``GET  /static/satchel/*``  the browser client (``client_js/src``, or an installed
+                            satchel's copy), served as-is (``client_js_blueprint``)
 ``GET  /assets/*``          the page's own script and stylesheet
 =========================== ==========================================================
 
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, render_template, send_from_directory
+from flask import Flask, Response, render_template
 
 from examples._config import COMMON_ENV_KEYS, MAX_BODY_BYTES, configure_logging, env_flag
 from examples._config import env_config as read_env
@@ -46,7 +47,7 @@ from examples._config import read_message as read_checked_message
 from satchel import Satchel
 from satchel.errors import SatchelError
 from satchel.flask_ext import json_body, json_errors_for
-from satchel.flask_ext.client_js import client_js_dir
+from satchel.flask_ext.client_js import client_js_blueprint, client_js_dir
 
 from .llm_summarizer import LLMSummarizer
 from .models import (
@@ -195,17 +196,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    @app.get("/static/satchel/<path:filename>")
-    def client_js(filename: str) -> Response:
-        """The browser client's files, read from client_js/src on each request."""
-        directory = app.config["CHAT_CLIENT_JS_DIR"]
-        if not filename.endswith((".js", ".d.ts")):
-            abort(404)
-        mimetype = "text/javascript" if filename.endswith(".js") else "text/plain"
-        response = send_from_directory(directory, filename, mimetype=mimetype, max_age=0)
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+    # The browser client's files (CHAT_CLIENT_JS_DIR: the checkout's client_js/src, or
+    # the installed package's copy), read on each request.
+    app.register_blueprint(
+        client_js_blueprint(app.config["CHAT_CLIENT_JS_DIR"]), url_prefix="/static/satchel"
+    )
 
     # -- the API -----------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The browser client (``client_js/src/satchel.js`` and its type declarations), served
 by the Flask app that carries the tokens.
 
-The files ship inside the wheel (``satchel/client_js/``, copied there at build time by
-``setup.py``; the repository keeps one copy, in ``client_js/src``), so an app installed
-with ``pip install satchel`` can serve them without a checkout or a build step::
+The files ship inside the wheel and the sdist-built package (``satchel/client_js/``,
+copied there at build time by ``setup.py``; the repository keeps one copy, in
+``client_js/src``), so an app installed from them (``pip install .``, or from an index
+that has the package) serves the client without a checkout or a build step::
 
     from satchel.flask_ext.client_js import client_js_blueprint
 
@@ -15,15 +16,17 @@ From a checkout (an editable install) the same functions find ``client_js/src``.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from flask import Blueprint, Response, send_from_directory
+from flask import Blueprint, Response, request
 
 #: The files served: the ES module and its TypeScript declarations.
 CLIENT_FILES = {"satchel.js": "text/javascript", "satchel.d.ts": "text/plain"}
 
 _HERE = Path(__file__).resolve()
-#: where a wheel carries them (satchel/client_js/), and where a checkout keeps them
+#: where an installed package carries them (satchel/client_js/), and where a checkout
+#: keeps them
 _PACKAGED = _HERE.parent.parent / "client_js"
 _CHECKOUT = _HERE.parents[3] / "client_js" / "src"
 
@@ -42,20 +45,33 @@ def client_js_dir() -> Path:
     )
 
 
-def client_js_blueprint(name: str = "satchel_client_js") -> Blueprint:
+def client_js_blueprint(
+    directory: str | Path | None = None, *, name: str = "satchel_client_js"
+) -> Blueprint:
     """A blueprint serving ``satchel.js`` and ``satchel.d.ts`` at the root of its
-    ``url_prefix``, as module scripts need them (``text/javascript``), revalidated on
-    every load (``no-cache`` with an ETag: an upgraded package is picked up at once)
-    and ``nosniff``. Anything else under the prefix is a 404."""
-    directory = client_js_dir()  # found now: a missing file fails at start-up
+    ``url_prefix``: nothing else (any other name under it is not its route).
+
+    ``directory``: where to read them (default :func:`client_js_dir`). They are read
+    on each request, so an edited or upgraded file is served at once; the ETag is a
+    hash of the content, the same on every replica whatever the files' times, and
+    ``Cache-Control: no-cache`` makes browsers revalidate (a 304 while unchanged).
+    ``text/javascript``, as module scripts require, and ``nosniff``. ``name``: the
+    blueprint's name (endpoints ``<name>.satchel_js`` and ``<name>.satchel_d_ts``),
+    for registering it twice.
+    """
+    folder = client_js_dir() if directory is None else Path(directory)
+    missing = [n for n in CLIENT_FILES if not (folder / n).is_file()]
+    if missing:  # found now: a wrong directory fails at start-up, not on a page load
+        raise FileNotFoundError(f"{', '.join(missing)} not found in {folder}")
     blueprint = Blueprint(name, __name__)
 
     def serve(filename: str) -> Response:
-        response = send_from_directory(
-            directory, filename, mimetype=CLIENT_FILES[filename], max_age=0
-        )
+        data = (folder / filename).read_bytes()
+        response = Response(data, mimetype=CLIENT_FILES[filename])
+        response.set_etag(hashlib.sha256(data).hexdigest()[:32])
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Content-Type-Options"] = "nosniff"
+        response.make_conditional(request)  # a 304 while the browser's copy is current
         return response
 
     for filename in CLIENT_FILES:
