@@ -120,7 +120,6 @@ class SessionCarriers:
                 size=len(carrier),
                 limit=cap,
             )
-        # A real carrier is ~80 characters: anything much longer is not one.
         if carrier.startswith(PREFIX):
             # A context token: a client kept it across a switch from client mode, or
             # sent it to another app.
@@ -129,6 +128,7 @@ class SessionCarriers:
                 "app keeps contexts server-side (server or memory mode); drop it to start "
                 "afresh"
             )
+        # A real carrier is ~80 characters: anything much longer is not one.
         if not carrier.startswith(CARRIER_PREFIX) or len(carrier) > 256:
             raise MalformedToken("not a server-side session id")
         try:

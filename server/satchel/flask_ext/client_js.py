@@ -28,14 +28,18 @@ _HERE = Path(__file__).resolve()
 #: where an installed package carries them (satchel/client_js/), and where a checkout
 #: keeps them
 _PACKAGED = _HERE.parent.parent / "client_js"
-_CHECKOUT = _HERE.parents[3] / "client_js" / "src"
+_REPO = _HERE.parents[3]  # server/satchel/flask_ext/ in a checkout
+_CHECKOUT = _REPO / "client_js" / "src"
 
 
 def client_js_dir() -> Path:
     """The directory holding ``satchel.js`` and ``satchel.d.ts``: the installed
     package's copy, else the checkout's ``client_js/src``. FileNotFoundError when
     neither has them (a package built without its build step)."""
-    for directory in (_PACKAGED, _CHECKOUT):
+    # The checkout only when this file is in one (its pyproject.toml beside server/):
+    # an installed package's parents[3] is site-packages' parent, not a repository.
+    in_checkout = (_REPO / "pyproject.toml").is_file() and (_REPO / "server").is_dir()
+    for directory in (_PACKAGED, _CHECKOUT) if in_checkout else (_PACKAGED,):
         if all((directory / name).is_file() for name in CLIENT_FILES):
             return directory
     raise FileNotFoundError(
