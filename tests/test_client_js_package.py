@@ -97,3 +97,24 @@ def test_the_wheel_built_from_the_sdist_carries_the_client(tmp_path: Path) -> No
         for name in CLIENT_FILES:
             assert archive.read(f"satchel/client_js/{name}") == (SOURCE / name).read_bytes()
         assert "satchel/py.typed" in archive.namelist()
+
+
+def test_the_checkout_fallback_is_taken_only_inside_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed package missing its copy looked for client_js/src beside
+    site-packages' parent (or a vendoring app's own folder): only a checkout counts."""
+    from satchel.flask_ext import client_js
+
+    repo = tmp_path / "repo"
+    (repo / "client_js" / "src").mkdir(parents=True)
+    for name in CLIENT_FILES:
+        (repo / "client_js" / "src" / name).write_text("x")
+    monkeypatch.setattr(client_js, "_PACKAGED", tmp_path / "no-copy")
+    monkeypatch.setattr(client_js, "_REPO", repo)
+    monkeypatch.setattr(client_js, "_CHECKOUT", repo / "client_js" / "src")
+    with pytest.raises(FileNotFoundError, match="neither the installed package"):
+        client_js_dir()
+    (repo / "pyproject.toml").write_text("")
+    (repo / "server").mkdir()
+    assert client_js_dir() == repo / "client_js" / "src"
