@@ -1242,6 +1242,34 @@ def test_ai_sdk_regenerate_after_an_empty_reply_answers_the_message_once(
     ]
 
 
+def test_ai_sdk_regenerate_after_a_turn_another_writer_added_holds_it_as_new(
+    app: Any, client: Any
+) -> None:
+    """During a rolling deploy an older replica answers the page's route without
+    clearing the record of the last AI SDK message: matched by id alone, a regenerate
+    of that message then replaced the other reply and answered the other message. The
+    record names its turn too, so it is held as a new message."""
+    first = ai_sdk_send(
+        client, {"message": "hello", "userMessageId": "u1", "trigger": "submit-message"}, None
+    )
+    codec = Satchel.state(app).codec
+    ctx = codec.open(first["token"])  # an older release's save: turns, record untouched
+    ctx.add_turn("user", "page message")
+    ctx.add_turn("assistant", "page reply")
+    assert ctx.metadata["ai_sdk_user"]["id"] == "u1"
+    again = ai_sdk_send(
+        client,
+        {"message": "hello", "userMessageId": "u1", "trigger": "regenerate-message"},
+        codec.seal(ctx),
+    )
+    assert [t.content for t in codec.open(again["token"]).turns][:4] == [
+        "hello",
+        first["text"],
+        "page message",
+        "page reply",
+    ]
+
+
 def test_ai_sdk_regenerate_without_a_message_id_never_drops_a_reply(app: Any, client: Any) -> None:
     """An adapter that sends no userMessageId (or not an id): a regenerate cannot be
     told from a new message with the same words, so it is held as one (a question

@@ -243,11 +243,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             user_message_id = None  # an older adapter, or not an id the SDK makes
         ctx = satchel.context
         turns = ctx.turns
-        if (
-            body.get("trigger") == "regenerate-message"
-            and user_message_id is not None
-            and ctx.metadata.get(LAST_USER_KEY) == user_message_id
-            and _ends_with_user_turn(turns)
+        if body.get("trigger") == "regenerate-message" and _holds_as_last_user_turn(
+            ctx, user_message_id, message
         ):
             # regenerate() of the message the context's last user turn holds: answer it
             # again, in place of its reply if it has one (an empty reply left none),
@@ -316,19 +313,32 @@ _MESSAGE_ID = re.compile(r"[!-~]{1,128}")
 def _hold_user_turn(ctx: Any, message: str, message_id: str | None) -> None:
     """Add the user's turn, and record which AI SDK message it holds (none: a message
     from another route, or an adapter that sends no id), for a later
-    ``regenerate-message``."""
+    ``regenerate-message``: the id with the turn's time, so a turn another writer added
+    without clearing the record (a replica of an older release during a rolling
+    deploy) is not taken for it."""
     ctx.add_turn("user", message)
     if message_id is None:
         ctx.metadata.pop(LAST_USER_KEY, None)
     else:
-        ctx.metadata[LAST_USER_KEY] = message_id
+        ctx.metadata[LAST_USER_KEY] = {"id": message_id, "ts": ctx.turns[-1].ts}
 
 
-def _ends_with_user_turn(turns: list[Any]) -> bool:
-    """The last turn is a user's, or a reply right after one."""
+def _holds_as_last_user_turn(ctx: Any, message_id: str | None, message: str) -> bool:
+    """Whether the context ends with the user turn that holds AI SDK message
+    ``message_id`` (``message``), answered or not yet (a reply right after it)."""
+    held = ctx.metadata.get(LAST_USER_KEY)
+    turns = ctx.turns
     if turns and turns[-1].role == "assistant":
         turns = turns[:-1]
-    return bool(turns) and turns[-1].role == "user"
+    if message_id is None or not isinstance(held, dict) or not turns:
+        return False
+    last = turns[-1]
+    return (
+        held.get("id") == message_id
+        and last.role == "user"
+        and last.ts == held.get("ts")
+        and last.content == message
+    )
 
 
 def _scheme(url: str | None) -> str | None:
