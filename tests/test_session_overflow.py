@@ -221,6 +221,34 @@ def test_an_app_with_the_satchel_extension_reports_session_outages_to_its_metric
     assert obs.registry.get_sample_value("satchel_degraded_responses_total") == 2
 
 
+def test_a_copy_the_tier_lost_is_counted_and_logged_not_a_silent_logout(
+    redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis at allkeys-lru evicting a stored session copy (or restarting without
+    persistence) logged its user out with nothing but a DEBUG line: no metric, no
+    audit record. It counts in satchel_tokens_refused_total{reason="session_missing"}
+    and logs the refusal (a throttled WARNING)."""
+    from satchel.audit import AuditObserver
+    from satchel.metrics import PrometheusObserver
+    from satchel.observe import MultiObserver
+
+    obs = PrometheusObserver()
+    app = make_app(None, overflow=TierSessionOverflow(redis_server.url))
+    app.session_interface.observer = MultiObserver([obs, AuditObserver()])  # type: ignore[attr-defined]
+    client = app.test_client()
+    client.post("/set/6000")
+    redis_server.client().flushall()  # what an eviction or a restart leaves
+    caplog.set_level("INFO", logger="satchel.audit")
+    assert client.get("/get").get_json()["rejected"] == "session_missing"
+    refused = obs.registry.get_sample_value(
+        "satchel_tokens_refused_total", {"reason": "session_missing"}
+    )
+    assert refused == 1
+    (record,) = [r for r in caplog.records if r.getMessage() == "refused"]
+    assert record.levelname == "WARNING"
+    assert record.satchel["reason"] == "session_missing"  # type: ignore[attr-defined]
+
+
 def test_the_tier_holds_one_copy_per_live_session(redis_server: Any) -> None:
     app = make_app(redis_server.url, grace=30)
     client = app.test_client()

@@ -93,7 +93,7 @@ THROTTLED_EVENTS = frozenset({"degraded", "unavailable"})
 #: is gone (evicted, expired, the store restarted) and it starts over; a token's
 #: migration failed (a migration missing or raising in this deployment: every session
 #: of that version is refused, or reset under ``SATCHEL_ON_BAD_TOKEN = "fresh"``).
-THROTTLED_REFUSALS = frozenset({"session_not_found", "token_migration_failed"})
+THROTTLED_REFUSALS = frozenset({"session_not_found", "session_missing", "token_migration_failed"})
 
 MAX_STRING = 160
 _MAX_THROTTLED_KEYS = 256

@@ -459,6 +459,13 @@ class SatchelSessionInterface(SessionInterface):
                 session, ref = self._refused(exc), value
                 if isinstance(exc, TierError):  # an outage: flagged and counted at save
                     session.tier_failure = exc
+                else:
+                    # The copy is gone (expired, retired, evicted by a Redis at
+                    # allkeys-lru, lost in a restart) or the reference is forged:
+                    # counted (satchel_tokens_refused_total{reason}), and logged as a
+                    # session_missing refusal (throttled WARNING), so a tier that
+                    # drops sessions does not log users out unseen.
+                    self.get_observer(app).event("refused", reason=exc.code, detail="flask.session")
             else:
                 if resolved is not None and resolved != value:
                     ref, value = value, resolved
