@@ -1254,7 +1254,7 @@ def test_ai_sdk_regenerate_after_a_turn_another_writer_added_holds_it_as_new(
     )
     codec = Satchel.state(app).codec
     ctx = codec.open(first["token"])  # an older release's save: turns, record untouched
-    ctx.add_turn("user", "page message")
+    ctx.add_turn("user", "hello")  # the same words, in the same second
     ctx.add_turn("assistant", "page reply")
     assert ctx.metadata["ai_sdk_user"]["id"] == "u1"
     again = ai_sdk_send(
@@ -1265,9 +1265,23 @@ def test_ai_sdk_regenerate_after_a_turn_another_writer_added_holds_it_as_new(
     assert [t.content for t in codec.open(again["token"]).turns][:4] == [
         "hello",
         first["text"],
-        "page message",
+        "hello",
         "page reply",
     ]
+
+
+def test_ai_sdk_regenerate_twice_answers_in_place_both_times(app: Any, client: Any) -> None:
+    first = ai_sdk_send(
+        client, {"message": "Hi", "userMessageId": "u1", "trigger": "submit-message"}, None
+    )
+    token = first["token"]
+    for _ in range(2):
+        token = ai_sdk_send(
+            client,
+            {"message": "Hi", "userMessageId": "u1", "trigger": "regenerate-message"},
+            token,
+        )["token"]
+    assert [t.role for t in Satchel.state(app).codec.open(token).turns] == ["user", "assistant"]
 
 
 def test_ai_sdk_regenerate_without_a_message_id_never_drops_a_reply(app: Any, client: Any) -> None:

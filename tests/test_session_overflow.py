@@ -226,8 +226,9 @@ def test_a_copy_the_tier_lost_is_counted_and_logged_not_a_silent_logout(
 ) -> None:
     """Redis at allkeys-lru evicting a stored session copy (or restarting without
     persistence) logged its user out with nothing but a DEBUG line: no metric, no
-    audit record. It counts in satchel_tokens_refused_total{reason="session_missing"}
-    and logs the refusal (a throttled WARNING)."""
+    audit record. It counts in satchel_session_refused_total{reason} (apart from the
+    tokens, whose ratios alerts divide), is logged (a throttled WARNING), and the dead
+    cookie is deleted, so one lost session counts once, not once per request after."""
     from satchel.audit import AuditObserver
     from satchel.metrics import PrometheusObserver
     from satchel.observe import MultiObserver
@@ -239,14 +240,41 @@ def test_a_copy_the_tier_lost_is_counted_and_logged_not_a_silent_logout(
     client.post("/set/6000")
     redis_server.client().flushall()  # what an eviction or a restart leaves
     caplog.set_level("INFO", logger="satchel.audit")
-    assert client.get("/get").get_json()["rejected"] == "session_missing"
-    refused = obs.registry.get_sample_value(
-        "satchel_tokens_refused_total", {"reason": "session_missing"}
-    )
-    assert refused == 1
-    (record,) = [r for r in caplog.records if r.getMessage() == "refused"]
+    first = client.get("/get")
+    assert first.get_json()["rejected"] == "session_missing"
+    assert "session=;" in first.headers["Set-Cookie"]  # the dead reference, deleted
+    for _ in range(3):  # the browser no longer sends it
+        assert client.get("/get").get_json() == {"notes": None, "rejected": None}
+    samples = {
+        name: obs.registry.get_sample_value(name, {"reason": "session_missing"})
+        for name in ("satchel_session_refused_total", "satchel_tokens_refused_total")
+    }
+    assert samples == {"satchel_session_refused_total": 1, "satchel_tokens_refused_total": None}
+    (record,) = [r for r in caplog.records if r.getMessage() == "session_refused"]
     assert record.levelname == "WARNING"
     assert record.satchel["reason"] == "session_missing"  # type: ignore[attr-defined]
+
+
+def test_a_forged_reference_is_counted_apart_and_its_cookie_dropped(tmp_path: Path) -> None:
+    from satchel.metrics import PrometheusObserver
+
+    obs = PrometheusObserver()
+    app = make_app(f"sqlite:///{tmp_path / 'sessions.sqlite3'}")
+    app.session_interface.observer = obs  # type: ignore[attr-defined]
+    client = app.test_client()
+    value = cookie_of(client.post("/set/6000"))
+    client.set_cookie("session", value[:-2] + ("AA" if value[-2:] != "AA" else "BB"))
+    assert "session=;" in client.get("/get").headers["Set-Cookie"]
+    bad = obs.registry.get_sample_value(
+        "satchel_session_refused_total", {"reason": "token_bad_signature"}
+    )
+    assert bad == 1
+    assert (
+        obs.registry.get_sample_value(
+            "satchel_tokens_refused_total", {"reason": "token_bad_signature"}
+        )
+        is None
+    )
 
 
 def test_the_tier_holds_one_copy_per_live_session(redis_server: Any) -> None:

@@ -253,6 +253,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             # "continue" and its reply, and the regenerate is for the new one.
             if turns[-1].role == "assistant":
                 del turns[-1]
+            _note_user_turn(ctx, user_message_id)  # this save is the turn's newest
         else:
             _hold_user_turn(ctx, message, user_message_id)
         return stream_reply(ctx, protocol="ai-sdk")
@@ -313,14 +314,21 @@ _MESSAGE_ID = re.compile(r"[!-~]{1,128}")
 def _hold_user_turn(ctx: Any, message: str, message_id: str | None) -> None:
     """Add the user's turn, and record which AI SDK message it holds (none: a message
     from another route, or an adapter that sends no id), for a later
-    ``regenerate-message``: the id with the turn's time, so a turn another writer added
-    without clearing the record (a replica of an older release during a rolling
-    deploy) is not taken for it."""
+    ``regenerate-message``."""
     ctx.add_turn("user", message)
+    _note_user_turn(ctx, message_id)
+
+
+def _note_user_turn(ctx: Any, message_id: str | None) -> None:
+    """Record that the context's last user turn holds AI SDK message ``message_id``,
+    with the sequence number of the context it was saved from: the next token has the
+    one after it, so a save by any other writer in between (a replica of an older
+    release that adds turns without clearing the record, during a rolling deploy)
+    shows, whatever the text or the second it was sent in."""
     if message_id is None:
         ctx.metadata.pop(LAST_USER_KEY, None)
     else:
-        ctx.metadata[LAST_USER_KEY] = {"id": message_id, "ts": ctx.turns[-1].ts}
+        ctx.metadata[LAST_USER_KEY] = {"id": message_id, "seq": ctx.seq}
 
 
 def _holds_as_last_user_turn(ctx: Any, message_id: str | None, message: str) -> bool:
@@ -333,10 +341,12 @@ def _holds_as_last_user_turn(ctx: Any, message_id: str | None, message: str) -> 
     if message_id is None or not isinstance(held, dict) or not turns:
         return False
     last = turns[-1]
+    held_seq = held.get("seq")
     return (
         held.get("id") == message_id
+        and isinstance(held_seq, int)
+        and ctx.seq == held_seq + 1  # no save by anyone else since
         and last.role == "user"
-        and last.ts == held.get("ts")
         and last.content == message
     )
 

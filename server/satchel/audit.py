@@ -88,12 +88,14 @@ WARNING_EVENTS = frozenset(
 #: how many like it were left out. While a tier is down every request degrades; one
 #: line each would bury the rest of the log, and none at the usual WARNING level hid a
 #: lost conversation or a corrupt segment. The metrics count every one either way.
-THROTTLED_EVENTS = frozenset({"degraded", "unavailable"})
+#: ``session_refused``: a flask.session copy the tier lost (or a forged reference): a
+#: user logged out by the tier, once per lost session (its cookie is then deleted).
+THROTTLED_EVENTS = frozenset({"degraded", "unavailable", "session_refused"})
 #: ``refused`` reasons that are degraded paths, not bad input: the stored conversation
 #: is gone (evicted, expired, the store restarted) and it starts over; a token's
 #: migration failed (a migration missing or raising in this deployment: every session
 #: of that version is refused, or reset under ``SATCHEL_ON_BAD_TOKEN = "fresh"``).
-THROTTLED_REFUSALS = frozenset({"session_not_found", "session_missing", "token_migration_failed"})
+THROTTLED_REFUSALS = frozenset({"session_not_found", "token_migration_failed"})
 
 MAX_STRING = 160
 _MAX_THROTTLED_KEYS = 256

@@ -29,6 +29,9 @@ Metrics (labels in braces; the event or call that moves them after the colon):
 * ``satchel_tokens_issued_total``: issued
 * ``satchel_tokens_opened_total{mode,kid}``: opened
 * ``satchel_tokens_refused_total{reason}``: refused (reason = the error code)
+* ``satchel_session_refused_total{reason}``: session_refused (a flask.session overflow
+  reference whose stored copy is gone or whose signature is wrong; apart from the
+  tokens, so the token ratios and alerts keep their meaning)
 * ``satchel_tokens_expired_total{reason}``: expired (token, idle, max_age)
 * ``satchel_tokens_resealed_total``: resealed
 * ``satchel_sessions_started_total``: session_started
@@ -297,6 +300,11 @@ class PrometheusObserver(Observer):
         self.issued = counter("tokens_issued", "Tokens issued")
         self.opened = counter("tokens_opened", "Tokens opened and verified", ("mode", "kid"))
         self.refused = counter("tokens_refused", "Tokens refused, by error code", ("reason",))
+        self.session_refused = counter(
+            "session_refused",
+            "flask.session overflow references refused (copy gone, forged), by error code",
+            ("reason",),
+        )
         self.expired = counter("tokens_expired", "Tokens refused as expired, by cause", ("reason",))
         self.resealed = counter("tokens_resealed", "Tokens resealed (key rotation or upgrade)")
         self.seal_failures = counter(
@@ -485,6 +493,9 @@ class PrometheusObserver(Observer):
             ).inc()
         elif name == "refused":
             self._child(self.refused, self._label("refused", "reason", reason)).inc()
+        elif name == "session_refused":
+            label = self._label("session_refused", "reason", reason)
+            self._child(self.session_refused, label).inc()
         elif name == "expired":
             self._child(self.expired, self._label("expired", "reason", reason)).inc()
         elif name == "resealed":

@@ -20,7 +20,8 @@ class Observer:
         """An audit-worthy event: issued, opened, migrated, metadata_migrated, trimmed,
         summarized, overflowed, rehydrated, segments_restored, expired, refused,
         seal_failed, degraded, data_loss, fork_detected, stale_refused, busy_refused,
-        mark_lost, resealed, session_started, breaker_opened, breaker_closed,
+        mark_lost, resealed, session_started, session_refused, breaker_opened,
+        breaker_closed,
         breaker_half_open, erased, erase_failed; and, for metrics only,
         degraded_response (once per response that carries ``Satchel-Degraded``)."""
 

@@ -169,6 +169,9 @@ class SatchelSession(SecureCookieSession):
     #: The overflow tier could not be read (``"tier_unavailable"``): the session opened
     #: empty, and the response says ``Satchel-Degraded`` (a tier outage, not a bad cookie).
     tier_failure: TierError | None = None
+    #: The incoming cookie was a reference no request can use again (its stored copy is
+    #: gone, or it is forged): the cookie is deleted when the session is saved empty.
+    dead_reference = False
     #: Set by :meth:`clear` (a logout): the stored copy this session came from is
     #: deleted at once when it is saved, even if the view wrote to it again after
     #: clearing (``flash("logged out")``), not retired for the grace period.
@@ -462,10 +465,12 @@ class SatchelSessionInterface(SessionInterface):
                 else:
                     # The copy is gone (expired, retired, evicted by a Redis at
                     # allkeys-lru, lost in a restart) or the reference is forged:
-                    # counted (satchel_tokens_refused_total{reason}), and logged as a
-                    # session_missing refusal (throttled WARNING), so a tier that
-                    # drops sessions does not log users out unseen.
-                    self.get_observer(app).event("refused", reason=exc.code, detail="flask.session")
+                    # counted (satchel_session_refused_total{reason}) and logged (a
+                    # throttled WARNING), so a tier that drops sessions does not log
+                    # users out unseen; the dead cookie is deleted at save, so each
+                    # lost session counts once, not once per request.
+                    session.dead_reference = True
+                    self.get_observer(app).event("session_refused", reason=exc.code)
             else:
                 if resolved is not None and resolved != value:
                     ref, value = value, resolved
@@ -575,9 +580,10 @@ class SatchelSessionInterface(SessionInterface):
             return
         ref: str | None = getattr(session, "overflow_ref", None)
 
-        # Emptied: remove the cookie. Empty and untouched: nothing to send.
+        # Emptied: remove the cookie. Empty and untouched: nothing to send, but for a
+        # dead reference (its copy gone): every later request would look it up again.
         if not session:
-            if session.modified:
+            if session.modified or getattr(session, "dead_reference", False):
                 response.delete_cookie(name, **attributes)
                 add_vary(response, "Cookie")
                 if ref is not None:
