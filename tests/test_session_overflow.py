@@ -255,6 +255,23 @@ def test_a_copy_the_tier_lost_is_counted_and_logged_not_a_silent_logout(
     assert record.satchel["reason"] == "session_missing"  # type: ignore[attr-defined]
 
 
+def test_with_no_grace_a_missing_copy_keeps_the_cookie_a_concurrent_request_set(
+    tmp_path: Path,
+) -> None:
+    """grace=0 deletes a replaced copy at once: a request still in flight with the old
+    cookie finds it missing while the request that replaced it has just set the new
+    cookie. Deleting the "dead" cookie there would log the user out for good."""
+    app = make_app(f"sqlite:///{tmp_path / 'sessions.sqlite3'}", grace=0)
+    client = app.test_client()
+    old = cookie_of(client.post("/set/6000"))
+    new = cookie_of(client.post("/set/6000"))  # replaced: the old copy deleted at once
+    assert old != new
+    client.set_cookie("session", old)  # the request that left before the new cookie
+    stale = client.get("/get")
+    assert stale.get_json()["rejected"] == "session_missing"
+    assert "Set-Cookie" not in stale.headers  # the browser keeps the newer cookie
+
+
 def test_a_forged_reference_is_counted_apart_and_its_cookie_dropped(tmp_path: Path) -> None:
     from satchel.metrics import PrometheusObserver
 

@@ -468,8 +468,14 @@ class SatchelSessionInterface(SessionInterface):
                     # counted (satchel_session_refused_total{reason}) and logged (a
                     # throttled WARNING), so a tier that drops sessions does not log
                     # users out unseen; the dead cookie is deleted at save, so each
-                    # lost session counts once, not once per request.
-                    session.dead_reference = True
+                    # lost session counts once, not once per request. Not a missing
+                    # copy under grace=0: a request that replaced the session deleted
+                    # it at once, and one still in flight with the old cookie must not
+                    # delete the new cookie that request just set (with a grace period
+                    # the copy outlives any such race).
+                    grace = getattr(self.overflow, "grace", 0)
+                    missing = exc.code == "session_missing"
+                    session.dead_reference = not missing or grace > 0
                     self.get_observer(app).event("session_refused", reason=exc.code)
             else:
                 if resolved is not None and resolved != value:
