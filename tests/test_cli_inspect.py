@@ -338,6 +338,19 @@ def test_keygen_refuses_to_print_a_ring_no_app_would_load() -> None:
         assert "empty or unset" in empty.stderr
 
 
+def test_keygen_alone_refuses_a_kid_the_ring_already_has() -> None:
+    """Every call makes a new secret: printing a key alone under a kid $SATCHEL_KEYS
+    already holds is a second secret for that kid (a key-rotation drill built the first
+    deploy's ring that way, and every token one replica sealed was a bad signature on
+    the other). Refused, exit 2, nothing printed; another kid still prints."""
+    again = keygen("--kid", "cli1", keys=KEYS.to_string())
+    assert again.returncode == 2 and again.stdout == ""
+    assert "already has a key 'cli1'" in again.stderr and "new secret" in again.stderr
+    other = keygen("--kid", "k9", keys=KEYS.to_string())
+    assert other.returncode == 0
+    assert Keyring.from_string(other.stdout.strip()).kids == ["k9"]
+
+
 def test_keygen_append_warns_about_a_secret_that_looks_cut_short() -> None:
     """The app warns about such a secret; `keygen --append` said nothing and wrote the
     ring back canonical, so the app loading its output did not warn either."""

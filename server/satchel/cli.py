@@ -56,8 +56,27 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         # or trailing comma the variable may hold.
         print(key.to_string() + "," + ring.to_string())
     else:
+        current = os.environ.get("SATCHEL_KEYS", "").strip()
+        if current and key.kid in _kids_of(current):
+            # Each call makes a new secret: a key printed alone under a kid the ring
+            # already has is a second secret for that kid (an operator running keygen
+            # again for the first deploy's ring): replicas holding the two disagree, and
+            # every token one seals is a bad signature on the other.
+            print(
+                f"satchel keygen: $SATCHEL_KEYS already has a key {key.kid!r}, and every "
+                "call makes a new secret: take that key's entry from the ring you have "
+                "(or pass another --kid)",
+                file=sys.stderr,
+            )
+            return 2
         print(key.to_string())
     return 0
+
+
+def _kids_of(ring: str) -> set[str]:
+    """The key ids a ``kid:secret,...`` string names, read leniently (a ring that does
+    not parse is the app's error to report, not keygen's)."""
+    return {entry.split(":", 1)[0].strip() for entry in ring.split(",") if ":" in entry}
 
 
 def _header_dict(token: str) -> dict[str, Any]:
