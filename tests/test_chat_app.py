@@ -1121,45 +1121,48 @@ def test_ai_sdk_route_carries_the_conversation_from_the_newest_message_alone(
     )
 
 
+def sdk_message(
+    client: Any, message: str, user_id: str | None, token: str | None, *, regenerate: bool = False
+) -> dict[str, Any]:
+    """:func:`ai_sdk_send` of ``message`` as the adapter sends it: its UI message id,
+    and ``regenerate-message`` for ``regenerate()``."""
+    trigger = "regenerate-message" if regenerate else "submit-message"
+    body = {"message": message, "userMessageId": user_id, "trigger": trigger}
+    return ai_sdk_send(client, body, token)
+
+
+def held(app: Any, token: str) -> list[tuple[str, str]]:
+    """The (role, content) of every turn ``token`` holds."""
+    return [(t.role, t.content) for t in Satchel.state(app).codec.open(token).turns]
+
+
+class SwitchedModel(OfflineModel):
+    """The offline model; ``answer = "error"`` makes it fail, ``"empty"`` answer
+    nothing (a content filter, a stop at the first token)."""
+
+    answer = "normal"
+
+    def stream(self, messages: list) -> Iterator[str]:
+        if self.answer == "error":
+            raise ModelError("upstream went away")
+        if self.answer == "normal":
+            yield from super().stream(messages)
+
+
 def test_ai_sdk_regenerate_answers_the_last_message_again_in_place_of_its_reply(
     app: Any, client: Any
 ) -> None:
-    first = ai_sdk_send(
-        client, {"message": "Hello there", "userMessageId": "u1", "trigger": "submit-message"}, None
-    )
-    again = ai_sdk_send(
-        client,
-        {"message": "Hello there", "userMessageId": "u1", "trigger": "regenerate-message"},
-        first["token"],
-    )
-    ctx = Satchel.state(app).codec.open(again["token"])
-    assert [(t.role, t.content) for t in ctx.turns] == [
-        ("user", "Hello there"),
-        ("assistant", again["text"]),
-    ]
+    first = sdk_message(client, "Hello there", "u1", None)
+    again = sdk_message(client, "Hello there", "u1", first["token"], regenerate=True)
+    assert held(app, again["token"]) == [("user", "Hello there"), ("assistant", again["text"])]
     # The same words sent as a new message are a new turn, not a regeneration.
-    third = ai_sdk_send(
-        client,
-        {"message": "Hello there", "userMessageId": "u2", "trigger": "submit-message"},
-        again["token"],
-    )
-    assert [t.role for t in Satchel.state(app).codec.open(third["token"]).turns] == [
+    third = sdk_message(client, "Hello there", "u2", again["token"])
+    assert [role for role, _ in held(app, third["token"])] == [
         "user",
         "assistant",
         "user",
         "assistant",
     ]
-
-
-class FlakyModel(OfflineModel):
-    """The offline model, failing while ``down`` is set."""
-
-    down = False
-
-    def stream(self, messages: list) -> Iterator[str]:
-        if self.down:
-            raise ModelError("upstream went away")
-        yield from super().stream(messages)
 
 
 def test_ai_sdk_regenerate_after_a_failed_reply_to_the_same_words_keeps_both(
@@ -1169,13 +1172,11 @@ def test_ai_sdk_regenerate_after_a_failed_reply_to_the_same_words_keeps_both(
     keeps the first one); regenerate. Matched by text, the regenerate replaced the
     first reply and the second message was never held. By message id it is answered
     as the new message it is."""
-    model = FlakyModel()
+    model = SwitchedModel()
     app = make_app(tmp_path, CHAT_MODEL=model)
     client = app.test_client()
-    first = ai_sdk_send(
-        client, {"message": "continue", "userMessageId": "u1", "trigger": "submit-message"}, None
-    )
-    model.down = True
+    first = sdk_message(client, "continue", "u1", None)
+    model.answer = "error"
     failed = client.post(
         "/api/chat/ai-sdk",
         json={"message": "continue", "userMessageId": "u2", "trigger": "submit-message"},
@@ -1183,30 +1184,14 @@ def test_ai_sdk_regenerate_after_a_failed_reply_to_the_same_words_keeps_both(
     )
     last = failed.get_data(as_text=True).strip().splitlines()[-1]
     assert json.loads(last.removeprefix("data: "))["type"] == "error"  # and no token
-    model.down = False
-    again = ai_sdk_send(
-        client,
-        {"message": "continue", "userMessageId": "u2", "trigger": "regenerate-message"},
-        first["token"],
-    )
-    ctx = Satchel.state(app).codec.open(again["token"])
-    assert [(t.role, t.content) for t in ctx.turns] == [
+    model.answer = "normal"
+    again = sdk_message(client, "continue", "u2", first["token"], regenerate=True)
+    assert held(app, again["token"]) == [
         ("user", "continue"),
         ("assistant", first["text"]),
         ("user", "continue"),
         ("assistant", again["text"]),
     ]
-
-
-class EmptyOnceModel(OfflineModel):
-    """The offline model, answering nothing (a content filter, a stop at the first
-    token) while ``empty`` is set."""
-
-    empty = False
-
-    def stream(self, messages: list) -> Iterator[str]:
-        if not self.empty:
-            yield from super().stream(messages)
 
 
 def test_ai_sdk_regenerate_after_an_empty_reply_answers_the_message_once(
@@ -1215,26 +1200,16 @@ def test_ai_sdk_regenerate_after_an_empty_reply_answers_the_message_once(
     """An empty reply is saved as nothing: the token ends with the unanswered user
     turn. Regenerate answers that turn; it held the message twice when the id was kept
     with the reply (there was none) instead of with the user turn."""
-    model = EmptyOnceModel()
+    model = SwitchedModel()
     app = make_app(tmp_path, CHAT_MODEL=model)
     client = app.test_client()
-    first = ai_sdk_send(
-        client, {"message": "Hi", "userMessageId": "u1", "trigger": "submit-message"}, None
-    )
-    model.empty = True
-    empty = ai_sdk_send(
-        client, {"message": "Again", "userMessageId": "u2", "trigger": "submit-message"},
-        first["token"],
-    )  # fmt: skip
+    first = sdk_message(client, "Hi", "u1", None)
+    model.answer = "empty"
+    empty = sdk_message(client, "Again", "u2", first["token"])
     assert empty["text"] == ""
-    model.empty = False
-    again = ai_sdk_send(
-        client,
-        {"message": "Again", "userMessageId": "u2", "trigger": "regenerate-message"},
-        empty["token"],
-    )
-    ctx = Satchel.state(app).codec.open(again["token"])
-    assert [(t.role, t.content) for t in ctx.turns] == [
+    model.answer = "normal"
+    again = sdk_message(client, "Again", "u2", empty["token"], regenerate=True)
+    assert held(app, again["token"]) == [
         ("user", "Hi"),
         ("assistant", first["text"]),
         ("user", "Again"),
@@ -1248,21 +1223,15 @@ def test_ai_sdk_regenerate_after_a_turn_another_writer_added_holds_it_as_new(
     """During a rolling deploy an older replica answers the page's route without
     clearing the record of the last AI SDK message: matched by id alone, a regenerate
     of that message then replaced the other reply and answered the other message. The
-    record names its turn too, so it is held as a new message."""
-    first = ai_sdk_send(
-        client, {"message": "hello", "userMessageId": "u1", "trigger": "submit-message"}, None
-    )
+    record names the save it came from, so it is held as a new message."""
+    first = sdk_message(client, "hello", "u1", None)
     codec = Satchel.state(app).codec
     ctx = codec.open(first["token"])  # an older release's save: turns, record untouched
     ctx.add_turn("user", "hello")  # the same words, in the same second
     ctx.add_turn("assistant", "page reply")
     assert ctx.metadata["ai_sdk_user"]["id"] == "u1"
-    again = ai_sdk_send(
-        client,
-        {"message": "hello", "userMessageId": "u1", "trigger": "regenerate-message"},
-        codec.seal(ctx),
-    )
-    assert [t.content for t in codec.open(again["token"]).turns][:4] == [
+    again = sdk_message(client, "hello", "u1", codec.seal(ctx), regenerate=True)
+    assert [content for _, content in held(app, again["token"])][:4] == [
         "hello",
         first["text"],
         "hello",
@@ -1271,30 +1240,19 @@ def test_ai_sdk_regenerate_after_a_turn_another_writer_added_holds_it_as_new(
 
 
 def test_ai_sdk_regenerate_twice_answers_in_place_both_times(app: Any, client: Any) -> None:
-    first = ai_sdk_send(
-        client, {"message": "Hi", "userMessageId": "u1", "trigger": "submit-message"}, None
-    )
-    token = first["token"]
+    token = sdk_message(client, "Hi", "u1", None)["token"]
     for _ in range(2):
-        token = ai_sdk_send(
-            client,
-            {"message": "Hi", "userMessageId": "u1", "trigger": "regenerate-message"},
-            token,
-        )["token"]
-    assert [t.role for t in Satchel.state(app).codec.open(token).turns] == ["user", "assistant"]
+        token = sdk_message(client, "Hi", "u1", token, regenerate=True)["token"]
+    assert [role for role, _ in held(app, token)] == ["user", "assistant"]
 
 
 def test_ai_sdk_regenerate_without_a_message_id_never_drops_a_reply(app: Any, client: Any) -> None:
     """An adapter that sends no userMessageId (or not an id): a regenerate cannot be
     told from a new message with the same words, so it is held as one (a question
     twice, never an exchange lost)."""
-    first = ai_sdk_send(client, {"message": "Hello", "trigger": "submit-message"}, None)
-    again = ai_sdk_send(
-        client,
-        {"message": "Hello", "userMessageId": "\ud800 bad", "trigger": "regenerate-message"},
-        first["token"],
-    )
-    assert len(Satchel.state(app).codec.open(again["token"]).turns) == 4
+    first = sdk_message(client, "Hello", None, None)
+    again = sdk_message(client, "Hello", "\ud800 bad", first["token"], regenerate=True)
+    assert len(held(app, again["token"])) == 4
 
 
 def test_ai_sdk_route_refuses_a_bad_message_as_json(client: Any) -> None:

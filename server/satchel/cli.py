@@ -56,8 +56,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         # or trailing comma the variable may hold.
         print(key.to_string() + "," + ring.to_string())
     else:
-        current = os.environ.get("SATCHEL_KEYS", "").strip()
-        if current and key.kid in _kids_of(current):
+        if key.kid in _current_kids():
             # Each call makes a new secret: a key printed alone under a kid the ring
             # already has is a second secret for that kid (an operator running keygen
             # again for the first deploy's ring): replicas holding the two disagree, and
@@ -73,10 +72,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kids_of(ring: str) -> set[str]:
-    """The key ids a ``kid:secret,...`` string names, read leniently (a ring that does
-    not parse is the app's error to report, not keygen's)."""
-    return {entry.split(":", 1)[0].strip() for entry in ring.split(",") if ":" in entry}
+def _current_kids() -> list[str]:
+    """The key ids of the ring in ``$SATCHEL_KEYS``; none when it is unset or does not
+    parse (a first key needs no ring, and a broken one is the app's error to report)."""
+    try:
+        return Keyring.from_string(os.environ.get("SATCHEL_KEYS", "")).kids
+    except ConfigurationError:
+        return []
 
 
 def _header_dict(token: str) -> dict[str, Any]:

@@ -35,13 +35,14 @@ Callers never talk to a tier directly; they go through :class:`GuardedTier`:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -831,21 +832,26 @@ class GuardedTier:
             deadline = self._retired.get(key)
         return None if deadline is None else deadline - self.clock()
 
-    def delete_session(self, session_tag: str) -> int:
-        # Cleared before and after: a read that starts between the two still finds the
-        # keys in the tier, and caches them; the second clear drops them, and refuses
-        # what a read begun before it brings back later (SegmentCache.put's since).
+    @contextlib.contextmanager
+    def _session_uncached(self, session_tag: str) -> Iterator[None]:
+        """Around a deletion of a session's keys in the tier: its cached entries are
+        dropped before and after. A read that starts between the two still finds the
+        keys in the tier, and caches them; the second clear drops them, and refuses
+        what a read begun before it brings back later (SegmentCache.put's since)."""
         self.cache.discard_tag(session_tag)
         try:
-            return self._call(
-                "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
-            )
+            yield
         finally:
             self.cache.discard_tag(session_tag)
 
+    def delete_session(self, session_tag: str) -> int:
+        with self._session_uncached(session_tag):
+            return self._call(
+                "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
+            )
+
     def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
-        self.cache.discard_tag(session_tag)  # and after, as delete_session does
-        try:
+        with self._session_uncached(session_tag):
             return self._call(
                 "delete_session",
                 self.tier.erase_session,
@@ -855,8 +861,6 @@ class GuardedTier:
                 ttl,
                 key=f"{{{session_tag}}}",
             )
-        finally:
-            self.cache.discard_tag(session_tag)
 
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
