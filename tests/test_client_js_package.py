@@ -75,10 +75,21 @@ def test_the_wheel_built_from_the_sdist_carries_the_client(tmp_path: Path) -> No
     """What `pip install satchel` installs from a source distribution: the sdist must
     hold the client and the build hook, and the wheel built from it the package data."""
     sdist_dir = tmp_path / "sdist"
+    # --egg-base: the build's metadata goes to tmp_path, not into the checkout (where
+    # it rewrote the editable install's server/satchel.egg-info under a running suite)
+    egg_base = tmp_path / "egg-info"
+    egg_base.mkdir()
+    checkout_metadata = {
+        path: path.stat().st_mtime_ns for path in REPO_ROOT.glob("server/*.egg-info/*")
+    }
     subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(sdist_dir)],
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg_base),
+         "sdist", "-d", str(sdist_dir)],
         cwd=REPO_ROOT, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
+    assert {
+        path: path.stat().st_mtime_ns for path in REPO_ROOT.glob("server/*.egg-info/*")
+    } == checkout_metadata  # the checkout is left as it was
     (sdist,) = sdist_dir.glob("satchel-*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = archive.getnames()

@@ -57,7 +57,9 @@ export declare class SatchelError extends Error {
   /**
    * Server error code from `{"error": {"code": ...}}`, or one of the client's
    * own: `http_<status>`, `service_unavailable`, `stream_incomplete`,
-   * `stream_protocol`, `stream_cancelled`, `timeout`.
+   * `stream_protocol`, `stream_cancelled`, `timeout`, and `response_protocol`
+   * (only in an `error` event: an answered response named a token no header can
+   * carry; the stored token is kept).
    */
   code: string;
   /** HTTP status; null for errors delivered inside a successful stream. */

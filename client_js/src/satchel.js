@@ -305,8 +305,10 @@ function webStorage(kind) {
     get(key) {
       const value = held(key);
       if (value !== undefined) return value;
-      const stored = read(key);
-      return stored === undefined ? null : stored;
+      // A store that cannot be read throws, as a custom adapter's get() may: "no token"
+      // would send the request without the saved one, and the fresh context the server
+      // starts would overwrite the saved conversation.
+      return area.getItem(key);
     },
     set(key, value) {
       try {
@@ -541,9 +543,29 @@ function nonEmpty(v) {
   return typeof v === 'string' && v ? v : null;
 }
 
+/**
+ * A token as a response gave it, if the next request can send it back. Stored as it
+ * is, a value no header can carry (a space, a non-ASCII byte) would be dropped by the
+ * next request as `token_malformed`, and the whole conversation with it; keeping the
+ * stored token loses this turn at most (the server then reports the fork). The one
+ * case read through: a header sent twice with the same token (an app hook beside the
+ * extension, a proxy's add_header), which fetch joins as "t, t".
+ */
+function receivedToken(raw) {
+  const value = nonEmpty(raw);
+  if (value === null || isHeaderSafe(value)) return { token: value, unusable: false };
+  const parts = value.split(',').map((part) => part.trim());
+  if (isHeaderSafe(parts[0]) && parts.every((part) => part === parts[0])) {
+    return { token: parts[0], unusable: false };
+  }
+  return { token: null, unusable: true };
+}
+
 function metaFromHeaders(headers, headerName) {
+  const { token, unusable } = receivedToken(headers.get(headerName));
   return {
-    token: nonEmpty(headers.get(headerName)),
+    token,
+    unusable,
     seq: parseSeq(headers.get(H_SEQ)),
     session: nonEmpty(headers.get(H_SESSION)),
     degraded: splitList(headers.get(H_DEGRADED)),
@@ -554,8 +576,10 @@ function metaFromHeaders(headers, headerName) {
 
 function metaFromEvent(obj) {
   const o = obj && typeof obj === 'object' ? obj : {};
+  const { token, unusable } = receivedToken(o.token);
   return {
-    token: nonEmpty(o.token),
+    token,
+    unusable,
     seq: parseSeq(o.seq),
     session: nonEmpty(o.session),
     degraded: splitList(o.degraded),
@@ -725,15 +749,26 @@ function satchelMeta(ev, response) {
   const meta = metaFromEvent(safeJSON(ev.data));
   // Taken as success, the old token would stay and this turn would silently be
   // missing from the context the client carries.
-  if (!meta.token) throw tokenlessFinal(response);
+  if (!meta.token) throw tokenlessFinal(response, meta.unusable);
   return meta;
 }
 
-function tokenlessFinal(response) {
-  return new SatchelError('Malformed satchel event: no token; this turn may not be in the context', {
+function tokenlessFinal(response, unusable = false) {
+  const what = unusable ? 'a token no HTTP header can carry' : 'no token';
+  return new SatchelError(`Malformed satchel event: ${what}; this turn may not be in the context`, {
     code: 'stream_protocol',
     response,
   });
+}
+
+/** The `error` event for an answered response whose token header cannot be sent back. */
+function unusableTokenError(response) {
+  return new SatchelError(
+    'The response named a token no HTTP header can carry (a space, a non-ASCII byte, or ' +
+      'a header sent twice with different tokens): the stored token is kept, and this ' +
+      'turn may not be in the context',
+    { code: 'response_protocol', response },
+  );
 }
 
 function streamOutcome(reading) {
@@ -1507,6 +1542,8 @@ export class SatchelClient extends EventTarget {
       const meta = metaFromHeaders(response.headers, this._headerName);
       if (response.ok) {
         await this._applyMeta(meta, sent, 'response');
+        // Answered: the reply is the caller's, so reported, not thrown.
+        if (meta.unusable) this._reportError(unusableTokenError(response), null);
         return { response, sent };
       }
       let err;
@@ -1532,6 +1569,9 @@ export class SatchelClient extends EventTarget {
       const handedBack = err instanceof StaleContextError && !!meta.token;
       if (handedBack) err.recovered = await this._adoptHandedBack(meta, sent);
       await this._applyMeta(handedBack ? { ...meta, token: null } : meta, sent, 'response');
+      // The caller aborted while the error body was read (its read then failed, and the
+      // error was built from the status line): their abort, as fetch() itself rejects.
+      if (state.signal && state.signal.aborted) throw state.signal.reason;
       if (await this._recover(err, sent, state, replayable)) continue;
       throw err;
     }
@@ -2029,7 +2069,7 @@ export class SatchelClient extends EventTarget {
         if (meta && !meta.token) {
           // The final event names no token: the body is the caller's, so this is only
           // reported; the old token stays, and this turn is not in the context it holds.
-          this._reportError(tokenlessFinal(response));
+          this._reportError(tokenlessFinal(response, meta.unusable));
           meta = null;
         }
         if (meta) {

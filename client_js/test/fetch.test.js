@@ -807,3 +807,32 @@ test('public methods work detached: const { fetch } = chat, ky.create({ fetch: c
   assert.deepEqual(tokens, ['t0', 't1', 't3', null]);
   assert.deepEqual(Object.keys(client).filter((k) => k in SatchelClient.prototype), []); // nothing new to enumerate
 });
+
+test('a token header no request could send back keeps the stored token and is reported', async () => {
+  // Stored as it was, the next request dropped it as token_malformed and retried with
+  // no token: the whole conversation lost for one bad response (a space, a non-ASCII
+  // byte, or a header sent twice with different tokens).
+  for (const bad of ['s1.a b', 's1.new, s1.other']) {
+    const fetch = fakeFetch(() => reply({ json: { ok: true }, headers: { 'Satchel-Context': bad } }));
+    const client = testClient({ fetch });
+    await client.importToken('s1.saved', { seq: 4 });
+    const seen = record(client, ['token', 'error', 'reset']);
+    const res = await client.fetch('/x', { method: 'POST', body: '{}' });
+    assert.deepEqual(await res.json(), { ok: true }); // the reply is the caller's
+    assert.equal(client.token, 's1.saved');
+    assert.deepEqual(seen.map((e) => e.name), ['error']);
+    assert.equal(seen[0].detail.error.code, 'response_protocol');
+    assert.ok(seen[0].detail.error instanceof SatchelError);
+  }
+});
+
+test('a token header sent twice with the same token (joined "t, t" by fetch) is that token', async () => {
+  const fetch = fakeFetch(() => reply({ headers: { 'Satchel-Context': 's1.new, s1.new', 'Satchel-Seq': '5' } }));
+  const client = testClient({ fetch });
+  await client.importToken('s1.saved', { seq: 4 });
+  const seen = record(client, ['error']);
+  await client.fetch('/x');
+  assert.equal(client.token, 's1.new');
+  assert.equal(client.seq, 5);
+  assert.deepEqual(seen, []);
+});

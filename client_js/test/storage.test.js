@@ -537,3 +537,22 @@ test('other lock errors still reach the caller', async () => {
   await assert.rejects(client.fetch('/api/chat', { method: 'POST', body: '{}' }), /lock manager broke/);
   assert.equal(client.lockMode, 'web-locks');
 });
+
+test('localStorage whose getItem throws before a request: the request fails, the saved token is not replaced', async () => {
+  // The built-in adapter read an unreadable store (Firefox NS_ERROR_FILE_CORRUPTED, access
+  // revoked) as "no token": the request went out without it, the server started a fresh
+  // context, and its token overwrote the saved conversation.
+  const area = new FakeWebStorage();
+  installGlobal('localStorage', { value: area });
+  const fetch = fakeFetch((c, i) => reply({ satchel: { token: c.token ? `next-${c.token}` : 'FRESH', seq: 1 } }));
+  const client = createClient({ fetch, conversation: 'gi', broadcast: false, locks: false });
+  await client.importToken('SAVED', { seq: 40 });
+  const getItem = area.getItem.bind(area);
+  area.getItem = () => {
+    throw new DOMException('NS_ERROR_FILE_CORRUPTED', 'UnknownError');
+  };
+  await assert.rejects(client.fetch('/x', { method: 'POST', body: 'hi' }));
+  area.getItem = getItem;
+  assert.equal(fetch.calls.length, 0);
+  assert.equal(JSON.parse(area.getItem('satchel:gi')).token, 'SAVED');
+});

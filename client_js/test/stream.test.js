@@ -327,7 +327,8 @@ test('stream(): a null init is accepted, as fetch() accepts one', async () => {
 });
 
 test('stream(): a final satchel event with no token is a stream_protocol error, not success', async () => {
-  for (const data of ['not json', JSON.stringify({ seq: 9 })]) {
+  // ...or a token no HTTP header can carry: stored, the next request would drop it
+  for (const data of ['not json', JSON.stringify({ seq: 9 }), JSON.stringify({ token: 's1.a b', seq: 9 })]) {
     const body = sse([{ event: 'delta', data: { text: 'hi' } }]) + `event: satchel\ndata: ${data}\n\n`;
     await assertStreamFailsKeepingToken(body, 'stream_protocol');
   }

@@ -413,3 +413,24 @@ test('a timeout of whole seconds is said in seconds', async () => {
   assert.ok(err instanceof TimeoutError);
   assert.match(err.message, /within 1 s$/); // "within 120 s", not "within 120000 ms"
 });
+
+test('the caller aborts while an error body is read: the call rejects with the reason, no error event', async () => {
+  for (const timeout of [undefined, false]) {
+    const fetch = fakeFetch((call) => {
+      const body = new ReadableStream({
+        start(ctl) {
+          ctl.enqueue(new TextEncoder().encode('{"error":')); // then nothing more
+          call.init.signal?.addEventListener('abort', () => ctl.error(call.init.signal.reason));
+        },
+      });
+      return new Response(body, { status: 500, headers: { 'content-type': 'application/json' } });
+    });
+    const client = testClient({ fetch });
+    const seen = record(client, ['error']);
+    const ctl = new AbortController();
+    const reason = new DOMException('stop', 'AbortError');
+    setTimeout(() => ctl.abort(reason), 20);
+    await assert.rejects(client.fetch('/x', { signal: ctl.signal, timeout }), (e) => e === reason);
+    assert.deepEqual(seen, []);
+  }
+});
