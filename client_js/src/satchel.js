@@ -170,11 +170,44 @@ export function createError(code, message, { status = null, response = null, inS
  * attemptDeadline), which bounds the read of that body too: one that never ends (a
  * proxy's) is given up when it runs out, and the error built from the status line.
  */
+/**
+ * An error body's first `limit` bytes as text, or null past them. Satchel's error
+ * bodies are a few hundred bytes; a proxy's HTML page or a runaway body is not worth
+ * holding in memory (a 50 MB body was read whole) just to find no JSON in it.
+ */
+async function boundedText(response, limit) {
+  if (!response.body) return response.text();
+  const reader = response.body.getReader();
+  const chunks = [];
+  let size = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      size += value.byteLength;
+      if (size > limit) return null;
+      chunks.push(value);
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return new TextDecoder().decode(bytes);
+}
+
+/** The most of an error body read for its JSON `{"error": {...}}`. */
+const ERROR_BODY_LIMIT = 64 * 1024;
+
 async function errorFromResponse(response, deadline = null) {
   let payload = null;
   try {
     // Parse a clone so the caller still gets an unread body on error.response.
-    const text = response.clone().text();
+    const text = boundedText(response.clone(), ERROR_BODY_LIMIT);
     payload = JSON.parse(await (deadline ? deadline.race(text) : text));
   } catch {
     /* not JSON: fall back to the status line */

@@ -836,3 +836,34 @@ test('a token header sent twice with the same token (joined "t, t" by fetch) is 
   assert.equal(client.seq, 5);
   assert.deepEqual(seen, []);
 });
+
+test('an error body is read for its JSON up to 64 KiB, not whole', async () => {
+  // A proxy's page or a runaway body was read whole (50 MB held) to find no JSON in it.
+  let pulled = 0;
+  const chunk = new Uint8Array(16 * 1024).fill(0x20);
+  const fetch = fakeFetch(() => {
+    const body = new ReadableStream({
+      pull(ctl) {
+        pulled += chunk.byteLength;
+        if (pulled > 8 * 1024 * 1024) ctl.close();
+        else ctl.enqueue(chunk);
+      },
+    });
+    return new Response(body, { status: 502, headers: { 'content-type': 'application/json' } });
+  });
+  const client = testClient({ fetch });
+  const err = await client.fetch('/x').catch((e) => e);
+  assert.ok(err instanceof HTTPError);
+  assert.equal(err.code, 'http_502');
+  assert.ok(pulled < 256 * 1024, `pulled ${pulled} bytes`);
+  assert.equal(err.response.bodyUsed, false); // still the caller's to read
+});
+
+test('an error body within the limit still gives its code and message', async () => {
+  const padded = JSON.stringify({ error: { code: 'tier_full', message: 'm'.repeat(60_000) } });
+  const fetch = fakeFetch(() => reply({ status: 507, body: padded, headers: { 'content-type': 'application/json' } }));
+  const client = testClient({ fetch });
+  const err = await client.fetch('/x').catch((e) => e);
+  assert.equal(err.code, 'tier_full');
+  assert.equal(err.message.length, 60_000);
+});
