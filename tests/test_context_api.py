@@ -245,3 +245,21 @@ def test_join_surrogate_pairs_joins_halves_and_leaves_lone_ones() -> None:
     assert join_surrogate_pairs("lone \ud83d") == "lone \ud83d"
     text = "plain é"
     assert join_surrogate_pairs(text) is text
+
+
+@pytest.mark.parametrize(
+    ("role", "content"), [("user", None), ("user", 5), ("bot", "hi"), (["user"], "hi")]
+)
+def test_a_turn_refused_for_its_role_or_content_is_invalid_turn(role: Any, content: Any) -> None:
+    """Role and text often come straight from a request body: refused with a type of
+    its own (a 400 at the HTTP edge), still the TypeError and ValueError it was."""
+    from satchel.errors import InvalidRequest, InvalidTurn
+
+    ctx = Context.new()
+    with pytest.raises(InvalidTurn) as refused:
+        ctx.add_turn(role, content)
+    assert isinstance(refused.value, InvalidRequest | TypeError) and isinstance(
+        refused.value, ValueError
+    )
+    assert refused.value.code == "invalid_turn" and refused.value.status == 400
+    assert ctx.turns == []

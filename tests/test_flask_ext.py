@@ -1457,3 +1457,12 @@ def test_an_empty_cookie_or_json_field_setting_is_off() -> None:
     assert response.status_code == 200
     assert "Set-Cookie" not in response.headers
     assert ext.state(app).config.cookie is None and ext.state(app).config.json_field is None
+
+
+def test_a_tier_url_given_as_tier_is_a_configuration_error() -> None:
+    """Satchel(tier="redis://...") type-checked (tier was Any) and failed in init_app
+    with an AttributeError."""
+    from satchel.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="SATCHEL_OVERFLOW_URL"):
+        Satchel(tier="memory://")  # type: ignore[arg-type]

@@ -272,3 +272,19 @@ def test_a_purpose_that_is_not_utf8_is_refused_where_it_is_given() -> None:
     app.config["SATCHEL_SESSION_PURPOSE"] = "caf\udce9"
     with pytest.raises(ConfigurationError, match=r"^SATCHEL_SESSION_PURPOSE must be"):
         SatchelSessionInterface().check(app)
+
+
+@pytest.mark.parametrize(
+    "secret", ["a-long-and-very-secret-flask-key", b"a-long-and-very-secret-flask-key"]
+)
+def test_from_secrets_refuses_one_bare_secret(secret: str | bytes) -> None:
+    """A str is a Sequence[str]: iterated, it made one key per character, and a token
+    sealed with any one-character "secret" then opened."""
+    with pytest.raises(TypeError, match="list of secrets"):
+        Keyring.from_secrets(secret)
+
+
+@pytest.mark.parametrize("text", [None, 5, b"k1:AAAA"])
+def test_from_string_refuses_non_str_with_a_configuration_error(text: object) -> None:
+    with pytest.raises(ConfigurationError, match="is a str"):
+        Keyring.from_string(text)  # type: ignore[arg-type]

@@ -35,6 +35,12 @@ def test_the_quick_start_serves_a_conversation_across_requests() -> None:
     refused = client.post("/api/chat", json={"message": "x"}, headers={"Satchel-Context": tampered})
     assert refused.status_code == 400
     assert refused.get_json()["error"]["code"].startswith("token_")
+    # What a client may send instead of a message: a JSON 400 that says so, never a
+    # 500 (the quick start's view passed a null straight on, a plain TypeError).
+    for body in ({"message": None}, {"message": 5}, {"message": ["hi"]}, {}, [], "hi"):
+        bad = client.post("/api/chat", json=body, headers={"Satchel-Context": token})
+        assert bad.status_code == 400, body
+        assert bad.get_json()["error"]["code"] == "invalid_turn", body
 
 
 def test_every_other_python_block_runs() -> None:

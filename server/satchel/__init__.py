@@ -80,17 +80,19 @@ if TYPE_CHECKING:  # the lazy imports below, typed for mypy and editors
     from .flask_ext.session import SatchelSessionInterface
 
 
-def __getattr__(name: str) -> object:
-    # The Flask pieces import Flask; keep ``import satchel`` light for pure codec users.
-    if name == "Satchel":
-        from .flask_ext import Satchel
+if not TYPE_CHECKING:  # a module __getattr__ would type every misspelt name as object
 
-        return Satchel
-    if name == "SatchelSessionInterface":
-        from .flask_ext.session import SatchelSessionInterface
+    def __getattr__(name: str) -> object:
+        # The Flask pieces import Flask; keep ``import satchel`` light for pure codec users.
+        if name == "Satchel":
+            from .flask_ext import Satchel
 
-        return SatchelSessionInterface
-    raise AttributeError(f"module 'satchel' has no attribute {name!r}")
+            return Satchel
+        if name == "SatchelSessionInterface":
+            from .flask_ext.session import SatchelSessionInterface
+
+            return SatchelSessionInterface
+        raise AttributeError(f"module 'satchel' has no attribute {name!r}")
 
 
 __all__ = [

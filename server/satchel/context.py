@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
-from .errors import InvalidText, InvalidValue
+from .errors import InvalidText, InvalidTurn, InvalidValue
 from .limits import DEFAULT_LIMITS, MAX_METADATA_DEPTH
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -323,7 +323,9 @@ class Context:
         """Append a turn and return it.
 
         Every argument is checked before anything changes, so a refused turn leaves the
-        context as it was. Raises ValueError for an unknown role, TypeError for an
+        context as it was. Raises :class:`~satchel.errors.InvalidTurn` (a ValueError
+        and a TypeError, and a JSON 400 ``invalid_turn`` at the HTTP edge, as the role
+        and text often come straight from a request body) for an unknown role or an
         argument of the wrong type, and :class:`~satchel.errors.InvalidText` (a
         ValueError, and a JSON 400 ``invalid_text`` at the HTTP edge) for text that is
         not valid Unicode; tool-call arguments given as a map are walked for it too, and
@@ -332,10 +334,10 @@ class Context:
         (``markupsafe.Markup``, say) is stored as the plain str it holds: that is what
         the token carries and opens as.
         """
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise InvalidTurn(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if not isinstance(content, str):
-            raise TypeError(
+            raise InvalidTurn(
                 f"turn content must be a str (the turn's text), not {type(content).__name__}; "
                 "carry other provider content parts (images, documents, thinking) as "
                 "blocks=[OpaqueBlock(type, data, provider)]"
@@ -504,16 +506,18 @@ _MAX_PACKED_INT = 2**64 - 1
 
 def _items_of(items: Iterable[Any], kind: type, what: str) -> tuple[Any, ...]:
     if isinstance(items, (str, bytes, kind)):
-        raise TypeError(f"{what} is a list of {kind.__name__}, not a single {type(items).__name__}")
+        raise InvalidTurn(
+            f"{what} is a list of {kind.__name__}, not a single {type(items).__name__}"
+        )
     try:
         out = tuple(items)
     except TypeError:
-        raise TypeError(
+        raise InvalidTurn(
             f"{what} is a list of {kind.__name__}, not {type(items).__name__}"
         ) from None
     for i, item in enumerate(out):
         if not isinstance(item, kind):
-            raise TypeError(f"{what}[{i}] is {type(item).__name__}, not {kind.__name__}")
+            raise InvalidTurn(f"{what}[{i}] is {type(item).__name__}, not {kind.__name__}")
         _check_part(item, f"{what}[{i}]")
     return out
 
@@ -643,7 +647,7 @@ def _optional_text(value: Any, what: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{what} is a str or None, not {type(value).__name__}")
+        raise InvalidTurn(f"{what} is a str or None, not {type(value).__name__}")
     value = plain_str(value)
     if not value.isascii():
         check_text(value, what)

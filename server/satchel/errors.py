@@ -199,6 +199,19 @@ class InvalidValue(InvalidRequest, ValueError):
     code = "invalid_value"
 
 
+class InvalidTurn(InvalidRequest, TypeError, ValueError):
+    """A turn cannot be added as given: an unknown role, content that is not a str,
+    tool calls or blocks of the wrong type (``Context.add_turn``).
+
+    A TypeError and a ValueError too (what ``add_turn`` raised before it had a type of
+    its own), and a JSON 400 ``invalid_turn`` at the HTTP edge: the role and the text
+    most often come straight from a request body (``{"message": null}``), where a plain
+    TypeError was a 500.
+    """
+
+    code = "invalid_turn"
+
+
 class ContextNotSerializable(SatchelError):
     """The context holds a value msgpack cannot carry (a set, a datetime, an object).
 
@@ -228,6 +241,7 @@ __all__ = [
     "InvalidContext",
     "InvalidRequest",
     "InvalidText",
+    "InvalidTurn",
     "InvalidValue",
     "MalformedToken",
     "MigrationFailed",

@@ -227,6 +227,12 @@ class Keyring:
     @classmethod
     def from_string(cls, text: str, *, anchor_kid: str | None = None) -> Keyring:
         """Parse ``kid:secret[,kid:secret...]``, newest first."""
+        if not isinstance(text, str):
+            # None (an unset variable) or bytes (a file read in binary) failed with an
+            # AttributeError or a TypeError about the wrong operand of split().
+            raise ConfigurationError(
+                f"the key ring is a str ('kid:secret,...'), not {type(text).__name__}"
+            )
         keys: list[Key] = []
         for raw_item in text.split(","):
             item = raw_item.strip()
@@ -300,6 +306,10 @@ class Keyring:
         Key ids are a short hash of each secret so that the right one is tried first;
         24 bits (6 hex digits) of a SHA-256 reveal nothing useful about a secret.
         """
+        if isinstance(secrets_, str | bytes | bytearray):
+            # A str is a Sequence[str] (mypy takes it): iterated, it made one key per
+            # character, and a token sealed with any one-character secret opened.
+            raise TypeError("from_secrets takes a list of secrets: write [secret]")
         keys: list[Key] = []
         for secret in secrets_:
             if not isinstance(secret, str | bytes | bytearray):

@@ -49,3 +49,23 @@ def round_trip() -> str:
         return exc.code
     first: Turn = opened.turns[0]
     return first.role + first.content
+
+
+def streamed_reply(satchel: Satchel) -> None:
+    """The natural on_complete (add_turn returns the Turn) and the metrics observer."""
+    from flask import Response
+
+    from satchel.metrics import PrometheusObserver
+
+    ctx = satchel.context
+    response = satchel.stream(iter(["a"]), on_complete=lambda text: ctx.add_turn("assistant", text))
+    assert_type(response, Response)
+    assert_type(satchel.metrics, PrometheusObserver | None)
+
+
+# A misspelt name must be an error, not ``object``/``Any`` from the lazy __getattr__s.
+import satchel as _satchel_module  # noqa: E402
+import satchel.tiers as _tiers_module  # noqa: E402
+
+_misspelt = _satchel_module.Sachel  # type: ignore[attr-defined]
+_misspelt_tier = _tiers_module.RedisTeir  # type: ignore[attr-defined]

@@ -35,7 +35,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from flask import (
     Flask,
@@ -83,6 +83,9 @@ from ..protect import AtRest
 from .config import RESPONSE_HEADERS, SatchelConfig, configured_keys, keyring_from_config
 from .errors import error_response, http_error_response, public_error, satchel_error_response
 from .vary import add_vary, vary_names
+
+if TYPE_CHECKING:
+    from ..tiers import GuardedTier, Tier
 
 log = logging.getLogger("satchel")
 
@@ -182,8 +185,15 @@ class Satchel:
         keyring: Keyring | None = None,
         policy: LifecyclePolicy | None = None,
         observer: Observer | None = None,
-        tier: Any = None,
+        tier: Tier | GuardedTier | None = None,
     ) -> None:
+        if isinstance(tier, str):
+            # TierSessionOverflow takes a URL; this took one too, and failed in
+            # init_app with an AttributeError ('str' object has no attribute 'name').
+            raise ConfigurationError(
+                "tier= takes a tier object (satchel.tiers.tier_from_url(url) makes one); "
+                "for a URL set SATCHEL_OVERFLOW_URL (or SATCHEL_STORE_URL)"
+            )
         self._mode = mode
         self._keyring = keyring
         self._policy = policy
@@ -192,8 +202,9 @@ class Satchel:
         #: migrations of the app's ``ctx.metadata`` (see :meth:`metadata_migration`)
         self.metadata = MetadataSchema()
         #: the Prometheus observer (its ``.registry`` is what /metrics serves)
-        self.metrics: Any = None
         from ..metrics import PrometheusObserver
+
+        self.metrics: PrometheusObserver | None = None
 
         if isinstance(observer, PrometheusObserver):
             self.metrics = observer
@@ -1014,7 +1025,7 @@ class Satchel:
         self,
         deltas: Iterable[str],
         *,
-        on_complete: Callable[[str], None] | None = None,
+        on_complete: Callable[[str], object] | None = None,
         protocol: str = "satchel",
     ) -> Response:
         """A server-sent-events response: text deltas, then the next token.

@@ -50,6 +50,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
     "invalid_text": 400,
     "invalid_value": 400,
+    "invalid_turn": 400,
 }
 
 

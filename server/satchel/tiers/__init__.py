@@ -38,12 +38,14 @@ if TYPE_CHECKING:  # redis is an optional dependency: imported on first use
     from .redis import RedisTier, default_retry
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("RedisTier", "default_retry"):
-        from . import redis as _redis
+if not TYPE_CHECKING:  # a module __getattr__ would type every misspelt name as Any
 
-        return getattr(_redis, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name in ("RedisTier", "default_retry"):
+            from . import redis as _redis
+
+            return getattr(_redis, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
