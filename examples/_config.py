@@ -143,5 +143,8 @@ def configure_logging() -> None:
         return
     level = os.environ.get("SATCHEL_LOG_LEVEL", "WARNING").strip().upper() or "WARNING"
     if not isinstance(logging.getLevelName(level), int):
-        raise ValueError(f"SATCHEL_LOG_LEVEL={level!r} is not a logging level")
+        raise ConfigurationError(
+            "SATCHEL_LOG_LEVEL must be a logging level (DEBUG, INFO, WARNING, ERROR), "
+            f"not {level!r}"
+        )
     configure_json_logging(level=logging.getLevelName(level))

@@ -1259,3 +1259,26 @@ def test_ai_sdk_route_refuses_a_bad_message_as_json(client: Any) -> None:
     resp = client.post("/api/chat/ai-sdk", json={"messages": [{"role": "user"}]})
     assert resp.status_code == 400
     assert resp.get_json()["error"]["code"] == "invalid_request"
+
+
+def test_a_bad_log_level_or_port_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/chat-example.md: a bad value stops the app with a ConfigurationError naming
+    the variable. SATCHEL_LOG_LEVEL was a bare ValueError, a bad $PORT a traceback from
+    int() before the arguments were parsed."""
+    import logging
+
+    from examples._config import configure_logging
+    from examples.chat.__main__ import main
+    from satchel.errors import ConfigurationError
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh process
+    monkeypatch.setattr(logging.getLogger("satchel"), "handlers", [])
+    monkeypatch.setenv("SATCHEL_LOG_LEVEL", "loud")
+    with pytest.raises(ConfigurationError, match=r"^SATCHEL_LOG_LEVEL must be"):
+        configure_logging()
+    monkeypatch.setenv("PORT", "abc")
+    with pytest.raises(SystemExit) as stopped:
+        main([])
+    assert stopped.value.code == 2 and "--port: invalid int value: 'abc'" in capsys.readouterr().err

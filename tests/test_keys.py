@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import logging
+from typing import Any
 
 import pytest
 
@@ -288,3 +289,13 @@ def test_from_secrets_refuses_one_bare_secret(secret: str | bytes) -> None:
 def test_from_string_refuses_non_str_with_a_configuration_error(text: object) -> None:
     with pytest.raises(ConfigurationError, match="is a str"):
         Keyring.from_string(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 1.5])
+def test_rotated_keeps_a_count_of_keys_not_a_slice(keep: Any) -> None:
+    """keep was a slice bound: keep=0 kept every key, keep=-1 dropped the oldest."""
+    ring = Keyring.generate("a").rotated(generate_key("b"))
+    with pytest.raises(ValueError, match="number of keys to keep"):
+        ring.rotated(keep=keep)
+    assert [k.kid for k in ring.rotated(generate_key("c"), keep=2).keys] == ["c", "b"]
+    assert len(ring.rotated(keep=None).keys) == 3

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m examples.chat", description="Serve the Satchel chat example."
     )
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    # Given as a str: argparse converts it as it does --port, and a bad $PORT is an
+    # error naming the option, not a ValueError traceback before parsing starts.
+    parser.add_argument("--port", type=int, default=os.environ.get("PORT", "8000"))
     args = parser.parse_args(argv)
     host, port = args.host, args.port
     app = create_app()

@@ -179,6 +179,10 @@ def available_dictionary_id() -> int:
     return DEFAULT_DICTIONARY_ID
 
 
+#: zstd's fastest level (ZSTD_minCLevel: -(1 << 17)); MAX_COMPRESSION_LEVEL the slowest
+MIN_LEVEL = -(1 << 17)
+
+
 class Compressor:
     """Compresses payloads with one dictionary; opens payloads made with any known one.
 
@@ -193,6 +197,17 @@ class Compressor:
         max_decompressed: int = DEFAULT_MAX_DECOMPRESSED,
         min_size: int = 32,
     ) -> None:
+        if (
+            isinstance(level, bool)
+            or not isinstance(level, int)
+            or not MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL
+        ):
+            # zstd clamps a level out of range without a word (99 ran as 22), and a str
+            # failed deep in zstandard with a TypeError.
+            raise ValueError(
+                f"level is a zstd level, {MIN_LEVEL} to {zstandard.MAX_COMPRESSION_LEVEL} "
+                f"(negative: faster, larger), not {level!r}"
+            )
         self.dictionary_id = available_dictionary_id() if dictionary_id is None else dictionary_id
         self.level = level
         self.max_decompressed = max_decompressed

@@ -329,9 +329,14 @@ class Keyring:
         return ",".join(k.to_string() for k in self.keys)
 
     def rotated(self, new_key: Key | None = None, keep: int | None = None) -> Keyring:
-        """A new ring with ``new_key`` (or a fresh one) in front; optionally keep N keys."""
+        """A new ring with ``new_key`` (or a fresh one) in front; ``keep``: keep only the
+        newest N keys, the new one included (at least 1; None keeps them all)."""
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            # It was a slice: keep=0 kept every key, keep=-1 dropped the oldest. A ring
+            # keeps at least the key it seals with.
+            raise ValueError(f"keep is the number of keys to keep (1 or more), not {keep!r}")
         keys = [new_key or generate_key(), *self.keys]
-        return Keyring(keys[:keep] if keep else keys)
+        return Keyring(keys if keep is None else keys[:keep])
 
 
 def generate_key(kid: str | None = None) -> Key:
