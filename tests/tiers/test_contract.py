@@ -459,3 +459,17 @@ def test_a_memory_tier_url_takes_its_options_and_refuses_others() -> None:
     for bad in ("memory://?bogus=1", "memory://?max_bytes=0", "memory://?evict=maybe"):
         with pytest.raises(ConfigurationError, match="tier URL"):
             tier_from_url(bad)
+
+
+def test_an_option_the_urls_tier_does_not_take_names_the_ones_it_does(tmp_path: Path) -> None:
+    """timeouts= (Redis's) with a sqlite:// URL, the mistake docs/flask-session.md's
+    advice invited, was a bare TypeError from SQLiteTier's constructor."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    with pytest.raises(
+        ConfigurationError, match=r"sqlite:// tier takes no timeouts=.*busy_timeout="
+    ):
+        tier_from_url(url, timeouts=Timeouts(read=0.5))
+    with pytest.raises(ConfigurationError, match=r"memory:// tier takes no busy_timeout="):
+        tier_from_url("memory://", busy_timeout=1.0)
+    assert isinstance(tier_from_url(url, busy_timeout=2.0), SQLiteTier)
+    assert isinstance(tier_from_url("memory://", max_bytes=4096), MemoryTier)

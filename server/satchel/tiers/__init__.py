@@ -17,8 +17,9 @@ docs/overflow.md.
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..errors import ConfigurationError
@@ -122,7 +123,8 @@ def tier_from_url(
 ) -> Tier:
     """The tier ``url`` names; ``options`` go to its constructor (``timeouts=``,
     ``retry=``, ``prefix=`` for Redis; ``busy_timeout=``, ``max_bytes=``,
-    ``purge_every=`` for SQLite; ``max_bytes=``, ``evict=`` for memory).
+    ``purge_every=`` for SQLite; ``max_bytes=``, ``evict=`` for memory); an option the
+    URL's tier does not take is a ConfigurationError that names those it does.
 
     Every problem the URL certainly has (a bad number, an unknown parameter, a SQLite
     file that is not a database) raises :class:`~satchel.errors.ConfigurationError`
@@ -245,6 +247,32 @@ def tier_scheme(url: str, *, setting: str | None = None) -> str:
         raise ConfigurationError(f"{where}bad tier URL {redact_url(url)!r}: {exc}") from None
 
 
+T = TypeVar("T")
+
+
+def _construct(cls: type[T], scheme: str, options: dict[str, Any], *args: Any, **fixed: Any) -> T:
+    """``cls(*args, **fixed, **options)``, with an option its scheme does not take a
+    ConfigurationError that says which it does: ``timeouts=`` (Redis's) given with a
+    sqlite:// URL was a bare TypeError from the constructor."""
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return cls(*args, **fixed, **options)  # passes the rest on (Redis: to redis-py)
+    taken = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        and name not in fixed
+        and name not in ("url", "path")
+    ]
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise ConfigurationError(
+            f"a {scheme}:// tier takes no {', '.join(f'{name}=' for name in unknown)}; "
+            f"its options are {', '.join(f'{name}=' for name in taken)}"
+        )
+    return cls(*args, **fixed, **options)
+
+
 def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
     scheme = tier_scheme(url)
     if scheme in REDIS_SCHEMES:
@@ -254,7 +282,7 @@ def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
             raise ConfigurationError(
                 "a Redis tier needs redis-py: pip install 'satchel[redis]'"
             ) from None
-        return RedisTier(url, **options)
+        return _construct(RedisTier, scheme, options, url)
     if scheme == "sqlite":
         if not url.lower().startswith("sqlite:///"):
             raise ConfigurationError(
@@ -274,11 +302,11 @@ def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
                 )
             value = _sqlite_option(url, key, text)
             options.setdefault(key, value)  # an explicit option wins over the URL
-        return SQLiteTier(path, create=create, **options)
+        return _construct(SQLiteTier, scheme, options, path, create=create)
     if scheme == "memory":
         for key, text in parse_qsl(urlsplit(url).query, keep_blank_values=True):
             options.setdefault(key, _memory_option(url, key, text))  # explicit options win
-        return MemoryTier(**options)
+        return _construct(MemoryTier, scheme, options)
     raise ConfigurationError(
         f"unknown tier URL scheme {scheme!r} in {redact_url(url)!r}: use {SCHEMES_HELP}"
     )
