@@ -250,3 +250,40 @@ def test_markers_read_back_past_999_conversations_and_9999_turns() -> None:
     for conv, turn in ((7, 3), (1000, 0), (12345, 10000)):
         match = MARKER.search(message_for(conv, turn, random.Random(1)))
         assert match and (int(match.group(1)), int(match.group(2))) == (conv, turn)
+
+
+@pytest.mark.redis
+def test_a_port_taken_by_another_redis_is_not_taken_for_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port free when picked but bound by another Redis before ours (or while ours is
+    down between a kill and its restart): its PING passed for our server's, so the
+    benches ran, killed and (compare) FLUSHALLed the other one."""
+    from satchel.bench import _procs
+
+    require_binary("redis-server")
+    other = _procs.RedisProcess(tmp_path / "other").start()
+    try:
+        monkeypatch.setattr(_procs, "free_port", lambda: other.port)
+        ours = _procs.RedisProcess(tmp_path / "ours")
+        with pytest.raises(_procs.ProcError, match="did not start"):
+            ours.start()
+        assert other.proc is not None and other.proc.poll() is None
+    finally:
+        other.kill()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_tuning_value_the_app_would_refuse_is_one_line_before_anything_starts(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SATCHEL_BREAKER_RESET_TIMEOUT=-1 started Redis and the app, and relayed the app's
+    start-up traceback: the bench checks it as the app does."""
+    from satchel import cli
+    from satchel.bench import chaos
+
+    monkeypatch.setenv("SATCHEL_BREAKER_RESET_TIMEOUT", value)
+    monkeypatch.setattr(chaos, "RedisProcess", lambda *a: pytest.fail("a process started"))
+    assert cli.main(["bench", "chaos", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("satchel: SATCHEL_BREAKER_RESET_TIMEOUT must be") and "\n" not in err

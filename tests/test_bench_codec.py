@@ -44,6 +44,19 @@ def test_bench_codec_cli_prints_every_figure_and_writes_json(tmp_path: Path) -> 
         assert all(v > 0 for v in us.values())
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux /dev/full")
+def test_a_json_path_that_cannot_be_written_is_exit_2_in_one_line() -> None:
+    """--json /dev/full (or a read-only file system, /proc) passed the checks before the
+    run and ended it with a traceback and exit 1, which reads as a missed target."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "satchel.cli", "bench", "codec", "--quick", "--turns", "4",
+         "--json", "/dev/full"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--json /dev/full: not written" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_targets_are_checked_as_the_issue_states_them() -> None:
     row = {
         "turns": 20,
@@ -103,6 +116,7 @@ def test_checkout_corpus_is_found_from_any_working_directory(tmp_path: Path, mon
         (["--corpus", "{empty}"], "no conversation with turns"),
         (["--corpus", "{bad}"], "line 1: not"),
         (["--corpus", "{bot}"], "line 2: role 'bot' is not one of"),
+        (["--corpus", "{surrogate}"], "line 1: turn content is not valid Unicode text"),
         (["--json", "{tmp}/no/such/dir/out.json"], "does not exist"),
     ],
 )
@@ -118,7 +132,11 @@ def test_bad_arguments_are_exit_2_with_one_line_before_any_run(
         '{"turns": [{"role": "user", "content": "hi"}]}\n'
         '{"turns": [{"role": "bot", "content": "hello"}]}\n'
     )
+    (tmp_path / "surrogate.jsonl").write_text(  # JSON's escape of half a surrogate pair
+        '{"turns": [{"role": "user", "content": "\\ud800"}]}\n'
+    )
     paths = {
+        "surrogate": str(tmp_path / "surrogate.jsonl"),
         "missing": str(tmp_path / "missing.jsonl"),
         "empty": str(tmp_path / "empty.jsonl"),
         "bad": str(tmp_path / "bad.jsonl"),

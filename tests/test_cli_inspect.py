@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -241,10 +243,15 @@ def test_a_server_mode_carrier_is_verified_and_its_stored_context_opened(
     client.set(out_before["store_key"], client.get(other_key))
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "token_invalid_context", out
+    # ...saying which key holds the bad value (the carrier itself verified), as for a
+    # missing or erased context: these facts were dropped
+    assert out["verified"] is True and out["store_key"] == out_before["store_key"]
+    assert out["session_id"] == out_before["session_id"]
     # A foreign value at the key, not even ASCII: refused like a bad token.
     redis_server.client().set(out_before["store_key"], b"\xff not a token")
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "token_malformed"
+    assert out["store_key"] == out_before["store_key"]
     redis_server.flushall()
     code, out, _ = run(carrier, "--store-url", redis_server.url, keys=KEYS.to_string())
     assert code == 1 and out["error"]["code"] == "session_not_found"
@@ -427,3 +434,33 @@ def test_version_is_the_packages_one_and_the_installed_distributions() -> None:
         'dynamic = ["version"]' in pyproject
         and "\nversion =" not in pyproject.split("[tool.setuptools.dynamic]")[0]
     )
+
+
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C (in `bench chaos`, `compare`, or `inspect -` waiting on stdin) printed a
+    KeyboardInterrupt traceback; the benches' own finally blocks do the cleanup."""
+    from satchel import cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    assert cli.main(["inspect", "-"]) == 130
+    assert capsys.readouterr().err == "satchel: interrupted\n"
+
+
+def test_a_reader_that_leaves_early_is_exit_141_not_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`satchel inspect BAD | head -c0` under pipefail exited 0: the broken pipe hid the
+    refused token's exit 1. 141 is what a shell reports for a writer killed by SIGPIPE."""
+    from satchel import cli
+
+    def reader_gone(args: object) -> int:
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "cmd_inspect", reader_gone)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # main closes it, as the pipe is gone
+    assert cli.main(["inspect", "-"]) == 141

@@ -190,7 +190,7 @@ def _inspect_token(
         ):
             raise InvalidContext("the stored context belongs to another session")
     except (ConfigurationError, BadToken) as exc:
-        return _refused(exc)
+        return _refused(exc, **extra)
     ctx = opened.context
     context = ctx.to_dict()
     context["parent"] = sealed_parent.hex() if sealed_parent else None
@@ -227,12 +227,17 @@ def _lifecycle_from_env(*names: str) -> LifecyclePolicy:
     return SatchelConfig.from_app(app).lifecycle_policy()
 
 
-def _refused(exc: SatchelError) -> int:
-    """Exit 2 for a configuration problem (stderr), 1 for a refused token (JSON)."""
+def _refused(exc: SatchelError, **carrier: Any) -> int:
+    """Exit 2 for a configuration problem (stderr), 1 for a refused token (JSON).
+
+    ``carrier``: the facts of the server-mode carrier whose stored context was refused
+    (its session id, the store key holding the bad value): the carrier itself verified,
+    as when the stored context is missing or erased."""
     if isinstance(exc, ConfigurationError):
         print(f"satchel inspect: {exc.message}", file=sys.stderr)
         return 2
-    _print_inspect({"verified": False, "error": {"code": exc.code, "message": exc.message}})
+    error = {"code": exc.code, "message": exc.message}
+    _print_inspect({"verified": bool(carrier), **carrier, "error": error})
     return 1
 
 
@@ -361,6 +366,18 @@ def check_output_file(path: str | None, option: str) -> None:
         raise ConfigurationError(f"{option} {path}: is a directory, not a file")
     if not target.parent.is_dir():
         raise ConfigurationError(f"{option} {path}: the directory {target.parent} does not exist")
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        raise ConfigurationError(f"{option} {path}: not writable")
+
+
+def write_output_file(path: str, text: str, option: str) -> None:
+    """Write a run's figures at its end: a write that fails after all (a read-only or
+    full file system, /proc) is a ConfigurationError (exit 2, one line), not a traceback
+    and exit 1 (which reads as a missed target)."""
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ConfigurationError(f"{option} {path}: not written ({exc.strerror or exc})") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -594,9 +611,16 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"satchel: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: the benches' finally blocks have stopped their servers by now; a
+        # traceback would only bury what they printed.
+        print("satchel: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `satchel inspect ... | head`: the reader left early
         sys.stderr.close()
-        return 0
+        # Not 0: the output was cut, and a refused token's exit 1 is not known here.
+        # 141 (128 + SIGPIPE) is what a shell reports for a writer the pipe stopped.
+        return 141
 
 
 if __name__ == "__main__":

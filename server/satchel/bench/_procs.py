@@ -348,6 +348,19 @@ class RedisProcess:
         except (OSError, ConnectionError):
             return False
 
+    def _serves_ours(self) -> bool:
+        """Whether the server answering on the port is the one this object started: a
+        port free when picked can be taken before redis-server binds it (or while a
+        killed one is down), and a PING answered by that other Redis passed for ours,
+        which the benches then killed, flushed and measured."""
+        if self.proc is None:
+            return False
+        try:
+            info = resp_command(self.port, "INFO", "server", timeout=0.3)
+        except (OSError, ConnectionError):
+            return False
+        return f"process_id:{self.proc.pid}\r\n" in str(info)
+
     def dbsize(self, timeout: float = 0.3) -> int | None:
         try:
             return int(resp_command(self.port, "DBSIZE", timeout=timeout))
@@ -362,7 +375,7 @@ class RedisProcess:
             proc = self.proc
             try:
                 wait_until(
-                    functools.partial(_exited_or, proc, self.ping),
+                    functools.partial(_exited_or, proc, self._serves_ours),
                     timeout=10,
                     what=f"redis-server on port {self.port}",
                 )

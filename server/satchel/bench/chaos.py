@@ -1027,8 +1027,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = getattr(args, "server", "embedded") or "embedded"
     require_modules("redis", extra="redis")  # the app's overflow tier
     knobs = tuning_from_env()
-    overrides: dict[str, Any] = {k.removeprefix("SATCHEL_").lower(): v for k, v in knobs.items()}
-    settings = SatchelConfig(**overrides)
+    # Checked as the app checks them, before anything starts: a negative or NaN
+    # timeout was accepted here and refused by the app, whose traceback was relayed.
+    from flask import Flask
+
+    checked = Flask("satchel-chaos")
+    checked.config.update(knobs)
+    settings = SatchelConfig.from_app(checked)
     reset, fail_max = settings.breaker_reset_timeout, settings.breaker_fail_max
     faults, duration = build_schedule(quick, reset)
     work = Workdir(keep=bool(os.environ.get("SATCHEL_CHAOS_KEEP")))
@@ -1153,7 +1158,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(render(report))
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        from ..cli import write_output_file
+
+        write_output_file(json_out, json.dumps(report, indent=2, sort_keys=True) + "\n", "--json")
     return 0 if report["passed"] else 1
 
 

@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .. import schema
 from ..codec import Codec
 from ..compress import Compressor
-from ..context import ROLES, Context
-from ..errors import BudgetExceeded, ConfigurationError, ContextNotSerializable
+from ..context import ROLES, Context, check_text
+from ..errors import BudgetExceeded, ConfigurationError, ContextNotSerializable, InvalidText
 from ..keys import Keyring
 from ..protect import keyed_hmac
 
@@ -117,6 +117,13 @@ def _read_corpus(path: Path) -> list[list[dict[str, str]]]:
                 f"--corpus {path}, line {number}: role {unknown[0]!r} is not one of "
                 f"{', '.join(ROLES)} (rename it in the corpus)"
             )
+        # JSON may escape half a surrogate pair ("\\ud800"): json.loads takes it, and
+        # add_turn then refused it with a traceback, mid-run.
+        try:
+            for turn in turns:
+                check_text(turn["content"], "turn content")
+        except InvalidText as exc:
+            raise ConfigurationError(f"--corpus {path}, line {number}: {exc.message}") from None
         if turns:
             out.append(turns)
     return out
@@ -516,7 +523,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--turns {','.join(map(str, sizes))}: {exc.message}") from None
     print(render(result))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        from ..cli import write_output_file
+
+        write_output_file(args.json_out, json.dumps(result, indent=2), "--json")
     if args.check and not all(ok for _n, ok, _f in check_targets(result)):
         return 1
     return 0

@@ -1709,10 +1709,14 @@ def _out_problem(out: Path) -> str | None:
     """Why the report could not be written under ``out`` at the end of a run, or None:
     a file there, or a file where one of the directories to create would go."""
     if out.exists():
-        return None if out.is_dir() else "is a file, not a directory"
+        if not out.is_dir():
+            return "is a file, not a directory"
+        return None if os.access(out, os.W_OK) else "not writable"
     for parent in out.parents:
         if parent.exists():
-            return None if parent.is_dir() else f"{parent} is a file, not a directory"
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            return None if os.access(parent, os.W_OK) else f"{parent} is not writable"
     return None
 
 
@@ -1768,10 +1772,14 @@ def _main(args: argparse.Namespace) -> int:
         finally:
             terminate_all(grace=2)
         results.targets = check_targets(results)
-        out.mkdir(parents=True, exist_ok=True)
-        plots = make_plots(results, out / "img")
-        report = out / "comparison.md"
-        report.write_text(render_report(results, plots), encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            plots = make_plots(results, out / "img")
+            report = out / "comparison.md"
+            report.write_text(render_report(results, plots), encoding="utf-8")
+        except OSError as exc:  # checked before the run, but a file system can still refuse
+            print(f"satchel compare: --out {out}: not written ({exc})", file=sys.stderr)
+            return 2
     finally:  # the logs and Redis' files, whether the run finished or not (Ctrl-C)
         shutil.rmtree(workdir, ignore_errors=True)
     print()
