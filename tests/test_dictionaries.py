@@ -176,3 +176,23 @@ def test_the_trainer_never_writes_over_a_published_dictionary(
     assert trainer.main([]) == 1
     assert published.read_bytes() == shipped[:-1] + bytes([shipped[-1] ^ 1])
     assert "never replaced" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, "{not json\n", '{"turns": [{"role": "user"}]}\n'])
+def test_the_trainer_names_a_corpus_it_cannot_read_in_one_line(
+    content: str | None, tmp_path: Path
+) -> None:
+    """A missing --corpus file or a line that is no conversation was a traceback (and
+    the trainer's own refusals went to stdout)."""
+    corpus = tmp_path / "chats.jsonl"
+    if content is not None:
+        corpus.write_text(content)
+    trainer = str(ROOT / "tools" / "train_dictionary.py")
+    result = subprocess.run(
+        [sys.executable, trainer, "--corpus", str(corpus), "--dict-id", "209",
+         "--out", str(tmp_path / "app.zdict")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert str(corpus) in result.stderr and len(result.stderr.strip().splitlines()) == 1

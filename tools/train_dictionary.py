@@ -56,6 +56,7 @@ try:
 except ImportError:  # not installed: use the source tree (same as PYTHONPATH=server)
     sys.path.insert(0, str(ROOT / "server"))
 
+from satchel.bench.codec import _read_corpus as read_corpus  # noqa: E402
 from satchel.codec import DIGEST_SIZE, Codec  # noqa: E402
 from satchel.compress import (  # noqa: E402
     DEFAULT_LEVEL,
@@ -65,6 +66,7 @@ from satchel.compress import (  # noqa: E402
     load_dictionary,
 )
 from satchel.context import Context, LifecycleAction, SegmentRef  # noqa: E402
+from satchel.errors import ConfigurationError  # noqa: E402
 from satchel.keys import Keyring  # noqa: E402
 from satchel.lifecycle.policy import LifecyclePolicy, apply_policies  # noqa: E402
 from satchel.schema import to_wire  # noqa: E402
@@ -287,19 +289,28 @@ def train_app_dictionary(corpus: Path, out: Path, dict_id: int, size: int) -> in
     figures printed are for conversations the dictionary did not see.
     """
     if not FIRST_APP_DICTIONARY_ID <= dict_id <= 255:
-        print(f"--dict-id must be {FIRST_APP_DICTIONARY_ID}-255 (lower ids are Satchel's)")
+        print(
+            f"--dict-id must be {FIRST_APP_DICTIONARY_ID}-255 (lower ids are Satchel's)",
+            file=sys.stderr,
+        )
         return 2
-    convs = load_jsonl(corpus)
+    try:
+        # Read as `satchel bench codec --corpus` reads it: a missing file or a line that
+        # is no conversation is one line naming it, not a traceback.
+        convs = [[(t["role"], t["content"]) for t in turns] for turns in read_corpus(corpus)]
+    except ConfigurationError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
     fit = [c for i, c in enumerate(convs) if i % 5]
     held = [c for i, c in enumerate(convs) if not i % 5]
     samples = training_payloads(fit, SAMPLE_SEED)
     if len(fit) < 20 or len(held) < 5:
-        print(f"{corpus}: {len(convs)} conversations; at least 25 are needed")
+        print(f"{corpus}: {len(convs)} conversations; at least 25 are needed", file=sys.stderr)
         return 2
     try:
         dictionary = train(samples, size, K, D, dict_id)
     except zstandard.ZstdError as exc:
-        print(f"training failed ({exc}): more or longer conversations are needed")
+        print(f"training failed ({exc}): more or longer conversations are needed", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)  # instance/ need not exist yet
     out.write_bytes(dictionary.as_bytes())
