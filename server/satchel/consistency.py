@@ -104,6 +104,8 @@ def stricter(a: str, b: str | None) -> str:
 
 
 def mark_key(tag: str, prefix: str = "satchel") -> str:
+    """The key of the session's consistency mark (its high-water mark, or after an
+    erasure the tombstone), in the session's hash tag: one Cluster slot with its keys."""
     return f"{prefix}:{{{tag}}}:hwm"
 
 
@@ -249,6 +251,9 @@ class LateReleases:
         self.drained.set()
 
     def add(self, tier: Any, claim: Claim) -> None:
+        """Queue ``claim`` (held on ``tier``) for release, tried every ``interval``
+        seconds for ``CLAIM_TTL`` (by then it has expired anyway); starts the thread if
+        none is running."""
         with self._lock:
             self._pending.append((tier, claim, time.monotonic() + CLAIM_TTL))
             self.drained.clear()
@@ -259,6 +264,7 @@ class LateReleases:
                 self._thread.start()
 
     def pending(self) -> int:
+        """How many claims still wait for their release."""
         with self._lock:
             return len(self._pending)
 
@@ -987,9 +993,15 @@ class MonotonicGuard:
         return claim
 
     def release(self, claim: Claim) -> None:
+        """Drop a claim :meth:`claim` took, if its key still holds it. Never raises
+        TierError: a release the tier fails is retried in the background
+        (:data:`LATE_RELEASES`)."""
         release_claim(self.tier, claim)
 
     def renew(self, claim: Claim) -> bool:
+        """Give ``claim`` a fresh ``CLAIM_TTL`` while its reply still streams. False
+        when it was lost (expired, another took it) or the tier failed; the stream goes
+        on either way, and its save's compare-and-set still decides."""
         return renew_claim(self.tier, claim)
 
 

@@ -194,6 +194,7 @@ SESSION_ID_BYTES = 16
 
 
 def new_session_id() -> bytes:
+    """A fresh random session id: 16 bytes from ``os.urandom``."""
     return os.urandom(SESSION_ID_BYTES)
 
 

@@ -62,27 +62,38 @@ class Header(NamedTuple):  # a tuple: built on every open and seal, it must be c
 
     @property
     def sealed(self) -> bool:
+        """Flag bit 0: the body is AEAD ciphertext, else the unencrypted payload and its MAC."""
         return bool(self.flags & FLAG_SEALED)
 
     @property
     def compressed(self) -> bool:
+        """Flag bit 1: the payload is zstd-compressed (with dictionary ``dictionary_id``
+        unless that is 0)."""
         return bool(self.flags & FLAG_COMPRESSED)
 
     @property
     def padded(self) -> bool:
+        """Flag bit 3: the payload ends in length padding (padding.py), to be removed
+        after verification."""
         return bool(self.flags & FLAG_PADDED)
 
     @property
     def mode(self) -> str:
+        """``"sealed"`` or ``"signed"``: the flag as ``Codec(mode=...)`` names it."""
         return "sealed" if self.sealed else "signed"
 
     @property
     def algorithm(self) -> str:
+        """``"hmac-sha256"`` for a signed token; for a sealed one ``"chacha20-poly1305"``
+        when flag bit 2 is set, else ``"aes-256-gcm"``."""
         if not self.sealed:
             return "hmac-sha256"
         return "chacha20-poly1305" if self.flags & FLAG_CHACHA else "aes-256-gcm"
 
     def pack(self) -> bytes:
+        """The header's bytes as the token lays them out, without the prefix
+        (:func:`authenticated_header` adds it). ``version`` is packed as it is, so a
+        parsed header packs back to the bytes it was read from; no field is checked."""
         kid = self.kid.encode("ascii")
         return (
             bytes((self.version, self.flags, self.dictionary_id, len(kid)))

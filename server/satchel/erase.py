@@ -35,6 +35,9 @@ from .observe import tier_cause
 
 
 def parse_session_id(session_id: str | bytes) -> bytes:
+    """The 16-byte session id from those bytes themselves or their hex (32 characters,
+    as ``Context.session`` and the logs write it, str or ASCII bytes); anything else is
+    InvalidRequest (400)."""
     if isinstance(session_id, bytes) and len(session_id) == 16:
         return session_id
     try:

@@ -38,6 +38,8 @@ MIN_SECRET_BYTES = 16
 
 
 def b64url_encode(data: bytes) -> str:
+    """``data`` as base64url without ``=`` padding, as key strings (``kid:secret``) are
+    written; :func:`b64url_decode` reads it back."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 

@@ -49,6 +49,8 @@ class MultiObserver(Observer):
             self.add(observer)
 
     def add(self, observer: Observer) -> None:
+        """Send events to ``observer`` from now on; timings and token facts too if it
+        overrides :meth:`Observer.timing` / :meth:`Observer.token` (decided here, once)."""
         self.observers.append(observer)
         if _overrides(observer, "timing"):
             self._timers.append(observer)

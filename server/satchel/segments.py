@@ -148,6 +148,7 @@ class SegmentRead:
 
     @property
     def complete(self) -> bool:
+        """Every referenced segment was read and verified."""
         return not self.missing
 
     @property
@@ -157,6 +158,7 @@ class SegmentRead:
 
     @property
     def lost_turns(self) -> int:
+        """How many turns the missing segments held (as their references record)."""
         return sum(ref.turns for ref, _ in self.missing)
 
 

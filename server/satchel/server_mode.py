@@ -190,12 +190,17 @@ class ServerSidePipeline(Pipeline):
         self.carriers = SessionCarriers(codec, prefix, max_carrier_bytes=max_carrier_bytes)
 
     def key_for(self, session_id: bytes) -> str:
+        """The store key of the session's context, named by its session tag."""
         return context_key(self.prefix, self.session_tag(session_id))  # the tag is cached
 
     def carrier(self, session_id: bytes) -> str:
+        """What the client carries in place of a token: the session id, signed but not
+        encrypted (``sv1.<hex id>.<signature>``)."""
         return self.carriers.sign(session_id)
 
     def session_id_of(self, carrier: str) -> bytes:
+        """The session id ``carrier`` names (:meth:`SessionCarriers.session_id_of`):
+        TokenTooLarge past the length cap, MalformedToken unless it verifies."""
         return self.carriers.session_id_of(carrier)
 
     def load(

@@ -1323,6 +1323,8 @@ KEEPALIVE_INTERVAL = 10.0
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
+    """One server-sent event named ``event`` with ``data`` as compact JSON; JSON escapes
+    newlines, so the data always fits the one ``data:`` line."""
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 

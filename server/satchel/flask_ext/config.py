@@ -817,6 +817,9 @@ class SatchelConfig:
         )
 
     def lifecycle_policy(self) -> LifecyclePolicy:
+        """The LifecyclePolicy the SATCHEL_* limits describe, with SATCHEL_SUMMARIZER's
+        callable or the extractive default (that default's name, ``"extractive"``, is stored
+        back as None). A bad value is a ConfigurationError."""
         summarizer = self.summarizer
         if isinstance(summarizer, str) and summarizer.strip().lower() in ("", "extractive"):
             summarizer = None  # the table's name for the default

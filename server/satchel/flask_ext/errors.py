@@ -55,6 +55,9 @@ STATUS_BY_CODE: dict[str, int] = {
 
 
 def error_response(code: str, message: str, status: int, **extra: Any) -> Response:
+    """A ``{"error": {"code", "message", **extra}}`` JSON response with ``status``, marked
+    ``no-store``. ``message`` goes out as given: :func:`public_error` is what words a
+    SatchelError for the client."""
     body: dict[str, Any] = {"error": {"code": code, "message": message, **extra}}
     response = jsonify(body)
     response.status_code = status

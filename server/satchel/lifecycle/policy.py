@@ -132,6 +132,9 @@ class LifecyclePolicy:
             raise ValueError("token_counter must be a callable (text) -> int, or None")
 
     def counter(self) -> TokenCounter:
+        """``token_counter`` if one was given, else :func:`default_counter` (tiktoken's
+        ``cl100k_base`` when installed, else the estimate). The process's first call may
+        load, or download, tiktoken's encoding."""
         return self.token_counter or default_counter()
 
 

@@ -34,6 +34,8 @@ MAX_SUMMARY_CHARS = 131_072
 
 
 def first_sentence(text: str, limit: int) -> str:
+    """``text``'s first sentence (up to a ``.``, ``!`` or ``?`` followed by whitespace)
+    with its whitespace collapsed, cut to ``limit`` characters with a trailing ``…``."""
     text = " ".join(text.split())
     match = _SENTENCE_END.search(text)
     sentence = text[: match.start()] if match else text

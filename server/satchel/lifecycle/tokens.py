@@ -36,6 +36,8 @@ log = logging.getLogger("satchel")
 
 
 def estimate_tokens(text: str) -> int:
+    """``ceil(utf8_bytes(text) / 4)``: the estimate the module docstring describes,
+    without the per-message overhead (:func:`turn_tokens` adds it)."""
     size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     return (size + 3) // 4
 

@@ -302,6 +302,8 @@ class SegmentCache:
             return True
 
     def discard(self, keys: Iterable[str]) -> None:
+        """Drop ``keys`` (any not cached are skipped). Unlike :meth:`discard_tag`, a tier
+        read already under way may cache them again."""
         with self._lock:
             for key in keys:
                 self._pop(key)
@@ -322,6 +324,8 @@ class SegmentCache:
             return len(doomed)
 
     def clear(self) -> None:
+        """Drop every entry and what :meth:`attach` kept with it. The hit, miss and
+        eviction counts stay, and so does the record of erased sessions."""
         with self._lock:
             self._data.clear()
             self._opened.clear()
@@ -352,6 +356,7 @@ class Fetched:
     unconfirmed: frozenset[str] = frozenset()
 
     def get(self, key: str) -> bytes | None:
+        """The value found for ``key``, or None; :meth:`reason` says why it is missing."""
         return self.values.get(key)
 
     def reason(self, key: str) -> str | None:
@@ -374,6 +379,7 @@ class Fetched:
 
     @property
     def from_cache(self) -> int:
+        """How many keys were served from the cache."""
         return len(self.cached)
 
 
@@ -480,6 +486,7 @@ class GuardedTier:
 
     @property
     def name(self) -> str:
+        """The wrapped tier's name (``"redis"``, ``"sqlite"``, ...)."""
         return self.tier.name
 
     @property
@@ -811,10 +818,14 @@ class GuardedTier:
         return written
 
     def delete(self, keys: Sequence[str]) -> int:
+        """:meth:`Tier.delete` through the breaker, after dropping ``keys`` from the
+        cache; how many existed. Raises TierError."""
         self.cache.discard(keys)
         return self._call("delete", self.tier.delete, keys, key=keys[0] if keys else None)
 
     def expire_soon(self, keys: Sequence[str], ttl: float) -> None:
+        """:meth:`Tier.expire_soon` through the breaker. The keys leave the cache now
+        and are not cached again for longer than ``ttl``. Raises TierError."""
         # The cache forgets them now: within the grace period the tier still serves them.
         self.cache.discard(keys)
         self._call("expire_soon", self.tier.expire_soon, keys, ttl, key=keys[0] if keys else None)
@@ -845,12 +856,16 @@ class GuardedTier:
             self.cache.discard_tag(session_tag)
 
     def delete_session(self, session_tag: str) -> int:
+        """:meth:`Tier.delete_session` through the breaker, with the session's cached
+        entries dropped before and after; how many it deleted. Raises TierError."""
         with self._session_uncached(session_tag):
             return self._call(
                 "delete_session", self.tier.delete_session, session_tag, key=f"{{{session_tag}}}"
             )
 
     def erase_session(self, session_tag: str, mark: str, tombstone: bytes, ttl: float) -> int:
+        """:meth:`Tier.erase_session` (all but ``mark`` deleted, ``mark`` set to
+        ``tombstone``), uncached like :meth:`delete_session`. Raises TierError."""
         with self._session_uncached(session_tag):
             return self._call(
                 "delete_session",
@@ -865,6 +880,8 @@ class GuardedTier:
     def compare_and_set_mark(
         self, key: str, expected: bytes | None, new: bytes, ttl: float
     ) -> bytes | None:
+        """:meth:`Tier.compare_and_set_mark` through the breaker, uncached: None when
+        set, else the value found. Raises TierError."""
         self.cache.discard((key,))
         return self._call(
             "compare_and_set_mark", self.tier.compare_and_set_mark, key, expected, new, ttl, key=key
@@ -873,6 +890,8 @@ class GuardedTier:
     def compare_and_set_mark_with(
         self, key: str, expected: bytes | None, new: bytes, ttl: float, companion: Companion | None
     ) -> bytes | None:
+        """:meth:`Tier.compare_and_set_mark_with` through the breaker (the mark and the
+        companion uncached): None when set, else the value found. Raises TierError."""
         self.cache.discard((key,) if companion is None else (key, companion[0]))
         return self._call(
             "compare_and_set_mark",
@@ -895,6 +914,8 @@ class GuardedTier:
         holder: bytes | None,
         companion: Companion | None = None,
     ) -> bytes | ClaimHeld | None:
+        """:meth:`Tier.compare_and_set_unclaimed` through the breaker: CLAIM_HELD while
+        another holder's ``claim`` lives, else as :meth:`compare_and_set_mark_with`."""
         self.cache.discard((key,) if companion is None else (key, companion[0]))
         return self._call(
             "compare_and_set_mark",
@@ -910,9 +931,12 @@ class GuardedTier:
         )
 
     def ping(self) -> None:
+        """:meth:`Tier.ping` through the breaker: TierError unless the tier answers (at
+        once while the breaker is open)."""
         self._call("ping", self.tier.ping)
 
     def close(self) -> None:
+        """Close the wrapped tier (not through the breaker); the cache is kept."""
         self.tier.close()
 
 

@@ -207,6 +207,8 @@ class MemoryTier(Tier):
         return None
 
     def clear(self) -> None:
+        """Drop every key at once, marks and tombstones included, as a restart would (tests
+        use it for a tier that came back empty)."""
         with self._lock:
             self._data.clear()
             self._bytes = 0
