@@ -478,6 +478,37 @@ def test_writes_that_keep_failing_slowly_while_reads_succeed_fail_fast(
     }
 
 
+def test_writes_refused_while_reads_come_from_the_cache_leave_the_main_breaker_closed(
+    guard_factory, clock, tmp_path
+) -> None:
+    """The same lock, with every read a cache hit (a worker reading its own segments):
+    nothing started the main breaker's count over, so fail_max refused writes opened
+    it, and reads of segments this worker had not cached (another worker's) failed
+    "breaker open" though the tier would have served them."""
+    import sqlite3
+
+    from satchel.tiers import SQLiteTier
+
+    path = tmp_path / "tier.db"
+    guard = guard_factory(SQLiteTier(path, busy_timeout=0.05), fail_max=3, reset_timeout=5.0)
+    guard.put("satchel:{s}:mine", b"cached", 60)
+    guard.tier.put("satchel:{t}:theirs", b"another worker's", 60)  # not in this cache
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # held by "another process"
+    try:
+        for _ in range(5):
+            assert guard.get_many(["satchel:{s}:mine"]).get("satchel:{s}:mine") == b"cached"
+            with pytest.raises(TierUnavailable) as refused:
+                guard.put("satchel:{s}:next", b"two", 60)
+            assert refused.value.facts.get("writes_only") or refused.value.facts["unsent"]
+        assert guard.breaker_state == "closed"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    theirs = guard.get_many(["satchel:{t}:theirs"])
+    assert theirs.get("satchel:{t}:theirs") == b"another worker's", theirs.missing
+
+
 class ErasedWhileReading(MemoryTier):
     """A MemoryTier whose read answers with what it held, then lets an erasure of the
     session run before the answer reaches the guard: the read reached the tier first,

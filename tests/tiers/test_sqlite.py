@@ -672,3 +672,30 @@ def test_writes_hold_the_lock_within_one_call_while_other_threads_are_busy(
         thread.join()
     assert done[0] + failed[0] == writes_each * writers
     assert failed[0] <= 2, (failed[0], done[0])  # was most of them
+
+
+def test_a_file_this_process_cannot_write_is_not_opened_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection opened while the file (or its -shm) was not writable maps the WAL
+    index read-only, and every later connection of the process (each thread's) shares
+    that mapping: writes kept failing after the permissions were fixed, for good in a
+    threaded worker. The tier refuses to connect instead, and connects once they are.
+    (os.access is faked: as root, as the suite runs, every file is writable.)"""
+    from satchel.tiers import sqlite as sqlite_module
+
+    path = tmp_path / "tier.db"
+    SQLiteTier(path).put("k", b"v", 60)  # the file and its -shm exist
+    shm = f"{path}-shm"
+    real_access = os.access
+    monkeypatch.setattr(
+        sqlite_module.os,
+        "access",
+        lambda name, mode: False if str(name) == shm else real_access(name, mode),
+    )
+    tier = SQLiteTier(path)
+    with pytest.raises(TierUnavailable, match="not writable"):
+        tier.put("k2", b"v2", 60)
+    monkeypatch.setattr(sqlite_module.os, "access", real_access)  # the permissions fixed
+    tier.put("k2", b"v2", 60)
+    assert tier.get_many(["k", "k2"]) == [b"v", b"v2"]

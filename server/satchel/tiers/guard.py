@@ -83,8 +83,11 @@ class BreakerPolicy:
 
     Writes have a breaker of their own on the same terms: a tier that answers reads
     but fails every write slowly (a write-locked SQLite file waits out its busy
-    timeout; a read-only replica) never opens the main breaker, since each request's
-    successful read resets its count, and every request paid the write's timeout.
+    timeout; a read-only replica) would never open the main breaker (each request's
+    successful read resets its count), and every request paid the write's timeout.
+    Such a refusal (a TierError with the ``writes_only`` fact) counts only there: in
+    the main breaker it opened it whenever reads came from the segment cache, and
+    reads the tier still served failed.
     After ``fail_max`` consecutive write failures, writes fail fast for
     ``reset_timeout`` seconds (reads go on); then writes are let through again (each
     waiting writer, not a single trial: the first success closes it).
@@ -683,7 +686,13 @@ class GuardedTier:
                     op=op,
                     error=type(exc).__name__,
                 )
-            self._record(shard, outcome)
+            if not (write and outcome is not None and outcome.facts.get("writes_only")):
+                # Not a write the tier refused while it still serves reads (a SQLite
+                # file locked or read-only; a Redis replica): the writes' breaker counts
+                # those. Counted here too, they opened the main breaker whenever reads
+                # came from the segment cache (nothing to start the count over), and
+                # reads the tier would have served failed "breaker open".
+                self._record(shard, outcome)
             if write:
                 self._record_write(shard, op, outcome)
             if outcome is not None:

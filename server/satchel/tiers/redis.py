@@ -696,6 +696,10 @@ class RedisTier(Tier):
             return TierUnavailable(
                 f"cannot reach Redis ({op}): {exc}", may_have_landed=True, **facts
             )
+        if isinstance(exc, redis.exceptions.ReadOnlyError):
+            # A replica now (a failover under way): it still serves reads, so only the
+            # writes' breaker counts this (guard.py).
+            facts["writes_only"] = True
         if isinstance(exc, RedisError | RedisClusterException):
             return TierUnavailable(f"Redis failed ({op}): {exc}", **facts)
         return TierUnavailable(f"Redis tier failed ({op}): {type(exc).__name__}", **facts)

@@ -300,6 +300,18 @@ class SQLiteTier(Tier):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
         else:  # mode=rw: SQLite refuses to create the file if it went away since
             target, uri = f"{self.path.as_uri()}?mode=rw", True
+        if self.create:
+            # Never let SQLite fall back to a read-only open: a process whose first
+            # connection maps the -shm read-only shares that mapping with every later
+            # connection of the process (all threads), so writes keep failing after the
+            # permissions are fixed, until every thread has let its connection go.
+            for name in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                if name.exists() and not os.access(name, os.R_OK | os.W_OK):
+                    raise TierUnavailable(
+                        f"the SQLite tier file {name} is not writable by this process",
+                        tier=self.name,
+                        path=str(name),
+                    )
         conn = sqlite3.connect(
             target,
             uri=uri,
@@ -423,6 +435,10 @@ class SQLiteTier(Tier):
             }
             if code in _FULL_CODES or "full" in message:
                 raise TierFull(f"the SQLite tier is full ({op})", **facts) from exc
+            if any(word in message for word in ("locked", "busy", "readonly", "read-only")):
+                # Another process holds the write lock, or the file is read-only: reads
+                # still work (WAL), so only the writes' breaker counts it (guard.py).
+                facts["writes_only"] = True
             if "locked" not in message and "busy" not in message:
                 # Anything but contention may be this connection's own state (closed by
                 # close(), a table dropped, a WAL left by another process for a file
