@@ -473,3 +473,30 @@ def test_an_option_the_urls_tier_does_not_take_names_the_ones_it_does(tmp_path: 
         tier_from_url("memory://", busy_timeout=1.0)
     assert isinstance(tier_from_url(url, busy_timeout=2.0), SQLiteTier)
     assert isinstance(tier_from_url("memory://", max_bytes=4096), MemoryTier)
+
+
+def test_without_redis_py_the_redis_names_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """satchel.tiers.RedisTier (and default_retry, which docs/overflow.md imports) were
+    a bare "No module named 'redis'"; an older redis-py, installed without the extra's
+    bound, ran without the timeout retry the tier documents."""
+    import sys
+
+    import redis
+
+    import satchel.tiers as tiers
+
+    # As in a process that never imported it: not in sys.modules, nor bound on the package.
+    monkeypatch.delitem(sys.modules, "satchel.tiers.redis", raising=False)
+    monkeypatch.delattr(tiers, "redis", raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)  # not installed: import fails
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'satchel\[redis\]'"):
+        tiers.RedisTier  # noqa: B018
+    with pytest.raises(ConfigurationError, match=r"needs redis-py: pip install"):
+        tier_from_url("redis://127.0.0.1:1/0")
+
+    monkeypatch.setitem(sys.modules, "redis", redis)
+    monkeypatch.setattr(redis, "__version__", "5.2.1")
+    with pytest.raises(ConfigurationError, match=r"redis-py 6 or newer, not 5\.2\.1"):
+        tier_from_url("redis://127.0.0.1:1/0")

@@ -43,8 +43,16 @@ if not TYPE_CHECKING:  # a module __getattr__ would type every misspelt name as 
 
     def __getattr__(name: str) -> Any:
         if name in ("RedisTier", "default_retry"):
-            from . import redis as _redis
-
+            try:
+                from . import redis as _redis
+            except ModuleNotFoundError as exc:
+                if exc.name != "redis":
+                    raise
+                # The hint tier_from_url gives, not a bare "No module named 'redis'".
+                raise ModuleNotFoundError(
+                    f"satchel.tiers.{name} needs redis-py: pip install 'satchel[redis]'",
+                    name="redis",
+                ) from None
             return getattr(_redis, name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -278,9 +286,10 @@ def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
     if scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisTier
-        except ImportError:
+        except ImportError as exc:
+            too_old = "redis-py 6 or newer" in str(exc)  # installed, but older
             raise ConfigurationError(
-                "a Redis tier needs redis-py: pip install 'satchel[redis]'"
+                str(exc) if too_old else "a Redis tier needs redis-py: pip install 'satchel[redis]'"
             ) from None
         return _construct(RedisTier, scheme, options, url)
     if scheme == "sqlite":

@@ -55,6 +55,15 @@ from ..errors import ConfigurationError, TierBusy, TierError, TierFull, TierUnav
 from . import REDIS_SCHEMES, redact_url
 from .base import CLAIM_HELD, ClaimHeld, Companion, Tier, Timeouts, hash_tag
 
+# redis-py 6 retries a timed-out call once under Retry(NoBackoff(), 1) (5.x never
+# retried timeouts): the retry policy this tier documents. A redis-py installed
+# without the extra's bound may be older.
+if int(redis.__version__.split(".")[0]) < 6:
+    raise ImportError(
+        f"satchel's Redis tier needs redis-py 6 or newer, not {redis.__version__}: "
+        "pip install 'satchel[redis]'"
+    )
+
 T = TypeVar("T")
 
 SCHEMES = REDIS_SCHEMES
