@@ -464,3 +464,24 @@ def test_a_reader_that_leaves_early_is_exit_141_not_success(
     monkeypatch.setattr(cli, "cmd_inspect", reader_gone)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # main closes it, as the pipe is gone
     assert cli.main(["inspect", "-"]) == 141
+
+
+def test_the_command_ends_by_sigint_after_ctrl_c_so_a_calling_script_stops() -> None:
+    """An exit status of 130 tells a shell the command handled Ctrl-C itself, and a
+    script looping over `satchel` went on; ending by SIGINT (as an uncaught
+    KeyboardInterrupt does, without its traceback) stops it."""
+    import signal
+
+    program = (
+        "from satchel import cli\n"
+        "def interrupted(args):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.cmd_inspect = interrupted\n"
+        "cli.console_main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program, "inspect", "-"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == -signal.SIGINT, proc.stderr
+    assert proc.stderr == "satchel: interrupted\n"

@@ -1114,10 +1114,10 @@ def test_a_now_that_is_not_a_finite_time_is_refused_not_ignored(now: object) -> 
     assert codec.open(token, now=fractions.Fraction(NOW)).seq == 1
 
 
-@pytest.mark.parametrize("level", [99, -200000, "3", True, 2.0])
+@pytest.mark.parametrize("level", [99, -200000, "3", True, 2.0, 0])
 def test_a_zstd_level_out_of_range_is_refused_where_it_is_given(level: Any) -> None:
-    """zstd clamps a level out of range without a word (99 ran as 22), and a str failed
-    deep inside zstandard with a TypeError."""
+    """zstd clamps a level out of range without a word (99 ran as 22), a str failed
+    deep inside zstandard with a TypeError, and 0 failed at the first seal."""
     with pytest.raises(ValueError, match="zstd level"):
         Codec(Keyring.generate(), level=level)
     for fine in (-5, 1, 22):

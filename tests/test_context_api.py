@@ -247,19 +247,34 @@ def test_join_surrogate_pairs_joins_halves_and_leaves_lone_ones() -> None:
     assert join_surrogate_pairs(text) is text
 
 
-@pytest.mark.parametrize(
-    ("role", "content"), [("user", None), ("user", 5), ("bot", "hi"), (["user"], "hi")]
-)
-def test_a_turn_refused_for_its_role_or_content_is_invalid_turn(role: Any, content: Any) -> None:
-    """Role and text often come straight from a request body: refused with a type of
-    its own (a 400 at the HTTP edge), still the TypeError and ValueError it was."""
+@pytest.mark.parametrize("content", [None, 5, ["hi"], {"text": "hi"}])
+def test_a_user_turn_that_is_not_text_is_invalid_turn(content: Any) -> None:
+    """A user turn's text often comes straight from a request body: refused with a type
+    of its own (a 400 at the HTTP edge), still the TypeError it was."""
     from satchel.errors import InvalidRequest, InvalidTurn
 
     ctx = Context.new()
     with pytest.raises(InvalidTurn) as refused:
-        ctx.add_turn(role, content)
-    assert isinstance(refused.value, InvalidRequest | TypeError) and isinstance(
-        refused.value, ValueError
-    )
+        ctx.add_turn("user", content)
+    assert isinstance(refused.value, InvalidRequest)
+    assert isinstance(refused.value, TypeError)
+    assert isinstance(refused.value, ValueError)
     assert refused.value.code == "invalid_turn" and refused.value.status == 400
     assert ctx.turns == []
+
+
+@pytest.mark.parametrize(
+    ("role", "content", "error"),
+    [("assistant", None, TypeError), ("tool", 5, TypeError), ("assistent", "hi", ValueError)],
+)
+def test_the_apps_own_turns_of_the_wrong_type_are_no_request_error(
+    role: Any, content: Any, error: type[Exception]
+) -> None:
+    """A model's reply that is None, a role typo: the app's bug, a 500 with its
+    traceback, not a 400 blaming the request (nor InvalidTurn's handler, which logs
+    nothing)."""
+    from satchel.errors import SatchelError
+
+    with pytest.raises(error) as refused:
+        Context.new().add_turn(role, content)
+    assert not isinstance(refused.value, SatchelError)

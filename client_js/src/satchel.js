@@ -236,6 +236,9 @@ function isAbort(err, signal) {
 /* Storage adapters                                                          */
 /* ------------------------------------------------------------------------ */
 
+/** The key written and removed to learn whether Web Storage takes writes. */
+const PROBE_KEY = '__satchel_probe__';
+
 /** Tokens Web Storage refused (quota full), per storage kind, for the page's life. */
 const pageOverlays = {};
 
@@ -286,10 +289,9 @@ function webStorage(kind) {
   try {
     area = globalThis[`${kind}Storage`] || null;
     if (area) {
-      const probe = '__satchel_probe__';
       try {
-        area.setItem(probe, probe);
-        area.removeItem(probe);
+        area.setItem(PROBE_KEY, PROBE_KEY);
+        area.removeItem(PROBE_KEY);
       } catch (err) {
         // A full store (QuotaExceededError) still reads: it holds this page's saved
         // conversations, which must not all show up empty. Only an empty store that
@@ -325,6 +327,15 @@ function webStorage(kind) {
     overlay.delete(key); // another tab stored or removed it since: the store is newer
     return undefined;
   };
+  const writable = () => {
+    try {
+      area.setItem(PROBE_KEY, PROBE_KEY);
+      area.removeItem(PROBE_KEY);
+      return true;
+    } catch {
+      return false;
+    }
+  };
   const adapter = {
     kind,
     /** True while some token is kept only in this page's memory (the store is full). */
@@ -338,10 +349,18 @@ function webStorage(kind) {
     get(key) {
       const value = held(key);
       if (value !== undefined) return value;
-      // A store that cannot be read throws, as a custom adapter's get() may: "no token"
-      // would send the request without the saved one, and the fresh context the server
-      // starts would overwrite the saved conversation.
-      return area.getItem(key);
+      try {
+        return area.getItem(key);
+      } catch (err) {
+        // A store that cannot be read but still takes writes fails the request, as a
+        // custom adapter's get() may: "no token" would send the request without the
+        // saved one, and the fresh context's token would overwrite it. One that takes
+        // no writes either (corrupted, access revoked) cannot be overwritten: it reads
+        // as empty, and the conversation goes on in this page's memory (volatile), as
+        // for a full store, rather than every call failing for the page's life.
+        if (writable()) throw err;
+        return null;
+      }
     },
     set(key, value) {
       try {
@@ -586,7 +605,9 @@ function nonEmpty(v) {
  */
 function receivedToken(raw) {
   const value = nonEmpty(raw);
-  if (value === null || isHeaderSafe(value)) return { token: value, unusable: false };
+  if (value === null) return { token: null, unusable: false };
+  // A comma is in no token (base64url or hex after a prefix), and an intermediary may
+  // join repeated headers with "," as well as ", ".
   const parts = value.split(',').map((part) => part.trim());
   if (isHeaderSafe(parts[0]) && parts.every((part) => part === parts[0])) {
     return { token: parts[0], unusable: false };
@@ -1604,7 +1625,9 @@ export class SatchelClient extends EventTarget {
       await this._applyMeta(handedBack ? { ...meta, token: null } : meta, sent, 'response');
       // The caller aborted while the error body was read (its read then failed, and the
       // error was built from the status line): their abort, as fetch() itself rejects.
-      if (state.signal && state.signal.aborted) throw state.signal.reason;
+      if (state.signal && state.signal.aborted) {
+        throw state.signal.reason ?? new DOMException('The operation was aborted.', 'AbortError');
+      }
       if (await this._recover(err, sent, state, replayable)) continue;
       throw err;
     }
@@ -1624,7 +1647,8 @@ export class SatchelClient extends EventTarget {
       // Except another user's, or a signed-out request's: the token is fine, the
       // session is not. Signing in again opens it (the server keeps its cookie too).
       if (err.code === 'token_wrong_user') return false;
-      const current = await this._readRecord();
+      const current = await this._readRecordForRecovery();
+      if (current === undefined) return false;
       if (current && current.token !== sent.token) {
         // Someone (another tab without a shared lock) already replaced the bad
         // token: resending with theirs keeps the context instead of losing it.
@@ -1668,7 +1692,8 @@ export class SatchelClient extends EventTarget {
       // storage, resend with that one. A server-mode carrier (`sv1.`) names the
       // stored context rather than holding it: the same carrier now loads the
       // state the other request saved, so resending it is the retry.
-      const newest = await this._readRecord();
+      const newest = await this._readRecordForRecovery();
+      if (newest === undefined) return false;
       const serverSide = !!sent && tokenOf(newest) === sent.token && sent.token.startsWith(SERVER_CARRIER);
       // Not after a recovery: the newest token came with this refusal, and may hold
       // this very request, sent before and answered in the response that was lost
@@ -1815,6 +1840,19 @@ export class SatchelClient extends EventTarget {
       return parseRecord(await this._storage.get(this._key));
     } catch {
       return this._cache === undefined ? null : this._cache;
+    }
+  }
+
+  /**
+   * The stored record for deciding a recovery, or undefined when storage cannot be
+   * read: then nothing is recovered, and the caller gets the server's refusal (a
+   * TokenError, a StaleContextError), not the storage's DOMException in its place.
+   */
+  async _readRecordForRecovery() {
+    try {
+      return await this._readRecord();
+    } catch {
+      return undefined;
     }
   }
 

@@ -7,8 +7,9 @@ import {
   memoryStorage,
   resolveStorage,
   sessionStorageAdapter,
+  TokenError,
 } from '../src/satchel.js';
-import { fakeFetch, fakeLocks, record, reply, sse, sseReply, testClient } from '../test-support/fakes.js';
+import { errorReply, fakeFetch, fakeLocks, record, reply, sse, sseReply, testClient } from '../test-support/fakes.js';
 
 /** Minimal Web Storage double; `failAfter` makes setItem throw from the Nth call on. */
 class FakeWebStorage {
@@ -555,4 +556,44 @@ test('localStorage whose getItem throws before a request: the request fails, the
   area.getItem = getItem;
   assert.equal(fetch.calls.length, 0);
   assert.equal(JSON.parse(area.getItem('satchel:gi')).token, 'SAVED');
+});
+
+test('localStorage that takes neither reads nor writes: the chat goes on in page memory', async () => {
+  // Failing every read made every call fail for the page's life (reset() included);
+  // such a store cannot be overwritten by a fresh context's token, so it reads as empty.
+  const area = new FakeWebStorage();
+  installGlobal('localStorage', { value: area });
+  const fetch = fakeFetch((c, i) => reply({ satchel: { token: `t${i + 1}`, seq: i + 1 } }));
+  const client = createClient({ fetch, conversation: 'broken', broadcast: false, locks: false });
+  await client.importToken('SAVED', { seq: 40 });
+  const broken = () => {
+    throw new DOMException('NS_ERROR_FILE_CORRUPTED', 'UnknownError');
+  };
+  const { getItem, setItem } = area;
+  area.getItem = broken;
+  area.setItem = broken;
+  await client.fetch('/x', { method: 'POST', body: 'hi' });
+  await client.fetch('/x', { method: 'POST', body: 'again' });
+  assert.deepEqual(fetch.calls.map((c) => c.token), [null, 't1']); // carried on in memory
+  assert.equal(client.storage.isVolatile(client.storageKey), true);
+  assert.equal(JSON.parse(area.map.get('satchel:broken')).token, 'SAVED'); // never overwritten
+  await client.reset(); // works too (its removeItem reaches the store)
+  area.getItem = getItem;
+  area.setItem = setItem;
+  assert.equal(area.getItem('satchel:broken'), null);
+});
+
+test('a 401 whose recovery cannot read storage throws the server\'s TokenError', async () => {
+  const area = new FakeWebStorage();
+  installGlobal('localStorage', { value: area });
+  const fetch = fakeFetch(() => errorReply(401, 'token_expired'));
+  const client = createClient({ fetch, conversation: 'r', broadcast: false, locks: false });
+  await client.importToken('SAVED', { seq: 2 });
+  let reads = 0;
+  const getItem = area.getItem.bind(area);
+  area.getItem = (key) => {
+    if (key === 'satchel:r' && ++reads > 1) throw new DOMException('revoked', 'SecurityError');
+    return getItem(key);
+  };
+  await assert.rejects(client.fetch('/x'), (e) => e instanceof TokenError && e.code === 'token_expired');
 });

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -615,7 +616,7 @@ def _run(args: argparse.Namespace) -> int:
         # Ctrl-C: the benches' finally blocks have stopped their servers by now; a
         # traceback would only bury what they printed.
         print("satchel: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:  # `satchel inspect ... | head`: the reader left early
         sys.stderr.close()
         # Not 0: the output was cut, and a refused token's exit 1 is not known here.
@@ -623,5 +624,24 @@ def _run(args: argparse.Namespace) -> int:
         return 141
 
 
+#: main()'s exit code after Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 128 + signal.SIGINT
+
+
+def console_main() -> None:
+    """The ``satchel`` command: :func:`main`, then exit with its code. After Ctrl-C the
+    process ends *by* SIGINT, as an uncaught KeyboardInterrupt would (without its
+    traceback): a shell running ``satchel`` in a script or a loop stops there too, where
+    a plain exit status of 130 tells it the command handled the signal and let it go on.
+    """
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

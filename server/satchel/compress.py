@@ -201,12 +201,14 @@ class Compressor:
             isinstance(level, bool)
             or not isinstance(level, int)
             or not MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL
+            or level == 0
         ):
-            # zstd clamps a level out of range without a word (99 ran as 22), and a str
-            # failed deep in zstandard with a TypeError.
+            # zstd clamps a level out of range without a word (99 ran as 22), a str
+            # failed deep in zstandard with a TypeError, and 0 (zstd's "default")
+            # failed at the first seal, when the dictionary is compiled for it.
             raise ValueError(
-                f"level is a zstd level, {MIN_LEVEL} to {zstandard.MAX_COMPRESSION_LEVEL} "
-                f"(negative: faster, larger), not {level!r}"
+                f"level is a zstd level, 1 to {zstandard.MAX_COMPRESSION_LEVEL} (or "
+                f"{MIN_LEVEL} to -1: faster, larger), not {level!r}"
             )
         self.dictionary_id = available_dictionary_id() if dictionary_id is None else dictionary_id
         self.level = level

@@ -324,10 +324,11 @@ class Context:
         """Append a turn and return it.
 
         Every argument is checked before anything changes, so a refused turn leaves the
-        context as it was. Raises :class:`~satchel.errors.InvalidTurn` (a ValueError
-        and a TypeError, and a JSON 400 ``invalid_turn`` at the HTTP edge, as the role
-        and text often come straight from a request body) for an unknown role or an
-        argument of the wrong type, and :class:`~satchel.errors.InvalidText` (a
+        context as it was. Raises ValueError for an unknown role, TypeError for an
+        argument of the wrong type, except a user turn's content that is not a str:
+        :class:`~satchel.errors.InvalidTurn` (a TypeError and a ValueError, and a JSON
+        400 ``invalid_turn`` at the HTTP edge, as that text most often comes straight
+        from a request body); and :class:`~satchel.errors.InvalidText` (a
         ValueError, and a JSON 400 ``invalid_text`` at the HTTP edge) for text that is
         not valid Unicode; tool-call arguments given as a map are walked for it too, and
         an integer past 64 bits or nesting past 64 levels in them is
@@ -336,9 +337,17 @@ class Context:
         the token carries and opens as.
         """
         if not isinstance(role, str) or role not in ROLES:
-            raise InvalidTurn(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-        if not isinstance(content, str):
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        if not isinstance(content, str) and role == "user":
+            # What a request body sent as its message ({"message": null}): the client's
+            # mistake, a 400. Other roles' content is the app's own (a model's reply),
+            # so a wrong type there stays a TypeError: a 500, logged, not blamed on the
+            # request.
             raise InvalidTurn(
+                f"turn content must be a str (the user's message), not {type(content).__name__}"
+            )
+        if not isinstance(content, str):
+            raise TypeError(
                 f"turn content must be a str (the turn's text), not {type(content).__name__}; "
                 "carry other provider content parts (images, documents, thinking) as "
                 "blocks=[OpaqueBlock(type, data, provider)]"
@@ -507,18 +516,16 @@ _MAX_PACKED_INT = 2**64 - 1
 
 def _items_of(items: Iterable[Any], kind: type, what: str) -> tuple[Any, ...]:
     if isinstance(items, (str, bytes, kind)):
-        raise InvalidTurn(
-            f"{what} is a list of {kind.__name__}, not a single {type(items).__name__}"
-        )
+        raise TypeError(f"{what} is a list of {kind.__name__}, not a single {type(items).__name__}")
     try:
         out = tuple(items)
     except TypeError:
-        raise InvalidTurn(
+        raise TypeError(
             f"{what} is a list of {kind.__name__}, not {type(items).__name__}"
         ) from None
     for i, item in enumerate(out):
         if not isinstance(item, kind):
-            raise InvalidTurn(f"{what}[{i}] is {type(item).__name__}, not {kind.__name__}")
+            raise TypeError(f"{what}[{i}] is {type(item).__name__}, not {kind.__name__}")
         _check_part(item, f"{what}[{i}]")
     return out
 
@@ -648,7 +655,7 @@ def _optional_text(value: Any, what: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InvalidTurn(f"{what} is a str or None, not {type(value).__name__}")
+        raise TypeError(f"{what} is a str or None, not {type(value).__name__}")
     value = plain_str(value)
     if not value.isascii():
         check_text(value, what)

@@ -200,13 +200,12 @@ class InvalidValue(InvalidRequest, ValueError):
 
 
 class InvalidTurn(InvalidRequest, TypeError, ValueError):
-    """A turn cannot be added as given: an unknown role, content that is not a str,
-    tool calls or blocks of the wrong type (``Context.add_turn``).
+    """A user turn cannot be added: its content is not a str (``Context.add_turn``).
 
-    A TypeError and a ValueError too (what ``add_turn`` raised before it had a type of
-    its own), and a JSON 400 ``invalid_turn`` at the HTTP edge: the role and the text
-    most often come straight from a request body (``{"message": null}``), where a plain
-    TypeError was a 500.
+    That text most often comes straight from a request body (``{"message": null}``),
+    where a plain TypeError was a 500: here it is a JSON 400 ``invalid_turn``. A
+    TypeError and a ValueError too, for code that caught what ``add_turn`` raised
+    before. The app's own turns (a model's reply of the wrong type) stay a TypeError.
     """
 
     code = "invalid_turn"

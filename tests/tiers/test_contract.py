@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -471,6 +472,11 @@ def test_an_option_the_urls_tier_does_not_take_names_the_ones_it_does(tmp_path: 
         tier_from_url(url, timeouts=Timeouts(read=0.5))
     with pytest.raises(ConfigurationError, match=r"memory:// tier takes no busy_timeout="):
         tier_from_url("memory://", busy_timeout=1.0)
+    for scheme in ("redis", "redis+sentinel"):  # (Sentinel's built, then failed every call)
+        with pytest.raises(
+            ConfigurationError, match=rf"{re.escape(scheme)}:// tier takes no busy_timeout="
+        ):
+            tier_from_url(f"{scheme}://127.0.0.1:1/0", busy_timeout=1.0)
     assert isinstance(tier_from_url(url, busy_timeout=2.0), SQLiteTier)
     assert isinstance(tier_from_url("memory://", max_bytes=4096), MemoryTier)
 

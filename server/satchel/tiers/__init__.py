@@ -281,6 +281,10 @@ def _construct(cls: type[T], scheme: str, options: dict[str, Any], *args: Any, *
     return cls(*args, **fixed, **options)
 
 
+#: the SQLite and memory tiers' options: no Redis tier (nor redis-py) takes them
+_NOT_REDIS_OPTIONS = frozenset({"busy_timeout", "purge_every", "max_bytes", "evict", "clock"})
+
+
 def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
     scheme = tier_scheme(url)
     if scheme in REDIS_SCHEMES:
@@ -291,6 +295,15 @@ def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
             raise ConfigurationError(
                 str(exc) if too_old else "a Redis tier needs redis-py: pip install 'satchel[redis]'"
             ) from None
+        # RedisTier passes options it does not name on to redis-py, so the other
+        # tiers' own are refused here, before redis-py calls them a URL parameter.
+        foreign = sorted(set(options) & _NOT_REDIS_OPTIONS)
+        if foreign:
+            raise ConfigurationError(
+                f"a {scheme}:// tier takes no {', '.join(f'{n}=' for n in foreign)} (an "
+                "option of the SQLite or memory tier); its own are timeouts=, retry=, "
+                "prefix=, max_connections= and redis-py's connection options"
+            )
         return _construct(RedisTier, scheme, options, url)
     if scheme == "sqlite":
         if not url.lower().startswith("sqlite:///"):
