@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -2670,3 +2671,31 @@ def test_a_guard_that_seals_but_cannot_check_takes_no_plain_record() -> None:
     assert sealing_only._newest_for("t", mark, parent) is None
     unchecked = MonotonicGuard(tier)  # checks nothing, as before records were sealed
     assert unchecked._newest_for("t", mark, parent) == ("s1.x\r\nSet-Cookie: a=b", 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_starts_with_no_late_releases_and_a_free_lock() -> None:
+    """gunicorn --preload forks workers from the master: a child inherited the
+    master's pending claims (the master's to release) and, if the release thread held
+    the lock at the fork, a lock nobody would ever let go: its first add() hung."""
+    from satchel.consistency import Claim, LateReleases
+
+    releases = LateReleases(interval=3600)
+    releases._pending.append((object(), Claim("k", b"h"), time.monotonic() + 60))
+    read_end, write_end = os.pipe()
+    with releases._lock:  # held by "the release thread" at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            try:
+                free = releases._lock.acquire(timeout=2)
+                if free:
+                    releases._lock.release()
+                os.write(write_end, b"ok" if free and releases.pending() == 0 else b"no")
+            finally:
+                os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 2)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"
+    assert releases.pending() == 1  # the parent's own are untouched

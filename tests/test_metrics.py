@@ -36,6 +36,7 @@ from satchel.metrics import (
     STEPS,
     PrometheusObserver,
     gunicorn_child_exit,
+    gunicorn_when_ready,
     metrics_response,
 )
 from satchel.tiers import BreakerPolicy, GuardedTier, MemoryTier, SegmentCache
@@ -706,6 +707,26 @@ def test_child_exit_forgets_a_dead_workers_open_breaker(
     # Its counters stay: they are totals, and the dead worker's part of them happened.
     transitions = multiprocess_values(multiproc_dir, "satchel_breaker_transitions_total")
     assert transitions[(("state", "open"), ("tier", "redis"))] == 1.0
+
+
+def test_when_ready_forgets_the_preloading_masters_open_breaker(
+    multiproc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn --preload: the master opened its breaker at start-up (the tier was down
+    when the app warmed up); its gauge file kept satchel_breaker_state at 2 while every
+    worker's breaker was closed, for as long as the master ran."""
+    master = os.getpid()
+    observer_as(master, monkeypatch).event("breaker_opened", tier="redis")
+    observer_as(LIVE_PID, monkeypatch).event("breaker_closed", tier="redis")
+    assert multiprocess_values(multiproc_dir, "satchel_breaker_state") == {
+        (("tier", "redis"),): 2.0
+    }
+
+    gunicorn_when_ready(None)
+
+    assert multiprocess_values(multiproc_dir, "satchel_breaker_state") == {
+        (("tier", "redis"),): 0.0
+    }
 
 
 def test_child_exit_is_a_no_op_without_multiprocess_mode(

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -247,6 +249,24 @@ class LateReleases:
         self._pending: list[tuple[Any, Claim, float]] = []
         self._thread: threading.Thread | None = None
         #: set each time the pending list empties (tests wait on it)
+        self.drained = threading.Event()
+        self.drained.set()
+        # A forked child (gunicorn --preload) starts empty: the parent's claims are the
+        # parent's to release, its thread does not exist here, and a lock its thread
+        # held at the fork would never be let go (the child's first add() hung).
+        forget = weakref.WeakMethod(self._forget)
+
+        def after_fork_in_child() -> None:
+            method = forget()
+            if method is not None:
+                method()
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = []
+        self._thread = None
         self.drained = threading.Event()
         self.drained.set()
 

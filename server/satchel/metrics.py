@@ -657,6 +657,32 @@ def gunicorn_child_exit(server: Any, worker: Any) -> None:
         log.warning("satchel metrics: mark_process_dead(%r) failed", pid, exc_info=True)
 
 
+def gunicorn_when_ready(server: Any) -> None:
+    """gunicorn's ``when_ready`` hook for multiprocess mode with ``--preload``: forget
+    the gauges the master process wrote while it loaded the app.
+
+    With ``--preload`` (or any server that forks after import) the app, and its
+    :class:`PrometheusObserver`, are made in the master. An app that touches the tier
+    at start-up (a readiness check, a warm-up request) while the tier is down opens the
+    master's breaker, and the master's ``gauge_livemax_<pid>.db`` then reports
+    ``satchel_breaker_state`` 2 for as long as the master lives: it serves no request
+    that could close it, and ``child_exit`` never names it. In ``gunicorn.conf.py``::
+
+        from satchel.metrics import gunicorn_when_ready as when_ready
+
+    A no-op without ``PROMETHEUS_MULTIPROC_DIR``. Never raises into the master.
+    """
+    path = _multiproc_dir()
+    if not path:
+        return
+    try:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid(), path)
+    except Exception:
+        log.warning("satchel metrics: mark_process_dead(master) failed", exc_info=True)
+
+
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 __all__ = [
@@ -666,5 +692,6 @@ __all__ = [
     "STEP_BUCKETS",
     "PrometheusObserver",
     "gunicorn_child_exit",
+    "gunicorn_when_ready",
     "metrics_response",
 ]
