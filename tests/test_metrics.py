@@ -843,3 +843,20 @@ def test_a_scrape_skips_the_file_a_worker_is_still_creating(
         response = metrics_response(CollectorRegistry())
     assert response.status_code == 200
     assert 'satchel_breaker_state{tier="redis"} 2.0' in response.get_data(as_text=True)
+
+
+def test_a_multiproc_dir_set_after_prometheus_client_was_imported_keeps_the_metrics(
+    multiproc_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gunicorn.conf.py's documented hook line imports prometheus_client in the master,
+    before gunicorn applies ``--env``/``raw_env``: the workers' metrics then live in
+    memory (not in PROMETHEUS_MULTIPROC_DIR), and /metrics, reading the empty
+    directory, answered 200 with an empty body: every metric gone, silently."""
+    assert prometheus_client.values.ValueClass is prometheus_client.values.MutexValue
+    obs = PrometheusObserver()
+    obs.event("issued")
+    app = Flask(__name__)
+    with app.test_request_context("/metrics"), caplog.at_level(logging.WARNING):
+        text = metrics_response(obs.registry).get_data(as_text=True)
+    assert "satchel_tokens_issued_total 1.0" in text
+    assert "PROMETHEUS_MULTIPROC_DIR" in caplog.text

@@ -34,6 +34,8 @@ Metrics (labels in braces; the event or call that moves them after the colon):
   tokens, so the token ratios and alerts keep their meaning)
 * ``satchel_tokens_expired_total{reason}``: expired (token, idle, max_age)
 * ``satchel_tokens_resealed_total``: resealed
+* ``satchel_seal_failures_total{error}``: seal_failed (budget_exceeded,
+  context_not_serializable, configuration_error)
 * ``satchel_sessions_started_total``: session_started
 * ``satchel_migrations_total{from_version}``: migrated
 * ``satchel_metadata_migrations_total{from_version}``: metadata_migrated (the app's
@@ -593,9 +595,11 @@ def metrics_response(registry: CollectorRegistry) -> Response:
     accept = request.headers.get("Accept") if has_request_context() else None
     encoder, content_type = choose_encoder(accept or "")
     path = _multiproc_dir()
-    if path:
+    if path and _multiprocess_values():
         registry = CollectorRegistry()
         registry.register(_SettledFilesCollector(path))
+    elif path:
+        _warn_late_multiproc_dir(path)
     response = Response(encoder(registry), status=200)
     response.headers["Content-Type"] = content_type
     response.headers["Cache-Control"] = "no-store"
@@ -621,6 +625,39 @@ class _SettledFilesCollector:
             except OSError:  # removed since the glob: a dead worker's gauges, forgotten
                 continue
         return MultiProcessCollector.merge(files, accumulate=True)
+
+
+_late_dir_warned = False
+
+
+def _multiprocess_values() -> bool:
+    """Whether this process writes its metrics to PROMETHEUS_MULTIPROC_DIR.
+
+    prometheus_client picks its value class once, when it is first imported: a
+    directory named after that (gunicorn's ``--env``/``raw_env`` are applied after
+    ``gunicorn.conf.py`` imported :func:`gunicorn_child_exit`, and so prometheus_client)
+    holds no file of this process, and merging it would report nothing at all.
+    """
+    from prometheus_client import values
+
+    # prometheus_client's own names, read with care: a release that renames them must
+    # not make /metrics fail; then the directory is trusted, as before.
+    value_class = getattr(values, "ValueClass", None)
+    mutex_value = getattr(values, "MutexValue", None)
+    return value_class is None or mutex_value is None or value_class is not mutex_value
+
+
+def _warn_late_multiproc_dir(path: str) -> None:
+    global _late_dir_warned
+    if not _late_dir_warned:
+        _late_dir_warned = True
+        log.warning(
+            "PROMETHEUS_MULTIPROC_DIR=%s was set after prometheus_client was imported "
+            "(gunicorn's --env or raw_env are applied after gunicorn.conf.py runs): this "
+            "worker's metrics are not in that directory, so /metrics reports this worker "
+            "only. Set it in the environment gunicorn starts with.",
+            path,
+        )
 
 
 def _multiproc_dir() -> str | None:
