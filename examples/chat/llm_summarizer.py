@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from satchel import Turn
 from satchel.lifecycle import ExtractiveSummarizer
-from satchel.lifecycle.summarize import raised_at
+from satchel.lifecycle.summarize import grapheme_cut, raised_at
 
 from .models import ChatModel, Message
 
@@ -73,7 +73,7 @@ class LLMSummarizer:
                 continue
             text = " ".join(turn.content.split())
             if len(text) > self.turn_chars:
-                text = text[: self.turn_chars - 1] + "…"
+                text = text[: grapheme_cut(text, self.turn_chars - 1)] + "…"
             lines.append(f"{turn.role}: {text}")
         user = f"Current summary:\n{previous or '(none yet)'}\n\nNew turns:\n" + (
             "\n".join(lines) or "(no text turns)"
@@ -102,7 +102,7 @@ class LLMSummarizer:
             )
             return self.fallback(dropped, previous)
         if len(summary) > self.max_chars:
-            summary = summary[: self.max_chars - 1].rstrip() + "…"
+            summary = summary[: grapheme_cut(summary, self.max_chars - 1)].rstrip() + "…"
         return summary
 
 

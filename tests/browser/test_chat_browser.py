@@ -1724,3 +1724,19 @@ def test_enter_while_a_reply_is_written_says_why_nothing_was_sent(
     expect(page.locator("body")).to_have_attribute("data-state", "idle")
     expect(problem).to_have_text("")
     expect(page.locator("#message")).to_have_value("typed during the reply")
+
+
+def test_right_to_left_chats_and_emoji_titles(live_server_factory, tmp_path, page) -> None:
+    """A Hebrew chat's title read left to right (its ellipsis cut off the title's start),
+    code in an Arabic message was laid out right to left (```python showed as
+    python```), and a title cut at 48 code points split an emoji family."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "מה ההבדל בין רשימה לטאפל? " * 3 + "\n```python\nprint('سلام')\n```")
+    direction = "el => getComputedStyle(el).direction"
+    assert page.locator("#thread-title").evaluate(direction) == "rtl"
+    assert page.locator(".conversation-title").first.evaluate(direction) == "rtl"
+    assert page.locator(".msg-user .msg-code").evaluate(direction) == "ltr"
+    page.click("#new-chat")
+    send(page, "a" * 44 + "👨\u200d👩\u200d👧\u200d👦 family trip")
+    expect(page.locator("#thread-title")).to_have_text("a" * 44 + "👨\u200d👩\u200d👧\u200d👦 f…")

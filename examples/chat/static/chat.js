@@ -159,9 +159,15 @@ function newId() {
   return [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
 }
 
+// Characters as a reader sees them (an emoji family, a flag, an accented letter) where
+// the browser can tell, else code points (never UTF-16 units: half an emoji is U+FFFD).
+const graphemes =
+  typeof Intl !== 'undefined' && Intl.Segmenter
+    ? (text) => Array.from(new Intl.Segmenter(undefined, { granularity: 'grapheme' }).segment(text), (s) => s.segment)
+    : (text) => [...text];
+
 function titleFrom(text) {
-  // Cut by code points, not UTF-16 units: half an emoji would show as U+FFFD.
-  const chars = [...text.replace(/\s+/g, ' ').trim()];
+  const chars = graphemes(text.replace(/\s+/g, ' ').trim());
   return chars.length > 48 ? `${chars.slice(0, 47).join('')}…` : chars.join('') || UNTITLED;
 }
 
@@ -210,6 +216,7 @@ function listItem(id) {
   button.dataset.id = id;
   const title = document.createElement('span');
   title.className = 'conversation-title';
+  title.dir = 'auto'; // a Hebrew or Arabic title shows its start, its ellipsis on the left
   button.append(title);
   li.append(button);
   return li;
@@ -471,6 +478,7 @@ function renderText(container, content) {
       plain = '';
       code = document.createElement('pre');
       code.className = 'msg-code';
+      code.dir = 'ltr'; // code reads left to right, also in an Arabic or Hebrew message
       codeText = document.createElement('code');
       code.append(fence(line), codeText);
       container.append(code);

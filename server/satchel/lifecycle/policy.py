@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..context import Context, LifecycleAction, Turn
 from ..errors import TokenExpired
 from .groups import oldest_groups_covering, turn_groups
-from .summarize import ExtractiveSummarizer, Summarizer, summarize
+from .summarize import ExtractiveSummarizer, Summarizer, grapheme_cut, summarize
 from .tokens import TokenCounter, default_counter, turn_tokens
 
 DAY = 86400.0
@@ -188,8 +188,11 @@ def cap_turn_sizes(ctx: Context, max_chars: int, now: float) -> int:
             text, already = content[: marked.start()], int(marked.group(1))
             if len(text) <= max_chars:
                 continue
-        removed = already + len(text) - max_chars
-        turn.content = text[:max_chars] + TRUNCATION_MARK.format(n=removed)
+        # Never inside a character as the reader sees it (an accent, a Thai vowel, an
+        # emoji family, a flag): the cut backs off to the boundary before it.
+        cut = grapheme_cut(text, max_chars)
+        removed = already + len(text) - cut
+        turn.content = text[:cut] + TRUNCATION_MARK.format(n=removed)
         truncated += 1
     if truncated:
         ctx.lifecycle.record(

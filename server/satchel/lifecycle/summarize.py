@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 
 from ..context import Turn, check_text, plain_str
@@ -19,7 +20,15 @@ from .report import SUMMARIZER_FAILED, current_report, note_fault
 Summarizer = Callable[[Sequence[Turn], str], str]
 log = logging.getLogger("satchel")
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+#: A sentence ends at ``.``, ``!`` or ``?`` (or the Arabic question mark, the Urdu full
+#: stop, the Devanagari danda and double danda, the Armenian full stop), closing quotes
+#: or brackets after it, before whitespace; or at the CJK full stop, exclamation and
+#: question marks, which need none (Chinese and Japanese put no space between
+#: sentences: without them a whole message was its "first sentence").
+_SENTENCE_END = re.compile(
+    "[.!?\u061f\u06d4\u0964\u0965\u0589]+[\"'\u2019\u201d\u00bb)\\]]*(?=\\s)"
+    "|[\u3002\uff01\uff1f\uff61]+[\u300d\u300f\uff09\u201d\u2019]*"
+)
 #: The count has at most 18 digits: a summarizer's text that only looks like this
 #: header (a prompt-injected model's, 5,000 digits long) made int() raise in the
 #: fallback itself, and every later save failed while the summarizer did.
@@ -38,10 +47,78 @@ def first_sentence(text: str, limit: int) -> str:
     with its whitespace collapsed, cut to ``limit`` characters with a trailing ``…``."""
     text = " ".join(text.split())
     match = _SENTENCE_END.search(text)
-    sentence = text[: match.start()] if match else text
+    sentence = text[: match.end()] if match else text
     if len(sentence) > limit:
-        sentence = sentence[: limit - 1].rstrip() + "…"
+        sentence = sentence[: grapheme_cut(sentence, limit - 1)].rstrip() + "…"
     return sentence
+
+
+_ZWJ = "\u200d"
+#: How far a cut moves to reach a character boundary; a longer cluster (a "zalgo" text
+#: of hundreds of combining marks) is cut inside, as before.
+_MAX_CLUSTER = 32
+
+
+def _is_ri(ch: str) -> bool:
+    return "\U0001f1e6" <= ch <= "\U0001f1ff"
+
+
+def _extends(ch: str) -> bool:
+    """``ch`` belongs to the character before it: a combining mark (accents, Thai and
+    Indic vowel signs, variation selectors, the keycap), ZWJ, a skin tone, an emoji tag
+    (subdivision flags), a Hangul vowel or final jamo."""
+    return (
+        unicodedata.category(ch) in ("Mn", "Mc", "Me")
+        or ch == _ZWJ
+        or "\U0001f3fb" <= ch <= "\U0001f3ff"
+        or "\U000e0020" <= ch <= "\U000e007f"
+        or "\u1160" <= ch <= "\u11ff"
+        or "\ud7b0" <= ch <= "\ud7ff"
+    )
+
+
+def is_boundary(text: str, i: int) -> bool:
+    """Whether ``text[:i]`` ends between two user-perceived characters (an
+    approximation of Unicode's grapheme clusters, UAX #29, with the stdlib only): never
+    inside an accented letter, an emoji ZWJ sequence, a flag, a skin-toned emoji, an
+    Indic conjunct, a decomposed Hangul syllable or a CR LF."""
+    if i <= 0 or i >= len(text):
+        return True
+    before, after = text[i - 1], text[i]
+    if _extends(after) or before == _ZWJ or (before == "\r" and after == "\n"):
+        return False
+    if unicodedata.combining(before) == 9 and after.isalpha():  # virama: a conjunct
+        return False
+    if "\u1100" <= before <= "\u115f" and (
+        "\u1100" <= after <= "\u11ff" or "\uac00" <= after <= "\ud7a3"
+    ):
+        return False  # a leading jamo and its vowel or syllable
+    if _is_ri(before) and _is_ri(after):
+        run = 0
+        while run < i and _is_ri(text[i - 1 - run]):
+            run += 1
+        return run % 2 == 0  # flags are pairs: an odd run ends half a flag
+    return True
+
+
+def grapheme_cut(text: str, n: int) -> int:
+    """The largest ``i <= n`` where ``text`` may be cut (:func:`is_boundary`)."""
+    i = min(n, len(text))
+    for _ in range(_MAX_CLUSTER):
+        if is_boundary(text, i):
+            return i
+        i -= 1
+    return min(n, len(text))
+
+
+def grapheme_start(text: str, n: int) -> int:
+    """The smallest ``i >= n`` where ``text`` may be cut (:func:`is_boundary`)."""
+    i = max(n, 0)
+    for _ in range(_MAX_CLUSTER):
+        if is_boundary(text, i):
+            return i
+        i += 1
+    return max(n, 0)
 
 
 class ExtractiveSummarizer:
@@ -117,12 +194,17 @@ def cut_summary(summary: str, keep: int) -> str:
     keep -= len(header) + len(SUMMARY_CUT_MARK) + 16
     if keep <= 0:
         return header.rstrip("\n")
-    tail = summary[len(summary) - keep :]
+    tail = (
+        summary[grapheme_start(summary, len(summary) - keep) :] if keep < len(summary) else summary
+    )
     if keep < len(summary):
-        # Whole lines; in a summary with no line breaks (an LLM's one paragraph), whole
-        # words: never half a word.
-        for boundary in ("\n", " "):
-            cut = tail.find(boundary)
+        # Whole lines; in a summary with no line break near the cut (an LLM's one
+        # paragraph), whole sentences or words; in one without spaces either (Chinese,
+        # Japanese, Thai), whole characters. A boundary is taken only within the first
+        # half of what may be kept: the first line break of a long paragraph's last
+        # line threw away almost all of it (2,000 characters allowed, 50 kept).
+        for boundary in ("\n", "\u3002", "\uff01", "\uff1f", " "):
+            cut = tail.find(boundary, 0, max(1, len(tail) // 2))
             if 0 <= cut < len(tail) - 1:
                 tail = tail[cut + 1 :]
                 break
@@ -191,5 +273,8 @@ __all__ = [
     "Summarizer",
     "cut_summary",
     "first_sentence",
+    "grapheme_cut",
+    "grapheme_start",
+    "is_boundary",
     "summarize",
 ]
