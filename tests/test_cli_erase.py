@@ -350,3 +350,14 @@ def test_erase_under_a_wrong_pinned_anchor_says_it_found_nothing(redis_server: A
     code, out, err = erase(session, **common, SATCHEL_ANCHOR_KID="old")
     assert code == 0 and out["deleted_keys"] >= 1 and out["anchor_kid"] == "old"
     assert "nothing was stored" not in err
+
+
+def test_a_mode_the_app_would_refuse_is_refused_before_anything_is_erased(
+    redis_server: Any,
+) -> None:
+    """SATCHEL_MODE=bogus stops the app at start-up; erase went ahead in an environment
+    no app runs in."""
+    code, out, err = erase("00" * 16, SATCHEL_MODE="sever", SATCHEL_OVERFLOW_URL=redis_server.url)
+    assert code == 2 and out is None
+    assert "SATCHEL_MODE must be 'client', 'server' or 'memory', not 'sever'" in err
+    assert redis_server.client().dbsize() == 0

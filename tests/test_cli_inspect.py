@@ -485,3 +485,17 @@ def test_the_command_ends_by_sigint_after_ctrl_c_so_a_calling_script_stops() -> 
     )  # fmt: skip
     assert proc.returncode == -signal.SIGINT, proc.stderr
     assert proc.stderr == "satchel: interrupted\n"
+
+
+def test_a_memory_store_url_is_refused_not_reported_empty() -> None:
+    """A memory-mode app's store lives in its own process: inspect opened a new, empty
+    one of its own and said session_not_found, as if the app had lost the context."""
+    from examples.minimal_chat.app import create_app
+
+    app = create_app({"SATCHEL_KEYS": KEYS.to_string(), "SATCHEL_MODE": "memory"})
+    carrier = app.test_client().post("/api/chat", json={"message": "hi"})
+    code, out, err = run(
+        carrier.headers["Satchel-Context"], "--store-url", "memory://", keys=KEYS.to_string()
+    )
+    assert code == 2 and out is None
+    assert "memory:// is a store inside the app's own process" in err

@@ -228,6 +228,16 @@ def _lifecycle_from_env(*names: str) -> LifecyclePolicy:
     return SatchelConfig.from_app(app).lifecycle_policy()
 
 
+def tier_scheme_or_none(url: str) -> str | None:
+    """The tier URL's scheme, or None when it is malformed (tier_from_url says why)."""
+    from .tiers import tier_scheme
+
+    try:
+        return tier_scheme(url)
+    except ConfigurationError:
+        return None
+
+
 def _refused(exc: SatchelError, **carrier: Any) -> int:
     """Exit 2 for a configuration problem (stderr), 1 for a refused token (JSON).
 
@@ -261,6 +271,14 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
             Codec(Keyring.from_env(require_anchor=True), purpose=args.purpose)
         )
         session_id = carriers.session_id_of(carrier)
+        if args.store_url and tier_scheme_or_none(args.store_url) == "memory":
+            # A new, empty store of this command's own: it reported every session
+            # missing (session_not_found), as if the app had lost it.
+            raise ConfigurationError(
+                "--store-url: memory:// is a store inside the app's own process, which "
+                "this command cannot read; look at the context through the running app "
+                "(GET /api/context in the examples)"
+            )
         store = (
             GuardedTier(tier_from_url(args.store_url, setting="--store-url", create=False))
             if args.store_url

@@ -153,6 +153,11 @@ def erase_session(
     from .tiers.guard import GuardedTier
 
     parse_session_id(session_id)  # a malformed id is said to be one, before any setting
+    if mode.strip().lower() not in ("", "client", "server", "memory"):
+        # The app refuses to start with it: this is not the environment the app runs in.
+        raise ConfigurationError(
+            f"SATCHEL_MODE must be 'client', 'server' or 'memory', not {mode!r}"
+        )
     if mode.strip().lower() == "memory":
         raise ConfigurationError(
             "SATCHEL_MODE=memory: the contexts live in the app's own process, which "
