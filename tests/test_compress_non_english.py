@@ -30,3 +30,18 @@ def test_non_english_text_is_no_larger_than_without_the_dictionary(text: str) ->
 def test_english_keeps_the_dictionary() -> None:
     payload = b"Of course! The simplest way to handle CSV files is Python's csv module. " * 2
     assert Compressor().compress(payload).dictionary_id == 1
+
+
+def test_a_sealed_token_does_not_tell_its_language_by_its_dictionary_id() -> None:
+    """The header is in the clear: in sealed mode a dictionary id of 0 for a Hebrew
+    context (1 for an English one) said something of what the token hides."""
+    from satchel import Codec, Context, Keyring
+    from satchel.codec import peek
+
+    ring = Keyring.generate()
+    ids = {}
+    for mode in ("sealed", "signed"):
+        ctx = Context.new()
+        ctx.add_turn("user", HEBREW)
+        ids[mode] = peek(Codec(ring, mode=mode).seal(ctx)).dictionary_id
+    assert ids == {"sealed": 1, "signed": 0}

@@ -83,3 +83,29 @@ def test_a_cut_summary_keeps_what_fits_when_the_only_line_break_is_late() -> Non
     zh = "这是一个很常见的问题。Excel在Windows上导出CSV时通常使用GBK编码，而不是UTF-8。" * 300
     for summary in (zh + "\n要点：使用utf-8-sig。", zh + "最后提醒 Python 3。"):
         assert len(cut_summary(summary, 2000)) > 1500
+
+
+@pytest.mark.parametrize("text", ["." * 32_000, "x" + "!?" * 16_000, "." * 16_000 + '"' * 16_000])
+def test_a_long_run_of_sentence_marks_is_linear(text: str) -> None:
+    """A 32,000-character message of dots took tens of seconds in first_sentence (the
+    search retried the run from each of its marks)."""
+    import time
+
+    started = time.perf_counter()
+    first_sentence(text, 120)
+    assert time.perf_counter() - started < 2.0  # linear: milliseconds (quadratic: 30 s)
+
+
+@pytest.mark.parametrize(
+    ("text", "inside"),
+    [
+        ("กำลังทำ", 1),  # Thai SARA AM belongs to the consonant before it
+        ("ｶﾞｷ", 1),  # a halfwidth katakana and its voiced sound mark
+        ("a\u200cb", 1),  # ZWNJ stays with the letter before it
+        ("\u0600١٢", 1),  # an Arabic number sign with the digits after it
+    ],
+)
+def test_extenders_that_are_no_combining_mark_are_not_cut_off(text: str, inside: int) -> None:
+    from satchel.lifecycle.summarize import is_boundary
+
+    assert not is_boundary(text, inside)

@@ -846,13 +846,16 @@ def test_a_scrape_skips_the_file_a_worker_is_still_creating(
 
 
 def test_a_multiproc_dir_set_after_prometheus_client_was_imported_keeps_the_metrics(
-    multiproc_dir: Path, caplog: pytest.LogCaptureFixture
+    multiproc_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gunicorn.conf.py's documented hook line imports prometheus_client in the master,
     before gunicorn applies ``--env``/``raw_env``: the workers' metrics then live in
     memory (not in PROMETHEUS_MULTIPROC_DIR), and /metrics, reading the empty
     directory, answered 200 with an empty body: every metric gone, silently."""
     assert prometheus_client.values.ValueClass is prometheus_client.values.MutexValue
+    from satchel import metrics
+
+    monkeypatch.setattr(metrics, "_late_dir_warned", False)  # once per process: not yet
     obs = PrometheusObserver()
     obs.event("issued")
     app = Flask(__name__)

@@ -327,6 +327,8 @@ function webStorage(kind) {
     overlay.delete(key); // another tab stored or removed it since: the store is newer
     return undefined;
   };
+  // Keys read as empty while the store took neither reads nor writes (see get()).
+  const blind = new Set();
   const writable = () => {
     try {
       area.setItem(PROBE_KEY, PROBE_KEY);
@@ -349,6 +351,7 @@ function webStorage(kind) {
     get(key) {
       const value = held(key);
       if (value !== undefined) return value;
+      if (blind.has(key)) return null; // reset in this page: not the store's old copy
       try {
         return area.getItem(key);
       } catch (err) {
@@ -359,10 +362,18 @@ function webStorage(kind) {
         // as empty, and the conversation goes on in this page's memory (volatile), as
         // for a full store, rather than every call failing for the page's life.
         if (writable()) throw err;
+        // Blind to what it holds: once the store is back, a write would replace the
+        // saved conversation with the one that went on meanwhile. For the page's life
+        // this key lives in page memory only, and the store keeps what it had.
+        blind.add(key);
         return null;
       }
     },
     set(key, value) {
+      if (blind.has(key)) {
+        overlay.set(key, { value: String(value), base: undefined });
+        return;
+      }
       try {
         area.setItem(key, value);
         overlay.delete(key);
@@ -372,6 +383,7 @@ function webStorage(kind) {
     },
     remove(key) {
       overlay.delete(key);
+      if (blind.has(key)) return; // the store's copy is not this page's to remove
       try {
         area.removeItem(key);
       } catch {

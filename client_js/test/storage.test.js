@@ -577,10 +577,16 @@ test('localStorage that takes neither reads nor writes: the chat goes on in page
   assert.deepEqual(fetch.calls.map((c) => c.token), [null, 't1']); // carried on in memory
   assert.equal(client.storage.isVolatile(client.storageKey), true);
   assert.equal(JSON.parse(area.map.get('satchel:broken')).token, 'SAVED'); // never overwritten
-  await client.reset(); // works too (its removeItem reaches the store)
+  // The store comes back: this page goes on with its own conversation, in memory, and
+  // never writes it over the saved one (it could not see it when it started afresh).
   area.getItem = getItem;
   area.setItem = setItem;
-  assert.equal(area.getItem('satchel:broken'), null);
+  await client.fetch('/x', { method: 'POST', body: 'back' });
+  assert.equal(fetch.calls[2].token, 't2');
+  assert.equal(JSON.parse(area.getItem('satchel:broken')).token, 'SAVED');
+  await client.reset(); // forgets this page's conversation, not the saved one
+  assert.equal(client.token, null);
+  assert.equal(JSON.parse(area.getItem('satchel:broken')).token, 'SAVED');
 });
 
 test('a 401 whose recovery cannot read storage throws the server\'s TokenError', async () => {

@@ -150,7 +150,12 @@ class Codec:
         )
         try:
             self.compressor = Compressor(
-                dictionary_id, level=level, max_decompressed=limits.max_decompressed_bytes
+                dictionary_id,
+                level=level,
+                max_decompressed=limits.max_decompressed_bytes,
+                # Sealed: the clear header must not tell a Hebrew context from an
+                # English one by its dictionary id.
+                plain_fallback=mode == "signed",
             )
         except UnsupportedVersion as exc:  # a token's error; here it is the app's setting
             raise ConfigurationError(

@@ -201,6 +201,12 @@ class Compressor:
 
     zstandard's (de)compressor objects are not safe to share between threads, so each
     thread gets its own, built once from the precomputed dictionary.
+
+    ``plain_fallback``: a payload mostly not ASCII (a language other than the English
+    the shipped dictionary was trained on) is also compressed without the dictionary,
+    and the smaller kept. The header's dictionary id (0) then says so in the clear:
+    the codec turns it off for sealed tokens, whose header must say nothing of what
+    they hide (docs/security.md).
     """
 
     def __init__(
@@ -209,6 +215,8 @@ class Compressor:
         level: int = DEFAULT_LEVEL,
         max_decompressed: int = DEFAULT_MAX_DECOMPRESSED,
         min_size: int = 32,
+        *,
+        plain_fallback: bool = True,
     ) -> None:
         if (
             isinstance(level, bool)
@@ -225,6 +233,7 @@ class Compressor:
             )
         self.dictionary_id = available_dictionary_id() if dictionary_id is None else dictionary_id
         self.level = level
+        self.plain_fallback = plain_fallback
         self.max_decompressed = max_decompressed
         #: Payloads shorter than this are stored as they are: zstd cannot win there.
         self.min_size = min_size
@@ -279,7 +288,7 @@ class Compressor:
         if len(payload) >= self.min_size:
             data = self._compressor().compress(payload)
             dictionary_id = self.dictionary_id
-            if dictionary_id and _mostly_not_ascii(payload):
+            if dictionary_id and self.plain_fallback and _mostly_not_ascii(payload):
                 # A quarter or more of the bytes are not ASCII (Hebrew, Arabic, Japanese,
                 # Russian...): the shipped dictionary, trained on English chat, made such
                 # payloads 10-33% larger than zstd without it. Keep the smaller.

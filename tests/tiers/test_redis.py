@@ -577,3 +577,37 @@ def test_rediss_with_a_private_ca_given_in_the_url(tmp_path) -> None:  # type: i
             untrusted.get_many(["satchel:{s}:k"])
         assert time.monotonic() - started < 5
         untrusted.close()
+
+
+def test_a_sentinel_master_demoted_to_a_replica_refuses_writes_only(
+    redis_factory: Callable[..., RedisServer], tmp_path
+) -> None:
+    """Sentinel's connection turns READONLY into ConnectionError("The previous master is
+    now a slave"): without writes_only, such writes counted in the main breaker, which a
+    worker reading from its segment cache then opened (docs/overflow.md, Sentinel row)."""
+    from tests.support import free_port, procs, require_binary
+
+    master, other = redis_factory(), redis_factory()
+    binary = require_binary("redis-server")
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor svc 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds svc 60000\n"
+    )
+    proc = procs.spawn([binary, str(conf), "--sentinel"], log_path=tmp_path / "sentinel.log")
+    try:
+        probe = RedisServer(port=port)
+        wait_until(lambda: probe.ping(), timeout=10, message="sentinel to answer PING")
+        tier = tier_from_url(
+            f"redis+sentinel://127.0.0.1:{port}/svc", timeouts=Timeouts(read=1, connect=1)
+        )
+        tier.put("satchel:{s}:a", b"one", 60)
+        master.client().replicaof("127.0.0.1", other.port)  # demoted; sentinel not told
+        with pytest.raises(TierUnavailable) as refused:
+            tier.put("satchel:{s}:b", b"two", 60)
+        assert refused.value.facts.get("writes_only") is True, refused.value.facts
+        tier.close()
+    finally:
+        procs.kill(proc)

@@ -699,6 +699,12 @@ class RedisTier(Tier):
             return TierUnavailable(
                 f"Redis did not answer in time ({op})", may_have_landed=True, **facts
             )
+        if isinstance(exc, redis.exceptions.ConnectionError) and isinstance(
+            exc.__context__, redis.exceptions.ReadOnlyError
+        ):
+            # Sentinel's connection turns a READONLY reply into ConnectionError("The
+            # previous master is now a slave"): a failover under way, reads still served.
+            facts["writes_only"] = True
         if isinstance(exc, redis.exceptions.ConnectionError | OSError):
             # Not "unsent" even when the last connect was refused: the retry policy may
             # have sent the command once already, and its reply been lost.
