@@ -3,9 +3,11 @@ round trips, TTLs, kill -9, SIGSTOP, restart, the breaker, maxmemory, the cache.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -390,8 +392,9 @@ def test_tampered_and_foreign_references_on_redis(redis_server: RedisServer, cod
     assert store.read(bob).missing == [(alice.overflow[0], SEGMENT_MISSING)]
 
 
-def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
-    """redis+sentinel:// finds the master through a real Sentinel process."""
+@contextlib.contextmanager
+def sentinel_for(master: RedisServer, tmp_path: Path, *extra: str) -> Iterator[int]:
+    """A real Sentinel process monitoring ``master`` as "svc"; yields its port."""
     from tests.support import free_port, procs, require_binary
 
     binary = require_binary("redis-server")
@@ -399,12 +402,20 @@ def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
     conf = tmp_path / "sentinel.conf"
     conf.write_text(
         f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor svc 127.0.0.1 {redis_server.port} 1\n"
+        f"sentinel monitor svc 127.0.0.1 {master.port} 1\n" + "".join(f"{e}\n" for e in extra)
     )
     proc = procs.spawn([binary, str(conf), "--sentinel"], log_path=tmp_path / "sentinel.log")
     try:
         probe = RedisServer(port=port)  # only used to PING the sentinel
         wait_until(lambda: probe.ping(), timeout=10, message="sentinel to answer PING")
+        yield port
+    finally:
+        procs.kill(proc)
+
+
+def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
+    """redis+sentinel:// finds the master through a real Sentinel process."""
+    with sentinel_for(redis_server, tmp_path) as port:
         tier = tier_from_url(
             f"redis+sentinel://127.0.0.1:{port}/svc?db=3", timeouts=Timeouts(read=1, connect=1)
         )
@@ -412,8 +423,6 @@ def test_sentinel_url(redis_server: RedisServer, tmp_path) -> None:
         assert tier.get_many(["satchel:{s}:a"]) == [b"via sentinel"]
         assert redis_server.client(db=3).get("satchel:{s}:a") == b"via sentinel"
         tier.close()
-    finally:
-        procs.kill(proc)
 
 
 def test_sentinels_that_fail_are_each_asked_once_per_attempt() -> None:
@@ -585,21 +594,9 @@ def test_a_sentinel_master_demoted_to_a_replica_refuses_writes_only(
     """Sentinel's connection turns READONLY into ConnectionError("The previous master is
     now a slave"): without writes_only, such writes counted in the main breaker, which a
     worker reading from its segment cache then opened (docs/overflow.md, Sentinel row)."""
-    from tests.support import free_port, procs, require_binary
-
     master, other = redis_factory(), redis_factory()
-    binary = require_binary("redis-server")
-    port = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor svc 127.0.0.1 {master.port} 1\n"
-        "sentinel down-after-milliseconds svc 60000\n"
-    )
-    proc = procs.spawn([binary, str(conf), "--sentinel"], log_path=tmp_path / "sentinel.log")
-    try:
-        probe = RedisServer(port=port)
-        wait_until(lambda: probe.ping(), timeout=10, message="sentinel to answer PING")
+    down_after = "sentinel down-after-milliseconds svc 60000"
+    with sentinel_for(master, tmp_path, down_after) as port:
         tier = tier_from_url(
             f"redis+sentinel://127.0.0.1:{port}/svc", timeouts=Timeouts(read=1, connect=1)
         )
@@ -609,5 +606,3 @@ def test_a_sentinel_master_demoted_to_a_replica_refuses_writes_only(
             tier.put("satchel:{s}:b", b"two", 60)
         assert refused.value.facts.get("writes_only") is True, refused.value.facts
         tier.close()
-    finally:
-        procs.kill(proc)
