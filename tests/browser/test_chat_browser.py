@@ -1740,3 +1740,18 @@ def test_right_to_left_chats_and_emoji_titles(live_server_factory, tmp_path, pag
     page.click("#new-chat")
     send(page, "a" * 44 + "👨\u200d👩\u200d👧\u200d👦 family trip")
     expect(page.locator("#thread-title")).to_have_text("a" * 44 + "👨\u200d👩\u200d👧\u200d👦 f…")
+    # A Hebrew line in an English message reads right to left (each line its own
+    # direction), and a short Hebrew title sits at its start, the list's right edge:
+    # both sat on the left, under the message's and the button's left alignment.
+    page.click("#new-chat")
+    send(page, "שלום\nTranslate: שלום לכולם, מה שלומכם?")
+    hebrew_line = page.locator(".msg-user .msg-text").last
+    assert hebrew_line.evaluate("el => getComputedStyle(el).unicodeBidi") == "plaintext"
+    title = page.locator(".conversation-title", has_text="שלום").first
+    gaps = title.evaluate(
+        "el => { const r = document.createRange(); r.selectNodeContents(el);"
+        " const text = r.getBoundingClientRect();"
+        " const box = el.closest('button').getBoundingClientRect();"
+        " return [text.left - box.left, box.right - text.right]; }"
+    )
+    assert gaps[1] < gaps[0], f"the short Hebrew title sits left (gaps left, right: {gaps})"
