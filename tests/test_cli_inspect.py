@@ -487,7 +487,7 @@ def test_the_command_ends_by_sigint_after_ctrl_c_so_a_calling_script_stops() -> 
     assert proc.stderr == "satchel: interrupted\n"
 
 
-def test_a_memory_store_url_is_refused_not_reported_empty() -> None:
+def test_a_memory_store_url_is_refused_not_reported_empty(tmp_path: Path) -> None:
     """A memory-mode app's store lives in its own process: inspect opened a new, empty
     one of its own and said session_not_found, as if the app had lost the context."""
     from examples.minimal_chat.app import create_app
@@ -499,3 +499,12 @@ def test_a_memory_store_url_is_refused_not_reported_empty() -> None:
     )
     assert code == 2 and out is None
     assert "memory:// is a store inside the app's own process" in err
+    # Nor with the memory-mode app's environment, whose overflow URL is the default
+    # store URL here: no context of that app is ever stored there.
+    code, out, err = run(
+        carrier.headers["Satchel-Context"],
+        keys=KEYS.to_string(),
+        SATCHEL_MODE="memory",
+        SATCHEL_OVERFLOW_URL=f"sqlite:///{tmp_path / 'overflow.db'}",
+    )
+    assert code == 2 and out is None and "SATCHEL_MODE=memory" in err

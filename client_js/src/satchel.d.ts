@@ -179,6 +179,12 @@ export interface StorageAdapter {
   readonly volatile?: boolean;
   /** Built-in Web Storage adapters: whether the token under `key` is held so. */
   isVolatile?(key: string): boolean;
+  /**
+   * Built-in Web Storage adapters: true when the store could neither be read nor
+   * written as this page first read `key`: the page's conversation under it lives in
+   * memory for the page's life, and the store's copy is never replaced or removed.
+   */
+  isBlind?(key: string): boolean;
 }
 
 /** Built-in storage names accepted by the `storage` option. */

@@ -241,6 +241,8 @@ const PROBE_KEY = '__satchel_probe__';
 
 /** Tokens Web Storage refused (quota full), per storage kind, for the page's life. */
 const pageOverlays = {};
+/** Keys read as empty while Web Storage took neither reads nor writes, per kind, for the page's life. */
+const pageBlind = {};
 
 /** Adapters whose writes cannot fail, or that keep refused writes themselves. */
 const safeAdapters = new WeakSet();
@@ -328,7 +330,9 @@ function webStorage(kind) {
     return undefined;
   };
   // Keys read as empty while the store took neither reads nor writes (see get()).
-  const blind = new Set();
+  // One per page and kind, as the overlay: a second client of the key (switching
+  // conversations makes one) must not write over, or remove, the store's copy either.
+  const blind = (pageBlind[kind] ||= new Set());
   const writable = () => {
     try {
       area.setItem(PROBE_KEY, PROBE_KEY);
@@ -347,6 +351,10 @@ function webStorage(kind) {
     /** True while the token under `key` is kept only in this page's memory. */
     isVolatile(key) {
       return held(key) !== undefined;
+    },
+    /** True when this page never saw the store's copy of `key` (see get()): what other tabs write there is not this page's conversation. */
+    isBlind(key) {
+      return blind.has(key);
     },
     get(key) {
       const value = held(key);
@@ -2069,6 +2077,7 @@ export class SatchelClient extends EventTarget {
         // sessionStorage changes fire the same event in same-origin frames.
         if (local && e.storageArea && e.storageArea !== local) return;
         if (e.key !== null && e.key !== this._key) return;
+        if (typeof this._storage.isBlind === 'function' && this._storage.isBlind(this._key)) return;
         this._setCache(e.key === null ? null : parseRecord(e.newValue), 'storage');
       };
       globalThis.addEventListener('storage', this._onStorageEvent);
@@ -2087,6 +2096,8 @@ export class SatchelClient extends EventTarget {
 
   async _onBroadcast(msg) {
     if (this._closed || !msg || msg.v !== 1 || msg.conversation !== this._conversation) return;
+    // This page went on with a conversation of its own: another tab's is not it.
+    if (typeof this._storage.isBlind === 'function' && this._storage.isBlind(this._key)) return;
     const stored = parseRecord(await this._storage.get(this._key));
     // Shared storage (localStorage, a custom adapter): the sender already wrote (or
     // removed) it, and if this tab's copy does not show that yet, it is lagging.

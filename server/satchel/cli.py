@@ -271,6 +271,14 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
             Codec(Keyring.from_env(require_anchor=True), purpose=args.purpose)
         )
         session_id = carriers.session_id_of(carrier)
+        if args.store_url and os.environ.get("SATCHEL_MODE", "").strip().lower() == "memory":
+            # Run with a memory-mode app's environment: its overflow URL (read here as
+            # the store's default) is no store that app keeps contexts in.
+            raise ConfigurationError(
+                "SATCHEL_MODE=memory: the contexts live in the app's own process, which "
+                "this command cannot read; look at the context through the running app "
+                "(GET /api/context in the examples)"
+            )
         if args.store_url and tier_scheme_or_none(args.store_url) == "memory":
             # A new, empty store of this command's own: it reported every session
             # missing (session_not_found), as if the app had lost it.

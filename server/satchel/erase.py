@@ -154,7 +154,8 @@ def erase_session(
 
     parse_session_id(session_id)  # a malformed id is said to be one, before any setting
     if mode.strip().lower() not in ("", "client", "server", "memory"):
-        # The app refuses to start with it: this is not the environment the app runs in.
+        # No app runs with such a mode (the app refuses to start with it): this is not
+        # an app's environment. (Read leniently, case and spaces aside, as before.)
         raise ConfigurationError(
             f"SATCHEL_MODE must be 'client', 'server' or 'memory', not {mode!r}"
         )
