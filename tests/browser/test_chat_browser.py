@@ -1755,3 +1755,38 @@ def test_right_to_left_chats_and_emoji_titles(live_server_factory, tmp_path, pag
         " return [text.left - box.left, box.right - text.right]; }"
     )
     assert gaps[1] < gaps[0], f"the short Hebrew title sits left (gaps left, right: {gaps})"
+
+
+def test_a_store_that_stops_answering_keeps_the_saved_chat(
+    live_server_factory, tmp_path, page
+) -> None:
+    """localStorage that throws on every read and write (a corrupted profile, access
+    revoked) while the page is open: the chat goes on in memory, says so, and the saved
+    conversation is not replaced (it is there again after a reload)."""
+    srv = start_app(live_server_factory, tmp_path)
+    open_chat(page, srv)
+    send(page, "saved before")
+    page.evaluate(
+        """() => {
+            window.__storage = [Storage.prototype.getItem, Storage.prototype.setItem];
+            const broken = () => { throw new DOMException('corrupted', 'UnknownError'); };
+            Storage.prototype.getItem = broken;
+            Storage.prototype.setItem = broken;
+        }"""
+    )
+    # The page could not read the saved token: the reply comes in a fresh context of
+    # its own (the note says why and that the saved chat is kept for a reload).
+    for text in ("while unreadable", "and again"):
+        page.fill("#message", text)
+        with page.expect_response(lambda r: "/api/chat" in r.url and r.ok):
+            page.press("#message", "Enter")
+        expect(page.locator("body")).to_have_attribute("data-state", "idle")
+        expect(page.locator("#notice")).to_contain_text("storage could not be read")
+        if text == "while unreadable":  # the store answers again: still not written over
+            page.evaluate(
+                "() => { [Storage.prototype.getItem, Storage.prototype.setItem]"
+                " = window.__storage; }"
+            )
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+    expect(page.locator(".msg-user .msg-text")).to_have_text(["saved before"])

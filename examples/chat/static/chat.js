@@ -702,12 +702,17 @@ function renderNotice() {
   const storage = client && client.storage;
   const volatile =
     storage && (storage.isVolatile ? storage.isVolatile(client.storageKey) : storage.volatile);
-  if (storage && (volatile || storage.fallbackFrom)) {
+  // A store this page could neither read nor write when it opened the chat: the chat
+  // goes on in memory, and the saved one is kept for a reload (client-js.md).
+  const blind = !!(storage && storage.isBlind && storage.isBlind(client.storageKey));
+  if (storage && (volatile || blind || storage.fallbackFrom)) {
     parts.push([
       'storage',
       storage.fallbackFrom
         ? "This browser does not let the page keep chats: they last until the page is closed."
-        : "This browser's storage is full: this chat's newest messages last until the page is closed.",
+        : blind
+          ? "This browser's storage could not be read: this chat lasts until the page is closed (a saved chat is kept; reload to see it)."
+          : "This browser's storage is full: this chat's newest messages last until the page is closed.",
     ]);
   }
   const key = JSON.stringify(parts);
