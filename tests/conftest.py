@@ -5,6 +5,7 @@ import ...``). Missing binaries skip locally and fail when ``CI`` is set.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,13 @@ settings.register_profile(
     "satchel", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("satchel")
+
+# playwright runs on asyncio: a task it leaves pending is reported ("Task was destroyed
+# but it is pending!") when the garbage collector gets to it, during whatever test runs
+# then, whose log capture took it for that test's own (a test that checks its warnings
+# failed on a clean run). Satchel uses no asyncio: its records go to stderr, not caplog.
+logging.getLogger("asyncio").propagate = False
+logging.getLogger("asyncio").addHandler(logging.StreamHandler(sys.stderr))
 
 REDIS_FIXTURES = {"redis_server", "redis_factory", "redis_cluster"}
 BROWSER_FIXTURES = {"chromium_path", "browser", "page", "screenshot"}
