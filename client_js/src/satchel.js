@@ -166,11 +166,6 @@ export function createError(code, message, { status = null, response = null, inS
 }
 
 /**
- * The error for a non-2xx response, from its JSON body. `deadline`: the attempt's (see
- * attemptDeadline), which bounds the read of that body too: one that never ends (a
- * proxy's) is given up when it runs out, and the error built from the status line.
- */
-/**
  * An error body's first `limit` bytes as text, or null past them. Satchel's error
  * bodies are a few hundred bytes; a proxy's HTML page or a runaway body is not worth
  * holding in memory (a 50 MB body was read whole) just to find no JSON in it.
@@ -203,6 +198,11 @@ async function boundedText(response, limit) {
 /** The most of an error body read for its JSON `{"error": {...}}`. */
 const ERROR_BODY_LIMIT = 64 * 1024;
 
+/**
+ * The error for a non-2xx response, from its JSON body. `deadline`: the attempt's (see
+ * attemptDeadline), which bounds the read of that body too: one that never ends (a
+ * proxy's) is given up when it runs out, and the error built from the status line.
+ */
 async function errorFromResponse(response, deadline = null) {
   let payload = null;
   try {
