@@ -219,23 +219,10 @@ def _lifecycle_from_env(*names: str) -> LifecyclePolicy:
     """The lifecycle policy the app would build from the variables ``names`` (the rest
     at the app's defaults), parsed and checked as the app does: a bad value is a
     ConfigurationError naming it, as at the app's start-up."""
-    from flask import Flask
-
     from .flask_ext.config import SatchelConfig
 
-    app = Flask("satchel-cli")
-    app.config.update({name: os.environ[name] for name in names if name in os.environ})
-    return SatchelConfig.from_app(app).lifecycle_policy()
-
-
-def tier_scheme_or_none(url: str) -> str | None:
-    """The tier URL's scheme, or None when it is malformed (tier_from_url says why)."""
-    from .tiers import tier_scheme
-
-    try:
-        return tier_scheme(url)
-    except ConfigurationError:
-        return None
+    settings = {name: os.environ[name] for name in names if name in os.environ}
+    return SatchelConfig.from_settings(settings).lifecycle_policy()
 
 
 def _refused(exc: SatchelError, **carrier: Any) -> int:
@@ -260,7 +247,7 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
     context like a token.
     """
     from .server_mode import CARRIER_PREFIX, SessionCarriers
-    from .tiers import GuardedTier, tier_from_url
+    from .tiers import GuardedTier, is_in_process_url, tier_from_url
 
     session_hex = carrier[len(CARRIER_PREFIX) :].partition(".")[0]
     if args.no_verify:
@@ -271,21 +258,21 @@ def _inspect_carrier(carrier: str, args: argparse.Namespace) -> int:
             Codec(Keyring.from_env(require_anchor=True), purpose=args.purpose)
         )
         session_id = carriers.session_id_of(carrier)
-        if args.store_url and os.environ.get("SATCHEL_MODE", "").strip().lower() == "memory":
-            # Run with a memory-mode app's environment: its overflow URL (read here as
-            # the store's default) is no store that app keeps contexts in.
-            raise ConfigurationError(
-                "SATCHEL_MODE=memory: the contexts live in the app's own process, which "
-                "this command cannot read; look at the context through the running app "
-                "(GET /api/context in the examples)"
+        # A store in the app's own process: read here, a new, empty one of this
+        # command's own reported every session missing, as if the app had lost it. With
+        # a memory-mode app's environment, its overflow URL (the store's default here)
+        # is no store that app keeps contexts in either.
+        memory_mode = os.environ.get("SATCHEL_MODE", "").strip().lower() == "memory"
+        if args.store_url and (memory_mode or is_in_process_url(args.store_url)):
+            where = (
+                "SATCHEL_MODE=memory: the contexts live"
+                if memory_mode
+                else "--store-url: memory:// is a store"
             )
-        if args.store_url and tier_scheme_or_none(args.store_url) == "memory":
-            # A new, empty store of this command's own: it reported every session
-            # missing (session_not_found), as if the app had lost it.
             raise ConfigurationError(
-                "--store-url: memory:// is a store inside the app's own process, which "
-                "this command cannot read; look at the context through the running app "
-                "(GET /api/context in the examples)"
+                f"{where} inside the app's own process, which this command cannot read; "
+                "look at the context through the running app (GET /api/context in the "
+                "examples)"
             )
         store = (
             GuardedTier(tier_from_url(args.store_url, setting="--store-url", create=False))

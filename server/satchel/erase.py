@@ -149,7 +149,7 @@ def erase_session(
     ``SATCHEL_MAX_AGE``); the tombstone outlives it
     (:func:`~satchel.consistency.tombstone_ttl_for`).
     """
-    from .tiers import redact_url, tier_from_url
+    from .tiers import is_in_process_url, redact_url, tier_from_url
     from .tiers.guard import GuardedTier
 
     parse_session_id(session_id)  # a malformed id is said to be one, before any setting
@@ -172,7 +172,7 @@ def erase_session(
     ):
         if not url:
             continue
-        if _is_in_process(url):
+        if is_in_process_url(url):
             raise ConfigurationError(
                 f"{setting}: memory:// is a tier inside the app's own process; this "
                 f"command would erase a new, empty one of its own; {IN_PROCESS_HINT}"
@@ -215,16 +215,6 @@ def erase_session(
         for tier in tiers:
             tier.close()
     return {**erased, "deleted_keys": deleted, "anchor_kid": codec.keyring.anchor.kid}
-
-
-def _is_in_process(url: str) -> bool:
-    """``memory://`` (any case, as tier_from_url reads it): a tier no other process sees."""
-    from .tiers import tier_scheme
-
-    try:
-        return tier_scheme(url) == "memory"
-    except ConfigurationError:  # a malformed URL: tier_from_url names the problem
-        return False
 
 
 __all__ = [

@@ -1029,11 +1029,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     knobs = tuning_from_env()
     # Checked as the app checks them, before anything starts: a negative or NaN
     # timeout was accepted here and refused by the app, whose traceback was relayed.
-    from flask import Flask
-
-    checked = Flask("satchel-chaos")
-    checked.config.update(knobs)
-    settings = SatchelConfig.from_app(checked)
+    settings = SatchelConfig.from_settings(knobs)
     reset, fail_max = settings.breaker_reset_timeout, settings.breaker_fail_max
     faults, duration = build_schedule(quick, reset)
     work = Workdir(keep=bool(os.environ.get("SATCHEL_CHAOS_KEEP")))

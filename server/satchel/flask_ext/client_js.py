@@ -55,9 +55,10 @@ def client_js_blueprint(
     """A blueprint serving ``satchel.js`` and ``satchel.d.ts`` at the root of its
     ``url_prefix``: nothing else (any other name under it is not its route).
 
-    ``directory``: where to read them (default :func:`client_js_dir`). They are read
-    on each request, so an edited or upgraded file is served at once; the ETag is a
-    hash of the content, the same on every replica whatever the files' times, and
+    ``directory``: where to read them (default :func:`client_js_dir`). A file is read
+    again when its size or time changes, so an edited or upgraded file is served at
+    once; the ETag is a hash of the content, the same on every replica whatever the
+    files' times, and
     ``Cache-Control: no-cache`` makes browsers revalidate (a 304 while unchanged).
     ``text/javascript``, as module scripts require, and ``nosniff``. ``name``: the
     blueprint's name (endpoints ``<name>.satchel_js`` and ``<name>.satchel_d_ts``),
@@ -69,10 +70,21 @@ def client_js_blueprint(
         raise FileNotFoundError(f"{', '.join(missing)} not found in {folder}")
     blueprint = Blueprint(name, __name__)
 
+    # Read and hashed again only when the file changed (its size or time): every page
+    # load revalidates, and the answer is most often a 304 for the same bytes.
+    read: dict[str, tuple[tuple[int, int], bytes, str]] = {}
+
     def serve(filename: str) -> Response:
-        data = (folder / filename).read_bytes()
+        path = folder / filename
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        known = read.get(filename)
+        if known is None or known[0] != stamp:
+            data = path.read_bytes()
+            known = read[filename] = (stamp, data, hashlib.sha256(data).hexdigest()[:32])
+        _stamp, data, etag = known
         response = Response(data, mimetype=CLIENT_FILES[filename])
-        response.set_etag(hashlib.sha256(data).hexdigest()[:32])
+        response.set_etag(etag)
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.make_conditional(request)  # a 304 while the browser's copy is current

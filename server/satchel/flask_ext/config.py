@@ -448,6 +448,16 @@ class SatchelConfig:
             )
 
     @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> SatchelConfig:
+        """``SATCHEL_*`` settings given outside an app (the CLI's environment, a bench's
+        knobs), parsed and checked exactly as :meth:`from_app` checks an app's config."""
+        from flask import Flask
+
+        holder = Flask("satchel-settings")
+        holder.config.update(settings)
+        return cls.from_app(holder)
+
+    @classmethod
     def from_app(cls, app: Flask, **overrides: Any) -> SatchelConfig:
         """The app's ``SATCHEL_*`` keys, checked; ``overrides`` (field names, for example
         ``mode="memory"`` from ``Satchel(app, mode=...)``) win over the config."""

@@ -255,34 +255,55 @@ def tier_scheme(url: str, *, setting: str | None = None) -> str:
         raise ConfigurationError(f"{where}bad tier URL {redact_url(url)!r}: {exc}") from None
 
 
+def is_in_process_url(url: str) -> bool:
+    """``memory://`` (any case, as tier_from_url reads it): a tier inside one process,
+    which no other process (``satchel erase``, ``satchel inspect``) can see. False for
+    a malformed URL: tier_from_url names its problem."""
+    try:
+        return tier_scheme(url) == "memory"
+    except ConfigurationError:
+        return False
+
+
 T = TypeVar("T")
+
+
+def _named_options(cls: type) -> list[str]:
+    """The options ``cls`` names in its signature (the URL or path it is given apart)."""
+    return [
+        name
+        for name, parameter in inspect.signature(cls).parameters.items()
+        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        and name not in ("url", "path")
+    ]
 
 
 def _construct(cls: type[T], scheme: str, options: dict[str, Any], *args: Any, **fixed: Any) -> T:
     """``cls(*args, **fixed, **options)``, with an option its scheme does not take a
     ConfigurationError that says which it does: ``timeouts=`` (Redis's) given with a
-    sqlite:// URL was a bare TypeError from the constructor."""
-    parameters = inspect.signature(cls).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return cls(*args, **fixed, **options)  # passes the rest on (Redis: to redis-py)
-    taken = [
-        name
-        for name, parameter in parameters.items()
-        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-        and name not in fixed
-        and name not in ("url", "path")
-    ]
-    unknown = sorted(set(options) - set(taken))
+    sqlite:// URL was a bare TypeError from the constructor. A tier that passes the
+    options it does not name on (Redis: to redis-py) still refuses the other tiers' own
+    (``busy_timeout=`` with a redis:// URL), which its client would call a URL
+    parameter, or (Sentinel) fail every call with."""
+    taken = [name for name in _named_options(cls) if name not in fixed]
+    passes_rest_on = any(
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(cls).parameters.values()
+    )
+    unknown = set(options) - set(taken)
+    if passes_rest_on:
+        unknown &= {
+            name
+            for tier in (SQLiteTier, MemoryTier)
+            if tier is not cls
+            for name in _named_options(tier)
+        }
     if unknown:
+        rest = " and its client's own connection options" if passes_rest_on else ""
         raise ConfigurationError(
-            f"a {scheme}:// tier takes no {', '.join(f'{name}=' for name in unknown)}; "
-            f"its options are {', '.join(f'{name}=' for name in taken)}"
+            f"a {scheme}:// tier takes no {', '.join(f'{n}=' for n in sorted(unknown))}; "
+            f"its options are {', '.join(f'{n}=' for n in taken)}{rest}"
         )
     return cls(*args, **fixed, **options)
-
-
-#: the SQLite and memory tiers' options: no Redis tier (nor redis-py) takes them
-_NOT_REDIS_OPTIONS = frozenset({"busy_timeout", "purge_every", "max_bytes", "evict", "clock"})
 
 
 def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
@@ -290,20 +311,10 @@ def _tier_from_url(url: str, *, create: bool, options: dict[str, Any]) -> Tier:
     if scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisTier
-        except ImportError as exc:
-            too_old = "redis-py 6 or newer" in str(exc)  # installed, but older
+        except ImportError:
             raise ConfigurationError(
-                str(exc) if too_old else "a Redis tier needs redis-py: pip install 'satchel[redis]'"
+                "a Redis tier needs redis-py: pip install 'satchel[redis]'"
             ) from None
-        # RedisTier passes options it does not name on to redis-py, so the other
-        # tiers' own are refused here, before redis-py calls them a URL parameter.
-        foreign = sorted(set(options) & _NOT_REDIS_OPTIONS)
-        if foreign:
-            raise ConfigurationError(
-                f"a {scheme}:// tier takes no {', '.join(f'{n}=' for n in foreign)} (an "
-                "option of the SQLite or memory tier); its own are timeouts=, retry=, "
-                "prefix=, max_connections= and redis-py's connection options"
-            )
         return _construct(RedisTier, scheme, options, url)
     if scheme == "sqlite":
         if not url.lower().startswith("sqlite:///"):
@@ -349,6 +360,7 @@ __all__ = [
     "Timeouts",
     "default_retry",
     "hash_tag",
+    "is_in_process_url",
     "redact_url",
     "tier_from_url",
     "tier_scheme",

@@ -59,7 +59,9 @@ from .base import CLAIM_HELD, ClaimHeld, Companion, Tier, Timeouts, hash_tag
 # retried timeouts): the retry policy this tier documents. A redis-py installed
 # without the extra's bound may be older.
 if int(redis.__version__.split(".")[0]) < 6:
-    raise ImportError(
+    # Not an ImportError: redis-py is installed, and the fix is to upgrade it
+    # (tier_from_url reports an ImportError as "not installed").
+    raise ConfigurationError(
         f"satchel's Redis tier needs redis-py 6 or newer, not {redis.__version__}: "
         "pip install 'satchel[redis]'"
     )
